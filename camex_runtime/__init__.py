@@ -6,7 +6,9 @@ Importing this package registers ``model_type="camex"`` with ``AutoConfig``,
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+from .checkpoint import CheckpointError, FoldedCheckpoint, load_folded
 from .config import CamexConfig
+from .export import ExportError, ExportReport, export
 from .modeling import (CamexForCausalLM, CamexForSequenceClassification, CamexModel,
                        ExpertBank, LinearBank)
 
@@ -15,9 +17,12 @@ AutoModel.register(CamexConfig, CamexModel, exist_ok=True)
 AutoModelForCausalLM.register(CamexConfig, CamexForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(CamexConfig, CamexForSequenceClassification, exist_ok=True)
 
+from .upcycle import upcycle_from_dense  # noqa: E402  (needs the registration above)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "CamexConfig", "CamexForCausalLM", "CamexForSequenceClassification", "CamexModel",
-    "ExpertBank", "LinearBank", "__version__",
+    "CheckpointError", "ExpertBank", "ExportError", "ExportReport", "FoldedCheckpoint",
+    "LinearBank", "export", "load_folded", "upcycle_from_dense", "__version__",
 ]

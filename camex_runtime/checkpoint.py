@@ -1,0 +1,139 @@
+"""The folded checkpoint format (DESIGN §3): write, read and validate.
+
+A folded checkpoint directory holds ``config.json`` (``folded: true``, ``format_version``),
+``model.safetensors`` and tokenizer files. Reading validates every tensor name, shape, dtype
+and value against what the config implies and names the offending tensor on failure. Only
+safetensors is ever read: no pickle on the load path.
+
+This module knows nothing of curvature (that is export's job) or of serving.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .config import FORMAT_VERSION, CamexConfig
+
+WEIGHTS_NAME = "model.safetensors"
+KINDS = {"CamexForCausalLM": "causal-lm", "CamexForSequenceClassification": "classifier"}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is unreadable, inconsistent or not a folded CAMEx checkpoint."""
+
+
+@dataclass
+class FoldedCheckpoint:
+    """A validated folded checkpoint, ready for the runtime."""
+
+    path: Path
+    config: CamexConfig
+    kind: str                      # "causal-lm" | "classifier"
+    state_dict: dict[str, Tensor]  # HF-style names; lm_head tied to wte is not stored
+    tokenizer_dir: Path | None     # the checkpoint dir itself when it holds tokenizer files
+
+
+def model_class(kind: str):
+    from .modeling import CamexForCausalLM, CamexForSequenceClassification
+
+    return {"causal-lm": CamexForCausalLM, "classifier": CamexForSequenceClassification}[kind]
+
+
+def kind_of(config: CamexConfig) -> str:
+    archs = getattr(config, "architectures", None) or ["CamexForCausalLM"]
+    if archs[0] not in KINDS:
+        raise CheckpointError(f"unsupported architecture {archs[0]!r}; expected one of {sorted(KINDS)}")
+    return KINDS[archs[0]]
+
+
+def expected_tensors(config: CamexConfig, kind: str) -> dict[str, tuple[int, ...]]:
+    """Names and shapes a folded checkpoint of this config must hold (built on the meta device)."""
+    with torch.device("meta"):
+        model = model_class(kind)(config)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def save_folded(state_dict: dict[str, Tensor], config: CamexConfig, out_dir: str | Path) -> None:
+    """Write config.json + model.safetensors (contiguous CPU tensors, tied lm_head dropped)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()
+               if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "camex_format_version": str(FORMAT_VERSION)})
+    config.save_pretrained(out)
+
+
+def read_config(path: Path) -> CamexConfig:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{path}: no config.json (is this a checkpoint directory?)")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
+    if raw.get("model_type") != "camex":
+        raise CheckpointError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, expected 'camex'")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{cfg_file}: unknown format_version {version!r}; this runtime reads "
+                              f"format_version {FORMAT_VERSION}")
+    try:
+        return CamexConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: invalid config ({e})") from e
+
+
+def load_folded(path: str | Path, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> FoldedCheckpoint:
+    """Read and validate a folded checkpoint; raise CheckpointError naming what is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory")
+    config = read_config(path)
+    if not config.folded:
+        raise CheckpointError(f"{path}: a training checkpoint (folded: false); run `camex-export "
+                              f"{path} OUT_DIR` to fold it for serving")
+    kind = kind_of(config)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: missing {WEIGHTS_NAME}")
+    expected = expected_tensors(config, kind)
+    state: dict[str, Tensor] = {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            names = set(f.keys())
+            for name in sorted(expected):
+                if name not in names:
+                    raise CheckpointError(f"{weights}: missing tensor {name!r}")
+                t = f.get_tensor(name)
+                validate_tensor(name, t, expected[name])
+                state[name] = t.to(device=device, dtype=dtype or t.dtype)
+    except CheckpointError:
+        raise
+    except Exception as e:  # a truncated or foreign file: safetensors' own error, with the path
+        raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from e
+    extra = sorted(names - set(expected))
+    if extra:
+        raise CheckpointError(f"{weights}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} more)"
+                              if len(extra) > 1 else f"{weights}: unexpected tensor {extra[0]!r}")
+    tok = path if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file() else None
+    return FoldedCheckpoint(path=path, config=config, kind=kind, state_dict=state, tokenizer_dir=tok)
+
+
+def validate_tensor(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
+    if tuple(t.shape) != shape:
+        raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, config expects {shape}")
+    if not t.is_floating_point():
+        raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, expected a floating dtype")
+    if not bool(torch.isfinite(t).all()):
+        raise CheckpointError(f"tensor {name!r} contains NaN or Inf values")
