@@ -1,0 +1,103 @@
+"""The trainer's model on disk: build or resume it, save training checkpoints, export for serving.
+
+A training checkpoint (docs/INTERFACES.md §4) is `save_pretrained` output (config.json with
+`folded: false`, model.safetensors), the tokenizer files, and the optimizer/RNG state written by
+`state.py`. Export hands the trained model to `camex_runtime.export`, which folds, verifies and
+writes the serving checkpoint; this module only adds the provenance.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from .config import ModelSpec, TrainConfig
+from .state import ResumeError, TrainerState, save_training_state
+
+WEIGHTS = "model.safetensors"
+
+
+def model_class(task: str):
+    from camex_runtime import CamexForCausalLM, CamexForSequenceClassification
+
+    return {"lm": CamexForCausalLM, "classify": CamexForSequenceClassification}[task]
+
+
+def build_model(cfg: TrainConfig, data, resuming: bool) -> torch.nn.Module:
+    """The training-form model: from the checkpoint when resuming, else fresh (seeded)."""
+    cls = model_class(cfg.task)
+    if resuming:
+        return cls.from_pretrained(cfg.out_dir)
+    config = cfg.model.camex_config(vocab_size=len(data.tokenizer), block_size=cfg.block_size,
+                                    tokenizer=data.tokenizer, label_names=data.label_names)
+    if config.max_position_embeddings < cfg.block_size:
+        raise ValueError(f"block_size {cfg.block_size} exceeds max_position_embeddings "
+                         f"{config.max_position_embeddings}")
+    model = cls(config)
+    if cfg.init_from:
+        copied = init_from_checkpoint(model, cfg.init_from)
+        print(f"init_from {cfg.init_from}: copied {copied} tensors", file=sys.stderr)
+    return model
+
+
+@torch.no_grad()
+def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> int:
+    """Copy every tensor of `path`'s weights whose name and shape match (e.g. an LM body into a
+    classifier); return how many. Heads and differently sized tensors keep their fresh init."""
+    weights = Path(path) / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"init_from: {weights} not found")
+    own = model.state_dict()
+    copied = 0
+    with safe_open(str(weights), framework="pt") as f:
+        for name in f.keys():
+            if name in own and tuple(own[name].shape) == tuple(f.get_slice(name).get_shape()):
+                own[name].copy_(f.get_tensor(name))
+                copied += 1
+    if copied == 0:
+        raise ValueError(f"init_from: no tensor of {weights} matches this model's names and shapes")
+    return copied
+
+
+def check_resumable(saved: dict, cfg: TrainConfig) -> None:
+    """Refuse to resume a checkpoint made for a different model, task or batch layout."""
+    saved_model = ModelSpec(**saved.get("model", {}))
+    problems = []
+    if saved.get("task") != cfg.task:
+        problems.append(f"task {saved.get('task')!r} != {cfg.task!r}")
+    if saved_model != cfg.model:
+        problems.append(f"model {saved_model} != {cfg.model}")
+    for name in ("batch_size", "grad_accum", "block_size", "seed"):
+        if saved.get(name) != getattr(cfg, name):
+            problems.append(f"{name} {saved.get(name)} != {getattr(cfg, name)}")
+    if problems:
+        raise ResumeError(f"cannot resume {cfg.out_dir}: " + "; ".join(problems))
+
+
+def save_checkpoint(model, data, optimizer, scheduler, cfg: TrainConfig, state: TrainerState) -> None:
+    """Model + tokenizer + optimizer/scheduler/RNG state into cfg.out_dir (trainer state last)."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(out))
+    data.tokenizer.save_pretrained(str(out))
+    save_training_state(out, state, optimizer, scheduler, cfg.to_dict())
+
+
+def export_folded(model, data, cfg: TrainConfig, metrics: dict[str, float]) -> str:
+    """Fold + verify + write the serving checkpoint to cfg.export_dir, with provenance."""
+    from camex_runtime.export import export
+
+    provenance = {
+        "training_data": data.description,
+        "task": cfg.task,
+        "eval_metrics": metrics,
+        "train_steps": cfg.steps,
+        "seed": cfg.seed,
+        "trainer_out_dir": str(cfg.out_dir),
+    }
+    model.eval()
+    report = export(model, cfg.export_dir, tokenizer=data.tokenizer, provenance=provenance)
+    return str(report.out_dir)
