@@ -1,0 +1,84 @@
+# CAMEx Serve image: the HTTP server with CPU torch and the demo checkpoints baked in.
+#
+#   docker build -t camex-server .
+#   docker run -p 8080:8080 camex-server                  # serves the demo models at once
+#   docker run -p 8080:8080 -v /my/models:/models:ro \
+#       -e CAMEX_MODEL=/models/lm -e CAMEX_CLASSIFIER=/models/clf camex-server
+#
+# Build args:
+#   TORCH_VARIANT  cpu (default) or a CUDA wheel tag such as cu128; run a CUDA image with
+#                  `--gpus all -e CAMEX_DEVICE=cuda`. The python:3.11 base is enough: the CUDA
+#                  wheels carry their own CUDA runtime libraries.
+#   BASE           base image with python3.11 + venv (deploy/build_image.sh passes a locally
+#                  bootstrapped Debian image when no registry can be reached).
+#   BAKE_DEMO      1 (default) trains and exports the demo checkpoints at build time; 0 skips it
+#                  (then mount a model and set CAMEX_MODEL).
+ARG BASE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------------------- builder
+FROM ${BASE} AS builder
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_VARIANT=cpu
+ARG BAKE_DEMO=1
+ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PATH=/opt/venv/bin:$PATH
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+
+# The demo trains on Debian's fortune cookies. Versions are not pinned: the package only
+# supplies text and comes from the base image's own suite.
+# hadolint ignore=DL3008
+RUN if [ "$BAKE_DEMO" = "1" ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends fortunes \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
+
+RUN python -m venv /opt/venv \
+    && pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
+
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY camex_runtime ./camex_runtime
+COPY server ./server
+COPY loadtest ./loadtest
+# torch is already satisfied by the variant above (2.13.0+cpu matches the ==2.13.0 pin).
+RUN pip install .
+
+ENV CAMEX_DEMO_DIR=/opt/camex/demo
+RUN mkdir -p "$CAMEX_DEMO_DIR" \
+    && if [ "$BAKE_DEMO" = "1" ]; then \
+        python -m camex_runtime.training.demo --root "$CAMEX_DEMO_DIR"; \
+    fi
+
+# ---------------------------------------------------------------------------- runtime
+FROM ${BASE} AS runtime
+LABEL org.opencontainers.image.title="camex-server" \
+      org.opencontainers.image.description="Serve CAMEx merged-expert language models" \
+      org.opencontainers.image.licenses="Apache-2.0"
+
+RUN groupadd --system --gid 10001 camex \
+    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/camex \
+        --shell /usr/sbin/nologin camex
+
+COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/camex/demo /opt/camex/demo
+
+# CAMEX_HOST=0.0.0.0: inside a container the server must listen on the container's interface.
+# With CAMEX_MODEL unset the server serves the demo checkpoints found under CAMEX_DEMO_DIR.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    CAMEX_DEMO_DIR=/opt/camex/demo \
+    CAMEX_HOST=0.0.0.0 \
+    CAMEX_PORT=8080 \
+    HF_HOME=/home/camex/.cache/huggingface
+
+USER 10001:10001
+WORKDIR /home/camex
+EXPOSE 8080
+
+# /health is 200 only while the engine loop really runs (no curl in the image: python urllib).
+HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
+    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('CAMEX_PORT', '8080') + '/health', timeout=4)"]
+
+ENTRYPOINT ["camex-server"]
