@@ -107,9 +107,19 @@ def parse_mix(text: str) -> dict[str, float]:
         if weight < 0:
             raise ValueError(f"weight for {name!r} must be >= 0, got {weight}")
         weights[name] = weights.get(name, 0.0) + weight
+    return normalise_mix(weights)
+
+
+def normalise_mix(weights: dict[str, float]) -> dict[str, float]:
+    """Check kinds and weights; scale to sum 1, dropping zero weights."""
+    for name, weight in weights.items():
+        if name not in KINDS:
+            raise ValueError(f"unknown request kind {name!r} in mix; kinds: {KINDS}")
+        if not weight >= 0:
+            raise ValueError(f"weight for {name!r} must be >= 0, got {weight}")
     total = sum(weights.values())
-    if total <= 0:
-        raise ValueError(f"mix {text!r} has no positive weight")
+    if not total > 0:
+        raise ValueError(f"mix {weights} has no positive weight")
     return {k: w / total for k, w in weights.items() if w > 0}
 
 
@@ -176,6 +186,7 @@ def build_workload(
     if n < 0:
         raise ValueError(f"request count must be >= 0, got {n}")
     rng = np.random.default_rng(seed)
+    mix = normalise_mix(mix)
     kinds = list(mix)
     drawn_kinds = rng.choice(len(kinds), size=n, p=[mix[k] for k in kinds])  # (n,)
     drawn_mnt = max_new_tokens.sample(n, rng)
