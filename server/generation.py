@@ -1,0 +1,186 @@
+"""Between the HTTP routes and the engine: request conversion, submission, and one run's life.
+
+`to_sampling` turns TGI parameters into `SamplingParams` (refusing what we do not support with a
+422 that says so); `submit` maps engine exceptions to HTTP errors; `GenerationRun` follows one
+submitted request: it yields token events, measures inter-token latency, cancels the engine
+request when the client goes away (counted as `dropped`), and records per-request metrics once.
+Knows no routes and no response shapes (see `server.routes`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Awaitable, Callable, Optional
+
+import anyio
+
+from camex_runtime.engine.request import SamplingParams
+from camex_runtime.errors import (EngineStoppedError, InputValidationError, QueueFullError,
+                                  QueueTimeoutError, RequestFailedError)
+from server import errors
+from server.metrics import ServerMetrics
+from server.protocol import GenerateParameters
+
+log = logging.getLogger("camex.server")
+DEFAULT_MAX_NEW_TOKENS = 20
+UNSUPPORTED = ("frequency_penalty", "grammar", "top_n_tokens", "typical_p", "adapter_id")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A request ready to submit: the prompt as text or (after truncation) token ids."""
+
+    prompt: str | list[int]
+    sampling: SamplingParams
+    seed: Optional[int]  # reported in details; None for greedy (as TGI)
+
+
+def to_sampling(p: GenerateParameters, *, max_stop_sequences: int,
+                queue_timeout_s: float) -> tuple[SamplingParams, Optional[int]]:
+    """TGI parameters -> SamplingParams and the seed to report. Raises ApiError (422)."""
+    for name in UNSUPPORTED:
+        if getattr(p, name) is not None:
+            raise errors.validation(f"parameter `{name}` is not supported by this server")
+    if p.watermark:
+        raise errors.validation("parameter `watermark` is not supported by this server")
+    if p.best_of is not None and p.best_of > 1:
+        raise errors.validation(f"`best_of` > 1 is not supported (got {p.best_of})")
+    if len(p.stop) > max_stop_sequences:
+        raise errors.validation(f"`stop` has {len(p.stop)} sequences; at most "
+                                f"{max_stop_sequences} are allowed")
+    if any(not s for s in p.stop):
+        raise errors.validation("`stop` sequences must be non-empty strings")
+    # TGI: temperature/top_k/top_p switch sampling on even without do_sample.
+    sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p))
+    if p.temperature == 1.0 and not p.do_sample and p.top_k is None and p.top_p is None:
+        sampling = False  # temperature 1.0 alone is a no-op, as in TGI
+    seed = p.seed if p.seed is not None else (secrets.randbelow(2**63) if sampling else None)
+    params = SamplingParams(
+        max_new_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, do_sample=sampling,
+        temperature=p.temperature or 1.0, top_k=p.top_k,
+        top_p=None if p.top_p == 1.0 else p.top_p, repetition_penalty=p.repetition_penalty,
+        seed=seed, stop=tuple(p.stop), return_routing=p.return_routing, routing=p.routing,
+        queue_timeout_s=queue_timeout_s)
+    return params, (seed if sampling else None)
+
+
+def truncate_prompt(tokenizer, prompt: str, keep_last: Optional[int]) -> str | list[int]:
+    """TGI `truncate`: keep only the last N prompt tokens."""
+    if keep_last is None:
+        return prompt
+    ids = tokenizer.encode(prompt, add_special_tokens=False)
+    return ids if len(ids) <= keep_last else ids[-keep_last:]
+
+
+async def submit(engine, prompt: str | list[int], sampling: SamplingParams):
+    """engine.submit off the event loop (it tokenizes); engine exceptions -> ApiError."""
+    try:
+        return await anyio.to_thread.run_sync(engine.submit, prompt, sampling)
+    except InputValidationError as exc:
+        raise errors.validation(str(exc)) from None
+    except QueueFullError:
+        raise errors.overloaded() from None
+    except EngineStoppedError as exc:
+        raise errors.unavailable(f"engine is not accepting requests: {exc}") from None
+
+
+async def until_disconnect(awaitable, disconnected: Callable[[], Awaitable[None]]):
+    """Await `awaitable` unless the client disconnects first (then cancel it, 499)."""
+    task = asyncio.ensure_future(awaitable)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            raise errors.ApiError(499, "client_closed", "client closed the connection")
+    return task.result()
+
+
+def wait_for_disconnect(receive) -> Callable[[], Awaitable[None]]:
+    """A coroutine factory that returns when the ASGI peer disconnects (the body is already
+    read by then, so the only message left to receive is `http.disconnect`)."""
+    async def wait() -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+    return wait
+
+
+class GenerationRun:
+    """One submitted request, followed to its end (or cancelled when the client leaves)."""
+
+    def __init__(self, handle, metrics: ServerMetrics, seed: Optional[int]) -> None:
+        self.handle = handle
+        self.metrics = metrics
+        self.seed = seed
+        self.events: list = []  # token events delivered, the final one included
+        self.result = None  # GenerationResult once finished
+        self._finished = False
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.handle.prompt_token_ids)
+
+    async def stream(self) -> AsyncIterator:
+        """Yield token events. The final event (finish_reason set) is held back until the
+        result is available, so whoever sees it can read `self.result`; a failed request
+        raises ApiError instead. Closing or cancelling the iterator early cancels the engine
+        request and counts it as `dropped` (the client went away)."""
+        last, final, final_at = None, None, None
+        try:
+            async for ev in self.handle.aiter():
+                now = time.monotonic()
+                if ev.finish_reason is not None:
+                    final, final_at = ev, now
+                    continue
+                if last is not None:
+                    self.metrics.itl.observe(now - last)
+                last = now
+                self.events.append(ev)
+                yield ev
+            self.finish()
+            if final is not None and final.finish_reason not in ("error", "cancelled"):
+                if last is not None:
+                    self.metrics.itl.observe(final_at - last)
+                self.events.append(final)
+                yield final
+        finally:
+            if not self._finished:
+                self._finished = True
+                self.handle.cancel()
+                self.metrics.record_failure("dropped")
+                log.info("client disconnected; request cancelled",
+                         extra={"engine_request_id": self.handle.request_id})
+
+    def finish(self) -> None:
+        """Fetch the result; raise ApiError for a queue timeout, failure or shutdown cancel."""
+        self._finished = True
+        try:
+            self.result = self.handle.result(timeout=0)
+        except QueueTimeoutError as exc:
+            raise errors.ApiError(504, "queue_timeout",
+                                  f"request waited too long in the queue: {exc}") from None
+        except RequestFailedError as exc:
+            log.error("generation failed", extra={"engine_request_id": self.handle.request_id,
+                                                  "error": str(exc)})
+            raise errors.ApiError(500, "generation", "request failed during generation") from None
+        if self.result.finish_reason == "cancelled":
+            raise errors.unavailable("request cancelled: the server is shutting down")
+        self.metrics.observe_generation(self.result.timings, self.prompt_tokens,
+                                        len(self.result.token_ids))
+
+    async def consume(self) -> None:
+        async for _ in self.stream():
+            pass
+
+    async def run_to_end(self, disconnected: Callable[[], Awaitable[None]]) -> None:
+        """Consume all events; if the client disconnects first, cancel (dropped)."""
+        await until_disconnect(self.consume(), disconnected)

@@ -1,0 +1,61 @@
+"""`POST /classify`: sequence classification, TEI `/predict`-shaped responses.
+
+A string gives a list of `{label, score}` sorted by score; a list of strings is a batch and gives
+a list of such lists, in input order. Batches are capped (`max_client_batch_size`) and concurrent
+classification calls are bounded (`max_waiting`): beyond that, 429.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import anyio
+from fastapi import APIRouter, Request
+
+from camex_runtime.errors import EngineStoppedError, InputValidationError, QueueFullError
+from server import errors
+from server.protocol import ClassifyRequest, LabelScore
+from server.routes.tgi import ERROR_RESPONSES
+
+router = APIRouter(tags=["Classification"])
+
+
+@router.post("/classify", response_model=list[LabelScore] | list[list[LabelScore]],
+             responses=ERROR_RESPONSES)
+async def classify(request: Request, body: ClassifyRequest):
+    """Classify one text or a batch of texts."""
+    state = request.app.state.serving
+    engine = state.require("classifier")
+    single = isinstance(body.inputs, str)
+    texts = [body.inputs] if single else list(body.inputs)
+    limit = state.settings.max_client_batch_size
+    if not texts:
+        raise errors.validation("`inputs` must not be an empty list")
+    if len(texts) > limit:
+        raise errors.validation(f"batch of {len(texts)} texts exceeds the maximum batch size "
+                                f"of {limit}")
+    if any(not t.strip() for t in texts):
+        raise errors.validation("`inputs` must not contain empty texts")
+    results = await run_bounded(state, partial(engine.classify, texts, truncate=body.truncate,
+                                               raw_scores=body.raw_scores))
+    state.metrics.classified.inc(len(texts))
+    out = [[LabelScore(label=label, score=score) for label, score in r.scores] for r in results]
+    return out[0] if single else out
+
+
+async def run_bounded(state, call):
+    """engine.classify off the event loop, with at most `max_waiting` calls in flight."""
+    inflight = getattr(state, "classify_inflight", 0)
+    if inflight >= state.settings.max_waiting:
+        raise errors.overloaded()
+    state.classify_inflight = inflight + 1
+    try:
+        return await anyio.to_thread.run_sync(call)
+    except InputValidationError as exc:
+        raise errors.validation(str(exc)) from None
+    except QueueFullError:
+        raise errors.overloaded() from None
+    except EngineStoppedError as exc:
+        raise errors.unavailable(f"engine is not accepting requests: {exc}") from None
+    finally:
+        state.classify_inflight -= 1

@@ -1,0 +1,150 @@
+"""TGI-compatible generation routes: `POST /generate`, `POST /generate_stream`, `POST /`.
+
+Response shapes follow text-generation-inference (GenerateResponse, SSE StreamResponse events,
+`POST /` returning a one-element list when not streaming) so TGI clients work unchanged.
+Streaming responses only start once the first token exists, so queue timeouts, overload and
+validation errors still arrive as proper status codes instead of mid-stream errors.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server import errors
+from server.generation import (GenerationRun, submit, to_sampling, truncate_prompt,
+                               until_disconnect, wait_for_disconnect)
+from server.protocol import (CompatGenerateRequest, Details, ErrorResponse, GenerateRequest,
+                             GenerateResponse, PrefillToken, StreamDetails, StreamResponse, Token)
+
+router = APIRouter(tags=["Text Generation Inference"])
+ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 503, 504)}
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def start_generation(request: Request, body: GenerateRequest) -> GenerationRun:
+    state = request.app.state.serving
+    engine = state.require("causal-lm")
+    settings = state.settings
+    sampling, seed = to_sampling(body.parameters, max_stop_sequences=settings.max_stop_sequences,
+                                 queue_timeout_s=settings.queue_timeout_s)
+    prompt = truncate_prompt(engine.tokenizer, body.inputs, body.parameters.truncate)
+    handle = await submit(engine, prompt, sampling)
+    return GenerationRun(handle, state.metrics, seed)
+
+
+def token_json(tokenizer, ev) -> Token:
+    special = ev.token_id in set(tokenizer.all_special_ids)
+    return Token(id=ev.token_id, text=ev.text, logprob=ev.logprob, special=special)
+
+
+def build_details(run: GenerationRun, tokenizer, body: GenerateRequest) -> Details:
+    res = run.result
+    prefill = []
+    if body.parameters.decoder_input_details:
+        prefill = [PrefillToken(id=t, text=tokenizer.decode([t])) for t in res.prompt_token_ids]
+    return Details(finish_reason=res.finish_reason, generated_tokens=len(res.token_ids),
+                   seed=run.seed, prefill=prefill,
+                   tokens=[token_json(tokenizer, ev) for ev in run.events],
+                   routing=res.routing if body.parameters.return_routing else None)
+
+
+def full_text(body: GenerateRequest, text: str) -> str:
+    return body.inputs + text if body.parameters.return_full_text else text
+
+
+def timing_headers(run: GenerationRun) -> dict[str, str]:
+    """TGI's per-request headers (milliseconds)."""
+    t = run.result.timings
+    n = max(1, len(run.result.token_ids))
+    scheduled = t.scheduled_at if t.scheduled_at is not None else t.queued_at
+    finished = t.finished_at if t.finished_at is not None else time.monotonic()
+    inference_ms = (finished - scheduled) * 1000
+    return {"x-queue-time": str(int((scheduled - t.queued_at) * 1000)),
+            "x-inference-time": str(int(inference_ms)),
+            "x-time-per-token": str(int(inference_ms / n)),
+            "x-prompt-tokens": str(run.prompt_tokens),
+            "x-generated-tokens": str(len(run.result.token_ids))}
+
+
+async def generate_response(request: Request, body: GenerateRequest) -> tuple[GenerateResponse, dict]:
+    run = await start_generation(request, body)
+    await run.run_to_end(wait_for_disconnect(request.receive))
+    tokenizer = request.app.state.serving.lm.tokenizer
+    details = None
+    if body.parameters.details or body.parameters.decoder_input_details or \
+            body.parameters.return_routing:
+        details = build_details(run, tokenizer, body)
+    response = GenerateResponse(generated_text=full_text(body, run.result.text), details=details)
+    return response, timing_headers(run)
+
+
+@router.post("/generate", response_model=GenerateResponse, responses=ERROR_RESPONSES)
+async def generate(request: Request, body: GenerateRequest) -> JSONResponse:
+    """Generate text for one prompt (TGI schema)."""
+    response, headers = await generate_response(request, body)
+    return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
+
+
+async def stream_response(request: Request, body: GenerateRequest) -> StreamingResponse:
+    if body.parameters.decoder_input_details:
+        raise errors.validation("`decoder_input_details` is not supported when streaming")
+    run = await start_generation(request, body)
+    events = run.stream()
+    try:
+        first = await until_disconnect(events.__anext__(), wait_for_disconnect(request.receive))
+    except StopAsyncIteration:
+        raise errors.ApiError(500, "generation", "generation ended without a token") from None
+    tokenizer = request.app.state.serving.lm.tokenizer
+    headers = {**SSE_HEADERS, "x-prompt-tokens": str(run.prompt_tokens)}
+    return StreamingResponse(sse_events(run, first, events, tokenizer, body),
+                             media_type="text/event-stream", headers=headers)
+
+
+async def sse_events(run: GenerationRun, first, events: AsyncIterator, tokenizer,
+                     body: GenerateRequest) -> AsyncIterator[str]:
+    """TGI StreamResponse events; the last one carries generated_text (and details)."""
+    index, ev = 0, first
+    try:
+        while ev is not None:
+            index += 1
+            event = StreamResponse(index=index, token=token_json(tokenizer, ev))
+            if ev.finish_reason is not None:
+                event.generated_text = full_text(body, run.result.text)
+                if body.parameters.details or body.parameters.return_routing:
+                    event.details = stream_details(run, body)
+            yield "data: " + event.model_dump_json() + "\n\n"
+            ev = await anext(events, None)
+    except errors.ApiError as err:  # failed after the 200 went out: TGI's in-stream error
+        run.metrics.record_failure(errors.FAILURE_REASON.get(err.error_type) or "internal")
+        yield "data: " + json.dumps(err.body()) + "\n\n"
+    finally:
+        await events.aclose()
+
+
+def stream_details(run: GenerationRun, body: GenerateRequest) -> StreamDetails:
+    res = run.result
+    return StreamDetails(finish_reason=res.finish_reason, generated_tokens=len(res.token_ids),
+                         seed=run.seed, input_length=run.prompt_tokens,
+                         routing=res.routing if body.parameters.return_routing else None)
+
+
+@router.post("/generate_stream", responses={200: {"content": {"text/event-stream": {}}},
+                                            **ERROR_RESPONSES})
+async def generate_stream(request: Request, body: GenerateRequest) -> StreamingResponse:
+    """Stream tokens as Server-Sent Events (TGI event format)."""
+    return await stream_response(request, body)
+
+
+@router.post("/", responses={200: {"content": {"application/json": {}, "text/event-stream": {}}},
+                             **ERROR_RESPONSES})
+async def compat_generate(request: Request, body: CompatGenerateRequest):
+    """TGI compatibility route: streams when `stream` is true, else a one-element list."""
+    if body.stream:
+        return await stream_response(request, body)
+    response, headers = await generate_response(request, body)
+    return JSONResponse([response.model_dump(exclude_none=True)], headers=headers)

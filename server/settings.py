@@ -1,0 +1,116 @@
+"""Server settings: one typed dataclass, filled from CLI flags, then `CAMEX_*` env vars, then defaults.
+
+Every field is both a flag (`--max-batch-size`) and an environment variable
+(`CAMEX_MAX_BATCH_SIZE`); the flag wins. This module knows nothing about HTTP or the engine:
+it only parses and validates configuration so that `server.cli` and tests build the same object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+ENV_PREFIX = "CAMEX_"
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class ServerSettings:
+    """Everything the server process needs to know; see `camex-server --help`."""
+
+    model: str | None = _opt(None, "folded causal-LM checkpoint directory (none: demo models)")
+    classifier: str | None = _opt(None, "folded classifier checkpoint directory")
+    host: str = _opt("127.0.0.1", "bind address (keep 127.0.0.1 unless behind a proxy)")
+    port: int = _opt(8080, "TCP port")
+    api_key: str | None = _opt(None, "require `Authorization: Bearer KEY` on API routes")
+    model_id: str | None = _opt(None, "model name reported by /info and /v1/models")
+    device: str = _opt("cpu", "torch device, e.g. cpu, cuda, cuda:1")
+    dtype: str | None = _opt(None, "float32, bfloat16 or float16 (none: checkpoint dtype)")
+    max_batch_size: int = _opt(8, "running sequences per engine step")
+    max_waiting: int = _opt(64, "bounded waiting queue; beyond it requests get 429")
+    max_input_tokens: int | None = _opt(None, "longest prompt (none: engine default)")
+    max_total_tokens: int | None = _opt(None, "prompt + new tokens (none: engine default)")
+    max_client_batch_size: int = _opt(32, "most texts in one /classify or /v1/completions call")
+    max_stop_sequences: int = _opt(4, "most stop sequences per request")
+    max_body_bytes: int = _opt(1 << 20, "request body size limit (413 beyond it)")
+    queue_timeout_s: float = _opt(30.0, "longest wait in the queue before a 504")
+    merge_cache_bytes: int = _opt(256 << 20, "merged-weight cache budget per engine")
+    strategy: str = _opt("auto", "merged-expert apply strategy", choices=("auto", "merged", "mixture"))
+    routing: str | None = _opt(None, "default routing mode (none: checkpoint's)",
+                               choices=("segment", "prompt"))
+    demo_dir: str | None = _opt(None, "where demo checkpoints are built when no model is given")
+    grace_s: float = _opt(30.0, "SIGTERM: time to finish in-flight requests")
+    health_stale_s: float = _opt(10.0, "/health is 503 when the engine loop is silent this long")
+    log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+
+    def __post_init__(self) -> None:
+        positive = ("port", "max_batch_size", "max_waiting", "max_client_batch_size",
+                    "max_body_bytes", "queue_timeout_s", "merge_cache_bytes", "health_stale_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("max_input_tokens", "max_total_tokens"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name} must be > 0, got {value}")
+        if self.max_stop_sequences < 0 or self.grace_s < 0:
+            raise ValueError("max_stop_sequences and grace_s must be >= 0")
+
+    @classmethod
+    def from_sources(cls, argv: Sequence[str] | None = None,
+                     env: Mapping[str, str] | None = None) -> "ServerSettings":
+        """Flags override `CAMEX_*` environment variables, which override defaults."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            raw = env.get(env_name(f.name))
+            if raw not in (None, ""):
+                values[f.name] = _convert(f, raw, source=env_name(f.name))
+        parsed = build_parser().parse_args(argv)
+        values.update({k: v for k, v in vars(parsed).items() if v is not None})
+        return cls(**values)
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _base_type(f: dataclasses.Field) -> type:
+    text = str(f.type)
+    for name, typ in (("int", int), ("float", float)):
+        if text.startswith(name):
+            return typ
+    return str
+
+
+def _convert(f: dataclasses.Field, raw: str, source: str) -> Any:
+    typ = _base_type(f)
+    try:
+        value = typ(raw)
+    except ValueError:
+        raise ValueError(f"{source}={raw!r} is not a valid {typ.__name__}") from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ValueError(f"{source}={raw!r} must be one of {', '.join(choices)}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="camex-server",
+        description="Serve CAMEx merged-expert models over HTTP (TGI/TEI/OpenAI-compatible).",
+        epilog="Every option is also an environment variable: --max-batch-size <-> "
+               "CAMEX_MAX_BATCH_SIZE. Flags win over the environment.")
+    for f in dataclasses.fields(ServerSettings):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        parser.add_argument(flag, type=_base_type(f), default=None, dest=f.name,
+                            choices=f.metadata.get("choices"),
+                            help=f"{f.metadata['help']} [env {env_name(f.name)}; default {default}]")
+    return parser

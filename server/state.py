@@ -1,0 +1,154 @@
+"""What one server process serves: its engines, their loading, readiness and liveness.
+
+Loading (and building the demo checkpoints when no model is given) runs in a background thread
+so the HTTP port answers at once: `/health` is 200 while loading progresses, `/ready` turns 200
+only once every engine is loaded, started and warmed up. A load failure makes both 503 and calls
+`on_fatal` (the CLI then exits non-zero). Knows no routes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from server import errors
+from server.metrics import EngineObserver, ServerMetrics, engine_alive
+from server.settings import ServerSettings
+
+log = logging.getLogger("camex.server")
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+@dataclass
+class Health:
+    ok: bool
+    status: str  # "ok" | "loading" | "failed" | "stopped" | "stuck"
+    detail: str = ""
+
+
+@dataclass
+class ServingState:
+    settings: ServerSettings
+    metrics: ServerMetrics
+    version: str
+    lm: Optional[object] = None  # camex_runtime.Engine (causal-lm)
+    classifier: Optional[object] = None  # camex_runtime.Engine (classifier)
+    ready: bool = False
+    load_error: Optional[str] = None
+    loading: bool = False
+    on_fatal: Optional[Callable[[str], None]] = None
+    started_at: float = field(default_factory=time.time)
+    _thread: Optional[threading.Thread] = None
+
+    def engines(self) -> list:
+        return [e for e in (self.lm, self.classifier) if e is not None]
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def adopt(self, lm=None, classifier=None) -> None:
+        """Serve engines built by the caller (tests, embedding); starts and warms them up."""
+        self.lm, self.classifier = lm, classifier
+        self._start_and_warm()
+
+    def load_in_background(self) -> None:
+        self.loading = True
+        self._thread = threading.Thread(target=self._load, name="camex-loader", daemon=True)
+        self._thread.start()
+
+    def _load(self) -> None:
+        try:
+            lm_dir, clf_dir = resolve_checkpoints(self.settings)
+            observer = EngineObserver(self.metrics)
+            lm = build_engine(self.settings, lm_dir, observer, "causal-lm") if lm_dir else None
+            clf = build_engine(self.settings, clf_dir, observer, "classifier") if clf_dir else None
+            self.lm, self.classifier = lm, clf
+            self._start_and_warm()
+        except Exception as exc:  # any failure to load is fatal for this process
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("model loading failed")
+            if self.on_fatal:
+                self.on_fatal(self.load_error)
+        finally:
+            self.loading = False
+
+    def _start_and_warm(self) -> None:
+        for engine in self.engines():
+            engine.start()
+            engine.warmup()
+            info = engine.info()
+            self.metrics.build_info.labels(self.version, str(info.get("model", "")),
+                                           engine.kind).set(1)
+        self.ready = True
+        log.info("ready", extra={"engines": [e.kind for e in self.engines()]})
+
+    def stop(self, grace_s: float) -> None:
+        self.ready = False
+        for engine in self.engines():
+            engine.stop(grace_s=grace_s)
+
+    # -- probes --------------------------------------------------------------------------------
+    def health(self) -> Health:
+        if self.load_error:
+            return Health(False, "failed", self.load_error)
+        if not self.engines():
+            return Health(self.loading, "loading" if self.loading else "stopped",
+                          "" if self.loading else "no engine loaded")
+        for engine in self.engines():
+            stats = engine.stats()
+            if not stats.alive:
+                return Health(False, "stopped", f"{engine.kind} engine loop is not running")
+            if not engine_alive(stats, self.settings.health_stale_s):
+                silent = time.monotonic() - stats.heartbeat
+                return Health(False, "stuck", f"{engine.kind} engine loop silent for {silent:.1f}s")
+        return Health(True, "ok" if self.ready else "loading")
+
+    # -- access for routes ---------------------------------------------------------------------
+    def require(self, kind: str):
+        """The engine of `kind`, or ApiError 503 (not ready) / 404 (not served)."""
+        engine = self.lm if kind == "causal-lm" else self.classifier
+        if not self.ready:
+            raise errors.unavailable(self.load_error or "model is loading; retry when /ready is 200")
+        if engine is None:
+            what = "text generation" if kind == "causal-lm" else "classification"
+            raise errors.ApiError(404, "not_found", f"this server has no {kind} model loaded, "
+                                  f"so {what} is not available")
+        return engine
+
+
+def resolve_checkpoints(settings: ServerSettings) -> tuple[Optional[str], Optional[str]]:
+    """The directories to serve; builds the demo checkpoints when neither is given."""
+    if settings.model or settings.classifier:
+        return settings.model, settings.classifier
+    from camex_runtime.training.demo import ensure_demo_models
+
+    log.info("no model given: serving the demo checkpoints (built if missing)")
+    lm_dir, clf_dir = ensure_demo_models(settings.demo_dir)
+    return str(lm_dir), str(clf_dir)
+
+
+def build_engine(settings: ServerSettings, path: str, observer, expect_kind: str):
+    from camex_runtime import Engine
+
+    limits = {k: getattr(settings, k) for k in ("max_input_tokens", "max_total_tokens")
+              if getattr(settings, k) is not None}
+    engine = Engine.from_pretrained(
+        path, device=settings.device, dtype=parse_dtype(settings.dtype),
+        max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
+        merge_cache_bytes=settings.merge_cache_bytes, strategy=settings.strategy,
+        routing=settings.routing, observer=observer, **limits)
+    if engine.kind != expect_kind:
+        raise ValueError(f"{path} holds a {engine.kind} checkpoint, expected {expect_kind}")
+    return engine
+
+
+def parse_dtype(name: Optional[str]):
+    if name is None:
+        return None
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {sorted(set(DTYPES.values()))}")
+    return getattr(torch, DTYPES[name])

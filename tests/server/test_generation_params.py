@@ -1,0 +1,53 @@
+"""TGI parameters -> SamplingParams: TGI's sampling rules, limits, and clear refusals."""
+
+import pytest
+
+from server.errors import ApiError
+from server.generation import to_sampling
+from server.protocol import CompatGenerateRequest, GenerateParameters
+
+
+def convert(**kw):
+    return to_sampling(GenerateParameters(**kw), max_stop_sequences=2, queue_timeout_s=5.0)
+
+
+def test_greedy_by_default_and_no_seed_reported():
+    params, seed = convert()
+    assert params.do_sample is False and params.max_new_tokens == 20 and seed is None
+    assert params.queue_timeout_s == 5.0
+
+
+def test_temperature_alone_turns_sampling_on_with_a_reported_seed():
+    params, seed = convert(temperature=0.7)
+    assert params.do_sample and params.temperature == 0.7
+    assert seed is not None and params.seed == seed
+
+
+def test_explicit_seed_is_kept():
+    params, seed = convert(do_sample=True, seed=42, top_k=5, top_p=0.9, stop=["\n"])
+    assert (params.seed, seed, params.top_k, params.top_p, tuple(params.stop)) == \
+        (42, 42, 5, 0.9, ("\n",))
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"best_of": 2}, "best_of"), ({"watermark": True}, "watermark"),
+    ({"typical_p": 0.5}, "typical_p"), ({"grammar": {"type": "regex"}}, "grammar"),
+    ({"stop": ["a", "b", "c"]}, "at most 2"), ({"stop": [""]}, "non-empty"),
+])
+def test_unsupported_or_too_many_is_422(kw, needle):
+    with pytest.raises(ApiError) as err:
+        convert(**kw)
+    assert err.value.status == 422 and needle in err.value.message
+
+
+def test_text_generation_client_payload_parses():
+    # What `text_generation.Client.generate` sends (Request.dict()), unknown keys included.
+    payload = {"inputs": "hi", "stream": False, "parameters": {
+        "best_of": None, "details": True, "decoder_input_details": False, "do_sample": False,
+        "max_new_tokens": 5, "repetition_penalty": None, "frequency_penalty": None,
+        "return_full_text": False, "seed": None, "stop": [], "temperature": None, "top_k": None,
+        "top_p": None, "truncate": None, "typical_p": None, "watermark": False,
+        "top_n_tokens": None, "grammar": None, "adapter_id": None, "something_new": 1}}
+    req = CompatGenerateRequest.model_validate(payload)
+    params, _ = to_sampling(req.parameters, max_stop_sequences=4, queue_timeout_s=1.0)
+    assert params.max_new_tokens == 5 and not params.do_sample

@@ -1,0 +1,91 @@
+"""The HTTP layer without a model: auth, body limit, error bodies, request ids, probes, metrics.
+
+The app is driven in-process through httpx's ASGI transport without running its lifespan, so
+no engine is loaded: generation answers 503 (not ready), which is itself a behaviour to check.
+"""
+
+import asyncio
+
+import httpx
+import pytest
+
+from server.app import create_app
+from server.settings import ServerSettings
+
+
+def call(settings: ServerSettings, method: str, path: str, **kw) -> httpx.Response:
+    app = create_app(settings)
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            resp = await client.request(method, path, **kw)
+            metrics = await client.get("/metrics")
+            return resp, metrics.text
+    resp, metrics = asyncio.run(go())
+    resp.metrics_text = metrics
+    return resp
+
+
+def settings(**kw) -> ServerSettings:
+    return ServerSettings.from_sources([], env={}).__class__(**kw)
+
+
+def test_validation_error_is_json_with_field_names():
+    r = call(settings(), "POST", "/generate", json={"inputs": "hi", "parameters": {"top_p": 2}})
+    assert r.status_code == 422
+    body = r.json()
+    assert body["error_type"] == "validation" and "parameters.top_p" in body["error"]
+    assert 'camex_failures_total{reason="validation"} 1.0' in r.metrics_text
+    assert 'camex_requests_total{route="/generate",status="422"} 1.0' in r.metrics_text
+
+
+def test_malformed_json_is_422_not_500():
+    r = call(settings(), "POST", "/generate", content=b"{nope", headers={"content-type":
+                                                                          "application/json"})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
+
+
+def test_not_ready_is_503_with_retry_after():
+    r = call(settings(), "POST", "/generate", json={"inputs": "hi"})
+    assert r.status_code == 503 and r.json()["error_type"] == "unavailable"
+    assert "Retry-After" in r.headers
+    assert call(settings(), "GET", "/ready").status_code == 503
+
+
+def test_body_limit_is_413_before_parsing():
+    r = call(settings(max_body_bytes=100), "POST", "/generate", json={"inputs": "x" * 200})
+    assert r.status_code == 413
+    assert r.json() == {"error": "request body exceeds the limit of 100 bytes",
+                        "error_type": "payload_too_large"}
+
+
+@pytest.mark.parametrize("auth,status", [(None, 401), ("Bearer wrong", 401),
+                                         ("Basic secret", 401), ("Bearer secret", 503)])
+def test_api_key(auth, status):
+    headers = {"authorization": auth} if auth else {}
+    r = call(settings(api_key="secret"), "POST", "/generate", json={"inputs": "hi"},
+             headers=headers)
+    assert r.status_code == status
+    if status == 401:
+        assert r.json()["error_type"] == "unauthorized"
+        assert r.headers["WWW-Authenticate"] == "Bearer"
+        assert 'camex_failures_total{reason="unauthorized"} 1.0' in r.metrics_text
+        assert 'camex_requests_total{route="/generate",status="401"} 1.0' in r.metrics_text
+
+
+def test_probes_and_metrics_need_no_key():
+    assert call(settings(api_key="secret"), "GET", "/metrics").status_code == 200
+
+
+def test_request_id_is_honoured_or_made():
+    r = call(settings(), "GET", "/info", headers={"x-request-id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    r = call(settings(), "GET", "/info", headers={"x-request-id": "bad id with spaces"})
+    assert len(r.headers["x-request-id"]) == 32
+
+
+def test_unknown_route_is_json_404():
+    r = call(settings(), "GET", "/nope")
+    assert r.status_code == 404 and r.json()["error_type"] == "not_found"
+    assert 'route="unmatched"' in r.metrics_text

@@ -1,0 +1,36 @@
+"""ServerSettings: flags override CAMEX_* env vars, which override defaults; bad values fail."""
+
+import pytest
+
+from server.settings import ServerSettings, build_parser, env_name
+
+
+def test_defaults_bind_localhost():
+    s = ServerSettings.from_sources([], env={})
+    assert (s.host, s.port, s.model, s.api_key) == ("127.0.0.1", 8080, None, None)
+
+
+def test_env_then_flags_precedence():
+    env = {"CAMEX_PORT": "9001", "CAMEX_MAX_BATCH_SIZE": "3", "CAMEX_API_KEY": "k",
+           "CAMEX_QUEUE_TIMEOUT_S": "2.5", "CAMEX_MODEL": "/m"}
+    s = ServerSettings.from_sources(["--port", "9002"], env=env)
+    assert s.port == 9002  # flag wins
+    assert (s.max_batch_size, s.api_key, s.queue_timeout_s, s.model) == (3, "k", 2.5, "/m")
+
+
+def test_every_field_has_flag_and_env_var():
+    parser = build_parser()
+    flags = {a.dest for a in parser._actions}
+    for name in ServerSettings.__dataclass_fields__:
+        assert name in flags
+        assert env_name(name) == "CAMEX_" + name.upper()
+
+
+@pytest.mark.parametrize("env,message", [
+    ({"CAMEX_PORT": "eighty"}, "CAMEX_PORT='eighty' is not a valid int"),
+    ({"CAMEX_STRATEGY": "fastest"}, "must be one of auto, merged, mixture"),
+    ({"CAMEX_MAX_WAITING": "0"}, "max_waiting must be > 0"),
+])
+def test_bad_values_say_what_is_wrong(env, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ServerSettings.from_sources([], env=env)
