@@ -54,17 +54,26 @@ class LoadConfig:
     burstiness: float = 1.0  # gamma shape; 1 = Poisson, < 1 burstier
     mix: dict[str, float] = field(default_factory=lambda: {"stream": 1.0})
     prompts_path: str | None = None  # JSONL / text prompts; None = synthetic
-    prompt_len: LengthDist = LengthDist("fixed", 32)  # synthetic prompt length in words
-    max_new_tokens: LengthDist = LengthDist("fixed", 16)
+    prompt_len: LengthDist | str | int = LengthDist("fixed", 32)  # synthetic prompt words
+    max_new_tokens: LengthDist | str | int = LengthDist("fixed", 16)
     seed: int | None = 0  # workload + arrivals; request i sends parameters.seed = seed + i
     do_sample: bool = False
     extra_params: dict = field(default_factory=dict)  # merged into "parameters" (e.g. ignore_eos)
     request_timeout_s: float = 120.0
     api_key: str | None = None  # sent as "Authorization: Bearer ..."
     allow_remote: bool = False
-    slo: Slo | None = None
+    slo: Slo | str | None = None  # Slo or "ttft=500ms,e2e=5s"
     min_goodput: float | None = None  # the SLO gate, a fraction in [0, 1]
     progress: bool = False  # tqdm bar on stderr
+
+    def __post_init__(self):
+        # convenience for callers: max_new_tokens=8 or prompt_len="uniform:4:16"
+        for name in ("prompt_len", "max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, LengthDist):
+                setattr(self, name, LengthDist.parse(str(value)))
+        if isinstance(self.slo, str):
+            self.slo = Slo.parse(self.slo)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting (bounds keep every run finite)."""

@@ -142,3 +142,10 @@ def test_loopback_targets_are_allowed(url):
 def test_unbounded_or_invalid_runs_are_refused(kwargs):
     with pytest.raises(ValueError):
         run_load(**kwargs)
+
+
+def test_config_accepts_plain_values_for_lengths_and_slo(fresh_fake):
+    r = run_load(url=fresh_fake.url, num_requests=3, max_new_tokens=5, prompt_len="uniform:2:4",
+                 slo="e2e=60s", min_goodput=1.0)
+    assert r.completed == 3 and r.gate_passed and r.slo["e2e"] == 60.0
+    assert {body["parameters"]["max_new_tokens"] for _, body in fresh_fake.received} == {5}
