@@ -15,7 +15,7 @@ import yaml
 from interface_metrics import DEPLOY, interface_metrics
 
 K8S = DEPLOY / "k8s"
-K8S_VERSION = "1.30"  # oldest version we support: native preStop sleep is GA-enabled there
+K8S_VERSION = "1.30"  # oldest supported: the native preStop sleep action is on by default there
 MONITOR_SCHEMA = Path(__file__).with_name("servicemonitor.schema.json")
 MANIFESTS = sorted(K8S.glob("*.yaml")) + sorted((K8S / "gpu").glob("*.yaml"))
 
