@@ -26,3 +26,9 @@ __all__ = [
     "CheckpointError", "ExpertBank", "ExportError", "ExportReport", "FoldedCheckpoint",
     "LinearBank", "export", "load_folded", "upcycle_from_dense", "__version__",
 ]
+
+# --- serving engine (owned by camex_runtime/engine; appended, see docs/INTERFACES.md §2) ---
+from .engine import (ClassificationResult, Engine, GenerationResult, SamplingParams,  # noqa: E402
+                     TokenEvent)
+
+__all__ += ["ClassificationResult", "Engine", "GenerationResult", "SamplingParams", "TokenEvent"]

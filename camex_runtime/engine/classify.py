@@ -1,0 +1,97 @@
+"""Batched sequence classification on the runner's weights: padding-aware, one merge per
+sequence and MoE layer (DESIGN §2: the router sees the masked mean of the FFN inputs).
+
+Right-pads the batch, runs the encoder blocks with the model's own bidirectional attention,
+applies each MoE layer with merged weights (merged in chunks, never cached: a classification
+merge serves exactly one sequence once) or the mixture strategy, then the model's masked-mean
+pooling and head. Knows nothing about labels or tokenizers; returns raw logits.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from camex_runtime.engine.moe import apply_mixture
+from camex_runtime.modeling import merged_ffn
+
+MERGE_CHUNK = 8  # sequences merged at once: bounds the transient memory of merged weights
+CLASSIFY_BATCH = 64  # sequences per forward when classifying a long list
+
+
+@torch.inference_mode()
+def classify_logits(runner, batch: Sequence[Sequence[int]]) -> Tensor:
+    """Token id lists -> logits (B, num_labels) of the runner's classifier model."""
+    model, tr, dev = runner.model, runner.tr, runner.device
+    B, L = len(batch), max(len(ids) for ids in batch)
+    ids = torch.zeros(B, L, dtype=torch.long, device=dev)
+    mask = torch.zeros(B, L, dtype=torch.bool, device=dev)
+    for b, seq in enumerate(batch):
+        ids[b, :len(seq)] = torch.tensor(seq, device=dev)
+        mask[b, :len(seq)] = True
+    x = tr.wte(ids) + tr.wpe(torch.arange(L, device=dev))  # (B, L, d)
+    for i, blk in enumerate(runner.blocks):
+        x = x + blk.attn(blk.ln_1(x), causal=False, key_padding_mask=mask)
+        h = blk.ln_2(x)  # (B, L, d)
+        if blk.is_moe:
+            x = x + _classify_moe(runner, runner.moe_of[i], h, mask)
+        else:
+            x = x + blk.ffn(h)
+    return model.score(model.pool(tr.ln_f(x), mask))  # (B, num_labels)
+
+
+def _classify_moe(runner, m: int, h: Tensor, mask: Tensor) -> Tensor:
+    moe = runner.moe[m]
+    B, L, d = h.shape
+    w = mask.to(h.dtype).unsqueeze(-1)  # (B, L, 1)
+    mean = (h * w).sum(1) / w.sum(1).clamp_min(1.0)  # (B, d)
+    scores = moe.scores(mean)  # (B, E)
+    runner._record_routing(m, None, [], scores)
+    strategy = runner.strategy
+    if strategy == "auto":
+        lengths = mask.sum(1).tolist()
+        strategy = runner.cost.choose(lengths, B)
+    if strategy == "mixture":
+        # padded positions go through too: keys are masked, so they only affect themselves
+        flat = apply_mixture(h.reshape(B * L, d), moe, scores.repeat_interleave(L, 0))
+        return flat.view(B, L, d)
+    bank = moe.bank()
+    return torch.cat([merged_ffn(h[c:c + MERGE_CHUNK], bank, scores[c:c + MERGE_CHUNK])
+                      for c in range(0, B, MERGE_CHUNK)], dim=0)
+
+
+def classify_texts(engine, texts, truncate: bool, raw_scores: bool):
+    """Engine.classify: tokenize, check lengths, batch by similar length, score, label."""
+    from camex_runtime.engine.outputs import ClassificationResult
+    from camex_runtime.errors import InputValidationError
+    from camex_runtime.modeling import classification_scores
+
+    if isinstance(texts, str) or not len(texts):
+        raise InputValidationError("classify takes a non-empty list of texts")
+    limit = engine.scheduler.config.max_input_tokens
+    batch = []
+    for i, t in enumerate(texts):
+        ids = engine._encode(t)
+        if not ids:
+            raise InputValidationError(f"text {i} is empty (0 tokens)")
+        if len(ids) > limit:
+            if not truncate:
+                raise InputValidationError(f"text {i} has {len(ids)} tokens; max_input_tokens "
+                                           f"is {limit} (pass truncate=True to cut it)")
+            ids = ids[:limit]
+        batch.append(ids)
+    cfg = engine.config
+    labels = [(cfg.id2label or {}).get(j, f"LABEL_{j}") for j in range(cfg.num_labels)]
+    order = sorted(range(len(batch)), key=lambda i: len(batch[i]))  # less padding per chunk
+    chunk = max(engine.scheduler.config.max_batch_size, CLASSIFY_BATCH)
+    results = [None] * len(batch)
+    for c in range(0, len(order), chunk):
+        idx = order[c:c + chunk]
+        with engine._model_lock:
+            logits = classify_logits(engine.runner, [batch[i] for i in idx])
+        scores = logits.float() if raw_scores else classification_scores(cfg, logits)
+        for i, row in zip(idx, scores.tolist()):
+            pairs = sorted(zip(labels, row), key=lambda p: p[1], reverse=True)
+            results[i] = ClassificationResult(scores=pairs, num_tokens=len(batch[i]))
+    return results

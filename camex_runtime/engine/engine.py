@@ -1,0 +1,343 @@
+"""Engine: the facade the server uses (docs/INTERFACES.md §2) and its background step loop.
+
+One step reads like its algorithm (vLLM V1 `EngineCore.step`):
+
+    scheduled = scheduler.schedule(now)        # who runs: joins, leaves, decodes
+    logits    = self._execute(scheduled)       # model runner: prefills + one batched decode
+    self._update(scheduled, logits)            # sample, detokenize, stop, publish, free slots
+
+`submit` only validates and enqueues (any thread); the loop thread owns the runner and
+the merge cache. `classify` runs in the caller's thread under the same model lock, so a
+classifier engine needs no loop. Knows nothing about HTTP or Prometheus: metrics leave through
+the optional observer (`on_step`, `on_merge`, `on_route`, `on_evict`).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+
+from camex_runtime.engine.cost_model import STRATEGIES
+from camex_runtime.engine.outputs import EngineStats, GenerationResult
+from camex_runtime.engine.output_processor import OutputProcessor, terminal_event
+from camex_runtime.engine.request import (ROUTING_MODES, GenerationRequest, RequestHandle,
+                                          RequestTimings, SamplingParams)
+from camex_runtime.engine.runner import ModelRunner, build_model
+from camex_runtime.engine.sampling import make_generator, sample_batch
+from camex_runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from camex_runtime.engine.classify import classify_texts
+from camex_runtime.engine.outputs import ClassificationResult
+from camex_runtime.errors import EngineStoppedError, InputValidationError
+
+log = logging.getLogger("camex.engine")
+IDLE_WAIT_S = 0.25  # the idle loop still heartbeats this often (the server's liveness signal)
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, name: str = "camex", kind: str = "causal-lm",
+                 max_batch_size: int = 8, max_input_tokens: Optional[int] = None,
+                 max_total_tokens: Optional[int] = None, max_waiting: int = 64,
+                 merge_cache_bytes: int = 256 << 20, strategy: str = "auto",
+                 routing: Optional[str] = None, observer=None,
+                 max_prefill_tokens: Optional[int] = None, profile=None):
+        cfg = model.config
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        routing = routing or cfg.routing
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
+        max_total = max_total_tokens or cfg.max_position_embeddings
+        if max_total > cfg.max_position_embeddings:
+            raise ValueError(f"max_total_tokens={max_total} exceeds the model's "
+                             f"max_position_embeddings={cfg.max_position_embeddings}")
+        max_input = max_input_tokens or max(1, max_total - 1)
+        self.scheduler = Scheduler(SchedulerConfig(
+            max_batch_size=max_batch_size, max_waiting=max_waiting, max_input_tokens=max_input,
+            max_total_tokens=max_total,
+            max_prefill_tokens=max_prefill_tokens or max(max_input, 4096)))
+        self.runner = ModelRunner(model, num_slots=max_batch_size, max_len=max_total,
+                                  merge_cache_bytes=merge_cache_bytes, strategy=strategy,
+                                  observer=observer, profile=profile)
+        self.config, self.tokenizer, self.kind, self.name = cfg, tokenizer, kind, name
+        self.routing, self.observer = routing, observer
+        self.eos_token_id = cfg.eos_token_id if cfg.eos_token_id is not None else \
+            getattr(tokenizer, "eos_token_id", None)
+        self._lock = threading.Lock()  # scheduler + request table
+        self._wake = threading.Condition(self._lock)
+        self._model_lock = threading.Lock()  # runner: loop steps and classify calls
+        self._procs: dict[str, OutputProcessor] = {}
+        self._gens: dict[str, Optional[torch.Generator]] = {}
+        self._ids = itertools.count()
+        self._thread: Optional[threading.Thread] = None
+        self._accepting, self._shutdown = True, False
+        self.steps, self.last_batch_size, self.heartbeat = 0, 0, time.monotonic()
+
+    @classmethod
+    def from_pretrained(cls, path: Union[str, Path], device: str = "cpu", dtype=None,
+                        **limits) -> "Engine":
+        """Load and validate a folded checkpoint (CheckpointError names a bad tensor)."""
+        from camex_runtime.checkpoint import load_folded
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        ckpt = load_folded(path, device=device, dtype=dtype)
+        tok = None
+        if ckpt.tokenizer_dir is not None:
+            from transformers import AutoTokenizer
+            tok = AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir))
+        return cls(build_model(ckpt), tok, name=Path(path).name, kind=ckpt.kind, **limits)
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            if self._shutdown:
+                raise EngineStoppedError("the engine was stopped; build a new one")
+            self._thread = threading.Thread(target=self._loop, name="camex-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, grace_s: float = 30.0) -> None:
+        """Stop accepting; let in-flight requests finish until `grace_s`, cancel the rest."""
+        with self._lock:
+            self._accepting = False
+        deadline = time.monotonic() + grace_s
+        while self._loop_running() and time.monotonic() < deadline:
+            with self._lock:
+                if not self.scheduler.has_work():
+                    break
+            time.sleep(0.01)
+        with self._lock:
+            for req in list(self.scheduler.waiting) + list(self.scheduler.running.values()):
+                req.cancel_requested = True
+            self._wake.notify_all()
+        if self._loop_running():
+            while time.monotonic() < deadline + 5.0:
+                with self._lock:
+                    if not self.scheduler.has_work():
+                        break
+                time.sleep(0.01)
+        else:
+            self.step()  # no loop thread: finish the cancellations here
+        with self._lock:
+            self._shutdown = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
+
+    def _loop_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                self.heartbeat = time.monotonic()
+                if self._shutdown:
+                    return
+                if not self.scheduler.has_work():
+                    self._wake.wait(IDLE_WAIT_S)
+                    continue
+            try:
+                self.step()
+            except Exception:  # a bug in a step must not kill the loop: fail what ran
+                log.exception("engine step failed")
+                self._fail_running("internal error in the engine step (see server log)")
+
+    def warmup(self) -> None:
+        """One tiny request through every routing mode and strategy (and classification)."""
+        if self.kind == "classifier":
+            for strategy in ("merged", "mixture", self.runner.strategy):
+                self.runner.strategy = strategy
+                self.classify(["warmup"] if self.tokenizer else [[0]])
+            return
+        self.start()
+        limit = self.scheduler.config
+        n = max(1, min(self.config.segment_len + 1, limit.max_input_tokens,
+                       limit.max_total_tokens - 2))
+        eos = self.eos_token_id or 0
+        saved = self.runner.strategy
+        try:
+            for strategy in ("merged", "mixture"):
+                self.runner.strategy = strategy
+                for routing in ROUTING_MODES:
+                    self.generate([eos] * n, max_new_tokens=2, ignore_eos=True, routing=routing)
+        finally:
+            self.runner.strategy = saved
+
+    # -- requests ---------------------------------------------------------------------------
+    def _encode(self, prompt: Union[str, Sequence[int]]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise InputValidationError("this checkpoint has no tokenizer: send token ids")
+            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        ids = list(prompt)
+        V = self.config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < V]
+        if bad:
+            raise InputValidationError(f"token id {bad[0]!r} is outside the vocabulary [0, {V})")
+        return ids
+
+    def submit(self, prompt: Union[str, Sequence[int]],
+               params: Optional[SamplingParams] = None) -> RequestHandle:
+        """Validate and enqueue; the loop thread (see `start`) generates."""
+        if self.kind != "causal-lm":
+            raise InputValidationError(f"this engine serves a {self.kind} checkpoint: "
+                                       "use classify()")
+        params = params or SamplingParams()
+        params.validate()
+        ids = self._encode(prompt)
+        self.scheduler.check_lengths(len(ids), params.max_new_tokens)
+        rid = f"{next(self._ids)}-{uuid.uuid4().hex[:12]}"
+        handle = RequestHandle(rid, ids, self._cancel)
+        req = GenerationRequest(rid, ids, params, params.routing or self.routing, handle,
+                                RequestTimings(queued_at=time.monotonic()))
+        with self._lock:
+            if not self._accepting or self._shutdown:
+                raise EngineStoppedError("the engine is stopping and accepts no new requests")
+            self.scheduler.add(req)  # QueueFullError when the waiting queue is full
+            self._wake.notify_all()
+        return handle
+
+    def generate(self, prompt: Union[str, Sequence[int]], **params) -> GenerationResult:
+        """Blocking, thread-safe: submit and wait (starts the loop if needed)."""
+        self.start()
+        return self.submit(prompt, SamplingParams(**params)).result()
+
+    def _cancel(self, request_id: str) -> None:
+        with self._lock:
+            req = self.scheduler.running.get(request_id) or next(
+                (r for r in self.scheduler.waiting if r.request_id == request_id), None)
+            if req is not None:
+                req.cancel_requested = True
+                self._wake.notify_all()
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(self) -> int:
+        """schedule -> execute -> update. Returns the number of requests that ran."""
+        t0 = time.perf_counter()
+        with self._lock:
+            sched = self.scheduler.schedule(time.monotonic())
+        with self._model_lock:
+            self._drop(sched)
+            rows, logits = self._execute(sched)
+            self._update(rows, logits)
+        self.steps += 1
+        self.last_batch_size = sched.batch_size
+        if sched.batch_size:
+            fn = getattr(self.observer, "on_step", None)
+            if fn is not None:
+                fn(sched.batch_size, time.perf_counter() - t0)
+        return sched.batch_size
+
+    def _drop(self, sched: SchedulerOutput) -> None:
+        for req in sched.cancelled:
+            self._finish(req, terminal_event(req, "cancelled"))
+        for req in sched.timed_out:
+            waited = time.monotonic() - req.timings.queued_at
+            self._finish(req, terminal_event(
+                req, "error", f"queue timeout: not scheduled within {req.params.queue_timeout_s}s "
+                              f"(waited {waited:.3f}s)"))
+
+    def _execute(self, sched: SchedulerOutput):
+        """Run the model: each new prompt's prefill, then one decode for the rest.
+        Returns (requests, next-token logits (B, V)) in the same order."""
+        now = time.monotonic()
+        rows, logits = [], []
+        for req in sched.prefill:
+            req.timings.scheduled_at = now
+            self._procs[req.request_id] = OutputProcessor(req, self.tokenizer, self.eos_token_id)
+            self._gens[req.request_id] = make_generator(req.params, self.runner.device)
+            try:
+                logits.append(self.runner.prefill(req.slot, req.prompt_token_ids, req.routing,
+                                                  trace=req.params.return_routing)[None])
+                rows.append(req)
+            except Exception as e:  # e.g. out of memory on a long prompt: fail this request only
+                log.exception("prefill failed for %s", req.request_id)
+                self._finish(req, terminal_event(req, "error", f"prefill failed: {e}"))
+        if sched.decode:
+            reqs = sched.decode
+            logits.append(self.runner.decode([r.slot for r in reqs],
+                                             [r.output_token_ids[-1] for r in reqs],
+                                             [r.all_token_ids for r in reqs]))
+            rows.extend(reqs)
+        return rows, (torch.cat(logits, 0) if logits else None)
+
+    def _update(self, rows: list[GenerationRequest], logits) -> None:
+        if not rows:
+            return
+        tokens, logprobs = sample_batch(
+            logits, [r.params for r in rows], [r.all_token_ids for r in rows],
+            [self._gens[r.request_id] for r in rows])
+        now = time.monotonic()
+        for req, tok, lp in zip(rows, tokens, logprobs):
+            if req.timings.first_token_at is None:
+                req.timings.first_token_at = now
+            ev = self._procs[req.request_id].process(tok, lp)
+            if ev.finish_reason is None:
+                req.handle._publish([ev], None)
+            else:
+                self._finish(req, ev)
+
+    def _finish(self, req: GenerationRequest, last_event) -> None:
+        """Free the slot and its cache references, then publish the final event + result."""
+        if req.slot is not None:
+            if req.params.return_routing:
+                req.routing_trace = self.runner.routing_trace(req.slot, req.num_tokens)
+            self.runner.release(req.slot)
+            with self._lock:
+                self.scheduler.finish(req)
+        self._procs.pop(req.request_id, None)
+        self._gens.pop(req.request_id, None)
+        req.timings.finished_at = time.monotonic()
+        req.handle._publish([last_event], req.to_result())
+
+    def _fail_running(self, message: str) -> None:
+        with self._lock:
+            running = list(self.scheduler.running.values())
+        with self._model_lock:
+            for req in running:
+                self._finish(req, terminal_event(req, "error", message))
+
+    # -- classification, stats, info ---------------------------------------------------------
+    def classify(self, texts: Sequence[Union[str, Sequence[int]]], truncate: bool = False,
+                 raw_scores: bool = False) -> list[ClassificationResult]:
+        """Scores per text, labels sorted by score (softmax / sigmoid / raw per problem_type;
+        raw logits with raw_scores=True). Thread-safe; runs in the caller's thread."""
+        if self.kind != "classifier":
+            raise InputValidationError(f"this engine serves a {self.kind} checkpoint: "
+                                       "classify needs a classifier")
+        return classify_texts(self, texts, truncate, raw_scores)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            running, waiting = self.scheduler.num_running, self.scheduler.num_waiting
+        alive = self._loop_running() and time.monotonic() - self.heartbeat < 10 * IDLE_WAIT_S \
+            + 60.0
+        c = self.scheduler.config
+        return EngineStats(
+            running=running, waiting=waiting, max_batch_size=c.max_batch_size,
+            max_waiting=c.max_waiting, steps=self.steps, last_step_batch_size=self.last_batch_size,
+            heartbeat=self.heartbeat, alive=alive, cache=self.runner.cache.stats(),
+            router_scores=self.runner.router_sum.tolist(),
+            router_counts=list(self.runner.router_counts))
+
+    def info(self) -> dict:
+        cfg, c = self.config, self.scheduler.config
+        return {
+            "model": self.name, "kind": self.kind, "num_experts": cfg.num_experts,
+            "moe_layers": list(self.runner.moe_layers), "segment_len": cfg.segment_len,
+            "routing": self.routing, "strategy": self.runner.strategy,
+            "device": str(self.runner.device), "dtype": str(self.runner.dtype).replace("torch.", ""),
+            "max_batch_size": c.max_batch_size, "max_input_tokens": c.max_input_tokens,
+            "max_total_tokens": c.max_total_tokens, "max_waiting": c.max_waiting,
+            "merge_cache_bytes": self.runner.cache.budget_bytes,
+            "vocab_size": cfg.vocab_size, "eos_token_id": self.eos_token_id,
+            "id2label": {int(k): v for k, v in (cfg.id2label or {}).items()}
+            if self.kind == "classifier" else None,
+            "provenance": dict(getattr(cfg, "provenance", {}) or {}),
+        }

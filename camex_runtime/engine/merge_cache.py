@@ -1,0 +1,123 @@
+"""Merged-expert weight cache: a preallocated pool under a byte budget, content-addressed.
+
+One entry holds one merged FFN (`fc1` weight+bias, `fc2` weight+bias) for one MoE layer and
+one routing decision. Keys are chosen by the caller so that equal keys mean equal merged
+weights (layer, routing mode, digest of the token ids that decided the scores, ...); two
+sequences with the same routing prefix therefore share one entry, counted by reference.
+Unreferenced entries stay resident in LRU order and are evicted only when a new merge needs
+their slot; when every slot is referenced, `acquire` answers None and the caller serves that
+sequence with the mixture strategy instead (a "fallback"), so the budget is never exceeded.
+
+Knows nothing about routing or models: shapes in, slots and views out. Not thread-safe (the
+engine thread owns it).
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Hashable, Optional
+
+import torch
+
+from camex_runtime.engine.outputs import MergeCacheStats
+
+# Parts of one merged FFN, in pool order.
+PARTS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
+
+
+@dataclass
+class _Entry:
+    slot: int
+    refcount: int
+
+
+@dataclass(frozen=True)
+class Acquired:
+    slot: int
+    hit: bool  # False: the caller must merge into `slot` before using it
+
+
+class MergeCache:
+    def __init__(self, d_model: int, d_ff: int, budget_bytes: int, device: torch.device,
+                 dtype: torch.dtype):
+        shapes = {"fc1_weight": (d_ff, d_model), "fc1_bias": (d_ff,),
+                  "fc2_weight": (d_model, d_ff), "fc2_bias": (d_model,)}
+        elem = torch.empty((), dtype=dtype).element_size()
+        self.entry_bytes = elem * sum(int(torch.Size(s).numel()) for s in shapes.values())
+        self.budget_bytes = int(budget_bytes)
+        self.num_slots = self.budget_bytes // self.entry_bytes
+        # (slots, *shape) per part: merge_experts writes into pool[part][slot] with out=.
+        self.pool = {p: torch.empty((self.num_slots, *s), device=device, dtype=dtype)
+                     for p, s in shapes.items()}
+        self._entries: dict[Hashable, _Entry] = {}
+        self._lru: OrderedDict[Hashable, None] = OrderedDict()  # unreferenced, oldest first
+        self._free = list(range(self.num_slots - 1, -1, -1))  # pop() gives the lowest slot
+        self.hits = self.misses = self.evictions = self.fallbacks = 0
+        self.merges = 0
+        self.merge_seconds = 0.0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key: Hashable) -> bool:
+        return key in self._entries
+
+    def acquire(self, key: Hashable) -> Optional[Acquired]:
+        """Take a reference to `key`'s entry; allocate one (evicting LRU) on a miss.
+        None when no slot can be had: the caller falls back to the mixture strategy."""
+        e = self._entries.get(key)
+        if e is not None:
+            if e.refcount == 0:
+                del self._lru[key]
+            e.refcount += 1
+            self.hits += 1
+            return Acquired(e.slot, hit=True)
+        self.misses += 1
+        slot = self._take_slot()
+        if slot is None:
+            self.fallbacks += 1
+            return None
+        self._entries[key] = _Entry(slot, 1)
+        return Acquired(slot, hit=False)
+
+    def release(self, key: Hashable) -> None:
+        e = self._entries[key]
+        if e.refcount <= 0:
+            raise RuntimeError(f"merge cache: release of unreferenced entry {key!r}")
+        e.refcount -= 1
+        if e.refcount == 0:
+            self._lru[key] = None
+
+    def discard(self, key: Hashable) -> None:
+        """Drop a just-acquired entry whose merge failed, so nobody reads garbage."""
+        e = self._entries.pop(key)
+        self._lru.pop(key, None)
+        self._free.append(e.slot)
+
+    def weights(self, slot: int) -> dict[str, torch.Tensor]:
+        """Views of one entry: fc1_weight (h, d), fc1_bias (h,), fc2_weight (d, h), fc2_bias (d,)."""
+        return {p: t[slot] for p, t in self.pool.items()}
+
+    def record_merge(self, count: int, seconds: float) -> None:
+        self.merges += count
+        self.merge_seconds += seconds
+
+    @property
+    def referenced(self) -> int:
+        return sum(1 for e in self._entries.values() if e.refcount > 0)
+
+    def stats(self) -> MergeCacheStats:
+        return MergeCacheStats(
+            hits=self.hits, misses=self.misses, evictions=self.evictions,
+            fallbacks=self.fallbacks, bytes_used=len(self._entries) * self.entry_bytes,
+            bytes_budget=self.budget_bytes, merges=self.merges,
+            merge_seconds=self.merge_seconds)
+
+    def _take_slot(self) -> Optional[int]:
+        if self._free:
+            return self._free.pop()
+        if not self._lru:
+            return None
+        key, _ = self._lru.popitem(last=False)
+        self.evictions += 1
+        return self._entries.pop(key).slot

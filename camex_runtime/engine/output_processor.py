@@ -1,0 +1,59 @@
+"""Turns sampled tokens into what callers see: text pieces, stop checks, finish reasons.
+
+One `OutputProcessor` per running request (created at prefill). For each new token it
+updates the request's ids, logprobs and text, decides whether the request is finished
+(EOS -> "eos_token", a stop string in the decoded text -> "stop_sequence", max_new_tokens ->
+"length"; checked in that order) and builds the `TokenEvent`. Knows nothing about tensors.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from camex_runtime.engine.detokenizer import IncrementalDetokenizer, find_stop
+from camex_runtime.engine.outputs import TokenEvent
+from camex_runtime.engine.request import GenerationRequest
+
+
+class _IdsOnly:
+    """Stand-in tokenizer for engines without one: generated text stays empty."""
+
+    def decode(self, ids, skip_special_tokens=True) -> str:
+        return ""
+
+
+class OutputProcessor:
+    def __init__(self, req: GenerationRequest, tokenizer, eos_token_id: Optional[int]):
+        self.req = req
+        self.detok = IncrementalDetokenizer(tokenizer or _IdsOnly())
+        self.eos = eos_token_id
+
+    def process(self, token_id: int, logprob: float) -> TokenEvent:
+        """Append one token; returns its event (finish_reason set when the request ends)."""
+        req, p = self.req, self.req.params
+        req.output_token_ids.append(token_id)
+        req.logprobs.append(logprob)
+        piece = self.detok.push(token_id)
+        finish = None
+        if self.eos is not None and token_id == self.eos and not p.ignore_eos:
+            finish = "eos_token"
+        elif len(req.output_token_ids) >= p.max_new_tokens:
+            finish = "length"
+        if finish is not None:
+            piece += self.detok.flush()
+        text = req.text + piece
+        stop = find_stop(text, len(piece), p.stop)
+        if stop is not None:
+            piece = piece[:len(piece) - (len(text) - stop)]  # the text ends with the stop string
+            text, finish = text[:stop], "stop_sequence"
+        req.text = text
+        req.finish_reason = finish
+        return TokenEvent(token_id=token_id, text=piece, logprob=logprob,
+                          index=len(req.output_token_ids) - 1, finish_reason=finish)
+
+
+def terminal_event(req: GenerationRequest, reason: str, error: Optional[str] = None) -> TokenEvent:
+    """The last event of a request that ends without a new token (cancelled, error):
+    token_id -1, empty text."""
+    req.finish_reason, req.error = reason, error
+    return TokenEvent(token_id=-1, text="", logprob=0.0, index=len(req.output_token_ids),
+                      finish_reason=reason, error=error)

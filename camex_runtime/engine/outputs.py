@@ -1,0 +1,81 @@
+"""What the engine hands back to its callers: per-token events, results, stats.
+
+Plain dataclasses, no tensors: everything here is safe to pass to another thread or to
+serialise. The engine fills them; the server turns them into JSON and Prometheus metrics.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+# Why a request stopped. "cancelled" and "error" never come from the model itself.
+FINISH_REASONS = ("length", "eos_token", "stop_sequence", "cancelled", "error")
+
+# {"mode": "segment"|"prompt", "layers": [{"layer": int, "segments":
+#   [{"start": int, "end": int, "scores": [float] * E}]}]}  -- see docs/INTERFACES.md §2
+RoutingTrace = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token_id: int
+    text: str  # the newly decodable text piece ("" while a multi-byte character is incomplete)
+    logprob: float  # log p(token) under the model's (unprocessed) distribution
+    index: int  # 0-based position among the generated tokens
+    finish_reason: Optional[str] = None  # set on the last event only
+    error: Optional[str] = None  # set when finish_reason == "error"
+
+
+@dataclass
+class RequestTimings:
+    """time.monotonic() stamps; None until the stage happened."""
+    queued_at: float
+    scheduled_at: Optional[float] = None
+    first_token_at: Optional[float] = None
+    finished_at: Optional[float] = None
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: Optional[str]
+    logprobs: list[float]
+    routing: Optional[RoutingTrace]
+    timings: RequestTimings
+    error: Optional[str] = None  # why, when finish_reason == "error"
+
+
+@dataclass(frozen=True)
+class ClassificationResult:
+    scores: list[tuple[str, float]]  # (label, score), sorted by score, highest first
+    num_tokens: int  # tokens actually fed to the model (after truncation)
+
+
+@dataclass(frozen=True)
+class MergeCacheStats:
+    hits: int
+    misses: int
+    evictions: int
+    fallbacks: int  # merges refused for lack of pool space: served by the mixture strategy
+    bytes_used: int  # bytes held by live (referenced or LRU) entries
+    bytes_budget: int
+    merges: int
+    merge_seconds: float
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    waiting: int
+    max_batch_size: int
+    max_waiting: int
+    steps: int
+    last_step_batch_size: int
+    heartbeat: float  # monotonic time of the last loop iteration (the server's liveness signal)
+    alive: bool
+    cache: MergeCacheStats
+    router_scores: list[list[float]] = field(default_factory=list)  # per MoE layer, per expert
+    router_counts: list[int] = field(default_factory=list)  # per MoE layer: routing decisions

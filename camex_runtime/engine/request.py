@@ -1,0 +1,196 @@
+"""A generation request: its sampling parameters, its tensor-free state, and the caller's handle.
+
+`SamplingParams` is what callers pass; `GenerationRequest` is the engine's bookkeeping for one
+request (token ids, slot, timings; no tensors, so the scheduler can be tested on it);
+`RequestHandle` is what `Engine.submit` returns: a thread-safe event stream that can be read
+synchronously (`for ev in handle`) or from asyncio (`async for ev in handle.aiter()`).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+from camex_runtime.errors import (InputValidationError, QueueTimeoutError,
+                                  RequestFailedError)
+from camex_runtime.engine.outputs import (GenerationResult, RequestTimings, RoutingTrace,
+                                          TokenEvent)
+
+ROUTING_MODES = ("segment", "prompt")
+MAX_STOP_SEQUENCES = 16
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 20
+    do_sample: bool = False  # False -> greedy; temperature/top_k/top_p are then ignored (TGI)
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None  # HF semantics: >1 discourages repeats
+    seed: Optional[int] = None  # per-request generator: same seed -> same tokens
+    stop: Sequence[str] = ()  # stop when the decoded generated text contains one of these
+    ignore_eos: bool = False
+    return_routing: bool = False  # attach a RoutingTrace to the result
+    routing: Optional[str] = None  # None: the engine's default mode
+    queue_timeout_s: Optional[float] = None  # give up if not scheduled within this time
+
+    def validate(self) -> None:
+        """Raise InputValidationError with the offending value; the engine calls this on submit."""
+        def bad(msg: str) -> None:
+            raise InputValidationError(msg)
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            bad(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.do_sample and not self.temperature > 0:
+            bad(f"temperature must be > 0 when sampling, got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            bad(f"top_k must be an integer >= 1, got {self.top_k!r}")
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+            bad(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
+            bad(f"seed must be a non-negative integer, got {self.seed!r}")
+        if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
+            bad(f"stop must be a list of non-empty strings, got {self.stop!r}")
+        if len(self.stop) > MAX_STOP_SEQUENCES:
+            bad(f"at most {MAX_STOP_SEQUENCES} stop sequences, got {len(self.stop)}")
+        if self.routing is not None and self.routing not in ROUTING_MODES:
+            bad(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
+        if self.queue_timeout_s is not None and not self.queue_timeout_s > 0:
+            bad(f"queue_timeout_s must be > 0, got {self.queue_timeout_s!r}")
+
+
+class RequestHandle:
+    """The caller's side of one request: an append-only event list plus a completion flag.
+
+    Written only by the engine thread (`_publish`), read by any number of threads and
+    event loops; each iterator keeps its own cursor, so iterating twice replays the events.
+    """
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int],
+                 cancel: Callable[[str], None]):
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self._cancel = cancel
+        self._events: list[TokenEvent] = []
+        self._result: Optional[GenerationResult] = None
+        self._cond = threading.Condition()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    # -- engine side ---------------------------------------------------------------------
+    def _publish(self, events: list[TokenEvent], result: Optional[GenerationResult]) -> None:
+        with self._cond:
+            self._events.extend(events)
+            if result is not None:
+                self._result = result
+            waiters, self._waiters = self._waiters, []
+            self._cond.notify_all()
+        for loop, ev in waiters:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+                pass
+
+    # -- caller side ---------------------------------------------------------------------
+    @property
+    def done(self) -> bool:
+        return self._result is not None
+
+    def cancel(self) -> None:
+        """Stop generating; the slot and its cache entries are freed at the next engine step."""
+        self._cancel(self.request_id)
+
+    def __iter__(self) -> Iterator[TokenEvent]:
+        i = 0
+        while True:
+            with self._cond:
+                while i >= len(self._events) and self._result is None:
+                    self._cond.wait()
+                new, finished = self._events[i:], self._result is not None
+            i += len(new)
+            yield from new
+            if finished and i >= len(self._events):
+                return
+
+    async def aiter(self):
+        """Async iteration for asyncio callers (the server); never blocks the event loop."""
+        loop = asyncio.get_running_loop()
+        i = 0
+        while True:
+            wake = asyncio.Event()
+            with self._cond:
+                new, finished = self._events[i:], self._result is not None
+                if not new and not finished:
+                    self._waiters.append((loop, wake))
+            i += len(new)
+            for ev in new:
+                yield ev
+            if finished and not new:
+                return
+            if not new:
+                await wake.wait()
+
+    def result(self, timeout: Optional[float] = None) -> GenerationResult:
+        """Block until the request is done. Raises QueueTimeoutError when it timed out in the
+        queue, RequestFailedError on an internal error, TimeoutError when `timeout` passes."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._result is not None, timeout):
+                raise TimeoutError(f"request {self.request_id} not done after {timeout}s")
+            res = self._result
+        if res.finish_reason == "error":
+            if res.error and res.error.startswith("queue timeout"):
+                raise QueueTimeoutError(res.error)
+            raise RequestFailedError(res.error or "request failed")
+        return res
+
+    async def aresult(self) -> GenerationResult:
+        """Async version of `result()` (drains the events)."""
+        async for _ in self.aiter():
+            pass
+        return self.result(timeout=0)
+
+
+@dataclass(eq=False)
+class GenerationRequest:
+    """The engine's tensor-free record of one request (what the scheduler sees)."""
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    routing: str  # resolved routing mode ("segment" | "prompt")
+    handle: RequestHandle
+    timings: RequestTimings
+    slot: Optional[int] = None  # KV-cache / routing-state row while running
+    output_token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""  # decoded generated text so far
+    finish_reason: Optional[str] = None
+    error: Optional[str] = None
+    cancel_requested: bool = False
+    routing_trace: Optional[RoutingTrace] = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose K/V are (or will be, after this step) in the cache."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def queue_deadline(self) -> Optional[float]:
+        t = self.params.queue_timeout_s
+        return None if t is None else self.timings.queued_at + t
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    def to_result(self) -> GenerationResult:
+        return GenerationResult(
+            request_id=self.request_id, prompt_token_ids=list(self.prompt_token_ids),
+            token_ids=list(self.output_token_ids), text=self.text,
+            finish_reason=self.finish_reason, logprobs=list(self.logprobs),
+            routing=self.routing_trace, timings=self.timings, error=self.error)

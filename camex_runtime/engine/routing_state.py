@@ -1,0 +1,64 @@
+"""Per-sequence routing bookkeeping of the engine: modes, segment boundaries, cache keys.
+
+DESIGN §2/§4: in `segment` mode segment 1 is routed by the mean of its first
+`route1_len = min(prompt_len, T)` tokens, segment k >= 2 by the mean of segment k-1; in
+`prompt` mode one decision from the prompt mean serves everything. A merged-weight cache key
+must capture everything the scores depend on: the layer, the mode, the token ids that came
+before the routing decision, and (segment mode) `route1_len`. `routing_digest` hashes those
+once per decision so the per-layer key is just `(digest, layer)`.
+
+Tensor-free; the tensors (scores, running segment sums) live in the model runner.
+"""
+from __future__ import annotations
+
+import hashlib
+from array import array
+from dataclasses import dataclass, field
+from typing import Hashable, Optional, Sequence
+
+NO_MERGE = -1  # no pool entry yet: merge lazily when a step uses the merged strategy
+FALLBACK = -2  # the pool was full for this segment: mixture until the next routing decision
+
+
+def routing_digest(mode: str, token_ids: Sequence[int], segment: int, T: int, route1_len: int,
+                   prompt_len: int) -> bytes:
+    """Identity of one routing decision (0-based `segment`; prompt mode ignores it)."""
+    if mode == "prompt":
+        tag, prefix = b"prompt", token_ids[:prompt_len]
+    else:  # the segment index too: with route1_len == T, segments 1 and 2 share a prefix
+        tag = b"segment:%d:%d" % (route1_len, segment)
+        prefix = token_ids[:route1_len] if segment == 0 else token_ids[:segment * T]
+    h = hashlib.blake2b(tag, digest_size=16)
+    h.update(array("q", prefix).tobytes())
+    return h.digest()
+
+
+@dataclass
+class SlotRouting:
+    """Routing state of one running sequence (one KV-cache slot)."""
+    mode: str  # "segment" | "prompt"
+    prompt_len: int
+    route1_len: int  # tokens whose mean routes segment 1 (segment mode)
+    num_moe: int
+    trace: bool = False
+    length: int = 0  # tokens processed (their K/V cached, their FFN inputs summed)
+    keys: list[Optional[Hashable]] = field(default_factory=list)  # per MoE layer
+    pool_slots: list[int] = field(default_factory=list)  # per MoE layer, or NO_MERGE/FALLBACK
+    decisions: list[list[tuple[int, list[float]]]] = field(default_factory=list)  # (start, scores)
+
+    def __post_init__(self) -> None:
+        self.keys = [None] * self.num_moe
+        self.pool_slots = [NO_MERGE] * self.num_moe
+        self.decisions = [[] for _ in range(self.num_moe)]
+
+    def routing_trace(self, layer_ids: Sequence[int], total_len: int) -> dict:
+        """INTERFACES §2 RoutingTrace; `layer_ids` are the block indices of the MoE layers,
+        `total_len` the sequence length (prompt + generated) the last segment runs to."""
+        layers = []
+        for layer, decs in zip(layer_ids, self.decisions):
+            segs = []
+            for i, (start, scores) in enumerate(decs):
+                end = decs[i + 1][0] if i + 1 < len(decs) else total_len
+                segs.append({"start": start, "end": end, "scores": scores})
+            layers.append({"layer": layer, "segments": segs})
+        return {"mode": self.mode, "layers": layers}
