@@ -47,7 +47,6 @@ async def info(request: Request) -> dict:
     s = state.settings
     main = state.lm or state.classifier
     main_info = main.info() if main else {}
-    limits = main_info.get("limits", {})
     out = {
         "model_id": info_model_id(state),
         "model_sha": None,
@@ -57,8 +56,8 @@ async def info(request: Request) -> dict:
         "max_concurrent_requests": s.max_batch_size + s.max_waiting,
         "max_best_of": 1,
         "max_stop_sequences": s.max_stop_sequences,
-        "max_input_tokens": limits.get("max_input_tokens", s.max_input_tokens),
-        "max_total_tokens": limits.get("max_total_tokens", s.max_total_tokens),
+        "max_input_tokens": main_info.get("max_input_tokens", s.max_input_tokens),
+        "max_total_tokens": main_info.get("max_total_tokens", s.max_total_tokens),
         "max_batch_size": s.max_batch_size,
         "max_waiting": s.max_waiting,
         "max_client_batch_size": s.max_client_batch_size,

@@ -1,0 +1,187 @@
+"""End to end: a real `camex-server` process with tiny checkpoints, driven by unmodified clients
+(huggingface_hub.InferenceClient, text_generation.Client, openai) and raw httpx.
+
+One server for the module (LM + classifier); every test talks over 127.0.0.1.
+"""
+
+import json
+
+import httpx
+import pytest
+
+from tests.server.live_server import live_server, value
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def server(tiny_lm_dir, tiny_classifier_dir, tmp_path_factory):
+    with live_server(tmp_path_factory.mktemp("srv"), "--model", str(tiny_lm_dir), "--classifier",
+                     str(tiny_classifier_dir), "--max-batch-size", "4",
+                     "--model-id", "tiny-camex", "--strategy", "merged") as srv:
+        yield srv
+
+
+def test_inference_client_plain_details_and_stream(server):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(base_url=server.base_url)
+    text = client.text_generation("the quick brown", max_new_tokens=6)
+    assert isinstance(text, str)
+    out = client.text_generation("the quick brown", max_new_tokens=6, details=True)
+    assert out.generated_text == text  # greedy: same text
+    d = out.details
+    assert d.finish_reason in ("length", "eos_token") and d.generated_tokens == len(d.tokens)
+    assert 1 <= d.generated_tokens <= 6 and all(t.logprob <= 0 for t in d.tokens)
+    streamed = list(client.text_generation("the quick brown", max_new_tokens=6, details=True,
+                                           stream=True))
+    assert [s.token.id for s in streamed] == [t.id for t in d.tokens]
+    assert all(s.generated_text is None for s in streamed[:-1])
+    assert streamed[-1].generated_text == text
+    assert streamed[-1].details.generated_tokens == d.generated_tokens
+    pieces = client.text_generation("the quick brown", max_new_tokens=6, stream=True)
+    assert "".join(pieces) == text
+
+
+def test_text_generation_client(server):
+    from text_generation import Client
+
+    client = Client(server.base_url)
+    resp = client.generate("hello world", max_new_tokens=5, seed=3, do_sample=True)
+    assert resp.details.seed == 3 and resp.details.generated_tokens == len(resp.details.tokens)
+    again = client.generate("hello world", max_new_tokens=5, seed=3, do_sample=True)
+    assert again.generated_text == resp.generated_text  # same seed, same tokens
+    events = list(client.generate_stream("hello world", max_new_tokens=5))
+    greedy = client.generate("hello world", max_new_tokens=5)
+    assert events[-1].generated_text == greedy.generated_text
+    assert events[-1].details.finish_reason == greedy.details.finish_reason
+
+
+def test_generate_raw_sse_format_and_headers(server):
+    body = {"inputs": "hello world", "parameters": {"max_new_tokens": 4, "details": True}}
+    with httpx.stream("POST", server.base_url + "/generate_stream", json=body) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert int(r.headers["x-prompt-tokens"]) > 0
+        events = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+    assert set(events[0]) == {"index", "token", "top_tokens", "generated_text", "details"}
+    assert set(events[0]["token"]) == {"id", "text", "logprob", "special"}
+    assert events[0]["generated_text"] is None and events[0]["details"] is None
+    assert [e["index"] for e in events] == list(range(1, len(events) + 1))
+    final = events[-1]
+    assert final["generated_text"] == "".join(e["token"]["text"] for e in events)
+    assert final["details"]["generated_tokens"] == len(events)
+    r = httpx.post(server.base_url + "/generate", json=body, headers={"x-request-id": "req-1"})
+    assert r.headers["x-request-id"] == "req-1"
+    assert int(r.headers["x-generated-tokens"]) == r.json()["details"]["generated_tokens"]
+    for h in ("x-queue-time", "x-inference-time", "x-time-per-token", "x-prompt-tokens"):
+        assert int(r.headers[h]) >= 0
+
+
+def test_compat_route_and_full_text(server):
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 3, "return_full_text": True}}
+    r = httpx.post(server.base_url + "/", json=body)
+    assert r.status_code == 200 and isinstance(r.json(), list)
+    assert r.json()[0]["generated_text"].startswith("hello")
+
+
+def test_return_routing(server, tiny_lm_dir):
+    cfg = json.loads((tiny_lm_dir / "config.json").read_text())
+    body = {"inputs": "the quick brown fox jumps", "parameters": {
+        "max_new_tokens": 6, "return_routing": True, "routing": "segment"}}
+    r = httpx.post(server.base_url + "/generate", json=body).json()
+    routing = r["details"]["routing"]
+    assert routing["mode"] == "segment" and len(routing["layers"]) >= 1
+    for layer in routing["layers"]:
+        for seg in layer["segments"]:
+            assert len(seg["scores"]) == cfg["num_experts"]
+            assert abs(sum(seg["scores"]) - 1) < 1e-4 and seg["end"] > seg["start"]
+
+
+def test_validation_errors_say_the_numbers(server):
+    r = httpx.post(server.base_url + "/generate",
+                   json={"inputs": "hi " * 500, "parameters": {"max_new_tokens": 2}})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
+    assert any(ch.isdigit() for ch in r.json()["error"])
+    r = httpx.post(server.base_url + "/generate",
+                   json={"inputs": "hi", "parameters": {"max_new_tokens": 100000}})
+    assert r.status_code == 422 and "100" in r.json()["error"]
+
+
+def test_classify_single_and_batch(server):
+    r = httpx.post(server.base_url + "/classify", json={"inputs": "the lazy dog"})
+    single = r.json()
+    assert r.status_code == 200 and {s["label"] for s in single} == {"animals", "science",
+                                                                     "greeting"}
+    scores = [s["score"] for s in single]
+    assert scores == sorted(scores, reverse=True) and abs(sum(scores) - 1) < 1e-4
+    texts = ["the lazy dog", "hello world", "curvature aware merging"]
+    batch = httpx.post(server.base_url + "/classify", json={"inputs": texts}).json()
+    assert len(batch) == 3  # batched (padded) == alone
+    assert [s["label"] for s in batch[0]] == [s["label"] for s in single]
+    assert [s["score"] for s in batch[0]] == pytest.approx(scores, abs=1e-4)
+    raw = httpx.post(server.base_url + "/classify",
+                     json={"inputs": texts, "raw_scores": True}).json()
+    assert len(raw) == 3
+    too_many = httpx.post(server.base_url + "/classify", json={"inputs": ["a"] * 33})
+    assert too_many.status_code == 422 and "33" in too_many.json()["error"]
+
+
+def test_openai_completions_plain_and_stream(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    assert [m.id for m in client.models.list().data] == ["tiny-camex"]
+    out = client.completions.create(model="tiny-camex", prompt="hello world", max_tokens=5,
+                                    temperature=0)
+    choice = out.choices[0]
+    assert choice.finish_reason in ("length", "stop") and out.usage.completion_tokens <= 5
+    chunks = list(client.completions.create(model="tiny-camex", prompt="hello world",
+                                            max_tokens=5, temperature=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == choice.text
+    assert chunks[-1].choices[0].finish_reason == choice.finish_reason
+
+
+def test_info_and_metrics_count_the_traffic(server):
+    info = httpx.get(server.base_url + "/info").json()
+    assert info["model_id"] == "tiny-camex" and info["max_batch_size"] == 4
+    for key in ("num_experts", "segment_len", "routing", "max_input_tokens", "max_total_tokens",
+                "version"):
+        assert info[key] is not None, key
+    before = server.metrics()
+    n, tokens = 3, 0
+    for i in range(n):
+        r = httpx.post(server.base_url + "/generate", json={"inputs": f"hello {i}", "parameters":
+                       {"max_new_tokens": 4, "details": True}})
+        tokens += r.json()["details"]["generated_tokens"]
+    httpx.post(server.base_url + "/classify", json={"inputs": ["a dog", "a cat"]})
+    httpx.post(server.base_url + "/generate", json={"inputs": ""})  # 422
+    after = server.metrics()
+
+    def delta(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert delta("camex_requests_total", route="/generate", status="200") == n
+    assert delta("camex_requests_total", route="/generate", status="422") == 1
+    assert delta("camex_failures_total", reason="validation") == 1
+    assert delta("camex_generated_tokens_total") == tokens
+    assert delta("camex_request_generated_tokens_count") == n
+    assert delta("camex_e2e_latency_seconds_count") == n
+    assert delta("camex_time_to_first_token_seconds_count") == n
+    assert delta("camex_queue_time_seconds_count") == n
+    assert delta("camex_inter_token_latency_seconds_count") == tokens - n
+    assert delta("camex_classified_sequences_total") == 2
+    assert delta("camex_batch_size_count") >= tokens // 4
+    names = {k[0] for k in after}
+    for name in ("camex_merge_cache_hits_total", "camex_merge_cache_misses_total",
+                 "camex_merge_cache_evictions_total", "camex_merge_cache_fallbacks_total",
+                 "camex_merge_cache_bytes", "camex_merge_cache_budget_bytes",
+                 "camex_merge_duration_seconds_count", "camex_router_score_count",
+                 "camex_running_requests", "camex_waiting_requests", "camex_engine_up",
+                 "camex_build_info", "camex_request_duration_seconds_count",
+                 "camex_prompt_tokens_total", "camex_request_prompt_tokens_count"):
+        assert name in names, name
+    assert value(after, "camex_engine_up") == 1
+    # --strategy merged: every segment's merge goes through the cache
+    assert delta("camex_merge_cache_misses_total") > 0
+    assert delta("camex_merge_duration_seconds_count") == delta("camex_merge_cache_misses_total")
+    assert delta("camex_router_score_count", layer="0", expert="0") > 0
