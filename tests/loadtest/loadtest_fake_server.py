@@ -3,7 +3,8 @@
 Behaviour is scripted by the prompt, as space-separated ``key=value`` directives:
 ``status=429`` (answer that status with a JSON error), ``ttft=0.2`` (seconds before the first
 token), ``itl=0.05`` (seconds between tokens), ``n=5`` (tokens to produce), ``error_after=2``
-(stream: send an error event after 2 tokens). ``/generate`` sleeps ``ttft + itl*(n-1)`` and
+(stream: send an error event after 2 tokens), ``garbage=1`` (a 200 whose body is not
+JSON), ``truncated=1`` (stream: stop before the final event). ``/generate`` sleeps ``ttft + itl*(n-1)`` and
 ``/classify`` sleeps ``ttft``. Every request body is kept in ``FakeServer.received``.
 Runs uvicorn in a thread on 127.0.0.1 with a free port; for tests only.
 """
@@ -19,12 +20,12 @@ import time
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
 
 def directives(prompt: str) -> dict[str, float]:
-    out = {"status": 200, "ttft": 0.0, "itl": 0.0, "n": 3, "error_after": -1}
+    out = {"status": 200, "ttft": 0.0, "itl": 0.0, "n": 3, "error_after": -1, "garbage": 0, "truncated": 0}
     for item in prompt.split():
         key, sep, value = item.partition("=")
         if sep and key in out:
@@ -81,7 +82,10 @@ class FakeServer:
         n = int(d["n"])
 
         async def events():
-            for i in range(n):
+            if d["garbage"]:
+                yield "data: {not json\n\n"
+                return
+            for i in range(n - int(d["truncated"])):
                 await asyncio.sleep(d["ttft"] if i == 0 else d["itl"])
                 if i == d["error_after"]:
                     yield "data: " + json.dumps({"error": "boom", "error_type": "generation"}) + "\n\n"
@@ -100,6 +104,8 @@ class FakeServer:
             return _error(d)
         n = int(d["n"])
         await asyncio.sleep(d["ttft"] + d["itl"] * (n - 1))
+        if d["garbage"]:
+            return PlainTextResponse("this is not json")
         return JSONResponse({"generated_text": " t" * n,
                              "details": {"finish_reason": "length", "generated_tokens": n}})
 

@@ -149,3 +149,12 @@ def test_config_accepts_plain_values_for_lengths_and_slo(fresh_fake):
                  slo="e2e=60s", min_goodput=1.0)
     assert r.completed == 3 and r.gate_passed and r.slo["e2e"] == 60.0
     assert {body["parameters"]["max_new_tokens"] for _, body in fresh_fake.received} == {5}
+
+
+def test_malformed_responses_are_failures_not_crashes(fresh_fake):
+    specs = specs_of(("generate", "garbage=1"), ("stream", "garbage=1"), ("stream", "n=3 truncated=1"),
+                     ("stream", "n=2"))
+    r = run_load(url=fresh_fake.url, num_requests=4, concurrency=2, specs=specs)
+    assert r.failures_by_status == {"bad_response": 3} and r.completed == 1
+    truncated = next(x for x in r.records if x.index == 2)
+    assert truncated.status == 200 and "final event" in truncated.error
