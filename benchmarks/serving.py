@@ -149,7 +149,8 @@ def print_row(level: dict, r, srv: dict) -> None:
     name = ", ".join(f"{k}={v}" for k, v in level.items())
     batch = "-" if srv["mean_batch_size"] is None else f"{srv['mean_batch_size']:.2f}"
     hit = "-" if srv["merge_cache_hit_rate"] is None else f"{srv['merge_cache_hit_rate']:.2f}"
-    print(f"{name:<18}{r.completed:>5}/{r.sent:<5}{r.request_throughput:>9.3f}{r.output_token_throughput:>10.1f}"
+    print(f"{name:<18}{r.completed:>5}/{r.sent:<5}"
+          f"{r.request_throughput:>9.3f}{r.output_token_throughput:>10.1f}"
           f"{ms(r.ttft.median):>9}{ms(r.ttft.p99):>9}{ms(r.tpot.median):>9}{ms(r.e2e.p99):>10}"
           f"{r.goodput_fraction:>8.2f}{batch:>7}{hit:>6}", flush=True)
 
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
                    *(["--classifier", args.classifier] if args.classifier else []), *args.server_arg]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with ServerProcess(server_args, free_port(), out.with_suffix(".server.log"), args.startup_timeout) as server:
+    log_path = out.with_suffix(".server.log")
+    with ServerProcess(server_args, free_port(), log_path, args.startup_timeout) as server:
         info = server.info()
         print(f"server ready: {info.get('model_id')} ({info.get('model_device_type')}, "
               f"{info.get('model_dtype')}), max_batch_size {info.get('max_batch_size')}")

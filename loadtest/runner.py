@@ -212,7 +212,8 @@ class _Sender:
                     continue  # blank separators, comments, "event:"/"id:" fields
                 event = json.loads(line[5:])
                 if event.get("error") is not None:
-                    rec.fail("stream_error", self.now(), f"{event.get('error_type', 'error')}: {event['error']}")
+                    reason = f"{event.get('error_type', 'error')}: {event['error']}"
+                    rec.fail("stream_error", self.now(), reason)
                     return
                 if event.get("token") is not None:
                     rec.token_times.append(self.now())

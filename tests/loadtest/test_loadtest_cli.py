@@ -76,7 +76,8 @@ def test_usage_errors_exit_2(tmp_path, capsys):
 
 def test_nothing_completed_exits_3(fresh_fake, tmp_path):
     prompts = prompts_file(tmp_path, ["status=503"])
-    assert main(["--url", fresh_fake.url, "-n", "2", "--prompts", prompts, "--no-progress"]) == EXIT_NOTHING_COMPLETED
+    args = ["--url", fresh_fake.url, "-n", "2", "--prompts", prompts, "--no-progress"]
+    assert main(args) == EXIT_NOTHING_COMPLETED
 
 
 def test_real_process_exit_status(fresh_fake, tmp_path):
