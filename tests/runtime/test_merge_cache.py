@@ -1,0 +1,111 @@
+"""Merge cache: pool accounting and LRU on its own; sharing, eviction, fallback and leaks
+through the engine (outputs must not change with the budget)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from camex_runtime import Engine, SamplingParams
+from camex_runtime.engine.merge_cache import MergeCache
+from engine_models import build_folded
+
+
+def cache(slots: int) -> MergeCache:
+    d, h = 4, 8
+    entry = 4 * (2 * d * h + h + d)
+    return MergeCache(d, h, slots * entry + entry // 2, torch.device("cpu"), torch.float32)
+
+
+def test_pool_is_preallocated_under_budget():
+    c = cache(3)
+    assert c.num_slots == 3 and c.pool["fc1_weight"].shape == (3, 8, 4)
+    assert c.num_slots * c.entry_bytes <= c.budget_bytes
+
+
+def test_refcounts_lru_eviction_and_fallback():
+    c = cache(2)
+    a = c.acquire("a")
+    assert not a.hit
+    assert c.acquire("a").hit and c.acquire("a").slot == a.slot  # shared: refcount 3
+    b = c.acquire("b")
+    assert c.acquire("c") is None  # both slots referenced: fallback, nothing evicted
+    assert (c.fallbacks, c.evictions) == (1, 0)
+    c.release("b")  # b unreferenced: stays resident (LRU) ...
+    assert c.acquire("b").hit  # ... and can be hit again
+    c.release("b")
+    for _ in range(3):
+        c.release("a")
+    got = c.acquire("c")  # evicts the least recently released: b
+    assert got.slot == b.slot and c.evictions == 1 and "b" not in c and "a" in c
+    assert c.stats().bytes_used == 2 * c.entry_bytes
+    with pytest.raises(RuntimeError):
+        c.release("a")  # refcount already 0
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return build_folded(tmp_path_factory.mktemp("mc") / "lm")
+
+
+def greedy(n=10):
+    return SamplingParams(max_new_tokens=n, ignore_eos=True)
+
+
+def test_shared_prefix_requests_hit(path):
+    engine = Engine.from_pretrained(path, max_batch_size=2, strategy="merged")
+    engine.start()
+    try:
+        prompt = list(range(1, 11))  # 2.5 segments of T=4
+        first = engine.submit(prompt, greedy()).result()
+        misses = engine.stats().cache.misses
+        again = engine.submit(prompt, greedy()).result()
+        s = engine.stats().cache
+        assert again.token_ids == first.token_ids
+        assert s.misses == misses  # every merge of the second run was a hit
+        assert s.hits >= misses
+        # same tokens, different prompt length: segment 1 routes differently -> new merges
+        engine.submit(prompt[:3], greedy(7)).result()
+        assert engine.stats().cache.misses > misses
+    finally:
+        engine.stop()
+
+
+@pytest.mark.parametrize("budget_entries", [0, 1, 3])
+def test_tiny_budget_evicts_and_falls_back_with_identical_outputs(path, budget_entries):
+    prompts = [[1, 2, 3, 4, 5], [9, 8, 7], [5, 5, 5, 5, 5, 5, 5, 5, 5], [30, 31]]
+    big = Engine.from_pretrained(path, max_batch_size=4, strategy="merged")
+    big.start()
+    want = [big.submit(p, greedy(12)).result().token_ids for p in prompts]
+    big.stop()
+    entry = big.runner.cache.entry_bytes
+    small = Engine.from_pretrained(path, max_batch_size=4, strategy="merged",
+                                   merge_cache_bytes=budget_entries * entry)
+    small.start()
+    try:
+        hs = [small.submit(p, greedy(12)) for p in prompts]
+        assert [h.result().token_ids for h in hs] == want
+        s = small.stats().cache
+        assert s.fallbacks > 0
+        assert s.bytes_used <= s.bytes_budget
+        if budget_entries:
+            assert s.evictions > 0
+    finally:
+        small.stop()
+
+
+def test_no_leaks_after_cancellation(path):
+    engine = Engine.from_pretrained(path, max_batch_size=2, strategy="merged", max_waiting=8)
+    hs = [engine.submit(list(range(1, 8)), greedy(40)) for _ in range(3)]
+    for _ in range(5):
+        engine.step()
+    assert engine.runner.cache.referenced > 0
+    for h in hs:
+        h.cancel()
+    engine.step()
+    for h in hs:
+        assert h.result().finish_reason == "cancelled"
+        assert list(h)[-1].finish_reason == "cancelled"
+    assert engine.runner.cache.referenced == 0
+    assert all(s is None for s in engine.runner.slots)
+    assert engine.scheduler.num_running == engine.scheduler.num_waiting == 0
+    assert engine.runner.cache.stats().bytes_used <= engine.runner.cache.budget_bytes

@@ -1,0 +1,121 @@
+"""Sampling, stop sequences, EOS and incremental detokenization."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from camex_runtime import Engine, SamplingParams
+from camex_runtime.engine.detokenizer import IncrementalDetokenizer, find_stop
+from camex_runtime.engine.sampling import (apply_repetition_penalty, filter_top_k_top_p,
+                                           sample_batch)
+from camex_runtime.errors import InputValidationError
+
+
+def test_top_k_top_p_filters():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert torch.isfinite(filter_top_k_top_p(logits, 2, None)).tolist() == [True, True, False, False]
+    # mass before token 3 is 0.95 >= 0.9: drop it; token 2 (mass before 0.8) stays
+    assert torch.isfinite(filter_top_k_top_p(logits, None, 0.9)).tolist() == [True, True, True, False]
+    assert torch.isfinite(filter_top_k_top_p(logits, None, 0.1)).tolist() == [True, False, False, False]
+
+
+def test_repetition_penalty_hf_rule():
+    out = apply_repetition_penalty(torch.tensor([2.0, -2.0, 1.0]), [0, 1, 1], 2.0)
+    assert out.tolist() == [1.0, -4.0, 1.0]
+
+
+def test_greedy_and_top_k1_agree_and_logprobs_are_raw():
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    ps = [SamplingParams(), SamplingParams(do_sample=True, top_k=1, seed=1),
+          SamplingParams(do_sample=True, top_k=1, temperature=0.1, seed=2)]
+    gens = [None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+    toks, lps = sample_batch(logits, ps, [[], [], []], gens)
+    assert toks == logits.argmax(-1).tolist()
+    want = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None]).squeeze(1)
+    torch.testing.assert_close(torch.tensor(lps), want)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_lm_dir):
+    e = Engine.from_pretrained(tiny_lm_dir, max_batch_size=4)
+    e.start()
+    yield e
+    e.stop()
+
+
+def test_seeded_sampling_is_reproducible(engine):
+    kw = dict(max_new_tokens=16, do_sample=True, temperature=1.5, top_p=0.95, ignore_eos=True)
+    a = engine.generate("the quick brown fox", seed=123, **kw)
+    b = engine.generate("the quick brown fox", seed=123, **kw)
+    c = engine.generate("the quick brown fox", seed=124, **kw)
+    assert a.token_ids == b.token_ids and a.logprobs == b.logprobs
+    assert a.token_ids != c.token_ids
+    # the same seed in a batch with other traffic draws the same tokens
+    hs = [engine.submit("the quick brown fox", SamplingParams(seed=123, **kw))] + [
+        engine.submit("hello world", SamplingParams(seed=s, **kw)) for s in range(3)]
+    assert hs[0].result().token_ids == a.token_ids
+
+
+def test_stop_sequence_and_length(engine):
+    base = engine.generate("hello world", max_new_tokens=24, ignore_eos=True)
+    assert base.finish_reason == "length" and len(base.token_ids) == 24
+    text = base.text
+    stop = next(text[i:i + 2] for i in range(4, len(text) - 2)
+                if text[i:i + 2].isprintable() and text[i:i + 2] not in text[:i + 1])
+    cut = text.index(stop) + len(stop)
+    res = engine.generate("hello world", max_new_tokens=24, ignore_eos=True, stop=[stop, "\x00"])
+    assert res.finish_reason == "stop_sequence"
+    assert res.text == text[:cut] and res.text.endswith(stop)
+    assert res.token_ids == base.token_ids[:len(res.token_ids)]
+
+
+def test_eos_ends_generation(engine):
+    base = engine.generate("the lazy dog", max_new_tokens=8, ignore_eos=True)
+    eos = base.token_ids[3]
+    first = base.token_ids.index(eos)
+    saved = engine.eos_token_id
+    engine.eos_token_id = eos  # pretend this token is EOS for the model
+    try:
+        res = engine.generate("the lazy dog", max_new_tokens=8)
+        assert res.finish_reason == "eos_token" and res.token_ids == base.token_ids[:first + 1]
+        assert engine.generate("the lazy dog", max_new_tokens=8, ignore_eos=True).token_ids \
+            == base.token_ids
+    finally:
+        engine.eos_token_id = saved
+
+
+def test_streamed_pieces_concatenate_to_text(engine):
+    h = engine.submit("curvature aware", SamplingParams(max_new_tokens=20, ignore_eos=True))
+    events = list(h)
+    assert "".join(e.text for e in events) == h.result().text
+    assert [e.index for e in events] == list(range(20))
+    assert events[-1].finish_reason == "length" and all(e.finish_reason is None for e in events[:-1])
+
+
+def test_incremental_detokenizer_handles_multibyte(tiny_lm_dir):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(str(tiny_lm_dir))
+    text = "héllo wörld ✓ 日本 ok"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    d = IncrementalDetokenizer(tok)
+    pieces = [d.push(i) for i in ids] + [d.flush()]
+    assert "".join(pieces) == tok.decode(ids) == text
+    assert not any("\ufffd" in p for p in pieces)
+    assert "" in pieces  # some byte-level tokens alone are incomplete characters
+
+
+def test_find_stop_only_in_new_text():
+    assert find_stop("abcSTOPx", 1, ["STOP"]) is None  # completed by an earlier piece
+    assert find_stop("abcSTO", 1, ["STOP"]) is None
+    assert find_stop("abcSTOP", 1, ["STOP", "cS"]) == 7
+    assert find_stop("abcSTOPzz", 6, ["zz", "STOP"]) == 7  # earliest end wins
+
+
+@pytest.mark.parametrize("kw,msg", [
+    (dict(max_new_tokens=0), "max_new_tokens"), (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p"), (dict(repetition_penalty=0.0), "repetition"),
+    (dict(seed=-1), "seed"), (dict(stop="x"), "stop"), (dict(routing="nope"), "routing"),
+    (dict(queue_timeout_s=0), "queue_timeout_s")])
+def test_bad_params_are_rejected(kw, msg):
+    with pytest.raises(InputValidationError, match=msg):
+        SamplingParams(**kw).validate()
