@@ -1,0 +1,150 @@
+"""End to end, the unhappy paths: overload (429), client disconnects (slot freed, `dropped`),
+API keys, and SIGTERM draining. Real processes on 127.0.0.1, killed by PID in teardown.
+
+A tiny model with 2048 positions decodes greedily to max_new_tokens (its random weights never
+pick EOS), so a "long" request below really occupies its slot for 1000 decode steps.
+"""
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import build_tiny
+from tests.server.live_server import live_server, value
+
+pytestmark = pytest.mark.e2e
+KEY = "test-secret"
+LONG_TOKENS = 1000
+LONG = {"inputs": "long request", "parameters": {"max_new_tokens": LONG_TOKENS}}
+
+
+@pytest.fixture(scope="module")
+def long_lm_dir(tmp_path_factory):
+    return build_tiny(tmp_path_factory.mktemp("ckpt") / "long-lm", "lm",
+                      max_position_embeddings=2048)
+
+
+@pytest.fixture(scope="module")
+def small_server(long_lm_dir, tmp_path_factory):
+    """One running slot, one waiting slot, an API key from the environment."""
+    with live_server(tmp_path_factory.mktemp("srv"), "--model", str(long_lm_dir),
+                     "--max-batch-size", "1", "--max-waiting", "1",
+                     env={"CAMEX_API_KEY": KEY}) as srv:
+        yield srv
+
+
+def auth(key: str = KEY) -> dict:
+    return {"Authorization": f"Bearer {key}"}
+
+
+def wait_until(predicate, what: str, timeout: float = 60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def idle(srv) -> bool:
+    m = srv.metrics()
+    return value(m, "camex_running_requests") == 0 and value(m, "camex_waiting_requests") == 0
+
+
+def test_api_key_with_real_clients(small_server):
+    from huggingface_hub import InferenceClient
+    from huggingface_hub.errors import TextGenerationError
+    from openai import AuthenticationError, OpenAI
+
+    ok = InferenceClient(base_url=small_server.base_url, api_key=KEY)
+    assert isinstance(ok.text_generation("hello", max_new_tokens=2), str)
+    with pytest.raises(TextGenerationError) as err:  # parsed from our {"error", "error_type"}
+        InferenceClient(base_url=small_server.base_url, api_key="wrong").text_generation("hi")
+    assert err.value.__cause__.response.status_code == 401
+    client = OpenAI(base_url=small_server.base_url + "/v1", api_key=KEY)
+    assert client.completions.create(model="m", prompt="hi", max_tokens=2).choices
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=small_server.base_url + "/v1", api_key="nope").models.list()
+    assert httpx.get(small_server.base_url + "/health").status_code == 200  # probes stay open
+
+
+def test_overload_gives_429_with_retry_after(small_server):
+    async def burst():
+        async with httpx.AsyncClient(base_url=small_server.base_url, timeout=120) as client:
+            order = []
+
+            async def one(i):
+                r = await client.post("/generate", json=LONG, headers=auth())
+                order.append(r.status_code)
+                return r
+            return await asyncio.gather(*(one(i) for i in range(6))), order
+
+    before = small_server.metrics()
+    responses, order = asyncio.run(burst())
+    codes = sorted(r.status_code for r in responses)
+    assert codes.count(200) >= 2 and codes.count(429) >= 1 and set(codes) <= {200, 429}
+    rejected = [r for r in responses if r.status_code == 429]
+    assert all(r.headers["Retry-After"] == "1" and r.json()["error_type"] == "overloaded"
+               for r in rejected)
+    assert order.index(429) < len(order) - 1 and order[-1] == 200  # rejected before done
+    after = small_server.metrics()
+    assert value(after, "camex_failures_total", reason="overloaded") - \
+        value(before, "camex_failures_total", reason="overloaded") == len(rejected)
+
+
+def test_stream_disconnect_frees_the_slot(small_server):
+    before = value(small_server.metrics(), "camex_failures_total", reason="dropped")
+    with httpx.stream("POST", small_server.base_url + "/generate_stream", json=LONG,
+                      headers=auth(), timeout=60) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data:"))
+        wait_until(lambda: value(small_server.metrics(), "camex_running_requests") == 1,
+                   "the stream to hold the slot")
+    # the connection is closed mid-stream: the engine request must be cancelled
+    wait_until(lambda: idle(small_server), "the slot to be freed")
+    m = small_server.metrics()
+    assert value(m, "camex_failures_total", reason="dropped") == before + 1
+    info = httpx.get(small_server.base_url + "/info", headers=auth()).json()
+    assert info["models"]["causal-lm"]["stats"]["running"] == 0
+    # the freed slot serves the next request
+    r = httpx.post(small_server.base_url + "/generate", headers=auth(),
+                   json={"inputs": "next", "parameters": {"max_new_tokens": 2}})
+    assert r.status_code == 200
+
+
+def test_non_streaming_disconnect_is_cancelled(small_server):
+    wait_until(lambda: idle(small_server), "an idle server")
+    before = value(small_server.metrics(), "camex_failures_total", reason="dropped")
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(small_server.base_url + "/generate", json=LONG, headers=auth(),
+                   timeout=httpx.Timeout(60, read=0.3))
+    wait_until(lambda: value(small_server.metrics(), "camex_failures_total", reason="dropped")
+               == before + 1 and idle(small_server), "the cancelled request to be dropped")
+
+
+def test_sigterm_drains_in_flight_then_exits_zero(long_lm_dir, tmp_path):
+    with live_server(tmp_path, "--model", str(long_lm_dir), "--grace-s", "60") as srv:
+        result = {}
+
+        def in_flight():
+            body = {"inputs": "drain me", "parameters": {"max_new_tokens": 400}}
+            result["r"] = httpx.post(srv.base_url + "/generate", json=body, timeout=120)
+
+        t = threading.Thread(target=in_flight)
+        t.start()
+        wait_until(lambda: value(srv.metrics(), "camex_running_requests") == 1,
+                   "the request to run")
+        os.kill(srv.proc.pid, signal.SIGTERM)
+        t.join(120)
+        assert result["r"].status_code == 200
+        assert result["r"].json()["generated_text"] is not None
+        assert int(result["r"].headers["x-generated-tokens"]) == 400
+        assert srv.proc.wait(60) == 0
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(srv.base_url + "/health", timeout=2)
+        assert '"msg": "stopped"' in srv.log()
