@@ -1,8 +1,8 @@
 """PNG plots of a report's request records (matplotlib, Agg backend: no display needed).
 
 - ``latency_cdf.png``: empirical CDFs of TTFT, TPOT, ITL and e2e latency (ms);
-- ``timeline.png``: completed requests/s and output tokens/s per time bin, and per-request
-  e2e latency and TTFT against completion time (failed requests marked).
+- ``timeline.png``: completed requests/s and output tokens/s per time bin; requests in
+  flight; per-request e2e latency and TTFT against completion time (failures marked).
 Knows nothing of HTTP; works from a Report loaded from JSON as well as a live one.
 """
 
@@ -52,10 +52,23 @@ def plot_latency_cdf(r: Report, path: Path) -> None:
     plt.close(fig)
 
 
+def _in_flight(r: Report) -> tuple[list[float], list[int]]:
+    """Requests in flight as a step function of time (changes at every start and end)."""
+    events = sorted([(x.start, 1) for x in r.records]
+                    + [(x.end, -1) for x in r.records if x.end is not None])
+    times, counts, cur = [0.0], [0], 0
+    for t, delta in events:
+        cur += delta
+        times.append(t)
+        counts.append(cur)
+    return times, counts
+
+
 def plot_timeline(r: Report, path: Path, bins: int | None = None) -> None:
     # about one bin per second, between 10 and 60 bins
     bins = bins or int(min(60, max(10, np.ceil(r.duration_s))))
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(10, 7), sharex=True)
+    fig, (top, middle, bottom) = plt.subplots(3, 1, figsize=(10, 9), sharex=True,
+                                              gridspec_kw={"height_ratios": [3, 1.5, 3]})
     done = [x for x in r.records if x.ok]
     span = max(r.duration_s, 1e-3)
     edges = np.linspace(0.0, span, bins + 1)  # (bins+1,) seconds
@@ -71,6 +84,10 @@ def plot_timeline(r: Report, path: Path, bins: int | None = None) -> None:
     top.set_title("throughput over time (by completion time)")
     top.legend(loc="upper left")
     twin.legend(loc="upper right")
+    times, in_flight = _in_flight(r)
+    middle.step(times, in_flight, where="post", color="C2")
+    middle.set_ylabel("in flight")
+    middle.grid(alpha=0.3)
     bottom.scatter([x.end for x in done], [x.e2e * 1e3 for x in done], s=8, label="e2e")
     ttft = [(x.end, x.ttft * 1e3) for x in done if x.ttft is not None]
     if ttft:
