@@ -62,7 +62,8 @@ def send_load(url: str) -> None:
         body = {"inputs": prompt, "parameters": {"max_new_tokens": 6}}
         with httpx.stream("POST", f"{url}/generate_stream", json=body, timeout=60) as res:
             assert res.status_code == 200
-            assert any(line.startswith("data:") for line in res.iter_lines())
+            lines = list(res.iter_lines())  # read to the end: leaving early is a dropped stream
+        assert any(line.startswith("data:") for line in lines)
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         list(pool.map(generate, prompts))
@@ -152,20 +153,26 @@ def test_every_dashboard_query_runs_and_core_panels_have_data(live):
 
 
 def test_traffic_is_visible_per_route(live):
-    rows = live.prom.query(substitute(
-        'sum by (route, status) (increase(camex_requests_total{job=~"$job"}[5m]))'))
+    # Raw counter values, not increase(): a labelled counter is born at its first request, so
+    # a burst that lands between two scrapes shows no increase, only a value.
+    rows = live.prom.query(f'sum by (route, status) (camex_requests_total{{job="{JOB}"}})')
     seen = {(r["metric"]["route"], r["metric"]["status"]) for r in rows
             if float(r["value"][1]) > 0}
     routes = {route for route, _ in seen}
     assert any("generate" in r for r in routes), seen
+    assert any("generate_stream" in r for r in routes), seen
     assert any("classify" in r for r in routes), seen
     assert any(status == "422" for _, status in seen), seen
+    failures = {r["metric"]["reason"]: float(r["value"][1])
+                for r in live.prom.query(f'camex_failures_total{{job="{JOB}"}}')}
+    assert failures["validation"] >= 1  # the one invalid request
+    assert failures["internal"] == failures["dropped"] == 0, failures
 
 
 def test_router_scores_are_probabilities(live):
-    rows = live.prom.query(substitute(
-        "sum by (layer) (rate(camex_router_score_sum[$__rate_interval]))"
-        " / sum by (layer) (rate(camex_router_score_count[$__rate_interval]))"))
+    # Totals since start, not rate(): rate() extrapolates _sum and _count differently.
+    rows = live.prom.query("sum by (layer) (camex_router_score_sum)"
+                           " / sum by (layer) (camex_router_score_count)")
     assert rows, "no router scores"
     experts = live.prom.query('count by (layer) (camex_router_score_count)')
     num_experts = {r["metric"]["layer"]: float(r["value"][1]) for r in experts}
