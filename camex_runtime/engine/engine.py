@@ -287,7 +287,7 @@ class Engine:
         """Free the slot and its cache references, then publish the final event + result."""
         if req.slot is not None:
             if req.params.return_routing:
-                req.routing_trace = self.runner.routing_trace(req.slot, req.num_tokens)
+                req.routing_trace = self.runner.routing_trace(req.slot)
             self.runner.release(req.slot)
             with self._lock:
                 self.scheduler.finish(req)

@@ -125,9 +125,10 @@ class ModelRunner:
                 self.cache.release(key)
         self.slots[slot] = None
 
-    def routing_trace(self, slot: int, total_len: int) -> Optional[dict]:
+    def routing_trace(self, slot: int) -> Optional[dict]:
+        """Decisions over the tokens the model processed (the last sampled token never is)."""
         st = self.slots[slot]
-        return None if st is None else st.routing_trace(self.moe_layers, total_len)
+        return None if st is None else st.routing_trace(self.moe_layers, st.length)
 
     def _set_segment(self, st: SlotRouting, m: int, key, pool_slot: int) -> None:
         """Make (key, pool_slot) the current segment's merge of layer m, releasing the old."""

@@ -1,0 +1,229 @@
+"""The Engine facade as the server uses it (docs/INTERFACES.md §2)."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from camex_runtime import Engine, SamplingParams
+from camex_runtime.errors import (EngineStoppedError, InputValidationError, QueueFullError,
+                                  QueueTimeoutError)
+from engine_models import build_folded, reference
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return build_folded(tmp_path_factory.mktemp("api") / "lm")
+
+
+@pytest.fixture()
+def engine(path):
+    e = Engine.from_pretrained(path, max_batch_size=2, max_waiting=4, max_total_tokens=48,
+                               max_input_tokens=32)
+    yield e
+    e.stop(grace_s=0)
+
+
+def test_info_and_kind(engine):
+    info = engine.info()
+    assert engine.kind == "causal-lm" and info["kind"] == "causal-lm"
+    assert info["num_experts"] == 3 and info["moe_layers"] == [0, 1] and info["segment_len"] == 4
+    assert info["max_total_tokens"] == 48 and info["max_input_tokens"] == 32
+    assert info["routing"] == "segment" and info["strategy"] == "auto"
+
+
+def test_validation_errors_name_the_numbers(engine):
+    with pytest.raises(InputValidationError, match="33 tokens; max_input_tokens is 32"):
+        engine.submit(list(range(33)))
+    with pytest.raises(InputValidationError, match="exceeds max_total_tokens"):
+        engine.submit([1, 2], SamplingParams(max_new_tokens=47))
+    with pytest.raises(InputValidationError, match="outside the vocabulary"):
+        engine.submit([1, 999])
+    with pytest.raises(InputValidationError, match="no tokenizer"):
+        engine.submit("text needs a tokenizer")
+    with pytest.raises(InputValidationError, match="classify needs a classifier"):
+        engine.classify(["x"])
+
+
+def test_queue_full_and_queue_timeout(engine):
+    hs = [engine.submit([1, 2, 3], SamplingParams(max_new_tokens=2, queue_timeout_s=0.001))
+          for _ in range(4)]
+    with pytest.raises(QueueFullError):
+        engine.submit([1])
+    import time
+    time.sleep(0.01)
+    engine.step()  # every waiting request is past its deadline
+    for h in hs:
+        with pytest.raises(QueueTimeoutError, match="queue timeout"):
+            h.result()
+        ev = list(h)[-1]
+        assert ev.finish_reason == "error" and ev.token_id == -1
+
+
+def test_async_iteration_and_cancel(engine):
+    engine.start()
+
+    async def main():
+        h = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=30, ignore_eos=True))
+        got = []
+        async for ev in h.aiter():
+            got.append(ev)
+            if len(got) == 3:
+                h.cancel()
+        return h, got
+
+    h, got = asyncio.run(main())
+    assert got[-1].finish_reason == "cancelled" and len(got) < 31
+    res = h.result()
+    assert res.finish_reason == "cancelled" and len(res.token_ids) == len(got) - 1
+    assert engine.runner.cache.referenced == 0 and engine.stats().running == 0
+
+
+def test_generate_is_thread_safe_and_batches(engine):
+    engine.start()
+    want = engine.generate([9, 8, 7], max_new_tokens=8, ignore_eos=True).token_ids
+    results = [None] * 4  # max_waiting=4: all of them fit the queue at once
+
+    def worker(i):
+        results[i] = engine.generate([9, 8, 7], max_new_tokens=8, ignore_eos=True).token_ids
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert results == [want] * 4
+    s = engine.stats()
+    assert s.alive and s.running == 0 and s.steps > 0 and s.max_batch_size == 2
+
+
+def test_stop_finishes_in_flight_then_refuses(engine):
+    engine.start()
+    h = engine.submit([1, 2], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    engine.stop(grace_s=10)
+    assert h.result().finish_reason == "length"
+    with pytest.raises(EngineStoppedError):
+        engine.submit([1, 2])
+    assert not engine.stats().alive
+
+
+def test_stop_after_grace_cancels(path):
+    e = Engine.from_pretrained(path, max_batch_size=1, max_total_tokens=90)
+    h = e.submit([1, 2], SamplingParams(max_new_tokens=80, ignore_eos=True))
+    waiting = e.submit([3], SamplingParams(max_new_tokens=80, ignore_eos=True))
+    e.step()
+    e.stop(grace_s=0)  # no loop thread: stop cancels everything itself
+    assert h.result().finish_reason == "cancelled"
+    assert waiting.result().finish_reason == "cancelled"
+
+
+def test_routing_trace_matches_reference_scores(path):
+    e = Engine.from_pretrained(path, max_batch_size=1)
+    ref = reference(path)
+    for mode in ("segment", "prompt"):
+        h = e.submit([4, 5, 6, 7, 8, 9], SamplingParams(max_new_tokens=7, ignore_eos=True,
+                                                        return_routing=True, routing=mode))
+        while not h.done:
+            e.step()
+        res = h.result()
+        tr = res.routing
+        ids = torch.tensor([res.prompt_token_ids + res.token_ids])
+        with torch.no_grad():
+            out = ref(ids, routing=mode, route1_len=4, prompt_len=6)
+        assert tr["mode"] == mode and [l["layer"] for l in tr["layers"]] == [0, 1]
+        for layer in tr["layers"]:
+            want = out.router_scores[layer["layer"]][0]  # (K, E)
+            segs = layer["segments"]
+            if mode == "segment":
+                # 13 tokens, the last one sampled but never fed back: no decision at 12
+                assert [(s["start"], s["end"]) for s in segs] == [(0, 4), (4, 8), (8, 12)]
+            else:
+                assert [(s["start"], s["end"]) for s in segs] == [(0, 12)]
+            torch.testing.assert_close(torch.tensor([s["scores"] for s in segs]),
+                                       want[:len(segs)], atol=1e-5, rtol=0)
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = {"on_step": 0, "on_merge": 0, "on_route": 0, "on_evict": 0}
+
+    def __getattr__(self, name):
+        if name.startswith("on_"):
+            def hook(*args):
+                self.calls[name] += 1
+            return hook
+        raise AttributeError(name)
+
+
+def test_observer_and_stats(path):
+    rec = Recorder()
+    e = Engine.from_pretrained(path, max_batch_size=2, strategy="merged", observer=rec,
+                               merge_cache_bytes=0)
+    e.start()
+    try:
+        e.generate([1, 2, 3, 4, 5], max_new_tokens=6, ignore_eos=True)
+    finally:
+        e.stop()
+    assert rec.calls["on_step"] == 6 and rec.calls["on_route"] == 2 * 3  # 2 layers x 3 segments
+    s = e.stats()
+    assert s.router_counts == [3, 3] and len(s.router_scores[0]) == 3
+    assert abs(sum(s.router_scores[0]) - 3.0) < 1e-5  # each decision's scores sum to 1
+    assert s.cache.fallbacks > 0 and s.cache.bytes_budget == 0
+
+
+def test_warmup_runs_every_path(path):
+    e = Engine.from_pretrained(path, max_batch_size=2)
+    e.warmup()
+    try:
+        s = e.stats()
+        assert s.alive and s.cache.merges > 0 and s.running == 0
+        assert e.runner.strategy == "auto"
+    finally:
+        e.stop()
+
+
+def test_bfloat16_engine_runs_and_agrees_roughly(path):
+    """dtype is honoured end to end (the GPU path differs only by device/dtype)."""
+    e = Engine.from_pretrained(path, dtype=torch.bfloat16, max_batch_size=2)
+    assert e.runner.kv.k.dtype == torch.bfloat16 and e.runner.dtype == torch.bfloat16
+    e.start()
+    try:
+        res = e.generate([1, 2, 3, 4, 5, 6], max_new_tokens=5, ignore_eos=True)
+    finally:
+        e.stop()
+    assert len(res.token_ids) == 5 and all(lp <= 0 for lp in res.logprobs)
+
+
+@pytest.fixture(scope="module")
+def clf_path(tmp_path_factory):
+    return build_folded(tmp_path_factory.mktemp("clf") / "clf", kind="classifier")
+
+
+@pytest.mark.parametrize("strategy", ["merged", "mixture", "auto"])
+def test_classify_matches_reference_with_padding(clf_path, strategy):
+    e = Engine.from_pretrained(clf_path, strategy=strategy, max_input_tokens=10,
+                               max_total_tokens=11)
+    assert e.kind == "classifier"
+    texts = [[1, 2, 3], list(range(5, 15)), [7], [8, 9, 10, 11, 12]]
+    got = e.classify(texts)
+    ref = reference(clf_path)
+    for ids, res in zip(texts, got):
+        with torch.no_grad():
+            probs = torch.softmax(ref(torch.tensor([ids])).logits[0], -1)  # alone, unpadded
+        labels = ["a", "b", "c"]
+        want = sorted(zip(labels, probs.tolist()), key=lambda p: -p[1])
+        assert [l for l, _ in res.scores] == [l for l, _ in want]
+        torch.testing.assert_close(torch.tensor([s for _, s in res.scores]),
+                                   torch.tensor([s for _, s in want]), atol=1e-5, rtol=0)
+        assert res.num_tokens == len(ids)
+    with pytest.raises(InputValidationError, match="11 tokens; max_input_tokens is 10"):
+        e.classify([list(range(11))])
+    assert e.classify([list(range(11))], truncate=True)[0].num_tokens == 10
+    raw = e.classify([[1, 2, 3]], raw_scores=True)[0]
+    with torch.no_grad():
+        logits = ref(torch.tensor([[1, 2, 3]])).logits[0]
+    assert max(s for _, s in raw.scores) == pytest.approx(float(logits.max()), abs=1e-5)
+    with pytest.raises(InputValidationError):
+        e.submit([1, 2])
