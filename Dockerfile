@@ -19,12 +19,16 @@ ARG BASE=python:3.11-slim-bookworm
 FROM ${BASE} AS builder
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_VARIANT=cpu
-ARG BAKE_DEMO=1
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
+RUN python -m venv /opt/venv \
+    && pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
+
+# Declared after the torch layer so that toggling it keeps that (large) layer cached.
+ARG BAKE_DEMO=1
 # The demo trains on Debian's fortune cookies. Versions are not pinned: the package only
 # supplies text and comes from the base image's own suite.
 # hadolint ignore=DL3008
@@ -34,9 +38,6 @@ RUN if [ "$BAKE_DEMO" = "1" ]; then \
         && rm -rf /var/lib/apt/lists/*; \
     fi
 
-RUN python -m venv /opt/venv \
-    && pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
-
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY camex_runtime ./camex_runtime
@@ -45,10 +46,12 @@ COPY loadtest ./loadtest
 # torch is already satisfied by the variant above (2.13.0+cpu matches the ==2.13.0 pin).
 RUN pip install .
 
+# Only the folded checkpoints are served; the training runs (optimizer state, curves) stay behind.
 ENV CAMEX_DEMO_DIR=/opt/camex/demo
 RUN mkdir -p "$CAMEX_DEMO_DIR" \
     && if [ "$BAKE_DEMO" = "1" ]; then \
-        python -m camex_runtime.training.demo --root "$CAMEX_DEMO_DIR"; \
+        python -m camex_runtime.training.demo --root "$CAMEX_DEMO_DIR" \
+        && rm -rf "$CAMEX_DEMO_DIR/runs"; \
     fi
 
 # ---------------------------------------------------------------------------- runtime
