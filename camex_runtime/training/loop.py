@@ -52,6 +52,8 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train(cfg: TrainConfig, ctx: DistContext) -> TrainResult:
     resuming = _check_out_dir(cfg)
+    if ctx.is_main:
+        cfg.out_path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     data = prepare_data(cfg, ctx, resuming)

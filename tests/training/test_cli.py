@@ -1,0 +1,92 @@
+"""`camex-train` end to end: flags -> training -> folded export the runtime accepts; input errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from transformers import AutoTokenizer
+
+from camex_runtime import load_folded
+from camex_runtime.training.cli import build_parser, config_from_args, main
+
+TINY_FLAGS = ["--d-model", "32", "--n-layer", "2", "--n-head", "4", "--d-ff", "64",
+              "--num-experts", "3", "--segment-len", "4", "--block-size", "16",
+              "--batch-size", "4", "--warmup", "1", "--no-progress"]
+
+
+def run_cli(capsys, argv: list[str]) -> dict:
+    assert main(argv) == 0
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+def test_cli_lm_with_export_produces_a_folded_checkpoint(tmp_path, capsys, corpus_dir):
+    out, export = tmp_path / "run", tmp_path / "folded"
+    summary = run_cli(capsys, ["--task", "lm", "--data", str(corpus_dir), "--train-tokenizer",
+                               "--vocab-size", "300", "--steps", "3", "--curvature-rank", "1",
+                               "--moe-layers", "1", "--out", str(out), "--export", str(export),
+                               *TINY_FLAGS])
+    assert summary["steps"] == 3 and summary["export_dir"] == str(export)
+    ckpt = load_folded(export)
+    assert ckpt.kind == "causal-lm" and ckpt.config.folded
+    assert ckpt.config.moe_layers == [1] and ckpt.config.num_experts == 3
+    assert not any("curvature" in k for k in ckpt.state_dict)
+    prov = ckpt.config.provenance
+    assert str(corpus_dir) in prov["training_data"]
+    assert prov["eval_metrics"]["perplexity"] == pytest.approx(summary["metrics"]["perplexity"])
+    tok = AutoTokenizer.from_pretrained(export)
+    assert tok.eos_token == "<|endoftext|>" and len(tok) == ckpt.config.vocab_size
+
+
+def test_cli_classifier_reuses_a_tokenizer_and_exports(tmp_path, capsys, labeled_jsonl, corpus_dir):
+    lm = tmp_path / "lm"
+    run_cli(capsys, ["--data", str(corpus_dir), "--vocab-size", "300", "--steps", "1",
+                     "--out", str(lm), *TINY_FLAGS])
+    export = tmp_path / "clf-folded"
+    summary = run_cli(capsys, ["--task", "classify", "--data", str(labeled_jsonl),
+                               "--tokenizer", str(lm), "--merge-method", "ties", "--dynamic",
+                               "--steps", "2", "--out", str(tmp_path / "clf"),
+                               "--export", str(export), *TINY_FLAGS])
+    assert 0.0 <= summary["metrics"]["accuracy"] <= 1.0
+    ckpt = load_folded(export)
+    assert ckpt.kind == "classifier"
+    assert ckpt.config.id2label == {0: "fruit", 1: "vehicles"}
+    assert ckpt.config.merge_method == "ties" and ckpt.config.dynamic
+    lm_tok, clf_tok = AutoTokenizer.from_pretrained(lm), AutoTokenizer.from_pretrained(export)
+    assert lm_tok.get_vocab() == clf_tok.get_vocab()
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "give --preset NAME or --data"),
+    (["--data", "/nonexistent/corpus"], "data path /nonexistent/corpus does not exist"),
+    (["--data", "x", "--steps", "0"], "steps must be >= 1"),
+    (["--data", "x", "--moe-layers", "1,a"], "--moe-layers must be"),
+])
+def test_cli_input_errors_exit_2_with_a_message(argv, message, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(argv + ["--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_tokenizer_dir_and_conflicting_flags(capsys, corpus_dir, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", str(corpus_dir), "--tokenizer", str(tmp_path / "none")])
+    assert exc.value.code == 2 and "not a directory" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--data", str(corpus_dir), "--tokenizer", "x", "--train-tokenizer"])
+    assert "not allowed with" in capsys.readouterr().err
+
+
+def test_preset_with_overrides_maps_every_flag():
+    args = build_parser().parse_args(
+        ["--preset", "demo-lm", "--steps", "7", "--d-model", "64", "--moe-layers", "all",
+         "--curvature-rank", "0", "--no-dynamic", "--bf16", "--export", "e", "--out", "o",
+         "--resume", "--lr", "0.01", "--grad-accum", "2", "--eval-every", "3"])
+    cfg = config_from_args(args)
+    assert (cfg.steps, cfg.lr, cfg.grad_accum, cfg.eval_every) == (7, 0.01, 2, 3)
+    assert (cfg.out_dir, cfg.export_dir, cfg.resume, cfg.bf16) == ("o", "e", True, True)
+    assert cfg.model.d_model == 64 and cfg.model.moe_layers is None
+    assert cfg.model.curvature_rank == 0 and cfg.model.dynamic is False
+    assert cfg.model.n_layer == 4  # untouched preset value
+    assert cfg.data and "fortunes" in cfg.data_description

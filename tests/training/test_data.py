@@ -1,0 +1,151 @@
+"""Data sources, splits, tokenized batches and the deterministic batch order."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+from camex_runtime.training.batches import (BatchOrder, build_classification_set, build_lm_blocks,
+                                            eval_batches)
+from camex_runtime.training.data import (DataError, TextExample, balance_labels, load_examples,
+                                         read_text_documents, split_examples)
+from camex_runtime.training.fortunes import FortunesMissingError, fortune_files
+from camex_runtime.training.tokenizer import train_bpe_tokenizer
+
+from .conftest import TOPICS, write_fortune_file
+
+
+def test_percent_separated_documents_are_split_and_cleaned():
+    text = "first line\nsecond\n%\n\n%\n_\x08bo_\x08ld text\x07\n%   \nlast\n"  # underlined "b", "l"
+    assert read_text_documents(text) == ["first line\nsecond", "bold text", "last"]
+
+
+def test_text_directory_labels_from_file_names_and_skips_junk(tmp_path):
+    root = tmp_path / "fortunes"
+    (root / "sub").mkdir(parents=True)
+    write_fortune_file(root / "food", ["eat", "drink"])
+    write_fortune_file(root / "sub" / "law.txt", ["judge"])
+    (root / "food.dat").write_bytes(b"\x00\x00\x00\x02binary index")
+    (root / "blob").write_bytes(b"abc\x00def")             # binary without a telling suffix
+    (root / ".hidden").write_text("secret")
+    os.symlink(root / "food", root / "food.u8")              # same file twice: read once
+    examples = load_examples([str(root)], task="classify")
+    assert [(e.text, e.label) for e in examples] == [("eat", "food"), ("drink", "food"),
+                                                     ("judge", "law")]
+
+
+def test_jsonl_examples_and_errors(tmp_path, labeled_jsonl):
+    examples = load_examples([str(labeled_jsonl)], task="classify")
+    assert Counter(e.label for e in examples) == {"fruit": 24, "vehicles": 24}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok", "label": "a"}\n{not json}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: invalid JSON"):
+        load_examples([str(bad)], task="classify")
+    unlabeled = tmp_path / "unlabeled.jsonl"
+    unlabeled.write_text('{"text": "no label here"}\n')
+    assert load_examples([str(unlabeled)], task="lm")[0].text == "no label here"
+    with pytest.raises(DataError, match=r"unlabeled.jsonl:1: .*label"):
+        load_examples([str(unlabeled)], task="classify")
+    notext = tmp_path / "notext.jsonl"
+    notext.write_text('{"txt": "typo"}\n')
+    with pytest.raises(DataError, match='string "text" field'):
+        load_examples([str(notext)], task="lm")
+
+
+def test_missing_empty_and_single_label_sources_are_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_examples([str(tmp_path / "nope")])
+    (tmp_path / "empty").write_text("%\n%\n")
+    with pytest.raises(DataError, match="holds no text"):
+        load_examples([str(tmp_path / "empty")])
+    write_fortune_file(tmp_path / "only", ["a", "b"])
+    with pytest.raises(DataError, match="two distinct labels"):
+        load_examples([str(tmp_path / "only")], task="classify")
+    with pytest.raises(DataError, match="unknown task"):
+        load_examples([str(tmp_path / "only")], task="regress")
+
+
+def test_hf_source_without_datasets_package_says_how_to_install(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed
+    with pytest.raises(DataError, match=r"needs the `datasets` package"):
+        load_examples(["hf:wikitext:wikitext-2-raw-v1@train"])
+
+
+def test_stratified_split_and_balancing_are_seeded():
+    examples = [TextExample(f"a{i}", "a") for i in range(30)] + \
+               [TextExample(f"b{i}", "b") for i in range(10)]
+    balanced = balance_labels(examples, seed=1)
+    assert Counter(e.label for e in balanced) == {"a": 10, "b": 10}
+    assert balanced == balance_labels(examples, seed=1) != balance_labels(examples, seed=2)
+    train, held = split_examples(balanced, 0.2, seed=0, stratify=True)
+    assert Counter(e.label for e in held) == {"a": 2, "b": 2}
+    assert not {e.text for e in train} & {e.text for e in held}
+    assert len(train) + len(held) == 20
+    with pytest.raises(DataError, match="eval_fraction"):
+        split_examples(balanced, 1.0, seed=0)
+
+
+def test_fortune_files_skip_indexes_symlinks_and_offensive(tmp_path):
+    write_fortune_file(tmp_path / "food", ["x"])
+    write_fortune_file(tmp_path / "law", ["y"])
+    (tmp_path / "food.dat").write_bytes(b"\x00")
+    os.symlink(tmp_path / "food", tmp_path / "food.u8")
+    (tmp_path / "off").mkdir()
+    write_fortune_file(tmp_path / "off" / "rude", ["z"])
+    assert [p.name for p in fortune_files(tmp_path)] == ["food", "law"]
+    assert [p.name for p in fortune_files(tmp_path, ("law",))] == ["law"]
+    with pytest.raises(FortunesMissingError, match="sports"):
+        fortune_files(tmp_path, ("sports",))
+    with pytest.raises(FortunesMissingError, match="apt-get install"):
+        fortune_files(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    texts = [d for docs in TOPICS.values() for d in docs]
+    return train_bpe_tokenizer(texts * 3, vocab_size=300)
+
+
+def test_lm_blocks_put_eos_between_documents(tokenizer):
+    docs = [TextExample("apples and pears"), TextExample("a fast car")]
+    ids = [tokenizer(d.text, add_special_tokens=False)["input_ids"] for d in docs]
+    stream = ids[0] + [tokenizer.eos_token_id] + ids[1] + [tokenizer.eos_token_id]
+    blocks = build_lm_blocks(docs, tokenizer, block_size=3)
+    assert blocks.blocks.shape == (len(stream) // 3, 3)
+    assert blocks.blocks.flatten().tolist() == stream[: len(stream) // 3 * 3]
+    batch = blocks.batch([1, 0])
+    assert torch.equal(batch["input_ids"], batch["labels"])
+    with pytest.raises(DataError, match="not enough for one block"):
+        build_lm_blocks(docs, tokenizer, block_size=1000)
+
+
+def test_classification_batches_are_right_padded_with_mask(tokenizer):
+    docs = [TextExample("a fast car and a slow bus", "vehicles"), TextExample("apple", "fruit")]
+    ds = build_classification_set(docs, tokenizer, max_length=4, label_names=["fruit", "vehicles"])
+    assert len(ds.input_ids[0]) == 4  # truncated
+    batch = ds.batch([1, 0])
+    n = len(ds.input_ids[0 + 1])
+    assert batch["input_ids"].shape == (2, 4)
+    assert batch["attention_mask"][0].tolist() == [1] * n + [0] * (4 - n)
+    assert batch["input_ids"][0, n:].eq(tokenizer.pad_token_id).all()
+    assert batch["labels"].tolist() == [0, 1]
+    with pytest.raises(DataError, match="do not occur"):
+        build_classification_set([TextExample("x", "other")], tokenizer, 4, ["fruit"])
+
+
+def test_batch_order_is_stateless_disjoint_across_ranks_and_covers_epochs():
+    a, b = BatchOrder(10, 3, seed=5, world_size=2), BatchOrder(10, 3, seed=5, world_size=2)
+    assert a.indices(7, rank=1) == b.indices(7, rank=1)  # a function of (seed, step, rank) only
+    first_epoch = [i for step in range(5) for i in
+                   (a.indices(step, 0) + a.indices(step, 1))][:10]
+    assert sorted(first_epoch) == list(range(10))
+    assert not set(a.indices(0, 0)) & set(a.indices(0, 1))
+    assert BatchOrder(10, 3, seed=6).indices(0) != BatchOrder(10, 3, seed=5).indices(0)
+    assert eval_batches(10, 4, rank=1, world_size=2) == [[4, 5, 6, 7]]
+    assert eval_batches(10, 4, max_batches=2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
