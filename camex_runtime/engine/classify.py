@@ -51,7 +51,7 @@ def _classify_moe(runner, m: int, h: Tensor, mask: Tensor) -> Tensor:
     strategy = runner.strategy
     if strategy == "auto":
         lengths = mask.sum(1).tolist()
-        strategy = runner.cost.choose(lengths, B)
+        strategy = runner.cost.choose(lengths, B, batched_merges=True)
     if strategy == "mixture":
         # padded positions go through too: keys are masked, so they only affect themselves
         flat = apply_mixture(h.reshape(B * L, d), moe, scores.repeat_interleave(L, 0))

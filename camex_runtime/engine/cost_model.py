@@ -1,23 +1,27 @@
-"""Chooses the merged or mixture strategy for one batch from a roofline cost estimate.
+"""Chooses the merged or mixture strategy for one MoE layer of one batch, from timings of
+the real layer measured at start-up.
 
-At start-up `DeviceProfile.measure` times a GEMM (peak FLOP/s) and a weight-streaming GEMV
-(achievable bytes/s) on the engine's device and dtype, plus the fixed cost of a small kernel
-launch. A strategy's time is then estimated per MoE layer as sum over its kernels of
-`max(flops / peak, bytes / bandwidth) + launch`, which captures both regimes the design notes
-measured: at B=1 merged weights cost one FFN read (mixture reads E+1), at large B mixture
-reads the expert stack once while merged reads one FFN per distinct merge.
+`StrategyProfile.measure` times, on the engine's device and dtype and with the model's own
+expert weights: one merge, one merged FFN applied to n tokens, and the mixture applied to n
+tokens, for a few n. The cost model interpolates those curves (linearly, extrapolating past
+the last point), so it captures both regimes the design notes measured without a hand-tuned
+roofline: at B=1 a cached merge costs one FFN read while the mixture reads E+1; at large B the
+mixture reads the expert stack once while merged weights cost one FFN read per distinct merge.
 
 Knows nothing about requests or caches beyond the counts it is given.
 """
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+
+from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
 
 STRATEGIES = ("auto", "merged", "mixture")
+PROBE_TOKENS = (1, 16, 128)
 
 
 def _sync(device: torch.device) -> None:
@@ -38,68 +42,61 @@ def _best_time(fn, device: torch.device, reps: int) -> float:
 
 
 @dataclass(frozen=True)
-class DeviceProfile:
-    flops_per_s: float  # GEMM peak measured on this device/dtype
-    bytes_per_s: float  # weight streaming (GEMV) bandwidth
-    launch_s: float  # fixed cost of one small op (Python + dispatch + kernel launch)
+class StrategyProfile:
+    points: tuple[int, ...]  # token counts probed
+    merged: tuple[float, ...]  # seconds: one merged FFN applied to n tokens
+    mixture: tuple[float, ...]  # seconds: the mixture applied to n tokens
+    merge: float  # seconds: one merge (E deltas + base -> one FFN)
+    num_experts: int
 
     @classmethod
-    def measure(cls, device: torch.device, dtype: torch.dtype, d: int = 512,
-                stream_mb: int = 32, reps: int = 3) -> "DeviceProfile":
-        """A quick probe (well under a second on a CPU)."""
-        with torch.inference_mode():
-            a = torch.randn(256, d, device=device, dtype=dtype)
-            b = torch.randn(4 * d, d, device=device, dtype=dtype)
-            t_gemm = _best_time(lambda: F.linear(a, b), device, reps)
-            elem = torch.empty((), dtype=dtype).element_size()
-            rows = max(1, (stream_mb << 20) // (d * elem))
-            w = torch.randn(rows, d, device=device, dtype=dtype)
-            x = torch.randn(1, d, device=device, dtype=dtype)
-            t_gemv = _best_time(lambda: F.linear(x, w), device, reps)
-            tiny = torch.randn(1, 8, device=device, dtype=dtype)
-            t_launch = _best_time(lambda: tiny + tiny, device, reps * 3)
-        return cls(flops_per_s=2 * 256 * d * 4 * d / t_gemm,
-                   bytes_per_s=w.numel() * elem / t_gemv, launch_s=t_launch)
+    @torch.inference_mode()
+    def measure(cls, moe: MoEWeights, points: tuple[int, ...] = PROBE_TOKENS,
+                reps: int = 2) -> "StrategyProfile":
+        dev, dt = moe.w1.device, moe.w1.dtype
+        E, h, d = moe.num_experts, moe.w1.shape[1], moe.w1.shape[2]
+        out = {"fc1_weight": torch.empty(h, d, device=dev, dtype=dt),
+               "fc1_bias": torch.empty(h, device=dev, dtype=dt),
+               "fc2_weight": torch.empty(d, h, device=dev, dtype=dt),
+               "fc2_bias": torch.empty(d, device=dev, dtype=dt)}
+        s = torch.full((E,), 1.0 / E, device=dev)
+        merge = _best_time(lambda: moe.merge_into(s, out), dev, reps)
+        merged, mixture = [], []
+        for n in points:
+            x = torch.randn(n, d, device=dev, dtype=dt)
+            sn = s.expand(n, E)
+            merged.append(_best_time(lambda: apply_merged(x, out), dev, reps))
+            mixture.append(_best_time(lambda: apply_mixture(x, moe, sn), dev, reps))
+        return cls(tuple(points), tuple(merged), tuple(mixture), merge, E)
 
 
-@dataclass(frozen=True)
-class FFNShape:
-    num_experts: int  # E routed (the stack has E+1 rows)
-    ffn_params: int  # parameters of one FFN (both linears, with biases)
-    elem_bytes: int
+def _interp(xs: tuple[int, ...], ys: tuple[float, ...], n: int) -> float:
+    """Piecewise-linear in n, extrapolated from the last two points."""
+    i = min(max(bisect_left(xs, n), 1), len(xs) - 1)
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return max(0.0, y0 + (y1 - y0) * (n - x0) / (x1 - x0))
 
 
 class CostModel:
-    def __init__(self, profile: DeviceProfile, shape: FFNShape):
+    def __init__(self, profile: StrategyProfile):
         self.p = profile
-        self.s = shape
 
-    def _kernel(self, flops: float, nbytes: float) -> float:
-        return max(flops / self.p.flops_per_s, nbytes / self.p.bytes_per_s) + self.p.launch_s
-
-    def merge_time(self) -> float:
-        """One merge: read E deltas + base, write one FFN."""
-        P, b = self.s.ffn_params, self.s.elem_bytes
-        E = self.s.num_experts
-        return 4 * self._kernel(2 * E * P / 4, (E + 2) * P * b / 4)
-
-    def merged_time(self, tokens_per_merge: list[int], new_merges: int) -> float:
-        """Apply one merged FFN per group (two linears each) plus the merges still missing."""
-        P, b = self.s.ffn_params, self.s.elem_bytes
-        t = new_merges * self.merge_time()
-        for n in tokens_per_merge:
-            t += 2 * self._kernel(2 * n * P / 2, P * b / 2 + 0)
-        return t
+    def merged_time(self, tokens_per_merge: list[int], new_merges: int,
+                    batched_merges: bool = False) -> float:
+        """One merged FFN per group, plus the merges still missing. Batched merges (one GEMM
+        for S rows) read the E deltas once: S merges cost ~ (E + 1 + S) / (E + 2) merges."""
+        p = self.p
+        merges = new_merges * p.merge
+        if batched_merges and new_merges:
+            E = p.num_experts
+            merges = p.merge * (E + 1 + new_merges) / (E + 2)
+        return merges + sum(_interp(p.points, p.merged, n) for n in tokens_per_merge)
 
     def mixture_time(self, num_tokens: int) -> float:
-        """fc1 GEMM over the stack + fc2 bmm over the stack + a few small ops."""
-        P, b = self.s.ffn_params, self.s.elem_bytes
-        E1 = self.s.num_experts + 1
-        per_linear = self._kernel(2 * num_tokens * E1 * P / 2, E1 * P * b / 2)
-        return 2 * per_linear + 4 * self.p.launch_s
+        return _interp(self.p.points, self.p.mixture, num_tokens)
 
-    def choose(self, tokens_per_merge: list[int], new_merges: int) -> str:
+    def choose(self, tokens_per_merge: list[int], new_merges: int,
+               batched_merges: bool = False) -> str:
         """'merged' or 'mixture' for one layer of one batch."""
-        merged = self.merged_time(tokens_per_merge, new_merges)
-        mixture = self.mixture_time(sum(tokens_per_merge))
-        return "merged" if merged <= mixture else "mixture"
+        merged = self.merged_time(tokens_per_merge, new_merges, batched_merges)
+        return "merged" if merged <= self.mixture_time(sum(tokens_per_merge)) else "mixture"

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from camex_runtime.engine.cost_model import CostModel, DeviceProfile, FFNShape
+from camex_runtime.engine.cost_model import CostModel, StrategyProfile
 from camex_runtime.engine.kv_cache import KVCache
 from camex_runtime.engine.merge_cache import MergeCache
 from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
@@ -30,7 +30,7 @@ from camex_runtime.modeling import segment_means
 class ModelRunner:
     def __init__(self, model, *, num_slots: int, max_len: int, merge_cache_bytes: int,
                  strategy: str = "auto", observer=None,
-                 profile: Optional[DeviceProfile] = None):
+                 profile: Optional[StrategyProfile] = None):
         self.model = model.eval()
         self.cfg = model.config
         tr = model.transformer
@@ -59,10 +59,8 @@ class ModelRunner:
         self.router_sum = torch.zeros(M, E, device=self.device)
         self.router_counts = [0] * M
         self.cost = None
-        if M:
-            prof = profile or DeviceProfile.measure(self.device, self.dtype)
-            self.cost = CostModel(prof, FFNShape(self.cfg.num_experts, self.moe[0].ffn_params,
-                                                 torch.empty((), dtype=self.dtype).element_size()))
+        if M:  # strategy timings of the real layer shapes on this device (see cost_model)
+            self.cost = CostModel(profile or StrategyProfile.measure(self.moe[0]))
 
     def _take_expert_weights(self) -> list[MoEWeights]:
         """Stack [E_m; Δ] per MoE layer once (DESIGN §3: deltas precomputed at load), then drop

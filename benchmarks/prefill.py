@@ -1,0 +1,70 @@
+"""Prefill throughput (prompt tokens/s, one prompt at a time): the engine's runner on CAMEx
+(auto / merged / mixture) vs the dense-equivalent model, with roofline bounds.
+
+Every repetition uses a fresh random prompt, so content-addressed merges never hit: the time
+includes one merge per segment and MoE layer, as for a new user prompt.
+
+    python benchmarks/prefill.py --quick
+    python benchmarks/prefill.py --lengths 256,1024
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from common import base_parser, folded_model, print_table, setup, shape, sync, write_results
+from roofline import bound, measure_peaks, prefill_cost
+from camex_runtime import Engine
+
+COLS = ["system", "strategy", "tokens", "tok_s", "bound_tok_s", "achieved"]
+
+
+def prefill_time(engine: Engine, n: int, vocab: int, reps: int) -> float:
+    gen = torch.Generator().manual_seed(n)
+    best = float("inf")
+    for i in range(reps + 1):  # first run warms up
+        ids = torch.randint(0, vocab, (n,), generator=gen).tolist()
+        sync(engine.runner.device)
+        t0 = time.perf_counter()
+        engine.runner.prefill(0, ids, "segment")
+        sync(engine.runner.device)
+        if i:
+            best = min(best, time.perf_counter() - t0)
+        engine.runner.release(0)
+    return best
+
+
+def main() -> None:
+    p = base_parser(__doc__)
+    p.add_argument("--lengths", default=None, help="default 256,1024 (quick: 32,128)")
+    args = p.parse_args()
+    device, dtype = setup(args)
+    cfg = shape(args)
+    lengths = [int(x) for x in (args.lengths or ("32,128" if args.quick else "256,1024")).split(",")]
+    elem = torch.empty((), dtype=dtype).element_size()
+    peaks = measure_peaks(device, dtype, args.reps)
+    rows = []
+    kw = dict(max_batch_size=1, max_input_tokens=max(lengths), max_total_tokens=max(lengths) + 1)
+    ffn_bytes = elem * (2 * cfg["d_model"] * cfg["d_ff"] + cfg["d_model"] + cfg["d_ff"])
+    camex = Engine(folded_model(cfg, device, dtype), None,
+                   merge_cache_bytes=2 * cfg["n_layer"] * ffn_bytes, **kw)
+    dense = Engine(folded_model(cfg, device, dtype, num_experts=0), None, merge_cache_bytes=0, **kw)
+    for n in lengths:
+        runs = [("engine-camex", s, camex, True) for s in ("auto", "merged", "mixture")]
+        runs.append(("engine-dense", "-", dense, False))
+        for system, strategy, engine, moe in runs:
+            if moe:
+                engine.runner.strategy = strategy
+            t = prefill_time(engine, n, cfg["vocab_size"], args.reps)
+            b = bound(*prefill_cost(cfg, n, moe, elem), peaks)
+            rows.append(dict(system=system, strategy=strategy, tokens=n, tok_s=n / t,
+                             bound_tok_s=n / b, achieved=b / t))
+            print_table(rows[-1:], COLS)
+    print()
+    print_table(rows, COLS)
+    write_results("prefill", args, rows, {"peaks": peaks, "shape": cfg})
+
+
+if __name__ == "__main__":
+    main()

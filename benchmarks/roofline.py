@@ -1,0 +1,104 @@
+"""Roofline bounds for the engine benchmarks: FLOPs and bytes per step, peaks measured now.
+
+`measure_peaks` times a large GEMM (peak FLOP/s) and a weight-streaming GEMV (GB/s) on the
+benchmark's device/dtype in the same run; `decode_step_cost` / `prefill_cost` /
+`classify_cost` count the FLOPs and bytes a perfect implementation must spend, so
+`bound_s = max(flops / peak, bytes / bandwidth)` and achieved/bound = bound_s / measured_s.
+
+    python benchmarks/roofline.py [--quick] [--device cuda]   # prints the peaks and writes JSON
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from common import base_parser, best_time, print_table, setup, shape, write_results
+
+
+def measure_peaks(device, dtype, reps: int = 3) -> dict:
+    n = 2048 if torch.device(device).type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    t = best_time(lambda: a @ a, device, reps)
+    elem = torch.empty((), dtype=dtype).element_size()
+    w = torch.randn((256 << 20) // (1024 * elem), 1024, device=device, dtype=dtype)
+    x = torch.randn(1, 1024, device=device, dtype=dtype)
+    tb = best_time(lambda: F.linear(x, w), device, reps)
+    return {"peak_gflops": 2 * n ** 3 / t / 1e9, "peak_gbps": w.numel() * elem / tb / 1e9}
+
+
+def _dense_parts(cfg: dict) -> tuple[int, int]:
+    """(attention params per layer, FFN params per FFN)."""
+    d, h = cfg["d_model"], cfg["d_ff"]
+    return 4 * d * d + 4 * d, 2 * d * h + d + h
+
+
+def decode_step_cost(cfg: dict, B: int, ctx: int, strategy: str, elem: int) -> tuple[float, float]:
+    """(flops, bytes) of one decode step of B sequences at context length ctx.
+    strategy: "dense" | "merged" (cached per-sequence merges) | "mixture"; merges amortised
+    at one per segment per sequence and layer."""
+    d, L, V = cfg["d_model"], cfg["n_layer"], cfg["vocab_size"]
+    E, T = cfg.get("num_experts", 0), cfg["segment_len"]
+    attn, P = _dense_parts(cfg)
+    flops = L * (2 * B * attn + 4 * B * ctx * d) + 2 * B * V * d
+    nbytes = elem * (L * (attn + 2 * B * ctx * d) + V * d)
+    if strategy == "dense" or E == 0:
+        flops += L * 2 * B * P
+        nbytes += elem * L * P
+    elif strategy == "merged":
+        flops += L * (2 * B * P + B * 2 * E * P / T)
+        nbytes += elem * L * (B * P + B * (E + 2) * P / T)
+    else:
+        flops += L * 2 * B * (E + 1) * P
+        nbytes += elem * L * (E + 1) * P
+    return flops, nbytes
+
+
+def prefill_cost(cfg: dict, n: int, moe: bool, elem: int) -> tuple[float, float]:
+    """(flops, bytes) of one n-token prompt: per segment one merge + one FFN GEMM."""
+    d, L, V = cfg["d_model"], cfg["n_layer"], cfg["vocab_size"]
+    E, T = cfg.get("num_experts", 0), cfg["segment_len"]
+    attn, P = _dense_parts(cfg)
+    K = -(-n // T)
+    flops = L * (2 * n * attn + 2 * n * n * d + 2 * n * P) + 2 * V * d
+    nbytes = elem * (L * (attn + P) + V * d)
+    if moe and E:
+        flops += L * K * 2 * E * P
+        nbytes += elem * L * K * (E + 2) * P
+    return flops, nbytes
+
+
+def classify_cost(cfg: dict, B: int, n: int, moe: bool, elem: int) -> tuple[float, float]:
+    d, L = cfg["d_model"], cfg["n_layer"]
+    E = cfg.get("num_experts", 0)
+    attn, P = _dense_parts(cfg)
+    flops = L * B * (2 * n * attn + 4 * n * n * d + 2 * n * P)
+    nbytes = elem * L * (attn + P)
+    if moe and E:  # one merge per sequence and layer (or the mixture's (E+1)x weights)
+        flops += L * B * 2 * E * P
+        nbytes += elem * L * min(B * (E + 2), E + 1) * P
+    return flops, nbytes
+
+
+def bound(flops: float, nbytes: float, peaks: dict) -> float:
+    return max(flops / (peaks["peak_gflops"] * 1e9), nbytes / (peaks["peak_gbps"] * 1e9))
+
+
+def main() -> None:
+    args = base_parser(__doc__).parse_args()
+    device, dtype = setup(args)
+    peaks = measure_peaks(device, dtype, args.reps)
+    cfg = shape(args)
+    elem = torch.empty((), dtype=dtype).element_size()
+    rows = []
+    for B in (1, 8, 32):
+        for strategy in ("dense", "merged", "mixture"):
+            f, b = decode_step_cost(cfg, B, 256, strategy, elem)
+            rows.append(dict(point=f"decode B={B}", strategy=strategy, gflop=f / 1e9,
+                             mbytes=b / 1e6, bound_tok_s=B / bound(f, b, peaks)))
+    print(f"peak {peaks['peak_gflops']:.1f} GFLOP/s, {peaks['peak_gbps']:.1f} GB/s")
+    print_table(rows, ["point", "strategy", "gflop", "mbytes", "bound_tok_s"])
+    write_results("roofline", args, rows, {"peaks": peaks, "shape": cfg})
+
+
+if __name__ == "__main__":
+    main()
