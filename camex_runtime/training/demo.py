@@ -14,8 +14,10 @@ LM's tokenizer and starts from the LM's weights (the LM is trained first when mi
 from __future__ import annotations
 
 import argparse
+import fcntl
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 LM_NAME, CLF_NAME = "demo-lm", "demo-classifier"
@@ -42,10 +44,31 @@ def is_ready(path: Path) -> bool:
 def ensure_demo_models(root: str | Path | None = None, progress: bool = True,
                        force: bool = False) -> tuple[Path, Path]:
     """(lm_dir, clf_dir) of folded demo checkpoints under `root`, training what is missing."""
-    from .presets import preset
-    from .loop import train
-
     root = Path(root) if root is not None else default_root()
+    lm_dir, clf_dir = root / LM_NAME, root / CLF_NAME
+    if not force and is_ready(lm_dir) and is_ready(clf_dir):
+        return lm_dir, clf_dir
+    with _exclusive(root):  # two servers starting at once must not train into the same dirs
+        _build(root, progress, force)
+    return lm_dir, clf_dir
+
+
+@contextmanager
+def _exclusive(root: Path):
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _build(root: Path, progress: bool, force: bool) -> None:
+    """Train + export what is missing (re-checked under the lock: another process may be done)."""
+    from .loop import train
+    from .presets import preset
+
     lm_dir, clf_dir = root / LM_NAME, root / CLF_NAME
     lm_run, clf_run = root / "runs" / LM_NAME, root / "runs" / CLF_NAME
     if force or not is_ready(lm_dir):
@@ -60,7 +83,6 @@ def ensure_demo_models(root: str | Path | None = None, progress: bool = True,
         _say(progress, f"training {CLF_NAME} -> {clf_dir}")
         train(preset(CLF_NAME, out_dir=str(clf_run), export_dir=str(clf_dir), overwrite=True,
                      tokenizer=str(lm_run), init_from=str(lm_run), progress=progress))
-    return lm_dir, clf_dir
 
 
 def _say(progress: bool, message: str) -> None:

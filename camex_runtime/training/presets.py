@@ -18,9 +18,9 @@ from typing import Callable
 from .config import ModelSpec, TrainConfig
 from .fortunes import CLASSIFIER_CATEGORIES, fortune_files
 
-# The demo architecture (both presets): 4 blocks, experts in alternate blocks, rank-1 curvature.
+# The demo architecture (both presets): 4 blocks, all merged-expert, rank-1 curvature.
 DEMO_MODEL = ModelSpec(d_model=128, n_layer=4, n_head=4, d_ff=512, num_experts=4,
-                       moe_layers=[1, 3], segment_len=32, curvature_rank=1)
+                       moe_layers=None, segment_len=32, curvature_rank=1)
 
 
 def demo_lm(**overrides) -> TrainConfig:
@@ -29,8 +29,8 @@ def demo_lm(**overrides) -> TrainConfig:
         task="lm", data=files, eval_fraction=0.03,
         data_description=f"Debian fortunes, all {len(files)} non-offensive topic files",
         vocab_size=4096, block_size=128, model=replace(DEMO_MODEL),
-        steps=400, batch_size=16, lr=3e-3, warmup=30, schedule="cosine",
-        eval_every=100, eval_batches=40, out_dir="runs/demo-lm")
+        steps=600, batch_size=16, lr=3e-3, warmup=50, schedule="cosine",
+        eval_every=150, eval_batches=40, out_dir="runs/demo-lm")
     return replace(cfg, **overrides)
 
 
