@@ -12,6 +12,8 @@ peaks measured in this run, and achieved/bound.
 """
 from __future__ import annotations
 
+import time
+
 import torch
 
 from common import (base_parser, best_time, folded_model, print_table, setup, shape, sync,
@@ -35,11 +37,11 @@ def engine_decode_time(engine: Engine, B: int, P: int, N: int, vocab: int, reps:
                             SamplingParams(max_new_tokens=N, ignore_eos=True)) for _ in range(B)]
         engine.step()  # prefills all B requests: not part of decode
         sync(engine.runner.device)
-        t0 = __import__("time").perf_counter()
+        t0 = time.perf_counter()
         while not all(h.done for h in hs):
             engine.step()
         sync(engine.runner.device)
-        best = min(best, __import__("time").perf_counter() - t0)
+        best = min(best, time.perf_counter() - t0)
     return best
 
 
