@@ -80,3 +80,20 @@ def test_causality_after_first_segment(lm):
         a, b = ref(ids).logits, ref(alt).logits
     torch.testing.assert_close(a[0, :t], b[0, :t])
     assert not torch.allclose(a[0, t:], b[0, t:])
+
+
+@pytest.mark.parametrize("overrides", [dict(moe_layers=[1]), dict(dynamic=True, n_layer=3),
+                                       dict(num_experts=0)],
+                         ids=["moe-subset", "dynamic", "dense"])
+def test_other_architectures_decode_like_full_forward(tmp_path, overrides):
+    """MoE on some blocks only, Dynamic-Merg (bases materialised by export), and dense."""
+    path = build_folded(tmp_path / "lm", **overrides)
+    ref = reference(path)
+    engine = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
+    prompt = [3, 1, 4, 1, 5, 9]
+    h = engine.submit(prompt, SamplingParams(max_new_tokens=11, ignore_eos=True))
+    while not h.done:
+        engine.step()
+    res = h.result()
+    lp = full_forward_logprobs(ref, prompt + res.token_ids, len(prompt), "segment")
+    assert res.token_ids == lp[len(prompt) - 1:-1].argmax(-1).tolist()
