@@ -28,7 +28,7 @@ from .tokenizer import TokenizerError
 _TRAIN_FLAGS = {
     "task": "task", "eval_fraction": "eval_fraction", "vocab_size": "vocab_size",
     "block_size": "block_size", "init_from": "init_from", "steps": "steps",
-    "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr",
+    "batch_size": "batch_size", "grad_accum": "grad_accum", "lr": "lr", "threads": "threads",
     "min_lr_ratio": "min_lr_ratio", "warmup": "warmup", "schedule": "schedule",
     "weight_decay": "weight_decay", "grad_clip": "grad_clip", "seed": "seed", "device": "device",
     "eval_every": "eval_every", "eval_batches": "eval_batches", "log_every": "log_every",
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--schedule", choices=SCHEDULES)
     o.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast")
     o.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    o.add_argument("--threads", type=int, help="torch CPU threads per process")
     r = p.add_argument_group("evaluation, checkpoints, export")
     for name in ("eval-every", "eval-batches", "log-every", "save-every", "stop-after"):
         r.add_argument("--" + name, type=int)

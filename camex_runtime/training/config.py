@@ -82,6 +82,7 @@ class TrainConfig:
     bf16: bool = False                      # bf16 autocast (CUDA with bf16, or CPU when asked)
     seed: int = 0
     device: str | None = None               # None: cuda:LOCAL_RANK if available, else cpu
+    threads: int | None = None              # torch CPU threads per process; None: torch default
     # Evaluation, logging and checkpoints.
     eval_every: int = 0                     # 0 = only at the end
     eval_batches: int | None = 50           # cap on held-out batches per evaluation
@@ -112,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if not self.data:
             raise ValueError("no training data: set data (paths, JSONL files or hf: names)")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
 

@@ -43,6 +43,8 @@ class StepStats:
 def train(cfg: TrainConfig) -> TrainResult:
     """Run (or resume) one training job as described by `cfg`; see the module docstring."""
     cfg.validate()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)  # e.g. 1 per rank when ranks share a few cores
     ctx = init_distributed(cfg.device)
     try:
         return _train(cfg, ctx)

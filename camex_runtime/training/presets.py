@@ -29,8 +29,8 @@ def demo_lm(**overrides) -> TrainConfig:
         task="lm", data=files, eval_fraction=0.03,
         data_description=f"Debian fortunes, all {len(files)} non-offensive topic files",
         vocab_size=4096, block_size=128, model=replace(DEMO_MODEL),
-        steps=600, batch_size=16, lr=3e-3, warmup=50, schedule="cosine",
-        eval_every=150, eval_batches=40, out_dir="runs/demo-lm")
+        steps=400, batch_size=16, lr=3e-3, warmup=40, schedule="cosine",
+        eval_every=100, eval_batches=40, out_dir="runs/demo-lm")
     return replace(cfg, **overrides)
 
 

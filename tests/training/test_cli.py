@@ -82,9 +82,9 @@ def test_preset_with_overrides_maps_every_flag():
     args = build_parser().parse_args(
         ["--preset", "demo-lm", "--steps", "7", "--d-model", "64", "--moe-layers", "all",
          "--curvature-rank", "0", "--no-dynamic", "--bf16", "--export", "e", "--out", "o",
-         "--resume", "--lr", "0.01", "--grad-accum", "2", "--eval-every", "3"])
+         "--resume", "--lr", "0.01", "--grad-accum", "2", "--eval-every", "3", "--threads", "1"])
     cfg = config_from_args(args)
-    assert (cfg.steps, cfg.lr, cfg.grad_accum, cfg.eval_every) == (7, 0.01, 2, 3)
+    assert (cfg.steps, cfg.lr, cfg.grad_accum, cfg.eval_every, cfg.threads) == (7, 0.01, 2, 3, 1)
     assert (cfg.out_dir, cfg.export_dir, cfg.resume, cfg.bf16) == ("o", "e", True, True)
     assert cfg.model.d_model == 64 and cfg.model.moe_layers is None
     assert cfg.model.curvature_rank == 0 and cfg.model.dynamic is False
