@@ -136,7 +136,12 @@ def _load_hf(spec: str, task: str) -> Iterable[TextExample]:
                         f"(pip install 'camex-serve[datasets]')") from None
     name, _, split = spec.partition("@")
     name, _, config = name.partition(":")
-    ds = datasets.load_dataset(name, config or None, split=split or "train")
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as e:  # no network, unknown name or split: datasets raises many types
+        raise DataError(f"cannot load hf:{spec}: {type(e).__name__}: {e}") from None
+    if "text" not in ds.features:
+        raise DataError(f"hf:{spec} has no 'text' column (columns: {sorted(ds.features)})")
     names = ds.features["label"].names if "label" in ds.features and hasattr(
         ds.features["label"], "names") else None
     for i, row in enumerate(ds):

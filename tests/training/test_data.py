@@ -149,3 +149,34 @@ def test_batch_order_is_stateless_disjoint_across_ranks_and_covers_epochs():
     assert BatchOrder(10, 3, seed=6).indices(0) != BatchOrder(10, 3, seed=5).indices(0)
     assert eval_batches(10, 4, rank=1, world_size=2) == [[4, 5, 6, 7]]
     assert eval_batches(10, 4, max_batches=2) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+
+def test_hf_source_maps_class_label_names(monkeypatch):
+    """The `hf:` path against a stand-in `datasets` module (no network in tests)."""
+    import sys
+    import types
+
+    class ClassLabel:
+        names = ["neg", "pos"]
+
+    class FakeDataset(list):
+        features = {"text": object(), "label": ClassLabel()}
+
+    calls = []
+
+    def load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return FakeDataset([{"text": "bad film", "label": 0}, {"text": "  ", "label": 1},
+                            {"text": "great film", "label": 1}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    examples = load_examples(["hf:imdb:plain_text@test"], task="classify")
+    assert calls == [("imdb", "plain_text", "test")]
+    assert [(e.text, e.label) for e in examples] == [("bad film", "neg"), ("great film", "pos")]
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
+    with pytest.raises(DataError, match="cannot load hf:imdb: ConnectionError: no network"):
+        load_examples(["hf:imdb"])
