@@ -9,6 +9,8 @@
 #   TORCH_VARIANT  cpu (default) or a CUDA wheel tag such as cu128; run a CUDA image with
 #                  `--gpus all -e CAMEX_DEVICE=cuda`. The python:3.11 base is enough: the CUDA
 #                  wheels carry their own CUDA runtime libraries.
+#   TORCH_INDEX_URL, TORCH_FIND_LINKS  where torch comes from (default: the PyTorch index of
+#                  TORCH_VARIANT; find-links adds a local wheel directory).
 #   BASE           base image with python3.11 + venv (deploy/build_image.sh passes a locally
 #                  bootstrapped Debian image when no registry can be reached).
 #   BAKE_DEMO      1 (default) trains and exports the demo checkpoints at build time; 0 skips it
@@ -24,8 +26,15 @@ ENV PIP_NO_CACHE_DIR=1 \
     PATH=/opt/venv/bin:$PATH
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/${TORCH_VARIANT}
+# A directory of local torch wheels, e.g. mounted with `buildah build -v /opt/wheels:/wheels`
+# (deploy/build_image.sh does this where download.pytorch.org cannot be reached).
+ARG TORCH_FIND_LINKS=""
+# torch is pinned (TORCH_VERSION); hadolint reads the optional --find-links value as a package.
+# hadolint ignore=DL3013
 RUN python -m venv /opt/venv \
-    && pip install "torch==${TORCH_VERSION}" --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}"
+    && pip install "torch==${TORCH_VERSION}" --index-url "$TORCH_INDEX_URL" \
+        ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS"}
 
 # Declared after the torch layer so that toggling it keeps that (large) layer cached.
 ARG BAKE_DEMO=1
@@ -60,8 +69,8 @@ LABEL org.opencontainers.image.title="camex-server" \
       org.opencontainers.image.description="Serve CAMEx merged-expert language models" \
       org.opencontainers.image.licenses="Apache-2.0"
 
-RUN groupadd --system --gid 10001 camex \
-    && useradd --system --uid 10001 --gid 10001 --create-home --home-dir /home/camex \
+RUN groupadd --gid 10001 camex \
+    && useradd --uid 10001 --gid 10001 --create-home --home-dir /home/camex \
         --shell /usr/sbin/nologin camex
 
 COPY --from=builder /opt/venv /opt/venv

@@ -20,6 +20,9 @@
 #   RUN_TIMEOUT       seconds for the server to become healthy (300)
 #   BAKE_DEMO         1: train + bake demo checkpoints into the image (1)
 #   TORCH_VARIANT     cpu or a CUDA wheel tag like cu128 (cpu)
+#   TORCH_WHEELS      directory with a local torch wheel, mounted into the build and used as
+#                     --find-links, the other dependencies then come from PyPI
+#                     (default: /opt/wheels when it holds a torch wheel, else none)
 set -euo pipefail
 
 IMAGE=${CAMEX_IMAGE:-localhost/camex-server:latest}
@@ -54,27 +57,44 @@ build_base() {
         --include=python3,python3-venv,python-is-python3,ca-certificates,passwd \
         bookworm "$rootfs" "$MIRROR"
     rm -rf "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/cache/apt/archives/*.deb
+    # Trust what the build host trusts: where HTTPS goes through an intercepting proxy, its CA
+    # is in the host bundle and pip inside the build must accept it too (PIP_CERT below).
+    cp /etc/ssl/certs/ca-certificates.crt "$rootfs/etc/ssl/certs/ca-certificates.crt"
     local ctr mnt
     ctr=$(buildah from scratch)
     mnt=$(buildah mount "$ctr")
     tar -C "$rootfs" -cf - . | tar -C "$mnt" -xf -
     buildah umount "$ctr" >/dev/null
     buildah config --env PATH=/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin \
-        --env LANG=C.UTF-8 --cmd python3 "$ctr"
+        --env LANG=C.UTF-8 --env PIP_CERT=/etc/ssl/certs/ca-certificates.crt \
+        --env SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt --cmd python3 "$ctr"
     buildah commit --rm "$ctr" "$BASE_IMAGE" >/dev/null
     rm -rf "$rootfs"
     log "base image $BASE_IMAGE committed"
 }
 
 # ---- 2. the image, from the unchanged root Dockerfile ------------------------------------
+torch_source_args() {
+    local wheels=${TORCH_WHEELS:-}
+    if [[ -z $wheels ]] && compgen -G "/opt/wheels/torch-*.whl" >/dev/null; then
+        wheels=/opt/wheels
+    fi
+    [[ -z $wheels ]] && return 0
+    log "torch from local wheels in $wheels (other dependencies from PyPI)"
+    printf '%s\n' -v "$wheels:/wheels:ro" --build-arg TORCH_FIND_LINKS=/wheels \
+        --build-arg "TORCH_INDEX_URL=${TORCH_INDEX_URL:-https://pypi.org/simple}"
+}
+
 build_image() {
+    local torch_args
+    mapfile -t torch_args < <(torch_source_args)
     log "building $IMAGE (timeout ${BUILD_TIMEOUT}s)"
     # --format docker keeps HEALTHCHECK (the OCI format has no field for it);
     # --isolation chroot works inside VMs/containers without user namespaces.
     timeout "$BUILD_TIMEOUT" buildah build --format docker --isolation chroot --layers \
         --build-arg "BASE=$BASE_IMAGE" \
         --build-arg "BAKE_DEMO=${BAKE_DEMO:-1}" \
-        --build-arg "TORCH_VARIANT=${TORCH_VARIANT:-cpu}" \
+        --build-arg "TORCH_VARIANT=${TORCH_VARIANT:-cpu}" "${torch_args[@]}" \
         -t "$IMAGE" -f "$REPO/Dockerfile" "$REPO"
     log "image size: $(buildah images --format '{{.Size}}' "$IMAGE")"
 }
