@@ -40,6 +40,10 @@ IDLE_WAIT_S = 0.25  # the idle loop still heartbeats this often (the server's li
 
 
 class Engine:
+    """Serves one folded model. `Engine(model, tokenizer, ...)` takes ownership of `model`
+    (its expert tensors move into the runner's serving layout); most callers use
+    `Engine.from_pretrained(path, ...)`."""
+
     def __init__(self, model, tokenizer, *, name: str = "camex", kind: str = "causal-lm",
                  max_batch_size: int = 8, max_input_tokens: Optional[int] = None,
                  max_total_tokens: Optional[int] = None, max_waiting: int = 64,

@@ -63,14 +63,18 @@ class ModelRunner:
             self.cost = CostModel(profile or StrategyProfile.measure(self.moe[0]))
 
     def _take_expert_weights(self) -> list[MoEWeights]:
-        """Stack [E_m; Δ] per MoE layer once (DESIGN §3: deltas precomputed at load), then drop
-        the model's own expert tensors so they are not held twice."""
+        """Stack [E_m; Δ] per MoE layer once (DESIGN §3: deltas precomputed at load), dropping
+        the model's own expert tensors layer by layer so the peak memory stays about one
+        copy of the experts (the runner owns the model from here on)."""
+        if not self.cfg.folded:
+            raise ValueError("the engine serves folded checkpoints (config.folded=True); "
+                             "run camex-export first")
+        weights = []
         with torch.no_grad():
-            banks = self.tr.expert_banks()
-            weights = [MoEWeights.from_bank(banks[layer]) for layer in self.moe_layers]
-        for layer in self.moe_layers:
-            self.blocks[layer].ffn.experts = None
-            self.blocks[layer].ffn.base = None
+            for layer in self.moe_layers:
+                ffn = self.blocks[layer].ffn
+                weights.append(MoEWeights.from_bank(ffn.expert_bank()))
+                ffn.experts, ffn.base = None, None
         return weights
 
     # -- bookkeeping ------------------------------------------------------------------------
