@@ -8,7 +8,7 @@ import re
 import subprocess
 
 import yaml
-from interface_metrics import DEPLOY, ROOT
+from .interface_metrics import DEPLOY, ROOT
 
 DOCKERFILE = ROOT / "Dockerfile"
 

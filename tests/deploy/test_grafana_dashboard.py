@@ -10,7 +10,7 @@ import sys
 
 import pytest
 import yaml
-from interface_metrics import (COMMON_LABELS, DEPLOY, PROMETHEUS_SERIES, grouping_labels,
+from .interface_metrics import (COMMON_LABELS, DEPLOY, PROMETHEUS_SERIES, grouping_labels,
                                interface_metrics, metrics_in, series_index)
 
 GRAFANA = DEPLOY / "grafana"

@@ -12,7 +12,7 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from interface_metrics import DEPLOY, interface_metrics
+from .interface_metrics import DEPLOY, interface_metrics
 
 K8S = DEPLOY / "k8s"
 K8S_VERSION = "1.30"  # oldest supported: the native preStop sleep action is on by default there

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import yaml
-from interface_metrics import DEPLOY
-from live_processes import (PrometheusAPI, free_port, prometheus_config, start_prometheus,
+from .interface_metrics import DEPLOY
+from .live_processes import (PrometheusAPI, free_port, prometheus_config, start_prometheus,
                             start_server, stop, wait_http)
 from prometheus_client.parser import text_string_to_metric_families
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import subprocess
 
 import yaml
-from interface_metrics import DEPLOY, PROMETHEUS_SERIES, interface_metrics, metrics_in, series_index
+from .interface_metrics import (DEPLOY, PROMETHEUS_SERIES, interface_metrics, metrics_in,
+                                series_index)
 
 PROM = DEPLOY / "prometheus"
 
