@@ -100,3 +100,17 @@ def test_build_image_script_is_valid_bash():
     res = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert script.stat().st_mode & 0o111, "build_image.sh must be executable"
+
+
+def test_every_camex_variable_is_a_server_setting():
+    """CAMEX_* names in the image, compose and k8s files are real server options."""
+    import dataclasses
+
+    from server.settings import ServerSettings, env_name
+
+    known = {env_name(f.name) for f in dataclasses.fields(ServerSettings)}
+    files = [DOCKERFILE, DEPLOY / "docker-compose.yml", *sorted(DEPLOY.glob("k8s/**/*.yaml"))]
+    for path in files:
+        used = set(re.findall(r"\bCAMEX_[A-Z_]+\b", path.read_text()))
+        unknown = used - known
+        assert not unknown, f"{path.relative_to(ROOT)} sets unknown options {unknown}"
