@@ -15,7 +15,7 @@ from fastapi import FastAPI
 
 from server import __version__
 from server.errors import install_error_handlers
-from server.metrics import EngineStatsCollector, ServerMetrics
+from server.metrics import EngineStatsCollector, ServerMetrics, StatsReader
 from server.middleware import ServingMiddleware
 from server.routes import classify, completions, ops, tgi
 from server.settings import ServerSettings
@@ -25,9 +25,11 @@ from server.state import ServingState
 def create_app(settings: ServerSettings,
                on_fatal: Optional[Callable[[str], None]] = None) -> FastAPI:
     metrics = ServerMetrics()
+    reader = StatsReader(timeout_s=min(2.0, settings.health_stale_s))
     state = ServingState(settings=settings, metrics=metrics, version=__version__,
-                         on_fatal=on_fatal)
-    metrics.registry.register(EngineStatsCollector(state.engines, settings.health_stale_s))
+                         stats_reader=reader, on_fatal=on_fatal)
+    metrics.registry.register(EngineStatsCollector(state.engines, reader,
+                                                   settings.health_stale_s))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

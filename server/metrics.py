@@ -12,7 +12,9 @@ runtime never imports prometheus: this module is the only bridge.
 from __future__ import annotations
 
 import time
-from typing import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable, Iterable, Optional
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -89,14 +91,6 @@ class ServerMetrics:
         if timings.finished_at is not None:
             self.e2e.observe(max(0.0, timings.finished_at - queued))
 
-    def attach_engines(self, engines: Callable[[], Iterable], version: str,
-                       stale_s: float) -> None:
-        """Export engine stats at scrape time; `engines()` yields the loaded engines."""
-        self.registry.register(EngineStatsCollector(engines, stale_s))
-        for engine in engines():
-            info = engine.info()
-            self.build_info.labels(version, str(info.get("model", "")), engine.kind).set(1)
-
 
 class EngineObserver:
     """Passed to `Engine.from_pretrained(observer=...)`; called from the engine thread."""
@@ -119,18 +113,37 @@ class EngineObserver:
         pass  # evictions are read from Engine.stats() at scrape time
 
 
+class StatsReader:
+    """`engine.stats()` with a deadline: a wedged engine (holding its lock) must turn probes
+    and scrapes into "stuck", not hang them. At most two reader threads can be stuck at once."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="camex-stats")
+
+    def read(self, engine) -> Optional[object]:
+        """EngineStats, or None when the engine did not answer in time."""
+        try:
+            return self._pool.submit(engine.stats).result(timeout=self.timeout_s)
+        except FutureTimeout:
+            return None
+
+
 class EngineStatsCollector:
     """Reads `Engine.stats()` of every loaded engine when Prometheus scrapes."""
 
-    def __init__(self, engines: Callable[[], Iterable], stale_s: float = 10.0) -> None:
+    def __init__(self, engines: Callable[[], Iterable], reader: StatsReader,
+                 stale_s: float) -> None:
         self.engines = engines
+        self.reader = reader
         self.stale_s = stale_s
 
     def describe(self) -> list[Metric]:
         return []  # unchecked collector: names are fixed below
 
     def collect(self) -> Iterable[Metric]:
-        stats = [e.stats() for e in self.engines()]
+        all_stats = [self.reader.read(e) for e in self.engines()]
+        stats = [s for s in all_stats if s is not None]
         caches = [s.cache for s in stats]
         counters = {"hits": "cache hits", "misses": "cache misses (a merge was computed)",
                     "evictions": "entries evicted to stay in budget",
@@ -148,7 +161,8 @@ class EngineStatsCollector:
             ("camex_waiting_requests", "requests in the waiting queue",
              sum(s.waiting for s in stats)),
             ("camex_engine_up", "1 while every engine loop heartbeats",
-             float(bool(stats) and all(engine_alive(s, self.stale_s) for s in stats))),
+             float(bool(all_stats) and all(s is not None and engine_alive(s, self.stale_s)
+                                           for s in all_stats))),
         )
         for name, doc, value in gauges:
             yield GaugeMetricFamily(name, doc, value=value)

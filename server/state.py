@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from server import errors
-from server.metrics import EngineObserver, ServerMetrics, engine_alive
+from server.metrics import EngineObserver, ServerMetrics, StatsReader, engine_alive
 from server.settings import ServerSettings
 
 log = logging.getLogger("camex.server")
@@ -35,11 +35,13 @@ class ServingState:
     settings: ServerSettings
     metrics: ServerMetrics
     version: str
+    stats_reader: StatsReader
     lm: Optional[object] = None  # camex_runtime.Engine (causal-lm)
     classifier: Optional[object] = None  # camex_runtime.Engine (classifier)
     ready: bool = False
     load_error: Optional[str] = None
     loading: bool = False
+    classify_inflight: int = 0  # /classify calls running now (bounded by max_waiting)
     on_fatal: Optional[Callable[[str], None]] = None
     started_at: float = field(default_factory=time.time)
     _thread: Optional[threading.Thread] = None
@@ -48,11 +50,6 @@ class ServingState:
         return [e for e in (self.lm, self.classifier) if e is not None]
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def adopt(self, lm=None, classifier=None) -> None:
-        """Serve engines built by the caller (tests, embedding); starts and warms them up."""
-        self.lm, self.classifier = lm, classifier
-        self._start_and_warm()
-
     def load_in_background(self) -> None:
         self.loading = True
         self._thread = threading.Thread(target=self._load, name="camex-loader", daemon=True)
@@ -97,7 +94,10 @@ class ServingState:
             return Health(self.loading, "loading" if self.loading else "stopped",
                           "" if self.loading else "no engine loaded")
         for engine in self.engines():
-            stats = engine.stats()
+            stats = self.stats_reader.read(engine)
+            if stats is None:
+                return Health(False, "stuck", f"{engine.kind} engine did not answer within "
+                              f"{self.stats_reader.timeout_s:.1f}s")
             if not stats.alive:
                 return Health(False, "stopped", f"{engine.kind} engine loop is not running")
             if not engine_alive(stats, self.settings.health_stale_s):

@@ -45,10 +45,9 @@ async def classify(request: Request, body: ClassifyRequest):
 
 async def run_bounded(state, call):
     """engine.classify off the event loop, with at most `max_waiting` calls in flight."""
-    inflight = getattr(state, "classify_inflight", 0)
-    if inflight >= state.settings.max_waiting:
+    if state.classify_inflight >= state.settings.max_waiting:
         raise errors.overloaded()
-    state.classify_inflight = inflight + 1
+    state.classify_inflight += 1
     try:
         return await anyio.to_thread.run_sync(call)
     except InputValidationError as exc:

@@ -7,6 +7,7 @@ kill a pod that builds demo checkpoints). /ready is 503 until every engine is lo
 
 from __future__ import annotations
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -21,7 +22,7 @@ UNAVAILABLE = {503: {"model": ErrorResponse}}
 @router.get("/health", responses=UNAVAILABLE)
 async def health(request: Request) -> JSONResponse:
     """200 while the engine loop runs; 503 when it is stopped, dead or stuck."""
-    h = request.app.state.serving.health()
+    h = await anyio.to_thread.run_sync(request.app.state.serving.health)
     if h.ok:
         return JSONResponse({"status": h.status})
     return JSONResponse({"error": f"unhealthy ({h.status}): {h.detail}",
@@ -32,7 +33,7 @@ async def health(request: Request) -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     """200 once the model is loaded and warmed up (and the engine is healthy)."""
     state = request.app.state.serving
-    h = state.health()
+    h = await anyio.to_thread.run_sync(state.health)
     if state.ready and h.ok:
         return JSONResponse({"status": "ready"})
     reason = state.load_error or (h.detail if not h.ok else "model is loading")
@@ -43,7 +44,10 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/info")
 async def info(request: Request) -> dict:
     """Served model(s), routing, limits and live engine state (TGI-like keys included)."""
-    state = request.app.state.serving
+    return await anyio.to_thread.run_sync(info_of, request.app.state.serving)
+
+
+def info_of(state) -> dict:
     s = state.settings
     main = state.lm or state.classifier
     main_info = main.info() if main else {}
@@ -71,11 +75,14 @@ async def info(request: Request) -> dict:
     }
     for key in ("num_experts", "moe_layers", "segment_len", "routing", "strategy"):
         out[key] = main_info.get(key)
-    out["models"] = {e.kind: {**e.info(), "stats": stats_json(e.stats())} for e in state.engines()}
+    out["models"] = {e.kind: {**e.info(), "stats": stats_json(state.stats_reader.read(e))}
+                     for e in state.engines()}
     return out
 
 
-def stats_json(stats) -> dict:
+def stats_json(stats) -> dict | None:
+    if stats is None:  # the engine did not answer in time (see /health)
+        return None
     c = stats.cache
     return {"running": stats.running, "waiting": stats.waiting, "steps": stats.steps,
             "alive": stats.alive,
@@ -88,4 +95,5 @@ def stats_json(stats) -> dict:
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition of every camex_* metric."""
     registry = request.app.state.serving.metrics.registry
-    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    body = await anyio.to_thread.run_sync(generate_latest, registry)
+    return Response(body, media_type=CONTENT_TYPE_LATEST)
