@@ -73,16 +73,24 @@ def _build(root: Path, progress: bool, force: bool) -> None:
     lm_run, clf_run = root / "runs" / LM_NAME, root / "runs" / CLF_NAME
     if force or not is_ready(lm_dir):
         _say(progress, f"training {LM_NAME} -> {lm_dir}")
-        train(preset(LM_NAME, out_dir=str(lm_run), export_dir=str(lm_dir), overwrite=True,
-                     progress=progress))
+        result = train(preset(LM_NAME, out_dir=str(lm_run), export_dir=str(lm_dir),
+                              overwrite=True, progress=progress))
+        _report(progress, LM_NAME, result)
         force = True  # a new LM means a new tokenizer: the classifier must follow
     if force or not is_ready(clf_dir):
         if not (lm_run / "model.safetensors").is_file():
             # The folded LM exists but its training run is gone: its tokenizer and body still serve.
             lm_run = lm_dir
         _say(progress, f"training {CLF_NAME} -> {clf_dir}")
-        train(preset(CLF_NAME, out_dir=str(clf_run), export_dir=str(clf_dir), overwrite=True,
-                     tokenizer=str(lm_run), init_from=str(lm_run), progress=progress))
+        result = train(preset(CLF_NAME, out_dir=str(clf_run), export_dir=str(clf_dir),
+                              overwrite=True, tokenizer=str(lm_run), init_from=str(lm_run),
+                              progress=progress))
+        _report(progress, CLF_NAME, result)
+
+
+def _report(progress: bool, name: str, result) -> None:
+    numbers = ", ".join(f"{k}={v:.4g}" for k, v in result.metrics.items())
+    _say(progress, f"{name}: {result.steps} steps in {result.seconds:.0f} s; held-out {numbers}")
 
 
 def _say(progress: bool, message: str) -> None:

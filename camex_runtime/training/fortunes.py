@@ -16,9 +16,9 @@ from pathlib import Path
 
 FORTUNE_DIR = Path(os.environ.get("CAMEX_FORTUNE_DIR", "/usr/share/games/fortunes"))
 
-# Topic files with clearly distinct vocabularies and >= 150 fortunes each: the demo classifier's
-# labels. Balanced to the smallest category at training time.
-CLASSIFIER_CATEGORIES = ("computers", "food", "law", "love", "sports", "startrek")
+# Topic files with distinct vocabularies and >= 548 fortunes each (zippy is the smallest): the
+# demo classifier's labels. Balanced to the smallest category at training time.
+CLASSIFIER_CATEGORIES = ("computers", "definitions", "politics", "science", "songs-poems", "zippy")
 
 _SKIP_SUFFIXES = (".dat", ".u8")
 

@@ -29,7 +29,7 @@ def demo_lm(**overrides) -> TrainConfig:
         task="lm", data=files, eval_fraction=0.03,
         data_description=f"Debian fortunes, all {len(files)} non-offensive topic files",
         vocab_size=4096, block_size=128, model=replace(DEMO_MODEL),
-        steps=400, batch_size=16, lr=3e-3, warmup=40, schedule="cosine",
+        steps=300, batch_size=16, lr=3e-3, warmup=30, schedule="cosine",
         eval_every=100, eval_batches=40, out_dir="runs/demo-lm")
     return replace(cfg, **overrides)
 
@@ -40,7 +40,7 @@ def demo_classifier(**overrides) -> TrainConfig:
         task="classify", data=files, balance_labels=True, eval_fraction=0.2,
         data_description=("Debian fortunes topic classification ("
                           + ", ".join(CLASSIFIER_CATEGORIES) + "), balanced"),
-        vocab_size=4096, block_size=128, model=replace(DEMO_MODEL),
+        vocab_size=4096, block_size=128, model=replace(DEMO_MODEL, dropout=0.1),
         steps=300, batch_size=16, lr=1e-3, warmup=30, schedule="cosine",
         eval_every=50, eval_batches=None, out_dir="runs/demo-classifier")
     return replace(cfg, **overrides)
