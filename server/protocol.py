@@ -39,7 +39,8 @@ class GenerateParameters(_Schema):
     temperature: Optional[float] = Field(None, ge=0.001, le=100.0)
     top_k: Optional[int] = Field(None, ge=1)
     top_n_tokens: Optional[int] = Field(None, description="not supported")
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    # >= 1e-6: smaller values are below float32 resolution of the cumulative mass (meaningless)
+    top_p: Optional[float] = Field(None, ge=1e-6, le=1.0)
     truncate: Optional[int] = Field(None, ge=1, description="keep only the last N prompt tokens")
     typical_p: Optional[float] = Field(None, description="not supported")
     watermark: bool = Field(False, description="not supported")
@@ -143,7 +144,7 @@ class CompletionRequest(_Schema):
     prompt: Union[str, list[str]]
     max_tokens: Optional[int] = Field(16, ge=1)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, gt=0.0, le=1.0)
+    top_p: Optional[float] = Field(None, ge=1e-6, le=1.0)
     n: int = Field(1, ge=1, le=1, description="only 1 is supported")
     stream: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=1, description="0/1: logprob of each token")
