@@ -148,3 +148,20 @@ def test_sigterm_drains_in_flight_then_exits_zero(long_lm_dir, tmp_path):
         with pytest.raises(httpx.ConnectError):
             httpx.get(srv.base_url + "/health", timeout=2)
         assert '"msg": "stopped"' in srv.log()
+
+
+def test_queue_timeout_is_504_plain_and_stream(long_lm_dir, tmp_path):
+    with live_server(tmp_path, "--model", str(long_lm_dir), "--max-batch-size", "1",
+                     "--queue-timeout-s", "0.5") as srv:
+        holder = threading.Thread(
+            target=lambda: httpx.post(srv.base_url + "/generate", json=LONG, timeout=120))
+        holder.start()
+        wait_until(lambda: value(srv.metrics(), "camex_running_requests") == 1,
+                   "the slot to be taken")
+        short = {"inputs": "waits", "parameters": {"max_new_tokens": 2}}
+        r = httpx.post(srv.base_url + "/generate", json=short, timeout=60)
+        assert r.status_code == 504 and r.json()["error_type"] == "queue_timeout"
+        r = httpx.post(srv.base_url + "/generate_stream", json=short, timeout=60)
+        assert r.status_code == 504 and r.json()["error_type"] == "queue_timeout"
+        holder.join(120)
+        assert value(srv.metrics(), "camex_failures_total", reason="timeout") == 2
