@@ -72,3 +72,20 @@ def test_heartbeat_age_decides_liveness():
     assert engine_alive(stats, stale_s=10, now=109.0)
     assert not engine_alive(stats, stale_s=10, now=111.0)
     assert not engine_alive(SimpleNamespace(alive=False, heartbeat=100.0), 10, now=100.0)
+
+
+def test_no_model_serves_the_demo_checkpoints(tiny_lm_dir, tiny_classifier_dir, tmp_path):
+    import shutil
+
+    from camex_runtime.training.demo import CLF_NAME, LM_NAME
+
+    # pre-built demo dir: ensure_demo_models finds both ready and trains nothing
+    shutil.copytree(tiny_lm_dir, tmp_path / LM_NAME)
+    shutil.copytree(tiny_classifier_dir, tmp_path / CLF_NAME)
+    app = create_app(ServerSettings(demo_dir=str(tmp_path)))
+    with TestClient(app) as client:
+        wait_ready(client)
+        info = client.get("/info").json()
+        assert set(info["models"]) == {"causal-lm", "classifier"}
+        assert info["model_id"] == LM_NAME and info["model_pipeline_tag"] == "text-generation"
+        assert client.post("/classify", json={"inputs": "a dog"}).status_code == 200
