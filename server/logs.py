@@ -10,7 +10,8 @@ import logging
 import sys
 import time
 
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
+    "message", "asctime", "color_message"}  # uvicorn adds color_message (ANSI) to its records
 
 
 class JsonFormatter(logging.Formatter):

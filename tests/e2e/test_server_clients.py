@@ -9,6 +9,7 @@ import json
 import httpx
 import pytest
 
+from tests.deploy.interface_metrics import interface_metrics
 from tests.server.live_server import live_server, value
 
 pytestmark = pytest.mark.e2e
@@ -171,15 +172,13 @@ def test_info_and_metrics_count_the_traffic(server):
     assert delta("camex_inter_token_latency_seconds_count") == tokens - n
     assert delta("camex_classified_sequences_total") == 2
     assert delta("camex_batch_size_count") >= tokens // 4
-    names = {k[0] for k in after}
-    for name in ("camex_merge_cache_hits_total", "camex_merge_cache_misses_total",
-                 "camex_merge_cache_evictions_total", "camex_merge_cache_fallbacks_total",
-                 "camex_merge_cache_bytes", "camex_merge_cache_budget_bytes",
-                 "camex_merge_duration_seconds_count", "camex_router_score_count",
-                 "camex_running_requests", "camex_waiting_requests", "camex_engine_up",
-                 "camex_build_info", "camex_request_duration_seconds_count",
-                 "camex_prompt_tokens_total", "camex_request_prompt_tokens_count"):
-        assert name in names, name
+    exposed = {k[0] for k in after}
+    for spec in interface_metrics().values():  # the catalogue of docs/INTERFACES.md §3
+        missing = spec.series() - exposed
+        assert not missing, f"{spec.name}: {missing}"
+    labels = {dict(k[1]).get("reason") for k in after if k[0] == "camex_failures_total"}
+    assert labels >= {"validation", "overloaded", "dropped", "timeout", "unauthorized",
+                      "internal"}
     assert value(after, "camex_engine_up") == 1
     # --strategy merged: every segment's merge goes through the cache
     assert delta("camex_merge_cache_misses_total") > 0
