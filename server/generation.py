@@ -54,10 +54,10 @@ def to_sampling(p: GenerateParameters, *, max_stop_sequences: int,
                                 f"{max_stop_sequences} are allowed")
     if any(not s for s in p.stop):
         raise errors.validation("`stop` sequences must be non-empty strings")
-    # TGI: temperature/top_k/top_p switch sampling on even without do_sample.
-    sampling = p.do_sample or any(v is not None for v in (p.temperature, p.top_k, p.top_p))
-    if p.temperature == 1.0 and not p.do_sample and p.top_k is None and p.top_p is None:
-        sampling = False  # temperature 1.0 alone is a no-op, as in TGI
+    # TGI: any logits warper (temperature != 1, top_k, top_p < 1) switches sampling on.
+    warpers = p.temperature not in (None, 1.0) or p.top_k is not None or \
+        p.top_p not in (None, 1.0)
+    sampling = p.do_sample or warpers
     seed = p.seed if p.seed is not None else (secrets.randbelow(2**63) if sampling else None)
     params = SamplingParams(
         max_new_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, do_sample=sampling,

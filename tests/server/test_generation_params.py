@@ -23,6 +23,11 @@ def test_temperature_alone_turns_sampling_on_with_a_reported_seed():
     assert seed is not None and params.seed == seed
 
 
+def test_neutral_warpers_stay_greedy():
+    assert convert(temperature=1.0, top_p=1.0)[0].do_sample is False
+    assert convert(top_k=3)[0].do_sample is True
+
+
 def test_explicit_seed_is_kept():
     params, seed = convert(do_sample=True, seed=42, top_k=5, top_p=0.9, stop=["\n"])
     assert (params.seed, seed, params.top_k, params.top_p, tuple(params.stop)) == \
