@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -54,12 +55,13 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """``python -m server.cli`` on 127.0.0.1; waits for /ready; always terminated on exit."""
+    """A server on 127.0.0.1 (``python -m server.cli``, or the naive baseline); waits until
+    ``ready_path`` answers 200; always terminated (by PID) on exit."""
 
-    def __init__(self, server_args: list[str], port: int, log_path: Path, startup_timeout_s: float):
+    def __init__(self, cmd: list[str], port: int, log_path: Path, startup_timeout_s: float,
+                 ready_path: str = "/ready"):
         self.url = f"http://127.0.0.1:{port}"
-        self.cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port),
-                    *server_args]
+        self.cmd, self.ready_path = cmd, ready_path
         self.log_path, self.startup_timeout_s = log_path, startup_timeout_s
         self.proc: subprocess.Popen | None = None
 
@@ -71,7 +73,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
             try:
-                if httpx.get(self.url + "/ready", timeout=2.0, trust_env=False).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=2.0, trust_env=False).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
@@ -92,8 +94,12 @@ class ServerProcess:
     def info(self) -> dict:
         return httpx.get(self.url + "/info", timeout=10.0, trust_env=False).json()
 
-    def counters(self) -> dict[str, float]:
-        text = httpx.get(self.url + "/metrics", timeout=10.0, trust_env=False).text
+    def counters(self) -> dict[str, float] | None:
+        """Summed SERVER_SAMPLES from /metrics; None for a server without them (naive)."""
+        resp = httpx.get(self.url + "/metrics", timeout=10.0, trust_env=False)
+        if resp.status_code != 200:
+            return None
+        text = resp.text
         totals = dict.fromkeys(SERVER_SAMPLES, 0.0)
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -102,8 +108,10 @@ class ServerProcess:
         return totals
 
 
-def server_side(before: dict[str, float], after: dict[str, float]) -> dict:
+def server_side(before: dict[str, float] | None, after: dict[str, float] | None) -> dict | None:
     """Per-level server view from counter deltas (None where the level produced no samples)."""
+    if before is None or after is None:
+        return None
     d = {k: after[k] - before[k] for k in SERVER_SAMPLES}
     ratio = lambda num, den: d[num] / d[den] if d[den] else None  # noqa: E731
     lookups = d["camex_merge_cache_hits_total"] + d["camex_merge_cache_misses_total"]
@@ -133,19 +141,23 @@ def run_levels(server: ServerProcess, args: argparse.Namespace) -> list[dict]:
                          max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len,
                          prompts_path=args.prompts, seed=args.seed, max_duration_s=args.max_duration,
                          extra_params=json.loads(args.params), slo=args.slo, progress=True,
-                         **overrides)
+                         request_timeout_s=args.request_timeout, **overrides)
         if args.warmup:
             run_load(cfg, num_requests=args.warmup, progress=False)
-        before = server.counters()
+        before, load_before = server.counters(), os.getloadavg()
         report = run_load(cfg)
+        finish = Counter(r.finish_reason for r in report.records if r.ok)
         results.append({"level": overrides, "report": report.to_dict(with_records=False),
+                        "finish_reasons": dict(finish),
+                        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
                         "server": server_side(before, server.counters())})
         print_row(overrides, report, results[-1]["server"])
     return results
 
 
-def print_row(level: dict, r, srv: dict) -> None:
+def print_row(level: dict, r, srv: dict | None) -> None:
     ms = lambda v: "-" if v is None else f"{v * 1e3:.1f}"  # noqa: E731
+    srv = srv or {"mean_batch_size": None, "merge_cache_hit_rate": None}
     name = ", ".join(f"{k}={v}" for k, v in level.items())
     batch = "-" if srv["mean_batch_size"] is None else f"{srv['mean_batch_size']:.2f}"
     hit = "-" if srv["merge_cache_hit_rate"] is None else f"{srv['merge_cache_hit_rate']:.2f}"
@@ -155,12 +167,62 @@ def print_row(level: dict, r, srv: dict) -> None:
           f"{r.goodput_fraction:>8.2f}{batch:>7}{hit:>6}", flush=True)
 
 
+def server_command(args: argparse.Namespace, port: int) -> list[str]:
+    """camex-server with the given flags, or the naive baseline on the same model."""
+    if args.naive:
+        if not args.model:
+            raise SystemExit("--naive needs --model")
+        return [sys.executable, str(ROOT / "benchmarks" / "naive_server.py"), "--model", args.model,
+                "--port", str(port), *args.server_arg]
+    return [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port),
+            *(["--model", args.model] if args.model else []),
+            *(["--classifier", args.classifier] if args.classifier else []), *args.server_arg]
+
+
+def git_commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def compare(a_path: Path, b_path: Path, out: Path) -> int:
+    """Per-level ratios B/A of two saved runs (levels paired in order): > 1 on a throughput
+    row means B serves more; < 1 on a latency row means B is faster."""
+    a, b = (json.loads(p.read_text()) for p in (a_path, b_path))
+    rows = []
+    for la, lb in zip(a["levels"], b["levels"]):
+        ra, rb = la["report"], lb["report"]
+        ratio = lambda x, y: y / x if x else None  # noqa: E731
+        row = {"level_a": la["level"], "level_b": lb["level"],
+               "completed": [ra["completed"], rb["completed"]],
+               "req_per_s": [ra["request_throughput"], rb["request_throughput"]],
+               "tok_per_s": [ra["output_token_throughput"], rb["output_token_throughput"]],
+               "e2e_p99_s": [ra["e2e"]["p99"], rb["e2e"]["p99"]],
+               "ttft_p99_s": [ra["ttft"]["p99"], rb["ttft"]["p99"]]}
+        row["ratios_b_over_a"] = {k: ratio(*row[k]) for k in
+                                  ("req_per_s", "tok_per_s", "e2e_p99_s", "ttft_p99_s")}
+        rows.append(row)
+        print(f"{la['level']} -> {lb['level']}: " + ", ".join(
+            f"{k} {v:.2f}x" for k, v in row["ratios_b_over_a"].items() if v is not None))
+    out.write_text(json.dumps({"benchmark": "serving-compare", "a": str(a_path), "b": str(b_path),
+                               "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="folded causal-LM checkpoint (none: the server's demo models)")
     p.add_argument("--classifier", help="folded classifier checkpoint (needed for classify in --mix)")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra camex-server flag, repeatable: --server-arg=--max-batch-size=16")
+    p.add_argument("--naive", action="store_true",
+                   help="start benchmarks/naive_server.py (transformers generate, one request at "
+                        "a time) on --model instead of camex-server")
+    p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                   help="no run: per-level ratios B/A of two saved runs, written to --out")
     load = p.add_mutually_exclusive_group()
     load.add_argument("--concurrency", default="1,2,4,8", help="closed-loop levels, comma-separated")
     load.add_argument("--rates", help="open-loop Poisson rates (req/s), comma-separated")
@@ -175,6 +237,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--slo", help="e.g. ttft=1s,tpot=200ms (goodput column)")
     p.add_argument("--max-duration", type=float, default=600.0, help="time cap per level (s)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="per-request cap (s); long, so an overloaded server shows as latency")
     p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for /ready")
     p.add_argument("--out", default="benchmarks/results/serving.json")
     return p.parse_args(argv)
@@ -182,15 +246,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        return compare(*map(Path, args.compare), Path(args.out))
     from loadtest.workload import parse_mix
     args.mix = parse_mix(args.mix)
     args.slo = Slo.parse(args.slo) if args.slo else None
-    server_args = [*(["--model", args.model] if args.model else []),
-                   *(["--classifier", args.classifier] if args.classifier else []), *args.server_arg]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    log_path = out.with_suffix(".server.log")
-    with ServerProcess(server_args, free_port(), log_path, args.startup_timeout) as server:
+    port = free_port()
+    with ServerProcess(server_command(args, port), port, out.with_suffix(".server.log"),
+                       args.startup_timeout, "/health" if args.naive else "/ready") as server:
         info = server.info()
         print(f"server ready: {info.get('model_id')} ({info.get('model_device_type')}, "
               f"{info.get('model_dtype')}), max_batch_size {info.get('max_batch_size')}")
@@ -199,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run_levels(server, args)
     doc = {"benchmark": "serving", "argv": sys.argv[1:], "server_cmd": server.cmd, "server_info": info,
            "host": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count()},
+                    "cpus": os.cpu_count(), "commit": git_commit()},
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "slo": asdict(args.slo) if args.slo else None, "levels": results}
     out.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out}")
