@@ -92,10 +92,11 @@ class CostModel:
     def __init__(self, profile: StrategyProfile):
         self.p = profile
 
-    def merged_time(self, tokens_per_merge: list[int], new_merges: int,
+    def merged_time(self, tokens_per_merge: list[int], new_merges: float,
                     batched_merges: bool = False) -> float:
-        """One merged FFN per group, plus the merges still missing. Batched merges (one GEMM
-        for S rows) read the E deltas once: S merges cost ~ (E + 1 + S) / (E + 2) merges."""
+        """One merged FFN per group, plus the merges still missing (a fraction when a merge
+        is amortised over the steps that will reuse it). Batched merges (one GEMM for S rows)
+        read the E deltas once: S merges cost ~ (E + 1 + S) / (E + 2) merges."""
         p = self.p
         merges = new_merges * p.merge
         if batched_merges and new_merges:
@@ -106,8 +107,17 @@ class CostModel:
     def mixture_time(self, num_tokens: int) -> float:
         return _interp(self.p.points, self.p.mixture, num_tokens)
 
-    def choose(self, tokens_per_merge: list[int], new_merges: int,
+    def choose(self, tokens_per_merge: list[int], new_merges: float,
                batched_merges: bool = False) -> str:
         """'merged' or 'mixture' for one layer of one batch."""
         merged = self.merged_time(tokens_per_merge, new_merges, batched_merges)
         return "merged" if merged <= self.mixture_time(sum(tokens_per_merge)) else "mixture"
+
+    def choose_segment(self, n: int, future: int, new_merge: bool) -> str:
+        """A prompt segment of n tokens whose merge will also serve `future` decode steps
+        (one token each): merge once and reuse it, or run the mixture every time."""
+        p = self.p
+        merged = (p.merge if new_merge else 0.0) + _interp(p.points, p.merged, n) \
+            + future * p.merged[0]
+        mixture = self.mixture_time(n) + future * p.mixture[0]
+        return "merged" if merged <= mixture else "mixture"

@@ -257,8 +257,9 @@ class Engine:
             self._procs[req.request_id] = OutputProcessor(req, self.tokenizer, self.eos_token_id)
             self._gens[req.request_id] = make_generator(req.params, self.runner.device)
             try:
-                logits.append(self.runner.prefill(req.slot, req.prompt_token_ids, req.routing,
-                                                  trace=req.params.return_routing)[None])
+                logits.append(self.runner.prefill(
+                    req.slot, req.prompt_token_ids, req.routing, trace=req.params.return_routing,
+                    max_new_tokens=req.params.max_new_tokens)[None])
                 rows.append(req)
             except Exception as e:  # e.g. out of memory on a long prompt: fail this request only
                 log.exception("prefill failed for %s", req.request_id)

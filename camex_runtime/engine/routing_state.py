@@ -40,6 +40,7 @@ class SlotRouting:
     prompt_len: int
     route1_len: int  # tokens whose mean routes segment 1 (segment mode)
     num_moe: int
+    max_len: int  # prompt_len + max_new_tokens: bounds how long a merge will be reused
     trace: bool = False
     length: int = 0  # tokens processed (their K/V cached, their FFN inputs summed)
     keys: list[Optional[Hashable]] = field(default_factory=list)  # per MoE layer
@@ -50,6 +51,14 @@ class SlotRouting:
         self.keys = [None] * self.num_moe
         self.pool_slots = [NO_MERGE] * self.num_moe
         self.decisions = [[] for _ in range(self.num_moe)]
+
+    def future_uses(self, pos: int, T: int) -> int:
+        """Decode steps after position `pos` that keep the merge in force at `pos` (the
+        last sampled token is never processed, hence max_len - 1)."""
+        left = max(0, self.max_len - 1 - (pos + 1))
+        if self.mode == "prompt":
+            return left
+        return min(left, T - 1 - pos % T)
 
     def routing_trace(self, layer_ids: Sequence[int], total_len: int) -> dict:
         """INTERFACES §2 RoutingTrace; `layer_ids` are the block indices of the MoE layers,

@@ -141,11 +141,12 @@ class ModelRunner:
 
     # -- prefill ----------------------------------------------------------------------------
     @torch.inference_mode()
-    def prefill(self, slot: int, token_ids: Sequence[int], mode: str,
-                trace: bool = False) -> Tensor:
-        """Run a whole prompt into `slot`; returns the next-token logits (V,)."""
+    def prefill(self, slot: int, token_ids: Sequence[int], mode: str, trace: bool = False,
+                max_new_tokens: int = 1) -> Tensor:
+        """Run a whole prompt into `slot`; returns the next-token logits (V,).
+        `max_new_tokens` only informs the `auto` strategy (how long merges will be reused)."""
         L, T = len(token_ids), self.T
-        st = SlotRouting(mode, L, min(L, T), len(self.moe), trace)
+        st = SlotRouting(mode, L, min(L, T), len(self.moe), L + max_new_tokens, trace)
         self.release(slot)
         self.slots[slot] = st
         K = 1 if mode == "prompt" else -(-L // T)
@@ -188,8 +189,9 @@ class ModelRunner:
                      keep: bool) -> Tensor:
         """x (n, d) of one prompt segment through its merged expert (scores (E,))."""
         strategy = self.strategy
-        if strategy == "auto":
-            strategy = self.cost.choose([x.shape[0]], 0 if key in self.cache else 1)
+        if strategy == "auto":  # the kept (last) segment's merge also serves decode steps
+            future = st.future_uses(st.prompt_len - 1, self.T) if keep else 0
+            strategy = self.cost.choose_segment(x.shape[0], future, key not in self.cache)
         ps = NO_MERGE
         if strategy == "merged":
             got = self._acquire(m, key, scores)
@@ -287,13 +289,13 @@ class ModelRunner:
         if self.strategy != "auto":
             return self.strategy
         counts: dict = {}
-        new = 0
+        new = 0.0  # merges to make, each amortised over the steps that will reuse it
         for st in sts:
             ps = st.pool_slots[m]
             if ps == FALLBACK:
                 continue
             if ps == NO_MERGE and st.keys[m] not in self.cache:
-                new += 1
+                new += 1.0 / (1 + st.future_uses(st.length, self.T))
             counts[st.keys[m]] = counts.get(st.keys[m], 0) + 1
         if not counts:
             return "mixture"

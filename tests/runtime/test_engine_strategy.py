@@ -1,0 +1,79 @@
+"""The `auto` strategy: the cost model's decisions, and that the engine follows them."""
+from __future__ import annotations
+
+import pytest
+
+from camex_runtime import Engine, SamplingParams
+from camex_runtime.engine.cost_model import CostModel, StrategyProfile
+from engine_models import build_folded
+
+# merged weights cheap to apply, the mixture 8x a dense FFN: the B=1 decode regime
+MERGED_CHEAP = StrategyProfile(points=(1, 16, 128), merged=(1.0, 2.0, 10.0),
+                               mixture=(8.0, 12.0, 40.0), merge=20.0, num_experts=3)
+MIXTURE_CHEAP = StrategyProfile(points=(1, 16, 128), merged=(5.0, 6.0, 10.0),
+                                mixture=(1.0, 1.5, 4.0), merge=50.0, num_experts=3)
+
+
+def test_cost_model_regimes():
+    c = CostModel(MERGED_CHEAP)
+    assert c.choose([1], new_merges=0) == "merged"  # cached merge at B=1
+    assert c.choose([1] * 16, new_merges=0) == "mixture"  # 16 merged GEMVs vs one mixture
+    assert c.choose([256], new_merges=1) == "merged"  # a prefill segment amortises its merge
+    assert c.choose([1], new_merges=1) == "mixture"  # a merge for one token does not pay
+    assert c.mixture_time(256) == pytest.approx(40.0 + (40.0 - 12.0) * 128 / 112)
+    # batched merges read the deltas once: 16 merges cost (E + 1 + 16) / (E + 2) merges
+    assert c.merged_time([4] * 16, 16, batched_merges=True) == pytest.approx(
+        20.0 * 20 / 5 + 16 * (1.0 + 3 / 15))
+
+
+def test_measured_profile_is_sane(tmp_path):
+    engine = Engine.from_pretrained(build_folded(tmp_path / "lm"), max_batch_size=1)
+    p = engine.runner.cost.p
+    assert p.points == (1, 16, 128) and p.num_experts == 3
+    assert all(t > 0 for t in p.merged + p.mixture) and p.merge > 0
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return build_folded(tmp_path_factory.mktemp("auto") / "lm")
+
+
+@pytest.mark.parametrize("profile,merges", [(MERGED_CHEAP, True), (MIXTURE_CHEAP, False)])
+def test_engine_follows_the_cost_model(path, profile, merges):
+    engine = Engine.from_pretrained(path, max_batch_size=2, strategy="auto", profile=profile)
+    engine.start()
+    try:
+        out = engine.generate(list(range(1, 10)), max_new_tokens=9, ignore_eos=True)
+    finally:
+        engine.stop()
+    assert (engine.stats().cache.merges > 0) is merges
+    forced = Engine.from_pretrained(path, max_batch_size=2, strategy="mixture", profile=profile)
+    forced.start()
+    try:
+        assert forced.generate(list(range(1, 10)), max_new_tokens=9,
+                               ignore_eos=True).token_ids == out.token_ids
+    finally:
+        forced.stop()
+
+
+def test_bad_strategy_and_routing_are_rejected(path):
+    with pytest.raises(ValueError, match="strategy"):
+        Engine.from_pretrained(path, strategy="fastest")
+    with pytest.raises(ValueError, match="routing"):
+        Engine.from_pretrained(path, routing="sideways")
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        Engine.from_pretrained(path, max_total_tokens=10_000)
+    assert SamplingParams().max_new_tokens == 20
+
+
+def test_merges_are_amortised_over_their_reuse():
+    from camex_runtime.engine.routing_state import SlotRouting
+    st = SlotRouting("segment", prompt_len=5, route1_len=4, num_moe=1, max_len=30)
+    assert st.future_uses(4, T=4) == 3  # positions 5, 6, 7 share segment 2's merge
+    assert st.future_uses(7, T=4) == 0  # the segment's last token
+    assert st.future_uses(27, T=4) == 0  # position 28 is the last one processed (29 is not)
+    assert SlotRouting("prompt", 5, 4, 1, max_len=30).future_uses(4, T=4) == 24
+    c = CostModel(MERGED_CHEAP)
+    assert c.choose_segment(1, future=0, new_merge=True) == "mixture"
+    assert c.choose_segment(1, future=3, new_merge=True) == "merged"  # 20+1+3 <= 8+24
+    assert c.choose([1], new_merges=1 / 4) == "merged"  # a decode merge reused 4 times
