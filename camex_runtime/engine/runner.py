@@ -46,10 +46,12 @@ class ModelRunner:
         self.T = self.cfg.segment_len
         d, M = self.cfg.d_model, len(self.moe)
         E = max(1, self.cfg.num_experts)
-        self.cache = MergeCache(d, self.cfg.d_ff, merge_cache_bytes if M else 0,
+        is_lm = hasattr(model, "lm_head")
+        # classification merges serve one sequence once and are never cached: no pool
+        self.cache = MergeCache(d, self.cfg.d_ff, merge_cache_bytes if M and is_lm else 0,
                                 self.device, self.dtype)
         self.kv = None
-        if hasattr(model, "lm_head"):
+        if is_lm:
             self.kv = KVCache(self.cfg.n_layer, num_slots, self.cfg.n_head, max_len,
                               d // self.cfg.n_head, self.device, self.dtype)
         # per slot and MoE layer: scores of the current segment, FFN-input sum of the segment
