@@ -20,6 +20,9 @@
 #   RUN_TIMEOUT       seconds for the server to become healthy (300)
 #   BAKE_DEMO         1: train + bake demo checkpoints into the image (1)
 #   TORCH_VARIANT     cpu or a CUDA wheel tag like cu128 (cpu)
+#   SMOKE_MODEL       folded LM directory on the host to mount at /models/lm for the smoke
+#                     test (CAMEX_MODEL=/models/lm); needed when the image has no demo models
+#   SMOKE_CLASSIFIER  likewise for a classifier (/models/classifier, CAMEX_CLASSIFIER)
 #   TORCH_WHEELS      directory with a local torch wheel, mounted into the build and used as
 #                     --find-links, the other dependencies then come from PyPI
 #                     (default: /opt/wheels when it holds a torch wheel, else none)
@@ -109,8 +112,15 @@ smoke_test() {
     port=$(free_port)
     url="http://127.0.0.1:$port"
     ctr=$(buildah from "$IMAGE") || return 1
+    local mounts=()  # mounted checkpoints exercise the "mount a model, select it by env" path
+    if [[ -n ${SMOKE_MODEL:-} ]]; then
+        mounts+=(-v "$SMOKE_MODEL:/models/lm:ro" --env CAMEX_MODEL=/models/lm)
+    fi
+    if [[ -n ${SMOKE_CLASSIFIER:-} ]]; then
+        mounts+=(-v "$SMOKE_CLASSIFIER:/models/classifier:ro" --env CAMEX_CLASSIFIER=/models/classifier)
+    fi
     # CAMEX_HOST=127.0.0.1 overrides the image's 0.0.0.0: this check never listens outside.
-    setsid buildah run --isolation chroot --network host \
+    setsid buildah run --isolation chroot --network host "${mounts[@]}" \
         --env CAMEX_HOST=127.0.0.1 --env "CAMEX_PORT=$port" "$ctr" -- camex-server \
         >"$WORK/server.log" 2>&1 &
     pid=$!
