@@ -13,7 +13,6 @@ import asyncio
 import logging
 import secrets
 import time
-from dataclasses import dataclass
 from typing import AsyncIterator, Awaitable, Callable, Optional
 
 import anyio
@@ -28,15 +27,6 @@ from server.protocol import GenerateParameters
 log = logging.getLogger("camex.server")
 DEFAULT_MAX_NEW_TOKENS = 20
 UNSUPPORTED = ("frequency_penalty", "grammar", "top_n_tokens", "typical_p", "adapter_id")
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A request ready to submit: the prompt as text or (after truncation) token ids."""
-
-    prompt: str | list[int]
-    sampling: SamplingParams
-    seed: Optional[int]  # reported in details; None for greedy (as TGI)
 
 
 def to_sampling(p: GenerateParameters, *, max_stop_sequences: int,
@@ -63,8 +53,8 @@ def to_sampling(p: GenerateParameters, *, max_stop_sequences: int,
         max_new_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, do_sample=sampling,
         temperature=p.temperature or 1.0, top_k=p.top_k,
         top_p=None if p.top_p == 1.0 else p.top_p, repetition_penalty=p.repetition_penalty,
-        seed=seed, stop=tuple(p.stop), return_routing=p.return_routing, routing=p.routing,
-        queue_timeout_s=queue_timeout_s)
+        seed=seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos, return_routing=p.return_routing,
+        routing=p.routing, queue_timeout_s=queue_timeout_s)
     return params, (seed if sampling else None)
 
 
@@ -117,10 +107,15 @@ def wait_for_disconnect(receive) -> Callable[[], Awaitable[None]]:
 class GenerationRun:
     """One submitted request, followed to its end (or cancelled when the client leaves)."""
 
-    def __init__(self, handle, metrics: ServerMetrics, seed: Optional[int]) -> None:
+    def __init__(self, handle, metrics: ServerMetrics, seed: Optional[int],
+                 log_fields: Optional[dict] = None) -> None:
         self.handle = handle
         self.metrics = metrics
         self.seed = seed
+        # added to the request's access-log line (see server.middleware)
+        self.log_fields = log_fields if log_fields is not None else {}
+        self.log_fields.update(engine_request_id=handle.request_id,
+                               prompt_tokens=len(handle.prompt_token_ids))
         self.events: list = []  # token events delivered, the final one included
         self.result = None  # GenerationResult once finished
         self._finished = False
@@ -165,6 +160,8 @@ class GenerationRun:
         self._finished = True
         try:
             self.result = self.handle.result(timeout=0)
+            self.log_fields.update(finish_reason=self.result.finish_reason,
+                                   generated_tokens=len(self.result.token_ids))
         except QueueTimeoutError as exc:
             raise errors.ApiError(504, "queue_timeout",
                                   f"request waited too long in the queue: {exc}") from None

@@ -21,6 +21,7 @@ from server.errors import ApiError
 log = logging.getLogger("camex.access")
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json",
                         "/docs/oauth2-redirect"})
+LOG_FIELDS = "log_fields"  # scope["state"] key: extra fields routes add to the access log
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 
@@ -106,6 +107,13 @@ class ServingMiddleware:
         if label is None:
             label = scope["path"] if scope["path"] in self.known_paths else "unmatched"
         self.metrics.observe_request(label, status, seconds)
-        log.info("request", extra={"request_id": request_id, "method": scope.get("method"),
-                                   "path": scope.get("path"), "route": label, "status": status,
+        extra = scope.get("state", {}).get(LOG_FIELDS, {})
+        log.info("request", extra={**extra, "request_id": request_id,
+                                   "method": scope.get("method"), "path": scope.get("path"),
+                                   "route": label, "status": status,
                                    "duration_ms": round(seconds * 1000, 2)})
+
+
+def log_fields(request) -> dict:
+    """The dict whose items the access-log line of `request` will carry."""
+    return request.scope.setdefault("state", {}).setdefault(LOG_FIELDS, {})

@@ -47,6 +47,7 @@ class GenerateParameters(_Schema):
     adapter_id: Optional[str] = Field(None, description="not supported")
     routing: Optional[RoutingMode] = Field(None, description="override the server routing mode")
     return_routing: bool = Field(False, description="add router scores as details.routing")
+    ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks, as vLLM)")
 
 
 class GenerateRequest(_Schema):
@@ -156,6 +157,7 @@ class CompletionRequest(_Schema):
     best_of: Optional[int] = Field(None, ge=1, le=1)
     suffix: Optional[str] = Field(None, description="not supported")
     user: Optional[str] = None
+    ignore_eos: bool = Field(False, description="keep generating past EOS (as vLLM)")
 
 
 class CompletionLogprobs(_Schema):

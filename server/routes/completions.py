@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server import errors
 from server.generation import (GenerationRun, submit, to_sampling, until_disconnect,
                                wait_for_disconnect)
+from server.middleware import log_fields
 from server.protocol import (Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
                              CompletionUsage, GenerateParameters, ModelCard, ModelList)
 from server.routes.tgi import ERROR_RESPONSES, SSE_HEADERS
@@ -36,7 +37,8 @@ def to_parameters(body: CompletionRequest) -> GenerateParameters:
     greedy = temperature == 0.0
     return GenerateParameters(max_new_tokens=body.max_tokens, do_sample=not greedy,
                               temperature=None if greedy else max(temperature, 0.001),
-                              top_p=body.top_p, seed=body.seed, stop=stop)
+                              top_p=body.top_p, seed=body.seed, stop=stop,
+                              ignore_eos=body.ignore_eos)
 
 
 async def start(request: Request, body: CompletionRequest, prompt: str) -> GenerationRun:
@@ -44,7 +46,8 @@ async def start(request: Request, body: CompletionRequest, prompt: str) -> Gener
     engine = state.require("causal-lm")
     sampling, seed = to_sampling(to_parameters(body), queue_timeout_s=state.settings.queue_timeout_s,
                                  max_stop_sequences=state.settings.max_stop_sequences)
-    return GenerationRun(await submit(engine, prompt, sampling), state.metrics, seed)
+    return GenerationRun(await submit(engine, prompt, sampling), state.metrics, seed,
+                         log_fields(request))
 
 
 def finish_reason(reason: str | None) -> str | None:

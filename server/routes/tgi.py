@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 import time
+from functools import lru_cache
 from typing import AsyncIterator
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import errors
 from server.generation import (GenerationRun, submit, to_sampling, truncate_prompt,
                                until_disconnect, wait_for_disconnect)
+from server.middleware import log_fields
 from server.protocol import (CompatGenerateRequest, Details, ErrorResponse, GenerateRequest,
                              GenerateResponse, PrefillToken, StreamDetails, StreamResponse, Token)
 
@@ -32,14 +35,22 @@ async def start_generation(request: Request, body: GenerateRequest) -> Generatio
     settings = state.settings
     sampling, seed = to_sampling(body.parameters, max_stop_sequences=settings.max_stop_sequences,
                                  queue_timeout_s=settings.queue_timeout_s)
-    prompt = truncate_prompt(engine.tokenizer, body.inputs, body.parameters.truncate)
+    prompt = body.inputs
+    if body.parameters.truncate is not None:  # tokenizes: off the event loop
+        prompt = await anyio.to_thread.run_sync(truncate_prompt, engine.tokenizer, body.inputs,
+                                                body.parameters.truncate)
     handle = await submit(engine, prompt, sampling)
-    return GenerationRun(handle, state.metrics, seed)
+    return GenerationRun(handle, state.metrics, seed, log_fields(request))
+
+
+@lru_cache(maxsize=8)
+def special_ids(tokenizer) -> frozenset[int]:
+    return frozenset(tokenizer.all_special_ids)
 
 
 def token_json(tokenizer, ev) -> Token:
-    special = ev.token_id in set(tokenizer.all_special_ids)
-    return Token(id=ev.token_id, text=ev.text, logprob=ev.logprob, special=special)
+    return Token(id=ev.token_id, text=ev.text, logprob=ev.logprob,
+                 special=ev.token_id in special_ids(tokenizer))
 
 
 def build_details(run: GenerationRun, tokenizer, body: GenerateRequest) -> Details:

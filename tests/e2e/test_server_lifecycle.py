@@ -1,8 +1,8 @@
 """End to end, the unhappy paths: overload (429), client disconnects (slot freed, `dropped`),
 API keys, and SIGTERM draining. Real processes on 127.0.0.1, killed by PID in teardown.
 
-A tiny model with 2048 positions decodes greedily to max_new_tokens (its random weights never
-pick EOS), so a "long" request below really occupies its slot for 1000 decode steps.
+A tiny model with 2048 positions and `ignore_eos` make a "long" request below really occupy
+its slot for 1000 decode steps.
 """
 
 import asyncio
@@ -20,7 +20,8 @@ from tests.server.live_server import live_server, value
 pytestmark = pytest.mark.e2e
 KEY = "test-secret"
 LONG_TOKENS = 1000
-LONG = {"inputs": "long request", "parameters": {"max_new_tokens": LONG_TOKENS}}
+LONG = {"inputs": "long request", "parameters": {"max_new_tokens": LONG_TOKENS,
+                                                "ignore_eos": True}}
 
 
 @pytest.fixture(scope="module")
@@ -132,7 +133,8 @@ def test_sigterm_drains_in_flight_then_exits_zero(long_lm_dir, tmp_path):
         result = {}
 
         def in_flight():
-            body = {"inputs": "drain me", "parameters": {"max_new_tokens": 400}}
+            body = {"inputs": "drain me", "parameters": {"max_new_tokens": 400,
+                                                          "ignore_eos": True}}
             result["r"] = httpx.post(srv.base_url + "/generate", json=body, timeout=120)
 
         t = threading.Thread(target=in_flight)

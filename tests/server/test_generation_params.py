@@ -28,6 +28,11 @@ def test_neutral_warpers_stay_greedy():
     assert convert(top_k=3)[0].do_sample is True
 
 
+def test_extensions_pass_through():
+    params, _ = convert(ignore_eos=True, return_routing=True, routing="prompt")
+    assert params.ignore_eos and params.return_routing and params.routing == "prompt"
+
+
 def test_explicit_seed_is_kept():
     params, seed = convert(do_sample=True, seed=42, top_k=5, top_p=0.9, stop=["\n"])
     assert (params.seed, seed, params.top_k, params.top_p, tuple(params.stop)) == \
