@@ -30,8 +30,7 @@ class OutputProcessor:
     def process(self, token_id: int, logprob: float) -> TokenEvent:
         """Append one token; returns its event (finish_reason set when the request ends)."""
         req, p = self.req, self.req.params
-        req.output_token_ids.append(token_id)
-        req.logprobs.append(logprob)
+        req.append_token(token_id, logprob)
         piece = self.detok.push(token_id)
         finish = None
         if self.eos is not None and token_id == self.eos and not p.ignore_eos:

@@ -169,6 +169,16 @@ class GenerationRequest:
     error: Optional[str] = None
     cancel_requested: bool = False
     routing_trace: Optional[RoutingTrace] = None
+    # prompt + generated ids, appended to in place (decode reads it every step: no copies)
+    _all_ids: list[int] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._all_ids = list(self.prompt_token_ids)
+
+    def append_token(self, token_id: int, logprob: float) -> None:
+        self.output_token_ids.append(token_id)
+        self.logprobs.append(logprob)
+        self._all_ids.append(token_id)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -186,7 +196,8 @@ class GenerationRequest:
 
     @property
     def all_token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt + generated ids (the live list: do not modify)."""
+        return self._all_ids
 
     def to_result(self) -> GenerationResult:
         return GenerationResult(
