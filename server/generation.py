@@ -17,7 +17,7 @@ from typing import AsyncIterator, Awaitable, Callable, Optional
 
 import anyio
 
-from camex_runtime.engine.request import SamplingParams
+from camex_runtime import SamplingParams
 from camex_runtime.errors import (EngineStoppedError, InputValidationError, QueueFullError,
                                   QueueTimeoutError, RequestFailedError)
 from server import errors

@@ -2,7 +2,7 @@
 API keys, and SIGTERM draining. Real processes on 127.0.0.1, killed by PID in teardown.
 
 A tiny model with 2048 positions and `ignore_eos` make a "long" request below really occupy
-its slot for 1000 decode steps.
+its slot for 2000 decode steps.
 """
 
 import asyncio
@@ -19,7 +19,7 @@ from tests.server.live_server import live_server, value
 
 pytestmark = pytest.mark.e2e
 KEY = "test-secret"
-LONG_TOKENS = 1000
+LONG_TOKENS = 2000  # >= ~1.4 s even on an idle machine: far longer than any step below
 LONG = {"inputs": "long request", "parameters": {"max_new_tokens": LONG_TOKENS,
                                                 "ignore_eos": True}}
 
@@ -106,6 +106,8 @@ def test_stream_disconnect_frees_the_slot(small_server):
         assert next(line for line in lines if line.startswith("data:"))
         wait_until(lambda: value(small_server.metrics(), "camex_running_requests") == 1,
                    "the stream to hold the slot")
+        # the engine decodes on its own thread: HTTP answers while the slot is busy
+        assert httpx.get(small_server.base_url + "/health").json() == {"status": "ok"}
     # the connection is closed mid-stream: the engine request must be cancelled
     wait_until(lambda: idle(small_server), "the slot to be freed")
     m = small_server.metrics()
@@ -133,9 +135,7 @@ def test_sigterm_drains_in_flight_then_exits_zero(long_lm_dir, tmp_path):
         result = {}
 
         def in_flight():
-            body = {"inputs": "drain me", "parameters": {"max_new_tokens": 400,
-                                                          "ignore_eos": True}}
-            result["r"] = httpx.post(srv.base_url + "/generate", json=body, timeout=120)
+            result["r"] = httpx.post(srv.base_url + "/generate", json=LONG, timeout=120)
 
         t = threading.Thread(target=in_flight)
         t.start()
@@ -145,7 +145,7 @@ def test_sigterm_drains_in_flight_then_exits_zero(long_lm_dir, tmp_path):
         t.join(120)
         assert result["r"].status_code == 200
         assert result["r"].json()["generated_text"] is not None
-        assert int(result["r"].headers["x-generated-tokens"]) == 400
+        assert int(result["r"].headers["x-generated-tokens"]) == LONG_TOKENS
         assert srv.proc.wait(60) == 0
         with pytest.raises(httpx.ConnectError):
             httpx.get(srv.base_url + "/health", timeout=2)
@@ -154,16 +154,20 @@ def test_sigterm_drains_in_flight_then_exits_zero(long_lm_dir, tmp_path):
 
 def test_queue_timeout_is_504_plain_and_stream(long_lm_dir, tmp_path):
     with live_server(tmp_path, "--model", str(long_lm_dir), "--max-batch-size", "1",
-                     "--queue-timeout-s", "0.5") as srv:
+                     "--queue-timeout-s", "0.3") as srv:
         holder = threading.Thread(
             target=lambda: httpx.post(srv.base_url + "/generate", json=LONG, timeout=120))
         holder.start()
         wait_until(lambda: value(srv.metrics(), "camex_running_requests") == 1,
                    "the slot to be taken")
         short = {"inputs": "waits", "parameters": {"max_new_tokens": 2}}
-        r = httpx.post(srv.base_url + "/generate", json=short, timeout=60)
-        assert r.status_code == 504 and r.json()["error_type"] == "queue_timeout"
-        r = httpx.post(srv.base_url + "/generate_stream", json=short, timeout=60)
-        assert r.status_code == 504 and r.json()["error_type"] == "queue_timeout"
+
+        async def both():  # wait side by side, so the holder need only outlast one timeout
+            async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as client:
+                return await asyncio.gather(client.post("/generate", json=short),
+                                            client.post("/generate_stream", json=short))
+
+        for r in asyncio.run(both()):
+            assert r.status_code == 504 and r.json()["error_type"] == "queue_timeout"
         holder.join(120)
         assert value(srv.metrics(), "camex_failures_total", reason="timeout") == 2

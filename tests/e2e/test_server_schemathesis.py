@@ -52,5 +52,6 @@ def test_fuzzed_requests_never_get_5xx(fuzz_server):
             if mode is GenerationMode.NEGATIVE and op.method.upper() == "GET":
                 continue  # parameterless GETs have nothing to break
             fuzz(op, mode, fuzz_server.base_url, counts)
+    print(f"schemathesis: {counts['total']} cases over {len(operations)} operations")
     assert counts["total"] >= MIN_CASES, counts
     assert httpx.get(fuzz_server.base_url + "/health").status_code == 200  # still alive
