@@ -18,6 +18,7 @@ from camex_runtime.modeling import merged_ffn
 
 MERGE_CHUNK = 8  # sequences merged at once: bounds the transient memory of merged weights
 CLASSIFY_BATCH = 64  # sequences per forward when classifying a long list
+MIXTURE_CHUNK = 1024  # tokens per mixture call
 
 
 @torch.inference_mode()
@@ -54,8 +55,10 @@ def _classify_moe(runner, m: int, h: Tensor, mask: Tensor) -> Tensor:
         strategy = runner.cost.choose(lengths, B, batched_merges=True)
     if strategy == "mixture":
         # padded positions go through too: keys are masked, so they only affect themselves
-        flat = apply_mixture(h.reshape(B * L, d), moe, scores.repeat_interleave(L, 0))
-        return flat.view(B, L, d)
+        x, s = h.reshape(B * L, d), scores.repeat_interleave(L, 0)  # (B*L, d), (B*L, E)
+        # chunks bound the (n, E+1, d_ff) intermediates (GPT-2-small: 100 KB per token)
+        return torch.cat([apply_mixture(x[i:i + MIXTURE_CHUNK], moe, s[i:i + MIXTURE_CHUNK])
+                          for i in range(0, B * L, MIXTURE_CHUNK)]).view(B, L, d)
     bank = moe.bank()
     return torch.cat([merged_ffn(h[c:c + MERGE_CHUNK], bank, scores[c:c + MERGE_CHUNK])
                       for c in range(0, B, MERGE_CHUNK)], dim=0)

@@ -227,3 +227,16 @@ def test_classify_matches_reference_with_padding(clf_path, strategy):
     assert max(s for _, s in raw.scores) == pytest.approx(float(logits.max()), abs=1e-5)
     with pytest.raises(InputValidationError):
         e.submit([1, 2])
+
+
+def test_classify_mixture_in_token_chunks(clf_path, monkeypatch):
+    import camex_runtime.engine.classify as classify_mod
+    e = Engine.from_pretrained(clf_path, strategy="mixture")
+    texts = [[1, 2, 3], list(range(5, 15)), [7]]
+    want = e.classify(texts)
+    monkeypatch.setattr(classify_mod, "MIXTURE_CHUNK", 4)  # chunks cut through sequences
+    got = e.classify(texts)
+    for a, b in zip(want, got):
+        assert [l for l, _ in a.scores] == [l for l, _ in b.scores]
+        torch.testing.assert_close(torch.tensor([s for _, s in a.scores]),
+                                   torch.tensor([s for _, s in b.scores]), atol=1e-6, rtol=0)
