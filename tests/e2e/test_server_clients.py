@@ -163,6 +163,7 @@ def test_info_and_metrics_count_the_traffic(server):
 
     assert delta("camex_requests_total", route="/generate", status="200") == n
     assert delta("camex_requests_total", route="/generate", status="422") == 1
+    assert delta("camex_request_duration_seconds_count", route="/generate") == n + 1
     assert delta("camex_failures_total", reason="validation") == 1
     assert delta("camex_generated_tokens_total") == tokens
     assert delta("camex_request_generated_tokens_count") == n

@@ -171,3 +171,19 @@ def test_queue_timeout_is_504_plain_and_stream(long_lm_dir, tmp_path):
             assert r.status_code == 504 and r.json()["error_type"] == "queue_timeout"
         holder.join(120)
         assert value(srv.metrics(), "camex_failures_total", reason="timeout") == 2
+
+
+def test_unloadable_model_exits_one(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.server.live_server import ROOT, free_port
+
+    cmd = [sys.executable, "-m", "server.cli", "--model", str(tmp_path / "missing"),
+           "--port", str(free_port())]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "model failed to load" in proc.stderr and "missing" in proc.stderr
+    bad = subprocess.run([sys.executable, "-m", "server.cli", "--port", "http"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--port" in bad.stderr
