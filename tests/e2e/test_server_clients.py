@@ -123,6 +123,11 @@ def test_classify_single_and_batch(server):
     raw = httpx.post(server.base_url + "/classify",
                      json={"inputs": texts, "raw_scores": True}).json()
     assert len(raw) == 3
+    long_text = "the lazy dog " * 200
+    too_long = httpx.post(server.base_url + "/classify", json={"inputs": long_text})
+    assert too_long.status_code == 422 and any(c.isdigit() for c in too_long.json()["error"])
+    cut = httpx.post(server.base_url + "/classify", json={"inputs": long_text, "truncate": True})
+    assert cut.status_code == 200 and len(cut.json()) == 3
     too_many = httpx.post(server.base_url + "/classify", json={"inputs": ["a"] * 33})
     assert too_many.status_code == 422 and "33" in too_many.json()["error"]
 
