@@ -36,10 +36,11 @@ def test_lm_loss_decreases_and_beats_unigram(tmp_path, corpus_dir):
     result = train(tiny_config(tmp_path / "run", [str(corpus_dir)], steps=40, eval_every=20, lr=1e-2))
     losses = train_losses(result.out_dir)
     assert len(losses) == 40
-    assert sum(losses[-5:]) / 5 < 0.7 * sum(losses[:5]) / 5
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert first - last > 1.0  # nats; measured ~1.75 (5.6 -> 3.85)
     m = result.metrics
     assert m["perplexity"] == pytest.approx(math.exp(m["eval_loss"]))
-    assert m["perplexity"] < m["unigram_perplexity"]
+    assert m["perplexity"] < 0.8 * m["unigram_perplexity"]  # measured ~40 vs ~63
     assert not result.model.training
 
 
