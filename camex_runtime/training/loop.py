@@ -77,7 +77,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> TrainResult:
     bar = tqdm(total=cfg.steps, initial=state.step, disable=not (cfg.progress and ctx.is_main),
                desc=f"train {cfg.task}", dynamic_ncols=True)
     started = time.perf_counter()
-    metrics = dict(state.best_eval)
+    metrics = dict(state.last_eval)
     while state.step < end:
         lr = scheduler.get_last_lr()[0]
         stats = train_step(ddp, data, order, state.step, optimizer, cfg, ctx)

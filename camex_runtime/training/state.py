@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ class TrainerState:
     step: int = 0                  # optimizer steps completed
     tokens: int = 0                # training tokens (or examples) seen, all ranks
     elapsed_s: float = 0.0         # training wall time before this process started
-    best_eval: dict[str, float] = field(default_factory=dict)  # last eval metrics
+    last_eval: dict[str, float] = field(default_factory=dict)  # last eval metrics
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:
@@ -94,7 +94,8 @@ def load_training_state(out_dir: str | Path, optimizer: torch.optim.Optimizer,
     if cuda_states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda_states)
     random.setstate(_decode_py_rng(doc["python_rng"]))
-    return TrainerState(**doc["trainer"]), doc["config"]
+    known = {f.name for f in fields(TrainerState)}
+    return TrainerState(**{k: v for k, v in doc["trainer"].items() if k in known}), doc["config"]
 
 
 def _rebuild_optimizer_state(saved: dict, tensors: dict[str, torch.Tensor]) -> dict:
