@@ -275,18 +275,40 @@ class Engine:
     def _update(self, rows: list[GenerationRequest], logits) -> None:
         if not rows:
             return
-        tokens, logprobs = sample_batch(
-            logits, [r.params for r in rows], [r.all_token_ids for r in rows],
-            [self._gens[r.request_id] for r in rows])
+        try:
+            sampled = list(zip(*sample_batch(
+                logits, [r.params for r in rows], [r.all_token_ids for r in rows],
+                [self._gens[r.request_id] for r in rows])))
+        except Exception:  # a per-request failure (its parameters, its logits): isolate it
+            log.exception("batched sampling failed; sampling rows one by one")
+            sampled = [self._sample_alone(req, logits[i:i + 1]) for i, req in enumerate(rows)]
         now = time.monotonic()
-        for req, tok, lp in zip(rows, tokens, logprobs):
+        for req, choice in zip(rows, sampled):
+            if choice is None:
+                continue
             if req.timings.first_token_at is None:
                 req.timings.first_token_at = now
-            ev = self._procs[req.request_id].process(tok, lp)
+            try:
+                ev = self._procs[req.request_id].process(*choice)
+            except Exception as e:  # e.g. detokenization: this request fails, the batch goes on
+                log.exception("output processing failed for %s", req.request_id)
+                self._finish(req, terminal_event(req, "error", f"output processing failed: {e}"))
+                continue
             if ev.finish_reason is None:
                 req.handle._publish([ev], None)
             else:
                 self._finish(req, ev)
+
+    def _sample_alone(self, req: GenerationRequest, logits) -> tuple[int, float] | None:
+        """Sample one request's row; on failure finish that request only and return None."""
+        try:
+            tokens, logprobs = sample_batch(logits, [req.params], [req.all_token_ids],
+                                            [self._gens[req.request_id]])
+            return tokens[0], logprobs[0]
+        except Exception as e:
+            log.exception("sampling failed for %s", req.request_id)
+            self._finish(req, terminal_event(req, "error", f"sampling failed: {e}"))
+            return None
 
     def _finish(self, req: GenerationRequest, last_event) -> None:
         """Free the slot and its cache references, then publish the final event + result."""

@@ -54,6 +54,8 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: Optional[int],
         cum = sorted_logits.softmax(-1).cumsum(-1)
         # drop a token when the mass before it already reaches top_p (the first always stays)
         drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p
+        # ...and explicitly so: a top_p below fp32's smallest value compares as 0 >= 0.
+        drop_sorted[0] = False
         drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

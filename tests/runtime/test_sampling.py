@@ -119,3 +119,34 @@ def test_find_stop_only_in_new_text():
 def test_bad_params_are_rejected(kw, msg):
     with pytest.raises(InputValidationError, match=msg):
         SamplingParams(**kw).validate()
+
+
+def test_vanishing_top_p_keeps_the_most_likely_token():
+    logits = torch.tensor([0.1, 2.0, -1.0, 0.5])
+    out = filter_top_k_top_p(logits, None, 5e-324)  # 0 in fp32: must still keep one token
+    assert torch.isfinite(out).tolist() == [False, True, False, False]
+
+
+def test_a_failing_request_does_not_fail_its_batch(engine, monkeypatch):
+    """Sampling of one request raises (fault injected for seed 666): that request ends with
+    an error, the others in the same batch finish normally with the tokens they get alone."""
+    import camex_runtime.engine.engine as engine_mod
+
+    real = engine_mod.sample_batch
+
+    def flaky(logits, params, *rest):
+        if any(p.seed == 666 for p in params):
+            raise RuntimeError("injected sampling fault")
+        return real(logits, params, *rest)
+
+    good = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    alone = [engine.generate([5, 6, 7], **vars(good)).token_ids,
+             engine.generate([9, 8], **vars(good)).token_ids]
+    monkeypatch.setattr(engine_mod, "sample_batch", flaky)
+    bad = SamplingParams(max_new_tokens=6, do_sample=True, seed=666, ignore_eos=True)
+    handles = [engine.submit([5, 6, 7], good), engine.submit([1, 2], bad), engine.submit([9, 8], good)]
+    results = [h.result(timeout=60) if i != 1 else None for i, h in enumerate(handles)]
+    with pytest.raises(Exception, match="injected sampling fault"):
+        handles[1].result(timeout=60)
+    assert [results[0].token_ids, results[2].token_ids] == alone
+    assert engine.stats().running == 0
