@@ -264,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
         results = run_levels(server, args)
     doc = {"benchmark": "serving", "argv": sys.argv[1:], "server_cmd": server.cmd, "server_info": info,
            "host": {"platform": platform.platform(), "python": platform.python_version(),
-                    "cpus": os.cpu_count(), "commit": git_commit()},
+                    "cpus": os.cpu_count(), "commit": git_commit(),
+                    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "slo": asdict(args.slo) if args.slo else None, "levels": results}
     out.write_text(json.dumps(doc, indent=1) + "\n")
