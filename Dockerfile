@@ -74,7 +74,8 @@ RUN groupadd --gid 10001 camex \
         --shell /usr/sbin/nologin camex
 
 COPY --from=builder /opt/venv /opt/venv
-COPY --from=builder /opt/camex/demo /opt/camex/demo
+# The trainer writes owner-only files; the server user must be able to read them.
+COPY --from=builder --chown=10001:10001 /opt/camex/demo /opt/camex/demo
 
 # CAMEX_HOST=0.0.0.0: inside a container the server must listen on the container's interface.
 # With CAMEX_MODEL unset the server serves the demo checkpoints found under CAMEX_DEMO_DIR.
