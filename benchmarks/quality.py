@@ -289,7 +289,8 @@ def render_markdown(report: dict) -> str:
     lines = ["## Quality: merging variants at an identical budget", "",
              f"Command: `{meta['command']}`  ", f"Wall time: {meta['wall_seconds'] / 60:.1f} min "
              f"({meta['num_runs']} trainings, {meta['torch_threads']} torch threads, "
-             f"{meta['machine']})  ",
+             f"{meta['machine']}, 1-min load average {meta['loadavg_1m_start_end']} "
+             f"at start/end; {meta['cpu_seconds'] / 60:.1f} CPU-min)  ",
              f"Budget per run: {meta['budget']['steps']} steps × batch {meta['budget']['batch_size']}, "
              f"model d={meta['budget']['model']['d_model']}, {meta['budget']['model']['n_layer']} "
              f"layers, {meta['budget']['model']['num_experts']} routed experts + base, "
@@ -336,7 +337,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     if args.steps is not None:
         budget = replace(budget, steps=args.steps, warmup=min(budget.warmup, args.steps // 10))
     seeds = list(range(1 if args.smoke else args.seeds))
-    started = time.perf_counter()
+    started, load_before = time.perf_counter(), os.getloadavg()
     records: list[RunRecord] = []
     with tempfile.TemporaryDirectory(prefix="camex-quality-") as tmp:
         work = Path(tmp)
@@ -356,8 +357,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "data": {t: {"description": d.description, "train_examples": d.num_train,
                          "eval_examples": d.num_eval} for t, d in datasets.items()},
             "num_runs": len(records), "wall_seconds": time.perf_counter() - started,
+            # CPU time of this process: roughly the wall time on an otherwise idle machine.
+            "cpu_seconds": time.process_time(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            # Shared machine: the 1-minute load average says how contended the timings were.
+            "loadavg_1m_start_end": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     return {"meta": meta, "tasks": {t: summarize(records, t) for t in args.tasks},
             "runs": [asdict(r) for r in records]}
