@@ -167,9 +167,6 @@ def train_config(data: TaskData, variant: str, seed: int, budget: Budget, out_di
 def run_one(data: TaskData, variant: str, seed: int, budget: Budget, work: Path) -> RunRecord:
     started = time.perf_counter()
     out_dir = work / f"{data.task}-{variant}-{seed}"
-    # Workaround: the trainer only creates out_dir when it trains a tokenizer, and its metrics log
-    # writes there before the first checkpoint. Remove once train() makes the directory itself.
-    out_dir.mkdir(parents=True, exist_ok=True)
     result = train(train_config(data, variant, seed, budget, out_dir))
     metric_name, _ = TASK_METRIC[data.task]
     params = sum(p.numel() for p in result.model.parameters())
