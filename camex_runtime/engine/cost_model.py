@@ -25,12 +25,14 @@ PROBE_TOKENS = (1, 16, 128)
 ROTATE_BYTES = 96 << 20  # merged-apply probe cycles through this much weight memory
 
 
-def _sync(device: torch.device) -> None:
+def _sync(device) -> None:
+    device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _best_time(fn, device: torch.device, reps: int) -> float:
+def best_time(fn, device, reps: int) -> float:
+    """Best wall time of `reps` runs after one warm-up run (device synchronised)."""
     fn()
     _sync(device)
     best = float("inf")
@@ -67,7 +69,7 @@ class StrategyProfile:
         s = torch.full((E,), 1.0 / E, device=dev)
         for out in outs:
             moe.merge_into(s, out)
-        merge = _best_time(lambda: moe.merge_into(s, outs[0]), dev, reps)
+        merge = best_time(lambda: moe.merge_into(s, outs[0]), dev, reps)
         merged, mixture = [], []
         for n in points:
             x = torch.randn(n, d, device=dev, dtype=dt)
@@ -76,8 +78,8 @@ class StrategyProfile:
             def apply_each():
                 for out in outs:
                     apply_merged(x, out)
-            merged.append(_best_time(apply_each, dev, reps) / k)
-            mixture.append(_best_time(lambda: apply_mixture(x, moe, sn), dev, reps))
+            merged.append(best_time(apply_each, dev, reps) / k)
+            mixture.append(best_time(lambda: apply_mixture(x, moe, sn), dev, reps))
         return cls(tuple(points), tuple(merged), tuple(mixture), merge, E)
 
 
@@ -108,10 +110,15 @@ class CostModel:
         return _interp(self.p.points, self.p.mixture, num_tokens)
 
     def choose(self, tokens_per_merge: list[int], new_merges: float,
-               batched_merges: bool = False) -> str:
-        """'merged' or 'mixture' for one layer of one batch."""
+               batched_merges: bool = False, mixture_rows: int = 0) -> str:
+        """'merged' or 'mixture' for one layer of one batch. `mixture_rows` more rows run the
+        mixture either way (the merge pool had no room for them): choosing `merged` then
+        costs both kernels, while `mixture` serves every row with one."""
         merged = self.merged_time(tokens_per_merge, new_merges, batched_merges)
-        return "merged" if merged <= self.mixture_time(sum(tokens_per_merge)) else "mixture"
+        if mixture_rows:
+            merged += self.mixture_time(mixture_rows)
+        mixture = self.mixture_time(sum(tokens_per_merge) + mixture_rows)
+        return "merged" if merged <= mixture else "mixture"
 
     def choose_segment(self, n: int, future: int, new_merge: bool) -> str:
         """A prompt segment of n tokens whose merge will also serve `future` decode steps

@@ -47,7 +47,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, name: str = "camex", kind: str = "causal-lm",
                  max_batch_size: int = 8, max_input_tokens: Optional[int] = None,
                  max_total_tokens: Optional[int] = None, max_waiting: int = 64,
-                 merge_cache_bytes: int = 256 << 20, strategy: str = "auto",
+                 merge_cache_bytes: Optional[int] = None, strategy: str = "auto",
                  routing: Optional[str] = None, observer=None,
                  max_prefill_tokens: Optional[int] = None, profile=None):
         cfg = model.config

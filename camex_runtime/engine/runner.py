@@ -27,9 +27,23 @@ from camex_runtime.engine.routing_state import FALLBACK, NO_MERGE, SlotRouting, 
 from camex_runtime.modeling import segment_means
 
 
+MIN_MERGE_CACHE_BYTES = 256 << 20
+
+
+def default_merge_cache_bytes(cfg, num_slots: int, moe_layers: int, dtype: torch.dtype) -> int:
+    """At least 256 MiB (room for finished segments and shared prefixes to stay resident), and
+    at least one merged FFN per MoE layer for every running sequence plus one per layer for
+    the transient merge of a long prompt's earlier segments, so no sequence of a full batch
+    falls back to the mixture for lack of space. (GPT-2-small shape, 12 MoE layers, fp32:
+    ~227 MB per sequence.)"""
+    elem = torch.empty((), dtype=dtype).element_size()
+    ffn = 2 * cfg.d_model * cfg.d_ff + cfg.d_model + cfg.d_ff
+    return max(MIN_MERGE_CACHE_BYTES, (num_slots + 1) * moe_layers * ffn * elem)
+
+
 class ModelRunner:
-    def __init__(self, model, *, num_slots: int, max_len: int, merge_cache_bytes: int,
-                 strategy: str = "auto", observer=None,
+    def __init__(self, model, *, num_slots: int, max_len: int,
+                 merge_cache_bytes: Optional[int], strategy: str = "auto", observer=None,
                  profile: Optional[StrategyProfile] = None):
         self.model = model.eval()
         self.cfg = model.config
@@ -47,6 +61,8 @@ class ModelRunner:
         d, M = self.cfg.d_model, len(self.moe)
         E = max(1, self.cfg.num_experts)
         is_lm = hasattr(model, "lm_head")
+        if merge_cache_bytes is None:
+            merge_cache_bytes = default_merge_cache_bytes(self.cfg, num_slots, M, self.dtype)
         # classification merges serve one sequence once and are never cached: no pool
         self.cache = MergeCache(d, self.cfg.d_ff, merge_cache_bytes if M and is_lm else 0,
                                 self.device, self.dtype)
@@ -292,16 +308,18 @@ class ModelRunner:
             return self.strategy
         counts: dict = {}
         new = 0.0  # merges to make, each amortised over the steps that will reuse it
+        fallbacks = 0  # rows the pool refused: they run the mixture whichever is chosen
         for st in sts:
             ps = st.pool_slots[m]
             if ps == FALLBACK:
+                fallbacks += 1
                 continue
             if ps == NO_MERGE and st.keys[m] not in self.cache:
                 new += 1.0 / (1 + st.future_uses(st.length, self.T))
             counts[st.keys[m]] = counts.get(st.keys[m], 0) + 1
         if not counts:
             return "mixture"
-        return self.cost.choose(list(counts.values()), new)
+        return self.cost.choose(list(counts.values()), new, mixture_rows=fallbacks)
 
 
 def build_model(ckpt) -> torch.nn.Module:

@@ -21,6 +21,12 @@ def test_cost_model_regimes():
     assert c.choose([256], new_merges=1) == "merged"  # a prefill segment amortises its merge
     assert c.choose([1], new_merges=1) == "mixture"  # a merge for one token does not pay
     assert c.mixture_time(256) == pytest.approx(40.0 + (40.0 - 12.0) * 128 / 112)
+    # rows the pool refused run the mixture anyway: 4 cached merges (4.0) + the mixture for
+    # 12 rows (~10.9) lose to one mixture for all 16 rows (12.0)
+    assert c.choose([1] * 4, new_merges=0) == "merged"
+    assert c.choose([1] * 4, new_merges=0, mixture_rows=12) == "mixture"
+    assert c.choose([1], new_merges=0, mixture_rows=1) == "mixture"  # 1 + 8 > 8.27
+    assert c.choose([128], new_merges=0, mixture_rows=1) == "merged"  # 10 + 8 < 40.25
     # batched merges read the deltas once: 16 merges cost (E + 1 + 16) / (E + 2) merges
     assert c.merged_time([4] * 16, 16, batched_merges=True) == pytest.approx(
         20.0 * 20 / 5 + 16 * (1.0 + 3 / 15))

@@ -109,3 +109,18 @@ def test_no_leaks_after_cancellation(path):
     assert all(s is None for s in engine.runner.slots)
     assert engine.scheduler.num_running == engine.scheduler.num_waiting == 0
     assert engine.runner.cache.stats().bytes_used <= engine.runner.cache.budget_bytes
+
+
+def test_default_budget_fits_a_full_batch(tmp_path):
+    """merge_cache_bytes=None: max(256 MiB, one entry per MoE layer for every batch slot + 1)."""
+    from camex_runtime.engine.runner import MIN_MERGE_CACHE_BYTES, default_merge_cache_bytes
+
+    engine = Engine.from_pretrained(build_folded(tmp_path / "lm"), max_batch_size=3)
+    cache = engine.runner.cache
+    assert cache.budget_bytes == MIN_MERGE_CACHE_BYTES  # a tiny model: the floor
+    cfg = engine.config
+    cfg_big = type("C", (), {"d_model": 768, "d_ff": 3072})()  # GPT-2-small FFN: batch term wins
+    per_seq = 12 * (2 * 768 * 3072 + 768 + 3072) * 4
+    assert default_merge_cache_bytes(cfg_big, 8, 12, torch.float32) == 9 * per_seq
+    assert default_merge_cache_bytes(cfg_big, 8, 12, torch.bfloat16) == 9 * per_seq // 2
+    assert default_merge_cache_bytes(cfg, 3, 1, torch.float32) == MIN_MERGE_CACHE_BYTES
