@@ -9,12 +9,15 @@ counted once in `camex_failures_total` by `reason` (INTERFACES §3). A client mi
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from camex_runtime.errors import EngineStoppedError, InputValidationError, QueueFullError
 
 log = logging.getLogger("camex.server")
 
@@ -64,6 +67,19 @@ def overloaded(retry_after_s: int = 1) -> ApiError:
 
 def unavailable(message: str) -> ApiError:
     return ApiError(503, "unavailable", message, {"Retry-After": "5"})
+
+
+@contextmanager
+def engine_errors():
+    """Engine refusals as HTTP errors: bad input 422, full queue 429, stopping engine 503."""
+    try:
+        yield
+    except InputValidationError as exc:
+        raise validation(str(exc)) from None
+    except QueueFullError:
+        raise overloaded() from None
+    except EngineStoppedError as exc:
+        raise unavailable(f"engine is not accepting requests: {exc}") from None
 
 
 def format_validation_errors(errors: list[dict]) -> str:

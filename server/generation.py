@@ -18,8 +18,7 @@ from typing import AsyncIterator, Awaitable, Callable, Optional
 import anyio
 
 from camex_runtime import SamplingParams
-from camex_runtime.errors import (EngineStoppedError, InputValidationError, QueueFullError,
-                                  QueueTimeoutError, RequestFailedError)
+from camex_runtime.errors import QueueTimeoutError, RequestFailedError
 from server import errors
 from server.metrics import ServerMetrics
 from server.protocol import GenerateParameters
@@ -68,14 +67,8 @@ def truncate_prompt(tokenizer, prompt: str, keep_last: Optional[int]) -> str | l
 
 async def submit(engine, prompt: str | list[int], sampling: SamplingParams):
     """engine.submit off the event loop (it tokenizes); engine exceptions -> ApiError."""
-    try:
+    with errors.engine_errors():
         return await anyio.to_thread.run_sync(engine.submit, prompt, sampling)
-    except InputValidationError as exc:
-        raise errors.validation(str(exc)) from None
-    except QueueFullError:
-        raise errors.overloaded() from None
-    except EngineStoppedError as exc:
-        raise errors.unavailable(f"engine is not accepting requests: {exc}") from None
 
 
 async def until_disconnect(awaitable, disconnected: Callable[[], Awaitable[None]]):

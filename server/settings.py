@@ -40,7 +40,11 @@ class ServerSettings:
     max_stop_sequences: int = _opt(4, "most stop sequences per request")
     max_body_bytes: int = _opt(1 << 20, "request body size limit (413 beyond it)")
     queue_timeout_s: float = _opt(30.0, "longest wait in the queue before a 504")
-    merge_cache_bytes: int = _opt(256 << 20, "merged-weight cache budget per engine")
+    merge_cache_bytes: int | None = _opt(
+        None, "merged-weight cache budget per engine (none: the larger of 256 MiB and one "
+        "merged FFN per MoE layer for every batch slot, plus one)")
+    threads: int | None = _opt(None, "torch CPU threads (none: all cores but one, so the HTTP "
+                               "loop keeps a core; at least 1)")
     strategy: str = _opt("auto", "merged-expert apply strategy", choices=("auto", "merged", "mixture"))
     routing: str | None = _opt(None, "default routing mode (none: checkpoint's)",
                                choices=("segment", "prompt"))
@@ -51,11 +55,11 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         positive = ("port", "max_batch_size", "max_waiting", "max_client_batch_size",
-                    "max_body_bytes", "queue_timeout_s", "merge_cache_bytes", "health_stale_s")
+                    "max_body_bytes", "queue_timeout_s", "health_stale_s")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        for name in ("max_input_tokens", "max_total_tokens"):
+        for name in ("max_input_tokens", "max_total_tokens", "merge_cache_bytes", "threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
@@ -114,3 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
                             choices=f.metadata.get("choices"),
                             help=f"{f.metadata['help']} [env {env_name(f.name)}; default {default}]")
     return parser
+
+
+def cpu_threads(settings: ServerSettings) -> int:
+    """The torch intra-op thread count to use: the setting, else all cores but one."""
+    if settings.threads is not None:
+        return settings.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) - 1)

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 from server import errors
 from server.metrics import EngineObserver, ServerMetrics, StatsReader, engine_alive
-from server.settings import ServerSettings
+from server.settings import ServerSettings, cpu_threads
 
 log = logging.getLogger("camex.server")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -57,6 +57,11 @@ class ServingState:
 
     def _load(self) -> None:
         try:
+            import torch
+
+            threads = cpu_threads(self.settings)
+            torch.set_num_threads(threads)
+            log.info("torch CPU threads", extra={"threads": threads})
             lm_dir, clf_dir = resolve_checkpoints(self.settings)
             observer = EngineObserver(self.metrics)
             lm = build_engine(self.settings, lm_dir, observer, "causal-lm") if lm_dir else None

@@ -12,7 +12,6 @@ from functools import partial
 import anyio
 from fastapi import APIRouter, Request
 
-from camex_runtime.errors import EngineStoppedError, InputValidationError, QueueFullError
 from server import errors
 from server.protocol import ClassifyRequest, LabelScore
 from server.routes.tgi import ERROR_RESPONSES
@@ -49,12 +48,7 @@ async def run_bounded(state, call):
         raise errors.overloaded()
     state.classify_inflight += 1
     try:
-        return await anyio.to_thread.run_sync(call)
-    except InputValidationError as exc:
-        raise errors.validation(str(exc)) from None
-    except QueueFullError:
-        raise errors.overloaded() from None
-    except EngineStoppedError as exc:
-        raise errors.unavailable(f"engine is not accepting requests: {exc}") from None
+        with errors.engine_errors():
+            return await anyio.to_thread.run_sync(call)
     finally:
         state.classify_inflight -= 1

@@ -2,7 +2,7 @@
 
 import pytest
 
-from server.settings import ServerSettings, build_parser, env_name
+from server.settings import ServerSettings, build_parser, cpu_threads, env_name
 
 
 def test_defaults_bind_localhost():
@@ -30,7 +30,17 @@ def test_every_field_has_flag_and_env_var():
     ({"CAMEX_PORT": "eighty"}, "CAMEX_PORT='eighty' is not a valid int"),
     ({"CAMEX_STRATEGY": "fastest"}, "must be one of auto, merged, mixture"),
     ({"CAMEX_MAX_WAITING": "0"}, "max_waiting must be > 0"),
+    ({"CAMEX_THREADS": "0"}, "threads must be > 0"),
+    ({"CAMEX_MERGE_CACHE_BYTES": "-1"}, "merge_cache_bytes must be > 0"),
 ])
 def test_bad_values_say_what_is_wrong(env, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ServerSettings.from_sources([], env=env)
+
+
+def test_threads_default_leaves_a_core_for_the_http_loop(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert cpu_threads(ServerSettings.from_sources([], env={})) == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert cpu_threads(ServerSettings.from_sources([], env={})) == 1
+    assert cpu_threads(ServerSettings.from_sources(["--threads", "5"], env={})) == 5
