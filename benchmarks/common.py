@@ -14,7 +14,6 @@ import platform
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -22,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from camex_runtime import CamexConfig, CamexForCausalLM, CamexForSequenceClassification  # noqa: E402
+from camex_runtime.engine.cost_model import best_time  # noqa: E402,F401  (re-exported)
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -76,19 +76,6 @@ def training_model(cfg: dict, device, dtype):
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
-
-
-def best_time(fn: Callable[[], object], device, reps: int) -> float:
-    """Best wall time of `reps` runs after one warm-up run."""
-    fn()
-    sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:

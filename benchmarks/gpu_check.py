@@ -119,6 +119,7 @@ def main() -> None:
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--quick", action="store_true", help="decode benchmark on tiny shapes")
     p.add_argument("--skip-bench", action="store_true")
+    p.add_argument("--out-dir", type=Path, default=RESULTS, help="where the JSON files go")
     args = p.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device visible (use --device cpu for a smoke test)")
@@ -133,14 +134,14 @@ def main() -> None:
     if not args.skip_bench:
         here = Path(__file__).resolve().parent
         for name in args.dtypes.split(","):
-            out = RESULTS / f"gpu-decode-{name}{'-quick' if args.quick else ''}.json"
+            out = args.out_dir / f"gpu-decode-{name}{'-quick' if args.quick else ''}.json"
             cmd = [sys.executable, str(here / "decode.py"), "--device", args.device,
                    "--dtype", name, "--out", str(out)] + (["--quick"] if args.quick else [])
             print(f"\n== decode benchmark, {name}: {' '.join(cmd)}")
             subprocess.run(cmd, check=True, cwd=here)
             report["benchmarks"][name] = str(out)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"gpu-check-{args.device}.json"
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    path = args.out_dir / f"gpu-check-{args.device}.json"
     path.write_text(json.dumps(report, indent=2, default=str))
     print(f"\nwrote {path}; invariants {'PASS' if ok else 'FAIL'}")
     sys.exit(0 if ok else 1)

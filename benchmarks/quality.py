@@ -15,7 +15,7 @@ Writes `quality.json` and `quality.md` into `--out-dir`.
 
 Uses only the trainer's public API (`camex_runtime.training.train`); knows nothing of serving.
 
-    python benchmarks/quality.py                         # the full run (see benchmarks/quality.md)
+    python benchmarks/quality.py                         # the full run (results: README "Quality")
     python benchmarks/quality.py --smoke --out-dir /tmp/q   # one seed, tiny budget (CI)
 """
 

@@ -2,8 +2,13 @@
 
 `measure_peaks` times a large GEMM (peak FLOP/s) and a weight-streaming GEMV (GB/s) on the
 benchmark's device/dtype in the same run; `decode_step_cost` / `prefill_cost` /
-`classify_cost` count the FLOPs and bytes a perfect implementation must spend, so
-`bound_s = max(flops / peak, bytes / bandwidth)` and achieved/bound = bound_s / measured_s.
+`classify_cost` count the FLOPs and bytes a perfect implementation must spend, per phase:
+the model's own GEMMs/attention, and (CAMEx) the merges `Ê = E_m + α Σ s_i Δ_i`. Each phase
+gets its own roofline and the phases add up (they run one after the other on the device):
+`bound_s = Σ_phase max(flops / peak, bytes / bandwidth)`, achieved = bound_s / measured_s.
+A merge streams E+2 FFNs of weights for ~2E FLOPs per parameter, so it is bandwidth-bound even
+where the prefill GEMMs around it are compute-bound; `fused_bound` (one max over the totals,
+as if merges could hide under the GEMMs) is reported beside it for comparison.
 
     python benchmarks/roofline.py [--quick] [--device cuda]   # prints the peaks and writes JSON
 """
@@ -32,8 +37,11 @@ def _dense_parts(cfg: dict) -> tuple[int, int]:
     return 4 * d * d + 4 * d, 2 * d * h + d + h
 
 
-def decode_step_cost(cfg: dict, B: int, ctx: int, strategy: str, elem: int) -> tuple[float, float]:
-    """(flops, bytes) of one decode step of B sequences at context length ctx.
+Cost = list[tuple[float, float]]  # (flops, bytes) per phase
+
+
+def decode_step_cost(cfg: dict, B: int, ctx: int, strategy: str, elem: int) -> Cost:
+    """[(flops, bytes) per phase] of one decode step of B sequences at context length ctx.
     strategy: "dense" | "merged" (cached per-sequence merges) | "mixture"; merges amortised
     at one per segment per sequence and layer."""
     d, L, V = cfg["d_model"], cfg["n_layer"], cfg["vocab_size"]
@@ -45,16 +53,17 @@ def decode_step_cost(cfg: dict, B: int, ctx: int, strategy: str, elem: int) -> t
         flops += L * 2 * B * P
         nbytes += elem * L * P
     elif strategy == "merged":
-        flops += L * (2 * B * P + B * 2 * E * P / T)
-        nbytes += elem * L * (B * P + B * (E + 2) * P / T)
+        flops += L * 2 * B * P
+        nbytes += elem * L * B * P
+        return [(flops, nbytes), (L * B * 2 * E * P / T, elem * L * B * (E + 2) * P / T)]
     else:
         flops += L * 2 * B * (E + 1) * P
         nbytes += elem * L * (E + 1) * P
-    return flops, nbytes
+    return [(flops, nbytes)]
 
 
-def prefill_cost(cfg: dict, n: int, moe: bool, elem: int) -> tuple[float, float]:
-    """(flops, bytes) of one n-token prompt: per segment one merge + one FFN GEMM."""
+def prefill_cost(cfg: dict, n: int, moe: bool, elem: int) -> Cost:
+    """[(flops, bytes) per phase] of one n-token prompt: per segment one merge + one FFN GEMM."""
     d, L, V = cfg["d_model"], cfg["n_layer"], cfg["vocab_size"]
     E, T = cfg.get("num_experts", 0), cfg["segment_len"]
     attn, P = _dense_parts(cfg)
@@ -62,25 +71,34 @@ def prefill_cost(cfg: dict, n: int, moe: bool, elem: int) -> tuple[float, float]
     flops = L * (2 * n * attn + 2 * n * n * d + 2 * n * P) + 2 * V * d
     nbytes = elem * (L * (attn + P) + V * d)
     if moe and E:
-        flops += L * K * 2 * E * P
-        nbytes += elem * L * K * (E + 2) * P
-    return flops, nbytes
+        return [(flops, nbytes), (L * K * 2 * E * P, elem * L * K * (E + 2) * P)]
+    return [(flops, nbytes)]
 
 
-def classify_cost(cfg: dict, B: int, n: int, moe: bool, elem: int) -> tuple[float, float]:
+def classify_cost(cfg: dict, B: int, n: int, moe: bool, elem: int) -> Cost:
     d, L = cfg["d_model"], cfg["n_layer"]
     E = cfg.get("num_experts", 0)
     attn, P = _dense_parts(cfg)
     flops = L * B * (2 * n * attn + 4 * n * n * d + 2 * n * P)
     nbytes = elem * L * (attn + P)
     if moe and E:  # one merge per sequence and layer (or the mixture's (E+1)x weights)
-        flops += L * B * 2 * E * P
-        nbytes += elem * L * min(B * (E + 2), E + 1) * P
-    return flops, nbytes
+        return [(flops, nbytes),
+                (L * B * 2 * E * P, elem * L * min(B * (E + 2), E + 1) * P)]
+    return [(flops, nbytes)]
 
 
-def bound(flops: float, nbytes: float, peaks: dict) -> float:
+def _roof(flops: float, nbytes: float, peaks: dict) -> float:
     return max(flops / (peaks["peak_gflops"] * 1e9), nbytes / (peaks["peak_gbps"] * 1e9))
+
+
+def bound(cost: Cost, peaks: dict) -> float:
+    """Seconds at best: each phase at its own roofline, phases in sequence."""
+    return sum(_roof(f, b, peaks) for f, b in cost)
+
+
+def fused_bound(cost: Cost, peaks: dict) -> float:
+    """Seconds at best if all phases could overlap perfectly: one roofline over the totals."""
+    return _roof(sum(f for f, _ in cost), sum(b for _, b in cost), peaks)
 
 
 def main() -> None:
@@ -92,9 +110,11 @@ def main() -> None:
     rows = []
     for B in (1, 8, 32):
         for strategy in ("dense", "merged", "mixture"):
-            f, b = decode_step_cost(cfg, B, 256, strategy, elem)
-            rows.append(dict(point=f"decode B={B}", strategy=strategy, gflop=f / 1e9,
-                             mbytes=b / 1e6, bound_tok_s=B / bound(f, b, peaks)))
+            cost = decode_step_cost(cfg, B, 256, strategy, elem)
+            rows.append(dict(point=f"decode B={B}", strategy=strategy,
+                             gflop=sum(f for f, _ in cost) / 1e9,
+                             mbytes=sum(b for _, b in cost) / 1e6,
+                             bound_tok_s=B / bound(cost, peaks)))
     print(f"peak {peaks['peak_gflops']:.1f} GFLOP/s, {peaks['peak_gbps']:.1f} GB/s")
     print_table(rows, ["point", "strategy", "gflop", "mbytes", "bound_tok_s"])
     write_results("roofline", args, rows, {"peaks": peaks, "shape": cfg})

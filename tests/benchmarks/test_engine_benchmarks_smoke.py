@@ -1,0 +1,84 @@
+"""The engine benchmark scripts end to end on tiny shapes (`--quick`), so they cannot rot
+between full runs: each must finish, write the JSON the README tables come from, and fill
+every row's roofline columns from peaks measured in the same run. gpu_check's invariant
+half runs on the CPU here (the CUDA run needs a GPU machine)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+
+
+def run(script: str, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=BENCH,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("script,points,expected", [
+    ("decode.py", ("B", [1, 8, 32]),
+     {("engine-camex", "auto"), ("engine-camex", "merged"), ("engine-camex", "mixture"),
+      ("engine-dense", "-"), ("hf-gpt2-dense", "generate"),
+      ("hf-camex-training-form", "generate")}),
+    ("prefill.py", ("tokens", [32, 128]),
+     {("engine-camex", "auto"), ("engine-camex", "merged"), ("engine-camex", "mixture"),
+      ("engine-dense", "-")}),
+    ("classify.py", ("B", [1, 16, 64]),
+     {("engine-camex", "auto"), ("engine-camex", "merged"), ("engine-camex", "mixture"),
+      ("engine-dense", "-")}),
+])
+def test_quick_run_writes_every_row_with_a_roofline(tmp_path, script, points, expected):
+    out = tmp_path / "r.json"
+    run(script, "--quick", "--threads", "1", "--reps", "1", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["meta"]["quick"] is True and report["peaks"]["peak_gflops"] > 0
+    rows = report["rows"]
+    assert {(r["system"], r["strategy"]) for r in rows} == expected
+    key, values = points
+    engine_points = sorted({r[key] for r in rows if r["system"].startswith("engine")})
+    assert engine_points == values
+    for r in rows:
+        assert r["achieved"] > 0 and r["achieved_fused"] > 0
+        # the phase-sum bound is never below the fused one, so achieved >= achieved_fused
+        assert r["achieved"] >= r["achieved_fused"] * (1 - 1e-9)
+    if script == "decode.py":
+        assert any(k.startswith("B=1 auto / best fixed") for k in report["summary"])
+
+
+def test_roofline_phases_add_up():
+    sys.path.insert(0, str(BENCH))
+    try:
+        from roofline import bound, decode_step_cost, fused_bound, prefill_cost
+    finally:
+        sys.path.remove(str(BENCH))
+    cfg = dict(vocab_size=1000, d_model=64, n_layer=2, n_head=4, d_ff=256, num_experts=3,
+               segment_len=16)
+    peaks = {"peak_gflops": 1.0, "peak_gbps": 1.0}
+    merged = decode_step_cost(cfg, 4, 32, "merged", 4)
+    assert len(merged) == 2  # the model's own work, then the amortised merges
+    assert bound(merged, peaks) == pytest.approx(
+        sum(max(f, b) for f, b in merged) / 1e9)
+    assert bound(merged, peaks) >= fused_bound(merged, peaks)
+    # a dense prompt has no merge phase; a CAMEx one merges once per segment and layer
+    dense, camex = prefill_cost(cfg, 48, False, 4), prefill_cost(cfg, 48, True, 4)
+    assert len(dense) == 1 and camex[0] == dense[0]
+    P = 2 * 64 * 256 + 64 + 256
+    assert camex[1] == (2 * 3 * 2 * 3 * P, 4 * 2 * 3 * (3 + 2) * P)
+
+
+def test_gpu_check_invariants_hold_on_cpu(tmp_path):
+    proc = run("gpu_check.py", "--device", "cpu", "--dtypes", "float32,bfloat16",
+               "--skip-bench", "--out-dir", str(tmp_path))
+    report = json.loads((tmp_path / "gpu-check-cpu.json").read_text())
+    assert "invariants PASS" in proc.stdout
+    fp32 = report["invariants"]["float32"]
+    assert fp32 and all(r["ok"] and r["agreement"] == 1.0 for r in fp32)
+    assert {r["check"] for r in fp32} >= {"merged==mixture", "batched==alone"}
