@@ -41,6 +41,16 @@ class LinearBank:
     base_bias: Tensor     # (out,)
     delta_weight: Tensor  # (E, out, in) Δ_i = mask_i ⊙ M_i(τ_i)  (folded: E'_i − E_m)
     delta_bias: Tensor    # (E, out)     biases merge without curvature
+    # Training form only: M_i(τ_i) and τ_i before the mask, which the Dynamic-Merg base chain
+    # sums (DESIGN §1); None where no mask applies (then they equal the deltas).
+    unmasked_weight: Tensor | None = None
+    unmasked_bias: Tensor | None = None
+
+    def chain_parts(self) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]]:
+        """((E_m weight, Σ-able weight deltas), (bias, bias deltas)) for next_dynamic_base."""
+        w = self.delta_weight if self.unmasked_weight is None else self.unmasked_weight
+        b = self.delta_bias if self.unmasked_bias is None else self.unmasked_bias
+        return (self.base_weight, w), (self.base_bias, b)
 
 
 @dataclass
@@ -113,11 +123,13 @@ def apply_moe(h: Tensor, bank: ExpertBank, *, mode: str, T: int, route1_len: int
     if mode != "segment":
         raise ValueError(f"unknown routing mode {mode!r}")
     means = segment_means(h, T, T if route1_len is None else route1_len)  # (B, K, d)
-    if training:
-        # Segment 1 routes on its own mean: stop-gradient so it cannot learn to peek ahead.
-        means = torch.cat([means[:, :1].detach(), means[:, 1:]], dim=1)
     K = means.shape[1]
     scores = route_scores(bank.router_weight, means)              # (B, K, E)
+    if training:
+        # Segment 1 routes on its own mean, which includes tokens it then predicts: its scores
+        # are stop-gradient (the paper's s_0 = DETACH(G(h̄_1))), so neither the router nor
+        # the activations learn from that look-ahead.
+        scores = torch.cat([scores[:, :1].detach(), scores[:, 1:]], dim=1)
     pad = K * T - L
     hp = F.pad(h, (0, 0, 0, pad)) if pad else h
     # Each (sequence, segment) is one group with its own merged expert.
@@ -221,11 +233,12 @@ class CamexMoEFFN(nn.Module):
         kw = dict(training=self.training, ties_density=c.ties_density, dare_p=c.dare_p)
         mask_w = merge_mask(c.merge_method, tau_w, **kw)
         mask_b = merge_mask(c.merge_method, tau_b, **kw)
-        dw = self.curvature[name](tau_w) if self.curvature is not None else tau_w
-        if mask_w is not None:
-            dw = dw * mask_w
+        mw = self.curvature[name](tau_w) if self.curvature is not None else tau_w  # M_i(τ_i)
+        dw = mw * mask_w if mask_w is not None else mw
         db = tau_b * mask_b if mask_b is not None else tau_b
-        return LinearBank(base_w, base_b, dw, db)
+        return LinearBank(base_w, base_b, dw, db,
+                          unmasked_weight=mw if mask_w is not None else None,
+                          unmasked_bias=tau_b if mask_b is not None else None)
 
     def expert_bank(self, base: tuple[Tensor, Tensor, Tensor, Tensor] | None = None) -> ExpertBank:
         """The bank of this layer; ``base`` is the derived E_m of a Dynamic-Merg chain."""
@@ -319,10 +332,10 @@ class CamexModel(CamexPreTrainedModel):
             bank = block.ffn.expert_bank(derived)
             banks[i] = bank
             if self.config.dynamic and not self.config.folded:
+                # E_m^{l+1} = E_m^l + α/E Σ_i M_i^l(τ_i^l): the unmasked deltas (DESIGN §1)
                 a = bank.alpha
-                derived = tuple(next_dynamic_base(lb_base, lb_delta, a) for lb_base, lb_delta in (
-                    (bank.fc1.base_weight, bank.fc1.delta_weight), (bank.fc1.base_bias, bank.fc1.delta_bias),
-                    (bank.fc2.base_weight, bank.fc2.delta_weight), (bank.fc2.base_bias, bank.fc2.delta_bias)))
+                derived = tuple(next_dynamic_base(base, deltas, a) for base, deltas in
+                                (*bank.fc1.chain_parts(), *bank.fc2.chain_parts()))
         return banks
 
     def forward(self, input_ids: Tensor, *, causal: bool = True, attention_mask: Tensor | None = None,

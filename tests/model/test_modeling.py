@@ -94,6 +94,39 @@ def test_dynamic_only_first_layer_owns_base_and_chain_matches():
         torch.testing.assert_close(banks[l].fc1.delta_weight, ffns[l].curvature["fc1"](tau))
 
 
+@pytest.mark.parametrize("method", ["ties", "dare"])
+def test_dynamic_chain_sums_unmasked_curvature_deltas(method):
+    """E_m^{l+1} = E_m^l + α/E Σ_i M_i(τ_i): the chain sees M(τ) before the ties/dare mask, so a
+    mask (and dare's training-time dropout) never reaches later layers' bases."""
+    torch.manual_seed(0)
+    m = spread(CamexForCausalLM(tiny(dynamic=True, n_layer=2, alpha=0.7, merge_method=method,
+                                     ties_density=0.5, dare_p=0.5))).train()
+    banks = m.transformer.expert_banks()
+    ffn0 = m.transformer.h[0].ffn
+    tau = ffn0.experts.fc1.weight - banks[0].fc1.base_weight
+    unmasked = ffn0.curvature["fc1"](tau)
+    assert not torch.allclose(banks[0].fc1.delta_weight, unmasked)  # the mask did act
+    torch.testing.assert_close(banks[1].fc1.base_weight,
+                               next_dynamic_base(banks[0].fc1.base_weight, unmasked, 0.7))
+    tau_b = ffn0.experts.fc2.bias - banks[0].fc2.base_bias
+    torch.testing.assert_close(banks[1].fc2.base_bias,
+                               next_dynamic_base(banks[0].fc2.base_bias, tau_b, 0.7))
+
+
+def test_segment_one_scores_are_stop_gradient_in_training():
+    """s_0 = DETACH(G(h̄_1)): with a single segment the router learns nothing in training."""
+    torch.manual_seed(0)
+    m = spread(CamexForCausalLM(tiny(n_layer=1))).train()
+    ids = torch.randint(0, 61, (2, 4))  # T=4: one segment
+    m(ids, labels=ids).loss.backward()
+    router = m.transformer.h[0].ffn.router.weight
+    assert router.grad is None or torch.count_nonzero(router.grad) == 0
+    m.zero_grad()
+    ids = torch.randint(0, 61, (2, 9))  # three segments: segments 2-3 train the router
+    m(ids, labels=ids).loss.backward()
+    assert router.grad is not None and router.grad.abs().sum() > 0
+
+
 def test_gradients_reach_curvature_routers_and_experts():
     torch.manual_seed(0)
     m = spread(CamexForCausalLM(tiny(curvature_rank=2, dynamic=True, n_layer=3))).train()
