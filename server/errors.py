@@ -69,6 +69,11 @@ def unavailable(message: str) -> ApiError:
     return ApiError(503, "unavailable", message, {"Retry-After": "5"})
 
 
+def internal_error() -> ApiError:
+    """The opaque 500 for an unexpected exception (details go to the log only)."""
+    return ApiError(500, "internal", "internal server error")
+
+
 @contextmanager
 def engine_errors():
     """Engine refusals as HTTP errors: bad input 422, full queue 429, stopping engine 503."""
@@ -118,4 +123,4 @@ def install_error_handlers(app: FastAPI, record_failure) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"path": request.url.path})
-        return respond(ApiError(500, "internal", "internal server error"))
+        return respond(internal_error())

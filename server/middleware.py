@@ -16,9 +16,10 @@ import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 
-from server.errors import ApiError
+from server.errors import ApiError, internal_error
 
 log = logging.getLogger("camex.access")
+error_log = logging.getLogger("camex.server")
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/openapi.json",
                         "/docs/oauth2-redirect"})
 LOG_FIELDS = "log_fields"  # scope["state"] key: extra fields routes add to the access log
@@ -42,11 +43,11 @@ class ServingMiddleware:
         incoming = headers.get("x-request-id", "")
         request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        status = {"code": 500}
+        status = {"code": 500, "started": False}
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
-                status["code"] = message["status"]
+                status["code"], status["started"] = message["status"], True
                 MutableHeaders(scope=message)["x-request-id"] = request_id
             await send(message)
 
@@ -61,6 +62,15 @@ class ServingMiddleware:
                 await self.app(scope, receive, send_with_id)
             else:
                 status["code"] = 499  # client left while sending its body
+        except Exception:
+            # Answered here, not by Starlette's outer ServerErrorMiddleware: that one would send
+            # the 500 without the request id and re-raise, so the server logs it a second time.
+            if status["started"]:
+                raise  # too late for an error response: let the server close the connection
+            error_log.exception("unhandled error", extra={"path": scope.get("path"),
+                                                          "request_id": request_id})
+            self.metrics.record_failure("internal")
+            await internal_error().response()(scope, receive, send_with_id)
         finally:
             self.finish(scope, status["code"], time.monotonic() - start, request_id)
 

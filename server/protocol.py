@@ -9,13 +9,36 @@ does. This module knows nothing about the engine; `server.generation` converts.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 MAX_SEED = 2**63 - 1
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 RoutingMode = Literal["segment", "prompt"]
+
+
+def _encodable(text: str) -> str:
+    """JSON can carry a lone UTF-16 surrogate (`"\\ud800"`) that no tokenizer accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode: lone surrogate at character {exc.start}"
+                         ) from None
+    return text
+
+
+def _all_encodable(texts: str | list[str]) -> str | list[str]:
+    for text in [texts] if isinstance(texts, str) else texts:
+        _encodable(text)
+    return texts
+
+
+# Every text input field. Plain `str` already refuses a lone surrogate, but `Union[str, ...]`
+# lets one through to the tokenizer (a 500), so the check is explicit; on the whole union, so
+# the 422 names the field once rather than once per union member.
+Text = Annotated[str, AfterValidator(_encodable)]
+TextOrTexts = Annotated[Union[str, list[str]], AfterValidator(_all_encodable)]
 
 
 class _Schema(BaseModel):
@@ -35,7 +58,7 @@ class GenerateParameters(_Schema):
     repetition_penalty: Optional[float] = Field(None, ge=0.01, le=100.0)
     return_full_text: Optional[bool] = Field(None, description="prepend the prompt")
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
-    stop: list[str] = Field(default_factory=list, description="stop sequences")
+    stop: list[Text] = Field(default_factory=list, description="stop sequences")
     temperature: Optional[float] = Field(None, ge=0.001, le=100.0)
     top_k: Optional[int] = Field(None, ge=1)
     top_n_tokens: Optional[int] = Field(None, description="not supported")
@@ -44,14 +67,14 @@ class GenerateParameters(_Schema):
     truncate: Optional[int] = Field(None, ge=1, description="keep only the last N prompt tokens")
     typical_p: Optional[float] = Field(None, description="not supported")
     watermark: bool = Field(False, description="not supported")
-    adapter_id: Optional[str] = Field(None, description="not supported")
+    adapter_id: Optional[Text] = Field(None, description="not supported")
     routing: Optional[RoutingMode] = Field(None, description="override the server routing mode")
     return_routing: bool = Field(False, description="add router scores as details.routing")
     ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks, as vLLM)")
 
 
 class GenerateRequest(_Schema):
-    inputs: str = Field(..., min_length=1)
+    inputs: Text = Field(..., min_length=1)
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 
 
@@ -128,7 +151,7 @@ class ErrorResponse(_Schema):
 # --- classification (TEI /predict-like) -----------------------------------------------------
 
 class ClassifyRequest(_Schema):
-    inputs: Union[str, list[str]] = Field(..., description="one text, or a list of texts (a batch)")
+    inputs: TextOrTexts = Field(..., description="one text, or a list of texts (a batch)")
     raw_scores: bool = Field(False, description="return logits instead of probabilities")
     truncate: bool = Field(False, description="truncate long texts instead of a 422")
 
@@ -141,8 +164,8 @@ class LabelScore(_Schema):
 # --- OpenAI completions (non-chat) ----------------------------------------------------------
 
 class CompletionRequest(_Schema):
-    model: Optional[str] = None
-    prompt: Union[str, list[str]]
+    model: Optional[Text] = None
+    prompt: TextOrTexts
     max_tokens: Optional[int] = Field(16, ge=1)
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
     top_p: Optional[float] = Field(None, ge=1e-6, le=1.0)
@@ -150,13 +173,13 @@ class CompletionRequest(_Schema):
     stream: bool = False
     logprobs: Optional[int] = Field(None, ge=0, le=1, description="0/1: logprob of each token")
     echo: bool = False
-    stop: Union[str, list[str], None] = None
+    stop: Optional[TextOrTexts] = None
     seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
     presence_penalty: Optional[float] = Field(None, description="not supported")
     frequency_penalty: Optional[float] = Field(None, description="not supported")
     best_of: Optional[int] = Field(None, ge=1, le=1)
-    suffix: Optional[str] = Field(None, description="not supported")
-    user: Optional[str] = None
+    suffix: Optional[Text] = Field(None, description="not supported")
+    user: Optional[Text] = None
     ignore_eos: bool = Field(False, description="keep generating past EOS (as vLLM)")
 
 

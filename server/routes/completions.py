@@ -35,9 +35,10 @@ def to_parameters(body: CompletionRequest) -> GenerateParameters:
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     temperature = 1.0 if body.temperature is None else body.temperature
     greedy = temperature == 0.0
+    # greedy drops top_p (as vLLM): under TGI's rule any warper would turn sampling back on
     return GenerateParameters(max_new_tokens=body.max_tokens, do_sample=not greedy,
                               temperature=None if greedy else max(temperature, 0.001),
-                              top_p=body.top_p, seed=body.seed, stop=stop,
+                              top_p=None if greedy else body.top_p, seed=body.seed, stop=stop,
                               ignore_eos=body.ignore_eos)
 
 
@@ -88,9 +89,11 @@ async def completions(request: Request, body: CompletionRequest):
         if len(prompts) != 1:
             raise errors.validation("streaming supports a single prompt")
         return await stream_completion(request, body, prompts[0])
-    runs = [await start(request, body, p) for p in prompts]
-    disconnected = wait_for_disconnect(request.receive)
-    try:
+    runs: list[GenerationRun] = []
+    try:  # submitted inside the try: a later prompt's refusal cancels the ones already queued
+        for p in prompts:
+            runs.append(await start(request, body, p))
+        disconnected = wait_for_disconnect(request.receive)
         await until_disconnect(asyncio.gather(*(r.consume() for r in runs)), disconnected)
     finally:
         for r in runs:

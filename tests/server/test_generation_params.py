@@ -61,3 +61,15 @@ def test_text_generation_client_payload_parses():
     req = CompatGenerateRequest.model_validate(payload)
     params, _ = to_sampling(req.parameters, max_stop_sequences=4, queue_timeout_s=1.0)
     assert params.max_new_tokens == 5 and not params.do_sample
+
+
+def test_openai_temperature_zero_is_greedy_even_with_top_p():
+    from server.protocol import CompletionRequest
+    from server.routes.completions import to_parameters
+
+    body = CompletionRequest(prompt="hi", temperature=0, top_p=0.9)
+    params, seed = to_sampling(to_parameters(body), max_stop_sequences=2, queue_timeout_s=5.0)
+    assert params.do_sample is False and params.top_p is None and seed is None
+    sampled, _ = to_sampling(to_parameters(CompletionRequest(prompt="hi", top_p=0.9)),
+                             max_stop_sequences=2, queue_timeout_s=5.0)
+    assert sampled.do_sample and sampled.top_p == 0.9

@@ -13,8 +13,8 @@ from server.app import create_app
 from server.settings import ServerSettings
 
 
-def call(settings: ServerSettings, method: str, path: str, **kw) -> httpx.Response:
-    app = create_app(settings)
+def call(settings: ServerSettings, method: str, path: str, app=None, **kw) -> httpx.Response:
+    app = app or create_app(settings)
 
     async def go():
         transport = httpx.ASGITransport(app=app)
@@ -89,3 +89,32 @@ def test_unknown_route_is_json_404():
     r = call(settings(), "GET", "/nope")
     assert r.status_code == 404 and r.json()["error_type"] == "not_found"
     assert 'route="unmatched"' in r.metrics_text
+
+
+@pytest.mark.parametrize("path,raw", [
+    ("/classify", '{"inputs": "hi \\ud800"}'), ("/classify", '{"inputs": ["ok", "\\udc00"]}'),
+    ("/v1/completions", '{"prompt": "hi \\ud800"}'),
+    ("/v1/completions", '{"prompt": "hi", "stop": "\\ud800"}'),
+    ("/generate", '{"inputs": "hi \\ud800"}'),
+])
+def test_lone_surrogate_is_422_not_500(path, raw):
+    # a JSON \u escape can name half a UTF-16 pair, which no tokenizer accepts
+    r = call(settings(), "POST", path, content=raw.encode(),
+             headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
+    assert "unicode" in r.json()["error"].lower()
+
+
+def test_unexpected_exception_is_opaque_500_with_the_request_id(caplog):
+    app = create_app(settings())
+
+    async def boom():
+        raise RuntimeError("secret detail")
+    app.add_api_route("/boom", boom)
+    with caplog.at_level("ERROR", logger="camex.server"):
+        r = call(settings(), "GET", "/boom", app=app, headers={"x-request-id": "req-500"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "req-500"
+    assert r.json() == {"error": "internal server error", "error_type": "internal"}
+    assert 'camex_failures_total{reason="internal"} 1.0' in r.metrics_text
+    assert 'camex_requests_total{route="/boom",status="500"} 1.0' in r.metrics_text
+    assert [rec.getMessage() for rec in caplog.records if rec.exc_info] == ["unhandled error"]
