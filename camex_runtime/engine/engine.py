@@ -9,7 +9,8 @@ One step reads like its algorithm (vLLM V1 `EngineCore.step`):
 `submit` only validates and enqueues (any thread); the loop thread owns the runner and
 the merge cache. `classify` runs in the caller's thread under the same model lock, so a
 classifier engine needs no loop. Knows nothing about HTTP or Prometheus: metrics leave through
-the optional observer (`on_step`, `on_merge`, `on_route`, `on_evict`).
+the optional observer (`on_step`, `on_merge`, `on_route`, `on_evict`); an observer that
+raises is logged, never allowed to fail a request.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from camex_runtime.engine.outputs import EngineStats, GenerationResult
 from camex_runtime.engine.output_processor import OutputProcessor, terminal_event
 from camex_runtime.engine.request import (ROUTING_MODES, GenerationRequest, RequestHandle,
                                           RequestTimings, SamplingParams)
-from camex_runtime.engine.runner import ModelRunner, build_model
+from camex_runtime.engine.runner import ModelRunner, build_model, notify
 from camex_runtime.engine.sampling import make_generator, sample_batch
 from camex_runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from camex_runtime.engine.classify import classify_texts
@@ -133,6 +134,8 @@ class Engine:
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10.0)
+        if not self._loop_running():  # else the loop cancels the leftovers as it exits
+            self._cancel_leftovers()
 
     def _loop_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -142,7 +145,7 @@ class Engine:
             with self._lock:
                 self.heartbeat = time.monotonic()
                 if self._shutdown:
-                    return
+                    break
                 if not self.scheduler.has_work():
                     self._wake.wait(IDLE_WAIT_S)
                     continue
@@ -151,6 +154,7 @@ class Engine:
             except Exception:  # a bug in a step must not kill the loop: fail what ran
                 log.exception("engine step failed")
                 self._fail_running("internal error in the engine step (see server log)")
+        self._cancel_leftovers()  # stop() gave up waiting: no handle may wait forever
 
     def warmup(self) -> None:
         """One tiny request through every routing mode and strategy (and classification)."""
@@ -233,9 +237,7 @@ class Engine:
         self.steps += 1
         self.last_batch_size = sched.batch_size
         if sched.batch_size:
-            fn = getattr(self.observer, "on_step", None)
-            if fn is not None:
-                fn(sched.batch_size, time.perf_counter() - t0)
+            notify(self.observer, "on_step", sched.batch_size, time.perf_counter() - t0)
         return sched.batch_size
 
     def _drop(self, sched: SchedulerOutput) -> None:
@@ -311,24 +313,43 @@ class Engine:
             return None
 
     def _finish(self, req: GenerationRequest, last_event) -> None:
-        """Free the slot and its cache references, then publish the final event + result."""
-        if req.slot is not None:
-            if req.params.return_routing:
-                req.routing_trace = self.runner.routing_trace(req.slot)
-            self.runner.release(req.slot)
-            with self._lock:
-                self.scheduler.finish(req)
-        self._procs.pop(req.request_id, None)
-        self._gens.pop(req.request_id, None)
-        req.timings.finished_at = time.monotonic()
-        req.handle._publish([last_event], req.to_result())
+        """Free the slot and its cache references, then publish the final event + result.
+        If freeing fails, the request still leaves the scheduler and its handle completes
+        (then the error propagates)."""
+        try:
+            if req.slot is not None:
+                if req.params.return_routing:
+                    req.routing_trace = self.runner.routing_trace(req.slot)
+                self.runner.release(req.slot)
+        finally:
+            if req.slot is not None:
+                with self._lock:
+                    self.scheduler.finish(req)
+            self._procs.pop(req.request_id, None)
+            self._gens.pop(req.request_id, None)
+            req.timings.finished_at = time.monotonic()
+            req.handle._publish([last_event], req.to_result())
+
+    def _finish_all(self, reqs: list[GenerationRequest], reason: str,
+                    error: Optional[str] = None) -> None:
+        """Finish each request; one failing does not stop the rest (nor the loop thread)."""
+        with self._model_lock:
+            for req in reqs:
+                try:
+                    self._finish(req, terminal_event(req, reason, error))
+                except Exception:
+                    log.exception("finishing %s failed", req.request_id)
 
     def _fail_running(self, message: str) -> None:
         with self._lock:
             running = list(self.scheduler.running.values())
-        with self._model_lock:
-            for req in running:
-                self._finish(req, terminal_event(req, "error", message))
+        self._finish_all(running, "error", message)
+
+    def _cancel_leftovers(self) -> None:
+        """Shutdown: cancel whatever still waits or runs once no step will run again."""
+        with self._lock:
+            reqs = self.scheduler.drain_waiting() + list(self.scheduler.running.values())
+        self._finish_all(reqs, "cancelled")
 
     # -- classification, stats, info ---------------------------------------------------------
     def classify(self, texts: Sequence[Union[str, Sequence[int]]], truncate: bool = False,

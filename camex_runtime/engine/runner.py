@@ -12,6 +12,7 @@ loop thread only.
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Optional, Sequence
 
@@ -27,7 +28,20 @@ from camex_runtime.engine.routing_state import FALLBACK, NO_MERGE, SlotRouting, 
 from camex_runtime.modeling import segment_means
 
 
+log = logging.getLogger("camex.engine")
 MIN_MERGE_CACHE_BYTES = 256 << 20
+
+
+def notify(observer, name: str, *args) -> None:
+    """Call `observer.<name>(*args)` if it has that hook. Observers are metrics code: an
+    exception there is logged and swallowed, never allowed to fail a request or a step."""
+    fn = getattr(observer, name, None)
+    if fn is None:
+        return
+    try:
+        fn(*args)
+    except Exception:
+        log.exception("observer %s failed", name)
 
 
 def default_merge_cache_bytes(cfg, num_slots: int, moe_layers: int, dtype: torch.dtype) -> int:
@@ -97,9 +111,7 @@ class ModelRunner:
 
     # -- bookkeeping ------------------------------------------------------------------------
     def _notify(self, name: str, *args) -> None:
-        fn = getattr(self.observer, name, None)
-        if fn is not None:
-            fn(*args)
+        notify(self.observer, name, *args)
 
     def _record_routing(self, m: int, st: Optional[SlotRouting], starts: Sequence[int],
                         scores: Tensor) -> None:
@@ -114,7 +126,7 @@ class ModelRunner:
             st.decisions[m].extend(zip(starts, rows))
         if want_obs:
             for r in rows:
-                self.observer.on_route(self.moe_layers[m], r)
+                self._notify("on_route", self.moe_layers[m], r)
 
     def _acquire(self, m: int, key, scores: Tensor) -> Optional[int]:
         """Pool slot holding the merge for `key` (merging on a miss), or None: pool full."""
@@ -214,15 +226,15 @@ class ModelRunner:
         if strategy == "merged":
             got = self._acquire(m, key, scores)
             ps = FALLBACK if got is None else got
-        if ps >= 0:
-            y = apply_merged(x, self.cache.weights(ps))
-        else:
-            y = apply_mixture(x, self.moe[m], scores.expand(x.shape[0], -1))
-        if keep:
+        if keep:  # recorded before use: if applying fails, `release(slot)` still frees it
             self._set_segment(st, m, key, ps)
-        elif ps >= 0:
-            self.cache.release(key)
-        return y
+        try:
+            if ps >= 0:
+                return apply_merged(x, self.cache.weights(ps))
+            return apply_mixture(x, self.moe[m], scores.expand(x.shape[0], -1))
+        finally:
+            if not keep and ps >= 0:
+                self.cache.release(key)
 
     # -- decode -----------------------------------------------------------------------------
     @torch.inference_mode()
