@@ -3,7 +3,8 @@
 A folded checkpoint directory holds ``config.json`` (``folded: true``, ``format_version``),
 ``model.safetensors`` and tokenizer files. Reading validates every tensor name, shape, dtype
 and value against what the config implies and names the offending tensor on failure. Only
-safetensors is ever read: no pickle on the load path.
+safetensors is ever read: no pickle on the load path. `load_training_form` loads a training
+checkpoint (``folded: false``) just as strictly, for export and resume.
 
 This module knows nothing of curvature (that is export's job) or of serving.
 """
@@ -111,13 +112,14 @@ def load_folded(path: str | Path, device: str | torch.device = "cpu",
     state: dict[str, Tensor] = {}
     try:
         with safe_open(str(weights), framework="pt") as f:
+            check_format_version(weights, f.metadata() or {})
             names = set(f.keys())
             for name in sorted(expected):
                 if name not in names:
                     raise CheckpointError(f"{weights}: missing tensor {name!r}")
                 t = f.get_tensor(name)
                 validate_tensor(name, t, expected[name])
-                state[name] = t.to(device=device, dtype=dtype or t.dtype)
+                state[name] = cast_finite(name, t, device, dtype)
     except CheckpointError:
         raise
     except Exception as e:  # a truncated or foreign file: safetensors' own error, with the path
@@ -128,6 +130,43 @@ def load_folded(path: str | Path, device: str | torch.device = "cpu",
                               if len(extra) > 1 else f"{weights}: unexpected tensor {extra[0]!r}")
     tok = path if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file() else None
     return FoldedCheckpoint(path=path, config=config, kind=kind, state_dict=state, tokenizer_dir=tok)
+
+
+def check_format_version(weights: Path, metadata: dict[str, str]) -> None:
+    """The weights file's own format version, when it records one, must be the one we read."""
+    stored = metadata.get("camex_format_version")
+    if stored is not None and stored != str(FORMAT_VERSION):
+        raise CheckpointError(f"{weights}: camex_format_version {stored!r} in the safetensors metadata; "
+                              f"this runtime reads format_version {FORMAT_VERSION}")
+
+
+def cast_finite(name: str, t: Tensor, device: str | torch.device, dtype: torch.dtype | None) -> Tensor:
+    """`t` on device in dtype, refusing values the cast turns into Inf (e.g. fp32 1e6 -> fp16)."""
+    out = t.to(device=device, dtype=dtype or t.dtype)
+    if out.dtype != t.dtype and not bool(torch.isfinite(out).all()):
+        raise CheckpointError(f"tensor {name!r} has values outside the range of {out.dtype} "
+                              f"(max |x| = {float(t.abs().max()):.4g}); load it in a wider dtype")
+    return out
+
+
+def load_training_form(cls, path: str | Path):
+    """A training-form model via `from_pretrained`, refusing any checkpoint whose tensors do not
+    match the model exactly: transformers would silently re-initialise missing ones at random."""
+    try:  # mis-shaped tensors are reported in `info` (and refused below) instead of raising vaguely
+        model, info = cls.from_pretrained(path, use_safetensors=True, output_loading_info=True,
+                                          ignore_mismatched_sizes=True)
+    except OSError as e:  # e.g. no model.safetensors
+        raise CheckpointError(f"{path}: cannot load the training checkpoint ({e})") from e
+    problems = [f"{what} tensors {sorted(info[key])}"
+                for key, what in (("missing_keys", "missing"), ("unexpected_keys", "unexpected"))
+                if info.get(key)]
+    if info.get("mismatched_keys"):  # (name, checkpoint shape, model shape)
+        problems.append("mis-shaped tensors " + ", ".join(
+            f"{k!r} {tuple(saved)} (model expects {tuple(want)})" for k, saved, want in sorted(info["mismatched_keys"])))
+    problems += [str(m) for m in info.get("error_msgs") or ()]
+    if problems:
+        raise CheckpointError(f"{Path(path) / WEIGHTS_NAME} does not match the model: " + "; ".join(problems))
+    return model
 
 
 def validate_tensor(name: str, t: Tensor, shape: tuple[int, ...]) -> None:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import WEIGHTS_NAME, kind_of, model_class, save_folded
+from .checkpoint import WEIGHTS_NAME, CheckpointError, kind_of, load_training_form, model_class, save_folded
 from .config import FORMAT_VERSION, CamexConfig
 from .modeling import CamexForCausalLM, CamexPreTrainedModel
 
@@ -35,7 +35,8 @@ MAX_REL_ERROR = 1e-5
 
 
 class ExportError(RuntimeError):
-    """The folded model does not reproduce the training form; nothing was written."""
+    """Export refused (the fold does not reproduce the training form, or the target directory
+    may not be replaced, or the source is unreadable); nothing was written."""
 
 
 @dataclass
@@ -94,11 +95,48 @@ def verify(train: CamexPreTrainedModel, folded: CamexPreTrainedModel, ids: Tenso
     return err, ["sequence (padded batch)"]
 
 
+def check_out_dir(out: Path, overwrite: bool, source_dir: str | Path | None) -> None:
+    """Refuse to replace anything but a previous export, unless told to; never the source itself.
+
+    The training checkpoint being exported (or a folder holding it, e.g. `--export .`) is refused
+    even with `overwrite`: replacing it would delete the very run being exported."""
+    if source_dir:
+        src, dst = Path(source_dir).resolve(), out.resolve()
+        if src == dst or dst in src.parents:
+            raise ExportError(f"refusing to export into {out}: it is (or contains) the training "
+                              f"checkpoint {source_dir} being exported; choose another directory")
+    if not out.exists() or overwrite:
+        return
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    if not is_folded_checkpoint(out):
+        raise ExportError(f"{out} exists and is not a folded CAMEx checkpoint; export replaces its "
+                          f"whole contents, so choose another directory or pass overwrite=True "
+                          f"(camex-export --overwrite)")
+
+
+def is_folded_checkpoint(path: Path) -> bool:
+    """A previous export: config.json says model_type camex, folded: true."""
+    try:
+        raw = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(raw, dict) and raw.get("model_type") == "camex" and raw.get("folded") is True
+
+
 def export(model: CamexPreTrainedModel, out_dir: str | Path, tokenizer: Any = None,
            sample_input_ids: Tensor | None = None, provenance: dict | None = None,
-           max_rel_error: float = MAX_REL_ERROR) -> ExportReport:
-    """Fold, verify and write a folded checkpoint; raise ExportError (writing nothing) on mismatch."""
+           max_rel_error: float = MAX_REL_ERROR, overwrite: bool = False,
+           source_dir: str | Path | None = None) -> ExportReport:
+    """Fold, verify and write a folded checkpoint; raise ExportError (writing nothing) on mismatch.
+
+    An existing non-empty `out_dir` is replaced only when it is a previous export or `overwrite`;
+    `source_dir` (default: the directory the model was loaded from, if any) is never replaced."""
     t0 = time.perf_counter()
+    loaded_from = getattr(model, "name_or_path", "")  # from_pretrained's path (or a hub id)
+    if source_dir is None and loaded_from and Path(loaded_from).is_dir():
+        source_dir = loaded_from
+    check_out_dir(Path(out_dir), overwrite, source_dir)
     train = copy.deepcopy(model).to(device="cpu", dtype=torch.float32).eval()
     kind = kind_of(train.config) if getattr(train.config, "architectures", None) else (
         "causal-lm" if isinstance(train, CamexForCausalLM) else "classifier")
@@ -116,7 +154,7 @@ def export(model: CamexPreTrainedModel, out_dir: str | Path, tokenizer: Any = No
                       "merge_method": cfg.merge_method, "curvature_rank": cfg.curvature_rank,
                       "dynamic": cfg.dynamic, "export_max_rel_error": err,
                       "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out = Path(out_dir)
+    out = Path(out_dir).resolve()  # "." has no name to put a temp dir beside
     out.parent.mkdir(parents=True, exist_ok=True)
     # Write beside the target and swap in at the end: a failed export never leaves half a checkpoint.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -125,13 +163,15 @@ def export(model: CamexPreTrainedModel, out_dir: str | Path, tokenizer: Any = No
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "export_report.json").write_text(json.dumps({"max_rel_error": err, "checks": checks}, indent=2))
-        if out.exists():
+        if out.is_dir():
             shutil.rmtree(out)
+        elif out.exists():  # a stray file, replaced only with overwrite (check_out_dir)
+            out.unlink()
         tmp.rename(out)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return ExportReport(out_dir=out, max_rel_error=err, checks=checks, seconds=time.perf_counter() - t0)
+    return ExportReport(out_dir=Path(out_dir), max_rel_error=err, checks=checks, seconds=time.perf_counter() - t0)
 
 
 def load_training_checkpoint(path: str | Path) -> tuple[CamexPreTrainedModel, Any]:
@@ -144,7 +184,10 @@ def load_training_checkpoint(path: str | Path) -> tuple[CamexPreTrainedModel, An
         raise ExportError(f"{path} is already a folded checkpoint")
     if not (path / WEIGHTS_NAME).is_file():
         raise ExportError(f"{path}: missing {WEIGHTS_NAME}")
-    model = model_class(kind_of(cfg)).from_pretrained(path)
+    try:
+        model = load_training_form(model_class(kind_of(cfg)), path)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from e
     tokenizer = None
     if (path / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
@@ -157,16 +200,20 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="camex-export", description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", help="training checkpoint directory (config.json with folded: false)")
     ap.add_argument("out_dir", help="where to write the folded checkpoint")
-    ap.add_argument("--overwrite", action="store_true", help="replace OUT_DIR if it exists")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace OUT_DIR even if it is not a previous export (never CHECKPOINT itself)")
     ap.add_argument("--max-rel-error", type=float, default=MAX_REL_ERROR)
     args = ap.parse_args(argv)
     out = Path(args.out_dir)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        print(f"camex-export: {out} exists and is not empty (use --overwrite)", file=sys.stderr)
+    try:
+        check_out_dir(out, args.overwrite, args.checkpoint)
+    except ExportError as e:  # before the slow load + fold
+        print(f"camex-export: {e}", file=sys.stderr)
         return 2
     try:
         model, tok = load_training_checkpoint(args.checkpoint)
-        report = export(model, out, tokenizer=tok, max_rel_error=args.max_rel_error)
+        report = export(model, out, tokenizer=tok, max_rel_error=args.max_rel_error,
+                        overwrite=args.overwrite, source_dir=args.checkpoint)
     except (ExportError, ValueError, OSError) as e:
         print(f"camex-export: {e}", file=sys.stderr)
         return 1

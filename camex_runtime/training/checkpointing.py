@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelSpec, TrainConfig
-from .state import ResumeError, TrainerState, save_training_state
+from .state import TRAINER_STATE, ResumeError, TrainerState, save_training_state
 
 WEIGHTS = "model.safetensors"
 
@@ -30,7 +30,12 @@ def build_model(cfg: TrainConfig, data, resuming: bool) -> torch.nn.Module:
     """The training-form model: from the checkpoint when resuming, else fresh (seeded)."""
     cls = model_class(cfg.task)
     if resuming:
-        return cls.from_pretrained(cfg.out_dir)
+        from camex_runtime.checkpoint import CheckpointError, load_training_form
+
+        try:
+            return load_training_form(cls, cfg.out_dir)
+        except CheckpointError as e:
+            raise ResumeError(f"cannot resume {cfg.out_dir}: {e}") from e
     config = cfg.model.camex_config(vocab_size=len(data.tokenizer), block_size=cfg.block_size,
                                     tokenizer=data.tokenizer, label_names=data.label_names)
     if config.max_position_embeddings < cfg.block_size:
@@ -62,8 +67,13 @@ def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> int:
     return copied
 
 
-def check_resumable(saved: dict, cfg: TrainConfig) -> None:
-    """Refuse to resume a checkpoint made for a different model, task or batch layout."""
+def check_resumable(saved: dict, cfg: TrainConfig, saved_world_size: int | None = None,
+                    world_size: int = 1) -> None:
+    """Refuse to resume a checkpoint made for a different model, task or batch layout.
+
+    The batch layout includes the number of ranks: BatchOrder slices every global batch by rank,
+    so resuming with another world size would read a different data stream. `saved_world_size`
+    is None for checkpoints written before it was recorded (not checked)."""
     saved_model = ModelSpec(**saved.get("model", {}))
     problems = []
     if saved.get("task") != cfg.task:
@@ -73,17 +83,36 @@ def check_resumable(saved: dict, cfg: TrainConfig) -> None:
     for name in ("batch_size", "grad_accum", "block_size", "seed"):
         if saved.get(name) != getattr(cfg, name):
             problems.append(f"{name} {saved.get(name)} != {getattr(cfg, name)}")
+    if saved_world_size is not None and saved_world_size != world_size:
+        problems.append(f"world_size {saved_world_size} != {world_size} (resume with "
+                        f"`torchrun --nproc_per_node {saved_world_size}`)")
     if problems:
         raise ResumeError(f"cannot resume {cfg.out_dir}: " + "; ".join(problems))
 
 
 def save_checkpoint(model, data, optimizer, scheduler, cfg: TrainConfig, state: TrainerState) -> None:
-    """Model + tokenizer + optimizer/scheduler/RNG state into cfg.out_dir (trainer state last)."""
+    """Model + tokenizer + optimizer/scheduler/RNG state into cfg.out_dir (trainer state last).
+
+    The old trainer_state.json goes first: files are rewritten in place, and a crash part-way must
+    leave a directory that no longer claims to be a complete checkpoint (new weights, old step)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / TRAINER_STATE).unlink(missing_ok=True)
     model.save_pretrained(str(out))
     data.tokenizer.save_pretrained(str(out))
     save_training_state(out, state, optimizer, scheduler, cfg.to_dict())
+
+
+def check_export_dir(cfg: TrainConfig) -> None:
+    """Refuse an export_dir that export would refuse (the run's own out_dir, a folder holding it,
+    a directory that is not a previous export) before training rather than after."""
+    from camex_runtime.export import ExportError, check_out_dir
+
+    if cfg.export_dir:
+        try:
+            check_out_dir(Path(cfg.export_dir), overwrite=False, source_dir=cfg.out_dir)
+        except ExportError as e:  # a FileExistsError, so camex-train reports it as a usage error
+            raise FileExistsError(f"export_dir: {e}") from e
 
 
 def export_folded(model, data, cfg: TrainConfig, metrics: dict[str, float]) -> str:
@@ -99,5 +128,6 @@ def export_folded(model, data, cfg: TrainConfig, metrics: dict[str, float]) -> s
         "trainer_out_dir": str(cfg.out_dir),
     }
     model.eval()
-    report = export(model, cfg.export_dir, tokenizer=data.tokenizer, provenance=provenance)
+    report = export(model, cfg.export_dir, tokenizer=data.tokenizer, provenance=provenance,
+                    source_dir=cfg.out_dir)
     return str(report.out_dir)

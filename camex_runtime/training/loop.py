@@ -27,7 +27,7 @@ from .config import TrainConfig, TrainResult
 from .distributed import DistContext, init_distributed
 from .evaluation import chance_accuracy, evaluate, unigram_perplexity
 from .metrics import MetricsLog, plot_loss_curve
-from .checkpointing import build_model, check_resumable, export_folded, save_checkpoint
+from .checkpointing import build_model, check_export_dir, check_resumable, export_folded, save_checkpoint
 from .optim import make_optimizer, make_scheduler
 from .prepare import PreparedData, prepare_data
 from .state import TrainerState, has_checkpoint, load_training_state
@@ -54,6 +54,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 def _train(cfg: TrainConfig, ctx: DistContext) -> TrainResult:
     resuming = _check_out_dir(cfg)
+    check_export_dir(cfg)
     if ctx.is_main:
         cfg.out_path.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -66,7 +67,7 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> TrainResult:
     state = TrainerState()
     if resuming:
         state, saved_cfg = load_training_state(cfg.out_dir, optimizer, scheduler)
-        check_resumable(saved_cfg, cfg)
+        check_resumable(saved_cfg, cfg, state.world_size, ctx.world_size)
         log.truncate_after(state.step)
     else:
         log.reset()
@@ -166,7 +167,8 @@ def _save(model, data, optimizer, scheduler, cfg, ctx, state: TrainerState, star
           metrics: dict[str, float]) -> None:
     if ctx.is_main:
         saved = TrainerState(state.step, state.tokens,
-                             state.elapsed_s + time.perf_counter() - started, dict(metrics))
+                             state.elapsed_s + time.perf_counter() - started, dict(metrics),
+                             world_size=ctx.world_size)
         save_checkpoint(model, data, optimizer, scheduler, cfg, saved)
     ctx.barrier()
 

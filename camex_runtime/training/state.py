@@ -38,6 +38,8 @@ class TrainerState:
     tokens: int = 0                # training tokens (or examples) seen, all ranks
     elapsed_s: float = 0.0         # training wall time before this process started
     last_eval: dict[str, float] = field(default_factory=dict)  # last eval metrics
+    world_size: int | None = None  # ranks that trained it (the batch order depends on it);
+                                   # None in checkpoints written before it was recorded
 
 
 def has_checkpoint(out_dir: str | Path) -> bool:

@@ -1,6 +1,7 @@
 """Fold equivalence, the export gate, folded checkpoint validation, AutoModel loading, upcycling."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -9,7 +10,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
 
 import camex_runtime as cr
-from camex_runtime.export import main as export_main
+from camex_runtime.export import load_training_checkpoint, main as export_main
 
 from .test_modeling import spread, tiny
 
@@ -67,8 +68,70 @@ def test_export_cli_roundtrip(tmp_path, capsys):
     assert export_main([str(tmp_path / "train"), str(tmp_path / "folded")]) == 0
     assert "max relative error" in capsys.readouterr().out
     assert cr.load_folded(tmp_path / "folded").kind == "causal-lm"
-    assert export_main([str(tmp_path / "train"), str(tmp_path / "folded")]) == 2  # exists, no --overwrite
+    assert export_main([str(tmp_path / "train"), str(tmp_path / "folded")]) == 0  # a previous export
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    assert export_main([str(tmp_path / "train"), str(tmp_path / "notes")]) == 2  # not an export
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert export_main([str(tmp_path / "train"), str(tmp_path / "notes"), "--overwrite"]) == 0
+    assert not (tmp_path / "notes" / "todo.txt").exists()
+    for into in (tmp_path / "train", tmp_path):  # the source itself, or a folder holding it
+        assert export_main([str(tmp_path / "train"), str(into), "--overwrite"]) == 2
+        assert (tmp_path / "train" / "model.safetensors").is_file()
     assert export_main([str(tmp_path / "folded"), str(tmp_path / "again")]) == 1  # already folded
+
+
+def test_export_replaces_only_a_previous_export_unless_overwrite(tmp_path):
+    torch.manual_seed(0)
+    model = spread(cr.CamexForCausalLM(tiny())).eval()
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "data.txt").write_text("unrelated")
+    with pytest.raises(cr.ExportError, match=rf"{other}.*overwrite"):
+        cr.export(model, other)
+    assert [p.name for p in other.iterdir()] == ["data.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]  # no temp leftovers
+    cr.export(model, tmp_path / "folded")
+    (tmp_path / "folded" / "stale.txt").write_text("from the previous export")
+    cr.export(model, tmp_path / "folded")  # re-export over a previous export: the re-train case
+    assert not (tmp_path / "folded" / "stale.txt").exists()
+    assert cr.load_folded(tmp_path / "folded").kind == "causal-lm"
+    cr.export(model, other, overwrite=True)
+    assert not (other / "data.txt").exists() and cr.load_folded(other).kind == "causal-lm"
+
+
+def test_export_never_replaces_the_checkpoint_it_exports(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    run = tmp_path / "run"
+    spread(cr.CamexForCausalLM(tiny())).save_pretrained(run / "ckpt")
+    model, _ = load_training_checkpoint(run / "ckpt")
+    for into in (run / "ckpt", run):
+        with pytest.raises(cr.ExportError, match="being exported"):
+            cr.export(model, into, overwrite=True)  # source known from from_pretrained
+    monkeypatch.chdir(run / "ckpt")
+    with pytest.raises(cr.ExportError, match="being exported"):  # `camex-train --export .`
+        cr.export(model, ".", source_dir=".")
+    assert (run / "ckpt" / "model.safetensors").is_file() and (run / "ckpt" / "config.json").is_file()
+
+
+def test_training_checkpoint_with_a_missing_tensor_is_refused(tmp_path):
+    torch.manual_seed(0)
+    spread(cr.CamexForCausalLM(tiny(curvature_rank=2))).save_pretrained(tmp_path / "train")
+    tensors = load_file(tmp_path / "train" / "model.safetensors")
+    name = next(k for k in sorted(tensors) if ".curvature." in k)
+    del tensors[name]
+    save_file(tensors, tmp_path / "train" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(cr.ExportError, match=rf"missing tensors \['{re.escape(name)}'\]"):
+        load_training_checkpoint(tmp_path / "train")
+    assert export_main([str(tmp_path / "train"), str(tmp_path / "folded")]) == 1
+    assert not (tmp_path / "folded").exists()
+    shape = "transformer.h.0.attn.c_attn.weight"
+    tensors[name] = torch.zeros(1)
+    tensors[shape] = tensors[shape][:-1].contiguous()
+    save_file(tensors, tmp_path / "train" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(cr.ExportError, match=rf"mis-shaped tensors '{shape}' \(95, 32\).*'{re.escape(name)}'"):
+        load_training_checkpoint(tmp_path / "train")
 
 
 def _corrupt(src, dst, edit):
