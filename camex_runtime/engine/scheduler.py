@@ -97,7 +97,10 @@ class Scheduler:
     def schedule(self, now: float) -> SchedulerOutput:
         out = SchedulerOutput()
         self._drop_cancelled_and_expired(now, out)
-        out.decode = list(self.running.values())
+        # In slot order: a request that joined into a freed lower slot would otherwise leave
+        # the batch's slots out of order for good, and the KV cache can hand attention a view
+        # only for an ascending contiguous slot range (else it gathers every layer, every step).
+        out.decode = sorted(self.running.values(), key=lambda r: r.slot)
         budget = self.config.max_prefill_tokens
         while self.waiting and self._free_slots:
             req = self.waiting[0]

@@ -42,6 +42,22 @@ def test_fifo_admission_into_free_slots_and_rejoin():
     assert s.num_running == 2
 
 
+def test_decode_rows_come_in_slot_order_after_a_rejoin():
+    """r3 joins into r0's freed slot 0: the next step decodes slots [0, 1, 2] in order (the
+    KV cache reads a contiguous ascending range as a view), not in arrival order [1, 2, 0]."""
+    s = sched(max_batch_size=3)
+    reqs = [Req(f"r{i}") for i in range(4)]
+    for r in reqs[:3]:
+        s.add(r)
+    s.schedule(now=0.0)
+    s.finish(reqs[0])
+    s.add(reqs[3])
+    assert s.schedule(now=1.0).prefill == [reqs[3]] and reqs[3].slot == 0
+    out = s.schedule(now=2.0)
+    assert [r.slot for r in out.decode] == [0, 1, 2]
+    assert out.decode == [reqs[3], reqs[1], reqs[2]]
+
+
 def test_bounded_queue():
     s = sched(max_waiting=2)
     s.add(Req("a"))
