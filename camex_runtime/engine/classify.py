@@ -26,23 +26,22 @@ def classify_logits(runner, batch: Sequence[Sequence[int]]) -> Tensor:
     """Token id lists -> logits (B, num_labels) of the runner's classifier model."""
     model, tr, dev = runner.model, runner.tr, runner.device
     B, L = len(batch), max(len(ids) for ids in batch)
-    ids = torch.zeros(B, L, dtype=torch.long, device=dev)
-    mask = torch.zeros(B, L, dtype=torch.bool, device=dev)
-    for b, seq in enumerate(batch):
-        ids[b, :len(seq)] = torch.tensor(seq, device=dev)
-        mask[b, :len(seq)] = True
+    lengths = [len(seq) for seq in batch]
+    # padded on the host, one copy to the device
+    ids = torch.tensor([list(seq) + [0] * (L - len(seq)) for seq in batch], device=dev)
+    mask = torch.arange(L, device=dev) < torch.tensor(lengths, device=dev).unsqueeze(1)  # (B, L)
     x = tr.wte(ids) + tr.wpe(torch.arange(L, device=dev))  # (B, L, d)
     for i, blk in enumerate(runner.blocks):
         x = x + blk.attn(blk.ln_1(x), causal=False, key_padding_mask=mask)
         h = blk.ln_2(x)  # (B, L, d)
         if blk.is_moe:
-            x = x + _classify_moe(runner, runner.moe_of[i], h, mask)
+            x = x + _classify_moe(runner, runner.moe_of[i], h, mask, lengths)
         else:
             x = x + blk.ffn(h)
     return model.score(model.pool(tr.ln_f(x), mask))  # (B, num_labels)
 
 
-def _classify_moe(runner, m: int, h: Tensor, mask: Tensor) -> Tensor:
+def _classify_moe(runner, m: int, h: Tensor, mask: Tensor, lengths: list[int]) -> Tensor:
     moe = runner.moe[m]
     B, L, d = h.shape
     w = mask.to(h.dtype).unsqueeze(-1)  # (B, L, 1)
@@ -51,7 +50,6 @@ def _classify_moe(runner, m: int, h: Tensor, mask: Tensor) -> Tensor:
     runner._record_routing(m, None, [], scores)
     strategy = runner.strategy
     if strategy == "auto":
-        lengths = mask.sum(1).tolist()
         strategy = runner.cost.choose(lengths, B, batched_merges=True)
     if strategy == "mixture":
         # padded positions go through too: keys are masked, so they only affect themselves

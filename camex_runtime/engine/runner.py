@@ -264,7 +264,8 @@ class ModelRunner:
             x = x + blk.attn.merge_heads(o)[:, 0]
             h = blk.ln_2(x)  # (B, d)
             if blk.is_moe:
-                x = x + self._decode_moe(self.moe_of[i], h, sts, slots_t, pos, turn, digests)
+                x = x + self._decode_moe(self.moe_of[i], h, sts, slots, slots_t, pos, turn,
+                                         digests)
             else:
                 x = x + blk.ffn(h)
         for st in sts:
@@ -282,8 +283,8 @@ class ModelRunner:
             self._set_segment(sts[b], m, (digests[b], m), NO_MERGE)
             self._record_routing(m, sts[b], [pos[b]], scores[j:j + 1])
 
-    def _decode_moe(self, m: int, h: Tensor, sts: list[SlotRouting], slots_t: Tensor,
-                    pos: list[int], turn: list[int], digests: dict) -> Tensor:
+    def _decode_moe(self, m: int, h: Tensor, sts: list[SlotRouting], slots: Sequence[int],
+                    slots_t: Tensor, pos: list[int], turn: list[int], digests: dict) -> Tensor:
         """h (B, d) -> (B, d) through each row's current merged expert of MoE layer m."""
         if turn:
             self._route_new_segments(m, sts, slots_t, pos, turn, digests)
@@ -295,7 +296,7 @@ class ModelRunner:
         if self._decode_strategy(m, sts) == "merged":
             for b, st in enumerate(sts):
                 if st.pool_slots[m] == NO_MERGE:
-                    got = self._acquire(m, st.keys[m], self.scores[slots_t[b], m])
+                    got = self._acquire(m, st.keys[m], self.scores[slots[b], m])  # host index: no sync
                     st.pool_slots[m] = FALLBACK if got is None else got
             groups: dict[int, list[int]] = {}
             for b, st in enumerate(sts):
