@@ -296,7 +296,7 @@ class ModelRunner:
         if self._decode_strategy(m, sts) == "merged":
             for b, st in enumerate(sts):
                 if st.pool_slots[m] == NO_MERGE:
-                    got = self._acquire(m, st.keys[m], self.scores[slots[b], m])  # host index: no sync
+                    got = self._acquire(m, st.keys[m], self.scores[slots[b], m])
                     st.pool_slots[m] = FALLBACK if got is None else got
             groups: dict[int, list[int]] = {}
             for b, st in enumerate(sts):
