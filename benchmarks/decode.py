@@ -20,6 +20,7 @@ from common import (base_parser, best_time, folded_model, print_table, setup, sh
                     training_model, write_results)
 from roofline import bound, decode_step_cost, fused_bound, measure_peaks
 from camex_runtime import Engine, SamplingParams
+from camex_runtime.engine.merge_cache import entry_bytes
 
 COLS = ["system", "strategy", "B", "tok_s", "bound_tok_s", "achieved", "achieved_fused",
         "fallbacks"]
@@ -97,7 +98,7 @@ def main() -> None:
                          fallbacks=fallbacks))
         print_table(rows[-1:], COLS)
 
-    ffn_bytes = elem * (2 * cfg["d_model"] * cfg["d_ff"] + cfg["d_model"] + cfg["d_ff"])
+    ffn_bytes = entry_bytes(cfg["d_model"], cfg["d_ff"], dtype)
     cache_bytes = (args.cache_mb << 20) if args.cache_mb else 8 * cfg["n_layer"] * ffn_bytes
     camex = make_engine(folded_model(cfg, device, dtype), max(Bs), P, N, cache_bytes)
     for B in Bs:

@@ -16,6 +16,7 @@ import torch
 from common import base_parser, folded_model, print_table, setup, shape, sync, write_results
 from roofline import bound, fused_bound, measure_peaks, prefill_cost
 from camex_runtime import Engine
+from camex_runtime.engine.merge_cache import entry_bytes
 
 COLS = ["system", "strategy", "tokens", "tok_s", "bound_tok_s", "achieved", "achieved_fused"]
 
@@ -46,7 +47,7 @@ def main() -> None:
     peaks = measure_peaks(device, dtype, args.reps)
     rows = []
     kw = dict(max_batch_size=1, max_input_tokens=max(lengths), max_total_tokens=max(lengths) + 1)
-    ffn_bytes = elem * (2 * cfg["d_model"] * cfg["d_ff"] + cfg["d_model"] + cfg["d_ff"])
+    ffn_bytes = entry_bytes(cfg["d_model"], cfg["d_ff"], dtype)
     camex = Engine(folded_model(cfg, device, dtype), None,
                    merge_cache_bytes=2 * cfg["n_layer"] * ffn_bytes, **kw)
     dense = Engine(folded_model(cfg, device, dtype, num_experts=0), None, merge_cache_bytes=0, **kw)

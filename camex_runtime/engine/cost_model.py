@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from camex_runtime.engine.merge_cache import merged_ffn_shapes
 from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
 
 STRATEGIES = ("auto", "merged", "mixture")
@@ -62,10 +63,8 @@ class StrategyProfile:
         # in the CPU/GPU cache when its turn comes, so one hot buffer would flatter `merged`.
         entry = moe.ffn_params * moe.w1.element_size()
         k = max(1, min(8, -(-ROTATE_BYTES // entry)))
-        outs = [{"fc1_weight": torch.empty(h, d, device=dev, dtype=dt),
-                 "fc1_bias": torch.empty(h, device=dev, dtype=dt),
-                 "fc2_weight": torch.empty(d, h, device=dev, dtype=dt),
-                 "fc2_bias": torch.empty(d, device=dev, dtype=dt)} for _ in range(k)]
+        outs = [{part: torch.empty(shape, device=dev, dtype=dt)
+                 for part, shape in merged_ffn_shapes(d, h).items()} for _ in range(k)]
         s = torch.full((E,), 1.0 / E, device=dev)
         for out in outs:
             moe.merge_into(s, out)

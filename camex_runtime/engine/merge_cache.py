@@ -37,13 +37,23 @@ class Acquired:
     hit: bool  # False: the caller must merge into `slot` before using it
 
 
+def merged_ffn_shapes(d_model: int, d_ff: int) -> dict[str, tuple[int, ...]]:
+    """Shape of each part of one merged FFN, in pool order (PARTS)."""
+    return {"fc1_weight": (d_ff, d_model), "fc1_bias": (d_ff,),
+            "fc2_weight": (d_model, d_ff), "fc2_bias": (d_model,)}
+
+
+def entry_bytes(d_model: int, d_ff: int, dtype: torch.dtype) -> int:
+    """Bytes of one pool entry: one merged FFN."""
+    elem = torch.empty((), dtype=dtype).element_size()
+    return elem * sum(int(torch.Size(s).numel()) for s in merged_ffn_shapes(d_model, d_ff).values())
+
+
 class MergeCache:
     def __init__(self, d_model: int, d_ff: int, budget_bytes: int, device: torch.device,
                  dtype: torch.dtype):
-        shapes = {"fc1_weight": (d_ff, d_model), "fc1_bias": (d_ff,),
-                  "fc2_weight": (d_model, d_ff), "fc2_bias": (d_model,)}
-        elem = torch.empty((), dtype=dtype).element_size()
-        self.entry_bytes = elem * sum(int(torch.Size(s).numel()) for s in shapes.values())
+        shapes = merged_ffn_shapes(d_model, d_ff)
+        self.entry_bytes = entry_bytes(d_model, d_ff, dtype)
         self.budget_bytes = int(budget_bytes)
         self.num_slots = self.budget_bytes // self.entry_bytes
         # (slots, *shape) per part: merge_experts writes into pool[part][slot] with out=.

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from camex_runtime.engine.cost_model import CostModel, StrategyProfile
 from camex_runtime.engine.kv_cache import KVCache
-from camex_runtime.engine.merge_cache import MergeCache
+from camex_runtime.engine.merge_cache import MergeCache, entry_bytes
 from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
 from camex_runtime.engine.routing_state import FALLBACK, NO_MERGE, SlotRouting, routing_digest
 from camex_runtime.modeling import segment_means
@@ -50,9 +50,8 @@ def default_merge_cache_bytes(cfg, num_slots: int, moe_layers: int, dtype: torch
     the transient merge of a long prompt's earlier segments, so no sequence of a full batch
     falls back to the mixture for lack of space. (GPT-2-small shape, 12 MoE layers, fp32:
     ~227 MB per sequence.)"""
-    elem = torch.empty((), dtype=dtype).element_size()
-    ffn = 2 * cfg.d_model * cfg.d_ff + cfg.d_model + cfg.d_ff
-    return max(MIN_MERGE_CACHE_BYTES, (num_slots + 1) * moe_layers * ffn * elem)
+    entry = entry_bytes(cfg.d_model, cfg.d_ff, dtype)
+    return max(MIN_MERGE_CACHE_BYTES, (num_slots + 1) * moe_layers * entry)
 
 
 class ModelRunner:
