@@ -15,7 +15,7 @@ def test_refused_prompt_in_a_batch_cancels_the_prompts_already_submitted(tiny_lm
         engine = app.state.serving.lm
         handles, submit = [], engine.submit
 
-        def spy(prompt, params):  # hack: wraps the instance's submit to see the handles made
+        def spy(prompt, params):  # records the handles the route creates
             handles.append(submit(prompt, params))
             return handles[-1]
         engine.submit = spy
