@@ -4,6 +4,15 @@ It is a `transformers.PretrainedConfig` (``model_type="camex"``) so a checkpoint
 with ``AutoConfig``; importing :mod:`camex_runtime` registers it. The config knows nothing about
 tensors; it only validates that the numbers describe a buildable model.
 
+Two families share every CAMEx mechanism (routing, merging, folding, serving) and differ only in
+the transformer around the merged FFNs (see docs/DESIGN.md, "Model families"):
+
+- ``family="gpt2"``: LayerNorm, learned absolute positions, fused qkv with biases, GELU FFN
+  ``fc2(gelu(fc1 x))``.
+- ``family="llama"`` (Llama, Mistral, Qwen2, Phi-3 import into it): RMSNorm, rotary positions,
+  grouped-query attention (``num_key_value_heads``), optional q/k/v biases (Qwen2), SwiGLU FFN
+  ``down(silu(gate x) * up x)`` whose three projections each merge with the same scores.
+
 Named presets (``CamexConfig.from_preset("gpt2-small")``) follow gpt-fast's ``ModelArgs.from_name``.
 """
 
@@ -16,6 +25,13 @@ from transformers import PretrainedConfig
 FORMAT_VERSION = 1  # bump when the folded checkpoint layout changes (checkpoint.py refuses others)
 
 MERGE_METHODS = ("domain_specific", "ties", "dare")
+FAMILIES = ("gpt2", "llama")
+# Activation of each family's FFN (the only one its blocks implement).
+FAMILY_ACTIVATIONS = {"gpt2": ("gelu_new", "gelu_pytorch_tanh"), "llama": ("silu",)}
+# Rotary types whose frequencies do not depend on the sequence length: reproduced exactly with
+# transformers' own initialisers. "dynamic", "longrope", "yarn", ... are refused at load.
+ROPE_TYPES = ("default", "linear", "llama3")
+CLASSIFIER_POOLING = ("mean", "last")
 ROUTING_MODES = ("segment", "prompt")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
@@ -25,12 +41,32 @@ class CamexConfig(PretrainedConfig):
 
     def __init__(
         self,
+        # Transformer around the merged FFNs: "gpt2" or "llama" (module docstring).
+        family: str = "gpt2",
         vocab_size: int = 50257,
         d_model: int = 768,
         n_layer: int = 12,
         n_head: int = 12,
         d_ff: int = 3072,
         max_position_embeddings: int = 1024,
+        # llama: key/value heads of grouped-query attention (None = n_head, plain multi-head).
+        num_key_value_heads: int | None = None,
+        # Width of one attention head (None = d_model // n_head); some llama configs set it apart.
+        head_dim: int | None = None,
+        # llama: transformers' rotary description {"rope_type", "rope_theta", ...} (ROPE_TYPES).
+        rope_parameters: dict[str, Any] | None = None,
+        # Biases of the q/k/v projections, the attention output and the FFN projections.
+        # None = the family's default (gpt2: all biased; llama: none; Qwen2 sets attention_bias).
+        attention_bias: bool | None = None,
+        attention_out_bias: bool | None = None,
+        mlp_bias: bool | None = None,
+        # FFN activation; None = the family's (gpt2: gelu_new, llama: silu).
+        hidden_act: str | None = None,
+        # Classifiers: "mean" pools the non-padding tokens (CAMEx encoders), "last" the last
+        # non-padding token (transformers' *ForSequenceClassification of decoder families),
+        # and `classifier_causal` keeps the decoder's causal attention for such upcycled heads.
+        classifier_pooling: str = "mean",
+        classifier_causal: bool = False,
         # Routed experts per MoE FFN (the base expert E_m is extra and never routed); 0 = dense.
         num_experts: int = 7,
         # Indices of blocks whose FFN is a merged-expert layer; None = every block.
@@ -64,12 +100,27 @@ class CamexConfig(PretrainedConfig):
         pad_token_id: int | None = None,
         **kwargs: Any,
     ) -> None:
+        self.family = family
         self.vocab_size = vocab_size
         self.d_model = d_model
         self.n_layer = n_layer
         self.n_head = n_head
         self.d_ff = d_ff
         self.max_position_embeddings = max_position_embeddings
+        if head_dim is None and n_head > 0 and d_model % n_head:
+            raise ValueError(f"d_model={d_model} is not divisible by n_head={n_head}")
+        self.num_key_value_heads = n_head if num_key_value_heads is None else num_key_value_heads
+        self.head_dim = head_dim if head_dim is not None else (d_model // n_head if n_head else 0)
+        llama = family == "llama"
+        self.rope_parameters = (dict(rope_parameters) if rope_parameters is not None else
+                                {"rope_type": "default", "rope_theta": 10000.0}) if llama else None
+        self.attention_bias = (not llama) if attention_bias is None else bool(attention_bias)
+        self.attention_out_bias = ((not llama) if attention_out_bias is None
+                                   else bool(attention_out_bias))
+        self.mlp_bias = (not llama) if mlp_bias is None else bool(mlp_bias)
+        self.hidden_act = hidden_act or ("silu" if llama else "gelu_new")
+        self.classifier_pooling = classifier_pooling
+        self.classifier_causal = bool(classifier_causal)
         self.num_experts = num_experts
         self.moe_layers = list(range(n_layer)) if moe_layers is None else sorted(int(i) for i in moe_layers)
         self.segment_len = segment_len
@@ -109,13 +160,41 @@ class CamexConfig(PretrainedConfig):
         return self.n_head
 
     @property
+    def uses_rope(self) -> bool:
+        return self.family == "llama"
+
+    @property
     def is_moe(self) -> bool:
         return self.num_experts > 0 and len(self.moe_layers) > 0
 
     def validate_camex(self) -> None:
         """Raise ValueError with the offending field when the numbers cannot build a model."""
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_head={self.n_head}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
+        if self.n_head < 1 or self.head_dim < 1:
+            raise ValueError(f"n_head and head_dim must be >= 1, got {self.n_head}, {self.head_dim}")
+        kv = self.num_key_value_heads
+        if kv < 1 or self.n_head % kv:
+            raise ValueError(f"num_key_value_heads={kv} must divide n_head={self.n_head}")
+        if self.family == "gpt2" and (kv != self.n_head or self.head_dim * self.n_head != self.d_model):
+            raise ValueError("family 'gpt2' has plain multi-head attention: num_key_value_heads "
+                             "must equal n_head and head_dim d_model // n_head")
+        if self.hidden_act not in FAMILY_ACTIVATIONS[self.family]:
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported for family "
+                             f"{self.family!r} (supported: {FAMILY_ACTIVATIONS[self.family]})")
+        if self.rope_parameters is not None:
+            rope_type = self.rope_parameters.get("rope_type", "default")
+            if rope_type not in ROPE_TYPES:
+                raise ValueError(f"rope_parameters: rope_type {rope_type!r} is not supported "
+                                 f"(its frequencies depend on the sequence length or are not "
+                                 f"reproduced exactly); supported: {ROPE_TYPES}")
+            factor = self.rope_parameters.get("partial_rotary_factor", 1.0)
+            if not 0.0 < factor <= 1.0 or int(self.head_dim * factor) % 2:
+                raise ValueError(f"rope_parameters: partial_rotary_factor {factor} must be in "
+                                 f"(0, 1] and give an even rotary width of head_dim {self.head_dim}")
+        if self.classifier_pooling not in CLASSIFIER_POOLING:
+            raise ValueError(f"classifier_pooling must be one of {CLASSIFIER_POOLING}, "
+                             f"got {self.classifier_pooling!r}")
         if self.num_experts < 0:
             raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
         if self.curvature_rank < 0:
@@ -151,4 +230,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Unit-test size: runs in milliseconds on a CPU.
     "tiny": dict(vocab_size=97, d_model=32, n_layer=2, n_head=4, d_ff=64,
                  max_position_embeddings=64, num_experts=3, segment_len=4),
+    # The same, Llama-shaped: rotary, RMSNorm, 2 key/value heads for 4 query heads, SwiGLU.
+    "tiny-llama": dict(family="llama", vocab_size=97, d_model=32, n_layer=2, n_head=4,
+                       num_key_value_heads=2, d_ff=64, max_position_embeddings=64,
+                       num_experts=3, segment_len=4, layer_norm_epsilon=1e-6,
+                       tie_word_embeddings=False),
+    # TinyLlama-1.1B's shape (random weights in benchmarks): 22 blocks, 32 heads, 4 KV heads.
+    "tinyllama-1b": dict(family="llama", vocab_size=32000, d_model=2048, n_layer=22, n_head=32,
+                         num_key_value_heads=4, d_ff=5632, max_position_embeddings=2048,
+                         num_experts=7, moe_layers=list(range(1, 22, 2)), segment_len=256,
+                         layer_norm_epsilon=1e-5, tie_word_embeddings=False),
 }

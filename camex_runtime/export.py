@@ -58,12 +58,13 @@ def fold(model: CamexPreTrainedModel) -> tuple[CamexConfig, dict[str, Tensor]]:
     state = {k: v for k, v in model.state_dict().items() if ".ffn.curvature." not in k}
     for layer, bank in model.transformer.expert_banks().items():
         p = f"transformer.h.{layer}.ffn."
-        for name, lb in (("fc1", bank.fc1), ("fc2", bank.fc2)):
+        for name, lb in bank.linears.items():
             state[f"{p}base.{name}.weight"] = lb.base_weight.clone()
-            state[f"{p}base.{name}.bias"] = lb.base_bias.clone()
             # E'_i = E_m + mask_i ⊙ M_i(τ_i)
             state[f"{p}experts.{name}.weight"] = lb.base_weight + lb.delta_weight
-            state[f"{p}experts.{name}.bias"] = lb.base_bias + lb.delta_bias
+            if lb.base_bias is not None:
+                state[f"{p}base.{name}.bias"] = lb.base_bias.clone()
+                state[f"{p}experts.{name}.bias"] = lb.base_bias + lb.delta_bias
     return cfg, state
 
 

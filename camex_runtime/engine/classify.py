@@ -1,10 +1,11 @@
 """Batched sequence classification on the runner's weights: padding-aware, one merge per
 sequence and MoE layer (DESIGN §2: the router sees the masked mean of the FFN inputs).
 
-Right-pads the batch, runs the encoder blocks with the model's own bidirectional attention,
-applies each MoE layer with merged weights (merged in chunks, never cached: a classification
-merge serves exactly one sequence once) or the mixture strategy, then the model's masked-mean
-pooling and head. Knows nothing about labels or tokenizers; returns raw logits.
+Right-pads the batch and runs the model's own block loop (`CamexModel.run`) with its attention
+(bidirectional, or causal for classifiers upcycled from a decoder) under a padding mask; each
+MoE layer is applied with merged weights (merged in chunks, never cached: a classification
+merge serves exactly one sequence once) or the mixture strategy; then the model's pooling and
+head. Knows nothing about labels or tokenizers; returns raw logits.
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import torch
 from torch import Tensor
 
 from camex_runtime.engine.moe import apply_mixture
-from camex_runtime.modeling import merged_ffn
+from camex_runtime.experts import merged_ffn
+from camex_runtime.layers import FullAttention
 
 MERGE_CHUNK = 8  # sequences merged at once: bounds the transient memory of merged weights
 CLASSIFY_BATCH = 64  # sequences per forward when classifying a long list
@@ -30,15 +32,19 @@ def classify_logits(runner, batch: Sequence[Sequence[int]]) -> Tensor:
     # padded on the host, one copy to the device
     ids = torch.tensor([list(seq) + [0] * (L - len(seq)) for seq in batch], device=dev)
     mask = torch.arange(L, device=dev) < torch.tensor(lengths, device=dev).unsqueeze(1)  # (B, L)
-    x = tr.wte(ids) + tr.wpe(torch.arange(L, device=dev))  # (B, L, d)
-    for i, blk in enumerate(runner.blocks):
-        x = x + blk.attn(blk.ln_1(x), causal=False, key_padding_mask=mask)
-        h = blk.ln_2(x)  # (B, L, d)
-        if blk.is_moe:
-            x = x + _classify_moe(runner, runner.moe_of[i], h, mask, lengths)
-        else:
-            x = x + blk.ffn(h)
-    return model.score(model.pool(tr.ln_f(x), mask))  # (B, num_labels)
+    attn = FullAttention(causal=model.config.classifier_causal, key_padding_mask=mask)
+    hidden = tr.run(ids, torch.arange(L, device=dev), attn, _ClassifyRouting(runner, mask, lengths))
+    return model.score(model.pool(hidden, mask))  # (B, num_labels)
+
+
+class _ClassifyRouting:
+    """Routing context of a classification batch: one merge per sequence and MoE layer."""
+
+    def __init__(self, runner, mask: Tensor, lengths: list[int]):
+        self.runner, self.mask, self.lengths = runner, mask, lengths
+
+    def apply(self, layer: int, h: Tensor) -> Tensor:
+        return _classify_moe(self.runner, self.runner.moe_of[layer], h, self.mask, self.lengths)
 
 
 def _classify_moe(runner, m: int, h: Tensor, mask: Tensor, lengths: list[int]) -> Tensor:

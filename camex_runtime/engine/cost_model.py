@@ -58,13 +58,14 @@ class StrategyProfile:
     def measure(cls, moe: MoEWeights, points: tuple[int, ...] = PROBE_TOKENS,
                 reps: int = 2) -> "StrategyProfile":
         dev, dt = moe.w1.device, moe.w1.dtype
-        E, h, d = moe.num_experts, moe.w1.shape[1], moe.w1.shape[2]
+        E, h, d = moe.num_experts, moe.w2.shape[2], moe.w2.shape[1]
+        layout = {"gated": moe.w1.shape[1] == 2 * h, "bias": moe.b1 is not None}
         # Several merged FFNs, used in turn: in serving, a sequence's merged weights are not
         # in the CPU/GPU cache when its turn comes, so one hot buffer would flatter `merged`.
         entry = moe.ffn_params * moe.w1.element_size()
         k = max(1, min(8, -(-ROTATE_BYTES // entry)))
         outs = [{part: torch.empty(shape, device=dev, dtype=dt)
-                 for part, shape in merged_ffn_shapes(d, h).items()} for _ in range(k)]
+                 for part, shape in merged_ffn_shapes(d, h, **layout).items()} for _ in range(k)]
         s = torch.full((E,), 1.0 / E, device=dev)
         for out in outs:
             moe.merge_into(s, out)
@@ -76,7 +77,7 @@ class StrategyProfile:
 
             def apply_each():
                 for out in outs:
-                    apply_merged(x, out)
+                    apply_merged(x, out, moe.kind)
             merged.append(best_time(apply_each, dev, reps) / k)
             mixture.append(best_time(lambda: apply_mixture(x, moe, sn), dev, reps))
         return cls(tuple(points), tuple(merged), tuple(mixture), merge, E)

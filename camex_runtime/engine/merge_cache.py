@@ -1,7 +1,8 @@
 """Merged-expert weight cache: a preallocated pool under a byte budget, content-addressed.
 
-One entry holds one merged FFN (`fc1` weight+bias, `fc2` weight+bias) for one MoE layer and
-one routing decision. Keys are chosen by the caller so that equal keys mean equal merged
+One entry holds one merged FFN for one MoE layer and one routing decision, in the serving
+layout of engine/moe.py: `fc1` (the input projection(s) fused: GPT-2's fc1, SwiGLU's [gate; up]),
+`fc2` (the output projection), and their biases when the family has them. Keys are chosen by the caller so that equal keys mean equal merged
 weights (layer, routing mode, digest of the token ids that decided the scores, ...); two
 sequences with the same routing prefix therefore share one entry, counted by reference.
 Unreferenced entries stay resident in LRU order and are evicted only when a new merge needs
@@ -21,7 +22,7 @@ import torch
 
 from camex_runtime.engine.outputs import MergeCacheStats
 
-# Parts of one merged FFN, in pool order.
+# Parts of one merged FFN, in pool order (the bias parts only when the FFN has biases).
 PARTS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 
 
@@ -37,23 +38,34 @@ class Acquired:
     hit: bool  # False: the caller must merge into `slot` before using it
 
 
-def merged_ffn_shapes(d_model: int, d_ff: int) -> dict[str, tuple[int, ...]]:
-    """Shape of each part of one merged FFN, in pool order (PARTS)."""
-    return {"fc1_weight": (d_ff, d_model), "fc1_bias": (d_ff,),
-            "fc2_weight": (d_model, d_ff), "fc2_bias": (d_model,)}
+def merged_ffn_shapes(d_model: int, d_ff: int, *, gated: bool = False,
+                      bias: bool = True) -> dict[str, tuple[int, ...]]:
+    """Shape of each part of one merged FFN, in pool order (PARTS). `gated`: a SwiGLU FFN, whose
+    fused fc1 holds gate and up (2·d_ff rows); `bias`: the FFN's projections have biases."""
+    rows = 2 * d_ff if gated else d_ff
+    shapes = {"fc1_weight": (rows, d_model), "fc1_bias": (rows,),
+              "fc2_weight": (d_model, d_ff), "fc2_bias": (d_model,)}
+    return shapes if bias else {k: v for k, v in shapes.items() if not k.endswith("_bias")}
 
 
-def entry_bytes(d_model: int, d_ff: int, dtype: torch.dtype) -> int:
+def ffn_layout(config) -> dict[str, bool]:
+    """merged_ffn_shapes' keyword arguments for a model config (GPT-2 when it names no family)."""
+    family = getattr(config, "family", "gpt2")
+    return {"gated": family == "llama", "bias": bool(getattr(config, "mlp_bias", True))}
+
+
+def entry_bytes(d_model: int, d_ff: int, dtype: torch.dtype, **layout: bool) -> int:
     """Bytes of one pool entry: one merged FFN."""
     elem = torch.empty((), dtype=dtype).element_size()
-    return elem * sum(int(torch.Size(s).numel()) for s in merged_ffn_shapes(d_model, d_ff).values())
+    shapes = merged_ffn_shapes(d_model, d_ff, **layout)
+    return elem * sum(int(torch.Size(s).numel()) for s in shapes.values())
 
 
 class MergeCache:
     def __init__(self, d_model: int, d_ff: int, budget_bytes: int, device: torch.device,
-                 dtype: torch.dtype):
-        shapes = merged_ffn_shapes(d_model, d_ff)
-        self.entry_bytes = entry_bytes(d_model, d_ff, dtype)
+                 dtype: torch.dtype, **layout: bool):
+        shapes = merged_ffn_shapes(d_model, d_ff, **layout)
+        self.entry_bytes = entry_bytes(d_model, d_ff, dtype, **layout)
         self.budget_bytes = int(budget_bytes)
         self.num_slots = self.budget_bytes // self.entry_bytes
         # (slots, *shape) per part: merge_experts writes into pool[part][slot] with out=.
@@ -105,7 +117,7 @@ class MergeCache:
         self._free.append(e.slot)
 
     def weights(self, slot: int) -> dict[str, torch.Tensor]:
-        """Views of one entry: fc1_weight (h, d), fc1_bias (h,), fc2_weight (d, h), fc2_bias (d,)."""
+        """Views of one entry: fc1_weight (k*h, d), fc2_weight (d, h) (+ fc1_bias, fc2_bias)."""
         return {p: t[slot] for p, t in self.pool.items()}
 
     def record_merge(self, count: int, seconds: float) -> None:

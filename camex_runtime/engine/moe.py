@@ -1,7 +1,7 @@
 """The two exact ways to apply a merged-expert FFN, on weights laid out for serving.
 
 `MoEWeights` stacks each linear as `[E_m; Δ_1..Δ_E]` once at load (the folded checkpoint's
-`E'_i − E_m`, DESIGN §3), so that
+`E'_i − E_m`, docs/DESIGN.md §3), so that
 - **merged**: `merge_into` writes `Ê = E_m + α Σ_i s_i Δ_i` into a preallocated pool entry with
   `merging.merge_experts(..., out=)` (one addmm per part, no allocation), and
   `apply_merged` applies it with two plain linears — the same cost as a dense FFN;
@@ -14,36 +14,63 @@ Knows nothing about caches, keys or requests: weights, scores and activations in
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from camex_runtime.experts import ExpertBank, LinearBank, route_scores
+from camex_runtime.layers import FFNKind
 from camex_runtime.merging import merge_experts
-from camex_runtime.modeling import ExpertBank, LinearBank, ffn_activation, route_scores
 
 
 @dataclass
 class MoEWeights:
-    """One MoE FFN in serving layout. Row 0 of each stack is the base expert E_m."""
+    """One MoE FFN in serving layout. Row 0 of each stack is the base expert E_m.
+
+    The family's input projections are stacked along their output rows as one `fc1` (GPT-2:
+    fc1; SwiGLU: [gate; up], so one GEMM serves both) and the output projection is `fc2`;
+    `kind` is the family's FFN in that fused layout (layers.FFNKind.fused)."""
     router: Tensor  # (E, d)
-    w1: Tensor  # (E+1, h, d)
-    b1: Tensor  # (E+1, h)
+    w1: Tensor  # (E+1, k*h, d), k = number of input projections
+    b1: Optional[Tensor]  # (E+1, k*h), None without FFN biases
     w2: Tensor  # (E+1, d, h)
-    b2: Tensor  # (E+1, d)
+    b2: Optional[Tensor]  # (E+1, d)
     alpha: float
+    kind: FFNKind
 
     @classmethod
-    def from_bank(cls, bank: ExpertBank) -> "MoEWeights":
-        def stack(base: Tensor, delta: Tensor) -> Tensor:
-            return torch.cat([base.unsqueeze(0), delta], dim=0).contiguous()
+    def from_folded(cls, ffn) -> "MoEWeights":
+        """From a folded `CamexMoEFFN` (base E_m, experts E'_i): Δ_i = E'_i − E_m is written
+        straight into one preallocated stack per part, so loading holds at most one layer's
+        stack beside the checkpoint's own tensors."""
+        kind = ffn.kind
+        base = ffn.own_base()
+        experts = {p: getattr(ffn.experts, p) for p in kind.projections}
+
+        def stack(projs: tuple[str, ...], bias: bool) -> Optional[Tensor]:
+            pairs = [(base[p][1], experts[p].bias) if bias else (base[p][0], experts[p].weight)
+                     for p in projs]
+            if pairs[0][0] is None:
+                return None
+            b0, e0 = pairs[0]
+            rows = sum(b.shape[0] for b, _ in pairs)
+            out = torch.empty((e0.shape[0] + 1, rows, *b0.shape[1:]), dtype=b0.dtype,
+                              device=b0.device)
+            at = 0
+            for b, e in pairs:  # fused input projections side by side along the rows
+                n = b.shape[0]
+                out[0, at:at + n] = b
+                torch.sub(e, b, out=out[1:, at:at + n])
+                at += n
+            return out
+
         with torch.no_grad():
-            return cls(router=bank.router_weight.detach(),
-                       w1=stack(bank.fc1.base_weight, bank.fc1.delta_weight),
-                       b1=stack(bank.fc1.base_bias, bank.fc1.delta_bias),
-                       w2=stack(bank.fc2.base_weight, bank.fc2.delta_weight),
-                       b2=stack(bank.fc2.base_bias, bank.fc2.delta_bias),
-                       alpha=float(bank.alpha))
+            return cls(router=ffn.router.weight.detach(),
+                       w1=stack(kind.in_projs, False), b1=stack(kind.in_projs, True),
+                       w2=stack((kind.out_proj,), False), b2=stack((kind.out_proj,), True),
+                       alpha=float(ffn.config.alpha), kind=kind.fused())
 
     @property
     def num_experts(self) -> int:
@@ -52,12 +79,15 @@ class MoEWeights:
     @property
     def ffn_params(self) -> int:
         """Parameters of one (merged) FFN."""
-        return self.w1[0].numel() + self.b1[0].numel() + self.w2[0].numel() + self.b2[0].numel()
+        biases = 0 if self.b1 is None else self.b1[0].numel() + self.b2[0].numel()
+        return self.w1[0].numel() + self.w2[0].numel() + biases
 
     def bank(self) -> ExpertBank:
-        """The same weights as the model code's ExpertBank (views, no copy)."""
-        return ExpertBank(self.router, LinearBank(self.w1[0], self.b1[0], self.w1[1:], self.b1[1:]),
-                          LinearBank(self.w2[0], self.b2[0], self.w2[1:], self.b2[1:]), self.alpha)
+        """The same weights as the model code's ExpertBank, in the fused layout (views)."""
+        def lb(w: Tensor, b: Optional[Tensor]) -> LinearBank:
+            return LinearBank(w[0], None if b is None else b[0], w[1:], None if b is None else b[1:])
+        return ExpertBank(self.router, {"fc1": lb(self.w1, self.b1), "fc2": lb(self.w2, self.b2)},
+                          self.alpha, self.kind)
 
     def scores(self, mean_h: Tensor) -> Tensor:
         """(S, d) routing inputs -> (S, E) fp32 softmax scores (the model's route_scores)."""
@@ -65,19 +95,19 @@ class MoEWeights:
 
     def merge_into(self, scores: Tensor, out: dict[str, Tensor]) -> None:
         """Write the merged FFN for one routing decision, scores (E,), into pool views `out`
-        (fc1_weight (h, d), fc1_bias (h,), fc2_weight (d, h), fc2_bias (d,))."""
+        (merge_cache.merged_ffn_shapes: fc1_weight (k*h, d), fc2_weight (d, h), biases)."""
         s = scores.reshape(1, -1)  # (1, E)
         a = self.alpha
-        merge_experts(self.w1[0], self.w1[1:], s, a, out=out["fc1_weight"].unsqueeze(0))
-        merge_experts(self.b1[0], self.b1[1:], s, a, out=out["fc1_bias"].unsqueeze(0))
-        merge_experts(self.w2[0], self.w2[1:], s, a, out=out["fc2_weight"].unsqueeze(0))
-        merge_experts(self.b2[0], self.b2[1:], s, a, out=out["fc2_bias"].unsqueeze(0))
+        for part, stack in (("fc1_weight", self.w1), ("fc1_bias", self.b1),
+                            ("fc2_weight", self.w2), ("fc2_bias", self.b2)):
+            if stack is not None:
+                merge_experts(stack[0], stack[1:], s, a, out=out[part].unsqueeze(0))
 
 
-def apply_merged(x: Tensor, w: dict[str, Tensor]) -> Tensor:
+def apply_merged(x: Tensor, w: dict[str, Tensor], kind: FFNKind) -> Tensor:
     """x (n, d) through one merged FFN (pool views) -> (n, d)."""
-    hid = ffn_activation(F.linear(x, w["fc1_weight"], w["fc1_bias"]))  # (n, h)
-    return F.linear(hid, w["fc2_weight"], w["fc2_bias"])  # (n, d)
+    hid = kind.hidden([F.linear(x, w["fc1_weight"], w.get("fc1_bias"))])  # (n, h)
+    return F.linear(hid, w["fc2_weight"], w.get("fc2_bias"))  # (n, d)
 
 
 def mixture_coefficients(scores: Tensor, alpha: float, dtype: torch.dtype) -> Tensor:
@@ -87,14 +117,17 @@ def mixture_coefficients(scores: Tensor, alpha: float, dtype: torch.dtype) -> Te
 
 
 def apply_mixture(x: Tensor, moe: MoEWeights, scores: Tensor) -> Tensor:
-    """x (n, d), per-row scores (n, E) -> (n, d), without materialising merged weights."""
+    """x (n, d), per-row scores (n, E) -> (n, d), without materialising merged weights.
+    Exact because every projection is linear in its weight: the input projections' E+1
+    outputs are combined with [1, α s] before the (non-linear) hidden function."""
     n, d = x.shape
-    E1, h = moe.w1.shape[0], moe.w1.shape[1]
+    E1, kh = moe.w1.shape[0], moe.w1.shape[1]
     c = mixture_coefficients(scores, moe.alpha, x.dtype)  # (n, E+1)
-    # fc1: (n, d) @ ((E+1)·h, d)^T -> (n, E+1, h); then the score-weighted sum over experts
-    y = F.linear(x, moe.w1.view(E1 * h, d), moe.b1.view(E1 * h)).view(n, E1, h)
-    hid = ffn_activation(torch.bmm(c.unsqueeze(1), y).squeeze(1))  # (n, 1, E+1) @ (n, E+1, h)
+    b1 = None if moe.b1 is None else moe.b1.view(E1 * kh)
+    # fc1: (n, d) @ ((E+1)·kh, d)^T -> (n, E+1, kh); then the score-weighted sum over experts
+    y = F.linear(x, moe.w1.view(E1 * kh, d), b1).view(n, E1, kh)
+    hid = moe.kind.hidden([torch.bmm(c.unsqueeze(1), y).squeeze(1)])  # (n, 1, E+1) @ (n, E+1, kh)
     # fc2: per expert e, (c_e · hid) @ w2[e]^T summed over e: (E+1, n, h) @ (E+1, h, d)
     scaled = c.t().unsqueeze(2) * hid.unsqueeze(0)  # (E+1, n, h)
     out = torch.bmm(scaled, moe.w2.transpose(1, 2)).sum(0)  # (n, d)
-    return out + c @ moe.b2  # (n, E+1) @ (E+1, d)
+    return out if moe.b2 is None else out + c @ moe.b2  # (n, E+1) @ (E+1, d)

@@ -1,11 +1,13 @@
 """Model runner: executes the folded CAMEx model for the engine (prefill, decode, classify).
 
-It reuses the model's own modules (embeddings, LayerNorms, `CamexAttention` projections, dense
-FFNs, heads, `segment_means`, `route_scores`, `merged_ffn`) and replaces only what a server
-needs differently: a preallocated KV cache (one slot per running sequence), per-sequence
-routing state (current scores and the running FFN-input sum of the current segment, per MoE
-layer), and merged weights that live in the content-addressed `MergeCache`. Each MoE layer is
-applied per step with the `merged` or `mixture` strategy (`auto`: the cost model decides).
+Every forward goes through the model's own block loop (`CamexModel.run`), for every family; the
+runner only supplies the two contexts that make serving differ from a full forward:
+- attention contexts over a preallocated KV cache (engine/attention.py; one slot per running
+  sequence, key/value heads only);
+- routing contexts (`_PrefillRouting`, `_DecodeRouting`) that keep per-sequence routing state
+  (current scores and the running FFN-input sum of the current segment, per MoE layer) and
+  serve merged weights from the content-addressed `MergeCache`. Each MoE layer is applied per
+  step with the `merged` or `mixture` strategy (`auto`: the cost model decides).
 
 Knows nothing about requests, sampling, tokenizers or threads; the engine calls it from its
 loop thread only.
@@ -20,12 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from camex_runtime.engine.attention import DecodeAttention, PrefillAttention
 from camex_runtime.engine.cost_model import CostModel, StrategyProfile
 from camex_runtime.engine.kv_cache import KVCache
-from camex_runtime.engine.merge_cache import MergeCache, entry_bytes
+from camex_runtime.engine.merge_cache import MergeCache, entry_bytes, ffn_layout
 from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
 from camex_runtime.engine.routing_state import FALLBACK, NO_MERGE, SlotRouting, routing_digest
-from camex_runtime.modeling import segment_means
+from camex_runtime.experts import segment_means
 
 
 log = logging.getLogger("camex.engine")
@@ -50,7 +53,7 @@ def default_merge_cache_bytes(cfg, num_slots: int, moe_layers: int, dtype: torch
     the transient merge of a long prompt's earlier segments, so no sequence of a full batch
     falls back to the mixture for lack of space. (GPT-2-small shape, 12 MoE layers, fp32:
     ~227 MB per sequence.)"""
-    entry = entry_bytes(cfg.d_model, cfg.d_ff, dtype)
+    entry = entry_bytes(cfg.d_model, cfg.d_ff, dtype, **ffn_layout(cfg))
     return max(MIN_MERGE_CACHE_BYTES, (num_slots + 1) * moe_layers * entry)
 
 
@@ -78,11 +81,11 @@ class ModelRunner:
             merge_cache_bytes = default_merge_cache_bytes(self.cfg, num_slots, M, self.dtype)
         # classification merges serve one sequence once and are never cached: no pool
         self.cache = MergeCache(d, self.cfg.d_ff, merge_cache_bytes if M and is_lm else 0,
-                                self.device, self.dtype)
+                                self.device, self.dtype, **ffn_layout(self.cfg))
         self.kv = None
-        if is_lm:
-            self.kv = KVCache(self.cfg.n_layer, num_slots, self.cfg.n_head, max_len,
-                              d // self.cfg.n_head, self.device, self.dtype)
+        if is_lm:  # key/value heads only (grouped-query attention shares them)
+            self.kv = KVCache(self.cfg.n_layer, num_slots, self.cfg.num_key_value_heads, max_len,
+                              self.cfg.head_dim, self.device, self.dtype)
         # per slot and MoE layer: scores of the current segment, FFN-input sum of the segment
         self.scores = torch.zeros(num_slots, M, E, device=self.device)  # fp32
         self.seg_sum = torch.zeros(num_slots, M, d, device=self.device)  # fp32
@@ -104,7 +107,7 @@ class ModelRunner:
         with torch.no_grad():
             for layer in self.moe_layers:
                 ffn = self.blocks[layer].ffn
-                weights.append(MoEWeights.from_bank(ffn.expert_bank()))
+                weights.append(MoEWeights.from_folded(ffn))
                 ffn.experts, ffn.base = None, None
         return weights
 
@@ -180,20 +183,12 @@ class ModelRunner:
         self.slots[slot] = st
         K = 1 if mode == "prompt" else -(-L // T)
         digests = [routing_digest(mode, token_ids, k, T, st.route1_len, L) for k in range(K)]
-        ids = torch.tensor(token_ids, device=self.device)
-        x = self.tr.wte(ids) + self.tr.wpe(torch.arange(L, device=self.device))  # (L, d)
-        for i, blk in enumerate(self.blocks):
-            q, k, v = blk.attn.split_qkv(blk.ln_1(x).unsqueeze(0))  # (1, H, L, hd) each
-            self.kv.write_prefill(i, slot, 0, k[0], v[0])
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + blk.attn.merge_heads(o)[0]
-            h = blk.ln_2(x)  # (L, d)
-            if blk.is_moe:
-                x = x + self._prefill_moe(self.moe_of[i], h, slot, st, digests)
-            else:
-                x = x + blk.ffn(h)
+        ids = torch.tensor([token_ids], device=self.device)  # (1, L)
+        positions = torch.arange(L, device=self.device)
+        hidden = self.tr.run(ids, positions, PrefillAttention(self.kv, slot),
+                             _PrefillRouting(self, slot, st, digests))  # (1, L, d)
         st.length = L
-        return self.model.lm_head(self.tr.ln_f(x[-1:]))[0]  # (V,)
+        return self.model.lm_head(hidden[0, -1:])[0]  # (V,)
 
     def _prefill_moe(self, m: int, h: Tensor, slot: int, st: SlotRouting,
                      digests: list[bytes]) -> Tensor:
@@ -229,7 +224,7 @@ class ModelRunner:
             self._set_segment(st, m, key, ps)
         try:
             if ps >= 0:
-                return apply_merged(x, self.cache.weights(ps))
+                return apply_merged(x, self.cache.weights(ps), self.moe[m].kind)
             return apply_mixture(x, self.moe[m], scores.expand(x.shape[0], -1))
         finally:
             if not keep and ps >= 0:
@@ -246,7 +241,6 @@ class ModelRunner:
         pos = [st.length for st in sts]
         slots_t = torch.tensor(slots, device=self.device)
         pos_t = torch.tensor(pos, device=self.device)
-        x = self.tr.wte(torch.tensor(tokens, device=self.device)) + self.tr.wpe(pos_t)  # (B, d)
         # sequences whose new token opens a segment: routed afresh at every MoE layer
         turn = [b for b in range(B) if sts[b].mode == "segment" and pos[b] % T == 0]
         digests = {b: routing_digest("segment", histories[b], pos[b] // T, T,
@@ -255,21 +249,13 @@ class ModelRunner:
         mask = None
         if min(pos) != max(pos):  # ragged batch: hide each row's unused cache positions
             mask = (torch.arange(Lmax, device=self.device) <= pos_t[:, None]).view(B, 1, 1, Lmax)
-        for i, blk in enumerate(self.blocks):
-            q, k, v = blk.attn.split_qkv(blk.ln_1(x).unsqueeze(1))  # (B, H, 1, hd) each
-            self.kv.write_decode(i, slots_t, pos_t, k[:, :, 0], v[:, :, 0])
-            keys, values = self.kv.read(i, slots, slots_t, Lmax)  # (B, H, Lmax, hd)
-            o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)  # (B, H, 1, hd)
-            x = x + blk.attn.merge_heads(o)[:, 0]
-            h = blk.ln_2(x)  # (B, d)
-            if blk.is_moe:
-                x = x + self._decode_moe(self.moe_of[i], h, sts, slots, slots_t, pos, turn,
-                                         digests)
-            else:
-                x = x + blk.ffn(h)
+        ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
+        attn = DecodeAttention(self.kv, slots, slots_t, pos_t, Lmax, mask)
+        moe = _DecodeRouting(self, sts, slots, slots_t, pos, turn, digests)
+        hidden = self.tr.run(ids, pos_t.unsqueeze(1), attn, moe)  # (B, 1, d)
         for st in sts:
             st.length += 1
-        return self.model.lm_head(self.tr.ln_f(x))  # (B, V)
+        return self.model.lm_head(hidden[:, 0])  # (B, V)
 
     def _route_new_segments(self, m: int, sts: list[SlotRouting], slots_t: Tensor,
                             pos: list[int], turn: list[int], digests: dict) -> None:
@@ -312,7 +298,7 @@ class ModelRunner:
 
     def _apply_group(self, m: int, h: Tensor, ps: int, slots_t: Tensor) -> Tensor:
         if ps >= 0:
-            return apply_merged(h, self.cache.weights(ps))
+            return apply_merged(h, self.cache.weights(ps), self.moe[m].kind)
         return apply_mixture(h, self.moe[m], self.scores[slots_t, m])
 
     def _decode_strategy(self, m: int, sts: list[SlotRouting]) -> str:
@@ -332,6 +318,32 @@ class ModelRunner:
         if not counts:
             return "mixture"
         return self.cost.choose(list(counts.values()), new, mixture_rows=fallbacks)
+
+
+class _PrefillRouting:
+    """Routing context of one prompt's prefill: per-segment merges (cached when kept)."""
+
+    def __init__(self, runner: ModelRunner, slot: int, st: SlotRouting, digests: list[bytes]):
+        self.runner, self.slot, self.st, self.digests = runner, slot, st, digests
+
+    def apply(self, layer: int, h: Tensor) -> Tensor:  # h (1, L, d)
+        r = self.runner
+        return r._prefill_moe(r.moe_of[layer], h[0], self.slot, self.st, self.digests)[None]
+
+
+class _DecodeRouting:
+    """Routing context of one decode step: each row's current merge (or the mixture)."""
+
+    def __init__(self, runner: ModelRunner, sts: list[SlotRouting], slots: Sequence[int],
+                 slots_t: Tensor, pos: list[int], turn: list[int], digests: dict):
+        self.runner, self.sts, self.slots, self.slots_t = runner, sts, slots, slots_t
+        self.pos, self.turn, self.digests = pos, turn, digests
+
+    def apply(self, layer: int, h: Tensor) -> Tensor:  # h (B, 1, d)
+        r = self.runner
+        out = r._decode_moe(r.moe_of[layer], h[:, 0], self.sts, self.slots, self.slots_t,
+                            self.pos, self.turn, self.digests)
+        return out[:, None]
 
 
 def build_model(ckpt) -> torch.nn.Module:

@@ -41,11 +41,11 @@ def test_failed_prefill_releases_merge_cache_references(path, monkeypatch, faili
     e = Engine.from_pretrained(path, max_batch_size=2, strategy="merged")
     real, calls = runner_mod.apply_merged, {"n": 0}
 
-    def apply_once_failing(x, w):
+    def apply_once_failing(x, w, *rest):
         calls["n"] += 1
         if calls["n"] == failing_call:
             raise RuntimeError("simulated out of memory")
-        return real(x, w)
+        return real(x, w, *rest)
 
     monkeypatch.setattr(runner_mod, "apply_merged", apply_once_failing)
     h = e.submit(list(range(1, 11)), SamplingParams(**PARAMS))

@@ -1,0 +1,61 @@
+"""Attention contexts of the serving engine: where a forward's keys and values live.
+
+The model's attention (layers.CamexAttention) computes the new queries, keys and values of the
+tokens it is given and hands them to a context (`attend(layer, q, k, v)`); these contexts write
+the new keys/values into the preallocated KV cache and attend over the cached prefix.
+
+- `PrefillAttention`: tokens [start, start+n) of one sequence (a whole prompt, or one chunk of
+  it); causal over everything cached before them plus themselves.
+- `DecodeAttention`: one new token for each of B sequences at their own positions; a ragged
+  batch masks every row's unused cache positions.
+
+Queries may have more heads than keys/values (grouped-query attention); the cache holds the
+key/value heads only. Knows nothing about routing, requests or sampling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from camex_runtime.engine.kv_cache import KVCache
+from camex_runtime.layers import sdpa
+
+
+@dataclass
+class PrefillAttention:
+    kv: KVCache
+    slot: int
+    start: int = 0  # cache position of the first token of this forward
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q (1, H, n, hd), k and v (1, KV, n, hd) -> (1, H, n, hd)."""
+        n = k.shape[2]
+        self.kv.write_prefill(layer, self.slot, self.start, k[0], v[0])
+        if self.start == 0:  # nothing cached before: attend within the new tokens
+            return sdpa(q, k, v, is_causal=True)
+        end = self.start + n
+        keys = self.kv.k[layer, self.slot:self.slot + 1, :, :end]       # (1, KV, end, hd)
+        values = self.kv.v[layer, self.slot:self.slot + 1, :, :end]
+        # row i (position start+i) sees cache positions <= start+i
+        pos = torch.arange(end, device=q.device)
+        mask = pos[None, :] <= (self.start + torch.arange(n, device=q.device))[:, None]
+        return sdpa(q, keys, values, attn_mask=mask)
+
+
+@dataclass
+class DecodeAttention:
+    kv: KVCache
+    slots: Sequence[int]
+    slots_t: Tensor  # (B,) long, the same slots on the device
+    positions: Tensor  # (B,) long: where each row's new token goes
+    length: int  # max(positions) + 1: the cache prefix to read
+    mask: Optional[Tensor]  # (B, 1, 1, length) bool for ragged batches, else None
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q (B, H, 1, hd), k and v (B, KV, 1, hd) -> (B, H, 1, hd)."""
+        self.kv.write_decode(layer, self.slots_t, self.positions, k[:, :, 0], v[:, :, 0])
+        keys, values = self.kv.read(layer, self.slots, self.slots_t, self.length)
+        return sdpa(q, keys, values, attn_mask=self.mask)

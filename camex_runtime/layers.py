@@ -1,0 +1,289 @@
+"""The pieces a CAMEx block is made of, per family: norms, rotary positions, attention, FFNs.
+
+A family (``config.family``, see config.py) is a registry entry that says which norm, which
+position scheme and which FFN shape its blocks use; attention is one module for every family
+(fused qkv, optional grouped-query heads, optional rotary). Attention does not know whether a KV
+cache exists: it hands its new queries, keys and values to an *attention context*, which is
+either `FullAttention` (training, reference forwards, classification: attend within the given
+tokens) or one of the serving engine's cache contexts (engine/attention.py).
+
+Numerics follow transformers' implementations of the same layers (RMSNorm in fp32, rotary
+tables in fp32, GELU tanh approximation), so upcycled models reproduce their dense sources.
+Knows nothing about experts, routing or caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .config import CamexConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back before the weight (as transformers)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary positions
+
+
+def rope_frequencies(config: CamexConfig) -> tuple[Tensor, float]:
+    """(inv_freq (rot/2,), attention scaling) for the config's rotary type, fp32 on the CPU.
+
+    The non-default types (ROPE_TYPES in config.py) use transformers' own initialisers, so a
+    model imported from a Hugging Face checkpoint rotates exactly as its source did."""
+    params = config.rope_parameters or {}
+    rope_type = params.get("rope_type", "default")
+    rot = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
+    if rope_type == "default":
+        base = float(params.get("rope_theta", 10000.0))
+        exponent = torch.arange(0, rot, 2, dtype=torch.int64).to(torch.float) / rot
+        return 1.0 / (base ** exponent), 1.0
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    shim = _RopeConfigView(config, rot)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](shim, "cpu")
+    return inv_freq.float(), float(scaling)
+
+
+class _RopeConfigView:
+    """What transformers' rope initialisers read from a config, with our field names."""
+
+    def __init__(self, config: CamexConfig, rot: int) -> None:
+        self.rope_parameters = dict(config.rope_parameters or {})
+        self.head_dim = rot  # partial rotary: the initialisers size the table by head_dim
+        self.hidden_size = config.d_model
+        self.num_attention_heads = config.n_head
+        self.max_position_embeddings = config.max_position_embeddings
+
+    def __getattr__(self, name: str):  # e.g. standardize_rope_params on newer versions
+        raise AttributeError(name)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables indexed by absolute position, for positions < max_position_embeddings.
+
+    The tables are built lazily on the device of the positions (a model built on the meta
+    device and filled from safetensors never sees a stale buffer), once per device and dtype.
+    Entries equal transformers' per-call computation bit for bit: each angle is one fp32
+    product ``position * inv_freq``, cos/sin in fp32, then the cast."""
+
+    def __init__(self, config: CamexConfig) -> None:
+        super().__init__()
+        self.config = config
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def tables(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        got = self._tables.get((device, dtype))
+        if got is None:
+            inv_freq, scaling = rope_frequencies(self.config)
+            pos = torch.arange(self.config.max_position_embeddings, dtype=torch.float32)
+            freqs = pos[:, None] * inv_freq[None, :]                       # (P, rot/2)
+            emb = torch.cat((freqs, freqs), dim=-1)                        # (P, rot)
+            got = ((emb.cos() * scaling).to(device=device, dtype=dtype),
+                   (emb.sin() * scaling).to(device=device, dtype=dtype))
+            self._tables[(device, dtype)] = got
+        return got
+
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """positions (B, L) or (L,) -> cos, sin (B or 1, 1, L, rot): broadcast over heads."""
+        if positions.dim() == 1:
+            positions = positions.unsqueeze(0)
+        cos, sin = self.tables(positions.device, dtype)
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """x (B, heads, L, hd) rotated at its positions; a partial rotary leaves the tail as is."""
+    cos, sin = rope
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+
+
+class AttentionContext(Protocol):
+    """Where keys and values come from: `attend(layer, q, k, v) -> (B, H, L, hd)` with the
+    forward's new queries (B, H, L, hd) and keys/values (B, KV, L, hd)."""
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
+    """scaled_dot_product_attention; key/value heads are shared by groups of query heads (GQA)."""
+    if k.shape[1] != q.shape[1]:
+        kw["enable_gqa"] = True
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
+@dataclass
+class FullAttention:
+    """No cache: every token attends within the tokens of this forward."""
+
+    causal: bool = True
+    key_padding_mask: Tensor | None = None  # (B, L), True/1 = a real token
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if self.key_padding_mask is None:
+            return sdpa(q, k, v, is_causal=self.causal)
+        mask = self.key_padding_mask[:, None, None, :].bool()           # (B, 1, 1, L)
+        if self.causal:
+            L = q.shape[2]
+            mask = mask & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+        return sdpa(q, k, v, attn_mask=mask)
+
+
+class CamexAttention(nn.Module):
+    """Self-attention of every family: one fused qkv projection (rows: H query heads, then KV
+    key heads, then KV value heads), rotary positions where the family uses them, output
+    projection. GPT-2 is the case KV = H, no rotary."""
+
+    def __init__(self, config: CamexConfig, layer: int = 0) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head, self.n_kv, self.head_dim = config.n_head, config.num_key_value_heads, config.head_dim
+        qkv = (self.n_head + 2 * self.n_kv) * self.head_dim
+        self.c_attn = nn.Linear(config.d_model, qkv, bias=config.attention_bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, config.d_model,
+                                bias=config.attention_out_bias)
+
+    def split_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None
+                  ) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, L, d) -> q (B, H, L, hd), k and v (B, KV, L, hd), q and k rotated if rope."""
+        B, L, _ = x.shape
+        H, KV, hd = self.n_head, self.n_kv, self.head_dim
+        qkv = self.c_attn(x)
+        if KV == H:  # one view, as GPT-2 always did
+            q, k, v = qkv.view(B, L, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
+            q = q.view(B, L, H, hd).transpose(1, 2)
+            k = k.view(B, L, KV, hd).transpose(1, 2)
+            v = v.view(B, L, KV, hd).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+        return q, k, v
+
+    def merge_heads(self, o: Tensor) -> Tensor:
+        """(B, H, L, hd) -> c_proj((B, L, H*hd))."""
+        B, H, L, hd = o.shape
+        return self.c_proj(o.transpose(1, 2).reshape(B, L, H * hd))
+
+    def forward(self, x: Tensor, ctx: AttentionContext | None = None, *,
+                rope: tuple[Tensor, Tensor] | None = None, causal: bool = True,
+                key_padding_mask: Tensor | None = None) -> Tensor:
+        """Attend through `ctx` (default: within x, causal or with a padding mask)."""
+        q, k, v = self.split_qkv(x, rope)
+        ctx = ctx or FullAttention(causal, key_padding_mask)
+        return self.merge_heads(ctx.attend(self.layer, q, k, v))
+
+
+# ---------------------------------------------------------------------------------------------
+# FFNs
+
+
+def gelu_hidden(ins: list[Tensor]) -> Tensor:
+    # GPT-2's "gelu_new" (tanh approximation), so upcycled models match GPT-2 exactly.
+    return F.gelu(ins[0], approximate="tanh")
+
+
+def swiglu_hidden(ins: list[Tensor]) -> Tensor:
+    gate, up = ins
+    return F.silu(gate) * up
+
+
+@dataclass(frozen=True)
+class FFNKind:
+    """The shape of one FFN: input projection(s) d -> h, a hidden function of their outputs,
+    and one output projection h -> d. Every projection is a linear map, so every one merges
+    with the same formula and the same scores."""
+
+    in_projs: tuple[str, ...]
+    out_proj: str
+    hidden: Callable[[list[Tensor]], Tensor]
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        return (*self.in_projs, self.out_proj)
+
+    def fused(self) -> "FFNKind":
+        """The serving layout: all input projections stacked along their output rows as one
+        `fc1` (for SwiGLU: [gate; up], one GEMM), the output projection as `fc2`."""
+        k, hidden = len(self.in_projs), self.hidden
+        if k == 1:
+            return FFNKind(("fc1",), "fc2", hidden)
+        return FFNKind(("fc1",), "fc2", lambda ins: hidden(list(ins[0].chunk(k, dim=-1))))
+
+
+GELU_FFN = FFNKind(("fc1",), "fc2", gelu_hidden)
+SWIGLU_FFN = FFNKind(("gate_proj", "up_proj"), "down_proj", swiglu_hidden)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between families; everything else (routing, merging, serving) is shared."""
+
+    norm: Callable[[int, float], nn.Module]
+    learned_positions: bool  # an absolute position table added to the embeddings (GPT-2)
+    ffn: FFNKind
+
+
+FAMILY_REGISTRY: dict[str, Family] = {
+    "gpt2": Family(norm=lambda d, eps: nn.LayerNorm(d, eps=eps), learned_positions=True,
+                   ffn=GELU_FFN),
+    "llama": Family(norm=RMSNorm, learned_positions=False, ffn=SWIGLU_FFN),
+}
+
+
+def family_of(config: CamexConfig) -> Family:
+    return FAMILY_REGISTRY[config.family]
+
+
+class DenseFFN(nn.Module):
+    """A dense FFN of the config's family: blocks outside ``moe_layers``, the dense baseline,
+    and the base expert E_m of a merged-expert layer."""
+
+    def __init__(self, config: CamexConfig) -> None:
+        super().__init__()
+        self.kind = family_of(config).ffn
+        d, h, bias = config.d_model, config.d_ff, config.mlp_bias
+        for name in self.kind.in_projs:
+            setattr(self, name, nn.Linear(d, h, bias=bias))
+        setattr(self, self.kind.out_proj, nn.Linear(h, d, bias=bias))
+
+    def forward(self, x: Tensor) -> Tensor:
+        hid = self.kind.hidden([getattr(self, p)(x) for p in self.kind.in_projs])
+        return getattr(self, self.kind.out_proj)(hid)
+
+    def projection(self, name: str) -> tuple[Tensor, Tensor | None]:
+        lin: nn.Linear = getattr(self, name)
+        return lin.weight, lin.bias
