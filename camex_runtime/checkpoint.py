@@ -1,10 +1,13 @@
 """The folded checkpoint format (DESIGN §3): write, read and validate.
 
 A folded checkpoint directory holds ``config.json`` (``folded: true``, ``format_version``),
-``model.safetensors`` and tokenizer files. Reading validates every tensor name, shape, dtype
+``model.safetensors``, tokenizer files (with the chat template, if any) and, when the model has
+one, ``generation_config.json`` (EOS id lists). Reading validates every tensor name, shape, dtype
 and value against what the config implies and names the offending tensor on failure. Only
-safetensors is ever read: no pickle on the load path. `load_training_form` loads a training
-checkpoint (``folded: false``) just as strictly, for export and resume.
+safetensors is ever read: no pickle on the load path. Tensors are read one at a time with plain
+file reads into their own memory (no memory map stays behind them), cast one at a time, so a
+checkpoint of N bytes loads in about N bytes. `load_training_form` loads a training checkpoint
+(``folded: false``) just as strictly, for export and resume.
 
 This module knows nothing of curvature (that is export's job) or of serving.
 """
@@ -12,11 +15,12 @@ This module knows nothing of curvature (that is export's job) or of serving.
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -39,6 +43,7 @@ class FoldedCheckpoint:
     kind: str                      # "causal-lm" | "classifier"
     state_dict: dict[str, Tensor]  # HF-style names; lm_head tied to wte is not stored
     tokenizer_dir: Path | None     # the checkpoint dir itself when it holds tokenizer files
+    generation_config: Any = None  # transformers GenerationConfig from generation_config.json
 
 
 def model_class(kind: str):
@@ -111,25 +116,97 @@ def load_folded(path: str | Path, device: str | torch.device = "cpu",
     expected = expected_tensors(config, kind)
     state: dict[str, Tensor] = {}
     try:
-        with safe_open(str(weights), framework="pt") as f:
-            check_format_version(weights, f.metadata() or {})
-            names = set(f.keys())
-            for name in sorted(expected):
-                if name not in names:
-                    raise CheckpointError(f"{weights}: missing tensor {name!r}")
-                t = f.get_tensor(name)
-                validate_tensor(name, t, expected[name])
-                state[name] = cast_finite(name, t, device, dtype)
+        reader = SafetensorsReader(weights)
+        check_format_version(weights, reader.metadata)
+        names = set(reader.names)
+        for name in sorted(expected):
+            if name not in names:
+                raise CheckpointError(f"{weights}: missing tensor {name!r}")
+            validate_header(name, reader.dtype(name), reader.shape(name), expected[name])
+        extra = sorted(names - set(expected))
+        if extra:
+            raise CheckpointError(f"{weights}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} "
+                                  f"more)" if len(extra) > 1 else f"{weights}: unexpected tensor "
+                                  f"{extra[0]!r}")
+        for name, t in reader.tensors(sorted(expected)):
+            validate_values(name, t)
+            state[name] = cast_finite(name, t, device, dtype)
+            del t  # the file-dtype copy goes before the next tensor is read
     except CheckpointError:
         raise
-    except Exception as e:  # a truncated or foreign file: safetensors' own error, with the path
+    except Exception as e:  # a truncated or foreign file: what broke, with the path
         raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from e
-    extra = sorted(names - set(expected))
-    if extra:
-        raise CheckpointError(f"{weights}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} more)"
-                              if len(extra) > 1 else f"{weights}: unexpected tensor {extra[0]!r}")
     tok = path if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file() else None
-    return FoldedCheckpoint(path=path, config=config, kind=kind, state_dict=state, tokenizer_dir=tok)
+    return FoldedCheckpoint(path=path, config=config, kind=kind, state_dict=state, tokenizer_dir=tok,
+                            generation_config=read_generation_config(path))
+
+
+def read_generation_config(path: Path):
+    """The checkpoint's generation_config.json as a GenerationConfig, or None."""
+    if not (path / "generation_config.json").is_file():
+        return None
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(str(path))
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path / 'generation_config.json'}: unreadable ({e})") from e
+
+
+# safetensors dtype codes -> torch dtypes (the format: an 8-byte little-endian header length,
+# a JSON header {name: {dtype, shape, data_offsets}, "__metadata__": {...}}, then the data).
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
+                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
+                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+class SafetensorsReader:
+    """Reads tensors of one safetensors file into freshly allocated memory with plain reads
+    (no memory map keeps file pages resident behind them). The header is checked on open."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError(f"header length {n} exceeds the file size {size}")
+            header = json.loads(f.read(n))
+        self.metadata: dict[str, str] = header.pop("__metadata__", None) or {}
+        self.data_start = 8 + n
+        self.entries: dict[str, dict] = header
+        for name, e in header.items():
+            if e["dtype"] not in SAFETENSORS_DTYPES:
+                raise ValueError(f"tensor {name!r} has unsupported dtype {e['dtype']!r}")
+            a, b = e["data_offsets"]
+            numel = 1
+            for dim in e["shape"]:
+                numel *= dim
+            elem = torch.empty((), dtype=SAFETENSORS_DTYPES[e["dtype"]]).element_size()
+            if b - a != numel * elem or self.data_start + b > size:
+                raise ValueError(f"tensor {name!r}: data offsets do not match its shape or the file")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.entries[name]["dtype"]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.entries[name]["shape"])
+
+    def tensors(self, names: list[str]) -> Iterator[tuple[str, Tensor]]:
+        """(name, tensor) in order, each read when the caller asks for it."""
+        with open(self.path, "rb") as f:
+            for name in names:
+                e = self.entries[name]
+                t = torch.empty(self.shape(name), dtype=self.dtype(name))
+                f.seek(self.data_start + e["data_offsets"][0])
+                buf = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else b""
+                if t.numel() and f.readinto(buf) != len(buf):
+                    raise ValueError(f"tensor {name!r}: the file ends early")
+                yield name, t
 
 
 def check_format_version(weights: Path, metadata: dict[str, str]) -> None:
@@ -169,10 +246,14 @@ def load_training_form(cls, path: str | Path):
     return model
 
 
-def validate_tensor(name: str, t: Tensor, shape: tuple[int, ...]) -> None:
-    if tuple(t.shape) != shape:
-        raise CheckpointError(f"tensor {name!r} has shape {tuple(t.shape)}, config expects {shape}")
-    if not t.is_floating_point():
-        raise CheckpointError(f"tensor {name!r} has dtype {t.dtype}, expected a floating dtype")
+def validate_header(name: str, dtype: torch.dtype, shape: tuple[int, ...],
+                    expected: tuple[int, ...]) -> None:
+    if shape != expected:
+        raise CheckpointError(f"tensor {name!r} has shape {shape}, config expects {expected}")
+    if not dtype.is_floating_point:
+        raise CheckpointError(f"tensor {name!r} has dtype {dtype}, expected a floating dtype")
+
+
+def validate_values(name: str, t: Tensor) -> None:
     if not bool(torch.isfinite(t).all()):
         raise CheckpointError(f"tensor {name!r} contains NaN or Inf values")

@@ -14,6 +14,7 @@ Knows nothing about experts, routing or caches.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -49,34 +50,26 @@ class RMSNorm(nn.Module):
 def rope_frequencies(config: CamexConfig) -> tuple[Tensor, float]:
     """(inv_freq (rot/2,), attention scaling) for the config's rotary type, fp32 on the CPU.
 
-    The non-default types (ROPE_TYPES in config.py) use transformers' own initialisers, so a
-    model imported from a Hugging Face checkpoint rotates exactly as its source did."""
+    The same arithmetic, in the same order, as transformers' initialisers of these types
+    (ROPE_TYPES in config.py), so imported models rotate exactly as their sources."""
     params = config.rope_parameters or {}
     rope_type = params.get("rope_type", "default")
     rot = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
-    if rope_type == "default":
-        base = float(params.get("rope_theta", 10000.0))
-        exponent = torch.arange(0, rot, 2, dtype=torch.int64).to(torch.float) / rot
-        return 1.0 / (base ** exponent), 1.0
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    shim = _RopeConfigView(config, rot)
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](shim, "cpu")
-    return inv_freq.float(), float(scaling)
-
-
-class _RopeConfigView:
-    """What transformers' rope initialisers read from a config, with our field names."""
-
-    def __init__(self, config: CamexConfig, rot: int) -> None:
-        self.rope_parameters = dict(config.rope_parameters or {})
-        self.head_dim = rot  # partial rotary: the initialisers size the table by head_dim
-        self.hidden_size = config.d_model
-        self.num_attention_heads = config.n_head
-        self.max_position_embeddings = config.max_position_embeddings
-
-    def __getattr__(self, name: str):  # e.g. standardize_rope_params on newer versions
-        raise AttributeError(name)
+    base = float(params.get("rope_theta", 10000.0))
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot, 2, dtype=torch.int64).to(torch.float) / rot))
+    if rope_type == "linear":  # positions stretched by `factor`
+        return inv_freq / params["factor"], 1.0
+    if rope_type == "llama3":  # long wavelengths slowed by `factor`, short kept, smooth between
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old_len = params["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled), 1.0
+    return inv_freq, 1.0
 
 
 class RotaryEmbedding(nn.Module):

@@ -1,7 +1,18 @@
-"""Upcycling: build a CAMEx LM from a dense GPT-2 checkpoint directory (`transformers` format).
+"""Upcycling: a CAMEx model from a dense Hugging Face checkpoint directory, exact at init.
 
-Every expert starts as a copy of the dense FFN (τ = 0), the curvature starts at the identity and
-routers at N(0, 0.02), so at init the CAMEx model computes exactly the dense model's logits.
+`upcycle_from_dense(path)` reads the directory's ``config.json``, picks the importer of its
+``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``phi3``), and builds a
+training-form CAMEx model whose every expert is a copy of the dense FFN (τ = 0), curvature at
+the identity and routers at N(0, 0.02): the merged FFN equals the dense one whatever the
+scores, so the model computes exactly the dense model's logits (docs/DESIGN.md, "Model
+families"). Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``) are split or kept as
+the CAMEx layout needs; separate q/k/v (Llama, Mistral, Qwen2) are fused into one projection.
+A ``*ForSequenceClassification`` source gives a classifier that pools and attends as its source.
+
+What cannot be reproduced exactly is refused with an error naming it: sliding-window attention
+(unless ``max_position_embeddings`` is lowered to the window), rotary types whose frequencies
+depend on the sequence length, other activations. Weights are read from safetensors only
+(single file or sharded with an index), never unpickled.
 
 Dynamic-Merg cannot copy every layer's FFN into a base it does not own: layer 1's base is that
 layer's FFN, and each later layer's *experts* are that layer's dense FFN, so τ^l = FFN_l − E_m^l.
@@ -12,60 +23,338 @@ does not, and no assignment of its parameters can make it.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+from safetensors import safe_open
+from torch import Tensor
 
 from .config import CamexConfig
-from .modeling import CamexForCausalLM
+from .modeling import CamexForCausalLM, CamexForSequenceClassification, CamexPreTrainedModel
+
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "phi3")
 
 
-def config_from_gpt2(gpt2_config, **overrides: Any) -> CamexConfig:
-    g = gpt2_config
-    base = dict(vocab_size=g.vocab_size, d_model=g.n_embd, n_layer=g.n_layer, n_head=g.n_head,
-                d_ff=g.n_inner or 4 * g.n_embd, max_position_embeddings=g.n_positions,
-                layer_norm_epsilon=g.layer_norm_epsilon, bos_token_id=g.bos_token_id,
-                eos_token_id=g.eos_token_id)
-    if getattr(g, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise ValueError(f"unsupported GPT-2 activation {g.activation_function!r}; CAMEx uses gelu_new")
-    return CamexConfig(**{**base, **overrides})
+class UpcycleError(ValueError):
+    """The dense checkpoint cannot be upcycled exactly; the message names what and why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading a dense checkpoint
+
+
+class DenseWeights:
+    """Tensors of a Hugging Face checkpoint directory by name (model.safetensors, or shards
+    listed in model.safetensors.index.json), read one at a time as fp32."""
+
+    def __init__(self, path: Path) -> None:
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: path / f for name, f in weight_map.items()}
+        elif (path / "model.safetensors").is_file():
+            with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+                self.files = {name: path / "model.safetensors" for name in f.keys()}
+        else:
+            found = sorted(p.name for p in path.glob("*.bin")) or ["no weights"]
+            raise UpcycleError(f"{path}: no model.safetensors (found {', '.join(found)}); only "
+                               f"safetensors checkpoints are read — re-save the model with "
+                               f"save_pretrained(..., safe_serialization=True)")
+        self.prefix = ""
+
+    def under(self, prefix: str) -> "DenseWeights":
+        """The same checkpoint read with `prefix` prepended to every name (when it has such
+        names: a bare body model saves without its task model's prefix)."""
+        view = DenseWeights.__new__(DenseWeights)
+        view.files = self.files
+        view.prefix = prefix if any(n.startswith(prefix) for n in self.files) else ""
+        return view
+
+    def has(self, name: str) -> bool:
+        return self.prefix + name in self.files
+
+    def get(self, name: str) -> Tensor:
+        full = self.prefix + name
+        if full not in self.files:
+            raise UpcycleError(f"dense checkpoint has no tensor {full!r}")
+        with safe_open(str(self.files[full]), framework="pt") as f:
+            return f.get_tensor(full).float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Importers: a Hugging Face config -> CamexConfig fields, and dense tensors in CAMEx names.
+
+
+@dataclass(frozen=True)
+class Importer:
+    config: Callable[[Any], dict[str, Any]]      # HF config -> CamexConfig kwargs
+    # (weights, HF config, layer) -> {camex name under transformer.h.{i}.: tensor}, where the
+    # FFN projections are named "ffn.<proj>.weight|bias" as in a dense CAMEx block.
+    block: Callable[[DenseWeights, Any, int], dict[str, Tensor]]
+    # (weights) -> {"wte", "wpe"?, "ln_f.weight", "ln_f.bias"?, "lm_head"?, "score"?}
+    outer: Callable[[DenseWeights, Any], dict[str, Tensor]]
+    prefix: str                                   # body prefix inside the checkpoint
+
+
+def _common(hf) -> dict[str, Any]:
+    return dict(vocab_size=hf.vocab_size, tie_word_embeddings=bool(hf.tie_word_embeddings),
+                bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id,
+                pad_token_id=getattr(hf, "pad_token_id", None))
+
+
+def gpt2_config(hf) -> dict[str, Any]:
+    if getattr(hf, "activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+        raise UpcycleError(f"unsupported GPT-2 activation {hf.activation_function!r}; "
+                           f"CAMEx's GPT-2 family uses gelu_new")
+    return dict(_common(hf), family="gpt2", d_model=hf.n_embd, n_layer=hf.n_layer,
+                n_head=hf.n_head, d_ff=hf.n_inner or 4 * hf.n_embd,
+                max_position_embeddings=hf.n_positions, layer_norm_epsilon=hf.layer_norm_epsilon)
+
+
+def gpt2_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    p = f"h.{i}."
+    out = {f"ln_{k}.{t}": w.get(f"{p}ln_{k}.{t}") for k in (1, 2) for t in ("weight", "bias")}
+    # GPT-2's Conv1D stores weights as (in, out); nn.Linear wants (out, in).
+    for ours, theirs in (("attn.c_attn", "attn.c_attn"), ("attn.c_proj", "attn.c_proj"),
+                         ("ffn.fc1", "mlp.c_fc"), ("ffn.fc2", "mlp.c_proj")):
+        out[f"{ours}.weight"] = w.get(f"{p}{theirs}.weight").T.contiguous()
+        out[f"{ours}.bias"] = w.get(f"{p}{theirs}.bias")
+    return out
+
+
+def gpt2_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
+    return {"wte": w.get("wte.weight"), "wpe": w.get("wpe.weight"),
+            "ln_f.weight": w.get("ln_f.weight"), "ln_f.bias": w.get("ln_f.bias")}
+
+
+def llama_config(hf) -> dict[str, Any]:
+    mt = hf.model_type
+    if hf.hidden_act != "silu":
+        raise UpcycleError(f"{mt}: hidden_act {hf.hidden_act!r} is not supported (SwiGLU with silu)")
+    rope = dict(getattr(hf, "rope_parameters", None) or {})
+    if "rope_theta" not in rope:
+        rope["rope_theta"] = getattr(hf, "rope_theta", 10000.0)
+    rope.setdefault("rope_type", "default")
+    factor = getattr(hf, "partial_rotary_factor", None)
+    if factor is not None:
+        rope.setdefault("partial_rotary_factor", factor)
+    heads = hf.num_attention_heads
+    qkv_bias = {"qwen2": True, "llama": bool(getattr(hf, "attention_bias", False))}.get(mt, False)
+    return dict(_common(hf), family="llama", d_model=hf.hidden_size, n_layer=hf.num_hidden_layers,
+                n_head=heads, num_key_value_heads=hf.num_key_value_heads or heads,
+                head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+                d_ff=hf.intermediate_size, max_position_embeddings=hf.max_position_embeddings,
+                rope_parameters=rope, layer_norm_epsilon=hf.rms_norm_eps, hidden_act="silu",
+                attention_bias=qkv_bias,
+                attention_out_bias=mt == "llama" and bool(getattr(hf, "attention_bias", False)),
+                mlp_bias=bool(getattr(hf, "mlp_bias", False)))
+
+
+def sliding_window(hf) -> int | None:
+    """The attention window the source model applies, None when it attends to everything."""
+    window = getattr(hf, "sliding_window", None)
+    if window is None:
+        return None
+    if hf.model_type == "qwen2":
+        types = getattr(hf, "layer_types", None) or []
+        if not getattr(hf, "use_sliding_window", False) and "sliding_attention" not in types:
+            return None
+    return int(window)
+
+
+def llama_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    p = f"layers.{i}."
+    out = {"ln_1.weight": w.get(f"{p}input_layernorm.weight"),
+           "ln_2.weight": w.get(f"{p}post_attention_layernorm.weight")}
+    a = f"{p}self_attn."
+    if w.has(f"{a}qkv_proj.weight"):  # Phi-3: already fused, rows q, k, v
+        out["attn.c_attn.weight"] = w.get(f"{a}qkv_proj.weight")
+    else:
+        out["attn.c_attn.weight"] = torch.cat([w.get(f"{a}{x}_proj.weight") for x in "qkv"])
+        if w.has(f"{a}q_proj.bias"):
+            out["attn.c_attn.bias"] = torch.cat([w.get(f"{a}{x}_proj.bias") for x in "qkv"])
+    out["attn.c_proj.weight"] = w.get(f"{a}o_proj.weight")
+    if w.has(f"{a}o_proj.bias"):
+        out["attn.c_proj.bias"] = w.get(f"{a}o_proj.bias")
+    m = f"{p}mlp."
+    if w.has(f"{m}gate_up_proj.weight"):  # Phi-3: rows gate first, then up
+        gate, up = w.get(f"{m}gate_up_proj.weight").chunk(2, dim=0)
+        out["ffn.gate_proj.weight"], out["ffn.up_proj.weight"] = gate, up
+    else:
+        for proj in ("gate_proj", "up_proj"):
+            out[f"ffn.{proj}.weight"] = w.get(f"{m}{proj}.weight")
+    out["ffn.down_proj.weight"] = w.get(f"{m}down_proj.weight")
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        if w.has(f"{m}{proj}.bias"):
+            out[f"ffn.{proj}.bias"] = w.get(f"{m}{proj}.bias")
+    return out
+
+
+def llama_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
+    return {"wte": w.get("embed_tokens.weight"), "ln_f.weight": w.get("norm.weight")}
+
+
+_GPT2 = Importer(gpt2_config, gpt2_block, gpt2_outer, "transformer.")
+_LLAMA = Importer(llama_config, llama_block, llama_outer, "model.")
+IMPORTERS: dict[str, Importer] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA,
+                                  "qwen2": _LLAMA, "phi3": _LLAMA}
+
+
+# ---------------------------------------------------------------------------------------------
+# Upcycling
+
+
+def read_dense_config(path: Path):
+    """The dense directory's transformers config, refusing what no importer handles."""
+    from transformers import AutoConfig
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise UpcycleError(f"{path}: no config.json (is this a Hugging Face model directory?)")
+    model_type = json.loads(cfg_file.read_text()).get("model_type")
+    if model_type not in IMPORTERS:
+        raise UpcycleError(f"{path}: model_type {model_type!r} cannot be upcycled; supported: "
+                           f"{', '.join(SUPPORTED)}")
+    return AutoConfig.from_pretrained(str(path))
+
+
+def camex_config_for(hf, head: str, overrides: dict[str, Any]) -> CamexConfig:
+    """CamexConfig of the upcycled model: the source's architecture, CAMEx knobs from
+    `overrides`; refuses a sliding window the served length could exceed."""
+    kwargs = IMPORTERS[hf.model_type].config(hf)
+    if head == "classifier":
+        kwargs.update(classifier_pooling="last", classifier_causal=True,
+                      num_labels=hf.num_labels, id2label=dict(hf.id2label),
+                      label2id=dict(hf.label2id), problem_type=hf.problem_type)
+    kwargs.update(overrides)
+    try:
+        cfg = CamexConfig(**kwargs)
+    except ValueError as e:
+        raise UpcycleError(f"{hf.model_type}: {e}") from None
+    window = sliding_window(hf)
+    if window is not None and window < cfg.max_position_embeddings:
+        raise UpcycleError(
+            f"{hf.model_type}: sliding-window attention (sliding_window={window}) is not "
+            f"supported; upcycle with max_position_embeddings={window} (or less) to serve only "
+            f"sequences the window covers entirely, where it equals full attention")
+    return cfg
 
 
 @torch.no_grad()
-def upcycle_from_dense(path: str | Path, **config_overrides: Any) -> CamexForCausalLM:
-    """A training-form CamexForCausalLM initialised from the dense GPT-2 at ``path``."""
-    from transformers import GPT2LMHeadModel
+def upcycle_from_dense(path: str | Path, head: str = "auto",
+                       **config_overrides: Any) -> CamexPreTrainedModel:
+    """A training-form CAMEx model initialised from the dense checkpoint at ``path``.
 
-    dense = GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32)
-    cfg = config_from_gpt2(dense.config, **config_overrides)
-    model = CamexForCausalLM(cfg)
-    src, dst = dense.transformer, model.transformer
-    dst.wte.weight.copy_(src.wte.weight)
-    dst.wpe.weight.copy_(src.wpe.weight)
-    dst.ln_f.load_state_dict(src.ln_f.state_dict())
-    for i, (sb, db) in enumerate(zip(src.h, dst.h)):
-        db.ln_1.load_state_dict(sb.ln_1.state_dict())
-        db.ln_2.load_state_dict(sb.ln_2.state_dict())
-        # GPT-2's Conv1D stores weights as (in, out); nn.Linear wants (out, in).
-        db.attn.c_attn.weight.copy_(sb.attn.c_attn.weight.T)
-        db.attn.c_attn.bias.copy_(sb.attn.c_attn.bias)
-        db.attn.c_proj.weight.copy_(sb.attn.c_proj.weight.T)
-        db.attn.c_proj.bias.copy_(sb.attn.c_proj.bias)
-        ffn = {"fc1": (sb.mlp.c_fc.weight.T, sb.mlp.c_fc.bias),
-               "fc2": (sb.mlp.c_proj.weight.T, sb.mlp.c_proj.bias)}
-        if not db.is_moe:
-            for name, (w, b) in ffn.items():
-                getattr(db.ffn, name).weight.copy_(w)
-                getattr(db.ffn, name).bias.copy_(b)
-            continue
-        for name, (w, b) in ffn.items():
-            if db.ffn.base is not None:
-                getattr(db.ffn.base, name).weight.copy_(w)
-                getattr(db.ffn.base, name).bias.copy_(b)
-            experts = getattr(db.ffn.experts, name)
-            experts.weight.copy_(w.expand_as(experts.weight))
-            experts.bias.copy_(b.expand_as(experts.bias))
-        db.ffn.router.weight.normal_(0.0, 0.02)
-    model.config.provenance = {**model.config.provenance, "upcycled_from": str(path)}
+    `head`: "auto" (a classifier for a ``*ForSequenceClassification`` source, else a causal
+    LM), "lm", or "classifier" (from an LM source: a fresh score head, decoder pooling; pass
+    num_labels/id2label/label2id in the overrides). `config_overrides` set CAMEx knobs
+    (num_experts, moe_layers, segment_len, curvature_rank, merge_method, ...)."""
+    path = Path(path)
+    hf = read_dense_config(path)
+    arch = (getattr(hf, "architectures", None) or [""])[0]
+    source_is_clf = arch.endswith("ForSequenceClassification")
+    head = ("classifier" if source_is_clf else "lm") if head == "auto" else head
+    if head not in ("lm", "classifier"):
+        raise UpcycleError(f"head must be 'auto', 'lm' or 'classifier', got {head!r}")
+    if head == "classifier" and not source_is_clf:
+        config_overrides = {"classifier_pooling": "last", "classifier_causal": True,
+                            **config_overrides}
+        hf.num_labels = config_overrides.get("num_labels", hf.num_labels)
+    cfg = camex_config_for(hf, head if source_is_clf else "lm", config_overrides)
+    importer = IMPORTERS[hf.model_type]
+    weights = DenseWeights(path)
+    model = (CamexForSequenceClassification if head == "classifier" else CamexForCausalLM)(cfg)
+    _copy_dense(model, weights, importer, hf)
+    model.config.provenance = {**model.config.provenance, "upcycled_from": path.name,
+                               "source_model_type": hf.model_type, "source_architecture": arch}
+    _carry_generation_config(model, path)
     return model
+
+
+def _copy_dense(model: CamexPreTrainedModel, w: DenseWeights, importer: Importer, hf) -> None:
+    """Every dense tensor into its CAMEx place; MoE FFNs get it as base and as every expert."""
+    tr = model.transformer
+    top, body = w, w.under(importer.prefix)  # heads live outside the body's prefix
+    outer = importer.outer(body, hf)
+    tr.wte.weight.copy_(outer["wte"])
+    if tr.wpe is not None:
+        tr.wpe.weight.copy_(outer["wpe"])
+    tr.ln_f.weight.copy_(outer["ln_f.weight"])
+    if "ln_f.bias" in outer:
+        tr.ln_f.bias.copy_(outer["ln_f.bias"])
+    for i, block in enumerate(tr.h):
+        _copy_block(block, importer.block(body, hf, i))
+    if isinstance(model, CamexForCausalLM):
+        if not model.config.tie_word_embeddings:
+            model.lm_head.weight.copy_(top.get("lm_head.weight"))
+    elif top.has("score.weight"):  # a classifier source; else the fresh head stays
+        model.score.weight.copy_(top.get("score.weight"))
+        if model.score.bias is not None and top.has("score.bias"):
+            model.score.bias.copy_(top.get("score.bias"))
+
+
+def _copy_block(block, tensors: dict[str, Tensor]) -> None:
+    params = dict(block.named_parameters())
+    ffn = {k[len("ffn."):]: v for k, v in tensors.items() if k.startswith("ffn.")}
+    for name, value in tensors.items():
+        if not name.startswith("ffn."):
+            _assign(params, name, value)
+    if not block.is_moe:
+        for name, value in ffn.items():
+            _assign(params, f"ffn.{name}", value)
+        return
+    moe = block.ffn
+    for name, value in ffn.items():  # "gate_proj.weight", "fc1.bias", ...
+        proj, kind = name.rsplit(".", 1)
+        if moe.base is not None:
+            getattr(getattr(moe.base, proj), kind).copy_(value)
+        stacked = getattr(getattr(moe.experts, proj), kind)
+        stacked.copy_(value.expand_as(stacked))
+    moe.router.weight.normal_(0.0, 0.02)
+
+
+def _assign(params: dict[str, torch.nn.Parameter], name: str, value: Tensor) -> None:
+    if name not in params:
+        raise UpcycleError(f"dense tensor for {name!r} has no place in the CAMEx block "
+                           f"(a bias the config does not declare?)")
+    if tuple(params[name].shape) != tuple(value.shape):
+        raise UpcycleError(f"dense tensor for {name!r} has shape {tuple(value.shape)}, the "
+                           f"CAMEx block expects {tuple(params[name].shape)}")
+    params[name].copy_(value)
+
+
+def _carry_generation_config(model: CamexPreTrainedModel, path: Path) -> None:
+    """The source's generation_config.json (EOS id lists, ...) travels with the model."""
+    if isinstance(model, CamexForCausalLM) and (path / "generation_config.json").is_file():
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(path))
+
+
+@torch.no_grad()
+def dense_reference_error(model: CamexPreTrainedModel, path: str | Path,
+                          input_ids: Tensor | None = None) -> float:
+    """Max relative logit error of `model` against the dense source at `path` (fp32, eval),
+    loading the source with transformers. For tests and the trainer's upcycle check."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    is_clf = isinstance(model, CamexForSequenceClassification)
+    auto = AutoModelForSequenceClassification if is_clf else AutoModelForCausalLM
+    dense = auto.from_pretrained(str(path), dtype=torch.float32).eval()
+    if input_ids is None:
+        g = torch.Generator().manual_seed(0)
+        L = min(model.config.max_position_embeddings, 3 * model.config.segment_len + 1, 64)
+        input_ids = torch.randint(0, model.config.vocab_size, (2, L), generator=g)
+    was_training = model.training
+    model.eval()
+    try:
+        ref = dense(input_ids).logits
+        got = model(input_ids).logits
+    finally:
+        model.train(was_training)
+    return float((ref - got).abs().max() / ref.abs().max().clamp_min(1e-12))
+
+

@@ -40,6 +40,17 @@ log = logging.getLogger("camex.engine")
 IDLE_WAIT_S = 0.25  # the idle loop still heartbeats this often (the server's liveness signal)
 
 
+def eos_ids(*values) -> frozenset[int]:
+    """Token ids from config values that are an int, a list of ints, or None."""
+    out: set[int] = set()
+    for v in values:
+        if isinstance(v, int):
+            out.add(v)
+        elif isinstance(v, (list, tuple)):
+            out.update(int(x) for x in v)
+    return frozenset(out)
+
+
 class Engine:
     """Serves one folded model. `Engine(model, tokenizer, ...)` takes ownership of `model`
     (its expert tensors move into the runner's serving layout); most callers use
@@ -50,7 +61,7 @@ class Engine:
                  max_total_tokens: Optional[int] = None, max_waiting: int = 64,
                  merge_cache_bytes: Optional[int] = None, strategy: str = "auto",
                  routing: Optional[str] = None, observer=None,
-                 max_prefill_tokens: Optional[int] = None, profile=None):
+                 max_prefill_tokens: Optional[int] = None, profile=None, generation_config=None):
         cfg = model.config
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -71,8 +82,11 @@ class Engine:
                                   observer=observer, profile=profile)
         self.config, self.tokenizer, self.kind, self.name = cfg, tokenizer, kind, name
         self.routing, self.observer = routing, observer
-        self.eos_token_id = cfg.eos_token_id if cfg.eos_token_id is not None else \
-            getattr(tokenizer, "eos_token_id", None)
+        # Generation stops on every EOS id the config, the generation config and the tokenizer
+        # name (the tokenizer's only when the checkpoint names none itself).
+        self.eos_token_ids = eos_ids(cfg.eos_token_id, getattr(generation_config, "eos_token_id", None))
+        if not self.eos_token_ids:
+            self.eos_token_ids = eos_ids(getattr(tokenizer, "eos_token_id", None))
         self._lock = threading.Lock()  # scheduler + request table
         self._wake = threading.Condition(self._lock)
         self._model_lock = threading.Lock()  # runner: loop steps and classify calls
@@ -82,6 +96,15 @@ class Engine:
         self._thread: Optional[threading.Thread] = None
         self._accepting, self._shutdown = True, False
         self.steps, self.last_batch_size, self.heartbeat = 0, 0, time.monotonic()
+
+    @property
+    def eos_token_id(self) -> Optional[int]:
+        """One EOS id (the smallest), for callers that know only one; see `eos_token_ids`."""
+        return min(self.eos_token_ids) if self.eos_token_ids else None
+
+    @eos_token_id.setter
+    def eos_token_id(self, value) -> None:
+        self.eos_token_ids = eos_ids(value)
 
     @classmethod
     def from_pretrained(cls, path: Union[str, Path], device: str = "cpu", dtype=None,
@@ -95,7 +118,8 @@ class Engine:
         if ckpt.tokenizer_dir is not None:
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir))
-        return cls(build_model(ckpt), tok, name=Path(path).name, kind=ckpt.kind, **limits)
+        return cls(build_model(ckpt), tok, name=Path(path).name, kind=ckpt.kind,
+                   generation_config=ckpt.generation_config, **limits)
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -256,7 +280,7 @@ class Engine:
         rows, logits = [], []
         for req in sched.prefill:
             req.timings.scheduled_at = now
-            self._procs[req.request_id] = OutputProcessor(req, self.tokenizer, self.eos_token_id)
+            self._procs[req.request_id] = OutputProcessor(req, self.tokenizer, self.eos_token_ids)
             self._gens[req.request_id] = make_generator(req.params, self.runner.device)
             try:
                 logits.append(self.runner.prefill(
@@ -384,6 +408,7 @@ class Engine:
             "max_total_tokens": c.max_total_tokens, "max_waiting": c.max_waiting,
             "merge_cache_bytes": self.runner.cache.budget_bytes,
             "vocab_size": cfg.vocab_size, "eos_token_id": self.eos_token_id,
+            "eos_token_ids": sorted(self.eos_token_ids), "family": cfg.family,
             "id2label": {int(k): v for k, v in (cfg.id2label or {}).items()}
             if self.kind == "classifier" else None,
             "provenance": dict(getattr(cfg, "provenance", {}) or {}),

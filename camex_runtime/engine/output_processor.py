@@ -7,7 +7,7 @@ updates the request's ids, logprobs and text, decides whether the request is fin
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional
 
 from camex_runtime.engine.detokenizer import IncrementalDetokenizer, find_stop
 from camex_runtime.engine.outputs import TokenEvent
@@ -22,10 +22,10 @@ class _IdsOnly:
 
 
 class OutputProcessor:
-    def __init__(self, req: GenerationRequest, tokenizer, eos_token_id: Optional[int]):
+    def __init__(self, req: GenerationRequest, tokenizer, eos_token_ids: Iterable[int] = ()):
         self.req = req
         self.detok = IncrementalDetokenizer(tokenizer or _IdsOnly())
-        self.eos = eos_token_id
+        self.eos = frozenset(eos_token_ids)  # every id that ends generation (Llama 3 has several)
 
     def process(self, token_id: int, logprob: float) -> TokenEvent:
         """Append one token; returns its event (finish_reason set when the request ends)."""
@@ -33,7 +33,7 @@ class OutputProcessor:
         req.append_token(token_id, logprob)
         piece = self.detok.push(token_id)
         finish = None
-        if self.eos is not None and token_id == self.eos and not p.ignore_eos:
+        if token_id in self.eos and not p.ignore_eos:
             finish = "eos_token"
         elif len(req.output_token_ids) >= p.max_new_tokens:
             finish = "length"

@@ -348,11 +348,15 @@ class _DecodeRouting:
 
 def build_model(ckpt) -> torch.nn.Module:
     """The folded model of a validated `FoldedCheckpoint`, without a random init pass: built on
-    the meta device, then the checkpoint's tensors are assigned (tied lm_head re-tied)."""
+    the meta device, then the checkpoint's tensors are assigned (tied lm_head re-tied). The
+    model takes the tensors over (``ckpt.state_dict`` is emptied): as their only owner it can
+    free each MoE layer's checkpoint layout as soon as the runner has restacked it."""
     from camex_runtime.checkpoint import model_class
     with torch.device("meta"):
         model = model_class(ckpt.kind)(ckpt.config)
-    missing, unexpected = model.load_state_dict(ckpt.state_dict, strict=False, assign=True)
+    state, ckpt.state_dict = ckpt.state_dict, {}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    del state
     if hasattr(model, "lm_head") and "lm_head.weight" in missing:
         model.lm_head.weight = model.transformer.wte.weight
         missing = [k for k in missing if k != "lm_head.weight"]

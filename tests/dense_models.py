@@ -1,0 +1,73 @@
+"""Tiny random dense Llama-family models that transformers builds locally (no hub), and CAMEx
+models upcycled from them, for the model-family tests.
+
+Every config has grouped-query attention on (4 query heads, 2 key/value heads). Weights are
+transformers' own random init; `spread` then moves every CAMEx parameter (experts, curvature,
+routers) off its upcycled value so that routing and merging change the outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
+                          MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification)
+
+VOCAB = 97
+PAD, BOS, EOS = 0, 1, 2
+COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+              pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "phi3": (Phi3Config, Phi3ForCausalLM, {}),
+}
+CLASSIFIERS = {
+    "llama": (LlamaConfig, LlamaForSequenceClassification),
+    "qwen2": (Qwen2Config, Qwen2ForSequenceClassification),
+}
+
+
+def build_dense(out_dir: Path, family: str, seed: int = 0, **overrides) -> Path:
+    """A random dense causal LM of `family`, saved with save_pretrained (safetensors)."""
+    torch.manual_seed(seed)
+    config_cls, model_cls, extra = FAMILIES[family]
+    model = model_cls(config_cls(**{**COMMON, **extra, **overrides})).eval()
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def build_dense_classifier(out_dir: Path, family: str, num_labels: int = 3, seed: int = 0) -> Path:
+    torch.manual_seed(seed)
+    config_cls, model_cls = CLASSIFIERS[family]
+    labels = {i: f"label{i}" for i in range(num_labels)}
+    cfg = config_cls(**COMMON, num_labels=num_labels, id2label=labels,
+                     label2id={v: k for k, v in labels.items()})
+    model_cls(cfg).eval().save_pretrained(out_dir)
+    return out_dir
+
+
+@torch.no_grad()
+def spread(model, seed: int = 1, router_scale: float = 8.0):
+    """Every CAMEx parameter moves: experts by noise the size of their weights, curvature
+    factors off the identity, routers scaled so that scores are far from uniform."""
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if ".experts." in name:
+            p.add_(torch.randn_like(p) * p.std().clamp_min(1e-3) * 2)
+        elif ".curvature." in name:
+            p.add_(torch.randn_like(p) * 0.05)
+        elif ".router." in name:
+            p.mul_(router_scale / p.std().clamp_min(1e-6) * 0.02)
+    return model
+
+
+def random_ids(n: int, seed: int, batch: int = 1) -> torch.Tensor:
+    """Token ids that avoid the special ids (a pad id mid-sequence changes HF's classifier
+    pooling, an EOS would stop generation)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, n), generator=g)

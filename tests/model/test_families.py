@@ -1,0 +1,174 @@
+"""Llama-family CAMEx (Llama, Mistral, Qwen2, Phi-3): upcycled exactly from transformers'
+dense models, folded exactly, refused where it cannot be exact, saved and loaded by the Auto
+classes. Tiny random models built locally; GQA on everywhere."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig
+
+import camex_runtime as cr
+from camex_runtime.upcycle import UpcycleError, dense_reference_error
+
+from tests.dense_models import (COMMON, FAMILIES, build_dense, build_dense_classifier,
+                                random_ids, spread)
+
+FAMILY_NAMES = sorted(FAMILIES)
+
+
+def rel_err(ref, got):
+    return float((ref - got).abs().max() / ref.abs().max())
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_upcycle_is_exact_at_init(tmp_path, family):
+    dense_dir = build_dense(tmp_path / family, family)
+    model = cr.upcycle_from_dense(dense_dir, num_experts=3, segment_len=4)
+    assert model.config.family == "llama" and model.config.num_key_value_heads == 2
+    assert model.config.provenance["source_model_type"] == family
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32).eval()
+    ids = random_ids(13, seed=0, batch=2)  # several segments of T=4
+    with torch.no_grad():
+        ref, got = dense(ids).logits, model.eval()(ids).logits
+    assert rel_err(ref, got) <= 1e-5
+
+
+@pytest.mark.parametrize("overrides", [
+    {"moe_layers": [1], "curvature_rank": 2, "merge_method": "ties"},
+    {"dynamic": True},
+    {"num_experts": 0},
+], ids=["moe-subset-ties-rank2", "dynamic", "dense"])
+def test_upcycle_variants_are_exact(tmp_path, overrides):
+    dense_dir = build_dense(tmp_path / "qwen2", "qwen2")  # q/k/v biases, untied head
+    model = cr.upcycle_from_dense(dense_dir, segment_len=4, **{"num_experts": 3, **overrides})
+    assert dense_reference_error(model, dense_dir, random_ids(11, seed=1, batch=2)) <= 1e-5
+
+
+@pytest.mark.parametrize("hf_overrides", [
+    {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+    {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
+    {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True, "rope_theta": 500.0},
+    {"head_dim": 24},
+], ids=["rope-linear", "rope-llama3", "biases-tied-theta", "head-dim"])
+def test_llama_config_variants_are_exact(tmp_path, hf_overrides):
+    dense_dir = build_dense(tmp_path / "llama", "llama", **hf_overrides)
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
+    assert dense_reference_error(model, dense_dir, random_ids(40, seed=2, batch=2)) <= 1e-5
+
+
+def test_phi3_partial_rotary_and_fused_projections(tmp_path):
+    from safetensors import safe_open
+
+    dense_dir = build_dense(tmp_path / "phi3", "phi3", partial_rotary_factor=0.5)
+    with safe_open(str(dense_dir / "model.safetensors"), framework="pt") as f:
+        names = set(f.keys())
+    assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= names
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
+    assert model.config.rope_parameters["partial_rotary_factor"] == 0.5
+    assert dense_reference_error(model, dense_dir, random_ids(20, seed=3, batch=2)) <= 1e-5
+
+
+def test_the_reference_check_sees_a_wrong_rotary(tmp_path):
+    """The exactness checks above can fail: a different rope_theta is far off."""
+    dense_dir = build_dense(tmp_path / "llama", "llama")
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 20.0})
+    assert dense_reference_error(model, dense_dir, random_ids(20, seed=4, batch=2)) > 1e-3
+
+
+def test_sharded_checkpoints_are_read(tmp_path):
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(LlamaConfig(**COMMON)).eval()
+    dense.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    model = cr.upcycle_from_dense(tmp_path / "sharded", num_experts=2, segment_len=4)
+    assert dense_reference_error(model, tmp_path / "sharded", random_ids(9, seed=5)) <= 1e-5
+
+
+@pytest.mark.parametrize("case,pattern", [
+    ("sliding", r"sliding-window attention \(sliding_window=64\).*max_position_embeddings=64"),
+    ("rope", r"rope_type 'dynamic' is not supported"),
+    ("act", r"hidden_act 'gelu' is not supported"),
+    ("family", r"model_type 'bert' cannot be upcycled; supported: gpt2, llama, mistral, qwen2, phi3"),
+    ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
+])
+def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):
+    d = tmp_path / case
+    if case == "sliding":
+        torch.manual_seed(0)
+        from transformers import MistralForCausalLM
+        MistralForCausalLM(MistralConfig(**COMMON, sliding_window=64)).save_pretrained(d)
+    elif case == "rope":
+        build_dense(d, "llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    elif case == "act":
+        build_dense(d, "llama", hidden_act="gelu")
+    else:
+        build_dense(d, "llama")
+        if case == "family":
+            cfg = json.loads((d / "config.json").read_text())
+            (d / "config.json").write_text(json.dumps({**cfg, "model_type": "bert"}))
+        else:
+            (d / "model.safetensors").rename(d / "pytorch_model.bin")
+    with pytest.raises(UpcycleError, match=pattern):
+        cr.upcycle_from_dense(d, num_experts=2, segment_len=4)
+
+
+def test_sliding_window_is_exact_within_the_window(tmp_path):
+    """Lowering max_position_embeddings to the window makes sliding attention full attention."""
+    torch.manual_seed(0)
+    from transformers import MistralForCausalLM
+    MistralForCausalLM(MistralConfig(**COMMON, sliding_window=64)).save_pretrained(tmp_path / "m")
+    model = cr.upcycle_from_dense(tmp_path / "m", num_experts=2, segment_len=4,
+                                  max_position_embeddings=64)
+    assert dense_reference_error(model, tmp_path / "m", random_ids(64, seed=6)) <= 1e-5
+
+
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_export_folds_llama_family_exactly_and_auto_loads_it(tmp_path, family):
+    model = spread(cr.upcycle_from_dense(build_dense(tmp_path / "d", family), num_experts=3,
+                                         segment_len=4, curvature_rank=2)).eval()
+    report = cr.export(model, tmp_path / "folded")
+    assert report.max_rel_error <= 1e-5
+    folded = AutoModelForCausalLM.from_pretrained(tmp_path / "folded").eval()
+    assert folded.config.folded and folded.config.family == "llama"
+    ids = random_ids(17, seed=7, batch=2)
+    with torch.no_grad():
+        for kw in ({}, {"route1_len": 1}, {"routing": "prompt", "prompt_len": 6}):
+            assert rel_err(model(ids, **kw).logits, folded(ids, **kw).logits) <= 1e-5
+    # ... and the training form reloads from its own save_pretrained
+    model.save_pretrained(tmp_path / "train")
+    again = cr.CamexForCausalLM.from_pretrained(tmp_path / "train").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("family", sorted(["llama", "qwen2"]))
+def test_classifier_upcycles_exactly_and_pools_the_last_token(tmp_path, family):
+    from transformers import AutoModelForSequenceClassification
+
+    d = build_dense_classifier(tmp_path / family, family)
+    model = cr.upcycle_from_dense(d, num_experts=3, segment_len=4).eval()
+    assert isinstance(model, cr.CamexForSequenceClassification)
+    assert model.config.classifier_pooling == "last" and model.config.classifier_causal
+    dense = AutoModelForSequenceClassification.from_pretrained(d, dtype=torch.float32).eval()
+    ids = random_ids(10, seed=8, batch=2)
+    mask = torch.ones_like(ids)
+    ids[1, 6:], mask[1, 6:] = 0, 0  # right-padded with the pad id, as HF pools it
+    with torch.no_grad():
+        ref = dense(ids, attention_mask=mask).logits
+        got = model(ids, attention_mask=mask).logits
+    assert rel_err(ref, got) <= 1e-5
+
+
+def test_llama_training_form_trains(tmp_path):
+    """Gradients reach every CAMEx parameter once the experts differ from their base (at the
+    upcycled init τ = 0, so M(τ) = 0 and the curvature factors get no gradient yet)."""
+    model = spread(cr.upcycle_from_dense(build_dense(tmp_path / "d", "llama"), num_experts=3,
+                                         segment_len=4, curvature_rank=2)).train()
+    ids = random_ids(13, seed=9, batch=2)
+    model(ids, labels=ids).loss.backward()
+    for name, p in model.named_parameters():
+        if any(k in name for k in (".curvature.", ".experts.", ".base.", ".router.")):
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
