@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import FORMAT_VERSION, CamexConfig
+from .memory import release_freed_memory
 
 WEIGHTS_NAME = "model.safetensors"
 KINDS = {"CamexForCausalLM": "causal-lm", "CamexForSequenceClassification": "classifier"}
@@ -132,6 +133,7 @@ def load_folded(path: str | Path, device: str | torch.device = "cpu",
             validate_values(name, t)
             state[name] = cast_finite(name, t, device, dtype)
             del t  # the file-dtype copy goes before the next tensor is read
+        release_freed_memory()
     except CheckpointError:
         raise
     except Exception as e:  # a truncated or foreign file: what broke, with the path

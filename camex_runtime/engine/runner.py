@@ -29,6 +29,7 @@ from camex_runtime.engine.merge_cache import MergeCache, entry_bytes, ffn_layout
 from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
 from camex_runtime.engine.routing_state import FALLBACK, NO_MERGE, SlotRouting, routing_digest
 from camex_runtime.experts import segment_means
+from camex_runtime.memory import release_freed_memory
 
 
 log = logging.getLogger("camex.engine")
@@ -92,9 +93,16 @@ class ModelRunner:
         self.slots: list[Optional[SlotRouting]] = [None] * num_slots
         self.router_sum = torch.zeros(M, E, device=self.device)
         self.router_counts = [0] * M
-        self.cost = None
-        if M:  # strategy timings of the real layer shapes on this device (see cost_model)
-            self.cost = CostModel(profile or StrategyProfile.measure(self.moe[0]))
+        self._profile = profile
+        self._cost: Optional[CostModel] = None
+
+    @property
+    def cost(self) -> CostModel:
+        """Strategy timings of the real layer shapes on this device (see cost_model), measured
+        the first time the `auto` strategy needs them."""
+        if self._cost is None:
+            self._cost = CostModel(self._profile or StrategyProfile.measure(self.moe[0]))
+        return self._cost
 
     def _take_expert_weights(self) -> list[MoEWeights]:
         """Stack [E_m; Δ] per MoE layer once (DESIGN §3: deltas precomputed at load), dropping
@@ -109,6 +117,7 @@ class ModelRunner:
                 ffn = self.blocks[layer].ffn
                 weights.append(MoEWeights.from_folded(ffn))
                 ffn.experts, ffn.base = None, None
+                release_freed_memory()  # the old layout's pages, before the next layer's stack
         return weights
 
     # -- bookkeeping ------------------------------------------------------------------------
