@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
 
 from camex_runtime import CamexConfig, CamexForCausalLM, CamexForSequenceClassification  # noqa: E402
+from camex_runtime.config import PRESETS  # noqa: E402
 from camex_runtime.engine.cost_model import best_time  # noqa: E402,F401  (re-exported)
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -31,11 +32,20 @@ FULL = dict(vocab_size=50257, d_model=768, n_layer=12, n_head=12, d_ff=3072,
             max_position_embeddings=2048, num_experts=7, segment_len=256)
 QUICK = dict(vocab_size=1000, d_model=64, n_layer=2, n_head=4, d_ff=256,
              max_position_embeddings=512, num_experts=7, segment_len=16)
+# Llama family: TinyLlama-1.1B's shape (22 blocks, GQA 32/4 heads, SwiGLU 5632) with CAMEx on
+# every other block, 1 base + 7 routed experts (CamexConfig preset "tinyllama-1b").
+LLAMA_FULL = dict(PRESETS["tinyllama-1b"])
+LLAMA_QUICK = dict(family="llama", vocab_size=1000, d_model=64, n_layer=4, n_head=4,
+                   num_key_value_heads=2, d_ff=176, max_position_embeddings=512, num_experts=7,
+                   moe_layers=[1, 3], segment_len=16, tie_word_embeddings=False)
+SHAPES = {"gpt2-small": (FULL, QUICK), "tinyllama-1b": (LLAMA_FULL, LLAMA_QUICK)}
 
 
 def base_parser(doc: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes: check the script runs")
+    p.add_argument("--shape", default="gpt2-small", choices=sorted(SHAPES),
+                   help="model shape (random weights); tinyllama-1b: the Llama family")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
@@ -52,7 +62,8 @@ def setup(args) -> tuple[torch.device, torch.dtype]:
 
 
 def shape(args, **overrides) -> dict:
-    return {**(QUICK if args.quick else FULL), **overrides}
+    full, quick = SHAPES[getattr(args, "shape", "gpt2-small")]
+    return {**(quick if args.quick else full), **overrides}
 
 
 def folded_model(cfg: dict, device, dtype, kind: str = "lm", **overrides):
@@ -61,8 +72,13 @@ def folded_model(cfg: dict, device, dtype, kind: str = "lm", **overrides):
     extra = dict(num_labels=2) if kind == "classifier" else {}
     config = CamexConfig(**{**cfg, **extra, **overrides}, folded=True)
     cls = CamexForCausalLM if kind == "lm" else CamexForSequenceClassification
-    with torch.device(device):
-        model = cls(config)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in the benchmark dtype: no fp32 copy of a 7 GB model
+    try:
+        with torch.device(device):
+            model = cls(config)
+    finally:
+        torch.set_default_dtype(previous)
     return model.to(dtype).eval()
 
 

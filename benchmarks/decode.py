@@ -9,6 +9,8 @@ peaks measured in this run, and achieved/bound.
 
     python benchmarks/decode.py --quick                 # seconds: checks the script
     python benchmarks/decode.py --batch-sizes 1,8,32    # GPT-2-small shape, 7+1 experts, T=256
+    python benchmarks/decode.py --shape tinyllama-1b --dtype bfloat16 --batch-sizes 1 \
+        --strategies auto,merged --skip train          # Llama family, ~1B dense + CAMEx layers
 """
 from __future__ import annotations
 
@@ -20,7 +22,13 @@ from common import (base_parser, best_time, folded_model, print_table, setup, sh
                     training_model, write_results)
 from roofline import bound, decode_step_cost, fused_bound, measure_peaks
 from camex_runtime import Engine, SamplingParams
-from camex_runtime.engine.merge_cache import entry_bytes
+from camex_runtime import CamexConfig
+from camex_runtime.engine.merge_cache import entry_bytes, ffn_layout
+
+
+def hf_dense_name(cfg: dict) -> str:
+    """Row name of transformers generate on the dense model of the same shape."""
+    return f"hf-{cfg.get('family', 'gpt2')}-dense"
 
 COLS = ["system", "strategy", "B", "tok_s", "bound_tok_s", "achieved", "achieved_fused",
         "fallbacks"]
@@ -58,13 +66,29 @@ def hf_decode_time(model, B: int, P: int, N: int, vocab: int, reps: int, device)
     return max(1e-9, best_time(lambda: gen(N), device, reps) - best_time(lambda: gen(1), device, reps))
 
 
-def gpt2_dense(cfg: dict, device, dtype):
-    from transformers import GPT2Config, GPT2LMHeadModel
-    c = GPT2Config(vocab_size=cfg["vocab_size"], n_positions=cfg["max_position_embeddings"],
-                   n_embd=cfg["d_model"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
-                   n_inner=cfg["d_ff"])
-    with torch.device(device):
-        return GPT2LMHeadModel(c).to(dtype).eval()
+def hf_dense(cfg: dict, device, dtype):
+    """The transformers model of the same dense shape (GPT-2 or Llama), built in `dtype`."""
+    if cfg.get("family", "gpt2") == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+        c = LlamaConfig(vocab_size=cfg["vocab_size"], hidden_size=cfg["d_model"],
+                        intermediate_size=cfg["d_ff"], num_hidden_layers=cfg["n_layer"],
+                        num_attention_heads=cfg["n_head"],
+                        num_key_value_heads=cfg["num_key_value_heads"],
+                        max_position_embeddings=cfg["max_position_embeddings"])
+        cls = LlamaForCausalLM
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        c = GPT2Config(vocab_size=cfg["vocab_size"], n_positions=cfg["max_position_embeddings"],
+                       n_embd=cfg["d_model"], n_layer=cfg["n_layer"], n_head=cfg["n_head"],
+                       n_inner=cfg["d_ff"])
+        cls = GPT2LMHeadModel
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return cls(c).to(dtype).eval()
+    finally:
+        torch.set_default_dtype(previous)
 
 
 def main() -> None:
@@ -78,6 +102,8 @@ def main() -> None:
     p.add_argument("--cache-mb", type=int, default=None,
                    help="merge cache budget (default: enough for 8 sequences' merges)")
     p.add_argument("--skip", default="", help="comma list of: hf,train,dense")
+    p.add_argument("--strategies", default="auto,merged,mixture",
+                   help="CAMEx strategies to time (auto is the served default)")
     args = p.parse_args()
     device, dtype = setup(args)
     cfg = shape(args)
@@ -98,11 +124,11 @@ def main() -> None:
                          fallbacks=fallbacks))
         print_table(rows[-1:], COLS)
 
-    ffn_bytes = entry_bytes(cfg["d_model"], cfg["d_ff"], dtype)
+    ffn_bytes = entry_bytes(cfg["d_model"], cfg["d_ff"], dtype, **ffn_layout(CamexConfig(**cfg)))
     cache_bytes = (args.cache_mb << 20) if args.cache_mb else 8 * cfg["n_layer"] * ffn_bytes
     camex = make_engine(folded_model(cfg, device, dtype), max(Bs), P, N, cache_bytes)
     for B in Bs:
-        for strategy in ("auto", "merged", "mixture"):
+        for strategy in args.strategies.split(","):
             camex.runner.strategy = strategy
             fb0 = camex.runner.cache.fallbacks
             t = engine_decode_time(camex, B, P, N, cfg["vocab_size"], args.reps)
@@ -116,9 +142,9 @@ def main() -> None:
                                                            args.reps), N - 1, "dense")
         del dense
     if "hf" not in skip:
-        hf = gpt2_dense(cfg, device, dtype)
+        hf = hf_dense(cfg, device, dtype)
         for B in Bs:
-            add("hf-gpt2-dense", "generate", B,
+            add(hf_dense_name(cfg), "generate", B,
                 hf_decode_time(hf, B, P, N, cfg["vocab_size"], args.reps, device), N - 1, "dense")
         del hf
     if "train" not in skip:
@@ -127,12 +153,13 @@ def main() -> None:
         for B in [int(b) for b in args.train_batch_sizes.split(",")]:
             add("hf-camex-training-form", "generate", B,
                 hf_decode_time(tm, B, P, n, cfg["vocab_size"], 1, device), n - 1, "mixture")
-    summary = summarize(rows)
+    summary = summarize(rows, hf_dense_name(cfg))
     print()
     print_table(rows, COLS)
     for k, v in summary.items():
         print(f"{k}: {v:.3f}")
-    write_results("decode", args, rows, {"peaks": peaks, "shape": cfg, "prompt_len": P,
+    name = "decode" if args.shape == "gpt2-small" else f"decode-{args.shape}"
+    write_results(name, args, rows, {"peaks": peaks, "shape": cfg, "prompt_len": P,
                                          "new_tokens": N, "summary": summary})
 
 
@@ -147,7 +174,7 @@ def step_bounds(cfg: dict, B: int, ctx: int, strategy: str, elem: int, peaks: di
     return dict(bound_tok_s=B / b, achieved=tok_s * b / B, achieved_fused=tok_s * fused / B)
 
 
-def summarize(rows: list[dict]) -> dict:
+def summarize(rows: list[dict], hf_name: str) -> dict:
     """The issue's targets as ratios (>= 1 is met unless stated)."""
     def tok(system, strategy, B):
         return next((r["tok_s"] for r in rows if r["system"] == system
@@ -159,7 +186,7 @@ def summarize(rows: list[dict]) -> dict:
         if auto and all(fixed):
             out[f"B={B} auto / best fixed (target >= 0.95)"] = auto / max(fixed)
         for name, system, strategy in (("dense-in-engine (target >= 0.9 at B=1)", "engine-dense", "-"),
-                                       ("transformers dense (target >= 1.0 at B=1)", "hf-gpt2-dense", "generate"),
+                                       ("transformers dense (target >= 1.0 at B=1)", hf_name, "generate"),
                                        ("training-form (target >= 10 at B=1)", "hf-camex-training-form", "generate")):
             other = tok(system, strategy, B)
             if auto and other:

@@ -6,6 +6,7 @@ includes one merge per segment and MoE layer, as for a new user prompt.
 
     python benchmarks/prefill.py --quick
     python benchmarks/prefill.py --lengths 256,1024
+    python benchmarks/prefill.py --shape tinyllama-1b --dtype bfloat16 --lengths 256,1024
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ import torch
 from common import base_parser, folded_model, print_table, setup, shape, sync, write_results
 from roofline import bound, fused_bound, measure_peaks, prefill_cost
 from camex_runtime import Engine
-from camex_runtime.engine.merge_cache import entry_bytes
+from camex_runtime import CamexConfig
+from camex_runtime.engine.merge_cache import entry_bytes, ffn_layout
 
 COLS = ["system", "strategy", "tokens", "tok_s", "bound_tok_s", "achieved", "achieved_fused"]
 
@@ -47,7 +49,7 @@ def main() -> None:
     peaks = measure_peaks(device, dtype, args.reps)
     rows = []
     kw = dict(max_batch_size=1, max_input_tokens=max(lengths), max_total_tokens=max(lengths) + 1)
-    ffn_bytes = entry_bytes(cfg["d_model"], cfg["d_ff"], dtype)
+    ffn_bytes = entry_bytes(cfg["d_model"], cfg["d_ff"], dtype, **ffn_layout(CamexConfig(**cfg)))
     camex = Engine(folded_model(cfg, device, dtype), None,
                    merge_cache_bytes=2 * cfg["n_layer"] * ffn_bytes, **kw)
     dense = Engine(folded_model(cfg, device, dtype, num_experts=0), None, merge_cache_bytes=0, **kw)
@@ -65,7 +67,8 @@ def main() -> None:
             print_table(rows[-1:], COLS)
     print()
     print_table(rows, COLS)
-    write_results("prefill", args, rows, {"peaks": peaks, "shape": cfg})
+    name = "prefill" if args.shape == "gpt2-small" else f"prefill-{args.shape}"
+    write_results(name, args, rows, {"peaks": peaks, "shape": cfg})
 
 
 if __name__ == "__main__":

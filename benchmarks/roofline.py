@@ -31,10 +31,21 @@ def measure_peaks(device, dtype, reps: int = 3) -> dict:
     return {"peak_gflops": 2 * n ** 3 / t / 1e9, "peak_gbps": w.numel() * elem / tb / 1e9}
 
 
-def _dense_parts(cfg: dict) -> tuple[int, int]:
-    """(attention params per layer, FFN params per FFN)."""
-    d, h = cfg["d_model"], cfg["d_ff"]
-    return 4 * d * d + 4 * d, 2 * d * h + d + h
+def _dense_parts(cfg: dict) -> tuple[int, int, int]:
+    """(attention params per layer, FFN params per FFN, cached K+V values per token and layer)
+    of either family: GPT-2 (fused qkv, 2-matrix FFN with biases) or Llama (GQA, SwiGLU)."""
+    d, h, H = cfg["d_model"], cfg["d_ff"], cfg["n_head"]
+    KV, hd = cfg.get("num_key_value_heads") or H, cfg.get("head_dim") or d // H
+    if cfg.get("family", "gpt2") == "llama":
+        return d * (H + 2 * KV) * hd + H * hd * d, 3 * d * h, 2 * KV * hd
+    return 4 * d * d + 4 * d, 2 * d * h + d + h, 2 * d
+
+
+def _layers(cfg: dict) -> tuple[int, int]:
+    """(dense FFN layers, merged-expert FFN layers)."""
+    L, E = cfg["n_layer"], cfg.get("num_experts", 0)
+    moe = 0 if not E else (L if cfg.get("moe_layers") is None else len(cfg["moe_layers"]))
+    return L - moe, moe
 
 
 Cost = list[tuple[float, float]]  # (flops, bytes) per phase
@@ -46,19 +57,21 @@ def decode_step_cost(cfg: dict, B: int, ctx: int, strategy: str, elem: int) -> C
     at one per segment per sequence and layer."""
     d, L, V = cfg["d_model"], cfg["n_layer"], cfg["vocab_size"]
     E, T = cfg.get("num_experts", 0), cfg["segment_len"]
-    attn, P = _dense_parts(cfg)
-    flops = L * (2 * B * attn + 4 * B * ctx * d) + 2 * B * V * d
-    nbytes = elem * (L * (attn + 2 * B * ctx * d) + V * d)
-    if strategy == "dense" or E == 0:
-        flops += L * 2 * B * P
-        nbytes += elem * L * P
-    elif strategy == "merged":
-        flops += L * 2 * B * P
-        nbytes += elem * L * B * P
-        return [(flops, nbytes), (L * B * 2 * E * P / T, elem * L * B * (E + 2) * P / T)]
-    else:
-        flops += L * 2 * B * (E + 1) * P
-        nbytes += elem * L * (E + 1) * P
+    attn, P, kv = _dense_parts(cfg)
+    qk = cfg["n_head"] * (cfg.get("head_dim") or d // cfg["n_head"])  # query width
+    Ld, Lm = _layers(cfg)
+    if strategy == "dense":
+        Ld, Lm = L, 0
+    flops = L * (2 * B * attn + 4 * B * ctx * qk) + 2 * B * V * d + Ld * 2 * B * P
+    nbytes = elem * (L * (attn + B * ctx * kv) + V * d + Ld * P)
+    if Lm == 0:
+        return [(flops, nbytes)]
+    if strategy == "merged":
+        flops += Lm * 2 * B * P
+        nbytes += elem * Lm * B * P
+        return [(flops, nbytes), (Lm * B * 2 * E * P / T, elem * Lm * B * (E + 2) * P / T)]
+    flops += Lm * 2 * B * (E + 1) * P
+    nbytes += elem * Lm * (E + 1) * P
     return [(flops, nbytes)]
 
 
@@ -66,24 +79,27 @@ def prefill_cost(cfg: dict, n: int, moe: bool, elem: int) -> Cost:
     """[(flops, bytes) per phase] of one n-token prompt: per segment one merge + one FFN GEMM."""
     d, L, V = cfg["d_model"], cfg["n_layer"], cfg["vocab_size"]
     E, T = cfg.get("num_experts", 0), cfg["segment_len"]
-    attn, P = _dense_parts(cfg)
+    attn, P, _ = _dense_parts(cfg)
+    qk = cfg["n_head"] * (cfg.get("head_dim") or d // cfg["n_head"])
     K = -(-n // T)
-    flops = L * (2 * n * attn + 2 * n * n * d + 2 * n * P) + 2 * V * d
+    flops = L * (2 * n * attn + 2 * n * n * qk + 2 * n * P) + 2 * V * d
     nbytes = elem * (L * (attn + P) + V * d)
-    if moe and E:
-        return [(flops, nbytes), (L * K * 2 * E * P, elem * L * K * (E + 2) * P)]
+    Lm = _layers(cfg)[1]
+    if moe and Lm:
+        return [(flops, nbytes), (Lm * K * 2 * E * P, elem * Lm * K * (E + 2) * P)]
     return [(flops, nbytes)]
 
 
 def classify_cost(cfg: dict, B: int, n: int, moe: bool, elem: int) -> Cost:
     d, L = cfg["d_model"], cfg["n_layer"]
     E = cfg.get("num_experts", 0)
-    attn, P = _dense_parts(cfg)
+    attn, P, _ = _dense_parts(cfg)
     flops = L * B * (2 * n * attn + 4 * n * n * d + 2 * n * P)
     nbytes = elem * L * (attn + P)
-    if moe and E:  # one merge per sequence and layer (or the mixture's (E+1)x weights)
+    Lm = _layers(cfg)[1]
+    if moe and Lm:  # one merge per sequence and layer (or the mixture's (E+1)x weights)
         return [(flops, nbytes),
-                (L * B * 2 * E * P, elem * L * min(B * (E + 2), E + 1) * P)]
+                (Lm * B * 2 * E * P, elem * Lm * min(B * (E + 2), E + 1) * P)]
     return [(flops, nbytes)]
 
 

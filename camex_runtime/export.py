@@ -1,5 +1,8 @@
 """Export: fold a training-form CAMEx model into a verified serving checkpoint (paper eq. 4).
 
+The folded directory also receives the tokenizer (chat template included) and, for language
+models, the generation config (EOS ids) of the model it was made from.
+
 ``E'_i = E_m + mask_i ⊙ M_i(τ_i)`` is computed once per weight (eval mode: dare is the
 identity), Dynamic-Merg bases are materialised for every layer, and the folded model's logits
 are checked against the training form (fp32, eval) before anything is written: above
@@ -161,8 +164,11 @@ def export(model: CamexPreTrainedModel, out_dir: str | Path, tokenizer: Any = No
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_folded(folded.state_dict(), cfg, tmp)
-        if tokenizer is not None:
+        if tokenizer is not None:  # with its chat template, when it has one
             tokenizer.save_pretrained(tmp)
+        generation = getattr(model, "generation_config", None)
+        if kind == "causal-lm" and generation is not None:  # EOS id lists etc. travel
+            generation.save_pretrained(tmp)
         (tmp / "export_report.json").write_text(json.dumps({"max_rel_error": err, "checks": checks}, indent=2))
         if out.is_dir():
             shutil.rmtree(out)

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from .config import ModelSpec, TrainConfig
+from .config import CAMEX_KNOBS, ModelSpec, TrainConfig
 from .state import TRAINER_STATE, ResumeError, TrainerState, save_training_state
 
 WEIGHTS = "model.safetensors"
@@ -36,6 +36,8 @@ def build_model(cfg: TrainConfig, data, resuming: bool) -> torch.nn.Module:
             return load_training_form(cls, cfg.out_dir)
         except CheckpointError as e:
             raise ResumeError(f"cannot resume {cfg.out_dir}: {e}") from e
+    if cfg.from_dense:
+        return upcycled_model(cfg, data)
     config = cfg.model.camex_config(vocab_size=len(data.tokenizer), block_size=cfg.block_size,
                                     tokenizer=data.tokenizer, label_names=data.label_names)
     if config.max_position_embeddings < cfg.block_size:
@@ -45,6 +47,41 @@ def build_model(cfg: TrainConfig, data, resuming: bool) -> torch.nn.Module:
     if cfg.init_from:
         copied = init_from_checkpoint(model, cfg.init_from)
         print(f"init_from {cfg.init_from}: copied {copied} tensors", file=sys.stderr)
+    return model
+
+
+def upcycled_model(cfg: TrainConfig, data) -> torch.nn.Module:
+    """The dense checkpoint `cfg.from_dense` upcycled with the spec's CAMEx knobs (a classifier
+    head for the classify task), checked against the dense model unless told not to."""
+    from dataclasses import asdict
+
+    from camex_runtime.upcycle import dense_reference_error, upcycle_from_dense
+
+    spec = asdict(cfg.model)
+    knobs = {k: spec[k] for k in CAMEX_KNOBS}
+    if spec["max_position_embeddings"]:
+        knobs["max_position_embeddings"] = spec["max_position_embeddings"]
+    head = "lm"
+    if cfg.task == "classify":
+        names = data.label_names
+        head = "classifier"
+        knobs.update(num_labels=len(names), id2label=dict(enumerate(names)),
+                     label2id={n: i for i, n in enumerate(names)},
+                     problem_type="single_label_classification")
+    model = upcycle_from_dense(cfg.from_dense, head=head, **knobs)
+    if model.config.vocab_size < len(data.tokenizer):
+        raise ValueError(f"the tokenizer has {len(data.tokenizer)} tokens but {cfg.from_dense} "
+                         f"has a vocabulary of {model.config.vocab_size}")
+    if model.config.max_position_embeddings < cfg.block_size:
+        raise ValueError(f"block_size {cfg.block_size} exceeds the upcycled model's "
+                         f"max_position_embeddings {model.config.max_position_embeddings}")
+    if cfg.verify_upcycle and head == "lm" and not cfg.model.dynamic:
+        err = dense_reference_error(model, cfg.from_dense)
+        print(f"upcycled {cfg.from_dense}: max relative logit error against the dense model "
+              f"{err:.2e}", file=sys.stderr)
+        if err > 1e-5:
+            raise ValueError(f"the upcycled model deviates from {cfg.from_dense} (max relative "
+                             f"logit error {err:.2e} > 1e-05); refusing to train it")
     return model
 
 
@@ -80,7 +117,7 @@ def check_resumable(saved: dict, cfg: TrainConfig, saved_world_size: int | None 
         problems.append(f"task {saved.get('task')!r} != {cfg.task!r}")
     if saved_model != cfg.model:
         problems.append(f"model {saved_model} != {cfg.model}")
-    for name in ("batch_size", "grad_accum", "block_size", "seed"):
+    for name in ("batch_size", "grad_accum", "block_size", "seed", "from_dense"):
         if saved.get(name) != getattr(cfg, name):
             problems.append(f"{name} {saved.get(name)} != {getattr(cfg, name)}")
     if saved_world_size is not None and saved_world_size != world_size:

@@ -34,7 +34,10 @@ _TRAIN_FLAGS = {
     "eval_every": "eval_every", "eval_batches": "eval_batches", "log_every": "log_every",
     "out": "out_dir", "save_every": "save_every", "stop_after": "stop_after",
     "export": "export_dir", "max_examples_per_label": "max_examples_per_label",
+    "from_dense": "from_dense",
 }
+# architecture flags that --from-dense replaces by the dense model's own
+_ARCH_FLAGS = ("d_model", "n_layer", "n_head", "d_ff")
 _MODEL_FLAGS = {f.name for f in fields(ModelSpec)} - {"moe_layers", "dynamic"}
 
 
@@ -63,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--moe-layers", help="comma-separated block indices, or 'all'")
     m.add_argument("--dynamic", action=argparse.BooleanOptionalAction, default=None)
     m.add_argument("--init-from", metavar="DIR", help="seed matching weights from a checkpoint")
+    m.add_argument("--from-dense", metavar="DIR",
+                   help="upcycle a dense Hugging Face model directory (gpt2, llama, mistral, "
+                        "qwen2, phi3): its architecture, weights and tokenizer; the flags above "
+                        "set only the CAMEx layers")
+    m.add_argument("--no-verify-upcycle", dest="verify_upcycle", action="store_false",
+                   default=None, help="skip comparing the upcycled model with the dense one "
+                                      "(it loads the dense model once more)")
     o = p.add_argument_group("optimisation")
     for name, kind in (("steps", int), ("batch-size", int), ("grad-accum", int), ("lr", float),
                        ("min-lr-ratio", float), ("warmup", int), ("weight-decay", float),
@@ -103,6 +113,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         changes["tokenizer"] = None
     if args.bf16:
         changes["bf16"] = True
+    if args.verify_upcycle is not None:
+        changes["verify_upcycle"] = args.verify_upcycle
+    if args.from_dense:
+        given = [f"--{f.replace('_', '-')}" for f in _ARCH_FLAGS if getattr(args, f) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} cannot be combined with --from-dense: the "
+                             f"architecture comes from the dense model")
     changes.update(resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     return replace(cfg, model=_model_spec(cfg.model, args), **changes)
 
@@ -130,7 +147,7 @@ def check_paths(cfg: TrainConfig) -> None:
     for source in [*cfg.data, *cfg.eval_data]:
         if not source.startswith("hf:") and not Path(source).exists():
             raise DataError(f"data path {source} does not exist")
-    for name in ("tokenizer", "init_from"):
+    for name in ("tokenizer", "init_from", "from_dense"):
         path = getattr(cfg, name)
         if path and not Path(path).is_dir():
             raise ValueError(f"--{name.replace('_', '-')} {path}: not a directory")

@@ -15,6 +15,12 @@ TASKS = ("lm", "classify")
 SCHEDULES = ("cosine", "linear", "constant")
 
 
+# ModelSpec fields that describe the CAMEx layers (kept when upcycling); the others describe the
+# transformer around them and come from the dense checkpoint when upcycling.
+CAMEX_KNOBS = ("num_experts", "moe_layers", "segment_len", "alpha", "curvature_rank",
+               "merge_method", "ties_density", "dare_p", "dynamic", "routing", "dropout")
+
+
 @dataclass
 class ModelSpec:
     d_model: int = 128
@@ -68,6 +74,11 @@ class TrainConfig:
     block_size: int = 128                   # LM block length; classifier max tokens per text
     model: ModelSpec = field(default_factory=ModelSpec)
     init_from: str | None = None            # checkpoint dir whose matching weights seed the model
+    # A dense Hugging Face checkpoint directory (gpt2, llama, mistral, qwen2, phi3) to upcycle:
+    # its architecture, weights, tokenizer and generation config replace ModelSpec's
+    # architecture fields; ModelSpec still sets the CAMEx knobs (experts, layers, curvature...).
+    from_dense: str | None = None
+    verify_upcycle: bool = True             # compare the upcycled model with the dense one first
     # Optimisation.
     steps: int = 200                        # optimizer steps; also the length of the LR schedule
     batch_size: int = 16                    # per process and micro-step
@@ -117,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
+        if self.from_dense and self.init_from:
+            raise ValueError("from_dense and init_from both initialise the model; give one")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

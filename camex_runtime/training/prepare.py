@@ -58,6 +58,8 @@ def _tokenizer(cfg: TrainConfig, ctx: DistContext, train_ex: list[TextExample], 
         return load_tokenizer(out)  # the checkpoint's own tokenizer, whatever made it
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
+    if cfg.from_dense:  # the dense model's own tokenizer (and chat template) travel with it
+        return load_tokenizer(cfg.from_dense)
     if ctx.is_main:
         tok = train_bpe_tokenizer((e.text for e in train_ex), cfg.vocab_size,
                                   model_max_length=cfg.block_size)

@@ -36,8 +36,22 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
       ("engine-dense", "-")}),
 ])
 def test_quick_run_writes_every_row_with_a_roofline(tmp_path, script, points, expected):
+    check_quick_run(tmp_path, script, points, expected)
+
+
+def test_llama_shape_decode_and_prefill(tmp_path):
+    """The Llama-family shape (GQA, SwiGLU, CAMEx on some blocks) through both scripts."""
+    camex = {("engine-camex", s) for s in ("auto", "merged", "mixture")}
+    check_quick_run(tmp_path, "decode.py", ("B", [1, 8]),
+                    camex | {("engine-dense", "-"), ("hf-llama-dense", "generate")},
+                    "--shape", "tinyllama-1b", "--skip", "train", "--batch-sizes", "1,8")
+    check_quick_run(tmp_path, "prefill.py", ("tokens", [32, 128]),
+                    camex | {("engine-dense", "-")}, "--shape", "tinyllama-1b")
+
+
+def check_quick_run(tmp_path, script, points, expected, *extra):
     out = tmp_path / "r.json"
-    run(script, "--quick", "--threads", "1", "--reps", "1", "--out", str(out))
+    run(script, "--quick", "--threads", "1", "--reps", "1", "--out", str(out), *extra)
     report = json.loads(out.read_text())
     assert report["meta"]["quick"] is True and report["peaks"]["peak_gflops"] > 0
     rows = report["rows"]

@@ -1,0 +1,104 @@
+"""`camex-train --from-dense`: a dense Llama-family directory (weights, tokenizer with a chat
+template, generation config with several EOS ids) is upcycled, checked, fine-tuned, resumed,
+trained data-parallel, exported, and served — and what travels arrives in the folded dir."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import camex_runtime as cr
+from camex_runtime.training.cli import main as train_main
+
+from tests.conftest import make_tokenizer
+from tests.dense_models import build_dense
+
+from .conftest import REPO, subprocess_env
+from .test_ddp import free_port
+
+TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
+
+
+@pytest.fixture
+def dense_dir(tmp_path: Path) -> Path:
+    """A random dense Qwen2 (q/k/v biases, GQA) with its own tokenizer and two EOS ids."""
+    tok = make_tokenizer(tmp_path / "tok")
+    tok.chat_template = TEMPLATE
+    d = build_dense(tmp_path / "dense", "qwen2", vocab_size=len(tok), pad_token_id=tok.pad_token_id,
+                    bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tok.save_pretrained(d)
+    gen = {"bos_token_id": tok.bos_token_id, "eos_token_id": [tok.eos_token_id, 7]}
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    return d
+
+
+def run_cli(argv, capsys) -> tuple[dict, str]:
+    """(the final JSON summary, stderr) of one camex-train run."""
+    assert train_main(argv) == 0
+    captured = capsys.readouterr()
+    return json.loads(captured.out.strip().splitlines()[-1]), captured.err
+
+
+def test_from_dense_trains_exports_and_serves(tmp_path, capsys, corpus_dir, dense_dir):
+    out, folded = tmp_path / "run", tmp_path / "folded"
+    common = ["--data", str(corpus_dir), "--from-dense", str(dense_dir), "--num-experts", "3",
+              "--segment-len", "4", "--block-size", "16", "--batch-size", "4", "--lr", "3e-3",
+              "--warmup", "2", "--eval-batches", "2", "--out", str(out), "--no-progress",
+              "--steps", "8"]
+    summary, err = run_cli([*common, "--stop-after", "4"], capsys)
+    assert "max relative logit error against the dense model 0.00e+00" in err
+    assert summary["steps"] == 4 and (out / "trainer_state.json").is_file()
+    summary, _ = run_cli([*common, "--resume", "--export", str(folded)], capsys)
+    assert summary["steps"] == 8 and summary["export_dir"]
+    cfg = json.loads((folded / "config.json").read_text())
+    assert cfg["family"] == "llama" and cfg["num_key_value_heads"] == 2 and cfg["attention_bias"]
+    assert cfg["provenance"]["source_model_type"] == "qwen2"
+    # the tokenizer (with its chat template) and the generation config travelled
+    gen = json.loads((folded / "generation_config.json").read_text())
+    assert sorted(gen["eos_token_id"]) == sorted([7, json.loads(
+        (dense_dir / "generation_config.json").read_text())["eos_token_id"][0]])
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(folded)
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == \
+        "<|user|>hi<|assistant|>"
+    engine = cr.Engine.from_pretrained(folded)
+    assert 7 in engine.eos_token_ids and tok.eos_token_id in engine.eos_token_ids
+    res = engine.generate("the quick brown fox", max_new_tokens=5, ignore_eos=True)
+    assert len(res.token_ids) == 5
+
+
+def test_from_dense_refuses_architecture_flags(capsys, corpus_dir, dense_dir):
+    with pytest.raises(SystemExit) as exc:
+        train_main(["--data", str(corpus_dir), "--from-dense", str(dense_dir), "--d-model", "64"])
+    assert exc.value.code == 2
+    assert "--d-model cannot be combined with --from-dense" in capsys.readouterr().err
+
+
+def test_from_dense_classifier(tmp_path, capsys, labeled_jsonl, dense_dir):
+    """A classifier upcycled from a dense LM: decoder pooling, fresh head, labels from the data."""
+    folded = tmp_path / "clf"
+    run_cli(["--task", "classify", "--data", str(labeled_jsonl), "--from-dense", str(dense_dir),
+             "--num-experts", "2", "--segment-len", "4", "--block-size", "16", "--steps", "4",
+             "--batch-size", "4", "--out", str(tmp_path / "run"), "--no-progress",
+             "--export", str(folded)], capsys)
+    engine = cr.Engine.from_pretrained(folded)
+    assert engine.kind == "classifier" and engine.config.classifier_pooling == "last"
+    labels = {label for label, _ in engine.classify(["a red apple"])[0].scores}
+    assert labels == {"fruit", "vehicles"}
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_train_an_upcycled_model(tmp_path, corpus_dir, dense_dir):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+           str(Path(__file__).with_name("ddp_worker.py")), str(corpus_dir), str(out), str(dense_dir)]
+    proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ranks = [json.loads((out / f"hash-{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["sha256"] == ranks[1]["sha256"] and ranks[0]["world_size"] == 2
