@@ -135,18 +135,27 @@ class CamexModel(CamexPreTrainedModel):
         return banks
 
     def run(self, input_ids: Tensor, positions: Tensor, attn: AttentionContext,
-            moe: RoutingContext) -> Tensor:
+            moe: RoutingContext, *, layers: tuple[int, int] | None = None,
+            hidden: Tensor | None = None) -> Tensor:
         """The block loop of every forward: (B, L) token ids at `positions` ((B, L) or (L,)
         absolute indices) -> final hidden states (B, L, d). `attn` says where keys and values
-        come from, `moe` how merged-expert FFNs are routed and applied."""
-        x = self.wte(input_ids)
-        if self.wpe is not None:
-            x = x + self.wpe(positions)
-        x = self.drop(x)
+        come from, `moe` how merged-expert FFNs are routed and applied.
+
+        `layers=(first, last)` runs blocks [first, last) only, starting from `hidden` (the
+        output of block first-1) when first > 0; the final norm applies once the last block
+        ran (the engine's layer-by-layer prefill of a routing span)."""
+        first, last = layers if layers is not None else (0, len(self.h))
+        if first == 0:
+            x = self.wte(input_ids)
+            if self.wpe is not None:
+                x = x + self.wpe(positions)
+            x = self.drop(x)
+        else:
+            x = hidden
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
-        for block in self.h:
+        for block in self.h[first:last]:
             x = block(x, rope, attn, moe)
-        return self.ln_f(x)
+        return self.ln_f(x) if last == len(self.h) else x
 
     def forward(self, input_ids: Tensor, *, causal: bool = True, attention_mask: Tensor | None = None,
                 routing: RoutingRequest | None = None) -> tuple[Tensor, dict[int, Tensor]]:

@@ -38,6 +38,10 @@ from camex_runtime.errors import EngineStoppedError, InputValidationError
 
 log = logging.getLogger("camex.engine")
 IDLE_WAIT_S = 0.25  # the idle loop still heartbeats this often (the server's liveness signal)
+# Tokens per step while requests decode (chunked prefill, scheduler.py): on a CPU a step of a
+# few dozen prompt tokens costs about one decode step of a small batch, which keeps a long
+# prompt from multiplying the running streams' inter-token latency (benchmarks/serving.md).
+DEFAULT_MAX_BATCHED_TOKENS = 64
 
 
 def eos_ids(*values) -> frozenset[int]:
@@ -61,7 +65,8 @@ class Engine:
                  max_total_tokens: Optional[int] = None, max_waiting: int = 64,
                  merge_cache_bytes: Optional[int] = None, strategy: str = "auto",
                  routing: Optional[str] = None, observer=None,
-                 max_prefill_tokens: Optional[int] = None, profile=None, generation_config=None):
+                 max_prefill_tokens: Optional[int] = None, profile=None, generation_config=None,
+                 max_batched_tokens: Optional[int] = DEFAULT_MAX_BATCHED_TOKENS):
         cfg = model.config
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -76,7 +81,8 @@ class Engine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_batch_size=max_batch_size, max_waiting=max_waiting, max_input_tokens=max_input,
             max_total_tokens=max_total,
-            max_prefill_tokens=max_prefill_tokens or max(max_input, 4096)))
+            max_prefill_tokens=max_prefill_tokens or max(max_input, 4096),
+            max_batched_tokens=max_batched_tokens))
         self.runner = ModelRunner(model, num_slots=max_batch_size, max_len=max_total,
                                   merge_cache_bytes=merge_cache_bytes, strategy=strategy,
                                   observer=observer, profile=profile)
@@ -274,22 +280,21 @@ class Engine:
                               f"(waited {waited:.3f}s)"))
 
     def _execute(self, sched: SchedulerOutput):
-        """Run the model: each new prompt's prefill, then one decode for the rest.
-        Returns (requests, next-token logits (B, V)) in the same order."""
+        """Run the model: the step's prefill chunks, then one decode for the running rest.
+        Returns (requests, next-token logits (B, V)) in the same order: the decoding rows and
+        the prompts whose prefill completed in this step."""
         now = time.monotonic()
         rows, logits = [], []
         for req in sched.prefill:
-            req.timings.scheduled_at = now
-            self._procs[req.request_id] = OutputProcessor(req, self.tokenizer, self.eos_token_ids)
-            self._gens[req.request_id] = make_generator(req.params, self.runner.device)
             try:
-                logits.append(self.runner.prefill(
-                    req.slot, req.prompt_token_ids, req.routing, trace=req.params.return_routing,
-                    max_new_tokens=req.params.max_new_tokens)[None])
-                rows.append(req)
+                got = self._prefill(req, sched.chunks.get(req.request_id), now)
             except Exception as e:  # e.g. out of memory on a long prompt: fail this request only
                 log.exception("prefill failed for %s", req.request_id)
                 self._finish(req, terminal_event(req, "error", f"prefill failed: {e}"))
+                continue
+            if got is not None:  # the whole prompt is in: its first token is sampled now
+                logits.append(got[None])
+                rows.append(req)
         if sched.decode:
             reqs = sched.decode
             logits.append(self.runner.decode([r.slot for r in reqs],
@@ -297,6 +302,21 @@ class Engine:
                                              [r.all_token_ids for r in reqs]))
             rows.extend(reqs)
         return rows, (torch.cat(logits, 0) if logits else None)
+
+    def _prefill(self, req: GenerationRequest, chunk: Optional[int], now: float):
+        """Run one prefill chunk (`chunk` prompt tokens, None: the rest); the next-token
+        logits (V,) once the prompt is complete, else None."""
+        if req.timings.scheduled_at is None:  # its first chunk
+            req.timings.scheduled_at = now
+            self._procs[req.request_id] = OutputProcessor(req, self.tokenizer, self.eos_token_ids)
+            self._gens[req.request_id] = make_generator(req.params, self.runner.device)
+            self.runner.start_prefill(req.slot, req.prompt_token_ids, req.routing,
+                                      trace=req.params.return_routing,
+                                      max_new_tokens=req.params.max_new_tokens)
+        got = self.runner.prefill_step(req.slot, chunk)
+        with self._lock:
+            self.scheduler.prefilled(req, self.runner.slots[req.slot].length)
+        return got
 
     def _update(self, rows: list[GenerationRequest], logits) -> None:
         if not rows:
@@ -406,6 +426,7 @@ class Engine:
             "device": str(self.runner.device), "dtype": str(self.runner.dtype).replace("torch.", ""),
             "max_batch_size": c.max_batch_size, "max_input_tokens": c.max_input_tokens,
             "max_total_tokens": c.max_total_tokens, "max_waiting": c.max_waiting,
+            "max_batched_tokens": c.max_batched_tokens,
             "merge_cache_bytes": self.runner.cache.budget_bytes,
             "vocab_size": cfg.vocab_size, "eos_token_id": self.eos_token_id,
             "eos_token_ids": sorted(self.eos_token_ids), "family": cfg.family,

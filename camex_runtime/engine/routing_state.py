@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from dataclasses import dataclass, field
-from typing import Hashable, Optional, Sequence
+from typing import Any, Hashable, Optional, Sequence
 
 NO_MERGE = -1  # no pool entry yet: merge lazily when a step uses the merged strategy
 FALLBACK = -2  # the pool was full for this segment: mixture until the next routing decision
@@ -46,6 +46,10 @@ class SlotRouting:
     keys: list[Optional[Hashable]] = field(default_factory=list)  # per MoE layer
     pool_slots: list[int] = field(default_factory=list)  # per MoE layer, or NO_MERGE/FALLBACK
     decisions: list[list[tuple[int, list[float]]]] = field(default_factory=list)  # (start, scores)
+    prompt: list[int] = field(default_factory=list)  # the prompt's token ids (chunked prefill)
+    digests: list[bytes] = field(default_factory=list)  # routing identity of each prompt segment
+    # chunked prefill of the first decision's span by layers: (hidden (1, n, d), next layer)
+    partial: Optional[tuple[Any, int]] = None
 
     def __post_init__(self) -> None:
         self.keys = [None] * self.num_moe

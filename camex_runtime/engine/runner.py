@@ -28,7 +28,6 @@ from camex_runtime.engine.kv_cache import KVCache
 from camex_runtime.engine.merge_cache import MergeCache, entry_bytes, ffn_layout
 from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
 from camex_runtime.engine.routing_state import FALLBACK, NO_MERGE, SlotRouting, routing_digest
-from camex_runtime.experts import segment_means
 from camex_runtime.memory import release_freed_memory
 
 
@@ -184,46 +183,123 @@ class ModelRunner:
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: Sequence[int], mode: str, trace: bool = False,
                 max_new_tokens: int = 1) -> Tensor:
-        """Run a whole prompt into `slot`; returns the next-token logits (V,).
-        `max_new_tokens` only informs the `auto` strategy (how long merges will be reused)."""
-        L, T = len(token_ids), self.T
-        st = SlotRouting(mode, L, min(L, T), len(self.moe), L + max_new_tokens, trace)
-        self.release(slot)
-        self.slots[slot] = st
-        K = 1 if mode == "prompt" else -(-L // T)
-        digests = [routing_digest(mode, token_ids, k, T, st.route1_len, L) for k in range(K)]
-        ids = torch.tensor([token_ids], device=self.device)  # (1, L)
-        positions = torch.arange(L, device=self.device)
-        hidden = self.tr.run(ids, positions, PrefillAttention(self.kv, slot),
-                             _PrefillRouting(self, slot, st, digests))  # (1, L, d)
-        st.length = L
-        return self.model.lm_head(hidden[0, -1:])[0]  # (V,)
+        """Run a whole prompt into `slot`; returns the next-token logits (V,)."""
+        self.start_prefill(slot, token_ids, mode, trace, max_new_tokens)
+        return self.prefill_step(slot, None)
 
-    def _prefill_moe(self, m: int, h: Tensor, slot: int, st: SlotRouting,
-                     digests: list[bytes]) -> Tensor:
-        moe, T, L = self.moe[m], self.T, h.shape[0]
-        if st.mode == "prompt":
+    def start_prefill(self, slot: int, token_ids: Sequence[int], mode: str, trace: bool = False,
+                      max_new_tokens: int = 1) -> None:
+        """Make `slot` the prompt's: routing state, the identity of each segment's routing
+        decision (merge-cache keys). `max_new_tokens` only informs the `auto` strategy (how long
+        merges will be reused). `prefill_step` then computes it."""
+        L, T = len(token_ids), self.T
+        self.release(slot)
+        st = SlotRouting(mode, L, min(L, T), len(self.moe), L + max_new_tokens, trace)
+        K = 1 if mode == "prompt" else -(-L // T)
+        st.prompt = list(token_ids)
+        st.digests = [routing_digest(mode, token_ids, k, T, st.route1_len, L) for k in range(K)]
+        self.slots[slot] = st
+
+    @torch.inference_mode()
+    def prefill_step(self, slot: int, budget: Optional[int]) -> Optional[Tensor]:
+        """Compute about `budget` prompt tokens' worth of the prefill in `slot` (None: all that
+        is left). Returns the next-token logits (V,) once the whole prompt is in, else None.
+
+        Chunks are exact (docs/DESIGN.md, chunked prefill): after the first segment a chunk is
+        any run of tokens, with segment routing carried across its boundary by the same running
+        sums decode uses. The first routing decision needs its whole span at every layer (segment
+        1's first `route1_len` tokens; in prompt mode, the whole prompt), so when the budget is
+        smaller than that span it advances by layers instead: `budget * n_layer / span` layers
+        of the span per step, the hidden states kept in between."""
+        st = self.slots[slot]
+        L, done = st.prompt_len, st.length
+        span = L if st.mode == "prompt" else st.route1_len  # the first decision's tokens
+        if st.partial is not None or (done == 0 and budget is not None and budget < span):
+            return self._prefill_layers(slot, st, span, span if budget is None else budget)
+        end = L if budget is None else min(L, max(done + budget, span))
+        hidden = self._prefill_tokens(slot, st, done, end)
+        return self.model.lm_head(hidden[0, -1:])[0] if end == L else None  # (V,)
+
+    def _prefill_tokens(self, slot: int, st: SlotRouting, start: int, end: int,
+                        layers: Optional[tuple[int, int]] = None,
+                        hidden: Optional[Tensor] = None) -> Tensor:
+        """Tokens [start, end) of the prompt through `layers` (default all); returns the hidden
+        states after them ((1, n, d); final-normed once the last layer ran)."""
+        ids = torch.tensor([st.prompt[start:end]], device=self.device)  # (1, n)
+        positions = torch.arange(start, end, device=self.device)
+        out = self.tr.run(ids, positions, PrefillAttention(self.kv, slot, start),
+                          _PrefillRouting(self, slot, st, start), layers=layers, hidden=hidden)
+        if layers is None or layers[1] == len(self.blocks):
+            st.length = end
+        return out
+
+    def _prefill_layers(self, slot: int, st: SlotRouting, span: int, budget: int
+                        ) -> Optional[Tensor]:
+        """Advance the first decision's span of tokens by some layers (see prefill_step)."""
+        n_layer = len(self.blocks)
+        hidden, first = st.partial if st.partial is not None else (None, 0)
+        last = min(n_layer, first + max(1, budget * n_layer // span))
+        hidden = self._prefill_tokens(slot, st, 0, span, (first, last), hidden)
+        if last < n_layer:
+            st.partial = (hidden, last)
+            return None
+        st.partial = None
+        return self.model.lm_head(hidden[0, -1:])[0] if span == st.prompt_len else None
+
+    def _prefill_moe(self, m: int, h: Tensor, slot: int, st: SlotRouting, start: int) -> Tensor:
+        """h (n, d): FFN inputs of prompt tokens [start, start+n) at MoE layer m. Each segment
+        the chunk touches goes through its merged expert; the last one stays the slot's current
+        segment (it continues in the next chunk, or serves decode)."""
+        moe, T, n = self.moe[m], self.T, h.shape[0]
+        end = start + n
+        if st.mode == "prompt":  # one decision from the whole prompt (always one chunk)
             scores = moe.scores(h.mean(0, keepdim=True))  # (1, E)
-            bounds = [(0, L)]
-        else:
-            scores = moe.scores(segment_means(h.unsqueeze(0), T, st.route1_len)[0])  # (K, E)
-            bounds = [(k * T, min((k + 1) * T, L)) for k in range(scores.shape[0])]
-            s0 = bounds[-1][0]
-            self.seg_sum[slot, m] = h[s0:].float().sum(0)
-        self._record_routing(m, st, [b[0] for b in bounds], scores)
-        self.scores[slot, m] = scores[-1]
+            self._record_routing(m, st, [0], scores)
+            self.scores[slot, m] = scores[0]
+            return self._segment_ffn(m, h, scores[0], (st.digests[0], m), st, True, True)
+        first, last = start // T, (end - 1) // T
+        carried = self.seg_sum[slot, m] if start % T else None  # earlier tokens of `first`
+        bounds = [(max(k * T, start) - start, min((k + 1) * T, end) - start)
+                  for k in range(first, last + 1)]  # local [a, b) of each touched segment
+        # routing inputs of the decisions this chunk makes (a carried segment's is made)
+        means, new = [], []
+        for i, k in enumerate(range(first, last + 1)):
+            if k == first and carried is not None:
+                continue
+            if k == 0:  # segment 1 routes on its own first route1_len tokens
+                means.append(h[:st.route1_len].mean(0))
+            elif i == 0:  # opens at the chunk start: the previous segment is all in seg_sum
+                means.append((self.seg_sum[slot, m] / T).to(h.dtype))
+            else:
+                a, b = bounds[i - 1]
+                prev = h[a:b].float().sum(0)
+                if i == 1 and carried is not None:
+                    prev = prev + carried
+                means.append((prev / T).to(h.dtype))
+            new.append(i)
+        scores = {0: self.scores[slot, m].clone()} if carried is not None else {}
+        if new:
+            got = moe.scores(torch.stack(means))  # (len(new), E)
+            self._record_routing(m, st, [max((first + i) * T, start) for i in new], got)
+            scores.update({i: got[j] for j, i in enumerate(new)})
+        a, b = bounds[-1]
+        tail = h[a:b].float().sum(0)
+        self.seg_sum[slot, m] = tail + carried if len(bounds) == 1 and carried is not None else tail
+        self.scores[slot, m] = scores[len(bounds) - 1]
         out = torch.empty_like(h)
-        for k, (a, b) in enumerate(bounds):
-            keep = k == len(bounds) - 1
-            out[a:b] = self._segment_ffn(m, h[a:b], scores[k], (digests[k], m), st, keep)
+        for i, (a, b) in enumerate(bounds):
+            k, keep = first + i, i == len(bounds) - 1
+            out[a:b] = self._segment_ffn(m, h[a:b], scores[i], (st.digests[k], m), st, keep,
+                                         keep and end == st.prompt_len)
         return out
 
     def _segment_ffn(self, m: int, x: Tensor, scores: Tensor, key, st: SlotRouting,
-                     keep: bool) -> Tensor:
-        """x (n, d) of one prompt segment through its merged expert (scores (E,))."""
+                     keep: bool, serves_decode: bool) -> Tensor:
+        """x (n, d) of one prompt segment (or its part in this chunk) through its merged expert
+        (scores (E,)); `keep`: it stays the slot's current segment after this chunk."""
         strategy = self.strategy
-        if strategy == "auto":  # the kept (last) segment's merge also serves decode steps
-            future = st.future_uses(st.prompt_len - 1, self.T) if keep else 0
+        if strategy == "auto":  # the prompt's last segment's merge also serves decode steps
+            future = st.future_uses(st.prompt_len - 1, self.T) if serves_decode else 0
             strategy = self.cost.choose_segment(x.shape[0], future, key not in self.cache)
         ps = NO_MERGE
         if strategy == "merged":
@@ -330,14 +406,14 @@ class ModelRunner:
 
 
 class _PrefillRouting:
-    """Routing context of one prompt's prefill: per-segment merges (cached when kept)."""
+    """Routing context of one prefill chunk: per-segment merges (cached when kept)."""
 
-    def __init__(self, runner: ModelRunner, slot: int, st: SlotRouting, digests: list[bytes]):
-        self.runner, self.slot, self.st, self.digests = runner, slot, st, digests
+    def __init__(self, runner: ModelRunner, slot: int, st: SlotRouting, start: int):
+        self.runner, self.slot, self.st, self.start = runner, slot, st, start
 
-    def apply(self, layer: int, h: Tensor) -> Tensor:  # h (1, L, d)
+    def apply(self, layer: int, h: Tensor) -> Tensor:  # h (1, n, d)
         r = self.runner
-        return r._prefill_moe(r.moe_of[layer], h[0], self.slot, self.st, self.digests)[None]
+        return r._prefill_moe(r.moe_of[layer], h[0], self.slot, self.st, self.start)[None]
 
 
 class _DecodeRouting:

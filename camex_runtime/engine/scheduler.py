@@ -6,6 +6,16 @@ per-step prefill token budget), and everything already running decodes one token
 the model ran, the engine calls `finish(req)` for requests that ended, which frees their slot
 at once so a waiting request can join in the next step.
 
+Chunked prefill (as vLLM and TGI do): while requests decode, one step's prompt work is bounded
+by a token budget (`max_batched_tokens` minus one per decoding row), so a long prompt arriving
+next to running streams is prefilled over several steps, interleaved with their decodes,
+instead of stalling them for its whole prefill. Prefills in progress are served first, FIFO; with
+others waiting, no single prompt takes more than half of the budget, so short prompts behind a
+long one still get their first token within a few steps. A chunk that covers the rest of its
+prompt completes it in that step (the request decodes from the next); after any other chunk the
+engine reports how far the prompt got with `prefilled(req, computed)`. With no request decoding,
+whole prompts are admitted under `max_prefill_tokens`, as without chunking.
+
 It works on any object with `request_id`, `num_prompt_tokens`, `queue_deadline`,
 `cancel_requested` and a writable `slot` (tests use plain objects). It knows nothing about
 models, tokens or sampling; length limits are checked here because they are admission rules.
@@ -15,7 +25,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from camex_runtime.errors import InputValidationError, QueueFullError
 
@@ -26,15 +36,20 @@ class SchedulerConfig:
     max_waiting: int = 64  # bounded queue: beyond this submit raises QueueFullError
     max_input_tokens: int = 1024
     max_total_tokens: int = 2048  # prompt + generated, per request (= KV-cache row length)
-    # Prompt tokens admitted per step: bounds how long one step's prefills stall the running
-    # decodes. At least one waiting request is admitted per step whatever its length.
+    # Prompt tokens admitted per step when nothing decodes (whole prompts). At least one
+    # waiting request is admitted per step whatever its length.
     max_prefill_tokens: int = 4096
+    # Tokens per step while requests decode (each decoding row counts one; prefill chunks
+    # share the rest). None: no chunking, prompts are always prefilled whole.
+    max_batched_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_input_tokens", "max_total_tokens",
                      "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_batched_tokens is not None and self.max_batched_tokens < 2:
+            raise ValueError(f"max_batched_tokens must be >= 2, got {self.max_batched_tokens}")
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.max_input_tokens >= self.max_total_tokens:
@@ -44,8 +59,10 @@ class SchedulerConfig:
 
 @dataclass
 class SchedulerOutput:
-    prefill: list[Any] = field(default_factory=list)  # admitted this step (slot assigned)
+    prefill: list[Any] = field(default_factory=list)  # prefill work this step (slot assigned)
     decode: list[Any] = field(default_factory=list)  # running: one new token each
+    # prompt tokens each prefill may compute this step (request_id -> n); None: all it has left
+    chunks: dict[str, Optional[int]] = field(default_factory=dict)
     timed_out: list[Any] = field(default_factory=list)  # dropped from the queue: too old
     cancelled: list[Any] = field(default_factory=list)  # dropped (waiting or running)
 
@@ -59,6 +76,8 @@ class Scheduler:
         self.config = config
         self.waiting: deque[Any] = deque()
         self.running: dict[str, Any] = {}
+        # admitted, prefill not done yet (in admission order): request_id -> (req, tokens left)
+        self.prefilling: dict[str, tuple[Any, int]] = {}
         self._free_slots = list(range(config.max_batch_size))  # min-heap: lowest slot first
         heapq.heapify(self._free_slots)
 
@@ -100,21 +119,74 @@ class Scheduler:
         # In slot order: a request that joined into a freed lower slot would otherwise leave
         # the batch's slots out of order for good, and the KV cache can hand attention a view
         # only for an ascending contiguous slot range (else it gathers every layer, every step).
-        out.decode = sorted(self.running.values(), key=lambda r: r.slot)
+        out.decode = sorted((r for r in self.running.values()
+                             if r.request_id not in self.prefilling), key=lambda r: r.slot)
+        c = self.config
+        if c.max_batched_tokens is None or not out.decode:
+            self._admit_whole(out)
+        else:
+            self._schedule_chunks(out, max(1, min(c.max_prefill_tokens,
+                                                  c.max_batched_tokens - len(out.decode))))
+        return out
+
+    def _admit_whole(self, out: SchedulerOutput) -> None:
+        """Prefills in progress finish whole; waiting requests join FIFO under the budget."""
+        for req, _ in self.prefilling.values():
+            out.prefill.append(req)
+            out.chunks[req.request_id] = None
+        self.prefilling.clear()
         budget = self.config.max_prefill_tokens
         while self.waiting and self._free_slots:
             req = self.waiting[0]
             if out.prefill and req.num_prompt_tokens > budget:
                 break  # FIFO: later requests wait behind this one rather than overtaking it
-            self.waiting.popleft()
-            req.slot = heapq.heappop(self._free_slots)
-            self.running[req.request_id] = req
-            out.prefill.append(req)
+            self._admit(req, out, None)
             budget -= req.num_prompt_tokens
-        return out
+
+    def _schedule_chunks(self, out: SchedulerOutput, budget: int) -> None:
+        """Share `budget` prompt tokens between prefills in progress, then new admissions."""
+        waiting_in = min(len(self.waiting), len(self._free_slots))
+        crowded = len(self.prefilling) + waiting_in > 1
+        share = max(1, budget // 2) if crowded else budget
+        for req, left in list(self.prefilling.values()):
+            if budget <= 0:
+                break
+            n = min(left, share, budget)
+            out.prefill.append(req)
+            out.chunks[req.request_id] = n
+            if n >= left:  # the rest of its prompt: done after this step
+                del self.prefilling[req.request_id]
+            budget -= n
+        while budget > 0 and self.waiting and self._free_slots:
+            req = self.waiting[0]
+            n = min(req.num_prompt_tokens, share, budget)
+            self._admit(req, out, n)
+            budget -= n
+
+    def _admit(self, req: Any, out: SchedulerOutput, chunk: Optional[int]) -> None:
+        self.waiting.popleft()
+        req.slot = heapq.heappop(self._free_slots)
+        self.running[req.request_id] = req
+        if chunk is not None and chunk < req.num_prompt_tokens:
+            self.prefilling[req.request_id] = (req, req.num_prompt_tokens)
+        out.prefill.append(req)
+        out.chunks[req.request_id] = chunk
+
+    def prefilled(self, req: Any, computed: int) -> None:
+        """The engine's report after a prefill chunk: `computed` prompt tokens are in the KV
+        cache (0 while the first routing span advances by layers; all of them once the prompt
+        is complete, which may happen on a smaller chunk than its token count)."""
+        if req.request_id not in self.prefilling:
+            return
+        left = req.num_prompt_tokens - computed
+        if left <= 0:
+            del self.prefilling[req.request_id]
+        else:
+            self.prefilling[req.request_id] = (req, left)
 
     def finish(self, req: Any) -> None:
         """Remove a running request and free its slot (idempotent)."""
+        self.prefilling.pop(req.request_id, None)
         if self.running.pop(req.request_id, None) is not None:
             heapq.heappush(self._free_slots, req.slot)
 

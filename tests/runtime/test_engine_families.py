@@ -168,3 +168,18 @@ def test_classifier_through_the_engine_equals_the_model(tmp_path, strategy):
         want = dict(zip([f"label{i}" for i in range(3)], logits.tolist()))
         for label, score in res.scores:
             assert score == pytest.approx(want[label], abs=1e-5)
+
+
+def test_chunked_prefill_equals_whole_prefill(lm):
+    """Chunks start at arbitrary positions: rotary positions and the cached keys of earlier
+    chunks (key/value heads only) must line up exactly."""
+    path, _ = lm
+    prompt = random_ids(3 * T + 3, seed=13)[0].tolist()
+    engine = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
+    want = engine.runner.prefill(0, prompt, "segment")
+    for budget in (3, 5):
+        engine.runner.start_prefill(0, prompt, "segment")
+        got = None
+        while got is None:
+            got = engine.runner.prefill_step(0, budget)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

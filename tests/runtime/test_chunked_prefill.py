@@ -1,0 +1,135 @@
+"""Chunked prefill: a long prompt next to running streams is prefilled over several steps,
+interleaved with their decodes, and every chunking gives exactly the unchunked outputs (segment
+routing and merged weights carried across chunk boundaries; the first routing span advanced by
+layers when a chunk is smaller than it)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import pytest
+import torch
+
+from camex_runtime import Engine, SamplingParams
+from camex_runtime.engine.scheduler import Scheduler, SchedulerConfig
+from engine_models import build_folded, reference
+
+T = 4
+
+
+@dataclass(eq=False)
+class Req:
+    request_id: str
+    num_prompt_tokens: int = 4
+    queue_deadline: Optional[float] = None
+    cancel_requested: bool = False
+    slot: Optional[int] = None
+
+
+def test_scheduler_shares_the_token_budget_with_decoding_rows():
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_input_tokens=100, max_total_tokens=128,
+                                  max_batched_tokens=10))
+    a, long_, short = Req("a", 3), Req("long", 40), Req("short", 2)
+    s.add(a)
+    assert s.schedule(0.0).chunks == {"a": None}  # nothing decodes: whole prompts
+    s.add(long_)
+    out = s.schedule(1.0)
+    assert out.decode == [a] and out.prefill == [long_] and out.chunks == {"long": 9}
+    s.prefilled(long_, 9)
+    s.add(short)
+    out = s.schedule(2.0)  # crowded: the long prompt takes half, the short one fits in the rest
+    assert out.decode == [a] and out.chunks == {"long": 4, "short": 2}
+    s.prefilled(long_, 13)
+    out = s.schedule(3.0)  # short decodes now; the long prompt continues alone
+    assert out.decode == [a, short] and out.chunks == {"long": 8}
+    computed = 21
+    s.prefilled(long_, computed)
+    for _ in range(2):
+        out = s.schedule(4.0)
+        assert long_ not in out.decode
+        computed += out.chunks["long"]
+        s.prefilled(long_, computed)
+    out = s.schedule(5.0)
+    assert out.chunks == {"long": 3}  # 40 - 37 left: this chunk completes it ...
+    assert s.schedule(6.0).decode == [a, long_, short]  # ... and it decodes next step
+
+
+def test_a_layer_by_layer_first_span_keeps_its_chunks_coming():
+    """computed stays 0 while the first routing span advances by layers: the scheduler keeps
+    giving the request chunks, never a decode slot, until its prompt is complete."""
+    s = Scheduler(SchedulerConfig(max_batch_size=2, max_input_tokens=100, max_total_tokens=128,
+                                  max_batched_tokens=4))
+    a, b = Req("a", 1), Req("b", 20)
+    s.add(a)
+    s.schedule(0.0)
+    s.add(b)
+    for step in range(3):
+        out = s.schedule(1.0 + step)
+        assert out.decode == [a] and out.chunks == {"b": 3}
+        s.prefilled(b, 0)
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory):
+    path = build_folded(tmp_path_factory.mktemp("chunk") / "lm", T=T)
+    return path, reference(path)
+
+
+def whole_prefill_logits(path, prompt, mode):
+    engine = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
+    return engine.runner.prefill(0, prompt, mode)
+
+
+@pytest.mark.parametrize("mode", ["segment", "prompt"])
+@pytest.mark.parametrize("budget", [1, 2, 3, 5, 9])
+def test_every_chunking_equals_the_whole_prefill(lm, mode, budget):
+    path, _ = lm
+    prompt = torch.randint(0, 60, (3 * T + 2,), generator=torch.Generator().manual_seed(3)).tolist()
+    want = whole_prefill_logits(path, prompt, mode)
+    for strategy in ("merged", "mixture"):
+        engine = Engine.from_pretrained(path, max_batch_size=1, strategy=strategy)
+        runner = engine.runner
+        runner.start_prefill(0, prompt, mode)
+        steps, got = 0, None
+        while got is None:
+            got = runner.prefill_step(0, budget)
+            steps += 1
+        assert steps > 1
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        runner.release(0)
+        assert runner.cache.referenced == 0
+
+
+@pytest.mark.parametrize("mode", ["segment", "prompt"])
+def test_long_prompt_interleaves_with_decodes_and_matches_alone(lm, mode):
+    """Streams keep decoding one token per step while a long prompt arrives in chunks; every
+    request's tokens equal the unchunked engine's (contract 3 under chunking)."""
+    path, _ = lm
+    gen = torch.Generator().manual_seed(5)
+    streams = [torch.randint(0, 60, (n,), generator=gen).tolist() for n in (3, 6)]
+    long_prompt = torch.randint(0, 60, (5 * T + 1,), generator=gen).tolist()
+    sp = SamplingParams(max_new_tokens=12, ignore_eos=True, routing=mode)
+    alone = Engine.from_pretrained(path, max_batch_size=1, max_batched_tokens=None)
+    alone.start()
+    try:
+        want = [alone.submit(p, sp).result().token_ids for p in (*streams, long_prompt)]
+    finally:
+        alone.stop()
+    engine = Engine.from_pretrained(path, max_batch_size=3, max_batched_tokens=4)
+    handles = [engine.submit(p, sp) for p in streams]
+    engine.step()  # the streams' prefills (nothing decodes yet: whole)
+    long_handle = engine.submit(long_prompt, sp)
+    prefill_steps = 0
+    while not long_handle._events:  # until its first token
+        before = [len(h._events) for h in handles]
+        engine.step()
+        prefill_steps += 1
+        for h, b in zip(handles, before):  # every stream got its token in this step
+            assert len(h._events) == b + 1
+    # segment mode: the first segment by layers, then 2 tokens per step (4 minus 2 decoding
+    # rows); prompt mode: the whole prompt is one routing span, so one layer per step
+    assert prefill_steps >= (5 if mode == "segment" else 2)
+    while not all(h.done for h in (*handles, long_handle)):
+        engine.step()
+    assert [h.result().token_ids for h in (*handles, long_handle)] == want
+    assert engine.runner.cache.referenced == 0
