@@ -1,0 +1,48 @@
+"""Host syncs in the step loop: on a GPU every `.tolist()`, `.item()`, `int(t)`, `float(t)` or
+`bool(t)` of a device tensor stalls the CPU until the device catches up. A decode step needs
+exactly two (the sampled token ids and their logprobs, which the host must see); prefill chunks
+add none (a completed prompt's first token is sampled with the decoding rows). This test counts them on the CPU, where
+the same calls run, so a new sync in the hot path fails here before it slows a GPU."""
+from __future__ import annotations
+
+import torch
+
+from camex_runtime import Engine, SamplingParams
+from engine_models import build_folded
+
+CONVERSIONS = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__")
+
+
+class SyncCounter:
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in CONVERSIONS:
+            real = getattr(torch.Tensor, name)
+
+            def counted(t, *a, _real=real, **kw):
+                self.count += 1
+                return _real(t, *a, **kw)
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_decode_and_prefill_steps_sync_only_for_the_sampled_tokens(tmp_path, monkeypatch):
+    path = build_folded(tmp_path / "lm", T=4)
+    for strategy in ("merged", "mixture", "auto"):
+        engine = Engine.from_pretrained(path, max_batch_size=4, strategy=strategy,
+                                        max_batched_tokens=5)
+        sp = SamplingParams(max_new_tokens=40, ignore_eos=True)
+        handles = [engine.submit(list(range(1 + i, 8 + i)), sp) for i in range(3)]
+        engine.step()  # prefills
+        for _ in range(5):  # warm: the cost model's probe and first merges are behind us
+            engine.step()
+        counter = SyncCounter(monkeypatch)
+        # a long prompt arrives: chunks of 2 tokens next to 3 decoding rows
+        handles.append(engine.submit(list(range(3, 30)), sp))
+        for _ in range(16):  # crosses segment boundaries (T=4): new routing decisions, merges
+            engine.step()
+        assert handles[-1]._events  # its prefill completed inside the counted steps
+        assert counter.count == 2 * 16, (strategy, counter.count)
+        monkeypatch.undo()
+        for h in handles:
+            h.cancel()
+        engine.step()
