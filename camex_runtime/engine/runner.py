@@ -171,8 +171,10 @@ class ModelRunner:
     # -- prefill ----------------------------------------------------------------------------
     @torch.inference_mode()
     def prefill(self, slot: int, token_ids: Sequence[int], mode: str, trace: bool = False,
-                max_new_tokens: int = 1) -> Tensor:
-        """Run a whole prompt into `slot`; returns the next-token logits (V,).
+                max_new_tokens: int = 1, prompt_logprobs: Optional[int] = None
+                ) -> tuple[Tensor, Optional[tuple[Tensor, Tensor, Tensor]]]:
+        """Run a whole prompt into `slot`; returns the next-token logits (V,) and, when
+        `prompt_logprobs` is k (not None), `score_prompt`'s logprobs of the prompt itself.
         `max_new_tokens` only informs the `auto` strategy (how long merges will be reused)."""
         L, T = len(token_ids), self.T
         st = SlotRouting(mode, L, min(L, T), len(self.moe), L + max_new_tokens, trace)
@@ -193,7 +195,9 @@ class ModelRunner:
             else:
                 x = x + blk.ffn(h)
         st.length = L
-        return self.model.lm_head(self.tr.ln_f(x[-1:]))[0]  # (V,)
+        scored = None if prompt_logprobs is None else \
+            score_prompt(self.model.lm_head, self.tr.ln_f, x[:-1], ids[1:], prompt_logprobs)
+        return self.model.lm_head(self.tr.ln_f(x[-1:]))[0], scored  # (V,)
 
     def _prefill_moe(self, m: int, h: Tensor, slot: int, st: SlotRouting,
                      digests: list[bytes]) -> Tensor:
@@ -332,6 +336,28 @@ class ModelRunner:
         if not counts:
             return "mixture"
         return self.cost.choose(list(counts.values()), new, mixture_rows=fallbacks)
+
+
+PROMPT_LOGPROBS_CHUNK = 256  # positions per lm_head pass (256 x 50k vocab x fp32 = 51 MB)
+
+
+def score_prompt(lm_head, ln_f, x: Tensor, targets: Tensor, k: int,
+                 chunk: int = PROMPT_LOGPROBS_CHUNK) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probabilities of a prompt from the prefill's last hidden states, a chunk of
+    positions at a time, so (L, V) fp32 logits never exist at once (2,048 x 50k = 400 MB).
+    x (n, d): hidden states of positions 0..n-1; targets (n,): the token at each next position.
+    Returns on the CPU: chosen (n,), top-k values (n, k), top-k ids (n, k), best first."""
+    chosen, values, ids = [], [], []
+    for a in range(0, x.shape[0], chunk):
+        lp = torch.log_softmax(lm_head(ln_f(x[a:a + chunk])).float(), dim=-1)  # (c, V)
+        chosen.append(lp.gather(1, targets[a:a + chunk, None])[:, 0])
+        top = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+        values.append(top.values)
+        ids.append(top.indices)
+    if not chosen:  # a one-token prompt: nothing before it to score
+        empty = torch.empty(0, k)
+        return torch.empty(0), empty, empty.long()
+    return torch.cat(chosen).cpu(), torch.cat(values).cpu(), torch.cat(ids).cpu()
 
 
 def build_model(ckpt) -> torch.nn.Module:
