@@ -268,7 +268,7 @@ class Engine:
                 self._finish(req, terminal_event(req, "error", f"prefill failed: {e}"))
                 continue
             if prompt_lps is not None:
-                req.prompt_logprobs = prompt_logprob_list(*prompt_lps)
+                req.prompt_logprobs = req.handle.prompt_logprobs = prompt_logprob_list(*prompt_lps)
             if p.max_new_tokens == 0:  # the prompt was only scored: nothing to sample
                 self._finish(req, terminal_event(req, "length"))
                 continue

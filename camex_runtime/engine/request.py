@@ -86,6 +86,9 @@ class RequestHandle:
                  cancel: Callable[[str], None]):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
+        # set by the engine at prefill, before the first event, when SamplingParams asked for
+        # them (streaming callers need them before the result exists)
+        self.prompt_logprobs: Optional[list] = None
         self._cancel = cancel
         self._events: list[TokenEvent] = []
         self._result: Optional[GenerationResult] = None
