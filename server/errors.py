@@ -134,8 +134,12 @@ def install_error_handlers(app: FastAPI, record_failure) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param = describe(list(exc.errors()), exc.body,
-                                  request.headers.get("content-type"))
+        errs = list(exc.errors())
+        if request.url.path == "/tokenize":  # its tagged union puts the tag in every location
+            errs = [{**e, "loc": tuple(p for k, p in enumerate(e.get("loc", ()))
+                                       if not (k == 1 and p in ("prompt", "messages", "inputs")))}
+                    for e in errs]
+        message, param = describe(errs, exc.body, request.headers.get("content-type"))
         return respond(request, validation(message, param), exc.body)
 
     @app.exception_handler(StarletteHTTPException)

@@ -62,7 +62,8 @@ def top_tokens(tokenizer, ev) -> list[Token]:
 def prefill_tokens(tokenizer, res) -> list[PrefillToken]:
     """TGI `decoder_input_details`: the prompt tokens with their logprobs (the first has none)."""
     lps = res.prompt_logprobs or [None] * len(res.prompt_token_ids)
-    return [PrefillToken(id=t, text=tokenizer.decode([t]), logprob=None if lp is None else lp.logprob)
+    return [PrefillToken(id=t, text=tokenizer.decode([t]),
+                         logprob=None if lp is None else lp.logprob)
             for t, lp in zip(res.prompt_token_ids, lps)]
 
 
@@ -111,7 +112,14 @@ async def generate_response(request: Request, body: GenerateRequest) -> tuple[Ge
 async def generate(request: Request, body: GenerateRequest) -> JSONResponse:
     """Generate text for one prompt (TGI schema)."""
     response, headers = await generate_response(request, body)
-    return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
+    return JSONResponse(response_json(response), headers=headers)
+
+
+def response_json(response: GenerateResponse) -> dict:
+    out = response.model_dump(exclude_none=True)
+    for token in (out.get("details") or {}).get("prefill", []):
+        token.setdefault("logprob", None)  # TGI sends the first prompt token's as null
+    return out
 
 
 async def stream_response(request: Request, body: GenerateRequest) -> StreamingResponse:
@@ -173,4 +181,4 @@ async def compat_generate(request: Request, body: CompatGenerateRequest):
     if body.stream:
         return await stream_response(request, body)
     response, headers = await generate_response(request, body)
-    return JSONResponse([response.model_dump(exclude_none=True)], headers=headers)
+    return JSONResponse([response_json(response)], headers=headers)
