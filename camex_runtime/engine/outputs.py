@@ -33,7 +33,8 @@ class TokenEvent:
 class PromptLogprob:
     """One prompt token's log-probability given the tokens before it (the prefill's logits)."""
     logprob: float
-    top_logprobs: tuple[tuple[int, float], ...] = ()  # SamplingParams.prompt_logprobs best, best first
+    # the SamplingParams.prompt_logprobs most likely tokens at this position, best first
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass

@@ -1,8 +1,9 @@
 """End to end with the clients people evaluate and benchmark with, installed from the package
 index (Makefile: `.venv-tools`, their own venv): lm-eval (`local-completions` loglikelihood and
 generate_until, `local-chat-completions`), GuideLLM, and the `openai` SDK's chat API, against a
-real `camex-server` on 127.0.0.1. The tasks' data ships as jsonl under `lm_eval_data/`; nothing
-touches the network (HF_*_OFFLINE).
+real `camex-server` on 127.0.0.1. The lm-eval tasks (YAML + jsonl data) ship under
+`lm_eval_data/` and run from the repository root, as the README shows; nothing touches the
+network (HF_*_OFFLINE).
 
 Answers are compared with the model in this process: lm-eval's per-sample loglikelihoods with
 the model's own full forward, its generations with the engine's greedy output.
@@ -28,7 +29,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFL
            "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}" \
            "{% if add_generation_prompt %}assistant:{% endif %}"
-STOP, MAX_GEN = ".", 6
+STOP, MAX_GEN = ".", 6  # camex_tiny_generate.yaml's generation_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -54,47 +55,13 @@ def engine(tiny_lm_dir):
     e.stop()
 
 
-def tool(name: str, *args: str, cwd: Path, timeout: float = 400) -> str:
+def tool(name: str, *args: str, cwd: Path = ROOT, timeout: float = 400) -> str:
     exe = TOOLS / name
     assert exe.exists(), f"{exe} is missing: `make install` builds .venv-tools"
     proc = subprocess.run([str(exe), *args], cwd=cwd, env={**os.environ, **OFFLINE},
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr
-
-
-def write_tasks(out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "choice.yaml").write_text(f"""task: camex_tiny_choice
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {DATA / 'tiny_choice.jsonl'}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-""")
-    (out / "generate.yaml").write_text(f"""task: camex_tiny_generate
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {DATA / 'tiny_generate.jsonl'}
-test_split: test
-output_type: generate_until
-doc_to_text: "{{{{prompt}}}}"
-doc_to_target: "{{{{target}}}}"
-generation_kwargs:
-  until: ["{STOP}"]
-  max_gen_toks: {MAX_GEN}
-  do_sample: false
-metric_list:
-  - metric: exact_match
-""")
-    return out
 
 
 def samples(out: Path, task: str) -> list[dict]:
@@ -128,11 +95,11 @@ def greedy(engine, ids: list[int]) -> str:
 
 
 def test_lm_eval_local_completions(server, tiny_lm_dir, engine, tmp_path):
-    tasks, out = write_tasks(tmp_path / "tasks"), tmp_path / "out"
+    out = tmp_path / "out"
     log = tool("lm_eval", "--model", "local-completions", "--model_args",
                f"base_url={server.base_url}/v1/completions,model=tiny,max_retries=1",
-               "--include_path", str(tasks), "--tasks", "camex_tiny_choice,camex_tiny_generate",
-               "--output_path", str(out), "--log_samples", cwd=tmp_path)
+               "--include_path", str(DATA), "--tasks", "camex_tiny_choice,camex_tiny_generate",
+               "--output_path", str(out), "--log_samples")
     assert "Using remote tokenizer" in log  # found /tokenizer_info + /tokenize
     model, tok = build_model(load_folded(tiny_lm_dir)), engine.tokenizer
     scored = samples(out, "camex_tiny_choice")
@@ -150,11 +117,11 @@ def test_lm_eval_local_completions(server, tiny_lm_dir, engine, tmp_path):
 
 
 def test_lm_eval_local_chat_completions(server, engine, tmp_path):
-    tasks, out = write_tasks(tmp_path / "tasks"), tmp_path / "out"
+    out = tmp_path / "out"
     tool("lm_eval", "--model", "local-chat-completions", "--model_args",
          f"base_url={server.base_url}/v1/chat/completions,model=tiny,max_retries=1",
-         "--apply_chat_template", "--include_path", str(tasks), "--tasks", "camex_tiny_generate",
-         "--output_path", str(out), "--log_samples", cwd=tmp_path)
+         "--apply_chat_template", "--include_path", str(DATA), "--tasks", "camex_tiny_generate",
+         "--output_path", str(out), "--log_samples")
     generated = samples(out, "camex_tiny_generate")
     assert len(generated) == 3
     for s in generated:
