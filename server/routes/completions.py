@@ -66,11 +66,23 @@ async def start(request: Request, body: CompletionRequest) -> list[Choice]:
         prompt_lps = n_logprobs
     seeds = choice_seeds(body.seed, body.n)
     prompts = prompts_of(body)
+    max_tokens = [body.max_tokens] * len(prompts)
+    if body.max_tokens is None:  # an explicit null: what the context has left (vLLM)
+        max_tokens = await anyio.to_thread.run_sync(room_left, engine, prompts)
 
     def params_for(i: int, j: int):
-        return sampling(body, state, max_tokens=body.max_tokens, stops=stops,
+        return sampling(body, state, max_tokens=max_tokens[i], stops=stops,
                         logprobs=n_logprobs, prompt_logprobs=prompt_lps, seed=seeds[j])
     return await start_choices(request, engine, prompts, body.n, params_for)
+
+
+def room_left(engine, prompts: list) -> list[int]:
+    """Per prompt, the tokens max_total_tokens leaves after it (at least 1: a prompt that
+    fills the context is then refused with the numbers)."""
+    total = engine.info()["max_total_tokens"]
+    lengths = [len(p) if not isinstance(p, str) else
+               len(engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    return [max(1, total - n) for n in lengths]
 
 
 @router.post("/completions", response_model=Completion, responses={

@@ -139,6 +139,11 @@ def test_streamed_echo_logprobs_equal_the_plain_answer(client):
         assert offsets == c["logprobs"]["text_offset"]
 
 
+def test_null_max_tokens_means_what_the_context_has_left(client):
+    out = complete(client, prompt="hello", max_tokens=None, temperature=0, ignore_eos=True)
+    assert out["usage"]["total_tokens"] == 128 and out["choices"][0]["finish_reason"] == "length"
+
+
 def test_completion_refusals(client):
     r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 0})
     assert r.status_code == 422 and "echo" in r.json()["error"]["message"]
