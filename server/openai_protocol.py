@@ -3,9 +3,9 @@
 `/detokenize` (`/tokenizer_info` answers a free-form dict). Errors on these routes have
 OpenAI's shape, `OpenAIErrorResponse`.
 
-Request schemas derive from `server.protocol.Request` (unknown fields are a 422 naming them);
-fields OpenAI or vLLM define that this server does not implement are listed in `unsupported`
-and refused by name. Knows nothing about the engine: `server.openai_runs` converts.
+Request schemas derive from `server.protocol.RequestSchema` (unknown fields are a 422 naming
+them); fields OpenAI or vLLM define that this server does not implement are listed in
+`unsupported` and refused by name. Knows nothing about the engine: `server.openai_runs` converts.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Optional, Union
 
 from pydantic import BeforeValidator, Field
 
-from server.protocol import MAX_SEED, Request, Text, TextOrTexts, _encodable, _Schema
+from server.protocol import MAX_SEED, RequestSchema, Text, TextOrTexts, _encodable, _Schema
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's cap for /v1/completions `logprobs`
 MAX_TOP_LOGPROBS = 20  # OpenAI's cap for chat `top_logprobs`
@@ -39,12 +39,12 @@ def _prompt(value: Any) -> Any:
 Prompt = Annotated[Union[str, list[str], list[int], list[list[int]]], BeforeValidator(_prompt)]
 
 
-class StreamOptions(Request):
+class StreamOptions(RequestSchema):
     include_usage: bool = Field(False, description="a last chunk with `usage` and no choices")
     continuous_usage_stats: bool = Field(False, description="`usage` on every chunk (vLLM)")
 
 
-class _Sampling(Request):
+class _Sampling(RequestSchema):
     """What completions and chat share (OpenAI names, vLLM's extensions marked)."""
     model: Optional[Text] = Field(None, description="must name the served model when given")
     temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0: greedy; default 1")
@@ -105,12 +105,12 @@ class Completion(_Schema):
 
 # --- chat -----------------------------------------------------------------------------------
 
-class TextPart(Request):
+class TextPart(RequestSchema):
     type: Literal["text"]
     text: Text
 
 
-class ChatMessage(Request):
+class ChatMessage(RequestSchema):
     unsupported = frozenset({"tool_calls", "tool_call_id", "function_call", "audio",
                              "refusal"})
     role: Literal["system", "developer", "user", "assistant"] = Field(
@@ -194,14 +194,14 @@ class ModelList(_Schema):
     data: list[ModelCard]
 
 
-class TokenizeCompletionRequest(Request):
+class TokenizeCompletionRequest(RequestSchema):
     model: Optional[Text] = None
     prompt: Text
     add_special_tokens: bool = Field(True, description="add BOS etc. if the tokenizer does")
     return_token_strs: bool = False
 
 
-class TokenizeChatRequest(Request):
+class TokenizeChatRequest(RequestSchema):
     unsupported = frozenset({"tools", "chat_template", "chat_template_kwargs",
                              "continue_final_message", "mm_processor_kwargs"})
     model: Optional[Text] = None
@@ -218,7 +218,7 @@ class TokenizeResponse(_Schema):
     token_strs: Optional[list[str]] = None
 
 
-class DetokenizeRequest(Request):
+class DetokenizeRequest(RequestSchema):
     model: Optional[Text] = None
     tokens: list[Annotated[int, Field(ge=0, le=2**63 - 1)]]
 

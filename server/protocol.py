@@ -7,9 +7,9 @@ client parse them unchanged. Extensions are additive: `parameters.routing` and
 `parameters.return_routing` (which adds `details.routing`).
 
 Unknown request fields are refused (a misspelt `max_new_token` must not silently fall back to a
-default): every request schema derives from `Request`, whose validator names each unknown field
-and the closest valid one. `LENIENT_FIELDS` (set per request from `--lenient-fields`) turns that
-off for clients that send extras. This module knows nothing about the engine.
+default): every request schema derives from `RequestSchema`, whose validator names each unknown
+field and the closest valid one. `LENIENT_FIELDS` (set per request from `--lenient-fields`)
+turns that off for clients that send extras. This module knows nothing about the engine.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ LENIENT_FIELDS: ContextVar[bool] = ContextVar("camex_lenient_fields", default=Fa
 NEUTRAL = (None, 0, 0.0, False, "", [], {})
 
 
-class Request(_Schema):
+class RequestSchema(_Schema):
     """Base of every request schema: unknown fields are a 422 naming them (see module doc).
 
     `unsupported` lists fields other servers know that this one does not implement: they are
@@ -99,7 +99,7 @@ def _neutral(value: Any) -> bool:
 
 # --- TGI generation -------------------------------------------------------------------------
 
-class GenerateParameters(Request):
+class GenerateParameters(RequestSchema):
     best_of: Optional[int] = Field(None, ge=1, description="only 1 is supported")
     decoder_input_details: bool = Field(False, description="add prompt tokens as details.prefill")
     details: bool = Field(False, description="return token details")
@@ -126,7 +126,7 @@ class GenerateParameters(Request):
     ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks, as vLLM)")
 
 
-class GenerateRequest(Request):
+class GenerateRequest(RequestSchema):
     inputs: Text = Field(..., min_length=1)
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 
@@ -203,7 +203,7 @@ class ErrorResponse(_Schema):
 
 # --- classification (TEI /predict-like) -----------------------------------------------------
 
-class ClassifyRequest(Request):
+class ClassifyRequest(RequestSchema):
     inputs: TextOrTexts = Field(..., description="one text, or a list of texts (a batch)")
     raw_scores: bool = Field(False, description="return logits instead of probabilities")
     truncate: bool = Field(False, description="truncate long texts instead of a 422")

@@ -3,7 +3,7 @@
 Pydantic reports "Input should be a valid dictionary or object to extract fields from" when a
 body was not sent as JSON, and "JSON decode error" at a character offset for broken JSON; this
 module turns those into "send `Content-Type: application/json`" and "invalid JSON at line L,
-column C", and the strict-fields errors of `server.protocol.Request` into OpenAI's
+column C", and the strict-fields errors of `server.protocol.RequestSchema` into OpenAI's
 "Unrecognized request argument supplied: …" with the closest valid name. Knows no routes.
 """
 
