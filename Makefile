@@ -3,13 +3,18 @@
 # packages it needs (fortunes: demo training text; prometheus: monitoring tests).
 
 VENV ?= .venv
+# Evaluation and benchmark clients the end-to-end tests drive (lm-eval, GuideLLM): their own
+# venv, as their pins (datasets, click, ...) are theirs, with torch pinned to our CPU wheel.
+TOOLS_VENV ?= .venv-tools
+TOOLS := torch==2.13.0 'lm-eval[api]==0.4.13' guidellm==0.8.1
+TOOLS_STAMP := $(TOOLS_VENV)/.installed-lm-eval-0.4.13-guidellm-0.8.1
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 APT_PACKAGES ?= fortunes prometheus
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps serve demo test test-fast lint bench clean
+.PHONY: install tools system-deps serve demo test test-fast lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -21,7 +26,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PIP) install -q --no-deps 'text-generation>=0.7'
 	touch $@
 
+$(TOOLS_STAMP):
+	python3 -m venv $(TOOLS_VENV)
+	$(TOOLS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TOOLS_VENV)/bin/python -m pip install -q $(TOOLS)
+	touch $@
+
 install: $(VENV)/.installed
+
+tools: $(TOOLS_STAMP)
 
 system-deps:
 	@missing=""; \
@@ -39,7 +52,7 @@ demo: install system-deps
 serve: install system-deps
 	$(VENV)/bin/camex-server --host 127.0.0.1 --port $(PORT)
 
-test: install system-deps
+test: install tools system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-fast: install
@@ -49,4 +62,4 @@ lint: install
 	$(VENV)/bin/hadolint Dockerfile
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache

@@ -11,13 +11,14 @@ from contextlib import asynccontextmanager
 from typing import Callable, Optional
 
 import anyio
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 
 from server import __version__
 from server.errors import install_error_handlers
 from server.metrics import EngineStatsCollector, ServerMetrics, StatsReader
 from server.middleware import ServingMiddleware
-from server.routes import classify, completions, ops, tgi
+from server.protocol import LENIENT_FIELDS
+from server.routes import chat, classify, completions, ops, tgi, tokenize
 from server.settings import ServerSettings
 from server.state import ServingState
 
@@ -37,12 +38,18 @@ def create_app(settings: ServerSettings,
         yield
         await anyio.to_thread.run_sync(state.stop, settings.grace_s)
 
+    async def field_policy() -> None:
+        # request bodies validate after app dependencies run, in the same context
+        LENIENT_FIELDS.set(settings.lenient_fields)
+
     app = FastAPI(title="CAMEx Serve", version=__version__, lifespan=lifespan,
-                  description="Generation (TGI-compatible), classification (TEI-like) and "
-                              "OpenAI completions over CAMEx merged-expert models.")
+                  dependencies=[Depends(field_policy)],
+                  description="Generation (TGI-compatible), classification (TEI-like), OpenAI "
+                              "completions and chat (vLLM-compatible) over CAMEx merged-expert "
+                              "models.")
     app.state.serving = state
     install_error_handlers(app, metrics.record_failure)
-    for module in (tgi, classify, completions, ops):
+    for module in (tgi, classify, completions, chat, tokenize, ops):
         app.include_router(module.router)
     app.add_middleware(ServingMiddleware, metrics=metrics, settings=settings,
                        known_paths=frozenset(route_paths(app.routes)))

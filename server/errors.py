@@ -1,9 +1,12 @@
-"""HTTP errors: one exception type, one JSON body `{"error", "error_type"}`, one place that maps
-engine exceptions and FastAPI's own validation errors onto status codes.
+"""HTTP errors: one exception type, two wire shapes, one place that maps engine exceptions and
+FastAPI's own validation errors onto status codes and sentences a user understands.
 
-The body matches TGI's `ErrorResponse` so TGI clients raise their typed errors. Every error is
-counted once in `camex_failures_total` by `reason` (INTERFACES §3). A client mistake is never a
-500; an unexpected exception is a 500 with an opaque message (details go to the log only).
+TGI routes answer TGI's `ErrorResponse`, `{"error", "error_type"}`, so TGI clients raise their
+typed errors. OpenAI-compatible routes (`/v1/...`, and vLLM's `/tokenize`, `/detokenize`,
+`/tokenizer_info`) answer OpenAI's `{"error": {"message", "type", "param", "code"}}`, so the
+`openai` client shows the message. Every error is counted once in `camex_failures_total` by
+`reason` (INTERFACES §3). A client mistake is never a 500; an unexpected exception is a 500 with
+an opaque message (details go to the log only).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -35,29 +39,53 @@ FAILURE_REASON = {
     "not_found": None,
     "method_not_allowed": None,
 }
+OPENAI_PATHS = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 @dataclass
 class ApiError(Exception):
-    """An error response. `headers` carries e.g. Retry-After or WWW-Authenticate."""
+    """An error response. `headers` carries e.g. Retry-After or WWW-Authenticate; `param` (the
+    offending field) and `code` (a specific reason, default `error_type`) show in the OpenAI
+    shape; `shape` forces "tgi" or "openai" where the path alone does not decide it."""
 
     status: int
     error_type: str
     message: str
     headers: dict[str, str] = field(default_factory=dict)
+    param: Optional[str] = None
+    code: Optional[str] = None
+    shape: Optional[str] = None
 
     def __str__(self) -> str:
         return f"{self.status} {self.error_type}: {self.message}"
 
-    def body(self) -> dict[str, str]:
+    def body(self, shape: str = "tgi") -> dict[str, Any]:
+        if shape == "openai":
+            return {"error": {"message": self.message, "type": openai_type(self.status),
+                              "param": self.param, "code": self.code or self.error_type}}
         return {"error": self.message, "error_type": self.error_type}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self, path: str = "") -> JSONResponse:
+        return JSONResponse(self.body(self.shape or shape_for(path)), status_code=self.status,
+                            headers=self.headers)
 
 
-def validation(message: str) -> ApiError:
-    return ApiError(422, "validation", message)
+def shape_for(path: str) -> str:
+    """"openai" for the OpenAI/vLLM-compatible paths, else "tgi"."""
+    return "openai" if path.startswith(OPENAI_PATHS) else "tgi"
+
+
+def openai_type(status: int) -> str:
+    """OpenAI's error categories: the `openai` client keys its exception classes on the status."""
+    if status == 401:
+        return "authentication_error"
+    if status == 429:
+        return "rate_limit_error"
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def validation(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
+    return ApiError(422, "validation", message, param=param, code=code)
 
 
 def overloaded(retry_after_s: int = 1) -> ApiError:
@@ -87,40 +115,42 @@ def engine_errors():
         raise unavailable(f"engine is not accepting requests: {exc}") from None
 
 
-def format_validation_errors(errors: list[dict]) -> str:
-    """FastAPI's error list as one readable line: `body.parameters.top_p: Input should be ...`."""
-    parts = []
-    for err in errors:
-        loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body") or "body"
-        parts.append(f"{loc}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
-
-
 def install_error_handlers(app: FastAPI, record_failure) -> None:
     """`record_failure(reason)` increments `camex_failures_total`."""
+    from server.validation_messages import describe
 
-    def respond(err: ApiError) -> JSONResponse:
+    def respond(request: Request, err: ApiError, body: Any = None) -> JSONResponse:
         reason = FAILURE_REASON.get(err.error_type)
         if reason is not None:
             record_failure(reason)
-        return err.response()
+        if err.shape is None and request.url.path == "/tokenize" and \
+                isinstance(body, dict) and "inputs" in body:
+            err.shape = "tgi"  # TGI's /tokenize shares the path with vLLM's
+        return err.response(request.url.path)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return respond(exc)
+        return respond(request, exc)
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return respond(validation(format_validation_errors(list(exc.errors()))))
+        errs = list(exc.errors())
+        if request.url.path == "/tokenize":  # its tagged union puts the tag in every location
+            errs = [{**e, "loc": tuple(p for k, p in enumerate(e.get("loc", ()))
+                                       if not (k == 1 and p in ("prompt", "messages", "inputs")))}
+                    for e in errs]
+        message, param = describe(errs, exc.body, request.headers.get("content-type"))
+        return respond(request, validation(message, param), exc.body)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kinds = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
                  401: "unauthorized", 400: "validation", 422: "validation"}
         kind = kinds.get(exc.status_code, "internal" if exc.status_code >= 500 else "validation")
-        return respond(ApiError(exc.status_code, kind, str(exc.detail), dict(exc.headers or {})))
+        return respond(request, ApiError(exc.status_code, kind, str(exc.detail),
+                                         dict(exc.headers or {})))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error", extra={"path": request.url.path})
-        return respond(internal_error())
+        return respond(request, internal_error())

@@ -25,7 +25,7 @@ from server.protocol import GenerateParameters
 
 log = logging.getLogger("camex.server")
 DEFAULT_MAX_NEW_TOKENS = 20
-UNSUPPORTED = ("frequency_penalty", "grammar", "top_n_tokens", "typical_p", "adapter_id")
+UNSUPPORTED = ("frequency_penalty", "grammar", "typical_p", "adapter_id")
 
 
 def to_sampling(p: GenerateParameters, *, max_stop_sequences: int,
@@ -53,7 +53,9 @@ def to_sampling(p: GenerateParameters, *, max_stop_sequences: int,
         temperature=p.temperature or 1.0, top_k=p.top_k,
         top_p=None if p.top_p == 1.0 else p.top_p, repetition_penalty=p.repetition_penalty,
         seed=seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos, return_routing=p.return_routing,
-        routing=p.routing, queue_timeout_s=queue_timeout_s)
+        routing=p.routing, queue_timeout_s=queue_timeout_s, logprobs=p.top_n_tokens or 0,
+        # TGI's prefill details carry each prompt token's logprob, no alternatives
+        prompt_logprobs=0 if p.decoder_input_details else None)
     return params, (seed if sampling else None)
 
 
@@ -109,7 +111,7 @@ class GenerationRun:
         self.log_fields = log_fields if log_fields is not None else {}
         self.log_fields.update(engine_request_id=handle.request_id,
                                prompt_tokens=len(handle.prompt_token_ids))
-        self.events: list = []  # token events delivered, the final one included
+        self.events: list = []  # token events delivered, the final one if it holds a token
         self.result = None  # GenerationResult once finished
         self._finished = False
 
@@ -136,9 +138,10 @@ class GenerationRun:
                 yield ev
             self.finish()
             if final is not None and final.finish_reason not in ("error", "cancelled"):
-                if last is not None:
+                if last is not None and final.token_id >= 0:
                     self.metrics.itl.observe(final_at - last)
-                self.events.append(final)
+                if final.token_id >= 0:  # not the token-less end of a prompt-scoring request
+                    self.events.append(final)
                 yield final
         finally:
             if not self._finished:

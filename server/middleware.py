@@ -57,7 +57,7 @@ class ServingMiddleware:
                 receive, error = await self.read_body(scope, headers, receive)
             if error is not None:
                 self.metrics.record_failure("unauthorized" if error.status == 401 else "validation")
-                await error.response()(scope, receive, send_with_id)
+                await error.response(scope["path"])(scope, receive, send_with_id)
             elif receive is not None:
                 await self.app(scope, receive, send_with_id)
             else:
@@ -70,7 +70,7 @@ class ServingMiddleware:
             error_log.exception("unhandled error", extra={"path": scope.get("path"),
                                                           "request_id": request_id})
             self.metrics.record_failure("internal")
-            await internal_error().response()(scope, receive, send_with_id)
+            await internal_error().response(scope["path"])(scope, receive, send_with_id)
         finally:
             self.finish(scope, status["code"], time.monotonic() - start, request_id)
 

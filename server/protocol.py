@@ -1,17 +1,25 @@
-"""Wire schemas (pydantic): TGI generation, TEI-style classification, OpenAI completions.
+"""Wire schemas (pydantic): TGI generation and tokenize, TEI-style classification, and the
+strict-fields rule every request schema follows (OpenAI/vLLM schemas: `server.openai_protocol`).
 
 Field names and shapes follow text-generation-inference's `GenerateRequest`/`GenerateResponse`/
 `StreamResponse` so `huggingface_hub.InferenceClient.text_generation` and the `text-generation`
 client parse them unchanged. Extensions are additive: `parameters.routing` and
-`parameters.return_routing` (which adds `details.routing`). Unknown fields are ignored, as TGI
-does. This module knows nothing about the engine; `server.generation` converts.
+`parameters.return_routing` (which adds `details.routing`).
+
+Unknown request fields are refused (a misspelt `max_new_token` must not silently fall back to a
+default): every request schema derives from `RequestSchema`, whose validator names each unknown
+field and the closest valid one. `LENIENT_FIELDS` (set per request from `--lenient-fields`)
+turns that off for clients that send extras. This module knows nothing about the engine.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+import difflib
+from contextvars import ContextVar
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**63 - 1
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
@@ -45,9 +53,53 @@ class _Schema(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
+# True: unknown request fields are dropped instead of refused (`--lenient-fields`). A context
+# variable, set per request by the app, so apps with different settings can share a process.
+LENIENT_FIELDS: ContextVar[bool] = ContextVar("camex_lenient_fields", default=False)
+# Values that mean "not used" for a recognised-but-unsupported field: clients that send every
+# field with its default (`"tools": null`, `"logit_bias": {}`) are not refused for it.
+NEUTRAL = (None, 0, 0.0, False, "", [], {})
+
+
+class RequestSchema(_Schema):
+    """Base of every request schema: unknown fields are a 422 naming them (see module doc).
+
+    `unsupported` lists fields other servers know that this one does not implement: they are
+    refused as "not supported" (unless neutral) rather than as unrecognised."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False,
+                              json_schema_extra={"additionalProperties": False})
+    unsupported: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="after")
+    def _no_unknown_fields(self):
+        extra = {k: v for k, v in (self.model_extra or {}).items()
+                 if not (k in self.unsupported and _neutral(v))}
+        if not extra:
+            return self
+        refused = sorted(k for k in extra if k in self.unsupported)
+        if refused:
+            raise PydanticCustomError("unsupported_field", "not supported by this server: "
+                                      "{fields}", {"fields": ", ".join(refused),
+                                                   "names": refused})
+        if LENIENT_FIELDS.get():
+            for name in extra:
+                self.model_extra.pop(name, None)
+            return self
+        known = sorted(type(self).model_fields)
+        hints = {k: (difflib.get_close_matches(k, known, n=1, cutoff=0.6) or [None])[0]
+                 for k in sorted(extra)}
+        raise PydanticCustomError("unknown_field", "unrecognized request argument(s): {fields}",
+                                  {"fields": ", ".join(hints), "hints": hints})
+
+
+def _neutral(value: Any) -> bool:
+    return any(value is n or (type(value) is type(n) and value == n) for n in NEUTRAL)
+
+
 # --- TGI generation -------------------------------------------------------------------------
 
-class GenerateParameters(_Schema):
+class GenerateParameters(RequestSchema):
     best_of: Optional[int] = Field(None, ge=1, description="only 1 is supported")
     decoder_input_details: bool = Field(False, description="add prompt tokens as details.prefill")
     details: bool = Field(False, description="return token details")
@@ -61,7 +113,8 @@ class GenerateParameters(_Schema):
     stop: list[Text] = Field(default_factory=list, description="stop sequences")
     temperature: Optional[float] = Field(None, ge=0.001, le=100.0)
     top_k: Optional[int] = Field(None, ge=1)
-    top_n_tokens: Optional[int] = Field(None, description="not supported")
+    top_n_tokens: Optional[int] = Field(None, ge=0, le=5,
+                                        description="best alternatives per generated token")
     # >= 1e-6: smaller values are below float32 resolution of the cumulative mass (meaningless)
     top_p: Optional[float] = Field(None, ge=1e-6, le=1.0)
     truncate: Optional[int] = Field(None, ge=1, description="keep only the last N prompt tokens")
@@ -73,7 +126,7 @@ class GenerateParameters(_Schema):
     ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks, as vLLM)")
 
 
-class GenerateRequest(_Schema):
+class GenerateRequest(RequestSchema):
     inputs: Text = Field(..., min_length=1)
     parameters: GenerateParameters = Field(default_factory=GenerateParameters)
 
@@ -92,7 +145,7 @@ class Token(_Schema):
 class PrefillToken(_Schema):
     id: int
     text: str
-    logprob: Optional[float] = Field(None, description="null: prompt logprobs are not computed")
+    logprob: Optional[float] = Field(None, description="null for the first token")
 
 
 class RoutingSegment(_Schema):
@@ -150,7 +203,7 @@ class ErrorResponse(_Schema):
 
 # --- classification (TEI /predict-like) -----------------------------------------------------
 
-class ClassifyRequest(_Schema):
+class ClassifyRequest(RequestSchema):
     inputs: TextOrTexts = Field(..., description="one text, or a list of texts (a batch)")
     raw_scores: bool = Field(False, description="return logits instead of probabilities")
     truncate: bool = Field(False, description="truncate long texts instead of a 422")
@@ -161,65 +214,9 @@ class LabelScore(_Schema):
     score: float
 
 
-# --- OpenAI completions (non-chat) ----------------------------------------------------------
-
-class CompletionRequest(_Schema):
-    model: Optional[Text] = None
-    prompt: TextOrTexts
-    max_tokens: Optional[int] = Field(16, ge=1)
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0)
-    top_p: Optional[float] = Field(None, ge=1e-6, le=1.0)
-    n: int = Field(1, ge=1, le=1, description="only 1 is supported")
-    stream: bool = False
-    logprobs: Optional[int] = Field(None, ge=0, le=1, description="0/1: logprob of each token")
-    echo: bool = False
-    stop: Optional[TextOrTexts] = None
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
-    presence_penalty: Optional[float] = Field(None, description="not supported")
-    frequency_penalty: Optional[float] = Field(None, description="not supported")
-    best_of: Optional[int] = Field(None, ge=1, le=1)
-    suffix: Optional[Text] = Field(None, description="not supported")
-    user: Optional[Text] = None
-    ignore_eos: bool = Field(False, description="keep generating past EOS (as vLLM)")
-
-
-class CompletionLogprobs(_Schema):
-    tokens: list[str]
-    token_logprobs: list[Optional[float]]
-    top_logprobs: Optional[list[Any]] = None
-    text_offset: list[int]
-
-
-class CompletionChoice(_Schema):
-    index: int
+class SimpleToken(_Schema):
+    """TGI `/tokenize`: one token with its character span in the input."""
+    id: int
     text: str
-    logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
-
-
-class CompletionUsage(_Schema):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-
-class Completion(_Schema):
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: Optional[CompletionUsage] = None
-    system_fingerprint: Optional[str] = None
-
-
-class ModelCard(_Schema):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-
-
-class ModelList(_Schema):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
+    start: int
+    stop: int

@@ -52,6 +52,10 @@ class ServerSettings:
     grace_s: float = _opt(30.0, "SIGTERM: time to finish in-flight requests")
     health_stale_s: float = _opt(10.0, "/health is 503 when the engine loop is silent this long")
     log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    lenient_fields: bool = _opt(False, "ignore unknown request fields instead of a 422 naming "
+                                "them (for clients that send extras)")
+    chat_template: str | None = _opt(None, "Jinja chat template file for /v1/chat/completions "
+                                     "(none: the checkpoint's tokenizer_config.json)")
 
     def __post_init__(self) -> None:
         positive = ("port", "max_batch_size", "max_waiting", "max_client_batch_size",
@@ -65,6 +69,8 @@ class ServerSettings:
                 raise ValueError(f"{name} must be > 0, got {value}")
         if self.max_stop_sequences < 0 or self.grace_s < 0:
             raise ValueError("max_stop_sequences and grace_s must be >= 0")
+        if self.chat_template is not None and not os.path.isfile(self.chat_template):
+            raise ValueError(f"chat_template {self.chat_template!r} is not a file")
 
     @classmethod
     def from_sources(cls, argv: Sequence[str] | None = None,
@@ -87,7 +93,7 @@ def env_name(field_name: str) -> str:
 
 def _base_type(f: dataclasses.Field) -> type:
     text = str(f.type)
-    for name, typ in (("int", int), ("float", float)):
+    for name, typ in (("int", int), ("float", float), ("bool", bool)):
         if text.startswith(name):
             return typ
     return str
@@ -95,6 +101,12 @@ def _base_type(f: dataclasses.Field) -> type:
 
 def _convert(f: dataclasses.Field, raw: str, source: str) -> Any:
     typ = _base_type(f)
+    if typ is bool:  # env switches: 1/true/yes/on or 0/false/no/off
+        words = {"1": True, "true": True, "yes": True, "on": True,
+                 "0": False, "false": False, "no": False, "off": False}
+        if raw.strip().lower() not in words:
+            raise ValueError(f"{source}={raw!r} is not a boolean (use 1/0, true/false)")
+        return words[raw.strip().lower()]
     try:
         value = typ(raw)
     except ValueError:
@@ -114,6 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(ServerSettings):
         flag = "--" + f.name.replace("_", "-")
         default = f.default
+        if _base_type(f) is bool:  # a switch: --lenient-fields / --no-lenient-fields
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                dest=f.name, help=f"{f.metadata['help']} "
+                                f"[env {env_name(f.name)}; default {default}]")
+            continue
         parser.add_argument(flag, type=_base_type(f), default=None, dest=f.name,
                             choices=f.metadata.get("choices"),
                             help=f"{f.metadata['help']} [env {env_name(f.name)}; default {default}]")

@@ -25,7 +25,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from camex_runtime.engine.cost_model import STRATEGIES
-from camex_runtime.engine.outputs import EngineStats, GenerationResult
+from camex_runtime.engine.outputs import EngineStats, GenerationResult, PromptLogprob
 from camex_runtime.engine.output_processor import OutputProcessor, terminal_event
 from camex_runtime.engine.request import (ROUTING_MODES, GenerationRequest, RequestHandle,
                                           RequestTimings, SamplingParams)
@@ -292,9 +292,13 @@ class Engine:
                 log.exception("prefill failed for %s", req.request_id)
                 self._finish(req, terminal_event(req, "error", f"prefill failed: {e}"))
                 continue
-            if got is not None:  # the whole prompt is in: its first token is sampled now
-                logits.append(got[None])
-                rows.append(req)
+            if got is None:
+                continue
+            if req.params.max_new_tokens == 0:  # the prompt was only scored: nothing to sample
+                self._finish(req, terminal_event(req, "length"))
+                continue
+            logits.append(got[None])  # the whole prompt is in: its first token is sampled now
+            rows.append(req)
         if sched.decode:
             reqs = sched.decode
             logits.append(self.runner.decode([r.slot for r in reqs],
@@ -312,10 +316,14 @@ class Engine:
             self._gens[req.request_id] = make_generator(req.params, self.runner.device)
             self.runner.start_prefill(req.slot, req.prompt_token_ids, req.routing,
                                       trace=req.params.return_routing,
-                                      max_new_tokens=req.params.max_new_tokens)
+                                      max_new_tokens=req.params.max_new_tokens,
+                                      prompt_logprobs=req.params.prompt_logprobs)
         got = self.runner.prefill_step(req.slot, chunk)
         with self._lock:
             self.scheduler.prefilled(req, self.runner.slots[req.slot].length)
+        scored = self.runner.prompt_scores(req.slot) if got is not None else None
+        if scored is not None:
+            req.prompt_logprobs = req.handle.prompt_logprobs = prompt_logprob_list(*scored)
         return got
 
     def _update(self, rows: list[GenerationRequest], logits) -> None:
@@ -345,12 +353,12 @@ class Engine:
             else:
                 self._finish(req, ev)
 
-    def _sample_alone(self, req: GenerationRequest, logits) -> tuple[int, float] | None:
+    def _sample_alone(self, req: GenerationRequest, logits) -> tuple | None:
         """Sample one request's row; on failure finish that request only and return None."""
         try:
-            tokens, logprobs = sample_batch(logits, [req.params], [req.all_token_ids],
-                                            [self._gens[req.request_id]])
-            return tokens[0], logprobs[0]
+            tokens, logprobs, tops = sample_batch(logits, [req.params], [req.all_token_ids],
+                                                  [self._gens[req.request_id]])
+            return tokens[0], logprobs[0], tops[0]
         except Exception as e:
             log.exception("sampling failed for %s", req.request_id)
             self._finish(req, terminal_event(req, "error", f"sampling failed: {e}"))
@@ -434,3 +442,11 @@ class Engine:
             if self.kind == "classifier" else None,
             "provenance": dict(getattr(cfg, "provenance", {}) or {}),
         }
+
+
+def prompt_logprob_list(chosen, top_values, top_ids) -> list[Optional[PromptLogprob]]:
+    """The runner's prompt-logprob tensors as one entry per prompt token; the first is None
+    (no logits precede it). chosen (L-1,), top_values / top_ids (L-1, k)."""
+    values, ids = top_values.tolist(), top_ids.tolist()
+    return [None] + [PromptLogprob(lp, tuple(zip(ids[i], values[i])))
+                     for i, lp in enumerate(chosen.tolist())]

@@ -27,10 +27,11 @@ class OutputProcessor:
         self.detok = IncrementalDetokenizer(tokenizer or _IdsOnly())
         self.eos = frozenset(eos_token_ids)  # every id that ends generation (Llama 3 has several)
 
-    def process(self, token_id: int, logprob: float) -> TokenEvent:
+    def process(self, token_id: int, logprob: float,
+                top: tuple[tuple[int, float], ...] = ()) -> TokenEvent:
         """Append one token; returns its event (finish_reason set when the request ends)."""
         req, p = self.req, self.req.params
-        req.append_token(token_id, logprob)
+        req.append_token(token_id, logprob, top)
         piece = self.detok.push(token_id)
         finish = None
         if token_id in self.eos and not p.ignore_eos:
@@ -47,12 +48,13 @@ class OutputProcessor:
         req.text = text
         req.finish_reason = finish
         return TokenEvent(token_id=token_id, text=piece, logprob=logprob,
-                          index=len(req.output_token_ids) - 1, finish_reason=finish)
+                          index=len(req.output_token_ids) - 1, finish_reason=finish,
+                          top_logprobs=top)
 
 
 def terminal_event(req: GenerationRequest, reason: str, error: Optional[str] = None) -> TokenEvent:
-    """The last event of a request that ends without a new token (cancelled, error):
-    token_id -1, empty text."""
+    """The last event of a request that ends without a new token (cancelled, error, or
+    "length" for a prompt scored with max_new_tokens=0): token_id -1, empty text."""
     req.finish_reason, req.error = reason, error
     return TokenEvent(token_id=-1, text="", logprob=0.0, index=len(req.output_token_ids),
                       finish_reason=reason, error=error)

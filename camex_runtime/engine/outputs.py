@@ -24,6 +24,17 @@ class TokenEvent:
     index: int  # 0-based position among the generated tokens
     finish_reason: Optional[str] = None  # set on the last event only
     error: Optional[str] = None  # set when finish_reason == "error"
+    # SamplingParams.logprobs best alternatives as (token_id, logprob), best first; raw model
+    # distribution like `logprob`. Empty when none were asked for.
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class PromptLogprob:
+    """One prompt token's log-probability given the tokens before it (the prefill's logits)."""
+    logprob: float
+    # the SamplingParams.prompt_logprobs most likely tokens at this position, best first
+    top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass
@@ -46,6 +57,9 @@ class GenerationResult:
     routing: Optional[RoutingTrace]
     timings: RequestTimings
     error: Optional[str] = None  # why, when finish_reason == "error"
+    top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # per token
+    # aligned with prompt_token_ids, first entry None (nothing precedes it); None unless asked
+    prompt_logprobs: Optional[list[Optional[PromptLogprob]]] = None
 
 
 @dataclass(frozen=True)

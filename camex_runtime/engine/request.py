@@ -14,11 +14,12 @@ from typing import Callable, Iterator, Optional, Sequence
 
 from camex_runtime.errors import (InputValidationError, QueueTimeoutError,
                                   RequestFailedError)
-from camex_runtime.engine.outputs import (GenerationResult, RequestTimings, RoutingTrace,
-                                          TokenEvent)
+from camex_runtime.engine.outputs import (GenerationResult, PromptLogprob, RequestTimings,
+                                          RoutingTrace, TokenEvent)
 
 ROUTING_MODES = ("segment", "prompt")
 MAX_STOP_SEQUENCES = 16
+MAX_LOGPROBS = 20  # alternatives per position (vLLM's default --max-logprobs)
 
 
 @dataclass(frozen=True)
@@ -35,13 +36,25 @@ class SamplingParams:
     return_routing: bool = False  # attach a RoutingTrace to the result
     routing: Optional[str] = None  # None: the engine's default mode
     queue_timeout_s: Optional[float] = None  # give up if not scheduled within this time
+    # top-N alternatives reported per generated token (the chosen token's logprob always is)
+    logprobs: int = 0
+    # None: not computed. k >= 0: each prompt token's logprob (the first has none) and its
+    # top-k alternatives, computed in the prefill pass (OpenAI `echo`, TGI prefill details)
+    prompt_logprobs: Optional[int] = None
 
     def validate(self) -> None:
         """Raise InputValidationError with the offending value; the engine calls this on submit."""
         def bad(msg: str) -> None:
             raise InputValidationError(msg)
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
             bad(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if self.max_new_tokens == 0 and self.prompt_logprobs is None:
+            # scoring a prompt (OpenAI echo + max_tokens 0) is the only use of zero new tokens
+            bad("max_new_tokens may be 0 only when prompt_logprobs are requested")
+        for name in ("logprobs", "prompt_logprobs"):
+            n = getattr(self, name)
+            if n is not None and (not isinstance(n, int) or not 0 <= n <= MAX_LOGPROBS):
+                bad(f"{name} must be an integer in [0, {MAX_LOGPROBS}], got {n!r}")
         if self.do_sample and not self.temperature > 0:
             bad(f"temperature must be > 0 when sampling, got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
@@ -73,6 +86,9 @@ class RequestHandle:
                  cancel: Callable[[str], None]):
         self.request_id = request_id
         self.prompt_token_ids = prompt_token_ids
+        # set by the engine at prefill, before the first event, when SamplingParams asked for
+        # them (streaming callers need them before the result exists)
+        self.prompt_logprobs: Optional[list] = None
         self._cancel = cancel
         self._events: list[TokenEvent] = []
         self._result: Optional[GenerationResult] = None
@@ -164,6 +180,8 @@ class GenerationRequest:
     slot: Optional[int] = None  # KV-cache / routing-state row while running
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
+    prompt_logprobs: Optional[list[Optional[PromptLogprob]]] = None  # set by prefill if asked
     text: str = ""  # decoded generated text so far
     finish_reason: Optional[str] = None
     error: Optional[str] = None
@@ -175,9 +193,11 @@ class GenerationRequest:
     def __post_init__(self) -> None:
         self._all_ids = list(self.prompt_token_ids)
 
-    def append_token(self, token_id: int, logprob: float) -> None:
+    def append_token(self, token_id: int, logprob: float,
+                     top: tuple[tuple[int, float], ...] = ()) -> None:
         self.output_token_ids.append(token_id)
         self.logprobs.append(logprob)
+        self.top_logprobs.append(top)
         self._all_ids.append(token_id)
 
     @property
@@ -204,4 +224,5 @@ class GenerationRequest:
             request_id=self.request_id, prompt_token_ids=list(self.prompt_token_ids),
             token_ids=list(self.output_token_ids), text=self.text,
             finish_reason=self.finish_reason, logprobs=list(self.logprobs),
-            routing=self.routing_trace, timings=self.timings, error=self.error)
+            routing=self.routing_trace, timings=self.timings, error=self.error,
+            top_logprobs=list(self.top_logprobs), prompt_logprobs=self.prompt_logprobs)

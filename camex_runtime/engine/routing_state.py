@@ -50,6 +50,8 @@ class SlotRouting:
     digests: list[bytes] = field(default_factory=list)  # routing identity of each prompt segment
     # chunked prefill of the first decision's span by layers: (hidden (1, n, d), next layer)
     partial: Optional[tuple[Any, int]] = None
+    score_k: Optional[int] = None  # prompt logprobs asked for: top-k size (0: chosen only)
+    scored: list[tuple] = field(default_factory=list)  # score_prompt parts, chunk by chunk
 
     def __post_init__(self) -> None:
         self.keys = [None] * self.num_moe

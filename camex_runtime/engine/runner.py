@@ -188,16 +188,18 @@ class ModelRunner:
         return self.prefill_step(slot, None)
 
     def start_prefill(self, slot: int, token_ids: Sequence[int], mode: str, trace: bool = False,
-                      max_new_tokens: int = 1) -> None:
+                      max_new_tokens: int = 1, prompt_logprobs: Optional[int] = None) -> None:
         """Make `slot` the prompt's: routing state, the identity of each segment's routing
         decision (merge-cache keys). `max_new_tokens` only informs the `auto` strategy (how long
-        merges will be reused). `prefill_step` then computes it."""
+        merges will be reused). `prompt_logprobs` k (not None): score the prompt itself as its
+        chunks complete (`prompt_scores`). `prefill_step` then computes it."""
         L, T = len(token_ids), self.T
         self.release(slot)
         st = SlotRouting(mode, L, min(L, T), len(self.moe), L + max_new_tokens, trace)
         K = 1 if mode == "prompt" else -(-L // T)
         st.prompt = list(token_ids)
         st.digests = [routing_digest(mode, token_ids, k, T, st.route1_len, L) for k in range(K)]
+        st.score_k = prompt_logprobs
         self.slots[slot] = st
 
     @torch.inference_mode()
@@ -231,7 +233,23 @@ class ModelRunner:
                           _PrefillRouting(self, slot, st, start), layers=layers, hidden=hidden)
         if layers is None or layers[1] == len(self.blocks):
             st.length = end
+            last = min(end, st.prompt_len - 1)  # the prompt's last position predicts no prompt token
+            if st.score_k is not None and last > start:
+                targets = torch.tensor(st.prompt[start + 1:last + 1], device=self.device)
+                st.scored.append(score_prompt(self.model.lm_head, out[0, :last - start], targets,
+                                              st.score_k))
         return out
+
+    def prompt_scores(self, slot: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+        """The prompt's logprobs once its prefill is complete (see `score_prompt`), or None when
+        they were not asked for: chosen (L-1,), top-k values and ids (L-1, k), on the CPU."""
+        st = self.slots[slot]
+        if st is None or st.score_k is None:
+            return None
+        if not st.scored:  # a one-token prompt: nothing before it to score
+            empty = torch.empty(0, st.score_k)
+            return torch.empty(0), empty, empty.long()
+        return tuple(torch.cat(parts) for parts in zip(*st.scored))
 
     def _prefill_layers(self, slot: int, st: SlotRouting, span: int, budget: int
                         ) -> Optional[Tensor]:
@@ -429,6 +447,25 @@ class _DecodeRouting:
         out = r._decode_moe(r.moe_of[layer], h[:, 0], self.sts, self.slots, self.slots_t,
                             self.pos, self.turn, self.digests)
         return out[:, None]
+
+
+PROMPT_LOGPROBS_CHUNK = 256  # positions per lm_head pass (256 x 50k vocab x fp32 = 51 MB)
+
+
+def score_prompt(lm_head, x: Tensor, targets: Tensor, k: int,
+                 chunk: int = PROMPT_LOGPROBS_CHUNK) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probabilities of prompt tokens from the prefill's final (normed) hidden states, a
+    chunk of positions at a time, so (L, V) fp32 logits never exist at once (2,048 x 50k =
+    400 MB). x (n, d): hidden states of n positions; targets (n,): the token at each next
+    position. Returns on the CPU: chosen (n,), top-k values (n, k), top-k ids (n, k)."""
+    chosen, values, ids = [], [], []
+    for a in range(0, x.shape[0], chunk):
+        lp = torch.log_softmax(lm_head(x[a:a + chunk]).float(), dim=-1)  # (c, V)
+        chosen.append(lp.gather(1, targets[a:a + chunk, None])[:, 0])
+        top = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
+        values.append(top.values)
+        ids.append(top.indices)
+    return torch.cat(chosen).cpu(), torch.cat(values).cpu(), torch.cat(ids).cpu()
 
 
 def build_model(ckpt) -> torch.nn.Module:

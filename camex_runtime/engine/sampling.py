@@ -75,10 +75,12 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, history: Sequence[i
 
 def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
                  histories: Sequence[Sequence[int]],
-                 generators: Sequence[Optional[torch.Generator]]) -> tuple[list[int], list[float]]:
-    """logits (B, V) any dtype -> (token ids, raw-model logprobs), one per row.
+                 generators: Sequence[Optional[torch.Generator]]
+                 ) -> tuple[list[int], list[float], list[tuple[tuple[int, float], ...]]]:
+    """logits (B, V) any dtype -> (token ids, raw-model logprobs, top alternatives), one per row.
 
-    Plain greedy rows (no penalty) share one argmax; the others go row by row."""
+    Plain greedy rows (no penalty) share one argmax; the others go row by row. A row's
+    alternatives are its `params.logprobs` most likely tokens as (id, logprob), best first."""
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
     tokens = torch.argmax(logits, dim=-1).tolist()  # greedy default for every row
@@ -87,4 +89,15 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
             tokens[b] = sample_row(logits[b], p, histories[b], generators[b])
     idx = torch.tensor(tokens, device=logits.device).unsqueeze(1)
     chosen = logprobs.gather(1, idx).squeeze(1).tolist()  # (B,)
-    return tokens, chosen
+    return tokens, chosen, top_alternatives(logprobs, [p.logprobs for p in params])
+
+
+def top_alternatives(logprobs: torch.Tensor, counts: Sequence[int]
+                     ) -> list[tuple[tuple[int, float], ...]]:
+    """Row b's `counts[b]` best (id, logprob) of (B, V) logprobs; one topk for the batch."""
+    k = min(max(counts, default=0), logprobs.shape[-1])
+    if k == 0:
+        return [()] * len(counts)
+    values, ids = torch.topk(logprobs, k, dim=-1)  # (B, k) each, best first
+    values, ids = values.tolist(), ids.tolist()
+    return [tuple(zip(ids[b][:n], values[b][:n])) for b, n in enumerate(counts)]

@@ -44,13 +44,15 @@ def is_ready(path: Path) -> bool:
 def ensure_demo_models(root: str | Path | None = None, progress: bool = True,
                        force: bool = False) -> tuple[Path, Path]:
     """(lm_dir, clf_dir) of folded demo checkpoints under `root`, training what is missing."""
+    from .chat_template import ensure_chat_template  # chat works on the demo out of the box
+
     root = Path(root) if root is not None else default_root()
     lm_dir, clf_dir = root / LM_NAME, root / CLF_NAME
     if not force and is_ready(lm_dir) and is_ready(clf_dir):
-        return lm_dir, clf_dir
+        return ensure_chat_template(lm_dir), clf_dir
     with _exclusive(root):  # two servers starting at once must not train into the same dirs
         _build(root, progress, force)
-    return lm_dir, clf_dir
+    return ensure_chat_template(lm_dir), clf_dir
 
 
 @contextmanager

@@ -1,67 +1,37 @@
-"""OpenAI-compatible `POST /v1/completions` (non-chat; streaming included) and `GET /v1/models`.
+"""OpenAI-compatible `POST /v1/completions` (as vLLM serves it) and `GET /v1/models`.
 
-Mapped onto the same engine path as TGI's /generate: `temperature` 0 is greedy, anything else
-(default 1.0, as OpenAI) samples; `finish_reason` is "stop" (EOS or a stop sequence) or
-"length". A list of prompts is answered as one choice per prompt (not when streaming).
+A prompt is a string, a list of strings, a list of token ids or a list of token-id lists; each
+prompt gets `n` choices, indexed prompt-major (vLLM). `logprobs` N reports each token's logprob
+and its N best alternatives as `{token: logprob}` dicts; with `echo` the prompt comes first,
+with its own logprobs computed in the prefill pass (the first token has none), and
+`max_tokens: 0` scores a prompt without generating (lm-eval's loglikelihood). Streaming works
+for any number of prompts and choices; `stream_options.include_usage` adds a last chunk with
+`usage`. The engine path is the one /generate uses (`server.openai_runs` converts).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
-from typing import AsyncIterator
+from typing import Optional
 
+import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import errors
-from server.generation import (GenerationRun, submit, to_sampling, until_disconnect,
-                               wait_for_disconnect)
-from server.middleware import log_fields
-from server.protocol import (Completion, CompletionChoice, CompletionLogprobs, CompletionRequest,
-                             CompletionUsage, GenerateParameters, ModelCard, ModelList)
-from server.routes.tgi import ERROR_RESPONSES, SSE_HEADERS
+from server.openai_protocol import (Completion, CompletionChoice, CompletionLogprobs,
+                                    CompletionRequest, ModelCard, ModelList,
+                                    OpenAIErrorResponse, Usage)
+from server.openai_runs import (Choice, check_model, choice_seeds, clamp, close_all,
+                                finish_reason, first_events, merged, run_to_end, sampling,
+                                start_choices, stop_list, token_strings, usage_now, usage_of)
+from server.routes.tgi import SSE_HEADERS
 
 router = APIRouter(prefix="/v1", tags=["OpenAI compatible"])
-UNSUPPORTED = ("presence_penalty", "frequency_penalty", "suffix")
-
-
-def to_parameters(body: CompletionRequest) -> GenerateParameters:
-    for name in UNSUPPORTED:
-        if getattr(body, name):
-            raise errors.validation(f"`{name}` is not supported by this server")
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    temperature = 1.0 if body.temperature is None else body.temperature
-    greedy = temperature == 0.0
-    # greedy drops top_p (as vLLM): under TGI's rule any warper would turn sampling back on
-    return GenerateParameters(max_new_tokens=body.max_tokens, do_sample=not greedy,
-                              temperature=None if greedy else max(temperature, 0.001),
-                              top_p=None if greedy else body.top_p, seed=body.seed, stop=stop,
-                              ignore_eos=body.ignore_eos)
-
-
-async def start(request: Request, body: CompletionRequest, prompt: str) -> GenerationRun:
-    state = request.app.state.serving
-    engine = state.require("causal-lm")
-    sampling, seed = to_sampling(to_parameters(body), queue_timeout_s=state.settings.queue_timeout_s,
-                                 max_stop_sequences=state.settings.max_stop_sequences)
-    return GenerationRun(await submit(engine, prompt, sampling), state.metrics, seed,
-                         log_fields(request))
-
-
-def finish_reason(reason: str | None) -> str | None:
-    return None if reason is None else ("length" if reason == "length" else "stop")
-
-
-def logprobs_of(events, start_offset: int) -> CompletionLogprobs:
-    offsets, at = [], start_offset
-    for ev in events:
-        offsets.append(at)
-        at += len(ev.text)
-    return CompletionLogprobs(tokens=[ev.text for ev in events],
-                              token_logprobs=[ev.logprob for ev in events], text_offset=offsets)
+OPENAI_ERRORS = {code: {"model": OpenAIErrorResponse}
+                 for code in (400, 401, 404, 413, 422, 429, 503, 504)}
 
 
 def model_name(request: Request) -> str:
@@ -75,88 +45,163 @@ def info_model_id(state) -> str:
     return str(engine.info().get("model", "camex")) if engine else "camex"
 
 
+def prompts_of(body: CompletionRequest) -> list:
+    p = body.prompt
+    if isinstance(p, str) or (p and isinstance(p[0], int)):
+        return [p]
+    return list(p)
+
+
+async def start(request: Request, body: CompletionRequest) -> list[Choice]:
+    state = request.app.state.serving
+    engine = state.require("causal-lm")
+    check_model(state, body.model)
+    if body.max_tokens == 0 and not body.echo:
+        raise errors.validation("`max_tokens` 0 generates nothing: it needs `echo` (to score "
+                                "the prompt)", param="max_tokens")
+    stops = stop_list(body.stop, state.settings.max_stop_sequences)
+    n_logprobs = body.logprobs or 0
+    prompt_lps = None  # the prompt is scored only when echoed with logprobs (or only scored)
+    if body.echo and (body.logprobs is not None or body.max_tokens == 0):
+        prompt_lps = n_logprobs
+    seeds = choice_seeds(body.seed, body.n)
+    prompts = prompts_of(body)
+    max_tokens = [body.max_tokens] * len(prompts)
+    if body.max_tokens is None:  # an explicit null: what the context has left (vLLM)
+        max_tokens = await anyio.to_thread.run_sync(room_left, engine, prompts)
+
+    def params_for(i: int, j: int):
+        return sampling(body, state, max_tokens=max_tokens[i], stops=stops,
+                        logprobs=n_logprobs, prompt_logprobs=prompt_lps, seed=seeds[j])
+    return await start_choices(request, engine, prompts, body.n, params_for)
+
+
+def room_left(engine, prompts: list) -> list[int]:
+    """Per prompt, the tokens max_total_tokens leaves after it (at least 1: a prompt that
+    fills the context is then refused with the numbers)."""
+    total = engine.info()["max_total_tokens"]
+    lengths = [len(p) if not isinstance(p, str) else
+               len(engine.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
+    return [max(1, total - n) for n in lengths]
+
+
 @router.post("/completions", response_model=Completion, responses={
-    200: {"content": {"application/json": {}, "text/event-stream": {}}}, **ERROR_RESPONSES})
+    200: {"content": {"application/json": {}, "text/event-stream": {}}}, **OPENAI_ERRORS})
 async def completions(request: Request, body: CompletionRequest):
-    """OpenAI text completion."""
-    prompts = [body.prompt] if isinstance(body.prompt, str) else list(body.prompt)
-    limit = request.app.state.serving.settings.max_client_batch_size
-    if not prompts or any(not p for p in prompts):
-        raise errors.validation("`prompt` must be a non-empty string or list of them")
-    if len(prompts) > limit:
-        raise errors.validation(f"{len(prompts)} prompts exceed the maximum batch size of {limit}")
+    """OpenAI text completion (vLLM semantics)."""
+    choices = await start(request, body)
+    tokenizer = request.app.state.serving.lm.tokenizer
     if body.stream:
-        if len(prompts) != 1:
-            raise errors.validation("streaming supports a single prompt")
-        return await stream_completion(request, body, prompts[0])
-    runs: list[GenerationRun] = []
-    try:  # submitted inside the try: a later prompt's refusal cancels the ones already queued
-        for p in prompts:
-            runs.append(await start(request, body, p))
-        disconnected = wait_for_disconnect(request.receive)
-        await until_disconnect(asyncio.gather(*(r.consume() for r in runs)), disconnected)
-    finally:
-        for r in runs:
-            if r.result is None:
-                r.handle.cancel()
-    choices = []
-    for i, (prompt, run) in enumerate(zip(prompts, runs)):
-        prefix = prompt if body.echo else ""
-        lp = logprobs_of(run.events, len(prefix)) if body.logprobs is not None else None
-        choices.append(CompletionChoice(index=i, text=prefix + run.result.text, logprobs=lp,
-                                        finish_reason=finish_reason(run.result.finish_reason)))
-    prompt_tokens = sum(r.prompt_tokens for r in runs)
-    completion_tokens = sum(len(r.result.token_ids) for r in runs)
+        firsts = await first_events(request, choices)
+        meta = {"id": "cmpl-" + uuid.uuid4().hex, "created": int(time.time()),
+                "model": model_name(request)}
+        return StreamingResponse(completion_chunks(choices, firsts, body, tokenizer, meta),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    await run_to_end(request, choices)
+    out = await anyio.to_thread.run_sync(lambda: [
+        choice_json(c, body, tokenizer) for c in choices])  # decodes tokens: off the loop
     completion = Completion(id="cmpl-" + uuid.uuid4().hex, created=int(time.time()),
-                            model=model_name(request), choices=choices,
-                            usage=CompletionUsage(prompt_tokens=prompt_tokens,
-                                                  completion_tokens=completion_tokens,
-                                                  total_tokens=prompt_tokens + completion_tokens))
+                            model=model_name(request), choices=out, usage=usage_of(choices))
     return JSONResponse(completion.model_dump(exclude_none=True))
 
 
-async def stream_completion(request: Request, body: CompletionRequest, prompt: str):
-    run = await start(request, body, prompt)
-    events = run.stream()
-    try:
-        first = await until_disconnect(events.__anext__(), wait_for_disconnect(request.receive))
-    except StopAsyncIteration:
-        raise errors.ApiError(500, "generation", "generation ended without a token") from None
-    meta = {"id": "cmpl-" + uuid.uuid4().hex, "created": int(time.time()),
-            "model": model_name(request)}
-    return StreamingResponse(completion_chunks(run, first, events, body, prompt, meta),
-                             media_type="text/event-stream", headers=SSE_HEADERS)
+def choice_json(c: Choice, body: CompletionRequest, tokenizer) -> CompletionChoice:
+    res = c.run.result
+    prefix = echo_text(c, tokenizer) if body.echo else ""
+    lp = None
+    if body.logprobs is not None:
+        lp = logprobs_json(tokenizer, c.run.events, res.prompt_logprobs if body.echo else None,
+                           res.prompt_token_ids, body.logprobs)
+    return CompletionChoice(index=c.index, text=prefix + c.text, logprobs=lp,
+                            finish_reason=finish_reason(res.finish_reason))
 
 
-async def completion_chunks(run: GenerationRun, first, events: AsyncIterator,
-                            body: CompletionRequest, prompt: str, meta: dict):
-    ev, at = first, 0
+def echo_text(c: Choice, tokenizer) -> str:
+    if c.prompt_text is not None:
+        return c.prompt_text
+    return tokenizer.decode(c.run.handle.prompt_token_ids)
+
+
+def logprobs_json(tokenizer, events, prompt_logprobs, prompt_ids, n: int,
+                  offset: int = 0) -> CompletionLogprobs:
+    """OpenAI's completion logprobs: per token its string, logprob and a `{token: logprob}`
+    dict of the chosen token and the n best (vLLM); prompt entries first when echoing."""
+    ids, chosen, alts = [], [], []
+    if prompt_logprobs is not None:
+        for t, lp in zip(prompt_ids, prompt_logprobs):
+            ids.append(t)
+            chosen.append(None if lp is None else lp.logprob)
+            alts.append(None if lp is None else lp.top_logprobs)
+    for ev in events:
+        ids.append(ev.token_id)
+        chosen.append(ev.logprob)
+        alts.append(ev.top_logprobs)
+    strings = token_strings(tokenizer, ids)
+    alt_strings = token_strings(tokenizer, [i for a in alts if a for i, _ in a[:n]])
+    tops, k = [], 0
+    for s, lp, alt in zip(strings, chosen, alts):
+        if lp is None:
+            tops.append(None)
+            continue
+        top = {s: clamp(lp)}
+        for _, v in alt[:n]:
+            top.setdefault(alt_strings[k], clamp(v))
+            k += 1
+        tops.append(top)
+    offsets, at = [], offset
+    for s in strings:
+        offsets.append(at)
+        at += len(s)
+    return CompletionLogprobs(tokens=strings, token_logprobs=[None if v is None else clamp(v)
+                                                              for v in chosen],
+                              top_logprobs=tops, text_offset=offsets)
+
+
+async def completion_chunks(choices: list[Choice], firsts: list, body: CompletionRequest,
+                            tokenizer, meta: dict):
+    """SSE chunks; with echo, a choice's first chunk carries the prompt (and its logprobs)."""
+    offsets = {c.index: 0 for c in choices}
+    echoed: set[int] = set()
     try:
-        if body.echo:
-            yield chunk(meta, prompt, None, None)
-            at = len(prompt)
-        while ev is not None:
-            lp = logprobs_of([ev], at) if body.logprobs is not None else None
-            at += len(ev.text)
-            yield chunk(meta, ev.text, lp, finish_reason(ev.finish_reason))
-            ev = await anext(events, None)
+        async for c, ev in merged(choices, firsts):
+            text = c.hold.push(ev.text, ev.finish_reason)
+            prompt_lps, prompt_ids = None, []
+            if body.echo and c.index not in echoed:
+                echoed.add(c.index)
+                text = echo_text(c, tokenizer) + text
+                prompt_lps, prompt_ids = c.run.handle.prompt_logprobs, c.run.handle.prompt_token_ids
+            lp = None
+            if body.logprobs is not None:
+                lp = logprobs_json(tokenizer, [ev] if ev.token_id >= 0 else [], prompt_lps,
+                                   prompt_ids, body.logprobs, offsets[c.index])
+                if lp.tokens:
+                    offsets[c.index] = lp.text_offset[-1] + len(lp.tokens[-1])
+            yield sse(Completion(**meta, choices=[CompletionChoice(
+                index=c.index, text=text, logprobs=lp,
+                finish_reason=finish_reason(ev.finish_reason))]), usage_now(c, body))
+        if body.stream_options and body.stream_options.include_usage:
+            yield sse(Completion(**meta, choices=[]), usage_of(choices))
         yield "data: [DONE]\n\n"
-    except errors.ApiError as err:
-        run.metrics.record_failure(errors.FAILURE_REASON.get(err.error_type) or "internal")
-        yield "data: " + json.dumps(err.body()) + "\n\n"
+    except errors.ApiError as err:  # failed after the 200 went out: an in-stream error
+        choices[0].run.metrics.record_failure(errors.FAILURE_REASON.get(err.error_type)
+                                              or "internal")
+        yield "data: " + json.dumps(err.body("openai")) + "\n\n"
+        yield "data: [DONE]\n\n"
     finally:
-        await events.aclose()
+        await close_all(choices)
 
 
-def chunk(meta: dict, text: str, logprobs, reason) -> str:
-    body = Completion(**meta, choices=[CompletionChoice(index=0, text=text, logprobs=logprobs,
-                                                        finish_reason=reason)])
-    return "data: " + body.model_dump_json(exclude_none=True) + "\n\n"
+def sse(chunk, usage: Optional[Usage]) -> str:
+    if usage is not None:
+        chunk.usage = usage
+    return "data: " + chunk.model_dump_json(exclude_none=True) + "\n\n"
 
 
 @router.get("/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
     """The served model (OpenAI format)."""
     state = request.app.state.serving
+    engine = state.lm or state.classifier
+    max_len = engine.info().get("max_total_tokens") if engine else None
     return ModelList(data=[ModelCard(id=info_model_id(state), created=int(state.started_at),
-                                     owned_by="camex-serve")])
+                                     owned_by="camex-serve", max_model_len=max_len)])

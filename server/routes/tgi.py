@@ -53,15 +53,29 @@ def token_json(tokenizer, ev) -> Token:
                  special=ev.token_id in special_ids(tokenizer))
 
 
+def top_tokens(tokenizer, ev) -> list[Token]:
+    """TGI `top_n_tokens`: the best alternatives of one generated token, best first."""
+    return [Token(id=i, text=tokenizer.decode([i]), logprob=lp,
+                  special=i in special_ids(tokenizer)) for i, lp in ev.top_logprobs]
+
+
+def prefill_tokens(tokenizer, res) -> list[PrefillToken]:
+    """TGI `decoder_input_details`: the prompt tokens with their logprobs (the first has none)."""
+    lps = res.prompt_logprobs or [None] * len(res.prompt_token_ids)
+    return [PrefillToken(id=t, text=tokenizer.decode([t]),
+                         logprob=None if lp is None else lp.logprob)
+            for t, lp in zip(res.prompt_token_ids, lps)]
+
+
 def build_details(run: GenerationRun, tokenizer, body: GenerateRequest) -> Details:
-    res = run.result
-    prefill = []
-    if body.parameters.decoder_input_details:
-        prefill = [PrefillToken(id=t, text=tokenizer.decode([t])) for t in res.prompt_token_ids]
+    res, p = run.result, body.parameters
     return Details(finish_reason=res.finish_reason, generated_tokens=len(res.token_ids),
-                   seed=run.seed, prefill=prefill,
+                   seed=run.seed,
+                   prefill=prefill_tokens(tokenizer, res) if p.decoder_input_details else [],
                    tokens=[token_json(tokenizer, ev) for ev in run.events],
-                   routing=res.routing if body.parameters.return_routing else None)
+                   top_tokens=[top_tokens(tokenizer, ev) for ev in run.events]
+                   if p.top_n_tokens else None,
+                   routing=res.routing if p.return_routing else None)
 
 
 def full_text(body: GenerateRequest, text: str) -> str:
@@ -98,7 +112,14 @@ async def generate_response(request: Request, body: GenerateRequest) -> tuple[Ge
 async def generate(request: Request, body: GenerateRequest) -> JSONResponse:
     """Generate text for one prompt (TGI schema)."""
     response, headers = await generate_response(request, body)
-    return JSONResponse(response.model_dump(exclude_none=True), headers=headers)
+    return JSONResponse(response_json(response), headers=headers)
+
+
+def response_json(response: GenerateResponse) -> dict:
+    out = response.model_dump(exclude_none=True)
+    for token in (out.get("details") or {}).get("prefill", []):
+        token.setdefault("logprob", None)  # TGI sends the first prompt token's as null
+    return out
 
 
 async def stream_response(request: Request, body: GenerateRequest) -> StreamingResponse:
@@ -123,7 +144,9 @@ async def sse_events(run: GenerationRun, first, events: AsyncIterator, tokenizer
     try:
         while ev is not None:
             index += 1
-            event = StreamResponse(index=index, token=token_json(tokenizer, ev))
+            event = StreamResponse(index=index, token=token_json(tokenizer, ev),
+                                   top_tokens=top_tokens(tokenizer, ev)
+                                   if body.parameters.top_n_tokens else None)
             if ev.finish_reason is not None:
                 event.generated_text = full_text(body, run.result.text)
                 if body.parameters.details or body.parameters.return_routing:
@@ -158,4 +181,4 @@ async def compat_generate(request: Request, body: CompatGenerateRequest):
     if body.stream:
         return await stream_response(request, body)
     response, headers = await generate_response(request, body)
-    return JSONResponse([response.model_dump(exclude_none=True)], headers=headers)
+    return JSONResponse([response_json(response)], headers=headers)

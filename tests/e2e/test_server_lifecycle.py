@@ -68,7 +68,8 @@ def test_api_key_with_real_clients(small_server):
         InferenceClient(base_url=small_server.base_url, api_key="wrong").text_generation("hi")
     assert err.value.__cause__.response.status_code == 401
     client = OpenAI(base_url=small_server.base_url + "/v1", api_key=KEY)
-    assert client.completions.create(model="m", prompt="hi", max_tokens=2).choices
+    served = client.models.list().data[0].id  # another name is a 404, as vLLM
+    assert client.completions.create(model=served, prompt="hi", max_tokens=2).choices
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=small_server.base_url + "/v1", api_key="nope").models.list()
     assert httpx.get(small_server.base_url + "/health").status_code == 200  # probes stay open

@@ -22,9 +22,13 @@ EXAMPLES = {GenerationMode.POSITIVE: 70, GenerationMode.NEGATIVE: 30}
 
 @pytest.fixture(scope="module")
 def fuzz_server(tiny_lm_dir, tiny_classifier_dir, tmp_path_factory):
+    template = tmp_path_factory.mktemp("tpl") / "chat.jinja"
+    template.write_text("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                        "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
     with live_server(tmp_path_factory.mktemp("srv"), "--model", str(tiny_lm_dir),
                      "--classifier", str(tiny_classifier_dir), "--max-total-tokens", "48",
-                     "--max-batch-size", "4", "--max-body-bytes", "65536") as srv:
+                     "--max-batch-size", "4", "--max-body-bytes", "65536",
+                     "--chat-template", str(template)) as srv:
         yield srv
 
 
@@ -46,7 +50,9 @@ def test_fuzzed_requests_never_get_5xx(fuzz_server):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /generate", "POST /generate_stream", "POST /", "POST /classify",
-        "POST /v1/completions", "GET /health", "GET /info"}
+        "POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",
+        "POST /tokenize", "POST /detokenize", "GET /tokenizer_info", "GET /health",
+        "GET /info"}
     for op in operations:
         for mode in EXAMPLES:
             if mode is GenerationMode.NEGATIVE and op.method.upper() == "GET":

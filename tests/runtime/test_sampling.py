@@ -29,10 +29,25 @@ def test_greedy_and_top_k1_agree_and_logprobs_are_raw():
     ps = [SamplingParams(), SamplingParams(do_sample=True, top_k=1, seed=1),
           SamplingParams(do_sample=True, top_k=1, temperature=0.1, seed=2)]
     gens = [None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
-    toks, lps = sample_batch(logits, ps, [[], [], []], gens)
+    toks, lps, tops = sample_batch(logits, ps, [[], [], []], gens)
     assert toks == logits.argmax(-1).tolist()
     want = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None]).squeeze(1)
     torch.testing.assert_close(torch.tensor(lps), want)
+    assert tops == [(), (), ()]  # none asked for
+
+
+def test_top_alternatives_per_row_are_the_raw_best_first():
+    logits = torch.randn(3, 11, generator=torch.Generator().manual_seed(1))
+    ps = [SamplingParams(logprobs=3), SamplingParams(),
+          SamplingParams(do_sample=True, temperature=0.2, top_k=2, logprobs=5, seed=3)]
+    gens = [None, None, torch.Generator().manual_seed(3)]
+    _, _, tops = sample_batch(logits, ps, [[], [], []], gens)
+    raw = torch.log_softmax(logits, -1)
+    assert [len(t) for t in tops] == [3, 0, 5]
+    for b in (0, 2):  # raw distribution, whatever temperature / top-k the sampler used
+        order = raw[b].argsort(descending=True).tolist()
+        assert [i for i, _ in tops[b]] == order[:len(tops[b])]
+        assert [v for _, v in tops[b]] == pytest.approx(raw[b, order[:len(tops[b])]].tolist())
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +130,8 @@ def test_find_stop_only_in_new_text():
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(do_sample=True, temperature=0.0), "temperature"),
     (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p"), (dict(repetition_penalty=0.0), "repetition"),
     (dict(seed=-1), "seed"), (dict(stop="x"), "stop"), (dict(routing="nope"), "routing"),
-    (dict(queue_timeout_s=0), "queue_timeout_s")])
+    (dict(queue_timeout_s=0), "queue_timeout_s"), (dict(logprobs=21), "logprobs"),
+    (dict(prompt_logprobs=-1), "prompt_logprobs"), (dict(max_new_tokens=-1), "max_new_tokens")])
 def test_bad_params_are_rejected(kw, msg):
     with pytest.raises(InputValidationError, match=msg):
         SamplingParams(**kw).validate()

@@ -41,6 +41,7 @@ def test_explicit_seed_is_kept():
 
 @pytest.mark.parametrize("kw,needle", [
     ({"best_of": 2}, "best_of"), ({"watermark": True}, "watermark"),
+    ({"frequency_penalty": 0.5}, "frequency_penalty"),
     ({"typical_p": 0.5}, "typical_p"), ({"grammar": {"type": "regex"}}, "grammar"),
     ({"stop": ["a", "b", "c"]}, "at most 2"), ({"stop": [""]}, "non-empty"),
 ])
@@ -50,26 +51,42 @@ def test_unsupported_or_too_many_is_422(kw, needle):
     assert err.value.status == 422 and needle in err.value.message
 
 
+CLIENT_PAYLOAD = {"inputs": "hi", "stream": False, "parameters": {
+    # What `text_generation.Client.generate` sends (Request.dict()), every field it knows.
+    "best_of": None, "details": True, "decoder_input_details": False, "do_sample": False,
+    "max_new_tokens": 5, "repetition_penalty": None, "frequency_penalty": None,
+    "return_full_text": False, "seed": None, "stop": [], "temperature": None, "top_k": None,
+    "top_p": None, "truncate": None, "typical_p": None, "watermark": False,
+    "top_n_tokens": None, "grammar": None, "adapter_id": None}}
+
+
 def test_text_generation_client_payload_parses():
-    # What `text_generation.Client.generate` sends (Request.dict()), unknown keys included.
-    payload = {"inputs": "hi", "stream": False, "parameters": {
-        "best_of": None, "details": True, "decoder_input_details": False, "do_sample": False,
-        "max_new_tokens": 5, "repetition_penalty": None, "frequency_penalty": None,
-        "return_full_text": False, "seed": None, "stop": [], "temperature": None, "top_k": None,
-        "top_p": None, "truncate": None, "typical_p": None, "watermark": False,
-        "top_n_tokens": None, "grammar": None, "adapter_id": None, "something_new": 1}}
-    req = CompatGenerateRequest.model_validate(payload)
+    req = CompatGenerateRequest.model_validate(CLIENT_PAYLOAD)
     params, _ = to_sampling(req.parameters, max_stop_sequences=4, queue_timeout_s=1.0)
     assert params.max_new_tokens == 5 and not params.do_sample
 
 
-def test_openai_temperature_zero_is_greedy_even_with_top_p():
-    from server.protocol import CompletionRequest
-    from server.routes.completions import to_parameters
+def test_unknown_parameter_is_refused_unless_lenient():
+    from pydantic import ValidationError
 
-    body = CompletionRequest(prompt="hi", temperature=0, top_p=0.9)
-    params, seed = to_sampling(to_parameters(body), max_stop_sequences=2, queue_timeout_s=5.0)
-    assert params.do_sample is False and params.top_p is None and seed is None
-    sampled, _ = to_sampling(to_parameters(CompletionRequest(prompt="hi", top_p=0.9)),
-                             max_stop_sequences=2, queue_timeout_s=5.0)
-    assert sampled.do_sample and sampled.top_p == 0.9
+    from server.protocol import LENIENT_FIELDS
+    payload = {**CLIENT_PAYLOAD, "parameters": {**CLIENT_PAYLOAD["parameters"],
+                                                "max_new_token": 9}}
+    with pytest.raises(ValidationError) as err:
+        CompatGenerateRequest.model_validate(payload)
+    (e,) = err.value.errors()
+    assert e["type"] == "unknown_field" and e["loc"] == ("parameters",)
+    assert e["ctx"]["hints"] == {"max_new_token": "max_new_tokens"}
+    token = LENIENT_FIELDS.set(True)
+    try:
+        req = CompatGenerateRequest.model_validate(payload)
+    finally:
+        LENIENT_FIELDS.reset(token)
+    assert req.parameters.max_new_tokens == 5 and not req.parameters.model_extra
+
+
+def test_top_n_tokens_and_decoder_input_details_reach_the_engine():
+    params, _ = convert(top_n_tokens=3, decoder_input_details=True)
+    assert params.logprobs == 3 and params.prompt_logprobs == 0
+    params, _ = convert()
+    assert params.logprobs == 0 and params.prompt_logprobs is None

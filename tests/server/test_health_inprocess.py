@@ -89,3 +89,9 @@ def test_no_model_serves_the_demo_checkpoints(tiny_lm_dir, tiny_classifier_dir, 
         assert set(info["models"]) == {"causal-lm", "classifier"}
         assert info["model_id"] == LM_NAME and info["model_pipeline_tag"] == "text-generation"
         assert client.post("/classify", json={"inputs": "a dog"}).status_code == 200
+        # the demo LM gets a chat template, so chat works out of the box
+        chat = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert chat.status_code == 200, chat.text
+        from camex_runtime.training.chat_template import DEMO_CHAT_TEMPLATE
+        assert client.get("/tokenizer_info").json()["chat_template"] == DEMO_CHAT_TEMPLATE

@@ -1,0 +1,238 @@
+"""Wire schemas of the OpenAI-compatible routes, in the shapes vLLM's server uses:
+`/v1/completions`, `/v1/chat/completions`, `/v1/models`, and vLLM's `/tokenize`,
+`/detokenize` (`/tokenizer_info` answers a free-form dict). Errors on these routes have
+OpenAI's shape, `OpenAIErrorResponse`.
+
+Request schemas derive from `server.protocol.RequestSchema` (unknown fields are a 422 naming
+them); fields OpenAI or vLLM define that this server does not implement are listed in
+`unsupported` and refused by name. Knows nothing about the engine: `server.openai_runs` converts.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional, Union
+
+from pydantic import BeforeValidator, Field
+
+from server.protocol import MAX_SEED, RequestSchema, Text, TextOrTexts, _encodable, _Schema
+
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's cap for /v1/completions `logprobs`
+MAX_TOP_LOGPROBS = 20  # OpenAI's cap for chat `top_logprobs`
+
+
+def _prompt(value: Any) -> Any:
+    """One readable message for the four prompt shapes instead of pydantic's union report."""
+    def ids(v: Any) -> bool:
+        return isinstance(v, list) and len(v) > 0 and \
+            all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+    if isinstance(value, str):
+        return _encodable(value)
+    if isinstance(value, list) and value:
+        if all(isinstance(p, str) for p in value):
+            return [_encodable(p) for p in value]
+        if ids(value) or all(ids(p) for p in value):
+            return value
+    raise ValueError("`prompt` must be a string, a list of strings, a list of token ids or a "
+                     "list of token-id lists, none of them empty")
+
+
+Prompt = Annotated[Union[str, list[str], list[int], list[list[int]]], BeforeValidator(_prompt)]
+
+
+class StreamOptions(RequestSchema):
+    include_usage: bool = Field(False, description="a last chunk with `usage` and no choices")
+    continuous_usage_stats: bool = Field(False, description="`usage` on every chunk (vLLM)")
+
+
+class _Sampling(RequestSchema):
+    """What completions and chat share (OpenAI names, vLLM's extensions marked)."""
+    model: Optional[Text] = Field(None, description="must name the served model when given")
+    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0: greedy; default 1")
+    top_p: Optional[float] = Field(None, ge=1e-6, le=1.0)
+    n: int = Field(1, ge=1, le=16, description="choices per prompt, each its own seed stream")
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    stop: Optional[TextOrTexts] = Field(None, description="up to --max-stop-sequences strings")
+    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+    user: Optional[Text] = Field(None, description="accepted, unused")
+    # vLLM extensions
+    top_k: Optional[int] = Field(None, ge=1, description="vLLM extension (-1 is not accepted)")
+    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=100.0,
+                                                description="vLLM extension")
+    ignore_eos: bool = Field(False, description="keep generating past EOS (vLLM extension)")
+
+
+class CompletionRequest(_Sampling):
+    unsupported = frozenset({"suffix", "presence_penalty", "frequency_penalty", "logit_bias",
+                             "best_of", "min_tokens", "use_beam_search", "prompt_logprobs",
+                             "include_stop_str_in_output", "response_format"})
+    prompt: Prompt
+    max_tokens: Optional[int] = Field(16, ge=0, description="0 only with `echo` (score the prompt)")
+    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS,
+                                    description="logprob of each token plus this many best "
+                                                "alternatives; with `echo`, for the prompt too")
+    echo: bool = Field(False, description="prepend the prompt (and its logprobs)")
+
+
+class CompletionLogprobs(_Schema):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
+class CompletionChoice(_Schema):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]] = None
+
+
+class Usage(_Schema):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class Completion(_Schema):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Optional[Usage] = None
+
+
+# --- chat -----------------------------------------------------------------------------------
+
+class TextPart(RequestSchema):
+    type: Literal["text"]
+    text: Text
+
+
+class ChatMessage(RequestSchema):
+    unsupported = frozenset({"tool_calls", "tool_call_id", "function_call", "audio",
+                             "refusal"})
+    role: Literal["system", "developer", "user", "assistant"] = Field(
+        ..., description="tool and function messages are not supported (no tools)")
+    content: Union[Text, list[TextPart], None] = Field(
+        None, description="a string, or text parts (no images or audio)")
+    name: Optional[Text] = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class ChatCompletionRequest(_Sampling):
+    unsupported = frozenset({"tools", "tool_choice", "functions", "function_call",
+                             "parallel_tool_calls", "response_format", "logit_bias",
+                             "presence_penalty", "frequency_penalty", "audio", "modalities",
+                             "prediction", "reasoning_effort", "web_search_options", "store",
+                             "metadata", "service_tier", "best_of", "min_tokens",
+                             "use_beam_search", "chat_template", "chat_template_kwargs",
+                             "add_generation_prompt", "continue_final_message", "echo",
+                             "include_stop_str_in_output", "prompt_logprobs"})
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: Optional[int] = Field(None, ge=1, description="deprecated name of "
+                                      "max_completion_tokens")
+    max_completion_tokens: Optional[int] = Field(
+        None, ge=1, description="default: what the context has left after the prompt")
+    logprobs: bool = Field(False, description="logprob of each generated token")
+    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                        description="best alternatives per token (needs logprobs)")
+
+
+class TopLogprob(_Schema):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Schema):
+    content: Optional[list[TokenLogprob]]
+
+
+class AssistantMessage(_Schema):
+    role: Literal["assistant"] = "assistant"
+    content: Optional[str]
+
+
+class ChatChoice(_Schema):
+    index: int
+    message: AssistantMessage
+    logprobs: Optional[ChoiceLogprobs] = None
+    finish_reason: Optional[Literal["stop", "length"]]
+
+
+class ChatCompletion(_Schema):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+# --- models, tokenizer (vLLM) ---------------------------------------------------------------
+
+class ModelCard(_Schema):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+    max_model_len: Optional[int] = None
+
+
+class ModelList(_Schema):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeCompletionRequest(RequestSchema):
+    model: Optional[Text] = None
+    prompt: Text
+    add_special_tokens: bool = Field(True, description="add BOS etc. if the tokenizer does")
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(RequestSchema):
+    unsupported = frozenset({"tools", "chat_template", "chat_template_kwargs",
+                             "continue_final_message", "mm_processor_kwargs"})
+    model: Optional[Text] = None
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(_Schema):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: Optional[list[str]] = None
+
+
+class DetokenizeRequest(RequestSchema):
+    model: Optional[Text] = None
+    tokens: list[Annotated[int, Field(ge=0, le=2**63 - 1)]]
+
+
+class DetokenizeResponse(_Schema):
+    prompt: str
+
+
+class OpenAIError(_Schema):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class OpenAIErrorResponse(_Schema):
+    error: OpenAIError

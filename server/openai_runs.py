@@ -1,0 +1,238 @@
+"""Between the OpenAI-compatible routes and the engine: one request's choices (prompts x n),
+their sampling parameters, stop-string trimming, token strings, and merged streaming.
+
+OpenAI semantics that differ from TGI's live here: `temperature` 0 is greedy and the default
+1.0 samples; the returned text excludes the stop string; choice j of a seeded request samples
+with seed + j (vLLM's rule for `n` > 1), so choices differ yet the response is reproducible.
+Knows no response shapes (see `server.routes.completions` and `server.routes.chat`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Optional, Sequence
+
+from camex_runtime import SamplingParams
+from server import errors
+from server.generation import GenerationRun, submit, until_disconnect, wait_for_disconnect
+from server.middleware import log_fields
+from server.openai_protocol import Usage
+from server.protocol import MAX_SEED
+
+
+@dataclass
+class Choice:
+    """One generated choice: its run, the prompt it continues, its stop-string trimmer."""
+    index: int
+    prompt_index: int
+    prompt_text: Optional[str]  # as the client sent it; None for token ids (decoded on echo)
+    run: GenerationRun
+    hold: "StopHold"
+    events: Optional[AsyncIterator] = field(default=None, repr=False)
+
+    @property
+    def text(self) -> str:
+        """The final text, without the stop string that ended it (OpenAI)."""
+        res = self.run.result
+        return strip_stop(res.text, self.hold.stops) if res.finish_reason == "stop_sequence" \
+            else res.text
+
+
+def check_model(state, requested: Optional[str]) -> None:
+    """vLLM answers 404 for a model name it does not serve; so does this server."""
+    from server.routes.completions import info_model_id
+    served = info_model_id(state)
+    if requested is not None and requested != served:
+        raise errors.ApiError(404, "not_found", f"The model `{requested}` does not exist: this "
+                              f"server serves `{served}` (see GET /v1/models).", param="model",
+                              code="model_not_found")
+
+
+def stop_list(stop, limit: int) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > limit:
+        raise errors.validation(f"`stop` has {len(stops)} sequences; at most {limit} are allowed",
+                                param="stop")
+    if any(not s for s in stops):
+        raise errors.validation("`stop` sequences must be non-empty strings", param="stop")
+    return stops
+
+
+def sampling(body, state, *, max_tokens: int, stops: list[str], logprobs: int = 0,
+             prompt_logprobs: Optional[int] = None, seed: Optional[int]) -> SamplingParams:
+    """OpenAI request fields -> SamplingParams for one choice."""
+    temperature = 1.0 if body.temperature is None else body.temperature
+    greedy = temperature == 0.0
+    return SamplingParams(
+        max_new_tokens=max_tokens, do_sample=not greedy,
+        temperature=1.0 if greedy else max(temperature, 1e-3),
+        # greedy drops top_p/top_k as vLLM does; top_p 1.0 is no filter
+        top_k=None if greedy else body.top_k,
+        top_p=None if greedy or body.top_p in (None, 1.0) else body.top_p,
+        repetition_penalty=body.repetition_penalty, seed=None if greedy else seed,
+        stop=tuple(stops), ignore_eos=body.ignore_eos, logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs, queue_timeout_s=state.settings.queue_timeout_s)
+
+
+def choice_seeds(seed: Optional[int], n: int) -> list[Optional[int]]:
+    """vLLM's rule: choice j of a seeded request uses seed + j; unseeded choices draw their own."""
+    if seed is None:
+        return [secrets.randbelow(MAX_SEED) for _ in range(n)]
+    return [(seed + j) % (MAX_SEED + 1) for j in range(n)]
+
+
+async def start_choices(request, engine, prompts: Sequence, n: int, params_for) -> list[Choice]:
+    """Submit every prompt n times (`params_for(prompt_index, choice_j)` -> SamplingParams).
+    A refusal part-way cancels what was already queued, so nothing is left running."""
+    state = request.app.state.serving
+    limit = state.settings.max_client_batch_size
+    if len(prompts) * n > limit:
+        raise errors.validation(f"{len(prompts)} prompt(s) x n={n} = {len(prompts) * n} choices "
+                                f"exceed the maximum of {limit} per request", param="n")
+    choices: list[Choice] = []
+    try:
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                params = params_for(i, j)
+                handle = await submit(engine, prompt, params)
+                run = GenerationRun(handle, state.metrics, params.seed, log_fields(request))
+                choices.append(Choice(len(choices), i, prompt if isinstance(prompt, str) else None,
+                                      run, StopHold(params.stop)))
+    except BaseException:
+        for c in choices:
+            c.run.handle.cancel()
+        raise
+    return choices
+
+
+async def run_to_end(request, choices: list[Choice]) -> None:
+    """Non-streaming: wait for every choice (a disconnect or failure cancels them all)."""
+    try:
+        await until_disconnect(asyncio.gather(*(c.run.consume() for c in choices)),
+                               wait_for_disconnect(request.receive))
+    finally:
+        for c in choices:
+            if c.run.result is None:
+                c.run.handle.cancel()
+
+
+async def first_events(request, choices: list[Choice]) -> list:
+    """Streaming starts once every choice has its first event, so queue timeouts, overload and
+    validation errors are still status codes. Returns those events."""
+    for c in choices:
+        c.events = c.run.stream()
+    tasks = [asyncio.ensure_future(anext(c.events)) for c in choices]
+    try:
+        return await until_disconnect(asyncio.gather(*tasks), wait_for_disconnect(request.receive))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await close_all(choices)
+        raise
+
+
+async def merged(choices: list[Choice], firsts: list) -> AsyncIterator[tuple[Choice, object]]:
+    """(choice, event) as events arrive, every choice's first event first."""
+    for c, ev in zip(choices, firsts):
+        yield c, ev
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(c: Choice) -> None:
+        try:
+            async for ev in c.events:
+                await queue.put((c, ev, None))
+        except Exception as exc:  # an ApiError of a failed run: re-raised in the consumer
+            await queue.put((c, None, exc))
+            return
+        await queue.put((c, done, None))
+
+    live = [c for c, ev in zip(choices, firsts) if ev.finish_reason is None]
+    tasks = [asyncio.ensure_future(pump(c)) for c in live]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            c, ev, exc = await queue.get()
+            if exc is not None:
+                raise exc
+            if ev is done:
+                remaining -= 1
+                continue
+            yield c, ev
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def close_all(choices: list[Choice]) -> None:
+    """Close every choice's event stream (an unfinished one is cancelled, counted dropped)."""
+    for c in choices:
+        if c.events is not None:
+            await c.events.aclose()
+
+
+def strip_stop(text: str, stops: Sequence[str]) -> str:
+    """The engine's text ends with the stop string that ended it (TGI); OpenAI's excludes it."""
+    for s in sorted(stops, key=len, reverse=True):
+        if text.endswith(s):
+            return text[:-len(s)]
+    return text
+
+
+class StopHold:
+    """Streaming without the stop string: text that could still be the start of a stop string
+    is held back until the next piece shows it is not (vLLM does the same)."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = tuple(stops)
+        self.keep = max((len(s) for s in self.stops), default=1) - 1
+        self.held = ""
+
+    def push(self, piece: str, finish_reason: Optional[str]) -> str:
+        """The text that can be sent now, given one more piece."""
+        self.held += piece
+        if finish_reason is not None:
+            out = strip_stop(self.held, self.stops) if finish_reason == "stop_sequence" \
+                else self.held
+            self.held = ""
+            return out
+        cut = max(0, len(self.held) - self.keep)
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out
+
+
+def finish_reason(reason: Optional[str]) -> Optional[str]:
+    """Engine reasons -> OpenAI's: "length", else "stop" (EOS or a stop string)."""
+    return None if reason is None else ("length" if reason == "length" else "stop")
+
+
+def token_strings(tokenizer, ids: Sequence[int]) -> list[str]:
+    """Each token decoded on its own (as vLLM reports logprob tokens; special tokens kept)."""
+    return tokenizer.batch_decode([[i] for i in ids]) if ids else []
+
+
+def clamp(logprob: float) -> float:
+    """-inf is not JSON; OpenAI and vLLM report -9999.0."""
+    return max(logprob, -9999.0)
+
+
+def usage_of(choices: list[Choice]) -> Usage:
+    """Prompt tokens count once per prompt (not per choice), as vLLM."""
+    prompts = {c.prompt_index: c.run.prompt_tokens for c in choices}
+    prompt = sum(prompts.values())
+    completion = sum(len(c.run.events) for c in choices)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion,
+                 total_tokens=prompt + completion)
+
+
+def usage_now(c: Choice, body) -> Optional[Usage]:
+    """vLLM's `continuous_usage_stats`: every chunk carries its choice's usage so far."""
+    if not (body.stream_options and body.stream_options.continuous_usage_stats):
+        return None
+    done = len(c.run.events)
+    return Usage(prompt_tokens=c.run.prompt_tokens, completion_tokens=done,
+                 total_tokens=c.run.prompt_tokens + done)

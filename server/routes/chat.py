@@ -1,0 +1,136 @@
+"""OpenAI-compatible `POST /v1/chat/completions`, streamed or not (vLLM semantics).
+
+Messages are rendered with the model's chat template (`server.chat_template`), tokenized
+without extra special tokens (the template places them), and generated on the same engine path
+as `/v1/completions` (`server.openai_runs`). `logprobs` + `top_logprobs` report the generated
+tokens only (OpenAI's chat API has no prompt logprobs). Finish reasons are "stop" (EOS or a stop
+string, which the text excludes) and "length".
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Optional
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from server import errors
+from server.chat_template import render, require_template
+from server.openai_protocol import (AssistantMessage, ChatChoice, ChatCompletion,
+                                    ChatCompletionRequest, ChoiceLogprobs, TokenLogprob,
+                                    TopLogprob, Usage)
+from server.openai_runs import (Choice, check_model, choice_seeds, clamp, close_all,
+                                finish_reason, first_events, merged, run_to_end, sampling,
+                                start_choices, stop_list, token_strings, usage_now, usage_of)
+from server.routes.completions import OPENAI_ERRORS, model_name
+from server.routes.tgi import SSE_HEADERS
+
+router = APIRouter(prefix="/v1", tags=["OpenAI compatible"])
+
+
+async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
+    state = request.app.state.serving
+    engine = state.require("causal-lm")
+    check_model(state, body.model)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise errors.validation("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
+    stops = stop_list(body.stop, state.settings.max_stop_sequences)
+    template = require_template(engine, state.settings)
+    ids = await anyio.to_thread.run_sync(prompt_ids, engine, template, body)
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    if max_tokens is None:  # vLLM: whatever the context has left after the prompt
+        max_tokens = max(1, engine.info()["max_total_tokens"] - len(ids))
+    seeds = choice_seeds(body.seed, body.n)
+
+    def params_for(i: int, j: int):
+        return sampling(body, state, max_tokens=max_tokens, stops=stops,
+                        logprobs=(body.top_logprobs or 0) if body.logprobs else 0, seed=seeds[j])
+    return await start_choices(request, engine, [ids], body.n, params_for)
+
+
+def prompt_ids(engine, template: str, body: ChatCompletionRequest) -> list[int]:
+    text = render(engine, template, body.messages)
+    return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, responses={
+    200: {"content": {"application/json": {}, "text/event-stream": {}}}, **OPENAI_ERRORS})
+async def chat_completions(request: Request, body: ChatCompletionRequest):
+    """OpenAI chat completion, rendered with the model's chat template."""
+    choices = await start(request, body)
+    tokenizer = request.app.state.serving.lm.tokenizer
+    if body.stream:
+        firsts = await first_events(request, choices)
+        meta = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
+                "created": int(time.time()), "model": model_name(request)}
+        return StreamingResponse(chat_chunks(choices, firsts, body, tokenizer, meta),
+                                 media_type="text/event-stream", headers=SSE_HEADERS)
+    await run_to_end(request, choices)
+    out = await anyio.to_thread.run_sync(lambda: [choice_json(c, body, tokenizer)
+                                                  for c in choices])
+    completion = ChatCompletion(id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()),
+                                model=model_name(request), choices=out, usage=usage_of(choices))
+    return JSONResponse(completion.model_dump(exclude_none=True))
+
+
+def choice_json(c: Choice, body: ChatCompletionRequest, tokenizer) -> ChatChoice:
+    lp = logprobs_json(tokenizer, c.run.events, body.top_logprobs or 0) if body.logprobs \
+        else None
+    return ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=lp,
+                      finish_reason=finish_reason(c.run.result.finish_reason))
+
+
+def logprobs_json(tokenizer, events, n: int) -> ChoiceLogprobs:
+    """OpenAI chat logprobs: per token its string, logprob, UTF-8 bytes and n alternatives."""
+    strings = token_strings(tokenizer, [ev.token_id for ev in events])
+    alt_ids = [i for ev in events for i, _ in ev.top_logprobs[:n]]
+    alt_strings, k, content = token_strings(tokenizer, alt_ids), 0, []
+    for s, ev in zip(strings, events):
+        tops = []
+        for _, v in ev.top_logprobs[:n]:
+            tops.append(TopLogprob(token=alt_strings[k], logprob=clamp(v),
+                                   bytes=list(alt_strings[k].encode())))
+            k += 1
+        content.append(TokenLogprob(token=s, logprob=clamp(ev.logprob), bytes=list(s.encode()),
+                                    top_logprobs=tops))
+    return ChoiceLogprobs(content=content)
+
+
+async def chat_chunks(choices: list[Choice], firsts: list, body: ChatCompletionRequest,
+                      tokenizer, meta: dict):
+    """A role chunk per choice, a content chunk per token, the finish reason on the last one."""
+    try:
+        for c in choices:
+            yield chunk(meta, c.index, {"role": "assistant", "content": ""})
+        async for c, ev in merged(choices, firsts):
+            text = c.hold.push(ev.text, ev.finish_reason)
+            events = [ev] if ev.token_id >= 0 else []
+            lp = logprobs_json(tokenizer, events, body.top_logprobs or 0).model_dump() \
+                if body.logprobs else None
+            delta = {"content": text} if text or ev.finish_reason is None else {}
+            yield chunk(meta, c.index, delta, lp, finish_reason(ev.finish_reason),
+                        usage_now(c, body))
+        if body.stream_options and body.stream_options.include_usage:
+            yield "data: " + json.dumps({**meta, "choices": [],
+                                         "usage": usage_of(choices).model_dump()}) + "\n\n"
+        yield "data: [DONE]\n\n"
+    except errors.ApiError as err:  # failed after the 200 went out: an in-stream error
+        choices[0].run.metrics.record_failure(errors.FAILURE_REASON.get(err.error_type)
+                                              or "internal")
+        yield "data: " + json.dumps(err.body("openai")) + "\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        await close_all(choices)
+
+
+def chunk(meta: dict, index: int, delta: dict, logprobs: Optional[dict] = None,
+          reason: Optional[str] = None, usage: Optional[Usage] = None) -> str:
+    body = {**meta, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
+                                 "finish_reason": reason}]}
+    if usage is not None:
+        body["usage"] = usage.model_dump()
+    return "data: " + json.dumps(body) + "\n\n"

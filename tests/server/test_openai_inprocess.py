@@ -1,0 +1,243 @@
+"""The OpenAI-compatible and tokenizer routes against a real tiny engine, in-process.
+
+Each claim is checked against an independent source: prompt logprobs against the model's own
+full forward, token strings against the tokenizer, streamed text against the non-streamed
+answer, choice j of a seeded request against a single request with seed + j.
+"""
+
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from camex_runtime.checkpoint import load_folded
+from camex_runtime.engine.runner import build_model
+from server.app import create_app
+from server.settings import ServerSettings
+from tests.server.test_health_inprocess import wait_ready
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}" \
+           "{% if add_generation_prompt %}<assistant>{% endif %}"
+
+
+@pytest.fixture(scope="module")
+def template_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tpl") / "chat.jinja"
+    path.write_text(TEMPLATE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def client(tiny_lm_dir, template_file):
+    app = create_app(ServerSettings(model=str(tiny_lm_dir), model_id="tiny",
+                                    chat_template=str(template_file)))
+    with TestClient(app) as c:
+        wait_ready(c)
+        c.tokenizer = app.state.serving.lm.tokenizer
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_lm_dir):
+    return build_model(load_folded(tiny_lm_dir))
+
+
+def full_forward(model, ids):
+    T = model.config.segment_len
+    with torch.no_grad():
+        logits = model(torch.tensor([ids]), route1_len=min(len(ids), T)).logits[0]
+    return torch.log_softmax(logits.float(), -1)
+
+
+def complete(client, **body):
+    r = client.post("/v1/completions", json={"model": "tiny", **body})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def sse(client, path, body) -> list:
+    with client.stream("POST", path, json=body) as r:
+        assert r.status_code == 200
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]
+
+
+def test_echo_scoring_equals_the_full_forward(client, reference):
+    """lm-eval's loglikelihood request: echo, max_tokens 0, logprobs 1."""
+    prompt = "the quick brown fox jumps over"
+    out = complete(client, prompt=prompt, max_tokens=0, echo=True, logprobs=1, temperature=0)
+    (choice,) = out["choices"]
+    lp = choice["logprobs"]
+    ids = client.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    ref = full_forward(reference, ids)
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    assert lp["tokens"] == [client.tokenizer.decode([i]) for i in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    want = [ref[t - 1, ids[t]].item() for t in range(1, len(ids))]
+    assert lp["token_logprobs"][1:] == pytest.approx(want, abs=1e-4)
+    for t in range(1, len(ids)):  # the chosen token plus the single best alternative
+        top = lp["top_logprobs"][t]
+        assert 1 <= len(top) <= 2 and top[lp["tokens"][t]] == lp["token_logprobs"][t]
+        assert max(top.values()) == pytest.approx(ref[t - 1].max().item(), abs=1e-4)
+    assert lp["text_offset"] == [sum(len(s) for s in lp["tokens"][:i]) for i in range(len(ids))]
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
+                            "total_tokens": len(ids)}
+
+
+def test_token_id_prompts_and_echo_with_generation(client):
+    ids = client.tokenizer("hello world", add_special_tokens=False)["input_ids"]
+    one = complete(client, prompt=ids, max_tokens=3, temperature=0, echo=True, logprobs=2)
+    text = complete(client, prompt="hello world", max_tokens=3, temperature=0)["choices"][0]
+    (c,) = one["choices"]
+    assert c["text"] == client.tokenizer.decode(ids) + text["text"]
+    assert len(c["logprobs"]["tokens"]) == len(ids) + one["usage"]["completion_tokens"]
+    many = complete(client, prompt=[ids, ids[:2]], max_tokens=2, temperature=0)
+    assert [c["index"] for c in many["choices"]] == [0, 1]
+    assert many["usage"]["prompt_tokens"] == len(ids) + 2
+
+
+def test_n_choices_follow_seed_plus_j(client):
+    body = dict(prompt="curvature aware", max_tokens=6, temperature=1.0, ignore_eos=True)
+    out = complete(client, n=3, seed=40, **body)
+    texts = [c["text"] for c in out["choices"]]
+    assert [c["index"] for c in out["choices"]] == [0, 1, 2]
+    assert texts == [complete(client, seed=40 + j, **body)["choices"][0]["text"]
+                     for j in range(3)]
+    assert len(set(texts)) > 1
+    assert out["usage"]["completion_tokens"] == 18
+    assert out["usage"]["prompt_tokens"] == len(client.tokenizer("curvature aware")["input_ids"])
+
+
+def test_stop_string_is_excluded_and_streaming_matches(client):
+    base = complete(client, prompt="hello world", max_tokens=20, temperature=0, ignore_eos=True)
+    text = base["choices"][0]["text"]
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].strip()
+                and text[i:i + 2] not in text[:i + 1])
+    body = dict(prompt="hello world", max_tokens=20, temperature=0, ignore_eos=True, stop=[stop])
+    cut = complete(client, **body)["choices"][0]
+    assert cut["text"] == text[:text.index(stop)] and cut["finish_reason"] == "stop"
+    chunks = sse(client, "/v1/completions", {**body, "stream": True,
+                                             "stream_options": {"include_usage": True}})
+    assert "".join(ch["choices"][0]["text"] for ch in chunks[:-1]) == cut["text"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
+
+
+def test_streamed_echo_logprobs_equal_the_plain_answer(client):
+    body = dict(prompt=["the lazy dog", "hello"], n=2, max_tokens=4, temperature=0, echo=True,
+                logprobs=2, ignore_eos=True)
+    plain = complete(client, **body)["choices"]
+    chunks = sse(client, "/v1/completions", {"model": "tiny", **body, "stream": True})
+    for c in plain:
+        mine = [ch["choices"][0] for ch in chunks if ch["choices"][0]["index"] == c["index"]]
+        assert "".join(m["text"] for m in mine) == c["text"]
+        streamed = sum((m["logprobs"]["token_logprobs"] for m in mine), [])
+        assert streamed == pytest.approx(c["logprobs"]["token_logprobs"], abs=1e-6, nan_ok=True)
+        offsets = sum((m["logprobs"]["text_offset"] for m in mine), [])
+        assert offsets == c["logprobs"]["text_offset"]
+
+
+def test_null_max_tokens_means_what_the_context_has_left(client):
+    out = complete(client, prompt="hello", max_tokens=None, temperature=0, ignore_eos=True)
+    assert out["usage"]["total_tokens"] == 128 and out["choices"][0]["finish_reason"] == "length"
+
+
+def test_completion_refusals(client):
+    r = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 0})
+    assert r.status_code == 422 and "echo" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": "hi", "model": "gpt-4"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = client.post("/v1/completions", json={"prompt": [99999]})
+    assert r.status_code == 422 and "vocabulary" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": "hi", "n": 9, "max_tokens": 1,
+                                             "temperature": 0, "echo": False,
+                                             "stop": ["a", "b", "c", "d", "e"]})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "stop"
+
+
+def test_chat_renders_the_template_and_streams_the_same_text(client):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    body = {"model": "tiny", "messages": messages, "max_completion_tokens": 5, "temperature": 0,
+            "logprobs": True, "top_logprobs": 2}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    rendered = "<system>be brief\n<user>hello\n<assistant>"
+    assert out["usage"]["prompt_tokens"] == len(client.tokenizer(
+        rendered, add_special_tokens=False)["input_ids"])
+    (choice,) = out["choices"]
+    assert out["object"] == "chat.completion" and choice["message"]["role"] == "assistant"
+    content = choice["logprobs"]["content"]
+    assert len(content) == out["usage"]["completion_tokens"] <= 5
+    for entry in content:
+        assert len(entry["top_logprobs"]) == 2 and entry["bytes"] == list(entry["token"].encode())
+        assert entry["logprob"] == entry["top_logprobs"][0]["logprob"]  # greedy: the best
+    chunks = sse(client, "/v1/chat/completions", {**body, "stream": True,
+                                                  "stream_options": {"include_usage": True}})
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert all(ch["object"] == "chat.completion.chunk" for ch in chunks)
+    streamed = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks[:-1])
+    assert streamed == choice["message"]["content"]
+    assert chunks[-2]["choices"][0]["finish_reason"] == choice["finish_reason"]
+    assert chunks[-1]["usage"] == out["usage"]
+
+
+def test_chat_default_max_tokens_is_what_the_context_has_left(client):
+    body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0,
+            "ignore_eos": True}
+    out = client.post("/v1/chat/completions", json=body).json()
+    limit = client.get("/v1/models").json()["data"][0]["max_model_len"]
+    assert out["usage"]["total_tokens"] == limit and out["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_without_a_template_is_a_clear_400(tiny_lm_dir):
+    app = create_app(ServerSettings(model=str(tiny_lm_dir)))
+    with TestClient(app) as c:
+        wait_ready(c)
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
+        assert r.status_code == 400
+        err = r.json()["error"]
+        assert err["code"] == "chat_template_missing" and "--chat-template" in err["message"]
+        assert "chat_template" not in c.get("/tokenizer_info").json()
+
+
+def test_tgi_prefill_and_top_tokens_match_the_completions_logprobs(client):
+    r = client.post("/generate", json={"inputs": "the quick brown", "parameters": {
+        "max_new_tokens": 3, "decoder_input_details": True, "top_n_tokens": 2,
+        "details": True}})
+    d = r.json()["details"]
+    echo = complete(client, prompt="the quick brown", max_tokens=0, echo=True, logprobs=0)
+    lps = echo["choices"][0]["logprobs"]["token_logprobs"]
+    assert d["prefill"][0]["logprob"] is None and "logprob" in d["prefill"][0]
+    assert [p["logprob"] for p in d["prefill"]] == pytest.approx(lps, nan_ok=True)
+    assert [len(t) for t in d["top_tokens"]] == [2] * d["generated_tokens"]
+    for tok, top in zip(d["tokens"], d["top_tokens"]):
+        assert top[0]["id"] == tok["id"] and top[0]["logprob"] >= top[1]["logprob"]
+    with client.stream("POST", "/generate_stream", json={"inputs": "the quick brown",
+                       "parameters": {"max_new_tokens": 3, "top_n_tokens": 2}}) as s:
+        events = [json.loads(x[5:]) for x in s.iter_lines() if x.startswith("data:")]
+    assert [e["top_tokens"] for e in events] == d["top_tokens"]
+
+
+def test_tokenizer_routes_in_vllm_and_tgi_shapes(client):
+    tok = client.tokenizer
+    r = client.post("/tokenize", json={"prompt": "hello world", "add_special_tokens": False,
+                                       "return_token_strs": True}).json()
+    ids = tok("hello world", add_special_tokens=False)["input_ids"]
+    assert r["tokens"] == ids and r["count"] == len(ids) and r["max_model_len"] == 128
+    assert r["token_strs"] == [tok.decode([i]) for i in ids]
+    chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert chat.json()["tokens"] == tok("<user>hi\n<assistant>", add_special_tokens=False)[
+        "input_ids"]
+    assert client.post("/detokenize", json={"tokens": ids}).json() == {"prompt": "hello world"}
+    bad = client.post("/detokenize", json={"tokens": [10**6]})
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "tokens"
+    info = client.get("/tokenizer_info").json()
+    assert info["eos_token"] == tok.eos_token and info["chat_template"] == TEMPLATE
+    assert info["tokenizer_class"] == type(tok).__name__
+    tgi = client.post("/tokenize", json={"inputs": "hello world"}).json()
+    assert [t["id"] for t in tgi] == ids
+    assert ["hello world"[t["start"]:t["stop"]] for t in tgi] == [t["text"] for t in tgi]
+    assert "".join(t["text"] for t in tgi) == "hello world"

@@ -1,0 +1,152 @@
+"""Strict request validation and error shapes, in-process and without a model (validation
+happens before a route needs the engine, so these answers come from the HTTP layer alone).
+
+Misspelt fields are a 422 naming them and the closest valid field, on every route, in TGI's
+shape on TGI routes and OpenAI's on the OpenAI/vLLM ones; `--lenient-fields` drops unknown
+fields instead. Broken JSON and a missing content-type get sentences, not pydantic's texts.
+"""
+
+import json
+
+import pytest
+
+from tests.server.test_http_layer import call, settings
+
+
+def openai_error(r) -> dict:
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+@pytest.mark.parametrize("path,body,field,hint", [
+    ("/generate", {"inputs": "hi", "parameters": {"max_new_token": 3}},
+     "parameters.max_new_token", "parameters.max_new_tokens"),
+    ("/generate_stream", {"inputs": "hi", "parameters": {"temprature": 0.5}},
+     "parameters.temprature", "parameters.temperature"),
+    ("/", {"inputs": "hi", "streem": True}, "streem", "stream"),
+    ("/classify", {"inputs": "hi", "raw_score": True}, "raw_score", "raw_scores"),
+])
+def test_tgi_routes_name_the_unknown_field_in_tgi_shape(path, body, field, hint):
+    r = call(settings(), "POST", path, json=body)
+    assert r.status_code == 422
+    assert r.json() == {"error": f"Unrecognized request argument supplied: {field} "
+                                 f"(did you mean `{hint}`?)", "error_type": "validation"}
+
+
+@pytest.mark.parametrize("path,body,field,hint", [
+    ("/v1/completions", {"prompt": "hi", "max_token": 3}, "max_token", "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "temprature": 0.2}, "temprature", "temperature"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "contents": "hi"}]},
+     "messages.0.contents", "messages.0.content"),
+    ("/v1/completions", {"prompt": "hi", "stream": True,
+                         "stream_options": {"include_usag": True}},
+     "stream_options.include_usag", "stream_options.include_usage"),
+    ("/tokenize", {"prompt": "hi", "add_special_token": False}, "add_special_token",
+     "add_special_tokens"),
+    ("/detokenize", {"tokens": [1], "token": [2]}, "token", "tokens"),
+])
+def test_openai_routes_name_the_unknown_field_in_openai_shape(path, body, field, hint):
+    r = call(settings(), "POST", path, json=body)
+    assert r.status_code == 422
+    err = openai_error(r)
+    assert err["message"] == f"Unrecognized request argument supplied: {field} " \
+                             f"(did you mean `{hint}`?)"
+    assert err["param"] == field and err["type"] == "invalid_request_error"
+
+
+def test_a_field_with_no_close_match_is_named_without_a_guess():
+    r = call(settings(), "POST", "/v1/completions", json={"prompt": "hi", "zzz": 1})
+    assert openai_error(r)["message"] == "Unrecognized request argument supplied: zzz"
+
+
+def test_tgi_tokenize_body_gets_tgi_shaped_errors():
+    r = call(settings(), "POST", "/tokenize", json={"inputs": "hi", "parameter": {}})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
+    assert "parameter (did you mean `parameters`?)" in r.json()["error"]
+
+
+@pytest.mark.parametrize("body,names", [
+    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}],
+      "response_format": {"type": "json_object"}}, "response_format, tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 1}}, "logit_bias"),
+])
+def test_unsupported_openai_fields_are_refused_by_name(body, names):
+    r = call(settings(), "POST", "/v1/chat/completions", json=body)
+    assert r.status_code == 422
+    assert openai_error(r)["message"] == f"not supported by this server: {names}"
+
+
+def test_unsupported_fields_with_neutral_values_pass_validation():
+    # clients that send every field with its default are not refused for it (503: no model)
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": None, "logit_bias": {},
+            "presence_penalty": 0, "frequency_penalty": 0.0}
+    r = call(settings(), "POST", "/v1/chat/completions", json=body)
+    assert r.status_code == 503 and openai_error(r)["code"] == "unavailable"
+
+
+def test_lenient_fields_ignores_unknown_fields():
+    r = call(settings(lenient_fields=True), "POST", "/generate",
+             json={"inputs": "hi", "parameters": {"max_new_token": 3}, "extra": 1})
+    assert r.status_code == 503  # validated; then refused only because no model is loaded
+    r = call(settings(lenient_fields=True), "POST", "/v1/completions",
+             json={"prompt": "hi", "max_token": 3})
+    assert r.status_code == 503 and openai_error(r)["code"] == "unavailable"
+    # lenient is not lax about values or about fields it knows it cannot honour
+    r = call(settings(lenient_fields=True), "POST", "/v1/chat/completions",
+             json={"messages": [{"role": "user", "content": "hi"}], "tools": [{}]})
+    assert r.status_code == 422
+
+
+@pytest.mark.parametrize("path", ["/generate", "/v1/completions"])
+def test_invalid_json_says_line_and_column(path):
+    raw = b'{"inputs": "hi",\n  "parameters": {"max_new_tokens": 3,}}' if path == "/generate" \
+        else b'{"prompt": "hi",\n  "max_tokens": 3,}'
+    r = call(settings(), "POST", path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    message = r.json()["error"] if path == "/generate" else openai_error(r)["message"]
+    with pytest.raises(json.JSONDecodeError) as err:  # where Python's own parser points
+        json.loads(raw)
+    assert err.value.lineno == 2
+    assert message == f"invalid JSON at line 2, column {err.value.colno}: Expecting property " \
+                      "name enclosed in double quotes"
+
+
+@pytest.mark.parametrize("headers,got", [({}, "no Content-Type header"),
+                                         ({"content-type": "text/plain"}, "`text/plain`")])
+def test_missing_content_type_says_to_send_json(headers, got):
+    r = call(settings(), "POST", "/generate", content=b'{"inputs": "hi"}', headers=headers)
+    assert r.status_code == 422
+    assert r.json()["error"] == "the body was not read as JSON: send it with `Content-Type: " \
+                                f"application/json` (got {got})"
+
+
+def test_empty_body_and_non_object_json():
+    r = call(settings(), "POST", "/v1/completions", headers={"content-type": "application/json"})
+    assert "the request body is empty" in openai_error(r)["message"]
+    r = call(settings(), "POST", "/generate", json=["hi"])
+    assert r.json()["error"] == "the request body must be a JSON object, got an array"
+
+
+def test_openai_routes_answer_auth_and_not_found_in_openai_shape():
+    r = call(settings(api_key="k"), "POST", "/v1/chat/completions", json={"messages": []})
+    assert r.status_code == 401 and openai_error(r)["type"] == "authentication_error"
+    r = call(settings(), "GET", "/v1/nope")
+    assert r.status_code == 404 and openai_error(r)["code"] == "not_found"
+    r = call(settings(max_body_bytes=10), "POST", "/v1/completions", json={"prompt": "x" * 50})
+    assert r.status_code == 413 and "10 bytes" in openai_error(r)["message"]
+    # TGI routes keep TGI's shape for the same refusals
+    r = call(settings(api_key="k"), "POST", "/generate", json={"inputs": "hi"})
+    assert r.json()["error_type"] == "unauthorized"
+
+
+@pytest.mark.parametrize("body,needle", [
+    ({"prompt": []}, "`prompt` must be a string, a list of strings, a list of token ids"),
+    ({"prompt": [[1, 2], []]}, "none of them empty"),
+    ({"prompt": [1, "a"]}, "`prompt` must be"),
+    ({"prompt": "hi", "logprobs": 6}, "less than or equal to 5"),
+])
+def test_prompt_shapes_are_checked_with_one_clear_message(body, needle):
+    r = call(settings(), "POST", "/v1/completions", json=body)
+    assert r.status_code == 422 and needle in openai_error(r)["message"]
