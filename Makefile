@@ -46,6 +46,7 @@ test-fast: install
 	$(PY) -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
 
 lint: install
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/hadolint Dockerfile
 
 clean:
