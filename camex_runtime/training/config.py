@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .readers import ReadOptions
+
 TASKS = ("lm", "classify")
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -62,6 +64,12 @@ class TrainConfig:
     balance_labels: bool = False            # classify: downsample labels to the rarest one
     max_examples_per_label: int | None = None
     data_description: str | None = None     # provenance text; default: derived from `data`
+    # How files are read (data.ReadOptions): plain-text split into documents, chunk size, and
+    # the JSONL/JSON/CSV/TSV/hf field names of the text and the label.
+    text_split: str = "auto"
+    chunk_chars: int = 2000
+    text_field: str = "text"
+    label_field: str = "label"
     # Tokenizer: load `tokenizer` (a directory) or train a byte-level BPE of `vocab_size`.
     tokenizer: str | None = None
     vocab_size: int = 4096
@@ -117,6 +125,8 @@ class TrainConfig:
             raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.stop_after is not None and self.stop_after < 1:
             raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
+        # Raises DataError (a ValueError) naming the field.
+        ReadOptions(self.text_split, self.chunk_chars, self.text_field, self.label_field)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
