@@ -6,7 +6,7 @@ form* (``config.folded=True``, what export writes) holds ``E'_i`` and uses ``Δ_
 Everything else — attention, blocks, routing, the merge formula — is shared, and the serving
 engine reuses the same modules (``CamexAttention``, ``route_scores``, ``ExpertBank``).
 
-Routing (DESIGN §2): causal LM forwards use causal segment routing (``routing="segment"``:
+Routing (docs/DESIGN.md §2): causal LM forwards use causal segment routing (``routing="segment"``:
 segment k ≥ 2 is served by the expert merged from the mean FFN input of segment k−1, segment 1
 by the mean of its first ``route1_len`` tokens) or one decision from the prompt mean
 (``routing="prompt"``). The encoder routes once per sequence over its non-padding tokens.
@@ -42,7 +42,7 @@ class LinearBank:
     delta_weight: Tensor  # (E, out, in) Δ_i = mask_i ⊙ M_i(τ_i)  (folded: E'_i − E_m)
     delta_bias: Tensor    # (E, out)     biases merge without curvature
     # Training form only: M_i(τ_i) and τ_i before the mask, which the Dynamic-Merg base chain
-    # sums (DESIGN §1); None where no mask applies (then they equal the deltas).
+    # sums (docs/DESIGN.md §1.4); None where no mask applies (then they equal the deltas).
     unmasked_weight: Tensor | None = None
     unmasked_bias: Tensor | None = None
 
@@ -332,7 +332,7 @@ class CamexModel(CamexPreTrainedModel):
             bank = block.ffn.expert_bank(derived)
             banks[i] = bank
             if self.config.dynamic and not self.config.folded:
-                # E_m^{l+1} = E_m^l + α/E Σ_i M_i^l(τ_i^l): the unmasked deltas (DESIGN §1)
+                # E_m^{l+1} = E_m^l + α/E Σ_i M_i^l(τ_i^l), unmasked deltas (docs/DESIGN.md §1.4)
                 a = bank.alpha
                 derived = tuple(next_dynamic_base(base, deltas, a) for base, deltas in
                                 (*bank.fc1.chain_parts(), *bank.fc2.chain_parts()))
@@ -389,7 +389,7 @@ class CamexForCausalLM(CamexPreTrainedModel, GenerationMixin):
                 routing: str | None = None, route1_len: int | None = None, prompt_len: int | None = None,
                 **kwargs) -> CausalLMOutput:
         """Logits (B, L, V); loss is next-token cross-entropy on ``labels`` (shifted inside,
-        -100 ignored). Routing per DESIGN §2, default ``segment`` with a full first segment."""
+        -100 ignored). Routing: docs/DESIGN.md §2; default ``segment``, full first segment."""
         _check_lm_attention_mask(attention_mask)
         plan = RoutingRequest(mode=routing or "segment", route1_len=route1_len, prompt_len=prompt_len)
         hidden, scores = self.transformer(input_ids, causal=True, routing=plan)

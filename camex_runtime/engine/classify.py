@@ -1,5 +1,5 @@
 """Batched sequence classification on the runner's weights: padding-aware, one merge per
-sequence and MoE layer (DESIGN §2: the router sees the masked mean of the FFN inputs).
+sequence and MoE layer (docs/DESIGN.md §2: the router sees the masked mean of the FFN inputs).
 
 Right-pads the batch, runs the encoder blocks with the model's own bidirectional attention,
 applies each MoE layer with merged weights (merged in chunks, never cached: a classification

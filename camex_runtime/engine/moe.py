@@ -1,7 +1,7 @@
 """The two exact ways to apply a merged-expert FFN, on weights laid out for serving.
 
 `MoEWeights` stacks each linear as `[E_m; Δ_1..Δ_E]` once at load (the folded checkpoint's
-`E'_i − E_m`, DESIGN §3), so that
+`E'_i − E_m`, docs/DESIGN.md §3), so that
 - **merged**: `merge_into` writes `Ê = E_m + α Σ_i s_i Δ_i` into a preallocated pool entry with
   `merging.merge_experts(..., out=)` (one addmm per part, no allocation), and
   `apply_merged` applies it with two plain linears — the same cost as a dense FFN;
