@@ -38,6 +38,14 @@ def test_every_cited_design_section_exists():
     assert not missing, f"cited sections not in docs/DESIGN.md: {missing}"
 
 
+def test_design_citations_name_the_file():
+    """A bare section citation once meant a document outside the repository; name the file."""
+    pattern = re.compile(r"\bDESIGN" + r" §[\d.]+|where DESIGN" + r" is\b")  # split: no self-match
+    bare = [(str(p.relative_to(REPO)), m.group(0)) for p in tracked_text_files()
+            for m in pattern.finditer(p.read_text())]
+    assert not bare
+
+
 def test_nothing_points_outside_the_repository():
     outside = ("../" + "shared", "shared/" + "DESIGN")  # spelled apart so this file passes
     offenders = [str(p.relative_to(REPO)) for p in tracked_text_files()
