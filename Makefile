@@ -64,9 +64,12 @@ test: install system-deps
 test-fast: install
 	$(PY) -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
 
+# Both linters always run (a ruff finding does not hide a Dockerfile one); either fails the target.
 lint: install
-	$(VENV)/bin/ruff check .
-	$(VENV)/bin/hadolint Dockerfile
+	@status=0; \
+	$(VENV)/bin/ruff check . || status=1; \
+	$(VENV)/bin/hadolint Dockerfile || status=1; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) .pytest_cache
