@@ -1,25 +1,42 @@
 # Fresh-machine entry points (README top): `make serve` and `make test`.
-# Each creates .venv, installs the project (torch pinned to the CPU wheel) and the Debian
-# packages it needs (fortunes: demo training text; prometheus: monitoring tests).
+# Each creates .venv, installs the project with the CPU build of torch, and the Debian packages
+# it needs (fortunes: demo training text; prometheus: monitoring tests and `make monitor`).
 
 VENV ?= .venv
 # Evaluation and benchmark clients the end-to-end tests drive (lm-eval, GuideLLM): their own
 # venv, as their pins (datasets, click, ...) are theirs, with torch pinned to our CPU wheel.
 TOOLS_VENV ?= .venv-tools
-TOOLS := torch==2.13.0 'lm-eval[api]==0.4.13' guidellm==0.8.1
+TOOLS := 'lm-eval[api]==0.4.13' guidellm==0.8.1
 TOOLS_STAMP := $(TOOLS_VENV)/.installed-lm-eval-0.4.13-guidellm-0.8.1
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-APT_PACKAGES ?= fortunes prometheus
 PORT ?= 8080
+PROMETHEUS_PORT ?= 9090
 PYTEST_ARGS ?=
 
-.PHONY: install tools system-deps serve demo test test-fast lint bench clean
+# torch, pinned as in pyproject.toml. On Linux, PyPI's torch wheels are CUDA builds that pull
+# several GB of nvidia-* packages; the CPU build has the local version "+cpu" and lives on the
+# PyTorch CPU index. Asking for "+cpu" means no index can hand us a CUDA build: a wheel this
+# machine's pip already knows (a local mirror, --find-links) is used first, else the CPU index
+# is added. Elsewhere (macOS) PyPI's wheels are the CPU builds.
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+TORCH_SPEC := torch==$(TORCH_VERSION)$(if $(filter Linux,$(shell uname -s)),+cpu)
+
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+# apt-get install quietly; $(1) is the package list.
+APT_INSTALL = echo "installing Debian packages: $(1)" && $(SUDO) apt-get update -qq && \
+	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(1) >/dev/null
+
+.PHONY: install tools system-deps serve demo monitor test test-fast lint clean
 
 $(VENV)/.installed: pyproject.toml
+	@# Debian/Ubuntu ship `venv` without ensurepip unless python3-venv is installed.
+	@python3 -c 'import ensurepip, venv' 2>/dev/null || { $(call APT_INSTALL,python3-venv); }
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q '$(TORCH_SPEC)' 2>/dev/null || \
+		$(PIP) install -q '$(TORCH_SPEC)' --extra-index-url $(TORCH_INDEX_URL)
 	$(PIP) install -q -e '.[dev]'
 	# text-generation pins huggingface_hub<1 (transformers 5 needs >=1); its client code runs on
 	# either, so it goes in without its pins, next to the aiohttp/pydantic the dev extra brings.
@@ -27,8 +44,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(TOOLS_STAMP):
+	@python3 -c 'import ensurepip, venv' 2>/dev/null || { $(call APT_INSTALL,python3-venv); }
 	python3 -m venv $(TOOLS_VENV)
 	$(TOOLS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TOOLS_VENV)/bin/python -m pip install -q '$(TORCH_SPEC)' 2>/dev/null || \
+		$(TOOLS_VENV)/bin/python -m pip install -q '$(TORCH_SPEC)' --extra-index-url $(TORCH_INDEX_URL)
 	$(TOOLS_VENV)/bin/python -m pip install -q $(TOOLS)
 	touch $@
 
@@ -40,17 +60,19 @@ system-deps:
 	@missing=""; \
 	[ -d /usr/share/games/fortunes ] || missing="$$missing fortunes"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:$$missing"; \
-	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
-	fi
+	if [ -n "$$missing" ]; then $(call APT_INSTALL,$$missing); fi
 
+# The demo models live in $CAMEX_DEMO_DIR (default ~/.cache/camex-serve/demo); `make demo`
+# builds what is missing or was built by other code, `make demo FORCE=1` rebuilds both.
 demo: install system-deps
-	$(PY) -m camex_runtime.training.demo
+	$(PY) -m camex_runtime.training.demo $(if $(FORCE),--force)
 
 serve: install system-deps
 	$(VENV)/bin/camex-server --host 127.0.0.1 --port $(PORT)
+
+# Prometheus (Debian binary) with the shipped config and alerts, scraping `make serve`'s server.
+monitor: system-deps
+	deploy/prometheus/run-local.sh 127.0.0.1:$(PORT) 127.0.0.1:$(PROMETHEUS_PORT)
 
 test: install tools system-deps
 	$(PY) -m pytest -q $(PYTEST_ARGS)
@@ -58,8 +80,12 @@ test: install tools system-deps
 test-fast: install
 	$(PY) -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
 
+# Both linters always run (a ruff finding does not hide a Dockerfile one); either fails the target.
 lint: install
-	$(VENV)/bin/hadolint Dockerfile
+	@status=0; \
+	$(VENV)/bin/ruff check . || status=1; \
+	$(VENV)/bin/hadolint Dockerfile || status=1; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) $(TOOLS_VENV) .pytest_cache

@@ -26,7 +26,7 @@ from camex_runtime.engine.cost_model import best_time  # noqa: E402,F401  (re-ex
 
 RESULTS = ROOT / "benchmarks" / "results"
 
-# GPT-2 small with 1 base + 7 routed experts per FFN, T=256 (the benchmark shape).
+# GPT-2 small with 1 base + 7 routed experts per FFN, T=256 (docs/DESIGN.md §9).
 # max_position_embeddings is 2048 so 1024-token prompts plus generation fit.
 FULL = dict(vocab_size=50257, d_model=768, n_layer=12, n_head=12, d_ff=3072,
             max_position_embeddings=2048, num_experts=7, segment_len=256)

@@ -175,7 +175,7 @@ def step_bounds(cfg: dict, B: int, ctx: int, strategy: str, elem: int, peaks: di
 
 
 def summarize(rows: list[dict], hf_name: str) -> dict:
-    """The issue's targets as ratios (>= 1 is met unless stated)."""
+    """The performance targets of docs/DESIGN.md §4 as ratios (>= 1 is met unless stated)."""
     def tok(system, strategy, B):
         return next((r["tok_s"] for r in rows if r["system"] == system
                      and r["strategy"] == strategy and r["B"] == B), None)

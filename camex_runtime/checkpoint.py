@@ -1,4 +1,4 @@
-"""The folded checkpoint format (DESIGN §3): write, read and validate.
+"""The folded checkpoint format (docs/DESIGN.md §3): write, read and validate.
 
 A folded checkpoint directory holds ``config.json`` (``folded: true``, ``format_version``),
 ``model.safetensors``, tokenizer files (with the chat template, if any) and, when the model has

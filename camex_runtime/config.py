@@ -82,7 +82,7 @@ class CamexConfig(PretrainedConfig):
         ties_density: float = 1.0,
         # dare: drop probability during training (eval and folded form are the identity).
         dare_p: float = 0.1,
-        # Dynamic-Merg: only the first MoE layer owns a base; later bases are derived (DESIGN §1).
+        # Dynamic-Merg: only the first MoE layer owns a base; see docs/DESIGN.md §1.4.
         dynamic: bool = False,
         # Default inference routing mode: "segment" (training-consistent) or "prompt" (Lory).
         routing: str = "segment",
@@ -224,7 +224,7 @@ class CamexConfig(PretrainedConfig):
 
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # The benchmark shape of the issues: GPT-2 small with 1 base + 7 routed experts per FFN.
+    # The benchmark shape (docs/DESIGN.md §9): GPT-2 small, 1 base + 7 routed experts per FFN.
     "gpt2-small": dict(vocab_size=50257, d_model=768, n_layer=12, n_head=12, d_ff=3072,
                        max_position_embeddings=1024, num_experts=7, segment_len=256),
     # Unit-test size: runs in milliseconds on a CPU.

@@ -118,7 +118,7 @@ def dare_mask(shape: torch.Size, p: float, device, dtype, generator=None) -> Ten
 
 def merge_mask(method: str, tau: Tensor, *, training: bool, ties_density: float = 1.0,
                dare_p: float = 0.0) -> Tensor | None:
-    """The mask_i of DESIGN §1 for stacked τ (E, ...); None means all ones (no multiply)."""
+    """mask_i (docs/DESIGN.md §1.3) for stacked τ (E, ...); None means all ones (no multiply)."""
     if method == "domain_specific":
         return None
     if method == "ties":

@@ -197,7 +197,7 @@ class CamexForCausalLM(CamexPreTrainedModel, GenerationMixin):
                 routing: str | None = None, route1_len: int | None = None, prompt_len: int | None = None,
                 **kwargs) -> CausalLMOutput:
         """Logits (B, L, V); loss is next-token cross-entropy on ``labels`` (shifted inside,
-        -100 ignored). Routing per DESIGN §2, default ``segment`` with a full first segment."""
+        -100 ignored). Routing: docs/DESIGN.md §2; default ``segment``, full first segment."""
         _check_lm_attention_mask(attention_mask)
         plan = RoutingRequest(mode=routing or "segment", route1_len=route1_len, prompt_len=prompt_len)
         hidden, scores = self.transformer(input_ids, causal=True, routing=plan)

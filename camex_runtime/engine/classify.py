@@ -1,5 +1,5 @@
 """Batched sequence classification on the runner's weights: padding-aware, one merge per
-sequence and MoE layer (DESIGN §2: the router sees the masked mean of the FFN inputs).
+sequence and MoE layer (docs/DESIGN.md §2: the router sees the masked mean of the FFN inputs).
 
 Right-pads the batch and runs the model's own block loop (`CamexModel.run`) with its attention
 (bidirectional, or causal for classifiers upcycled from a decoder) under a padding mask; each

@@ -1,6 +1,6 @@
 """Per-sequence routing bookkeeping of the engine: modes, segment boundaries, cache keys.
 
-DESIGN §2/§4: in `segment` mode segment 1 is routed by the mean of its first
+docs/DESIGN.md §2/§4: in `segment` mode segment 1 is routed by the mean of its first
 `route1_len = min(prompt_len, T)` tokens, segment k >= 2 by the mean of segment k-1; in
 `prompt` mode one decision from the prompt mean serves everything. A merged-weight cache key
 must capture everything the scores depend on: the layer, the mode, the token ids that came

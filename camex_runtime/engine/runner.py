@@ -104,7 +104,7 @@ class ModelRunner:
         return self._cost
 
     def _take_expert_weights(self) -> list[MoEWeights]:
-        """Stack [E_m; Δ] per MoE layer once (DESIGN §3: deltas precomputed at load), dropping
+        """Stack [E_m; Δ] per MoE layer once (docs/DESIGN.md §3: Δ computed at load), dropping
         the model's own expert tensors layer by layer so the peak memory stays about one
         copy of the experts (the runner owns the model from here on)."""
         if not self.cfg.folded:

@@ -12,8 +12,8 @@ the step counter, and data-parallel ranks never see the same example in one step
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -54,8 +54,10 @@ class ClassificationSet:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def build_lm_blocks(examples: Sequence[TextExample], tokenizer, block_size: int) -> LMBlocks:
-    """Concatenate tokenized documents (eos after each) and cut into full blocks."""
+def build_lm_blocks(examples: Sequence[TextExample], tokenizer, block_size: int,
+                    what: str = "data") -> LMBlocks:
+    """Concatenate tokenized documents (eos after each) and cut into full blocks; `what` names
+    the set in the error when it is too short for one block."""
     eos = tokenizer.eos_token_id
     # The Rust backend directly: documents are longer than model_max_length on purpose (they are
     # cut into blocks below), and transformers would warn about every one of them.
@@ -67,7 +69,9 @@ def build_lm_blocks(examples: Sequence[TextExample], tokenizer, block_size: int)
         stream.append(eos)
     n = len(stream) // block_size
     if n == 0:
-        raise DataError(f"{len(stream)} tokens are not enough for one block of {block_size}")
+        raise DataError(f"{what}: {len(stream)} tokens are not enough for one block of "
+                        f"{block_size}; give more text, a larger --eval-fraction or a smaller "
+                        f"--block-size")
     blocks = torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
     return LMBlocks(blocks)
 
@@ -93,7 +97,8 @@ class BatchOrder:
     def __init__(self, num_examples: int, batch_size: int, seed: int, world_size: int = 1):
         if num_examples < 1:
             raise DataError("no training examples")
-        self.n, self.batch_size, self.seed, self.world_size = num_examples, batch_size, seed, world_size
+        self.n, self.batch_size = num_examples, batch_size
+        self.seed, self.world_size = seed, world_size
         self._perms: dict[int, list[int]] = {}
 
     def _perm(self, epoch: int) -> list[int]:

@@ -57,6 +57,9 @@ def upcycled_model(cfg: TrainConfig, data) -> torch.nn.Module:
 
     from camex_runtime.upcycle import dense_reference_error, upcycle_from_dense
 
+    from .random_dense import resolve_dense
+
+    dense = resolve_dense(cfg.from_dense)
     spec = asdict(cfg.model)
     knobs = {k: spec[k] for k in CAMEX_KNOBS}
     if spec["max_position_embeddings"]:
@@ -68,19 +71,19 @@ def upcycled_model(cfg: TrainConfig, data) -> torch.nn.Module:
         knobs.update(num_labels=len(names), id2label=dict(enumerate(names)),
                      label2id={n: i for i, n in enumerate(names)},
                      problem_type="single_label_classification")
-    model = upcycle_from_dense(cfg.from_dense, head=head, **knobs)
+    model = upcycle_from_dense(dense, head=head, **knobs)
     if model.config.vocab_size < len(data.tokenizer):
-        raise ValueError(f"the tokenizer has {len(data.tokenizer)} tokens but {cfg.from_dense} "
+        raise ValueError(f"the tokenizer has {len(data.tokenizer)} tokens but {dense} "
                          f"has a vocabulary of {model.config.vocab_size}")
     if model.config.max_position_embeddings < cfg.block_size:
         raise ValueError(f"block_size {cfg.block_size} exceeds the upcycled model's "
                          f"max_position_embeddings {model.config.max_position_embeddings}")
     if cfg.verify_upcycle and head == "lm" and not cfg.model.dynamic:
-        err = dense_reference_error(model, cfg.from_dense)
-        print(f"upcycled {cfg.from_dense}: max relative logit error against the dense model "
+        err = dense_reference_error(model, dense)
+        print(f"upcycled {dense}: max relative logit error against the dense model "
               f"{err:.2e}", file=sys.stderr)
         if err > 1e-5:
-            raise ValueError(f"the upcycled model deviates from {cfg.from_dense} (max relative "
+            raise ValueError(f"the upcycled model deviates from {dense} (max relative "
                              f"logit error {err:.2e} > 1e-05); refusing to train it")
     return model
 

@@ -11,6 +11,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from .readers import ReadOptions
+
 TASKS = ("lm", "classify")
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -68,6 +70,12 @@ class TrainConfig:
     balance_labels: bool = False            # classify: downsample labels to the rarest one
     max_examples_per_label: int | None = None
     data_description: str | None = None     # provenance text; default: derived from `data`
+    # How files are read (data.ReadOptions): plain-text split into documents, chunk size, and
+    # the JSONL/JSON/CSV/TSV/hf field names of the text and the label.
+    text_split: str = "auto"
+    chunk_chars: int = 2000
+    text_field: str = "text"
+    label_field: str = "label"
     # Tokenizer: load `tokenizer` (a directory) or train a byte-level BPE of `vocab_size`.
     tokenizer: str | None = None
     vocab_size: int = 4096
@@ -130,6 +138,8 @@ class TrainConfig:
             raise ValueError(f"stop_after must be >= 1, got {self.stop_after}")
         if self.from_dense and self.init_from:
             raise ValueError("from_dense and init_from both initialise the model; give one")
+        # Raises DataError (a ValueError) naming the field.
+        ReadOptions(self.text_split, self.chunk_chars, self.text_field, self.label_field)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

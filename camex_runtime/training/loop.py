@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -153,6 +154,9 @@ def _evaluate(model, data: PreparedData, cfg: TrainConfig, ctx: DistContext, log
     metrics = evaluate(model, data.eval_set, cfg.eval_batch_size or cfg.batch_size, ctx,
                        cfg.eval_batches, bf16=cfg.bf16)
     log.write("eval", step, **metrics)
+    if ctx.is_main:  # one line per evaluation on stderr, bar or not (stdout is the CLI's JSON)
+        line = f"step {step}/{cfg.steps}: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        (tqdm.write if cfg.progress else print)(line, file=sys.stderr)
     return metrics
 
 

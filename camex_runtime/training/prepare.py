@@ -11,7 +11,8 @@ from pathlib import Path
 
 from .batches import (ClassificationSet, LMBlocks, build_classification_set, build_lm_blocks)
 from .config import TrainConfig
-from .data import (TextExample, balance_labels, describe_sources, load_examples, split_examples)
+from .data import (ReadOptions, TextExample, balance_labels, describe_sources, load_examples,
+                   split_examples)
 from .distributed import DistContext
 from .tokenizer import load_tokenizer, train_bpe_tokenizer
 
@@ -31,8 +32,8 @@ def prepare_data(cfg: TrainConfig, ctx: DistContext, resuming: bool) -> Prepared
     tokenizer = _tokenizer(cfg, ctx, train_ex, resuming)
     description = cfg.data_description or describe_sources(cfg.data, train_ex + eval_ex)
     if cfg.task == "lm":
-        train_set = build_lm_blocks(train_ex, tokenizer, cfg.block_size)
-        eval_set = build_lm_blocks(eval_ex, tokenizer, cfg.block_size)
+        train_set = build_lm_blocks(train_ex, tokenizer, cfg.block_size, "training set")
+        eval_set = build_lm_blocks(eval_ex, tokenizer, cfg.block_size, "held-out set")
         counts = train_set.blocks.flatten().bincount(minlength=len(tokenizer)).tolist()
         return PreparedData(tokenizer, train_set, eval_set, None, description, counts)
     labels = sorted({e.label for e in train_ex})
@@ -43,12 +44,13 @@ def prepare_data(cfg: TrainConfig, ctx: DistContext, resuming: bool) -> Prepared
 
 
 def _examples(cfg: TrainConfig) -> tuple[list[TextExample], list[TextExample]]:
-    examples = load_examples(cfg.data, cfg.task)
+    opts = ReadOptions(cfg.text_split, cfg.chunk_chars, cfg.text_field, cfg.label_field)
+    examples = load_examples(cfg.data, cfg.task, opts)
     classify = cfg.task == "classify"
     if classify and (cfg.balance_labels or cfg.max_examples_per_label):
         examples = balance_labels(examples, cfg.seed, cfg.max_examples_per_label)
     if cfg.eval_data:
-        return examples, load_examples(cfg.eval_data, cfg.task)
+        return examples, load_examples(cfg.eval_data, cfg.task, opts)
     return split_examples(examples, cfg.eval_fraction, cfg.seed, stratify=classify)
 
 
@@ -59,7 +61,9 @@ def _tokenizer(cfg: TrainConfig, ctx: DistContext, train_ex: list[TextExample], 
     if cfg.tokenizer:
         return load_tokenizer(cfg.tokenizer)
     if cfg.from_dense:  # the dense model's own tokenizer (and chat template) travel with it
-        return load_tokenizer(cfg.from_dense)
+        from .random_dense import resolve_dense
+
+        return load_tokenizer(resolve_dense(cfg.from_dense))
     if ctx.is_main:
         tok = train_bpe_tokenizer((e.text for e in train_ex), cfg.vocab_size,
                                   model_max_length=cfg.block_size)

@@ -6,8 +6,9 @@
   demo does, and also seeds the classifier's body from the LM with `init_from`).
 - `tiny-lm`: seconds-long smoke run on the fortunes (CI, trying the CLI).
 - `llama-upcycle`: the bring-your-own-model path on a model made locally — a small random dense
-  Llama (GQA, SwiGLU; `random_dense.py`, built under `runs/tiny-llama-dense` on first use) is
-  upcycled to CAMEx and fine-tuned on the fortunes. Pass `--from-dense DIR` for your own model.
+  Llama (GQA, SwiGLU; `random_dense.py`, built under `runs/tiny-llama-dense` when training
+  starts) is upcycled to CAMEx and fine-tuned on the fortunes. Pass `--from-dense DIR` for your
+  own model.
 
 Each demo preset is sized to finish in under 5 minutes on 2 CPU cores; the measured numbers are
 in docs/training.md. Presets only build configs; the CLI applies user overrides on top.
@@ -58,16 +59,10 @@ def tiny_lm(**overrides) -> TrainConfig:
     return replace(cfg, **overrides)
 
 
-LLAMA_DENSE_DIR = "runs/tiny-llama-dense"
-
-
 def llama_upcycle(**overrides) -> TrainConfig:
-    from .random_dense import ensure_random_llama
-
-    dense = overrides.pop("from_dense", None) or str(ensure_random_llama(LLAMA_DENSE_DIR))
     files = [str(p) for p in fortune_files()]
     cfg = TrainConfig(
-        task="lm", data=files, eval_fraction=0.03, from_dense=dense,
+        task="lm", data=files, eval_fraction=0.03, from_dense="random-llama:runs/tiny-llama-dense",
         data_description=f"Debian fortunes, all {len(files)} non-offensive topic files",
         block_size=128, model=ModelSpec(num_experts=4, segment_len=32, curvature_rank=1),
         steps=200, batch_size=16, lr=2e-3, warmup=20, schedule="cosine",

@@ -5,8 +5,9 @@
 writes a transformers `LlamaForCausalLM` directory (config.json, model.safetensors,
 generation_config.json) with grouped-query attention, plus a byte-level BPE tokenizer trained on
 the Debian fortunes and a minimal chat template: the same files a downloaded Llama-family model
-has. The `llama-upcycle` preset builds one on first use. Random weights: it exists to exercise
-upcycle -> camex-train -> camex-export -> camex-server, not to generate good text.
+has. `camex-train --from-dense random-llama:DIR` (what the `llama-upcycle` preset does) builds
+one in DIR on first use. Random weights: it exists to exercise upcycle -> camex-train ->
+camex-export -> camex-server, not to generate good text.
 """
 
 from __future__ import annotations
@@ -20,6 +21,17 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|' + message['role'] + '|>\\n' + message['content'] "
     "+ eos_token + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}"
     "{% endif %}")
+
+
+RANDOM_PREFIX = "random-llama:"
+
+
+def resolve_dense(spec: str) -> Path:
+    """The dense model directory a `from_dense` value names: a directory, or
+    `random-llama:DIR` (built there first if it is not yet)."""
+    if spec.startswith(RANDOM_PREFIX):
+        return ensure_random_llama(spec[len(RANDOM_PREFIX):])
+    return Path(spec)
 
 
 def ensure_random_llama(path: str | Path, vocab_size: int = 2048, hidden: int = 128,

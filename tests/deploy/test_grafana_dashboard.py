@@ -15,7 +15,7 @@ from .interface_metrics import (COMMON_LABELS, DEPLOY, PROMETHEUS_SERIES, groupi
 
 GRAFANA = DEPLOY / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "camex-serve.json"
-# What the issue asks the dashboard to show; each must be answered by some panel title.
+# What an operator must see (docs/DESIGN.md §7); each must be answered by some panel title.
 TOPICS = ["request rate", "request latency", "time to first token", "inter-token latency",
           "running and waiting", "batch size", "tokens per second", "merge cache hit",
           "merge cache events", "merge cache memory", "router score", "errors by reason"]

@@ -64,7 +64,7 @@ def test_causality_after_first_segment(dynamic):
 
 def test_first_segment_routes_on_itself():
     """By design segment 1 is not causal inside itself: a later token of segment 1 moves
-    the routing of earlier ones (documented, DESIGN §2)."""
+    the routing of earlier ones (documented, docs/DESIGN.md §2)."""
     torch.manual_seed(0)
     m = spread(CamexForCausalLM(tiny())).eval()
     ids = torch.randint(0, 61, (1, 8))

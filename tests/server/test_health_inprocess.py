@@ -77,11 +77,12 @@ def test_heartbeat_age_decides_liveness():
 def test_no_model_serves_the_demo_checkpoints(tiny_lm_dir, tiny_classifier_dir, tmp_path):
     import shutil
 
-    from camex_runtime.training.demo import CLF_NAME, LM_NAME
+    from camex_runtime.training.demo import CLF_NAME, LM_NAME, write_stamp
 
-    # pre-built demo dir: ensure_demo_models finds both ready and trains nothing
+    # pre-built demo dir: ensure_demo_models finds both current and trains nothing
     shutil.copytree(tiny_lm_dir, tmp_path / LM_NAME)
     shutil.copytree(tiny_classifier_dir, tmp_path / CLF_NAME)
+    write_stamp(tmp_path, LM_NAME), write_stamp(tmp_path, CLF_NAME)  # as if this code built them
     app = create_app(ServerSettings(demo_dir=str(tmp_path)))
     with TestClient(app) as client:
         wait_ready(client)

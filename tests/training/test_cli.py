@@ -1,4 +1,5 @@
-"""`camex-train` end to end: flags -> training -> folded export the runtime accepts; input errors."""
+"""`camex-train` end to end: flags -> training -> a folded export the runtime accepts; the data
+shapes people have; help texts; input errors."""
 
 from __future__ import annotations
 
@@ -90,3 +91,58 @@ def test_preset_with_overrides_maps_every_flag():
     assert cfg.model.curvature_rank == 0 and cfg.model.dynamic is False
     assert cfg.model.n_layer == 4  # untouched preset value
     assert cfg.data and "fortunes" in cfg.data_description
+
+
+def test_every_flag_has_a_help_text_with_its_default():
+    parser = build_parser()
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) > 50
+    for action in flags:
+        assert action.help and "(default: " in action.help, action.option_strings
+    by_flag = {a.option_strings[0]: a.help for a in flags}
+    assert by_flag["--steps"].endswith("(default: 200)")        # read from TrainConfig
+    assert by_flag["--num-experts"].endswith("(default: 4)")    # read from ModelSpec
+    assert "(default: auto)" in by_flag["--text-split"]
+
+
+def test_one_plain_text_file_trains_and_no_progress_prints_each_eval(tmp_path, capsys):
+    """The first thing a user tries: `--data book.txt` (no `%`, no blank lines)."""
+    book = tmp_path / "book.txt"
+    book.write_text("".join(f"the red truck {i % 7} drove down the road past car {i % 5}.\n"
+                            for i in range(300)))
+    assert main(["--data", str(book), "--vocab-size", "300", "--steps", "3", "--eval-every",
+                 "1", "--chunk-chars", "400", "--out", str(tmp_path / "run"), *TINY_FLAGS]) == 0
+    out, err = capsys.readouterr()
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["steps"] == 3 and summary["metrics"]["perplexity"] > 1.0
+    evals = [line for line in err.splitlines() if line.startswith("step ")]
+    assert [line.split(":")[0] for line in evals] == ["step 1/3", "step 2/3", "step 3/3"]
+    assert all("perplexity" in line for line in evals)
+
+
+def test_csv_classifier_takes_labels_from_the_label_column(tmp_path, capsys):
+    from .conftest import TOPICS
+
+    data = tmp_path / "topics.csv"
+    rows = [f'"{text}",{topic}' for _ in range(6) for topic, docs in TOPICS.items()
+            for text in docs]
+    data.write_text("text,label\n" + "\n".join(rows) + "\n")
+    export = tmp_path / "clf"
+    run_cli(capsys, ["--task", "classify", "--data", str(data), "--vocab-size", "300",
+                     "--steps", "2", "--out", str(tmp_path / "run"), "--export", str(export),
+                     *TINY_FLAGS])
+    assert load_folded(export).config.id2label == {0: "fruit", 1: "vehicles"}
+
+
+def test_unusable_data_exits_2_and_lists_the_accepted_shapes(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("only one label here\nand another line\n")
+    with pytest.raises(SystemExit) as exc:
+        main(["--task", "classify", "--data", str(notes), "--out", str(tmp_path / "o"),
+              *TINY_FLAGS])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and err.count("\n") == 1
+    assert "two distinct labels" in err and "accepted:" in err and "CSV/TSV" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", str(notes), "--text-split", "sentences"])
+    assert exc.value.code == 2 and "invalid choice" in capsys.readouterr().err

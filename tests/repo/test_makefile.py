@@ -1,0 +1,109 @@
+"""`make install` on machines unlike this one, without touching the network or apt: `python3`,
+`apt-get`, `sudo` and `id` are stand-ins on PATH that log their arguments, and the venv's
+`python` is one too. What is checked is the Makefile's own logic: the CPU torch build, the
+CPU index as the fallback, and python3-venv installed only when `venv` cannot work."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+
+# The venv's python: logs every call; `pip install torch==...+cpu` fails unless the CPU index
+# is given when $LOCAL_TORCH is unset (a machine whose pip knows no CPU wheel).
+VENV_PYTHON = """#!/bin/sh
+echo "venv-python $*" >> "$STUB_LOG"
+case "$*" in
+  *"install -q torch=="*--extra-index-url*) ;;
+  *"install -q torch=="*) [ -n "$LOCAL_TORCH" ] || exit 1 ;;
+esac
+exit 0
+"""
+
+# python3: `-c 'import ensurepip, venv'` works only once apt installed python3-venv (or when
+# $HAS_VENV is set); `-m venv DIR` creates DIR/bin/python (the stand-in above).
+PYTHON3 = """#!/bin/sh
+echo "python3 $*" >> "$STUB_LOG"
+if [ "$1" = "-c" ]; then
+  [ -n "$HAS_VENV" ] || [ -e "$STUB_DIR/python3-venv-installed" ] || exit 1
+  exit 0
+fi
+if [ "$1" = "-m" ] && [ "$2" = "venv" ]; then
+  mkdir -p "$3/bin" && cp "$STUB_DIR/venv-python" "$3/bin/python" && chmod +x "$3/bin/python"
+  exit 0
+fi
+exit 1
+"""
+
+APT_GET = """#!/bin/sh
+echo "apt-get $*" >> "$STUB_LOG"
+case "$*" in *"install"*python3-venv*) touch "$STUB_DIR/python3-venv-installed";; esac
+exit 0
+"""
+
+
+def stub(path: Path, body: str) -> None:
+    path.write_text(textwrap.dedent(body))
+    path.chmod(0o755)
+
+
+def make_install(tmp_path: Path, **env: str) -> list[str]:
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    stub(stubs / "python3", PYTHON3)
+    stub(stubs / "venv-python", VENV_PYTHON)
+    stub(stubs / "apt-get", APT_GET)
+    stub(stubs / "sudo", '#!/bin/sh\necho "sudo $*" >> "$STUB_LOG"\nexec "$@"\n')
+    stub(stubs / "id", "#!/bin/sh\necho 1000\n")  # not root: apt-get goes through sudo
+    log = tmp_path / "calls.log"
+    log.touch()
+    run_env = {"PATH": f"{stubs}:/usr/bin:/bin", "STUB_LOG": str(log), "STUB_DIR": str(stubs),
+               "HOME": str(tmp_path), **env}
+    res = subprocess.run(["make", "-s", "install", f"VENV={tmp_path / 'venv'}"], cwd=REPO,
+                         env=run_env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert (tmp_path / "venv" / ".installed").exists()
+    return log.read_text().splitlines()
+
+
+def pinned_torch() -> str:
+    return re.search(r'"torch==([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
+
+
+def test_torch_is_the_cpu_build_from_the_cpu_index_when_pip_knows_no_other(tmp_path):
+    calls = make_install(tmp_path, HAS_VENV="1")
+    torch = [c for c in calls if "install -q torch==" in c]
+    spec = f"torch=={pinned_torch()}+cpu"      # the Makefile's version is pyproject.toml's pin
+    assert torch == [f"venv-python -m pip install -q {spec}",
+                     f"venv-python -m pip install -q {spec} --extra-index-url "
+                     f"https://download.pytorch.org/whl/cpu"]
+    later = calls.index(torch[-1])
+    assert any("install -q -e .[dev]" in c for c in calls[later:])  # after torch: pin satisfied
+    assert not any(c.startswith("apt-get") for c in calls)
+
+
+def test_a_cpu_wheel_pip_already_knows_is_used_without_the_index(tmp_path):
+    calls = make_install(tmp_path, HAS_VENV="1", LOCAL_TORCH="1")
+    torch = [c for c in calls if "install -q torch==" in c]
+    assert len(torch) == 1 and "--extra-index-url" not in torch[0]
+
+
+def test_python3_venv_is_installed_with_apt_when_venv_cannot_work(tmp_path):
+    calls = make_install(tmp_path, LOCAL_TORCH="1")
+    apt = [c for c in calls if c.startswith("apt-get")]
+    assert apt == ["apt-get update -qq", "apt-get install -y -qq python3-venv"]
+    assert "sudo apt-get install -y -qq python3-venv" in calls          # not root here
+    assert calls.index(apt[-1]) < calls.index(f"python3 -m venv {tmp_path / 'venv'}")
+
+
+def test_torch_version_in_the_makefile_matches_pyproject():
+    make = (REPO / "Makefile").read_text()
+    assert re.search(r"^TORCH_VERSION \?= (\S+)$", make, re.M).group(1) == pinned_torch()
