@@ -111,6 +111,9 @@ class CamexModel(CamexPreTrainedModel):
         self.wpe = nn.Embedding(config.max_position_embeddings, config.d_model) \
             if fam.learned_positions else None
         self.rotary = RotaryEmbedding(config) if config.uses_rope else None
+        # dtype of the activations when it differs from the weights' (set by the serving
+        # engine's mixed precision: 16-bit weights, fp32 activations); None: the weights'
+        self.activation_dtype: torch.dtype | None = None
         self.drop = nn.Dropout(config.dropout)
         self.h = nn.ModuleList(CamexBlock(config, i) for i in range(config.n_layer))
         self.ln_f = fam.norm(config.d_model, config.layer_norm_epsilon)
@@ -147,6 +150,8 @@ class CamexModel(CamexPreTrainedModel):
         first, last = layers if layers is not None else (0, len(self.h))
         if first == 0:
             x = self.wte(input_ids)
+            if self.activation_dtype is not None:
+                x = x.to(self.activation_dtype)
             if self.wpe is not None:
                 x = x + self.wpe(positions)
             x = self.drop(x)

@@ -56,15 +56,17 @@ class StrategyProfile:
     @classmethod
     @torch.inference_mode()
     def measure(cls, moe: MoEWeights, points: tuple[int, ...] = PROBE_TOKENS,
-                reps: int = 2) -> "StrategyProfile":
-        dev, dt = moe.w1.device, moe.w1.dtype
+                reps: int = 2, dtype: torch.dtype | None = None) -> "StrategyProfile":
+        """`dtype`: the activations' (default: the weights'), see engine/precision.py."""
+        dev, wt = moe.w1.device, moe.w1.dtype
+        dt = dtype or wt
         E, h, d = moe.num_experts, moe.w2.shape[2], moe.w2.shape[1]
         layout = {"gated": moe.w1.shape[1] == 2 * h, "bias": moe.b1 is not None}
         # Several merged FFNs, used in turn: in serving, a sequence's merged weights are not
         # in the CPU/GPU cache when its turn comes, so one hot buffer would flatter `merged`.
         entry = moe.ffn_params * moe.w1.element_size()
         k = max(1, min(8, -(-ROTATE_BYTES // entry)))
-        outs = [{part: torch.empty(shape, device=dev, dtype=dt)
+        outs = [{part: torch.empty(shape, device=dev, dtype=dt if part.endswith("_bias") else wt)
                  for part, shape in merged_ffn_shapes(d, h, **layout).items()} for _ in range(k)]
         s = torch.full((E,), 1.0 / E, device=dev)
         for out in outs:

@@ -24,7 +24,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from camex_runtime import kernels
 from camex_runtime.engine.cost_model import STRATEGIES
+from camex_runtime.engine.precision import choose as choose_precision
 from camex_runtime.engine.outputs import EngineStats, GenerationResult, PromptLogprob
 from camex_runtime.engine.output_processor import OutputProcessor, terminal_event
 from camex_runtime.engine.request import (ROUTING_MODES, GenerationRequest, RequestHandle,
@@ -83,9 +85,11 @@ class Engine:
             max_total_tokens=max_total,
             max_prefill_tokens=max_prefill_tokens or max(max_input, 4096),
             max_batched_tokens=max_batched_tokens))
+        param = next(model.parameters())
+        precision = choose_precision(param.device, param.dtype, kind == "causal-lm")
         self.runner = ModelRunner(model, num_slots=max_batch_size, max_len=max_total,
                                   merge_cache_bytes=merge_cache_bytes, strategy=strategy,
-                                  observer=observer, profile=profile)
+                                  observer=observer, profile=profile, precision=precision)
         self.config, self.tokenizer, self.kind, self.name = cfg, tokenizer, kind, name
         self.routing, self.observer = routing, observer
         # Generation stops on every EOS id the config, the generation config and the tokenizer
@@ -431,7 +435,9 @@ class Engine:
             "model": self.name, "kind": self.kind, "num_experts": cfg.num_experts,
             "moe_layers": list(self.runner.moe_layers), "segment_len": cfg.segment_len,
             "routing": self.routing, "strategy": self.runner.strategy,
-            "device": str(self.runner.device), "dtype": str(self.runner.dtype).replace("torch.", ""),
+            "device": str(self.runner.device),
+            "dtype": str(self.runner.precision.weights).replace("torch.", ""),
+            "precision": self.runner.precision.describe(), "kernels": kernels.status(),
             "max_batch_size": c.max_batch_size, "max_input_tokens": c.max_input_tokens,
             "max_total_tokens": c.max_total_tokens, "max_waiting": c.max_waiting,
             "max_batched_tokens": c.max_batched_tokens,

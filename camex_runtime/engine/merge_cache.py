@@ -54,22 +54,26 @@ def ffn_layout(config) -> dict[str, bool]:
     return {"gated": family == "llama", "bias": bool(getattr(config, "mlp_bias", True))}
 
 
-def entry_bytes(d_model: int, d_ff: int, dtype: torch.dtype, **layout: bool) -> int:
-    """Bytes of one pool entry: one merged FFN."""
-    elem = torch.empty((), dtype=dtype).element_size()
-    shapes = merged_ffn_shapes(d_model, d_ff, **layout)
-    return elem * sum(int(torch.Size(s).numel()) for s in shapes.values())
+def entry_bytes(d_model: int, d_ff: int, dtype: torch.dtype, bias_dtype: torch.dtype | None = None,
+                **layout: bool) -> int:
+    """Bytes of one pool entry: one merged FFN (biases in `bias_dtype`, default `dtype`)."""
+    def elem(part: str) -> int:
+        t = (bias_dtype or dtype) if part.endswith("_bias") else dtype
+        return torch.empty((), dtype=t).element_size()
+    return sum(int(torch.Size(s).numel()) * elem(p)
+               for p, s in merged_ffn_shapes(d_model, d_ff, **layout).items())
 
 
 class MergeCache:
     def __init__(self, d_model: int, d_ff: int, budget_bytes: int, device: torch.device,
-                 dtype: torch.dtype, **layout: bool):
+                 dtype: torch.dtype, bias_dtype: torch.dtype | None = None, **layout: bool):
         shapes = merged_ffn_shapes(d_model, d_ff, **layout)
-        self.entry_bytes = entry_bytes(d_model, d_ff, dtype, **layout)
+        self.entry_bytes = entry_bytes(d_model, d_ff, dtype, bias_dtype, **layout)
         self.budget_bytes = int(budget_bytes)
         self.num_slots = self.budget_bytes // self.entry_bytes
         # (slots, *shape) per part: merge_experts writes into pool[part][slot] with out=.
-        self.pool = {p: torch.empty((self.num_slots, *s), device=device, dtype=dtype)
+        self.pool = {p: torch.empty((self.num_slots, *s), device=device,
+                                    dtype=(bias_dtype or dtype) if p.endswith("_bias") else dtype)
                      for p, s in shapes.items()}
         self._entries: dict[Hashable, _Entry] = {}
         self._lru: OrderedDict[Hashable, None] = OrderedDict()  # unreferenced, oldest first

@@ -3,7 +3,7 @@
 `MoEWeights` stacks each linear as `[E_m; Δ_1..Δ_E]` once at load (the folded checkpoint's
 `E'_i − E_m`, docs/DESIGN.md §3), so that
 - **merged**: `merge_into` writes `Ê = E_m + α Σ_i s_i Δ_i` into a preallocated pool entry with
-  `merging.merge_experts(..., out=)` (one addmm per part, no allocation), and
+  `kernels.merge` (one pass over the stack per part, no allocation), and
   `apply_merged` applies it with two plain linears — the same cost as a dense FFN;
 - **mixture**: `apply_mixture` runs the inputs through all E+1 experts at once (fc1: one GEMM
   against the stacked weight; fc2: one bmm over the score-scaled activations) and never
@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
+from camex_runtime import kernels
 from camex_runtime.experts import ExpertBank, LinearBank, route_scores
 from camex_runtime.layers import FFNKind
-from camex_runtime.merging import merge_experts
 
 
 @dataclass
@@ -95,19 +94,28 @@ class MoEWeights:
 
     def merge_into(self, scores: Tensor, out: dict[str, Tensor]) -> None:
         """Write the merged FFN for one routing decision, scores (E,), into pool views `out`
-        (merge_cache.merged_ffn_shapes: fc1_weight (k*h, d), fc2_weight (d, h), biases)."""
-        s = scores.reshape(1, -1)  # (1, E)
-        a = self.alpha
+        (merge_cache.merged_ffn_shapes: fc1_weight (k*h, d), fc2_weight (d, h), biases):
+        Ê = E_m + α Σ_i s_i Δ_i, one pass over the stack (kernels.merge)."""
+        E = self.num_experts
+        coeffs = (self.alpha * scores.reshape(E)).float()
         for part, stack in (("fc1_weight", self.w1), ("fc1_bias", self.b1),
                             ("fc2_weight", self.w2), ("fc2_bias", self.b2)):
             if stack is not None:
-                merge_experts(stack[0], stack[1:], s, a, out=out[part].unsqueeze(0))
+                kernels.merge(stack[0].reshape(-1), stack[1:].reshape(E, -1),
+                              coeffs.to(stack.device), out[part].view(-1))
+
+    def to_compute(self, dtype: torch.dtype) -> "MoEWeights":
+        """Mixed precision (engine/precision.py): biases and router in the compute dtype,
+        the weight stacks kept in theirs."""
+        conv = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return MoEWeights(self.router.to(dtype), self.w1, conv(self.b1), self.w2, conv(self.b2),
+                          self.alpha, self.kind)
 
 
 def apply_merged(x: Tensor, w: dict[str, Tensor], kind: FFNKind) -> Tensor:
     """x (n, d) through one merged FFN (pool views) -> (n, d)."""
-    hid = kind.hidden([F.linear(x, w["fc1_weight"], w.get("fc1_bias"))])  # (n, h)
-    return F.linear(hid, w["fc2_weight"], w.get("fc2_bias"))  # (n, d)
+    hid = kind.hidden([kernels.linear(x, w["fc1_weight"], w.get("fc1_bias"))])  # (n, h)
+    return kernels.linear(hid, w["fc2_weight"], w.get("fc2_bias"))  # (n, d)
 
 
 def mixture_coefficients(scores: Tensor, alpha: float, dtype: torch.dtype) -> Tensor:
@@ -125,9 +133,12 @@ def apply_mixture(x: Tensor, moe: MoEWeights, scores: Tensor) -> Tensor:
     c = mixture_coefficients(scores, moe.alpha, x.dtype)  # (n, E+1)
     b1 = None if moe.b1 is None else moe.b1.view(E1 * kh)
     # fc1: (n, d) @ ((E+1)·kh, d)^T -> (n, E+1, kh); then the score-weighted sum over experts
-    y = F.linear(x, moe.w1.view(E1 * kh, d), b1).view(n, E1, kh)
+    y = kernels.linear(x, moe.w1.view(E1 * kh, d), b1).view(n, E1, kh)
     hid = moe.kind.hidden([torch.bmm(c.unsqueeze(1), y).squeeze(1)])  # (n, 1, E+1) @ (n, E+1, kh)
     # fc2: per expert e, (c_e · hid) @ w2[e]^T summed over e: (E+1, n, h) @ (E+1, h, d)
     scaled = c.t().unsqueeze(2) * hid.unsqueeze(0)  # (E+1, n, h)
-    out = torch.bmm(scaled, moe.w2.transpose(1, 2)).sum(0)  # (n, d)
+    if moe.w2.dtype == x.dtype and n > kernels.MAX_ROWS:
+        out = torch.bmm(scaled, moe.w2.transpose(1, 2)).sum(0)  # (n, d)
+    else:  # decode rows, or 16-bit weights under fp32 activations: one streaming pass each
+        out = sum(kernels.linear(scaled[e], moe.w2[e]) for e in range(E1))
     return out if moe.b2 is None else out + c @ moe.b2  # (n, E+1) @ (E+1, d)

@@ -27,6 +27,7 @@ from camex_runtime.engine.cost_model import CostModel, StrategyProfile
 from camex_runtime.engine.kv_cache import KVCache
 from camex_runtime.engine.merge_cache import MergeCache, entry_bytes, ffn_layout
 from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
+from camex_runtime.engine.precision import Precision, prepare
 from camex_runtime.engine.routing_state import FALLBACK, NO_MERGE, SlotRouting, routing_digest
 from camex_runtime.memory import release_freed_memory
 
@@ -60,28 +61,33 @@ def default_merge_cache_bytes(cfg, num_slots: int, moe_layers: int, dtype: torch
 class ModelRunner:
     def __init__(self, model, *, num_slots: int, max_len: int,
                  merge_cache_bytes: Optional[int], strategy: str = "auto", observer=None,
-                 profile: Optional[StrategyProfile] = None):
+                 profile: Optional[StrategyProfile] = None, precision: Optional[Precision] = None):
         self.model = model.eval()
         self.cfg = model.config
         tr = model.transformer
         self.tr = tr
         p = next(model.parameters())
-        self.device, self.dtype = p.device, p.dtype
+        self.precision = precision or Precision(p.dtype, p.dtype)
+        # activations, KV cache and (biases of) merged weights; weights stay in precision.weights
+        self.device, self.dtype = p.device, self.precision.compute
         self.blocks = list(tr.h)
         self.moe_layers = [i for i, b in enumerate(self.blocks) if b.is_moe]
         self.moe_of = {layer: m for m, layer in enumerate(self.moe_layers)}
         self.moe = self._take_expert_weights()
+        prepare(model, self.precision)
         self.strategy = strategy
         self.observer = observer
         self.T = self.cfg.segment_len
         d, M = self.cfg.d_model, len(self.moe)
         E = max(1, self.cfg.num_experts)
         is_lm = hasattr(model, "lm_head")
+        weights = self.precision.weights
         if merge_cache_bytes is None:
-            merge_cache_bytes = default_merge_cache_bytes(self.cfg, num_slots, M, self.dtype)
+            merge_cache_bytes = default_merge_cache_bytes(self.cfg, num_slots, M, weights)
         # classification merges serve one sequence once and are never cached: no pool
         self.cache = MergeCache(d, self.cfg.d_ff, merge_cache_bytes if M and is_lm else 0,
-                                self.device, self.dtype, **ffn_layout(self.cfg))
+                                self.device, weights, bias_dtype=self.dtype,
+                                **ffn_layout(self.cfg))
         self.kv = None
         if is_lm:  # key/value heads only (grouped-query attention shares them)
             self.kv = KVCache(self.cfg.n_layer, num_slots, self.cfg.num_key_value_heads, max_len,
@@ -100,7 +106,8 @@ class ModelRunner:
         """Strategy timings of the real layer shapes on this device (see cost_model), measured
         the first time the `auto` strategy needs them."""
         if self._cost is None:
-            self._cost = CostModel(self._profile or StrategyProfile.measure(self.moe[0]))
+            self._cost = CostModel(self._profile or StrategyProfile.measure(self.moe[0],
+                                                                            dtype=self.dtype))
         return self._cost
 
     def _take_expert_weights(self) -> list[MoEWeights]:
@@ -114,7 +121,8 @@ class ModelRunner:
         with torch.no_grad():
             for layer in self.moe_layers:
                 ffn = self.blocks[layer].ffn
-                weights.append(MoEWeights.from_folded(ffn))
+                moe = MoEWeights.from_folded(ffn)
+                weights.append(moe.to_compute(self.dtype) if self.precision.mixed else moe)
                 ffn.experts, ffn.base = None, None
                 release_freed_memory()  # the old layout's pages, before the next layer's stack
         return weights

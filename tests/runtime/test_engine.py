@@ -184,10 +184,18 @@ def test_warmup_runs_every_path(path):
         e.stop()
 
 
-def test_bfloat16_engine_runs_and_agrees_roughly(path):
-    """dtype is honoured end to end (the GPU path differs only by device/dtype)."""
+@pytest.mark.parametrize("precision", ["chosen", "pure"])
+def test_bfloat16_engine_runs_and_agrees_roughly(path, precision, monkeypatch):
+    """dtype is honoured end to end: the weights are bf16; activations and the KV cache are
+    bf16 too where the device computes bf16 natively (CAMEX_PRECISION=pure forces it, as on a
+    GPU), else fp32 (engine/precision.py)."""
+    if precision == "pure":
+        monkeypatch.setenv("CAMEX_PRECISION", "pure")
     e = Engine.from_pretrained(path, dtype=torch.bfloat16, max_batch_size=2)
-    assert e.runner.kv.k.dtype == torch.bfloat16 and e.runner.dtype == torch.bfloat16
+    assert e.runner.precision.weights == torch.bfloat16
+    assert e.runner.kv.k.dtype == e.runner.dtype == e.runner.precision.compute
+    if precision == "pure":
+        assert e.runner.dtype == torch.bfloat16
     e.start()
     try:
         res = e.generate([1, 2, 3, 4, 5, 6], max_new_tokens=5, ignore_eos=True)

@@ -1,0 +1,120 @@
+"""Native CPU kernels for the decode step, chosen per CPU at start-up.
+
+- `linear(x, w, b)` computes `x @ w.T + b` like `F.linear`. For a few rows of fp32 activations
+  (decode steps: one row per running sequence) on an x86 CPU with AVX2, FMA and F16C it runs
+  `cpu_decode.cpp`, which streams each weight row from memory once for all rows, widens
+  fp16/bf16 weights in registers and splits the output rows over torch's intra-op threads;
+  everything else goes to `F.linear` (fp16/bf16 weights with fp32 activations are widened).
+- `merge(base, deltas, coeffs, out)` writes `base + coeffs @ deltas` (one merged expert) in one
+  pass over the weights, in their own dtype with fp32 accumulation; elsewhere `torch.addmm`.
+ The extension is compiled on first use with torch's C++-extension builder
+(a C++ compiler and ninja; cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)
+and loaded only on a CPU that has those instructions. Where it cannot be had, `linear` is
+plain `F.linear` and `status()` says why.
+
+`CAMEX_KERNELS` chooses: `auto` (default: native where available), `torch` (never native),
+`native` (fail loudly where unavailable). Knows nothing about models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+log = logging.getLogger("camex.kernels")
+MAX_ROWS = 32  # beyond this a blocked GEMM beats streaming the weights once per 8 rows
+REQUIRED_FLAGS = ("avx2", "fma", "f16c")
+_SOURCE = Path(__file__).with_name("cpu_decode.cpp")
+_lock = threading.Lock()
+_state: dict = {"module": None, "status": None}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _load():
+    """Compile (or reuse) and import the extension; (module or None, status text)."""
+    mode = os.environ.get("CAMEX_KERNELS", "auto")
+    if mode not in ("auto", "torch", "native"):
+        raise ValueError(f"CAMEX_KERNELS must be auto, torch or native, got {mode!r}")
+    if mode == "torch":
+        return None, "torch (CAMEX_KERNELS=torch)"
+    missing = [f for f in REQUIRED_FLAGS if f not in cpu_flags()]
+    reason = f"this CPU lacks {', '.join(missing)}" if missing else None
+    module = None
+    if reason is None:
+        try:
+            from torch.utils.cpp_extension import load
+
+            module = load("camex_cpu_decode", [str(_SOURCE)], verbose=False,
+                          extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"])
+        except Exception as e:  # no compiler, no ninja, a read-only cache: serve with torch
+            reason = f"the extension did not build ({type(e).__name__}: {str(e)[:200]})"
+    if module is None:
+        if mode == "native":
+            raise RuntimeError(f"CAMEX_KERNELS=native but {reason}")
+        return None, f"torch ({reason})"
+    return module, "native (AVX2/FMA/F16C weight-streaming linear and merge)"
+
+
+def native():
+    """The extension module, or None (loading it once, thread-safe)."""
+    if _state["status"] is None:
+        with _lock:
+            if _state["status"] is None:
+                _state["module"], _state["status"] = _load()
+                log.info("linear kernels: %s", _state["status"])
+    return _state["module"]
+
+
+def status() -> str:
+    """Which kernels serve linear layers, and why."""
+    native()
+    return _state["status"]
+
+
+def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
+    """`F.linear(x, w, b)`; fp32 activations with fp16/bf16 weights are allowed (computed in
+    fp32, as the native kernel does)."""
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if (0 < rows <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+            and w.stride(-1) == 1 and (b is None or b.dtype == torch.float32)):
+        mod = native()
+        if mod is not None:
+            x2 = x.reshape(rows, x.shape[-1])
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            return mod.linear(x2, w, b).view(*x.shape[:-1], w.shape[0])
+    if w.dtype != x.dtype:  # weight-only low precision: compute in the activations' dtype
+        w = w.to(x.dtype)
+        b = None if b is None else b.to(x.dtype)
+    return F.linear(x, w, b)
+
+
+def merge(base: Tensor, deltas: Tensor, coeffs: Tensor, out: Tensor) -> Tensor:
+    """out (n,) = base (n,) + coeffs (E,) @ deltas (E, n), written in place; returns out."""
+    if base.device.type == "cpu" and base.dtype == deltas.dtype == out.dtype and \
+            base.is_contiguous() and out.is_contiguous() and deltas.stride(-1) == 1:
+        mod = native()
+        if mod is not None:
+            mod.merge(base, deltas, coeffs, out)
+            return out
+    n, E = base.numel(), deltas.shape[0]
+    torch.addmm(base.view(1, n), coeffs.view(1, E).to(deltas.dtype), deltas.view(E, n),
+                out=out.view(1, n))
+    return out
