@@ -7,7 +7,8 @@ the model ran, the engine calls `finish(req)` for requests that ended, which fre
 at once so a waiting request can join in the next step.
 
 Chunked prefill (as vLLM and TGI do): while requests decode, one step's prompt work is bounded
-by a token budget (`max_batched_tokens` minus one per decoding row), so a long prompt arriving
+by a token budget (`max_batched_tokens` minus one per decoding row, but never less than half of
+it), so a long prompt arriving
 next to running streams is prefilled over several steps, interleaved with their decodes,
 instead of stalling them for its whole prefill. Prefills in progress are served first, FIFO; with
 others waiting, no single prompt takes more than half of the budget, so short prompts behind a
@@ -125,8 +126,10 @@ class Scheduler:
         if c.max_batched_tokens is None or not out.decode:
             self._admit_whole(out)
         else:
-            self._schedule_chunks(out, max(1, min(c.max_prefill_tokens,
-                                                  c.max_batched_tokens - len(out.decode))))
+            # decoding rows count against the budget, but prompts always keep half of it:
+            # a full batch must not starve the queue
+            budget = max(c.max_batched_tokens - len(out.decode), c.max_batched_tokens // 2)
+            self._schedule_chunks(out, min(c.max_prefill_tokens, budget))
         return out
 
     def _admit_whole(self, out: SchedulerOutput) -> None:

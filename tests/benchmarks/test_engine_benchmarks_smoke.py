@@ -96,3 +96,16 @@ def test_gpu_check_invariants_hold_on_cpu(tmp_path):
     fp32 = report["invariants"]["float32"]
     assert fp32 and all(r["ok"] and r["agreement"] == 1.0 for r in fp32)
     assert {r["check"] for r in fp32} >= {"merged==mixture", "batched==alone"}
+
+
+def test_chunked_prefill_benchmark(tmp_path):
+    """Streams decode, a long prompt and short ones arrive: every budget gets a row with
+    steady and during-prefill ITL, and chunking takes more than one step for the long prompt."""
+    out = tmp_path / "cp.json"
+    run("chunked_prefill.py", "--quick", "--threads", "1", "--streams", "3", "--steady-s", "1",
+        "--out", str(out))
+    rows = {r["max_batched_tokens"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"None", "8"}
+    assert rows["None"]["prefill_steps"] == 1 < rows["8"]["prefill_steps"]
+    for r in rows.values():
+        assert r["itl_p99_steady_ms"] > 0 and r["long_ttft_s"] > 0 and r["short_ttft_max_s"] > 0

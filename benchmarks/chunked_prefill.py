@@ -1,0 +1,121 @@
+"""Chunked prefill: what a long prompt arriving next to running streams does to them.
+
+Eight streams decode (greedy, long generations); once their inter-token latency (ITL) is steady,
+a 2,000-token prompt arrives, and right behind it a few short prompts. Reported per setting of
+`max_batched_tokens` (None = no chunking: the whole prompt in one step), from the engine's own
+token events (in process, the engine's step loop running as in the server):
+- the streams' ITL p50/p99 before the long prompt (steady) and while it is prefilled;
+- the ratio p99(during) / p99(steady) — target <= 2;
+- the long prompt's time to first token, and the short prompts' (target: bounded, not
+  waiting for the whole long prefill).
+
+    python benchmarks/chunked_prefill.py --quick
+    python benchmarks/chunked_prefill.py --budgets none,64,128 --threads 1
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+
+from common import base_parser, folded_model, print_table, setup, shape, write_results
+from camex_runtime import Engine, SamplingParams
+
+COLS = ["max_batched_tokens", "itl_p50_steady_ms", "itl_p99_steady_ms", "itl_p50_during_ms",
+        "itl_p99_during_ms", "p99_ratio", "long_ttft_s", "short_ttft_max_s", "prefill_steps"]
+
+
+def percentile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * (len(xs) - 1) + 0.5))] if xs else float("nan")
+
+
+def follow(handle, stamps: list[float]) -> threading.Thread:
+    """Record the arrival time of every token event of `handle` (a reader thread)."""
+    def run():
+        for _ in handle:
+            stamps.append(time.perf_counter())
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def measure(model_cfg: dict, device, dtype, budget, streams: int, long_len: int, shorts: int,
+            steady_s: float, vocab: int) -> dict:
+    model = folded_model(model_cfg, device, dtype)
+    engine = Engine(model, None, max_batch_size=streams + 1 + shorts, max_waiting=64,
+                    max_input_tokens=long_len, max_total_tokens=long_len + 64,
+                    max_batched_tokens=budget)
+    engine.start()
+    gen = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(0, vocab, (n,), generator=gen).tolist()  # noqa: E731
+    try:
+        engine.generate(ids(8), max_new_tokens=2)  # warm-up (cost model, first merges)
+        stamps = [[] for _ in range(streams)]
+        handles = [engine.submit(ids(16), SamplingParams(max_new_tokens=long_len + 47, ignore_eos=True))
+                   for _ in range(streams)]
+        readers = [follow(h, s) for h, s in zip(handles, stamps)]
+        time.sleep(steady_s)
+        t_long = time.perf_counter()
+        long_stamps: list[float] = []
+        long_h = engine.submit(ids(long_len), SamplingParams(max_new_tokens=4, ignore_eos=True))
+        readers.append(follow(long_h, long_stamps))
+        short_stamps = [[] for _ in range(shorts)]
+        short_hs = [engine.submit(ids(8), SamplingParams(max_new_tokens=4, ignore_eos=True))
+                    for _ in range(shorts)]
+        t_short = time.perf_counter()
+        readers += [follow(h, s) for h, s in zip(short_hs, short_stamps)]
+        steps0 = engine.steps
+        while not long_stamps:
+            time.sleep(0.005)
+        t_first = long_stamps[0]
+        prefill_steps = engine.steps - steps0
+        time.sleep(steady_s / 4)
+        for h in handles:
+            h.cancel()
+        for r in readers:
+            r.join(timeout=60)
+    finally:
+        engine.stop(grace_s=1.0)
+    steady, during = [], []
+    for s in stamps:
+        gaps = [(b, b - a) for a, b in zip(s, s[1:])]
+        steady += [g for t, g in gaps if t < t_long]
+        during += [g for t, g in gaps if t_long <= t <= t_first]
+    p99s, p99d = percentile(steady, 0.99), percentile(during, 0.99)
+    return dict(max_batched_tokens=str(budget), itl_p50_steady_ms=1e3 * percentile(steady, 0.5),
+                itl_p99_steady_ms=1e3 * p99s, itl_p50_during_ms=1e3 * percentile(during, 0.5),
+                itl_p99_during_ms=1e3 * p99d, p99_ratio=p99d / p99s,
+                long_ttft_s=t_first - t_long,
+                short_ttft_max_s=max((s[0] - t_short) for s in short_stamps if s),
+                prefill_steps=prefill_steps)
+
+
+def main() -> None:
+    p = base_parser(__doc__)
+    p.add_argument("--budgets", default=None, help="comma list; 'none' = no chunking "
+                   "(default none,64,128; quick: none,8)")
+    p.add_argument("--streams", type=int, default=8)
+    p.add_argument("--long", type=int, default=None, help="long prompt tokens (default 2000)")
+    p.add_argument("--shorts", type=int, default=3)
+    p.add_argument("--steady-s", type=float, default=None, help="default 8 (quick: 2)")
+    args = p.parse_args()
+    device, dtype = setup(args)
+    cfg = shape(args)
+    budgets = [None if b == "none" else int(b) for b in
+               (args.budgets or ("none,8" if args.quick else "none,64,128")).split(",")]
+    long_len = args.long or (200 if args.quick else 2000)
+    rows = []
+    for budget in budgets:
+        rows.append(measure(cfg, device, dtype, budget, args.streams, long_len, args.shorts,
+                            args.steady_s or (2.0 if args.quick else 8.0), cfg["vocab_size"]))
+        print_table(rows[-1:], COLS)
+    print()
+    print_table(rows, COLS)
+    write_results("chunked_prefill", args, rows, {"shape": cfg, "long_prompt": long_len,
+                                                  "streams": args.streams})
+
+
+if __name__ == "__main__":
+    main()
