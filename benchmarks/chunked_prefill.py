@@ -42,10 +42,11 @@ def follow(handle, stamps: list[float]) -> threading.Thread:
 
 
 def measure(model_cfg: dict, device, dtype, budget, streams: int, long_len: int, shorts: int,
-            steady_s: float, vocab: int) -> dict:
+            steady_tokens: int, vocab: int) -> dict:
     model = folded_model(model_cfg, device, dtype)
+    max_total = model_cfg["max_position_embeddings"]
     engine = Engine(model, None, max_batch_size=streams + 1 + shorts, max_waiting=64,
-                    max_input_tokens=long_len, max_total_tokens=long_len + 64,
+                    max_input_tokens=long_len, max_total_tokens=max_total,
                     max_batched_tokens=budget)
     engine.start()
     gen = torch.Generator().manual_seed(0)
@@ -53,10 +54,12 @@ def measure(model_cfg: dict, device, dtype, budget, streams: int, long_len: int,
     try:
         engine.generate(ids(8), max_new_tokens=2)  # warm-up (cost model, first merges)
         stamps = [[] for _ in range(streams)]
-        handles = [engine.submit(ids(16), SamplingParams(max_new_tokens=long_len + 47, ignore_eos=True))
+        handles = [engine.submit(ids(16), SamplingParams(max_new_tokens=max_total - 17,
+                                                         ignore_eos=True))
                    for _ in range(streams)]
         readers = [follow(h, s) for h, s in zip(handles, stamps)]
-        time.sleep(steady_s)
+        while min(len(s) for s in stamps) < steady_tokens:  # steady ITL before the long prompt
+            time.sleep(0.005)
         t_long = time.perf_counter()
         long_stamps: list[float] = []
         long_h = engine.submit(ids(long_len), SamplingParams(max_new_tokens=4, ignore_eos=True))
@@ -71,7 +74,9 @@ def measure(model_cfg: dict, device, dtype, budget, streams: int, long_len: int,
             time.sleep(0.005)
         t_first = long_stamps[0]
         prefill_steps = engine.steps - steps0
-        time.sleep(steady_s / 4)
+        if any(h.done for h in handles):
+            raise RuntimeError("a stream ended before the long prompt was in: use a model with "
+                               "more positions or fewer steady tokens")
         for h in handles:
             h.cancel()
         for r in readers:
@@ -99,7 +104,8 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--long", type=int, default=None, help="long prompt tokens (default 2000)")
     p.add_argument("--shorts", type=int, default=3)
-    p.add_argument("--steady-s", type=float, default=None, help="default 8 (quick: 2)")
+    p.add_argument("--steady-tokens", type=int, default=None,
+                   help="tokens per stream before the long prompt arrives (default 64; quick 16)")
     args = p.parse_args()
     device, dtype = setup(args)
     cfg = shape(args)
@@ -109,7 +115,7 @@ def main() -> None:
     rows = []
     for budget in budgets:
         rows.append(measure(cfg, device, dtype, budget, args.streams, long_len, args.shorts,
-                            args.steady_s or (2.0 if args.quick else 8.0), cfg["vocab_size"]))
+                            args.steady_tokens or (16 if args.quick else 64), cfg["vocab_size"]))
         print_table(rows[-1:], COLS)
     print()
     print_table(rows, COLS)

@@ -102,8 +102,7 @@ def test_chunked_prefill_benchmark(tmp_path):
     """Streams decode, a long prompt and short ones arrive: every budget gets a row with
     steady and during-prefill ITL, and chunking takes more than one step for the long prompt."""
     out = tmp_path / "cp.json"
-    run("chunked_prefill.py", "--quick", "--threads", "1", "--streams", "3", "--steady-s", "1",
-        "--out", str(out))
+    run("chunked_prefill.py", "--quick", "--threads", "1", "--streams", "3", "--out", str(out))
     rows = {r["max_batched_tokens"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"None", "8"}
     # one step (two if the submit landed mid-step) whole; dozens of 5-token chunks
