@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 from pathlib import Path
 from typing import Optional
@@ -61,6 +62,10 @@ def _load():
         try:
             from torch.utils.cpp_extension import load
 
+            # the builder runs `ninja` from PATH: the venv's (pip's ninja) when not activated
+            bindir = os.path.dirname(sys.executable)
+            if bindir not in os.environ.get("PATH", "").split(os.pathsep):
+                os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
             module = load("camex_cpu_decode", [str(_SOURCE)], verbose=False,
                           extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"])
         except Exception as e:  # no compiler, no ninja, a read-only cache: serve with torch
