@@ -34,6 +34,11 @@ from .layers import (AttentionContext, CamexAttention, DenseFFN, FullAttention, 
 from .merging import KroneckerCurvature
 
 
+def dropout(p: float) -> nn.Module:
+    """Dropout, or nothing at all when p = 0 (serving runs these modules every step)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class RoutingContext(Protocol):
     """How the merged-expert FFN of block `layer` is applied to its inputs h (B, L, d)."""
 
@@ -50,7 +55,7 @@ class CamexBlock(nn.Module):
         self.ln_1 = fam.norm(config.d_model, config.layer_norm_epsilon)
         self.attn = CamexAttention(config, layer)
         self.ln_2 = fam.norm(config.d_model, config.layer_norm_epsilon)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = dropout(config.dropout)
         is_moe = config.num_experts > 0 and layer in config.moe_layers
         if is_moe:
             # Dynamic-Merg: only the first MoE layer owns a base, unless export materialised all.
@@ -114,7 +119,7 @@ class CamexModel(CamexPreTrainedModel):
         # dtype of the activations when it differs from the weights' (set by the serving
         # engine's mixed precision: 16-bit weights, fp32 activations); None: the weights'
         self.activation_dtype: torch.dtype | None = None
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = dropout(config.dropout)
         self.h = nn.ModuleList(CamexBlock(config, i) for i in range(config.n_layer))
         self.ln_f = fam.norm(config.d_model, config.layer_norm_epsilon)
         self.post_init()

@@ -15,12 +15,12 @@ key/value heads only. Knows nothing about routing, requests or sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
 
-from camex_runtime.engine.kv_cache import KVCache
+from camex_runtime.engine.kv_cache import DecodeRows, KVCache
 from camex_runtime.layers import sdpa
 
 
@@ -48,14 +48,12 @@ class PrefillAttention:
 @dataclass
 class DecodeAttention:
     kv: KVCache
-    slots: Sequence[int]
-    slots_t: Tensor  # (B,) long, the same slots on the device
-    positions: Tensor  # (B,) long: where each row's new token goes
+    rows: DecodeRows  # the step's slots and positions in the cache
     length: int  # max(positions) + 1: the cache prefix to read
     mask: Optional[Tensor]  # (B, 1, 1, length) bool for ragged batches, else None
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q (B, H, 1, hd), k and v (B, KV, 1, hd) -> (B, H, 1, hd)."""
-        self.kv.write_decode(layer, self.slots_t, self.positions, k[:, :, 0], v[:, :, 0])
-        keys, values = self.kv.read(layer, self.slots, self.slots_t, self.length)
+        self.kv.write_decode(layer, self.rows, k[:, :, 0], v[:, :, 0])
+        keys, values = self.kv.read(layer, self.rows, self.length)
         return sdpa(q, keys, values, attn_mask=self.mask)

@@ -6,7 +6,8 @@ runner), which writes K/V for new positions and reads back a slot range for atte
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -32,20 +33,43 @@ class KVCache(nn.Module):
         self.k[layer, slot, :, start:start + n] = k
         self.v[layer, slot, :, start:start + n] = v
 
-    def write_decode(self, layer: int, slots: torch.Tensor, positions: torch.Tensor,
-                     k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v (B, H, hd): one new position per row; slots, positions (B,) long."""
-        self.k[layer][slots, :, positions] = k  # advanced dims first: (B, H, hd)
-        self.v[layer][slots, :, positions] = v
+    def write_decode(self, layer: int, rows: "DecodeRows", k: torch.Tensor,
+                     v: torch.Tensor) -> None:
+        """k, v (B, H, hd): one new position per row."""
+        if rows.range is not None and rows.position is not None:  # a plain strided copy
+            self.k[layer, rows.range, :, rows.position] = k
+            self.v[layer, rows.range, :, rows.position] = v
+            return
+        self.k[layer][rows.slots_t, :, rows.positions_t] = k  # advanced dims first: (B, H, hd)
+        self.v[layer][rows.slots_t, :, rows.positions_t] = v
 
-    def read(self, layer: int, slots: Sequence[int], slots_t: torch.Tensor,
+    def read(self, layer: int, rows: "DecodeRows",
              length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K, V (B, H, length, hd) for the given slots: a view when the slots are a
-        contiguous ascending range (the scheduler hands out the lowest free slot first, so
-        this is the common case), else a gathered copy."""
+        """K, V (B, H, length, hd) of the rows' slots: a view when the slots are a contiguous
+        ascending range (the scheduler hands out the lowest free slot first and decodes in slot
+        order, so this is the common case), else a gathered copy."""
+        if rows.range is not None:
+            return self.k[layer, rows.range, :, :length], self.v[layer, rows.range, :, :length]
+        return (self.k[layer, :, :, :length].index_select(0, rows.slots_t),
+                self.v[layer, :, :, :length].index_select(0, rows.slots_t))
+
+
+@dataclass(frozen=True)
+class DecodeRows:
+    """Where one decode step's rows live in the cache, worked out once per step (not per
+    layer): the slots as a slice when they are a contiguous ascending range, and the common
+    position when every row writes the same one (then writes are strided copies, not
+    scatters)."""
+    slots_t: torch.Tensor  # (B,) long
+    positions_t: torch.Tensor  # (B,) long
+    range: Optional[slice]
+    position: Optional[int]
+
+    @classmethod
+    def of(cls, slots: Sequence[int], positions: Sequence[int], slots_t: torch.Tensor,
+           positions_t: torch.Tensor) -> "DecodeRows":
         lo = slots[0]
-        if list(slots) == list(range(lo, lo + len(slots))):
-            return (self.k[layer, lo:lo + len(slots), :, :length],
-                    self.v[layer, lo:lo + len(slots), :, :length])
-        return (self.k[layer, :, :, :length].index_select(0, slots_t),
-                self.v[layer, :, :, :length].index_select(0, slots_t))
+        contiguous = list(slots) == list(range(lo, lo + len(slots)))
+        same = min(positions) == max(positions)
+        return cls(slots_t, positions_t, slice(lo, lo + len(slots)) if contiguous else None,
+                   positions[0] if same else None)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from camex_runtime.engine.attention import DecodeAttention, PrefillAttention
 from camex_runtime.engine.cost_model import CostModel, StrategyProfile
-from camex_runtime.engine.kv_cache import KVCache
+from camex_runtime.engine.kv_cache import DecodeRows, KVCache
 from camex_runtime.engine.merge_cache import MergeCache, entry_bytes, ffn_layout
 from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
 from camex_runtime.engine.precision import Precision, prepare
@@ -361,7 +361,7 @@ class ModelRunner:
         if min(pos) != max(pos):  # ragged batch: hide each row's unused cache positions
             mask = (torch.arange(Lmax, device=self.device) <= pos_t[:, None]).view(B, 1, 1, Lmax)
         ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
-        attn = DecodeAttention(self.kv, slots, slots_t, pos_t, Lmax, mask)
+        attn = DecodeAttention(self.kv, DecodeRows.of(slots, pos, slots_t, pos_t), Lmax, mask)
         moe = _DecodeRouting(self, sts, slots, slots_t, pos, turn, digests)
         hidden = self.tr.run(ids, pos_t.unsqueeze(1), attn, moe)  # (B, 1, d)
         for st in sts:

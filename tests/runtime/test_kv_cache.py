@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import torch
 
-from camex_runtime.engine.kv_cache import KVCache
+from camex_runtime.engine.kv_cache import DecodeRows, KVCache
+
+
+def rows(slots, positions) -> DecodeRows:
+    return DecodeRows.of(slots, positions, torch.tensor(slots), torch.tensor(positions))
 
 
 def make() -> KVCache:
@@ -21,17 +25,23 @@ def test_prefill_then_decode_writes_land_per_slot():
     kv = make()
     k = torch.randn(2, 5, 4)
     kv.write_prefill(1, slot=2, start=0, k=k, v=-k)
-    new = torch.randn(2, 2, 4)  # rows for slots 2 and 0 at positions 5 and 0
-    kv.write_decode(1, torch.tensor([2, 0]), torch.tensor([5, 0]), new, -new)
+    new = torch.randn(2, 2, 4)  # rows for slots 2 and 0 at positions 5 and 0: a scatter
+    kv.write_decode(1, rows([2, 0], [5, 0]), new, -new)
     assert torch.equal(kv.k[1, 2, :, :5], k) and torch.equal(kv.k[1, 2, :, 5], new[0])
     assert torch.equal(kv.v[1, 0, :, 0], -new[1])
     assert kv.k[0].abs().sum() == 0  # other layers untouched
+    same = torch.randn(2, 2, 4)  # slots 0 and 1 at position 6: a strided copy
+    r = rows([0, 1], [6, 6])
+    assert r.range == slice(0, 2) and r.position == 6
+    kv.write_decode(1, r, same, -same)
+    assert torch.equal(kv.k[1, 0, :, 6], same[0]) and torch.equal(kv.v[1, 1, :, 6], -same[1])
+    assert torch.equal(kv.v[1, 0, :, 0], -new[1])  # earlier writes kept
 
 
 def test_read_is_a_view_for_contiguous_slots_else_a_gather():
     kv = make()
     kv.k.normal_()
-    k, _ = kv.read(0, [1, 2], torch.tensor([1, 2]), 6)
+    k, _ = kv.read(0, rows([1, 2], [5, 3]), 6)
     assert k.shape == (2, 2, 6, 4) and k.data_ptr() == kv.k[0, 1].data_ptr()  # a view
-    g, _ = kv.read(0, [2, 0], torch.tensor([2, 0]), 6)
+    g, _ = kv.read(0, rows([2, 0], [5, 5]), 6)
     assert torch.equal(g[0], kv.k[0, 2, :, :6]) and torch.equal(g[1], kv.k[0, 0, :, :6])
