@@ -31,6 +31,7 @@ FAILURE_REASON = {
     "generation": "internal",
     "internal": "internal",
     "unavailable": None,
+    "shutdown": "shutdown",  # cut by the shutdown deadline (server.shutdown)
     "client_closed": None,  # counted as "dropped" where the generation is cancelled
     "not_found": None,
     "method_not_allowed": None,
@@ -111,7 +112,13 @@ def install_error_handlers(app: FastAPI, record_failure) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _request_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return respond(validation(format_validation_errors(list(exc.errors()))))
+        err = validation(format_validation_errors(list(exc.errors())))
+        if any(e.get("type") == "json_invalid" for e in exc.errors()):
+            # A body that is not JSON at all is 400, as the other unparsable bodies (FastAPI's
+            # "error parsing the body") and as TGI, OpenAI and vLLM answer it; 422 stays for
+            # well-formed JSON that breaks the schema.
+            err.status = 400
+        return respond(err)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

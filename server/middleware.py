@@ -1,14 +1,18 @@
-"""The ASGI layer every request passes: request id, API key, body size limit, metrics, access log.
+"""The ASGI layer every request passes: request id, Host check, API key, body size and time
+limits, metrics, access log, and the last word on requests cut at shutdown.
 
 A plain ASGI middleware (not Starlette's BaseHTTPMiddleware) so streaming responses and
 client-disconnect detection pass through untouched. The body is read here, at most
-`max_body_bytes` (413 beyond, before any JSON parsing), and replayed to the app; later
-`receive()` calls go to the server, so routes still see `http.disconnect`.
+`max_body_bytes` (413 beyond, before any JSON parsing) within `body_timeout_s` (408 beyond,
+connection closed), and replayed to the app; later `receive()` calls go to the server, so
+routes still see `http.disconnect`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 import logging
 import re
 import time
@@ -17,6 +21,7 @@ import uuid
 from starlette.datastructures import Headers, MutableHeaders
 
 from server.errors import ApiError, internal_error
+from server.security import HostPolicy
 
 log = logging.getLogger("camex.access")
 error_log = logging.getLogger("camex.server")
@@ -24,15 +29,22 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/op
                         "/docs/oauth2-redirect"})
 LOG_FIELDS = "log_fields"  # scope["state"] key: extra fields routes add to the access log
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# camex_failures_total reason of the errors answered here, before any route ran
+# (a body too slow, 408, is the client's mistake like one too large: "validation")
+FAILURE_OF_STATUS = {401: "unauthorized", 403: "unauthorized"}
 
 
 class ServingMiddleware:
-    def __init__(self, app, *, metrics, settings, known_paths: frozenset[str]) -> None:
+    def __init__(self, app, *, state, api_key: str | None, hosts: HostPolicy,
+                 known_paths: frozenset[str]) -> None:
         self.app = app
         self.known_paths = known_paths  # route label for requests rejected before routing
-        self.metrics = metrics
-        self.api_key = settings.api_key
-        self.max_body = settings.max_body_bytes
+        self.state = state  # ServingState: in-flight count, draining
+        self.metrics = state.metrics
+        self.api_key = api_key
+        self.hosts = hosts
+        self.max_body = state.settings.max_body_bytes
+        self.body_timeout_s = state.settings.body_timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -43,25 +55,36 @@ class ServingMiddleware:
         incoming = headers.get("x-request-id", "")
         request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        status = {"code": 500, "started": False}
+        status = {"code": 500, "started": False, "stream": False, "done": False}
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
                 MutableHeaders(scope=message)["x-request-id"] = request_id
+                status["stream"] = Headers(raw=message.get("headers", [])).get(
+                    "content-type", "").startswith("text/event-stream")
+            elif not message.get("more_body", False):
+                status["done"] = True
             await send(message)
 
+        self.state.http_in_flight += 1
         try:
-            error = self.check_auth(scope, headers)
+            error = self.check_host(headers) or self.check_auth(scope, headers)
             if error is None:
                 receive, error = await self.read_body(scope, headers, receive)
             if error is not None:
-                self.metrics.record_failure("unauthorized" if error.status == 401 else "validation")
+                self.metrics.record_failure(FAILURE_OF_STATUS.get(error.status, "validation"))
                 await error.response()(scope, receive, send_with_id)
             elif receive is not None:
                 await self.app(scope, receive, send_with_id)
             else:
                 status["code"] = 499  # client left while sending its body
+        except asyncio.CancelledError:
+            if not self.state.draining:
+                raise
+            # uvicorn's shutdown deadline passed with this request still running (work that
+            # ignores the engines' cut, e.g. a classify forward): answer it, no traceback.
+            await self.answer_cut(scope, status, send_with_id)
         except Exception:
             # Answered here, not by Starlette's outer ServerErrorMiddleware: that one would send
             # the 500 without the request id and re-raise, so the server logs it a second time.
@@ -72,7 +95,34 @@ class ServingMiddleware:
             self.metrics.record_failure("internal")
             await internal_error().response()(scope, receive, send_with_id)
         finally:
+            self.state.http_in_flight -= 1
             self.finish(scope, status["code"], time.monotonic() - start, request_id)
+
+    async def answer_cut(self, scope, status: dict, send) -> None:
+        from server.shutdown import cut_error
+
+        err = cut_error()
+        self.metrics.record_failure("shutdown")
+        error_log.warning("request cut at the shutdown deadline")
+        try:
+            if not status["started"]:
+                response = err.response()
+                response.headers["connection"] = "close"
+                await response(scope, None, send)
+            elif status["stream"] and not status["done"]:
+                event = "data: " + json.dumps(err.body()) + "\n\n"
+                await send({"type": "http.response.body", "body": event.encode(),
+                            "more_body": False})
+        except Exception:  # the connection is going away anyway
+            pass
+
+    def check_host(self, headers: Headers) -> ApiError | None:
+        host = headers.get("host", "")
+        if self.hosts.allows(host):
+            return None
+        return ApiError(403, "forbidden", f"Host {host[:100]!r} is not served here (DNS "
+                        "rebinding guard); use localhost/127.0.0.1, or start the server with "
+                        "--allowed-hosts")
 
     def check_auth(self, scope, headers: Headers) -> ApiError | None:
         if self.api_key is None or scope["path"] in OPEN_PATHS:
@@ -92,8 +142,15 @@ class ServingMiddleware:
         if declared and declared.isdigit() and int(declared) > self.max_body:
             return receive, too_large
         chunks, size, more = [], 0, scope["method"] in ("POST", "PUT", "PATCH")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return receive, ApiError(408, "request_timeout", "the request body did not "
+                                         f"arrive within {self.body_timeout_s:g}s",
+                                         {"Connection": "close"})
             if message["type"] == "http.disconnect":
                 return None, None
             chunks.append(message.get("body", b""))
