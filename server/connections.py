@@ -28,10 +28,17 @@ from typing import Callable, Optional
 
 log = logging.getLogger("camex.server")
 FD_RESERVE = 128  # descriptors kept for everything but client sockets: model files, logs, pipes
+# A refused connection is half-closed and drained for up to LINGER_S before it is closed:
+# closing a socket with unread request bytes sends a TCP reset, which can destroy the 503
+# before the client reads it. At most MAX_LINGERING at once, so a flood cannot use the
+# descriptors the cap protects; beyond that a refused connection is closed at once.
+LINGER_S = 1.0
+MAX_LINGERING = 64
 
 
 def _raw_response(status: str, message: str, error_type: str, retry_after: Optional[int]) -> bytes:
-    body = json.dumps({"error": message, "error_type": error_type}).encode()
+    body = json.dumps({"error": message, "error_type": error_type},
+                      separators=(",", ":")).encode()  # as the app's JSON responses
     head = [f"HTTP/1.1 {status}", "content-type: application/json",
             f"content-length: {len(body)}", "connection: close"]
     if retry_after is not None:
@@ -56,6 +63,7 @@ class ConnectionGuard:
         self.header_timeout_s = header_timeout_s
         self.on_close = on_close
         self.open = 0
+        self.lingering = 0  # refused connections being drained before close
         self._idle: "OrderedDict[object, None]" = OrderedDict()  # insertion = idle since
 
     def opened(self, conn) -> bool:
@@ -93,21 +101,44 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
             self.counted = False
             self._header_timer = None
             self._partial = False  # bytes of a not yet complete request arrived
+            self._refused = self._lingering = False
             if not guard.opened(self):
-                transport.write(BUSY_RESPONSE)
-                transport.close()
+                self._refuse(transport)
                 return
             self.counted = True
             self._arm_header_timer()
 
+        def _refuse(self, transport) -> None:
+            """503 and close; half-close and drain first when few others linger."""
+            self._refused = True
+            transport.write(BUSY_RESPONSE)
+            if guard.lingering >= MAX_LINGERING or not transport.can_write_eof():
+                transport.close()
+                return
+            guard.lingering += 1
+            self._lingering = True
+            transport.write_eof()
+            self._header_timer = self.loop.call_later(LINGER_S, transport.close)
+
         def connection_lost(self, exc) -> None:
             self._cancel_header_timer()
+            if self._lingering:
+                self._lingering = False
+                guard.lingering -= 1
             if self.counted:
                 self.counted = False
                 guard.closed(self)
             super().connection_lost(exc)
 
+        def eof_received(self):
+            if self._refused:  # the client read the 503 and closed its side: done
+                self.transport.close()
+                return False
+            return super().eof_received()
+
         def data_received(self, data: bytes) -> None:
+            if self._refused:
+                return  # draining a refused connection: the request is never parsed
             if self._header_timer is None and not self._in_flight():
                 self._arm_header_timer()  # keep-alive: the next request's first byte
             self._partial = True
