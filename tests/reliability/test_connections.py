@@ -12,7 +12,6 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import build_tiny
 from tests.server.live_server import live_server, value
 
 pytestmark = [pytest.mark.reliability, pytest.mark.e2e]
@@ -20,11 +19,8 @@ CAP = 16
 
 
 @pytest.fixture(scope="module")
-def guarded(tmp_path_factory):
-    # 2048 positions: a request with ignore_eos can hold its connection for seconds
-    lm = build_tiny(tmp_path_factory.mktemp("ckpt") / "long-lm", "lm",
-                    max_position_embeddings=2048)
-    with live_server(tmp_path_factory.mktemp("conn"), "--model", str(lm),
+def guarded(long_lm_dir, tmp_path_factory):
+    with live_server(tmp_path_factory.mktemp("conn"), "--model", str(long_lm_dir),
                      "--max-connections", str(CAP), "--header-timeout-s", "1",
                      "--body-timeout-s", "1") as srv:
         yield srv

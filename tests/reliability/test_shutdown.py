@@ -13,17 +13,11 @@ import signal
 import httpx
 import pytest
 
-from tests.conftest import build_tiny
+from tests.reliability.conftest import LONG_TEXT
 from tests.server.live_server import live_server, value
 
 pytestmark = [pytest.mark.reliability, pytest.mark.e2e]
 LONG = {"inputs": "long", "parameters": {"max_new_tokens": 2000, "ignore_eos": True}}
-
-
-@pytest.fixture(scope="module")
-def long_lm(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("ckpt") / "long-lm", "lm",
-                      max_position_embeddings=2048)
 
 
 async def stream_events(client: httpx.AsyncClient, path: str, body: dict):
@@ -34,8 +28,9 @@ async def stream_events(client: httpx.AsyncClient, path: str, body: dict):
     return r.status_code, lines
 
 
-def test_sigterm_cuts_what_outlives_the_grace_period(long_lm, tiny_classifier_dir, tmp_path):
-    with live_server(tmp_path, "--model", str(long_lm), "--classifier", str(tiny_classifier_dir),
+def test_sigterm_cuts_what_outlives_the_grace_period(long_lm_dir, tiny_classifier_dir, tmp_path):
+    with live_server(tmp_path, "--model", str(long_lm_dir), "--classifier",
+                     str(tiny_classifier_dir),
                      "--grace-s", "2", "--max-batch-size", "4", "--classify-workers", "1",
                      "--queue-timeout-s", "60") as srv:
         async def scenario():
@@ -78,14 +73,11 @@ def test_sigterm_cuts_what_outlives_the_grace_period(long_lm, tiny_classifier_di
     assert 499 not in statuses  # nothing is reported as a client drop
 
 
-def test_queued_classification_is_cut_at_the_deadline(tmp_path):
-    # wider and longer than the tiny fixture, so 40 calls of 32 texts outlast a 1 s grace
-    clf = build_tiny(tmp_path / "clf", "classifier", d_model=128, n_layer=4, d_ff=512,
-                     max_position_embeddings=256)
-    with live_server(tmp_path, "--classifier", str(clf), "--grace-s", "1",
+def test_queued_classification_is_cut_at_the_deadline(wide_classifier_dir, tmp_path):
+    # 40 calls of 32 long texts on the wide classifier outlast a 1 s grace
+    with live_server(tmp_path, "--classifier", str(wide_classifier_dir), "--grace-s", "1",
                      "--classify-workers", "1", "--queue-timeout-s", "60") as srv:
-        text = "the quick brown fox jumps over the lazy dog, a merged expert for each text " * 4
-        texts = {"inputs": [text] * 32, "truncate": True}
+        texts = {"inputs": [LONG_TEXT] * 32, "truncate": True}
 
         async def scenario():
             async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as client:
