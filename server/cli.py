@@ -18,13 +18,10 @@ from typing import Callable, Optional, Sequence
 
 import uvicorn
 
-from server.app import create_app
-from server.connections import fit_fd_limit, guarded_protocol
-from server.logs import adopt_library_logging, configure_logging
+# Only light modules up here: the checks below must fail in a second, before torch loads.
+from server.preflight import preflight
 from server.security import HostPolicy, api_key_of, check_exposure, is_loopback
 from server.settings import ServerSettings
-from server.shutdown import uvicorn_grace
-from server.state import preflight
 
 log = logging.getLogger("camex.server")
 
@@ -55,6 +52,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         print(f"camex-server: error: {exc}", file=sys.stderr)
         return 2
+    from server.app import create_app
+    from server.connections import fit_fd_limit, guarded_protocol
+    from server.logs import adopt_library_logging, configure_logging
+    from server.shutdown import uvicorn_grace
+
     configure_logging(settings.log_level)
     max_connections = fit_fd_limit(settings.max_connections)
     fatal: list[str] = []

@@ -3,24 +3,21 @@
 Loading (and building the demo checkpoints when no model is given) runs in a background thread
 so the HTTP port answers at once: `/health` is 200 while loading progresses, `/ready` turns 200
 only once every engine is loaded, started and warmed up. A load failure makes both 503 and calls
-`on_fatal` (the CLI then exits non-zero). `preflight` checks the checkpoint paths before the
-port is bound, so a wrong path or a swapped --model/--classifier fails in one line at once.
-Shutdown is `server.shutdown.Drain`. Knows no routes.
+`on_fatal` (the CLI then exits non-zero). Shutdown is `server.shutdown.Drain`. Knows no routes.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Optional
 
 from server import errors
 from server.isolation import ClassifyQueue, OpsPool, release_memory
 from server.logs import adopt_library_logging
+from server.preflight import FLAG_OF
 from server.metrics import EngineObserver, ServerMetrics, StatsReader, engine_alive
 from server.security import redact_paths
 from server.settings import ServerSettings, cpu_threads
@@ -167,45 +164,6 @@ class ServingState:
             raise errors.ApiError(404, "not_found", f"this server has no {kind} model loaded, "
                                   f"so {what} is not available")
         return engine
-
-
-FLAG_OF = {"causal-lm": "--model", "classifier": "--classifier"}
-
-
-def preflight(settings: ServerSettings) -> None:
-    """Cheap checks of --model/--classifier before the port is bound (ValueError, one line):
-    the directory exists and holds a config.json, and the checkpoint is of the kind its flag
-    serves. Everything deeper (tensors, dtypes) is the loader's CheckpointError."""
-    for flag, path, kind in (("--model", settings.model, "causal-lm"),
-                             ("--classifier", settings.classifier, "classifier")):
-        if path is None:
-            continue
-        where = Path(path)
-        if not where.exists():
-            raise ValueError(f"{flag} {path}: no such directory")
-        if not where.is_dir():
-            raise ValueError(f"{flag} {path}: not a directory (give the checkpoint directory "
-                             "that holds config.json)")
-        config = where / "config.json"
-        if not config.is_file():
-            raise ValueError(f"{flag} {path}: no config.json (is this a checkpoint directory?)")
-        try:
-            archs = json.loads(config.read_text()).get("architectures") or []
-        except (OSError, ValueError, AttributeError) as exc:
-            raise ValueError(f"{flag} {path}: unreadable config.json ({exc})") from None
-        found = kind_of_architecture(archs[0]) if archs else None
-        if found is not None and found != kind:
-            raise ValueError(f"{flag} {path} is a {found} checkpoint ({archs[0]}): pass it "
-                             f"with {FLAG_OF[found]}")
-
-
-def kind_of_architecture(name: str) -> Optional[str]:
-    """`...ForCausalLM` -> causal-lm, `...ForSequenceClassification` -> classifier."""
-    if name.endswith("ForCausalLM"):
-        return "causal-lm"
-    if name.endswith("ForSequenceClassification"):
-        return "classifier"
-    return None
 
 
 def resolve_checkpoints(settings: ServerSettings) -> tuple[Optional[str], Optional[str]]:

@@ -1,0 +1,335 @@
+"""What the reliability scenarios stand on: a server process and its /proc figures, /metrics
+scrapes, traffic whose every request is accounted for, and a prober.
+
+Speaks HTTP (httpx) and reads /proc; never imports the server. Every process started here is
+stopped by its PID. Traffic is open-loop (Poisson arrivals at a fixed rate, `loadtest.arrivals`)
+or closed-loop (N clients back to back) over a mix of four kinds; each request ends as one
+`Outcome`: a status code, and for streams whether the stream ended properly (final event),
+with an in-stream error, or was cut (a lost request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import httpx
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))  # run from a checkout
+from loadtest.arrivals import poisson_gaps  # noqa: E402
+from loadtest.report import percentile  # noqa: E402
+
+WORDS = ("the of and to in is was for on that with as by at from a merged expert router token "
+         "layer weight fortune cookie river music city garden letter story number system "
+         "people history language energy winter summer bridge forest ocean island").split()
+ROUTES = {"generate": "/generate", "stream": "/generate_stream", "classify": "/classify",
+          "completions": "/v1/completions"}
+PROBE_ROUTES = ("/health", "/ready", "/metrics", "/info")
+
+
+# -- the server process ---------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    port: int
+    log_path: Path
+    started_at: float  # time.monotonic() at Popen
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def status(self) -> dict[str, str]:
+        text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return dict(line.split(":\t", 1) for line in text.splitlines() if ":\t" in line)
+
+    def rss_mib(self) -> float:
+        return int(self.status()["VmRSS"].split()[0]) / 1024
+
+    def threads(self) -> int:
+        return int(self.status()["Threads"])
+
+    def fds(self) -> int:
+        return len(os.listdir(f"/proc/{self.proc.pid}/fd"))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def metrics(self) -> dict[tuple, float]:
+        text = httpx.get(self.base_url + "/metrics", timeout=30).text
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        return out
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 120.0) -> Optional[int]:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(30)
+        return self.proc.returncode
+
+
+def start_server(args: list[str], log_dir: Path, name: str, port: Optional[int] = None,
+                 wait_ready: bool = True, timeout: float = 900.0) -> Server:
+    port = port or free_port()
+    log_path = log_dir / f"{name}.server.log"
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port), *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = Server(proc, port, log_path, time.monotonic())
+    if wait_ready:
+        wait_until_ready(server, timeout)
+    return server
+
+
+def wait_until_ready(server: Server, timeout: float) -> float:
+    """Seconds from process start until /ready is 200."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log()[-3000:]}")
+        try:
+            if httpx.get(server.base_url + "/ready", timeout=2).status_code == 200:
+                return time.monotonic() - server.started_at
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    server.stop()
+    raise TimeoutError(f"server not ready after {timeout}s:\n{server.log()[-3000:]}")
+
+
+def requests_by_route(m: dict[tuple, float]) -> Counter:
+    """camex_requests_total as {(route, status): count}."""
+    out = Counter()
+    for (name, labels), v in m.items():
+        if name == "camex_requests_total":
+            d = dict(labels)
+            out[(d["route"], d["status"])] += int(v)
+    return out
+
+
+def metric(m: dict[tuple, float], name: str, **labels) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+# -- traffic ------------------------------------------------------------------------------------
+@dataclass
+class Workload:
+    """What each kind of request looks like; `mix` weights the kinds."""
+
+    mix: dict[str, float]
+    new_tokens: tuple[int, int] = (8, 48)  # uniform, inclusive
+    prompt_words: tuple[int, int] = (4, 32)
+    classify_texts: tuple[int, int] = (1, 8)
+    ignore_eos: bool = True  # lengths as asked: the cost of a request is what it says
+
+    def request(self, kind: str, rng: random.Random) -> dict:
+        prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(*self.prompt_words)))
+        n = rng.randint(*self.new_tokens)
+        if kind == "classify":
+            return {"inputs": [prompt] * rng.randint(*self.classify_texts), "truncate": True}
+        if kind == "completions":
+            return {"prompt": prompt, "max_tokens": n, "ignore_eos": self.ignore_eos,
+                    "stream": rng.random() < 0.5}
+        return {"inputs": prompt, "parameters": {"max_new_tokens": n,
+                                                 "ignore_eos": self.ignore_eos}}
+
+    def draw(self, rng: random.Random) -> str:
+        kinds = list(self.mix)
+        return rng.choices(kinds, weights=[self.mix[k] for k in kinds])[0]
+
+
+@dataclass
+class Outcome:
+    kind: str
+    route: str
+    status: int | str  # HTTP status, or "lost:<exception>" when no complete answer came
+    seconds: float
+    stream_end: Optional[str] = None  # "done" | "error:<error_type>" | "cut" (streams only)
+    sent_at: float = 0.0
+
+    @property
+    def lost(self) -> bool:
+        return isinstance(self.status, str) or self.stream_end == "cut"
+
+
+async def send(client: httpx.AsyncClient, kind: str, body: dict) -> Outcome:
+    route = ROUTES[kind]
+    streaming = kind == "stream" or (kind == "completions" and body.get("stream"))
+    start = time.monotonic()
+    try:
+        if not streaming:
+            r = await client.post(route, json=body)
+            return Outcome(kind, route, r.status_code, time.monotonic() - start, sent_at=start)
+        async with client.stream("POST", route, json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return Outcome(kind, route, r.status_code, time.monotonic() - start,
+                               sent_at=start)
+            end = "cut"
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    end = "done"
+                    continue
+                event = json.loads(data)
+                if "error" in event:
+                    end = f"error:{event.get('error_type')}"
+                elif event.get("generated_text") is not None or (
+                        event.get("choices") and event["choices"][0].get("finish_reason")):
+                    end = "done"
+            return Outcome(kind, route, 200, time.monotonic() - start, stream_end=end,
+                           sent_at=start)
+    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+        return Outcome(kind, route, f"lost:{type(exc).__name__}", time.monotonic() - start,
+                       sent_at=start)
+
+
+def client(base_url: str, timeout: float = 300.0, connections: int = 1000) -> httpx.AsyncClient:
+    return httpx.AsyncClient(base_url=base_url, timeout=timeout,
+                             limits=httpx.Limits(max_connections=connections,
+                                                 max_keepalive_connections=connections))
+
+
+async def open_loop(base_url: str, workload: Workload, rate: float, seconds: float,
+                    seed: int = 0) -> list[Outcome]:
+    """Poisson arrivals at `rate`/s for `seconds`; waits for every request to end."""
+    rng = random.Random(seed)
+    n = max(1, int(rate * seconds))
+    gaps = poisson_gaps(rate, n, np.random.default_rng(seed))
+    tasks = []
+    async with client(base_url) as c:
+        start = time.monotonic()
+        offset = 0.0
+        for gap in gaps:
+            offset += float(gap)
+            if offset > seconds:
+                break
+            delay = start + offset - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            kind = workload.draw(rng)
+            tasks.append(asyncio.create_task(send(c, kind, workload.request(kind, rng))))
+        return list(await asyncio.gather(*tasks))
+
+
+async def closed_loop(base_url: str, workload: Workload, clients: int, seconds: float,
+                      seed: int = 0) -> list[Outcome]:
+    """`clients` workers sending back to back for `seconds`."""
+    out: list[Outcome] = []
+    stop = time.monotonic() + seconds
+
+    async with client(base_url) as c:
+        async def worker(i: int) -> None:
+            rng = random.Random(seed * 1000 + i)
+            while time.monotonic() < stop:
+                kind = workload.draw(rng)
+                o = await send(c, kind, workload.request(kind, rng))
+                out.append(o)
+                if o.status == 429:
+                    await asyncio.sleep(0.05)
+        await asyncio.gather(*(worker(i) for i in range(clients)))
+    return out
+
+
+@dataclass
+class Probes:
+    """Latencies of probe requests sent every `interval` s while something else runs."""
+
+    samples: list[tuple[str, int | str, float]] = field(default_factory=list)
+
+    async def run(self, base_url: str, stop: asyncio.Event, interval: float = 0.5,
+                  paths: tuple[str, ...] = ("/health", "/ready")) -> None:
+        async with httpx.AsyncClient(base_url=base_url, timeout=10) as c:
+            while not stop.is_set():
+                for path in paths:
+                    start = time.monotonic()
+                    try:
+                        status: int | str = (await c.get(path)).status_code
+                    except httpx.HTTPError as exc:
+                        status = f"lost:{type(exc).__name__}"
+                    self.samples.append((path, status, time.monotonic() - start))
+                try:
+                    await asyncio.wait_for(stop.wait(), interval)
+                except asyncio.TimeoutError:
+                    pass
+
+    def summary(self) -> dict:
+        lat = [s for _, _, s in self.samples]
+        return {"probes": len(self.samples),
+                "not_200": sum(status != 200 for _, status, _ in self.samples),
+                "max_s": round(max(lat), 3) if lat else None,
+                "p99_s": round(percentile(lat, 99), 3) if lat else None}
+
+
+async def with_probes(coro, base_url: str, **kw):
+    """Run `coro` while probing; returns (its result, Probes)."""
+    probes, stop = Probes(), asyncio.Event()
+    task = asyncio.create_task(probes.run(base_url, stop, **kw))
+    try:
+        return await coro, probes
+    finally:
+        stop.set()
+        await task
+
+
+def summarise(outcomes: list[Outcome]) -> dict:
+    """Counts by kind and status, lost requests, latency percentiles per kind."""
+    by = Counter(f"{o.kind}:{o.status}" + (f":{o.stream_end}" if o.stream_end else "")
+                 for o in outcomes)
+    lat = {}
+    for kind in sorted({o.kind for o in outcomes}):
+        ok = [o.seconds for o in outcomes if o.kind == kind and o.status == 200]
+        if ok:
+            lat[kind] = {"p50_s": round(percentile(ok, 50), 3),
+                         "p99_s": round(percentile(ok, 99), 3)}
+    return {"requests": len(outcomes), "lost": sum(o.lost for o in outcomes),
+            "by_kind_status": dict(sorted(by.items())), "latency_ok": lat}
+
+
+def client_counts(outcomes: list[Outcome]) -> Counter:
+    """{(route, status): count} as the server should have counted them."""
+    return Counter((o.route, str(o.status)) for o in outcomes if not isinstance(o.status, str))
+
+
+def settle(server: Server, timeout: float = 120.0) -> float:
+    """Wait until nothing runs or waits; returns the seconds it took."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        m = server.metrics()
+        if metric(m, "camex_running_requests") == 0 and metric(m, "camex_waiting_requests") == 0:
+            return time.monotonic() - start
+        time.sleep(0.2)
+    raise TimeoutError("the server never went idle")
