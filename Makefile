@@ -9,7 +9,7 @@ APT_PACKAGES ?= fortunes prometheus
 PORT ?= 8080
 PYTEST_ARGS ?=
 
-.PHONY: install system-deps serve demo test test-fast lint bench clean
+.PHONY: install system-deps serve demo test test-fast reliability lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -44,6 +44,11 @@ test: install system-deps
 
 test-fast: install
 	$(PY) -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
+
+# The long reliability runs (~25 min on 2 cores; results JSON + table): benchmarks/reliability.
+# Their quick versions run with the tests (pytest -m reliability).
+reliability: install system-deps
+	$(PY) benchmarks/reliability/run.py $(RELIABILITY_ARGS)
 
 lint: install
 	$(VENV)/bin/hadolint Dockerfile
