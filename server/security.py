@@ -7,8 +7,9 @@ Host headers it answers (DNS rebinding), and keeping file-system paths out of re
 - Binding anything but a loopback address without a key is refused at start-up unless
   `--allow-unauthenticated` says the network is trusted.
 - A server bound to loopback answers only Host headers that name loopback (`localhost`,
-  `127.x.x.x`, `[::1]`): a web page whose DNS name is re-pointed at 127.0.0.1 (DNS rebinding)
-  sends its own name and is refused. `--allowed-hosts` replaces that rule with a list.
+  `127.x.x.x`, `[::1]`) or this machine's host name: a web page whose DNS name is re-pointed
+  at 127.0.0.1 (DNS rebinding) sends its own name and is refused. `--allowed-hosts` replaces
+  that rule with a list.
 
 Knows settings and strings only; the middleware applies the checks to requests.
 """
@@ -113,8 +114,9 @@ class HostPolicy:
         if not self.enforced or not host_header:
             return True
         name = host_name(host_header)
-        if self.loopback_only:
-            return name in LOOPBACK_NAMES or name.endswith(".localhost") or _loopback_ip(name)
+        if self.loopback_only:  # this machine's own name cannot be rebound by a web page
+            return name in LOOPBACK_NAMES or name.endswith(".localhost") or \
+                _loopback_ip(name) or name == socket.gethostname().lower()
         return name in self.names or any(  # ".example.com" / "*.example.com": subdomains
             n.lstrip("*").startswith(".") and name.endswith(n.lstrip("*")) for n in self.names)
 

@@ -93,7 +93,10 @@ def test_host_names_parse_like_browsers_send_them():
 
 def test_loopback_server_answers_only_loopback_host_names():
     policy = HostPolicy.from_settings(ServerSettings(host="127.0.0.1"), bound=True)
-    for ok in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080", "app.localhost", ""):
+    import socket
+
+    for ok in ("127.0.0.1:8080", "localhost:8080", "[::1]:8080", "app.localhost", "",
+               socket.gethostname() + ":8080"):
         assert policy.allows(ok), ok
     for rebound in ("attacker.example:8080", "127.0.0.1.nip.io", "localhost.evil.com"):
         assert not policy.allows(rebound), rebound
