@@ -26,6 +26,7 @@ from server.security import HostPolicy, api_key_of
 from server.settings import ServerSettings
 from server.state import ServingState
 
+SHARED_THREADS = 8  # anyio's default pool (40): generation submits, truncation, shutdown
 # Response headers a browser page may read when CORS is on (besides the CORS-safelisted ones).
 EXPOSED_HEADERS = ["x-request-id", "x-queue-time", "x-inference-time", "x-time-per-token",
                    "x-prompt-tokens", "x-generated-tokens", "retry-after"]
@@ -48,6 +49,9 @@ def create_app(settings: ServerSettings, on_fatal: Optional[Callable[[str], None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # anyio's shared pool now serves only short work (generation submits tokenize there):
+        # fewer threads mean fewer glibc malloc arenas holding on to memory.
+        anyio.to_thread.current_default_thread_limiter().total_tokens = SHARED_THREADS
         state.load_in_background()
         yield
         await anyio.to_thread.run_sync(state.stop, settings.grace_s)
