@@ -98,14 +98,14 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
     class GuardedHttpProtocol(base):
         def connection_made(self, transport) -> None:
             super().connection_made(transport)
-            self.counted = False
+            self._counted = False
             self._header_timer = None
             self._partial = False  # bytes of a not yet complete request arrived
             self._refused = self._lingering = False
             if not guard.opened(self):
                 self._refuse(transport)
                 return
-            self.counted = True
+            self._counted = True
             self._arm_header_timer()
 
         def _refuse(self, transport) -> None:
@@ -125,8 +125,8 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
             if self._lingering:
                 self._lingering = False
                 guard.lingering -= 1
-            if self.counted:
-                self.counted = False
+            if self._counted:
+                self._counted = False
                 guard.closed(self)
             super().connection_lost(exc)
 
@@ -152,7 +152,7 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
 
         def on_response_complete(self) -> None:
             super().on_response_complete()  # may start a pipelined request
-            if self.counted and not self.transport.is_closing() and not self._in_flight():
+            if self._counted and not self.transport.is_closing() and not self._in_flight():
                 guard.idle(self)
 
         def _in_flight(self) -> bool:
@@ -176,8 +176,8 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
                                     if self._partial else None)
 
         def close_by_guard(self, reason: str, response: Optional[bytes] = None) -> None:
-            if self.counted:
-                self.counted = False
+            if self._counted:
+                self._counted = False
                 guard.closed(self)
             guard.on_close(reason)
             self._cancel_header_timer()

@@ -67,6 +67,11 @@ class JsonLinesWriter(io.TextIOBase):
     def flush(self) -> None:
         pass
 
+    def fileno(self) -> int:
+        """The real stderr's descriptor, for code that needs one (e.g. faulthandler): what
+        is written there directly bypasses the JSON wrapping."""
+        return sys.__stderr__.fileno()
+
 
 def configure_logging(level: str = "info") -> None:
     """JSON lines on stderr for our loggers, uvicorn's (its access log is replaced by ours),
