@@ -20,7 +20,7 @@ import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 
-from server.errors import ApiError, internal_error
+from server.errors import ApiError, internal_error, overloaded
 from server.security import HostPolicy
 
 log = logging.getLogger("camex.access")
@@ -29,9 +29,14 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/op
                         "/docs/oauth2-redirect"})
 LOG_FIELDS = "log_fields"  # scope["state"] key: extra fields routes add to the access log
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Generation routes share one bound on requests in flight, checked before the body is read:
+# TGI's `max_concurrent_requests` (max_batch_size + max_waiting, as /info reports it). Beyond
+# it the engine would refuse anyway, after a thread hop and tokenization that an overloaded
+# server cannot afford; here the 429 costs a header parse.
+GENERATION_PATHS = frozenset({"/generate", "/generate_stream", "/", "/v1/completions"})
 # camex_failures_total reason of the errors answered here, before any route ran
 # (a body too slow, 408, is the client's mistake like one too large: "validation")
-FAILURE_OF_STATUS = {401: "unauthorized", 403: "unauthorized"}
+FAILURE_OF_STATUS = {401: "unauthorized", 403: "unauthorized", 429: "overloaded"}
 
 
 class ServingMiddleware:
@@ -45,6 +50,8 @@ class ServingMiddleware:
         self.hosts = hosts
         self.max_body = state.settings.max_body_bytes
         self.body_timeout_s = state.settings.body_timeout_s
+        self.max_generations = state.settings.max_batch_size + state.settings.max_waiting
+        self.generations = 0  # generation requests in flight
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -68,8 +75,12 @@ class ServingMiddleware:
             await send(message)
 
         self.state.http_in_flight += 1
+        generation = scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
+        self.generations += generation
         try:
             error = self.check_host(headers) or self.check_auth(scope, headers)
+            if error is None and generation and self.generations > self.max_generations:
+                error = overloaded()
             if error is None:
                 receive, error = await self.read_body(scope, headers, receive)
             if error is not None:
@@ -96,6 +107,7 @@ class ServingMiddleware:
             await internal_error().response()(scope, receive, send_with_id)
         finally:
             self.state.http_in_flight -= 1
+            self.generations -= generation
             self.finish(scope, status["code"], time.monotonic() - start, request_id)
 
     async def answer_cut(self, scope, status: dict, send) -> None:

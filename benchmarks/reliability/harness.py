@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+import aiohttp
 import httpx
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
@@ -74,6 +75,16 @@ class Server:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def access_log(self) -> list[dict]:
+        """The server's access-log records (route, status, duration_ms, ...)."""
+        out = []
+        for line in self.log().splitlines():
+            if line.startswith("{"):
+                record = json.loads(line)
+                if record.get("msg") == "request":
+                    out.append(record)
+        return out
 
     def metrics(self) -> dict[tuple, float]:
         text = httpx.get(self.base_url + "/metrics", timeout=30).text
@@ -183,21 +194,18 @@ class Outcome:
         return isinstance(self.status, str) or self.stream_end == "cut"
 
 
-async def send(client: httpx.AsyncClient, kind: str, body: dict) -> Outcome:
+async def send(session: aiohttp.ClientSession, kind: str, body: dict) -> Outcome:
     route = ROUTES[kind]
     streaming = kind == "stream" or (kind == "completions" and body.get("stream"))
     start = time.monotonic()
     try:
-        if not streaming:
-            r = await client.post(route, json=body)
-            return Outcome(kind, route, r.status_code, time.monotonic() - start, sent_at=start)
-        async with client.stream("POST", route, json=body) as r:
-            if r.status_code != 200:
-                await r.aread()
-                return Outcome(kind, route, r.status_code, time.monotonic() - start,
-                               sent_at=start)
+        async with session.post(route, json=body) as r:
+            if not streaming or r.status != 200:
+                await r.read()
+                return Outcome(kind, route, r.status, time.monotonic() - start, sent_at=start)
             end = "cut"
-            async for line in r.aiter_lines():
+            async for raw in r.content:
+                line = raw.decode().strip()
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
@@ -212,15 +220,17 @@ async def send(client: httpx.AsyncClient, kind: str, body: dict) -> Outcome:
                     end = "done"
             return Outcome(kind, route, 200, time.monotonic() - start, stream_end=end,
                            sent_at=start)
-    except (httpx.HTTPError, json.JSONDecodeError) as exc:
+    except (aiohttp.ClientError, asyncio.TimeoutError, json.JSONDecodeError) as exc:
         return Outcome(kind, route, f"lost:{type(exc).__name__}", time.monotonic() - start,
                        sent_at=start)
 
 
-def client(base_url: str, timeout: float = 300.0, connections: int = 1000) -> httpx.AsyncClient:
-    return httpx.AsyncClient(base_url=base_url, timeout=timeout,
-                             limits=httpx.Limits(max_connections=connections,
-                                                 max_keepalive_connections=connections))
+def client(base_url: str, timeout: float = 300.0) -> aiohttp.ClientSession:
+    """aiohttp rather than httpx for the traffic: at hundreds of requests in flight httpx's
+    connection pool (its bookkeeping grows with the square of the queued requests) made the
+    load generator, not the server, the bottleneck on 2 cores."""
+    return aiohttp.ClientSession(base_url, timeout=aiohttp.ClientTimeout(total=timeout),
+                                 connector=aiohttp.TCPConnector(limit=0))
 
 
 async def open_loop(base_url: str, workload: Workload, rate: float, seconds: float,
@@ -230,7 +240,7 @@ async def open_loop(base_url: str, workload: Workload, rate: float, seconds: flo
     n = max(1, int(rate * seconds))
     gaps = poisson_gaps(rate, n, np.random.default_rng(seed))
     tasks = []
-    async with client(base_url) as c:
+    async with client(base_url) as session:
         start = time.monotonic()
         offset = 0.0
         for gap in gaps:
@@ -241,7 +251,8 @@ async def open_loop(base_url: str, workload: Workload, rate: float, seconds: flo
             if delay > 0:
                 await asyncio.sleep(delay)
             kind = workload.draw(rng)
-            tasks.append(asyncio.create_task(send(c, kind, workload.request(kind, rng))))
+            tasks.append(asyncio.create_task(send(session, kind,
+                                                  workload.request(kind, rng))))
         return list(await asyncio.gather(*tasks))
 
 
@@ -251,12 +262,12 @@ async def closed_loop(base_url: str, workload: Workload, clients: int, seconds: 
     out: list[Outcome] = []
     stop = time.monotonic() + seconds
 
-    async with client(base_url) as c:
+    async with client(base_url) as session:
         async def worker(i: int) -> None:
             rng = random.Random(seed * 1000 + i)
             while time.monotonic() < stop:
                 kind = workload.draw(rng)
-                o = await send(c, kind, workload.request(kind, rng))
+                o = await send(session, kind, workload.request(kind, rng))
                 out.append(o)
                 if o.status == 429:
                     await asyncio.sleep(0.05)
@@ -264,27 +275,22 @@ async def closed_loop(base_url: str, workload: Workload, clients: int, seconds: 
     return out
 
 
-@dataclass
 class Probes:
-    """Latencies of probe requests sent every `interval` s while something else runs."""
+    """Probe requests sent every `interval` s from a separate process while something else
+    runs, each on a new connection, as a kubelet probes: their latency is the server's, not
+    that of this process's busy event loop."""
 
-    samples: list[tuple[str, int | str, float]] = field(default_factory=list)
+    def __init__(self, base_url: str, interval: float, paths: tuple[str, ...]) -> None:
+        self.samples: list[tuple[str, int | str, float]] = []
+        self._proc = subprocess.Popen(
+            [sys.executable, __file__, "probe", base_url, str(interval), *paths],
+            stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
 
-    async def run(self, base_url: str, stop: asyncio.Event, interval: float = 0.5,
-                  paths: tuple[str, ...] = ("/health", "/ready")) -> None:
-        async with httpx.AsyncClient(base_url=base_url, timeout=10) as c:
-            while not stop.is_set():
-                for path in paths:
-                    start = time.monotonic()
-                    try:
-                        status: int | str = (await c.get(path)).status_code
-                    except httpx.HTTPError as exc:
-                        status = f"lost:{type(exc).__name__}"
-                    self.samples.append((path, status, time.monotonic() - start))
-                try:
-                    await asyncio.wait_for(stop.wait(), interval)
-                except asyncio.TimeoutError:
-                    pass
+    def stop(self) -> None:
+        out, _ = self._proc.communicate(input="stop\n", timeout=60)
+        for line in out.splitlines():
+            path, status, seconds = json.loads(line)
+            self.samples.append((path, status, seconds))
 
     def summary(self) -> dict:
         lat = [s for _, _, s in self.samples]
@@ -294,15 +300,30 @@ class Probes:
                 "p99_s": round(percentile(lat, 99), 3) if lat else None}
 
 
-async def with_probes(coro, base_url: str, **kw):
+def probe_main(base_url: str, interval: float, paths: list[str]) -> None:
+    """The probing process: until a line arrives on stdin, GET each path every `interval`
+    s on a fresh connection; one JSON line [path, status, seconds] per probe on stdout."""
+    import select
+
+    while not select.select([sys.stdin], [], [], 0)[0]:
+        for path in paths:
+            start = time.monotonic()
+            try:
+                status: int | str = httpx.get(base_url + path, timeout=10).status_code
+            except httpx.HTTPError as exc:
+                status = f"lost:{type(exc).__name__}"
+            print(json.dumps([path, status, round(time.monotonic() - start, 4)]), flush=True)
+        time.sleep(interval)
+
+
+async def with_probes(coro, base_url: str, interval: float = 0.5,
+                      paths: tuple[str, ...] = ("/health", "/ready")):
     """Run `coro` while probing; returns (its result, Probes)."""
-    probes, stop = Probes(), asyncio.Event()
-    task = asyncio.create_task(probes.run(base_url, stop, **kw))
+    probes = Probes(base_url, interval, paths)
     try:
         return await coro, probes
     finally:
-        stop.set()
-        await task
+        probes.stop()
 
 
 def summarise(outcomes: list[Outcome]) -> dict:
@@ -333,3 +354,7 @@ def settle(server: Server, timeout: float = 120.0) -> float:
             return time.monotonic() - start
         time.sleep(0.2)
     raise TimeoutError("the server never went idle")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["probe"]:
+    probe_main(sys.argv[2], float(sys.argv[3]), sys.argv[4:])

@@ -131,8 +131,10 @@ def headline(name: str, r: dict) -> str:
     }.get(name)
     if f is None and name.startswith("overload"):
         return (f"{r['rate_per_s']} req/s offered, {r['served_per_s']} served, "
-                f"{r['rejected_429']} × 429 (p99 {r['rejected_p99_s']} s), "
-                f"{r['status_5xx']} × 5xx, {r['lost']} lost, probes max {r['probes']['max_s']} s")
+                f"{r['rejected_429']} × 429 (p99 {r['rejected_server_p99_s']} s in the server, "
+                f"{r['rejected_p99_s']} s at the client), "
+                f"{r['status_504']} × 504, {r['status_5xx_not_504']} other 5xx, {r['lost']} lost, "
+                f"probes max {r['probes']['max_s']} s")
     return f() if f else ""
 
 

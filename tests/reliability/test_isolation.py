@@ -95,3 +95,42 @@ def test_queued_classify_times_out_with_504_and_counts(tiny_classifier_dir):
             assert 'camex_failures_total{reason="timeout"} 1.0' in metrics
 
     asyncio.run(go())
+
+
+def test_generation_beyond_max_concurrent_is_429_before_the_body_is_read(tiny_lm_dir):
+    """At max_batch_size + max_waiting generations in flight (TGI's max_concurrent_requests,
+    as /info says) the next one is refused from its headers alone: even an unparsable body
+    gets the 429, so an overloaded server spends no thread and no tokenizer on it."""
+    settings = ServerSettings(model=str(tiny_lm_dir), max_batch_size=1, max_waiting=2)
+    app = create_app(settings)
+    state = app.state.serving
+
+    async def go():
+        transport = httpx.ASGITransport(app=app)
+        async with app.router.lifespan_context(app), httpx.AsyncClient(
+                transport=transport, base_url="http://127.0.0.1", timeout=60) as client:
+            await wait_ready(client)
+            info = (await client.get("/info")).json()
+            assert info["max_concurrent_requests"] == 3
+            lock = state.lm._model_lock
+            lock.acquire()  # the engine cannot step: admitted requests stay in flight
+            try:
+                body = {"inputs": "hi", "parameters": {"max_new_tokens": 2}}
+                held = [asyncio.create_task(client.post(path, json=body))
+                        for path in ("/generate", "/generate_stream", "/")]
+                await until(lambda: state.lm.stats().waiting == 3 or
+                            state.lm.stats().waiting + state.lm.stats().running == 3)
+                refused = await client.post("/v1/completions", content=b"{not json",
+                                            headers={"content-type": "application/json"})
+                assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+                assert refused.json()["error_type"] == "overloaded"
+                assert (await client.get("/health")).status_code == 200  # not generation
+            finally:
+                lock.release()
+            assert [r.status_code for r in await asyncio.gather(*held)] == [200, 200, 200]
+            after = await client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert after.status_code == 200  # the bound is released with the requests
+            metrics = (await client.get("/metrics")).text
+            assert 'camex_failures_total{reason="overloaded"} 1.0' in metrics
+
+    asyncio.run(go())
