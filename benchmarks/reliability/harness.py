@@ -149,6 +149,12 @@ def requests_by_route(m: dict[tuple, float]) -> Counter:
     return out
 
 
+def longest_generation(server: Server, prompt_tokens: int = 24) -> int:
+    """New tokens that still fit the served LM's window after a short prompt."""
+    info = httpx.get(server.base_url + "/info", timeout=30).json()
+    return max(8, int(info["max_total_tokens"]) - prompt_tokens)
+
+
 def metric(m: dict[tuple, float], name: str, **labels) -> float:
     return m.get((name, tuple(sorted(labels.items()))), 0.0)
 
@@ -160,7 +166,7 @@ class Workload:
 
     mix: dict[str, float]
     new_tokens: tuple[int, int] = (8, 48)  # uniform, inclusive
-    prompt_words: tuple[int, int] = (4, 32)
+    prompt_words: tuple[int, int] = (4, 16)  # with 48 new tokens: within the demo LM's 128
     classify_texts: tuple[int, int] = (1, 8)
     ignore_eos: bool = True  # lengths as asked: the cost of a request is what it says
 

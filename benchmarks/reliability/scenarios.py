@@ -23,9 +23,9 @@ from pathlib import Path
 
 import httpx
 
-from harness import (ROOT, Workload, client, client_counts, closed_loop, free_port, metric,
-                     open_loop, percentile, requests_by_route, send, settle, start_server,
-                     summarise, wait_until_ready, with_probes)
+from harness import (ROOT, Workload, client, client_counts, closed_loop, free_port,
+                     longest_generation, metric, open_loop, percentile, requests_by_route, send,
+                     settle, start_server, summarise, wait_until_ready, with_probes)
 
 MIX = {"stream": 0.4, "generate": 0.3, "completions": 0.2, "classify": 0.1}
 PROBE_TARGET_S = 1.0
@@ -105,6 +105,7 @@ def soak(ctx: Context, rate: float, minutes: float) -> dict:
                             "end": from_2min[-1] if from_2min else None,
                             "max": max((r for _, r in samples), default=None)},
                 "rss_growth_from_2min_pct": None if growth is None else round(growth, 2),
+                "rss_samples_s_mib": samples,  # the merge cache fills its budget first
                 "probes": probes.summary(),
                 "targets": {"lost": 0, "metrics_equal_client_counts": True,
                             "rss_growth_from_2min_pct": "< 5"},
@@ -223,8 +224,9 @@ def disconnect_storm(ctx: Context, n: int = 300) -> dict:
 
         async def storm():
             rng = random.Random(0)
+            longest = longest_generation(server)
             work = Workload({"stream": 0.5, "generate": 0.3, "completions": 0.2},
-                            new_tokens=(64, 128))
+                            new_tokens=(longest // 2, longest), prompt_words=(2, 6))
             async with client(server.base_url) as c:
                 async def leaver(i):
                     kind = work.draw(rng)
@@ -336,8 +338,9 @@ def sigterm(ctx: Context, grace_s: float = 2.0) -> dict:
     """Mixed work in flight, SIGTERM, a short grace: every request answered (done, or 503 /
     in-stream `shutdown`), exit 0, no tracebacks."""
     server = start_server(ctx.args("--grace-s", str(grace_s)), ctx.out_dir, "sigterm")
+    longest = longest_generation(server)
     work = Workload({"stream": 0.4, "generate": 0.3, "completions": 0.2, "classify": 0.1},
-                    new_tokens=(200, 400))
+                    new_tokens=(longest // 2, longest), prompt_words=(2, 6))
 
     async def scenario():
         rng = random.Random(1)
@@ -376,7 +379,9 @@ def kill9_restart(ctx: Context) -> dict:
 
     async def in_flight():
         async with client(first.base_url) as c:
-            work = Workload({"stream": 0.5, "generate": 0.5}, new_tokens=(200, 300))
+            longest = longest_generation(first)
+            work = Workload({"stream": 0.5, "generate": 0.5}, new_tokens=(longest // 2, longest),
+                            prompt_words=(2, 6))
             rng = random.Random(2)
             tasks = [asyncio.create_task(send(c, k, work.request(k, rng)))
                      for k in (work.draw(rng) for _ in range(8))]
