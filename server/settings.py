@@ -69,7 +69,8 @@ class ServerSettings:
     demo_dir: str | None = _opt(None, "where demo checkpoints are built when no model is given")
     grace_s: float = _opt(30.0, "SIGTERM: time to finish in-flight requests")
     health_stale_s: float = _opt(10.0, "/health is 503 when the engine loop is silent this long")
-    log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_level: str = _opt("info", "log level (debug also logs the traceback of a failed model "
+                          "load)", choices=("debug", "info", "warning", "error"))
 
     def __post_init__(self) -> None:
         positive = ("port", "max_batch_size", "max_waiting", "max_client_batch_size",

@@ -109,7 +109,8 @@ class ServingState:
         """SIGTERM (on the event loop): see server.shutdown."""
         from server.shutdown import Drain
 
-        if self.drain is None:
+        self.draining = True
+        if self.drain is None and self.engines():  # nothing to drain after a failed load
             self.drain = Drain(self, self.settings.grace_s)
             self.drain.begin()
 
