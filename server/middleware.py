@@ -78,11 +78,7 @@ class ServingMiddleware:
         generation = scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
         self.generations += generation
         try:
-            error = self.check_host(headers) or self.check_auth(scope, headers)
-            if error is None and generation and self.generations > self.max_generations:
-                error = overloaded()
-            if error is None:
-                receive, error = await self.read_body(scope, headers, receive)
+            receive, error = await self.admit(scope, headers, receive, generation)
             if error is not None:
                 self.metrics.record_failure(FAILURE_OF_STATUS.get(error.status, "validation"))
                 await error.response()(scope, receive, send_with_id)
@@ -109,6 +105,16 @@ class ServingMiddleware:
             self.state.http_in_flight -= 1
             self.generations -= generation
             self.finish(scope, status["code"], time.monotonic() - start, request_id)
+
+    async def admit(self, scope, headers: Headers, receive, generation: bool):
+        """Host, key, the generation bound, then the body: (replaying receive, None), or
+        (receive, the error to answer), or (None, None) when the client left mid-body."""
+        error = self.check_host(headers) or self.check_auth(scope, headers)
+        if error is None and generation and self.generations > self.max_generations:
+            error = overloaded()
+        if error is not None:
+            return receive, error
+        return await self.read_body(scope, headers, receive)
 
     async def answer_cut(self, scope, status: dict, send) -> None:
         from server.shutdown import cut_error
