@@ -55,7 +55,8 @@ class ServerSettings:
                                    "this time, else it is closed (slowloris guard)")
     body_timeout_s: float = _opt(30.0, "a request must send its whole body within this time "
                                  "(408 beyond)")
-    keep_alive_s: float = _opt(5.0, "idle keep-alive connections are closed after this time")
+    keep_alive_s: float = _opt(75.0, "idle keep-alive connections are closed after this time "
+                               "(keep it above clients' and proxies' own idle timeouts)")
     classify_workers: int = _opt(2, "threads running /classify calls; further calls wait in a "
                                  "bounded queue (max_waiting) for at most queue_timeout_s")
     merge_cache_bytes: int | None = _opt(

@@ -50,19 +50,22 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
-def run_all(ctx: sc.Context, only: list[str], soak_minutes: float, out: Path) -> dict:
+def run_all(ctx: sc.Context, only: list[str], soak_minutes: float, out: Path,
+            update: bool) -> dict:
     doc = {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
-           "machine": machine(), "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "load_avg_start": os.getloadavg(), "quick": ctx.quick,
-           "model": Path(ctx.model).name, "classifier": Path(ctx.classifier).name,
-           "scenarios": {}}
+           "machine": machine(), "started_at": now(), "load_avg_start": os.getloadavg(),
+           "quick": ctx.quick, "model": Path(ctx.model).name,
+           "classifier": Path(ctx.classifier).name, "scenarios": {}}
+    if update and out.exists():  # re-run some scenarios, keep the others' results
+        old = json.loads(out.read_text())
+        doc["scenarios"] = {k: v for k, v in old["scenarios"].items() if k not in only}
     cap = None
     for name in (n for n in ORDER if n in only):
         if name in ("soak", "overload_4x", "overload_20x") and cap is None:
             print("capacity (needed for the rates) ...", flush=True)
             doc["scenarios"]["capacity"] = timed(lambda: sc.capacity(ctx))
             cap = doc["scenarios"]["capacity"].get("req_per_s")
-        if name == "capacity" and "capacity" in doc["scenarios"]:
+        if name == "capacity" and cap is not None:
             continue
         print(f"{name} ...", flush=True)
         doc["scenarios"][name] = timed(lambda: scenario(name, ctx, cap, soak_minutes))
@@ -85,13 +88,18 @@ def scenario(name: str, ctx: sc.Context, cap: float | None, soak_minutes: float)
     return getattr(sc, name)(ctx)
 
 
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def timed(fn) -> dict:
-    load, start = os.getloadavg(), time.monotonic()
+    load, start, started_at = os.getloadavg(), time.monotonic(), now()
     try:
         result = fn()
     except Exception as exc:  # a scenario that crashes is a failed scenario, not a lost run
         result = {"pass": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-    return {**result, "wall_s": round(time.monotonic() - start, 1),
+    return {**result, "git_commit": git("rev-parse", "HEAD"), "started_at": started_at,
+            "wall_s": round(time.monotonic() - start, 1),
             "load_avg_before": [round(x, 2) for x in load],
             "load_avg_after": [round(x, 2) for x in os.getloadavg()]}
 
@@ -151,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="~10x shorter: checks the script runs")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/reliability.json"))
     p.add_argument("--logs", default=None, help="server logs (default: next to --out)")
+    p.add_argument("--update", action="store_true",
+                   help="keep the other scenarios' results already in --out (each scenario "
+                        "records its own commit, start time and load average)")
     args = p.parse_args(argv)
     only = [n.strip() for n in args.only.split(",") if n.strip()]
     unknown = set(only) - set(ORDER)
@@ -165,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(args.logs) if args.logs else out.with_suffix("").parent / (out.stem + "-logs")
     logs.mkdir(parents=True, exist_ok=True)
     ctx = sc.Context(model=model, classifier=clf, out_dir=logs, quick=args.quick)
-    doc = run_all(ctx, only, args.soak_minutes, out)
+    doc = run_all(ctx, only, args.soak_minutes, out, args.update)
     doc["load_avg_end"] = os.getloadavg()
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(table(doc))

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,7 +249,12 @@ def disconnect_storm(ctx: Context, n: int = 300) -> dict:
             metric(before, "camex_failures_total", reason="dropped")
         check = httpx.post(server.base_url + "/generate", json={
             "inputs": "still there?", "parameters": {"max_new_tokens": 4}}, timeout=60)
+        # 499: the server saw the client leave (generations cancelled, counted as dropped);
+        # 429s that were still on their way when their client left are the rest of "left"
+        statuses = Counter(str(r["status"]) for r in server.access_log()
+                           if r["route"] in ("/generate", "/generate_stream", "/v1/completions"))
         return {"requests": n, "clients_left": left, "dropped_counted": int(dropped),
+                "server_statuses": dict(sorted(statuses.items())),
                 "seconds_to_idle": round(idle_after, 2),
                 "rss_before_mib": round(rss0, 1), "rss_after_mib": round(server.rss_mib(), 1),
                 "next_request_status": check.status_code,
