@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.mkdir(parents=True, exist_ok=True)
     ctx = sc.Context(model=model, classifier=clf, out_dir=logs, quick=args.quick)
     doc = run_all(ctx, only, args.soak_minutes, out, args.update)
+    doc["scenarios"] = {k: doc["scenarios"][k] for k in ORDER if k in doc["scenarios"]}
     doc["load_avg_end"] = os.getloadavg()
     out.write_text(json.dumps(doc, indent=2) + "\n")
     print(table(doc))
