@@ -39,7 +39,7 @@ WORDS = ("the of and to in is was for on that with as by at from a merged expert
          "people history language energy winter summer bridge forest ocean island").split()
 ROUTES = {"generate": "/generate", "stream": "/generate_stream", "classify": "/classify",
           "completions": "/v1/completions"}
-PROBE_ROUTES = ("/health", "/ready", "/metrics", "/info")
+SERVER_ROOT: Optional[str] = None  # set by run.py --server-root
 
 
 # -- the server process ---------------------------------------------------------------------------
@@ -114,9 +114,12 @@ def start_server(args: list[str], log_dir: Path, name: str, port: Optional[int] 
     port = port or free_port()
     log_path = log_dir / f"{name}.server.log"
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
+    cwd = ROOT
+    if SERVER_ROOT is not None:  # another version's `server` package, for before/after runs:
+        cwd = Path(SERVER_ROOT)  # `python -m` puts the working directory first on sys.path
     cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port), *args]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     server = Server(proc, port, log_path, time.monotonic())
     if wait_ready:
         wait_until_ready(server, timeout)

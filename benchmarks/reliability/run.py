@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenarios as sc  # noqa: E402
+import harness  # noqa: E402
 from harness import ROOT  # noqa: E402
 
 ORDER = ("capacity", "soak", "overload_4x", "overload_20x", "classify_flood",
@@ -55,7 +56,8 @@ def run_all(ctx: sc.Context, only: list[str], soak_minutes: float, out: Path,
     doc = {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
            "machine": machine(), "started_at": now(), "load_avg_start": os.getloadavg(),
            "quick": ctx.quick, "model": Path(ctx.model).name,
-           "classifier": Path(ctx.classifier).name, "scenarios": {}}
+           "classifier": Path(ctx.classifier).name,
+           "server_root": harness.SERVER_ROOT or "this checkout", "scenarios": {}}
     if update and out.exists():  # re-run some scenarios, keep the others' results
         old = json.loads(out.read_text())
         doc["scenarios"] = {k: v for k, v in old["scenarios"].items() if k not in only}
@@ -159,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="~10x shorter: checks the script runs")
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/reliability.json"))
     p.add_argument("--logs", default=None, help="server logs (default: next to --out)")
+    p.add_argument("--server-root", default=None,
+                   help="a directory holding another version's `server` package to run instead "
+                        "of this checkout's (e.g. `git archive OLD server | tar -x -C DIR`), "
+                        "for before/after comparisons")
     p.add_argument("--update", action="store_true",
                    help="keep the other scenarios' results already in --out (each scenario "
                         "records its own commit, start time and load average)")
@@ -176,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     logs = Path(args.logs) if args.logs else out.with_suffix("").parent / (out.stem + "-logs")
     logs.mkdir(parents=True, exist_ok=True)
     ctx = sc.Context(model=model, classifier=clf, out_dir=logs, quick=args.quick)
+    if args.server_root:
+        harness.SERVER_ROOT = str(Path(args.server_root).resolve())
     doc = run_all(ctx, only, args.soak_minutes, out, args.update)
     doc["scenarios"] = {k: doc["scenarios"][k] for k in ORDER if k in doc["scenarios"]}
     doc["load_avg_end"] = os.getloadavg()
