@@ -40,7 +40,8 @@ def check_key(key: str, source: str) -> str:
     if key != key.strip() or any(c.isspace() or not c.isprintable() or ord(c) > 126
                                  for c in key):
         raise StartupError(f"{source} contains spaces or non-ASCII/control characters; an API "
-                           "key must be printable ASCII without spaces (e.g. `openssl rand -hex 32`)")
+                           "key must be printable ASCII without spaces "
+                           "(e.g. `openssl rand -hex 32`)")
     return key
 
 

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -131,7 +131,8 @@ def wait_until_ready(server: Server, timeout: float) -> float:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited with {server.proc.returncode}:\n{server.log()[-3000:]}")
+            raise RuntimeError(f"server exited with {server.proc.returncode}:\n"
+                               f"{server.log()[-3000:]}")
         try:
             if httpx.get(server.base_url + "/ready", timeout=2).status_code == 200:
                 return time.monotonic() - server.started_at

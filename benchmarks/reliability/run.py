@@ -125,7 +125,8 @@ def headline(name: str, r: dict) -> str:
                          f"{r['rss_growth_from_2min_pct']} %"),
         "classify_flood": lambda: (f"probes max {r['probe_max_s']} s, RSS after idle "
                                    f"{r['rss_idle_vs_start_pct']:+} %, threads "
-                                   f"{r['threads_start']}→{max(x['threads_peak'] for x in r['rounds'])}"),
+                                   f"{r['threads_start']}→"
+                                   f"{max(x['threads_peak'] for x in r['rounds'])}"),
         "disconnect_storm": lambda: (f"{r['clients_left']} left, {r['dropped_counted']} "
                                      f"counted dropped, idle after {r['seconds_to_idle']} s"),
         "slowloris": lambda: (f"{r['opened']} stalled sockets, probes max "

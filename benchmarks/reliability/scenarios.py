@@ -368,7 +368,8 @@ def sigterm(ctx: Context, grace_s: float = 2.0) -> dict:
     records = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     drained = next((r for r in records if r.get("msg") == "drained"), {})
     stats = summarise(outcomes)
-    return {"grace_s": grace_s, **stats, "exit_code": code, "exit_after_sigterm_s": round(drain_s, 2),
+    return {"grace_s": grace_s, **stats, "exit_code": code,
+            "exit_after_sigterm_s": round(drain_s, 2),
             "drained_log": {k: drained.get(k) for k in ("in_flight", "cut", "seconds")},
             "tracebacks_in_log": log.count("Traceback"),
             "non_json_log_lines": sum(not line.startswith("{") for line in log.splitlines()),
