@@ -1,9 +1,19 @@
 # CAMEx Serve image: the HTTP server with CPU torch and the demo checkpoints baked in.
 #
 #   docker build -t camex-server .
-#   docker run -p 8080:8080 camex-server                  # serves the demo models at once
-#   docker run -p 8080:8080 -v /my/models:/models:ro \
+#   # with an API key (the default command refuses to serve without one, see CMD below):
+#   docker run -p 127.0.0.1:8080:8080 -e CAMEX_API_KEY="$(openssl rand -hex 32)" camex-server
+#   # or from a file (not visible in `docker inspect`):
+#   docker run -p 127.0.0.1:8080:8080 -v "$PWD/key:/run/secrets/camex-key:ro" \
+#       -e CAMEX_API_KEY_FILE=/run/secrets/camex-key camex-server
+#   # a trusted machine, no key: say so explicitly
+#   docker run -p 127.0.0.1:8080:8080 camex-server --allow-unauthenticated
+#   # your own models
+#   docker run -p 127.0.0.1:8080:8080 -v /my/models:/models:ro -e CAMEX_API_KEY=... \
 #       -e CAMEX_MODEL=/models/lm -e CAMEX_CLASSIFIER=/models/clf camex-server
+#
+# `-p 127.0.0.1:8080:8080` publishes on the host's loopback only; `-p 8080:8080` would publish
+# on every host interface.
 #
 # Build args:
 #   TORCH_VARIANT  cpu (default) or a CUDA wheel tag such as cu128; run a CUDA image with
@@ -95,3 +105,8 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('CAMEX_PORT', '8080') + '/health', timeout=4)"]
 
 ENTRYPOINT ["camex-server"]
+# The default command passes nothing: on the container's 0.0.0.0 the server then starts only
+# with an API key (CAMEX_API_KEY or CAMEX_API_KEY_FILE) and otherwise exits at once saying so.
+# Serving without a key takes an explicit `--allow-unauthenticated` (or
+# CAMEX_ALLOW_UNAUTHENTICATED=1).
+CMD []

@@ -28,7 +28,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_INSTALL = echo "installing Debian packages: $(1)" && $(SUDO) apt-get update -qq && \
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(1) >/dev/null
 
-.PHONY: install tools system-deps serve demo monitor test test-fast lint clean
+.PHONY: install tools system-deps serve demo monitor test test-fast reliability lint bench clean
 
 $(VENV)/.installed: pyproject.toml
 	@# Debian/Ubuntu ship `venv` without ensurepip unless python3-venv is installed.
@@ -79,6 +79,11 @@ test: install tools system-deps
 
 test-fast: install
 	$(PY) -m pytest -q -m "not e2e and not slow" $(PYTEST_ARGS)
+
+# The long reliability runs (~25 min on 2 cores; results JSON + table): benchmarks/reliability.
+# Their quick versions run with the tests (pytest -m reliability).
+reliability: install system-deps
+	$(PY) benchmarks/reliability/run.py $(RELIABILITY_ARGS)
 
 # Both linters always run (a ruff finding does not hide a Dockerfile one); either fails the target.
 lint: install

@@ -1,8 +1,12 @@
-"""`camex-server`: parse settings (flags > CAMEX_* env > defaults), run uvicorn, drain on SIGTERM.
+"""`camex-server`: parse settings (flags > CAMEX_* env > defaults), check them, run uvicorn,
+drain on SIGTERM.
 
-On SIGTERM/SIGINT uvicorn stops accepting connections and lets in-flight requests finish for
-`--grace-s` seconds; then the engines stop and the process exits 0. A model that fails to load
-exits 1. Run: `python -m server.cli --model DIR --port 8080`.
+Before the port is bound: the API key is resolved (`--api-key`, `CAMEX_API_KEY` or
+`--api-key-file`), a non-loopback bind without one is refused (unless
+`--allow-unauthenticated`), and the checkpoint paths are checked. Each problem is one line on
+stderr and exit code 2. A model that then fails to load logs one error line (the traceback only
+with `--log-level debug`) and exits 1. On SIGTERM/SIGINT the drain of `server.shutdown` runs
+and the process exits 0. Run: `python -m server.cli --model DIR --port 8080`.
 """
 
 from __future__ import annotations
@@ -10,24 +14,51 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import uvicorn
 
-from server.app import create_app
-from server.logs import configure_logging
+# Only light modules up here: the checks below must fail in a second, before torch loads.
+from server.preflight import preflight
+from server.security import HostPolicy, api_key_of, check_exposure, is_loopback
 from server.settings import ServerSettings
 
 log = logging.getLogger("camex.server")
 
 
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with our drain started as its shutdown begins (see server.shutdown)."""
+
+    def __init__(self, config: uvicorn.Config, on_shutdown: Callable[[], None]) -> None:
+        super().__init__(config)
+        self.on_shutdown = on_shutdown
+
+    async def shutdown(self, sockets=None) -> None:
+        self.on_shutdown()
+        await super().shutdown(sockets)
+
+
+def check(argv: Optional[Sequence[str]]) -> ServerSettings:
+    """Settings that passed every start-up check; ValueError with a one-line reason."""
+    settings = ServerSettings.from_sources(argv)
+    check_exposure(settings, api_key_of(settings))
+    preflight(settings)
+    return settings
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
-        settings = ServerSettings.from_sources(argv)
+        settings = check(argv)
     except ValueError as exc:
         print(f"camex-server: error: {exc}", file=sys.stderr)
         return 2
+    from server.app import create_app
+    from server.connections import fit_fd_limit, guarded_protocol
+    from server.logs import adopt_library_logging, configure_logging
+    from server.shutdown import uvicorn_grace
+
     configure_logging(settings.log_level)
+    max_connections = fit_fd_limit(settings.max_connections)
     fatal: list[str] = []
     server: Optional[uvicorn.Server] = None
 
@@ -36,20 +67,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_fatal=on_fatal)
+    app = create_app(settings, on_fatal=on_fatal,
+                     hosts=HostPolicy.from_settings(settings, bound=True))
+    adopt_library_logging()
+    has_key = api_key_of(settings) is not None
+    app.state.connections.max_connections = max_connections
     config = uvicorn.Config(app, host=settings.host, port=settings.port, access_log=False,
-                            log_config=None, timeout_graceful_shutdown=int(settings.grace_s) or 1,
-                            lifespan="on")
-    server = uvicorn.Server(config)
+                            log_config=None, lifespan="on",
+                            http=guarded_protocol(app.state.connections),
+                            timeout_keep_alive=settings.keep_alive_s,
+                            timeout_graceful_shutdown=uvicorn_grace(settings.grace_s))
+    server = DrainingServer(config, on_shutdown=app.state.serving.begin_drain)
     # uvicorn re-raises the signal it caught once shut down; with a Python-level handler in
     # place that re-raise is a no-op, so a graceful drain exits 0 instead of dying by SIGTERM.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
     log.info("starting", extra={"host": settings.host, "port": settings.port,
-                                "model": settings.model, "classifier": settings.classifier})
+                                "model": settings.model, "classifier": settings.classifier,
+                                "api_key": has_key, "max_connections": max_connections})
+    if not has_key and not is_loopback(settings.host):
+        log.warning("serving without an API key on a non-loopback address "
+                    "(--allow-unauthenticated)", extra={"host": settings.host})
     server.run()
     if fatal:
-        log.error("exiting: model failed to load", extra={"error": fatal[0]})
         return 1
     log.info("stopped")
     return 0

@@ -35,6 +35,7 @@ FAILURE_REASON = {
     "generation": "internal",
     "internal": "internal",
     "unavailable": None,
+    "shutdown": "shutdown",  # cut by the shutdown deadline (server.shutdown)
     "client_closed": None,  # counted as "dropped" where the generation is cancelled
     "not_found": None,
     "method_not_allowed": None,
@@ -140,7 +141,13 @@ def install_error_handlers(app: FastAPI, record_failure) -> None:
                                        if not (k == 1 and p in ("prompt", "messages", "inputs")))}
                     for e in errs]
         message, param = describe(errs, exc.body, request.headers.get("content-type"))
-        return respond(request, validation(message, param), exc.body)
+        err = validation(message, param)
+        if any(e.get("type") == "json_invalid" for e in errs):
+            # A body that is not JSON at all is 400, as the other unparsable bodies (FastAPI's
+            # "error parsing the body") and as TGI, OpenAI and vLLM answer it; 422 stays for
+            # well-formed JSON that breaks the schema.
+            err.status = 400
+        return respond(request, err, exc.body)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

@@ -22,6 +22,7 @@ from camex_runtime.errors import QueueTimeoutError, RequestFailedError
 from server import errors
 from server.metrics import ServerMetrics
 from server.protocol import GenerateParameters
+from server.shutdown import cut_error
 
 log = logging.getLogger("camex.server")
 DEFAULT_MAX_NEW_TOKENS = 20
@@ -165,8 +166,10 @@ class GenerationRun:
             log.error("generation failed", extra={"engine_request_id": self.handle.request_id,
                                                   "error": str(exc)})
             raise errors.ApiError(500, "generation", "request failed during generation") from None
+        # Only the engine's shutdown cut ends here cancelled (a client that left was already
+        # handled in stream()): 503 + Retry-After, or the final in-stream error event.
         if self.result.finish_reason == "cancelled":
-            raise errors.unavailable("request cancelled: the server is shutting down")
+            raise cut_error()
         self.metrics.observe_generation(self.result.timings, self.prompt_tokens,
                                         len(self.result.token_ids))
 

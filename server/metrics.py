@@ -11,6 +11,7 @@ runtime never imports prometheus: this module is the only bridge.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -25,7 +26,11 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128, 256)
 SCORE_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0)
-FAILURE_REASONS = ("validation", "overloaded", "dropped", "timeout", "unauthorized", "internal")
+FAILURE_REASONS = ("validation", "overloaded", "dropped", "timeout", "unauthorized", "internal",
+                   "shutdown")
+# Connections the server closed itself (server.connections): slow headers, evicted idle ones at
+# the connection cap, refused at the cap; slow bodies are answered 408 per request instead.
+CONNECTION_CLOSE_REASONS = ("header_timeout", "evicted", "over_capacity")
 
 
 class ServerMetrics:
@@ -64,6 +69,13 @@ class ServerMetrics:
         for reason in FAILURE_REASONS:  # export zeros so alerts see the series from the start
             self.failures.labels(reason)
         self.classified = Counter("camex_classified_sequences", "texts classified", registry=r)
+        self.open_connections = Gauge("camex_open_connections", "open client connections",
+                                      registry=r)
+        self.connections_closed = Counter("camex_connections_closed", "connections the server "
+                                          "closed: slow headers, evicted or refused at the cap",
+                                          ["reason"], registry=r)
+        for reason in CONNECTION_CLOSE_REASONS:
+            self.connections_closed.labels(reason)
         self.build_info = Gauge("camex_build_info", "constant 1; labels describe the build",
                                 ["version", "model", "kind"], registry=r)
 
@@ -72,6 +84,9 @@ class ServerMetrics:
 
     def record_failure(self, reason: str) -> None:
         self.failures.labels(reason).inc()
+
+    def failure_count(self, reason: str) -> float:
+        return self.registry.get_sample_value("camex_failures_total", {"reason": reason}) or 0.0
 
     def observe_request(self, route: str, status: int, seconds: float) -> None:
         self.requests.labels(route, str(status)).inc()
@@ -126,6 +141,14 @@ class StatsReader:
         try:
             return self._pool.submit(engine.stats).result(timeout=self.timeout_s)
         except FutureTimeout:
+            return None
+
+    async def aread(self, engine) -> Optional[object]:
+        """`read` for the event loop: awaits the reader thread, holds no other thread."""
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(self._pool.submit(engine.stats)),
+                                          self.timeout_s)
+        except asyncio.TimeoutError:
             return None
 
 

@@ -1,14 +1,18 @@
-"""The ASGI layer every request passes: request id, API key, body size limit, metrics, access log.
+"""The ASGI layer every request passes: request id, Host check, API key, body size and time
+limits, metrics, access log, and the last word on requests cut at shutdown.
 
 A plain ASGI middleware (not Starlette's BaseHTTPMiddleware) so streaming responses and
 client-disconnect detection pass through untouched. The body is read here, at most
-`max_body_bytes` (413 beyond, before any JSON parsing), and replayed to the app; later
-`receive()` calls go to the server, so routes still see `http.disconnect`.
+`max_body_bytes` (413 beyond, before any JSON parsing) within `body_timeout_s` (408 beyond,
+connection closed), and replayed to the app; later `receive()` calls go to the server, so
+routes still see `http.disconnect`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
 import logging
 import re
 import time
@@ -16,7 +20,8 @@ import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 
-from server.errors import ApiError, internal_error
+from server.errors import ApiError, internal_error, overloaded
+from server.security import HostPolicy
 
 log = logging.getLogger("camex.access")
 error_log = logging.getLogger("camex.server")
@@ -24,15 +29,30 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/docs", "/redoc", "/op
                         "/docs/oauth2-redirect"})
 LOG_FIELDS = "log_fields"  # scope["state"] key: extra fields routes add to the access log
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+# Generation routes share one bound on requests in flight, checked before the body is read:
+# TGI's `max_concurrent_requests` (max_batch_size + max_waiting, as /info reports it). Beyond
+# it the engine would refuse anyway, after a thread hop and tokenization that an overloaded
+# server cannot afford; here the 429 costs a header parse.
+GENERATION_PATHS = frozenset({"/generate", "/generate_stream", "/", "/v1/completions",
+                              "/v1/chat/completions"})
+# camex_failures_total reason of the errors answered here, before any route ran
+# (a body too slow, 408, is the client's mistake like one too large: "validation")
+FAILURE_OF_STATUS = {401: "unauthorized", 403: "unauthorized", 429: "overloaded"}
 
 
 class ServingMiddleware:
-    def __init__(self, app, *, metrics, settings, known_paths: frozenset[str]) -> None:
+    def __init__(self, app, *, state, api_key: str | None, hosts: HostPolicy,
+                 known_paths: frozenset[str]) -> None:
         self.app = app
         self.known_paths = known_paths  # route label for requests rejected before routing
-        self.metrics = metrics
-        self.api_key = settings.api_key
-        self.max_body = settings.max_body_bytes
+        self.state = state  # ServingState: in-flight count, draining
+        self.metrics = state.metrics
+        self.api_key = api_key
+        self.hosts = hosts
+        self.max_body = state.settings.max_body_bytes
+        self.body_timeout_s = state.settings.body_timeout_s
+        self.max_generations = state.settings.max_batch_size + state.settings.max_waiting
+        self.generations = 0  # generation requests in flight
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -43,25 +63,36 @@ class ServingMiddleware:
         incoming = headers.get("x-request-id", "")
         request_id = incoming if REQUEST_ID.match(incoming) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
-        status = {"code": 500, "started": False}
+        status = {"code": 500, "started": False, "stream": False, "done": False}
 
         async def send_with_id(message) -> None:
             if message["type"] == "http.response.start":
                 status["code"], status["started"] = message["status"], True
                 MutableHeaders(scope=message)["x-request-id"] = request_id
+                status["stream"] = Headers(raw=message.get("headers", [])).get(
+                    "content-type", "").startswith("text/event-stream")
+            elif not message.get("more_body", False):
+                status["done"] = True
             await send(message)
 
+        self.state.http_in_flight += 1
+        generation = scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
+        self.generations += generation
         try:
-            error = self.check_auth(scope, headers)
-            if error is None:
-                receive, error = await self.read_body(scope, headers, receive)
+            receive, error = await self.admit(scope, headers, receive, generation)
             if error is not None:
-                self.metrics.record_failure("unauthorized" if error.status == 401 else "validation")
+                self.metrics.record_failure(FAILURE_OF_STATUS.get(error.status, "validation"))
                 await error.response(scope["path"])(scope, receive, send_with_id)
             elif receive is not None:
                 await self.app(scope, receive, send_with_id)
             else:
                 status["code"] = 499  # client left while sending its body
+        except asyncio.CancelledError:
+            if not self.state.draining:
+                raise
+            # uvicorn's shutdown deadline passed with this request still running (work that
+            # ignores the engines' cut, e.g. a classify forward): answer it, no traceback.
+            await self.answer_cut(scope, status, send_with_id)
         except Exception:
             # Answered here, not by Starlette's outer ServerErrorMiddleware: that one would send
             # the 500 without the request id and re-raise, so the server logs it a second time.
@@ -72,7 +103,45 @@ class ServingMiddleware:
             self.metrics.record_failure("internal")
             await internal_error().response(scope["path"])(scope, receive, send_with_id)
         finally:
+            self.state.http_in_flight -= 1
+            self.generations -= generation
             self.finish(scope, status["code"], time.monotonic() - start, request_id)
+
+    async def admit(self, scope, headers: Headers, receive, generation: bool):
+        """Host, key, the generation bound, then the body: (replaying receive, None), or
+        (receive, the error to answer), or (None, None) when the client left mid-body."""
+        error = self.check_host(headers) or self.check_auth(scope, headers)
+        if error is None and generation and self.generations > self.max_generations:
+            error = overloaded()
+        if error is not None:
+            return receive, error
+        return await self.read_body(scope, headers, receive)
+
+    async def answer_cut(self, scope, status: dict, send) -> None:
+        from server.shutdown import cut_error
+
+        err = cut_error()
+        self.metrics.record_failure("shutdown")
+        error_log.warning("request cut at the shutdown deadline")
+        try:
+            if not status["started"]:
+                response = err.response(scope["path"])
+                response.headers["connection"] = "close"
+                await response(scope, None, send)
+            elif status["stream"] and not status["done"]:
+                event = "data: " + json.dumps(err.body()) + "\n\n"
+                await send({"type": "http.response.body", "body": event.encode(),
+                            "more_body": False})
+        except Exception:  # the connection is going away anyway
+            pass
+
+    def check_host(self, headers: Headers) -> ApiError | None:
+        host = headers.get("host", "")
+        if self.hosts.allows(host):
+            return None
+        return ApiError(403, "forbidden", f"Host {host[:100]!r} is not served here (DNS "
+                        "rebinding guard); use localhost/127.0.0.1, or start the server with "
+                        "--allowed-hosts")
 
     def check_auth(self, scope, headers: Headers) -> ApiError | None:
         if self.api_key is None or scope["path"] in OPEN_PATHS:
@@ -92,8 +161,15 @@ class ServingMiddleware:
         if declared and declared.isdigit() and int(declared) > self.max_body:
             return receive, too_large
         chunks, size, more = [], 0, scope["method"] in ("POST", "PUT", "PATCH")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout_s
         while more:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                return receive, ApiError(408, "request_timeout", "the request body did not "
+                                         f"arrive within {self.body_timeout_s:g}s",
+                                         {"Connection": "close"})
             if message["type"] == "http.disconnect":
                 return None, None
             chunks.append(message.get("body", b""))

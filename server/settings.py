@@ -28,7 +28,16 @@ class ServerSettings:
     classifier: str | None = _opt(None, "folded classifier checkpoint directory")
     host: str = _opt("127.0.0.1", "bind address (keep 127.0.0.1 unless behind a proxy)")
     port: int = _opt(8080, "TCP port")
-    api_key: str | None = _opt(None, "require `Authorization: Bearer KEY` on API routes")
+    api_key: str | None = _opt(None, "require `Authorization: Bearer KEY` on API routes (visible "
+                               "to other users in `ps`: prefer CAMEX_API_KEY or --api-key-file)")
+    api_key_file: str | None = _opt(None, "read the API key from this file (its first line)")
+    allow_unauthenticated: bool = _opt(False, "serve a non-loopback address without an API key "
+                                       "(only on a network you trust)")
+    allowed_hosts: str | None = _opt(
+        None, "comma-separated Host header names to accept (DNS-rebinding guard); none: "
+        "loopback names when bound to loopback, any name otherwise; '*': any")
+    cors_origins: str | None = _opt(None, "comma-separated browser origins allowed to call the "
+                                    "API (CORS); none: CORS off; '*': any origin")
     model_id: str | None = _opt(None, "model name reported by /info and /v1/models")
     device: str = _opt("cpu", "torch device, e.g. cpu, cuda, cuda:1")
     dtype: str | None = _opt(None, "float32, bfloat16 or float16 (none: checkpoint dtype)")
@@ -40,6 +49,16 @@ class ServerSettings:
     max_stop_sequences: int = _opt(4, "most stop sequences per request")
     max_body_bytes: int = _opt(1 << 20, "request body size limit (413 beyond it)")
     queue_timeout_s: float = _opt(30.0, "longest wait in the queue before a 504")
+    max_connections: int = _opt(1000, "open client connections; at the limit the oldest idle "
+                                "one is closed, and with none idle a new one gets 503")
+    header_timeout_s: float = _opt(10.0, "a connection must send its request headers within "
+                                   "this time, else it is closed (slowloris guard)")
+    body_timeout_s: float = _opt(30.0, "a request must send its whole body within this time "
+                                 "(408 beyond)")
+    keep_alive_s: float = _opt(75.0, "idle keep-alive connections are closed after this time "
+                               "(keep it above clients' and proxies' own idle timeouts)")
+    classify_workers: int = _opt(2, "threads running /classify calls; further calls wait in a "
+                                 "bounded queue (max_waiting) for at most queue_timeout_s")
     merge_cache_bytes: int | None = _opt(
         None, "merged-weight cache budget per engine (none: the larger of 256 MiB and one "
         "merged FFN per MoE layer for every batch slot, plus one)")
@@ -51,7 +70,8 @@ class ServerSettings:
     demo_dir: str | None = _opt(None, "where demo checkpoints are built when no model is given")
     grace_s: float = _opt(30.0, "SIGTERM: time to finish in-flight requests")
     health_stale_s: float = _opt(10.0, "/health is 503 when the engine loop is silent this long")
-    log_level: str = _opt("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_level: str = _opt("info", "log level (debug also logs the traceback of a failed model "
+                          "load)", choices=("debug", "info", "warning", "error"))
     lenient_fields: bool = _opt(False, "ignore unknown request fields instead of a 422 naming "
                                 "them (for clients that send extras)")
     chat_template: str | None = _opt(None, "Jinja chat template file for /v1/chat/completions "
@@ -59,7 +79,8 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         positive = ("port", "max_batch_size", "max_waiting", "max_client_batch_size",
-                    "max_body_bytes", "queue_timeout_s", "health_stale_s")
+                    "max_body_bytes", "queue_timeout_s", "health_stale_s", "max_connections",
+                    "header_timeout_s", "body_timeout_s", "keep_alive_s", "classify_workers")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
@@ -71,6 +92,8 @@ class ServerSettings:
             raise ValueError("max_stop_sequences and grace_s must be >= 0")
         if self.chat_template is not None and not os.path.isfile(self.chat_template):
             raise ValueError(f"chat_template {self.chat_template!r} is not a file")
+        if self.api_key is not None and self.api_key_file is not None:
+            raise ValueError("give the API key once: --api-key (CAMEX_API_KEY) or --api-key-file")
 
     @classmethod
     def from_sources(cls, argv: Sequence[str] | None = None,
@@ -93,20 +116,21 @@ def env_name(field_name: str) -> str:
 
 def _base_type(f: dataclasses.Field) -> type:
     text = str(f.type)
-    for name, typ in (("int", int), ("float", float), ("bool", bool)):
+    for name, typ in (("bool", bool), ("int", int), ("float", float)):
         if text.startswith(name):
             return typ
     return str
 
 
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _convert(f: dataclasses.Field, raw: str, source: str) -> Any:
     typ = _base_type(f)
-    if typ is bool:  # env switches: 1/true/yes/on or 0/false/no/off
-        words = {"1": True, "true": True, "yes": True, "on": True,
-                 "0": False, "false": False, "no": False, "off": False}
-        if raw.strip().lower() not in words:
-            raise ValueError(f"{source}={raw!r} is not a boolean (use 1/0, true/false)")
-        return words[raw.strip().lower()]
+    if typ is bool:
+        if raw.lower() not in TRUE + FALSE:
+            raise ValueError(f"{source}={raw!r} must be one of {', '.join(TRUE + FALSE)}")
+        return raw.lower() in TRUE
     try:
         value = typ(raw)
     except ValueError:
@@ -125,15 +149,13 @@ def build_parser() -> argparse.ArgumentParser:
                "CAMEX_MAX_BATCH_SIZE. Flags win over the environment.")
     for f in dataclasses.fields(ServerSettings):
         flag = "--" + f.name.replace("_", "-")
-        default = f.default
+        text = f"{f.metadata['help']} [env {env_name(f.name)}; default {f.default}]"
         if _base_type(f) is bool:  # a switch: --lenient-fields / --no-lenient-fields
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                dest=f.name, help=f"{f.metadata['help']} "
-                                f"[env {env_name(f.name)}; default {default}]")
+                                dest=f.name, help=text)
             continue
         parser.add_argument(flag, type=_base_type(f), default=None, dest=f.name,
-                            choices=f.metadata.get("choices"),
-                            help=f"{f.metadata['help']} [env {env_name(f.name)}; default {default}]")
+                            choices=f.metadata.get("choices"), help=text)
     return parser
 
 

@@ -3,7 +3,7 @@
 Loading (and building the demo checkpoints when no model is given) runs in a background thread
 so the HTTP port answers at once: `/health` is 200 while loading progresses, `/ready` turns 200
 only once every engine is loaded, started and warmed up. A load failure makes both 503 and calls
-`on_fatal` (the CLI then exits non-zero). Knows no routes.
+`on_fatal` (the CLI then exits non-zero). Shutdown is `server.shutdown.Drain`. Knows no routes.
 """
 
 from __future__ import annotations
@@ -15,7 +15,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 from server import errors
+from server.isolation import ClassifyQueue, OpsPool, release_memory
+from server.logs import adopt_library_logging
+from server.preflight import FLAG_OF
 from server.metrics import EngineObserver, ServerMetrics, StatsReader, engine_alive
+from server.security import redact_paths
 from server.settings import ServerSettings, cpu_threads
 
 log = logging.getLogger("camex.server")
@@ -41,10 +45,20 @@ class ServingState:
     ready: bool = False
     load_error: Optional[str] = None
     loading: bool = False
-    classify_inflight: int = 0  # /classify calls running now (bounded by max_waiting)
     on_fatal: Optional[Callable[[str], None]] = None
     started_at: float = field(default_factory=time.time)
+    draining: bool = False  # SIGTERM received: /ready is 503, no new work
+    http_in_flight: int = 0  # requests inside the app now (kept by the middleware)
+    classify_queue: Optional[ClassifyQueue] = None
+    ops: OpsPool = field(default_factory=OpsPool)  # /metrics and /info
+    drain: Optional[object] = None  # server.shutdown.Drain once SIGTERM arrived
     _thread: Optional[threading.Thread] = None
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        if self.classify_queue is None:
+            self.classify_queue = ClassifyQueue(s.classify_workers, s.max_waiting,
+                                                s.queue_timeout_s, on_idle=release_memory)
 
     def engines(self) -> list:
         return [e for e in (self.lm, self.classifier) if e is not None]
@@ -59,6 +73,8 @@ class ServingState:
         try:
             import torch
 
+            adopt_library_logging()  # transformers' own stderr handler would break JSON lines
+
             threads = cpu_threads(self.settings)
             torch.set_num_threads(threads)
             log.info("torch CPU threads", extra={"threads": threads})
@@ -70,7 +86,10 @@ class ServingState:
             self._start_and_warm()
         except Exception as exc:  # any failure to load is fatal for this process
             self.load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("model loading failed")
+            # One line; the traceback only with --log-level debug (it adds nothing to e.g. a
+            # CheckpointError, which names the file and tensor).
+            log.error("model failed to load: %s", self.load_error,
+                      exc_info=log.isEnabledFor(logging.DEBUG))
             if self.on_fatal:
                 self.on_fatal(self.load_error)
         finally:
@@ -86,20 +105,42 @@ class ServingState:
         self.ready = True
         log.info("ready", extra={"engines": [e.kind for e in self.engines()]})
 
+    def begin_drain(self) -> None:
+        """SIGTERM (on the event loop): see server.shutdown."""
+        from server.shutdown import Drain
+
+        self.draining = True
+        if self.drain is None and self.engines():  # nothing to drain after a failed load
+            self.drain = Drain(self, self.settings.grace_s)
+            self.drain.begin()
+
     def stop(self, grace_s: float) -> None:
+        """Lifespan end: after a drain only wait for it; without one (in-process use) stop
+        the engines with `grace_s` as before."""
         self.ready = False
-        for engine in self.engines():
-            engine.stop(grace_s=grace_s)
+        if self.drain is not None:
+            self.drain.wait()
+        else:
+            for engine in self.engines():
+                engine.stop(grace_s=grace_s)
+        self.classify_queue.shutdown()
+        self.ops.shutdown()
 
     # -- probes --------------------------------------------------------------------------------
-    def health(self) -> Health:
+    def public_load_error(self) -> str:
+        """The load failure as clients may see it: no absolute paths (the log has them)."""
+        return "the model failed to load: " + redact_paths(self.load_error or "unknown error")
+
+    async def health(self) -> Health:
+        """Liveness, on the event loop: only the engine stats read leaves it (deadline-bound,
+        on the stats reader's own threads), so a busy worker pool never delays a probe."""
         if self.load_error:
-            return Health(False, "failed", self.load_error)
+            return Health(False, "failed", self.public_load_error())
         if not self.engines():
             return Health(self.loading, "loading" if self.loading else "stopped",
                           "" if self.loading else "no engine loaded")
         for engine in self.engines():
-            stats = self.stats_reader.read(engine)
+            stats = await self.stats_reader.aread(engine)
             if stats is None:
                 return Health(False, "stuck", f"{engine.kind} engine did not answer within "
                               f"{self.stats_reader.timeout_s:.1f}s")
@@ -114,8 +155,11 @@ class ServingState:
     def require(self, kind: str):
         """The engine of `kind`, or ApiError 503 (not ready) / 404 (not served)."""
         engine = self.lm if kind == "causal-lm" else self.classifier
+        if self.draining:
+            raise errors.unavailable("the server is shutting down; retry on another replica")
         if not self.ready:
-            raise errors.unavailable(self.load_error or "model is loading; retry when /ready is 200")
+            raise errors.unavailable(self.public_load_error() if self.load_error
+                                     else "model is loading; retry when /ready is 200")
         if engine is None:
             what = "text generation" if kind == "causal-lm" else "classification"
             raise errors.ApiError(404, "not_found", f"this server has no {kind} model loaded, "
@@ -145,7 +189,8 @@ def build_engine(settings: ServerSettings, path: str, observer, expect_kind: str
         merge_cache_bytes=settings.merge_cache_bytes, strategy=settings.strategy,
         routing=settings.routing, observer=observer, **limits)
     if engine.kind != expect_kind:
-        raise ValueError(f"{path} holds a {engine.kind} checkpoint, expected {expect_kind}")
+        raise ValueError(f"{FLAG_OF[expect_kind]} {path} is a {engine.kind} checkpoint: pass it "
+                         f"with {FLAG_OF[engine.kind]}")
     return engine
 
 

@@ -56,7 +56,14 @@ ROWS: list[tuple[str, list[Panel]]] = [
               [(quantile(0.99, "camex_request_duration_seconds", "route"), "{{route}}")], "s"),
         Panel("Errors by reason",
               [(rate("camex_failures_total", "reason"), "{{reason}}")], "reqps",
-              description="validation, overloaded (429), dropped, timeout, unauthorized, internal"),
+              description="validation, overloaded (429), dropped, timeout, unauthorized, "
+                          "internal, shutdown (cut by the SIGTERM grace period: usually logged "
+                          "rather than scraped, the process exits right after)"),
+        Panel("Connections",
+              [(f"sum(camex_open_connections{SEL})", "open"),
+               (rate("camex_connections_closed_total", "reason"), "closed: {{reason}} /s")],
+              description="closed by the server: header_timeout (slow headers), evicted "
+                          "(idle, at the connection cap), over_capacity (refused with 503)"),
     ]),
     ("Latency", [
         Panel("Time to first token", percentiles("camex_time_to_first_token_seconds"), "s"),

@@ -2,18 +2,21 @@
 
 /health is a real check of the engine loop: 503 when a loop thread died, stopped, or has not
 heartbeated for `health_stale_s` (200 while the model is still loading, so liveness probes do not
-kill a pod that builds demo checkpoints). /ready is 503 until every engine is loaded and warm.
+kill a pod that builds demo checkpoints). /ready is 503 until every engine is loaded and warm,
+and again from SIGTERM on. The probes run on the event loop and /metrics and /info on threads
+of their own (`server.isolation`), so neither waits behind model work. /info shows no
+file-system paths.
 """
 
 from __future__ import annotations
 
-import anyio
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from server.protocol import ErrorResponse
 from server.routes.completions import info_model_id
+from server.security import redact_paths
 
 router = APIRouter(tags=["Operations"])
 UNAVAILABLE = {503: {"model": ErrorResponse}}
@@ -22,7 +25,7 @@ UNAVAILABLE = {503: {"model": ErrorResponse}}
 @router.get("/health", responses=UNAVAILABLE)
 async def health(request: Request) -> JSONResponse:
     """200 while the engine loop runs; 503 when it is stopped, dead or stuck."""
-    h = await anyio.to_thread.run_sync(request.app.state.serving.health)
+    h = await request.app.state.serving.health()
     if h.ok:
         return JSONResponse({"status": h.status})
     return JSONResponse({"error": f"unhealthy ({h.status}): {h.detail}",
@@ -33,10 +36,11 @@ async def health(request: Request) -> JSONResponse:
 async def ready(request: Request) -> JSONResponse:
     """200 once the model is loaded and warmed up (and the engine is healthy)."""
     state = request.app.state.serving
-    h = await anyio.to_thread.run_sync(state.health)
-    if state.ready and h.ok:
+    h = await state.health()
+    if state.ready and h.ok and not state.draining:
         return JSONResponse({"status": "ready"})
-    reason = state.load_error or (h.detail if not h.ok else "model is loading")
+    reason = "shutting down" if state.draining else (
+        h.detail if not h.ok else "model is loading")
     return JSONResponse({"error": f"not ready: {reason}", "error_type": "unavailable"},
                         status_code=503)
 
@@ -44,7 +48,8 @@ async def ready(request: Request) -> JSONResponse:
 @router.get("/info")
 async def info(request: Request) -> dict:
     """Served model(s), routing, limits and live engine state (TGI-like keys included)."""
-    return await anyio.to_thread.run_sync(info_of, request.app.state.serving)
+    state = request.app.state.serving
+    return redact_paths(await state.ops.run(info_of, state))
 
 
 def info_of(state) -> dict:
@@ -94,6 +99,6 @@ def stats_json(stats) -> dict | None:
 @router.get("/metrics", response_class=Response)
 async def metrics(request: Request) -> Response:
     """Prometheus text exposition of every camex_* metric."""
-    registry = request.app.state.serving.metrics.registry
-    body = await anyio.to_thread.run_sync(generate_latest, registry)
+    state = request.app.state.serving
+    body = await state.ops.run(generate_latest, state.metrics.registry)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -174,17 +174,52 @@ def test_queue_timeout_is_504_plain_and_stream(long_lm_dir, tmp_path):
         assert value(srv.metrics(), "camex_failures_total", reason="timeout") == 2
 
 
-def test_unloadable_model_exits_one(tmp_path):
+def run_cli(*args: str, env: dict | None = None, timeout: float = 120):
     import subprocess
     import sys
 
     from tests.server.live_server import ROOT, free_port
 
-    cmd = [sys.executable, "-m", "server.cli", "--model", str(tmp_path / "missing"),
-           "--port", str(free_port())]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    cmd = [sys.executable, "-m", "server.cli", "--port", str(free_port()), *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def test_wrong_paths_and_swapped_flags_fail_in_one_line(tmp_path, tiny_classifier_dir,
+                                                        tiny_lm_dir):
+    cases = [
+        (["--model", str(tmp_path / "missing")], "--model", "no such directory"),
+        (["--model", str(tmp_path)], "--model", "no config.json"),
+        (["--model", str(tiny_classifier_dir)], "is a classifier checkpoint",
+         "pass it with --classifier"),
+        (["--classifier", str(tiny_lm_dir)], "is a causal-lm checkpoint",
+         "pass it with --model"),
+        (["--port", "http"], "--port", "invalid int"),
+    ]
+    for args, *expected in cases:
+        proc = run_cli(*args)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 or args[0] == "--port", proc.stderr  # argparse adds its usage
+        assert all(e in lines[-1] for e in expected), proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_corrupt_checkpoint_exits_one_with_its_error_once(tiny_lm_dir, tmp_path):
+    import json
+    import shutil
+
+    bad = tmp_path / "corrupt-lm"
+    shutil.copytree(tiny_lm_dir, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # truncated
+    proc = run_cli("--model", str(bad))
     assert proc.returncode == 1
-    assert "model failed to load" in proc.stderr and "missing" in proc.stderr
-    bad = subprocess.run([sys.executable, "-m", "server.cli", "--port", "http"], cwd=ROOT,
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "--port" in bad.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines()]  # every line is JSON
+    errors = [r for r in records if r["level"] == "error"]
+    assert len(errors) == 1, errors
+    assert "CheckpointError" in errors[0]["msg"] and "model.safetensors" in errors[0]["msg"]
+    assert "exc" not in errors[0]  # no traceback ...
+    debug = run_cli("--model", str(bad), "--log-level", "debug")
+    traced = [json.loads(line) for line in debug.stderr.splitlines()]
+    assert any("Traceback" in r.get("exc", "") for r in traced)  # ... unless asked for

@@ -69,8 +69,8 @@ def stop(proc: subprocess.Popen, timeout: float = 30.0) -> int:
 
 @contextmanager
 def live_server(tmp_path: Path, *args: str, env: dict | None = None,
-                timeout: float = 120.0) -> Iterator[LiveServer]:
-    port = free_port()
+                timeout: float = 120.0, port: int | None = None) -> Iterator[LiveServer]:
+    port = port or free_port()
     log_path = tmp_path / f"server-{port}.log"
     cmd = [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port),
            *args]

@@ -60,7 +60,8 @@ def test_missing_checkpoint_fails_health_and_ready(tmp_path):
         assert fatal and "nope" in fatal[0]
         assert client.get("/health").status_code == 503
         ready = client.get("/ready")
-        assert ready.status_code == 503 and "nope" in ready.json()["error"]
+        assert ready.status_code == 503 and "nope: not a directory" in ready.json()["error"]
+        assert str(tmp_path) not in ready.json()["error"]  # no absolute paths to clients
 
 
 def test_heartbeat_age_decides_liveness():

@@ -40,9 +40,17 @@ def test_validation_error_is_json_with_field_names():
     assert 'camex_requests_total{route="/generate",status="422"} 1.0' in r.metrics_text
 
 
-def test_malformed_json_is_422_not_500():
-    r = call(settings(), "POST", "/generate", content=b"{nope", headers={"content-type":
-                                                                          "application/json"})
+@pytest.mark.parametrize("body", [b"{nope", b'{"inputs": "\xff\xfe"}', b"\xff\xfe\x00"],
+                         ids=["malformed-json", "invalid-utf8-in-json", "binary"])
+def test_unparsable_body_is_400_like_tgi_and_openai(body):
+    r = call(settings(), "POST", "/generate", content=body,
+             headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error_type"] == "validation"
+    assert 'camex_failures_total{reason="validation"} 1.0' in r.metrics_text
+
+
+def test_well_formed_json_against_the_schema_stays_422():
+    r = call(settings(), "POST", "/generate", json={"inputs": 3})
     assert r.status_code == 422 and r.json()["error_type"] == "validation"
 
 

@@ -44,3 +44,26 @@ def test_threads_default_leaves_a_core_for_the_http_loop(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
     assert cpu_threads(ServerSettings.from_sources([], env={})) == 1
     assert cpu_threads(ServerSettings.from_sources(["--threads", "5"], env={})) == 5
+
+
+def test_switches_come_from_flags_or_env_words():
+    assert ServerSettings.from_sources([], env={}).allow_unauthenticated is False
+    assert ServerSettings.from_sources(["--allow-unauthenticated"], env={}).allow_unauthenticated
+    for word, want in (("1", True), ("true", True), ("yes", True), ("0", False), ("off", False)):
+        env = {"CAMEX_ALLOW_UNAUTHENTICATED": word}
+        assert ServerSettings.from_sources([], env=env).allow_unauthenticated is want
+    with pytest.raises(ValueError, match="CAMEX_ALLOW_UNAUTHENTICATED='maybe' must be one of"):
+        ServerSettings.from_sources([], env={"CAMEX_ALLOW_UNAUTHENTICATED": "maybe"})
+
+
+@pytest.mark.parametrize("field", ["max_connections", "header_timeout_s", "body_timeout_s",
+                                   "keep_alive_s", "classify_workers"])
+def test_connection_and_worker_limits_must_be_positive(field):
+    with pytest.raises(ValueError, match=f"{field} must be > 0"):
+        ServerSettings.from_sources([], env={env_name(field): "0"})
+
+
+def test_a_key_given_twice_is_ambiguous(tmp_path):
+    with pytest.raises(ValueError, match="give the API key once"):
+        ServerSettings.from_sources(["--api-key-file", str(tmp_path / "k")],
+                                    env={"CAMEX_API_KEY": "abc"})
