@@ -34,24 +34,28 @@ from machine import CpuMeter  # noqa: E402
 
 
 def one_request(engine: Engine, prompt: str, max_new_tokens: int, rec: RequestRecord,
-                t0: float) -> None:
+                t0: float) -> int:
+    """Fill `rec`; returns the prompt's token count as the engine tokenized it."""
     handle = engine.submit(prompt, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
     for ev in handle:
         now = time.perf_counter() - t0
         if ev.error:
             rec.fail("engine_error", now, ev.error)
-            return
+            break
         rec.token_times.append(now)
         rec.output_tokens += 1
         if ev.finish_reason is not None:
             rec.ok, rec.end, rec.finish_reason = True, now, ev.finish_reason
     if not rec.ok:
         rec.fail("bad_response", time.perf_counter() - t0, "no final event")
+    return len(handle.prompt_token_ids)
 
 
 def closed_loop(engine: Engine, prompts: list[str], concurrency: int, max_new_tokens: int):
-    """`concurrency` threads send `prompts` back to back; the loadtest Report of the level."""
+    """`concurrency` threads send `prompts` back to back: the loadtest Report of the level and
+    the prompt token counts seen."""
     records: list[RequestRecord] = []
+    prompt_counts: set[int] = set()
     lock, queue = threading.Lock(), iter(enumerate(prompts))
     t0 = time.perf_counter()
 
@@ -66,7 +70,9 @@ def closed_loop(engine: Engine, prompts: list[str], concurrency: int, max_new_to
                                 prompt_chars=len(prompt))
             with lock:
                 records.append(rec)
-            one_request(engine, prompt, max_new_tokens, rec, t0)
+            n = one_request(engine, prompt, max_new_tokens, rec, t0)
+            with lock:
+                prompt_counts.add(n)
 
     threads = [threading.Thread(target=worker) for _ in range(min(concurrency, len(prompts)))]
     for t in threads:
@@ -75,7 +81,7 @@ def closed_loop(engine: Engine, prompts: list[str], concurrency: int, max_new_to
         t.join()
     run = {"api": "engine", "mode": "closed", "concurrency": concurrency,
            "max_new_tokens": max_new_tokens}
-    return build_report(records, len(prompts), run)
+    return build_report(records, len(prompts), run), sorted(prompt_counts)
 
 
 def run_plan(engine: Engine, plan: dict) -> list[dict]:
@@ -85,9 +91,11 @@ def run_plan(engine: Engine, plan: dict) -> list[dict]:
         c = level["concurrency"]
         closed_loop(engine, level["warmup_prompts"], c, plan["warmup_new_tokens"])
         with CpuMeter() as cpu:
-            report = closed_loop(engine, level["prompts"], c, plan["max_new_tokens"])
+            report, prompt_counts = closed_loop(engine, level["prompts"], c, plan["max_new_tokens"])
         levels.append({"concurrency": c, "report": report.to_dict(with_records=False),
-                       "cpu": cpu.result})
+                       "finish_reasons": sorted({r.finish_reason for r in report.records if r.ok},
+                                                key=str),
+                       "prompt_tokens": prompt_counts, "cpu": cpu.result})
         print(f"engine c={c}: {report.output_token_throughput:.1f} tok/s", flush=True)
     return levels
 

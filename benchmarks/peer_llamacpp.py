@@ -139,7 +139,7 @@ def http_run(system: str, pair: str, threads: int, rnd: int, plan: dict, paths: 
             levels.append({"concurrency": c, "report": report.to_dict(with_records=False),
                            "finish_reasons": sorted({r.finish_reason for r in report.records
                                                      if r.ok}, key=str),
-                           "server_prompt_tokens": sorted(set(prompt_counts)), "cpu": cpu.result})
+                           "prompt_tokens": sorted(set(prompt_counts)), "cpu": cpu.result})
             print(f"  {system:<12} {pair} t={threads} round {rnd} c={c}: "
                   f"{report.output_token_throughput:7.1f} tok/s, {report.completed}/{report.sent} ok, "
                   f"other cores {cpu.result.get('other_cores', '-')}", flush=True)
