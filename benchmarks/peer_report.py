@@ -20,7 +20,8 @@ SYSTEM_NAMES = {LLAMA: "llama.cpp `llama-server -np 8`",
                 "camex-dense": "camex-server, dense-equivalent model",
                 "camex-7x1": "camex-server, CAMEx 7+1 experts"}
 # dtype pair name -> (llama.cpp GGUF type, camex --dtype)
-DTYPE_PAIRS = {"fp32": ("f32", "float32"), "bf16": ("f16", "bfloat16")}
+# (bf16 vs f16 is issue #15's pairing: each server's usual half precision.)
+DTYPE_PAIRS = {"fp32": ("f32", "float32"), "bf16": ("f16", "bfloat16"), "fp16": ("f16", "float16")}
 
 
 def level_of(run: dict, concurrency: int) -> dict | None:
