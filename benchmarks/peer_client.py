@@ -17,7 +17,7 @@ import asyncio
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -35,7 +35,23 @@ class Event:
     done: bool = False
     finish_reason: str | None = None  # "length" when max tokens were generated
     prompt_tokens: int | None = None  # as the server counted them, when it says
+    token_ids: list[int] = field(default_factory=list)  # the new tokens' ids, when it says
     error: str | None = None
+
+
+@dataclass
+class LevelResult:
+    """One measured level: the loadtest Report, and what shows both servers ran the same thing."""
+    report: Report
+    prompt_tokens: list[int]  # prompt lengths as the server counted them ([] where it does not say)
+    token_ids: dict[int, list[int]]  # request index -> generated ids (greedy: comparable)
+
+    def to_dict(self) -> dict:
+        return {"report": self.report.to_dict(with_records=False),
+                "finish_reasons": sorted({r.finish_reason for r in self.report.records if r.ok},
+                                         key=str),
+                "prompt_tokens": sorted(set(self.prompt_tokens)),
+                "token_ids": [self.token_ids.get(i, []) for i in range(self.report.planned)]}
 
 
 class TgiDialect:
@@ -50,7 +66,9 @@ class TgiDialect:
     def read(self, event: dict, produced: int) -> Event:
         if event.get("error") is not None:
             return Event(error=f"{event.get('error_type', 'error')}: {event['error']}")
-        out = Event(new_tokens=1 if event.get("token") is not None else 0)
+        token = event.get("token")
+        out = Event(new_tokens=0 if token is None else 1,
+                    token_ids=[] if token is None else [int(token["id"])])
         if event.get("generated_text") is not None:
             out.done = True
             out.finish_reason = (event.get("details") or {}).get("finish_reason")
@@ -72,7 +90,8 @@ class LlamaCppDialect:
             err = event["error"]
             return Event(error=err.get("message", str(err)) if isinstance(err, dict) else str(err))
         predicted = int(event.get("tokens_predicted", produced))
-        out = Event(new_tokens=max(0, predicted - produced), prompt_tokens=event.get("tokens_evaluated"))
+        out = Event(new_tokens=max(0, predicted - produced), prompt_tokens=event.get("tokens_evaluated"),
+                    token_ids=[int(t) for t in event.get("tokens") or []])
         if event.get("stop"):
             out.done = True
             out.finish_reason = {"limit": "length", "eos": "eos_token", "word": "stop_sequence"}.get(
@@ -84,8 +103,9 @@ DIALECTS = {"tgi": TgiDialect, "llama.cpp": LlamaCppDialect}
 
 
 async def stream_one(client: httpx.AsyncClient, dialect, prompt: str, max_new_tokens: int,
-                     rec: RequestRecord, t0: float) -> int | None:
-    """Send one request, fill `rec`; returns the server's prompt token count if it said."""
+                     rec: RequestRecord, t0: float, ids: list[int]) -> int | None:
+    """Send one request, fill `rec` and `ids` (generated token ids); returns the server's
+    prompt token count if it said."""
     now = lambda: time.perf_counter() - t0  # noqa: E731
     produced, prompt_tokens = 0, None
     async with client.stream("POST", dialect.path, json=dialect.body(prompt, max_new_tokens)) as resp:
@@ -105,6 +125,7 @@ async def stream_one(client: httpx.AsyncClient, dialect, prompt: str, max_new_to
             t = now()
             rec.token_times.extend([t] * ev.new_tokens)  # several tokens in one piece: same time
             produced += ev.new_tokens
+            ids.extend(ev.token_ids)
             prompt_tokens = ev.prompt_tokens if ev.prompt_tokens is not None else prompt_tokens
             if ev.done:
                 rec.ok, rec.end, rec.finish_reason = True, t, ev.finish_reason
@@ -116,11 +137,12 @@ async def stream_one(client: httpx.AsyncClient, dialect, prompt: str, max_new_to
 
 
 async def closed_loop(url: str, dialect, prompts: list[str], concurrency: int,
-                      max_new_tokens: int, timeout_s: float) -> tuple[Report, list[int]]:
+                      max_new_tokens: int, timeout_s: float) -> LevelResult:
     """`concurrency` workers send `prompts` (each once, in order) back to back."""
     check_target(url, allow_remote=False)
     records: list[RequestRecord] = []
     prompt_counts: list[int] = []
+    token_ids: dict[int, list[int]] = {}
     queue = iter(enumerate(prompts))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, trust_env=False, limits=limits,
@@ -132,10 +154,15 @@ async def closed_loop(url: str, dialect, prompts: list[str], concurrency: int,
                 rec = RequestRecord(index=i, kind="stream", start=time.perf_counter() - t0,
                                     prompt_chars=len(prompt))
                 records.append(rec)
+                token_ids[i] = []
                 try:
-                    n = await stream_one(client, dialect, prompt, max_new_tokens, rec, t0)
+                    n = await stream_one(client, dialect, prompt, max_new_tokens, rec, t0,
+                                         token_ids[i])
                 except httpx.HTTPError as e:
                     rec.fail("transport_error", time.perf_counter() - t0, f"{type(e).__name__}: {e}")
+                    n = None
+                except (ValueError, KeyError, TypeError) as e:  # an event that is not the API's
+                    rec.fail("bad_response", time.perf_counter() - t0, f"{type(e).__name__}: {e}")
                     n = None
                 if n is not None:
                     prompt_counts.append(n)
@@ -143,12 +170,12 @@ async def closed_loop(url: str, dialect, prompts: list[str], concurrency: int,
         await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
     run = {"url": url, "api": dialect.name, "mode": "closed", "concurrency": concurrency,
            "max_new_tokens": max_new_tokens}
-    return build_report(records, len(prompts), run), prompt_counts
+    return LevelResult(build_report(records, len(prompts), run), prompt_counts, token_ids)
 
 
 def measure(url: str, api: str, prompts: list[str], concurrency: int, max_new_tokens: int,
-            timeout_s: float = 600.0) -> tuple[Report, list[int]]:
-    """Blocking: the Report of one closed-loop level, and the prompt token counts the server
-    reported (llama.cpp only; empty for TGI, whose stream does not say)."""
+            timeout_s: float = 600.0) -> LevelResult:
+    """Blocking: one closed-loop level (prompt token counts: llama.cpp only, TGI's stream does
+    not say them)."""
     return asyncio.run(closed_loop(url, DIALECTS[api](), prompts, concurrency, max_new_tokens,
                                    timeout_s))

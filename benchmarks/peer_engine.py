@@ -31,11 +31,13 @@ from camex_runtime import Engine, SamplingParams  # noqa: E402
 from loadtest.records import RequestRecord  # noqa: E402
 from loadtest.report import build_report  # noqa: E402
 from machine import CpuMeter  # noqa: E402
+from peer_client import LevelResult  # noqa: E402
 
 
 def one_request(engine: Engine, prompt: str, max_new_tokens: int, rec: RequestRecord,
-                t0: float) -> int:
-    """Fill `rec`; returns the prompt's token count as the engine tokenized it."""
+                t0: float, ids: list[int]) -> int:
+    """Fill `rec` and `ids` (generated token ids); returns the prompt's token count as the
+    engine tokenized it."""
     handle = engine.submit(prompt, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
     for ev in handle:
         now = time.perf_counter() - t0
@@ -44,6 +46,7 @@ def one_request(engine: Engine, prompt: str, max_new_tokens: int, rec: RequestRe
             break
         rec.token_times.append(now)
         rec.output_tokens += 1
+        ids.append(ev.token_id)
         if ev.finish_reason is not None:
             rec.ok, rec.end, rec.finish_reason = True, now, ev.finish_reason
     if not rec.ok:
@@ -52,10 +55,10 @@ def one_request(engine: Engine, prompt: str, max_new_tokens: int, rec: RequestRe
 
 
 def closed_loop(engine: Engine, prompts: list[str], concurrency: int, max_new_tokens: int):
-    """`concurrency` threads send `prompts` back to back: the loadtest Report of the level and
-    the prompt token counts seen."""
+    """`concurrency` threads send `prompts` back to back, as peer_client does over HTTP."""
     records: list[RequestRecord] = []
-    prompt_counts: set[int] = set()
+    prompt_counts: list[int] = []
+    token_ids: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
     lock, queue = threading.Lock(), iter(enumerate(prompts))
     t0 = time.perf_counter()
 
@@ -70,9 +73,9 @@ def closed_loop(engine: Engine, prompts: list[str], concurrency: int, max_new_to
                                 prompt_chars=len(prompt))
             with lock:
                 records.append(rec)
-            n = one_request(engine, prompt, max_new_tokens, rec, t0)
+            n = one_request(engine, prompt, max_new_tokens, rec, t0, token_ids[i])
             with lock:
-                prompt_counts.add(n)
+                prompt_counts.append(n)
 
     threads = [threading.Thread(target=worker) for _ in range(min(concurrency, len(prompts)))]
     for t in threads:
@@ -81,7 +84,7 @@ def closed_loop(engine: Engine, prompts: list[str], concurrency: int, max_new_to
         t.join()
     run = {"api": "engine", "mode": "closed", "concurrency": concurrency,
            "max_new_tokens": max_new_tokens}
-    return build_report(records, len(prompts), run), sorted(prompt_counts)
+    return LevelResult(build_report(records, len(prompts), run), prompt_counts, token_ids)
 
 
 def run_plan(engine: Engine, plan: dict) -> list[dict]:
@@ -91,12 +94,9 @@ def run_plan(engine: Engine, plan: dict) -> list[dict]:
         c = level["concurrency"]
         closed_loop(engine, level["warmup_prompts"], c, plan["warmup_new_tokens"])
         with CpuMeter() as cpu:
-            report, prompt_counts = closed_loop(engine, level["prompts"], c, plan["max_new_tokens"])
-        levels.append({"concurrency": c, "report": report.to_dict(with_records=False),
-                       "finish_reasons": sorted({r.finish_reason for r in report.records if r.ok},
-                                                key=str),
-                       "prompt_tokens": prompt_counts, "cpu": cpu.result})
-        print(f"engine c={c}: {report.output_token_throughput:.1f} tok/s", flush=True)
+            result = closed_loop(engine, level["prompts"], c, plan["max_new_tokens"])
+        levels.append({"concurrency": c, **result.to_dict(), "cpu": cpu.result})
+        print(f"engine c={c}: {result.report.output_token_throughput:.1f} tok/s", flush=True)
     return levels
 
 

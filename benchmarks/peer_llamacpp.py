@@ -134,12 +134,10 @@ def http_run(system: str, pair: str, threads: int, rnd: int, plan: dict, paths: 
             c = level["concurrency"]
             peer_client.measure(server.url, api, level["warmup_prompts"], c, plan["warmup_new_tokens"])
             with CpuMeter([server.proc.pid, os.getpid()]) as cpu:
-                report, prompt_counts = peer_client.measure(server.url, api, level["prompts"], c,
-                                                            plan["max_new_tokens"])
-            levels.append({"concurrency": c, "report": report.to_dict(with_records=False),
-                           "finish_reasons": sorted({r.finish_reason for r in report.records
-                                                     if r.ok}, key=str),
-                           "prompt_tokens": sorted(set(prompt_counts)), "cpu": cpu.result})
+                result = peer_client.measure(server.url, api, level["prompts"], c,
+                                             plan["max_new_tokens"])
+            levels.append({"concurrency": c, **result.to_dict(), "cpu": cpu.result})
+            report = result.report
             print(f"  {system:<12} {pair} t={threads} round {rnd} c={c}: "
                   f"{report.output_token_throughput:7.1f} tok/s, {report.completed}/{report.sent} ok, "
                   f"other cores {cpu.result.get('other_cores', '-')}", flush=True)

@@ -47,6 +47,19 @@ def ratios(num: dict[int, float | None], den: dict[int, float | None]) -> list[f
     return [num[r] / den[r] for r in sorted(num) if num.get(r) and den.get(r)]
 
 
+def same_tokens(run: dict, ref: dict) -> tuple[int, int]:
+    """(requests whose generated ids equal the reference run's, requests compared), over the
+    levels of two runs of one plan: greedy decoding of the same weights should agree, up to
+    near-ties that different kernels order differently."""
+    same = total = 0
+    for lv in run["levels"]:
+        other = level_of(ref, lv["concurrency"])
+        for a, b in zip(lv.get("token_ids", []), (other or {}).get("token_ids", [])):
+            if a and b:
+                same, total = same + (a == b), total + 1
+    return same, total
+
+
 def summarize(doc: dict) -> list[dict]:
     """One row per (system, dtype pair, threads), in the order the runs were planned."""
     conc = doc["settings"]["concurrency"]
@@ -75,6 +88,9 @@ def summarize(doc: dict) -> list[dict]:
                 row[f"{tag}_vs_llama"] = ratios(h, {r: tok_s(level_of(v, c)) for r, v in llama.items()})
             if system == "camex-7x1" and dense:
                 row[f"{tag}_vs_dense"] = ratios(h, {r: tok_s(level_of(v, c)) for r, v in dense.items()})
+        if system != LLAMA and llama:
+            pairs = [same_tokens(http[r], llama[r]) for r in sorted(http) if r in llama]
+            row["same_tokens_as_llama"] = [sum(p[0] for p in pairs), sum(p[1] for p in pairs)]
         row["other_cores_max"] = max((lv["cpu"].get("other_cores", 0.0) for r in http.values()
                                       for lv in r["levels"]), default=None)
         rows.append(row)
@@ -110,15 +126,20 @@ def markdown(doc: dict) -> str:
                    f"{r['threads']} | {cell(r, 'b1')} | {cell(r, 'conc')} |")
     out += ["", f"| server | dtype | threads | TTFT p50 B=1 ms | ITL p50 B=1 ms | ITL p50 "
                 f"c={conc} ms | engine B=1 tok/s | engine c={conc} tok/s | HTTP/engine B=1 | "
-                f"HTTP/engine c={conc} | CAMEx/dense B=1 | other cores (max) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                f"HTTP/engine c={conc} | CAMEx/dense B=1 | greedy = llama | other cores (max) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(" | ".join([
             f"| {r['system']}", r["dtype"], str(r["threads"]), span(r["b1_ttft_ms"], "{:.0f}"),
             span(r["b1_itl_ms"]), span(r["conc_itl_ms"]), span(r["b1_engine_tok_s"]),
             span(r["conc_engine_tok_s"]), span(r["b1_overhead"], "{:.2f}"),
             span(r["conc_overhead"], "{:.2f}"), span(r.get("b1_vs_dense", []), "{:.2f}"),
+            "-" if not r.get("same_tokens_as_llama") else "{}/{}".format(*r["same_tokens_as_llama"]),
             "-" if r["other_cores_max"] is None else f"{r['other_cores_max']:.2f}"]) + " |")
+    out += ["", "ITL: inter-token latency. HTTP/engine: tok/s over HTTP / the engine in process on "
+            "the same workload. greedy = llama: requests whose generated ids equal llama-server's "
+            "(same dtype pair, threads and round). other cores: CPU other processes used during "
+            "a level (machine busy - server - client)."]
     return "\n".join(out)
 
 

@@ -140,10 +140,11 @@ def test_quick_camex_side_end_to_end(models, tmp_path):
     assert "3. HTTP / engine, camex-dense B=1" in proc.stdout
 
 
-def fake_run(kind: str, system: str, rnd: int, b1: float, conc: float) -> dict:
+def fake_run(kind: str, system: str, rnd: int, b1: float, conc: float,
+             ids: tuple[list[int], ...] = ([1, 2], [3, 4])) -> dict:
     def level(c, tok_s):
         stats = {"median": 0.05, "p99": 0.1}
-        return {"concurrency": c, "cpu": {"other_cores": 0.1 * rnd},
+        return {"concurrency": c, "cpu": {"other_cores": 0.1 * rnd}, "token_ids": list(ids),
                 "report": {"output_token_throughput": tok_s, "ttft": stats, "itl": stats}}
     return {"kind": kind, "system": system, "dtype_pair": "fp32", "threads": 1, "round": rnd,
             "levels": [level(1, b1), level(8, conc)]}
@@ -158,7 +159,7 @@ def test_report_ratios_are_per_round_against_llama():
                     fake_run("http", "llama.cpp", 1, 25.0, 80.0),
                     fake_run("http", "camex-dense", 1, 20.0, 60.0),
                     fake_run("engine", "camex-dense", 1, 20.0, 60.0),
-                    fake_run("http", "camex-7x1", 1, 20.0, 30.0)]}
+                    fake_run("http", "camex-7x1", 1, 20.0, 30.0, ids=([1, 2], [3, 5]))]}
     rows = {r["system"]: r for r in summarize(doc)}
     assert list(rows) == ["llama.cpp", "camex-dense", "camex-7x1"]
     dense = rows["camex-dense"]
@@ -167,10 +168,14 @@ def test_report_ratios_are_per_round_against_llama():
     assert dense["b1_overhead"] == [0.8, 1.0] and dense["conc_overhead"] == [0.8, 1.0]
     assert rows["camex-7x1"]["b1_vs_dense"] == [0.9, 1.0]
     assert dense["other_cores_max"] == pytest.approx(0.1)
+    assert dense["same_tokens_as_llama"] == [8, 8]  # 2 rounds x 2 levels x 2 requests
+    assert rows["camex-7x1"]["same_tokens_as_llama"] == [6, 8]  # round 1: [3, 5] != [3, 4]
     table = markdown(doc)
     assert "| camex-server, dense-equivalent model | float32 | 1 | 10.0–20.0 (0.50–0.80×) | " \
            "40.0–60.0 (0.50–0.75×) |" in table
     assert "| llama.cpp `llama-server -np 8` | f32 | 1 | 20.0–25.0 | 80.0 |" in table
+    assert "| camex-7x1 | float32 | 1 | 50 | 50.0 | 50.0 | - | - | - | - | 0.90–1.00 | 6/8 | 0.10 |" \
+        in table
     lines = targets(doc)
     assert "1. dense / llama-server, B=1, fp32, 1 thread(s): worst 0.50 (>= 1.0: NOT met)" in lines
     assert "2. CAMEx / dense, B=1, fp32, 1 thread(s): worst 0.90 (>= 0.9: met)" in lines
