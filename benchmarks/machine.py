@@ -1,0 +1,89 @@
+"""What the benchmark machine is and how busy it was: CPU facts, load average, foreign CPU use.
+
+On a shared machine the load average alone cannot tell a benchmark's own work from somebody
+else's: `CpuMeter` reads the whole machine's busy CPU time (``/proc/stat``) and the CPU time of
+the processes being measured (``/proc/PID/stat``, threads included), and reports the
+difference as ``other_cores``: cores' worth of CPU that other processes took during the run.
+Linux only (returns nothing elsewhere). Knows nothing about what is measured.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import subprocess
+import time
+
+CPU_FLAGS_OF_INTEREST = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16",
+                         "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile", "amx_int8")
+TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def cpu_info() -> dict:
+    """`lscpu` model name, the flags that matter for fp32/fp16/bf16 kernels, and core counts."""
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "Model name":
+                model = value.strip()
+            elif key.strip() == "Flags":
+                flags = set(value.split())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"model_name": model, "cpus": os.cpu_count(),
+            "flags": {f: f in flags for f in CPU_FLAGS_OF_INTEREST},
+            "flags_hash": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:8]}
+
+
+def loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def _machine_busy_s() -> float | None:
+    """Seconds of non-idle CPU time summed over all cores since boot."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    # guest time is already counted in user/nice: count only the first 8 fields
+    return (sum(fields[:8]) - idle) / TICK
+
+
+def _process_cpu_s(pid: int) -> float:
+    """utime + stime of `pid` (all its threads); 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(rest[11]) + int(rest[12])) / TICK
+
+
+class CpuMeter:
+    """Context manager: machine CPU use during the block, split into ours and others'.
+
+    ``pids``: the processes whose work is being measured (default: this process)."""
+
+    def __init__(self, pids: list[int] | None = None):
+        self.pids = pids or [os.getpid()]
+        self.result: dict = {}
+
+    def __enter__(self) -> "CpuMeter":
+        self.t0, self.busy0 = time.monotonic(), _machine_busy_s()
+        self.own0 = sum(_process_cpu_s(p) for p in self.pids)
+        self.load0 = loadavg()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        wall = time.monotonic() - self.t0
+        busy1, own1 = _machine_busy_s(), sum(_process_cpu_s(p) for p in self.pids)
+        self.result = {"loadavg_before": self.load0, "loadavg_after": loadavg(),
+                       "wall_s": round(wall, 3)}
+        if self.busy0 is not None and busy1 is not None and wall > 0:
+            busy, own = (busy1 - self.busy0) / wall, (own1 - self.own0) / wall
+            self.result.update(busy_cores=round(busy, 3), own_cores=round(own, 3),
+                               other_cores=round(max(0.0, busy - own), 3))

@@ -1,0 +1,131 @@
+"""The camex engine's own generation rate, in process (no HTTP), for the server-overhead ratio.
+
+Loads a checkpoint into ``camex_runtime.Engine`` with camex-server's defaults (batch 8, waiting
+queue 64, merge cache sized by the engine, strategy ``auto``, ``torch.set_num_threads`` before
+loading), starts its step loop, warms it up, then runs the same plan as the HTTP client of
+``peer_llamacpp.py``: per level, ``concurrency`` client threads each submit the next prompt and
+read its token events until it finishes. Records are ``loadtest.records.RequestRecord`` and the
+statistics ``loadtest.report.build_report``, exactly as over HTTP, so
+HTTP tok/s / engine tok/s is the cost of the server between the engine and the wire.
+
+Runs as its own process (the orchestrator starts it), so thread settings and memory are the
+same as a fresh server's:
+
+    python benchmarks/peer_engine.py --model DIR --dtype float32 --threads 1 \\
+        --plan plan.json --out engine.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from camex_runtime import Engine, SamplingParams  # noqa: E402
+from loadtest.records import RequestRecord  # noqa: E402
+from loadtest.report import build_report  # noqa: E402
+from machine import CpuMeter  # noqa: E402
+from peer_client import LevelResult  # noqa: E402
+
+
+def one_request(engine: Engine, prompt: str, max_new_tokens: int, rec: RequestRecord,
+                t0: float, ids: list[int]) -> int:
+    """Fill `rec` and `ids` (generated token ids); returns the prompt's token count as the
+    engine tokenized it."""
+    handle = engine.submit(prompt, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+    for ev in handle:
+        now = time.perf_counter() - t0
+        if ev.error:
+            rec.fail("engine_error", now, ev.error)
+            break
+        rec.token_times.append(now)
+        rec.output_tokens += 1
+        ids.append(ev.token_id)
+        if ev.finish_reason is not None:
+            rec.ok, rec.end, rec.finish_reason = True, now, ev.finish_reason
+    if not rec.ok:
+        rec.fail("bad_response", time.perf_counter() - t0, "no final event")
+    return len(handle.prompt_token_ids)
+
+
+def closed_loop(engine: Engine, prompts: list[str], concurrency: int, max_new_tokens: int):
+    """`concurrency` threads send `prompts` back to back, as peer_client does over HTTP."""
+    records: list[RequestRecord] = []
+    prompt_counts: list[int] = []
+    token_ids: dict[int, list[int]] = {i: [] for i in range(len(prompts))}
+    lock, queue = threading.Lock(), iter(enumerate(prompts))
+    t0 = time.perf_counter()
+
+    def worker() -> None:
+        while True:
+            with lock:
+                item = next(queue, None)
+            if item is None:
+                return
+            i, prompt = item
+            rec = RequestRecord(index=i, kind="stream", start=time.perf_counter() - t0,
+                                prompt_chars=len(prompt))
+            with lock:
+                records.append(rec)
+            n = one_request(engine, prompt, max_new_tokens, rec, t0, token_ids[i])
+            with lock:
+                prompt_counts.append(n)
+
+    threads = [threading.Thread(target=worker) for _ in range(min(concurrency, len(prompts)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    run = {"api": "engine", "mode": "closed", "concurrency": concurrency,
+           "max_new_tokens": max_new_tokens}
+    return LevelResult(build_report(records, len(prompts), run), prompt_counts, token_ids)
+
+
+def run_plan(engine: Engine, plan: dict) -> list[dict]:
+    """Every level of the plan: its warm-up (unmeasured), then the measured requests."""
+    levels = []
+    for level in plan["levels"]:
+        c = level["concurrency"]
+        closed_loop(engine, level["warmup_prompts"], c, plan["warmup_new_tokens"])
+        with CpuMeter() as cpu:
+            result = closed_loop(engine, level["prompts"], c, plan["max_new_tokens"])
+        levels.append({"concurrency": c, **result.to_dict(), "cpu": cpu.result})
+        print(f"engine c={c}: {result.report.output_token_throughput:.1f} tok/s", flush=True)
+    return levels
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--dtype", required=True, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, required=True)
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--plan", type=Path, required=True, help="levels and prompts (JSON)")
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args(argv)
+    plan = json.loads(args.plan.read_text())
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    engine = Engine.from_pretrained(args.model, device="cpu", dtype=args.dtype,
+                                    max_batch_size=args.max_batch_size, max_waiting=64)
+    engine.start()
+    engine.warmup()
+    ready_s = time.perf_counter() - t0
+    try:
+        levels = run_plan(engine, plan)
+    finally:
+        engine.stop(grace_s=5.0)
+    args.out.write_text(json.dumps({"model": args.model, "dtype": args.dtype,
+                                    "threads": torch.get_num_threads(), "ready_s": ready_s,
+                                    "levels": levels}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

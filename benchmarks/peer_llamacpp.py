@@ -1,0 +1,236 @@
+"""camex-server vs llama.cpp's llama-server on the same weights, over HTTP, at equal threads.
+
+One command builds what it needs and prints the table of issue #15:
+
+1. llama.cpp: ``llama-server`` built from the ``llama-cpp-python`` source package (cached
+   under ``~/.cache/camex-serve/llama.cpp/``, see ``llamacpp_build.py``);
+2. models (``peer_models.py``): one seeded random dense GPT-2 (124 M parameters, full size),
+   converted to f32 and f16 GGUF by llama.cpp's own converter, and to camex checkpoints: the
+   dense-equivalent model and a CAMEx 7+1-expert model upcycled from it;
+3. for every thread count and dtype pair (fp32: f32 GGUF vs ``--dtype float32``; bf16: f16 GGUF
+   vs ``--dtype bfloat16``), ``--runs`` rounds, each starting llama-server, camex-server on the
+   dense model and camex-server on the CAMEx model in turn (fresh processes on 127.0.0.1) and
+   measuring B=1 (sequential requests) and ``--concurrency`` concurrent requests with the same
+   streaming client (``peer_client.py``), then the camex engine in process on the same
+   workload (``peer_engine.py``) for the server-overhead ratio;
+4. writes JSON (runs, machine, load, versions, commit) and prints the tables
+   (``peer_report.py``).
+
+    python benchmarks/peer_llamacpp.py                   # the full table (about an hour on 2 cores)
+    python benchmarks/peer_llamacpp.py --quick           # tiny model, short runs, still llama.cpp
+    python benchmarks/peer_llamacpp.py --quick --no-llama   # camex side only (what CI runs)
+
+A script that measures and reports; it asserts nothing about speed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+import llamacpp_build  # noqa: E402
+import peer_client  # noqa: E402
+from machine import CpuMeter, cpu_info, loadavg  # noqa: E402
+from peer_models import build_models  # noqa: E402
+from peer_report import DTYPE_PAIRS, LLAMA, markdown, summarize, targets  # noqa: E402
+from serving import ServerProcess, free_port  # noqa: E402
+
+SYSTEMS = (LLAMA, "camex-dense", "camex-7x1")
+CONTENDED_OTHER_CORES = 0.25  # other processes used more than a quarter core during a level
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny model and short runs")
+    p.add_argument("--no-llama", action="store_true",
+                   help="skip llama.cpp entirely (no build, no GGUF, no llama-server rows)")
+    p.add_argument("--no-engine", action="store_true", help="skip the in-process engine runs")
+    p.add_argument("--threads", default="1,2", help="compute threads, comma-separated")
+    p.add_argument("--dtypes", default="fp32,bf16", help=f"dtype pairs: {', '.join(DTYPE_PAIRS)}")
+    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--runs", type=int, default=2, help="rounds per configuration")
+    p.add_argument("--concurrency", type=int, default=8, help="the concurrent level (and -np)")
+    p.add_argument("--b1-requests", type=int, default=None, help="sequential requests (4; quick 2)")
+    p.add_argument("--concurrent-requests", type=int, default=None,
+                   help="requests at the concurrent level (2 x concurrency; quick 1 x)")
+    p.add_argument("--new-tokens", type=int, default=None, help="tokens per request (64; quick 16)")
+    p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work", type=Path, default=None,
+                   help="models and GGUF files (default ~/.cache/camex-serve/peer/<full|quick>)")
+    p.add_argument("--llama-cpp-python-version", default=llamacpp_build.DEFAULT_VERSION)
+    p.add_argument("--jobs", type=int, default=None, help="parallel build jobs (default: cores)")
+    p.add_argument("--startup-timeout", type=float, default=600.0)
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON (default benchmarks/results/peer-llamacpp[-quick].json)")
+    args = p.parse_args(argv)
+    args.threads = [int(t) for t in args.threads.split(",")]
+    args.dtypes = args.dtypes.split(",")
+    args.systems = [s for s in args.systems.split(",") if not (args.no_llama and s == LLAMA)]
+    for d in args.dtypes:
+        if d not in DTYPE_PAIRS:
+            p.error(f"unknown dtype pair {d!r}; use {', '.join(DTYPE_PAIRS)}")
+    for s in args.systems:
+        if s not in SYSTEMS:
+            p.error(f"unknown system {s!r}; use {', '.join(SYSTEMS)}")
+    args.b1_requests = args.b1_requests or (2 if args.quick else 4)
+    args.concurrent_requests = args.concurrent_requests or args.concurrency * (1 if args.quick else 2)
+    args.new_tokens = args.new_tokens or (16 if args.quick else 64)
+    flavour = "quick" if args.quick else "full"
+    args.work = args.work or Path.home() / ".cache" / "camex-serve" / "peer" / f"{flavour}-seed{args.seed}"
+    args.out = args.out or ROOT / "benchmarks" / "results" / (
+        "peer-llamacpp-quick.json" if args.quick else "peer-llamacpp.json")
+    return args
+
+
+def make_plan(args: argparse.Namespace, prompts: list[str]) -> dict:
+    """The workload every server and the engine get: distinct prompts per level (no prompt is
+    measured twice in one run, so no cache anywhere can serve it), warm-up prompts apart."""
+    n1, nc, c = args.b1_requests, args.concurrent_requests, args.concurrency
+    if n1 + nc + c > len(prompts):
+        raise SystemExit(f"need {n1 + nc + c} prompts, have {len(prompts)}")
+    return {"max_new_tokens": args.new_tokens, "warmup_new_tokens": 4,
+            "levels": [{"concurrency": 1, "prompts": prompts[:n1], "warmup_prompts": prompts[-1:]},
+                       {"concurrency": c, "prompts": prompts[n1:n1 + nc],
+                        "warmup_prompts": prompts[-c:]}]}
+
+
+def server_command(system: str, pair: str, threads: int, port: int, paths: dict,
+                   args: argparse.Namespace) -> tuple[list[str], str]:
+    """(command, readiness path) of one server."""
+    if system == LLAMA:
+        per_slot = args.prompt_tokens + args.new_tokens + 32
+        ctx = -(-args.concurrency * per_slot // 256) * 256
+        return [str(paths["llama_server"]), "-m", str(paths[f"gguf_{DTYPE_PAIRS[pair][0]}"]),
+                "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads),
+                "--threads-batch", str(threads), "-np", str(args.concurrency), "-c", str(ctx)], "/health"
+    model = paths["camex_dense" if system == "camex-dense" else "camex_7x1"]
+    return [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port),
+            "--model", str(model), "--threads", str(threads), "--dtype", DTYPE_PAIRS[pair][1],
+            "--max-batch-size", str(args.concurrency)], "/ready"
+
+
+def http_run(system: str, pair: str, threads: int, rnd: int, plan: dict, paths: dict,
+             args: argparse.Namespace, logs: Path) -> dict:
+    port = free_port()
+    cmd, ready = server_command(system, pair, threads, port, paths, args)
+    api = "llama.cpp" if system == LLAMA else "tgi"
+    log_path = logs / f"{system}-{pair}-t{threads}-r{rnd}.log"
+    t0 = time.monotonic()
+    with ServerProcess(cmd, port, log_path, args.startup_timeout, ready) as server:
+        ready_s = time.monotonic() - t0
+        levels = []
+        for level in plan["levels"]:
+            c = level["concurrency"]
+            peer_client.measure(server.url, api, level["warmup_prompts"], c, plan["warmup_new_tokens"])
+            with CpuMeter([server.proc.pid, os.getpid()]) as cpu:
+                result = peer_client.measure(server.url, api, level["prompts"], c,
+                                             plan["max_new_tokens"])
+            levels.append({"concurrency": c, **result.to_dict(), "cpu": cpu.result})
+            report = result.report
+            print(f"  {system:<12} {pair} t={threads} round {rnd} c={c}: "
+                  f"{report.output_token_throughput:7.1f} tok/s, {report.completed}/{report.sent} ok, "
+                  f"other cores {cpu.result.get('other_cores', '-')}", flush=True)
+    return {"kind": "http", "system": system, "dtype_pair": pair, "threads": threads,
+            "round": rnd, "cmd": cmd, "ready_s": round(ready_s, 1), "levels": levels}
+
+
+def engine_run(system: str, pair: str, threads: int, rnd: int, plan_path: Path, paths: dict,
+               logs: Path, timeout_s: float) -> dict:
+    model = paths["camex_dense" if system == "camex-dense" else "camex_7x1"]
+    out = logs / f"engine-{system}-{pair}-t{threads}-r{rnd}.json"
+    cmd = [sys.executable, str(HERE / "peer_engine.py"), "--model", str(model),
+           "--dtype", DTYPE_PAIRS[pair][1], "--threads", str(threads), "--plan", str(plan_path),
+           "--out", str(out)]
+    with (logs / out.with_suffix(".log").name).open("w") as log:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine run failed ({proc.returncode}); see {out.with_suffix('.log')}")
+    doc = json.loads(out.read_text())
+    for lv in doc["levels"]:
+        print(f"  {system:<12} {pair} t={threads} round {rnd} c={lv['concurrency']}: "
+              f"{lv['report']['output_token_throughput']:7.1f} tok/s in process (engine)", flush=True)
+    return {"kind": "engine", "system": system, "dtype_pair": pair, "threads": threads,
+            "round": rnd, "cmd": cmd, "ready_s": round(doc["ready_s"], 1), "levels": doc["levels"]}
+
+
+def prepare(args: argparse.Namespace) -> tuple[dict, dict, dict | None]:
+    """Models, GGUF files and llama-server: (paths, model description, llama.cpp description)."""
+    models = build_models(args.work, args.quick, args.seed, prompt_tokens=args.prompt_tokens)
+    paths = {k: Path(models[k]) for k in ("gpt2", "camex_dense", "camex_7x1", "prompts")}
+    if LLAMA not in args.systems:
+        return paths, models, None
+    llama = llamacpp_build.build_server(args.llama_cpp_python_version, args.jobs)
+    paths["llama_server"] = llama.server
+    for gguf_type in sorted({DTYPE_PAIRS[d][0] for d in args.dtypes}):
+        paths[f"gguf_{gguf_type}"] = llamacpp_build.convert_to_gguf(
+            llama, paths["gpt2"], args.work / f"gpt2-{gguf_type}.gguf", gguf_type)
+    return paths, models, {"llama_cpp_python": llama.version, **llama.build_info,
+                           "gguf": {k: str(v) for k, v in paths.items() if k.startswith("gguf")}}
+
+
+def git_state() -> dict:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    load_start = loadavg()
+    paths, models, llama = prepare(args)
+    prompts = [json.loads(line)["prompt"] for line in paths["prompts"].read_text().splitlines()]
+    plan = make_plan(args, prompts)
+    logs = args.out.with_name(args.out.stem + "-logs")
+    logs.mkdir(parents=True, exist_ok=True)
+    plan_path = logs / "plan.json"
+    plan_path.write_text(json.dumps(plan, indent=1))
+    runs = []
+    for threads in args.threads:
+        for pair in args.dtypes:
+            for rnd in range(args.runs):  # alternate: every system once per round
+                for system in args.systems:
+                    runs.append(http_run(system, pair, threads, rnd, plan, paths, args, logs))
+                    if system != LLAMA and not args.no_engine:
+                        runs.append(engine_run(system, pair, threads, rnd, plan_path, paths, logs,
+                                               args.startup_timeout + 1800))
+    other = [lv["cpu"].get("other_cores", 0.0) for r in runs for lv in r["levels"]]
+    doc = {"benchmark": "peer-llamacpp", "quick": args.quick, "argv": sys.argv[1:], **git_state(),
+           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "machine": {**cpu_info(), "platform": platform.platform(),
+                       "python": platform.python_version(), "loadavg_start": load_start,
+                       "loadavg_end": loadavg(), "other_cores_max": max(other, default=None),
+                       "contended": max(other, default=0.0) > CONTENDED_OTHER_CORES},
+           "llama_cpp": llama, "models": models,
+           "settings": {"threads": args.threads, "dtype_pairs": {d: DTYPE_PAIRS[d] for d in args.dtypes},
+                        "systems": args.systems, "runs": args.runs, "concurrency": args.concurrency,
+                        "b1_requests": args.b1_requests,
+                        "concurrent_requests": args.concurrent_requests,
+                        "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens},
+           "runs": runs}
+    doc["rows"] = summarize(doc)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    print()
+    print(markdown(doc))
+    print()
+    print("\n".join(targets(doc)))
+    if doc["machine"]["contended"]:
+        print(f"\nCONTENDED: other processes used up to {doc['machine']['other_cores_max']:.2f} "
+              f"cores during a measurement (load average {load_start} -> {loadavg()})")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

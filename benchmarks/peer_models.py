@@ -1,0 +1,158 @@
+"""The models of the llama.cpp peer benchmark: one set of random dense GPT-2 weights, three forms.
+
+``build_models(work, quick, seed)`` writes under ``work`` (each step skipped when its output
+exists, since the CAMEx export takes minutes):
+
+- ``tokenizer/``: a GPT-2-style byte-level BPE (GPT-2's pre-tokenizer and byte decoder) trained
+  on the Debian fortunes with ``tokenizers``; full size asks for GPT-2's 50,257 entries;
+- ``gpt2/``: a `transformers` GPT-2 directory (seeded random init, tied embeddings, safetensors)
+  with that tokenizer, and ``n_ctx`` in ``config.json`` (transformers 5 no longer writes it;
+  llama.cpp's converter reads it). This is what llama.cpp converts to GGUF;
+- ``camex-dense/``: the same weights as a camex checkpoint, ``upcycle_from_dense(gpt2,
+  num_experts=0)`` + ``export`` (the dense-equivalent model);
+- ``camex-7x1/``: ``upcycle_from_dense(gpt2, num_experts=7)`` (1 base + 7 routed experts per
+  FFN) with experts spread apart and routers sharpened, so that merging does real work,
+  + ``export``;
+- ``prompts.jsonl``: distinct prompts of exactly ``prompt_tokens`` tokens that survive a
+  decode/encode round trip, so every server sees the same token ids from the same text.
+
+Knows nothing about servers or llama.cpp (beyond the ``n_ctx`` key).
+
+    python benchmarks/peer_models.py --work ~/.cache/camex-serve/peer/full
+"""
+from __future__ import annotations
+
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from camex_runtime import export, upcycle_from_dense  # noqa: E402
+from camex_runtime.training.tokenizer import load_tokenizer, train_bpe_tokenizer  # noqa: E402
+from serving_models import fortune_texts  # noqa: E402
+
+# GPT-2 small (124 M parameters) and a tiny shape for --quick / tests.
+SHAPES = {
+    "full": dict(vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12),
+    "quick": dict(vocab_size=1024, n_positions=256, n_embd=64, n_layer=2, n_head=4),
+}
+QUICK_TEXTS = 3000  # fortunes the quick tokenizer trains on (seconds, not minutes)
+EXPERT_NOISE = 0.02  # std added to every routed expert: experts differ as much as init weights
+ROUTER_SCALE = 20.0  # sharpens N(0, 0.02) routers so scores differ between prompts
+
+
+def build_tokenizer(out: Path, texts: list[str], vocab_size: int):
+    if not (out / "tokenizer.json").exists():
+        t0 = time.perf_counter()
+        tok = train_bpe_tokenizer(texts, vocab_size=vocab_size, model_max_length=None)
+        tok.save_pretrained(out)
+        print(f"tokenizer: {len(tok)} entries in {time.perf_counter() - t0:.1f} s", flush=True)
+    return load_tokenizer(out)
+
+
+def build_gpt2(out: Path, tok, shape: dict, seed: int) -> dict:
+    """Seeded random GPT-2 with `tok`; the model vocab is the shape's, padded past the
+    tokenizer's size if it is smaller (the converter names unused ids [PADn])."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+    if (out / "config.json").exists():
+        return json.loads((out / "config.json").read_text())
+    if len(tok) > shape["vocab_size"]:
+        raise ValueError(f"tokenizer has {len(tok)} entries, more than vocab {shape['vocab_size']}")
+    cfg = GPT2Config(**shape, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(cfg).eval()
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    config["n_ctx"] = shape["n_positions"]  # llama.cpp's GPT-2 converter reads n_ctx
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    # transformers 5 names the tokenizer class "TokenizersBackend", which the converter's
+    # transformers 4 does not know; PreTrainedTokenizerFast reads the same tokenizer.json in both.
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2))
+    print(f"gpt2: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters", flush=True)
+    return config
+
+
+def build_camex(out: Path, gpt2_dir: Path, tok, num_experts: int, seed: int) -> dict:
+    """Upcycle the GPT-2 directory and export it (fold + verify) as a camex checkpoint."""
+    if (out / "config.json").exists():
+        return {"reused": True}
+    t0 = time.perf_counter()
+    model = upcycle_from_dense(gpt2_dir, num_experts=num_experts).eval()
+    if num_experts:
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():  # τ_i != 0 and routers that discriminate: merges differ
+            for name, p in model.named_parameters():
+                if ".experts." in name:
+                    p.add_(torch.randn(p.shape, generator=gen) * EXPERT_NOISE)
+                elif ".router." in name:
+                    p.mul_(ROUTER_SCALE)
+    report = export(model, out, tokenizer=tok,
+                    provenance={"training_data": "random init (llama.cpp peer benchmark)"})
+    print(f"{out.name}: exported in {time.perf_counter() - t0:.0f} s "
+          f"(max rel error {report.max_rel_error:.1e})", flush=True)
+    return {"reused": False, "export_seconds": report.seconds}
+
+
+def write_prompts(path: Path, tok, texts: list[str], n: int, length: int, seed: int) -> list[dict]:
+    """`n` distinct prompts of exactly `length` tokens, stable under decode -> encode."""
+    if path.exists():
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    rng, prompts, seen = random.Random(seed), [], set()
+    for _ in range(100 * n):
+        ids = tok.encode(rng.choice(texts) + "\n" + rng.choice(texts), add_special_tokens=False)
+        if len(ids) < length:
+            continue
+        start = rng.randrange(len(ids) - length + 1)
+        text = tok.decode(ids[start:start + length])
+        again = tok.encode(text, add_special_tokens=False)
+        if len(again) == length and text.strip() and text not in seen:
+            seen.add(text)
+            prompts.append({"prompt": text, "prompt_tokens": length})
+            if len(prompts) == n:
+                break
+    else:
+        raise RuntimeError(f"found only {len(prompts)} of {n} round-trip-stable prompts")
+    path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+    return prompts
+
+
+def build_models(work: Path, quick: bool, seed: int = 0, num_prompts: int = 64,
+                 prompt_tokens: int = 32) -> dict:
+    """Everything above under `work`; returns the paths and a description for the results."""
+    work.mkdir(parents=True, exist_ok=True)
+    shape = SHAPES["quick" if quick else "full"]
+    texts = fortune_texts()
+    tok = build_tokenizer(work / "tokenizer", texts[:QUICK_TEXTS] if quick else texts,
+                          shape["vocab_size"])
+    build_gpt2(work / "gpt2", tok, shape, seed)
+    build_camex(work / "camex-dense", work / "gpt2", tok, 0, seed)
+    build_camex(work / "camex-7x1", work / "gpt2", tok, 7, seed)
+    prompts = write_prompts(work / "prompts.jsonl", tok, texts, num_prompts, prompt_tokens, seed)
+    return {"work": str(work), "shape": shape, "seed": seed, "tokenizer_entries": len(tok),
+            "prompt_tokens": prompt_tokens, "num_prompts": len(prompts),
+            "expert_noise": EXPERT_NOISE, "router_scale": ROUTER_SCALE,
+            "gpt2": str(work / "gpt2"), "camex_dense": str(work / "camex-dense"),
+            "camex_7x1": str(work / "camex-7x1"), "prompts": str(work / "prompts.jsonl")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    print(json.dumps(build_models(args.work, args.quick, args.seed), indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Tables of the llama.cpp peer benchmark, from its results document (no measuring here).
+
+``summarize(doc)`` turns the recorded runs into one row per (system, dtype pair, threads) with
+the per-round figures (tokens/s at B=1 and at the concurrent level, TTFT, ITL, the engine's own
+rate and the server overhead) and the per-round ratios against llama-server of the same dtype
+pair and thread count; ``markdown(doc)`` prints the issue's table and a details table;
+``targets(doc)`` states the issue's targets as measured. A ratio is always taken between runs of
+the same round (taken back to back), and shown as the range over rounds.
+
+    python benchmarks/peer_report.py benchmarks/results/peer-llamacpp.json   # re-print a table
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+LLAMA = "llama.cpp"
+SYSTEM_NAMES = {LLAMA: "llama.cpp `llama-server -np 8`",
+                "camex-dense": "camex-server, dense-equivalent model",
+                "camex-7x1": "camex-server, CAMEx 7+1 experts"}
+# dtype pair name -> (llama.cpp GGUF type, camex --dtype)
+# (bf16 vs f16 is issue #15's pairing: each server's usual half precision.)
+DTYPE_PAIRS = {"fp32": ("f32", "float32"), "bf16": ("f16", "bfloat16"), "fp16": ("f16", "float16")}
+
+
+def level_of(run: dict, concurrency: int) -> dict | None:
+    return next((lv for lv in run["levels"] if lv["concurrency"] == concurrency), None)
+
+
+def tok_s(level: dict | None) -> float | None:
+    return None if level is None else level["report"]["output_token_throughput"]
+
+
+def median_ms(level: dict | None, metric: str) -> float | None:
+    v = None if level is None else level["report"][metric]["median"]
+    return None if v is None else v * 1e3
+
+
+def by_round(doc: dict, kind: str, system: str, pair: str, threads: int) -> dict[int, dict]:
+    return {r["round"]: r for r in doc["runs"] if r["kind"] == kind and r["system"] == system
+            and r["dtype_pair"] == pair and r["threads"] == threads}
+
+
+def ratios(num: dict[int, float | None], den: dict[int, float | None]) -> list[float]:
+    """num[r] / den[r] for every round where both exist."""
+    return [num[r] / den[r] for r in sorted(num) if num.get(r) and den.get(r)]
+
+
+def same_tokens(run: dict, ref: dict) -> tuple[int, int]:
+    """(requests whose generated ids equal the reference run's, requests compared), over the
+    levels of two runs of one plan: greedy decoding of the same weights should agree, up to
+    near-ties that different kernels order differently."""
+    same = total = 0
+    for lv in run["levels"]:
+        other = level_of(ref, lv["concurrency"])
+        for a, b in zip(lv.get("token_ids", []), (other or {}).get("token_ids", [])):
+            if a and b:
+                same, total = same + (a == b), total + 1
+    return same, total
+
+
+def summarize(doc: dict) -> list[dict]:
+    """One row per (system, dtype pair, threads), in the order the runs were planned."""
+    conc = doc["settings"]["concurrency"]
+    rows, seen = [], set()
+    for run in doc["runs"]:
+        key = (run["system"], run["dtype_pair"], run["threads"])
+        if run["kind"] != "http" or key in seen:
+            continue
+        seen.add(key)
+        system, pair, threads = key
+        http = by_round(doc, "http", *key)
+        engine = by_round(doc, "engine", *key)
+        llama = by_round(doc, "http", LLAMA, pair, threads)
+        dense = by_round(doc, "http", "camex-dense", pair, threads)
+        row = {"system": system, "dtype_pair": pair, "threads": threads,
+               "dtype": DTYPE_PAIRS[pair][0 if system == LLAMA else 1], "rounds": sorted(http)}
+        for c, tag in ((1, "b1"), (conc, "conc")):
+            h = {r: tok_s(level_of(run, c)) for r, run in http.items()}
+            e = {r: tok_s(level_of(run, c)) for r, run in engine.items()}
+            row[f"{tag}_tok_s"] = [h[r] for r in sorted(h)]
+            row[f"{tag}_ttft_ms"] = [median_ms(level_of(http[r], c), "ttft") for r in sorted(http)]
+            row[f"{tag}_itl_ms"] = [median_ms(level_of(http[r], c), "itl") for r in sorted(http)]
+            row[f"{tag}_engine_tok_s"] = [e[r] for r in sorted(e)]
+            row[f"{tag}_overhead"] = ratios(h, e)  # HTTP tok/s / engine tok/s
+            if system != LLAMA and llama:
+                row[f"{tag}_vs_llama"] = ratios(h, {r: tok_s(level_of(v, c)) for r, v in llama.items()})
+            if system == "camex-7x1" and dense:
+                row[f"{tag}_vs_dense"] = ratios(h, {r: tok_s(level_of(v, c)) for r, v in dense.items()})
+        if system != LLAMA and llama:
+            pairs = [same_tokens(http[r], llama[r]) for r in sorted(http) if r in llama]
+            row["same_tokens_as_llama"] = [sum(p[0] for p in pairs), sum(p[1] for p in pairs)]
+        row["other_cores_max"] = max((lv["cpu"].get("other_cores", 0.0) for r in http.values()
+                                      for lv in r["levels"]), default=None)
+        rows.append(row)
+    return rows
+
+
+def span(values: list[float | None], fmt: str = "{:.1f}") -> str:
+    """'a–b' over rounds (one value when they agree to the format), '-' when none."""
+    vals = [v for v in values if v is not None]
+    if not vals:
+        return "-"
+    lo, hi = fmt.format(min(vals)), fmt.format(max(vals))
+    return lo if lo == hi else f"{lo}–{hi}"
+
+
+def cell(row: dict, tag: str) -> str:
+    text = span(row[f"{tag}_tok_s"])
+    if row.get(f"{tag}_vs_llama"):
+        text += f" ({span(row[f'{tag}_vs_llama'], '{:.2f}')}×)"
+    return text
+
+
+def markdown(doc: dict) -> str:
+    rows, conc = summarize(doc), doc["settings"]["concurrency"]
+    s = doc["settings"]
+    out = [f"{s['prompt_tokens']}-token prompts, {s['new_tokens']} new tokens, greedy, over HTTP; "
+           f"{doc['settings']['runs']} runs each, alternating servers (range over runs; in "
+           f"brackets: ratio to llama-server of the same run, dtype pair and threads)", "",
+           f"| server | dtype | threads | B=1 tok/s | {conc} concurrent, total tok/s |",
+           "|---|---|---:|---:|---:|"]
+    for r in rows:
+        out.append(f"| {SYSTEM_NAMES.get(r['system'], r['system'])} | {r['dtype']} | "
+                   f"{r['threads']} | {cell(r, 'b1')} | {cell(r, 'conc')} |")
+    out += ["", f"| server | dtype | threads | TTFT p50 B=1 ms | ITL p50 B=1 ms | ITL p50 "
+                f"c={conc} ms | engine B=1 tok/s | engine c={conc} tok/s | HTTP/engine B=1 | "
+                f"HTTP/engine c={conc} | CAMEx/dense B=1 | greedy = llama | other cores (max) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        out.append(" | ".join([
+            f"| {r['system']}", r["dtype"], str(r["threads"]), span(r["b1_ttft_ms"], "{:.0f}"),
+            span(r["b1_itl_ms"]), span(r["conc_itl_ms"]), span(r["b1_engine_tok_s"]),
+            span(r["conc_engine_tok_s"]), span(r["b1_overhead"], "{:.2f}"),
+            span(r["conc_overhead"], "{:.2f}"), span(r.get("b1_vs_dense", []), "{:.2f}"),
+            "-" if not r.get("same_tokens_as_llama") else "{}/{}".format(*r["same_tokens_as_llama"]),
+            "-" if r["other_cores_max"] is None else f"{r['other_cores_max']:.2f}"]) + " |")
+    out += ["", "ITL: inter-token latency. HTTP/engine: tok/s over HTTP / the engine in process on "
+            "the same workload. greedy = llama: requests whose generated ids equal llama-server's "
+            "(same dtype pair, threads and round). other cores: CPU other processes used during "
+            "a level (machine busy - server - client)."]
+    return "\n".join(out)
+
+
+def targets(doc: dict) -> list[str]:
+    """The issue's targets 1-3, each with the worst measured ratio and met / not met."""
+    rows, lines = summarize(doc), []
+
+    def state(name: str, values: list[float], goal: float) -> None:
+        if values:
+            ok = "met" if min(values) >= goal else "NOT met"
+            lines.append(f"{name}: worst {min(values):.2f} (>= {goal}: {ok})")
+
+    for r in rows:
+        where = f"{r['dtype_pair']}, {r['threads']} thread(s)"
+        if r["system"] == "camex-dense":
+            for tag, what in (("b1", "B=1"), ("conc", "concurrent")):
+                state(f"1. dense / llama-server, {what}, {where}", r.get(f"{tag}_vs_llama", []), 1.0)
+        if r["system"] == "camex-7x1":
+            state(f"2. CAMEx / dense, B=1, {where}", r.get("b1_vs_dense", []), 0.9)
+        if r["system"] != LLAMA:
+            for tag, what in (("b1", "B=1"), ("conc", "concurrent")):
+                state(f"3. HTTP / engine, {r['system']} {what}, {where}", r[f"{tag}_overhead"], 0.95)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    doc = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
+    print(markdown(doc))
+    print()
+    print("\n".join(targets(doc)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,181 @@
+"""benchmarks/peer_llamacpp.py without llama.cpp: what the comparison rests on, checked quickly.
+
+- the models: one seeded GPT-2 directory llama.cpp's converter can read (``n_ctx``, a GPT-2
+  split byte-level BPE), whose camex dense form computes the same logits and whose CAMEx form
+  does not (merging does work); prompts of exactly the asked token count;
+- the converter's requirements never pull a CUDA torch or another package index;
+- the camex side end to end: ``--quick --no-llama`` starts real camex-servers on 127.0.0.1 and
+  the in-process engine, every request completes at full length, and the overhead ratio is the
+  recorded HTTP rate over the recorded engine rate;
+- the report: per-round ratios against llama-server and the issue's table format.
+
+Building llama.cpp (minutes) never runs here. Asserts nothing about speed.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import llamacpp_build  # noqa: E402
+from llamacpp_convert import is_gpt2_split  # noqa: E402
+from peer_models import SHAPES, build_gpt2, build_models  # noqa: E402
+from peer_report import markdown, summarize, targets  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict:
+    return build_models(tmp_path_factory.mktemp("peer") / "work", quick=True, num_prompts=24)
+
+
+def test_gpt2_directory_is_what_the_converter_reads(models):
+    gpt2 = Path(models["gpt2"])
+    config = json.loads((gpt2 / "config.json").read_text())
+    assert config["model_type"] == "gpt2" and config["n_ctx"] == config["n_positions"]
+    assert config["vocab_size"] == SHAPES["quick"]["vocab_size"]
+    spec = json.loads((gpt2 / "tokenizer.json").read_text())
+    assert spec["model"]["type"] == "BPE" and is_gpt2_split(spec["pre_tokenizer"])
+    assert max(spec["model"]["vocab"].values()) < config["vocab_size"]  # the converter asserts it
+    tok_class = json.loads((gpt2 / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert tok_class == "PreTrainedTokenizerFast"  # a class transformers 4 (the converter's) has
+
+
+def test_same_seed_same_weights(models, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(Path(models["work"]) / "tokenizer")
+    build_gpt2(tmp_path / "again", tok, SHAPES["quick"], models["seed"])
+    a = load_file(Path(models["gpt2"]) / "model.safetensors")
+    b = load_file(tmp_path / "again" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_camex_forms_of_the_same_weights(models):
+    import camex_runtime  # noqa: F401  (registers model_type camex)
+    from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+    ids = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3]])
+    with torch.no_grad():
+        ref = GPT2LMHeadModel.from_pretrained(models["gpt2"]).eval()(ids).logits
+        dense = AutoModelForCausalLM.from_pretrained(models["camex_dense"]).eval()(ids).logits
+        moe = AutoModelForCausalLM.from_pretrained(models["camex_7x1"]).eval()
+        moe_logits = moe(ids).logits
+    assert torch.allclose(dense, ref, atol=1e-4, rtol=1e-4)
+    assert moe.config.num_experts == 7
+    assert (moe_logits - ref).abs().max() > 1e-2  # experts were spread apart: merges matter
+
+
+def test_prompts_have_the_asked_token_count(models):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(Path(models["work"]) / "tokenizer")
+    prompts = [json.loads(line)["prompt"] for line in Path(models["prompts"]).read_text().splitlines()]
+    assert len(prompts) == 24 == len(set(prompts))
+    assert {len(tok.encode(p, add_special_tokens=False)) for p in prompts} == {32}
+
+
+def test_converter_requirements_stay_on_our_torch(tmp_path):
+    req = tmp_path / "requirements"
+    req.mkdir()
+    (req / "requirements-convert_hf_to_gguf.txt").write_text(
+        "-r ./requirements-convert_legacy_llama.txt\n"
+        "--extra-index-url https://download.pytorch.org/whl/cpu\n"
+        "## comment\ntorch==2.11.0\n")
+    (req / "requirements-convert_legacy_llama.txt").write_text(
+        "numpy~=2.2.6\ntransformers==4.57.6  # pinned\ngguf>=0.1.0\n")
+    got = llamacpp_build.converter_requirements(tmp_path)
+    assert got[0] == f"torch=={torch.__version__.split('+')[0]}"
+    assert got[1:] == ["numpy~=2.2.6", "transformers==4.57.6", str(tmp_path / "gguf-py")]
+
+
+def test_gpt2_split_is_recognised_and_nothing_else():
+    assert is_gpt2_split({"type": "ByteLevel", "add_prefix_space": False, "use_regex": True})
+    assert is_gpt2_split({"type": "Sequence", "pretokenizers": [
+        {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}]})
+    assert not is_gpt2_split({"type": "ByteLevel", "add_prefix_space": True, "use_regex": True})
+    assert not is_gpt2_split({"type": "ByteLevel", "add_prefix_space": False, "use_regex": False})
+    assert not is_gpt2_split({"type": "Metaspace", "replacement": "▁"})
+    assert not is_gpt2_split(None)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(480)
+def test_quick_camex_side_end_to_end(models, tmp_path):
+    out = tmp_path / "peer.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "peer_llamacpp.py"), "--quick", "--no-llama",
+         "--threads", "1", "--dtypes", "fp32", "--runs", "1", "--concurrency", "4",
+         "--b1-requests", "2", "--concurrent-requests", "4", "--new-tokens", "6",
+         "--work", models["work"], "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=450,
+        env={"PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false", "HOME": str(tmp_path)})
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    assert doc["llama_cpp"] is None and doc["commit"]
+    assert {"model_name", "flags", "loadavg_start", "contended"} <= doc["machine"].keys()
+    kinds = sorted((r["kind"], r["system"]) for r in doc["runs"])
+    assert kinds == [("engine", "camex-7x1"), ("engine", "camex-dense"),
+                     ("http", "camex-7x1"), ("http", "camex-dense")]
+    for run in doc["runs"]:
+        assert [lv["concurrency"] for lv in run["levels"]] == [1, 4]
+        for lv, n in zip(run["levels"], (2, 4)):
+            rep = lv["report"]
+            assert rep["completed"] == rep["sent"] == n, rep["failures_by_status"]
+            assert rep["total_output_tokens"] == n * 6 and lv["finish_reasons"] == ["length"]
+            assert rep["output_token_throughput"] > 0 and len(lv["cpu"]["loadavg_before"]) == 3
+            if run["kind"] == "engine":
+                assert lv["prompt_tokens"] == [32]  # the engine tokenizes the text as planned
+        if run["kind"] == "http":
+            assert "--threads" in run["cmd"] and run["cmd"][run["cmd"].index("--dtype") + 1] == "float32"
+    dense = next(r for r in doc["rows"] if r["system"] == "camex-dense")
+    http = next(r for r in doc["runs"] if r["kind"] == "http" and r["system"] == "camex-dense")
+    eng = next(r for r in doc["runs"] if r["kind"] == "engine" and r["system"] == "camex-dense")
+    assert dense["b1_overhead"] == [pytest.approx(http["levels"][0]["report"]["output_token_throughput"]
+                                                  / eng["levels"][0]["report"]["output_token_throughput"])]
+    assert "| server | dtype | threads | B=1 tok/s | 4 concurrent, total tok/s |" in proc.stdout
+    assert "3. HTTP / engine, camex-dense B=1" in proc.stdout
+
+
+def fake_run(kind: str, system: str, rnd: int, b1: float, conc: float,
+             ids: tuple[list[int], ...] = ([1, 2], [3, 4])) -> dict:
+    def level(c, tok_s):
+        stats = {"median": 0.05, "p99": 0.1}
+        return {"concurrency": c, "cpu": {"other_cores": 0.1 * rnd}, "token_ids": list(ids),
+                "report": {"output_token_throughput": tok_s, "ttft": stats, "itl": stats}}
+    return {"kind": kind, "system": system, "dtype_pair": "fp32", "threads": 1, "round": rnd,
+            "levels": [level(1, b1), level(8, conc)]}
+
+
+def test_report_ratios_are_per_round_against_llama():
+    doc = {"settings": {"concurrency": 8, "runs": 2, "prompt_tokens": 32, "new_tokens": 64},
+           "runs": [fake_run("http", "llama.cpp", 0, 20.0, 80.0),
+                    fake_run("http", "camex-dense", 0, 10.0, 40.0),
+                    fake_run("engine", "camex-dense", 0, 12.5, 50.0),
+                    fake_run("http", "camex-7x1", 0, 9.0, 20.0),
+                    fake_run("http", "llama.cpp", 1, 25.0, 80.0),
+                    fake_run("http", "camex-dense", 1, 20.0, 60.0),
+                    fake_run("engine", "camex-dense", 1, 20.0, 60.0),
+                    fake_run("http", "camex-7x1", 1, 20.0, 30.0, ids=([1, 2], [3, 5]))]}
+    rows = {r["system"]: r for r in summarize(doc)}
+    assert list(rows) == ["llama.cpp", "camex-dense", "camex-7x1"]
+    dense = rows["camex-dense"]
+    assert dense["b1_tok_s"] == [10.0, 20.0]
+    assert dense["b1_vs_llama"] == [0.5, 0.8]  # 10/20 and 20/25: never 10/25 or 20/20
+    assert dense["b1_overhead"] == [0.8, 1.0] and dense["conc_overhead"] == [0.8, 1.0]
+    assert rows["camex-7x1"]["b1_vs_dense"] == [0.9, 1.0]
+    assert dense["other_cores_max"] == pytest.approx(0.1)
+    assert dense["same_tokens_as_llama"] == [8, 8]  # 2 rounds x 2 levels x 2 requests
+    assert rows["camex-7x1"]["same_tokens_as_llama"] == [6, 8]  # round 1: [3, 5] != [3, 4]
+    table = markdown(doc)
+    assert "| camex-server, dense-equivalent model | float32 | 1 | 10.0–20.0 (0.50–0.80×) | " \
+           "40.0–60.0 (0.50–0.75×) |" in table
+    assert "| llama.cpp `llama-server -np 8` | f32 | 1 | 20.0–25.0 | 80.0 |" in table
+    assert "| camex-7x1 | float32 | 1 | 50 | 50.0 | 50.0 | - | - | - | - | 0.90–1.00 | 6/8 | 0.10 |" \
+        in table
+    lines = targets(doc)
+    assert "1. dense / llama-server, B=1, fp32, 1 thread(s): worst 0.50 (>= 1.0: NOT met)" in lines
+    assert "2. CAMEx / dense, B=1, fp32, 1 thread(s): worst 0.90 (>= 0.9: met)" in lines
