@@ -78,7 +78,7 @@ def check_batched(engine: Engine) -> float:
     sp = SamplingParams(max_new_tokens=10, ignore_eos=True)
     alone = [run_alone(engine, p, sp).token_ids for p in prompts]
     hs = []
-    for i, p in enumerate(prompts):  # staggered arrivals
+    for _i, p in enumerate(prompts):  # staggered arrivals
         hs.append(engine.submit(p, sp))
         engine.step()
     while not all(h.done for h in hs):

@@ -72,7 +72,7 @@ class CpuMeter:
         self.pids = pids or [os.getpid()]
         self.result: dict = {}
 
-    def __enter__(self) -> "CpuMeter":
+    def __enter__(self) -> CpuMeter:
         self.t0, self.busy0 = time.monotonic(), _machine_busy_s()
         self.own0 = sum(_process_cpu_s(p) for p in self.pids)
         self.load0 = loadavg()

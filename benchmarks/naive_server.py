@@ -21,7 +21,7 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 import uvicorn
@@ -35,10 +35,10 @@ from transformers.generation.streamers import BaseStreamer
 class Parameters(BaseModel):
     max_new_tokens: int = Field(20, ge=1)
     do_sample: bool = False
-    temperature: Optional[float] = Field(None, gt=0)
-    top_k: Optional[int] = Field(None, ge=1)
-    top_p: Optional[float] = Field(None, gt=0, le=1)
-    seed: Optional[int] = Field(None, ge=0)
+    temperature: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0)
     details: bool = False
     ignore_eos: bool = False  # vLLM-benchmark style: always generate max_new_tokens
 

@@ -65,7 +65,7 @@ class ServerProcess:
         self.log_path, self.startup_timeout_s = log_path, startup_timeout_s
         self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         self.log = self.log_path.open("w")
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.startup_timeout_s

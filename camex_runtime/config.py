@@ -217,7 +217,7 @@ class CamexConfig(PretrainedConfig):
             raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {pt!r}")
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "CamexConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> CamexConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; known: {sorted(PRESETS)}")
         return cls(**{**PRESETS[name], **overrides})

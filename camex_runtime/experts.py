@@ -214,7 +214,7 @@ class CamexMoEFFN(nn.Module):
         self.curvature = None
         if not config.folded and config.curvature_rank > 0:
             R = config.curvature_rank
-            shapes = {p: (h, d) for p in self.kind.in_projs} | {self.kind.out_proj: (d, h)}
+            shapes = dict.fromkeys(self.kind.in_projs, (h, d)) | {self.kind.out_proj: (d, h)}
             self.curvature = nn.ModuleDict({p: KroneckerCurvature(E, out, inp, R)
                                             for p, (out, inp) in shapes.items()})
 

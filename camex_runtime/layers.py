@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -228,7 +229,7 @@ class FFNKind:
     def projections(self) -> tuple[str, ...]:
         return (*self.in_projs, self.out_proj)
 
-    def fused(self) -> "FFNKind":
+    def fused(self) -> FFNKind:
         """The serving layout: all input projections stacked along their output rows as one
         `fc1` (for SwiGLU: [gate; up], one GEMM), the output projection as `fc2`."""
         k, hidden = len(self.in_projs), self.hidden

@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import torch
 from safetensors import safe_open
@@ -57,7 +58,7 @@ class DenseWeights:
             self.files = {name: path / f for name, f in weight_map.items()}
         elif (path / "model.safetensors").is_file():
             with safe_open(str(path / "model.safetensors"), framework="pt") as f:
-                self.files = {name: path / "model.safetensors" for name in f.keys()}
+                self.files = dict.fromkeys(f.keys(), path / "model.safetensors")
         else:
             found = sorted(p.name for p in path.glob("*.bin")) or ["no weights"]
             raise UpcycleError(f"{path}: no model.safetensors (found {', '.join(found)}); only "
@@ -65,7 +66,7 @@ class DenseWeights:
                                f"save_pretrained(..., safe_serialization=True)")
         self.prefix = ""
 
-    def under(self, prefix: str) -> "DenseWeights":
+    def under(self, prefix: str) -> DenseWeights:
         """The same checkpoint read with `prefix` prepended to every name (when it has such
         names: a bare body model saves without its task model's prefix)."""
         view = DenseWeights.__new__(DenseWeights)

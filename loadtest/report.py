@@ -51,7 +51,7 @@ class LatencyStats:
     max: float | None = None
 
     @classmethod
-    def of(cls, values: list[float]) -> "LatencyStats":
+    def of(cls, values: list[float]) -> LatencyStats:
         if not values:
             return cls()
         return cls(
@@ -91,7 +91,7 @@ class Slo:
     e2e: float | None = None
 
     @classmethod
-    def parse(cls, text: str) -> "Slo":
+    def parse(cls, text: str) -> Slo:
         """``"ttft=500ms,tpot=50ms,e2e=5s"`` -> Slo (bare numbers are seconds)."""
         values: dict[str, float] = {}
         for item in filter(None, (p.strip() for p in text.split(","))):
@@ -151,7 +151,7 @@ class Report:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Report":
+    def from_dict(cls, d: dict) -> Report:
         d = dict(d)
         for name in ("ttft", "tpot", "itl", "e2e"):
             d[name] = LatencyStats(**d[name])
@@ -163,7 +163,7 @@ class Report:
         Path(path).write_text(json.dumps(self.to_dict(with_records), indent=1) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Report":
+    def load(cls, path: str | Path) -> Report:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (KeyError, TypeError, json.JSONDecodeError) as e:

@@ -30,7 +30,7 @@ def format_report(r: Report) -> str:
         f"requests          planned {r.planned}  sent {r.sent}  completed {r.completed}  failed {r.failed}"
         + ("  [time cap hit]" if r.timed_out else ""),
         f"failures          {failures}",
-        f"sent by kind      " + ", ".join(f"{k}: {v}" for k, v in r.sent_by_kind.items()),
+        "sent by kind      " + ", ".join(f"{k}: {v}" for k, v in r.sent_by_kind.items()),
         f"duration          {r.duration_s:.3f} s   peak concurrency {r.peak_concurrency}",
         f"throughput        {r.request_throughput:.3f} req/s   {r.output_token_throughput:.2f} output tok/s"
         f"   ({r.total_output_tokens} tokens)",

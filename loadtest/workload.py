@@ -43,7 +43,7 @@ class LengthDist:
     b: float = 0.0
 
     @classmethod
-    def parse(cls, text: str) -> "LengthDist":
+    def parse(cls, text: str) -> LengthDist:
         """Parse ``"32"``, ``"fixed:32"``, ``"uniform:16:64"`` or ``"normal:64:16"``."""
         parts = str(text).split(":")
         try:

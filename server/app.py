@@ -10,7 +10,7 @@ applied by the CLI's uvicorn protocol (`server.connections`).
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import anyio
 from fastapi import Depends, FastAPI
@@ -33,8 +33,8 @@ EXPOSED_HEADERS = ["x-request-id", "x-queue-time", "x-inference-time", "x-time-p
                    "x-prompt-tokens", "x-generated-tokens", "retry-after"]
 
 
-def create_app(settings: ServerSettings, on_fatal: Optional[Callable[[str], None]] = None,
-               hosts: Optional[HostPolicy] = None) -> FastAPI:
+def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None = None,
+               hosts: HostPolicy | None = None) -> FastAPI:
     """`hosts`: which Host headers to answer (the CLI passes the policy of its bind address;
     default: `--allowed-hosts` if given, else any)."""
     api_key = api_key_of(settings)  # StartupError for an empty or unreadable key

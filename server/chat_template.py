@@ -9,7 +9,7 @@ without a template is a clear 400 naming the fix, never a guess at a format. Kno
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from server import errors
 
@@ -20,7 +20,7 @@ def _read(path: str) -> str:
         return f.read()
 
 
-def template_for(engine, settings) -> Optional[str]:
+def template_for(engine, settings) -> str | None:
     """The template in force: the `--chat-template` file, else the tokenizer's, else None."""
     if settings.chat_template:
         return _read(settings.chat_template)

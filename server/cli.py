@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
 
 import uvicorn
 
@@ -38,7 +38,7 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
-def check(argv: Optional[Sequence[str]]) -> ServerSettings:
+def check(argv: Sequence[str] | None) -> ServerSettings:
     """Settings that passed every start-up check; ValueError with a one-line reason."""
     settings = ServerSettings.from_sources(argv)
     check_exposure(settings, api_key_of(settings))
@@ -46,7 +46,7 @@ def check(argv: Optional[Sequence[str]]) -> ServerSettings:
     return settings
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = check(argv)
     except ValueError as exc:
@@ -60,7 +60,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     configure_logging(settings.log_level)
     max_connections = fit_fd_limit(settings.max_connections)
     fatal: list[str] = []
-    server: Optional[uvicorn.Server] = None
+    server: uvicorn.Server | None = None
 
     def on_fatal(message: str) -> None:
         fatal.append(message)

@@ -24,7 +24,7 @@ import json
 import logging
 import resource
 from collections import OrderedDict
-from typing import Callable, Optional
+from collections.abc import Callable
 
 log = logging.getLogger("camex.server")
 FD_RESERVE = 128  # descriptors kept for everything but client sockets: model files, logs, pipes
@@ -36,7 +36,7 @@ LINGER_S = 1.0
 MAX_LINGERING = 64
 
 
-def _raw_response(status: str, message: str, error_type: str, retry_after: Optional[int]) -> bytes:
+def _raw_response(status: str, message: str, error_type: str, retry_after: int | None) -> bytes:
     body = json.dumps({"error": message, "error_type": error_type},
                       separators=(",", ":")).encode()  # as the app's JSON responses
     head = [f"HTTP/1.1 {status}", "content-type: application/json",
@@ -64,7 +64,7 @@ class ConnectionGuard:
         self.on_close = on_close
         self.open = 0
         self.lingering = 0  # refused connections being drained before close
-        self._idle: "OrderedDict[object, None]" = OrderedDict()  # insertion = idle since
+        self._idle: OrderedDict[object, None] = OrderedDict()  # insertion = idle since
 
     def opened(self, conn) -> bool:
         """Register `conn`; False when it must be refused (at the cap, nobody idle)."""
@@ -175,7 +175,7 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
                 self.close_by_guard("header_timeout", HEADER_TIMEOUT_RESPONSE
                                     if self._partial else None)
 
-        def close_by_guard(self, reason: str, response: Optional[bytes] = None) -> None:
+        def close_by_guard(self, reason: str, response: bytes | None = None) -> None:
             if self._counted:
                 self._counted = False
                 guard.closed(self)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,9 +53,9 @@ class ApiError(Exception):
     error_type: str
     message: str
     headers: dict[str, str] = field(default_factory=dict)
-    param: Optional[str] = None
-    code: Optional[str] = None
-    shape: Optional[str] = None
+    param: str | None = None
+    code: str | None = None
+    shape: str | None = None
 
     def __str__(self) -> str:
         return f"{self.status} {self.error_type}: {self.message}"
@@ -85,7 +85,7 @@ def openai_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
-def validation(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
+def validation(message: str, param: str | None = None, code: str | None = None) -> ApiError:
     return ApiError(422, "validation", message, param=param, code=code)
 
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
-from typing import AsyncIterator, Awaitable, Callable, Optional
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 
@@ -30,7 +30,7 @@ UNSUPPORTED = ("frequency_penalty", "grammar", "typical_p", "adapter_id")
 
 
 def to_sampling(p: GenerateParameters, *, max_stop_sequences: int,
-                queue_timeout_s: float) -> tuple[SamplingParams, Optional[int]]:
+                queue_timeout_s: float) -> tuple[SamplingParams, int | None]:
     """TGI parameters -> SamplingParams and the seed to report. Raises ApiError (422)."""
     for name in UNSUPPORTED:
         if getattr(p, name) is not None:
@@ -60,7 +60,7 @@ def to_sampling(p: GenerateParameters, *, max_stop_sequences: int,
     return params, (seed if sampling else None)
 
 
-def truncate_prompt(tokenizer, prompt: str, keep_last: Optional[int]) -> str | list[int]:
+def truncate_prompt(tokenizer, prompt: str, keep_last: int | None) -> str | list[int]:
     """TGI `truncate`: keep only the last N prompt tokens."""
     if keep_last is None:
         return prompt
@@ -103,8 +103,8 @@ def wait_for_disconnect(receive) -> Callable[[], Awaitable[None]]:
 class GenerationRun:
     """One submitted request, followed to its end (or cancelled when the client leaves)."""
 
-    def __init__(self, handle, metrics: ServerMetrics, seed: Optional[int],
-                 log_fields: Optional[dict] = None) -> None:
+    def __init__(self, handle, metrics: ServerMetrics, seed: int | None,
+                 log_fields: dict | None = None) -> None:
         self.handle = handle
         self.metrics = metrics
         self.seed = seed

@@ -23,7 +23,8 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Optional, TypeVar
+from typing import TypeVar
+from collections.abc import Callable
 
 from server import errors
 
@@ -36,7 +37,7 @@ class ClassifyQueue:
     """A FIFO of /classify calls in front of a fixed set of worker threads."""
 
     def __init__(self, workers: int, max_waiting: int, queue_timeout_s: float,
-                 on_idle: Optional[Callable[[], None]] = None) -> None:
+                 on_idle: Callable[[], None] | None = None) -> None:
         self.workers = workers
         self.max_waiting = max_waiting
         self.queue_timeout_s = queue_timeout_s
@@ -44,8 +45,8 @@ class ClassifyQueue:
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="camex-classify")
         self._busy = 0  # calls on a worker now
         self._waiters: deque[asyncio.Future] = deque()
-        self._closed: Optional[str] = None  # set at shutdown: why new calls are refused
-        self._idle_timer: Optional[asyncio.TimerHandle] = None
+        self._closed: str | None = None  # set at shutdown: why new calls are refused
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     @property
     def waiting(self) -> int:

@@ -15,7 +15,7 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import Callable, Iterable, Optional
+from collections.abc import Callable, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -136,14 +136,14 @@ class StatsReader:
         self.timeout_s = timeout_s
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="camex-stats")
 
-    def read(self, engine) -> Optional[object]:
+    def read(self, engine) -> object | None:
         """EngineStats, or None when the engine did not answer in time."""
         try:
             return self._pool.submit(engine.stats).result(timeout=self.timeout_s)
         except FutureTimeout:
             return None
 
-    async def aread(self, engine) -> Optional[object]:
+    async def aread(self, engine) -> object | None:
         """`read` for the event loop: awaits the reader thread, holds no other thread."""
         try:
             return await asyncio.wait_for(asyncio.wrap_future(self._pool.submit(engine.stats)),

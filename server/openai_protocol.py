@@ -10,7 +10,7 @@ them); fields OpenAI or vLLM define that this server does not implement are list
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field
 
@@ -36,7 +36,7 @@ def _prompt(value: Any) -> Any:
                      "list of token-id lists, none of them empty")
 
 
-Prompt = Annotated[Union[str, list[str], list[int], list[list[int]]], BeforeValidator(_prompt)]
+Prompt = Annotated[str | list[str] | list[int] | list[list[int]], BeforeValidator(_prompt)]
 
 
 class StreamOptions(RequestSchema):
@@ -46,18 +46,18 @@ class StreamOptions(RequestSchema):
 
 class _Sampling(RequestSchema):
     """What completions and chat share (OpenAI names, vLLM's extensions marked)."""
-    model: Optional[Text] = Field(None, description="must name the served model when given")
-    temperature: Optional[float] = Field(None, ge=0.0, le=2.0, description="0: greedy; default 1")
-    top_p: Optional[float] = Field(None, ge=1e-6, le=1.0)
+    model: Text | None = Field(None, description="must name the served model when given")
+    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0: greedy; default 1")
+    top_p: float | None = Field(None, ge=1e-6, le=1.0)
     n: int = Field(1, ge=1, le=16, description="choices per prompt, each its own seed stream")
     stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    stop: Optional[TextOrTexts] = Field(None, description="up to --max-stop-sequences strings")
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
-    user: Optional[Text] = Field(None, description="accepted, unused")
+    stream_options: StreamOptions | None = None
+    stop: TextOrTexts | None = Field(None, description="up to --max-stop-sequences strings")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    user: Text | None = Field(None, description="accepted, unused")
     # vLLM extensions
-    top_k: Optional[int] = Field(None, ge=1, description="vLLM extension (-1 is not accepted)")
-    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=100.0,
+    top_k: int | None = Field(None, ge=1, description="vLLM extension (-1 is not accepted)")
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0,
                                                 description="vLLM extension")
     ignore_eos: bool = Field(False, description="keep generating past EOS (vLLM extension)")
 
@@ -67,8 +67,8 @@ class CompletionRequest(_Sampling):
                              "best_of", "min_tokens", "use_beam_search", "prompt_logprobs",
                              "include_stop_str_in_output", "response_format"})
     prompt: Prompt
-    max_tokens: Optional[int] = Field(16, ge=0, description="0 only with `echo` (score the prompt)")
-    logprobs: Optional[int] = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS,
+    max_tokens: int | None = Field(16, ge=0, description="0 only with `echo` (score the prompt)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS,
                                     description="logprob of each token plus this many best "
                                                 "alternatives; with `echo`, for the prompt too")
     echo: bool = Field(False, description="prepend the prompt (and its logprobs)")
@@ -76,16 +76,16 @@ class CompletionRequest(_Sampling):
 
 class CompletionLogprobs(_Schema):
     tokens: list[str]
-    token_logprobs: list[Optional[float]]
-    top_logprobs: list[Optional[dict[str, float]]]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
 class CompletionChoice(_Schema):
     index: int
     text: str
-    logprobs: Optional[CompletionLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]] = None
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None = None
 
 
 class Usage(_Schema):
@@ -100,7 +100,7 @@ class Completion(_Schema):
     created: int
     model: str
     choices: list[CompletionChoice]
-    usage: Optional[Usage] = None
+    usage: Usage | None = None
 
 
 # --- chat -----------------------------------------------------------------------------------
@@ -115,9 +115,9 @@ class ChatMessage(RequestSchema):
                              "refusal"})
     role: Literal["system", "developer", "user", "assistant"] = Field(
         ..., description="tool and function messages are not supported (no tools)")
-    content: Union[Text, list[TextPart], None] = Field(
+    content: Text | list[TextPart] | None = Field(
         None, description="a string, or text parts (no images or audio)")
-    name: Optional[Text] = None
+    name: Text | None = None
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -135,19 +135,19 @@ class ChatCompletionRequest(_Sampling):
                              "add_generation_prompt", "continue_final_message", "echo",
                              "include_stop_str_in_output", "prompt_logprobs"})
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: Optional[int] = Field(None, ge=1, description="deprecated name of "
+    max_tokens: int | None = Field(None, ge=1, description="deprecated name of "
                                       "max_completion_tokens")
-    max_completion_tokens: Optional[int] = Field(
+    max_completion_tokens: int | None = Field(
         None, ge=1, description="default: what the context has left after the prompt")
     logprobs: bool = Field(False, description="logprob of each generated token")
-    top_logprobs: Optional[int] = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                         description="best alternatives per token (needs logprobs)")
 
 
 class TopLogprob(_Schema):
     token: str
     logprob: float
-    bytes: Optional[list[int]]
+    bytes: list[int] | None
 
 
 class TokenLogprob(TopLogprob):
@@ -155,19 +155,19 @@ class TokenLogprob(TopLogprob):
 
 
 class ChoiceLogprobs(_Schema):
-    content: Optional[list[TokenLogprob]]
+    content: list[TokenLogprob] | None
 
 
 class AssistantMessage(_Schema):
     role: Literal["assistant"] = "assistant"
-    content: Optional[str]
+    content: str | None
 
 
 class ChatChoice(_Schema):
     index: int
     message: AssistantMessage
-    logprobs: Optional[ChoiceLogprobs] = None
-    finish_reason: Optional[Literal["stop", "length"]]
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
 
 
 class ChatCompletion(_Schema):
@@ -186,7 +186,7 @@ class ModelCard(_Schema):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
-    max_model_len: Optional[int] = None
+    max_model_len: int | None = None
 
 
 class ModelList(_Schema):
@@ -195,7 +195,7 @@ class ModelList(_Schema):
 
 
 class TokenizeCompletionRequest(RequestSchema):
-    model: Optional[Text] = None
+    model: Text | None = None
     prompt: Text
     add_special_tokens: bool = Field(True, description="add BOS etc. if the tokenizer does")
     return_token_strs: bool = False
@@ -204,7 +204,7 @@ class TokenizeCompletionRequest(RequestSchema):
 class TokenizeChatRequest(RequestSchema):
     unsupported = frozenset({"tools", "chat_template", "chat_template_kwargs",
                              "continue_final_message", "mm_processor_kwargs"})
-    model: Optional[Text] = None
+    model: Text | None = None
     messages: list[ChatMessage] = Field(..., min_length=1)
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
@@ -215,11 +215,11 @@ class TokenizeResponse(_Schema):
     count: int
     max_model_len: int
     tokens: list[int]
-    token_strs: Optional[list[str]] = None
+    token_strs: list[str] | None = None
 
 
 class DetokenizeRequest(RequestSchema):
-    model: Optional[Text] = None
+    model: Text | None = None
     tokens: list[Annotated[int, Field(ge=0, le=2**63 - 1)]]
 
 
@@ -230,8 +230,8 @@ class DetokenizeResponse(_Schema):
 class OpenAIError(_Schema):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
+    param: str | None = None
+    code: str | None = None
 
 
 class OpenAIErrorResponse(_Schema):

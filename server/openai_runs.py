@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Optional, Sequence
+from collections.abc import AsyncIterator, Sequence
 
 from camex_runtime import SamplingParams
 from server import errors
@@ -27,10 +27,10 @@ class Choice:
     """One generated choice: its run, the prompt it continues, its stop-string trimmer."""
     index: int
     prompt_index: int
-    prompt_text: Optional[str]  # as the client sent it; None for token ids (decoded on echo)
+    prompt_text: str | None  # as the client sent it; None for token ids (decoded on echo)
     run: GenerationRun
-    hold: "StopHold"
-    events: Optional[AsyncIterator] = field(default=None, repr=False)
+    hold: StopHold
+    events: AsyncIterator | None = field(default=None, repr=False)
 
     @property
     def text(self) -> str:
@@ -40,7 +40,7 @@ class Choice:
             else res.text
 
 
-def check_model(state, requested: Optional[str]) -> None:
+def check_model(state, requested: str | None) -> None:
     """vLLM answers 404 for a model name it does not serve; so does this server."""
     from server.routes.completions import info_model_id
     served = info_model_id(state)
@@ -61,7 +61,7 @@ def stop_list(stop, limit: int) -> list[str]:
 
 
 def sampling(body, state, *, max_tokens: int, stops: list[str], logprobs: int = 0,
-             prompt_logprobs: Optional[int] = None, seed: Optional[int]) -> SamplingParams:
+             prompt_logprobs: int | None = None, seed: int | None) -> SamplingParams:
     """OpenAI request fields -> SamplingParams for one choice."""
     temperature = 1.0 if body.temperature is None else body.temperature
     greedy = temperature == 0.0
@@ -76,7 +76,7 @@ def sampling(body, state, *, max_tokens: int, stops: list[str], logprobs: int = 
         prompt_logprobs=prompt_logprobs, queue_timeout_s=state.settings.queue_timeout_s)
 
 
-def choice_seeds(seed: Optional[int], n: int) -> list[Optional[int]]:
+def choice_seeds(seed: int | None, n: int) -> list[int | None]:
     """vLLM's rule: choice j of a seeded request uses seed + j; unseeded choices draw their own."""
     if seed is None:
         return [secrets.randbelow(MAX_SEED) for _ in range(n)]
@@ -192,7 +192,7 @@ class StopHold:
         self.keep = max((len(s) for s in self.stops), default=1) - 1
         self.held = ""
 
-    def push(self, piece: str, finish_reason: Optional[str]) -> str:
+    def push(self, piece: str, finish_reason: str | None) -> str:
         """The text that can be sent now, given one more piece."""
         self.held += piece
         if finish_reason is not None:
@@ -205,7 +205,7 @@ class StopHold:
         return out
 
 
-def finish_reason(reason: Optional[str]) -> Optional[str]:
+def finish_reason(reason: str | None) -> str | None:
     """Engine reasons -> OpenAI's: "length", else "stop" (EOS or a stop string)."""
     return None if reason is None else ("length" if reason == "length" else "stop")
 
@@ -229,7 +229,7 @@ def usage_of(choices: list[Choice]) -> Usage:
                  total_tokens=prompt + completion)
 
 
-def usage_now(c: Choice, body) -> Optional[Usage]:
+def usage_now(c: Choice, body) -> Usage | None:
     """vLLM's `continuous_usage_stats`: every chunk carries its choice's usage so far."""
     if not (body.stream_options and body.stream_options.continuous_usage_stats):
         return None

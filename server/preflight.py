@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 from server.settings import ServerSettings
 
@@ -43,7 +42,7 @@ def preflight(settings: ServerSettings) -> None:
                              f"with {FLAG_OF[found]}")
 
 
-def kind_of_architecture(name: str) -> Optional[str]:
+def kind_of_architecture(name: str) -> str | None:
     """`...ForCausalLM` -> causal-lm, `...ForSequenceClassification` -> classifier."""
     if name.endswith("ForCausalLM"):
         return "causal-lm"

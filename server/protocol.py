@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 from contextvars import ContextVar
-from typing import Annotated, Any, ClassVar, Literal, Optional, Union
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
@@ -46,7 +46,7 @@ def _all_encodable(texts: str | list[str]) -> str | list[str]:
 # lets one through to the tokenizer (a 500), so the check is explicit; on the whole union, so
 # the 422 names the field once rather than once per union member.
 Text = Annotated[str, AfterValidator(_encodable)]
-TextOrTexts = Annotated[Union[str, list[str]], AfterValidator(_all_encodable)]
+TextOrTexts = Annotated[str | list[str], AfterValidator(_all_encodable)]
 
 
 class _Schema(BaseModel):
@@ -100,28 +100,28 @@ def _neutral(value: Any) -> bool:
 # --- TGI generation -------------------------------------------------------------------------
 
 class GenerateParameters(RequestSchema):
-    best_of: Optional[int] = Field(None, ge=1, description="only 1 is supported")
+    best_of: int | None = Field(None, ge=1, description="only 1 is supported")
     decoder_input_details: bool = Field(False, description="add prompt tokens as details.prefill")
     details: bool = Field(False, description="return token details")
     do_sample: bool = Field(False, description="sample; false = greedy (temperature etc. ignored)")
-    frequency_penalty: Optional[float] = Field(None, description="not supported")
-    grammar: Optional[Any] = Field(None, description="not supported")
-    max_new_tokens: Optional[int] = Field(None, ge=1, description="default 20, capped by limits")
-    repetition_penalty: Optional[float] = Field(None, ge=0.01, le=100.0)
-    return_full_text: Optional[bool] = Field(None, description="prepend the prompt")
-    seed: Optional[int] = Field(None, ge=0, le=MAX_SEED)
+    frequency_penalty: float | None = Field(None, description="not supported")
+    grammar: Any | None = Field(None, description="not supported")
+    max_new_tokens: int | None = Field(None, ge=1, description="default 20, capped by limits")
+    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
+    return_full_text: bool | None = Field(None, description="prepend the prompt")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     stop: list[Text] = Field(default_factory=list, description="stop sequences")
-    temperature: Optional[float] = Field(None, ge=0.001, le=100.0)
-    top_k: Optional[int] = Field(None, ge=1)
-    top_n_tokens: Optional[int] = Field(None, ge=0, le=5,
+    temperature: float | None = Field(None, ge=0.001, le=100.0)
+    top_k: int | None = Field(None, ge=1)
+    top_n_tokens: int | None = Field(None, ge=0, le=5,
                                         description="best alternatives per generated token")
     # >= 1e-6: smaller values are below float32 resolution of the cumulative mass (meaningless)
-    top_p: Optional[float] = Field(None, ge=1e-6, le=1.0)
-    truncate: Optional[int] = Field(None, ge=1, description="keep only the last N prompt tokens")
-    typical_p: Optional[float] = Field(None, description="not supported")
+    top_p: float | None = Field(None, ge=1e-6, le=1.0)
+    truncate: int | None = Field(None, ge=1, description="keep only the last N prompt tokens")
+    typical_p: float | None = Field(None, description="not supported")
     watermark: bool = Field(False, description="not supported")
-    adapter_id: Optional[Text] = Field(None, description="not supported")
-    routing: Optional[RoutingMode] = Field(None, description="override the server routing mode")
+    adapter_id: Text | None = Field(None, description="not supported")
+    routing: RoutingMode | None = Field(None, description="override the server routing mode")
     return_routing: bool = Field(False, description="add router scores as details.routing")
     ignore_eos: bool = Field(False, description="keep generating past EOS (benchmarks, as vLLM)")
 
@@ -138,14 +138,14 @@ class CompatGenerateRequest(GenerateRequest):
 class Token(_Schema):
     id: int
     text: str
-    logprob: Optional[float]
+    logprob: float | None
     special: bool
 
 
 class PrefillToken(_Schema):
     id: int
     text: str
-    logprob: Optional[float] = Field(None, description="null for the first token")
+    logprob: float | None = Field(None, description="null for the first token")
 
 
 class RoutingSegment(_Schema):
@@ -167,33 +167,33 @@ class RoutingTrace(_Schema):
 class Details(_Schema):
     finish_reason: FinishReason
     generated_tokens: int
-    seed: Optional[int]
+    seed: int | None
     prefill: list[PrefillToken]
     tokens: list[Token]
-    top_tokens: Optional[list[list[Token]]] = None
-    best_of_sequences: Optional[list[Any]] = None
-    routing: Optional[RoutingTrace] = None
+    top_tokens: list[list[Token]] | None = None
+    best_of_sequences: list[Any] | None = None
+    routing: RoutingTrace | None = None
 
 
 class GenerateResponse(_Schema):
     generated_text: str
-    details: Optional[Details] = None
+    details: Details | None = None
 
 
 class StreamDetails(_Schema):
     finish_reason: FinishReason
     generated_tokens: int
-    seed: Optional[int]
+    seed: int | None
     input_length: int
-    routing: Optional[RoutingTrace] = None
+    routing: RoutingTrace | None = None
 
 
 class StreamResponse(_Schema):
     index: int
     token: Token
-    top_tokens: Optional[list[Token]] = None
-    generated_text: Optional[str] = None
-    details: Optional[StreamDetails] = None
+    top_tokens: list[Token] | None = None
+    generated_text: str | None = None
+    details: StreamDetails | None = None
 
 
 class ErrorResponse(_Schema):

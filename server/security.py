@@ -20,7 +20,6 @@ import ipaddress
 import re
 import socket
 from pathlib import Path
-from typing import Optional
 
 from server.settings import ServerSettings
 
@@ -45,7 +44,7 @@ def check_key(key: str, source: str) -> str:
     return key
 
 
-def api_key_of(settings: ServerSettings) -> Optional[str]:
+def api_key_of(settings: ServerSettings) -> str | None:
     """The configured API key: `api_key` (flag or env), else the first line of `api_key_file`."""
     if settings.api_key is not None:
         return check_key(settings.api_key, "--api-key / CAMEX_API_KEY")
@@ -78,7 +77,7 @@ def is_loopback(host: str) -> bool:
                                for i in infos)
 
 
-def check_exposure(settings: ServerSettings, api_key: Optional[str]) -> None:
+def check_exposure(settings: ServerSettings, api_key: str | None) -> None:
     """Refuse to serve a non-loopback address without a key, unless explicitly allowed."""
     if api_key is not None or settings.allow_unauthenticated or is_loopback(settings.host):
         return
@@ -91,12 +90,12 @@ def check_exposure(settings: ServerSettings, api_key: Optional[str]) -> None:
 class HostPolicy:
     """Which Host headers are answered. `names=None` means any."""
 
-    def __init__(self, names: Optional[frozenset[str]], loopback_only: bool) -> None:
+    def __init__(self, names: frozenset[str] | None, loopback_only: bool) -> None:
         self.names = names
         self.loopback_only = loopback_only
 
     @classmethod
-    def from_settings(cls, settings: ServerSettings, bound: bool = False) -> "HostPolicy":
+    def from_settings(cls, settings: ServerSettings, bound: bool = False) -> HostPolicy:
         """`--allowed-hosts` when given; else, for a server `bound` to a loopback address
         (the CLI), loopback names only; else any (an in-process app has no address)."""
         if settings.allowed_hosts:

@@ -11,7 +11,8 @@ import argparse
 import dataclasses
 import os
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
+from collections.abc import Mapping, Sequence
 
 ENV_PREFIX = "CAMEX_"
 
@@ -97,7 +98,7 @@ class ServerSettings:
 
     @classmethod
     def from_sources(cls, argv: Sequence[str] | None = None,
-                     env: Mapping[str, str] | None = None) -> "ServerSettings":
+                     env: Mapping[str, str] | None = None) -> ServerSettings:
         """Flags override `CAMEX_*` environment variables, which override defaults."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}

@@ -23,7 +23,6 @@ import asyncio
 import logging
 import threading
 import time
-from typing import Optional
 
 from server import errors
 
@@ -48,8 +47,8 @@ class Drain:
     def __init__(self, state, grace_s: float) -> None:
         self.state = state
         self.grace_s = grace_s
-        self.started_at: Optional[float] = None
-        self._thread: Optional[threading.Thread] = None
+        self.started_at: float | None = None
+        self._thread: threading.Thread | None = None
         self._cut_before = 0.0
         self._in_flight_at_start = 0
 

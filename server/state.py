@@ -12,7 +12,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from server import errors
 from server.isolation import ClassifyQueue, OpsPool, release_memory
@@ -40,19 +40,19 @@ class ServingState:
     metrics: ServerMetrics
     version: str
     stats_reader: StatsReader
-    lm: Optional[object] = None  # camex_runtime.Engine (causal-lm)
-    classifier: Optional[object] = None  # camex_runtime.Engine (classifier)
+    lm: object | None = None  # camex_runtime.Engine (causal-lm)
+    classifier: object | None = None  # camex_runtime.Engine (classifier)
     ready: bool = False
-    load_error: Optional[str] = None
+    load_error: str | None = None
     loading: bool = False
-    on_fatal: Optional[Callable[[str], None]] = None
+    on_fatal: Callable[[str], None] | None = None
     started_at: float = field(default_factory=time.time)
     draining: bool = False  # SIGTERM received: /ready is 503, no new work
     http_in_flight: int = 0  # requests inside the app now (kept by the middleware)
-    classify_queue: Optional[ClassifyQueue] = None
+    classify_queue: ClassifyQueue | None = None
     ops: OpsPool = field(default_factory=OpsPool)  # /metrics and /info
-    drain: Optional[object] = None  # server.shutdown.Drain once SIGTERM arrived
-    _thread: Optional[threading.Thread] = None
+    drain: object | None = None  # server.shutdown.Drain once SIGTERM arrived
+    _thread: threading.Thread | None = None
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -167,7 +167,7 @@ class ServingState:
         return engine
 
 
-def resolve_checkpoints(settings: ServerSettings) -> tuple[Optional[str], Optional[str]]:
+def resolve_checkpoints(settings: ServerSettings) -> tuple[str | None, str | None]:
     """The directories to serve; builds the demo checkpoints when neither is given."""
     if settings.model or settings.classifier:
         return settings.model, settings.classifier
@@ -194,7 +194,7 @@ def build_engine(settings: ServerSettings, path: str, observer, expect_kind: str
     return engine
 
 
-def parse_dtype(name: Optional[str]):
+def parse_dtype(name: str | None):
     if name is None:
         return None
     import torch

@@ -9,13 +9,13 @@ column C", and the strict-fields errors of `server.protocol.RequestSchema` into 
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 BODY_NOT_OBJECT = {"model_attributes_type", "dict_type", "model_type"}
 
 
 def describe(errors: list[dict], body: Any = None,
-             content_type: Optional[str] = None) -> tuple[str, Optional[str]]:
+             content_type: str | None = None) -> tuple[str, str | None]:
     """(one readable message, the first offending field as a dotted path or None)."""
     parts, params = [], []
     for err in errors:
@@ -27,7 +27,7 @@ def describe(errors: list[dict], body: Any = None,
     return "; ".join(dict.fromkeys(parts)) or "invalid request", param
 
 
-def _one(err: dict, loc: list[str], body: Any, content_type: Optional[str]):
+def _one(err: dict, loc: list[str], body: Any, content_type: str | None):
     kind, ctx = err.get("type", ""), err.get("ctx") or {}
     where = ".".join(loc)
     if kind == "json_invalid":
@@ -67,7 +67,7 @@ def _json_error(err: dict, body: Any) -> str:
     return f"invalid JSON at line {line}, column {column}: {reason}"
 
 
-def _is_json(content_type: Optional[str]) -> bool:
+def _is_json(content_type: str | None) -> bool:
     if not content_type:
         return False
     main = content_type.split(";")[0].strip().lower()

@@ -22,7 +22,6 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 import aiohttp
 import httpx
@@ -39,7 +38,7 @@ WORDS = ("the of and to in is was for on that with as by at from a merged expert
          "people history language energy winter summer bridge forest ocean island").split()
 ROUTES = {"generate": "/generate", "stream": "/generate_stream", "classify": "/classify",
           "completions": "/v1/completions"}
-SERVER_ROOT: Optional[str] = None  # set by run.py --server-root
+SERVER_ROOT: str | None = None  # set by run.py --server-root
 
 
 # -- the server process ---------------------------------------------------------------------------
@@ -98,7 +97,7 @@ class Server:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, sig)
 
-    def stop(self, timeout: float = 120.0) -> Optional[int]:
+    def stop(self, timeout: float = 120.0) -> int | None:
         if self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGTERM)
             try:
@@ -109,7 +108,7 @@ class Server:
         return self.proc.returncode
 
 
-def start_server(args: list[str], log_dir: Path, name: str, port: Optional[int] = None,
+def start_server(args: list[str], log_dir: Path, name: str, port: int | None = None,
                  wait_ready: bool = True, timeout: float = 900.0) -> Server:
     port = port or free_port()
     log_path = log_dir / f"{name}.server.log"
@@ -196,7 +195,7 @@ class Outcome:
     route: str
     status: int | str  # HTTP status, or "lost:<exception>" when no complete answer came
     seconds: float
-    stream_end: Optional[str] = None  # "done" | "error:<error_type>" | "cut" (streams only)
+    stream_end: str | None = None  # "done" | "error:<error_type>" | "cut" (streams only)
     sent_at: float = 0.0
 
     @property

@@ -15,7 +15,6 @@ key/value heads only. Knows nothing about routing, requests or sampling.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -50,7 +49,7 @@ class DecodeAttention:
     kv: KVCache
     rows: DecodeRows  # the step's slots and positions in the cache
     length: int  # max(positions) + 1: the cache prefix to read
-    mask: Optional[Tensor]  # (B, 1, 1, length) bool for ragged batches, else None
+    mask: Tensor | None  # (B, 1, 1, length) bool for ragged batches, else None
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q (B, H, 1, hd), k and v (B, KV, 1, hd) -> (B, H, 1, hd)."""

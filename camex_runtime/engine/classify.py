@@ -9,7 +9,7 @@ head. Knows nothing about labels or tokenizers; returns raw logits.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -56,7 +56,7 @@ class StrategyProfile:
     @classmethod
     @torch.inference_mode()
     def measure(cls, moe: MoEWeights, points: tuple[int, ...] = PROBE_TOKENS,
-                reps: int = 2, dtype: torch.dtype | None = None) -> "StrategyProfile":
+                reps: int = 2, dtype: torch.dtype | None = None) -> StrategyProfile:
         """`dtype`: the activations' (default: the weights'), see engine/precision.py."""
         dev, wt = moe.w1.device, moe.w1.dtype
         dt = dtype or wt

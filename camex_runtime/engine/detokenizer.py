@@ -10,7 +10,7 @@ the stop string (TGI keeps the stop sequence in `generated_text`).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 
 class IncrementalDetokenizer:
@@ -42,12 +42,12 @@ class IncrementalDetokenizer:
         return full[len(prefix):]
 
 
-def find_stop(text: str, new_piece_len: int, stops: Sequence[str]) -> Optional[int]:
+def find_stop(text: str, new_piece_len: int, stops: Sequence[str]) -> int | None:
     """End index (exclusive) in `text` of the earliest stop string that the last
     `new_piece_len` characters completed, or None."""
     if not stops or new_piece_len == 0:
         return None
-    best: Optional[int] = None
+    best: int | None = None
     for s in stops:
         start = max(0, len(text) - new_piece_len - len(s) + 1)
         i = text.find(s, start)

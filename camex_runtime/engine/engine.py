@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -63,12 +63,12 @@ class Engine:
     `Engine.from_pretrained(path, ...)`."""
 
     def __init__(self, model, tokenizer, *, name: str = "camex", kind: str = "causal-lm",
-                 max_batch_size: int = 8, max_input_tokens: Optional[int] = None,
-                 max_total_tokens: Optional[int] = None, max_waiting: int = 64,
-                 merge_cache_bytes: Optional[int] = None, strategy: str = "auto",
-                 routing: Optional[str] = None, observer=None,
-                 max_prefill_tokens: Optional[int] = None, profile=None, generation_config=None,
-                 max_batched_tokens: Optional[int] = DEFAULT_MAX_BATCHED_TOKENS):
+                 max_batch_size: int = 8, max_input_tokens: int | None = None,
+                 max_total_tokens: int | None = None, max_waiting: int = 64,
+                 merge_cache_bytes: int | None = None, strategy: str = "auto",
+                 routing: str | None = None, observer=None,
+                 max_prefill_tokens: int | None = None, profile=None, generation_config=None,
+                 max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS):
         cfg = model.config
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -101,14 +101,14 @@ class Engine:
         self._wake = threading.Condition(self._lock)
         self._model_lock = threading.Lock()  # runner: loop steps and classify calls
         self._procs: dict[str, OutputProcessor] = {}
-        self._gens: dict[str, Optional[torch.Generator]] = {}
+        self._gens: dict[str, torch.Generator | None] = {}
         self._ids = itertools.count()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
         self._accepting, self._shutdown = True, False
         self.steps, self.last_batch_size, self.heartbeat = 0, 0, time.monotonic()
 
     @property
-    def eos_token_id(self) -> Optional[int]:
+    def eos_token_id(self) -> int | None:
         """One EOS id (the smallest), for callers that know only one; see `eos_token_ids`."""
         return min(self.eos_token_ids) if self.eos_token_ids else None
 
@@ -117,8 +117,8 @@ class Engine:
         self.eos_token_ids = eos_ids(value)
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, Path], device: str = "cpu", dtype=None,
-                        **limits) -> "Engine":
+    def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype=None,
+                        **limits) -> Engine:
         """Load and validate a folded checkpoint (CheckpointError names a bad tensor)."""
         from camex_runtime.checkpoint import load_folded
         if isinstance(dtype, str):
@@ -212,7 +212,7 @@ class Engine:
             self.runner.strategy = saved
 
     # -- requests ---------------------------------------------------------------------------
-    def _encode(self, prompt: Union[str, Sequence[int]]) -> list[int]:
+    def _encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise InputValidationError("this checkpoint has no tokenizer: send token ids")
@@ -224,8 +224,8 @@ class Engine:
             raise InputValidationError(f"token id {bad[0]!r} is outside the vocabulary [0, {V})")
         return ids
 
-    def submit(self, prompt: Union[str, Sequence[int]],
-               params: Optional[SamplingParams] = None) -> RequestHandle:
+    def submit(self, prompt: str | Sequence[int],
+               params: SamplingParams | None = None) -> RequestHandle:
         """Validate and enqueue; the loop thread (see `start`) generates."""
         if self.kind != "causal-lm":
             raise InputValidationError(f"this engine serves a {self.kind} checkpoint: "
@@ -245,7 +245,7 @@ class Engine:
             self._wake.notify_all()
         return handle
 
-    def generate(self, prompt: Union[str, Sequence[int]], **params) -> GenerationResult:
+    def generate(self, prompt: str | Sequence[int], **params) -> GenerationResult:
         """Blocking, thread-safe: submit and wait (starts the loop if needed)."""
         self.start()
         return self.submit(prompt, SamplingParams(**params)).result()
@@ -311,7 +311,7 @@ class Engine:
             rows.extend(reqs)
         return rows, (torch.cat(logits, 0) if logits else None)
 
-    def _prefill(self, req: GenerationRequest, chunk: Optional[int], now: float):
+    def _prefill(self, req: GenerationRequest, chunk: int | None, now: float):
         """Run one prefill chunk (`chunk` prompt tokens, None: the rest); the next-token
         logits (V,) once the prompt is complete, else None."""
         if req.timings.scheduled_at is None:  # its first chunk
@@ -387,7 +387,7 @@ class Engine:
             req.handle._publish([last_event], req.to_result())
 
     def _finish_all(self, reqs: list[GenerationRequest], reason: str,
-                    error: Optional[str] = None) -> None:
+                    error: str | None = None) -> None:
         """Finish each request; one failing does not stop the rest (nor the loop thread)."""
         with self._model_lock:
             for req in reqs:
@@ -408,7 +408,7 @@ class Engine:
         self._finish_all(reqs, "cancelled")
 
     # -- classification, stats, info ---------------------------------------------------------
-    def classify(self, texts: Sequence[Union[str, Sequence[int]]], truncate: bool = False,
+    def classify(self, texts: Sequence[str | Sequence[int]], truncate: bool = False,
                  raw_scores: bool = False) -> list[ClassificationResult]:
         """Scores per text, labels sorted by score (softmax / sigmoid / raw per problem_type;
         raw logits with raw_scores=True). Thread-safe; runs in the caller's thread."""
@@ -450,7 +450,7 @@ class Engine:
         }
 
 
-def prompt_logprob_list(chosen, top_values, top_ids) -> list[Optional[PromptLogprob]]:
+def prompt_logprob_list(chosen, top_values, top_ids) -> list[PromptLogprob | None]:
     """The runner's prompt-logprob tensors as one entry per prompt token; the first is None
     (no logits precede it). chosen (L-1,), top_values / top_ids (L-1, k)."""
     values, ids = top_values.tolist(), top_ids.tolist()

@@ -7,7 +7,7 @@ runner), which writes K/V for new positions and reads back a slot range for atte
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -33,7 +33,7 @@ class KVCache(nn.Module):
         self.k[layer, slot, :, start:start + n] = k
         self.v[layer, slot, :, start:start + n] = v
 
-    def write_decode(self, layer: int, rows: "DecodeRows", k: torch.Tensor,
+    def write_decode(self, layer: int, rows: DecodeRows, k: torch.Tensor,
                      v: torch.Tensor) -> None:
         """k, v (B, H, hd): one new position per row."""
         if rows.range is not None and rows.position is not None:  # a plain strided copy
@@ -43,7 +43,7 @@ class KVCache(nn.Module):
         self.k[layer][rows.slots_t, :, rows.positions_t] = k  # advanced dims first: (B, H, hd)
         self.v[layer][rows.slots_t, :, rows.positions_t] = v
 
-    def read(self, layer: int, rows: "DecodeRows",
+    def read(self, layer: int, rows: DecodeRows,
              length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K, V (B, H, length, hd) of the rows' slots: a view when the slots are a contiguous
         ascending range (the scheduler hands out the lowest free slot first and decodes in slot
@@ -62,12 +62,12 @@ class DecodeRows:
     scatters)."""
     slots_t: torch.Tensor  # (B,) long
     positions_t: torch.Tensor  # (B,) long
-    range: Optional[slice]
-    position: Optional[int]
+    range: slice | None
+    position: int | None
 
     @classmethod
     def of(cls, slots: Sequence[int], positions: Sequence[int], slots_t: torch.Tensor,
-           positions_t: torch.Tensor) -> "DecodeRows":
+           positions_t: torch.Tensor) -> DecodeRows:
         lo = slots[0]
         contiguous = list(slots) == list(range(lo, lo + len(slots)))
         same = min(positions) == max(positions)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Hashable, Optional
+from collections.abc import Hashable
 
 import torch
 
@@ -88,7 +88,7 @@ class MergeCache:
     def __contains__(self, key: Hashable) -> bool:
         return key in self._entries
 
-    def acquire(self, key: Hashable) -> Optional[Acquired]:
+    def acquire(self, key: Hashable) -> Acquired | None:
         """Take a reference to `key`'s entry; allocate one (evicting LRU) on a miss.
         None when no slot can be had: the caller falls back to the mixture strategy."""
         e = self._entries.get(key)
@@ -139,7 +139,7 @@ class MergeCache:
             bytes_budget=self.budget_bytes, merges=self.merges,
             merge_seconds=self.merge_seconds)
 
-    def _take_slot(self) -> Optional[int]:
+    def _take_slot(self) -> int | None:
         if self._free:
             return self._free.pop()
         if not self._lru:

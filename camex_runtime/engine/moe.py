@@ -14,7 +14,6 @@ Knows nothing about caches, keys or requests: weights, scores and activations in
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -33,14 +32,14 @@ class MoEWeights:
     `kind` is the family's FFN in that fused layout (layers.FFNKind.fused)."""
     router: Tensor  # (E, d)
     w1: Tensor  # (E+1, k*h, d), k = number of input projections
-    b1: Optional[Tensor]  # (E+1, k*h), None without FFN biases
+    b1: Tensor | None  # (E+1, k*h), None without FFN biases
     w2: Tensor  # (E+1, d, h)
-    b2: Optional[Tensor]  # (E+1, d)
+    b2: Tensor | None  # (E+1, d)
     alpha: float
     kind: FFNKind
 
     @classmethod
-    def from_folded(cls, ffn) -> "MoEWeights":
+    def from_folded(cls, ffn) -> MoEWeights:
         """From a folded `CamexMoEFFN` (base E_m, experts E'_i): Δ_i = E'_i − E_m is written
         straight into one preallocated stack per part, so loading holds at most one layer's
         stack beside the checkpoint's own tensors."""
@@ -48,7 +47,7 @@ class MoEWeights:
         base = ffn.own_base()
         experts = {p: getattr(ffn.experts, p) for p in kind.projections}
 
-        def stack(projs: tuple[str, ...], bias: bool) -> Optional[Tensor]:
+        def stack(projs: tuple[str, ...], bias: bool) -> Tensor | None:
             pairs = [(base[p][1], experts[p].bias) if bias else (base[p][0], experts[p].weight)
                      for p in projs]
             if pairs[0][0] is None:
@@ -83,7 +82,7 @@ class MoEWeights:
 
     def bank(self) -> ExpertBank:
         """The same weights as the model code's ExpertBank, in the fused layout (views)."""
-        def lb(w: Tensor, b: Optional[Tensor]) -> LinearBank:
+        def lb(w: Tensor, b: Tensor | None) -> LinearBank:
             return LinearBank(w[0], None if b is None else b[0], w[1:], None if b is None else b[1:])
         return ExpertBank(self.router, {"fc1": lb(self.w1, self.b1), "fc2": lb(self.w2, self.b2)},
                           self.alpha, self.kind)
@@ -104,7 +103,7 @@ class MoEWeights:
                 kernels.merge(stack[0].reshape(-1), stack[1:].reshape(E, -1),
                               coeffs.to(stack.device), out[part].view(-1))
 
-    def to_compute(self, dtype: torch.dtype) -> "MoEWeights":
+    def to_compute(self, dtype: torch.dtype) -> MoEWeights:
         """Mixed precision (engine/precision.py): biases and router in the compute dtype,
         the weight stacks kept in theirs."""
         conv = lambda t: None if t is None else t.to(dtype)  # noqa: E731

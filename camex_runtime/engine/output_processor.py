@@ -7,7 +7,7 @@ updates the request's ids, logprobs and text, decides whether the request is fin
 """
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 from camex_runtime.engine.detokenizer import IncrementalDetokenizer, find_stop
 from camex_runtime.engine.outputs import TokenEvent
@@ -52,7 +52,7 @@ class OutputProcessor:
                           top_logprobs=top)
 
 
-def terminal_event(req: GenerationRequest, reason: str, error: Optional[str] = None) -> TokenEvent:
+def terminal_event(req: GenerationRequest, reason: str, error: str | None = None) -> TokenEvent:
     """The last event of a request that ends without a new token (cancelled, error, or
     "length" for a prompt scored with max_new_tokens=0): token_id -1, empty text."""
     req.finish_reason, req.error = reason, error

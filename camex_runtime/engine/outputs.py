@@ -6,7 +6,7 @@ serialise. The engine fills them; the server turns them into JSON and Prometheus
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 # Why a request stopped. "cancelled" and "error" never come from the model itself.
 FINISH_REASONS = ("length", "eos_token", "stop_sequence", "cancelled", "error")
@@ -22,8 +22,8 @@ class TokenEvent:
     text: str  # the newly decodable text piece ("" while a multi-byte character is incomplete)
     logprob: float  # log p(token) under the model's (unprocessed) distribution
     index: int  # 0-based position among the generated tokens
-    finish_reason: Optional[str] = None  # set on the last event only
-    error: Optional[str] = None  # set when finish_reason == "error"
+    finish_reason: str | None = None  # set on the last event only
+    error: str | None = None  # set when finish_reason == "error"
     # SamplingParams.logprobs best alternatives as (token_id, logprob), best first; raw model
     # distribution like `logprob`. Empty when none were asked for.
     top_logprobs: tuple[tuple[int, float], ...] = ()
@@ -41,9 +41,9 @@ class PromptLogprob:
 class RequestTimings:
     """time.monotonic() stamps; None until the stage happened."""
     queued_at: float
-    scheduled_at: Optional[float] = None
-    first_token_at: Optional[float] = None
-    finished_at: Optional[float] = None
+    scheduled_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
 
 @dataclass
@@ -52,14 +52,14 @@ class GenerationResult:
     prompt_token_ids: list[int]
     token_ids: list[int]
     text: str
-    finish_reason: Optional[str]
+    finish_reason: str | None
     logprobs: list[float]
-    routing: Optional[RoutingTrace]
+    routing: RoutingTrace | None
     timings: RequestTimings
-    error: Optional[str] = None  # why, when finish_reason == "error"
+    error: str | None = None  # why, when finish_reason == "error"
     top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # per token
     # aligned with prompt_token_ids, first entry None (nothing precedes it); None unless asked
-    prompt_logprobs: Optional[list[Optional[PromptLogprob]]] = None
+    prompt_logprobs: list[PromptLogprob | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from camex_runtime.errors import (InputValidationError, QueueTimeoutError,
                                   RequestFailedError)
@@ -27,20 +27,20 @@ class SamplingParams:
     max_new_tokens: int = 20
     do_sample: bool = False  # False -> greedy; temperature/top_k/top_p are then ignored (TGI)
     temperature: float = 1.0
-    top_k: Optional[int] = None
-    top_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None  # HF semantics: >1 discourages repeats
-    seed: Optional[int] = None  # per-request generator: same seed -> same tokens
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None  # HF semantics: >1 discourages repeats
+    seed: int | None = None  # per-request generator: same seed -> same tokens
     stop: Sequence[str] = ()  # stop when the decoded generated text contains one of these
     ignore_eos: bool = False
     return_routing: bool = False  # attach a RoutingTrace to the result
-    routing: Optional[str] = None  # None: the engine's default mode
-    queue_timeout_s: Optional[float] = None  # give up if not scheduled within this time
+    routing: str | None = None  # None: the engine's default mode
+    queue_timeout_s: float | None = None  # give up if not scheduled within this time
     # top-N alternatives reported per generated token (the chosen token's logprob always is)
     logprobs: int = 0
     # None: not computed. k >= 0: each prompt token's logprob (the first has none) and its
     # top-k alternatives, computed in the prefill pass (OpenAI `echo`, TGI prefill details)
-    prompt_logprobs: Optional[int] = None
+    prompt_logprobs: int | None = None
 
     def validate(self) -> None:
         """Raise InputValidationError with the offending value; the engine calls this on submit."""
@@ -88,15 +88,15 @@ class RequestHandle:
         self.prompt_token_ids = prompt_token_ids
         # set by the engine at prefill, before the first event, when SamplingParams asked for
         # them (streaming callers need them before the result exists)
-        self.prompt_logprobs: Optional[list] = None
+        self.prompt_logprobs: list | None = None
         self._cancel = cancel
         self._events: list[TokenEvent] = []
-        self._result: Optional[GenerationResult] = None
+        self._result: GenerationResult | None = None
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     # -- engine side ---------------------------------------------------------------------
-    def _publish(self, events: list[TokenEvent], result: Optional[GenerationResult]) -> None:
+    def _publish(self, events: list[TokenEvent], result: GenerationResult | None) -> None:
         with self._cond:
             self._events.extend(events)
             if result is not None:
@@ -148,7 +148,7 @@ class RequestHandle:
             if not new:
                 await wake.wait()
 
-    def result(self, timeout: Optional[float] = None) -> GenerationResult:
+    def result(self, timeout: float | None = None) -> GenerationResult:
         """Block until the request is done. Raises QueueTimeoutError when it timed out in the
         queue, RequestFailedError on an internal error, TimeoutError when `timeout` passes."""
         with self._cond:
@@ -177,16 +177,16 @@ class GenerationRequest:
     routing: str  # resolved routing mode ("segment" | "prompt")
     handle: RequestHandle
     timings: RequestTimings
-    slot: Optional[int] = None  # KV-cache / routing-state row while running
+    slot: int | None = None  # KV-cache / routing-state row while running
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)
-    prompt_logprobs: Optional[list[Optional[PromptLogprob]]] = None  # set by prefill if asked
+    prompt_logprobs: list[PromptLogprob | None] | None = None  # set by prefill if asked
     text: str = ""  # decoded generated text so far
-    finish_reason: Optional[str] = None
-    error: Optional[str] = None
+    finish_reason: str | None = None
+    error: str | None = None
     cancel_requested: bool = False
-    routing_trace: Optional[RoutingTrace] = None
+    routing_trace: RoutingTrace | None = None
     # prompt + generated ids, appended to in place (decode reads it every step: no copies)
     _all_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -210,7 +210,7 @@ class GenerationRequest:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
-    def queue_deadline(self) -> Optional[float]:
+    def queue_deadline(self) -> float | None:
         t = self.params.queue_timeout_s
         return None if t is None else self.timings.queued_at + t
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 from array import array
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Optional, Sequence
+from typing import Any
+from collections.abc import Hashable, Sequence
 
 NO_MERGE = -1  # no pool entry yet: merge lazily when a step uses the merged strategy
 FALLBACK = -2  # the pool was full for this segment: mixture until the next routing decision
@@ -43,14 +44,14 @@ class SlotRouting:
     max_len: int  # prompt_len + max_new_tokens: bounds how long a merge will be reused
     trace: bool = False
     length: int = 0  # tokens processed (their K/V cached, their FFN inputs summed)
-    keys: list[Optional[Hashable]] = field(default_factory=list)  # per MoE layer
+    keys: list[Hashable | None] = field(default_factory=list)  # per MoE layer
     pool_slots: list[int] = field(default_factory=list)  # per MoE layer, or NO_MERGE/FALLBACK
     decisions: list[list[tuple[int, list[float]]]] = field(default_factory=list)  # (start, scores)
     prompt: list[int] = field(default_factory=list)  # the prompt's token ids (chunked prefill)
     digests: list[bytes] = field(default_factory=list)  # routing identity of each prompt segment
     # chunked prefill of the first decision's span by layers: (hidden (1, n, d), next layer)
-    partial: Optional[tuple[Any, int]] = None
-    score_k: Optional[int] = None  # prompt logprobs asked for: top-k size (0: chosen only)
+    partial: tuple[Any, int] | None = None
+    score_k: int | None = None  # prompt logprobs asked for: top-k size (0: chosen only)
     scored: list[tuple] = field(default_factory=list)  # score_prompt parts, chunk by chunk
 
     def __post_init__(self) -> None:

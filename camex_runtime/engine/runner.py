@@ -16,10 +16,9 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from camex_runtime.engine.attention import DecodeAttention, PrefillAttention
@@ -60,8 +59,8 @@ def default_merge_cache_bytes(cfg, num_slots: int, moe_layers: int, dtype: torch
 
 class ModelRunner:
     def __init__(self, model, *, num_slots: int, max_len: int,
-                 merge_cache_bytes: Optional[int], strategy: str = "auto", observer=None,
-                 profile: Optional[StrategyProfile] = None, precision: Optional[Precision] = None):
+                 merge_cache_bytes: int | None, strategy: str = "auto", observer=None,
+                 profile: StrategyProfile | None = None, precision: Precision | None = None):
         self.model = model.eval()
         self.cfg = model.config
         tr = model.transformer
@@ -95,11 +94,11 @@ class ModelRunner:
         # per slot and MoE layer: scores of the current segment, FFN-input sum of the segment
         self.scores = torch.zeros(num_slots, M, E, device=self.device)  # fp32
         self.seg_sum = torch.zeros(num_slots, M, d, device=self.device)  # fp32
-        self.slots: list[Optional[SlotRouting]] = [None] * num_slots
+        self.slots: list[SlotRouting | None] = [None] * num_slots
         self.router_sum = torch.zeros(M, E, device=self.device)
         self.router_counts = [0] * M
         self._profile = profile
-        self._cost: Optional[CostModel] = None
+        self._cost: CostModel | None = None
 
     @property
     def cost(self) -> CostModel:
@@ -131,7 +130,7 @@ class ModelRunner:
     def _notify(self, name: str, *args) -> None:
         notify(self.observer, name, *args)
 
-    def _record_routing(self, m: int, st: Optional[SlotRouting], starts: Sequence[int],
+    def _record_routing(self, m: int, st: SlotRouting | None, starts: Sequence[int],
                         scores: Tensor) -> None:
         """scores (n, E): n routing decisions of MoE layer m (stats, trace, observer)."""
         self.router_sum[m] += scores.sum(0)
@@ -146,7 +145,7 @@ class ModelRunner:
             for r in rows:
                 self._notify("on_route", self.moe_layers[m], r)
 
-    def _acquire(self, m: int, key, scores: Tensor) -> Optional[int]:
+    def _acquire(self, m: int, key, scores: Tensor) -> int | None:
         """Pool slot holding the merge for `key` (merging on a miss), or None: pool full."""
         t0 = time.perf_counter()
         ev0 = self.cache.evictions
@@ -175,7 +174,7 @@ class ModelRunner:
                 self.cache.release(key)
         self.slots[slot] = None
 
-    def routing_trace(self, slot: int) -> Optional[dict]:
+    def routing_trace(self, slot: int) -> dict | None:
         """Decisions over the tokens the model processed (the last sampled token never is)."""
         st = self.slots[slot]
         return None if st is None else st.routing_trace(self.moe_layers, st.length)
@@ -196,7 +195,7 @@ class ModelRunner:
         return self.prefill_step(slot, None)
 
     def start_prefill(self, slot: int, token_ids: Sequence[int], mode: str, trace: bool = False,
-                      max_new_tokens: int = 1, prompt_logprobs: Optional[int] = None) -> None:
+                      max_new_tokens: int = 1, prompt_logprobs: int | None = None) -> None:
         """Make `slot` the prompt's: routing state, the identity of each segment's routing
         decision (merge-cache keys). `max_new_tokens` only informs the `auto` strategy (how long
         merges will be reused). `prompt_logprobs` k (not None): score the prompt itself as its
@@ -211,7 +210,7 @@ class ModelRunner:
         self.slots[slot] = st
 
     @torch.inference_mode()
-    def prefill_step(self, slot: int, budget: Optional[int]) -> Optional[Tensor]:
+    def prefill_step(self, slot: int, budget: int | None) -> Tensor | None:
         """Compute about `budget` prompt tokens' worth of the prefill in `slot` (None: all that
         is left). Returns the next-token logits (V,) once the whole prompt is in, else None.
 
@@ -231,8 +230,8 @@ class ModelRunner:
         return self.model.lm_head(hidden[0, -1:])[0] if end == L else None  # (V,)
 
     def _prefill_tokens(self, slot: int, st: SlotRouting, start: int, end: int,
-                        layers: Optional[tuple[int, int]] = None,
-                        hidden: Optional[Tensor] = None) -> Tensor:
+                        layers: tuple[int, int] | None = None,
+                        hidden: Tensor | None = None) -> Tensor:
         """Tokens [start, end) of the prompt through `layers` (default all); returns the hidden
         states after them ((1, n, d); final-normed once the last layer ran)."""
         ids = torch.tensor([st.prompt[start:end]], device=self.device)  # (1, n)
@@ -248,7 +247,7 @@ class ModelRunner:
                                               st.score_k))
         return out
 
-    def prompt_scores(self, slot: int) -> Optional[tuple[Tensor, Tensor, Tensor]]:
+    def prompt_scores(self, slot: int) -> tuple[Tensor, Tensor, Tensor] | None:
         """The prompt's logprobs once its prefill is complete (see `score_prompt`), or None when
         they were not asked for: chosen (L-1,), top-k values and ids (L-1, k), on the CPU."""
         st = self.slots[slot]
@@ -260,7 +259,7 @@ class ModelRunner:
         return tuple(torch.cat(parts) for parts in zip(*st.scored))
 
     def _prefill_layers(self, slot: int, st: SlotRouting, span: int, budget: int
-                        ) -> Optional[Tensor]:
+                        ) -> Tensor | None:
         """Advance the first decision's span of tokens by some layers (see prefill_step)."""
         n_layer = len(self.blocks)
         hidden, first = st.partial if st.partial is not None else (None, 0)

@@ -11,14 +11,14 @@ Knows nothing about tokenizers, stop strings or the model.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
 from camex_runtime.engine.request import SamplingParams
 
 
-def make_generator(params: SamplingParams, device: torch.device) -> Optional[torch.Generator]:
+def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     """A generator for a sampling request (seeded when `seed` is given), None for greedy."""
     if not params.do_sample:
         return None
@@ -43,8 +43,8 @@ def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int],
     return logits
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: Optional[int],
-                       top_p: Optional[float]) -> torch.Tensor:
+def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None,
+                       top_p: float | None) -> torch.Tensor:
     """Mask (V,) logits outside the top-k and outside the smallest set with mass >= top_p."""
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k).values[-1]
@@ -62,7 +62,7 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: Optional[int],
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, history: Sequence[int],
-               generator: Optional[torch.Generator]) -> int:
+               generator: torch.Generator | None) -> int:
     """Choose the next token for one row of fp32 logits (V,)."""
     if params.repetition_penalty is not None:
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
@@ -75,7 +75,7 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, history: Sequence[i
 
 def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
                  histories: Sequence[Sequence[int]],
-                 generators: Sequence[Optional[torch.Generator]]
+                 generators: Sequence[torch.Generator | None]
                  ) -> tuple[list[int], list[float], list[tuple[tuple[int, float], ...]]]:
     """logits (B, V) any dtype -> (token ids, raw-model logprobs, top alternatives), one per row.
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import heapq
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 from camex_runtime.errors import InputValidationError, QueueFullError
 
@@ -42,7 +42,7 @@ class SchedulerConfig:
     max_prefill_tokens: int = 4096
     # Tokens per step while requests decode (each decoding row counts one; prefill chunks
     # share the rest). None: no chunking, prompts are always prefilled whole.
-    max_batched_tokens: Optional[int] = None
+    max_batched_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_input_tokens", "max_total_tokens",
@@ -63,7 +63,7 @@ class SchedulerOutput:
     prefill: list[Any] = field(default_factory=list)  # prefill work this step (slot assigned)
     decode: list[Any] = field(default_factory=list)  # running: one new token each
     # prompt tokens each prefill may compute this step (request_id -> n); None: all it has left
-    chunks: dict[str, Optional[int]] = field(default_factory=dict)
+    chunks: dict[str, int | None] = field(default_factory=dict)
     timed_out: list[Any] = field(default_factory=list)  # dropped from the queue: too old
     cancelled: list[Any] = field(default_factory=list)  # dropped (waiting or running)
 
@@ -166,7 +166,7 @@ class Scheduler:
             self._admit(req, out, n)
             budget -= n
 
-    def _admit(self, req: Any, out: SchedulerOutput, chunk: Optional[int]) -> None:
+    def _admit(self, req: Any, out: SchedulerOutput, chunk: int | None) -> None:
         self.waiting.popleft()
         req.slot = heapq.heappop(self._free_slots)
         self.running[req.request_id] = req

@@ -93,7 +93,7 @@ def status() -> str:
     return _state["status"]
 
 
-def linear(x: Tensor, w: Tensor, b: Optional[Tensor] = None) -> Tensor:
+def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """`F.linear(x, w, b)`; fp32 activations with fp16/bf16 weights are allowed (computed in
     fp32, as the native kernel does)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0

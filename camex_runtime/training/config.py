@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from .readers import ReadOptions
 
@@ -55,7 +56,7 @@ class ModelSpec:
                           pad_token_id=tokenizer.pad_token_id)
         if label_names is not None:
             kwargs.update(num_labels=len(label_names),
-                          id2label={i: n for i, n in enumerate(label_names)},
+                          id2label=dict(enumerate(label_names)),
                           label2id={n: i for i, n in enumerate(label_names)},
                           problem_type="single_label_classification")
         return CamexConfig(vocab_size=vocab_size, **kwargs)
@@ -145,7 +146,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, doc: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, doc: dict[str, Any]) -> TrainConfig:
         doc = dict(doc)
         doc["model"] = ModelSpec(**doc.get("model", {}))
         if "betas" in doc:

@@ -17,7 +17,7 @@ in docs/training.md. Presets only build configs; the CLI applies user overrides 
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from collections.abc import Callable
 
 from .config import ModelSpec, TrainConfig
 from .fortunes import CLASSIFIER_CATEGORIES, fortune_files

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Optional
 
 import anyio
 from fastapi import APIRouter, Request
@@ -127,8 +126,8 @@ async def chat_chunks(choices: list[Choice], firsts: list, body: ChatCompletionR
         await close_all(choices)
 
 
-def chunk(meta: dict, index: int, delta: dict, logprobs: Optional[dict] = None,
-          reason: Optional[str] = None, usage: Optional[Usage] = None) -> str:
+def chunk(meta: dict, index: int, delta: dict, logprobs: dict | None = None,
+          reason: str | None = None, usage: Usage | None = None) -> str:
     body = {**meta, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                  "finish_reason": reason}]}
     if usage is not None:

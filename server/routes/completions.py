@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from typing import Optional
 
 import anyio
 from fastapi import APIRouter, Request
@@ -191,7 +190,7 @@ async def completion_chunks(choices: list[Choice], firsts: list, body: Completio
         await close_all(choices)
 
 
-def sse(chunk, usage: Optional[Usage]) -> str:
+def sse(chunk, usage: Usage | None) -> str:
     if usage is not None:
         chunk.usage = usage
     return "data: " + chunk.model_dump_json(exclude_none=True) + "\n\n"

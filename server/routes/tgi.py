@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from functools import lru_cache
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 import anyio
 from fastapi import APIRouter, Request

@@ -35,9 +35,7 @@ def _form(body: Any) -> str:
     return "prompt"  # errors then name vLLM's `prompt`, the most common form
 
 
-TokenizeBody = Annotated[Union[Annotated[TokenizeCompletionRequest, Tag("prompt")],
-                               Annotated[TokenizeChatRequest, Tag("messages")],
-                               Annotated[GenerateRequest, Tag("inputs")]],
+TokenizeBody = Annotated[Annotated[TokenizeCompletionRequest, Tag("prompt")] | Annotated[TokenizeChatRequest, Tag("messages")] | Annotated[GenerateRequest, Tag("inputs")],
                          Discriminator(_form)]
 
 

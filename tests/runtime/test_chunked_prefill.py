@@ -5,7 +5,6 @@ layers when a chunk is smaller than it)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
@@ -21,9 +20,9 @@ T = 4
 class Req:
     request_id: str
     num_prompt_tokens: int = 4
-    queue_deadline: Optional[float] = None
+    queue_deadline: float | None = None
     cancel_requested: bool = False
-    slot: Optional[int] = None
+    slot: int | None = None
 
 
 def test_scheduler_shares_the_token_budget_with_decoding_rows():

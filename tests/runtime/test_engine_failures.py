@@ -65,7 +65,7 @@ class Raising:
     """An observer whose every hook raises (a broken metrics exporter)."""
 
     def __init__(self, hooks):
-        self.hooks, self.calls = hooks, {h: 0 for h in hooks}
+        self.hooks, self.calls = hooks, dict.fromkeys(hooks, 0)
 
     def __getattr__(self, name):
         if name not in self.hooks:

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 
@@ -14,9 +13,9 @@ from camex_runtime.errors import InputValidationError, QueueFullError
 class Req:
     request_id: str
     num_prompt_tokens: int = 4
-    queue_deadline: Optional[float] = None
+    queue_deadline: float | None = None
     cancel_requested: bool = False
-    slot: Optional[int] = None
+    slot: int | None = None
 
 
 def sched(**kw) -> Scheduler:
