@@ -44,7 +44,8 @@ def main() -> None:
         for system, strategy, engine, moe in runs:
             if moe:
                 engine.runner.strategy = strategy
-            t = best_time(lambda: engine.classify(texts), device, args.reps)
+            t = best_time(lambda engine=engine, texts=texts: engine.classify(texts), device,
+                          args.reps)
             cost = classify_cost(cfg, B, n, moe, elem)
             b, bf = bound(cost, peaks), fused_bound(cost, peaks)
             rows.append(dict(system=system, strategy=strategy, B=B, seq_s=B / t,

@@ -70,7 +70,8 @@ def run_all(ctx: sc.Context, only: list[str], soak_minutes: float, out: Path,
         if name == "capacity" and cap is not None:
             continue
         print(f"{name} ...", flush=True)
-        doc["scenarios"][name] = timed(lambda: scenario(name, ctx, cap, soak_minutes))
+        doc["scenarios"][name] = timed(
+            lambda name=name, cap=cap: scenario(name, ctx, cap, soak_minutes))
         if name == "capacity":
             cap = doc["scenarios"][name].get("req_per_s")
         doc["load_avg_end"] = os.getloadavg()

@@ -77,11 +77,11 @@ class StrategyProfile:
             x = torch.randn(n, d, device=dev, dtype=dt)
             sn = s.expand(n, E)
 
-            def apply_each():
+            def apply_each(x=x):
                 for out in outs:
                     apply_merged(x, out, moe.kind)
             merged.append(best_time(apply_each, dev, reps) / k)
-            mixture.append(best_time(lambda: apply_mixture(x, moe, sn), dev, reps))
+            mixture.append(best_time(lambda x=x, sn=sn: apply_mixture(x, moe, sn), dev, reps))
         return cls(tuple(points), tuple(merged), tuple(mixture), merge, E)
 
 
