@@ -27,7 +27,7 @@ MIXTURE_CHUNK = 1024  # tokens per mixture call
 def classify_logits(runner, batch: Sequence[Sequence[int]]) -> Tensor:
     """Token id lists -> logits (B, num_labels) of the runner's classifier model."""
     model, tr, dev = runner.model, runner.tr, runner.device
-    B, L = len(batch), max(len(ids) for ids in batch)
+    L = max(len(ids) for ids in batch)
     lengths = [len(seq) for seq in batch]
     # padded on the host, one copy to the device
     ids = torch.tensor([list(seq) + [0] * (L - len(seq)) for seq in batch], device=dev)

@@ -23,7 +23,6 @@ import os
 import sys
 import threading
 from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F

@@ -10,7 +10,7 @@ TGI-style body.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Request
@@ -39,7 +39,7 @@ TokenizeBody = Annotated[Annotated[TokenizeCompletionRequest, Tag("prompt")] | A
                          Discriminator(_form)]
 
 
-@router.post("/tokenize", response_model=Union[TokenizeResponse, list[SimpleToken]],
+@router.post("/tokenize", response_model=TokenizeResponse | list[SimpleToken],
              responses=OPENAI_ERRORS)
 async def tokenize(request: Request, body: TokenizeBody):
     """vLLM: `{"prompt"}` or `{"messages"}` -> `{"count", "max_model_len", "tokens"}`.
