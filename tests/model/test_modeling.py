@@ -83,15 +83,15 @@ def test_dynamic_only_first_layer_owns_base_and_chain_matches():
     n_full = sum(p.numel() for p in dense.parameters())
     assert n_dyn < n_full
     banks = m.transformer.expert_banks()
-    for l in (1, 2):
-        prev = banks[l - 1]
-        torch.testing.assert_close(banks[l].fc1.base_weight,
+    for i in (1, 2):
+        prev = banks[i - 1]
+        torch.testing.assert_close(banks[i].fc1.base_weight,
                                    next_dynamic_base(prev.fc1.base_weight, prev.fc1.delta_weight, 0.7))
-        torch.testing.assert_close(banks[l].fc2.base_bias,
+        torch.testing.assert_close(banks[i].fc2.base_bias,
                                    next_dynamic_base(prev.fc2.base_bias, prev.fc2.delta_bias, 0.7))
-        # and τ of layer l is measured from the derived base
-        tau = ffns[l].experts.fc1.weight - banks[l].fc1.base_weight
-        torch.testing.assert_close(banks[l].fc1.delta_weight, ffns[l].curvature["fc1"](tau))
+        # and τ of layer i is measured from the derived base
+        tau = ffns[i].experts.fc1.weight - banks[i].fc1.base_weight
+        torch.testing.assert_close(banks[i].fc1.delta_weight, ffns[i].curvature["fc1"](tau))
 
 
 @pytest.mark.parametrize("method", ["ties", "dare"])

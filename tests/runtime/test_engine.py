@@ -132,7 +132,7 @@ def test_routing_trace_matches_reference_scores(path):
         ids = torch.tensor([res.prompt_token_ids + res.token_ids])
         with torch.no_grad():
             out = ref(ids, routing=mode, route1_len=4, prompt_len=6)
-        assert tr["mode"] == mode and [l["layer"] for l in tr["layers"]] == [0, 1]
+        assert tr["mode"] == mode and [layer["layer"] for layer in tr["layers"]] == [0, 1]
         for layer in tr["layers"]:
             want = out.router_scores[layer["layer"]][0]  # (K, E)
             segs = layer["segments"]
@@ -222,7 +222,7 @@ def test_classify_matches_reference_with_padding(clf_path, strategy):
             probs = torch.softmax(ref(torch.tensor([ids])).logits[0], -1)  # alone, unpadded
         labels = ["a", "b", "c"]
         want = sorted(zip(labels, probs.tolist()), key=lambda p: -p[1])
-        assert [l for l, _ in res.scores] == [l for l, _ in want]
+        assert [label for label, _ in res.scores] == [label for label, _ in want]
         torch.testing.assert_close(torch.tensor([s for _, s in res.scores]),
                                    torch.tensor([s for _, s in want]), atol=1e-5, rtol=0)
         assert res.num_tokens == len(ids)
@@ -245,6 +245,6 @@ def test_classify_mixture_in_token_chunks(clf_path, monkeypatch):
     monkeypatch.setattr(classify_mod, "MIXTURE_CHUNK", 4)  # chunks cut through sequences
     got = e.classify(texts)
     for a, b in zip(want, got):
-        assert [l for l, _ in a.scores] == [l for l, _ in b.scores]
+        assert [label for label, _ in a.scores] == [label for label, _ in b.scores]
         torch.testing.assert_close(torch.tensor([s for _, s in a.scores]),
                                    torch.tensor([s for _, s in b.scores]), atol=1e-6, rtol=0)

@@ -34,7 +34,7 @@ def test_library_output_becomes_json_lines(json_logging, capsys):
     adopt_library_logging()
     logging.getLogger("camex.server").info("ours", extra={"request_id": "r1"})
     hf_logging.get_logger("transformers.tokenization_utils_base").warning("a transformers warning")
-    warnings.warn("a python warning", UserWarning)
+    warnings.warn("a python warning", UserWarning, stacklevel=1)
     print("a stray print\nand a second line", file=sys.stderr)
     sys.stderr.write("progress 10%\rprogress 100%\n")
     out = records(capsys.readouterr().err)
