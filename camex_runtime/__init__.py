@@ -4,7 +4,8 @@ Importing this package registers ``model_type="camex"`` with ``AutoConfig``,
 ``AutoModelForCausalLM`` and ``AutoModelForSequenceClassification``.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM,
+                          AutoModelForSequenceClassification)
 
 from .checkpoint import CheckpointError, FoldedCheckpoint, load_folded
 from .config import CamexConfig
@@ -15,7 +16,8 @@ from .modeling import (CamexForCausalLM, CamexForSequenceClassification, CamexMo
 AutoConfig.register("camex", CamexConfig, exist_ok=True)
 AutoModel.register(CamexConfig, CamexModel, exist_ok=True)
 AutoModelForCausalLM.register(CamexConfig, CamexForCausalLM, exist_ok=True)
-AutoModelForSequenceClassification.register(CamexConfig, CamexForSequenceClassification, exist_ok=True)
+AutoModelForSequenceClassification.register(CamexConfig, CamexForSequenceClassification,
+                                            exist_ok=True)
 
 from .upcycle import upcycle_from_dense  # noqa: E402  (needs the registration above)
 

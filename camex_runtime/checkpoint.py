@@ -57,7 +57,8 @@ def model_class(kind: str):
 def kind_of(config: CamexConfig) -> str:
     archs = getattr(config, "architectures", None) or ["CamexForCausalLM"]
     if archs[0] not in KINDS:
-        raise CheckpointError(f"unsupported architecture {archs[0]!r}; expected one of {sorted(KINDS)}")
+        raise CheckpointError(f"unsupported architecture {archs[0]!r}; "
+                              f"expected one of {sorted(KINDS)}")
     return KINDS[archs[0]]
 
 
@@ -77,7 +78,8 @@ def save_folded(state_dict: dict[str, Tensor], config: CamexConfig, out_dir: str
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()
                if not (config.tie_word_embeddings and k == "lm_head.weight")}
-    save_file(tensors, str(out / WEIGHTS_NAME), metadata={"format": "pt", "camex_format_version": str(FORMAT_VERSION)})
+    save_file(tensors, str(out / WEIGHTS_NAME),
+              metadata={"format": "pt", "camex_format_version": str(FORMAT_VERSION)})
     config.save_pretrained(out)
 
 
@@ -90,7 +92,8 @@ def read_config(path: Path) -> CamexConfig:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_file}: invalid JSON ({e})") from e
     if raw.get("model_type") != "camex":
-        raise CheckpointError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, expected 'camex'")
+        raise CheckpointError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, "
+                              f"expected 'camex'")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{cfg_file}: unknown format_version {version!r}; this runtime reads "
@@ -127,9 +130,9 @@ def load_folded(path: str | Path, device: str | torch.device = "cpu",
             validate_header(name, reader.dtype(name), reader.shape(name), expected[name])
         extra = sorted(names - set(expected))
         if extra:
-            raise CheckpointError(f"{weights}: unexpected tensor {extra[0]!r} (and {len(extra) - 1} "
-                                  f"more)" if len(extra) > 1 else f"{weights}: unexpected tensor "
-                                  f"{extra[0]!r}")
+            raise CheckpointError(f"{weights}: unexpected tensor {extra[0]!r} "
+                                  f"(and {len(extra) - 1} more)" if len(extra) > 1
+                                  else f"{weights}: unexpected tensor {extra[0]!r}")
         for name, t in reader.tensors(sorted(expected)):
             validate_values(name, t)
             state[name] = cast_finite(name, t, device, dtype)
@@ -139,9 +142,10 @@ def load_folded(path: str | Path, device: str | torch.device = "cpu",
         raise
     except Exception as e:  # a truncated or foreign file: what broke, with the path
         raise CheckpointError(f"{weights}: unreadable safetensors file ({e})") from e
-    tok = path if (path / "tokenizer.json").is_file() or (path / "tokenizer_config.json").is_file() else None
-    return FoldedCheckpoint(path=path, config=config, kind=kind, state_dict=state, tokenizer_dir=tok,
-                            generation_config=read_generation_config(path))
+    tok = (path if (path / "tokenizer.json").is_file()
+           or (path / "tokenizer_config.json").is_file() else None)
+    return FoldedCheckpoint(path=path, config=config, kind=kind, state_dict=state,
+                            tokenizer_dir=tok, generation_config=read_generation_config(path))
 
 
 def read_generation_config(path: Path):
@@ -187,7 +191,8 @@ class SafetensorsReader:
                 numel *= dim
             elem = torch.empty((), dtype=SAFETENSORS_DTYPES[e["dtype"]]).element_size()
             if b - a != numel * elem or self.data_start + b > size:
-                raise ValueError(f"tensor {name!r}: data offsets do not match its shape or the file")
+                raise ValueError(f"tensor {name!r}: data offsets do not match its shape "
+                                 f"or the file")
 
     @property
     def names(self) -> list[str]:
@@ -216,11 +221,12 @@ def check_format_version(weights: Path, metadata: dict[str, str]) -> None:
     """The weights file's own format version, when it records one, must be the one we read."""
     stored = metadata.get("camex_format_version")
     if stored is not None and stored != str(FORMAT_VERSION):
-        raise CheckpointError(f"{weights}: camex_format_version {stored!r} in the safetensors metadata; "
-                              f"this runtime reads format_version {FORMAT_VERSION}")
+        raise CheckpointError(f"{weights}: camex_format_version {stored!r} in the safetensors "
+                              f"metadata; this runtime reads format_version {FORMAT_VERSION}")
 
 
-def cast_finite(name: str, t: Tensor, device: str | torch.device, dtype: torch.dtype | None) -> Tensor:
+def cast_finite(name: str, t: Tensor, device: str | torch.device,
+                dtype: torch.dtype | None) -> Tensor:
     """`t` on device in dtype, refusing values the cast turns into Inf (e.g. fp32 1e6 -> fp16)."""
     out = t.to(device=device, dtype=dtype or t.dtype)
     if out.dtype != t.dtype and not bool(torch.isfinite(out).all()):
@@ -242,10 +248,12 @@ def load_training_form(cls, path: str | Path):
                 if info.get(key)]
     if info.get("mismatched_keys"):  # (name, checkpoint shape, model shape)
         problems.append("mis-shaped tensors " + ", ".join(
-            f"{k!r} {tuple(saved)} (model expects {tuple(want)})" for k, saved, want in sorted(info["mismatched_keys"])))
+            f"{k!r} {tuple(saved)} (model expects {tuple(want)})"
+            for k, saved, want in sorted(info["mismatched_keys"])))
     problems += [str(m) for m in info.get("error_msgs") or ()]
     if problems:
-        raise CheckpointError(f"{Path(path) / WEIGHTS_NAME} does not match the model: " + "; ".join(problems))
+        raise CheckpointError(f"{Path(path) / WEIGHTS_NAME} does not match the model: "
+                              + "; ".join(problems))
     return model
 
 

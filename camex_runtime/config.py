@@ -78,7 +78,8 @@ class CamexConfig(PretrainedConfig):
         # Kronecker rank R of each curvature operator M_i; 0 = Euclidean merging (no curvature).
         curvature_rank: int = 1,
         merge_method: str = "domain_specific",
-        # ties: fraction of largest-|tau| entries kept per expert before sign election (1 = no trim).
+        # ties: fraction of largest-|tau| entries kept per expert before sign election
+        # (1 = no trim).
         ties_density: float = 1.0,
         # dare: drop probability during training (eval and folded form are the identity).
         dare_p: float = 0.1,
@@ -122,7 +123,8 @@ class CamexConfig(PretrainedConfig):
         self.classifier_pooling = classifier_pooling
         self.classifier_causal = bool(classifier_causal)
         self.num_experts = num_experts
-        self.moe_layers = list(range(n_layer)) if moe_layers is None else sorted(int(i) for i in moe_layers)
+        self.moe_layers = (list(range(n_layer)) if moe_layers is None
+                           else sorted(int(i) for i in moe_layers))
         self.segment_len = segment_len
         self.alpha = alpha
         self.curvature_rank = curvature_rank
@@ -172,11 +174,13 @@ class CamexConfig(PretrainedConfig):
         if self.family not in FAMILIES:
             raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
         if self.n_head < 1 or self.head_dim < 1:
-            raise ValueError(f"n_head and head_dim must be >= 1, got {self.n_head}, {self.head_dim}")
+            raise ValueError(f"n_head and head_dim must be >= 1, "
+                             f"got {self.n_head}, {self.head_dim}")
         kv = self.num_key_value_heads
         if kv < 1 or self.n_head % kv:
             raise ValueError(f"num_key_value_heads={kv} must divide n_head={self.n_head}")
-        if self.family == "gpt2" and (kv != self.n_head or self.head_dim * self.n_head != self.d_model):
+        if self.family == "gpt2" and (kv != self.n_head
+                                      or self.head_dim * self.n_head != self.d_model):
             raise ValueError("family 'gpt2' has plain multi-head attention: num_key_value_heads "
                              "must equal n_head and head_dim d_model // n_head")
         if self.hidden_act not in FAMILY_ACTIVATIONS[self.family]:
@@ -191,7 +195,8 @@ class CamexConfig(PretrainedConfig):
             factor = self.rope_parameters.get("partial_rotary_factor", 1.0)
             if not 0.0 < factor <= 1.0 or int(self.head_dim * factor) % 2:
                 raise ValueError(f"rope_parameters: partial_rotary_factor {factor} must be in "
-                                 f"(0, 1] and give an even rotary width of head_dim {self.head_dim}")
+                                 f"(0, 1] and give an even rotary width of head_dim "
+                                 f"{self.head_dim}")
         if self.classifier_pooling not in CLASSIFIER_POOLING:
             raise ValueError(f"classifier_pooling must be one of {CLASSIFIER_POOLING}, "
                              f"got {self.classifier_pooling!r}")
@@ -202,7 +207,8 @@ class CamexConfig(PretrainedConfig):
         if self.segment_len < 1:
             raise ValueError(f"segment_len must be >= 1, got {self.segment_len}")
         if self.merge_method not in MERGE_METHODS:
-            raise ValueError(f"merge_method must be one of {MERGE_METHODS}, got {self.merge_method!r}")
+            raise ValueError(f"merge_method must be one of {MERGE_METHODS}, "
+                             f"got {self.merge_method!r}")
         if self.routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
         if not 0.0 < self.ties_density <= 1.0:

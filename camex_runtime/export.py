@@ -30,7 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .checkpoint import WEIGHTS_NAME, CheckpointError, kind_of, load_training_form, model_class, save_folded
+from .checkpoint import (WEIGHTS_NAME, CheckpointError, kind_of, load_training_form, model_class,
+                         save_folded)
 from .config import FORMAT_VERSION, CamexConfig
 from .modeling import CamexForCausalLM, CamexPreTrainedModel
 
@@ -83,12 +84,14 @@ def rel_error(ref: Tensor, got: Tensor) -> float:
 
 
 @torch.no_grad()
-def verify(train: CamexPreTrainedModel, folded: CamexPreTrainedModel, ids: Tensor) -> tuple[float, list[str]]:
+def verify(train: CamexPreTrainedModel, folded: CamexPreTrainedModel,
+           ids: Tensor) -> tuple[float, list[str]]:
     """Max relative logit error of folded vs training form over the routing plans that matter."""
     T = train.config.segment_len
     if isinstance(train, CamexForCausalLM):
         plans = [("segment", {}), ("segment route1_len=1", {"route1_len": 1}),
-                 ("prompt prompt_len=L/2", {"routing": "prompt", "prompt_len": max(1, ids.shape[1] // 2)})]
+                 ("prompt prompt_len=L/2",
+                  {"routing": "prompt", "prompt_len": max(1, ids.shape[1] // 2)})]
         if T > 2:
             plans.append((f"segment route1_len={T // 2}", {"route1_len": T // 2}))
         errs = [rel_error(train(ids, **kw).logits, folded(ids, **kw).logits) for _, kw in plans]
@@ -160,7 +163,8 @@ def export(model: CamexPreTrainedModel, out_dir: str | Path, tokenizer: Any = No
                       "exported_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     out = Path(out_dir).resolve()  # "." has no name to put a temp dir beside
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Write beside the target and swap in at the end: a failed export never leaves half a checkpoint.
+    # Write beside the target and swap in at the end: a failed export never leaves half a
+    # checkpoint.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         save_folded(folded.state_dict(), cfg, tmp)
@@ -169,7 +173,8 @@ def export(model: CamexPreTrainedModel, out_dir: str | Path, tokenizer: Any = No
         generation = getattr(model, "generation_config", None)
         if kind == "causal-lm" and generation is not None:  # EOS id lists etc. travel
             generation.save_pretrained(tmp)
-        (tmp / "export_report.json").write_text(json.dumps({"max_rel_error": err, "checks": checks}, indent=2))
+        (tmp / "export_report.json").write_text(
+            json.dumps({"max_rel_error": err, "checks": checks}, indent=2))
         if out.is_dir():
             shutil.rmtree(out)
         elif out.exists():  # a stray file, replaced only with overwrite (check_out_dir)
@@ -178,7 +183,8 @@ def export(model: CamexPreTrainedModel, out_dir: str | Path, tokenizer: Any = No
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return ExportReport(out_dir=Path(out_dir), max_rel_error=err, checks=checks, seconds=time.perf_counter() - t0)
+    return ExportReport(out_dir=Path(out_dir), max_rel_error=err, checks=checks,
+                        seconds=time.perf_counter() - t0)
 
 
 def load_training_checkpoint(path: str | Path) -> tuple[CamexPreTrainedModel, Any]:
@@ -205,10 +211,12 @@ def load_training_checkpoint(path: str | Path) -> tuple[CamexPreTrainedModel, An
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="camex-export", description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", help="training checkpoint directory (config.json with folded: false)")
+    ap.add_argument("checkpoint",
+                    help="training checkpoint directory (config.json with folded: false)")
     ap.add_argument("out_dir", help="where to write the folded checkpoint")
     ap.add_argument("--overwrite", action="store_true",
-                    help="replace OUT_DIR even if it is not a previous export (never CHECKPOINT itself)")
+                    help="replace OUT_DIR even if it is not a previous export "
+                         "(never CHECKPOINT itself)")
     ap.add_argument("--max-rel-error", type=float, default=MAX_REL_ERROR)
     args = ap.parse_args(argv)
     out = Path(args.out_dir)
@@ -224,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ValueError, OSError) as e:
         print(f"camex-export: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {report.out_dir} (max relative error {report.max_rel_error:.3e}, {report.seconds:.1f}s)")
+    print(f"wrote {report.out_dir} (max relative error {report.max_rel_error:.3e}, "
+          f"{report.seconds:.1f}s)")
     return 0
 
 

@@ -164,7 +164,8 @@ class CamexAttention(nn.Module):
     def __init__(self, config: CamexConfig, layer: int = 0) -> None:
         super().__init__()
         self.layer = layer
-        self.n_head, self.n_kv, self.head_dim = config.n_head, config.num_key_value_heads, config.head_dim
+        self.n_head, self.n_kv, self.head_dim = (config.n_head, config.num_key_value_heads,
+                                                 config.head_dim)
         qkv = (self.n_head + 2 * self.n_kv) * self.head_dim
         self.c_attn = nn.Linear(config.d_model, qkv, bias=config.attention_bias)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.d_model,

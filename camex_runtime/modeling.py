@@ -167,7 +167,8 @@ class CamexModel(CamexPreTrainedModel):
             x = block(x, rope, attn, moe)
         return self.ln_f(x) if last == len(self.h) else x
 
-    def forward(self, input_ids: Tensor, *, causal: bool = True, attention_mask: Tensor | None = None,
+    def forward(self, input_ids: Tensor, *, causal: bool = True,
+                attention_mask: Tensor | None = None,
                 routing: RoutingRequest | None = None) -> tuple[Tensor, dict[int, Tensor]]:
         """(B, L) token ids -> hidden states (B, L, d) and router scores per MoE layer (B, K, E)."""
         B, L = input_ids.shape
@@ -203,13 +204,15 @@ class CamexForCausalLM(CamexPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
-                routing: str | None = None, route1_len: int | None = None, prompt_len: int | None = None,
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, routing: str | None = None,
+                route1_len: int | None = None, prompt_len: int | None = None,
                 **kwargs) -> CausalLMOutput:
         """Logits (B, L, V); loss is next-token cross-entropy on ``labels`` (shifted inside,
         -100 ignored). Routing: docs/DESIGN.md §2; default ``segment``, full first segment."""
         _check_lm_attention_mask(attention_mask)
-        plan = RoutingRequest(mode=routing or "segment", route1_len=route1_len, prompt_len=prompt_len)
+        plan = RoutingRequest(mode=routing or "segment", route1_len=route1_len,
+                              prompt_len=prompt_len)
         hidden, scores = self.transformer(input_ids, causal=True, routing=plan)
         logits = self.lm_head(hidden)
         loss = None
@@ -257,8 +260,8 @@ class CamexForSequenceClassification(CamexPreTrainedModel):
         m = attention_mask.to(hidden.dtype).unsqueeze(-1)
         return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
-                **kwargs) -> SequenceClassifierOutput:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                labels: Tensor | None = None, **kwargs) -> SequenceClassifierOutput:
         hidden, scores = self.transformer(input_ids, causal=self.config.classifier_causal,
                                           attention_mask=attention_mask,
                                           routing=RoutingRequest(mode="sequence"))
@@ -279,7 +282,8 @@ def classification_loss(config: CamexConfig, logits: Tensor, labels: Tensor) -> 
 
 
 def classification_scores(config: CamexConfig, logits: Tensor) -> Tensor:
-    """What a user sees as scores: softmax (single label), sigmoid (multi label), raw (regression)."""
+    """What a user sees as scores: softmax (single label), sigmoid (multi label), raw
+    (regression)."""
     pt = config.problem_type or "single_label_classification"
     if pt == "regression":
         return logits.float()

@@ -134,7 +134,8 @@ def gpt2_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
 def llama_config(hf) -> dict[str, Any]:
     mt = hf.model_type
     if hf.hidden_act != "silu":
-        raise UpcycleError(f"{mt}: hidden_act {hf.hidden_act!r} is not supported (SwiGLU with silu)")
+        raise UpcycleError(f"{mt}: hidden_act {hf.hidden_act!r} is not supported "
+                           f"(SwiGLU with silu)")
     rope = dict(getattr(hf, "rope_parameters", None) or {})
     if "rope_theta" not in rope:
         rope["rope_theta"] = getattr(hf, "rope_theta", 10000.0)

@@ -94,7 +94,8 @@ class Engine:
         self.routing, self.observer = routing, observer
         # Generation stops on every EOS id the config, the generation config and the tokenizer
         # name (the tokenizer's only when the checkpoint names none itself).
-        self.eos_token_ids = eos_ids(cfg.eos_token_id, getattr(generation_config, "eos_token_id", None))
+        self.eos_token_ids = eos_ids(cfg.eos_token_id,
+                                     getattr(generation_config, "eos_token_id", None))
         if not self.eos_token_ids:
             self.eos_token_ids = eos_ids(getattr(tokenizer, "eos_token_id", None))
         self._lock = threading.Lock()  # scheduler + request table

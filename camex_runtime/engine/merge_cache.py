@@ -2,7 +2,8 @@
 
 One entry holds one merged FFN for one MoE layer and one routing decision, in the serving
 layout of engine/moe.py: `fc1` (the input projection(s) fused: GPT-2's fc1, SwiGLU's [gate; up]),
-`fc2` (the output projection), and their biases when the family has them. Keys are chosen by the caller so that equal keys mean equal merged
+`fc2` (the output projection), and their biases when the family has them. Keys are chosen by
+the caller so that equal keys mean equal merged
 weights (layer, routing mode, digest of the token ids that decided the scores, ...); two
 sequences with the same routing prefix therefore share one entry, counted by reference.
 Unreferenced entries stay resident in LRU order and are evicted only when a new merge needs

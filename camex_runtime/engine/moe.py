@@ -83,7 +83,8 @@ class MoEWeights:
     def bank(self) -> ExpertBank:
         """The same weights as the model code's ExpertBank, in the fused layout (views)."""
         def lb(w: Tensor, b: Tensor | None) -> LinearBank:
-            return LinearBank(w[0], None if b is None else b[0], w[1:], None if b is None else b[1:])
+            return LinearBank(w[0], None if b is None else b[0],
+                              w[1:], None if b is None else b[1:])
         return ExpertBank(self.router, {"fc1": lb(self.w1, self.b1), "fc2": lb(self.w2, self.b2)},
                           self.alpha, self.kind)
 

@@ -240,7 +240,8 @@ class ModelRunner:
                           _PrefillRouting(self, slot, st, start), layers=layers, hidden=hidden)
         if layers is None or layers[1] == len(self.blocks):
             st.length = end
-            last = min(end, st.prompt_len - 1)  # the prompt's last position predicts no prompt token
+            # the prompt's last position predicts no prompt token
+            last = min(end, st.prompt_len - 1)
             if st.score_k is not None and last > start:
                 targets = torch.tensor(st.prompt[start + 1:last + 1], device=self.device)
                 st.scored.append(score_prompt(self.model.lm_head, out[0, :last - start], targets,

@@ -130,7 +130,8 @@ def check_resumable(saved: dict, cfg: TrainConfig, saved_world_size: int | None 
         raise ResumeError(f"cannot resume {cfg.out_dir}: " + "; ".join(problems))
 
 
-def save_checkpoint(model, data, optimizer, scheduler, cfg: TrainConfig, state: TrainerState) -> None:
+def save_checkpoint(model, data, optimizer, scheduler, cfg: TrainConfig,
+                    state: TrainerState) -> None:
     """Model + tokenizer + optimizer/scheduler/RNG state into cfg.out_dir (trainer state last).
 
     The old trainer_state.json goes first: files are rewritten in place, and a crash part-way must

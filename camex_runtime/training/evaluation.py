@@ -18,7 +18,8 @@ from .distributed import DistContext
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: LMBlocks | ClassificationSet, batch_size: int,
-             ctx: DistContext, max_batches: int | None = None, bf16: bool = False) -> dict[str, float]:
+             ctx: DistContext, max_batches: int | None = None,
+             bf16: bool = False) -> dict[str, float]:
     was_training = model.training
     model.eval()
     loss_sum = count = correct = 0.0

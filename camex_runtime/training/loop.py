@@ -28,7 +28,8 @@ from .config import TrainConfig, TrainResult
 from .distributed import DistContext, init_distributed
 from .evaluation import chance_accuracy, evaluate, unigram_perplexity
 from .metrics import MetricsLog, plot_loss_curve
-from .checkpointing import build_model, check_export_dir, check_resumable, export_folded, save_checkpoint
+from .checkpointing import (build_model, check_export_dir, check_resumable, export_folded,
+                            save_checkpoint)
 from .optim import make_optimizer, make_scheduler
 from .prepare import PreparedData, prepare_data
 from .state import TrainerState, has_checkpoint, load_training_state
@@ -90,7 +91,8 @@ def _train(cfg: TrainConfig, ctx: DistContext) -> TrainResult:
         if state.step % cfg.log_every == 0 or state.step == end:
             loss = ctx.all_reduce_sum([stats.loss])[0] / ctx.world_size
             log.write("train", state.step, loss=loss, lr=lr, grad_norm=stats.grad_norm,
-                      tokens=state.tokens, elapsed_s=state.elapsed_s + time.perf_counter() - started)
+                      tokens=state.tokens,
+                      elapsed_s=state.elapsed_s + time.perf_counter() - started)
             bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}")
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < end:
             metrics = _evaluate(model, data, cfg, ctx, log, state.step)

@@ -108,7 +108,8 @@ def _rebuild_optimizer_state(saved: dict, tensors: dict[str, torch.Tensor]) -> d
             state.setdefault(int(pid), {})[key] = value
     for pid, extra in saved["scalars"].items():
         state.setdefault(int(pid), {}).update(extra)
-    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in saved["param_groups"]]
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g
+              for g in saved["param_groups"]]
     return {"state": state, "param_groups": groups}
 
 

@@ -31,7 +31,8 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
                         model_max_length: int | None = None) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE of at most `vocab_size` entries on `texts` (deterministic)."""
     if vocab_size < MIN_VOCAB:
-        raise TokenizerError(f"vocab_size must be >= {MIN_VOCAB} for a byte-level BPE, got {vocab_size}")
+        raise TokenizerError(f"vocab_size must be >= {MIN_VOCAB} for a byte-level BPE, "
+                             f"got {vocab_size}")
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -61,7 +62,8 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     if not getattr(tok, "is_fast", False):
         raise TokenizerError(f"{path} holds a slow tokenizer; training needs a fast one")
     if tok.eos_token is None:
-        raise TokenizerError(f"tokenizer in {path} has no eos token; the LM needs one between documents")
+        raise TokenizerError(f"tokenizer in {path} has no eos token; "
+                             f"the LM needs one between documents")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token  # GPT-2 convention; the attention mask tells them apart
     return tok
