@@ -90,7 +90,8 @@ def validation(message: str, param: str | None = None, code: str | None = None) 
 
 
 def overloaded(retry_after_s: int = 1) -> ApiError:
-    return ApiError(429, "overloaded", "model is overloaded: the waiting queue is full, retry later",
+    return ApiError(429, "overloaded",
+                    "model is overloaded: the waiting queue is full, retry later",
                     {"Retry-After": str(retry_after_s)})
 
 

@@ -1,4 +1,5 @@
-"""Server settings: one typed dataclass, filled from CLI flags, then `CAMEX_*` env vars, then defaults.
+"""Server settings: one typed dataclass, filled from CLI flags, then `CAMEX_*` env vars, then
+defaults.
 
 Every field is both a flag (`--max-batch-size`) and an environment variable
 (`CAMEX_MAX_BATCH_SIZE`); the flag wins. This module knows nothing about HTTP or the engine:
@@ -65,7 +66,8 @@ class ServerSettings:
         "merged FFN per MoE layer for every batch slot, plus one)")
     threads: int | None = _opt(None, "torch CPU threads (none: all cores but one, so the HTTP "
                                "loop keeps a core; at least 1)")
-    strategy: str = _opt("auto", "merged-expert apply strategy", choices=("auto", "merged", "mixture"))
+    strategy: str = _opt("auto", "merged-expert apply strategy",
+                         choices=("auto", "merged", "mixture"))
     routing: str | None = _opt(None, "default routing mode (none: checkpoint's)",
                                choices=("segment", "prompt"))
     demo_dir: str | None = _opt(None, "where demo checkpoints are built when no model is given")

@@ -1,4 +1,5 @@
-"""Operational routes: `GET /health` (liveness), `GET /ready` (readiness), `GET /info`, `GET /metrics`.
+"""Operational routes: `GET /health` (liveness), `GET /ready` (readiness), `GET /info`,
+`GET /metrics`.
 
 /health is a real check of the engine loop: 503 when a loop thread died, stopped, or has not
 heartbeated for `health_stale_s` (200 while the model is still loading, so liveness probes do not

@@ -96,7 +96,8 @@ def timing_headers(run: GenerationRun) -> dict[str, str]:
             "x-generated-tokens": str(len(run.result.token_ids))}
 
 
-async def generate_response(request: Request, body: GenerateRequest) -> tuple[GenerateResponse, dict]:
+async def generate_response(request: Request,
+                            body: GenerateRequest) -> tuple[GenerateResponse, dict]:
     run = await start_generation(request, body)
     await run.run_to_end(wait_for_disconnect(request.receive))
     tokenizer = request.app.state.serving.lm.tokenizer

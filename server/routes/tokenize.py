@@ -35,7 +35,9 @@ def _form(body: Any) -> str:
     return "prompt"  # errors then name vLLM's `prompt`, the most common form
 
 
-TokenizeBody = Annotated[Annotated[TokenizeCompletionRequest, Tag("prompt")] | Annotated[TokenizeChatRequest, Tag("messages")] | Annotated[GenerateRequest, Tag("inputs")],
+TokenizeBody = Annotated[Annotated[TokenizeCompletionRequest, Tag("prompt")]
+                         | Annotated[TokenizeChatRequest, Tag("messages")]
+                         | Annotated[GenerateRequest, Tag("inputs")],
                          Discriminator(_form)]
 
 
