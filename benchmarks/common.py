@@ -42,7 +42,8 @@ SHAPES = {"gpt2-small": (FULL, QUICK), "tinyllama-1b": (LLAMA_FULL, LLAMA_QUICK)
 
 
 def base_parser(doc: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes: check the script runs")
     p.add_argument("--shape", default="gpt2-small", choices=sorted(SHAPES),
                    help="model shape (random weights); tinyllama-1b: the Llama family")

@@ -63,7 +63,8 @@ def hf_decode_time(model, B: int, P: int, N: int, vocab: int, reps: int, device)
         with torch.inference_mode():
             model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
-    return max(1e-9, best_time(lambda: gen(N), device, reps) - best_time(lambda: gen(1), device, reps))
+    return max(1e-9, best_time(lambda: gen(N), device, reps)
+               - best_time(lambda: gen(1), device, reps))
 
 
 def hf_dense(cfg: dict, device, dtype):
@@ -185,9 +186,10 @@ def summarize(rows: list[dict], hf_name: str) -> dict:
         fixed = [tok("engine-camex", s, B) for s in ("merged", "mixture")]
         if auto and all(fixed):
             out[f"B={B} auto / best fixed (target >= 0.95)"] = auto / max(fixed)
-        for name, system, strategy in (("dense-in-engine (target >= 0.9 at B=1)", "engine-dense", "-"),
-                                       ("transformers dense (target >= 1.0 at B=1)", hf_name, "generate"),
-                                       ("training-form (target >= 10 at B=1)", "hf-camex-training-form", "generate")):
+        for name, system, strategy in (
+                ("dense-in-engine (target >= 0.9 at B=1)", "engine-dense", "-"),
+                ("transformers dense (target >= 1.0 at B=1)", hf_name, "generate"),
+                ("training-form (target >= 10 at B=1)", "hf-camex-training-form", "generate")):
             other = tok(system, strategy, B)
             if auto and other:
                 out[f"B={B} camex auto / {name}"] = auto / other

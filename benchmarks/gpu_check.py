@@ -57,7 +57,8 @@ def check_incremental(ref, engine, mode: str) -> tuple[float, float]:
     worst = 0.0
     T = TINY["segment_len"]
     for plen in (1, 3, 4, 7, 9):
-        prompt = torch.randint(0, 96, (plen,), generator=torch.Generator().manual_seed(plen)).tolist()
+        prompt = torch.randint(0, 96, (plen,),
+                               generator=torch.Generator().manual_seed(plen)).tolist()
         res = run_alone(engine, prompt, SamplingParams(max_new_tokens=13, ignore_eos=True,
                                                        routing=mode))
         ids = torch.tensor([prompt + res.token_ids], device=engine.runner.device)
@@ -69,7 +70,8 @@ def check_incremental(ref, engine, mode: str) -> tuple[float, float]:
         agree += sum(a == b for a, b in zip(want, res.token_ids))
         total += len(want)
         got_lp = torch.tensor(res.logprobs, device=lp.device)
-        worst = max(worst, float((got_lp - lp[pos, torch.tensor(res.token_ids, device=lp.device)]).abs().max()))
+        worst = max(worst, float((got_lp - lp[pos, torch.tensor(res.token_ids, device=lp.device)])
+                                 .abs().max()))
     return agree / total, worst
 
 
@@ -114,7 +116,8 @@ def invariants(device: str, dtype: torch.dtype) -> list[dict]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtypes", default="bfloat16,float32")
     p.add_argument("--quick", action="store_true", help="decode benchmark on tiny shapes")

@@ -54,11 +54,13 @@ def gpt2_config_from(model_dir: Path) -> tuple[GPT2Config, bool]:
     if raw.get("model_type") == "gpt2":
         return GPT2Config.from_dict(raw), True
     if raw.get("model_type") != "camex":
-        raise SystemExit(f"{model_dir}: model_type {raw.get('model_type')!r} is neither gpt2 nor camex")
+        raise SystemExit(f"{model_dir}: model_type {raw.get('model_type')!r} "
+                         f"is neither gpt2 nor camex")
     return GPT2Config(vocab_size=raw["vocab_size"], n_positions=raw["max_position_embeddings"],
                       n_embd=raw["d_model"], n_layer=raw["n_layer"], n_head=raw["n_head"],
                       n_inner=raw["d_ff"], activation_function="gelu",
-                      eos_token_id=raw.get("eos_token_id"), bos_token_id=raw.get("bos_token_id")), False
+                      eos_token_id=raw.get("eos_token_id"),
+                      bos_token_id=raw.get("bos_token_id")), False
 
 
 class TokenStreamer(BaseStreamer):
@@ -99,8 +101,8 @@ class NaiveGenerator:
         """The prompt's ids (1, L); ValueError when prompt + new tokens exceed the positions."""
         ids = self.tokenizer(prompt, return_tensors="pt").input_ids  # (1, L)
         if ids.shape[1] + p.max_new_tokens > self.max_total:
-            raise ValueError(f"prompt ({ids.shape[1]} tokens) + max_new_tokens ({p.max_new_tokens}) "
-                             f"exceeds {self.max_total}")
+            raise ValueError(f"prompt ({ids.shape[1]} tokens) + "
+                             f"max_new_tokens ({p.max_new_tokens}) exceeds {self.max_total}")
         return ids
 
     def __call__(self, prompt: str, p: Parameters, on_token: Callable[[int], None] = lambda t: None,
@@ -117,7 +119,8 @@ class NaiveGenerator:
         with self.lock, torch.inference_mode():
             if p.seed is not None:
                 torch.manual_seed(p.seed)
-            out = self.model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)  # (1, L+n)
+            out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                      **kwargs)  # (1, L+n)
         new = out[0, ids.shape[1]:].tolist()
         eos = self.tokenizer.eos_token_id
         reason = "eos_token" if new and new[-1] == eos and len(new) < p.max_new_tokens else "length"
@@ -170,7 +173,8 @@ async def sse_events(gen: NaiveGenerator, body: GenerateRequest):
     """TGI SSE: one event per token; the last carries generated_text and details."""
     loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
     on_token = lambda t: loop.call_soon_threadsafe(queue.put_nowait, t)  # noqa: E731
-    job = asyncio.ensure_future(asyncio.to_thread(gen, body.inputs, body.parameters, on_token, cancel))
+    job = asyncio.ensure_future(asyncio.to_thread(gen, body.inputs, body.parameters, on_token,
+                                                  cancel))
     tok, sent, pending = gen.tokenizer, [], None
     try:
         while not (job.done() and queue.empty()):

@@ -90,12 +90,14 @@ class LlamaCppDialect:
             err = event["error"]
             return Event(error=err.get("message", str(err)) if isinstance(err, dict) else str(err))
         predicted = int(event.get("tokens_predicted", produced))
-        out = Event(new_tokens=max(0, predicted - produced), prompt_tokens=event.get("tokens_evaluated"),
+        out = Event(new_tokens=max(0, predicted - produced),
+                    prompt_tokens=event.get("tokens_evaluated"),
                     token_ids=[int(t) for t in event.get("tokens") or []])
         if event.get("stop"):
             out.done = True
-            out.finish_reason = {"limit": "length", "eos": "eos_token", "word": "stop_sequence"}.get(
-                event.get("stop_type"), event.get("stop_type"))
+            out.finish_reason = {"limit": "length", "eos": "eos_token",
+                                 "word": "stop_sequence"}.get(event.get("stop_type"),
+                                                              event.get("stop_type"))
         return out
 
 
@@ -108,7 +110,8 @@ async def stream_one(client: httpx.AsyncClient, dialect, prompt: str, max_new_to
     prompt token count if it said."""
     now = lambda: time.perf_counter() - t0  # noqa: E731
     produced, prompt_tokens = 0, None
-    async with client.stream("POST", dialect.path, json=dialect.body(prompt, max_new_tokens)) as resp:
+    async with client.stream("POST", dialect.path,
+                             json=dialect.body(prompt, max_new_tokens)) as resp:
         rec.status = resp.status_code
         if resp.status_code != 200:
             await resp.aread()
@@ -159,7 +162,8 @@ async def closed_loop(url: str, dialect, prompts: list[str], concurrency: int,
                     n = await stream_one(client, dialect, prompt, max_new_tokens, rec, t0,
                                          token_ids[i])
                 except httpx.HTTPError as e:
-                    rec.fail("transport_error", time.perf_counter() - t0, f"{type(e).__name__}: {e}")
+                    rec.fail("transport_error", time.perf_counter() - t0,
+                             f"{type(e).__name__}: {e}")
                     n = None
                 except (ValueError, KeyError, TypeError) as e:  # an event that is not the API's
                     rec.fail("bad_response", time.perf_counter() - t0, f"{type(e).__name__}: {e}")

@@ -84,10 +84,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         if s not in SYSTEMS:
             p.error(f"unknown system {s!r}; use {', '.join(SYSTEMS)}")
     args.b1_requests = args.b1_requests or (2 if args.quick else 4)
-    args.concurrent_requests = args.concurrent_requests or args.concurrency * (1 if args.quick else 2)
+    args.concurrent_requests = (args.concurrent_requests
+                                or args.concurrency * (1 if args.quick else 2))
     args.new_tokens = args.new_tokens or (16 if args.quick else 64)
     flavour = "quick" if args.quick else "full"
-    args.work = args.work or Path.home() / ".cache" / "camex-serve" / "peer" / f"{flavour}-seed{args.seed}"
+    args.work = args.work or (Path.home() / ".cache" / "camex-serve" / "peer"
+                              / f"{flavour}-seed{args.seed}")
     args.out = args.out or ROOT / "benchmarks" / "results" / (
         "peer-llamacpp-quick.json" if args.quick else "peer-llamacpp.json")
     return args
@@ -113,7 +115,8 @@ def server_command(system: str, pair: str, threads: int, port: int, paths: dict,
         ctx = -(-args.concurrency * per_slot // 256) * 256
         return [str(paths["llama_server"]), "-m", str(paths[f"gguf_{DTYPE_PAIRS[pair][0]}"]),
                 "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads),
-                "--threads-batch", str(threads), "-np", str(args.concurrency), "-c", str(ctx)], "/health"
+                "--threads-batch", str(threads), "-np", str(args.concurrency),
+                "-c", str(ctx)], "/health"
     model = paths["camex_dense" if system == "camex-dense" else "camex_7x1"]
     return [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port),
             "--model", str(model), "--threads", str(threads), "--dtype", DTYPE_PAIRS[pair][1],
@@ -132,14 +135,16 @@ def http_run(system: str, pair: str, threads: int, rnd: int, plan: dict, paths: 
         levels = []
         for level in plan["levels"]:
             c = level["concurrency"]
-            peer_client.measure(server.url, api, level["warmup_prompts"], c, plan["warmup_new_tokens"])
+            peer_client.measure(server.url, api, level["warmup_prompts"], c,
+                                plan["warmup_new_tokens"])
             with CpuMeter([server.proc.pid, os.getpid()]) as cpu:
                 result = peer_client.measure(server.url, api, level["prompts"], c,
                                              plan["max_new_tokens"])
             levels.append({"concurrency": c, **result.to_dict(), "cpu": cpu.result})
             report = result.report
             print(f"  {system:<12} {pair} t={threads} round {rnd} c={c}: "
-                  f"{report.output_token_throughput:7.1f} tok/s, {report.completed}/{report.sent} ok, "
+                  f"{report.output_token_throughput:7.1f} tok/s, "
+                  f"{report.completed}/{report.sent} ok, "
                   f"other cores {cpu.result.get('other_cores', '-')}", flush=True)
     return {"kind": "http", "system": system, "dtype_pair": pair, "threads": threads,
             "round": rnd, "cmd": cmd, "ready_s": round(ready_s, 1), "levels": levels}
@@ -153,13 +158,15 @@ def engine_run(system: str, pair: str, threads: int, rnd: int, plan_path: Path, 
            "--dtype", DTYPE_PAIRS[pair][1], "--threads", str(threads), "--plan", str(plan_path),
            "--out", str(out)]
     with (logs / out.with_suffix(".log").name).open("w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, timeout=timeout_s)
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+                              timeout=timeout_s)
     if proc.returncode != 0:
         raise RuntimeError(f"engine run failed ({proc.returncode}); see {out.with_suffix('.log')}")
     doc = json.loads(out.read_text())
     for lv in doc["levels"]:
         print(f"  {system:<12} {pair} t={threads} round {rnd} c={lv['concurrency']}: "
-              f"{lv['report']['output_token_throughput']:7.1f} tok/s in process (engine)", flush=True)
+              f"{lv['report']['output_token_throughput']:7.1f} tok/s in process (engine)",
+              flush=True)
     return {"kind": "engine", "system": system, "dtype_pair": pair, "threads": threads,
             "round": rnd, "cmd": cmd, "ready_s": round(doc["ready_s"], 1), "levels": doc["levels"]}
 
@@ -212,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
                        "loadavg_end": loadavg(), "other_cores_max": max(other, default=None),
                        "contended": max(other, default=0.0) > CONTENDED_OTHER_CORES},
            "llama_cpp": llama, "models": models,
-           "settings": {"threads": args.threads, "dtype_pairs": {d: DTYPE_PAIRS[d] for d in args.dtypes},
+           "settings": {"threads": args.threads,
+                        "dtype_pairs": {d: DTYPE_PAIRS[d] for d in args.dtypes},
                         "systems": args.systems, "runs": args.runs, "concurrency": args.concurrency,
                         "b1_requests": args.b1_requests,
                         "concurrent_requests": args.concurrent_requests,

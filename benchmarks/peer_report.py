@@ -85,9 +85,11 @@ def summarize(doc: dict) -> list[dict]:
             row[f"{tag}_engine_tok_s"] = [e[r] for r in sorted(e)]
             row[f"{tag}_overhead"] = ratios(h, e)  # HTTP tok/s / engine tok/s
             if system != LLAMA and llama:
-                row[f"{tag}_vs_llama"] = ratios(h, {r: tok_s(level_of(v, c)) for r, v in llama.items()})
+                row[f"{tag}_vs_llama"] = ratios(h, {r: tok_s(level_of(v, c))
+                                                    for r, v in llama.items()})
             if system == "camex-7x1" and dense:
-                row[f"{tag}_vs_dense"] = ratios(h, {r: tok_s(level_of(v, c)) for r, v in dense.items()})
+                row[f"{tag}_vs_dense"] = ratios(h, {r: tok_s(level_of(v, c))
+                                                    for r, v in dense.items()})
         if system != LLAMA and llama:
             pairs = [same_tokens(http[r], llama[r]) for r in sorted(http) if r in llama]
             row["same_tokens_as_llama"] = [sum(p[0] for p in pairs), sum(p[1] for p in pairs)]
@@ -134,7 +136,8 @@ def markdown(doc: dict) -> str:
             span(r["b1_itl_ms"]), span(r["conc_itl_ms"]), span(r["b1_engine_tok_s"]),
             span(r["conc_engine_tok_s"]), span(r["b1_overhead"], "{:.2f}"),
             span(r["conc_overhead"], "{:.2f}"), span(r.get("b1_vs_dense", []), "{:.2f}"),
-            "-" if not r.get("same_tokens_as_llama") else "{}/{}".format(*r["same_tokens_as_llama"]),
+            "-" if not r.get("same_tokens_as_llama")
+            else "{}/{}".format(*r["same_tokens_as_llama"]),
             "-" if r["other_cores_max"] is None else f"{r['other_cores_max']:.2f}"]) + " |")
     out += ["", "ITL: inter-token latency. HTTP/engine: tok/s over HTTP / the engine in process on "
             "the same workload. greedy = llama: requests whose generated ids equal llama-server's "
@@ -156,12 +159,14 @@ def targets(doc: dict) -> list[str]:
         where = f"{r['dtype_pair']}, {r['threads']} thread(s)"
         if r["system"] == "camex-dense":
             for tag, what in (("b1", "B=1"), ("conc", "concurrent")):
-                state(f"1. dense / llama-server, {what}, {where}", r.get(f"{tag}_vs_llama", []), 1.0)
+                state(f"1. dense / llama-server, {what}, {where}",
+                      r.get(f"{tag}_vs_llama", []), 1.0)
         if r["system"] == "camex-7x1":
             state(f"2. CAMEx / dense, B=1, {where}", r.get("b1_vs_dense", []), 0.9)
         if r["system"] != LLAMA:
             for tag, what in (("b1", "B=1"), ("conc", "concurrent")):
-                state(f"3. HTTP / engine, {r['system']} {what}, {where}", r[f"{tag}_overhead"], 0.95)
+                state(f"3. HTTP / engine, {r['system']} {what}, {where}",
+                      r[f"{tag}_overhead"], 0.95)
     return lines
 
 

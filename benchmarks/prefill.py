@@ -44,7 +44,8 @@ def main() -> None:
     args = p.parse_args()
     device, dtype = setup(args)
     cfg = shape(args)
-    lengths = [int(x) for x in (args.lengths or ("32,128" if args.quick else "256,1024")).split(",")]
+    lengths = [int(x) for x in
+               (args.lengths or ("32,128" if args.quick else "256,1024")).split(",")]
     elem = torch.empty((), dtype=dtype).element_size()
     peaks = measure_peaks(device, dtype, args.reps)
     rows = []

@@ -1,4 +1,5 @@
-"""Paper-style quality comparison of the merging variants (dense, Euclidean, curvature-aware, dynamic).
+"""Paper-style quality comparison of the merging variants (dense, Euclidean, curvature-aware,
+dynamic).
 
 Trains every variant at an identical budget (same steps, batch, LR schedule, data, tokenizer and
 model width) on two tasks built from the Debian `fortunes` corpus, for several seeds each:
@@ -152,7 +153,8 @@ def prepare_task(task: str, budget: Budget, root: Path) -> TaskData:
 # Training one (task, variant, seed).
 
 
-def train_config(data: TaskData, variant: str, seed: int, budget: Budget, out_dir: Path) -> TrainConfig:
+def train_config(data: TaskData, variant: str, seed: int, budget: Budget,
+                 out_dir: Path) -> TrainConfig:
     lr = budget.classify_lr if data.task == "classify" and budget.classify_lr else budget.lr
     return TrainConfig(
         task=data.task, data=[data.train_file], eval_data=[data.eval_file],
@@ -171,7 +173,8 @@ def run_one(data: TaskData, variant: str, seed: int, budget: Budget, work: Path)
     metric_name, _ = TASK_METRIC[data.task]
     params = sum(p.numel() for p in result.model.parameters())
     curvature = sum(p.numel() for n, p in result.model.named_parameters() if ".curvature." in n)
-    baseline = {k: v for k, v in result.metrics.items() if k in ("unigram_perplexity", "chance_accuracy")}
+    baseline = {k: v for k, v in result.metrics.items()
+                if k in ("unigram_perplexity", "chance_accuracy")}
     shutil.rmtree(out_dir, ignore_errors=True)  # checkpoints are not the product here
     return RunRecord(data.task, variant, seed, float(result.metrics[metric_name]),
                      float(result.metrics["eval_loss"]), params, curvature, result.seconds,
@@ -214,7 +217,8 @@ def paired(ca: dict[int, float], euclid: dict[int, float], higher_better: bool) 
     diffs = [ca[s] - euclid[s] for s in seeds]
     m, sd = mean_std(diffs) if diffs else (float("nan"), float("nan"))
     n = len(diffs)
-    t = m / (sd / math.sqrt(n)) if n > 1 and sd > 0 else (math.inf * m if n > 1 and m else float("nan"))
+    t = (m / (sd / math.sqrt(n)) if n > 1 and sd > 0
+         else (math.inf * m if n > 1 and m else float("nan")))
     better = sum((d > 0) if higher_better else (d < 0) for d in diffs)
     return {"seeds": seeds, "diffs": diffs, "n": n, "mean_diff": m, "std_diff": sd, "t": t,
             "p_t": t_two_sided_p(t, n - 1) if n > 1 else float("nan"),
@@ -288,7 +292,8 @@ def render_markdown(report: dict) -> str:
              f"({meta['num_runs']} trainings, {meta['torch_threads']} torch threads, "
              f"{meta['machine']}, 1-min load average {meta['loadavg_1m_start_end']} "
              f"at start/end; {meta['cpu_seconds'] / 60:.1f} CPU-min)  ",
-             f"Budget per run: {meta['budget']['steps']} steps × batch {meta['budget']['batch_size']}, "
+             f"Budget per run: {meta['budget']['steps']} steps × "
+             f"batch {meta['budget']['batch_size']}, "
              f"model d={meta['budget']['model']['d_model']}, {meta['budget']['model']['n_layer']} "
              f"layers, {meta['budget']['model']['num_experts']} routed experts + base, "
              f"T={meta['budget']['model']['segment_len']}; seeds {meta['seeds']}", ""]
@@ -305,7 +310,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--seeds", type=int, default=3, help="seeds per variant (0..N-1)")
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: budget's)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="optimizer steps per run (default: budget's)")
     p.add_argument("--tasks", default="lm,classify", help="comma list of lm, classify")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of variants")
     p.add_argument("--smoke", action="store_true", help="one seed, tiny model and budget (CI)")

@@ -71,9 +71,11 @@ class ServerProcess:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; see {self.log_path}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}; "
+                                   f"see {self.log_path}")
             try:
-                if httpx.get(self.url + self.ready_path, timeout=2.0, trust_env=False).status_code == 200:
+                if httpx.get(self.url + self.ready_path, timeout=2.0,
+                             trust_env=False).status_code == 200:
                     return self
             except httpx.TransportError:
                 pass
@@ -118,7 +120,8 @@ def server_side(before: dict[str, float] | None, after: dict[str, float] | None)
     return {
         "mean_batch_size": ratio("camex_batch_size_sum", "camex_batch_size_count"),
         "engine_steps": d["camex_batch_size_count"],
-        "mean_queue_time_s": ratio("camex_queue_time_seconds_sum", "camex_queue_time_seconds_count"),
+        "mean_queue_time_s": ratio("camex_queue_time_seconds_sum",
+                                   "camex_queue_time_seconds_count"),
         "merge_cache_hit_rate": d["camex_merge_cache_hits_total"] / lookups if lookups else None,
         "merge_cache_fallbacks": d["camex_merge_cache_fallbacks_total"],
         "merge_cache_evictions": d["camex_merge_cache_evictions_total"],
@@ -139,7 +142,8 @@ def run_levels(server: ServerProcess, args: argparse.Namespace) -> list[dict]:
     for overrides in levels(args):
         cfg = LoadConfig(url=server.url, num_requests=args.num_requests, mix=args.mix,
                          max_new_tokens=args.max_new_tokens, prompt_len=args.prompt_len,
-                         prompts_path=args.prompts, seed=args.seed, max_duration_s=args.max_duration,
+                         prompts_path=args.prompts, seed=args.seed,
+                         max_duration_s=args.max_duration,
                          extra_params=json.loads(args.params), slo=args.slo, progress=True,
                          request_timeout_s=args.request_timeout, **overrides)
         if args.warmup:
@@ -181,8 +185,9 @@ def server_command(args: argparse.Namespace, port: int) -> list[str]:
 
 def git_commit() -> str | None:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                              text=True, timeout=10).stdout.strip() or None
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+                              capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -215,7 +220,8 @@ def compare(a_path: Path, b_path: Path, out: Path) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="folded causal-LM checkpoint (none: the server's demo models)")
-    p.add_argument("--classifier", help="folded classifier checkpoint (needed for classify in --mix)")
+    p.add_argument("--classifier",
+                   help="folded classifier checkpoint (needed for classify in --mix)")
     p.add_argument("--server-arg", action="append", default=[],
                    help="extra camex-server flag, repeatable: --server-arg=--max-batch-size=16")
     p.add_argument("--naive", action="store_true",
@@ -224,7 +230,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
                    help="no run: per-level ratios B/A of two saved runs, written to --out")
     load = p.add_mutually_exclusive_group()
-    load.add_argument("--concurrency", default="1,2,4,8", help="closed-loop levels, comma-separated")
+    load.add_argument("--concurrency", default="1,2,4,8",
+                      help="closed-loop levels, comma-separated")
     load.add_argument("--rates", help="open-loop Poisson rates (req/s), comma-separated")
     p.add_argument("-n", "--num-requests", type=int, default=64, help="requests per level")
     p.add_argument("--warmup", type=int, default=4, help="unmeasured requests before each level")
@@ -239,7 +246,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-duration", type=float, default=600.0, help="time cap per level (s)")
     p.add_argument("--request-timeout", type=float, default=600.0,
                    help="per-request cap (s); long, so an overloaded server shows as latency")
-    p.add_argument("--startup-timeout", type=float, default=900.0, help="seconds to wait for /ready")
+    p.add_argument("--startup-timeout", type=float, default=900.0,
+                   help="seconds to wait for /ready")
     p.add_argument("--out", default="benchmarks/results/serving.json")
     return p.parse_args(argv)
 
@@ -262,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'level':<18}{'done/sent':<11}{'req/s':>9}{'tok/s':>10}{'ttft50':>9}{'ttft99':>9}"
               f"{'tpot50':>9}{'e2e99':>10}{'good':>8}{'batch':>7}{'hit':>6}   (ms)")
         results = run_levels(server, args)
-    doc = {"benchmark": "serving", "argv": sys.argv[1:], "server_cmd": server.cmd, "server_info": info,
+    doc = {"benchmark": "serving", "argv": sys.argv[1:], "server_cmd": server.cmd,
+           "server_info": info,
            "host": {"platform": platform.platform(), "python": platform.python_version(),
                     "cpus": os.cpu_count(), "commit": git_commit(),
                     "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},

@@ -62,7 +62,8 @@ def build_lm(out: Path, tok_dir: Path, num_experts: int, force: bool) -> dict:
         return {"reused": True}
     tok = load_tokenizer(tok_dir)
     torch.manual_seed(0)
-    cfg = CamexConfig.from_preset("gpt2-small", num_experts=num_experts, eos_token_id=tok.eos_token_id,
+    cfg = CamexConfig.from_preset("gpt2-small", num_experts=num_experts,
+                                  eos_token_id=tok.eos_token_id,
                                   bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)
     model = CamexForCausalLM(cfg).eval()
     with torch.no_grad():  # spread experts apart and sharpen routers: merges really differ
