@@ -29,7 +29,8 @@ def poisson_gaps(rate: float, n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.exponential(scale=1.0 / rate, size=n)
 
 
-def gamma_gaps(rate: float, n: int, rng: np.random.Generator, burstiness: float = 1.0) -> np.ndarray:
+def gamma_gaps(rate: float, n: int, rng: np.random.Generator,
+               burstiness: float = 1.0) -> np.ndarray:
     """Gamma inter-arrival gaps (n,) with shape=burstiness and mean 1/rate."""
     if burstiness <= 0:
         raise ValueError(f"burstiness must be > 0, got {burstiness}")

@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mix", type=_arg(parse_mix), default="stream=1",
                    help="weights of request kinds: stream (POST /generate_stream), "
                         "generate (POST /generate), classify (POST /classify)")
-    p.add_argument("--prompts", help="JSONL (prompt/inputs/text per line) or text file, one prompt per line")
+    p.add_argument("--prompts", help="JSONL (prompt/inputs/text per line) or text file, "
+                                     "one prompt per line")
     p.add_argument("--prompt-len", type=_arg(LengthDist.parse), default="fixed:32",
                    help="synthetic prompt words: N | uniform:LO:HI | normal:MEAN:STD")
     p.add_argument("--max-new-tokens", type=_arg(LengthDist.parse), default="fixed:16",
@@ -69,11 +70,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", default=os.environ.get("CAMEX_API_KEY"),
                    help="Bearer token (default: $CAMEX_API_KEY)")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback target")
-    p.add_argument("--slo", type=_arg(Slo.parse), help="objectives, e.g. ttft=500ms,tpot=50ms,e2e=10s")
+    p.add_argument("--slo", type=_arg(Slo.parse),
+                   help="objectives, e.g. ttft=500ms,tpot=50ms,e2e=10s")
     p.add_argument("--slo-min-goodput", type=float,
                    help="gate: exit 1 unless this fraction of sent requests met every SLO")
     p.add_argument("--json", dest="json_path", help="write the report as JSON here")
-    p.add_argument("--no-records", action="store_true", help="leave per-request records out of the JSON")
+    p.add_argument("--no-records", action="store_true",
+                   help="leave per-request records out of the JSON")
     p.add_argument("--plots", help="write latency_cdf.png and timeline.png into this directory")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),

@@ -79,9 +79,11 @@ class LoadConfig:
         """Raise ValueError naming the bad setting (bounds keep every run finite)."""
         check_target(self.url, self.allow_remote)
         if not 0 <= self.num_requests <= MAX_REQUESTS:
-            raise ValueError(f"num_requests must be in [0, {MAX_REQUESTS}], got {self.num_requests}")
+            raise ValueError(f"num_requests must be in [0, {MAX_REQUESTS}], "
+                             f"got {self.num_requests}")
         if not 0 < self.max_duration_s <= MAX_DURATION_S:
-            raise ValueError(f"max_duration_s must be in (0, {MAX_DURATION_S}], got {self.max_duration_s}")
+            raise ValueError(f"max_duration_s must be in (0, {MAX_DURATION_S}], "
+                             f"got {self.max_duration_s}")
         if self.rate is not None and not self.rate > 0:
             raise ValueError(f"rate must be > 0 requests/s (or inf), got {self.rate}")
         for name in ("concurrency", "max_concurrency"):
@@ -100,7 +102,8 @@ class LoadConfig:
         d = asdict(self)
         d.pop("api_key")
         d["mode"] = "closed" if self.rate is None else "open"
-        d["rate"] = None if self.rate is None else (str(self.rate) if math.isinf(self.rate) else self.rate)
+        d["rate"] = (None if self.rate is None
+                     else (str(self.rate) if math.isinf(self.rate) else self.rate))
         d["slo"] = asdict(self.slo) if self.slo else None
         return d
 
@@ -139,7 +142,8 @@ class _Sender:
 
     def __init__(self, client: httpx.AsyncClient, cfg: LoadConfig, t0: float):
         self.client, self.cfg, self.t0 = client, cfg, t0
-        self.kinds = {"stream": self._stream, "generate": self._generate, "classify": self._classify}
+        self.kinds = {"stream": self._stream, "generate": self._generate,
+                      "classify": self._classify}
 
     def now(self) -> float:
         return time.perf_counter() - self.t0
@@ -275,7 +279,8 @@ class _Run:
             for spec in queue:  # the shared iterator hands each spec to exactly one worker
                 await self.one(spec)
 
-        tasks.update(asyncio.create_task(worker()) for _ in range(min(self.cfg.concurrency, len(specs))))
+        tasks.update(asyncio.create_task(worker())
+                     for _ in range(min(self.cfg.concurrency, len(specs))))
         if tasks:
             await asyncio.wait(tasks)
 
@@ -313,7 +318,8 @@ async def run_load_async(cfg: LoadConfig, specs: list[RequestSpec] | None = None
     return build_report(run.records, len(specs), cfg.summary(), cfg.slo, cfg.min_goodput, timed_out)
 
 
-def run_load(cfg: LoadConfig | None = None, specs: list[RequestSpec] | None = None, **overrides) -> Report:
+def run_load(cfg: LoadConfig | None = None, specs: list[RequestSpec] | None = None,
+             **overrides) -> Report:
     """Blocking wrapper: ``run_load(url=..., num_requests=..., concurrency=...)`` -> Report.
 
     Keyword overrides build/replace fields of ``LoadConfig``; call from a thread without a

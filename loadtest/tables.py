@@ -27,12 +27,14 @@ def format_report(r: Report) -> str:
     failures = ", ".join(f"{k}: {v}" for k, v in r.failures_by_status.items()) or "none"
     lines = [
         f"target            {run.get('url')}  ({load})",
-        f"requests          planned {r.planned}  sent {r.sent}  completed {r.completed}  failed {r.failed}"
+        f"requests          planned {r.planned}  sent {r.sent}  completed {r.completed}"
+        f"  failed {r.failed}"
         + ("  [time cap hit]" if r.timed_out else ""),
         f"failures          {failures}",
         "sent by kind      " + ", ".join(f"{k}: {v}" for k, v in r.sent_by_kind.items()),
         f"duration          {r.duration_s:.3f} s   peak concurrency {r.peak_concurrency}",
-        f"throughput        {r.request_throughput:.3f} req/s   {r.output_token_throughput:.2f} output tok/s"
+        f"throughput        {r.request_throughput:.3f} req/s   "
+        f"{r.output_token_throughput:.2f} output tok/s"
         f"   ({r.total_output_tokens} tokens)",
         "",
         f"{'latency (ms)':<14}{'n':>7}{'mean':>11}{'median':>11}{'p90':>11}{'p99':>11}",
@@ -40,8 +42,10 @@ def format_report(r: Report) -> str:
     rows = [(name, getattr(r, name)) for name in LATENCY_METRICS]
     rows += [(f"e2e[{k}]", s) for k, s in r.e2e_by_kind.items()] if len(r.e2e_by_kind) > 1 else []
     for name, s in rows:
-        lines.append(f"{name:<14}{s.count:>7}" + "".join(f"{_ms(getattr(s, f)):>11}" for f in LATENCY_FIELDS))
-    slo = ", ".join(f"{k}<={v * 1e3:g}ms" for k, v in (r.slo or {}).items() if v is not None) or "none"
+        lines.append(f"{name:<14}{s.count:>7}"
+                     + "".join(f"{_ms(getattr(s, f)):>11}" for f in LATENCY_FIELDS))
+    slo = ", ".join(f"{k}<={v * 1e3:g}ms"
+                    for k, v in (r.slo or {}).items() if v is not None) or "none"
     gate = ("no gate" if r.min_goodput is None
             else f"gate >= {r.min_goodput:.3f}: {'PASS' if r.gate_passed else 'FAIL'}")
     lines += ["", f"goodput           {r.good}/{r.sent} = {r.goodput_fraction:.3f}  "
@@ -64,7 +68,8 @@ def compare_reports(a: Report, b: Report) -> list[CompareRow]:
     pairs = [(name, getattr(a, name), getattr(b, name)) for name in THROUGHPUT_FIELDS]
     for metric in LATENCY_METRICS:
         for f in LATENCY_FIELDS:
-            pairs.append((f"{metric}.{f}", getattr(getattr(a, metric), f), getattr(getattr(b, metric), f)))
+            pairs.append((f"{metric}.{f}", getattr(getattr(a, metric), f),
+                          getattr(getattr(b, metric), f)))
     rows = []
     for name, va, vb in pairs:
         ratio = vb / va if va not in (None, 0) and vb is not None else None

@@ -55,7 +55,8 @@ class LengthDist:
                 raise ValueError
         except ValueError:
             raise ValueError(
-                f"bad length distribution {text!r}: use N, fixed:N, uniform:LO:HI or normal:MEAN:STD"
+                f"bad length distribution {text!r}: use N, fixed:N, uniform:LO:HI "
+                f"or normal:MEAN:STD"
             ) from None
         if dist.a < 1 or (dist.kind == "uniform" and dist.b < dist.a) or dist.b < 0:
             raise ValueError(f"bad length distribution {text!r}: lengths must be >= 1, LO <= HI")
