@@ -31,8 +31,10 @@ def make_tokenizer(out_dir: Path, vocab_size: int = 320):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size,
+                                  special_tokens=["<|endoftext|>", "<|pad|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
     tok.train_from_iterator(TINY_TEXT * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>",
                                    bos_token="<|endoftext|>", pad_token="<|pad|>")
@@ -47,7 +49,8 @@ def build_tiny(out_dir: Path, kind: str, **overrides) -> Path:
     tok = make_tokenizer(out_dir.parent / f"{out_dir.name}-tok")
     cfg = dict(vocab_size=len(tok), d_model=32, n_layer=2, n_head=4, d_ff=64,
                max_position_embeddings=128, num_experts=3, segment_len=4, curvature_rank=1,
-               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+               eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+               bos_token_id=tok.bos_token_id)
     if kind == "classifier":
         cfg.update(num_labels=3, id2label={0: "animals", 1: "science", 2: "greeting"},
                    label2id={"animals": 0, "science": 1, "greeting": 2})

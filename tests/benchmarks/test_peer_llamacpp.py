@@ -73,7 +73,8 @@ def test_camex_forms_of_the_same_weights(models):
 def test_prompts_have_the_asked_token_count(models):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(Path(models["work"]) / "tokenizer")
-    prompts = [json.loads(line)["prompt"] for line in Path(models["prompts"]).read_text().splitlines()]
+    prompts = [json.loads(line)["prompt"]
+               for line in Path(models["prompts"]).read_text().splitlines()]
     assert len(prompts) == 24 == len(set(prompts))
     assert {len(tok.encode(p, add_special_tokens=False)) for p in prompts} == {32}
 
@@ -130,12 +131,14 @@ def test_quick_camex_side_end_to_end(models, tmp_path):
             if run["kind"] == "engine":
                 assert lv["prompt_tokens"] == [32]  # the engine tokenizes the text as planned
         if run["kind"] == "http":
-            assert "--threads" in run["cmd"] and run["cmd"][run["cmd"].index("--dtype") + 1] == "float32"
+            assert ("--threads" in run["cmd"]
+                    and run["cmd"][run["cmd"].index("--dtype") + 1] == "float32")
     dense = next(r for r in doc["rows"] if r["system"] == "camex-dense")
     http = next(r for r in doc["runs"] if r["kind"] == "http" and r["system"] == "camex-dense")
     eng = next(r for r in doc["runs"] if r["kind"] == "engine" and r["system"] == "camex-dense")
-    assert dense["b1_overhead"] == [pytest.approx(http["levels"][0]["report"]["output_token_throughput"]
-                                                  / eng["levels"][0]["report"]["output_token_throughput"])]
+    assert dense["b1_overhead"] == [pytest.approx(
+        http["levels"][0]["report"]["output_token_throughput"]
+        / eng["levels"][0]["report"]["output_token_throughput"])]
     assert "| server | dtype | threads | B=1 tok/s | 4 concurrent, total tok/s |" in proc.stdout
     assert "3. HTTP / engine, camex-dense B=1" in proc.stdout
 
@@ -174,8 +177,8 @@ def test_report_ratios_are_per_round_against_llama():
     assert "| camex-server, dense-equivalent model | float32 | 1 | 10.0–20.0 (0.50–0.80×) | " \
            "40.0–60.0 (0.50–0.75×) |" in table
     assert "| llama.cpp `llama-server -np 8` | f32 | 1 | 20.0–25.0 | 80.0 |" in table
-    assert "| camex-7x1 | float32 | 1 | 50 | 50.0 | 50.0 | - | - | - | - | 0.90–1.00 | 6/8 | 0.10 |" \
-        in table
+    assert ("| camex-7x1 | float32 | 1 | 50 | 50.0 | 50.0 | - | - | - | - | "
+            "0.90–1.00 | 6/8 | 0.10 |") in table
     lines = targets(doc)
     assert "1. dense / llama-server, B=1, fp32, 1 thread(s): worst 0.50 (>= 1.0: NOT met)" in lines
     assert "2. CAMEx / dense, B=1, fp32, 1 thread(s): worst 0.90 (>= 0.9: met)" in lines

@@ -100,7 +100,8 @@ def test_t_test_p_values_match_tables():
 
 def test_sign_flip_test_is_exact():
     q = load_quality()
-    assert q.sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)   # only all-+ and all-- as extreme
+    # only all-+ and all-- as extreme
+    assert q.sign_flip_p([1.0, 2.0, 3.0]) == pytest.approx(2 / 8)
     # observed sum 3; the 8 sign patterns give |sum| 5, 3, 3, 1, 1, 3, 3, 5: six reach 3
     assert q.sign_flip_p([1.0, -1.0, 3.0]) == pytest.approx(6 / 8)
     assert q.sign_flip_p([0.0, 0.0]) == 1.0

@@ -24,8 +24,9 @@ N, NEW = 6, 5
 
 def run(*args: str) -> None:
     proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=200, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
-                                                        "TOKENIZERS_PARALLELISM": "false"})
+                          text=True, timeout=200,
+                          env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin",
+                               "TOKENIZERS_PARALLELISM": "false"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 

@@ -4,7 +4,8 @@ Behaviour is scripted by the prompt, as space-separated ``key=value`` directives
 ``status=429`` (answer that status with a JSON error), ``ttft=0.2`` (seconds before the first
 token), ``itl=0.05`` (seconds between tokens), ``n=5`` (tokens to produce), ``error_after=2``
 (stream: send an error event after 2 tokens), ``garbage=1`` (a 200 whose body is not
-JSON), ``truncated=1`` (stream: stop before the final event). ``/generate`` sleeps ``ttft + itl*(n-1)`` and
+JSON), ``truncated=1`` (stream: stop before the final event). ``/generate`` sleeps
+``ttft + itl*(n-1)`` and
 ``/classify`` sleeps ``ttft``. Every request body is kept in ``FakeServer.received``.
 Runs uvicorn in a thread on 127.0.0.1 with a free port; for tests only.
 """
@@ -25,7 +26,8 @@ from starlette.routing import Route
 
 
 def directives(prompt: str) -> dict[str, float]:
-    out = {"status": 200, "ttft": 0.0, "itl": 0.0, "n": 3, "error_after": -1, "garbage": 0, "truncated": 0}
+    out = {"status": 200, "ttft": 0.0, "itl": 0.0, "n": 3, "error_after": -1, "garbage": 0,
+           "truncated": 0}
     for item in prompt.split():
         key, sep, value = item.partition("=")
         if sep and key in out:
@@ -35,7 +37,8 @@ def directives(prompt: str) -> dict[str, float]:
 
 def _error(d: dict) -> JSONResponse:
     status = int(d["status"])
-    return JSONResponse({"error": f"scripted {status}", "error_type": "scripted"}, status_code=status,
+    return JSONResponse({"error": f"scripted {status}", "error_type": "scripted"},
+                        status_code=status,
                         headers={"Retry-After": "1"} if status == 429 else None)
 
 
@@ -53,7 +56,8 @@ class FakeServer:
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
         self.server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="off",
                                                     timeout_graceful_shutdown=1))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
 
     def __enter__(self) -> FakeServer:
         self.thread.start()
@@ -88,12 +92,15 @@ class FakeServer:
             for i in range(n - int(d["truncated"])):
                 await asyncio.sleep(d["ttft"] if i == 0 else d["itl"])
                 if i == d["error_after"]:
-                    yield "data: " + json.dumps({"error": "boom", "error_type": "generation"}) + "\n\n"
+                    yield ("data: " + json.dumps({"error": "boom", "error_type": "generation"})
+                           + "\n\n")
                     return
                 last = i == n - 1
-                event = {"index": i, "token": {"id": i, "text": f" t{i}", "logprob": -0.5, "special": False},
+                event = {"index": i,
+                         "token": {"id": i, "text": f" t{i}", "logprob": -0.5, "special": False},
                          "generated_text": "".join(f" t{j}" for j in range(n)) if last else None,
-                         "details": {"finish_reason": "length", "generated_tokens": n} if last else None}
+                         "details": ({"finish_reason": "length", "generated_tokens": n}
+                                     if last else None)}
                 yield "data: " + json.dumps(event) + "\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -114,4 +121,5 @@ class FakeServer:
         if d["status"] != 200:
             return _error(d)
         await asyncio.sleep(d["ttft"])
-        return JSONResponse([{"label": "POSITIVE", "score": 0.75}, {"label": "NEGATIVE", "score": 0.25}])
+        return JSONResponse([{"label": "POSITIVE", "score": 0.75},
+                             {"label": "NEGATIVE", "score": 0.25}])

@@ -47,11 +47,13 @@ def assert_counts_match(report, before: dict, after: dict) -> None:
     assert set(report.sent_by_kind) == set(MIX), report.sent_by_kind  # every kind was exercised
     for kind, route in ROUTES.items():
         sent = report.sent_by_kind.get(kind, 0)
-        assert delta(before, after, "camex_requests_total", route=route, status="200") == sent, route
+        assert delta(before, after, "camex_requests_total", route=route,
+                     status="200") == sent, route
     generations = report.sent_by_kind["stream"] + report.sent_by_kind["generate"]
     assert delta(before, after, "camex_generated_tokens_total") == report.total_output_tokens
     assert delta(before, after, "camex_request_generated_tokens_count") == generations
-    assert delta(before, after, "camex_classified_sequences_total") == report.sent_by_kind["classify"]
+    assert (delta(before, after, "camex_classified_sequences_total")
+            == report.sent_by_kind["classify"])
     assert report.total_output_tokens >= generations  # every generation yields >= 1 token
     assert report.ttft.count == report.sent_by_kind["stream"]
 
@@ -67,4 +69,5 @@ def test_open_loop_burst_matches_server_counters(server):
     report, before, after = run_and_diff(server, num_requests=18, rate=float("inf"), seed=11)
     assert_counts_match(report, before, after)
     assert report.peak_concurrency > 4  # more in flight than batch slots: some really queued
-    assert delta(before, after, "camex_batch_size_sum") > delta(before, after, "camex_batch_size_count")
+    assert (delta(before, after, "camex_batch_size_sum")
+            > delta(before, after, "camex_batch_size_count"))

@@ -42,7 +42,8 @@ def test_infinite_rate_is_a_burst_at_zero():
     assert arrival_offsets(0, 3.0) == []
 
 
-@pytest.mark.parametrize("kwargs", [dict(rate=0.0), dict(rate=-1.0), dict(rate=1.0, process="uniform"),
+@pytest.mark.parametrize("kwargs", [dict(rate=0.0), dict(rate=-1.0),
+                                    dict(rate=1.0, process="uniform"),
                                     dict(rate=1.0, process="gamma", burstiness=0.0)])
 def test_bad_arguments_are_refused(kwargs):
     with pytest.raises(ValueError):

@@ -23,7 +23,8 @@ def prompts_file(tmp_path: Path, rows: list[str]) -> str:
 
 def test_slo_gate_fails_with_exit_1_and_passes_with_exit_0(fresh_fake, tmp_path, capsys):
     prompts = prompts_file(tmp_path, ["ttft=0.1 itl=0.01 n=3"])
-    base = ["--url", fresh_fake.url, "-n", "4", "--concurrency", "2", "--prompts", prompts, "--no-progress"]
+    base = ["--url", fresh_fake.url, "-n", "4", "--concurrency", "2", "--prompts", prompts,
+            "--no-progress"]
     # every TTFT is >= 100 ms by construction, so a 10 ms TTFT objective cannot be met
     assert main(base + ["--slo", "ttft=10ms", "--slo-min-goodput", "0.5"]) == EXIT_GATE
     assert "gate >= 0.500: FAIL" in capsys.readouterr().out
@@ -41,8 +42,9 @@ def test_gate_counts_failed_requests_against_goodput(fresh_fake, tmp_path):
 
 def test_json_and_plots_are_written(fresh_fake, tmp_path):
     out, plots = tmp_path / "run.json", tmp_path / "plots"
-    rc = main(["--url", fresh_fake.url, "-n", "6", "--rate", "100", "--mix", "stream=1,generate=1,classify=1",
-               "--prompt-len", "uniform:2:6", "--json", str(out), "--plots", str(plots), "--no-progress"])
+    rc = main(["--url", fresh_fake.url, "-n", "6", "--rate", "100",
+               "--mix", "stream=1,generate=1,classify=1", "--prompt-len", "uniform:2:6",
+               "--json", str(out), "--plots", str(plots), "--no-progress"])
     assert rc == EXIT_OK
     report = Report.load(out)
     assert report.sent == 6 and len(report.records) == 6 and report.run["mode"] == "open"
@@ -83,8 +85,8 @@ def test_nothing_completed_exits_3(fresh_fake, tmp_path):
 def test_real_process_exit_status(fresh_fake, tmp_path):
     """The module entry point as a separate process: the gate's exit code reaches the shell."""
     prompts = prompts_file(tmp_path, ["ttft=0.05 n=2"])
-    cmd = [sys.executable, "-m", "loadtest", "--url", fresh_fake.url, "-n", "2", "--prompts", prompts,
-           "--slo", "ttft=1ms", "--slo-min-goodput", "1.0"]
+    cmd = [sys.executable, "-m", "loadtest", "--url", fresh_fake.url, "-n", "2",
+           "--prompts", prompts, "--slo", "ttft=1ms", "--slo-min-goodput", "1.0"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == EXIT_GATE, proc.stderr
     assert "goodput" in proc.stdout and "camex-loadtest" in proc.stderr  # the tqdm bar

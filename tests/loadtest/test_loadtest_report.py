@@ -1,4 +1,5 @@
-"""Report statistics on hand-made records: exact percentiles, derived latencies, goodput, compare."""
+"""Report statistics on hand-made records: exact percentiles, derived latencies, goodput,
+compare."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def test_percentile_is_linear_interpolation():
     for n in (1, 2, 5, 101):
         xs = rng.exponential(size=n).tolist()
         for q in (0, 10, 50, 90, 99, 100):
-            assert percentile(xs, q) == pytest.approx(np.percentile(xs, q, method="linear"), rel=1e-12)
+            assert percentile(xs, q) == pytest.approx(np.percentile(xs, q, method="linear"),
+                                                      rel=1e-12)
     with pytest.raises(ValueError):
         percentile([], 50)
     with pytest.raises(ValueError):
@@ -92,7 +94,8 @@ def test_peak_concurrency_end_frees_slot_before_start_at_same_time():
 
 
 def test_slo_and_duration_parsing():
-    assert parse_duration("250ms") == 0.25 and parse_duration("2s") == 2.0 and parse_duration("1.5") == 1.5
+    assert (parse_duration("250ms") == 0.25 and parse_duration("2s") == 2.0
+            and parse_duration("1.5") == 1.5)
     assert Slo.parse("ttft=500ms,tpot=0.05,e2e=10s") == Slo(ttft=0.5, tpot=0.05, e2e=10.0)
     for bad in ("latency=1", "ttft", "ttft=-1", "ttft=abc", ""):
         with pytest.raises(ValueError):

@@ -42,9 +42,11 @@ def test_streamed_latencies_track_known_delays_and_percentiles_are_exact(fresh_f
         assert x.tpot == pytest.approx((x.e2e - x.ttft) / (n - 1))
     for q, field in ((50, "median"), (90, "p90"), (99, "p99")):
         assert getattr(r.ttft, field) == percentile(ttft, q)
-        assert getattr(r.ttft, field) == pytest.approx(np.percentile(ttft, q, method="linear"), rel=1e-12)
+        assert getattr(r.ttft, field) == pytest.approx(np.percentile(ttft, q, method="linear"),
+                                                       rel=1e-12)
         # a percentile is monotone in every sample, so the scripted bounds carry over
-        assert percentile(known_ttft, q) <= getattr(r.ttft, field) < percentile(known_ttft, q) + SLACK
+        assert (percentile(known_ttft, q) <= getattr(r.ttft, field)
+                < percentile(known_ttft, q) + SLACK)
     itls = [g for x in recs for g in x.itl]
     assert r.itl.count == 30 and r.itl.p90 == percentile(itls, 90)
     assert r.e2e.mean == pytest.approx(np.mean([x.e2e for x in recs]))
@@ -70,12 +72,14 @@ def test_counts_add_up_and_failures_are_keyed_by_status(fresh_fake):
 
 
 def test_requests_carry_per_request_seeds_and_parameters(fresh_fake):
-    r = run_load(url=fresh_fake.url, num_requests=6, concurrency=2, seed=40, mix={"stream": 1, "generate": 1},
-                 extra_params={"temperature": 0.5}, do_sample=True)
+    r = run_load(url=fresh_fake.url, num_requests=6, concurrency=2, seed=40,
+                 mix={"stream": 1, "generate": 1}, extra_params={"temperature": 0.5},
+                 do_sample=True)
     assert r.completed == 6
     params = [body["parameters"] for _, body in fresh_fake.received]
     assert sorted(p["seed"] for p in params) == list(range(40, 46))
-    assert all(p["do_sample"] is True and p["temperature"] == 0.5 and p["details"] is True for p in params)
+    assert all(p["do_sample"] is True and p["temperature"] == 0.5 and p["details"] is True
+               for p in params)
     assert all(p["max_new_tokens"] == 16 for p in params)
 
 
@@ -91,10 +95,12 @@ def test_open_loop_follows_the_schedule_and_max_concurrency(fresh_fake):
     cfg = LoadConfig(url=fresh_fake.url, num_requests=8, rate=40.0, seed=5, mix={"classify": 1.0})
     r = run_load(cfg)
     offsets = arrival_offsets(8, 40.0, "poisson", 1.0, seed=5)
-    for rec in r.records:  # a request never leaves before its arrival time (event-loop rounding aside)
+    # a request never leaves before its arrival time (event-loop rounding aside)
+    for rec in r.records:
         assert rec.start >= offsets[rec.index] - 0.005
     specs = specs_of(*[("classify", "ttft=0.1")] * 6)
-    capped = run_load(url=fresh_fake.url, num_requests=6, rate=float("inf"), max_concurrency=2, specs=specs)
+    capped = run_load(url=fresh_fake.url, num_requests=6, rate=float("inf"), max_concurrency=2,
+                      specs=specs)
     assert capped.completed == 6 and capped.peak_concurrency == 2
 
 
@@ -104,14 +110,16 @@ def test_time_cap_cancels_in_flight_and_stops_sending(fresh_fake):
     assert r.timed_out and r.planned == 4 and r.sent == 2  # the other two were never sent
     assert r.failures_by_status == {"cancelled": 2} and r.completed == 0
     specs = specs_of(*[("classify", "x")] * 50)
-    r = run_load(url=fresh_fake.url, num_requests=50, rate=4.0, seed=1, max_duration_s=1.0, specs=specs)
+    r = run_load(url=fresh_fake.url, num_requests=50, rate=4.0, seed=1, max_duration_s=1.0,
+                 specs=specs)
     due = sum(t < 1.0 for t in arrival_offsets(50, 4.0, "poisson", 1.0, seed=1))
     assert r.sent <= due < 50 and r.completed + r.failed == r.sent
 
 
 def test_request_timeout_is_a_failure(fresh_fake):
     specs = specs_of(("generate", "ttft=5"), ("classify", "x"))
-    r = run_load(url=fresh_fake.url, num_requests=2, concurrency=2, request_timeout_s=0.2, specs=specs)
+    r = run_load(url=fresh_fake.url, num_requests=2, concurrency=2, request_timeout_s=0.2,
+                 specs=specs)
     assert r.failures_by_status == {"timeout": 1} and r.completed == 1
 
 
@@ -137,8 +145,9 @@ def test_loopback_targets_are_allowed(url):
     check_target(url, allow_remote=False)
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_requests=10**7), dict(max_duration_s=0), dict(concurrency=0),
-                                    dict(rate=0.0), dict(min_goodput=1.5), dict(url="ftp://127.0.0.1")])
+@pytest.mark.parametrize("kwargs", [dict(num_requests=10**7), dict(max_duration_s=0),
+                                    dict(concurrency=0), dict(rate=0.0), dict(min_goodput=1.5),
+                                    dict(url="ftp://127.0.0.1")])
 def test_unbounded_or_invalid_runs_are_refused(kwargs):
     with pytest.raises(ValueError):
         run_load(**kwargs)
@@ -152,8 +161,8 @@ def test_config_accepts_plain_values_for_lengths_and_slo(fresh_fake):
 
 
 def test_malformed_responses_are_failures_not_crashes(fresh_fake):
-    specs = specs_of(("generate", "garbage=1"), ("stream", "garbage=1"), ("stream", "n=3 truncated=1"),
-                     ("stream", "n=2"))
+    specs = specs_of(("generate", "garbage=1"), ("stream", "garbage=1"),
+                     ("stream", "n=3 truncated=1"), ("stream", "n=2"))
     r = run_load(url=fresh_fake.url, num_requests=4, concurrency=2, specs=specs)
     assert r.failures_by_status == {"bad_response": 3} and r.completed == 1
     truncated = next(x for x in r.records if x.index == 2)

@@ -54,11 +54,14 @@ def test_synthetic_prompts_have_the_requested_word_counts_and_seeds():
 
 def test_jsonl_rows_override_kind_and_max_new_tokens_and_cycle(tmp_path):
     path = tmp_path / "p.jsonl"
-    rows = [{"prompt": "a"}, {"inputs": "b", "kind": "classify"}, {"text": "c", "max_new_tokens": 3}, "d"]
+    rows = [{"prompt": "a"}, {"inputs": "b", "kind": "classify"},
+            {"text": "c", "max_new_tokens": 3}, "d"]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    specs = build_workload(6, {"generate": 1.0}, load_prompts(path), max_new_tokens=LengthDist.parse("9"))
+    specs = build_workload(6, {"generate": 1.0}, load_prompts(path),
+                           max_new_tokens=LengthDist.parse("9"))
     assert [s.prompt for s in specs] == ["a", "b", "c", "d", "a", "b"]
-    assert [s.kind for s in specs] == ["generate", "classify", "generate", "generate", "generate", "classify"]
+    assert [s.kind for s in specs] == ["generate", "classify", "generate", "generate", "generate",
+                                       "classify"]
     assert [s.max_new_tokens for s in specs] == [9, 9, 3, 9, 9, 9]
 
 

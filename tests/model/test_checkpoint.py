@@ -28,7 +28,8 @@ def test_values_beyond_the_target_dtype_are_refused_after_the_cast(tiny_lm_dir, 
         t[NAME] = t[NAME].clone()
         t[NAME][0, 0, 0] = 1e6  # finite in fp32 and bf16, inf in fp16 (max 65504)
     ckpt = _rewrite(tiny_lm_dir, tmp_path / "huge", huge)
-    with pytest.raises(cr.CheckpointError, match=rf"'{NAME}' has values outside the range of torch.float16"):
+    with pytest.raises(cr.CheckpointError,
+                       match=rf"'{NAME}' has values outside the range of torch.float16"):
         cr.load_folded(ckpt, dtype=torch.float16)
     assert cr.load_folded(ckpt, dtype=torch.bfloat16).state_dict[NAME].dtype == torch.bfloat16
     assert cr.load_folded(ckpt).state_dict[NAME][0, 0, 0] == 1e6

@@ -7,7 +7,8 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, GPT2LMHeadModel
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config,
+                          GPT2LMHeadModel)
 
 import camex_runtime as cr
 from camex_runtime.export import load_training_checkpoint, main as export_main
@@ -21,8 +22,8 @@ from .test_modeling import spread, tiny
 @pytest.mark.parametrize("kind", ["lm", "classifier"])
 def test_fold_equivalence(tmp_path, method, rank, dynamic, kind):
     torch.manual_seed(0)
-    cfg = tiny(merge_method=method, curvature_rank=rank, dynamic=dynamic, n_layer=3, ties_density=0.6,
-               num_labels=3)
+    cfg = tiny(merge_method=method, curvature_rank=rank, dynamic=dynamic, n_layer=3,
+               ties_density=0.6, num_labels=3)
     cls = cr.CamexForCausalLM if kind == "lm" else cr.CamexForSequenceClassification
     model = spread(cls(cfg)).eval()
     report = cr.export(model, tmp_path / "folded")
@@ -34,7 +35,8 @@ def test_fold_equivalence(tmp_path, method, rank, dynamic, kind):
     ids = torch.randint(0, 61, (2, 14))
     if kind == "lm":
         for kw in ({}, {"route1_len": 2}, {"routing": "prompt", "prompt_len": 5}):
-            torch.testing.assert_close(folded(ids, **kw).logits, model(ids, **kw).logits, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(folded(ids, **kw).logits, model(ids, **kw).logits,
+                                       rtol=1e-5, atol=1e-5)
     else:
         mask = torch.ones_like(ids)
         mask[0, 9:] = 0
@@ -68,7 +70,8 @@ def test_export_cli_roundtrip(tmp_path, capsys):
     assert export_main([str(tmp_path / "train"), str(tmp_path / "folded")]) == 0
     assert "max relative error" in capsys.readouterr().out
     assert cr.load_folded(tmp_path / "folded").kind == "causal-lm"
-    assert export_main([str(tmp_path / "train"), str(tmp_path / "folded")]) == 0  # a previous export
+    # a previous export
+    assert export_main([str(tmp_path / "train"), str(tmp_path / "folded")]) == 0
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
     assert export_main([str(tmp_path / "train"), str(tmp_path / "notes")]) == 2  # not an export
@@ -112,7 +115,8 @@ def test_export_never_replaces_the_checkpoint_it_exports(tmp_path, monkeypatch):
     monkeypatch.chdir(run / "ckpt")
     with pytest.raises(cr.ExportError, match="being exported"):  # `camex-train --export .`
         cr.export(model, ".", source_dir=".")
-    assert (run / "ckpt" / "model.safetensors").is_file() and (run / "ckpt" / "config.json").is_file()
+    assert ((run / "ckpt" / "model.safetensors").is_file()
+            and (run / "ckpt" / "config.json").is_file())
 
 
 def test_training_checkpoint_with_a_missing_tensor_is_refused(tmp_path):
@@ -130,7 +134,8 @@ def test_training_checkpoint_with_a_missing_tensor_is_refused(tmp_path):
     tensors[name] = torch.zeros(1)
     tensors[shape] = tensors[shape][:-1].contiguous()
     save_file(tensors, tmp_path / "train" / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(cr.ExportError, match=rf"mis-shaped tensors '{shape}' \(95, 32\).*'{re.escape(name)}'"):
+    with pytest.raises(cr.ExportError,
+                       match=rf"mis-shaped tensors '{shape}' \(95, 32\).*'{re.escape(name)}'"):
         load_training_checkpoint(tmp_path / "train")
 
 
@@ -147,7 +152,8 @@ def test_bad_checkpoints_fail_with_the_tensor_named(tiny_lm_dir, tmp_path):
     missing = _corrupt(tiny_lm_dir, tmp_path / "missing", lambda t: t.pop(name))
     with pytest.raises(cr.CheckpointError, match=f"missing tensor '{name}'"):
         cr.load_folded(missing)
-    shape = _corrupt(tiny_lm_dir, tmp_path / "shape", lambda t: t.__setitem__(name, t[name][:, :-1].contiguous()))
+    shape = _corrupt(tiny_lm_dir, tmp_path / "shape",
+                     lambda t: t.__setitem__(name, t[name][:, :-1].contiguous()))
     with pytest.raises(cr.CheckpointError, match=f"'{name}' has shape"):
         cr.load_folded(shape)
 
@@ -157,9 +163,11 @@ def test_bad_checkpoints_fail_with_the_tensor_named(tiny_lm_dir, tmp_path):
     with pytest.raises(cr.CheckpointError, match=f"'{name}' contains NaN"):
         cr.load_folded(_corrupt(tiny_lm_dir, tmp_path / "nan", nan))
     with pytest.raises(cr.CheckpointError, match="dtype"):
-        cr.load_folded(_corrupt(tiny_lm_dir, tmp_path / "int", lambda t: t.__setitem__(name, t[name].long())))
+        cr.load_folded(_corrupt(tiny_lm_dir, tmp_path / "int",
+                                lambda t: t.__setitem__(name, t[name].long())))
     with pytest.raises(cr.CheckpointError, match="unexpected tensor 'extra.weight'"):
-        cr.load_folded(_corrupt(tiny_lm_dir, tmp_path / "extra", lambda t: t.__setitem__("extra.weight", torch.ones(2))))
+        cr.load_folded(_corrupt(tiny_lm_dir, tmp_path / "extra",
+                                lambda t: t.__setitem__("extra.weight", torch.ones(2))))
     version = tmp_path / "version"
     shutil.copytree(tiny_lm_dir, version)
     cfg = json.loads((version / "config.json").read_text())

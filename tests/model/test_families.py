@@ -64,7 +64,8 @@ def test_phi3_partial_rotary_and_fused_projections(tmp_path):
     dense_dir = build_dense(tmp_path / "phi3", "phi3", partial_rotary_factor=0.5)
     with safe_open(str(dense_dir / "model.safetensors"), framework="pt") as f:
         names = set(f.keys())
-    assert {"model.layers.0.self_attn.qkv_proj.weight", "model.layers.0.mlp.gate_up_proj.weight"} <= names
+    assert {"model.layers.0.self_attn.qkv_proj.weight",
+            "model.layers.0.mlp.gate_up_proj.weight"} <= names
     model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
     assert model.config.rope_parameters["partial_rotary_factor"] == 0.5
     assert dense_reference_error(model, dense_dir, random_ids(20, seed=3, batch=2)) <= 1e-5
@@ -91,7 +92,8 @@ def test_sharded_checkpoints_are_read(tmp_path):
     ("sliding", r"sliding-window attention \(sliding_window=64\).*max_position_embeddings=64"),
     ("rope", r"rope_type 'dynamic' is not supported"),
     ("act", r"hidden_act 'gelu' is not supported"),
-    ("family", r"model_type 'bert' cannot be upcycled; supported: gpt2, llama, mistral, qwen2, phi3"),
+    ("family", r"model_type 'bert' cannot be upcycled; "
+               r"supported: gpt2, llama, mistral, qwen2, phi3"),
     ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
 ])
 def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):

@@ -86,7 +86,8 @@ def test_dynamic_only_first_layer_owns_base_and_chain_matches():
     for i in (1, 2):
         prev = banks[i - 1]
         torch.testing.assert_close(banks[i].fc1.base_weight,
-                                   next_dynamic_base(prev.fc1.base_weight, prev.fc1.delta_weight, 0.7))
+                                   next_dynamic_base(prev.fc1.base_weight, prev.fc1.delta_weight,
+                                                     0.7))
         torch.testing.assert_close(banks[i].fc2.base_bias,
                                    next_dynamic_base(prev.fc2.base_bias, prev.fc2.delta_bias, 0.7))
         # and τ of layer i is measured from the derived base
@@ -168,12 +169,14 @@ def test_classifier_problem_types_and_padding_invariance(problem_type, labels):
     n = 1 if problem_type == "regression" else 3
     m = spread(CamexForSequenceClassification(tiny(num_labels=n, problem_type=problem_type))).eval()
     ids = torch.randint(0, 61, (2, 9))
-    out = m(ids, attention_mask=torch.ones_like(ids), labels=labels[:, :n] if labels.dim() == 2 else labels)
+    out = m(ids, attention_mask=torch.ones_like(ids),
+            labels=labels[:, :n] if labels.dim() == 2 else labels)
     assert out.logits.shape == (2, n) and torch.isfinite(out.loss)
     # padding must not change a sequence's result (masked attention, pooling and routing)
     padded = torch.cat([ids, torch.zeros(2, 5, dtype=torch.long)], 1)
     mask = torch.cat([torch.ones(2, 9), torch.zeros(2, 5)], 1).long()
-    torch.testing.assert_close(m(padded, attention_mask=mask).logits, out.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m(padded, attention_mask=mask).logits, out.logits,
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_lm_rejects_padded_batches():

@@ -56,7 +56,8 @@ def test_incremental_decode_equals_full_forward(lm, mode):
             res = decode_alone(engine, prompt, 3 * T + 2)  # crosses >= 3 segment boundaries
             ids = prompt + res.token_ids
             lp = full_forward_logprobs(ref, ids, prompt_len, mode)
-            assert res.token_ids == lp[prompt_len - 1:-1].argmax(-1).tolist(), (prompt_len, strategy)
+            assert res.token_ids == lp[prompt_len - 1:-1].argmax(-1).tolist(), (
+                prompt_len, strategy)
             want = lp[torch.arange(prompt_len - 1, len(ids) - 1), torch.tensor(res.token_ids)]
             torch.testing.assert_close(torch.tensor(res.logprobs), want, atol=1e-5, rtol=1e-5)
         assert engine.runner.cache.referenced == 0

@@ -1,7 +1,8 @@
 """Host syncs in the step loop: on a GPU every `.tolist()`, `.item()`, `int(t)`, `float(t)` or
 `bool(t)` of a device tensor stalls the CPU until the device catches up. A decode step needs
 exactly two (the sampled token ids and their logprobs, which the host must see); prefill chunks
-add none (a completed prompt's first token is sampled with the decoding rows). This test counts them on the CPU, where
+add none (a completed prompt's first token is sampled with the decoding rows). This test counts
+them on the CPU, where
 the same calls run, so a new sync in the hot path fails here before it slows a GPU."""
 from __future__ import annotations
 

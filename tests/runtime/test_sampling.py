@@ -13,10 +13,13 @@ from camex_runtime.errors import InputValidationError
 
 def test_top_k_top_p_filters():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
-    assert torch.isfinite(filter_top_k_top_p(logits, 2, None)).tolist() == [True, True, False, False]
+    assert (torch.isfinite(filter_top_k_top_p(logits, 2, None)).tolist()
+            == [True, True, False, False])
     # mass before token 3 is 0.95 >= 0.9: drop it; token 2 (mass before 0.8) stays
-    assert torch.isfinite(filter_top_k_top_p(logits, None, 0.9)).tolist() == [True, True, True, False]
-    assert torch.isfinite(filter_top_k_top_p(logits, None, 0.1)).tolist() == [True, False, False, False]
+    assert (torch.isfinite(filter_top_k_top_p(logits, None, 0.9)).tolist()
+            == [True, True, True, False])
+    assert (torch.isfinite(filter_top_k_top_p(logits, None, 0.1)).tolist()
+            == [True, False, False, False])
 
 
 def test_repetition_penalty_hf_rule():
@@ -104,7 +107,8 @@ def test_streamed_pieces_concatenate_to_text(engine):
     events = list(h)
     assert "".join(e.text for e in events) == h.result().text
     assert [e.index for e in events] == list(range(20))
-    assert events[-1].finish_reason == "length" and all(e.finish_reason is None for e in events[:-1])
+    assert events[-1].finish_reason == "length" and all(e.finish_reason is None
+                                                        for e in events[:-1])
 
 
 def test_incremental_detokenizer_handles_multibyte(tiny_lm_dir):
@@ -127,8 +131,10 @@ def test_find_stop_only_in_new_text():
 
 
 @pytest.mark.parametrize("kw,msg", [
-    (dict(max_new_tokens=0), "max_new_tokens"), (dict(do_sample=True, temperature=0.0), "temperature"),
-    (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p"), (dict(repetition_penalty=0.0), "repetition"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(do_sample=True, temperature=0.0), "temperature"),
+    (dict(top_k=0), "top_k"), (dict(top_p=1.5), "top_p"),
+    (dict(repetition_penalty=0.0), "repetition"),
     (dict(seed=-1), "seed"), (dict(stop="x"), "stop"), (dict(routing="nope"), "routing"),
     (dict(queue_timeout_s=0), "queue_timeout_s"), (dict(logprobs=21), "logprobs"),
     (dict(prompt_logprobs=-1), "prompt_logprobs"), (dict(max_new_tokens=-1), "max_new_tokens")])
@@ -160,7 +166,8 @@ def test_a_failing_request_does_not_fail_its_batch(engine, monkeypatch):
              engine.generate([9, 8], **vars(good)).token_ids]
     monkeypatch.setattr(engine_mod, "sample_batch", flaky)
     bad = SamplingParams(max_new_tokens=6, do_sample=True, seed=666, ignore_eos=True)
-    handles = [engine.submit([5, 6, 7], good), engine.submit([1, 2], bad), engine.submit([9, 8], good)]
+    handles = [engine.submit([5, 6, 7], good), engine.submit([1, 2], bad),
+               engine.submit([9, 8], good)]
     results = [h.result(timeout=60) if i != 1 else None for i, h in enumerate(handles)]
     with pytest.raises(Exception, match="injected sampling fault"):
         handles[1].result(timeout=60)

@@ -1,7 +1,8 @@
 """Run by test_ddp.py under `torchrun --nproc_per_node 2`: train a tiny LM data-parallel (gloo on
 CPU) and write this rank's sha256 of the final weights to OUT/hash-RANK.json.
 
-    torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port P ddp_worker.py CORPUS OUT [DENSE]
+    torchrun --nproc_per_node 2 --master_addr 127.0.0.1 --master_port P \\
+        ddp_worker.py CORPUS OUT [DENSE]
 
 With DENSE (a dense Hugging Face model directory) the model is upcycled from it.
 """

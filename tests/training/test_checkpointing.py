@@ -70,7 +70,8 @@ def test_export_dir_that_would_destroy_data_is_refused_before_training(tmp_path,
 
 
 def test_export_replaces_the_previous_export_on_retrain(tmp_path, corpus_dir):
-    cfg = tiny_config(tmp_path / "run", [str(corpus_dir)], steps=2, export_dir=str(tmp_path / "folded"))
+    cfg = tiny_config(tmp_path / "run", [str(corpus_dir)], steps=2,
+                      export_dir=str(tmp_path / "folded"))
     assert train(cfg).export_dir == str(tmp_path / "folded")
     assert train(replace(cfg, overwrite=True)).export_dir == str(tmp_path / "folded")
     assert json.loads((tmp_path / "folded" / "config.json").read_text())["folded"] is True

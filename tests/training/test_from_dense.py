@@ -96,7 +96,8 @@ def test_two_gloo_ranks_train_an_upcycled_model(tmp_path, corpus_dir, dense_dir)
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-           str(Path(__file__).with_name("ddp_worker.py")), str(corpus_dir), str(out), str(dense_dir)]
+           str(Path(__file__).with_name("ddp_worker.py")), str(corpus_dir), str(out),
+           str(dense_dir)]
     proc = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True,
                           timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -33,7 +33,8 @@ def train_losses(out_dir) -> list[float]:
 
 
 def test_lm_loss_decreases_and_beats_unigram(tmp_path, corpus_dir):
-    result = train(tiny_config(tmp_path / "run", [str(corpus_dir)], steps=40, eval_every=20, lr=1e-2))
+    result = train(tiny_config(tmp_path / "run", [str(corpus_dir)], steps=40, eval_every=20,
+                               lr=1e-2))
     losses = train_losses(result.out_dir)
     assert len(losses) == 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5

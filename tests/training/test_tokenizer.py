@@ -50,8 +50,8 @@ def test_loaded_tokenizer_without_pad_gets_eos_as_pad(tmp_path):
     from transformers import PreTrainedTokenizerFast
 
     tok = train_bpe_tokenizer(TEXTS, vocab_size=300)
-    bare = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()),
-                                   eos_token=EOS_TOKEN)
+    bare = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(tok.backend_tokenizer.to_str()), eos_token=EOS_TOKEN)
     bare.save_pretrained(tmp_path)
     loaded = load_tokenizer(tmp_path)
     assert loaded.pad_token_id == loaded.eos_token_id
