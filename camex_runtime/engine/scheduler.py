@@ -109,9 +109,15 @@ class Scheduler:
                 f"({c.max_total_tokens})")
 
     def add(self, req: Any) -> None:
-        if len(self.waiting) >= self.config.max_waiting:
+        # max_waiting bounds the requests that wait for a batch slot: those the next step will
+        # seat in a free slot do not count (else a burst could be refused while slots are
+        # empty, just because the loop had not stepped yet since the previous arrival).
+        free = max(0, self.config.max_batch_size - len(self.running))
+        queued = max(0, len(self.waiting) - free)
+        if queued >= self.config.max_waiting:
             raise QueueFullError(
-                f"the waiting queue is full ({len(self.waiting)}/{self.config.max_waiting})")
+                f"the waiting queue is full ({queued}/{self.config.max_waiting} waiting for "
+                f"one of {self.config.max_batch_size} batch slots)")
         self.waiting.append(req)
 
     def schedule(self, now: float) -> SchedulerOutput:

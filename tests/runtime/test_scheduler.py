@@ -57,12 +57,16 @@ def test_decode_rows_come_in_slot_order_after_a_rejoin():
     assert out.decode == [reqs[3], reqs[1], reqs[2]]
 
 
-def test_bounded_queue():
-    s = sched(max_waiting=2)
-    s.add(Req("a"))
-    s.add(Req("b"))
-    with pytest.raises(QueueFullError, match="2/2"):
-        s.add(Req("c"))
+def test_bounded_queue_counts_only_requests_without_a_free_slot():
+    s = sched(max_batch_size=2, max_waiting=2)
+    for name in "abcd":  # two will be seated by the next step, two wait for a slot
+        s.add(Req(name))
+    with pytest.raises(QueueFullError, match="2/2 waiting"):
+        s.add(Req("e"))
+    s.schedule(now=1.0)  # a and b run: the slots are taken, c and d still wait
+    assert len(s.running) == 2 and len(s.waiting) == 2
+    with pytest.raises(QueueFullError, match="2/2 waiting"):
+        s.add(Req("f"))
 
 
 def test_queue_timeout_and_cancellation():
