@@ -224,7 +224,10 @@ class ModelRunner:
         L, done = st.prompt_len, st.length
         span = L if st.mode == "prompt" else st.route1_len  # the first decision's tokens
         if st.partial is not None or (done == 0 and budget is not None and budget < span):
-            return self._prefill_layers(slot, st, span, span if budget is None else budget)
+            got = self._prefill_layers(slot, st, span, span if budget is None else budget)
+            if got is not None or budget is not None:
+                return got
+            done = st.length  # "all that is left": the span is in, the tokens after it follow
         end = L if budget is None else min(L, max(done + budget, span))
         hidden = self._prefill_tokens(slot, st, done, end)
         return self.model.lm_head(hidden[0, -1:])[0] if end == L else None  # (V,)

@@ -185,12 +185,13 @@ class Scheduler:
         """The engine's report after a prefill chunk: `computed` prompt tokens are in the KV
         cache (0 while the first routing span advances by layers; all of them once the prompt
         is complete, which may happen on a smaller chunk than its token count)."""
-        if req.request_id not in self.prefilling:
+        if req.request_id not in self.running:
             return
         left = req.num_prompt_tokens - computed
         if left <= 0:
-            del self.prefilling[req.request_id]
-        else:
+            self.prefilling.pop(req.request_id, None)
+        else:  # including a chunk handed out as its last that did not complete the prompt:
+            # a request decodes only once its prompt is in
             self.prefilling[req.request_id] = (req, left)
 
     def finish(self, req: Any) -> None:

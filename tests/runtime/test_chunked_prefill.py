@@ -68,6 +68,27 @@ def test_a_layer_by_layer_first_span_keeps_its_chunks_coming():
         s.prefilled(b, 0)
 
 
+def test_a_last_chunk_that_did_not_complete_the_prompt_keeps_the_request_prefilling():
+    """The scheduler hands out "the rest" (no decoders left: whole prefills), the engine reports
+    fewer tokens in: the request stays out of the decode rows and gets the next chunk."""
+    s = Scheduler(SchedulerConfig(max_batch_size=2, max_input_tokens=100, max_total_tokens=128,
+                                  max_batched_tokens=4))
+    a, b = Req("a", 1), Req("b", 20)
+    s.add(a)
+    s.schedule(0.0)
+    s.add(b)
+    s.schedule(1.0)
+    s.prefilled(b, 0)
+    s.finish(a)
+    out = s.schedule(2.0)
+    assert out.decode == [] and out.chunks == {"b": None}
+    s.prefilled(b, 8)  # only the first routing span got in
+    out = s.schedule(3.0)
+    assert out.decode == [] and out.chunks == {"b": None}
+    s.prefilled(b, 20)
+    assert s.schedule(4.0).decode == [b]
+
+
 @pytest.fixture(scope="module")
 def lm(tmp_path_factory):
     path = build_folded(tmp_path_factory.mktemp("chunk") / "lm", T=T)
@@ -129,6 +150,38 @@ def test_long_prompt_interleaves_with_decodes_and_matches_alone(lm, mode):
     # rows); prompt mode: the whole prompt is one routing span, so one layer per step
     assert prefill_steps >= (5 if mode == "segment" else 2)
     while not all(h.done for h in (*handles, long_handle)):
+        engine.step()
+    assert [h.result().token_ids for h in (*handles, long_handle)] == want
+    assert engine.runner.cache.referenced == 0
+
+
+def test_a_layer_by_layer_span_completes_when_the_decoders_finish(lm):
+    """The streams finish while the long prompt's first span is half-way through its layers:
+    the next step has nothing decoding and hands it the rest of its prompt at once. The span's
+    remaining layers and the tokens after it must both run before it decodes (a request that
+    decoded with no token of its own used to fail the whole step)."""
+    path, _ = lm
+    gen = torch.Generator().manual_seed(7)
+    streams = [torch.randint(0, 60, (n,), generator=gen).tolist() for n in (3, 5)]
+    long_prompt = torch.randint(0, 60, (3 * T + 3,), generator=gen).tolist()
+    short, long_sp = (SamplingParams(max_new_tokens=n, ignore_eos=True) for n in (2, 6))
+    alone = Engine.from_pretrained(path, max_batch_size=1, max_batched_tokens=None)
+    alone.start()
+    try:
+        want = [alone.submit(p, short).result().token_ids for p in streams]
+        want.append(alone.submit(long_prompt, long_sp).result().token_ids)
+    finally:
+        alone.stop()
+    engine = Engine.from_pretrained(path, max_batch_size=3, max_batched_tokens=4)
+    handles = [engine.submit(p, short) for p in streams]
+    engine.step()  # whole prefills: each stream has its first token
+    long_handle = engine.submit(long_prompt, long_sp)
+    engine.step()  # the streams' last tokens; the long prompt's first span gets some layers
+    assert all(h.done for h in handles) and not long_handle._events
+    assert any(st is not None and st.partial is not None for st in engine.runner.slots)
+    for _ in range(20):
+        if long_handle.done:
+            break
         engine.step()
     assert [h.result().token_ids for h in (*handles, long_handle)] == want
     assert engine.runner.cache.referenced == 0
