@@ -20,7 +20,7 @@ import uuid
 
 from starlette.datastructures import Headers, MutableHeaders
 
-from server.errors import ApiError, internal_error, overloaded
+from server.errors import ApiError, internal_error, overloaded, shape_for
 from server.security import HostPolicy
 
 log = logging.getLogger("camex.access")
@@ -129,7 +129,10 @@ class ServingMiddleware:
                 response.headers["connection"] = "close"
                 await response(scope, None, send)
             elif status["stream"] and not status["done"]:
-                event = "data: " + json.dumps(err.body()) + "\n\n"
+                shape = shape_for(scope["path"])
+                event = "data: " + json.dumps(err.body(shape)) + "\n\n"
+                if shape == "openai":  # OpenAI streams always end with [DONE]
+                    event += "data: [DONE]\n\n"
                 await send({"type": "http.response.body", "body": event.encode(),
                             "more_body": False})
         except Exception:  # the connection is going away anyway

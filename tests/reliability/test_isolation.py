@@ -123,7 +123,9 @@ def test_generation_beyond_max_concurrent_is_429_before_the_body_is_read(tiny_lm
                 refused = await client.post("/v1/completions", content=b"{not json",
                                             headers={"content-type": "application/json"})
                 assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
-                assert refused.json()["error_type"] == "overloaded"
+                # an OpenAI route: OpenAI's error shape, decided before the body was read
+                assert refused.json()["error"]["type"] == "rate_limit_error"
+                assert refused.json()["error"]["code"] == "overloaded"
                 assert (await client.get("/health")).status_code == 200  # not generation
             finally:
                 lock.release()
