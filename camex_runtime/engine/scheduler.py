@@ -34,7 +34,7 @@ from camex_runtime.errors import InputValidationError, QueueFullError
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_size: int = 8  # running requests (= KV-cache slots)
-    max_waiting: int = 64  # bounded queue: beyond this submit raises QueueFullError
+    max_waiting: int = 64  # requests waiting for a slot; beyond this submit: QueueFullError
     max_input_tokens: int = 1024
     max_total_tokens: int = 2048  # prompt + generated, per request (= KV-cache row length)
     # Prompt tokens admitted per step when nothing decodes (whole prompts). At least one
