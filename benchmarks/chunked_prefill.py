@@ -41,13 +41,27 @@ def follow(handle, stamps: list[float]) -> threading.Thread:
     return t
 
 
+class StepCounter:
+    """Engine observer: counts steps, and notes the step that gave `watch` its first token
+    (`on_step` runs on the engine thread right after the step's tokens are published, so the
+    count is exact, unlike reading `engine.steps` from another thread later)."""
+
+    def __init__(self) -> None:
+        self.steps, self.watch, self.first_token_step = 0, None, None
+
+    def on_step(self, batch_size: int, seconds: float) -> None:
+        self.steps += 1
+        if self.first_token_step is None and self.watch is not None and self.watch._events:
+            self.first_token_step = self.steps
+
+
 def measure(model_cfg: dict, device, dtype, budget, streams: int, long_len: int, shorts: int,
             steady_tokens: int, vocab: int) -> dict:
     model = folded_model(model_cfg, device, dtype)
     max_total = model_cfg["max_position_embeddings"]
     engine = Engine(model, None, max_batch_size=streams + 1 + shorts, max_waiting=64,
                     max_input_tokens=long_len, max_total_tokens=max_total,
-                    max_batched_tokens=budget)
+                    max_batched_tokens=budget, observer=(counter := StepCounter()))
     engine.start()
     gen = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(0, vocab, (n,), generator=gen).tolist()  # noqa: E731
@@ -62,18 +76,19 @@ def measure(model_cfg: dict, device, dtype, budget, streams: int, long_len: int,
             time.sleep(0.005)
         t_long = time.perf_counter()
         long_stamps: list[float] = []
+        steps0 = counter.steps  # the step in flight now may still be before the long prompt
         long_h = engine.submit(ids(long_len), SamplingParams(max_new_tokens=4, ignore_eos=True))
+        counter.watch = long_h
         readers.append(follow(long_h, long_stamps))
         short_stamps = [[] for _ in range(shorts)]
         short_hs = [engine.submit(ids(8), SamplingParams(max_new_tokens=4, ignore_eos=True))
                     for _ in range(shorts)]
         t_short = time.perf_counter()
         readers += [follow(h, s) for h, s in zip(short_hs, short_stamps)]
-        steps0 = engine.steps
-        while not long_stamps:
+        while not long_stamps or counter.first_token_step is None:
             time.sleep(0.005)
         t_first = long_stamps[0]
-        prefill_steps = engine.steps - steps0
+        prefill_steps = counter.first_token_step - steps0  # counting the one in flight, if any
         if any(h.done for h in handles):
             raise RuntimeError("a stream ended before the long prompt was in: use a model with "
                                "more positions or fewer steady tokens")
