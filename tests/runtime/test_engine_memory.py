@@ -50,7 +50,7 @@ peak = status("VmHWM")
 # 1-d parameters (norms, biases) in fp32, see engine/precision.py
 dtypes = {str(p.dtype) for p in engine.runner.model.parameters() if p.dim() > 1}
 dtypes |= {str(t.dtype) for m in engine.runner.moe for t in (m.w1, m.w2)}
-print(json.dumps({"grew": peak - before, "before": before, "dtypes": sorted(dtypes), "kernels": kernels.status()}))
+print(json.dumps({"grew": peak - before, "dtypes": sorted(dtypes), "kernels": kernels.status()}))
 """
 
 
