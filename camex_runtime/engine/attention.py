@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from camex_runtime import kernels
 from camex_runtime.engine.kv_cache import DecodeRows, KVCache
 from camex_runtime.layers import sdpa
 
@@ -53,6 +54,10 @@ class DecodeAttention:
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q (B, H, 1, hd), k and v (B, KV, 1, hd) -> (B, H, 1, hd)."""
+        out = kernels.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.kv.k, self.kv.v,
+                                       layer, self.rows.slots_t, self.rows.positions_t)
+        if out is not None:  # fp32 on a CPU with the native kernels: write + attend in one call
+            return out.unsqueeze(2)
         self.kv.write_decode(layer, self.rows, k[:, :, 0], v[:, :, 0])
         keys, values = self.kv.read(layer, self.rows, self.length)
         return sdpa(q, keys, values, attn_mask=self.mask)

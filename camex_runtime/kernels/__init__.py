@@ -5,6 +5,9 @@
   `cpu_decode.cpp`, which streams each weight row from memory once for all rows, widens
   fp16/bf16 weights in registers and splits the output rows over torch's intra-op threads;
   everything else goes to `F.linear` (fp16/bf16 weights with fp32 activations are widened).
+- `decode_attention(...)` writes one decode step's keys/values into the KV cache and attends
+  each row over its own cached positions (fp32), in one call instead of a dozen small ops and
+  a general attention kernel sized for long queries; None where it does not apply.
 - `merge(base, deltas, coeffs, out)` writes `base + coeffs @ deltas` (one merged expert) in one
   pass over the weights, in their own dtype with fp32 accumulation; elsewhere `torch.addmm`.
  The extension is compiled on first use with torch's C++-extension builder
@@ -65,8 +68,12 @@ def _load():
             bindir = os.path.dirname(sys.executable)
             if bindir not in os.environ.get("PATH", "").split(os.pathsep):
                 os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
+            # -fopenmp: at::parallel_for is OpenMP code in torch's headers, serial without it;
+            # the library then binds to the libgomp torch has loaded (one thread pool, whose
+            # size torch.set_num_threads sets)
             module = load("camex_cpu_decode", [str(_SOURCE)], verbose=False,
-                          extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c"])
+                          extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
+                          extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no ninja, a read-only cache: serve with torch
             reason = f"the extension did not build ({type(e).__name__}: {str(e)[:200]})"
     if module is None:
@@ -108,6 +115,22 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         w = w.to(x.dtype)
         b = None if b is None else b.to(x.dtype)
     return F.linear(x, w, b)
+
+
+def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
+                     layer: int, slots: Tensor, positions: Tensor) -> Tensor | None:
+    """q (B, H, hd), k and v (B, KV, hd) of one decode step; k_cache / v_cache (n_layer, slots,
+    KV, max_len, hd). Writes k and v at (layer, slots[b], :, positions[b]) and returns each row's
+    attention over its positions [0, positions[b]] (B, H, hd), or None (nothing written) where
+    the native kernel does not apply: not fp32 on the CPU, or no native kernels."""
+    if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == k_cache.dtype
+            == v_cache.dtype == torch.float32 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
+            and k_cache.is_contiguous() and v_cache.is_contiguous()):
+        return None
+    mod = native()
+    if mod is None:
+        return None
+    return mod.decode_attention(q, k, v, k_cache, v_cache, layer, slots, positions)
 
 
 def merge(base: Tensor, deltas: Tensor, coeffs: Tensor, out: Tensor) -> Tensor:

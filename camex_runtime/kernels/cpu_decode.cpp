@@ -15,7 +15,10 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstdint>
+#include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <vector>
 
 namespace {
 
@@ -56,71 +59,69 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// R weight rows x NB input rows per pass: R * NB accumulators stay in registers.
-template <WType T, int R, int NB>
-inline void block(const float* x, int64_t ldx, int64_t in, const char* w, int64_t ldw_bytes,
-                  float* acc /* R * NB */) {
-  __m256 a[R][NB];
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < NB; ++b) a[r][b] = _mm256_setzero_ps();
+// One weight row x NB input rows (NB <= 4) per pass over `in`: 2 * NB accumulators and the NB
+// input vectors stay in registers. Every dot product is split into the same two interleaved
+// partial sums (elements i mod 16 < 8 and >= 8), whatever NB is, so a row's result does not
+// depend on which other rows share the batch; two sums also keep two FMAs in flight per input
+// (an FMA's latency is several cycles). One weight row at a time keeps the reads one sequential
+// stream, which the hardware prefetcher follows best (measured on Zen 4, one core: 20 GB/s
+// against 15 GB/s for four rows read side by side, and worse with software prefetching).
+template <WType T, int NB>
+inline void block(const float* x, int64_t ldx, int64_t in, const char* w, float* y,
+                  int64_t ldy) {
+  __m256 a[2][NB];
+  for (int u = 0; u < 2; ++u)
+    for (int b = 0; b < NB; ++b) a[u][b] = _mm256_setzero_ps();
   int64_t i = 0;
-  for (; i + 8 <= in; i += 8) {
-    __m256 xv[NB];
-    for (int b = 0; b < NB; ++b) xv[b] = _mm256_loadu_ps(x + b * ldx + i);
-    for (int r = 0; r < R; ++r) {
-      __m256 wv = load8<T>(w + r * ldw_bytes, i);
-      for (int b = 0; b < NB; ++b) a[r][b] = _mm256_fmadd_ps(wv, xv[b], a[r][b]);
+  for (; i + 16 <= in; i += 16) {
+    for (int u = 0; u < 2; ++u) {
+      __m256 wv = load8<T>(w, i + 8 * u);
+      for (int b = 0; b < NB; ++b)
+        a[u][b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * ldx + i + 8 * u), a[u][b]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < NB; ++b) {
-      float s = hsum(a[r][b]);
-      for (int64_t j = i; j < in; ++j) s += load1<T>(w + r * ldw_bytes, j) * x[b * ldx + j];
-      acc[r * NB + b] = s;
-    }
+  if (i + 8 <= in) {
+    __m256 wv = load8<T>(w, i);
+    for (int b = 0; b < NB; ++b)
+      a[0][b] = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x + b * ldx + i), a[0][b]);
+    i += 8;
+  }
+  for (int b = 0; b < NB; ++b) {
+    float s = hsum(_mm256_add_ps(a[0][b], a[1][b]));
+    for (int64_t j = i; j < in; ++j) s += load1<T>(w, j) * x[b * ldx + j];
+    y[b * ldy] = s;
+  }
 }
 
-template <WType T, int NB>
-void rows_nb(const float* x, int64_t ldx, int64_t in, const char* w, int64_t ldw_bytes,
-             int64_t out, const float* bias, float* y, int64_t ldy) {
-  constexpr int R = NB <= 2 ? 4 : (NB <= 4 ? 2 : 1);
-  at::parallel_for(0, (out + R - 1) / R, 16, [&](int64_t lo, int64_t hi) {
-    float acc[R * NB];
-    for (int64_t g = lo; g < hi; ++g) {
-      int64_t o = g * R;
-      if (o + R <= out) {
-        block<T, R, NB>(x, ldx, in, w + o * ldw_bytes, ldw_bytes, acc);
-        for (int r = 0; r < R; ++r)
-          for (int b = 0; b < NB; ++b)
-            y[b * ldy + o + r] = acc[r * NB + b] + (bias ? bias[o + r] : 0.f);
-      } else {
-        for (; o < out; ++o) {
-          block<T, 1, NB>(x, ldx, in, w + o * ldw_bytes, ldw_bytes, acc);
-          for (int b = 0; b < NB; ++b) y[b * ldy + o] = acc[b] + (bias ? bias[o] : 0.f);
-        }
-      }
-    }
-  });
-}
+constexpr int64_t RB = 4;  // weight rows per step of a task: read from memory once for all inputs
 
 template <WType T>
 void run(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w, int64_t ldw_bytes,
          int64_t out, const float* bias, float* y) {
-  for (int64_t b0 = 0; b0 < B; b0 += 8) {  // groups of up to 8 rows: weights read once a group
-    int64_t nb = std::min<int64_t>(8, B - b0);
-    const float* xb = x + b0 * ldx;
-    float* yb = y + b0 * out;
-    switch (nb) {
-      case 1: rows_nb<T, 1>(xb, ldx, in, w, ldw_bytes, out, bias, yb, out); break;
-      case 2: rows_nb<T, 2>(xb, ldx, in, w, ldw_bytes, out, bias, yb, out); break;
-      case 3: rows_nb<T, 3>(xb, ldx, in, w, ldw_bytes, out, bias, yb, out); break;
-      case 4: rows_nb<T, 4>(xb, ldx, in, w, ldw_bytes, out, bias, yb, out); break;
-      case 5: rows_nb<T, 5>(xb, ldx, in, w, ldw_bytes, out, bias, yb, out); break;
-      case 6: rows_nb<T, 6>(xb, ldx, in, w, ldw_bytes, out, bias, yb, out); break;
-      case 7: rows_nb<T, 7>(xb, ldx, in, w, ldw_bytes, out, bias, yb, out); break;
-      default: rows_nb<T, 8>(xb, ldx, in, w, ldw_bytes, out, bias, yb, out); break;
+  const int64_t blocks = (out + RB - 1) / RB;
+  at::parallel_for(0, blocks, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t g = lo; g < hi; ++g) {
+      const int64_t o = g * RB, rows = std::min(RB, out - o);
+      // inputs in groups of up to 4; the block's weight rows come from memory for the first
+      // group and from cache for the others
+      for (int64_t b0 = 0; b0 < B; b0 += 4) {
+        const float* xb = x + b0 * ldx;
+        for (int64_t r = 0; r < rows; ++r) {
+          const char* wr = w + (o + r) * ldw_bytes;
+          float* yb = y + b0 * out + o + r;
+          switch (std::min<int64_t>(4, B - b0)) {
+            case 1: block<T, 1>(xb, ldx, in, wr, yb, out); break;
+            case 2: block<T, 2>(xb, ldx, in, wr, yb, out); break;
+            case 3: block<T, 3>(xb, ldx, in, wr, yb, out); break;
+            default: block<T, 4>(xb, ldx, in, wr, yb, out); break;
+          }
+        }
+      }
+      if (bias != nullptr)
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t r = 0; r < rows; ++r) y[b * out + o + r] += bias[o + r];
     }
-  }
+  });
 }
 
 template <WType T>
@@ -178,6 +179,68 @@ void merge_run(const char* base, const char* deltas, int64_t ld_bytes, const flo
   (void)elem;
 }
 
+
+// exp(x) for x <= 0 (softmax after subtracting the max), 8 lanes: Cephes' expf (range reduction
+// by ln 2, degree-5 polynomial, exponent by integer add); relative error ~2e-7 over the range.
+inline __m256 exp8(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.3f));
+  __m256 fx = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+  y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+  y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  __m256 acc = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// softmax(q . K[0..L) * scale) @ V[0..L) for one query head; K, V rows of hd floats; s: L floats.
+void attend_one(const float* q, const float* K, const float* V, int64_t L, int64_t hd, float scale,
+                float* s, float* out) {
+  float mx = -INFINITY;
+  for (int64_t j = 0; j < L; ++j) {
+    s[j] = dot(q, K + j * hd, hd) * scale;
+    mx = std::max(mx, s[j]);
+  }
+  __m256 vsum = _mm256_setzero_ps(), vmx = _mm256_set1_ps(mx);
+  int64_t j = 0;
+  for (; j + 8 <= L; j += 8) {
+    __m256 p = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmx));
+    _mm256_storeu_ps(s + j, p);
+    vsum = _mm256_add_ps(vsum, p);
+  }
+  float sum = hsum(vsum);
+  for (; j < L; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    sum += s[j];
+  }
+  const float inv = 1.f / sum;
+  for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
+  for (j = 0; j < L; ++j) {
+    const float w = s[j] * inv;
+    const float* v = V + j * hd;
+    int64_t i = 0;
+    __m256 vw = _mm256_set1_ps(w);
+    for (; i + 8 <= hd; i += 8)
+      _mm256_storeu_ps(out + i, _mm256_fmadd_ps(vw, _mm256_loadu_ps(v + i), _mm256_loadu_ps(out + i)));
+    for (; i < hd; ++i) out[i] += w * v[i];
+  }
+}
+
 }  // namespace
 
 // base (n,) and out (n,) contiguous, deltas (E, n) with contiguous rows, one floating dtype;
@@ -228,7 +291,64 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w,
   return y;
 }
 
+// One decode step's attention for B rows, fp32: writes each row's new key and value into the
+// cache at (layer, slot, :, pos), then attends over that row's positions [0, pos] — a ragged
+// batch needs no mask, and each row's result does not depend on the others. Query heads share
+// key/value heads in groups (H / KV). q (B, H, hd), k_new / v_new (B, KV, hd) with unit stride
+// in hd; kc / vc (n_layer, S, KV, max_len, hd) contiguous; slots, positions (B,) int64.
+// Returns (B, H, hd).
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_new,
+                               const torch::Tensor& v_new, torch::Tensor kc, torch::Tensor vc,
+                               int64_t layer, const torch::Tensor& slots,
+                               const torch::Tensor& positions) {
+  TORCH_CHECK(q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3 && kc.dim() == 5 &&
+              vc.sizes() == kc.sizes(), "decode_attention shapes");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_new.scalar_type() == at::kFloat &&
+              v_new.scalar_type() == at::kFloat && kc.scalar_type() == at::kFloat &&
+              vc.scalar_type() == at::kFloat, "decode_attention is fp32");
+  TORCH_CHECK(q.stride(2) == 1 && k_new.stride(2) == 1 && v_new.stride(2) == 1 &&
+              kc.is_contiguous() && vc.is_contiguous(), "decode_attention layout");
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2), KV = k_new.size(1);
+  const int64_t S = kc.size(1), max_len = kc.size(3);
+  TORCH_CHECK(kc.size(2) == KV && kc.size(4) == hd && k_new.size(0) == B && v_new.size(0) == B &&
+              v_new.size(1) == KV && H % KV == 0 && layer >= 0 && layer < kc.size(0),
+              "decode_attention sizes");
+  auto sl = slots.to(at::kLong).contiguous(), ps = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(sl.numel() == B && ps.numel() == B, "one slot and position per row");
+  const int64_t* slp = sl.data_ptr<int64_t>();
+  const int64_t* pp = ps.data_ptr<int64_t>();
+  float* K = kc.data_ptr<float>();
+  float* V = vc.data_ptr<float>();
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(slp[b] >= 0 && slp[b] < S && pp[b] >= 0 && pp[b] < max_len, "slot or position");
+    longest = std::max(longest, pp[b] + 1);
+    for (int64_t g = 0; g < KV; ++g) {
+      const int64_t at = (((layer * S + slp[b]) * KV + g) * max_len + pp[b]) * hd;
+      std::memcpy(K + at, k_new.data_ptr<float>() + b * k_new.stride(0) + g * k_new.stride(1), hd * 4);
+      std::memcpy(V + at, v_new.data_ptr<float>() + b * v_new.stride(0) + g * v_new.stride(1), hd * 4);
+    }
+  }
+  auto out = torch::empty({B, H, hd}, q.options());
+  float* op = out.data_ptr<float>();
+  const float* qp = q.data_ptr<float>();
+  const float scale = 1.f / std::sqrt(static_cast<float>(hd));
+  const int64_t group = H / KV;
+  at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+    std::vector<float> s(longest);
+    for (int64_t t = lo; t < hi; ++t) {
+      const int64_t b = t / H, h = t % H, g = h / group;
+      const int64_t base = ((layer * S + slp[b]) * KV + g) * max_len * hd;
+      attend_one(qp + b * q.stride(0) + h * q.stride(1), K + base, V + base, pp[b] + 1, hd,
+                 scale, s.data(), op + t * hd);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "weight-streaming y = x @ w.T + b for a few fp32 rows");
+  m.def("decode_attention", &decode_attention,
+        "write one decode step's keys/values into the cache and attend, per row");
   m.def("merge", &merge, "out = base + coeffs @ deltas, streamed once, fp32 accumulation");
 }

@@ -40,6 +40,25 @@ def test_linear_equals_torch(wdtype, rows):
     assert rel(kernels.linear(x.view(rows, 1, 37), w, b).view(rows, 50), want) <= 1e-6
 
 
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_linear_rows_do_not_depend_on_the_batch_or_the_threads(wdtype):
+    """Batched decode must give each sequence exactly what it gets alone (greedy tokens are
+    compared bit for bit), so a row's product may not depend on how many rows share the call or
+    on how the output rows are split over threads."""
+    torch.manual_seed(3)
+    w, b = torch.randn(301, 75).to(wdtype), torch.randn(301)
+    x = torch.randn(kernels.MAX_ROWS, 75)
+    alone = torch.cat([kernels.linear(x[i:i + 1], w, b) for i in range(len(x))])
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for rows in (2, 3, 4, 5, 8, 13, kernels.MAX_ROWS):
+                assert torch.equal(kernels.linear(x[:rows], w, b), alone[:rows]), (n, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_large_row_counts_and_16bit_activations_go_to_torch():
     torch.manual_seed(0)
     w = torch.randn(24, 16).bfloat16()
@@ -47,6 +66,48 @@ def test_large_row_counts_and_16bit_activations_go_to_torch():
     assert rel(kernels.linear(x, w), F.linear(x, w.float())) <= 1e-6
     xb = x[:4].bfloat16()
     assert torch.equal(kernels.linear(xb, w), F.linear(xb, w))
+
+
+@pytest.mark.skipif(not HAS_FLAGS, reason="the native kernels need AVX2/FMA/F16C; "
+                    "test_kernels_are_native_exactly_where_the_cpu_has_the_instructions covers it")
+@pytest.mark.parametrize("H,KV,hd", [(4, 4, 16), (6, 2, 12), (2, 1, 64)])
+def test_decode_attention_writes_the_cache_and_equals_sdpa_per_row(H, KV, hd):
+    """Ragged positions, slots out of order, grouped-query heads, a head size that is no
+    multiple of 8, q/k/v as strided views of one fused projection (as the model makes them)."""
+    torch.manual_seed(H * hd)
+    n_layer, S, max_len, layer = 3, 5, 40, 1
+    kc, vc = torch.randn(n_layer, S, KV, max_len, hd), torch.randn(n_layer, S, KV, max_len, hd)
+    before = kc.clone(), vc.clone()
+    slots, positions = torch.tensor([3, 0, 4]), torch.tensor([7, 0, 33])
+    B = len(slots)
+    qkv = torch.randn(B, (H + 2 * KV) * hd)
+    q, k, v = (t.view(B, -1, hd) for t in qkv.split([H * hd, KV * hd, KV * hd], dim=-1))
+    got = kernels.decode_attention(q, k, v, kc, vc, layer, slots, positions)
+    assert got is not None and got.shape == (B, H, hd)
+    written = torch.zeros_like(kc, dtype=torch.bool)
+    for b, (s, p) in enumerate(zip(slots.tolist(), positions.tolist())):
+        assert torch.equal(kc[layer, s, :, p], k[b]) and torch.equal(vc[layer, s, :, p], v[b])
+        written[layer, s, :, p] = True
+        keys, values = kc[layer, s, :, :p + 1], vc[layer, s, :, :p + 1]  # (KV, p+1, hd)
+        want = F.scaled_dot_product_attention(q[b][:, None], keys.repeat_interleave(H // KV, 0),
+                                              values.repeat_interleave(H // KV, 0))[:, 0]
+        assert rel(got[b], want) <= 1e-5
+        # a row's result is the same computed alone (batched == solo)
+        alone = kernels.decode_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], kc, vc, layer,
+                                         slots[b:b + 1], positions[b:b + 1])
+        assert torch.equal(alone[0], got[b])
+    assert torch.equal(kc[~written], before[0][~written])  # nothing else in the cache moved
+    assert torch.equal(vc[~written], before[1][~written])
+
+
+def test_decode_attention_declines_what_it_does_not_compute():
+    q, kv = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
+    cache = torch.zeros(1, 1, 2, 4, 8)
+    half = [t.bfloat16() for t in (q, kv, kv, cache, cache)]
+    assert kernels.decode_attention(*half, 0, torch.tensor([0]), torch.tensor([0])) is None
+    assert kernels.decode_attention(q, kv, kv, cache.transpose(3, 4), cache, 0,
+                                    torch.tensor([0]), torch.tensor([0])) is None
+    assert torch.equal(cache, torch.zeros_like(cache))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -64,8 +125,8 @@ def test_merge_equals_addmm(dtype):
 
 
 def test_mixed_precision_serves_16bit_weights_with_fp32_activations(tmp_path, monkeypatch):
-    """On a CPU without native bf16 (and with the kernels), a bf16 engine streams bf16 weights
-    and computes in fp32: closer to the fp32 engine than computing in bf16 is."""
+    """On a CPU with the kernels, a bf16 engine streams bf16 weights and computes in fp32:
+    closer to the fp32 engine than computing in bf16 is."""
     path = build_folded(tmp_path / "lm", T=4)
     prompt = list(range(3, 17))
     logits = {}
@@ -82,8 +143,7 @@ def test_mixed_precision_serves_16bit_weights_with_fp32_activations(tmp_path, mo
             rows.append(runner.decode([0], [t], [tokens])[0])
         logits[name] = torch.stack(rows).float()
         if name == "mixed":
-            mixed = kernels.native() is not None and not ({"avx512_bf16", "amx_bf16"}
-                                                          & kernels.cpu_flags())
+            mixed = kernels.native() is not None
             want = Precision(torch.bfloat16, torch.float32 if mixed else torch.bfloat16)
             assert runner.precision == want
             assert runner.kv.k.dtype == want.compute
@@ -94,3 +154,22 @@ def test_mixed_precision_serves_16bit_weights_with_fp32_activations(tmp_path, mo
     err = {k: rel(v, ref) for k, v in logits.items() if k != "fp32"}
     assert err["mixed"] <= 0.03 and err["pure"] <= 0.03
     assert err["mixed"] <= err["pure"] + 1e-6, err
+
+
+def test_precision_override_is_checked_and_honoured(monkeypatch):
+    from camex_runtime.engine.precision import choose
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("CAMEX_PRECISION", "fast")
+    with pytest.raises(ValueError, match="CAMEX_PRECISION must be auto, pure or mixed"):
+        choose(cpu, torch.bfloat16, True)
+    monkeypatch.setenv("CAMEX_PRECISION", "pure")
+    assert choose(cpu, torch.bfloat16, True) == Precision(torch.bfloat16, torch.bfloat16)
+    for mode in ("mixed", "auto"):
+        monkeypatch.setenv("CAMEX_PRECISION", mode)
+        compute = torch.float32 if kernels.native() is not None else torch.bfloat16
+        assert choose(cpu, torch.bfloat16, True) == Precision(torch.bfloat16, compute)
+        assert choose(cpu, torch.float16, True) == Precision(torch.float16,
+                                                             compute if compute == torch.float32
+                                                             else torch.float16)
+        assert choose(cpu, torch.bfloat16, False) == Precision(torch.bfloat16, torch.bfloat16)
+        assert choose(cpu, torch.float32, True) == Precision(torch.float32, torch.float32)
