@@ -1,17 +1,19 @@
 """Which dtypes a served model computes in, chosen per device and CPU at start-up, and the
 serving layout that follows (linear layers on the native kernels).
 
-A CPU without native 16-bit arithmetic (AVX2 machines: no AVX512-BF16 / AMX / AVX512-FP16)
-multiplies bf16 and fp16 matrices slowly — torch widens them op by op, and small-row products
-fall back to generic code (a bf16 decode step there costs as much as fp32, a batch of 8 three
-times as much). A bf16 or fp16 language-model engine on such a CPU therefore keeps its *weights*
-in the requested dtype — linear layers, expert stacks, merged weights, the output head: half
-the bytes to stream, which is what decode costs — and computes *activations* in fp32: norms,
-attention, the KV cache, router inputs, sampling. The native kernels (camex_runtime.kernels)
-widen the weights in registers, exactly (bf16 and fp16 are subsets of fp32), so the result is
-at least as accurate as computing in the 16-bit dtype. On CUDA, on CPUs with native 16-bit
-arithmetic, and where the native kernels cannot be built, everything runs in the requested
-dtype. `CAMEX_PRECISION=pure` forces that choice (comparisons, debugging).
+On a CPU, a bf16 or fp16 language-model engine keeps its *weights* in the requested dtype —
+linear layers, expert stacks, merged weights, the output head: half the bytes to stream, which
+is what decode costs — and computes *activations* in fp32: norms, attention, the KV cache,
+router inputs, sampling ("mixed"). The native kernels (camex_runtime.kernels) widen the weights
+in registers, exactly (bf16 and fp16 are subsets of fp32), so the result is at least as accurate
+as computing in the 16-bit dtype, and a decode step streams the weights at memory speed.
+Computing in the 16-bit dtype ("pure") is slower at decode sizes on every CPU measured: on AVX2
+machines torch widens the matrices op by op (a bf16 step cost what fp32 did, a batch of 8 three
+times as much); on a Zen 4 core with AVX512-BF16, one sequence's step took 33 ms pure against
+13 ms mixed (GPT-2-small shape), and pure was ahead only at 8 sequences (49 ms against 55 ms).
+So mixed is the default wherever the native kernels run; on CUDA, where they cannot be built,
+and for classifiers, everything runs in the requested dtype. `CAMEX_PRECISION=pure|mixed`
+overrides the choice (comparisons, debugging).
 
 Classifier engines keep one dtype (their merges serve one sequence once; the gain is decode's).
 Knows nothing about requests or caches.
@@ -27,8 +29,7 @@ from torch import nn
 from camex_runtime import kernels
 from camex_runtime.layers import RMSNorm
 
-NATIVE_16BIT = {torch.bfloat16: ("avx512_bf16", "amx_bf16"),
-                torch.float16: ("avx512_fp16", "amx_fp16")}
+SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -49,10 +50,11 @@ class Precision:
 
 def choose(device: torch.device, dtype: torch.dtype, causal_lm: bool) -> Precision:
     """The precision to serve a `dtype` checkpoint with on `device` (module docstring)."""
-    if (device.type != "cpu" or dtype not in NATIVE_16BIT or not causal_lm
-            or os.environ.get("CAMEX_PRECISION") == "pure"):
-        return Precision(dtype, dtype)
-    if set(NATIVE_16BIT[dtype]) & kernels.cpu_flags() or kernels.native() is None:
+    mode = os.environ.get("CAMEX_PRECISION", "auto")
+    if mode not in ("auto", "pure", "mixed"):
+        raise ValueError(f"CAMEX_PRECISION must be auto, pure or mixed, got {mode!r}")
+    if (device.type != "cpu" or dtype not in SIXTEEN_BIT or not causal_lm or mode == "pure"
+            or kernels.native() is None):
         return Precision(dtype, dtype)
     return Precision(dtype, torch.float32)
 

@@ -187,8 +187,8 @@ def test_warmup_runs_every_path(path):
 @pytest.mark.parametrize("precision", ["chosen", "pure"])
 def test_bfloat16_engine_runs_and_agrees_roughly(path, precision, monkeypatch):
     """dtype is honoured end to end: the weights are bf16; activations and the KV cache are
-    bf16 too where the device computes bf16 natively (CAMEX_PRECISION=pure forces it, as on a
-    GPU), else fp32 (engine/precision.py)."""
+    fp32 where the native CPU kernels run, else bf16 (CAMEX_PRECISION=pure forces bf16, as on
+    a GPU; engine/precision.py)."""
     if precision == "pure":
         monkeypatch.setenv("CAMEX_PRECISION", "pure")
     e = Engine.from_pretrained(path, dtype=torch.bfloat16, max_batch_size=2)
