@@ -53,7 +53,7 @@ def test_linear_rows_do_not_depend_on_the_batch_or_the_threads(wdtype):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            for rows in (2, 3, 4, 5, 8, 13, kernels.MAX_ROWS):
+            for rows in sorted({2, 3, 4, 5, kernels.MAX_ROWS}):
                 assert torch.equal(kernels.linear(x[:rows], w, b), alone[:rows]), (n, rows)
     finally:
         torch.set_num_threads(threads)
