@@ -338,7 +338,10 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ne
   const float* qp = q.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const int64_t group = H / KV;
-  at::parallel_for(0, B * H, 1, [&](int64_t lo, int64_t hi) {
+  // a thread per ~64k multiply-adds at least: short contexts are cheaper on one thread than
+  // waking another
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(1, 2 * longest * hd));
+  at::parallel_for(0, B * H, grain, [&](int64_t lo, int64_t hi) {
     std::vector<float> s(longest);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t b = t / H, h = t % H, g = h / group;
