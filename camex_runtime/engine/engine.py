@@ -84,7 +84,9 @@ class Engine:
             max_batch_size=max_batch_size, max_waiting=max_waiting, max_input_tokens=max_input,
             max_total_tokens=max_total,
             max_prefill_tokens=max_prefill_tokens or max(max_input, 4096),
-            max_batched_tokens=max_batched_tokens))
+            max_batched_tokens=max_batched_tokens,
+            # merged-expert models build a merge per MoE layer for every sequence that joins
+            max_joins_per_step=1 if cfg.num_experts > 0 and cfg.moe_layers else None))
         param = next(model.parameters())
         precision = choose_precision(param.device, param.dtype, kind == "causal-lm")
         self.runner = ModelRunner(model, num_slots=max_batch_size, max_len=max_total,

@@ -53,6 +53,51 @@ def test_scheduler_shares_the_token_budget_with_decoding_rows():
     assert s.schedule(6.0).decode == [a, long_, short]  # ... and it decodes next step
 
 
+def test_joins_per_step_bound_how_many_waiting_requests_join_next_to_decodes():
+    """Each joining CAMEx sequence merges one FFN per MoE layer in its first step: with
+    max_joins_per_step=1, three short prompts arriving together next to a decoding stream join
+    one per step (FIFO) instead of all in one step; with nothing decoding they join at once."""
+    def run(joins):
+        s = Scheduler(SchedulerConfig(max_batch_size=5, max_input_tokens=100,
+                                      max_total_tokens=128, max_batched_tokens=32,
+                                      max_joins_per_step=joins))
+        a = Req("a", 3)
+        s.add(a)
+        s.schedule(0.0)
+        shorts = [Req(f"s{i}", 2) for i in range(3)]
+        for r in shorts:
+            s.add(r)
+        return [[r.request_id for r in s.schedule(float(t)).prefill] for t in (1, 2, 3)]
+
+    assert run(None) == [["s0", "s1", "s2"], [], []]
+    assert run(1) == [["s0"], ["s1"], ["s2"]]
+    idle = Scheduler(SchedulerConfig(max_batch_size=4, max_input_tokens=100,
+                                     max_total_tokens=128, max_batched_tokens=32,
+                                     max_joins_per_step=1))
+    for i in range(3):
+        idle.add(Req(f"w{i}", 2))
+    assert len(idle.schedule(0.0).prefill) == 3  # nothing decodes: whole prompts, no bound
+    with pytest.raises(ValueError, match="max_joins_per_step"):
+        SchedulerConfig(max_joins_per_step=0)
+
+
+def test_a_camex_engine_lets_one_request_join_per_decoding_step(lm):
+    path, _ = lm
+    engine = Engine.from_pretrained(path, max_batch_size=4)
+    assert engine.scheduler.config.max_joins_per_step == 1
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    first = engine.submit([1, 2, 3], sp)
+    engine.step()
+    later = [engine.submit([4 + i, 5 + i], sp) for i in range(3)]
+    joined = []
+    for _ in range(3):
+        engine.step()
+        joined.append(sum(1 for h in later if h._events))
+    assert joined == [1, 2, 3]
+    while not all(h.done for h in (first, *later)):
+        engine.step()
+
+
 def test_a_layer_by_layer_first_span_keeps_its_chunks_coming():
     """computed stays 0 while the first routing span advances by layers: the scheduler keeps
     giving the request chunks, never a decode slot, until its prompt is complete."""
