@@ -81,12 +81,11 @@ def test_large_row_counts_and_16bit_activations_go_to_torch():
     assert torch.equal(kernels.linear(xb, w), F.linear(xb, w))
 
 
-@pytest.mark.skipif(not HAS_FLAGS, reason="the native kernels need AVX2/FMA/F16C; "
-                    "test_kernels_are_native_exactly_where_the_cpu_has_the_instructions covers it")
 @pytest.mark.parametrize("H,KV,hd", [(4, 4, 16), (6, 2, 12), (2, 1, 64)])
 def test_decode_attention_writes_the_cache_and_equals_sdpa_per_row(H, KV, hd):
     """Ragged positions, slots out of order, grouped-query heads, a head size that is no
-    multiple of 8, q/k/v as strided views of one fused projection (as the model makes them)."""
+    multiple of 8, q/k/v as strided views of one fused projection (as the model makes them).
+    Without the native kernels it declines (None, nothing written): the engine uses sdpa."""
     torch.manual_seed(H * hd)
     n_layer, S, max_len, layer = 3, 5, 40, 1
     kc, vc = torch.randn(n_layer, S, KV, max_len, hd), torch.randn(n_layer, S, KV, max_len, hd)
@@ -96,7 +95,10 @@ def test_decode_attention_writes_the_cache_and_equals_sdpa_per_row(H, KV, hd):
     qkv = torch.randn(B, (H + 2 * KV) * hd)
     q, k, v = (t.view(B, -1, hd) for t in qkv.split([H * hd, KV * hd, KV * hd], dim=-1))
     got = kernels.decode_attention(q, k, v, kc, vc, layer, slots, positions)
-    assert got is not None and got.shape == (B, H, hd)
+    if kernels.native() is None:
+        assert got is None and torch.equal(kc, before[0]) and torch.equal(vc, before[1])
+        return
+    assert got.shape == (B, H, hd)
     written = torch.zeros_like(kc, dtype=torch.bool)
     for b, (s, p) in enumerate(zip(slots.tolist(), positions.tolist())):
         assert torch.equal(kc[layer, s, :, p], k[b]) and torch.equal(vc[layer, s, :, p], v[b])
