@@ -22,6 +22,7 @@ plain `F.linear` and `status()` says why.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -43,15 +44,17 @@ _lock = threading.Lock()
 _state: dict = {"module": None, "status": None}
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere), read once: the prompt
+    path asks on every product."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def _load():
