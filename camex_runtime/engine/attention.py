@@ -14,6 +14,7 @@ key/value heads only. Knows nothing about routing, requests or sampling.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +51,17 @@ class DecodeAttention:
     kv: KVCache
     rows: DecodeRows  # the step's slots and positions in the cache
     length: int  # max(positions) + 1: the cache prefix to read
-    mask: Tensor | None  # (B, 1, 1, length) bool for ragged batches, else None
+
+    @functools.cached_property
+    def mask(self) -> Tensor | None:
+        """(B, 1, 1, length) bool hiding each row's unused cache positions in a ragged batch,
+        else None; built once per step, and only on the sdpa path (the native kernel attends
+        each row over its own positions)."""
+        if self.rows.position is not None:  # every row at the same position
+            return None
+        pos = self.rows.positions_t
+        keep = torch.arange(self.length, device=pos.device) <= pos[:, None]
+        return keep.view(len(pos), 1, 1, self.length)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q (B, H, 1, hd), k and v (B, KV, 1, hd) -> (B, H, 1, hd)."""

@@ -359,12 +359,8 @@ class ModelRunner:
         turn = [b for b in range(B) if sts[b].mode == "segment" and pos[b] % T == 0]
         digests = {b: routing_digest("segment", histories[b], pos[b] // T, T,
                                      sts[b].route1_len, sts[b].prompt_len) for b in turn}
-        Lmax = max(pos) + 1
-        mask = None
-        if min(pos) != max(pos):  # ragged batch: hide each row's unused cache positions
-            mask = (torch.arange(Lmax, device=self.device) <= pos_t[:, None]).view(B, 1, 1, Lmax)
         ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
-        attn = DecodeAttention(self.kv, DecodeRows.of(slots, pos, slots_t, pos_t), Lmax, mask)
+        attn = DecodeAttention(self.kv, DecodeRows.of(slots, pos, slots_t, pos_t), max(pos) + 1)
         moe = _DecodeRouting(self, sts, slots, slots_t, pos, turn, digests)
         hidden = self.tr.run(ids, pos_t.unsqueeze(1), attn, moe)  # (B, 1, d)
         for st in sts:

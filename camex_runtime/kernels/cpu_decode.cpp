@@ -162,7 +162,6 @@ inline void store1(void* out, int64_t i, float v) {
 template <WType T>
 void merge_run(const char* base, const char* deltas, int64_t ld_bytes, const float* c, int64_t E,
                int64_t n, char* out) {
-  const int64_t elem = T == WType::F32 ? 4 : 2;
   at::parallel_for(0, (n + 1023) / 1024, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t blk = lo; blk < hi; ++blk) {
       const int64_t a = blk * 1024, b = std::min(n, a + 1024);
@@ -180,7 +179,6 @@ void merge_run(const char* base, const char* deltas, int64_t ld_bytes, const flo
       }
     }
   });
-  (void)elem;
 }
 
 
