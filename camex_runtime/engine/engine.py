@@ -194,7 +194,16 @@ class Engine:
         self._cancel_leftovers()  # stop() gave up waiting: no handle may wait forever
 
     def warmup(self) -> None:
-        """One tiny request through every routing mode and strategy (and classification)."""
+        """Everything a first request would otherwise pay for: the merge pool's memory
+        committed (see MergeCache.prefault), the `auto` strategy's cost model measured, and
+        one tiny request through every routing mode and strategy (and classification)."""
+        t0 = time.perf_counter()
+        committed = self.runner.cache.prefault()
+        if self.runner.moe and self.runner.strategy == "auto":
+            self.runner.cost  # measured once, here rather than in the first request's step
+        log.info("warm-up: merge pool and cost model ready",
+                 extra={"merge_pool_bytes": committed,
+                        "seconds": round(time.perf_counter() - t0, 3)})
         if self.kind == "classifier":
             for strategy in ("merged", "mixture", self.runner.strategy):
                 self.runner.strategy = strategy

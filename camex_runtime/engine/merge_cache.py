@@ -121,6 +121,25 @@ class MergeCache:
         self._lru.pop(key, None)
         self._free.append(e.slot)
 
+    def prefault(self) -> int:
+        """Write every free slot once so the operating system backs the pool with memory now,
+        not during a request. A CPU pool comes from `torch.empty`, whose pages the kernel maps
+        on first write: a merge into a never-written slot paid the page faults, twice the
+        merge's own time or more (measured on GPT-2-small shapes: 100 ms against 48 ms for a
+        prompt's 12 bf16 merges; up to 360 ms in a VM whose host had not backed the memory
+        yet). The budget is memory the server means to use, so committing it at start-up also
+        makes the resident size what the operator configured. Call it before requests arrive
+        (`Engine.warmup` does): the engine thread owns the cache. Returns the bytes written;
+        0 off the CPU, where the allocator hands out memory that is already backed."""
+        if not self.num_slots or next(iter(self.pool.values())).device.type != "cpu":
+            return 0
+        written = 0
+        for slot in list(self._free):
+            for t in self.pool.values():
+                t[slot].zero_()
+            written += self.entry_bytes
+        return written
+
     def weights(self, slot: int) -> dict[str, torch.Tensor]:
         """Views of one entry: fc1_weight (k*h, d), fc2_weight (d, h) (+ fc1_bias, fc2_bias)."""
         return {p: t[slot] for p, t in self.pool.items()}

@@ -175,11 +175,13 @@ def test_observer_and_stats(path):
 
 def test_warmup_runs_every_path(path):
     e = Engine.from_pretrained(path, max_batch_size=2)
+    assert e.runner._cost is None  # measured lazily, unless warm-up does it
     e.warmup()
     try:
         s = e.stats()
         assert s.alive and s.cache.merges > 0 and s.running == 0
         assert e.runner.strategy == "auto"
+        assert e.runner._cost is not None  # the first request does not pay for the probes
     finally:
         e.stop()
 

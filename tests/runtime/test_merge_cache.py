@@ -22,6 +22,23 @@ def test_pool_is_preallocated_under_budget():
     assert c.num_slots * c.entry_bytes <= c.budget_bytes
 
 
+def test_prefault_writes_free_slots_only():
+    """Start-up commits the pool's memory by writing every free slot; an entry in use (or
+    cached) keeps its weights."""
+    c = cache(3)
+    for t in c.pool.values():
+        t.fill_(float("nan"))
+    held = c.acquire("held").slot
+    c.pool["fc1_weight"][held].fill_(7.0)
+    assert c.prefault() == 2 * c.entry_bytes
+    free = [s for s in range(3) if s != held]
+    for t in c.pool.values():
+        assert torch.equal(t[free], torch.zeros_like(t[free]))
+    assert torch.all(c.pool["fc1_weight"][held] == 7.0)
+    assert torch.isnan(c.pool["fc2_weight"][held]).all()
+    assert cache(0).prefault() == 0
+
+
 def test_refcounts_lru_eviction_and_fallback():
     c = cache(2)
     a = c.acquire("a")
