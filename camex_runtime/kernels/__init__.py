@@ -3,7 +3,8 @@
 - `linear(x, w, b)` computes `x @ w.T + b` like `F.linear`. For up to 8 rows of fp32 activations
   (decode steps: one row per running sequence) on an x86 CPU with AVX2, FMA and F16C it runs
   `cpu_decode.cpp`, which streams each weight row from memory once for all rows, widens
-  fp16/bf16 weights in registers and splits the output rows over torch's intra-op threads;
+  fp16/bf16 weights in registers and splits the output rows over torch's intra-op threads
+  (from 4 rows on, an AVX-512 variant where the CPU has it: same bits, more work per load);
   everything else goes to `F.linear`: fp16/bf16 weights with fp32 activations (prompt chunks)
   use the CPU's 16-bit GEMM where it has one (AVX512-BF16/AMX, AVX512-FP16), else are widened.
 - `decode_attention(...)` writes one decode step's keys/values into the KV cache and attends
@@ -87,7 +88,8 @@ def _load():
         if mode == "native":
             raise RuntimeError(f"CAMEX_KERNELS=native but {reason}")
         return None, f"torch ({reason})"
-    return module, "native (AVX2/FMA/F16C weight-streaming linear and merge)"
+    isa = "AVX2/FMA/F16C" + (", AVX-512 from 4 rows" if module.isa() == "avx512" else "")
+    return module, f"native ({isa} weight-streaming linear and merge)"
 
 
 def native():

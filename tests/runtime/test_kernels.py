@@ -43,7 +43,7 @@ def test_linear_equals_torch(wdtype, rows):
     assert rel(kernels.linear(x.view(rows, 1, 37), w, b).view(rows, 50), want) <= tol
 
 
-@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_linear_rows_do_not_depend_on_the_batch_or_the_threads(wdtype):
     """Batched decode must give each sequence exactly what it gets alone (greedy tokens are
     compared bit for bit), so a row's product may not depend on how many rows share the call or
@@ -56,10 +56,36 @@ def test_linear_rows_do_not_depend_on_the_batch_or_the_threads(wdtype):
     try:
         for n in (1, 2):
             torch.set_num_threads(n)
-            for rows in sorted({2, 3, 4, 5, kernels.MAX_ROWS}):
+            for rows in range(2, kernels.MAX_ROWS + 1):  # on AVX-512: both kernels, both blockings
                 assert torch.equal(kernels.linear(x[:rows], w, b), alone[:rows]), (n, rows)
     finally:
         torch.set_num_threads(threads)
+
+
+HAS_AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= kernels.cpu_flags()
+
+
+@pytest.mark.skipif(not (HAS_FLAGS and HAS_AVX512), reason="needs a CPU with AVX-512")
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_avx512_linear_gives_the_avx2_kernels_bits(wdtype):
+    """The AVX-512 kernel (several inputs: register-blocked) must reproduce the AVX2 kernel bit
+    for bit at every row count and blocking: which one runs depends on the batch size."""
+    mod = kernels.native()
+    torch.manual_seed(5)
+    w, b = torch.randn(203, 91).to(wdtype), torch.randn(203)  # 91 = 5 x 16 + 8 + 3: every tail
+    x = torch.randn(kernels.MAX_ROWS, 91)
+    try:
+        assert mod.set_isa("avx2", 0) == "avx2" and mod.isa() == "avx2"
+        want = {n: mod.linear(x[:n], w, b) for n in range(1, kernels.MAX_ROWS + 1)}
+        for rows_per_pass in (0, 1, 2):
+            assert mod.set_isa("avx512", rows_per_pass) == "avx512"
+            for n, y in want.items():
+                assert torch.equal(mod.linear(x[:n], w, b), y), (rows_per_pass, n)
+        with pytest.raises(RuntimeError, match="rows"):
+            mod.set_isa("avx512", 3)
+    finally:
+        mod.set_isa("auto", 0)
+    assert mod.isa() == "avx512"
 
 
 def test_large_row_counts_and_16bit_activations_go_to_torch():
