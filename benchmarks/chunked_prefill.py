@@ -64,11 +64,10 @@ def measure(model_cfg: dict, device, dtype, budget, streams: int, long_len: int,
     engine = Engine(model, None, max_batch_size=streams + 1 + shorts, max_waiting=64,
                     max_input_tokens=long_len, max_total_tokens=max_total,
                     max_batched_tokens=budget, observer=(counter := StepCounter()))
-    engine.start()
+    engine.warmup()  # as the server does before it reports ready: pool committed, cost model
     gen = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(0, vocab, (n,), generator=gen).tolist()  # noqa: E731
     try:
-        engine.generate(ids(8), max_new_tokens=2)  # warm-up (cost model, first merges)
         stamps = [[] for _ in range(streams)]
         handles = [engine.submit(ids(16), SamplingParams(max_new_tokens=max_total - 17,
                                                          ignore_eos=True))
