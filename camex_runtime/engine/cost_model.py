@@ -122,6 +122,13 @@ class CostModel:
         mixture = self.mixture_time(sum(tokens_per_merge) + mixture_rows)
         return "merged" if merged <= mixture else "mixture"
 
+    def merge_in_tokens(self) -> float:
+        """One merge in prompt tokens of one FFN: its time over the marginal time per token of
+        a merged FFN applied to a prompt chunk (the last two probe points)."""
+        p = self.p
+        per_token = (p.merged[-1] - p.merged[-2]) / (p.points[-1] - p.points[-2])
+        return p.merge / per_token if per_token > 0 else float(p.points[-1])
+
     def choose_segment(self, n: int, future: int, new_merge: bool) -> str:
         """A prompt segment of n tokens whose merge will also serve `future` decode steps
         (one token each): merge once and reuse it, or run the mixture every time."""

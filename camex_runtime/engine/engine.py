@@ -86,7 +86,8 @@ class Engine:
             max_prefill_tokens=max_prefill_tokens or max(max_input, 4096),
             max_batched_tokens=max_batched_tokens,
             # merged-expert models build a merge per MoE layer for every sequence that joins
-            max_joins_per_step=1 if cfg.num_experts > 0 and cfg.moe_layers else None))
+            max_joins_per_step=1 if cfg.num_experts > 0 and cfg.moe_layers else None),
+            chunk_cost=self._chunk_cost)
         param = next(model.parameters())
         precision = choose_precision(param.device, param.dtype, kind == "causal-lm")
         self.runner = ModelRunner(model, num_slots=max_batch_size, max_len=max_total,
@@ -193,14 +194,20 @@ class Engine:
                 self._fail_running("internal error in the engine step (see server log)")
         self._cancel_leftovers()  # stop() gave up waiting: no handle may wait forever
 
+    def _chunk_cost(self, req, start: int, n: int) -> int:
+        """The scheduler's view of a chunk's merges (ModelRunner.chunk_cost)."""
+        return self.runner.chunk_cost(req.num_prompt_tokens, req.routing, start, n)
+
     def warmup(self) -> None:
         """Everything a first request would otherwise pay for: the merge pool's memory
         committed (see MergeCache.prefault), the `auto` strategy's cost model measured, and
         one tiny request through every routing mode and strategy (and classification)."""
         t0 = time.perf_counter()
         committed = self.runner.cache.prefault()
-        if self.runner.moe and self.runner.strategy == "auto":
-            self.runner.cost  # measured once, here rather than in the first request's step
+        if self.runner.moe and self.runner.strategy != "mixture":
+            # measured once, here rather than in the first request's step (the `auto` strategy
+            # and the scheduler's chunk costs use it)
+            self.runner.decision_tokens
         log.info("warm-up: merge pool and cost model ready",
                  extra={"merge_pool_bytes": committed,
                         "seconds": round(time.perf_counter() - t0, 3)})

@@ -14,6 +14,8 @@ loop thread only.
 """
 from __future__ import annotations
 
+import functools
+
 import logging
 import time
 from collections.abc import Sequence
@@ -108,6 +110,41 @@ class ModelRunner:
             self._cost = CostModel(self._profile or StrategyProfile.measure(self.moe[0],
                                                                             dtype=self.dtype))
         return self._cost
+
+    @functools.cached_property
+    def decision_tokens(self) -> int:
+        """Prompt tokens' worth of one routing decision: the merge it builds at every MoE layer,
+        against the time a prompt token takes through every layer (FFN plus attention
+        projections, weighted by their parameter counts). What a prefill chunk that opens a
+        segment costs beyond its tokens, for the scheduler's budget; 0 without MoE layers.
+        (GPT-2-small, 12 MoE layers, fp32 on one Zen 4 core: about 40 tokens.)"""
+        if not self.moe:
+            return 0
+        c = self.cfg
+        attn = c.d_model * (c.n_head + 2 * c.num_key_value_heads) * c.head_dim \
+            + c.n_head * c.head_dim * c.d_model
+        ffn = self.moe[0].ffn_params
+        per_layer = 1.0 + attn / ffn  # a token's layer in units of its FFN
+        return round(len(self.moe) * self.cost.merge_in_tokens() / (len(self.blocks) * per_layer))
+
+    def chunk_cost(self, num_prompt_tokens: int, mode: str, start: int, n: int) -> int:
+        """Extra work, in prompt tokens, of prefilling tokens [start, start+n) of a prompt: the
+        routing decisions made in that chunk (see `decision_tokens`). Segment mode decides
+        segment 1 once its first span is in and every later segment at its first token; prompt
+        mode once, from the whole prompt. A chunk smaller than the first span advances it by
+        layers (`prefill_step`), building that share of its merges."""
+        J = 0 if self.strategy == "mixture" else self.decision_tokens
+        if not J or n <= 0:
+            return 0
+        L, T = num_prompt_tokens, self.T
+        span = L if mode == "prompt" else min(L, T)
+        if start == 0 and n < span:
+            return J * n // span
+        if mode == "prompt":
+            return J if start == 0 else 0
+        end = min(L, start + n)
+        first = -(-start // T)  # the first segment starting at or after `start`
+        return J * max(0, (end - 1) // T - first + 1)
 
     def _take_expert_weights(self) -> list[MoEWeights]:
         """Stack [E_m; Δ] per MoE layer once (docs/DESIGN.md §3: Δ computed at load), dropping

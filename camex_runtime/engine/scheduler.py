@@ -8,15 +8,20 @@ at once so a waiting request can join in the next step.
 
 Chunked prefill (as vLLM and TGI do): while requests decode, one step's prompt work is bounded
 by a token budget (`max_batched_tokens` minus one per decoding row, but never less than half of
-it), so a long prompt arriving
-next to running streams is prefilled over several steps, interleaved with their decodes,
-instead of stalling them for its whole prefill. Prefills in progress are served first, FIFO; with
-others waiting, no single prompt takes more than half of the budget, so short prompts behind a
-long one still get their first token within a few steps; `max_joins_per_step` can bound how
-many waiting requests join per such step. A chunk that covers the rest of its
-prompt completes it in that step (the request decodes from the next); after any other chunk the
-engine reports how far the prompt got with `prefilled(req, computed)`. With no request decoding,
-whole prompts are admitted under `max_prefill_tokens`, as without chunking.
+it), so a long prompt arriving next to running streams is prefilled over several steps,
+interleaved with their decodes, instead of stalling them for its whole prefill.
+- With others waiting, no single prompt takes more than half of the budget, and the first
+  waiting request's join is planned before prefills in progress share the rest (FIFO), so
+  short prompts behind a long one get their first token within a few steps; the oldest
+  prefill advances by at least one token every step, so none starves.
+- `max_joins_per_step` can bound how many waiting requests join per such step.
+- Work a chunk causes beyond its tokens counts against the budget too, in prompt tokens, when
+  the engine supplies a `chunk_cost` (a merged-expert model: the merges of the routing
+  decisions the chunk makes): chunks are cut so that tokens plus cost fit.
+A chunk that covers the rest of its prompt completes it in that step (the request decodes from
+the next); after any other chunk the engine reports how far the prompt got with
+`prefilled(req, computed)`. With no request decoding, whole prompts are admitted under
+`max_prefill_tokens`, as without chunking.
 
 It works on any object with `request_id`, `num_prompt_tokens`, `queue_deadline`,
 `cancel_requested` and a writable `slot` (tests use plain objects). It knows nothing about
@@ -28,6 +33,7 @@ import heapq
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
+from collections.abc import Callable
 
 from camex_runtime.errors import InputValidationError, QueueFullError
 
@@ -80,9 +86,15 @@ class SchedulerOutput:
         return len(self.prefill) + len(self.decode)
 
 
+ChunkCost = Callable[[Any, int, int], int]
+
+
 class Scheduler:
-    def __init__(self, config: SchedulerConfig):
+    def __init__(self, config: SchedulerConfig, chunk_cost: ChunkCost | None = None):
+        """`chunk_cost(req, start, n)`: the work of computing prompt tokens [start, start+n) of
+        `req` beyond the tokens themselves, in prompt tokens; non-decreasing in n."""
         self.config = config
+        self.chunk_cost = chunk_cost
         self.waiting: deque[Any] = deque()
         self.running: dict[str, Any] = {}
         # admitted, prefill not done yet (in admission order): request_id -> (req, tokens left)
@@ -161,26 +173,64 @@ class Scheduler:
             budget -= req.num_prompt_tokens
 
     def _schedule_chunks(self, out: SchedulerOutput, budget: int) -> None:
-        """Share `budget` prompt tokens between prefills in progress, then new admissions."""
+        """Share `budget` prompt tokens between prefills in progress, then new admissions. The
+        first join is planned first: the chunks in progress leave room for it."""
         waiting_in = min(len(self.waiting), len(self._free_slots))
         crowded = len(self.prefilling) + waiting_in > 1
         share = max(1, budget // 2) if crowded else budget
-        for req, left in list(self.prefilling.values()):
-            if budget <= 0:
-                break
-            n = min(left, share, budget)
+        joins = self.config.max_joins_per_step
+        first_join = None
+        if waiting_in and joins != 0:
+            req = self.waiting[0]
+            n = self._fit(req, 0, min(req.num_prompt_tokens, share), budget)
+            first_join = n
+            room = budget - n - self._cost(req, 0, n)
+        else:
+            room = budget
+        items = list(self.prefilling.values())  # in admission order
+        oldest = items[0][0] if items else None
+        for req, left in items:
+            start = req.num_prompt_tokens - left
+            n = self._fit(req, start, min(left, share), room)
+            if req is not oldest and n + self._cost(req, start, n) > room:
+                continue  # only the oldest may overrun the budget (by its one-token minimum)
             out.prefill.append(req)
             out.chunks[req.request_id] = n
             if n >= left:  # the rest of its prompt: done after this step
                 del self.prefilling[req.request_id]
-            budget -= n
-        joins = self.config.max_joins_per_step
+            room -= n + self._cost(req, start, n)
+        if first_join is None:
+            return
+        req = self.waiting[0]
+        self._admit(req, out, first_join)
+        budget = room
+        joins = None if joins is None else joins - 1
         while budget > 0 and self.waiting and self._free_slots and joins != 0:
             req = self.waiting[0]
-            n = min(req.num_prompt_tokens, share, budget)
+            n = self._fit(req, 0, min(req.num_prompt_tokens, share, budget), budget)
+            if n + self._cost(req, 0, n) > budget:
+                break  # it joins next step, planned first there
             self._admit(req, out, n)
-            budget -= n
+            budget -= n + self._cost(req, 0, n)
             joins = None if joins is None else joins - 1
+
+    def _cost(self, req: Any, start: int, n: int) -> int:
+        return 0 if self.chunk_cost is None else self.chunk_cost(req, start, n)
+
+    def _fit(self, req: Any, start: int, most: int, room: int) -> int:
+        """The longest chunk from `start`, at most `most` tokens, whose tokens plus cost fit in
+        `room`; at least 1 (a chunk that cannot fit still advances by one token)."""
+        most = max(1, min(most, room))
+        if most + self._cost(req, start, most) <= room:
+            return most
+        lo, hi = 1, most - 1  # n + cost(n) is non-decreasing in n: bisect for the last fit
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if mid + self._cost(req, start, mid) <= room:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def _admit(self, req: Any, out: SchedulerOutput, chunk: int | None) -> None:
         self.waiting.popleft()
