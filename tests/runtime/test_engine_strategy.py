@@ -83,3 +83,31 @@ def test_merges_are_amortised_over_their_reuse():
     assert c.choose_segment(1, future=0, new_merge=True) == "mixture"
     assert c.choose_segment(1, future=3, new_merge=True) == "merged"  # 20+1+3 <= 8+24
     assert c.choose([1], new_merges=1 / 4) == "merged"  # a decode merge reused 4 times
+
+
+def test_rows_opening_segments_together_spread_their_merges_over_steps(path):
+    """Streams that started together open their segments in the same step. Each layer builds
+    at most one new merge per decode step; the other rows run the mixture until their turn,
+    so no step pays every row's merges at once, and the tokens stay those of each alone."""
+    from camex_runtime.engine.runner import MAX_DECODE_MERGES
+    prompts = [[1 + i, 2 + i, 3 + i, 4 + i, 5 + i, 6 + i] for i in range(3)]  # same length
+    sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
+    alone = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
+    alone.start()
+    try:
+        want = [alone.submit(p, sp).result().token_ids for p in prompts]
+    finally:
+        alone.stop()
+    engine = Engine.from_pretrained(path, max_batch_size=3, strategy="merged")
+    handles = [engine.submit(p, sp) for p in prompts]
+    engine.step()  # the three prefills
+    M = len(engine.runner.moe)
+    per_step = []
+    while not all(h.done for h in handles):
+        before = engine.runner.cache.merges
+        engine.step()
+        per_step.append(engine.runner.cache.merges - before)
+    assert max(per_step) == MAX_DECODE_MERGES * M < 3 * M  # spread, never all at once
+    assert sum(per_step) >= 3 * M  # every row got its merges (one decision each, at least)
+    assert [h.result().token_ids for h in handles] == want
+    assert engine.runner.cache.referenced == 0
