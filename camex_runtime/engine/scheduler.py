@@ -11,9 +11,9 @@ by a token budget (`max_batched_tokens` minus one per decoding row, but never le
 it), so a long prompt arriving next to running streams is prefilled over several steps,
 interleaved with their decodes, instead of stalling them for its whole prefill.
 - With others waiting, no single prompt takes more than half of the budget, and the first
-  waiting request's join is planned before prefills in progress share the rest (FIFO), so
-  short prompts behind a long one get their first token within a few steps; the oldest
-  prefill advances by at least one token every step, so none starves.
+  waiting request's join is planned before prefills in progress share the rest (FIFO, each
+  advancing at least one token while room is left), so short prompts behind a long one get
+  their first token within a few steps; the oldest prefill advances every step.
 - `max_joins_per_step` can bound how many waiting requests join per such step.
 - Work a chunk causes beyond its tokens counts against the budget too, in prompt tokens, when
   the engine supplies a `chunk_cost` (a merged-expert model: the merges of the routing
@@ -187,13 +187,11 @@ class Scheduler:
             room = budget - n - self._cost(req, 0, n)
         else:
             room = budget
-        items = list(self.prefilling.values())  # in admission order
-        oldest = items[0][0] if items else None
-        for req, left in items:
+        for i, (req, left) in enumerate(list(self.prefilling.values())):  # admission order
+            if room <= 0 and i:
+                break  # the oldest always advances (by at least one token), so none starves
             start = req.num_prompt_tokens - left
             n = self._fit(req, start, min(left, share), room)
-            if req is not oldest and n + self._cost(req, start, n) > room:
-                continue  # only the oldest may overrun the budget (by its one-token minimum)
             out.prefill.append(req)
             out.chunks[req.request_id] = n
             if n >= left:  # the rest of its prompt: done after this step

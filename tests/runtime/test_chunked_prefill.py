@@ -132,6 +132,43 @@ def test_chunks_count_their_merges_against_the_budget():
 
 
 
+def test_expensive_joins_do_not_starve_prefills_in_progress():
+    """A small budget and decisions worth more than it (a join's first span then goes layer by
+    layer): short prompts that joined behind a long one still complete while more wait."""
+    def cost(req, start, n):  # the first span (8 tokens) holds a decision worth 48 tokens
+        return 48 * n // 8 if start == 0 and n < 8 else (48 if start == 0 else 0)
+
+    s = Scheduler(SchedulerConfig(max_batch_size=8, max_input_tokens=100, max_total_tokens=128,
+                                  max_batched_tokens=16), chunk_cost=cost)
+    streams = [Req(f"d{i}", 3) for i in range(4)]
+    for r in streams:
+        s.add(r)
+    s.schedule(0.0)
+    long_, shorts = Req("long", 90), [Req(f"s{i}", 8) for i in range(3)]
+    for r in (long_, *shorts):
+        s.add(r)
+    done: dict[str, int] = {}
+    computed = {r.request_id: 0 for r in (long_, *shorts)}
+    for step in range(1, 80):
+        out = s.schedule(float(step))
+        for r in out.prefill:
+            n = out.chunks[r.request_id]
+            # the runner's rule: a chunk under the 8-token span advances layers, not tokens
+            # (here 1 of 8 layers per token); the span completes once 8 layers are in
+            computed[r.request_id] += n
+            got = computed[r.request_id] if r is long_ else (
+                r.num_prompt_tokens if computed[r.request_id] >= 8 else 0)
+            s.prefilled(r, min(got, r.num_prompt_tokens))
+            if got >= r.num_prompt_tokens:
+                done.setdefault(r.request_id, step)
+        if len(done) == 4:
+            break
+    assert set(done) == {"long", "s0", "s1", "s2"}, done
+    # the long prompt's share leaves less room than a short's one-layer minimum (1 + 6 > 6):
+    # the first short still advances every step, and completes long before the long one
+    assert done["s0"] < done["long"], done
+
+
 def test_the_runner_prices_the_decisions_a_chunk_makes(lm):
     path, _ = lm
     engine = Engine.from_pretrained(path, max_batch_size=2)
