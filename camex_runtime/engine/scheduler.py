@@ -11,9 +11,10 @@ by a token budget (`max_batched_tokens` minus one per decoding row, but never le
 it), so a long prompt arriving next to running streams is prefilled over several steps,
 interleaved with their decodes, instead of stalling them for its whole prefill.
 - With others waiting, no single prompt takes more than half of the budget, and the first
-  waiting request's join is planned before prefills in progress share the rest (FIFO, each
-  advancing at least one token while room is left), so short prompts behind a long one get
-  their first token within a few steps; the oldest prefill advances every step.
+  waiting request's join is planned before prefills in progress share the rest (shortest
+  remaining first, each advancing at least one token while room is left), so short prompts
+  behind a long one get their first token within a few steps; the oldest prefill advances
+  every step, so none starves.
 - `max_joins_per_step` can bound how many waiting requests join per such step.
 - Work a chunk causes beyond its tokens counts against the budget too, in prompt tokens, when
   the engine supplies a `chunk_cost` (a merged-expert model: the merges of the routing
@@ -187,9 +188,14 @@ class Scheduler:
             room = budget - n - self._cost(req, 0, n)
         else:
             room = budget
-        for i, (req, left) in enumerate(list(self.prefilling.values())):  # admission order
-            if room <= 0 and i:
-                break  # the oldest always advances (by at least one token), so none starves
+        # shortest remaining first (short prompts that joined behind a long one get their
+        # first token in a few steps), each advancing while room is left; the oldest always
+        # advances (by at least one token), so none starves
+        items = list(self.prefilling.values())
+        oldest = items[0][0] if items else None
+        for req, left in sorted(items, key=lambda item: item[1]):
+            if room <= 0 and req is not oldest:
+                continue
             start = req.num_prompt_tokens - left
             n = self._fit(req, start, min(left, share), room)
             out.prefill.append(req)
