@@ -62,8 +62,8 @@ class ServerSettings:
     classify_workers: int = _opt(2, "threads running /classify calls; further calls wait in a "
                                  "bounded queue (max_waiting) for at most queue_timeout_s")
     merge_cache_bytes: int | None = _opt(
-        None, "merged-weight cache budget per engine (none: the larger of 256 MiB and one "
-        "merged FFN per MoE layer for every batch slot, plus one)")
+        None, "merged-weight pool per engine, committed at start-up (none: the larger of "
+        "256 MiB and one merged FFN per MoE layer for every batch slot, plus one)")
     threads: int | None = _opt(None, "torch CPU threads (none: all cores but one, so the HTTP "
                                "loop keeps a core; at least 1)")
     strategy: str = _opt("auto", "merged-expert apply strategy",
