@@ -204,12 +204,12 @@ class Engine:
         one tiny request through every routing mode and strategy (and classification)."""
         t0 = time.perf_counter()
         committed = self.runner.cache.prefault()
-        if self.runner.moe and self.runner.strategy != "mixture":
-            # measured once, here rather than in the first request's step (the `auto` strategy
-            # and the scheduler's chunk costs use it)
-            self.runner.decision_tokens
+        # the cost model, measured here rather than in the first request's step (the `auto`
+        # strategy and the scheduler's chunk costs use it)
+        decision = (self.runner.decision_tokens
+                    if self.runner.moe and self.runner.strategy != "mixture" else 0)
         log.info("warm-up: merge pool and cost model ready",
-                 extra={"merge_pool_bytes": committed,
+                 extra={"merge_pool_bytes": committed, "decision_tokens": decision,
                         "seconds": round(time.perf_counter() - t0, 3)})
         if self.kind == "classifier":
             for strategy in ("merged", "mixture", self.runner.strategy):

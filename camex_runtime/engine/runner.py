@@ -15,7 +15,6 @@ loop thread only.
 from __future__ import annotations
 
 import functools
-
 import logging
 import time
 from collections.abc import Sequence
