@@ -185,16 +185,19 @@ CAMEX_AVX512 inline void block512(const float* x, int64_t ldx, int64_t in, const
 template <WType T, int NR>
 CAMEX_AVX512 inline void inputs512(const float* x, int64_t B, int64_t ldx, int64_t in,
                                    const char* w, int64_t ldw_bytes, float* y, int64_t ldy) {
-  // NR weight rows against every input, 16 / NR inputs per pass (16 accumulators)
-  constexpr int G = 16 / NR;
-  for (int64_t b0 = 0; b0 < B; b0 += G) {
+  // NR weight rows against every input, up to 8 inputs per pass (at most 16 accumulators)
+  for (int64_t b0 = 0; b0 < B; b0 += 8) {
     const float* xb = x + b0 * ldx;
     float* yb = y + b0 * ldy;
-    switch (std::min<int64_t>(G, B - b0)) {
-#define CAMEX_NB(n) case n: if constexpr (n <= G) block512<T, NR, n>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
-      CAMEX_NB(1) CAMEX_NB(2) CAMEX_NB(3) CAMEX_NB(4) CAMEX_NB(5) CAMEX_NB(6) CAMEX_NB(7)
-      default: if constexpr (G >= 8) block512<T, NR, (G >= 8 ? 8 : 1)>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
-#undef CAMEX_NB
+    switch (std::min<int64_t>(8, B - b0)) {
+      case 1: block512<T, NR, 1>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
+      case 2: block512<T, NR, 2>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
+      case 3: block512<T, NR, 3>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
+      case 4: block512<T, NR, 4>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
+      case 5: block512<T, NR, 5>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
+      case 6: block512<T, NR, 6>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
+      case 7: block512<T, NR, 7>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
+      default: block512<T, NR, 8>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
     }
   }
 }
