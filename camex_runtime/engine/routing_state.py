@@ -35,6 +35,17 @@ def routing_digest(mode: str, token_ids: Sequence[int], segment: int, T: int, ro
 
 
 @dataclass
+class LayeredChunk:
+    """Prompt tokens [start, end) that a chunked prefill runs a few layers per step (a routing
+    decision's merges spread over steps; see ModelRunner.prefill_step)."""
+    start: int
+    end: int
+    hidden: Any = None  # (1, n, d) after `layer` layers; None before the first
+    layer: int = 0  # the next layer to run
+    spent: int = 0  # budget handed to it so far, in prompt tokens
+
+
+@dataclass
 class SlotRouting:
     """Routing state of one running sequence (one KV-cache slot)."""
     mode: str  # "segment" | "prompt"
@@ -49,8 +60,7 @@ class SlotRouting:
     decisions: list[list[tuple[int, list[float]]]] = field(default_factory=list)  # (start, scores)
     prompt: list[int] = field(default_factory=list)  # the prompt's token ids (chunked prefill)
     digests: list[bytes] = field(default_factory=list)  # routing identity of each prompt segment
-    # chunked prefill of the first decision's span by layers: (hidden (1, n, d), next layer)
-    partial: tuple[Any, int] | None = None
+    partial: LayeredChunk | None = None  # chunked prefill: a chunk advancing by layers
     score_k: int | None = None  # prompt logprobs asked for: top-k size (0: chosen only)
     scored: list[tuple] = field(default_factory=list)  # score_prompt parts, chunk by chunk
 

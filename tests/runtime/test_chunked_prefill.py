@@ -184,10 +184,41 @@ def test_the_runner_prices_the_decisions_a_chunk_makes(lm):
     assert cost(3 * T + 1, "segment", 1, T) == J  # touches token T: segment 2's decision
     assert cost(3 * T + 1, "segment", T, 2 * T + 1) == 3 * J
     assert cost(3 * T + 1, "segment", 0, T // 2) == J // 2  # the span advanced by layers
+    # a later segment's opening tokens (its first min(T, J) tokens; here J > T) advance by
+    # layers too when the chunk is smaller; a one-token last segment cannot
+    assert J > T and r.layered_tokens(3 * T + 1, "segment", T) == T
+    assert cost(3 * T + 1, "segment", T, T // 2) == J // 2
+    assert cost(3 * T + 1, "segment", 3 * T, 1) == J
+    assert r.layered_tokens(3 * T + 1, "segment", T + 1) == 0  # not a segment start
     # prompt mode: one decision, from the whole prompt (by layers until all of it is in)
     assert cost(3 * T, "prompt", 0, 3 * T) == J and cost(3 * T, "prompt", 0, T) == J // 3
-    r.strategy = "mixture"  # nothing merges
+    r.strategy = "mixture"  # nothing merges: later segments run whole tokens
     assert cost(3 * T + 1, "segment", 0, 2 * T) == 0
+    assert r.layered_tokens(3 * T + 1, "segment", T) == 0
+    assert r.layered_tokens(3 * T + 1, "segment", 0) == T  # routing still needs the span
+
+
+def test_a_segment_decision_spreads_its_merges_over_steps(lm):
+    """A chunk under budget that opens a later segment advances its opening tokens by layers,
+    so the decision's merges (one per MoE layer) land in different steps, and the prefill
+    still equals the whole one."""
+    path, _ = lm
+    prompt = torch.randint(0, 60, (3 * T + 2,), generator=torch.Generator().manual_seed(4)).tolist()
+    want = whole_prefill_logits(path, prompt, "segment")
+    engine = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
+    r = engine.runner
+    assert len(r.moe_layers) == len(r.blocks) == 2 and r.decision_tokens > T
+    r.start_prefill(0, prompt, "segment")
+    per_step, layered_at, got = [], set(), None
+    while got is None:
+        before = r.cache.merges
+        got = r.prefill_step(0, 1)
+        per_step.append(r.cache.merges - before)
+        if r.slots[0].partial is not None:
+            layered_at.add(r.slots[0].partial.start)
+    assert layered_at == {0, T, 2 * T, 3 * T}  # every segment opening went by layers
+    assert max(per_step) == 1 and sum(per_step) == 4 * 2  # 4 decisions x 2 MoE layers
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_a_layer_by_layer_first_span_keeps_its_chunks_coming():
