@@ -96,13 +96,18 @@ class MoEWeights:
         """Write the merged FFN for one routing decision, scores (E,), into pool views `out`
         (merge_cache.merged_ffn_shapes: fc1_weight (k*h, d), fc2_weight (d, h), biases):
         Ê = E_m + α Σ_i s_i Δ_i, one pass over the stack (kernels.merge)."""
+        self.merge_many_into(scores.reshape(1, -1), [out])
+
+    def merge_many_into(self, scores: Tensor, outs: list[dict[str, Tensor]]) -> None:
+        """`merge_into` for S decisions at once, scores (S, E): one pass over the stack writes
+        all S merged FFNs (kernels.merge_many), the same bits as S separate merges."""
         E = self.num_experts
-        coeffs = (self.alpha * scores.reshape(E)).float()
+        coeffs = (self.alpha * scores.reshape(len(outs), E)).float()
         for part, stack in (("fc1_weight", self.w1), ("fc1_bias", self.b1),
                             ("fc2_weight", self.w2), ("fc2_bias", self.b2)):
             if stack is not None:
-                kernels.merge(stack[0].reshape(-1), stack[1:].reshape(E, -1),
-                              coeffs.to(stack.device), out[part].view(-1))
+                kernels.merge_many(stack[0].reshape(-1), stack[1:].reshape(E, -1),
+                                   coeffs.to(stack.device), [out[part].view(-1) for out in outs])
 
     def to_compute(self, dtype: torch.dtype) -> MoEWeights:
         """Mixed precision (engine/precision.py): biases and router in the compute dtype,

@@ -12,7 +12,8 @@
   a general attention kernel sized for long queries; None where it does not apply.
 - `merge(base, deltas, coeffs, out)` writes `base + coeffs @ deltas` (one merged expert) in one
   pass over the weights, in their own dtype with fp32 accumulation; elsewhere `torch.addmm`.
- The extension is compiled on first use with torch's C++-extension builder
+  `merge_many` writes several (rows that opened segments in the same step) in one pass.
+The extension is compiled on first use with torch's C++-extension builder
 (a C++ compiler and ninja; cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)
 and loaded only on a CPU that has those instructions. Where it cannot be had, `linear` is
 plain `F.linear` and `status()` says why.
@@ -165,6 +166,21 @@ def merge(base: Tensor, deltas: Tensor, coeffs: Tensor, out: Tensor) -> Tensor:
         if mod is not None:
             mod.merge(base, deltas, coeffs, out)
             return out
+
+
+def merge_many(base: Tensor, deltas: Tensor, coeffs: Tensor, outs: list[Tensor]) -> None:
+    """outs[s] (n,) = base (n,) + coeffs[s] @ deltas (E, n) for each of S outputs (coeffs
+    (S, E)), written in place. Natively one pass over [base; deltas] for all S (a batch of
+    merges costs about one merge's read plus S writes) and bit for bit `merge` per output."""
+    if base.device.type == "cpu" and deltas.stride(-1) == 1 and base.is_contiguous() and all(
+            o.is_contiguous() and o.dtype == base.dtype for o in outs) and \
+            base.dtype == deltas.dtype:
+        mod = native()
+        if mod is not None:
+            mod.merge_many(base, deltas, coeffs, list(outs))
+            return
+    for c, out in zip(coeffs, outs):
+        merge(base, deltas, c, out)
     n, E = base.numel(), deltas.shape[0]
     torch.addmm(base.view(1, n), coeffs.view(1, E).to(deltas.dtype), deltas.view(E, n),
                 out=out.view(1, n))

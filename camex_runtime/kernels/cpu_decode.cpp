@@ -3,7 +3,8 @@
 // linear: y (B, out) = x (B, in) @ w (out, in)^T + b, x and y fp32, w fp32 / fp16 / bf16, fp32
 // accumulation, B <= 8 rows per pass.
 // merge:  out (n,) = base (n,) + sum_e c_e * deltas[e] (n,), all three in one dtype (fp32 /
-// fp16 / bf16), fp32 accumulation: one merged expert from the stacked [E_m; deltas].
+// fp16 / bf16), fp32 accumulation: one merged expert from the stacked [E_m; deltas];
+// merge_many: S of them (S coefficient rows) from one pass over the stack.
 //
 // Decode multiplies a handful of activation rows by large weight matrices: the time is the time
 // to stream the weights from memory once. Generic GEMM libraries tile for large M and, for
@@ -281,23 +282,52 @@ inline void store1(void* out, int64_t i, float v) {
   }
 }
 
+// S merged experts from one pass over the stack: each 8-element vector of [base; deltas] is
+// read and widened once and every output's vector written from registers (more than 15
+// deltas: each 1024-element block is read from memory once and re-read from cache per output).
+// The same FMAs in the same order per output as a lone merge: the bits do not depend on S.
 template <WType T>
 void merge_run(const char* base, const char* deltas, int64_t ld_bytes, const float* c, int64_t E,
-               int64_t n, char* out) {
+               int64_t S, int64_t n, char* const* outs) {
   at::parallel_for(0, (n + 1023) / 1024, 16, [&](int64_t lo, int64_t hi) {
     for (int64_t blk = lo; blk < hi; ++blk) {
       const int64_t a = blk * 1024, b = std::min(n, a + 1024);
-      int64_t i = a;
-      for (; i + 8 <= b; i += 8) {
-        __m256 acc = load8<T>(base, i);
-        for (int64_t e = 0; e < E; ++e)
-          acc = _mm256_fmadd_ps(_mm256_set1_ps(c[e]), load8<T>(deltas + e * ld_bytes, i), acc);
-        store8<T>(out, i, acc);
+      if (S > 1 && E < 16) {  // widen each vector of [base; deltas] once, then every output
+        __m256 v[16];
+        int64_t i = a;
+        for (; i + 8 <= b; i += 8) {
+          v[0] = load8<T>(base, i);
+          for (int64_t e = 0; e < E; ++e) v[e + 1] = load8<T>(deltas + e * ld_bytes, i);
+          for (int64_t s = 0; s < S; ++s) {
+            const float* cs = c + s * E;
+            __m256 acc = v[0];
+            for (int64_t e = 0; e < E; ++e) acc = _mm256_fmadd_ps(_mm256_set1_ps(cs[e]), v[e + 1], acc);
+            store8<T>(outs[s], i, acc);
+          }
+        }
+        for (; i < b; ++i)
+          for (int64_t s = 0; s < S; ++s) {
+            float acc = load1<T>(base, i);
+            for (int64_t e = 0; e < E; ++e) acc += c[s * E + e] * load1<T>(deltas + e * ld_bytes, i);
+            store1<T>(outs[s], i, acc);
+          }
+        continue;
       }
-      for (; i < b; ++i) {
-        float acc = load1<T>(base, i);
-        for (int64_t e = 0; e < E; ++e) acc += c[e] * load1<T>(deltas + e * ld_bytes, i);
-        store1<T>(out, i, acc);
+      for (int64_t s = 0; s < S; ++s) {
+        const float* cs = c + s * E;
+        char* out = outs[s];
+        int64_t i = a;
+        for (; i + 8 <= b; i += 8) {
+          __m256 acc = load8<T>(base, i);
+          for (int64_t e = 0; e < E; ++e)
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(cs[e]), load8<T>(deltas + e * ld_bytes, i), acc);
+          store8<T>(out, i, acc);
+        }
+        for (; i < b; ++i) {
+          float acc = load1<T>(base, i);
+          for (int64_t e = 0; e < E; ++e) acc += cs[e] * load1<T>(deltas + e * ld_bytes, i);
+          store1<T>(out, i, acc);
+        }
       }
     }
   });
@@ -367,27 +397,39 @@ void attend_one(const float* q, const float* K, const float* V, int64_t L, int64
 
 }  // namespace
 
-// base (n,) and out (n,) contiguous, deltas (E, n) with contiguous rows, one floating dtype;
-// coeffs (E,) fp32: out = base + coeffs @ deltas.
-void merge(const torch::Tensor& base, const torch::Tensor& deltas, const torch::Tensor& coeffs,
-           torch::Tensor out) {
-  TORCH_CHECK(base.is_contiguous() && out.is_contiguous() && deltas.dim() == 2 &&
-              deltas.stride(1) == 1 && base.numel() == deltas.size(1) &&
-              out.numel() == base.numel(), "merge layout");
-  TORCH_CHECK(base.scalar_type() == deltas.scalar_type() && out.scalar_type() == base.scalar_type(),
-              "merge dtypes");
+// base (n,) and every out (n,) contiguous, deltas (E, n) with contiguous rows, one floating
+// dtype; coeffs (S, E) fp32: outs[s] = base + coeffs[s] @ deltas, one pass over the stack.
+void merge_many(const torch::Tensor& base, const torch::Tensor& deltas, const torch::Tensor& coeffs,
+                const std::vector<torch::Tensor>& outs) {
+  TORCH_CHECK(base.is_contiguous() && deltas.dim() == 2 && deltas.stride(1) == 1 &&
+              base.numel() == deltas.size(1), "merge layout");
   auto c = coeffs.to(at::kFloat).contiguous();
-  TORCH_CHECK(c.numel() == deltas.size(0), "one coefficient per delta");
+  const int64_t E = deltas.size(0), S = static_cast<int64_t>(outs.size()), n = base.numel();
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == S && c.size(1) == E,
+              "one row of coefficients per output, one coefficient per delta");
+  std::vector<char*> op(S);
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(outs[s].is_contiguous() && outs[s].numel() == n, "merge layout");
+    TORCH_CHECK(base.scalar_type() == deltas.scalar_type() &&
+                outs[s].scalar_type() == base.scalar_type(), "merge dtypes");
+    op[s] = static_cast<char*>(outs[s].data_ptr());
+  }
+  if (!S) return;
   const char* bp = static_cast<const char*>(base.data_ptr());
   const char* dp = static_cast<const char*>(deltas.data_ptr());
-  char* op = static_cast<char*>(out.data_ptr());
-  const int64_t ld = deltas.stride(0) * deltas.element_size(), E = deltas.size(0), n = base.numel();
+  const int64_t ld = deltas.stride(0) * deltas.element_size();
+  const float* cp = c.data_ptr<float>();
   switch (base.scalar_type()) {
-    case at::kFloat: merge_run<WType::F32>(bp, dp, ld, c.data_ptr<float>(), E, n, op); break;
-    case at::kHalf: merge_run<WType::F16>(bp, dp, ld, c.data_ptr<float>(), E, n, op); break;
-    case at::kBFloat16: merge_run<WType::BF16>(bp, dp, ld, c.data_ptr<float>(), E, n, op); break;
+    case at::kFloat: merge_run<WType::F32>(bp, dp, ld, cp, E, S, n, op.data()); break;
+    case at::kHalf: merge_run<WType::F16>(bp, dp, ld, cp, E, S, n, op.data()); break;
+    case at::kBFloat16: merge_run<WType::BF16>(bp, dp, ld, cp, E, S, n, op.data()); break;
     default: TORCH_CHECK(false, "merge dtype must be float32, float16 or bfloat16");
   }
+}
+
+void merge(const torch::Tensor& base, const torch::Tensor& deltas, const torch::Tensor& coeffs,
+           torch::Tensor out) {
+  merge_many(base, deltas, coeffs.reshape({1, -1}), {out});
 }
 
 // x (B, in) fp32 with unit stride in its last dim; w (out, in) fp32/fp16/bf16 with unit stride
@@ -495,4 +537,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "write one decode step's keys/values into the cache and attend, per row", nogil());
   m.def("merge", &merge, "out = base + coeffs @ deltas, streamed once, fp32 accumulation",
         nogil());
+  m.def("merge_many", &merge_many,
+        "outs[s] = base + coeffs[s] @ deltas for every s, the stack streamed once", nogil());
 }

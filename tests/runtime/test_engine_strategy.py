@@ -85,11 +85,11 @@ def test_merges_are_amortised_over_their_reuse():
     assert c.choose([1], new_merges=1 / 4) == "merged"  # a decode merge reused 4 times
 
 
-def test_rows_opening_segments_together_spread_their_merges_over_steps(path):
-    """Streams that started together open their segments in the same step. Each layer builds
-    at most one new merge per decode step; the other rows run the mixture until their turn,
-    so no step pays every row's merges at once, and the tokens stay those of each alone."""
-    from camex_runtime.engine.runner import MAX_DECODE_MERGES
+def test_rows_opening_segments_together_merge_in_one_pass_per_layer(path, monkeypatch):
+    """Streams that started together open their segments in the same step. Their new merges
+    at a layer are built by one pass over the expert stack (kernels.merge_many with a row per
+    stream), not one pass per stream, and the tokens stay those of each stream alone."""
+    from camex_runtime import kernels
     prompts = [[1 + i, 2 + i, 3 + i, 4 + i, 5 + i, 6 + i] for i in range(3)]  # same length
     sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
     alone = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
@@ -101,13 +101,19 @@ def test_rows_opening_segments_together_spread_their_merges_over_steps(path):
     engine = Engine.from_pretrained(path, max_batch_size=3, strategy="merged")
     handles = [engine.submit(p, sp) for p in prompts]
     engine.step()  # the three prefills
+    passes = []  # outputs per merge_many call (one call per weight part and merge pass)
+    real = kernels.merge_many
+    monkeypatch.setattr(kernels, "merge_many",
+                        lambda base, deltas, coeffs, outs: (passes.append(len(outs)),
+                                                            real(base, deltas, coeffs, outs)))
     M = len(engine.runner.moe)
     per_step = []
     while not all(h.done for h in handles):
         before = engine.runner.cache.merges
         engine.step()
         per_step.append(engine.runner.cache.merges - before)
-    assert max(per_step) == MAX_DECODE_MERGES * M < 3 * M  # spread, never all at once
-    assert sum(per_step) >= 3 * M  # every row got its merges (one decision each, at least)
+    assert 3 * M in per_step  # a step where all three opened a segment: every merge at once
+    assert 3 in passes and set(passes) <= {1, 2, 3}  # ... three outputs per pass
+    assert sum(passes) == sum(per_step) * 4  # fc1/fc2 weights and biases, per merge
     assert [h.result().token_ids for h in handles] == want
     assert engine.runner.cache.referenced == 0

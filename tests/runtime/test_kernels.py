@@ -166,6 +166,28 @@ def test_merge_equals_addmm(dtype):
     assert rel(out.float(), want.float()) <= tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_merge_many_gives_each_output_the_bits_of_a_lone_merge(dtype):
+    """Several merged experts from one pass over the stack: blocks of 1024 elements, so n
+    spans three blocks and a tail, and more experts than the vector path keeps in registers;
+    each output must not depend on how many share the pass."""
+    torch.manual_seed(2)
+    n = 2 * 1024 + 37
+    for E, S in ((5, 1), (5, 2), (5, 5), (17, 3)):
+        base, deltas = torch.randn(n).to(dtype), torch.randn(E, n).to(dtype)
+        coeffs = torch.rand(S, E)
+        outs = [torch.full((n,), float("nan"), dtype=dtype) for _ in range(S)]
+        kernels.merge_many(base, deltas, coeffs, outs)
+        for c, got in zip(coeffs, outs):
+            alone = torch.empty(n, dtype=dtype)
+            kernels.merge(base, deltas, c, alone)
+            assert torch.equal(got, alone)
+            want = (base.float() + c @ deltas.float()).to(dtype)
+            tol = {torch.float32: 1e-6, torch.float16: 2 ** -10, torch.bfloat16: 2 ** -7}[dtype]
+            assert rel(got.float(), want.float()) <= tol
+    kernels.merge_many(base, deltas, torch.empty(0, E), [])  # nothing to merge: no error
+
+
 def test_mixed_precision_serves_16bit_weights_with_fp32_activations(tmp_path, monkeypatch):
     """On a CPU with the kernels, a bf16 engine streams bf16 weights and computes in fp32, and
     agrees with the fp32 engine as well as computing in bf16 does."""
