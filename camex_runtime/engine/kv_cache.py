@@ -12,14 +12,17 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from camex_runtime.memory import huge_page_empty
+
 
 class KVCache(nn.Module):
     def __init__(self, n_layer: int, num_slots: int, n_head: int, max_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
         super().__init__()
         shape = (n_layer, num_slots, n_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, device=device, dtype=dtype), persistent=False)
+        for name in ("k", "v"):  # read every decode step: on huge pages where the CPU has them
+            self.register_buffer(name, huge_page_empty(shape, dtype, device).zero_(),
+                                 persistent=False)
         self.max_len = max_len
 
     @property

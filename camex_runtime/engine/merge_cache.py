@@ -22,6 +22,7 @@ from collections.abc import Hashable
 import torch
 
 from camex_runtime.engine.outputs import MergeCacheStats
+from camex_runtime.memory import huge_page_empty
 
 # Parts of one merged FFN, in pool order (the bias parts only when the FFN has biases).
 PARTS = ("fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
@@ -73,8 +74,9 @@ class MergeCache:
         self.budget_bytes = int(budget_bytes)
         self.num_slots = self.budget_bytes // self.entry_bytes
         # (slots, *shape) per part: merge_experts writes into pool[part][slot] with out=.
-        self.pool = {p: torch.empty((self.num_slots, *s), device=device,
-                                    dtype=(bias_dtype or dtype) if p.endswith("_bias") else dtype)
+        self.pool = {p: huge_page_empty((self.num_slots, *s), device=device,
+                                        dtype=(bias_dtype or dtype) if p.endswith("_bias")
+                                        else dtype)
                      for p, s in shapes.items()}
         self._entries: dict[Hashable, _Entry] = {}
         self._lru: OrderedDict[Hashable, None] = OrderedDict()  # unreferenced, oldest first

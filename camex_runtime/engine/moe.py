@@ -21,6 +21,7 @@ from torch import Tensor
 from camex_runtime import kernels
 from camex_runtime.experts import ExpertBank, LinearBank, route_scores
 from camex_runtime.layers import FFNKind
+from camex_runtime.memory import huge_page_empty
 
 
 @dataclass
@@ -54,8 +55,7 @@ class MoEWeights:
                 return None
             b0, e0 = pairs[0]
             rows = sum(b.shape[0] for b, _ in pairs)
-            out = torch.empty((e0.shape[0] + 1, rows, *b0.shape[1:]), dtype=b0.dtype,
-                              device=b0.device)
+            out = huge_page_empty((e0.shape[0] + 1, rows, *b0.shape[1:]), b0.dtype, b0.device)
             at = 0
             for b, e in pairs:  # fused input projections side by side along the rows
                 n = b.shape[0]

@@ -30,7 +30,7 @@ from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
 from camex_runtime.engine.precision import Precision, prepare
 from camex_runtime.engine.routing_state import (FALLBACK, NO_MERGE, LayeredChunk, SlotRouting,
                                                 routing_digest)
-from camex_runtime.memory import release_freed_memory
+from camex_runtime.memory import on_huge_pages, release_freed_memory
 
 
 log = logging.getLogger("camex.engine")
@@ -76,6 +76,9 @@ class ModelRunner:
         self.moe_of = {layer: m for m, layer in enumerate(self.moe_layers)}
         self.moe = self._take_expert_weights()
         prepare(model, self.precision)
+        with torch.no_grad():  # weights a decode step streams: on huge pages (memory.py)
+            for param in model.parameters():
+                param.data = on_huge_pages(param.data)
         self.strategy = strategy
         self.observer = observer
         self.T = self.cfg.segment_len
