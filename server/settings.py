@@ -64,6 +64,13 @@ class ServerSettings:
     merge_cache_bytes: int | None = _opt(
         None, "merged-weight pool per engine, committed at start-up (none: the larger of "
         "256 MiB and one merged FFN per MoE layer for every batch slot, plus one)")
+    max_batched_tokens: int = _opt(
+        64, "while requests decode: tokens per engine step, each decoding row one and prompt "
+        "chunks the rest (chunked prefill); 0: prompts are always prefilled whole")
+    prefill_time_ratio: float = _opt(
+        1.0, "while requests decode (CPU): a step's prompt work is held to about this many times "
+        "the time of the step's decode, measured, so a long prompt raises inter-token latency "
+        "about (1 + ratio)x; larger: faster prefills next to running streams; 0: tokens only")
     threads: int | None = _opt(None, "torch CPU threads (none: all cores but one, so the HTTP "
                                "loop keeps a core; at least 1)")
     strategy: str = _opt("auto", "merged-expert apply strategy",
@@ -91,6 +98,11 @@ class ServerSettings:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be > 0, got {value}")
+        if self.max_batched_tokens < 0 or self.max_batched_tokens == 1:
+            raise ValueError(f"max_batched_tokens must be 0 (no chunking) or >= 2, got "
+                             f"{self.max_batched_tokens}")
+        if self.prefill_time_ratio < 0:
+            raise ValueError(f"prefill_time_ratio must be >= 0, got {self.prefill_time_ratio}")
         if self.max_stop_sequences < 0 or self.grace_s < 0:
             raise ValueError("max_stop_sequences and grace_s must be >= 0")
         if self.chat_template is not None and not os.path.isfile(self.chat_template):

@@ -187,7 +187,9 @@ def build_engine(settings: ServerSettings, path: str, observer, expect_kind: str
         path, device=settings.device, dtype=parse_dtype(settings.dtype),
         max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
         merge_cache_bytes=settings.merge_cache_bytes, strategy=settings.strategy,
-        routing=settings.routing, observer=observer, **limits)
+        routing=settings.routing, observer=observer,
+        max_batched_tokens=settings.max_batched_tokens or None,
+        prefill_time_ratio=settings.prefill_time_ratio or None, **limits)
     if engine.kind != expect_kind:
         raise ValueError(f"{FLAG_OF[expect_kind]} {path} is a {engine.kind} checkpoint: pass it "
                          f"with {FLAG_OF[engine.kind]}")

@@ -33,7 +33,8 @@ from camex_runtime.engine.request import (ROUTING_MODES, GenerationRequest, Requ
                                           RequestTimings, SamplingParams)
 from camex_runtime.engine.runner import ModelRunner, build_model, notify
 from camex_runtime.engine.sampling import make_generator, sample_batch
-from camex_runtime.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from camex_runtime.engine.scheduler import (PrefillPacer, Scheduler, SchedulerConfig,
+                                            SchedulerOutput)
 from camex_runtime.engine.classify import classify_texts
 from camex_runtime.engine.outputs import ClassificationResult
 from camex_runtime.errors import EngineStoppedError, InputValidationError
@@ -44,6 +45,8 @@ IDLE_WAIT_S = 0.25  # the idle loop still heartbeats this often (the server's li
 # few dozen prompt tokens costs about one decode step of a small batch, which keeps a long
 # prompt from multiplying the running streams' inter-token latency (benchmarks/serving.md).
 DEFAULT_MAX_BATCHED_TOKENS = 64
+# a chunked step's prompt work, in units of its decode's own time (CPU; see PrefillPacer)
+DEFAULT_PREFILL_TIME_RATIO = 1.0
 
 
 def eos_ids(*values) -> frozenset[int]:
@@ -68,7 +71,8 @@ class Engine:
                  merge_cache_bytes: int | None = None, strategy: str = "auto",
                  routing: str | None = None, observer=None,
                  max_prefill_tokens: int | None = None, profile=None, generation_config=None,
-                 max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS):
+                 max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS,
+                 prefill_time_ratio: float | None = DEFAULT_PREFILL_TIME_RATIO):
         cfg = model.config
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -93,6 +97,11 @@ class Engine:
         self.runner = ModelRunner(model, num_slots=max_batch_size, max_len=max_total,
                                   merge_cache_bytes=merge_cache_bytes, strategy=strategy,
                                   observer=observer, profile=profile, precision=precision)
+        # Chunked steps paced by measured time on the CPU. On a GPU the host would have to wait
+        # for the device to time a step (no syncs in the step loop): the token budget alone.
+        self.pacer = (PrefillPacer(prefill_time_ratio) if prefill_time_ratio is not None
+                      and max_batched_tokens is not None and self.runner.device.type == "cpu"
+                      else None)
         self.config, self.tokenizer, self.kind, self.name = cfg, tokenizer, kind, name
         self.routing, self.observer = routing, observer
         # Generation stops on every EOS id the config, the generation config and the tokenizer
@@ -282,7 +291,8 @@ class Engine:
         """schedule -> execute -> update. Returns the number of requests that ran."""
         t0 = time.perf_counter()
         with self._lock:
-            sched = self.scheduler.schedule(time.monotonic())
+            sched = self.scheduler.schedule(
+                time.monotonic(), None if self.pacer is None else self.pacer.budget())
         with self._model_lock:
             self._drop(sched)
             rows, logits = self._execute(sched)
@@ -324,9 +334,12 @@ class Engine:
             rows.append(req)
         if sched.decode:
             reqs = sched.decode
+            t0 = time.perf_counter()
             logits.append(self.runner.decode([r.slot for r in reqs],
                                              [r.output_token_ids[-1] for r in reqs],
                                              [r.all_token_ids for r in reqs]))
+            if self.pacer is not None:
+                self.pacer.record_decode(time.perf_counter() - t0)
             rows.extend(reqs)
         return rows, (torch.cat(logits, 0) if logits else None)
 
@@ -341,7 +354,14 @@ class Engine:
                                       trace=req.params.return_routing,
                                       max_new_tokens=req.params.max_new_tokens,
                                       prompt_logprobs=req.params.prompt_logprobs)
+        st = self.runner.slots[req.slot]
+        start = st.length
+        n = req.num_prompt_tokens - start if chunk is None else chunk
+        t0 = time.perf_counter()
         got = self.runner.prefill_step(req.slot, chunk)
+        if self.pacer is not None:  # the scheduler's unit: tokens plus the chunk's cost
+            self.pacer.record_prefill(n + self._chunk_cost(req, start, n),
+                                      time.perf_counter() - t0)
         with self._lock:
             self.scheduler.prefilled(req, self.runner.slots[req.slot].length)
         scored = self.runner.prompt_scores(req.slot) if got is not None else None
@@ -460,6 +480,7 @@ class Engine:
             "max_batch_size": c.max_batch_size, "max_input_tokens": c.max_input_tokens,
             "max_total_tokens": c.max_total_tokens, "max_waiting": c.max_waiting,
             "max_batched_tokens": c.max_batched_tokens,
+            "prefill_time_ratio": None if self.pacer is None else self.pacer.ratio,
             "merge_cache_bytes": self.runner.cache.budget_bytes,
             "vocab_size": cfg.vocab_size, "eos_token_id": self.eos_token_id,
             "eos_token_ids": sorted(self.eos_token_ids), "family": cfg.family,

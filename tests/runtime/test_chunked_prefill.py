@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from camex_runtime import Engine, SamplingParams
-from camex_runtime.engine.scheduler import Scheduler, SchedulerConfig
+from camex_runtime.engine.scheduler import PrefillPacer, Scheduler, SchedulerConfig
 from engine_models import build_folded, reference
 
 T = 4
@@ -354,3 +354,79 @@ def test_a_layer_by_layer_span_completes_when_the_decoders_finish(lm):
         engine.step()
     assert [h.result().token_ids for h in (*handles, long_handle)] == want
     assert engine.runner.cache.referenced == 0
+
+
+def test_the_pacer_sizes_prompt_work_to_the_decode_time():
+    """budget() = ratio x (decode time / time per prompt token of work), from moving
+    averages; nothing until both were measured."""
+    p = PrefillPacer(1.0, alpha=0.5)
+    assert p.budget() is None
+    p.record_decode(0.100)
+    assert p.budget() is None
+    p.record_prefill(20, 0.080)  # 4 ms per token of work
+    assert p.budget() == 25
+    p.record_decode(0.200)  # the batch grew: the average moves halfway
+    assert p.budget() == 37  # 0.150 / 0.004
+    p.record_prefill(0, 1.0)  # no work: no information
+    assert p.budget() == 37
+    assert PrefillPacer(0.5, alpha=1.0).budget() is None
+    half = PrefillPacer(0.5, alpha=1.0)
+    half.record_decode(0.1)
+    half.record_prefill(10, 1.0)  # slower than a decode per token: still one token a step
+    assert half.budget() == 1
+    with pytest.raises(ValueError, match="ratio"):
+        PrefillPacer(0.0)
+
+
+def test_a_paced_budget_bounds_the_chunked_steps_work():
+    """The scheduler takes the pacer's bound under its token budget: prompt work (tokens plus
+    chunk costs) per chunked step stays within it; without decoders nothing is paced."""
+    def cost(req, start, n):
+        return 6 if start == 0 else 0
+
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_input_tokens=100, max_total_tokens=128,
+                                  max_batched_tokens=32), chunk_cost=cost)
+    a, long_ = Req("a", 3), Req("long", 40)
+    s.add(a)
+    assert s.schedule(0.0, max_prefill_work=5).chunks == {"a": None}  # whole: nothing decodes
+    s.add(long_)
+    out = s.schedule(1.0, max_prefill_work=10)
+    assert out.chunks == {"long": 4}  # 4 tokens + 6 of cost
+    s.prefilled(long_, 4)
+    assert s.schedule(2.0, max_prefill_work=10).chunks == {"long": 10}
+    s.prefilled(long_, 14)
+    assert s.schedule(3.0, max_prefill_work=100).chunks == {"long": 26}  # the token budget
+
+
+def test_a_cpu_engine_paces_its_chunked_steps_by_measured_time(lm, monkeypatch):
+    """The engine times its decodes and prefill chunks, and hands the scheduler the pacer's
+    bound: a slow-prefill bound spreads a long prompt over more steps than the token budget
+    alone, with the same tokens."""
+    path, _ = lm
+    assert Engine.from_pretrained(path, max_batch_size=2, prefill_time_ratio=None).pacer is None
+
+    def run(bound):  # the mixture strategy: no merges, so chunk work is just tokens
+        engine = Engine.from_pretrained(path, max_batch_size=2, max_batched_tokens=16,
+                                        strategy="mixture")
+        assert engine.pacer is not None and engine.pacer.budget() is None
+        sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
+        stream = engine.submit([1, 2, 3], sp)
+        engine.step()  # its prefill (whole: nothing decodes yet)
+        engine.step()  # its first decode
+        assert engine.pacer.decode_s > 0 and engine.pacer.token_s > 0
+        monkeypatch.setattr(engine.pacer, "budget", lambda: bound)
+        bounds, real = [], engine.scheduler.schedule
+        monkeypatch.setattr(engine.scheduler, "schedule",
+                            lambda now, b=None: (bounds.append(b), real(now, b))[1])
+        long_handle = engine.submit(list(range(1, 4 * T + 1)), sp)
+        steps = 0
+        while not long_handle._events:
+            engine.step()
+            steps += 1
+        while not (stream.done and long_handle.done):
+            engine.step()
+        assert set(bounds) == {bound}
+        return steps, long_handle.result().token_ids
+
+    paced, unpaced = run(1), run(None)
+    assert unpaced[0] <= 2 and paced[0] >= 2 * T and paced[1] == unpaced[1]

@@ -32,10 +32,30 @@ def test_every_field_has_flag_and_env_var():
     ({"CAMEX_MAX_WAITING": "0"}, "max_waiting must be > 0"),
     ({"CAMEX_THREADS": "0"}, "threads must be > 0"),
     ({"CAMEX_MERGE_CACHE_BYTES": "-1"}, "merge_cache_bytes must be > 0"),
+    ({"CAMEX_MAX_BATCHED_TOKENS": "1"}, "max_batched_tokens must be 0 (no chunking) or >= 2"),
+    ({"CAMEX_PREFILL_TIME_RATIO": "-0.5"}, "prefill_time_ratio must be >= 0"),
 ])
 def test_bad_values_say_what_is_wrong(env, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ServerSettings.from_sources([], env=env)
+
+
+def test_chunking_settings_reach_the_engine_with_its_defaults(tiny_lm_dir):
+    """The server's defaults are the engine's; 0 turns each mechanism off."""
+    import inspect
+    from camex_runtime import Engine
+    from server.state import build_engine
+    engine_defaults = inspect.signature(Engine.__init__).parameters
+    s = ServerSettings.from_sources([], env={})
+    for name in ("max_batched_tokens", "prefill_time_ratio"):
+        assert getattr(s, name) == engine_defaults[name].default
+    path = str(tiny_lm_dir)
+    engine = build_engine(s, path, None, "causal-lm")
+    assert engine.scheduler.config.max_batched_tokens == 64 and engine.pacer.ratio == 1.0
+    off = ServerSettings.from_sources(["--max-batched-tokens", "0", "--prefill-time-ratio", "0"],
+                                      env={})
+    engine = build_engine(off, path, None, "causal-lm")
+    assert engine.scheduler.config.max_batched_tokens is None and engine.pacer is None
 
 
 def test_threads_default_leaves_a_core_for_the_http_loop(monkeypatch):
