@@ -2,8 +2,10 @@
 
 Eight streams decode (greedy, long generations); once their inter-token latency (ITL) is steady,
 a 2,000-token prompt arrives, and right behind it a few short prompts. Reported per setting of
-`max_batched_tokens` (None = no chunking: the whole prompt in one step), from the engine's own
-token events (in process, the engine's step loop running as in the server):
+`max_batched_tokens` (None = no chunking: the whole prompt in one step) and
+`prefill_time_ratio` (None = the token budget alone; a ratio = chunked steps paced by measured
+time), from the engine's own token events (in process, the engine's step loop running as in
+the server):
 - the streams' ITL p50/p99 before the long prompt (steady: gaps that start after every stream
   has half its steady tokens, so the streams' own prefills are not in it) and while it is
   prefilled;
@@ -12,7 +14,7 @@ token events (in process, the engine's step loop running as in the server):
   waiting for the whole long prefill).
 
     python benchmarks/chunked_prefill.py --quick
-    python benchmarks/chunked_prefill.py --budgets none,64,128 --threads 1
+    python benchmarks/chunked_prefill.py --budgets none,32,64 --ratios none,1.0 --threads 1
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch
 from common import base_parser, folded_model, print_table, setup, shape, write_results
 from camex_runtime import Engine, SamplingParams
 
-COLS = ["max_batched_tokens", "itl_p50_steady_ms", "itl_p99_steady_ms", "itl_p50_during_ms",
+COLS = ["max_batched_tokens", "prefill_time_ratio", "itl_p50_steady_ms", "itl_p99_steady_ms", "itl_p50_during_ms",
         "itl_p99_during_ms", "p99_ratio", "long_ttft_s", "short_ttft_max_s", "prefill_steps"]
 
 
@@ -58,13 +60,14 @@ class StepCounter:
             self.first_token_step = self.steps
 
 
-def measure(model_cfg: dict, device, dtype, budget, streams: int, long_len: int, shorts: int,
-            steady_tokens: int, vocab: int) -> dict:
+def measure(model_cfg: dict, device, dtype, budget, ratio, streams: int, long_len: int,
+            shorts: int, steady_tokens: int, vocab: int) -> dict:
     model = folded_model(model_cfg, device, dtype)
     max_total = model_cfg["max_position_embeddings"]
     engine = Engine(model, None, max_batch_size=streams + 1 + shorts, max_waiting=64,
                     max_input_tokens=long_len, max_total_tokens=max_total,
-                    max_batched_tokens=budget, observer=(counter := StepCounter()))
+                    max_batched_tokens=budget, prefill_time_ratio=ratio,
+                    observer=(counter := StepCounter()))
     engine.warmup()  # as the server does before it reports ready: pool committed, cost model
     gen = torch.Generator().manual_seed(0)
     ids = lambda n: torch.randint(0, vocab, (n,), generator=gen).tolist()  # noqa: E731
@@ -114,7 +117,9 @@ def measure(model_cfg: dict, device, dtype, budget, streams: int, long_len: int,
         # saw its token first)
         during += [g for t, g in gaps if t >= t_long and t - g < t_first]
     p99s, p99d = percentile(steady, 0.99), percentile(during, 0.99)
-    return dict(max_batched_tokens=str(budget), itl_p50_steady_ms=1e3 * percentile(steady, 0.5),
+    return dict(max_batched_tokens=str(budget),
+                prefill_time_ratio=str(ratio if engine.pacer is not None else None),
+                itl_p50_steady_ms=1e3 * percentile(steady, 0.5),
                 itl_p99_steady_ms=1e3 * p99s, itl_p50_during_ms=1e3 * percentile(during, 0.5),
                 itl_p99_during_ms=1e3 * p99d, p99_ratio=p99d / p99s,
                 long_ttft_s=t_first - t_long,
@@ -126,7 +131,10 @@ def measure(model_cfg: dict, device, dtype, budget, streams: int, long_len: int,
 def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--budgets", default=None, help="comma list; 'none' = no chunking "
-                   "(default none,64,128; quick: none,8)")
+                   "(default none,64; quick: none,8)")
+    p.add_argument("--ratios", default="none,1.0",
+                   help="prefill_time_ratio values, comma list ('none' = the token budget alone), "
+                        "each measured with every chunking budget (default none,1.0)")
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--long", type=int, default=None, help="long prompt tokens (default 2000)")
     p.add_argument("--shorts", type=int, default=3)
@@ -136,11 +144,14 @@ def main() -> None:
     device, dtype = setup(args)
     cfg = shape(args)
     budgets = [None if b == "none" else int(b) for b in
-               (args.budgets or ("none,8" if args.quick else "none,64,128")).split(",")]
+               (args.budgets or ("none,8" if args.quick else "none,64")).split(",")]
+    ratios = [None if r == "none" else float(r) for r in args.ratios.split(",")]
+    # without chunking there is nothing to pace: one row
+    settings = [(b, r) for b in budgets for r in (ratios if b is not None else [None])]
     long_len = args.long or (200 if args.quick else 2000)
     rows = []
-    for budget in budgets:
-        rows.append(measure(cfg, device, dtype, budget, args.streams, long_len, args.shorts,
+    for budget, ratio in settings:
+        rows.append(measure(cfg, device, dtype, budget, ratio, args.streams, long_len, args.shorts,
                             args.steady_tokens or (16 if args.quick else 64), cfg["vocab_size"]))
         print_table(rows[-1:], COLS)
         gc.collect()  # this setting's engine: its merge pool is committed memory (GBs)
