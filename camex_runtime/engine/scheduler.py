@@ -100,25 +100,32 @@ class PrefillPacer:
     and would be nothing on a GPU. The engine reports how long its steps' decodes take and how
     long prefill chunks take per prompt token of work (tokens plus chunk costs, the scheduler's
     unit); `budget()` is then `ratio` x the decode time in prompt tokens, so a chunked step
-    lasts about (1 + ratio) decode steps. Moving averages (weight `alpha` on the newest), so
-    the pace follows batch size, context length and load. None until both were measured."""
+    lasts about (1 + ratio) decode steps. The decode time is the fastest of the last `window`
+    decodes, the token time a moving average (weight `alpha` on the newest): when the machine
+    slows down for a while (a noisy neighbour), the token time rises and the decode baseline
+    does not, so the prefill shrinks instead of growing with the slow decodes. None until both
+    were measured."""
 
-    def __init__(self, ratio: float, alpha: float = 0.25):
+    def __init__(self, ratio: float, alpha: float = 0.25, window: int = 16):
         if ratio <= 0:
             raise ValueError(f"prefill time ratio must be > 0, got {ratio}")
         self.ratio, self.alpha = ratio, alpha
-        self.decode_s: float | None = None  # one decode of the running rows
+        self._decodes: deque[float] = deque(maxlen=window)
         self.token_s: float | None = None  # one prompt token of prefill work
 
-    def _avg(self, old: float | None, new: float) -> float:
-        return new if old is None else old + self.alpha * (new - old)
+    @property
+    def decode_s(self) -> float | None:
+        """One decode of the running rows: the fastest recent one."""
+        return min(self._decodes) if self._decodes else None
 
     def record_decode(self, seconds: float) -> None:
-        self.decode_s = self._avg(self.decode_s, seconds)
+        self._decodes.append(seconds)
 
     def record_prefill(self, work_tokens: int, seconds: float) -> None:
         if work_tokens > 0:
-            self.token_s = self._avg(self.token_s, seconds / work_tokens)
+            per = seconds / work_tokens
+            self.token_s = per if self.token_s is None else \
+                self.token_s + self.alpha * (per - self.token_s)
 
     def budget(self) -> int | None:
         if self.decode_s is None or not self.token_s:

@@ -357,18 +357,22 @@ def test_a_layer_by_layer_span_completes_when_the_decoders_finish(lm):
 
 
 def test_the_pacer_sizes_prompt_work_to_the_decode_time():
-    """budget() = ratio x (decode time / time per prompt token of work), from moving
-    averages; nothing until both were measured."""
-    p = PrefillPacer(1.0, alpha=0.5)
+    """budget() = ratio x (decode time / time per prompt token of work): the fastest recent
+    decode, the average token time; nothing until both were measured."""
+    p = PrefillPacer(1.0, alpha=0.5, window=3)
     assert p.budget() is None
     p.record_decode(0.100)
     assert p.budget() is None
     p.record_prefill(20, 0.080)  # 4 ms per token of work
     assert p.budget() == 25
-    p.record_decode(0.200)  # the batch grew: the average moves halfway
-    assert p.budget() == 37  # 0.150 / 0.004
+    p.record_decode(0.300)  # a slow step (noise, a merge): the baseline stays
+    p.record_prefill(10, 0.080)  # prefill got slower too: the average moves halfway
+    assert p.decode_s == 0.100 and p.budget() == 16  # 0.100 / 0.006
+    for _ in range(3):  # the batch grew for good: the window forgets the old baseline
+        p.record_decode(0.200)
+    assert p.budget() == 33
     p.record_prefill(0, 1.0)  # no work: no information
-    assert p.budget() == 37
+    assert p.budget() == 33
     assert PrefillPacer(0.5, alpha=1.0).budget() is None
     half = PrefillPacer(0.5, alpha=1.0)
     half.record_decode(0.1)
