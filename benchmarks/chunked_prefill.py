@@ -27,8 +27,9 @@ import torch
 from common import base_parser, folded_model, print_table, setup, shape, write_results
 from camex_runtime import Engine, SamplingParams
 
-COLS = ["max_batched_tokens", "prefill_time_ratio", "itl_p50_steady_ms", "itl_p99_steady_ms", "itl_p50_during_ms",
-        "itl_p99_during_ms", "p99_ratio", "long_ttft_s", "short_ttft_max_s", "prefill_steps"]
+COLS = ["max_batched_tokens", "prefill_time_ratio", "itl_p50_steady_ms", "itl_p99_steady_ms",
+        "itl_p50_during_ms", "itl_p99_during_ms", "p99_ratio", "long_ttft_s", "short_ttft_max_s",
+        "prefill_steps"]
 
 
 def percentile(xs: list[float], q: float) -> float:
