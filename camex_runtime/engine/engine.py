@@ -99,7 +99,8 @@ class Engine:
                                   observer=observer, profile=profile, precision=precision)
         # Chunked steps paced by measured time on the CPU. On a GPU the host would have to wait
         # for the device to time a step (no syncs in the step loop): the token budget alone.
-        self.pacer = (PrefillPacer(prefill_time_ratio) if prefill_time_ratio is not None
+        self.pacer = (PrefillPacer(prefill_time_ratio, burst=max_batched_tokens)
+                      if prefill_time_ratio is not None
                       and max_batched_tokens is not None and self.runner.device.type == "cpu"
                       else None)
         self.config, self.tokenizer, self.kind, self.name = cfg, tokenizer, kind, name
@@ -320,7 +321,8 @@ class Engine:
         rows, logits = [], []
         for req in sched.prefill:
             try:
-                got = self._prefill(req, sched.chunks.get(req.request_id), now)
+                got = self._prefill(req, sched.chunks.get(req.request_id), now,
+                                    chunked=bool(sched.decode))
             except Exception as e:  # e.g. out of memory on a long prompt: fail this request only
                 log.exception("prefill failed for %s", req.request_id)
                 self._finish(req, terminal_event(req, "error", f"prefill failed: {e}"))
@@ -343,9 +345,11 @@ class Engine:
             rows.extend(reqs)
         return rows, (torch.cat(logits, 0) if logits else None)
 
-    def _prefill(self, req: GenerationRequest, chunk: int | None, now: float):
+    def _prefill(self, req: GenerationRequest, chunk: int | None, now: float,
+                 chunked: bool = False):
         """Run one prefill chunk (`chunk` prompt tokens, None: the rest); the next-token
-        logits (V,) once the prompt is complete, else None."""
+        logits (V,) once the prompt is complete, else None. `chunked`: next to decoding rows
+        (its work is paced)."""
         if req.timings.scheduled_at is None:  # its first chunk
             req.timings.scheduled_at = now
             self._procs[req.request_id] = OutputProcessor(req, self.tokenizer, self.eos_token_ids)
@@ -360,8 +364,10 @@ class Engine:
         t0 = time.perf_counter()
         got = self.runner.prefill_step(req.slot, chunk)
         if self.pacer is not None:  # the scheduler's unit: tokens plus the chunk's cost
-            self.pacer.record_prefill(n + self._chunk_cost(req, start, n),
-                                      time.perf_counter() - t0)
+            work = n + self._chunk_cost(req, start, n)
+            self.pacer.record_prefill(work, time.perf_counter() - t0)
+            if chunked:
+                self.pacer.spend(work)
         with self._lock:
             self.scheduler.prefilled(req, self.runner.slots[req.slot].length)
         scored = self.runner.prompt_scores(req.slot) if got is not None else None

@@ -19,9 +19,9 @@ interleaved with their decodes, instead of stalling them for its whole prefill.
 - Work a chunk causes beyond its tokens counts against the budget too, in prompt tokens, when
   the engine supplies a `chunk_cost` (a merged-expert model: the merges of the routing
   decisions the chunk makes): chunks are cut so that tokens plus cost fit.
-- On the CPU the engine also passes `schedule` a bound from a `PrefillPacer`: the prompt work
-  that takes about `ratio` times the step's decode, from measured times, so a chunked step
-  costs the streams a known factor of latency on any model and machine.
+- On the CPU the engine also passes `schedule` a bound from a `PrefillPacer`: a long
+  prefill's work per step is held to about `ratio` times the step's decode, from measured
+  times (a token bucket: short prompts arriving now and then still join in one step).
 A chunk that covers the rest of its prompt completes it in that step (the request decodes from
 the next); after any other chunk the engine reports how far the prompt got with
 `prefilled(req, computed)`. With no request decoding, whole prompts are admitted under
@@ -94,22 +94,28 @@ ChunkCost = Callable[[Any, int, int], int]
 
 
 class PrefillPacer:
-    """Sizes a chunked step's prompt work by time, so a prefill next to running streams costs
-    them a known factor of inter-token latency on any hardware. A token budget alone cannot:
-    64 prompt tokens were ~2.5x a decode step of 8 streams for GPT-2-small on one CPU core,
-    and would be nothing on a GPU. The engine reports how long its steps' decodes take and how
-    long prefill chunks take per prompt token of work (tokens plus chunk costs, the scheduler's
-    unit); `budget()` is then `ratio` x the decode time in prompt tokens, so a chunked step
-    lasts about (1 + ratio) decode steps. The decode time is the fastest of the last `window`
-    decodes, the token time a moving average (weight `alpha` on the newest): when the machine
-    slows down for a while (a noisy neighbour), the token time rises and the decode baseline
-    does not, so the prefill shrinks instead of growing with the slow decodes. None until both
-    were measured."""
+    """Sizes chunked steps' prompt work by time, so a long prefill next to running streams
+    costs them a known factor of inter-token latency on any hardware. A token budget alone
+    cannot: 64 prompt tokens were ~2.5x a decode step of 8 streams for GPT-2-small on one CPU
+    core, and would be nothing on a GPU.
 
-    def __init__(self, ratio: float, alpha: float = 0.25, window: int = 16):
+    The engine reports how long its steps' decodes take and how long prefill chunks take per
+    prompt token of work (tokens plus chunk costs, the scheduler's unit). The sustained rate is
+    `ratio` x the decode time in prompt tokens per step, so a long prefill's steps last about
+    (1 + ratio) decode steps. It is a token bucket: unused rate accumulates up to `burst`
+    tokens (the token budget), so a short prompt arriving now and then still joins in one step
+    as without pacing, while a long prefill soon runs at the sustained rate.
+
+    The decode time is the fastest of the last `window` decodes, the token time a moving
+    average (weight `alpha` on the newest): when the machine slows down for a while (a noisy
+    neighbour), the token time rises and the decode baseline does not, so the prefill shrinks
+    instead of growing with the slow decodes. No bound until both were measured."""
+
+    def __init__(self, ratio: float, burst: int, alpha: float = 0.25, window: int = 16):
         if ratio <= 0:
             raise ValueError(f"prefill time ratio must be > 0, got {ratio}")
-        self.ratio, self.alpha = ratio, alpha
+        self.ratio, self.burst, self.alpha = ratio, burst, alpha
+        self.credit = float(burst)  # prompt tokens of work this step may still do
         self._decodes: deque[float] = deque(maxlen=window)
         self.token_s: float | None = None  # one prompt token of prefill work
 
@@ -117,6 +123,12 @@ class PrefillPacer:
     def decode_s(self) -> float | None:
         """One decode of the running rows: the fastest recent one."""
         return min(self._decodes) if self._decodes else None
+
+    def rate(self) -> float | None:
+        """Sustained prompt work per step, in prompt tokens."""
+        if self.decode_s is None or not self.token_s:
+            return None
+        return self.ratio * self.decode_s / self.token_s
 
     def record_decode(self, seconds: float) -> None:
         self._decodes.append(seconds)
@@ -128,9 +140,17 @@ class PrefillPacer:
                 self.token_s + self.alpha * (per - self.token_s)
 
     def budget(self) -> int | None:
-        if self.decode_s is None or not self.token_s:
+        """This step's bound (call once per step): the credit after this step's refill."""
+        rate = self.rate()
+        if rate is None:
             return None
-        return max(1, int(self.ratio * self.decode_s / self.token_s))
+        self.credit = min(float(self.burst), self.credit + rate)
+        return max(1, int(self.credit))
+
+    def spend(self, work_tokens: int) -> None:
+        """Prompt work a chunked step did (a chunk may exceed its bound: its one-token or
+        one-layer minimum); the debt is paid from the next steps' refills."""
+        self.credit = max(-float(self.burst), self.credit - work_tokens)
 
 
 class Scheduler:
