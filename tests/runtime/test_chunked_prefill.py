@@ -357,34 +357,36 @@ def test_a_layer_by_layer_span_completes_when_the_decoders_finish(lm):
 
 
 def test_the_pacer_sizes_prompt_work_to_the_decode_time():
-    """A token bucket: the rate is ratio x (decode time / time per prompt token of work) per
-    step, from the fastest recent decode and the average token time; unused rate accumulates
-    up to the burst; no bound until both times were measured."""
+    """The sustained rate is ratio x (decode time / time per prompt token of work) per step,
+    from the fastest recent decode and the average token time; steps without prompt work bank
+    their rate up to the burst, which the next step with prompt work may spend at once; no
+    bound until both times were measured."""
     p = PrefillPacer(1.0, burst=64, alpha=0.5, window=3)
     assert p.budget() is None
     p.record_decode(0.100)
     assert p.budget() is None
     p.record_prefill(20, 0.080)  # 4 ms per token of work
     assert p.rate() == pytest.approx(25)
-    assert p.budget() == 64  # idle until now: a full bucket, one short prompt joins at once
-    p.spend(64)
-    assert p.budget() == 25  # then the sustained rate ...
-    p.spend(40)  # ... a chunk may overshoot its bound (its minimum): the debt is paid later
-    assert p.budget() == 10
-    p.spend(10)
+    assert p.budget() == 64  # idle until now: one short prompt may join at once
+    p.spend(50)
+    assert p.budget() == 25  # a prefill in progress: the sustained rate, whatever is left
+    p.spend(25)
+    assert p.budget() == 25
+    p.spend(0)  # a step without prompt work banks its rate
+    assert p.budget() == 50
+    p.spend(3)
     p.record_decode(0.300)  # a slow step (noise, a merge): the baseline stays
     p.record_prefill(10, 0.080)  # prefill got slower too: the average moves halfway
     assert p.decode_s == 0.100 and p.rate() == pytest.approx(0.1 / 0.006)
+    assert p.budget() == 16
     for _ in range(3):  # the batch grew for good: the window forgets the old baseline
         p.record_decode(0.200)
     assert p.rate() == pytest.approx(0.2 / 0.006)
     p.record_prefill(0, 1.0)  # no work: no information
     assert p.rate() == pytest.approx(0.2 / 0.006)
-    for _ in range(5):  # steps without prompt work refill the bucket, up to the burst
+    for _ in range(5):  # idle steps: the bank is capped at the burst
         p.budget()
     assert p.budget() == 64
-    p.spend(1000)  # a debt is bounded by one burst
-    assert p.credit == -64
     slow = PrefillPacer(0.5, burst=8, alpha=1.0)
     slow.record_decode(0.1)
     slow.record_prefill(10, 1.0)  # slower than a decode per token: still one token a step
