@@ -10,10 +10,10 @@ A decode step streams every weight once, and one CPU core streams faster from 2 
 from 4 KiB ones (fewer TLB misses; the hardware prefetchers stop at page boundaries): a
 bandwidth test on one Zen 4 core read 20-27 GB/s from huge pages against 15-21 GB/s, and a
 GPT-2-small decode step at B=1 took 14.5 against 17 ms (bf16) and 22 against 29 ms (fp32).
-llama.cpp gets this for free from its memory-mapped model file. `huge_page_empty` allocates a large CPU tensor in an anonymous
-mapping advised MADV_HUGEPAGE before its first write, so the kernel backs it with huge pages
-where it can (Linux with transparent huge pages set to `always` or `madvise`; elsewhere, or with
-CAMEX_HUGE_PAGES=0, it is plain `torch.empty`). Knows nothing about models.
+llama.cpp gets this for free from its memory-mapped model file. `huge_page_empty` allocates a
+large CPU tensor in an anonymous mapping advised MADV_HUGEPAGE before its first write, so the
+kernel backs it with huge pages where it can (Linux with transparent huge pages set to `always`
+or `madvise`; elsewhere, or with CAMEX_HUGE_PAGES=0, it is plain `torch.empty`). Knows nothing about models.
 """
 
 from __future__ import annotations

@@ -105,7 +105,9 @@ def test_chunked_prefill_benchmark(tmp_path):
     run("chunked_prefill.py", "--quick", "--threads", "1", "--streams", "3", "--out", str(out))
     rows = {r["max_batched_tokens"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"None", "8"}
-    # one step (two if the submit landed mid-step) whole; dozens of 5-token chunks
-    assert rows["None"]["prefill_steps"] <= 2 < 10 < rows["8"]["prefill_steps"]
+    # whole: one step, counted as up to three (the step in flight when the prompt was
+    # submitted, and the one that ran before the benchmark's observer watched its handle);
+    # chunked: dozens of 5-token chunks
+    assert rows["None"]["prefill_steps"] <= 3 < 10 < rows["8"]["prefill_steps"]
     for r in rows.values():
         assert r["itl_p99_steady_ms"] > 0 and r["long_ttft_s"] > 0 and r["short_ttft_max_s"] > 0
