@@ -13,7 +13,8 @@ GPT-2-small decode step at B=1 took 14.5 against 17 ms (bf16) and 22 against 29 
 llama.cpp gets this for free from its memory-mapped model file. `huge_page_empty` allocates a
 large CPU tensor in an anonymous mapping advised MADV_HUGEPAGE before its first write, so the
 kernel backs it with huge pages where it can (Linux with transparent huge pages set to `always`
-or `madvise`; elsewhere, or with CAMEX_HUGE_PAGES=0, it is plain `torch.empty`). Knows nothing about models.
+or `madvise`; elsewhere, or with CAMEX_HUGE_PAGES=0, it is plain `torch.empty`). Knows nothing
+about models.
 """
 
 from __future__ import annotations
