@@ -206,22 +206,7 @@ class ModelRunner:
 
     def _acquire(self, m: int, key, scores: Tensor) -> int | None:
         """Pool slot holding the merge for `key` (merging on a miss), or None: pool full."""
-        t0 = time.perf_counter()
-        ev0 = self.cache.evictions
-        got = self.cache.acquire(key)
-        if self.cache.evictions != ev0:
-            self._notify("on_evict", self.cache.evictions - ev0)
-        if got is None:
-            return None
-        if not got.hit:
-            try:
-                self.moe[m].merge_into(scores, self.cache.weights(got.slot))
-            except BaseException:
-                self.cache.discard(key)
-                raise
-            self.cache.record_merge(1, time.perf_counter() - t0)
-        self._notify("on_merge", self.moe_layers[m], time.perf_counter() - t0, got.hit)
-        return got.slot
+        return self._acquire_many(m, [key], scores.reshape(1, -1))[0]
 
     def _acquire_many(self, m: int, keys: list, scores: Tensor) -> list[int | None]:
         """`_acquire` for several rows (scores (S, E)): the missing merges are built in one
@@ -255,11 +240,13 @@ class ModelRunner:
         built = {keys[j] for j in new}
         out, seen = [], set()
         for key in keys:
+            out.append(slots[key])
+            if slots[key] is None:  # the pool is full: this row falls back to the mixture
+                continue
             hit = key in seen or key not in built
-            if key in seen and slots[key] is not None:  # a second row on the same entry
+            if key in seen:  # a second row on the same entry
                 self.cache.acquire(key)
             seen.add(key)
-            out.append(slots[key])
             self._notify("on_merge", self.moe_layers[m], 0.0 if hit else per_merge, hit)
         return out
 
