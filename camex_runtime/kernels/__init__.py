@@ -166,6 +166,10 @@ def merge(base: Tensor, deltas: Tensor, coeffs: Tensor, out: Tensor) -> Tensor:
         if mod is not None:
             mod.merge(base, deltas, coeffs, out)
             return out
+    n, E = base.numel(), deltas.shape[0]
+    torch.addmm(base.view(1, n), coeffs.view(1, E).to(deltas.dtype), deltas.view(E, n),
+                out=out.view(1, n))
+    return out
 
 
 def merge_many(base: Tensor, deltas: Tensor, coeffs: Tensor, outs: list[Tensor]) -> None:
@@ -181,7 +185,3 @@ def merge_many(base: Tensor, deltas: Tensor, coeffs: Tensor, outs: list[Tensor])
             return
     for c, out in zip(coeffs, outs):
         merge(base, deltas, c, out)
-    n, E = base.numel(), deltas.shape[0]
-    torch.addmm(base.view(1, n), coeffs.view(1, E).to(deltas.dtype), deltas.view(E, n),
-                out=out.view(1, n))
-    return out

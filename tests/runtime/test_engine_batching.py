@@ -33,8 +33,13 @@ def run_alone(path, strategy):
         engine.stop()
 
 
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
 @pytest.mark.parametrize("strategy", ["merged", "mixture", "auto"])
-def test_staggered_batch_equals_alone(path, strategy):
+def test_staggered_batch_equals_alone(path, strategy, native, monkeypatch):
+    """Also with torch's kernels only: the path CUDA and CPUs without the extension take."""
+    if not native:
+        from camex_runtime import kernels
+        monkeypatch.setattr(kernels, "native", lambda: None)
     alone = run_alone(path, strategy)
     engine = Engine.from_pretrained(path, max_batch_size=3, strategy=strategy)
     handles, step = {}, 0

@@ -85,11 +85,15 @@ def test_merges_are_amortised_over_their_reuse():
     assert c.choose([1], new_merges=1 / 4) == "merged"  # a decode merge reused 4 times
 
 
-def test_rows_opening_segments_together_merge_in_one_pass_per_layer(path, monkeypatch):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "torch"])
+def test_rows_opening_segments_together_merge_in_one_pass_per_layer(path, monkeypatch, native):
     """Streams that started together open their segments in the same step. Their new merges
     at a layer are built by one pass over the expert stack (kernels.merge_many with a row per
-    stream), not one pass per stream, and the tokens stay those of each stream alone."""
+    stream), not one pass per stream, and the tokens stay those of each stream alone: with
+    the native kernels and with torch's (CUDA's path, and CPUs without the extension)."""
     from camex_runtime import kernels
+    if not native:
+        monkeypatch.setattr(kernels, "native", lambda: None)
     prompts = [[1 + i, 2 + i, 3 + i, 4 + i, 5 + i, 6 + i] for i in range(3)]  # same length
     sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
     alone = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")

@@ -152,8 +152,19 @@ def test_decode_attention_declines_what_it_does_not_compute():
     assert torch.equal(cache, torch.zeros_like(cache))
 
 
+@pytest.fixture(params=["native", "torch"])
+def merge_path(request, monkeypatch):
+    """Both merge paths: the native kernel where this CPU has it, and the torch fallback that
+    CUDA and CPUs without the extension use."""
+    if request.param == "native" and kernels.native() is None:
+        pytest.skip(f"no native kernels here: {kernels.status()}")
+    if request.param == "torch":
+        monkeypatch.setattr(kernels, "native", lambda: None)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_merge_equals_addmm(dtype):
+def test_merge_equals_addmm(dtype, merge_path):
     torch.manual_seed(1)
     n, E = 1037, 5
     base, deltas = torch.randn(n).to(dtype), torch.randn(E, n).to(dtype)
@@ -167,7 +178,7 @@ def test_merge_equals_addmm(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_merge_many_gives_each_output_the_bits_of_a_lone_merge(dtype):
+def test_merge_many_gives_each_output_the_bits_of_a_lone_merge(dtype, merge_path):
     """Several merged experts from one pass over the stack: blocks of 1024 elements, so n
     spans three blocks and a tail, and more experts than the vector path keeps in registers;
     each output must not depend on how many share the pass."""
