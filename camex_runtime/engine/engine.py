@@ -349,7 +349,7 @@ class Engine:
                  chunked: bool = False):
         """Run one prefill chunk (`chunk` prompt tokens, None: the rest); the next-token
         logits (V,) once the prompt is complete, else None. `chunked`: next to decoding rows
-        (its work is paced)."""
+        (a paced prompt's work counts against the pacer)."""
         if req.timings.scheduled_at is None:  # its first chunk
             req.timings.scheduled_at = now
             self._procs[req.request_id] = OutputProcessor(req, self.tokenizer, self.eos_token_ids)
@@ -363,8 +363,8 @@ class Engine:
         n = req.num_prompt_tokens - start if chunk is None else chunk
         t0 = time.perf_counter()
         got = self.runner.prefill_step(req.slot, chunk)
-        if self.pacer is not None:  # the scheduler's unit: tokens plus the chunk's cost
-            work = n + self._chunk_cost(req, start, n)
+        if self.pacer is not None and self.scheduler.is_paced(req):
+            work = n + self._chunk_cost(req, start, n)  # the scheduler's unit: plus its cost
             self.pacer.record_prefill(work, time.perf_counter() - t0)
             if chunked:
                 self.pacer.spend(work)

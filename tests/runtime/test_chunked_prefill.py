@@ -399,8 +399,8 @@ def test_the_pacer_sizes_prompt_work_to_the_decode_time():
 def test_a_paced_budget_bounds_the_chunked_steps_work():
     """The scheduler takes the pacer's bound under its token budget: prompt work (tokens plus
     chunk costs) per chunked step stays within it; without decoders nothing is paced."""
-    def cost(req, start, n):
-        return 6 if start == 0 else 0
+    def cost(req, start, n):  # "short" makes no merges (its routing decision is cached)
+        return 6 if start == 0 and req.request_id != "short" else 0
 
     s = Scheduler(SchedulerConfig(max_batch_size=4, max_input_tokens=100, max_total_tokens=128,
                                   max_batched_tokens=32), chunk_cost=cost)
@@ -413,7 +413,14 @@ def test_a_paced_budget_bounds_the_chunked_steps_work():
     s.prefilled(long_, 4)
     assert s.schedule(2.0, max_prefill_work=10).chunks == {"long": 10}
     s.prefilled(long_, 14)
-    assert s.schedule(3.0, max_prefill_work=100).chunks == {"long": 26}  # the token budget
+    # a short prompt (within the token budget) without merges to make is not paced: it joins
+    # whole (12 tokens, beyond the bound of 10), planned first; the long one takes the bound.
+    # A short prompt with merges is paced (they spread over steps by layers).
+    s.add(Req("short", 12))
+    assert s.is_paced(long_) and not s.is_paced(Req("short", 12)) and s.is_paced(Req("m", 12))
+    assert s.schedule(2.5, max_prefill_work=10).chunks == {"short": 12, "long": 10}
+    s.prefilled(long_, 24)
+    assert s.schedule(3.0, max_prefill_work=100).chunks == {"long": 16}  # the rest
 
 
 def test_a_cpu_engine_paces_its_chunked_steps_by_measured_time(lm, monkeypatch):
@@ -424,24 +431,30 @@ def test_a_cpu_engine_paces_its_chunked_steps_by_measured_time(lm, monkeypatch):
     assert Engine.from_pretrained(path, max_batch_size=2, prefill_time_ratio=None).pacer is None
 
     def run(bound):  # the mixture strategy: no merges, so chunk work is just tokens
-        engine = Engine.from_pretrained(path, max_batch_size=2, max_batched_tokens=16,
+        engine = Engine.from_pretrained(path, max_batch_size=3, max_batched_tokens=12,
                                         strategy="mixture")
         assert engine.pacer is not None and engine.pacer.budget() is None
         sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
         stream = engine.submit([1, 2, 3], sp)
         engine.step()  # its prefill (whole: nothing decodes yet)
         engine.step()  # its first decode
-        assert engine.pacer.decode_s > 0 and engine.pacer.token_s > 0
+        # only long prompts' chunks are timed: a short one pays a whole pass over the weights
+        # for few tokens, which says little about a long prefill's cost per token
+        assert engine.pacer.decode_s > 0 and engine.pacer.token_s is None
         monkeypatch.setattr(engine.pacer, "budget", lambda: bound)  # as if prefill were slow
         bounds, real = [], engine.scheduler.schedule
         monkeypatch.setattr(engine.scheduler, "schedule",
                             lambda now, b=None: (bounds.append(b), real(now, b))[1])
-        long_handle = engine.submit(list(range(1, 4 * T + 1)), sp)
+        short = engine.submit([4, 5, 6, 7, 8, 9, 10], sp)
+        engine.step()
+        assert short._events  # a short prompt joins in one step, paced or not
+        long_handle = engine.submit(list(range(1, 4 * T + 1)), sp)  # 16 tokens: long
         steps = 0
         while not long_handle._events:
             engine.step()
             steps += 1
-        while not (stream.done and long_handle.done):
+        assert engine.pacer.token_s > 0
+        while not (stream.done and short.done and long_handle.done):
             engine.step()
         assert set(bounds) == {bound}
         return steps, long_handle.result().token_ids
