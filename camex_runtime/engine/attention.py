@@ -6,6 +6,8 @@ the new keys/values into the preallocated KV cache and attend over the cached pr
 
 - `PrefillAttention`: tokens [start, start+n) of one sequence (a whole prompt, or one chunk of
   it); causal over everything cached before them plus themselves.
+- `PackedPrefillAttention`: chunks of several sequences packed along the token axis, each
+  attending within its own sequence.
 - `DecodeAttention`: one new token for each of B sequences at their own positions; a ragged
   batch masks every row's unused cache positions.
 
@@ -44,6 +46,23 @@ class PrefillAttention:
         pos = torch.arange(end, device=q.device)
         mask = pos[None, :] <= (self.start + torch.arange(n, device=q.device))[:, None]
         return sdpa(q, keys, values, attn_mask=mask)
+
+
+@dataclass
+class PackedPrefillAttention:
+    """Prompt chunks of several sequences in one forward, packed one after another along the
+    token axis: each piece writes and attends within its own sequence (its PrefillAttention),
+    so the packing changes only how many rows the projections multiply at once."""
+    pieces: list[PrefillAttention]
+    lengths: list[int]  # tokens of each piece, in packing order
+
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q (1, H, N, hd), k and v (1, KV, N, hd), N = sum(lengths) -> (1, H, N, hd)."""
+        outs, a = [], 0
+        for ctx, n in zip(self.pieces, self.lengths):
+            outs.append(ctx.attend(layer, q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n]))
+            a += n
+        return torch.cat(outs, dim=2)
 
 
 @dataclass

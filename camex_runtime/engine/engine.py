@@ -23,6 +23,7 @@ from pathlib import Path
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor
 
 from camex_runtime import kernels
 from camex_runtime.engine.cost_model import STRATEGIES
@@ -319,14 +320,7 @@ class Engine:
         the prompts whose prefill completed in this step."""
         now = time.monotonic()
         rows, logits = [], []
-        for req in sched.prefill:
-            try:
-                got = self._prefill(req, sched.chunks.get(req.request_id), now,
-                                    chunked=bool(sched.decode))
-            except Exception as e:  # e.g. out of memory on a long prompt: fail this request only
-                log.exception("prefill failed for %s", req.request_id)
-                self._finish(req, terminal_event(req, "error", f"prefill failed: {e}"))
-                continue
+        for req, got in self._prefill(sched, now):
             if got is None:
                 continue
             if req.params.max_new_tokens == 0:  # the prompt was only scored: nothing to sample
@@ -345,29 +339,86 @@ class Engine:
             rows.extend(reqs)
         return rows, (torch.cat(logits, 0) if logits else None)
 
-    def _prefill(self, req: GenerationRequest, chunk: int | None, now: float,
-                 chunked: bool = False):
-        """Run one prefill chunk (`chunk` prompt tokens, None: the rest); the next-token
-        logits (V,) once the prompt is complete, else None. `chunked`: next to decoding rows
-        (a paced prompt's work counts against the pacer)."""
+    def _prefill(self, sched: SchedulerOutput, now: float
+                 ) -> list[tuple[GenerationRequest, Tensor | None]]:
+        """Run the step's prefill chunks (`sched.chunks`: prompt tokens each, None: the rest),
+        packed into one forward (`runner.prefill_steps`). Returns (request, next-token logits
+        (V,) once its prompt is complete, else None) for each request still running.
+
+        A request that fails fails alone: if the packed forward raises (e.g. out of memory),
+        each of its requests starts its prompt over and runs alone in this step, and only one
+        that fails again gets the error."""
+        reqs = []
+        for req in sched.prefill:
+            try:
+                self._start_prefill(req, now)
+                reqs.append(req)
+            except Exception as e:
+                self._prefill_failed(req, e)
+        if not reqs:
+            return []
+        plan = [(req.slot, sched.chunks.get(req.request_id)) for req in reqs]
+        starts = [self.runner.slots[req.slot].length for req in reqs]
+        t0 = time.perf_counter()
+        try:
+            got = self.runner.prefill_steps(plan)
+        except Exception as e:
+            if len(reqs) == 1:
+                self._prefill_failed(reqs[0], e)
+                return []
+            log.exception("packed prefill of %d requests failed; each runs alone", len(reqs))
+            return [out for req, (_, chunk) in zip(reqs, plan)
+                    if (out := self._prefill_alone(req, chunk)) is not None]
+        self._pace(reqs, plan, starts, time.perf_counter() - t0, chunked=bool(sched.decode))
+        return [(req, self._prefilled(req, g)) for req, g in zip(reqs, got)]
+
+    def _start_prefill(self, req: GenerationRequest, now: float) -> None:
         if req.timings.scheduled_at is None:  # its first chunk
             req.timings.scheduled_at = now
             self._procs[req.request_id] = OutputProcessor(req, self.tokenizer, self.eos_token_ids)
             self._gens[req.request_id] = make_generator(req.params, self.runner.device)
-            self.runner.start_prefill(req.slot, req.prompt_token_ids, req.routing,
-                                      trace=req.params.return_routing,
-                                      max_new_tokens=req.params.max_new_tokens,
-                                      prompt_logprobs=req.params.prompt_logprobs)
-        st = self.runner.slots[req.slot]
-        start = st.length
-        n = req.num_prompt_tokens - start if chunk is None else chunk
-        t0 = time.perf_counter()
-        got = self.runner.prefill_step(req.slot, chunk)
-        if self.pacer is not None and self.scheduler.is_paced(req):
-            work = n + self._chunk_cost(req, start, n)  # the scheduler's unit: plus its cost
-            self.pacer.record_prefill(work, time.perf_counter() - t0)
+            self._restart_prefill(req)
+
+    def _restart_prefill(self, req: GenerationRequest) -> None:
+        """(Re)make the slot the prompt's, from its first token."""
+        self.runner.start_prefill(req.slot, req.prompt_token_ids, req.routing,
+                                  trace=req.params.return_routing,
+                                  max_new_tokens=req.params.max_new_tokens,
+                                  prompt_logprobs=req.params.prompt_logprobs)
+
+    def _prefill_alone(self, req: GenerationRequest, chunk: int | None):
+        """After a failed forward: the prompt over from its first token, alone; (request,
+        logits or None), or None when it failed (the request is finished with the error)."""
+        try:
+            self._restart_prefill(req)
+            return req, self._prefilled(req, self.runner.prefill_step(req.slot, chunk))
+        except Exception as e:  # e.g. out of memory on a long prompt: fail this request only
+            self._prefill_failed(req, e)
+            return None
+
+    def _prefill_failed(self, req: GenerationRequest, e: Exception) -> None:
+        log.exception("prefill failed for %s", req.request_id)
+        self._finish(req, terminal_event(req, "error", f"prefill failed: {e}"))
+
+    def _pace(self, reqs, plan, starts, seconds: float, chunked: bool) -> None:
+        """The pacer's measurements of one packed prefill: its time per prompt token of work
+        (tokens plus chunk costs, the scheduler's unit) when it carried paced work, which a
+        chunked step spends from the pacer's bank."""
+        if self.pacer is None:
+            return
+        work = paced = 0
+        for req, (_, chunk), start in zip(reqs, plan, starts):
+            n = req.num_prompt_tokens - start if chunk is None else chunk
+            w = n + self._chunk_cost(req, start, n)
+            work += w
+            paced += w if self.scheduler.is_paced(req) else 0
+        if paced:
+            self.pacer.record_prefill(work, seconds)
             if chunked:
-                self.pacer.spend(work)
+                self.pacer.spend(paced)
+
+    def _prefilled(self, req: GenerationRequest, got: Tensor | None) -> Tensor | None:
+        """Report a chunk's progress to the scheduler; prompt logprobs once complete."""
         with self._lock:
             self.scheduler.prefilled(req, self.runner.slots[req.slot].length)
         scored = self.runner.prompt_scores(req.slot) if got is not None else None

@@ -22,7 +22,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from camex_runtime.engine.attention import DecodeAttention, PrefillAttention
+from camex_runtime.engine.attention import (DecodeAttention, PackedPrefillAttention,
+                                            PrefillAttention)
 from camex_runtime.engine.cost_model import CostModel, StrategyProfile
 from camex_runtime.engine.kv_cache import DecodeRows, KVCache
 from camex_runtime.engine.merge_cache import MergeCache, entry_bytes, ffn_layout
@@ -306,20 +307,42 @@ class ModelRunner:
         a later segment's opening tokens while merging), those tokens advance by layers
         instead: `budget * n_layer / tokens` layers per step (accumulated), the hidden states
         kept in between, so one step makes only its layers' merges."""
-        st = self.slots[slot]
-        if st.partial is None and budget is not None:
-            layered = self.layered_tokens(st.prompt_len, st.mode, st.length)
-            if budget < layered:
-                st.partial = LayeredChunk(st.length, st.length + layered)
-        if st.partial is not None:
-            got = self._prefill_layers(slot, st, budget)
-            if got is not None or budget is not None:
-                return got
-            # "all that is left": the layered tokens are in, the tokens after them follow
-        L, done = st.prompt_len, st.length
-        end = L if budget is None else min(L, done + budget)
-        hidden = self._prefill_tokens(slot, st, done, end)
-        return self.model.lm_head(hidden[0, -1:])[0] if end == L else None  # (V,)
+        return self.prefill_steps([(slot, budget)])[0]
+
+    @torch.inference_mode()
+    def prefill_steps(self, chunks: Sequence[tuple[int, int | None]]) -> list[Tensor | None]:
+        """`prefill_step` for several slots of one engine step, (slot, budget) each, in order.
+        Their token chunks run as one forward, packed along the token axis: the projections
+        multiply all their rows in one pass over the weights (8 prompts of 32 tokens: 580 vs
+        316 ms, GPT-2-small fp32 on 2 CPU threads), attention and merged-expert routing stay
+        per sequence. A chunk advancing by layers runs alone. The next-token logits of the
+        prompts completed by this step come from one lm_head call (up to 8 rows: the
+        batch-invariant decode kernel, the same bits as one row alone)."""
+        got: dict[int, Tensor | None] = {}
+        plain = []  # (slot, st, start, end) of chunks of whole tokens through every layer
+        for slot, budget in chunks:
+            st = self.slots[slot]
+            if st.partial is None and budget is not None:
+                layered = self.layered_tokens(st.prompt_len, st.mode, st.length)
+                if budget < layered:
+                    st.partial = LayeredChunk(st.length, st.length + layered)
+            if st.partial is not None:
+                got[slot] = self._prefill_layers(slot, st, budget)
+                if got[slot] is not None or budget is not None:
+                    continue
+                # "all that is left": the layered tokens are in, the tokens after them follow
+            L, done = st.prompt_len, st.length
+            plain.append((slot, st, done, L if budget is None else min(L, done + budget)))
+        if plain:
+            hidden = self._prefill_tokens_packed(plain)
+            ends = [(slot, h[-1:]) for (slot, st, _, end), h in zip(plain, hidden)
+                    if end == st.prompt_len]
+            for i in range(0, len(ends), 8):
+                group = ends[i:i + 8]
+                logits = self.model.lm_head(torch.cat([h for _, h in group]))  # (k, V)
+                got.update({slot: logits[j] for j, (slot, _) in enumerate(group)})
+            got.update({slot: None for slot, st, _, end in plain if end != st.prompt_len})
+        return [got[slot] for slot, _ in chunks]
 
     def _prefill_tokens(self, slot: int, st: SlotRouting, start: int, end: int,
                         layers: tuple[int, int] | None = None,
@@ -331,14 +354,38 @@ class ModelRunner:
         out = self.tr.run(ids, positions, PrefillAttention(self.kv, slot, start),
                           _PrefillRouting(self, slot, st, start), layers=layers, hidden=hidden)
         if layers is None or layers[1] == len(self.blocks):
-            st.length = end
-            # the prompt's last position predicts no prompt token
-            last = min(end, st.prompt_len - 1)
-            if st.score_k is not None and last > start:
-                targets = torch.tensor(st.prompt[start + 1:last + 1], device=self.device)
-                st.scored.append(score_prompt(self.model.lm_head, out[0, :last - start], targets,
-                                              st.score_k))
+            self._tokens_done(st, start, end, out[0])
         return out
+
+    def _prefill_tokens_packed(self, pieces: list[tuple[int, SlotRouting, int, int]]
+                               ) -> list[Tensor]:
+        """(slot, st, start, end) chunks through every layer in one forward; the final hidden
+        states of each ((n, d) per chunk). One chunk alone is `_prefill_tokens`."""
+        if len(pieces) == 1:
+            slot, st, start, end = pieces[0]
+            return [self._prefill_tokens(slot, st, start, end)[0]]
+        ids = torch.tensor([[t for _, st, a, b in pieces for t in st.prompt[a:b]]],
+                           device=self.device)  # (1, N)
+        positions = torch.cat([torch.arange(a, b) for _, _, a, b in pieces]).to(self.device)
+        lengths = [b - a for _, _, a, b in pieces]
+        attn = PackedPrefillAttention([PrefillAttention(self.kv, slot, a)
+                                       for slot, _, a, _ in pieces], lengths)
+        moe = _PackedRouting([_PrefillRouting(self, slot, st, a) for slot, st, a, _ in pieces],
+                             lengths)
+        out = self.tr.run(ids, positions, attn, moe)[0].split(lengths)  # n_i x (n_i, d)
+        for (_, st, a, b), h in zip(pieces, out):
+            self._tokens_done(st, a, b, h)
+        return list(out)
+
+    def _tokens_done(self, st: SlotRouting, start: int, end: int, hidden: Tensor) -> None:
+        """Tokens [start, end) went through every layer (final hidden states (n, d)): they
+        count as computed, and are scored where prompt logprobs were asked for."""
+        st.length = end
+        last = min(end, st.prompt_len - 1)  # the prompt's last position predicts no prompt token
+        if st.score_k is not None and last > start:
+            targets = torch.tensor(st.prompt[start + 1:last + 1], device=self.device)
+            st.scored.append(score_prompt(self.model.lm_head, hidden[:last - start], targets,
+                                          st.score_k))
 
     def prompt_scores(self, slot: int) -> tuple[Tensor, Tensor, Tensor] | None:
         """The prompt's logprobs once its prefill is complete (see `score_prompt`), or None when
@@ -538,6 +585,17 @@ class _PrefillRouting:
     def apply(self, layer: int, h: Tensor) -> Tensor:  # h (1, n, d)
         r = self.runner
         return r._prefill_moe(r.moe_of[layer], h[0], self.slot, self.st, self.start)[None]
+
+
+class _PackedRouting:
+    """Routing context of packed prefill chunks: each piece through its own routing."""
+
+    def __init__(self, pieces: list[_PrefillRouting], lengths: list[int]):
+        self.pieces, self.lengths = pieces, lengths
+
+    def apply(self, layer: int, h: Tensor) -> Tensor:  # h (1, N, d)
+        return torch.cat([p.apply(layer, part) for p, part in
+                          zip(self.pieces, h.split(self.lengths, dim=1))], dim=1)
 
 
 class _DecodeRouting:

@@ -268,9 +268,12 @@ class Scheduler:
         long_room = [budget if paced is None else max(1, min(budget, paced))]
 
         def fit(req: Any, start: int, most: int, room: int) -> int:
-            """`_fit`, within the paced room too for a paced prompt (whose work it takes)."""
+            """`_fit`, within the paced room too for a paced prompt (whose work it takes). An
+            unpaced prompt's rest goes whole where it fits the room, whatever its share: a
+            piece left over would cost a pass over the weights of its own."""
             if not self.is_paced(req):
-                return self._fit(req, start, most, room)
+                rest = req.num_prompt_tokens - start
+                return rest if rest <= room else self._fit(req, start, most, room)
             n = self._fit(req, start, most, min(room, long_room[0]))
             long_room[0] -= n + self._cost(req, start, n)
             return n
@@ -306,8 +309,9 @@ class Scheduler:
         joins = None if joins is None else joins - 1
         while budget > 0 and self.waiting and self._free_slots and joins != 0:
             req = self.waiting[0]
-            if self.is_paced(req) and long_room[0] <= 0:
-                break  # it joins next step, planned first there
+            paced = self.is_paced(req)
+            if (long_room[0] <= 0) if paced else req.num_prompt_tokens > budget:
+                break  # it joins next step, planned first there (whole, if unpaced)
             n = fit(req, 0, min(req.num_prompt_tokens, share, budget), budget)
             if n + self._cost(req, 0, n) > budget:
                 break  # it joins next step, planned first there

@@ -423,6 +423,22 @@ def test_a_paced_budget_bounds_the_chunked_steps_work():
     assert s.schedule(3.0, max_prefill_work=100).chunks == {"long": 16}  # the rest
 
 
+def test_short_prompts_without_merges_join_whole_or_wait():
+    """A short prompt that makes no merges is never cut for its share of the budget: a piece
+    and a rest of a few tokens would each pay a pass over all the weights. It joins whole
+    where it fits, else waits for the next step, where it is planned first."""
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_input_tokens=100, max_total_tokens=128,
+                                  max_batched_tokens=64))
+    s.add(Req("d", 3))
+    assert s.schedule(0.0).chunks == {"d": None}  # nothing decodes: whole
+    for name in "abc":
+        s.add(Req(name, 32))
+    assert s.schedule(1.0).chunks == {"a": 32}  # 63 tokens of budget, 31 a share: b waits
+    assert s.schedule(2.0).chunks == {"b": 32}
+    assert s.schedule(3.0).chunks == {"c": 32}
+    assert not s.prefilling and s.num_waiting == 0
+
+
 def test_a_cpu_engine_paces_its_chunked_steps_by_measured_time(lm, monkeypatch):
     """The engine times its decodes and prefill chunks, and hands the scheduler the pacer's
     bound: a slow-prefill bound spreads a long prompt over more steps than the token budget

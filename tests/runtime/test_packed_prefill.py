@@ -1,0 +1,139 @@
+"""Packed prefill: the prompt chunks of one engine step run as one forward (their tokens side by
+side along the token axis), each sequence keeping its own attention and routing. The results
+equal each prompt prefilled alone; a failing packed forward fails no request by itself."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from camex_runtime import Engine, SamplingParams
+from camex_runtime.errors import RequestFailedError
+from engine_models import build_folded
+
+T = 4
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return build_folded(tmp_path_factory.mktemp("packed") / "lm", T=T)
+
+
+def prompts(seed: int = 5) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 60, (n,), generator=gen).tolist() for n in (3 * T + 2, 5, 1, 2 * T)]
+
+
+def count_forwards(monkeypatch, runner) -> list[int]:
+    """Token count of every forward the runner makes from now on."""
+    calls, real = [], runner.tr.run
+    monkeypatch.setattr(runner.tr, "run", lambda ids, *a, **k: (calls.append(ids.shape[1]),
+                                                                real(ids, *a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("strategy", ["merged", "mixture"])
+@pytest.mark.parametrize("mode", ["segment", "prompt"])
+def test_packed_chunks_equal_each_prompt_prefilled_alone(path, monkeypatch, mode, strategy):
+    """Four prompts advance together, each by its own budget per step (chunks cross segment
+    boundaries; in `prompt` mode the routing span advances by layers, alone): every prompt's
+    next-token logits and KV cache equal its whole prefill alone, and the token chunks of a
+    step share one forward."""
+    ps = prompts()
+    alone = Engine.from_pretrained(path, max_batch_size=1, strategy=strategy).runner
+    want = []
+    for p in ps:
+        want.append((alone.prefill(0, p, mode), alone.kv.k[:, 0, :, :len(p)].clone()))
+        alone.release(0)
+    runner = Engine.from_pretrained(path, max_batch_size=4, strategy=strategy).runner
+    for slot, p in enumerate(ps):
+        runner.start_prefill(slot, p, mode)
+    budgets = {0: 3, 1: 2, 2: None, 3: 5}
+    forwards = count_forwards(monkeypatch, runner)
+    got: dict[int, torch.Tensor] = {}
+    steps = chunks = 0
+    while len(got) < len(ps):
+        plan = [(s, b) for s, b in budgets.items() if s not in got]
+        for (slot, _), logits in zip(plan, runner.prefill_steps(plan)):
+            if logits is not None:
+                got[slot] = logits
+        steps, chunks = steps + 1, chunks + len(plan)
+    assert steps > 1
+    for slot, (logits, keys) in enumerate(want):
+        torch.testing.assert_close(got[slot], logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(runner.kv.k[:, slot, :, :len(ps[slot])], keys,
+                                   atol=1e-5, rtol=1e-5)
+        assert runner.slots[slot].length == len(ps[slot])
+    if mode == "segment":  # chunks of whole tokens share forwards (the first routing span of a
+        # small budget advances by layers, alone)
+        assert len(forwards) < chunks and max(forwards) > max(3, 2, 5)
+    for slot in range(len(ps)):
+        runner.release(slot)
+    assert runner.cache.referenced == 0
+
+
+def test_prompts_admitted_together_prefill_in_one_forward(path, monkeypatch):
+    """Prompts that join in the same step (nothing decoding: whole) share one forward, and
+    each request's tokens and prompt logprobs are those it gets alone."""
+    ps = prompts(7)
+    params = [SamplingParams(max_new_tokens=6, ignore_eos=True, prompt_logprobs=2 if i == 0
+                             else None) for i in range(len(ps))]
+    alone = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
+    alone.start()
+    try:
+        want = [alone.submit(p, sp).result() for p, sp in zip(ps, params)]
+    finally:
+        alone.stop()
+    engine = Engine.from_pretrained(path, max_batch_size=4, strategy="merged")
+    forwards = count_forwards(monkeypatch, engine.runner)
+    handles = [engine.submit(p, sp) for p, sp in zip(ps, params)]
+    engine.step()
+    assert forwards[0] == sum(len(p) for p in ps)  # the four prompts in one forward
+    assert all(h._events for h in handles)  # ... and each has its first token
+    while not all(h.done for h in handles):
+        engine.step()
+    got = [h.result() for h in handles]
+    assert [r.token_ids for r in got] == [r.token_ids for r in want]
+    assert got[0].prompt_logprobs[0] is None
+    for a, b in zip(got[0].prompt_logprobs[1:], want[0].prompt_logprobs[1:]):
+        assert a.logprob == pytest.approx(b.logprob, abs=1e-5)
+        assert [t for t, _ in a.top_logprobs] == [t for t, _ in b.top_logprobs]
+    assert engine.runner.cache.referenced == 0
+
+
+def test_a_failed_packed_forward_reruns_each_prompt_alone(path, monkeypatch):
+    """The packed forward fails (as out of memory would): each of its prompts starts over
+    alone in the same step, so none fails for another's sake; one that fails alone too gets
+    the error, and only it."""
+    ps = prompts(9)
+    sp = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    alone = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
+    alone.start()
+    try:
+        want = [alone.submit(p, sp).result().token_ids for p in ps]
+    finally:
+        alone.stop()
+    engine = Engine.from_pretrained(path, max_batch_size=4, strategy="merged")
+    runner = engine.runner
+    real_steps, real_step = runner.prefill_steps, runner.prefill_step
+    doomed = {}  # the slot whose prefill fails, alone too
+
+    def packed(chunks):
+        if len(chunks) > 1:
+            raise RuntimeError("out of memory (simulated)")
+        return real_steps(chunks)
+
+    def step(slot, budget):
+        if slot in doomed:
+            raise RuntimeError("out of memory (simulated, alone)")
+        return real_step(slot, budget)
+
+    monkeypatch.setattr(runner, "prefill_steps", packed)
+    monkeypatch.setattr(runner, "prefill_step", step)
+    handles = [engine.submit(p, sp) for p in ps]
+    doomed[3] = True  # slots are handed out lowest first: the fourth request's
+    while not all(h.done for h in handles):
+        engine.step()
+    assert [h.result().token_ids for h in handles[:3]] == want[:3]
+    with pytest.raises(RequestFailedError, match="prefill failed: out of memory"):
+        handles[3].result()
+    assert engine.scheduler.num_running == 0 and engine.runner.cache.referenced == 0
