@@ -42,3 +42,17 @@ def build_folded(out_dir: Path, kind: str = "lm", *, T: int = 4, router_scale: f
 
 def reference(path: Path, dtype=None) -> torch.nn.Module:
     return build_model(load_folded(path, dtype=dtype))
+
+
+def results_alone(path: Path, prompts, params, **engine_kwargs) -> list:
+    """Each request's GenerationResult from an engine that runs one request at a time (the
+    reference of batched == alone); `params` one SamplingParams for all, or one per prompt."""
+    from camex_runtime import Engine
+
+    engine = Engine.from_pretrained(path, max_batch_size=1, **engine_kwargs)
+    engine.start()
+    try:
+        each = params if isinstance(params, list) else [params] * len(prompts)
+        return [engine.submit(p, sp).result() for p, sp in zip(prompts, each)]
+    finally:
+        engine.stop()

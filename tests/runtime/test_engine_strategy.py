@@ -5,7 +5,7 @@ import pytest
 
 from camex_runtime import Engine, SamplingParams
 from camex_runtime.engine.cost_model import CostModel, StrategyProfile
-from engine_models import build_folded
+from engine_models import build_folded, results_alone
 
 # merged weights cheap to apply, the mixture 8x a dense FFN: the B=1 decode regime
 MERGED_CHEAP = StrategyProfile(points=(1, 16, 128), merged=(1.0, 2.0, 10.0),
@@ -96,12 +96,7 @@ def test_rows_opening_segments_together_merge_in_one_pass_per_layer(path, monkey
         monkeypatch.setattr(kernels, "native", lambda: None)
     prompts = [[1 + i, 2 + i, 3 + i, 4 + i, 5 + i, 6 + i] for i in range(3)]  # same length
     sp = SamplingParams(max_new_tokens=12, ignore_eos=True)
-    alone = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
-    alone.start()
-    try:
-        want = [alone.submit(p, sp).result().token_ids for p in prompts]
-    finally:
-        alone.stop()
+    want = [r.token_ids for r in results_alone(path, prompts, sp, strategy="merged")]
     engine = Engine.from_pretrained(path, max_batch_size=3, strategy="merged")
     handles = [engine.submit(p, sp) for p in prompts]
     engine.step()  # the three prefills

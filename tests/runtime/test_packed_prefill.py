@@ -8,7 +8,7 @@ import torch
 
 from camex_runtime import Engine, SamplingParams
 from camex_runtime.errors import RequestFailedError
-from engine_models import build_folded
+from engine_models import build_folded, results_alone
 
 T = 4
 
@@ -77,12 +77,7 @@ def test_prompts_admitted_together_prefill_in_one_forward(path, monkeypatch):
     ps = prompts(7)
     params = [SamplingParams(max_new_tokens=6, ignore_eos=True, prompt_logprobs=2 if i == 0
                              else None) for i in range(len(ps))]
-    alone = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
-    alone.start()
-    try:
-        want = [alone.submit(p, sp).result() for p, sp in zip(ps, params)]
-    finally:
-        alone.stop()
+    want = results_alone(path, ps, params, strategy="merged")
     engine = Engine.from_pretrained(path, max_batch_size=4, strategy="merged")
     forwards = count_forwards(monkeypatch, engine.runner)
     handles = [engine.submit(p, sp) for p, sp in zip(ps, params)]
@@ -106,12 +101,7 @@ def test_a_failed_packed_forward_reruns_each_prompt_alone(path, monkeypatch):
     the error, and only it."""
     ps = prompts(9)
     sp = SamplingParams(max_new_tokens=5, ignore_eos=True)
-    alone = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
-    alone.start()
-    try:
-        want = [alone.submit(p, sp).result().token_ids for p in ps]
-    finally:
-        alone.stop()
+    want = [r.token_ids for r in results_alone(path, ps, sp, strategy="merged")]
     engine = Engine.from_pretrained(path, max_batch_size=4, strategy="merged")
     runner = engine.runner
     real_steps, real_step = runner.prefill_steps, runner.prefill_step
