@@ -12,6 +12,7 @@ and the process exits 0. Run: `python -m server.cli --model DIR --port 8080`.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -89,10 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.warning("serving without an API key on a non-loopback address "
                     "(--allow-unauthenticated)", extra={"host": settings.host})
     server.run()
-    if fatal:
-        return 1
-    log.info("stopped")
-    return 0
+    code = 1 if fatal else 0
+    if not fatal:
+        log.info("stopped")
+    if app.state.serving.loading:
+        # Stopped before the model was in: the loader thread is still inside torch (reading
+        # weights, compiling the native kernels on a first start), and finalizing the
+        # interpreter under it aborts the process (SIGABRT, "terminate called without an
+        # active exception", exit 134). Leave without finalizing, the logs flushed.
+        log.info("the model was still loading: exiting without waiting for it")
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ its slot for 2000 decode steps.
 import asyncio
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -15,7 +17,7 @@ import httpx
 import pytest
 
 from tests.conftest import build_tiny
-from tests.server.live_server import live_server, value
+from tests.server.live_server import ROOT, free_port, live_server, value
 
 pytestmark = pytest.mark.e2e
 KEY = "test-secret"
@@ -151,6 +153,58 @@ def test_sigterm_drains_in_flight_then_exits_zero(long_lm_dir, tmp_path):
         with pytest.raises(httpx.ConnectError):
             httpx.get(srv.base_url + "/health", timeout=2)
         assert '"msg": "stopped"' in srv.log()
+
+
+def end_session(sid: int) -> None:
+    """Kill what is left of the session the server led (ninja puts each compiler command in a
+    process group of its own, so its process group is not enough)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if os.getsid(int(entry)) == sid:
+                    os.kill(int(entry), signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+
+
+def test_sigterm_while_the_model_loads_exits_zero(long_lm_dir, tmp_path):
+    """A first start compiles the native kernels (tens of seconds) before the model is ready.
+    SIGTERM then ends the process at once, exit 0, without finalizing Python under the loader
+    thread: with a loader inside torch's C++ (copying a large model's weights) that used to
+    abort (SIGABRT, exit 134, "terminate called without an active exception"). Where the
+    loader is when the signal lands is timing; this pins the exit path that avoids it."""
+    port = free_port()
+    log_path = tmp_path / "server.log"
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path / "extensions"),
+           "CAMEX_KERNELS": "auto", "OMP_NUM_THREADS": "1"}
+    with open(log_path, "wb") as log:  # its own session: the compiler it runs is ended below
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "--host", "127.0.0.1",
+                                 "--port", str(port), "--model", str(long_lm_dir)],
+                                cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+
+        def loading() -> bool:
+            try:
+                body = httpx.get(base + "/health", timeout=2).json()
+            except (httpx.HTTPError, ValueError):
+                return False
+            assert body.get("status") != "ok", "ready before it could be stopped while loading"
+            return body.get("status") == "loading"
+
+        wait_until(loading, "the server to answer while loading")
+        time.sleep(1.0)  # well inside the load (the kernels are compiling)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        end_session(proc.pid)  # the kernel build the loader had started
+    text = log_path.read_text()
+    assert "terminate called" not in text and '"msg": "stopped"' in text
+    assert "still loading" in text
 
 
 def test_queue_timeout_is_504_plain_and_stream(long_lm_dir, tmp_path):
