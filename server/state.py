@@ -45,6 +45,7 @@ class ServingState:
     ready: bool = False
     load_error: str | None = None
     loading: bool = False
+    stopping: bool = False  # a drain or a stop began: a load cut short by it is no failure
     on_fatal: Callable[[str], None] | None = None
     started_at: float = field(default_factory=time.time)
     draining: bool = False  # SIGTERM received: /ready is 503, no new work
@@ -84,7 +85,11 @@ class ServingState:
             clf = build_engine(self.settings, clf_dir, observer, "classifier") if clf_dir else None
             self.lm, self.classifier = lm, clf
             self._start_and_warm()
-        except Exception as exc:  # any failure to load is fatal for this process
+        except Exception as exc:  # any failure to load is fatal for this process ...
+            if self.stopping:  # ... except the engines stopping under a warm-up (SIGTERM)
+                log.info("loading stopped: the server is shutting down",
+                         extra={"cause": f"{type(exc).__name__}: {exc}"})
+                return
             self.load_error = f"{type(exc).__name__}: {exc}"
             # One line; the traceback only with --log-level debug (it adds nothing to e.g. a
             # CheckpointError, which names the file and tensor).
@@ -97,6 +102,8 @@ class ServingState:
 
     def _start_and_warm(self) -> None:
         for engine in self.engines():
+            if self.stopping:  # stopped while loading: start nothing more
+                return
             engine.start()
             engine.warmup()
             info = engine.info()
@@ -109,7 +116,7 @@ class ServingState:
         """SIGTERM (on the event loop): see server.shutdown."""
         from server.shutdown import Drain
 
-        self.draining = True
+        self.draining = self.stopping = True
         if self.drain is None and self.engines():  # nothing to drain after a failed load
             self.drain = Drain(self, self.settings.grace_s)
             self.drain.begin()
@@ -117,7 +124,7 @@ class ServingState:
     def stop(self, grace_s: float) -> None:
         """Lifespan end: after a drain only wait for it; without one (in-process use) stop
         the engines with `grace_s` as before."""
-        self.ready = False
+        self.ready, self.stopping = False, True
         if self.drain is not None:
             self.drain.wait()
         else:

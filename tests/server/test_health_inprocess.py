@@ -97,3 +97,33 @@ def test_no_model_serves_the_demo_checkpoints(tiny_lm_dir, tiny_classifier_dir, 
         assert chat.status_code == 200, chat.text
         from camex_runtime.training.chat_template import DEMO_CHAT_TEMPLATE
         assert client.get("/tokenizer_info").json()["chat_template"] == DEMO_CHAT_TEMPLATE
+
+
+def test_stopping_during_the_warm_up_is_no_load_failure(tiny_lm_dir, monkeypatch):
+    """SIGTERM (or the app's shutdown) while the engines warm up stops them under the warm-up's
+    requests. That ends the load, quietly: not "model failed to load", no fatal exit code."""
+    from camex_runtime import Engine
+
+    real, warming = Engine.warmup, []
+
+    def warmup(self):  # the warm-up is still running when the server stops the engine
+        warming.append(self)
+        deadline = time.monotonic() + 30
+        while self._accepting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        real(self)  # its first request: the engine is stopping and accepts none
+
+    monkeypatch.setattr(Engine, "warmup", warmup)
+    fatal = []
+    app = create_app(ServerSettings(model=str(tiny_lm_dir)), on_fatal=fatal.append)
+    state = app.state.serving
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 30
+        while not warming and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert warming and client.get("/ready").status_code == 503
+    deadline = time.monotonic() + 30
+    while state.loading and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not state.loading and not state.ready
+    assert fatal == [] and state.load_error is None
