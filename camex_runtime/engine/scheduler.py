@@ -265,17 +265,18 @@ class Scheduler:
         crowded = len(self.prefilling) + waiting_in > 1
         share = max(1, budget // 2) if crowded else budget
         joins = self.config.max_joins_per_step
-        long_room = [budget if paced is None else max(1, min(budget, paced))]
+        paced_room = budget if paced is None else max(1, min(budget, paced))
 
         def fit(req: Any, start: int, most: int, room: int) -> int:
             """`_fit`, within the paced room too for a paced prompt (whose work it takes). An
             unpaced prompt's rest goes whole where it fits the room, whatever its share: a
             piece left over would cost a pass over the weights of its own."""
+            nonlocal paced_room
             if not self.is_paced(req):
                 rest = req.num_prompt_tokens - start
                 return rest if rest <= room else self._fit(req, start, most, room)
-            n = self._fit(req, start, most, min(room, long_room[0]))
-            long_room[0] -= n + self._cost(req, start, n)
+            n = self._fit(req, start, most, min(room, paced_room))
+            paced_room -= n + self._cost(req, start, n)
             return n
 
         first_join = None
@@ -292,7 +293,7 @@ class Scheduler:
         items = list(self.prefilling.values())
         oldest = items[0][0] if items else None
         for req, left in sorted(items, key=lambda item: item[1]):
-            if (room <= 0 or (self.is_paced(req) and long_room[0] <= 0)) and req is not oldest:
+            if (room <= 0 or (self.is_paced(req) and paced_room <= 0)) and req is not oldest:
                 continue
             start = req.num_prompt_tokens - left
             n = fit(req, start, min(left, share), room)
@@ -310,7 +311,7 @@ class Scheduler:
         while budget > 0 and self.waiting and self._free_slots and joins != 0:
             req = self.waiting[0]
             paced = self.is_paced(req)
-            if (long_room[0] <= 0) if paced else req.num_prompt_tokens > budget:
+            if (paced_room <= 0) if paced else req.num_prompt_tokens > budget:
                 break  # it joins next step, planned first there (whole, if unpaced)
             n = fit(req, 0, min(req.num_prompt_tokens, share, budget), budget)
             if n + self._cost(req, 0, n) > budget:
