@@ -22,9 +22,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from camex_runtime import kernels
 from camex_runtime.engine.attention import (DecodeAttention, PackedPrefillAttention,
                                             PrefillAttention)
 from camex_runtime.engine.cost_model import CostModel, StrategyProfile
+from camex_runtime.engine.fused_decode import FusedDecode
 from camex_runtime.engine.kv_cache import DecodeRows, KVCache
 from camex_runtime.engine.merge_cache import MergeCache, entry_bytes, ffn_layout
 from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
@@ -97,6 +99,9 @@ class ModelRunner:
         if is_lm:  # key/value heads only (grouped-query attention shares them)
             self.kv = KVCache(self.cfg.n_layer, num_slots, self.cfg.num_key_value_heads, max_len,
                               self.cfg.head_dim, self.device, self.dtype)
+        # decode steps of up to kernels.MAX_ROWS rows through fused native blocks, where they
+        # apply (CPU, fp32 activations); else, and for larger batches, the model's block loop
+        self.fused = None if self.kv is None else FusedDecode.build(model, self.kv, self.dtype)
         # per slot and MoE layer: scores of the current segment, FFN-input sum of the segment
         self.scores = torch.zeros(num_slots, M, E, device=self.device)  # fp32
         self.seg_sum = torch.zeros(num_slots, M, d, device=self.device)  # fp32
@@ -499,13 +504,17 @@ class ModelRunner:
         turn = [b for b in range(B) if sts[b].mode == "segment" and pos[b] % T == 0]
         digests = {b: routing_digest("segment", histories[b], pos[b] // T, T,
                                      sts[b].route1_len, sts[b].prompt_len) for b in turn}
-        ids = torch.tensor(tokens, device=self.device).unsqueeze(1)  # (B, 1)
-        attn = DecodeAttention(self.kv, DecodeRows.of(slots, pos, slots_t, pos_t), max(pos) + 1)
+        ids = torch.tensor(tokens, device=self.device)  # (B,)
         moe = _DecodeRouting(self, sts, slots, slots_t, pos, turn, digests)
-        hidden = self.tr.run(ids, pos_t.unsqueeze(1), attn, moe)  # (B, 1, d)
+        if self.fused is not None and B <= kernels.MAX_ROWS:
+            hidden = self.fused.run(ids, pos_t, slots_t, moe)  # (B, d)
+        else:
+            attn = DecodeAttention(self.kv, DecodeRows.of(slots, pos, slots_t, pos_t),
+                                   max(pos) + 1)
+            hidden = self.tr.run(ids.unsqueeze(1), pos_t.unsqueeze(1), attn, moe)[:, 0]
         for st in sts:
             st.length += 1
-        return self.model.lm_head(hidden[:, 0])  # (B, V)
+        return self.model.lm_head(hidden)  # (B, V)
 
     def _route_new_segments(self, m: int, sts: list[SlotRouting], slots_t: Tensor,
                             pos: list[int], turn: list[int], digests: dict) -> None:

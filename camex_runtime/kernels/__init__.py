@@ -10,6 +10,9 @@
 - `decode_attention(...)` writes one decode step's keys/values into the KV cache and attends
   each row over its own cached positions (fp32), in one call instead of a dozen small ops and
   a general attention kernel sized for long queries; None where it does not apply.
+- `native().attn_block(...)`, `native().ffn_block(...)`, `native().norm(...)`: a pre-norm
+  block's attention half and FFN half for a few fp32 rows in one call each (the fused decode
+  step, engine/fused_decode.py, which checks where they apply).
 - `merge(base, deltas, coeffs, out)` writes `base + coeffs @ deltas` (one merged expert) in one
   pass over the weights, in their own dtype with fp32 accumulation; elsewhere `torch.addmm`.
   `merge_many` writes several (rows that opened segments in the same step) in one pass.

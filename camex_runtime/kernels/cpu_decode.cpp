@@ -460,44 +460,22 @@ torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w,
 // One decode step's attention for B rows, fp32: writes each row's new key and value into the
 // cache at (layer, slot, :, pos), then attends over that row's positions [0, pos] — a ragged
 // batch needs no mask, and each row's result does not depend on the others. Query heads share
-// key/value heads in groups (H / KV). q (B, H, hd), k_new / v_new (B, KV, hd) with unit stride
-// in hd; kc / vc (n_layer, S, KV, max_len, hd) contiguous; slots, positions (B,) int64.
-// Returns (B, H, hd).
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_new,
-                               const torch::Tensor& v_new, torch::Tensor kc, torch::Tensor vc,
-                               int64_t layer, const torch::Tensor& slots,
-                               const torch::Tensor& positions) {
-  TORCH_CHECK(q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3 && kc.dim() == 5 &&
-              vc.sizes() == kc.sizes(), "decode_attention shapes");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k_new.scalar_type() == at::kFloat &&
-              v_new.scalar_type() == at::kFloat && kc.scalar_type() == at::kFloat &&
-              vc.scalar_type() == at::kFloat, "decode_attention is fp32");
-  TORCH_CHECK(q.stride(2) == 1 && k_new.stride(2) == 1 && v_new.stride(2) == 1 &&
-              kc.is_contiguous() && vc.is_contiguous(), "decode_attention layout");
-  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2), KV = k_new.size(1);
-  const int64_t S = kc.size(1), max_len = kc.size(3);
-  TORCH_CHECK(kc.size(2) == KV && kc.size(4) == hd && k_new.size(0) == B && v_new.size(0) == B &&
-              v_new.size(1) == KV && H % KV == 0 && layer >= 0 && layer < kc.size(0),
-              "decode_attention sizes");
-  auto sl = slots.to(at::kLong).contiguous(), ps = positions.to(at::kLong).contiguous();
-  TORCH_CHECK(sl.numel() == B && ps.numel() == B, "one slot and position per row");
-  const int64_t* slp = sl.data_ptr<int64_t>();
-  const int64_t* pp = ps.data_ptr<int64_t>();
-  float* K = kc.data_ptr<float>();
-  float* V = vc.data_ptr<float>();
+// key/value heads in groups (H / KV). Row b's query head h is at q + b * qs + h * qh, its new
+// key/value head g at k + b * ks + g * kh (v alike); K / V (n_layer, S, KV, max_len, hd)
+// contiguous; out (B, H, hd) contiguous.
+void attend_rows(const float* q, int64_t qs, int64_t qh, const float* k, int64_t ks, int64_t kh,
+                 const float* v, int64_t vs, int64_t vh, float* K, float* V, int64_t S, int64_t max_len, int64_t layer,
+                 const int64_t* slp, const int64_t* pp, int64_t B, int64_t H, int64_t KV,
+                 int64_t hd, float* op) {
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(slp[b] >= 0 && slp[b] < S && pp[b] >= 0 && pp[b] < max_len, "slot or position");
     longest = std::max(longest, pp[b] + 1);
     for (int64_t g = 0; g < KV; ++g) {
       const int64_t at = (((layer * S + slp[b]) * KV + g) * max_len + pp[b]) * hd;
-      std::memcpy(K + at, k_new.data_ptr<float>() + b * k_new.stride(0) + g * k_new.stride(1), hd * 4);
-      std::memcpy(V + at, v_new.data_ptr<float>() + b * v_new.stride(0) + g * v_new.stride(1), hd * 4);
+      std::memcpy(K + at, k + b * ks + g * kh, hd * 4);
+      std::memcpy(V + at, v + b * vs + g * vh, hd * 4);
     }
   }
-  auto out = torch::empty({B, H, hd}, q.options());
-  float* op = out.data_ptr<float>();
-  const float* qp = q.data_ptr<float>();
   const float scale = 1.f / std::sqrt(static_cast<float>(hd));
   const int64_t group = H / KV;
   // a thread per ~64k multiply-adds at least: short contexts are cheaper on one thread than
@@ -508,11 +486,261 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ne
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t b = t / H, h = t % H, g = h / group;
       const int64_t base = ((layer * S + slp[b]) * KV + g) * max_len * hd;
-      attend_one(qp + b * q.stride(0) + h * q.stride(1), K + base, V + base, pp[b] + 1, hd,
-                 scale, s.data(), op + t * hd);
+      attend_one(q + b * qs + h * qh, K + base, V + base, pp[b] + 1, hd, scale, s.data(),
+                 op + t * hd);
     }
   });
+}
+
+void check_cache(const torch::Tensor& kc, const torch::Tensor& vc) {
+  TORCH_CHECK(kc.dim() == 5 && vc.sizes() == kc.sizes(), "KV cache: (n_layer, slots, KV, max_len, hd)");
+  TORCH_CHECK(kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat &&
+              kc.is_contiguous() && vc.is_contiguous(), "KV cache: contiguous fp32");
+}
+
+// slots and positions as int64 (B,), each checked against the cache.
+std::pair<torch::Tensor, torch::Tensor> rows_of(const torch::Tensor& slots,
+                                                const torch::Tensor& positions, int64_t B,
+                                                const torch::Tensor& kc) {
+  auto sl = slots.to(at::kLong).contiguous(), ps = positions.to(at::kLong).contiguous();
+  TORCH_CHECK(sl.numel() == B && ps.numel() == B, "one slot and position per row");
+  const int64_t* slp = sl.data_ptr<int64_t>();
+  const int64_t* pp = ps.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b)
+    TORCH_CHECK(slp[b] >= 0 && slp[b] < kc.size(1) && pp[b] >= 0 && pp[b] < kc.size(3),
+                "slot or position");
+  return {sl, ps};
+}
+
+// q (B, H, hd), k_new / v_new (B, KV, hd) with unit stride in hd; kc / vc (n_layer, S, KV,
+// max_len, hd) contiguous; slots, positions (B,) int64. Returns (B, H, hd).
+torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_new,
+                               const torch::Tensor& v_new, torch::Tensor kc, torch::Tensor vc,
+                               int64_t layer, const torch::Tensor& slots,
+                               const torch::Tensor& positions) {
+  TORCH_CHECK(q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3, "decode_attention shapes");
+  check_cache(kc, vc);
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k_new.scalar_type() == at::kFloat &&
+              v_new.scalar_type() == at::kFloat, "decode_attention is fp32");
+  TORCH_CHECK(q.stride(2) == 1 && k_new.stride(2) == 1 && v_new.stride(2) == 1,
+              "decode_attention layout");
+  const int64_t B = q.size(0), H = q.size(1), hd = q.size(2), KV = k_new.size(1);
+  TORCH_CHECK(kc.size(2) == KV && kc.size(4) == hd && k_new.size(0) == B && v_new.size(0) == B &&
+              v_new.size(1) == KV && H % KV == 0 && layer >= 0 && layer < kc.size(0),
+              "decode_attention sizes");
+  auto [sl, ps] = rows_of(slots, positions, B, kc);
+  auto out = torch::empty({B, H, hd}, q.options());
+  attend_rows(q.data_ptr<float>(), q.stride(0), q.stride(1), k_new.data_ptr<float>(),
+              k_new.stride(0), k_new.stride(1), v_new.data_ptr<float>(), v_new.stride(0),
+              v_new.stride(1), kc.data_ptr<float>(),
+              vc.data_ptr<float>(), kc.size(1), kc.size(3), layer, sl.data_ptr<int64_t>(),
+              ps.data_ptr<int64_t>(), B, H, KV, hd, out.data_ptr<float>());
   return out;
+}
+
+// ---- fused decode blocks ---------------------------------------------------------------------
+// A decode step through a pre-norm block is a dozen small operations around its products; from
+// Python each costs an interpreter round trip and a dispatch (~2.5 ms of a 13 ms GPT-2-small
+// bf16 step on one core). These run a block's attention half and FFN half in one call each,
+// every row on its own (so a row's result does not depend on its batch), with the linear
+// kernel above for the products.
+
+// y (B, out) = x (B, in) @ w^T + bias, any weight dtype the linear kernel takes
+void linear_into(const float* x, int64_t B, int64_t ldx, const torch::Tensor& w,
+                 const float* bias, float* y) {
+  TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1 && w.device().is_cpu(), "weight layout");
+  const int64_t in = w.size(1), out = w.size(0);
+  const char* wp = static_cast<const char*>(w.data_ptr());
+  const int64_t ldw = w.stride(0) * w.element_size();
+  switch (w.scalar_type()) {
+    case at::kFloat: run<WType::F32>(x, B, ldx, in, wp, ldw, out, bias, y); break;
+    case at::kHalf: run<WType::F16>(x, B, ldx, in, wp, ldw, out, bias, y); break;
+    case at::kBFloat16: run<WType::BF16>(x, B, ldx, in, wp, ldw, out, bias, y); break;
+    default: TORCH_CHECK(false, "weight dtype must be float32, float16 or bfloat16");
+  }
+}
+
+const float* fp32_or_null(const c10::optional<torch::Tensor>& t, int64_t n, const char* what) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n, what,
+              ": ", n, " contiguous fp32 values");
+  return t->data_ptr<float>();
+}
+
+// y = norm(x) per row of d: LayerNorm (x - mean) / sqrt(var + eps) * w + b (b may be null)
+// when `layer_norm`, else RMSNorm x / sqrt(mean(x^2) + eps) * w. Statistics in double.
+void norm_rows(const float* x, int64_t B, int64_t d, const float* w, const float* b,
+               bool layer_norm, double eps, float* y) {
+  for (int64_t r = 0; r < B; ++r) {
+    const float* xr = x + r * d;
+    float* yr = y + r * d;
+    double sum = 0, sq = 0;
+    for (int64_t i = 0; i < d; ++i) {
+      sum += xr[i];
+      sq += static_cast<double>(xr[i]) * xr[i];
+    }
+    if (layer_norm) {
+      const double mean = sum / d, var = std::max(0.0, sq / d - mean * mean);
+      const float m = static_cast<float>(mean), rstd = static_cast<float>(1.0 / std::sqrt(var + eps));
+      for (int64_t i = 0; i < d; ++i)
+        yr[i] = (xr[i] - m) * rstd * w[i] + (b != nullptr ? b[i] : 0.f);
+    } else {
+      const float rstd = static_cast<float>(1.0 / std::sqrt(sq / d + eps));
+      for (int64_t i = 0; i < d; ++i) yr[i] = w[i] * (xr[i] * rstd);
+    }
+  }
+}
+
+// exp(x) for any x (overflow clamped at e^88, underflow at e^-87.3)
+inline __m256 exp8_any(__m256 x) { return exp8(_mm256_min_ps(x, _mm256_set1_ps(88.f))); }
+
+// GPT-2's GELU (tanh approximation): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with
+// tanh(u) = sign(u) (1 - e^(-2|u|)) / (1 + e^(-2|u|)); in place over n values
+void gelu_tanh(float* x, int64_t n) {
+  const __m256 c = _mm256_set1_ps(0.7978845608028654f), k = _mm256_set1_ps(0.044715f);
+  const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f);
+  const __m256 sign = _mm256_set1_ps(-0.f);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 v = _mm256_loadu_ps(x + i);
+    const __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, v), _mm256_mul_ps(v, v), v));
+    const __m256 t = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.f), _mm256_andnot_ps(sign, u)));
+    __m256 th = _mm256_div_ps(_mm256_sub_ps(one, t), _mm256_add_ps(one, t));
+    th = _mm256_or_ps(th, _mm256_and_ps(sign, u));
+    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, th)));
+  }
+  for (; i < n; ++i) {
+    const float v = x[i];
+    x[i] = 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+  }
+}
+
+// SwiGLU's hidden: out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + e^-g)
+void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gate + i);
+    const __m256 e = exp8_any(_mm256_sub_ps(zero, g));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)),
+                                            _mm256_loadu_ps(up + i)));
+  }
+  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
+}
+
+// rotary positions in place on one head's first `rot` values: x * cos + rotate_half(x) * sin
+inline void rotate(float* x, const float* cos, const float* sin, int64_t rot) {
+  const int64_t half = rot / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const float x1 = x[i], x2 = x[i + half];
+    x[i] = x1 * cos[i] - x2 * sin[i];
+    x[i + half] = x2 * cos[i + half] + x1 * sin[i + half];
+  }
+}
+
+void check_rows(const torch::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
+              x.device().is_cpu(), "x: (B, d) contiguous fp32 on the CPU");
+}
+
+// Row-wise norm of x (B, d): LayerNorm with `bias` (or none), or RMSNorm (rms = true).
+torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& weight,
+                   const c10::optional<torch::Tensor>& bias, double eps, bool rms) {
+  check_rows(x);
+  const int64_t B = x.size(0), d = x.size(1);
+  auto y = torch::empty_like(x);
+  norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(weight, d, "norm weight"),
+            fp32_or_null(bias, d, "norm bias"), !rms, eps, y.data_ptr<float>());
+  return y;
+}
+
+// x (B, d) + o_proj(attention(qkv_proj(norm(x)))) for one decode token per row: the fused qkv
+// projection (rows: H query heads, KV key heads, KV value heads of hd), rotary positions from
+// the cos / sin tables (max_pos, rot) when given, the keys and values written into the cache
+// at (layer, slot, :, position), each row attending over its own positions.
+torch::Tensor attn_block(const torch::Tensor& x, const torch::Tensor& norm_w,
+                         const c10::optional<torch::Tensor>& norm_b, double eps, bool rms,
+                         const torch::Tensor& w_qkv, const c10::optional<torch::Tensor>& b_qkv,
+                         const torch::Tensor& w_o, const c10::optional<torch::Tensor>& b_o,
+                         torch::Tensor kc, torch::Tensor vc, int64_t layer,
+                         const torch::Tensor& slots, const torch::Tensor& positions,
+                         const c10::optional<torch::Tensor>& cos,
+                         const c10::optional<torch::Tensor>& sin, int64_t H, int64_t KV) {
+  check_rows(x);
+  check_cache(kc, vc);
+  const int64_t B = x.size(0), d = x.size(1), hd = kc.size(4);
+  TORCH_CHECK(kc.size(2) == KV && H % KV == 0 && layer >= 0 && layer < kc.size(0) &&
+              w_qkv.size(0) == (H + 2 * KV) * hd && w_qkv.size(1) == d &&
+              w_o.size(0) == d && w_o.size(1) == H * hd, "attn_block sizes");
+  auto [sl, ps] = rows_of(slots, positions, B, kc);
+  const int64_t* pp = ps.data_ptr<int64_t>();
+  const int64_t nq = (H + 2 * KV) * hd;
+  auto h = torch::empty({B, d}, x.options());
+  auto qkv = torch::empty({B, nq}, x.options());
+  auto o = torch::empty({B, H * hd}, x.options());
+  auto y = torch::empty({B, d}, x.options());
+  norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(norm_w, d, "norm weight"),
+            fp32_or_null(norm_b, d, "norm bias"), !rms, eps, h.data_ptr<float>());
+  linear_into(h.data_ptr<float>(), B, d, w_qkv, fp32_or_null(b_qkv, nq, "qkv bias"),
+              qkv.data_ptr<float>());
+  float* qp = qkv.data_ptr<float>();
+  if (cos.has_value() && cos->defined()) {
+    TORCH_CHECK(sin.has_value() && sin->defined() && cos->dim() == 2 && sin->sizes() == cos->sizes() &&
+                cos->is_contiguous() && sin->is_contiguous() && cos->scalar_type() == at::kFloat &&
+                sin->scalar_type() == at::kFloat && cos->size(1) <= hd && cos->size(1) % 2 == 0,
+                "rotary tables: (max_pos, rot) contiguous fp32, rot even and <= head_dim");
+    const int64_t rot = cos->size(1);
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(pp[b] < cos->size(0), "position beyond the rotary tables");
+      const float* c = cos->data_ptr<float>() + pp[b] * rot;
+      const float* s = sin->data_ptr<float>() + pp[b] * rot;
+      for (int64_t head = 0; head < H + KV; ++head) rotate(qp + b * nq + head * hd, c, s, rot);
+    }
+  }
+  attend_rows(qp, nq, hd, qp + H * hd, nq, hd, qp + (H + KV) * hd, nq, hd, kc.data_ptr<float>(),
+              vc.data_ptr<float>(), kc.size(1), kc.size(3), layer, sl.data_ptr<int64_t>(), pp,
+              B, H, KV, hd, o.data_ptr<float>());
+  linear_into(o.data_ptr<float>(), B, H * hd, w_o, fp32_or_null(b_o, d, "o bias"),
+              y.data_ptr<float>());
+  float* yp = y.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < B * d; ++i) yp[i] += xp[i];
+  return y;
+}
+
+// x (B, d) + down(hidden(up(norm(x)))): GPT-2's GELU FFN (w_up only) or SwiGLU (w_gate given:
+// silu(gate(h)) * up(h)).
+torch::Tensor ffn_block(const torch::Tensor& x, const torch::Tensor& norm_w,
+                        const c10::optional<torch::Tensor>& norm_b, double eps, bool rms,
+                        const c10::optional<torch::Tensor>& w_gate,
+                        const c10::optional<torch::Tensor>& b_gate, const torch::Tensor& w_up,
+                        const c10::optional<torch::Tensor>& b_up, const torch::Tensor& w_down,
+                        const c10::optional<torch::Tensor>& b_down) {
+  check_rows(x);
+  const int64_t B = x.size(0), d = x.size(1), f = w_up.size(0);
+  const bool glu = w_gate.has_value() && w_gate->defined();
+  TORCH_CHECK(w_up.size(1) == d && w_down.size(0) == d && w_down.size(1) == f &&
+              (!glu || (w_gate->size(0) == f && w_gate->size(1) == d)), "ffn_block sizes");
+  auto h = torch::empty({B, d}, x.options());
+  auto u = torch::empty({B, f}, x.options());
+  auto y = torch::empty({B, d}, x.options());
+  norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(norm_w, d, "norm weight"),
+            fp32_or_null(norm_b, d, "norm bias"), !rms, eps, h.data_ptr<float>());
+  linear_into(h.data_ptr<float>(), B, d, w_up, fp32_or_null(b_up, f, "up bias"), u.data_ptr<float>());
+  if (glu) {
+    auto g = torch::empty({B, f}, x.options());
+    linear_into(h.data_ptr<float>(), B, d, *w_gate, fp32_or_null(b_gate, f, "gate bias"),
+                g.data_ptr<float>());
+    silu_mul(g.data_ptr<float>(), u.data_ptr<float>(), u.data_ptr<float>(), B * f);
+  } else {
+    gelu_tanh(u.data_ptr<float>(), B * f);
+  }
+  linear_into(u.data_ptr<float>(), B, f, w_down, fp32_or_null(b_down, d, "down bias"),
+              y.data_ptr<float>());
+  float* yp = y.data_ptr<float>();
+  const float* xp = x.data_ptr<float>();
+  for (int64_t i = 0; i < B * d; ++i) yp[i] += xp[i];
+  return y;
 }
 
 // "avx512" or "avx2": the instruction set linear() uses; "auto" picks the widest this CPU has.
@@ -535,6 +763,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear", &linear, "weight-streaming y = x @ w.T + b for a few fp32 rows", nogil());
   m.def("decode_attention", &decode_attention,
         "write one decode step's keys/values into the cache and attend, per row", nogil());
+  m.def("norm", &norm, "row-wise LayerNorm / RMSNorm of (B, d) fp32", nogil());
+  m.def("attn_block", &attn_block,
+        "x + attention half of a pre-norm block, one decode token per row", nogil());
+  m.def("ffn_block", &ffn_block, "x + FFN half of a pre-norm block (GELU or SwiGLU)", nogil());
   m.def("merge", &merge, "out = base + coeffs @ deltas, streamed once, fp32 accumulation",
         nogil());
   m.def("merge_many", &merge_many,

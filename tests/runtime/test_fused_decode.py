@@ -1,0 +1,140 @@
+"""The fused decode step (engine/fused_decode.py: each block's attention half and FFN half in one
+native call) computes what the model's block loop computes, for every family, with dense and
+merged-expert layers, in fp32 and with 16-bit weights; and it stands aside where it does not
+apply. The engine-level contracts (incremental == full forward, batched == alone) run through
+it too wherever the native kernels exist: tests/runtime/test_engine_*.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import camex_runtime as cr
+from camex_runtime import Engine, kernels
+from camex_runtime.engine.fused_decode import FusedDecode
+from camex_runtime.layers import RMSNorm
+from engine_models import build_folded
+from tests.dense_models import FAMILIES, build_dense, spread
+
+needs_native = pytest.mark.skipif(kernels.native() is None,
+                                  reason=f"no native kernels here: {kernels.status()}")
+
+
+@pytest.fixture(scope="module", params=["gpt2", *sorted(FAMILIES)])
+def checkpoint(request, tmp_path_factory):
+    """Layer 0 dense, layer 1 merged-expert: both halves of the fused step."""
+    out = tmp_path_factory.mktemp("fused") / request.param
+    if request.param == "gpt2":
+        return build_folded(out, moe_layers=[1])
+    dense = build_dense(out.parent / f"{out.name}-dense", request.param)
+    model = spread(cr.upcycle_from_dense(dense, num_experts=3, segment_len=4, moe_layers=[1]))
+    cr.export(model.eval(), out)
+    return out
+
+
+def ids(n: int, seed: int, vocab: int) -> list[int]:
+    """Token ids above the special ones (0-2 in the family models, EOS last in gpt2's)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab - 1, (n,), generator=g).tolist()
+
+
+def runner(path, dtype, fused: bool, slots: int = 4):
+    r = Engine.from_pretrained(path, dtype=dtype, max_batch_size=slots).runner
+    if not fused:
+        r.fused = None
+    return r
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_step_equals_the_block_loop(checkpoint, dtype):
+    fused, loop = runner(checkpoint, dtype, True), runner(checkpoint, dtype, False)
+    assert fused.fused is not None and fused.dtype == torch.float32
+    prompts = [ids(n, n, fused.cfg.vocab_size) for n in (3, 6, 9)]  # ragged positions
+    for r in (fused, loop):
+        for slot, p in enumerate(prompts):
+            r.prefill(slot, p, "segment")
+    histories = [list(p) for p in prompts]
+    tokens = [p[-1] for p in prompts]
+    for _ in range(9):  # crosses segment boundaries (T = 4): merges open mid-decode
+        with torch.no_grad():
+            got = fused.decode([0, 1, 2], tokens, histories)
+            want = loop.decode([0, 1, 2], tokens, histories)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        tokens = got.argmax(-1).tolist()
+        assert tokens == want.argmax(-1).tolist()
+        for h, t in zip(histories, tokens):
+            h.append(t)
+    n = max(len(h) for h in histories)
+    torch.testing.assert_close(fused.kv.k[:, :3, :, :n], loop.kv.k[:, :3, :, :n],
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fused.kv.v[:, :3, :, :n], loop.kv.v[:, :3, :, :n],
+                               rtol=1e-4, atol=1e-5)
+
+
+@needs_native
+def test_batches_beyond_the_native_row_limit_use_the_block_loop(checkpoint):
+    """More rows than kernels.MAX_ROWS: the model's block loop (torch's GEMM), same results as
+    the fused step gives each row."""
+    B = kernels.MAX_ROWS + 1
+    big, one = runner(checkpoint, "float32", True, slots=B), runner(checkpoint, "float32", True)
+    prompts = [ids(2 + b, b, big.cfg.vocab_size) for b in range(B)]
+    for slot, p in enumerate(prompts):
+        big.prefill(slot, p, "segment")
+    with torch.no_grad():
+        batch = big.decode(list(range(B)), [p[-1] for p in prompts], prompts)
+        for b, p in enumerate(prompts):
+            one.prefill(0, p, "segment")
+            alone = one.decode([0], [p[-1]], [p])
+            one.release(0)
+            torch.testing.assert_close(batch[b:b + 1], alone, rtol=1e-4, atol=1e-4)
+
+
+def test_fused_step_stands_aside_where_it_does_not_apply(checkpoint, monkeypatch):
+    r = runner(checkpoint, "float32", True)
+    assert (r.fused is None) == (kernels.native() is None)
+    assert FusedDecode.build(r.model, r.kv, torch.bfloat16) is None  # 16-bit activations
+    r.model.train()
+    assert FusedDecode.build(r.model, r.kv, torch.float32) is None
+    r.model.eval()
+    monkeypatch.setattr(kernels, "native", lambda: None)
+    assert FusedDecode.build(r.model, r.kv, torch.float32) is None
+    assert runner(checkpoint, "float32", True).fused is None
+
+
+@needs_native
+@pytest.mark.parametrize("rms", [False, True])
+def test_native_norm_equals_torch(rms):
+    torch.manual_seed(0)
+    x = torch.randn(5, 96) * 3 + 1
+    w, b = torch.randn(96), torch.randn(96)
+    if rms:
+        ref = RMSNorm(96, 1e-6)
+        ref.weight.data = w
+        want = ref(x)
+    else:
+        want = F.layer_norm(x, (96,), w, b, 1e-5)
+    got = kernels.native().norm(x, w, None if rms else b, 1e-6 if rms else 1e-5, rms)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+@pytest.mark.parametrize("glu", [False, True])
+def test_ffn_block_activations_hold_over_the_whole_range(glu):
+    """GELU's tanh and SiLU's exponential are the kernel's own (exp-based, with clamps): from
+    tiny to huge pre-activations they match torch, with no inf or nan."""
+    torch.manual_seed(0)
+    d, f = 16, 40
+    x = torch.randn(3, d)
+    # the norm makes h ~ N(0, 1); an up projection scaled per row spans 1e-4 .. 1e3
+    up = torch.randn(f, d) * torch.logspace(-4, 3, f)[:, None]
+    gate = torch.randn(f, d) * torch.logspace(3, -4, f)[:, None] if glu else None
+    down = torch.randn(d, f) / f
+    w, b = torch.ones(d), torch.zeros(d)
+    got = kernels.native().ffn_block(x, w, b, 1e-5, False, gate, None, up, None, down, None)
+    h = F.layer_norm(x, (d,), w, b, 1e-5)
+    u = h @ up.T
+    hid = F.silu(h @ gate.T) * u if glu else F.gelu(u, approximate="tanh")
+    want = x + hid @ down.T
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
