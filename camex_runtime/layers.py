@@ -225,6 +225,9 @@ class FFNKind:
     in_projs: tuple[str, ...]
     out_proj: str
     hidden: Callable[[list[Tensor]], Tensor]
+    # what `hidden` computes, for native kernels that fuse it: "gelu_tanh" (one input) or
+    # "swiglu" (silu(gate) * up; fused layout: [gate; up] stacked in fc1)
+    activation: str = ""
 
     @property
     def projections(self) -> tuple[str, ...]:
@@ -235,12 +238,13 @@ class FFNKind:
         `fc1` (for SwiGLU: [gate; up], one GEMM), the output projection as `fc2`."""
         k, hidden = len(self.in_projs), self.hidden
         if k == 1:
-            return FFNKind(("fc1",), "fc2", hidden)
-        return FFNKind(("fc1",), "fc2", lambda ins: hidden(list(ins[0].chunk(k, dim=-1))))
+            return FFNKind(("fc1",), "fc2", hidden, self.activation)
+        return FFNKind(("fc1",), "fc2", lambda ins: hidden(list(ins[0].chunk(k, dim=-1))),
+                       self.activation)
 
 
-GELU_FFN = FFNKind(("fc1",), "fc2", gelu_hidden)
-SWIGLU_FFN = FFNKind(("gate_proj", "up_proj"), "down_proj", swiglu_hidden)
+GELU_FFN = FFNKind(("fc1",), "fc2", gelu_hidden, "gelu_tanh")
+SWIGLU_FFN = FFNKind(("gate_proj", "up_proj"), "down_proj", swiglu_hidden, "swiglu")
 
 
 @dataclass(frozen=True)

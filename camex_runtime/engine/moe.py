@@ -118,7 +118,12 @@ class MoEWeights:
 
 
 def apply_merged(x: Tensor, w: dict[str, Tensor], kind: FFNKind) -> Tensor:
-    """x (n, d) through one merged FFN (pool views) -> (n, d)."""
+    """x (n, d) through one merged FFN (pool views) -> (n, d): decode rows on the CPU in one
+    native call (kernels.ffn), else two linears around the hidden function."""
+    got = kernels.ffn(x, w["fc1_weight"], w.get("fc1_bias"), w["fc2_weight"], w.get("fc2_bias"),
+                      kind.activation)
+    if got is not None:
+        return got
     hid = kind.hidden([kernels.linear(x, w["fc1_weight"], w.get("fc1_bias"))])  # (n, h)
     return kernels.linear(hid, w["fc2_weight"], w.get("fc2_bias"))  # (n, d)
 

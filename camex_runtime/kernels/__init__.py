@@ -12,7 +12,8 @@
   a general attention kernel sized for long queries; None where it does not apply.
 - `native().attn_block(...)`, `native().ffn_block(...)`, `native().norm(...)`: a pre-norm
   block's attention half and FFN half for a few fp32 rows in one call each (the fused decode
-  step, engine/fused_decode.py, which checks where they apply).
+  step, engine/fused_decode.py, which checks where they apply); `ffn(...)` a merged expert's
+  FFN the same way, or None where it does not apply.
 - `merge(base, deltas, coeffs, out)` writes `base + coeffs @ deltas` (one merged expert) in one
   pass over the weights, in their own dtype with fp32 accumulation; elsewhere `torch.addmm`.
   `merge_many` writes several (rows that opened segments in the same step) in one pass.
@@ -159,6 +160,25 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     if mod is None:
         return None
     return mod.decode_attention(q, k, v, k_cache, v_cache, layer, slots, positions)
+
+
+def ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
+        activation: str) -> Tensor | None:
+    """`fc2(hidden(fc1(x)))` for a few fp32 rows x (n, d) in one native call: GELU (tanh
+    approximation) for activation "gelu_tanh", SwiGLU with [gate; up] stacked in w1 for
+    "swiglu". None where the native kernel does not apply (more than MAX_ROWS rows, not fp32
+    on the CPU, another activation, no native kernels): the caller computes it with torch."""
+    if not (activation in ("gelu_tanh", "swiglu") and x.dim() == 2
+            and 0 < x.shape[0] <= MAX_ROWS and x.dtype == torch.float32
+            and x.device.type == "cpu" and x.is_contiguous() and w1.stride(-1) == 1
+            and w2.stride(-1) == 1
+            and all(b is None or (b.dtype == torch.float32 and b.is_contiguous())
+                    for b in (b1, b2))):
+        return None
+    mod = native()
+    if mod is None:
+        return None
+    return mod.ffn(x, w1, b1, w2, b2, activation == "swiglu")
 
 
 def merge(base: Tensor, deltas: Tensor, coeffs: Tensor, out: Tensor) -> Tensor:

@@ -708,8 +708,41 @@ torch::Tensor attn_block(const torch::Tensor& x, const torch::Tensor& norm_w,
   return y;
 }
 
-// x (B, d) + down(hidden(up(norm(x)))): GPT-2's GELU FFN (w_up only) or SwiGLU (w_gate given:
-// silu(gate(h)) * up(h)).
+// y (B, d) = down(hidden(up(h))) for h (B, d): GPT-2's GELU FFN, or SwiGLU, silu(gate(h)) *
+// up(h), with the gate either its own matrix (w_gate) or, `stacked`, the first half of w_up's
+// rows (the serving layout of a merged expert: [gate; up] as one matrix).
+void ffn_into(const float* h, int64_t B, int64_t d, const c10::optional<torch::Tensor>& w_gate,
+              const c10::optional<torch::Tensor>& b_gate, const torch::Tensor& w_up,
+              const c10::optional<torch::Tensor>& b_up, const torch::Tensor& w_down,
+              const c10::optional<torch::Tensor>& b_down, bool stacked, float* y) {
+  const bool gate_matrix = w_gate.has_value() && w_gate->defined();
+  TORCH_CHECK(!(gate_matrix && stacked), "a gate matrix or a stacked gate, not both");
+  const int64_t rows = w_up.size(0), f = stacked ? rows / 2 : rows;
+  TORCH_CHECK(w_up.dim() == 2 && w_up.size(1) == d && w_down.dim() == 2 && w_down.size(0) == d &&
+              w_down.size(1) == f && (!stacked || rows % 2 == 0) &&
+              (!gate_matrix || (w_gate->size(0) == f && w_gate->size(1) == d)), "ffn sizes");
+  const auto opts = torch::TensorOptions().dtype(at::kFloat);
+  auto u = torch::empty({B, rows}, opts);
+  float* up = u.data_ptr<float>();
+  linear_into(h, B, d, w_up, fp32_or_null(b_up, rows, "up bias"), up);
+  torch::Tensor hid_t;
+  const float* hid = up;
+  if (gate_matrix) {
+    auto g = torch::empty({B, f}, opts);
+    linear_into(h, B, d, *w_gate, fp32_or_null(b_gate, f, "gate bias"), g.data_ptr<float>());
+    silu_mul(g.data_ptr<float>(), up, up, B * f);
+  } else if (stacked) {
+    hid_t = torch::empty({B, f}, opts);
+    for (int64_t b = 0; b < B; ++b)
+      silu_mul(up + b * rows, up + b * rows + f, hid_t.data_ptr<float>() + b * f, f);
+    hid = hid_t.data_ptr<float>();
+  } else {
+    gelu_tanh(up, B * f);
+  }
+  linear_into(hid, B, f, w_down, fp32_or_null(b_down, d, "down bias"), y);
+}
+
+// x (B, d) + FFN(norm(x)) (see ffn_into; a dense block's FFN half)
 torch::Tensor ffn_block(const torch::Tensor& x, const torch::Tensor& norm_w,
                         const c10::optional<torch::Tensor>& norm_b, double eps, bool rms,
                         const c10::optional<torch::Tensor>& w_gate,
@@ -717,29 +750,29 @@ torch::Tensor ffn_block(const torch::Tensor& x, const torch::Tensor& norm_w,
                         const c10::optional<torch::Tensor>& b_up, const torch::Tensor& w_down,
                         const c10::optional<torch::Tensor>& b_down) {
   check_rows(x);
-  const int64_t B = x.size(0), d = x.size(1), f = w_up.size(0);
-  const bool glu = w_gate.has_value() && w_gate->defined();
-  TORCH_CHECK(w_up.size(1) == d && w_down.size(0) == d && w_down.size(1) == f &&
-              (!glu || (w_gate->size(0) == f && w_gate->size(1) == d)), "ffn_block sizes");
+  const int64_t B = x.size(0), d = x.size(1);
   auto h = torch::empty({B, d}, x.options());
-  auto u = torch::empty({B, f}, x.options());
   auto y = torch::empty({B, d}, x.options());
   norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(norm_w, d, "norm weight"),
             fp32_or_null(norm_b, d, "norm bias"), !rms, eps, h.data_ptr<float>());
-  linear_into(h.data_ptr<float>(), B, d, w_up, fp32_or_null(b_up, f, "up bias"), u.data_ptr<float>());
-  if (glu) {
-    auto g = torch::empty({B, f}, x.options());
-    linear_into(h.data_ptr<float>(), B, d, *w_gate, fp32_or_null(b_gate, f, "gate bias"),
-                g.data_ptr<float>());
-    silu_mul(g.data_ptr<float>(), u.data_ptr<float>(), u.data_ptr<float>(), B * f);
-  } else {
-    gelu_tanh(u.data_ptr<float>(), B * f);
-  }
-  linear_into(u.data_ptr<float>(), B, f, w_down, fp32_or_null(b_down, d, "down bias"),
-              y.data_ptr<float>());
+  ffn_into(h.data_ptr<float>(), B, d, w_gate, b_gate, w_up, b_up, w_down, b_down, false,
+           y.data_ptr<float>());
   float* yp = y.data_ptr<float>();
   const float* xp = x.data_ptr<float>();
   for (int64_t i = 0; i < B * d; ++i) yp[i] += xp[i];
+  return y;
+}
+
+// FFN(h) for h (B, d) with [gate; up] stacked in w1 when `glu`, else GELU (a merged expert
+// from the pool, merge_cache's layout)
+torch::Tensor ffn(const torch::Tensor& h, const torch::Tensor& w1,
+                  const c10::optional<torch::Tensor>& b1, const torch::Tensor& w2,
+                  const c10::optional<torch::Tensor>& b2, bool glu) {
+  check_rows(h);
+  const int64_t B = h.size(0), d = h.size(1);
+  auto y = torch::empty({B, d}, h.options());
+  ffn_into(h.data_ptr<float>(), B, d, c10::nullopt, c10::nullopt, w1, b1, w2, b2, glu,
+           y.data_ptr<float>());
   return y;
 }
 
@@ -766,6 +799,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm", &norm, "row-wise LayerNorm / RMSNorm of (B, d) fp32", nogil());
   m.def("attn_block", &attn_block,
         "x + attention half of a pre-norm block, one decode token per row", nogil());
+  m.def("ffn", &ffn, "a (merged) FFN, GELU or SwiGLU with [gate; up] stacked", nogil());
   m.def("ffn_block", &ffn_block, "x + FFN half of a pre-norm block (GELU or SwiGLU)", nogil());
   m.def("merge", &merge, "out = base + coeffs @ deltas, streamed once, fp32 accumulation",
         nogil());

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 import camex_runtime as cr
 from camex_runtime import Engine, kernels
 from camex_runtime.engine.fused_decode import FusedDecode
-from camex_runtime.layers import RMSNorm
+from camex_runtime.engine.moe import apply_merged
+from camex_runtime.layers import GELU_FFN, SWIGLU_FFN, RMSNorm
 from engine_models import build_folded
 from tests.dense_models import FAMILIES, build_dense, spread
 
@@ -138,3 +139,23 @@ def test_ffn_block_activations_hold_over_the_whole_range(glu):
     want = x + hid @ down.T
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+
+
+@needs_native
+@pytest.mark.parametrize("kind", [GELU_FFN, SWIGLU_FFN])
+def test_merged_ffn_is_one_native_call_with_the_torch_result(kind, monkeypatch):
+    """apply_merged on decode rows (kernels.ffn; SwiGLU with [gate; up] stacked in fc1)
+    equals its torch path; more rows than kernels.MAX_ROWS go to torch."""
+    torch.manual_seed(0)
+    d, f = 24, 40
+    fused = kind.fused()
+    k = len(kind.in_projs)
+    w = {"fc1_weight": torch.randn(k * f, d) / 5, "fc1_bias": torch.randn(k * f),
+         "fc2_weight": torch.randn(d, f) / 5, "fc2_bias": torch.randn(d)}
+    x = torch.randn(kernels.MAX_ROWS, d)
+    got = apply_merged(x, w, fused)
+    assert kernels.ffn(torch.randn(kernels.MAX_ROWS + 1, d), w["fc1_weight"], None,
+                       w["fc2_weight"], None, fused.activation) is None
+    monkeypatch.setattr(kernels, "native", lambda: None)
+    assert kernels.ffn(x, w["fc1_weight"], None, w["fc2_weight"], None, fused.activation) is None
+    torch.testing.assert_close(got, apply_merged(x, w, fused), rtol=1e-5, atol=1e-5)
