@@ -65,8 +65,9 @@ class ServerSettings:
         None, "merged-weight pool per engine, committed at start-up (none: the larger of "
         "256 MiB and one merged FFN per MoE layer for every batch slot, plus one)")
     max_batched_tokens: int = _opt(
-        64, "while requests decode: tokens per engine step, each decoding row one and prompt "
-        "chunks the rest (chunked prefill); 0: prompts are always prefilled whole")
+        256, "while requests decode: tokens per engine step, each decoding row one and prompt "
+        "chunks the rest (chunked prefill; on the CPU long prompts are also paced by time, "
+        "prefill_time_ratio); 0: prompts are always prefilled whole")
     prefill_time_ratio: float = _opt(
         1.0, "while requests decode (CPU): a step's prompt work is held to about this many times "
         "the time of the step's decode, measured, so a long prompt raises inter-token latency "

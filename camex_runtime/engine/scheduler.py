@@ -112,9 +112,9 @@ class PrefillPacer:
     chunks take per prompt token of work (tokens plus chunk costs, the scheduler's unit). The
     sustained rate is `ratio` x the decode time in prompt tokens per step, so a paced prefill's
     steps last about (1 + ratio) decode steps. Steps without paced work bank their rate, up to
-    `burst` tokens (the token budget), and a paced prefill's first step may spend it all, then
-    runs at the sustained rate (a bank that drained over several steps made several slow steps
-    in a row, which is what a p99 sees).
+    `burst` tokens (at most the token budget; the engine uses 64), and a paced prefill's first
+    step may spend it all, then runs at the sustained rate (a bank that drained over several
+    steps made several slow steps in a row, which is what a p99 sees).
 
     The decode time is the fastest of the last `window` decodes, the token time a moving
     average (weight `alpha` on the newest): when the machine slows down for a while (a noisy

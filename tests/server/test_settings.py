@@ -51,7 +51,8 @@ def test_chunking_settings_reach_the_engine_with_its_defaults(tiny_lm_dir):
         assert getattr(s, name) == engine_defaults[name].default
     path = str(tiny_lm_dir)
     engine = build_engine(s, path, None, "causal-lm")
-    assert engine.scheduler.config.max_batched_tokens == 64 and engine.pacer.ratio == 1.0
+    assert engine.scheduler.config.max_batched_tokens == 256 and engine.pacer.ratio == 1.0
+    assert engine.pacer.burst == 64
     off = ServerSettings.from_sources(["--max-batched-tokens", "0", "--prefill-time-ratio", "0"],
                                       env={})
     engine = build_engine(off, path, None, "causal-lm")
