@@ -78,11 +78,13 @@ inline void block(const float* x, int64_t ldx, int64_t in, const char* w, float*
   for (int u = 0; u < 2; ++u)
     for (int b = 0; b < NB; ++b) a[u][b] = _mm256_setzero_ps();
   int64_t i = 0;
-  // Software prefetch 256 elements ahead (into the next row near the end: the row read next),
-  // except for fp32 weights with 1-3 inputs, where the hardware prefetcher alone streams
-  // faster. Measured on Zen 4 from memory, GPT-2-small products on one core: 16-bit weights
-  // with 2-3 inputs 20.4 -> 18.3 ms with it; fp32 with one input 21.3 ms without, 26.8 with.
-  constexpr bool prefetch = T != WType::F32 || NB >= 4;
+  // Software prefetch 256 elements ahead (into the next row near the end: the row read next)
+  // for 16-bit weights with 2-3 inputs and for any weights with 4; a single stream (one input,
+  // or fp32 weights with 1-3 inputs) runs faster on the hardware prefetcher alone. Measured on
+  // Zen 4, GPT-2-small products on one core: 16-bit weights with 2-3 inputs 20.4 -> 18.3 ms
+  // with it; fp32 with one input 21.3 ms without, 26.8 with; bf16 with one input, weights on
+  // 2 MiB pages (memory.py), 8.9 ms without, 10.2 with.
+  constexpr bool prefetch = T == WType::F32 ? NB >= 4 : NB >= 2;
   for (; i + 16 <= in; i += 16) {
     if constexpr (prefetch) _mm_prefetch(w + (i + 256) * elem, _MM_HINT_T0);
     for (int u = 0; u < 2; ++u) {
