@@ -1,23 +1,31 @@
-"""The decode step with fused blocks: each block's attention half and FFN half in one native call.
+"""The decode step with fused blocks: spans of pre-norm blocks in one native call each.
 
 A decode step multiplies a few rows by every weight matrix once; on a CPU core those products
 take ~10 ms for GPT-2-small in bf16, and the model's block code spends another ~2.5 ms around
 them: per block a dozen small torch operations (norms, views, residual adds, the activation),
 each an interpreter round trip and a dispatch. `FusedDecode` runs the same blocks through
-`kernels`' native `attn_block` (norm, qkv projection, rotary positions, KV-cache write,
-attention, output projection, residual) and `ffn_block` (norm, input projection(s), GELU or
-SwiGLU, output projection, residual), with the same weights the model holds: no copies.
+`kernels`' native `layers`: per block the attention half (norm, qkv projection, rotary
+positions, KV-cache write, attention, output projection, residual) and the FFN half (norm, input
+projection(s), GELU or SwiGLU, output projection, residual), with the same weights the model
+holds: no copies. One call covers as many consecutive blocks as it can (a dense model: all of
+them and the final norm), because every return from native code waits for the GIL, and in a
+server the event loop thread holds it while it sends the previous token: per block, a dense
+GPT-2-small step gained ~0.6 ms at B=1 against a thread busy 0.3 ms per step (Zen 4, bf16).
 
-Merged-expert layers keep their routing in Python: the block's second norm is native, the FFN
-is the routing context's (`_DecodeRouting.apply`: segment sums, merges, the merged or mixture
-strategy), the residual a torch add.
+Merged-expert layers are planned first, for every layer in order (`moe.plan(layer)`: new
+segments routed, merges acquired; nothing there depends on this step's hidden states). A layer
+whose rows all have their merged expert runs natively too: one FFN group per merged expert, the
+segment sums accumulated in the call. A layer that needs the mixture (the `auto` strategy's
+choice, or rows the merge pool refused) breaks the span: its attention half and norm are native
+calls, its FFN the routing context's (`moe.apply`), the residual a torch add.
 
 It applies where the native kernels do (a CPU with AVX2/FMA/F16C and the extension built),
 with fp32 activations (fp32 models, or 16-bit weights served in mixed precision), an fp32 KV
 cache, and at most `kernels.MAX_ROWS` rows; `FusedDecode.build` returns None otherwise and the
 runner uses the model's block loop. Every row is computed on its own, so a row's result does not
 depend on the rest of its batch; against the block loop it differs only by float rounding (its
-norms, activation and rotary arithmetic are its own). Knows nothing about requests or merges.
+norms, activation and rotary arithmetic are its own); a span gives the bits of its blocks run
+one call at a time. Knows nothing about requests or merges.
 """
 from __future__ import annotations
 
@@ -56,7 +64,23 @@ class _Block:
     layer: int
     attn: tuple  # attn_block's arguments after x, up to the cache
     norm2: _Norm
-    ffn: tuple | None  # ffn_block's arguments after x; None: a merged-expert layer
+    ffn: FFNSpec | None  # a dense block's FFN; None: a merged-expert layer (moe.plan)
+
+    def tensors(self) -> list:
+        """`layers`' 8 tensors of the block: norm 1, qkv, o projections, norm 2."""
+        w1, b1, _, _, qkv, qkv_b, o, o_b = self.attn
+        return [w1, b1, qkv, qkv_b, o, o_b, self.norm2.weight, self.norm2.bias]
+
+
+@dataclass(frozen=True)
+class FFNSpec:
+    """One block's FFN for the native `layers`: groups of (rows or None for all, gate, gate
+    bias, up, up bias, down, down bias); `stacked`: SwiGLU with [gate; up] in `up`; rows whose
+    `acc_slots` entry is >= 0 add their FFN input to `seg_sum[slot, moe_index]`."""
+    groups: list
+    stacked: bool = False
+    moe_index: int = -1
+    acc_slots: Tensor | None = None
 
 
 class FusedDecode:
@@ -64,6 +88,10 @@ class FusedDecode:
                  rope: tuple[Tensor, Tensor] | None, heads: tuple[int, int]):
         self.tr = model.transformer
         self.kv, self.blocks, self.final, self.rope, self.heads = kv, blocks, final, rope, heads
+        # `layers`' per-block arguments that do not change between steps
+        self._tensors = [b.tensors() for b in blocks]
+        self._eps = [(b.attn[2], b.norm2.eps) for b in blocks]
+        self._flags = [(b.layer, int(b.attn[3]), int(b.norm2.rms)) for b in blocks]
 
     @classmethod
     def build(cls, model, kv: KVCache, compute: torch.dtype) -> FusedDecode | None:
@@ -95,18 +123,20 @@ class FusedDecode:
                 else:
                     return None
                 down = getattr(f, kind.out_proj)
-                ffn = (*n2.args(), None if gate is None else gate.weight,
-                       None if gate is None else gate.bias, up.weight, up.bias, down.weight,
-                       down.bias)
+                ffn = FFNSpec([[None, None if gate is None else gate.weight,
+                                None if gate is None else gate.bias, up.weight, up.bias,
+                                down.weight, down.bias]])
             blocks.append(_Block(i, attn, n2, ffn))
         rope = tr.rotary.tables(kv.k.device, compute) if tr.rotary is not None else None
         first = tr.h[0].attn
         return cls(model, kv, blocks, final, rope, (first.n_head, first.n_kv))
 
-    def run(self, ids: Tensor, positions: Tensor, slots: Tensor, moe) -> Tensor:
+    def run(self, ids: Tensor, positions: Tensor, slots: Tensor, moe,
+            seg_sum: Tensor | None = None) -> Tensor:
         """ids, positions, slots (B,) -> the final (normed) hidden states (B, d), keys and
-        values of every layer written into the cache; `moe` applies merged-expert FFNs
-        (`apply(layer, h (B, 1, d)) -> (B, 1, d)`)."""
+        values of every layer written into the cache. `moe` is the step's routing context:
+        `plan(layer) -> FFNSpec | None` (None: that layer's FFN is `apply(layer, h (B, 1, d))
+        -> (B, 1, d)`); `seg_sum` the tensor the specs' segment sums go to."""
         mod, tr, kc, vc = kernels.native(), self.tr, self.kv.k, self.kv.v
         x = tr.wte(ids).float()
         if tr.wpe is not None:
@@ -114,11 +144,31 @@ class FusedDecode:
         x = x.contiguous()
         cos, sin = self.rope if self.rope is not None else (None, None)
         H, KV = self.heads
-        for b in self.blocks:
-            x = mod.attn_block(x, *b.attn, kc, vc, b.layer, slots, positions, cos, sin, H, KV)
-            if b.ffn is not None:
-                x = mod.ffn_block(x, *b.ffn)
-            else:
+        specs = [b.ffn if b.ffn is not None else moe.plan(b.layer) for b in self.blocks]
+        n, i = len(self.blocks), 0
+        while i < n:
+            b = self.blocks[i]
+            if specs[i] is None:  # a merged-expert layer on the routing context's mixture
+                x = mod.attn_block(x, *b.attn, kc, vc, b.layer, slots, positions, cos, sin, H,
+                                   KV)
                 h = mod.norm(x, *b.norm2.args())
                 x = x + moe.apply(b.layer, h[:, None])[:, 0]
+                i += 1
+                continue
+            j = i
+            while j < n and specs[j] is not None:
+                j += 1
+            ffns = specs[i:j]
+            final = self.final if j == n else None
+            x = mod.layers(
+                x, self._tensors[i:j], [e for pair in self._eps[i:j] for e in pair],
+                [v for flags, f in zip(self._flags[i:j], ffns)
+                 for v in (*flags, int(f.stacked), f.moe_index)],
+                [f.groups for f in ffns], [f.acc_slots for f in ffns], seg_sum, kc, vc, slots,
+                positions, cos, sin, H, KV, None if final is None else final.weight,
+                None if final is None else final.bias, 1e-5 if final is None else final.eps,
+                False if final is None else final.rms)
+            if final is not None:
+                return x
+            i = j
         return mod.norm(x, *self.final.args())

@@ -26,7 +26,7 @@ from camex_runtime import kernels
 from camex_runtime.engine.attention import (DecodeAttention, PackedPrefillAttention,
                                             PrefillAttention)
 from camex_runtime.engine.cost_model import CostModel, StrategyProfile
-from camex_runtime.engine.fused_decode import FusedDecode
+from camex_runtime.engine.fused_decode import FFNSpec, FusedDecode
 from camex_runtime.engine.kv_cache import DecodeRows, KVCache
 from camex_runtime.engine.merge_cache import MergeCache, entry_bytes, ffn_layout
 from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
@@ -507,7 +507,7 @@ class ModelRunner:
         ids = torch.tensor(tokens, device=self.device)  # (B,)
         moe = _DecodeRouting(self, sts, slots, slots_t, pos, turn, digests)
         if self.fused is not None and B <= kernels.MAX_ROWS:
-            hidden = self.fused.run(ids, pos_t, slots_t, moe)  # (B, d)
+            hidden = self.fused.run(ids, pos_t, slots_t, moe, self.seg_sum)  # (B, d)
         else:
             attn = DecodeAttention(self.kv, DecodeRows.of(slots, pos, slots_t, pos_t),
                                    max(pos) + 1)
@@ -527,33 +527,58 @@ class ModelRunner:
             self._set_segment(sts[b], m, (digests[b], m), NO_MERGE)
             self._record_routing(m, sts[b], [pos[b]], scores[j:j + 1])
 
-    def _decode_moe(self, m: int, h: Tensor, sts: list[SlotRouting], slots: Sequence[int],
-                    slots_t: Tensor, pos: list[int], turn: list[int], digests: dict) -> Tensor:
-        """h (B, d) -> (B, d) through each row's current merged expert of MoE layer m."""
+    def _plan_decode_moe(self, m: int, sts: list[SlotRouting], slots_t: Tensor,
+                         pos: list[int], turn: list[int], digests: dict) -> dict[int, list[int]]:
+        """MoE layer m's FFN for a decode step, before its input exists: rows opening a segment
+        routed, the strategy chosen, missing merges made. Returns the row groups: pool slot
+        (or NO_MERGE: the mixture) -> rows. Nothing here reads the step's hidden states, so
+        every layer can be planned before the step runs (the fused step does)."""
         if turn:
             self._route_new_segments(m, sts, slots_t, pos, turn, digests)
+        if self._decode_strategy(m, sts) != "merged":
+            return {NO_MERGE: list(range(len(sts)))}
+        # Rows still without their merge get it now, all of them in one pass over the expert
+        # stack (`_acquire_many`). Streams that started together open segments together: one
+        # merge per row made 96 merges in one step for 8 rows (0.87 s against 0.13 s decode
+        # steps, GPT-2-small fp32 on one core); batched, a layer's 8 merges cost about one
+        # merge's read plus their writes.
+        rows = [b for b, st in enumerate(sts) if st.pool_slots[m] == NO_MERGE]
+        if rows:
+            got = self._acquire_many(m, [sts[b].keys[m] for b in rows],
+                                     self.scores[slots_t[rows], m])
+            for b, ps in zip(rows, got):
+                sts[b].pool_slots[m] = FALLBACK if ps is None else ps
+        groups: dict[int, list[int]] = {}
+        for b, st in enumerate(sts):  # rows without a merge: one mixture group
+            groups.setdefault(max(st.pool_slots[m], NO_MERGE), []).append(b)
+        return groups
+
+    def _native_decode_moe(self, m: int, groups: dict[int, list[int]],
+                           acc_slots: Tensor | None) -> FFNSpec | None:
+        """The planned FFN of MoE layer m as the fused step's spec, where every row has its
+        merged expert and the kernels take its activation; else None. acc_slots (B,): each
+        row's slot where its segment sum takes the FFN input, -1 where none (None: no row)."""
+        kind = self.moe[m].kind
+        if NO_MERGE in groups or kind.activation not in ("gelu_tanh", "swiglu"):
+            return None
+        whole = len(groups) == 1
+        spec = []
+        for ps, rows in groups.items():
+            w = self.cache.weights(ps)
+            spec.append([None if whole else torch.tensor(rows), None, None, w["fc1_weight"],
+                         w.get("fc1_bias"), w["fc2_weight"], w.get("fc2_bias")])
+        return FFNSpec(spec, stacked=kind.activation == "swiglu", moe_index=m,
+                       acc_slots=acc_slots)
+
+    def _decode_moe(self, m: int, h: Tensor, sts: list[SlotRouting], slots_t: Tensor,
+                    groups: dict[int, list[int]]) -> Tensor:
+        """h (B, d) -> (B, d) through the row groups `_plan_decode_moe` made (each row's
+        merged expert, or the mixture); the segment sums take h first."""
         seg_rows = [b for b, st in enumerate(sts) if st.mode == "segment"]
         if len(seg_rows) == len(sts):
             self.seg_sum[:, m].index_add_(0, slots_t, h.float())
         elif seg_rows:
             self.seg_sum[:, m].index_add_(0, slots_t[seg_rows], h[seg_rows].float())
-        if self._decode_strategy(m, sts) == "merged":
-            # Rows still without their merge get it now, all of them in one pass over the
-            # expert stack (`_acquire_many`). Streams that started together open segments
-            # together: one merge per row made 96 merges in one step for 8 rows (0.87 s against
-            # 0.13 s decode steps, GPT-2-small fp32 on one core); batched, a layer's 8 merges
-            # cost about one merge's read plus their writes.
-            rows = [b for b, st in enumerate(sts) if st.pool_slots[m] == NO_MERGE]
-            if rows:
-                got = self._acquire_many(m, [sts[b].keys[m] for b in rows],
-                                         self.scores[slots_t[rows], m])
-                for b, ps in zip(rows, got):
-                    sts[b].pool_slots[m] = FALLBACK if ps is None else ps
-            groups: dict[int, list[int]] = {}
-            for b, st in enumerate(sts):  # rows without a merge: one mixture group
-                groups.setdefault(max(st.pool_slots[m], NO_MERGE), []).append(b)
-        else:
-            groups = {NO_MERGE: list(range(len(sts)))}
         if len(groups) == 1:  # common fast path: one kernel pair for the whole batch
             (ps, _), = groups.items()
             return self._apply_group(m, h, ps, slots_t)
@@ -615,12 +640,28 @@ class _DecodeRouting:
                  slots_t: Tensor, pos: list[int], turn: list[int], digests: dict):
         self.runner, self.sts, self.slots, self.slots_t = runner, sts, slots, slots_t
         self.pos, self.turn, self.digests = pos, turn, digests
+        self.groups: dict[int, dict[int, list[int]]] = {}  # planned, not yet applied
+        self.acc_slots: Tensor | None | bool = False  # plan's segment-sum slots (False: unset)
+
+    def plan(self, layer: int) -> FFNSpec | None:
+        """Plan the layer's FFN now (in layer order, before the step runs); its native spec,
+        or None: `apply` runs it."""
+        r, m = self.runner, self.runner.moe_of[layer]
+        groups = r._plan_decode_moe(m, self.sts, self.slots_t, self.pos, self.turn,
+                                    self.digests)
+        self.groups[m] = groups
+        if self.acc_slots is False:  # the same for every layer: made once per step
+            acc = [s if st.mode == "segment" else -1 for s, st in zip(self.slots, self.sts)]
+            self.acc_slots = None if max(acc) < 0 else torch.tensor(acc)
+        return r._native_decode_moe(m, groups, self.acc_slots)
 
     def apply(self, layer: int, h: Tensor) -> Tensor:  # h (B, 1, d)
-        r = self.runner
-        out = r._decode_moe(r.moe_of[layer], h[:, 0], self.sts, self.slots, self.slots_t,
-                            self.pos, self.turn, self.digests)
-        return out[:, None]
+        r, m = self.runner, self.runner.moe_of[layer]
+        groups = self.groups.pop(m, None)
+        if groups is None:  # the block loop plans each layer as it reaches it
+            groups = r._plan_decode_moe(m, self.sts, self.slots_t, self.pos, self.turn,
+                                        self.digests)
+        return r._decode_moe(m, h[:, 0], self.sts, self.slots_t, groups)[:, None]
 
 
 PROMPT_LOGPROBS_CHUNK = 256  # positions per lm_head pass (256 x 50k vocab x fp32 = 51 MB)

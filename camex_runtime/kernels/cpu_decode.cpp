@@ -778,6 +778,114 @@ torch::Tensor ffn(const torch::Tensor& h, const torch::Tensor& w1,
   return y;
 }
 
+using OptT = c10::optional<torch::Tensor>;
+
+const torch::Tensor& given(const OptT& t, const char* what) {
+  TORCH_CHECK(t.has_value() && t->defined(), what, " is required");
+  return *t;
+}
+
+// A span of pre-norm blocks for one decode token per row, in one call: one release of the GIL
+// for the whole span instead of two per block, so the server's event loop thread sends the
+// previous token while the weights stream, and the decode thread does not queue for the GIL
+// behind it after every block. Per block i (layer ints[5i]):
+//   x = attn_block(x)                               (blocks[i][0..5]: norm, qkv, o)
+//   h = norm2(x)                                    (blocks[i][6..7])
+//   seg_sum[acc_slots[i][b], ints[5i+4]] += h[b]    (rows b with acc_slots[i][b] >= 0, if given)
+//   x = x + FFN_g(h) on the rows of each group g    (ffns[i]: rows (none: all), gate, gate bias,
+//                                                    up, up bias, down, down bias)
+// ints per block: layer, norm1 is RMS, norm2 is RMS, [gate; up] stacked in `up`, MoE index;
+// eps per block: norm1's, norm2's. Each row's FFN comes from exactly one group: a dense block
+// has one group of all rows, a merged-expert block a group per merged expert its rows use.
+// With final_w, the result goes through the model's final norm. The same arithmetic as
+// attn_block + norm + ffn + add called one by one, so the same bits.
+torch::Tensor layers(torch::Tensor x, const std::vector<std::vector<OptT>>& blocks,
+                     const std::vector<double>& eps, const std::vector<int64_t>& ints,
+                     const std::vector<std::vector<std::vector<OptT>>>& ffns,
+                     const std::vector<OptT>& acc_slots, const OptT& seg_sum, torch::Tensor kc,
+                     torch::Tensor vc, const torch::Tensor& slots,
+                     const torch::Tensor& positions, const OptT& cos, const OptT& sin,
+                     int64_t H, int64_t KV, const OptT& final_w, const OptT& final_b,
+                     double final_eps, bool final_rms) {
+  check_rows(x);
+  const size_t L = blocks.size();
+  TORCH_CHECK(eps.size() == 2 * L && ints.size() == 5 * L && ffns.size() == L &&
+              acc_slots.size() == L, "layers: one entry per block in every list");
+  const int64_t B = x.size(0), d = x.size(1);
+  std::vector<char> seen(B);
+  for (size_t i = 0; i < L; ++i) {
+    const auto& k = blocks[i];
+    TORCH_CHECK(k.size() == 8, "layers: 8 tensors per block");
+    const int64_t* f = ints.data() + 5 * i;
+    x = attn_block(x, given(k[0], "norm weight"), k[1], eps[2 * i], f[1] != 0,
+                   given(k[2], "qkv weight"), k[3], given(k[4], "o weight"), k[5], kc, vc, f[0],
+                   slots, positions, cos, sin, H, KV);
+    auto h = torch::empty({B, d}, x.options());
+    float* hp = h.data_ptr<float>();
+    norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(given(k[6], "norm weight"), d,
+              "norm weight"), fp32_or_null(k[7], d, "norm bias"), f[2] == 0, eps[2 * i + 1], hp);
+    if (acc_slots[i].has_value() && acc_slots[i]->defined()) {
+      const auto& a = *acc_slots[i];
+      const auto& sum = given(seg_sum, "seg_sum");
+      TORCH_CHECK(a.scalar_type() == at::kLong && a.is_contiguous() && a.numel() == B,
+                  "acc_slots: (B,) int64");
+      TORCH_CHECK(sum.scalar_type() == at::kFloat && sum.is_contiguous() && sum.dim() == 3 &&
+                  sum.size(2) == d && f[4] >= 0 && f[4] < sum.size(1),
+                  "seg_sum: (slots, MoE layers, d) contiguous fp32");
+      const int64_t* ap = a.data_ptr<int64_t>();
+      float* sp = sum.data_ptr<float>();
+      for (int64_t b = 0; b < B; ++b) {
+        if (ap[b] < 0) continue;
+        TORCH_CHECK(ap[b] < sum.size(0), "acc_slots: slot out of range");
+        float* dst = sp + (ap[b] * sum.size(1) + f[4]) * d;
+        for (int64_t j = 0; j < d; ++j) dst[j] += hp[b * d + j];
+      }
+    }
+    auto y = torch::empty({B, d}, x.options());
+    float* yp = y.data_ptr<float>();
+    std::fill(seen.begin(), seen.end(), 0);
+    for (const auto& g : ffns[i]) {
+      TORCH_CHECK(g.size() == 7, "layers: 7 entries per FFN group");
+      const auto& up = given(g[3], "up weight");
+      const auto& down = given(g[5], "down weight");
+      if (!(g[0].has_value() && g[0]->defined())) {  // all rows
+        TORCH_CHECK(ffns[i].size() == 1, "an all-rows FFN group must be the only one");
+        std::fill(seen.begin(), seen.end(), 1);
+        ffn_into(hp, B, d, g[1], g[2], up, g[4], down, g[6], f[3] != 0, yp);
+        continue;
+      }
+      const auto& rows = *g[0];
+      TORCH_CHECK(rows.scalar_type() == at::kLong && rows.is_contiguous() && rows.dim() == 1 &&
+                  rows.numel() > 0 && rows.numel() <= B, "FFN group rows: (n,) int64");
+      const int64_t n = rows.numel();
+      const int64_t* rp = rows.data_ptr<int64_t>();
+      auto hg = torch::empty({n, d}, x.options());
+      auto yg = torch::empty({n, d}, x.options());
+      for (int64_t r = 0; r < n; ++r) {
+        TORCH_CHECK(rp[r] >= 0 && rp[r] < B && !seen[rp[r]], "FFN groups: each row once");
+        seen[rp[r]] = 1;
+        std::memcpy(hg.data_ptr<float>() + r * d, hp + rp[r] * d, d * sizeof(float));
+      }
+      ffn_into(hg.data_ptr<float>(), n, d, g[1], g[2], up, g[4], down, g[6], f[3] != 0,
+               yg.data_ptr<float>());
+      for (int64_t r = 0; r < n; ++r)
+        std::memcpy(yp + rp[r] * d, yg.data_ptr<float>() + r * d, d * sizeof(float));
+    }
+    TORCH_CHECK(std::all_of(seen.begin(), seen.end(), [](char c) { return c != 0; }),
+                "FFN groups: every row in one");
+    const float* xp = x.data_ptr<float>();
+    for (int64_t j = 0; j < B * d; ++j) yp[j] += xp[j];
+    x = y;
+  }
+  if (final_w.has_value() && final_w->defined()) {
+    auto y = torch::empty_like(x);
+    norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(*final_w, d, "norm weight"),
+              fp32_or_null(final_b, d, "norm bias"), !final_rms, final_eps, y.data_ptr<float>());
+    return y;
+  }
+  return x;
+}
+
 // "avx512" or "avx2": the instruction set linear() uses; "auto" picks the widest this CPU has.
 std::string set_isa(const std::string& isa, int64_t rows) {
   TORCH_CHECK(isa == "auto" || isa == "avx2" || isa == "avx512", "isa: auto, avx2 or avx512");
@@ -803,6 +911,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "x + attention half of a pre-norm block, one decode token per row", nogil());
   m.def("ffn", &ffn, "a (merged) FFN, GELU or SwiGLU with [gate; up] stacked", nogil());
   m.def("ffn_block", &ffn_block, "x + FFN half of a pre-norm block (GELU or SwiGLU)", nogil());
+  m.def("layers", &layers,
+        "a span of pre-norm blocks (attention, norm, dense or merged-expert FFN groups) for "
+        "one decode token per row", nogil());
   m.def("merge", &merge, "out = base + coeffs @ deltas, streamed once, fp32 accumulation",
         nogil());
   m.def("merge_many", &merge_many,

@@ -159,3 +159,72 @@ def test_merged_ffn_is_one_native_call_with_the_torch_result(kind, monkeypatch):
     monkeypatch.setattr(kernels, "native", lambda: None)
     assert kernels.ffn(x, w["fc1_weight"], None, w["fc2_weight"], None, fused.activation) is None
     torch.testing.assert_close(got, apply_merged(x, w, fused), rtol=1e-5, atol=1e-5)
+
+
+class _CountingNative:
+    """The native module, counting calls by name."""
+
+    def __init__(self, mod):
+        self.mod, self.calls = mod, {}
+
+    def __getattr__(self, name):
+        fn = getattr(self.mod, name)
+
+        def counted(*args, **kwargs):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return counted
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_native_span_gives_the_bits_of_block_by_block(checkpoint, dtype, monkeypatch):
+    """With every row on its merged expert, a decode step is one native `layers` call over all
+    blocks (merged-expert ones included: a group per merged expert, segment sums accumulated
+    in the call), and gives the bits of the same step with the merged-expert FFNs in Python."""
+    span, split = runner(checkpoint, dtype, True), runner(checkpoint, dtype, True)
+    split._native_decode_moe = lambda *a: None  # merged-expert layers through moe.apply
+    modes = ["segment", "prompt", "segment"]  # the prompt-mode row adds to no segment sum
+    prompts = [ids(n, 10 + n, span.cfg.vocab_size) for n in (3, 6, 9)]
+    for r in (span, split):
+        r.strategy = "merged"
+        for slot, (p, mode) in enumerate(zip(prompts, modes)):
+            r.prefill(slot, p, mode)
+    histories = [list(p) for p in prompts]
+    tokens = [p[-1] for p in prompts]
+    counting = _CountingNative(kernels.native())
+    monkeypatch.setattr(kernels, "native", lambda: counting)
+    for _ in range(9):  # crosses segment boundaries (T = 4): merges open mid-decode
+        counting.calls.clear()
+        with torch.no_grad():
+            got = span.decode([0, 1, 2], tokens, histories)
+        assert counting.calls.get("layers") == 1 and "attn_block" not in counting.calls
+        with torch.no_grad():
+            want = split.decode([0, 1, 2], tokens, histories)
+        assert torch.equal(got, want)
+        assert torch.equal(span.seg_sum, split.seg_sum)
+        tokens = got.argmax(-1).tolist()
+        for h, t in zip(histories, tokens):
+            h.append(t)
+    assert len({tuple(st.pool_slots) for st in span.slots[:3]}) > 1  # rows in several groups
+    n = max(len(h) for h in histories)
+    assert torch.equal(span.kv.k[:, :3, :, :n], split.kv.k[:, :3, :, :n])
+    assert torch.equal(span.kv.v[:, :3, :, :n], split.kv.v[:, :3, :, :n])
+
+
+@needs_native
+def test_native_span_refuses_malformed_ffn_groups(checkpoint):
+    """Rows missing from every group, or in two, are an error, not a silent zero FFN."""
+    r = runner(checkpoint, "float32", True)
+    f = r.fused
+    blk = next(b for b in f.blocks if b.ffn is not None)
+    i = f.blocks.index(blk)
+    x = torch.randn(2, r.cfg.d_model)
+    slots, pos = torch.tensor([0, 1]), torch.tensor([0, 0])
+    g = blk.ffn.groups[0]
+    for groups in ([[torch.tensor([0]), *g[1:]]],
+                   [[torch.tensor([0, 1]), *g[1:]], [torch.tensor([1]), *g[1:]]]):
+        with pytest.raises(RuntimeError, match="FFN groups"):
+            kernels.native().layers(
+                x, [f._tensors[i]], list(f._eps[i]), [*f._flags[i], 0, -1], [groups], [None],
+                None, r.kv.k, r.kv.v, slots, pos, None, None, *f.heads, None, None, 1e-5, False)
