@@ -21,8 +21,9 @@ calls, its FFN the routing context's (`moe.apply`), the residual a torch add.
 
 It applies where the native kernels do (a CPU with AVX2/FMA/F16C and the extension built),
 with fp32 activations (fp32 models, or 16-bit weights served in mixed precision), an fp32 KV
-cache, and at most `kernels.MAX_ROWS` rows; `FusedDecode.build` returns None otherwise and the
-runner uses the model's block loop. Every row is computed on its own, so a row's result does not
+cache, and at most `max_rows` rows (`kernels.max_rows` of the weights: 16 for fp32, 8 for
+16-bit); `FusedDecode.build` returns None otherwise, and the runner uses the model's block loop
+for those and for larger batches. Every row is computed on its own, so a row's result does not
 depend on the rest of its batch; against the block loop it differs only by float rounding (its
 norms, activation and rotary arithmetic are its own); a span gives the bits of its blocks run
 one call at a time. Knows nothing about requests or merges.
@@ -92,6 +93,9 @@ class FusedDecode:
         self._tensors = [b.tensors() for b in blocks]
         self._eps = [(b.attn[2], b.norm2.eps) for b in blocks]
         self._flags = [(b.layer, int(b.attn[3]), int(b.norm2.rms)) for b in blocks]
+        # rows per step: the native kernels' limit for the narrowest weights the step reads
+        self.max_rows = min(kernels.max_rows(p.dtype) for p in model.parameters()
+                            if p.dim() == 2)
 
     @classmethod
     def build(cls, model, kv: KVCache, compute: torch.dtype) -> FusedDecode | None:

@@ -147,7 +147,7 @@ def apply_mixture(x: Tensor, moe: MoEWeights, scores: Tensor) -> Tensor:
     hid = moe.kind.hidden([torch.bmm(c.unsqueeze(1), y).squeeze(1)])  # (n, 1, E+1) @ (n, E+1, kh)
     # fc2: per expert e, (c_e · hid) @ w2[e]^T summed over e: (E+1, n, h) @ (E+1, h, d)
     scaled = c.t().unsqueeze(2) * hid.unsqueeze(0)  # (E+1, n, h)
-    if moe.w2.dtype == x.dtype and n > kernels.MAX_ROWS:
+    if moe.w2.dtype == x.dtype and n > kernels.max_rows(moe.w2.dtype):
         out = torch.bmm(scaled, moe.w2.transpose(1, 2)).sum(0)  # (n, d)
     else:  # decode rows, or 16-bit weights under fp32 activations: one streaming pass each
         out = sum(kernels.linear(scaled[e], moe.w2[e]) for e in range(E1))

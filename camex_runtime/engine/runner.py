@@ -22,7 +22,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from camex_runtime import kernels
 from camex_runtime.engine.attention import (DecodeAttention, PackedPrefillAttention,
                                             PrefillAttention)
 from camex_runtime.engine.cost_model import CostModel, StrategyProfile
@@ -99,7 +98,7 @@ class ModelRunner:
         if is_lm:  # key/value heads only (grouped-query attention shares them)
             self.kv = KVCache(self.cfg.n_layer, num_slots, self.cfg.num_key_value_heads, max_len,
                               self.cfg.head_dim, self.device, self.dtype)
-        # decode steps of up to kernels.MAX_ROWS rows through fused native blocks, where they
+        # decode steps of up to fused.max_rows rows through fused native blocks, where they
         # apply (CPU, fp32 activations); else, and for larger batches, the model's block loop
         self.fused = None if self.kv is None else FusedDecode.build(model, self.kv, self.dtype)
         # per slot and MoE layer: scores of the current segment, FFN-input sum of the segment
@@ -506,7 +505,7 @@ class ModelRunner:
                                      sts[b].route1_len, sts[b].prompt_len) for b in turn}
         ids = torch.tensor(tokens, device=self.device)  # (B,)
         moe = _DecodeRouting(self, sts, slots, slots_t, pos, turn, digests)
-        if self.fused is not None and B <= kernels.MAX_ROWS:
+        if self.fused is not None and B <= self.fused.max_rows:
             hidden = self.fused.run(ids, pos_t, slots_t, moe, self.seg_sum)  # (B, d)
         else:
             attn = DecodeAttention(self.kv, DecodeRows.of(slots, pos, slots_t, pos_t),

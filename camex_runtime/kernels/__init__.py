@@ -1,7 +1,8 @@
 """Native CPU kernels for the decode step, chosen per CPU at start-up.
 
-- `linear(x, w, b)` computes `x @ w.T + b` like `F.linear`. For up to 8 rows of fp32 activations
-  (decode steps: one row per running sequence) on an x86 CPU with AVX2, FMA and F16C it runs
+- `linear(x, w, b)` computes `x @ w.T + b` like `F.linear`. For a few rows of fp32 activations
+  (`max_rows`: 16 with fp32 weights, 8 with 16-bit ones; decode steps: one row per running
+  sequence) on an x86 CPU with AVX2, FMA and F16C it runs
   `cpu_decode.cpp`, which streams each weight row from memory once for all rows, widens
   fp16/bf16 weights in registers and splits the output rows over torch's intra-op threads
   (from 4 rows on, an AVX-512 variant where the CPU has it: same bits, more work per load);
@@ -41,10 +42,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 log = logging.getLogger("camex.kernels")
-# Beyond this many rows torch's blocked GEMM is faster (GPT-2-small weights on a Zen 4 core:
-# native vs torch 44.8 vs 43.8 ms at 8 rows, 68.8 vs 57.1 at 16, 118.9 vs 84.7 at 32, fp32).
+# Rows the native kernels take (`max_rows`); beyond them torch's GEMM is as fast or faster.
+# GPT-2-small's block products on a Zen 4 core, native vs torch, one thread / two:
+# - fp32 weights: 8 rows 33.6 vs 33.9 / 17.0 vs 17.2 ms; 10 rows 40.0 vs 45.2 / 20.6 vs 33.6;
+#   16 rows 51.7 vs 52.0 / 26.2 vs 36.2 (earlier, with AVX2 only: 118.9 vs 84.7 at 32 rows);
+# - bf16 weights (torch: the CPU's bf16 GEMM, activations rounded to bf16): 8 rows 22.3 vs 22.6
+#   / 12.0 vs 11.9; 10 rows 27.9 vs 23.7 / 14.0 vs 13.1; 16 rows 40.1 vs 28.5 / 19.9 vs 15.3.
 # Decode batches up to this size are batch-invariant bit for bit; prefill chunks go to torch.
-MAX_ROWS = 8
+MAX_ROWS = 8  # 16-bit weights
+MAX_ROWS_FP32 = 16  # fp32 weights
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 _SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 _lock = threading.Lock()
@@ -98,6 +104,11 @@ def _load():
     return module, f"native ({isa} weight-streaming linear and merge)"
 
 
+def max_rows(weight_dtype: torch.dtype) -> int:
+    """The most activation rows the native kernels take for weights of `weight_dtype`."""
+    return MAX_ROWS_FP32 if weight_dtype == torch.float32 else MAX_ROWS
+
+
 def native():
     """The extension module, or None (loading it once, thread-safe)."""
     if _state["status"] is None:
@@ -118,7 +129,7 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """`F.linear(x, w, b)`; fp32 activations with fp16/bf16 weights are allowed (computed in
     fp32, as the native kernel does)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (0 < rows <= MAX_ROWS and x.dtype == torch.float32 and x.device.type == "cpu"
+    if (0 < rows <= max_rows(w.dtype) and x.dtype == torch.float32 and x.device.type == "cpu"
             and w.stride(-1) == 1 and (b is None or b.dtype == torch.float32)):
         mod = native()
         if mod is not None:
@@ -167,10 +178,10 @@ def ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
         activation: str) -> Tensor | None:
     """`fc2(hidden(fc1(x)))` for a few fp32 rows x (n, d) in one native call: GELU (tanh
     approximation) for activation "gelu_tanh", SwiGLU with [gate; up] stacked in w1 for
-    "swiglu". None where the native kernel does not apply (more than MAX_ROWS rows, not fp32
+    "swiglu". None where the native kernel does not apply (more than `max_rows` rows, not fp32
     on the CPU, another activation, no native kernels): the caller computes it with torch."""
     if not (activation in ("gelu_tanh", "swiglu") and x.dim() == 2
-            and 0 < x.shape[0] <= MAX_ROWS and x.dtype == torch.float32
+            and 0 < x.shape[0] <= max_rows(w1.dtype) and x.dtype == torch.float32
             and x.device.type == "cpu" and x.is_contiguous() and w1.stride(-1) == 1
             and w2.stride(-1) == 1
             and all(b is None or (b.dtype == torch.float32 and b.is_contiguous())

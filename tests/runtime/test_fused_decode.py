@@ -75,10 +75,11 @@ def test_fused_step_equals_the_block_loop(checkpoint, dtype):
 
 @needs_native
 def test_batches_beyond_the_native_row_limit_use_the_block_loop(checkpoint):
-    """More rows than kernels.MAX_ROWS: the model's block loop (torch's GEMM), same results as
-    the fused step gives each row."""
-    B = kernels.MAX_ROWS + 1
+    """More rows than the fused step takes (16 with fp32 weights): the model's block loop
+    (torch's GEMM), same results as the fused step gives each row."""
+    B = kernels.max_rows(torch.float32) + 1
     big, one = runner(checkpoint, "float32", True, slots=B), runner(checkpoint, "float32", True)
+    assert big.fused.max_rows == B - 1
     prompts = [ids(2 + b, b, big.cfg.vocab_size) for b in range(B)]
     for slot, p in enumerate(prompts):
         big.prefill(slot, p, "segment")
@@ -145,16 +146,17 @@ def test_ffn_block_activations_hold_over_the_whole_range(glu):
 @pytest.mark.parametrize("kind", [GELU_FFN, SWIGLU_FFN])
 def test_merged_ffn_is_one_native_call_with_the_torch_result(kind, monkeypatch):
     """apply_merged on decode rows (kernels.ffn; SwiGLU with [gate; up] stacked in fc1)
-    equals its torch path; more rows than kernels.MAX_ROWS go to torch."""
+    equals its torch path; more rows than kernels.max_rows go to torch."""
     torch.manual_seed(0)
     d, f = 24, 40
     fused = kind.fused()
     k = len(kind.in_projs)
     w = {"fc1_weight": torch.randn(k * f, d) / 5, "fc1_bias": torch.randn(k * f),
          "fc2_weight": torch.randn(d, f) / 5, "fc2_bias": torch.randn(d)}
-    x = torch.randn(kernels.MAX_ROWS, d)
+    limit = kernels.max_rows(torch.float32)
+    x = torch.randn(limit, d)
     got = apply_merged(x, w, fused)
-    assert kernels.ffn(torch.randn(kernels.MAX_ROWS + 1, d), w["fc1_weight"], None,
+    assert kernels.ffn(torch.randn(limit + 1, d), w["fc1_weight"], None,
                        w["fc2_weight"], None, fused.activation) is None
     monkeypatch.setattr(kernels, "native", lambda: None)
     assert kernels.ffn(x, w["fc1_weight"], None, w["fc2_weight"], None, fused.activation) is None
@@ -228,3 +230,24 @@ def test_native_span_refuses_malformed_ffn_groups(checkpoint):
             kernels.native().layers(
                 x, [f._tensors[i]], list(f._eps[i]), [*f._flags[i], 0, -1], [groups], [None],
                 None, r.kv.k, r.kv.v, slots, pos, None, None, *f.heads, None, None, 1e-5, False)
+
+
+@needs_native
+def test_bf16_weights_fuse_up_to_their_own_row_limit(checkpoint):
+    """16-bit weights: torch's 16-bit GEMM beats the native kernels beyond 8 rows, so the fused
+    step stops there; batched rows still get each row's own result."""
+    B = kernels.max_rows(torch.bfloat16) + 1
+    big = runner(checkpoint, "bfloat16", True, slots=B)
+    assert big.fused.max_rows == B - 1 < kernels.max_rows(torch.float32)
+    prompts = [ids(2 + b, b, big.cfg.vocab_size) for b in range(B)]
+    for slot, p in enumerate(prompts):
+        big.prefill(slot, p, "segment")
+    with torch.no_grad():
+        batch = big.decode(list(range(B)), [p[-1] for p in prompts], prompts)
+    one = runner(checkpoint, "bfloat16", True)
+    for b in (0, B - 1):
+        one.prefill(0, prompts[b], "segment")
+        with torch.no_grad():
+            alone = one.decode([0], [prompts[b][-1]], [prompts[b]])
+        one.release(0)
+        torch.testing.assert_close(batch[b:b + 1], alone, rtol=2e-2, atol=2e-2)

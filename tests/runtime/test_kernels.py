@@ -89,6 +89,30 @@ def test_avx512_linear_gives_the_avx2_kernels_bits(wdtype):
     assert mod.isa() == "avx512"
 
 
+@pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
+def test_fp32_weights_stay_native_and_batch_invariant_up_to_16_rows(monkeypatch):
+    """fp32 weights: the native kernel up to max_rows(fp32) = 16 rows (torch's GEMM was no
+    faster there), every row the bits it gets alone; one row more goes to torch."""
+    torch.manual_seed(3)
+    w, b = torch.randn(40, 56), torch.randn(40)
+    limit = kernels.max_rows(torch.float32)
+    assert limit == 16 and kernels.max_rows(torch.bfloat16) == kernels.MAX_ROWS == 8
+    x = torch.randn(limit + 1, 56)
+    calls = []
+    mod = kernels.native()
+
+    class Spy:
+        def linear(self, *args):
+            calls.append(args[0].shape[0])
+            return mod.linear(*args)
+    monkeypatch.setattr(kernels, "native", lambda: Spy())
+    batch = kernels.linear(x[:limit], w, b)
+    alone = [kernels.linear(x[i:i + 1], w, b) for i in range(limit)]
+    assert torch.equal(batch, torch.cat(alone))
+    kernels.linear(x, w, b)
+    assert calls == [limit] + [1] * limit  # the 17-row call went to torch
+
+
 def test_large_row_counts_and_16bit_activations_go_to_torch():
     """More rows than a decode batch: torch's GEMM. 16-bit weights with fp32 activations use
     the CPU's native 16-bit GEMM where it has one (activations rounded to 16 bits), else the
