@@ -6,6 +6,7 @@ engine/server test runs in seconds on 2 CPU cores.
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -21,6 +22,15 @@ TINY_TEXT = [
     "hello world, this is a tiny corpus for a tiny tokenizer!",
     "numbers 0 1 2 3 4 5 6 7 8 9 and punctuation ; : ? ' \" ( ) [ ]",
 ]
+
+
+@pytest.fixture(autouse=True)
+def _unfreeze_gc():
+    """Engine.warmup freezes the heap (gc.freeze), as a server process should once; in the
+    test process that would keep every later-dead engine's reference cycles, and their
+    tensors, forever. Each test ends with the heap collectable again."""
+    yield
+    gc.unfreeze()
 
 
 def make_tokenizer(out_dir: Path, vocab_size: int = 320):
