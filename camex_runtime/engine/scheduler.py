@@ -119,7 +119,10 @@ class PrefillPacer:
     The decode time is the fastest of the last `window` decodes, the token time a moving
     average (weight `alpha` on the newest): when the machine slows down for a while (a noisy
     neighbour), the token time rises and the decode baseline does not, so the prefill shrinks
-    instead of growing with the slow decodes. No bound until both were measured."""
+    instead of growing with the slow decodes. What the last decode took beyond the baseline is
+    taken off the next step's prompt work: when short prompts joined and 10 rows decode
+    instead of 8, their steps (1.2 decodes plus the prefill) were the slowest of a long
+    prefill (GPT-2-small, 7+1 experts, fp32, one core). No bound until both were measured."""
 
     def __init__(self, ratio: float, burst: int, alpha: float = 0.25, window: int = 16):
         if ratio <= 0:
@@ -135,10 +138,14 @@ class PrefillPacer:
         return min(self._decodes) if self._decodes else None
 
     def rate(self) -> float | None:
-        """Sustained prompt work per step, in prompt tokens."""
+        """Sustained prompt work per step, in prompt tokens: `ratio` x the baseline decode, less
+        what the last decode took beyond it (more rows decoding — short prompts that joined —,
+        or a slow stretch of the machine), so the step as a whole stays near (1 + ratio)
+        baseline decodes."""
         if self.decode_s is None or not self.token_s:
             return None
-        return self.ratio * self.decode_s / self.token_s
+        excess = max(0.0, self._decodes[-1] - self.decode_s)
+        return max(0.0, self.ratio * self.decode_s - excess) / self.token_s
 
     def record_decode(self, seconds: float) -> None:
         self._decodes.append(seconds)

@@ -357,8 +357,9 @@ def test_a_layer_by_layer_span_completes_when_the_decoders_finish(lm):
 
 
 def test_the_pacer_sizes_prompt_work_to_the_decode_time():
-    """The sustained rate is ratio x (decode time / time per prompt token of work) per step,
-    from the fastest recent decode and the average token time; steps without prompt work bank
+    """The sustained rate is (ratio x decode time - the last decode's excess over it) / time
+    per prompt token of work per step, from the fastest recent decode and the average token
+    time; steps without prompt work bank
     their rate up to the burst, which the next step with prompt work may spend at once; no
     bound until both times were measured."""
     p = PrefillPacer(1.0, burst=64, alpha=0.5, window=3)
@@ -375,10 +376,16 @@ def test_the_pacer_sizes_prompt_work_to_the_decode_time():
     p.spend(0)  # a step without prompt work banks its rate
     assert p.budget() == 50
     p.spend(3)
-    p.record_decode(0.300)  # a slow step (noise, a merge): the baseline stays
-    p.record_prefill(10, 0.080)  # prefill got slower too: the average moves halfway
-    assert p.decode_s == 0.100 and p.rate() == pytest.approx(0.1 / 0.006)
-    assert p.budget() == 16
+    p.record_decode(0.130)  # a slower decode (more rows, noise): the baseline stays, and
+    p.record_prefill(10, 0.080)  # its excess comes off the prompt work; prefill got slower
+    assert p.decode_s == 0.100  # too: the average moves halfway
+    assert p.rate() == pytest.approx((0.1 - 0.03) / 0.006)
+    assert p.budget() == 11
+    p.spend(11)
+    p.record_decode(0.300)  # a decode beyond (1 + ratio) baselines: no prompt work but the
+    assert p.rate() == 0 and p.budget() == 1  # token every prefill advances by
+    p.record_decode(0.100)
+    assert p.rate() == pytest.approx(0.1 / 0.006)
     for _ in range(3):  # the batch grew for good: the window forgets the old baseline
         p.record_decode(0.200)
     assert p.rate() == pytest.approx(0.2 / 0.006)
