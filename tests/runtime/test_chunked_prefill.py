@@ -446,6 +446,28 @@ def test_short_prompts_without_merges_join_whole_or_wait():
     assert not s.prefilling and s.num_waiting == 0
 
 
+def test_the_token_time_comes_from_chunks_without_routing_decisions(lm, monkeypatch):
+    """A chunk that makes a routing decision is priced by the cost model, not timed: once a
+    plain chunk gave the token time, decision chunks do not move it (before one, they are all
+    there is to measure)."""
+    path, _ = lm
+    engine = Engine.from_pretrained(path, max_batch_size=2)
+    costs = {0: 30}  # a chunk starting at 0 makes a decision worth 30 tokens
+
+    class Req:
+        num_prompt_tokens = 100
+    monkeypatch.setattr(engine, "_chunk_cost", lambda req, start, n: costs.get(start, 0))
+    monkeypatch.setattr(engine.scheduler, "is_paced", lambda req: True)
+    pacer = engine.pacer
+    engine._pace([Req()], [(None, 10)], [0], 0.080, True)  # 40 work tokens: the bootstrap
+    assert pacer.token_s == pytest.approx(0.002)
+    engine._pace([Req()], [(None, 10)], [10], 0.050, True)  # plain: 5 ms per token
+    first = pacer.token_s
+    assert first == pytest.approx(0.002 + pacer.alpha * 0.003)
+    engine._pace([Req()], [(None, 10)], [0], 0.010, True)  # a cheap decision: not timed
+    assert pacer.token_s == first and pacer.credit == 0  # but its work is spent
+
+
 def test_a_cpu_engine_paces_its_chunked_steps_by_measured_time(lm, monkeypatch):
     """The engine times its decodes and prefill chunks, and hands the scheduler the pacer's
     bound: a slow-prefill bound spreads a long prompt over more steps than the token budget
