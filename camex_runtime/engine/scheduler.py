@@ -109,20 +109,27 @@ class PrefillPacer:
     8-token prompts next to 8 streams made 0.3-0.6 s steps).
 
     The engine reports how long its steps' decodes take and how long paced prompts' prefill
-    chunks take per prompt token of work (tokens plus chunk costs, the scheduler's unit). The
-    sustained rate is `ratio` x the decode time in prompt tokens per step, so a paced prefill's
+    chunks take for their work (prompt tokens plus chunk costs, the scheduler's unit). The
+    sustained rate is the work that fits in `ratio` x the decode time per step, so a paced prefill's
     steps last about (1 + ratio) decode steps. Steps without paced work bank their rate, up to
     `burst` tokens (at most the token budget; the engine uses 64), and a paced prefill's first
     step may spend it all, then runs at the sustained rate (a bank that drained over several
     steps made several slow steps in a row, which is what a p99 sees).
 
-    The decode time is the fastest of the last `window` decodes, the token time a moving
-    average (weight `alpha` on the newest): when the machine slows down for a while (a noisy
-    neighbour), the token time rises and the decode baseline does not, so the prefill shrinks
-    instead of growing with the slow decodes. What the last decode took beyond the baseline is
-    taken off the next step's prompt work: when short prompts joined and 10 rows decode
-    instead of 8, their steps (1.2 decodes plus the prefill) were the slowest of a long
-    prefill (GPT-2-small, 7+1 experts, fp32, one core). No bound until both were measured."""
+    The decode time is the fastest of the last `window` decodes: when the machine slows down
+    for a while (a noisy neighbour), the chunk times rise and the decode baseline does not, so
+    the prefill shrinks instead of growing with the slow decodes. What the last decode took
+    beyond the baseline is taken off the next step's prompt work: when short prompts joined
+    and 10 rows decode instead of 8, their steps (1.2 decodes plus the prefill) were the
+    slowest of a long prefill (GPT-2-small, 7+1 experts, fp32, one core).
+
+    A chunk's time is affine in its work, `fixed_s + token_s x work`: every chunk is a pass over
+    all the weights whatever its size (~35 ms of a 1-token chunk there, against ~3.5 ms per
+    further token). Both come from an exponentially weighted least-squares fit over recent
+    chunks (weight `alpha` on the newest); a time per token alone, inflated by the fixed part
+    of small chunks, cut the next chunks smaller still, down to one token a step. Until the
+    chunk sizes seen vary, the fit is a time per token. No bound until a decode and a chunk
+    were measured."""
 
     def __init__(self, ratio: float, burst: int, alpha: float = 0.25, window: int = 16):
         if ratio <= 0:
@@ -130,6 +137,9 @@ class PrefillPacer:
         self.ratio, self.burst, self.alpha = ratio, burst, alpha
         self.credit = float(burst)  # banked by steps without prompt work, up to `burst`
         self._decodes: deque[float] = deque(maxlen=window)
+        # weighted sums over timed chunks: weight, work, seconds, work^2, work x seconds
+        self._fit = [0.0] * 5
+        self.fixed_s = 0.0  # a chunk's time beside its work
         self.token_s: float | None = None  # one prompt token of prefill work
 
     @property
@@ -138,23 +148,34 @@ class PrefillPacer:
         return min(self._decodes) if self._decodes else None
 
     def rate(self) -> float | None:
-        """Sustained prompt work per step, in prompt tokens: `ratio` x the baseline decode, less
-        what the last decode took beyond it (more rows decoding — short prompts that joined —,
-        or a slow stretch of the machine), so the step as a whole stays near (1 + ratio)
-        baseline decodes."""
+        """Sustained prompt work per step, in prompt tokens: what fits in `ratio` x the
+        baseline decode, less what the last decode took beyond it and a chunk's fixed time,
+        so the step as a whole stays near (1 + ratio) baseline decodes."""
         if self.decode_s is None or not self.token_s:
             return None
         excess = max(0.0, self._decodes[-1] - self.decode_s)
-        return max(0.0, self.ratio * self.decode_s - excess) / self.token_s
+        return max(0.0, self.ratio * self.decode_s - excess - self.fixed_s) / self.token_s
 
     def record_decode(self, seconds: float) -> None:
         self._decodes.append(seconds)
 
     def record_prefill(self, work_tokens: int, seconds: float) -> None:
-        if work_tokens > 0:
-            per = seconds / work_tokens
-            self.token_s = per if self.token_s is None else \
-                self.token_s + self.alpha * (per - self.token_s)
+        if work_tokens <= 0:
+            return
+        keep = 1.0 - self.alpha if self.token_s is not None else 0.0
+        w, t = float(work_tokens), seconds
+        self._fit = [keep * a + b for a, b in zip(self._fit, (1.0, w, t, w * w, w * t))]
+        n, sw, st, sww, swt = self._fit
+        spread = n * sww - sw * sw  # n^2 x the weighted variance of the work
+        fixed, per = 0.0, st / sw
+        if spread > n * n:  # sizes vary by more than a token: fit the fixed part too
+            slope = (n * swt - sw * st) / spread
+            intercept = (st - slope * sw) / n
+            # a fit that leaves the tokens almost nothing (two sizes timed alike) or gives a
+            # negative or larger-than-average fixed part is noise: keep the time per token
+            if slope > 0.05 * st / sw and 0 <= intercept <= st / n:
+                fixed, per = intercept, slope
+        self.fixed_s, self.token_s = fixed, per
 
     def budget(self) -> int | None:
         """This step's bound (call once per step): the bank, with this step's rate added."""

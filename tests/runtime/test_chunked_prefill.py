@@ -461,11 +461,33 @@ def test_the_token_time_comes_from_chunks_without_routing_decisions(lm, monkeypa
     pacer = engine.pacer
     engine._pace([Req()], [(None, 10)], [0], 0.080, True)  # 40 work tokens: the bootstrap
     assert pacer.token_s == pytest.approx(0.002)
-    engine._pace([Req()], [(None, 10)], [10], 0.050, True)  # plain: 5 ms per token
-    first = pacer.token_s
-    assert first == pytest.approx(0.002 + pacer.alpha * 0.003)
+    engine._pace([Req()], [(None, 10)], [10], 0.050, True)  # plain chunks are timed
+    first = (pacer.fixed_s, pacer.token_s)
+    assert first != (0.0, 0.002)
     engine._pace([Req()], [(None, 10)], [0], 0.010, True)  # a cheap decision: not timed
-    assert pacer.token_s == first and pacer.credit == 0  # but its work is spent
+    assert (pacer.fixed_s, pacer.token_s) == first and pacer.credit == 0  # its work is spent
+
+
+def test_the_pacer_fits_a_chunks_fixed_time_and_its_time_per_token():
+    """Every chunk is a pass over all the weights: its time is affine in its work, and the
+    prompt work per step is what fits after the fixed part (a time per token alone, inflated
+    by small chunks, shrank the next chunks to a token a step)."""
+    p = PrefillPacer(1.0, burst=64)
+    p.record_decode(0.100)
+    for w in (20, 20, 20):  # one size: no fixed part to tell apart, a time per token
+        p.record_prefill(w, 0.035 + 0.003 * w)
+    assert p.fixed_s == 0 and p.token_s == pytest.approx(0.095 / 20)
+    for w in (1, 5, 30, 1, 25, 12):
+        p.record_prefill(w, 0.035 + 0.003 * w)
+    assert p.fixed_s == pytest.approx(0.035) and p.token_s == pytest.approx(0.003)
+    assert p.rate() == pytest.approx((0.100 - 0.035) / 0.003)
+    p.record_decode(0.130)  # the excess and the fixed part both come off
+    assert p.rate() == pytest.approx((0.100 - 0.030 - 0.035) / 0.003)
+    noisy = PrefillPacer(1.0, burst=64, alpha=0.5)
+    noisy.record_prefill(10, 0.020)
+    noisy.record_prefill(40, 0.140)  # a line through these has a negative fixed part: noise,
+    assert noisy.fixed_s == 0  # so the time per token (weighted) stands
+    assert noisy.token_s == pytest.approx((0.5 * 0.020 + 0.140) / (0.5 * 10 + 40))
 
 
 def test_a_cpu_engine_paces_its_chunked_steps_by_measured_time(lm, monkeypatch):
