@@ -12,10 +12,10 @@
   each row over its own cached positions (fp32), in one call instead of a dozen small ops and
   a general attention kernel sized for long queries; None where it does not apply.
 - `native().layers(...)`: a span of pre-norm blocks for a few fp32 rows in one call (GIL
-  released once), each block's FFN dense or a group of merged experts; `native().attn_block`,
-  `ffn_block`, `norm`: one block's halves (the fused decode step, engine/fused_decode.py, which
-  checks where they apply); `ffn(...)` a merged expert's FFN the same way, or None where it
-  does not apply.
+  released once), each block's FFN dense or a group of merged experts; `native().attn_block`
+  and `norm`: a block's attention half and a norm alone, for a layer that breaks the span (the
+  fused decode step, engine/fused_decode.py, which checks where they apply); `ffn(...)` a
+  merged expert's FFN in one call, or None where it does not apply.
 - `merge(base, deltas, coeffs, out)` writes `base + coeffs @ deltas` (one merged expert) in one
   pass over the weights, in their own dtype with fp32 accumulation; elsewhere `torch.addmm`.
   `merge_many` writes several (rows that opened segments in the same step) in one pass.

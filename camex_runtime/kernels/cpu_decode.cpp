@@ -744,27 +744,6 @@ void ffn_into(const float* h, int64_t B, int64_t d, const c10::optional<torch::T
   linear_into(hid, B, f, w_down, fp32_or_null(b_down, d, "down bias"), y);
 }
 
-// x (B, d) + FFN(norm(x)) (see ffn_into; a dense block's FFN half)
-torch::Tensor ffn_block(const torch::Tensor& x, const torch::Tensor& norm_w,
-                        const c10::optional<torch::Tensor>& norm_b, double eps, bool rms,
-                        const c10::optional<torch::Tensor>& w_gate,
-                        const c10::optional<torch::Tensor>& b_gate, const torch::Tensor& w_up,
-                        const c10::optional<torch::Tensor>& b_up, const torch::Tensor& w_down,
-                        const c10::optional<torch::Tensor>& b_down) {
-  check_rows(x);
-  const int64_t B = x.size(0), d = x.size(1);
-  auto h = torch::empty({B, d}, x.options());
-  auto y = torch::empty({B, d}, x.options());
-  norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(norm_w, d, "norm weight"),
-            fp32_or_null(norm_b, d, "norm bias"), !rms, eps, h.data_ptr<float>());
-  ffn_into(h.data_ptr<float>(), B, d, w_gate, b_gate, w_up, b_up, w_down, b_down, false,
-           y.data_ptr<float>());
-  float* yp = y.data_ptr<float>();
-  const float* xp = x.data_ptr<float>();
-  for (int64_t i = 0; i < B * d; ++i) yp[i] += xp[i];
-  return y;
-}
-
 // FFN(h) for h (B, d) with [gate; up] stacked in w1 when `glu`, else GELU (a merged expert
 // from the pool, merge_cache's layout)
 torch::Tensor ffn(const torch::Tensor& h, const torch::Tensor& w1,
@@ -910,7 +889,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attn_block", &attn_block,
         "x + attention half of a pre-norm block, one decode token per row", nogil());
   m.def("ffn", &ffn, "a (merged) FFN, GELU or SwiGLU with [gate; up] stacked", nogil());
-  m.def("ffn_block", &ffn_block, "x + FFN half of a pre-norm block (GELU or SwiGLU)", nogil());
   m.def("layers", &layers,
         "a span of pre-norm blocks (attention, norm, dense or merged-expert FFN groups) for "
         "one decode token per row", nogil());
