@@ -426,9 +426,9 @@ class Engine:
 
     def _pace(self, reqs, plan, starts, seconds: float, chunked: bool) -> None:
         """The pacer's measurements of one packed prefill that carried paced work, which a
-        chunked step spends from the pacer's bank: its time per prompt token of work (tokens
-        plus chunk costs, the scheduler's unit), taken from prefills without routing decisions
-        once there was one. A decision's merges are priced by the cost model, not timed, and
+        chunked step spends from the pacer's bank: its time for its work (tokens plus chunk
+        costs, the scheduler's unit), taken from prefills without routing decisions once there
+        was one. A decision's merges are priced by the cost model, not timed, and
         that price is not their time (GPT-2-small, 7+1 experts, fp32, one core: 39 tokens'
         worth, ~144 ms at the prompt's token time, against ~72 ms of merges), so mixing them in
         made the token time swing from 5 to 2.6 ms and the next plain chunks run 40-50 %

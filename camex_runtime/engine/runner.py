@@ -640,7 +640,13 @@ class _DecodeRouting:
         self.runner, self.sts, self.slots, self.slots_t = runner, sts, slots, slots_t
         self.pos, self.turn, self.digests = pos, turn, digests
         self.groups: dict[int, dict[int, list[int]]] = {}  # planned, not yet applied
-        self.acc_slots: Tensor | None | bool = False  # plan's segment-sum slots (False: unset)
+
+    @functools.cached_property
+    def acc_slots(self) -> Tensor | None:
+        """(B,): each row's slot, whose segment sums take its FFN inputs; -1 for a row in
+        prompt mode (None: no row sums), the same for every layer of the step."""
+        acc = [s if st.mode == "segment" else -1 for s, st in zip(self.slots, self.sts)]
+        return None if max(acc) < 0 else torch.tensor(acc)
 
     def plan(self, layer: int) -> FFNSpec | None:
         """Plan the layer's FFN now (in layer order, before the step runs); its native spec,
@@ -649,9 +655,6 @@ class _DecodeRouting:
         groups = r._plan_decode_moe(m, self.sts, self.slots_t, self.pos, self.turn,
                                     self.digests)
         self.groups[m] = groups
-        if self.acc_slots is False:  # the same for every layer: made once per step
-            acc = [s if st.mode == "segment" else -1 for s, st in zip(self.slots, self.sts)]
-            self.acc_slots = None if max(acc) < 0 else torch.tensor(acc)
         return r._native_decode_moe(m, groups, self.acc_slots)
 
     def apply(self, layer: int, h: Tensor) -> Tensor:  # h (B, 1, d)
