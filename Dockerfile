@@ -65,6 +65,20 @@ COPY loadtest ./loadtest
 # torch is already satisfied by the variant above (2.13.0+cpu matches the ==2.13.0 pin).
 RUN pip install .
 
+# The native CPU decode kernels (camex_runtime/kernels), compiled once here, from the installed
+# package (`-P`: not the sources in the working directory), so that the runtime image needs no compiler and a container never compiles at
+# start-up (without them it would serve with torch's slower kernels). x86-64 only: they use
+# AVX2/FMA/F16C, and pick AVX-512 at run time where the serving CPU has it.
+ENV CAMEX_KERNELS_DIR=/opt/camex/kernels
+# hadolint ignore=DL3008
+RUN mkdir -p "$CAMEX_KERNELS_DIR" \
+    && if [ "$(uname -m)" = "x86_64" ]; then \
+        apt-get update \
+        && apt-get install -y --no-install-recommends g++ \
+        && rm -rf /var/lib/apt/lists/* \
+        && python -P -m camex_runtime.kernels; \
+    fi
+
 # Only the folded checkpoints are served; the training runs (optimizer state, curves) stay behind.
 ENV CAMEX_DEMO_DIR=/opt/camex/demo
 RUN mkdir -p "$CAMEX_DEMO_DIR" \
@@ -84,6 +98,7 @@ RUN groupadd --gid 10001 camex \
         --shell /usr/sbin/nologin camex
 
 COPY --from=builder /opt/venv /opt/venv
+COPY --from=builder /opt/camex/kernels /opt/camex/kernels
 # The trainer writes owner-only files; the server user must be able to read them.
 COPY --from=builder --chown=10001:10001 /opt/camex/demo /opt/camex/demo
 
@@ -92,6 +107,7 @@ COPY --from=builder --chown=10001:10001 /opt/camex/demo /opt/camex/demo
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     CAMEX_DEMO_DIR=/opt/camex/demo \
+    CAMEX_KERNELS_DIR=/opt/camex/kernels \
     CAMEX_HOST=0.0.0.0 \
     CAMEX_PORT=8080 \
     HF_HOME=/home/camex/.cache/huggingface

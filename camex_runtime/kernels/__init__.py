@@ -19,10 +19,10 @@
 - `merge(base, deltas, coeffs, out)` writes `base + coeffs @ deltas` (one merged expert) in one
   pass over the weights, in their own dtype with fp32 accumulation; elsewhere `torch.addmm`.
   `merge_many` writes several (rows that opened segments in the same step) in one pass.
-The extension is compiled on first use with torch's C++-extension builder
-(a C++ compiler and ninja; cached under $TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)
-and loaded only on a CPU that has those instructions. Where it cannot be had, `linear` is
-plain `F.linear` and `status()` says why.
+The extension is compiled on first use with torch's C++-extension builder (a C++ compiler and
+ninja; `build.py` says where it is cached, how concurrent and interrupted builds are handled,
+and how an image ships it prebuilt) and loaded only on a CPU that has those instructions. Where
+it cannot be had, `linear` is plain `F.linear` and `status()` says why.
 
 `CAMEX_KERNELS` chooses: `auto` (default: native where available), `torch` (never native),
 `native` (fail loudly where unavailable). Knows nothing about models.
@@ -33,13 +33,14 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from camex_runtime.kernels import build
 
 log = logging.getLogger("camex.kernels")
 # Rows the native kernels take (`max_rows`); beyond them torch's GEMM is as fast or faster.
@@ -49,10 +50,11 @@ log = logging.getLogger("camex.kernels")
 # - bf16 weights (torch: the CPU's bf16 GEMM, activations rounded to bf16): 8 rows 22.3 vs 22.6
 #   / 12.0 vs 11.9; 10 rows 27.9 vs 23.7 / 14.0 vs 13.1; 16 rows 40.1 vs 28.5 / 19.9 vs 15.3.
 # Decode batches up to this size are batch-invariant bit for bit; prefill chunks go to torch.
+# the environment this module reads (deploy files may set them; tests check the names)
+ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR")
 MAX_ROWS = 8  # 16-bit weights
 MAX_ROWS_FP32 = 16  # fp32 weights
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
-_SOURCE = Path(__file__).with_name("cpu_decode.cpp")
 _lock = threading.Lock()
 _state: dict = {"module": None, "status": None}
 
@@ -82,18 +84,7 @@ def _load():
     module = None
     if reason is None:
         try:
-            from torch.utils.cpp_extension import load
-
-            # the builder runs `ninja` from PATH: the venv's (pip's ninja) when not activated
-            bindir = os.path.dirname(sys.executable)
-            if bindir not in os.environ.get("PATH", "").split(os.pathsep):
-                os.environ["PATH"] = bindir + os.pathsep + os.environ.get("PATH", "")
-            # -fopenmp: at::parallel_for is OpenMP code in torch's headers, serial without it;
-            # the library then binds to the libgomp torch has loaded (one thread pool, whose
-            # size torch.set_num_threads sets)
-            module = load("camex_cpu_decode", [str(_SOURCE)], verbose=False,
-                          extra_cflags=["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp"],
-                          extra_ldflags=["-fopenmp"])
+            module = build.load_module()
         except Exception as e:  # no compiler, no ninja, a read-only cache: serve with torch
             reason = f"the extension did not build ({type(e).__name__}: {str(e)[:200]})"
     if module is None:

@@ -103,14 +103,42 @@ def test_build_image_script_is_valid_bash():
 
 
 def test_every_camex_variable_is_a_server_setting():
-    """CAMEX_* names in the image, compose and k8s files are real server options."""
+    """CAMEX_* names in the image, compose and k8s files are real server options (or the
+    kernels' own variables)."""
     import dataclasses
 
+    from camex_runtime import kernels
     from server.settings import ServerSettings, env_name
 
-    known = {env_name(f.name) for f in dataclasses.fields(ServerSettings)}
+    known = {env_name(f.name) for f in dataclasses.fields(ServerSettings)} | set(kernels.ENV_VARS)
     files = [DOCKERFILE, DEPLOY / "docker-compose.yml", *sorted(DEPLOY.glob("k8s/**/*.yaml"))]
     for path in files:
         used = set(re.findall(r"\bCAMEX_[A-Z_]+\b", path.read_text()))
         unknown = used - known
         assert not unknown, f"{path.relative_to(ROOT)} sets unknown options {unknown}"
+
+
+def test_native_kernels_are_prebuilt_and_shipped_in_the_runtime_image():
+    """Without them a container serves with torch's kernels: the slim runtime has no compiler."""
+    builder = instructions()[:len(instructions()) - len(final_stage())]
+    build = [rest for word, rest in builder if word == "RUN" and "camex_runtime.kernels" in rest]
+    assert build and "g++" in build[0] and "python -P -m" in build[0]  # the installed copy
+    assert ("ENV", "CAMEX_KERNELS_DIR=/opt/camex/kernels") in builder
+    stage = final_stage()
+    assert ("COPY", "--from=builder /opt/camex/kernels /opt/camex/kernels") in stage
+    assert "CAMEX_KERNELS_DIR=/opt/camex/kernels" in dict(stage)["ENV"]
+
+
+def test_the_wheel_carries_the_native_kernels_source(tmp_path):
+    """`pip install .` (the image does) must install cpu_decode.cpp next to its loader."""
+    import sys
+    import zipfile
+
+    res = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps",
+                          "--no-build-isolation", "-q", "-w", str(tmp_path), str(ROOT)],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (wheel,) = tmp_path.glob("camex_serve-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "camex_runtime/kernels/cpu_decode.cpp" in names
+    assert "camex_runtime/kernels/build.py" in names
