@@ -25,6 +25,7 @@ A script that measures and reports; it asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -65,6 +66,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="requests at the concurrent level (2 x concurrency; quick 1 x)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per request (64; quick 16)")
     p.add_argument("--prompt-tokens", type=int, default=32)
+    p.add_argument("--client-cpus", default="auto",
+                   help="CPUs the load generator (this process) is confined to while it measures: "
+                        "'auto' (the first CPU, when the servers' threads leave one free), "
+                        "'none', or a comma-separated list")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=None,
                    help="models and GGUF files (default ~/.cache/camex-serve/peer/<full|quick>)")
@@ -93,6 +98,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.out = args.out or ROOT / "benchmarks" / "results" / (
         "peer-llamacpp-quick.json" if args.quick else "peer-llamacpp.json")
     return args
+
+
+def client_cpus(setting: str, threads: int) -> list[int] | None:
+    """Where the client runs while it measures (None: anywhere). On a small machine the
+    client's per-token work lands next to a server's compute thread or not, by chance: on two
+    cores at one compute thread, the same camex-server's B=1 inter-token latency was 9.9-10.5 ms
+    with the client confined to one CPU and 10.2-12.4 ms unconfined. 'auto' confines it to the
+    first CPU when the servers' compute threads leave at least one CPU free, so both servers
+    see the same placement."""
+    available = sorted(os.sched_getaffinity(0))
+    if setting == "none":
+        return None
+    if setting == "auto":
+        return available[:1] if threads < len(available) else None
+    cpus = [int(c) for c in setting.split(",")]
+    if not set(cpus) <= set(available):
+        raise SystemExit(f"--client-cpus {setting}: this process may run on {available} only")
+    return cpus
+
+
+@contextlib.contextmanager
+def confined(cpus: list[int] | None):
+    """This process (the client) on `cpus` for the block; the servers were started before
+    and keep theirs."""
+    if cpus is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cpus)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 def make_plan(args: argparse.Namespace, prompts: list[str]) -> dict:
@@ -133,14 +171,17 @@ def http_run(system: str, pair: str, threads: int, rnd: int, plan: dict, paths: 
     with ServerProcess(cmd, port, log_path, args.startup_timeout, ready) as server:
         ready_s = time.monotonic() - t0
         levels = []
+        cpus = client_cpus(args.client_cpus, threads)
         for level in plan["levels"]:
             c = level["concurrency"]
-            peer_client.measure(server.url, api, level["warmup_prompts"], c,
-                                plan["warmup_new_tokens"])
-            with CpuMeter([server.proc.pid, os.getpid()]) as cpu:
-                result = peer_client.measure(server.url, api, level["prompts"], c,
-                                             plan["max_new_tokens"])
-            levels.append({"concurrency": c, **result.to_dict(), "cpu": cpu.result})
+            with confined(cpus):
+                peer_client.measure(server.url, api, level["warmup_prompts"], c,
+                                    plan["warmup_new_tokens"])
+                with CpuMeter([server.proc.pid, os.getpid()]) as cpu:
+                    result = peer_client.measure(server.url, api, level["prompts"], c,
+                                                 plan["max_new_tokens"])
+            levels.append({"concurrency": c, **result.to_dict(), "cpu": cpu.result,
+                           "client_cpus": cpus})
             report = result.report
             print(f"  {system:<12} {pair} t={threads} round {rnd} c={c}: "
                   f"{report.output_token_throughput:7.1f} tok/s, "
@@ -224,7 +265,8 @@ def main(argv: list[str] | None = None) -> int:
                         "systems": args.systems, "runs": args.runs, "concurrency": args.concurrency,
                         "b1_requests": args.b1_requests,
                         "concurrent_requests": args.concurrent_requests,
-                        "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens},
+                        "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
+                        "client_cpus": args.client_cpus},
            "runs": runs}
     doc["rows"] = summarize(doc)
     args.out.parent.mkdir(parents=True, exist_ok=True)

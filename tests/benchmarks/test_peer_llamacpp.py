@@ -14,6 +14,7 @@ Building llama.cpp (minutes) never runs here. Asserts nothing about speed.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,9 @@ def test_quick_camex_side_end_to_end(models, tmp_path):
             if run["kind"] == "engine":
                 assert lv["prompt_tokens"] == [32]  # the engine tokenizes the text as planned
         if run["kind"] == "http":
+            cpus = sorted(os.sched_getaffinity(0))
+            assert all(lv["client_cpus"] == (cpus[:1] if len(cpus) > 1 else None)
+                       for lv in run["levels"])
             assert ("--threads" in run["cmd"]
                     and run["cmd"][run["cmd"].index("--dtype") + 1] == "float32")
     dense = next(r for r in doc["rows"] if r["system"] == "camex-dense")
@@ -151,6 +155,21 @@ def fake_run(kind: str, system: str, rnd: int, b1: float, conc: float,
                 "report": {"output_token_throughput": tok_s, "ttft": stats, "itl": stats}}
     return {"kind": kind, "system": system, "dtype_pair": "fp32", "threads": 1, "round": rnd,
             "levels": [level(1, b1), level(8, conc)]}
+
+
+def test_client_is_confined_only_where_the_servers_leave_a_cpu():
+    import peer_llamacpp
+
+    cpus = sorted(os.sched_getaffinity(0))
+    assert peer_llamacpp.client_cpus("auto", len(cpus)) is None  # every CPU computes
+    assert peer_llamacpp.client_cpus("auto", len(cpus) - 1) == cpus[:1]
+    assert peer_llamacpp.client_cpus("none", 1) is None
+    assert peer_llamacpp.client_cpus(str(cpus[-1]), 1) == [cpus[-1]]
+    with pytest.raises(SystemExit, match="may run on"):
+        peer_llamacpp.client_cpus("4096", 1)
+    with peer_llamacpp.confined(cpus[-1:]):
+        assert os.sched_getaffinity(0) == {cpus[-1]}
+    assert sorted(os.sched_getaffinity(0)) == cpus  # restored for the servers started next
 
 
 def test_report_ratios_are_per_round_against_llama():
