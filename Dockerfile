@@ -68,13 +68,18 @@ RUN pip install .
 # The native CPU decode kernels (camex_runtime/kernels), compiled once here, from the installed
 # package (`-P`: not the sources in the working directory), so that the runtime image needs no compiler and a container never compiles at
 # start-up (without them it would serve with torch's slower kernels). x86-64 only: they use
-# AVX2/FMA/F16C, and pick AVX-512 at run time where the serving CPU has it.
+# AVX2/FMA/F16C, and pick AVX-512 at run time where the serving CPU has it. Python's headers
+# come with the python image; a Debian-python base (deploy/build_image.sh) needs python3-dev.
 ENV CAMEX_KERNELS_DIR=/opt/camex/kernels
 # hadolint ignore=DL3008
 RUN mkdir -p "$CAMEX_KERNELS_DIR" \
     && if [ "$(uname -m)" = "x86_64" ]; then \
-        apt-get update \
+        headers="$(python -c 'import sysconfig; print(sysconfig.get_paths()["include"])')" \
+        && apt-get update \
         && apt-get install -y --no-install-recommends g++ \
+        && if [ ! -f "$headers/Python.h" ]; then \
+            apt-get install -y --no-install-recommends python3-dev; \
+        fi \
         && rm -rf /var/lib/apt/lists/* \
         && python -P -m camex_runtime.kernels; \
     fi

@@ -162,6 +162,14 @@ with urllib.request.urlopen(req, timeout=120) as res:
     out = json.loads(res.read())
 assert res.status == 200 and isinstance(out.get("generated_text"), str), out
 print("POST /generate -> 200:", repr(out["generated_text"]))
+# the image ships prebuilt native kernels: on a CPU that can run them, they must serve
+info = json.loads(urllib.request.urlopen(url + "/info", timeout=10).read())
+kernels = {kind: m.get("kernels") for kind, m in info["models"].items()}
+print("kernels:", kernels)
+flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo")
+              if line.startswith("flags")), [])
+if {"avx2", "fma", "f16c"} <= set(flags):
+    assert all(str(k).startswith("native") for k in kernels.values()), kernels
 EOF
     log "smoke test passed (server log: $WORK/server.log)"
 }

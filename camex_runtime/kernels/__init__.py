@@ -86,7 +86,11 @@ def _load():
         try:
             module = build.load_module()
         except Exception as e:  # no compiler, no ninja, a read-only cache: serve with torch
-            reason = f"the extension did not build ({type(e).__name__}: {str(e)[:200]})"
+            # a compiler's error is at the end of a long command line: the whole text goes to
+            # the log, the status keeps its head
+            log.warning("native kernels unavailable: %s: %s", type(e).__name__, e)
+            reason = (f"the extension did not build ({type(e).__name__}: {str(e)[:200]}; "
+                      "the full error is in the log)")
     if module is None:
         if mode == "native":
             raise RuntimeError(f"CAMEX_KERNELS=native but {reason}")
