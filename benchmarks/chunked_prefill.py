@@ -10,6 +10,12 @@ the server):
   has half its steady tokens, so the streams' own prefills are not in it) and while it is
   prefilled;
 - the ratio p99(during) / p99(steady) — target <= 2;
+- the same streams over the same tokens in a run where nothing else arrives ("alone"), and
+  p50/p99(during) / p50/p99(alone). This compares like with like: with 7+1 experts and
+  256-token segments, every stream opens a segment at position 256 (12 merges for it in that
+  step, ~80 ms on one core), which falls in the long prefill's window and not in the steady
+  one — so p99(during) / p99(steady) also counts the model's own segment turns, which happen
+  whether or not a prompt arrives; the "alone" run has them at the same tokens;
 - the long prompt's time to first token, and the short prompts' (target: bounded, not
   waiting for the whole long prefill).
 
@@ -29,7 +35,7 @@ from camex_runtime import Engine, SamplingParams
 
 COLS = ["max_batched_tokens", "prefill_time_ratio", "itl_p50_steady_ms", "itl_p99_steady_ms",
         "itl_p50_during_ms", "itl_p99_during_ms", "p99_ratio", "long_ttft_s", "short_ttft_max_s",
-        "prefill_steps"]
+        "prefill_steps", "itl_p50_alone_ms", "itl_p99_alone_ms", "p50_vs_alone", "p99_vs_alone"]
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -61,23 +67,63 @@ class StepCounter:
             self.first_token_step = self.steps
 
 
+def start_streams(engine: Engine, streams: int, ids, max_total: int
+                  ) -> tuple[list, list[list[float]], list[threading.Thread]]:
+    """The decoding streams: 16-token prompts, greedy, long generations; their token stamps."""
+    stamps: list[list[float]] = [[] for _ in range(streams)]
+    handles = [engine.submit(ids(16), SamplingParams(max_new_tokens=max_total - 17,
+                                                     ignore_eos=True))
+               for _ in range(streams)]
+    return handles, stamps, [follow(h, s) for h, s in zip(handles, stamps)]
+
+
+def token_ids(vocab: int):
+    """Seeded prompt ids: every run draws the same streams' prompts first."""
+    gen = torch.Generator().manual_seed(0)
+    return lambda n: torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+
+def make_engine(model_cfg: dict, device, dtype, budget, ratio, batch: int, long_len: int,
+                observer=None) -> Engine:
+    torch.manual_seed(0)  # the same weights in every run: `alone` repeats `measure`'s streams
+    engine = Engine(folded_model(model_cfg, device, dtype), None, max_batch_size=batch,
+                    max_waiting=64, max_input_tokens=long_len,
+                    max_total_tokens=model_cfg["max_position_embeddings"],
+                    max_batched_tokens=budget, prefill_time_ratio=ratio, observer=observer)
+    engine.warmup()  # as the server does before it reports ready: pool committed, cost model
+    return engine
+
+
+def alone(model_cfg: dict, device, dtype, streams: int, tokens: int, long_len: int,
+          vocab: int) -> list[list[float]]:
+    """The same streams (same prompts, so the same greedy tokens and the same segment turns)
+    decoding `tokens` tokens each with nothing else arriving: the counterfactual of `measure`'s
+    "during" window, token for token."""
+    max_total = model_cfg["max_position_embeddings"]
+    engine = make_engine(model_cfg, device, dtype, None, None, streams, long_len)
+    try:
+        handles, stamps, readers = start_streams(engine, streams, token_ids(vocab), max_total)
+        while min(len(s) for s in stamps) < tokens:
+            if any(h.done for h in handles):
+                raise RuntimeError("a stream ended before the window it is compared over")
+            time.sleep(0.005)
+        for h in handles:
+            h.cancel()
+        for r in readers:
+            r.join(timeout=60)
+    finally:
+        engine.stop(grace_s=1.0)
+    return stamps
+
+
 def measure(model_cfg: dict, device, dtype, budget, ratio, streams: int, long_len: int,
             shorts: int, steady_tokens: int, vocab: int) -> dict:
-    model = folded_model(model_cfg, device, dtype)
     max_total = model_cfg["max_position_embeddings"]
-    engine = Engine(model, None, max_batch_size=streams + 1 + shorts, max_waiting=64,
-                    max_input_tokens=long_len, max_total_tokens=max_total,
-                    max_batched_tokens=budget, prefill_time_ratio=ratio,
-                    observer=(counter := StepCounter()))
-    engine.warmup()  # as the server does before it reports ready: pool committed, cost model
-    gen = torch.Generator().manual_seed(0)
-    ids = lambda n: torch.randint(0, vocab, (n,), generator=gen).tolist()  # noqa: E731
+    engine = make_engine(model_cfg, device, dtype, budget, ratio, streams + 1 + shorts, long_len,
+                         observer=(counter := StepCounter()))
+    ids = token_ids(vocab)
     try:
-        stamps = [[] for _ in range(streams)]
-        handles = [engine.submit(ids(16), SamplingParams(max_new_tokens=max_total - 17,
-                                                         ignore_eos=True))
-                   for _ in range(streams)]
-        readers = [follow(h, s) for h, s in zip(handles, stamps)]
+        handles, stamps, readers = start_streams(engine, streams, ids, max_total)
         # steady ITL: measured once every stream is past its own prefill and the ramp-up (the
         # first half of the steady tokens: from the arrival of the last stream's half-way
         # token, read from the stamps afterwards: a tiny model makes tokens faster than this
@@ -109,14 +155,16 @@ def measure(model_cfg: dict, device, dtype, budget, ratio, streams: int, long_le
     finally:
         engine.stop(grace_s=1.0)
     t_steady = max(s[steady_tokens // 2 - 1] for s in stamps)
-    steady, during = [], []
+    steady, during, windows = [], [], []
     for s in stamps:
-        gaps = [(b, b - a) for a, b in zip(s, s[1:])]
+        gaps = [(b, b - a) for a, b in zip(s, s[1:])]  # gap i ends at token i + 1
         steady += [g for t, g in gaps if t_steady <= t - g and t < t_long]
         # gaps overlapping the prefill: ending after the long prompt arrived, starting before
         # its first token (the step that completes it is one of them, whichever reader thread
         # saw its token first)
-        during += [g for t, g in gaps if t >= t_long and t - g < t_first]
+        idx = [i + 1 for i, (t, g) in enumerate(gaps) if t >= t_long and t - g < t_first]
+        during += [gaps[i - 1][1] for i in idx]
+        windows.append((idx[0], idx[-1]) if idx else None)  # tokens whose gaps are "during"
     p99s, p99d = percentile(steady, 0.99), percentile(during, 0.99)
     return dict(max_batched_tokens=str(budget),
                 prefill_time_ratio=str(ratio if engine.pacer is not None else None),
@@ -126,7 +174,18 @@ def measure(model_cfg: dict, device, dtype, budget, ratio, streams: int, long_le
                 long_ttft_s=t_first - t_long,
                 short_ttft_max_s=max(((s[0] - t_short) for s in short_stamps if s),
                                      default=float("nan")),
-                prefill_steps=prefill_steps)
+                prefill_steps=prefill_steps, windows=windows)
+
+
+def compare_alone(row: dict, stamps: list[list[float]]) -> None:
+    """Add the streams' ITL over the same tokens without the long prompt (`alone`), and the
+    during / alone ratios, to a `measure` row."""
+    gaps = [s[i] - s[i - 1] for s, w in zip(stamps, row.pop("windows")) if w
+            for i in range(w[0], w[1] + 1)]
+    p50, p99 = percentile(gaps, 0.5), percentile(gaps, 0.99)
+    row.update(itl_p50_alone_ms=1e3 * p50, itl_p99_alone_ms=1e3 * p99,
+               p50_vs_alone=row["itl_p50_during_ms"] / (1e3 * p50),
+               p99_vs_alone=row["itl_p99_during_ms"] / (1e3 * p99))
 
 
 def main() -> None:
@@ -154,8 +213,13 @@ def main() -> None:
     for budget, ratio in settings:
         rows.append(measure(cfg, device, dtype, budget, ratio, args.streams, long_len, args.shorts,
                             args.steady_tokens or (16 if args.quick else 64), cfg["vocab_size"]))
-        print_table(rows[-1:], COLS)
+        print_table(rows[-1:], COLS[:-4])
         gc.collect()  # this setting's engine: its merge pool is committed memory (GBs)
+    # the counterfactual: the same streams over the same tokens, nothing else arriving
+    last = max((w[1] for r in rows for w in r["windows"] if w), default=1)
+    stamps = alone(cfg, device, dtype, args.streams, last + 1, long_len, cfg["vocab_size"])
+    for r in rows:
+        compare_alone(r, stamps)
     print()
     print_table(rows, COLS)
     write_results("chunked_prefill", args, rows, {"shape": cfg, "long_prompt": long_len,

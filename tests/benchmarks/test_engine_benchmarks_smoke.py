@@ -111,3 +111,6 @@ def test_chunked_prefill_benchmark(tmp_path):
     assert rows["None"]["prefill_steps"] <= 3 < 10 < rows["8"]["prefill_steps"]
     for r in rows.values():
         assert r["itl_p99_steady_ms"] > 0 and r["long_ttft_s"] > 0 and r["short_ttft_max_s"] > 0
+        # the counterfactual run over the same tokens, and the ratio against it
+        assert r["itl_p99_alone_ms"] > 0
+        assert r["p99_vs_alone"] == pytest.approx(r["itl_p99_during_ms"] / r["itl_p99_alone_ms"])
