@@ -94,13 +94,15 @@ def make_engine(model_cfg: dict, device, dtype, budget, ratio, batch: int, long_
     return engine
 
 
-def alone(model_cfg: dict, device, dtype, streams: int, tokens: int, long_len: int,
-          vocab: int) -> list[list[float]]:
-    """The same streams (same prompts, so the same greedy tokens and the same segment turns)
-    decoding `tokens` tokens each with nothing else arriving: the counterfactual of `measure`'s
-    "during" window, token for token."""
+def alone(model_cfg: dict, device, dtype, budget, ratio, streams: int, shorts: int,
+          tokens: int, long_len: int, vocab: int) -> list[list[float]]:
+    """The same streams (same prompts, so the same greedy tokens and the same segment turns) in
+    an engine set up as `measure`'s, decoding `tokens` tokens each with nothing else arriving:
+    the counterfactual of its "during" window, token for token. (The settings matter before the
+    long prompt too: merged-expert prompts are paced, so the streams start over a few steps and
+    open their segments in different steps.)"""
     max_total = model_cfg["max_position_embeddings"]
-    engine = make_engine(model_cfg, device, dtype, None, None, streams, long_len)
+    engine = make_engine(model_cfg, device, dtype, budget, ratio, streams + 1 + shorts, long_len)
     try:
         handles, stamps, readers = start_streams(engine, streams, token_ids(vocab), max_total)
         while min(len(s) for s in stamps) < tokens:
@@ -213,13 +215,13 @@ def main() -> None:
     for budget, ratio in settings:
         rows.append(measure(cfg, device, dtype, budget, ratio, args.streams, long_len, args.shorts,
                             args.steady_tokens or (16 if args.quick else 64), cfg["vocab_size"]))
-        print_table(rows[-1:], COLS[:-4])
         gc.collect()  # this setting's engine: its merge pool is committed memory (GBs)
-    # the counterfactual: the same streams over the same tokens, nothing else arriving
-    last = max((w[1] for r in rows for w in r["windows"] if w), default=1)
-    stamps = alone(cfg, device, dtype, args.streams, last + 1, long_len, cfg["vocab_size"])
-    for r in rows:
-        compare_alone(r, stamps)
+        # the counterfactual: the same streams over the same tokens, nothing else arriving
+        last = max((w[1] for w in rows[-1]["windows"] if w), default=1)
+        compare_alone(rows[-1], alone(cfg, device, dtype, budget, ratio, args.streams,
+                                      args.shorts, last + 1, long_len, cfg["vocab_size"]))
+        print_table(rows[-1:], COLS)
+        gc.collect()
     print()
     print_table(rows, COLS)
     write_results("chunked_prefill", args, rows, {"shape": cfg, "long_prompt": long_len,

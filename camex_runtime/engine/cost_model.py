@@ -122,6 +122,11 @@ class CostModel:
         mixture = self.mixture_time(sum(tokens_per_merge) + mixture_rows)
         return "merged" if merged <= mixture else "mixture"
 
+    @property
+    def merge_seconds(self) -> float:
+        """One merge, as measured."""
+        return self.p.merge
+
     def merge_in_tokens(self) -> float:
         """One merge in prompt tokens of one FFN: its time over the marginal time per token of
         a merged FFN applied to a prompt chunk (the last two probe points)."""

@@ -490,6 +490,23 @@ class ModelRunner:
 
     # -- decode -----------------------------------------------------------------------------
     @torch.inference_mode()
+    def opening_segments(self, slots: Sequence[int]) -> int:
+        """How many of these decoding slots open a segment at their next token (the rows
+        `decode` routes afresh, making one merge per MoE layer each unless cached)."""
+        if not self.moe:
+            return 0
+        return sum(1 for s in slots
+                   if (st := self.slots[s]).mode == "segment" and st.length % self.T == 0)
+
+    def turn_seconds(self, slots: Sequence[int]) -> float:
+        """What the next decode of `slots` takes beyond a plain step: the merges of the rows
+        that open a segment (the cost model's one merge, per MoE layer and row; the mixture
+        strategy makes none). An estimate, for the prefill pacer."""
+        if not self.moe or self.strategy == "mixture":
+            return 0.0
+        rows = self.opening_segments(slots)
+        return rows * len(self.moe) * self.cost.merge_seconds if rows else 0.0
+
     def decode(self, slots: Sequence[int], tokens: Sequence[int],
                histories: Sequence[Sequence[int]]) -> Tensor:
         """One new token per running sequence. `tokens[b]` is the last sampled token of

@@ -147,13 +147,14 @@ class PrefillPacer:
         """One decode of the running rows: the fastest recent one."""
         return min(self._decodes) if self._decodes else None
 
-    def rate(self) -> float | None:
+    def rate(self, extra_s: float = 0.0) -> float | None:
         """Sustained prompt work per step, in prompt tokens: what fits in `ratio` x the
-        baseline decode, less what the last decode took beyond it and a chunk's fixed time,
-        so the step as a whole stays near (1 + ratio) baseline decodes."""
+        baseline decode, less what the last decode took beyond it, what this step's decode is
+        known to take beyond it (`extra_s`: merges of rows opening a segment) and a chunk's
+        fixed time, so the step as a whole stays near (1 + ratio) baseline decodes."""
         if self.decode_s is None or not self.token_s:
             return None
-        excess = max(0.0, self._decodes[-1] - self.decode_s)
+        excess = max(0.0, self._decodes[-1] - self.decode_s) + max(0.0, extra_s)
         return max(0.0, self.ratio * self.decode_s - excess - self.fixed_s) / self.token_s
 
     def record_decode(self, seconds: float) -> None:
@@ -177,9 +178,10 @@ class PrefillPacer:
                 fixed, per = intercept, slope
         self.fixed_s, self.token_s = fixed, per
 
-    def budget(self) -> int | None:
-        """This step's bound (call once per step): the bank, with this step's rate added."""
-        rate = self.rate()
+    def budget(self, extra_s: float = 0.0) -> int | None:
+        """This step's bound (call once per step): the bank, with this step's rate added
+        (`extra_s`: see `rate`)."""
+        rate = self.rate(extra_s)
         if rate is None:
             return None
         self.credit = min(float(self.burst), self.credit + rate)

@@ -483,6 +483,9 @@ def test_the_pacer_fits_a_chunks_fixed_time_and_its_time_per_token():
     assert p.rate() == pytest.approx((0.100 - 0.035) / 0.003)
     p.record_decode(0.130)  # the excess and the fixed part both come off
     assert p.rate() == pytest.approx((0.100 - 0.030 - 0.035) / 0.003)
+    # merges this step's decode is known to make come off too
+    assert p.rate(0.020) == pytest.approx((0.100 - 0.030 - 0.020 - 0.035) / 0.003)
+    assert p.rate(0.100) == 0
     noisy = PrefillPacer(1.0, burst=64, alpha=0.5)
     noisy.record_prefill(10, 0.020)
     noisy.record_prefill(40, 0.140)  # a line through these has a negative fixed part: noise,
@@ -508,7 +511,8 @@ def test_a_cpu_engine_paces_its_chunked_steps_by_measured_time(lm, monkeypatch):
         # only long prompts' chunks are timed: a short one pays a whole pass over the weights
         # for few tokens, which says little about a long prefill's cost per token
         assert engine.pacer.decode_s > 0 and engine.pacer.token_s is None
-        monkeypatch.setattr(engine.pacer, "budget", lambda: bound)  # as if prefill were slow
+        monkeypatch.setattr(engine.pacer, "budget",  # as if prefill were slow
+                            lambda extra_s=0.0: bound)
         bounds, real = [], engine.scheduler.schedule
         monkeypatch.setattr(engine.scheduler, "schedule",
                             lambda now, b=None: (bounds.append(b), real(now, b))[1])
@@ -528,3 +532,30 @@ def test_a_cpu_engine_paces_its_chunked_steps_by_measured_time(lm, monkeypatch):
 
     paced, unpaced = run(1), run(None)
     assert unpaced[0] <= 2 and paced[0] >= 2 * T and paced[1] == unpaced[1]
+
+
+@pytest.mark.parametrize("strategy", ["merged", "mixture"])
+def test_a_step_whose_rows_open_segments_leaves_their_merges_time_to_them(lm, strategy):
+    """A decoding row whose next token opens a segment makes one merge per MoE layer in that
+    step's decode: the engine hands the pacer that time before the step, so the step's
+    prompt share shrinks by it (the mixture makes no merges: nothing to take off)."""
+    path, _ = lm
+    engine = Engine.from_pretrained(path, max_batch_size=2, max_batched_tokens=8,
+                                    strategy=strategy)
+    runner, pacer = engine.runner, engine.pacer
+    seen, real = [], pacer.budget
+    pacer.budget = lambda extra_s=0.0: (seen.append(extra_s), real(extra_s))[1]
+    sp = SamplingParams(max_new_tokens=3 * T, ignore_eos=True)
+    handle = engine.submit([5, 6, 7], sp)
+    positions = []  # the next decode's position (None: before the prompt's prefill)
+    while not handle.done:
+        positions.append(None if runner.slots[0] is None else runner.slots[0].length)
+        engine.step()
+    per_row = len(runner.moe) * runner.cost.merge_seconds if strategy == "merged" else 0.0
+    assert len(seen) == len(positions) and positions[0] is None
+    for pos, extra in zip(positions, seen):
+        opens = pos is not None and pos % T == 0
+        assert extra == pytest.approx(per_row if opens else 0.0), (pos, extra)
+    assert sum(p is not None and p % T == 0 for p in positions) >= 2  # crossed segment starts
+    if strategy == "merged":
+        assert per_row > 0
