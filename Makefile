@@ -56,10 +56,17 @@ install: $(VENV)/.installed
 
 tools: $(TOOLS_STAMP)
 
+# g++ and Python's headers build the native CPU decode kernels (x86-64 only; without them the
+# server runs torch's kernels).
 system-deps:
 	@missing=""; \
 	[ -d /usr/share/games/fortunes ] || missing="$$missing fortunes"; \
 	command -v promtool >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	if [ "$$(uname -m)" = x86_64 ]; then \
+		command -v c++ >/dev/null 2>&1 || missing="$$missing g++"; \
+		[ -f "$$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+			|| missing="$$missing python3-dev"; \
+	fi; \
 	if [ -n "$$missing" ]; then $(call APT_INSTALL,$$missing); fi
 
 # The demo models live in $CAMEX_DEMO_DIR (default ~/.cache/camex-serve/demo); `make demo`

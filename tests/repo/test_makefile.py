@@ -107,3 +107,37 @@ def test_python3_venv_is_installed_with_apt_when_venv_cannot_work(tmp_path):
 def test_torch_version_in_the_makefile_matches_pyproject():
     make = (REPO / "Makefile").read_text()
     assert re.search(r"^TORCH_VERSION \?= (\S+)$", make, re.M).group(1) == pinned_torch()
+
+
+@pytest.mark.skipif(__import__("platform").machine() != "x86_64",
+                    reason="the kernels' build tools are x86-64 only")
+def test_system_deps_bring_the_native_kernels_build_tools_when_missing(tmp_path):
+    """No C++ compiler and no Python.h: `make system-deps` installs g++ and python3-dev with the
+    rest (the native CPU kernels would silently fall back to torch's without them)."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for tool in ("sh", "uname", "cat"):  # only these real tools: no c++ on PATH
+        (stubs / tool).symlink_to(shutil.which(tool))
+    headers = tmp_path / "include"  # Python's include directory, without Python.h
+    headers.mkdir()
+    stub(stubs / "python3", f"#!/bin/sh\necho {headers}\n")
+    stub(stubs / "promtool", "#!/bin/sh\nexit 0\n")
+    stub(stubs / "apt-get", APT_GET)
+    stub(stubs / "id", "#!/bin/sh\necho 0\n")
+    log = tmp_path / "calls.log"
+    log.touch()
+    env = {"PATH": str(stubs), "STUB_LOG": str(log), "STUB_DIR": str(stubs),
+           "HOME": str(tmp_path)}
+    res = subprocess.run([shutil.which("make"), "-s", "system-deps"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    installs = [c for c in log.read_text().splitlines() if "install" in c]
+    assert len(installs) == 1 and {"g++", "python3-dev"} <= set(installs[0].split())
+    # with both present, nothing of theirs is asked for
+    (headers / "Python.h").write_text("")
+    stub(stubs / "c++", "#!/bin/sh\nexit 0\n")
+    log.write_text("")
+    res = subprocess.run([shutil.which("make"), "-s", "system-deps"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert not {"g++", "python3-dev"} & set(" ".join(log.read_text().splitlines()).split())
