@@ -77,6 +77,14 @@ def start_streams(engine: Engine, streams: int, ids, max_total: int
     return handles, stamps, [follow(h, s) for h, s in zip(handles, stamps)]
 
 
+def cancel(handles: list, readers: list[threading.Thread]) -> None:
+    """End the streams and wait until their readers saw the last events."""
+    for h in handles:
+        h.cancel()
+    for r in readers:
+        r.join(timeout=60)
+
+
 def token_ids(vocab: int):
     """Seeded prompt ids: every run draws the same streams' prompts first."""
     gen = torch.Generator().manual_seed(0)
@@ -118,10 +126,7 @@ def alone(model_cfg: dict, device, dtype, budget, ratio, streams: int, shorts: i
             if any(h.done for h in handles):
                 raise RuntimeError("a stream ended before the window it is compared over")
             time.sleep(0.005)
-        for h in handles:
-            h.cancel()
-        for r in readers:
-            r.join(timeout=60)
+        cancel(handles, readers)
     finally:
         engine.stop(grace_s=1.0)
     return stamps
@@ -159,10 +164,7 @@ def measure(model_cfg: dict, device, dtype, budget, ratio, streams: int, long_le
         if any(h.done for h in handles):
             raise RuntimeError("a stream ended before the long prompt was in: use a model with "
                                "more positions or fewer steady tokens")
-        for h in handles:
-            h.cancel()
-        for r in readers:
-            r.join(timeout=60)
+        cancel(handles, readers)
     finally:
         engine.stop(grace_s=1.0)
     t_steady = max(s[steady_tokens // 2 - 1] for s in stamps)
