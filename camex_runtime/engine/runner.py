@@ -489,7 +489,6 @@ class ModelRunner:
                 self.cache.release(key)
 
     # -- decode -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def opening_segments(self, slots: Sequence[int]) -> int:
         """How many of these decoding slots open a segment at their next token (the rows
         `decode` routes afresh, making one merge per MoE layer each unless cached)."""
@@ -507,6 +506,7 @@ class ModelRunner:
         rows = self.opening_segments(slots)
         return rows * len(self.moe) * self.cost.merge_seconds if rows else 0.0
 
+    @torch.inference_mode()
     def decode(self, slots: Sequence[int], tokens: Sequence[int],
                histories: Sequence[Sequence[int]]) -> Tensor:
         """One new token per running sequence. `tokens[b]` is the last sampled token of

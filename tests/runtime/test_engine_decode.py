@@ -97,3 +97,25 @@ def test_other_architectures_decode_like_full_forward(tmp_path, overrides):
     res = h.result()
     lp = full_forward_logprobs(ref, prompt + res.token_ids, len(prompt), "segment")
     assert res.token_ids == lp[len(prompt) - 1:-1].argmax(-1).tolist()
+
+
+@pytest.mark.parametrize("rows", [1, 12])  # the fused step and the block loop (beyond its rows)
+def test_decode_keeps_no_autograd_history(lm, rows):
+    """The model's parameters require grad (a folded model is a plain nn.Module): a decode
+    outside inference mode would record autograd graphs, and in-place KV-cache writes would
+    chain them from step to step. Every step's logits are inference tensors and the caches
+    never require grad."""
+    path, _ = lm
+    engine = Engine.from_pretrained(path, max_batch_size=rows, strategy="merged")
+    assert any(p.requires_grad for p in engine.runner.model.parameters())
+    logits = []
+    engine.runner.decode = (lambda real: lambda *a: logits.append(real(*a)) or logits[-1])(
+        engine.runner.decode)
+    handles = [engine.submit([1 + i, 2, 3], SamplingParams(max_new_tokens=4, ignore_eos=True))
+               for i in range(rows)]
+    while not all(h.done for h in handles):
+        engine.step()
+    assert logits and all(t.is_inference() and t.grad_fn is None for t in logits)
+    kv = engine.runner.kv
+    assert not kv.k.requires_grad and not kv.v.requires_grad
+    assert not engine.runner.seg_sum.requires_grad
