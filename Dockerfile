@@ -66,8 +66,9 @@ COPY loadtest ./loadtest
 RUN pip install .
 
 # The native CPU decode kernels (camex_runtime/kernels), compiled once here, from the installed
-# package (`-P`: not the sources in the working directory), so that the runtime image needs no compiler and a container never compiles at
-# start-up (without them it would serve with torch's slower kernels). x86-64 only: they use
+# package (`-P`: not the sources in the working directory), so that the runtime image needs no
+# compiler and a container never compiles at start-up (without them it would serve with
+# torch's slower kernels). x86-64 only: they use
 # AVX2/FMA/F16C, and pick AVX-512 at run time where the serving CPU has it. Python's headers
 # come with the python image; a Debian-python base (deploy/build_image.sh) needs python3-dev.
 ENV CAMEX_KERNELS_DIR=/opt/camex/kernels

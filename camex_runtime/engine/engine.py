@@ -345,8 +345,7 @@ class Engine:
         ~100 ms steps, GPT-2-small 7+1 experts, one core, the slowest steps of a long prefill.)"""
         if self.pacer is None:
             return None
-        s = self.scheduler
-        decoding = [r.slot for r in s.running.values() if r.request_id not in s.prefilling]
+        decoding = [r.slot for r in self.scheduler.decoding()]
         return self.pacer.budget(self.runner.turn_seconds(decoding) if decoding else 0.0)
 
     def _execute(self, sched: SchedulerOutput):

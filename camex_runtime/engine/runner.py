@@ -489,13 +489,10 @@ class ModelRunner:
                 self.cache.release(key)
 
     # -- decode -----------------------------------------------------------------------------
-    def opening_segments(self, slots: Sequence[int]) -> int:
-        """How many of these decoding slots open a segment at their next token (the rows
-        `decode` routes afresh, making one merge per MoE layer each unless cached)."""
-        if not self.moe:
-            return 0
-        return sum(1 for s in slots
-                   if (st := self.slots[s]).mode == "segment" and st.length % self.T == 0)
+    def _opens_segment(self, st: SlotRouting) -> bool:
+        """Whether the slot's next decoded token opens a segment (routed afresh at every MoE
+        layer, one merge per layer unless cached)."""
+        return st.mode == "segment" and st.length % self.T == 0
 
     def turn_seconds(self, slots: Sequence[int]) -> float:
         """What the next decode of `slots` takes beyond a plain step: the merges of the rows
@@ -503,7 +500,7 @@ class ModelRunner:
         strategy makes none). An estimate, for the prefill pacer."""
         if not self.moe or self.strategy == "mixture":
             return 0.0
-        rows = self.opening_segments(slots)
+        rows = sum(self._opens_segment(self.slots[s]) for s in slots)
         return rows * len(self.moe) * self.cost.merge_seconds if rows else 0.0
 
     @torch.inference_mode()
@@ -517,7 +514,7 @@ class ModelRunner:
         slots_t = torch.tensor(slots, device=self.device)
         pos_t = torch.tensor(pos, device=self.device)
         # sequences whose new token opens a segment: routed afresh at every MoE layer
-        turn = [b for b in range(B) if sts[b].mode == "segment" and pos[b] % T == 0]
+        turn = [b for b in range(B) if self._opens_segment(sts[b])]
         digests = {b: routing_digest("segment", histories[b], pos[b] // T, T,
                                      sts[b].route1_len, sts[b].prompt_len) for b in turn}
         ids = torch.tensor(tokens, device=self.device)  # (B,)

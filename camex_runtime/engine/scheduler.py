@@ -214,6 +214,10 @@ class Scheduler:
     def num_running(self) -> int:
         return len(self.running)
 
+    def decoding(self) -> list[Any]:
+        """Running requests whose prompt is in: the rows of the next decode."""
+        return [r for r in self.running.values() if r.request_id not in self.prefilling]
+
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -252,8 +256,7 @@ class Scheduler:
         # In slot order: a request that joined into a freed lower slot would otherwise leave
         # the batch's slots out of order for good, and the KV cache can hand attention a view
         # only for an ascending contiguous slot range (else it gathers every layer, every step).
-        out.decode = sorted((r for r in self.running.values()
-                             if r.request_id not in self.prefilling), key=lambda r: r.slot)
+        out.decode = sorted(self.decoding(), key=lambda r: r.slot)
         c = self.config
         if c.max_batched_tokens is None or not out.decode:
             self._admit_whole(out)
