@@ -136,6 +136,7 @@ class PrefillPacer:
             raise ValueError(f"prefill time ratio must be > 0, got {ratio}")
         self.ratio, self.burst, self.alpha = ratio, burst, alpha
         self.credit = float(burst)  # banked by steps without prompt work, up to `burst`
+        self._held = False  # the last budget was 0 (a turn took the step)
         self._decodes: deque[float] = deque(maxlen=window)
         # weighted sums over timed chunks: weight, work, seconds, work^2, work x seconds
         self._fit = [0.0] * 5
@@ -180,11 +181,20 @@ class PrefillPacer:
 
     def budget(self, extra_s: float = 0.0) -> int | None:
         """This step's bound (call once per step): the bank, with this step's rate added
-        (`extra_s`: see `rate`)."""
+        (`extra_s`: see `rate`). At least one token, so a prefill always advances, except in
+        a step whose known decode excess (`extra_s`) leaves the bank under a token: that step
+        gets 0, no paced work at all (never two steps in a row, so none starves). A chunk of
+        one token still costs a chunk's fixed time (a pass over the weights: 25-55 ms beside
+        a stream's segment turn, GPT-2-small 7+1 experts, fp32, one core), and the turn
+        alone already made the slowest steps of a long prefill."""
         rate = self.rate(extra_s)
         if rate is None:
             return None
         self.credit = min(float(self.burst), self.credit + rate)
+        if extra_s > 0 and self.credit < 1 and not self._held:
+            self._held = True
+            return 0
+        self._held = False
         return max(1, int(self.credit))
 
     def spend(self, work_tokens: int) -> None:
@@ -250,7 +260,8 @@ class Scheduler:
 
     def schedule(self, now: float, max_prefill_work: int | None = None) -> SchedulerOutput:
         """`max_prefill_work`: a tighter bound, in prompt tokens, on a chunked step's prompt
-        work (tokens plus chunk costs) than the token budget (see PrefillPacer)."""
+        work (tokens plus chunk costs) than the token budget (see PrefillPacer); 0: paced
+        prompts neither advance nor join in this step."""
         out = SchedulerOutput()
         self._drop_cancelled_and_expired(now, out)
         # In slot order: a request that joined into a freed lower slot would otherwise leave
@@ -298,7 +309,8 @@ class Scheduler:
         crowded = len(self.prefilling) + waiting_in > 1
         share = max(1, budget // 2) if crowded else budget
         joins = self.config.max_joins_per_step
-        paced_room = budget if paced is None else max(1, min(budget, paced))
+        hold = paced == 0  # the pacer holds paced prompts this step
+        paced_room = budget if paced is None else max(1, min(budget, paced)) if paced else 0
 
         def fit(req: Any, start: int, most: int, room: int) -> int:
             """`_fit`, within the paced room too for a paced prompt (whose work it takes). An
@@ -313,7 +325,7 @@ class Scheduler:
             return n
 
         first_join = None
-        if waiting_in and joins != 0:
+        if waiting_in and joins != 0 and not (hold and self.is_paced(self.waiting[0])):
             req = self.waiting[0]
             n = fit(req, 0, min(req.num_prompt_tokens, share), budget)
             first_join = n
@@ -326,7 +338,8 @@ class Scheduler:
         items = list(self.prefilling.values())
         oldest = items[0][0] if items else None
         for req, left in sorted(items, key=lambda item: item[1]):
-            if (room <= 0 or (self.is_paced(req) and paced_room <= 0)) and req is not oldest:
+            if (room <= 0 or (self.is_paced(req) and paced_room <= 0)) and (
+                    req is not oldest or hold and self.is_paced(req)):
                 continue
             start = req.num_prompt_tokens - left
             n = fit(req, start, min(left, share), room)

@@ -403,6 +403,50 @@ def test_the_pacer_sizes_prompt_work_to_the_decode_time():
         PrefillPacer(0.0, burst=8)
 
 
+def test_a_step_whose_decode_takes_the_share_gets_no_paced_work_once():
+    """A budget is at least one token (a prefill always advances), except in a step whose
+    known decode excess (a segment turn's merges) leaves less than a token: 0, never twice in a
+    row; an excess from the past alone (a slow last decode) still leaves one token."""
+    p = PrefillPacer(1.0, burst=64, alpha=1.0)
+    p.record_decode(0.100)
+    p.record_prefill(10, 0.040)  # 4 ms per token of work
+    p.spend(64)
+    assert p.budget(extra_s=0.080) == 5  # 20 ms left: 5 tokens
+    p.spend(5)
+    assert p.budget(extra_s=0.120) == 0  # the turn takes more than the share: nothing
+    assert p.budget(extra_s=0.120) == 1  # but never two steps in a row
+    p.spend(1)
+    assert p.budget(extra_s=0.120) == 0
+    assert p.budget() == 25  # the bank kept what the held step did not spend
+    p.spend(25)
+    p.record_decode(0.300)  # a slow decode, past: one token, as before
+    assert p.budget() == 1
+
+
+def test_a_held_step_neither_advances_nor_admits_paced_prompts():
+    """With a bound of 0, paced prompts (long ones, merged-expert ones) wait a step, the
+    oldest prefill too; a short prompt without merges still joins whole."""
+    def cost(req, start, n):
+        return 6 if start == 0 and req.request_id == "m" else 0
+
+    s = Scheduler(SchedulerConfig(max_batch_size=4, max_input_tokens=100, max_total_tokens=128,
+                                  max_batched_tokens=32), chunk_cost=cost)
+    a, long_ = Req("a", 3), Req("long", 40)
+    s.add(a)
+    s.schedule(0.0)
+    s.add(long_)
+    assert s.schedule(1.0, max_prefill_work=10).chunks == {"long": 10}
+    s.prefilled(long_, 10)
+    s.add(m := Req("m", 12))
+    assert s.schedule(2.0, max_prefill_work=0).chunks == {}  # held: long waits, m stays queued
+    assert s.num_waiting == 1
+    s.add(Req("d", 5))
+    assert s.schedule(3.0, max_prefill_work=0).chunks == {}  # d waits behind m (FIFO)
+    m.cancel_requested = True  # m leaves: d is first, and not paced
+    assert s.schedule(4.0, max_prefill_work=0).chunks == {"d": 5}  # all of it
+    assert s.schedule(5.0, max_prefill_work=10).chunks == {"long": 10}  # next step: on
+
+
 def test_a_paced_budget_bounds_the_chunked_steps_work():
     """The scheduler takes the pacer's bound under its token budget: prompt work (tokens plus
     chunk costs) per chunked step stays within it; without decoders nothing is paced."""
