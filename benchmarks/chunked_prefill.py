@@ -11,11 +11,16 @@ the server):
   prefilled;
 - the ratio p99(during) / p99(steady) — target <= 2;
 - the same streams over the same tokens in a run where nothing else arrives ("alone"), and
-  p50/p99(during) / p50/p99(alone). This compares like with like: with 7+1 experts and
-  256-token segments, every stream opens a segment at position 256 (12 merges for it in that
-  step, ~80 ms on one core), which falls in the long prefill's window and not in the steady
-  one — so p99(during) / p99(steady) also counts the model's own segment turns, which happen
-  whether or not a prompt arrives; the "alone" run has them at the same tokens;
+  p50/p99(during) / p50/p99(alone): like with like, token for token.
+Segment turns: with 7+1 experts and 256-token segments, every stream opens a segment every
+256 positions (12 merges for it in that step, ~80 ms on one core). They are part of how the
+model decodes, prompt or not, and they are the slowest steps of a stream's steady state
+(with 8 streams and a turn each per 256 steps, about 3 % of the steps: what a p99 sees). The
+steady window is therefore a whole segment period by default (`--steady-tokens` = two
+segments: gaps from token T to 2T), so it holds each stream's turn as the prefill's window
+(~150-250 steps) does. With `--steady-tokens 64` (the default until 441d8a2) the steady
+window held no turn and the prefill's window held all of them: p99(during) / p99(steady)
+then also counted the model's own turns.
 - the long prompt's time to first token, and the short prompts' (target: bounded, not
   waiting for the whole long prefill).
 
@@ -212,7 +217,8 @@ def main() -> None:
     p.add_argument("--long", type=int, default=None, help="long prompt tokens (default 2000)")
     p.add_argument("--shorts", type=int, default=3)
     p.add_argument("--steady-tokens", type=int, default=None,
-                   help="tokens per stream before the long prompt arrives (default 64; quick 16)")
+                   help="tokens per stream before the long prompt arrives; the steady window is "
+                        "the second half (default: two segments, so it is one segment period)")
     args = p.parse_args()
     device, dtype = setup(args)
     cfg = shape(args)
@@ -222,10 +228,11 @@ def main() -> None:
     # without chunking there is nothing to pace: one row
     settings = [(b, r) for b in budgets for r in (ratios if b is not None else [None])]
     long_len = args.long or (200 if args.quick else 2000)
+    steady_tokens = args.steady_tokens or 2 * cfg["segment_len"]
     rows = []
     for budget, ratio in settings:
         rows.append(measure(cfg, device, dtype, budget, ratio, args.streams, long_len, args.shorts,
-                            args.steady_tokens or (16 if args.quick else 64), cfg["vocab_size"]))
+                            steady_tokens, cfg["vocab_size"]))
         release()
         # the counterfactual: the same streams over the same tokens, nothing else arriving
         last = max((w[1] for w in rows[-1]["windows"] if w), default=1)
@@ -236,7 +243,8 @@ def main() -> None:
     print()
     print_table(rows, COLS)
     write_results("chunked_prefill", args, rows, {"shape": cfg, "long_prompt": long_len,
-                                                  "streams": args.streams})
+                                                  "streams": args.streams,
+                                                  "steady_tokens": steady_tokens})
 
 
 if __name__ == "__main__":

@@ -103,8 +103,11 @@ def test_chunked_prefill_benchmark(tmp_path):
     steady and during-prefill ITL, and chunking takes more than one step for the long prompt."""
     out = tmp_path / "cp.json"
     run("chunked_prefill.py", "--quick", "--threads", "1", "--streams", "3", "--out", str(out))
-    rows = {r["max_batched_tokens"]: r for r in json.loads(out.read_text())["rows"]}
+    report = json.loads(out.read_text())
+    rows = {r["max_batched_tokens"]: r for r in report["rows"]}
     assert set(rows) == {"None", "8"}
+    # the steady window is one segment period (quick shape: 16-token segments)
+    assert report["steady_tokens"] == 2 * report["shape"]["segment_len"] == 32
     # whole: one step, counted as up to three (the step in flight when the prompt was
     # submitted, and the one that ran before the benchmark's observer watched its handle);
     # chunked: dozens of 5-token chunks
