@@ -310,7 +310,10 @@ class Scheduler:
         share = max(1, budget // 2) if crowded else budget
         joins = self.config.max_joins_per_step
         hold = paced == 0  # the pacer holds paced prompts this step
-        paced_room = budget if paced is None else max(1, min(budget, paced)) if paced else 0
+        if paced is None:
+            paced_room = budget
+        else:
+            paced_room = 0 if hold else max(1, min(budget, paced))
 
         def fit(req: Any, start: int, most: int, room: int) -> int:
             """`_fit`, within the paced room too for a paced prompt (whose work it takes). An
