@@ -25,6 +25,20 @@ class Req:
     slot: int | None = None
 
 
+def decoding_then(prompt: Req, budget: int, chunk_cost=None, batch: int = 4
+                  ) -> tuple[Scheduler, Req]:
+    """A scheduler with one row decoding ("a": its 1-token prompt went in whole) and
+    `prompt` queued behind it; returns it and the decoding request."""
+    s = Scheduler(SchedulerConfig(max_batch_size=batch, max_input_tokens=100,
+                                  max_total_tokens=128, max_batched_tokens=budget),
+                  chunk_cost=chunk_cost)
+    a = Req("a", 1)
+    s.add(a)
+    s.schedule(0.0)
+    s.add(prompt)
+    return s, a
+
+
 def test_scheduler_shares_the_token_budget_with_decoding_rows():
     s = Scheduler(SchedulerConfig(max_batch_size=4, max_input_tokens=100, max_total_tokens=128,
                                   max_batched_tokens=10))
@@ -108,12 +122,7 @@ def test_chunks_count_their_merges_against_the_budget():
     def cost(req, start, n):  # decisions at every multiple of SEG in [start, start + n)
         return DECISION * sum(1 for p in range(start, start + n) if p % SEG == 0)
 
-    s = Scheduler(SchedulerConfig(max_batch_size=4, max_input_tokens=100, max_total_tokens=128,
-                                  max_batched_tokens=17), chunk_cost=cost)
-    a, long_ = Req("a", 3), Req("long", 40)
-    s.add(a)
-    s.schedule(0.0)
-    s.add(long_)
+    s, _ = decoding_then(long_ := Req("long", 40), 17, cost)
     # budget 16 (one decoding row): from 0 the chunk decides at 0 (and at 12 if it reached
     # it), so 10 tokens + 6; then from 10 (decides at 12) and from 20 (at 24) the same
     for start in (0, 10, 20):
@@ -224,12 +233,7 @@ def test_a_segment_decision_spreads_its_merges_over_steps(lm):
 def test_a_layer_by_layer_first_span_keeps_its_chunks_coming():
     """computed stays 0 while the first routing span advances by layers: the scheduler keeps
     giving the request chunks, never a decode slot, until its prompt is complete."""
-    s = Scheduler(SchedulerConfig(max_batch_size=2, max_input_tokens=100, max_total_tokens=128,
-                                  max_batched_tokens=4))
-    a, b = Req("a", 1), Req("b", 20)
-    s.add(a)
-    s.schedule(0.0)
-    s.add(b)
+    s, a = decoding_then(b := Req("b", 20), 4, batch=2)
     for step in range(3):
         out = s.schedule(1.0 + step)
         assert out.decode == [a] and out.chunks == {"b": 3}
@@ -239,12 +243,7 @@ def test_a_layer_by_layer_first_span_keeps_its_chunks_coming():
 def test_a_last_chunk_that_did_not_complete_the_prompt_keeps_the_request_prefilling():
     """The scheduler hands out "the rest" (no decoders left: whole prefills), the engine reports
     fewer tokens in: the request stays out of the decode rows and gets the next chunk."""
-    s = Scheduler(SchedulerConfig(max_batch_size=2, max_input_tokens=100, max_total_tokens=128,
-                                  max_batched_tokens=4))
-    a, b = Req("a", 1), Req("b", 20)
-    s.add(a)
-    s.schedule(0.0)
-    s.add(b)
+    s, a = decoding_then(b := Req("b", 20), 4, batch=2)
     s.schedule(1.0)
     s.prefilled(b, 0)
     s.finish(a)
@@ -429,12 +428,7 @@ def test_a_held_step_neither_advances_nor_admits_paced_prompts():
     def cost(req, start, n):
         return 6 if start == 0 and req.request_id == "m" else 0
 
-    s = Scheduler(SchedulerConfig(max_batch_size=4, max_input_tokens=100, max_total_tokens=128,
-                                  max_batched_tokens=32), chunk_cost=cost)
-    a, long_ = Req("a", 3), Req("long", 40)
-    s.add(a)
-    s.schedule(0.0)
-    s.add(long_)
+    s, _ = decoding_then(long_ := Req("long", 40), 32, cost)
     assert s.schedule(1.0, max_prefill_work=10).chunks == {"long": 10}
     s.prefilled(long_, 10)
     s.add(m := Req("m", 12))
