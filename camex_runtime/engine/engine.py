@@ -202,15 +202,6 @@ class Engine:
     def _loop_running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def _end_loop(self, timeout_s: float) -> None:
-        """Interpreter exit: end the loop thread after its current step, cancelling what is
-        left (see `_end_loops`)."""
-        with self._lock:
-            self._accepting, self._shutdown = False, True
-            self._wake.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-
     def _loop(self) -> None:
         while True:
             with self._lock:
@@ -617,6 +608,7 @@ _LOOPS: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 @atexit.register
-def _end_loops(timeout_s: float = 10.0) -> None:
+def _end_loops() -> None:
     for engine in list(_LOOPS):
-        engine._end_loop(timeout_s)
+        if engine._loop_running():
+            engine.stop(grace_s=0)  # after the current step; whatever is left is cancelled
