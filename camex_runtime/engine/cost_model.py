@@ -85,6 +85,9 @@ class StrategyProfile:
         return cls(tuple(points), tuple(merged), tuple(mixture), merge, E)
 
 
+CHOICES_KEPT = 4096  # CostModel.choose's memo: cleared when full
+
+
 def _interp(xs: tuple[int, ...], ys: tuple[float, ...], n: int) -> float:
     """Piecewise-linear in n, extrapolated from the last two points."""
     i = min(max(bisect_left(xs, n), 1), len(xs) - 1)
@@ -95,6 +98,9 @@ def _interp(xs: tuple[int, ...], ys: tuple[float, ...], n: int) -> float:
 class CostModel:
     def __init__(self, profile: StrategyProfile):
         self.p = profile
+        # choose()'s answers: a decode step asks once per MoE layer, mostly the same question
+        # as the step before (12 questions per GPT-2-small step, ~10 us each uncached)
+        self._choices: dict[tuple, str] = {}
 
     def merged_time(self, tokens_per_merge: list[int], new_merges: float,
                     batched_merges: bool = False) -> float:
@@ -116,6 +122,17 @@ class CostModel:
         """'merged' or 'mixture' for one layer of one batch. `mixture_rows` more rows run the
         mixture either way (the merge pool had no room for them): choosing `merged` then
         costs both kernels, while `mixture` serves every row with one."""
+        key = (tuple(tokens_per_merge), new_merges, batched_merges, mixture_rows)
+        got = self._choices.get(key)
+        if got is None:
+            if len(self._choices) >= CHOICES_KEPT:
+                self._choices.clear()
+            got = self._choices[key] = self._choose(tokens_per_merge, new_merges,
+                                                    batched_merges, mixture_rows)
+        return got
+
+    def _choose(self, tokens_per_merge, new_merges: float, batched_merges: bool,
+                mixture_rows: int) -> str:
         merged = self.merged_time(tokens_per_merge, new_merges, batched_merges)
         if mixture_rows:
             merged += self.mixture_time(mixture_rows)

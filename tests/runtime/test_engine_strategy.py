@@ -32,6 +32,22 @@ def test_cost_model_regimes():
         20.0 * 20 / 5 + 16 * (1.0 + 3 / 15))
 
 
+def test_remembered_choices_are_the_choices(monkeypatch):
+    """A decode step asks the same question once per MoE layer: answers are remembered, keyed
+    by everything they depend on, and the memory stays bounded."""
+    import camex_runtime.engine.cost_model as cm
+    monkeypatch.setattr(cm, "CHOICES_KEPT", 8)
+    c = CostModel(MERGED_CHEAP)
+    asked = [([1], 0, False, 0), ([1] * 16, 0, False, 0), ([1], 1, False, 0),
+             ([1] * 4, 0, False, 0), ([1] * 4, 0, False, 12), ([4] * 16, 16, True, 0),
+             ([4] * 16, 16, False, 0)]
+    for tokens, new, batched, refused in asked * 3 + [([n], 0, False, 0) for n in range(20)]:
+        want = CostModel(MERGED_CHEAP).choose(tokens, new, batched, mixture_rows=refused)
+        assert c.choose(tokens, new, batched, mixture_rows=refused) == want
+        assert len(c._choices) <= 8
+    assert {c.choose([1], 0), c.choose([1] * 16, 0)} == {"merged", "mixture"}
+
+
 def test_measured_profile_is_sane(tmp_path):
     engine = Engine.from_pretrained(build_folded(tmp_path / "lm"), max_batch_size=1)
     p = engine.runner.cost.p
