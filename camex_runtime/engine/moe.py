@@ -5,6 +5,7 @@
 - **merged**: `merge_into` writes `Ê = E_m + α Σ_i s_i Δ_i` into a preallocated pool entry with
   `kernels.merge` (one pass over the stack per part, no allocation), and
   `apply_merged` applies it with two plain linears — the same cost as a dense FFN;
+  `merge_apply` does both for a prompt segment a tile of weight rows at a time, the same bits;
 - **mixture**: `apply_mixture` runs the inputs through all E+1 experts at once (fc1: one GEMM
   against the stacked weight; fc2: one bmm over the score-scaled activations) and never
   materialises per-sequence weights. Exact too, since every linear is linear in its weight.
@@ -109,6 +110,27 @@ class MoEWeights:
                 kernels.merge_many(stack[0].reshape(-1), stack[1:].reshape(E, -1),
                                    coeffs.to(stack.device), [out[part].view(-1) for out in outs])
 
+    def merge_apply(self, x: Tensor, scores: Tensor, out: dict[str, Tensor]) -> Tensor | None:
+        """`merge_into` for one decision, scores (E,), and `apply_merged` of a prompt
+        segment's rows x (n, d) by it, each projection merged and applied a tile at a time
+        (kernels.merge_linear: the pool gets the same bits, the merged weights are never
+        re-read). Returns the FFN's output (n, d), the bits `apply_merged` gives x from the
+        finished entry, or None with nothing written where the kernels do not take x (the
+        caller merges, then applies)."""
+        E = self.num_experts
+        w1, w2 = self.w1.reshape(E + 1, -1), self.w2.reshape(E + 1, -1)
+        if not (self.kind.activation in ("gelu_tanh", "swiglu")
+                and kernels.merge_linear_takes(x, w1, out["fc1_weight"])):
+            return None
+        coeffs = (self.alpha * scores.reshape(E)).float().to(x.device)
+        for part, stack in (("fc1_bias", self.b1), ("fc2_bias", self.b2)):
+            if stack is not None:  # the products add the merged biases
+                kernels.merge(stack[0], stack[1:], coeffs, out[part])
+        u = kernels.merge_linear(x, w1[0], w1[1:], coeffs, out["fc1_weight"], out.get("fc1_bias"))
+        hid = kernels.hidden(u, self.kind.activation)  # as kernels.ffn applies it
+        return kernels.merge_linear(hid, w2[0], w2[1:], coeffs, out["fc2_weight"],
+                                    out.get("fc2_bias"))
+
     def to_compute(self, dtype: torch.dtype) -> MoEWeights:
         """Mixed precision (engine/precision.py): biases and router in the compute dtype,
         the weight stacks kept in theirs."""
@@ -118,8 +140,9 @@ class MoEWeights:
 
 
 def apply_merged(x: Tensor, w: dict[str, Tensor], kind: FFNKind) -> Tensor:
-    """x (n, d) through one merged FFN (pool views) -> (n, d): decode rows on the CPU in one
-    native call (kernels.ffn), else two linears around the hidden function."""
+    """x (n, d) through one merged FFN (pool views) -> (n, d): decode rows and short fp32
+    prompt segments on the CPU in one native call (kernels.ffn; MoEWeights.merge_apply gives
+    the same bits), else two linears around the hidden function."""
     got = kernels.ffn(x, w["fc1_weight"], w.get("fc1_bias"), w["fc2_weight"], w.get("fc2_bias"),
                       kind.activation)
     if got is not None:

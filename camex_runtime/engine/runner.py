@@ -209,14 +209,20 @@ class ModelRunner:
             for r in rows:
                 self._notify("on_route", self.moe_layers[m], r)
 
-    def _acquire(self, m: int, key, scores: Tensor) -> int | None:
-        """Pool slot holding the merge for `key` (merging on a miss), or None: pool full."""
-        return self._acquire_many(m, [key], scores.reshape(1, -1))[0]
+    def _acquire(self, m: int, key, scores: Tensor, x: Tensor | None = None
+                 ) -> tuple[int | None, Tensor | None]:
+        """Pool slot holding the merge for `key` (merging on a miss), or None: pool full; and
+        with a prompt segment's rows x (n, d), their FFN output where the merge made here
+        applied it in the same pass (else None: the caller applies it)."""
+        slots, y = self._acquire_many(m, [key], scores.reshape(1, -1), x)
+        return slots[0], y
 
-    def _acquire_many(self, m: int, keys: list, scores: Tensor) -> list[int | None]:
+    def _acquire_many(self, m: int, keys: list, scores: Tensor, x: Tensor | None = None
+                      ) -> tuple[list[int | None], Tensor | None]:
         """`_acquire` for several rows (scores (S, E)): the missing merges are built in one
         pass over layer m's expert stack (MoEWeights.merge_many_into). Rows sharing a key
-        share its entry, as with `_acquire`."""
+        share its entry, as with `_acquire`. With x (one key only), a merge made here goes
+        through MoEWeights.merge_apply, whose output (or None) is returned beside the slots."""
         t0 = time.perf_counter()
         ev0 = self.cache.evictions
         slots: dict = {}  # key -> pool slot (None: the pool is full), in first-seen order
@@ -230,10 +236,14 @@ class ModelRunner:
                 new.append(j)
         if self.cache.evictions != ev0:
             self._notify("on_evict", self.cache.evictions - ev0)
+        y = None
         if new:
+            outs = [self.cache.weights(slots[keys[j]]) for j in new]
             try:
-                self.moe[m].merge_many_into(scores[new], [self.cache.weights(slots[keys[j]])
-                                                          for j in new])
+                if x is not None:
+                    y = self.moe[m].merge_apply(x, scores[new[0]], outs[0])
+                if y is None:
+                    self.moe[m].merge_many_into(scores[new], outs)
             except BaseException:
                 for j in new:
                     self.cache.discard(keys[j])
@@ -253,7 +263,7 @@ class ModelRunner:
                 self.cache.acquire(key)
             seen.add(key)
             self._notify("on_merge", self.moe_layers[m], 0.0 if hit else per_merge, hit)
-        return out
+        return out, y
 
     def release(self, slot: int) -> None:
         """Forget a finished or cancelled sequence: drop its merge-cache references."""
@@ -474,13 +484,15 @@ class ModelRunner:
         if strategy == "auto":  # the prompt's last segment's merge also serves decode steps
             future = st.future_uses(st.prompt_len - 1, self.T) if serves_decode else 0
             strategy = self.cost.choose_segment(x.shape[0], future, key not in self.cache)
-        ps = NO_MERGE
-        if strategy == "merged":
-            got = self._acquire(m, key, scores)
+        ps, y = NO_MERGE, None
+        if strategy == "merged":  # a merge made now is applied in the same pass where it can
+            got, y = self._acquire(m, key, scores, x)
             ps = FALLBACK if got is None else got
         if keep:  # recorded before use: if applying fails, `release(slot)` still frees it
             self._set_segment(st, m, key, ps)
         try:
+            if y is not None:
+                return y
             if ps >= 0:
                 return apply_merged(x, self.cache.weights(ps), self.moe[m].kind)
             return apply_mixture(x, self.moe[m], scores.expand(x.shape[0], -1))
@@ -557,8 +569,8 @@ class ModelRunner:
         # merge's read plus their writes.
         rows = [b for b, st in enumerate(sts) if st.pool_slots[m] == NO_MERGE]
         if rows:
-            got = self._acquire_many(m, [sts[b].keys[m] for b in rows],
-                                     self.scores[slots_t[rows], m])
+            got, _ = self._acquire_many(m, [sts[b].keys[m] for b in rows],
+                                        self.scores[slots_t[rows], m])
             for b, ps in zip(rows, got):
                 sts[b].pool_slots[m] = FALLBACK if ps is None else ps
         groups: dict[int, list[int]] = {}

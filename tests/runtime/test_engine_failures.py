@@ -9,7 +9,8 @@ import time
 import pytest
 
 import camex_runtime.engine.runner as runner_mod
-from camex_runtime import Engine, SamplingParams
+from camex_runtime import Engine, SamplingParams, kernels
+from camex_runtime.engine.moe import MoEWeights
 from camex_runtime.errors import RequestFailedError
 from engine_models import build_folded
 
@@ -35,19 +36,31 @@ def refcounts(engine):
 
 
 # 10 tokens, T=4: three segments per MoE layer, so apply calls 1-2 are earlier segments
-# (released after use) and call 3 is the kept segment (recorded for the decode steps).
+# (released after use) and call 3 is the kept segment (recorded for the decode steps). A merge
+# made for a prompt segment is applied in the same pass (MoEWeights.merge_apply, where the
+# kernels take it) or after it (apply_merged): either may fail.
+@pytest.mark.parametrize("where", ["merge_apply", "apply_merged"])
 @pytest.mark.parametrize("failing_call", [1, 2, 3])
-def test_failed_prefill_releases_merge_cache_references(path, monkeypatch, failing_call):
+def test_failed_prefill_releases_merge_cache_references(path, monkeypatch, failing_call, where):
     e = Engine.from_pretrained(path, max_batch_size=2, strategy="merged")
-    real, calls = runner_mod.apply_merged, {"n": 0}
+    calls = {"n": 0}
+    real_apply, real_merge_apply = runner_mod.apply_merged, MoEWeights.merge_apply
 
-    def apply_once_failing(x, w, *rest):
-        calls["n"] += 1
-        if calls["n"] == failing_call:
-            raise RuntimeError("simulated out of memory")
-        return real(x, w, *rest)
+    def failing(real):
+        def call(*args):
+            calls["n"] += 1
+            if calls["n"] == failing_call:
+                raise RuntimeError("simulated out of memory")
+            return real(*args)
+        return call
 
-    monkeypatch.setattr(runner_mod, "apply_merged", apply_once_failing)
+    if where == "apply_merged":  # merges made first, then applied
+        monkeypatch.setattr(MoEWeights, "merge_apply", lambda *args: None)
+        monkeypatch.setattr(runner_mod, "apply_merged", failing(real_apply))
+    else:
+        if kernels.native() is None:
+            pytest.skip(f"no native kernels here: {kernels.status()}")
+        monkeypatch.setattr(MoEWeights, "merge_apply", failing(real_merge_apply))
     h = e.submit(list(range(1, 11)), SamplingParams(**PARAMS))
     run_to_end(e, h)
     with pytest.raises(RequestFailedError, match="simulated out of memory"):

@@ -223,6 +223,55 @@ def test_merge_many_gives_each_output_the_bits_of_a_lone_merge(dtype, merge_path
     kernels.merge_many(base, deltas, torch.empty(0, E), [])  # nothing to merge: no error
 
 
+@pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
+@pytest.mark.parametrize("isa", ["avx2", "avx512"])
+def test_merge_linear_writes_the_merge_and_returns_the_linear_kernels_rows(isa):
+    """A prompt chunk's merge and product in one pass: the pool entry gets merge()'s bits, and
+    every row of the product the bits the linear kernel gives that row alone (what a decode step
+    computes), at any row count, with output rows that fill no whole tile, with and without a
+    bias, on one thread and on two."""
+    if isa == "avx512" and not HAS_AVX512:
+        pytest.skip("needs a CPU with AVX-512")
+    mod = kernels.native()
+    torch.manual_seed(7)
+    out_rows, width, E = 53, 91, 5  # 53 = 3 tiles of 16 and 5 rows; 91: every vector tail
+    base, deltas = torch.randn(out_rows * width), torch.randn(E, out_rows * width)
+    coeffs, bias = torch.rand(E), torch.randn(out_rows)
+    merged = torch.empty(out_rows, width)
+    kernels.merge(base, deltas, coeffs, merged.view(-1))
+    threads = torch.get_num_threads()
+    try:
+        mod.set_isa(isa, 0)
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for rows in (1, 3, 4, 17, kernels.MERGE_LINEAR_ROWS):
+                x = torch.randn(rows, width)
+                for b in (bias, None):
+                    out = torch.full((out_rows, width), float("nan"))
+                    y = kernels.merge_linear(x, base, deltas, coeffs, out, b)
+                    assert torch.equal(out, merged), (n, rows)
+                    alone = torch.cat([mod.linear(x[i:i + 1], merged, b) for i in range(rows)])
+                    assert torch.equal(y, alone), (n, rows)
+                    assert rel(y, F.linear(x, merged, b)) <= 1e-6
+    finally:
+        torch.set_num_threads(threads)
+        mod.set_isa("auto", 0)
+
+
+def test_merge_linear_declines_what_it_does_not_compute():
+    """Too many rows for the tile to stay in cache, 16-bit weights, or a strided input: None,
+    and the output is not touched (the caller merges, then applies)."""
+    base, deltas, coeffs = torch.randn(8 * 16), torch.randn(3, 8 * 16), torch.rand(3)
+    out = torch.zeros(8, 16)
+    too_many = torch.randn(kernels.MERGE_LINEAR_ROWS + 1, 16)
+    assert kernels.merge_linear(too_many, base, deltas, coeffs, out) is None
+    half = torch.zeros(8, 16, dtype=torch.bfloat16)
+    assert kernels.merge_linear(torch.randn(4, 16), base.bfloat16(), deltas.bfloat16(), coeffs,
+                                half) is None
+    assert kernels.merge_linear(torch.randn(16, 4).t(), base, deltas, coeffs, out) is None
+    assert not out.any() and not half.any()
+
+
 def test_mixed_precision_serves_16bit_weights_with_fp32_activations(tmp_path, monkeypatch):
     """On a CPU with the kernels, a bf16 engine streams bf16 weights and computes in fp32, and
     agrees with the fp32 engine as well as computing in bf16 does."""

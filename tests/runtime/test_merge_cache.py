@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from camex_runtime import Engine, SamplingParams
+from camex_runtime import Engine, SamplingParams, kernels
 from camex_runtime.engine.merge_cache import MergeCache
+from camex_runtime.engine.moe import MoEWeights
 from engine_models import build_folded
 
 
@@ -141,3 +142,50 @@ def test_default_budget_fits_a_full_batch(tmp_path):
     assert default_merge_cache_bytes(cfg_big, 8, 12, torch.float32) == 9 * per_seq
     assert default_merge_cache_bytes(cfg_big, 8, 12, torch.bfloat16) == 9 * per_seq // 2
     assert default_merge_cache_bytes(cfg, 3, 1, torch.float32) == MIN_MERGE_CACHE_BYTES
+
+
+@pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_prompt_gets_the_same_bits_whether_its_merges_are_made_or_cached(tmp_path, family,
+                                                                           monkeypatch):
+    """fp32 on the CPU a prompt segment's merge is made and applied in one pass over the expert
+    stack (MoEWeights.merge_apply); from the cache the finished entry is applied by kernels.ffn.
+    The prompt must get the same bits either way (seeded sampling repeats only then), and the
+    pool entry the bits of a plain merge. Segments of 32 tokens: rows beyond the decode kernels'
+    16, within merge_linear's 64."""
+    overrides = {} if family == "gpt2" else {"family": "llama", "n_kv_head": 2}
+    path = build_folded(tmp_path / family, T=32, **overrides)
+    prompt = [(7 * i) % 50 + 1 for i in range(45)]  # segment 1: 32 rows, segment 2: 13
+    params = SamplingParams(max_new_tokens=3, ignore_eos=True, prompt_logprobs=2)
+    fused = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
+    made = []
+    real = MoEWeights.merge_apply
+
+    def spy(self, x, scores, out):
+        y = real(self, x, scores, out)
+        made.append(None if y is None else x.shape[0])
+        return y
+    monkeypatch.setattr(MoEWeights, "merge_apply", spy)
+    fused.start()
+    try:
+        first = fused.submit(prompt, params).result()
+        assert sorted(made) == [13, 13, 32, 32]  # two segments at each of two MoE layers
+        again = fused.submit(prompt, params).result()  # every merge from the cache
+        assert len(made) == 4 and fused.runner.cache.stats().hits >= 4
+    finally:
+        fused.stop()
+    assert again.token_ids == first.token_ids and again.prompt_logprobs == first.prompt_logprobs
+
+    monkeypatch.setattr(MoEWeights, "merge_apply", lambda *args: None)  # merge, then apply
+    plain = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
+    plain.start()
+    try:
+        apart = plain.submit(prompt, params).result()
+    finally:
+        plain.stop()
+    assert apart.token_ids == first.token_ids and apart.prompt_logprobs == first.prompt_logprobs
+    made_here, merged_apart = fused.runner.cache, plain.runner.cache
+    assert made_here._entries.keys() == merged_apart._entries.keys()
+    for key, entry in made_here._entries.items():
+        for part, view in made_here.weights(entry.slot).items():
+            assert torch.equal(view, merged_apart.weights(merged_apart._entries[key].slot)[part])
