@@ -59,8 +59,9 @@ class ServerMetrics:
                                                   buckets=TOKEN_BUCKETS, registry=r)
         self.batch_size = Histogram("camex_batch_size", "running sequences per engine step",
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.merge_duration = self._latency("camex_merge_duration_seconds",
-                                            "time to build merged expert weights (cache misses)")
+        self.merge_duration = self._latency(
+            "camex_merge_duration_seconds", "time to build merged expert weights (cache misses; "
+            "a short prompt segment's merge includes applying it, done in the same pass)")
         self.router_score = Histogram("camex_router_score", "router softmax score per routing "
                                       "decision", ["layer", "expert"], buckets=SCORE_BUCKETS,
                                       registry=r)

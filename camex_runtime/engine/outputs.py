@@ -77,7 +77,7 @@ class MergeCacheStats:
     bytes_used: int  # bytes held by live (referenced or LRU) entries
     bytes_budget: int
     merges: int
-    merge_seconds: float
+    merge_seconds: float  # building them; a merge_apply (short prompt segment) includes the apply
 
 
 @dataclass(frozen=True)
