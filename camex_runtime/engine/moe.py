@@ -14,6 +14,7 @@ Knows nothing about caches, keys or requests: weights, scores and activations in
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -93,13 +94,13 @@ class MoEWeights:
         """(S, d) routing inputs -> (S, E) fp32 softmax scores (the model's route_scores)."""
         return route_scores(self.router, mean_h)
 
-    def merge_into(self, scores: Tensor, out: dict[str, Tensor]) -> None:
+    def merge_into(self, scores: Tensor, out: Mapping[str, Tensor]) -> None:
         """Write the merged FFN for one routing decision, scores (E,), into pool views `out`
         (merge_cache.merged_ffn_shapes: fc1_weight (k*h, d), fc2_weight (d, h), biases):
         Ê = E_m + α Σ_i s_i Δ_i, one pass over the stack (kernels.merge)."""
         self.merge_many_into(scores.reshape(1, -1), [out])
 
-    def merge_many_into(self, scores: Tensor, outs: list[dict[str, Tensor]]) -> None:
+    def merge_many_into(self, scores: Tensor, outs: list[Mapping[str, Tensor]]) -> None:
         """`merge_into` for S decisions at once, scores (S, E): one pass over the stack writes
         all S merged FFNs (kernels.merge_many), the same bits as S separate merges."""
         E = self.num_experts
@@ -110,7 +111,7 @@ class MoEWeights:
                 kernels.merge_many(stack[0].reshape(-1), stack[1:].reshape(E, -1),
                                    coeffs.to(stack.device), [out[part].view(-1) for out in outs])
 
-    def merge_apply(self, x: Tensor, scores: Tensor, out: dict[str, Tensor]) -> Tensor | None:
+    def merge_apply(self, x: Tensor, scores: Tensor, out: Mapping[str, Tensor]) -> Tensor | None:
         """`merge_into` for one decision, scores (E,), and `apply_merged` of a prompt
         segment's rows x (n, d) by it, each projection merged and applied a tile at a time
         (kernels.merge_linear: the pool gets the same bits, the merged weights are never
@@ -139,7 +140,7 @@ class MoEWeights:
                           self.alpha, self.kind)
 
 
-def apply_merged(x: Tensor, w: dict[str, Tensor], kind: FFNKind) -> Tensor:
+def apply_merged(x: Tensor, w: Mapping[str, Tensor], kind: FFNKind) -> Tensor:
     """x (n, d) through one merged FFN (pool views) -> (n, d): decode rows and short fp32
     prompt segments on the CPU in one native call (kernels.ffn; MoEWeights.merge_apply gives
     the same bits), else two linears around the hidden function."""
