@@ -232,24 +232,34 @@ bool has_avx512() {
 
 bool use_avx512 = has_avx512();  // set_isa("avx2") turns it off (tests compare the two)
 
+// Below 4 inputs the AVX2 kernel is as fast or faster (one fp32 input: 26 vs 32 ms per step's
+// products, the 512-bit loads slow the single stream); from 4 inputs on the kernel is bound by
+// loads, not memory, and the blocked AVX-512 one saves 5-15 %. Both give the same bits.
+inline bool wide_for(int64_t B) { return use_avx512 && (B >= 4 || avx512_rows_override > 0); }
+
+// y[:, o:o+rows] = x @ w[o:o+rows]^T (+ bias) for all B inputs: one task's output rows
+template <WType T>
+inline void rows_into(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
+                      int64_t ldw_bytes, int64_t out, const float* bias, float* y, int64_t o,
+                      int64_t rows, bool wide) {
+  if (wide)
+    rows_avx512<T>(x, B, ldx, in, w, ldw_bytes, out, y, o, rows);
+  else
+    rows_avx2<T>(x, B, ldx, in, w, ldw_bytes, out, y, o, rows);
+  if (bias != nullptr)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t r = 0; r < rows; ++r) y[b * out + o + r] += bias[o + r];
+}
+
 template <WType T>
 void run(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w, int64_t ldw_bytes,
          int64_t out, const float* bias, float* y) {
   const int64_t blocks = (out + RB - 1) / RB;
-  // Below 4 inputs the AVX2 kernel is as fast or faster (one fp32 input: 26 vs 32 ms per
-  // step's products, the 512-bit loads slow the single stream); from 4 inputs on the kernel is
-  // bound by loads, not memory, and the blocked AVX-512 one saves 5-15 %.
-  const bool wide = use_avx512 && (B >= 4 || avx512_rows_override > 0);
+  const bool wide = wide_for(B);
   at::parallel_for(0, blocks, 4, [&](int64_t lo, int64_t hi) {
     for (int64_t g = lo; g < hi; ++g) {
-      const int64_t o = g * RB, rows = std::min(RB, out - o);
-      if (wide)
-        rows_avx512<T>(x, B, ldx, in, w, ldw_bytes, out, y, o, rows);
-      else
-        rows_avx2<T>(x, B, ldx, in, w, ldw_bytes, out, y, o, rows);
-      if (bias != nullptr)
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t r = 0; r < rows; ++r) y[b * out + o + r] += bias[o + r];
+      const int64_t o = g * RB;
+      rows_into<T>(x, B, ldx, in, w, ldw_bytes, out, bias, y, o, std::min(RB, out - o), wide);
     }
   });
 }
@@ -356,19 +366,13 @@ void merge_linear_run(const float* x, int64_t B, int64_t in, const char* base, c
                       int64_t ld_bytes, const float* c, int64_t E, char* w, int64_t out,
                       const float* bias, float* y) {
   constexpr int64_t esz = T == WType::F32 ? 4 : 2;
-  const bool wide = use_avx512 && (B >= 4 || avx512_rows_override > 0);  // as run()
+  const bool wide = wide_for(B);
   at::parallel_for(0, (out + MERGE_TILE - 1) / MERGE_TILE, 1, [&](int64_t lo, int64_t hi) {
     char* const outs[1] = {w};
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t o = t * MERGE_TILE, rows = std::min(MERGE_TILE, out - o);
       merge_range<T>(base, deltas, ld_bytes, c, E, 1, o * in, (o + rows) * in, outs);
-      if (wide)
-        rows_avx512<T>(x, B, in, in, w, in * esz, out, y, o, rows);
-      else
-        rows_avx2<T>(x, B, in, in, w, in * esz, out, y, o, rows);
-      if (bias != nullptr)
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t r = 0; r < rows; ++r) y[b * out + o + r] += bias[o + r];
+      rows_into<T>(x, B, in, in, w, in * esz, out, bias, y, o, rows, wide);
     }
   });
 }
