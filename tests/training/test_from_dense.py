@@ -5,6 +5,7 @@ trained data-parallel, exported, and served — and what travels arrives in the 
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -50,7 +51,10 @@ def test_from_dense_trains_exports_and_serves(tmp_path, capsys, corpus_dir, dens
               "--warmup", "2", "--eval-batches", "2", "--out", str(out), "--no-progress",
               "--steps", "8"]
     summary, err = run_cli([*common, "--stop-after", "4"], capsys)
-    assert "max relative logit error against the dense model 0.00e+00" in err
+    # the upcycle check ran and the upcycled model is the dense one up to fp32 rounding (bit
+    # equality is CPU-dependent: 0 on a Zen 4 core, 3.2e-07 on a Xeon with AMX)
+    found = re.search(r"max relative logit error against the dense model (\S+)", err)
+    assert found and float(found.group(1)) <= 1e-6, err
     assert summary["steps"] == 4 and (out / "trainer_state.json").is_file()
     summary, _ = run_cli([*common, "--resume", "--export", str(folded)], capsys)
     assert summary["steps"] == 8 and summary["export_dir"]
