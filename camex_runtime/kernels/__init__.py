@@ -5,7 +5,8 @@
   sequence) on an x86 CPU with AVX2, FMA and F16C it runs
   `cpu_decode.cpp`, which streams each weight row from memory once for all rows, widens
   fp16/bf16 weights in registers and splits the output rows over torch's intra-op threads
-  (from 4 rows on, an AVX-512 variant where the CPU has it: same bits, more work per load);
+  (an AVX-512 variant where the CPU has it, from a row count tuned per CPU family,
+  `AVX512_TUNING`: same bits, more work per load);
   everything else goes to `F.linear`: fp16/bf16 weights with fp32 activations (prompt chunks)
   use the CPU's 16-bit GEMM where it has one (AVX512-BF16/AMX, AVX512-FP16), else are widened.
 - `decode_attention(...)` writes one decode step's keys/values into the KV cache and attends
@@ -54,6 +55,14 @@ log = logging.getLogger("camex.kernels")
 # - bf16 weights (torch: the CPU's bf16 GEMM, activations rounded to bf16): 8 rows 22.3 vs 22.6
 #   / 12.0 vs 11.9; 10 rows 27.9 vs 23.7 / 14.0 vs 13.1; 16 rows 40.1 vs 28.5 / 19.9 vs 15.3.
 # Decode batches up to this size are batch-invariant bit for bit; prefill chunks go to torch.
+# The AVX-512 linear kernel's thresholds per CPU vendor: (inputs from which it replaces the AVX2
+# kernel, inputs from which it reads two weight rows side by side; 0: never). GPT-2-small's
+# products, 2 MiB pages. Zen 4: AVX2 is as fast or faster below 4 inputs (one fp32 input 26 vs
+# 32 ms), pairs win from 7 (bf16 at 8 inputs 37 vs 40 ms). A Xeon with AMX (one core): AVX-512
+# wins from one input (fp32 42.6 -> 33.4 ms, bf16 31.7 -> 23.6; two cores 31.7 -> 24.9 and
+# 19.5 -> 15.4) and pairs never do (8 inputs: fp32 59.6 vs 67.5, bf16 41.6 vs 49.5). Another
+# vendor gets Zen 4's. Every choice gives the same bits.
+AVX512_TUNING = {"AuthenticAMD": (4, 7), "GenuineIntel": (1, 0)}
 # the environment this module reads (deploy files may set them; tests check the names)
 ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR")
 MAX_ROWS = 8  # 16-bit weights
@@ -74,6 +83,23 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """The CPU's vendor id ("GenuineIntel", "AuthenticAMD"; "" where unknown)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def avx512_tuning(vendor: str) -> tuple[int, int]:
+    """`AVX512_TUNING` for `vendor`; Zen 4's for a vendor not measured."""
+    return AVX512_TUNING.get(vendor, AVX512_TUNING["AuthenticAMD"])
 
 
 def _load():
@@ -99,7 +125,9 @@ def _load():
         if mode == "native":
             raise RuntimeError(f"CAMEX_KERNELS=native but {reason}")
         return None, f"torch ({reason})"
-    isa = "AVX2/FMA/F16C" + (", AVX-512 from 4 rows" if module.isa() == "avx512" else "")
+    start, _ = module.tune(*avx512_tuning(cpu_vendor()))
+    rows = f"{start} row{'s' if start > 1 else ''}"
+    isa = "AVX2/FMA/F16C" + (f", AVX-512 from {rows}" if module.isa() == "avx512" else "")
     return module, f"native ({isa} weight-streaming linear and merge)"
 
 

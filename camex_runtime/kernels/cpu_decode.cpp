@@ -13,8 +13,8 @@
 // row is read once for all B input rows (B accumulators per weight row), 16-bit weights are
 // widened in registers (F16C / a shift for bf16), and output rows are split over the torch
 // intra-op thread pool. AVX2 + FMA + F16C; the Python side checks the CPU before loading this.
-// Where the CPU also has AVX-512, batches of 4+ rows use a register-blocked variant compiled
-// for those functions only (chosen at run time) that gives the same bits.
+// Where the CPU also has AVX-512, a register-blocked variant compiled for those functions only
+// (chosen at run time, from a row count that depends on the CPU family) gives the same bits.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -208,14 +208,21 @@ CAMEX_AVX512 inline void inputs512(const float* x, int64_t B, int64_t ldx, int64
 
 int avx512_rows_override = 0;  // benchmarking: weight rows per pass (0: by batch size)
 
+// Per CPU family (tune(), set from the CPU's vendor by the Python side): the AVX-512 kernel from
+// `avx512_from` inputs, two weight rows side by side from `pair_from` inputs (0: never). The
+// defaults are Zen 4's; see wide_for and rows_avx512.
+int64_t avx512_from = 4, pair_from = 7;
+
 template <WType T>
 CAMEX_AVX512 void rows_avx512(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
                               int64_t ldw_bytes, int64_t out, float* y, int64_t o,
                               int64_t rows) {
-  // One weight row at a time keeps the sequential stream the prefetcher follows best; from 7
-  // inputs on, two rows side by side win (Zen 4, GPT-2-small GEMVs, bf16 at 8 inputs: 37 vs
-  // 40 ms per step's products on one core, fp32 equal).
-  const int nr = avx512_rows_override > 0 ? avx512_rows_override : (B >= 7 ? 2 : 1);
+  // One weight row at a time keeps the sequential stream the prefetcher follows best; on Zen 4,
+  // from 7 inputs on, two rows side by side win (GPT-2-small GEMVs, bf16 at 8 inputs: 37 vs
+  // 40 ms per step's products on one core, fp32 equal); on a Xeon with AMX they never do (bf16
+  // at 8 inputs 41.6 vs 49.5 ms, fp32 59.6 vs 67.5).
+  const int nr = avx512_rows_override > 0 ? avx512_rows_override
+                                          : (pair_from > 0 && B >= pair_from ? 2 : 1);
   int64_t r = 0;
   if (nr == 2)
     for (; r + 2 <= rows; r += 2)
@@ -232,10 +239,15 @@ bool has_avx512() {
 
 bool use_avx512 = has_avx512();  // set_isa("avx2") turns it off (tests compare the two)
 
-// Below 4 inputs the AVX2 kernel is as fast or faster (one fp32 input: 26 vs 32 ms per step's
-// products, the 512-bit loads slow the single stream); from 4 inputs on the kernel is bound by
-// loads, not memory, and the blocked AVX-512 one saves 5-15 %. Both give the same bits.
-inline bool wide_for(int64_t B) { return use_avx512 && (B >= 4 || avx512_rows_override > 0); }
+// On Zen 4, below 4 inputs the AVX2 kernel is as fast or faster (one fp32 input: 26 vs 32 ms per
+// step's products, the 512-bit loads slow the single stream); from 4 inputs on the kernel is
+// bound by loads, not memory, and the blocked AVX-512 one saves 5-15 %. On a Xeon with AMX the
+// AVX-512 kernel (with its software prefetch) wins from one input: GPT-2-small's products at
+// one input, one core, 2 MiB pages, 42.6 -> 33.4 ms fp32 and 31.7 -> 23.6 ms bf16. Both kernels
+// give the same bits.
+inline bool wide_for(int64_t B) {
+  return use_avx512 && (B >= avx512_from || avx512_rows_override > 0);
+}
 
 // y[:, o:o+rows] = x @ w[o:o+rows]^T (+ bias) for all B inputs: one task's output rows
 template <WType T>
@@ -974,10 +986,21 @@ std::string set_isa(const std::string& isa, int64_t rows) {
   return use_avx512 ? "avx512" : "avx2";
 }
 
+// The per-CPU-family thresholds of the linear kernel (see avx512_from); returns them.
+std::pair<int64_t, int64_t> tune(int64_t from, int64_t pair) {
+  TORCH_CHECK(from >= 1 && pair >= 0, "tune: avx512_from >= 1, pair_from >= 0 (0: never)");
+  avx512_from = from;
+  pair_from = pair;
+  return {avx512_from, pair_from};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa", &set_isa, "choose the linear kernel's instruction set (tests, benchmarks)",
         py::arg("isa"), py::arg("rows") = 0);
   m.def("isa", [] { return std::string(use_avx512 ? "avx512" : "avx2"); });
+  m.def("tune", &tune, "inputs from which AVX-512 runs, and two weight rows per pass (0: never)",
+        py::arg("avx512_from"), py::arg("pair_from"));
+  m.def("tuning", [] { return std::make_pair(avx512_from, pair_from); });
   // Without the GIL: the kernels touch no Python object, and while a decode step streams
   // weights the server's event loop thread must be free to send the previous token.
   using nogil = py::call_guard<py::gil_scoped_release>;
