@@ -56,13 +56,14 @@ log = logging.getLogger("camex.kernels")
 #   / 12.0 vs 11.9; 10 rows 27.9 vs 23.7 / 14.0 vs 13.1; 16 rows 40.1 vs 28.5 / 19.9 vs 15.3.
 # Decode batches up to this size are batch-invariant bit for bit; prefill chunks go to torch.
 # The AVX-512 linear kernel's thresholds per CPU vendor: (inputs from which it replaces the AVX2
-# kernel, inputs from which it reads two weight rows side by side; 0: never). GPT-2-small's
-# products, 2 MiB pages. Zen 4: AVX2 is as fast or faster below 4 inputs (one fp32 input 26 vs
-# 32 ms), pairs win from 7 (bf16 at 8 inputs 37 vs 40 ms). A Xeon with AMX (one core): AVX-512
-# wins from one input (fp32 42.6 -> 33.4 ms, bf16 31.7 -> 23.6; two cores 31.7 -> 24.9 and
-# 19.5 -> 15.4) and pairs never do (8 inputs: fp32 59.6 vs 67.5, bf16 41.6 vs 49.5). Another
-# vendor gets Zen 4's. Every choice gives the same bits.
-AVX512_TUNING = {"AuthenticAMD": (4, 7), "GenuineIntel": (1, 0)}
+# kernel, inputs from which it reads two weight rows side by side, and four with fp32 weights; 0:
+# never). GPT-2-small's products, 2 MiB pages. Zen 4: AVX2 is as fast or faster below 4 inputs (one
+# fp32 input 26 vs 32 ms), pairs win from 7 (bf16 at 8 inputs 37 vs 40 ms). A Xeon with AMX (one
+# core): AVX-512 wins from one input (fp32 42.6 -> 33.4 ms, bf16 31.7 -> 23.6; two cores 31.7 ->
+# 24.9 and 19.5 -> 15.4) and pairs never do (8 inputs: fp32 59.6 vs 67.5, bf16 41.6 vs 49.5), but
+# four fp32 rows always do (one input 32.3 -> 29.4 ms, 16 inputs 91.1 -> 68.7; see rows_avx512).
+# Another vendor gets Zen 4's. Every choice gives the same bits.
+AVX512_TUNING = {"AuthenticAMD": (4, 7, 0), "GenuineIntel": (1, 0, 1)}
 # the environment this module reads (deploy files may set them; tests check the names)
 ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR")
 MAX_ROWS = 8  # 16-bit weights
@@ -97,7 +98,7 @@ def cpu_vendor() -> str:
     return ""
 
 
-def avx512_tuning(vendor: str) -> tuple[int, int]:
+def avx512_tuning(vendor: str) -> tuple[int, int, int]:
     """`AVX512_TUNING` for `vendor`; Zen 4's for a vendor not measured."""
     return AVX512_TUNING.get(vendor, AVX512_TUNING["AuthenticAMD"])
 
@@ -125,7 +126,7 @@ def _load():
         if mode == "native":
             raise RuntimeError(f"CAMEX_KERNELS=native but {reason}")
         return None, f"torch ({reason})"
-    start, _ = module.tune(*avx512_tuning(cpu_vendor()))
+    start, *_ = module.tune(*avx512_tuning(cpu_vendor()))
     rows = f"{start} row{'s' if start > 1 else ''}"
     isa = "AVX2/FMA/F16C" + (f", AVX-512 from {rows}" if module.isa() == "avx512" else "")
     return module, f"native ({isa} weight-streaming linear and merge)"

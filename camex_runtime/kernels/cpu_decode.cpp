@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <vector>
 
 namespace {
@@ -189,10 +190,20 @@ CAMEX_AVX512 inline void block512(const float* x, int64_t ldx, int64_t in, const
 template <WType T, int NR>
 CAMEX_AVX512 inline void inputs512(const float* x, int64_t B, int64_t ldx, int64_t in,
                                    const char* w, int64_t ldw_bytes, float* y, int64_t ldy) {
-  // NR weight rows against every input, up to 8 inputs per pass (at most 16 accumulators)
-  for (int64_t b0 = 0; b0 < B; b0 += 8) {
+  // NR weight rows against every input, up to 8 inputs per pass (4 with 4 rows): at most 16
+  // accumulators
+  for (int64_t b0 = 0; b0 < B; b0 += NR >= 4 ? 4 : 8) {
     const float* xb = x + b0 * ldx;
     float* yb = y + b0 * ldy;
+    if constexpr (NR >= 4) {
+      switch (std::min<int64_t>(4, B - b0)) {
+        case 1: block512<T, NR, 1>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
+        case 2: block512<T, NR, 2>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
+        case 3: block512<T, NR, 3>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
+        default: block512<T, NR, 4>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
+      }
+      continue;
+    }
     switch (std::min<int64_t>(8, B - b0)) {
       case 1: block512<T, NR, 1>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
       case 2: block512<T, NR, 2>(xb, ldx, in, w, ldw_bytes, yb, ldy); break;
@@ -209,9 +220,10 @@ CAMEX_AVX512 inline void inputs512(const float* x, int64_t B, int64_t ldx, int64
 int avx512_rows_override = 0;  // benchmarking: weight rows per pass (0: by batch size)
 
 // Per CPU family (tune(), set from the CPU's vendor by the Python side): the AVX-512 kernel from
-// `avx512_from` inputs, two weight rows side by side from `pair_from` inputs (0: never). The
-// defaults are Zen 4's; see wide_for and rows_avx512.
-int64_t avx512_from = 4, pair_from = 7;
+// `avx512_from` inputs, two weight rows side by side from `pair_from` inputs, and four (fp32
+// weights only) from `quad_from` (0: never). The defaults are Zen 4's; see wide_for and
+// rows_avx512.
+int64_t avx512_from = 4, pair_from = 7, quad_from = 0;
 
 template <WType T>
 CAMEX_AVX512 void rows_avx512(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
@@ -221,10 +233,19 @@ CAMEX_AVX512 void rows_avx512(const float* x, int64_t B, int64_t ldx, int64_t in
   // from 7 inputs on, two rows side by side win (GPT-2-small GEMVs, bf16 at 8 inputs: 37 vs
   // 40 ms per step's products on one core, fp32 equal); on a Xeon with AMX they never do (bf16
   // at 8 inputs 41.6 vs 49.5 ms, fp32 59.6 vs 67.5).
+  // On a Xeon with AMX, four fp32 rows side by side win at every input count: four streams
+  // from memory (GPT-2-small's products, one core: 1 input 32.3 -> 29.4 ms, 4 inputs 49.8 ->
+  // 40.3, 16 inputs 91.1 -> 68.7) and fewer loads per FMA from cache (4 + 4 per 16 FMAs: fc1 /
+  // fc2 by 32 inputs 3.0 / 3.5 -> 1.9 / 1.8 ms, which merge_linear's tiles are). With bf16
+  // weights four rows lost at 4 and 8 inputs and tied at 12-16, so they keep one.
   const int nr = avx512_rows_override > 0 ? avx512_rows_override
-                                          : (pair_from > 0 && B >= pair_from ? 2 : 1);
+                 : T == WType::F32 && quad_from > 0 && B >= quad_from ? 4
+                 : pair_from > 0 && B >= pair_from ? 2 : 1;
   int64_t r = 0;
-  if (nr == 2)
+  if (nr == 4)
+    for (; r + 4 <= rows; r += 4)
+      inputs512<T, 4>(x, B, ldx, in, w + (o + r) * ldw_bytes, ldw_bytes, y + o + r, out);
+  if (nr >= 2)
     for (; r + 2 <= rows; r += 2)
       inputs512<T, 2>(x, B, ldx, in, w + (o + r) * ldw_bytes, ldw_bytes, y + o + r, out);
   for (; r < rows; ++r)
@@ -980,27 +1001,30 @@ torch::Tensor layers(torch::Tensor x, const std::vector<std::vector<OptT>>& bloc
 std::string set_isa(const std::string& isa, int64_t rows) {
   TORCH_CHECK(isa == "auto" || isa == "avx2" || isa == "avx512", "isa: auto, avx2 or avx512");
   TORCH_CHECK(isa != "avx512" || has_avx512(), "this CPU has no AVX-512 (F, BW, DQ, VL)");
-  TORCH_CHECK(rows == 0 || rows == 1 || rows == 2, "rows: 0 (by batch size), 1 or 2");
+  TORCH_CHECK(rows == 0 || rows == 1 || rows == 2 || rows == 4, "rows: 0 (by batch size), 1, 2 or 4");
   use_avx512 = isa == "avx2" ? false : has_avx512();
   avx512_rows_override = static_cast<int>(rows);
   return use_avx512 ? "avx512" : "avx2";
 }
 
 // The per-CPU-family thresholds of the linear kernel (see avx512_from); returns them.
-std::pair<int64_t, int64_t> tune(int64_t from, int64_t pair) {
-  TORCH_CHECK(from >= 1 && pair >= 0, "tune: avx512_from >= 1, pair_from >= 0 (0: never)");
+std::tuple<int64_t, int64_t, int64_t> tune(int64_t from, int64_t pair, int64_t quad) {
+  TORCH_CHECK(from >= 1 && pair >= 0 && quad >= 0,
+              "tune: avx512_from >= 1, pair_from and quad_from >= 0 (0: never)");
   avx512_from = from;
   pair_from = pair;
-  return {avx512_from, pair_from};
+  quad_from = quad;
+  return {avx512_from, pair_from, quad_from};
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_isa", &set_isa, "choose the linear kernel's instruction set (tests, benchmarks)",
         py::arg("isa"), py::arg("rows") = 0);
   m.def("isa", [] { return std::string(use_avx512 ? "avx512" : "avx2"); });
-  m.def("tune", &tune, "inputs from which AVX-512 runs, and two weight rows per pass (0: never)",
-        py::arg("avx512_from"), py::arg("pair_from"));
-  m.def("tuning", [] { return std::make_pair(avx512_from, pair_from); });
+  m.def("tune", &tune,
+        "inputs from which AVX-512 runs, and two / four weight rows per pass (0: never)",
+        py::arg("avx512_from"), py::arg("pair_from"), py::arg("quad_from"));
+  m.def("tuning", [] { return std::make_tuple(avx512_from, pair_from, quad_from); });
   // Without the GIL: the kernels touch no Python object, and while a decode step streams
   // weights the server's event loop thread must be free to send the previous token.
   using nogil = py::call_guard<py::gil_scoped_release>;
