@@ -82,7 +82,7 @@ def test_avx512_linear_gives_the_avx2_kernels_bits(wdtype):
             assert mod.set_isa("avx512", rows_per_pass) == "avx512"
             for n, y in want.items():
                 assert torch.equal(mod.linear(x[:n], w, b), y), (rows_per_pass, n)
-        # the per-CPU-family thresholds (which inputs run AVX-512, when rows go in pairs)
+        # the per-CPU-family thresholds (which inputs run AVX-512, when rows go in pairs or fours)
         mod.set_isa("auto", 0)
         for tuning in [*kernels.AVX512_TUNING.values(), (3, 5, 0), (8, 2, 3), (2, 0, 5)]:
             assert mod.tune(*tuning) == tuning and mod.tuning() == tuning
