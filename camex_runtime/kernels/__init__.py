@@ -40,6 +40,7 @@ import logging
 import os
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -48,6 +49,30 @@ from torch import Tensor
 from camex_runtime.kernels import build
 
 log = logging.getLogger("camex.kernels")
+
+
+class Avx512Tuning(NamedTuple):
+    """How the AVX-512 linear kernel runs on one CPU family. Every choice gives the same bits."""
+    avx512_from: int  # inputs from which it replaces the AVX2 kernel
+    pair_from: int  # inputs from which it reads two weight rows side by side (0: never)
+    quad_from: int  # ... four rows, fp32 weights only (0: never)
+    prefetch_near: int  # software prefetch into L1, bytes ahead in each weight row (0: none)
+    prefetch_far: int  # ... into L2 (0: none)
+
+
+# Per CPU vendor; GPT-2-small's products, 2 MiB pages. Zen 4: AVX2 is as fast or faster below 4
+# inputs (one fp32 input 26 vs 32 ms), pairs win from 7 (bf16 at 8 inputs 37 vs 40 ms), 1 KiB
+# near prefetch. A Xeon with AMX (one core): AVX-512 wins from one input (fp32 42.6 -> 33.4 ms,
+# bf16 31.7 -> 23.6; two cores 31.7 -> 24.9 and 19.5 -> 15.4) and pairs never do (8 inputs:
+# fp32 59.6 vs 67.5, bf16 41.6 vs 49.5), but four fp32 rows always do (one input 32.3 -> 29.4 ms,
+# 16 inputs 91.1 -> 68.7; see rows_avx512), and a second prefetch 8 KiB ahead into L2 saves up to
+# 30 % (bf16 one input 24.8 -> 17.5 ms; see prefetch_near). Another vendor gets Zen 4's.
+AVX512_TUNING = {"AuthenticAMD": Avx512Tuning(4, 7, 0, 1024, 0),
+                 "GenuineIntel": Avx512Tuning(1, 0, 1, 1024, 8192)}
+
+# the environment this module reads (deploy files may set them; tests check the names)
+ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR")
+
 # Rows the native kernels take (`max_rows`); beyond them torch's GEMM is as fast or faster.
 # GPT-2-small's block products on a Zen 4 core, native vs torch, one thread / two:
 # - fp32 weights: 8 rows 33.6 vs 33.9 / 17.0 vs 17.2 ms; 10 rows 40.0 vs 45.2 / 20.6 vs 33.6;
@@ -55,17 +80,6 @@ log = logging.getLogger("camex.kernels")
 # - bf16 weights (torch: the CPU's bf16 GEMM, activations rounded to bf16): 8 rows 22.3 vs 22.6
 #   / 12.0 vs 11.9; 10 rows 27.9 vs 23.7 / 14.0 vs 13.1; 16 rows 40.1 vs 28.5 / 19.9 vs 15.3.
 # Decode batches up to this size are batch-invariant bit for bit; prefill chunks go to torch.
-# The AVX-512 linear kernel's thresholds per CPU vendor: (inputs from which it replaces the AVX2
-# kernel, inputs from which it reads two weight rows side by side, and four with fp32 weights; 0:
-# never). GPT-2-small's products, 2 MiB pages. Zen 4: AVX2 is as fast or faster below 4 inputs (one
-# fp32 input 26 vs 32 ms), pairs win from 7 (bf16 at 8 inputs 37 vs 40 ms). A Xeon with AMX (one
-# core): AVX-512 wins from one input (fp32 42.6 -> 33.4 ms, bf16 31.7 -> 23.6; two cores 31.7 ->
-# 24.9 and 19.5 -> 15.4) and pairs never do (8 inputs: fp32 59.6 vs 67.5, bf16 41.6 vs 49.5), but
-# four fp32 rows always do (one input 32.3 -> 29.4 ms, 16 inputs 91.1 -> 68.7; see rows_avx512).
-# Another vendor gets Zen 4's. Every choice gives the same bits.
-AVX512_TUNING = {"AuthenticAMD": (4, 7, 0), "GenuineIntel": (1, 0, 1)}
-# the environment this module reads (deploy files may set them; tests check the names)
-ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR")
 MAX_ROWS = 8  # 16-bit weights
 MAX_ROWS_FP32 = 16  # fp32 weights
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
@@ -98,7 +112,7 @@ def cpu_vendor() -> str:
     return ""
 
 
-def avx512_tuning(vendor: str) -> tuple[int, int, int]:
+def avx512_tuning(vendor: str) -> Avx512Tuning:
     """`AVX512_TUNING` for `vendor`; Zen 4's for a vendor not measured."""
     return AVX512_TUNING.get(vendor, AVX512_TUNING["AuthenticAMD"])
 

@@ -82,16 +82,19 @@ def test_avx512_linear_gives_the_avx2_kernels_bits(wdtype):
             assert mod.set_isa("avx512", rows_per_pass) == "avx512"
             for n, y in want.items():
                 assert torch.equal(mod.linear(x[:n], w, b), y), (rows_per_pass, n)
-        # the per-CPU-family thresholds (which inputs run AVX-512, when rows go in pairs or fours)
+        # the per-CPU-family settings (which inputs run AVX-512, when rows go in pairs or
+        # fours, how far ahead it prefetches)
         mod.set_isa("auto", 0)
-        for tuning in [*kernels.AVX512_TUNING.values(), (3, 5, 0), (8, 2, 3), (2, 0, 5)]:
+        for tuning in [*kernels.AVX512_TUNING.values(), (3, 5, 0, 0, 0), (8, 2, 3, 64, 4096),
+                       (2, 0, 5, 0, 100), (1, 0, 1, 1 << 20, 1 << 20)]:
             assert mod.tune(*tuning) == tuning and mod.tuning() == tuning
             for n, y in want.items():
                 assert torch.equal(mod.linear(x[:n], w, b), y), (tuning, n)
         with pytest.raises(RuntimeError, match="rows"):
             mod.set_isa("avx512", 3)
-        with pytest.raises(RuntimeError, match="tune"):
-            mod.tune(0, 0, 0)
+        for bad in ((0, 0, 0, 0, 0), (1, 0, 0, -1, 0), (1, 0, 0, 0, (1 << 20) + 1)):
+            with pytest.raises(RuntimeError, match="tune"):
+                mod.tune(*bad)
     finally:
         mod.set_isa("auto", 0)
         mod.tune(*kernels.avx512_tuning(kernels.cpu_vendor()))
@@ -101,8 +104,8 @@ def test_avx512_linear_gives_the_avx2_kernels_bits(wdtype):
 def test_avx512_tuning_follows_the_cpu_vendor():
     """Measured vendors get their own thresholds; any other gets Zen 4's."""
     assert kernels.avx512_tuning("GenuineIntel") == kernels.AVX512_TUNING["GenuineIntel"]
-    assert kernels.avx512_tuning("AuthenticAMD") == (4, 7, 0)
-    assert kernels.avx512_tuning("HygonGenuine") == kernels.avx512_tuning("") == (4, 7, 0)
+    assert kernels.avx512_tuning("AuthenticAMD") == (4, 7, 0, 1024, 0)
+    assert kernels.avx512_tuning("HygonGenuine") == kernels.avx512_tuning("") == (4, 7, 0, 1024, 0)
     mod = kernels.native()
     if mod is not None:
         assert mod.tuning() == kernels.avx512_tuning(kernels.cpu_vendor())
