@@ -247,6 +247,39 @@ def test_merge_many_gives_each_output_the_bits_of_a_lone_merge(dtype, merge_path
     kernels.merge_many(base, deltas, torch.empty(0, E), [])  # nothing to merge: no error
 
 
+@pytest.mark.skipif(not (HAS_FLAGS and HAS_AVX512), reason="needs a CPU with AVX-512")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_avx512_merges_give_the_avx2_merges_bits(dtype):
+    """Merges 16 elements at a time (AVX-512) and 8 at a time (AVX2) must write the same bits,
+    one output or several from one pass, with tails of every length after the wide vectors."""
+    mod = kernels.native()
+    torch.manual_seed(3)
+    try:
+        for n in (13, 1024 + 29, 2 * 1024 + 37):  # 29 = 16 + 8 + 5
+            for E, S in ((5, 1), (5, 3), (7, 8), (17, 2)):
+                base, deltas = torch.randn(n).to(dtype), torch.randn(E, n).to(dtype)
+                coeffs = torch.rand(S, E)
+                if S == 3 and dtype != torch.float32:  # exact ties: rounding to even decides
+                    ulp = 2.0 ** (-7 if dtype == torch.bfloat16 else -10)
+                    base = (1 + ulp * (torch.arange(n) % 64)).to(dtype)  # odd and even last bits
+                    deltas[0] = ulp / 2
+                    coeffs[0] = torch.tensor([1.0] + [0.0] * (E - 1))
+                got = {}
+                for isa in ("avx2", "avx512"):
+                    mod.set_isa(isa, 0)
+                    outs = [torch.full((n,), float("nan"), dtype=dtype) for _ in range(S)]
+                    kernels.merge_many(base, deltas, coeffs, outs)
+                    alone = torch.full((n,), float("nan"), dtype=dtype)
+                    kernels.merge(base, deltas, coeffs[0], alone)
+                    got[isa] = (outs, alone)
+                for a, b in zip(got["avx2"][0], got["avx512"][0]):
+                    assert torch.equal(a, b), (n, E, S)
+                assert torch.equal(got["avx2"][1], got["avx512"][1]), (n, E)
+                assert not got["avx512"][1].isnan().any()
+    finally:
+        mod.set_isa("auto", 0)
+
+
 @pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
 @pytest.mark.parametrize("isa", ["avx2", "avx512"])
 def test_merge_linear_writes_the_merge_and_returns_the_linear_kernels_rows(isa):
