@@ -355,11 +355,6 @@ inline void store1(void* out, int64_t i, float v) {
   }
 }
 
-// S merged experts from one pass over the stack: each 8-element vector of [base; deltas] is
-// read and widened once and every output's vector written from registers (more than 15
-// deltas: each element range is read from memory once and re-read from cache per output).
-// The same FMAs in the same order per output as a lone merge: the bits do not depend on S,
-// nor on how the elements are cut into ranges. Elements [a, b).
 // merge_range's vectors 16 elements at a time where the CPU has AVX-512: per element the same
 // FMAs in the same order as 8 at a time, so the same bits. Returns where it stopped (the caller
 // finishes [i, b) 8 and 1 at a time, as without it).
@@ -396,6 +391,11 @@ CAMEX_AVX512 int64_t merge16_many(const char* base, const char* deltas, int64_t 
   return i;
 }
 
+// S merged experts from one pass over the stack: each vector of [base; deltas] (8 elements; 16
+// with AVX-512, merge16_many) is read and widened once and every output's vector written from
+// registers (more than 15 deltas: each element range is read from memory once and re-read from
+// cache per output). The same FMAs in the same order per output as a lone merge: the bits do
+// not depend on S, nor on how the elements are cut into ranges. Elements [a, b).
 template <WType T>
 void merge_range(const char* base, const char* deltas, int64_t ld_bytes, const float* c,
                  int64_t E, int64_t S, int64_t a, int64_t b, char* const* outs) {
