@@ -55,7 +55,7 @@ class Avx512Tuning(NamedTuple):
     """How the AVX-512 linear kernel runs on one CPU family. Every choice gives the same bits."""
     avx512_from: int  # inputs from which it replaces the AVX2 kernel
     pair_from: int  # inputs from which it reads two weight rows side by side (0: never)
-    quad_from: int  # ... four rows, fp32 weights only (0: never)
+    quad_from: int  # ... four rows (0: never)
     prefetch_near: int  # software prefetch into L1, bytes ahead in each weight row (0: none)
     prefetch_far: int  # ... into L2 (0: none)
 
@@ -64,11 +64,12 @@ class Avx512Tuning(NamedTuple):
 # inputs (one fp32 input 26 vs 32 ms), pairs win from 7 (bf16 at 8 inputs 37 vs 40 ms), 1 KiB
 # near prefetch. A Xeon with AMX (one core): AVX-512 wins from one input (fp32 42.6 -> 33.4 ms,
 # bf16 31.7 -> 23.6; two cores 31.7 -> 24.9 and 19.5 -> 15.4) and pairs never do (8 inputs:
-# fp32 59.6 vs 67.5, bf16 41.6 vs 49.5), but four fp32 rows always do (one input 32.3 -> 29.4 ms,
-# 16 inputs 91.1 -> 68.7; see rows_avx512), and a second prefetch 8 KiB ahead into L2 saves up to
-# 30 % (bf16 one input 24.8 -> 17.5 ms; see prefetch_near). Another vendor gets Zen 4's.
+# fp32 59.6 vs 67.5, bf16 41.6 vs 49.5), but four rows do (fp32 one input 32.3 -> 29.4 ms, 16
+# inputs 91.1 -> 68.7; bf16 8-13 % up to 4 inputs, level at 8; see rows_avx512), and a second
+# prefetch 16 KiB ahead into L2 saves up to 30 % (bf16 one input 24.8 -> 17.5 ms at 8 KiB; see
+# prefetch_near). Another vendor gets Zen 4's.
 AVX512_TUNING = {"AuthenticAMD": Avx512Tuning(4, 7, 0, 1024, 0),
-                 "GenuineIntel": Avx512Tuning(1, 0, 1, 1024, 8192)}
+                 "GenuineIntel": Avx512Tuning(1, 0, 1, 2048, 16384)}
 
 # the environment this module reads (deploy files may set them; tests check the names)
 ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR")

@@ -154,11 +154,12 @@ CAMEX_AVX512 inline __m512 load16(const void* w, int64_t i) {
 // Software prefetch in the AVX-512 kernel, bytes ahead of the read position in every weight row:
 // `prefetch_near` into L1 (0: none) and `prefetch_far` into L2 (0: none), set per CPU family by
 // tune(). Zen 4: 1 KiB near (bf16 with 8 inputs 37.6 -> 35.5 ms against 512 bytes), no far.
-// A Xeon with AMX: a second prefetch 8 KiB ahead keeps more of the row in flight than one
-// stream's hardware prefetcher does. GPT-2-small's products, one core, 2 MiB pages: bf16 one
-// input 24.8 -> 17.5 ms, four 29.1 -> 22.8, eight 33.6 -> 29.3; fp32 four inputs 41.1 -> 34.3,
-// eight 46.5 -> 42.5 (two cores: bf16 one input 14.8 -> 12.2, fp32 sixteen 37.4 -> 33.2). 2 KiB
-// near with 16 KiB far measured the same within noise.
+// A Xeon with AMX: a second prefetch into L2 keeps more of the row in flight than one stream's
+// hardware prefetcher does. GPT-2-small's products, one core, 2 MiB pages, 1 KiB near + 8 KiB
+// far against 1 KiB alone: bf16 one input 24.8 -> 17.5 ms, four 29.1 -> 22.8, eight 33.6 ->
+// 29.3; fp32 four inputs 41.1 -> 34.3, eight 46.5 -> 42.5 (two cores: bf16 one input 14.8 ->
+// 12.2, fp32 sixteen 37.4 -> 33.2). 2 KiB + 16 KiB is another 1-8 % (four rows per pass, fp32
+// one input 37.4 -> 34.3, bf16 four inputs 20.1-25.7 -> 18.6-24.4).
 int64_t prefetch_near = 1024, prefetch_far = 0;
 
 template <WType T, int NR, int NB>
@@ -231,9 +232,8 @@ CAMEX_AVX512 inline void inputs512(const float* x, int64_t B, int64_t ldx, int64
 int avx512_rows_override = 0;  // benchmarking: weight rows per pass (0: by batch size)
 
 // Per CPU family (tune(), set from the CPU's vendor by the Python side): the AVX-512 kernel from
-// `avx512_from` inputs, two weight rows side by side from `pair_from` inputs, and four (fp32
-// weights only) from `quad_from` (0: never). The defaults are Zen 4's; see wide_for and
-// rows_avx512.
+// `avx512_from` inputs, two weight rows side by side from `pair_from` inputs, and four from
+// `quad_from` (0: never). The defaults are Zen 4's; see wide_for and rows_avx512.
 int64_t avx512_from = 4, pair_from = 7, quad_from = 0;
 
 template <WType T>
@@ -244,13 +244,13 @@ CAMEX_AVX512 void rows_avx512(const float* x, int64_t B, int64_t ldx, int64_t in
   // from 7 inputs on, two rows side by side win (GPT-2-small GEMVs, bf16 at 8 inputs: 37 vs
   // 40 ms per step's products on one core, fp32 equal); on a Xeon with AMX they never do (bf16
   // at 8 inputs 41.6 vs 49.5 ms, fp32 59.6 vs 67.5).
-  // On a Xeon with AMX, four fp32 rows side by side win at every input count: four streams
-  // from memory (GPT-2-small's products, one core: 1 input 32.3 -> 29.4 ms, 4 inputs 49.8 ->
-  // 40.3, 16 inputs 91.1 -> 68.7) and fewer loads per FMA from cache (4 + 4 per 16 FMAs: fc1 /
-  // fc2 by 32 inputs 3.0 / 3.5 -> 1.9 / 1.8 ms, which merge_linear's tiles are). With bf16
-  // weights four rows lost at 4 and 8 inputs and tied at 12-16, so they keep one.
+  // On a Xeon with AMX, four rows side by side win: four streams from memory (GPT-2-small's
+  // products, one core, fp32: 1 input 32.3 -> 29.4 ms, 4 inputs 49.8 -> 40.3, 16 inputs 91.1 ->
+  // 68.7; bf16 with the far prefetch, three runs: 1 input 16.8-22.8 -> 15.4-19.9, 4 inputs
+  // 22.5-26.4 -> 18.6-24.4, level at 8) and fewer loads per FMA from cache (4 + 4 per 16 FMAs:
+  // fp32 fc1 / fc2 by 32 inputs 3.0 / 3.5 -> 1.9 / 1.8 ms, which merge_linear's tiles are).
   const int nr = avx512_rows_override > 0 ? avx512_rows_override
-                 : T == WType::F32 && quad_from > 0 && B >= quad_from ? 4
+                 : quad_from > 0 && B >= quad_from ? 4
                  : pair_from > 0 && B >= pair_from ? 2 : 1;
   int64_t r = 0;
   if (nr == 4)
