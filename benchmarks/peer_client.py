@@ -14,6 +14,7 @@ Talks only HTTP, to 127.0.0.1 only; never imports the server or the runtime.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -52,6 +53,36 @@ class LevelResult:
                                          key=str),
                 "prompt_tokens": sorted(set(self.prompt_tokens)),
                 "token_ids": [self.token_ids.get(i, []) for i in range(self.report.planned)]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LevelResult:
+        """The inverse of ``to_dict`` for a report serialised with its records."""
+        return cls(Report.from_dict(d["report"]), list(d["prompt_tokens"]),
+                   {i: list(ids) for i, ids in enumerate(d["token_ids"])})
+
+
+def concatenate(parts: list[LevelResult]) -> LevelResult:
+    """Levels measured one after another (slices of one level, interleaved with other servers)
+    as one level run back to back: each part's times shifted by the parts' durations before it,
+    its request indices by their request counts. Tokens/s is then total tokens / the summed
+    durations, and TTFT/ITL/TPOT are over every request, as if nothing had run in between."""
+    records: list[RequestRecord] = []
+    token_ids: dict[int, list[int]] = {}
+    prompt_tokens: list[int] = []
+    offset_s, offset_i = 0.0, 0
+    for part in parts:
+        rep = part.report
+        for r in rep.records:
+            records.append(dataclasses.replace(
+                r, index=r.index + offset_i, start=r.start + offset_s,
+                end=None if r.end is None else r.end + offset_s,
+                token_times=[t + offset_s for t in r.token_times]))
+        token_ids.update({i + offset_i: ids for i, ids in part.token_ids.items()})
+        prompt_tokens += part.prompt_tokens
+        offset_s += rep.duration_s
+        offset_i += rep.planned
+    run = {**parts[0].report.run, "slices": len(parts)} if parts else {}
+    return LevelResult(build_report(records, offset_i, run), prompt_tokens, token_ids)
 
 
 class TgiDialect:

@@ -8,16 +8,23 @@ read its token events until it finishes. Records are ``loadtest.records.RequestR
 statistics ``loadtest.report.build_report``, exactly as over HTTP, so
 HTTP tok/s / engine tok/s is the cost of the server between the engine and the wire.
 
-Runs as its own process (the orchestrator starts it), so thread settings and memory are the
-same as a fresh server's:
+Runs as its own process, so thread settings and memory are the same as a fresh server's. Either
+one plan, start to end:
 
     python benchmarks/peer_engine.py --model DIR --dtype float32 --threads 1 \\
         --plan plan.json --out engine.json
+
+or, with ``--serve`` (what ``peer_llamacpp.py`` uses, to interleave the engine's requests with
+the servers'), as a worker: one JSON line on stdout when ready (``{"ready_s": ...}``), then per
+JSON line on stdin (``{"prompts": [...], "concurrency": c, "max_new_tokens": n}``) one closed
+loop and one JSON line back: the level with its records (``LevelResult.from_dict`` reads it) and
+``cpu``, the worker's CPU use during it. End of input stops the engine.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -100,16 +107,38 @@ def run_plan(engine: Engine, plan: dict) -> list[dict]:
     return levels
 
 
+def serve(engine: Engine, ready_s: float) -> None:
+    """The worker loop of ``--serve``. The protocol gets the process's stdout; everything else
+    written to fd 1 (a library's print, native code) goes to stderr, the log."""
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    protocol.write(json.dumps({"ready_s": ready_s}) + "\n")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        cmd = json.loads(line)
+        with CpuMeter() as cpu:
+            result = closed_loop(engine, cmd["prompts"], int(cmd["concurrency"]),
+                                 int(cmd["max_new_tokens"]))
+        protocol.write(json.dumps({**result.to_dict(),
+                                   "report": result.report.to_dict(with_records=True),
+                                   "cpu": cpu.result}) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True)
     p.add_argument("--dtype", required=True, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--plan", type=Path, required=True, help="levels and prompts (JSON)")
-    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--plan", type=Path, help="levels and prompts (JSON)")
+    p.add_argument("--out", type=Path, help="the plan's results (JSON)")
+    p.add_argument("--serve", action="store_true",
+                   help="a worker: closed loops asked for on stdin, answered on stdout")
     args = p.parse_args(argv)
-    plan = json.loads(args.plan.read_text())
+    if args.serve == bool(args.plan or args.out) or bool(args.plan) != bool(args.out):
+        p.error("give either --plan and --out, or --serve")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(args.model, device="cpu", dtype=args.dtype,
@@ -118,7 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     engine.warmup()
     ready_s = time.perf_counter() - t0
     try:
-        levels = run_plan(engine, plan)
+        if args.serve:
+            serve(engine, ready_s)
+            return 0
+        levels = run_plan(engine, json.loads(args.plan.read_text()))
     finally:
         engine.stop(grace_s=5.0)
     args.out.write_text(json.dumps({"model": args.model, "dtype": args.dtype,

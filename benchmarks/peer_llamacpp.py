@@ -8,11 +8,13 @@ One command builds what it needs and prints the table of issue #15:
    converted to f32 and f16 GGUF by llama.cpp's own converter, and to camex checkpoints: the
    dense-equivalent model and a CAMEx 7+1-expert model upcycled from it;
 3. for every thread count and dtype pair (fp32: f32 GGUF vs ``--dtype float32``; bf16: f16 GGUF
-   vs ``--dtype bfloat16``), ``--runs`` rounds, each starting llama-server, camex-server on the
-   dense model and camex-server on the CAMEx model in turn (fresh processes on 127.0.0.1) and
-   measuring B=1 (sequential requests) and ``--concurrency`` concurrent requests with the same
-   streaming client (``peer_client.py``), then the camex engine in process on the same
-   workload (``peer_engine.py``) for the server-overhead ratio;
+   vs ``--dtype bfloat16``), ``--runs`` rounds. A round starts fresh processes on 127.0.0.1 and
+   keeps them up together: llama-server, camex-server on the dense model and on the CAMEx model,
+   and for each camex model the engine in process (``peer_engine.py --serve``, for the
+   server-overhead ratio). It measures B=1 (sequential requests) and ``--concurrency``
+   concurrent requests with the same streaming client (``peer_client.py``), interleaved: at
+   B=1 each prompt goes to every server and engine in turn, at the concurrent level each wave
+   of requests, so that all of them see the machine of the same minute (``measure_level``);
 4. writes JSON (runs, machine, load, versions, commit) and prints the tables
    (``peer_report.py``).
 
@@ -29,9 +31,12 @@ import contextlib
 import json
 import os
 import platform
+import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -47,6 +52,7 @@ from serving import ServerProcess, free_port  # noqa: E402
 
 SYSTEMS = (LLAMA, "camex-dense", "camex-7x1")
 CONTENDED_OTHER_CORES = 0.25  # other processes used more than a quarter core during a level
+INTERLEAVED = "slices of `concurrency` requests (B=1: request by request), systems in turn"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -163,55 +169,160 @@ def server_command(system: str, pair: str, threads: int, port: int, paths: dict,
             "--max-batch-size", str(args.concurrency)], "/ready"
 
 
-def http_run(system: str, pair: str, threads: int, rnd: int, plan: dict, paths: dict,
-             args: argparse.Namespace, logs: Path) -> dict:
-    port = free_port()
-    cmd, ready = server_command(system, pair, threads, port, paths, args)
-    api = "llama.cpp" if system == LLAMA else "tgi"
-    log_path = logs / f"{system}-{pair}-t{threads}-r{rnd}.log"
-    t0 = time.monotonic()
-    with ServerProcess(cmd, port, log_path, args.startup_timeout, ready) as server:
-        ready_s = time.monotonic() - t0
-        levels = []
-        cpus = client_cpus(args.client_cpus, threads)
-        for level in plan["levels"]:
-            c = level["concurrency"]
-            with confined(cpus):
-                peer_client.measure(server.url, api, level["warmup_prompts"], c,
-                                    plan["warmup_new_tokens"])
-                with CpuMeter([server.proc.pid, os.getpid()]) as cpu:
-                    result = peer_client.measure(server.url, api, level["prompts"], c,
-                                                 plan["max_new_tokens"])
-            levels.append({"concurrency": c, **result.to_dict(), "cpu": cpu.result,
-                           "client_cpus": cpus})
-            report = result.report
-            print(f"  {system:<12} {pair} t={threads} round {rnd} c={c}: "
-                  f"{report.output_token_throughput:7.1f} tok/s, "
-                  f"{report.completed}/{report.sent} ok, "
-                  f"other cores {cpu.result.get('other_cores', '-')}", flush=True)
-    return {"kind": "http", "system": system, "dtype_pair": pair, "threads": threads,
-            "round": rnd, "cmd": cmd, "ready_s": round(ready_s, 1), "levels": levels}
+@dataclass
+class Unit:
+    """One thing measured in a round: a server over HTTP, or the engine in its worker process."""
+    kind: str  # "http" | "engine"
+    system: str
+    cmd: list[str]
+    ready_s: float
+    # (prompts, concurrency, max new tokens) -> the level and the CPU use during it
+    measure: Callable[[list[str], int, int], tuple[peer_client.LevelResult, dict]]
+    client_cpus: list[int] | None = None  # http: where the client ran
+
+    @property
+    def name(self) -> str:
+        return self.system if self.kind == "http" else f"{self.system} (engine)"
 
 
-def engine_run(system: str, pair: str, threads: int, rnd: int, plan_path: Path, paths: dict,
-               logs: Path, timeout_s: float) -> dict:
-    model = paths["camex_dense" if system == "camex-dense" else "camex_7x1"]
-    out = logs / f"engine-{system}-{pair}-t{threads}-r{rnd}.json"
-    cmd = [sys.executable, str(HERE / "peer_engine.py"), "--model", str(model),
-           "--dtype", DTYPE_PAIRS[pair][1], "--threads", str(threads), "--plan", str(plan_path),
-           "--out", str(out)]
-    with (logs / out.with_suffix(".log").name).open("w") as log:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                              timeout=timeout_s)
-    if proc.returncode != 0:
-        raise RuntimeError(f"engine run failed ({proc.returncode}); see {out.with_suffix('.log')}")
-    doc = json.loads(out.read_text())
-    for lv in doc["levels"]:
-        print(f"  {system:<12} {pair} t={threads} round {rnd} c={lv['concurrency']}: "
-              f"{lv['report']['output_token_throughput']:7.1f} tok/s in process (engine)",
+class EngineWorker:
+    """``peer_engine.py --serve`` as a child process: loads the model once, then runs the closed
+    loops it is sent (its stdout is the protocol, its stderr the log); always ended on exit."""
+
+    def __init__(self, cmd: list[str], log_path: Path, startup_timeout_s: float,
+                 level_timeout_s: float = 1800.0):
+        self.cmd, self.log_path = cmd, log_path
+        self.startup_timeout_s, self.level_timeout_s = startup_timeout_s, level_timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> EngineWorker:
+        self.log = self.log_path.open("w")
+        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
+        try:
+            self.ready_s = self._reply(self.startup_timeout_s)["ready_s"]
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _reply(self, timeout_s: float) -> dict:
+        """The worker's next line (one per request: nothing waits in the reader's buffer)."""
+        readable, _, _ = select.select([self.proc.stdout], [], [], timeout_s)
+        line = self.proc.stdout.readline() if readable else None
+        if line is None:
+            raise RuntimeError(f"engine worker silent for {timeout_s:.0f} s; see {self.log_path}")
+        if not line:
+            raise RuntimeError(f"engine worker exited ({self.proc.wait()}); see {self.log_path}")
+        return json.loads(line)
+
+    def measure(self, prompts: list[str], concurrency: int,
+                max_new_tokens: int) -> tuple[peer_client.LevelResult, dict]:
+        self.proc.stdin.write(json.dumps({"prompts": prompts, "concurrency": concurrency,
+                                          "max_new_tokens": max_new_tokens}) + "\n")
+        self.proc.stdin.flush()
+        reply = self._reply(self.level_timeout_s)
+        return peer_client.LevelResult.from_dict(reply), reply["cpu"]
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+def combine_cpu(parts: list[dict]) -> dict:
+    """CpuMeter results of consecutive slices as one: cores' worth weighted by wall time."""
+    wall = sum(p["wall_s"] for p in parts)
+    out = {"loadavg_before": parts[0]["loadavg_before"],
+           "loadavg_after": parts[-1]["loadavg_after"], "wall_s": round(wall, 3)}
+    for key in ("busy_cores", "own_cores", "other_cores"):
+        if wall > 0 and all(key in p for p in parts):
+            out[key] = round(sum(p[key] * p["wall_s"] for p in parts) / wall, 3)
+    if parts and wall > 0 and "other_cores" in out:
+        out["other_cores_slice_max"] = max(p["other_cores"] for p in parts)
+    return out
+
+
+def rotated(units: list, k: int) -> list:
+    return units[k % len(units):] + units[:k % len(units)]
+
+
+def measure_level(units: list[Unit], level: dict, plan: dict, rnd: int) -> dict[str, dict]:
+    """One level for every unit, interleaved: the level's prompts in slices of `concurrency`
+    (at B=1 one request, at c=8 one wave of 8), each slice sent to every unit in turn, the order
+    rotated from slice to slice and round to round. Each unit's slices are then one level run
+    back to back (`peer_client.concatenate`). On a shared VM a core's speed drifts by 10-20 %
+    over minutes; a unit measured minutes after another would carry that drift into their
+    ratio, interleaved they see the same machine."""
+    c, prompts = level["concurrency"], level["prompts"]
+    for unit in units:  # warm-up, unmeasured
+        unit.measure(level["warmup_prompts"], c, plan["warmup_new_tokens"])
+    slices = [prompts[i:i + c] for i in range(0, len(prompts), c)]
+    parts: dict[str, list] = {u.name: [] for u in units}
+    for i, batch in enumerate(slices):
+        for unit in rotated(units, i + rnd):
+            parts[unit.name].append(unit.measure(batch, c, plan["max_new_tokens"]))
+    levels = {}
+    for unit in units:
+        result = peer_client.concatenate([r for r, _ in parts[unit.name]])
+        cpu = combine_cpu([cpu for _, cpu in parts[unit.name]])
+        levels[unit.name] = {"concurrency": c, **result.to_dict(), "cpu": cpu,
+                             "slices": len(slices)}
+        if unit.kind == "http":
+            levels[unit.name]["client_cpus"] = unit.client_cpus
+        rep = result.report
+        print(f"  {unit.name:<22} round {rnd} c={c}: {rep.output_token_throughput:7.1f} tok/s, "
+              f"{rep.completed}/{rep.sent} ok, other cores {cpu.get('other_cores', '-')}",
               flush=True)
-    return {"kind": "engine", "system": system, "dtype_pair": pair, "threads": threads,
-            "round": rnd, "cmd": cmd, "ready_s": round(doc["ready_s"], 1), "levels": doc["levels"]}
+    return levels
+
+
+def http_unit(system: str, server: ServerProcess, cmd: list[str], ready_s: float,
+              cpus: list[int] | None) -> Unit:
+    api = "llama.cpp" if system == LLAMA else "tgi"
+
+    def measure(prompts: list[str], c: int, n: int) -> tuple[peer_client.LevelResult, dict]:
+        with confined(cpus), CpuMeter([server.proc.pid, os.getpid()]) as cpu:
+            result = peer_client.measure(server.url, api, prompts, c, n)
+        return result, cpu.result
+
+    return Unit("http", system, cmd, ready_s, measure, cpus)
+
+
+def run_round(pair: str, threads: int, rnd: int, plan: dict, paths: dict,
+              args: argparse.Namespace, logs: Path) -> list[dict]:
+    """Every system's server (and the camex engine in process, for the overhead ratio) started
+    fresh and kept up for the round, then measured interleaved (`measure_level`)."""
+    units: list[Unit] = []
+    cpus = client_cpus(args.client_cpus, threads)
+    with contextlib.ExitStack() as stack:
+        for system in args.systems:
+            port = free_port()
+            cmd, ready = server_command(system, pair, threads, port, paths, args)
+            t0 = time.monotonic()
+            server = stack.enter_context(ServerProcess(
+                cmd, port, logs / f"{system}-{pair}-t{threads}-r{rnd}.log", args.startup_timeout,
+                ready))
+            units.append(http_unit(system, server, cmd, round(time.monotonic() - t0, 1), cpus))
+            if system == LLAMA or args.no_engine:
+                continue
+            cmd = [sys.executable, str(HERE / "peer_engine.py"), "--model",
+                   str(paths["camex_dense" if system == "camex-dense" else "camex_7x1"]),
+                   "--dtype", DTYPE_PAIRS[pair][1], "--threads", str(threads), "--serve"]
+            worker = stack.enter_context(EngineWorker(
+                cmd, logs / f"engine-{system}-{pair}-t{threads}-r{rnd}.log",
+                args.startup_timeout))
+            units.append(Unit("engine", system, cmd, round(worker.ready_s, 1), worker.measure))
+        per_level = [measure_level(units, level, plan, rnd) for level in plan["levels"]]
+    return [{"kind": u.kind, "system": u.system, "dtype_pair": pair, "threads": threads,
+             "round": rnd, "cmd": u.cmd, "ready_s": u.ready_s,
+             "levels": [lv[u.name] for lv in per_level]} for u in units]
 
 
 def prepare(args: argparse.Namespace) -> tuple[dict, dict, dict | None]:
@@ -243,17 +354,13 @@ def main(argv: list[str] | None = None) -> int:
     plan = make_plan(args, prompts)
     logs = args.out.with_name(args.out.stem + "-logs")
     logs.mkdir(parents=True, exist_ok=True)
-    plan_path = logs / "plan.json"
-    plan_path.write_text(json.dumps(plan, indent=1))
+    (logs / "plan.json").write_text(json.dumps(plan, indent=1))
     runs = []
     for threads in args.threads:
         for pair in args.dtypes:
-            for rnd in range(args.runs):  # alternate: every system once per round
-                for system in args.systems:
-                    runs.append(http_run(system, pair, threads, rnd, plan, paths, args, logs))
-                    if system != LLAMA and not args.no_engine:
-                        runs.append(engine_run(system, pair, threads, rnd, plan_path, paths, logs,
-                                               args.startup_timeout + 1800))
+            for rnd in range(args.runs):
+                print(f"{pair}, {threads} thread(s), round {rnd}", flush=True)
+                runs += run_round(pair, threads, rnd, plan, paths, args, logs)
     other = [lv["cpu"].get("other_cores", 0.0) for r in runs for lv in r["levels"]]
     doc = {"benchmark": "peer-llamacpp", "quick": args.quick, "argv": sys.argv[1:], **git_state(),
            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -268,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                         "b1_requests": args.b1_requests,
                         "concurrent_requests": args.concurrent_requests,
                         "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
-                        "client_cpus": args.client_cpus},
+                        "client_cpus": args.client_cpus, "interleaved": INTERLEAVED},
            "runs": runs}
     doc["rows"] = summarize(doc)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,7 +5,8 @@ the per-round figures (tokens/s at B=1 and at the concurrent level, TTFT, ITL, t
 rate and the server overhead) and the per-round ratios against llama-server of the same dtype
 pair and thread count; ``markdown(doc)`` prints the issue's table and a details table;
 ``targets(doc)`` states the issue's targets as measured. A ratio is always taken between runs of
-the same round (taken back to back), and shown as the range over rounds.
+the same round (measured interleaved, or back to back in documents from before interleaving), and
+shown as the range over rounds.
 
     python benchmarks/peer_report.py benchmarks/results/peer-llamacpp.json   # re-print a table
 """
@@ -90,6 +91,15 @@ def summarize(doc: dict) -> list[dict]:
             if system == "camex-7x1" and dense:
                 row[f"{tag}_vs_dense"] = ratios(h, {r: tok_s(level_of(v, c))
                                                     for r, v in dense.items()})
+                e_dense = {r: tok_s(level_of(v, c)) for r, v in
+                           by_round(doc, "engine", "camex-dense", pair, threads).items()}
+                row[f"{tag}_engine_vs_dense"] = ratios(e, e_dense)
+                # target 2 at the concurrent level: the HTTP ratio against the engine's, per
+                # round (HTTP CAMEx/dense over engine CAMEx/dense)
+                h_dense = {r: tok_s(level_of(v, c)) for r, v in dense.items()}
+                row[f"{tag}_vs_dense_over_engine"] = [
+                    (h[r] / h_dense[r]) / (e[r] / e_dense[r]) for r in sorted(h)
+                    if h.get(r) and h_dense.get(r) and e.get(r) and e_dense.get(r)]
         if system != LLAMA and llama:
             pairs = [same_tokens(http[r], llama[r]) for r in sorted(http) if r in llama]
             row["same_tokens_as_llama"] = [sum(p[0] for p in pairs), sum(p[1] for p in pairs)]
@@ -118,8 +128,10 @@ def cell(row: dict, tag: str) -> str:
 def markdown(doc: dict) -> str:
     rows, conc = summarize(doc), doc["settings"]["concurrency"]
     s = doc["settings"]
+    how = ("interleaved request by request at B=1" if s.get("interleaved")
+           else "alternating servers")
     out = [f"{s['prompt_tokens']}-token prompts, {s['new_tokens']} new tokens, greedy, over HTTP; "
-           f"{doc['settings']['runs']} runs each, alternating servers (range over runs; in "
+           f"{doc['settings']['runs']} runs each, {how} (range over runs; in "
            f"brackets: ratio to llama-server of the same run, dtype pair and threads)", "",
            f"| server | dtype | threads | B=1 tok/s | {conc} concurrent, total tok/s |",
            "|---|---|---:|---:|---:|"]
@@ -128,21 +140,26 @@ def markdown(doc: dict) -> str:
                    f"{r['threads']} | {cell(r, 'b1')} | {cell(r, 'conc')} |")
     out += ["", f"| server | dtype | threads | TTFT p50 B=1 ms | ITL p50 B=1 ms | ITL p50 "
                 f"c={conc} ms | engine B=1 tok/s | engine c={conc} tok/s | HTTP/engine B=1 | "
-                f"HTTP/engine c={conc} | CAMEx/dense B=1 | greedy = llama | other cores (max) |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                f"HTTP/engine c={conc} | CAMEx/dense B=1 | CAMEx/dense c={conc} HTTP (engine) | "
+                f"greedy = llama | other cores (max) |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         out.append(" | ".join([
             f"| {r['system']}", r["dtype"], str(r["threads"]), span(r["b1_ttft_ms"], "{:.0f}"),
             span(r["b1_itl_ms"]), span(r["conc_itl_ms"]), span(r["b1_engine_tok_s"]),
             span(r["conc_engine_tok_s"]), span(r["b1_overhead"], "{:.2f}"),
             span(r["conc_overhead"], "{:.2f}"), span(r.get("b1_vs_dense", []), "{:.2f}"),
+            "-" if not r.get("conc_vs_dense") else
+            f"{span(r['conc_vs_dense'], '{:.2f}')} ({span(r['conc_engine_vs_dense'], '{:.2f}')})",
             "-" if not r.get("same_tokens_as_llama")
             else "{}/{}".format(*r["same_tokens_as_llama"]),
             "-" if r["other_cores_max"] is None else f"{r['other_cores_max']:.2f}"]) + " |")
     out += ["", "ITL: inter-token latency. HTTP/engine: tok/s over HTTP / the engine in process on "
-            "the same workload. greedy = llama: requests whose generated ids equal llama-server's "
-            "(same dtype pair, threads and round). other cores: CPU other processes used during "
-            "a level (machine busy - server - client)."]
+            "the same workload. CAMEx/dense c=N: over HTTP, in brackets the engines' own ratio "
+            "(target 2 asks the first to be at least the second). greedy = llama: requests "
+            "whose generated ids equal llama-server's (same dtype pair, threads and round). "
+            "other cores: CPU other processes used during a level (machine busy - server - "
+            "client)."]
     return "\n".join(out)
 
 
@@ -163,6 +180,8 @@ def targets(doc: dict) -> list[str]:
                       r.get(f"{tag}_vs_llama", []), 1.0)
         if r["system"] == "camex-7x1":
             state(f"2. CAMEx / dense, B=1, {where}", r.get("b1_vs_dense", []), 0.9)
+            state(f"2. CAMEx / dense, concurrent, over HTTP / in the engine, {where}",
+                  r.get("conc_vs_dense_over_engine", []), 1.0)
         if r["system"] != LLAMA:
             for tag, what in (("b1", "B=1"), ("conc", "concurrent")):
                 state(f"3. HTTP / engine, {r['system']} {what}, {where}",

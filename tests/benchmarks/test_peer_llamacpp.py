@@ -5,8 +5,10 @@
   does not (merging does work); prompts of exactly the asked token count;
 - the converter's requirements never pull a CUDA torch or another package index;
 - the camex side end to end: ``--quick --no-llama`` starts real camex-servers on 127.0.0.1 and
-  the in-process engine, every request completes at full length, and the overhead ratio is the
-  recorded HTTP rate over the recorded engine rate;
+  the in-process engine (a worker process), every request completes at full length, and the
+  overhead ratio is the recorded HTTP rate over the recorded engine rate;
+- the interleaving: one slice of ``concurrency`` requests (B=1: one request) per server or
+  engine in turn, order rotated, and the slices joined into one level as if run back to back;
 - the report: per-round ratios against llama-server and the issue's table format.
 
 Building llama.cpp (minutes) never runs here. Asserts nothing about speed.
@@ -25,6 +27,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import llamacpp_build  # noqa: E402
+import peer_client  # noqa: E402
 from llamacpp_convert import is_gpt2_split  # noqa: E402
 from peer_models import SHAPES, build_gpt2, build_models  # noqa: E402
 from peer_report import markdown, summarize, targets  # noqa: E402
@@ -124,6 +127,7 @@ def test_quick_camex_side_end_to_end(models, tmp_path):
                      ("http", "camex-7x1"), ("http", "camex-dense")]
     for run in doc["runs"]:
         assert [lv["concurrency"] for lv in run["levels"]] == [1, 4]
+        assert [lv["slices"] for lv in run["levels"]] == [2, 1]  # B=1: request by request
         for lv, n in zip(run["levels"], (2, 4)):
             rep = lv["report"]
             assert rep["completed"] == rep["sent"] == n, rep["failures_by_status"]
@@ -181,14 +185,20 @@ def test_report_ratios_are_per_round_against_llama():
                     fake_run("http", "llama.cpp", 1, 25.0, 80.0),
                     fake_run("http", "camex-dense", 1, 20.0, 60.0),
                     fake_run("engine", "camex-dense", 1, 20.0, 60.0),
-                    fake_run("http", "camex-7x1", 1, 20.0, 30.0, ids=([1, 2], [3, 5]))]}
+                    fake_run("http", "camex-7x1", 1, 20.0, 30.0, ids=([1, 2], [3, 5])),
+                    fake_run("engine", "camex-7x1", 0, 10.0, 25.0),
+                    fake_run("engine", "camex-7x1", 1, 20.0, 20.0)]}
     rows = {r["system"]: r for r in summarize(doc)}
     assert list(rows) == ["llama.cpp", "camex-dense", "camex-7x1"]
     dense = rows["camex-dense"]
     assert dense["b1_tok_s"] == [10.0, 20.0]
     assert dense["b1_vs_llama"] == [0.5, 0.8]  # 10/20 and 20/25: never 10/25 or 20/20
     assert dense["b1_overhead"] == [0.8, 1.0] and dense["conc_overhead"] == [0.8, 1.0]
-    assert rows["camex-7x1"]["b1_vs_dense"] == [0.9, 1.0]
+    moe = rows["camex-7x1"]
+    assert moe["b1_vs_dense"] == [0.9, 1.0]
+    assert moe["conc_vs_dense"] == [0.5, 0.5]  # 20/40, 30/60
+    assert moe["conc_engine_vs_dense"] == pytest.approx([0.5, 1 / 3])  # 25/50, 20/60
+    assert moe["conc_vs_dense_over_engine"] == pytest.approx([1.0, 1.5])
     assert dense["other_cores_max"] == pytest.approx(0.1)
     assert dense["same_tokens_as_llama"] == [8, 8]  # 2 rounds x 2 levels x 2 requests
     assert rows["camex-7x1"]["same_tokens_as_llama"] == [6, 8]  # round 1: [3, 5] != [3, 4]
@@ -196,8 +206,87 @@ def test_report_ratios_are_per_round_against_llama():
     assert "| camex-server, dense-equivalent model | float32 | 1 | 10.0–20.0 (0.50–0.80×) | " \
            "40.0–60.0 (0.50–0.75×) |" in table
     assert "| llama.cpp `llama-server -np 8` | f32 | 1 | 20.0–25.0 | 80.0 |" in table
-    assert ("| camex-7x1 | float32 | 1 | 50 | 50.0 | 50.0 | - | - | - | - | "
-            "0.90–1.00 | 6/8 | 0.10 |") in table
+    assert ("| camex-7x1 | float32 | 1 | 50 | 50.0 | 50.0 | 10.0–20.0 | 20.0–25.0 | 0.90–1.00 | "
+            "0.80–1.50 | 0.90–1.00 | 0.50 (0.33–0.50) | 6/8 | 0.10 |") in table
+    assert "2 runs each, alternating servers" in table  # a document from before interleaving
+    doc["settings"]["interleaved"] = "B=1 request by request"
+    assert "2 runs each, interleaved request by request at B=1" in markdown(doc)
     lines = targets(doc)
     assert "1. dense / llama-server, B=1, fp32, 1 thread(s): worst 0.50 (>= 1.0: NOT met)" in lines
     assert "2. CAMEx / dense, B=1, fp32, 1 thread(s): worst 0.90 (>= 0.9: met)" in lines
+    assert ("2. CAMEx / dense, concurrent, over HTTP / in the engine, fp32, 1 thread(s): "
+            "worst 1.00 (>= 1.0: met)") in lines
+
+
+def fake_level(starts_ends: list[tuple[float, float]], first_token: float = 0.1,
+               ids: int = 0) -> peer_client.LevelResult:
+    from loadtest.records import RequestRecord
+    from loadtest.report import build_report
+    recs = [RequestRecord(index=i, kind="stream", start=s, end=e, ok=True, output_tokens=3,
+                          token_times=[s + first_token, (s + e) / 2, e])
+            for i, (s, e) in enumerate(starts_ends)]
+    return peer_client.LevelResult(build_report(recs, len(recs), {"concurrency": 1}),
+                                   [32] * len(recs), {i: [ids + i] for i in range(len(recs))})
+
+
+def test_slices_join_as_if_run_back_to_back():
+    a = fake_level([(0.0, 1.0)], ids=10)
+    b = fake_level([(0.0, 2.0), (2.0, 3.0)], first_token=0.3, ids=20)
+    joined = peer_client.concatenate([a, b])
+    rep = joined.report
+    assert rep.duration_s == pytest.approx(4.0) and rep.planned == rep.completed == 3
+    assert rep.output_token_throughput == pytest.approx(9 / 4.0)  # never 9 / 3.0 (max of parts)
+    assert [r.start for r in rep.records] == pytest.approx([0.0, 1.0, 3.0])
+    assert rep.ttft.max == pytest.approx(0.3) and rep.ttft.min == pytest.approx(0.1)
+    assert rep.e2e.max == pytest.approx(2.0)  # a request's own span is unchanged
+    assert joined.token_ids == {0: [10], 1: [20], 2: [21]} and joined.prompt_tokens == [32] * 3
+    assert rep.run["slices"] == 2
+    back = peer_client.LevelResult.from_dict({**joined.to_dict(),
+                                              "report": rep.to_dict(with_records=True)})
+    assert back.report.output_token_throughput == rep.output_token_throughput
+    assert back.token_ids == joined.token_ids
+
+
+def test_cpu_of_slices_is_weighted_by_their_wall_time():
+    import peer_llamacpp
+    parts = [{"loadavg_before": [1, 1, 1], "loadavg_after": [2, 2, 2], "wall_s": 1.0,
+              "busy_cores": 1.0, "own_cores": 1.0, "other_cores": 0.0},
+             {"loadavg_before": [2, 2, 2], "loadavg_after": [3, 3, 3], "wall_s": 3.0,
+              "busy_cores": 2.0, "own_cores": 1.0, "other_cores": 1.0}]
+    got = peer_llamacpp.combine_cpu(parts)
+    assert got["wall_s"] == 4.0 and got["loadavg_before"] == [1, 1, 1]
+    assert got["loadavg_after"] == [3, 3, 3]
+    assert got["busy_cores"] == 1.75 and got["other_cores"] == 0.75
+    assert got["other_cores_slice_max"] == 1.0
+
+
+def test_levels_interleave_request_by_request_with_rotated_order():
+    import peer_llamacpp
+    calls = []
+
+    def unit(kind, system):
+        def measure(prompts, c, n):
+            calls.append((f"{system}/{kind}", tuple(prompts), c, n))
+            return fake_level([(0.0, 1.0)] * len(prompts)), {
+                "loadavg_before": [0, 0, 0], "loadavg_after": [0, 0, 0], "wall_s": 1.0}
+        return peer_llamacpp.Unit(kind, system, ["cmd"], 0.5, measure, client_cpus=None)
+
+    units = [unit("http", "a"), unit("http", "b"), unit("engine", "b")]
+    plan = {"max_new_tokens": 64, "warmup_new_tokens": 4}
+    b1 = {"concurrency": 1, "prompts": ["p0", "p1", "p2"], "warmup_prompts": ["w"]}
+    levels = peer_llamacpp.measure_level(units, b1, plan, rnd=0)
+    assert calls[:3] == [(u, ("w",), 1, 4) for u in ("a/http", "b/http", "b/engine")]
+    measured = [(u, p) for u, p, c, n in calls[3:]]
+    assert measured == [("a/http", ("p0",)), ("b/http", ("p0",)), ("b/engine", ("p0",)),
+                        ("b/http", ("p1",)), ("b/engine", ("p1",)), ("a/http", ("p1",)),
+                        ("b/engine", ("p2",)), ("a/http", ("p2",)), ("b/http", ("p2",))]
+    assert set(levels) == {"a", "b", "b (engine)"}
+    assert levels["a"]["report"]["planned"] == 3 and levels["a"]["slices"] == 3
+    assert levels["a"]["client_cpus"] is None and "client_cpus" not in levels["b (engine)"]
+    calls.clear()
+    conc = {"concurrency": 2, "prompts": ["q0", "q1", "q2", "q3"], "warmup_prompts": ["w0", "w1"]}
+    levels = peer_llamacpp.measure_level(units, conc, plan, rnd=1)
+    assert [(u, p, c) for u, p, c, n in calls[3:]] == [  # waves of 2, from the round's rotation
+        ("b/http", ("q0", "q1"), 2), ("b/engine", ("q0", "q1"), 2), ("a/http", ("q0", "q1"), 2),
+        ("b/engine", ("q2", "q3"), 2), ("a/http", ("q2", "q3"), 2), ("b/http", ("q2", "q3"), 2)]
+    assert levels["b"]["slices"] == 2 and levels["b"]["report"]["planned"] == 4
