@@ -18,7 +18,7 @@ One command builds what it needs and prints the table of issue #15:
 4. writes JSON (runs, machine, load, versions, commit) and prints the tables
    (``peer_report.py``).
 
-    python benchmarks/peer_llamacpp.py                   # the full table (about an hour on 2 cores)
+    python benchmarks/peer_llamacpp.py                   # the full table (~45 min on 2 cores)
     python benchmarks/peer_llamacpp.py --quick           # tiny model, short runs, still llama.cpp
     python benchmarks/peer_llamacpp.py --quick --no-llama   # camex side only (what CI runs)
 
@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -67,7 +68,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--systems", default=",".join(SYSTEMS))
     p.add_argument("--runs", type=int, default=2, help="rounds per configuration")
     p.add_argument("--concurrency", type=int, default=8, help="the concurrent level (and -np)")
-    p.add_argument("--b1-requests", type=int, default=None, help="sequential requests (8; quick 2)")
+    p.add_argument("--b1-requests", type=int, default=None,
+                   help="sequential requests (16; quick 2)")
     p.add_argument("--concurrent-requests", type=int, default=None,
                    help="requests at the concurrent level (2 x concurrency; quick 1 x)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per request (64; quick 16)")
@@ -94,9 +96,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for s in args.systems:
         if s not in SYSTEMS:
             p.error(f"unknown system {s!r}; use {', '.join(SYSTEMS)}")
-    # 8 sequential requests (~10 s per server at fp32): with 4, a B=1 cell moved by up to 40 %
-    # between two runs of the same server on a shared VM
-    args.b1_requests = args.b1_requests or (2 if args.quick else 8)
+    # 16 sequential requests: with 4, a B=1 cell moved by up to 40 % between two runs of the
+    # same server on a shared VM; on the Xeon VM one request's ITL differs from the next one's
+    # by up to 20 % (two processes of one engine, interleaved), so a ratio of two 8-request
+    # means still moved by ~5 %
+    args.b1_requests = args.b1_requests or (2 if args.quick else 16)
     args.concurrent_requests = (args.concurrent_requests
                                 or args.concurrency * (1 if args.quick else 2))
     args.new_tokens = args.new_tokens or (16 if args.quick else 64)
@@ -346,8 +350,15 @@ def git_state() -> dict:
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
 
 
+def stop_on_sigterm(signum, frame) -> None:
+    """SIGTERM ends the run like Ctrl-C: the round's servers and workers are ended on the way
+    out (by default SIGTERM would leave them running)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    signal.signal(signal.SIGTERM, stop_on_sigterm)
     load_start = loadavg()
     paths, models, llama = prepare(args)
     prompts = [json.loads(line)["prompt"] for line in paths["prompts"].read_text().splitlines()]

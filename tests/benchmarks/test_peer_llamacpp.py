@@ -15,10 +15,13 @@ Building llama.cpp (minutes) never runs here. Asserts nothing about speed.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -290,3 +293,40 @@ def test_levels_interleave_request_by_request_with_rotated_order():
         ("b/http", ("q0", "q1"), 2), ("b/engine", ("q0", "q1"), 2), ("a/http", ("q0", "q1"), 2),
         ("b/engine", ("q2", "q3"), 2), ("a/http", ("q2", "q3"), 2), ("b/http", ("q2", "q3"), 2)]
     assert levels["b"]["slices"] == 2 and levels["b"]["report"]["planned"] == 4
+
+
+def children(pid: int) -> set[int]:
+    try:
+        return {int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
+    except OSError:
+        return set()
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(300)
+def test_sigterm_ends_the_rounds_servers_too(models, tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "benchmarks" / "peer_llamacpp.py"), "--quick", "--no-llama",
+         "--threads", "1", "--dtypes", "fp32", "--systems", "camex-dense", "--runs", "1",
+         "--work", models["work"], "--out", str(tmp_path / "peer.json")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={"PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false", "HOME": str(tmp_path)})
+    started: set[int] = set()
+    try:
+        deadline = time.monotonic() + 240
+        while len(children(proc.pid)) < 2 and time.monotonic() < deadline:  # server + worker
+            time.sleep(0.2)
+        started = children(proc.pid)
+        assert len(started) == 2, "the round's server and engine worker never started"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+        for pid in started:
+            assert not Path(f"/proc/{pid}").exists() or \
+                Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for pid in started:  # what a failed run left behind
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
