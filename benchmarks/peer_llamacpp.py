@@ -49,7 +49,7 @@ import peer_client  # noqa: E402
 from machine import CpuMeter, cpu_info, loadavg  # noqa: E402
 from peer_models import build_models  # noqa: E402
 from peer_report import DTYPE_PAIRS, LLAMA, markdown, summarize, targets  # noqa: E402
-from serving import ServerProcess, free_port  # noqa: E402
+from serving import ServerProcess, end_process, free_port  # noqa: E402
 
 SYSTEMS = (LLAMA, "camex-dense", "camex-7x1")
 CONTENDED_OTHER_CORES = 0.25  # other processes used more than a quarter core during a level
@@ -229,15 +229,14 @@ class EngineWorker:
         return peer_client.LevelResult.from_dict(reply), reply["cpu"]
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, self._end_input)
         self.log.close()
+
+    @staticmethod
+    def _end_input(proc: subprocess.Popen) -> None:
+        """End of input: the worker stops its engine and exits."""
+        with contextlib.suppress(OSError):  # it may have died under us
+            proc.stdin.close()
 
 
 def combine_cpu(parts: list[dict]) -> dict:

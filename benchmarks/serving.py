@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -52,6 +53,19 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def end_process(proc: subprocess.Popen | None, ask: Callable[[subprocess.Popen], None],
+                grace_s: float = 30.0) -> None:
+    """A child we started, if still running: `ask` it to stop, wait `grace_s`, then kill it."""
+    if proc is None or proc.poll() is not None:
+        return
+    ask(proc)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 class ServerProcess:
@@ -84,13 +98,7 @@ class ServerProcess:
         raise RuntimeError(f"server not ready after {self.startup_timeout_s}s; see {self.log_path}")
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        end_process(self.proc, lambda proc: proc.send_signal(signal.SIGTERM))
         self.log.close()
 
     def info(self) -> dict:
