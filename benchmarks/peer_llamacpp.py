@@ -18,7 +18,7 @@ One command builds what it needs and prints the table of issue #15:
 4. writes JSON (runs, machine, load, versions, commit) and prints the tables
    (``peer_report.py``).
 
-    python benchmarks/peer_llamacpp.py                   # the full table (~45 min on 2 cores)
+    python benchmarks/peer_llamacpp.py                   # the full table (~40 min on 2 cores)
     python benchmarks/peer_llamacpp.py --quick           # tiny model, short runs, still llama.cpp
     python benchmarks/peer_llamacpp.py --quick --no-llama   # camex side only (what CI runs)
 
@@ -247,7 +247,7 @@ def combine_cpu(parts: list[dict]) -> dict:
     for key in ("busy_cores", "own_cores", "other_cores"):
         if wall > 0 and all(key in p for p in parts):
             out[key] = round(sum(p[key] * p["wall_s"] for p in parts) / wall, 3)
-    if parts and wall > 0 and "other_cores" in out:
+    if "other_cores" in out:
         out["other_cores_slice_max"] = max(p["other_cores"] for p in parts)
     return out
 
