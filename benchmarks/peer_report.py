@@ -89,14 +89,13 @@ def summarize(doc: dict) -> list[dict]:
                 row[f"{tag}_vs_llama"] = ratios(h, {r: tok_s(level_of(v, c))
                                                     for r, v in llama.items()})
             if system == "camex-7x1" and dense:
-                row[f"{tag}_vs_dense"] = ratios(h, {r: tok_s(level_of(v, c))
-                                                    for r, v in dense.items()})
+                h_dense = {r: tok_s(level_of(v, c)) for r, v in dense.items()}
                 e_dense = {r: tok_s(level_of(v, c)) for r, v in
                            by_round(doc, "engine", "camex-dense", pair, threads).items()}
+                row[f"{tag}_vs_dense"] = ratios(h, h_dense)
                 row[f"{tag}_engine_vs_dense"] = ratios(e, e_dense)
-                # target 2 at the concurrent level: the HTTP ratio against the engine's, per
+                # target 2 at the concurrent level: the HTTP ratio against the engines', per
                 # round (HTTP CAMEx/dense over engine CAMEx/dense)
-                h_dense = {r: tok_s(level_of(v, c)) for r, v in dense.items()}
                 row[f"{tag}_vs_dense_over_engine"] = [
                     (h[r] / h_dense[r]) / (e[r] / e_dense[r]) for r in sorted(h)
                     if h.get(r) and h_dense.get(r) and e.get(r) and e_dense.get(r)]
