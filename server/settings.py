@@ -72,6 +72,11 @@ class ServerSettings:
         1.0, "while requests decode (CPU): a step's prompt work is held to about this many times "
         "the time of the step's decode, measured, so a long prompt raises inter-token latency "
         "about (1 + ratio)x; larger: faster prefills next to running streams; 0: tokens only")
+    waiting_served_ratio: float = _opt(
+        1.2, "while requests decode: once the requests that could join are at least this many "
+        "times the running ones (rounded down), short prompts join together in one step (as "
+        "TGI's setting of that name): a longer step for the running streams, but first tokens "
+        "for the waiting now rather than one join per step; 0: never")
     threads: int | None = _opt(None, "torch CPU threads (none: all cores but one, so the HTTP "
                                "loop keeps a core; at least 1)")
     strategy: str = _opt("auto", "merged-expert apply strategy",
@@ -102,8 +107,9 @@ class ServerSettings:
         if self.max_batched_tokens < 0 or self.max_batched_tokens == 1:
             raise ValueError(f"max_batched_tokens must be 0 (no chunking) or >= 2, got "
                              f"{self.max_batched_tokens}")
-        if self.prefill_time_ratio < 0:
-            raise ValueError(f"prefill_time_ratio must be >= 0, got {self.prefill_time_ratio}")
+        for name in ("prefill_time_ratio", "waiting_served_ratio"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_stop_sequences < 0 or self.grace_s < 0:
             raise ValueError("max_stop_sequences and grace_s must be >= 0")
         if self.chat_template is not None and not os.path.isfile(self.chat_template):

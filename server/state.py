@@ -196,7 +196,8 @@ def build_engine(settings: ServerSettings, path: str, observer, expect_kind: str
         merge_cache_bytes=settings.merge_cache_bytes, strategy=settings.strategy,
         routing=settings.routing, observer=observer,
         max_batched_tokens=settings.max_batched_tokens or None,
-        prefill_time_ratio=settings.prefill_time_ratio or None, **limits)
+        prefill_time_ratio=settings.prefill_time_ratio or None,
+        waiting_served_ratio=settings.waiting_served_ratio or None, **limits)
     if engine.kind != expect_kind:
         raise ValueError(f"{FLAG_OF[expect_kind]} {path} is a {engine.kind} checkpoint: pass it "
                          f"with {FLAG_OF[engine.kind]}")

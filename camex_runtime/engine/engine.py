@@ -59,6 +59,9 @@ DEFAULT_MAX_BATCHED_TOKENS = 256
 PREFILL_BURST_TOKENS = 64
 # a chunked step's prompt work, in units of its decode's own time (CPU; see PrefillPacer)
 DEFAULT_PREFILL_TIME_RATIO = 1.0
+# queue pressure at which waiting short prompts join together beside decoding rows
+# (Scheduler: `waiting_served_ratio`; TGI's default too)
+DEFAULT_WAITING_SERVED_RATIO = 1.2
 
 
 def eos_ids(*values) -> frozenset[int]:
@@ -84,7 +87,8 @@ class Engine:
                  routing: str | None = None, observer=None,
                  max_prefill_tokens: int | None = None, profile=None, generation_config=None,
                  max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS,
-                 prefill_time_ratio: float | None = DEFAULT_PREFILL_TIME_RATIO):
+                 prefill_time_ratio: float | None = DEFAULT_PREFILL_TIME_RATIO,
+                 waiting_served_ratio: float | None = DEFAULT_WAITING_SERVED_RATIO):
         cfg = model.config
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -102,7 +106,8 @@ class Engine:
             max_prefill_tokens=max_prefill_tokens or max(max_input, 4096),
             max_batched_tokens=max_batched_tokens,
             # merged-expert models build a merge per MoE layer for every sequence that joins
-            max_joins_per_step=1 if cfg.num_experts > 0 and cfg.moe_layers else None),
+            max_joins_per_step=1 if cfg.num_experts > 0 and cfg.moe_layers else None,
+            waiting_served_ratio=waiting_served_ratio),
             chunk_cost=self._chunk_cost)
         param = next(model.parameters())
         precision = choose_precision(param.device, param.dtype, kind == "causal-lm")
@@ -582,6 +587,7 @@ class Engine:
             "max_total_tokens": c.max_total_tokens, "max_waiting": c.max_waiting,
             "max_batched_tokens": c.max_batched_tokens,
             "prefill_time_ratio": None if self.pacer is None else self.pacer.ratio,
+            "waiting_served_ratio": c.waiting_served_ratio,
             "merge_cache_bytes": self.runner.cache.budget_bytes,
             "vocab_size": cfg.vocab_size, "eos_token_id": self.eos_token_id,
             "eos_token_ids": sorted(self.eos_token_ids), "family": cfg.family,

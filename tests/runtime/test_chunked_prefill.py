@@ -95,9 +95,64 @@ def test_joins_per_step_bound_how_many_waiting_requests_join_next_to_decodes():
         SchedulerConfig(max_joins_per_step=0)
 
 
+def test_queue_pressure_lets_short_prompts_join_together():
+    """Once the requests that could join are at least `waiting_served_ratio` times the running
+    ones (rounded down, as TGI does), short prompts join whole in one step beside the decoding
+    rows, past the join bound and the pacer's hold; below the ratio, with a prefill in
+    progress, or behind a long first prompt, the chunked path (one join per step here)
+    applies."""
+    def decision(req, start, n):  # merged-expert prompts: a routing decision at token 0
+        return 5 if start == 0 else 0
+
+    def sched(ratio, batch=8):
+        s = Scheduler(SchedulerConfig(max_batch_size=batch, max_input_tokens=100,
+                                      max_total_tokens=128, max_batched_tokens=32,
+                                      max_joins_per_step=1, waiting_served_ratio=ratio),
+                      chunk_cost=decision)
+        s.add(Req("a", 3))
+        s.schedule(0.0)  # "a" decodes from now on
+        return s
+
+    def joins(s, n, prompt=2, paced=None):
+        for i in range(n):
+            s.add(Req(f"w{i}", prompt))
+        out = s.schedule(1.0, paced)
+        assert out.decode and out.decode[0].request_id == "a"  # the stream keeps decoding
+        return [r.request_id for r in out.prefill]
+
+    assert joins(sched(1.2), 3) == ["w0", "w1", "w2"]  # 3 waiting >= 1.2 x 1 running, whole
+    assert joins(sched(1.2), 3, paced=0) == ["w0", "w1", "w2"]  # past the pacer's hold too
+    assert joins(sched(None), 3) == ["w0"]  # off: one join per step
+    assert joins(sched(None), 1, paced=0) == []  # (off, the pacer holds a paced join)
+    assert joins(sched(1.2), 1, paced=0) == ["w0"]  # floor(1.2 x 1) = 1
+    assert joins(sched(1.2, batch=3), 5) == ["w0", "w1"]  # as many as there are free slots
+    long_first = sched(1.2)
+    assert joins(long_first, 3, prompt=40) == ["w0"]  # longer than the budget: chunked
+    assert "w0" in long_first.prefilling  # (its first chunk only)
+
+    def running(n):
+        s = sched(1.2)
+        for i in range(n - 1):
+            s.add(Req(f"r{i}", 2))
+            s.schedule(0.5)
+        assert len(s.running) == n
+        return s
+
+    assert joins(running(2), 2) == ["w0", "w1"]  # floor(1.2 x 2) = 2
+    assert joins(running(3), 2) == ["w0"]  # 2 < floor(1.2 x 3) = 3
+    assert joins(running(4), 4) == ["w0", "w1", "w2", "w3"]  # 4 = floor(1.2 x 4)
+    busy = sched(1.2)  # a prefill in progress: the queue behind it joins the chunked way
+    busy.add(Req("long", 40))
+    busy.schedule(0.5)
+    assert "long" in busy.prefilling
+    assert joins(busy, 3) == ["long", "w0"]
+    with pytest.raises(ValueError, match="waiting_served_ratio"):
+        SchedulerConfig(waiting_served_ratio=0)
+
+
 def test_a_camex_engine_lets_one_request_join_per_decoding_step(lm):
-    path, _ = lm
-    engine = Engine.from_pretrained(path, max_batch_size=4)
+    path, _ = lm  # (without queue pressure: three waiting next to one running would join at once)
+    engine = Engine.from_pretrained(path, max_batch_size=4, waiting_served_ratio=None)
     assert engine.scheduler.config.max_joins_per_step == 1
     sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
     first = engine.submit([1, 2, 3], sp)
@@ -110,6 +165,29 @@ def test_a_camex_engine_lets_one_request_join_per_decoding_step(lm):
     assert joined[-1] == 3 and all(b - a <= 1 for a, b in zip(joined, joined[1:])), joined
     while not all(h.done for h in (first, *later)):
         engine.step()
+
+
+def test_a_burst_next_to_one_stream_joins_in_one_step_with_the_solo_outputs(lm):
+    """Requests that arrive together reach the engine one by one: the first step seats one,
+    and the rest, more than `waiting_served_ratio` (1.2) times the running, join together in
+    the next step. Each generates what it generates alone."""
+    path, _ = lm
+    engine = Engine.from_pretrained(path, max_batch_size=4)
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9], [10, 11]]
+    first = engine.submit(prompts[0], sp)
+    engine.step()
+    later = [engine.submit(p, sp) for p in prompts[1:]]
+    engine.step()
+    assert all(len(h._events) == 1 for h in later)  # every first token from this step
+    while not all(h.done for h in (first, *later)):
+        engine.step()
+    alone = Engine.from_pretrained(path, max_batch_size=1)
+    for p, h in zip(prompts, (first, *later)):
+        solo = alone.submit(p, sp)
+        while not solo.done:
+            alone.step()
+        assert h.result().token_ids == solo.result().token_ids
 
 
 def test_chunks_count_their_merges_against_the_budget():

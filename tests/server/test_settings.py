@@ -34,6 +34,7 @@ def test_every_field_has_flag_and_env_var():
     ({"CAMEX_MERGE_CACHE_BYTES": "-1"}, "merge_cache_bytes must be > 0"),
     ({"CAMEX_MAX_BATCHED_TOKENS": "1"}, "max_batched_tokens must be 0 (no chunking) or >= 2"),
     ({"CAMEX_PREFILL_TIME_RATIO": "-0.5"}, "prefill_time_ratio must be >= 0"),
+    ({"CAMEX_WAITING_SERVED_RATIO": "-1"}, "waiting_served_ratio must be >= 0"),
 ])
 def test_bad_values_say_what_is_wrong(env, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -47,16 +48,18 @@ def test_chunking_settings_reach_the_engine_with_its_defaults(tiny_lm_dir):
     from server.state import build_engine
     engine_defaults = inspect.signature(Engine.__init__).parameters
     s = ServerSettings.from_sources([], env={})
-    for name in ("max_batched_tokens", "prefill_time_ratio"):
+    for name in ("max_batched_tokens", "prefill_time_ratio", "waiting_served_ratio"):
         assert getattr(s, name) == engine_defaults[name].default
     path = str(tiny_lm_dir)
     engine = build_engine(s, path, None, "causal-lm")
     assert engine.scheduler.config.max_batched_tokens == 256 and engine.pacer.ratio == 1.0
-    assert engine.pacer.burst == 64
-    off = ServerSettings.from_sources(["--max-batched-tokens", "0", "--prefill-time-ratio", "0"],
-                                      env={})
+    assert engine.pacer.burst == 64 and engine.scheduler.config.waiting_served_ratio == 1.2
+    assert engine.info()["waiting_served_ratio"] == 1.2
+    off = ServerSettings.from_sources(["--max-batched-tokens", "0", "--prefill-time-ratio", "0",
+                                       "--waiting-served-ratio", "0"], env={})
     engine = build_engine(off, path, None, "causal-lm")
     assert engine.scheduler.config.max_batched_tokens is None and engine.pacer is None
+    assert engine.scheduler.config.waiting_served_ratio is None
 
 
 def test_threads_default_leaves_a_core_for_the_http_loop(monkeypatch):
