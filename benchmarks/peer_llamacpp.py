@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--b1-requests", type=int, default=None,
                    help="sequential requests (16; quick 2)")
     p.add_argument("--concurrent-requests", type=int, default=None,
-                   help="requests at the concurrent level (2 x concurrency; quick 1 x)")
+                   help="requests at the concurrent level (4 x concurrency; quick 1 x)")
     p.add_argument("--new-tokens", type=int, default=None, help="tokens per request (64; quick 16)")
     p.add_argument("--prompt-tokens", type=int, default=32)
     p.add_argument("--client-cpus", default="auto",
@@ -101,8 +101,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     # by up to 20 % (two processes of one engine, interleaved), so a ratio of two 8-request
     # means still moved by ~5 %
     args.b1_requests = args.b1_requests or (2 if args.quick else 16)
+    # 4 waves: one wave's CAMEx/dense ratio, HTTP over engine, ranged 0.83-1.23 (GPT-2-small,
+    # bf16 and fp32, one thread, 6 waves each), so with 2 waves target 2's concurrent half
+    # swung by ~0.1 from run to run
     args.concurrent_requests = (args.concurrent_requests
-                                or args.concurrency * (1 if args.quick else 2))
+                                or args.concurrency * (1 if args.quick else 4))
     args.new_tokens = args.new_tokens or (16 if args.quick else 64)
     flavour = "quick" if args.quick else "full"
     args.work = args.work or (Path.home() / ".cache" / "camex-serve" / "peer"
@@ -275,8 +278,11 @@ def measure_level(units: list[Unit], level: dict, plan: dict, rnd: int) -> dict[
     for unit in units:
         result = peer_client.concatenate([r for r, _ in parts[unit.name]])
         cpu = combine_cpu([cpu for _, cpu in parts[unit.name]])
+        # each slice's duration, so a ratio can also be read wave by wave (paired in time)
         levels[unit.name] = {"concurrency": c, **result.to_dict(), "cpu": cpu,
-                             "slices": len(slices)}
+                             "slices": len(slices),
+                             "slice_durations_s": [round(r.report.duration_s, 4)
+                                                   for r, _ in parts[unit.name]]}
         if unit.kind == "http":
             levels[unit.name]["client_cpus"] = unit.client_cpus
         rep = result.report

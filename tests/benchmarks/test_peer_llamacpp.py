@@ -131,6 +131,7 @@ def test_quick_camex_side_end_to_end(models, tmp_path):
     for run in doc["runs"]:
         assert [lv["concurrency"] for lv in run["levels"]] == [1, 4]
         assert [lv["slices"] for lv in run["levels"]] == [2, 1]  # B=1: request by request
+        assert [len(lv["slice_durations_s"]) for lv in run["levels"]] == [2, 1]
         for lv, n in zip(run["levels"], (2, 4)):
             rep = lv["report"]
             assert rep["completed"] == rep["sent"] == n, rep["failures_by_status"]
@@ -293,6 +294,7 @@ def test_levels_interleave_request_by_request_with_rotated_order():
         ("b/http", ("q0", "q1"), 2), ("b/engine", ("q0", "q1"), 2), ("a/http", ("q0", "q1"), 2),
         ("b/engine", ("q2", "q3"), 2), ("a/http", ("q2", "q3"), 2), ("b/http", ("q2", "q3"), 2)]
     assert levels["b"]["slices"] == 2 and levels["b"]["report"]["planned"] == 4
+    assert levels["b"]["slice_durations_s"] == [1.0, 1.0]  # each wave's own, for paired ratios
 
 
 def children(pid: int) -> set[int]:
