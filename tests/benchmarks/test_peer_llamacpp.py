@@ -220,6 +220,16 @@ def test_report_ratios_are_per_round_against_llama():
     assert "2. CAMEx / dense, B=1, fp32, 1 thread(s): worst 0.90 (>= 0.9: met)" in lines
     assert ("2. CAMEx / dense, concurrent, over HTTP / in the engine, fp32, 1 thread(s): "
             "worst 1.00 (>= 1.0: met)") in lines
+    # with each wave's duration recorded, the ratio is also read wave by wave (round 0 here)
+    waves = {("http", "camex-7x1"): [2.0, 4.0], ("engine", "camex-7x1"): [2.0, 2.0],
+             ("http", "camex-dense"): [1.0, 1.0], ("engine", "camex-dense"): [1.0, 1.0]}
+    for run in doc["runs"]:
+        if run["round"] == 0 and (run["kind"], run["system"]) in waves:
+            run["levels"][1]["slice_durations_s"] = waves[run["kind"], run["system"]]
+    moe = {r["system"]: r for r in summarize(doc)}["camex-7x1"]
+    assert moe["conc_vs_dense_over_engine_waves"] == [1.0, 0.5]  # round 1 has none
+    assert ("2. CAMEx / dense, concurrent, over HTTP / in the engine, fp32, 1 thread(s): "
+            "worst 1.00 (>= 1.0: met); 2 waves one by one: 0.50–1.00, median 0.75") in targets(doc)
 
 
 def fake_level(starts_ends: list[tuple[float, float]], first_token: float = 0.1,
