@@ -69,6 +69,7 @@ def info_of(state) -> dict:
         "max_input_tokens": main_info.get("max_input_tokens", s.max_input_tokens),
         "max_total_tokens": main_info.get("max_total_tokens", s.max_total_tokens),
         "max_batch_size": s.max_batch_size,
+        "waiting_served_ratio": s.waiting_served_ratio,  # 0: off
         "max_waiting": s.max_waiting,
         "max_client_batch_size": s.max_client_batch_size,
         "max_body_bytes": s.max_body_bytes,

@@ -150,6 +150,8 @@ def test_openai_completions_plain_and_stream(server):
 def test_info_and_metrics_count_the_traffic(server):
     info = httpx.get(server.base_url + "/info").json()
     assert info["model_id"] == "tiny-camex" and info["max_batch_size"] == 4
+    assert info["waiting_served_ratio"] == 1.2  # TGI's key; the engine's own setting below
+    assert info["models"]["causal-lm"]["waiting_served_ratio"] == 1.2
     for key in ("num_experts", "segment_len", "routing", "max_input_tokens", "max_total_tokens",
                 "version"):
         assert info[key] is not None, key
