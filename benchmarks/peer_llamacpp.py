@@ -185,7 +185,7 @@ class Unit:
     ready_s: float
     # (prompts, concurrency, max new tokens) -> the level and the CPU use during it
     measure: Callable[[list[str], int, int], tuple[peer_client.LevelResult, dict]]
-    client_cpus: list[int] | None = None  # http: where the client ran
+    client_cpus: list[int] | None = None  # where the client (engine: its threads) ran
 
     @property
     def name(self) -> str:
@@ -283,7 +283,7 @@ def measure_level(units: list[Unit], level: dict, plan: dict, rnd: int) -> dict[
                              "slices": len(slices),
                              "slice_durations_s": [round(r.report.duration_s, 4)
                                                    for r, _ in parts[unit.name]]}
-        if unit.kind == "http":
+        if unit.kind == "http" or unit.client_cpus is not None:
             levels[unit.name]["client_cpus"] = unit.client_cpus
         rep = result.report
         print(f"  {unit.name:<22} round {rnd} c={c}: {rep.output_token_throughput:7.1f} tok/s, "
@@ -321,13 +321,17 @@ def run_round(pair: str, threads: int, rnd: int, plan: dict, paths: dict,
             units.append(http_unit(system, server, cmd, round(time.monotonic() - t0, 1), cpus))
             if system == LLAMA or args.no_engine:
                 continue
+            # its client threads where the HTTP client runs, so both leave the engine's
+            # compute thread the same cores
             cmd = [sys.executable, str(HERE / "peer_engine.py"), "--model",
                    str(paths["camex_dense" if system == "camex-dense" else "camex_7x1"]),
-                   "--dtype", DTYPE_PAIRS[pair][1], "--threads", str(threads), "--serve"]
+                   "--dtype", DTYPE_PAIRS[pair][1], "--threads", str(threads), "--serve",
+                   *(["--client-cpus", ",".join(map(str, cpus))] if cpus else [])]
             worker = stack.enter_context(EngineWorker(
                 cmd, logs / f"engine-{system}-{pair}-t{threads}-r{rnd}.log",
                 args.startup_timeout))
-            units.append(Unit("engine", system, cmd, round(worker.ready_s, 1), worker.measure))
+            units.append(Unit("engine", system, cmd, round(worker.ready_s, 1), worker.measure,
+                              cpus))
         per_level = [measure_level(units, level, plan, rnd) for level in plan["levels"]]
     return [{"kind": u.kind, "system": u.system, "dtype_pair": pair, "threads": threads,
              "round": rnd, "cmd": u.cmd, "ready_s": u.ready_s,

@@ -342,3 +342,32 @@ def test_sigterm_ends_the_rounds_servers_too(models, tmp_path):
         for pid in started:  # what a failed run left behind
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_engine_client_threads_run_where_the_http_client_runs():
+    """The engine worker's reader threads are confined as the HTTP client is (unconfined, they
+    preempted the engine thread on its core); the engine's own thread and the caller keep
+    every CPU."""
+    import peer_engine
+    from camex_runtime.engine.outputs import TokenEvent
+
+    cpus = sorted(os.sched_getaffinity(0))
+    seen = []
+
+    class Handle:
+        prompt_token_ids = [1, 2]
+
+        def __iter__(self):
+            yield TokenEvent(token_id=7, text="x", logprob=0.0, index=0, finish_reason="length")
+
+    class Engine:
+        def submit(self, prompt, params):
+            seen.append(os.sched_getaffinity(0))
+            return Handle()
+
+    result = peer_engine.closed_loop(Engine(), ["a", "b", "c"], 2, 1, client_cpus=cpus[-1:])
+    assert seen == [{cpus[-1]}] * 3 and result.report.completed == 3
+    assert sorted(os.sched_getaffinity(0)) == cpus  # this thread was not confined
+    seen.clear()
+    peer_engine.closed_loop(Engine(), ["a"], 1, 1)
+    assert seen == [set(cpus)]
