@@ -62,14 +62,12 @@ def same_tokens(run: dict, ref: dict) -> tuple[int, int]:
     return same, total
 
 
-def wave_ratios(doc: dict, c: int, key: tuple, http: dict, engine: dict,
-                dense: dict) -> list[float]:
+def wave_ratios(c: int, http: dict, engine: dict, dense: dict,
+                dense_engine: dict) -> list[float]:
     """Target 2's concurrent ratio (HTTP CAMEx/dense over engine CAMEx/dense) wave by wave,
     from the slice durations of interleaved runs: the four units ran each wave back to back,
     so each wave is a pair in time. A wave's tokens are the same for all four, so a tok/s ratio
     is the inverse ratio of durations. Empty for documents without slice durations."""
-    _, pair, threads = key
-    dense_engine = by_round(doc, "engine", "camex-dense", pair, threads)
     out = []
     for r in sorted(http):
         levels = [level_of(runs[r], c) if r in runs else None
@@ -97,6 +95,7 @@ def summarize(doc: dict) -> list[dict]:
         engine = by_round(doc, "engine", *key)
         llama = by_round(doc, "http", LLAMA, pair, threads)
         dense = by_round(doc, "http", "camex-dense", pair, threads)
+        dense_engine = by_round(doc, "engine", "camex-dense", pair, threads)
         row = {"system": system, "dtype_pair": pair, "threads": threads,
                "dtype": DTYPE_PAIRS[pair][0 if system == LLAMA else 1], "rounds": sorted(http)}
         for c, tag in ((1, "b1"), (conc, "conc")):
@@ -112,8 +111,7 @@ def summarize(doc: dict) -> list[dict]:
                                                     for r, v in llama.items()})
             if system == "camex-7x1" and dense:
                 h_dense = {r: tok_s(level_of(v, c)) for r, v in dense.items()}
-                e_dense = {r: tok_s(level_of(v, c)) for r, v in
-                           by_round(doc, "engine", "camex-dense", pair, threads).items()}
+                e_dense = {r: tok_s(level_of(v, c)) for r, v in dense_engine.items()}
                 row[f"{tag}_vs_dense"] = ratios(h, h_dense)
                 row[f"{tag}_engine_vs_dense"] = ratios(e, e_dense)
                 # target 2 at the concurrent level: the HTTP ratio against the engines', per
@@ -121,8 +119,9 @@ def summarize(doc: dict) -> list[dict]:
                 row[f"{tag}_vs_dense_over_engine"] = [
                     (h[r] / h_dense[r]) / (e[r] / e_dense[r]) for r in sorted(h)
                     if h.get(r) and h_dense.get(r) and e.get(r) and e_dense.get(r)]
-                row[f"{tag}_vs_dense_over_engine_waves"] = wave_ratios(
-                    doc, c, key, http, engine, dense)
+        if system == "camex-7x1" and dense:  # (at B=1 a slice is one request, not a wave)
+            row["conc_vs_dense_over_engine_waves"] = wave_ratios(conc, http, engine, dense,
+                                                                 dense_engine)
         if system != LLAMA and llama:
             pairs = [same_tokens(http[r], llama[r]) for r in sorted(http) if r in llama]
             row["same_tokens_as_llama"] = [sum(p[0] for p in pairs), sum(p[1] for p in pairs)]
