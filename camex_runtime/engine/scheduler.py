@@ -292,8 +292,8 @@ class Scheduler:
         # a full batch must not starve the queue
         budget = min(c.max_prefill_tokens,
                      max(c.max_batched_tokens - len(out.decode), c.max_batched_tokens // 2))
-        if self._pressed(budget):
-            self._admit_short(out, budget)
+        if self._pressed(budget):  # short prompts join whole, as when nothing decodes
+            self._admit_whole(out, longest=budget)
         else:
             self._schedule_chunks(out, budget, max_prefill_work)
         return out
@@ -310,17 +310,6 @@ class Scheduler:
         return (joinable >= max(1, math.floor(ratio * len(self.running)))
                 and self.waiting[0].num_prompt_tokens <= budget)
 
-    def _admit_short(self, out: SchedulerOutput, budget: int) -> None:
-        """Under queue pressure: waiting prompts of at most `budget` tokens join whole, FIFO,
-        into the free slots, up to `max_prefill_tokens` in all (the first always)."""
-        total = 0
-        while self.waiting and self._free_slots:
-            n = self.waiting[0].num_prompt_tokens
-            if n > budget or (out.prefill and total + n > self.config.max_prefill_tokens):
-                break  # FIFO: the rest wait for the next step
-            self._admit(self.waiting[0], out, None)
-            total += n
-
     def is_paced(self, req: Any) -> bool:
         """Whether the pacer's bound applies to this prompt's prefill: more tokens than the
         token budget, or work beyond its tokens (chunk costs: a merged-expert prompt's merges,
@@ -330,8 +319,9 @@ class Scheduler:
         budget, n = self.config.max_batched_tokens, req.num_prompt_tokens
         return budget is not None and (n > budget or self._cost(req, 0, n) > 0)
 
-    def _admit_whole(self, out: SchedulerOutput) -> None:
-        """Prefills in progress finish whole; waiting requests join FIFO under the budget."""
+    def _admit_whole(self, out: SchedulerOutput, longest: int | None = None) -> None:
+        """Prefills in progress finish whole; waiting requests join FIFO under the budget
+        (under queue pressure, only prompts of at most `longest` tokens)."""
         for req, _ in self.prefilling.values():
             out.prefill.append(req)
             out.chunks[req.request_id] = None
@@ -339,7 +329,8 @@ class Scheduler:
         budget = self.config.max_prefill_tokens
         while self.waiting and self._free_slots:
             req = self.waiting[0]
-            if out.prefill and req.num_prompt_tokens > budget:
+            if (out.prefill and req.num_prompt_tokens > budget
+                    or longest is not None and req.num_prompt_tokens > longest):
                 break  # FIFO: later requests wait behind this one rather than overtaking it
             self._admit(req, out, None)
             budget -= req.num_prompt_tokens
