@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from bisect import bisect_left
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,7 @@ from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
 
 STRATEGIES = ("auto", "merged", "mixture")
 PROBE_TOKENS = (1, 16, 128)
+MEASURE_PASSES = 5  # timed runs of each probe (see best_times)
 ROTATE_BYTES = 96 << 20  # merged-apply probe cycles through this much weight memory
 
 
@@ -45,6 +47,30 @@ def best_time(fn, device, reps: int) -> float:
     return best
 
 
+def best_times(probes: dict, device, passes: int,
+               clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Each probe's best wall time over `passes` passes that run every probe once, in turn,
+    after a warm-up pass (device synchronised).
+
+    Interleaved on purpose: a slow stretch of the machine (another tenant, a daemon waking)
+    then lands on a few neighbouring probes of one pass, and every probe keeps clean runs in
+    the other passes. Timed back to back, one probe's runs took ~12 ms together, so one short
+    stretch could cover all of them: a server measured a merged FFN at twice its cost at
+    start-up, chose the mixture for 8 decoding rows, and ran at 57 tok/s instead of 95 for its
+    whole life (GPT-2-small 7+1 experts, bf16, two threads)."""
+    for fn in probes.values():
+        fn()
+    _sync(device)
+    best = dict.fromkeys(probes, float("inf"))
+    for _ in range(passes):
+        for key, fn in probes.items():
+            t0 = clock()
+            fn()
+            _sync(device)
+            best[key] = min(best[key], clock() - t0)
+    return best
+
+
 @dataclass(frozen=True)
 class StrategyProfile:
     points: tuple[int, ...]  # token counts probed
@@ -56,8 +82,10 @@ class StrategyProfile:
     @classmethod
     @torch.inference_mode()
     def measure(cls, moe: MoEWeights, points: tuple[int, ...] = PROBE_TOKENS,
-                reps: int = 2, dtype: torch.dtype | None = None) -> StrategyProfile:
-        """`dtype`: the activations' (default: the weights'), see engine/precision.py."""
+                passes: int = MEASURE_PASSES, dtype: torch.dtype | None = None,
+                clock: Callable[[], float] = time.perf_counter) -> StrategyProfile:
+        """`dtype`: the activations' (default: the weights'), see engine/precision.py. Every
+        probe is timed `passes` times, interleaved with the others (see `best_times`)."""
         dev, wt = moe.w1.device, moe.w1.dtype
         dt = dtype or wt
         E, h, d = moe.num_experts, moe.w2.shape[2], moe.w2.shape[1]
@@ -71,8 +99,7 @@ class StrategyProfile:
         s = torch.full((E,), 1.0 / E, device=dev)
         for out in outs:
             moe.merge_into(s, out)
-        merge = best_time(lambda: moe.merge_into(s, outs[0]), dev, reps)
-        merged, mixture = [], []
+        probes = {"merge": lambda: moe.merge_into(s, outs[0])}
         for n in points:
             x = torch.randn(n, d, device=dev, dtype=dt)
             sn = s.expand(n, E)
@@ -80,9 +107,18 @@ class StrategyProfile:
             def apply_each(x=x):
                 for out in outs:
                     apply_merged(x, out, moe.kind)
-            merged.append(best_time(apply_each, dev, reps) / k)
-            mixture.append(best_time(lambda x=x, sn=sn: apply_mixture(x, moe, sn), dev, reps))
-        return cls(tuple(points), tuple(merged), tuple(mixture), merge, E)
+            probes["merged", n] = apply_each
+            probes["mixture", n] = lambda x=x, sn=sn: apply_mixture(x, moe, sn)
+        best = best_times(probes, dev, passes, clock)
+        return cls(tuple(points), tuple(best["merged", n] / k for n in points),
+                   tuple(best["mixture", n] for n in points), best["merge"], E)
+
+    def describe(self) -> dict:
+        """The timings in milliseconds (logged at warm-up, reported in the engine's info)."""
+        ms = lambda v: round(v * 1e3, 3)  # noqa: E731
+        return {"points": list(self.points), "merge_ms": ms(self.merge),
+                "merged_ms": [ms(v) for v in self.merged],
+                "mixture_ms": [ms(v) for v in self.mixture]}
 
 
 CHOICES_KEPT = 4096  # CostModel.choose's memo: cleared when full

@@ -247,6 +247,7 @@ class Engine:
                     if self.runner.moe and self.runner.strategy != "mixture" else 0)
         log.info("warm-up: merge pool and cost model ready",
                  extra={"merge_pool_bytes": committed, "decision_tokens": decision,
+                        "cost_profile": self.runner.cost_profile,
                         "seconds": round(time.perf_counter() - t0, 3)})
         if self.kind == "classifier":
             for strategy in ("merged", "mixture", self.runner.strategy):
@@ -589,6 +590,7 @@ class Engine:
             "prefill_time_ratio": None if self.pacer is None else self.pacer.ratio,
             "waiting_served_ratio": c.waiting_served_ratio,
             "merge_cache_bytes": self.runner.cache.budget_bytes,
+            "cost_profile": self.runner.cost_profile,
             "vocab_size": cfg.vocab_size, "eos_token_id": self.eos_token_id,
             "eos_token_ids": sorted(self.eos_token_ids), "family": cfg.family,
             "id2label": {int(k): v for k, v in (cfg.id2label or {}).items()}

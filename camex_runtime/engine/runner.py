@@ -119,6 +119,11 @@ class ModelRunner:
                                                                             dtype=self.dtype))
         return self._cost
 
+    @property
+    def cost_profile(self) -> dict | None:
+        """The cost model's timings in ms once measured (None before, and without MoE)."""
+        return None if self._cost is None else self._cost.p.describe()
+
     @functools.cached_property
     def decision_tokens(self) -> int:
         """Prompt tokens' worth of one routing decision: the merge it builds at every MoE layer,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from camex_runtime import Engine, SamplingParams
-from camex_runtime.engine.cost_model import CostModel, StrategyProfile
+from camex_runtime.engine.cost_model import MEASURE_PASSES, CostModel, StrategyProfile
 from engine_models import build_folded, results_alone
 
 # merged weights cheap to apply, the mixture 8x a dense FFN: the B=1 decode regime
@@ -50,9 +50,61 @@ def test_remembered_choices_are_the_choices(monkeypatch):
 
 def test_measured_profile_is_sane(tmp_path):
     engine = Engine.from_pretrained(build_folded(tmp_path / "lm"), max_batch_size=1)
+    assert engine.info()["cost_profile"] is None  # measured when first needed (the warm-up)
     p = engine.runner.cost.p
     assert p.points == (1, 16, 128) and p.num_experts == 3
     assert all(t > 0 for t in p.merged + p.mixture) and p.merge > 0
+    reported = engine.info()["cost_profile"]  # as /info and the warm-up log show it
+    assert reported["points"] == [1, 16, 128]
+    assert reported["merged_ms"] == [round(t * 1e3, 3) for t in p.merged]
+    assert reported["mixture_ms"] == [round(t * 1e3, 3) for t in p.mixture]
+
+
+def timings(p: StrategyProfile) -> tuple[float, ...]:
+    return (*p.merged, *p.mixture, p.merge)
+
+
+class SlowStretchMachine:
+    """A fake clock and fake kernels: each call costs a fixed time, three times that while
+    the clock is inside [start, start + width) (another tenant on the machine)."""
+
+    def __init__(self, start: float = float("inf"), width: float = 0.0) -> None:
+        self.t, self.start, self.width = 0.0, start, width
+
+    def clock(self) -> float:
+        return self.t
+
+    def run(self, cost: float) -> None:
+        self.t += cost * (3.0 if self.start <= self.t < self.start + self.width else 1.0)
+
+    def install(self, monkeypatch, moe) -> None:
+        import camex_runtime.engine.cost_model as cm
+        monkeypatch.setattr(cm, "apply_merged", lambda x, w, kind: self.run(0.5 + 0.02 * len(x)))
+        monkeypatch.setattr(cm, "apply_mixture", lambda x, m, s: self.run(4.0 + 0.2 * len(x)))
+        monkeypatch.setattr(type(moe), "merge_into", lambda m, s, out: self.run(3.0))
+
+
+def test_a_slow_stretch_at_start_up_does_not_bias_the_profile(tmp_path, monkeypatch):
+    """The profile is measured once, at warm-up, and decides the strategy for the server's
+    life: a stretch of a slow machine shorter than one pass over the probes, wherever it falls,
+    must leave every timing as measured on a quiet machine (each probe keeps clean runs)."""
+    engine = Engine.from_pretrained(build_folded(tmp_path / "lm"), max_batch_size=1)
+    moe = engine.runner.moe[0]
+    quiet = SlowStretchMachine()
+    quiet.install(monkeypatch, moe)
+    truth = StrategyProfile.measure(moe, clock=quiet.clock)
+    assert truth.merge == 3.0 and truth.mixture == pytest.approx((4.2, 7.2, 29.6))
+    assert truth.merged == pytest.approx((0.52, 0.82, 3.06))
+    one_pass = quiet.t / (MEASURE_PASSES + 2)  # + the warm-up pass and the rotating buffers'
+    checked = 0
+    for i in range(60):
+        machine = SlowStretchMachine(start=i * quiet.t / 60, width=0.9 * one_pass)
+        machine.install(monkeypatch, moe)
+        got = StrategyProfile.measure(moe, clock=machine.clock)
+        assert timings(got) == pytest.approx(timings(truth)), f"stretch from {machine.start}"
+        assert CostModel(got).choose([1] * 8, 0.0) == CostModel(truth).choose([1] * 8, 0.0)
+        checked += machine.t > quiet.t  # the stretch did slow the measurement down
+    assert checked > 40
 
 
 @pytest.fixture(scope="module")
