@@ -230,6 +230,18 @@ def test_report_ratios_are_per_round_against_llama():
     assert moe["conc_vs_dense_over_engine_waves"] == [1.0, 0.5]  # round 1 has none
     assert ("2. CAMEx / dense, concurrent, over HTTP / in the engine, fp32, 1 thread(s): "
             "worst 1.00 (>= 1.0: met); 2 waves one by one: 0.50–1.00, median 0.75") in targets(doc)
+    # target 3 read slice by slice too: HTTP over its engine for each wave (each B=1 request)
+    assert ("3. HTTP / engine, camex-7x1 concurrent, fp32, 1 thread(s): worst 0.80 (>= 0.95: "
+            "NOT met); 2 waves one by one: 0.50–1.00, median 0.75") in targets(doc)
+    for run in doc["runs"]:
+        if run["round"] == 1 and run["system"] == "camex-dense":
+            run["levels"][0]["slice_durations_s"] = [1.0, 2.0] if run["kind"] == "http" \
+                else [1.5, 1.0]
+    assert summarize(doc)[1]["b1_overhead_slices"] == [1.5, 0.5]
+    assert ("3. HTTP / engine, camex-dense B=1, fp32, 1 thread(s): worst 0.80 (>= 0.95: NOT "
+            "met); 2 requests one by one: 0.50–1.50, median 1.00") in targets(doc)
+    assert "3. HTTP / engine, camex-dense concurrent, fp32, 1 thread(s): worst 0.80 (>= 0.95: " \
+           "NOT met); 2 waves one by one: 1.00, median 1.00" in targets(doc)
 
 
 def fake_level(starts_ends: list[tuple[float, float]], first_token: float = 0.1,
