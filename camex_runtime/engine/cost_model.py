@@ -36,15 +36,7 @@ def _sync(device) -> None:
 
 def best_time(fn, device, reps: int) -> float:
     """Best wall time of `reps` runs after one warm-up run (device synchronised)."""
-    fn()
-    _sync(device)
-    best = float("inf")
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return best_times({"fn": fn}, device, reps)["fn"]
 
 
 def best_times(probes: dict, device, passes: int,
@@ -115,7 +107,8 @@ class StrategyProfile:
 
     def describe(self) -> dict:
         """The timings in milliseconds (logged at warm-up, reported in the engine's info)."""
-        ms = lambda v: round(v * 1e3, 3)  # noqa: E731
+        def ms(seconds: float) -> float:
+            return round(seconds * 1e3, 3)
         return {"points": list(self.points), "merge_ms": ms(self.merge),
                 "merged_ms": [ms(v) for v in self.merged],
                 "mixture_ms": [ms(v) for v in self.mixture]}
