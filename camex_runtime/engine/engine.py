@@ -138,6 +138,11 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._accepting, self._shutdown = True, False
         self.steps, self.last_batch_size, self.heartbeat = 0, 0, time.monotonic()
+        # Hooks for an engine served from another process (engine/process.py): what `submit`
+        # hands out, and what the loop calls after each step (there: ship the step's events).
+        self.make_handle = RequestHandle
+        self.after_step = None
+        self.tokenizer_dir: Path | None = None  # set by from_pretrained
 
     @property
     def eos_token_id(self) -> int | None:
@@ -160,8 +165,10 @@ class Engine:
         if ckpt.tokenizer_dir is not None:
             from transformers import AutoTokenizer
             tok = AutoTokenizer.from_pretrained(str(ckpt.tokenizer_dir))
-        return cls(build_model(ckpt), tok, name=Path(path).name, kind=ckpt.kind,
-                   generation_config=ckpt.generation_config, **limits)
+        engine = cls(build_model(ckpt), tok, name=Path(path).name, kind=ckpt.kind,
+                     generation_config=ckpt.generation_config, **limits)
+        engine.tokenizer_dir = ckpt.tokenizer_dir
+        return engine
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -221,6 +228,8 @@ class Engine:
             except Exception:  # a bug in a step must not kill the loop: fail what ran
                 log.exception("engine step failed")
                 self._fail_running("internal error in the engine step (see server log)")
+            if self.after_step is not None:
+                self.after_step()
         self._cancel_leftovers()  # stop() gave up waiting: no handle may wait forever
 
     def _chunk_cost(self, req, start: int, n: int) -> int:
@@ -276,20 +285,12 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------
     def _encode(self, prompt: str | Sequence[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InputValidationError("this checkpoint has no tokenizer: send token ids")
-            return list(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        ids = list(prompt)
-        V = self.config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < V]
-        if bad:
-            raise InputValidationError(f"token id {bad[0]!r} is outside the vocabulary [0, {V})")
-        return ids
+        return encode_prompt(self.tokenizer, self.config.vocab_size, prompt)
 
-    def submit(self, prompt: str | Sequence[int],
-               params: SamplingParams | None = None) -> RequestHandle:
-        """Validate and enqueue; the loop thread (see `start`) generates."""
+    def submit(self, prompt: str | Sequence[int], params: SamplingParams | None = None, *,
+               request_id: str | None = None) -> RequestHandle:
+        """Validate and enqueue; the loop thread (see `start`) generates. `request_id`: the
+        caller's (unique) id for it, else one is made."""
         if self.kind != "causal-lm":
             raise InputValidationError(f"this engine serves a {self.kind} checkpoint: "
                                        "use classify()")
@@ -297,8 +298,8 @@ class Engine:
         params.validate()
         ids = self._encode(prompt)
         self.scheduler.check_lengths(len(ids), params.max_new_tokens)
-        rid = f"{next(self._ids)}-{uuid.uuid4().hex[:12]}"
-        handle = RequestHandle(rid, ids, self._cancel)
+        rid = request_id or new_request_id(next(self._ids))
+        handle = self.make_handle(rid, ids, self._cancel)
         req = GenerationRequest(rid, ids, params, params.routing or self.routing, handle,
                                 RequestTimings(queued_at=time.monotonic()))
         with self._lock:
@@ -312,6 +313,10 @@ class Engine:
         """Blocking, thread-safe: submit and wait (starts the loop if needed)."""
         self.start()
         return self.submit(prompt, SamplingParams(**params)).result()
+
+    def cancel(self, request_id: str) -> None:
+        """Cancel a request by id (as its handle's `cancel`); unknown ids are ignored."""
+        self._cancel(request_id)
 
     def _cancel(self, request_id: str) -> None:
         with self._lock:
@@ -597,6 +602,24 @@ class Engine:
             if self.kind == "classifier" else None,
             "provenance": dict(getattr(cfg, "provenance", {}) or {}),
         }
+
+
+def encode_prompt(tokenizer, vocab_size: int, prompt: str | Sequence[int]) -> list[int]:
+    """A prompt's token ids: text through the tokenizer, ids checked against the vocabulary."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise InputValidationError("this checkpoint has no tokenizer: send token ids")
+        return list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    ids = list(prompt)
+    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise InputValidationError(f"token id {bad[0]!r} is outside the vocabulary "
+                                   f"[0, {vocab_size})")
+    return ids
+
+
+def new_request_id(n: int) -> str:
+    return f"{n}-{uuid.uuid4().hex[:12]}"
 
 
 def prompt_logprob_list(chosen, top_values, top_ids) -> list[PromptLogprob | None]:
