@@ -1,0 +1,227 @@
+"""The engine in its own process (`EngineProcess`) behaves as the engine in this one: the same
+tokens, text, logprobs and routing, the same errors for the same mistakes, cancellation, and
+nothing left waiting when the process stops or dies. Real processes, ended by PID."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from camex_runtime import Engine, SamplingParams
+from camex_runtime.checkpoint import CheckpointError
+from camex_runtime.engine.process import EngineProcess
+from camex_runtime.errors import (EngineStoppedError, InputValidationError, QueueFullError,
+                                  RequestFailedError)
+from tests.runtime.engine_models import build_folded
+
+LIMITS = dict(max_batch_size=2, max_waiting=2, max_total_tokens=96)
+CASES = [
+    ("greedy", [5, 9, 11, 3, 7], SamplingParams(max_new_tokens=12, ignore_eos=True)),
+    ("sampled", [1, 2, 3], SamplingParams(max_new_tokens=10, do_sample=True, temperature=0.8,
+                                          top_k=20, seed=7, ignore_eos=True, logprobs=3)),
+    ("scored", [4, 4, 8, 15, 16, 23, 42], SamplingParams(max_new_tokens=5, prompt_logprobs=2,
+                                                         return_routing=True)),
+    ("prompt-routed", list(range(1, 12)), SamplingParams(max_new_tokens=6, routing="prompt",
+                                                         return_routing=True)),
+    ("only-scored", [3, 1, 4, 1, 5], SamplingParams(max_new_tokens=0, prompt_logprobs=1)),
+]
+
+
+class Recorder:
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def on_step(self, batch_size, seconds):
+        self.calls.append(("on_step", batch_size))
+
+    def on_route(self, layer, scores):
+        self.calls.append(("on_route", layer))
+
+
+@pytest.fixture(scope="module")
+def lm_dir(tmp_path_factory):
+    return build_folded(tmp_path_factory.mktemp("proc") / "lm")
+
+
+@pytest.fixture(scope="module")
+def local(lm_dir):
+    engine = Engine.from_pretrained(lm_dir, **LIMITS)
+    engine.start()
+    yield engine
+    engine.stop(grace_s=0)
+
+
+@pytest.fixture(scope="module")
+def remote(lm_dir):
+    observer = Recorder()
+    engine = EngineProcess(lm_dir, threads=1, observer=observer, **LIMITS)
+    engine.observed = observer
+    engine.warmup(freeze_gc=False)
+    yield engine
+    engine.stop(grace_s=0)
+
+
+def run(engine, prompt, params):
+    handle = engine.submit(prompt, params)
+    events = list(handle)
+    return events, handle.result(timeout=60), handle.prompt_logprobs
+
+
+def same_result(a, b):
+    fields = ("prompt_token_ids", "token_ids", "text", "finish_reason", "logprobs",
+              "top_logprobs", "prompt_logprobs", "routing", "error")
+    return {f: getattr(a, f) for f in fields} == {f: getattr(b, f) for f in fields}
+
+
+@pytest.mark.parametrize("name,prompt,params", CASES, ids=[c[0] for c in CASES])
+def test_a_request_gives_what_it_gives_in_process(local, remote, name, prompt, params):
+    ev_local, res_local, plp_local = run(local, prompt, params)
+    ev_remote, res_remote, plp_remote = run(remote, prompt, params)
+    assert ev_remote == ev_local
+    assert same_result(res_remote, res_local)
+    assert plp_remote == plp_local  # streaming callers read them from the handle
+    assert res_remote.timings.first_token_at is None or \
+        res_remote.timings.queued_at <= res_remote.timings.first_token_at <= \
+        res_remote.timings.finished_at
+
+
+def test_requests_batched_together_give_what_they_give_alone(local, remote):
+    prompts = [[i, i + 1, i + 2, i + 3] for i in range(1, 5)]
+    params = SamplingParams(max_new_tokens=9, ignore_eos=True)
+    alone = [local.generate(p, max_new_tokens=9, ignore_eos=True).token_ids for p in prompts]
+    results: dict[int, list] = {}
+
+    def go(i):  # four at once: two run, two wait (LIMITS), all join batches mid-flight
+        results[i] = remote.submit(prompts[i], params).result(timeout=60).token_ids
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [results[i] for i in range(4)] == alone
+    assert max(b for hook, b in remote.observed.calls if hook == "on_step") == 2
+
+
+def test_text_needs_a_tokenizer_here_too(remote):
+    assert remote.tokenizer is None  # engine_models checkpoints have none
+    with pytest.raises(InputValidationError, match="no tokenizer"):
+        remote.submit("hello", SamplingParams(max_new_tokens=2))
+
+
+def test_client_mistakes_raise_what_the_engine_raises(remote):
+    with pytest.raises(InputValidationError, match="top_k"):
+        remote.submit([1, 2], SamplingParams(top_k=0))
+    with pytest.raises(InputValidationError, match="outside the vocabulary"):
+        remote.submit([1, 10_000])
+    with pytest.raises(InputValidationError, match="96"):  # checked in the engine process
+        remote.submit([1] * 90, SamplingParams(max_new_tokens=20))
+    assert remote.stats().running == 0  # nothing was left behind
+    assert remote.generate([1, 2], max_new_tokens=2).finish_reason == "length"
+
+
+def test_a_full_queue_is_refused_and_cancelled_requests_free_their_slots(remote):
+    long = SamplingParams(max_new_tokens=80, ignore_eos=True)
+    handles = [remote.submit([1, 2, 3], long) for _ in range(4)]  # 2 running + 2 waiting
+    with pytest.raises(QueueFullError):
+        remote.submit([1, 2, 3], long)
+    first = next(iter(handles[0]))  # it runs
+    assert first.index == 0
+    for h in handles:
+        h.cancel()
+    reasons = {h.result(timeout=60).finish_reason for h in handles}
+    assert reasons <= {"cancelled", "length"} and "cancelled" in reasons
+    deadline = time.monotonic() + 30
+    while remote.stats().running or remote.stats().waiting:
+        assert time.monotonic() < deadline, "slots were not freed"
+        time.sleep(0.02)
+
+
+def test_observer_calls_arrive_in_this_process(remote):
+    before = len(remote.observed.calls)
+    remote.generate([7, 7, 7, 7, 7, 7, 7, 7, 7], max_new_tokens=4)
+    hooks = {hook for hook, _ in remote.observed.calls[before:]}
+    assert hooks == {"on_step", "on_route"}  # the tiny model has merged-expert layers
+
+
+def test_stats_and_info_come_from_the_engine_process(remote, local):
+    stats = remote.stats()
+    assert stats.alive and stats.max_batch_size == 2 and stats.steps > 0
+    assert time.monotonic() - stats.heartbeat < 5.0  # one clock for both processes
+    info = remote.info()
+    assert info["engine_pid"] == remote.pid != os.getpid()
+    expected = {k: v for k, v in local.info().items() if k != "cost_profile"}
+    assert {k: info[k] for k in expected} == expected
+
+
+def test_stop_cancels_what_is_left_and_the_process_exits(lm_dir):
+    engine = EngineProcess(lm_dir, threads=1, **LIMITS)
+    handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=80, ignore_eos=True))
+    next(iter(handle))
+    engine.stop(grace_s=0)
+    assert handle.result(timeout=10).finish_reason in ("cancelled", "length")
+    assert not engine.alive() and engine._proc.exitcode == 0
+    with pytest.raises(EngineStoppedError):
+        engine.submit([1, 2])
+    assert not engine.stats().alive
+
+
+def test_a_dead_engine_process_fails_its_requests_and_says_so(lm_dir):
+    engine = EngineProcess(lm_dir, threads=1, **LIMITS)
+    try:
+        handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=80, ignore_eos=True))
+        next(iter(handle))
+        os.kill(engine.pid, signal.SIGKILL)
+        with pytest.raises(RequestFailedError, match="engine process died"):
+            handle.result(timeout=30)
+        events = list(handle)
+        assert events[-1].finish_reason == "error" and events[-1].token_id == -1
+        assert not engine.stats().alive
+        with pytest.raises(EngineStoppedError, match="died"):
+            engine.submit([1, 2])
+    finally:
+        engine.stop(grace_s=0)  # returns at once: nothing left to stop
+
+
+ORPHAN = """
+import sys, time
+from camex_runtime.engine.process import EngineProcess
+if __name__ == "__main__":
+    engine = EngineProcess(sys.argv[1], threads=1)
+    print(engine.pid, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_the_engine_process_exits_when_its_api_process_is_killed(lm_dir, tmp_path):
+    script = tmp_path / "api.py"
+    script.write_text(ORPHAN)
+    api = subprocess.Popen([sys.executable, str(script), str(lm_dir)], stdout=subprocess.PIPE,
+                           text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        engine_pid = int(api.stdout.readline())
+    finally:
+        os.kill(api.pid, signal.SIGKILL)  # no stop(), no atexit: only the pipe closes
+        api.wait(10)
+    deadline = time.monotonic() + 30
+    while running(engine_pid):
+        assert time.monotonic() < deadline, "the engine process outlived its API process"
+        time.sleep(0.05)
+
+
+def running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_a_checkpoint_that_fails_to_load_raises_its_error_here(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(CheckpointError):
+        EngineProcess(tmp_path, threads=1)
