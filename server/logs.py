@@ -99,3 +99,10 @@ def adopt_library_logging() -> None:
         return
     hf_logging.disable_default_handler()
     hf_logging.enable_propagation()
+
+
+def configure_engine_process_logging(level: str = "info") -> None:
+    """The engine process's logging (see camex_runtime.engine.process): our JSON lines, with
+    transformers' logger routed through them, on the stderr it shares with the server."""
+    configure_logging(level)
+    adopt_library_logging()

@@ -20,7 +20,7 @@ from server.logs import adopt_library_logging
 from server.preflight import FLAG_OF
 from server.metrics import EngineObserver, ServerMetrics, StatsReader, engine_alive
 from server.security import redact_paths
-from server.settings import ServerSettings, cpu_threads
+from server.settings import ServerSettings, cpu_threads, engine_in_process_of_its_own
 
 log = logging.getLogger("camex.server")
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
@@ -186,19 +186,35 @@ def resolve_checkpoints(settings: ServerSettings) -> tuple[str | None, str | Non
 
 
 def build_engine(settings: ServerSettings, path: str, observer, expect_kind: str):
-    from camex_runtime import Engine
-
     limits = {k: getattr(settings, k) for k in ("max_input_tokens", "max_total_tokens")
               if getattr(settings, k) is not None}
-    engine = Engine.from_pretrained(
-        path, device=settings.device, dtype=parse_dtype(settings.dtype),
+    limits.update(
         max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
         merge_cache_bytes=settings.merge_cache_bytes, strategy=settings.strategy,
-        routing=settings.routing, observer=observer,
-        max_batched_tokens=settings.max_batched_tokens or None,
+        routing=settings.routing, max_batched_tokens=settings.max_batched_tokens or None,
         prefill_time_ratio=settings.prefill_time_ratio or None,
-        waiting_served_ratio=settings.waiting_served_ratio or None, **limits)
+        waiting_served_ratio=settings.waiting_served_ratio or None)
+    dtype = parse_dtype(settings.dtype)
+    own_process = expect_kind == "causal-lm" and engine_in_process_of_its_own(settings)
+    if expect_kind == "causal-lm":
+        log.info("text-generation engine: %s", "its own process" if own_process
+                 else "this process", extra={"engine_process": settings.engine_process})
+    if own_process:
+        from camex_runtime.engine.process import EngineProcess
+        from server.logs import configure_engine_process_logging
+
+        logs = (configure_engine_process_logging, (settings.log_level,))
+        engine = EngineProcess(path, device=settings.device, dtype=dtype,
+                               threads=cpu_threads(settings), observer=observer,
+                               log_setup=logs, **limits)
+    else:
+        from camex_runtime import Engine
+
+        engine = Engine.from_pretrained(path, device=settings.device, dtype=dtype,
+                                        observer=observer, **limits)
     if engine.kind != expect_kind:
+        if own_process:
+            engine.stop(grace_s=0)  # its process
         raise ValueError(f"{FLAG_OF[expect_kind]} {path} is a {engine.kind} checkpoint: pass it "
                          f"with {FLAG_OF[engine.kind]}")
     return engine

@@ -11,6 +11,8 @@ file-system paths.
 
 from __future__ import annotations
 
+import os
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -82,7 +84,9 @@ def info_of(state) -> dict:
     }
     for key in ("num_experts", "moe_layers", "segment_len", "routing", "strategy"):
         out[key] = main_info.get(key)
-    out["models"] = {e.kind: {**e.info(), "stats": stats_json(state.stats_reader.read(e))}
+    # engine_pid: the process whose CPU time is the engine's (its own with --engine-process)
+    out["models"] = {e.kind: {"engine_pid": os.getpid(), **e.info(),
+                              "stats": stats_json(state.stats_reader.read(e))}
                      for e in state.engines()}
     return out
 

@@ -101,7 +101,8 @@ def test_generation_beyond_max_concurrent_is_429_before_the_body_is_read(tiny_lm
     """At max_batch_size + max_waiting generations in flight (TGI's max_concurrent_requests,
     as /info says) the next one is refused from its headers alone: even an unparsable body
     gets the 429, so an overloaded server spends no thread and no tokenizer on it."""
-    settings = ServerSettings(model=str(tiny_lm_dir), max_batch_size=1, max_waiting=2)
+    settings = ServerSettings(model=str(tiny_lm_dir), max_batch_size=1, max_waiting=2,
+                              engine_process="off")  # its model lock is held below
     app = create_app(settings)
     state = app.state.serving
 

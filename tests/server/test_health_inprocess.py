@@ -39,7 +39,10 @@ def test_health_turns_503_when_engine_loop_stops(tiny_lm_dir):
 
 
 def test_stuck_engine_is_503_without_blocking_the_server(tiny_lm_dir):
-    app = create_app(ServerSettings(model=str(tiny_lm_dir), health_stale_s=1.0))
+    # in this process, to hold its lock (tests/e2e/test_engine_process_server.py freezes an
+    # engine process instead)
+    app = create_app(ServerSettings(model=str(tiny_lm_dir), health_stale_s=1.0,
+                                    engine_process="off"))
     with TestClient(app) as client:
         wait_ready(client)
         engine = app.state.serving.lm
@@ -115,7 +118,8 @@ def test_stopping_during_the_warm_up_is_no_load_failure(tiny_lm_dir, monkeypatch
 
     monkeypatch.setattr(Engine, "warmup", warmup)
     fatal = []
-    app = create_app(ServerSettings(model=str(tiny_lm_dir)), on_fatal=fatal.append)
+    app = create_app(ServerSettings(model=str(tiny_lm_dir), engine_process="off"),  # patched
+                     on_fatal=fatal.append)
     state = app.state.serving
     with TestClient(app) as client:
         deadline = time.monotonic() + 30

@@ -154,7 +154,7 @@ def test_info_shows_no_absolute_paths(tiny_lm_dir):
 
     from tests.server.test_health_inprocess import wait_ready
 
-    app = create_app(ServerSettings(model=str(tiny_lm_dir)))
+    app = create_app(ServerSettings(model=str(tiny_lm_dir), engine_process="off"))  # edited below
     with TestClient(app) as client:
         wait_ready(client)
         app.state.serving.lm.config.provenance["trainer_out_dir"] = "/home/alice/runs/demo-lm"

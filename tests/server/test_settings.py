@@ -1,8 +1,12 @@
 """ServerSettings: flags override CAMEX_* env vars, which override defaults; bad values fail."""
 
+import dataclasses
+import os
+
 import pytest
 
-from server.settings import ServerSettings, build_parser, cpu_threads, env_name
+from server.settings import (ServerSettings, build_parser, cpu_threads,
+                             engine_in_process_of_its_own, env_name)
 
 
 def test_defaults_bind_localhost():
@@ -51,15 +55,43 @@ def test_chunking_settings_reach_the_engine_with_its_defaults(tiny_lm_dir):
     for name in ("max_batched_tokens", "prefill_time_ratio", "waiting_served_ratio"):
         assert getattr(s, name) == engine_defaults[name].default
     path = str(tiny_lm_dir)
-    engine = build_engine(s, path, None, "causal-lm")
+    inside = dataclasses.replace(s, engine_process="off")  # its scheduler and pacer, read here
+    engine = build_engine(inside, path, None, "causal-lm")
     assert engine.scheduler.config.max_batched_tokens == 256 and engine.pacer.ratio == 1.0
     assert engine.pacer.burst == 64 and engine.scheduler.config.waiting_served_ratio == 1.2
     assert engine.info()["waiting_served_ratio"] == 1.2
     off = ServerSettings.from_sources(["--max-batched-tokens", "0", "--prefill-time-ratio", "0",
-                                       "--waiting-served-ratio", "0"], env={})
+                                       "--waiting-served-ratio", "0", "--engine-process", "off"],
+                                      env={})
     engine = build_engine(off, path, None, "causal-lm")
     assert engine.scheduler.config.max_batched_tokens is None and engine.pacer is None
     assert engine.scheduler.config.waiting_served_ratio is None
+    keys = ("max_batched_tokens", "prefill_time_ratio", "waiting_served_ratio")
+    for settings in (s, off):  # the same values reach an engine in its own process
+        inside = build_engine(dataclasses.replace(settings, engine_process="off"), path, None,
+                              "causal-lm")
+        remote = build_engine(dataclasses.replace(settings, engine_process="on"), path, None,
+                              "causal-lm")
+        try:
+            assert remote.pid != os.getpid()
+            assert {k: remote.info()[k] for k in keys} == {k: inside.info()[k] for k in keys}
+        finally:
+            remote.stop(grace_s=0)
+
+
+def test_engine_process_auto_leaves_the_compute_threads_a_core_of_their_own(monkeypatch):
+    def own(*argv):
+        return engine_in_process_of_its_own(ServerSettings.from_sources(list(argv), env={}))
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert own()  # 3 torch threads, the HTTP process on the fourth core
+    assert own("--threads", "2")
+    assert not own("--threads", "4")  # every core computes: one process
+    assert not own("--device", "cuda")
+    assert own("--threads", "4", "--engine-process", "on")
+    assert not own("--engine-process", "off")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0})
+    assert not own()  # one core: nothing to gain
 
 
 def test_threads_default_leaves_a_core_for_the_http_loop(monkeypatch):
