@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 import platform
 import subprocess
 import time
@@ -61,6 +62,23 @@ def _process_cpu_s(pid: int) -> float:
     except (OSError, IndexError):
         return 0.0
     return (int(rest[11]) + int(rest[12])) / TICK
+
+
+def with_descendants(pid: int) -> list[int]:
+    """`pid` and every process below it (a server's engine process is its child)."""
+    parents: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(parents.get(p, []))
+    return out
 
 
 class CpuMeter:

@@ -37,8 +37,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import httpx
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -46,7 +48,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 import llamacpp_build  # noqa: E402
 import peer_client  # noqa: E402
-from machine import CpuMeter, cpu_info, loadavg  # noqa: E402
+from machine import CpuMeter, cpu_info, loadavg, with_descendants  # noqa: E402
 from peer_models import build_models  # noqa: E402
 from peer_report import DTYPE_PAIRS, LLAMA, markdown, summarize, targets  # noqa: E402
 from serving import ServerProcess, end_process, free_port  # noqa: E402
@@ -186,6 +188,7 @@ class Unit:
     # (prompts, concurrency, max new tokens) -> the level and the CPU use during it
     measure: Callable[[list[str], int, int], tuple[peer_client.LevelResult, dict]]
     client_cpus: list[int] | None = None  # where the client (engine: its threads) ran
+    notes: dict = field(default_factory=dict)  # camex-server: engine_process (bool)
 
     @property
     def name(self) -> str:
@@ -297,11 +300,15 @@ def http_unit(system: str, server: ServerProcess, cmd: list[str], ready_s: float
     api = "llama.cpp" if system == LLAMA else "tgi"
 
     def measure(prompts: list[str], c: int, n: int) -> tuple[peer_client.LevelResult, dict]:
-        with confined(cpus), CpuMeter([server.proc.pid, os.getpid()]) as cpu:
+        with confined(cpus), CpuMeter([*with_descendants(server.proc.pid), os.getpid()]) as cpu:
             result = peer_client.measure(server.url, api, prompts, c, n)
         return result, cpu.result
 
-    return Unit("http", system, cmd, ready_s, measure, cpus)
+    notes = {}
+    if system != LLAMA:  # where its engine ran (--engine-process auto decides)
+        engine = httpx.get(server.url + "/info", timeout=30).json()["models"]["causal-lm"]
+        notes["engine_process"] = engine["engine_pid"] != server.proc.pid
+    return Unit("http", system, cmd, ready_s, measure, cpus, notes)
 
 
 def run_round(pair: str, threads: int, rnd: int, plan: dict, paths: dict,
@@ -334,7 +341,7 @@ def run_round(pair: str, threads: int, rnd: int, plan: dict, paths: dict,
                               cpus))
         per_level = [measure_level(units, level, plan, rnd) for level in plan["levels"]]
     return [{"kind": u.kind, "system": u.system, "dtype_pair": pair, "threads": threads,
-             "round": rnd, "cmd": u.cmd, "ready_s": u.ready_s,
+             "round": rnd, "cmd": u.cmd, "ready_s": u.ready_s, **u.notes,
              "levels": [lv[u.name] for lv in per_level]} for u in units]
 
 
