@@ -229,7 +229,10 @@ class Engine:
                 log.exception("engine step failed")
                 self._fail_running("internal error in the engine step (see server log)")
             if self.after_step is not None:
-                self.after_step()
+                try:
+                    self.after_step()
+                except Exception:  # e.g. the pipe to a vanished API process: the loop goes on
+                    log.exception("after-step hook failed")
         self._cancel_leftovers()  # stop() gave up waiting: no handle may wait forever
 
     def _chunk_cost(self, req, start: int, n: int) -> int:
