@@ -86,13 +86,16 @@ class EngineProcess:
         meta = self._await_load()
         self.kind, self.name, self.config = meta["kind"], meta["name"], meta["config"]
         self.eos_token_ids = frozenset(meta["eos_token_ids"])
-        self.max_input_tokens = meta["info"]["max_input_tokens"]
-        self.max_total_tokens = meta["info"]["max_total_tokens"]
         self._info = meta["info"]
         self.tokenizer = None
         if meta["tokenizer_dir"] is not None:
             from transformers import AutoTokenizer
-            self.tokenizer = AutoTokenizer.from_pretrained(meta["tokenizer_dir"])
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(meta["tokenizer_dir"])
+            except BaseException:
+                self._proc.kill()  # nobody will ever talk to it
+                self._proc.join(5.0)
+                raise
         self._reader = threading.Thread(target=self._read, name="camex-engine-reader",
                                         daemon=True)
         self._reader.start()
