@@ -29,7 +29,6 @@ import itertools
 import logging
 import multiprocessing
 import os
-import pickle
 import signal
 import threading
 import time
@@ -241,6 +240,9 @@ class EngineProcess:
                         fut.set_exception(value)
         except (EOFError, OSError):
             pass
+        except Exception:  # a message this side cannot read: the two sides no longer agree
+            log.exception("engine process pipe broke; stopping the engine process")
+            self._proc.kill()
         self._on_exit()
 
     def _deliver(self, items: list) -> None:
@@ -356,12 +358,13 @@ class _Recorder:
 
 
 def portable(exc: BaseException) -> BaseException:
-    """`exc` if it survives pickling (our errors do), else a RuntimeError naming it."""
-    try:
-        pickle.loads(pickle.dumps(exc))
+    """`exc` when the API process can rebuild it from its type and message (the runtime's own
+    errors, built-in exceptions), else a RuntimeError naming it."""
+    module = type(exc).__module__
+    plain = all(isinstance(a, (str, int, float)) for a in exc.args)
+    if plain and (module == "builtins" or module.startswith("camex_runtime")):
         return exc
-    except Exception:
-        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
 def _child_main(conn, path: str, device: str, dtype: str | None, threads: int | None,

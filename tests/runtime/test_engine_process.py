@@ -225,3 +225,18 @@ def test_a_checkpoint_that_fails_to_load_raises_its_error_here(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError):
         EngineProcess(tmp_path, threads=1)
+
+
+class TwoPartError(Exception):
+    def __init__(self, what, why):
+        super().__init__(f"{what}: {why}")
+
+
+def test_errors_cross_as_themselves_or_as_a_runtime_error_naming_them():
+    from camex_runtime.engine.process import portable
+
+    for exc in (CheckpointError("bad tensor 'x'"), QueueFullError("full"), ValueError("v"),
+                KeyError("k")):
+        assert portable(exc) is exc
+    odd = portable(TwoPartError("load", "no way"))  # a type from elsewhere
+    assert type(odd) is RuntimeError and str(odd) == "TwoPartError: load: no way"
