@@ -167,9 +167,13 @@ class EngineProcess:
             self._handles[rid] = handle  # before the call: the first event may beat the reply
         try:
             self._call("submit", ids, params, rid, timeout=CALL_TIMEOUT_S)
-        except BaseException:
+        except BaseException as exc:
             with self._lock:
                 self._handles.pop(rid, None)
+            if isinstance(exc, FutureTimeout):  # wedged: if it ever takes the request, drop it
+                self.cancel(rid)
+                raise EngineStoppedError(f"the engine process did not take the request within "
+                                         f"{CALL_TIMEOUT_S:.0f} s") from None
             raise
         return handle
 

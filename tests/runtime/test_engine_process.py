@@ -159,6 +159,24 @@ def test_stats_and_info_come_from_the_engine_process(remote, local):
     assert {k: info[k] for k in expected} == expected
 
 
+def test_a_frozen_engine_process_refuses_a_submit_in_time_and_keeps_nothing(remote,
+                                                                            monkeypatch):
+    from camex_runtime.engine import process
+
+    monkeypatch.setattr(process, "CALL_TIMEOUT_S", 1.0)
+    os.kill(remote.pid, signal.SIGSTOP)  # the engine process this test's fixture started
+    try:
+        with pytest.raises(EngineStoppedError, match="did not take the request"):
+            remote.submit([1, 2, 3], SamplingParams(max_new_tokens=80, ignore_eos=True))
+    finally:
+        os.kill(remote.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 30  # it took the request late: the cancel that followed ends it
+    while remote.stats().running or remote.stats().waiting:
+        assert time.monotonic() < deadline, "the refused request kept running"
+        time.sleep(0.02)
+    assert remote.generate([1, 2], max_new_tokens=2).finish_reason == "length"
+
+
 def test_stop_cancels_what_is_left_and_the_process_exits(lm_dir):
     engine = EngineProcess(lm_dir, threads=1, **LIMITS)
     handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=80, ignore_eos=True))
