@@ -24,6 +24,7 @@ If the engine process dies, every open request ends with an error, calls raise
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import itertools
 import logging
@@ -307,8 +308,7 @@ def dead_stats(last: EngineStats | None) -> EngineStats:
         return EngineStats(running=0, waiting=0, max_batch_size=0, max_waiting=0, steps=0,
                            last_step_batch_size=0, heartbeat=0.0, alive=False,
                            cache=MergeCacheStats(0, 0, 0, 0, 0, 0, 0, 0.0))
-    fields = {k: getattr(last, k) for k in last.__dataclass_fields__}
-    return EngineStats(**{**fields, "alive": False, "running": 0, "waiting": 0})
+    return dataclasses.replace(last, alive=False, running=0, waiting=0)
 
 
 # -- the engine process ----------------------------------------------------------------------
