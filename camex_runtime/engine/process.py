@@ -24,6 +24,7 @@ If the engine process dies, every open request ends with an error, calls raise
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import gc
 import itertools
@@ -33,6 +34,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from collections.abc import Callable, Sequence
@@ -73,6 +75,7 @@ class EngineProcess:
         self._proc.start()
         child.close()
         self.pid = self._proc.pid
+        _at_exit_stop(self)
         self.observer = observer
         self._lock = threading.Lock()  # _handles, _calls, _dead
         self._send_lock = threading.Lock()
@@ -285,6 +288,31 @@ class EngineProcess:
                 fut.set_exception(EngineStoppedError(reason))
         for handle in handles:
             handle._publish(*ended_by(handle, reason))
+
+
+_LIVE: weakref.WeakSet[EngineProcess] = weakref.WeakSet()
+_registered = False
+
+
+def _at_exit_stop(engine: EngineProcess) -> None:
+    """Stop `engine` at interpreter exit if nobody did. multiprocessing's own exit handler
+    would SIGTERM it, which the engine process ignores (the drain owns its end), and then
+    wait for it forever. Registered after multiprocessing's, so it runs first."""
+    global _registered
+    _LIVE.add(engine)
+    if not _registered:
+        atexit.register(_stop_live)
+        _registered = True
+
+
+def _stop_live() -> None:
+    for engine in list(_LIVE):
+        if engine._proc.is_alive():
+            try:
+                engine.stop(grace_s=0)
+            finally:
+                if engine._proc.is_alive():
+                    engine._proc.kill()
 
 
 def ended_by(handle: RequestHandle, reason: str) -> tuple[list[TokenEvent], GenerationResult]:

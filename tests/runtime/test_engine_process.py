@@ -232,6 +232,30 @@ def test_the_engine_process_exits_when_its_api_process_is_killed(lm_dir, tmp_pat
         time.sleep(0.05)
 
 
+FORGOTTEN = """
+import sys
+from camex_runtime.engine.process import EngineProcess
+if __name__ == "__main__":
+    engine = EngineProcess(sys.argv[1], threads=1)
+    print(engine.pid, flush=True)  # and exits without stop()
+"""
+
+
+def test_a_script_that_never_stops_its_engine_process_still_exits(lm_dir, tmp_path):
+    script = tmp_path / "forgot.py"
+    script.write_text(FORGOTTEN)
+    api = subprocess.Popen([sys.executable, str(script), str(lm_dir)], stdout=subprocess.PIPE,
+                           text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        engine_pid = int(api.stdout.readline())
+        assert api.wait(60) == 0
+    finally:
+        if api.poll() is None:
+            os.kill(api.pid, signal.SIGKILL)
+            api.wait(10)
+    assert not running(engine_pid)
+
+
 def running(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
