@@ -206,48 +206,44 @@ def test_a_dead_engine_process_fails_its_requests_and_says_so(lm_dir):
         engine.stop(grace_s=0)  # returns at once: nothing left to stop
 
 
-ORPHAN = """
+API_SCRIPT = """
 import sys, time
 from camex_runtime.engine.process import EngineProcess
 if __name__ == "__main__":
     engine = EngineProcess(sys.argv[1], threads=1)
     print(engine.pid, flush=True)
-    time.sleep(600)
+    time.sleep(float(sys.argv[2]))  # then exits without stop()
 """
 
 
-def test_the_engine_process_exits_when_its_api_process_is_killed(lm_dir, tmp_path):
+def start_api(lm_dir, tmp_path, linger_s: float) -> tuple[subprocess.Popen, int]:
+    """A Python process that makes an EngineProcess and never stops it: (it, engine pid)."""
     script = tmp_path / "api.py"
-    script.write_text(ORPHAN)
-    api = subprocess.Popen([sys.executable, str(script), str(lm_dir)], stdout=subprocess.PIPE,
-                           text=True, cwd=Path(__file__).resolve().parents[2])
+    script.write_text(API_SCRIPT)
+    api = subprocess.Popen([sys.executable, str(script), str(lm_dir), str(linger_s)],
+                           stdout=subprocess.PIPE, text=True,
+                           cwd=Path(__file__).resolve().parents[2])
     try:
-        engine_pid = int(api.stdout.readline())
-    finally:
-        os.kill(api.pid, signal.SIGKILL)  # no stop(), no atexit: only the pipe closes
+        return api, int(api.stdout.readline())
+    except BaseException:
+        os.kill(api.pid, signal.SIGKILL)
         api.wait(10)
+        raise
+
+
+def test_the_engine_process_exits_when_its_api_process_is_killed(lm_dir, tmp_path):
+    api, engine_pid = start_api(lm_dir, tmp_path, linger_s=600)
+    os.kill(api.pid, signal.SIGKILL)  # no stop(), no atexit: only the pipe closes
+    api.wait(10)
     deadline = time.monotonic() + 30
     while running(engine_pid):
         assert time.monotonic() < deadline, "the engine process outlived its API process"
         time.sleep(0.05)
 
 
-FORGOTTEN = """
-import sys
-from camex_runtime.engine.process import EngineProcess
-if __name__ == "__main__":
-    engine = EngineProcess(sys.argv[1], threads=1)
-    print(engine.pid, flush=True)  # and exits without stop()
-"""
-
-
 def test_a_script_that_never_stops_its_engine_process_still_exits(lm_dir, tmp_path):
-    script = tmp_path / "forgot.py"
-    script.write_text(FORGOTTEN)
-    api = subprocess.Popen([sys.executable, str(script), str(lm_dir)], stdout=subprocess.PIPE,
-                           text=True, cwd=Path(__file__).resolve().parents[2])
+    api, engine_pid = start_api(lm_dir, tmp_path, linger_s=0)
     try:
-        engine_pid = int(api.stdout.readline())
         assert api.wait(60) == 0
     finally:
         if api.poll() is None:
