@@ -4,7 +4,10 @@ On a shared machine the load average alone cannot tell a benchmark's own work fr
 else's: `CpuMeter` reads the whole machine's busy CPU time (``/proc/stat``) and the CPU time of
 the processes being measured (``/proc/PID/stat``, threads included), and reports the
 difference as ``other_cores``: cores' worth of CPU that other processes took during the run.
-Linux only (returns nothing elsewhere). Knows nothing about what is measured.
+On a virtual machine it also reports ``steal_cores``: time the hypervisor ran something else
+while this machine's CPUs had work (other guests on the same host; counted in ``other_cores``
+too, since the measured processes did not get it). Linux only (returns nothing elsewhere).
+Knows nothing about what is measured.
 """
 from __future__ import annotations
 
@@ -42,16 +45,18 @@ def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
-def _machine_busy_s() -> float | None:
-    """Seconds of non-idle CPU time summed over all cores since boot."""
+def _machine_times_s() -> tuple[float, float] | None:
+    """(seconds of non-idle CPU time, of which stolen by the hypervisor), summed over all cores
+    since boot."""
     try:
         with open("/proc/stat") as f:
             fields = [int(x) for x in f.readline().split()[1:]]
     except (OSError, ValueError):
         return None
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    steal = fields[7] if len(fields) > 7 else 0
     # guest time is already counted in user/nice: count only the first 8 fields
-    return (sum(fields[:8]) - idle) / TICK
+    return (sum(fields[:8]) - idle) / TICK, steal / TICK
 
 
 def _process_cpu_s(pid: int) -> float:
@@ -91,17 +96,19 @@ class CpuMeter:
         self.result: dict = {}
 
     def __enter__(self) -> CpuMeter:
-        self.t0, self.busy0 = time.monotonic(), _machine_busy_s()
+        self.t0, self.machine0 = time.monotonic(), _machine_times_s()
         self.own0 = sum(_process_cpu_s(p) for p in self.pids)
         self.load0 = loadavg()
         return self
 
     def __exit__(self, *exc) -> None:
         wall = time.monotonic() - self.t0
-        busy1, own1 = _machine_busy_s(), sum(_process_cpu_s(p) for p in self.pids)
+        machine1, own1 = _machine_times_s(), sum(_process_cpu_s(p) for p in self.pids)
         self.result = {"loadavg_before": self.load0, "loadavg_after": loadavg(),
                        "wall_s": round(wall, 3)}
-        if self.busy0 is not None and busy1 is not None and wall > 0:
-            busy, own = (busy1 - self.busy0) / wall, (own1 - self.own0) / wall
+        if self.machine0 is not None and machine1 is not None and wall > 0:
+            busy = (machine1[0] - self.machine0[0]) / wall
+            own = (own1 - self.own0) / wall
             self.result.update(busy_cores=round(busy, 3), own_cores=round(own, 3),
-                               other_cores=round(max(0.0, busy - own), 3))
+                               other_cores=round(max(0.0, busy - own), 3),
+                               steal_cores=round((machine1[1] - self.machine0[1]) / wall, 3))

@@ -250,7 +250,7 @@ def combine_cpu(parts: list[dict]) -> dict:
     wall = sum(p["wall_s"] for p in parts)
     out = {"loadavg_before": parts[0]["loadavg_before"],
            "loadavg_after": parts[-1]["loadavg_after"], "wall_s": round(wall, 3)}
-    for key in ("busy_cores", "own_cores", "other_cores"):
+    for key in ("busy_cores", "own_cores", "other_cores", "steal_cores"):
         if wall > 0 and all(key in p for p in parts):
             out[key] = round(sum(p[key] * p["wall_s"] for p in parts) / wall, 3)
     if "other_cores" in out:

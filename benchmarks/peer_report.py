@@ -13,6 +13,7 @@ shown as the range over rounds.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
@@ -138,6 +139,9 @@ def summarize(doc: dict) -> list[dict]:
             row["same_tokens_as_llama"] = [sum(p[0] for p in pairs), sum(p[1] for p in pairs)]
         row["other_cores_max"] = max((lv["cpu"].get("other_cores", 0.0) for r in http.values()
                                       for lv in r["levels"]), default=None)
+        stolen = [lv["cpu"]["steal_cores"] for r in http.values() for lv in r["levels"]
+                  if "steal_cores" in lv["cpu"]]  # (documents from before it have none)
+        row["steal_cores_max"] = max(stolen) if stolen else None
         rows.append(row)
     return rows
 
@@ -155,6 +159,15 @@ def cell(row: dict, tag: str) -> str:
     text = span(row[f"{tag}_tok_s"])
     if row.get(f"{tag}_vs_llama"):
         text += f" ({span(row[f'{tag}_vs_llama'], '{:.2f}')}×)"
+    return text
+
+
+def other_cores(row: dict) -> str:
+    if row["other_cores_max"] is None:
+        return "-"
+    text = f"{row['other_cores_max']:.2f}"
+    if row.get("steal_cores_max") is not None:
+        text += f" ({row['steal_cores_max']:.2f} stolen)"
     return text
 
 
@@ -186,22 +199,47 @@ def markdown(doc: dict) -> str:
             f"{span(r['conc_vs_dense'], '{:.2f}')} ({span(r['conc_engine_vs_dense'], '{:.2f}')})",
             "-" if not r.get("same_tokens_as_llama")
             else "{}/{}".format(*r["same_tokens_as_llama"]),
-            "-" if r["other_cores_max"] is None else f"{r['other_cores_max']:.2f}"]) + " |")
+            other_cores(r)]) + " |")
     out += ["", "ITL: inter-token latency. HTTP/engine: tok/s over HTTP / the engine in process on "
             "the same workload. CAMEx/dense c=N: over HTTP, in brackets the engines' own ratio "
             "(target 2 asks the first to be at least the second). greedy = llama: requests "
             "whose generated ids equal llama-server's (same dtype pair, threads and round). "
             "other cores: CPU other processes used during a level (machine busy - server - "
-            "client)."]
+            "client), in brackets the part the hypervisor gave to other guests (steal)."]
     return "\n".join(out)
 
 
+# Student's t, two-sided 95 %, by degrees of freedom (1-30); beyond 30 the normal 1.96 is
+# within 4 % of it
+T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+       2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+       2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
+
+
+def paired_interval(values: list[float]) -> tuple[float, float, float] | None:
+    """Geometric mean of paired ratios and its 95 % interval (t on the logs): how precisely a
+    run's slices pin the ratio down. A wave's ratio on a shared VM moves by ~10 % from one wave
+    to the next, so 4 waves leave about ±10 % and cannot tell 0.95 from 1.0. None below 2."""
+    logs = [math.log(v) for v in values if v and v > 0]
+    if len(logs) < 2:
+        return None
+    mean = statistics.fmean(logs)
+    half = (T95[len(logs) - 2] if len(logs) - 1 <= len(T95) else 1.96) \
+        * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
 def one_by_one(values: list[float], unit: str) -> str:
-    """'; N waves one by one: lo–hi, median m' ('' without per-slice ratios)."""
+    """'; N waves one by one: lo–hi, median m, paired mean g (95 % interval a–b)' ('' without
+    per-slice ratios)."""
     if not values:
         return ""
-    return (f"; {len(values)} {unit} one by one: {span(values, '{:.2f}')}, median "
+    text = (f"; {len(values)} {unit} one by one: {span(values, '{:.2f}')}, median "
             f"{statistics.median(values):.2f}")
+    interval = paired_interval(values)
+    if interval:
+        text += "; paired mean {:.2f} (95 % interval {:.2f}–{:.2f})".format(*interval)
+    return text
 
 
 def targets(doc: dict) -> list[str]:

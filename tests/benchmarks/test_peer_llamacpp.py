@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -229,19 +230,52 @@ def test_report_ratios_are_per_round_against_llama():
     moe = {r["system"]: r for r in summarize(doc)}["camex-7x1"]
     assert moe["conc_vs_dense_over_engine_waves"] == [1.0, 0.5]  # round 1 has none
     assert ("2. CAMEx / dense, concurrent, over HTTP / in the engine, fp32, 1 thread(s): "
-            "worst 1.00 (>= 1.0: met); 2 waves one by one: 0.50–1.00, median 0.75") in targets(doc)
+            "worst 1.00 (>= 1.0: met); 2 waves one by one: 0.50–1.00, median 0.75; paired mean "
+            "0.71 (95 % interval 0.01–57.80)") in targets(doc)  # two waves say next to nothing
     # target 3 read slice by slice too: HTTP over its engine for each wave (each B=1 request)
     assert ("3. HTTP / engine, camex-7x1 concurrent, fp32, 1 thread(s): worst 0.80 (>= 0.95: "
-            "NOT met); 2 waves one by one: 0.50–1.00, median 0.75") in targets(doc)
+            "NOT met); 2 waves one by one: 0.50–1.00, median 0.75; paired mean 0.71 (95 % "
+            "interval 0.01–57.80)") in targets(doc)
     for run in doc["runs"]:
         if run["round"] == 1 and run["system"] == "camex-dense":
             run["levels"][0]["slice_durations_s"] = [1.0, 2.0] if run["kind"] == "http" \
                 else [1.5, 1.0]
     assert summarize(doc)[1]["b1_overhead_slices"] == [1.5, 0.5]
     assert ("3. HTTP / engine, camex-dense B=1, fp32, 1 thread(s): worst 0.80 (>= 0.95: NOT "
-            "met); 2 requests one by one: 0.50–1.50, median 1.00") in targets(doc)
+            "met); 2 requests one by one: 0.50–1.50, median 1.00; paired mean 0.87 (95 % "
+            "interval 0.00–930.43)") in targets(doc)
     assert "3. HTTP / engine, camex-dense concurrent, fp32, 1 thread(s): worst 0.80 (>= 0.95: " \
-           "NOT met); 2 waves one by one: 1.00, median 1.00" in targets(doc)
+           "NOT met); 2 waves one by one: 1.00, median 1.00; paired mean 1.00 (95 % interval " \
+           "1.00–1.00)" in targets(doc)
+
+
+def test_paired_interval_is_a_t_interval_on_the_logs_and_narrows_with_more_waves():
+    from peer_report import paired_interval
+    assert paired_interval([]) is None and paired_interval([0.9]) is None
+    ups_downs = [math.exp(0.1), math.exp(-0.1)] * 2  # logs: mean 0, sd 0.1155, 3 dof
+    mean, lo, hi = paired_interval(ups_downs)
+    half = 3.182 * math.sqrt(4 * 0.01 / 3) / 2
+    assert mean == pytest.approx(1.0)
+    assert (lo, hi) == (pytest.approx(math.exp(-half)), pytest.approx(math.exp(half)))
+    _, lo40, hi40 = paired_interval(ups_downs * 10)  # 39 dof: the normal quantile
+    assert hi40 == pytest.approx(math.exp(1.96 * math.sqrt(40 * 0.01 / 39) / math.sqrt(40)))
+    assert lo < lo40 < 1.0 < hi40 < hi
+    assert paired_interval([1.2, 0.0, None, 1.2]) == (pytest.approx(1.2),) * 3  # unusable skipped
+
+
+def test_other_cores_cell_shows_the_stolen_part_when_recorded():
+    from peer_report import other_cores
+    assert other_cores({"other_cores_max": None}) == "-"
+    assert other_cores({"other_cores_max": 0.1234, "steal_cores_max": None}) == "0.12"
+    assert other_cores({"other_cores_max": 0.3, "steal_cores_max": 0.21}) == "0.30 (0.21 stolen)"
+
+
+def test_cpu_meter_reports_stolen_time_apart():
+    from machine import CpuMeter
+    with CpuMeter() as meter:
+        sum(i * i for i in range(200_000))
+    got = meter.result
+    assert got["own_cores"] > 0 and 0.0 <= got["steal_cores"] <= got["busy_cores"]
 
 
 def fake_level(starts_ends: list[tuple[float, float]], first_token: float = 0.1,
