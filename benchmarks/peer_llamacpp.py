@@ -347,7 +347,9 @@ def run_round(pair: str, threads: int, rnd: int, plan: dict, paths: dict,
 
 def prepare(args: argparse.Namespace) -> tuple[dict, dict, dict | None]:
     """Models, GGUF files and llama-server: (paths, model description, llama.cpp description)."""
-    models = build_models(args.work, args.quick, args.seed, prompt_tokens=args.prompt_tokens)
+    needed = args.b1_requests + args.concurrent_requests + args.concurrency  # (+ warm-up)
+    models = build_models(args.work, args.quick, args.seed, num_prompts=needed,
+                          prompt_tokens=args.prompt_tokens)
     paths = {k: Path(models[k]) for k in ("gpt2", "camex_dense", "camex_7x1", "prompts")}
     if LLAMA not in args.systems:
         return paths, models, None

@@ -102,9 +102,13 @@ def build_camex(out: Path, gpt2_dir: Path, tok, num_experts: int, seed: int) -> 
 
 
 def write_prompts(path: Path, tok, texts: list[str], n: int, length: int, seed: int) -> list[dict]:
-    """`n` distinct prompts of exactly `length` tokens, stable under decode -> encode."""
+    """At least `n` distinct prompts of exactly `length` tokens, stable under decode -> encode:
+    an existing file with `n` or more is kept whole. The sequence depends only on the seed, so a
+    file with fewer is written again, longer, and its prompts keep their places."""
     if path.exists():
-        return [json.loads(line) for line in path.read_text().splitlines()]
+        have = [json.loads(line) for line in path.read_text().splitlines()]
+        if len(have) >= n:
+            return have
     rng, prompts, seen = random.Random(seed), [], set()
     for _ in range(100 * n):
         ids = tok.encode(rng.choice(texts) + "\n" + rng.choice(texts), add_special_tokens=False)

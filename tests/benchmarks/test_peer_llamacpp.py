@@ -87,6 +87,18 @@ def test_prompts_have_the_asked_token_count(models):
     assert {len(tok.encode(p, add_special_tokens=False)) for p in prompts} == {32}
 
 
+def test_a_longer_prompt_list_starts_with_the_shorter_one(models, tmp_path):
+    from peer_models import fortune_texts, write_prompts
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(Path(models["work"]) / "tokenizer")
+    texts, path = fortune_texts(), tmp_path / "prompts.jsonl"
+    short = write_prompts(path, tok, texts, 3, 32, seed=5)
+    assert len(short) == 3 and write_prompts(path, tok, texts, 2, 32, seed=5) == short  # kept
+    longer = write_prompts(path, tok, texts, 5, 32, seed=5)  # a plan that needs more
+    assert len(longer) == 5 and longer[:3] == short
+    assert len(path.read_text().splitlines()) == 5
+
+
 def test_converter_requirements_stay_on_our_torch(tmp_path):
     req = tmp_path / "requirements"
     req.mkdir()
