@@ -6,7 +6,10 @@ rate and the server overhead) and the per-round ratios against llama-server of t
 pair and thread count; ``markdown(doc)`` prints the issue's table and a details table;
 ``targets(doc)`` states the issue's targets as measured. A ratio is always taken between runs of
 the same round (measured interleaved, or back to back in documents from before interleaving), and
-shown as the range over rounds.
+shown as the range over rounds. Where slice durations were recorded, each target also gets the
+slice-by-slice reading: the paired ratios' spread, median, and geometric mean with its 95 %
+interval (``paired_interval``), which says whether a run was long enough to tell the ratio from
+its bar.
 
     python benchmarks/peer_report.py benchmarks/results/peer-llamacpp.json   # re-print a table
 """
