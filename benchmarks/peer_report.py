@@ -222,7 +222,7 @@ T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.
 def paired_interval(values: list[float]) -> tuple[float, float, float] | None:
     """Geometric mean of paired ratios and its 95 % interval (t on the logs): how precisely a
     run's slices pin the ratio down. A wave's ratio on a shared VM moves by ~10 % from one wave
-    to the next, so 4 waves leave about ±10 % and cannot tell 0.95 from 1.0. None below 2."""
+    to the next, so 4 waves leave ±10-20 % and cannot tell 0.95 from 1.0. None below 2."""
     logs = [math.log(v) for v in values if v and v > 0]
     if len(logs) < 2:
         return None
