@@ -307,12 +307,16 @@ def _at_exit_stop(engine: EngineProcess) -> None:
 
 def _stop_live() -> None:
     for engine in list(_LIVE):
-        if engine._proc.is_alive():
-            try:
-                engine.stop(grace_s=0)
-            finally:
-                if engine._proc.is_alive():
-                    engine._proc.kill()
+        if not engine._proc.is_alive():
+            continue
+        try:
+            engine.stop(grace_s=0)
+        except Exception as exc:  # e.g. one interrupted half-way through __init__: no reader
+            log.warning("engine process not stopped cleanly at exit: %r; killing it", exc,
+                        extra={"engine_pid": engine.pid})
+        finally:  # and the next one is still stopped
+            if engine._proc.is_alive():
+                engine._proc.kill()
 
 
 def ended_by(handle: RequestHandle, reason: str) -> tuple[list[TokenEvent], GenerationResult]:

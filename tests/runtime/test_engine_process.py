@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import pytest
@@ -250,6 +251,37 @@ def test_a_script_that_never_stops_its_engine_process_still_exits(lm_dir, tmp_pa
             os.kill(api.pid, signal.SIGKILL)
             api.wait(10)
     assert not running(engine_pid)
+
+
+def test_the_exit_handler_ends_every_engine_process_even_if_one_stop_fails(monkeypatch):
+    from camex_runtime.engine import process
+
+    class Proc:
+        def __init__(self):
+            self.alive = True
+
+        def is_alive(self):
+            return self.alive
+
+        def kill(self):
+            self.alive = False
+
+    class Half:  # as if __init__ was interrupted: stop() cannot finish
+        pid, _proc = 1, Proc()
+
+        def stop(self, grace_s):
+            raise AttributeError("'EngineProcess' object has no attribute '_reader'")
+
+    class Whole:
+        pid, _proc = 2, Proc()
+
+        def stop(self, grace_s):
+            self._proc.alive = False
+
+    engines = [Half(), Whole()]
+    monkeypatch.setattr(process, "_LIVE", weakref.WeakSet(engines))
+    process._stop_live()
+    assert not any(e._proc.is_alive() for e in engines)
 
 
 def running(pid: int) -> bool:
