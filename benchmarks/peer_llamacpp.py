@@ -150,12 +150,17 @@ def confined(cpus: list[int] | None):
         os.sched_setaffinity(0, before)
 
 
+def prompts_needed(args: argparse.Namespace) -> int:
+    """Measured prompts of both levels, then the concurrent level's warm-up prompts."""
+    return args.b1_requests + args.concurrent_requests + args.concurrency
+
+
 def make_plan(args: argparse.Namespace, prompts: list[str]) -> dict:
     """The workload every server and the engine get: distinct prompts per level (no prompt is
     measured twice in one run, so no cache anywhere can serve it), warm-up prompts apart."""
     n1, nc, c = args.b1_requests, args.concurrent_requests, args.concurrency
-    if n1 + nc + c > len(prompts):
-        raise SystemExit(f"need {n1 + nc + c} prompts, have {len(prompts)}")
+    if prompts_needed(args) > len(prompts):
+        raise SystemExit(f"need {prompts_needed(args)} prompts, have {len(prompts)}")
     return {"max_new_tokens": args.new_tokens, "warmup_new_tokens": 4,
             "levels": [{"concurrency": 1, "prompts": prompts[:n1], "warmup_prompts": prompts[-1:]},
                        {"concurrency": c, "prompts": prompts[n1:n1 + nc],
@@ -347,8 +352,7 @@ def run_round(pair: str, threads: int, rnd: int, plan: dict, paths: dict,
 
 def prepare(args: argparse.Namespace) -> tuple[dict, dict, dict | None]:
     """Models, GGUF files and llama-server: (paths, model description, llama.cpp description)."""
-    needed = args.b1_requests + args.concurrent_requests + args.concurrency  # (+ warm-up)
-    models = build_models(args.work, args.quick, args.seed, num_prompts=needed,
+    models = build_models(args.work, args.quick, args.seed, num_prompts=prompts_needed(args),
                           prompt_tokens=args.prompt_tokens)
     paths = {k: Path(models[k]) for k in ("gpt2", "camex_dense", "camex_7x1", "prompts")}
     if LLAMA not in args.systems:
