@@ -153,14 +153,15 @@ CAMEX_AVX512 inline __m512 load16(const void* w, int64_t i) {
 
 // Software prefetch in the AVX-512 kernel, bytes ahead of the read position in every weight row:
 // `prefetch_near` into L1 (0: none) and `prefetch_far` into L2 (0: none), set per CPU family by
-// tune(). Zen 4: 1 KiB near (bf16 with 8 inputs 37.6 -> 35.5 ms against 512 bytes), no far.
+// tune(). Zen 4, first: 1 KiB near (bf16 with 8 inputs 37.6 -> 35.5 ms against 512 bytes); the
+// far prefetch (below) with four rows then saved 40 % there too (see rows_avx512).
 // A Xeon with AMX: a second prefetch into L2 keeps more of the row in flight than one stream's
 // hardware prefetcher does. GPT-2-small's products, one core, 2 MiB pages, 1 KiB near + 8 KiB
 // far against 1 KiB alone: bf16 one input 24.8 -> 17.5 ms, four 29.1 -> 22.8, eight 33.6 ->
 // 29.3; fp32 four inputs 41.1 -> 34.3, eight 46.5 -> 42.5 (two cores: bf16 one input 14.8 ->
 // 12.2, fp32 sixteen 37.4 -> 33.2). 2 KiB + 16 KiB is another 1-8 % (four rows per pass, fp32
 // one input 37.4 -> 34.3, bf16 four inputs 20.1-25.7 -> 18.6-24.4).
-int64_t prefetch_near = 1024, prefetch_far = 0;
+int64_t prefetch_near = 2048, prefetch_far = 16384;
 
 template <WType T, int NR, int NB>
 CAMEX_AVX512 inline void block512(const float* x, int64_t ldx, int64_t in, const char* w,
@@ -234,16 +235,23 @@ int avx512_rows_override = 0;  // benchmarking: weight rows per pass (0: by batc
 // Per CPU family (tune(), set from the CPU's vendor by the Python side): the AVX-512 kernel from
 // `avx512_from` inputs, two weight rows side by side from `pair_from` inputs, and four from
 // `quad_from` (0: never). The defaults are Zen 4's; see wide_for and rows_avx512.
-int64_t avx512_from = 4, pair_from = 7, quad_from = 0;
+int64_t avx512_from = 4, pair_from = 0, quad_from = 4;
 
 template <WType T>
 CAMEX_AVX512 void rows_avx512(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
                               int64_t ldw_bytes, int64_t out, float* y, int64_t o,
                               int64_t rows) {
-  // One weight row at a time keeps the sequential stream the prefetcher follows best; on Zen 4,
-  // from 7 inputs on, two rows side by side win (GPT-2-small GEMVs, bf16 at 8 inputs: 37 vs
-  // 40 ms per step's products on one core, fp32 equal); on a Xeon with AMX they never do (bf16
-  // at 8 inputs 41.6 vs 49.5 ms, fp32 59.6 vs 67.5).
+  // One weight row at a time keeps the sequential stream the prefetcher follows best with the
+  // near prefetch alone; on Zen 4 two rows side by side won from 7 inputs (bf16 at 8 inputs: 37
+  // vs 40 ms per step's products on one core), on a Xeon with AMX they never do (bf16 at 8
+  // inputs 41.6 vs 49.5 ms, fp32 59.6 vs 67.5).
+  // With the far prefetch, four rows win on Zen 4 too (GPT-2-small's products, 2 MiB pages,
+  // medians of 6 interleaved passes, one core / two, against pairs from 7 and 1 KiB near alone):
+  // fp32 8 inputs 61.1 -> 34.4 / 31.4 -> 18.5 ms, 16 inputs 97.0 -> 57.9 / 49.8 -> 30.5; bf16 4
+  // inputs 26.3 -> 15.4 / 11.6 -> 8.6, 8 inputs 40.5 -> 25.2 / 23.1 -> 14.9. (fp32 at exactly 4
+  // inputs single rows with the far prefetch were faster still, 23.9 / 17.1, and bf16 takes
+  // AVX-512 with four rows from 2 inputs at 0.6-0.8 of the AVX2 time: a per-dtype threshold
+  // not made yet.)
   // On a Xeon with AMX, four rows side by side win: four streams from memory (GPT-2-small's
   // products, one core, fp32: 1 input 32.3 -> 29.4 ms, 4 inputs 49.8 -> 40.3, 16 inputs 91.1 ->
   // 68.7; bf16 with the far prefetch, three runs: 1 input 16.8-22.8 -> 15.4-19.9, 4 inputs
