@@ -61,15 +61,16 @@ class Avx512Tuning(NamedTuple):
 
 
 # Per CPU vendor; GPT-2-small's products, 2 MiB pages. Zen 4: AVX2 is as fast or faster below 4
-# inputs (one fp32 input 26 vs 32 ms), from 4 four weight rows with a 2 KiB near and a 16 KiB far
-# prefetch (first tuned without the far prefetch: pairs from 7, 1 KiB near; the far prefetch
+# inputs (one fp32 input 26 vs 32 ms); from 4, four weight rows with a 2 KiB near and a 16 KiB
+# far prefetch (first tuned without the far prefetch: pairs from 7, 1 KiB near; the far prefetch
 # and four rows then took the products at 8 inputs from 61 to 34 ms fp32 and 41 to 25 bf16 on
-# one core, 31 to 19 and 23 to 15 on two; see rows_avx512 in cpu_decode.cpp). A Xeon with AMX (one core): AVX-512 wins from one input (fp32 42.6 -> 33.4 ms,
-# bf16 31.7 -> 23.6; two cores 31.7 -> 24.9 and 19.5 -> 15.4) and pairs never do (8 inputs:
-# fp32 59.6 vs 67.5, bf16 41.6 vs 49.5), but four rows do (fp32 one input 32.3 -> 29.4 ms, 16
-# inputs 91.1 -> 68.7; bf16 8-13 % up to 4 inputs, level at 8; see rows_avx512), and a second
-# prefetch 16 KiB ahead into L2 saves up to 30 % (bf16 one input 24.8 -> 17.5 ms at 8 KiB; see
-# prefetch_near). Another vendor gets Zen 4's.
+# one core, 31 to 19 and 23 to 15 on two; see rows_avx512 in cpu_decode.cpp). A Xeon with AMX
+# (one core): AVX-512 wins from one input (fp32 42.6 -> 33.4 ms, bf16 31.7 -> 23.6; two cores
+# 31.7 -> 24.9 and 19.5 -> 15.4) and pairs never do (8 inputs: fp32 59.6 vs 67.5, bf16 41.6 vs
+# 49.5), but four rows do (fp32 one input 32.3 -> 29.4 ms, 16 inputs 91.1 -> 68.7; bf16 8-13 %
+# up to 4 inputs, level at 8; see rows_avx512), and a second prefetch 16 KiB ahead into L2 saves
+# up to 30 % (bf16 one input 24.8 -> 17.5 ms at 8 KiB; see prefetch_near). Another vendor gets
+# Zen 4's.
 AVX512_TUNING = {"AuthenticAMD": Avx512Tuning(4, 0, 4, 2048, 16384),
                  "GenuineIntel": Avx512Tuning(1, 0, 1, 2048, 16384)}
 
