@@ -31,6 +31,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import select
 import signal
 import subprocess
@@ -378,6 +379,25 @@ def stop_on_sigterm(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def results_json(doc: dict) -> str:
+    """`doc` as indented JSON, but every list of plain numbers (each request's token ids, slice
+    durations) on one line: a 24-wave run's document is half the size and still reads by eye."""
+    packed: list[str] = []
+
+    def pack(o):
+        if isinstance(o, dict):
+            return {k: pack(v) for k, v in o.items()}
+        if isinstance(o, (list, tuple)):
+            if o and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in o):
+                packed.append(json.dumps(list(o), separators=(",", ":")))
+                return f"\0{len(packed) - 1}\0"  # a placeholder no result string holds
+            return [pack(x) for x in o]
+        return o
+
+    text = json.dumps(pack(doc), indent=1)
+    return re.sub(r'"\\u0000(\d+)\\u0000"', lambda m: packed[int(m.group(1))], text) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     signal.signal(signal.SIGTERM, stop_on_sigterm)
@@ -412,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
            "runs": runs}
     doc["rows"] = summarize(doc)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+    args.out.write_text(results_json(doc))
     print()
     print(markdown(doc))
     print()

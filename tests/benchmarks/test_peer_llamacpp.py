@@ -429,3 +429,19 @@ def test_engine_client_threads_run_where_the_http_client_runs():
     seen.clear()
     peer_engine.closed_loop(Engine(), ["a"], 1, 1)
     assert seen == [set(cpus)]
+
+
+def test_results_json_keeps_number_lists_on_one_line_and_reads_back_the_same():
+    from peer_llamacpp import results_json
+    doc = {"runs": [{"levels": [{"token_ids": [[50256, 13, 0], [7, 7]],
+                                 "slice_durations_s": [2.037, 1.5e-05, -0.25]}],
+                     "argv": ["--threads", "1,2"], "note": "ids like [1, 2] stay text"}],
+           "flags": [True, False], "mixed": [1, "x"], "empty": [], "nan": float("nan")}
+    text = results_json(doc)
+    back = json.loads(text)
+    assert math.isnan(back.pop("nan")) and back == {k: v for k, v in doc.items() if k != "nan"}
+    assert '"token_ids": [\n' in text and "[50256,13,0]" in text and "[7,7]" in text
+    assert '"slice_durations_s": [2.037,1.5e-05,-0.25]' in text
+    assert '"note": "ids like [1, 2] stay text"' in text  # strings are never touched
+    assert "true,\n" in text  # only numbers are packed
+    assert len(text) < len(json.dumps(doc, indent=1))
