@@ -1,7 +1,7 @@
 """Checkpoints for the reliability scenarios, built once per session.
 
-- `long_lm_dir`: the tiny LM with 2048 positions, so a request with `ignore_eos` holds its slot
-  (and its connection) for seconds.
+- `long_lm_dir`: the tiny LM with 8192 positions, so a request with `ignore_eos` holds its slot
+  (and its connection) for seconds even where a decode step takes well under a millisecond.
 - `wide_classifier_dir`: a classifier wider and longer than the tiny one (d=128, 4 layers,
   256 positions), so a call of 32 texts costs enough that a queue forms and memory moves.
 """
@@ -17,7 +17,7 @@ LONG_TEXT = "the quick brown fox jumps over the lazy dog, a merged expert for ea
 @pytest.fixture(scope="session")
 def long_lm_dir(tmp_path_factory):
     return build_tiny(tmp_path_factory.mktemp("ckpt") / "long-lm", "lm",
-                      max_position_embeddings=2048)
+                      max_position_embeddings=8192)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,9 @@ from tests.reliability.conftest import LONG_TEXT
 from tests.server.live_server import live_server, value
 
 pytestmark = [pytest.mark.reliability, pytest.mark.e2e]
-LONG = {"inputs": "long", "parameters": {"max_new_tokens": 2000, "ignore_eos": True}}
+# 8000 tokens outlast the 1 s grace several times over: a fast CPU decodes 2000 of the tiny
+# model's tokens in ~2 s, so with 2000 a stream could finish before the cut it is meant to get
+LONG = {"inputs": "long", "parameters": {"max_new_tokens": 8000, "ignore_eos": True}}
 
 
 async def stream_events(client: httpx.AsyncClient, path: str, body: dict):
@@ -31,14 +33,14 @@ async def stream_events(client: httpx.AsyncClient, path: str, body: dict):
 def test_sigterm_cuts_what_outlives_the_grace_period(long_lm_dir, tiny_classifier_dir, tmp_path):
     with live_server(tmp_path, "--model", str(long_lm_dir), "--classifier",
                      str(tiny_classifier_dir),
-                     "--grace-s", "2", "--max-batch-size", "4", "--classify-workers", "1",
+                     "--grace-s", "1", "--max-batch-size", "4", "--classify-workers", "1",
                      "--queue-timeout-s", "60") as srv:
         async def scenario():
             async with httpx.AsyncClient(base_url=srv.base_url, timeout=60) as client:
                 streams = [asyncio.create_task(stream_events(client, "/generate_stream", LONG))
                            for _ in range(2)]
                 openai = asyncio.create_task(stream_events(client, "/v1/completions", {
-                    "prompt": "long", "max_tokens": 2000, "ignore_eos": True, "stream": True}))
+                    "prompt": "long", "max_tokens": 8000, "ignore_eos": True, "stream": True}))
                 while value(srv.metrics(), "camex_running_requests") < 3:
                     await asyncio.sleep(0.05)
                 plain = [asyncio.create_task(client.post("/generate", json=LONG))
