@@ -5,8 +5,8 @@
   sequence) on an x86 CPU with AVX2, FMA and F16C it runs
   `cpu_decode.cpp`, which streams each weight row from memory once for all rows, widens
   fp16/bf16 weights in registers and splits the output rows over torch's intra-op threads
-  (an AVX-512 variant where the CPU has it, from a row count tuned per CPU family,
-  `AVX512_TUNING`: same bits, more work per load);
+  (an AVX-512 variant where the CPU has it, from a row count tuned per CPU family and kind of
+  weights, `AVX512_TUNING`: same bits, more work per load);
   everything else goes to `F.linear`: fp16/bf16 weights with fp32 activations (prompt chunks)
   use the CPU's 16-bit GEMM where it has one (AVX512-BF16/AMX, AVX512-FP16), else are widened.
 - `decode_attention(...)` writes one decode step's keys/values into the KV cache and attends
@@ -30,7 +30,9 @@ and how an image ships it prebuilt) and loaded only on a CPU that has those inst
 it cannot be had, `linear` is plain `F.linear` and `status()` says why.
 
 `CAMEX_KERNELS` chooses: `auto` (default: native where available), `torch` (never native),
-`native` (fail loudly where unavailable). Knows nothing about models.
+`native` (fail loudly where unavailable). `CAMEX_KERNELS_TUNING` replaces the CPU family's
+AVX-512 settings (`python -m camex_runtime.kernels --tune` measures them on the CPU at hand and
+prints the value). Knows nothing about models.
 """
 
 from __future__ import annotations
@@ -52,7 +54,8 @@ log = logging.getLogger("camex.kernels")
 
 
 class Avx512Tuning(NamedTuple):
-    """How the AVX-512 linear kernel runs on one CPU family. Every choice gives the same bits."""
+    """How the AVX-512 linear kernel runs for one kind of weights on one CPU family. Every
+    choice gives the same bits."""
     avx512_from: int  # inputs from which it replaces the AVX2 kernel
     pair_from: int  # inputs from which it reads two weight rows side by side (0: never)
     quad_from: int  # ... four rows (0: never)
@@ -60,22 +63,37 @@ class Avx512Tuning(NamedTuple):
     prefetch_far: int  # ... into L2 (0: none)
 
 
-# Per CPU vendor; GPT-2-small's products, 2 MiB pages. Zen 4: AVX2 is as fast or faster below 4
-# inputs (one fp32 input 26 vs 32 ms); from 4, four weight rows with a 2 KiB near and a 16 KiB
-# far prefetch (first tuned without the far prefetch: pairs from 7, 1 KiB near; the far prefetch
-# and four rows then took the products at 8 inputs from 61 to 34 ms fp32 and 41 to 25 bf16 on
-# one core, 31 to 19 and 23 to 15 on two; see rows_avx512 in cpu_decode.cpp). A Xeon with AMX
-# (one core): AVX-512 wins from one input (fp32 42.6 -> 33.4 ms, bf16 31.7 -> 23.6; two cores
-# 31.7 -> 24.9 and 19.5 -> 15.4) and pairs never do (8 inputs: fp32 59.6 vs 67.5, bf16 41.6 vs
-# 49.5), but four rows do (fp32 one input 32.3 -> 29.4 ms, 16 inputs 91.1 -> 68.7; bf16 8-13 %
-# up to 4 inputs, level at 8; see rows_avx512), and a second prefetch 16 KiB ahead into L2 saves
-# up to 30 % (bf16 one input 24.8 -> 17.5 ms at 8 KiB; see prefetch_near). Another vendor gets
-# Zen 4's.
-AVX512_TUNING = {"AuthenticAMD": Avx512Tuning(4, 0, 4, 2048, 16384),
-                 "GenuineIntel": Avx512Tuning(1, 0, 1, 2048, 16384)}
+WEIGHT_KINDS = ("fp32", "16bit")  # fp32 weights; fp16 / bf16 weights (half the bytes per row)
+
+
+def weight_kind(dtype: torch.dtype) -> str:
+    """The `WEIGHT_KINDS` entry whose tuning serves weights of `dtype`."""
+    return "fp32" if dtype == torch.float32 else "16bit"
+
+
+# Per CPU vendor and kind of weights; GPT-2-small's products, 2 MiB pages (`python -m
+# camex_runtime.kernels --tune` measures the candidates on the CPU it runs on). Zen 4, fp32: AVX2 is
+# as fast or faster at 1 and 2 inputs (one input 17.9 vs 28.6 ms on one core); at 3 and 4 inputs
+# AVX-512 a row at a time (one core ~31 -> 24-26 ms), from 5 four weight rows at a time, with a 2
+# KiB near and a 16 KiB far prefetch (first tuned without the far prefetch: pairs from 7, 1 KiB
+# near; the far prefetch and four rows then took the products at 8 inputs from 61 to 34 ms on one
+# core, 31 to 19 on two; see rows_avx512 in cpu_decode.cpp). Zen 4, 16-bit: four rows from 2 inputs
+# (bf16 at 2 and 3 inputs 18-23 ms -> 12-13 on one core, 10.4-11.8 -> 8.6-9.5 on two); at one input
+# AVX2 (10.0-10.9 vs 12.3 ms with four rows). A Xeon with AMX (one core): AVX-512 wins from one
+# input (fp32 42.6 -> 33.4 ms, bf16 31.7 -> 23.6; two cores 31.7 -> 24.9 and 19.5 -> 15.4) and pairs
+# never do (8 inputs: fp32 59.6 vs 67.5, bf16 41.6 vs 49.5), but four rows do (fp32 one input 32.3
+# -> 29.4 ms, 16 inputs 91.1 -> 68.7; bf16 8-13 % up to 4 inputs, level at 8; see rows_avx512), and
+# a second prefetch 16 KiB ahead into L2 saves up to 30 % (bf16 one input 24.8 -> 17.5 ms at 8 KiB;
+# see block512 in cpu_decode.cpp). Another vendor gets Zen 4's.
+AVX512_TUNING = {
+    "AuthenticAMD": {"fp32": Avx512Tuning(3, 0, 5, 2048, 16384),
+                     "16bit": Avx512Tuning(2, 0, 2, 2048, 16384)},
+    "GenuineIntel": {"fp32": Avx512Tuning(1, 0, 1, 2048, 16384),
+                     "16bit": Avx512Tuning(1, 0, 1, 2048, 16384)},
+}
 
 # the environment this module reads (deploy files may set them; tests check the names)
-ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR")
+ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR", "CAMEX_KERNELS_TUNING")
 
 # Rows the native kernels take (`max_rows`); beyond them torch's GEMM is as fast or faster.
 # GPT-2-small's block products on a Zen 4 core, native vs torch, one thread / two:
@@ -116,9 +134,53 @@ def cpu_vendor() -> str:
     return ""
 
 
-def avx512_tuning(vendor: str) -> Avx512Tuning:
-    """`AVX512_TUNING` for `vendor`; Zen 4's for a vendor not measured."""
+def avx512_tuning(vendor: str) -> dict[str, Avx512Tuning]:
+    """`AVX512_TUNING` for `vendor` (per kind of weights); Zen 4's for a vendor not measured."""
     return AVX512_TUNING.get(vendor, AVX512_TUNING["AuthenticAMD"])
+
+
+def format_tuning(tuning: dict[str, Avx512Tuning]) -> str:
+    """The `CAMEX_KERNELS_TUNING` text of `tuning` ("fp32=4,0,4,2048,16384;16bit=...")."""
+    return ";".join(f"{kind}={','.join(map(str, t))}" for kind, t in tuning.items())
+
+
+def parse_tuning(text: str) -> dict[str, Avx512Tuning]:
+    """`CAMEX_KERNELS_TUNING`: "KIND=FROM,PAIR,QUAD,NEAR,FAR" for fp32 and/or 16bit weights,
+    separated by ";" (what `python -m camex_runtime.kernels --tune` prints). Raises ValueError
+    with what is wrong."""
+    where = f"CAMEX_KERNELS_TUNING={text!r}"
+    tuning: dict[str, Avx512Tuning] = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        kind, sep, values = part.partition("=")
+        kind = kind.strip()
+        if not sep or kind not in WEIGHT_KINDS:
+            raise ValueError(f"{where}: each part is KIND=FROM,PAIR,QUAD,NEAR,FAR with KIND "
+                             f"one of {', '.join(WEIGHT_KINDS)}; got {part!r}")
+        if kind in tuning:
+            raise ValueError(f"{where}: {kind} is given twice")
+        try:
+            t = Avx512Tuning(*(int(v) for v in values.split(",")))
+        except (TypeError, ValueError):
+            raise ValueError(f"{where}: {kind} needs five integers (AVX-512 from, pairs from, "
+                             f"fours from, near and far prefetch bytes); got {values!r}") from None
+        if t.avx512_from < 1 or t.pair_from < 0 or t.quad_from < 0 or not (
+                0 <= t.prefetch_near <= 1 << 20 and 0 <= t.prefetch_far <= 1 << 20):
+            raise ValueError(f"{where}: {kind}: AVX-512 from >= 1, pairs and fours from >= 0 "
+                             "(0: never), prefetch distances 0 to 1048576 bytes")
+        tuning[kind] = t
+    if not tuning:
+        raise ValueError(f"{where}: empty; unset it to use the CPU family's tuning")
+    return tuning
+
+
+def chosen_tuning() -> dict[str, Avx512Tuning]:
+    """The tuning the kernels run with: the CPU vendor's, with the kinds
+    `CAMEX_KERNELS_TUNING` names replaced."""
+    tuning = dict(avx512_tuning(cpu_vendor()))
+    text = os.environ.get("CAMEX_KERNELS_TUNING", "")
+    if text.strip():
+        tuning.update(parse_tuning(text))
+    return tuning
 
 
 def _load():
@@ -144,9 +206,16 @@ def _load():
         if mode == "native":
             raise RuntimeError(f"CAMEX_KERNELS=native but {reason}")
         return None, f"torch ({reason})"
-    start, *_ = module.tune(*avx512_tuning(cpu_vendor()))
-    rows = f"{start} row{'s' if start > 1 else ''}"
-    isa = "AVX2/FMA/F16C" + (f", AVX-512 from {rows}" if module.isa() == "avx512" else "")
+    tuning = chosen_tuning()
+    for kind, t in tuning.items():
+        module.tune(kind, *t)
+    isa = "AVX2/FMA/F16C"
+    if module.isa() == "avx512":
+        isa += ", AVX-512 from " + ", ".join(
+            f"{t.avx512_from} row{'s' if t.avx512_from > 1 else ''} ({kind})"
+            for kind, t in tuning.items())
+        if os.environ.get("CAMEX_KERNELS_TUNING", "").strip():
+            isa += " set by CAMEX_KERNELS_TUNING"
     return module, f"native ({isa} weight-streaming linear and merge)"
 
 

@@ -152,21 +152,35 @@ CAMEX_AVX512 inline __m512 load16(const void* w, int64_t i) {
 }
 
 // Software prefetch in the AVX-512 kernel, bytes ahead of the read position in every weight row:
-// `prefetch_near` into L1 (0: none) and `prefetch_far` into L2 (0: none), set per CPU family by
-// tune(). Zen 4, first: 1 KiB near (bf16 with 8 inputs 37.6 -> 35.5 ms against 512 bytes); the
-// far prefetch (below) with four rows then saved 40 % there too (see rows_avx512).
+// `near` into L1 (0: none) and `far` into L2 (0: none) of Avx512Tuning below. Zen 4, first: 1 KiB
+// near (bf16 with 8 inputs 37.6 -> 35.5 ms against 512 bytes); the far prefetch with four rows
+// then saved 40 % there too (see rows_avx512).
 // A Xeon with AMX: a second prefetch into L2 keeps more of the row in flight than one stream's
 // hardware prefetcher does. GPT-2-small's products, one core, 2 MiB pages, 1 KiB near + 8 KiB
 // far against 1 KiB alone: bf16 one input 24.8 -> 17.5 ms, four 29.1 -> 22.8, eight 33.6 ->
 // 29.3; fp32 four inputs 41.1 -> 34.3, eight 46.5 -> 42.5 (two cores: bf16 one input 14.8 ->
 // 12.2, fp32 sixteen 37.4 -> 33.2). 2 KiB + 16 KiB is another 1-8 % (four rows per pass, fp32
 // one input 37.4 -> 34.3, bf16 four inputs 20.1-25.7 -> 18.6-24.4).
-int64_t prefetch_near = 2048, prefetch_far = 16384;
+//
+// The AVX-512 kernel's settings, one set for fp32 weights and one for 16-bit weights (tune(),
+// from the CPU's vendor by the Python side): from `from` inputs it replaces the AVX2 kernel, it
+// reads two weight rows side by side from `pair` inputs and four from `quad` (0: never), and
+// prefetches `near` bytes ahead into L1 and `far` into L2. The defaults are Zen 4's; see
+// wide_for and rows_avx512.
+struct Avx512Tuning {
+  int64_t from, pair, quad, near, far;
+};
+Avx512Tuning tuning_fp32{3, 0, 5, 2048, 16384}, tuning_16bit{2, 0, 2, 2048, 16384};
+
+template <WType T>
+inline const Avx512Tuning& tuning_for() {
+  return T == WType::F32 ? tuning_fp32 : tuning_16bit;
+}
 
 template <WType T, int NR, int NB>
 CAMEX_AVX512 inline void block512(const float* x, int64_t ldx, int64_t in, const char* w,
                                   int64_t ldw_bytes, float* y, int64_t ldy) {
-  const int64_t near = prefetch_near, far = prefetch_far;
+  const int64_t near = tuning_for<T>().near, far = tuning_for<T>().far;
   __m512 a[NR][NB];
   for (int r = 0; r < NR; ++r)
     for (int b = 0; b < NB; ++b) a[r][b] = _mm512_setzero_ps();
@@ -232,11 +246,6 @@ CAMEX_AVX512 inline void inputs512(const float* x, int64_t B, int64_t ldx, int64
 
 int avx512_rows_override = 0;  // benchmarking: weight rows per pass (0: by batch size)
 
-// Per CPU family (tune(), set from the CPU's vendor by the Python side): the AVX-512 kernel from
-// `avx512_from` inputs, two weight rows side by side from `pair_from` inputs, and four from
-// `quad_from` (0: never). The defaults are Zen 4's; see wide_for and rows_avx512.
-int64_t avx512_from = 4, pair_from = 0, quad_from = 4;
-
 template <WType T>
 CAMEX_AVX512 void rows_avx512(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
                               int64_t ldw_bytes, int64_t out, float* y, int64_t o,
@@ -248,18 +257,20 @@ CAMEX_AVX512 void rows_avx512(const float* x, int64_t B, int64_t ldx, int64_t in
   // With the far prefetch, four rows win on Zen 4 too (GPT-2-small's products, 2 MiB pages,
   // medians of 6 interleaved passes, one core / two, against pairs from 7 and 1 KiB near alone):
   // fp32 8 inputs 61.1 -> 34.4 / 31.4 -> 18.5 ms, 16 inputs 97.0 -> 57.9 / 49.8 -> 30.5; bf16 4
-  // inputs 26.3 -> 15.4 / 11.6 -> 8.6, 8 inputs 40.5 -> 25.2 / 23.1 -> 14.9. (fp32 at exactly 4
-  // inputs single rows with the far prefetch were faster still, 23.9 / 17.1, and bf16 takes
-  // AVX-512 with four rows from 2 inputs at 0.6-0.8 of the AVX2 time: a per-dtype threshold
-  // not made yet.)
+  // inputs 26.3 -> 15.4 / 11.6 -> 8.6, 8 inputs 40.5 -> 25.2 / 23.1 -> 14.9. Per kind of weights
+  // (`python -m camex_runtime.kernels --tune`, medians of 5-8 interleaved passes): fp32 at 3
+  // and 4 inputs runs single rows with the far prefetch (one core 31 and 30 ms with four rows
+  // or AVX2 -> 24-26), four rows from 5; bf16 takes four rows from 2 inputs (one core 18-20 ->
+  // 12-13 ms at 2 and 3 inputs).
   // On a Xeon with AMX, four rows side by side win: four streams from memory (GPT-2-small's
   // products, one core, fp32: 1 input 32.3 -> 29.4 ms, 4 inputs 49.8 -> 40.3, 16 inputs 91.1 ->
   // 68.7; bf16 with the far prefetch, three runs: 1 input 16.8-22.8 -> 15.4-19.9, 4 inputs
   // 22.5-26.4 -> 18.6-24.4, level at 8) and fewer loads per FMA from cache (4 + 4 per 16 FMAs:
   // fp32 fc1 / fc2 by 32 inputs 3.0 / 3.5 -> 1.9 / 1.8 ms, which merge_linear's tiles are).
+  const Avx512Tuning& t = tuning_for<T>();
   const int nr = avx512_rows_override > 0 ? avx512_rows_override
-                 : quad_from > 0 && B >= quad_from ? 4
-                 : pair_from > 0 && B >= pair_from ? 2 : 1;
+                 : t.quad > 0 && B >= t.quad ? 4
+                 : t.pair > 0 && B >= t.pair ? 2 : 1;
   int64_t r = 0;
   if (nr == 4)
     for (; r + 4 <= rows; r += 4)
@@ -279,14 +290,15 @@ bool has_avx512() {
 
 bool use_avx512 = has_avx512();  // set_isa("avx2") turns it off (tests compare the two)
 
-// On Zen 4, below 4 inputs the AVX2 kernel is as fast or faster (one fp32 input: 26 vs 32 ms per
-// step's products, the 512-bit loads slow the single stream); from 4 inputs on the kernel is
-// bound by loads, not memory, and the blocked AVX-512 one saves 5-15 %. On a Xeon with AMX the
+// On Zen 4, the AVX2 kernel is as fast or faster for one fp32 input (26 vs 32 ms per step's
+// products, the 512-bit loads slow the single stream) and two, and for one 16-bit input; with
+// more inputs the AVX2 kernel is bound by loads, not memory, and the blocked AVX-512 one wins. On a Xeon with AMX the
 // AVX-512 kernel (with its software prefetch) wins from one input: GPT-2-small's products at
 // one input, one core, 2 MiB pages, 42.6 -> 33.4 ms fp32 and 31.7 -> 23.6 ms bf16. Both kernels
 // give the same bits.
+template <WType T>
 inline bool wide_for(int64_t B) {
-  return use_avx512 && (B >= avx512_from || avx512_rows_override > 0);
+  return use_avx512 && (B >= tuning_for<T>().from || avx512_rows_override > 0);
 }
 
 // y[:, o:o+rows] = x @ w[o:o+rows]^T (+ bias) for all B inputs: one task's output rows
@@ -307,7 +319,7 @@ template <WType T>
 void run(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w, int64_t ldw_bytes,
          int64_t out, const float* bias, float* y) {
   const int64_t blocks = (out + RB - 1) / RB;
-  const bool wide = wide_for(B);
+  const bool wide = wide_for<T>(B);
   at::parallel_for(0, blocks, 4, [&](int64_t lo, int64_t hi) {
     for (int64_t g = lo; g < hi; ++g) {
       const int64_t o = g * RB;
@@ -470,7 +482,7 @@ void merge_linear_run(const float* x, int64_t B, int64_t in, const char* base, c
                       int64_t ld_bytes, const float* c, int64_t E, char* w, int64_t out,
                       const float* bias, float* y) {
   constexpr int64_t esz = T == WType::F32 ? 4 : 2;
-  const bool wide = wide_for(B);
+  const bool wide = wide_for<T>(B);
   at::parallel_for(0, (out + MERGE_TILE - 1) / MERGE_TILE, 1, [&](int64_t lo, int64_t hi) {
     char* const outs[1] = {w};
     for (int64_t t = lo; t < hi; ++t) {
@@ -1080,21 +1092,27 @@ std::string set_isa(const std::string& isa, int64_t rows) {
 
 using Tuning = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>;
 
-Tuning tuning() { return {avx512_from, pair_from, quad_from, prefetch_near, prefetch_far}; }
+Avx512Tuning& tuning_of(const std::string& weights) {
+  TORCH_CHECK(weights == "fp32" || weights == "16bit", "tune: weights \"fp32\" or \"16bit\"");
+  return weights == "fp32" ? tuning_fp32 : tuning_16bit;
+}
 
-// The per-CPU-family settings of the linear kernel (see avx512_from and prefetch_near); returns
-// them. None changes a result's bits.
-Tuning tune(int64_t from, int64_t pair, int64_t quad, int64_t near, int64_t far) {
+Tuning tuning(const std::string& weights) {
+  const Avx512Tuning& t = tuning_of(weights);
+  return {t.from, t.pair, t.quad, t.near, t.far};
+}
+
+// The per-CPU-family settings of the linear kernel for fp32 or 16-bit weights (see
+// Avx512Tuning); returns them. None changes a result's bits.
+Tuning tune(const std::string& weights, int64_t from, int64_t pair, int64_t quad, int64_t near,
+            int64_t far) {
+  Avx512Tuning& t = tuning_of(weights);
   TORCH_CHECK(from >= 1 && pair >= 0 && quad >= 0,
               "tune: avx512_from >= 1, pair_from and quad_from >= 0 (0: never)");
   TORCH_CHECK(near >= 0 && far >= 0 && near <= (1 << 20) && far <= (1 << 20),
               "tune: prefetch distances in bytes, 0 (none) to 1 MiB");
-  avx512_from = from;
-  pair_from = pair;
-  quad_from = quad;
-  prefetch_near = near;
-  prefetch_far = far;
-  return tuning();
+  t = {from, pair, quad, near, far};
+  return tuning(weights);
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -1102,11 +1120,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("isa"), py::arg("rows") = 0);
   m.def("isa", [] { return std::string(use_avx512 ? "avx512" : "avx2"); });
   m.def("tune", &tune,
-        "inputs from which AVX-512 runs, and two / four weight rows per pass (0: never); "
-        "software prefetch distances in bytes into L1 and L2 (0: none)",
-        py::arg("avx512_from"), py::arg("pair_from"), py::arg("quad_from"),
+        "for fp32 or 16-bit weights: inputs from which AVX-512 runs, and two / four weight rows "
+        "per pass (0: never); software prefetch distances in bytes into L1 and L2 (0: none)",
+        py::arg("weights"), py::arg("avx512_from"), py::arg("pair_from"), py::arg("quad_from"),
         py::arg("prefetch_near"), py::arg("prefetch_far"));
-  m.def("tuning", &tuning);
+  m.def("tuning", &tuning, py::arg("weights"));
   // Without the GIL: the kernels touch no Python object, and while a decode step streams
   // weights the server's event loop thread must be free to send the previous token.
   using nogil = py::call_guard<py::gil_scoped_release>;

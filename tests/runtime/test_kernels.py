@@ -82,36 +82,140 @@ def test_avx512_linear_gives_the_avx2_kernels_bits(wdtype):
             assert mod.set_isa("avx512", rows_per_pass) == "avx512"
             for n, y in want.items():
                 assert torch.equal(mod.linear(x[:n], w, b), y), (rows_per_pass, n)
-        # the per-CPU-family settings (which inputs run AVX-512, when rows go in pairs or
-        # fours, how far ahead it prefetches)
+        # the per-CPU-family settings for this kind of weights (which inputs run AVX-512,
+        # when rows go in pairs or fours, how far ahead it prefetches)
         mod.set_isa("auto", 0)
-        for tuning in [*kernels.AVX512_TUNING.values(), (3, 5, 0, 0, 0), (8, 2, 3, 64, 4096),
-                       (2, 0, 5, 0, 100), (1, 0, 1, 1 << 20, 1 << 20)]:
-            assert mod.tune(*tuning) == tuning and mod.tuning() == tuning
+        kind, other = kernels.weight_kind(wdtype), kernels.weight_kind(
+            torch.bfloat16 if wdtype == torch.float32 else torch.float32)
+        others = mod.tuning(other)
+        for tuning in [*(t[kind] for t in kernels.AVX512_TUNING.values()), (3, 5, 0, 0, 0),
+                       (8, 2, 3, 64, 4096), (2, 0, 5, 0, 100), (1, 0, 1, 1 << 20, 1 << 20)]:
+            assert mod.tune(kind, *tuning) == tuning and mod.tuning(kind) == tuning
             for n, y in want.items():
                 assert torch.equal(mod.linear(x[:n], w, b), y), (tuning, n)
+        assert mod.tuning(other) == others  # each kind of weights has its own
         with pytest.raises(RuntimeError, match="rows"):
             mod.set_isa("avx512", 3)
         for bad in ((0, 0, 0, 0, 0), (1, 0, 0, -1, 0), (1, 0, 0, 0, (1 << 20) + 1)):
             with pytest.raises(RuntimeError, match="tune"):
-                mod.tune(*bad)
+                mod.tune(kind, *bad)
+        with pytest.raises(RuntimeError, match="fp32.*16bit"):
+            mod.tune("int8", 1, 0, 0, 0, 0)
     finally:
         mod.set_isa("auto", 0)
-        mod.tune(*kernels.avx512_tuning(kernels.cpu_vendor()))
+        for k, t in kernels.chosen_tuning().items():
+            mod.tune(k, *t)
     assert mod.isa() == "avx512"
 
 
-def test_avx512_tuning_follows_the_cpu_vendor():
-    """Measured vendors get their own thresholds; any other gets Zen 4's."""
+def test_avx512_tuning_follows_the_cpu_vendor(monkeypatch):
+    """Measured vendors get their own settings per kind of weights; any other gets Zen 4's."""
+    monkeypatch.delenv("CAMEX_KERNELS_TUNING", raising=False)
     assert kernels.avx512_tuning("GenuineIntel") == kernels.AVX512_TUNING["GenuineIntel"]
-    zen4 = (4, 0, 4, 2048, 16384)
+    zen4 = {"fp32": (3, 0, 5, 2048, 16384), "16bit": (2, 0, 2, 2048, 16384)}
     assert kernels.avx512_tuning("AuthenticAMD") == zen4
     assert kernels.avx512_tuning("HygonGenuine") == kernels.avx512_tuning("") == zen4
+    assert set(kernels.AVX512_TUNING["GenuineIntel"]) == set(kernels.WEIGHT_KINDS)
+    assert kernels.chosen_tuning() == kernels.avx512_tuning(kernels.cpu_vendor())
     mod = kernels.native()
     if mod is not None:
-        assert mod.tuning() == kernels.avx512_tuning(kernels.cpu_vendor())
-        start = mod.tuning()[0]
-        assert (f"AVX-512 from {start} row" in kernels.status()) == (mod.isa() == "avx512")
+        for kind, t in kernels.chosen_tuning().items():
+            assert mod.tuning(kind) == t
+            start = f"{t.avx512_from} row{'s' if t.avx512_from > 1 else ''} ({kind})"
+            assert (start in kernels.status()) == (mod.isa() == "avx512")
+
+
+def test_tuning_from_the_environment_is_checked_and_replaces_only_the_kinds_it_names(
+        monkeypatch):
+    text = "fp32=3,0,5,1024,8192; 16bit=1,2,0,0,0"
+    parsed = kernels.parse_tuning(text)
+    assert parsed == {"fp32": (3, 0, 5, 1024, 8192), "16bit": (1, 2, 0, 0, 0)}
+    assert kernels.parse_tuning(kernels.format_tuning(parsed)) == parsed
+    monkeypatch.setenv("CAMEX_KERNELS_TUNING", "16bit=1,0,1,4096,32768")
+    vendor = kernels.avx512_tuning(kernels.cpu_vendor())
+    assert kernels.chosen_tuning() == {"fp32": vendor["fp32"], "16bit": (1, 0, 1, 4096, 32768)}
+    for bad, why in [("", "empty"), ("fp32", "KIND="), ("int8=1,0,0,0,0", "KIND="),
+                     ("fp32=1,0,0", "five integers"), ("fp32=1,0,0,0,x", "five integers"),
+                     ("fp32=0,0,0,0,0", ">= 1"), ("16bit=1,0,0,0,2000000", "prefetch"),
+                     ("fp32=1,0,0,0,0;fp32=2,0,0,0,0", "twice")]:
+        with pytest.raises(ValueError, match=why):
+            kernels.parse_tuning(bad)
+
+
+@pytest.mark.skipif(not HAS_FLAGS, reason="needs a CPU with AVX2/FMA/F16C")
+def test_the_server_process_applies_the_tuning_from_the_environment():
+    """A fresh process with CAMEX_KERNELS_TUNING runs with it and says so; a bad value is a
+    clear error (exit 2), not a silent default."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.server.live_server import ROOT
+
+    code = ("from camex_runtime import kernels\nm = kernels.native()\n"
+            "print(kernels.status())\nprint(m.tuning('fp32'), m.tuning('16bit'))")
+    env = {**os.environ, "CAMEX_KERNELS_TUNING": "fp32=2,0,3,1024,0"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    vendor = kernels.avx512_tuning(kernels.cpu_vendor())
+    assert out.stdout.splitlines()[-1] == f"(2, 0, 3, 1024, 0) {tuple(vendor['16bit'])}"
+    assert ("set by CAMEX_KERNELS_TUNING" in out.stdout) == HAS_AVX512
+    env["CAMEX_KERNELS_TUNING"] = "fp32=2,0"
+    bad = subprocess.run([sys.executable, "-m", "camex_runtime.kernels"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "five integers" in bad.stderr, bad.stderr
+
+
+@pytest.mark.skipif(not HAS_FLAGS, reason="needs a CPU with AVX2/FMA/F16C")
+def test_tune_command_measures_every_candidate_and_prints_the_best(tmp_path):
+    """`python -m camex_runtime.kernels --tune` on tiny shapes: every candidate timed in every
+    cell (with the same bits, which it checks), the best by its score, printed as a value
+    CAMEX_KERNELS_TUNING takes. Without AVX-512 there is nothing to tune: exit 2, said so."""
+    import json
+    import subprocess
+    import sys
+
+    from camex_runtime.kernels import tuning
+    from tests.server.live_server import ROOT
+
+    out = subprocess.run([sys.executable, "-m", "camex_runtime.kernels", "--tune", "--threads",
+                          "1,2", "--reps", "1", "--d-model", "32", "--layers", "1", "--vocab",
+                          "64", "--json", str(tmp_path / "tune.json")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    if not HAS_AVX512:
+        assert out.returncode == 2 and "no AVX-512" in out.stderr, out.stderr
+        return
+    assert out.returncode == 0, out.stderr
+    best_line = next(line for line in out.stdout.splitlines() if line.startswith("fastest here"))
+    best = kernels.parse_tuning(best_line.split("=", 1)[1].strip("'"))
+    report = json.loads((tmp_path / "tune.json").read_text())
+    assert report["best"] == kernels.format_tuning(best)
+    for kind in kernels.WEIGHT_KINDS:
+        k = report["kinds"][kind]
+        grid = tuning.candidates(max(tuning.ROWS[kind]))
+        assert k["candidates"] == {n: list(t) for n, t in grid.items()}
+        assert set(k["ms"]) == {"1", "2"}
+        for per_rows in k["ms"].values():
+            assert [int(r) for r in per_rows] == list(tuning.ROWS[kind])
+            assert all(set(cell) == set(grid) and min(cell.values()) > 0
+                       for cell in per_rows.values())
+        assert k["score"][k["best"]] == min(k["score"].values()) >= 1.0
+        assert tuple(best[kind]) == tuple(grid[k["best"]])
+        assert f"{kind} weights, ms per decode step" in out.stdout
+
+
+def test_choosing_a_tuning_weighs_every_cell():
+    """The score is the geometric mean of time / fastest over every cell: a candidate that is
+    fastest in one cell but slow elsewhere loses to one near the best everywhere."""
+    from camex_runtime.kernels import tuning
+
+    results = {1: {1: {"spiky": 1.0, "steady": 1.1}, 2: {"spiky": 3.0, "steady": 1.0}},
+               2: {1: {"spiky": 1.0, "steady": 1.05}}}
+    name, score = tuning.choose(results)
+    assert name == "steady"
+    assert score["spiky"] == pytest.approx(3 ** (1 / 3))
+    assert score["steady"] == pytest.approx((1.1 * 1.05) ** (1 / 3))
 
 
 @pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")

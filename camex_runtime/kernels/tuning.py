@@ -1,0 +1,123 @@
+"""Measuring the AVX-512 linear kernel's settings on the CPU at hand (`python -m
+camex_runtime.kernels --tune`).
+
+`AVX512_TUNING` holds settings measured per CPU vendor; a CPU of another family (or the same
+vendor's next one) may want others. This times one decode step's products of a GPT-2-shaped
+model (per layer the QKV, output, FC1 and FC2 weights, then the LM head; weights on huge pages as
+the server loads them) with the native kernel under a grid of candidate settings, for each kind
+of weights, each decode batch size and each thread count asked for. Candidates are interleaved
+pass by pass so that drift in the machine's speed falls on all of them alike, the first pass is
+a warm-up, and each cell is the median of the rest. Every candidate must give the same bits as
+the first (the settings choose how the work is done, never what it computes).
+
+The chosen setting per kind of weights is the candidate with the smallest geometric mean of
+(its time / the fastest candidate's time) over the cells: one number that says how far from the
+best it is across batch sizes, rather than the fastest at one batch size. It is printed as a
+`CAMEX_KERNELS_TUNING` value, which the server applies at start-up.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Iterable
+
+import torch
+
+from camex_runtime.kernels import MAX_ROWS, MAX_ROWS_FP32, Avx512Tuning
+from camex_runtime.memory import on_huge_pages
+
+DTYPES = {"fp32": torch.float32, "16bit": torch.bfloat16}
+ROWS = {"fp32": (1, 2, 3, 4, 6, 8, 12, MAX_ROWS_FP32), "16bit": (1, 2, 3, 4, 6, MAX_ROWS)}
+
+
+def candidates(max_rows: int) -> dict[str, Avx512Tuning]:
+    """The grid: AVX2 alone, and AVX-512 from 1, 2, 3 or 4 inputs with one or four weight rows per
+    pass (four from where AVX-512 starts, or from 5), without and with the far prefetch."""
+    grid = {"avx2": Avx512Tuning(max_rows + 1, 0, 0, 0, 0)}
+    for start in (1, 2, 3, 4):
+        for quad in sorted({0, start, 5}):
+            for far in (0, 16384):
+                t = Avx512Tuning(start, 0, quad, 2048, far)
+                grid[f"from {start}, fours {'from ' + str(quad) if quad else 'never'}, "
+                     f"far {far // 1024} KiB"] = t
+    return grid
+
+
+def shapes(d_model: int, n_layer: int, vocab: int) -> list[tuple[int, int]]:
+    """(out, in) of one decode step's weight products, GPT-2 layout (FFN 4 x d_model)."""
+    d, f = d_model, 4 * d_model
+    return [(3 * d, d), (d, d), (f, d), (d, f)] * n_layer + [(vocab, d)]
+
+
+def measure(module, kind: str, threads: Iterable[int], d_model: int, n_layer: int, vocab: int,
+            reps: int, progress: Callable[[str], None] = lambda _: None) -> dict:
+    """{threads: {rows: {candidate: median ms}}} for weights of `kind`; restores nothing (the
+    caller re-applies the tuning it serves with)."""
+    torch.manual_seed(0)
+    dtype = DTYPES[kind]
+    dims = shapes(d_model, n_layer, vocab)
+    weights = [on_huge_pages((torch.randn(s) * 0.02).to(dtype)) for s in dims]
+    biases = [torch.zeros(s[0]) for s in dims]
+    grid = candidates(max(ROWS[kind]))
+    results: dict = {}
+    for n_threads in threads:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n_threads)
+        try:
+            results[n_threads] = {}
+            for rows in ROWS[kind]:
+                xs = [torch.randn(rows, s[1]) for s in dims]
+                times: dict[str, list[float]] = {name: [] for name in grid}
+                reference = None
+                for rep in range(reps + 1):
+                    for name, t in grid.items():
+                        module.tune(kind, *t)
+                        start = time.perf_counter()
+                        outs = [module.linear(x, w, b) for x, w, b in zip(xs, weights, biases)]
+                        elapsed = time.perf_counter() - start
+                        if reference is None:
+                            reference = outs
+                        elif not all(torch.equal(a, b) for a, b in zip(reference, outs)):
+                            raise AssertionError(f"{kind}: the setting {name!r} changed the "
+                                                 "result's bits: a kernel bug")
+                        if rep > 0:  # the first pass warms caches and pages
+                            times[name].append(elapsed * 1e3)
+                results[n_threads][rows] = {n: statistics.median(v) for n, v in times.items()}
+                best = min(results[n_threads][rows].values())
+                progress(f"{kind}, {n_threads} thread{'s' if n_threads > 1 else ''}, {rows} "
+                         f"row{'s' if rows > 1 else ''}: fastest {best:.2f} ms")
+        finally:
+            torch.set_num_threads(before)
+    return results
+
+
+def choose(results: dict) -> tuple[str, dict[str, float]]:
+    """(the candidate with the smallest geometric mean of time / fastest over every cell,
+    {candidate: that mean})."""
+    cells = [cell for per_rows in results.values() for cell in per_rows.values()]
+    score = {name: math.exp(statistics.fmean(math.log(cell[name] / min(cell.values()))
+                                             for cell in cells))
+             for name in cells[0]}
+    return min(score, key=score.get), score
+
+
+def table(kind: str, results: dict, score: dict[str, float], current: str | None) -> str:
+    """A plain-text table: a line per candidate, its ms per step's products per thread count
+    and batch size, and its score (1.00: fastest everywhere)."""
+    cols = [(n, r) for n, per_rows in results.items() for r in per_rows]
+    head = " ".join(f"{f'{n}t x{r}':>8}" for n, r in cols)
+    lines = [f"{kind} weights, ms per decode step's products (threads x rows); score: geometric "
+             "mean of time / fastest", f"{'candidate':<36} {head} {'score':>6}"]
+    for name in sorted(score, key=score.get):
+        mark = " (current)" if name == current else ""
+        row = " ".join(f"{results[n][r][name]:8.2f}" for n, r in cols)
+        lines.append(f"{name + mark:<36} {row} {score[name]:6.3f}")
+    return "\n".join(lines)
+
+
+def current_name(kind: str, tuning: Avx512Tuning) -> str | None:
+    """The grid's name of `tuning`, if the grid has it."""
+    grid = candidates(max(ROWS[kind]))
+    return next((name for name, t in grid.items() if t == tuning), None)
