@@ -74,8 +74,8 @@ def weight_kind(dtype: torch.dtype) -> str:
 # Per CPU vendor and kind of weights; GPT-2-small's products, 2 MiB pages (`python -m
 # camex_runtime.kernels --tune` measures the candidates on the CPU it runs on). Zen 4, fp32: AVX2 is
 # as fast or faster at 1 and 2 inputs (one input 17.9 vs 28.6 ms on one core); at 3 and 4 inputs
-# AVX-512 a row at a time (one core ~31 -> 24-26 ms), from 5 four weight rows at a time, with a 2
-# KiB near and a 16 KiB far prefetch (first tuned without the far prefetch: pairs from 7, 1 KiB
+# AVX-512 a row at a time (one core ~31 -> 24-26 ms), from 5 four weight rows at a time, with a
+# 2 KiB near and a 16 KiB far prefetch (first tuned without the far prefetch: pairs from 7, 1 KiB
 # near; the far prefetch and four rows then took the products at 8 inputs from 61 to 34 ms on one
 # core, 31 to 19 on two; see rows_avx512 in cpu_decode.cpp). Zen 4, 16-bit: four rows from 2 inputs
 # (bf16 at 2 and 3 inputs 18-23 ms -> 12-13 on one core, 10.4-11.8 -> 8.6-9.5 on two); at one input

@@ -292,10 +292,10 @@ bool use_avx512 = has_avx512();  // set_isa("avx2") turns it off (tests compare 
 
 // On Zen 4, the AVX2 kernel is as fast or faster for one fp32 input (26 vs 32 ms per step's
 // products, the 512-bit loads slow the single stream) and two, and for one 16-bit input; with
-// more inputs the AVX2 kernel is bound by loads, not memory, and the blocked AVX-512 one wins. On a Xeon with AMX the
-// AVX-512 kernel (with its software prefetch) wins from one input: GPT-2-small's products at
-// one input, one core, 2 MiB pages, 42.6 -> 33.4 ms fp32 and 31.7 -> 23.6 ms bf16. Both kernels
-// give the same bits.
+// more inputs the AVX2 kernel is bound by loads, not memory, and the blocked AVX-512 one wins.
+// On a Xeon with AMX the AVX-512 kernel (with its software prefetch) wins from one input:
+// GPT-2-small's products at one input, one core, 2 MiB pages, 42.6 -> 33.4 ms fp32 and 31.7 ->
+// 23.6 ms bf16. Both kernels give the same bits.
 template <WType T>
 inline bool wide_for(int64_t B) {
   return use_avx512 && (B >= tuning_for<T>().from || avx512_rows_override > 0);
