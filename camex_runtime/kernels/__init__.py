@@ -23,7 +23,12 @@
   `merge_many` writes several (rows that opened segments in the same step) in one pass.
 - `merge_linear(x, base, deltas, coeffs, out, bias)`: a merge and a prompt chunk's product by
   the merged weight in one pass, a tile of weight rows at a time (fp32 weights and up to
-  `MERGE_LINEAR_ROWS` rows; None elsewhere: merge, then `linear`).
+  `MERGE_LINEAR_ROWS` rows, and bf16 weights from `BF16_DOT_FROM` rows where `bf16_dot()`;
+  None elsewhere: merge, then `linear`).
+- `bf16_dot()`: on CPUs with AVX512-BF16 of a family in `BF16_DOT_VENDORS`, bf16 weights'
+  products of `BF16_DOT_FROM` to `MERGE_LINEAR_ROWS` rows in `merge_linear` and `ffn` (prompt
+  segments through a merged expert) are sums of bf16 pair products (vdpbf16ps) on activations
+  rounded to bf16, as the CPU's bf16 GEMM computes them, fused with the merge.
 The extension is compiled on first use with torch's C++-extension builder (a C++ compiler and
 ninja; `build.py` says where it is cached, how concurrent and interrupted builds are handled,
 and how an image ships it prebuilt) and loaded only on a CPU that has those instructions. Where
@@ -104,6 +109,15 @@ ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR", "CAMEX_KERNELS_TUNING")
 # Decode batches up to this size are batch-invariant bit for bit; prefill chunks go to torch.
 MAX_ROWS = 8  # 16-bit weights
 MAX_ROWS_FP32 = 16  # fp32 weights
+# The bf16 dot kernel (cpu_decode.cpp, dot_tile) serves bf16 weights' products from this many
+# rows to MERGE_LINEAR_ROWS, in merge_linear (a prompt segment's merge and its products in one
+# pass) and in ffn (the same segment through the cached entry: the same bits), on CPUs with
+# AVX512-BF16 of these vendors. Zen 4, GPT-2-small with 7+1 experts, one core: a 32-row segment's
+# fc1 / fc2 merge and product 3.1 / 2.7 ms against 3.5-4.2 / 3.1-3.3 for the merge and then
+# torch's bf16 GEMM. Not measured on Intel CPUs, whose AMX GEMMs multiply far faster than
+# vdpbf16ps: they keep the merge and then torch's GEMM.
+BF16_DOT_FROM = MAX_ROWS + 1
+BF16_DOT_VENDORS = ("AuthenticAMD",)
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
 _lock = threading.Lock()
 _state: dict = {"module": None, "status": None}
@@ -216,7 +230,11 @@ def _load():
             for kind, t in tuning.items())
         if os.environ.get("CAMEX_KERNELS_TUNING", "").strip():
             isa += " set by CAMEX_KERNELS_TUNING"
-    return module, f"native ({isa} weight-streaming linear and merge)"
+    module.set_bf16_dot(BF16_DOT_FROM if module.has_bf16_dot()
+                        and cpu_vendor() in BF16_DOT_VENDORS else 0)
+    dot = (f"; AVX512-BF16 dot products for bf16 merged-expert segments of {BF16_DOT_FROM}-"
+           f"{MERGE_LINEAR_ROWS} rows" if module.bf16_dot() else "")
+    return module, f"native ({isa} weight-streaming linear and merge{dot})"
 
 
 def max_rows(weight_dtype: torch.dtype) -> int:
@@ -289,11 +307,21 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     return mod.decode_attention(q, k, v, k_cache, v_cache, layer, slots, positions)
 
 
+def bf16_dot() -> bool:
+    """Whether bf16 weights' products of `BF16_DOT_FROM` to `MERGE_LINEAR_ROWS` rows in
+    `merge_linear` and `ffn` use the bf16 dot kernel here."""
+    mod = native()
+    return mod is not None and mod.bf16_dot() > 0
+
+
 def ffn_rows(weight_dtype: torch.dtype) -> int:
-    """The most rows `ffn` takes: decode batches, and with fp32 weights also the prompt
-    segments `merge_linear` takes, so that a merged expert gives a prompt the same bits whether
-    its merge was just made (merge_linear + hidden) or came from the cache (ffn)."""
-    return MERGE_LINEAR_ROWS if weight_dtype == torch.float32 else max_rows(weight_dtype)
+    """The most rows `ffn` takes: decode batches, and where `merge_linear` takes the weights
+    (fp32; bf16 with `bf16_dot()`) also the prompt segments it takes, so that a merged expert
+    gives a prompt the same bits whether its merge was just made (merge_linear + hidden) or
+    came from the cache (ffn)."""
+    if weight_dtype == torch.float32 or (weight_dtype == torch.bfloat16 and bf16_dot()):
+        return MERGE_LINEAR_ROWS
+    return max_rows(weight_dtype)
 
 
 def ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
@@ -347,10 +375,15 @@ MERGE_LINEAR_ROWS = 32
 
 def merge_linear_takes(x: Tensor, stack: Tensor, out: Tensor) -> bool:
     """Whether `merge_linear` takes activations x with weights of `stack` into `out` here (and
-    `ffn` the same rows)."""
-    return (x.dim() == 2 and 0 < x.shape[0] <= MERGE_LINEAR_ROWS and x.device.type == "cpu"
-            and x.dtype == stack.dtype == out.dtype == torch.float32 and x.is_contiguous()
-            and out.is_contiguous() and stack.stride(-1) == 1 and native() is not None)
+    `ffn` the same rows): fp32 weights, or bf16 ones from `BF16_DOT_FROM` rows with
+    `bf16_dot()`."""
+    if not (x.dim() == 2 and 0 < x.shape[0] <= MERGE_LINEAR_ROWS and x.device.type == "cpu"
+            and x.dtype == torch.float32 and stack.dtype == out.dtype and x.is_contiguous()
+            and out.is_contiguous() and stack.stride(-1) == 1 and native() is not None):
+        return False
+    if stack.dtype == torch.bfloat16:
+        return x.shape[0] >= BF16_DOT_FROM and bf16_dot()
+    return stack.dtype == torch.float32
 
 
 def merge_linear(x: Tensor, base: Tensor, deltas: Tensor, coeffs: Tensor, out: Tensor,
@@ -358,14 +391,16 @@ def merge_linear(x: Tensor, base: Tensor, deltas: Tensor, coeffs: Tensor, out: T
     """Write out (n_out, n_in) = base + coeffs (E,) @ deltas (E, n_out·n_in) like `merge` (the
     same bits) and return `F.linear(x, out, bias)` for x (B, n_in), in one pass over the stack.
     None (nothing written) where the native kernel does not take it (`merge_linear_takes`):
-    not fp32 weights and activations on the CPU, more than MERGE_LINEAR_ROWS rows, no native
-    kernels. Each row of the product is the linear kernel's, the bits a decode step gets for
-    it. 16-bit weights keep merge-then-GEMM: fused, bf16 was slower on one Zen 4 core with
-    AVX512-BF16 (GPT-2-small fc1 and fc2, 32 rows: 3.8 and 3.5 ms against 3.3 and 2.9) and
-    equal on two."""
+    not fp32 activations on the CPU, more than MERGE_LINEAR_ROWS rows, 16-bit weights other
+    than bf16 with `bf16_dot()` from BF16_DOT_FROM rows, no native kernels. With fp32 weights
+    each row of the product is the linear kernel's, the bits a decode step gets for it; with
+    bf16 weights the bf16 dot kernel's, the bits `ffn` gives the same rows from the finished
+    entry. (Fused with the widening linear kernel, bf16 was slower on one Zen 4 core than a
+    merge and then the CPU's bf16 GEMM: GPT-2-small fc1 and fc2, 32 rows, 3.8 and 3.5 ms
+    against 3.3 and 2.9.)"""
     if not (merge_linear_takes(x, base, out) and base.is_contiguous() and deltas.dtype == base.dtype
-            and deltas.stride(-1) == 1 and (bias is None or (bias.dtype == torch.float32
-                                                              and bias.is_contiguous()))):
+            and deltas.stride(-1) == 1
+            and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))):
         return None
     return native().merge_linear(x, base, deltas, coeffs, out, bias)
 

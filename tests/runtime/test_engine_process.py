@@ -12,6 +12,7 @@ import weakref
 from pathlib import Path
 
 import pytest
+import torch
 
 from camex_runtime import Engine, SamplingParams
 from camex_runtime.checkpoint import CheckpointError
@@ -51,10 +52,17 @@ def lm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local(lm_dir):
+    # one thread, as the engine process below. With two, the "prompt-routed" case's third
+    # logprob differed in its last bits (-3.80607963 vs -3.80607939) on a Zen 4 VM; each native
+    # kernel alone gives the same bits at one and two threads and CAMEX_KERNELS=torch has no
+    # difference, so the cause is not traced yet
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     engine = Engine.from_pretrained(lm_dir, **LIMITS)
     engine.start()
     yield engine
     engine.stop(grace_s=0)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

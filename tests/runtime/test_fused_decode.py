@@ -146,7 +146,8 @@ def test_ffn_activations_hold_over_the_whole_range(glu):
 def test_merged_ffn_is_one_native_call_with_the_torch_result(kind, monkeypatch):
     """apply_merged on decode rows and short fp32 prompt segments (kernels.ffn; SwiGLU with
     [gate; up] stacked in fc1) equals its torch path; more rows than kernels.ffn_rows go to
-    torch (fp32 weights: merge_linear's rows, 16-bit weights: the decode kernels')."""
+    torch (fp32 weights, and bf16 ones with the bf16 dot kernel: merge_linear's rows; other
+    16-bit weights: the decode kernels')."""
     torch.manual_seed(0)
     d, f = 24, 40
     fused = kind.fused()
@@ -155,7 +156,9 @@ def test_merged_ffn_is_one_native_call_with_the_torch_result(kind, monkeypatch):
          "fc2_weight": torch.randn(d, f) / 5, "fc2_bias": torch.randn(d)}
     limit = kernels.ffn_rows(torch.float32)
     assert limit == kernels.MERGE_LINEAR_ROWS > kernels.max_rows(torch.float32)
-    assert kernels.ffn_rows(torch.bfloat16) == kernels.max_rows(torch.bfloat16)
+    assert kernels.ffn_rows(torch.bfloat16) == (kernels.MERGE_LINEAR_ROWS if kernels.bf16_dot()
+                                                else kernels.max_rows(torch.bfloat16))
+    assert kernels.ffn_rows(torch.float16) == kernels.max_rows(torch.float16)
     x = torch.randn(limit, d)
     got = apply_merged(x, w, fused)
     assert kernels.ffn(torch.randn(limit + 1, d), w["fc1_weight"], None,

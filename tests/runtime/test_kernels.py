@@ -69,11 +69,15 @@ HAS_AVX512 = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= kernels.cpu_flag
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_avx512_linear_gives_the_avx2_kernels_bits(wdtype):
     """The AVX-512 kernel (several inputs: register-blocked) must reproduce the AVX2 kernel bit
-    for bit at every row count and blocking: which one runs depends on the batch size."""
+    for bit at every row count and blocking: which one runs depends on the batch size. (The bf16
+    dot kernel, which the module runs for bf16 weights from BF16_DOT_FROM rows where it is on,
+    is off here: it computes other bits by design, tested below.)"""
     mod = kernels.native()
     torch.manual_seed(5)
     w, b = torch.randn(203, 91).to(wdtype), torch.randn(203)  # 91 = 5 x 16 + 8 + 3: every tail
     x = torch.randn(kernels.MAX_ROWS + 5, 91)  # the module itself takes any row count
+    dot = mod.bf16_dot()
+    mod.set_bf16_dot(0)
     try:
         assert mod.set_isa("avx2", 0) == "avx2" and mod.isa() == "avx2"
         want = {n: mod.linear(x[:n], w, b) for n in (*range(1, kernels.MAX_ROWS + 1), len(x))}
@@ -103,6 +107,7 @@ def test_avx512_linear_gives_the_avx2_kernels_bits(wdtype):
             mod.tune("int8", 1, 0, 0, 0, 0)
     finally:
         mod.set_isa("auto", 0)
+        mod.set_bf16_dot(dot)
         for k, t in kernels.chosen_tuning().items():
             mod.tune(k, *t)
     assert mod.isa() == "avx512"
@@ -420,9 +425,74 @@ def test_merge_linear_writes_the_merge_and_returns_the_linear_kernels_rows(isa):
         mod.set_isa("auto", 0)
 
 
+HAS_BF16_DOT = kernels.native() is not None and kernels.native().has_bf16_dot()
+
+
+def test_the_bf16_dot_kernel_is_chosen_per_cpu_family():
+    """On by default only on a CPU with AVX512-BF16 of a family in BF16_DOT_VENDORS, and said
+    so in the status; refused where the CPU lacks the instructions."""
+    mod = kernels.native()
+    if mod is None:
+        assert not kernels.bf16_dot()
+        return
+    expected = HAS_BF16_DOT and kernels.cpu_vendor() in kernels.BF16_DOT_VENDORS
+    assert kernels.bf16_dot() == expected == ("AVX512-BF16 dot" in kernels.status())
+    assert kernels.ffn_rows(torch.bfloat16) == (kernels.MERGE_LINEAR_ROWS if expected
+                                                else kernels.max_rows(torch.bfloat16))
+    with pytest.raises(RuntimeError, match="row count"):
+        mod.set_bf16_dot(-1)
+    if not HAS_BF16_DOT:
+        with pytest.raises(RuntimeError, match="no AVX512-BF16"):
+            mod.set_bf16_dot(kernels.BF16_DOT_FROM)
+
+
+@pytest.mark.skipif(not HAS_BF16_DOT, reason="needs a CPU with AVX512-BF16")
+def test_bf16_dot_products_have_the_same_bits_whatever_the_rows_threads_or_path():
+    """bf16 weights and 9-32 rows (prompt segments through a merged expert): merge_linear writes
+    merge()'s bits and returns the dot kernel's product, which the linear path (what `ffn` runs
+    for a cached entry) gives too; a row's result does not depend on the rows beside it nor on
+    the thread count; the products are those of the bf16-rounded activations with fp32 sums."""
+    mod = kernels.native()
+    saved, threads = mod.bf16_dot(), torch.get_num_threads()
+    torch.manual_seed(11)
+    out_rows, width, E = 53, 91, 5  # 53: tiles and groups of four with a remainder; 91: odd
+    base = torch.randn(out_rows * width).bfloat16()
+    deltas = torch.randn(E, out_rows * width).bfloat16()
+    coeffs, bias = torch.rand(E), torch.randn(out_rows)
+    merged = torch.empty(out_rows, width, dtype=torch.bfloat16)
+    kernels.merge(base, deltas, coeffs, merged.view(-1))
+    x = torch.randn(kernels.MERGE_LINEAR_ROWS, width)
+    first: dict = {}
+    try:
+        mod.set_bf16_dot(kernels.BF16_DOT_FROM)
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for b in (bias, None):
+                full = mod.linear(x, merged, b)
+                assert rel(full, F.linear(x.bfloat16().float(), merged.float(), b)) <= 1e-5
+                assert rel(full, F.linear(x, merged.float(), b)) > 1e-5  # x was rounded
+                assert torch.equal(full, first.setdefault(b is None, full)), n
+                for lo, hi in ((0, 9), (5, 22), (23, 32)):
+                    assert torch.equal(mod.linear(x[lo:hi].contiguous(), merged, b), full[lo:hi])
+                for rows in (kernels.BF16_DOT_FROM, 17, kernels.MERGE_LINEAR_ROWS):
+                    out = torch.full((out_rows, width), float("nan"), dtype=torch.bfloat16)
+                    y = kernels.merge_linear(x[:rows], base, deltas, coeffs, out, b)
+                    assert torch.equal(out, merged) and torch.equal(y, full[:rows]), (n, rows)
+        below = kernels.BF16_DOT_FROM - 1  # decode-sized: merge, then the decode kernels
+        assert kernels.merge_linear(x[:below], base, deltas, coeffs, merged.clone()) is None
+        assert not torch.equal(mod.linear(x[:below], merged, bias), first[False][:below])
+        mod.set_bf16_dot(0)
+        assert not kernels.bf16_dot()
+        assert kernels.merge_linear(x, base, deltas, coeffs, merged.clone()) is None
+    finally:
+        torch.set_num_threads(threads)
+        mod.set_bf16_dot(saved)
+
+
 def test_merge_linear_declines_what_it_does_not_compute():
-    """Too many rows for the tile to stay in cache, 16-bit weights, or a strided input: None,
-    and the output is not touched (the caller merges, then applies)."""
+    """Too many rows for the tile to stay in cache, 16-bit weights with fewer rows than the bf16
+    dot kernel takes, or a strided input: None, and the output is not touched (the caller
+    merges, then applies)."""
     base, deltas, coeffs = torch.randn(8 * 16), torch.randn(3, 8 * 16), torch.rand(3)
     out = torch.zeros(8, 16)
     too_many = torch.randn(kernels.MERGE_LINEAR_ROWS + 1, 16)

@@ -144,20 +144,37 @@ def test_default_budget_fits_a_full_batch(tmp_path):
     assert default_merge_cache_bytes(cfg, 3, 1, torch.float32) == MIN_MERGE_CACHE_BYTES
 
 
+@pytest.fixture
+def bf16_dot():
+    """The bf16 dot kernel on for the test (a CPU with AVX512-BF16 of any family)."""
+    mod = kernels.native()
+    if mod is None or not mod.has_bf16_dot():
+        pytest.skip("needs a CPU with AVX512-BF16")
+    saved = mod.bf16_dot()
+    mod.set_bf16_dot(kernels.BF16_DOT_FROM)
+    yield
+    mod.set_bf16_dot(saved)
+
+
 @pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
-@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("family,dtype", [("gpt2", "float32"), ("llama", "float32"),
+                                          ("gpt2", "bfloat16"), ("llama", "bfloat16")])
 def test_a_prompt_gets_the_same_bits_whether_its_merges_are_made_or_cached(tmp_path, family,
-                                                                           monkeypatch):
-    """fp32 on the CPU a prompt segment's merge is made and applied in one pass over the expert
-    stack (MoEWeights.merge_apply); from the cache the finished entry is applied by kernels.ffn.
-    The prompt must get the same bits either way (seeded sampling repeats only then), and the
-    pool entry the bits of a plain merge. Segments of 32 tokens: rows beyond the decode kernels'
-    16, within merge_linear's 64."""
+                                                                           dtype, monkeypatch,
+                                                                           request):
+    """fp32 on the CPU, and bf16 with the bf16 dot kernel, a prompt segment's merge is made and
+    applied in one pass over the expert stack (MoEWeights.merge_apply); from the cache the
+    finished entry is applied by kernels.ffn. The prompt must get the same bits either way
+    (seeded sampling repeats only then), and the pool entry the bits of a plain merge. Segments
+    of 32 and 13 tokens: rows beyond the decode kernels' 16 (fp32) and 8 (bf16), within
+    merge_linear's 32."""
+    if dtype == "bfloat16":
+        request.getfixturevalue("bf16_dot")
     overrides = {} if family == "gpt2" else {"family": "llama", "n_kv_head": 2}
     path = build_folded(tmp_path / family, T=32, **overrides)
     prompt = [(7 * i) % 50 + 1 for i in range(45)]  # segment 1: 32 rows, segment 2: 13
     params = SamplingParams(max_new_tokens=3, ignore_eos=True, prompt_logprobs=2)
-    fused = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
+    fused = Engine.from_pretrained(path, max_batch_size=1, strategy="merged", dtype=dtype)
     made = []
     real = MoEWeights.merge_apply
 
@@ -177,7 +194,7 @@ def test_a_prompt_gets_the_same_bits_whether_its_merges_are_made_or_cached(tmp_p
     assert again.token_ids == first.token_ids and again.prompt_logprobs == first.prompt_logprobs
 
     monkeypatch.setattr(MoEWeights, "merge_apply", lambda *args: None)  # merge, then apply
-    plain = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
+    plain = Engine.from_pretrained(path, max_batch_size=1, strategy="merged", dtype=dtype)
     plain.start()
     try:
         apart = plain.submit(prompt, params).result()
