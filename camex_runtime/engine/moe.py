@@ -141,9 +141,10 @@ class MoEWeights:
 
 
 def apply_merged(x: Tensor, w: Mapping[str, Tensor], kind: FFNKind) -> Tensor:
-    """x (n, d) through one merged FFN (pool views) -> (n, d): decode rows and short fp32
-    prompt segments on the CPU in one native call (kernels.ffn; MoEWeights.merge_apply gives
-    the same bits), else two linears around the hidden function."""
+    """x (n, d) through one merged FFN (pool views) -> (n, d): decode rows and short prompt
+    segments (fp32 weights; bf16 with kernels.bf16_dot()) on the CPU in one native call
+    (kernels.ffn; MoEWeights.merge_apply gives the same bits), else two linears around the
+    hidden function."""
     got = kernels.ffn(x, w["fc1_weight"], w.get("fc1_bias"), w["fc2_weight"], w.get("fc2_bias"),
                       kind.activation)
     if got is not None:

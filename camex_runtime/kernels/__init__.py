@@ -16,8 +16,9 @@
   released once), each block's FFN dense or a group of merged experts; `native().attn_block`
   and `norm`: a block's attention half and a norm alone, for a layer that breaks the span (the
   fused decode step, engine/fused_decode.py, which checks where they apply); `ffn(...)` a
-  merged expert's FFN in one call (decode rows, and fp32 prompt segments up to
-  `MERGE_LINEAR_ROWS`), or None where it does not apply; `hidden` its hidden function alone.
+  merged expert's FFN in one call (decode rows, and prompt segments up to `MERGE_LINEAR_ROWS`
+  with fp32 weights, or bf16 ones with `bf16_dot()`), or None where it does not apply;
+  `hidden` its hidden function alone.
 - `merge(base, deltas, coeffs, out)` writes `base + coeffs @ deltas` (one merged expert) in one
   pass over the weights, in their own dtype with fp32 accumulation; elsewhere `torch.addmm`.
   `merge_many` writes several (rows that opened segments in the same step) in one pass.
