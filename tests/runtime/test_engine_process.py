@@ -52,10 +52,10 @@ def lm_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def local(lm_dir):
-    # one thread, as the engine process below. With two, the "prompt-routed" case's third
-    # logprob differed in its last bits (-3.80607963 vs -3.80607939) on a Zen 4 VM; each native
-    # kernel alone gives the same bits at one and two threads and CAMEX_KERNELS=torch has no
-    # difference, so the cause is not traced yet
+    # one thread, as the engine process below: torch's CPU attention kernel (prefill) gives
+    # other bits at two threads (scaled_dot_product_attention, causal, 4 heads x 11 tokens:
+    # up to 1e-8 apart), and the "prompt-routed" case's third logprob then differed in its
+    # last bits (-3.80607963 vs -3.80607939)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     engine = Engine.from_pretrained(lm_dir, **LIMITS)
