@@ -496,8 +496,8 @@ void merge_run(const char* base, const char* deltas, int64_t ld_bytes, const flo
 // 3.1-3.3 for the merge and then torch's bf16 GEMM.
 #define CAMEX_BF16DOT __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
 
-// Lines of the next tile's spans, prefetched into L2 `per_step` at a time from the products'
-// inner loop.
+// Lines of the next tile's spans, prefetched into L2 two at a time (one call per 32-element
+// step of the products' inner loop), round-robin over the spans.
 struct TilePrefetch {
   const char* span[17];
   int64_t n = 0, bytes = 0, next = 0;  // n spans of `bytes` each; lines issued so far
@@ -939,7 +939,7 @@ void linear_into(const float* x, int64_t B, int64_t ldx, const torch::Tensor& w,
   switch (w.scalar_type()) {
     case at::kFloat: run<WType::F32>(x, B, ldx, in, wp, ldw, out, bias, y); break;
     case at::kHalf: run<WType::F16>(x, B, ldx, in, wp, ldw, out, bias, y); break;
-    case at::kBFloat16:
+    case at::kBFloat16:  // the dot kernel reads rows back to back (a pool entry's layout)
       if (dot_for_bf16(B) && ldw == in * 2)
         linear_dot(x, B, ldx, in, reinterpret_cast<const uint16_t*>(wp), out, bias, y);
       else
