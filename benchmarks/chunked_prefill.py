@@ -41,6 +41,10 @@ from camex_runtime import Engine, SamplingParams
 COLS = ["max_batched_tokens", "prefill_time_ratio", "itl_p50_steady_ms", "itl_p99_steady_ms",
         "itl_p50_during_ms", "itl_p99_during_ms", "p99_ratio", "long_ttft_s", "short_ttft_max_s",
         "prefill_steps", "itl_p50_alone_ms", "itl_p99_alone_ms", "p50_vs_alone", "p99_vs_alone"]
+# the pacer's view of the long prompt's prefill (paced runs only; see PacerTrace)
+PACER_COLS = ["max_batched_tokens", "prefill_time_ratio", "paced_steps", "work_p50", "work_mean",
+              "one_token_steps", "held_steps", "decode_base_ms", "decode_p50_ms",
+              "excess_ms_mean", "turn_ms_mean", "fixed_ms", "token_ms", "chunk_ms_p50"]
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -70,6 +74,65 @@ class StepCounter:
         self.steps += 1
         if self.first_token_step is None and self.watch is not None and self.watch._events:
             self.first_token_step = self.steps
+
+
+class PacerTrace:
+    """Records, while `active`, what the engine's prefill pacer saw and granted in each step:
+    the bound (`budget`), its inputs (the baseline decode, the last decode's time beyond it,
+    the known segment-turn time of this step's decode, the chunk time fit), the step's decode
+    time, and the paced work the step did and how long its prefill took. It answers why a long
+    prompt took the steps it took: a slow hour slows every step, but the pacer also shrinks the
+    chunks when decodes run over their baseline."""
+
+    def __init__(self, pacer) -> None:
+        self.pacer, self.active, self.steps = pacer, False, []
+        budget, record_decode, spend = pacer.budget, pacer.record_decode, pacer.spend
+
+        def traced_budget(extra_s: float = 0.0):
+            base = pacer.decode_s
+            last = pacer._decodes[-1] if pacer._decodes else None
+            got = budget(extra_s)
+            if self.active:
+                self.steps.append(dict(
+                    budget=got, turn_s=extra_s, base_s=base,
+                    excess_s=None if base is None else max(0.0, last - base),
+                    fixed_s=pacer.fixed_s, token_s=pacer.token_s, decode_s=None, work=0))
+            return got
+
+        def traced_decode(seconds: float) -> None:
+            if self.active and self.steps:
+                self.steps[-1]["decode_s"] = seconds
+            record_decode(seconds)
+
+        def traced_spend(work_tokens: int) -> None:
+            if self.active and self.steps:
+                self.steps[-1]["work"] = work_tokens
+            spend(work_tokens)
+
+        pacer.budget, pacer.record_decode, pacer.spend = traced_budget, traced_decode, traced_spend
+
+    def summary(self) -> dict:
+        steps = [s for s in self.steps if s["budget"] is not None]
+        paced = [s for s in steps if s["work"] > 0]
+
+        def ms(key: str, xs: list[dict], q: float | None = 0.5) -> float:
+            vals = [s[key] for s in xs if s[key] is not None]
+            if not vals:
+                return float("nan")
+            return 1e3 * (percentile(vals, q) if q is not None else sum(vals) / len(vals))
+
+        fit = paced[-1] if paced else {"fixed_s": float("nan"), "token_s": float("nan")}
+        return dict(
+            paced_steps=len(paced),
+            work_p50=percentile([s["work"] for s in paced], 0.5),
+            work_mean=sum(s["work"] for s in paced) / max(1, len(paced)),
+            one_token_steps=sum(s["budget"] == 1 for s in steps),
+            held_steps=sum(s["budget"] == 0 for s in steps),
+            decode_base_ms=ms("base_s", steps), decode_p50_ms=ms("decode_s", steps),
+            excess_ms_mean=ms("excess_s", steps, None), turn_ms_mean=ms("turn_s", steps, None),
+            fixed_ms=1e3 * fit["fixed_s"], token_ms=1e3 * (fit["token_s"] or float("nan")),
+            chunk_ms_p50=1e3 * percentile([s["fixed_s"] + s["token_s"] * s["work"]
+                                           for s in paced if s["token_s"]], 0.5))
 
 
 def start_streams(engine: Engine, streams: int, ids, max_total: int
@@ -142,6 +205,7 @@ def measure(model_cfg: dict, device, dtype, budget, ratio, streams: int, long_le
     max_total = model_cfg["max_position_embeddings"]
     engine = make_engine(model_cfg, device, dtype, budget, ratio, streams + 1 + shorts, long_len,
                          observer=(counter := StepCounter()))
+    trace = PacerTrace(engine.pacer) if engine.pacer is not None else None
     ids = token_ids(vocab)
     try:
         handles, stamps, readers = start_streams(engine, streams, ids, max_total)
@@ -154,6 +218,8 @@ def measure(model_cfg: dict, device, dtype, budget, ratio, streams: int, long_le
         t_long = time.perf_counter()
         long_stamps: list[float] = []
         steps0 = counter.steps  # the step in flight now may still be before the long prompt
+        if trace is not None:  # before the submit: the step that takes its first chunk counts
+            trace.active = True
         long_h = engine.submit(ids(long_len), SamplingParams(max_new_tokens=4, ignore_eos=True))
         counter.watch = long_h
         readers.append(follow(long_h, long_stamps))
@@ -165,6 +231,8 @@ def measure(model_cfg: dict, device, dtype, budget, ratio, streams: int, long_le
         while not long_stamps or counter.first_token_step is None:
             time.sleep(0.005)
         t_first = long_stamps[0]
+        if trace is not None:
+            trace.active = False
         prefill_steps = counter.first_token_step - steps0  # counting the one in flight, if any
         if any(h.done for h in handles):
             raise RuntimeError("a stream ended before the long prompt was in: use a model with "
@@ -192,7 +260,9 @@ def measure(model_cfg: dict, device, dtype, budget, ratio, streams: int, long_le
                 long_ttft_s=t_first - t_long,
                 short_ttft_max_s=max(((s[0] - t_short) for s in short_stamps if s),
                                      default=float("nan")),
-                prefill_steps=prefill_steps, windows=windows)
+                prefill_steps=prefill_steps, windows=windows,
+                pacer=trace.summary() if trace is not None else None,
+                pacer_steps=trace.steps if trace is not None else None)
 
 
 def compare_alone(row: dict, stamps: list[list[float]]) -> None:
@@ -242,6 +312,14 @@ def main() -> None:
         release()
     print()
     print_table(rows, COLS)
+    paced = [{"max_batched_tokens": r["max_batched_tokens"],
+              "prefill_time_ratio": r["prefill_time_ratio"], **r["pacer"]}
+             for r in rows if r["pacer"]]
+    if paced:
+        print("\nthe pacer during the long prompt's prefill (work: paced prompt tokens + merge "
+              "costs per step; excess: the last decode beyond the baseline, taken off the "
+              "next step's work)")
+        print_table(paced, PACER_COLS)
     write_results("chunked_prefill", args, rows, {"shape": cfg, "long_prompt": long_len,
                                                   "streams": args.streams,
                                                   "steady_tokens": steady_tokens})

@@ -117,3 +117,14 @@ def test_chunked_prefill_benchmark(tmp_path):
         # the counterfactual run over the same tokens, and the ratio against it
         assert r["itl_p99_alone_ms"] > 0
         assert r["p99_vs_alone"] == pytest.approx(r["itl_p99_during_ms"] / r["itl_p99_alone_ms"])
+    # the paced run traces its pacer: every prompt token of the long prefill was paced work in
+    # a traced step, and a step the pacer held (bound 0) did none
+    assert rows["None"]["pacer"] is None
+    paced = rows["8"]
+    assert paced["prefill_time_ratio"] == "1.0"
+    steps = paced["pacer_steps"]
+    assert sum(s["work"] for s in steps) >= report["long_prompt"]
+    assert all(s["work"] == 0 for s in steps if s["budget"] == 0)
+    summary = paced["pacer"]
+    assert summary["paced_steps"] == sum(s["work"] > 0 for s in steps) > 1
+    assert summary["decode_base_ms"] > 0 and summary["token_ms"] > 0
