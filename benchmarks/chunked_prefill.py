@@ -80,12 +80,12 @@ class PacerTrace:
     """Records, while `active`, what the engine's prefill pacer saw and granted in each step:
     the bound (`budget`), its inputs (the baseline decode, the last decode's time beyond it,
     the known segment-turn time of this step's decode, the chunk time fit), the step's decode
-    time, and the paced work the step did and how long its prefill took. It answers why a long
+    time, and the paced work the step did. It answers why a long
     prompt took the steps it took: a slow hour slows every step, but the pacer also shrinks the
     chunks when decodes run over their baseline."""
 
     def __init__(self, pacer) -> None:
-        self.pacer, self.active, self.steps = pacer, False, []
+        self.active, self.steps = False, []
         budget, record_decode, spend = pacer.budget, pacer.record_decode, pacer.spend
 
         def traced_budget(extra_s: float = 0.0):
@@ -131,6 +131,7 @@ class PacerTrace:
             decode_base_ms=ms("base_s", steps), decode_p50_ms=ms("decode_s", steps),
             excess_ms_mean=ms("excess_s", steps, None), turn_ms_mean=ms("turn_s", steps, None),
             fixed_ms=1e3 * fit["fixed_s"], token_ms=1e3 * (fit["token_s"] or float("nan")),
+            # what the fit (as the step's bound was set) gives a step's work: predicted, not timed
             chunk_ms_p50=1e3 * percentile([s["fixed_s"] + s["token_s"] * s["work"]
                                            for s in paced if s["token_s"]], 0.5))
 
@@ -318,7 +319,7 @@ def main() -> None:
     if paced:
         print("\nthe pacer during the long prompt's prefill (work: paced prompt tokens + merge "
               "costs per step; excess: the last decode beyond the baseline, taken off the "
-              "next step's work)")
+              "next step's work; chunk: the fit's time for a step's work, not a timing)")
         print_table(paced, PACER_COLS)
     write_results("chunked_prefill", args, rows, {"shape": cfg, "long_prompt": long_len,
                                                   "streams": args.streams,
