@@ -37,6 +37,16 @@ from peer_models import SHAPES, build_gpt2, build_models  # noqa: E402
 from peer_report import markdown, summarize, targets  # noqa: E402
 
 
+def bench_env(home: Path) -> dict:
+    """A bare environment with its own HOME (nothing from the user's caches), but the native
+    kernels this session builds or built (TORCH_EXTENSIONS_DIR): each fresh HOME would compile
+    them again, over a minute each on two cores, and the compile is not what is tested here."""
+    from torch.utils.cpp_extension import get_default_build_root
+    return {"PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false", "HOME": str(home),
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
+            or get_default_build_root()}
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict:
     return build_models(tmp_path_factory.mktemp("peer") / "work", quick=True, num_prompts=24)
@@ -133,7 +143,7 @@ def test_quick_camex_side_end_to_end(models, tmp_path):
          "--b1-requests", "2", "--concurrent-requests", "4", "--new-tokens", "6",
          "--work", models["work"], "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=450,
-        env={"PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false", "HOME": str(tmp_path)})
+        env=bench_env(tmp_path))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     doc = json.loads(out.read_text())
     assert doc["llama_cpp"] is None and doc["commit"]
@@ -380,7 +390,7 @@ def test_sigterm_ends_the_rounds_servers_too(models, tmp_path):
          "--threads", "1", "--dtypes", "fp32", "--systems", "camex-dense", "--runs", "1",
          "--work", models["work"], "--out", str(tmp_path / "peer.json")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        env={"PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false", "HOME": str(tmp_path)})
+        env=bench_env(tmp_path))
     started: set[int] = set()
     try:
         deadline = time.monotonic() + 240
