@@ -17,7 +17,11 @@
 // intra-op thread pool. AVX2 + FMA + F16C; the Python side checks the CPU before loading this.
 // Where the CPU also has AVX-512, a register-blocked variant compiled for those functions only
 // (chosen at run time, from a row count that depends on the CPU family) gives the same bits.
-#include <torch/extension.h>
+// What Python calls is declared in cpu_decode.h and bound in bindings.cpp, a unit of its own:
+// this one includes only ATen's tensor headers, and the two compile side by side.
+#include "cpu_decode.h"
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 #include <cstdint>
@@ -745,8 +749,8 @@ void attend_one(const float* q, const float* K, const float* V, int64_t L, int64
 
 // base (n,) and every out (n,) contiguous, deltas (E, n) with contiguous rows, one floating
 // dtype; coeffs (S, E) fp32: outs[s] = base + coeffs[s] @ deltas, one pass over the stack.
-void merge_many(const torch::Tensor& base, const torch::Tensor& deltas, const torch::Tensor& coeffs,
-                const std::vector<torch::Tensor>& outs) {
+void merge_many(const at::Tensor& base, const at::Tensor& deltas, const at::Tensor& coeffs,
+                const std::vector<at::Tensor>& outs) {
   TORCH_CHECK(base.is_contiguous() && deltas.dim() == 2 && deltas.stride(1) == 1 &&
               base.numel() == deltas.size(1), "merge layout");
   auto c = coeffs.to(at::kFloat).contiguous();
@@ -773,8 +777,8 @@ void merge_many(const torch::Tensor& base, const torch::Tensor& deltas, const to
   }
 }
 
-void merge(const torch::Tensor& base, const torch::Tensor& deltas, const torch::Tensor& coeffs,
-           torch::Tensor out) {
+void merge(const at::Tensor& base, const at::Tensor& deltas, const at::Tensor& coeffs,
+           at::Tensor out) {
   merge_many(base, deltas, coeffs.reshape({1, -1}), {out});
 }
 
@@ -782,9 +786,9 @@ void merge(const torch::Tensor& base, const torch::Tensor& deltas, const torch::
 // with contiguous rows, one floating dtype; coeffs (E,) fp32; bias (out,) fp32 or None (the
 // merged bias). Writes w = base + coeffs @ deltas (as merge()) and returns x @ w^T + bias
 // (B, out) fp32.
-torch::Tensor merge_linear(const torch::Tensor& x, const torch::Tensor& base,
-                           const torch::Tensor& deltas, const torch::Tensor& coeffs,
-                           torch::Tensor w, const c10::optional<torch::Tensor>& bias) {
+at::Tensor merge_linear(const at::Tensor& x, const at::Tensor& base,
+                        const at::Tensor& deltas, const at::Tensor& coeffs,
+                        at::Tensor w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x layout");
   TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && w.size(1) == x.size(1), "weight layout");
   const int64_t B = x.size(0), in = x.size(1), out = w.size(0);
@@ -801,7 +805,7 @@ torch::Tensor merge_linear(const torch::Tensor& x, const torch::Tensor& base,
                 "bias");
     b = bias->data_ptr<float>();
   }
-  auto y = torch::empty({B, out}, x.options());
+  auto y = at::empty({B, out}, x.options());
   const char* bp = static_cast<const char*>(base.data_ptr());
   const char* dp = static_cast<const char*>(deltas.data_ptr());
   char* wp = static_cast<char*>(w.data_ptr());
@@ -818,19 +822,19 @@ torch::Tensor merge_linear(const torch::Tensor& x, const torch::Tensor& base,
   return y;
 }
 
-void linear_into(const float* x, int64_t B, int64_t ldx, const torch::Tensor& w,
+void linear_into(const float* x, int64_t B, int64_t ldx, const at::Tensor& w,
                  const float* bias, float* y);
 
 // x (B, in) fp32 with unit stride in its last dim; w (out, in) fp32/fp16/bf16 with unit stride
 // in its last dim; bias (out,) fp32 or None. Returns y (B, out) fp32 (linear_into: bf16 weights
 // from bf16_dot_from rows by the bf16 dot kernel, as ffn and merge_linear compute them).
-torch::Tensor linear(const torch::Tensor& x, const torch::Tensor& w,
-                     const c10::optional<torch::Tensor>& bias) {
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
+                  const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shapes");
   TORCH_CHECK(x.scalar_type() == at::kFloat && x.stride(1) == 1 && w.stride(1) == 1, "layout");
   TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "cpu only");
   const int64_t B = x.size(0), out = w.size(0);
-  auto y = torch::empty({B, out}, x.options());
+  auto y = at::empty({B, out}, x.options());
   const float* b = nullptr;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->is_contiguous(), "bias");
@@ -876,16 +880,16 @@ void attend_rows(const float* q, int64_t qs, int64_t qh, const float* k, int64_t
   });
 }
 
-void check_cache(const torch::Tensor& kc, const torch::Tensor& vc) {
+void check_cache(const at::Tensor& kc, const at::Tensor& vc) {
   TORCH_CHECK(kc.dim() == 5 && vc.sizes() == kc.sizes(), "KV cache: (n_layer, slots, KV, max_len, hd)");
   TORCH_CHECK(kc.scalar_type() == at::kFloat && vc.scalar_type() == at::kFloat &&
               kc.is_contiguous() && vc.is_contiguous(), "KV cache: contiguous fp32");
 }
 
 // slots and positions as int64 (B,), each checked against the cache.
-std::pair<torch::Tensor, torch::Tensor> rows_of(const torch::Tensor& slots,
-                                                const torch::Tensor& positions, int64_t B,
-                                                const torch::Tensor& kc) {
+std::pair<at::Tensor, at::Tensor> rows_of(const at::Tensor& slots,
+                                          const at::Tensor& positions, int64_t B,
+                                          const at::Tensor& kc) {
   auto sl = slots.to(at::kLong).contiguous(), ps = positions.to(at::kLong).contiguous();
   TORCH_CHECK(sl.numel() == B && ps.numel() == B, "one slot and position per row");
   const int64_t* slp = sl.data_ptr<int64_t>();
@@ -898,10 +902,10 @@ std::pair<torch::Tensor, torch::Tensor> rows_of(const torch::Tensor& slots,
 
 // q (B, H, hd), k_new / v_new (B, KV, hd) with unit stride in hd; kc / vc (n_layer, S, KV,
 // max_len, hd) contiguous; slots, positions (B,) int64. Returns (B, H, hd).
-torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_new,
-                               const torch::Tensor& v_new, torch::Tensor kc, torch::Tensor vc,
-                               int64_t layer, const torch::Tensor& slots,
-                               const torch::Tensor& positions) {
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
+                            const at::Tensor& v_new, at::Tensor kc, at::Tensor vc,
+                            int64_t layer, const at::Tensor& slots,
+                            const at::Tensor& positions) {
   TORCH_CHECK(q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3, "decode_attention shapes");
   check_cache(kc, vc);
   TORCH_CHECK(q.scalar_type() == at::kFloat && k_new.scalar_type() == at::kFloat &&
@@ -913,7 +917,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ne
               v_new.size(1) == KV && H % KV == 0 && layer >= 0 && layer < kc.size(0),
               "decode_attention sizes");
   auto [sl, ps] = rows_of(slots, positions, B, kc);
-  auto out = torch::empty({B, H, hd}, q.options());
+  auto out = at::empty({B, H, hd}, q.options());
   attend_rows(q.data_ptr<float>(), q.stride(0), q.stride(1), k_new.data_ptr<float>(),
               k_new.stride(0), k_new.stride(1), v_new.data_ptr<float>(), v_new.stride(0),
               v_new.stride(1), kc.data_ptr<float>(),
@@ -930,7 +934,7 @@ torch::Tensor decode_attention(const torch::Tensor& q, const torch::Tensor& k_ne
 // kernel above for the products.
 
 // y (B, out) = x (B, in) @ w^T + bias, any weight dtype the linear kernel takes
-void linear_into(const float* x, int64_t B, int64_t ldx, const torch::Tensor& w,
+void linear_into(const float* x, int64_t B, int64_t ldx, const at::Tensor& w,
                  const float* bias, float* y) {
   TORCH_CHECK(w.dim() == 2 && w.stride(1) == 1 && w.device().is_cpu(), "weight layout");
   const int64_t in = w.size(1), out = w.size(0);
@@ -949,7 +953,7 @@ void linear_into(const float* x, int64_t B, int64_t ldx, const torch::Tensor& w,
   }
 }
 
-const float* fp32_or_null(const c10::optional<torch::Tensor>& t, int64_t n, const char* what) {
+const float* fp32_or_null(const c10::optional<at::Tensor>& t, int64_t n, const char* what) {
   if (!t.has_value() || !t->defined()) return nullptr;
   TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == n, what,
               ": ", n, " contiguous fp32 values");
@@ -1027,17 +1031,17 @@ inline void rotate(float* x, const float* cos, const float* sin, int64_t rot) {
   }
 }
 
-void check_rows(const torch::Tensor& x) {
+void check_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous() &&
               x.device().is_cpu(), "x: (B, d) contiguous fp32 on the CPU");
 }
 
 // Row-wise norm of x (B, d): LayerNorm with `bias` (or none), or RMSNorm (rms = true).
-torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& weight,
-                   const c10::optional<torch::Tensor>& bias, double eps, bool rms) {
+at::Tensor norm(const at::Tensor& x, const at::Tensor& weight,
+                const c10::optional<at::Tensor>& bias, double eps, bool rms) {
   check_rows(x);
   const int64_t B = x.size(0), d = x.size(1);
-  auto y = torch::empty_like(x);
+  auto y = at::empty_like(x);
   norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(weight, d, "norm weight"),
             fp32_or_null(bias, d, "norm bias"), !rms, eps, y.data_ptr<float>());
   return y;
@@ -1047,14 +1051,14 @@ torch::Tensor norm(const torch::Tensor& x, const torch::Tensor& weight,
 // projection (rows: H query heads, KV key heads, KV value heads of hd), rotary positions from
 // the cos / sin tables (max_pos, rot) when given, the keys and values written into the cache
 // at (layer, slot, :, position), each row attending over its own positions.
-torch::Tensor attn_block(const torch::Tensor& x, const torch::Tensor& norm_w,
-                         const c10::optional<torch::Tensor>& norm_b, double eps, bool rms,
-                         const torch::Tensor& w_qkv, const c10::optional<torch::Tensor>& b_qkv,
-                         const torch::Tensor& w_o, const c10::optional<torch::Tensor>& b_o,
-                         torch::Tensor kc, torch::Tensor vc, int64_t layer,
-                         const torch::Tensor& slots, const torch::Tensor& positions,
-                         const c10::optional<torch::Tensor>& cos,
-                         const c10::optional<torch::Tensor>& sin, int64_t H, int64_t KV) {
+at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
+                      const c10::optional<at::Tensor>& norm_b, double eps, bool rms,
+                      const at::Tensor& w_qkv, const c10::optional<at::Tensor>& b_qkv,
+                      const at::Tensor& w_o, const c10::optional<at::Tensor>& b_o,
+                      at::Tensor kc, at::Tensor vc, int64_t layer,
+                      const at::Tensor& slots, const at::Tensor& positions,
+                      const c10::optional<at::Tensor>& cos,
+                      const c10::optional<at::Tensor>& sin, int64_t H, int64_t KV) {
   check_rows(x);
   check_cache(kc, vc);
   const int64_t B = x.size(0), d = x.size(1), hd = kc.size(4);
@@ -1064,10 +1068,10 @@ torch::Tensor attn_block(const torch::Tensor& x, const torch::Tensor& norm_w,
   auto [sl, ps] = rows_of(slots, positions, B, kc);
   const int64_t* pp = ps.data_ptr<int64_t>();
   const int64_t nq = (H + 2 * KV) * hd;
-  auto h = torch::empty({B, d}, x.options());
-  auto qkv = torch::empty({B, nq}, x.options());
-  auto o = torch::empty({B, H * hd}, x.options());
-  auto y = torch::empty({B, d}, x.options());
+  auto h = at::empty({B, d}, x.options());
+  auto qkv = at::empty({B, nq}, x.options());
+  auto o = at::empty({B, H * hd}, x.options());
+  auto y = at::empty({B, d}, x.options());
   norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(norm_w, d, "norm weight"),
             fp32_or_null(norm_b, d, "norm bias"), !rms, eps, h.data_ptr<float>());
   linear_into(h.data_ptr<float>(), B, d, w_qkv, fp32_or_null(b_qkv, nq, "qkv bias"),
@@ -1100,28 +1104,28 @@ torch::Tensor attn_block(const torch::Tensor& x, const torch::Tensor& norm_w,
 // y (B, d) = down(hidden(up(h))) for h (B, d): GPT-2's GELU FFN, or SwiGLU, silu(gate(h)) *
 // up(h), with the gate either its own matrix (w_gate) or, `stacked`, the first half of w_up's
 // rows (the serving layout of a merged expert: [gate; up] as one matrix).
-void ffn_into(const float* h, int64_t B, int64_t d, const c10::optional<torch::Tensor>& w_gate,
-              const c10::optional<torch::Tensor>& b_gate, const torch::Tensor& w_up,
-              const c10::optional<torch::Tensor>& b_up, const torch::Tensor& w_down,
-              const c10::optional<torch::Tensor>& b_down, bool stacked, float* y) {
+void ffn_into(const float* h, int64_t B, int64_t d, const c10::optional<at::Tensor>& w_gate,
+              const c10::optional<at::Tensor>& b_gate, const at::Tensor& w_up,
+              const c10::optional<at::Tensor>& b_up, const at::Tensor& w_down,
+              const c10::optional<at::Tensor>& b_down, bool stacked, float* y) {
   const bool gate_matrix = w_gate.has_value() && w_gate->defined();
   TORCH_CHECK(!(gate_matrix && stacked), "a gate matrix or a stacked gate, not both");
   const int64_t rows = w_up.size(0), f = stacked ? rows / 2 : rows;
   TORCH_CHECK(w_up.dim() == 2 && w_up.size(1) == d && w_down.dim() == 2 && w_down.size(0) == d &&
               w_down.size(1) == f && (!stacked || rows % 2 == 0) &&
               (!gate_matrix || (w_gate->size(0) == f && w_gate->size(1) == d)), "ffn sizes");
-  const auto opts = torch::TensorOptions().dtype(at::kFloat);
-  auto u = torch::empty({B, rows}, opts);
+  const auto opts = at::TensorOptions().dtype(at::kFloat);
+  auto u = at::empty({B, rows}, opts);
   float* up = u.data_ptr<float>();
   linear_into(h, B, d, w_up, fp32_or_null(b_up, rows, "up bias"), up);
-  torch::Tensor hid_t;
+  at::Tensor hid_t;
   const float* hid = up;
   if (gate_matrix) {
-    auto g = torch::empty({B, f}, opts);
+    auto g = at::empty({B, f}, opts);
     linear_into(h, B, d, *w_gate, fp32_or_null(b_gate, f, "gate bias"), g.data_ptr<float>());
     silu_mul(g.data_ptr<float>(), up, up, B * f);
   } else if (stacked) {
-    hid_t = torch::empty({B, f}, opts);
+    hid_t = at::empty({B, f}, opts);
     for (int64_t b = 0; b < B; ++b)
       silu_mul(up + b * rows, up + b * rows + f, hid_t.data_ptr<float>() + b * f, f);
     hid = hid_t.data_ptr<float>();
@@ -1133,12 +1137,12 @@ void ffn_into(const float* h, int64_t B, int64_t d, const c10::optional<torch::T
 
 // FFN(h) for h (B, d) with [gate; up] stacked in w1 when `glu`, else GELU (a merged expert
 // from the pool, merge_cache's layout)
-torch::Tensor ffn(const torch::Tensor& h, const torch::Tensor& w1,
-                  const c10::optional<torch::Tensor>& b1, const torch::Tensor& w2,
-                  const c10::optional<torch::Tensor>& b2, bool glu) {
+at::Tensor ffn(const at::Tensor& h, const at::Tensor& w1,
+               const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
+               const c10::optional<at::Tensor>& b2, bool glu) {
   check_rows(h);
   const int64_t B = h.size(0), d = h.size(1);
-  auto y = torch::empty({B, d}, h.options());
+  auto y = at::empty({B, d}, h.options());
   ffn_into(h.data_ptr<float>(), B, d, c10::nullopt, c10::nullopt, w1, b1, w2, b2, glu,
            y.data_ptr<float>());
   return y;
@@ -1147,11 +1151,11 @@ torch::Tensor ffn(const torch::Tensor& h, const torch::Tensor& w1,
 // The FFN's hidden function alone, as ffn() applies it: u (B, f) -> GELU(u), or u (B, 2f) with
 // [gate; up] per row -> silu(gate) * up (B, f), when `glu`. For a product made elsewhere
 // (merge_linear) that must give ffn()'s bits.
-torch::Tensor hidden(const torch::Tensor& u, bool glu) {
+at::Tensor hidden(const at::Tensor& u, bool glu) {
   check_rows(u);
   const int64_t B = u.size(0), rows = u.size(1), f = glu ? rows / 2 : rows;
   TORCH_CHECK(!glu || rows % 2 == 0, "a stacked gate needs an even width");
-  auto out = glu ? torch::empty({B, f}, u.options()) : u.clone();
+  auto out = glu ? at::empty({B, f}, u.options()) : u.clone();
   float* op = out.data_ptr<float>();
   if (glu) {
     const float* up = u.data_ptr<float>();
@@ -1162,9 +1166,8 @@ torch::Tensor hidden(const torch::Tensor& u, bool glu) {
   return out;
 }
 
-using OptT = c10::optional<torch::Tensor>;
 
-const torch::Tensor& given(const OptT& t, const char* what) {
+const at::Tensor& given(const OptT& t, const char* what) {
   TORCH_CHECK(t.has_value() && t->defined(), what, " is required");
   return *t;
 }
@@ -1183,14 +1186,14 @@ const torch::Tensor& given(const OptT& t, const char* what) {
 // has one group of all rows, a merged-expert block a group per merged expert its rows use.
 // With final_w, the result goes through the model's final norm. The same arithmetic as
 // attn_block + norm + ffn + add called one by one, so the same bits.
-torch::Tensor layers(torch::Tensor x, const std::vector<std::vector<OptT>>& blocks,
-                     const std::vector<double>& eps, const std::vector<int64_t>& ints,
-                     const std::vector<std::vector<std::vector<OptT>>>& ffns,
-                     const std::vector<OptT>& acc_slots, const OptT& seg_sum, torch::Tensor kc,
-                     torch::Tensor vc, const torch::Tensor& slots,
-                     const torch::Tensor& positions, const OptT& cos, const OptT& sin,
-                     int64_t H, int64_t KV, const OptT& final_w, const OptT& final_b,
-                     double final_eps, bool final_rms) {
+at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
+                  const std::vector<double>& eps, const std::vector<int64_t>& ints,
+                  const std::vector<std::vector<std::vector<OptT>>>& ffns,
+                  const std::vector<OptT>& acc_slots, const OptT& seg_sum, at::Tensor kc,
+                  at::Tensor vc, const at::Tensor& slots,
+                  const at::Tensor& positions, const OptT& cos, const OptT& sin,
+                  int64_t H, int64_t KV, const OptT& final_w, const OptT& final_b,
+                  double final_eps, bool final_rms) {
   check_rows(x);
   const size_t L = blocks.size();
   TORCH_CHECK(eps.size() == 2 * L && ints.size() == 5 * L && ffns.size() == L &&
@@ -1204,7 +1207,7 @@ torch::Tensor layers(torch::Tensor x, const std::vector<std::vector<OptT>>& bloc
     x = attn_block(x, given(k[0], "norm weight"), k[1], eps[2 * i], f[1] != 0,
                    given(k[2], "qkv weight"), k[3], given(k[4], "o weight"), k[5], kc, vc, f[0],
                    slots, positions, cos, sin, H, KV);
-    auto h = torch::empty({B, d}, x.options());
+    auto h = at::empty({B, d}, x.options());
     float* hp = h.data_ptr<float>();
     norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(given(k[6], "norm weight"), d,
               "norm weight"), fp32_or_null(k[7], d, "norm bias"), f[2] == 0, eps[2 * i + 1], hp);
@@ -1225,7 +1228,7 @@ torch::Tensor layers(torch::Tensor x, const std::vector<std::vector<OptT>>& bloc
         for (int64_t j = 0; j < d; ++j) dst[j] += hp[b * d + j];
       }
     }
-    auto y = torch::empty({B, d}, x.options());
+    auto y = at::empty({B, d}, x.options());
     float* yp = y.data_ptr<float>();
     std::fill(seen.begin(), seen.end(), 0);
     for (const auto& g : ffns[i]) {
@@ -1243,8 +1246,8 @@ torch::Tensor layers(torch::Tensor x, const std::vector<std::vector<OptT>>& bloc
                   rows.numel() > 0 && rows.numel() <= B, "FFN group rows: (n,) int64");
       const int64_t n = rows.numel();
       const int64_t* rp = rows.data_ptr<int64_t>();
-      auto hg = torch::empty({n, d}, x.options());
-      auto yg = torch::empty({n, d}, x.options());
+      auto hg = at::empty({n, d}, x.options());
+      auto yg = at::empty({n, d}, x.options());
       for (int64_t r = 0; r < n; ++r) {
         TORCH_CHECK(rp[r] >= 0 && rp[r] < B && !seen[rp[r]], "FFN groups: each row once");
         seen[rp[r]] = 1;
@@ -1262,7 +1265,7 @@ torch::Tensor layers(torch::Tensor x, const std::vector<std::vector<OptT>>& bloc
     x = y;
   }
   if (final_w.has_value() && final_w->defined()) {
-    auto y = torch::empty_like(x);
+    auto y = at::empty_like(x);
     norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(*final_w, d, "norm weight"),
               fp32_or_null(final_b, d, "norm bias"), !final_rms, final_eps, y.data_ptr<float>());
     return y;
@@ -1288,7 +1291,6 @@ int64_t set_bf16_dot(int64_t from) {
   return bf16_dot_from;
 }
 
-using Tuning = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>;
 
 Avx512Tuning& tuning_of(const std::string& weights) {
   TORCH_CHECK(weights == "fp32" || weights == "16bit", "tune: weights \"fp32\" or \"16bit\"");
@@ -1313,39 +1315,6 @@ Tuning tune(const std::string& weights, int64_t from, int64_t pair, int64_t quad
   return tuning(weights);
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("set_isa", &set_isa, "choose the linear kernel's instruction set (tests, benchmarks)",
-        py::arg("isa"), py::arg("rows") = 0);
-  m.def("isa", [] { return std::string(use_avx512 ? "avx512" : "avx2"); });
-  m.def("tune", &tune,
-        "for fp32 or 16-bit weights: inputs from which AVX-512 runs, and two / four weight rows "
-        "per pass (0: never); software prefetch distances in bytes into L1 and L2 (0: none)",
-        py::arg("weights"), py::arg("avx512_from"), py::arg("pair_from"), py::arg("quad_from"),
-        py::arg("prefetch_near"), py::arg("prefetch_far"));
-  m.def("tuning", &tuning, py::arg("weights"));
-  m.def("has_bf16_dot", &has_avx512_bf16, "whether this CPU has AVX512-BF16");
-  m.def("set_bf16_dot", &set_bf16_dot,
-        "from how many rows bf16 weights' products use the bf16 dot kernel (0: never)",
-        py::arg("from_rows"));
-  m.def("bf16_dot", [] { return bf16_dot_from; });
-  // Without the GIL: the kernels touch no Python object, and while a decode step streams
-  // weights the server's event loop thread must be free to send the previous token.
-  using nogil = py::call_guard<py::gil_scoped_release>;
-  m.def("linear", &linear, "weight-streaming y = x @ w.T + b for a few fp32 rows", nogil());
-  m.def("decode_attention", &decode_attention,
-        "write one decode step's keys/values into the cache and attend, per row", nogil());
-  m.def("norm", &norm, "row-wise LayerNorm / RMSNorm of (B, d) fp32", nogil());
-  m.def("attn_block", &attn_block,
-        "x + attention half of a pre-norm block, one decode token per row", nogil());
-  m.def("ffn", &ffn, "a (merged) FFN, GELU or SwiGLU with [gate; up] stacked", nogil());
-  m.def("hidden", &hidden, "the FFN's hidden function as ffn applies it", nogil());
-  m.def("layers", &layers,
-        "a span of pre-norm blocks (attention, norm, dense or merged-expert FFN groups) for "
-        "one decode token per row", nogil());
-  m.def("merge", &merge, "out = base + coeffs @ deltas, streamed once, fp32 accumulation",
-        nogil());
-  m.def("merge_linear", &merge_linear,
-        "w = base + coeffs @ deltas and x @ w.T + bias, a tile of w at a time", nogil());
-  m.def("merge_many", &merge_many,
-        "outs[s] = base + coeffs[s] @ deltas for every s, the stack streamed once", nogil());
-}
+std::string isa() { return use_avx512 ? "avx512" : "avx2"; }
+bool has_bf16_dot() { return has_avx512_bf16(); }
+int64_t bf16_dot() { return bf16_dot_from; }

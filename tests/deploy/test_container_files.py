@@ -130,7 +130,8 @@ def test_native_kernels_are_prebuilt_and_shipped_in_the_runtime_image():
 
 
 def test_the_wheel_carries_the_native_kernels_source(tmp_path):
-    """`pip install .` (the image does) must install cpu_decode.cpp next to its loader."""
+    """`pip install .` (the image does) must install every source and header the kernels'
+    build compiles next to its loader."""
     import sys
     import zipfile
 
@@ -140,5 +141,7 @@ def test_the_wheel_carries_the_native_kernels_source(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     (wheel,) = tmp_path.glob("camex_serve-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "camex_runtime/kernels/cpu_decode.cpp" in names
+    from camex_runtime.kernels import build
+    wanted = {f"camex_runtime/kernels/{p.name}" for p in (*build.SOURCES, *build.HEADERS)}
+    assert len(wanted) == 3 and wanted <= set(names), sorted(wanted - set(names))
     assert "camex_runtime/kernels/build.py" in names

@@ -66,6 +66,27 @@ def test_the_build_directory_follows_the_source_and_an_explicit_setting(monkeypa
     assert build.build_dir() == tmp_path / "baked"
 
 
+def test_the_fingerprint_covers_every_unit_and_header(monkeypatch, tmp_path):
+    """An edit to any file the build compiles or includes gives another build directory; each
+    of those files exists (the wheel ships them: tests/deploy)."""
+    assert {p.suffix for p in build.SOURCES} == {".cpp"} and build.HEADERS
+    before = build.fingerprint()
+    for name in ("SOURCES", "HEADERS"):
+        files = getattr(build, name)
+        copies = []
+        for path in files:
+            copy = tmp_path / name / path.name
+            copy.parent.mkdir(exist_ok=True)
+            copy.write_bytes(path.read_bytes())
+            copies.append(copy)
+        monkeypatch.setattr(build, name, tuple(copies))
+        assert build.fingerprint() == before  # same bytes, same name: same build
+        copies[-1].write_bytes(copies[-1].read_bytes() + b"\n// edited\n")
+        assert build.fingerprint() != before
+        monkeypatch.setattr(build, name, files)
+    assert build.fingerprint() == before
+
+
 def test_a_stamp_from_other_sources_is_not_imported(tmp_path):
     (tmp_path / f"{build.NAME}.so").write_bytes(b"not a library")
     (tmp_path / build.STAMP).write_text(json.dumps({"fingerprint": "0" * 64}))

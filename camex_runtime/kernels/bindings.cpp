@@ -1,0 +1,44 @@
+// The Python module of the native kernels (cpu_decode.cpp): pybind11 bindings only.
+//
+// A unit of its own so the two compile side by side: pybind11 and torch's Python headers take
+// about as long to compile as all the kernels, which need only ATen's tensor headers.
+#include <torch/csrc/utils/pybind.h>
+
+#include "cpu_decode.h"
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("set_isa", &set_isa, "choose the linear kernel's instruction set (tests, benchmarks)",
+        py::arg("isa"), py::arg("rows") = 0);
+  m.def("isa", &isa);
+  m.def("tune", &tune,
+        "for fp32 or 16-bit weights: inputs from which AVX-512 runs, and two / four weight rows "
+        "per pass (0: never); software prefetch distances in bytes into L1 and L2 (0: none)",
+        py::arg("weights"), py::arg("avx512_from"), py::arg("pair_from"), py::arg("quad_from"),
+        py::arg("prefetch_near"), py::arg("prefetch_far"));
+  m.def("tuning", &tuning, py::arg("weights"));
+  m.def("has_bf16_dot", &has_bf16_dot, "whether this CPU has AVX512-BF16");
+  m.def("set_bf16_dot", &set_bf16_dot,
+        "from how many rows bf16 weights' products use the bf16 dot kernel (0: never)",
+        py::arg("from_rows"));
+  m.def("bf16_dot", &bf16_dot);
+  // Without the GIL: the kernels touch no Python object, and while a decode step streams
+  // weights the server's event loop thread must be free to send the previous token.
+  using nogil = py::call_guard<py::gil_scoped_release>;
+  m.def("linear", &linear, "weight-streaming y = x @ w.T + b for a few fp32 rows", nogil());
+  m.def("decode_attention", &decode_attention,
+        "write one decode step's keys/values into the cache and attend, per row", nogil());
+  m.def("norm", &norm, "row-wise LayerNorm / RMSNorm of (B, d) fp32", nogil());
+  m.def("attn_block", &attn_block,
+        "x + attention half of a pre-norm block, one decode token per row", nogil());
+  m.def("ffn", &ffn, "a (merged) FFN, GELU or SwiGLU with [gate; up] stacked", nogil());
+  m.def("hidden", &hidden, "the FFN's hidden function as ffn applies it", nogil());
+  m.def("layers", &layers,
+        "a span of pre-norm blocks (attention, norm, dense or merged-expert FFN groups) for "
+        "one decode token per row", nogil());
+  m.def("merge", &merge, "out = base + coeffs @ deltas, streamed once, fp32 accumulation",
+        nogil());
+  m.def("merge_linear", &merge_linear,
+        "w = base + coeffs @ deltas and x @ w.T + bias, a tile of w at a time", nogil());
+  m.def("merge_many", &merge_many,
+        "outs[s] = base + coeffs[s] @ deltas for every s, the stack streamed once", nogil());
+}

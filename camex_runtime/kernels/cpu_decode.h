@@ -1,0 +1,53 @@
+// What cpu_decode.cpp exports to its Python bindings (bindings.cpp); each is described where it
+// is defined. Only ATen's tensor header: the kernels' unit never parses pybind11 or torch's C++
+// frontend, the slowest part of a build.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <string>
+#include <tuple>
+#include <vector>
+
+using OptT = c10::optional<at::Tensor>;
+using Tuning = std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t>;
+
+// instruction set and per-CPU-family settings
+std::string set_isa(const std::string& isa, int64_t rows);
+std::string isa();
+Tuning tune(const std::string& weights, int64_t from, int64_t pair, int64_t quad, int64_t near,
+            int64_t far);
+Tuning tuning(const std::string& weights);
+bool has_bf16_dot();
+int64_t set_bf16_dot(int64_t from);
+int64_t bf16_dot();
+
+// kernels
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const OptT& bias);
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
+                            const at::Tensor& v_new, at::Tensor kc, at::Tensor vc,
+                            int64_t layer, const at::Tensor& slots, const at::Tensor& positions);
+at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, const OptT& bias, double eps,
+                bool rms);
+at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w, const OptT& norm_b,
+                      double eps, bool rms, const at::Tensor& w_qkv, const OptT& b_qkv,
+                      const at::Tensor& w_o, const OptT& b_o, at::Tensor kc, at::Tensor vc,
+                      int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
+                      const OptT& cos, const OptT& sin, int64_t H, int64_t KV);
+at::Tensor ffn(const at::Tensor& h, const at::Tensor& w1, const OptT& b1, const at::Tensor& w2,
+               const OptT& b2, bool glu);
+at::Tensor hidden(const at::Tensor& u, bool glu);
+at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
+                  const std::vector<double>& eps, const std::vector<int64_t>& ints,
+                  const std::vector<std::vector<std::vector<OptT>>>& ffns,
+                  const std::vector<OptT>& acc_slots, const OptT& seg_sum, at::Tensor kc,
+                  at::Tensor vc, const at::Tensor& slots, const at::Tensor& positions,
+                  const OptT& cos, const OptT& sin, int64_t H, int64_t KV, const OptT& final_w,
+                  const OptT& final_b, double final_eps, bool final_rms);
+void merge(const at::Tensor& base, const at::Tensor& deltas, const at::Tensor& coeffs,
+           at::Tensor out);
+at::Tensor merge_linear(const at::Tensor& x, const at::Tensor& base, const at::Tensor& deltas,
+                        const at::Tensor& coeffs, at::Tensor w, const OptT& bias);
+void merge_many(const at::Tensor& base, const at::Tensor& deltas, const at::Tensor& coeffs,
+                const std::vector<at::Tensor>& outs);
