@@ -2,8 +2,9 @@
 
 The extension lives in a build directory: `$CAMEX_KERNELS_DIR` where set (an image bakes a
 prebuilt one there), else `<torch's extension root>/camex_cpu_decode-<fingerprint>`, where the
-fingerprint hashes the source, the compiler flags, torch's version and Python's, so two
-checkouts of the same code share one build and an upgrade never loads a stale library.
+fingerprint hashes the sources (kernels, bindings, header), the compiler flags, torch's version
+and Python's, so two checkouts of the same code share one build and an upgrade never loads a
+stale library.
 
 - A directory whose `stamp.json` carries the current fingerprint is imported directly: no
   compiler, no ninja, nothing written (a read-only image layer serves).
