@@ -44,7 +44,8 @@ COLS = ["max_batched_tokens", "prefill_time_ratio", "itl_p50_steady_ms", "itl_p9
 # the pacer's view of the long prompt's prefill (paced runs only; see PacerTrace)
 PACER_COLS = ["max_batched_tokens", "prefill_time_ratio", "paced_steps", "work_p50", "work_mean",
               "one_token_steps", "held_steps", "decode_base_ms", "decode_p50_ms",
-              "excess_ms_mean", "turn_ms_mean", "fixed_ms", "token_ms", "chunk_ms_p50"]
+              "excess_ms_mean", "turn_ms_mean", "fixed_ms", "token_ms", "chunk_ms_p50",
+              "timed_chunks", "timed_chunk_ms_p50"]
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -80,13 +81,16 @@ class PacerTrace:
     """Records, while `active`, what the engine's prefill pacer saw and granted in each step:
     the bound (`budget`), its inputs (the baseline decode, the last decode's time beyond it,
     the known segment-turn time of this step's decode, the chunk time fit), the step's decode
-    time, and the paced work the step did. It answers why a long
+    time, the paced work the step did, and the prefill timings the fit took in (`chunks`:
+    [work, seconds] pairs; a prefill with a routing decision is priced, not timed, and has
+    none), so another fit can be replayed on the same run. It answers why a long
     prompt took the steps it took: a slow hour slows every step, but the pacer also shrinks the
     chunks when decodes run over their baseline."""
 
     def __init__(self, pacer) -> None:
         self.active, self.steps = False, []
         budget, record_decode, spend = pacer.budget, pacer.record_decode, pacer.spend
+        record_prefill = pacer.record_prefill
 
         def traced_budget(extra_s: float = 0.0):
             base = pacer.decode_s
@@ -96,7 +100,8 @@ class PacerTrace:
                 self.steps.append(dict(
                     budget=got, turn_s=extra_s, base_s=base,
                     excess_s=None if base is None else max(0.0, last - base),
-                    fixed_s=pacer.fixed_s, token_s=pacer.token_s, decode_s=None, work=0))
+                    fixed_s=pacer.fixed_s, token_s=pacer.token_s, decode_s=None, work=0,
+                    chunks=[]))
             return got
 
         def traced_decode(seconds: float) -> None:
@@ -109,7 +114,13 @@ class PacerTrace:
                 self.steps[-1]["work"] = work_tokens
             spend(work_tokens)
 
+        def traced_prefill(work_tokens: int, seconds: float) -> None:
+            if self.active and self.steps:
+                self.steps[-1]["chunks"].append([work_tokens, seconds])
+            record_prefill(work_tokens, seconds)
+
         pacer.budget, pacer.record_decode, pacer.spend = traced_budget, traced_decode, traced_spend
+        pacer.record_prefill = traced_prefill
 
     def summary(self) -> dict:
         steps = [s for s in self.steps if s["budget"] is not None]
@@ -133,7 +144,9 @@ class PacerTrace:
             fixed_ms=1e3 * fit["fixed_s"], token_ms=1e3 * (fit["token_s"] or float("nan")),
             # what the fit (as the step's bound was set) gives a step's work: predicted, not timed
             chunk_ms_p50=1e3 * percentile([s["fixed_s"] + s["token_s"] * s["work"]
-                                           for s in paced if s["token_s"]], 0.5))
+                                           for s in paced if s["token_s"]], 0.5),
+            timed_chunks=sum(len(s["chunks"]) for s in steps),
+            timed_chunk_ms_p50=1e3 * percentile([t for s in steps for _, t in s["chunks"]], 0.5))
 
 
 def start_streams(engine: Engine, streams: int, ids, max_total: int

@@ -128,3 +128,35 @@ def test_chunked_prefill_benchmark(tmp_path):
     summary = paced["pacer"]
     assert summary["paced_steps"] == sum(s["work"] > 0 for s in steps) > 1
     assert summary["decode_base_ms"] > 0 and summary["token_ms"] > 0
+    # the prefill timings the fit took in (none in this shape: its 5-token chunks each build a
+    # share of a decision's merges, priced rather than timed; see the trace's own test below)
+    timed = [c for s in steps for c in s["chunks"]]
+    assert summary["timed_chunks"] == len(timed)
+    assert all(work > 0 and seconds > 0 for work, seconds in timed)
+
+
+def test_the_pacer_trace_keeps_what_the_fit_took_in():
+    """PacerTrace records, per step of the traced window, the prefill timings the pacer's fit
+    took in, while the pacer computes exactly what it computes untraced."""
+    sys.path.insert(0, str(BENCH))
+    from chunked_prefill import PacerTrace
+
+    from camex_runtime.engine.scheduler import PrefillPacer
+
+    traced, plain = PrefillPacer(1.0, burst=64), PrefillPacer(1.0, burst=64)
+    trace = PacerTrace(traced)
+    timings = [(10, 0.05), (30, 0.09), (4, 0.04)]
+    budgets: dict[int, list] = {id(traced): [], id(plain): []}
+    for i, (work, seconds) in enumerate(timings):
+        trace.active = i > 0  # the first step is outside the traced window
+        for p in (traced, plain):
+            p.record_decode(0.1)
+            budgets[id(p)].append(p.budget())
+            p.record_prefill(work, seconds)
+            p.spend(work)
+    assert budgets[id(traced)] == budgets[id(plain)]
+    assert budgets[id(plain)][0] is None and all(b >= 1 for b in budgets[id(plain)][1:])
+    assert [s["chunks"] for s in trace.steps] == [[[30, 0.09]], [[4, 0.04]]]
+    assert [s["work"] for s in trace.steps] == [30, 4]
+    assert (traced.fixed_s, traced.token_s, traced.credit) == (
+        plain.fixed_s, plain.token_s, plain.credit)
