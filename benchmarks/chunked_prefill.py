@@ -83,12 +83,13 @@ class PacerTrace:
     the known segment-turn time of this step's decode, the chunk time fit), the step's decode
     time, the paced work the step did, and the prefill timings the fit took in (`chunks`:
     [work, seconds] pairs; a prefill with a routing decision is priced, not timed, and has
-    none), so another fit can be replayed on the same run. It answers why a long
-    prompt took the steps it took: a slow hour slows every step, but the pacer also shrinks the
-    chunks when decodes run over their baseline."""
+    none) with the fit's state where the trace starts, so another fit can be replayed on the
+    same run. It answers why a long prompt took the steps it took: a slow hour slows every
+    step, but the pacer also shrinks the chunks when decodes run over their baseline."""
 
     def __init__(self, pacer) -> None:
         self.active, self.steps = False, []
+        self.fit_at_start: list[float] | None = None  # the fit's weighted sums, first step
         budget, record_decode, spend = pacer.budget, pacer.record_decode, pacer.spend
         record_prefill = pacer.record_prefill
 
@@ -96,6 +97,8 @@ class PacerTrace:
             base = pacer.decode_s
             last = pacer._decodes[-1] if pacer._decodes else None
             got = budget(extra_s)
+            if self.active and not self.steps:
+                self.fit_at_start = list(pacer._fit)
             if self.active:
                 self.steps.append(dict(
                     budget=got, turn_s=extra_s, base_s=base,
@@ -146,6 +149,8 @@ class PacerTrace:
             chunk_ms_p50=1e3 * percentile([s["fixed_s"] + s["token_s"] * s["work"]
                                            for s in paced if s["token_s"]], 0.5),
             timed_chunks=sum(len(s["chunks"]) for s in steps),
+            # with the timings, what replays the fit exactly (PrefillPacer._fit)
+            fit_sums_at_start=self.fit_at_start,
             timed_chunk_ms_p50=1e3 * percentile([t for s in steps for _, t in s["chunks"]], 0.5))
 
 

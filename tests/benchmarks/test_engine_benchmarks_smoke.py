@@ -158,5 +158,14 @@ def test_the_pacer_trace_keeps_what_the_fit_took_in():
     assert budgets[id(plain)][0] is None and all(b >= 1 for b in budgets[id(plain)][1:])
     assert [s["chunks"] for s in trace.steps] == [[[30, 0.09]], [[4, 0.04]]]
     assert [s["work"] for s in trace.steps] == [30, 4]
+    # the fit's state where the trace starts: replaying the traced timings from it gives the
+    # fit the pacer ended with
+    replay = PrefillPacer(1.0, burst=64)
+    replay.token_s = trace.steps[0]["token_s"]
+    replay._fit = list(trace.summary()["fit_sums_at_start"])
+    for s in trace.steps:
+        for work, seconds in s["chunks"]:
+            replay.record_prefill(work, seconds)
+    assert (replay.fixed_s, replay.token_s) == (traced.fixed_s, traced.token_s)
     assert (traced.fixed_s, traced.token_s, traced.credit) == (
         plain.fixed_s, plain.token_s, plain.credit)
