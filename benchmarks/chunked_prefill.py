@@ -97,9 +97,9 @@ class PacerTrace:
             base = pacer.decode_s
             last = pacer._decodes[-1] if pacer._decodes else None
             got = budget(extra_s)
-            if self.active and not self.steps:
-                self.fit_at_start = list(pacer._fit)
             if self.active:
+                if not self.steps:
+                    self.fit_at_start = list(pacer._fit)
                 self.steps.append(dict(
                     budget=got, turn_s=extra_s, base_s=base,
                     excess_s=None if base is None else max(0.0, last - base),

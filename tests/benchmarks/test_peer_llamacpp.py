@@ -39,12 +39,11 @@ from peer_report import markdown, summarize, targets  # noqa: E402
 
 def bench_env(home: Path) -> dict:
     """A bare environment with its own HOME (nothing from the user's caches), but the native
-    kernels this session builds or built (TORCH_EXTENSIONS_DIR): each fresh HOME would compile
-    them again, over a minute each on two cores, and the compile is not what is tested here."""
-    from torch.utils.cpp_extension import get_default_build_root
+    kernels' build directory this session uses: a fresh HOME moves torch's extension root, and
+    each run would compile them again (tens of seconds), which is not what is tested here."""
+    from camex_runtime.kernels import build
     return {"PATH": "/usr/bin:/bin", "TOKENIZERS_PARALLELISM": "false", "HOME": str(home),
-            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
-            or get_default_build_root()}
+            "CAMEX_KERNELS_DIR": str(build.build_dir())}
 
 
 @pytest.fixture(scope="module")
