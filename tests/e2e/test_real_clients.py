@@ -57,7 +57,7 @@ def engine(tiny_lm_dir):
 
 def tool(name: str, *args: str, cwd: Path = ROOT, timeout: float = 400) -> str:
     exe = TOOLS / name
-    assert exe.exists(), f"{exe} is missing: `make install` builds .venv-tools"
+    assert exe.exists(), f"{exe} is missing: `make tools` builds .venv-tools"
     proc = subprocess.run([str(exe), *args], cwd=cwd, env={**os.environ, **OFFLINE},
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,7 +1,8 @@
 """`make install` on machines unlike this one, without touching the network or apt: `python3`,
 `apt-get`, `sudo` and `id` are stand-ins on PATH that log their arguments, and the venv's
-`python` is one too. What is checked is the Makefile's own logic: the CPU torch build, the
-CPU index as the fallback, and python3-venv installed only when `venv` cannot work."""
+`python` (and the `uv` its pip installs) are too. What is checked is the Makefile's own logic:
+the CPU torch build, the CPU index as the fallback, uv for the rest with pip behind it, and
+python3-venv installed only when `venv` cannot work."""
 
 from __future__ import annotations
 
@@ -18,14 +19,23 @@ REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
 # The venv's python: logs every call; `pip install torch==...+cpu` fails unless the CPU index
-# is given when $LOCAL_TORCH is unset (a machine whose pip knows no CPU wheel).
+# is given when $LOCAL_TORCH is unset (a machine whose pip knows no CPU wheel); `pip install uv`
+# puts the uv stand-in next to it when $HAS_UV is set (else uv is not to be had here).
 VENV_PYTHON = """#!/bin/sh
 echo "venv-python $*" >> "$STUB_LOG"
 case "$*" in
-  *"install -q torch=="*--extra-index-url*) ;;
-  *"install -q torch=="*) [ -n "$LOCAL_TORCH" ] || exit 1 ;;
+  *"install -q --no-compile torch=="*--extra-index-url*) ;;
+  *"install -q --no-compile torch=="*) [ -n "$LOCAL_TORCH" ] || exit 1 ;;
+  *"install -q uv>="*) [ -n "$HAS_UV" ] || exit 1; cp "$STUB_DIR/uv" "$(dirname "$0")/uv" ;;
 esac
 exit 0
+"""
+
+# uv: logs every call; fails every install when $UV_FAILS is set (say, a private index it
+# does not know about).
+UV = """#!/bin/sh
+echo "uv $*" >> "$STUB_LOG"
+[ -z "$UV_FAILS" ]
 """
 
 # python3: `-c 'import ensurepip, venv'` works only once apt installed python3-venv (or when
@@ -55,11 +65,12 @@ def stub(path: Path, body: str) -> None:
     path.chmod(0o755)
 
 
-def make_install(tmp_path: Path, **env: str) -> list[str]:
+def make_install(tmp_path: Path, *args: str, target: str = "install", **env: str) -> list[str]:
     stubs = tmp_path / "stubs"
     stubs.mkdir()
     stub(stubs / "python3", PYTHON3)
     stub(stubs / "venv-python", VENV_PYTHON)
+    stub(stubs / "uv", UV)
     stub(stubs / "apt-get", APT_GET)
     stub(stubs / "sudo", '#!/bin/sh\necho "sudo $*" >> "$STUB_LOG"\nexec "$@"\n')
     stub(stubs / "id", "#!/bin/sh\necho 1000\n")  # not root: apt-get goes through sudo
@@ -67,7 +78,8 @@ def make_install(tmp_path: Path, **env: str) -> list[str]:
     log.touch()
     run_env = {"PATH": f"{stubs}:/usr/bin:/bin", "STUB_LOG": str(log), "STUB_DIR": str(stubs),
                "HOME": str(tmp_path), **env}
-    res = subprocess.run(["make", "-s", "install", f"VENV={tmp_path / 'venv'}"], cwd=REPO,
+    res = subprocess.run(["make", "-s", target, f"VENV={tmp_path / 'venv'}",
+                          f"TOOLS_VENV={tmp_path / 'tools'}", *args], cwd=REPO,
                          env=run_env, capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
     assert (tmp_path / "venv" / ".installed").exists()
@@ -80,10 +92,10 @@ def pinned_torch() -> str:
 
 def test_torch_is_the_cpu_build_from_the_cpu_index_when_pip_knows_no_other(tmp_path):
     calls = make_install(tmp_path, HAS_VENV="1")
-    torch = [c for c in calls if "install -q torch==" in c]
+    torch = [c for c in calls if "torch==" in c]
     spec = f"torch=={pinned_torch()}+cpu"      # the Makefile's version is pyproject.toml's pin
-    assert torch == [f"venv-python -m pip install -q {spec}",
-                     f"venv-python -m pip install -q {spec} --extra-index-url "
+    assert torch == [f"venv-python -m pip install -q --no-compile {spec}",
+                     f"venv-python -m pip install -q --no-compile {spec} --extra-index-url "
                      f"https://download.pytorch.org/whl/cpu"]
     later = calls.index(torch[-1])
     assert any("install -q -e .[dev]" in c for c in calls[later:])  # after torch: pin satisfied
@@ -92,8 +104,38 @@ def test_torch_is_the_cpu_build_from_the_cpu_index_when_pip_knows_no_other(tmp_p
 
 def test_a_cpu_wheel_pip_already_knows_is_used_without_the_index(tmp_path):
     calls = make_install(tmp_path, HAS_VENV="1", LOCAL_TORCH="1")
-    torch = [c for c in calls if "install -q torch==" in c]
+    torch = [c for c in calls if "torch==" in c]
     assert len(torch) == 1 and "--extra-index-url" not in torch[0]
+
+
+def test_uv_installs_the_rest_of_both_venvs_once_pip_has_put_it_in(tmp_path):
+    """`make tools` builds .venv first (its uv installs the tools); torch stays with pip, which
+    knows this machine's wheels."""
+    calls = make_install(tmp_path, target="tools", HAS_VENV="1", LOCAL_TORCH="1", HAS_UV="1")
+    venv, tools = tmp_path / "venv", tmp_path / "tools"
+    uv = [c for c in calls if c.startswith("uv ")]
+    assert uv == [f"uv pip install -q --python {venv}/bin/python -e .[dev]",
+                  f"uv pip install -q --python {venv}/bin/python --no-deps text-generation>=0.7",
+                  f"uv pip install -q --python {tools}/bin/python lm-eval[api]==0.4.13 "
+                  f"guidellm==0.8.1"]
+    assert calls.index("venv-python -m pip install -q uv>=0.4") < calls.index(uv[0])
+    assert len([c for c in calls if "--no-compile torch==" in c]) == 2    # once per venv, pip
+    by_pip = [c for c in calls if c.startswith("venv-python")]
+    assert not [c for c in by_pip if "-e .[dev]" in c or "lm-eval" in c]
+    assert (tools / ".installed-lm-eval-0.4.13-guidellm-0.8.1").exists()
+
+
+def test_pip_installs_what_uv_could_not(tmp_path):
+    calls = make_install(tmp_path, HAS_VENV="1", LOCAL_TORCH="1", HAS_UV="1", UV_FAILS="1")
+    for req in ("-e .[dev]", "--no-deps text-generation>=0.7"):
+        tried = calls.index(f"uv pip install -q --python {tmp_path / 'venv'}/bin/python {req}")
+        assert calls[tried + 1] == f"venv-python -m pip install -q {req}"
+
+
+def test_installer_pip_never_asks_for_uv(tmp_path):
+    calls = make_install(tmp_path, "INSTALLER=pip", HAS_VENV="1", LOCAL_TORCH="1", HAS_UV="1")
+    assert not [c for c in calls if c.startswith("uv ") or "install -q uv" in c]
+    assert "venv-python -m pip install -q -e .[dev]" in calls
 
 
 def test_python3_venv_is_installed_with_apt_when_venv_cannot_work(tmp_path):
