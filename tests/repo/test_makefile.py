@@ -24,8 +24,8 @@ pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make
 VENV_PYTHON = """#!/bin/sh
 echo "venv-python $*" >> "$STUB_LOG"
 case "$*" in
-  *"install -q --no-compile torch=="*--extra-index-url*) ;;
-  *"install -q --no-compile torch=="*) [ -n "$LOCAL_TORCH" ] || exit 1 ;;
+  *"install -q torch=="*--extra-index-url*) ;;
+  *"install -q torch=="*) [ -n "$LOCAL_TORCH" ] || exit 1 ;;
   *"install -q uv>="*) [ -n "$HAS_UV" ] || exit 1; cp "$STUB_DIR/uv" "$(dirname "$0")/uv" ;;
 esac
 exit 0
@@ -94,8 +94,8 @@ def test_torch_is_the_cpu_build_from_the_cpu_index_when_pip_knows_no_other(tmp_p
     calls = make_install(tmp_path, HAS_VENV="1")
     torch = [c for c in calls if "torch==" in c]
     spec = f"torch=={pinned_torch()}+cpu"      # the Makefile's version is pyproject.toml's pin
-    assert torch == [f"venv-python -m pip install -q --no-compile {spec}",
-                     f"venv-python -m pip install -q --no-compile {spec} --extra-index-url "
+    assert torch == [f"venv-python -m pip install -q {spec}",
+                     f"venv-python -m pip install -q {spec} --extra-index-url "
                      f"https://download.pytorch.org/whl/cpu"]
     later = calls.index(torch[-1])
     assert any("install -q -e .[dev]" in c for c in calls[later:])  # after torch: pin satisfied
@@ -114,12 +114,14 @@ def test_uv_installs_the_rest_of_both_venvs_once_pip_has_put_it_in(tmp_path):
     calls = make_install(tmp_path, target="tools", HAS_VENV="1", LOCAL_TORCH="1", HAS_UV="1")
     venv, tools = tmp_path / "venv", tmp_path / "tools"
     uv = [c for c in calls if c.startswith("uv ")]
-    assert uv == [f"uv pip install -q --python {venv}/bin/python -e .[dev]",
-                  f"uv pip install -q --python {venv}/bin/python --no-deps text-generation>=0.7",
-                  f"uv pip install -q --python {tools}/bin/python lm-eval[api]==0.4.13 "
-                  f"guidellm==0.8.1"]
+    # bytecode compiled at install, as pip does (nothing compiles it later where
+    # PYTHONDONTWRITEBYTECODE is set)
+    into = "uv pip install -q --compile-bytecode --python"
+    assert uv == [f"{into} {venv}/bin/python -e .[dev]",
+                  f"{into} {venv}/bin/python --no-deps text-generation>=0.7",
+                  f"{into} {tools}/bin/python lm-eval[api]==0.4.13 guidellm==0.8.1"]
     assert calls.index("venv-python -m pip install -q uv>=0.4") < calls.index(uv[0])
-    assert len([c for c in calls if "--no-compile torch==" in c]) == 2    # once per venv, pip
+    assert len([c for c in calls if "torch==" in c]) == 2    # once per venv, pip
     by_pip = [c for c in calls if c.startswith("venv-python")]
     assert not [c for c in by_pip if "-e .[dev]" in c or "lm-eval" in c]
     assert (tools / ".installed-lm-eval-0.4.13-guidellm-0.8.1").exists()
@@ -128,7 +130,8 @@ def test_uv_installs_the_rest_of_both_venvs_once_pip_has_put_it_in(tmp_path):
 def test_pip_installs_what_uv_could_not(tmp_path):
     calls = make_install(tmp_path, HAS_VENV="1", LOCAL_TORCH="1", HAS_UV="1", UV_FAILS="1")
     for req in ("-e .[dev]", "--no-deps text-generation>=0.7"):
-        tried = calls.index(f"uv pip install -q --python {tmp_path / 'venv'}/bin/python {req}")
+        tried = calls.index(f"uv pip install -q --compile-bytecode --python "
+                            f"{tmp_path / 'venv'}/bin/python {req}")
         assert calls[tried + 1] == f"venv-python -m pip install -q {req}"
 
 
