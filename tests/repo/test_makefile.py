@@ -18,14 +18,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 
-# The venv's python: logs every call; `pip install torch==...+cpu` fails unless the CPU index
-# is given when $LOCAL_TORCH is unset (a machine whose pip knows no CPU wheel); `pip install uv`
-# puts the uv stand-in next to it when $HAS_UV is set (else uv is not to be had here).
+# The venv's python: logs every call; `pip download ... torch==...+cpu` fails unless the CPU
+# index is given when $LOCAL_TORCH is unset (a machine whose pip knows no CPU wheel), and
+# otherwise leaves a wheel in the -d directory; `pip install uv` puts the uv stand-in next to it
+# when $HAS_UV is set (else uv is not to be had here).
 VENV_PYTHON = """#!/bin/sh
 echo "venv-python $*" >> "$STUB_LOG"
 case "$*" in
-  *"install -q torch=="*--extra-index-url*) ;;
-  *"install -q torch=="*) [ -n "$LOCAL_TORCH" ] || exit 1 ;;
+  *"download -q --no-deps -d "*" torch=="*)
+    case "$*" in *--extra-index-url*) ;; *) [ -n "$LOCAL_TORCH" ] || exit 1 ;; esac
+    mkdir -p "$7" && touch "$7/torch-${8#torch==}-cp311-cp311-manylinux_2_28_x86_64.whl" ;;
   *"install -q uv>="*) [ -n "$HAS_UV" ] || exit 1; cp "$STUB_DIR/uv" "$(dirname "$0")/uv" ;;
 esac
 exit 0
@@ -90,40 +92,50 @@ def pinned_torch() -> str:
     return re.search(r'"torch==([^"]+)"', (REPO / "pyproject.toml").read_text()).group(1)
 
 
+def wheel(venv: Path) -> str:
+    return (f"{venv}/.torch-wheels/torch-{pinned_torch()}+cpu-cp311-cp311-"
+            f"manylinux_2_28_x86_64.whl")
+
+
 def test_torch_is_the_cpu_build_from_the_cpu_index_when_pip_knows_no_other(tmp_path):
     calls = make_install(tmp_path, HAS_VENV="1")
-    torch = [c for c in calls if "torch==" in c]
+    venv = tmp_path / "venv"
+    fetch = [c for c in calls if "torch==" in c]
     spec = f"torch=={pinned_torch()}+cpu"      # the Makefile's version is pyproject.toml's pin
-    assert torch == [f"venv-python -m pip install -q {spec}",
-                     f"venv-python -m pip install -q {spec} --extra-index-url "
-                     f"https://download.pytorch.org/whl/cpu"]
-    later = calls.index(torch[-1])
-    assert any("install -q -e .[dev]" in c for c in calls[later:])  # after torch: pin satisfied
+    get = f"venv-python -m pip download -q --no-deps -d {venv}/.torch-wheels {spec}"
+    assert fetch == [get, f"{get} --extra-index-url https://download.pytorch.org/whl/cpu"]
+    installed = calls.index(f"venv-python -m pip install -q {wheel(venv)}")  # no uv: pip
+    assert calls.index(fetch[-1]) < installed < calls.index("venv-python -m pip install -q -e "
+                                                             ".[dev]")  # pin then satisfied
     assert not any(c.startswith("apt-get") for c in calls)
 
 
 def test_a_cpu_wheel_pip_already_knows_is_used_without_the_index(tmp_path):
     calls = make_install(tmp_path, HAS_VENV="1", LOCAL_TORCH="1")
-    torch = [c for c in calls if "torch==" in c]
-    assert len(torch) == 1 and "--extra-index-url" not in torch[0]
+    fetch = [c for c in calls if "torch==" in c]
+    assert len(fetch) == 1 and "--extra-index-url" not in fetch[0]
 
 
-def test_uv_installs_the_rest_of_both_venvs_once_pip_has_put_it_in(tmp_path):
-    """`make tools` builds .venv first (its uv installs the tools); torch stays with pip, which
-    knows this machine's wheels."""
+def test_uv_installs_both_venvs_once_pip_has_put_it_in(tmp_path):
+    """`make tools` builds .venv first (its uv installs the tools); pip, which knows where this
+    machine keeps its wheels, fetches torch once for both venvs."""
     calls = make_install(tmp_path, target="tools", HAS_VENV="1", LOCAL_TORCH="1", HAS_UV="1")
     venv, tools = tmp_path / "venv", tmp_path / "tools"
     uv = [c for c in calls if c.startswith("uv ")]
     # bytecode compiled at install, as pip does (nothing compiles it later where
     # PYTHONDONTWRITEBYTECODE is set)
     into = "uv pip install -q --compile-bytecode --python"
-    assert uv == [f"{into} {venv}/bin/python -e .[dev]",
+    assert uv == [f"{into} {venv}/bin/python {wheel(venv)}",
+                  f"{into} {venv}/bin/python -e .[dev]",
                   f"{into} {venv}/bin/python --no-deps text-generation>=0.7",
+                  f"{into} {tools}/bin/python {wheel(venv)}",
                   f"{into} {tools}/bin/python lm-eval[api]==0.4.13 guidellm==0.8.1"]
     assert calls.index("venv-python -m pip install -q uv>=0.4") < calls.index(uv[0])
-    assert len([c for c in calls if "torch==" in c]) == 2    # once per venv, pip
-    by_pip = [c for c in calls if c.startswith("venv-python")]
-    assert not [c for c in by_pip if "-e .[dev]" in c or "lm-eval" in c]
+    assert len([c for c in calls if "torch==" in c]) == 1    # fetched once
+    by_pip = [c for c in calls if c.startswith("venv-python") and " install " in c]
+    assert by_pip == ["venv-python -m pip install -q --upgrade pip",
+                      "venv-python -m pip install -q uv>=0.4",
+                      "venv-python -m pip install -q --upgrade pip"]   # the tools venv's
     assert (tools / ".installed-lm-eval-0.4.13-guidellm-0.8.1").exists()
 
 
