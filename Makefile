@@ -25,11 +25,11 @@ INSTALLER ?= uv
 UV := $(VENV)/bin/uv
 # $(call INSTALL,venv,requirements)
 INSTALL = if [ "$(INSTALLER)" = uv ] && [ -x $(UV) ]; then \
-		echo "uv pip install --python $(1)/bin/python $(2)"; \
+		echo "$(UV) pip install -q --compile-bytecode --python $(1)/bin/python $(2)"; \
 		$(UV) pip install -q --compile-bytecode --python $(1)/bin/python $(2) || { \
 		echo "uv could not install it; pip tries (pip reads pip.conf)"; \
 		$(1)/bin/python -m pip install -q $(2); }; \
-	else echo "$(1)/bin/python -m pip install $(2)"; $(1)/bin/python -m pip install -q $(2); fi
+	else echo "$(1)/bin/python -m pip install -q $(2)"; $(1)/bin/python -m pip install -q $(2); fi
 
 # torch, pinned as in pyproject.toml. On Linux, PyPI's torch wheels are CUDA builds that pull
 # several GB of nvidia-* packages; the CPU build has the local version "+cpu" and lives on the
