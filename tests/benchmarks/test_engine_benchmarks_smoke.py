@@ -23,6 +23,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script,points,expected", [
     ("decode.py", ("B", [1, 8, 32]),
      {("engine-camex", "auto"), ("engine-camex", "merged"), ("engine-camex", "mixture"),
@@ -39,6 +40,7 @@ def test_quick_run_writes_every_row_with_a_roofline(tmp_path, script, points, ex
     check_quick_run(tmp_path, script, points, expected)
 
 
+@pytest.mark.slow
 def test_llama_shape_decode_and_prefill(tmp_path):
     """The Llama-family shape (GQA, SwiGLU, CAMEx on some blocks) through both scripts."""
     camex = {("engine-camex", s) for s in ("auto", "merged", "mixture")}
@@ -88,6 +90,7 @@ def test_roofline_phases_add_up():
     assert camex[1] == (2 * 3 * 2 * 3 * P, 4 * 2 * 3 * (3 + 2) * P)
 
 
+@pytest.mark.slow
 def test_gpu_check_invariants_hold_on_cpu(tmp_path):
     proc = run("gpu_check.py", "--device", "cpu", "--dtypes", "float32,bfloat16",
                "--skip-bench", "--out-dir", str(tmp_path))
@@ -98,6 +101,7 @@ def test_gpu_check_invariants_hold_on_cpu(tmp_path):
     assert {r["check"] for r in fp32} >= {"merged==mixture", "batched==alone"}
 
 
+@pytest.mark.slow
 def test_chunked_prefill_benchmark(tmp_path):
     """Streams decode, a long prompt and short ones arrive: every budget gets a row with
     steady and during-prefill ITL, and chunking takes more than one step for the long prompt."""

@@ -40,6 +40,7 @@ def smoke(tmp_path_factory):
     return out, json.loads((out / "quality.json").read_text()), proc
 
 
+@pytest.mark.slow
 def test_smoke_json_has_every_variant_with_finite_metrics(smoke):
     _, report, _ = smoke
     variants = load_quality().VARIANTS
@@ -58,6 +59,7 @@ def test_smoke_json_has_every_variant_with_finite_metrics(smoke):
     assert all(0.0 <= v["mean"] <= 1.0 for v in clf["variants"].values())  # accuracies
 
 
+@pytest.mark.slow
 def test_smoke_param_counts_follow_the_architecture(smoke):
     _, report, _ = smoke
     for task, s in report["tasks"].items():
@@ -70,6 +72,7 @@ def test_smoke_param_counts_follow_the_architecture(smoke):
         assert eu["curvature_params"] == 0 == v["dense"]["curvature_params"]
 
 
+@pytest.mark.slow
 def test_smoke_writes_markdown_and_progress(smoke):
     out, report, proc = smoke
     md = (out / "quality.md").read_text()

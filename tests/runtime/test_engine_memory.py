@@ -73,6 +73,7 @@ def checkpoints(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file_dtype,serve_dtype", [
     (torch.bfloat16, "bfloat16"), (torch.float32, "float32"), (torch.float32, "bfloat16")])
 def test_peak_memory_of_a_load_is_at_most_1_3_checkpoints(checkpoints, file_dtype, serve_dtype):

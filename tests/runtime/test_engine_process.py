@@ -186,6 +186,7 @@ def test_a_frozen_engine_process_refuses_a_submit_in_time_and_keeps_nothing(remo
     assert remote.generate([1, 2], max_new_tokens=2).finish_reason == "length"
 
 
+@pytest.mark.slow
 def test_stop_cancels_what_is_left_and_the_process_exits(lm_dir):
     engine = EngineProcess(lm_dir, threads=1, **LIMITS)
     handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=80, ignore_eos=True))
@@ -240,6 +241,7 @@ def start_api(lm_dir, tmp_path, linger_s: float) -> tuple[subprocess.Popen, int]
         raise
 
 
+@pytest.mark.slow
 def test_the_engine_process_exits_when_its_api_process_is_killed(lm_dir, tmp_path):
     api, engine_pid = start_api(lm_dir, tmp_path, linger_s=600)
     os.kill(api.pid, signal.SIGKILL)  # no stop(), no atexit: only the pipe closes
@@ -250,6 +252,7 @@ def test_the_engine_process_exits_when_its_api_process_is_killed(lm_dir, tmp_pat
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_script_that_never_stops_its_engine_process_still_exits(lm_dir, tmp_path):
     api, engine_pid = start_api(lm_dir, tmp_path, linger_s=0)
     try:

@@ -147,6 +147,7 @@ def test_tuning_from_the_environment_is_checked_and_replaces_only_the_kinds_it_n
             kernels.parse_tuning(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_FLAGS, reason="needs a CPU with AVX2/FMA/F16C")
 def test_the_server_process_applies_the_tuning_from_the_environment():
     """A fresh process with CAMEX_KERNELS_TUNING runs with it and says so; a bad value is a
@@ -172,6 +173,7 @@ def test_the_server_process_applies_the_tuning_from_the_environment():
     assert bad.returncode == 2 and "five integers" in bad.stderr, bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_FLAGS, reason="needs a CPU with AVX2/FMA/F16C")
 def test_tune_command_measures_every_candidate_and_prints_the_best(tmp_path):
     """`python -m camex_runtime.kernels --tune` on tiny shapes: every candidate timed in every
