@@ -59,7 +59,8 @@ $(VENV)/.installed: pyproject.toml
 	@python3 -c 'import ensurepip, venv' 2>/dev/null || { $(call APT_INSTALL,python3-venv); }
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(if $(filter uv,$(INSTALLER)),$(PIP) install -q 'uv>=0.4' || echo "no uv here: pip installs everything")
+	$(if $(filter uv,$(INSTALLER)),$(PIP) install -q 'uv>=0.4' || \
+		echo "no uv here: pip installs everything")
 	$(FETCH_TORCH)
 	@$(call INSTALL,$(VENV),$(TORCH_WHEEL))
 	@$(call INSTALL,$(VENV),-e '.[dev]')
