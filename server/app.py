@@ -34,14 +34,15 @@ EXPOSED_HEADERS = ["x-request-id", "x-queue-time", "x-inference-time", "x-time-p
 
 
 def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None = None,
-               hosts: HostPolicy | None = None) -> FastAPI:
+               hosts: HostPolicy | None = None, launched=None) -> FastAPI:
     """`hosts`: which Host headers to answer (the CLI passes the policy of its bind address;
-    default: `--allowed-hosts` if given, else any)."""
+    default: `--allowed-hosts` if given, else any). `launched`: the text-generation engine's
+    process, if the CLI started it already (server.engine_launch)."""
     api_key = api_key_of(settings)  # StartupError for an empty or unreadable key
     metrics = ServerMetrics()
     reader = StatsReader(timeout_s=min(2.0, settings.health_stale_s))
     state = ServingState(settings=settings, metrics=metrics, version=__version__,
-                         stats_reader=reader, on_fatal=on_fatal)
+                         stats_reader=reader, on_fatal=on_fatal, launched=launched)
     metrics.registry.register(EngineStatsCollector(state.engines, reader,
                                                    settings.health_stale_s))
     guard = ConnectionGuard(settings.max_connections, settings.header_timeout_s,

@@ -19,7 +19,9 @@ from collections.abc import Callable, Sequence
 
 import uvicorn
 
-# Only light modules up here: the checks below must fail in a second, before torch loads.
+# Only light modules up here: the checks below must fail in a second, before torch loads, and
+# the engine process must start before this one imports anything heavy.
+from server.engine_launch import launch
 from server.preflight import preflight
 from server.security import HostPolicy, api_key_of, check_exposure, is_loopback
 from server.settings import ServerSettings
@@ -53,6 +55,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as exc:
         print(f"camex-server: error: {exc}", file=sys.stderr)
         return 2
+    # The engine process imports and loads while this one imports the app (server.engine_launch)
+    launched = launch(settings)
     from server.app import create_app
     from server.connections import fit_fd_limit, guarded_protocol
     from server.logs import adopt_library_logging, configure_logging
@@ -69,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_fatal=on_fatal,
-                     hosts=HostPolicy.from_settings(settings, bound=True))
+                     hosts=HostPolicy.from_settings(settings, bound=True), launched=launched)
     adopt_library_logging()
     has_key = api_key_of(settings) is not None
     app.state.connections.max_connections = max_connections

@@ -19,12 +19,11 @@ from server.isolation import ClassifyQueue, OpsPool, release_memory
 from server.logs import adopt_library_logging
 from server.preflight import FLAG_OF
 from server.metrics import EngineObserver, ServerMetrics, StatsReader, engine_alive
+from server.engine_launch import DTYPES, engine_limits
 from server.security import redact_paths
 from server.settings import ServerSettings, cpu_threads, engine_in_process_of_its_own
 
 log = logging.getLogger("camex.server")
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "half": "float16"}
 
 
 @dataclass
@@ -53,6 +52,7 @@ class ServingState:
     classify_queue: ClassifyQueue | None = None
     ops: OpsPool = field(default_factory=OpsPool)  # /metrics and /info
     drain: object | None = None  # server.shutdown.Drain once SIGTERM arrived
+    launched: object | None = None  # server.engine_launch.LaunchedEngine until the loader takes it
     _thread: threading.Thread | None = None
 
     def __post_init__(self) -> None:
@@ -81,7 +81,9 @@ class ServingState:
             log.info("torch CPU threads", extra={"threads": threads})
             lm_dir, clf_dir = resolve_checkpoints(self.settings)
             observer = EngineObserver(self.metrics)
-            lm = build_engine(self.settings, lm_dir, observer, "causal-lm") if lm_dir else None
+            launched, self.launched = self.launched, None
+            lm = build_engine(self.settings, lm_dir, observer, "causal-lm",
+                              launched=launched) if lm_dir else None
             clf = build_engine(self.settings, clf_dir, observer, "classifier") if clf_dir else None
             self.lm, self.classifier = lm, clf
             self._start_and_warm()
@@ -125,6 +127,8 @@ class ServingState:
         """Lifespan end: after a drain only wait for it; without one (in-process use) stop
         the engines with `grace_s` as before."""
         self.ready, self.stopping = False, True
+        if self.launched is not None:  # stopped before the loader got to it
+            self.launched.discard()
         if self.drain is not None:
             self.drain.wait()
         else:
@@ -185,15 +189,11 @@ def resolve_checkpoints(settings: ServerSettings) -> tuple[str | None, str | Non
     return str(lm_dir), str(clf_dir)
 
 
-def build_engine(settings: ServerSettings, path: str, observer, expect_kind: str):
-    limits = {k: getattr(settings, k) for k in ("max_input_tokens", "max_total_tokens")
-              if getattr(settings, k) is not None}
-    limits.update(
-        max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
-        merge_cache_bytes=settings.merge_cache_bytes, strategy=settings.strategy,
-        routing=settings.routing, max_batched_tokens=settings.max_batched_tokens or None,
-        prefill_time_ratio=settings.prefill_time_ratio or None,
-        waiting_served_ratio=settings.waiting_served_ratio or None)
+def build_engine(settings: ServerSettings, path: str, observer, expect_kind: str,
+                 launched=None):
+    """The engine of `expect_kind` for `path`; `launched`: its process, if the CLI started it
+    early (server.engine_launch)."""
+    limits = engine_limits(settings)
     dtype = parse_dtype(settings.dtype)
     own_process = expect_kind == "causal-lm" and engine_in_process_of_its_own(settings)
     if expect_kind == "causal-lm":
@@ -206,7 +206,7 @@ def build_engine(settings: ServerSettings, path: str, observer, expect_kind: str
         logs = (configure_engine_process_logging, (settings.log_level,))
         engine = EngineProcess(path, device=settings.device, dtype=dtype,
                                threads=cpu_threads(settings), observer=observer,
-                               log_setup=logs, **limits)
+                               log_setup=logs, launched=launched, **limits)
     else:
         from camex_runtime import Engine
 

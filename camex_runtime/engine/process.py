@@ -7,7 +7,7 @@ one compute thread that cost the dense GPT-2-small model 4-6 % of its decode rat
 (bf16, one thread, 8 streams: ~1.3 ms of every ~50 ms step). vLLM V1 splits its API server and
 its engine core into processes for the same reason; so does this.
 
-    API process (EngineProcess)                  engine process (_child_main)
+    API process (EngineProcess)                  engine process (run_engine_process)
       submit: validate, tokenize  ── call ──▶      Engine.submit (the id is the caller's)
       cancel                      ── cancel ─▶     Engine.cancel
       stats / warmup / stop       ── call ──▶      Engine.stats / warmup / stop
@@ -25,6 +25,7 @@ If the engine process dies, every open request ends with an error, calls raise
 from __future__ import annotations
 
 import atexit
+import contextlib
 import dataclasses
 import gc
 import itertools
@@ -61,19 +62,33 @@ class EngineProcess:
     `observer` receives the engine's observer calls (`on_step`, ...) in this process, from the
     reader thread. `log_setup`: (function, args) the engine process calls first, so its log
     lines look like this process's. `threads`: its torch CPU threads. Raises what loading
-    raised (e.g. CheckpointError), or EngineStoppedError if the process died while loading."""
+    raised (e.g. CheckpointError), or EngineStoppedError if the process died while loading.
+
+    `launched`: an engine process started earlier (`server.engine_launch`, so that its imports
+    overlap the caller's), with ``args`` (what `run_engine_process` got after its pipe end),
+    ``adopt()`` -> (process, pipe end) and ``discard()``. It is adopted when its args are the
+    ones this call would start a process with; otherwise it is discarded and a new one
+    started."""
 
     def __init__(self, path: str | Path, *, device: str = "cpu", dtype=None,
                  threads: int | None = None, observer=None,
-                 log_setup: tuple[Callable, tuple] | None = None, **limits):
-        ctx = multiprocessing.get_context("spawn")  # fork after torch's threads is unsafe
-        self._conn, child = ctx.Pipe()
+                 log_setup: tuple[Callable, tuple] | None = None, launched=None, **limits):
         dtype_name = None if dtype is None else str(dtype).replace("torch.", "")
-        self._proc = ctx.Process(target=_child_main, name="camex-engine", daemon=True,
-                                 args=(child, str(path), device, dtype_name, threads,
-                                       log_setup, limits))
-        self._proc.start()
-        child.close()
+        args = (str(path), device, dtype_name, threads, log_setup, limits)
+        self.started_early = launched is not None and launched.args == args
+        if self.started_early:
+            self._proc, self._conn = launched.adopt()
+        else:
+            if launched is not None:
+                log.warning("the engine process started early had other settings; starting "
+                            "another", extra={"engine_pid": launched.pid})
+                launched.discard()
+            ctx = multiprocessing.get_context("spawn")  # fork after torch's threads is unsafe
+            self._conn, child = ctx.Pipe()
+            self._proc = ctx.Process(target=run_engine_process, name="camex-engine",
+                                     daemon=True, args=(child, *args))
+            self._proc.start()
+            child.close()
         self.pid = self._proc.pid
         _at_exit_stop(self)
         self.observer = observer
@@ -102,7 +117,8 @@ class EngineProcess:
         self._reader = threading.Thread(target=self._read, name="camex-engine-reader",
                                         daemon=True)
         self._reader.start()
-        log.info("engine process loaded", extra={"engine_pid": self.pid, "kind": self.kind})
+        log.info("engine process loaded", extra={"engine_pid": self.pid, "kind": self.kind,
+                                                 "started_early": self.started_early})
 
     def _await_load(self) -> dict:
         try:
@@ -403,8 +419,10 @@ def portable(exc: BaseException) -> BaseException:
     return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _child_main(conn, path: str, device: str, dtype: str | None, threads: int | None,
-                log_setup, limits: dict) -> None:
+def run_engine_process(conn, path: str, device: str, dtype: str | None, threads: int | None,
+                       log_setup, limits: dict) -> None:
+    """The engine process: load `path` into an `Engine`, report "loaded" (or "load_failed")
+    on `conn`, then serve the API process's calls until it says stop or goes away."""
     # The API process decides when this process stops (its drain, then `stop`): a Ctrl-C or
     # SIGTERM sent to the whole process group must not cut the engine from under the drain.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -427,7 +445,8 @@ def _child_main(conn, path: str, device: str, dtype: str | None, threads: int | 
         engine = Engine.from_pretrained(path, device=device, dtype=dtype,
                                         observer=_Recorder(outbox), **limits)
     except Exception as exc:  # raised again in the API process, which logs it once
-        send(("load_failed", portable(exc)))
+        with contextlib.suppress(OSError):  # ... unless it went away meanwhile
+            send(("load_failed", portable(exc)))
         return
     remote: set[str] = set()
 
@@ -441,10 +460,14 @@ def _child_main(conn, path: str, device: str, dtype: str | None, threads: int | 
     engine.after_step = outbox.flush
     engine.start()
     info = engine.info()
-    send(("loaded", {"kind": engine.kind, "name": engine.name, "config": engine.config,
-                     "info": info, "eos_token_ids": sorted(engine.eos_token_ids),
-                     "tokenizer_dir": None if engine.tokenizer_dir is None
-                     else str(engine.tokenizer_dir)}))
+    try:
+        send(("loaded", {"kind": engine.kind, "name": engine.name, "config": engine.config,
+                         "info": info, "eos_token_ids": sorted(engine.eos_token_ids),
+                         "tokenizer_dir": None if engine.tokenizer_dir is None
+                         else str(engine.tokenizer_dir)}))
+    except OSError:  # the API process went away while this one loaded (e.g. stopped by it)
+        engine.stop(grace_s=0)
+        return
     log.info("engine process ready for requests",
              extra={"engine_pid": os.getpid(), "threads": torch.get_num_threads()})
     stopped = threading.Event()

@@ -46,6 +46,10 @@ def test_answers_are_those_of_the_one_process_server(servers):
     assert engine_pid != two.proc.pid  # the engine really is elsewhere ...
     assert httpx.get(one.base_url + "/info").json()["models"]["causal-lm"][
         "engine_pid"] == one.proc.pid  # ... and here it is not
+    loaded = [json.loads(line) for line in two.log().splitlines()
+              if '"engine process loaded"' in line]
+    # started by the CLI before it imported the app, then adopted (server.engine_launch)
+    assert [(e["engine_pid"], e["started_early"]) for e in loaded] == [(engine_pid, True)]
     for prompt in PROMPTS:
         assert generate(two.base_url, prompt) == generate(one.base_url, prompt)
         sampled = dict(do_sample=True, seed=3, top_k=5, decoder_input_details=True)
