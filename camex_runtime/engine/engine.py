@@ -44,6 +44,7 @@ from camex_runtime.engine.outputs import ClassificationResult
 from camex_runtime.errors import EngineStoppedError, InputValidationError
 
 log = logging.getLogger("camex.engine")
+WARM_SHORT = 16  # tokens of the warm-up's mixture-strategy prompts (see Engine._warm_requests)
 IDLE_WAIT_S = 0.25  # the idle loop still heartbeats this often (the server's liveness signal)
 # Tokens per step while requests decode (chunked prefill, scheduler.py). Long prompts (and
 # merged-expert ones) are paced by measured time on the CPU, within a bank of
@@ -273,13 +274,17 @@ class Engine:
             gc.freeze()
 
     def _warm_requests(self) -> None:
+        """Both strategies in both routing modes. The merged strategy's prompts cross a segment
+        boundary (the second segment's routing and merges); the mixture's are short: the code
+        is the same at any length, and a boundary-crossing prompt through every expert took
+        4 s of the 7+1-expert GPT-2-small's start-up per routing mode (fp32, one thread)."""
         limit = self.scheduler.config
-        n = max(1, min(self.config.segment_len + 1, limit.max_input_tokens,
-                       limit.max_total_tokens - 2))
+        longest = max(1, min(limit.max_input_tokens, limit.max_total_tokens - 2))
+        crossing = min(self.config.segment_len + 1, longest)
         eos = self.eos_token_id or 0
         saved = self.runner.strategy
         try:
-            for strategy in ("merged", "mixture"):
+            for strategy, n in (("merged", crossing), ("mixture", min(WARM_SHORT, crossing))):
                 self.runner.strategy = strategy
                 for routing in ROUTING_MODES:
                     self.generate([eos] * n, max_new_tokens=2, ignore_eos=True, routing=routing)

@@ -209,12 +209,26 @@ def test_observer_and_stats(path):
 def test_warmup_runs_every_path(path):
     e = Engine.from_pretrained(path, max_batch_size=2)
     assert e.runner._cost is None  # measured lazily, unless warm-up does it
+    runs = []
+    generate = e.generate
+
+    def recorded(prompt, **params):
+        runs.append((e.runner.strategy, params["routing"], len(prompt)))
+        return generate(prompt, **params)
+
+    e.generate = recorded
     e.warmup()
     try:
         s = e.stats()
         assert s.alive and s.cache.merges > 0 and s.running == 0
         assert e.runner.strategy == "auto"
         assert e.runner._cost is not None  # the first request does not pay for the probes
+        seg = e.config.segment_len
+        # both strategies in both routing modes; the merged prompts cross a segment boundary,
+        # the mixture's (every expert on every token) stay short
+        assert runs == [("merged", "segment", seg + 1), ("merged", "prompt", seg + 1),
+                        ("mixture", "segment", min(16, seg + 1)),
+                        ("mixture", "prompt", min(16, seg + 1))]
     finally:
         e.stop()
 
