@@ -157,11 +157,12 @@ def test_bad_checkpoints_fail_with_the_tensor_named(tiny_lm_dir, tmp_path):
     with pytest.raises(cr.CheckpointError, match=f"'{name}' has shape"):
         cr.load_folded(shape)
 
-    def nan(t):
-        t[name] = t[name].clone()
-        t[name][0, 0, 0] = float("nan")
-    with pytest.raises(cr.CheckpointError, match=f"'{name}' contains NaN"):
-        cr.load_folded(_corrupt(tiny_lm_dir, tmp_path / "nan", nan))
+    for value in ("nan", "inf", "-inf"):  # min and max each catch one infinity
+        def poison(t, value=value):
+            t[name] = t[name].clone()
+            t[name][0, 1, 2] = float(value)
+        with pytest.raises(cr.CheckpointError, match=f"'{name}' contains NaN or Inf"):
+            cr.load_folded(_corrupt(tiny_lm_dir, tmp_path / value, poison))
     with pytest.raises(cr.CheckpointError, match="dtype"):
         cr.load_folded(_corrupt(tiny_lm_dir, tmp_path / "int",
                                 lambda t: t.__setitem__(name, t[name].long())))
