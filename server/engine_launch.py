@@ -10,6 +10,11 @@ imports and loads while this process imports the app, and the loader adopts it
 (`EngineProcess(..., launched=...)`), after checking that it was started with exactly the
 arguments the loader would have used. A launched process nobody adopted is killed at exit.
 
+Without `--model` the server serves the demo checkpoints, built on first use (the container
+image ships them built): the demo LM is launched when its build stamp is there, and the loader
+adopts it only if that stamp is unchanged once `ensure_demo_models` has checked (and, when
+stale, rebuilt) the demo.
+
 Standard library only, here and in what this imports: one heavy import would put the two
 start-ups back in series (tests/server/test_engine_launch.py checks).
 """
@@ -18,10 +23,12 @@ from __future__ import annotations
 
 import atexit
 import multiprocessing
+import os
 import signal
 import threading
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 from server.logs import configure_engine_process_logging
 from server.settings import ServerSettings, cpu_threads, engine_in_process_of_its_own
@@ -29,6 +36,24 @@ from server.settings import ServerSettings, cpu_threads, engine_in_process_of_it
 # --dtype spellings -> torch dtype attribute names
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
+
+
+# camex_runtime.training.demo's names, repeated so that this module stays light (a test keeps
+# them in step): the demo LM's directory under the demo root, and its build stamp beside it
+DEMO_LM = "demo-lm"
+
+
+def demo_lm_dir(settings: ServerSettings) -> Path:
+    root = settings.demo_dir or os.environ.get("CAMEX_DEMO_DIR") \
+        or Path.home() / ".cache" / "camex-serve" / "demo"
+    return Path(root) / DEMO_LM
+
+
+def demo_stamp(lm_dir: Path) -> bytes | None:
+    try:
+        return (lm_dir.parent / f"{DEMO_LM}.stamp.json").read_bytes()
+    except OSError:
+        return None
 
 
 def engine_limits(settings: ServerSettings) -> dict:
@@ -59,12 +84,17 @@ class LaunchedEngine:
     args: tuple
     process: multiprocessing.Process
     conn: Connection
+    demo_stamp: bytes | None = None  # the demo LM's build stamp when it was launched
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _taken: bool = False
 
     @property
     def pid(self) -> int | None:
         return self.process.pid
+
+    def current(self) -> bool:
+        """False when it loaded a demo checkpoint that has been rebuilt since."""
+        return self.demo_stamp is None or demo_stamp(Path(self.args[0])) == self.demo_stamp
 
     def adopt(self) -> tuple[multiprocessing.Process, Connection]:
         """The process and this end of its pipe, handed over once."""
@@ -87,20 +117,29 @@ class LaunchedEngine:
 
 
 def launch(settings: ServerSettings) -> LaunchedEngine | None:
-    """Start the engine process for `settings.model` if the server will run it in a process of
-    its own; None otherwise (no model given — the demo is built first —, or an in-process
-    engine)."""
-    if not settings.model or not engine_in_process_of_its_own(settings):
+    """Start the engine process for the text-generation model (`settings.model`, else the
+    built demo LM) if the server will run it in a process of its own; None otherwise (an
+    in-process engine, a classifier only, a demo not built yet)."""
+    if not engine_in_process_of_its_own(settings):
         return None
     if settings.dtype is not None and settings.dtype not in DTYPES:
         return None  # the loader names the unknown dtype
-    args = process_args(settings.model, settings)
+    path, stamp = settings.model, None
+    if not path and not settings.classifier:  # the demo (see the module docstring)
+        lm_dir = demo_lm_dir(settings)
+        stamp = demo_stamp(lm_dir)
+        if stamp is None or not (lm_dir / "config.json").is_file():
+            return None  # to be built first
+        path = str(lm_dir)
+    if not path:
+        return None
+    args = process_args(path, settings)
     ctx = multiprocessing.get_context("spawn")  # fork after torch's threads is unsafe
     conn, child = ctx.Pipe()
     process = ctx.Process(target=_entry, name="camex-engine", daemon=True, args=(child, *args))
     process.start()
     child.close()
-    launched = LaunchedEngine(args, process, conn)
+    launched = LaunchedEngine(args, process, conn, demo_stamp=stamp)
     # after multiprocessing's own exit handler, so it runs first: that one would SIGTERM the
     # process, which it ignores once loading, and then wait for it forever
     atexit.register(launched.discard)

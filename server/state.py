@@ -82,6 +82,9 @@ class ServingState:
             lm_dir, clf_dir = resolve_checkpoints(self.settings)
             observer = EngineObserver(self.metrics)
             launched, self.launched = self.launched, None
+            if launched is not None and not launched.current():  # the demo was rebuilt
+                launched.discard()
+                launched = None
             lm = build_engine(self.settings, lm_dir, observer, "causal-lm",
                               launched=launched) if lm_dir else None
             clf = build_engine(self.settings, clf_dir, observer, "classifier") if clf_dir else None

@@ -120,3 +120,71 @@ def running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+@pytest.fixture
+def demo_root(tiny_lm_dir, tiny_classifier_dir, tmp_path):
+    """A built demo, as the container image ships it: both checkpoints, stamped current."""
+    import shutil
+
+    from camex_runtime.training.demo import CLF_NAME, LM_NAME, write_stamp
+
+    shutil.copytree(tiny_lm_dir, tmp_path / LM_NAME)
+    shutil.copytree(tiny_classifier_dir, tmp_path / CLF_NAME)
+    write_stamp(tmp_path, LM_NAME), write_stamp(tmp_path, CLF_NAME)
+    return tmp_path
+
+
+def demo_settings(root) -> ServerSettings:
+    return ServerSettings.from_sources(["--demo-dir", str(root), "--engine-process", "on",
+                                        "--threads", "1"], env={})
+
+
+def test_the_launcher_finds_the_demo_where_the_demo_builder_puts_it(monkeypatch, tmp_path):
+    from camex_runtime.training import demo
+
+    from server.engine_launch import DEMO_LM, demo_lm_dir, demo_stamp
+
+    monkeypatch.delenv("CAMEX_DEMO_DIR", raising=False)
+    plain = ServerSettings.from_sources([], env={})
+    assert DEMO_LM == demo.LM_NAME and demo_lm_dir(plain) == demo.default_root() / demo.LM_NAME
+    monkeypatch.setenv("CAMEX_DEMO_DIR", str(tmp_path))
+    assert demo_lm_dir(plain) == demo.default_root() / demo.LM_NAME == tmp_path / DEMO_LM
+    assert demo_stamp(tmp_path / DEMO_LM) is None
+    demo.stamp_path(tmp_path, demo.LM_NAME).write_text("{}")
+    assert demo_stamp(tmp_path / DEMO_LM) == b"{}"
+
+
+@pytest.mark.parametrize("rebuilt", [False, True], ids=["as-built", "rebuilt-meanwhile"])
+def test_the_built_demo_is_launched_and_adopted_unless_rebuilt(demo_root, rebuilt):
+    from fastapi.testclient import TestClient
+
+    from camex_runtime.training.demo import CLF_NAME, LM_NAME, write_stamp
+    from server.app import create_app
+
+    settings = demo_settings(demo_root)
+    launched = launch(settings)
+    assert launched is not None and launched.args[0] == str(demo_root / LM_NAME)
+    if rebuilt:  # as ensure_demo_models leaves it after a rebuild: new stamps
+        write_stamp(demo_root, LM_NAME), write_stamp(demo_root, CLF_NAME)
+    try:
+        with TestClient(create_app(settings, launched=launched)) as client:
+            deadline = time.monotonic() + 120
+            while client.get("/ready").status_code != 200:
+                assert time.monotonic() < deadline, client.get("/health").text
+                time.sleep(0.1)
+            pid = client.get("/info").json()["models"]["causal-lm"]["engine_pid"]
+            assert (pid == launched.pid) is not rebuilt
+            r = client.post("/generate", json={"inputs": "hi", "parameters": {"max_new_tokens": 2}})
+            assert r.status_code == 200, r.text
+    finally:
+        launched.discard()
+    assert ended(launched.process)
+
+
+def test_a_demo_not_built_yet_is_not_launched(tmp_path, tiny_lm_dir):
+    import shutil
+
+    assert launch(demo_settings(tmp_path)) is None  # nothing there: it is trained first
+    shutil.copytree(tiny_lm_dir, tmp_path / "demo-lm")
+    assert launch(demo_settings(tmp_path)) is None  # no build stamp: ensure_demo_models decides
