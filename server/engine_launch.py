@@ -105,7 +105,7 @@ class LaunchedEngine:
         return self.process, self.conn
 
     def discard(self) -> None:
-        """Kill the process unless it was adopted (it ignores SIGTERM once it runs)."""
+        """Kill the process unless it was adopted (it ignores SIGTERM, see `_entry`)."""
         with self._lock:
             if self._taken:
                 return
@@ -140,8 +140,8 @@ def launch(settings: ServerSettings) -> LaunchedEngine | None:
     process.start()
     child.close()
     launched = LaunchedEngine(args, process, conn, demo_stamp=stamp)
-    # after multiprocessing's own exit handler, so it runs first: that one would SIGTERM the
-    # process, which it ignores once loading, and then wait for it forever
+    # registered after multiprocessing's own exit handler, so it runs first: that one would
+    # SIGTERM the process, which ignores it, and then wait for it forever
     atexit.register(launched.discard)
     return launched
 
