@@ -3,8 +3,9 @@
 Each round starts every variant once, in turn, on 127.0.0.1 (`python -m server.cli --model M`),
 waits for `GET /ready` to answer 200, sends one `/generate` of one token, and stops it with
 SIGTERM. The server's own log lines split the time: the API process done importing
-(`starting`), the engine loaded (`engine process ready for requests`, or `text-generation
-engine` for an in-process engine), warmed up and ready (`ready`).
+(`starting`), the engine loaded (`engine process ready for requests`; only an engine in a
+process of its own says so), its merge pool and cost model ready (`warm-up: ...`), and
+`ready`.
 
 Variants: `--engine-process on,off` of this checkout, and with `--compare REF` the same server
 at another commit (a temporary git worktree, run with this checkout's Python environment), so
@@ -145,8 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
             for i in range(args.rounds):
-                for name, tree, flags in variants:
-                    run = start_once(tree, model, flags, work / f"server-{len(runs[name])}.log",
+                for v, (name, tree, flags) in enumerate(variants):
+                    run = start_once(tree, model, flags, work / f"server-{v}-{i}.log",
                                      args.timeout)
                     runs[name].append(run)
                     print(f"round {i + 1}/{args.rounds} {name}: ready {run['ready_s']:.2f}s",

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from camex_runtime import Engine, SamplingParams
+from camex_runtime.engine.engine import WARM_SHORT
 from camex_runtime.errors import (EngineStoppedError, InputValidationError, QueueFullError,
                                   QueueTimeoutError)
 from engine_models import build_folded, reference
@@ -223,12 +224,11 @@ def test_warmup_runs_every_path(path):
         assert s.alive and s.cache.merges > 0 and s.running == 0
         assert e.runner.strategy == "auto"
         assert e.runner._cost is not None  # the first request does not pay for the probes
-        seg = e.config.segment_len
+        seg, short = e.config.segment_len, min(WARM_SHORT, e.config.segment_len + 1)
         # both strategies in both routing modes; the merged prompts cross a segment boundary,
         # the mixture's (every expert on every token) stay short
         assert runs == [("merged", "segment", seg + 1), ("merged", "prompt", seg + 1),
-                        ("mixture", "segment", min(16, seg + 1)),
-                        ("mixture", "prompt", min(16, seg + 1))]
+                        ("mixture", "segment", short), ("mixture", "prompt", short)]
     finally:
         e.stop()
 
