@@ -21,9 +21,10 @@ calls, its FFN the routing context's (`moe.apply`), the residual a torch add.
 
 It applies where the native kernels do (a CPU with AVX2/FMA/F16C and the extension built),
 with fp32 activations (fp32 models, or 16-bit weights served in mixed precision), an fp32 KV
-cache, and at most `max_rows` rows (`kernels.max_rows` of the weights: 16 for fp32, 8 for
-16-bit); `FusedDecode.build` returns None otherwise, and the runner uses the model's block loop
-for those and for larger batches. Every row is computed on its own, so a row's result does not
+cache, and at most `max_rows` rows (`kernels.max_rows` of the weights it multiplies: 16 for
+fp32; for 16-bit weights 8, or 32 on CPUs without a 16-bit GEMM); `FusedDecode.build` returns
+None otherwise, and the runner uses the model's block loop for those and for larger batches.
+Every row is computed on its own, so a row's result does not
 depend on the rest of its batch; against the block loop it differs only by float rounding (its
 norms, activation and rotary arithmetic are its own); a span gives the bits of its blocks run
 one call at a time. Knows nothing about requests or merges.
@@ -93,9 +94,14 @@ class FusedDecode:
         self._tensors = [b.tensors() for b in blocks]
         self._eps = [(b.attn[2], b.norm2.eps) for b in blocks]
         self._flags = [(b.layer, int(b.attn[3]), int(b.norm2.rms)) for b in blocks]
-        # rows per step: the native kernels' limit for the narrowest weights the step reads
-        self.max_rows = min(kernels.max_rows(p.dtype) for p in model.parameters()
-                            if p.dim() == 2)
+        # rows per step: the native kernels' limit for the weights the step multiplies (its
+        # linear layers, expert stacks and output head; an embedding table is only indexed)
+        tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+        head = getattr(model, "lm_head", None)
+        products = [p for p in model.parameters() if p.dim() >= 2 and id(p) not in tables]
+        if head is not None:
+            products.append(head.weight)
+        self.max_rows = min(kernels.max_rows(p.dtype) for p in products)
 
     @classmethod
     def build(cls, model, kv: KVCache, compute: torch.dtype) -> FusedDecode | None:

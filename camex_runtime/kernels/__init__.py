@@ -1,7 +1,8 @@
 """Native CPU kernels for the decode step, chosen per CPU at start-up.
 
 - `linear(x, w, b)` computes `x @ w.T + b` like `F.linear`. For a few rows of fp32 activations
-  (`max_rows`: 16 with fp32 weights, 8 with 16-bit ones; decode steps: one row per running
+  (`max_rows`: 16 with fp32 weights, 8 with 16-bit ones — 32 on CPUs without a 16-bit GEMM,
+  where the alternative widens the whole matrix per call; decode steps: one row per running
   sequence) on an x86 CPU with AVX2, FMA and F16C it runs
   `cpu_decode.cpp`, which streams each weight row from memory once for all rows, widens
   fp16/bf16 weights in registers and splits the output rows over torch's intra-op threads
@@ -108,8 +109,14 @@ ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR", "CAMEX_KERNELS_TUNING")
 # - bf16 weights (torch: the CPU's bf16 GEMM, activations rounded to bf16): 8 rows 22.3 vs 22.6
 #   / 12.0 vs 11.9; 10 rows 27.9 vs 23.7 / 14.0 vs 13.1; 16 rows 40.1 vs 28.5 / 19.9 vs 15.3.
 # Decode batches up to this size are batch-invariant bit for bit; prefill chunks go to torch.
-MAX_ROWS = 8  # 16-bit weights
+MAX_ROWS = 8  # 16-bit weights, where the CPU has a 16-bit GEMM (AVX512-BF16/AMX, AVX512-FP16)
 MAX_ROWS_FP32 = 16  # fp32 weights
+# 16-bit weights on a CPU without a 16-bit GEMM: torch widens the whole matrix on every call
+# before its fp32 GEMM, which the native kernel (widening in registers) beats well past a decode
+# batch. GPT-2-small's block products, bf16 weights, 2-core Zen 3 VM (AVX2/F16C), native vs
+# widen + GEMM, one thread / two: 9 rows 43.9 vs 92.5 / 28.9 vs 73.1 ms; 16 rows 74.4 vs 101.3
+# / 41.0 vs 91.5; 32 rows 129.6 vs 122.9 / 83.3 vs 137.5; 64 rows 306.3 vs 233.4 / 155.5 vs 146.5.
+MAX_ROWS_WIDENING = 32
 # The bf16 dot kernel (cpu_decode.cpp, dot_tile) serves bf16 weights' products from this many
 # rows to MERGE_LINEAR_ROWS, in merge_linear (a prompt segment's merge and its products in one
 # pass) and in ffn (the same segment through the cached entry: the same bits), on CPUs with
@@ -238,9 +245,13 @@ def _load():
     return module, f"native ({isa} weight-streaming linear and merge{dot})"
 
 
+@functools.cache
 def max_rows(weight_dtype: torch.dtype) -> int:
-    """The most activation rows the native kernels take for weights of `weight_dtype`."""
-    return MAX_ROWS_FP32 if weight_dtype == torch.float32 else MAX_ROWS
+    """The most activation rows the native kernels take for weights of `weight_dtype`: 16 for
+    fp32; for 16-bit weights 8 where the CPU has a 16-bit GEMM, else 32 (MAX_ROWS_WIDENING)."""
+    if weight_dtype == torch.float32:
+        return MAX_ROWS_FP32
+    return MAX_ROWS if native_16bit_gemm(weight_dtype) else MAX_ROWS_WIDENING
 
 
 def native():

@@ -226,13 +226,20 @@ def test_choosing_a_tuning_weighs_every_cell():
 
 
 @pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
-def test_fp32_weights_stay_native_and_batch_invariant_up_to_16_rows(monkeypatch):
-    """fp32 weights: the native kernel up to max_rows(fp32) = 16 rows (torch's GEMM was no
-    faster there), every row the bits it gets alone; one row more goes to torch."""
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_weights_stay_native_and_batch_invariant_up_to_their_row_limit(monkeypatch, wdtype):
+    """The native kernel up to max_rows rows, every row the bits it gets alone; one row more
+    goes to torch. fp32 weights: 16 rows (torch's GEMM was no faster there). 16-bit weights: 8
+    where the CPU has a 16-bit GEMM (it wins from 9), 32 where torch would widen the whole
+    matrix on every call instead."""
     torch.manual_seed(3)
-    w, b = torch.randn(40, 56), torch.randn(40)
-    limit = kernels.max_rows(torch.float32)
-    assert limit == 16 and kernels.max_rows(torch.bfloat16) == kernels.MAX_ROWS == 8
+    w, b = torch.randn(40, 56).to(wdtype), torch.randn(40)
+    limit = kernels.max_rows(wdtype)
+    if wdtype == torch.float32:
+        assert limit == kernels.MAX_ROWS_FP32 == 16
+    else:
+        assert limit == (kernels.MAX_ROWS if kernels.native_16bit_gemm(wdtype)
+                         else kernels.MAX_ROWS_WIDENING)
     x = torch.randn(limit + 1, 56)
     calls = []
     mod = kernels.native()
@@ -245,8 +252,9 @@ def test_fp32_weights_stay_native_and_batch_invariant_up_to_16_rows(monkeypatch)
     batch = kernels.linear(x[:limit], w, b)
     alone = [kernels.linear(x[i:i + 1], w, b) for i in range(limit)]
     assert torch.equal(batch, torch.cat(alone))
+    assert rel(batch, F.linear(x[:limit], w.float(), b)) <= 1e-6  # widened exactly
     kernels.linear(x, w, b)
-    assert calls == [limit] + [1] * limit  # the 17-row call went to torch
+    assert calls == [limit] + [1] * limit  # the call with one row more went to torch
 
 
 def test_large_row_counts_and_16bit_activations_go_to_torch():
@@ -255,7 +263,7 @@ def test_large_row_counts_and_16bit_activations_go_to_torch():
     weights widened (exact)."""
     torch.manual_seed(0)
     w, b = torch.randn(24, 16).bfloat16(), torch.randn(24)
-    x = torch.randn(kernels.MAX_ROWS + 1, 16)
+    x = torch.randn(kernels.max_rows(torch.bfloat16) + 1, 16)
     got = kernels.linear(x, w, b)
     assert got.dtype == torch.float32
     if kernels.native_16bit_gemm(torch.bfloat16):
