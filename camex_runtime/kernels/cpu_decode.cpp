@@ -1,7 +1,7 @@
 // CPU kernels of the decode step, where time is the time to stream weights from memory once.
 //
 // linear: y (B, out) = x (B, in) @ w (out, in)^T + b, x and y fp32, w fp32 / fp16 / bf16, fp32
-// accumulation, B <= 8 rows per pass.
+// accumulation, any row count (inputs in groups of up to 4, or 8 in the AVX-512 kernel).
 // merge:  out (n,) = base (n,) + sum_e c_e * deltas[e] (n,), all three in one dtype (fp32 /
 // fp16 / bf16), fp32 accumulation: one merged expert from the stacked [E_m; deltas];
 // merge_many: S of them (S coefficient rows) from one pass over the stack.
