@@ -92,34 +92,52 @@ class PacerTrace:
         self.fit_at_start: list[float] | None = None  # the fit's weighted sums, first step
         budget, record_decode, spend = pacer.budget, pacer.record_decode, pacer.spend
         record_prefill = pacer.record_prefill
+        # the step whose bound was asked for last, traced or not: `active` is set by another
+        # thread, so the step in flight when it was set asked for its bound untraced and may
+        # still take the long prompt's first chunk; it joins the trace when it does prompt work
+        # while active (a CI run under load lost that chunk: 192 of 200 tokens traced)
+        last: dict | None = None
+
+        def current(join: bool = True) -> dict | None:
+            if not self.active or last is None:
+                return None
+            if not self.steps or self.steps[-1] is not last:
+                if not join:
+                    return None
+                if not self.steps:
+                    self.fit_at_start = list(fit_at_bound)
+                self.steps.append(last)
+            return last
+
+        fit_at_bound: list[float] = []
 
         def traced_budget(extra_s: float = 0.0):
+            nonlocal last, fit_at_bound
             base = pacer.decode_s
-            last = pacer._decodes[-1] if pacer._decodes else None
+            prev = pacer._decodes[-1] if pacer._decodes else None
+            fit = list(pacer._fit)
             got = budget(extra_s)
-            if self.active:
-                if not self.steps:
-                    self.fit_at_start = list(pacer._fit)
-                self.steps.append(dict(
-                    budget=got, turn_s=extra_s, base_s=base,
-                    excess_s=None if base is None else max(0.0, last - base),
-                    fixed_s=pacer.fixed_s, token_s=pacer.token_s, decode_s=None, work=0,
-                    chunks=[]))
+            last = dict(budget=got, turn_s=extra_s, base_s=base,
+                        excess_s=None if base is None else max(0.0, prev - base),
+                        fixed_s=pacer.fixed_s, token_s=pacer.token_s, decode_s=None, work=0,
+                        chunks=[])
+            fit_at_bound = fit
+            current()
             return got
 
         def traced_decode(seconds: float) -> None:
-            if self.active and self.steps:
-                self.steps[-1]["decode_s"] = seconds
+            if (step := current(join=False)) is not None:
+                step["decode_s"] = seconds
             record_decode(seconds)
 
         def traced_spend(work_tokens: int) -> None:
-            if self.active and self.steps:
-                self.steps[-1]["work"] = work_tokens
+            if (step := current()) is not None:
+                step["work"] = work_tokens
             spend(work_tokens)
 
         def traced_prefill(work_tokens: int, seconds: float) -> None:
-            if self.active and self.steps:
-                self.steps[-1]["chunks"].append([work_tokens, seconds])
+            if (step := current()) is not None:
+                step["chunks"].append([work_tokens, seconds])
             record_prefill(work_tokens, seconds)
 
         pacer.budget, pacer.record_decode, pacer.spend = traced_budget, traced_decode, traced_spend
