@@ -108,7 +108,7 @@ ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR", "CAMEX_KERNELS_TUNING")
 #   16 rows 51.7 vs 52.0 / 26.2 vs 36.2 (earlier, with AVX2 only: 118.9 vs 84.7 at 32 rows);
 # - bf16 weights (torch: the CPU's bf16 GEMM, activations rounded to bf16): 8 rows 22.3 vs 22.6
 #   / 12.0 vs 11.9; 10 rows 27.9 vs 23.7 / 14.0 vs 13.1; 16 rows 40.1 vs 28.5 / 19.9 vs 15.3.
-# Decode batches up to this size are batch-invariant bit for bit; prefill chunks go to torch.
+# Batches up to this size are batch-invariant bit for bit; larger prefill chunks go to torch.
 MAX_ROWS = 8  # 16-bit weights, where the CPU has a 16-bit GEMM (AVX512-BF16/AMX, AVX512-FP16)
 MAX_ROWS_FP32 = 16  # fp32 weights
 # 16-bit weights on a CPU without a 16-bit GEMM: torch widens the whole matrix on every call
