@@ -95,7 +95,7 @@ class PacerTrace:
         # the step whose bound was asked for last, traced or not: `active` is set by another
         # thread, so the step in flight when it was set asked for its bound untraced and may
         # still take the long prompt's first chunk; it joins the trace when it does prompt work
-        # while active (a CI run under load lost that chunk: 192 of 200 tokens traced)
+        # while active
         last: dict | None = None
 
         def current(join: bool = True) -> dict | None:
@@ -115,13 +115,12 @@ class PacerTrace:
             nonlocal last, fit_at_bound
             base = pacer.decode_s
             prev = pacer._decodes[-1] if pacer._decodes else None
-            fit = list(pacer._fit)
+            fit_at_bound = list(pacer._fit)
             got = budget(extra_s)
             last = dict(budget=got, turn_s=extra_s, base_s=base,
                         excess_s=None if base is None else max(0.0, prev - base),
                         fixed_s=pacer.fixed_s, token_s=pacer.token_s, decode_s=None, work=0,
                         chunks=[])
-            fit_at_bound = fit
             current()
             return got
 

@@ -129,8 +129,8 @@ def test_chunked_prefill_benchmark(tmp_path):
     steps = paced["pacer_steps"]
     # paced work in the traced steps, but not a fixed sum: how the prompt's tokens and merge
     # costs split into paced steps depends on the steps' timing (a run traces anywhere from
-    # 152 to 232 units for the 200-token prompt on a Zen 3 VM; the bound of 200 held on the
-    # Xeon and failed there)
+    # 152 to 232 units for the 200-token prompt on a Zen 3 VM, where a bound of 200 failed;
+    # it had held in every CI run on the Xeon)
     assert sum(s["work"] for s in steps) > 0
     assert all(s["work"] == 0 for s in steps if s["budget"] == 0)
     summary = paced["pacer"]
