@@ -22,7 +22,7 @@ calls, its FFN the routing context's (`moe.apply`), the residual a torch add.
 It applies where the native kernels do (a CPU with AVX2/FMA/F16C and the extension built),
 with fp32 activations (fp32 models, or 16-bit weights served in mixed precision), an fp32 KV
 cache, and at most `max_rows` rows (`kernels.max_rows` of the weights it multiplies: 16 for
-fp32; for 16-bit weights 8, or 32 on CPUs without a 16-bit GEMM); `FusedDecode.build` returns
+fp32, 8 for 16-bit weights); `FusedDecode.build` returns
 None otherwise, and the runner uses the model's block loop for those and for larger batches.
 Every row is computed on its own, so a row's result does not
 depend on the rest of its batch; against the block loop it differs only by float rounding (its

@@ -1,15 +1,16 @@
 """Native CPU kernels for the decode step, chosen per CPU at start-up.
 
 - `linear(x, w, b)` computes `x @ w.T + b` like `F.linear`. For a few rows of fp32 activations
-  (`max_rows`: 16 with fp32 weights, 8 with 16-bit ones — 32 on CPUs without a 16-bit GEMM,
-  where the alternative widens the whole matrix per call; decode steps: one row per running
+  (`max_rows`: 16 with fp32 weights, 8 with 16-bit ones; decode steps: one row per running
   sequence) on an x86 CPU with AVX2, FMA and F16C it runs
   `cpu_decode.cpp`, which streams each weight row from memory once for all rows, widens
   fp16/bf16 weights in registers and splits the output rows over torch's intra-op threads
   (an AVX-512 variant where the CPU has it, from a row count tuned per CPU family and kind of
-  weights, `AVX512_TUNING`: same bits, more work per load);
-  everything else goes to `F.linear`: fp16/bf16 weights with fp32 activations (prompt chunks)
-  use the CPU's 16-bit GEMM where it has one (AVX512-BF16/AMX, AVX512-FP16), else are widened.
+  weights, `AVX512_TUNING`: same bits, more work per load). More rows (prompt chunks) go to
+  the native prompt tiles where `tiles_take` says so — 16-bit weights on CPUs without a 16-bit
+  GEMM, fp32 ones up to `TILES_MAX_ROWS_FP32` rows on CPUs without AVX-512 — and otherwise to
+  `F.linear`: fp16/bf16 weights with fp32 activations use the CPU's 16-bit GEMM there
+  (AVX512-BF16/AMX, AVX512-FP16), or are widened where the kernels are unavailable.
 - `decode_attention(...)` writes one decode step's keys/values into the KV cache and attends
   each row over its own cached positions (fp32), in one call instead of a dozen small ops and
   a general attention kernel sized for long queries; None where it does not apply.
@@ -108,15 +109,23 @@ ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR", "CAMEX_KERNELS_TUNING")
 #   16 rows 51.7 vs 52.0 / 26.2 vs 36.2 (earlier, with AVX2 only: 118.9 vs 84.7 at 32 rows);
 # - bf16 weights (torch: the CPU's bf16 GEMM, activations rounded to bf16): 8 rows 22.3 vs 22.6
 #   / 12.0 vs 11.9; 10 rows 27.9 vs 23.7 / 14.0 vs 13.1; 16 rows 40.1 vs 28.5 / 19.9 vs 15.3.
-# Batches up to this size are batch-invariant bit for bit; larger prefill chunks go to torch.
-MAX_ROWS = 8  # 16-bit weights, where the CPU has a 16-bit GEMM (AVX512-BF16/AMX, AVX512-FP16)
+# Batches up to this size are batch-invariant bit for bit; larger prefill chunks go to torch's
+# GEMM, or to the prompt tiles (`tiles_take`).
+MAX_ROWS = 8  # 16-bit weights
 MAX_ROWS_FP32 = 16  # fp32 weights
-# 16-bit weights on a CPU without a 16-bit GEMM: torch widens the whole matrix on every call
-# before its fp32 GEMM, which the native kernel (widening in registers) beats well past a decode
-# batch. GPT-2-small's block products, bf16 weights, 2-core Zen 3 VM (AVX2/F16C), native vs
-# widen + GEMM, one thread / two: 9 rows 43.9 vs 92.5 / 28.9 vs 73.1 ms; 16 rows 74.4 vs 101.3
-# / 41.0 vs 91.5; 32 rows 129.6 vs 122.9 / 83.3 vs 137.5; 64 rows 306.3 vs 233.4 / 155.5 vs 146.5.
-MAX_ROWS_WIDENING = 32
+# The prompt tiles (cpu_decode.cpp, tiles_run): more rows than max_rows in register tiles of 3
+# weight rows x 4 inputs, one accumulator per output (bits independent of the other rows, but
+# not the linear kernel's). They take 16-bit weights' products on CPUs without a 16-bit GEMM,
+# where torch would widen the whole matrix on every call before its fp32 GEMM, and fp32 ones up
+# to TILES_MAX_ROWS_FP32 rows on CPUs without AVX-512, whose fp32 GEMM in torch splits small row
+# counts poorly over threads. GPT-2-small's block products on a 2-core Zen 3 VM (AVX2/F16C),
+# tiles vs the linear kernel vs torch (widening 16-bit weights), one thread / two:
+# - bf16: 16 rows 50.5 / 63.3 / 96.7 ms and 27.4 / 40.7 / 63.0; 32 rows 95.4 / 138.4 / 130.6
+#   and 49.4 / 74.1 / 84.4; 256 rows 703 / 1215 / 688 and 370 / 602 / 392 (fp16 alike);
+# - fp32: 24 rows 81.5 / 114.3 / 97.5; 32 rows 103.1 / 162.1 / 116.0 and 60.2 / 89.5 / 101.3;
+#   64 rows 188.5 / 309.2 / 188.2; 256 rows on two threads 426 / 665 / 395.
+# Not measured on CPUs with AVX-512, whose GEMMs use vectors twice as wide: they keep torch's.
+TILES_MAX_ROWS_FP32 = 64
 # The bf16 dot kernel (cpu_decode.cpp, dot_tile) serves bf16 weights' products from this many
 # rows to MERGE_LINEAR_ROWS, in merge_linear (a prompt segment's merge and its products in one
 # pass) and in ffn (the same segment through the cached entry: the same bits), on CPUs with
@@ -242,16 +251,26 @@ def _load():
                         and cpu_vendor() in BF16_DOT_VENDORS else 0)
     dot = (f"; AVX512-BF16 dot products for bf16 merged-expert segments of {BF16_DOT_FROM}-"
            f"{MERGE_LINEAR_ROWS} rows" if module.bf16_dot() else "")
-    return module, f"native ({isa} weight-streaming linear and merge{dot})"
+    tiles = [name for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16),
+                                      ("fp16", torch.float16))
+             if tiles_take(dtype, max_rows(dtype) + 1)]
+    tiles_text = (f"; prompt tiles for {', '.join(tiles)} weights beyond a decode batch"
+                  if tiles else "")
+    return module, f"native ({isa} weight-streaming linear and merge{dot}{tiles_text})"
 
 
-@functools.cache
 def max_rows(weight_dtype: torch.dtype) -> int:
-    """The most activation rows the native kernels take for weights of `weight_dtype`: 16 for
-    fp32; for 16-bit weights 8 where the CPU has a 16-bit GEMM, else 32 (MAX_ROWS_WIDENING)."""
+    """The most activation rows the linear kernel takes for weights of `weight_dtype` (decode
+    batches, each row with the bits it gets alone): 16 for fp32, 8 for 16-bit weights."""
+    return MAX_ROWS_FP32 if weight_dtype == torch.float32 else MAX_ROWS
+
+
+def tiles_take(weight_dtype: torch.dtype, rows: int) -> bool:
+    """Whether `linear` gives `rows` rows (more than `max_rows`) by weights of `weight_dtype` to
+    the native prompt tiles rather than torch (TILES_MAX_ROWS_FP32 says where and why)."""
     if weight_dtype == torch.float32:
-        return MAX_ROWS_FP32
-    return MAX_ROWS if native_16bit_gemm(weight_dtype) else MAX_ROWS_WIDENING
+        return rows <= TILES_MAX_ROWS_FP32 and "avx512f" not in cpu_flags()
+    return not native_16bit_gemm(weight_dtype)
 
 
 def native():
@@ -274,14 +293,17 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     """`F.linear(x, w, b)`; fp32 activations with fp16/bf16 weights are allowed (computed in
     fp32, as the native kernel does)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if (0 < rows <= max_rows(w.dtype) and x.dtype == torch.float32 and x.device.type == "cpu"
-            and w.stride(-1) == 1 and (b is None or b.dtype == torch.float32)):
-        mod = native()
-        if mod is not None:
-            x2 = x.reshape(rows, x.shape[-1])
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
-            return mod.linear(x2, w, b).view(*x.shape[:-1], w.shape[0])
+    if (rows > 0 and x.dtype == torch.float32 and x.device.type == "cpu" and w.stride(-1) == 1
+            and (b is None or b.dtype == torch.float32)):
+        decode = rows <= max_rows(w.dtype)
+        if decode or tiles_take(w.dtype, rows):
+            mod = native()
+            if mod is not None:
+                x2 = x.reshape(rows, x.shape[-1])
+                if x2.stride(-1) != 1:
+                    x2 = x2.contiguous()
+                y = mod.linear(x2, w, b) if decode else mod.linear_tiles(x2, w, b)
+                return y.view(*x.shape[:-1], w.shape[0])
     if w.dtype != x.dtype:  # 16-bit weights, fp32 activations, more rows than decode has
         if w.device.type == "cpu" and x.dtype == torch.float32 and native_16bit_gemm(w.dtype):
             # prompt chunks: the CPU's own 16-bit GEMM (oneDNN) beats widening every weight

@@ -25,6 +25,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // weights the server's event loop thread must be free to send the previous token.
   using nogil = py::call_guard<py::gil_scoped_release>;
   m.def("linear", &linear, "weight-streaming y = x @ w.T + b for a few fp32 rows", nogil());
+  m.def("linear_tiles", &linear_tiles,
+        "y = x @ w.T + b for many fp32 rows (prompt chunks), register tiles", nogil());
   m.def("decode_attention", &decode_attention,
         "write one decode step's keys/values into the cache and attend, per row", nogil());
   m.def("norm", &norm, "row-wise LayerNorm / RMSNorm of (B, d) fp32", nogil());

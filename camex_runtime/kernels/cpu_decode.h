@@ -25,6 +25,7 @@ int64_t bf16_dot();
 
 // kernels
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const OptT& bias);
+at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w, const OptT& bias);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
                             const at::Tensor& v_new, at::Tensor kc, at::Tensor vc,
                             int64_t layer, const at::Tensor& slots, const at::Tensor& positions);

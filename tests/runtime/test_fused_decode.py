@@ -246,12 +246,10 @@ def test_native_span_refuses_malformed_ffn_groups(checkpoint):
 
 @needs_native
 def test_bf16_weights_fuse_up_to_their_own_row_limit(checkpoint):
-    """16-bit weights: where the CPU has a 16-bit GEMM it beats the native kernels beyond 8
-    rows, so the fused step stops there; elsewhere torch would widen every matrix per call and
-    the step takes 32 rows (not bounded by an fp32 position table, which is only indexed).
-    Batched rows still get each row's own result."""
-    limit = (kernels.MAX_ROWS if kernels.native_16bit_gemm(torch.bfloat16)
-             else kernels.MAX_ROWS_WIDENING)
+    """16-bit weights: up to 8 rows (beyond them the CPU's 16-bit GEMM or the prompt tiles are
+    faster), not bounded by an fp32 position table, which is only indexed. Batched rows still
+    get each row's own result."""
+    limit = kernels.MAX_ROWS
     assert limit == kernels.max_rows(torch.bfloat16)
     B = limit + 1
     big = runner(checkpoint, "bfloat16", True, slots=B)

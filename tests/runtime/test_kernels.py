@@ -228,39 +228,39 @@ def test_choosing_a_tuning_weighs_every_cell():
 @pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_weights_stay_native_and_batch_invariant_up_to_their_row_limit(monkeypatch, wdtype):
-    """The native kernel up to max_rows rows, every row the bits it gets alone; one row more
-    goes to torch. fp32 weights: 16 rows (torch's GEMM was no faster there). 16-bit weights: 8
-    where the CPU has a 16-bit GEMM (it wins from 9), 32 where torch would widen the whole
-    matrix on every call instead."""
+    """The linear kernel up to max_rows rows (16 with fp32 weights, 8 with 16-bit ones: a
+    decode batch), every row the bits it gets alone; one row more leaves it, for the prompt
+    tiles where tiles_take says so on this CPU, else for torch."""
     torch.manual_seed(3)
     w, b = torch.randn(40, 56).to(wdtype), torch.randn(40)
     limit = kernels.max_rows(wdtype)
-    if wdtype == torch.float32:
-        assert limit == kernels.MAX_ROWS_FP32 == 16
-    else:
-        assert limit == (kernels.MAX_ROWS if kernels.native_16bit_gemm(wdtype)
-                         else kernels.MAX_ROWS_WIDENING)
+    assert limit == (kernels.MAX_ROWS_FP32 if wdtype == torch.float32 else kernels.MAX_ROWS)
     x = torch.randn(limit + 1, 56)
     calls = []
     mod = kernels.native()
 
     class Spy:
         def linear(self, *args):
-            calls.append(args[0].shape[0])
+            calls.append(("linear", args[0].shape[0]))
             return mod.linear(*args)
+
+        def linear_tiles(self, *args):
+            calls.append(("tiles", args[0].shape[0]))
+            return mod.linear_tiles(*args)
     monkeypatch.setattr(kernels, "native", lambda: Spy())
     batch = kernels.linear(x[:limit], w, b)
     alone = [kernels.linear(x[i:i + 1], w, b) for i in range(limit)]
     assert torch.equal(batch, torch.cat(alone))
     assert rel(batch, F.linear(x[:limit], w.float(), b)) <= 1e-6  # widened exactly
     kernels.linear(x, w, b)
-    assert calls == [limit] + [1] * limit  # the call with one row more went to torch
+    more = [("tiles", limit + 1)] if kernels.tiles_take(wdtype, limit + 1) else []
+    assert calls == [("linear", limit)] + [("linear", 1)] * limit + more
 
 
-def test_large_row_counts_and_16bit_activations_go_to_torch():
-    """More rows than a decode batch: torch's GEMM. 16-bit weights with fp32 activations use
-    the CPU's native 16-bit GEMM where it has one (activations rounded to 16 bits), else the
-    weights widened (exact)."""
+def test_large_row_counts_and_16bit_activations_leave_the_linear_kernel():
+    """More rows than a decode batch: torch's GEMM or the prompt tiles. 16-bit weights with
+    fp32 activations use the CPU's native 16-bit GEMM where it has one (activations rounded to
+    16 bits), else the weights widened (exact, in the tiles or by torch)."""
     torch.manual_seed(0)
     w, b = torch.randn(24, 16).bfloat16(), torch.randn(24)
     x = torch.randn(kernels.max_rows(torch.bfloat16) + 1, 16)
@@ -274,6 +274,76 @@ def test_large_row_counts_and_16bit_activations_go_to_torch():
     assert rel(kernels.linear(x, w.float(), b), F.linear(x, w.float(), b)) <= 1e-6
     xb = x[:4].bfloat16()
     assert torch.equal(kernels.linear(xb, w), F.linear(xb, w))
+
+
+@pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("out,inp,rows", [(40, 56, 9), (29, 61, 33), (31, 3003, 45)])
+def test_prompt_tiles_equal_torch_and_each_row_keeps_its_bits(wdtype, out, inp, rows):
+    """The prompt tiles compute x @ w.T + b (16-bit weights widened exactly) for any shape:
+    output rows that fill no whole tile (29, 31, 40 = 3k + 1 or 2), input widths with a scalar
+    tail (61, 3003), row counts that fill no whole tile (9, 33, 45) and inputs split into blocks
+    that stay in cache (3,003 inputs: 20 rows a block). Each output is one chain of FMAs, so a
+    row gets the same bits alone, in any batch, in any order, from a strided view, on one
+    thread or two."""
+    mod = kernels.native()
+    torch.manual_seed(out + inp)
+    w = torch.randn(out, inp + 3).to(wdtype)[:, :inp]  # a row stride wider than the row
+    b = torch.randn(out)
+    x = torch.randn(rows, inp + 5)[:, :inp]
+    want = F.linear(x, w.float(), b)
+    got = mod.linear_tiles(x, w, b)
+    assert got.shape == (rows, out) and rel(got, want) <= 1e-6
+    assert rel(mod.linear_tiles(x, w, None), F.linear(x, w.float())) <= 1e-6
+    assert torch.equal(mod.linear_tiles(x.contiguous(), w, b), got)
+    order = torch.randperm(rows)
+    assert torch.equal(mod.linear_tiles(x[order], w, b), got[order])
+    alone = torch.cat([mod.linear_tiles(x[i:i + 1], w, b) for i in range(rows)])
+    assert torch.equal(alone, got)
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            assert torch.equal(mod.linear_tiles(x, w, b), got), n
+    finally:
+        torch.set_num_threads(threads)
+    with pytest.raises(RuntimeError, match="bias"):
+        mod.linear_tiles(x, w, torch.randn(out + 1))
+    with pytest.raises(RuntimeError, match="weight dtype"):
+        mod.linear_tiles(x, w.to(torch.float64), None)
+
+
+AVX2_ONLY = frozenset({"avx2", "fma", "f16c"})
+AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"}
+
+
+@pytest.mark.parametrize("flags", [AVX2_ONLY, AVX512_BF16], ids=["avx2-only", "avx512-bf16"])
+def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags):
+    """Where the CPU has no 16-bit GEMM, 16-bit weights' prompt chunks go to the tiles at any
+    length (torch would widen the whole matrix per call); where it has one (bf16 here, not
+    fp16), they go to it. fp32 chunks go to the tiles up to TILES_MAX_ROWS_FP32 rows on CPUs
+    without AVX-512 only. kernels.linear follows that choice with the tiles' own bits."""
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+    avx512 = "avx512f" in flags
+    first = kernels.MAX_ROWS + 1
+    assert kernels.tiles_take(torch.bfloat16, first) is not avx512
+    assert kernels.tiles_take(torch.bfloat16, 4096) is not avx512
+    assert kernels.tiles_take(torch.float16, first) and kernels.tiles_take(torch.float16, 4096)
+    fp32_first = kernels.MAX_ROWS_FP32 + 1
+    assert kernels.tiles_take(torch.float32, fp32_first) is not avx512
+    assert kernels.tiles_take(torch.float32, kernels.TILES_MAX_ROWS_FP32) is not avx512
+    assert not kernels.tiles_take(torch.float32, kernels.TILES_MAX_ROWS_FP32 + 1)
+    mod = kernels.native()
+    if mod is None:
+        return
+    torch.manual_seed(1)
+    for wdtype, rows in ((torch.bfloat16, first), (torch.float16, 70), (torch.float32, 20),
+                         (torch.float32, kernels.TILES_MAX_ROWS_FP32 + 1)):
+        w, b, x = torch.randn(30, 24).to(wdtype), torch.randn(30), torch.randn(rows, 24)
+        got = kernels.linear(x, w, b)
+        assert torch.equal(got, mod.linear_tiles(x, w, b)) is kernels.tiles_take(wdtype, rows)
+        if not kernels.tiles_take(wdtype, rows) and not kernels.native_16bit_gemm(wdtype):
+            assert rel(got, F.linear(x, w.float(), b)) <= 1e-6
 
 
 @pytest.mark.parametrize("H,KV,hd", [(4, 4, 16), (6, 2, 12), (2, 1, 64)])
