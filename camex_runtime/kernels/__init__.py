@@ -126,6 +126,7 @@ MAX_ROWS_FP32 = 16  # fp32 weights
 #   64 rows 188.5 / 309.2 / 188.2; 256 rows on two threads 426 / 665 / 395.
 # Not measured on CPUs with AVX-512, whose GEMMs use vectors twice as wide: they keep torch's.
 TILES_MAX_ROWS_FP32 = 64
+TILE_KINDS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The bf16 dot kernel (cpu_decode.cpp, dot_tile) serves bf16 weights' products from this many
 # rows to MERGE_LINEAR_ROWS, in merge_linear (a prompt segment's merge and its products in one
 # pass) and in ffn (the same segment through the cached entry: the same bits), on CPUs with
@@ -251,9 +252,13 @@ def _load():
                         and cpu_vendor() in BF16_DOT_VENDORS else 0)
     dot = (f"; AVX512-BF16 dot products for bf16 merged-expert segments of {BF16_DOT_FROM}-"
            f"{MERGE_LINEAR_ROWS} rows" if module.bf16_dot() else "")
-    tiles = [name for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16),
-                                      ("fp16", torch.float16))
-             if tiles_take(dtype, max_rows(dtype) + 1)]
+    tiles = []
+    for name, dtype in TILE_KINDS.items():  # the same choice inside merge_linear and ffn
+        first = max_rows(dtype) + 1
+        if tiles_take(dtype, first):
+            tiles.append(name)
+        module.set_tiles(name, first if tiles_take(dtype, first) else 0,
+                         TILES_MAX_ROWS_FP32 if dtype == torch.float32 else 2 ** 62)
     tiles_text = (f"; prompt tiles for {', '.join(tiles)} weights beyond a decode batch"
                   if tiles else "")
     return module, f"native ({isa} weight-streaming linear and merge{dot}{tiles_text})"
@@ -266,8 +271,11 @@ def max_rows(weight_dtype: torch.dtype) -> int:
 
 
 def tiles_take(weight_dtype: torch.dtype, rows: int) -> bool:
-    """Whether `linear` gives `rows` rows (more than `max_rows`) by weights of `weight_dtype` to
-    the native prompt tiles rather than torch (TILES_MAX_ROWS_FP32 says where and why)."""
+    """Whether `linear` gives `rows` rows by weights of `weight_dtype` to the native prompt
+    tiles: never a decode batch (`max_rows` or fewer rows); beyond it as TILES_MAX_ROWS_FP32
+    says (where and why)."""
+    if rows <= max_rows(weight_dtype):
+        return False
     if weight_dtype == torch.float32:
         return rows <= TILES_MAX_ROWS_FP32 and "avx512f" not in cpu_flags()
     return not native_16bit_gemm(weight_dtype)

@@ -21,6 +21,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "from how many rows bf16 weights' products use the bf16 dot kernel (0: never)",
         py::arg("from_rows"));
   m.def("bf16_dot", &bf16_dot);
+  m.def("set_tiles", &set_tiles,
+        "for weights of `kind`: the row counts [from, to] whose products in linear and "
+        "merge_linear use the prompt tiles (from 0: never)",
+        py::arg("kind"), py::arg("from_rows"), py::arg("to_rows"));
+  m.def("tiles", &tiles, py::arg("kind"));
   // Without the GIL: the kernels touch no Python object, and while a decode step streams
   // weights the server's event loop thread must be free to send the previous token.
   using nogil = py::call_guard<py::gil_scoped_release>;

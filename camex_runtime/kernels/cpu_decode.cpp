@@ -6,6 +6,8 @@
 // fp16 / bf16), fp32 accumulation: one merged expert from the stacked [E_m; deltas];
 // merge_many: S of them (S coefficient rows) from one pass over the stack.
 // merge_linear: a merge and a prompt chunk's product by it, one tile of weight rows at a time.
+// linear_tiles: y = x @ w^T + b for a prompt chunk's rows in register tiles (and linear's and
+// merge_linear's products for the row counts set_tiles names).
 // With bf16 weights and 9-32 rows on a CPU with AVX512-BF16 (set_bf16_dot), products go to a
 // kernel of bf16 dot products (vdpbf16ps), fused with the merge in merge_linear.
 //
@@ -320,38 +322,12 @@ inline bool wide_for(int64_t B) {
   return use_avx512 && (B >= tuning_for<T>().from || avx512_rows_override > 0);
 }
 
-// y[:, o:o+rows] = x @ w[o:o+rows]^T (+ bias) for all B inputs: one task's output rows
-template <WType T>
-inline void rows_into(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
-                      int64_t ldw_bytes, int64_t out, const float* bias, float* y, int64_t o,
-                      int64_t rows, bool wide) {
-  if (wide)
-    rows_avx512<T>(x, B, ldx, in, w, ldw_bytes, out, y, o, rows);
-  else
-    rows_avx2<T>(x, B, ldx, in, w, ldw_bytes, out, y, o, rows);
-  if (bias != nullptr)
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t r = 0; r < rows; ++r) y[b * out + o + r] += bias[o + r];
-}
-
-template <WType T>
-void run(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w, int64_t ldw_bytes,
-         int64_t out, const float* bias, float* y) {
-  const int64_t blocks = (out + RB - 1) / RB;
-  const bool wide = wide_for<T>(B);
-  at::parallel_for(0, blocks, 4, [&](int64_t lo, int64_t hi) {
-    for (int64_t g = lo; g < hi; ++g) {
-      const int64_t o = g * RB;
-      rows_into<T>(x, B, ldx, in, w, ldw_bytes, out, bias, y, o, std::min(RB, out - o), wide);
-    }
-  });
-}
-
-// ---- Prompt tiles: many rows by 16-bit weights where the CPU has no 16-bit GEMM ------------
+// ---- Prompt tiles: more rows than a decode batch, where the CPU has no faster GEMM ---------
 // With a prompt chunk's rows the products are bound by arithmetic and loads, not by memory: the
 // kernels above load an input vector per FMA and keep two partial sums per output (for their
-// batch invariance), and torch would widen every 16-bit weight matrix to fp32 on each call
-// before its GEMM. Here a tile of NR <= 3 weight rows x NB <= 4 inputs runs in registers: per 8
+// batch invariance), and on a CPU without a 16-bit GEMM torch would widen every 16-bit weight
+// matrix to fp32 on each call before its GEMM (which without AVX-512 also splits small row
+// counts poorly over threads; Python's kernels.tiles_take says where the tiles serve). Here a tile of NR <= 3 weight rows x NB <= 4 inputs runs in registers: per 8
 // elements NR weight vectors (widened once) and NB input vectors feed NR * NB FMAs into one
 // accumulator per output (12 of the 16 AVX2 registers), then the same lane reduction (hsum) and
 // scalar tail as the linear kernel. Every output is the same chain of FMAs whatever tile or
@@ -400,30 +376,90 @@ inline void tile_rows(const float* x, int64_t nb, int64_t ldx, int64_t in, const
 constexpr int64_t TILE_ROWS = 3;  // weight rows per tile
 constexpr int64_t TILE_BLOCK_BYTES = 256 * 1024;  // inputs per block: at most this much fp32
 
+// y[:, o:o+rows] = x @ w[o:o+rows]^T (+ bias) for all B inputs by tiles: inputs in blocks that
+// stay in L2, each block passed over by every group of TILE_ROWS weight rows of the range.
 template <WType T>
-void tiles_run(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
-               int64_t ldw_bytes, int64_t out, const float* bias, float* y) {
-  const int64_t block = std::max<int64_t>(4, TILE_BLOCK_BYTES / (4 * std::max<int64_t>(in, 1)) / 4 * 4);
-  const int64_t groups = (out + TILE_ROWS - 1) / TILE_ROWS;
+void tiles_into(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
+                int64_t ldw_bytes, int64_t out, const float* bias, float* y, int64_t o,
+                int64_t rows) {
+  const int64_t block =
+      std::max<int64_t>(4, TILE_BLOCK_BYTES / (4 * std::max<int64_t>(in, 1)) / 4 * 4);
   for (int64_t b0 = 0; b0 < B; b0 += block) {
     const int64_t nb = std::min(block, B - b0);
     const float* xb = x + b0 * ldx;
     float* yb = y + b0 * out;
-    at::parallel_for(0, groups, 8, [&](int64_t lo, int64_t hi) {
-      for (int64_t g = lo; g < hi; ++g) {
-        const int64_t o = g * TILE_ROWS;
-        const char* wg = w + o * ldw_bytes;
-        switch (std::min(TILE_ROWS, out - o)) {
-          case 1: tile_rows<T, 1>(xb, nb, ldx, in, wg, ldw_bytes, yb + o, out); break;
-          case 2: tile_rows<T, 2>(xb, nb, ldx, in, wg, ldw_bytes, yb + o, out); break;
-          default: tile_rows<T, 3>(xb, nb, ldx, in, wg, ldw_bytes, yb + o, out); break;
-        }
-        if (bias != nullptr)
-          for (int64_t b = 0; b < nb; ++b)
-            for (int64_t r = o; r < std::min(o + TILE_ROWS, out); ++r) yb[b * out + r] += bias[r];
+    for (int64_t g = o; g < o + rows; g += TILE_ROWS) {
+      const char* wg = w + g * ldw_bytes;
+      switch (std::min(TILE_ROWS, o + rows - g)) {
+        case 1: tile_rows<T, 1>(xb, nb, ldx, in, wg, ldw_bytes, yb + g, out); break;
+        case 2: tile_rows<T, 2>(xb, nb, ldx, in, wg, ldw_bytes, yb + g, out); break;
+        default: tile_rows<T, 3>(xb, nb, ldx, in, wg, ldw_bytes, yb + g, out); break;
       }
-    });
+    }
   }
+  if (bias != nullptr)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t r = o; r < o + rows; ++r) y[b * out + r] += bias[r];
+}
+
+// All of y, the groups of weight rows split over threads.
+template <WType T>
+void tiles_run(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
+               int64_t ldw_bytes, int64_t out, const float* bias, float* y) {
+  const int64_t groups = (out + TILE_ROWS - 1) / TILE_ROWS;
+  at::parallel_for(0, groups, 8, [&](int64_t lo, int64_t hi) {
+    const int64_t o = lo * TILE_ROWS;
+    tiles_into<T>(x, B, ldx, in, w, ldw_bytes, out, bias, y, o, std::min(hi * TILE_ROWS, out) - o);
+  });
+}
+
+// For which row counts the products inside linear_into and merge_linear (and so ffn's) use the
+// tiles, per kind of weights ([fp32, fp16, bf16]; from 0: never). Set by the Python side per CPU
+// (set_tiles, from kernels.tiles_take), so that a merged expert's prompt rows get the same bits
+// whether its merge was just made (merge_linear) or comes from the cache (ffn), as linear gives
+// them where Python multiplies.
+int64_t tiles_from[3] = {0, 0, 0};
+int64_t tiles_to[3] = {0, 0, 0};
+
+template <WType T>
+inline bool tiles_for(int64_t B) {
+  constexpr int k = T == WType::F32 ? 0 : T == WType::F16 ? 1 : 2;
+  return tiles_from[k] > 0 && B >= tiles_from[k] && B <= tiles_to[k];
+}
+
+// y[:, o:o+rows] = x @ w[o:o+rows]^T (+ bias) for all B inputs: one task's output rows
+template <WType T>
+inline void rows_into(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
+                      int64_t ldw_bytes, int64_t out, const float* bias, float* y, int64_t o,
+                      int64_t rows, bool wide) {
+  if (tiles_for<T>(B)) {
+    tiles_into<T>(x, B, ldx, in, w, ldw_bytes, out, bias, y, o, rows);
+    return;
+  }
+  if (wide)
+    rows_avx512<T>(x, B, ldx, in, w, ldw_bytes, out, y, o, rows);
+  else
+    rows_avx2<T>(x, B, ldx, in, w, ldw_bytes, out, y, o, rows);
+  if (bias != nullptr)
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t r = 0; r < rows; ++r) y[b * out + o + r] += bias[o + r];
+}
+
+template <WType T>
+void run(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w, int64_t ldw_bytes,
+         int64_t out, const float* bias, float* y) {
+  if (tiles_for<T>(B)) {
+    tiles_run<T>(x, B, ldx, in, w, ldw_bytes, out, bias, y);
+    return;
+  }
+  const int64_t blocks = (out + RB - 1) / RB;
+  const bool wide = wide_for<T>(B);
+  at::parallel_for(0, blocks, 4, [&](int64_t lo, int64_t hi) {
+    for (int64_t g = lo; g < hi; ++g) {
+      const int64_t o = g * RB;
+      rows_into<T>(x, B, ldx, in, w, ldw_bytes, out, bias, y, o, std::min(RB, out - o), wide);
+    }
+  });
 }
 
 template <WType T>
@@ -1396,6 +1432,25 @@ int64_t set_bf16_dot(int64_t from) {
   return bf16_dot_from;
 }
 
+
+// For which row counts [from, to] weights of `kind` ("fp32", "fp16", "bf16") get the prompt
+// tiles inside linear and merge_linear (from 0: never); returns from.
+int64_t set_tiles(const std::string& kind, int64_t from, int64_t to) {
+  TORCH_CHECK(kind == "fp32" || kind == "fp16" || kind == "bf16",
+              "set_tiles: kind \"fp32\", \"fp16\" or \"bf16\"");
+  TORCH_CHECK(from >= 0 && (from == 0 || to >= from), "set_tiles: rows from <= to, from 0 for never");
+  const int k = kind == "fp32" ? 0 : kind == "fp16" ? 1 : 2;
+  tiles_from[k] = from;
+  tiles_to[k] = from == 0 ? 0 : to;
+  return from;
+}
+
+std::tuple<int64_t, int64_t> tiles(const std::string& kind) {
+  TORCH_CHECK(kind == "fp32" || kind == "fp16" || kind == "bf16",
+              "tiles: kind \"fp32\", \"fp16\" or \"bf16\"");
+  const int k = kind == "fp32" ? 0 : kind == "fp16" ? 1 : 2;
+  return {tiles_from[k], tiles_to[k]};
+}
 
 Avx512Tuning& tuning_of(const std::string& weights) {
   TORCH_CHECK(weights == "fp32" || weights == "16bit", "tune: weights \"fp32\" or \"16bit\"");

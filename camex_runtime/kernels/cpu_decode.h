@@ -22,6 +22,8 @@ Tuning tuning(const std::string& weights);
 bool has_bf16_dot();
 int64_t set_bf16_dot(int64_t from);
 int64_t bf16_dot();
+int64_t set_tiles(const std::string& kind, int64_t from, int64_t to);
+std::tuple<int64_t, int64_t> tiles(const std::string& kind);
 
 // kernels
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const OptT& bias);

@@ -346,6 +346,42 @@ def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags):
             assert rel(got, F.linear(x, w.float(), b)) <= 1e-6
 
 
+@pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
+def test_the_native_products_take_the_tiles_for_the_rows_python_gives_them():
+    """merge_linear and ffn multiply inside the extension: it holds the same choice as
+    kernels.tiles_take (set at load, said in the status), so a merged expert's prompt rows get
+    the tiles' bits whether the merge was just made or came from the cache, and the row counts
+    outside it keep the linear kernel's."""
+    mod = kernels.native()
+    status = kernels.status()
+    said = status.split("prompt tiles for")[1] if "prompt tiles for" in status else ""
+    for name, dtype in kernels.TILE_KINDS.items():
+        first = kernels.max_rows(dtype) + 1
+        lo, hi = mod.tiles(name)
+        assert lo == (first if kernels.tiles_take(dtype, first) else 0)
+        assert (lo > 0) == (name in said)
+        if lo:
+            assert kernels.tiles_take(dtype, hi)  # fp32: not one row more (tested above)
+            assert hi == (kernels.TILES_MAX_ROWS_FP32 if dtype == torch.float32 else 2 ** 62)
+    with pytest.raises(RuntimeError, match="kind"):
+        mod.set_tiles("int8", 9, 10)
+    with pytest.raises(RuntimeError, match="from <= to"):
+        mod.set_tiles("fp32", 9, 8)
+    saved = mod.tiles("fp32")
+    torch.manual_seed(5)
+    w, b = torch.randn(20, 40), torch.randn(20)
+    try:
+        mod.set_tiles("fp32", 3, 5)
+        for rows in (2, 3, 5, 6):
+            x = torch.randn(rows, 40)
+            tiled = 3 <= rows <= 5
+            assert torch.equal(mod.linear(x, w, b), mod.linear_tiles(x, w, b)) is tiled
+            alone = torch.cat([mod.linear(x[i:i + 1], w, b) for i in range(rows)])
+            assert torch.equal(mod.linear(x, w, b), alone) is not tiled
+    finally:
+        mod.set_tiles("fp32", *saved)
+
+
 @pytest.mark.parametrize("H,KV,hd", [(4, 4, 16), (6, 2, 12), (2, 1, 64)])
 def test_decode_attention_writes_the_cache_and_equals_sdpa_per_row(H, KV, hd):
     """Ragged positions, slots out of order, grouped-query heads, a head size that is no
@@ -475,8 +511,9 @@ def test_avx512_merges_give_the_avx2_merges_bits(dtype):
 def test_merge_linear_writes_the_merge_and_returns_the_linear_kernels_rows(isa):
     """A prompt chunk's merge and product in one pass: the pool entry gets merge()'s bits, and
     every row of the product the bits the linear kernel gives that row alone (what a decode step
-    computes), at any row count, with output rows that fill no whole tile, with and without a
-    bias, on one thread and on two."""
+    computes) — or, for row counts the prompt tiles take on this CPU, the tiles' bits, as the
+    cached entry gets them in ffn — at any row count, with output rows that fill no whole tile,
+    with and without a bias, on one thread and on two."""
     if isa == "avx512" and not HAS_AVX512:
         pytest.skip("needs a CPU with AVX-512")
     mod = kernels.native()
@@ -497,8 +534,13 @@ def test_merge_linear_writes_the_merge_and_returns_the_linear_kernels_rows(isa):
                     out = torch.full((out_rows, width), float("nan"))
                     y = kernels.merge_linear(x, base, deltas, coeffs, out, b)
                     assert torch.equal(out, merged), (n, rows)
-                    alone = torch.cat([mod.linear(x[i:i + 1], merged, b) for i in range(rows)])
-                    assert torch.equal(y, alone), (n, rows)
+                    if kernels.tiles_take(torch.float32, rows):
+                        assert torch.equal(y, mod.linear_tiles(x, merged, b)), (n, rows)
+                        assert torch.equal(y, mod.linear(x, merged, b)), (n, rows)
+                    else:
+                        alone = torch.cat([mod.linear(x[i:i + 1], merged, b)
+                                           for i in range(rows)])
+                        assert torch.equal(y, alone), (n, rows)
                     assert rel(y, F.linear(x, merged, b)) <= 1e-6
     finally:
         torch.set_num_threads(threads)
