@@ -21,6 +21,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "from how many rows bf16 weights' products use the bf16 dot kernel (0: never)",
         py::arg("from_rows"));
   m.def("bf16_dot", &bf16_dot);
+  m.def("set_single_prefetch", &set_single_prefetch,
+        "bytes ahead the AVX2 kernel prefetches for one input with 16-bit weights (0: none)",
+        py::arg("bytes"));
   m.def("set_tiles", &set_tiles,
         "for weights of `kind`: the row counts [from, to] whose products in linear and "
         "merge_linear use the prompt tiles (from 0: never)",

@@ -347,6 +347,33 @@ def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags):
 
 
 @pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
+def test_the_single_row_prefetch_follows_the_cpu_and_changes_no_bits(monkeypatch):
+    """One row of 16-bit weights is prefetched 2 KiB ahead on CPUs without AVX-512 (the AVX2-only
+    Zen 3 streams it faster so) and not on those with it (the hardware prefetcher alone is
+    faster there); the distance decides how the row is read, never what is computed."""
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: AVX2_ONLY)
+    assert kernels.single_prefetch() == kernels.SINGLE_PREFETCH_AVX2_ONLY > 0
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: AVX512_BF16)
+    assert kernels.single_prefetch() == 0
+    monkeypatch.undo()
+    mod = kernels.native()
+    torch.manual_seed(2)
+    try:
+        for wdtype in (torch.bfloat16, torch.float16, torch.float32):
+            w, b, x = torch.randn(70, 3001).to(wdtype), torch.randn(70), torch.randn(1, 3001)
+            outs = []
+            for ahead in (0, 64, 2048, 65536):
+                mod.set_single_prefetch(ahead)
+                outs.append(mod.linear(x, w, b))
+            assert all(torch.equal(o, outs[0]) for o in outs), wdtype
+            assert rel(outs[0], F.linear(x, w.float(), b)) <= 1e-6
+        with pytest.raises(RuntimeError, match="0 to 65536"):
+            mod.set_single_prefetch(-1)
+    finally:
+        mod.set_single_prefetch(kernels.single_prefetch())
+
+
+@pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
 def test_the_native_products_take_the_tiles_for_the_rows_python_gives_them():
     """merge_linear and ffn multiply inside the extension: it holds the same choice as
     kernels.tiles_take (set at load, said in the status), so a merged expert's prompt rows get
