@@ -261,9 +261,10 @@ def _load():
     tiles = []
     for name, dtype in TILE_KINDS.items():  # the same choice inside merge_linear and ffn
         first = max_rows(dtype) + 1
-        if tiles_take(dtype, first):
+        takes = tiles_take(dtype, first)
+        if takes:
             tiles.append(name)
-        module.set_tiles(name, first if tiles_take(dtype, first) else 0,
+        module.set_tiles(name, first if takes else 0,
                          TILES_MAX_ROWS_FP32 if dtype == torch.float32 else 2 ** 62)
     tiles_text = (f"; prompt tiles for {', '.join(tiles)} weights beyond a decode batch"
                   if tiles else "")
@@ -290,7 +291,7 @@ def tiles_take(weight_dtype: torch.dtype, rows: int) -> bool:
         return False
     if weight_dtype == torch.float32:
         return rows <= TILES_MAX_ROWS_FP32 and "avx512f" not in cpu_flags()
-    return not native_16bit_gemm(weight_dtype)
+    return weight_dtype in TILE_KINDS.values() and not native_16bit_gemm(weight_dtype)
 
 
 def native():

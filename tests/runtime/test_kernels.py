@@ -329,6 +329,7 @@ def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags):
     assert kernels.tiles_take(torch.bfloat16, first) is not avx512
     assert kernels.tiles_take(torch.bfloat16, 4096) is not avx512
     assert kernels.tiles_take(torch.float16, first) and kernels.tiles_take(torch.float16, 4096)
+    assert not kernels.tiles_take(torch.float64, 4096)  # the tiles read fp32 / fp16 / bf16 only
     fp32_first = kernels.MAX_ROWS_FP32 + 1
     assert kernels.tiles_take(torch.float32, fp32_first) is not avx512
     assert kernels.tiles_take(torch.float32, kernels.TILES_MAX_ROWS_FP32) is not avx512
