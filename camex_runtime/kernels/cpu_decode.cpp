@@ -949,14 +949,19 @@ at::Tensor merge_linear(const at::Tensor& x, const at::Tensor& base,
 void linear_into(const float* x, int64_t B, int64_t ldx, const at::Tensor& w,
                  const float* bias, float* y);
 
+// linear's and linear_tiles' arguments: x (B, in) fp32, w (out, in), unit stride in the last dims
+static void check_linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shapes");
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.stride(1) == 1 && w.stride(1) == 1, "layout");
+  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "cpu only");
+}
+
 // x (B, in) fp32 with unit stride in its last dim; w (out, in) fp32/fp16/bf16 with unit stride
 // in its last dim; bias (out,) fp32 or None. Returns y (B, out) fp32 (linear_into: bf16 weights
 // from bf16_dot_from rows by the bf16 dot kernel, as ffn and merge_linear compute them).
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w,
                   const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shapes");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.stride(1) == 1 && w.stride(1) == 1, "layout");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "cpu only");
+  check_linear(x, w);
   const int64_t B = x.size(0), out = w.size(0);
   auto y = at::empty({B, out}, x.options());
   const float* b = nullptr;
@@ -976,9 +981,7 @@ const float* fp32_or_null(const c10::optional<at::Tensor>& t, int64_t n, const c
 
 at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w,
                         const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "shapes");
-  TORCH_CHECK(x.scalar_type() == at::kFloat && x.stride(1) == 1 && w.stride(1) == 1, "layout");
-  TORCH_CHECK(x.device().is_cpu() && w.device().is_cpu(), "cpu only");
+  check_linear(x, w);
   const int64_t B = x.size(0), in = w.size(1), out = w.size(0);
   auto y = at::empty({B, out}, x.options());
   const float* b = fp32_or_null(bias, out, "bias");
@@ -1444,20 +1447,23 @@ int64_t set_bf16_dot(int64_t from) {
 
 // For which row counts [from, to] weights of `kind` ("fp32", "fp16", "bf16") get the prompt
 // tiles inside linear and merge_linear (from 0: never); returns from.
-int64_t set_tiles(const std::string& kind, int64_t from, int64_t to) {
+// tiles_from / tiles_to's index of a kind of weights
+static int tile_kind(const std::string& kind) {
   TORCH_CHECK(kind == "fp32" || kind == "fp16" || kind == "bf16",
-              "set_tiles: kind \"fp32\", \"fp16\" or \"bf16\"");
+              "tiles: kind \"fp32\", \"fp16\" or \"bf16\"");
+  return kind == "fp32" ? 0 : kind == "fp16" ? 1 : 2;
+}
+
+int64_t set_tiles(const std::string& kind, int64_t from, int64_t to) {
+  const int k = tile_kind(kind);
   TORCH_CHECK(from >= 0 && (from == 0 || to >= from), "set_tiles: rows from <= to, from 0 for never");
-  const int k = kind == "fp32" ? 0 : kind == "fp16" ? 1 : 2;
   tiles_from[k] = from;
   tiles_to[k] = from == 0 ? 0 : to;
   return from;
 }
 
 std::tuple<int64_t, int64_t> tiles(const std::string& kind) {
-  TORCH_CHECK(kind == "fp32" || kind == "fp16" || kind == "bf16",
-              "tiles: kind \"fp32\", \"fp16\" or \"bf16\"");
-  const int k = kind == "fp32" ? 0 : kind == "fp16" ? 1 : 2;
+  const int k = tile_kind(kind);
   return {tiles_from[k], tiles_to[k]};
 }
 
