@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from camex_runtime import kernels
+from camex_runtime.engine.compute_threads import in_passing_thread
 from camex_runtime.engine.cost_model import STRATEGIES
 from camex_runtime.engine.precision import choose as choose_precision
 from camex_runtime.engine.outputs import EngineStats, GenerationResult, PromptLogprob
@@ -157,7 +158,13 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", dtype=None,
                         **limits) -> Engine:
-        """Load and validate a folded checkpoint (CheckpointError names a bad tensor)."""
+        """Load and validate a folded checkpoint (CheckpointError names a bad tensor). Runs in a
+        thread of its own, so that the caller's thread keeps no pool of torch worker threads
+        beside the loop thread's (see engine/compute_threads.py)."""
+        return in_passing_thread(cls._load, path, device, dtype, limits, name="camex-load")
+
+    @classmethod
+    def _load(cls, path: str | Path, device: str, dtype, limits: dict) -> Engine:
         from camex_runtime.checkpoint import load_folded
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype)
@@ -251,7 +258,12 @@ class Engine:
         tracked object: it took 150 ms here, and when one fell inside a decode step, that
         step took 240 ms instead of 95 (GPT-2-small, 7+1 experts, fp32, 8 streams, one core)
         and every running stream saw it in its inter-token latency. Later collections scan only
-        what was allocated after warm-up."""
+        what was allocated after warm-up.
+
+        Runs in a thread of its own, as `from_pretrained` does (engine/compute_threads.py)."""
+        in_passing_thread(self._warmup, freeze_gc, name="camex-warmup")
+
+    def _warmup(self, freeze_gc: bool) -> None:
         t0 = time.perf_counter()
         committed = self.runner.cache.prefault()
         # the cost model, measured here rather than in the first request's step (the `auto`
