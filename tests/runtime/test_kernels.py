@@ -44,13 +44,15 @@ def test_linear_equals_torch(wdtype, rows):
 
 
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_linear_rows_do_not_depend_on_the_batch_or_the_threads(wdtype):
+@pytest.mark.parametrize("width", [75, 155])  # 155 = 2 x 64 + 16 + 8 + 3: every step and tail
+def test_linear_rows_do_not_depend_on_the_batch_or_the_threads(wdtype, width):
     """Batched decode must give each sequence exactly what it gets alone (greedy tokens are
     compared bit for bit), so a row's product may not depend on how many rows share the call or
-    on how the output rows are split over threads."""
+    on how the output rows are split over threads. (One input runs its own loop over the rows,
+    64 elements a pass; two to four another; more in groups of four.)"""
     torch.manual_seed(3)
-    w, b = torch.randn(301, 75).to(wdtype), torch.randn(301)
-    x = torch.randn(kernels.MAX_ROWS, 75)
+    w, b = torch.randn(301, width).to(wdtype), torch.randn(301)
+    x = torch.randn(kernels.MAX_ROWS, width)
     alone = torch.cat([kernels.linear(x[i:i + 1], w, b) for i in range(len(x))])
     threads = torch.get_num_threads()
     try:
