@@ -37,18 +37,23 @@ def test_torch_worker_threads_end_with_the_thread_that_started_them():
     """The mechanism itself, in a fresh process: a parallel torch operation on the main thread
     leaves its worker threads behind; the same operation in a passing thread does not."""
     script = textwrap.dedent("""
-        import os, torch
+        import os, time, torch
         from camex_runtime.engine.compute_threads import in_passing_thread
         torch.set_num_threads(2)
         def count():
             return len(os.listdir("/proc/self/task"))
+        def settled():  # threads leave /proc a moment after they end: wait up to 10 s
+            deadline = time.monotonic() + 10.0
+            while count() > before and time.monotonic() < deadline:
+                time.sleep(0.01)
+            return count()
         def work():
             return float(torch.ones(1 << 22).mul(2).sum())  # well past torch's grain size
         before = count()
         assert in_passing_thread(work) == 2.0 * (1 << 22)
-        after_passing = count()
+        after_passing = settled()
         work()
-        after_main = count()
+        after_main = settled()
         print(before, after_passing, after_main)
     """)
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
