@@ -37,6 +37,7 @@ import torch
 
 from common import base_parser, folded_model, print_table, setup, shape, write_results
 from camex_runtime import Engine, SamplingParams
+from camex_runtime.engine.compute_threads import in_passing_thread
 
 COLS = ["max_batched_tokens", "prefill_time_ratio", "itl_p50_steady_ms", "itl_p99_steady_ms",
         "itl_p50_during_ms", "itl_p99_during_ms", "p99_ratio", "long_ttft_s", "short_ttft_max_s",
@@ -206,11 +207,16 @@ def release() -> None:
 
 def make_engine(model_cfg: dict, device, dtype, budget, ratio, batch: int, long_len: int,
                 observer=None) -> Engine:
-    torch.manual_seed(0)  # the same weights in every run: `alone` repeats `measure`'s streams
-    engine = Engine(folded_model(model_cfg, device, dtype), None, max_batch_size=batch,
-                    max_waiting=64, max_input_tokens=long_len,
-                    max_total_tokens=model_cfg["max_position_embeddings"],
-                    max_batched_tokens=budget, prefill_time_ratio=ratio, observer=observer)
+    def build() -> Engine:
+        torch.manual_seed(0)  # the same weights in every run: `alone` repeats `measure`'s streams
+        return Engine(folded_model(model_cfg, device, dtype), None, max_batch_size=batch,
+                      max_waiting=64, max_input_tokens=long_len,
+                      max_total_tokens=model_cfg["max_position_embeddings"],
+                      max_batched_tokens=budget, prefill_time_ratio=ratio, observer=observer)
+
+    # built in a thread that ends, as from_pretrained loads: the loop thread keeps the only
+    # pool of torch worker threads (camex_runtime/engine/compute_threads.py)
+    engine = in_passing_thread(build)
     engine.warmup()  # as the server does before it reports ready: pool committed, cost model
     return engine
 
