@@ -73,13 +73,13 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(lo);
 }
 
-// One weight row x NB input rows (NB <= 4) per pass over `in`: 2 * NB accumulators and the NB
-// input vectors stay in registers. Every dot product is split into the same two interleaved
-// partial sums (elements i mod 16 < 8 and >= 8), whatever NB is, so a row's result does not
-// depend on which other rows share the batch; two sums also keep two FMAs in flight per input
-// (an FMA's latency is several cycles). One weight row at a time keeps the reads one sequential
-// stream, which the hardware prefetcher follows best (measured on Zen 4, one core: 20 GB/s
-// against 15 GB/s for four rows read side by side).
+// One weight row x NB input rows (2 <= NB <= 4; one input: rows_one) per pass over `in`: 2 * NB
+// accumulators and the NB input vectors stay in registers. Every dot product is split into the
+// same two interleaved partial sums (elements i mod 16 < 8 and >= 8), whatever NB is, so a row's
+// result does not depend on which other rows share the batch; two sums also keep two FMAs in
+// flight per input (an FMA's latency is several cycles). One weight row at a time keeps the reads
+// one sequential stream, which the hardware prefetcher follows best (measured on Zen 4, one
+// core: 20 GB/s against 15 GB/s for four rows read side by side).
 // Software prefetch for one input and 16-bit weights, bytes ahead in the row (0: none; set by
 // the Python side per CPU, set_single_prefetch). On a Zen 4 or a Xeon the hardware prefetcher
 // streams one row faster alone (below); on a Zen 3 VM (AVX2 only) GPT-2-small's products at one
@@ -87,9 +87,10 @@ inline float hsum(__m256 v) {
 // 2 KiB, 16.9-17.1 at 3-4 KiB (fp32 weights: no gain at any distance).
 int64_t single_prefetch = 0;
 
-template <WType T, int NB>
+template <WType T, int NB>  // NB >= 2 (one input: rows_one, below)
 inline void block(const float* x, int64_t ldx, int64_t in, const char* w, float* y,
                   int64_t ldy) {
+  static_assert(NB >= 2 && NB <= 4, "one input runs rows_one");
   constexpr int64_t elem = T == WType::F32 ? 4 : 2;
   __m256 a[2][NB];
   for (int u = 0; u < 2; ++u)
@@ -102,10 +103,8 @@ inline void block(const float* x, int64_t ldx, int64_t in, const char* w, float*
   // with it; fp32 with one input 21.3 ms without, 26.8 with; bf16 with one input, weights on
   // 2 MiB pages (memory.py), 8.9 ms without, 10.2 with.
   constexpr bool prefetch = T == WType::F32 ? NB >= 4 : NB >= 2;
-  const int64_t ahead = T != WType::F32 && NB == 1 ? single_prefetch : 0;
   for (; i + 16 <= in; i += 16) {
     if constexpr (prefetch) _mm_prefetch(w + (i + 256) * elem, _MM_HINT_T0);
-    if (ahead > 0) _mm_prefetch(w + i * elem + ahead, _MM_HINT_T0);
     for (int u = 0; u < 2; ++u) {
       __m256 wv = load8<T>(w, i + 8 * u);
       for (int b = 0; b < NB; ++b)
@@ -127,12 +126,13 @@ inline void block(const float* x, int64_t ldx, int64_t in, const char* w, float*
 
 constexpr int64_t RB = 4;  // weight rows per step of a task: read from memory once for all inputs
 
-// block<T, 1> over consecutive weight rows: the same two sums in the same order (so the same
-// bits), in one loop with nothing else in it, 64 elements a pass. One input is the decode step at
-// B=1, which streams every weight once, 3 KiB a row for GPT-2-small, so what runs between rows
-// counts: with block<T, 1> called per row from a call per 4 rows (as for larger batches), GPT-2-
-// small's one-input products took 7-14 % longer with fp32 weights and 1-5 % longer with 16-bit
-// ones (Zen 3 VM, one and two cores, same bits), and the engine's B=1 step 1.06-1.14x as long.
+// One input: consecutive weight rows, each dot product in block's two sums (elements i mod 16
+// < 8 and >= 8) in block's order, so the same bits as with 2-4 inputs, in one loop with nothing
+// else in it, 64 elements a pass. One input is the decode step at B=1, which streams every weight
+// once, 3 KiB a row for GPT-2-small, so what runs between rows counts: as a one-input block
+// called per row from a call per 4 rows (as larger batches need), GPT-2-small's one-input
+// products took 7-14 % longer with fp32 weights and 1-5 % longer with 16-bit ones (Zen 3 VM, one
+// and two cores, same bits), and the engine's B=1 step 1.06-1.14x as long.
 template <WType T>
 inline void rows_one(const float* x, int64_t in, const char* w, int64_t ldw_bytes, float* y,
                      int64_t rows) {
@@ -167,7 +167,7 @@ inline void rows_one(const float* x, int64_t in, const char* w, int64_t ldw_byte
   }
 }
 
-// block<T, NB> over consecutive weight rows (2-4 inputs: one call for a task's rows, as above)
+// block<T, NB> over consecutive weight rows (2-4 inputs)
 template <WType T, int NB>
 inline void rows_nb(const float* x, int64_t ldx, int64_t in, const char* w, int64_t ldw_bytes,
                     float* y, int64_t ldy, int64_t rows) {
@@ -177,10 +177,6 @@ inline void rows_nb(const float* x, int64_t ldx, int64_t in, const char* w, int6
 template <WType T>
 void rows_avx2(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
                int64_t ldw_bytes, int64_t out, float* y, int64_t o, int64_t rows) {
-  if (B == 1) {
-    rows_one<T>(x, in, w + o * ldw_bytes, ldw_bytes, y + o, rows);
-    return;
-  }
   // inputs in groups of up to 4; the block's weight rows come from memory for the first
   // group and from cache for the others
   for (int64_t b0 = 0; b0 < B; b0 += 4) {
@@ -188,7 +184,7 @@ void rows_avx2(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w
     float* yb = y + b0 * out + o;
     const char* wo = w + o * ldw_bytes;
     switch (std::min<int64_t>(4, B - b0)) {
-      case 1: rows_nb<T, 1>(xb, ldx, in, wo, ldw_bytes, yb, out, rows); break;
+      case 1: rows_one<T>(xb, in, wo, ldw_bytes, yb, rows); break;
       case 2: rows_nb<T, 2>(xb, ldx, in, wo, ldw_bytes, yb, out, rows); break;
       case 3: rows_nb<T, 3>(xb, ldx, in, wo, ldw_bytes, yb, out, rows); break;
       default: rows_nb<T, 4>(xb, ldx, in, wo, ldw_bytes, yb, out, rows); break;
