@@ -510,11 +510,9 @@ void run(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w, int6
   const bool wide = wide_for<T>(B);
   at::parallel_for(0, blocks, 4, [&](int64_t lo, int64_t hi) {
     if (B <= 4 && !wide) {  // one group of inputs: the task's rows in one loop
-      const int64_t o = lo * RB, rows = std::min(hi * RB, out) - o;
-      rows_avx2<T>(x, B, ldx, in, w, ldw_bytes, out, y, o, rows);
-      if (bias != nullptr)
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t r = o; r < o + rows; ++r) y[b * out + r] += bias[r];
+      const int64_t o = lo * RB;
+      rows_into<T>(x, B, ldx, in, w, ldw_bytes, out, bias, y, o, std::min(hi * RB, out) - o,
+                   wide);
       return;
     }
     for (int64_t g = lo; g < hi; ++g) {
