@@ -3,9 +3,10 @@ drain on SIGTERM.
 
 Before the port is bound: the API key is resolved (`--api-key`, `CAMEX_API_KEY` or
 `--api-key-file`), a non-loopback bind without one is refused (unless
-`--allow-unauthenticated`), and the checkpoint paths are checked. Each problem is one line on
-stderr and exit code 2. A model that then fails to load logs one error line (the traceback only
-with `--log-level debug`) and exits 1. On SIGTERM/SIGINT the drain of `server.shutdown` runs
+`--allow-unauthenticated`), the checkpoint paths are checked, and so is the port (another
+process listening there). Each problem is one line on stderr and exit code 2. A model that then
+fails to load logs one error line (the traceback only with `--log-level debug`) and exits 1, as
+does a server uvicorn could not start. On SIGTERM/SIGINT the drain of `server.shutdown` runs
 and the process exits 0. Run: `python -m server.cli --model DIR --port 8080`.
 """
 
@@ -22,7 +23,7 @@ import uvicorn
 # Only light modules up here: the checks below must fail in a second, before torch loads, and
 # the engine process must start before this one imports anything heavy.
 from server.engine_launch import launch
-from server.preflight import preflight
+from server.preflight import check_port, preflight
 from server.security import HostPolicy, api_key_of, check_exposure, is_loopback
 from server.settings import ServerSettings
 
@@ -46,6 +47,7 @@ def check(argv: Sequence[str] | None) -> ServerSettings:
     settings = ServerSettings.from_sources(argv)
     check_exposure(settings, api_key_of(settings))
     preflight(settings)
+    check_port(settings.host, settings.port)
     return settings
 
 
@@ -93,7 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not has_key and not is_loopback(settings.host):
         log.warning("serving without an API key on a non-loopback address "
                     "(--allow-unauthenticated)", extra={"host": settings.host})
-    server.run()
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn could not start (the port taken since check_port, ...)
+        log.error("the HTTP server did not start (its error is logged above)",
+                  extra={"uvicorn_exit": exc.code})
+        fatal.append("uvicorn did not start")
     code = 1 if fatal else 0
     if not fatal:
         log.info("stopped")

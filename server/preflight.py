@@ -1,5 +1,5 @@
-"""Checks of --model/--classifier that run before anything heavy is imported or any port is
-bound, so a wrong path or a swapped flag fails at once with one line (the CLI exits 2).
+"""Checks that run before anything heavy is imported or any port is bound, so a wrong path, a
+swapped flag or a port another process holds fails at once with one line (the CLI exits 2).
 
 Reads only directory entries and config.json; everything deeper (tensors, dtypes, shapes) is
 the loader's `CheckpointError`, reported once the model loads.
@@ -7,7 +7,9 @@ the loader's `CheckpointError`, reported once the model loads.
 
 from __future__ import annotations
 
+import errno
 import json
+import socket
 from pathlib import Path
 
 from server.settings import ServerSettings
@@ -49,3 +51,32 @@ def kind_of_architecture(name: str) -> str | None:
     if name.endswith("ForSequenceClassification"):
         return "classifier"
     return None
+
+
+def check_port(host: str, port: int) -> None:
+    """Can this process listen on host:port? A trial bind of every address the host resolves
+    to, as uvicorn then binds them (SO_REUSEADDR; IPv6 sockets IPv6-only), released at once.
+    ValueError, one line, when one fails. Without it a taken port is found only once the
+    model has loaded: seconds to minutes of loading for uvicorn's one log line and exit 3.
+    Port 0 (any free port) cannot be taken and is not tried."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"--host {host}: cannot resolve it ({exc.strerror})") from None
+    for family, kind, proto, _, address in infos:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            try:
+                sock.bind(address)
+            except OSError as exc:
+                reason = (exc.strerror or str(exc)).lower()
+                hint = " (another process is listening there)" \
+                    if exc.errno == errno.EADDRINUSE else ""
+                raise ValueError(f"--port {port}: cannot listen on {address[0]}: "
+                                 f"{reason}{hint}") from None
+

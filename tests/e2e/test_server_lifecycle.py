@@ -277,3 +277,45 @@ def test_corrupt_checkpoint_exits_one_with_its_error_once(tiny_lm_dir, tmp_path)
     debug = run_cli("--model", str(bad), "--log-level", "debug")
     traced = [json.loads(line) for line in debug.stderr.splitlines()]
     assert any("Traceback" in r.get("exc", "") for r in traced)  # ... unless asked for
+
+
+def test_a_taken_port_fails_in_one_line_before_the_model_loads(tiny_lm_dir):
+    """Another process listening on the port: exit 2 with one line naming the port, before
+    anything loads (was: the whole model loaded, then uvicorn's exit 3, or exit 134 when the
+    loader was still inside torch)."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        proc = run_cli("--host", "127.0.0.1", "--port", str(port), "--model", str(tiny_lm_dir))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr  # nothing was logged: no load started
+    assert f"--port {port}" in lines[0] and "address already in use" in lines[0], lines[0]
+
+
+def test_when_uvicorn_cannot_start_the_server_exits_one_after_one_error(tiny_lm_dir):
+    """A bind that fails after the check (the port taken in between) ends in uvicorn's
+    sys.exit(3): the CLI logs one error of its own and exits 1 like any failed start, through
+    the exit path that never finalizes Python under a loading model."""
+    import json
+
+    from tests.server.live_server import ROOT, free_port
+
+    script = ("import sys, uvicorn\n"
+              "def fail(self, sockets=None):\n"
+              "    raise SystemExit(3)\n"
+              "uvicorn.Server.run = fail\n"
+              "from server import cli\n"
+              "sys.exit(cli.main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", script, "--host", "127.0.0.1", "--port",
+                           str(free_port()), "--model", str(tiny_lm_dir), "--engine-process",
+                           "off"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    records = [json.loads(line) for line in proc.stderr.splitlines()]
+    errors = [r for r in records if r["level"] == "error"]
+    assert len(errors) == 1 and "did not start" in errors[0]["msg"], errors
+    assert errors[0]["uvicorn_exit"] == 3
+    assert not any(r["msg"] == "stopped" for r in records)
