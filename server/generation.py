@@ -2,8 +2,9 @@
 
 `to_sampling` turns TGI parameters into `SamplingParams` (refusing what we do not support with a
 422 that says so); `submit` maps engine exceptions to HTTP errors; `GenerationRun` follows one
-submitted request: it yields token events, measures inter-token latency, cancels the engine
-request when the client goes away (counted as `dropped`), and records per-request metrics once.
+submitted request: it yields token events (or, for a non-streaming response, waits for the end
+alone), measures inter-token latency, cancels the engine request when the client goes away
+(counted as `dropped`), and records per-request metrics once.
 Knows no routes and no response shapes (see `server.routes`).
 """
 
@@ -146,11 +147,38 @@ class GenerationRun:
                 yield final
         finally:
             if not self._finished:
-                self._finished = True
-                self.handle.cancel()
-                self.metrics.record_failure("dropped")
-                log.info("client disconnected; request cancelled",
-                         extra={"engine_request_id": self.handle.request_id})
+                self._dropped()
+
+    async def collect(self) -> None:
+        """Wait for the end without following each token (a non-streaming response: the event
+        loop wakes once per request, not per token), then record what `stream` would have: the
+        same `events` and `result`, the same errors, and each gap between tokens from the times
+        the engine produced them. Cancelled before the end: the engine request is cancelled and
+        counted as `dropped`."""
+        try:
+            await self.handle.wait_done()
+        except BaseException:
+            self._dropped()
+            raise
+        events = self.handle.events()
+        final = events.pop() if events and events[-1].finish_reason is not None else None
+        self.events.extend(events)
+        try:
+            self.finish()
+        finally:
+            if final is not None and final.token_id >= 0 and \
+                    final.finish_reason not in ("error", "cancelled"):
+                self.events.append(final)
+            for before, after in zip(self.events, self.events[1:]):
+                self.metrics.itl.observe(max(0.0, after.at - before.at))
+
+    def _dropped(self) -> None:
+        """The client went away before the end: cancel the engine request, count it."""
+        self._finished = True
+        self.handle.cancel()
+        self.metrics.record_failure("dropped")
+        log.info("client disconnected; request cancelled",
+                 extra={"engine_request_id": self.handle.request_id})
 
     def finish(self) -> None:
         """Fetch the result; raise ApiError for a queue timeout, failure or shutdown cancel."""
@@ -173,10 +201,6 @@ class GenerationRun:
         self.metrics.observe_generation(self.result.timings, self.prompt_tokens,
                                         len(self.result.token_ids))
 
-    async def consume(self) -> None:
-        async for _ in self.stream():
-            pass
-
     async def run_to_end(self, disconnected: Callable[[], Awaitable[None]]) -> None:
-        """Consume all events; if the client disconnects first, cancel (dropped)."""
-        await until_disconnect(self.consume(), disconnected)
+        """Wait for the end (`collect`); if the client disconnects first, cancel (dropped)."""
+        await until_disconnect(self.collect(), disconnected)

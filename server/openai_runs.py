@@ -110,7 +110,7 @@ async def start_choices(request, engine, prompts: Sequence, n: int, params_for) 
 async def run_to_end(request, choices: list[Choice]) -> None:
     """Non-streaming: wait for every choice (a disconnect or failure cancels them all)."""
     try:
-        await until_disconnect(asyncio.gather(*(c.run.consume() for c in choices)),
+        await until_disconnect(asyncio.gather(*(c.run.collect() for c in choices)),
                                wait_for_disconnect(request.receive))
     finally:
         for c in choices:

@@ -518,7 +518,7 @@ class Engine:
             if req.timings.first_token_at is None:
                 req.timings.first_token_at = now
             try:
-                ev = self._procs[req.request_id].process(*choice)
+                ev = self._procs[req.request_id].process(*choice, at=now)
             except Exception as e:  # e.g. detokenization: this request fails, the batch goes on
                 log.exception("output processing failed for %s", req.request_id)
                 self._finish(req, terminal_event(req, "error", f"output processing failed: {e}"))

@@ -28,8 +28,9 @@ class OutputProcessor:
         self.eos = frozenset(eos_token_ids)  # every id that ends generation (Llama 3 has several)
 
     def process(self, token_id: int, logprob: float,
-                top: tuple[tuple[int, float], ...] = ()) -> TokenEvent:
-        """Append one token; returns its event (finish_reason set when the request ends)."""
+                top: tuple[tuple[int, float], ...] = (), at: float = 0.0) -> TokenEvent:
+        """Append one token; returns its event (finish_reason set when the request ends),
+        stamped `at` (the step's time.monotonic())."""
         req, p = self.req, self.req.params
         req.append_token(token_id, logprob, top)
         piece = self.detok.push(token_id)
@@ -49,7 +50,7 @@ class OutputProcessor:
         req.finish_reason = finish
         return TokenEvent(token_id=token_id, text=piece, logprob=logprob,
                           index=len(req.output_token_ids) - 1, finish_reason=finish,
-                          top_logprobs=top)
+                          top_logprobs=top, at=at)
 
 
 def terminal_event(req: GenerationRequest, reason: str, error: str | None = None) -> TokenEvent:

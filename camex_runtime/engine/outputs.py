@@ -27,6 +27,10 @@ class TokenEvent:
     # SamplingParams.logprobs best alternatives as (token_id, logprob), best first; raw model
     # distribution like `logprob`. Empty when none were asked for.
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    # time.monotonic() when the engine produced it (one clock for every process of a machine),
+    # so a caller that reads the events only at the end still knows their spacing. Not part of
+    # an event's identity: the same tokens compare equal whenever they came.
+    at: float = field(default=0.0, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

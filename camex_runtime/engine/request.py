@@ -3,7 +3,8 @@
 `SamplingParams` is what callers pass; `GenerationRequest` is the engine's bookkeeping for one
 request (token ids, slot, timings; no tensors, so the scheduler can be tested on it);
 `RequestHandle` is what `Engine.submit` returns: a thread-safe event stream that can be read
-synchronously (`for ev in handle`) or from asyncio (`async for ev in handle.aiter()`).
+synchronously (`for ev in handle`) or from asyncio (`async for ev in handle.aiter()`, or
+`await handle.wait_done()` for the end alone).
 """
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ class RequestHandle:
         self._result: GenerationResult | None = None
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._done_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
 
     # -- engine side ---------------------------------------------------------------------
     def _publish(self, events: list[TokenEvent], result: GenerationResult | None) -> None:
@@ -102,6 +104,9 @@ class RequestHandle:
             if result is not None:
                 self._result = result
             waiters, self._waiters = self._waiters, []
+            if result is not None:
+                waiters += self._done_waiters
+                self._done_waiters = []
             self._cond.notify_all()
         for loop, ev in waiters:
             try:
@@ -148,6 +153,22 @@ class RequestHandle:
             if not new:
                 await wake.wait()
 
+    async def wait_done(self) -> None:
+        """Return once the request has ended, for asyncio callers that want only the end (a
+        non-streaming response): their event loop wakes once, not once per token."""
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        with self._cond:
+            if self._result is not None:
+                return
+            self._done_waiters.append((loop, wake))
+        await wake.wait()
+
+    def events(self) -> list[TokenEvent]:
+        """The events published so far, in order (all of them once `done`)."""
+        with self._cond:
+            return list(self._events)
+
     def result(self, timeout: float | None = None) -> GenerationResult:
         """Block until the request is done. Raises QueueTimeoutError when it timed out in the
         queue, RequestFailedError on an internal error, TimeoutError when `timeout` passes."""
@@ -162,9 +183,8 @@ class RequestHandle:
         return res
 
     async def aresult(self) -> GenerationResult:
-        """Async version of `result()` (drains the events)."""
-        async for _ in self.aiter():
-            pass
+        """Async version of `result()`."""
+        await self.wait_done()
         return self.result(timeout=0)
 
 

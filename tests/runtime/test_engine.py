@@ -85,6 +85,52 @@ def test_async_iteration_and_cancel(engine):
     assert engine.runner.cache.referenced == 0 and engine.stats().running == 0
 
 
+def test_wait_done_wakes_the_loop_once_at_the_end():
+    """A caller that wants only the end (a non-streaming response) is not woken per token."""
+    from camex_runtime.engine.outputs import GenerationResult, RequestTimings, TokenEvent
+    from camex_runtime.engine.request import RequestHandle
+
+    h = RequestHandle("r", [1, 2], cancel=lambda rid: None)
+    events = [TokenEvent(token_id=t, text="x", logprob=0.0, index=i, at=float(i))
+              for i, t in enumerate((7, 8, 9))]
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakes = []
+        real = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a: (wakes.append(a), real(*a))[1]
+        waiting = asyncio.ensure_future(h.wait_done())
+        await asyncio.sleep(0)  # registered
+        def publish(evs, res):  # from another thread, as the engine does
+            t = threading.Thread(target=h._publish, args=(evs, res))
+            t.start()
+            t.join()
+
+        for ev in events[:2]:
+            publish([ev], None)
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and not wakes
+        result = GenerationResult(request_id="r", prompt_token_ids=[1, 2], token_ids=[7, 8, 9],
+                                  text="xxx", finish_reason="length", logprobs=[0.0] * 3,
+                                  routing=None, timings=RequestTimings(queued_at=0.0))
+        publish([events[2]], result)
+        await asyncio.wait_for(waiting, 5)
+        return wakes
+
+    wakes = asyncio.run(main())
+    assert len(wakes) == 1
+    assert h.events() == events and [e.at for e in h.events()] == [0.0, 1.0, 2.0]
+
+
+def test_events_are_stamped_when_produced(engine):
+    engine.start()
+    h = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=6, ignore_eos=True))
+    res = h.result(timeout=60)
+    stamps = [ev.at for ev in h.events()]
+    assert len(stamps) == 6 and stamps == sorted(stamps)
+    assert res.timings.first_token_at <= stamps[0] <= stamps[-1] <= res.timings.finished_at
+
+
 def test_generate_is_thread_safe_and_batches(engine):
     engine.start()
     want = engine.generate([9, 8, 7], max_new_tokens=8, ignore_eos=True).token_ids
