@@ -17,6 +17,7 @@ from pathlib import Path
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 
 CPU_FLAGS_OF_INTEREST = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16",
                          "avx512_vnni", "avx_vnni", "amx_bf16", "amx_tile", "amx_int8")
@@ -59,7 +60,7 @@ def _machine_times_s() -> tuple[float, float] | None:
     return (sum(fields[:8]) - idle) / TICK, steal / TICK
 
 
-def _process_cpu_s(pid: int) -> float:
+def process_cpu_s(pid: int) -> float:
     """utime + stime of `pid` (all its threads); 0 when it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -67,6 +68,16 @@ def _process_cpu_s(pid: int) -> float:
     except (OSError, IndexError):
         return 0.0
     return (int(rest[11]) + int(rest[12])) / TICK
+
+
+def main_thread_cpu_s(pid: int) -> float:
+    """CPU time of `pid`'s main thread (for camex-server, its HTTP event loop), from schedstat
+    (nanoseconds); 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/schedstat") as f:
+            return int(f.read().split()[0]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def with_descendants(pid: int) -> list[int]:
@@ -89,23 +100,31 @@ def with_descendants(pid: int) -> list[int]:
 class CpuMeter:
     """Context manager: machine CPU use during the block, split into ours and others'.
 
-    ``pids``: the processes whose work is being measured (default: this process)."""
+    ``pids``: the processes whose work is being measured (default: this process). ``parts``:
+    named counters of CPU seconds (e.g. a server's event-loop thread, the client) whose
+    differences over the block go to ``result["cpu_s"]``."""
 
-    def __init__(self, pids: list[int] | None = None):
+    def __init__(self, pids: list[int] | None = None,
+                 parts: dict[str, Callable[[], float]] | None = None):
         self.pids = pids or [os.getpid()]
+        self.parts = parts or {}
         self.result: dict = {}
 
     def __enter__(self) -> CpuMeter:
         self.t0, self.machine0 = time.monotonic(), _machine_times_s()
-        self.own0 = sum(_process_cpu_s(p) for p in self.pids)
+        self.own0 = sum(process_cpu_s(p) for p in self.pids)
+        self.parts0 = {name: read() for name, read in self.parts.items()}
         self.load0 = loadavg()
         return self
 
     def __exit__(self, *exc) -> None:
         wall = time.monotonic() - self.t0
-        machine1, own1 = _machine_times_s(), sum(_process_cpu_s(p) for p in self.pids)
+        machine1, own1 = _machine_times_s(), sum(process_cpu_s(p) for p in self.pids)
         self.result = {"loadavg_before": self.load0, "loadavg_after": loadavg(),
                        "wall_s": round(wall, 3)}
+        if self.parts:
+            self.result["cpu_s"] = {name: round(read() - self.parts0[name], 4)
+                                    for name, read in self.parts.items()}
         if self.machine0 is not None and machine1 is not None and wall > 0:
             busy = (machine1[0] - self.machine0[0]) / wall
             own = (own1 - self.own0) / wall

@@ -16,7 +16,9 @@ One command builds what it needs and prints the table of issue #15:
    B=1 each prompt goes to every server and engine in turn, at the concurrent level each wave
    of requests, so that all of them see the machine of the same minute (``measure_level``);
 4. writes JSON (runs, machine, load, versions, commit) and prints the tables
-   (``peer_report.py``).
+   (``peer_report.py``). Each HTTP level also records where the CPU went besides the engine's
+   compute: ``cpu_per_token_ms`` of the server's main thread (camex-server's HTTP event loop;
+   llama-server's main thread runs its slots) and of this client process.
 
     python benchmarks/peer_llamacpp.py                   # the full table (~40 min on 2 cores)
     python benchmarks/peer_llamacpp.py --quick           # tiny model, short runs, still llama.cpp
@@ -49,7 +51,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 import llamacpp_build  # noqa: E402
 import peer_client  # noqa: E402
-from machine import CpuMeter, cpu_info, loadavg, with_descendants  # noqa: E402
+from machine import (CpuMeter, cpu_info, loadavg, main_thread_cpu_s,  # noqa: E402
+                     process_cpu_s, with_descendants)
 from peer_models import build_models  # noqa: E402
 from peer_report import DTYPE_PAIRS, LLAMA, markdown, summarize, targets  # noqa: E402
 from serving import ServerProcess, end_process, free_port  # noqa: E402
@@ -261,7 +264,18 @@ def combine_cpu(parts: list[dict]) -> dict:
             out[key] = round(sum(p[key] * p["wall_s"] for p in parts) / wall, 3)
     if "other_cores" in out:
         out["other_cores_slice_max"] = max(p["other_cores"] for p in parts)
+    if all("cpu_s" in p for p in parts):
+        out["cpu_s"] = {name: round(sum(p["cpu_s"][name] for p in parts), 4)
+                        for name in parts[0]["cpu_s"]}
     return out
+
+
+def cpu_per_token_ms(cpu: dict, tokens: int) -> dict[str, float]:
+    """`cpu_s` parts (the server's main thread, the client) as milliseconds per generated
+    token: what the HTTP side costs a token, next to the engine's compute."""
+    if not tokens or "cpu_s" not in cpu:
+        return {}
+    return {name: round(1e3 * seconds / tokens, 3) for name, seconds in cpu["cpu_s"].items()}
 
 
 def rotated(units: list, k: int) -> list:
@@ -295,9 +309,13 @@ def measure_level(units: list[Unit], level: dict, plan: dict, rnd: int) -> dict[
         if unit.kind == "http" or unit.client_cpus is not None:
             levels[unit.name]["client_cpus"] = unit.client_cpus
         rep = result.report
+        per_token = cpu_per_token_ms(cpu, sum(r.output_tokens for r in rep.records))
+        if per_token:
+            levels[unit.name]["cpu_per_token_ms"] = per_token
+        parts_note = "".join(f", {name} {ms:.3f} ms/token" for name, ms in per_token.items())
         print(f"  {unit.name:<22} round {rnd} c={c}: {rep.output_token_throughput:7.1f} tok/s, "
-              f"{rep.completed}/{rep.sent} ok, other cores {cpu.get('other_cores', '-')}",
-              flush=True)
+              f"{rep.completed}/{rep.sent} ok, other cores {cpu.get('other_cores', '-')}"
+              f"{parts_note}", flush=True)
     return levels
 
 
@@ -305,8 +323,13 @@ def http_unit(system: str, server: ServerProcess, cmd: list[str], ready_s: float
               cpus: list[int] | None) -> Unit:
     api = "llama.cpp" if system == LLAMA else "tgi"
 
+    # camex-server's main thread is its HTTP event loop; llama-server's runs its slots
+    parts = {"server_main_thread": lambda: main_thread_cpu_s(server.proc.pid),
+             "client": lambda: process_cpu_s(os.getpid())}
+
     def measure(prompts: list[str], c: int, n: int) -> tuple[peer_client.LevelResult, dict]:
-        with confined(cpus), CpuMeter([*with_descendants(server.proc.pid), os.getpid()]) as cpu:
+        with confined(cpus), CpuMeter([*with_descendants(server.proc.pid), os.getpid()],
+                                      parts) as cpu:
             result = peer_client.measure(server.url, api, prompts, c, n)
         return result, cpu.result
 

@@ -299,6 +299,29 @@ def test_cpu_meter_reports_stolen_time_apart():
     assert got["own_cores"] > 0 and 0.0 <= got["steal_cores"] <= got["busy_cores"]
 
 
+def test_cpu_meter_reports_named_parts_such_as_one_thread():
+    import threading
+
+    from machine import CpuMeter, main_thread_cpu_s, process_cpu_s
+    pid = os.getpid()
+
+    def spin():
+        sum(i * i for i in range(300_000))
+
+    with CpuMeter(parts={"main": lambda: main_thread_cpu_s(pid),
+                         "process": lambda: process_cpu_s(pid)}) as meter:
+        worker = threading.Thread(target=spin)  # CPU on another thread: not the main one's
+        worker.start()
+        worker.join()
+    parts = meter.result["cpu_s"]
+    assert set(parts) == {"main", "process"} and parts["process"] > 0
+    assert 0 <= parts["main"] < parts["process"]
+    with CpuMeter(parts={"main": lambda: main_thread_cpu_s(pid)}) as meter:
+        spin()
+    assert meter.result["cpu_s"]["main"] > 0
+    assert main_thread_cpu_s(2 ** 22 + 7) == 0.0  # no such process
+
+
 def fake_level(starts_ends: list[tuple[float, float]], first_token: float = 0.1,
                ids: int = 0) -> peer_client.LevelResult:
     from loadtest.records import RequestRecord
@@ -339,6 +362,14 @@ def test_cpu_of_slices_is_weighted_by_their_wall_time():
     assert got["loadavg_after"] == [3, 3, 3]
     assert got["busy_cores"] == 1.75 and got["other_cores"] == 0.75
     assert got["other_cores_slice_max"] == 1.0
+    assert "cpu_s" not in got
+    parts[0]["cpu_s"] = {"server_main_thread": 0.25, "client": 0.5}
+    parts[1]["cpu_s"] = {"server_main_thread": 0.5, "client": 0.25}
+    got = peer_llamacpp.combine_cpu(parts)
+    assert got["cpu_s"] == {"server_main_thread": 0.75, "client": 0.75}
+    assert peer_llamacpp.cpu_per_token_ms(got, 1500) == {"server_main_thread": 0.5,
+                                                         "client": 0.5}
+    assert peer_llamacpp.cpu_per_token_ms(got, 0) == {}
 
 
 def test_levels_interleave_request_by_request_with_rotated_order():
