@@ -167,6 +167,10 @@ def test_quick_camex_side_end_to_end(models, tmp_path):
                        for lv in run["levels"])
             assert ("--threads" in run["cmd"]
                     and run["cmd"][run["cmd"].index("--dtype") + 1] == "float32")
+            for lv in run["levels"]:  # the event loop and the client worked for every token
+                per_token = lv["cpu_per_token_ms"]
+                assert set(per_token) == {"server_main_thread", "client"}
+                assert per_token["server_main_thread"] > 0 and per_token["client"] >= 0
     dense = next(r for r in doc["rows"] if r["system"] == "camex-dense")
     http = next(r for r in doc["runs"] if r["kind"] == "http" and r["system"] == "camex-dense")
     eng = next(r for r in doc["runs"] if r["kind"] == "engine" and r["system"] == "camex-dense")
