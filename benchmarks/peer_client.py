@@ -82,6 +82,8 @@ def concatenate(parts: list[LevelResult]) -> LevelResult:
         offset_s += rep.duration_s
         offset_i += rep.planned
     run = {**parts[0].report.run, "slices": len(parts)} if parts else {}
+    if parts and all("client_cpu_s" in p.report.run for p in parts):
+        run["client_cpu_s"] = round(sum(p.report.run["client_cpu_s"] for p in parts), 4)
     return LevelResult(build_report(records, offset_i, run), prompt_tokens, token_ids)
 
 
@@ -181,7 +183,7 @@ async def closed_loop(url: str, dialect, prompts: list[str], concurrency: int,
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, trust_env=False, limits=limits,
                                  timeout=httpx.Timeout(timeout_s)) as client:
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
 
         async def worker() -> None:
             for i, prompt in queue:
@@ -203,8 +205,9 @@ async def closed_loop(url: str, dialect, prompts: list[str], concurrency: int,
                     prompt_counts.append(n)
 
         await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
+        cpu_s = time.process_time() - cpu0  # the client's own work while its requests ran
     run = {"url": url, "api": dialect.name, "mode": "closed", "concurrency": concurrency,
-           "max_new_tokens": max_new_tokens}
+           "max_new_tokens": max_new_tokens, "client_cpu_s": round(cpu_s, 4)}
     return LevelResult(build_report(records, len(prompts), run), prompt_counts, token_ids)
 
 

@@ -18,7 +18,7 @@ One command builds what it needs and prints the table of issue #15:
 4. writes JSON (runs, machine, load, versions, commit) and prints the tables
    (``peer_report.py``). Each HTTP level also records where the CPU went besides the engine's
    compute: ``cpu_per_token_ms`` of the server's main thread (camex-server's HTTP event loop;
-   llama-server's main thread runs its slots) and of this client process.
+   llama-server's main thread runs its slots) and of the client while its requests ran.
 
     python benchmarks/peer_llamacpp.py                   # the full table (~40 min on 2 cores)
     python benchmarks/peer_llamacpp.py --quick           # tiny model, short runs, still llama.cpp
@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 import llamacpp_build  # noqa: E402
 import peer_client  # noqa: E402
 from machine import (CpuMeter, cpu_info, loadavg, main_thread_cpu_s,  # noqa: E402
-                     process_cpu_s, with_descendants)
+                     with_descendants)
 from peer_models import build_models  # noqa: E402
 from peer_report import DTYPE_PAIRS, LLAMA, markdown, summarize, targets  # noqa: E402
 from serving import ServerProcess, end_process, free_port  # noqa: E402
@@ -324,13 +324,14 @@ def http_unit(system: str, server: ServerProcess, cmd: list[str], ready_s: float
     api = "llama.cpp" if system == LLAMA else "tgi"
 
     # camex-server's main thread is its HTTP event loop; llama-server's runs its slots
-    parts = {"server_main_thread": lambda: main_thread_cpu_s(server.proc.pid),
-             "client": lambda: process_cpu_s(os.getpid())}
+    parts = {"server_main_thread": lambda: main_thread_cpu_s(server.proc.pid)}
 
     def measure(prompts: list[str], c: int, n: int) -> tuple[peer_client.LevelResult, dict]:
         with confined(cpus), CpuMeter([*with_descendants(server.proc.pid), os.getpid()],
                                       parts) as cpu:
             result = peer_client.measure(server.url, api, prompts, c, n)
+        # the client's CPU from its first request to its last response (not its set-up)
+        cpu.result["cpu_s"]["client"] = result.report.run["client_cpu_s"]
         return result, cpu.result
 
     notes = {}
