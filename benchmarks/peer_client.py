@@ -7,7 +7,9 @@ with ``"stop": true``). A `Dialect` turns a prompt into each API's greedy, EOS-i
 fixed-length request and reads each event as "k new tokens" / "done". Everything else — the
 closed loop, the timestamps, and the statistics (``loadtest.records.RequestRecord`` and
 ``loadtest.report.build_report``: TTFT, ITL, TPOT, tokens/s) — is shared, so a difference
-between the two servers cannot come from the client.
+between the two servers cannot come from the client. The bytes are read by ``peer_wire`` (a
+lean HTTP/1.1 reader, the default) or by httpx (``client="httpx"``, what rounds before it used;
+kept to measure what the client itself costs, see ``peer_wire``'s docstring).
 
 Talks only HTTP, to 127.0.0.1 only; never imports the server or the runtime.
 """
@@ -24,6 +26,8 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import peer_wire  # noqa: E402
 from loadtest.records import RequestRecord  # noqa: E402
 from loadtest.report import Report, build_report  # noqa: E402
 from loadtest.runner import check_target  # noqa: E402
@@ -137,83 +141,149 @@ class LlamaCppDialect:
 DIALECTS = {"tgi": TgiDialect, "llama.cpp": LlamaCppDialect}
 
 
-async def stream_one(client: httpx.AsyncClient, dialect, prompt: str, max_new_tokens: int,
-                     rec: RequestRecord, t0: float, ids: list[int]) -> int | None:
-    """Send one request, fill `rec` and `ids` (generated token ids); returns the server's
-    prompt token count if it said."""
-    now = lambda: time.perf_counter() - t0  # noqa: E731
-    produced, prompt_tokens = 0, None
+class Reading:
+    """One request's events, each with the time it arrived, into its record and generated ids:
+    the part both clients share, so that they count and time tokens alike."""
+
+    def __init__(self, dialect, rec: RequestRecord, t0: float, ids: list[int]):
+        self.dialect, self.rec, self.t0, self.ids = dialect, rec, t0, ids
+        self.produced, self.prompt_tokens = 0, None
+
+    def now(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def event(self, data: str | bytes, arrived: float | None = None) -> bool:
+        """One event's data, which arrived at `arrived` (``time.perf_counter()``; None: now);
+        True once the request is over (done or failed)."""
+        ev = self.dialect.read(json.loads(data), self.produced)
+        t = self.now() if arrived is None else arrived - self.t0
+        if ev.error:
+            self.rec.fail("stream_error", t, ev.error)
+            return True
+        self.rec.token_times.extend([t] * ev.new_tokens)  # several tokens in one piece: same time
+        self.produced += ev.new_tokens
+        self.ids.extend(ev.token_ids)
+        if ev.prompt_tokens is not None:
+            self.prompt_tokens = ev.prompt_tokens
+        if ev.done:
+            self.rec.ok, self.rec.end, self.rec.finish_reason = True, t, ev.finish_reason
+        return ev.done
+
+    def end(self) -> int | None:
+        """After the stream: the record's totals; the server's prompt token count if it said."""
+        self.rec.output_tokens = self.produced
+        if not self.rec.ok:  # a failure recorded before stays (the first one wins)
+            self.rec.fail("bad_response", self.now(), "stream ended without a final event")
+        return self.prompt_tokens
+
+
+async def stream_httpx(client: httpx.AsyncClient, dialect, prompt: str, max_new_tokens: int,
+                       reading: Reading) -> int | None:
     async with client.stream("POST", dialect.path,
                              json=dialect.body(prompt, max_new_tokens)) as resp:
-        rec.status = resp.status_code
+        reading.rec.status = resp.status_code
         if resp.status_code != 200:
             await resp.aread()
-            rec.fail(str(resp.status_code), now(), resp.text[:300])
+            reading.rec.fail(str(resp.status_code), reading.now(), resp.text[:300])
             return None
         async for line in resp.aiter_lines():
             data = line[5:].strip() if line.startswith("data:") else ""
-            if not data or data == "[DONE]":
-                continue
-            ev = dialect.read(json.loads(data), produced)
-            if ev.error:
-                rec.fail("stream_error", now(), ev.error)
-                return prompt_tokens
-            t = now()
-            rec.token_times.extend([t] * ev.new_tokens)  # several tokens in one piece: same time
-            produced += ev.new_tokens
-            ids.extend(ev.token_ids)
-            prompt_tokens = ev.prompt_tokens if ev.prompt_tokens is not None else prompt_tokens
-            if ev.done:
-                rec.ok, rec.end, rec.finish_reason = True, t, ev.finish_reason
+            if data and data != "[DONE]" and reading.event(data):
                 break
-    rec.output_tokens = produced
-    if not rec.ok:
-        rec.fail("bad_response", now(), "stream ended without a final event")
-    return prompt_tokens
+    return reading.end()
+
+
+async def stream_wire(conn: peer_wire.Connection, dialect, prompt: str, max_new_tokens: int,
+                      reading: Reading) -> int | None:
+    """While the response streams, each event is only stamped and kept; its JSON is read once
+    the body has ended. The times are the same, and on a machine whose cores all compute, the
+    client's per-token work (~18 us of Python when warm, several times that after the server's
+    compute has evicted it) does not compete with the decode steps still to come. At B=1 the
+    parsing then runs while the server waits for the next request; with several streams, while
+    the others decode, as before."""
+    arrivals: list[tuple[float, bytes]] = []
+
+    def on_event(data: bytes) -> None:
+        arrivals.append((time.perf_counter(), data))
+
+    # the body is read to its end (after the final event too), so the connection is reusable
+    resp = await conn.post(dialect.path, dialect.body(prompt, max_new_tokens), on_event)
+    reading.rec.status = resp.status
+    if resp.status != 200:
+        text = resp.body.decode("utf-8", "replace")
+        reading.rec.fail(str(resp.status), reading.now(), text[:300])
+        return None
+    for arrived, data in arrivals:
+        if data.strip() != b"[DONE]" and reading.event(data, arrived):
+            break
+    return reading.end()
+
+
+CLIENTS = ("wire", "httpx")
 
 
 async def closed_loop(url: str, dialect, prompts: list[str], concurrency: int,
-                      max_new_tokens: int, timeout_s: float) -> LevelResult:
-    """`concurrency` workers send `prompts` (each once, in order) back to back."""
+                      max_new_tokens: int, timeout_s: float, client: str = "wire") -> LevelResult:
+    """`concurrency` workers send `prompts` (each once, in order) back to back, each on a
+    connection of its own: `client` "wire" (``peer_wire``, the default: little CPU per token) or
+    "httpx" (what rounds before the wire client measured with)."""
     check_target(url, allow_remote=False)
+    if client not in CLIENTS:
+        raise ValueError(f"client {client!r}: one of {', '.join(CLIENTS)}")
     records: list[RequestRecord] = []
     prompt_counts: list[int] = []
     token_ids: dict[int, list[int]] = {}
     queue = iter(enumerate(prompts))
+    workers = min(concurrency, len(prompts))
+    parsed = httpx.URL(url)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, trust_env=False, limits=limits,
-                                 timeout=httpx.Timeout(timeout_s)) as client:
+                                 timeout=httpx.Timeout(timeout_s)) as pool:
+        conns = [peer_wire.Connection(parsed.host, parsed.port or 80) for _ in range(workers)]
         t0, cpu0 = time.perf_counter(), time.process_time()
 
-        async def worker() -> None:
+        async def one(conn: peer_wire.Connection, reading: Reading, prompt: str) -> int | None:
+            if client == "httpx":
+                return await stream_httpx(pool, dialect, prompt, max_new_tokens, reading)
+            async with asyncio.timeout(timeout_s):
+                return await stream_wire(conn, dialect, prompt, max_new_tokens, reading)
+
+        async def worker(conn: peer_wire.Connection) -> None:
             for i, prompt in queue:
                 rec = RequestRecord(index=i, kind="stream", start=time.perf_counter() - t0,
                                     prompt_chars=len(prompt))
                 records.append(rec)
                 token_ids[i] = []
                 try:
-                    n = await stream_one(client, dialect, prompt, max_new_tokens, rec, t0,
-                                         token_ids[i])
-                except httpx.HTTPError as e:
+                    n = await one(conn, Reading(dialect, rec, t0, token_ids[i]), prompt)
+                except (httpx.HTTPError, peer_wire.WireError, OSError, TimeoutError) as e:
                     rec.fail("transport_error", time.perf_counter() - t0,
                              f"{type(e).__name__}: {e}")
+                    conn.close()
                     n = None
                 except (ValueError, KeyError, TypeError) as e:  # an event that is not the API's
                     rec.fail("bad_response", time.perf_counter() - t0, f"{type(e).__name__}: {e}")
+                    conn.close()
                     n = None
                 if n is not None:
                     prompt_counts.append(n)
 
-        await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
-        cpu_s = time.process_time() - cpu0  # the client's own work while its requests ran
+        try:
+            await asyncio.gather(*(worker(conn) for conn in conns))
+            cpu_s = time.process_time() - cpu0  # the client's own work while its requests ran
+        finally:
+            for conn in conns:
+                conn.close()
     run = {"url": url, "api": dialect.name, "mode": "closed", "concurrency": concurrency,
-           "max_new_tokens": max_new_tokens, "client_cpu_s": round(cpu_s, 4)}
+           "max_new_tokens": max_new_tokens, "client": client, "client_cpu_s": round(cpu_s, 4)}
     return LevelResult(build_report(records, len(prompts), run), prompt_counts, token_ids)
 
 
 def measure(url: str, api: str, prompts: list[str], concurrency: int, max_new_tokens: int,
-            timeout_s: float = 600.0) -> LevelResult:
+            timeout_s: float = 600.0, client: str = "wire") -> LevelResult:
     """Blocking: one closed-loop level (prompt token counts: llama.cpp only, TGI's stream does
     not say them)."""
-    return asyncio.run(closed_loop(url, DIALECTS[api](), prompts, concurrency, max_new_tokens,
-                                   timeout_s))
+    # httpx on the stdlib loop, as the rounds that used it measured
+    run = peer_wire.run if client == "wire" else asyncio.run
+    return run(closed_loop(url, DIALECTS[api](), prompts, concurrency, max_new_tokens,
+                           timeout_s, client))

@@ -84,6 +84,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="CPUs the load generator (this process) is confined to while it measures: "
                         "'auto' (the first CPU, when the servers' threads leave one free), "
                         "'none', or a comma-separated list")
+    p.add_argument("--client", choices=peer_client.CLIENTS, default="wire",
+                   help="how the load generator reads responses: 'wire' (a lean HTTP/1.1 reader, "
+                        "little CPU per token) or 'httpx' (as rounds before 2026-12 measured)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=None,
                    help="models and GGUF files (default ~/.cache/camex-serve/peer/<full|quick>)")
@@ -320,7 +323,7 @@ def measure_level(units: list[Unit], level: dict, plan: dict, rnd: int) -> dict[
 
 
 def http_unit(system: str, server: ServerProcess, cmd: list[str], ready_s: float,
-              cpus: list[int] | None) -> Unit:
+              cpus: list[int] | None, client: str) -> Unit:
     api = "llama.cpp" if system == LLAMA else "tgi"
 
     # camex-server's main thread is its HTTP event loop; llama-server's runs its slots
@@ -329,7 +332,7 @@ def http_unit(system: str, server: ServerProcess, cmd: list[str], ready_s: float
     def measure(prompts: list[str], c: int, n: int) -> tuple[peer_client.LevelResult, dict]:
         with confined(cpus), CpuMeter([*with_descendants(server.proc.pid), os.getpid()],
                                       parts) as cpu:
-            result = peer_client.measure(server.url, api, prompts, c, n)
+            result = peer_client.measure(server.url, api, prompts, c, n, client=client)
         # the client's CPU from its first request to its last response (not its set-up)
         cpu.result["cpu_s"]["client"] = result.report.run["client_cpu_s"]
         return result, cpu.result
@@ -355,7 +358,8 @@ def run_round(pair: str, threads: int, rnd: int, plan: dict, paths: dict,
             server = stack.enter_context(ServerProcess(
                 cmd, port, logs / f"{system}-{pair}-t{threads}-r{rnd}.log", args.startup_timeout,
                 ready))
-            units.append(http_unit(system, server, cmd, round(time.monotonic() - t0, 1), cpus))
+            units.append(http_unit(system, server, cmd, round(time.monotonic() - t0, 1), cpus,
+                                   args.client))
             if system == LLAMA or args.no_engine:
                 continue
             # its client threads where the HTTP client runs, so both leave the engine's
@@ -452,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
                         "b1_requests": args.b1_requests,
                         "concurrent_requests": args.concurrent_requests,
                         "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens,
-                        "client_cpus": args.client_cpus, "interleaved": INTERLEAVED},
+                        "client_cpus": args.client_cpus, "client": args.client,
+                        "interleaved": INTERLEAVED},
            "runs": runs}
     doc["rows"] = summarize(doc)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,9 @@
   does not (merging does work); prompts of exactly the asked token count;
 - the converter's requirements never pull a CUDA torch or another package index;
 - the camex side end to end: ``--quick --no-llama`` starts real camex-servers on 127.0.0.1 and
-  the in-process engine (a worker process), every request completes at full length, and the
-  overhead ratio is the recorded HTTP rate over the recorded engine rate;
+  the in-process engine (a worker process), every request completes at full length, the token
+  ids read over HTTP are the engine's, and the overhead ratio is the recorded HTTP rate over
+  the recorded engine rate;
 - the interleaving: one slice of ``concurrency`` requests (B=1: one request) per server or
   engine in turn, order rotated, and the slices joined into one level as if run back to back;
 - the report: per-round ratios against llama-server and the issue's table format.
@@ -171,6 +172,12 @@ def test_quick_camex_side_end_to_end(models, tmp_path):
                 per_token = lv["cpu_per_token_ms"]
                 assert set(per_token) == {"server_main_thread", "client"}
                 assert per_token["server_main_thread"] > 0 and per_token["client"] > 0
+    assert doc["settings"]["client"] == "wire"  # the lean reader (benchmarks/peer_wire.py)
+    for system in ("camex-dense", "camex-7x1"):  # greedy, same weights: what the client read
+        over_http, in_engine = (next(r for r in doc["runs"] if r["kind"] == kind
+                                     and r["system"] == system) for kind in ("http", "engine"))
+        assert ([lv["token_ids"] for lv in over_http["levels"]]
+                == [lv["token_ids"] for lv in in_engine["levels"]])
     dense = next(r for r in doc["rows"] if r["system"] == "camex-dense")
     http = next(r for r in doc["runs"] if r["kind"] == "http" and r["system"] == "camex-dense")
     eng = next(r for r in doc["runs"] if r["kind"] == "engine" and r["system"] == "camex-dense")
