@@ -16,6 +16,7 @@ Talks only HTTP, to 127.0.0.1 only; never imports the server or the runtime.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import sys
@@ -237,8 +238,9 @@ async def closed_loop(url: str, dialect, prompts: list[str], concurrency: int,
     workers = min(concurrency, len(prompts))
     parsed = httpx.URL(url)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, trust_env=False, limits=limits,
-                                 timeout=httpx.Timeout(timeout_s)) as pool:
+    async with contextlib.AsyncExitStack() as stack:
+        pool = None if client == "wire" else await stack.enter_async_context(httpx.AsyncClient(
+            base_url=url, trust_env=False, limits=limits, timeout=httpx.Timeout(timeout_s)))
         conns = [peer_wire.Connection(parsed.host, parsed.port or 80) for _ in range(workers)]
         t0, cpu0 = time.perf_counter(), time.process_time()
 
