@@ -7,9 +7,9 @@ with ``"stop": true``). A `Dialect` turns a prompt into each API's greedy, EOS-i
 fixed-length request and reads each event as "k new tokens" / "done". Everything else — the
 closed loop, the timestamps, and the statistics (``loadtest.records.RequestRecord`` and
 ``loadtest.report.build_report``: TTFT, ITL, TPOT, tokens/s) — is shared, so a difference
-between the two servers cannot come from the client. The bytes are read by ``peer_wire`` (a
+between the two servers cannot come from the client. The bytes are read by ``loadtest.wire`` (a
 lean HTTP/1.1 reader, the default) or by httpx (``client="httpx"``, what rounds before it used;
-kept to measure what the client itself costs, see ``peer_wire``'s docstring).
+kept to measure what the client itself costs, see ``loadtest.wire``'s docstring).
 
 Talks only HTTP, to 127.0.0.1 only; never imports the server or the runtime.
 """
@@ -27,8 +27,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import peer_wire  # noqa: E402
+from loadtest import wire  # noqa: E402
 from loadtest.records import RequestRecord  # noqa: E402
 from loadtest.report import Report, build_report  # noqa: E402
 from loadtest.runner import check_target  # noqa: E402
@@ -194,7 +193,7 @@ async def stream_httpx(client: httpx.AsyncClient, dialect, prompt: str, max_new_
     return reading.end()
 
 
-async def stream_wire(conn: peer_wire.Connection, dialect, prompt: str, max_new_tokens: int,
+async def stream_wire(conn: wire.Connection, dialect, prompt: str, max_new_tokens: int,
                       reading: Reading) -> int | None:
     """While the response streams, each event is only stamped and kept; its JSON is read once
     the body has ended. The times are the same, and on a machine whose cores all compute, the
@@ -226,7 +225,7 @@ CLIENTS = ("wire", "httpx")
 async def closed_loop(url: str, dialect, prompts: list[str], concurrency: int,
                       max_new_tokens: int, timeout_s: float, client: str = "wire") -> LevelResult:
     """`concurrency` workers send `prompts` (each once, in order) back to back, each on a
-    connection of its own: `client` "wire" (``peer_wire``, the default: little CPU per token) or
+    connection of its own: `client` "wire" (``loadtest.wire``, the default: little CPU per token) or
     "httpx" (what rounds before the wire client measured with)."""
     check_target(url, allow_remote=False)
     if client not in CLIENTS:
@@ -241,16 +240,16 @@ async def closed_loop(url: str, dialect, prompts: list[str], concurrency: int,
     async with contextlib.AsyncExitStack() as stack:
         pool = None if client == "wire" else await stack.enter_async_context(httpx.AsyncClient(
             base_url=url, trust_env=False, limits=limits, timeout=httpx.Timeout(timeout_s)))
-        conns = [peer_wire.Connection(parsed.host, parsed.port or 80) for _ in range(workers)]
+        conns = [wire.Connection(parsed.host, parsed.port or 80) for _ in range(workers)]
         t0, cpu0 = time.perf_counter(), time.process_time()
 
-        async def one(conn: peer_wire.Connection, reading: Reading, prompt: str) -> int | None:
+        async def one(conn: wire.Connection, reading: Reading, prompt: str) -> int | None:
             if client == "httpx":
                 return await stream_httpx(pool, dialect, prompt, max_new_tokens, reading)
             async with asyncio.timeout(timeout_s):
                 return await stream_wire(conn, dialect, prompt, max_new_tokens, reading)
 
-        async def worker(conn: peer_wire.Connection) -> None:
+        async def worker(conn: wire.Connection) -> None:
             for i, prompt in queue:
                 rec = RequestRecord(index=i, kind="stream", start=time.perf_counter() - t0,
                                     prompt_chars=len(prompt))
@@ -258,7 +257,7 @@ async def closed_loop(url: str, dialect, prompts: list[str], concurrency: int,
                 token_ids[i] = []
                 try:
                     n = await one(conn, Reading(dialect, rec, t0, token_ids[i]), prompt)
-                except (httpx.HTTPError, peer_wire.WireError, OSError, TimeoutError) as e:
+                except (httpx.HTTPError, wire.WireError, OSError, TimeoutError) as e:
                     rec.fail("transport_error", time.perf_counter() - t0,
                              f"{type(e).__name__}: {e}")
                     conn.close()
@@ -286,6 +285,6 @@ def measure(url: str, api: str, prompts: list[str], concurrency: int, max_new_to
     """Blocking: one closed-loop level (prompt token counts: llama.cpp only, TGI's stream does
     not say them)."""
     # httpx on the stdlib loop, as the rounds that used it measured
-    run = peer_wire.run if client == "wire" else asyncio.run
+    run = wire.run if client == "wire" else asyncio.run
     return run(closed_loop(url, DIALECTS[api](), prompts, concurrency, max_new_tokens,
                            timeout_s, client))

@@ -24,6 +24,8 @@ def format_report(r: Report) -> str:
     run = r.run
     load = (f"closed loop, concurrency {run.get('concurrency')}" if run.get("mode") == "closed"
             else f"open loop, {run.get('rate')} req/s {run.get('arrival')}")
+    if run.get("client"):
+        load += f"; read by {run['client']}"
     failures = ", ".join(f"{k}: {v}" for k, v in r.failures_by_status.items()) or "none"
     lines = [
         f"target            {run.get('url')}  ({load})",
@@ -36,6 +38,12 @@ def format_report(r: Report) -> str:
         f"throughput        {r.request_throughput:.3f} req/s   "
         f"{r.output_token_throughput:.2f} output tok/s"
         f"   ({r.total_output_tokens} tokens)",
+    ]
+    if run.get("client_cpu_s") is not None:
+        per_token = (f"  ({1e3 * run['client_cpu_s'] / r.total_output_tokens:.3f} ms per output "
+                     "token)" if r.total_output_tokens else "")
+        lines.append(f"client CPU        {run['client_cpu_s']:.3f} s{per_token}")
+    lines += [
         "",
         f"{'latency (ms)':<14}{'n':>7}{'mean':>11}{'median':>11}{'p90':>11}{'p99':>11}",
     ]

@@ -10,12 +10,15 @@
   the recorded engine rate;
 - the interleaving: one slice of ``concurrency`` requests (B=1: one request) per server or
   engine in turn, order rotated, and the slices joined into one level as if run back to back;
-- the report: per-round ratios against llama-server and the issue's table format.
+- the report: per-round ratios against llama-server and the issue's table format;
+- both readers (``loadtest.wire`` and httpx) turn the same scripted TGI stream into the same
+  records.
 
 Building llama.cpp (minutes) never runs here. Asserts nothing about speed.
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -36,6 +39,8 @@ import peer_client  # noqa: E402
 from llamacpp_convert import is_gpt2_split  # noqa: E402
 from peer_models import SHAPES, build_gpt2, build_models  # noqa: E402
 from peer_report import markdown, summarize, targets  # noqa: E402
+
+from tests.wire_script import Script, tgi_stream  # noqa: E402
 
 
 def bench_env(home: Path) -> dict:
@@ -172,7 +177,7 @@ def test_quick_camex_side_end_to_end(models, tmp_path):
                 per_token = lv["cpu_per_token_ms"]
                 assert set(per_token) == {"server_main_thread", "client"}
                 assert per_token["server_main_thread"] > 0 and per_token["client"] > 0
-    assert doc["settings"]["client"] == "wire"  # the lean reader (benchmarks/peer_wire.py)
+    assert doc["settings"]["client"] == "wire"  # the lean reader (loadtest/wire.py)
     for system in ("camex-dense", "camex-7x1"):  # greedy, same weights: what the client read
         over_http, in_engine = (next(r for r in doc["runs"] if r["kind"] == kind
                                      and r["system"] == system) for kind in ("http", "engine"))
@@ -498,3 +503,27 @@ def test_results_json_keeps_number_lists_on_one_line_and_reads_back_the_same():
     assert '"note": "ids like [1, 2] stay text"' in text  # strings are never touched
     assert "true,\n" in text  # only numbers are packed
     assert len(text) < len(json.dumps(doc, indent=1))
+
+
+@pytest.mark.parametrize("client", ["wire", "httpx"])
+def test_both_harness_clients_read_a_tgi_stream_into_the_same_records(client):
+    script = Script([tgi_stream([5, 6, 7]), tgi_stream([8, 9, 10], error_after=1)])
+
+    async def main():
+        server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        try:
+            return await peer_client.closed_loop(url, peer_client.TgiDialect(), ["a", "b"], 1, 3,
+                                                 30.0, client)
+        finally:
+            server.close()
+
+    result = asyncio.run(main())
+    ok, failed = sorted(result.report.records, key=lambda r: r.index)
+    assert (ok.ok, ok.output_tokens, ok.finish_reason) == (True, 3, "length")
+    assert len(ok.token_times) == 3
+    assert ok.token_times == sorted(ok.token_times) and ok.end == ok.token_times[-1]
+    assert result.token_ids == {0: [5, 6, 7], 1: [8]}
+    assert (failed.ok, failed.failure, failed.output_tokens) == (False, "stream_error", 1)
+    assert "overloaded: engine stopped" in failed.error
+    assert result.report.run["client"] == client and result.report.run["client_cpu_s"] >= 0

@@ -19,12 +19,12 @@ def fake():
         warm = run_load(url=server.url, num_requests=len(specs), concurrency=len(specs),
                         specs=specs)
         assert warm.completed == len(specs), warm.failures_by_status
-        server.received.clear()
+        server.clear()
         yield server
 
 
 @pytest.fixture
 def fresh_fake(fake):
     """The module's fake server with its request log emptied."""
-    fake.received.clear()
+    fake.clear()
     return fake

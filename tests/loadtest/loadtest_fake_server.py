@@ -6,7 +6,8 @@ token), ``itl=0.05`` (seconds between tokens), ``n=5`` (tokens to produce), ``er
 (stream: send an error event after 2 tokens), ``garbage=1`` (a 200 whose body is not
 JSON), ``truncated=1`` (stream: stop before the final event). ``/generate`` sleeps
 ``ttft + itl*(n-1)`` and
-``/classify`` sleeps ``ttft``. Every request body is kept in ``FakeServer.received``.
+``/classify`` sleeps ``ttft``. Every request body is kept in ``FakeServer.received``, its
+``Authorization`` header in ``auth`` and the client's port (one per connection) in ``peers``.
 Runs uvicorn in a thread on 127.0.0.1 with a free port; for tests only.
 """
 
@@ -47,6 +48,8 @@ class FakeServer:
 
     def __init__(self):
         self.received: list[tuple[str, dict]] = []
+        self.auth: list[str | None] = []
+        self.peers: list[int] = []
         routes = [Route("/generate_stream", self._stream, methods=["POST"]),
                   Route("/generate", self._generate, methods=["POST"]),
                   Route("/classify", self._classify, methods=["POST"])]
@@ -58,6 +61,12 @@ class FakeServer:
                                                     timeout_graceful_shutdown=1))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
                                        daemon=True)
+
+    def clear(self) -> None:
+        """Forget the requests seen so far."""
+        self.received.clear()
+        self.auth.clear()
+        self.peers.clear()
 
     def __enter__(self) -> FakeServer:
         self.thread.start()
@@ -76,6 +85,8 @@ class FakeServer:
     async def _body(self, request: Request) -> tuple[dict, dict]:
         body = await request.json()
         self.received.append((request.url.path, body))
+        self.auth.append(request.headers.get("authorization"))
+        self.peers.append(request.client.port)
         inputs = body["inputs"]
         return body, directives(inputs if isinstance(inputs, str) else " ".join(inputs))
 

@@ -40,7 +40,7 @@ def test_gate_counts_failed_requests_against_goodput(fresh_fake, tmp_path):
     assert main(args + ["--slo-min-goodput", "0.75"]) == EXIT_GATE
 
 
-def test_json_and_plots_are_written(fresh_fake, tmp_path):
+def test_json_and_plots_are_written(fresh_fake, tmp_path, capsys):
     out, plots = tmp_path / "run.json", tmp_path / "plots"
     rc = main(["--url", fresh_fake.url, "-n", "6", "--rate", "100",
                "--mix", "stream=1,generate=1,classify=1", "--prompt-len", "uniform:2:6",
@@ -48,7 +48,10 @@ def test_json_and_plots_are_written(fresh_fake, tmp_path):
     assert rc == EXIT_OK
     report = Report.load(out)
     assert report.sent == 6 and len(report.records) == 6 and report.run["mode"] == "open"
-    assert "api_key" not in report.run
+    assert "api_key" not in report.run and report.run["client"] == "wire"  # auto, for http://
+    assert report.run["client_cpu_s"] > 0
+    out_text = capsys.readouterr().out
+    assert "read by wire" in out_text and "client CPU" in out_text
     for name in ("latency_cdf.png", "timeline.png"):
         data = (plots / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 5000
@@ -74,6 +77,16 @@ def test_usage_errors_exit_2(tmp_path, capsys):
     assert main(["--prompts", str(tmp_path / "missing.jsonl"), "-n", "1"]) == EXIT_USAGE
     (tmp_path / "x.json").write_text("[]")
     assert main(["--compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")]) == EXIT_USAGE
+    assert main(["--url", "https://127.0.0.1:8443", "--client", "wire", "-n", "1"]) == EXIT_USAGE
+    assert "plain HTTP only" in capsys.readouterr().err
+
+
+def test_client_flag_chooses_the_reader(fresh_fake, tmp_path):
+    out = tmp_path / "run.json"
+    args = ["--url", fresh_fake.url, "-n", "3", "--no-progress", "--json", str(out)]
+    assert main(args + ["--client", "httpx"]) == EXIT_OK
+    report = Report.load(out)
+    assert report.completed == 3 and report.run["client"] == "httpx"
 
 
 def test_nothing_completed_exits_3(fresh_fake, tmp_path):

@@ -1,22 +1,22 @@
-"""The peer harness's lean HTTP/1.1 client: POST a JSON body on a kept-alive connection and hand
-each server-sent event's ``data:`` to a callback the moment its bytes arrive.
+"""A lean HTTP/1.1 client: POST a JSON body on a kept-alive connection and hand each server-sent
+event's ``data:`` to a callback the moment its bytes arrive.
 
-Why not httpx, which the harness used first: on a machine whose cores all compute, the client's
-CPU per streamed token is taken from the server it measures. Reading the same camex-server
+Why not httpx for everything: a load generator on the machine it loads takes its CPU from the
+server it measures, and streamed tokens are where that adds up. Reading the same camex-server
 stream at B=1 on a 2-core Zen 3 VM, CPU per token: async httpx 0.77-0.99 ms (h11, then byte,
 text and line decoders per chunk, on the stdlib event loop); a bare ``asyncio.Protocol`` that
 only counts events 0.27 ms on the stdlib loop and 0.11-0.13 ms on uvloop; a blocking ``recv``
 loop 0.10-0.11 ms. So this client is a protocol that parses in ``data_received`` (no stream
-reader, no coroutine per chunk) and `run` prefers uvloop. The server's side of the wire is the
-same whichever client reads it, so a ratio against the engine measured with this one charges
-the server with what the server does, not with what a heavy client next to it does.
+reader, no coroutine per chunk), and `run` prefers uvloop. ``camex-loadtest`` reads plain-HTTP
+targets with it (``--client wire``, the default there) and keeps httpx for HTTPS and for
+comparisons; the llama.cpp peer harness (``benchmarks/peer_client.py``) uses it too.
 
 What it speaks, and nothing more: HTTP/1.1 without TLS, proxies, redirects or compression
 (requests say ``Accept-Encoding: identity``); responses framed by chunked transfer coding,
 ``Content-Length`` or the connection's close; ``text/event-stream`` bodies of 200 responses as
 events (``data:`` lines joined by newlines, an event ended by a blank line, other fields
-ignored), any other body whole. A broken response raises `WireError`. The caller checks the
-target is 127.0.0.1 (``loadtest.runner.check_target``).
+ignored), any other body whole. A broken response raises `WireError`, a connection that cannot
+be opened `ConnectFailed`. Callers check the target is loopback (``loadtest.runner.check_target``).
 """
 from __future__ import annotations
 
@@ -30,6 +30,10 @@ MAX_HEAD_BYTES = 1 << 16
 
 class WireError(Exception):
     """The connection closed or the server's bytes are not HTTP/1.1 as this client reads it."""
+
+
+class ConnectFailed(WireError):
+    """The connection could not be opened (refused, unreachable, unresolvable): nothing was sent."""
 
 
 class ClosedBeforeResponse(WireError):
@@ -222,10 +226,15 @@ class _Protocol(asyncio.Protocol):
 
 class Connection:
     """One kept-alive connection to ``host:port``, opened on first use and again after the server
-    closed it; one request at a time (a closed-loop worker's)."""
+    closed it; one request at a time (a closed-loop worker's). `headers` go with every request
+    (e.g. ``Authorization``)."""
 
-    def __init__(self, host: str, port: int):
+    def __init__(self, host: str, port: int, headers: dict[str, str] | None = None):
         self.host, self.port = host, port
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 literal
+        extra = "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
+        self._fields = (f"Host: {authority}\r\nAccept: */*\r\nAccept-Encoding: identity\r\n"
+                      f"Content-Type: application/json\r\n{extra}")
         self._protocol: _Protocol | None = None
 
     async def post(self, path: str, payload: dict,
@@ -235,8 +244,7 @@ class Connection:
         exception it raises ends the request and is raised here); any other body is in
         ``Response.body``."""
         body = json.dumps(payload).encode()
-        request = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nAccept: */*\r\n"
-                   f"Accept-Encoding: identity\r\nContent-Type: application/json\r\n"
+        request = (f"POST {path} HTTP/1.1\r\n{self._fields}"
                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body
         reused = self._usable()
         try:
@@ -256,7 +264,10 @@ class Connection:
         if not self._usable():
             self.close()
             loop = asyncio.get_running_loop()
-            _, self._protocol = await loop.create_connection(_Protocol, self.host, self.port)
+            try:
+                _, self._protocol = await loop.create_connection(_Protocol, self.host, self.port)
+            except OSError as e:
+                raise ConnectFailed(f"cannot connect to {self.host}:{self.port}: {e}") from e
         protocol = self._protocol
         waiter = protocol.start(on_event)
         protocol.transport.write(request)

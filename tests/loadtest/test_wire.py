@@ -1,5 +1,5 @@
-"""benchmarks/peer_wire.py: the peer harness's HTTP/1.1 client against a scripted server on
-127.0.0.1 that sends exactly the bytes each test chooses, split where the test chooses.
+"""loadtest/wire.py: the lean HTTP/1.1 client against a scripted server on 127.0.0.1 that sends
+exactly the bytes each test chooses, split where the test chooses (``tests/wire_script.py``).
 
 - server-sent events arrive whole and in order however the bytes are cut (a byte at a time, a
   chunk boundary inside a line, CRLF line ends, several ``data:`` lines, comments, a last event
@@ -8,71 +8,28 @@
   whole, not as events;
 - a kept-alive connection is reused, and reopened once when the server closed it while idle;
 - what breaks a response (closed mid-body, a bad chunk size, the callback's own exception)
-  raises, and the next request still gets a fresh connection that works.
+  raises, and the next request still gets a fresh connection that works;
+- extra headers (``Authorization``) go with every request; a connection that cannot be opened
+  raises ``ConnectFailed`` (which camex-loadtest records as ``connect_error``).
 """
 from __future__ import annotations
 
 import asyncio
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-import peer_wire  # noqa: E402
-
-SSE_HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream; charset=utf-8\r\n"
-            b"transfer-encoding: chunked\r\n\r\n")
+from loadtest import wire
+from tests.wire_script import SSE_HEAD, Script, chunked
 
 
-def chunked(*pieces: bytes) -> bytes:
-    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in pieces) + b"0\r\n\r\n"
-
-
-class Script:
-    """A server answering the n-th request it reads (on any connection) with ``replies[n]``:
-    bytes sent in one write, or a list of writes with a short pause between them; ``None``
-    closes the connection without answering; a reply ending in ``CLOSE`` closes after it."""
-    CLOSE = object()
-
-    def __init__(self, replies: list):
-        self.replies, self.requests, self.connections = list(replies), [], 0
-
-    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        try:
-            while self.replies:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"content-length")))
-                self.requests.append(head + await reader.readexactly(length))
-                reply = self.replies.pop(0)
-                if reply is None:
-                    break
-                writes = reply if isinstance(reply, list) else [reply]
-                for w in writes:
-                    if w is Script.CLOSE:
-                        writer.close()
-                        return
-                    writer.write(w)
-                    await writer.drain()
-                    if len(writes) > 1:
-                        await asyncio.sleep(0.001)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        except asyncio.CancelledError:  # the test is over and its loop closing
-            return
-        writer.close()
-
-
-def serve(replies: list, client):
+def serve(replies: list, client, headers: dict[str, str] | None = None):
     """Run `client(conn)` against a `Script` of `replies`; returns (its result, the script)."""
     script = Script(replies)
 
     async def main():
         server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        conn = peer_wire.Connection("127.0.0.1", port)
+        conn = wire.Connection("127.0.0.1", port, headers)
         try:
             return await client(conn)
         finally:
@@ -134,7 +91,7 @@ def test_a_kept_alive_connection_is_reused_and_reopened_once_the_server_closed_i
 
 def test_a_new_connection_closed_before_a_response_is_not_retried():
     (err, script) = serve([None], lambda conn: catch(post(conn)))
-    assert isinstance(err, peer_wire.ClosedBeforeResponse) and len(script.requests) == 1
+    assert isinstance(err, wire.ClosedBeforeResponse) and len(script.requests) == 1
 
 
 async def catch(coro):
@@ -158,7 +115,7 @@ def test_a_broken_response_raises_and_the_next_request_works(reply, message):
         return await catch(post(conn)), await post(conn)
 
     (err, (resp, got)), script = serve([reply, ok], broken_then_ok)
-    assert isinstance(err, peer_wire.WireError) and message in str(err)
+    assert isinstance(err, wire.WireError) and message in str(err)
     assert resp.status == 200 and got == [b"2"] and script.connections == 2
 
 
@@ -180,7 +137,7 @@ def test_run_prefers_uvloop_and_returns_the_result():
     async def which():
         return type(asyncio.get_running_loop()).__module__
 
-    module = peer_wire.run(which())
+    module = wire.run(which())
     try:
         import uvloop  # noqa: F401
     except ImportError:
@@ -189,41 +146,25 @@ def test_run_prefers_uvloop_and_returns_the_result():
         assert module.startswith("uvloop")
 
 
-def tgi_stream(ids: list[int], error_after: int | None = None) -> bytes:
-    """What camex-server's /generate_stream sends: one event per token, then the final one."""
-    events = []
-    for k, i in enumerate(ids):
-        if k == error_after:
-            events.append(b'data: {"error": "engine stopped", "error_type": "overloaded"}\n\n')
-            break
-        final = k == len(ids) - 1
-        events.append(b'data: {"index": %d, "token": {"id": %d, "text": "t", "logprob": 0.0, '
-                      b'"special": false}, "generated_text": %s, "details": %s}\n\n'
-                      % (k, i, b'"ttt"' if final else b"null",
-                         b'{"finish_reason": "length"}' if final else b"null"))
-    return SSE_HEAD + chunked(*events)
+def test_extra_headers_go_with_every_request():
+    ok = SSE_HEAD + chunked(b"data: 1\n\n")
+
+    async def twice(conn):
+        return [await post(conn) for _ in range(2)]
+
+    _, script = serve([ok, ok], twice, {"Authorization": "Bearer sk-x"})
+    assert len(script.requests) == 2 and script.connections == 1
+    assert all(b"\r\nAuthorization: Bearer sk-x\r\n" in r for r in script.requests)
 
 
-@pytest.mark.parametrize("client", ["wire", "httpx"])
-def test_both_harness_clients_read_a_tgi_stream_into_the_same_records(client):
-    import peer_client
-    script = Script([tgi_stream([5, 6, 7]), tgi_stream([8, 9, 10], error_after=1)])
-
+def test_a_connection_that_cannot_open_raises_connect_failed():
     async def main():
-        server = await asyncio.start_server(script.handle, "127.0.0.1", 0)
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        try:
-            return await peer_client.closed_loop(url, peer_client.TgiDialect(), ["a", "b"], 1, 3,
-                                                 30.0, client)
-        finally:
-            server.close()
+        server = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        server.close()
+        await server.wait_closed()  # nothing listens there now
+        return await catch(post(wire.Connection("127.0.0.1", port)))
 
-    result = asyncio.run(main())
-    ok, failed = sorted(result.report.records, key=lambda r: r.index)
-    assert (ok.ok, ok.output_tokens, ok.finish_reason) == (True, 3, "length")
-    assert len(ok.token_times) == 3
-    assert ok.token_times == sorted(ok.token_times) and ok.end == ok.token_times[-1]
-    assert result.token_ids == {0: [5, 6, 7], 1: [8]}
-    assert (failed.ok, failed.failure, failed.output_tokens) == (False, "stream_error", 1)
-    assert "overloaded: engine stopped" in failed.error
-    assert result.report.run["client"] == client and result.report.run["client_cpu_s"] >= 0
+    err = asyncio.run(main())
+    assert isinstance(err, wire.ConnectFailed) and isinstance(err, wire.WireError)
+    assert "cannot connect to 127.0.0.1" in str(err)
