@@ -8,6 +8,7 @@ only once every engine is loaded, started and warmed up. A load failure makes bo
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -53,6 +54,7 @@ class ServingState:
     ops: OpsPool = field(default_factory=OpsPool)  # /metrics and /info
     drain: object | None = None  # server.shutdown.Drain once SIGTERM arrived
     launched: object | None = None  # server.engine_launch.LaunchedEngine until the loader takes it
+    loop: asyncio.AbstractEventLoop | None = None  # the server's, once loading began
     _thread: threading.Thread | None = None
 
     def __post_init__(self) -> None:
@@ -66,6 +68,12 @@ class ServingState:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def load_in_background(self) -> None:
+        """Load and warm the engines in a thread. Called on the event loop (the lifespan): an
+        engine in a process of its own has its pipe read by this loop."""
+        try:
+            self.loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.loop = None
         self.loading = True
         self._thread = threading.Thread(target=self._load, name="camex-loader", daemon=True)
         self._thread.start()
@@ -86,7 +94,7 @@ class ServingState:
                 launched.discard()
                 launched = None
             lm = build_engine(self.settings, lm_dir, observer, "causal-lm",
-                              launched=launched) if lm_dir else None
+                              launched=launched, loop=self.loop) if lm_dir else None
             clf = build_engine(self.settings, clf_dir, observer, "classifier") if clf_dir else None
             self.lm, self.classifier = lm, clf
             self._start_and_warm()
@@ -193,9 +201,10 @@ def resolve_checkpoints(settings: ServerSettings) -> tuple[str | None, str | Non
 
 
 def build_engine(settings: ServerSettings, path: str, observer, expect_kind: str,
-                 launched=None):
+                 launched=None, loop=None):
     """The engine of `expect_kind` for `path`; `launched`: its process, if the CLI started it
-    early (server.engine_launch)."""
+    early (server.engine_launch); `loop`: the event loop that reads an engine process's pipe
+    (None: a thread of its own)."""
     limits = engine_limits(settings)
     dtype = parse_dtype(settings.dtype)
     own_process = expect_kind == "causal-lm" and engine_in_process_of_its_own(settings)
@@ -209,7 +218,7 @@ def build_engine(settings: ServerSettings, path: str, observer, expect_kind: str
         logs = (configure_engine_process_logging, (settings.log_level,))
         engine = EngineProcess(path, device=settings.device, dtype=dtype,
                                threads=cpu_threads(settings), observer=observer,
-                               log_setup=logs, launched=launched, **limits)
+                               log_setup=logs, launched=launched, loop=loop, **limits)
     else:
         from camex_runtime import Engine
 

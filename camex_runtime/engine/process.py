@@ -15,15 +15,22 @@ its engine core into processes for the same reason; so does this.
       observer (metrics) replay                    call of one step, in one message
 
 One message per engine step carries everything that step produced, so the API process wakes
-once per step, not once per token. The pipe carries our own plain objects (ids, sampling
-parameters, events, results, stats) between two processes of one server; weights never cross
-it (the engine process loads the checkpoint itself, from safetensors).
+once per step, not once per token. In the server the API process's event loop reads the pipe
+itself (`loop=`): a step's message wakes the loop once and its tokens go out from there, with
+no reader thread to wake first and no second hop into the loop (at B=1 the hop and the thread's
+wake-up were ~0.2 ms of CPU per token, on a core the engine shares at two threads). Without a
+loop (benchmarks, scripts) a reader thread reads it.
+
+The pipe carries our own plain objects (ids, sampling parameters, events, results, stats)
+between two processes of one server; weights never cross it (the engine process loads the
+checkpoint itself, from safetensors).
 
 If the engine process dies, every open request ends with an error, calls raise
 `EngineStoppedError`, and `stats().alive` turns False (the server's /health reports it).
 """
 from __future__ import annotations
 
+import asyncio
 import atexit
 import contextlib
 import dataclasses
@@ -32,7 +39,10 @@ import itertools
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
+import socket
+import struct
 import threading
 import time
 import weakref
@@ -52,6 +62,42 @@ log = logging.getLogger("camex.engine")
 CALL_TIMEOUT_S = 30.0  # submit / stats: a wedged engine process must not hang the caller
 STOP_MARGIN_S = 20.0  # beyond the stop's grace: the step running then, the exit itself
 _HOOKS = ("on_step", "on_merge", "on_route", "on_evict")
+READ_BYTES = 1 << 18  # per read of the pipe: a step's message at B=8 is a few KiB
+LOOP_CHECK_S = 0.2  # a call waiting on a loop-read reply checks this often that the loop runs
+
+
+class Frames:
+    """`multiprocessing.connection.Connection`'s framing, parsed from bytes as they arrive: a
+    4-byte big-endian signed length (-1: an 8-byte unsigned length follows), then the pickled
+    message. The engine process writes with `Connection.send`; this side reads the socket
+    without blocking, so a message split over reads waits here for its rest."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The messages `data` completes, in order (their pickled bytes)."""
+        buf = self._buf
+        buf += data
+        out, at = [], 0
+        while len(buf) - at >= 4:
+            (n,), head = struct.unpack_from("!i", buf, at), 4
+            if n == -1:
+                if len(buf) - at < 12:
+                    break
+                (n,), head = struct.unpack_from("!Q", buf, at + 4), 12
+            if len(buf) - at < head + n:
+                break
+            out.append(bytes(buf[at + head:at + head + n]))
+            at += head + n
+        if at:
+            del buf[:at]
+        return out
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a message not complete yet."""
+        return len(self._buf)
 
 
 class EngineProcess:
@@ -64,6 +110,12 @@ class EngineProcess:
     lines look like this process's. `threads`: its torch CPU threads. Raises what loading
     raised (e.g. CheckpointError), or EngineStoppedError if the process died while loading.
 
+    `loop`: an asyncio event loop that reads the pipe (`add_reader`) instead of a thread; the
+    server passes its own. Events then reach `RequestHandle`s on that loop directly. The calls
+    that wait for a reply (`submit`, `stats`, `warmup`, `stop`) must then come from other
+    threads (they raise RuntimeError on the loop itself), and if the loop stops first (the
+    server is exiting) a thread takes over the reading.
+
     `launched`: an engine process started earlier (`server.engine_launch`, so that its imports
     overlap the caller's), with ``args`` (what `run_engine_process` got after its pipe end),
     ``adopt()`` -> (process, pipe end) and ``discard()``. It is adopted when its args are the
@@ -72,7 +124,8 @@ class EngineProcess:
 
     def __init__(self, path: str | Path, *, device: str = "cpu", dtype=None,
                  threads: int | None = None, observer=None,
-                 log_setup: tuple[Callable, tuple] | None = None, launched=None, **limits):
+                 log_setup: tuple[Callable, tuple] | None = None, launched=None,
+                 loop: asyncio.AbstractEventLoop | None = None, **limits):
         dtype_name = None if dtype is None else str(dtype).replace("torch.", "")
         args = (str(path), device, dtype_name, threads, log_setup, limits)
         self.started_early = launched is not None and launched.args == args
@@ -114,11 +167,25 @@ class EngineProcess:
                 self._proc.kill()  # nobody will ever talk to it
                 self._proc.join(5.0)
                 raise
-        self._reader = threading.Thread(target=self._read, name="camex-engine-reader",
-                                        daemon=True)
-        self._reader.start()
+        # a second descriptor of this end: reads with MSG_DONTWAIT never block the loop, while
+        # the descriptor's own flags stay blocking for `_send` (one description, shared flags)
+        self._sock = socket.socket(fileno=os.dup(self._conn.fileno()))
+        self._frames = Frames()
+        self._read_lock = threading.Lock()  # one reader at a time; `_reading` changes under it
+        self._exited = threading.Event()  # `_on_exit` finished
+        self._loop = loop
+        self._reading = "thread"
+        if loop is not None:
+            self._reading = "loop"
+            try:
+                loop.call_soon_threadsafe(self._watch)
+            except RuntimeError:  # closed
+                self._read_here_if_loop_gone()
+        else:
+            self._start_reader_thread()
         log.info("engine process loaded", extra={"engine_pid": self.pid, "kind": self.kind,
-                                                 "started_early": self.started_early})
+                                                 "started_early": self.started_early,
+                                                 "read_by": self._reading})
 
     def _await_load(self) -> dict:
         try:
@@ -164,8 +231,9 @@ class EngineProcess:
         if self._proc.is_alive():
             self._proc.kill()
             self._proc.join(5.0)
+        self._read_here_if_loop_gone()  # else nobody would see the pipe close
+        self._exited.wait(5.0)
         self._conn.close()
-        self._reader.join(5.0)
 
     def alive(self) -> bool:
         return self._dead is None and self._proc.is_alive()
@@ -233,6 +301,10 @@ class EngineProcess:
             raise EngineStoppedError(self._dead or "the engine process is gone") from None
 
     def _call(self, op: str, *args, timeout: float | None):
+        if self._reading == "loop" and asyncio._get_running_loop() is self._loop:
+            raise RuntimeError(f"EngineProcess.{op} waits for the engine process's reply, which "
+                               "this event loop reads: call it from a thread (e.g. "
+                               "anyio.to_thread.run_sync)")
         fut: Future = Future()
         cid = next(self._call_ids)
         with self._lock:
@@ -241,17 +313,85 @@ class EngineProcess:
             self._calls[cid] = fut
         try:
             self._send(("call", cid, op, args))
-            return fut.result(timeout)
+            return self._result(fut, timeout)
         finally:
             with self._lock:
                 self._calls.pop(cid, None)
 
+    def _result(self, fut: Future, timeout: float | None):
+        """`fut.result(timeout)`; while the loop reads the replies, checking that it still runs
+        (if it stopped, a thread takes over, and the reply still comes)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._reading == "loop":
+            left = None if deadline is None else deadline - time.monotonic()
+            try:
+                return fut.result(LOOP_CHECK_S if left is None else
+                                  max(0.0, min(LOOP_CHECK_S, left)))
+            except FutureTimeout:
+                if left is not None and left <= LOOP_CHECK_S:
+                    raise
+                self._read_here_if_loop_gone()
+        return fut.result(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
+    # -- reading the pipe: the loop's reader callback, or a thread -----------------------
+    def _watch(self) -> None:
+        """On the loop: start reading the pipe there."""
+        with self._read_lock:
+            if self._reading == "loop":
+                self._loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    def _on_readable(self) -> None:
+        """On the loop, when the pipe has bytes: every message they complete, in order."""
+        with self._read_lock:
+            if self._reading != "loop":
+                return
+            try:
+                data = self._sock.recv(READ_BYTES, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if data and self._take(data):
+                return
+            self._reading = None
+            self._loop.remove_reader(self._sock.fileno())
+        # the pipe closed: `_on_exit` joins the process, which the loop must not wait for
+        threading.Thread(target=self._on_exit, name="camex-engine-exit", daemon=True).start()
+
+    def _read_here_if_loop_gone(self) -> None:
+        """The loop that reads the pipe stopped or closed (the server is exiting, or never ran
+        the `_watch` it was given): a thread reads from here on, from where the loop left."""
+        with self._read_lock:
+            loop = self._loop
+            if self._reading != "loop" or (loop.is_running() and not loop.is_closed()):
+                return
+            self._reading = "thread"  # a stopped loop that runs again reads nothing more
+        self._start_reader_thread()
+
+    def _start_reader_thread(self) -> None:
+        threading.Thread(target=self._read, name="camex-engine-reader", daemon=True).start()
+
     def _read(self) -> None:
-        """The reader thread: replies, and each step's events, prompt logprobs and observer
-        calls, in the order the engine process produced them."""
+        """The reader thread (no loop given, or the loop gone)."""
+        while True:
+            try:
+                data = self._sock.recv(READ_BYTES)
+            except InterruptedError:
+                continue
+            except OSError:
+                data = b""
+            with self._read_lock:
+                if not data or not self._take(data):
+                    break
+        self._on_exit()
+
+    def _take(self, data: bytes) -> bool:
+        """Dispatch the messages `data` completes: replies, and each step's events, prompt
+        logprobs and observer calls, in the order the engine process produced them. False
+        once the pipe cannot be trusted any more (the engine process is then killed)."""
         try:
-            while True:
-                msg = self._conn.recv()
+            for frame in self._frames.feed(data):
+                msg = pickle.loads(frame)
                 if msg[0] == "step":
                     self._deliver(msg[1])
                 elif msg[0] == "reply":
@@ -262,12 +402,11 @@ class EngineProcess:
                         fut.set_result(value)
                     elif fut is not None:
                         fut.set_exception(value)
-        except (EOFError, OSError):
-            pass
         except Exception:  # a message this side cannot read: the two sides no longer agree
             log.exception("engine process pipe broke; stopping the engine process")
             self._proc.kill()
-        self._on_exit()
+            return False
+        return True
 
     def _deliver(self, items: list) -> None:
         for item in items:
@@ -288,6 +427,13 @@ class EngineProcess:
 
     def _on_exit(self) -> None:
         """The pipe closed: the process stopped (stop) or died. Nothing may wait forever."""
+        try:
+            self._ended()
+        finally:
+            self._exited.set()
+
+    def _ended(self) -> None:
+        self._sock.close()  # nobody reads it any more (the loop removed its reader)
         self._proc.join(5.0)
         code = self._proc.exitcode
         reason = (f"the engine process exited (exit code {code})" if self._stopping

@@ -108,7 +108,11 @@ class RequestHandle:
                 waiters += self._done_waiters
                 self._done_waiters = []
             self._cond.notify_all()
+        here = asyncio._get_running_loop() if waiters else None  # a loop publishing itself
         for loop, ev in waiters:
+            if loop is here:  # (an EngineProcess read by this loop): no hop needed
+                ev.set()
+                continue
             try:
                 loop.call_soon_threadsafe(ev.set)
             except RuntimeError:  # the caller's loop is closed: nobody is listening any more

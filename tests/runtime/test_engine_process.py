@@ -1,9 +1,14 @@
 """The engine in its own process (`EngineProcess`) behaves as the engine in this one: the same
 tokens, text, logprobs and routing, the same errors for the same mistakes, cancellation, and
-nothing left waiting when the process stops or dies. Real processes, ended by PID."""
+nothing left waiting when the process stops or dies, whether a thread reads its pipe or an
+event loop does (as in the server). Real processes, ended by PID."""
 
+import asyncio
+import multiprocessing
 import os
+import pickle
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -16,7 +21,7 @@ import torch
 
 from camex_runtime import Engine, SamplingParams
 from camex_runtime.checkpoint import CheckpointError
-from camex_runtime.engine.process import EngineProcess
+from camex_runtime.engine.process import EngineProcess, Frames
 from camex_runtime.errors import (EngineStoppedError, InputValidationError, QueueFullError,
                                   RequestFailedError)
 from tests.runtime.engine_models import build_folded
@@ -65,14 +70,56 @@ def local(lm_dir):
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def remote(lm_dir):
+class LoopThread:
+    """An event loop (uvloop, as uvicorn runs) in a thread of its own, as the server's."""
+
+    def __init__(self):
+        import uvloop
+
+        self.loop = uvloop.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro, timeout: float = 60):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self, close: bool = True):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        if close:
+            self.loop.close()
+
+
+def make_remote(lm_dir, read_by: str, **kw) -> EngineProcess:
+    """An EngineProcess whose pipe a thread reads ("thread") or an event loop ("loop"; the
+    loop's thread is `engine.loop_thread`)."""
+    if read_by == "thread":
+        return EngineProcess(lm_dir, threads=1, **kw)
+    lt = LoopThread()
+    try:
+        engine = EngineProcess(lm_dir, threads=1, loop=lt.loop, **kw)
+    except BaseException:
+        lt.stop()
+        raise
+    engine.loop_thread = lt
+    return engine
+
+
+def stop_remote(engine: EngineProcess) -> None:
+    engine.stop(grace_s=0)
+    lt = getattr(engine, "loop_thread", None)
+    if lt is not None and not lt.loop.is_closed():
+        lt.stop()
+
+
+@pytest.fixture(scope="module", params=["thread", "loop"])
+def remote(lm_dir, request):
     observer = Recorder()
-    engine = EngineProcess(lm_dir, threads=1, observer=observer, **LIMITS)
+    engine = make_remote(lm_dir, request.param, observer=observer, **LIMITS)
     engine.observed = observer
     engine.warmup(freeze_gc=False)
     yield engine
-    engine.stop(grace_s=0)
+    stop_remote(engine)
 
 
 def run(engine, prompt, params):
@@ -187,20 +234,25 @@ def test_a_frozen_engine_process_refuses_a_submit_in_time_and_keeps_nothing(remo
 
 
 @pytest.mark.slow
-def test_stop_cancels_what_is_left_and_the_process_exits(lm_dir):
-    engine = EngineProcess(lm_dir, threads=1, **LIMITS)
-    handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=80, ignore_eos=True))
-    next(iter(handle))
-    engine.stop(grace_s=0)
-    assert handle.result(timeout=10).finish_reason in ("cancelled", "length")
-    assert not engine.alive() and engine._proc.exitcode == 0
-    with pytest.raises(EngineStoppedError):
-        engine.submit([1, 2])
-    assert not engine.stats().alive
+@pytest.mark.parametrize("read_by", ["thread", "loop"])
+def test_stop_cancels_what_is_left_and_the_process_exits(lm_dir, read_by):
+    engine = make_remote(lm_dir, read_by, **LIMITS)
+    try:
+        handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=80, ignore_eos=True))
+        next(iter(handle))
+        engine.stop(grace_s=0)
+        assert handle.result(timeout=10).finish_reason in ("cancelled", "length")
+        assert not engine.alive() and engine._proc.exitcode == 0
+        with pytest.raises(EngineStoppedError):
+            engine.submit([1, 2])
+        assert not engine.stats().alive
+    finally:
+        stop_remote(engine)
 
 
-def test_a_dead_engine_process_fails_its_requests_and_says_so(lm_dir):
-    engine = EngineProcess(lm_dir, threads=1, **LIMITS)
+@pytest.mark.parametrize("read_by", ["thread", "loop"])
+def test_a_dead_engine_process_fails_its_requests_and_says_so(lm_dir, read_by):
+    engine = make_remote(lm_dir, read_by, **LIMITS)
     try:
         handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=80, ignore_eos=True))
         next(iter(handle))
@@ -213,12 +265,107 @@ def test_a_dead_engine_process_fails_its_requests_and_says_so(lm_dir):
         with pytest.raises(EngineStoppedError, match="died"):
             engine.submit([1, 2])
     finally:
-        engine.stop(grace_s=0)  # returns at once: nothing left to stop
+        stop_remote(engine)  # returns at once: nothing left to stop
+
+
+def reader_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name == "camex-engine-reader"]
+
+
+def test_a_loop_reads_the_pipe_itself_and_its_tasks_stream_from_there(lm_dir, local):
+    prompt, params = CASES[1][1], CASES[1][2]
+    expected, expected_result, _ = run(local, prompt, params)
+    before = reader_threads()
+    engine = make_remote(lm_dir, "loop", **LIMITS)
+    try:
+        assert reader_threads() == before  # no thread reads this engine's pipe
+        handle = engine.submit(prompt, params)  # from this thread, as the server's workers
+
+        async def stream():
+            return [ev async for ev in handle.aiter()]
+
+        assert engine.loop_thread.run(stream()) == expected
+        assert same_result(handle.result(timeout=10), expected_result)
+        assert reader_threads() == before
+    finally:
+        stop_remote(engine)
+
+
+def test_a_call_that_waits_for_a_reply_refuses_to_run_on_the_loop_that_reads_it(lm_dir):
+    engine = make_remote(lm_dir, "loop", **LIMITS)
+    try:
+        async def on_the_loop():
+            return engine.stats()
+
+        with pytest.raises(RuntimeError, match="from a thread"):
+            engine.loop_thread.run(on_the_loop())  # instead of waiting for itself forever
+        assert engine.stats().alive  # from this thread it answers
+    finally:
+        stop_remote(engine)
+
+
+@pytest.mark.parametrize("close", [False, True], ids=["stopped", "closed"])
+def test_when_the_reading_loop_goes_away_a_thread_takes_over(lm_dir, local, close):
+    expected = local.generate([5, 9, 11], max_new_tokens=6, ignore_eos=True).token_ids
+    engine = make_remote(lm_dir, "loop", **LIMITS)
+    try:
+        assert engine.generate([5, 9, 11], max_new_tokens=6,
+                               ignore_eos=True).token_ids == expected
+        engine.loop_thread.stop(close=close)  # e.g. the server's loop ended before its stop
+        assert engine.generate([5, 9, 11], max_new_tokens=6,
+                               ignore_eos=True).token_ids == expected
+        assert reader_threads()  # the reply came: a thread reads now
+        engine.stop(grace_s=0)
+        assert engine._proc.exitcode == 0  # stopped as asked, not killed after a timeout
+    finally:
+        stop_remote(engine)
+
+
+# -- the pipe's framing ------------------------------------------------------------------------
+def written_by_connection(messages: list) -> bytes:
+    """The bytes `Connection.send` writes for `messages` (a few KiB: the socket holds them),
+    read raw from the other end."""
+    a, b = multiprocessing.Pipe()
+    for msg in messages:
+        a.send(msg)
+    a.close()
+    out = bytearray()
+    while chunk := os.read(b.fileno(), 1 << 20):
+        out += chunk
+    b.close()
+    return bytes(out)
+
+
+def test_frames_parse_what_a_connection_writes_however_the_bytes_arrive():
+    messages = [("step", [("ev", "r1", [1, 2, 3], None)]), ("reply", 7, True, "x" * 40_000),
+                ("reply", 8, False, ValueError("no")), ("step", [])]
+    raw = written_by_connection(messages)
+    assert len(raw) > 40_000  # one message above Connection's 16 KiB one-write limit
+
+    def parse(chunks):
+        frames, got = Frames(), []
+        for chunk in chunks:
+            got += [pickle.loads(f) for f in frames.feed(chunk)]
+        return got, frames.pending
+
+    for size in (1, 3, 4, 5, 4096, len(raw)):  # byte by byte ... all at once
+        got, pending = parse([raw[i:i + size] for i in range(0, len(raw), size)])
+        assert [repr(m) for m in got] == [repr(m) for m in messages] and pending == 0
+    got, pending = parse([raw[:-1]])  # the last byte still to come: that message waits
+    assert len(got) == len(messages) - 1 and pending > 0
+
+
+def test_frames_read_the_long_header_of_messages_over_2_gib():
+    body = pickle.dumps(("reply", 1, True, "big"))  # Connection's -1 + 8-byte length form
+    raw = struct.pack("!i", -1) + struct.pack("!Q", len(body)) + body
+    frames = Frames()
+    assert frames.feed(raw[:10]) == [] and frames.pending == 10
+    assert [pickle.loads(f) for f in frames.feed(raw[10:])] == [("reply", 1, True, "big")]
 
 
 API_SCRIPT = """
 import sys, time
-from camex_runtime.engine.process import EngineProcess
+from camex_runtime.engine.process import EngineProcess, Frames
 if __name__ == "__main__":
     engine = EngineProcess(sys.argv[1], threads=1)
     print(engine.pid, flush=True)
@@ -281,7 +428,7 @@ def test_the_exit_handler_ends_every_engine_process_even_if_one_stop_fails(monke
         pid, _proc = 1, Proc()
 
         def stop(self, grace_s):
-            raise AttributeError("'EngineProcess' object has no attribute '_reader'")
+            raise AttributeError("'EngineProcess' object has no attribute '_reading'")
 
     class Whole:
         pid, _proc = 2, Proc()
