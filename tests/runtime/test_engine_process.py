@@ -233,13 +233,19 @@ def test_a_frozen_engine_process_refuses_a_submit_in_time_and_keeps_nothing(remo
     assert remote.generate([1, 2], max_new_tokens=2).finish_reason == "length"
 
 
+def decoding(engine: EngineProcess):
+    """The handle of a long request, once its first token came."""
+    handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=80, ignore_eos=True))
+    next(iter(handle))
+    return handle
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("read_by", ["thread", "loop"])
 def test_stop_cancels_what_is_left_and_the_process_exits(lm_dir, read_by):
     engine = make_remote(lm_dir, read_by, **LIMITS)
     try:
-        handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=80, ignore_eos=True))
-        next(iter(handle))
+        handle = decoding(engine)
         engine.stop(grace_s=0)
         assert handle.result(timeout=10).finish_reason in ("cancelled", "length")
         assert not engine.alive() and engine._proc.exitcode == 0
@@ -254,8 +260,7 @@ def test_stop_cancels_what_is_left_and_the_process_exits(lm_dir, read_by):
 def test_a_dead_engine_process_fails_its_requests_and_says_so(lm_dir, read_by):
     engine = make_remote(lm_dir, read_by, **LIMITS)
     try:
-        handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=80, ignore_eos=True))
-        next(iter(handle))
+        handle = decoding(engine)
         os.kill(engine.pid, signal.SIGKILL)
         with pytest.raises(RequestFailedError, match="engine process died"):
             handle.result(timeout=30)
