@@ -391,6 +391,8 @@ class EngineProcess:
         once the pipe cannot be trusted any more (the engine process is then killed)."""
         try:
             for frame in self._frames.feed(data):
+                # what Connection.recv did: our own control messages from the engine process
+                # this one started, over a socketpair (weights never cross it)
                 msg = pickle.loads(frame)
                 if msg[0] == "step":
                     self._deliver(msg[1])
