@@ -4,9 +4,11 @@ One command builds what it needs and prints the table of issue #15:
 
 1. llama.cpp: ``llama-server`` built from the ``llama-cpp-python`` source package (cached
    under ``~/.cache/camex-serve/llama.cpp/``, see ``llamacpp_build.py``);
-2. models (``peer_models.py``): one seeded random dense GPT-2 (124 M parameters, full size),
-   converted to f32 and f16 GGUF by llama.cpp's own converter, and to camex checkpoints: the
-   dense-equivalent model and a CAMEx 7+1-expert model upcycled from it;
+2. models (``peer_models.py``): one seeded random dense model — GPT-2 small (124 M parameters,
+   full size), or with ``--family llama`` a Llama of the same width and depth (RMSNorm, rotary,
+   grouped-query attention, SwiGLU; 153 M) — converted to f32 and f16 GGUF by llama.cpp's own
+   converter, and to camex checkpoints: the dense-equivalent model and a CAMEx 7+1-expert model
+   upcycled from it;
 3. for every thread count and dtype pair (fp32: f32 GGUF vs ``--dtype float32``; bf16: f16 GGUF
    vs ``--dtype bfloat16``), ``--runs`` rounds. A round starts fresh processes on 127.0.0.1 and
    keeps them up together: llama-server, camex-server on the dense model and on the CAMEx model,
@@ -23,6 +25,7 @@ One command builds what it needs and prints the table of issue #15:
     python benchmarks/peer_llamacpp.py                   # the full table (~40 min on 2 cores)
     python benchmarks/peer_llamacpp.py --quick           # tiny model, short runs, still llama.cpp
     python benchmarks/peer_llamacpp.py --quick --no-llama   # camex side only (what CI runs)
+    python benchmarks/peer_llamacpp.py --family llama    # the same table on a Llama-family model
 
 A script that measures and reports; it asserts nothing about speed.
 """
@@ -53,7 +56,7 @@ import llamacpp_build  # noqa: E402
 import peer_client  # noqa: E402
 from machine import (CpuMeter, cpu_info, loadavg, main_thread_cpu_s,  # noqa: E402
                      with_descendants)
-from peer_models import build_models  # noqa: E402
+from peer_models import FAMILIES, build_models  # noqa: E402
 from peer_report import DTYPE_PAIRS, LLAMA, markdown, summarize, targets  # noqa: E402
 from serving import ServerProcess, end_process, free_port  # noqa: E402
 
@@ -66,6 +69,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model and short runs")
+    p.add_argument("--family", choices=FAMILIES, default="gpt2",
+                   help="the dense model's family: GPT-2 small, or a Llama of its width and depth")
     p.add_argument("--no-llama", action="store_true",
                    help="skip llama.cpp entirely (no build, no GGUF, no llama-server rows)")
     p.add_argument("--no-engine", action="store_true", help="skip the in-process engine runs")
@@ -89,12 +94,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "little CPU per token) or 'httpx' (as rounds before 2026-12 measured)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work", type=Path, default=None,
-                   help="models and GGUF files (default ~/.cache/camex-serve/peer/<full|quick>)")
+                   help="models and GGUF files "
+                        "(default ~/.cache/camex-serve/peer/<full|quick>[-llama]-seed<N>)")
     p.add_argument("--llama-cpp-python-version", default=llamacpp_build.DEFAULT_VERSION)
     p.add_argument("--jobs", type=int, default=None, help="parallel build jobs (default: cores)")
     p.add_argument("--startup-timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, default=None,
-                   help="JSON (default benchmarks/results/peer-llamacpp[-quick].json)")
+                   help="JSON (default benchmarks/results/peer-llamacpp[-llama][-quick].json)")
     args = p.parse_args(argv)
     args.threads = [int(t) for t in args.threads.split(",")]
     args.dtypes = args.dtypes.split(",")
@@ -117,10 +123,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 or args.concurrency * (1 if args.quick else 4))
     args.new_tokens = args.new_tokens or (16 if args.quick else 64)
     flavour = "quick" if args.quick else "full"
+    family = "" if args.family == "gpt2" else f"-{args.family}"  # GPT-2 keeps its old paths
     args.work = args.work or (Path.home() / ".cache" / "camex-serve" / "peer"
-                              / f"{flavour}-seed{args.seed}")
+                              / f"{flavour}{family}-seed{args.seed}")
     args.out = args.out or ROOT / "benchmarks" / "results" / (
-        "peer-llamacpp-quick.json" if args.quick else "peer-llamacpp.json")
+        f"peer-llamacpp{family}{'-quick' if args.quick else ''}.json")
     return args
 
 
@@ -382,15 +389,15 @@ def run_round(pair: str, threads: int, rnd: int, plan: dict, paths: dict,
 def prepare(args: argparse.Namespace) -> tuple[dict, dict, dict | None]:
     """Models, GGUF files and llama-server: (paths, model description, llama.cpp description)."""
     models = build_models(args.work, args.quick, args.seed, num_prompts=prompts_needed(args),
-                          prompt_tokens=args.prompt_tokens)
-    paths = {k: Path(models[k]) for k in ("gpt2", "camex_dense", "camex_7x1", "prompts")}
+                          prompt_tokens=args.prompt_tokens, family=args.family)
+    paths = {k: Path(models[k]) for k in ("dense", "camex_dense", "camex_7x1", "prompts")}
     if LLAMA not in args.systems:
         return paths, models, None
     llama = llamacpp_build.build_server(args.llama_cpp_python_version, args.jobs)
     paths["llama_server"] = llama.server
     for gguf_type in sorted({DTYPE_PAIRS[d][0] for d in args.dtypes}):
         paths[f"gguf_{gguf_type}"] = llamacpp_build.convert_to_gguf(
-            llama, paths["gpt2"], args.work / f"gpt2-{gguf_type}.gguf", gguf_type)
+            llama, paths["dense"], args.work / f"{args.family}-{gguf_type}.gguf", gguf_type)
     return paths, models, {"llama_cpp_python": llama.version, **llama.build_info,
                            "gguf": {k: str(v) for k, v in paths.items() if k.startswith("gguf")}}
 
@@ -452,6 +459,7 @@ def main(argv: list[str] | None = None) -> int:
            "llama_cpp": llama, "models": models,
            "settings": {"threads": args.threads,
                         "dtype_pairs": {d: DTYPE_PAIRS[d] for d in args.dtypes},
+                        "family": args.family,
                         "systems": args.systems, "runs": args.runs, "concurrency": args.concurrency,
                         "b1_requests": args.b1_requests,
                         "concurrent_requests": args.concurrent_requests,

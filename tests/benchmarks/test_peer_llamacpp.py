@@ -2,7 +2,9 @@
 
 - the models: one seeded GPT-2 directory llama.cpp's converter can read (``n_ctx``, a GPT-2
   split byte-level BPE), whose camex dense form computes the same logits and whose CAMEx form
-  does not (merging does work); prompts of exactly the asked token count;
+  does not (merging does work); the same for the Llama family (``rope_theta`` where the
+  converter reads it, grouped-query attention, untied head); prompts of exactly the asked
+  token count;
 - the converter's requirements never pull a CUDA torch or another package index;
 - the camex side end to end: ``--quick --no-llama`` starts real camex-servers on 127.0.0.1 and
   the in-process engine (a worker process), every request completes at full length, the token
@@ -37,7 +39,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import llamacpp_build  # noqa: E402
 import peer_client  # noqa: E402
 from llamacpp_convert import is_gpt2_split  # noqa: E402
-from peer_models import SHAPES, build_gpt2, build_models  # noqa: E402
+import peer_llamacpp  # noqa: E402
+from peer_models import LLAMA_SHAPES, SHAPES, build_gpt2, build_models  # noqa: E402
 from peer_report import markdown, summarize, targets  # noqa: E402
 
 from tests.wire_script import Script, tgi_stream  # noqa: E402
@@ -91,6 +94,56 @@ def test_camex_forms_of_the_same_weights(models):
     assert torch.allclose(dense, ref, atol=1e-4, rtol=1e-4)
     assert moe.config.num_experts == 7
     assert (moe_logits - ref).abs().max() > 1e-2  # experts were spread apart: merges matter
+
+
+@pytest.fixture(scope="module")
+def llama_models(tmp_path_factory) -> dict:
+    return build_models(tmp_path_factory.mktemp("peer-llama") / "work", quick=True,
+                        num_prompts=4, family="llama")
+
+
+def test_llama_directory_is_what_the_converter_reads(llama_models):
+    llama = Path(llama_models["dense"])
+    assert llama_models["llama"] == str(llama) and llama.name == "llama"
+    config = json.loads((llama / "config.json").read_text())
+    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    # the converter's transformers 4 reads the top-level key; transformers 5 the nested one
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 10000.0
+    assert config["tie_word_embeddings"] is False
+    assert config["num_key_value_heads"] < config["num_attention_heads"]  # grouped-query
+    assert config["vocab_size"] == LLAMA_SHAPES["quick"]["vocab_size"]
+    spec = json.loads((llama / "tokenizer.json").read_text())
+    assert spec["model"]["type"] == "BPE" and is_gpt2_split(spec["pre_tokenizer"])
+    assert max(spec["model"]["vocab"].values()) < config["vocab_size"]
+    tok_class = json.loads((llama / "tokenizer_config.json").read_text())["tokenizer_class"]
+    assert tok_class == "PreTrainedTokenizerFast"
+
+
+def test_camex_forms_of_the_same_llama_weights(llama_models):
+    import camex_runtime  # noqa: F401  (registers model_type camex)
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    ids = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3]])
+    with torch.no_grad():
+        ref = LlamaForCausalLM.from_pretrained(llama_models["dense"]).eval()(ids).logits
+        dense = AutoModelForCausalLM.from_pretrained(llama_models["camex_dense"]).eval()
+        moe = AutoModelForCausalLM.from_pretrained(llama_models["camex_7x1"]).eval()
+        dense_logits, moe_logits = dense(ids).logits, moe(ids).logits
+    assert dense.config.family == "llama" and moe.config.num_experts == 7
+    assert torch.allclose(dense_logits, ref, atol=1e-4, rtol=1e-4)
+    assert (moe_logits - ref).abs().max() > 1e-2
+
+
+def test_unknown_family_is_refused_before_anything_is_built(tmp_path):
+    with pytest.raises(ValueError, match="unknown family 'gptj'"):
+        build_models(tmp_path / "work", quick=True, family="gptj")
+    assert not (tmp_path / "work").exists()
+
+
+def test_each_family_has_its_own_default_work_dir_and_results_file():
+    gpt2 = peer_llamacpp.parse_args(["--quick"])
+    llama = peer_llamacpp.parse_args(["--family", "llama"])
+    assert (gpt2.work.name, gpt2.out.name) == ("quick-seed0", "peer-llamacpp-quick.json")
+    assert (llama.work.name, llama.out.name) == ("full-llama-seed0", "peer-llamacpp-llama.json")
 
 
 def test_prompts_have_the_asked_token_count(models):
