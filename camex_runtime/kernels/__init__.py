@@ -8,7 +8,8 @@
   (an AVX-512 variant where the CPU has it, from a row count tuned per CPU family and kind of
   weights, `AVX512_TUNING`: same bits, more work per load). More rows (prompt chunks) go to
   the native prompt tiles where `tiles_take` says so — 16-bit weights on CPUs without a 16-bit
-  GEMM, fp32 ones up to `TILES_MAX_ROWS_FP32` rows on CPUs without AVX-512 — and otherwise to
+  GEMM, fp32 ones up to `TILES_MAX_ROWS_FP32` rows on CPUs without AVX-512 or from a vendor in
+  `TILES_FP32_AVX512_VENDORS` — and otherwise to
   `F.linear`: fp16/bf16 weights with fp32 activations use the CPU's 16-bit GEMM there
   (AVX512-BF16/AMX, AVX512-FP16), or are widened where the kernels are unavailable.
 - `decode_attention(...)` writes one decode step's keys/values into the KV cache and attends
@@ -117,15 +118,24 @@ MAX_ROWS_FP32 = 16  # fp32 weights
 # weight rows x 4 inputs, one accumulator per output (bits independent of the other rows, but
 # not the linear kernel's). They take 16-bit weights' products on CPUs without a 16-bit GEMM,
 # where torch would widen the whole matrix on every call before its fp32 GEMM, and fp32 ones up
-# to TILES_MAX_ROWS_FP32 rows on CPUs without AVX-512, whose fp32 GEMM in torch splits small row
-# counts poorly over threads. GPT-2-small's block products on a 2-core Zen 3 VM (AVX2/F16C),
-# tiles vs the linear kernel vs torch (widening 16-bit weights), one thread / two:
+# to TILES_MAX_ROWS_FP32 rows on CPUs without AVX-512 (and AMD ones with it, below), whose fp32
+# GEMM in torch splits small row counts poorly over threads. GPT-2-small's block products on a
+# 2-core Zen 3 VM (AVX2/F16C), tiles vs the linear kernel vs torch (widening 16-bit weights),
+# one thread / two:
 # - bf16: 16 rows 50.5 / 63.3 / 96.7 ms and 27.4 / 40.7 / 63.0; 32 rows 95.4 / 138.4 / 130.6
 #   and 49.4 / 74.1 / 84.4; 256 rows 703 / 1215 / 688 and 370 / 602 / 392 (fp16 alike);
 # - fp32: 24 rows 81.5 / 114.3 / 97.5; 32 rows 103.1 / 162.1 / 116.0 and 60.2 / 89.5 / 101.3;
 #   64 rows 188.5 / 309.2 / 188.2; 256 rows on two threads 426 / 665 / 395.
-# Not measured on CPUs with AVX-512, whose GEMMs use vectors twice as wide: they keep torch's.
+# On AMD CPUs with AVX-512 too (Zen 4 runs 512-bit FMAs as two 256-bit halves, so torch's wider
+# GEMM gains no width there, and on two threads it splits a prompt's rows poorly): a 2-core
+# Zen 4 VM, one block stack's products (12 blocks), tiles / torch, one thread and two:
+# - GPT-2-small: 17 rows 0.90 / 0.63, 32 rows 0.95 / 0.68 (89.5 vs 94.2 ms / 52.6 vs 77.7),
+#   64 rows 1.05 / 0.69;
+# - a Llama of that width (GQA 12/4, SwiGLU 2,048): 17 rows 0.91 / 0.54, 32 rows 0.98 / 0.62,
+#   64 rows 0.96 / 0.68.
+# Not measured on Intel CPUs with AVX-512 (full-width FMAs, AMX on the Xeon): they keep torch's.
 TILES_MAX_ROWS_FP32 = 64
+TILES_FP32_AVX512_VENDORS = ("AuthenticAMD",)
 # A decode step of one sequence with 16-bit weights streams each weight row once. On the Zen 4
 # and Xeon VMs (AVX-512) the hardware prefetcher alone streams it fastest; on the AVX2-only Zen 3
 # VM a software prefetch 2 KiB ahead makes GPT-2-small's one-row bf16 products ~20 % faster on
@@ -290,7 +300,8 @@ def tiles_take(weight_dtype: torch.dtype, rows: int) -> bool:
     if rows <= max_rows(weight_dtype):
         return False
     if weight_dtype == torch.float32:
-        return rows <= TILES_MAX_ROWS_FP32 and "avx512f" not in cpu_flags()
+        return rows <= TILES_MAX_ROWS_FP32 and (
+            "avx512f" not in cpu_flags() or cpu_vendor() in TILES_FP32_AVX512_VENDORS)
     return weight_dtype in TILE_KINDS.values() and not native_16bit_gemm(weight_dtype)
 
 

@@ -319,22 +319,26 @@ AVX2_ONLY = frozenset({"avx2", "fma", "f16c"})
 AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"}
 
 
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
 @pytest.mark.parametrize("flags", [AVX2_ONLY, AVX512_BF16], ids=["avx2-only", "avx512-bf16"])
-def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags):
+def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags, vendor):
     """Where the CPU has no 16-bit GEMM, 16-bit weights' prompt chunks go to the tiles at any
     length (torch would widen the whole matrix per call); where it has one (bf16 here, not
     fp16), they go to it. fp32 chunks go to the tiles up to TILES_MAX_ROWS_FP32 rows on CPUs
-    without AVX-512 only. kernels.linear follows that choice with the tiles' own bits."""
+    without AVX-512 and on AMD ones with it, not on Intel ones with it. kernels.linear follows
+    that choice with the tiles' own bits."""
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
     avx512 = "avx512f" in flags
     first = kernels.MAX_ROWS + 1
     assert kernels.tiles_take(torch.bfloat16, first) is not avx512
     assert kernels.tiles_take(torch.bfloat16, 4096) is not avx512
     assert kernels.tiles_take(torch.float16, first) and kernels.tiles_take(torch.float16, 4096)
     assert not kernels.tiles_take(torch.float64, 4096)  # the tiles read fp32 / fp16 / bf16 only
+    fp32_tiles = not avx512 or vendor == "AuthenticAMD"
     fp32_first = kernels.MAX_ROWS_FP32 + 1
-    assert kernels.tiles_take(torch.float32, fp32_first) is not avx512
-    assert kernels.tiles_take(torch.float32, kernels.TILES_MAX_ROWS_FP32) is not avx512
+    assert kernels.tiles_take(torch.float32, fp32_first) is fp32_tiles
+    assert kernels.tiles_take(torch.float32, kernels.TILES_MAX_ROWS_FP32) is fp32_tiles
     assert not kernels.tiles_take(torch.float32, kernels.TILES_MAX_ROWS_FP32 + 1)
     mod = kernels.native()
     if mod is None:
