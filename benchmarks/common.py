@@ -38,7 +38,14 @@ LLAMA_FULL = dict(PRESETS["tinyllama-1b"])
 LLAMA_QUICK = dict(family="llama", vocab_size=1000, d_model=64, n_layer=4, n_head=4,
                    num_key_value_heads=2, d_ff=176, max_position_embeddings=512, num_experts=7,
                    moe_layers=[1, 3], segment_len=16, tie_word_embeddings=False)
-SHAPES = {"gpt2-small": (FULL, QUICK), "tinyllama-1b": (LLAMA_FULL, LLAMA_QUICK)}
+# A Llama of GPT-2 small's width and depth (RMSNorm, rotary positions, GQA 12/4 heads, SwiGLU
+# 2,048 = GPT-2's FFN parameter count, untied head), 1 base + 7 routed experts on every block as
+# FULL: the model `peer_llamacpp.py --family llama` serves, so the two benchmarks compare.
+LLAMA_SMALL = dict(family="llama", vocab_size=50257, d_model=768, n_layer=12, n_head=12,
+                   num_key_value_heads=4, d_ff=2048, max_position_embeddings=2048, num_experts=7,
+                   segment_len=256, layer_norm_epsilon=1e-5, tie_word_embeddings=False)
+SHAPES = {"gpt2-small": (FULL, QUICK), "tinyllama-1b": (LLAMA_FULL, LLAMA_QUICK),
+          "llama-small": (LLAMA_SMALL, LLAMA_QUICK)}
 
 
 def base_parser(doc: str) -> argparse.ArgumentParser:
@@ -46,7 +53,8 @@ def base_parser(doc: str) -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes: check the script runs")
     p.add_argument("--shape", default="gpt2-small", choices=sorted(SHAPES),
-                   help="model shape (random weights); tinyllama-1b: the Llama family")
+                   help="model shape (random weights); tinyllama-1b and llama-small (GPT-2 "
+                        "small's width and depth): the Llama family")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

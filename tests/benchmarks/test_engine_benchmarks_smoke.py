@@ -143,6 +143,23 @@ def test_chunked_prefill_benchmark(tmp_path):
     assert all(work > 0 and seconds > 0 for work, seconds in timed)
 
 
+@pytest.mark.slow
+def test_chunked_prefill_benchmark_on_a_llama_shape(tmp_path):
+    """The same measurement on the Llama family (GQA, rotary positions continued across
+    chunks, SwiGLU, CAMEx on some blocks): the long prompt is chunked and every ratio is there."""
+    out = tmp_path / "cp-llama.json"
+    run("chunked_prefill.py", "--quick", "--shape", "llama-small", "--threads", "1",
+        "--streams", "3", "--budgets", "8", "--ratios", "1.0", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["shape"]["family"] == "llama"
+    assert report["shape"]["num_key_value_heads"] < report["shape"]["n_head"]
+    [row] = report["rows"]
+    assert row["max_batched_tokens"] == "8" and row["prefill_steps"] > 10
+    assert row["itl_p99_steady_ms"] > 0 and row["long_ttft_s"] > 0 and row["short_ttft_max_s"] > 0
+    assert row["p99_ratio"] == pytest.approx(row["itl_p99_during_ms"] / row["itl_p99_steady_ms"])
+    assert row["p99_vs_alone"] == pytest.approx(row["itl_p99_during_ms"] / row["itl_p99_alone_ms"])
+
+
 def test_the_pacer_trace_keeps_what_the_fit_took_in():
     """PacerTrace records, per step of the traced window, the prefill timings the pacer's fit
     took in, while the pacer computes exactly what it computes untraced."""
