@@ -38,6 +38,7 @@ import torch
 from common import base_parser, folded_model, print_table, setup, shape, write_results
 from camex_runtime import Engine, SamplingParams
 from camex_runtime.engine.compute_threads import in_passing_thread
+from camex_runtime.engine.engine import DEFAULT_PREFILL_TIME_RATIO
 
 COLS = ["max_batched_tokens", "prefill_time_ratio", "itl_p50_steady_ms", "itl_p99_steady_ms",
         "itl_p50_during_ms", "itl_p99_during_ms", "p99_ratio", "long_ttft_s", "short_ttft_max_s",
@@ -322,9 +323,10 @@ def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--budgets", default=None, help="comma list; 'none' = no chunking "
                    "(default none,64; quick: none,8)")
-    p.add_argument("--ratios", default="none,1.0",
+    p.add_argument("--ratios", default=f"none,{DEFAULT_PREFILL_TIME_RATIO}",
                    help="prefill_time_ratio values, comma list ('none' = the token budget alone), "
-                        "each measured with every chunking budget (default none,1.0)")
+                        "each measured with every chunking budget (default: none and the "
+                        f"engine's default, none,{DEFAULT_PREFILL_TIME_RATIO})")
     p.add_argument("--streams", type=int, default=8)
     p.add_argument("--long", type=int, default=None, help="long prompt tokens (default 2000)")
     p.add_argument("--shorts", type=int, default=3)

@@ -69,7 +69,7 @@ class ServerSettings:
         "chunks the rest (chunked prefill; on the CPU long prompts are also paced by time, "
         "prefill_time_ratio); 0: prompts are always prefilled whole")
     prefill_time_ratio: float = _opt(
-        1.0, "while requests decode (CPU): a step's prompt work is held to about this many times "
+        0.8, "while requests decode (CPU): a step's prompt work is held to about this many times "
         "the time of the step's decode, measured, so a long prompt raises inter-token latency "
         "about (1 + ratio)x; larger: faster prefills next to running streams; 0: tokens only")
     waiting_served_ratio: float = _opt(

@@ -125,7 +125,7 @@ def test_chunked_prefill_benchmark(tmp_path):
     # a traced step, and a step the pacer held (bound 0) did none
     assert rows["None"]["pacer"] is None
     paced = rows["8"]
-    assert paced["prefill_time_ratio"] == "1.0"
+    assert paced["prefill_time_ratio"] == "0.8"  # the engine's default
     steps = paced["pacer_steps"]
     # paced work in the traced steps, but not a fixed sum: how the prompt's tokens and merge
     # costs split into paced steps depends on the steps' timing (a run traces anywhere from

@@ -57,7 +57,7 @@ def test_chunking_settings_reach_the_engine_with_its_defaults(tiny_lm_dir):
     path = str(tiny_lm_dir)
     inside = dataclasses.replace(s, engine_process="off")  # its scheduler and pacer, read here
     engine = build_engine(inside, path, None, "causal-lm")
-    assert engine.scheduler.config.max_batched_tokens == 256 and engine.pacer.ratio == 1.0
+    assert engine.scheduler.config.max_batched_tokens == 256 and engine.pacer.ratio == 0.8
     assert engine.pacer.burst == 64 and engine.scheduler.config.waiting_served_ratio == 1.2
     assert engine.info()["waiting_served_ratio"] == 1.2
     off = ServerSettings.from_sources(["--max-batched-tokens", "0", "--prefill-time-ratio", "0",
