@@ -62,8 +62,9 @@ PREFILL_BURST_TOKENS = 64
 # a chunked step's prompt work, in units of its decode's own time (CPU; see PrefillPacer).
 # A paced step lasts about 1 + ratio decodes, so at 1.0 a long prefill's p99 step sat at
 # 1.89-2.00x the streams' steady p99 once segment turns got cheap (the bound is 2x; 7+1
-# experts, GPT-2-small and a Llama of its size, one core); 0.8 gives 1.70-1.76x for a first
-# token of the long prompt 0-25 % later (benchmarks/peer.md, "Chunked prefill").
+# experts, GPT-2-small and a Llama of its size, one fp32 core); 0.8 gives 1.70-1.76x there for
+# a first token of the long prompt 0-25 % later (20-50 % later with bf16 weights on two threads,
+# where the ratio did not decide the p99: benchmarks/peer.md, "Chunked prefill").
 DEFAULT_PREFILL_TIME_RATIO = 0.8
 # queue pressure at which waiting short prompts join together beside decoding rows
 # (Scheduler: `waiting_served_ratio`; TGI's default too)
