@@ -47,7 +47,7 @@ COLS = ["max_batched_tokens", "prefill_time_ratio", "itl_p50_steady_ms", "itl_p9
 PACER_COLS = ["max_batched_tokens", "prefill_time_ratio", "paced_steps", "work_p50", "work_mean",
               "one_token_steps", "held_steps", "decode_base_ms", "decode_p50_ms",
               "excess_ms_mean", "turn_ms_mean", "fixed_ms", "token_ms", "chunk_ms_p50",
-              "timed_chunks", "timed_chunk_ms_p50"]
+              "timed_chunks", "timed_chunk_ms_p50", "step_ms_p50", "step_ms_p99"]
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -119,10 +119,11 @@ class PacerTrace:
             prev = pacer._decodes[-1] if pacer._decodes else None
             fit_at_bound = list(pacer._fit)
             got = budget(extra_s)
+            # `at`: when the step asked for its bound (its start); the next step's `at` ends it
             last = dict(budget=got, turn_s=extra_s, base_s=base,
                         excess_s=None if base is None else max(0.0, prev - base),
                         fixed_s=pacer.fixed_s, token_s=pacer.token_s, decode_s=None, work=0,
-                        chunks=[])
+                        chunks=[], at=time.perf_counter())
             current()
             return got
 
@@ -144,8 +145,16 @@ class PacerTrace:
         pacer.budget, pacer.record_decode, pacer.spend = traced_budget, traced_decode, traced_spend
         pacer.record_prefill = traced_prefill
 
+    def step_times(self) -> list[float]:
+        """Each traced step's wall time, start to the next traced step's start (the last
+        traced step has none): decode, prompt work and the engine's own Python together, the
+        time the streams waited for that step's tokens."""
+        return [b["at"] - a["at"] for a, b in zip(self.steps, self.steps[1:])]
+
     def summary(self) -> dict:
         steps = [s for s in self.steps if s["budget"] is not None]
+        times = self.step_times()
+        slowest = max(range(len(times)), key=times.__getitem__, default=None)
         paced = [s for s in steps if s["work"] > 0]
 
         def ms(key: str, xs: list[dict], q: float | None = 0.5) -> float:
@@ -170,7 +179,14 @@ class PacerTrace:
             timed_chunks=sum(len(s["chunks"]) for s in steps),
             # with the timings, what replays the fit exactly (PrefillPacer._fit)
             fit_sums_at_start=self.fit_at_start,
-            timed_chunk_ms_p50=1e3 * percentile([t for s in steps for _, t in s["chunks"]], 0.5))
+            timed_chunk_ms_p50=1e3 * percentile([t for s in steps for _, t in s["chunks"]], 0.5),
+            step_ms_p50=1e3 * percentile(times, 0.5), step_ms_p99=1e3 * percentile(times, 0.99),
+            # which step that is: the first paced one (spending the bank), a turn, a slow decode
+            slowest_step=None if slowest is None else dict(
+                index=slowest, ms=1e3 * times[slowest], work=self.steps[slowest]["work"],
+                budget=self.steps[slowest]["budget"], turn_ms=1e3 * self.steps[slowest]["turn_s"],
+                decode_ms=None if self.steps[slowest]["decode_s"] is None
+                else 1e3 * self.steps[slowest]["decode_s"]))
 
 
 def start_streams(engine: Engine, streams: int, ids, max_total: int
@@ -364,6 +380,10 @@ def main() -> None:
               "costs per step; excess: the last decode beyond the baseline, taken off the "
               "next step's work; chunk: the fit's time for a step's work, not a timing)")
         print_table(paced, PACER_COLS)
+        for r in rows:
+            if r["pacer"] and r["pacer"]["slowest_step"]:
+                print(f"slowest traced step at ratio {r['prefill_time_ratio']}: "
+                      f"{r['pacer']['slowest_step']}")
     write_results("chunked_prefill", args, rows, {"shape": cfg, "long_prompt": long_len,
                                                   "streams": args.streams,
                                                   "steady_tokens": steady_tokens})

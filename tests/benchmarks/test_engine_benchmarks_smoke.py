@@ -136,6 +136,12 @@ def test_chunked_prefill_benchmark(tmp_path):
     summary = paced["pacer"]
     assert summary["paced_steps"] == sum(s["work"] > 0 for s in steps) > 1
     assert summary["decode_base_ms"] > 0 and summary["token_ms"] > 0
+    # every traced step's wall time but the last's, and which step was the slowest
+    times = [1e3 * (b["at"] - a["at"]) for a, b in zip(steps, steps[1:])]
+    assert all(t > 0 for t in times) and summary["step_ms_p99"] >= summary["step_ms_p50"] > 0
+    slowest = summary["slowest_step"]
+    assert slowest["ms"] == pytest.approx(max(times))
+    assert slowest["work"] == steps[slowest["index"]]["work"]
     # the prefill timings the fit took in (none in this shape: its 5-token chunks each build a
     # share of a decision's merges, priced rather than timed; see the trace's own test below)
     timed = [c for s in steps for c in s["chunks"]]
@@ -183,6 +189,10 @@ def test_the_pacer_trace_keeps_what_the_fit_took_in():
     assert budgets[id(plain)][0] is None and all(b >= 1 for b in budgets[id(plain)][1:])
     assert [s["chunks"] for s in trace.steps] == [[[30, 0.09]], [[4, 0.04]]]
     assert [s["work"] for s in trace.steps] == [30, 4]
+    # a step lasts from its bound to the next traced step's: one duration for two steps
+    [took] = trace.step_times()
+    assert took == trace.steps[1]["at"] - trace.steps[0]["at"] >= 0
+    assert trace.summary()["slowest_step"]["index"] == 0
     # the fit's state where the trace starts: replaying the traced timings from it gives the
     # fit the pacer ended with
     replay = PrefillPacer(1.0, burst=64)
