@@ -181,12 +181,14 @@ class PacerTrace:
             fit_sums_at_start=self.fit_at_start,
             timed_chunk_ms_p50=1e3 * percentile([t for s in steps for _, t in s["chunks"]], 0.5),
             step_ms_p50=1e3 * percentile(times, 0.5), step_ms_p99=1e3 * percentile(times, 0.99),
-            # which step that is: the first paced one (spending the bank), a turn, a slow decode
-            slowest_step=None if slowest is None else dict(
-                index=slowest, ms=1e3 * times[slowest], work=self.steps[slowest]["work"],
-                budget=self.steps[slowest]["budget"], turn_ms=1e3 * self.steps[slowest]["turn_s"],
-                decode_ms=None if self.steps[slowest]["decode_s"] is None
-                else 1e3 * self.steps[slowest]["decode_s"]))
+            # which step that is: a chunk carrying merges, a turn, a slow decode
+            slowest_step=None if slowest is None else self._described(slowest, times[slowest]))
+
+    def _described(self, i: int, seconds: float) -> dict:
+        s = self.steps[i]
+        return dict(index=i, ms=1e3 * seconds, work=s["work"], budget=s["budget"],
+                    turn_ms=1e3 * s["turn_s"],
+                    decode_ms=None if s["decode_s"] is None else 1e3 * s["decode_s"])
 
 
 def start_streams(engine: Engine, streams: int, ids, max_total: int

@@ -23,6 +23,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout
 from camex_runtime import CamexConfig, CamexForCausalLM, CamexForSequenceClassification  # noqa: E402
 from camex_runtime.config import PRESETS  # noqa: E402
 from camex_runtime.engine.cost_model import best_time  # noqa: E402,F401  (re-exported)
+from peer_models import LLAMA_SHAPES  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -40,10 +41,16 @@ LLAMA_QUICK = dict(family="llama", vocab_size=1000, d_model=64, n_layer=4, n_hea
                    moe_layers=[1, 3], segment_len=16, tie_word_embeddings=False)
 # A Llama of GPT-2 small's width and depth (RMSNorm, rotary positions, GQA 12/4 heads, SwiGLU
 # 2,048 = GPT-2's FFN parameter count, untied head), 1 base + 7 routed experts on every block as
-# FULL: the model `peer_llamacpp.py --family llama` serves, so the two benchmarks compare.
-LLAMA_SMALL = dict(family="llama", vocab_size=50257, d_model=768, n_layer=12, n_head=12,
-                   num_key_value_heads=4, d_ff=2048, max_position_embeddings=2048, num_experts=7,
-                   segment_len=256, layer_norm_epsilon=1e-5, tie_word_embeddings=False)
+# FULL: read from the table `peer_llamacpp.py --family llama` builds its model from, so the two
+# benchmarks measure the same shape.
+_PEER_LLAMA = LLAMA_SHAPES["full"]
+LLAMA_SMALL = dict(family="llama", vocab_size=_PEER_LLAMA["vocab_size"],
+                   d_model=_PEER_LLAMA["hidden_size"], n_layer=_PEER_LLAMA["num_hidden_layers"],
+                   n_head=_PEER_LLAMA["num_attention_heads"],
+                   num_key_value_heads=_PEER_LLAMA["num_key_value_heads"],
+                   d_ff=_PEER_LLAMA["intermediate_size"], max_position_embeddings=2048,
+                   num_experts=7, segment_len=256, layer_norm_epsilon=1e-5,
+                   tie_word_embeddings=False)
 SHAPES = {"gpt2-small": (FULL, QUICK), "tinyllama-1b": (LLAMA_FULL, LLAMA_QUICK),
           "llama-small": (LLAMA_SMALL, LLAMA_QUICK)}
 
