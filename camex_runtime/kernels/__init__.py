@@ -8,7 +8,7 @@
   (an AVX-512 variant where the CPU has it, from a row count tuned per CPU family and kind of
   weights, `AVX512_TUNING`: same bits, more work per load). More rows (prompt chunks) go to
   the native prompt tiles where `tiles_take` says so — 16-bit weights on CPUs without a 16-bit
-  GEMM, fp32 ones up to `TILES_MAX_ROWS_FP32` rows on CPUs without AVX-512 or from a vendor in
+  GEMM, fp32 ones up to `tiles_max_rows` rows on CPUs without AVX-512 or from a vendor in
   `TILES_FP32_AVX512_VENDORS` — and otherwise to
   `F.linear`: fp16/bf16 weights with fp32 activations use the CPU's 16-bit GEMM there
   (AVX512-BF16/AMX, AVX512-FP16), or are widened where the kernels are unavailable.
@@ -127,14 +127,21 @@ MAX_ROWS_FP32 = 16  # fp32 weights
 # - fp32: 24 rows 81.5 / 114.3 / 97.5; 32 rows 103.1 / 162.1 / 116.0 and 60.2 / 89.5 / 101.3;
 #   64 rows 188.5 / 309.2 / 188.2; 256 rows on two threads 426 / 665 / 395.
 # On AMD CPUs with AVX-512 too (Zen 4 runs 512-bit FMAs as two 256-bit halves, so torch's wider
-# GEMM gains no width there, and on two threads it splits a prompt's rows poorly): a 2-core
-# Zen 4 VM, one block stack's products (12 blocks), tiles / torch, one thread and two:
-# - GPT-2-small: 17 rows 0.90 / 0.63, 32 rows 0.95 / 0.68 (89.5 vs 94.2 ms / 52.6 vs 77.7),
-#   64 rows 1.05 / 0.69;
-# - a Llama of that width (GQA 12/4, SwiGLU 2,048): 17 rows 0.91 / 0.54, 32 rows 0.98 / 0.62,
-#   64 rows 0.96 / 0.68.
+# GEMM gains no width there, and on two threads it splits a prompt's rows poorly), up to
+# TILES_MAX_ROWS_FP32_AVX512 rows. Each tile prefetches the next tile's weight rows while it
+# computes (cpu_decode.cpp, TilePrefetch): from memory, the tiles had waited on the weights. A
+# 2-core Zen 4 VM, one block stack's products (12 blocks, weights on 2 MiB pages, read cold),
+# tiles / torch, one thread and two:
+# - GPT-2-small: 17 rows 0.61 / 0.42, 32 rows 0.73 / 0.52 (60.6 vs 82.9 ms / 32.8 vs 63.4),
+#   64 rows 0.87 / 0.65, 128 rows 0.97 / 0.75, 256 rows 1.03 / 0.91;
+# - a Llama of that width (GQA 12/4, SwiGLU 2,048): 17 rows 0.59 / 0.40, 32 rows 0.74 / 0.51,
+#   64 rows 0.84 / 0.63, 128 rows 0.94 / 0.70, 256 rows 1.00 / 0.88.
+# (Before the prefetch, 32 rows: 0.95 / 0.68 and 0.98 / 0.62; the tiles' products of GPT-2-small
+# at 32 rows 82 -> 62 ms on one thread, 43 -> 32 on two.) Without AVX-512 the Zen 3 figures
+# above are from before the prefetch, hence the lower limit there.
 # Not measured on Intel CPUs with AVX-512 (full-width FMAs, AMX on the Xeon): they keep torch's.
 TILES_MAX_ROWS_FP32 = 64
+TILES_MAX_ROWS_FP32_AVX512 = 256
 TILES_FP32_AVX512_VENDORS = ("AuthenticAMD",)
 # A decode step of one sequence with 16-bit weights streams each weight row once. On the Zen 4
 # and Xeon VMs (AVX-512) the hardware prefetcher alone streams it fastest; on the AVX2-only Zen 3
@@ -274,8 +281,7 @@ def _load():
         takes = tiles_take(dtype, first)
         if takes:
             tiles.append(name)
-        module.set_tiles(name, first if takes else 0,
-                         TILES_MAX_ROWS_FP32 if dtype == torch.float32 else 2 ** 62)
+        module.set_tiles(name, first if takes else 0, tiles_max_rows(dtype))
     tiles_text = (f"; prompt tiles for {', '.join(tiles)} weights beyond a decode batch"
                   if tiles else "")
     return module, f"native ({isa} weight-streaming linear and merge{dot}{tiles_text})"
@@ -293,6 +299,15 @@ def max_rows(weight_dtype: torch.dtype) -> int:
     return MAX_ROWS_FP32 if weight_dtype == torch.float32 else MAX_ROWS
 
 
+def tiles_max_rows(weight_dtype: torch.dtype) -> int:
+    """The most rows `tiles_take` gives the tiles for weights of `weight_dtype` (where it
+    gives them any): for fp32, TILES_MAX_ROWS_FP32_AVX512 on CPUs with AVX-512, else
+    TILES_MAX_ROWS_FP32; no limit for 16-bit weights."""
+    if weight_dtype != torch.float32:
+        return 2 ** 62
+    return TILES_MAX_ROWS_FP32_AVX512 if "avx512f" in cpu_flags() else TILES_MAX_ROWS_FP32
+
+
 def tiles_take(weight_dtype: torch.dtype, rows: int) -> bool:
     """Whether `linear` gives `rows` rows by weights of `weight_dtype` to the native prompt
     tiles: never a decode batch (`max_rows` or fewer rows); beyond it as TILES_MAX_ROWS_FP32
@@ -300,7 +315,7 @@ def tiles_take(weight_dtype: torch.dtype, rows: int) -> bool:
     if rows <= max_rows(weight_dtype):
         return False
     if weight_dtype == torch.float32:
-        return rows <= TILES_MAX_ROWS_FP32 and (
+        return rows <= tiles_max_rows(weight_dtype) and (
             "avx512f" not in cpu_flags() or cpu_vendor() in TILES_FP32_AVX512_VENDORS)
     return weight_dtype in TILE_KINDS.values() and not native_16bit_gemm(weight_dtype)
 

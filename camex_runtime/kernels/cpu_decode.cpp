@@ -376,6 +376,27 @@ inline bool wide_for(int64_t B) {
   return use_avx512 && (B >= tuning_for<T>().from || avx512_rows_override > 0);
 }
 
+// The weights the next tile will read, prefetched into L2 while this one computes: `n` spans of
+// `bytes` each (weight rows, or a merge's [base; deltas]), a line of each in turn, as that tile
+// reads them, `per` lines every `every` calls of `step` (one per step of the products' inner
+// loop), so they are issued across the whole tile: issued all at once at its start they bought
+// little (below), and the tile then waited on memory with nothing left to overlap.
+struct TilePrefetch {
+  const char* span[17];
+  int64_t n = 0, bytes = 0, next = 0;  // n spans of `bytes` each; lines issued so far
+  int64_t every = 1, per = 2, tick = 0;
+  inline void step() {
+    if (++tick < every) return;
+    tick = 0;
+    for (int64_t j = 0; j < per; ++j) {
+      const int64_t line = next / n;
+      if (line * 64 >= bytes) return;
+      _mm_prefetch(span[next % n] + line * 64, _MM_HINT_T1);
+      ++next;
+    }
+  }
+};
+
 // ---- Prompt tiles: more rows than a decode batch, where the CPU has no faster GEMM ---------
 // With a prompt chunk's rows the products are bound by arithmetic and loads, not by memory: the
 // kernels above load an input vector per FMA and keep two partial sums per output (for their
@@ -393,12 +414,13 @@ inline bool wide_for(int64_t B) {
 // with two sums (the linear kernel's bits: 124 ms), 2x4 (122), 2x6 (118), 3x3 (110), 4x3 (157).
 template <WType T, int NR, int NB>
 inline void tile(const float* x, int64_t ldx, int64_t in, const char* w, int64_t ldw_bytes,
-                 float* y, int64_t ldy) {
+                 float* y, int64_t ldy, TilePrefetch* pf) {
   __m256 a[NR][NB];
   for (int r = 0; r < NR; ++r)
     for (int b = 0; b < NB; ++b) a[r][b] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= in; i += 8) {
+    if (pf != nullptr) pf->step();
     __m256 wv[NR];
     for (int r = 0; r < NR; ++r) wv[r] = load8<T>(w + r * ldw_bytes, i);
     for (int b = 0; b < NB; ++b) {
@@ -414,15 +436,28 @@ inline void tile(const float* x, int64_t ldx, int64_t in, const char* w, int64_t
     }
 }
 
+// `next`, `next_rows`: the weight rows of the tile after this one, prefetched while the inputs
+// pass over these rows (none: next_rows 0).
 template <WType T, int NR>
 inline void tile_rows(const float* x, int64_t nb, int64_t ldx, int64_t in, const char* w,
-                      int64_t ldw_bytes, float* y, int64_t ldy) {
+                      int64_t ldw_bytes, float* y, int64_t ldy, const char* next,
+                      int64_t next_rows) {
+  constexpr int64_t elem = T == WType::F32 ? 4 : 2;
+  TilePrefetch prefetch, *pf = nullptr;
+  if (next_rows > 0) {
+    pf = &prefetch;
+    pf->n = next_rows, pf->bytes = in * elem, pf->per = 1;
+    for (int64_t r = 0; r < next_rows; ++r) pf->span[r] = next + r * ldw_bytes;
+    const int64_t steps = (nb + 3) / 4 * (in / 8), lines = next_rows * ((in * elem + 63) / 64);
+    pf->every = std::max<int64_t>(1, steps / std::max<int64_t>(1, lines));
+  }
   int64_t b = 0;
-  for (; b + 4 <= nb; b += 4) tile<T, NR, 4>(x + b * ldx, ldx, in, w, ldw_bytes, y + b * ldy, ldy);
+  for (; b + 4 <= nb; b += 4)
+    tile<T, NR, 4>(x + b * ldx, ldx, in, w, ldw_bytes, y + b * ldy, ldy, pf);
   switch (nb - b) {
-    case 3: tile<T, NR, 3>(x + b * ldx, ldx, in, w, ldw_bytes, y + b * ldy, ldy); break;
-    case 2: tile<T, NR, 2>(x + b * ldx, ldx, in, w, ldw_bytes, y + b * ldy, ldy); break;
-    case 1: tile<T, NR, 1>(x + b * ldx, ldx, in, w, ldw_bytes, y + b * ldy, ldy); break;
+    case 3: tile<T, NR, 3>(x + b * ldx, ldx, in, w, ldw_bytes, y + b * ldy, ldy, pf); break;
+    case 2: tile<T, NR, 2>(x + b * ldx, ldx, in, w, ldw_bytes, y + b * ldy, ldy, pf); break;
+    case 1: tile<T, NR, 1>(x + b * ldx, ldx, in, w, ldw_bytes, y + b * ldy, ldy, pf); break;
     default: break;
   }
 }
@@ -444,10 +479,12 @@ void tiles_into(const float* x, int64_t B, int64_t ldx, int64_t in, const char* 
     float* yb = y + b0 * out;
     for (int64_t g = o; g < o + rows; g += TILE_ROWS) {
       const char* wg = w + g * ldw_bytes;
+      const char* next = wg + TILE_ROWS * ldw_bytes;
+      const int64_t nr = std::max<int64_t>(0, std::min(TILE_ROWS, o + rows - g - TILE_ROWS));
       switch (std::min(TILE_ROWS, o + rows - g)) {
-        case 1: tile_rows<T, 1>(xb, nb, ldx, in, wg, ldw_bytes, yb + g, out); break;
-        case 2: tile_rows<T, 2>(xb, nb, ldx, in, wg, ldw_bytes, yb + g, out); break;
-        default: tile_rows<T, 3>(xb, nb, ldx, in, wg, ldw_bytes, yb + g, out); break;
+        case 1: tile_rows<T, 1>(xb, nb, ldx, in, wg, ldw_bytes, yb + g, out, next, nr); break;
+        case 2: tile_rows<T, 2>(xb, nb, ldx, in, wg, ldw_bytes, yb + g, out, next, nr); break;
+        default: tile_rows<T, 3>(xb, nb, ldx, in, wg, ldw_bytes, yb + g, out, next, nr); break;
       }
     }
   }
@@ -674,21 +711,6 @@ void merge_run(const char* base, const char* deltas, int64_t ld_bytes, const flo
 // GPT-2-small fc1 / fc2 with 7 deltas, 32 rows, one Zen 4 core: 3.1 / 2.7 ms against 3.5-4.2 /
 // 3.1-3.3 for the merge and then torch's bf16 GEMM.
 #define CAMEX_BF16DOT __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
-
-// Lines of the next tile's spans, prefetched into L2 two at a time (one call per 32-element
-// step of the products' inner loop), round-robin over the spans.
-struct TilePrefetch {
-  const char* span[17];
-  int64_t n = 0, bytes = 0, next = 0;  // n spans of `bytes` each; lines issued so far
-  inline void step() {
-    for (int j = 0; j < 2; ++j) {
-      const int64_t line = next / n;
-      if (line * 64 >= bytes) return;
-      _mm_prefetch(span[next % n] + line * 64, _MM_HINT_T1);
-      ++next;
-    }
-  }
-};
 
 // Four accumulators' lane sums, the same tree for each: (l0 + l2) + (l1 + l3) within each 128-bit
 // lane, then (L0 + L2) + (L1 + L3) over the 128-bit lanes. Lanes of different accumulators never

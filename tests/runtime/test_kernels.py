@@ -325,7 +325,8 @@ def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags, ve
     """Where the CPU has no 16-bit GEMM, 16-bit weights' prompt chunks go to the tiles at any
     length (torch would widen the whole matrix per call); where it has one (bf16 here, not
     fp16), they go to it. fp32 chunks go to the tiles up to TILES_MAX_ROWS_FP32 rows on CPUs
-    without AVX-512 and on AMD ones with it, not on Intel ones with it. kernels.linear follows
+    without AVX-512 and TILES_MAX_ROWS_FP32_AVX512 on AMD ones with it, not on Intel ones with
+    it. kernels.linear follows
     that choice with the tiles' own bits."""
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
     monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
@@ -338,14 +339,17 @@ def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags, ve
     fp32_tiles = not avx512 or vendor == "AuthenticAMD"
     fp32_first = kernels.MAX_ROWS_FP32 + 1
     assert kernels.tiles_take(torch.float32, fp32_first) is fp32_tiles
-    assert kernels.tiles_take(torch.float32, kernels.TILES_MAX_ROWS_FP32) is fp32_tiles
-    assert not kernels.tiles_take(torch.float32, kernels.TILES_MAX_ROWS_FP32 + 1)
+    most = kernels.TILES_MAX_ROWS_FP32_AVX512 if avx512 else kernels.TILES_MAX_ROWS_FP32
+    assert kernels.tiles_max_rows(torch.float32) == most
+    assert kernels.tiles_take(torch.float32, most) is fp32_tiles
+    assert not kernels.tiles_take(torch.float32, most + 1)
     mod = kernels.native()
     if mod is None:
         return
     torch.manual_seed(1)
     for wdtype, rows in ((torch.bfloat16, first), (torch.float16, 70), (torch.float32, 20),
-                         (torch.float32, kernels.TILES_MAX_ROWS_FP32 + 1)):
+                         (torch.float32, kernels.TILES_MAX_ROWS_FP32 + 1),
+                         (torch.float32, most + 1)):
         w, b, x = torch.randn(30, 24).to(wdtype), torch.randn(30), torch.randn(rows, 24)
         got = kernels.linear(x, w, b)
         assert torch.equal(got, mod.linear_tiles(x, w, b)) is kernels.tiles_take(wdtype, rows)
@@ -396,7 +400,7 @@ def test_the_native_products_take_the_tiles_for_the_rows_python_gives_them():
         assert (lo > 0) == (name in said)
         if lo:
             assert kernels.tiles_take(dtype, hi)  # fp32: not one row more (tested above)
-            assert hi == (kernels.TILES_MAX_ROWS_FP32 if dtype == torch.float32 else 2 ** 62)
+            assert hi == kernels.tiles_max_rows(dtype)
     with pytest.raises(RuntimeError, match="kind"):
         mod.set_tiles("int8", 9, 10)
     with pytest.raises(RuntimeError, match="from <= to"):
