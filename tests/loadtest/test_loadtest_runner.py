@@ -204,7 +204,10 @@ def test_a_stream_cut_off_by_the_time_cap_keeps_the_tokens_that_arrived(fresh_fa
     (rec,) = r.records
     assert r.timed_out and rec.failure == "cancelled" and rec.status == 200
     assert rec.output_tokens == 1 and len(rec.token_times) == 1
-    assert 0.01 <= rec.ttft < 0.5
+    # the first token's 10 ms wait, measured: not 0, not the cap. The fake server's loop may be
+    # uvloop, whose timers count whole milliseconds of a cached loop time, so its 10 ms sleep
+    # can end up to a millisecond early (CI once read 9.87 ms)
+    assert 0.008 <= rec.ttft < 0.5
 
 
 @CLIENTS
