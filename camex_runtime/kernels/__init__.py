@@ -310,8 +310,8 @@ def tiles_max_rows(weight_dtype: torch.dtype) -> int:
 
 def tiles_take(weight_dtype: torch.dtype, rows: int) -> bool:
     """Whether `linear` gives `rows` rows by weights of `weight_dtype` to the native prompt
-    tiles: never a decode batch (`max_rows` or fewer rows); beyond it as TILES_MAX_ROWS_FP32
-    says (where and why)."""
+    tiles: never a decode batch (`max_rows` or fewer rows); beyond it up to `tiles_max_rows`,
+    where the comment above TILES_MAX_ROWS_FP32 says (and why)."""
     if rows <= max_rows(weight_dtype):
         return False
     if weight_dtype == torch.float32:

@@ -326,8 +326,7 @@ def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags, ve
     length (torch would widen the whole matrix per call); where it has one (bf16 here, not
     fp16), they go to it. fp32 chunks go to the tiles up to TILES_MAX_ROWS_FP32 rows on CPUs
     without AVX-512 and TILES_MAX_ROWS_FP32_AVX512 on AMD ones with it, not on Intel ones with
-    it. kernels.linear follows
-    that choice with the tiles' own bits."""
+    it. kernels.linear follows that choice with the tiles' own bits."""
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
     monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
     avx512 = "avx512f" in flags
