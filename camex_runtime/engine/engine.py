@@ -484,15 +484,16 @@ class Engine:
         longer than paced."""
         if self.pacer is None:
             return
-        work = paced = cost = 0
+        work = paced = 0
+        priced = False
         for req, (_, chunk), start in zip(reqs, plan, starts):
             n = req.num_prompt_tokens - start if chunk is None else chunk
             c = self._chunk_cost(req, start, n)
             work += n + c
-            cost += c
+            priced |= c != 0
             paced += n + c if self.scheduler.is_paced(req) else 0
         if paced:
-            if cost == 0 or self.pacer.token_s is None:
+            if not priced or self.pacer.token_s is None:
                 self.pacer.record_prefill(work, seconds)
             if chunked:
                 self.pacer.spend(paced)

@@ -42,7 +42,6 @@ class LayeredChunk:
     end: int
     hidden: Any = None  # (1, n, d) after `layer` layers; None before the first
     layer: int = 0  # the next layer to run
-    spent: int = 0  # budget handed to it so far, in prompt tokens
 
 
 @dataclass

@@ -12,9 +12,10 @@ it), so a long prompt arriving next to running streams is prefilled over several
 interleaved with their decodes, instead of stalling them for its whole prefill.
 - With others waiting, no single prompt takes more than half of the budget, and the first
   waiting request's join is planned before prefills in progress share the rest (shortest
-  remaining first, each advancing at least one token while room is left), so short prompts
-  behind a long one get their first token within a few steps; the oldest prefill advances
-  every step, so none starves.
+  remaining first, each advancing where its least chunk fits what is left), so short prompts
+  behind a long one get their first token within a few steps; the oldest prefill, when passed
+  over, goes first in the next step, so none starves and no step does a least chunk on top of
+  a full room.
 - `max_joins_per_step` can bound how many waiting requests join per such step.
 - Queue pressure (`waiting_served_ratio`, TGI's setting of that name): when the requests that
   could join now number at least that ratio times the running ones (rounded down, as TGI
@@ -222,13 +223,15 @@ class PrefillPacer:
 class Scheduler:
     def __init__(self, config: SchedulerConfig, chunk_cost: ChunkCost | None = None):
         """`chunk_cost(req, start, n)`: the work of computing prompt tokens [start, start+n) of
-        `req` beyond the tokens themselves, in prompt tokens; non-decreasing in n."""
+        `req` beyond the tokens themselves, in prompt tokens, with n + cost non-decreasing in n
+        (a chunk advancing a span by whole layers may work less than its n tokens: negative)."""
         self.config = config
         self.chunk_cost = chunk_cost
         self.waiting: deque[Any] = deque()
         self.running: dict[str, Any] = {}
         # admitted, prefill not done yet (in admission order): request_id -> (req, tokens left)
         self.prefilling: dict[str, tuple[Any, int]] = {}
+        self._passed_over: str | None = None  # the oldest prefill, if the last step skipped it
         self._free_slots = list(range(config.max_batch_size))  # min-heap: lowest slot first
         heapq.heapify(self._free_slots)
 
@@ -337,8 +340,9 @@ class Scheduler:
 
     def _schedule_chunks(self, out: SchedulerOutput, budget: int, paced: int | None) -> None:
         """Share `budget` prompt tokens between prefills in progress, then new admissions. The
-        first join is planned first: the chunks in progress leave room for it. Paced prompts'
-        work is also held within `paced` (the pacer's bound; None: no bound)."""
+        first join is planned first: the chunks in progress leave room for it (after the
+        oldest prefill's least chunk, when the last step passed it over). Paced prompts' work
+        is also held within `paced` (the pacer's bound; None: no bound)."""
         waiting_in = min(len(self.waiting), len(self._free_slots))
         crowded = len(self.prefilling) + waiting_in > 1
         share = max(1, budget // 2) if crowded else budget
@@ -361,24 +365,42 @@ class Scheduler:
             paced_room -= n + self._cost(req, start, n)
             return n
 
+        # The oldest prefill in progress, passed over in the last step for want of room, goes
+        # first: its least chunk is set aside before anything else is planned. So it advances
+        # at least every other step (none starves), and no step does a least chunk on top of
+        # a full room. (A layer-by-layer span's least chunk is a whole layer: 25 tokens' worth
+        # of a 256-token span, Llama shape; forced in after short prompts had taken the room,
+        # it made the slowest steps of a long prefill.)
+        items = list(self.prefilling.values())
+        oldest = items[0][0] if items else None
+        due = 0
+        if (oldest is not None and oldest.request_id == self._passed_over
+                and not (hold and self.is_paced(oldest))):
+            due = self._least(oldest, oldest.num_prompt_tokens - items[0][1])
+            paced_room -= due
+        self._passed_over = None
+        room = budget - due
         first_join = None
         if waiting_in and joins != 0 and not (hold and self.is_paced(self.waiting[0])):
             req = self.waiting[0]
-            n = fit(req, 0, min(req.num_prompt_tokens, share), budget)
+            n = fit(req, 0, min(req.num_prompt_tokens, share), room)
             first_join = n
-            room = budget - n - self._cost(req, 0, n)
-        else:
-            room = budget
+            room -= n + self._cost(req, 0, n)
         # shortest remaining first (short prompts that joined behind a long one get their
-        # first token in a few steps), each advancing while room is left; the oldest always
-        # advances (by at least one token), so none starves
-        items = list(self.prefilling.values())
-        oldest = items[0][0] if items else None
+        # first token in a few steps), each advancing where its least chunk fits what is left
+        # of the room; the first one planned in a step advances whatever the room
         for req, left in sorted(items, key=lambda item: item[1]):
-            if (room <= 0 or (self.is_paced(req) and paced_room <= 0)) and (
-                    req is not oldest or hold and self.is_paced(req)):
-                continue
             start = req.num_prompt_tokens - left
+            is_paced = self.is_paced(req)
+            if hold and is_paced:
+                continue
+            if req is oldest and due:
+                room, paced_room = room + due, paced_room + due
+            elif (out.prefill or first_join is not None) and self._least(req, start) > (
+                    min(room, paced_room) if is_paced else room):
+                if req is oldest:
+                    self._passed_over = req.request_id
+                continue
             n = fit(req, start, min(left, share), room)
             out.prefill.append(req)
             out.chunks[req.request_id] = n
@@ -405,6 +427,11 @@ class Scheduler:
 
     def _cost(self, req: Any, start: int, n: int) -> int:
         return 0 if self.chunk_cost is None else self.chunk_cost(req, start, n)
+
+    def _least(self, req: Any, start: int) -> int:
+        """The work of the smallest chunk from `start`: one token and its cost (a span that
+        advances by layers: one layer's share)."""
+        return 1 + self._cost(req, start, 1)
 
     def _fit(self, req: Any, start: int, most: int, room: int) -> int:
         """The longest chunk from `start`, at most `most` tokens, whose tokens plus cost fit in

@@ -215,7 +215,13 @@ def test_chunks_count_their_merges_against_the_budget():
     hog = Req("hog", 40)
     s.add(hog)  # budget 15, share 7: hog 7 + 6 leaves 2, less than the long one's decision
     out = s.schedule(5.0)
-    assert out.chunks == {"hog": 7, "long": 1}  # ... which still advances by a token
+    assert out.chunks == {"hog": 7}  # ... so it waits a step (its least chunk is 1 + 6)
+    s.prefilled(hog, 7)
+    out = s.schedule(6.0)  # passed over, the oldest goes first: its chunk is set aside, then
+    # the hog fits what is left; the step's work stays within the budget
+    assert out.chunks == {"long": 4, "hog": 5}, out.chunks
+    assert sum(n + cost(r, r.num_prompt_tokens - left, n) for r, left in
+               ((long_, 4), (hog, 33)) for n in [out.chunks[r.request_id]]) <= 15
 
 
 
@@ -270,15 +276,21 @@ def test_the_runner_prices_the_decisions_a_chunk_makes(lm):
     assert cost(3 * T + 1, "segment", 1, T - 1) == 0  # ends just before segment 2
     assert cost(3 * T + 1, "segment", 1, T) == J  # touches token T: segment 2's decision
     assert cost(3 * T + 1, "segment", T, 2 * T + 1) == 3 * J
-    assert cost(3 * T + 1, "segment", 0, T // 2) == J // 2  # the span advanced by layers
+    # a chunk under the span advances it by whole layers (here 1 of 2): its work is that
+    # layer's share of the span's tokens and merges
+    half = -(-(T + J) // 2)
+    assert r.layered_steps(T // 2, T) == 1 and r.layered_steps(T - 1, T) == 1
+    assert cost(3 * T + 1, "segment", 0, T // 2) == half - T // 2
+    assert cost(3 * T + 1, "segment", 0, 1) == half - 1  # the least chunk: the same layer
     # a later segment's opening tokens (its first min(T, J) tokens; here J > T) advance by
     # layers too when the chunk is smaller; a one-token last segment cannot
     assert J > T and r.layered_tokens(3 * T + 1, "segment", T) == T
-    assert cost(3 * T + 1, "segment", T, T // 2) == J // 2
+    assert cost(3 * T + 1, "segment", T, T // 2) == half - T // 2
     assert cost(3 * T + 1, "segment", 3 * T, 1) == J
     assert r.layered_tokens(3 * T + 1, "segment", T + 1) == 0  # not a segment start
     # prompt mode: one decision, from the whole prompt (by layers until all of it is in)
-    assert cost(3 * T, "prompt", 0, 3 * T) == J and cost(3 * T, "prompt", 0, T) == J // 3
+    assert cost(3 * T, "prompt", 0, 3 * T) == J
+    assert cost(3 * T, "prompt", 0, T) == -(-(3 * T + J) // 2) - T  # still one layer of two
     r.strategy = "mixture"  # nothing merges: later segments run whole tokens
     assert cost(3 * T + 1, "segment", 0, 2 * T) == 0
     assert r.layered_tokens(3 * T + 1, "segment", T) == 0
