@@ -13,9 +13,9 @@ interleaved with their decodes, instead of stalling them for its whole prefill.
 - With others waiting, no single prompt takes more than half of the budget, and the first
   waiting request's join is planned before prefills in progress share the rest (shortest
   remaining first, each advancing where its least chunk fits what is left), so short prompts
-  behind a long one get their first token within a few steps; the oldest prefill, when passed
-  over, goes first in the next step, so none starves and no step does a least chunk on top of
-  a full room.
+  behind a long one get their first token within a few steps; the oldest prefill, passed over
+  `OLDEST_PASSES` steps in a row, goes first in the next, so none starves and no step does a
+  least chunk on top of a full room.
 - `max_joins_per_step` can bound how many waiting requests join per such step.
 - Queue pressure (`waiting_served_ratio`, TGI's setting of that name): when the requests that
   could join now number at least that ratio times the running ones (rounded down, as TGI
@@ -109,6 +109,13 @@ class SchedulerOutput:
 
 
 ChunkCost = Callable[[Any, int, int], int]
+
+
+# Steps in a row the oldest prefill in progress may be passed over (its least chunk does not
+# fit what the shorter prompts left) before it goes first. The short prompts queued behind a
+# long one finish sooner the longer it waits: at 1 (the long prompt advancing every other
+# step) their first tokens came 0.5 s later than when it was forced into every step.
+OLDEST_PASSES = 2
 
 
 class PrefillPacer:
@@ -231,7 +238,8 @@ class Scheduler:
         self.running: dict[str, Any] = {}
         # admitted, prefill not done yet (in admission order): request_id -> (req, tokens left)
         self.prefilling: dict[str, tuple[Any, int]] = {}
-        self._passed_over: str | None = None  # the oldest prefill, if the last step skipped it
+        # the oldest prefill and how many steps in a row it was passed over
+        self._passed_over: tuple[str, int] = ("", 0)
         self._free_slots = list(range(config.max_batch_size))  # min-heap: lowest slot first
         heapq.heapify(self._free_slots)
 
@@ -341,7 +349,7 @@ class Scheduler:
     def _schedule_chunks(self, out: SchedulerOutput, budget: int, paced: int | None) -> None:
         """Share `budget` prompt tokens between prefills in progress, then new admissions. The
         first join is planned first: the chunks in progress leave room for it (after the
-        oldest prefill's least chunk, when the last step passed it over). Paced prompts' work
+        oldest prefill's least chunk, when the last steps passed it over). Paced prompts' work
         is also held within `paced` (the pacer's bound; None: no bound)."""
         waiting_in = min(len(self.waiting), len(self._free_slots))
         crowded = len(self.prefilling) + waiting_in > 1
@@ -365,20 +373,21 @@ class Scheduler:
             paced_room -= n + self._cost(req, start, n)
             return n
 
-        # The oldest prefill in progress, passed over in the last step for want of room, goes
-        # first: its least chunk is set aside before anything else is planned. So it advances
-        # at least every other step (none starves), and no step does a least chunk on top of
-        # a full room. (A layer-by-layer span's least chunk is a whole layer: 25 tokens' worth
-        # of a 256-token span, Llama shape; forced in after short prompts had taken the room,
-        # it made the slowest steps of a long prefill.)
+        # The oldest prefill in progress, passed over for want of room in the last
+        # OLDEST_PASSES steps, goes first: its least chunk is set aside before anything else
+        # is planned. So it advances at least once in OLDEST_PASSES + 1 steps (none starves),
+        # and no step does a least chunk on top of a full room. (A layer-by-layer span's least
+        # chunk is a whole layer: 25 tokens' worth of a 256-token span, Llama shape; forced in
+        # after short prompts had taken the room, it made the slowest steps of a long prefill.)
         items = list(self.prefilling.values())
         oldest = items[0][0] if items else None
         due = 0
-        if (oldest is not None and oldest.request_id == self._passed_over
-                and not (hold and self.is_paced(oldest))):
+        passed_id, passes = self._passed_over
+        if (oldest is not None and oldest.request_id == passed_id
+                and passes >= OLDEST_PASSES and not (hold and self.is_paced(oldest))):
             due = self._least(oldest, oldest.num_prompt_tokens - items[0][1])
             paced_room -= due
-        self._passed_over = None
+        self._passed_over = ("", 0)
         room = budget - due
         first_join = None
         if waiting_in and joins != 0 and not (hold and self.is_paced(self.waiting[0])):
@@ -399,7 +408,8 @@ class Scheduler:
             elif (out.prefill or first_join is not None) and self._least(req, start) > (
                     min(room, paced_room) if is_paced else room):
                 if req is oldest:
-                    self._passed_over = req.request_id
+                    self._passed_over = (req.request_id,
+                                         passes + 1 if req.request_id == passed_id else 1)
                 continue
             n = fit(req, start, min(left, share), room)
             out.prefill.append(req)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from camex_runtime import Engine, SamplingParams
-from camex_runtime.engine.scheduler import PrefillPacer, Scheduler, SchedulerConfig
+from camex_runtime.engine.scheduler import OLDEST_PASSES, PrefillPacer, Scheduler, SchedulerConfig
 from engine_models import build_folded, reference
 
 T = 4
@@ -217,12 +217,46 @@ def test_chunks_count_their_merges_against_the_budget():
     out = s.schedule(5.0)
     assert out.chunks == {"hog": 7}  # ... so it waits a step (its least chunk is 1 + 6)
     s.prefilled(hog, 7)
-    out = s.schedule(6.0)  # passed over, the oldest goes first: its chunk is set aside, then
-    # the hog fits what is left; the step's work stays within the budget
+    out = s.schedule(6.0)  # the long one now has least left: planned first, then the hog fits
+    # what is left; the step's work stays within the budget
     assert out.chunks == {"long": 4, "hog": 5}, out.chunks
     assert sum(n + cost(r, r.num_prompt_tokens - left, n) for r, left in
                ((long_, 4), (hog, 33)) for n in [out.chunks[r.request_id]]) <= 15
 
+
+
+def test_the_oldest_prefill_waits_at_most_its_passes_then_goes_first():
+    """Shorter prompts that keep arriving take each step's room before the oldest prefill,
+    whose least chunk (one token plus a layer's share of its merges: 10 here) then does not fit:
+    it is passed over, but never more than OLDEST_PASSES steps in a row, and the step where it
+    goes first sets its least chunk aside before the join is planned, so that step's work is
+    within the budget too."""
+    def cost(req, start, n):  # the long prompt's every chunk works at least 10
+        return max(0, 10 - n) if req.request_id == "long" else 0
+
+    s, a = decoding_then(long_ := Req("long", 100), 13, cost, batch=32)
+    budget = 12  # 13 less the decoding row
+    out = s.schedule(0.0)
+    assert out.chunks == {"long": 12}  # alone, it takes the budget
+    s.prefilled(long_, 12)
+    advanced, computed = [], 12
+    for step in range(1, 13):
+        short = Req(f"s{step}", budget)  # fills the room; joins are planned first
+        s.add(short)
+        out = s.schedule(float(step))
+        work = sum(n + cost(r, 0 if r is short else computed, n)
+                   for r in out.prefill for n in [out.chunks[r.request_id]])
+        if "long" in out.chunks:
+            advanced.append(step)
+            assert work <= budget, (step, out.chunks)  # its least chunk set aside first
+            computed += out.chunks["long"]
+            s.prefilled(long_, computed)
+        else:
+            assert out.chunks == {short.request_id: budget}
+        s.prefilled(short, out.chunks[short.request_id])
+        s.finish(short)  # the shorts leave: one decoding row throughout
+    gaps = [b - a for a, b in zip([0, *advanced], advanced)]
+    assert advanced and max(gaps) == OLDEST_PASSES + 1, advanced
 
 
 def test_expensive_joins_do_not_starve_prefills_in_progress():
