@@ -87,9 +87,14 @@ class PacerTrace:
     [work, seconds] pairs; a prefill with a routing decision is priced, not timed, and has
     none) with the fit's state where the trace starts, so another fit can be replayed on the
     same run. It answers why a long prompt took the steps it took: a slow hour slows every
-    step, but the pacer also shrinks the chunks when decodes run over their baseline."""
+    step, but the pacer also shrinks the chunks when decodes run over their baseline.
 
-    def __init__(self, pacer) -> None:
+    Given the engine's runner, each step also lists its prefill calls (`prefills`: the call's
+    ms and, per chunk, [slot, budget, before, after], where before/after are the slot's prompt
+    tokens through every layer and the next layer of a span advancing by layers, or None): what
+    the slowest step actually ran (which layers of which span, beside which short prompts)."""
+
+    def __init__(self, pacer, runner=None) -> None:
         self.active, self.steps = False, []
         self.fit_at_start: list[float] | None = None  # the fit's weighted sums, first step
         budget, record_decode, spend = pacer.budget, pacer.record_decode, pacer.spend
@@ -123,7 +128,7 @@ class PacerTrace:
             last = dict(budget=got, turn_s=extra_s, base_s=base,
                         excess_s=None if base is None else max(0.0, prev - base),
                         fixed_s=pacer.fixed_s, token_s=pacer.token_s, decode_s=None, work=0,
-                        chunks=[], at=time.perf_counter())
+                        chunks=[], prefills=[], at=time.perf_counter())
             current()
             return got
 
@@ -144,6 +149,25 @@ class PacerTrace:
 
         pacer.budget, pacer.record_decode, pacer.spend = traced_budget, traced_decode, traced_spend
         pacer.record_prefill = traced_prefill
+        if runner is None:
+            return
+        prefill_steps = runner.prefill_steps
+
+        def progress(slot: int) -> list:
+            st = runner.slots[slot]
+            return [st.length, None if st.partial is None else st.partial.layer]
+
+        def traced_prefill_steps(chunks):
+            before = [progress(slot) for slot, _ in chunks]
+            t0 = time.perf_counter()
+            got = prefill_steps(chunks)
+            seconds = time.perf_counter() - t0
+            if (step := current()) is not None:
+                step["prefills"].append(dict(ms=1e3 * seconds, chunks=[
+                    [slot, n, b, progress(slot)] for (slot, n), b in zip(chunks, before)]))
+            return got
+
+        runner.prefill_steps = traced_prefill_steps
 
     def step_times(self) -> list[float]:
         """Each traced step's wall time, start to the next traced step's start (the last
@@ -188,7 +212,8 @@ class PacerTrace:
         s = self.steps[i]
         return dict(index=i, ms=1e3 * seconds, work=s["work"], budget=s["budget"],
                     turn_ms=1e3 * s["turn_s"],
-                    decode_ms=None if s["decode_s"] is None else 1e3 * s["decode_s"])
+                    decode_ms=None if s["decode_s"] is None else 1e3 * s["decode_s"],
+                    prefills=s["prefills"])
 
 
 def start_streams(engine: Engine, streams: int, ids, max_total: int
@@ -266,7 +291,7 @@ def measure(model_cfg: dict, device, dtype, budget, ratio, streams: int, long_le
     max_total = model_cfg["max_position_embeddings"]
     engine = make_engine(model_cfg, device, dtype, budget, ratio, streams + 1 + shorts, long_len,
                          observer=(counter := StepCounter()))
-    trace = PacerTrace(engine.pacer) if engine.pacer is not None else None
+    trace = PacerTrace(engine.pacer, engine.runner) if engine.pacer is not None else None
     ids = token_ids(vocab)
     try:
         handles, stamps, readers = start_streams(engine, streams, ids, max_total)

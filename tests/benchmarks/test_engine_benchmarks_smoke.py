@@ -147,6 +147,13 @@ def test_chunked_prefill_benchmark(tmp_path):
     timed = [c for s in steps for c in s["chunks"]]
     assert summary["timed_chunks"] == len(timed)
     assert all(work > 0 and seconds > 0 for work, seconds in timed)
+    # what each step's prefill calls ran: every chunk moved its slot on, by tokens through every
+    # layer or by layers of a span; the long prompt (200 tokens) got all its tokens in the trace
+    calls = [c for s in steps for p in s["prefills"] for c in p["chunks"]]
+    assert all(p["ms"] > 0 for s in steps for p in s["prefills"])
+    assert calls and all(after != before for _, _, before, after in calls)
+    assert max(after[0] for _, _, _, after in calls) == 200
+    assert slowest["prefills"] == steps[slowest["index"]]["prefills"]
 
 
 @pytest.mark.slow
