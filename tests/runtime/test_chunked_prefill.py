@@ -354,6 +354,35 @@ def test_a_segment_decision_spreads_its_merges_over_steps(lm):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_a_span_runs_the_whole_layers_its_budget_pays_for_every_step(tmp_path):
+    """A budget paying for 1.5 layers of the first span runs one layer every step, never one
+    and two in turn (a budget carried over did: the two-layer steps were a long prefill's
+    slowest), the work the scheduler is charged is that layer's, and the prefill still equals
+    the whole one."""
+    path = build_folded(tmp_path / "lm4", T=8, n_layer=4)
+    prompt = torch.randint(0, 60, (8 + 3,), generator=torch.Generator().manual_seed(6)).tolist()
+    want = whole_prefill_logits(path, prompt, "segment")
+    engine = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
+    r = engine.runner
+    N, J = len(r.blocks), r.decision_tokens
+    assert N == 4 and len(r.moe_layers) == 4 and r.layered_tokens(len(prompt), "segment", 0) == 8
+    budget = 3  # 3 x 4 / 8 = 1.5 layers' worth
+    assert r.layered_steps(budget, 8) == 1
+    assert budget + r.chunk_cost(len(prompt), "segment", 0, budget) == -(-(8 + J) // N)
+    r.start_prefill(0, prompt, "segment")
+    layers, merges = [], []
+    while r.slots[0].length == 0:
+        before, m0 = r.slots[0].partial, r.cache.merges
+        l0 = 0 if before is None else before.layer
+        r.prefill_step(0, budget)
+        after = r.slots[0].partial
+        layers.append((N if after is None else after.layer) - l0)
+        merges.append(r.cache.merges - m0)
+    assert layers == [1, 1, 1, 1] and merges == [1, 1, 1, 1]
+    got = r.prefill_step(0, None)  # the tokens after the span
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_a_layer_by_layer_first_span_keeps_its_chunks_coming():
     """computed stays 0 while the first routing span advances by layers: the scheduler keeps
     giving the request chunks, never a decode slot, until its prompt is complete."""
