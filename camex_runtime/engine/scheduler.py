@@ -397,7 +397,8 @@ class Scheduler:
             room -= n + self._cost(req, 0, n)
         # shortest remaining first (short prompts that joined behind a long one get their
         # first token in a few steps), each advancing where its least chunk fits what is left
-        # of the room; the first one planned in a step advances whatever the room
+        # of the room; the first one planned in a step advances whatever the room, unless the
+        # oldest is due (it advances: the step makes progress within its budget)
         for req, left in sorted(items, key=lambda item: item[1]):
             start = req.num_prompt_tokens - left
             is_paced = self.is_paced(req)
@@ -405,7 +406,7 @@ class Scheduler:
                 continue
             if req is oldest and due:
                 room, paced_room = room + due, paced_room + due
-            elif (out.prefill or first_join is not None) and self._least(req, start) > (
+            elif (out.prefill or first_join is not None or due) and self._least(req, start) > (
                     min(room, paced_room) if is_paced else room):
                 if req is oldest:
                     self._passed_over = (req.request_id,

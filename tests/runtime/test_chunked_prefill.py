@@ -259,6 +259,26 @@ def test_the_oldest_prefill_waits_at_most_its_passes_then_goes_first():
     assert advanced and max(gaps) == OLDEST_PASSES + 1, advanced
 
 
+def test_a_due_oldest_prefill_keeps_its_room_from_a_shorter_one():
+    """When the oldest goes first, a shorter prefill whose least chunk does not fit what the
+    oldest left waits, even as the first one planned: the step's work stays within budget."""
+    def cost(req, start, n):  # least chunks: the long prompt's 10, the shorter one's 4
+        return max(0, (10 if req.request_id == "long" else 4) - n)
+
+    s, _ = decoding_then(long_ := Req("long", 100), 13, cost, batch=8)
+    assert s.schedule(0.0).chunks == {"long": 12}  # alone: the whole budget (12)
+    s.prefilled(long_, 12)
+    s.add(mid := Req("mid", 40))
+    # the join goes first (half the budget when crowded: 6), the long one's 10 does not fit
+    assert s.schedule(1.0).chunks == {"mid": 6}
+    s.prefilled(mid, 6)
+    assert s.schedule(2.0).chunks == {"mid": 6}  # shortest first: passed over again
+    s.prefilled(mid, 12)
+    out = s.schedule(3.0)  # due: its 10 set aside; mid's least 4 does not fit the 2 left
+    assert out.chunks == {"long": 6}, out.chunks
+    assert 6 + cost(long_, 12, 6) <= 12
+
+
 def test_expensive_joins_do_not_starve_prefills_in_progress():
     """A small budget and decisions worth more than it (a join's first span then goes layer by
     layer): short prompts that joined behind a long one still complete while more wait."""
