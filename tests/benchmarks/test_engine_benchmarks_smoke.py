@@ -173,6 +173,33 @@ def test_chunked_prefill_benchmark_on_a_llama_shape(tmp_path):
     assert row["p99_vs_alone"] == pytest.approx(row["itl_p99_during_ms"] / row["itl_p99_alone_ms"])
 
 
+def test_staggered_arrivals_benchmark(tmp_path):
+    """Merged-expert prompts arrive one by one at an engine: every ratio gets a row over its
+    waves, each request its first token and every token it asked for, and the ratios took
+    their turns on one engine (the per-wave rows say which ran)."""
+    out = tmp_path / "sa.json"
+    run("staggered_arrivals.py", "--quick", "--threads", "1", "--ratios", "0.8,1.2",
+        "--waves", "2", "--arrivals", "4", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert [r["prefill_time_ratio"] for r in report["rows"]] == [0.8, 1.2]
+    assert report["arrivals"] == 4 and report["new_tokens"] == 8
+    for r in report["rows"]:
+        assert r["waves"] == len(r["per_wave"]) == 2
+        for w in r["per_wave"]:
+            assert len(w["ttft_s"]) == 4 and all(t > 0 for t in w["ttft_s"])
+            assert w["ttft_max_s"] == max(w["ttft_s"]) and w["tok_s"] > 0
+        assert r["ttft_max_s"] == max(max(w["ttft_s"]) for w in r["per_wave"])
+        assert 0 < r["itl_p50_ms"] <= r["itl_p99_ms"]
+
+
+def test_staggered_arrivals_refuses_a_ratio_that_is_not_positive():
+    """A ratio of 0 would never let a paced prompt in: refused before anything is built."""
+    proc = subprocess.run([sys.executable, str(BENCH / "staggered_arrivals.py"), "--quick",
+                           "--ratios", "0"], cwd=BENCH, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0 and "--ratios must all be > 0" in proc.stderr
+
+
 def test_the_pacer_trace_keeps_what_the_fit_took_in():
     """PacerTrace records, per step of the traced window, the prefill timings the pacer's fit
     took in, while the pacer computes exactly what it computes untraced."""
