@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from collections.abc import Hashable, Sequence
 
 NO_MERGE = -1  # no pool entry yet: merge lazily when a step uses the merged strategy
@@ -32,6 +32,18 @@ def routing_digest(mode: str, token_ids: Sequence[int], segment: int, T: int, ro
     h = hashlib.blake2b(tag, digest_size=16)
     h.update(array("q", prefix).tobytes())
     return h.digest()
+
+
+class PromptSegment(NamedTuple):
+    """The part of a prefill chunk's rows [a, b) at one MoE layer that one segment's merged
+    expert (`key`, routed by `scores` (E,)) serves; `keep`: the chunk's last segment, which
+    stays the slot's current one; `serves_decode`: its merge also serves the decode steps."""
+    a: int
+    b: int
+    scores: Any
+    key: Hashable
+    keep: bool
+    serves_decode: bool
 
 
 @dataclass

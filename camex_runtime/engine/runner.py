@@ -30,8 +30,8 @@ from camex_runtime.engine.kv_cache import DecodeRows, KVCache
 from camex_runtime.engine.merge_cache import MergeCache, entry_bytes, ffn_layout
 from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
 from camex_runtime.engine.precision import Precision, prepare
-from camex_runtime.engine.routing_state import (FALLBACK, NO_MERGE, LayeredChunk, SlotRouting,
-                                                routing_digest)
+from camex_runtime.engine.routing_state import (FALLBACK, NO_MERGE, LayeredChunk,
+                                                PromptSegment, SlotRouting, routing_digest)
 from camex_runtime.memory import on_huge_pages, release_freed_memory
 
 
@@ -262,9 +262,13 @@ class ModelRunner:
                     y = self.moe[m].merge_apply(x, scores[new[0]], outs[0])
                 if y is None:
                     self.moe[m].merge_many_into(scores[new], outs)
-            except BaseException:
-                for j in new:
-                    self.cache.discard(keys[j])
+            except BaseException:  # nothing taken here stays referenced
+                merging = {keys[j] for j in new}
+                for key, slot in slots.items():
+                    if key in merging:
+                        self.cache.discard(key)
+                    elif slot is not None:
+                        self.cache.release(key)
                 raise
         seconds = time.perf_counter() - t0
         if new:
@@ -450,13 +454,20 @@ class ModelRunner:
         """h (n, d): FFN inputs of prompt tokens [start, start+n) at MoE layer m. Each segment
         the chunk touches goes through its merged expert; the last one stays the slot's current
         segment (it continues in the next chunk, or serves decode)."""
+        return self._segments_ffn(m, h, st, self._route_prefill(m, h, slot, st, start))
+
+    def _route_prefill(self, m: int, h: Tensor, slot: int, st: SlotRouting, start: int
+                       ) -> list[PromptSegment]:
+        """The routing half of `_prefill_moe`: makes (and records) the decisions the chunk's
+        tokens h (n, d) call for at MoE layer m, keeps the slot's current scores and segment
+        sum, and returns the segments the chunk touches, in order, the last one kept."""
         moe, T, n = self.moe[m], self.T, h.shape[0]
         end = start + n
         if st.mode == "prompt":  # one decision from the whole prompt (always one chunk)
             scores = moe.scores(h.mean(0, keepdim=True))  # (1, E)
             self._record_routing(m, st, [0], scores)
             self.scores[slot, m] = scores[0]
-            return self._segment_ffn(m, h, scores[0], (st.digests[0], m), st, True, True)
+            return [PromptSegment(0, n, scores[0], (st.digests[0], m), True, True)]
         first, last = start // T, (end - 1) // T
         carried = self.seg_sum[slot, m] if start % T else None  # earlier tokens of `first`
         bounds = [(max(k * T, start) - start, min((k + 1) * T, end) - start)
@@ -486,27 +497,66 @@ class ModelRunner:
         tail = h[a:b].float().sum(0)
         self.seg_sum[slot, m] = tail + carried if len(bounds) == 1 and carried is not None else tail
         self.scores[slot, m] = scores[len(bounds) - 1]
+        last = len(bounds) - 1
+        return [PromptSegment(a, b, scores[i], (st.digests[first + i], m), i == last,
+                              i == last and end == st.prompt_len)
+                for i, (a, b) in enumerate(bounds)]
+
+    def _segments_ffn(self, m: int, h: Tensor, st: SlotRouting, segments: list[PromptSegment],
+                      merged: bool = False) -> Tensor:
+        """h (n, d) through the merged experts of its `segments` (`_route_prefill`); `merged`:
+        the kept segment's merge is in place already (`_merge_together`)."""
+        if len(segments) == 1:
+            return self._segment_ffn(m, h, segments[0], st, merged)
         out = torch.empty_like(h)
-        for i, (a, b) in enumerate(bounds):
-            k, keep = first + i, i == len(bounds) - 1
-            out[a:b] = self._segment_ffn(m, h[a:b], scores[i], (st.digests[k], m), st, keep,
-                                         keep and end == st.prompt_len)
+        for seg in segments:
+            out[seg.a:seg.b] = self._segment_ffn(m, h[seg.a:seg.b], seg, st, merged and seg.keep)
         return out
 
-    def _segment_ffn(self, m: int, x: Tensor, scores: Tensor, key, st: SlotRouting,
-                     keep: bool, serves_decode: bool) -> Tensor:
-        """x (n, d) of one prompt segment (or its part in this chunk) through its merged expert
-        (scores (E,)); `keep`: it stays the slot's current segment after this chunk."""
-        strategy = self.strategy
-        if strategy == "auto":  # the prompt's last segment's merge also serves decode steps
-            future = st.future_uses(st.prompt_len - 1, self.T) if serves_decode else 0
-            strategy = self.cost.choose_segment(x.shape[0], future, key not in self.cache)
-        ps, y = NO_MERGE, None
-        if strategy == "merged":  # a merge made now is applied in the same pass where it can
-            got, y = self._acquire(m, key, scores, x)
-            ps = FALLBACK if got is None else got
-        if keep:  # recorded before use: if applying fails, `release(slot)` still frees it
-            self._set_segment(st, m, key, ps)
+    def _segment_strategy(self, seg: PromptSegment, st: SlotRouting) -> str:
+        """`merged` or `mixture` for a prompt segment (`auto`: the cost model's choice; the
+        prompt's last segment's merge also serves decode steps)."""
+        if self.strategy != "auto":
+            return self.strategy
+        future = st.future_uses(st.prompt_len - 1, self.T) if seg.serves_decode else 0
+        return self.cost.choose_segment(seg.b - seg.a, future, seg.key not in self.cache)
+
+    def _merge_together(self, m: int, routed: list[tuple[SlotRouting, list[PromptSegment]]]
+                        ) -> list[bool]:
+        """Packed prefill chunks (each one's routing state and segments at MoE layer m): where
+        two or more of the merges their kept segments use are missing, build them all in one
+        pass over the layer's expert stack (`_acquire_many`: one merge's read and a write
+        each, against a read each merging chunk by chunk) and make them the slots' current
+        segments. Returns, per chunk, whether its kept segment's merge is in place (the rest
+        goes through `_segment_ffn` as a lone chunk's would: a single missing merge keeps
+        `merge_apply`'s pass, which applies it as it is made)."""
+        picks = [(i, st, segs[-1]) for i, (st, segs) in enumerate(routed)
+                 if self._segment_strategy(segs[-1], st) == "merged"]
+        done = [False] * len(routed)
+        if len({seg.key for _, _, seg in picks if seg.key not in self.cache}) < 2:
+            return done
+        slots, _ = self._acquire_many(m, [seg.key for _, _, seg in picks],
+                                      torch.stack([seg.scores for _, _, seg in picks]))
+        for (i, st, seg), got in zip(picks, slots):
+            self._set_segment(st, m, seg.key, FALLBACK if got is None else got)
+            done[i] = True
+        return done
+
+    def _segment_ffn(self, m: int, x: Tensor, seg: PromptSegment, st: SlotRouting,
+                     merged: bool = False) -> Tensor:
+        """x (n, d) of one prompt segment (or its part in this chunk) through its merged expert;
+        `seg.keep`: it stays the slot's current segment after this chunk. `merged`: a kept
+        segment whose merge `_merge_together` made current already (or found the pool full)."""
+        key, keep, scores = seg.key, seg.keep, seg.scores
+        if merged:
+            ps, y = st.pool_slots[m], None
+        else:
+            ps, y = NO_MERGE, None
+            if self._segment_strategy(seg, st) == "merged":  # a merge made now is applied in
+                got, y = self._acquire(m, key, scores, x)  # the same pass where it can
+                ps = FALLBACK if got is None else got
+            if keep:  # recorded before use: if applying fails, `release(slot)` still frees it
+                self._set_segment(st, m, key, ps)
         try:
             if y is not None:
                 return y
@@ -665,14 +715,22 @@ class _PrefillRouting:
 
 
 class _PackedRouting:
-    """Routing context of packed prefill chunks: each piece through its own routing."""
+    """Routing context of packed prefill chunks: each piece routed on its own tokens, the
+    merges they are missing built together (`ModelRunner._merge_together`), each piece through
+    its own merged experts."""
 
     def __init__(self, pieces: list[_PrefillRouting], lengths: list[int]):
         self.pieces, self.lengths = pieces, lengths
 
     def apply(self, layer: int, h: Tensor) -> Tensor:  # h (1, N, d)
-        return torch.cat([p.apply(layer, part) for p, part in
-                          zip(self.pieces, h.split(self.lengths, dim=1))], dim=1)
+        r = self.pieces[0].runner
+        m = r.moe_of[layer]
+        parts = h[0].split(self.lengths)
+        routed = [(p.st, r._route_prefill(m, x, p.slot, p.st, p.start))
+                  for p, x in zip(self.pieces, parts)]
+        merged = r._merge_together(m, routed)
+        return torch.cat([r._segments_ffn(m, x, st, segs, done) for x, (st, segs), done
+                          in zip(parts, routed, merged)])[None]
 
 
 class _DecodeRouting:

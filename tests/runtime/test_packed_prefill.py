@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from camex_runtime import Engine, SamplingParams
+from camex_runtime.engine.moe import MoEWeights
 from camex_runtime.errors import RequestFailedError
 from engine_models import build_folded, results_alone
 
@@ -127,3 +128,110 @@ def test_a_failed_packed_forward_reruns_each_prompt_alone(path, monkeypatch):
     with pytest.raises(RequestFailedError, match="prefill failed: out of memory"):
         handles[3].result()
     assert engine.scheduler.num_running == 0 and engine.runner.cache.referenced == 0
+
+
+def short_prompts() -> list[list[int]]:
+    """Prompts within one segment (T tokens or fewer): each makes one routing decision per MoE
+    layer; the third repeats the first, so it routes to the same merges."""
+    gen = torch.Generator().manual_seed(13)
+    a, b, c = (torch.randint(0, 60, (n,), generator=gen).tolist() for n in (3, T, 2))
+    return [a, b, list(a), c]
+
+
+def count_merge_passes(monkeypatch) -> tuple[list[int], list[int]]:
+    """Rows of every merge_many_into pass over an expert stack, and every merge_apply."""
+    passes, applies = [], []
+    many, apply = MoEWeights.merge_many_into, MoEWeights.merge_apply
+    monkeypatch.setattr(MoEWeights, "merge_many_into", lambda self, scores, outs: (
+        passes.append(len(outs)), many(self, scores, outs))[1])
+    monkeypatch.setattr(MoEWeights, "merge_apply", lambda self, *a: (
+        applies.append(1), apply(self, *a))[1])
+    return passes, applies
+
+
+def test_chunks_packed_together_build_their_merges_in_one_pass(path, monkeypatch):
+    """Four short prompts prefilled in one packed forward, each making a routing decision at
+    every MoE layer: the three distinct merges of a layer are built in one pass over its expert
+    stack (one merge_many_into with three rows, no per-prompt merge_apply), the repeated prompt
+    shares its twin's entry, and every merged FFN holds the bits a lone prompt's merge writes."""
+    ps = short_prompts()
+    alone = Engine.from_pretrained(path, max_batch_size=1, strategy="merged").runner
+    want = []
+    for p in ps[:2] + ps[3:]:
+        logits = alone.prefill(0, p, "segment")
+        st = alone.slots[0]
+        want.append((logits, [alone.cache.weights(s)["fc1_weight"].clone()
+                              for s in st.pool_slots]))
+        alone.release(0)
+    want.insert(2, want[0])
+    runner = Engine.from_pretrained(path, max_batch_size=4, strategy="merged").runner
+    n_moe = len(runner.moe)
+    for slot, p in enumerate(ps):
+        runner.start_prefill(slot, p, "segment")
+    passes, applies = count_merge_passes(monkeypatch)
+    got = runner.prefill_steps([(slot, None) for slot in range(len(ps))])
+    assert passes == [3] * n_moe and applies == []
+    stats = runner.cache.stats()
+    assert (stats.merges, stats.misses, stats.hits) == (3 * n_moe, 3 * n_moe, n_moe)
+    for slot, (logits, merged) in enumerate(want):
+        st = runner.slots[slot]
+        torch.testing.assert_close(got[slot], logits, atol=1e-5, rtol=1e-5)
+        for m in range(n_moe):
+            assert torch.equal(runner.cache.weights(st.pool_slots[m])["fc1_weight"], merged[m])
+    assert runner.slots[0].pool_slots == runner.slots[2].pool_slots
+    for slot in range(len(ps)):
+        runner.release(slot)
+    assert runner.cache.referenced == 0
+
+
+def test_one_missing_merge_among_packed_chunks_is_applied_as_it_is_made(path, monkeypatch):
+    """Where only one of the packed prompts' merges is missing (the others are cached), it
+    keeps the lone prompt's pass that merges and applies together (merge_apply)."""
+    a, b, _, _ = short_prompts()
+    runner = Engine.from_pretrained(path, max_batch_size=2, strategy="merged").runner
+    runner.prefill(0, a, "segment")
+    runner.release(0)  # a's merges stay cached, unreferenced
+    for slot, p in enumerate((a, b)):
+        runner.start_prefill(slot, p, "segment")
+    passes, applies = count_merge_passes(monkeypatch)
+    runner.prefill_steps([(0, None), (1, None)])
+    n_moe = len(runner.moe)
+    assert len(applies) == n_moe and passes in ([], [1] * n_moe)  # [1]: no fused kernel here
+    for slot in range(2):
+        runner.release(slot)
+    assert runner.cache.referenced == 0
+
+
+def test_a_merge_failing_for_packed_chunks_holds_no_entry_and_loses_no_request(path,
+                                                                             monkeypatch):
+    """The shared merge pass raises (as out of memory would) while one of the packed prompts'
+    merges is a cache hit: the runner keeps no reference to any entry it took, and the engine
+    reruns each prompt alone, which then gets the tokens it gets alone."""
+    ps = short_prompts()
+    runner = Engine.from_pretrained(path, max_batch_size=4, strategy="merged").runner
+    runner.prefill(0, ps[0], "segment")
+    runner.release(0)  # ps[0]'s merges are cached: a hit in the failing pass
+    many = MoEWeights.merge_many_into
+
+    def fails_together(self, scores, outs):
+        if len(outs) > 1:
+            raise RuntimeError("out of memory (simulated)")
+        return many(self, scores, outs)
+
+    monkeypatch.setattr(MoEWeights, "merge_many_into", fails_together)
+    for slot, p in enumerate(ps):
+        runner.start_prefill(slot, p, "segment")
+    with pytest.raises(RuntimeError, match="simulated"):
+        runner.prefill_steps([(slot, None) for slot in range(len(ps))])
+    for slot in range(len(ps)):
+        runner.release(slot)
+    assert runner.cache.referenced == 0
+
+    sp = SamplingParams(max_new_tokens=5, ignore_eos=True)
+    want = [r.token_ids for r in results_alone(path, ps, sp, strategy="merged")]
+    engine = Engine.from_pretrained(path, max_batch_size=4, strategy="merged")
+    handles = [engine.submit(p, sp) for p in ps]
+    while not all(h.done for h in handles):
+        engine.step()
+    assert [h.result().token_ids for h in handles] == want
+    assert engine.runner.cache.referenced == 0
