@@ -235,3 +235,28 @@ def test_a_merge_failing_for_packed_chunks_holds_no_entry_and_loses_no_request(p
         engine.step()
     assert [h.result().token_ids for h in handles] == want
     assert engine.runner.cache.referenced == 0
+
+
+def test_packed_chunks_merging_together_into_a_full_pool_fall_back_exactly(path):
+    """The shared merge pass asks for more entries than the pool holds (room for two): the
+    pieces it cannot place run the mixture, every prompt's logits are still its own alone,
+    and nothing stays referenced."""
+    ps = short_prompts()
+    alone = Engine.from_pretrained(path, max_batch_size=1, strategy="merged").runner
+    want = []
+    for p in ps:
+        want.append(alone.prefill(0, p, "segment"))
+        alone.release(0)
+    entry = alone.cache.entry_bytes
+    runner = Engine.from_pretrained(path, max_batch_size=4, strategy="merged",
+                                    merge_cache_bytes=2 * entry).runner
+    for slot, p in enumerate(ps):
+        runner.start_prefill(slot, p, "segment")
+    got = runner.prefill_steps([(slot, None) for slot in range(len(ps))])
+    assert runner.cache.stats().fallbacks > 0
+    assert any(ps_ < 0 for slot in range(len(ps)) for ps_ in runner.slots[slot].pool_slots)
+    for slot, logits in enumerate(want):
+        torch.testing.assert_close(got[slot], logits, atol=1e-5, rtol=1e-5)
+    for slot in range(len(ps)):
+        runner.release(slot)
+    assert runner.cache.referenced == 0
