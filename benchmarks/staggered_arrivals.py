@@ -31,7 +31,8 @@ COLS = ["prefill_time_ratio", "waves", "ttft_p50_s", "ttft_wave_max_mean_s", "tt
 
 
 def wave(engine, ids, arrivals: int, gap_s: float, prompt_len: int, new_tokens: int) -> dict:
-    """`arrivals` prompts, one every `gap_s`; returns each one's arrival and token stamps."""
+    """`arrivals` prompts, one every `gap_s`, each followed to its last token: their first
+    tokens' latency from their own arrival, every inter-token gap, and the wave's tokens/s."""
     stamps: list[list[float]] = [[] for _ in range(arrivals)]
     handles, readers, submitted = [], [], []
     t0 = time.perf_counter()
