@@ -4,6 +4,11 @@
 Every repetition uses a fresh random prompt, so content-addressed merges never hit: the time
 includes one merge per segment and MoE layer, as for a new user prompt.
 
+`--packed 2,4,8`: also S short prompts (`--packed-tokens`, default 32) prefilled in one packed
+step, as prompts that join together are, with the merges they are missing built in one pass
+over each layer's expert stack (`together`, the runner as it is) against each prompt merging
+its own (`each`, the runner's shared pass switched off: the runner before dfc8af7).
+
     python benchmarks/prefill.py --quick
     python benchmarks/prefill.py --lengths 256,1024
     python benchmarks/prefill.py --shape tinyllama-1b --dtype bfloat16 --lengths 256,1024
@@ -21,6 +26,7 @@ from camex_runtime import CamexConfig
 from camex_runtime.engine.merge_cache import entry_bytes, ffn_layout
 
 COLS = ["system", "strategy", "tokens", "tok_s", "bound_tok_s", "achieved", "achieved_fused"]
+PACKED_COLS = ["prompts", "tokens", "each_ms", "together_ms", "together_vs_each"]
 
 
 def prefill_time(engine: Engine, n: int, vocab: int, reps: int) -> float:
@@ -38,9 +44,40 @@ def prefill_time(engine: Engine, n: int, vocab: int, reps: int) -> float:
     return best
 
 
+def packed_time(engine: Engine, prompts: int, n: int, vocab: int, reps: int,
+                together: bool) -> float:
+    """The best time of one packed step prefilling `prompts` fresh n-token prompts whole."""
+    runner = engine.runner
+    if not together:  # every piece merges on its own, as a lone prompt does
+        runner._merge_together = lambda m, routed: [False] * len(routed)
+    gen = torch.Generator().manual_seed(prompts * 1000 + n)
+    best = float("inf")
+    try:
+        for i in range(reps + 1):  # first run warms up
+            for slot in range(prompts):
+                runner.start_prefill(slot, torch.randint(0, vocab, (n,), generator=gen).tolist(),
+                                     "segment")
+            sync(runner.device)
+            t0 = time.perf_counter()
+            runner.prefill_steps([(slot, None) for slot in range(prompts)])
+            sync(runner.device)
+            if i:
+                best = min(best, time.perf_counter() - t0)
+            for slot in range(prompts):
+                runner.release(slot)
+    finally:
+        if not together:
+            del runner._merge_together  # back to the class's
+    return best
+
+
 def main() -> None:
     p = base_parser(__doc__)
     p.add_argument("--lengths", default=None, help="default 256,1024 (quick: 32,128)")
+    p.add_argument("--packed", default=None,
+                   help="prompt counts, comma list: short prompts prefilled in one packed step, "
+                        "merging together and each alone (default: not measured)")
+    p.add_argument("--packed-tokens", type=int, default=32)
     args = p.parse_args()
     device, dtype = setup(args)
     cfg = shape(args)
@@ -68,8 +105,23 @@ def main() -> None:
             print_table(rows[-1:], COLS)
     print()
     print_table(rows, COLS)
+    packed = []
+    if args.packed:
+        counts = [int(x) for x in args.packed.split(",")]
+        n, most = args.packed_tokens, max(counts)
+        engine = Engine(folded_model(cfg, device, dtype), None, max_batch_size=most,
+                        max_input_tokens=n, max_total_tokens=n + 1,
+                        merge_cache_bytes=(most + 1) * cfg["n_layer"] * ffn_bytes)
+        for s in counts:
+            each, together = (packed_time(engine, s, n, cfg["vocab_size"], args.reps, t)
+                              for t in (False, True))
+            packed.append(dict(prompts=s, tokens=n, each_ms=1e3 * each,
+                               together_ms=1e3 * together, together_vs_each=together / each))
+            print_table(packed[-1:], PACKED_COLS)
+        print()
+        print_table(packed, PACKED_COLS)
     name = "prefill" if args.shape == "gpt2-small" else f"prefill-{args.shape}"
-    write_results(name, args, rows, {"peaks": peaks, "shape": cfg})
+    write_results(name, args, rows, {"peaks": peaks, "shape": cfg, "packed": packed})
 
 
 if __name__ == "__main__":

@@ -51,6 +51,18 @@ def test_llama_shape_decode_and_prefill(tmp_path):
                     camex | {("engine-dense", "-")}, "--shape", "tinyllama-1b")
 
 
+def test_prefill_benchmark_times_packed_prompts_merging_together_and_each_alone(tmp_path):
+    """`--packed`: a row per prompt count, each with both timings and their ratio."""
+    out = tmp_path / "p.json"
+    run("prefill.py", "--quick", "--threads", "1", "--reps", "1", "--lengths", "32",
+        "--packed", "2,3", "--out", str(out))
+    packed = json.loads(out.read_text())["packed"]
+    assert [r["prompts"] for r in packed] == [2, 3]
+    for r in packed:
+        assert r["tokens"] == 32 and r["each_ms"] > 0 and r["together_ms"] > 0
+        assert r["together_vs_each"] == pytest.approx(r["together_ms"] / r["each_ms"])
+
+
 def check_quick_run(tmp_path, script, points, expected, *extra):
     out = tmp_path / "r.json"
     run(script, "--quick", "--threads", "1", "--reps", "1", "--out", str(out), *extra)
