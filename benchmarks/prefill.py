@@ -45,12 +45,12 @@ def prefill_time(engine: Engine, n: int, vocab: int, reps: int) -> float:
 
 
 def packed_time(engine: Engine, prompts: int, n: int, vocab: int, reps: int,
-                together: bool) -> float:
-    """The best time of one packed step prefilling `prompts` fresh n-token prompts whole."""
+                together: bool, gen: torch.Generator) -> float:
+    """The best time of one packed step prefilling `prompts` n-token prompts whole, drawn from
+    `gen` (never seen before: every merge is made, none found in the cache)."""
     runner = engine.runner
     if not together:  # every piece merges on its own, as a lone prompt does
         runner._merge_together = lambda m, routed: [False] * len(routed)
-    gen = torch.Generator().manual_seed(prompts * 1000 + n)
     best = float("inf")
     try:
         for i in range(reps + 1):  # first run warms up
@@ -112,8 +112,10 @@ def main() -> None:
         engine = Engine(folded_model(cfg, device, dtype), None, max_batch_size=most,
                         max_input_tokens=n, max_total_tokens=n + 1,
                         merge_cache_bytes=(most + 1) * cfg["n_layer"] * ffn_bytes)
+        engine.warmup()  # as the server does: the pool's pages are backed before timing
+        gen = torch.Generator().manual_seed(n)
         for s in counts:
-            each, together = (packed_time(engine, s, n, cfg["vocab_size"], args.reps, t)
+            each, together = (packed_time(engine, s, n, cfg["vocab_size"], args.reps, t, gen)
                               for t in (False, True))
             packed.append(dict(prompts=s, tokens=n, each_ms=1e3 * each,
                                together_ms=1e3 * together, together_vs_each=together / each))
