@@ -187,8 +187,7 @@ def test_chunked_prefill_benchmark_on_a_llama_shape(tmp_path):
 
 def test_staggered_arrivals_benchmark(tmp_path):
     """Merged-expert prompts arrive one by one at an engine: every ratio gets a row over its
-    waves, each request its first token and every token it asked for, and the ratios took
-    their turns on one engine (the per-wave rows say which ran)."""
+    waves, and each request of each wave its first token and every token it asked for."""
     out = tmp_path / "sa.json"
     run("staggered_arrivals.py", "--quick", "--threads", "1", "--ratios", "0.8,1.2",
         "--waves", "2", "--arrivals", "4", "--out", str(out))
