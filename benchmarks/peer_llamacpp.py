@@ -58,7 +58,7 @@ from machine import (CpuMeter, cpu_info, loadavg, main_thread_cpu_s,  # noqa: E4
                      with_descendants)
 from peer_models import FAMILIES, build_models  # noqa: E402
 from peer_report import DTYPE_PAIRS, LLAMA, markdown, summarize, targets  # noqa: E402
-from serving import ServerProcess, end_process, free_port  # noqa: E402
+from serving import ServerProcess, end_process, free_port, signals_held  # noqa: E402
 
 SYSTEMS = (LLAMA, "camex-dense", "camex-7x1")
 CONTENDED_OTHER_CORES = 0.25  # other processes used more than a quarter core during a level
@@ -226,9 +226,10 @@ class EngineWorker:
 
     def __enter__(self) -> EngineWorker:
         self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
         try:
+            with signals_held():  # no signal between the fork and holding its handle
+                self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdin=subprocess.PIPE,
+                                             stdout=subprocess.PIPE, stderr=self.log, text=True)
             self.ready_s = self._reply(self.startup_timeout_s)["ready_s"]
         except BaseException:
             self.__exit__()

@@ -17,6 +17,7 @@ A script that prints a table and writes JSON; it asserts nothing about speed. Se
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -24,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -55,6 +57,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@contextlib.contextmanager
+def signals_held(signums: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM)):
+    """Hold `signums` for the block and deliver them, to the handlers they had, as it ends. A
+    child is started inside it (`Popen` and keeping its handle): a handler that raises there
+    (Ctrl-C's KeyboardInterrupt, `peer_llamacpp`'s SIGTERM) interrupted `Popen` after the fork,
+    before anyone held the child's handle, and left it running with nobody to end it. Python
+    handlers, so whichever thread the kernel signals, nothing runs before the block ends;
+    outside the main thread (where no handler can be set) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: list[tuple[int, object]] = []
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append((signum, frame)))
+                for s in signums}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for signum, frame in pending:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(signum)
+
+
 def end_process(proc: subprocess.Popen | None, ask: Callable[[subprocess.Popen], None],
                 grace_s: float = 30.0) -> None:
     """A child we started, if still running: `ask` it to stop, wait `grace_s`, then kill it."""
@@ -81,7 +110,17 @@ class ServerProcess:
 
     def __enter__(self) -> ServerProcess:
         self.log = self.log_path.open("w")
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
+        try:  # interrupted while it starts (Ctrl-C, SIGTERM), the server is ended too
+            with signals_held():
+                self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self.log,
+                                             stderr=subprocess.STDOUT)
+            self._wait_ready()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -90,11 +129,10 @@ class ServerProcess:
             try:
                 if httpx.get(self.url + self.ready_path, timeout=2.0,
                              trust_env=False).status_code == 200:
-                    return self
+                    return
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        self.__exit__()
         raise RuntimeError(f"server not ready after {self.startup_timeout_s}s; see {self.log_path}")
 
     def __exit__(self, *exc) -> None:
