@@ -56,7 +56,7 @@ import llamacpp_build  # noqa: E402
 import peer_client  # noqa: E402
 from machine import (CpuMeter, cpu_info, loadavg, main_thread_cpu_s,  # noqa: E402
                      with_descendants)
-from peer_models import FAMILIES, build_models  # noqa: E402
+from peer_models import FAMILIES, build_models, context_length  # noqa: E402
 from peer_report import DTYPE_PAIRS, LLAMA, markdown, summarize, targets  # noqa: E402
 from serving import ServerProcess, end_process, free_port, signals_held  # noqa: E402
 
@@ -122,6 +122,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.concurrent_requests = (args.concurrent_requests
                                 or args.concurrency * (1 if args.quick else 4))
     args.new_tokens = args.new_tokens or (16 if args.quick else 64)
+    context = context_length(args.family, args.quick)
+    if args.prompt_tokens < 1 or args.prompt_tokens + args.new_tokens > context:
+        p.error(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} must fit "
+                f"the model's {context} positions")
     flavour = "quick" if args.quick else "full"
     family = "" if args.family == "gpt2" else f"-{args.family}"  # GPT-2 keeps its old paths
     args.work = args.work or (Path.home() / ".cache" / "camex-serve" / "peer"

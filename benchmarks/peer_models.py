@@ -17,8 +17,9 @@ output exists, since the CAMEx export takes minutes):
 - ``camex-7x1/``: ``upcycle_from_dense(dir, num_experts=7)`` (1 base + 7 routed experts per
   FFN) with experts spread apart and routers sharpened, so that merging does real work,
   + ``export``;
-- ``prompts.jsonl``: distinct prompts of exactly ``prompt_tokens`` tokens that survive a
-  decode/encode round trip, so every server sees the same token ids from the same text.
+- ``prompts-<prompt_tokens>.jsonl``: distinct prompts of exactly ``prompt_tokens`` tokens
+  that survive a decode/encode round trip, so every server sees the same token ids from the
+  same text; one file per length, so runs with different prompt lengths share the models.
 
 Knows nothing about servers or llama.cpp (beyond the config keys its converter reads).
 
@@ -61,6 +62,12 @@ ROPE_THETA = 10000.0
 QUICK_TEXTS = 3000  # fortunes the quick tokenizer trains on (seconds, not minutes)
 EXPERT_NOISE = 0.02  # std added to every routed expert: experts differ as much as init weights
 ROUTER_SCALE = 20.0  # sharpens N(0, 0.02) routers so scores differ between prompts
+
+
+def context_length(family: str, quick: bool) -> int:
+    """Positions the family's model of that size holds: a prompt plus its new tokens fit in it."""
+    shape = (SHAPES if family == "gpt2" else LLAMA_SHAPES)["quick" if quick else "full"]
+    return shape.get("n_positions") or shape["max_position_embeddings"]
 
 
 def build_tokenizer(out: Path, texts: list[str], vocab_size: int):
@@ -144,19 +151,28 @@ def build_camex(out: Path, dense_dir: Path, tok, num_experts: int, seed: int) ->
     return {"reused": False, "export_seconds": report.seconds}
 
 
+def prompts_path(work: Path, length: int) -> Path:
+    return work / f"prompts-{length}.jsonl"
+
+
 def write_prompts(path: Path, tok, texts: list[str], n: int, length: int, seed: int) -> list[dict]:
-    """At least `n` distinct prompts of exactly `length` tokens, stable under decode -> encode:
-    an existing file with `n` or more is kept whole. The sequence depends only on the seed, so a
-    file with fewer is written again, longer, and its prompts keep their places."""
+    """At least `n` distinct prompts of exactly `length` tokens, stable under decode -> encode,
+    each cut from randomly drawn fortunes joined by newlines (as many as its length takes: a
+    512-token prompt spans a dozen). An existing file of `n` or more prompts of that length is
+    kept whole. The sequence depends only on the seed and the length, so a file with fewer is
+    written again, longer, and its prompts keep their places; a file of another length is
+    written again."""
     if path.exists():
         have = [json.loads(line) for line in path.read_text().splitlines()]
-        if len(have) >= n:
+        if len(have) >= n and all(p["prompt_tokens"] == length for p in have):
             return have
     rng, prompts, seen = random.Random(seed), [], set()
     for _ in range(100 * n):
-        ids = tok.encode(rng.choice(texts) + "\n" + rng.choice(texts), add_special_tokens=False)
-        if len(ids) < length:
-            continue
+        parts = [rng.choice(texts), rng.choice(texts)]
+        ids = tok.encode("\n".join(parts), add_special_tokens=False)
+        while len(ids) < length:
+            parts.append(rng.choice(texts))
+            ids = tok.encode("\n".join(parts), add_special_tokens=False)
         start = rng.randrange(len(ids) - length + 1)
         text = tok.decode(ids[start:start + length])
         again = tok.encode(text, add_special_tokens=False)
@@ -187,13 +203,14 @@ def build_models(work: Path, quick: bool, seed: int = 0, num_prompts: int = 64,
     (build_gpt2 if family == "gpt2" else build_llama)(dense, tok, shape, seed)
     build_camex(work / "camex-dense", dense, tok, 0, seed)
     build_camex(work / "camex-7x1", dense, tok, 7, seed)
-    prompts = write_prompts(work / "prompts.jsonl", tok, texts, num_prompts, prompt_tokens, seed)
+    prompts = write_prompts(prompts_path(work, prompt_tokens), tok, texts, num_prompts,
+                            prompt_tokens, seed)
     return {"work": str(work), "family": family, "shape": shape, "seed": seed,
             "tokenizer_entries": len(tok), "prompt_tokens": prompt_tokens,
             "num_prompts": len(prompts), "expert_noise": EXPERT_NOISE,
             "router_scale": ROUTER_SCALE, "dense": str(dense), family: str(dense),
             "camex_dense": str(work / "camex-dense"), "camex_7x1": str(work / "camex-7x1"),
-            "prompts": str(work / "prompts.jsonl")}
+            "prompts": str(prompts_path(work, prompt_tokens))}
 
 
 def main(argv: list[str] | None = None) -> int:

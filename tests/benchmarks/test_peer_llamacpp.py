@@ -167,6 +167,33 @@ def test_a_longer_prompt_list_starts_with_the_shorter_one(models, tmp_path):
     assert len(path.read_text().splitlines()) == 5
 
 
+def test_each_prompt_length_gets_its_own_prompts_even_from_one_file(models, tmp_path):
+    """A run with longer prompts in the same work dir used to read the 32-token file and
+    measure 32-token prompts under the longer length's name; and a length beyond two
+    fortunes found no prompt at all."""
+    from peer_models import fortune_texts, prompts_path, write_prompts
+    from transformers import AutoTokenizer
+    work = Path(models["work"])
+    tok = AutoTokenizer.from_pretrained(work / "tokenizer")
+    assert prompts_path(work, 32) == Path(models["prompts"])  # the fixture asked for 32
+    texts, path = fortune_texts(), tmp_path / "prompts.jsonl"
+    short = write_prompts(path, tok, texts, 3, 32, seed=5)
+    long = write_prompts(path, tok, texts, 3, 400, seed=5)  # the same file, a longer length
+    assert long != short and {p["prompt_tokens"] for p in long} == {400}
+    assert {len(tok.encode(p["prompt"], add_special_tokens=False)) for p in long} == {400}
+    assert json.loads(path.read_text().splitlines()[0])["prompt_tokens"] == 400
+
+
+def test_prompt_and_new_tokens_must_fit_the_models_positions(capsys):
+    with pytest.raises(SystemExit):
+        peer_llamacpp.parse_args(["--prompt-tokens", "1000", "--new-tokens", "64"])
+    assert "must fit the model's 1024 positions" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        peer_llamacpp.parse_args(["--quick", "--prompt-tokens", "250"])  # + 16 > 256
+    args = peer_llamacpp.parse_args(["--prompt-tokens", "512", "--new-tokens", "64"])
+    assert (args.prompt_tokens, args.new_tokens) == (512, 64)
+
+
 def test_converter_requirements_stay_on_our_torch(tmp_path):
     req = tmp_path / "requirements"
     req.mkdir()
