@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 LLAMA = "llama.cpp"
-SYSTEM_NAMES = {LLAMA: "llama.cpp `llama-server -np 8`",
+SYSTEM_NAMES = {LLAMA: "llama.cpp `llama-server -np {conc}`",
                 "camex-dense": "camex-server, dense-equivalent model",
                 "camex-7x1": "camex-server, CAMEx 7+1 experts"}
 # dtype pair name -> (llama.cpp GGUF type, camex --dtype)
@@ -185,7 +185,8 @@ def markdown(doc: dict) -> str:
            f"| server | dtype | threads | B=1 tok/s | {conc} concurrent, total tok/s |",
            "|---|---|---:|---:|---:|"]
     for r in rows:
-        out.append(f"| {SYSTEM_NAMES.get(r['system'], r['system'])} | {r['dtype']} | "
+        name = SYSTEM_NAMES.get(r["system"], r["system"]).replace("{conc}", str(conc))
+        out.append(f"| {name} | {r['dtype']} | "
                    f"{r['threads']} | {cell(r, 'b1')} | {cell(r, 'conc')} |")
     out += ["", f"| server | dtype | threads | TTFT p50 B=1 ms | ITL p50 B=1 ms | ITL p50 "
                 f"c={conc} ms | engine B=1 tok/s | engine c={conc} tok/s | HTTP/engine B=1 | "

@@ -333,6 +333,8 @@ def test_report_ratios_are_per_round_against_llama():
     assert "2 runs each, alternating servers" in table  # a document from before interleaving
     doc["settings"]["interleaved"] = "B=1 request by request"
     assert "2 runs each, interleaved request by request at B=1" in markdown(doc)
+    two = {**doc, "settings": {**doc["settings"], "concurrency": 2}}  # run with -np 2
+    assert "| llama.cpp `llama-server -np 2` | f32 | 1 |" in markdown(two)
     lines = targets(doc)
     assert "1. dense / llama-server, B=1, fp32, 1 thread(s): worst 0.50 (>= 1.0: NOT met)" in lines
     assert "2. CAMEx / dense, B=1, fp32, 1 thread(s): worst 0.90 (>= 0.9: met)" in lines
