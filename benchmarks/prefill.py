@@ -4,10 +4,15 @@
 Every repetition uses a fresh random prompt, so content-addressed merges never hit: the time
 includes one merge per segment and MoE layer, as for a new user prompt.
 
+Prompts longer than one routing segment also run with the merged strategy twice: the merges
+of a layer's segments built in one pass over its expert stack (`together`, the runner as it
+is) against segment by segment (`each`: the runner's shared pass switched off, as before
+the change that added it).
+
 `--packed 2,4,8`: also S short prompts (`--packed-tokens`, default 32) prefilled in one packed
 step, as prompts that join together are, with the merges they are missing built in one pass
-over each layer's expert stack (`together`, the runner as it is) against each prompt merging
-its own (`each`, the runner's shared pass switched off: the runner before dfc8af7).
+over each layer's expert stack (`together`) against each prompt merging its own (`each`: the
+shared pass switched off, the runner before dfc8af7).
 
     python benchmarks/prefill.py --quick
     python benchmarks/prefill.py --lengths 256,1024
@@ -15,6 +20,7 @@ its own (`each`, the runner's shared pass switched off: the runner before dfc8af
 """
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -27,20 +33,40 @@ from camex_runtime.engine.merge_cache import entry_bytes, ffn_layout
 
 COLS = ["system", "strategy", "tokens", "tok_s", "bound_tok_s", "achieved", "achieved_fused"]
 PACKED_COLS = ["prompts", "tokens", "each_ms", "together_ms", "together_vs_each"]
+SEGMENT_COLS = ["tokens", "segments", "each_ms", "together_ms", "together_vs_each"]
 
 
-def prefill_time(engine: Engine, n: int, vocab: int, reps: int) -> float:
-    gen = torch.Generator().manual_seed(n)
+@contextlib.contextmanager
+def merging(runner, together: bool):
+    """The runner as it is (`together`), or with every segment and packed piece merging on its
+    own (the shared pass switched off on this runner only)."""
+    if together:
+        yield
+        return
+    runner._merge_together = lambda m, routed: [[None] * len(segs) for _, segs in routed]
+    try:
+        yield
+    finally:
+        del runner._merge_together  # back to the class's
+
+
+def prefill_time(engine: Engine, n: int, vocab: int, reps: int, together: bool = True,
+                 seed: int | None = None) -> float:
+    """The best time of prefilling a fresh n-token prompt (drawn from a generator seeded with
+    `seed`, default n: timings that must not find each other's merges in the cache pass
+    different seeds)."""
+    gen = torch.Generator().manual_seed(n if seed is None else seed)
     best = float("inf")
-    for i in range(reps + 1):  # first run warms up
-        ids = torch.randint(0, vocab, (n,), generator=gen).tolist()
-        sync(engine.runner.device)
-        t0 = time.perf_counter()
-        engine.runner.prefill(0, ids, "segment")
-        sync(engine.runner.device)
-        if i:
-            best = min(best, time.perf_counter() - t0)
-        engine.runner.release(0)
+    with merging(engine.runner, together):
+        for i in range(reps + 1):  # first run warms up
+            ids = torch.randint(0, vocab, (n,), generator=gen).tolist()
+            sync(engine.runner.device)
+            t0 = time.perf_counter()
+            engine.runner.prefill(0, ids, "segment")
+            sync(engine.runner.device)
+            if i:
+                best = min(best, time.perf_counter() - t0)
+            engine.runner.release(0)
     return best
 
 
@@ -49,10 +75,8 @@ def packed_time(engine: Engine, prompts: int, n: int, vocab: int, reps: int,
     """The best time of one packed step prefilling `prompts` n-token prompts whole, drawn from
     `gen` (never seen before: every merge is made, none found in the cache)."""
     runner = engine.runner
-    if not together:  # every piece merges on its own, as a lone prompt does
-        runner._merge_together = lambda m, routed: [False] * len(routed)
     best = float("inf")
-    try:
+    with merging(runner, together):
         for i in range(reps + 1):  # first run warms up
             for slot in range(prompts):
                 runner.start_prefill(slot, torch.randint(0, vocab, (n,), generator=gen).tolist(),
@@ -65,9 +89,6 @@ def packed_time(engine: Engine, prompts: int, n: int, vocab: int, reps: int,
                 best = min(best, time.perf_counter() - t0)
             for slot in range(prompts):
                 runner.release(slot)
-    finally:
-        if not together:
-            del runner._merge_together  # back to the class's
     return best
 
 
@@ -105,6 +126,20 @@ def main() -> None:
             print_table(rows[-1:], COLS)
     print()
     print_table(rows, COLS)
+    segments = []
+    camex.runner.strategy = "merged"
+    for n in lengths:
+        count = -(-n // camex.runner.T)
+        if count < 2:
+            continue
+        each, together = (prefill_time(camex, n, cfg["vocab_size"], args.reps, t, seed=n + 1 + t)
+                          for t in (False, True))
+        segments.append(dict(tokens=n, segments=count, each_ms=1e3 * each,
+                             together_ms=1e3 * together, together_vs_each=together / each))
+        print_table(segments[-1:], SEGMENT_COLS)
+    if segments:
+        print()
+        print_table(segments, SEGMENT_COLS)
     packed = []
     if args.packed:
         counts = [int(x) for x in args.packed.split(",")]
@@ -123,7 +158,8 @@ def main() -> None:
         print()
         print_table(packed, PACKED_COLS)
     name = "prefill" if args.shape == "gpt2-small" else f"prefill-{args.shape}"
-    write_results(name, args, rows, {"peaks": peaks, "shape": cfg, "packed": packed})
+    write_results(name, args, rows, {"peaks": peaks, "shape": cfg, "segments": segments,
+                                     "packed": packed})
 
 
 if __name__ == "__main__":

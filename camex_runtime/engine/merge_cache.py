@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from collections.abc import Hashable, Mapping
+from collections.abc import Hashable, Iterable, Mapping
 from types import MappingProxyType
 
 import torch
@@ -146,6 +146,14 @@ class MergeCache:
                 t[slot].zero_()
             written += self.entry_bytes
         return written
+
+    def can_place(self, keys: Iterable[Hashable]) -> bool:
+        """Whether acquiring every key at once would refuse none: the missing ones fit in the
+        free slots and the unreferenced entries that are not among the keys."""
+        keys = set(keys)
+        missing = sum(1 for key in keys if key not in self._entries)
+        held = sum(1 for key in keys if key in self._lru)
+        return missing <= len(self._free) + len(self._lru) - held
 
     def weights(self, slot: int) -> Mapping[str, torch.Tensor]:
         """Views of one entry: fc1_weight (k*h, d), fc2_weight (d, h) (+ fc1_bias, fc2_bias);

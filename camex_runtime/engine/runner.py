@@ -452,9 +452,11 @@ class ModelRunner:
 
     def _prefill_moe(self, m: int, h: Tensor, slot: int, st: SlotRouting, start: int) -> Tensor:
         """h (n, d): FFN inputs of prompt tokens [start, start+n) at MoE layer m. Each segment
-        the chunk touches goes through its merged expert; the last one stays the slot's current
-        segment (it continues in the next chunk, or serves decode)."""
-        return self._segments_ffn(m, h, st, self._route_prefill(m, h, slot, st, start))
+        the chunk touches goes through its merged expert (the missing merges of several built
+        in one pass, `_merge_together`); the last one stays the slot's current segment (it
+        continues in the next chunk, or serves decode)."""
+        segments = self._route_prefill(m, h, slot, st, start)
+        return self._segments_ffn(m, h, st, segments, self._merge_together(m, [(st, segments)])[0])
 
     def _route_prefill(self, m: int, h: Tensor, slot: int, st: SlotRouting, start: int
                        ) -> list[PromptSegment]:
@@ -503,15 +505,27 @@ class ModelRunner:
                 for i, (a, b) in enumerate(bounds)]
 
     def _segments_ffn(self, m: int, h: Tensor, st: SlotRouting, segments: list[PromptSegment],
-                      merged: bool = False) -> Tensor:
-        """h (n, d) through the merged experts of its `segments` (`_route_prefill`); `merged`:
-        the kept segment's merge is in place already (`_merge_together`)."""
+                      ready: list[int | None] | None = None) -> Tensor:
+        """h (n, d) through the merged experts of its `segments` (`_route_prefill`); `ready`:
+        per segment, the pool slot `_merge_together` made its merge in (None: not made)."""
+        ready = ready or [None] * len(segments)
         if len(segments) == 1:
-            return self._segment_ffn(m, h, segments[0], st, merged)
+            return self._segment_ffn(m, h, segments[0], st, ready[0])
         out = torch.empty_like(h)
-        for seg in segments:
-            out[seg.a:seg.b] = self._segment_ffn(m, h[seg.a:seg.b], seg, st, merged and seg.keep)
+        for i, seg in enumerate(segments):
+            try:
+                out[seg.a:seg.b] = self._segment_ffn(m, h[seg.a:seg.b], seg, st, ready[i])
+            except BaseException:
+                self._drop_ready(segments[i + 1:], ready[i + 1:])
+                raise
         return out
+
+    def _drop_ready(self, segments: list[PromptSegment], ready: list[int | None]) -> None:
+        """Release the merges made ready for segments that will not run (a failure before
+        them): a kept segment's belongs to its slot (`release` frees it), the others' here."""
+        for seg, ps in zip(segments, ready):
+            if ps is not None and ps >= 0 and not seg.keep:
+                self.cache.release(seg.key)
 
     def _segment_strategy(self, seg: PromptSegment, st: SlotRouting) -> str:
         """`merged` or `mixture` for a prompt segment (`auto`: the cost model's choice; the
@@ -522,36 +536,43 @@ class ModelRunner:
         return self.cost.choose_segment(seg.b - seg.a, future, seg.key not in self.cache)
 
     def _merge_together(self, m: int, routed: list[tuple[SlotRouting, list[PromptSegment]]]
-                        ) -> list[bool]:
-        """Packed prefill chunks (each one's routing state and segments at MoE layer m): where
-        two or more of the merges their kept segments use are missing, build them all in one
-        pass over the layer's expert stack (`_acquire_many`: one merge's read and a write
-        each, against a read each merging chunk by chunk) and make them the slots' current
-        segments. Returns, per chunk, whether its kept segment's merge is in place (the rest
-        goes through `_segment_ffn` as a lone chunk's would: a single missing merge keeps
-        `merge_apply`'s pass, which applies it as it is made)."""
-        picks = [(i, st, segs[-1]) for i, (st, segs) in enumerate(routed)
-                 if self._segment_strategy(segs[-1], st) == "merged"]
-        done = [False] * len(routed)
-        if len({seg.key for _, _, seg in picks if seg.key not in self.cache}) < 2:
-            return done
-        slots, _ = self._acquire_many(m, [seg.key for _, _, seg in picks],
-                                      torch.stack([seg.scores for _, _, seg in picks]))
-        for (i, st, seg), got in zip(picks, slots):
-            self._set_segment(st, m, seg.key, FALLBACK if got is None else got)
-            done[i] = True
-        return done
+                        ) -> list[list[int | None]]:
+        """The prefill chunks of one forward (each one's routing state and segments at MoE
+        layer m; one chunk, or several packed): where two or more of the merges their segments
+        use are missing, build them all in one pass over the layer's expert stack
+        (`_acquire_many`: one merge's read and a write each, against a read each merging
+        segment by segment; a 512-token prompt opens two 256-token segments per layer, whose
+        two merges took 12.8 ms one by one, GPT-2-small fp32, one core) and make the kept
+        segments the slots' current ones. Returns, per chunk and segment, the pool slot of its
+        merge made here (FALLBACK: the pool was full), or None: it goes through `_segment_ffn`
+        as before (a single missing merge keeps `merge_apply`'s pass, which applies it as it
+        is made). Segments the chunk ends (not kept) join only where the pool can place every
+        missing merge at once: one by one, each can reuse the entry the one before released."""
+        ready: list[list[int | None]] = [[None] * len(segs) for _, segs in routed]
+        picks = [(i, j, st, seg) for i, (st, segs) in enumerate(routed)
+                 for j, seg in enumerate(segs) if self._segment_strategy(seg, st) == "merged"]
+        if any(not seg.keep for *_, seg in picks) and not self.cache.can_place(
+                [seg.key for *_, seg in picks]):
+            picks = [pick for pick in picks if pick[3].keep]
+        if len({seg.key for *_, seg in picks if seg.key not in self.cache}) < 2:
+            return ready
+        slots, _ = self._acquire_many(m, [seg.key for *_, seg in picks],
+                                      torch.stack([seg.scores for *_, seg in picks]))
+        for (i, j, st, seg), got in zip(picks, slots):
+            ready[i][j] = FALLBACK if got is None else got
+            if seg.keep:
+                self._set_segment(st, m, seg.key, ready[i][j])
+        return ready
 
     def _segment_ffn(self, m: int, x: Tensor, seg: PromptSegment, st: SlotRouting,
-                     merged: bool = False) -> Tensor:
+                     ready: int | None = None) -> Tensor:
         """x (n, d) of one prompt segment (or its part in this chunk) through its merged expert;
-        `seg.keep`: it stays the slot's current segment after this chunk. `merged`: a kept
-        segment whose merge `_merge_together` made current already (or found the pool full)."""
+        `seg.keep`: it stays the slot's current segment after this chunk. `ready`: the pool
+        slot `_merge_together` made its merge in (FALLBACK: the pool was full; a kept
+        segment's is its slot's current already)."""
         key, keep, scores = seg.key, seg.keep, seg.scores
-        if merged:
-            ps, y = st.pool_slots[m], None
-        else:
-            ps, y = NO_MERGE, None
+        ps, y = NO_MERGE if ready is None else ready, None
+        if ready is None:
             if self._segment_strategy(seg, st) == "merged":  # a merge made now is applied in
                 got, y = self._acquire(m, key, scores, x)  # the same pass where it can
                 ps = FALLBACK if got is None else got
@@ -728,9 +749,16 @@ class _PackedRouting:
         parts = h[0].split(self.lengths)
         routed = [(p.st, r._route_prefill(m, x, p.slot, p.st, p.start))
                   for p, x in zip(self.pieces, parts)]
-        merged = r._merge_together(m, routed)
-        return torch.cat([r._segments_ffn(m, x, st, segs, done) for x, (st, segs), done
-                          in zip(parts, routed, merged)])[None]
+        ready = r._merge_together(m, routed)
+        outs = []
+        for k, (x, (st, segs)) in enumerate(zip(parts, routed)):
+            try:
+                outs.append(r._segments_ffn(m, x, st, segs, ready[k]))
+            except BaseException:  # the later pieces' merges made ready here would be held
+                for (_, later), held in zip(routed[k + 1:], ready[k + 1:]):
+                    r._drop_ready(later, held)
+                raise
+        return torch.cat(outs)[None]
 
 
 class _DecodeRouting:

@@ -52,11 +52,18 @@ def test_llama_shape_decode_and_prefill(tmp_path):
 
 
 def test_prefill_benchmark_times_packed_prompts_merging_together_and_each_alone(tmp_path):
-    """`--packed`: a row per prompt count, each with both timings and their ratio."""
+    """`--packed`: a row per prompt count, each with both timings and their ratio; and a
+    prompt longer than one routing segment (the quick shape's 16 tokens) timed merging its
+    segments together and one by one."""
     out = tmp_path / "p.json"
-    run("prefill.py", "--quick", "--threads", "1", "--reps", "1", "--lengths", "32",
+    run("prefill.py", "--quick", "--threads", "1", "--reps", "1", "--lengths", "16,40",
         "--packed", "2,3", "--out", str(out))
-    packed = json.loads(out.read_text())["packed"]
+    report = json.loads(out.read_text())
+    [seg] = report["segments"]  # 16 tokens are one segment: nothing to merge together
+    assert (seg["tokens"], seg["segments"]) == (40, 3)
+    assert seg["each_ms"] > 0 and seg["together_ms"] > 0
+    assert seg["together_vs_each"] == pytest.approx(seg["together_ms"] / seg["each_ms"])
+    packed = report["packed"]
     assert [r["prompts"] for r in packed] == [2, 3]
     for r in packed:
         assert r["tokens"] == 32 and r["each_ms"] > 0 and r["together_ms"] > 0

@@ -35,40 +35,44 @@ def refcounts(engine):
     return [e.refcount for e in engine.runner.cache._entries.values()]
 
 
-# 10 tokens, T=4: three segments per MoE layer, so apply calls 1-2 are earlier segments
-# (released after use) and call 3 is the kept segment (recorded for the decode steps). A merge
-# made for a prompt segment is applied in the same pass (MoEWeights.merge_apply, where the
-# kernels take it) or after it (apply_merged): either may fail.
-@pytest.mark.parametrize("where", ["merge_apply", "apply_merged"])
-@pytest.mark.parametrize("failing_call", [1, 2, 3])
+# 10 tokens, T=4: three segments per MoE layer, whose three merges are built in one pass over
+# the layer's expert stack (merge_many_into); then apply calls 1-2 are the earlier segments
+# (released after use) and call 3 the kept segment (recorded for the decode steps). A 3-token
+# prompt has one segment, whose merge is applied in the same pass (MoEWeights.merge_apply,
+# where the kernels take it). Any of them may fail.
+@pytest.mark.parametrize("where,failing_call", [("merge_many_into", 1), ("apply_merged", 1),
+                                                ("apply_merged", 2), ("apply_merged", 3),
+                                                ("merge_apply", 1)])
 def test_failed_prefill_releases_merge_cache_references(path, monkeypatch, failing_call, where):
     e = Engine.from_pretrained(path, max_batch_size=2, strategy="merged")
     calls = {"n": 0}
-    real_apply, real_merge_apply = runner_mod.apply_merged, MoEWeights.merge_apply
+    real = {"apply_merged": runner_mod.apply_merged, "merge_apply": MoEWeights.merge_apply,
+            "merge_many_into": MoEWeights.merge_many_into}[where]
 
-    def failing(real):
-        def call(*args):
-            calls["n"] += 1
-            if calls["n"] == failing_call:
-                raise RuntimeError("simulated out of memory")
-            return real(*args)
-        return call
+    def failing(*args):
+        calls["n"] += 1
+        if calls["n"] == failing_call:
+            raise RuntimeError("simulated out of memory")
+        return real(*args)
 
-    if where == "apply_merged":  # merges made first, then applied
-        monkeypatch.setattr(MoEWeights, "merge_apply", lambda *args: None)
-        monkeypatch.setattr(runner_mod, "apply_merged", failing(real_apply))
+    if where == "apply_merged":
+        monkeypatch.setattr(runner_mod, "apply_merged", failing)
+    elif where == "merge_many_into":
+        monkeypatch.setattr(MoEWeights, "merge_many_into", failing)
     else:
         if kernels.native() is None:
             pytest.skip(f"no native kernels here: {kernels.status()}")
-        monkeypatch.setattr(MoEWeights, "merge_apply", failing(real_merge_apply))
-    h = e.submit(list(range(1, 11)), SamplingParams(**PARAMS))
+        monkeypatch.setattr(MoEWeights, "merge_apply", failing)
+    prompt = list(range(1, 4 if where == "merge_apply" else 11))
+    h = e.submit(prompt, SamplingParams(**PARAMS))
     run_to_end(e, h)
     with pytest.raises(RequestFailedError, match="simulated out of memory"):
         h.result(timeout=0)
+    assert calls["n"] >= failing_call  # the failure happened where it was meant to
     assert e.runner.cache.referenced == 0 and set(refcounts(e)) <= {0}
     assert e.runner.slots == [None, None] and e.stats().running == 0
 
-    ok = e.submit(list(range(1, 11)), SamplingParams(**PARAMS))
+    ok = e.submit(prompt, SamplingParams(**PARAMS))
     run_to_end(e, ok)
     assert ok.result(timeout=0).finish_reason == "length"
     assert e.runner.cache.referenced == 0

@@ -69,6 +69,18 @@ def greedy(n=10):
     return SamplingParams(max_new_tokens=n, ignore_eos=True)
 
 
+def test_can_place_counts_free_slots_and_entries_nobody_holds():
+    c = cache(3)
+    assert c.can_place(["a", "b", "c"]) and not c.can_place(["a", "b", "c", "d"])
+    c.acquire("a")
+    c.acquire("b")
+    c.release("b")  # unreferenced: evictable, or a hit
+    assert c.can_place(["c", "d"])  # the free slot and b's
+    assert not c.can_place(["b", "c", "d"])  # b taken as a hit leaves one slot for c and d
+    assert c.can_place(["a", "b", "c"])  # a and b are hits
+    assert not c.can_place(["c", "d", "e"])
+
+
 def test_shared_prefix_requests_hit(path):
     engine = Engine.from_pretrained(path, max_batch_size=2, strategy="merged")
     engine.start()
@@ -163,11 +175,12 @@ def test_a_prompt_gets_the_same_bits_whether_its_merges_are_made_or_cached(tmp_p
                                                                            dtype, monkeypatch,
                                                                            request):
     """fp32 on the CPU, and bf16 with the bf16 dot kernel, a prompt segment's merge is made and
-    applied in one pass over the expert stack (MoEWeights.merge_apply); from the cache the
-    finished entry is applied by kernels.ffn. The prompt must get the same bits either way
-    (seeded sampling repeats only then), and the pool entry the bits of a plain merge. Segments
-    of 32 and 13 tokens: rows beyond the decode kernels' 16 (fp32) and 8 (bf16), within
-    merge_linear's 32."""
+    applied in one pass over the expert stack (MoEWeights.merge_apply: a chunk with one merge
+    missing); from the cache the finished entry is applied by kernels.ffn; a chunk missing
+    several merges builds them in one pass (merge_many_into), then applies them. The prompt
+    must get the same bits every way (seeded sampling repeats only then), and the pool entry
+    the bits of a plain merge. Segments of 32 and 13 tokens: rows beyond the decode kernels' 16
+    (fp32) and 8 (bf16), within merge_linear's 32."""
     if dtype == "bfloat16":
         request.getfixturevalue("bf16_dot")
     overrides = {} if family == "gpt2" else {"family": "llama", "n_kv_head": 2}
@@ -183,6 +196,9 @@ def test_a_prompt_gets_the_same_bits_whether_its_merges_are_made_or_cached(tmp_p
         made.append(None if y is None else x.shape[0])
         return y
     monkeypatch.setattr(MoEWeights, "merge_apply", spy)
+    # each segment's merge made on its own, as where a chunk is missing only one
+    monkeypatch.setattr(fused.runner, "_merge_together",
+                        lambda m, routed: [[None] * len(segs) for _, segs in routed])
     fused.start()
     try:
         first = fused.submit(prompt, params).result()
@@ -193,13 +209,15 @@ def test_a_prompt_gets_the_same_bits_whether_its_merges_are_made_or_cached(tmp_p
         fused.stop()
     assert again.token_ids == first.token_ids and again.prompt_logprobs == first.prompt_logprobs
 
-    monkeypatch.setattr(MoEWeights, "merge_apply", lambda *args: None)  # merge, then apply
+    # the two segments' merges of a layer in one pass, then applied
     plain = Engine.from_pretrained(path, max_batch_size=1, strategy="merged", dtype=dtype)
+    made.clear()
     plain.start()
     try:
         apart = plain.submit(prompt, params).result()
     finally:
         plain.stop()
+    assert made == [] and plain.runner.cache.stats().merges == 4
     assert apart.token_ids == first.token_ids and apart.prompt_logprobs == first.prompt_logprobs
     made_here, merged_apart = fused.runner.cache, plain.runner.cache
     assert made_here._entries.keys() == merged_apart._entries.keys()

@@ -260,3 +260,57 @@ def test_packed_chunks_merging_together_into_a_full_pool_fall_back_exactly(path)
     for slot in range(len(ps)):
         runner.release(slot)
     assert runner.cache.referenced == 0
+
+
+def one_by_one(runner) -> None:
+    """Every segment merged on its own (the runner before chunks shared their merge passes)."""
+    runner._merge_together = lambda m, routed: [[None] * len(segs) for _, segs in routed]
+
+
+def test_a_prompt_opening_several_segments_builds_their_merges_in_one_pass(path, monkeypatch):
+    """One prompt of three segments, prefilled whole: at each MoE layer its three merges (two
+    for segments it ends, one it keeps for decode) are built in one pass over the expert stack;
+    the logits and every entry's bits are those of merging segment by segment, and once the
+    slot is released nothing stays referenced."""
+    prompt = prompts()[0][:3 * T]
+    alone = Engine.from_pretrained(path, max_batch_size=1, strategy="merged").runner
+    one_by_one(alone)
+    want = alone.prefill(0, prompt, "segment")
+    runner = Engine.from_pretrained(path, max_batch_size=1, strategy="merged").runner
+    passes, applies = count_merge_passes(monkeypatch)
+    got = runner.prefill(0, prompt, "segment")
+    n_moe = len(runner.moe)
+    assert passes == [3] * n_moe and applies == []
+    assert torch.equal(got, want)
+    assert runner.cache._entries.keys() == alone.cache._entries.keys()
+    for key, entry in runner.cache._entries.items():
+        theirs = alone.cache.weights(alone.cache._entries[key].slot)
+        for part, view in runner.cache.weights(entry.slot).items():
+            assert torch.equal(view, theirs[part])
+    assert runner.cache.referenced == n_moe  # the kept segments', held for decode
+    runner.release(0)
+    alone.release(0)
+    assert runner.cache.referenced == 0
+
+
+def test_segments_a_prompt_ends_merge_one_by_one_where_the_pool_cannot_place_them_all(
+        path, monkeypatch):
+    """A pool of three entries, two MoE layers, a prompt of three segments: the first layer's
+    three merges fit the empty pool and are built in one pass. At the second, the first
+    layer's kept entry holds one slot: all three at once could not be placed, and one segment
+    would run the (much slower) mixture; one by one, the segments the prompt ends take a spare
+    slot in turn. So they go one by one there: no fallback, the same logits."""
+    prompt = prompts()[0][:3 * T]
+    alone = Engine.from_pretrained(path, max_batch_size=1, strategy="merged").runner
+    want = alone.prefill(0, prompt, "segment")
+    n_moe = len(alone.moe)
+    runner = Engine.from_pretrained(path, max_batch_size=1, strategy="merged",
+                                    merge_cache_bytes=(n_moe + 1) * alone.cache.entry_bytes).runner
+    passes, applies = count_merge_passes(monkeypatch)
+    got = runner.prefill(0, prompt, "segment")
+    assert runner.cache.stats().fallbacks == 0
+    assert n_moe == 2 and passes[0] == 3
+    assert all(rows == 1 for rows in passes[1:]) and len(passes) - 1 + len(applies) == 3
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    runner.release(0)
+    assert runner.cache.referenced == 0
