@@ -76,7 +76,9 @@ def decode_step_cost(cfg: dict, B: int, ctx: int, strategy: str, elem: int) -> C
 
 
 def prefill_cost(cfg: dict, n: int, moe: bool, elem: int) -> Cost:
-    """[(flops, bytes) per phase] of one n-token prompt: per segment one merge + one FFN GEMM."""
+    """[(flops, bytes) per phase] of one n-token prompt: per segment one FFN GEMM and one
+    merge, a layer's merges built in one pass over its expert stack (a read of the stack and a
+    write per segment: the runner's shared pass)."""
     d, L, V = cfg["d_model"], cfg["n_layer"], cfg["vocab_size"]
     E, T = cfg.get("num_experts", 0), cfg["segment_len"]
     attn, P, _ = _dense_parts(cfg)
@@ -86,7 +88,7 @@ def prefill_cost(cfg: dict, n: int, moe: bool, elem: int) -> Cost:
     nbytes = elem * (L * (attn + P) + V * d)
     Lm = _layers(cfg)[1]
     if moe and Lm:
-        return [(flops, nbytes), (Lm * K * 2 * E * P, elem * Lm * K * (E + 2) * P)]
+        return [(flops, nbytes), (Lm * K * 2 * E * P, elem * Lm * (E + 1 + K) * P)]
     return [(flops, nbytes)]
 
 

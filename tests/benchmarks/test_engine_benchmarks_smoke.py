@@ -102,11 +102,12 @@ def test_roofline_phases_add_up():
     assert bound(merged, peaks) == pytest.approx(
         sum(max(f, b) for f, b in merged) / 1e9)
     assert bound(merged, peaks) >= fused_bound(merged, peaks)
-    # a dense prompt has no merge phase; a CAMEx one merges once per segment and layer
+    # a dense prompt has no merge phase; a CAMEx one merges once per segment and layer, the
+    # three segments' merges of a layer from one read of its 3 + 1 experts
     dense, camex = prefill_cost(cfg, 48, False, 4), prefill_cost(cfg, 48, True, 4)
     assert len(dense) == 1 and camex[0] == dense[0]
     P = 2 * 64 * 256 + 64 + 256
-    assert camex[1] == (2 * 3 * 2 * 3 * P, 4 * 2 * 3 * (3 + 2) * P)
+    assert camex[1] == (2 * 3 * 2 * 3 * P, 4 * 2 * (3 + 1 + 3) * P)
 
 
 @pytest.mark.slow
