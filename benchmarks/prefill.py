@@ -39,15 +39,12 @@ SEGMENT_COLS = ["tokens", "segments", "each_ms", "together_ms", "together_vs_eac
 @contextlib.contextmanager
 def merging(runner, together: bool):
     """The runner as it is (`together`), or with every segment and packed piece merging on its
-    own (the shared pass switched off on this runner only)."""
-    if together:
-        yield
-        return
-    runner._merge_together = lambda m, routed: [[None] * len(segs) for _, segs in routed]
+    own (`ModelRunner.merge_together` off for the block)."""
+    runner.merge_together = together
     try:
         yield
     finally:
-        del runner._merge_together  # back to the class's
+        runner.merge_together = True
 
 
 def prefill_time(engine: Engine, n: int, vocab: int, reps: int, together: bool = True,

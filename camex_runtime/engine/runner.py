@@ -82,6 +82,9 @@ class ModelRunner:
             for param in model.parameters():
                 param.data = on_huge_pages(param.data)
         self.strategy = strategy
+        # a forward's missing merges of one layer built in one pass (`_merge_together`); False:
+        # each segment and packed piece merges its own (what the benchmarks compare against)
+        self.merge_together = True
         self.observer = observer
         self.T = self.cfg.segment_len
         d, M = self.cfg.d_model, len(self.moe)
@@ -549,6 +552,8 @@ class ModelRunner:
         is made). Segments the chunk ends (not kept) join only where the pool can place every
         missing merge at once: one by one, each can reuse the entry the one before released."""
         ready: list[list[int | None]] = [[None] * len(segs) for _, segs in routed]
+        if not self.merge_together:
+            return ready
         picks = [(i, j, st, seg) for i, (st, segs) in enumerate(routed)
                  for j, seg in enumerate(segs) if self._segment_strategy(seg, st) == "merged"]
         if any(not seg.keep for *_, seg in picks) and not self.cache.can_place(

@@ -196,9 +196,8 @@ def test_a_prompt_gets_the_same_bits_whether_its_merges_are_made_or_cached(tmp_p
         made.append(None if y is None else x.shape[0])
         return y
     monkeypatch.setattr(MoEWeights, "merge_apply", spy)
-    # each segment's merge made on its own, as where a chunk is missing only one
-    monkeypatch.setattr(fused.runner, "_merge_together",
-                        lambda m, routed: [[None] * len(segs) for _, segs in routed])
+    fused.runner.merge_together = False  # each segment's merge made on its own, as where a
+    # chunk is missing only one
     fused.start()
     try:
         first = fused.submit(prompt, params).result()

@@ -262,11 +262,6 @@ def test_packed_chunks_merging_together_into_a_full_pool_fall_back_exactly(path)
     assert runner.cache.referenced == 0
 
 
-def one_by_one(runner) -> None:
-    """Every segment merged on its own (the runner before chunks shared their merge passes)."""
-    runner._merge_together = lambda m, routed: [[None] * len(segs) for _, segs in routed]
-
-
 def test_a_prompt_opening_several_segments_builds_their_merges_in_one_pass(path, monkeypatch):
     """One prompt of three segments, prefilled whole: at each MoE layer its three merges (two
     for segments it ends, one it keeps for decode) are built in one pass over the expert stack;
@@ -274,12 +269,15 @@ def test_a_prompt_opening_several_segments_builds_their_merges_in_one_pass(path,
     slot is released nothing stays referenced."""
     prompt = prompts()[0][:3 * T]
     alone = Engine.from_pretrained(path, max_batch_size=1, strategy="merged").runner
-    one_by_one(alone)
-    want = alone.prefill(0, prompt, "segment")
-    runner = Engine.from_pretrained(path, max_batch_size=1, strategy="merged").runner
+    alone.merge_together = False  # every segment merged on its own
     passes, applies = count_merge_passes(monkeypatch)
+    want = alone.prefill(0, prompt, "segment")
+    n_moe = len(alone.moe)
+    assert all(rows == 1 for rows in passes) and len(passes) + len(applies) == 3 * n_moe
+    passes.clear()
+    applies.clear()
+    runner = Engine.from_pretrained(path, max_batch_size=1, strategy="merged").runner
     got = runner.prefill(0, prompt, "segment")
-    n_moe = len(runner.moe)
     assert passes == [3] * n_moe and applies == []
     assert torch.equal(got, want)
     assert runner.cache._entries.keys() == alone.cache._entries.keys()
