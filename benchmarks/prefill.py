@@ -47,6 +47,12 @@ def merging(runner, together: bool):
         runner.merge_together = True
 
 
+def each_and_together(time_of) -> dict:
+    """`time_of(together)` with the shared merge pass off, then on: both in ms and their ratio."""
+    each, together = time_of(False), time_of(True)
+    return dict(each_ms=1e3 * each, together_ms=1e3 * together, together_vs_each=together / each)
+
+
 def prefill_time(engine: Engine, n: int, vocab: int, reps: int, together: bool = True,
                  seed: int | None = None) -> float:
     """The best time of prefilling a fresh n-token prompt (drawn from a generator seeded with
@@ -129,10 +135,9 @@ def main() -> None:
         count = -(-n // camex.runner.T)
         if count < 2:
             continue
-        each, together = (prefill_time(camex, n, cfg["vocab_size"], args.reps, t, seed=n + 1 + t)
-                          for t in (False, True))
-        segments.append(dict(tokens=n, segments=count, each_ms=1e3 * each,
-                             together_ms=1e3 * together, together_vs_each=together / each))
+        segments.append(dict(tokens=n, segments=count, **each_and_together(
+            lambda t, n=n: prefill_time(camex, n, cfg["vocab_size"], args.reps, t,
+                                        seed=n + 1 + t))))
         print_table(segments[-1:], SEGMENT_COLS)
     if segments:
         print()
@@ -147,10 +152,8 @@ def main() -> None:
         engine.warmup()  # as the server does: the pool's pages are backed before timing
         gen = torch.Generator().manual_seed(n)
         for s in counts:
-            each, together = (packed_time(engine, s, n, cfg["vocab_size"], args.reps, t, gen)
-                              for t in (False, True))
-            packed.append(dict(prompts=s, tokens=n, each_ms=1e3 * each,
-                               together_ms=1e3 * together, together_vs_each=together / each))
+            packed.append(dict(prompts=s, tokens=n, **each_and_together(
+                lambda t, s=s: packed_time(engine, s, n, cfg["vocab_size"], args.reps, t, gen))))
             print_table(packed[-1:], PACKED_COLS)
         print()
         print_table(packed, PACKED_COLS)

@@ -508,10 +508,9 @@ class ModelRunner:
                 for i, (a, b) in enumerate(bounds)]
 
     def _segments_ffn(self, m: int, h: Tensor, st: SlotRouting, segments: list[PromptSegment],
-                      ready: list[int | None] | None = None) -> Tensor:
+                      ready: list[int | None]) -> Tensor:
         """h (n, d) through the merged experts of its `segments` (`_route_prefill`); `ready`:
         per segment, the pool slot `_merge_together` made its merge in (None: not made)."""
-        ready = ready or [None] * len(segments)
         if len(segments) == 1:
             return self._segment_ffn(m, h, segments[0], st, ready[0])
         out = torch.empty_like(h)
@@ -570,7 +569,7 @@ class ModelRunner:
         return ready
 
     def _segment_ffn(self, m: int, x: Tensor, seg: PromptSegment, st: SlotRouting,
-                     ready: int | None = None) -> Tensor:
+                     ready: int | None) -> Tensor:
         """x (n, d) of one prompt segment (or its part in this chunk) through its merged expert;
         `seg.keep`: it stays the slot's current segment after this chunk. `ready`: the pool
         slot `_merge_together` made its merge in (FALLBACK: the pool was full; a kept
