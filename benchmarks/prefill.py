@@ -9,6 +9,10 @@ of a layer's segments built in one pass over its expert stack (`together`, the r
 is) against segment by segment (`each`: the runner's shared pass switched off, as before
 the change that added it).
 
+The dense model's prompts also run with their causal attention as the runner does it (in query
+blocks at the lengths where that is faster on a CPU, engine/attention.py) and as one causal
+call (`attention` in the JSON; lengths outside the blocked range time the same code twice).
+
 `--packed 2,4,8`: also S short prompts (`--packed-tokens`, default 32) prefilled in one packed
 step, as prompts that join together are, with the merges they are missing built in one pass
 over each layer's expert stack (`together`) against each prompt merging its own (`each`: the
@@ -29,11 +33,13 @@ from common import base_parser, folded_model, print_table, setup, shape, sync, w
 from roofline import bound, fused_bound, measure_peaks, prefill_cost
 from camex_runtime import Engine
 from camex_runtime import CamexConfig
+from camex_runtime.engine import attention
 from camex_runtime.engine.merge_cache import entry_bytes, ffn_layout
 
 COLS = ["system", "strategy", "tokens", "tok_s", "bound_tok_s", "achieved", "achieved_fused"]
 PACKED_COLS = ["prompts", "tokens", "each_ms", "together_ms", "together_vs_each"]
 SEGMENT_COLS = ["tokens", "segments", "each_ms", "together_ms", "together_vs_each"]
+ATTENTION_COLS = ["tokens", "blocked", "one_call_ms", "runner_ms", "runner_vs_one_call"]
 
 
 @contextlib.contextmanager
@@ -45,6 +51,29 @@ def merging(runner, together: bool):
         yield
     finally:
         runner.merge_together = True
+
+
+@contextlib.contextmanager
+def one_causal_call():
+    """Every prompt's causal attention as one sdpa call (no query blocks) for the block."""
+    blocked = attention.CAUSAL_BLOCKED_TOKENS
+    attention.CAUSAL_BLOCKED_TOKENS = range(0)
+    try:
+        yield
+    finally:
+        attention.CAUSAL_BLOCKED_TOKENS = blocked
+
+
+def attention_row(engine: Engine, n: int, vocab: int, reps: int) -> dict:
+    """An n-token prefill with the runner's causal attention and with one causal call, fresh
+    prompts for each, alternating (the better of two rounds each)."""
+    one, runner = float("inf"), float("inf")
+    for r in range(2):
+        with one_causal_call():
+            one = min(one, prefill_time(engine, n, vocab, reps, seed=10 * n + 2 * r))
+        runner = min(runner, prefill_time(engine, n, vocab, reps, seed=10 * n + 2 * r + 1))
+    return dict(tokens=n, blocked=n in attention.CAUSAL_BLOCKED_TOKENS, one_call_ms=1e3 * one,
+                runner_ms=1e3 * runner, runner_vs_one_call=runner / one)
 
 
 def each_and_together(time_of) -> dict:
@@ -142,6 +171,9 @@ def main() -> None:
     if segments:
         print()
         print_table(segments, SEGMENT_COLS)
+    blocks = [attention_row(dense, n, cfg["vocab_size"], args.reps) for n in lengths]
+    print()
+    print_table(blocks, ATTENTION_COLS)
     packed = []
     if args.packed:
         counts = [int(x) for x in args.packed.split(",")]
@@ -159,7 +191,7 @@ def main() -> None:
         print_table(packed, PACKED_COLS)
     name = "prefill" if args.shape == "gpt2-small" else f"prefill-{args.shape}"
     write_results(name, args, rows, {"peaks": peaks, "shape": cfg, "segments": segments,
-                                     "packed": packed})
+                                     "attention": blocks, "packed": packed})
 
 
 if __name__ == "__main__":

@@ -52,9 +52,9 @@ def test_llama_shape_decode_and_prefill(tmp_path):
 
 
 def test_prefill_benchmark_times_packed_prompts_merging_together_and_each_alone(tmp_path):
-    """`--packed`: a row per prompt count, each with both timings and their ratio; and a
-    prompt longer than one routing segment (the quick shape's 16 tokens) timed merging its
-    segments together and one by one."""
+    """`--packed`: a row per prompt count, each with both timings and their ratio; a prompt
+    longer than one routing segment (the quick shape's 16 tokens) timed merging its segments
+    together and one by one; every length's dense prefill with and without attention blocks."""
     out = tmp_path / "p.json"
     run("prefill.py", "--quick", "--threads", "1", "--reps", "1", "--lengths", "16,40",
         "--packed", "2,3", "--out", str(out))
@@ -63,6 +63,12 @@ def test_prefill_benchmark_times_packed_prompts_merging_together_and_each_alone(
     assert (seg["tokens"], seg["segments"]) == (40, 3)
     assert seg["each_ms"] > 0 and seg["together_ms"] > 0
     assert seg["together_vs_each"] == pytest.approx(seg["together_ms"] / seg["each_ms"])
+    # the dense model's prompts with the runner's attention and one causal call: the quick
+    # shape's positions are below the blocked lengths, so both time the same code
+    assert [(r["tokens"], r["blocked"]) for r in report["attention"]] == [(16, False), (40, False)]
+    for r in report["attention"]:
+        assert r["one_call_ms"] > 0 and r["runner_ms"] > 0
+        assert r["runner_vs_one_call"] == pytest.approx(r["runner_ms"] / r["one_call_ms"])
     packed = report["packed"]
     assert [r["prompts"] for r in packed] == [2, 3]
     for r in packed:

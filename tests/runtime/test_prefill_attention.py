@@ -1,0 +1,72 @@
+"""A whole prompt's causal attention in query blocks (engine/attention.causal_attention): the
+same attention as one causal call, for the lengths it blocks and for the ones it leaves alone,
+and through the engine the same tokens as the model's own full forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from camex_runtime import Engine, SamplingParams
+from camex_runtime.engine import attention
+from camex_runtime.engine.attention import CAUSAL_BLOCK, CAUSAL_BLOCKED_TOKENS, causal_attention
+from engine_models import build_folded, reference
+from test_engine_decode import full_forward_logprobs
+
+LO, HI = CAUSAL_BLOCKED_TOKENS[0], CAUSAL_BLOCKED_TOKENS[-1]
+
+
+def qkv(n: int, heads: int, kv_heads: int, seed: int = 0):
+    """q, k, v laid out as the model's split of one fused projection: (1, heads, n, hd) views
+    of a (1, n, ...) tensor."""
+    g = torch.Generator().manual_seed(seed)
+    hd = 16
+    x = torch.randn(1, n, (heads + 2 * kv_heads) * hd, generator=g)
+    q, k, v = x.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+    return (q.view(1, n, heads, hd).transpose(1, 2), k.view(1, n, kv_heads, hd).transpose(1, 2),
+            v.view(1, n, kv_heads, hd).transpose(1, 2))
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("n", [1, LO - 1, LO, LO + 5, 5 * CAUSAL_BLOCK + 7, HI, HI + 1])
+def test_equals_one_causal_call(n, heads, kv_heads):
+    q, k, v = qkv(n, heads, kv_heads)
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                          enable_gqa=kv_heads != heads)
+    got = causal_attention(q, k, v)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    # what the next projection reads: (1, n, heads * hd) without a copy, as sdpa's own output
+    assert got.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("n,calls", [(LO - 1, 1), (LO, LO // CAUSAL_BLOCK),
+                                     (LO + 5, LO // CAUSAL_BLOCK + 1), (HI + 1, 1)])
+def test_blocks_only_the_lengths_it_is_faster_at(monkeypatch, n, calls):
+    seen = []
+    real = attention.sdpa
+    monkeypatch.setattr(attention, "sdpa", lambda q, *a, **kw: seen.append(q.shape[2]) or
+                        real(q, *a, **kw))
+    causal_attention(*qkv(n, 4, 4))
+    assert len(seen) == calls
+    assert sum(seen) == n  # every query row attended exactly once
+
+
+def test_prompt_in_blocks_decodes_like_full_forward(tmp_path):
+    """A prompt long enough to be blocked (and one past a partial last block) through the engine:
+    its tokens and log-probabilities are those of one full forward of the model code."""
+    path = build_folded(tmp_path / "lm", T=64, max_position_embeddings=HI + 16)
+    ref = reference(path)
+    engine = Engine.from_pretrained(path, max_batch_size=1, strategy="merged")
+    gen = torch.Generator().manual_seed(3)
+    for prompt_len in (LO + 5, HI - 3):
+        prompt = torch.randint(0, 60, (prompt_len,), generator=gen).tolist()
+        h = engine.submit(prompt, SamplingParams(max_new_tokens=6, ignore_eos=True))
+        while not h.done:
+            engine.step()
+        res = h.result()
+        ids = prompt + res.token_ids
+        lp = full_forward_logprobs(ref, ids, prompt_len, "segment")
+        assert res.token_ids == lp[prompt_len - 1:-1].argmax(-1).tolist()
+        want = lp[torch.arange(prompt_len - 1, len(ids) - 1), torch.tensor(res.token_ids)]
+        torch.testing.assert_close(torch.tensor(res.logprobs), want, atol=1e-5, rtol=1e-5)
