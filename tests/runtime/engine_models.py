@@ -44,6 +44,16 @@ def reference(path: Path, dtype=None) -> torch.nn.Module:
     return build_model(load_folded(path, dtype=dtype))
 
 
+def full_forward_logprobs(ref, ids: list[int], prompt_len: int, mode: str) -> torch.Tensor:
+    """Log-probabilities (L, V) of one full forward of `ref` over `ids`, routed as the engine
+    routes a prompt of `prompt_len` tokens followed by its generated tokens."""
+    T = ref.config.segment_len
+    with torch.no_grad():
+        logits = ref(torch.tensor([ids]), routing=mode, route1_len=min(prompt_len, T),
+                     prompt_len=prompt_len).logits[0]
+    return torch.log_softmax(logits.float(), -1)
+
+
 def results_alone(path: Path, prompts, params, **engine_kwargs) -> list:
     """Each request's GenerationResult from an engine that runs one request at a time (the
     reference of batched == alone); `params` one SamplingParams for all, or one per prompt."""

@@ -7,21 +7,13 @@ import pytest
 import torch
 
 from camex_runtime import Engine, SamplingParams
-from engine_models import build_folded, reference
+from engine_models import build_folded, full_forward_logprobs, reference
 
 
 @pytest.fixture(scope="module", params=[4, 8], ids=["T4", "T8"])
 def lm(request, tmp_path_factory):
     path = build_folded(tmp_path_factory.mktemp("dec") / f"lm-T{request.param}", T=request.param)
     return path, reference(path)
-
-
-def full_forward_logprobs(ref, ids: list[int], prompt_len: int, mode: str) -> torch.Tensor:
-    T = ref.config.segment_len
-    with torch.no_grad():
-        logits = ref(torch.tensor([ids]), routing=mode, route1_len=min(prompt_len, T),
-                     prompt_len=prompt_len).logits[0]
-    return torch.log_softmax(logits.float(), -1)  # (L, V)
 
 
 @pytest.mark.parametrize("strategy", ["merged", "mixture", "auto"])

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from camex_runtime import Engine, SamplingParams
 from camex_runtime.engine import attention
 from camex_runtime.engine.attention import CAUSAL_BLOCK, CAUSAL_BLOCKED_TOKENS, causal_attention
-from engine_models import build_folded, reference
-from test_engine_decode import full_forward_logprobs
+from engine_models import build_folded, full_forward_logprobs, reference
 
 LO, HI = CAUSAL_BLOCKED_TOKENS[0], CAUSAL_BLOCKED_TOKENS[-1]
 
