@@ -30,12 +30,12 @@ from camex_runtime.layers import sdpa
 # A whole prompt's causal attention on a CPU. torch's CPU flash kernel multiplies every block of
 # queries by whole 512-key blocks of keys and masks the excess, so up to a few hundred tokens a
 # causal call costs what a full one does. Blocks of CAUSAL_BLOCK queries, each against only the
-# keys it can see, do about half of that work: 0.66-0.80x the attention time at 256-512 tokens,
-# one or two threads, GPT-2-small's heads (Zen 4); a 512-token prefill 0.92-0.97x. Longer
-# prompts keep one call: the kernel's waste is a smaller share there and the blocks' smaller
-# products parallelise worse (1.04-1.4x on two threads at 768-2,048 tokens; one thread still
-# gains to ~1,024, 0.98-0.99x of a prefill, not worth a rule per thread count). Same softmax
-# sums per query, rounded in another order (differences ~1e-7).
+# keys it can see, do about half of that work: 0.66-0.76x the attention time at 256-512 tokens
+# on one thread, 0.80-0.94x on two (GPT-2-small's heads, Zen 4); a 512-token prefill
+# 0.92-0.97x. Longer prompts keep one call: the kernel's waste is a smaller share there and the
+# blocks' smaller products parallelise worse (1.04-1.4x on two threads at 768-2,048 tokens; one
+# thread still gains to ~1,024, 0.98-0.99x of a prefill, not worth a rule per thread count).
+# Same softmax sums per query, rounded in another order (differences ~1e-7).
 CAUSAL_BLOCK = 64
 CAUSAL_BLOCKED_TOKENS = range(3 * CAUSAL_BLOCK, 10 * CAUSAL_BLOCK + 1)
 
