@@ -138,6 +138,11 @@ async def merged(choices: list[Choice], firsts: list) -> AsyncIterator[tuple[Cho
     """(choice, event) as events arrive, every choice's first event first."""
     for c, ev in zip(choices, firsts):
         yield c, ev
+    live = [c for c, ev in zip(choices, firsts) if ev.finish_reason is None]
+    if len(live) == 1:  # one stream left (`n` = 1): followed here, no task and queue per token
+        async for ev in live[0].events:
+            yield live[0], ev
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -150,7 +155,6 @@ async def merged(choices: list[Choice], firsts: list) -> AsyncIterator[tuple[Cho
             return
         await queue.put((c, done, None))
 
-    live = [c for c, ev in zip(choices, firsts) if ev.finish_reason is None]
     tasks = [asyncio.ensure_future(pump(c)) for c in live]
     try:
         remaining = len(tasks)

@@ -6,6 +6,7 @@ its slot for 2000 decode steps.
 """
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -121,6 +122,26 @@ def test_stream_disconnect_frees_the_slot(small_server):
     r = httpx.post(small_server.base_url + "/generate", headers=auth(),
                    json={"inputs": "next", "parameters": {"max_new_tokens": 2}})
     assert r.status_code == 200
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_openai_stream_disconnect_cancels_the_running_choice(small_server, n):
+    """One choice is followed directly, several through a queue (server.openai_runs.merged):
+    either way a client leaving mid-stream cancels the choice still running, counted once. (With
+    one slot, the stream of n=2 starts when both choices have a token: the first has finished
+    by then.)"""
+    wait_until(lambda: idle(small_server), "an idle server")
+    before = value(small_server.metrics(), "camex_failures_total", reason="dropped")
+    with httpx.stream("POST", small_server.base_url + "/v1/completions", headers=auth(),
+                      json={"prompt": "long request", "max_tokens": LONG_TOKENS, "n": n,
+                            "ignore_eos": True, "stream": True}, timeout=60) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()
+        assert json.loads(next(x for x in lines if x.startswith("data:"))[5:])["choices"]
+        wait_until(lambda: value(small_server.metrics(), "camex_running_requests") == 1,
+                   "a choice to hold the slot")
+    wait_until(lambda: idle(small_server), "the running choice to be cancelled")
+    assert value(small_server.metrics(), "camex_failures_total", reason="dropped") == before + 1
 
 
 def test_non_streaming_disconnect_is_cancelled(small_server):

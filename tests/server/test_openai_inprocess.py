@@ -12,8 +12,11 @@ import torch
 from fastapi.testclient import TestClient
 
 from camex_runtime.checkpoint import load_folded
+from camex_runtime.engine.outputs import TokenEvent
 from camex_runtime.engine.runner import build_model
 from server.app import create_app
+from server.protocol import StreamResponse, Token
+from server.routes.tgi import token_event
 from server.settings import ServerSettings
 from tests.server.test_health_inprocess import wait_ready
 
@@ -241,3 +244,36 @@ def test_tokenizer_routes_in_vllm_and_tgi_shapes(client):
     assert [t["id"] for t in tgi] == ids
     assert ["hello world"[t["start"]:t["stop"]] for t in tgi] == [t["text"] for t in tgi]
     assert "".join(t["text"] for t in tgi) == "hello world"
+
+
+def test_tgi_stream_events_equal_the_details_of_the_same_request(client):
+    """The token events before the last are formatted without pydantic (`token_event`): every
+    field of every event equals the non-streamed answer's details for the same greedy request,
+    and each event still parses as the schema's StreamResponse."""
+    params = {"max_new_tokens": 6, "details": True}
+    d = client.post("/generate", json={"inputs": "the quick brown",
+                                       "parameters": params}).json()
+    with client.stream("POST", "/generate_stream",
+                       json={"inputs": "the quick brown", "parameters": params}) as s:
+        lines = [x[5:] for x in s.iter_lines() if x.startswith("data:")]
+    events = [StreamResponse.model_validate_json(x).model_dump() for x in lines]
+    assert [e["index"] for e in events] == list(range(1, 7))
+    assert [e["token"] for e in events] == d["details"]["tokens"]
+    assert all(e["generated_text"] is None and e["details"] is None for e in events[:-1])
+    assert events[-1]["generated_text"] == d["generated_text"]
+    assert events[-1]["details"]["generated_tokens"] == 6
+
+
+@pytest.mark.parametrize("text", ["", " plain", 'quote " and \\ backslash', "new\nline\ttab",
+                                  "control \x01\x1f", "é ü 漢字 😀", "sep \u2028\u2029"])
+@pytest.mark.parametrize("logprob", [-8.426048278808594, -1e-05, -0.0, -123456.78125, -1e-300])
+def test_token_event_is_what_the_schema_writes(text, logprob):
+    ev = TokenEvent(token_id=50256, text=text, logprob=logprob, index=2)
+    for special in (False, True):
+        fast = token_event(3, ev, special)
+        slow = "data: " + StreamResponse(index=3, token=Token(
+            id=50256, text=text, logprob=logprob, special=special)).model_dump_json() + "\n\n"
+        assert fast.startswith("data: ") and fast.endswith("\n\n")
+        # the same keys in the same order and the same values (floats may be spelled
+        # differently: 1e-05 vs 0.00001, the same double)
+        assert list(json.loads(fast[6:]).items()) == list(json.loads(slow[6:]).items())
