@@ -99,12 +99,13 @@ def end_process(proc: subprocess.Popen | None, ask: Callable[[subprocess.Popen],
 
 class ServerProcess:
     """A server on 127.0.0.1 (``python -m server.cli``, or the naive baseline); waits until
-    ``ready_path`` answers 200; always terminated (by PID) on exit."""
+    ``ready_path`` answers 200; always terminated (by PID) on exit. `cwd`: where it starts
+    (``-m server.cli`` imports that checkout's code)."""
 
     def __init__(self, cmd: list[str], port: int, log_path: Path, startup_timeout_s: float,
-                 ready_path: str = "/ready"):
+                 ready_path: str = "/ready", cwd: Path = ROOT):
         self.url = f"http://127.0.0.1:{port}"
-        self.cmd, self.ready_path = cmd, ready_path
+        self.cmd, self.ready_path, self.cwd = cmd, ready_path, cwd
         self.log_path, self.startup_timeout_s = log_path, startup_timeout_s
         self.proc: subprocess.Popen | None = None
 
@@ -112,7 +113,7 @@ class ServerProcess:
         self.log = self.log_path.open("w")
         try:  # interrupted while it starts (Ctrl-C, SIGTERM), the server is ended too
             with signals_held():
-                self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdout=self.log,
+                self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, stdout=self.log,
                                              stderr=subprocess.STDOUT)
             self._wait_ready()
         except BaseException:

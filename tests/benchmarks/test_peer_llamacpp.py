@@ -611,3 +611,40 @@ def test_both_harness_clients_read_a_tgi_stream_into_the_same_records(client):
     assert (failed.ok, failed.failure, failed.output_tokens) == (False, "stream_error", 1)
     assert "overloaded: engine stopped" in failed.error
     assert result.report.run["client"] == client and result.report.run["client_cpu_s"] >= 0
+
+
+def test_stream_cpu_compares_this_checkout_with_a_baseline_worktree(models, tmp_path):
+    """benchmarks/stream_cpu.py: real camex-servers from this checkout and from a temporary
+    worktree of a ref, in alternating order per round, the same greedy requests to each; the
+    ratio is of the recorded medians, and the worktree is removed afterwards."""
+    out = tmp_path / "stream-cpu.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "stream_cpu.py"), "--quick",
+         "--baseline", "HEAD", "--rounds", "2", "--requests", "2", "--concurrency", "2",
+         "--new-tokens", "4", "--work", models["work"], "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=450, env=bench_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    doc = json.loads(out.read_text())
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+    assert doc["commits"] == {"this": head, "baseline": head}
+    runs = doc["runs"]
+    assert [(r["round"], r["checkout"]) for r in runs if r["level"] == "B=1"] == \
+        [(0, "this"), (0, "baseline"), (1, "baseline"), (1, "this")]
+    for r in runs:  # every request streamed its tokens; the event loop worked for each
+        assert r["tokens"] == (2 if r["level"] == "B=1" else 4) * 4 and r["us_per_token"] > 0
+    for level in ("B=1", "c=2"):  # greedy, the same weights and code: the same tokens
+        ids = [r["token_ids"] for r in runs if r["level"] == level]
+        assert all(i == ids[0] for i in ids) and all(len(x) == 4 for x in ids[0])
+    rows = {(r["checkout"], r["level"]): r for r in doc["rows"]}
+    for level in ("B=1", "c=2"):
+        this, base = rows["this", level], rows["baseline", level]
+        assert this["us_per_token_rounds"] == [
+            r["us_per_token"] for r in runs if r["checkout"] == "this" and r["level"] == level]
+        assert this["us_per_token"] == pytest.approx(sum(this["us_per_token_rounds"]) / 2)
+        assert this["vs_baseline"] == pytest.approx(
+            this["us_per_token"] / base["us_per_token"], abs=1e-3)
+    worktrees = subprocess.run(["git", "worktree", "list"], cwd=ROOT, capture_output=True,
+                               text=True).stdout
+    assert "stream-cpu-" not in worktrees
+    assert "vs_baseline" in proc.stdout
