@@ -21,6 +21,7 @@ asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -36,6 +37,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout
+from benchmarks.checkouts import git, worktree  # noqa: E402
 from benchmarks.machine import cpu_info, loadavg  # noqa: E402
 from benchmarks.serving import end_process, free_port  # noqa: E402
 
@@ -44,11 +46,6 @@ PHASES = {  # log message -> phase name (seconds after the launch)
     "engine process ready for requests": "engine_loaded_s",
     "ready": "ready_logged_s",
 }
-
-
-def git(*args: str, cwd: Path = ROOT) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                          text=True).stdout.strip()
 
 
 def log_times(log_path: Path, t0: float) -> dict:
@@ -137,13 +134,11 @@ def main(argv: list[str] | None = None) -> int:
         extra = ["--threads", str(args.threads)] if args.threads else []
         variants = [(f"{commit} engine-process={mode}", ROOT, [*extra, "--engine-process", mode])
                     for mode in args.engine_process.split(",")]
-        worktree = None
-        if args.compare:
-            worktree = work / "baseline"
-            git("worktree", "add", "--detach", str(worktree), args.compare)
-            ref = git("rev-parse", "--short", args.compare)
-            variants.insert(0, (f"{ref} (baseline) engine-process=auto", worktree, extra))
-        try:
+        with contextlib.ExitStack() as stack:
+            if args.compare:
+                tree = stack.enter_context(worktree(args.compare, work / "baseline"))
+                ref = git("rev-parse", "--short", args.compare)
+                variants.insert(0, (f"{ref} (baseline) engine-process=auto", tree, extra))
             runs: dict[str, list[dict]] = {name: [] for name, _, _ in variants}
             for i in range(args.rounds):
                 for v, (name, tree, flags) in enumerate(variants):
@@ -152,9 +147,6 @@ def main(argv: list[str] | None = None) -> int:
                     runs[name].append(run)
                     print(f"round {i + 1}/{args.rounds} {name}: ready {run['ready_s']:.2f}s",
                           flush=True)
-        finally:
-            if worktree is not None:
-                git("worktree", "remove", "--force", str(worktree))
     rows = [{"variant": name, "runs": len(r), **summarize(r)} for name, r in runs.items()]
     base = rows[0]["ready_s"]
     for row in rows:

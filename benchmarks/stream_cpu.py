@@ -1,6 +1,6 @@
 """What camex-server's HTTP event loop spends per streamed token: this checkout against another.
 
-Starts camex-server from this checkout and, with ``--baseline REF``, from a temporary git worktree
+Starts camex-server from this checkout and, with ``--compare REF``, from a temporary git worktree
 of REF, one after the other (the order alternating from round to round), on the same model and
 settings, and streams the same greedy requests to each over TGI ``/generate_stream`` (the lean
 client of ``peer_client``): one at a time, then ``--concurrency`` at once. Per level it reports
@@ -13,15 +13,15 @@ loop spends per token is taken from them (the server's rate over the engine's ow
 benchmarks/peer.md). The model is the peer benchmark's dense GPT-2 (``peer_models.py``; built on
 first use, minutes at full size). Talks to 127.0.0.1 only; ends only the servers it started.
 
-    python benchmarks/stream_cpu.py --baseline HEAD~1 --threads 2 --dtype bfloat16
-    python benchmarks/stream_cpu.py --quick --baseline HEAD --rounds 1
+    python benchmarks/stream_cpu.py --compare HEAD~1 --threads 2 --dtype bfloat16
+    python benchmarks/stream_cpu.py --quick --compare HEAD --rounds 1
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,17 +32,13 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 import peer_client  # noqa: E402
+from checkouts import git, worktree  # noqa: E402
 from machine import cpu_info, main_thread_cpu_s  # noqa: E402
 from peer_models import build_models  # noqa: E402
 from serving import ServerProcess, free_port  # noqa: E402
 
 RESULTS = HERE / "results"
 COLS = ["checkout", "level", "us_per_token", "us_per_token_rounds", "tok_s", "vs_baseline"]
-
-
-def git(*args: str, cwd: Path = ROOT) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True,
-                          text=True).stdout.strip()
 
 
 def server(checkout: Path, model: str, args, log: Path) -> ServerProcess:
@@ -78,9 +74,10 @@ def summarize(runs: list[dict], checkouts: list[str]) -> list[dict]:
         for level in dict.fromkeys(r["level"] for r in runs):
             mine = [r for r in runs if r["checkout"] == name and r["level"] == level]
             rows.append({"checkout": name, "level": level,
-                         "us_per_token": statistics.median(r["us_per_token"] for r in mine),
+                         "us_per_token": round(statistics.median(r["us_per_token"] for r in mine),
+                                               1),
                          "us_per_token_rounds": [r["us_per_token"] for r in mine],
-                         "tok_s": statistics.median(r["tok_s"] for r in mine)})
+                         "tok_s": round(statistics.median(r["tok_s"] for r in mine), 2)})
     if "baseline" in checkouts:
         base = {r["level"]: r["us_per_token"] for r in rows if r["checkout"] == "baseline"}
         for r in rows:
@@ -92,8 +89,9 @@ def summarize(runs: list[dict], checkouts: list[str]) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--baseline", default=None,
-                   help="a git ref to compare with (measured from a temporary worktree)")
+    p.add_argument("--compare", default=None, metavar="REF",
+                   help="also measure the server at git REF (the baseline; a temporary "
+                        "worktree)")
     p.add_argument("--quick", action="store_true", help="tiny model, few tokens")
     p.add_argument("--work", type=Path, default=None,
                    help="the peer benchmark's models (default ~/.cache/camex-serve/peer/"
@@ -120,30 +118,26 @@ def main(argv: list[str] | None = None) -> int:
     levels = [("B=1", 1, requests), (f"c={args.concurrency}", args.concurrency,
                                      2 * args.concurrency)]
     runs: list[dict] = []
-    with tempfile.TemporaryDirectory(prefix="stream-cpu-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="stream-cpu-") as tmp, \
+            contextlib.ExitStack() as stack:
         checkouts = {"this": ROOT}
         commits = {"this": git("rev-parse", "HEAD")}
-        if args.baseline:
-            tree = Path(tmp) / "baseline"
-            git("worktree", "add", "--detach", str(tree), args.baseline)
-            checkouts["baseline"] = tree
-            commits["baseline"] = git("rev-parse", "HEAD", cwd=tree)
-        try:
-            for rnd in range(args.rounds):
-                order = list(checkouts) if rnd % 2 == 0 else list(reversed(checkouts))
-                for name in order:
-                    log = Path(tmp) / f"server-{name}-{rnd}.log"
-                    with server(checkouts[name], models["camex_dense"], args, log) as srv:
-                        peer_client.measure(srv.url, "tgi", prompts[:2], 1, 4)  # warm
-                        for level, c, n in levels:
-                            got = measure(srv, prompts, c, n, new_tokens)
-                            runs.append({"checkout": name, "round": rnd, "level": level, **got})
-                            print(f"round {rnd} {name:8s} {level:5s} "
-                                  f"{got['us_per_token']:7.1f} us/token  "
-                                  f"{got['tok_s']:7.1f} tok/s", flush=True)
-        finally:
-            if args.baseline:
-                git("worktree", "remove", "--force", str(checkouts["baseline"]))
+        if args.compare:
+            checkouts["baseline"] = stack.enter_context(
+                worktree(args.compare, Path(tmp) / "baseline"))
+            commits["baseline"] = git("rev-parse", "HEAD", cwd=checkouts["baseline"])
+        for rnd in range(args.rounds):
+            order = list(checkouts) if rnd % 2 == 0 else list(reversed(checkouts))
+            for name in order:
+                log = Path(tmp) / f"server-{name}-{rnd}.log"
+                with server(checkouts[name], models["camex_dense"], args, log) as srv:
+                    peer_client.measure(srv.url, "tgi", prompts[:2], 1, 4)  # warm
+                    for level, c, n in levels:
+                        got = measure(srv, prompts, c, n, new_tokens)
+                        runs.append({"checkout": name, "round": rnd, "level": level, **got})
+                        print(f"round {rnd} {name:8s} {level:5s} "
+                              f"{got['us_per_token']:7.1f} us/token  "
+                              f"{got['tok_s']:7.1f} tok/s", flush=True)
     rows = summarize(runs, list(checkouts))
     print()
     width = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in COLS}
@@ -153,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or RESULTS / f"stream-cpu{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "stream_cpu", "argv": sys.argv[1:] if argv is None else argv,
-           "commits": commits, "baseline": args.baseline, "quick": args.quick,
+           "commits": commits, "compare": args.compare, "quick": args.quick,
            "threads": args.threads, "dtype": args.dtype, "new_tokens": new_tokens,
            "machine": cpu_info(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "rows": rows, "runs": runs}
