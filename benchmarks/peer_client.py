@@ -138,7 +138,29 @@ class LlamaCppDialect:
         return out
 
 
-DIALECTS = {"tgi": TgiDialect, "llama.cpp": LlamaCppDialect}
+class OpenAICompletionsDialect:
+    """camex-server's OpenAI ``/v1/completions``, streamed, greedy, EOS ignored: one chunk per
+    generated token (its text may be empty while held back), the last with its finish reason.
+    The chunks carry no token ids."""
+    name, path = "openai", "/v1/completions"
+
+    def body(self, prompt: str, max_new_tokens: int) -> dict:
+        return {"prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True}
+
+    def read(self, event: dict, produced: int) -> Event:
+        if event.get("error") is not None:
+            err = event["error"]
+            return Event(error=err.get("message", str(err)) if isinstance(err, dict) else str(err))
+        choices = event.get("choices") or []
+        out = Event(new_tokens=len(choices))
+        reasons = [c.get("finish_reason") for c in choices if c.get("finish_reason")]
+        if reasons:
+            out.done, out.finish_reason = True, reasons[0]
+        return out
+
+
+DIALECTS = {"tgi": TgiDialect, "llama.cpp": LlamaCppDialect, "openai": OpenAICompletionsDialect}
 
 
 class Reading:

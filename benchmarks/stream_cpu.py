@@ -2,8 +2,9 @@
 
 Starts camex-server from this checkout and, with ``--compare REF``, from a temporary git worktree
 of REF, one after the other (the order alternating from round to round), on the same model and
-settings, and streams the same greedy requests to each over TGI ``/generate_stream`` (the lean
-client of ``peer_client``): one at a time, then ``--concurrency`` at once. Per level it reports
+settings, and streams the same greedy requests to each (the lean client of ``peer_client``):
+over TGI ``/generate_stream`` one at a time and ``--concurrency`` at once, over OpenAI
+``/v1/completions`` one at a time. Per level it reports
 the CPU time of the server's main thread (its HTTP event loop: SSE events, the engine's events
 handed over, metrics; ``/proc/<pid>/task/<pid>/schedstat``) per streamed token, and the tokens/s;
 per round, their medians, and this checkout's median over the baseline's.
@@ -50,12 +51,12 @@ def server(checkout: Path, model: str, args, log: Path) -> ServerProcess:
     return ServerProcess(cmd, port, log, args.startup_timeout, cwd=checkout)
 
 
-def measure(srv: ServerProcess, prompts: list[str], concurrency: int, requests: int,
+def measure(srv: ServerProcess, api: str, prompts: list[str], concurrency: int, requests: int,
             new_tokens: int) -> dict:
     """One closed-loop level: the main thread's CPU per streamed token, and tokens/s."""
     before = main_thread_cpu_s(srv.proc.pid)
     t0 = time.perf_counter()
-    level = peer_client.measure(srv.url, "tgi", prompts[:requests], concurrency, new_tokens)
+    level = peer_client.measure(srv.url, api, prompts[:requests], concurrency, new_tokens)
     wall = time.perf_counter() - t0
     cpu = main_thread_cpu_s(srv.proc.pid) - before
     rep = level.report
@@ -115,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     models = build_models(work, args.quick, num_prompts=max(requests, 2 * args.concurrency, 2))
     prompts = [json.loads(line)["prompt"] for line in Path(models["prompts"]).read_text()
                .splitlines()]
-    levels = [("B=1", 1, requests), (f"c={args.concurrency}", args.concurrency,
-                                     2 * args.concurrency)]
+    levels = [("B=1", "tgi", 1, requests),
+              (f"c={args.concurrency}", "tgi", args.concurrency, 2 * args.concurrency),
+              ("openai B=1", "openai", 1, requests)]
     runs: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="stream-cpu-") as tmp, \
             contextlib.ExitStack() as stack:
@@ -132,10 +134,10 @@ def main(argv: list[str] | None = None) -> int:
                 log = Path(tmp) / f"server-{name}-{rnd}.log"
                 with server(checkouts[name], models["camex_dense"], args, log) as srv:
                     peer_client.measure(srv.url, "tgi", prompts[:2], 1, 4)  # warm
-                    for level, c, n in levels:
-                        got = measure(srv, prompts, c, n, new_tokens)
+                    for level, api, c, n in levels:
+                        got = measure(srv, api, prompts, c, n, new_tokens)
                         runs.append({"checkout": name, "round": rnd, "level": level, **got})
-                        print(f"round {rnd} {name:8s} {level:5s} "
+                        print(f"round {rnd} {name:8s} {level:10s} "
                               f"{got['us_per_token']:7.1f} us/token  "
                               f"{got['tok_s']:7.1f} tok/s", flush=True)
     rows = summarize(runs, list(checkouts))

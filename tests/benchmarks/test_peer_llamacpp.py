@@ -631,13 +631,14 @@ def test_stream_cpu_compares_this_checkout_with_a_baseline_worktree(models, tmp_
     runs = doc["runs"]
     assert [(r["round"], r["checkout"]) for r in runs if r["level"] == "B=1"] == \
         [(0, "this"), (0, "baseline"), (1, "baseline"), (1, "this")]
+    assert {r["level"] for r in runs} == {"B=1", "c=2", "openai B=1"}
     for r in runs:  # every request streamed its tokens; the event loop worked for each
-        assert r["tokens"] == (2 if r["level"] == "B=1" else 4) * 4 and r["us_per_token"] > 0
+        assert r["tokens"] == (4 if r["level"] == "c=2" else 2) * 4 and r["us_per_token"] > 0
     for level in ("B=1", "c=2"):  # greedy, the same weights and code: the same tokens
         ids = [r["token_ids"] for r in runs if r["level"] == level]
         assert all(i == ids[0] for i in ids) and all(len(x) == 4 for x in ids[0])
     rows = {(r["checkout"], r["level"]): r for r in doc["rows"]}
-    for level in ("B=1", "c=2"):
+    for level in ("B=1", "c=2", "openai B=1"):
         this, base = rows["this", level], rows["baseline", level]
         assert this["us_per_token_rounds"] == [
             r["us_per_token"] for r in runs if r["checkout"] == "this" and r["level"] == level]
