@@ -175,12 +175,9 @@ async def completion_chunks(choices: list[Choice], firsts: list, body: Completio
                                    prompt_ids, body.logprobs, offsets[c.index])
                 if lp.tokens:
                     offsets[c.index] = lp.text_offset[-1] + len(lp.tokens[-1])
-            usage, reason = usage_now(c, body), finish_reason(ev.finish_reason)
-            if lp is None and usage is None:
-                yield completion_chunk(meta, c.index, text, reason)
-            else:
-                yield sse(Completion(**meta, choices=[CompletionChoice(
-                    index=c.index, text=text, logprobs=lp, finish_reason=reason)]), usage)
+            yield sse(Completion(**meta, choices=[CompletionChoice(
+                index=c.index, text=text, logprobs=lp,
+                finish_reason=finish_reason(ev.finish_reason))]), usage_now(c, body))
         if body.stream_options and body.stream_options.include_usage:
             yield sse(Completion(**meta, choices=[]), usage_of(choices))
         yield "data: [DONE]\n\n"
@@ -191,23 +188,6 @@ async def completion_chunks(choices: list[Choice], firsts: list, body: Completio
         yield "data: [DONE]\n\n"
     finally:
         await close_all(choices)
-
-
-_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-
-
-def completion_chunk(meta: dict, index: int, text: str, reason: str | None) -> str:
-    """The SSE line of a chunk without logprobs or usage: what `sse` writes for
-    `Completion(**meta, choices=[CompletionChoice(index=..., text=..., finish_reason=...)])`
-    (a test holds the two equal), formatted directly. The models' validation and serialisation
-    were the largest part of the event loop's own CPU per streamed token (see the TGI route's
-    `token_event`)."""
-    choice = {"index": index, "text": text}
-    if reason is not None:
-        choice["finish_reason"] = reason
-    return "data: " + _json({"id": meta["id"], "object": "text_completion",
-                             "created": meta["created"], "model": meta["model"],
-                             "choices": [choice]}) + "\n\n"
 
 
 def sse(chunk, usage: Usage | None) -> str:

@@ -15,9 +15,7 @@ from camex_runtime.checkpoint import load_folded
 from camex_runtime.engine.outputs import TokenEvent
 from camex_runtime.engine.runner import build_model
 from server.app import create_app
-from server.openai_protocol import Completion, CompletionChoice
 from server.protocol import StreamResponse, Token
-from server.routes.completions import completion_chunk, sse as completion_sse
 from server.routes.tgi import token_event
 from server.settings import ServerSettings
 from tests.server.test_health_inprocess import wait_ready
@@ -279,17 +277,3 @@ def test_token_event_is_what_the_schema_writes(text, logprob):
         # the same keys in the same order and the same values (floats may be spelled
         # differently: 1e-05 vs 0.00001, the same double)
         assert list(json.loads(fast[6:]).items()) == list(json.loads(slow[6:]).items())
-
-
-@pytest.mark.parametrize("text", ["", " plain", 'quote " and \\ backslash', "new\nline",
-                                  "control \x01", "é 漢字 😀", "sep \u2028"])
-@pytest.mark.parametrize("reason", [None, "stop", "length"])
-def test_completion_chunk_is_what_the_schema_writes(text, reason):
-    meta = {"id": "cmpl-abc", "created": 1764900000, "model": "tiny"}
-    fast = completion_chunk(meta, 2, text, reason)
-    slow = completion_sse(Completion(**meta, choices=[CompletionChoice(
-        index=2, text=text, finish_reason=reason)]), None)
-    assert fast.startswith("data: ") and fast.endswith("\n\n")
-    fast, slow = json.loads(fast[6:]), json.loads(slow[6:])
-    assert list(fast.items()) == list(slow.items())  # the same keys in the same order
-    assert [list(c) for c in fast["choices"]] == [list(c) for c in slow["choices"]]
