@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import statistics
 import sys
@@ -35,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 import peer_client  # noqa: E402
 from checkouts import git, worktree  # noqa: E402
 from machine import cpu_info, main_thread_cpu_s  # noqa: E402
+from peer_llamacpp import results_json  # noqa: E402
 from peer_models import build_models  # noqa: E402
 from serving import ServerProcess, free_port  # noqa: E402
 
@@ -65,7 +67,14 @@ def measure(srv: ServerProcess, api: str, prompts: list[str], concurrency: int, 
                            f"{rep.failures_by_status}")
     tokens = rep.total_output_tokens
     return {"us_per_token": round(1e6 * cpu / tokens, 1), "tok_s": round(tokens / wall, 2),
-            "tokens": tokens, "token_ids": [level.token_ids[i] for i in sorted(level.token_ids)]}
+            "tokens": tokens, "token_ids_digest": ids_digest(level.token_ids)}
+
+
+def ids_digest(token_ids: dict[int, list[int]]) -> str:
+    """One digest of every request's generated ids, in request order: greedy requests to the same
+    weights read the same in every round and checkout (empty lists where the API sends no ids)."""
+    ids = [token_ids[i] for i in sorted(token_ids)]
+    return hashlib.sha256(json.dumps(ids).encode()).hexdigest()[:16]
 
 
 def summarize(runs: list[dict], checkouts: list[str]) -> list[dict]:
@@ -153,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
            "threads": args.threads, "dtype": args.dtype, "new_tokens": new_tokens,
            "machine": cpu_info(), "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "rows": rows, "runs": runs}
-    out.write_text(json.dumps(doc, indent=1))
+    out.write_text(results_json(doc))
     print(f"wrote {out}")
     return 0
 
