@@ -35,6 +35,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 import peer_client  # noqa: E402
 from checkouts import git, worktree  # noqa: E402
+from common import print_table  # noqa: E402
 from machine import cpu_info, main_thread_cpu_s  # noqa: E402
 from peer_llamacpp import results_json  # noqa: E402
 from peer_models import build_models  # noqa: E402
@@ -151,10 +152,7 @@ def main(argv: list[str] | None = None) -> int:
                               f"{got['tok_s']:7.1f} tok/s", flush=True)
     rows = summarize(runs, list(checkouts))
     print()
-    width = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in COLS}
-    print("  ".join(c.ljust(width[c]) for c in COLS))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(width[c]) for c in COLS))
+    print_table(rows, COLS)
     out = args.out or RESULTS / f"stream-cpu{'-quick' if args.quick else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": "stream_cpu", "argv": sys.argv[1:] if argv is None else argv,
