@@ -12,9 +12,11 @@ interval (``paired_interval``), which says whether a run was long enough to tell
 its bar.
 
     python benchmarks/peer_report.py benchmarks/results/peer-llamacpp.json   # re-print a table
+    python benchmarks/peer_report.py --targets-only RUN1.json RUN2.json   # several runs, verdicts
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import statistics
@@ -274,10 +276,25 @@ def targets(doc: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    doc = json.loads(Path((argv or sys.argv[1:])[0]).read_text())
-    print(markdown(doc))
-    print()
-    print("\n".join(targets(doc)))
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", type=Path,
+                   help="results JSON written by benchmarks/peer_llamacpp.py")
+    p.add_argument("--targets-only", action="store_true",
+                   help="only the per-target lines, not the tables")
+    args = p.parse_args(argv)
+    for i, path in enumerate(args.results):
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            p.error(f"cannot read {path}: {err}")
+        if not isinstance(doc, dict) or "runs" not in doc or "settings" not in doc:
+            p.error(f"{path} is not a peer_llamacpp.py results document (no runs/settings)")
+        if len(args.results) > 1:
+            print(("\n" if i else "") + f"## {path}\n")
+        if not args.targets_only:
+            print(markdown(doc))
+            print()
+        print("\n".join(targets(doc)))
     return 0
 
 

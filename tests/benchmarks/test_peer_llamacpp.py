@@ -368,6 +368,36 @@ def test_report_ratios_are_per_round_against_llama():
            "1.00–1.00)" in targets(doc)
 
 
+def test_report_cli_prints_each_document_and_refuses_what_is_not_one(tmp_path, capsys):
+    import peer_report
+
+    doc = {"settings": {"concurrency": 8, "runs": 1, "prompt_tokens": 32, "new_tokens": 64},
+           "runs": [fake_run("http", "llama.cpp", 0, 20.0, 80.0),
+                    fake_run("http", "camex-dense", 0, 10.0, 40.0)]}
+    one, two = tmp_path / "one.json", tmp_path / "two.json"
+    one.write_text(json.dumps(doc))
+    doc["runs"][1] = fake_run("http", "camex-dense", 0, 30.0, 40.0)
+    two.write_text(json.dumps(doc))
+    assert peer_report.main([str(one)]) == 0
+    out = capsys.readouterr().out
+    assert "| server | dtype | threads |" in out and "worst 0.50 (>= 1.0: NOT met)" in out
+    assert peer_report.main(["--targets-only", str(one), str(two)]) == 0
+    out = capsys.readouterr().out
+    assert "| server |" not in out  # no tables
+    first, second = out.split(f"## {two}")
+    assert f"## {one}" in first and "B=1, fp32, 1 thread(s): worst 0.50" in first
+    assert "B=1, fp32, 1 thread(s): worst 1.50 (>= 1.0: met)" in second
+    with pytest.raises(SystemExit) as exit_:
+        peer_report.main(["--help"])
+    assert exit_.value.code == 0 and "results JSON" in capsys.readouterr().out
+    (tmp_path / "other.json").write_text("{}")
+    for arg, why in ((tmp_path / "missing.json", "cannot read"),
+                     (tmp_path / "other.json", "not a peer_llamacpp.py results document")):
+        with pytest.raises(SystemExit) as exit_:
+            peer_report.main([str(arg)])
+        assert exit_.value.code == 2 and why in capsys.readouterr().err
+
+
 def test_paired_interval_is_a_t_interval_on_the_logs_and_narrows_with_more_waves():
     from peer_report import paired_interval
     assert paired_interval([]) is None and paired_interval([0.9]) is None
