@@ -1,4 +1,4 @@
-"""OpenAI-compatible `POST /v1/completions` (as vLLM serves it) and `GET /v1/models`.
+"""OpenAI-compatible `POST /v1/completions` (as vLLM serves it) and `GET /v1/models[/{model}]`.
 
 A prompt is a string, a list of strings, a list of token ids or a list of token-id lists; each
 prompt gets `n` choices, indexed prompt-major (vLLM). `logprobs` N reports each token's logprob
@@ -199,8 +199,20 @@ def sse(chunk, usage: Usage | None) -> str:
 @router.get("/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
     """The served model (OpenAI format)."""
+    return ModelList(data=[model_card(request.app.state.serving)])
+
+
+@router.get("/models/{model:path}", response_model=ModelCard,
+            responses={404: {"model": OpenAIErrorResponse}})
+async def model(request: Request, model: str) -> ModelCard:
+    """One model by name (OpenAI's retrieve): the served one, or 404 for any other."""
     state = request.app.state.serving
+    check_model(state, model)
+    return model_card(state)
+
+
+def model_card(state) -> ModelCard:
     engine = state.lm or state.classifier
     max_len = engine.info().get("max_total_tokens") if engine else None
-    return ModelList(data=[ModelCard(id=info_model_id(state), created=int(state.started_at),
-                                     owned_by="camex-serve", max_model_len=max_len)])
+    return ModelCard(id=info_model_id(state), created=int(state.started_at),
+                     owned_by="camex-serve", max_model_len=max_len)

@@ -133,10 +133,14 @@ def test_classify_single_and_batch(server):
 
 
 def test_openai_completions_plain_and_stream(server):
-    from openai import OpenAI
+    from openai import NotFoundError, OpenAI
 
     client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
     assert [m.id for m in client.models.list().data] == ["tiny-camex"]
+    card = client.models.retrieve("tiny-camex")  # OpenAI's retrieve: the same card
+    assert card.model_dump() == client.models.list().data[0].model_dump()
+    with pytest.raises(NotFoundError, match="does not exist: this server serves `tiny-camex`"):
+        client.models.retrieve("org/other-model")  # (a name with a slash reaches the route)
     out = client.completions.create(model="tiny-camex", prompt="hello world", max_tokens=5,
                                     temperature=0)
     choice = out.choices[0]

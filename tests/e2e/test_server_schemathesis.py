@@ -51,6 +51,7 @@ def test_fuzzed_requests_never_get_5xx(fuzz_server):
     assert {f"{op.method.upper()} {op.path}" for op in operations} >= {
         "POST /generate", "POST /generate_stream", "POST /", "POST /classify",
         "POST /v1/completions", "POST /v1/chat/completions", "GET /v1/models",
+        "GET /v1/models/{model}",
         "POST /tokenize", "POST /detokenize", "GET /tokenizer_info", "GET /health",
         "GET /info"}
     for op in operations:
