@@ -110,19 +110,48 @@ class TextPart(RequestSchema):
     text: Text
 
 
+ROLES = ("system", "developer", "user", "assistant")
+
+
+def _role(value: Any) -> Any:
+    """Say why `tool` and `function` messages are refused, not only which roles exist."""
+    if value in ("tool", "function"):
+        raise ValueError(f"`{value}` messages are not supported: this server does no tool "
+                         f"calling (roles: {', '.join(ROLES)})")
+    return value
+
+
+def _content(value: Any) -> Any:
+    """Message content as text parts: a string becomes one part, so pydantic validates one
+    shape and reports its own errors, not a union's; an image, audio or file part is named."""
+    if isinstance(value, str):
+        return [{"type": "text", "text": _encodable(value)}]
+    shape = 'a string, or a list of parts {"type": "text", "text": "..."}'
+    if value is None:
+        return value
+    if not isinstance(value, list):
+        raise ValueError(f"`content` must be {shape}")
+    for i, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if isinstance(kind, str) and kind != "text":
+            raise ValueError(f"content part {i} has type `{kind}`: this model reads text only "
+                             f"(`content` must be {shape})")
+    return value
+
+
 class ChatMessage(RequestSchema):
     unsupported = frozenset({"tool_calls", "tool_call_id", "function_call", "audio",
                              "refusal"})
-    role: Literal["system", "developer", "user", "assistant"] = Field(
+    role: Annotated[Literal["system", "developer", "user", "assistant"],
+                    BeforeValidator(_role)] = Field(
         ..., description="tool and function messages are not supported (no tools)")
-    content: Text | list[TextPart] | None = Field(
+    content: Annotated[list[TextPart] | None, BeforeValidator(
+        _content, json_schema_input_type=str | list[TextPart] | None)] = Field(
         None, description="a string, or text parts (no images or audio)")
     name: Text | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
-        return self.content or ""
+        return "".join(part.text for part in self.content or ())
 
 
 class ChatCompletionRequest(_Sampling):

@@ -150,3 +150,47 @@ def test_openai_routes_answer_auth_and_not_found_in_openai_shape():
 def test_prompt_shapes_are_checked_with_one_clear_message(body, needle):
     r = call(settings(), "POST", "/v1/completions", json=body)
     assert r.status_code == 422 and needle in openai_error(r)["message"]
+
+
+def chat(content=None, role="user") -> dict:
+    return {"messages": [{"role": role, **({} if content is None else {"content": content})}]}
+
+
+@pytest.mark.parametrize("body,message,param", [
+    # an image (audio, file) part is named, not reported as two failed union branches
+    (chat([{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}]),
+     'messages.0.content: content part 1 has type `image_url`: this model reads text only '
+     '(`content` must be a string, or a list of parts {"type": "text", "text": "..."})',
+     "messages.0.content"),
+    (chat(5), 'messages.0.content: `content` must be a string, or a list of parts '
+              '{"type": "text", "text": "..."}', "messages.0.content"),
+    (chat([{"type": "text"}]), "messages.0.content.0.text: Field required",
+     "messages.0.content.0.text"),
+    (chat([{"type": "text", "text": "hi", "cache_control": {}}]),
+     "Unrecognized request argument supplied: messages.0.content.0.cache_control",
+     "messages.0.content.0.cache_control"),
+    (chat("\ud800"), "messages.0.content: text is not valid Unicode: lone surrogate at "
+                     "character 0", "messages.0.content"),
+    (chat([{"type": "text", "text": "\ud800"}]), "messages.0.content.0.text: text is not valid "
+                                                 "Unicode: lone surrogate at character 0",
+     "messages.0.content.0.text"),
+    (chat("x", role="tool"), "messages.0.role: `tool` messages are not supported: this server "
+                             "does no tool calling (roles: system, developer, user, assistant)",
+     "messages.0.role"),
+    (chat("x", role="bot"), "messages.0.role: Input should be 'system', 'developer', 'user' or "
+                            "'assistant'", "messages.0.role"),
+])
+def test_chat_message_errors_name_the_part_or_role_in_one_sentence(body, message, param):
+    raw = json.dumps(body).encode("utf-8", "surrogatepass")  # (a lone surrogate, as JSON allows)
+    r = call(settings(), "POST", "/v1/chat/completions", content=raw,
+             headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    err = openai_error(r)
+    assert (err["message"], err["param"]) == (message, param)
+
+
+@pytest.mark.parametrize("content", ["hi", [{"type": "text", "text": "h"}, {"type": "text",
+                                                                             "text": "i"}], None])
+def test_chat_content_as_string_parts_or_null_passes_validation(content):
+    r = call(settings(), "POST", "/v1/chat/completions", json=chat(content))
+    assert r.status_code == 503 and openai_error(r)["code"] == "unavailable"  # (no model)
