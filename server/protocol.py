@@ -18,7 +18,8 @@ import difflib
 from contextvars import ContextVar
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 MAX_SEED = 2**63 - 1
@@ -36,17 +37,33 @@ def _encodable(text: str) -> str:
     return text
 
 
-def _all_encodable(texts: str | list[str]) -> str | list[str]:
-    for text in [texts] if isinstance(texts, str) else texts:
-        _encodable(text)
-    return texts
+def _text_or_texts(value: Any) -> Any:
+    """A string or a list of strings, checked before pydantic's union would report each of its
+    members ("stop.str: Input should be a valid string; stop.list[str]: ...")."""
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list):
+        raise ValueError("must be a string or a list of strings")
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise ValueError(f"must be a string or a list of strings (item {i} is "
+                             f"{_json_type(text)})")
+        try:
+            _encodable(text)
+        except ValueError as exc:
+            raise ValueError(f"item {i}: {exc}" if texts is value else str(exc)) from None
+    return value
+
+
+def _json_type(value: Any) -> str:
+    return {bool: "a boolean", int: "a number", float: "a number", dict: "an object",
+            list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 # Every text input field. Plain `str` already refuses a lone surrogate, but `Union[str, ...]`
 # lets one through to the tokenizer (a 500), so the check is explicit; on the whole union, so
 # the 422 names the field once rather than once per union member.
 Text = Annotated[str, AfterValidator(_encodable)]
-TextOrTexts = Annotated[str | list[str], AfterValidator(_all_encodable)]
+TextOrTexts = Annotated[str | list[str], BeforeValidator(_text_or_texts)]
 
 
 class _Schema(BaseModel):

@@ -194,3 +194,24 @@ def test_chat_message_errors_name_the_part_or_role_in_one_sentence(body, message
 def test_chat_content_as_string_parts_or_null_passes_validation(content):
     r = call(settings(), "POST", "/v1/chat/completions", json=chat(content))
     assert r.status_code == 503 and openai_error(r)["code"] == "unavailable"  # (no model)
+
+
+@pytest.mark.parametrize("path,body,message", [
+    ("/v1/completions", {"prompt": "hi", "stop": 5},
+     "stop: must be a string or a list of strings"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", 3]},
+     "stop: must be a string or a list of strings (item 1 is a number)"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "\udc00"]},
+     "stop: item 1: text is not valid Unicode: lone surrogate at character 0"),
+    ("/classify", {"inputs": {"text": "hi"}}, "inputs: must be a string or a list of strings"),
+    ("/classify", {"inputs": ["a", None]},
+     "inputs: must be a string or a list of strings (item 1 is null)"),
+])
+def test_string_or_strings_fields_get_one_message_not_one_per_union_member(path, body, message):
+    raw = json.dumps(body).encode("utf-8", "surrogatepass")
+    r = call(settings(), "POST", path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 422
+    if path.startswith("/v1/"):
+        assert (openai_error(r)["message"], openai_error(r)["param"]) == (message, "stop")
+    else:
+        assert r.json()["error"] == message
