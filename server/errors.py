@@ -12,6 +12,7 @@ an opaque message (details go to the log only).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from camex_runtime.errors import EngineStoppedError, InputValidationError, QueueFullError
+from camex_runtime.errors import (ContextLengthError, EngineStoppedError, InputValidationError,
+                                  QueueFullError)
 
 log = logging.getLogger("camex.server")
 
@@ -105,10 +107,13 @@ def internal_error() -> ApiError:
 
 
 @contextmanager
-def engine_errors():
-    """Engine refusals as HTTP errors: bad input 422, full queue 429, stopping engine 503."""
+def engine_errors(context_error: Callable[[ContextLengthError], ApiError] | None = None):
+    """Engine refusals as HTTP errors: bad input 422, full queue 429, stopping engine 503.
+    `context_error` words a too-long request in an API's own terms (OpenAI's)."""
     try:
         yield
+    except ContextLengthError as exc:
+        raise (context_error(exc) if context_error else validation(str(exc))) from None
     except InputValidationError as exc:
         raise validation(str(exc)) from None
     except QueueFullError:

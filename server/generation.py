@@ -69,9 +69,11 @@ def truncate_prompt(tokenizer, prompt: str, keep_last: int | None) -> str | list
     return ids if len(ids) <= keep_last else ids[-keep_last:]
 
 
-async def submit(engine, prompt: str | list[int], sampling: SamplingParams):
-    """engine.submit off the event loop (it tokenizes); engine exceptions -> ApiError."""
-    with errors.engine_errors():
+async def submit(engine, prompt: str | list[int], sampling: SamplingParams,
+                 context_error: Callable[..., errors.ApiError] | None = None):
+    """engine.submit off the event loop (it tokenizes); engine exceptions -> ApiError
+    (`context_error`: see `errors.engine_errors`)."""
+    with errors.engine_errors(context_error):
         return await anyio.to_thread.run_sync(engine.submit, prompt, sampling)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from collections.abc import AsyncIterator, Sequence
 
 from camex_runtime import SamplingParams
+from camex_runtime.errors import ContextLengthError
 from server import errors
 from server.generation import GenerationRun, submit, until_disconnect, wait_for_disconnect
 from server.middleware import log_fields
@@ -83,9 +84,33 @@ def choice_seeds(seed: int | None, n: int) -> list[int | None]:
     return [(seed + j) % (MAX_SEED + 1) for j in range(n)]
 
 
-async def start_choices(request, engine, prompts: Sequence, n: int, params_for) -> list[Choice]:
+def context_length_error(prompt_field: str, tokens_field: str):
+    """A request too long for the context, worded as OpenAI does (clients such as LiteLLM and
+    CrewAI recognise "maximum context length" / `context_length_exceeded` and shorten the
+    prompt): `prompt_field` is "prompt" or "messages", `tokens_field` the field that asked
+    for the new tokens."""
+    def error(exc: ContextLengthError) -> errors.ApiError:
+        head = f"This model's maximum context length is {exc.max_total_tokens} tokens."
+        if exc.prompt_too_long:
+            text = (f"{head} However, your {prompt_field} has {exc.prompt_tokens} tokens, and "
+                    f"at most {exc.max_input_tokens} may be input. Please reduce the length of "
+                    f"the {prompt_field}.")
+            param = prompt_field
+        else:
+            text = (f"{head} However, you requested {exc.prompt_tokens + exc.max_new_tokens} "
+                    f"tokens ({exc.prompt_tokens} in the {prompt_field}, {exc.max_new_tokens} "
+                    f"in the completion). Please reduce the length of the {prompt_field} or "
+                    f"`{tokens_field}`.")
+            param = tokens_field
+        return errors.validation(text, param=param, code="context_length_exceeded")
+    return error
+
+
+async def start_choices(request, engine, prompts: Sequence, n: int, params_for,
+                        context_error=None) -> list[Choice]:
     """Submit every prompt n times (`params_for(prompt_index, choice_j)` -> SamplingParams).
-    A refusal part-way cancels what was already queued, so nothing is left running."""
+    A refusal part-way cancels what was already queued, so nothing is left running.
+    `context_error`: `context_length_error(...)`, how a too-long request is refused."""
     state = request.app.state.serving
     limit = state.settings.max_client_batch_size
     if len(prompts) * n > limit:
@@ -96,7 +121,7 @@ async def start_choices(request, engine, prompts: Sequence, n: int, params_for) 
         for i, prompt in enumerate(prompts):
             for j in range(n):
                 params = params_for(i, j)
-                handle = await submit(engine, prompt, params)
+                handle = await submit(engine, prompt, params, context_error)
                 run = GenerationRun(handle, state.metrics, params.seed, log_fields(request))
                 choices.append(Choice(len(choices), i, prompt if isinstance(prompt, str) else None,
                                       run, StopHold(params.stop)))

@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import Callable
 
-from camex_runtime.errors import InputValidationError, QueueFullError
+from camex_runtime.errors import ContextLengthError, InputValidationError, QueueFullError
 
 
 @dataclass(frozen=True)
@@ -260,19 +260,21 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def check_lengths(self, num_prompt_tokens: int, max_new_tokens: int) -> None:
-        """Admission rule on lengths; raises InputValidationError naming the numbers."""
+        """Admission rule on lengths; raises InputValidationError (ContextLengthError for
+        the limits) naming the numbers."""
         c = self.config
         if num_prompt_tokens < 1:
             raise InputValidationError("the prompt is empty (0 tokens)")
+        numbers = (num_prompt_tokens, max_new_tokens, c.max_input_tokens, c.max_total_tokens)
         if num_prompt_tokens > c.max_input_tokens:
-            raise InputValidationError(
+            raise ContextLengthError(
                 f"the prompt has {num_prompt_tokens} tokens; max_input_tokens is "
-                f"{c.max_input_tokens}")
+                f"{c.max_input_tokens}", *numbers)
         if num_prompt_tokens + max_new_tokens > c.max_total_tokens:
-            raise InputValidationError(
+            raise ContextLengthError(
                 f"prompt tokens ({num_prompt_tokens}) + max_new_tokens ({max_new_tokens}) "
                 f"= {num_prompt_tokens + max_new_tokens} exceeds max_total_tokens "
-                f"({c.max_total_tokens})")
+                f"({c.max_total_tokens})", *numbers)
 
     def add(self, req: Any) -> None:
         # max_waiting bounds the requests that wait for a batch slot: those the next step will

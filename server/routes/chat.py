@@ -23,6 +23,7 @@ from server.openai_protocol import (AssistantMessage, ChatChoice, ChatCompletion
                                     ChatCompletionRequest, ChoiceLogprobs, TokenLogprob,
                                     TopLogprob, Usage)
 from server.openai_runs import (Choice, check_model, choice_seeds, clamp, close_all,
+                                context_length_error,
                                 finish_reason, first_events, merged, run_to_end, sampling,
                                 start_choices, stop_list, token_strings, usage_now, usage_of)
 from server.routes.completions import OPENAI_ERRORS, model_name
@@ -48,7 +49,10 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
     def params_for(i: int, j: int):
         return sampling(body, state, max_tokens=max_tokens, stops=stops,
                         logprobs=(body.top_logprobs or 0) if body.logprobs else 0, seed=seeds[j])
-    return await start_choices(request, engine, [ids], body.n, params_for)
+    tokens_field = "max_tokens" if body.max_completion_tokens is None and \
+        body.max_tokens is not None else "max_completion_tokens"
+    return await start_choices(request, engine, [ids], body.n, params_for,
+                               context_length_error("messages", tokens_field))
 
 
 def prompt_ids(engine, template: str, body: ChatCompletionRequest) -> list[int]:

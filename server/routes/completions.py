@@ -24,6 +24,7 @@ from server.openai_protocol import (Completion, CompletionChoice, CompletionLogp
                                     CompletionRequest, ModelCard, ModelList,
                                     OpenAIErrorResponse, Usage)
 from server.openai_runs import (Choice, check_model, choice_seeds, clamp, close_all,
+                                context_length_error,
                                 finish_reason, first_events, merged, run_to_end, sampling,
                                 start_choices, stop_list, token_strings, usage_now, usage_of)
 from server.routes.tgi import SSE_HEADERS
@@ -72,7 +73,8 @@ async def start(request: Request, body: CompletionRequest) -> list[Choice]:
     def params_for(i: int, j: int):
         return sampling(body, state, max_tokens=max_tokens[i], stops=stops,
                         logprobs=n_logprobs, prompt_logprobs=prompt_lps, seed=seeds[j])
-    return await start_choices(request, engine, prompts, body.n, params_for)
+    return await start_choices(request, engine, prompts, body.n, params_for,
+                               context_length_error("prompt", "max_tokens"))
 
 
 def room_left(engine, prompts: list) -> list[int]:

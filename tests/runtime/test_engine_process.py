@@ -22,8 +22,8 @@ import torch
 from camex_runtime import Engine, SamplingParams
 from camex_runtime.checkpoint import CheckpointError
 from camex_runtime.engine.process import EngineProcess, Frames
-from camex_runtime.errors import (EngineStoppedError, InputValidationError, QueueFullError,
-                                  RequestFailedError)
+from camex_runtime.errors import (ContextLengthError, EngineStoppedError, InputValidationError,
+                                  QueueFullError, RequestFailedError)
 from tests.runtime.engine_models import build_folded
 
 LIMITS = dict(max_batch_size=2, max_waiting=2, max_total_tokens=96)
@@ -175,8 +175,11 @@ def test_client_mistakes_raise_what_the_engine_raises(remote):
         remote.submit([1, 2], SamplingParams(top_k=0))
     with pytest.raises(InputValidationError, match="outside the vocabulary"):
         remote.submit([1, 10_000])
-    with pytest.raises(InputValidationError, match="96"):  # checked in the engine process
+    with pytest.raises(ContextLengthError, match="96") as err:  # checked in the engine process
         remote.submit([1] * 90, SamplingParams(max_new_tokens=20))
+    # it crossed the pipe as itself, numbers and all (the OpenAI routes word it from them)
+    assert (err.value.prompt_tokens, err.value.max_new_tokens) == (90, 20)
+    assert err.value.max_total_tokens == 96 and not err.value.prompt_too_long
     assert remote.stats().running == 0  # nothing was left behind
     assert remote.generate([1, 2], max_new_tokens=2).finish_reason == "length"
 

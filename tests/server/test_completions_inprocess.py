@@ -22,7 +22,9 @@ def test_refused_prompt_in_a_batch_cancels_the_prompts_already_submitted(tiny_lm
         r = client.post("/v1/completions", json={
             "prompt": ["the", "the", "the quick brown fox " * 10], "max_tokens": 100,
             "ignore_eos": True, "temperature": 0})
-        assert r.status_code == 422 and "max_input_tokens" in r.json()["error"]["message"]
+        err = r.json()["error"]
+        assert r.status_code == 422 and err["code"] == "context_length_exceeded"
+        assert err["param"] == "prompt" and "at most 8 may be input" in err["message"]
         assert len(handles) == 2
         assert [h.result(timeout=10).finish_reason for h in handles] == ["cancelled"] * 2
         stats = engine.stats()

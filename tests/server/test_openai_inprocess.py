@@ -160,6 +160,41 @@ def test_completion_refusals(client):
     assert r.status_code == 422 and r.json()["error"]["param"] == "stop"
 
 
+def test_too_long_requests_are_refused_in_openai_words(client):
+    """OpenAI's wording and code, which clients (LiteLLM, LangChain) match to shorten the prompt;
+    the field named is the one the request used. TGI routes keep their own message."""
+    limit = client.get("/v1/models").json()["data"][0]["max_model_len"]
+    prompt_len = len(client.tokenizer("hello world", add_special_tokens=False)["input_ids"])
+    r = client.post("/v1/completions", json={"prompt": "hello world", "max_tokens": limit})
+    err = r.json()["error"]
+    assert r.status_code == 422 and err["code"] == "context_length_exceeded"
+    assert err["message"] == (
+        f"This model's maximum context length is {limit} tokens. However, you requested "
+        f"{prompt_len + limit} tokens ({prompt_len} in the prompt, {limit} in the completion). "
+        "Please reduce the length of the prompt or `max_tokens`.")
+    assert err["param"] == "max_tokens"
+    r = client.post("/v1/completions", json={"prompt": [1] * (limit + 5), "max_tokens": 1})
+    err = r.json()["error"]
+    assert (err["code"], err["param"]) == ("context_length_exceeded", "prompt")
+    assert f"your prompt has {limit + 5} tokens, and at most {limit - 1} may be input" \
+        in err["message"]
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for field in ("max_tokens", "max_completion_tokens"):
+        r = client.post("/v1/chat/completions", json={**chat, field: limit})
+        err = r.json()["error"]
+        assert r.status_code == 422 and (err["code"], err["param"]) == (
+            "context_length_exceeded", field)
+        assert "in the messages," in err["message"] and err["message"].endswith(
+            f"Please reduce the length of the messages or `{field}`.")
+    r = client.post("/v1/chat/completions", json={**chat, "stream": True, "max_tokens": limit})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "context_length_exceeded"
+    r = client.post("/generate", json={"inputs": "hello world",
+                                       "parameters": {"max_new_tokens": limit}})
+    assert r.status_code == 422 and r.json()["error"] == (
+        f"prompt tokens ({prompt_len}) + max_new_tokens ({limit}) = {prompt_len + limit} "
+        f"exceeds max_total_tokens ({limit})")
+
+
 def test_chat_renders_the_template_and_streams_the_same_text(client):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     body = {"model": "tiny", "messages": messages, "max_completion_tokens": 5, "temperature": 0,
