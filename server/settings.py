@@ -104,6 +104,8 @@ class ServerSettings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.port > 65535:  # (the resolver would wrap it: 99999 listens on 34463)
+            raise ValueError(f"port must be at most 65535, got {self.port}")
         for name in ("max_input_tokens", "max_total_tokens", "merge_cache_bytes", "threads"):
             value = getattr(self, name)
             if value is not None and value <= 0:

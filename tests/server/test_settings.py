@@ -32,6 +32,7 @@ def test_every_field_has_flag_and_env_var():
 
 @pytest.mark.parametrize("env,message", [
     ({"CAMEX_PORT": "eighty"}, "CAMEX_PORT='eighty' is not a valid int"),
+    ({"CAMEX_PORT": "99999"}, "port must be at most 65535, got 99999"),
     ({"CAMEX_STRATEGY": "fastest"}, "must be one of auto, merged, mixture"),
     ({"CAMEX_MAX_WAITING": "0"}, "max_waiting must be > 0"),
     ({"CAMEX_THREADS": "0"}, "threads must be > 0"),
