@@ -26,6 +26,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .config import FORMAT_VERSION, CamexConfig
+from .devices import check_device
 from .memory import release_freed_memory
 
 WEIGHTS_NAME = "model.safetensors"
@@ -106,7 +107,9 @@ def read_config(path: Path) -> CamexConfig:
 
 def load_folded(path: str | Path, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None) -> FoldedCheckpoint:
-    """Read and validate a folded checkpoint; raise CheckpointError naming what is wrong."""
+    """Read and validate a folded checkpoint; raise CheckpointError naming what is wrong
+    (ValueError for a device this machine does not have)."""
+    check_device(device)
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from camex_runtime.devices import check_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -66,7 +68,7 @@ def init_distributed(device: str | None = None) -> DistContext:
 
 def _pick_device(device: str | None, local_rank: int) -> torch.device:
     if device is not None:
-        dev = torch.device(device)
+        dev = check_device(device)
         if dev.type == "cuda" and dev.index is None:
             dev = torch.device("cuda", local_rank)
         return dev

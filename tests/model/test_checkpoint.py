@@ -41,3 +41,22 @@ def test_weights_format_version_is_compared_when_stored(tiny_lm_dir, tmp_path):
     ckpt = _rewrite(tiny_lm_dir, tmp_path / "v99", metadata={"camex_format_version": "99"})
     with pytest.raises(cr.CheckpointError, match="camex_format_version '99'"):
         cr.load_folded(ckpt)
+
+
+def test_a_device_this_machine_lacks_is_named_before_the_file_is_read(tiny_lm_dir):
+    # (torch.device("cuda") itself is accepted by a CPU-only build; the first tensor moved
+    # there failed, and the loader reported an "unreadable safetensors file")
+    from camex_runtime.devices import check_device
+
+    if torch.cuda.is_available():  # a GPU machine: a device index beyond the visible ones
+        missing, why = [f"cuda:{torch.cuda.device_count()}"], r"only \d+ CUDA device\(s\) visible"
+    else:
+        missing, why = ["cuda", "cuda:1", torch.device("cuda", 0)], r"no CUDA .*use the cpu device"
+    for device in missing:
+        with pytest.raises(ValueError, match=why) as err:
+            cr.load_folded(tiny_lm_dir, device=device)
+        assert not isinstance(err.value, cr.CheckpointError)
+    with pytest.raises(ValueError, match="'gpu' is not a torch device"):
+        check_device("gpu")
+    assert check_device("cpu") == torch.device("cpu")
+    assert cr.load_folded(tiny_lm_dir, device="cpu").config.folded

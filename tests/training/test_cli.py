@@ -70,6 +70,19 @@ def test_cli_input_errors_exit_2_with_a_message(argv, message, capsys, tmp_path)
     assert message in capsys.readouterr().err
 
 
+def test_cli_a_device_this_machine_lacks_exits_2_before_reading_the_data(capsys, tmp_path):
+    import torch
+
+    device = f"cuda:{torch.cuda.device_count()}"  # one past the last, on any machine
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")  # (would be a data error, were the data read first)
+    with pytest.raises(SystemExit) as exc:
+        main(["--data", str(empty), "--device", device, "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and f"device '{device}'" in err
+    assert ("no CUDA" in err) != torch.cuda.is_available()
+
+
 def test_cli_missing_tokenizer_dir_and_conflicting_flags(capsys, corpus_dir, tmp_path):
     with pytest.raises(SystemExit) as exc:
         main(["--data", str(corpus_dir), "--tokenizer", str(tmp_path / "none")])
