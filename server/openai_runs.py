@@ -32,6 +32,8 @@ class Choice:
     run: GenerationRun
     hold: StopHold
     events: AsyncIterator | None = field(default=None, repr=False)
+    # the task reading the first event while the stream has already started (`first_events`)
+    pending: asyncio.Task | None = field(default=None, repr=False)
 
     @property
     def text(self) -> str:
@@ -144,28 +146,48 @@ async def run_to_end(request, choices: list[Choice]) -> None:
 
 
 async def first_events(request, choices: list[Choice]) -> list:
-    """Streaming starts once every choice has its first event, so queue timeouts, overload and
-    validation errors are still status codes. Returns those events."""
+    """Streaming starts once one choice has its first event, so a request refused or timed
+    out in the queue before any token still gets a status code; the other choices' first
+    events follow in the stream (as vLLM streams `n` > 1). Waiting for every choice instead
+    held a stream back while its first choices ran: with more choices than batch slots,
+    each request's last choice queued behind the others' first ones, which ran to the end
+    before any stream began. Returns the first events, None where a choice is still
+    waiting (its `pending` task then holds the read)."""
     for c in choices:
         c.events = c.run.stream()
     tasks = [asyncio.ensure_future(anext(c.events)) for c in choices]
+
+    async def first_one() -> None:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            t.result()  # a choice that failed before any token: the request's status code
     try:
-        return await until_disconnect(asyncio.gather(*tasks), wait_for_disconnect(request.receive))
+        await until_disconnect(first_one(), wait_for_disconnect(request.receive))
     except BaseException:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await close_all(choices)
         raise
+    firsts = []
+    for c, t in zip(choices, tasks):
+        if t.done():
+            firsts.append(t.result())
+        else:
+            c.pending = t
+            firsts.append(None)
+    return firsts
 
 
 async def merged(choices: list[Choice], firsts: list) -> AsyncIterator[tuple[Choice, object]]:
-    """(choice, event) as events arrive, every choice's first event first."""
+    """(choice, event) as events arrive: the first events already there first, then the rest
+    (a choice still waiting for its first event joins when it comes)."""
     for c, ev in zip(choices, firsts):
-        yield c, ev
-    live = [c for c, ev in zip(choices, firsts) if ev.finish_reason is None]
-    if len(live) == 1:  # one stream left (`n` = 1): followed here, no task and queue per token
-        async for ev in live[0].events:
+        if ev is not None:
+            yield c, ev
+    live = [c for c, ev in zip(choices, firsts) if ev is None or ev.finish_reason is None]
+    if len(live) == 1 and live[0].pending is None:  # one stream (`n` = 1): followed here,
+        async for ev in live[0].events:  # no task and queue per token
             yield live[0], ev
         return
     queue: asyncio.Queue = asyncio.Queue()
@@ -173,6 +195,16 @@ async def merged(choices: list[Choice], firsts: list) -> AsyncIterator[tuple[Cho
 
     async def pump(c: Choice) -> None:
         try:
+            if c.pending is not None:  # its first event, read by first_events' task
+                try:
+                    first = await c.pending
+                except StopAsyncIteration:
+                    first = None
+                if first is not None:
+                    await queue.put((c, first, None))
+                if first is None or first.finish_reason is not None:
+                    await queue.put((c, done, None))
+                    return
             async for ev in c.events:
                 await queue.put((c, ev, None))
         except Exception as exc:  # an ApiError of a failed run: re-raised in the consumer
@@ -198,7 +230,12 @@ async def merged(choices: list[Choice], firsts: list) -> AsyncIterator[tuple[Cho
 
 
 async def close_all(choices: list[Choice]) -> None:
-    """Close every choice's event stream (an unfinished one is cancelled, counted dropped)."""
+    """Close every choice's event stream (an unfinished one is cancelled, counted dropped),
+    a first read still in flight first (a stream cannot be closed while it is read)."""
+    pending = [c.pending for c in choices if c.pending is not None]
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
     for c in choices:
         if c.events is not None:
             await c.events.aclose()

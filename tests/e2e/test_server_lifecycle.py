@@ -127,9 +127,10 @@ def test_stream_disconnect_frees_the_slot(small_server):
 @pytest.mark.parametrize("n", [1, 2])
 def test_openai_stream_disconnect_cancels_the_running_choice(small_server, n):
     """One choice is followed directly, several through a queue (server.openai_runs.merged):
-    either way a client leaving mid-stream cancels the choice still running, counted once. (With
-    one slot, the stream of n=2 starts when both choices have a token: the first has finished
-    by then.)"""
+    either way a client leaving mid-stream cancels every choice, the running one and one still
+    queued, each counted once. With one slot, the stream of n=2 starts with the first choice's
+    tokens while the second waits for the slot (it once waited for both: the first choice had
+    run to its end before the client saw a token)."""
     wait_until(lambda: idle(small_server), "an idle server")
     before = value(small_server.metrics(), "camex_failures_total", reason="dropped")
     with httpx.stream("POST", small_server.base_url + "/v1/completions", headers=auth(),
@@ -138,10 +139,11 @@ def test_openai_stream_disconnect_cancels_the_running_choice(small_server, n):
         assert r.status_code == 200
         lines = r.iter_lines()
         assert json.loads(next(x for x in lines if x.startswith("data:"))[5:])["choices"]
-        wait_until(lambda: value(small_server.metrics(), "camex_running_requests") == 1,
-                   "a choice to hold the slot")
-    wait_until(lambda: idle(small_server), "the running choice to be cancelled")
-    assert value(small_server.metrics(), "camex_failures_total", reason="dropped") == before + 1
+        wait_until(lambda: (value(small_server.metrics(), "camex_running_requests"),
+                            value(small_server.metrics(), "camex_waiting_requests")) == (1, n - 1),
+                   "streaming, with the second choice still queued")
+    wait_until(lambda: idle(small_server), "the choices to be cancelled")
+    assert value(small_server.metrics(), "camex_failures_total", reason="dropped") == before + n
 
 
 def test_non_streaming_disconnect_is_cancelled(small_server):
@@ -247,6 +249,17 @@ def test_queue_timeout_is_504_plain_and_stream(long_lm_dir, tmp_path):
             assert r.status_code == 504 and r.json()["error_type"] == "queue_timeout"
         holder.join(120)
         assert value(srv.metrics(), "camex_failures_total", reason="timeout") == 2
+        # an OpenAI stream starts with its first choice's tokens: its second choice, queued
+        # behind the first in the one slot, times out there as an in-stream error
+        with httpx.stream("POST", srv.base_url + "/v1/completions", timeout=60, json={
+                "prompt": "long request", "max_tokens": LONG_TOKENS, "n": 2,
+                "ignore_eos": True, "stream": True}) as r:
+            assert r.status_code == 200
+            chunks = [json.loads(x[5:]) for x in r.iter_lines()
+                      if x.startswith("data:") and x != "data: [DONE]"]
+        assert {c["choices"][0]["index"] for c in chunks[:-1]} == {0}  # tokens of choice 0
+        assert chunks[-1]["error"]["code"] == "queue_timeout"
+        assert value(srv.metrics(), "camex_failures_total", reason="timeout") == 3
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 120):
