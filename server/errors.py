@@ -122,6 +122,18 @@ def engine_errors(context_error: Callable[[ContextLengthError], ApiError] | None
         raise unavailable(f"engine is not accepting requests: {exc}") from None
 
 
+def unparsable_body(exc: StarletteHTTPException) -> str:
+    """FastAPI's detail, or why its "There was an error parsing the body" (a body that is not
+    JSON's UTF-8, or nests too deeply for the parser) happened."""
+    cause = exc.__cause__
+    if isinstance(cause, UnicodeDecodeError):
+        return (f"the body is not valid UTF-8 (byte 0x{cause.object[cause.start]:02x} at offset "
+                f"{cause.start}): send JSON encoded as UTF-8")
+    if isinstance(cause, RecursionError):
+        return "the JSON body nests too deeply to be parsed"
+    return str(exc.detail)
+
+
 def install_error_handlers(app: FastAPI, record_failure) -> None:
     """`record_failure(reason)` increments `camex_failures_total`."""
     from server.validation_messages import describe
@@ -160,7 +172,7 @@ def install_error_handlers(app: FastAPI, record_failure) -> None:
         kinds = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
                  401: "unauthorized", 400: "validation", 422: "validation"}
         kind = kinds.get(exc.status_code, "internal" if exc.status_code >= 500 else "validation")
-        return respond(request, ApiError(exc.status_code, kind, str(exc.detail),
+        return respond(request, ApiError(exc.status_code, kind, unparsable_body(exc),
                                          dict(exc.headers or {})))
 
     @app.exception_handler(Exception)

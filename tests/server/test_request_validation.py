@@ -215,3 +215,18 @@ def test_string_or_strings_fields_get_one_message_not_one_per_union_member(path,
         assert (openai_error(r)["message"], openai_error(r)["param"]) == (message, "stop")
     else:
         assert r.json()["error"] == message
+
+
+@pytest.mark.parametrize("path,raw,message", [
+    ("/generate", b'{"inputs": "caf\xe9"}',
+     "the body is not valid UTF-8 (byte 0xe9 at offset 15): send JSON encoded as UTF-8"),
+    ("/v1/completions", b'{"prompt": "\xc3("}',
+     "the body is not valid UTF-8 (byte 0xc3 at offset 12): send JSON encoded as UTF-8"),
+    ("/generate", b"[" * 100_000 + b"]" * 100_000, "the JSON body nests too deeply to be parsed"),
+])
+def test_a_body_the_json_parser_cannot_read_says_why(path, raw, message):
+    # (FastAPI's own answer to both: "There was an error parsing the body")
+    r = call(settings(), "POST", path, content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert (openai_error(r)["message"] if path.startswith("/v1/") else r.json()["error"]) \
+        == message
