@@ -31,11 +31,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 
 from server.logs import configure_engine_process_logging
-from server.settings import ServerSettings, cpu_threads, engine_in_process_of_its_own
-
-# --dtype spellings -> torch dtype attribute names
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16", "half": "float16"}
+from server.settings import DTYPES, ServerSettings, cpu_threads, engine_in_process_of_its_own
 
 
 # camex_runtime.training.demo's names, repeated so that this module stays light (a test keeps
@@ -122,8 +118,6 @@ def launch(settings: ServerSettings) -> LaunchedEngine | None:
     in-process engine, a classifier only, a demo not built yet)."""
     if not engine_in_process_of_its_own(settings):
         return None
-    if settings.dtype is not None and settings.dtype not in DTYPES:
-        return None  # the loader names the unknown dtype
     path, stamp = settings.model, None
     if not path and not settings.classifier:  # the demo (see the module docstring)
         lm_dir = demo_lm_dir(settings)

@@ -22,6 +22,12 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+# --dtype spellings -> torch dtype attribute names
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16", "half": "float16"}
+ALIASES = sorted(k for k, v in DTYPES.items() if k != v)
+
+
 @dataclass
 class ServerSettings:
     """Everything the server process needs to know; see `camex-server --help`."""
@@ -118,6 +124,9 @@ class ServerSettings:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_stop_sequences < 0 or self.grace_s < 0:
             raise ValueError("max_stop_sequences and grace_s must be >= 0")
+        if self.dtype is not None and self.dtype not in DTYPES:  # before a model loads
+            raise ValueError(f"unknown dtype {self.dtype!r}; use one of "
+                             f"{', '.join(sorted(set(DTYPES.values())))} (or {', '.join(ALIASES)})")
         if self.chat_template is not None and not os.path.isfile(self.chat_template):
             raise ValueError(f"chat_template {self.chat_template!r} is not a file")
         if self.api_key is not None and self.api_key_file is not None:

@@ -20,9 +20,9 @@ from server.isolation import ClassifyQueue, OpsPool, release_memory
 from server.logs import adopt_library_logging
 from server.preflight import FLAG_OF
 from server.metrics import EngineObserver, ServerMetrics, StatsReader, engine_alive
-from server.engine_launch import DTYPES, engine_limits
+from server.engine_launch import engine_limits
 from server.security import redact_paths
-from server.settings import ServerSettings, cpu_threads, engine_in_process_of_its_own
+from server.settings import DTYPES, ServerSettings, cpu_threads, engine_in_process_of_its_own
 
 log = logging.getLogger("camex.server")
 

@@ -34,6 +34,8 @@ def test_every_field_has_flag_and_env_var():
     ({"CAMEX_PORT": "eighty"}, "CAMEX_PORT='eighty' is not a valid int"),
     ({"CAMEX_PORT": "99999"}, "port must be at most 65535, got 99999"),
     ({"CAMEX_STRATEGY": "fastest"}, "must be one of auto, merged, mixture"),
+    ({"CAMEX_DTYPE": "float8"}, "unknown dtype 'float8'; use one of bfloat16, float16, float32 "
+                                "(or bf16, fp16, fp32, half)"),
     ({"CAMEX_MAX_WAITING": "0"}, "max_waiting must be > 0"),
     ({"CAMEX_THREADS": "0"}, "threads must be > 0"),
     ({"CAMEX_MERGE_CACHE_BYTES": "-1"}, "merge_cache_bytes must be > 0"),
