@@ -220,10 +220,19 @@ class ErrorResponse(_Schema):
 
 # --- classification (TEI /predict-like) -----------------------------------------------------
 
+def _right_only(value: Any) -> Any:
+    if isinstance(value, str) and value.lower() == "left":
+        raise ValueError("only `Right` truncation is supported: a long text keeps its first "
+                         "max_input_tokens tokens")
+    return value
+
+
 class ClassifyRequest(RequestSchema):
     inputs: TextOrTexts = Field(..., description="one text, or a list of texts (a batch)")
     raw_scores: bool = Field(False, description="return logits instead of probabilities")
     truncate: bool = Field(False, description="truncate long texts instead of a 422")
+    truncation_direction: Annotated[Literal["Right", "right"], BeforeValidator(_right_only)] = \
+        Field("Right", description="TEI's; only `Right` (a long text keeps its first tokens)")
 
 
 class LabelScore(_Schema):

@@ -1,4 +1,4 @@
-"""`POST /classify`: sequence classification, TEI `/predict`-shaped responses.
+"""`POST /classify` (and `POST /predict`, TEI's route): sequence classification, TEI-shaped.
 
 A string gives a list of `{label, score}` sorted by score; a list of strings is a batch and gives
 a list of such lists, in input order. Batches are capped (`max_client_batch_size`); calls run on
@@ -23,8 +23,10 @@ router = APIRouter(tags=["Classification"])
 
 @router.post("/classify", response_model=list[LabelScore] | list[list[LabelScore]],
              responses=ERROR_RESPONSES)
+@router.post("/predict", response_model=list[LabelScore] | list[list[LabelScore]],
+             responses=ERROR_RESPONSES)
 async def classify(request: Request, body: ClassifyRequest):
-    """Classify one text or a batch of texts."""
+    """Classify one text or a batch of texts (`/predict`: TEI's name for it)."""
     state = request.app.state.serving
     engine = state.require("classifier")
     single = isinstance(body.inputs, str)

@@ -123,6 +123,13 @@ def test_classify_single_and_batch(server):
     raw = httpx.post(server.base_url + "/classify",
                      json={"inputs": texts, "raw_scores": True}).json()
     assert len(raw) == 3
+    # TEI's route and its request fields: the same answers
+    tei = httpx.post(server.base_url + "/predict", json={"inputs": texts, "raw_scores": True,
+                                                         "truncation_direction": "Right"})
+    assert tei.status_code == 200 and tei.json() == raw
+    left = httpx.post(server.base_url + "/predict", json={"inputs": "x", "truncate": True,
+                                                          "truncation_direction": "Left"})
+    assert left.status_code == 422 and "only `Right` truncation" in left.json()["error"]
     long_text = "the lazy dog " * 200
     too_long = httpx.post(server.base_url + "/classify", json={"inputs": long_text})
     assert too_long.status_code == 422 and any(c.isdigit() for c in too_long.json()["error"])
