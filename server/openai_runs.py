@@ -43,10 +43,18 @@ class Choice:
             else res.text
 
 
-def check_model(state, requested: str | None) -> None:
-    """vLLM answers 404 for a model name it does not serve; so does this server."""
+# `model` values that stand for "the served one": huggingface_hub's InferenceClient sends
+# "dummy" to a server given by URL, and TGI, which ignores the field, documents "tgi"
+PLACEHOLDER_MODELS = frozenset({"dummy", "tgi"})
+
+
+def check_model(state, requested: str | None, placeholders: bool = True) -> None:
+    """vLLM answers 404 for a model name it does not serve; so does this server, except for
+    the placeholder names TGI's clients send (`placeholders`: a request body's `model`)."""
     from server.routes.completions import info_model_id
     served = info_model_id(state)
+    if placeholders and requested in PLACEHOLDER_MODELS:
+        return
     if requested is not None and requested != served:
         raise errors.ApiError(404, "not_found", f"The model `{requested}` does not exist: this "
                               f"server serves `{served}` (see GET /v1/models).", param="model",

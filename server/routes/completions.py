@@ -209,7 +209,7 @@ async def models(request: Request) -> ModelList:
 async def model(request: Request, model: str) -> ModelCard:
     """One model by name (OpenAI's retrieve): the served one, or 404 for any other."""
     state = request.app.state.serving
-    check_model(state, model)
+    check_model(state, model, placeholders=False)  # (a placeholder names no model)
     return model_card(state)
 
 

@@ -167,6 +167,25 @@ def test_openai_sdk_chat_plain_and_streamed(server):
     assert [c.index for c in n2.choices] == [0, 1]
 
 
+def test_huggingface_hub_chat_completion_by_url(server):
+    """InferenceClient given the server's URL sends `model: "dummy"` (TGI ignores the field):
+    it is taken for the served model, plain and streamed, as TGI's own `"tgi"` is."""
+    from huggingface_hub import InferenceClient
+    from openai import OpenAI
+
+    client = InferenceClient(base_url=server.base_url)
+    messages = [{"role": "user", "content": "the quick brown fox"}]
+    out = client.chat_completion(messages=messages, max_tokens=6, temperature=0)
+    assert out.model == "tiny" and out.choices[0].message.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat_completion(
+        messages=messages, max_tokens=6, temperature=0, stream=True) if c.choices)
+    assert streamed == out.choices[0].message.content
+    sdk = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    tgi = sdk.chat.completions.create(model="tgi", messages=messages, max_tokens=6,
+                                      temperature=0)
+    assert tgi.choices[0].message.content == out.choices[0].message.content
+
+
 def test_openai_sdk_shows_the_servers_error_message(server):
     import openai
 
