@@ -22,6 +22,8 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
                       model_validator)
 from pydantic_core import PydanticCustomError
 
+from server.validation_messages import json_type
+
 MAX_SEED = 2**63 - 1
 FinishReason = Literal["length", "eos_token", "stop_sequence"]
 RoutingMode = Literal["segment", "prompt"]
@@ -46,17 +48,12 @@ def _text_or_texts(value: Any) -> Any:
     for i, text in enumerate(texts):
         if not isinstance(text, str):
             raise ValueError(f"must be a string or a list of strings (item {i} is "
-                             f"{_json_type(text)})")
+                             f"{json_type(text)})")
         try:
             _encodable(text)
         except ValueError as exc:
             raise ValueError(f"item {i}: {exc}" if texts is value else str(exc)) from None
     return value
-
-
-def _json_type(value: Any) -> str:
-    return {bool: "a boolean", int: "a number", float: "a number", dict: "an object",
-            list: "a list", type(None): "null"}.get(type(value), type(value).__name__)
 
 
 # Every text input field. Plain `str` already refuses a lone surrogate, but `Union[str, ...]`

@@ -40,7 +40,7 @@ def _one(err: dict, loc: list[str], body: Any, content_type: str | None):
             got = f"`{content_type}`" if content_type else "no Content-Type header"
             return "the body was not read as JSON: send it with `Content-Type: " \
                    f"application/json` (got {got})", None
-        return f"the request body must be a JSON object, got {_json_type(err.get('input'))}", None
+        return f"the request body must be a JSON object, got {json_type(err.get('input'))}", None
     prefix = where + "." if where else ""
     if kind == "unknown_field":
         names = [f"{prefix}{k}" + (f" (did you mean `{prefix}{hint}`?)" if hint else "")
@@ -75,7 +75,8 @@ def _is_json(content_type: str | None) -> bool:
                                           and main.endswith("+json"))
 
 
-def _json_type(value: Any) -> str:
-    names = {list: "an array", str: "a string", int: "a number", float: "a number",
-             bool: "a boolean", type(None): "null", bytes: "raw bytes"}
+def json_type(value: Any) -> str:
+    """What a parsed JSON value is, in JSON's words ("an array", "null")."""
+    names = {list: "an array", dict: "an object", str: "a string", int: "a number",
+             float: "a number", bool: "a boolean", type(None): "null", bytes: "raw bytes"}
     return names.get(type(value), type(value).__name__)
