@@ -8,10 +8,13 @@ without a template is a clear 400 naming the fix, never a guess at a format. Kno
 
 from __future__ import annotations
 
-from functools import lru_cache
+import logging
 from collections.abc import Sequence
+from functools import lru_cache
 
 from server import errors
+
+log = logging.getLogger("camex.server")
 
 
 @lru_cache(maxsize=4)
@@ -38,16 +41,64 @@ def require_template(engine, settings) -> str:
 
 
 def render(engine, template: str, messages: Sequence, add_generation_prompt: bool = True) -> str:
-    """The prompt text for `messages` (ChatMessage models). A template that raises (e.g. a
-    role order it refuses) is a 422 carrying its message."""
-    from jinja2 import TemplateError
-
+    """The prompt text for `messages` (ChatMessage models). A template that refuses them
+    itself (`raise_exception`, e.g. a role order) is a 422 carrying its message; a template
+    that is broken (a syntax error, an undefined name) is the server's fault: a 500, and the
+    reason goes to the log."""
     plain = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
              for m in messages]
     try:
-        return engine.tokenizer.apply_chat_template(
-            plain, chat_template=template, add_generation_prompt=add_generation_prompt,
-            tokenize=False)
-    except TemplateError as exc:
+        return _apply(engine, template, plain, add_generation_prompt)
+    except BrokenTemplate as exc:
+        log.error("the chat template cannot be rendered: %s", exc)
+        raise errors.ApiError(500, "internal", "the server's chat template failed to render "
+                              "(a server configuration error; see its log)") from None
+    except TemplateRefusal as exc:
         raise errors.validation(f"the chat template refused these messages: {exc}",
                                 param="messages") from None
+
+
+class TemplateRefusal(Exception):
+    """The template raised on purpose (transformers' `raise_exception`)."""
+
+
+class BrokenTemplate(Exception):
+    """The template itself fails: syntax, undefined names, type errors."""
+
+
+def _apply(engine, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+    from jinja2 import TemplateError
+
+    try:
+        return engine.tokenizer.apply_chat_template(
+            messages, chat_template=template, add_generation_prompt=add_generation_prompt,
+            tokenize=False)
+    except TemplateError as exc:
+        # raise_exception raises TemplateError itself; Jinja's own failures are subclasses
+        # (TemplateSyntaxError, UndefinedError, ...)
+        if type(exc) is TemplateError:
+            raise TemplateRefusal(str(exc)) from None
+        raise BrokenTemplate(f"{type(exc).__name__}: {exc}") from None
+    except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        raise BrokenTemplate(f"{type(exc).__name__}: {exc}") from None
+
+
+def check_template(engine, settings) -> None:
+    """At start-up: the template in force renders a one-message conversation, which every
+    chat template must. A `--chat-template` file that cannot is refused (ValueError: the
+    server does not start); a checkpoint's own template that cannot is logged, and chat
+    requests answer 500 until it is replaced."""
+    template = template_for(engine, settings)
+    if template is None:
+        return
+    try:
+        _apply(engine, template, [{"role": "user", "content": "hello"}], True)
+    except TemplateRefusal:
+        return  # it judged the messages: it renders
+    except BrokenTemplate as exc:
+        if settings.chat_template:
+            raise ValueError(f"--chat-template {settings.chat_template} cannot render a "
+                             f"one-message conversation: {exc}") from None
+        log.error("the checkpoint's chat template cannot render a one-message conversation "
+                  "(%s): /v1/chat/completions will answer 500; start the server with "
+                  "--chat-template PATH", exc)

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 
 from server import errors
+from server.chat_template import check_template
 from server.isolation import ClassifyQueue, OpsPool, release_memory
 from server.logs import adopt_library_logging
 from server.preflight import FLAG_OF
@@ -96,7 +97,9 @@ class ServingState:
             lm = build_engine(self.settings, lm_dir, observer, "causal-lm",
                               launched=launched, loop=self.loop) if lm_dir else None
             clf = build_engine(self.settings, clf_dir, observer, "classifier") if clf_dir else None
-            self.lm, self.classifier = lm, clf
+            self.lm, self.classifier = lm, clf  # (set first: a refusal below stops them too)
+            if lm is not None and lm.tokenizer is not None:
+                check_template(lm, self.settings)
             self._start_and_warm()
         except Exception as exc:  # any failure to load is fatal for this process ...
             if self.stopping:  # ... except the engines stopping under a warm-up (SIGTERM)

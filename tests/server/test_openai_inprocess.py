@@ -6,6 +6,8 @@ answer, choice j of a seeded request against a single request with seed + j.
 """
 
 import json
+import shutil
+import time
 
 import pytest
 import torch
@@ -239,6 +241,57 @@ def test_chat_without_a_template_is_a_clear_400(tiny_lm_dir):
         err = r.json()["error"]
         assert err["code"] == "chat_template_missing" and "--chat-template" in err["message"]
         assert "chat_template" not in c.get("/tokenizer_info").json()
+
+
+REFUSING = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+            "{{ raise_exception('System role not supported') }}{% endif %}"
+            "<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>")
+BROKEN = "{% for m in messages %}{{ m['content'] }}{% endfor %}{{ missing.attr }}"
+
+
+def test_a_template_refusing_messages_is_422_and_a_broken_one_500(tiny_lm_dir, tmp_path,
+                                                                   caplog):
+    """raise_exception in a template judges the client's messages (422 with its words); a
+    template that cannot render at all is the server's configuration (500, reason logged)."""
+    refusing = tmp_path / "refusing.jinja"
+    refusing.write_text(REFUSING)
+    app = create_app(ServerSettings(model=str(tiny_lm_dir), chat_template=str(refusing)))
+    with TestClient(app) as c:
+        wait_ready(c)
+        r = c.post("/v1/chat/completions", json={"max_tokens": 2, "messages": [
+            {"role": "system", "content": "x"}, {"role": "user", "content": "y"}]})
+        assert r.status_code == 422 and r.json()["error"]["message"] == \
+            "the chat template refused these messages: System role not supported"
+        assert c.post("/v1/chat/completions", json={"max_tokens": 2, "messages": [
+            {"role": "user", "content": "y"}]}).status_code == 200
+    # the checkpoint's own template broken: the server still serves, chat answers 500
+    broken_dir = tmp_path / "broken-template"
+    shutil.copytree(tiny_lm_dir, broken_dir)
+    cfg_path = broken_dir / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "chat_template": BROKEN}))
+    app = create_app(ServerSettings(model=str(broken_dir)))
+    with caplog.at_level("ERROR", logger="camex.server"), TestClient(app) as c:
+        wait_ready(c)
+        assert "the checkpoint's chat template cannot render a one-message conversation " \
+               "(UndefinedError: 'missing' is undefined)" in caplog.text
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "y"}]})
+        assert r.status_code == 500 and "server's chat template failed" in \
+            r.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"prompt": "y", "max_tokens": 2}).status_code == 200
+    # a --chat-template file that cannot render: the server does not start
+    broken = tmp_path / "broken.jinja"
+    broken.write_text(BROKEN)
+    fatal: list[str] = []
+    app = create_app(ServerSettings(model=str(tiny_lm_dir), chat_template=str(broken)),
+                     on_fatal=fatal.append)
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 60
+        while not fatal and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get("/ready").status_code == 503
+    assert fatal == [f"ValueError: --chat-template {broken} cannot render a one-message "
+                     "conversation: UndefinedError: 'missing' is undefined"]
 
 
 def test_tgi_prefill_and_top_tokens_match_the_completions_logprobs(client):
