@@ -25,7 +25,7 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 # --dtype spellings -> torch dtype attribute names
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "half": "float16"}
-ALIASES = sorted(k for k, v in DTYPES.items() if k != v)
+DTYPE_ALIASES = sorted(k for k, v in DTYPES.items() if k != v)
 
 
 @dataclass
@@ -125,8 +125,9 @@ class ServerSettings:
         if self.max_stop_sequences < 0 or self.grace_s < 0:
             raise ValueError("max_stop_sequences and grace_s must be >= 0")
         if self.dtype is not None and self.dtype not in DTYPES:  # before a model loads
-            raise ValueError(f"unknown dtype {self.dtype!r}; use one of "
-                             f"{', '.join(sorted(set(DTYPES.values())))} (or {', '.join(ALIASES)})")
+            names, aliases = sorted(set(DTYPES.values())), ", ".join(DTYPE_ALIASES)
+            raise ValueError(f"unknown dtype {self.dtype!r}; use one of {', '.join(names)} "
+                             f"(or {aliases})")
         if self.chat_template is not None and not os.path.isfile(self.chat_template):
             raise ValueError(f"chat_template {self.chat_template!r} is not a file")
         if self.api_key is not None and self.api_key_file is not None:

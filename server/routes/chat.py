@@ -23,9 +23,9 @@ from server.openai_protocol import (AssistantMessage, ChatChoice, ChatCompletion
                                     ChatCompletionRequest, ChoiceLogprobs, TokenLogprob,
                                     TopLogprob, Usage)
 from server.openai_runs import (Choice, check_model, choice_seeds, clamp, close_all,
-                                context_length_error,
-                                finish_reason, first_events, merged, run_to_end, sampling,
-                                start_choices, stop_list, token_strings, usage_now, usage_of)
+                                context_length_error, finish_reason, first_events, merged,
+                                run_to_end, sampling, start_choices, stop_list, token_strings,
+                                usage_now, usage_of)
 from server.routes.completions import OPENAI_ERRORS, model_name
 from server.routes.tgi import SSE_HEADERS
 

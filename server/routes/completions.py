@@ -24,9 +24,9 @@ from server.openai_protocol import (Completion, CompletionChoice, CompletionLogp
                                     CompletionRequest, ModelCard, ModelList,
                                     OpenAIErrorResponse, Usage)
 from server.openai_runs import (Choice, check_model, choice_seeds, clamp, close_all,
-                                context_length_error,
-                                finish_reason, first_events, merged, run_to_end, sampling,
-                                start_choices, stop_list, token_strings, usage_now, usage_of)
+                                context_length_error, finish_reason, first_events, merged,
+                                run_to_end, sampling, start_choices, stop_list, token_strings,
+                                usage_now, usage_of)
 from server.routes.tgi import SSE_HEADERS
 
 router = APIRouter(prefix="/v1", tags=["OpenAI compatible"])
