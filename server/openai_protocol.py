@@ -10,7 +10,7 @@ them); fields OpenAI or vLLM define that this server does not implement are list
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BeforeValidator, Field
 
@@ -110,7 +110,8 @@ class TextPart(RequestSchema):
     text: Text
 
 
-ROLES = ("system", "developer", "user", "assistant")
+Role = Literal["system", "developer", "user", "assistant"]
+ROLES = get_args(Role)
 
 
 def _role(value: Any) -> Any:
@@ -142,8 +143,7 @@ def _content(value: Any) -> Any:
 class ChatMessage(RequestSchema):
     unsupported = frozenset({"tool_calls", "tool_call_id", "function_call", "audio",
                              "refusal"})
-    role: Annotated[Literal["system", "developer", "user", "assistant"],
-                    BeforeValidator(_role)] = Field(
+    role: Annotated[Role, BeforeValidator(_role)] = Field(
         ..., description="tool and function messages are not supported (no tools)")
     content: Annotated[list[TextPart] | None, BeforeValidator(
         _content, json_schema_input_type=str | list[TextPart] | None)] = Field(

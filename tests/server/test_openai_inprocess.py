@@ -163,7 +163,7 @@ def test_completion_refusals(client):
 
 
 def test_too_long_requests_are_refused_in_openai_words(client):
-    """OpenAI's wording and code, which clients (LiteLLM, LangChain) match to shorten the prompt;
+    """OpenAI's wording and code, which clients (LiteLLM, CrewAI) match to shorten the prompt;
     the field named is the one the request used. TGI routes keep their own message."""
     limit = client.get("/v1/models").json()["data"][0]["max_model_len"]
     prompt_len = len(client.tokenizer("hello world", add_special_tokens=False)["input_ids"])
