@@ -67,21 +67,35 @@ def test_queue_full_and_queue_timeout(engine):
 
 
 def test_async_iteration_and_cancel(engine):
-    engine.start()
+    """The steps are driven here and hold after the third token until the reader has
+    cancelled: with the engine's own loop, a loaded machine let it produce all 30 tokens
+    before the reader woke (the test then saw `length`, not `cancelled`)."""
+    h = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=30, ignore_eos=True))
+    cancelled = threading.Event()
+
+    def drive() -> None:
+        while not h.done:
+            if len(h.events()) >= 3 and not cancelled.wait(30):
+                return  # (the reader never cancelled: the assertions below say so)
+            engine.step()
+
+    driver = threading.Thread(target=drive)
+    driver.start()
 
     async def main():
-        h = engine.submit([5, 6, 7], SamplingParams(max_new_tokens=30, ignore_eos=True))
         got = []
         async for ev in h.aiter():
             got.append(ev)
             if len(got) == 3:
                 h.cancel()
-        return h, got
+                cancelled.set()
+        return got
 
-    h, got = asyncio.run(main())
-    assert got[-1].finish_reason == "cancelled" and len(got) < 31
-    res = h.result()
-    assert res.finish_reason == "cancelled" and len(res.token_ids) == len(got) - 1
+    got = asyncio.run(main())
+    driver.join(30)
+    assert [ev.finish_reason for ev in got] == [None, None, None, "cancelled"]
+    res = h.result(timeout=0)
+    assert res.finish_reason == "cancelled" and len(res.token_ids) == 3
     assert engine.runner.cache.referenced == 0 and engine.stats().running == 0
 
 
