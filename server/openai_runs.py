@@ -61,6 +61,15 @@ def check_model(state, requested: str | None, placeholders: bool = True) -> None
                               code="model_not_found")
 
 
+def check_stream_options(body) -> None:
+    """`stream_options` shapes a stream; on a plain response OpenAI and vLLM refuse it rather
+    than let a client believe it asked for something (an empty object passes, as in vLLM)."""
+    if not body.stream and body.stream_options is not None and \
+            body.stream_options.model_fields_set:
+        raise errors.validation("`stream_options` is only allowed when `stream` is true",
+                                param="stream_options")
+
+
 def stop_list(stop, limit: int) -> list[str]:
     stops = [stop] if isinstance(stop, str) else list(stop or [])
     if len(stops) > limit:

@@ -22,10 +22,10 @@ from server.chat_template import render, require_template
 from server.openai_protocol import (AssistantMessage, ChatChoice, ChatCompletion,
                                     ChatCompletionRequest, ChoiceLogprobs, TokenLogprob,
                                     TopLogprob, Usage)
-from server.openai_runs import (Choice, check_model, choice_seeds, clamp, close_all,
-                                context_length_error, finish_reason, first_events, merged,
-                                run_to_end, sampling, start_choices, stop_list, token_strings,
-                                usage_now, usage_of)
+from server.openai_runs import (Choice, check_model, check_stream_options, choice_seeds, clamp,
+                                close_all, context_length_error, finish_reason, first_events,
+                                merged, run_to_end, sampling, start_choices, stop_list,
+                                token_strings, usage_now, usage_of)
 from server.routes.completions import OPENAI_ERRORS, model_name
 from server.routes.tgi import SSE_HEADERS
 
@@ -36,6 +36,7 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
     state = request.app.state.serving
     engine = state.require("causal-lm")
     check_model(state, body.model)
+    check_stream_options(body)
     if body.top_logprobs is not None and not body.logprobs:
         raise errors.validation("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
     stops = stop_list(body.stop, state.settings.max_stop_sequences)

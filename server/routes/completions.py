@@ -23,10 +23,10 @@ from server import errors
 from server.openai_protocol import (Completion, CompletionChoice, CompletionLogprobs,
                                     CompletionRequest, ModelCard, ModelList,
                                     OpenAIErrorResponse, Usage)
-from server.openai_runs import (Choice, check_model, choice_seeds, clamp, close_all,
-                                context_length_error, finish_reason, first_events, merged,
-                                run_to_end, sampling, start_choices, stop_list, token_strings,
-                                usage_now, usage_of)
+from server.openai_runs import (Choice, check_model, check_stream_options, choice_seeds, clamp,
+                                close_all, context_length_error, finish_reason, first_events,
+                                merged, run_to_end, sampling, start_choices, stop_list,
+                                token_strings, usage_now, usage_of)
 from server.routes.tgi import SSE_HEADERS
 
 router = APIRouter(prefix="/v1", tags=["OpenAI compatible"])
@@ -56,6 +56,7 @@ async def start(request: Request, body: CompletionRequest) -> list[Choice]:
     state = request.app.state.serving
     engine = state.require("causal-lm")
     check_model(state, body.model)
+    check_stream_options(body)
     if body.max_tokens == 0 and not body.echo:
         raise errors.validation("`max_tokens` 0 generates nothing: it needs `echo` (to score "
                                 "the prompt)", param="max_tokens")

@@ -162,6 +162,23 @@ def test_completion_refusals(client):
     assert r.status_code == 422 and r.json()["error"]["param"] == "stop"
 
 
+def test_stream_options_need_a_stream(client):
+    """As OpenAI and vLLM: `stream_options` on a plain request is refused on both routes,
+    naming the field; an empty object, and the same options on a stream, are accepted."""
+    options = {"stream_options": {"include_usage": True}}
+    for route, body in (("/v1/completions", {"prompt": "hi"}),
+                        ("/v1/chat/completions", {"messages": [{"role": "user",
+                                                                "content": "hi"}]})):
+        body = {**body, "max_tokens": 2, "temperature": 0}
+        r = client.post(route, json={**body, **options})
+        err = r.json()["error"]
+        assert r.status_code == 422 and err["param"] == "stream_options", r.text
+        assert "only allowed when `stream` is true" in err["message"]
+        assert client.post(route, json={**body, "stream_options": {}}).status_code == 200
+        with client.stream("POST", route, json={**body, **options, "stream": True}) as s:
+            assert s.status_code == 200 and '"usage"' in "".join(s.iter_text())
+
+
 def test_too_long_requests_are_refused_in_openai_words(client):
     """OpenAI's wording and code, which clients (LiteLLM, CrewAI) match to shorten the prompt;
     the field named is the one the request used. TGI routes keep their own message."""
