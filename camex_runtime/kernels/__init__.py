@@ -139,7 +139,11 @@ MAX_ROWS_FP32 = 16  # fp32 weights
 # (Before the prefetch, 32 rows: 0.95 / 0.68 and 0.98 / 0.62; the tiles' products of GPT-2-small
 # at 32 rows 82 -> 62 ms on one thread, 43 -> 32 on two.) Without AVX-512 the Zen 3 figures
 # above are from before the prefetch, hence the lower limit there.
-# Not measured on Intel CPUs with AVX-512 (full-width FMAs, AMX on the Xeon): they keep torch's.
+# Intel CPUs with AVX-512 keep torch's: on a 2-core Xeon VM with AMX (full-width FMAs) its fp32
+# GEMM wins from 32 rows. GPT-2-small's 12 blocks' products (plain tensors), tiles / torch,
+# medians, one thread: 17 rows 40-42 / 50 ms, 32 rows 66-69 / 60-63, 64 rows 131 / 91,
+# 256 rows 493-518 / 261; two threads: 17 rows 23-28 / 25-26, 32 rows 37-45 / 31-35,
+# 256 rows 294-313 / 164-167.
 TILES_MAX_ROWS_FP32 = 64
 TILES_MAX_ROWS_FP32_AVX512 = 256
 TILES_FP32_AVX512_VENDORS = ("AuthenticAMD",)
@@ -154,8 +158,10 @@ TILE_KINDS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 # pass) and in ffn (the same segment through the cached entry: the same bits), on CPUs with
 # AVX512-BF16 of these vendors. Zen 4, GPT-2-small with 7+1 experts, one core: a 32-row segment's
 # fc1 / fc2 merge and product 3.1 / 2.7 ms against 3.5-4.2 / 3.1-3.3 for the merge and then
-# torch's bf16 GEMM. Not measured on Intel CPUs, whose AMX GEMMs multiply far faster than
-# vdpbf16ps: they keep the merge and then torch's GEMM.
+# torch's bf16 GEMM. On a 2-core Xeon VM with AMX it saves nothing: 12 layers' fc1 + fc2, a
+# 32-row segment's merge and product, one thread, 104.2 / 104.7 ms against 102.5 / 105.6 for
+# the merge and then torch's (AMX) GEMM; the merge's read of the stack is the cost either
+# way, so Intel CPUs keep torch's GEMM.
 BF16_DOT_FROM = MAX_ROWS + 1
 BF16_DOT_VENDORS = ("AuthenticAMD",)
 REQUIRED_FLAGS = ("avx2", "fma", "f16c")
