@@ -24,6 +24,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_single_prefetch", &set_single_prefetch,
         "bytes ahead the AVX2 kernel prefetches for one input with 16-bit weights (0: none)",
         py::arg("bytes"));
+  m.def("set_merge_prefetch", &set_merge_prefetch,
+        "bytes ahead merges prefetch in each stream of [base; deltas], AVX-512 loops (0: none)",
+        py::arg("bytes"));
   m.def("set_tiles", &set_tiles,
         "for weights of `kind`: the row counts [from, to] whose products in linear and "
         "merge_linear use the prompt tiles (from 0: never)",
