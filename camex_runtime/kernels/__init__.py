@@ -40,8 +40,9 @@ it cannot be had, `linear` is plain `F.linear` and `status()` says why.
 
 `CAMEX_KERNELS` chooses: `auto` (default: native where available), `torch` (never native),
 `native` (fail loudly where unavailable). `CAMEX_KERNELS_TUNING` replaces the CPU family's
-AVX-512 settings (`python -m camex_runtime.kernels --tune` measures them on the CPU at hand and
-prints the value). Knows nothing about models.
+AVX-512 settings and `CAMEX_MERGE_PREFETCH` the merges' prefetch distance (`python -m
+camex_runtime.kernels --tune` measures both on the CPU at hand and prints the values). Knows
+nothing about models.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ AVX512_TUNING = {
 }
 
 # the environment this module reads (deploy files may set them; tests check the names)
-ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR", "CAMEX_KERNELS_TUNING")
+ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR", "CAMEX_KERNELS_TUNING", "CAMEX_MERGE_PREFETCH")
 
 # Rows the native kernels take (`max_rows`); beyond them torch's GEMM is as fast or faster.
 # GPT-2-small's block products on a Zen 4 core, native vs torch, one thread / two:
@@ -158,8 +159,11 @@ SINGLE_PREFETCH_AVX2_ONLY = 2048
 # (906 MB) from 84-87 to 68-70 ms on one core and from 44 to 36 on two, i.e. 10.5 -> 13 GB/s,
 # a GEMV's pace there (fp32, already at it: 133 -> 128 ms, 65 -> 64 on two). Not measured on
 # AMD CPUs, which keep the hardware prefetcher alone. Same bits either way.
+# `CAMEX_MERGE_PREFETCH=BYTES` overrides it (`python -m camex_runtime.kernels --tune` measures the
+# distances on the CPU at hand).
 MERGE_PREFETCH = 1024
 MERGE_PREFETCH_VENDORS = ("GenuineIntel",)
+MERGE_PREFETCH_MAX = 65536
 TILE_KINDS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The bf16 dot kernel (cpu_decode.cpp, dot_tile) serves bf16 weights' products from this many
 # rows to MERGE_LINEAR_ROWS, in merge_linear (a prompt segment's merge and its products in one
@@ -285,7 +289,8 @@ def _load():
         if os.environ.get("CAMEX_KERNELS_TUNING", "").strip():
             isa += " set by CAMEX_KERNELS_TUNING"
     module.set_single_prefetch(single_prefetch())
-    module.set_merge_prefetch(merge_prefetch())
+    ahead = merge_prefetch()
+    module.set_merge_prefetch(ahead)
     module.set_bf16_dot(BF16_DOT_FROM if module.has_bf16_dot()
                         and cpu_vendor() in BF16_DOT_VENDORS else 0)
     dot = (f"; AVX512-BF16 dot products for bf16 merged-expert segments of {BF16_DOT_FROM}-"
@@ -299,9 +304,12 @@ def _load():
         module.set_tiles(name, first if takes else 0, tiles_max_rows(dtype))
     tiles_text = (f"; prompt tiles for {', '.join(tiles)} weights beyond a decode batch"
                   if tiles else "")
-    ahead = (f" (prefetching {merge_prefetch() // 1024} KiB ahead in each stream)"
-             if merge_prefetch() else "")
-    return module, f"native ({isa} weight-streaming linear and merge{ahead}{dot}{tiles_text})"
+    set_by = (" set by CAMEX_MERGE_PREFETCH"
+              if os.environ.get("CAMEX_MERGE_PREFETCH", "").strip() else "")
+    ahead_text = (f" (prefetching {bytes_text(ahead)} ahead in each stream{set_by})" if ahead
+                  else f" (no prefetch{set_by})" if set_by else "")
+    return module, (f"native ({isa} weight-streaming linear and merge{ahead_text}{dot}"
+                    f"{tiles_text})")
 
 
 def single_prefetch() -> int:
@@ -311,10 +319,28 @@ def single_prefetch() -> int:
 
 
 def merge_prefetch() -> int:
-    """Bytes ahead merges prefetch in each stream of the stack: MERGE_PREFETCH on CPUs with
-    AVX-512 (the loops that prefetch) of MERGE_PREFETCH_VENDORS, else none."""
+    """Bytes ahead merges prefetch in each stream of the stack (the AVX-512 loops do):
+    `CAMEX_MERGE_PREFETCH` where set, else MERGE_PREFETCH on CPUs with AVX-512 of
+    MERGE_PREFETCH_VENDORS, else none. Raises ValueError for a value that is not an integer
+    from 0 to MERGE_PREFETCH_MAX."""
+    text = os.environ.get("CAMEX_MERGE_PREFETCH", "").strip()
+    if text:
+        try:
+            ahead = int(text)
+        except ValueError:
+            ahead = -1
+        if not 0 <= ahead <= MERGE_PREFETCH_MAX:
+            raise ValueError(f"CAMEX_MERGE_PREFETCH={text!r}: bytes ahead, an integer from 0 "
+                             f"(no prefetch) to {MERGE_PREFETCH_MAX}; unset it for this CPU's "
+                             "default")
+        return ahead
     return (MERGE_PREFETCH if "avx512f" in cpu_flags() and cpu_vendor() in MERGE_PREFETCH_VENDORS
             else 0)
+
+
+def bytes_text(n: int) -> str:
+    """2048 -> "2 KiB", 768 -> "768 B"."""
+    return f"{n // 1024} KiB" if n and n % 1024 == 0 else f"{n} B"
 
 
 def max_rows(weight_dtype: torch.dtype) -> int:

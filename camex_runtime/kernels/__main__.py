@@ -4,7 +4,8 @@ so that a container loads a prebuilt library and never compiles at start-up.
 
 `--tune` then measures the AVX-512 kernel's settings on this CPU (see `tuning`): a table per
 kind of weights, and the `CAMEX_KERNELS_TUNING` value that serves this CPU best (about a minute
-per thread count for GPT-2-small's shapes). `--json FILE` also writes the measurements.
+per thread count for GPT-2-small's shapes); then the merges' prefetch distance, printed as a
+`CAMEX_MERGE_PREFETCH` value. `--json FILE` also writes the measurements.
 
 Exit status 0 when the native kernels load (and the tuning ran, if asked), 1 when serving would
 fall back to torch's, 2 for a bad argument or `--tune` on a CPU without AVX-512.
@@ -22,6 +23,8 @@ import torch
 from camex_runtime import kernels
 from camex_runtime.kernels import build
 
+TUNE_KINDS = (*kernels.WEIGHT_KINDS, "merge")
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m camex_runtime.kernels", description=__doc__,
@@ -31,8 +34,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", default=None,
                    help="thread counts to measure at, comma-separated (default: 1 and torch's "
                         "current count)")
-    p.add_argument("--kinds", default=",".join(kernels.WEIGHT_KINDS),
-                   help="kinds of weights to tune: fp32, 16bit (default: both)")
+    p.add_argument("--kinds", default=",".join(TUNE_KINDS),
+                   help="what to tune: fp32 and 16bit (the linear kernel per kind of weights), "
+                        "merge (the merges' prefetch distance); default: all three")
     p.add_argument("--reps", type=int, default=5, help="timed passes per cell (default: 5)")
     p.add_argument("--d-model", type=int, default=768, help="model width (default: GPT-2-small)")
     p.add_argument("--layers", type=int, default=12, help="blocks (default: 12)")
@@ -45,9 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except ValueError:
         p.error(f"--threads: comma-separated integers, got {args.threads!r}")
     args.kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
-    bad = [k for k in args.kinds if k not in kernels.WEIGHT_KINDS]
+    bad = [k for k in args.kinds if k not in TUNE_KINDS]
     if bad or not args.kinds:
-        p.error(f"--kinds: one or more of {', '.join(kernels.WEIGHT_KINDS)}, got {bad}")
+        p.error(f"--kinds: one or more of {', '.join(TUNE_KINDS)}, got {bad}")
     if min(args.threads) < 1 or args.reps < 1 or min(args.d_model, args.layers, args.vocab) < 1:
         p.error("--threads, --reps, --d-model, --layers and --vocab must be positive")
     return args
@@ -66,8 +70,9 @@ def tune(args: argparse.Namespace, module) -> int:
                                                  "vocab": args.vocab},
               "serving_with": kernels.format_tuning(chosen), "kinds": {}}
     best = {}
+    merge_current = kernels.merge_prefetch()
     try:
-        for kind in args.kinds:
+        for kind in (k for k in args.kinds if k in kernels.WEIGHT_KINDS):
             results = tuning.measure(module, kind, args.threads, args.d_model, args.layers,
                                      args.vocab, args.reps, progress=lambda m: print(
                                          "  " + m, file=sys.stderr, flush=True))
@@ -79,13 +84,28 @@ def tune(args: argparse.Namespace, module) -> int:
             report["kinds"][kind] = {"ms": results, "score": score, "best": name,
                                      "best_tuning": list(grid[name]),
                                      "candidates": {n: list(t) for n, t in grid.items()}}
+        if "merge" in args.kinds:
+            results = tuning.measure_merge(module, args.threads, args.d_model, args.layers,
+                                           args.reps, progress=lambda m: print(
+                                               "  " + m, file=sys.stderr, flush=True))
+            name, score = tuning.choose(results)
+            print(tuning.merge_table(results, score, tuning.merge_name(merge_current)))
+            print()
+            distances = {tuning.merge_name(a): a for a in tuning.MERGE_DISTANCES}
+            report["merge"] = {"ms": results, "score": score, "best": name,
+                               "best_bytes": distances[name], "serving_with": merge_current,
+                               "candidates": distances}
     finally:
         for kind, t in chosen.items():  # this process goes on with what it serves with
             module.tune(kind, *t)
+        module.set_merge_prefetch(merge_current)
     merged = {**chosen, **best}
     print(f"serving with: CAMEX_KERNELS_TUNING='{kernels.format_tuning(chosen)}'")
     print(f"fastest here: CAMEX_KERNELS_TUNING='{kernels.format_tuning(merged)}'")
     report["best"] = kernels.format_tuning(merged)
+    if "merge" in report:
+        print(f"merges serve with: CAMEX_MERGE_PREFETCH={merge_current}")
+        print(f"merges fastest here: CAMEX_MERGE_PREFETCH={report['merge']['best_bytes']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

@@ -14,6 +14,10 @@ The chosen setting per kind of weights is the candidate with the smallest geomet
 (its time / the fastest candidate's time) over the cells: one number that says how far from the
 best it is across batch sizes, rather than the fastest at one batch size. It is printed as a
 `CAMEX_KERNELS_TUNING` value, which the server applies at start-up.
+
+Merges (`[E_m; Δ_1..Δ_7]` into one expert) are timed the same way under each software prefetch
+distance (`MERGE_DISTANCES`): GPT-2-shaped FC1 and FC2 stacks of every layer, fp32 and bf16,
+the best printed as a `CAMEX_MERGE_PREFETCH` value.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ from camex_runtime.kernels import MAX_ROWS, MAX_ROWS_FP32, Avx512Tuning
 from camex_runtime.memory import on_huge_pages
 
 DTYPES = {"fp32": torch.float32, "16bit": torch.bfloat16}
+MERGE_DISTANCES = (0, 256, 512, 1024, 2048, 4096)  # bytes ahead in each stream
+MERGE_DELTAS = 7  # the benchmark model's 7+1 experts
 ROWS = {"fp32": (1, 2, 3, 4, 6, 8, 12, MAX_ROWS_FP32), "16bit": (1, 2, 3, 4, 6, MAX_ROWS)}
 
 
@@ -121,3 +127,66 @@ def current_name(kind: str, tuning: Avx512Tuning) -> str | None:
     """The grid's name of `tuning`, if the grid has it."""
     grid = candidates(max(ROWS[kind]))
     return next((name for name, t in grid.items() if t == tuning), None)
+
+
+def merge_name(ahead: int) -> str:
+    """The candidate name of a merge prefetch distance."""
+    return "no prefetch" if ahead == 0 else f"{ahead} bytes ahead"
+
+
+def measure_merge(module, threads: Iterable[int], d_model: int, n_layer: int, reps: int,
+                  progress: Callable[[str], None] = lambda _: None) -> dict:
+    """{threads: {kind: {candidate: median ms}}}: every layer's FC1 and FC2 merged from
+    MERGE_DELTAS deltas, under each of MERGE_DISTANCES, for fp32 and bf16 stacks (the shape
+    of `measure`'s results, with the kind of weights where it has rows). Leaves the module
+    prefetching what it served with before."""
+    torch.manual_seed(0)
+    d, f = d_model, 4 * d_model
+    grid = {merge_name(a): a for a in MERGE_DISTANCES}
+    results: dict = {}
+    for n_threads in threads:
+        before = torch.get_num_threads()
+        torch.set_num_threads(n_threads)
+        try:
+            results[n_threads] = {}
+            for kind, dtype in DTYPES.items():
+                stacks = [on_huge_pages((torch.randn(MERGE_DELTAS + 1, f * d) * 0.02).to(dtype))
+                          for _ in range(2 * n_layer)]
+                outs = [torch.empty(f * d, dtype=dtype) for _ in stacks]
+                coeffs = torch.rand(MERGE_DELTAS)
+                times: dict[str, list[float]] = {name: [] for name in grid}
+                reference = None
+                for rep in range(reps + 1):
+                    for name, ahead in grid.items():
+                        module.set_merge_prefetch(ahead)
+                        start = time.perf_counter()
+                        for stack, out in zip(stacks, outs):
+                            module.merge(stack[0], stack[1:], coeffs, out)
+                        elapsed = time.perf_counter() - start
+                        if reference is None:
+                            reference = [o.clone() for o in outs]
+                        elif not all(torch.equal(a, b) for a, b in zip(reference, outs)):
+                            raise AssertionError(f"merges, {kind}: {name!r} changed the "
+                                                 "result's bits: a kernel bug")
+                        if rep > 0:
+                            times[name].append(elapsed * 1e3)
+                results[n_threads][kind] = {n: statistics.median(v) for n, v in times.items()}
+                best = min(results[n_threads][kind].values())
+                progress(f"merges, {kind}, {n_threads} thread{'s' if n_threads > 1 else ''}: "
+                         f"fastest {best:.2f} ms")
+        finally:
+            torch.set_num_threads(before)
+    return results
+
+
+def merge_table(results: dict, score: dict[str, float], current: str | None) -> str:
+    """`table` for `measure_merge`'s results: a line per prefetch distance."""
+    cols = [(n, k) for n, per_kind in results.items() for k in per_kind]
+    head = " ".join(f"{f'{n}t {k}':>9}" for n, k in cols)
+    lines = ["merges of every layer's FC1 and FC2 (7 deltas), ms (threads, weights); score: "
+             "geometric mean of time / fastest", f"{'candidate':<36} {head} {'score':>6}"]
+    for name in sorted(score, key=score.get):
+        mark = " (current)" if name == current else ""
+        row = " ".join(f"{results[n][k][name]:9.2f}" for n, k in cols)
+        lines.append(f"{name + mark:<36} {row} {score[name]:6.3f}")
+    return "\n".join(lines)

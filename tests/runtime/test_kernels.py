@@ -173,6 +173,20 @@ def test_the_server_process_applies_the_tuning_from_the_environment():
     bad = subprocess.run([sys.executable, "-m", "camex_runtime.kernels"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "five integers" in bad.stderr, bad.stderr
+    del env["CAMEX_KERNELS_TUNING"]
+    env["CAMEX_MERGE_PREFETCH"] = "512"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "prefetching 512 B ahead in each stream set by CAMEX_MERGE_PREFETCH" in out.stdout
+    env["CAMEX_MERGE_PREFETCH"] = "0"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0 and "(no prefetch set by CAMEX_MERGE_PREFETCH)" in out.stdout
+    env["CAMEX_MERGE_PREFETCH"] = "2 KiB"
+    bad = subprocess.run([sys.executable, "-m", "camex_runtime.kernels"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "CAMEX_MERGE_PREFETCH='2 KiB'" in bad.stderr, bad.stderr
 
 
 @pytest.mark.slow
@@ -212,6 +226,18 @@ def test_tune_command_measures_every_candidate_and_prints_the_best(tmp_path):
         assert k["score"][k["best"]] == min(k["score"].values()) >= 1.0
         assert tuple(best[kind]) == tuple(grid[k["best"]])
         assert f"{kind} weights, ms per decode step" in out.stdout
+    merge = report["merge"]
+    names = {tuning.merge_name(a): a for a in tuning.MERGE_DISTANCES}
+    assert merge["candidates"] == names and set(merge["ms"]) == {"1", "2"}
+    for per_kind in merge["ms"].values():
+        assert set(per_kind) == set(tuning.DTYPES)
+        assert all(set(cell) == set(names) and min(cell.values()) > 0
+                   for cell in per_kind.values())
+    assert merge["score"][merge["best"]] == min(merge["score"].values()) >= 1.0
+    assert merge["serving_with"] == kernels.merge_prefetch()
+    said = next(line for line in out.stdout.splitlines() if line.startswith("merges fastest"))
+    assert said == f"merges fastest here: CAMEX_MERGE_PREFETCH={names[merge['best']]}"
+    assert "merges of every layer's FC1 and FC2" in out.stdout
 
 
 def test_choosing_a_tuning_weighs_every_cell():
@@ -395,6 +421,13 @@ def test_the_merge_prefetch_follows_the_cpu_and_changes_no_bits(monkeypatch):
         monkeypatch.setattr(kernels, "cpu_vendor", lambda vendor=vendor: vendor)
         assert kernels.merge_prefetch() == want
     assert kernels.MERGE_PREFETCH > 0
+    for text, want in (("512", 512), (" 0 ", 0), ("65536", 65536)):  # the environment wins
+        monkeypatch.setenv("CAMEX_MERGE_PREFETCH", text)
+        assert kernels.merge_prefetch() == want
+    for text in ("-1", "65537", "1k", "1.5"):
+        monkeypatch.setenv("CAMEX_MERGE_PREFETCH", text)
+        with pytest.raises(ValueError, match="CAMEX_MERGE_PREFETCH=.*integer from 0"):
+            kernels.merge_prefetch()
     monkeypatch.undo()
     assert ("prefetching" in kernels.status()) is (kernels.merge_prefetch() > 0)
     mod = kernels.native()
