@@ -57,6 +57,29 @@ def shapes(d_model: int, n_layer: int, vocab: int) -> list[tuple[int, int]]:
     return [(3 * d, d), (d, d), (f, d), (d, f)] * n_layer + [(vocab, d)]
 
 
+def interleaved(grid: dict, apply: Callable, run: Callable[[], list[torch.Tensor]], reps: int,
+                what: str) -> dict[str, float]:
+    """{candidate: median ms of `run()`} with each of grid's settings `apply`d in turn, pass
+    by pass (reps timed passes after a warm-up one that warms caches and pages); raises
+    AssertionError where a setting changes the outputs' bits (a kernel bug)."""
+    times: dict[str, list[float]] = {name: [] for name in grid}
+    reference = None
+    for rep in range(reps + 1):
+        for name, setting in grid.items():
+            apply(setting)
+            start = time.perf_counter()
+            outs = run()
+            elapsed = time.perf_counter() - start
+            if reference is None:
+                reference = [o.clone() for o in outs]  # run() may write into the same buffers
+            elif not all(torch.equal(a, b) for a, b in zip(reference, outs)):
+                raise AssertionError(f"{what}: the setting {name!r} changed the result's bits: "
+                                     "a kernel bug")
+            if rep > 0:
+                times[name].append(elapsed * 1e3)
+    return {n: statistics.median(v) for n, v in times.items()}
+
+
 def measure(module, kind: str, threads: Iterable[int], d_model: int, n_layer: int, vocab: int,
             reps: int, progress: Callable[[str], None] = lambda _: None) -> dict:
     """{threads: {rows: {candidate: median ms}}} for weights of `kind`; restores nothing (the
@@ -75,22 +98,10 @@ def measure(module, kind: str, threads: Iterable[int], d_model: int, n_layer: in
             results[n_threads] = {}
             for rows in ROWS[kind]:
                 xs = [torch.randn(rows, s[1]) for s in dims]
-                times: dict[str, list[float]] = {name: [] for name in grid}
-                reference = None
-                for rep in range(reps + 1):
-                    for name, t in grid.items():
-                        module.tune(kind, *t)
-                        start = time.perf_counter()
-                        outs = [module.linear(x, w, b) for x, w, b in zip(xs, weights, biases)]
-                        elapsed = time.perf_counter() - start
-                        if reference is None:
-                            reference = outs
-                        elif not all(torch.equal(a, b) for a, b in zip(reference, outs)):
-                            raise AssertionError(f"{kind}: the setting {name!r} changed the "
-                                                 "result's bits: a kernel bug")
-                        if rep > 0:  # the first pass warms caches and pages
-                            times[name].append(elapsed * 1e3)
-                results[n_threads][rows] = {n: statistics.median(v) for n, v in times.items()}
+                results[n_threads][rows] = interleaved(
+                    grid, lambda t: module.tune(kind, *t),
+                    lambda xs=xs: [module.linear(x, w, b) for x, w, b in zip(xs, weights, biases)],
+                    reps, kind)
                 best = min(results[n_threads][rows].values())
                 progress(f"{kind}, {n_threads} thread{'s' if n_threads > 1 else ''}, {rows} "
                          f"row{'s' if rows > 1 else ''}: fastest {best:.2f} ms")
@@ -154,23 +165,13 @@ def measure_merge(module, threads: Iterable[int], d_model: int, n_layer: int, re
                           for _ in range(2 * n_layer)]
                 outs = [torch.empty(f * d, dtype=dtype) for _ in stacks]
                 coeffs = torch.rand(MERGE_DELTAS)
-                times: dict[str, list[float]] = {name: [] for name in grid}
-                reference = None
-                for rep in range(reps + 1):
-                    for name, ahead in grid.items():
-                        module.set_merge_prefetch(ahead)
-                        start = time.perf_counter()
-                        for stack, out in zip(stacks, outs):
-                            module.merge(stack[0], stack[1:], coeffs, out)
-                        elapsed = time.perf_counter() - start
-                        if reference is None:
-                            reference = [o.clone() for o in outs]
-                        elif not all(torch.equal(a, b) for a, b in zip(reference, outs)):
-                            raise AssertionError(f"merges, {kind}: {name!r} changed the "
-                                                 "result's bits: a kernel bug")
-                        if rep > 0:
-                            times[name].append(elapsed * 1e3)
-                results[n_threads][kind] = {n: statistics.median(v) for n, v in times.items()}
+
+                def merge_all(stacks=stacks, outs=outs, coeffs=coeffs) -> list[torch.Tensor]:
+                    for stack, out in zip(stacks, outs):
+                        module.merge(stack[0], stack[1:], coeffs, out)
+                    return outs
+                results[n_threads][kind] = interleaved(grid, module.set_merge_prefetch,
+                                                       merge_all, reps, f"merges, {kind}")
                 best = min(results[n_threads][kind].values())
                 progress(f"merges, {kind}, {n_threads} thread{'s' if n_threads > 1 else ''}: "
                          f"fastest {best:.2f} ms")

@@ -240,6 +240,27 @@ def test_tune_command_measures_every_candidate_and_prints_the_best(tmp_path):
     assert "merges of every layer's FC1 and FC2" in out.stdout
 
 
+def test_tuning_times_candidates_in_turn_and_refuses_one_that_changes_bits():
+    """`tuning.interleaved` applies every candidate once per pass (a warm-up pass, then the
+    timed ones) and reports each one's median; a candidate whose outputs differ from the
+    first's is a kernel bug, not a faster setting."""
+    from camex_runtime.kernels import tuning
+
+    applied = []
+    state = {"scale": 1.0}
+    buf = torch.ones(4)
+
+    def run():
+        buf.fill_(state["scale"])  # the same buffer every time, as merges write theirs
+        return [buf]
+    same = tuning.interleaved({"a": 1.0, "b": 1.0}, lambda v: (applied.append(v),
+                              state.update(scale=v)), run, reps=3, what="toy")
+    assert set(same) == {"a", "b"} and min(same.values()) >= 0 and len(applied) == 8
+    with pytest.raises(AssertionError, match="toy: the setting 'b' changed the result's bits"):
+        tuning.interleaved({"a": 1.0, "b": 2.0}, lambda v: state.update(scale=v), run, reps=1,
+                           what="toy")
+
+
 def test_choosing_a_tuning_weighs_every_cell():
     """The score is the geometric mean of time / fastest over every cell: a candidate that is
     fastest in one cell but slow elsewhere loses to one near the best everywhere."""
