@@ -157,7 +157,8 @@ SINGLE_PREFETCH_AVX2_ONLY = 2048
 # keeps ahead of on the Xeon VM (AVX-512, AMX): a software prefetch a line at a time, 1 KiB
 # ahead in every stream, takes GPT-2-small's 12 layers' bf16 fc1 + fc2 merges with 7 deltas
 # (906 MB) from 84-87 to 68-70 ms on one core and from 44 to 36 on two, i.e. 10.5 -> 13 GB/s,
-# a GEMV's pace there (fp32, already at it: 133 -> 128 ms, 65 -> 64 on two). Not measured on
+# a GEMV's pace there (fp32, already at it: 133 -> 128 ms, 65 -> 64 on two); merge_many of 8
+# experts from one pass 182 -> 148 ms on one core, 88 -> 74 on two. Not measured on
 # AMD CPUs, which keep the hardware prefetcher alone. Same bits either way.
 # `CAMEX_MERGE_PREFETCH=BYTES` overrides it (`python -m camex_runtime.kernels --tune` measures the
 # distances on the CPU at hand).
