@@ -149,8 +149,8 @@ def measure_merge(module, threads: Iterable[int], d_model: int, n_layer: int, re
                   progress: Callable[[str], None] = lambda _: None) -> dict:
     """{threads: {kind: {candidate: median ms}}}: every layer's FC1 and FC2 merged from
     MERGE_DELTAS deltas, under each of MERGE_DISTANCES, for fp32 and bf16 stacks (the shape
-    of `measure`'s results, with the kind of weights where it has rows). Leaves the module
-    prefetching what it served with before."""
+    of `measure`'s results, with the kind of weights where it has rows); restores nothing (the
+    caller re-applies the distance it serves with)."""
     torch.manual_seed(0)
     d, f = d_model, 4 * d_model
     grid = {merge_name(a): a for a in MERGE_DISTANCES}
