@@ -22,6 +22,7 @@ the best printed as a `CAMEX_MERGE_PREFETCH` value.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
@@ -55,6 +56,17 @@ def shapes(d_model: int, n_layer: int, vocab: int) -> list[tuple[int, int]]:
     """(out, in) of one decode step's weight products, GPT-2 layout (FFN 4 x d_model)."""
     d, f = d_model, 4 * d_model
     return [(3 * d, d), (d, d), (f, d), (d, f)] * n_layer + [(vocab, d)]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """Run the block with torch at `n` threads, then put back the count it had."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def interleaved(grid: dict, apply: Callable, run: Callable[[], list[torch.Tensor]], reps: int,
@@ -92,10 +104,8 @@ def measure(module, kind: str, threads: Iterable[int], d_model: int, n_layer: in
     grid = candidates(max(ROWS[kind]))
     results: dict = {}
     for n_threads in threads:
-        before = torch.get_num_threads()
-        torch.set_num_threads(n_threads)
-        try:
-            results[n_threads] = {}
+        results[n_threads] = {}
+        with torch_threads(n_threads):
             for rows in ROWS[kind]:
                 xs = [torch.randn(rows, s[1]) for s in dims]
                 results[n_threads][rows] = interleaved(
@@ -105,8 +115,6 @@ def measure(module, kind: str, threads: Iterable[int], d_model: int, n_layer: in
                 best = min(results[n_threads][rows].values())
                 progress(f"{kind}, {n_threads} thread{'s' if n_threads > 1 else ''}, {rows} "
                          f"row{'s' if rows > 1 else ''}: fastest {best:.2f} ms")
-        finally:
-            torch.set_num_threads(before)
     return results
 
 
@@ -123,13 +131,22 @@ def choose(results: dict) -> tuple[str, dict[str, float]]:
 def table(kind: str, results: dict, score: dict[str, float], current: str | None) -> str:
     """A plain-text table: a line per candidate, its ms per step's products per thread count
     and batch size, and its score (1.00: fastest everywhere)."""
-    cols = [(n, r) for n, per_rows in results.items() for r in per_rows]
-    head = " ".join(f"{f'{n}t x{r}':>8}" for n, r in cols)
-    lines = [f"{kind} weights, ms per decode step's products (threads x rows); score: geometric "
-             "mean of time / fastest", f"{'candidate':<36} {head} {'score':>6}"]
+    return render(f"{kind} weights, ms per decode step's products (threads x rows)", results,
+                  score, current, lambda n, r: f"{n}t x{r}")
+
+
+def render(title: str, results: dict, score: dict[str, float], current: str | None,
+           column: Callable[[int, object], str]) -> str:
+    """`results` ({threads: {cell: {candidate: ms}}}) as lines of text, a line per candidate
+    from the best score down, the cells' columns named by `column(threads, cell)`."""
+    cols = [(n, c) for n, per_cell in results.items() for c in per_cell]
+    width = max([8, *(len(column(n, c)) for n, c in cols)])
+    head = " ".join(f"{column(n, c):>{width}}" for n, c in cols)
+    lines = [f"{title}; score: geometric mean of time / fastest",
+             f"{'candidate':<36} {head} {'score':>6}"]
     for name in sorted(score, key=score.get):
         mark = " (current)" if name == current else ""
-        row = " ".join(f"{results[n][r][name]:8.2f}" for n, r in cols)
+        row = " ".join(f"{results[n][c][name]:{width}.2f}" for n, c in cols)
         lines.append(f"{name + mark:<36} {row} {score[name]:6.3f}")
     return "\n".join(lines)
 
@@ -156,10 +173,8 @@ def measure_merge(module, threads: Iterable[int], d_model: int, n_layer: int, re
     grid = {merge_name(a): a for a in MERGE_DISTANCES}
     results: dict = {}
     for n_threads in threads:
-        before = torch.get_num_threads()
-        torch.set_num_threads(n_threads)
-        try:
-            results[n_threads] = {}
+        results[n_threads] = {}
+        with torch_threads(n_threads):
             for kind, dtype in DTYPES.items():
                 stacks = [on_huge_pages((torch.randn(MERGE_DELTAS + 1, f * d) * 0.02).to(dtype))
                           for _ in range(2 * n_layer)]
@@ -175,19 +190,10 @@ def measure_merge(module, threads: Iterable[int], d_model: int, n_layer: int, re
                 best = min(results[n_threads][kind].values())
                 progress(f"merges, {kind}, {n_threads} thread{'s' if n_threads > 1 else ''}: "
                          f"fastest {best:.2f} ms")
-        finally:
-            torch.set_num_threads(before)
     return results
 
 
 def merge_table(results: dict, score: dict[str, float], current: str | None) -> str:
     """`table` for `measure_merge`'s results: a line per prefetch distance."""
-    cols = [(n, k) for n, per_kind in results.items() for k in per_kind]
-    head = " ".join(f"{f'{n}t {k}':>9}" for n, k in cols)
-    lines = ["merges of every layer's FC1 and FC2 (7 deltas), ms (threads, weights); score: "
-             "geometric mean of time / fastest", f"{'candidate':<36} {head} {'score':>6}"]
-    for name in sorted(score, key=score.get):
-        mark = " (current)" if name == current else ""
-        row = " ".join(f"{results[n][k][name]:9.2f}" for n, k in cols)
-        lines.append(f"{name + mark:<36} {row} {score[name]:6.3f}")
-    return "\n".join(lines)
+    return render(f"merges of every layer's FC1 and FC2 ({MERGE_DELTAS} deltas), ms (threads, "
+                  "weights)", results, score, current, lambda n, k: f"{n}t {k}")
