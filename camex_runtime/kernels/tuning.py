@@ -171,25 +171,25 @@ def measure_merge(module, threads: Iterable[int], d_model: int, n_layer: int, re
     torch.manual_seed(0)
     d, f = d_model, 4 * d_model
     grid = {merge_name(a): a for a in MERGE_DISTANCES}
-    results: dict = {}
-    for n_threads in threads:
-        results[n_threads] = {}
-        with torch_threads(n_threads):
-            for kind, dtype in DTYPES.items():
-                stacks = [on_huge_pages((torch.randn(MERGE_DELTAS + 1, f * d) * 0.02).to(dtype))
-                          for _ in range(2 * n_layer)]
-                outs = [torch.empty(f * d, dtype=dtype) for _ in stacks]
-                coeffs = torch.rand(MERGE_DELTAS)
+    results: dict = {n: {} for n in threads}
+    for kind, dtype in DTYPES.items():  # one kind's stacks at a time, built once
+        stacks = [on_huge_pages((torch.randn(MERGE_DELTAS + 1, f * d) * 0.02).to(dtype))
+                  for _ in range(2 * n_layer)]
+        outs = [torch.empty(f * d, dtype=dtype) for _ in stacks]
+        coeffs = torch.rand(MERGE_DELTAS)
 
-                def merge_all(stacks=stacks, outs=outs, coeffs=coeffs) -> list[torch.Tensor]:
-                    for stack, out in zip(stacks, outs):
-                        module.merge(stack[0], stack[1:], coeffs, out)
-                    return outs
+        def merge_all(stacks=stacks, outs=outs, coeffs=coeffs) -> list[torch.Tensor]:
+            for stack, out in zip(stacks, outs):
+                module.merge(stack[0], stack[1:], coeffs, out)
+            return outs
+        for n_threads in results:
+            with torch_threads(n_threads):
                 results[n_threads][kind] = interleaved(grid, module.set_merge_prefetch,
                                                        merge_all, reps, f"merges, {kind}")
-                best = min(results[n_threads][kind].values())
-                progress(f"merges, {kind}, {n_threads} thread{'s' if n_threads > 1 else ''}: "
-                         f"fastest {best:.2f} ms")
+            best = min(results[n_threads][kind].values())
+            progress(f"merges, {kind}, {n_threads} thread{'s' if n_threads > 1 else ''}: "
+                     f"fastest {best:.2f} ms")
+        del stacks, outs, merge_all  # before the next kind's are built
     return results
 
 
