@@ -31,6 +31,7 @@ from torch import Tensor
 from camex_runtime import kernels
 from camex_runtime.engine.compute_threads import in_passing_thread
 from camex_runtime.engine.cost_model import STRATEGIES
+from camex_runtime.engine.moe import DELTA_FORMATS
 from camex_runtime.engine.precision import choose as choose_precision
 from camex_runtime.engine.outputs import EngineStats, GenerationResult, PromptLogprob
 from camex_runtime.engine.output_processor import OutputProcessor, terminal_event
@@ -95,10 +96,14 @@ class Engine:
                  max_prefill_tokens: int | None = None, profile=None, generation_config=None,
                  max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS,
                  prefill_time_ratio: float | None = DEFAULT_PREFILL_TIME_RATIO,
-                 waiting_served_ratio: float | None = DEFAULT_WAITING_SERVED_RATIO):
+                 waiting_served_ratio: float | None = DEFAULT_WAITING_SERVED_RATIO,
+                 expert_deltas: str = "full"):
         cfg = model.config
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        if expert_deltas not in DELTA_FORMATS:
+            raise ValueError(f"expert_deltas must be one of {DELTA_FORMATS}, got "
+                             f"{expert_deltas!r}")
         routing = routing or cfg.routing
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
@@ -120,7 +125,9 @@ class Engine:
         precision = choose_precision(param.device, param.dtype, kind == "causal-lm")
         self.runner = ModelRunner(model, num_slots=max_batch_size, max_len=max_total,
                                   merge_cache_bytes=merge_cache_bytes, strategy=strategy,
-                                  observer=observer, profile=profile, precision=precision)
+                                  observer=observer, profile=profile, precision=precision,
+                                  # a classifier merges once per sequence: nothing to win
+                                  expert_deltas=expert_deltas if kind == "causal-lm" else "full")
         # Chunked steps paced by measured time on the CPU. On a GPU the host would have to wait
         # for the device to time a step (no syncs in the step loop): the token budget alone.
         self.pacer = (PrefillPacer(prefill_time_ratio,
@@ -612,6 +619,7 @@ class Engine:
             "model": self.name, "kind": self.kind, "num_experts": cfg.num_experts,
             "moe_layers": list(self.runner.moe_layers), "segment_len": cfg.segment_len,
             "routing": self.routing, "strategy": self.runner.strategy,
+            "expert_deltas": self.runner.expert_deltas if self.runner.moe else None,
             "device": str(self.runner.device),
             "dtype": str(self.runner.precision.weights).replace("torch.", ""),
             "precision": self.runner.precision.describe(), "kernels": kernels.status(),

@@ -64,8 +64,10 @@ def default_merge_cache_bytes(cfg, num_slots: int, moe_layers: int, dtype: torch
 class ModelRunner:
     def __init__(self, model, *, num_slots: int, max_len: int,
                  merge_cache_bytes: int | None, strategy: str = "auto", observer=None,
-                 profile: StrategyProfile | None = None, precision: Precision | None = None):
+                 profile: StrategyProfile | None = None, precision: Precision | None = None,
+                 expert_deltas: str = "full"):
         self.model = model.eval()
+        self.expert_deltas = expert_deltas
         self.cfg = model.config
         tr = model.transformer
         self.tr = tr
@@ -197,7 +199,8 @@ class ModelRunner:
     def _take_expert_weights(self) -> list[MoEWeights]:
         """Stack [E_m; Δ] per MoE layer once (docs/DESIGN.md §3: Δ computed at load), dropping
         the model's own expert tensors layer by layer so the peak memory stays about one
-        copy of the experts (the runner owns the model from here on)."""
+        copy of the experts (the runner owns the model from here on). With
+        `expert_deltas="int8"` the deltas are int8 with per-row scales (engine/moe.py)."""
         if not self.cfg.folded:
             raise ValueError("the engine serves folded checkpoints (config.folded=True); "
                              "run camex-export first")
@@ -205,7 +208,7 @@ class ModelRunner:
         with torch.no_grad():
             for layer in self.moe_layers:
                 ffn = self.blocks[layer].ffn
-                moe = MoEWeights.from_folded(ffn)
+                moe = MoEWeights.from_folded(ffn, self.expert_deltas)
                 weights.append(moe.to_compute(self.dtype) if self.precision.mixed else moe)
                 ffn.experts, ffn.base = None, None
                 release_freed_memory()  # the old layout's pages, before the next layer's stack

@@ -550,3 +550,27 @@ def merge_many(base: Tensor, deltas: Tensor, coeffs: Tensor, outs: list[Tensor])
             return
     for c, out in zip(coeffs, outs):
         merge(base, deltas, c, out)
+
+
+def merge_q8_many(base: Tensor, q: Tensor, scales: Tensor, coeffs: Tensor,
+                  outs: list[Tensor]) -> None:
+    """outs[s] (R, C) = base (R, C) + Σ_e coeffs[s, e] · scales[e, :, None] · q[e] for int8
+    deltas q (E, R, C) with one fp32 scale per (delta, row), scales (E, R): merged experts from
+    the int8-delta layout (engine/moe.py), written in place. Natively one pass over [base; q]
+    for all S outputs, fp32 accumulation, the per-row coefficient coeffs[s, e]·scales[e, r]
+    rounded to fp32 first, the same bits for every S; elsewhere (no native kernels, a GPU) the
+    same sum with torch in fp32, within rounding of the native result."""
+    c = coeffs.float().reshape(len(outs), q.shape[0])
+    if base.device.type == "cpu" and base.is_contiguous() and q.is_contiguous() and \
+            scales.dtype == torch.float32 and scales.is_contiguous() and \
+            all(o.is_contiguous() and o.dtype == base.dtype for o in outs):
+        mod = native()
+        if mod is not None:
+            mod.merge_q8_many(base, q, scales, c, list(outs))
+            return
+    for cs, out in zip(c.to(base.device), outs):
+        rows = cs[:, None] * scales  # (E, R): each delta row's coefficient
+        acc = base.to(torch.float32, copy=True)
+        for e in range(q.shape[0]):
+            acc.addcmul_(rows[e, :, None], q[e].float())
+        out.view_as(base).copy_(acc)

@@ -723,6 +723,80 @@ void merge_run(const char* base, const char* deltas, int64_t ld_bytes, const flo
   });
 }
 
+// merge_q8: merged experts from int8 deltas with one fp32 scale per (expert, weight row), the
+// opt-in "int8 expert deltas" layout (engine/moe.py): out[r] = base[r] + sum_e (c_e * scale[e][r])
+// * q[e][r], fp32 accumulation, the per-row coefficient c_e * scale[e][r] rounded to fp32 first.
+// Per merged element 1 byte per delta instead of 2 (bf16) or 4 (fp32): the first token's merges
+// are bound by the bytes they read. Each vector of q is widened int8 -> int32 -> fp32 and fused
+// into the accumulator in expert order, the same FMAs at every width (16, 8, 1) and for every
+// output count S, so the bits depend on neither. Rows [r0, r1) of R rows of C elements.
+CAMEX_AVX512 inline __m512 load16_q8(const int8_t* q, int64_t i) {
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + i))));
+}
+
+inline __m256 load8_q8(const int8_t* q, int64_t i) {
+  return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + i))));
+}
+
+template <WType T>
+CAMEX_AVX512 int64_t merge16_q8(const char* base, const int8_t* const* q, const float* cr,
+                                int64_t E, int64_t S, int64_t C, char* const* outs) {
+  constexpr int64_t elem = T == WType::F32 ? 4 : 2;
+  const int64_t ahead = merge_prefetch;
+  __m512 v[16];
+  int64_t i = 0;
+  for (; i + 16 <= C; i += 16) {
+    if (ahead) {  // once per cache line of each stream
+      if ((i * elem) % 64 == 0) _mm_prefetch(base + i * elem + ahead, _MM_HINT_T0);
+      if (i % 64 == 0)
+        for (int64_t e = 0; e < E; ++e) _mm_prefetch(reinterpret_cast<const char*>(q[e] + i) + ahead, _MM_HINT_T0);
+    }
+    for (int64_t e = 0; e < E; ++e) v[e] = load16_q8(q[e], i);
+    const __m512 b = load16<T>(base, i);
+    for (int64_t s = 0; s < S; ++s) {
+      __m512 acc = b;
+      for (int64_t e = 0; e < E; ++e) acc = _mm512_fmadd_ps(_mm512_set1_ps(cr[s * E + e]), v[e], acc);
+      store16<T>(outs[s], i, acc);
+    }
+  }
+  return i;
+}
+
+template <WType T>
+void merge_q8_rows(const char* base, const int8_t* q, const float* scales, const float* c,
+                   int64_t E, int64_t S, int64_t R, int64_t C, int64_t r0, int64_t r1,
+                   char* const* outs) {
+  constexpr int64_t elem = T == WType::F32 ? 4 : 2;
+  std::vector<float> cr(S * E);
+  std::vector<const int8_t*> qr(E);
+  std::vector<char*> orow(S);
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t s = 0; s < S; ++s) {
+      for (int64_t e = 0; e < E; ++e) cr[s * E + e] = c[s * E + e] * scales[e * R + r];
+      orow[s] = outs[s] + r * C * elem;
+    }
+    for (int64_t e = 0; e < E; ++e) qr[e] = q + (e * R + r) * C;
+    const char* br = base + r * C * elem;
+    int64_t i = use_avx512 ? merge16_q8<T>(br, qr.data(), cr.data(), E, S, C, orow.data()) : 0;
+    __m256 v[16];
+    for (; i + 8 <= C; i += 8) {
+      for (int64_t e = 0; e < E; ++e) v[e] = load8_q8(qr[e], i);
+      const __m256 b = load8<T>(br, i);
+      for (int64_t s = 0; s < S; ++s) {
+        __m256 acc = b;
+        for (int64_t e = 0; e < E; ++e) acc = _mm256_fmadd_ps(_mm256_set1_ps(cr[s * E + e]), v[e], acc);
+        store8<T>(orow[s], i, acc);
+      }
+    }
+    for (; i < C; ++i)
+      for (int64_t s = 0; s < S; ++s) {
+        float acc = load1<T>(br, i);
+        for (int64_t e = 0; e < E; ++e) acc = std::fma(cr[s * E + e], static_cast<float>(qr[e][i]), acc);
+        store1<T>(orow[s], i, acc);
+      }
+  }
+}
+
 // The bf16 dot kernel, for prompt segments of 9-32 rows through a merged expert with bf16
 // weights. There the widening kernels above lose to the CPU's bf16 GEMM, and a merge followed by
 // that GEMM costs the sum of the two: the merge is bound by memory, the products by arithmetic.
@@ -996,6 +1070,44 @@ void merge_many(const at::Tensor& base, const at::Tensor& deltas, const at::Tens
     case at::kBFloat16: merge_run<WType::BF16>(bp, dp, ld, cp, E, S, n, op.data()); break;
     default: TORCH_CHECK(false, "merge dtype must be float32, float16 or bfloat16");
   }
+}
+
+// base (R, C) and every out (R, C) contiguous in one floating dtype, q (E, R, C) int8 and
+// scales (E, R) fp32 contiguous, coeffs (S, E) fp32: outs[s] = base + sum_e coeffs[s][e] *
+// scales[e][:, None] * q[e], one pass over [base; q] for all S (merge_q8_rows).
+void merge_q8_many(const at::Tensor& base, const at::Tensor& q, const at::Tensor& scales,
+                   const at::Tensor& coeffs, const std::vector<at::Tensor>& outs) {
+  TORCH_CHECK(base.dim() == 2 && base.is_contiguous() && q.dim() == 3 && q.is_contiguous() &&
+              q.scalar_type() == at::kChar && q.size(1) == base.size(0) &&
+              q.size(2) == base.size(1), "merge_q8 layout: base (R, C), q (E, R, C) int8");
+  const int64_t E = q.size(0), R = base.size(0), C = base.size(1);
+  const int64_t S = static_cast<int64_t>(outs.size());
+  TORCH_CHECK(E <= 16, "merge_q8: at most 16 deltas");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.dim() == 2 &&
+              scales.size(0) == E && scales.size(1) == R, "merge_q8 scales: (E, R) float32");
+  auto c = coeffs.to(at::kFloat).contiguous();
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == S && c.size(1) == E,
+              "one row of coefficients per output, one coefficient per delta");
+  std::vector<char*> op(S);
+  for (int64_t s = 0; s < S; ++s) {
+    TORCH_CHECK(outs[s].is_contiguous() && outs[s].numel() == R * C &&
+                outs[s].scalar_type() == base.scalar_type(), "merge_q8 outputs: base's layout");
+    op[s] = static_cast<char*>(outs[s].data_ptr());
+  }
+  if (!S || !R) return;
+  const char* bp = static_cast<const char*>(base.data_ptr());
+  const int8_t* qp = q.data_ptr<int8_t>();
+  const float* sp = scales.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, R, grain, [&](int64_t lo, int64_t hi) {
+    switch (base.scalar_type()) {
+      case at::kFloat: merge_q8_rows<WType::F32>(bp, qp, sp, cp, E, S, R, C, lo, hi, op.data()); break;
+      case at::kHalf: merge_q8_rows<WType::F16>(bp, qp, sp, cp, E, S, R, C, lo, hi, op.data()); break;
+      case at::kBFloat16: merge_q8_rows<WType::BF16>(bp, qp, sp, cp, E, S, R, C, lo, hi, op.data()); break;
+      default: TORCH_CHECK(false, "merge_q8 base dtype must be float32, float16 or bfloat16");
+    }
+  });
 }
 
 void merge(const at::Tensor& base, const at::Tensor& deltas, const at::Tensor& coeffs,

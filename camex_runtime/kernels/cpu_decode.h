@@ -56,3 +56,5 @@ at::Tensor merge_linear(const at::Tensor& x, const at::Tensor& base, const at::T
                         const at::Tensor& coeffs, at::Tensor w, const OptT& bias);
 void merge_many(const at::Tensor& base, const at::Tensor& deltas, const at::Tensor& coeffs,
                 const std::vector<at::Tensor>& outs);
+void merge_q8_many(const at::Tensor& base, const at::Tensor& q, const at::Tensor& scales,
+                   const at::Tensor& coeffs, const std::vector<at::Tensor>& outs);

@@ -66,3 +66,11 @@ def results_alone(path: Path, prompts, params, **engine_kwargs) -> list:
         return [engine.submit(p, sp).result() for p, sp in zip(prompts, each)]
     finally:
         engine.stop()
+
+
+
+def int8_reference(path: Path, dtype=None) -> torch.nn.Module:
+    """`reference(path)` as an engine with `expert_deltas="int8"` must reproduce it."""
+    from camex_runtime.engine.moe import with_int8_deltas
+
+    return with_int8_deltas(reference(path, dtype))

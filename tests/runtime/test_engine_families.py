@@ -1,7 +1,8 @@
 """The serving contracts on Llama-family CAMEx (Llama, Mistral, Qwen2, Phi-3 with GQA):
 incremental decoding == the model's full forward across segment boundaries (contract 2),
 staggered batches == each request alone (contract 3), merged == mixture == auto (contract 4),
-bf16 against fp32, multi-EOS stopping, classification through the engine == the model."""
+int8 expert deltas == the dequantized model, bf16 against fp32, multi-EOS stopping,
+classification through the engine == the model."""
 from __future__ import annotations
 
 import json
@@ -11,7 +12,7 @@ import torch
 
 import camex_runtime as cr
 from camex_runtime import Engine, SamplingParams
-from engine_models import reference
+from engine_models import int8_reference, reference
 from tests.dense_models import (EOS, FAMILIES, build_dense, build_dense_classifier, random_ids,
                                 spread)
 
@@ -44,6 +45,26 @@ def decode_alone(engine, prompt, new):
     while not handle.done:
         engine.step()
     return handle.result()
+
+
+def test_int8_deltas_decode_like_the_dequantized_model(lm):
+    """With `expert_deltas="int8"` (the fused [gate; up] rows quantized row by row as the
+    separate projections are): incremental decoding == the full forward of the model whose
+    experts are E_m + the dequantized deltas, merged and mixture strategies."""
+    path, _ = lm
+    ref = int8_reference(path)
+    for strategy in ("merged", "mixture"):
+        engine = Engine.from_pretrained(path, max_batch_size=2, strategy=strategy,
+                                        expert_deltas="int8")
+        for prompt_len in (T - 1, 2 * T + 1):
+            prompt = random_ids(prompt_len, seed=prompt_len)[0].tolist()
+            res = decode_alone(engine, prompt, 2 * T + 2)
+            ids = prompt + res.token_ids
+            lp = full_forward_logprobs(ref, ids, prompt_len, "segment")
+            assert res.token_ids == lp[prompt_len - 1:-1].argmax(-1).tolist(), (
+                prompt_len, strategy)
+            want = lp[torch.arange(prompt_len - 1, len(ids) - 1), torch.tensor(res.token_ids)]
+            torch.testing.assert_close(torch.tensor(res.logprobs), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["segment", "prompt"])
