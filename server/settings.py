@@ -91,6 +91,12 @@ class ServerSettings:
         "when the torch threads leave a core free", choices=("auto", "on", "off"))
     strategy: str = _opt("auto", "merged-expert apply strategy",
                          choices=("auto", "merged", "mixture"))
+    expert_deltas: str = _opt(
+        "full", "how text-generation engines keep the expert weight deltas: full (the "
+        "checkpoint's dtype, exact) or int8 (one fp32 scale per expert and weight row: merges "
+        "read 1 byte per delta element, so a new routing's first token comes sooner and the "
+        "experts take about half the memory (bf16) or a third (fp32); the served model is the "
+        "dequantized one, see docs/DESIGN.md)", choices=("full", "int8"))
     routing: str | None = _opt(None, "default routing mode (none: checkpoint's)",
                                choices=("segment", "prompt"))
     demo_dir: str | None = _opt(None, "where demo checkpoints are built when no model is given")
