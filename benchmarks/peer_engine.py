@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", required=True, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--expert-deltas", default="full", choices=["full", "int8"])
     p.add_argument("--plan", type=Path, help="levels and prompts (JSON)")
     p.add_argument("--out", type=Path, help="the plan's results (JSON)")
     p.add_argument("--serve", action="store_true",
@@ -154,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(args.model, device="cpu", dtype=args.dtype,
-                                    max_batch_size=args.max_batch_size, max_waiting=64)
+                                    max_batch_size=args.max_batch_size, max_waiting=64,
+                                    expert_deltas=args.expert_deltas)
     engine.start()
     engine.warmup()
     ready_s = time.perf_counter() - t0

@@ -60,7 +60,8 @@ from peer_models import FAMILIES, build_models, context_length  # noqa: E402
 from peer_report import DTYPE_PAIRS, LLAMA, markdown, summarize, targets  # noqa: E402
 from serving import ServerProcess, end_process, free_port, signals_held  # noqa: E402
 
-SYSTEMS = (LLAMA, "camex-dense", "camex-7x1")
+SYSTEMS = (LLAMA, "camex-dense", "camex-7x1", "camex-7x1-int8")
+DEFAULT_SYSTEMS = SYSTEMS[:3]  # camex-7x1-int8 (--expert-deltas int8) when asked for
 CONTENDED_OTHER_CORES = 0.25  # other processes used more than a quarter core during a level
 INTERLEAVED = "slices of `concurrency` requests (B=1: request by request), systems in turn"
 
@@ -76,7 +77,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-engine", action="store_true", help="skip the in-process engine runs")
     p.add_argument("--threads", default="1,2", help="compute threads, comma-separated")
     p.add_argument("--dtypes", default="fp32,bf16", help=f"dtype pairs: {', '.join(DTYPE_PAIRS)}")
-    p.add_argument("--systems", default=",".join(SYSTEMS))
+    p.add_argument("--systems", default=",".join(DEFAULT_SYSTEMS),
+                   help=f"comma-separated, of {', '.join(SYSTEMS)}")
     p.add_argument("--runs", type=int, default=2, help="rounds per configuration")
     p.add_argument("--concurrency", type=int, default=8, help="the concurrent level (and -np)")
     p.add_argument("--b1-requests", type=int, default=None,
@@ -195,10 +197,19 @@ def server_command(system: str, pair: str, threads: int, port: int, paths: dict,
                 "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads),
                 "--threads-batch", str(threads), "-np", str(args.concurrency),
                 "-c", str(ctx)], "/health"
-    model = paths["camex_dense" if system == "camex-dense" else "camex_7x1"]
     return [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port),
-            "--model", str(model), "--threads", str(threads), "--dtype", DTYPE_PAIRS[pair][1],
-            "--max-batch-size", str(args.concurrency)], "/ready"
+            "--model", str(camex_model(system, paths)), "--threads", str(threads),
+            "--dtype", DTYPE_PAIRS[pair][1], "--max-batch-size", str(args.concurrency),
+            *delta_args(system)], "/ready"
+
+
+def camex_model(system: str, paths: dict) -> Path:
+    return paths["camex_dense" if system == "camex-dense" else "camex_7x1"]
+
+
+def delta_args(system: str) -> list[str]:
+    """camex-7x1-int8: the 7+1 model served with int8 expert deltas."""
+    return ["--expert-deltas", "int8"] if system.endswith("-int8") else []
 
 
 @dataclass
@@ -377,7 +388,7 @@ def run_round(pair: str, threads: int, rnd: int, plan: dict, paths: dict,
             # its client threads where the HTTP client runs, so both leave the engine's
             # compute thread the same cores
             cmd = [sys.executable, str(HERE / "peer_engine.py"), "--model",
-                   str(paths["camex_dense" if system == "camex-dense" else "camex_7x1"]),
+                   str(camex_model(system, paths)), *delta_args(system),
                    "--dtype", DTYPE_PAIRS[pair][1], "--threads", str(threads), "--serve",
                    *(["--client-cpus", ",".join(map(str, cpus))] if cpus else [])]
             worker = stack.enter_context(EngineWorker(

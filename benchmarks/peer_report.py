@@ -26,7 +26,9 @@ from pathlib import Path
 LLAMA = "llama.cpp"
 SYSTEM_NAMES = {LLAMA: "llama.cpp `llama-server -np {conc}`",
                 "camex-dense": "camex-server, dense-equivalent model",
-                "camex-7x1": "camex-server, CAMEx 7+1 experts"}
+                "camex-7x1": "camex-server, CAMEx 7+1 experts",
+                "camex-7x1-int8": "camex-server, CAMEx 7+1 experts, `--expert-deltas int8`"}
+MERGED = ("camex-7x1", "camex-7x1-int8")  # the systems target 2 compares with dense
 # dtype pair name -> (llama.cpp GGUF type, camex --dtype)
 # (bf16 vs f16 is issue #15's pairing: each server's usual half precision.)
 DTYPE_PAIRS = {"fp32": ("f32", "float32"), "bf16": ("f16", "bfloat16"), "fp16": ("f16", "float16")}
@@ -126,7 +128,7 @@ def summarize(doc: dict) -> list[dict]:
             if system != LLAMA and llama:
                 row[f"{tag}_vs_llama"] = ratios(h, {r: tok_s(level_of(v, c))
                                                     for r, v in llama.items()})
-            if system == "camex-7x1" and dense:
+            if system in MERGED and dense:
                 h_dense = {r: tok_s(level_of(v, c)) for r, v in dense.items()}
                 e_dense = {r: tok_s(level_of(v, c)) for r, v in dense_engine.items()}
                 row[f"{tag}_vs_dense"] = ratios(h, h_dense)
@@ -136,7 +138,7 @@ def summarize(doc: dict) -> list[dict]:
                 row[f"{tag}_vs_dense_over_engine"] = [
                     (h[r] / h_dense[r]) / (e[r] / e_dense[r]) for r in sorted(h)
                     if h.get(r) and h_dense.get(r) and e.get(r) and e_dense.get(r)]
-        if system == "camex-7x1" and dense:  # (at B=1 a slice is one request, not a wave)
+        if system in MERGED and dense:  # (at B=1 a slice is one request, not a wave)
             row["conc_vs_dense_over_engine_waves"] = wave_ratios(conc, http, engine, dense,
                                                                  dense_engine)
         if system != LLAMA and llama:
@@ -263,10 +265,11 @@ def targets(doc: dict) -> list[str]:
             for tag, what in (("b1", "B=1"), ("conc", "concurrent")):
                 state(f"1. dense / llama-server, {what}, {where}",
                       r.get(f"{tag}_vs_llama", []), 1.0)
-        if r["system"] == "camex-7x1":
-            state(f"2. CAMEx / dense, B=1, {where}", r.get("b1_vs_dense", []), 0.9)
+        if r["system"] in MERGED:
+            name = "CAMEx" if r["system"] == "camex-7x1" else "CAMEx int8 deltas"
+            state(f"2. {name} / dense, B=1, {where}", r.get("b1_vs_dense", []), 0.9)
             waves = r.get("conc_vs_dense_over_engine_waves", [])
-            state(f"2. CAMEx / dense, concurrent, over HTTP / in the engine, {where}",
+            state(f"2. {name} / dense, concurrent, over HTTP / in the engine, {where}",
                   r.get("conc_vs_dense_over_engine", []), 1.0, one_by_one(waves, "waves"))
         if r["system"] != LLAMA:
             for tag, what, unit in (("b1", "B=1", "requests"), ("conc", "concurrent", "waves")):
