@@ -96,7 +96,8 @@ class ServerSettings:
         "checkpoint's dtype, exact) or int8 (one fp32 scale per expert and weight row: merges "
         "read 1 byte per delta element, so a new routing's first token comes sooner and the "
         "experts take about half the memory (bf16) or a third (fp32); the served model is the "
-        "dequantized one, see docs/DESIGN.md)", choices=("full", "int8"))
+        "dequantized one, see docs/DESIGN.md; not with --strategy mixture)",
+        choices=("full", "int8"))
     routing: str | None = _opt(None, "default routing mode (none: checkpoint's)",
                                choices=("segment", "prompt"))
     demo_dir: str | None = _opt(None, "where demo checkpoints are built when no model is given")
@@ -128,6 +129,9 @@ class ServerSettings:
         for name in ("prefill_time_ratio", "waiting_served_ratio"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.expert_deltas == "int8" and self.strategy == "mixture":
+            raise ValueError("--expert-deltas int8 needs --strategy merged or auto: the mixture "
+                             "strategy would dequantize every expert on each call")
         if self.max_stop_sequences < 0 or self.grace_s < 0:
             raise ValueError("max_stop_sequences and grace_s must be >= 0")
         if self.dtype is not None and self.dtype not in DTYPES:  # before a model loads

@@ -12,6 +12,7 @@ Knows nothing about requests or caches beyond the counts it is given.
 """
 from __future__ import annotations
 
+import math
 import time
 from bisect import bisect_left
 from collections.abc import Callable
@@ -75,9 +76,12 @@ class StrategyProfile:
     @torch.inference_mode()
     def measure(cls, moe: MoEWeights, points: tuple[int, ...] = PROBE_TOKENS,
                 passes: int = MEASURE_PASSES, dtype: torch.dtype | None = None,
-                clock: Callable[[], float] = time.perf_counter) -> StrategyProfile:
+                clock: Callable[[], float] = time.perf_counter,
+                mixture: bool = True) -> StrategyProfile:
         """`dtype`: the activations' (default: the weights'), see engine/precision.py. Every
-        probe is timed `passes` times, interleaved with the others (see `best_times`)."""
+        probe is timed `passes` times, interleaved with the others (see `best_times`).
+        `mixture=False` (int8 expert deltas, which the mixture would dequantize on every
+        call): the mixture is not probed and counts as never faster, so `auto` merges."""
         dev, wt = moe.w1.device, moe.w1.dtype
         dt = dtype or wt
         E, h, d = moe.num_experts, moe.w2.shape[2], moe.w2.shape[1]
@@ -100,15 +104,16 @@ class StrategyProfile:
                 for out in outs:
                     apply_merged(x, out, moe.kind)
             probes["merged", n] = apply_each
-            probes["mixture", n] = lambda x=x, sn=sn: apply_mixture(x, moe, sn)
+            if mixture:
+                probes["mixture", n] = lambda x=x, sn=sn: apply_mixture(x, moe, sn)
         best = best_times(probes, dev, passes, clock)
         return cls(tuple(points), tuple(best["merged", n] / k for n in points),
-                   tuple(best["mixture", n] for n in points), best["merge"], E)
+                   tuple(best.get(("mixture", n), math.inf) for n in points), best["merge"], E)
 
     def describe(self) -> dict:
         """The timings in milliseconds (logged at warm-up, reported in the engine's info)."""
-        def ms(seconds: float) -> float:
-            return round(seconds * 1e3, 3)
+        def ms(seconds: float) -> float | None:
+            return None if math.isinf(seconds) else round(seconds * 1e3, 3)  # inf: not probed
         return {"points": list(self.points), "merge_ms": ms(self.merge),
                 "merged_ms": [ms(v) for v in self.merged],
                 "mixture_ms": [ms(v) for v in self.mixture]}
@@ -144,6 +149,8 @@ class CostModel:
         return merges + sum(_interp(p.points, p.merged, n) for n in tokens_per_merge)
 
     def mixture_time(self, num_tokens: int) -> float:
+        if math.isinf(self.p.mixture[0]):  # not probed (int8 deltas): never the cheaper one
+            return math.inf
         return _interp(self.p.points, self.p.mixture, num_tokens)
 
     def choose(self, tokens_per_merge: list[int], new_merges: float,
@@ -186,5 +193,8 @@ class CostModel:
         p = self.p
         merged = (p.merge if new_merge else 0.0) + _interp(p.points, p.merged, n) \
             + future * p.merged[0]
-        mixture = self.mixture_time(n) + future * p.mixture[0]
+        mixture = self.mixture_time(n)
+        if math.isinf(mixture):  # (and inf * 0 future steps would be nan)
+            return "merged"
+        mixture += future * p.mixture[0]
         return "merged" if merged <= mixture else "mixture"

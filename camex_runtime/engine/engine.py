@@ -104,6 +104,11 @@ class Engine:
         if expert_deltas not in DELTA_FORMATS:
             raise ValueError(f"expert_deltas must be one of {DELTA_FORMATS}, got "
                              f"{expert_deltas!r}")
+        if expert_deltas == "int8" and strategy == "mixture" and kind == "causal-lm":
+            raise ValueError("strategy 'mixture' runs every expert's full weights on each call: "
+                             "with expert_deltas='int8' it would dequantize them every time; "
+                             "use 'merged' or 'auto' (they merge, and fall back to the "
+                             "mixture only when the merge pool is full)")
         routing = routing or cfg.routing
         if routing not in ROUTING_MODES:
             raise ValueError(f"routing must be one of {ROUTING_MODES}, got {routing!r}")
@@ -307,8 +312,11 @@ class Engine:
         crossing = min(self.config.segment_len + 1, longest)
         eos = self.eos_token_id or 0
         saved = self.runner.strategy
+        plan = [("merged", crossing), ("mixture", min(WARM_SHORT, crossing))]
+        if self.runner.expert_deltas == "int8":  # the mixture is only the pool-full fallback
+            plan = plan[:1]  # there, which dequantizes per call anyway (~6 s for GPT-2-small)
         try:
-            for strategy, n in (("merged", crossing), ("mixture", min(WARM_SHORT, crossing))):
+            for strategy, n in plan:
                 self.runner.strategy = strategy
                 for routing in ROUTING_MODES:
                     self.generate([eos] * n, max_new_tokens=2, ignore_eos=True, routing=routing)

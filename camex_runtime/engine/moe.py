@@ -47,8 +47,8 @@ class Int8Deltas:
     @classmethod
     def from_experts(cls, experts: list[Tensor], bases: list[Tensor]) -> Int8Deltas:
         """Δ_e = E'_e − E_m of projections stacked along the rows, experts[p] (E, R_p, C) and
-        bases[p] (R_p, C), one expert and projection at a time in fp32 (no full-precision
-        copy of the stack)."""
+        bases[p] (R_p, C), one expert and projection at a time (kernels.quantize_q8, fp32
+        arithmetic; no full-precision copy of the stack)."""
         E, C = experts[0].shape[0], experts[0].shape[2]
         R = sum(b.shape[0] for b in bases)
         dev = bases[0].device
@@ -58,11 +58,8 @@ class Int8Deltas:
             at = 0
             for w, b in zip(experts, bases):
                 n = b.shape[0]
-                d = w[e].float() - b.float()
-                s = d.abs().amax(1) / 127.0
-                step = torch.where(s > 0, s, torch.ones_like(s))
-                scales[e, at:at + n] = s
-                q[e, at:at + n] = torch.round(d / step[:, None]).clamp_(-127, 127).to(torch.int8)
+                kernels.quantize_q8(w[e].contiguous(), b.contiguous(), q[e, at:at + n],
+                                    scales[e, at:at + n])
                 at += n
         return cls(q, scales)
 

@@ -120,8 +120,9 @@ class ModelRunner:
         """Strategy timings of the real layer shapes on this device (see cost_model), measured
         the first time the `auto` strategy needs them."""
         if self._cost is None:
-            self._cost = CostModel(self._profile or StrategyProfile.measure(self.moe[0],
-                                                                            dtype=self.dtype))
+            # int8 deltas: the mixture would dequantize the stacks on every call (a fallback)
+            self._cost = CostModel(self._profile or StrategyProfile.measure(
+                self.moe[0], dtype=self.dtype, mixture=self.moe[0].deltas == "full"))
         return self._cost
 
     @property

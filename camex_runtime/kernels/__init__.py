@@ -552,6 +552,25 @@ def merge_many(base: Tensor, deltas: Tensor, coeffs: Tensor, outs: list[Tensor])
         merge(base, deltas, c, out)
 
 
+def quantize_q8(w: Tensor, b: Tensor, q: Tensor, scales: Tensor) -> None:
+    """The rows of d = w − b (both (R, C)) as int8 with one fp32 scale per row, written into q
+    (R, C) int8 and scales (R,) fp32: scale = max |d| · (1/127), q = d / scale rounded half to
+    even (a zero row: scale 0, q 0), symmetric, in [−127, 127]. Natively one pass per row to
+    measure and one to write, rows over threads; elsewhere the same fp32 operations in torch,
+    the same bits."""
+    if w.device.type == "cpu" and w.is_contiguous() and b.is_contiguous() and \
+            q.is_contiguous() and scales.is_contiguous() and w.dtype == b.dtype:
+        mod = native()
+        if mod is not None:
+            mod.quantize_q8(w, b, q, scales)
+            return
+    d = w.float() - b.float()
+    s = d.abs().amax(1) * torch.tensor(1.0 / 127.0, dtype=torch.float32)
+    step = torch.where(s > 0, s, torch.ones_like(s))
+    scales.copy_(s)
+    q.copy_(torch.round(d / step[:, None]).clamp_(-127, 127).to(torch.int8))
+
+
 def merge_q8_many(base: Tensor, q: Tensor, scales: Tensor, coeffs: Tensor,
                   outs: list[Tensor]) -> None:
     """outs[s] (R, C) = base (R, C) + Σ_e coeffs[s, e] · scales[e, :, None] · q[e] for int8

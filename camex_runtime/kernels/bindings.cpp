@@ -54,6 +54,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "w = base + coeffs @ deltas and x @ w.T + bias, a tile of w at a time", nogil());
   m.def("merge_many", &merge_many,
         "outs[s] = base + coeffs[s] @ deltas for every s, the stack streamed once", nogil());
+  m.def("quantize_q8", &quantize_q8,
+        "q, scales = the rows of w - b as int8 with one fp32 scale per row", nogil());
   m.def("merge_q8_many", &merge_q8_many,
         "outs[s] = base + sum_e coeffs[s][e] * scales[e][:, None] * q[e] (int8 deltas with one "
         "scale per row) for every s, one pass", nogil());

@@ -1072,6 +1072,53 @@ void merge_many(const at::Tensor& base, const at::Tensor& deltas, const at::Tens
   }
 }
 
+// The rows of w - b (both (R, C), one floating dtype) as int8 with one fp32 scale per row:
+// scale = max |d| * (1/127), q = round-half-even(d / scale) (d / 1 where the row is zero),
+// clamped to [-127, 127]. The same fp32 operations as kernels.quantize_q8's torch path, so the
+// same bits; one pass to find each row's largest magnitude and one to write it, rows over
+// threads (GPT-2-small's 7+1 experts: ~0.5 GB of deltas at load).
+template <WType T>
+void quantize_rows(const char* w, const char* b, int64_t C, int8_t* q, float* scales,
+                   int64_t r0, int64_t r1) {
+  std::vector<float> d(C);
+  for (int64_t r = r0; r < r1; ++r) {
+    float amax = 0.0f;
+    for (int64_t j = 0; j < C; ++j) {
+      d[j] = load1<T>(w, r * C + j) - load1<T>(b, r * C + j);
+      amax = std::max(amax, std::fabs(d[j]));
+    }
+    const float s = amax * (1.0f / 127.0f);
+    scales[r] = s;
+    const float step = s > 0.0f ? s : 1.0f;
+    int8_t* qr = q + r * C;
+    for (int64_t j = 0; j < C; ++j)
+      qr[j] = static_cast<int8_t>(std::min(127.0f, std::max(-127.0f, std::nearbyint(d[j] / step))));
+  }
+}
+
+void quantize_q8(const at::Tensor& w, const at::Tensor& b, at::Tensor q, at::Tensor scales) {
+  TORCH_CHECK(w.dim() == 2 && w.is_contiguous() && b.is_contiguous() && w.sizes() == b.sizes() &&
+              w.scalar_type() == b.scalar_type(), "quantize_q8: w and b (R, C), one layout");
+  const int64_t R = w.size(0), C = w.size(1);
+  TORCH_CHECK(q.scalar_type() == at::kChar && q.is_contiguous() && q.numel() == R * C,
+              "quantize_q8: q (R, C) int8");
+  TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == R,
+              "quantize_q8: scales (R,) float32");
+  const char* wp = static_cast<const char*>(w.data_ptr());
+  const char* bp = static_cast<const char*>(b.data_ptr());
+  int8_t* qp = q.data_ptr<int8_t>();
+  float* sp = scales.data_ptr<float>();
+  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)),
+                   [&](int64_t lo, int64_t hi) {
+    switch (w.scalar_type()) {
+      case at::kFloat: quantize_rows<WType::F32>(wp, bp, C, qp, sp, lo, hi); break;
+      case at::kHalf: quantize_rows<WType::F16>(wp, bp, C, qp, sp, lo, hi); break;
+      case at::kBFloat16: quantize_rows<WType::BF16>(wp, bp, C, qp, sp, lo, hi); break;
+      default: TORCH_CHECK(false, "quantize_q8: float32, float16 or bfloat16 weights");
+    }
+  });
+}
+
 // base (R, C) and every out (R, C) contiguous in one floating dtype, q (E, R, C) int8 and
 // scales (E, R) fp32 contiguous, coeffs (S, E) fp32: outs[s] = base + sum_e coeffs[s][e] *
 // scales[e][:, None] * q[e], one pass over [base; q] for all S (merge_q8_rows).

@@ -56,5 +56,6 @@ at::Tensor merge_linear(const at::Tensor& x, const at::Tensor& base, const at::T
                         const at::Tensor& coeffs, at::Tensor w, const OptT& bias);
 void merge_many(const at::Tensor& base, const at::Tensor& deltas, const at::Tensor& coeffs,
                 const std::vector<at::Tensor>& outs);
+void quantize_q8(const at::Tensor& w, const at::Tensor& b, at::Tensor q, at::Tensor scales);
 void merge_q8_many(const at::Tensor& base, const at::Tensor& q, const at::Tensor& scales,
                    const at::Tensor& coeffs, const std::vector<at::Tensor>& outs);

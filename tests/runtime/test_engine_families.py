@@ -50,21 +50,23 @@ def decode_alone(engine, prompt, new):
 def test_int8_deltas_decode_like_the_dequantized_model(lm):
     """With `expert_deltas="int8"` (the fused [gate; up] rows quantized row by row as the
     separate projections are): incremental decoding == the full forward of the model whose
-    experts are E_m + the dequantized deltas, merged and mixture strategies."""
+    experts are E_m + the dequantized deltas, merging, and with a pool too small for any merge
+    (every row through the dequantizing mixture)."""
     path, _ = lm
     ref = int8_reference(path)
-    for strategy in ("merged", "mixture"):
-        engine = Engine.from_pretrained(path, max_batch_size=2, strategy=strategy,
-                                        expert_deltas="int8")
+    for budget in (None, 1):
+        engine = Engine.from_pretrained(path, max_batch_size=2, strategy="merged",
+                                        merge_cache_bytes=budget, expert_deltas="int8")
         for prompt_len in (T - 1, 2 * T + 1):
             prompt = random_ids(prompt_len, seed=prompt_len)[0].tolist()
             res = decode_alone(engine, prompt, 2 * T + 2)
             ids = prompt + res.token_ids
             lp = full_forward_logprobs(ref, ids, prompt_len, "segment")
             assert res.token_ids == lp[prompt_len - 1:-1].argmax(-1).tolist(), (
-                prompt_len, strategy)
+                prompt_len, budget)
             want = lp[torch.arange(prompt_len - 1, len(ids) - 1), torch.tensor(res.token_ids)]
             torch.testing.assert_close(torch.tensor(res.logprobs), want, atol=1e-5, rtol=1e-5)
+        assert (engine.runner.cache.fallbacks > 0) is (budget == 1)
 
 
 @pytest.mark.parametrize("mode", ["segment", "prompt"])

@@ -14,6 +14,21 @@ from engine_models import build_folded, full_forward_logprobs, int8_reference, r
 NATIVE = kernels.native() is not None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantizer_gives_the_same_bits_natively_and_with_torch(dtype, monkeypatch):
+    """A server with native kernels and one without (or a GPU) serve the same int8 model."""
+    torch.manual_seed(2)
+    base = torch.randn(33, 70).to(dtype)
+    experts = (base + torch.randn(4, 33, 70) * 0.02).to(dtype)
+    experts[2, 5] = base[5]  # a zero delta row
+    experts[1, 7, 3] = base[7, 3] + 1.0  # an outlier that sets its row's scale
+    native = Int8Deltas.from_experts([experts], [base])
+    monkeypatch.setattr(kernels, "native", lambda: None)
+    torch_path = Int8Deltas.from_experts([experts], [base])
+    assert torch.equal(native.q, torch_path.q) and torch.equal(native.scales, torch_path.scales)
+    assert native.scales[2, 5] == 0 and not native.q[2, 5].any()
+
+
 def test_quantizer_rounds_each_row_to_its_own_scale():
     torch.manual_seed(0)
     E, R, C = 3, 6, 40
@@ -105,15 +120,18 @@ def lm(tmp_path_factory):
     return path, int8_reference(path)
 
 
-@pytest.mark.parametrize("strategy", ["merged", "mixture", "auto"])
+@pytest.mark.parametrize("strategy", ["merged", "auto", "fallback"])
 @pytest.mark.parametrize("mode", ["segment", "prompt"])
 def test_int8_engine_decodes_like_the_dequantized_model(lm, strategy, mode):
     """Incremental decoding with int8 deltas equals a full forward of the model whose experts
-    are E_m + the dequantized deltas, at every position, across segment boundaries."""
+    are E_m + the dequantized deltas, at every position, across segment boundaries; also when
+    the merge pool has no room and every row runs the (dequantizing) mixture ("fallback")."""
     path, ref = lm
     T = ref.config.segment_len
-    engine = Engine.from_pretrained(path, max_batch_size=2, strategy=strategy, routing=mode,
-                                    expert_deltas="int8")
+    extra = dict(merge_cache_bytes=1) if strategy == "fallback" else {}
+    engine = Engine.from_pretrained(path, max_batch_size=2, routing=mode, expert_deltas="int8",
+                                    strategy="merged" if strategy == "fallback" else strategy,
+                                    **extra)
     assert all(m.deltas == "int8" for m in engine.runner.moe)
     gen = torch.Generator().manual_seed(5)
     for prompt_len in (1, T, T + 3, 2 * T + 1):
@@ -128,6 +146,7 @@ def test_int8_engine_decodes_like_the_dequantized_model(lm, strategy, mode):
         want = lp[torch.arange(prompt_len - 1, len(ids) - 1), torch.tensor(res.token_ids)]
         torch.testing.assert_close(torch.tensor(res.logprobs), want, atol=1e-5, rtol=1e-5)
     assert engine.runner.cache.referenced == 0
+    assert (engine.runner.cache.fallbacks > 0) is (strategy == "fallback")
 
 
 def test_int8_engine_batched_equals_alone_and_keeps_fewer_bytes(lm):
@@ -168,6 +187,35 @@ def test_int8_deltas_stay_close_to_the_full_model(lm):
     b = full_forward_logprobs(q8, ids, len(ids), "segment")
     assert not torch.equal(a, b)  # the deltas were rounded
     assert float((a - b).abs().max()) < 0.05
+
+
+def test_int8_engines_merge_and_never_choose_the_mixture(lm):
+    """The mixture would dequantize every expert on each call: an int8 engine refuses it as a
+    strategy, `auto`'s cost model does not probe it (null in /info) and never picks it, and
+    warm-up skips it."""
+    path, _ = lm
+    with pytest.raises(ValueError, match="strategy 'mixture'.*int8"):
+        Engine.from_pretrained(path, strategy="mixture", expert_deltas="int8")
+    engine = Engine.from_pretrained(path, max_batch_size=2, expert_deltas="int8")
+    engine.warmup()
+    try:
+        profile = engine.info()["cost_profile"]
+        assert profile["mixture_ms"] == [None] * len(profile["points"])
+        assert profile["merge_ms"] > 0 and all(v > 0 for v in profile["merged_ms"])
+        cost = engine.runner.cost
+        for tokens, new, rows in (([1], 1.0, 0), ([1] * 8, 8.0, 0), ([500], 1.0, 0),
+                                  ([1], 0.0, 3)):
+            assert cost.choose(tokens, new, mixture_rows=rows) == "merged"
+        for n, future in ((1, 0), (300, 0), (4, 100)):
+            assert cost.choose_segment(n, future, new_merge=True) == "merged"
+    finally:
+        engine.stop()
+    full = Engine.from_pretrained(path, max_batch_size=2)
+    full.warmup()
+    try:  # full deltas still measure the mixture
+        assert all(v > 0 for v in full.info()["cost_profile"]["mixture_ms"])
+    finally:
+        full.stop()
 
 
 def test_engine_refuses_an_unknown_delta_layout_and_classifiers_keep_full(tmp_path):
