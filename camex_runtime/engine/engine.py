@@ -628,6 +628,7 @@ class Engine:
             "moe_layers": list(self.runner.moe_layers), "segment_len": cfg.segment_len,
             "routing": self.routing, "strategy": self.runner.strategy,
             "expert_deltas": self.runner.expert_deltas if self.runner.moe else None,
+            "expert_bytes": sum(m.weight_bytes for m in self.runner.moe),
             "device": str(self.runner.device),
             "dtype": str(self.runner.precision.weights).replace("torch.", ""),
             "precision": self.runner.precision.describe(), "kernels": kernels.status(),

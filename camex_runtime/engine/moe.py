@@ -14,7 +14,8 @@ With `deltas="int8"` (opt-in, `Int8Deltas`) the weight deltas are kept as int8 w
 scale per expert and weight row, and a merge reads 1 byte per delta element instead of 2 (bf16)
 or 4 (fp32): the merges a prompt's first token waits for are bound by those bytes. The served
 model is then the one whose deltas are the dequantized `scale · q`; `merge_apply` declines
-(merge, then apply) and the mixture strategy dequantizes the stacks per call.
+(merge, then apply), and `apply_mixture` dequantizes the stacks on every call (the engine runs
+it for int8 deltas only when the merge pool is full).
 
 Knows nothing about caches, keys or requests: weights, scores and activations in, outputs out.
 """
@@ -38,8 +39,9 @@ DELTA_FORMATS = ("full", "int8")  # expert deltas in the weights' dtype; int8 + 
 @dataclass
 class Int8Deltas:
     """The E weight deltas of one stacked projection as int8 with one fp32 scale per (expert,
-    row): Δ_e[r] ≈ scales[e, r] · q[e, r] (symmetric, scale = max |Δ_e[r]| / 127, round to
-    nearest), what a merge reads in place of the full-precision deltas (kernels.merge_q8_many)."""
+    row): Δ_e[r] ≈ scales[e, r] · q[e, r] (symmetric, scale = max |Δ_e[r]| · (1/127), q rounded
+    half to even; kernels.quantize_q8), what a merge reads in place of the full-precision deltas
+    (kernels.merge_q8_many)."""
 
     q: Tensor  # (E, R, C) int8
     scales: Tensor  # (E, R) fp32

@@ -26,6 +26,8 @@ def test_int8_deltas_reach_the_engine_and_serve(tiny_lm_dir, tiny_classifier_dir
         assert info["expert_deltas"] == "int8"
         assert info["models"]["causal-lm"]["expert_deltas"] == "int8"
         assert info["models"]["classifier"]["expert_deltas"] == "full"
+        lm, clf = info["models"]["causal-lm"], info["models"]["classifier"]
+        assert 0 < lm["expert_bytes"] < clf["expert_bytes"]  # the same shapes, int8 vs full
         body = {"inputs": prompt, "parameters": {"max_new_tokens": 8, "details": True}}
         r = httpx.post(srv.base_url + "/generate", json=body, timeout=60)
         assert r.status_code == 200, r.text

@@ -163,7 +163,7 @@ def test_int8_engine_batched_equals_alone_and_keeps_fewer_bytes(lm):
             hs = [engine.submit(p, sp) for p in prompts]
             results[batch] = [(h.result().token_ids, h.result().logprobs) for h in hs]
             assert engine.info()["expert_deltas"] == "int8"
-            q8_bytes = sum(m.weight_bytes for m in engine.runner.moe)
+            q8_bytes = engine.info()["expert_bytes"]
         finally:
             engine.stop()
     for (toks_a, lp_a), (toks_b, lp_b) in zip(results[1], results[4]):
@@ -171,7 +171,10 @@ def test_int8_engine_batched_equals_alone_and_keeps_fewer_bytes(lm):
         torch.testing.assert_close(torch.tensor(lp_a), torch.tensor(lp_b), atol=1e-5, rtol=0)
     full = Engine.from_pretrained(path, max_batch_size=1)
     assert full.info()["expert_deltas"] == "full"
-    full_bytes = sum(m.weight_bytes for m in full.runner.moe)
+    full_bytes = full.info()["expert_bytes"]
+    stacks = sum(t.numel() * t.element_size() for m in full.runner.moe  # [E_m; Δ], biases
+                 for t in (m.w1, m.b1, m.w2, m.b2) if t is not None)
+    assert full_bytes == stacks
     # fp32, 3 deltas: base 4 + 3 x 1 byte (+ scales) per element against 4 + 3 x 4
     assert q8_bytes < 0.5 * full_bytes, (q8_bytes, full_bytes)
 
