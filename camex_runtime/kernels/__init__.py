@@ -571,16 +571,21 @@ def quantize_q8(w: Tensor, b: Tensor, q: Tensor, scales: Tensor) -> None:
     q.copy_(torch.round(d / step[:, None]).clamp_(-127, 127).to(torch.int8))
 
 
+MERGE_Q8_MAX_DELTAS = 16  # the native int8 merge keeps each delta's vector in a register
+
+
 def merge_q8_many(base: Tensor, q: Tensor, scales: Tensor, coeffs: Tensor,
                   outs: list[Tensor]) -> None:
     """outs[s] (R, C) = base (R, C) + Σ_e coeffs[s, e] · scales[e, :, None] · q[e] for int8
     deltas q (E, R, C) with one fp32 scale per (delta, row), scales (E, R): merged experts from
     the int8-delta layout (engine/moe.py), written in place. Natively one pass over [base; q]
     for all S outputs, fp32 accumulation, the per-row coefficient coeffs[s, e]·scales[e, r]
-    rounded to fp32 first, the same bits for every S; elsewhere (no native kernels, a GPU) the
-    same sum with torch in fp32, within rounding of the native result."""
+    rounded to fp32 first, the same bits for every S; elsewhere (no native kernels, a GPU, more
+    than MERGE_Q8_MAX_DELTAS deltas) the same sum with torch in fp32, within rounding of the
+    native result."""
     c = coeffs.float().reshape(len(outs), q.shape[0])
-    if base.device.type == "cpu" and base.is_contiguous() and q.is_contiguous() and \
+    if base.device.type == "cpu" and q.shape[0] <= MERGE_Q8_MAX_DELTAS and \
+            base.is_contiguous() and q.is_contiguous() and \
             scales.dtype == torch.float32 and scales.is_contiguous() and \
             all(o.is_contiguous() and o.dtype == base.dtype for o in outs):
         mod = native()

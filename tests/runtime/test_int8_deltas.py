@@ -98,6 +98,20 @@ def test_int8_merge_matches_fp64_and_its_own_bits(dtype, monkeypatch):
             mod.set_merge_prefetch(kernels.merge_prefetch())
 
 
+def test_int8_merge_of_more_deltas_than_registers_goes_to_torch():
+    """A model with more experts than the native loop keeps in registers still merges."""
+    torch.manual_seed(4)
+    E = kernels.MERGE_Q8_MAX_DELTAS + 1
+    base, q = torch.randn(6, 40), torch.randint(-127, 128, (E, 6, 40), dtype=torch.int8)
+    scales, coeffs = torch.rand(E, 6) * 0.01, torch.rand(2, E)
+    outs = [torch.empty(6, 40) for _ in range(2)]
+    kernels.merge_q8_many(base, q, scales, coeffs, outs)
+    want = base.double() + torch.einsum("se,er,erc->src", coeffs.double(), scales.double(),
+                                        q.double())
+    for s in range(2):
+        assert rel(outs[s].double(), want[s]) <= 1e-6
+
+
 @pytest.mark.skipif(not NATIVE, reason=f"no native kernels: {kernels.status()}")
 def test_int8_merge_refuses_what_it_cannot_read():
     mod = kernels.native()
@@ -108,6 +122,9 @@ def test_int8_merge_refuses_what_it_cannot_read():
         mod.merge_q8_many(base, q, s[:, :3], torch.ones(1, 2), [torch.empty(4, 8)])
     with pytest.raises(RuntimeError, match="one coefficient per delta"):
         mod.merge_q8_many(base, q, s, torch.ones(1, 3), [torch.empty(4, 8)])
+    many = torch.zeros(17, 4, 8, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="at most 16 deltas"):
+        mod.merge_q8_many(base, many, torch.zeros(17, 4), torch.ones(1, 17), [torch.empty(4, 8)])
 
 
 def rel(a, b):
