@@ -14,7 +14,8 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BeforeValidator, Field
 
-from server.protocol import MAX_SEED, RequestSchema, Text, TextOrTexts, _encodable, _Schema
+from server.protocol import (MAX_SEED, Float, Int, RequestSchema, Text, TextOrTexts, _encodable,
+                             _Schema)
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's cap for /v1/completions `logprobs`
 MAX_TOP_LOGPROBS = 20  # OpenAI's cap for chat `top_logprobs`
@@ -47,17 +48,17 @@ class StreamOptions(RequestSchema):
 class _Sampling(RequestSchema):
     """What completions and chat share (OpenAI names, vLLM's extensions marked)."""
     model: Text | None = Field(None, description="must name the served model when given")
-    temperature: float | None = Field(None, ge=0.0, le=2.0, description="0: greedy; default 1")
-    top_p: float | None = Field(None, ge=1e-6, le=1.0)
-    n: int = Field(1, ge=1, le=16, description="choices per prompt, each its own seed stream")
+    temperature: Float | None = Field(None, ge=0.0, le=2.0, description="0: greedy; default 1")
+    top_p: Float | None = Field(None, ge=1e-6, le=1.0)
+    n: Int = Field(1, ge=1, le=16, description="choices per prompt, each its own seed stream")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: TextOrTexts | None = Field(None, description="up to --max-stop-sequences strings")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: Int | None = Field(None, ge=0, le=MAX_SEED)
     user: Text | None = Field(None, description="accepted, unused")
     # vLLM extensions
-    top_k: int | None = Field(None, ge=1, description="vLLM extension (-1 is not accepted)")
-    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0,
+    top_k: Int | None = Field(None, ge=1, description="vLLM extension (-1 is not accepted)")
+    repetition_penalty: Float | None = Field(None, ge=0.01, le=100.0,
                                                 description="vLLM extension")
     ignore_eos: bool = Field(False, description="keep generating past EOS (vLLM extension)")
 
@@ -67,8 +68,8 @@ class CompletionRequest(_Sampling):
                              "best_of", "min_tokens", "use_beam_search", "prompt_logprobs",
                              "include_stop_str_in_output", "response_format"})
     prompt: Prompt
-    max_tokens: int | None = Field(16, ge=0, description="0 only with `echo` (score the prompt)")
-    logprobs: int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS,
+    max_tokens: Int | None = Field(16, ge=0, description="0 only with `echo` (score the prompt)")
+    logprobs: Int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS,
                                     description="logprob of each token plus this many best "
                                                 "alternatives; with `echo`, for the prompt too")
     echo: bool = Field(False, description="prepend the prompt (and its logprobs)")
@@ -164,12 +165,12 @@ class ChatCompletionRequest(_Sampling):
                              "add_generation_prompt", "continue_final_message", "echo",
                              "include_stop_str_in_output", "prompt_logprobs"})
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: int | None = Field(None, ge=1, description="deprecated name of "
+    max_tokens: Int | None = Field(None, ge=1, description="deprecated name of "
                                       "max_completion_tokens")
-    max_completion_tokens: int | None = Field(
+    max_completion_tokens: Int | None = Field(
         None, ge=1, description="default: what the context has left after the prompt")
     logprobs: bool = Field(False, description="logprob of each generated token")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                         description="best alternatives per token (needs logprobs)")
 
 
@@ -249,7 +250,7 @@ class TokenizeResponse(_Schema):
 
 class DetokenizeRequest(RequestSchema):
     model: Text | None = None
-    tokens: list[Annotated[int, Field(ge=0, le=2**63 - 1)]]
+    tokens: list[Annotated[Int, Field(ge=0, le=2**63 - 1)]]
 
 
 class DetokenizeResponse(_Schema):

@@ -63,6 +63,20 @@ Text = Annotated[str, AfterValidator(_encodable)]
 TextOrTexts = Annotated[str | list[str], BeforeValidator(_text_or_texts)]
 
 
+def _not_boolean(value: Any) -> Any:
+    """JSON `true` is not a count: pydantic's lax mode would read `"max_new_tokens": true` as 1
+    and `"seed": false` as 0, running a request the client did not mean."""
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_not_boolean", "must be a number, not {value}",
+                                  {"value": "true" if value else "false"})
+    return value
+
+
+# The type of every numeric request field (a boolean is refused, as TGI and OpenAI do).
+Int = Annotated[int, BeforeValidator(_not_boolean)]
+Float = Annotated[float, BeforeValidator(_not_boolean)]
+
+
 class _Schema(BaseModel):
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
@@ -114,25 +128,25 @@ def _neutral(value: Any) -> bool:
 # --- TGI generation -------------------------------------------------------------------------
 
 class GenerateParameters(RequestSchema):
-    best_of: int | None = Field(None, ge=1, description="only 1 is supported")
+    best_of: Int | None = Field(None, ge=1, description="only 1 is supported")
     decoder_input_details: bool = Field(False, description="add prompt tokens as details.prefill")
     details: bool = Field(False, description="return token details")
     do_sample: bool = Field(False, description="sample; false = greedy (temperature etc. ignored)")
-    frequency_penalty: float | None = Field(None, description="not supported")
+    frequency_penalty: Float | None = Field(None, description="not supported")
     grammar: Any | None = Field(None, description="not supported")
-    max_new_tokens: int | None = Field(None, ge=1, description="default 20, capped by limits")
-    repetition_penalty: float | None = Field(None, ge=0.01, le=100.0)
+    max_new_tokens: Int | None = Field(None, ge=1, description="default 20, capped by limits")
+    repetition_penalty: Float | None = Field(None, ge=0.01, le=100.0)
     return_full_text: bool | None = Field(None, description="prepend the prompt")
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: Int | None = Field(None, ge=0, le=MAX_SEED)
     stop: list[Text] = Field(default_factory=list, description="stop sequences")
-    temperature: float | None = Field(None, ge=0.001, le=100.0)
-    top_k: int | None = Field(None, ge=1)
-    top_n_tokens: int | None = Field(None, ge=0, le=5,
+    temperature: Float | None = Field(None, ge=0.001, le=100.0)
+    top_k: Int | None = Field(None, ge=1)
+    top_n_tokens: Int | None = Field(None, ge=0, le=5,
                                         description="best alternatives per generated token")
     # >= 1e-6: smaller values are below float32 resolution of the cumulative mass (meaningless)
-    top_p: float | None = Field(None, ge=1e-6, le=1.0)
-    truncate: int | None = Field(None, ge=1, description="keep only the last N prompt tokens")
-    typical_p: float | None = Field(None, description="not supported")
+    top_p: Float | None = Field(None, ge=1e-6, le=1.0)
+    truncate: Int | None = Field(None, ge=1, description="keep only the last N prompt tokens")
+    typical_p: Float | None = Field(None, description="not supported")
     watermark: bool = Field(False, description="not supported")
     adapter_id: Text | None = Field(None, description="not supported")
     routing: RoutingMode | None = Field(None, description="override the server routing mode")

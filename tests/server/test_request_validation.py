@@ -230,3 +230,55 @@ def test_a_body_the_json_parser_cannot_read_says_why(path, raw, message):
     assert r.status_code == 400
     assert (openai_error(r)["message"] if path.startswith("/v1/") else r.json()["error"]) \
         == message
+
+
+def _numeric_request_fields():
+    """(schema, field name, adapter) for every int/float field of every request schema."""
+    import typing
+
+    from pydantic import TypeAdapter
+
+    import server.openai_protocol  # noqa: F401  (registers its RequestSchema subclasses)
+    from server.protocol import RequestSchema
+
+    def numeric(tp) -> bool:
+        if tp in (int, float):
+            return True
+        return any(numeric(a) for a in typing.get_args(tp) if a is not type(None))
+
+    def subclasses(cls):
+        for sub in cls.__subclasses__():
+            yield sub
+            yield from subclasses(sub)
+
+    for schema in dict.fromkeys(subclasses(RequestSchema)):
+        for name, info in schema.model_fields.items():
+            if numeric(info.annotation):
+                tp = typing.Annotated[(info.annotation, *info.metadata)] if info.metadata \
+                    else info.annotation
+                adapter = TypeAdapter(tp)
+                yield pytest.param(adapter, id=f"{schema.__name__}.{name}")
+
+
+@pytest.mark.parametrize("adapter", list(_numeric_request_fields()))
+def test_no_numeric_request_field_reads_a_boolean_as_a_number(adapter):
+    """pydantic's lax mode reads JSON `true` as 1 and `false` as 0; every count, seed and
+    temperature of every request schema refuses them instead (found by walking the schemas, so
+    a new field without `Int`/`Float` fails here)."""
+    from pydantic import ValidationError
+
+    for value in (True, False, [True], [False]):  # the list forms for lists of ids
+        with pytest.raises(ValidationError):
+            adapter.validate_python(value)
+
+
+@pytest.mark.parametrize("path,body,message", [
+    ("/generate", {"inputs": "hi", "parameters": {"max_new_tokens": True}},
+     "parameters.max_new_tokens: must be a number, not true"),
+    ("/v1/completions", {"prompt": "hi", "seed": False}, "seed: must be a number, not false"),
+])
+def test_a_boolean_where_a_number_belongs_is_a_422_naming_the_field(path, body, message):
+    r = call(settings(), "POST", path, json=body)
+    assert r.status_code == 422
+    got = r.json()["error"]
+    assert (got if isinstance(got, str) else got["message"]) == message
