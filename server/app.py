@@ -72,6 +72,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
     install_error_handlers(app, metrics.record_failure)
     for module in (tgi, classify, completions, chat, tokenize, ops):
         app.include_router(module.router)
+    app.include_router(classify.root_router if settings.classifier_only else tgi.compat_router)
     app.add_middleware(ServingMiddleware, state=state, api_key=api_key,
                        hosts=hosts or HostPolicy.from_settings(settings),
                        known_paths=frozenset(route_paths(app.routes)))

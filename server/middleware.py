@@ -52,6 +52,9 @@ class ServingMiddleware:
         self.max_body = state.settings.max_body_bytes
         self.body_timeout_s = state.settings.body_timeout_s
         self.max_generations = state.settings.max_batch_size + state.settings.max_waiting
+        # `/` classifies on a classifier-only server (bounded by the classify queue instead)
+        self.generation_paths = GENERATION_PATHS - {"/"} if state.settings.classifier_only \
+            else GENERATION_PATHS
         self.generations = 0  # generation requests in flight
 
     async def __call__(self, scope, receive, send) -> None:
@@ -76,7 +79,7 @@ class ServingMiddleware:
             await send(message)
 
         self.state.http_in_flight += 1
-        generation = scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
+        generation = scope["method"] == "POST" and scope["path"] in self.generation_paths
         self.generations += generation
         try:
             receive, error = await self.admit(scope, headers, receive, generation)

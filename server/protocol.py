@@ -238,12 +238,31 @@ def _right_only(value: Any) -> Any:
     return value
 
 
+class ClassifyParameters(RequestSchema):
+    """The Hugging Face Inference API's text-classification parameters (what
+    `huggingface_hub.InferenceClient.text_classification` sends)."""
+    top_k: Int | None = Field(None, ge=1, description="only the K highest-scoring labels")
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
+        None, description="scores from logits: softmax, sigmoid or none (the logits); default: "
+                          "what the checkpoint's problem type implies")
+
+
 class ClassifyRequest(RequestSchema):
     inputs: TextOrTexts = Field(..., description="one text, or a list of texts (a batch)")
+    parameters: ClassifyParameters = Field(default_factory=ClassifyParameters)
     raw_scores: bool = Field(False, description="return logits instead of probabilities")
     truncate: bool = Field(False, description="truncate long texts instead of a 422")
     truncation_direction: Annotated[Literal["Right", "right"], BeforeValidator(_right_only)] = \
         Field("Right", description="TEI's; only `Right` (a long text keeps its first tokens)")
+
+    @model_validator(mode="after")
+    def _one_score_function(self):
+        apply = self.parameters.function_to_apply
+        if self.raw_scores and apply not in (None, "none"):
+            raise PydanticCustomError(
+                "conflicting_fields", "`raw_scores` asks for logits but "
+                "`parameters.function_to_apply` is {apply}: send one of them", {"apply": apply})
+        return self
 
 
 class LabelScore(_Schema):

@@ -143,6 +143,11 @@ class ServerSettings:
         if self.api_key is not None and self.api_key_file is not None:
             raise ValueError("give the API key once: --api-key (CAMEX_API_KEY) or --api-key-file")
 
+    @property
+    def classifier_only(self) -> bool:
+        """Serving a classifier and no text-generation model: `POST /` classifies."""
+        return self.classifier is not None and self.model is None
+
     @classmethod
     def from_sources(cls, argv: Sequence[str] | None = None,
                      env: Mapping[str, str] | None = None) -> ServerSettings:

@@ -5,10 +5,16 @@ a list of such lists, in input order. Batches are capped (`max_client_batch_size
 the classify queue's own threads (`server.isolation.ClassifyQueue`): at most `max_waiting` wait
 (429 beyond), one not started within `queue_timeout_s` gets 504, and one whose client leaves
 while it waits is dropped from the queue (499, counted as `dropped`).
+
+`parameters` takes the Hugging Face Inference API's `top_k` and `function_to_apply`. On a server
+that serves only a classifier, `POST /` is classification in that API's shape (one text gives a
+list holding one list), so `InferenceClient(base_url=URL).text_classification(text)` works; a
+server with a text-generation model keeps `/` for TGI's generate.
 """
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
 from fastapi import APIRouter, Request
@@ -27,10 +33,25 @@ router = APIRouter(tags=["Classification"])
              responses=ERROR_RESPONSES)
 async def classify(request: Request, body: ClassifyRequest):
     """Classify one text or a batch of texts (`/predict`: TEI's name for it)."""
+    out = await classify_texts(request, body)
+    return out[0] if isinstance(body.inputs, str) else out
+
+
+# Only on a server without a text-generation model (server.app includes it instead of TGI's `/`).
+root_router = APIRouter(tags=["Classification"])
+
+
+@root_router.post("/", response_model=list[list[LabelScore]], responses=ERROR_RESPONSES)
+async def classify_root(request: Request, body: ClassifyRequest):
+    """Classify in the Hugging Face Inference API's shape: a list of label lists, one per text
+    (one text too), as `huggingface_hub.InferenceClient.text_classification` reads it."""
+    return await classify_texts(request, body)
+
+
+async def classify_texts(request: Request, body: ClassifyRequest) -> list[list[LabelScore]]:
     state = request.app.state.serving
     engine = state.require("classifier")
-    single = isinstance(body.inputs, str)
-    texts = [body.inputs] if single else list(body.inputs)
+    texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
     limit = state.settings.max_client_batch_size
     if not texts:
         raise errors.validation("`inputs` must not be an empty list")
@@ -39,11 +60,34 @@ async def classify(request: Request, body: ClassifyRequest):
                                 f"of {limit}")
     if any(not t.strip() for t in texts):
         raise errors.validation("`inputs` must not contain empty texts")
+    apply = body.parameters.function_to_apply
     results = await run_bounded(request, state, partial(
-        engine.classify, texts, truncate=body.truncate, raw_scores=body.raw_scores))
+        engine.classify, texts, truncate=body.truncate,
+        raw_scores=body.raw_scores or apply is not None))
     state.metrics.classified.inc(len(texts))
-    out = [[LabelScore(label=label, score=score) for label, score in r.scores] for r in results]
-    return out[0] if single else out
+    return [[LabelScore(label=label, score=score)
+             for label, score in scored(r.scores, apply, body.parameters.top_k)]
+            for r in results]
+
+
+def scored(logits_or_scores, apply: str | None, top_k: int | None) -> list[tuple[str, float]]:
+    """(label, score) by score, highest first: the engine's scores as they are when `apply` is
+    None, else its logits through `apply`; the first `top_k` only when given."""
+    if apply == "softmax":
+        top = max(v for _, v in logits_or_scores)
+        exps = [(label, math.exp(v - top)) for label, v in logits_or_scores]
+        total = sum(e for _, e in exps)
+        pairs = [(label, e / total) for label, e in exps]
+    elif apply == "sigmoid":
+        pairs = [(label, _sigmoid(v)) for label, v in logits_or_scores]
+    else:
+        pairs = list(logits_or_scores)
+    pairs.sort(key=lambda p: -p[1])
+    return pairs[:top_k] if top_k else pairs
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 async def run_bounded(request: Request, state, call):

@@ -26,6 +26,9 @@ from server.protocol import (CompatGenerateRequest, Details, ErrorResponse, Gene
                              GenerateResponse, PrefillToken, StreamDetails, StreamResponse, Token)
 
 router = APIRouter(tags=["Text Generation Inference"])
+# `POST /`: on every server with a text-generation model (server.app; a classifier-only server
+# answers classification there instead, server.routes.classify.root_router).
+compat_router = APIRouter(tags=["Text Generation Inference"])
 ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 503, 504)}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -192,8 +195,8 @@ async def generate_stream(request: Request, body: GenerateRequest) -> StreamingR
     return await stream_response(request, body)
 
 
-@router.post("/", responses={200: {"content": {"application/json": {}, "text/event-stream": {}}},
-                             **ERROR_RESPONSES})
+@compat_router.post("/", responses={
+    200: {"content": {"application/json": {}, "text/event-stream": {}}}, **ERROR_RESPONSES})
 async def compat_generate(request: Request, body: CompatGenerateRequest):
     """TGI compatibility route: streams when `stream` is true, else a one-element list."""
     if body.stream:

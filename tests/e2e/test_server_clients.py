@@ -203,3 +203,66 @@ def test_info_and_metrics_count_the_traffic(server):
     assert delta("camex_merge_cache_misses_total") > 0
     assert delta("camex_merge_duration_seconds_count") == delta("camex_merge_cache_misses_total")
     assert delta("camex_router_score_count", layer="0", expert="0") > 0
+
+
+def test_classify_parameters_top_k_and_function_to_apply(server):
+    """The Hugging Face Inference API's parameters on TEI's routes: `top_k` keeps the best K,
+    `function_to_apply` turns the logits (`raw_scores`) into sigmoid or softmax scores."""
+    import math
+
+    url, text = server.base_url + "/classify", "the lazy dog"
+    probs = httpx.post(url, json={"inputs": text}).json()
+    logits = {s["label"]: s["score"] for s in
+              httpx.post(url, json={"inputs": text, "raw_scores": True}).json()}
+
+    def ask(**parameters):
+        r = httpx.post(url, json={"inputs": text, "parameters": parameters})
+        assert r.status_code == 200, r.text
+        return [(s["label"], s["score"]) for s in r.json()]
+
+    assert ask(top_k=2) == [(s["label"], s["score"]) for s in probs[:2]]
+    assert ask(top_k=50) == [(s["label"], s["score"]) for s in probs]
+    soft = ask(function_to_apply="softmax")  # this checkpoint's own function: the same scores
+    assert [k for k, _ in soft] == [s["label"] for s in probs]
+    assert [p for _, p in soft] == pytest.approx([s["score"] for s in probs], abs=1e-6)
+    sig = ask(function_to_apply="sigmoid")
+    assert dict(sig) == pytest.approx({k: 1 / (1 + math.exp(-v)) for k, v in logits.items()})
+    assert [p for _, p in sig] == sorted((p for _, p in sig), reverse=True)
+    assert dict(ask(function_to_apply="none", top_k=1)) == {
+        max(logits, key=logits.get): max(logits.values())}
+    conflict = httpx.post(url, json={"inputs": text, "raw_scores": True,
+                                     "parameters": {"function_to_apply": "sigmoid"}})
+    assert conflict.status_code == 422 and "raw_scores" in conflict.json()["error"]
+    for bad in ({"top_k": 0}, {"function_to_apply": "softmax2"}, {"topk": 2}):
+        r = httpx.post(url, json={"inputs": text, "parameters": bad})
+        assert r.status_code == 422 and r.json()["error_type"] == "validation"
+
+
+@pytest.fixture(scope="module")
+def classifier_only(tiny_classifier_dir, tmp_path_factory):
+    with live_server(tmp_path_factory.mktemp("clf"), "--classifier",
+                     str(tiny_classifier_dir)) as srv:
+        yield srv
+
+
+def test_inference_client_text_classification_on_a_classifier_only_server(classifier_only):
+    """`InferenceClient(base_url=URL).text_classification` posts the HF Inference API's body
+    to `/` and reads a list holding one list of labels: a server with only a classifier answers
+    `/` that way (with a text-generation model, `/` stays TGI's generate)."""
+    from huggingface_hub import InferenceClient
+
+    base, text = classifier_only.base_url, "hello world"
+    expected = [(s["label"], s["score"]) for s in
+                httpx.post(base + "/classify", json={"inputs": text}).json()]
+    client = InferenceClient(base_url=base)
+    assert [(o.label, o.score) for o in client.text_classification(text)] == expected
+    assert [(o.label, o.score) for o in client.text_classification(text, top_k=1)] == \
+        expected[:1]
+    logits = {s["label"]: s["score"] for s in httpx.post(
+        base + "/classify", json={"inputs": text, "raw_scores": True}).json()}
+    raw = client.text_classification(text, function_to_apply="none")
+    assert {o.label: o.score for o in raw} == pytest.approx(logits)
+    batch = httpx.post(base + "/", json={"inputs": [text, "the lazy dog"]}).json()
+    assert len(batch) == 2 and [(s["label"], s["score"]) for s in batch[0]] == expected
+    generate = httpx.post(base + "/generate", json={"inputs": text})
+    assert generate.status_code == 404 and "text generation" in generate.json()["error"]
