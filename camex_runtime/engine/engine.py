@@ -368,7 +368,15 @@ class Engine:
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> int:
-        """schedule -> execute -> update. Returns the number of requests that ran."""
+        """schedule -> execute -> update. Returns the number of requests that ran.
+
+        Drives an engine whose loop thread is not running (tests, benchmarks). While the loop
+        runs (`start`, `warmup` and `generate` start it) another thread's call is refused:
+        two threads stepping at once would run requests twice and fail them."""
+        loop = self._thread
+        if loop is not None and loop.is_alive() and threading.current_thread() is not loop:
+            raise RuntimeError("the engine's loop thread is running (start(), warmup() and "
+                               "generate() start it): step() drives an engine without one")
         t0 = time.perf_counter()
         with self._lock:
             sched = self.scheduler.schedule(time.monotonic(), self._paced_budget())

@@ -38,6 +38,18 @@ def test_info_and_kind(engine):
     assert info["routing"] == "segment" and info["strategy"] == "auto"
 
 
+def test_step_is_refused_while_the_loop_thread_runs(engine):
+    """Stepping beside the loop would schedule and run the same requests from two threads;
+    the call is refused and the loop's request is untouched."""
+    handle = engine.submit([1, 2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    engine.step()  # no loop yet: the caller drives the engine
+    engine.start()
+    with pytest.raises(RuntimeError, match="loop thread is running"):
+        engine.step()
+    result = handle.result()
+    assert result.finish_reason == "length" and len(result.token_ids) == 3
+
+
 def test_validation_errors_name_the_numbers(engine):
     with pytest.raises(InputValidationError, match="33 tokens; max_input_tokens is 32"):
         engine.submit(list(range(33)))
