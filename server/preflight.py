@@ -57,10 +57,7 @@ def check_port(host: str, port: int) -> None:
     """Can this process listen on host:port? A trial bind of every address the host resolves
     to, as uvicorn then binds them (SO_REUSEADDR; IPv6 sockets IPv6-only), released at once.
     ValueError, one line, when one fails. Without it a taken port is found only once the
-    model has loaded: seconds to minutes of loading for uvicorn's one log line and exit 3.
-    Port 0 (any free port) cannot be taken and is not tried."""
-    if port == 0:
-        return
+    model has loaded: seconds to minutes of loading for uvicorn's one log line and exit 3."""
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                    flags=socket.AI_PASSIVE)
