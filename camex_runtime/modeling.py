@@ -281,12 +281,19 @@ def classification_loss(config: CamexConfig, logits: Tensor, labels: Tensor) -> 
     return F.cross_entropy(logits.float(), labels.long())
 
 
-def classification_scores(config: CamexConfig, logits: Tensor) -> Tensor:
+SCORE_FUNCTIONS = ("softmax", "sigmoid", "none")
+
+
+def classification_scores(config: CamexConfig, logits: Tensor, function: str | None = None
+                          ) -> Tensor:
     """What a user sees as scores: softmax (single label), sigmoid (multi label), raw
-    (regression)."""
-    pt = config.problem_type or "single_label_classification"
-    if pt == "regression":
+    (regression); `function` (one of SCORE_FUNCTIONS; "none": the logits) overrides that."""
+    if function is None:
+        pt = config.problem_type or "single_label_classification"
+        function = {"regression": "none", "multi_label_classification": "sigmoid"}.get(
+            pt, "softmax")
+    if function == "none":
         return logits.float()
-    if pt == "multi_label_classification":
+    if function == "sigmoid":
         return torch.sigmoid(logits.float())
     return torch.softmax(logits.float(), dim=-1)

@@ -68,7 +68,8 @@ def _classify_moe(runner, m: int, h: Tensor, mask: Tensor, lengths: list[int]) -
                       for c in range(0, B, MERGE_CHUNK)], dim=0)
 
 
-def classify_texts(engine, texts, truncate: bool, raw_scores: bool):
+def classify_texts(engine, texts, truncate: bool, raw_scores: bool,
+                   function: str | None = None):
     """Engine.classify: tokenize, check lengths, batch by similar length, score, label."""
     from camex_runtime.engine.outputs import ClassificationResult
     from camex_runtime.errors import InputValidationError
@@ -97,7 +98,7 @@ def classify_texts(engine, texts, truncate: bool, raw_scores: bool):
         idx = order[c:c + chunk]
         with engine._model_lock:
             logits = classify_logits(engine.runner, [batch[i] for i in idx])
-        scores = logits.float() if raw_scores else classification_scores(cfg, logits)
+        scores = logits.float() if raw_scores else classification_scores(cfg, logits, function)
         for i, row in zip(idx, scores.tolist()):
             pairs = sorted(zip(labels, row), key=lambda p: p[1], reverse=True)
             results[i] = ClassificationResult(scores=pairs, num_tokens=len(batch[i]))

@@ -609,13 +609,20 @@ class Engine:
 
     # -- classification, stats, info ---------------------------------------------------------
     def classify(self, texts: Sequence[str | Sequence[int]], truncate: bool = False,
-                 raw_scores: bool = False) -> list[ClassificationResult]:
-        """Scores per text, labels sorted by score (softmax / sigmoid / raw per problem_type;
-        raw logits with raw_scores=True). Thread-safe; runs in the caller's thread."""
+                 raw_scores: bool = False, function: str | None = None
+                 ) -> list[ClassificationResult]:
+        """Scores per text, labels sorted by score (softmax / sigmoid / raw per problem_type,
+        or `function`: "softmax", "sigmoid" or "none"; raw logits with raw_scores=True).
+        Thread-safe; runs in the caller's thread."""
         if self.kind != "classifier":
             raise InputValidationError(f"this engine serves a {self.kind} checkpoint: "
                                        "classify needs a classifier")
-        return classify_texts(self, texts, truncate, raw_scores)
+        from camex_runtime.modeling import SCORE_FUNCTIONS
+
+        if function not in (None, *SCORE_FUNCTIONS):
+            raise InputValidationError(f"function must be one of {', '.join(SCORE_FUNCTIONS)} "
+                                       f"(got {function!r})")
+        return classify_texts(self, texts, truncate, raw_scores, function)
 
     def stats(self) -> EngineStats:
         with self._lock:

@@ -14,7 +14,6 @@ server with a text-generation model keeps `/` for TGI's generate.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 
 from fastapi import APIRouter, Request
@@ -60,34 +59,13 @@ async def classify_texts(request: Request, body: ClassifyRequest) -> list[list[L
                                 f"of {limit}")
     if any(not t.strip() for t in texts):
         raise errors.validation("`inputs` must not contain empty texts")
-    apply = body.parameters.function_to_apply
+    top_k = body.parameters.top_k
     results = await run_bounded(request, state, partial(
-        engine.classify, texts, truncate=body.truncate,
-        raw_scores=body.raw_scores or apply is not None))
+        engine.classify, texts, truncate=body.truncate, raw_scores=body.raw_scores,
+        function=body.parameters.function_to_apply))
     state.metrics.classified.inc(len(texts))
-    return [[LabelScore(label=label, score=score)
-             for label, score in scored(r.scores, apply, body.parameters.top_k)]
+    return [[LabelScore(label=label, score=score) for label, score in r.scores[:top_k]]
             for r in results]
-
-
-def scored(logits_or_scores, apply: str | None, top_k: int | None) -> list[tuple[str, float]]:
-    """(label, score) by score, highest first: the engine's scores as they are when `apply` is
-    None, else its logits through `apply`; the first `top_k` only when given."""
-    if apply == "softmax":
-        top = max(v for _, v in logits_or_scores)
-        exps = [(label, math.exp(v - top)) for label, v in logits_or_scores]
-        total = sum(e for _, e in exps)
-        pairs = [(label, e / total) for label, e in exps]
-    elif apply == "sigmoid":
-        pairs = [(label, _sigmoid(v)) for label, v in logits_or_scores]
-    else:
-        pairs = list(logits_or_scores)
-    pairs.sort(key=lambda p: -p[1])
-    return pairs[:top_k] if top_k else pairs
-
-
-def _sigmoid(x: float) -> float:
-    return 1.0 / (1.0 + math.exp(-x)) if x >= 0 else math.exp(x) / (1.0 + math.exp(x))
 
 
 async def run_bounded(request: Request, state, call):

@@ -375,6 +375,24 @@ def test_classify_matches_reference_with_padding(clf_path, strategy):
         e.submit([1, 2])
 
 
+def test_classify_score_function_overrides_the_problem_type(clf_path):
+    """`function` scores the same logits with softmax, sigmoid or nothing (the HTTP layer's
+    `function_to_apply`): softmax is the single-label default, bit for bit."""
+    e = Engine.from_pretrained(clf_path)
+    texts = [[1, 2, 3], [4, 5, 6, 7]]
+    logits = [dict(r.scores) for r in e.classify(texts, raw_scores=True)]
+    assert [r.scores for r in e.classify(texts, function="softmax")] == \
+        [r.scores for r in e.classify(texts)]
+    assert [dict(r.scores) for r in e.classify(texts, function="none")] == logits
+    for got, raw in zip(e.classify(texts, function="sigmoid"), logits):
+        labels = list(raw)
+        want = torch.sigmoid(torch.tensor([raw[k] for k in labels])).tolist()
+        assert dict(got.scores) == pytest.approx(dict(zip(labels, want)), abs=1e-6)
+        assert [s for _, s in got.scores] == sorted((s for _, s in got.scores), reverse=True)
+    with pytest.raises(InputValidationError, match="function must be one of softmax, sigmoid"):
+        e.classify(texts, function="tanh")
+
+
 def test_classify_mixture_in_token_chunks(clf_path, monkeypatch):
     import camex_runtime.engine.classify as classify_mod
     e = Engine.from_pretrained(clf_path, strategy="mixture")
