@@ -201,7 +201,7 @@ class GenerationRun:
         if self.result.finish_reason == "cancelled":
             raise cut_error()
         self.metrics.observe_generation(self.result.timings, self.prompt_tokens,
-                                        len(self.result.token_ids))
+                                        len(self.result.token_ids), self.result.cached_tokens)
 
     async def run_to_end(self, disconnected: Callable[[], Awaitable[None]]) -> None:
         """Wait for the end (`collect`); if the client disconnects first, cancel (dropped)."""

@@ -51,6 +51,9 @@ class ServerMetrics:
         self.prompt_tokens = Counter("camex_prompt_tokens", "prompt tokens of generation requests",
                                      registry=r)
         self.generated_tokens = Counter("camex_generated_tokens", "generated tokens", registry=r)
+        self.cached_prompt_tokens = Counter(
+            "camex_prompt_tokens_cached", "prompt tokens resumed from the prefix cache (not "
+            "computed again; --prefix-caching)", registry=r)
         self.request_prompt_tokens = Histogram("camex_request_prompt_tokens",
                                                "prompt tokens per request", buckets=TOKEN_BUCKETS,
                                                registry=r)
@@ -93,9 +96,13 @@ class ServerMetrics:
         self.requests.labels(route, str(status)).inc()
         self.request_duration.labels(route).observe(seconds)
 
-    def observe_generation(self, timings, prompt_tokens: int, generated_tokens: int) -> None:
-        """`timings` is the engine's RequestTimings (time.monotonic() stamps, any may be None)."""
+    def observe_generation(self, timings, prompt_tokens: int, generated_tokens: int,
+                           cached_tokens: int | None = None) -> None:
+        """`timings` is the engine's RequestTimings (time.monotonic() stamps, any may be None);
+        `cached_tokens`: prompt tokens the prefix cache held (None: prefix caching off)."""
         self.prompt_tokens.inc(prompt_tokens)
+        if cached_tokens:
+            self.cached_prompt_tokens.inc(cached_tokens)
         self.generated_tokens.inc(generated_tokens)
         self.request_prompt_tokens.observe(prompt_tokens)
         self.request_generated_tokens.observe(generated_tokens)

@@ -89,10 +89,16 @@ class CompletionChoice(_Schema):
     finish_reason: Literal["stop", "length"] | None = None
 
 
+class PromptTokensDetails(_Schema):
+    cached_tokens: int = Field(description="prompt tokens resumed from the prefix cache")
+
+
 class Usage(_Schema):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    # only from a server started with --prefix-caching (vLLM: --enable-prompt-tokens-details)
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class Completion(_Schema):

@@ -19,7 +19,7 @@ from camex_runtime.errors import ContextLengthError
 from server import errors
 from server.generation import GenerationRun, submit, until_disconnect, wait_for_disconnect
 from server.middleware import log_fields
-from server.openai_protocol import Usage
+from server.openai_protocol import PromptTokensDetails, Usage
 from server.protocol import MAX_SEED
 
 
@@ -308,8 +308,14 @@ def usage_of(choices: list[Choice]) -> Usage:
     prompts = {c.prompt_index: c.run.prompt_tokens for c in choices}
     prompt = sum(prompts.values())
     completion = sum(len(c.run.events) for c in choices)
+    # with prefix caching: each prompt's first choice's cached tokens (the others' may hit it)
+    firsts = {}
+    for c in choices:
+        if c.run.result is not None and c.run.result.cached_tokens is not None:
+            firsts.setdefault(c.prompt_index, c.run.result.cached_tokens)
+    details = PromptTokensDetails(cached_tokens=sum(firsts.values())) if firsts else None
     return Usage(prompt_tokens=prompt, completion_tokens=completion,
-                 total_tokens=prompt + completion)
+                 total_tokens=prompt + completion, prompt_tokens_details=details)
 
 
 def usage_now(c: Choice, body) -> Usage | None:

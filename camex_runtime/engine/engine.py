@@ -97,7 +97,7 @@ class Engine:
                  max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS,
                  prefill_time_ratio: float | None = DEFAULT_PREFILL_TIME_RATIO,
                  waiting_served_ratio: float | None = DEFAULT_WAITING_SERVED_RATIO,
-                 expert_deltas: str = "full"):
+                 expert_deltas: str = "full", prefix_caching: bool = False):
         cfg = model.config
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -125,7 +125,10 @@ class Engine:
             # merged-expert models build a merge per MoE layer for every sequence that joins
             max_joins_per_step=1 if cfg.num_experts > 0 and cfg.moe_layers else None,
             waiting_served_ratio=waiting_served_ratio),
-            chunk_cost=self._chunk_cost)
+            chunk_cost=self._chunk_cost, placer=self._place if prefix_caching else None)
+        # a finished sequence's tokens stay in its free slot's KV cache, and a prompt that
+        # starts with them (a chat's next turn, a shared system prompt) resumes from there
+        self.prefix_caching = prefix_caching and kind == "causal-lm"
         param = next(model.parameters())
         precision = choose_precision(param.device, param.dtype, kind == "causal-lm")
         self.runner = ModelRunner(model, num_slots=max_batch_size, max_len=max_total,
@@ -259,6 +262,18 @@ class Engine:
                 except Exception:  # e.g. the pipe to a vanished API process: the loop goes on
                     log.exception("after-step hook failed")
         self._cancel_leftovers()  # stop() gave up waiting: no handle may wait forever
+
+    def _place(self, req: GenerationRequest, free: list[int]) -> tuple[int, int]:
+        """The scheduler's placer (prefix caching): the free slot holding the longest prefix of
+        the prompt that can resume (segment routing, no routing trace, no prompt logprobs:
+        neither exists for tokens not computed), else the free slot that keeps the least
+        (`ModelRunner.free_slot_order`); (slot, prompt tokens it holds)."""
+        p = req.params
+        if req.routing == "segment" and not p.return_routing and p.prompt_logprobs is None:
+            hit = self.runner.cached_prefix(req.prompt_token_ids, free)
+            if hit is not None:
+                return hit
+        return self.runner.free_slot_order(free)[0], 0
 
     def _chunk_cost(self, req, start: int, n: int) -> int:
         """The scheduler's view of a chunk's merges (ModelRunner.chunk_cost)."""
@@ -447,7 +462,7 @@ class Engine:
         reqs = []
         for req in sched.prefill:
             try:
-                self._start_prefill(req, now)
+                self._start_prefill(req, now, sched.cached.get(req.request_id, 0))
                 reqs.append(req)
             except Exception as e:
                 self._prefill_failed(req, e)
@@ -468,24 +483,30 @@ class Engine:
         self._pace(reqs, plan, starts, time.perf_counter() - t0, chunked=bool(sched.decode))
         return [(req, self._prefilled(req, g)) for req, g in zip(reqs, got)]
 
-    def _start_prefill(self, req: GenerationRequest, now: float) -> None:
-        if req.timings.scheduled_at is None:  # its first chunk
+    def _start_prefill(self, req: GenerationRequest, now: float, cached: int) -> None:
+        """Its first chunk: the request's output state, and its slot made the prompt's, from
+        token `cached` (the prompt tokens the slot holds already, prefix caching)."""
+        if req.timings.scheduled_at is None:
             req.timings.scheduled_at = now
             self._procs[req.request_id] = OutputProcessor(req, self.tokenizer, self.eos_token_ids)
             self._gens[req.request_id] = make_generator(req.params, self.runner.device)
+            req.cached_tokens = cached if self.prefix_caching else None
             self._restart_prefill(req)
 
     def _restart_prefill(self, req: GenerationRequest) -> None:
-        """(Re)make the slot the prompt's, from its first token."""
+        """(Re)make the slot the prompt's, from token `req.cached_tokens`."""
         self.runner.start_prefill(req.slot, req.prompt_token_ids, req.routing,
                                   trace=req.params.return_routing,
                                   max_new_tokens=req.params.max_new_tokens,
-                                  prompt_logprobs=req.params.prompt_logprobs)
+                                  prompt_logprobs=req.params.prompt_logprobs,
+                                  resume=req.cached_tokens or 0)
 
     def _prefill_alone(self, req: GenerationRequest, chunk: int | None):
         """After a failed forward: the prompt over from its first token, alone; (request,
         logits or None), or None when it failed (the request is finished with the error)."""
         try:
+            if req.cached_tokens:  # the slot forgot what it kept when the prompt first started
+                req.cached_tokens = 0
             self._restart_prefill(req)
             return req, self._prefilled(req, self.runner.prefill_step(req.slot, chunk))
         except Exception as e:  # e.g. out of memory on a long prompt: fail this request only
@@ -576,7 +597,10 @@ class Engine:
             if req.slot is not None:
                 if req.params.return_routing:
                     req.routing_trace = self.runner.routing_trace(req.slot)
-                self.runner.release(req.slot)
+                # prefix caching: what the slot computed stays for a later prompt, unless a
+                # failure may have left it half written
+                keep = self.prefix_caching and last_event.finish_reason != "error"
+                self.runner.release(req.slot, req.all_token_ids if keep else None)
         finally:
             if req.slot is not None:
                 with self._lock:
@@ -652,6 +676,7 @@ class Engine:
             "max_batched_tokens": c.max_batched_tokens,
             "prefill_time_ratio": None if self.pacer is None else self.pacer.ratio,
             "waiting_served_ratio": c.waiting_served_ratio,
+            "prefix_caching": self.prefix_caching,
             "merge_cache_bytes": self.runner.cache.budget_bytes,
             "cost_profile": self.runner.cost_profile,
             "vocab_size": cfg.vocab_size, "eos_token_id": self.eos_token_id,

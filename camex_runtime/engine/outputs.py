@@ -64,6 +64,8 @@ class GenerationResult:
     top_logprobs: list[tuple[tuple[int, float], ...]] = field(default_factory=list)  # per token
     # aligned with prompt_token_ids, first entry None (nothing precedes it); None unless asked
     prompt_logprobs: list[PromptLogprob | None] | None = None
+    # prompt tokens resumed from a cached prefix, not computed again (None: prefix caching off)
+    cached_tokens: int | None = None
 
 
 @dataclass(frozen=True)

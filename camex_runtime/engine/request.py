@@ -211,6 +211,8 @@ class GenerationRequest:
     error: str | None = None
     cancel_requested: bool = False
     routing_trace: RoutingTrace | None = None
+    # prompt tokens its slot held already, not computed again (None: no prefix caching)
+    cached_tokens: int | None = None
     # prompt + generated ids, appended to in place (decode reads it every step: no copies)
     _all_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -249,4 +251,5 @@ class GenerationRequest:
             token_ids=list(self.output_token_ids), text=self.text,
             finish_reason=self.finish_reason, logprobs=list(self.logprobs),
             routing=self.routing_trace, timings=self.timings, error=self.error,
-            top_logprobs=list(self.top_logprobs), prompt_logprobs=self.prompt_logprobs)
+            top_logprobs=list(self.top_logprobs), prompt_logprobs=self.prompt_logprobs,
+            cached_tokens=self.cached_tokens)

@@ -47,6 +47,26 @@ class PromptSegment(NamedTuple):
 
 
 @dataclass
+class RetainedPrefix:
+    """What a finished sequence left in its free slot for a later prompt to resume from
+    (prefix caching): the token ids whose keys and values the slot's KV cache still holds, and
+    when it was left there (`order`: higher is more recent)."""
+    tokens: list[int]
+    order: int
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading token ids `a` and `b` share."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    i = 0
+    while a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
 class LayeredChunk:
     """Prompt tokens [start, end) that a chunked prefill runs a few layers per step (a routing
     decision's merges spread over steps; see ModelRunner.prefill_step)."""
@@ -74,6 +94,9 @@ class SlotRouting:
     partial: LayeredChunk | None = None  # chunked prefill: a chunk advancing by layers
     score_k: int | None = None  # prompt logprobs asked for: top-k size (0: chosen only)
     scored: list[tuple] = field(default_factory=list)  # score_prompt parts, chunk by chunk
+    # prefix caching: a resumed prompt's first position when the slot's current scores were
+    # restored from an earlier decision (the segment opening there is routed already); -1: none
+    decided: int = -1
 
     def __post_init__(self) -> None:
         self.keys = [None] * self.num_moe

@@ -31,7 +31,8 @@ from camex_runtime.engine.merge_cache import MergeCache, entry_bytes, ffn_layout
 from camex_runtime.engine.moe import MoEWeights, apply_merged, apply_mixture
 from camex_runtime.engine.precision import Precision, prepare
 from camex_runtime.engine.routing_state import (FALLBACK, NO_MERGE, LayeredChunk,
-                                                PromptSegment, SlotRouting, routing_digest)
+                                                PromptSegment, RetainedPrefix, SlotRouting,
+                                                common_prefix_len, routing_digest)
 from camex_runtime.memory import on_huge_pages, release_freed_memory
 
 
@@ -110,6 +111,13 @@ class ModelRunner:
         self.scores = torch.zeros(num_slots, M, E, device=self.device)  # fp32
         self.seg_sum = torch.zeros(num_slots, M, d, device=self.device)  # fp32
         self.slots: list[SlotRouting | None] = [None] * num_slots
+        # Prefix caching (docs/DESIGN.md §4): what finished sequences left in free slots, and
+        # per slot, segment and MoE layer the scores of every segment-mode decision made there,
+        # so a later prompt sharing the prefix resumes at any segment boundary of it
+        self.retained: list[RetainedPrefix | None] = [None] * num_slots
+        self._retained_count = 0
+        K = -(-max_len // self.T) + 1 if is_lm and M else 0
+        self.history = torch.zeros(num_slots, K, M, E, device=self.device)  # fp32
         self.router_sum = torch.zeros(M, E, device=self.device)
         self.router_counts = [0] * M
         self._profile = profile
@@ -294,8 +302,14 @@ class ModelRunner:
             self._notify("on_merge", self.moe_layers[m], 0.0 if hit else per_merge, hit)
         return out, y
 
-    def release(self, slot: int) -> None:
-        """Forget a finished or cancelled sequence: drop its merge-cache references."""
+    def release(self, slot: int, tokens: Sequence[int] | None = None) -> None:
+        """Forget a finished or cancelled sequence: drop its merge-cache references. With
+        `tokens` (all its token ids: prompt and generated) the slot keeps what its KV cache
+        holds for a later prompt to resume from (`cached_prefix`), where that is exact: segment
+        routing with a whole first segment in the prompt (`route1_len == T`: a longer prompt
+        routes segment 1 the same way), no prefill step half done. Any other call (the next
+        `start_prefill` in the slot makes one) forgets what the slot kept."""
+        self.retained[slot] = None
         st = self.slots[slot]
         if st is None:
             return
@@ -303,6 +317,48 @@ class ModelRunner:
             if key is not None and st.pool_slots[m] >= 0:
                 self.cache.release(key)
         self.slots[slot] = None
+        if (tokens is not None and self.kv is not None and st.mode == "segment"
+                and st.route1_len == self.T and st.partial is None and st.length >= self.T):
+            self._retained_count += 1
+            self.retained[slot] = RetainedPrefix(list(tokens[:st.length]), self._retained_count)
+
+    def resume_point(self, slot: int, token_ids: Sequence[int]) -> int:
+        """Prompt tokens of `token_ids` (a segment-mode prompt) that can resume from what free
+        `slot` kept (0: none). All the slot's tokens, with its routing state as it stands, when
+        the prompt continues them (a chat's next turn); else the last segment boundary (at
+        least T) within the shared prefix, with that segment's scores restored from the
+        slot's decisions (its FFN-input sum restarts at 0). Always less than the prompt, whose
+        last token must run to give the next-token logits."""
+        kept = self.retained[slot]
+        if kept is None:
+            return 0
+        n, L, T = len(kept.tokens), len(token_ids), self.T
+        shared = common_prefix_len(kept.tokens, token_ids)
+        if shared == n and L > n:
+            return n
+        r = min(shared, L - 1) // T * T
+        return r if r >= T else 0
+
+    def cached_prefix(self, token_ids: Sequence[int], slots: Sequence[int]
+                      ) -> tuple[int, int] | None:
+        """Among free `slots`, the one to resume the segment-mode prompt `token_ids` from:
+        (slot, prompt tokens it holds), the most tokens and then the most recently kept; None
+        when none holds any."""
+        best, key = None, (0, 0)
+        for slot in slots:
+            kept = self.retained[slot]
+            if kept is None:
+                continue
+            r = self.resume_point(slot, token_ids)
+            if r and (r, kept.order) > key:
+                best, key = (slot, r), (r, kept.order)
+        return best
+
+    def free_slot_order(self, slots: Sequence[int]) -> list[int]:
+        """Free `slots` in the order a prompt resuming nothing should take them: those that
+        keep nothing first (lowest first), then the least recently kept."""
+        return sorted(slots, key=lambda s: (0, s) if self.retained[s] is None
+                      else (1, self.retained[s].order))
 
     def routing_trace(self, slot: int) -> dict | None:
         """Decisions over the tokens the model processed (the last sampled token never is)."""
@@ -325,18 +381,35 @@ class ModelRunner:
         return self.prefill_step(slot, None)
 
     def start_prefill(self, slot: int, token_ids: Sequence[int], mode: str, trace: bool = False,
-                      max_new_tokens: int = 1, prompt_logprobs: int | None = None) -> None:
+                      max_new_tokens: int = 1, prompt_logprobs: int | None = None,
+                      resume: int = 0) -> None:
         """Make `slot` the prompt's: routing state, the identity of each segment's routing
         decision (merge-cache keys). `max_new_tokens` only informs the `auto` strategy (how long
         merges will be reused). `prompt_logprobs` k (not None): score the prompt itself as its
-        chunks complete (`prompt_scores`). `prefill_step` then computes it."""
+        chunks complete (`prompt_scores`). `resume`: the prompt's first tokens are those the
+        slot kept (`resume_point(slot, token_ids)` exactly; segment mode, no trace, no prompt
+        logprobs: neither exists for tokens not computed). `prefill_step` then computes the
+        rest."""
         L, T = len(token_ids), self.T
+        kept = self.retained[slot]
+        if resume:
+            if mode != "segment" or trace or prompt_logprobs is not None:
+                raise ValueError("only a segment-mode prompt without a routing trace or prompt "
+                                 "logprobs resumes from a cached prefix")
+            if self.resume_point(slot, token_ids) != resume:
+                raise ValueError(f"slot {slot} cannot resume this prompt at token {resume}")
         self.release(slot)
         st = SlotRouting(mode, L, min(L, T), len(self.moe), L + max_new_tokens, trace)
         K = 1 if mode == "prompt" else -(-L // T)
         st.prompt = list(token_ids)
         st.digests = [routing_digest(mode, token_ids, k, T, st.route1_len, L) for k in range(K)]
         st.score_k = prompt_logprobs
+        if resume:
+            st.length = resume
+            if resume < len(kept.tokens):  # a boundary the slot went past: its decision
+                self.scores[slot] = self.history[slot, resume // T]
+                self.seg_sum[slot] = 0.0
+                st.decided = resume
         self.slots[slot] = st
 
     @torch.inference_mode()
@@ -478,7 +551,9 @@ class ModelRunner:
             self.scores[slot, m] = scores[0]
             return [PromptSegment(0, n, scores[0], (st.digests[0], m), True, True)]
         first, last = start // T, (end - 1) // T
-        carried = self.seg_sum[slot, m] if start % T else None  # earlier tokens of `first`
+        # the segment `first` is routed already: earlier tokens of it were computed (their sum
+        # carried), or a resumed prompt starts at its boundary with the scores restored
+        carried = self.seg_sum[slot, m] if start % T or start == st.decided else None
         bounds = [(max(k * T, start) - start, min((k + 1) * T, end) - start)
                   for k in range(first, last + 1)]  # local [a, b) of each touched segment
         # routing inputs of the decisions this chunk makes (a carried segment's is made)
@@ -501,6 +576,8 @@ class ModelRunner:
         if new:
             got = moe.scores(torch.stack(means))  # (len(new), E)
             self._record_routing(m, st, [max((first + i) * T, start) for i in new], got)
+            self.history[slot, torch.tensor([first + i for i in new], device=self.device),
+                         m] = got.float()
             scores.update({i: got[j] for j, i in enumerate(new)})
         a, b = bounds[-1]
         tail = h[a:b].float().sum(0)
@@ -644,6 +721,8 @@ class ModelRunner:
         scores = self.moe[m].scores(self.seg_sum[tt, m] / self.T)  # (n, E)
         self.scores[tt, m] = scores
         self.seg_sum[tt, m] = 0.0
+        self.history[tt, torch.tensor([pos[b] // self.T for b in turn], device=self.device),
+                     m] = scores.float()
         for j, b in enumerate(turn):
             self._set_segment(sts[b], m, (digests[b], m), NO_MERGE)
             self._record_routing(m, sts[b], [pos[b]], scores[j:j + 1])

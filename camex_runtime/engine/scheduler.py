@@ -38,6 +38,11 @@ the next); after any other chunk the engine reports how far the prompt got with
 `prefilled(req, computed)`. With no request decoding, whole prompts are admitted under
 `max_prefill_tokens`, as without chunking.
 
+Prefix caching: with a `placer`, the engine picks the free slot each admitted request takes
+and says how many of its prompt tokens that slot's KV cache holds already (a finished
+sequence's prefix left there); the request is then planned, budgeted and reported from that
+token on (`SchedulerOutput.cached`). Without one, the lowest free slot, from token 0.
+
 It works on any object with `request_id`, `num_prompt_tokens`, `queue_deadline`,
 `cancel_requested` and a writable `slot` (tests use plain objects). It knows nothing about
 models, tokens or sampling; length limits are checked here because they are admission rules.
@@ -101,6 +106,8 @@ class SchedulerOutput:
     # prompt tokens each prefill may compute this step (request_id -> n); None: all it has left
     chunks: dict[str, int | None] = field(default_factory=dict)
     timed_out: list[Any] = field(default_factory=list)  # dropped from the queue: too old
+    # admitted this step with prompt tokens already in their slot (request_id -> tokens)
+    cached: dict[str, int] = field(default_factory=dict)
     cancelled: list[Any] = field(default_factory=list)  # dropped (waiting or running)
 
     @property
@@ -109,6 +116,8 @@ class SchedulerOutput:
 
 
 ChunkCost = Callable[[Any, int, int], int]
+# (request, free slots) -> (the slot it takes, prompt tokens that slot holds for it already)
+Placer = Callable[[Any, list[int]], tuple[int, int]]
 
 
 # Steps in a row the oldest prefill in progress may be passed over (its least chunk does not
@@ -229,12 +238,18 @@ class PrefillPacer:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, chunk_cost: ChunkCost | None = None):
+    def __init__(self, config: SchedulerConfig, chunk_cost: ChunkCost | None = None,
+                 placer: Placer | None = None):
         """`chunk_cost(req, start, n)`: the work of computing prompt tokens [start, start+n) of
         `req` beyond the tokens themselves, in prompt tokens, with n + cost non-decreasing in n
-        (a chunk advancing a span by whole layers may work less than its n tokens: negative)."""
+        (a chunk advancing a span by whole layers may work less than its n tokens: negative).
+        `placer(req, free_slots)`: the slot a request joining now takes, and how many of its
+        prompt tokens are in it already (prefix caching; None: the lowest slot, none)."""
         self.config = config
         self.chunk_cost = chunk_cost
+        self.placer = placer
+        # the first prompt token each admitted (or planned) request computes: request_id -> n
+        self._starts: dict[str, int] = {}
         self.waiting: deque[Any] = deque()
         self.running: dict[str, Any] = {}
         # admitted, prefill not done yet (in admission order): request_id -> (req, tokens left)
@@ -325,13 +340,24 @@ class Scheduler:
                 and self.waiting[0].num_prompt_tokens <= budget)
 
     def is_paced(self, req: Any) -> bool:
-        """Whether the pacer's bound applies to this prompt's prefill: more tokens than the
-        token budget, or work beyond its tokens (chunk costs: a merged-expert prompt's merges,
-        which spread over steps by layers at no extra cost). A short prompt with nothing but
-        tokens joins under the token budget alone: cut into pieces, each would pay a pass over
-        all the weights for a few tokens."""
-        budget, n = self.config.max_batched_tokens, req.num_prompt_tokens
-        return budget is not None and (n > budget or self._cost(req, 0, n) > 0)
+        """Whether the pacer's bound applies to this prompt's prefill: more tokens to compute
+        than the token budget, or work beyond its tokens (chunk costs: a merged-expert
+        prompt's merges, which spread over steps by layers at no extra cost). A short prompt
+        with nothing but tokens joins under the token budget alone: cut into pieces, each
+        would pay a pass over all the weights for a few tokens."""
+        start = self._starts.get(req.request_id, 0)
+        budget, n = self.config.max_batched_tokens, req.num_prompt_tokens - start
+        return budget is not None and (n > budget or self._cost(req, start, n) > 0)
+
+    def _place(self, req: Any) -> tuple[int, int]:
+        """The free slot `req` would take now and the prompt tokens it holds for it (see
+        `placer`); remembered as the request's first token to compute."""
+        if self.placer is None:
+            place = (self._free_slots[0], 0)
+        else:
+            place = self.placer(req, sorted(self._free_slots))
+        self._starts[req.request_id] = place[1]
+        return place
 
     def _admit_whole(self, out: SchedulerOutput, longest: int | None = None) -> None:
         """Prefills in progress finish whole; waiting requests join FIFO under the budget
@@ -343,11 +369,12 @@ class Scheduler:
         budget = self.config.max_prefill_tokens
         while self.waiting and self._free_slots:
             req = self.waiting[0]
-            if (out.prefill and req.num_prompt_tokens > budget
-                    or longest is not None and req.num_prompt_tokens > longest):
+            place = self._place(req)
+            n = req.num_prompt_tokens - place[1]
+            if out.prefill and n > budget or longest is not None and n > longest:
                 break  # FIFO: later requests wait behind this one rather than overtaking it
-            self._admit(req, out, None)
-            budget -= req.num_prompt_tokens
+            self._admit(req, out, None, place)
+            budget -= n
 
     def _schedule_chunks(self, out: SchedulerOutput, budget: int, paced: int | None) -> None:
         """Share `budget` prompt tokens between prefills in progress, then new admissions. The
@@ -392,12 +419,15 @@ class Scheduler:
             paced_room -= due
         self._passed_over = ("", 0)
         room = budget - due
-        first_join = None
-        if waiting_in and joins != 0 and not (hold and self.is_paced(self.waiting[0])):
+        first_join = first_place = None
+        if waiting_in and joins != 0:
             req = self.waiting[0]
-            n = fit(req, 0, min(req.num_prompt_tokens, share), room)
-            first_join = n
-            room -= n + self._cost(req, 0, n)
+            place = self._place(req)
+            if not (hold and self.is_paced(req)):
+                s0 = place[1]
+                n = fit(req, s0, min(req.num_prompt_tokens - s0, share), room)
+                first_join, first_place = n, place
+                room -= n + self._cost(req, s0, n)
         # shortest remaining first (short prompts that joined behind a long one get their
         # first token in a few steps), each advancing where its least chunk fits what is left
         # of the room; the first one planned in a step advances whatever the room, unless the
@@ -424,19 +454,21 @@ class Scheduler:
         if first_join is None:
             return
         req = self.waiting[0]
-        self._admit(req, out, first_join)
+        self._admit(req, out, first_join, first_place)
         budget = room
         joins = None if joins is None else joins - 1
         while budget > 0 and self.waiting and self._free_slots and joins != 0:
             req = self.waiting[0]
+            place = self._place(req)
+            s0, left = place[1], req.num_prompt_tokens - place[1]
             paced = self.is_paced(req)
-            if (paced_room <= 0) if paced else req.num_prompt_tokens > budget:
+            if (paced_room <= 0) if paced else left > budget:
                 break  # it joins next step, planned first there (whole, if unpaced)
-            n = fit(req, 0, min(req.num_prompt_tokens, share, budget), budget)
-            if n + self._cost(req, 0, n) > budget:
+            n = fit(req, s0, min(left, share, budget), budget)
+            if n + self._cost(req, s0, n) > budget:
                 break  # it joins next step, planned first there
-            self._admit(req, out, n)
-            budget -= n + self._cost(req, 0, n)
+            self._admit(req, out, n, place)
+            budget -= n + self._cost(req, s0, n)
             joins = None if joins is None else joins - 1
 
     def _cost(self, req: Any, start: int, n: int) -> int:
@@ -462,14 +494,26 @@ class Scheduler:
                 hi = mid - 1
         return lo
 
-    def _admit(self, req: Any, out: SchedulerOutput, chunk: int | None) -> None:
+    def _admit(self, req: Any, out: SchedulerOutput, chunk: int | None,
+               place: tuple[int, int]) -> None:
+        """`req` joins into `place` (`_place`: its slot, prompt tokens in it already), with a
+        first chunk of `chunk` tokens (None: its whole prompt)."""
         self.waiting.popleft()
-        req.slot = heapq.heappop(self._free_slots)
+        slot, start = place
+        if slot == self._free_slots[0]:
+            heapq.heappop(self._free_slots)
+        else:
+            self._free_slots.remove(slot)
+            heapq.heapify(self._free_slots)
+        req.slot = slot
         self.running[req.request_id] = req
-        if chunk is not None and chunk < req.num_prompt_tokens:
-            self.prefilling[req.request_id] = (req, req.num_prompt_tokens)
+        left = req.num_prompt_tokens - start
+        if chunk is not None and chunk < left:
+            self.prefilling[req.request_id] = (req, left)
         out.prefill.append(req)
         out.chunks[req.request_id] = chunk
+        if start:
+            out.cached[req.request_id] = start
 
     def prefilled(self, req: Any, computed: int) -> None:
         """The engine's report after a prefill chunk: `computed` prompt tokens are in the KV
@@ -487,12 +531,15 @@ class Scheduler:
     def finish(self, req: Any) -> None:
         """Remove a running request and free its slot (idempotent)."""
         self.prefilling.pop(req.request_id, None)
+        self._starts.pop(req.request_id, None)
         if self.running.pop(req.request_id, None) is not None:
             heapq.heappush(self._free_slots, req.slot)
 
     def drain_waiting(self) -> list[Any]:
         """Remove and return every waiting request (engine shutdown)."""
         reqs, self.waiting = list(self.waiting), deque()
+        for req in reqs:
+            self._starts.pop(req.request_id, None)
         return reqs
 
     def _drop_cancelled_and_expired(self, now: float, out: SchedulerOutput) -> None:
@@ -504,6 +551,8 @@ class Scheduler:
                 out.timed_out.append(req)
             else:
                 keep.append(req)
+                continue
+            self._starts.pop(req.request_id, None)
         self.waiting = keep
         for req in [r for r in self.running.values() if r.cancel_requested]:
             self.finish(req)

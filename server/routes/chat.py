@@ -119,8 +119,8 @@ async def chat_chunks(choices: list[Choice], firsts: list, body: ChatCompletionR
             yield chunk(meta, c.index, delta, lp, finish_reason(ev.finish_reason),
                         usage_now(c, body))
         if body.stream_options and body.stream_options.include_usage:
-            yield "data: " + json.dumps({**meta, "choices": [],
-                                         "usage": usage_of(choices).model_dump()}) + "\n\n"
+            usage = usage_of(choices).model_dump(exclude_none=True)
+            yield "data: " + json.dumps({**meta, "choices": [], "usage": usage}) + "\n\n"
         yield "data: [DONE]\n\n"
     except errors.ApiError as err:  # failed after the 200 went out: an in-stream error
         choices[0].run.metrics.record_failure(errors.FAILURE_REASON.get(err.error_type)

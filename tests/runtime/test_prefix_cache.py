@@ -1,0 +1,275 @@
+"""Prefix caching: a finished sequence's tokens stay in its free slot's KV cache, and a later
+segment-mode prompt that starts with them resumes there instead of computing them again. The
+resumed sequence must be the sequence a cold prefill gives (logits equal up to rounding, the
+same greedy tokens): its routing state is either the slot's own (the prompt continues all its
+tokens) or restored from the slot's recorded decisions at a segment boundary."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from camex_runtime import Engine, SamplingParams
+from camex_runtime.engine.scheduler import Scheduler, SchedulerConfig
+from engine_models import build_folded
+
+T = 4
+PROMPT = [5, 17, 3, 44, 21, 9, 30, 12, 7, 51]  # 10 tokens: two whole segments and a half
+
+
+@pytest.fixture(scope="module")
+def path(tmp_path_factory):
+    return build_folded(tmp_path_factory.mktemp("prefix") / "m", T=T)
+
+
+def runner_of(path, strategy="auto", slots=3):
+    return Engine.from_pretrained(path, max_batch_size=slots, strategy=strategy).runner
+
+
+def leave(runner, slot: int, prompt: list[int], new_tokens: int) -> list[int]:
+    """Prefill `prompt` in `slot`, decode `new_tokens` greedily, release the slot keeping its
+    tokens; returns every token id (the last one sampled, never computed)."""
+    runner.start_prefill(slot, prompt, "segment", max_new_tokens=new_tokens + 1)
+    logits, ids = runner.prefill_step(slot, None), list(prompt)
+    for _ in range(new_tokens):
+        ids.append(int(logits.argmax()))
+        logits = runner.decode([slot], [ids[-1]], [ids])[0]
+    ids.append(int(logits.argmax()))
+    runner.release(slot, ids)
+    return ids
+
+
+def continue_both(runner, warm: tuple[int, torch.Tensor], cold: tuple[int, torch.Tensor],
+                  prompt: list[int], steps: int = 8) -> tuple[float, list[int], list[int]]:
+    """Greedy-decode the resumed and the cold sequence side by side; the largest logit gap
+    and both token lists."""
+    (ws, wl), (cs, cl) = warm, cold
+    gap = float((wl - cl).abs().max())
+    wi, ci = list(prompt), list(prompt)
+    for _ in range(steps):
+        wi.append(int(wl.argmax()))
+        ci.append(int(cl.argmax()))
+        wl, cl = runner.decode([ws, cs], [wi[-1], ci[-1]], [wi, ci])
+        gap = max(gap, float((wl - cl).abs().max()))
+    return gap, wi, ci
+
+
+def other(token: int) -> int:
+    return (token + 1) % 60
+
+
+CASES = {  # name -> (tokens decoded before the slot is left, the new prompt, tokens resumed)
+    # the next turn of a chat: every computed token (the slot's own routing state),
+    # mid-segment ...
+    "continues": (5, lambda ids: ids + [8, 2, 40], 15),
+    # ... and at a segment boundary (12 computed): its decision from the slot's segment sum
+    "continues at a boundary": (2, lambda ids: ids + [8, 2], 12),
+    # shares part of the computed tokens: back to the last boundary in it, where the slot's
+    # recorded decision routes the segment
+    "diverges": (5, lambda ids: ids[:13] + [other(ids[13]), 2], 12),
+    "diverges inside the prompt": (5, lambda ids: PROMPT[:9] + [1, 1, 2], 8),
+    "the same prompt again": (5, lambda ids: list(PROMPT), 8),
+    "a prefix of the computed tokens": (5, lambda ids: ids[:12], 8),
+    # its last token must run (the next-token logits): not all 15, back to a boundary
+    "exactly the computed tokens": (5, lambda ids: ids[:15], 12),
+}
+
+
+@pytest.mark.parametrize("strategy", ["auto", "merged", "mixture"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_resumed_prompt_continues_as_a_cold_prefill(path, strategy, case):
+    new_tokens, make, resumed = CASES[case]
+    runner = runner_of(path, strategy)
+    prompt = make(leave(runner, 0, PROMPT, new_tokens))
+    assert runner.cached_prefix(prompt, [0, 1, 2]) == (0, resumed)
+    runner.start_prefill(1, prompt, "segment", max_new_tokens=9)
+    cold = runner.prefill_step(1, None)
+    runner.start_prefill(0, prompt, "segment", max_new_tokens=9, resume=resumed)
+    assert runner.slots[0].length == resumed and runner.retained[0] is None
+    warm = runner.prefill_step(0, None)
+    gap, warm_ids, cold_ids = continue_both(runner, (0, warm), (1, cold), prompt)
+    assert gap < 1e-4 and warm_ids == cold_ids
+    runner.release(0)
+    runner.release(1)
+    assert runner.cache.referenced == 0
+
+
+def test_the_boundary_case_needs_the_recorded_decision(path):
+    """Resuming at a boundary the slot went past restores that segment's scores from the
+    decisions the slot recorded: with the current scores left as they were (those of the
+    slot's last segment), the resumed sequence is another one. (The mixture strategy applies
+    the scores themselves; a merged one would find the segment's merge cached by its key.)"""
+    runner = runner_of(path, "mixture")
+    leave(runner, 0, PROMPT, 5)
+    prompt = PROMPT[:9] + [1, 1, 2]  # resumes at 8, a segment before the slot's last one (12)
+    runner.start_prefill(1, prompt, "segment", max_new_tokens=9)
+    cold = runner.prefill_step(1, None)
+    last_segment = runner.scores[0].clone()
+    runner.start_prefill(0, prompt, "segment", max_new_tokens=9, resume=8)
+    assert not torch.equal(runner.scores[0], last_segment)  # the record differs: restored
+    runner.scores[0] = last_segment
+    gap, _, _ = continue_both(runner, (0, runner.prefill_step(0, None)), (1, cold), prompt)
+    assert gap > 1e-3
+
+
+def test_what_a_slot_keeps_and_forgets(path):
+    runner = runner_of(path)
+    short = leave(runner, 0, PROMPT[:3], 6)  # prompt < T: segment 1 routed by 3 tokens only
+    assert runner.retained[0] is None and runner.cached_prefix(short + [1], [0]) is None
+    runner.start_prefill(1, PROMPT, "prompt")  # prompt mode: one decision from the whole prompt
+    runner.prefill_step(1, None)
+    runner.release(1, PROMPT + [3])
+    assert runner.retained[1] is None
+    kept = leave(runner, 2, PROMPT, 2)
+    assert runner.retained[2].tokens == kept[:-1]  # the last sampled token was never computed
+    assert runner.cached_prefix(PROMPT[:3] + [0] * 8, [2]) is None  # shares fewer than T
+    assert runner.cached_prefix(kept + [1], [0, 1]) is None  # not among the free slots given
+    with pytest.raises(ValueError, match="cannot resume"):
+        runner.start_prefill(2, kept + [1], "segment", resume=8)  # 12 is the resume point
+    with pytest.raises(ValueError, match="routing trace"):
+        runner.start_prefill(2, kept + [1], "segment", trace=True, resume=12)
+    runner.start_prefill(2, [1] * 12, "segment")  # another prompt takes the slot: forgotten
+    assert runner.retained[2] is None and runner.cached_prefix(kept + [1], [2]) is None
+
+
+def test_the_longest_and_then_the_newest_prefix_is_chosen(path):
+    runner = runner_of(path)
+    a = leave(runner, 0, PROMPT, 1)
+    b = leave(runner, 1, PROMPT, 3)
+    c = leave(runner, 2, PROMPT, 1)
+    assert runner.cached_prefix(b + [7], [0, 1, 2]) == (1, len(b) - 1)
+    assert runner.cached_prefix(a[:-1] + [7, 7], [0, 2]) == (2, len(a) - 1)  # a == c: newest
+    assert c == a and runner.free_slot_order([2, 0, 1]) == [0, 1, 2]  # oldest kept first
+    runner.release(1)
+    assert runner.free_slot_order([2, 0, 1]) == [1, 0, 2]  # one that keeps nothing first
+
+
+@dataclass(eq=False)
+class Req:
+    request_id: str
+    num_prompt_tokens: int
+    queue_deadline: float | None = None
+    cancel_requested: bool = False
+    slot: int | None = None
+
+
+def test_the_scheduler_budgets_only_the_tokens_left_to_compute():
+    """A placed request takes the slot the placer names and is planned from its cached
+    tokens on: a 40-token prompt with 36 cached joins whole beside a decoding row (4 tokens:
+    short, not paced) where a cold one is paced to the pacer's 2 tokens, and its slot leaves
+    the free list."""
+    cached = {"warm": (2, 36), "cold": (0, 0)}
+
+    def placer(req, free):
+        slot, start = cached[req.request_id]
+        assert slot in free
+        return slot, start
+
+    def run(name):
+        s = Scheduler(SchedulerConfig(max_batch_size=4, max_input_tokens=100,
+                                      max_total_tokens=128, max_batched_tokens=10),
+                      placer=lambda req, free: (1, 0) if req.request_id == "a" else placer(
+                          req, free))
+        s.add(Req("a", 1))
+        s.schedule(0.0)
+        req = Req(name, 40)
+        s.add(req)
+        return s, req, s.schedule(1.0, max_prefill_work=2)
+
+    s, warm, out = run("warm")
+    assert warm.slot == 2 and out.cached == {"warm": 36}
+    assert out.chunks == {"warm": 4} and "warm" not in s.prefilling
+    assert sorted(s._free_slots) == [0, 3]
+    assert s.schedule(2.0).decode == [s.running["a"], warm]  # its prompt is in
+    s.finish(warm)
+    assert sorted(s._free_slots) == [0, 2, 3]
+    s, cold, out = run("cold")
+    assert cold.slot == 0 and out.cached == {} and out.chunks == {"cold": 2}
+    s.prefilled(cold, 2)
+    assert s.prefilling["cold"] == (cold, 38)
+
+
+def test_with_nothing_decoding_a_placed_prompt_joins_whole_from_its_cached_tokens():
+    s = Scheduler(SchedulerConfig(max_batch_size=2, max_input_tokens=100, max_total_tokens=128,
+                                  max_prefill_tokens=24),
+                  placer=lambda req, free: (free[-1], 30 if req.request_id == "b" else 0))
+    a, b = Req("a", 12), Req("b", 40)
+    s.add(a)
+    s.add(b)
+    out = s.schedule(0.0)  # 12 + (40 - 30) tokens fit the 24 together only because of the cache
+    assert out.prefill == [a, b] and out.cached == {"b": 30} and (a.slot, b.slot) == (1, 0)
+
+
+def conversation(engine, turns: int, first: list[int], user, **params) -> list:
+    """A chat: each turn's prompt is the last prompt, its answer and a new user message."""
+    sp = SamplingParams(max_new_tokens=6, ignore_eos=True, **params)
+    prompt, results = list(first), []
+    for t in range(turns):
+        r = engine.submit(prompt, sp).result()
+        results.append(r)
+        prompt = prompt + r.token_ids + user(t)
+    return results
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_chat_resumes_every_turn_and_answers_as_without_the_cache(path, chunked):
+    """Turn k+1's prompt continues turn k's tokens: it resumes after all of them computed
+    (the prompt, the answer but its last token), and the answers are those of a server
+    without prefix caching. Chunked: a small token budget and a stream decoding beside."""
+    user = lambda t: [(7 * t + j) % 50 for j in range(5)]  # noqa: E731
+    kwargs = dict(max_batched_tokens=6) if chunked else {}
+    outs = {}
+    for cache in (False, True):
+        engine = Engine.from_pretrained(path, max_batch_size=3, prefix_caching=cache, **kwargs)
+        engine.start()
+        try:
+            side = engine.submit([3] * 6, SamplingParams(max_new_tokens=60, ignore_eos=True))
+            outs[cache] = conversation(engine, 4, PROMPT, user)
+            side.result()
+            assert engine.runner.cache.referenced == 0
+        finally:
+            engine.stop()
+    assert [r.token_ids for r in outs[True]] == [r.token_ids for r in outs[False]]
+    assert [r.cached_tokens for r in outs[False]] == [None] * 4
+    sizes = [len(PROMPT)] + [len(PROMPT) + 11 * t for t in range(1, 4)]
+    assert [r.cached_tokens for r in outs[True]] == [0] + [n - 6 for n in sizes[1:]]
+
+
+def test_requests_that_need_every_position_do_not_resume(path):
+    """A routing trace and prompt logprobs describe every prompt token: those requests compute
+    the whole prompt (and a prompt-mode request routes on all of it)."""
+    engine = Engine.from_pretrained(path, max_batch_size=2, prefix_caching=True)
+    engine.start()
+    try:
+        first = conversation(engine, 1, PROMPT, lambda t: [])[0]
+        again = PROMPT + first.token_ids  # 15 of its 16 tokens computed, kept in slot 0
+        for params in (dict(return_routing=True), dict(prompt_logprobs=1),
+                       dict(routing="prompt")):
+            r = engine.submit(again, SamplingParams(max_new_tokens=2, **params)).result()
+            assert r.cached_tokens == 0 and r.routing is not None or "return_routing" not in params
+        # the prompt-logprobs request ran in slot 0 (the oldest kept) and left all 16 tokens
+        # and one it generated there: the same prompt again resumes at the last boundary
+        r = engine.submit(again, SamplingParams(max_new_tokens=2)).result()
+        assert r.cached_tokens == 12
+    finally:
+        engine.stop()
+
+
+def test_two_chats_keep_their_own_slots(path):
+    """Interleaved conversations each resume from the slot their last turn left: a request
+    that resumes nothing takes a slot that keeps nothing before one that keeps a prefix."""
+    engine = Engine.from_pretrained(path, max_batch_size=2, prefix_caching=True)
+    engine.start()
+    try:
+        sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+        chats = {"x": list(PROMPT), "y": [9] * 4 + PROMPT}
+        cached = []
+        for t in range(3):
+            for name in ("x", "y"):
+                r = engine.submit(chats[name], sp).result()
+                cached.append(r.cached_tokens)
+                chats[name] = chats[name] + r.token_ids + [t + 1, 2]
+        assert cached[:2] == [0, 0] and all(c > 0 for c in cached[2:])
+    finally:
+        engine.stop()
