@@ -313,6 +313,8 @@ class Engine:
         else:
             self.start()
             self._warm_requests()
+            with self._model_lock:  # (prefix caching) their tokens are nobody's conversation
+                self.runner.forget_prefixes()
         if freeze_gc:
             gc.collect()
             gc.freeze()

@@ -356,9 +356,17 @@ class ModelRunner:
 
     def free_slot_order(self, slots: Sequence[int]) -> list[int]:
         """Free `slots` in the order a prompt resuming nothing should take them: those that
-        keep nothing first (lowest first), then the least recently kept."""
+        keep nothing first (lowest first), then the least recently kept. (Lowest first among
+        those too, which keeps a running batch on a contiguous range of slots, overwrote the
+        conversation that had just finished whenever every free slot kept one: with four
+        chats in four slots, two resumed and two never did.)"""
         return sorted(slots, key=lambda s: (0, s) if self.retained[s] is None
                       else (1, self.retained[s].order))
+
+    def forget_prefixes(self) -> None:
+        """Free slots keep nothing any more (after warm-up: its requests' tokens are no
+        conversation's, and would take the place of one)."""
+        self.retained = [None] * len(self.retained)
 
     def routing_trace(self, slot: int) -> dict | None:
         """Decisions over the tokens the model processed (the last sampled token never is)."""

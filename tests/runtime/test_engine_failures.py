@@ -128,11 +128,11 @@ def test_failing_finish_does_not_kill_the_loop(path, monkeypatch):
             raise RuntimeError("simulated step bug")
         return real_decode(*args, **kw)
 
-    def release(slot):
+    def release(slot, tokens=None):
         if fail["release"]:
             fail["release"] -= 1
             raise RuntimeError("simulated release bug")
-        return real_release(slot)
+        return real_release(slot, tokens)
 
     monkeypatch.setattr(e.runner, "decode", decode)
     monkeypatch.setattr(e.runner, "release", release)

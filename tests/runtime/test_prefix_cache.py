@@ -140,9 +140,11 @@ def test_the_longest_and_then_the_newest_prefix_is_chosen(path):
     c = leave(runner, 2, PROMPT, 1)
     assert runner.cached_prefix(b + [7], [0, 1, 2]) == (1, len(b) - 1)
     assert runner.cached_prefix(a[:-1] + [7, 7], [0, 2]) == (2, len(a) - 1)  # a == c: newest
-    assert c == a and runner.free_slot_order([2, 0, 1]) == [0, 1, 2]  # oldest kept first
-    runner.release(1)
-    assert runner.free_slot_order([2, 0, 1]) == [1, 0, 2]  # one that keeps nothing first
+    assert c == a and runner.free_slot_order([2, 0, 1]) == [0, 1, 2]  # all keep: oldest first
+    leave(runner, 0, PROMPT, 2)
+    assert runner.free_slot_order([2, 0, 1]) == [1, 2, 0]
+    runner.release(2)
+    assert runner.free_slot_order([2, 0, 1]) == [2, 1, 0]  # one that keeps nothing first
 
 
 @dataclass(eq=False)
@@ -256,20 +258,25 @@ def test_requests_that_need_every_position_do_not_resume(path):
         engine.stop()
 
 
-def test_two_chats_keep_their_own_slots(path):
+@pytest.mark.parametrize("chats", [2, 3])
+def test_as_many_chats_as_slots_each_resume_from_their_own(path, chats):
     """Interleaved conversations each resume from the slot their last turn left: a request
-    that resumes nothing takes a slot that keeps nothing before one that keeps a prefix."""
-    engine = Engine.from_pretrained(path, max_batch_size=2, prefix_caching=True)
-    engine.start()
+    that resumes nothing takes a slot that keeps nothing, else the one kept longest ago, and
+    what warm-up requests left is forgotten (three chats in three slots: two slots held
+    warm-up tokens, and with the lowest such slot taken first the third chat overwrote the
+    second's every turn)."""
+    engine = Engine.from_pretrained(path, max_batch_size=chats, prefix_caching=True)
+    engine.warmup(freeze_gc=False)
     try:
+        assert engine.runner.retained == [None] * chats
         sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
-        chats = {"x": list(PROMPT), "y": [9] * 4 + PROMPT}
+        prompts = [[9] * c + PROMPT for c in range(chats)]
         cached = []
         for t in range(3):
-            for name in ("x", "y"):
-                r = engine.submit(chats[name], sp).result()
+            for c in range(chats):
+                r = engine.submit(prompts[c], sp).result()
                 cached.append(r.cached_tokens)
-                chats[name] = chats[name] + r.token_ids + [t + 1, 2]
-        assert cached[:2] == [0, 0] and all(c > 0 for c in cached[2:])
+                prompts[c] = prompts[c] + r.token_ids + [t + 1, 2]
+        assert cached[:chats] == [0] * chats and all(n > 0 for n in cached[chats:])
     finally:
         engine.stop()
