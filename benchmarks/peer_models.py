@@ -130,12 +130,14 @@ def save_for_converter(out: Path, model, tok, config_keys: dict) -> dict:
     return config
 
 
-def build_camex(out: Path, dense_dir: Path, tok, num_experts: int, seed: int) -> dict:
-    """Upcycle the dense directory and export it (fold + verify) as a camex checkpoint."""
+def build_camex(out: Path, dense_dir: Path, tok, num_experts: int, seed: int,
+                **overrides) -> dict:
+    """Upcycle the dense directory and export it (fold + verify) as a camex checkpoint
+    (`overrides`: CAMEx config knobs, e.g. segment_len)."""
     if (out / "config.json").exists():
         return {"reused": True}
     t0 = time.perf_counter()
-    model = upcycle_from_dense(dense_dir, num_experts=num_experts).eval()
+    model = upcycle_from_dense(dense_dir, num_experts=num_experts, **overrides).eval()
     if num_experts:
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():  # τ_i != 0 and routers that discriminate: merges differ

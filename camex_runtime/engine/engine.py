@@ -265,11 +265,13 @@ class Engine:
 
     def _place(self, req: GenerationRequest, free: list[int]) -> tuple[int, int]:
         """The scheduler's placer (prefix caching): the free slot holding the longest prefix of
-        the prompt that can resume (segment routing, no routing trace, no prompt logprobs:
-        neither exists for tokens not computed), else the free slot that keeps the least
-        (`ModelRunner.free_slot_order`); (slot, prompt tokens it holds)."""
+        the prompt that can resume (segment routing unless the model has no merged-expert
+        layers; no routing trace, no prompt logprobs: neither exists for tokens not computed),
+        else the free slot that keeps the least (`ModelRunner.free_slot_order`); (slot,
+        prompt tokens it holds)."""
         p = req.params
-        if req.routing == "segment" and not p.return_routing and p.prompt_logprobs is None:
+        routed = req.routing == "segment" or not self.runner.moe  # (dense: nothing is routed)
+        if routed and not p.return_routing and p.prompt_logprobs is None:
             hit = self.runner.cached_prefix(req.prompt_token_ids, free)
             if hit is not None:
                 return hit

@@ -305,10 +305,11 @@ class ModelRunner:
     def release(self, slot: int, tokens: Sequence[int] | None = None) -> None:
         """Forget a finished or cancelled sequence: drop its merge-cache references. With
         `tokens` (all its token ids: prompt and generated) the slot keeps what its KV cache
-        holds for a later prompt to resume from (`cached_prefix`), where that is exact: segment
-        routing with a whole first segment in the prompt (`route1_len == T`: a longer prompt
-        routes segment 1 the same way), no prefill step half done. Any other call (the next
-        `start_prefill` in the slot makes one) forgets what the slot kept."""
+        holds for a later prompt to resume from (`cached_prefix`), where that is exact: no
+        prefill step half done, and with merged-expert layers segment routing with a whole
+        first segment in the prompt (`route1_len == T`: a longer prompt routes segment 1 the
+        same way). Any other call (the next `start_prefill` in the slot makes one) forgets
+        what the slot kept."""
         self.retained[slot] = None
         st = self.slots[slot]
         if st is None:
@@ -317,8 +318,10 @@ class ModelRunner:
             if key is not None and st.pool_slots[m] >= 0:
                 self.cache.release(key)
         self.slots[slot] = None
-        if (tokens is not None and self.kv is not None and st.mode == "segment"
-                and st.route1_len == self.T and st.partial is None and st.length >= self.T):
+        routed = not self.moe or (st.mode == "segment" and st.route1_len == self.T
+                                  and st.length >= self.T)
+        if tokens is not None and self.kv is not None and st.partial is None and routed \
+                and st.length > 0:
             self._retained_count += 1
             self.retained[slot] = RetainedPrefix(list(tokens[:st.length]), self._retained_count)
 
@@ -327,13 +330,16 @@ class ModelRunner:
         `slot` kept (0: none). All the slot's tokens, with its routing state as it stands, when
         the prompt continues them (a chat's next turn); else the last segment boundary (at
         least T) within the shared prefix, with that segment's scores restored from the
-        slot's decisions (its FFN-input sum restarts at 0). Always less than the prompt, whose
-        last token must run to give the next-token logits."""
+        slot's decisions (its FFN-input sum restarts at 0). Without merged-expert layers
+        nothing is routed: the whole shared prefix. Always less than the prompt, whose last
+        token must run to give the next-token logits."""
         kept = self.retained[slot]
         if kept is None:
             return 0
         n, L, T = len(kept.tokens), len(token_ids), self.T
         shared = common_prefix_len(kept.tokens, token_ids)
+        if not self.moe:
+            return min(shared, L - 1)
         if shared == n and L > n:
             return n
         r = min(shared, L - 1) // T * T
@@ -401,7 +407,7 @@ class ModelRunner:
         L, T = len(token_ids), self.T
         kept = self.retained[slot]
         if resume:
-            if mode != "segment" or trace or prompt_logprobs is not None:
+            if self.moe and mode != "segment" or trace or prompt_logprobs is not None:
                 raise ValueError("only a segment-mode prompt without a routing trace or prompt "
                                  "logprobs resumes from a cached prefix")
             if self.resume_point(slot, token_ids) != resume:
@@ -414,7 +420,7 @@ class ModelRunner:
         st.score_k = prompt_logprobs
         if resume:
             st.length = resume
-            if resume < len(kept.tokens):  # a boundary the slot went past: its decision
+            if self.moe and resume < len(kept.tokens):  # a boundary it passed: its decision
                 self.scores[slot] = self.history[slot, resume // T]
                 self.seg_sum[slot] = 0.0
                 st.decided = resume

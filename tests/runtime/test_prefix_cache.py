@@ -95,6 +95,28 @@ def test_a_resumed_prompt_continues_as_a_cold_prefill(path, strategy, case):
     assert runner.cache.referenced == 0
 
 
+@pytest.mark.parametrize("mode", ["segment", "prompt"])
+def test_a_dense_model_resumes_at_any_shared_token(tmp_path, mode):
+    """Without merged-expert layers nothing is routed: the whole shared prefix resumes, in
+    either routing mode, wherever it ends."""
+    runner = runner_of(build_folded(tmp_path / "dense", T=T, num_experts=0))
+    assert not runner.moe
+    runner.start_prefill(0, PROMPT[:3], mode, max_new_tokens=8)
+    logits, ids = runner.prefill_step(0, None), PROMPT[:3]
+    for _ in range(5):
+        ids = ids + [int(logits.argmax())]
+        logits = runner.decode([0], [ids[-1]], [ids])[0]
+    runner.release(0, ids + [int(logits.argmax())])  # 8 computed
+    prompt = ids[:7] + [other(ids[7]), 4, 4]
+    assert runner.cached_prefix(prompt, [0, 1]) == (0, 7)
+    runner.start_prefill(1, prompt, mode, max_new_tokens=9)
+    cold = runner.prefill_step(1, None)
+    runner.start_prefill(0, prompt, mode, max_new_tokens=9, resume=7)
+    gap, warm_ids, cold_ids = continue_both(runner, (0, runner.prefill_step(0, None)),
+                                            (1, cold), prompt)
+    assert gap < 1e-4 and warm_ids == cold_ids
+
+
 def test_the_boundary_case_needs_the_recorded_decision(path):
     """Resuming at a boundary the slot went past restores that segment's scores from the
     decisions the slot recorded: with the current scores left as they were (those of the
@@ -278,5 +300,16 @@ def test_as_many_chats_as_slots_each_resume_from_their_own(path, chats):
                 cached.append(r.cached_tokens)
                 prompts[c] = prompts[c] + r.token_ids + [t + 1, 2]
         assert cached[:chats] == [0] * chats and all(n > 0 for n in cached[chats:])
+    finally:
+        engine.stop()
+
+
+def test_a_dense_engine_resumes_prompt_mode_requests_too(tmp_path):
+    engine = Engine.from_pretrained(build_folded(tmp_path / "dense", T=T, num_experts=0),
+                                    max_batch_size=2, prefix_caching=True)
+    engine.start()
+    try:
+        turns = conversation(engine, 3, PROMPT[:2], lambda t: [t + 1], routing="prompt")
+        assert [r.cached_tokens for r in turns] == [0, 7, 14]  # every computed token
     finally:
         engine.stop()
