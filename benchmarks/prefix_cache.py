@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         gguf_type = DTYPE_PAIRS[args.dtype][0]
         paths[f"gguf_{gguf_type}"] = llamacpp_build.convert_to_gguf(
             llama, paths["dense"], args.work / f"gpt2-{gguf_type}.gguf", gguf_type)
-    logs = args.out.parent / "logs" / f"prefix-cache-{int(time.time())}"
+    logs = args.out.parent / "prefix-cache-logs" / str(int(time.time()))
     logs.mkdir(parents=True, exist_ok=True)
     load0, t0 = loadavg(), time.time()
     got = run(args, paths, tok, logs)
