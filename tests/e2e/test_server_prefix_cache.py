@@ -45,7 +45,8 @@ def test_a_conversation_resumes_from_its_last_turn(tiny_lm_dir, tmp_path):
                          "tiny", "--chat-template", str(write(tmp_path, TEMPLATE)),
                          *flags) as srv:
             info = httpx.get(srv.base_url + "/info", timeout=10).json()
-            assert info["models"]["causal-lm"]["prefix_caching"] is cache
+            assert info["models"]["causal-lm"]["prefix_caching"] is info["prefix_caching"] \
+                is cache
             outs = completions_turns(srv.base_url, tokenizer, first, 3)
             answers[cache] = [o.choices[0].text for o in outs]
             details = [o.usage.prompt_tokens_details for o in outs]
