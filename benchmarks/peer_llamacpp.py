@@ -197,10 +197,12 @@ def server_command(system: str, pair: str, threads: int, port: int, paths: dict,
                 "--host", "127.0.0.1", "--port", str(port), "--threads", str(threads),
                 "--threads-batch", str(threads), "-np", str(args.concurrency),
                 "-c", str(ctx)], "/health"
+    # no prompt cache on either side (llama-server: `cache_prompt: false` per request): every
+    # request prefills its whole prompt
     return [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port", str(port),
             "--model", str(camex_model(system, paths)), "--threads", str(threads),
             "--dtype", DTYPE_PAIRS[pair][1], "--max-batch-size", str(args.concurrency),
-            *delta_args(system)], "/ready"
+            "--no-prefix-caching", *delta_args(system)], "/ready"
 
 
 def camex_model(system: str, paths: dict) -> Path:

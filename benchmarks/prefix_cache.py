@@ -154,7 +154,7 @@ def servers(args: argparse.Namespace, paths: dict, logs: Path) -> list[tuple[str
     model = paths["camex_7x1" if args.model == "camex-7x1" else "camex_dense"]
     gguf_type, dtype = DTYPE_PAIRS[args.dtype]
     out = []
-    for name, flags in ((CAMEX, ["--prefix-caching"]), (CAMEX_COLD, [])):
+    for name, flags in ((CAMEX, ["--prefix-caching"]), (CAMEX_COLD, ["--no-prefix-caching"])):
         out.append((name, [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port",
                            "{port}", "--model", str(model), "--threads", str(args.threads),
                            "--dtype", dtype, "--max-batch-size", str(args.conversations),

@@ -53,7 +53,7 @@ class ServerMetrics:
         self.generated_tokens = Counter("camex_generated_tokens", "generated tokens", registry=r)
         self.cached_prompt_tokens = Counter(
             "camex_prompt_tokens_cached", "prompt tokens resumed from the prefix cache (not "
-            "computed again; --prefix-caching)", registry=r)
+            "computed again; off with --no-prefix-caching)", registry=r)
         self.request_prompt_tokens = Histogram("camex_request_prompt_tokens",
                                                "prompt tokens per request", buckets=TOKEN_BUCKETS,
                                                registry=r)

@@ -97,7 +97,7 @@ class Usage(_Schema):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    # only from a server started with --prefix-caching (vLLM: --enable-prompt-tokens-details)
+    # where prefix caching is on (the server's default; vLLM: --enable-prompt-tokens-details)
     prompt_tokens_details: PromptTokensDetails | None = None
 
 

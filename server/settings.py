@@ -99,9 +99,10 @@ class ServerSettings:
         "dequantized one, see docs/DESIGN.md; not with --strategy mixture)",
         choices=("full", "int8"))
     prefix_caching: bool = _opt(
-        False, "keep each finished sequence's KV cache in its free slot and resume a later "
+        True, "keep each finished sequence's KV cache in its free slot and resume a later "
         "prompt that starts with the same tokens from there (a chat's next turn, a shared "
-        "system prompt); exact up to rounding, see docs/DESIGN.md; segment routing only")
+        "system prompt); the same outputs up to rounding, see docs/DESIGN.md; "
+        "--no-prefix-caching computes every prompt whole")
     routing: str | None = _opt(None, "default routing mode (none: checkpoint's)",
                                choices=("segment", "prompt"))
     demo_dir: str | None = _opt(None, "where demo checkpoints are built when no model is given")

@@ -1,7 +1,8 @@
-"""`camex-server --prefix-caching` over real HTTP with the `openai` client: a conversation's
-next turn resumes from what its last turn left in the KV cache, the response says how many
-prompt tokens that was (`usage.prompt_tokens_details.cached_tokens`, OpenAI's field), /metrics
-counts them, and the answers are those of a server without the cache."""
+"""`camex-server` with prefix caching (the default) over real HTTP with the `openai` client:
+a conversation's next turn resumes from what its last turn left in the KV cache, the response
+says how many prompt tokens that was (`usage.prompt_tokens_details.cached_tokens`, OpenAI's
+field), /metrics counts them, and the answers are those of a server started with
+`--no-prefix-caching`."""
 
 import httpx
 import pytest
@@ -39,7 +40,7 @@ def test_a_conversation_resumes_from_its_last_turn(tiny_lm_dir, tmp_path):
     first = list(range(20, 33))  # 13 tokens: segment routing needs a whole first segment (4)
     answers = {}
     for cache in (False, True):
-        flags = ("--prefix-caching",) if cache else ()
+        flags = ("--prefix-caching",) if cache else ("--no-prefix-caching",)
         (tmp_path / str(cache)).mkdir()
         with live_server(tmp_path / str(cache), "--model", str(tiny_lm_dir), "--model-id",
                          "tiny", "--chat-template", str(write(tmp_path, TEMPLATE)),

@@ -87,8 +87,10 @@ def test_echo_scoring_equals_the_full_forward(client, reference):
         assert 1 <= len(top) <= 2 and top[lp["tokens"][t]] == lp["token_logprobs"][t]
         assert max(top.values()) == pytest.approx(ref[t - 1].max().item(), abs=1e-4)
     assert lp["text_offset"] == [sum(len(s) for s in lp["tokens"][:i]) for i in range(len(ids))]
+    # prompt logprobs need every position computed: such a request never resumes a prefix
     assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0,
-                            "total_tokens": len(ids)}
+                            "total_tokens": len(ids),
+                            "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_token_id_prompts_and_echo_with_generation(client):
@@ -238,7 +240,14 @@ def test_chat_renders_the_template_and_streams_the_same_text(client):
     streamed = "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks[:-1])
     assert streamed == choice["message"]["content"]
     assert chunks[-2]["choices"][0]["finish_reason"] == choice["finish_reason"]
-    assert chunks[-1]["usage"] == out["usage"]
+    streamed_usage = chunks[-1]["usage"]
+    details = streamed_usage.pop("prompt_tokens_details")
+    assert streamed_usage == {k: v for k, v in out["usage"].items()
+                              if k != "prompt_tokens_details"}
+    # the same prompt again (prefix caching, on by default): the slot the first one left
+    # holds it, back to the last segment boundary before its last token
+    T = client.app.state.serving.lm.config.segment_len
+    assert details == {"cached_tokens": (out["usage"]["prompt_tokens"] - 1) // T * T}
 
 
 def test_chat_default_max_tokens_is_what_the_context_has_left(client):
