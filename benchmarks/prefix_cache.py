@@ -21,6 +21,7 @@ system prompt. ``--quick`` upcycles its tiny model with 16-token segments (its c
 
     python benchmarks/prefix_cache.py                       # GPT-2 small, fp32, 1 thread
     python benchmarks/prefix_cache.py --dtype bf16 --threads 2
+    python benchmarks/prefix_cache.py --shared-system      # one system prompt for all chats
     python benchmarks/prefix_cache.py --quick --no-llama    # tiny model, camex only (tests)
 
 A script that measures and reports; it asserts nothing about speed.
@@ -84,6 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPE_PAIRS), default="fp32")
     p.add_argument("--threads", type=int, default=1, help="compute threads of every server")
     p.add_argument("--conversations", type=int, default=4)
+    p.add_argument("--shared-system", action="store_true",
+                   help="every conversation starts with the same system prompt (a deployment's "
+                        "one instruction block): the later conversations' first turns may "
+                        "resume it from the first's")
     p.add_argument("--turns", type=int, default=None, help="turns per conversation (5; quick 3)")
     p.add_argument("--system-tokens", type=int, default=None,
                    help="system prompt (320; quick 40: both past the first segment)")
@@ -120,7 +125,7 @@ def conversations(args: argparse.Namespace, tok) -> list[dict]:
                             args.system_tokens, args.seed + 101)
     users = write_prompts(args.work / f"user-{args.user_tokens}.jsonl", tok, texts,
                           n * args.turns, args.user_tokens, args.seed + 202)
-    return [{"system": systems[c]["prompt"],
+    return [{"system": systems[0 if args.shared_system else c]["prompt"],
              "users": [u["prompt"] for u in users[c * args.turns:(c + 1) * args.turns]]}
             for c in range(n)]
 
@@ -220,9 +225,14 @@ def summary(rows: dict[str, list[dict]], turns: int) -> dict:
                 "prompt_tokens": round(statistics.mean(r["prompt_tokens"] for r in cell)),
                 "computed_tokens": round(statistics.mean(computed)) if computed else None})
         later = [r["ttft_s"] for r in rs if r["turn"] > 1]
+        # turn 1 of every conversation but the first (with --shared-system: its system prompt
+        # may resume from another conversation's)
+        others = [r["ttft_s"] for r in rs if r["turn"] == 1 and r["conversation"] > 0]
         out[name] = {"turns": per_turn,
                      "later_turns_ttft_ms": round(1000 * statistics.median(later), 1)
-                     if later else None}
+                     if later else None,
+                     "first_turns_after_the_first_ttft_ms":
+                         round(1000 * statistics.median(others), 1) if others else None}
     return out
 
 
@@ -248,6 +258,10 @@ def markdown(doc: dict) -> str:
     if LLAMA in s:
         ratios.append(f"camex with prefix caching vs llama.cpp with cache_prompt, turns 2+: "
                       f"{s[LLAMA]['later_turns_ttft_ms'] / s[CAMEX]['later_turns_ttft_ms']:.2f}x")
+    if doc["config"].get("shared_system"):
+        firsts = ", ".join(f"{n} {s[n]['first_turns_after_the_first_ttft_ms']:.0f} ms"
+                           for n in names)
+        ratios.append(f"one system prompt for all: turn 1 of conversations 2+, median: {firsts}")
     ratios.append(f"camex answers the same with and without the cache: "
                   f"{doc['camex_same_answers']}")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {r}" for r in ratios)

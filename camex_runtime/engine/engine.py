@@ -129,6 +129,8 @@ class Engine:
         # a finished sequence's tokens stay in its free slot's KV cache, and a prompt that
         # starts with them (a chat's next turn, a shared system prompt) resumes from there
         self.prefix_caching = prefix_caching and kind == "causal-lm"
+        # placed requests whose cached prefix is copied in from another free slot: id -> slot
+        self._copy_from: dict[str, int] = {}
         param = next(model.parameters())
         precision = choose_precision(param.device, param.dtype, kind == "causal-lm")
         self.runner = ModelRunner(model, num_slots=max_batch_size, max_len=max_total,
@@ -268,13 +270,22 @@ class Engine:
         the prompt that can resume (segment routing unless the model has no merged-expert
         layers; no routing trace, no prompt logprobs: neither exists for tokens not computed),
         else the free slot that keeps the least (`ModelRunner.free_slot_order`); (slot,
-        prompt tokens it holds)."""
+        prompt tokens it holds). A prompt that shares only part of what a slot keeps (the
+        same system prompt as another conversation) has that part copied into the free slot
+        that keeps the least instead (`_copy_prefixes`): the other conversation keeps its
+        slot for its next turn."""
         p = req.params
+        self._copy_from.pop(req.request_id, None)
         routed = req.routing == "segment" or not self.runner.moe  # (dense: nothing is routed)
         if routed and not p.return_routing and p.prompt_logprobs is None:
             hit = self.runner.cached_prefix(req.prompt_token_ids, free)
             if hit is not None:
-                return hit
+                slot, n = hit
+                others = [s for s in free if s != slot]
+                if n == len(self.runner.retained[slot].tokens) or not others:
+                    return hit  # it continues all the slot keeps (or no other slot is free)
+                self._copy_from[req.request_id] = slot
+                return self.runner.free_slot_order(others)[0], n
         return self.runner.free_slot_order(free)[0], 0
 
     def _chunk_cost(self, req, start: int, n: int) -> int:
@@ -464,7 +475,10 @@ class Engine:
         each of its requests starts its prompt over and runs alone in this step, and only one
         that fails again gets the error."""
         reqs = []
+        failed = self._copy_prefixes(sched)
         for req in sched.prefill:
+            if req in failed:
+                continue
             try:
                 self._start_prefill(req, now, sched.cached.get(req.request_id, 0))
                 reqs.append(req)
@@ -486,6 +500,24 @@ class Engine:
                     if (out := self._prefill_alone(req, chunk)) is not None]
         self._pace(reqs, plan, starts, time.perf_counter() - t0, chunked=bool(sched.decode))
         return [(req, self._prefilled(req, g)) for req, g in zip(reqs, got)]
+
+    def _copy_prefixes(self, sched: SchedulerOutput) -> list[GenerationRequest]:
+        """The step's copies of cached prefixes into the slots of the requests placed to
+        resume them (`_place`), all before any prompt of the step starts: a source slot may
+        be another joining request's slot, whose prompt overwrites it once it runs. Returns
+        the requests whose copy failed (finished with the error)."""
+        failed = []
+        for req in sched.prefill:
+            src = self._copy_from.pop(req.request_id, None)
+            if src is None or req.timings.scheduled_at is not None:
+                continue
+            try:
+                self.runner.copy_prefix(src, req.slot, req.prompt_token_ids,
+                                        sched.cached[req.request_id])
+            except Exception as e:
+                failed.append(req)
+                self._prefill_failed(req, e)
+        return failed
 
     def _start_prefill(self, req: GenerationRequest, now: float, cached: int) -> None:
         """Its first chunk: the request's output state, and its slot made the prompt's, from
@@ -611,6 +643,7 @@ class Engine:
                     self.scheduler.finish(req)
             self._procs.pop(req.request_id, None)
             self._gens.pop(req.request_id, None)
+            self._copy_from.pop(req.request_id, None)
             req.timings.finished_at = time.monotonic()
             req.handle._publish([last_event], req.to_result())
 

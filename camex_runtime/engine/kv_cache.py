@@ -25,6 +25,11 @@ class KVCache(nn.Module):
                                  persistent=False)
         self.max_len = max_len
 
+    def copy_prefix(self, src: int, dst: int, n: int) -> None:
+        """Slot `dst`'s first n positions become slot `src`'s, every layer."""
+        self.k[:, dst, :, :n] = self.k[:, src, :, :n]
+        self.v[:, dst, :, :n] = self.v[:, src, :, :n]
+
     @property
     def num_bytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

@@ -53,6 +53,9 @@ class RetainedPrefix:
     when it was left there (`order`: higher is more recent)."""
     tokens: list[int]
     order: int
+    # the segment opening after the last token is routed already (its scores current, its
+    # FFN-input sum 0): a prefix copied from another slot, cut at a segment boundary
+    decided: bool = False
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

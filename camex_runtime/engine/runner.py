@@ -360,6 +360,29 @@ class ModelRunner:
                 best, key = (slot, r), (r, kept.order)
         return best
 
+    def copy_prefix(self, src: int, dst: int, token_ids: Sequence[int], n: int) -> None:
+        """Free slot `dst` keeps the first n tokens of what free slot `src` keeps, as if it had
+        computed them itself — their keys and values, the decisions recorded up to them, and
+        in a merged-expert model the segment opening at n routed by its recorded scores — so
+        that a prompt sharing only part of `src`'s tokens (another conversation with the same
+        system prompt) resumes without taking that conversation's slot. n must be
+        `resume_point(src, token_ids)`, less than all of `src`'s tokens (it then falls on a
+        segment boundary, where a merged-expert model resumes); `src` keeps what it kept."""
+        kept = self.retained[src]
+        if (src == dst or kept is None or self.slots[dst] is not None or not 0 < n < len(
+                kept.tokens) or self.resume_point(src, token_ids) != n):
+            raise ValueError(f"cannot copy {n} tokens of slot {src} into slot {dst}")
+        self.release(dst)  # what it kept itself is replaced
+        self.kv.copy_prefix(src, dst, n)
+        if self.moe:
+            k = n // self.T
+            self.history[dst, :k + 1] = self.history[src, :k + 1]
+            self.scores[dst] = self.history[src, k]
+            self.seg_sum[dst] = 0.0
+        self._retained_count += 1
+        self.retained[dst] = RetainedPrefix(list(kept.tokens[:n]), self._retained_count,
+                                            decided=bool(self.moe))
+
     def free_slot_order(self, slots: Sequence[int]) -> list[int]:
         """Free `slots` in the order a prompt resuming nothing should take them: those that
         keep nothing first (lowest first), then the least recently kept. (Lowest first among
@@ -423,6 +446,8 @@ class ModelRunner:
             if self.moe and resume < len(kept.tokens):  # a boundary it passed: its decision
                 self.scores[slot] = self.history[slot, resume // T]
                 self.seg_sum[slot] = 0.0
+                st.decided = resume
+            elif kept.decided:  # copied up to a boundary: its decision is in place already
                 st.decided = resume
         self.slots[slot] = st
 

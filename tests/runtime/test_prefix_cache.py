@@ -313,3 +313,56 @@ def test_a_dense_engine_resumes_prompt_mode_requests_too(tmp_path):
         assert [r.cached_tokens for r in turns] == [0, 7, 14]  # every computed token
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("experts", [3, 0])
+def test_a_shared_part_is_copied_and_the_source_keeps_its_own(tmp_path, experts):
+    """A prompt sharing only part of what a slot keeps (the same system prompt, another
+    conversation) gets that part copied into another free slot: it resumes there as a cold
+    prefill would run, and the slot it came from still resumes its own conversation whole.
+    (The mixture applies the restored scores themselves: merged, the segment's merge would be
+    found cached by its key whatever they were.)"""
+    runner = runner_of(build_folded(tmp_path / "m", T=T, num_experts=experts), "mixture")
+    kept = leave(runner, 0, PROMPT, 5)  # 15 computed
+    prompt = PROMPT[:9] + [1, 1, 2]  # shares 9: resumes at 8 (merged experts) or 9 (dense)
+    n = 8 if experts else 9
+    assert runner.cached_prefix(prompt, [0, 1, 2]) == (0, n)
+    with pytest.raises(ValueError, match="cannot copy"):
+        runner.copy_prefix(0, 1, prompt, n + 1)
+    runner.copy_prefix(0, 1, prompt, n)
+    assert runner.retained[1].tokens == PROMPT[:n] and runner.retained[0].tokens == kept[:-1]
+    runner.start_prefill(2, prompt, "segment", max_new_tokens=9)
+    cold = runner.prefill_step(2, None)
+    runner.start_prefill(1, prompt, "segment", max_new_tokens=9, resume=n)
+    gap, warm_ids, cold_ids = continue_both(runner, (1, runner.prefill_step(1, None)),
+                                            (2, cold), prompt)
+    assert gap < 1e-4 and warm_ids == cold_ids
+    assert runner.cached_prefix(kept + [4], [0]) == (0, 15)  # the source's own next turn
+    with pytest.raises(ValueError, match="cannot copy"):
+        runner.copy_prefix(0, 1, prompt, n)  # slot 1 runs a sequence now
+
+
+def test_conversations_sharing_a_system_prompt_each_keep_their_slot(path):
+    """Two chats with the same 10-token system prompt: the second copies the shared part
+    from the first's slot instead of taking it, and both resume every later turn whole;
+    the answers are those of an engine without the cache."""
+    answers = {}
+    for cache in (False, True):
+        engine = Engine.from_pretrained(path, max_batch_size=3, prefix_caching=cache)
+        engine.start()
+        try:
+            sp = SamplingParams(max_new_tokens=4, ignore_eos=True)
+            chats = [PROMPT + [1, 2], PROMPT + [3, 4, 5]]
+            got = []
+            for t in range(3):
+                for c in range(2):
+                    r = engine.submit(chats[c], sp).result()
+                    got.append((r.token_ids, r.cached_tokens, len(chats[c])))
+                    chats[c] = chats[c] + r.token_ids + [t + 6]
+            answers[cache] = got
+        finally:
+            engine.stop()
+    assert [a for a, _, _ in answers[True]] == [a for a, _, _ in answers[False]]
+    cached = [(c, n) for _, c, n in answers[True]]
+    assert cached[0] == (0, 12) and cached[1] == (8, 13)  # copied: back to the boundary
+    assert all(c == n - 2 for c, n in cached[2:])  # then each all its last turn computed
