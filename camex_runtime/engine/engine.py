@@ -270,10 +270,10 @@ class Engine:
         the prompt that can resume (segment routing unless the model has no merged-expert
         layers; no routing trace, no prompt logprobs: neither exists for tokens not computed),
         else the free slot that keeps the least (`ModelRunner.free_slot_order`); (slot,
-        prompt tokens it holds). A prompt that shares only part of what a slot keeps (the
-        same system prompt as another conversation) has that part copied into the free slot
-        that keeps the least instead (`_copy_prefixes`): the other conversation keeps its
-        slot for its next turn."""
+        prompt tokens it holds). A prompt that holds only part of the prompt that left what a
+        slot keeps (the same system prompt as another conversation) has the part it resumes
+        copied into the free slot that keeps the least instead (`_copy_prefixes`): the other
+        conversation keeps its slot for its next turn."""
         p = req.params
         self._copy_from.pop(req.request_id, None)
         routed = req.routing == "segment" or not self.runner.moe  # (dense: nothing is routed)
@@ -282,8 +282,8 @@ class Engine:
             if hit is not None:
                 slot, n = hit
                 others = [s for s in free if s != slot]
-                if n == len(self.runner.retained[slot].tokens) or not others:
-                    return hit  # it continues all the slot keeps (or no other slot is free)
+                if self.runner.continues(slot, req.prompt_token_ids) or not others:
+                    return hit  # that exchange's next turn (or no other slot is free)
                 self._copy_from[req.request_id] = slot
                 return self.runner.free_slot_order(others)[0], n
         return self.runner.free_slot_order(free)[0], 0

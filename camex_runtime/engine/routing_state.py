@@ -53,6 +53,8 @@ class RetainedPrefix:
     when it was left there (`order`: higher is more recent)."""
     tokens: list[int]
     order: int
+    prompt_len: int  # of the request that left them (a prompt that holds all of it continues
+    # that exchange; one that shares only part of it is another one, e.g. the same system prompt)
     # the segment opening after the last token is routed already (its scores current, its
     # FFN-input sum 0): a prefix copied from another slot, cut at a segment boundary
     decided: bool = False

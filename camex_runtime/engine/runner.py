@@ -323,7 +323,8 @@ class ModelRunner:
         if tokens is not None and self.kv is not None and st.partial is None and routed \
                 and st.length > 0:
             self._retained_count += 1
-            self.retained[slot] = RetainedPrefix(list(tokens[:st.length]), self._retained_count)
+            self.retained[slot] = RetainedPrefix(list(tokens[:st.length]), self._retained_count,
+                                                 min(st.prompt_len, st.length))
 
     def resume_point(self, slot: int, token_ids: Sequence[int]) -> int:
         """Prompt tokens of `token_ids` (a segment-mode prompt) that can resume from what free
@@ -348,17 +349,26 @@ class ModelRunner:
     def cached_prefix(self, token_ids: Sequence[int], slots: Sequence[int]
                       ) -> tuple[int, int] | None:
         """Among free `slots`, the one to resume the segment-mode prompt `token_ids` from:
-        (slot, prompt tokens it holds), the most tokens and then the most recently kept; None
-        when none holds any."""
-        best, key = None, (0, 0)
+        (slot, prompt tokens it holds), the most tokens, then the longest shared prefix (two
+        chats with one system prompt resume it from either: the one this prompt continues
+        shares more), then the most recently kept; None when none holds any."""
+        best, key = None, (0, 0, 0)
         for slot in slots:
             kept = self.retained[slot]
             if kept is None:
                 continue
             r = self.resume_point(slot, token_ids)
-            if r and (r, kept.order) > key:
-                best, key = (slot, r), (r, kept.order)
+            if r:
+                k = (r, common_prefix_len(kept.tokens, token_ids), kept.order)
+                if k > key:
+                    best, key = (slot, r), k
         return best
+
+    def continues(self, slot: int, token_ids: Sequence[int]) -> bool:
+        """Whether `token_ids` holds the whole prompt of the request that left what free `slot`
+        keeps (its next turn, however its answer was sent back), rather than a part of it."""
+        kept = self.retained[slot]
+        return kept is not None and common_prefix_len(kept.tokens, token_ids) >= kept.prompt_len
 
     def copy_prefix(self, src: int, dst: int, token_ids: Sequence[int], n: int) -> None:
         """Free slot `dst` keeps the first n tokens of what free slot `src` keeps, as if it had
@@ -380,7 +390,7 @@ class ModelRunner:
             self.scores[dst] = self.history[src, k]
             self.seg_sum[dst] = 0.0
         self._retained_count += 1
-        self.retained[dst] = RetainedPrefix(list(kept.tokens[:n]), self._retained_count,
+        self.retained[dst] = RetainedPrefix(list(kept.tokens[:n]), self._retained_count, n,
                                             decided=bool(self.moe))
 
     def free_slot_order(self, slots: Sequence[int]) -> list[int]:

@@ -366,3 +366,31 @@ def test_conversations_sharing_a_system_prompt_each_keep_their_slot(path):
     cached = [(c, n) for _, c, n in answers[True]]
     assert cached[0] == (0, 12) and cached[1] == (8, 13)  # copied: back to the boundary
     assert all(c == n - 2 for c, n in cached[2:])  # then each all its last turn computed
+
+
+def test_on_a_tie_the_slot_sharing_more_wins_and_only_a_whole_prompt_continues(path):
+    runner = runner_of(path)
+    b = leave(runner, 1, PROMPT[:9] + [1, 1, 2], 2)
+    a = leave(runner, 0, PROMPT, 5)  # kept more recently
+    prompt = PROMPT[:9] + [1, 7, 7]  # resumes at 8 from either; shares 10 tokens with slot 1
+    assert runner.cached_prefix(prompt, [0, 1, 2]) == (1, 8)
+    assert runner.continues(0, a + [3]) and runner.continues(0, PROMPT + [3])
+    assert not runner.continues(0, prompt) and not runner.continues(1, prompt)
+    assert runner.continues(1, b[:12] + [0]) and not runner.continues(2, PROMPT)
+
+
+def test_a_next_turn_whose_answer_came_back_changed_takes_its_own_slot(path):
+    """The answer sent back differs from the generated ids (re-tokenized text): the prompt
+    still holds the whole earlier prompt, so it is that exchange's next turn and takes its
+    slot (resuming at a boundary), rather than copying into another and evicting it."""
+    engine = Engine.from_pretrained(path, max_batch_size=3, prefix_caching=True)
+    engine.start()
+    try:
+        first = engine.submit(PROMPT, SamplingParams(max_new_tokens=5, ignore_eos=True)).result()
+        answer = first.token_ids[:2] + [other(first.token_ids[2])] + first.token_ids[3:]
+        r = engine.submit(PROMPT + answer + [7], SamplingParams(max_new_tokens=2)).result()
+        assert r.cached_tokens == 12  # shares 12 of the 14 computed: back to the boundary
+        kept = engine.runner.retained
+        assert kept[0].tokens[:16] == PROMPT + answer + [7] and kept[1] is kept[2] is None
+    finally:
+        engine.stop()
