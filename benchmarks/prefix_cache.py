@@ -34,7 +34,6 @@ import contextlib
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -48,7 +47,7 @@ import peer_client  # noqa: E402
 from machine import cpu_info, loadavg  # noqa: E402
 from peer_models import build_camex, build_models, write_prompts  # noqa: E402
 from peer_report import DTYPE_PAIRS  # noqa: E402
-from serving import ServerProcess, free_port  # noqa: E402
+from serving import ServerProcess, free_port, git_commit  # noqa: E402
 from serving_models import fortune_texts  # noqa: E402
 
 from camex_runtime.training.tokenizer import load_tokenizer  # noqa: E402
@@ -265,14 +264,6 @@ def markdown(doc: dict) -> str:
     ratios.append(f"camex answers the same with and without the cache: "
                   f"{doc['camex_same_answers']}")
     return "\n".join(lines) + "\n\n" + "\n".join(f"- {r}" for r in ratios)
-
-
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:
