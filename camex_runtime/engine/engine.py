@@ -117,6 +117,11 @@ class Engine:
             raise ValueError(f"max_total_tokens={max_total} exceeds the model's "
                              f"max_position_embeddings={cfg.max_position_embeddings}")
         max_input = max_input_tokens or max(1, max_total - 1)
+        # a finished sequence's tokens stay in its free slot's KV cache, and a prompt that
+        # starts with them (a chat's next turn, a shared system prompt) resumes from there
+        self.prefix_caching = prefix_caching and kind == "causal-lm"
+        # placed requests whose cached prefix is copied in from another free slot: id -> slot
+        self._copy_from: dict[str, int] = {}
         self.scheduler = Scheduler(SchedulerConfig(
             max_batch_size=max_batch_size, max_waiting=max_waiting, max_input_tokens=max_input,
             max_total_tokens=max_total,
@@ -125,12 +130,7 @@ class Engine:
             # merged-expert models build a merge per MoE layer for every sequence that joins
             max_joins_per_step=1 if cfg.num_experts > 0 and cfg.moe_layers else None,
             waiting_served_ratio=waiting_served_ratio),
-            chunk_cost=self._chunk_cost, placer=self._place if prefix_caching else None)
-        # a finished sequence's tokens stay in its free slot's KV cache, and a prompt that
-        # starts with them (a chat's next turn, a shared system prompt) resumes from there
-        self.prefix_caching = prefix_caching and kind == "causal-lm"
-        # placed requests whose cached prefix is copied in from another free slot: id -> slot
-        self._copy_from: dict[str, int] = {}
+            chunk_cost=self._chunk_cost, placer=self._place if self.prefix_caching else None)
         param = next(model.parameters())
         precision = choose_precision(param.device, param.dtype, kind == "causal-lm")
         self.runner = ModelRunner(model, num_slots=max_batch_size, max_len=max_total,
