@@ -335,16 +335,18 @@ class ModelRunner:
         nothing is routed: the whole shared prefix. Always less than the prompt, whose last
         token must run to give the next-token logits."""
         kept = self.retained[slot]
-        if kept is None:
-            return 0
+        return 0 if kept is None else self._resume(kept, token_ids)[0]
+
+    def _resume(self, kept: RetainedPrefix, token_ids: Sequence[int]) -> tuple[int, int]:
+        """(`resume_point` of `token_ids` in what `kept` holds, the tokens they share)."""
         n, L, T = len(kept.tokens), len(token_ids), self.T
         shared = common_prefix_len(kept.tokens, token_ids)
         if not self.moe:
-            return min(shared, L - 1)
+            return min(shared, L - 1), shared
         if shared == n and L > n:
-            return n
+            return n, shared
         r = min(shared, L - 1) // T * T
-        return r if r >= T else 0
+        return (r if r >= T else 0), shared
 
     def cached_prefix(self, token_ids: Sequence[int], slots: Sequence[int]
                       ) -> tuple[int, int] | None:
@@ -357,9 +359,9 @@ class ModelRunner:
             kept = self.retained[slot]
             if kept is None:
                 continue
-            r = self.resume_point(slot, token_ids)
+            r, shared = self._resume(kept, token_ids)
             if r:
-                k = (r, common_prefix_len(kept.tokens, token_ids), kept.order)
+                k = (r, shared, kept.order)
                 if k > key:
                     best, key = (slot, r), k
         return best
