@@ -137,7 +137,8 @@ class Engine:
                                   merge_cache_bytes=merge_cache_bytes, strategy=strategy,
                                   observer=observer, profile=profile, precision=precision,
                                   # a classifier merges once per sequence: nothing to win
-                                  expert_deltas=expert_deltas if kind == "causal-lm" else "full")
+                                  expert_deltas=expert_deltas if kind == "causal-lm" else "full",
+                                  prefix_caching=self.prefix_caching)
         # Chunked steps paced by measured time on the CPU. On a GPU the host would have to wait
         # for the device to time a step (no syncs in the step loop): the token budget alone.
         self.pacer = (PrefillPacer(prefill_time_ratio,

@@ -58,6 +58,9 @@ class RetainedPrefix:
     # the segment opening after the last token is routed already (its scores current, its
     # FFN-input sum 0): a prefix copied from another slot, cut at a segment boundary
     decided: bool = False
+    # the first position whose segment sum the runner's `sum_ring` still holds (those up to
+    # the last token from there on; a prompt may resume after any of them)
+    ring_from: int = 0
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
@@ -102,6 +105,8 @@ class SlotRouting:
     # prefix caching: a resumed prompt's first position when the slot's current scores were
     # restored from an earlier decision (the segment opening there is routed already); -1: none
     decided: int = -1
+    # prefix caching: the first position whose segment sum `sum_ring` holds (0: all it computed)
+    ring_from: int = 0
 
     def __post_init__(self) -> None:
         self.keys = [None] * self.num_moe

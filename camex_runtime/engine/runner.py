@@ -66,7 +66,7 @@ class ModelRunner:
     def __init__(self, model, *, num_slots: int, max_len: int,
                  merge_cache_bytes: int | None, strategy: str = "auto", observer=None,
                  profile: StrategyProfile | None = None, precision: Precision | None = None,
-                 expert_deltas: str = "full"):
+                 expert_deltas: str = "full", prefix_caching: bool = False):
         self.model = model.eval()
         self.expert_deltas = expert_deltas
         self.cfg = model.config
@@ -118,6 +118,13 @@ class ModelRunner:
         self._retained_count = 0
         K = -(-max_len // self.T) + 1 if is_lm and M else 0
         self.history = torch.zeros(num_slots, K, M, E, device=self.device)  # fp32
+        # With `prefix_caching`, per slot and MoE layer the segment's FFN-input sum after each
+        # of the last T positions computed there (position p at p % T), so that a prompt
+        # sharing a prefix ending inside one of them resumes right there, not back at the
+        # segment's boundary (slots x T x MoE layers x d_model x 4 bytes: 75 MB for GPT-2
+        # small's 7+1 with 8 slots, an eighth of its KV cache at 1,024 positions)
+        self.sum_ring = (torch.zeros(num_slots, self.T, M, d, device=self.device)
+                         if prefix_caching and is_lm and M else None)
         self.router_sum = torch.zeros(M, E, device=self.device)
         self.router_counts = [0] * M
         self._profile = profile
@@ -324,16 +331,20 @@ class ModelRunner:
                 and st.length > 0:
             self._retained_count += 1
             self.retained[slot] = RetainedPrefix(list(tokens[:st.length]), self._retained_count,
-                                                 min(st.prompt_len, st.length))
+                                                 min(st.prompt_len, st.length),
+                                                 ring_from=max(st.ring_from, st.length - self.T))
 
     def resume_point(self, slot: int, token_ids: Sequence[int]) -> int:
         """Prompt tokens of `token_ids` (a segment-mode prompt) that can resume from what free
         `slot` kept (0: none). All the slot's tokens, with its routing state as it stands, when
-        the prompt continues them (a chat's next turn); else the last segment boundary (at
-        least T) within the shared prefix, with that segment's scores restored from the
-        slot's decisions (its FFN-input sum restarts at 0). Without merged-expert layers
-        nothing is routed: the whole shared prefix. Always less than the prompt, whose last
-        token must run to give the next-token logits."""
+        the prompt continues them (a chat's next turn); else the whole shared prefix (at least
+        T tokens) where its last token is among the last T the slot computed
+        (`sum_ring` holds the segment's FFN-input sum there: a chat's next turn whose answer
+        came back re-tokenized); else the last segment boundary (at least T) within the
+        shared prefix. Either way the segment's scores are restored from the slot's
+        decisions. Without merged-expert layers nothing is routed: the whole shared prefix.
+        Always less than the prompt, whose last token must run to give the next-token
+        logits."""
         kept = self.retained[slot]
         return 0 if kept is None else self._resume(kept, token_ids)[0]
 
@@ -345,8 +356,12 @@ class ModelRunner:
             return min(shared, L - 1), shared
         if shared == n and L > n:
             return n, shared
-        r = min(shared, L - 1) // T * T
-        return (r if r >= T else 0), shared
+        r = min(shared, L - 1)
+        if r < T:
+            return 0, shared
+        if r % T and self.sum_ring is not None and r - 1 >= kept.ring_from:
+            return r, shared
+        return r // T * T, shared
 
     def cached_prefix(self, token_ids: Sequence[int], slots: Sequence[int]
                       ) -> tuple[int, int] | None:
@@ -375,25 +390,29 @@ class ModelRunner:
     def copy_prefix(self, src: int, dst: int, token_ids: Sequence[int], n: int) -> None:
         """Free slot `dst` keeps the first n tokens of what free slot `src` keeps, as if it had
         computed them itself — their keys and values, the decisions recorded up to them, and
-        in a merged-expert model the segment opening at n routed by its recorded scores — so
-        that a prompt sharing only part of `src`'s tokens (another conversation with the same
-        system prompt) resumes without taking that conversation's slot. n must be
-        `resume_point(src, token_ids)`, less than all of `src`'s tokens (it then falls on a
-        segment boundary, where a merged-expert model resumes); `src` keeps what it kept."""
+        in a merged-expert model the routing state after token n: the segment holding it
+        routed by its recorded scores, its FFN-input sum (0 at a boundary, else from
+        `sum_ring`, copied whole) — so that a prompt sharing only part of `src`'s tokens
+        (another conversation with the same system prompt) resumes without taking that
+        conversation's slot. n must be `resume_point(src, token_ids)`, less than all of
+        `src`'s tokens; `src` keeps what it kept."""
         kept = self.retained[src]
         if (src == dst or kept is None or self.slots[dst] is not None or not 0 < n < len(
                 kept.tokens) or self.resume_point(src, token_ids) != n):
             raise ValueError(f"cannot copy {n} tokens of slot {src} into slot {dst}")
         self.release(dst)  # what it kept itself is replaced
         self.kv.copy_prefix(src, dst, n)
+        boundary = bool(self.moe) and n % self.T == 0
         if self.moe:
             k = n // self.T
             self.history[dst, :k + 1] = self.history[src, :k + 1]
             self.scores[dst] = self.history[src, k]
-            self.seg_sum[dst] = 0.0
+            self.seg_sum[dst] = 0.0 if boundary else self.sum_ring[src, (n - 1) % self.T]
+            if self.sum_ring is not None:
+                self.sum_ring[dst] = self.sum_ring[src]
         self._retained_count += 1
         self.retained[dst] = RetainedPrefix(list(kept.tokens[:n]), self._retained_count, n,
-                                            decided=bool(self.moe))
+                                            decided=boundary, ring_from=kept.ring_from)
 
     def free_slot_order(self, slots: Sequence[int]) -> list[int]:
         """Free `slots` in the order a prompt resuming nothing should take them: those that
@@ -455,10 +474,14 @@ class ModelRunner:
         st.score_k = prompt_logprobs
         if resume:
             st.length = resume
-            if self.moe and resume < len(kept.tokens):  # a boundary it passed: its decision
+            st.ring_from = min(kept.ring_from, resume)  # what sum_ring holds of the tokens
+            if self.moe and resume < len(kept.tokens):  # a position it passed: its decision
                 self.scores[slot] = self.history[slot, resume // T]
-                self.seg_sum[slot] = 0.0
-                st.decided = resume
+                if resume % T:  # the segment's sum up to there (its first chunk is carried)
+                    self.seg_sum[slot] = self.sum_ring[slot, (resume - 1) % T]
+                else:  # the segment opening there is routed already
+                    self.seg_sum[slot] = 0.0
+                    st.decided = resume
             elif kept.decided:  # copied up to a boundary: its decision is in place already
                 st.decided = resume
         self.slots[slot] = st
@@ -630,6 +653,8 @@ class ModelRunner:
             self.history[slot, torch.tensor([first + i for i in new], device=self.device),
                          m] = got.float()
             scores.update({i: got[j] for j, i in enumerate(new)})
+        if self.sum_ring is not None:  # (before seg_sum changes: `carried` is a view of it)
+            self._ring_prefill(m, h, slot, start, bounds, carried)
         a, b = bounds[-1]
         tail = h[a:b].float().sum(0)
         self.seg_sum[slot, m] = tail + carried if len(bounds) == 1 and carried is not None else tail
@@ -638,6 +663,23 @@ class ModelRunner:
         return [PromptSegment(a, b, scores[i], (st.digests[first + i], m), i == last,
                               i == last and end == st.prompt_len)
                 for i, (a, b) in enumerate(bounds)]
+
+    def _ring_prefill(self, m: int, h: Tensor, slot: int, start: int,
+                      bounds: list[tuple[int, int]], carried: Tensor | None) -> None:
+        """`sum_ring` at MoE layer m after the chunk's last T tokens: each one's segment sum up
+        to it (h (n, d) the chunk's FFN inputs, `bounds` its segments as `_route_prefill`
+        split it, `carried` the sum its first segment had before it)."""
+        T, n = self.T, h.shape[0]
+        lo = max(0, n - T)  # earlier positions' entries would be overwritten in this chunk
+        for i, (a, b) in enumerate(bounds):
+            if b <= lo:
+                continue
+            sums = h[a:b].float().cumsum(0)
+            if i == 0 and carried is not None:
+                sums = sums + carried
+            a2 = max(a, lo)
+            at = torch.arange(start + a2, start + b, device=self.device) % T
+            self.sum_ring[slot, at, m] = sums[a2 - a:]
 
     def _segments_ffn(self, m: int, h: Tensor, st: SlotRouting, segments: list[PromptSegment],
                       ready: list[int | None]) -> Tensor:
@@ -761,6 +803,8 @@ class ModelRunner:
             attn = DecodeAttention(self.kv, DecodeRows.of(slots, pos, slots_t, pos_t),
                                    max(pos) + 1)
             hidden = self.tr.run(ids.unsqueeze(1), pos_t.unsqueeze(1), attn, moe)[:, 0]
+        if self.sum_ring is not None and self.moe:  # each row's segment sums up to its token
+            self.sum_ring[slots_t, pos_t % T] = self.seg_sum[slots_t]
         for st in sts:
             st.length += 1
         return self.model.lm_head(hidden)  # (B, V)

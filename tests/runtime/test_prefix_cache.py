@@ -2,7 +2,8 @@
 segment-mode prompt that starts with them resumes there instead of computing them again. The
 resumed sequence must be the sequence a cold prefill gives (logits equal up to rounding, the
 same greedy tokens): its routing state is either the slot's own (the prompt continues all its
-tokens) or restored from the slot's recorded decisions at a segment boundary."""
+tokens), or restored from the slot's recorded decisions and segment sums where the shared
+prefix ends among the last T tokens computed, or from the decisions at a segment boundary."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,15 +24,20 @@ def path(tmp_path_factory):
     return build_folded(tmp_path_factory.mktemp("prefix") / "m", T=T)
 
 
-def runner_of(path, strategy="auto", slots=3):
-    return Engine.from_pretrained(path, max_batch_size=slots, strategy=strategy).runner
+def runner_of(path, strategy="auto", slots=3, prefix_caching=True):
+    return Engine.from_pretrained(path, max_batch_size=slots, strategy=strategy,
+                                  prefix_caching=prefix_caching).runner
 
 
-def leave(runner, slot: int, prompt: list[int], new_tokens: int) -> list[int]:
-    """Prefill `prompt` in `slot`, decode `new_tokens` greedily, release the slot keeping its
-    tokens; returns every token id (the last one sampled, never computed)."""
+def leave(runner, slot: int, prompt: list[int], new_tokens: int, budget: int | None = None
+          ) -> list[int]:
+    """Prefill `prompt` in `slot` (in chunks of about `budget` tokens), decode `new_tokens`
+    greedily, release the slot keeping its tokens; returns every token id (the last one
+    sampled, never computed)."""
     runner.start_prefill(slot, prompt, "segment", max_new_tokens=new_tokens + 1)
-    logits, ids = runner.prefill_step(slot, None), list(prompt)
+    logits, ids = None, list(prompt)
+    while logits is None:
+        logits = runner.prefill_step(slot, budget)
     for _ in range(new_tokens):
         ids.append(int(logits.argmax()))
         logits = runner.decode([slot], [ids[-1]], [ids])[0]
@@ -65,14 +71,23 @@ CASES = {  # name -> (tokens decoded before the slot is left, the new prompt, to
     "continues": (5, lambda ids: ids + [8, 2, 40], 15),
     # ... and at a segment boundary (12 computed): its decision from the slot's segment sum
     "continues at a boundary": (2, lambda ids: ids + [8, 2], 12),
-    # shares part of the computed tokens: back to the last boundary in it, where the slot's
-    # recorded decision routes the segment
-    "diverges": (5, lambda ids: ids[:13] + [other(ids[13]), 2], 12),
-    "diverges inside the prompt": (5, lambda ids: PROMPT[:9] + [1, 1, 2], 8),
-    "the same prompt again": (5, lambda ids: list(PROMPT), 8),
+    # shares part of the computed tokens, up to one of the last T = 4 computed (11-14 of 15):
+    # resumes after the whole shared part, the segment's scores and sum restored from the
+    # slot's records (the sum after token 12 recorded by a decode step ...
+    "diverges": (5, lambda ids: ids[:13] + [other(ids[13]), 2], 13),
+    # ... after token 8 by the prefill (11 computed: the ring holds 7-10) ...
+    "diverges inside the prompt": (1, lambda ids: PROMPT[:9] + [1, 1, 2], 9),
+    # ... after token 13, the segment 12-15 recorded before one opened at 16 (17 computed))
+    "diverges past a boundary": (7, lambda ids: ids[:14] + [other(ids[14]), 2], 14),
+    # its last token must run (the next-token logits): all but the last of the 15
+    "exactly the computed tokens": (5, lambda ids: ids[:15], 14),
+    "the same prompt again": (1, lambda ids: list(PROMPT), 9),
+    # shares up to a token older than the last T: back to the last boundary in the shared
+    # part, where the slot's recorded decision routes the segment
+    "diverges before the last T": (5, lambda ids: PROMPT[:9] + [1, 1, 2], 8),
+    "diverges at the edge of the last T": (7, lambda ids: ids[:13] + [other(ids[13]), 2], 12),
     "a prefix of the computed tokens": (5, lambda ids: ids[:12], 8),
-    # its last token must run (the next-token logits): not all 15, back to a boundary
-    "exactly the computed tokens": (5, lambda ids: ids[:15], 12),
+    "the same prompt after a longer answer": (5, lambda ids: list(PROMPT), 8),
 }
 
 
@@ -112,6 +127,72 @@ def test_a_dense_model_resumes_at_any_shared_token(tmp_path, mode):
     runner.start_prefill(1, prompt, mode, max_new_tokens=9)
     cold = runner.prefill_step(1, None)
     runner.start_prefill(0, prompt, mode, max_new_tokens=9, resume=7)
+    gap, warm_ids, cold_ids = continue_both(runner, (0, runner.prefill_step(0, None)),
+                                            (1, cold), prompt)
+    assert gap < 1e-4 and warm_ids == cold_ids
+
+
+@pytest.mark.parametrize("budget", [1, 3, 6])
+def test_segment_sums_recorded_by_a_chunked_prefill_resume_as_well(path, budget):
+    """The sums the ring holds for prompt tokens come from the prefill's chunks (here [0, 4)
+    then 1, 3 or 6 tokens a chunk: carrying the segment's sum so far, or opening a segment
+    inside the chunk, or longer than T), and resuming after any of the last T prompt tokens
+    continues as a cold prefill does."""
+    runner = runner_of(path, "mixture")
+    kept = PROMPT + [3]
+    leave(runner, 0, kept, 0, budget)  # 11 computed: the ring holds 7-10
+    for shared in (8, 9, 10):  # the boundary, then after tokens 8 and 9 (chunk ends differ)
+        prompt = kept[:shared] + [other(kept[shared])] * 2
+        assert runner.cached_prefix(prompt, [0]) == (0, shared)
+        runner.start_prefill(1, prompt, "segment", max_new_tokens=9)
+        cold = runner.prefill_step(1, None)
+        runner.start_prefill(0, prompt, "segment", max_new_tokens=9, resume=shared)
+        gap, warm_ids, cold_ids = continue_both(runner, (0, runner.prefill_step(0, None)),
+                                                (1, cold), prompt, steps=3)
+        assert gap < 1e-4 and warm_ids == cold_ids
+        runner.release(1)
+        runner.release(0)
+        leave(runner, 0, kept, 0, budget)
+
+
+def test_without_the_sums_a_prompt_resumes_only_at_a_boundary(path):
+    """A runner built without prefix caching records no segment sums (`sum_ring`), so its
+    kept tokens (runner-level callers may keep them) resume only at segment boundaries; and
+    with them, the restored sum is what makes a mid-segment resume the cold sequence."""
+    runner = runner_of(path, "mixture", prefix_caching=False)
+    assert runner.sum_ring is None
+    ids = leave(runner, 0, PROMPT, 5)
+    assert runner.cached_prefix(ids[:13] + [other(ids[13]), 2], [0]) == (0, 12)
+    runner = runner_of(path, "mixture")
+    ids = leave(runner, 0, PROMPT, 5)
+    prompt = ids[:13] + [other(ids[13]), 2]
+    runner.start_prefill(1, prompt, "segment", max_new_tokens=9)
+    cold = runner.prefill_step(1, None)
+    runner.start_prefill(0, prompt, "segment", max_new_tokens=9, resume=13)
+    assert runner.seg_sum[0].abs().sum() > 0
+    runner.seg_sum[0] = 0.0  # as if resumed at a boundary
+    gap, _, _ = continue_both(runner, (0, runner.prefill_step(0, None)), (1, cold), prompt)
+    assert gap > 1e-3
+
+
+def test_a_resumed_sequence_keeps_only_the_sums_still_in_the_ring(path):
+    """A slot resumed after its token 13 (the ring held 11-14) and left after 14 tokens holds
+    the sums of 11-13 from before and of 13 anew; 10's entry is 14's of the old sequence, so
+    a prompt sharing 11 tokens goes back to the boundary at 8; one sharing 13 resumes on the
+    sum of 12 the first sequence left."""
+    runner = runner_of(path, "mixture")
+    kept = leave(runner, 0, PROMPT, 5)  # 15 computed
+    again = kept[:13] + [other(kept[13])]
+    runner.start_prefill(0, again, "segment", max_new_tokens=1, resume=13)
+    runner.prefill_step(0, None)
+    runner.release(0, again + [1])  # 14 computed
+    assert runner.retained[0].ring_from == 11
+    assert runner.cached_prefix(kept[:11] + [other(kept[11]), 2], [0]) == (0, 8)
+    prompt = kept[:13] + [other(other(kept[13])), 2]
+    assert runner.cached_prefix(prompt, [0]) == (0, 13)
+    runner.start_prefill(1, prompt, "segment", max_new_tokens=9)
+    cold = runner.prefill_step(1, None)
+    runner.start_prefill(0, prompt, "segment", max_new_tokens=9, resume=13)
     gap, warm_ids, cold_ids = continue_both(runner, (0, runner.prefill_step(0, None)),
                                             (1, cold), prompt)
     assert gap < 1e-4 and warm_ids == cold_ids
@@ -273,9 +354,9 @@ def test_requests_that_need_every_position_do_not_resume(path):
             r = engine.submit(again, SamplingParams(max_new_tokens=2, **params)).result()
             assert r.cached_tokens == 0 and r.routing is not None or "return_routing" not in params
         # the prompt-logprobs request ran in slot 0 (the oldest kept) and left all 16 tokens
-        # and one it generated there: the same prompt again resumes at the last boundary
+        # and one it generated there: the same prompt again resumes all but its last token
         r = engine.submit(again, SamplingParams(max_new_tokens=2)).result()
-        assert r.cached_tokens == 12
+        assert r.cached_tokens == 15
     finally:
         engine.stop()
 
@@ -316,21 +397,23 @@ def test_a_dense_engine_resumes_prompt_mode_requests_too(tmp_path):
 
 
 @pytest.mark.parametrize("experts", [3, 0])
-def test_a_shared_part_is_copied_and_the_source_keeps_its_own(tmp_path, experts):
+@pytest.mark.parametrize("shared", [9, 13])
+def test_a_shared_part_is_copied_and_the_source_keeps_its_own(tmp_path, experts, shared):
     """A prompt sharing only part of what a slot keeps (the same system prompt, another
     conversation) gets that part copied into another free slot: it resumes there as a cold
     prefill would run, and the slot it came from still resumes its own conversation whole.
     (The mixture applies the restored scores themselves: merged, the segment's merge would be
     found cached by its key whatever they were.)"""
     runner = runner_of(build_folded(tmp_path / "m", T=T, num_experts=experts), "mixture")
-    kept = leave(runner, 0, PROMPT, 5)  # 15 computed
-    prompt = PROMPT[:9] + [1, 1, 2]  # shares 9: resumes at 8 (merged experts) or 9 (dense)
-    n = 8 if experts else 9
+    kept = leave(runner, 0, PROMPT, 5)  # 15 computed, the last T = 4 (11-14) with their sums
+    prompt = kept[:shared] + [other(kept[shared]), 1, 2]
+    # shares 9: back to the boundary at 8 (merged experts) or all 9 (dense); shares 13: all
+    n = 8 if experts and shared == 9 else shared
     assert runner.cached_prefix(prompt, [0, 1, 2]) == (0, n)
     with pytest.raises(ValueError, match="cannot copy"):
         runner.copy_prefix(0, 1, prompt, n + 1)
     runner.copy_prefix(0, 1, prompt, n)
-    assert runner.retained[1].tokens == PROMPT[:n] and runner.retained[0].tokens == kept[:-1]
+    assert runner.retained[1].tokens == kept[:n] and runner.retained[0].tokens == kept[:-1]
     runner.start_prefill(2, prompt, "segment", max_new_tokens=9)
     cold = runner.prefill_step(2, None)
     runner.start_prefill(1, prompt, "segment", max_new_tokens=9, resume=n)
@@ -340,6 +423,27 @@ def test_a_shared_part_is_copied_and_the_source_keeps_its_own(tmp_path, experts)
     assert runner.cached_prefix(kept + [4], [0]) == (0, 15)  # the source's own next turn
     with pytest.raises(ValueError, match="cannot copy"):
         runner.copy_prefix(0, 1, prompt, n)  # slot 1 runs a sequence now
+
+
+def test_a_copied_prefix_brings_the_segment_sums_it_ends_among(path):
+    """Copied after token 13 of a slot whose ring held 11-14, the copy holds their sums too:
+    left after 16 tokens of its own, it resumes a prompt sharing 13 of them on the sum of 12
+    the copy brought."""
+    runner = runner_of(path, "mixture")
+    kept = leave(runner, 0, PROMPT, 5)  # 15 computed
+    prompt = kept[:13] + [other(kept[13]), 1, 2]
+    runner.copy_prefix(0, 1, prompt, 13)
+    runner.start_prefill(1, prompt, "segment", max_new_tokens=2, resume=13)
+    runner.release(1, prompt + [int(runner.prefill_step(1, None).argmax())])  # 16 computed
+    assert runner.retained[1].ring_from == 12
+    again = prompt[:13] + [other(prompt[13]), 3]
+    assert runner.cached_prefix(again, [1]) == (1, 13)
+    runner.start_prefill(2, again, "segment", max_new_tokens=9)
+    cold = runner.prefill_step(2, None)
+    runner.start_prefill(1, again, "segment", max_new_tokens=9, resume=13)
+    gap, warm_ids, cold_ids = continue_both(runner, (1, runner.prefill_step(1, None)),
+                                            (2, cold), again)
+    assert gap < 1e-4 and warm_ids == cold_ids
 
 
 def test_conversations_sharing_a_system_prompt_each_keep_their_slot(path):
@@ -379,18 +483,27 @@ def test_on_a_tie_the_slot_sharing_more_wins_and_only_a_whole_prompt_continues(p
     assert runner.continues(1, b[:12] + [0]) and not runner.continues(2, PROMPT)
 
 
-def test_a_next_turn_whose_answer_came_back_changed_takes_its_own_slot(path):
+@pytest.mark.parametrize("changed, cached", [(2, 12), (3, 13), (1, 11), (0, 8)])
+def test_a_next_turn_whose_answer_came_back_changed_takes_its_own_slot(path, changed, cached):
     """The answer sent back differs from the generated ids (re-tokenized text): the prompt
     still holds the whole earlier prompt, so it is that exchange's next turn and takes its
-    slot (resuming at a boundary), rather than copying into another and evicting it."""
-    engine = Engine.from_pretrained(path, max_batch_size=3, prefix_caching=True)
-    engine.start()
-    try:
-        first = engine.submit(PROMPT, SamplingParams(max_new_tokens=5, ignore_eos=True)).result()
-        answer = first.token_ids[:2] + [other(first.token_ids[2])] + first.token_ids[3:]
-        r = engine.submit(PROMPT + answer + [7], SamplingParams(max_new_tokens=2)).result()
-        assert r.cached_tokens == 12  # shares 12 of the 14 computed: back to the boundary
-        kept = engine.runner.retained
-        assert kept[0].tokens[:16] == PROMPT + answer + [7] and kept[1] is kept[2] is None
-    finally:
-        engine.stop()
+    slot, rather than copying into another and evicting it. It resumes after every token it
+    shares with the 14 computed when that is one of the last T (10-13: the segment's sum is
+    recorded there), else at the last boundary; and answers as without the cache."""
+    answers = []
+    for cache in (True, False):
+        engine = Engine.from_pretrained(path, max_batch_size=3, prefix_caching=cache)
+        engine.start()
+        try:
+            sp = SamplingParams(max_new_tokens=5, ignore_eos=True)
+            first = engine.submit(PROMPT, sp).result().token_ids
+            answer = first[:changed] + [other(first[changed])] + first[changed + 1:]
+            r = engine.submit(PROMPT + answer + [7], sp).result()
+            answers.append(r.token_ids)
+            if cache:
+                assert r.cached_tokens == cached
+                kept = engine.runner.retained
+                assert kept[0].tokens[:16] == PROMPT + answer + [7] and kept[1] is kept[2] is None
+        finally:
+            engine.stop()
+    assert answers[0] == answers[1]
