@@ -56,16 +56,31 @@ class _Sampling(RequestSchema):
     stop: TextOrTexts | None = Field(None, description="up to --max-stop-sequences strings")
     seed: Int | None = Field(None, ge=0, le=MAX_SEED)
     user: Text | None = Field(None, description="accepted, unused")
+    presence_penalty: Float | None = Field(
+        None, ge=-2.0, le=2.0, description="subtracted once from the logit of every token "
+                                           "generated so far")
+    frequency_penalty: Float | None = Field(
+        None, ge=-2.0, le=2.0, description="subtracted from a generated token's logit once per "
+                                           "time it was generated")
+    logit_bias: dict[Int, Float] | None = Field(
+        None, description='token id (a JSON key, e.g. "50256") -> added to its logit, in '
+                          '[-100, 100]; also when greedy')
     # vLLM extensions
     top_k: Int | None = Field(None, ge=1, description="vLLM extension (-1 is not accepted)")
+    min_p: Float | None = Field(None, ge=0.0, le=1.0,
+                                description="drop tokens below min_p x the likeliest's "
+                                            "probability (vLLM extension)")
     repetition_penalty: Float | None = Field(None, ge=0.01, le=100.0,
                                                 description="vLLM extension")
+    min_tokens: Int = Field(0, ge=0, description="no EOS, stop id or stop string ends a choice "
+                                                 "before this many tokens (vLLM extension)")
+    stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(
+        None, description="more token ids that end a choice (vLLM extension)")
     ignore_eos: bool = Field(False, description="keep generating past EOS (vLLM extension)")
 
 
 class CompletionRequest(_Sampling):
-    unsupported = frozenset({"suffix", "presence_penalty", "frequency_penalty", "logit_bias",
-                             "best_of", "min_tokens", "use_beam_search", "prompt_logprobs",
+    unsupported = frozenset({"suffix", "best_of", "use_beam_search", "prompt_logprobs",
                              "include_stop_str_in_output", "response_format"})
     prompt: Prompt
     max_tokens: Int | None = Field(16, ge=0, description="0 only with `echo` (score the prompt)")
@@ -163,13 +178,12 @@ class ChatMessage(RequestSchema):
 
 class ChatCompletionRequest(_Sampling):
     unsupported = frozenset({"tools", "tool_choice", "functions", "function_call",
-                             "parallel_tool_calls", "response_format", "logit_bias",
-                             "presence_penalty", "frequency_penalty", "audio", "modalities",
+                             "parallel_tool_calls", "response_format", "audio", "modalities",
                              "prediction", "reasoning_effort", "web_search_options", "store",
-                             "metadata", "service_tier", "best_of", "min_tokens",
-                             "use_beam_search", "chat_template", "chat_template_kwargs",
-                             "add_generation_prompt", "continue_final_message", "echo",
-                             "include_stop_str_in_output", "prompt_logprobs"})
+                             "metadata", "service_tier", "best_of", "use_beam_search",
+                             "chat_template", "chat_template_kwargs", "add_generation_prompt",
+                             "continue_final_message", "echo", "include_stop_str_in_output",
+                             "prompt_logprobs"})
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: Int | None = Field(None, ge=1, description="deprecated name of "
                                       "max_completion_tokens")

@@ -85,6 +85,9 @@ def sampling(body, state, *, max_tokens: int, stops: list[str], logprobs: int = 
     """OpenAI request fields -> SamplingParams for one choice."""
     temperature = 1.0 if body.temperature is None else body.temperature
     greedy = temperature == 0.0
+    if body.min_tokens > max_tokens:
+        raise errors.validation(f"`min_tokens` ({body.min_tokens}) must not exceed the tokens "
+                                f"asked for ({max_tokens})", param="min_tokens")
     return SamplingParams(
         max_new_tokens=max_tokens, do_sample=not greedy,
         temperature=1.0 if greedy else max(temperature, 1e-3),
@@ -92,8 +95,25 @@ def sampling(body, state, *, max_tokens: int, stops: list[str], logprobs: int = 
         top_k=None if greedy else body.top_k,
         top_p=None if greedy or body.top_p in (None, 1.0) else body.top_p,
         repetition_penalty=body.repetition_penalty, seed=None if greedy else seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        logit_bias=logit_bias(body.logit_bias), min_p=None if greedy else body.min_p or None,
+        min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
         stop=tuple(stops), ignore_eos=body.ignore_eos, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, queue_timeout_s=state.settings.queue_timeout_s)
+
+
+def logit_bias(bias: dict[int, float] | None) -> dict[int, float] | None:
+    """OpenAI's `logit_bias` (token id -> bias): the range checked here, so the 422 names the
+    field (token ids beyond the vocabulary are the engine's to refuse)."""
+    if not bias:
+        return None
+    for token, value in bias.items():
+        if token < 0 or not -100.0 <= value <= 100.0:
+            raise errors.validation(
+                f"`logit_bias` maps token ids (>= 0) to biases in [-100, 100], got {token}: "
+                f"{value}", param="logit_bias")
+    return dict(bias)
 
 
 def choice_seeds(seed: int | None, n: int) -> list[int | None]:

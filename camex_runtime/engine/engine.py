@@ -36,7 +36,7 @@ from camex_runtime.engine.precision import choose as choose_precision
 from camex_runtime.engine.outputs import EngineStats, GenerationResult, PromptLogprob
 from camex_runtime.engine.output_processor import OutputProcessor, terminal_event
 from camex_runtime.engine.request import (ROUTING_MODES, GenerationRequest, RequestHandle,
-                                          RequestTimings, SamplingParams)
+                                          RequestTimings, SamplingParams, check_token_ids)
 from camex_runtime.engine.runner import ModelRunner, build_model, notify
 from camex_runtime.engine.sampling import make_generator, sample_batch
 from camex_runtime.engine.scheduler import (PrefillPacer, Scheduler, SchedulerConfig,
@@ -367,6 +367,7 @@ class Engine:
                                        "use classify()")
         params = params or SamplingParams()
         params.validate()
+        check_token_ids(params, self.config.vocab_size)
         ids = self._encode(prompt)
         self.scheduler.check_lengths(len(ids), params.max_new_tokens)
         rid = request_id or new_request_id(next(self._ids))
@@ -594,7 +595,8 @@ class Engine:
         try:
             sampled = list(zip(*sample_batch(
                 logits, [r.params for r in rows], [r.all_token_ids for r in rows],
-                [self._gens[r.request_id] for r in rows])))
+                [self._gens[r.request_id] for r in rows],
+                [r.output_token_ids for r in rows], [self._suppressed(r) for r in rows])))
         except Exception:  # a per-request failure (its parameters, its logits): isolate it
             log.exception("batched sampling failed; sampling rows one by one")
             sampled = [self._sample_alone(req, logits[i:i + 1]) for i, req in enumerate(rows)]
@@ -615,11 +617,20 @@ class Engine:
             else:
                 self._finish(req, ev)
 
+    def _suppressed(self, req: GenerationRequest) -> tuple[int, ...]:
+        """The ids that would end `req` (EOS unless ignored, its stop_token_ids), while it has
+        fewer than `min_tokens` new tokens: they are not chosen then."""
+        p = req.params
+        if len(req.output_token_ids) >= p.min_tokens:
+            return ()
+        return tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_token_ids))
+
     def _sample_alone(self, req: GenerationRequest, logits) -> tuple | None:
         """Sample one request's row; on failure finish that request only and return None."""
         try:
             tokens, logprobs, tops = sample_batch(logits, [req.params], [req.all_token_ids],
-                                                  [self._gens[req.request_id]])
+                                                  [self._gens[req.request_id]],
+                                                  [req.output_token_ids], [self._suppressed(req)])
             return tokens[0], logprobs[0], tops[0]
         except Exception as e:
             log.exception("sampling failed for %s", req.request_id)

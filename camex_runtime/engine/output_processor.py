@@ -2,8 +2,9 @@
 
 One `OutputProcessor` per running request (created at prefill). For each new token it
 updates the request's ids, logprobs and text, decides whether the request is finished
-(EOS -> "eos_token", a stop string in the decoded text -> "stop_sequence", max_new_tokens ->
-"length"; checked in that order) and builds the `TokenEvent`. Knows nothing about tensors.
+(EOS or one of its `stop_token_ids` -> "eos_token", a stop string in the decoded text ->
+"stop_sequence", max_new_tokens -> "length"; checked in that order, the first two only from
+`min_tokens` new tokens on) and builds the `TokenEvent`. Knows nothing about tensors.
 """
 from __future__ import annotations
 
@@ -35,14 +36,15 @@ class OutputProcessor:
         req.append_token(token_id, logprob, top)
         piece = self.detok.push(token_id)
         finish = None
-        if token_id in self.eos and not p.ignore_eos:
+        stops = len(req.output_token_ids) >= p.min_tokens
+        if stops and (token_id in self.eos and not p.ignore_eos or token_id in p.stop_token_ids):
             finish = "eos_token"
         elif len(req.output_token_ids) >= p.max_new_tokens:
             finish = "length"
         if finish is not None:
             piece += self.detok.flush()
         text = req.text + piece
-        stop = find_stop(text, len(piece), p.stop)
+        stop = find_stop(text, len(piece), p.stop) if stops else None
         if stop is not None:
             piece = piece[:len(piece) - (len(text) - stop)]  # the text ends with the stop string
             text, finish = text[:stop], "stop_sequence"

@@ -54,7 +54,7 @@ from pathlib import Path
 from camex_runtime.engine.engine import Engine, encode_prompt, new_request_id
 from camex_runtime.engine.outputs import (EngineStats, GenerationResult, MergeCacheStats,
                                           RequestTimings, TokenEvent)
-from camex_runtime.engine.request import RequestHandle, SamplingParams
+from camex_runtime.engine.request import RequestHandle, SamplingParams, check_token_ids
 from camex_runtime.engine.runner import notify
 from camex_runtime.errors import EngineStoppedError, InputValidationError
 
@@ -248,6 +248,7 @@ class EngineProcess:
                                        "use classify()")
         params = params or SamplingParams()
         params.validate()
+        check_token_ids(params, self.config.vocab_size)
         ids = encode_prompt(self.tokenizer, self.config.vocab_size, prompt)
         rid = request_id or new_request_id(next(self._ids))
         handle = RequestHandle(rid, ids, self.cancel)

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import math
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from camex_runtime.errors import (InputValidationError, QueueTimeoutError,
                                   RequestFailedError)
@@ -21,6 +22,8 @@ from camex_runtime.engine.outputs import (GenerationResult, PromptLogprob, Reque
 ROUTING_MODES = ("segment", "prompt")
 MAX_STOP_SEQUENCES = 16
 MAX_LOGPROBS = 20  # alternatives per position (vLLM's default --max-logprobs)
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias, [-100, 100]
+MAX_PENALTY = 2.0  # OpenAI's range for presence and frequency penalties, [-2, 2]
 
 
 @dataclass(frozen=True)
@@ -31,6 +34,16 @@ class SamplingParams:
     top_k: int | None = None
     top_p: float | None = None
     repetition_penalty: float | None = None  # HF semantics: >1 discourages repeats
+    # OpenAI's penalties, over the generated tokens (vLLM's rule): a generated token's logit
+    # loses presence_penalty once and frequency_penalty per time it was generated
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit
+    min_p: float | None = None  # sampling: drop tokens below min_p x the likeliest's probability
+    # no EOS, stop_token_ids or stop string ends generation before this many new tokens (the
+    # ids that would are never chosen before then)
+    min_tokens: int = 0
+    stop_token_ids: Sequence[int] = ()  # more ids that end generation as EOS does
     seed: int | None = None  # per-request generator: same seed -> same tokens
     stop: Sequence[str] = ()  # stop when the decoded generated text contains one of these
     ignore_eos: bool = False
@@ -64,6 +77,31 @@ class SamplingParams:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _number(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
+                bad(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                bad(f"logit_bias must map token ids to numbers, got {self.logit_bias!r}")
+            for t, v in self.logit_bias.items():
+                if not _token_id(t):
+                    bad(f"logit_bias keys must be token ids (integers >= 0), got {t!r}")
+                if not _number(v) or not -MAX_LOGIT_BIAS <= v <= MAX_LOGIT_BIAS:
+                    bad(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, "
+                        f"{MAX_LOGIT_BIAS:g}], got {v!r} for token {t}")
+        if self.min_p is not None and (not _number(self.min_p) or not 0.0 <= self.min_p <= 1.0):
+            bad(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) \
+                or self.min_tokens < 0:
+            bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if isinstance(self.max_new_tokens, int) and self.min_tokens > self.max_new_tokens:
+            bad(f"min_tokens ({self.min_tokens}) must not exceed max_new_tokens "
+                f"({self.max_new_tokens})")
+        if isinstance(self.stop_token_ids, (str, bytes)) or not isinstance(
+                self.stop_token_ids, Sequence) or not all(map(_token_id, self.stop_token_ids)):
+            bad(f"stop_token_ids must be a list of token ids (integers >= 0), "
+                f"got {self.stop_token_ids!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             bad(f"seed must be a non-negative integer, got {self.seed!r}")
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
@@ -74,6 +112,24 @@ class SamplingParams:
             bad(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
         if self.queue_timeout_s is not None and not self.queue_timeout_s > 0:
             bad(f"queue_timeout_s must be > 0, got {self.queue_timeout_s!r}")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _token_id(t) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+
+
+def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
+    """The token ids a request names (logit_bias, stop_token_ids) exist in the vocabulary."""
+    for name, ids in (("logit_bias", params.logit_bias or ()),
+                      ("stop_token_ids", params.stop_token_ids)):
+        bad = sorted(t for t in ids if t >= vocab_size)
+        if bad:
+            raise InputValidationError(f"{name} names token ids outside the vocabulary "
+                                       f"[0, {vocab_size}): {bad[:5]}")
 
 
 class RequestHandle:

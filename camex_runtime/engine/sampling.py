@@ -1,9 +1,11 @@
-"""Per-request next-token choice from a batch of logits: greedy or sampled, with HF semantics.
+"""Per-request next-token choice from a batch of logits: greedy or sampled.
 
-Order for a sampled row (as in `transformers` `generate`): repetition penalty -> temperature
+Order for a row (vLLM's): logit bias -> the ids that would end generation masked while fewer
+than `min_tokens` are generated -> repetition penalty (HF's rule, over prompt and generated
+tokens) -> presence and frequency penalties (OpenAI's, over the generated tokens); then a
+greedy row (do_sample=False) takes the argmax, and a sampled one goes on: temperature -> min-p
 -> top-k -> top-p -> multinomial draw with the request's own `torch.Generator`, so a seeded
-request gives the same tokens whatever else shares its batch. Greedy rows (do_sample=False)
-take the argmax after the repetition penalty only.
+request gives the same tokens whatever else shares its batch.
 
 The reported logprob is log p(token) under the model's raw distribution (before any of the
 processing above), like vLLM's default: it measures the model, not the sampler settings.
@@ -43,6 +45,46 @@ def apply_repetition_penalty(logits: torch.Tensor, history: Sequence[int],
     return logits
 
 
+def apply_penalties(logits: torch.Tensor, generated: Sequence[int], presence: float,
+                    frequency: float) -> torch.Tensor:
+    """OpenAI's rule on one row (V,): each token generated c > 0 times loses
+    `presence + frequency * c` from its logit."""
+    if not generated or (presence == 0.0 and frequency == 0.0):
+        return logits
+    ids, counts = torch.tensor(generated, device=logits.device).unique(return_counts=True)
+    return logits.index_add(0, ids, -(presence + frequency * counts.to(logits.dtype)))
+
+
+def adjust_row(logits: torch.Tensor, params: SamplingParams, history: Sequence[int],
+               generated: Sequence[int], suppress: Sequence[int]) -> torch.Tensor:
+    """One row's (V,) logits as the choice sees them: logit bias, `suppress`ed ids at -inf,
+    repetition penalty, presence and frequency penalties (a new tensor where any applies)."""
+    if params.logit_bias:
+        ids = torch.tensor(list(params.logit_bias), device=logits.device)
+        logits = logits.index_add(0, ids, torch.tensor(list(params.logit_bias.values()),
+                                                       dtype=logits.dtype, device=logits.device))
+    if suppress:
+        logits = logits.index_fill(0, torch.tensor(list(suppress), device=logits.device),
+                                   float("-inf"))
+    if params.repetition_penalty is not None:
+        logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+    return apply_penalties(logits, generated, params.presence_penalty, params.frequency_penalty)
+
+
+def adjusts(params: SamplingParams, suppress: Sequence[int]) -> bool:
+    """Whether `adjust_row` changes anything for a row."""
+    return bool(params.logit_bias or suppress or params.repetition_penalty is not None
+                or params.presence_penalty or params.frequency_penalty)
+
+
+def filter_min_p(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
+    """Mask (V,) logits whose probability is below `min_p` times the likeliest token's."""
+    if not min_p:
+        return logits
+    probs = logits.softmax(-1)
+    return logits.masked_fill(probs < min_p * probs.max(), float("-inf"))
+
+
 def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None,
                        top_p: float | None) -> torch.Tensor:
     """Mask (V,) logits outside the top-k and outside the smallest set with mass >= top_p."""
@@ -62,31 +104,39 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None,
 
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, history: Sequence[int],
-               generator: torch.Generator | None) -> int:
-    """Choose the next token for one row of fp32 logits (V,)."""
-    if params.repetition_penalty is not None:
-        logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
+               generator: torch.Generator | None, generated: Sequence[int] = (),
+               suppress: Sequence[int] = ()) -> int:
+    """Choose the next token for one row of fp32 logits (V,): `history` is every token id so
+    far, `generated` the request's own, `suppress` ids it must not choose now."""
+    logits = adjust_row(logits, params, history, generated, suppress)
     if not params.do_sample:
         return int(torch.argmax(logits))
-    logits = filter_top_k_top_p(logits / params.temperature, params.top_k, params.top_p)
+    logits = filter_min_p(logits / params.temperature, params.min_p)
+    logits = filter_top_k_top_p(logits, params.top_k, params.top_p)
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
                  histories: Sequence[Sequence[int]],
-                 generators: Sequence[torch.Generator | None]
+                 generators: Sequence[torch.Generator | None],
+                 generated: Sequence[Sequence[int]] | None = None,
+                 suppress: Sequence[Sequence[int]] | None = None
                  ) -> tuple[list[int], list[float], list[tuple[tuple[int, float], ...]]]:
     """logits (B, V) any dtype -> (token ids, raw-model logprobs, top alternatives), one per row.
+    Per row: `histories` every token id so far, `generated` the request's own (default none),
+    `suppress` ids it must not choose now (default none).
 
-    Plain greedy rows (no penalty) share one argmax; the others go row by row. A row's
+    Plain greedy rows (nothing to adjust) share one argmax; the others go row by row. A row's
     alternatives are its `params.logprobs` most likely tokens as (id, logprob), best first."""
     logits = logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)  # (B, V)
     tokens = torch.argmax(logits, dim=-1).tolist()  # greedy default for every row
     for b, p in enumerate(params):
-        if p.do_sample or p.repetition_penalty is not None:
-            tokens[b] = sample_row(logits[b], p, histories[b], generators[b])
+        gen = generated[b] if generated is not None else ()
+        sup = suppress[b] if suppress is not None else ()
+        if p.do_sample or adjusts(p, sup):
+            tokens[b] = sample_row(logits[b], p, histories[b], generators[b], gen, sup)
     idx = torch.tensor(tokens, device=logits.device).unsqueeze(1)
     chosen = logprobs.gather(1, idx).squeeze(1).tolist()  # (B,)
     return tokens, chosen, top_alternatives(logprobs, [p.logprobs for p in params])

@@ -158,6 +158,26 @@ def test_openai_completions_plain_and_stream(server):
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
 
 
+def test_openai_sampling_controls_through_the_client(server, tiny_lm_dir):
+    """What the `openai` client sends for logit_bias and the penalties, and vLLM's extensions
+    through `extra_body`: a biased token is forced, a stop id ends the choice once min_tokens
+    allow it, streamed as the plain answer. (Chat carries the same fields: in-process tests.)"""
+    from openai import OpenAI
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_lm_dir))
+    forced = tok("hello world", add_special_tokens=False)["input_ids"][-1]
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    kw = dict(model="tiny-camex", prompt="hello world", max_tokens=6, temperature=0,
+              logit_bias={str(forced): 100}, presence_penalty=0.5, frequency_penalty=0.5,
+              extra_body={"min_tokens": 2, "stop_token_ids": [forced], "min_p": 0.1})
+    out = client.completions.create(**kw)
+    assert out.usage.completion_tokens == 3 and out.choices[0].finish_reason == "stop"
+    assert out.choices[0].text.endswith(tok.decode([forced]))
+    chunks = list(client.completions.create(stream=True, **kw))
+    assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
+
+
 def test_info_and_metrics_count_the_traffic(server):
     info = httpx.get(server.base_url + "/info").json()
     assert info["model_id"] == "tiny-camex" and info["max_batch_size"] == 4

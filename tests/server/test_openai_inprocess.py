@@ -394,3 +394,47 @@ def test_token_event_is_what_the_schema_writes(text, logprob):
         # the same keys in the same order and the same values (floats may be spelled
         # differently: 1e-05 vs 0.00001, the same double)
         assert list(json.loads(fast[6:]).items()) == list(json.loads(slow[6:]).items())
+
+
+def test_sampling_controls_reach_the_engine(client):
+    """logit_bias, stop_token_ids and min_tokens on both routes; the penalties and min-p give
+    what the engine gives for the same parameters."""
+    tok = client.tokenizer
+    ids = tok("the quick brown fox", add_special_tokens=False)["input_ids"]
+    forced = ids[1]
+    out = complete(client, prompt=ids, max_tokens=4, temperature=0,
+                   logit_bias={str(forced): 100})
+    assert out["choices"][0]["text"] == tok.decode([forced] * 4)
+    out = complete(client, prompt=ids, max_tokens=6, temperature=0, min_tokens=3,
+                   logit_bias={str(forced): 100}, stop_token_ids=[forced])
+    # the forced id ends the choice, so it is not chosen before the third token; then it is
+    assert out["usage"]["completion_tokens"] == 4 and out["choices"][0]["finish_reason"] == "stop"
+    assert out["choices"][0]["text"].endswith(tok.decode([forced]))
+    chat = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3, "temperature": 0,
+        "logit_bias": {str(forced): 100}}).json()
+    assert chat["choices"][0]["message"]["content"] == tok.decode([forced] * 3)
+    engine = client.app.state.serving.lm
+    for extra in (dict(presence_penalty=1.5, frequency_penalty=-0.5),
+                  dict(min_p=0.2, temperature=1.3, seed=7)):
+        out = complete(client, prompt=ids, max_tokens=8, **{"temperature": 0, **extra},
+                       ignore_eos=True)
+        sampled = "seed" in extra
+        want = engine.generate(ids, max_new_tokens=8, ignore_eos=True, do_sample=sampled,
+                               **{k: v for k, v in extra.items() if sampled or k != "temperature"})
+        assert out["choices"][0]["text"] == want.text
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"logit_bias": {"abc": 1}}, 422, "logit_bias"),
+    ({"logit_bias": {"5": 500}}, 422, "[-100, 100]"),
+    ({"logit_bias": {"10000000": 1}}, 422, "outside the vocabulary"),
+    ({"stop_token_ids": [10000000]}, 422, "outside the vocabulary"),
+    ({"frequency_penalty": 3}, 422, "frequency_penalty"),
+    ({"min_p": -0.1}, 422, "min_p"),
+    ({"min_tokens": 9, "max_tokens": 4}, 422, "`min_tokens` (9) must not exceed"),
+    ({"stop_token_ids": [-1]}, 422, "stop_token_ids.0"),
+])
+def test_bad_sampling_controls_are_422(client, body, status, needle):
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", **body})
+    assert r.status_code == status and needle in json.dumps(r.json()), r.text

@@ -70,7 +70,8 @@ def test_tgi_tokenize_body_gets_tgi_shaped_errors():
 @pytest.mark.parametrize("body,names", [
     ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}],
       "response_format": {"type": "json_object"}}, "response_format, tools"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"5": 1}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "hi"}], "prediction": {"type": "content"}},
+     "prediction"),
 ])
 def test_unsupported_openai_fields_are_refused_by_name(body, names):
     r = call(settings(), "POST", "/v1/chat/completions", json=body)
