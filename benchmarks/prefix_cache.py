@@ -7,7 +7,9 @@ message (``--user-tokens``), the server's greedy answer (``--new-tokens``, EOS i
 user message, and so on; every turn's prompt is the whole conversation so far, as a chat client
 sends it. The conversations run side by side (turn 1 of each, then turn 2 of each, ...), so a
 server keeps several in its slots at once (camex ``--max-batch-size`` and llama-server ``-np``
-are the number of conversations). Four servers are up together and every turn goes to each in
+are the number of conversations, or ``--batch``; with fewer slots than conversations a slot's
+conversation is overwritten by another's turn unless camex keeps it in one of
+``--prefix-cache-slots`` more). Four servers are up together and every turn goes to each in
 turn, so all see the machine of the same minute: camex-server with and without prefix caching,
 llama-server with ``cache_prompt`` true and false (two processes: a request that does not cache
 would overwrite the slot the other one kept). Each server continues its own answers; camex's two
@@ -22,6 +24,7 @@ system prompt. ``--quick`` upcycles its tiny model with 16-token segments (its c
     python benchmarks/prefix_cache.py                       # GPT-2 small, fp32, 1 thread
     python benchmarks/prefix_cache.py --dtype bf16 --threads 2
     python benchmarks/prefix_cache.py --shared-system      # one system prompt for all chats
+    python benchmarks/prefix_cache.py --conversations 8 --batch 4 --prefix-cache-slots 4
     python benchmarks/prefix_cache.py --quick --no-llama    # tiny model, camex only (tests)
 
 A script that measures and reports; it asserts nothing about speed.
@@ -84,6 +87,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=list(DTYPE_PAIRS), default="fp32")
     p.add_argument("--threads", type=int, default=1, help="compute threads of every server")
     p.add_argument("--conversations", type=int, default=4)
+    p.add_argument("--batch", type=int, default=None,
+                   help="running sequences of every server (camex --max-batch-size, llama-server "
+                        "-np; default: --conversations)")
+    p.add_argument("--prefix-cache-slots", type=int, default=0,
+                   help="camex-server's slots beyond --batch that only keep conversations")
     p.add_argument("--shared-system", action="store_true",
                    help="every conversation starts with the same system prompt (a deployment's "
                         "one instruction block): the later conversations' first turns may "
@@ -108,6 +116,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.system_tokens = args.system_tokens or (40 if q else 320)
     args.user_tokens = args.user_tokens or (8 if q else 32)
     args.new_tokens = args.new_tokens or (8 if q else 32)
+    args.batch = args.batch or args.conversations
+    if args.batch < 1 or args.prefix_cache_slots < 0:
+        p.error("--batch must be >= 1 and --prefix-cache-slots >= 0")
     args.work = args.work or (Path.home() / ".cache" / "camex-serve" / "peer"
                               / f"{'quick' if q else 'full'}-seed{args.seed}")
     args.out = args.out or ROOT / "benchmarks" / "results" / (
@@ -161,16 +172,16 @@ def servers(args: argparse.Namespace, paths: dict, logs: Path) -> list[tuple[str
     for name, flags in ((CAMEX, ["--prefix-caching"]), (CAMEX_COLD, ["--no-prefix-caching"])):
         out.append((name, [sys.executable, "-m", "server.cli", "--host", "127.0.0.1", "--port",
                            "{port}", "--model", str(model), "--threads", str(args.threads),
-                           "--dtype", dtype, "--max-batch-size", str(args.conversations),
-                           *flags]))
+                           "--dtype", dtype, "--max-batch-size", str(args.batch),
+                           "--prefix-cache-slots", str(args.prefix_cache_slots), *flags]))
     if not args.no_llama:
         per_slot = args.system_tokens + args.turns * (args.user_tokens + args.new_tokens) + 64
-        ctx = -(-args.conversations * per_slot // 256) * 256
+        ctx = -(-args.batch * per_slot // 256) * 256
         for name in (LLAMA, LLAMA_COLD):
             out.append((name, [str(paths["llama_server"]), "-m", str(paths[f"gguf_{gguf_type}"]),
                                "--host", "127.0.0.1", "--port", "{port}", "--threads",
                                str(args.threads), "--threads-batch", str(args.threads),
-                               "-np", str(args.conversations), "-c", str(ctx)]))
+                               "-np", str(args.batch), "-c", str(ctx)]))
     return out
 
 

@@ -60,7 +60,7 @@ def engine_limits(settings: ServerSettings) -> dict:
         max_batch_size=settings.max_batch_size, max_waiting=settings.max_waiting,
         merge_cache_bytes=settings.merge_cache_bytes, strategy=settings.strategy,
         expert_deltas=settings.expert_deltas, routing=settings.routing,
-        prefix_caching=settings.prefix_caching,
+        prefix_caching=settings.prefix_caching, prefix_cache_slots=settings.prefix_cache_slots,
         max_batched_tokens=settings.max_batched_tokens or None,
         prefill_time_ratio=settings.prefill_time_ratio or None,
         waiting_served_ratio=settings.waiting_served_ratio or None)

@@ -103,6 +103,10 @@ class ServerSettings:
         "prompt that starts with the same tokens from there (a chat's next turn, a shared "
         "system prompt); the same outputs up to rounding, see docs/DESIGN.md; "
         "--no-prefix-caching computes every prompt whole")
+    prefix_cache_slots: int = _opt(
+        0, "KV-cache slots beyond --max-batch-size that only keep finished requests' tokens "
+        "for prefix caching, so that more conversations than run at once resume (each slot "
+        "costs one sequence's KV cache, see /info and docs/DESIGN.md)")
     routing: str | None = _opt(None, "default routing mode (none: checkpoint's)",
                                choices=("segment", "prompt"))
     demo_dir: str | None = _opt(None, "where demo checkpoints are built when no model is given")
@@ -131,7 +135,7 @@ class ServerSettings:
         if self.max_batched_tokens < 0 or self.max_batched_tokens == 1:
             raise ValueError(f"max_batched_tokens must be 0 (no chunking) or >= 2, got "
                              f"{self.max_batched_tokens}")
-        for name in ("prefill_time_ratio", "waiting_served_ratio"):
+        for name in ("prefill_time_ratio", "waiting_served_ratio", "prefix_cache_slots"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.expert_deltas == "int8" and self.strategy == "mixture":

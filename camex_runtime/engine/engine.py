@@ -97,7 +97,8 @@ class Engine:
                  max_batched_tokens: int | None = DEFAULT_MAX_BATCHED_TOKENS,
                  prefill_time_ratio: float | None = DEFAULT_PREFILL_TIME_RATIO,
                  waiting_served_ratio: float | None = DEFAULT_WAITING_SERVED_RATIO,
-                 expert_deltas: str = "full", prefix_caching: bool = False):
+                 expert_deltas: str = "full", prefix_caching: bool = False,
+                 prefix_cache_slots: int = 0):
         cfg = model.config
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -120,10 +121,17 @@ class Engine:
         # a finished sequence's tokens stay in its free slot's KV cache, and a prompt that
         # starts with them (a chat's next turn, a shared system prompt) resumes from there
         self.prefix_caching = prefix_caching and kind == "causal-lm"
+        # KV-cache slots beyond the batch that only keep finished requests' tokens (more
+        # conversations than running sequences keep theirs)
+        if prefix_cache_slots < 0:
+            raise ValueError(f"prefix_cache_slots must be >= 0, got {prefix_cache_slots}")
+        self.prefix_cache_slots = prefix_cache_slots if self.prefix_caching else 0
+        num_slots = max_batch_size + self.prefix_cache_slots
         # placed requests whose cached prefix is copied in from another free slot: id -> slot
         self._copy_from: dict[str, int] = {}
         self.scheduler = Scheduler(SchedulerConfig(
-            max_batch_size=max_batch_size, max_waiting=max_waiting, max_input_tokens=max_input,
+            max_batch_size=max_batch_size, num_slots=num_slots, max_waiting=max_waiting,
+            max_input_tokens=max_input,
             max_total_tokens=max_total,
             max_prefill_tokens=max_prefill_tokens or max(max_input, 4096),
             max_batched_tokens=max_batched_tokens,
@@ -133,7 +141,8 @@ class Engine:
             chunk_cost=self._chunk_cost, placer=self._place if self.prefix_caching else None)
         param = next(model.parameters())
         precision = choose_precision(param.device, param.dtype, kind == "causal-lm")
-        self.runner = ModelRunner(model, num_slots=max_batch_size, max_len=max_total,
+        self.runner = ModelRunner(model, num_slots=num_slots, max_running=max_batch_size,
+                                  max_len=max_total,
                                   merge_cache_bytes=merge_cache_bytes, strategy=strategy,
                                   observer=observer, profile=profile, precision=precision,
                                   # a classifier merges once per sequence: nothing to win
@@ -725,7 +734,12 @@ class Engine:
             "max_batched_tokens": c.max_batched_tokens,
             "prefill_time_ratio": None if self.pacer is None else self.pacer.ratio,
             "waiting_served_ratio": c.waiting_served_ratio,
-            "prefix_caching": self.prefix_caching,
+            "prefix_caching": self.prefix_caching, "prefix_cache_slots": self.prefix_cache_slots,
+            # memory per engine: every slot's keys and values, and (prefix caching, merged
+            # experts) the segment sums a resume inside a segment needs
+            "kv_cache_bytes": 0 if self.runner.kv is None else self.runner.kv.num_bytes,
+            "prefix_sums_bytes": 0 if self.runner.sum_ring is None
+            else self.runner.sum_ring.numel() * self.runner.sum_ring.element_size(),
             "merge_cache_bytes": self.runner.cache.budget_bytes,
             "cost_profile": self.runner.cost_profile,
             "vocab_size": cfg.vocab_size, "eos_token_id": self.eos_token_id,

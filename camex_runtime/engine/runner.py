@@ -63,7 +63,7 @@ def default_merge_cache_bytes(cfg, num_slots: int, moe_layers: int, dtype: torch
 
 
 class ModelRunner:
-    def __init__(self, model, *, num_slots: int, max_len: int,
+    def __init__(self, model, *, num_slots: int, max_len: int, max_running: int | None = None,
                  merge_cache_bytes: int | None, strategy: str = "auto", observer=None,
                  profile: StrategyProfile | None = None, precision: Precision | None = None,
                  expert_deltas: str = "full", prefix_caching: bool = False):
@@ -94,8 +94,9 @@ class ModelRunner:
         E = max(1, self.cfg.num_experts)
         is_lm = hasattr(model, "lm_head")
         weights = self.precision.weights
-        if merge_cache_bytes is None:
-            merge_cache_bytes = default_merge_cache_bytes(self.cfg, num_slots, M, weights)
+        if merge_cache_bytes is None:  # (sized by the sequences that run, not the slots)
+            merge_cache_bytes = default_merge_cache_bytes(self.cfg, max_running or num_slots, M,
+                                                          weights)
         # classification merges serve one sequence once and are never cached: no pool
         self.cache = MergeCache(d, self.cfg.d_ff, merge_cache_bytes if M and is_lm else 0,
                                 self.device, weights, bias_dtype=self.dtype,

@@ -61,7 +61,11 @@ from camex_runtime.errors import ContextLengthError, InputValidationError, Queue
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_batch_size: int = 8  # running requests (= KV-cache slots)
+    max_batch_size: int = 8  # running requests
+    # KV-cache slots (None: max_batch_size). More than max_batch_size with prefix caching: the
+    # others only keep what finished requests left, for a later prompt to resume (a running
+    # request takes any free slot, and at most max_batch_size run at once)
+    num_slots: int | None = None
     max_waiting: int = 64  # requests waiting for a slot; beyond this submit: QueueFullError
     max_input_tokens: int = 1024
     max_total_tokens: int = 2048  # prompt + generated, per request (= KV-cache row length)
@@ -94,6 +98,9 @@ class SchedulerConfig:
             raise ValueError(f"max_waiting must be >= 0, got {self.max_waiting}")
         if self.waiting_served_ratio is not None and not self.waiting_served_ratio > 0:
             raise ValueError(f"waiting_served_ratio must be > 0, got {self.waiting_served_ratio}")
+        if self.num_slots is not None and self.num_slots < self.max_batch_size:
+            raise ValueError(f"num_slots ({self.num_slots}) must be >= max_batch_size "
+                             f"({self.max_batch_size})")
         if self.max_input_tokens >= self.max_total_tokens:
             raise ValueError(f"max_input_tokens ({self.max_input_tokens}) must be < "
                              f"max_total_tokens ({self.max_total_tokens})")
@@ -256,7 +263,8 @@ class Scheduler:
         self.prefilling: dict[str, tuple[Any, int]] = {}
         # the oldest prefill and how many steps in a row it was passed over
         self._passed_over: tuple[str, int] = ("", 0)
-        self._free_slots = list(range(config.max_batch_size))  # min-heap: lowest slot first
+        # min-heap: lowest slot first
+        self._free_slots = list(range(config.num_slots or config.max_batch_size))
         heapq.heapify(self._free_slots)
 
     @property
@@ -266,6 +274,10 @@ class Scheduler:
     @property
     def num_running(self) -> int:
         return len(self.running)
+
+    def _room(self) -> int:
+        """Requests that may join now: free slots, and room in the batch."""
+        return min(len(self._free_slots), self.config.max_batch_size - len(self.running))
 
     def decoding(self) -> list[Any]:
         """Running requests whose prompt is in: the rows of the next decode."""
@@ -333,9 +345,9 @@ class Scheduler:
         first waiting prompt fits the step's token budget (a long one keeps the chunked, paced
         path)."""
         ratio = self.config.waiting_served_ratio
-        if ratio is None or self.prefilling or not self.waiting or not self._free_slots:
+        if ratio is None or self.prefilling or not self.waiting or not self._room():
             return False
-        joinable = min(len(self.waiting), len(self._free_slots))
+        joinable = min(len(self.waiting), self._room())
         return (joinable >= max(1, math.floor(ratio * len(self.running)))
                 and self.waiting[0].num_prompt_tokens <= budget)
 
@@ -367,7 +379,7 @@ class Scheduler:
             out.chunks[req.request_id] = None
         self.prefilling.clear()
         budget = self.config.max_prefill_tokens
-        while self.waiting and self._free_slots:
+        while self.waiting and self._room():
             req = self.waiting[0]
             place = self._place(req)
             n = req.num_prompt_tokens - place[1]
@@ -381,7 +393,7 @@ class Scheduler:
         first join is planned first: the chunks in progress leave room for it (after the
         oldest prefill's least chunk, when the last steps passed it over). Paced prompts' work
         is also held within `paced` (the pacer's bound; None: no bound)."""
-        waiting_in = min(len(self.waiting), len(self._free_slots))
+        waiting_in = min(len(self.waiting), self._room())
         crowded = len(self.prefilling) + waiting_in > 1
         share = max(1, budget // 2) if crowded else budget
         joins = self.config.max_joins_per_step
@@ -457,7 +469,7 @@ class Scheduler:
         self._admit(req, out, first_join, first_place)
         budget = room
         joins = None if joins is None else joins - 1
-        while budget > 0 and self.waiting and self._free_slots and joins != 0:
+        while budget > 0 and self.waiting and self._room() and joins != 0:
             req = self.waiting[0]
             place = self._place(req)
             s0, left = place[1], req.num_prompt_tokens - place[1]

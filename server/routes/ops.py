@@ -83,7 +83,7 @@ def info_of(state) -> dict:
         "ready": state.ready,
     }
     for key in ("num_experts", "moe_layers", "segment_len", "routing", "strategy",
-                "expert_deltas", "prefix_caching"):
+                "expert_deltas", "prefix_caching", "prefix_cache_slots"):
         out[key] = main_info.get(key)
     # engine_pid: the process whose CPU time is the engine's (its own with --engine-process)
     out["models"] = {e.kind: {"engine_pid": os.getpid(), **e.info(),

@@ -40,7 +40,8 @@ def test_a_conversation_resumes_from_its_last_turn(tiny_lm_dir, tmp_path):
     first = list(range(20, 33))  # 13 tokens: segment routing needs a whole first segment (4)
     answers = {}
     for cache in (False, True):
-        flags = ("--prefix-caching",) if cache else ("--no-prefix-caching",)
+        flags = ("--prefix-caching", "--prefix-cache-slots", "2") if cache \
+            else ("--no-prefix-caching",)
         (tmp_path / str(cache)).mkdir()
         with live_server(tmp_path / str(cache), "--model", str(tiny_lm_dir), "--model-id",
                          "tiny", "--chat-template", str(write(tmp_path, TEMPLATE)),
@@ -48,6 +49,10 @@ def test_a_conversation_resumes_from_its_last_turn(tiny_lm_dir, tmp_path):
             info = httpx.get(srv.base_url + "/info", timeout=10).json()
             assert info["models"]["causal-lm"]["prefix_caching"] is info["prefix_caching"] \
                 is cache
+            lm = info["models"]["causal-lm"]
+            assert info["prefix_cache_slots"] == lm["prefix_cache_slots"] == (2 if cache else 0)
+            slots = info["max_batch_size"] + info["prefix_cache_slots"]
+            assert lm["kv_cache_bytes"] > 0 and lm["kv_cache_bytes"] % slots == 0
             outs = completions_turns(srv.base_url, tokenizer, first, 3)
             answers[cache] = [o.choices[0].text for o in outs]
             details = [o.usage.prompt_tokens_details for o in outs]

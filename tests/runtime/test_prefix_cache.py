@@ -507,3 +507,36 @@ def test_a_next_turn_whose_answer_came_back_changed_takes_its_own_slot(path, cha
         finally:
             engine.stop()
     assert answers[0] == answers[1]
+
+
+@pytest.mark.parametrize("extra", [0, 2])
+def test_slots_beyond_the_batch_keep_more_conversations(path, extra):
+    """Three chats taking turns on an engine that runs one sequence at a time: with two
+    slots more, each keeps its own and resumes every later turn; without them each turn
+    finds the one slot holding another chat and computes its prompt whole. The answers are
+    those of an engine without the cache either way."""
+    answers = {}
+    for cache in (False, True):
+        engine = Engine.from_pretrained(path, max_batch_size=1, prefix_caching=cache,
+                                        prefix_cache_slots=extra)
+        engine.start()
+        try:
+            assert len(engine.runner.retained) == 1 + (extra if cache else 0)
+            sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+            chats = [[9 + c] * 3 + PROMPT for c in range(3)]
+            got = []
+            for t in range(3):
+                for c in range(3):
+                    r = engine.submit(chats[c], sp).result()
+                    got.append((r.token_ids, r.cached_tokens))
+                    chats[c] = chats[c] + r.token_ids + [t + 1]
+            answers[cache] = got
+            info = engine.info()
+            assert info["prefix_cache_slots"] == (extra if cache else 0)
+            per_slot = info["kv_cache_bytes"] // len(engine.runner.retained)
+            assert info["kv_cache_bytes"] == per_slot * (1 + info["prefix_cache_slots"])
+        finally:
+            engine.stop()
+    assert [a for a, _ in answers[True]] == [a for a, _ in answers[False]]
+    later = [n for _, n in answers[True][3:]]
+    assert all(n > 0 for n in later) if extra else all(n == 0 for n in later)

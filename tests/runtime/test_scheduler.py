@@ -118,3 +118,34 @@ def test_config_rejects_inconsistent_limits():
         SchedulerConfig(max_input_tokens=32, max_total_tokens=32)
     with pytest.raises(ValueError, match="max_batch_size"):
         SchedulerConfig(max_batch_size=0)
+    with pytest.raises(ValueError, match=r"num_slots \(3\) must be >= max_batch_size \(4\)"):
+        SchedulerConfig(max_batch_size=4, num_slots=3)
+
+
+def test_more_slots_than_the_batch_run_only_the_batch():
+    """Slots beyond max_batch_size (prefix caching keeps finished requests' tokens there):
+    the placer may seat a request in any free slot, but no more than the batch run, in
+    whole-prompt and in chunked steps, and a finished request's slot is free again."""
+    seen = []
+
+    def placer(req, free):
+        seen.append(list(free))
+        return free[-1], 0  # the highest: beyond the batch's first slots
+
+    for chunked in (None, 8):
+        seen.clear()
+        s = Scheduler(SchedulerConfig(max_batch_size=2, num_slots=5, max_waiting=8,
+                                      max_input_tokens=16, max_total_tokens=32,
+                                      max_batched_tokens=chunked), placer=placer)
+        reqs = [Req(f"r{i}") for i in range(4)]
+        for r in reqs:
+            s.add(r)
+        out = s.schedule(now=0.0)
+        assert out.prefill == reqs[:2] and [r.slot for r in reqs[:2]] == [4, 3]
+        assert seen == [[0, 1, 2, 3, 4], [0, 1, 2, 3]]
+        for step in range(3):  # the batch is full: nobody joins, whatever slots are free
+            out = s.schedule(now=1.0 + step)
+            assert out.prefill == [] and s.num_running == 2
+        s.finish(reqs[0])
+        out = s.schedule(now=5.0)
+        assert out.prefill == [reqs[2]] and reqs[2].slot == 4 and s.num_running == 2

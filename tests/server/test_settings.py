@@ -42,6 +42,7 @@ def test_every_field_has_flag_and_env_var():
     ({"CAMEX_MAX_BATCHED_TOKENS": "1"}, "max_batched_tokens must be 0 (no chunking) or >= 2"),
     ({"CAMEX_PREFILL_TIME_RATIO": "-0.5"}, "prefill_time_ratio must be >= 0"),
     ({"CAMEX_WAITING_SERVED_RATIO": "-1"}, "waiting_served_ratio must be >= 0"),
+    ({"CAMEX_PREFIX_CACHE_SLOTS": "-2"}, "prefix_cache_slots must be >= 0"),
     ({"CAMEX_EXPERT_DELTAS": "int4"}, "must be one of full, int8"),
     ({"CAMEX_EXPERT_DELTAS": "int8", "CAMEX_STRATEGY": "mixture"},
      "--expert-deltas int8 needs --strategy merged or auto"),
