@@ -141,8 +141,7 @@ class Engine:
             chunk_cost=self._chunk_cost, placer=self._place if self.prefix_caching else None)
         param = next(model.parameters())
         precision = choose_precision(param.device, param.dtype, kind == "causal-lm")
-        self.runner = ModelRunner(model, num_slots=num_slots, max_running=max_batch_size,
-                                  max_len=max_total,
+        self.runner = ModelRunner(model, num_slots=num_slots, max_len=max_total,
                                   merge_cache_bytes=merge_cache_bytes, strategy=strategy,
                                   observer=observer, profile=profile, precision=precision,
                                   # a classifier merges once per sequence: nothing to win

@@ -54,16 +54,17 @@ def notify(observer, name: str, *args) -> None:
 
 def default_merge_cache_bytes(cfg, num_slots: int, moe_layers: int, dtype: torch.dtype) -> int:
     """At least 256 MiB (room for finished segments and shared prefixes to stay resident), and
-    at least one merged FFN per MoE layer for every running sequence plus one per layer for
-    the transient merge of a long prompt's earlier segments, so no sequence of a full batch
-    falls back to the mixture for lack of space. (GPT-2-small shape, 12 MoE layers, fp32:
-    ~227 MB per sequence.)"""
+    at least one merged FFN per MoE layer for every slot plus one per layer for the transient
+    merge of a long prompt's earlier segments, so no sequence of a full batch falls back to the
+    mixture for lack of space, and a conversation kept in a slot beyond the batch (prefix
+    caching) finds its segment's merges when it resumes. (GPT-2-small shape, 12 MoE layers,
+    fp32: ~227 MB per slot.)"""
     entry = entry_bytes(cfg.d_model, cfg.d_ff, dtype, **ffn_layout(cfg))
     return max(MIN_MERGE_CACHE_BYTES, (num_slots + 1) * moe_layers * entry)
 
 
 class ModelRunner:
-    def __init__(self, model, *, num_slots: int, max_len: int, max_running: int | None = None,
+    def __init__(self, model, *, num_slots: int, max_len: int,
                  merge_cache_bytes: int | None, strategy: str = "auto", observer=None,
                  profile: StrategyProfile | None = None, precision: Precision | None = None,
                  expert_deltas: str = "full", prefix_caching: bool = False):
@@ -94,9 +95,8 @@ class ModelRunner:
         E = max(1, self.cfg.num_experts)
         is_lm = hasattr(model, "lm_head")
         weights = self.precision.weights
-        if merge_cache_bytes is None:  # (sized by the sequences that run, not the slots)
-            merge_cache_bytes = default_merge_cache_bytes(self.cfg, max_running or num_slots, M,
-                                                          weights)
+        if merge_cache_bytes is None:  # (every slot's: a kept conversation's merges too)
+            merge_cache_bytes = default_merge_cache_bytes(self.cfg, num_slots, M, weights)
         # classification merges serve one sequence once and are never cached: no pool
         self.cache = MergeCache(d, self.cfg.d_ff, merge_cache_bytes if M and is_lm else 0,
                                 self.device, weights, bias_dtype=self.dtype,
