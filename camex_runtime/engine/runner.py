@@ -63,6 +63,10 @@ def default_merge_cache_bytes(cfg, num_slots: int, moe_layers: int, dtype: torch
     return max(MIN_MERGE_CACHE_BYTES, (num_slots + 1) * moe_layers * entry)
 
 
+# prompt tokens at the end of a kept request's prompt that its next turn may have re-tokenized
+CONTINUES_SLACK = 1
+
+
 class ModelRunner:
     def __init__(self, model, *, num_slots: int, max_len: int,
                  merge_cache_bytes: int | None, strategy: str = "auto", observer=None,
@@ -383,10 +387,15 @@ class ModelRunner:
         return best
 
     def continues(self, slot: int, token_ids: Sequence[int]) -> bool:
-        """Whether `token_ids` holds the whole prompt of the request that left what free `slot`
-        keeps (its next turn, however its answer was sent back), rather than a part of it."""
+        """Whether `token_ids` holds the prompt of the request that left what free `slot` keeps
+        (its next turn, however its answer was sent back), rather than a part of it. All of
+        it but possibly its last token: an answer sent back as text can re-tokenize with the
+        prompt's end (a prompt ending in a newline and an answer starting with a tab: one
+        token for both in GPT-2's BPE); counted as another conversation, that turn was copied
+        into the least recently kept slot, and the conversation kept there lost its slot."""
         kept = self.retained[slot]
-        return kept is not None and common_prefix_len(kept.tokens, token_ids) >= kept.prompt_len
+        return kept is not None and \
+            common_prefix_len(kept.tokens, token_ids) >= kept.prompt_len - CONTINUES_SLACK
 
     def copy_prefix(self, src: int, dst: int, token_ids: Sequence[int], n: int) -> None:
         """Free slot `dst` keeps the first n tokens of what free slot `src` keeps, as if it had

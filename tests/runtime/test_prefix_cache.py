@@ -61,6 +61,18 @@ def continue_both(runner, warm: tuple[int, torch.Tensor], cold: tuple[int, torch
     return gap, wi, ci
 
 
+def resumes_as_cold(runner, warm: int, cold: int, prompt: list[int], resume: int,
+                    steps: int = 8, mode: str = "segment") -> None:
+    """`prompt` resumed in slot `warm` at token `resume` continues as a cold prefill of it in
+    slot `cold` does: logits within 1e-4 over `steps` greedy tokens, the same tokens."""
+    runner.start_prefill(cold, prompt, mode, max_new_tokens=9)
+    cold_logits = runner.prefill_step(cold, None)
+    runner.start_prefill(warm, prompt, mode, max_new_tokens=9, resume=resume)
+    gap, warm_ids, cold_ids = continue_both(runner, (warm, runner.prefill_step(warm, None)),
+                                            (cold, cold_logits), prompt, steps)
+    assert gap < 1e-4 and warm_ids == cold_ids
+
+
 def other(token: int) -> int:
     return (token + 1) % 60
 
@@ -124,12 +136,7 @@ def test_a_dense_model_resumes_at_any_shared_token(tmp_path, mode):
     runner.release(0, ids + [int(logits.argmax())])  # 8 computed
     prompt = ids[:7] + [other(ids[7]), 4, 4]
     assert runner.cached_prefix(prompt, [0, 1]) == (0, 7)
-    runner.start_prefill(1, prompt, mode, max_new_tokens=9)
-    cold = runner.prefill_step(1, None)
-    runner.start_prefill(0, prompt, mode, max_new_tokens=9, resume=7)
-    gap, warm_ids, cold_ids = continue_both(runner, (0, runner.prefill_step(0, None)),
-                                            (1, cold), prompt)
-    assert gap < 1e-4 and warm_ids == cold_ids
+    resumes_as_cold(runner, 0, 1, prompt, 7, mode=mode)
 
 
 @pytest.mark.parametrize("budget", [1, 3, 6])
@@ -144,12 +151,7 @@ def test_segment_sums_recorded_by_a_chunked_prefill_resume_as_well(path, budget)
     for shared in (8, 9, 10):  # the boundary, then after tokens 8 and 9 (chunk ends differ)
         prompt = kept[:shared] + [other(kept[shared])] * 2
         assert runner.cached_prefix(prompt, [0]) == (0, shared)
-        runner.start_prefill(1, prompt, "segment", max_new_tokens=9)
-        cold = runner.prefill_step(1, None)
-        runner.start_prefill(0, prompt, "segment", max_new_tokens=9, resume=shared)
-        gap, warm_ids, cold_ids = continue_both(runner, (0, runner.prefill_step(0, None)),
-                                                (1, cold), prompt, steps=3)
-        assert gap < 1e-4 and warm_ids == cold_ids
+        resumes_as_cold(runner, 0, 1, prompt, shared, steps=3)
         runner.release(1)
         runner.release(0)
         leave(runner, 0, kept, 0, budget)
@@ -190,12 +192,7 @@ def test_a_resumed_sequence_keeps_only_the_sums_still_in_the_ring(path):
     assert runner.cached_prefix(kept[:11] + [other(kept[11]), 2], [0]) == (0, 8)
     prompt = kept[:13] + [other(other(kept[13])), 2]
     assert runner.cached_prefix(prompt, [0]) == (0, 13)
-    runner.start_prefill(1, prompt, "segment", max_new_tokens=9)
-    cold = runner.prefill_step(1, None)
-    runner.start_prefill(0, prompt, "segment", max_new_tokens=9, resume=13)
-    gap, warm_ids, cold_ids = continue_both(runner, (0, runner.prefill_step(0, None)),
-                                            (1, cold), prompt)
-    assert gap < 1e-4 and warm_ids == cold_ids
+    resumes_as_cold(runner, 0, 1, prompt, 13)
 
 
 def test_the_boundary_case_needs_the_recorded_decision(path):
@@ -414,12 +411,7 @@ def test_a_shared_part_is_copied_and_the_source_keeps_its_own(tmp_path, experts,
         runner.copy_prefix(0, 1, prompt, n + 1)
     runner.copy_prefix(0, 1, prompt, n)
     assert runner.retained[1].tokens == kept[:n] and runner.retained[0].tokens == kept[:-1]
-    runner.start_prefill(2, prompt, "segment", max_new_tokens=9)
-    cold = runner.prefill_step(2, None)
-    runner.start_prefill(1, prompt, "segment", max_new_tokens=9, resume=n)
-    gap, warm_ids, cold_ids = continue_both(runner, (1, runner.prefill_step(1, None)),
-                                            (2, cold), prompt)
-    assert gap < 1e-4 and warm_ids == cold_ids
+    resumes_as_cold(runner, 1, 2, prompt, n)
     assert runner.cached_prefix(kept + [4], [0]) == (0, 15)  # the source's own next turn
     with pytest.raises(ValueError, match="cannot copy"):
         runner.copy_prefix(0, 1, prompt, n)  # slot 1 runs a sequence now
@@ -438,12 +430,7 @@ def test_a_copied_prefix_brings_the_segment_sums_it_ends_among(path):
     assert runner.retained[1].ring_from == 12
     again = prompt[:13] + [other(prompt[13]), 3]
     assert runner.cached_prefix(again, [1]) == (1, 13)
-    runner.start_prefill(2, again, "segment", max_new_tokens=9)
-    cold = runner.prefill_step(2, None)
-    runner.start_prefill(1, again, "segment", max_new_tokens=9, resume=13)
-    gap, warm_ids, cold_ids = continue_both(runner, (1, runner.prefill_step(1, None)),
-                                            (2, cold), again)
-    assert gap < 1e-4 and warm_ids == cold_ids
+    resumes_as_cold(runner, 1, 2, again, 13)
 
 
 def test_conversations_sharing_a_system_prompt_each_keep_their_slot(path):
@@ -473,13 +460,16 @@ def test_conversations_sharing_a_system_prompt_each_keep_their_slot(path):
 
 
 def test_on_a_tie_the_slot_sharing_more_wins_and_only_a_whole_prompt_continues(path):
+    """A prompt continues what a slot keeps when it holds that request's whole prompt, or all
+    but its last token (which the answer, sent back as text, may have re-tokenized)."""
     runner = runner_of(path)
     b = leave(runner, 1, PROMPT[:9] + [1, 1, 2], 2)
     a = leave(runner, 0, PROMPT, 5)  # kept more recently
     prompt = PROMPT[:9] + [1, 7, 7]  # resumes at 8 from either; shares 10 tokens with slot 1
     assert runner.cached_prefix(prompt, [0, 1, 2]) == (1, 8)
     assert runner.continues(0, a + [3]) and runner.continues(0, PROMPT + [3])
-    assert not runner.continues(0, prompt) and not runner.continues(1, prompt)
+    assert runner.continues(0, prompt)  # all of slot 0's prompt but its last token
+    assert not runner.continues(0, PROMPT[:8] + [1, 7, 7]) and not runner.continues(1, prompt)
     assert runner.continues(1, b[:12] + [0]) and not runner.continues(2, PROMPT)
 
 
@@ -540,3 +530,23 @@ def test_slots_beyond_the_batch_keep_more_conversations(path, extra):
     assert [a for a, _ in answers[True]] == [a for a, _ in answers[False]]
     later = [n for _, n in answers[True][3:]]
     assert all(n > 0 for n in later) if extra else all(n == 0 for n in later)
+
+
+def test_a_next_turn_that_re_tokenized_the_prompt_end_keeps_the_other_chats_slots(path):
+    """Chat B's next turn holds all its first prompt but the last token (its text merged with
+    the answer's first character when tokenized again): it is B's continuation and takes B's
+    slot, rather than a copy into the least recently kept slot, chat C's, which then resumed
+    nothing on its next turn."""
+    engine = Engine.from_pretrained(path, max_batch_size=3, prefix_caching=True)
+    engine.start()
+    try:
+        sp = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        first = [[9 + c] * 3 + PROMPT for c in range(3)]
+        answers = [engine.submit(p, sp).result().token_ids for p in first]
+        nexts = [p + a + [7] for p, a in zip(first, answers)]
+        nexts[1] = first[1][:-1] + [other(first[1][-1])] + answers[1] + [7]
+        cached = [engine.submit(p, sp).result().cached_tokens for p in nexts]
+        assert cached[1] == 12  # its own slot, back to the boundary before the changed token
+        assert cached[0] == cached[2] == len(first[0]) + 2  # all they computed
+    finally:
+        engine.stop()

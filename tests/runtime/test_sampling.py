@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from camex_runtime import Engine, SamplingParams
+from camex_runtime import SamplingParams
 from camex_runtime.engine.detokenizer import IncrementalDetokenizer, find_stop
 from camex_runtime.engine.sampling import (apply_repetition_penalty, filter_top_k_top_p,
                                            sample_batch)
@@ -51,14 +51,6 @@ def test_top_alternatives_per_row_are_the_raw_best_first():
         order = raw[b].argsort(descending=True).tolist()
         assert [i for i, _ in tops[b]] == order[:len(tops[b])]
         assert [v for _, v in tops[b]] == pytest.approx(raw[b, order[:len(tops[b])]].tolist())
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_lm_dir):
-    e = Engine.from_pretrained(tiny_lm_dir, max_batch_size=4)
-    e.start()
-    yield e
-    e.stop()
 
 
 def test_seeded_sampling_is_reproducible(engine):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from camex_runtime import Engine, SamplingParams
+from camex_runtime import SamplingParams
 from camex_runtime.engine.sampling import (adjust_row, apply_penalties, filter_min_p,
                                            sample_batch)
 from camex_runtime.errors import InputValidationError
@@ -71,14 +71,6 @@ def test_sampling_never_draws_what_min_p_or_suppress_removed():
             drawn[b].add(t)
     assert drawn[0] == {0, 1, 2}  # 0.05 < 0.3 x 0.4
     assert drawn[1] == {2, 3}  # suppressed: never, however likely
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_lm_dir):
-    e = Engine.from_pretrained(tiny_lm_dir, max_batch_size=4)
-    e.start()
-    yield e
-    e.stop()
 
 
 PROMPT = "the lazy dog"
