@@ -447,7 +447,7 @@ class ModelRunner:
         """Make (key, pool_slot) the current segment's merge of layer m, releasing the old."""
         old = st.keys[m]
         if old is not None and st.pool_slots[m] >= 0:
-            self.cache.release(old)
+            self.cache.release(old, passed=True)
         st.keys[m], st.pool_slots[m] = key, pool_slot
 
     # -- prefill ----------------------------------------------------------------------------
@@ -774,7 +774,7 @@ class ModelRunner:
             return apply_mixture(x, self.moe[m], scores.expand(x.shape[0], -1))
         finally:
             if not keep and ps >= 0:
-                self.cache.release(key)
+                self.cache.release(key, passed=True)
 
     # -- decode -----------------------------------------------------------------------------
     def _opens_segment(self, st: SlotRouting) -> bool:

@@ -60,6 +60,24 @@ def test_refcounts_lru_eviction_and_fallback():
         c.release("a")  # refcount already 0
 
 
+def test_passed_segments_are_evicted_before_current_ones():
+    """An entry released as passed (its sequence moved on to a later segment) goes before
+    every entry released as current, however recently; among passed ones, the latest first
+    (each is put at the front)."""
+    c = cache(3)
+    for key in "abc":
+        c.acquire(key)
+    c.release("a")  # a finished request's current segment
+    c.release("b", passed=True)
+    c.release("c", passed=True)
+    assert c.acquire("d").slot is not None and "c" not in c  # the last passed one first
+    assert c.acquire("e").slot is not None and "b" not in c and "a" in c
+    c.release("d")
+    c.release("e")
+    c.acquire("f")  # then plain LRU among the current ones
+    assert "a" not in c and "d" in c
+
+
 @pytest.fixture(scope="module")
 def path(tmp_path_factory):
     return build_folded(tmp_path_factory.mktemp("mc") / "lm")
