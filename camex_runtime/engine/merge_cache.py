@@ -8,8 +8,9 @@ weights (layer, routing mode, digest of the token ids that decided the scores, .
 sequences with the same routing prefix therefore share one entry, counted by reference.
 Unreferenced entries stay resident in LRU order and are evicted only when a new merge needs
 their slot, those of segments their sequences have passed first (`release(key, passed=True)`:
-a finished request's current segment is what its next turn resumes); when every slot is referenced, `acquire` answers None and the caller serves that
-sequence with the mixture strategy instead (a "fallback"), so the budget is never exceeded.
+a finished request's current segment is what its next turn resumes); when every slot is
+referenced, `acquire` answers None and the caller serves that sequence with the mixture
+strategy instead (a "fallback"), so the budget is never exceeded.
 
 Knows nothing about routing or models: shapes in, slots and views out. Not thread-safe (the
 engine thread owns it).
