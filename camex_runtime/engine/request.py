@@ -9,8 +9,8 @@ synchronously (`for ev in handle`) or from asyncio (`async for ev in handle.aite
 from __future__ import annotations
 
 import asyncio
-import threading
 import math
+import threading
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator, Mapping, Sequence
 

@@ -13,6 +13,7 @@ Knows nothing about tokenizers, stop strings or the model.
 """
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -51,8 +52,10 @@ def apply_penalties(logits: torch.Tensor, generated: Sequence[int], presence: fl
     `presence + frequency * c` from its logit."""
     if not generated or (presence == 0.0 and frequency == 0.0):
         return logits
-    ids, counts = torch.tensor(generated, device=logits.device).unique(return_counts=True)
-    return logits.index_add(0, ids, -(presence + frequency * counts.to(logits.dtype)))
+    counts = Counter(generated)  # on the host: `unique` on a GPU tensor would wait for it
+    ids = torch.tensor(list(counts), device=logits.device)
+    c = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+    return logits.index_add(0, ids, -(presence + frequency * c))
 
 
 def adjust_row(logits: torch.Tensor, params: SamplingParams, history: Sequence[int],
