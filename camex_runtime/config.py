@@ -9,8 +9,9 @@ the transformer around the merged FFNs (see docs/DESIGN.md, "Model families"):
 
 - ``family="gpt2"``: LayerNorm, learned absolute positions, fused qkv with biases, GELU FFN
   ``fc2(gelu(fc1 x))``.
-- ``family="llama"`` (Llama, Mistral, Qwen2, Phi-3 import into it): RMSNorm, rotary positions,
-  grouped-query attention (``num_key_value_heads``), optional q/k/v biases (Qwen2), SwiGLU FFN
+- ``family="llama"`` (Llama, Mistral, Qwen2, Qwen3, Phi-3 import into it): RMSNorm, rotary
+  positions, grouped-query attention (``num_key_value_heads``), optional q/k/v biases (Qwen2),
+  optional per-head RMSNorm of queries and keys (``qk_norm``, Qwen3), SwiGLU FFN
   ``down(silu(gate x) * up x)`` whose three projections each merge with the same scores.
 
 Named presets (``CamexConfig.from_preset("gpt2-small")``) follow gpt-fast's ``ModelArgs.from_name``.
@@ -60,6 +61,9 @@ class CamexConfig(PretrainedConfig):
         attention_bias: bool | None = None,
         attention_out_bias: bool | None = None,
         mlp_bias: bool | None = None,
+        # llama: RMSNorm over each query and key head (its own weight, head_dim wide) before the
+        # rotary positions, as Qwen3 does.
+        qk_norm: bool = False,
         # FFN activation; None = the family's (gpt2: gelu_new, llama: silu).
         hidden_act: str | None = None,
         # Classifiers: "mean" pools the non-padding tokens (CAMEx encoders), "last" the last
@@ -119,6 +123,7 @@ class CamexConfig(PretrainedConfig):
         self.attention_out_bias = ((not llama) if attention_out_bias is None
                                    else bool(attention_out_bias))
         self.mlp_bias = (not llama) if mlp_bias is None else bool(mlp_bias)
+        self.qk_norm = bool(qk_norm)
         self.hidden_act = hidden_act or ("silu" if llama else "gelu_new")
         self.classifier_pooling = classifier_pooling
         self.classifier_causal = bool(classifier_causal)
@@ -183,6 +188,9 @@ class CamexConfig(PretrainedConfig):
                                       or self.head_dim * self.n_head != self.d_model):
             raise ValueError("family 'gpt2' has plain multi-head attention: num_key_value_heads "
                              "must equal n_head and head_dim d_model // n_head")
+        if self.qk_norm and self.family != "llama":
+            raise ValueError("qk_norm (per-head RMSNorm of queries and keys) is a llama-family "
+                             "option; family 'gpt2' has none")
         if self.hidden_act not in FAMILY_ACTIVATIONS[self.family]:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported for family "
                              f"{self.family!r} (supported: {FAMILY_ACTIVATIONS[self.family]})")

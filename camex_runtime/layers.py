@@ -158,8 +158,9 @@ class FullAttention:
 
 class CamexAttention(nn.Module):
     """Self-attention of every family: one fused qkv projection (rows: H query heads, then KV
-    key heads, then KV value heads), rotary positions where the family uses them, output
-    projection. GPT-2 is the case KV = H, no rotary."""
+    key heads, then KV value heads), optionally an RMSNorm over each query and each key head
+    (`qk_norm`, Qwen3: one weight for all query heads, one for all key heads), rotary positions
+    where the family uses them, output projection. GPT-2 is the case KV = H, no rotary."""
 
     def __init__(self, config: CamexConfig, layer: int = 0) -> None:
         super().__init__()
@@ -170,10 +171,16 @@ class CamexAttention(nn.Module):
         self.c_attn = nn.Linear(config.d_model, qkv, bias=config.attention_bias)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.d_model,
                                 bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
+            self.k_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
+        else:
+            self.q_norm = self.k_norm = None
 
     def split_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None
                   ) -> tuple[Tensor, Tensor, Tensor]:
-        """(B, L, d) -> q (B, H, L, hd), k and v (B, KV, L, hd), q and k rotated if rope."""
+        """(B, L, d) -> q (B, H, L, hd), k and v (B, KV, L, hd); q and k normed per head if
+        the model has `qk_norm`, then rotated if rope."""
         B, L, _ = x.shape
         H, KV, hd = self.n_head, self.n_kv, self.head_dim
         qkv = self.c_attn(x)
@@ -184,6 +191,8 @@ class CamexAttention(nn.Module):
             q = q.view(B, L, H, hd).transpose(1, 2)
             k = k.view(B, L, KV, hd).transpose(1, 2)
             v = v.view(B, L, KV, hd).transpose(1, 2)
+        if self.q_norm is not None:  # over head_dim, the last axis of either layout
+            q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
         return q, k, v

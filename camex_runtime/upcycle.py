@@ -1,12 +1,13 @@
 """Upcycling: a CAMEx model from a dense Hugging Face checkpoint directory, exact at init.
 
 `upcycle_from_dense(path)` reads the directory's ``config.json``, picks the importer of its
-``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``phi3``), and builds a
-training-form CAMEx model whose every expert is a copy of the dense FFN (τ = 0), curvature at
-the identity and routers at N(0, 0.02): the merged FFN equals the dense one whatever the
-scores, so the model computes exactly the dense model's logits (docs/DESIGN.md, "Model
-families"). Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``) are split or kept as
-the CAMEx layout needs; separate q/k/v (Llama, Mistral, Qwen2) are fused into one projection.
+``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``),
+and builds a training-form CAMEx model whose every expert is a copy of the dense FFN (τ = 0),
+curvature at the identity and routers at N(0, 0.02): the merged FFN equals the dense one
+whatever the scores, so the model computes exactly the dense model's logits (docs/DESIGN.md,
+"Model families"). Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``) are split or
+kept as the CAMEx layout needs; separate q/k/v (Llama, Mistral, Qwen2, Qwen3) are fused into
+one projection; Qwen3's per-head query and key norms come along (``qk_norm``).
 A ``*ForSequenceClassification`` source gives a classifier that pools and attends as its source.
 
 What cannot be reproduced exactly is refused with an error naming it: sliding-window attention
@@ -36,7 +37,7 @@ from torch import Tensor
 from .config import CamexConfig
 from .modeling import CamexForCausalLM, CamexForSequenceClassification, CamexPreTrainedModel
 
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "phi3")
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 class UpcycleError(ValueError):
@@ -144,15 +145,17 @@ def llama_config(hf) -> dict[str, Any]:
     if factor is not None:
         rope.setdefault("partial_rotary_factor", factor)
     heads = hf.num_attention_heads
-    qkv_bias = {"qwen2": True, "llama": bool(getattr(hf, "attention_bias", False))}.get(mt, False)
+    # Qwen2 always biases q/k/v (not o); Llama and Qwen3 bias all four with attention_bias.
+    declared = bool(getattr(hf, "attention_bias", False))
+    qkv_bias = {"qwen2": True, "llama": declared, "qwen3": declared}.get(mt, False)
     return dict(_common(hf), family="llama", d_model=hf.hidden_size, n_layer=hf.num_hidden_layers,
                 n_head=heads, num_key_value_heads=hf.num_key_value_heads or heads,
                 head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
                 d_ff=hf.intermediate_size, max_position_embeddings=hf.max_position_embeddings,
                 rope_parameters=rope, layer_norm_epsilon=hf.rms_norm_eps, hidden_act="silu",
                 attention_bias=qkv_bias,
-                attention_out_bias=mt == "llama" and bool(getattr(hf, "attention_bias", False)),
-                mlp_bias=bool(getattr(hf, "mlp_bias", False)))
+                attention_out_bias=mt in ("llama", "qwen3") and declared,
+                mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=mt == "qwen3")
 
 
 def sliding_window(hf) -> int | None:
@@ -160,7 +163,7 @@ def sliding_window(hf) -> int | None:
     window = getattr(hf, "sliding_window", None)
     if window is None:
         return None
-    if hf.model_type == "qwen2":
+    if hf.model_type in ("qwen2", "qwen3"):
         types = getattr(hf, "layer_types", None) or []
         if not getattr(hf, "use_sliding_window", False) and "sliding_attention" not in types:
             return None
@@ -179,6 +182,9 @@ def llama_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
         if w.has(f"{a}q_proj.bias"):
             out["attn.c_attn.bias"] = torch.cat([w.get(f"{a}{x}_proj.bias") for x in "qkv"])
     out["attn.c_proj.weight"] = w.get(f"{a}o_proj.weight")
+    if w.has(f"{a}q_norm.weight"):  # Qwen3: RMSNorm per query / key head
+        out["attn.q_norm.weight"] = w.get(f"{a}q_norm.weight")
+        out["attn.k_norm.weight"] = w.get(f"{a}k_norm.weight")
     if w.has(f"{a}o_proj.bias"):
         out["attn.c_proj.bias"] = w.get(f"{a}o_proj.bias")
     m = f"{p}mlp."
@@ -202,7 +208,7 @@ def llama_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
 _GPT2 = Importer(gpt2_config, gpt2_block, gpt2_outer, "transformer.")
 _LLAMA = Importer(llama_config, llama_block, llama_outer, "model.")
 IMPORTERS: dict[str, Importer] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA,
-                                  "qwen2": _LLAMA, "phi3": _LLAMA}
+                                  "qwen2": _LLAMA, "qwen3": _LLAMA, "phi3": _LLAMA}
 
 
 # ---------------------------------------------------------------------------------------------

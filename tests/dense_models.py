@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
                           MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification)
+                          Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification,
+                          Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification)
 
 VOCAB = 97
 PAD, BOS, EOS = 0, 1, 2
@@ -24,11 +25,13 @@ FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
     "phi3": (Phi3Config, Phi3ForCausalLM, {}),
 }
 CLASSIFIERS = {
     "llama": (LlamaConfig, LlamaForSequenceClassification),
     "qwen2": (Qwen2Config, Qwen2ForSequenceClassification),
+    "qwen3": (Qwen3Config, Qwen3ForSequenceClassification),
 }
 
 
@@ -37,8 +40,18 @@ def build_dense(out_dir: Path, family: str, seed: int = 0, **overrides) -> Path:
     torch.manual_seed(seed)
     config_cls, model_cls, extra = FAMILIES[family]
     model = model_cls(config_cls(**{**COMMON, **extra, **overrides})).eval()
+    _unit_norms_off(model)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+@torch.no_grad()
+def _unit_norms_off(model) -> None:
+    """transformers initialises norm weights to ones, where an importer that dropped one would
+    still be exact; move them so it is not."""
+    for name, p in model.named_parameters():
+        if "norm" in name:
+            p.add_(torch.randn_like(p) * 0.2)
 
 
 def build_dense_classifier(out_dir: Path, family: str, num_labels: int = 3, seed: int = 0) -> Path:
@@ -47,7 +60,9 @@ def build_dense_classifier(out_dir: Path, family: str, num_labels: int = 3, seed
     labels = {i: f"label{i}" for i in range(num_labels)}
     cfg = config_cls(**COMMON, num_labels=num_labels, id2label=labels,
                      label2id={v: k for k, v in labels.items()})
-    model_cls(cfg).eval().save_pretrained(out_dir)
+    model = model_cls(cfg).eval()
+    _unit_norms_off(model)
+    model.save_pretrained(out_dir)
     return out_dir
 
 

@@ -4,13 +4,14 @@ A decode step multiplies a few rows by every weight matrix once; on a CPU core t
 take ~10 ms for GPT-2-small in bf16, and the model's block code spends another ~2.5 ms around
 them: per block a dozen small torch operations (norms, views, residual adds, the activation),
 each an interpreter round trip and a dispatch. `FusedDecode` runs the same blocks through
-`kernels`' native `layers`: per block the attention half (norm, qkv projection, rotary
-positions, KV-cache write, attention, output projection, residual) and the FFN half (norm, input
-projection(s), GELU or SwiGLU, output projection, residual), with the same weights the model
-holds: no copies. One call covers as many consecutive blocks as it can (a dense model: all of
-them and the final norm), because every return from native code waits for the GIL, and in a
-server the event loop thread holds it while it sends the previous token: per block, a dense
-GPT-2-small step gained ~0.6 ms at B=1 against a thread busy 0.3 ms per step (Zen 4, bf16).
+`kernels`' native `layers`: per block the attention half (norm, qkv projection, per-head
+q/k norms where the model has them, rotary positions, KV-cache write, attention, output
+projection, residual) and the FFN half (norm, input projection(s), GELU or SwiGLU, output
+projection, residual), with the same weights the model holds: no copies. One call covers as
+many consecutive blocks as it can (a dense model: all of them and the final norm), because
+every return from native code waits for the GIL, and in a server the event loop thread holds
+it while it sends the previous token: per block, a dense GPT-2-small step gained ~0.6 ms at
+B=1 against a thread busy 0.3 ms per step (Zen 4, bf16).
 
 Merged-expert layers are planned first, for every layer in order (`moe.plan(layer)`: new
 segments routed, merges acquired; nothing there depends on this step's hidden states). A layer
@@ -64,14 +65,15 @@ class _Norm:
 @dataclass(frozen=True)
 class _Block:
     layer: int
-    attn: tuple  # attn_block's arguments after x, up to the cache
+    attn: tuple  # attn_block's arguments after x, up to the cache (q/k norm weights last)
     norm2: _Norm
     ffn: FFNSpec | None  # a dense block's FFN; None: a merged-expert layer (moe.plan)
 
     def tensors(self) -> list:
-        """`layers`' 8 tensors of the block: norm 1, qkv, o projections, norm 2."""
-        w1, b1, _, _, qkv, qkv_b, o, o_b = self.attn
-        return [w1, b1, qkv, qkv_b, o, o_b, self.norm2.weight, self.norm2.bias]
+        """`layers`' 10 tensors of the block: norm 1, qkv, o projections, q/k head norms (or
+        None), norm 2."""
+        w1, b1, _, _, qkv, qkv_b, o, o_b, qn, kn = self.attn
+        return [w1, b1, qkv, qkv_b, o, o_b, qn, kn, self.norm2.weight, self.norm2.bias]
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,14 @@ class FusedDecode:
                     n2.weight.dtype != compute:
                 return None
             a = block.attn
-            attn = (*n1.args(), a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias)
+            qk = (None, None)
+            if a.q_norm is not None:  # the kernel norms heads with the block norm's eps
+                if not (n1.rms and a.q_norm.eps == a.k_norm.eps == n1.eps
+                        and a.q_norm.weight.dtype == a.k_norm.weight.dtype == compute):
+                    return None
+                qk = (a.q_norm.weight, a.k_norm.weight)
+            attn = (*n1.args(), a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
+                    *qk)
             ffn = None
             if not block.is_moe:
                 f, kind = block.ffn, block.ffn.kind

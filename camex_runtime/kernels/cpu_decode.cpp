@@ -1457,13 +1457,17 @@ at::Tensor norm(const at::Tensor& x, const at::Tensor& weight,
 }
 
 // x (B, d) + o_proj(attention(qkv_proj(norm(x)))) for one decode token per row: the fused qkv
-// projection (rows: H query heads, KV key heads, KV value heads of hd), rotary positions from
-// the cos / sin tables (max_pos, rot) when given, the keys and values written into the cache
-// at (layer, slot, :, position), each row attending over its own positions.
+// projection (rows: H query heads, KV key heads, KV value heads of hd), when q_norm / k_norm
+// are given an RMSNorm (eps: the block norm's) of every query / key head with those (hd,)
+// weights (Qwen3), rotary positions from the cos / sin tables (max_pos, rot) when given, the
+// keys and values written into the cache at (layer, slot, :, position), each row attending
+// over its own positions.
 at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
                       const c10::optional<at::Tensor>& norm_b, double eps, bool rms,
                       const at::Tensor& w_qkv, const c10::optional<at::Tensor>& b_qkv,
                       const at::Tensor& w_o, const c10::optional<at::Tensor>& b_o,
+                      const c10::optional<at::Tensor>& q_norm,
+                      const c10::optional<at::Tensor>& k_norm,
                       at::Tensor kc, at::Tensor vc, int64_t layer,
                       const at::Tensor& slots, const at::Tensor& positions,
                       const c10::optional<at::Tensor>& cos,
@@ -1486,6 +1490,16 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
   linear_into(h.data_ptr<float>(), B, d, w_qkv, fp32_or_null(b_qkv, nq, "qkv bias"),
               qkv.data_ptr<float>());
   float* qp = qkv.data_ptr<float>();
+  const float* qn = fp32_or_null(q_norm, hd, "q_norm weight");
+  const float* kn = fp32_or_null(k_norm, hd, "k_norm weight");
+  TORCH_CHECK((qn == nullptr) == (kn == nullptr), "q_norm and k_norm come together");
+  if (qn != nullptr) {  // in place: norm_rows reads a head's statistics before it writes
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t head = 0; head < H + KV; ++head) {
+        float* hp = qp + b * nq + head * hd;
+        norm_rows(hp, 1, hd, head < H ? qn : kn, nullptr, false, eps, hp);
+      }
+  }
   if (cos.has_value() && cos->defined()) {
     TORCH_CHECK(sin.has_value() && sin->defined() && cos->dim() == 2 && sin->sizes() == cos->sizes() &&
                 cos->is_contiguous() && sin->is_contiguous() && cos->scalar_type() == at::kFloat &&
@@ -1585,8 +1599,8 @@ const at::Tensor& given(const OptT& t, const char* what) {
 // for the whole span instead of two per block, so the server's event loop thread sends the
 // previous token while the weights stream, and the decode thread does not queue for the GIL
 // behind it after every block. Per block i (layer ints[5i]):
-//   x = attn_block(x)                               (blocks[i][0..5]: norm, qkv, o)
-//   h = norm2(x)                                    (blocks[i][6..7])
+//   x = attn_block(x)                               (blocks[i][0..7]: norm, qkv, o, q/k norms)
+//   h = norm2(x)                                    (blocks[i][8..9])
 //   seg_sum[acc_slots[i][b], ints[5i+4]] += h[b]    (rows b with acc_slots[i][b] >= 0, if given)
 //   x = x + FFN_g(h) on the rows of each group g    (ffns[i]: rows (none: all), gate, gate bias,
 //                                                    up, up bias, down, down bias)
@@ -1611,15 +1625,15 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
   std::vector<char> seen(B);
   for (size_t i = 0; i < L; ++i) {
     const auto& k = blocks[i];
-    TORCH_CHECK(k.size() == 8, "layers: 8 tensors per block");
+    TORCH_CHECK(k.size() == 10, "layers: 10 tensors per block");
     const int64_t* f = ints.data() + 5 * i;
     x = attn_block(x, given(k[0], "norm weight"), k[1], eps[2 * i], f[1] != 0,
-                   given(k[2], "qkv weight"), k[3], given(k[4], "o weight"), k[5], kc, vc, f[0],
-                   slots, positions, cos, sin, H, KV);
+                   given(k[2], "qkv weight"), k[3], given(k[4], "o weight"), k[5], k[6], k[7],
+                   kc, vc, f[0], slots, positions, cos, sin, H, KV);
     auto h = at::empty({B, d}, x.options());
     float* hp = h.data_ptr<float>();
-    norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(given(k[6], "norm weight"), d,
-              "norm weight"), fp32_or_null(k[7], d, "norm bias"), f[2] == 0, eps[2 * i + 1], hp);
+    norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(given(k[8], "norm weight"), d,
+              "norm weight"), fp32_or_null(k[9], d, "norm bias"), f[2] == 0, eps[2 * i + 1], hp);
     if (acc_slots[i].has_value() && acc_slots[i]->defined()) {
       const auto& a = *acc_slots[i];
       const auto& sum = given(seg_sum, "seg_sum");

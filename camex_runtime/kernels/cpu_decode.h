@@ -37,7 +37,8 @@ at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, const OptT& bias,
                 bool rms);
 at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w, const OptT& norm_b,
                       double eps, bool rms, const at::Tensor& w_qkv, const OptT& b_qkv,
-                      const at::Tensor& w_o, const OptT& b_o, at::Tensor kc, at::Tensor vc,
+                      const at::Tensor& w_o, const OptT& b_o, const OptT& q_norm,
+                      const OptT& k_norm, at::Tensor kc, at::Tensor vc,
                       int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
                       const OptT& cos, const OptT& sin, int64_t H, int64_t KV);
 at::Tensor ffn(const at::Tensor& h, const at::Tensor& w1, const OptT& b1, const at::Tensor& w2,

@@ -1,4 +1,4 @@
-"""Llama-family CAMEx (Llama, Mistral, Qwen2, Phi-3): upcycled exactly from transformers'
+"""Llama-family CAMEx (Llama, Mistral, Qwen2, Qwen3, Phi-3): upcycled exactly from transformers'
 dense models, folded exactly, refused where it cannot be exact, saved and loaded by the Auto
 classes. Tiny random models built locally; GQA on everywhere."""
 
@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Mi
 import camex_runtime as cr
 from camex_runtime.upcycle import UpcycleError, dense_reference_error
 
-from tests.dense_models import (COMMON, FAMILIES, build_dense, build_dense_classifier,
-                                random_ids, spread)
+from tests.dense_models import (CLASSIFIERS, COMMON, FAMILIES, build_dense,
+                                build_dense_classifier, random_ids, spread)
 
 FAMILY_NAMES = sorted(FAMILIES)
 
@@ -71,6 +71,33 @@ def test_phi3_partial_rotary_and_fused_projections(tmp_path):
     assert dense_reference_error(model, dense_dir, random_ids(20, seed=3, batch=2)) <= 1e-5
 
 
+@pytest.mark.parametrize("attention_bias", [False, True])
+def test_qwen3_query_and_key_norms(tmp_path, attention_bias):
+    """Qwen3's per-head q/k RMSNorms travel (weights moved off their init), with and without
+    its attention biases (on q, k, v and o alike, unlike Qwen2's); heads wider than d / H and a
+    tied head, as Qwen3-0.6B has."""
+    dense_dir = build_dense(tmp_path / "qwen3", "qwen3", attention_bias=attention_bias,
+                            head_dim=24, tie_word_embeddings=True)
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
+    cfg = model.config
+    assert cfg.qk_norm and cfg.attention_bias == cfg.attention_out_bias == attention_bias
+    dense = AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float32)
+    ours, theirs = model.transformer.h[1].attn, dense.model.layers[1].self_attn
+    assert torch.equal(ours.q_norm.weight, theirs.q_norm.weight)
+    assert torch.equal(ours.k_norm.weight, theirs.k_norm.weight)
+    assert not torch.equal(ours.q_norm.weight, theirs.k_norm.weight)
+    assert dense_reference_error(model, dense_dir, random_ids(20, seed=3, batch=2)) <= 1e-5
+    with torch.no_grad():  # and they matter: without them the model is another one
+        for block in model.transformer.h:
+            block.attn.q_norm.weight.fill_(1.0)
+    assert dense_reference_error(model, dense_dir, random_ids(20, seed=3, batch=2)) > 1e-3
+
+
+def test_qk_norm_is_a_llama_family_option():
+    with pytest.raises(ValueError, match="qk_norm .* llama-family option"):
+        cr.CamexConfig.from_preset("tiny", qk_norm=True)
+
+
 def test_the_reference_check_sees_a_wrong_rotary(tmp_path):
     """The exactness checks above can fail: a different rope_theta is far off."""
     dense_dir = build_dense(tmp_path / "llama", "llama")
@@ -93,7 +120,7 @@ def test_sharded_checkpoints_are_read(tmp_path):
     ("rope", r"rope_type 'dynamic' is not supported"),
     ("act", r"hidden_act 'gelu' is not supported"),
     ("family", r"model_type 'bert' cannot be upcycled; "
-               r"supported: gpt2, llama, mistral, qwen2, phi3"),
+               r"supported: gpt2, llama, mistral, qwen2, qwen3, phi3"),
     ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
 ])
 def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):
@@ -146,7 +173,7 @@ def test_export_folds_llama_family_exactly_and_auto_loads_it(tmp_path, family):
         torch.testing.assert_close(again(ids).logits, model(ids).logits)
 
 
-@pytest.mark.parametrize("family", sorted(["llama", "qwen2"]))
+@pytest.mark.parametrize("family", sorted(CLASSIFIERS))
 def test_classifier_upcycles_exactly_and_pools_the_last_token(tmp_path, family):
     from transformers import AutoModelForSequenceClassification
 

@@ -181,7 +181,7 @@ def test_swiglu_pool_entries_hold_three_matrices(lm):
 
 @pytest.mark.parametrize("strategy", ["merged", "mixture", "auto"])
 def test_classifier_through_the_engine_equals_the_model(tmp_path, strategy):
-    dense = build_dense_classifier(tmp_path / "dense", "qwen2")
+    dense = build_dense_classifier(tmp_path / "dense", "qwen3")  # q/k norms: Qwen3
     model = spread(cr.upcycle_from_dense(dense, num_experts=3, segment_len=T)).eval()
     cr.export(model, tmp_path / "clf")
     engine = Engine.from_pretrained(tmp_path / "clf", strategy=strategy)
