@@ -27,7 +27,7 @@ from server.shutdown import cut_error
 
 log = logging.getLogger("camex.server")
 DEFAULT_MAX_NEW_TOKENS = 20
-UNSUPPORTED = ("frequency_penalty", "grammar", "typical_p", "adapter_id")
+UNSUPPORTED = ("grammar", "adapter_id")
 
 
 def to_sampling(p: GenerateParameters, *, max_stop_sequences: int,
@@ -45,15 +45,18 @@ def to_sampling(p: GenerateParameters, *, max_stop_sequences: int,
                                 f"{max_stop_sequences} are allowed")
     if any(not s for s in p.stop):
         raise errors.validation("`stop` sequences must be non-empty strings")
-    # TGI: any logits warper (temperature != 1, top_k, top_p < 1) switches sampling on.
+    # TGI: any logits warper (temperature != 1, top_k, top_p < 1, typical_p) switches sampling on.
     warpers = p.temperature not in (None, 1.0) or p.top_k is not None or \
-        p.top_p not in (None, 1.0)
+        p.top_p not in (None, 1.0) or p.typical_p is not None
     sampling = p.do_sample or warpers
     seed = p.seed if p.seed is not None else (secrets.randbelow(2**63) if sampling else None)
     params = SamplingParams(
         max_new_tokens=p.max_new_tokens or DEFAULT_MAX_NEW_TOKENS, do_sample=sampling,
         temperature=p.temperature or 1.0, top_k=p.top_k,
-        top_p=None if p.top_p == 1.0 else p.top_p, repetition_penalty=p.repetition_penalty,
+        top_p=None if p.top_p == 1.0 else p.top_p, typical_p=p.typical_p,
+        repetition_penalty=p.repetition_penalty,
+        # TGI's frequency penalty: over prompt and generated tokens, divided by their count
+        sequence_frequency_penalty=p.frequency_penalty or 0.0,
         seed=seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos, return_routing=p.return_routing,
         routing=p.routing, queue_timeout_s=queue_timeout_s, logprobs=p.top_n_tokens or 0,
         # TGI's prefill details carry each prompt token's logprob, no alternatives

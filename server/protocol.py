@@ -132,7 +132,10 @@ class GenerateParameters(RequestSchema):
     decoder_input_details: bool = Field(False, description="add prompt tokens as details.prefill")
     details: bool = Field(False, description="return token details")
     do_sample: bool = Field(False, description="sample; false = greedy (temperature etc. ignored)")
-    frequency_penalty: Float | None = Field(None, description="not supported")
+    frequency_penalty: Float | None = Field(
+        None, ge=-2.0, le=2.0,
+        description="TGI's: a token's logit loses this x its count in the prompt and the "
+                    "generated text, divided by their length")
     grammar: Any | None = Field(None, description="not supported")
     max_new_tokens: Int | None = Field(None, ge=1, description="default 20, capped by limits")
     repetition_penalty: Float | None = Field(None, ge=0.01, le=100.0)
@@ -146,7 +149,8 @@ class GenerateParameters(RequestSchema):
     # >= 1e-6: smaller values are below float32 resolution of the cumulative mass (meaningless)
     top_p: Float | None = Field(None, ge=1e-6, le=1.0)
     truncate: Int | None = Field(None, ge=1, description="keep only the last N prompt tokens")
-    typical_p: Float | None = Field(None, description="not supported")
+    typical_p: Float | None = Field(None, gt=0.0, lt=1.0,
+                                    description="typical decoding mass (switches sampling on)")
     watermark: bool = Field(False, description="not supported")
     adapter_id: Text | None = Field(None, description="not supported")
     routing: RoutingMode | None = Field(None, description="override the server routing mode")

@@ -38,8 +38,14 @@ class SamplingParams:
     # loses presence_penalty once and frequency_penalty per time it was generated
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # TGI's frequency penalty, over the whole sequence (prompt and generated): a token's logit
+    # loses sequence_frequency_penalty x (its count in the sequence) / (the sequence's length)
+    sequence_frequency_penalty: float = 0.0
     logit_bias: Mapping[int, float] | None = None  # token id -> added to its logit
     min_p: float | None = None  # sampling: drop tokens below min_p x the likeliest's probability
+    # sampling: keep the locally typical tokens (closest to the distribution's entropy in
+    # -log p) until they hold this much mass (typical decoding, HF's and TGI's warper)
+    typical_p: float | None = None
     # no EOS, stop_token_ids or stop string ends generation before this many new tokens (the
     # ids that would are never chosen before then)
     min_tokens: int = 0
@@ -77,7 +83,7 @@ class SamplingParams:
             bad(f"top_p must be in (0, 1], got {self.top_p!r}")
         if self.repetition_penalty is not None and not self.repetition_penalty > 0:
             bad(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
-        for name in ("presence_penalty", "frequency_penalty"):
+        for name in ("presence_penalty", "frequency_penalty", "sequence_frequency_penalty"):
             v = getattr(self, name)
             if not _number(v) or not -MAX_PENALTY <= v <= MAX_PENALTY:
                 bad(f"{name} must be a number in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}], got {v!r}")
@@ -92,6 +98,9 @@ class SamplingParams:
                         f"{MAX_LOGIT_BIAS:g}], got {v!r} for token {t}")
         if self.min_p is not None and (not _number(self.min_p) or not 0.0 <= self.min_p <= 1.0):
             bad(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if self.typical_p is not None and (not _number(self.typical_p)
+                                           or not 0.0 < self.typical_p <= 1.0):
+            bad(f"typical_p must be in (0, 1], got {self.typical_p!r}")
         if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) \
                 or self.min_tokens < 0:
             bad(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")

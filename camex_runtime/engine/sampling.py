@@ -2,10 +2,11 @@
 
 Order for a row (vLLM's): logit bias -> the ids that would end generation masked while fewer
 than `min_tokens` are generated -> repetition penalty (HF's rule, over prompt and generated
-tokens) -> presence and frequency penalties (OpenAI's, over the generated tokens); then a
+tokens) -> presence and frequency penalties (OpenAI's, over the generated tokens) -> TGI's
+frequency penalty (over prompt and generated tokens, counts divided by their length); then a
 greedy row (do_sample=False) takes the argmax, and a sampled one goes on: temperature -> min-p
--> top-k -> top-p -> multinomial draw with the request's own `torch.Generator`, so a seeded
-request gives the same tokens whatever else shares its batch.
+-> top-k -> top-p -> typical-p (TGI's warper order) -> multinomial draw with the request's own
+`torch.Generator`, so a seeded request gives the same tokens whatever else shares its batch.
 
 The reported logprob is log p(token) under the model's raw distribution (before any of the
 processing above), like vLLM's default: it measures the model, not the sampler settings.
@@ -58,10 +59,23 @@ def apply_penalties(logits: torch.Tensor, generated: Sequence[int], presence: fl
     return logits.index_add(0, ids, -(presence + frequency * c))
 
 
+def apply_sequence_frequency(logits: torch.Tensor, history: Sequence[int],
+                             penalty: float) -> torch.Tensor:
+    """TGI's rule on one row (V,): each token of the sequence so far (prompt and generated)
+    loses `penalty * count / len(history)` from its logit."""
+    if not history or penalty == 0.0:
+        return logits
+    counts = Counter(history)
+    ids = torch.tensor(list(counts), device=logits.device)
+    c = torch.tensor(list(counts.values()), dtype=logits.dtype, device=logits.device)
+    return logits.index_add(0, ids, c * (-penalty / len(history)))
+
+
 def adjust_row(logits: torch.Tensor, params: SamplingParams, history: Sequence[int],
                generated: Sequence[int], suppress: Sequence[int]) -> torch.Tensor:
     """One row's (V,) logits as the choice sees them: logit bias, `suppress`ed ids at -inf,
-    repetition penalty, presence and frequency penalties (a new tensor where any applies)."""
+    repetition penalty, presence and frequency penalties, TGI's frequency penalty (a new
+    tensor where any applies)."""
     if params.logit_bias:
         ids = torch.tensor(list(params.logit_bias), device=logits.device)
         logits = logits.index_add(0, ids, torch.tensor(list(params.logit_bias.values()),
@@ -71,13 +85,16 @@ def adjust_row(logits: torch.Tensor, params: SamplingParams, history: Sequence[i
                                    float("-inf"))
     if params.repetition_penalty is not None:
         logits = apply_repetition_penalty(logits, history, params.repetition_penalty)
-    return apply_penalties(logits, generated, params.presence_penalty, params.frequency_penalty)
+    logits = apply_penalties(logits, generated, params.presence_penalty,
+                             params.frequency_penalty)
+    return apply_sequence_frequency(logits, history, params.sequence_frequency_penalty)
 
 
 def adjusts(params: SamplingParams, suppress: Sequence[int]) -> bool:
     """Whether `adjust_row` changes anything for a row."""
     return bool(params.logit_bias or suppress or params.repetition_penalty is not None
-                or params.presence_penalty or params.frequency_penalty)
+                or params.presence_penalty or params.frequency_penalty
+                or params.sequence_frequency_penalty)
 
 
 def filter_min_p(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
@@ -106,6 +123,22 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: int | None,
     return logits
 
 
+def filter_typical(logits: torch.Tensor, typical_p: float | None) -> torch.Tensor:
+    """Typical decoding on (V,) logits (HF's TypicalLogitsWarper, as TGI applies it): order the
+    tokens by how far their -log p lies from the distribution's entropy, keep them in that
+    order while the mass before them is below `typical_p` (the first always stays), mask the
+    rest."""
+    if typical_p is None or typical_p >= 1.0:
+        return logits
+    logp = logits.log_softmax(-1)
+    entropy = -(logp * logp.exp()).nansum()
+    shifted = (-logp - entropy).abs()
+    sorted_shift, order = torch.sort(shifted)
+    cum = logits[order].softmax(-1).cumsum(-1)
+    last = (cum < typical_p).sum().clamp(max=logits.shape[-1] - 1)  # on the device: no sync
+    return logits.masked_fill(shifted > sorted_shift[last], float("-inf"))
+
+
 def sample_row(logits: torch.Tensor, params: SamplingParams, history: Sequence[int],
                generator: torch.Generator | None, generated: Sequence[int] = (),
                suppress: Sequence[int] = ()) -> int:
@@ -116,6 +149,7 @@ def sample_row(logits: torch.Tensor, params: SamplingParams, history: Sequence[i
         return int(torch.argmax(logits))
     logits = filter_min_p(logits / params.temperature, params.min_p)
     logits = filter_top_k_top_p(logits, params.top_k, params.top_p)
+    logits = filter_typical(logits, params.typical_p)
     probs = logits.softmax(-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 

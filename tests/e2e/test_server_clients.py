@@ -58,6 +58,26 @@ def test_text_generation_client(server):
     assert events[-1].details.finish_reason == greedy.details.finish_reason
 
 
+def test_tgi_frequency_penalty_and_typical_p_through_the_clients(server):
+    """Both TGI clients send these in `parameters`; the server answers with them applied:
+    the penalty moves the greedy answer, typical_p samples (reported seed, reproducible)."""
+    from huggingface_hub import InferenceClient
+    from text_generation import Client
+
+    hub, tgi = InferenceClient(base_url=server.base_url), Client(server.base_url)
+    prompt, n = "the the the the", 8
+    plain = hub.text_generation(prompt, max_new_tokens=n, details=True)
+    penalised = hub.text_generation(prompt, max_new_tokens=n, details=True,
+                                    frequency_penalty=2.0)
+    assert penalised.generated_text != plain.generated_text
+    assert tgi.generate(prompt, max_new_tokens=n, frequency_penalty=2.0).generated_text == \
+        penalised.generated_text
+    typical = tgi.generate(prompt, max_new_tokens=n, typical_p=0.5, seed=5)
+    assert typical.details.seed == 5
+    assert hub.text_generation(prompt, max_new_tokens=n, typical_p=0.5,
+                               seed=5) == typical.generated_text
+
+
 def test_generate_raw_sse_format_and_headers(server):
     body = {"inputs": "hello world", "parameters": {"max_new_tokens": 4, "details": True}}
     with httpx.stream("POST", server.base_url + "/generate_stream", json=body) as r:

@@ -1,14 +1,16 @@
-"""OpenAI's and vLLM's sampling controls beyond HF's: logit bias, presence and frequency
-penalties, min-p, min_tokens and stop_token_ids. Each changes exactly the logits or the
-finish it names, row by row, so a row's tokens do not depend on what shares its batch."""
+"""OpenAI's, vLLM's and TGI's sampling controls beyond HF's: logit bias, presence and
+frequency penalties (OpenAI's and TGI's), min-p, typical-p, min_tokens and stop_token_ids. Each
+changes exactly the logits or the finish it names, row by row, so a row's tokens do not depend
+on what shares its batch."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from camex_runtime import SamplingParams
-from camex_runtime.engine.sampling import (adjust_row, apply_penalties, filter_min_p,
-                                           sample_batch)
+from camex_runtime.engine.sampling import (adjust_row, apply_penalties,
+                                           apply_sequence_frequency, filter_min_p,
+                                           filter_top_k_top_p, filter_typical, sample_batch)
 from camex_runtime.errors import InputValidationError
 
 
@@ -20,6 +22,38 @@ def test_penalties_subtract_presence_once_and_frequency_per_occurrence():
         want[token] -= 0.5 + 0.25 * count
     torch.testing.assert_close(out, want)
     assert apply_penalties(logits, [], 0.5, 0.25) is logits  # nothing generated yet
+
+
+def test_tgi_frequency_penalty_counts_the_whole_sequence_per_its_length():
+    logits = torch.randn(9, generator=torch.Generator().manual_seed(0))
+    history = [4, 1, 4, 4, 7, 2, 2, 0]  # prompt and generated alike
+    out = apply_sequence_frequency(logits, history, 0.8)
+    want = logits.clone()
+    for token, count in ((4, 3), (1, 1), (7, 1), (2, 2), (0, 1)):
+        want[token] -= 0.8 * count / len(history)
+    torch.testing.assert_close(out, want)
+    assert apply_sequence_frequency(logits, history, 0.0) is logits
+    p = SamplingParams(sequence_frequency_penalty=0.8)
+    torch.testing.assert_close(adjust_row(logits, p, history, generated=[], suppress=[]), want)
+
+
+@pytest.mark.parametrize("mass", [0.05, 0.2, 0.5, 0.9, 0.999])
+def test_typical_p_keeps_what_transformers_typical_warper_keeps(mass):
+    """The reference is transformers' own TypicalLogitsWarper (TGI's is the same rule)."""
+    from transformers.generation.logits_process import TypicalLogitsWarper
+
+    warper = TypicalLogitsWarper(mass)
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        logits = torch.randn(50, generator=g) * (1 + seed)
+        if seed % 2:  # after top-k: masked tokens stay masked, the rest as the reference
+            logits = filter_top_k_top_p(logits, 20, None)
+        want = warper(torch.zeros(1, 1, dtype=torch.long), logits[None].clone())[0]
+        got = filter_typical(logits, mass)
+        assert torch.isfinite(got).tolist() == torch.isfinite(want).tolist()
+        kept = int(torch.isfinite(got).sum())
+        assert kept >= 1 and (kept < 50 or mass > 0.9)  # some go, the first always stays
+    assert filter_typical(logits, None) is logits and filter_typical(logits, 1.0) is logits
 
 
 def test_adjustments_apply_in_order_and_only_to_the_ids_named():
@@ -60,17 +94,22 @@ def test_biased_and_penalised_rows_choose_alone_what_they_choose_in_a_batch():
         assert alone == [toks[b]]
 
 
-def test_sampling_never_draws_what_min_p_or_suppress_removed():
-    logits = torch.log(torch.tensor([[0.4, 0.35, 0.2, 0.05]] * 2))
-    ps = [SamplingParams(do_sample=True, min_p=0.3, seed=1), SamplingParams(do_sample=True)]
-    drawn = [set(), set()]
-    gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(2)]
+def test_sampling_never_draws_what_min_p_typical_p_or_suppress_removed():
+    logits = torch.log(torch.tensor([[0.4, 0.35, 0.2, 0.05]] * 3))
+    ps = [SamplingParams(do_sample=True, min_p=0.3, seed=1), SamplingParams(do_sample=True),
+          SamplingParams(do_sample=True, typical_p=0.5)]
+    drawn = [set(), set(), set()]
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
     for _ in range(300):
-        toks, _, _ = sample_batch(logits, ps, [[], []], gens, [[], []], [(), (0, 1)])
+        toks, _, _ = sample_batch(logits, ps, [[], [], []], gens, [[], [], []],
+                                  [(), (0, 1), ()])
         for b, t in enumerate(toks):
             drawn[b].add(t)
     assert drawn[0] == {0, 1, 2}  # 0.05 < 0.3 x 0.4
     assert drawn[1] == {2, 3}  # suppressed: never, however likely
+    # entropy 1.20 nats: -log p = 0.92, 1.05, 1.61, 3.00 -> typical order 1, 0, 2, 3; 0.35
+    # alone is below 0.5, so 1 and 0 stay
+    assert drawn[2] == {0, 1}
 
 
 PROMPT = "the lazy dog"
@@ -111,9 +150,11 @@ def test_min_tokens_holds_back_eos_stop_ids_and_stop_strings(engine):
     assert early.finish_reason == "stop_sequence" and len(early.token_ids) < 3
 
 
-def test_penalised_requests_answer_alike_alone_and_batched(engine):
-    sp = SamplingParams(max_new_tokens=12, ignore_eos=True, presence_penalty=1.5,
-                        frequency_penalty=0.5)
+@pytest.mark.parametrize("penalties", [dict(presence_penalty=1.5, frequency_penalty=0.5),
+                                       dict(sequence_frequency_penalty=2.0)],
+                         ids=["openai", "tgi"])
+def test_penalised_requests_answer_alike_alone_and_batched(engine, penalties):
+    sp = SamplingParams(max_new_tokens=12, ignore_eos=True, **penalties)
     alone = engine.generate(PROMPT, **vars(sp)).token_ids
     plain = engine.generate(PROMPT, max_new_tokens=12, ignore_eos=True).token_ids
     handles = [engine.submit(PROMPT, sp), engine.submit("hello world", SamplingParams(
@@ -122,6 +163,17 @@ def test_penalised_requests_answer_alike_alone_and_batched(engine):
     assert handles[1].result().token_ids  # (its own bias, beside)
     # the penalties matter here: the plain greedy answer repeats a token they would avoid
     assert alone != plain and len(set(plain)) < len(plain)
+
+
+def test_seeded_typical_sampling_answers_alike_alone_and_batched(engine):
+    sp = SamplingParams(max_new_tokens=10, ignore_eos=True, do_sample=True, typical_p=0.3,
+                        seed=11)
+    alone = engine.generate(PROMPT, **vars(sp)).token_ids
+    handles = [engine.submit("hello world", SamplingParams(max_new_tokens=10, do_sample=True)),
+               engine.submit(PROMPT, sp)]
+    assert handles[1].result().token_ids == alone
+    wide = engine.generate(PROMPT, **{**vars(sp), "typical_p": None}).token_ids
+    assert wide != alone  # the same seed draws otherwise from the whole distribution
 
 
 def test_token_ids_outside_the_vocabulary_are_refused(engine):
@@ -139,6 +191,8 @@ def test_token_ids_outside_the_vocabulary_are_refused(engine):
     (dict(logit_bias={True: 1.0}), "logit_bias keys"),
     (dict(logit_bias=[1, 2]), "logit_bias must map"),
     (dict(min_p=1.5), "min_p"), (dict(min_tokens=-1), "min_tokens"),
+    (dict(typical_p=0.0), "typical_p"), (dict(typical_p=1.5), "typical_p"),
+    (dict(sequence_frequency_penalty=-2.5), "sequence_frequency_penalty"),
     (dict(min_tokens=5, max_new_tokens=4), "must not exceed"),
     (dict(stop_token_ids=[1, -2]), "stop_token_ids"),
     (dict(stop_token_ids="ab"), "stop_token_ids")])

@@ -33,6 +33,26 @@ def test_extensions_pass_through():
     assert params.ignore_eos and params.return_routing and params.routing == "prompt"
 
 
+def test_tgi_frequency_penalty_and_typical_p_map_to_their_tgi_rules():
+    """TGI's frequency penalty is its own (over prompt and generated tokens, per length), not
+    OpenAI's; typical_p is a warper, so it switches sampling on as TGI's warpers do."""
+    params, seed = convert(frequency_penalty=0.5, typical_p=0.4)
+    assert params.sequence_frequency_penalty == 0.5 and params.frequency_penalty == 0.0
+    assert params.typical_p == 0.4 and params.do_sample and seed is not None
+    plain, _ = convert()
+    assert plain.sequence_frequency_penalty == 0.0 and plain.typical_p is None
+    assert not plain.do_sample
+
+
+@pytest.mark.parametrize("kw", [{"frequency_penalty": 2.5}, {"typical_p": 1.0},
+                                {"typical_p": 0.0}])
+def test_tgi_ranges_of_frequency_penalty_and_typical_p(kw):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=next(iter(kw))):
+        GenerateParameters(**kw)
+
+
 def test_explicit_seed_is_kept():
     params, seed = convert(do_sample=True, seed=42, top_k=5, top_p=0.9, stop=["\n"])
     assert (params.seed, seed, params.top_k, params.top_p, tuple(params.stop)) == \
@@ -41,8 +61,7 @@ def test_explicit_seed_is_kept():
 
 @pytest.mark.parametrize("kw,needle", [
     ({"best_of": 2}, "best_of"), ({"watermark": True}, "watermark"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"typical_p": 0.5}, "typical_p"), ({"grammar": {"type": "regex"}}, "grammar"),
+    ({"grammar": {"type": "regex"}}, "grammar"),
     ({"stop": ["a", "b", "c"]}, "at most 2"), ({"stop": [""]}, "non-empty"),
 ])
 def test_unsupported_or_too_many_is_422(kw, needle):
