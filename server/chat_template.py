@@ -2,8 +2,10 @@
 
 The template is the tokenizer's own (`tokenizer_config.json` `chat_template`, as transformers
 loads it) unless the server was started with a template file, as vLLM's `--chat-template`.
-Rendering is transformers' `apply_chat_template(..., add_generation_prompt=True)`. A model
-without a template is a clear 400 naming the fix, never a guess at a format. Knows no routes.
+Rendering is transformers' `apply_chat_template`, with the request's rendering options
+(`add_generation_prompt`, default true; `continue_final_message`; `chat_template_kwargs`, more
+template variables such as Qwen3's `enable_thinking`, as vLLM). A model without a template is a
+clear 400 naming the fix, never a guess at a format. Knows no routes.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from functools import lru_cache
+from typing import Any
 
 from server import errors
 
@@ -40,16 +43,25 @@ def require_template(engine, settings) -> str:
     return template
 
 
-def render(engine, template: str, messages: Sequence, add_generation_prompt: bool = True) -> str:
+def render(engine, template: str, messages: Sequence, add_generation_prompt: bool = True,
+           continue_final_message: bool = False,
+           template_kwargs: dict[str, Any] | None = None) -> str:
     """The prompt text for `messages` (ChatMessage models). A template that refuses them
     itself (`raise_exception`, e.g. a role order) is a 422 carrying its message; a template
     that is broken (a syntax error, an undefined name) is the server's fault: a 500, and the
-    reason goes to the log."""
+    reason goes to the log — unless it renders without the client's `template_kwargs` and
+    `continue_final_message`: then those broke it, a 422 naming them."""
     plain = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
              for m in messages]
+    extras = {**({"continue_final_message": True} if continue_final_message else {}),
+              **(template_kwargs or {})}
     try:
-        return _apply(engine, template, plain, add_generation_prompt)
+        return _apply(engine, template, plain, add_generation_prompt, **extras)
     except BrokenTemplate as exc:
+        if extras and _renders(engine, template, plain, add_generation_prompt):
+            param = "chat_template_kwargs" if template_kwargs else "continue_final_message"
+            raise errors.validation(f"the chat template cannot render with this "
+                                    f"{param}: {exc}", param=param) from None
         log.error("the chat template cannot be rendered: %s", exc)
         raise errors.ApiError(500, "internal", "the server's chat template failed to render "
                               "(a server configuration error; see its log)") from None
@@ -66,13 +78,22 @@ class BrokenTemplate(Exception):
     """The template itself fails: syntax, undefined names, type errors."""
 
 
-def _apply(engine, template: str, messages: list[dict], add_generation_prompt: bool) -> str:
+def _renders(engine, template: str, messages: list[dict], add_generation_prompt: bool) -> bool:
+    try:
+        _apply(engine, template, messages, add_generation_prompt)
+    except (BrokenTemplate, TemplateRefusal):
+        return False
+    return True
+
+
+def _apply(engine, template: str, messages: list[dict], add_generation_prompt: bool,
+           continue_final_message: bool = False, **template_kwargs: Any) -> str:
     from jinja2 import TemplateError
 
     try:
         return engine.tokenizer.apply_chat_template(
             messages, chat_template=template, add_generation_prompt=add_generation_prompt,
-            tokenize=False)
+            continue_final_message=continue_final_message, tokenize=False, **template_kwargs)
     except TemplateError as exc:
         # raise_exception raises TemplateError itself; Jinja's own failures are subclasses
         # (TemplateSyntaxError, UndefinedError, ...)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BeforeValidator, Field
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from server.protocol import (MAX_SEED, Float, Int, RequestSchema, Text, TextOrTexts, _encodable,
                              _Schema)
@@ -176,13 +176,52 @@ class ChatMessage(RequestSchema):
         return "".join(part.text for part in self.content or ())
 
 
-class ChatCompletionRequest(_Sampling):
+# apply_chat_template's own parameters: a template variable of that name would set them
+RESERVED_TEMPLATE_KWARGS = frozenset({
+    "conversation", "messages", "tools", "documents", "chat_template", "add_generation_prompt",
+    "continue_final_message", "tokenize", "sanitize_control_tokens", "padding", "truncation",
+    "max_length", "return_tensors", "return_dict", "return_assistant_tokens_mask",
+    "tokenizer_kwargs"})
+
+
+class _ChatTemplateOptions(RequestSchema):
+    """How chat messages become the prompt (vLLM's extensions, on chat and chat /tokenize)."""
+    add_generation_prompt: bool = Field(
+        True, description="end the prompt with the opening of the assistant's turn")
+    continue_final_message: bool = Field(
+        False, description="leave the last message (the assistant's) open for the model to "
+                           "continue; needs add_generation_prompt false")
+    chat_template_kwargs: dict[Text, Any] | None = Field(
+        None, description="more variables for the chat template (e.g. enable_thinking)")
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _own_variables_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        taken = sorted(set(value or ()) & RESERVED_TEMPLATE_KWARGS)
+        if taken:
+            raise ValueError(f"{', '.join(taken)} cannot be set through chat_template_kwargs "
+                             f"(request fields or the server's own rendering options)")
+        return value
+
+    @model_validator(mode="after")
+    def _open_end_or_new_turn(self):
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise ValueError("continue_final_message and add_generation_prompt cannot both "
+                                 "be true (continuing the last message opens no new turn)")
+            last = getattr(self, "messages", None)
+            if last and last[-1].role != "assistant":
+                raise ValueError(f"continue_final_message continues the last message, which "
+                                 f"must be the assistant's (it is `{last[-1].role}`)")
+        return self
+
+
+class ChatCompletionRequest(_Sampling, _ChatTemplateOptions):
     unsupported = frozenset({"tools", "tool_choice", "functions", "function_call",
                              "parallel_tool_calls", "response_format", "audio", "modalities",
                              "prediction", "reasoning_effort", "web_search_options", "store",
                              "metadata", "service_tier", "best_of", "use_beam_search",
-                             "chat_template", "chat_template_kwargs", "add_generation_prompt",
-                             "continue_final_message", "echo", "include_stop_str_in_output",
+                             "chat_template", "echo", "include_stop_str_in_output",
                              "prompt_logprobs"})
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_tokens: Int | None = Field(None, ge=1, description="deprecated name of "
@@ -251,12 +290,10 @@ class TokenizeCompletionRequest(RequestSchema):
     return_token_strs: bool = False
 
 
-class TokenizeChatRequest(RequestSchema):
-    unsupported = frozenset({"tools", "chat_template", "chat_template_kwargs",
-                             "continue_final_message", "mm_processor_kwargs"})
+class TokenizeChatRequest(_ChatTemplateOptions):
+    unsupported = frozenset({"tools", "chat_template", "mm_processor_kwargs"})
     model: Text | None = None
     messages: list[ChatMessage] = Field(..., min_length=1)
-    add_generation_prompt: bool = True
     add_special_tokens: bool = False
     return_token_strs: bool = False
 

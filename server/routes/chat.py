@@ -57,7 +57,8 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
 
 
 def prompt_ids(engine, template: str, body: ChatCompletionRequest) -> list[int]:
-    text = render(engine, template, body.messages)
+    text = render(engine, template, body.messages, body.add_generation_prompt,
+                  body.continue_final_message, body.chat_template_kwargs)
     return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

@@ -323,6 +323,65 @@ def test_a_template_refusing_messages_is_422_and_a_broken_one_500(tiny_lm_dir, t
                      "conversation: UndefinedError: 'missing' is undefined"]
 
 
+# Qwen3's switch, in miniature: an empty thinking block when the client turns thinking off
+THINKING = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% if enable_thinking is defined and "
+            "not enable_thinking %}<think></think>{% endif %}{% if budget is defined %}"
+            "{{ budget + 1 }}{% endif %}{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def thinking(tiny_lm_dir, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tpl") / "thinking.jinja"
+    path.write_text(THINKING)
+    app = create_app(ServerSettings(model=str(tiny_lm_dir), chat_template=str(path)))
+    with TestClient(app) as c:
+        wait_ready(c)
+        c.tokenizer = app.state.serving.lm.tokenizer
+        yield c
+
+
+def test_chat_template_kwargs_and_rendering_options_reach_the_template(thinking):
+    """vLLM's chat_template_kwargs (Qwen3's enable_thinking), add_generation_prompt and
+    continue_final_message: /tokenize shows the prompt, the chat route generates from it."""
+    user = [{"role": "user", "content": "hi"}]
+    cases = [
+        ({}, user, "<user>hi\n<assistant>"),
+        ({"chat_template_kwargs": {"enable_thinking": False}}, user,
+         "<user>hi\n<assistant><think></think>"),
+        ({"chat_template_kwargs": {"enable_thinking": True, "budget": 4}}, user,
+         "<user>hi\n<assistant>5"),
+        ({"add_generation_prompt": False}, user, "<user>hi\n"),
+        ({"add_generation_prompt": False, "continue_final_message": True},
+         [*user, {"role": "assistant", "content": "Once upon"}], "<user>hi\n<assistant>Once upon"),
+    ]
+    for extra, messages, rendered in cases:
+        want = thinking.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+        r = thinking.post("/tokenize", json={"messages": messages, **extra})
+        assert r.status_code == 200 and r.json()["tokens"] == want, (extra, r.text)
+        r = thinking.post("/v1/chat/completions", json={
+            "messages": messages, "max_tokens": 2, "temperature": 0, **extra})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(want), extra
+
+
+@pytest.mark.parametrize("extra,needle", [
+    ({"chat_template_kwargs": {"add_generation_prompt": False}},
+     "add_generation_prompt cannot be set through chat_template_kwargs"),
+    ({"chat_template_kwargs": {"messages": []}}, "messages cannot be set"),
+    ({"continue_final_message": True}, "cannot both be true"),
+    ({"continue_final_message": True, "add_generation_prompt": False},
+     "must be the assistant's (it is `user`)"),
+    # a variable the template cannot use: the client's kwargs broke it, not the server
+    ({"chat_template_kwargs": {"budget": "four"}}, "cannot render with this "
+                                                   "chat_template_kwargs"),
+])
+def test_bad_rendering_options_are_422_naming_them(thinking, extra, needle):
+    body = {"messages": [{"role": "user", "content": "hi"}], **extra}
+    for path, more in (("/v1/chat/completions", {"max_tokens": 2}), ("/tokenize", {})):
+        r = thinking.post(path, json={**body, **more})
+        assert r.status_code == 422 and needle in json.dumps(r.json()), (path, r.text)
+
+
 def test_tgi_prefill_and_top_tokens_match_the_completions_logprobs(client):
     r = client.post("/generate", json={"inputs": "the quick brown", "parameters": {
         "max_new_tokens": 3, "decoder_input_details": True, "top_n_tokens": 2,
