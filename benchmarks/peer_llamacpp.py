@@ -6,7 +6,8 @@ One command builds what it needs and prints the table of issue #15:
    under ``~/.cache/camex-serve/llama.cpp/``, see ``llamacpp_build.py``);
 2. models (``peer_models.py``): one seeded random dense model — GPT-2 small (124 M parameters,
    full size), or with ``--family llama`` a Llama of the same width and depth (RMSNorm, rotary,
-   grouped-query attention, SwiGLU; 153 M) — converted to f32 and f16 GGUF by llama.cpp's own
+   grouped-query attention, SwiGLU; 153 M), or with ``--family qwen3`` that Llama as a Qwen3
+   (per-head query/key RMSNorms) — converted to f32 and f16 GGUF by llama.cpp's own
    converter, and to camex checkpoints: the dense-equivalent model and a CAMEx 7+1-expert model
    upcycled from it;
 3. for every thread count and dtype pair (fp32: f32 GGUF vs ``--dtype float32``; bf16: f16 GGUF
@@ -26,6 +27,7 @@ One command builds what it needs and prints the table of issue #15:
     python benchmarks/peer_llamacpp.py --quick           # tiny model, short runs, still llama.cpp
     python benchmarks/peer_llamacpp.py --quick --no-llama   # camex side only (what CI runs)
     python benchmarks/peer_llamacpp.py --family llama    # the same table on a Llama-family model
+    python benchmarks/peer_llamacpp.py --family qwen3    # ... and on a Qwen3 (q/k norms)
 
 A script that measures and reports; it asserts nothing about speed.
 """
@@ -71,7 +73,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny model and short runs")
     p.add_argument("--family", choices=FAMILIES, default="gpt2",
-                   help="the dense model's family: GPT-2 small, or a Llama of its width and depth")
+                   help="the dense model's family: GPT-2 small, or a Llama (or a Qwen3: the "
+                        "Llama with per-head q/k norms) of its width and depth")
     p.add_argument("--no-llama", action="store_true",
                    help="skip llama.cpp entirely (no build, no GGUF, no llama-server rows)")
     p.add_argument("--no-engine", action="store_true", help="skip the in-process engine runs")

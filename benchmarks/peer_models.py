@@ -11,7 +11,8 @@ output exists, since the CAMEx export takes minutes):
   llama.cpp's converter reads it). ``family="llama"``: ``llama/``, a Llama of GPT-2 small's width
   and depth (RMSNorm, rotary positions, grouped-query attention 12/4 heads, SwiGLU FFN of 2,048
   with GPT-2's FFN parameter count, untied LM head; 153 M parameters), ``rope_theta`` written
-  out;
+  out. ``family="qwen3"``: ``qwen3/``, the same Llama shape as a Qwen3 (its per-head query and
+  key RMSNorms added, head_dim 64 written out: Qwen3's config default is 128);
 - ``camex-dense/``: the same weights as a camex checkpoint, ``upcycle_from_dense(dir,
   num_experts=0)`` + ``export`` (the dense-equivalent model);
 - ``camex-7x1/``: ``upcycle_from_dense(dir, num_experts=7)`` (1 base + 7 routed experts per
@@ -25,6 +26,7 @@ Knows nothing about servers or llama.cpp (beyond the config keys its converter r
 
     python benchmarks/peer_models.py --work ~/.cache/camex-serve/peer/full
     python benchmarks/peer_models.py --family llama --work ~/.cache/camex-serve/peer/full-llama
+    python benchmarks/peer_models.py --family qwen3 --work ~/.cache/camex-serve/peer/full-qwen3
 """
 from __future__ import annotations
 
@@ -57,7 +59,7 @@ LLAMA_SHAPES = {
                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                   intermediate_size=128),
 }
-FAMILIES = ("gpt2", "llama")
+FAMILIES = ("gpt2", "llama", "qwen3")  # qwen3: LLAMA_SHAPES plus per-head q/k norms
 ROPE_THETA = 10000.0
 QUICK_TEXTS = 3000  # fortunes the quick tokenizer trains on (seconds, not minutes)
 EXPERT_NOISE = 0.02  # std added to every routed expert: experts differ as much as init weights
@@ -94,19 +96,22 @@ def build_gpt2(out: Path, tok, shape: dict, seed: int) -> dict:
     return save_for_converter(out, model, tok, {"n_ctx": shape["n_positions"]})
 
 
-def build_llama(out: Path, tok, shape: dict, seed: int) -> dict:
-    """Seeded random Llama with `tok` (vocab padded as in `build_gpt2`)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def build_llama(out: Path, tok, shape: dict, seed: int, family: str = "llama") -> dict:
+    """Seeded random Llama (or Qwen3: `family`) with `tok` (vocab padded as in `build_gpt2`)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
     if (out / "config.json").exists():
         return json.loads((out / "config.json").read_text())
     if len(tok) > shape["vocab_size"]:
         raise ValueError(f"tokenizer has {len(tok)} entries, more than vocab {shape['vocab_size']}")
-    cfg = LlamaConfig(**shape, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                      rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id)
+    config_cls, model_cls, extra = (LlamaConfig, LlamaForCausalLM, {}) if family == "llama" \
+        else (Qwen3Config, Qwen3ForCausalLM,
+              {"head_dim": shape["hidden_size"] // shape["num_attention_heads"]})
+    cfg = config_cls(**shape, **extra, rms_norm_eps=1e-5, tie_word_embeddings=False,
+                     rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA},
+                     bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                     pad_token_id=tok.pad_token_id)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg).eval()
+    model = model_cls(cfg).eval()
     # transformers 5 keeps rope_theta inside rope_parameters; the converter's transformers 4
     # reads the top-level key (and would silently assume 10,000 without it)
     return save_for_converter(out, model, tok, {"rope_theta": ROPE_THETA})
@@ -202,7 +207,10 @@ def build_models(work: Path, quick: bool, seed: int = 0, num_prompts: int = 64,
     tok = build_tokenizer(work / "tokenizer", texts[:QUICK_TEXTS] if quick else texts,
                           shape["vocab_size"])
     dense = work / family
-    (build_gpt2 if family == "gpt2" else build_llama)(dense, tok, shape, seed)
+    if family == "gpt2":
+        build_gpt2(dense, tok, shape, seed)
+    else:
+        build_llama(dense, tok, shape, seed, family)
     build_camex(work / "camex-dense", dense, tok, 0, seed)
     build_camex(work / "camex-7x1", dense, tok, 7, seed)
     prompts = write_prompts(prompts_path(work, prompt_tokens), tok, texts, num_prompts,

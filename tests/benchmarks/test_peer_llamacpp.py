@@ -96,17 +96,21 @@ def test_camex_forms_of_the_same_weights(models):
     assert (moe_logits - ref).abs().max() > 1e-2  # experts were spread apart: merges matter
 
 
-@pytest.fixture(scope="module")
-def llama_models(tmp_path_factory) -> dict:
-    return build_models(tmp_path_factory.mktemp("peer-llama") / "work", quick=True,
-                        num_prompts=4, family="llama")
+@pytest.fixture(scope="module", params=["llama", "qwen3"])
+def llama_models(request, tmp_path_factory) -> dict:
+    return build_models(tmp_path_factory.mktemp(f"peer-{request.param}") / "work", quick=True,
+                        num_prompts=4, family=request.param)
 
 
 def test_llama_directory_is_what_the_converter_reads(llama_models):
+    family = llama_models["family"]
     llama = Path(llama_models["dense"])
-    assert llama_models["llama"] == str(llama) and llama.name == "llama"
+    assert llama_models[family] == str(llama) and llama.name == family
     config = json.loads((llama / "config.json").read_text())
-    assert config["model_type"] == "llama" and config["architectures"] == ["LlamaForCausalLM"]
+    arch = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}[family]
+    assert config["model_type"] == family and config["architectures"] == [arch]
+    # written out: Qwen3's default head_dim (128) is not the shape's width per head
+    assert config["head_dim"] == config["hidden_size"] // config["num_attention_heads"]
     # the converter's transformers 4 reads the top-level key; transformers 5 the nested one
     assert config["rope_theta"] == config["rope_parameters"]["rope_theta"] == 10000.0
     assert config["tie_word_embeddings"] is False
@@ -121,14 +125,15 @@ def test_llama_directory_is_what_the_converter_reads(llama_models):
 
 def test_camex_forms_of_the_same_llama_weights(llama_models):
     import camex_runtime  # noqa: F401  (registers model_type camex)
-    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
     ids = torch.tensor([[5, 17, 300, 42, 7, 99, 1000, 3]])
     with torch.no_grad():
-        ref = LlamaForCausalLM.from_pretrained(llama_models["dense"]).eval()(ids).logits
+        ref = AutoModelForCausalLM.from_pretrained(llama_models["dense"]).eval()(ids).logits
         dense = AutoModelForCausalLM.from_pretrained(llama_models["camex_dense"]).eval()
         moe = AutoModelForCausalLM.from_pretrained(llama_models["camex_7x1"]).eval()
         dense_logits, moe_logits = dense(ids).logits, moe(ids).logits
     assert dense.config.family == "llama" and moe.config.num_experts == 7
+    assert dense.config.qk_norm == (llama_models["family"] == "qwen3")
     assert torch.allclose(dense_logits, ref, atol=1e-4, rtol=1e-4)
     assert (moe_logits - ref).abs().max() > 1e-2
 
