@@ -192,8 +192,13 @@ class Reading:
         return ev.done
 
     def end(self) -> int | None:
-        """After the stream: the record's totals; the server's prompt token count if it said."""
+        """After the stream: the record's totals; the server's prompt token count if it said.
+        Ids that do not cover every generated token are dropped (unknown, never compared):
+        llama-server holds back a token that ends inside a UTF-8 character and its next event,
+        which counts both, names only the last one."""
         self.rec.output_tokens = self.produced
+        if len(self.ids) != self.produced:
+            self.ids.clear()
         if not self.rec.ok:  # a failure recorded before stays (the first one wins)
             self.rec.fail("bad_response", self.now(), "stream ended without a final event")
         return self.prompt_tokens

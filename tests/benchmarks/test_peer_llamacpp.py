@@ -624,6 +624,29 @@ def test_results_json_keeps_number_lists_on_one_line_and_reads_back_the_same():
     assert len(text) < len(json.dumps(doc, indent=1))
 
 
+def test_llama_server_events_that_skip_a_token_id_leave_the_ids_unknown():
+    """llama-server names only the last token of an event that completes a held-back UTF-8
+    character: those ids would compare as a disagreement, so they are not kept."""
+    from loadtest.records import RequestRecord
+    from peer_client import LlamaCppDialect, Reading
+
+    def read(events):
+        ids: list[int] = []
+        reading = Reading(LlamaCppDialect(), RequestRecord(index=0, kind="stream", start=0.0),
+                          0.0, ids)
+        for ev in events:
+            reading.event(json.dumps(ev), arrived=1.0)
+        reading.end()
+        return reading.rec.output_tokens, ids
+
+    whole = [{"tokens": [5], "tokens_predicted": 1}, {"tokens": [7], "tokens_predicted": 2},
+             {"tokens": [], "tokens_predicted": 2, "stop": True, "stop_type": "limit"}]
+    assert read(whole) == (2, [5, 7])
+    held = [{"tokens": [5], "tokens_predicted": 1}, {"tokens": [9], "tokens_predicted": 3},
+            {"tokens": [], "tokens_predicted": 3, "stop": True, "stop_type": "limit"}]
+    assert read(held) == (3, [])  # three tokens counted, one id never named
+
+
 @pytest.mark.parametrize("client", ["wire", "httpx"])
 def test_both_harness_clients_read_a_tgi_stream_into_the_same_records(client):
     script = Script([tgi_stream([5, 6, 7]), tgi_stream([8, 9, 10], error_after=1)])
