@@ -250,6 +250,9 @@ class ChoiceLogprobs(_Schema):
 class AssistantMessage(_Schema):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    # with --reasoning-parser: the <think> part (DeepSeek's and vLLM <= 0.10's name, then vLLM's)
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
 
 class ChatChoice(_Schema):

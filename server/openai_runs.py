@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from dataclasses import dataclass, field
+from typing import Any
 from collections.abc import AsyncIterator, Sequence
 
 from camex_runtime import SamplingParams
@@ -34,6 +35,8 @@ class Choice:
     events: AsyncIterator | None = field(default=None, repr=False)
     # the task reading the first event while the stream has already started (`first_events`)
     pending: asyncio.Task | None = field(default=None, repr=False)
+    # chat with --reasoning-parser: its <think> / answer splitter (server.reasoning.ThinkSplit)
+    think: Any = field(default=None, repr=False)
 
     @property
     def text(self) -> str:

@@ -118,6 +118,10 @@ class ServerSettings:
                                 "them (for clients that send extras)")
     chat_template: str | None = _opt(None, "Jinja chat template file for /v1/chat/completions "
                                      "(none: the checkpoint's tokenizer_config.json)")
+    reasoning_parser: str | None = _opt(
+        None, "split a thinking model's <think>...</think> from its answer in chat completions "
+        "(message `reasoning_content` and `reasoning`, as vLLM's parsers of these names)",
+        choices=("qwen3", "deepseek_r1"))
 
     def __post_init__(self) -> None:
         positive = ("port", "max_batch_size", "max_waiting", "max_client_batch_size",

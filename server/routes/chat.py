@@ -26,6 +26,7 @@ from server.openai_runs import (Choice, check_model, check_stream_options, choic
                                 close_all, context_length_error, finish_reason, first_events,
                                 merged, run_to_end, sampling, start_choices, stop_list,
                                 token_strings, usage_now, usage_of)
+from server.reasoning import ThinkSplit, answer_only
 from server.routes.completions import OPENAI_ERRORS, model_name
 from server.routes.tgi import SSE_HEADERS
 
@@ -41,7 +42,7 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
         raise errors.validation("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
     stops = stop_list(body.stop, state.settings.max_stop_sequences)
     template = require_template(engine, state.settings)
-    ids = await anyio.to_thread.run_sync(prompt_ids, engine, template, body)
+    text, ids = await anyio.to_thread.run_sync(prompt_ids, engine, template, body)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # vLLM: whatever the context has left after the prompt
         max_tokens = max(1, engine.info()["max_total_tokens"] - len(ids))
@@ -52,14 +53,20 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
                         logprobs=(body.top_logprobs or 0) if body.logprobs else 0, seed=seeds[j])
     tokens_field = "max_tokens" if body.max_completion_tokens is None and \
         body.max_tokens is not None else "max_completion_tokens"
-    return await start_choices(request, engine, [ids], body.n, params_for,
-                               context_length_error("messages", tokens_field))
+    choices = await start_choices(request, engine, [ids], body.n, params_for,
+                                  context_length_error("messages", tokens_field))
+    parser = state.settings.reasoning_parser
+    if parser is not None:
+        plain = answer_only(parser, text, body.chat_template_kwargs)
+        for c in choices:
+            c.think = ThinkSplit(plain)
+    return choices
 
 
-def prompt_ids(engine, template: str, body: ChatCompletionRequest) -> list[int]:
+def prompt_ids(engine, template: str, body: ChatCompletionRequest) -> tuple[str, list[int]]:
     text = render(engine, template, body.messages, body.add_generation_prompt,
                   body.continue_final_message, body.chat_template_kwargs)
-    return list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return text, list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses={
@@ -79,13 +86,23 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
                                                   for c in choices])
     completion = ChatCompletion(id="chatcmpl-" + uuid.uuid4().hex, created=int(time.time()),
                                 model=model_name(request), choices=out, usage=usage_of(choices))
-    return JSONResponse(completion.model_dump(exclude_none=True))
+    answer = completion.model_dump(exclude_none=True)
+    for choice in answer["choices"]:  # a reasoning-only answer: `content: null`, as OpenAI's
+        choice["message"].setdefault("content", None)
+    return JSONResponse(answer)
 
 
 def choice_json(c: Choice, body: ChatCompletionRequest, tokenizer) -> ChatChoice:
     lp = logprobs_json(tokenizer, c.run.events, body.top_logprobs or 0) if body.logprobs \
         else None
-    return ChatChoice(index=c.index, message=AssistantMessage(content=c.text), logprobs=lp,
+    if c.think is None:
+        message = AssistantMessage(content=c.text)
+    else:
+        c.think.push(c.text, final=True)
+        reasoning, answer = c.think.whole()
+        message = AssistantMessage(content=answer, reasoning_content=reasoning,
+                                   reasoning=reasoning)
+    return ChatChoice(index=c.index, message=message, logprobs=lp,
                       finish_reason=finish_reason(c.run.result.finish_reason))
 
 
@@ -116,7 +133,10 @@ async def chat_chunks(choices: list[Choice], firsts: list, body: ChatCompletionR
             events = [ev] if ev.token_id >= 0 else []
             lp = logprobs_json(tokenizer, events, body.top_logprobs or 0).model_dump() \
                 if body.logprobs else None
-            delta = {"content": text} if text or ev.finish_reason is None else {}
+            if c.think is None:
+                delta = {"content": text} if text or ev.finish_reason is None else {}
+            else:
+                delta = think_delta(c.think, text, ev.finish_reason is not None)
             yield chunk(meta, c.index, delta, lp, finish_reason(ev.finish_reason),
                         usage_now(c, body))
         if body.stream_options and body.stream_options.include_usage:
@@ -130,6 +150,14 @@ async def chat_chunks(choices: list[Choice], firsts: list, body: ChatCompletionR
         yield "data: [DONE]\n\n"
     finally:
         await close_all(choices)
+
+
+def think_delta(split: ThinkSplit, text: str, final: bool) -> dict:
+    """A streamed piece with --reasoning-parser: its reasoning and answer parts (both names of
+    the reasoning field, as the complete message has them); `{}` when the piece holds back."""
+    reasoning, answer = split.push(text, final)
+    delta = {"reasoning_content": reasoning, "reasoning": reasoning} if reasoning else {}
+    return {**delta, "content": answer} if answer else delta
 
 
 def chunk(meta: dict, index: int, delta: dict, logprobs: dict | None = None,

@@ -382,6 +382,47 @@ def test_bad_rendering_options_are_422_naming_them(thinking, extra, needle):
         assert r.status_code == 422 and needle in json.dumps(r.json()), (path, r.text)
 
 
+@pytest.fixture(scope="module")
+def reasoner(tiny_lm_dir, tmp_path_factory):
+    """The THINKING template's server with --reasoning-parser qwen3."""
+    path = tmp_path_factory.mktemp("tpl") / "thinking.jinja"
+    path.write_text(THINKING)
+    app = create_app(ServerSettings(model=str(tiny_lm_dir), chat_template=str(path),
+                                    reasoning_parser="qwen3"))
+    with TestClient(app) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_reasoning_parser_splits_messages_and_streams_alike(thinking, reasoner):
+    """The tiny model never writes </think>: with thinking on its whole answer is reasoning
+    (cut short, as vLLM reads it) in both field names and content is null; with thinking off
+    (the template closes the think block in the prompt) it is all content. Streams carry the
+    same text in the same fields. The raw text comes from the same model without a parser."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True}
+    off = {"chat_template_kwargs": {"enable_thinking": False}}
+    for extra, field in (({}, "reasoning_content"), (off, "content")):
+        raw = thinking.post("/v1/chat/completions", json={**body, **extra}).json()
+        raw_text = raw["choices"][0]["message"]["content"]
+        assert raw_text and "</think>" not in raw_text
+        r = reasoner.post("/v1/chat/completions", json={**body, **extra})
+        assert r.status_code == 200, r.text
+        message = r.json()["choices"][0]["message"]
+        if field == "content":
+            assert message == {"role": "assistant", "content": raw_text}
+        else:
+            assert message == {"role": "assistant", "content": None,
+                               "reasoning_content": raw_text, "reasoning": raw_text}
+        chunks = sse(reasoner, "/v1/chat/completions", {**body, **extra, "stream": True})
+        deltas = [ch["choices"][0]["delta"] for ch in chunks[1:]]
+        assert "".join(d.get(field, "") for d in deltas) == raw_text
+        other = "content" if field == "reasoning_content" else "reasoning_content"
+        assert not any(d.get(other) for d in deltas)
+        if field == "reasoning_content":
+            assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
+
+
 def test_tgi_prefill_and_top_tokens_match_the_completions_logprobs(client):
     r = client.post("/generate", json={"inputs": "the quick brown", "parameters": {
         "max_new_tokens": 3, "decoder_input_details": True, "top_n_tokens": 2,

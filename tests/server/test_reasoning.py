@@ -1,0 +1,73 @@
+"""--reasoning-parser's split of `<think>...</think>` from the answer, piece by piece: a
+streamed choice, cut anywhere, splits as the whole text does (vLLM's qwen3 and deepseek_r1
+rules)."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from server.reasoning import ThinkSplit, answer_only
+
+
+def whole(text: str, plain: bool = False):
+    split = ThinkSplit(plain)
+    split.push(text, final=True)
+    return split.whole()
+
+
+@pytest.mark.parametrize("text,want", [
+    ("<think>\nplan\n</think>\n\nAnswer", ("\nplan\n", "\n\nAnswer")),
+    ("plan</think>Answer", ("plan", "Answer")),  # <think> was in the prompt
+    ("<think>cut short", ("cut short", None)),  # no </think>: all reasoning
+    ("</think>Answer", (None, "Answer")),
+    ("<think></think>", (None, None)),
+    ("a </thin k> b</think>c </think> d", ("a </thin k> b", "c </think> d")),  # the first end
+    ("Answer <think>", ("Answer <think>", None)),  # a late <think> is text
+])
+def test_whole_texts_split_as_vllm_splits_them(text, want):
+    assert whole(text) == want
+
+
+def test_an_answer_only_choice_keeps_every_character_as_answer():
+    text = "<think>x</think>y"
+    assert whole(text, plain=True) == (None, text)
+
+
+@pytest.mark.parametrize("text", [
+    "<think>\nStep one. Step <two>.\n</think>\n\nThe answer is 4 </th.",
+    "reasoning with < and </ and </think and then</think>answer <think> again",
+    "<thi", "</thin", "<think>only thinking <", "no tags at all",
+])
+def test_any_cut_into_pieces_splits_as_the_whole(text):
+    want = whole(text)
+    rng = random.Random(0)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 6))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        split, reasoning, answer = ThinkSplit(False), [], []
+        for i, piece in enumerate(pieces):
+            r, a = split.push(piece, final=i == len(pieces) - 1)
+            reasoning.append(r)
+            answer.append(a)
+        assert ("".join(reasoning) or None, "".join(answer) or None) == want, pieces
+        assert split.whole() == want  # (a tag cut in two would have leaked into the parts)
+
+
+def test_the_finish_releases_what_was_held_back():
+    split = ThinkSplit(False)
+    assert split.push("plan </th") == ("plan ", "")  # "</th" may open </think>
+    assert split.push("", final=True) == ("</th", "")
+
+
+@pytest.mark.parametrize("parser,prompt,kwargs,want", [
+    ("qwen3", "<|user|>hi<|assistant|>", None, False),
+    ("qwen3", "<|assistant|><think>\n\n</think>\n\n", None, True),  # the template closed it
+    ("qwen3", "<think>a</think> old turn <think>\n", None, False),  # reopened for this turn
+    ("qwen3", "<|assistant|>", {"enable_thinking": False}, True),
+    ("qwen3", "<|assistant|>", {"enable_thinking": True}, False),
+    ("deepseek_r1", "<|assistant|>", {"enable_thinking": False}, False),  # no such switch
+    ("deepseek_r1", "<|assistant|><think></think>", None, True),
+])
+def test_which_choices_are_all_answer(parser, prompt, kwargs, want):
+    assert answer_only(parser, prompt, kwargs) is want
