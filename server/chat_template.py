@@ -10,6 +10,7 @@ clear 400 naming the fix, never a guess at a format. Knows no routes.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Sequence
 from functools import lru_cache
@@ -45,23 +46,27 @@ def require_template(engine, settings) -> str:
 
 def render(engine, template: str, messages: Sequence, add_generation_prompt: bool = True,
            continue_final_message: bool = False,
-           template_kwargs: dict[str, Any] | None = None) -> str:
+           template_kwargs: dict[str, Any] | None = None,
+           tools: Sequence | None = None) -> str:
     """The prompt text for `messages` (ChatMessage models). A template that refuses them
     itself (`raise_exception`, e.g. a role order) is a 422 carrying its message; a template
     that is broken (a syntax error, an undefined name) is the server's fault: a 500, and the
-    reason goes to the log — unless it renders without the client's `template_kwargs` and
-    `continue_final_message`: then those broke it, a 422 naming them."""
-    plain = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-             for m in messages]
+    reason goes to the log — unless it renders without the client's `template_kwargs`,
+    `continue_final_message` and `tools`: then those broke it, a 422 naming them."""
+    plain = [_message(m) for m in messages]
+    tool_defs = [t.model_dump(exclude_none=True) for t in tools] if tools else None
     extras = {**({"continue_final_message": True} if continue_final_message else {}),
               **(template_kwargs or {})}
     try:
-        return _apply(engine, template, plain, add_generation_prompt, **extras)
+        return _apply(engine, template, plain, add_generation_prompt, tool_defs, **extras)
     except BrokenTemplate as exc:
-        if extras and _renders(engine, template, plain, add_generation_prompt):
-            param = "chat_template_kwargs" if template_kwargs else "continue_final_message"
+        given = [name for name, value in (("chat_template_kwargs", template_kwargs),
+                                          ("tools", tool_defs),
+                                          ("continue_final_message", continue_final_message))
+                 if value]
+        if given and _renders(engine, template, plain, add_generation_prompt, None):
             raise errors.validation(f"the chat template cannot render with this "
-                                    f"{param}: {exc}", param=param) from None
+                                    f"{' / '.join(given)}: {exc}", param=given[0]) from None
         log.error("the chat template cannot be rendered: %s", exc)
         raise errors.ApiError(500, "internal", "the server's chat template failed to render "
                               "(a server configuration error; see its log)") from None
@@ -78,21 +83,46 @@ class BrokenTemplate(Exception):
     """The template itself fails: syntax, undefined names, type errors."""
 
 
-def _renders(engine, template: str, messages: list[dict], add_generation_prompt: bool) -> bool:
+def _message(m) -> dict:
+    """A ChatMessage as templates read it: role, content, name; an assistant's `tool_calls`
+    with their arguments as objects (templates `tojson` them; vLLM passes them so), a tool
+    result's `tool_call_id`."""
+    out = {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+    if m.tool_calls:
+        out["tool_calls"] = [{"id": c.id, "type": c.type, "function": {
+            "name": c.function.name, "arguments": _arguments(c.function.arguments)}}
+            for c in m.tool_calls]
+    if m.tool_call_id:
+        out["tool_call_id"] = m.tool_call_id
+    return out
+
+
+def _arguments(text: str) -> Any:
     try:
-        _apply(engine, template, messages, add_generation_prompt)
+        value = json.loads(text)
+    except ValueError:
+        return text
+    return value if isinstance(value, dict) else text
+
+
+def _renders(engine, template: str, messages: list[dict], add_generation_prompt: bool,
+             tools: list | None) -> bool:
+    try:
+        _apply(engine, template, messages, add_generation_prompt, tools)
     except (BrokenTemplate, TemplateRefusal):
         return False
     return True
 
 
 def _apply(engine, template: str, messages: list[dict], add_generation_prompt: bool,
-           continue_final_message: bool = False, **template_kwargs: Any) -> str:
+           tools: list | None = None, continue_final_message: bool = False,
+           **template_kwargs: Any) -> str:
     from jinja2 import TemplateError
 
     try:
         return engine.tokenizer.apply_chat_template(
-            messages, chat_template=template, add_generation_prompt=add_generation_prompt,
+            messages, tools=tools, chat_template=template,
+            add_generation_prompt=add_generation_prompt,
             continue_final_message=continue_final_message, tokenize=False, **template_kwargs)
     except TemplateError as exc:
         # raise_exception raises TemplateError itself; Jinja's own failures are subclasses

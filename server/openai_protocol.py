@@ -132,15 +132,15 @@ class TextPart(RequestSchema):
     text: Text
 
 
-Role = Literal["system", "developer", "user", "assistant"]
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 ROLES = get_args(Role)
 
 
 def _role(value: Any) -> Any:
-    """Say why `tool` and `function` messages are refused, not only which roles exist."""
-    if value in ("tool", "function"):
-        raise ValueError(f"`{value}` messages are not supported: this server does no tool "
-                         f"calling (roles: {', '.join(ROLES)})")
+    """Say why `function` messages (OpenAI's deprecated form) are refused."""
+    if value == "function":
+        raise ValueError(f"`function` messages are not supported: send tool results as `tool` "
+                         f"messages with their `tool_call_id` (roles: {', '.join(ROLES)})")
     return value
 
 
@@ -162,15 +162,36 @@ def _content(value: Any) -> Any:
     return value
 
 
+class FunctionCall(RequestSchema):
+    name: Text
+    arguments: Text = Field(..., description="the arguments as JSON text")
+
+
+class ToolCallIn(RequestSchema):
+    """A call an earlier assistant turn made (sent back with the conversation)."""
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(RequestSchema):
-    unsupported = frozenset({"tool_calls", "tool_call_id", "function_call", "audio",
-                             "refusal"})
+    unsupported = frozenset({"function_call", "audio", "refusal"})
     role: Annotated[Role, BeforeValidator(_role)] = Field(
-        ..., description="tool and function messages are not supported (no tools)")
+        ..., description="`tool` messages carry a tool's result (with `tool_call_id`)")
     content: Annotated[list[TextPart] | None, BeforeValidator(
         _content, json_schema_input_type=str | list[TextPart] | None)] = Field(
         None, description="a string, or text parts (no images or audio)")
     name: Text | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="assistant: the calls it made")
+    tool_call_id: Text | None = Field(None, description="tool: the call this result answers")
+
+    @model_validator(mode="after")
+    def _tool_fields_where_they_belong(self):
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a `tool` message needs the `tool_call_id` of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"`tool_calls` belong to assistant messages, not `{self.role}`")
+        return self
 
     def text(self) -> str:
         return "".join(part.text for part in self.content or ())
@@ -216,14 +237,41 @@ class _ChatTemplateOptions(RequestSchema):
         return self
 
 
+class FunctionDef(RequestSchema):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_.-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[Text, Any] | None = Field(None, description="a JSON Schema object")
+    strict: bool | None = None
+
+
+class ToolDef(RequestSchema):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+def _tool_choice(value: Any) -> Any:
+    """Only "auto" and "none": a forced call ("required", a named function) needs constrained
+    decoding, which this server does not do; say so rather than ignore it."""
+    if value == "required" or isinstance(value, dict):
+        raise ValueError('tool_choice "required" or a named function needs constrained '
+                         'decoding, which this server does not do; use "auto" (the model '
+                         'decides) or "none"')
+    return value
+
+
 class ChatCompletionRequest(_Sampling, _ChatTemplateOptions):
-    unsupported = frozenset({"tools", "tool_choice", "functions", "function_call",
-                             "parallel_tool_calls", "response_format", "audio", "modalities",
-                             "prediction", "reasoning_effort", "web_search_options", "store",
-                             "metadata", "service_tier", "best_of", "use_beam_search",
-                             "chat_template", "echo", "include_stop_str_in_output",
-                             "prompt_logprobs"})
+    unsupported = frozenset({"functions", "function_call", "response_format", "audio",
+                             "modalities", "prediction", "reasoning_effort",
+                             "web_search_options", "store", "metadata", "service_tier",
+                             "best_of", "use_beam_search", "chat_template", "echo",
+                             "include_stop_str_in_output", "prompt_logprobs"})
     messages: list[ChatMessage] = Field(..., min_length=1)
+    tools: list[ToolDef] | None = Field(
+        None, description="functions the model may call (shown to it by the chat template; "
+                          "calls parsed with --tool-call-parser)")
+    tool_choice: Annotated[Literal["auto", "none"] | None, BeforeValidator(_tool_choice)] = \
+        Field(None, description='"auto" (default with tools) or "none"')
+    parallel_tool_calls: bool | None = Field(None, description="false: at most one call")
     max_tokens: Int | None = Field(None, ge=1, description="deprecated name of "
                                       "max_completion_tokens")
     max_completion_tokens: Int | None = Field(
@@ -247,9 +295,21 @@ class ChoiceLogprobs(_Schema):
     content: list[TokenLogprob] | None
 
 
+class FunctionCallOut(_Schema):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(_Schema):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallOut
+
+
 class AssistantMessage(_Schema):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[ToolCallOut] | None = None
     # with --reasoning-parser: the <think> part (DeepSeek's and vLLM <= 0.10's name, then vLLM's)
     reasoning_content: str | None = None
     reasoning: str | None = None
@@ -259,7 +319,7 @@ class ChatChoice(_Schema):
     index: int
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletion(_Schema):
@@ -294,9 +354,10 @@ class TokenizeCompletionRequest(RequestSchema):
 
 
 class TokenizeChatRequest(_ChatTemplateOptions):
-    unsupported = frozenset({"tools", "chat_template", "mm_processor_kwargs"})
+    unsupported = frozenset({"chat_template", "mm_processor_kwargs"})
     model: Text | None = None
     messages: list[ChatMessage] = Field(..., min_length=1)
+    tools: list[ToolDef] | None = None
     add_special_tokens: bool = False
     return_token_strs: bool = False
 

@@ -37,6 +37,8 @@ class Choice:
     pending: asyncio.Task | None = field(default=None, repr=False)
     # chat with --reasoning-parser: its <think> / answer splitter (server.reasoning.ThinkSplit)
     think: Any = field(default=None, repr=False)
+    # chat with tools and --tool-call-parser: its call parser (server.tool_calls.ToolCallSplit)
+    calls: Any = field(default=None, repr=False)
 
     @property
     def text(self) -> str:

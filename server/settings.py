@@ -122,6 +122,10 @@ class ServerSettings:
         None, "split a thinking model's <think>...</think> from its answer in chat completions "
         "(message `reasoning_content` and `reasoning`, as vLLM's parsers of these names)",
         choices=("qwen3", "deepseek_r1"))
+    tool_call_parser: str | None = _opt(
+        None, "parse tool calls out of chat answers of requests with `tools` (hermes: "
+        "<tool_call>{json}</tool_call> blocks, as Qwen2.5/Qwen3 write them; vLLM's parser of "
+        "that name); none: requests with tools are refused", choices=("hermes",))
 
     def __post_init__(self) -> None:
         positive = ("port", "max_batch_size", "max_waiting", "max_client_batch_size",

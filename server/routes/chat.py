@@ -21,12 +21,13 @@ from server import errors
 from server.chat_template import render, require_template
 from server.openai_protocol import (AssistantMessage, ChatChoice, ChatCompletion,
                                     ChatCompletionRequest, ChoiceLogprobs, TokenLogprob,
-                                    TopLogprob, Usage)
+                                    ToolCallOut, TopLogprob, Usage)
 from server.openai_runs import (Choice, check_model, check_stream_options, choice_seeds, clamp,
                                 close_all, context_length_error, finish_reason, first_events,
                                 merged, run_to_end, sampling, start_choices, stop_list,
                                 token_strings, usage_now, usage_of)
 from server.reasoning import ThinkSplit, answer_only
+from server.tool_calls import ToolCallSplit
 from server.routes.completions import OPENAI_ERRORS, model_name
 from server.routes.tgi import SSE_HEADERS
 
@@ -41,6 +42,12 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
     if body.top_logprobs is not None and not body.logprobs:
         raise errors.validation("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
     stops = stop_list(body.stop, state.settings.max_stop_sequences)
+    calling = bool(body.tools) and body.tool_choice != "none"
+    if calling and state.settings.tool_call_parser is None:
+        raise errors.validation("this server parses no tool calls: start it with "
+                                "`--tool-call-parser hermes` for a model that writes "
+                                "<tool_call> blocks (or send tool_choice \"none\")",
+                                param="tools")
     template = require_template(engine, state.settings)
     text, ids = await anyio.to_thread.run_sync(prompt_ids, engine, template, body)
     max_tokens = body.max_completion_tokens or body.max_tokens
@@ -56,16 +63,16 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
     choices = await start_choices(request, engine, [ids], body.n, params_for,
                                   context_length_error("messages", tokens_field))
     parser = state.settings.reasoning_parser
-    if parser is not None:
-        plain = answer_only(parser, text, body.chat_template_kwargs)
-        for c in choices:
-            c.think = ThinkSplit(plain)
+    plain = parser is not None and answer_only(parser, text, body.chat_template_kwargs)
+    for c in choices:
+        c.think = ThinkSplit(plain) if parser is not None else None
+        c.calls = ToolCallSplit(body.parallel_tool_calls is not False) if calling else None
     return choices
 
 
 def prompt_ids(engine, template: str, body: ChatCompletionRequest) -> tuple[str, list[int]]:
     text = render(engine, template, body.messages, body.add_generation_prompt,
-                  body.continue_final_message, body.chat_template_kwargs)
+                  body.continue_final_message, body.chat_template_kwargs, body.tools)
     return text, list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
@@ -95,15 +102,18 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
 def choice_json(c: Choice, body: ChatCompletionRequest, tokenizer) -> ChatChoice:
     lp = logprobs_json(tokenizer, c.run.events, body.top_logprobs or 0) if body.logprobs \
         else None
-    if c.think is None:
-        message = AssistantMessage(content=c.text)
-    else:
-        c.think.push(c.text, final=True)
+    reasoning, answer, calls = None, c.text, []
+    if c.think is not None:
+        c.think.push(answer, final=True)
         reasoning, answer = c.think.whole()
-        message = AssistantMessage(content=answer, reasoning_content=reasoning,
-                                   reasoning=reasoning)
-    return ChatChoice(index=c.index, message=message, logprobs=lp,
-                      finish_reason=finish_reason(c.run.result.finish_reason))
+    if c.calls is not None:
+        c.calls.push(answer or "", final=True)
+        answer, calls = c.calls.whole()
+    message = AssistantMessage(
+        content=answer, reasoning_content=reasoning, reasoning=reasoning,
+        tool_calls=[ToolCallOut(**call.json()) for call in calls] or None)
+    reason = "tool_calls" if calls else finish_reason(c.run.result.finish_reason)
+    return ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=reason)
 
 
 def logprobs_json(tokenizer, events, n: int) -> ChoiceLogprobs:
@@ -133,12 +143,15 @@ async def chat_chunks(choices: list[Choice], firsts: list, body: ChatCompletionR
             events = [ev] if ev.token_id >= 0 else []
             lp = logprobs_json(tokenizer, events, body.top_logprobs or 0).model_dump() \
                 if body.logprobs else None
-            if c.think is None:
-                delta = {"content": text} if text or ev.finish_reason is None else {}
+            final = ev.finish_reason is not None
+            if c.think is None and c.calls is None:
+                delta = {"content": text} if text or not final else {}
             else:
-                delta = think_delta(c.think, text, ev.finish_reason is not None)
-            yield chunk(meta, c.index, delta, lp, finish_reason(ev.finish_reason),
-                        usage_now(c, body))
+                delta = answer_delta(c, text, final)
+            reason = finish_reason(ev.finish_reason)
+            if final and c.calls is not None and c.calls.calls:
+                reason = "tool_calls"
+            yield chunk(meta, c.index, delta, lp, reason, usage_now(c, body))
         if body.stream_options and body.stream_options.include_usage:
             usage = usage_of(choices).model_dump(exclude_none=True)
             yield "data: " + json.dumps({**meta, "choices": [], "usage": usage}) + "\n\n"
@@ -152,12 +165,22 @@ async def chat_chunks(choices: list[Choice], firsts: list, body: ChatCompletionR
         await close_all(choices)
 
 
-def think_delta(split: ThinkSplit, text: str, final: bool) -> dict:
-    """A streamed piece with --reasoning-parser: its reasoning and answer parts (both names of
-    the reasoning field, as the complete message has them); `{}` when the piece holds back."""
-    reasoning, answer = split.push(text, final)
+def answer_delta(c: Choice, text: str, final: bool) -> dict:
+    """A streamed piece through the choice's reasoning and tool-call splitters: its reasoning
+    (both names, as the complete message has them), its content, the calls it completed;
+    `{}` when the piece is held back."""
+    reasoning, answer = c.think.push(text, final) if c.think is not None else ("", text)
     delta = {"reasoning_content": reasoning, "reasoning": reasoning} if reasoning else {}
-    return {**delta, "content": answer} if answer else delta
+    new = []
+    if c.calls is not None:
+        done = len(c.calls.calls)
+        answer, new = c.calls.push(answer, final)
+        new = [call.json(done + i) for i, call in enumerate(new)]
+    if answer:
+        delta["content"] = answer
+    if new:
+        delta["tool_calls"] = new
+    return delta
 
 
 def chunk(meta: dict, index: int, delta: dict, logprobs: dict | None = None,

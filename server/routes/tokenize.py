@@ -55,7 +55,7 @@ async def tokenize(request: Request, body: TokenizeBody):
         template = require_template(engine, state.settings)
         text = await anyio.to_thread.run_sync(
             lambda: render(engine, template, body.messages, body.add_generation_prompt,
-                           body.continue_final_message, body.chat_template_kwargs))
+                           body.continue_final_message, body.chat_template_kwargs, body.tools))
     else:
         text = body.prompt
     ids = await anyio.to_thread.run_sync(

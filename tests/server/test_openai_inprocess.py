@@ -423,6 +423,87 @@ def test_reasoning_parser_splits_messages_and_streams_alike(thinking, reasoner):
             assert all(d.get("reasoning") == d.get("reasoning_content") for d in deltas)
 
 
+# A template that shows tools and renders earlier calls and tool results, as Qwen3's does
+TOOLS_TEMPLATE = (
+    "{% if tools %}<tools>{% for t in tools %}{{ t['function']['name'] }};{% endfor %}</tools>\n"
+    "{% endif %}{% for m in messages %}<{{ m['role'] }}>{% if m['tool_calls'] %}"
+    "{% for c in m['tool_calls'] %}<call>{{ c['function']['name'] }}"
+    "{{ c['function']['arguments'] | tojson }}</call>{% endfor %}{% endif %}{{ m['content'] }}"
+    "{% if m['tool_call_id'] %}[{{ m['tool_call_id'] }}]{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}")
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "today's weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+TOOL_TURNS = [
+    {"role": "user", "content": "weather?"},
+    {"role": "assistant", "content": "", "tool_calls": [{
+        "id": "call_1", "type": "function",
+        "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\"}"}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "18C"}]
+
+
+def tools_server(tiny_lm_dir, tmp_path, **settings):
+    path = tmp_path / "tools.jinja"
+    path.write_text(TOOLS_TEMPLATE)
+    return TestClient(create_app(ServerSettings(model=str(tiny_lm_dir), chat_template=str(path),
+                                                **settings)))
+
+
+def test_tools_and_tool_turns_reach_the_template(tiny_lm_dir, tmp_path):
+    """The request's tools, an assistant turn's calls (arguments as an object, as vLLM hands
+    them to templates) and a tool result with its call id, rendered; generation with tools
+    needs --tool-call-parser, said by name, unless tool_choice is "none"."""
+    with tools_server(tiny_lm_dir, tmp_path) as c:
+        wait_ready(c)
+        tok = c.app.state.serving.lm.tokenizer
+        # (transformers renders with trim_blocks: no newline after a block tag)
+        rendered = ('<tools>get_weather;</tools>\n<user>weather?<assistant>'
+                    '<call>get_weather{"city": "Paris"}</call><tool>18C[call_1]<assistant>')
+        r = c.post("/tokenize", json={"messages": TOOL_TURNS, "tools": [WEATHER]})
+        assert r.status_code == 200 and r.json()["tokens"] == tok(
+            rendered, add_special_tokens=False)["input_ids"], r.text
+        body = {"messages": TOOL_TURNS, "tools": [WEATHER], "max_tokens": 2}
+        r = c.post("/v1/chat/completions", json=body)
+        assert r.status_code == 422 and "--tool-call-parser hermes" in r.text
+        r = c.post("/v1/chat/completions", json={**body, "tool_choice": "none"})
+        assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(
+            tok(rendered, add_special_tokens=False)["input_ids"])
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"tool_choice": "required"}, "constrained decoding"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
+     "constrained decoding"),
+    ({"messages": [{"role": "tool", "content": "18C"}]}, "needs the `tool_call_id`"),
+    ({"messages": [{"role": "user", "content": "x", "tool_calls": TOOL_TURNS[1]["tool_calls"]}]},
+     "belong to assistant messages"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "pattern"),
+])
+def test_tool_requests_this_server_cannot_honour_are_422(client, change, needle):
+    body = {"messages": TOOL_TURNS, "tools": [WEATHER], "max_tokens": 2, **change}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 422 and needle in r.text, r.text
+
+
+def test_with_the_parser_an_answer_without_calls_is_plain_content(tiny_lm_dir, tmp_path):
+    """The tiny model writes no <tool_call>: its answer stays content, finish reason as
+    without tools, streamed alike (the parser's own cases: tests/server/test_tool_calls.py)."""
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER],
+            "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with tools_server(tiny_lm_dir, tmp_path, tool_call_parser="hermes") as c:
+        wait_ready(c)
+        out = c.post("/v1/chat/completions", json=body).json()
+        plain = c.post("/v1/chat/completions", json={**body, "tool_choice": "none"}).json()
+        (choice,) = out["choices"]
+        assert choice["message"] == plain["choices"][0]["message"]
+        assert "<tool_call>" not in choice["message"]["content"]
+        assert choice["finish_reason"] == "length"
+        chunks = sse(c, "/v1/chat/completions", {**body, "stream": True})
+        deltas = [ch["choices"][0]["delta"] for ch in chunks[1:]]
+        assert "".join(d.get("content", "") for d in deltas) == choice["message"]["content"]
+        assert not any("tool_calls" in d for d in deltas)
+
+
 def test_tgi_prefill_and_top_tokens_match_the_completions_logprobs(client):
     r = client.post("/generate", json={"inputs": "the quick brown", "parameters": {
         "max_new_tokens": 3, "decoder_input_details": True, "top_n_tokens": 2,

@@ -68,8 +68,8 @@ def test_tgi_tokenize_body_gets_tgi_shaped_errors():
 
 
 @pytest.mark.parametrize("body,names", [
-    ({"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}],
-      "response_format": {"type": "json_object"}}, "response_format, tools"),
+    ({"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}],
+      "response_format": {"type": "json_object"}}, "functions, response_format"),
     ({"messages": [{"role": "user", "content": "hi"}], "prediction": {"type": "content"}},
      "prediction"),
 ])
@@ -175,11 +175,12 @@ def chat(content=None, role="user") -> dict:
     (chat([{"type": "text", "text": "\ud800"}]), "messages.0.content.0.text: text is not valid "
                                                  "Unicode: lone surrogate at character 0",
      "messages.0.content.0.text"),
-    (chat("x", role="tool"), "messages.0.role: `tool` messages are not supported: this server "
-                             "does no tool calling (roles: system, developer, user, assistant)",
-     "messages.0.role"),
-    (chat("x", role="bot"), "messages.0.role: Input should be 'system', 'developer', 'user' or "
-                            "'assistant'", "messages.0.role"),
+    (chat("x", role="function"), "messages.0.role: `function` messages are not supported: "
+                                 "send tool results as `tool` messages with their "
+                                 "`tool_call_id` (roles: system, developer, user, assistant, "
+                                 "tool)", "messages.0.role"),
+    (chat("x", role="bot"), "messages.0.role: Input should be 'system', 'developer', 'user', "
+                            "'assistant' or 'tool'", "messages.0.role"),
 ])
 def test_chat_message_errors_name_the_part_or_role_in_one_sentence(body, message, param):
     raw = json.dumps(body).encode("utf-8", "surrogatepass")  # (a lone surrogate, as JSON allows)

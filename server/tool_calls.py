@@ -1,0 +1,117 @@
+"""Tool calls out of a chat answer (`--tool-call-parser hermes`, as vLLM's parser of that name).
+
+Models trained on the Hermes format (Qwen2.5, Qwen3, Hermes, ...) call a tool by writing
+`<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in their answer, one block per call;
+their chat templates show them the request's `tools` and render earlier calls and `tool`
+results. With the parser, `/v1/chat/completions` returns each block as an OpenAI tool call
+(`{"id", "type": "function", "function": {"name", "arguments": "<JSON text>"}}`), the text
+before the first block as `content`, and finish reason `tool_calls`.
+
+The rules (vLLM's hermes parser): a block runs to its `</tool_call>`, or to the end of the text
+when the model stopped inside it; a block whose body is not a JSON object with a string `name`
+is not a call, and the text stays content as written; text after a call is dropped (vLLM keeps
+only what precedes the first block). `parallel_tool_calls: false` keeps the first call.
+
+`ToolCallSplit` reads one choice's answer piece by piece, as `server.reasoning.ThinkSplit` does:
+text before a block streams as content at once (a piece's end that may start `<tool_call>` is
+held back), a block is held until it closes and then sent as one tool-call delta with its
+whole arguments. The complete answer is one piece, so both forms give the same calls. Knows no
+routes.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+from server.reasoning import _partial_suffix
+
+OPEN, CLOSE = "<tool_call>", "</tool_call>"
+PARSERS = ("hermes",)
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+    def json(self, index: int | None = None) -> dict:
+        out = {"id": self.id, "type": "function",
+               "function": {"name": self.name, "arguments": self.arguments}}
+        return out if index is None else {"index": index, **out}
+
+
+def parse_block(body: str) -> ToolCall | None:
+    """One block's body -> a call, or None when it is not `{"name": str, "arguments"?: ...}`."""
+    try:
+        obj = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
+        return None
+    args = obj.get("arguments", obj.get("parameters", {}))
+    arguments = args if isinstance(args, str) else json.dumps(args, ensure_ascii=False)
+    return ToolCall("chatcmpl-tool-" + uuid.uuid4().hex, obj["name"], arguments)
+
+
+class ToolCallSplit:
+    """One choice's answer -> (content piece, new calls) per `push`; `final` on the last piece.
+
+    States: "text" (content, before any block), "block" (inside one, held), "between" (after a
+    call: another block may follow), "dropped" (text after the calls), "failed" (the first
+    block was not a call: everything is content, as written)."""
+
+    def __init__(self, parallel: bool = True) -> None:
+        self.parallel = parallel
+        self.state = "text"
+        self.held = ""  # a possible start of `<tool_call>`, or the open block's body so far
+        self.calls: list[ToolCall] = []
+        self.content: list[str] = []
+
+    def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
+        text, self.held = self.held + text, ""
+        out: list[str] = []
+        new: list[ToolCall] = []
+        while text:
+            if self.state in ("text", "failed"):
+                at = -1 if self.state == "failed" else text.find(OPEN)
+                if at >= 0:
+                    out.append(text[:at])
+                    self.state, text = "block", text[at + len(OPEN):]
+                    continue
+                keep = 0 if final or self.state == "failed" else _partial_suffix(text, OPEN)
+                out.append(text[:len(text) - keep])
+                self.held, text = text[len(text) - keep:], ""
+            elif self.state == "block":
+                at = text.find(CLOSE)
+                if at < 0 and not final:  # wait for the rest of the block
+                    self.held, text = text, ""
+                    continue
+                body, rest = (text, "") if at < 0 else (text[:at], text[at + len(CLOSE):])
+                call = parse_block(body.strip())
+                if call is None and not self.calls:  # not a call: the answer is plain text
+                    self.state, text = "failed", OPEN + text
+                    continue
+                if call is not None and (self.parallel or not self.calls):
+                    self.calls.append(call)
+                    new.append(call)
+                self.state, text = "between", rest
+            elif self.state == "between":
+                stripped = text.lstrip()
+                if stripped.startswith(OPEN):
+                    self.state, text = "block", stripped[len(OPEN):]
+                elif stripped and not OPEN.startswith(stripped):
+                    self.state, text = "dropped", ""
+                else:  # whitespace, or what may still open a block
+                    self.held, text = ("", "") if final else (text, "")
+            else:  # "dropped"
+                text = ""
+        piece = "".join(out)
+        self.content.append(piece)
+        return piece, new
+
+    def whole(self) -> tuple[str | None, list[ToolCall]]:
+        """After the final piece: (content or None, calls)."""
+        return "".join(self.content) or None, list(self.calls)

@@ -1,0 +1,116 @@
+"""--tool-call-parser hermes: `<tool_call>{json}</tool_call>` blocks out of a chat answer as
+OpenAI tool calls, piece by piece: a streamed answer, cut anywhere, gives the content and the
+calls the whole answer gives (vLLM's hermes rules)."""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from server.tool_calls import ToolCallSplit, parse_block
+
+CALL_A = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n'
+          '</tool_call>')
+CALL_B = '<tool_call>{"name": "now", "arguments": {}}</tool_call>'
+
+
+def whole(text: str, parallel: bool = True):
+    split = ToolCallSplit(parallel)
+    split.push(text, final=True)
+    content, calls = split.whole()
+    return content, [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+@pytest.mark.parametrize("text,want", [
+    ("Just an answer.", ("Just an answer.", [])),
+    ("Let me check.\n" + CALL_A, ("Let me check.\n",
+                                  [("get_weather", {"city": "Paris", "unit": "C"})])),
+    (CALL_A + "\n" + CALL_B, (None, [("get_weather", {"city": "Paris", "unit": "C"}),
+                                     ("now", {})])),
+    (CALL_B + " and some words after", (None, [("now", {})])),  # text after calls: dropped
+    ('<tool_call>{"name": "now", "arguments": {}}', (None, [("now", {})])),  # stopped inside
+    ("<tool_call>not json</tool_call> rest", ("<tool_call>not json</tool_call> rest", [])),
+    ('<tool_call>{"arguments": {}}</tool_call>', ('<tool_call>{"arguments": {}}</tool_call>',
+                                                  [])),  # no name: not a call
+    ("a <tool_ca b", ("a <tool_ca b", [])),
+])
+def test_whole_answers_split_as_vllm_hermes_splits_them(text, want):
+    assert whole(text) == want
+
+
+def test_without_parallel_calls_the_first_is_kept():
+    assert whole(CALL_A + CALL_B, parallel=False)[1] == [
+        ("get_weather", {"city": "Paris", "unit": "C"})]
+
+
+def test_arguments_are_json_text_and_every_call_has_its_own_id():
+    a = parse_block('{"name": "f", "arguments": {"x": [1, "é"]}}')
+    b = parse_block('{"name": "f", "arguments": "{\\"x\\": 1}"}')  # already a string: kept
+    assert a.arguments == '{"x": [1, "é"]}' and b.arguments == '{"x": 1}'
+    assert a.id != b.id and a.id.startswith("chatcmpl-tool-")
+    assert a.json(0) == {"index": 0, "id": a.id, "type": "function",
+                         "function": {"name": "f", "arguments": a.arguments}}
+    assert parse_block("[1, 2]") is None and parse_block('{"name": 3}') is None
+
+
+@pytest.mark.parametrize("text", [
+    "Let me check.\n" + CALL_A + "\n" + CALL_B,
+    "plain text with < and <tool and </tool_call> in it",
+    "<tool_call>not json</tool_call> then text",
+    CALL_B + "\n\n  <tool_ca",
+    "x" + CALL_A[:-5],
+])
+def test_any_cut_into_pieces_gives_the_whole_answers_calls(text):
+    want = whole(text)
+    rng = random.Random(1)
+    for _ in range(200):
+        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 8))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        split, content, calls = ToolCallSplit(), [], []
+        for i, piece in enumerate(pieces):
+            c, new = split.push(piece, final=i == len(pieces) - 1)
+            content.append(c)
+            calls += [(x.name, json.loads(x.arguments)) for x in new]
+        assert ("".join(content) or None, calls) == want, pieces
+
+
+def fake_choice(text: str, reason: str = "eos_token", parallel: bool = True):
+    """What the chat route reads of a finished choice."""
+    from types import SimpleNamespace
+    return SimpleNamespace(index=0, text=text, think=None, calls=ToolCallSplit(parallel),
+                           run=SimpleNamespace(events=[],
+                                               result=SimpleNamespace(finish_reason=reason)))
+
+
+def test_a_message_with_calls_is_what_the_openai_client_reads():
+    """The route's message and finish reason for an answer with calls, parsed by the
+    `openai` package's own response types; and the streamed deltas of the same answer."""
+    from openai.types.chat import ChatCompletion
+
+    from server.openai_protocol import ChatCompletionRequest
+    from server.routes.chat import answer_delta, choice_json
+
+    text = "Checking.\n" + CALL_A + "\n" + CALL_B
+    body = ChatCompletionRequest(messages=[{"role": "user", "content": "weather?"}],
+                                 tools=[{"type": "function", "function": {"name": "now"}}])
+    choice = choice_json(fake_choice(text), body, tokenizer=None)
+    doc = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "m",
+           "choices": [choice.model_dump(exclude_none=True)]}
+    parsed = ChatCompletion.model_validate(doc).choices[0]
+    assert parsed.finish_reason == "tool_calls" and parsed.message.content == "Checking.\n"
+    calls = parsed.message.tool_calls
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        ("get_weather", {"city": "Paris", "unit": "C"}), ("now", {})]
+    assert len({c.id for c in calls}) == 2
+    streamed = fake_choice(text)
+    deltas = [answer_delta(streamed, piece, final=i == 2)
+              for i, piece in enumerate((text[:20], text[20:70], text[70:]))]
+    assert "".join(d.get("content", "") for d in deltas) == "Checking.\n"
+    sent = [tc for d in deltas for tc in d.get("tool_calls", [])]
+    assert [(tc["index"], tc["function"]["name"]) for tc in sent] == [(0, "get_weather"),
+                                                                       (1, "now")]
+    one = choice_json(fake_choice(text, parallel=False), body, tokenizer=None)
+    assert [c.function.name for c in one.message.tool_calls] == ["get_weather"]
+    none = choice_json(fake_choice("no calls", reason="length"), body, tokenizer=None)
+    assert none.finish_reason == "length" and none.message.tool_calls is None
