@@ -64,6 +64,11 @@ class CamexConfig(PretrainedConfig):
         # llama: RMSNorm over each query and key head (its own weight, head_dim wide) before the
         # rotary positions, as Qwen3 does.
         qk_norm: bool = False,
+        # llama: sliding-window attention, each token attending to itself and the window - 1
+        # tokens before it (Mistral, Phi-3, Qwen2/Qwen3 with use_sliding_window), in the
+        # blocks `sliding_window_layers` lists (None: every block); None: full attention.
+        sliding_window: int | None = None,
+        sliding_window_layers: list[int] | None = None,
         # FFN activation; None = the family's (gpt2: gelu_new, llama: silu).
         hidden_act: str | None = None,
         # Classifiers: "mean" pools the non-padding tokens (CAMEx encoders), "last" the last
@@ -124,6 +129,9 @@ class CamexConfig(PretrainedConfig):
                                    else bool(attention_out_bias))
         self.mlp_bias = (not llama) if mlp_bias is None else bool(mlp_bias)
         self.qk_norm = bool(qk_norm)
+        self.sliding_window = None if sliding_window is None else int(sliding_window)
+        self.sliding_window_layers = (None if sliding_window_layers is None
+                                      else sorted(int(i) for i in sliding_window_layers))
         self.hidden_act = hidden_act or ("silu" if llama else "gelu_new")
         self.classifier_pooling = classifier_pooling
         self.classifier_causal = bool(classifier_causal)
@@ -170,6 +178,14 @@ class CamexConfig(PretrainedConfig):
     def uses_rope(self) -> bool:
         return self.family == "llama"
 
+    def window(self, layer: int) -> int | None:
+        """The attention window of block `layer` (tokens a query sees, itself included), None
+        for full causal attention."""
+        if self.sliding_window is None or (self.sliding_window_layers is not None
+                                           and layer not in self.sliding_window_layers):
+            return None
+        return self.sliding_window
+
     @property
     def is_moe(self) -> bool:
         return self.num_experts > 0 and len(self.moe_layers) > 0
@@ -191,6 +207,16 @@ class CamexConfig(PretrainedConfig):
         if self.qk_norm and self.family != "llama":
             raise ValueError("qk_norm (per-head RMSNorm of queries and keys) is a llama-family "
                              "option; family 'gpt2' has none")
+        if self.sliding_window is not None:
+            if self.family != "llama":
+                raise ValueError("sliding_window is a llama-family option; family 'gpt2' "
+                                 "attends to every earlier token")
+            if self.sliding_window < 1:
+                raise ValueError(f"sliding_window must be >= 1, got {self.sliding_window}")
+            bad = [i for i in self.sliding_window_layers or () if not 0 <= i < self.n_layer]
+            if bad:
+                raise ValueError(f"sliding_window_layers {bad} out of range for "
+                                 f"n_layer={self.n_layer}")
         if self.hidden_act not in FAMILY_ACTIVATIONS[self.family]:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported for family "
                              f"{self.family!r} (supported: {FAMILY_ACTIVATIONS[self.family]})")

@@ -126,10 +126,21 @@ def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
 
 
 class AttentionContext(Protocol):
-    """Where keys and values come from: `attend(layer, q, k, v) -> (B, H, L, hd)` with the
-    forward's new queries (B, H, L, hd) and keys/values (B, KV, L, hd)."""
+    """Where keys and values come from: `attend(layer, q, k, v, window) -> (B, H, L, hd)` with
+    the forward's new queries (B, H, L, hd) and keys/values (B, KV, L, hd); `window` (None:
+    all) is how many positions up to its own a causal query sees (sliding-window attention)."""
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor: ...
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
+               window: int | None = None) -> Tensor: ...
+
+
+def sees(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
+    """(n, m) bool: query at position q_pos[i] sees the key at k_pos[j] — causal, and within
+    its window (k > q - window, transformers' sliding-window rule) when one is given."""
+    seen = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        seen = seen & (k_pos[None, :] > q_pos[:, None] - window)
+    return seen
 
 
 def sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
@@ -146,13 +157,19 @@ class FullAttention:
     causal: bool = True
     key_padding_mask: Tensor | None = None  # (B, L), True/1 = a real token
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        if self.key_padding_mask is None:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
+               window: int | None = None) -> Tensor:
+        """A window applies to causal attention only (the decoders that have one)."""
+        window = window if self.causal else None
+        if self.key_padding_mask is None and window is None:
             return sdpa(q, k, v, is_causal=self.causal)
-        mask = self.key_padding_mask[:, None, None, :].bool()           # (B, 1, 1, L)
+        L = q.shape[2]
+        mask = torch.ones(1, 1, L, L, dtype=torch.bool, device=q.device)
         if self.causal:
-            L = q.shape[2]
-            mask = mask & torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+            pos = torch.arange(L, device=q.device)
+            mask = sees(pos, pos, window)[None, None]
+        if self.key_padding_mask is not None:
+            mask = mask & self.key_padding_mask[:, None, None, :].bool()  # (B, 1, L, L)
         return sdpa(q, k, v, attn_mask=mask)
 
 
@@ -171,6 +188,7 @@ class CamexAttention(nn.Module):
         self.c_attn = nn.Linear(config.d_model, qkv, bias=config.attention_bias)
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.d_model,
                                 bias=config.attention_out_bias)
+        self.window = config.window(layer)  # None: full causal attention
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
             self.k_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
@@ -208,7 +226,7 @@ class CamexAttention(nn.Module):
         """Attend through `ctx` (default: within x, causal or with a padding mask)."""
         q, k, v = self.split_qkv(x, rope)
         ctx = ctx or FullAttention(causal, key_padding_mask)
-        return self.merge_heads(ctx.attend(self.layer, q, k, v))
+        return self.merge_heads(ctx.attend(self.layer, q, k, v, self.window))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ kept as the CAMEx layout needs; separate q/k/v (Llama, Mistral, Qwen2, Qwen3) ar
 one projection; Qwen3's per-head query and key norms come along (``qk_norm``).
 A ``*ForSequenceClassification`` source gives a classifier that pools and attends as its source.
 
-What cannot be reproduced exactly is refused with an error naming it: sliding-window attention
-(unless ``max_position_embeddings`` is lowered to the window), rotary types whose frequencies
-depend on the sequence length, other activations. Weights are read from safetensors only
+Sliding-window attention comes along (Mistral, Phi-3, Qwen2/Qwen3 with ``use_sliding_window``:
+the window, and which blocks use it). What cannot be reproduced exactly is refused with an
+error naming it: rotary types whose frequencies depend on the sequence length, other
+activations. Weights are read from safetensors only
 (single file or sharded with an index), never unpickled.
 
 Dynamic-Merg cannot copy every layer's FFN into a base it does not own: layer 1's base is that
@@ -155,19 +156,27 @@ def llama_config(hf) -> dict[str, Any]:
                 rope_parameters=rope, layer_norm_epsilon=hf.rms_norm_eps, hidden_act="silu",
                 attention_bias=qkv_bias,
                 attention_out_bias=mt in ("llama", "qwen3") and declared,
-                mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=mt == "qwen3")
+                mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=mt == "qwen3",
+                **dict(zip(("sliding_window", "sliding_window_layers"), sliding_window(hf))))
 
 
-def sliding_window(hf) -> int | None:
-    """The attention window the source model applies, None when it attends to everything."""
+def sliding_window(hf) -> tuple[int | None, list[int] | None]:
+    """(the attention window the source applies, the blocks that apply it: None for all);
+    (None, None) when every block attends to everything. `layer_types` (transformers 5) names
+    each block's kind where a family mixes them (Qwen2/Qwen3: blocks from max_window_layers)."""
     window = getattr(hf, "sliding_window", None)
+    types = list(getattr(hf, "layer_types", None) or [])
+    if hf.model_type in ("qwen2", "qwen3") and not getattr(hf, "use_sliding_window", False) \
+            and "sliding_attention" not in types:
+        return None, None
     if window is None:
-        return None
-    if hf.model_type in ("qwen2", "qwen3"):
-        types = getattr(hf, "layer_types", None) or []
-        if not getattr(hf, "use_sliding_window", False) and "sliding_attention" not in types:
-            return None
-    return int(window)
+        return None, None
+    if not types:
+        return int(window), None
+    blocks = [i for i, kind in enumerate(types) if kind == "sliding_attention"]
+    if not blocks:
+        return None, None
+    return int(window), None if len(blocks) == len(types) else blocks
 
 
 def llama_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
@@ -231,24 +240,20 @@ def read_dense_config(path: Path):
 
 def camex_config_for(hf, head: str, overrides: dict[str, Any]) -> CamexConfig:
     """CamexConfig of the upcycled model: the source's architecture, CAMEx knobs from
-    `overrides`; refuses a sliding window the served length could exceed."""
+    `overrides` (a window at least the served length is full attention: dropped)."""
     kwargs = IMPORTERS[hf.model_type].config(hf)
     if head == "classifier":
         kwargs.update(classifier_pooling="last", classifier_causal=True,
                       num_labels=hf.num_labels, id2label=dict(hf.id2label),
                       label2id=dict(hf.label2id), problem_type=hf.problem_type)
     kwargs.update(overrides)
+    window = kwargs.get("sliding_window")
+    if window is not None and window >= kwargs.get("max_position_embeddings", window + 1):
+        kwargs.update(sliding_window=None, sliding_window_layers=None)
     try:
-        cfg = CamexConfig(**kwargs)
+        return CamexConfig(**kwargs)
     except ValueError as e:
         raise UpcycleError(f"{hf.model_type}: {e}") from None
-    window = sliding_window(hf)
-    if window is not None and window < cfg.max_position_embeddings:
-        raise UpcycleError(
-            f"{hf.model_type}: sliding-window attention (sliding_window={window}) is not "
-            f"supported; upcycle with max_position_embeddings={window} (or less) to serve only "
-            f"sequences the window covers entirely, where it equals full attention")
-    return cfg
 
 
 @torch.no_grad()

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
-                          MistralConfig, MistralForCausalLM, Phi3Config, Phi3ForCausalLM,
+                          MistralConfig, MistralForCausalLM, MistralForSequenceClassification,
+                          Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification,
                           Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification)
 
@@ -23,13 +24,15 @@ COMMON = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_att
               pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS)
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
-    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": None}),
+    # a window shorter than the tests' sequences: every family test crosses it
+    "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 7}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
     "phi3": (Phi3Config, Phi3ForCausalLM, {}),
 }
-CLASSIFIERS = {
+CLASSIFIERS = {  # (with the family's extra config above)
     "llama": (LlamaConfig, LlamaForSequenceClassification),
+    "mistral": (MistralConfig, MistralForSequenceClassification),  # padded, and a window
     "qwen2": (Qwen2Config, Qwen2ForSequenceClassification),
     "qwen3": (Qwen3Config, Qwen3ForSequenceClassification),
 }
@@ -58,7 +61,7 @@ def build_dense_classifier(out_dir: Path, family: str, num_labels: int = 3, seed
     torch.manual_seed(seed)
     config_cls, model_cls = CLASSIFIERS[family]
     labels = {i: f"label{i}" for i in range(num_labels)}
-    cfg = config_cls(**COMMON, num_labels=num_labels, id2label=labels,
+    cfg = config_cls(**COMMON, **FAMILIES[family][2], num_labels=num_labels, id2label=labels,
                      label2id={v: k for k, v in labels.items()})
     model = model_cls(cfg).eval()
     _unit_norms_off(model)

@@ -12,7 +12,9 @@ the new keys/values into the preallocated KV cache and attend over the cached pr
   batch masks every row's unused cache positions.
 
 Queries may have more heads than keys/values (grouped-query attention); the cache holds the
-key/value heads only. Knows nothing about routing, requests or sampling.
+key/value heads only. A block with sliding-window attention passes its window: every context
+then hides the keys that fell out of it (the cache keeps them; they are only not attended).
+Knows nothing about routing, requests or sampling.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ from torch import Tensor
 
 from camex_runtime import kernels
 from camex_runtime.engine.kv_cache import DecodeRows, KVCache
-from camex_runtime.layers import sdpa
+from camex_runtime.layers import sdpa, sees
 
 
 # A whole prompt's causal attention on a CPU. torch's CPU flash kernel multiplies every block of
@@ -40,10 +42,14 @@ CAUSAL_BLOCK = 64
 CAUSAL_BLOCKED_TOKENS = range(3 * CAUSAL_BLOCK, 10 * CAUSAL_BLOCK + 1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
     """`sdpa(q, k, v, is_causal=True)` for one sequence's new tokens (q (1, H, n, hd), k and v
-    (1, KV, n, hd)); on a CPU, in query blocks where that is faster (above)."""
+    (1, KV, n, hd)); on a CPU, in query blocks where that is faster (above). With a window
+    shorter than the tokens, one masked call."""
     n = q.shape[2]
+    if window is not None and window < n:
+        pos = torch.arange(n, device=q.device)
+        return sdpa(q, k, v, attn_mask=sees(pos, pos, window))
     if q.device.type != "cpu" or n not in CAUSAL_BLOCKED_TOKENS:
         return sdpa(q, k, v, is_causal=True)
     B, H, _, hd = q.shape
@@ -51,8 +57,8 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     pos = torch.arange(n, device=q.device)
     for a in range(0, n, CAUSAL_BLOCK):
         b = min(n, a + CAUSAL_BLOCK)
-        sees = pos[None, :b] <= pos[a:b, None]  # query a+i sees keys 0..a+i
-        out[:, :, a:b] = sdpa(q[:, :, a:b], k[:, :, :b], v[:, :, :b], attn_mask=sees)
+        seen = pos[None, :b] <= pos[a:b, None]  # query a+i sees keys 0..a+i
+        out[:, :, a:b] = sdpa(q[:, :, a:b], k[:, :, :b], v[:, :, :b], attn_mask=seen)
     return out
 
 
@@ -62,18 +68,21 @@ class PrefillAttention:
     slot: int
     start: int = 0  # cache position of the first token of this forward
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
+               window: int | None = None) -> Tensor:
         """q (1, H, n, hd), k and v (1, KV, n, hd) -> (1, H, n, hd)."""
         n = k.shape[2]
         self.kv.write_prefill(layer, self.slot, self.start, k[0], v[0])
         if self.start == 0:  # nothing cached before: attend within the new tokens
-            return causal_attention(q, k, v)
+            return causal_attention(q, k, v, window)
         end = self.start + n
-        keys = self.kv.k[layer, self.slot:self.slot + 1, :, :end]       # (1, KV, end, hd)
-        values = self.kv.v[layer, self.slot:self.slot + 1, :, :end]
-        # row i (position start+i) sees cache positions <= start+i
-        pos = torch.arange(end, device=q.device)
-        mask = pos[None, :] <= (self.start + torch.arange(n, device=q.device))[:, None]
+        # keys before the window of the chunk's first token are never seen: not read
+        first = 0 if window is None else max(0, self.start + 1 - window)
+        keys = self.kv.k[layer, self.slot:self.slot + 1, :, first:end]  # (1, KV, end-first, hd)
+        values = self.kv.v[layer, self.slot:self.slot + 1, :, first:end]
+        # row i (position start+i) sees cache positions <= start+i (and inside its window)
+        q_pos = self.start + torch.arange(n, device=q.device)
+        mask = sees(q_pos, torch.arange(first, end, device=q.device), window)
         return sdpa(q, keys, values, attn_mask=mask)
 
 
@@ -85,11 +94,13 @@ class PackedPrefillAttention:
     pieces: list[PrefillAttention]
     lengths: list[int]  # tokens of each piece, in packing order
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
+               window: int | None = None) -> Tensor:
         """q (1, H, N, hd), k and v (1, KV, N, hd), N = sum(lengths) -> (1, H, N, hd)."""
         outs, a = [], 0
         for ctx, n in zip(self.pieces, self.lengths):
-            outs.append(ctx.attend(layer, q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n]))
+            outs.append(ctx.attend(layer, q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n],
+                                   window))
             a += n
         return torch.cat(outs, dim=2)
 
@@ -111,12 +122,19 @@ class DecodeAttention:
         keep = torch.arange(self.length, device=pos.device) <= pos[:, None]
         return keep.view(len(pos), 1, 1, self.length)
 
-    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
+               window: int | None = None) -> Tensor:
         """q (B, H, 1, hd), k and v (B, KV, 1, hd) -> (B, H, 1, hd)."""
         out = kernels.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.kv.k, self.kv.v,
-                                       layer, self.rows.slots_t, self.rows.positions_t)
+                                       layer, self.rows.slots_t, self.rows.positions_t, window)
         if out is not None:  # fp32 on a CPU with the native kernels: write + attend in one call
             return out.unsqueeze(2)
         self.kv.write_decode(layer, self.rows, k[:, :, 0], v[:, :, 0])
         keys, values = self.kv.read(layer, self.rows, self.length)
-        return sdpa(q, keys, values, attn_mask=self.mask)
+        mask = self.mask
+        if window is not None and self.length > window:  # positions before each row's window
+            pos = self.rows.positions_t
+            inside = torch.arange(self.length, device=pos.device) > pos[:, None] - window
+            inside = inside.view(len(pos), 1, 1, self.length)
+            mask = inside if mask is None else mask & inside
+        return sdpa(q, keys, values, attn_mask=mask)

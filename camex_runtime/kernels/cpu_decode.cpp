@@ -1255,15 +1255,16 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w,
 }
 
 // One decode step's attention for B rows, fp32: writes each row's new key and value into the
-// cache at (layer, slot, :, pos), then attends over that row's positions [0, pos] — a ragged
-// batch needs no mask, and each row's result does not depend on the others. Query heads share
+// cache at (layer, slot, :, pos), then attends over that row's positions [0, pos] — or, with
+// a window w > 0 (sliding-window attention), [max(0, pos + 1 - w), pos] — a ragged batch
+// needs no mask, and each row's result does not depend on the others. Query heads share
 // key/value heads in groups (H / KV). Row b's query head h is at q + b * qs + h * qh, its new
 // key/value head g at k + b * ks + g * kh (v alike); K / V (n_layer, S, KV, max_len, hd)
 // contiguous; out (B, H, hd) contiguous.
 void attend_rows(const float* q, int64_t qs, int64_t qh, const float* k, int64_t ks, int64_t kh,
                  const float* v, int64_t vs, int64_t vh, float* K, float* V, int64_t S, int64_t max_len, int64_t layer,
                  const int64_t* slp, const int64_t* pp, int64_t B, int64_t H, int64_t KV,
-                 int64_t hd, float* op) {
+                 int64_t hd, float* op, int64_t window) {
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) {
     longest = std::max(longest, pp[b] + 1);
@@ -1282,9 +1283,10 @@ void attend_rows(const float* q, int64_t qs, int64_t qh, const float* k, int64_t
     std::vector<float> s(longest);
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t b = t / H, h = t % H, g = h / group;
-      const int64_t base = ((layer * S + slp[b]) * KV + g) * max_len * hd;
-      attend_one(q + b * qs + h * qh, K + base, V + base, pp[b] + 1, hd, scale, s.data(),
-                 op + t * hd);
+      const int64_t first = window > 0 ? std::max<int64_t>(0, pp[b] + 1 - window) : 0;
+      const int64_t base = (((layer * S + slp[b]) * KV + g) * max_len + first) * hd;
+      attend_one(q + b * qs + h * qh, K + base, V + base, pp[b] + 1 - first, hd, scale,
+                 s.data(), op + t * hd);
     }
   });
 }
@@ -1314,7 +1316,8 @@ std::pair<at::Tensor, at::Tensor> rows_of(const at::Tensor& slots,
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
                             const at::Tensor& v_new, at::Tensor kc, at::Tensor vc,
                             int64_t layer, const at::Tensor& slots,
-                            const at::Tensor& positions) {
+                            const at::Tensor& positions, int64_t window) {
+  TORCH_CHECK(window >= 0, "window: 0 (none) or the positions a query sees");
   TORCH_CHECK(q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3, "decode_attention shapes");
   check_cache(kc, vc);
   TORCH_CHECK(q.scalar_type() == at::kFloat && k_new.scalar_type() == at::kFloat &&
@@ -1331,7 +1334,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
               k_new.stride(0), k_new.stride(1), v_new.data_ptr<float>(), v_new.stride(0),
               v_new.stride(1), kc.data_ptr<float>(),
               vc.data_ptr<float>(), kc.size(1), kc.size(3), layer, sl.data_ptr<int64_t>(),
-              ps.data_ptr<int64_t>(), B, H, KV, hd, out.data_ptr<float>());
+              ps.data_ptr<int64_t>(), B, H, KV, hd, out.data_ptr<float>(), window);
   return out;
 }
 
@@ -1461,7 +1464,7 @@ at::Tensor norm(const at::Tensor& x, const at::Tensor& weight,
 // are given an RMSNorm (eps: the block norm's) of every query / key head with those (hd,)
 // weights (Qwen3), rotary positions from the cos / sin tables (max_pos, rot) when given, the
 // keys and values written into the cache at (layer, slot, :, position), each row attending
-// over its own positions.
+// over its own positions (the last `window` of them when window > 0).
 at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
                       const c10::optional<at::Tensor>& norm_b, double eps, bool rms,
                       const at::Tensor& w_qkv, const c10::optional<at::Tensor>& b_qkv,
@@ -1471,9 +1474,11 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
                       at::Tensor kc, at::Tensor vc, int64_t layer,
                       const at::Tensor& slots, const at::Tensor& positions,
                       const c10::optional<at::Tensor>& cos,
-                      const c10::optional<at::Tensor>& sin, int64_t H, int64_t KV) {
+                      const c10::optional<at::Tensor>& sin, int64_t H, int64_t KV,
+                      int64_t window) {
   check_rows(x);
   check_cache(kc, vc);
+  TORCH_CHECK(window >= 0, "window: 0 (none) or the positions a query sees");
   const int64_t B = x.size(0), d = x.size(1), hd = kc.size(4);
   TORCH_CHECK(kc.size(2) == KV && H % KV == 0 && layer >= 0 && layer < kc.size(0) &&
               w_qkv.size(0) == (H + 2 * KV) * hd && w_qkv.size(1) == d &&
@@ -1515,7 +1520,7 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
   }
   attend_rows(qp, nq, hd, qp + H * hd, nq, hd, qp + (H + KV) * hd, nq, hd, kc.data_ptr<float>(),
               vc.data_ptr<float>(), kc.size(1), kc.size(3), layer, sl.data_ptr<int64_t>(), pp,
-              B, H, KV, hd, o.data_ptr<float>());
+              B, H, KV, hd, o.data_ptr<float>(), window);
   linear_into(o.data_ptr<float>(), B, H * hd, w_o, fp32_or_null(b_o, d, "o bias"),
               y.data_ptr<float>());
   float* yp = y.data_ptr<float>();
@@ -1598,13 +1603,14 @@ const at::Tensor& given(const OptT& t, const char* what) {
 // A span of pre-norm blocks for one decode token per row, in one call: one release of the GIL
 // for the whole span instead of two per block, so the server's event loop thread sends the
 // previous token while the weights stream, and the decode thread does not queue for the GIL
-// behind it after every block. Per block i (layer ints[5i]):
+// behind it after every block. Per block i (layer ints[6i]):
 //   x = attn_block(x)                               (blocks[i][0..7]: norm, qkv, o, q/k norms)
 //   h = norm2(x)                                    (blocks[i][8..9])
-//   seg_sum[acc_slots[i][b], ints[5i+4]] += h[b]    (rows b with acc_slots[i][b] >= 0, if given)
+//   seg_sum[acc_slots[i][b], ints[6i+4]] += h[b]    (rows b with acc_slots[i][b] >= 0, if given)
 //   x = x + FFN_g(h) on the rows of each group g    (ffns[i]: rows (none: all), gate, gate bias,
 //                                                    up, up bias, down, down bias)
-// ints per block: layer, norm1 is RMS, norm2 is RMS, [gate; up] stacked in `up`, MoE index;
+// ints per block: layer, norm1 is RMS, norm2 is RMS, [gate; up] stacked in `up`, MoE index,
+// attention window (0: none);
 // eps per block: norm1's, norm2's. Each row's FFN comes from exactly one group: a dense block
 // has one group of all rows, a merged-expert block a group per merged expert its rows use.
 // With final_w, the result goes through the model's final norm. The same arithmetic as
@@ -1619,17 +1625,17 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
                   double final_eps, bool final_rms) {
   check_rows(x);
   const size_t L = blocks.size();
-  TORCH_CHECK(eps.size() == 2 * L && ints.size() == 5 * L && ffns.size() == L &&
+  TORCH_CHECK(eps.size() == 2 * L && ints.size() == 6 * L && ffns.size() == L &&
               acc_slots.size() == L, "layers: one entry per block in every list");
   const int64_t B = x.size(0), d = x.size(1);
   std::vector<char> seen(B);
   for (size_t i = 0; i < L; ++i) {
     const auto& k = blocks[i];
     TORCH_CHECK(k.size() == 10, "layers: 10 tensors per block");
-    const int64_t* f = ints.data() + 5 * i;
+    const int64_t* f = ints.data() + 6 * i;
     x = attn_block(x, given(k[0], "norm weight"), k[1], eps[2 * i], f[1] != 0,
                    given(k[2], "qkv weight"), k[3], given(k[4], "o weight"), k[5], k[6], k[7],
-                   kc, vc, f[0], slots, positions, cos, sin, H, KV);
+                   kc, vc, f[0], slots, positions, cos, sin, H, KV, f[5]);
     auto h = at::empty({B, d}, x.options());
     float* hp = h.data_ptr<float>();
     norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(given(k[8], "norm weight"), d,

@@ -32,7 +32,8 @@ at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const OptT& bias);
 at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w, const OptT& bias);
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
                             const at::Tensor& v_new, at::Tensor kc, at::Tensor vc,
-                            int64_t layer, const at::Tensor& slots, const at::Tensor& positions);
+                            int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
+                            int64_t window);
 at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, const OptT& bias, double eps,
                 bool rms);
 at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w, const OptT& norm_b,
@@ -40,7 +41,8 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w, const OptT&
                       const at::Tensor& w_o, const OptT& b_o, const OptT& q_norm,
                       const OptT& k_norm, at::Tensor kc, at::Tensor vc,
                       int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
-                      const OptT& cos, const OptT& sin, int64_t H, int64_t KV);
+                      const OptT& cos, const OptT& sin, int64_t H, int64_t KV,
+                      int64_t window);
 at::Tensor ffn(const at::Tensor& h, const at::Tensor& w1, const OptT& b1, const at::Tensor& w2,
                const OptT& b2, bool glu);
 at::Tensor hidden(const at::Tensor& u, bool glu);

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import camex_runtime as cr
 from camex_runtime.upcycle import UpcycleError, dense_reference_error
@@ -93,9 +93,17 @@ def test_qwen3_query_and_key_norms(tmp_path, attention_bias):
     assert dense_reference_error(model, dense_dir, random_ids(20, seed=3, batch=2)) > 1e-3
 
 
-def test_qk_norm_is_a_llama_family_option():
+def test_qk_norm_and_windows_are_llama_family_options():
     with pytest.raises(ValueError, match="qk_norm .* llama-family option"):
         cr.CamexConfig.from_preset("tiny", qk_norm=True)
+    with pytest.raises(ValueError, match="sliding_window is a llama-family option"):
+        cr.CamexConfig.from_preset("tiny", sliding_window=4)
+    with pytest.raises(ValueError, match="sliding_window must be >= 1"):
+        cr.CamexConfig.from_preset("tiny-llama", sliding_window=0)
+    with pytest.raises(ValueError, match=r"sliding_window_layers \[5\] out of range"):
+        cr.CamexConfig.from_preset("tiny-llama", sliding_window=4, sliding_window_layers=[5])
+    cfg = cr.CamexConfig.from_preset("tiny-llama", sliding_window=4, sliding_window_layers=[1])
+    assert [cfg.window(i) for i in range(2)] == [None, 4]
 
 
 def test_the_reference_check_sees_a_wrong_rotary(tmp_path):
@@ -116,7 +124,6 @@ def test_sharded_checkpoints_are_read(tmp_path):
 
 
 @pytest.mark.parametrize("case,pattern", [
-    ("sliding", r"sliding-window attention \(sliding_window=64\).*max_position_embeddings=64"),
     ("rope", r"rope_type 'dynamic' is not supported"),
     ("act", r"hidden_act 'gelu' is not supported"),
     ("family", r"model_type 'bert' cannot be upcycled; "
@@ -125,11 +132,7 @@ def test_sharded_checkpoints_are_read(tmp_path):
 ])
 def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):
     d = tmp_path / case
-    if case == "sliding":
-        torch.manual_seed(0)
-        from transformers import MistralForCausalLM
-        MistralForCausalLM(MistralConfig(**COMMON, sliding_window=64)).save_pretrained(d)
-    elif case == "rope":
+    if case == "rope":
         build_dense(d, "llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     elif case == "act":
         build_dense(d, "llama", hidden_act="gelu")
@@ -144,14 +147,34 @@ def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):
         cr.upcycle_from_dense(d, num_experts=2, segment_len=4)
 
 
-def test_sliding_window_is_exact_within_the_window(tmp_path):
-    """Lowering max_position_embeddings to the window makes sliding attention full attention."""
-    torch.manual_seed(0)
-    from transformers import MistralForCausalLM
-    MistralForCausalLM(MistralConfig(**COMMON, sliding_window=64)).save_pretrained(tmp_path / "m")
-    model = cr.upcycle_from_dense(tmp_path / "m", num_experts=2, segment_len=4,
+@pytest.mark.parametrize("family,hf,blocks", [
+    ("mistral", {"sliding_window": 5}, None),
+    ("phi3", {"sliding_window": 6}, None),
+    # Qwen2/Qwen3 slide from max_window_layers on: here block 1 only
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}, [1]),
+    ("qwen3", {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 0}, None),
+])
+def test_sliding_windows_are_exact_beyond_them(tmp_path, family, hf, blocks):
+    """Sequences several windows long, so most tokens attend to less than their prefix; the
+    window (and which blocks slide) as transformers applies it."""
+    dense_dir = build_dense(tmp_path / family, family, **hf)
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
+    assert model.config.sliding_window == hf["sliding_window"]
+    assert model.config.sliding_window_layers == blocks
+    ids = random_ids(40, seed=6, batch=2)
+    assert dense_reference_error(model, dense_dir, ids) <= 1e-5
+    with torch.no_grad():  # and the window matters: without it the model is another one
+        for block in model.transformer.h:
+            block.attn.window = None
+    assert dense_reference_error(model, dense_dir, ids) > 1e-3
+
+
+def test_a_window_the_served_length_never_exceeds_is_full_attention(tmp_path):
+    dense_dir = build_dense(tmp_path / "m", "mistral", sliding_window=64)
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4,
                                   max_position_embeddings=64)
-    assert dense_reference_error(model, tmp_path / "m", random_ids(64, seed=6)) <= 1e-5
+    assert model.config.sliding_window is None
+    assert dense_reference_error(model, dense_dir, random_ids(64, seed=6)) <= 1e-5
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)

@@ -552,6 +552,28 @@ def test_decode_attention_writes_the_cache_and_equals_sdpa_per_row(H, KV, hd):
     assert torch.equal(vc[~written], before[1][~written])
 
 
+@pytest.mark.skipif(kernels.native() is None, reason="no native kernels here")
+@pytest.mark.parametrize("window", [1, 5, 34])
+def test_decode_attention_with_a_window_sees_only_the_last_window_positions(window):
+    """Sliding-window attention: row b attends to positions (p - window, p], as transformers'
+    rule `k > q - window`; rows nearer the start than the window see them all."""
+    torch.manual_seed(window)
+    H, KV, hd, max_len = 4, 2, 16, 40
+    kc, vc = torch.randn(2, 3, KV, max_len, hd), torch.randn(2, 3, KV, max_len, hd)
+    slots, positions = torch.tensor([2, 0, 1]), torch.tensor([9, 2, 33])
+    q, k, v = torch.randn(3, H, hd), torch.randn(3, KV, hd), torch.randn(3, KV, hd)
+    got = kernels.decode_attention(q, k, v, kc, vc, 1, slots, positions, window)
+    for b, (s, p) in enumerate(zip(slots.tolist(), positions.tolist())):
+        first = max(0, p + 1 - window)
+        keys, values = kc[1, s, :, first:p + 1], vc[1, s, :, first:p + 1]
+        want = F.scaled_dot_product_attention(q[b][:, None], keys.repeat_interleave(H // KV, 0),
+                                              values.repeat_interleave(H // KV, 0))[:, 0]
+        assert rel(got[b], want) <= 1e-5
+    full = kernels.decode_attention(q, k, v, kc, vc, 1, slots, positions)
+    assert torch.equal(full[1], got[1]) == (window >= 3)  # position 2: within every window >= 3
+    assert not torch.equal(full[2], got[2]) or window >= 34
+
+
 def test_decode_attention_declines_what_it_does_not_compute():
     q, kv = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
     cache = torch.zeros(1, 1, 2, 4, 8)
