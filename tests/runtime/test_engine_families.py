@@ -196,6 +196,24 @@ def test_classifier_through_the_engine_equals_the_model(tmp_path, strategy):
             assert score == pytest.approx(want[label], abs=1e-5)
 
 
+def test_a_resumed_conversation_answers_as_a_cold_prompt(lm):
+    """Prefix caching on every family (Mistral's window shorter than the conversation): the
+    next turn resumes from the slot the first left and answers as an engine without it."""
+    path, _ = lm
+    first = random_ids(2 * T + 1, seed=21)[0].tolist()
+    warm = Engine.from_pretrained(path, max_batch_size=1, prefix_caching=True)
+    cold = Engine.from_pretrained(path, max_batch_size=1)
+    answer = decode_alone_params(warm, first, SamplingParams(max_new_tokens=6, ignore_eos=True))
+    turn = first + answer + random_ids(3, seed=22)[0].tolist()
+    handle = warm.submit(turn, SamplingParams(max_new_tokens=8, ignore_eos=True))
+    while not handle.done:
+        warm.step()
+    res = handle.result()
+    assert res.cached_tokens >= len(first)  # resumed, not recomputed
+    assert res.token_ids == decode_alone_params(
+        cold, turn, SamplingParams(max_new_tokens=8, ignore_eos=True))
+
+
 def test_chunked_prefill_equals_whole_prefill(lm):
     """Chunks start at arbitrary positions: rotary positions and the cached keys of earlier
     chunks (key/value heads only) must line up exactly."""
