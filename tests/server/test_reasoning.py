@@ -3,11 +3,10 @@ streamed choice, cut anywhere, splits as the whole text does (vLLM's qwen3 and d
 rules)."""
 from __future__ import annotations
 
-import random
-
 import pytest
 
 from server.reasoning import ThinkSplit, answer_only
+from tests.server.pieces import random_pieces
 
 
 def whole(text: str, plain: bool = False):
@@ -41,10 +40,7 @@ def test_an_answer_only_choice_keeps_every_character_as_answer():
 ])
 def test_any_cut_into_pieces_splits_as_the_whole(text):
     want = whole(text)
-    rng = random.Random(0)
-    for _ in range(200):
-        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 6))))
-        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    for pieces in random_pieces(text, seed=0, most_cuts=6):
         split, reasoning, answer = ThinkSplit(False), [], []
         for i, piece in enumerate(pieces):
             r, a = split.push(piece, final=i == len(pieces) - 1)

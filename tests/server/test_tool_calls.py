@@ -4,11 +4,11 @@ calls the whole answer gives (vLLM's hermes rules)."""
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 
 from server.tool_calls import ToolCallSplit, parse_block
+from tests.server.pieces import random_pieces
 
 CALL_A = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n'
           '</tool_call>')
@@ -63,10 +63,7 @@ def test_arguments_are_json_text_and_every_call_has_its_own_id():
 ])
 def test_any_cut_into_pieces_gives_the_whole_answers_calls(text):
     want = whole(text)
-    rng = random.Random(1)
-    for _ in range(200):
-        cuts = sorted(rng.sample(range(1, len(text)), min(len(text) - 1, rng.randint(0, 8))))
-        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    for pieces in random_pieces(text, seed=1):
         split, content, calls = ToolCallSplit(), [], []
         for i, piece in enumerate(pieces):
             c, new = split.push(piece, final=i == len(pieces) - 1)
