@@ -123,9 +123,11 @@ class ServerSettings:
         "(message `reasoning_content` and `reasoning`, as vLLM's parsers of these names)",
         choices=("qwen3", "deepseek_r1"))
     tool_call_parser: str | None = _opt(
-        None, "parse tool calls out of chat answers of requests with `tools` (hermes: "
-        "<tool_call>{json}</tool_call> blocks, as Qwen2.5/Qwen3 write them; vLLM's parser of "
-        "that name); none: requests with tools are refused", choices=("hermes",))
+        None, "parse tool calls out of chat answers of requests with `tools`, in the model's "
+        "format (vLLM's parsers of these names): hermes (<tool_call>{json}</tool_call>, "
+        "Qwen2.5/Qwen3), llama3_json ({\"name\", \"parameters\"}, Llama 3.1+), mistral "
+        "([TOOL_CALLS][...]); none: requests with tools are refused",
+        choices=("hermes", "llama3_json", "mistral"))
 
     def __post_init__(self) -> None:
         positive = ("port", "max_batch_size", "max_waiting", "max_client_batch_size",

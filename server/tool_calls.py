@@ -1,4 +1,5 @@
-"""Tool calls out of a chat answer (`--tool-call-parser hermes`, as vLLM's parser of that name).
+"""Tool calls out of a chat answer (`--tool-call-parser hermes|llama3_json|mistral`, as vLLM's
+parsers of those names).
 
 Models trained on the Hermes format (Qwen2.5, Qwen3, Hermes, ...) call a tool by writing
 `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` in their answer, one block per call;
@@ -15,8 +16,15 @@ only what precedes the first block). `parallel_tool_calls: false` keeps the firs
 `ToolCallSplit` reads one choice's answer piece by piece, as `server.reasoning.ThinkSplit` does:
 text before a block streams as content at once (a piece's end that may start `<tool_call>` is
 held back), a block is held until it closes and then sent as one tool-call delta with its
-whole arguments. The complete answer is one piece, so both forms give the same calls. Knows no
-routes.
+whole arguments. The complete answer is one piece, so both forms give the same calls.
+
+Llama 3.1+ (`llama3_json`) and Mistral (`mistral`) answer a call with JSON instead of text:
+`{"name": ..., "parameters": {...}}` (several joined by `;`, optionally after
+`<|python_tag|>`), or `[TOOL_CALLS]` and a JSON list of `{"name", "arguments"}` (or, with
+Mistral's v11+ tokenizers, `[TOOL_CALLS]name[ARGS]{arguments}` per call).
+`JsonToolCalls` decides from the answer's start: an answer that begins so is held whole and
+parsed at its end (all calls, or, if it does not parse, the text as content); any other
+answer streams as content at once. Knows no routes.
 """
 
 from __future__ import annotations
@@ -28,7 +36,8 @@ from dataclasses import dataclass
 from server.reasoning import _partial_suffix
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-PARSERS = ("hermes",)
+PARSERS = ("hermes", "llama3_json", "mistral")
+PYTHON_TAG, MISTRAL_CALLS, MISTRAL_ARGS = "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]"
 
 
 @dataclass(frozen=True)
@@ -49,6 +58,11 @@ def parse_block(body: str) -> ToolCall | None:
         obj = json.loads(body)
     except ValueError:
         return None
+    return call_of(obj)
+
+
+def call_of(obj) -> ToolCall | None:
+    """`{"name": str, "arguments" or "parameters": object or JSON text}` -> a call, else None."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
     args = obj.get("arguments", obj.get("parameters", {}))
@@ -115,3 +129,103 @@ class ToolCallSplit:
     def whole(self) -> tuple[str | None, list[ToolCall]]:
         """After the final piece: (content or None, calls)."""
         return "".join(self.content) or None, list(self.calls)
+
+
+def llama3_calls(text: str) -> list[ToolCall] | None:
+    """`[<|python_tag|>]{call}[; {call}]...` -> the calls, None if it is not exactly that."""
+    text, decoder, calls, at = text.strip(), json.JSONDecoder(), [], 0
+    if text.startswith(PYTHON_TAG):
+        text = text[len(PYTHON_TAG):].lstrip()
+    while at < len(text):
+        try:
+            obj, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return None
+        call = call_of(obj)
+        if call is None:
+            return None
+        calls.append(call)
+        rest = text[at:].lstrip()
+        at = len(text) - len(rest)
+        if rest.startswith(";"):
+            at += 1 + len(rest[1:]) - len(rest[1:].lstrip())
+        elif rest:
+            return None
+    return calls or None
+
+
+def mistral_calls(text: str) -> list[ToolCall] | None:
+    """`[TOOL_CALLS][{call}, ...]`, or (tokenizers v11+) `[TOOL_CALLS]name[ARGS]{arguments}`
+    once per call -> the calls, None if it is not exactly that."""
+    text = text.strip()
+    if not text.startswith(MISTRAL_CALLS):
+        return None
+    body = text[len(MISTRAL_CALLS):].lstrip()
+    if body[:1] in ("[", "{"):
+        try:
+            objs = json.loads(body)
+        except ValueError:
+            return None
+        objs = objs if isinstance(objs, list) else [objs]
+    else:
+        objs = []
+        for part in body.split(MISTRAL_CALLS):
+            name, sep, args = part.partition(MISTRAL_ARGS)
+            try:
+                objs.append({"name": name.strip(), "arguments": json.loads(args)} if sep
+                            and name.strip() else None)
+            except ValueError:
+                return None
+    calls = [call_of(o) for o in objs]
+    return None if not calls or None in calls else calls
+
+
+JSON_PARSERS = {"llama3_json": ((PYTHON_TAG, "{"), llama3_calls),
+                "mistral": ((MISTRAL_CALLS,), mistral_calls)}
+
+
+class JsonToolCalls:
+    """`llama3_json` / `mistral` answers -> (content piece, new calls) per `push`, as
+    `ToolCallSplit` (the module docstring): an answer that opens as a call is held to its end."""
+
+    def __init__(self, parser: str, parallel: bool = True) -> None:
+        self.starts, self.parse = JSON_PARSERS[parser]
+        self.parallel = parallel
+        self.state = "start"  # "start": undecided; "text": content; "calls": held to the end
+        self.held = ""
+        self.calls: list[ToolCall] = []
+        self.content: list[str] = []
+
+    def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
+        text, self.held, new = self.held + text, "", []
+        if self.state == "start":
+            head = text.lstrip()
+            if any(head.startswith(s) for s in self.starts):
+                self.state = "calls"
+            elif not final and (not head or any(s.startswith(head) for s in self.starts)):
+                self.held, text = text, ""  # may still open a call
+            else:
+                self.state = "text"
+        if self.state == "calls":
+            self.held, text = text, ""
+            if final:
+                calls = self.parse(self.held)
+                if calls is None:  # not a call after all: the answer as written
+                    self.state, text = "text", self.held
+                else:
+                    new = calls if self.parallel else calls[:1]
+                    self.calls += new
+                self.held = ""
+        self.content.append(text)
+        return text, new
+
+    def whole(self) -> tuple[str | None, list[ToolCall]]:
+        """After the final piece: (content or None, calls)."""
+        return "".join(self.content) or None, list(self.calls)
+
+
+def splitter(parser: str, parallel: bool = True) -> ToolCallSplit | JsonToolCalls:
+    """The answer splitter of `--tool-call-parser parser`."""
+    if parser not in PARSERS:
+        raise ValueError(f"unknown tool-call parser {parser!r}; use one of {PARSERS}")
+    return ToolCallSplit(parallel) if parser == "hermes" else JsonToolCalls(parser, parallel)

@@ -27,7 +27,7 @@ from server.openai_runs import (Choice, check_model, check_stream_options, choic
                                 merged, run_to_end, sampling, start_choices, stop_list,
                                 token_strings, usage_now, usage_of)
 from server.reasoning import ThinkSplit, answer_only
-from server.tool_calls import ToolCallSplit
+from server.tool_calls import splitter
 from server.routes.completions import OPENAI_ERRORS, model_name
 from server.routes.tgi import SSE_HEADERS
 
@@ -45,8 +45,8 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
     calling = bool(body.tools) and body.tool_choice != "none"
     if calling and state.settings.tool_call_parser is None:
         raise errors.validation("this server parses no tool calls: start it with "
-                                "`--tool-call-parser hermes` for a model that writes "
-                                "<tool_call> blocks (or send tool_choice \"none\")",
+                                "`--tool-call-parser hermes` (or llama3_json, mistral: the "
+                                "model's format), or send tool_choice \"none\"",
                                 param="tools")
     template = require_template(engine, state.settings)
     text, ids = await anyio.to_thread.run_sync(prompt_ids, engine, template, body)
@@ -66,7 +66,8 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
     plain = parser is not None and answer_only(parser, text, body.chat_template_kwargs)
     for c in choices:
         c.think = ThinkSplit(plain) if parser is not None else None
-        c.calls = ToolCallSplit(body.parallel_tool_calls is not False) if calling else None
+        c.calls = splitter(state.settings.tool_call_parser,
+                           body.parallel_tool_calls is not False) if calling else None
     return choices
 
 

@@ -485,12 +485,13 @@ def test_tool_requests_this_server_cannot_honour_are_422(client, change, needle)
     assert r.status_code == 422 and needle in r.text, r.text
 
 
-def test_with_the_parser_an_answer_without_calls_is_plain_content(tiny_lm_dir, tmp_path):
-    """The tiny model writes no <tool_call>: its answer stays content, finish reason as
-    without tools, streamed alike (the parser's own cases: tests/server/test_tool_calls.py)."""
+@pytest.mark.parametrize("parser", ["hermes", "llama3_json", "mistral"])
+def test_with_the_parser_an_answer_without_calls_is_plain_content(tiny_lm_dir, tmp_path, parser):
+    """The tiny model writes no call: its answer stays content, finish reason as without
+    tools, streamed alike (the parsers' own cases: tests/server/test_tool_calls.py)."""
     body = {"messages": [{"role": "user", "content": "hi"}], "tools": [WEATHER],
             "max_tokens": 6, "temperature": 0, "ignore_eos": True}
-    with tools_server(tiny_lm_dir, tmp_path, tool_call_parser="hermes") as c:
+    with tools_server(tiny_lm_dir, tmp_path, tool_call_parser=parser) as c:
         wait_ready(c)
         out = c.post("/v1/chat/completions", json=body).json()
         plain = c.post("/v1/chat/completions", json={**body, "tool_choice": "none"}).json()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from server.tool_calls import ToolCallSplit, parse_block
+from server.tool_calls import ToolCallSplit, parse_block, splitter
 from tests.server.pieces import random_pieces
 
 CALL_A = ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "C"}}\n'
@@ -111,3 +111,65 @@ def test_a_message_with_calls_is_what_the_openai_client_reads():
     assert [c.function.name for c in one.message.tool_calls] == ["get_weather"]
     none = choice_json(fake_choice("no calls", reason="length"), body, tokenizer=None)
     assert none.finish_reason == "length" and none.message.tool_calls is None
+
+
+def json_whole(parser: str, text: str, parallel: bool = True):
+    split = splitter(parser, parallel)
+    split.push(text, final=True)
+    content, calls = split.whole()
+    return content, [(c.name, json.loads(c.arguments)) for c in calls]
+
+
+LLAMA_A = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
+LLAMA_B = '{"name": "now", "parameters": {}}'
+MISTRAL = ('[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}}, '
+           '{"name": "now", "arguments": {}}]')
+WEATHER, NOW = ("get_weather", {"city": "Paris"}), ("now", {})
+
+
+@pytest.mark.parametrize("parser,text,want", [
+    ("llama3_json", LLAMA_A, (None, [WEATHER])),
+    ("llama3_json", "<|python_tag|>" + LLAMA_A + "; " + LLAMA_B, (None, [WEATHER, NOW])),
+    ("llama3_json", " \n" + LLAMA_A + ";", (None, [WEATHER])),
+    ("llama3_json", "It is sunny.", ("It is sunny.", [])),
+    ("llama3_json", '{"answer": 42}', ('{"answer": 42}', [])),  # JSON, but no call
+    ("llama3_json", LLAMA_A + " and more", (LLAMA_A + " and more", [])),
+    ("llama3_json", '{"name": "now", "param', ('{"name": "now", "param', [])),  # cut short
+    ("mistral", MISTRAL, (None, [WEATHER, NOW])),
+    ("mistral", '[TOOL_CALLS]{"name": "now", "arguments": {}}', (None, [NOW])),
+    ("mistral", "[TOOL_CALLS] not json", ("[TOOL_CALLS] not json", [])),
+    ("mistral", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]now[ARGS]{}',
+     (None, [WEATHER, NOW])),  # tokenizers v11+
+    ("mistral", "[TOOL_CALLS]now[ARGS]{oops", ("[TOOL_CALLS]now[ARGS]{oops", [])),
+    ("mistral", "Plain [TOOL_CALLS] later", ("Plain [TOOL_CALLS] later", [])),
+])
+def test_json_answers_split_as_vllm_llama3_and_mistral_parsers_split_them(parser, text, want):
+    assert json_whole(parser, text) == want
+
+
+@pytest.mark.parametrize("parser,text", [
+    ("llama3_json", "<|python_tag|>" + LLAMA_A + "; " + LLAMA_B),
+    ("llama3_json", "It is { sunny }."), ("llama3_json", "  <|pyth"),
+    ("mistral", MISTRAL), ("mistral", "[TOOL_ not quite"),
+])
+def test_json_answers_cut_anywhere_give_the_whole_answers_calls(parser, text):
+    want = json_whole(parser, text)
+    for pieces in random_pieces(text, seed=2):
+        split, content, calls = splitter(parser), [], []
+        for i, piece in enumerate(pieces):
+            c, new = split.push(piece, final=i == len(pieces) - 1)
+            content.append(c)
+            calls += [(x.name, json.loads(x.arguments)) for x in new]
+        assert ("".join(content) or None, calls) == want, pieces
+    assert json_whole(parser, text, parallel=False)[1] == want[1][:1]
+
+
+def test_a_plain_answer_streams_at_once_and_a_call_waits_for_its_end():
+    split = splitter("llama3_json")
+    assert split.push("Sunny") == ("Sunny", [])  # decided: content, sent now
+    split = splitter("llama3_json")
+    assert split.push('{"name": "now", ') == ("", [])  # may be a call: held
+    content, calls = split.push('"parameters": {}}', final=True)
+    assert content == "" and [c.name for c in calls] == ["now"]
+    with pytest.raises(ValueError, match="unknown tool-call parser 'xml'"):
+        splitter("xml")
