@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .config import FORMAT_VERSION, CamexConfig
+from .config import READABLE_FORMATS, CamexConfig
 from .devices import check_device
 from .memory import release_freed_memory
 
@@ -80,7 +80,7 @@ def save_folded(state_dict: dict[str, Tensor], config: CamexConfig, out_dir: str
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()
                if not (config.tie_word_embeddings and k == "lm_head.weight")}
     save_file(tensors, str(out / WEIGHTS_NAME),
-              metadata={"format": "pt", "camex_format_version": str(FORMAT_VERSION)})
+              metadata={"format": "pt", "camex_format_version": str(config.format_version)})
     config.save_pretrained(out)
 
 
@@ -96,9 +96,9 @@ def read_config(path: Path) -> CamexConfig:
         raise CheckpointError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, "
                               f"expected 'camex'")
     version = raw.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_FORMATS:
         raise CheckpointError(f"{cfg_file}: unknown format_version {version!r}; this runtime reads "
-                              f"format_version {FORMAT_VERSION}")
+                              f"format_version {_formats()}")
     try:
         return CamexConfig.from_dict(raw)
     except (TypeError, ValueError) as e:
@@ -221,11 +221,15 @@ class SafetensorsReader:
 
 
 def check_format_version(weights: Path, metadata: dict[str, str]) -> None:
-    """The weights file's own format version, when it records one, must be the one we read."""
+    """The weights file's own format version, when it records one, must be one we read."""
     stored = metadata.get("camex_format_version")
-    if stored is not None and stored != str(FORMAT_VERSION):
+    if stored is not None and stored not in {str(v) for v in READABLE_FORMATS}:
         raise CheckpointError(f"{weights}: camex_format_version {stored!r} in the safetensors "
-                              f"metadata; this runtime reads format_version {FORMAT_VERSION}")
+                              f"metadata; this runtime reads format_version {_formats()}")
+
+
+def _formats() -> str:
+    return " or ".join(str(v) for v in READABLE_FORMATS)
 
 
 def cast_finite(name: str, t: Tensor, device: str | torch.device,

@@ -23,7 +23,14 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-FORMAT_VERSION = 1  # bump when the folded checkpoint layout changes (checkpoint.py refuses others)
+# The folded checkpoint format (checkpoint.py reads READABLE_FORMATS, refuses others).
+# FORMAT_VERSION is the layout; FORMAT_NEW_ATTENTION marks a config whose model an older
+# runtime would load but compute wrongly (per-head q/k norms, sliding windows: it would ignore
+# both). Only such checkpoints are written with it, so older runtimes refuse them by name and
+# keep reading every checkpoint they can serve (`CamexConfig.format_needed`).
+FORMAT_VERSION = 1
+FORMAT_NEW_ATTENTION = 2
+READABLE_FORMATS = (FORMAT_VERSION, FORMAT_NEW_ATTENTION)
 
 MERGE_METHODS = ("domain_specific", "ties", "dare")
 FAMILIES = ("gpt2", "llama")
@@ -185,6 +192,11 @@ class CamexConfig(PretrainedConfig):
                                            and layer not in self.sliding_window_layers):
             return None
         return self.sliding_window
+
+    def format_needed(self) -> int:
+        """The oldest checkpoint format that describes this model (FORMAT_VERSION's comment)."""
+        new = self.qk_norm or self.sliding_window is not None
+        return FORMAT_NEW_ATTENTION if new else FORMAT_VERSION
 
     @property
     def is_moe(self) -> bool:

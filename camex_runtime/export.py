@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .checkpoint import (WEIGHTS_NAME, CheckpointError, kind_of, load_training_form, model_class,
                          save_folded)
-from .config import FORMAT_VERSION, CamexConfig
+from .config import CamexConfig
 from .modeling import CamexForCausalLM, CamexPreTrainedModel
 
 MAX_REL_ERROR = 1e-5
@@ -57,7 +57,7 @@ def fold(model: CamexPreTrainedModel) -> tuple[CamexConfig, dict[str, Tensor]]:
     if model.config.folded:
         raise ExportError("model is already folded")
     cfg = copy.deepcopy(model.config)
-    cfg.folded, cfg.format_version = True, FORMAT_VERSION
+    cfg.folded, cfg.format_version = True, cfg.format_needed()
     cfg.architectures = [type(model).__name__]
     state = {k: v for k, v in model.state_dict().items() if ".ffn.curvature." not in k}
     for layer, bank in model.transformer.expert_banks().items():

@@ -224,3 +224,21 @@ def test_llama_training_form_trains(tmp_path):
     for name, p in model.named_parameters():
         if any(k in name for k in (".curvature.", ".experts.", ".base.", ".router.")):
             assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_only_checkpoints_older_runtimes_would_misread_get_the_new_format(tmp_path):
+    """qk_norm or a sliding window: format 2, which runtimes before them refuse by name (they
+    would have loaded it and attended wrongly); everything else stays format 1. Both load."""
+    from safetensors import safe_open
+
+    from camex_runtime.checkpoint import load_folded
+
+    for family, want in (("llama", 1), ("qwen3", 2), ("mistral", 2)):
+        model = cr.upcycle_from_dense(build_dense(tmp_path / family, family), num_experts=2,
+                                      segment_len=4)
+        cr.export(model.eval(), tmp_path / f"{family}-folded")
+        folded = tmp_path / f"{family}-folded"
+        assert json.loads((folded / "config.json").read_text())["format_version"] == want
+        with safe_open(str(folded / "model.safetensors"), framework="pt") as f:
+            assert f.metadata()["camex_format_version"] == str(want)
+        assert load_folded(folded).config.format_version == want
