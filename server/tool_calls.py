@@ -75,12 +75,16 @@ class ToolCallSplit:
 
     States: "text" (content, before any block), "block" (inside one, held), "between" (after a
     call: another block may follow), "dropped" (text after the calls), "failed" (the first
-    block was not a call: everything is content, as written)."""
+    block was not a call: everything is content, as written). Whitespace alone before the
+    first block is not content (a thinking model's "</think>\n\n<tool_call>..."): it is held
+    while nothing else has come, dropped when a call follows, sent when text does."""
 
     def __init__(self, parallel: bool = True) -> None:
         self.parallel = parallel
         self.state = "text"
         self.held = ""  # a possible start of `<tool_call>`, or the open block's body so far
+        self.said = False  # content other than whitespace was sent
+        self.lead = ""  # the whitespace dropped before the first block (restored if it fails)
         self.calls: list[ToolCall] = []
         self.content: list[str] = []
 
@@ -91,12 +95,21 @@ class ToolCallSplit:
         while text:
             if self.state in ("text", "failed"):
                 at = -1 if self.state == "failed" else text.find(OPEN)
+                quiet = self.state == "text" and not self.said
                 if at >= 0:
-                    out.append(text[:at])
+                    before = text[:at]
+                    if quiet and not before.strip():  # nothing but whitespace before it
+                        self.lead, before = before, ""
+                    out.append(before)
+                    self.said |= bool(before.strip())
                     self.state, text = "block", text[at + len(OPEN):]
                     continue
                 keep = 0 if final or self.state == "failed" else _partial_suffix(text, OPEN)
+                if quiet and not final and not text[:len(text) - keep].strip():
+                    self.held, text = text, ""  # whitespace so far: a call may follow
+                    continue
                 out.append(text[:len(text) - keep])
+                self.said |= bool(text[:len(text) - keep].strip())
                 self.held, text = text[len(text) - keep:], ""
             elif self.state == "block":
                 at = text.find(CLOSE)
@@ -106,7 +119,7 @@ class ToolCallSplit:
                 body, rest = (text, "") if at < 0 else (text[:at], text[at + len(CLOSE):])
                 call = parse_block(body.strip())
                 if call is None and not self.calls:  # not a call: the answer is plain text
-                    self.state, text = "failed", OPEN + text
+                    self.state, text = "failed", self.lead + OPEN + text
                     continue
                 if call is not None and (self.parallel or not self.calls):
                     self.calls.append(call)

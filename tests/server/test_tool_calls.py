@@ -34,6 +34,9 @@ def whole(text: str, parallel: bool = True):
     ('<tool_call>{"arguments": {}}</tool_call>', ('<tool_call>{"arguments": {}}</tool_call>',
                                                   [])),  # no name: not a call
     ("a <tool_ca b", ("a <tool_ca b", [])),
+    ("\n\n" + CALL_B, (None, [("now", {})])),  # whitespace alone before a call: no content
+    (" \n<tool_call>not json</tool_call>", (" \n<tool_call>not json</tool_call>", [])),
+    ("  \n", ("  \n", [])),
 ])
 def test_whole_answers_split_as_vllm_hermes_splits_them(text, want):
     assert whole(text) == want
@@ -60,6 +63,7 @@ def test_arguments_are_json_text_and_every_call_has_its_own_id():
     "<tool_call>not json</tool_call> then text",
     CALL_B + "\n\n  <tool_ca",
     "x" + CALL_A[:-5],
+    "\n \n" + CALL_A, " \n<tool_call>oops</tool_call> tail", "\n\nAnswer " + CALL_B,
 ])
 def test_any_cut_into_pieces_gives_the_whole_answers_calls(text):
     want = whole(text)

@@ -1,0 +1,111 @@
+"""Reasoning and tool calls over real HTTP, read by the real `openai` client, from a model that
+writes them: a dense GPT-2-shaped checkpoint built here whose greedy answer to one prompt is a
+chosen text — Qwen3's `<think>` block, then a hermes `<tool_call>` — then EOS.
+
+How it writes it: every block's attention and FFN outputs are zero, token embeddings are zero,
+so the final hidden state at position p is the layer norm of the position embedding at p; that
+embedding is a one-hot vector for the dimension of the token the script puts after p, and the
+(untied) LM head maps each scripted token to its own dimension. The answer is the script at any
+batch or thread count, exactly (what the server returns is decided by its parsers, under test).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import make_tokenizer
+from tests.server.live_server import live_server
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}<assistant>"
+QUESTION = "weather in Paris?"
+RENDERED = f"<user>{QUESTION}<assistant>"  # TEMPLATE's prompt for that one user message
+THINKING = "\nThe user wants the weather; I should look it up.\n"
+ARGUMENTS = {"city": "Paris", "unit": "celsius"}
+SCRIPT = (f"<think>{THINKING}</think>\n\n<tool_call>\n"
+          + json.dumps({"name": "get_weather", "arguments": ARGUMENTS}) + "\n</tool_call>")
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "today's weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"},
+                                                    "unit": {"type": "string"}}}}}
+
+
+def build_scripted(out: Path) -> Path:
+    from camex_runtime import CamexConfig, CamexForCausalLM, export
+
+    tok = make_tokenizer(out.parent / "scripted-tok")
+    prompt = tok(RENDERED, add_special_tokens=False)["input_ids"]
+    answer = tok(SCRIPT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(answer[:-1]) == SCRIPT  # the byte-level BPE round-trips it
+    dims = {t: i for i, t in enumerate(dict.fromkeys(answer))}
+    d = max(64, len(dims))
+    cfg = CamexConfig(vocab_size=len(tok), d_model=d, n_layer=1, n_head=4, d_ff=32,
+                      max_position_embeddings=512, num_experts=0,
+                      tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id)
+    model = CamexForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.transformer.ln_f.weight.fill_(1.0)
+        for k, token in enumerate(answer):  # position P-1+k predicts the k-th answer token
+            model.transformer.wpe.weight[len(prompt) - 1 + k, dims[token]] = 1.0
+        for token, dim in dims.items():
+            model.lm_head.weight[token, dim] = 10.0
+    export(model, out, tokenizer=tok, provenance={"training_data": "scripted (tests)"})
+    (out.parent / "template.jinja").write_text(TEMPLATE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("scripted")
+    model = build_scripted(work / "model")
+    with live_server(work, "--model", str(model), "--chat-template",
+                     str(work / "template.jinja"), "--reasoning-parser", "qwen3",
+                     "--tool-call-parser", "hermes", "--model-id", "scripted") as srv:
+        yield srv
+
+
+def test_the_raw_answer_is_the_script(server):
+    """Without tools and with a parser-free route (completions) the model writes the script."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    out = client.completions.create(model="scripted", prompt=RENDERED, max_tokens=300,
+                                    temperature=0)
+    assert out.choices[0].text == SCRIPT and out.choices[0].finish_reason == "stop"
+
+
+def test_openai_client_reads_reasoning_and_the_tool_call(server):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    kw = dict(model="scripted", messages=[{"role": "user", "content": QUESTION}],
+              tools=[WEATHER], max_tokens=300, temperature=0)
+    out = client.chat.completions.create(**kw)
+    choice = out.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert choice.message.model_extra["reasoning_content"] == THINKING
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == ARGUMENTS and call.id
+    # streamed: the reasoning as it comes, the call as one delta, the same finish
+    reasoning, content, calls, finish = [], [], [], None
+    for chunk in client.chat.completions.create(stream=True, **kw):
+        delta = chunk.choices[0].delta
+        reasoning.append((delta.model_extra or {}).get("reasoning_content") or "")
+        content.append(delta.content or "")
+        calls += delta.tool_calls or []
+        finish = chunk.choices[0].finish_reason or finish
+    assert "".join(reasoning) == THINKING and "".join(content) == ""
+    assert [(c.index, c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+        (0, "get_weather", ARGUMENTS)]
+    assert finish == "tool_calls"
+    # tool_choice "none": nothing parsed as a call; the reasoning still split off
+    plain = client.chat.completions.create(tool_choice="none", **kw).choices[0]
+    assert plain.finish_reason == "stop" and plain.message.tool_calls is None
+    assert plain.message.content == SCRIPT.split("</think>", 1)[1]
