@@ -33,13 +33,13 @@ WEATHER = {"type": "function", "function": {
                                                     "unit": {"type": "string"}}}}}
 
 
-def build_scripted(out: Path) -> Path:
+def build_scripted(out: Path, script: str) -> Path:
     from camex_runtime import CamexConfig, CamexForCausalLM, export
 
     tok = make_tokenizer(out.parent / "scripted-tok")
     prompt = tok(RENDERED, add_special_tokens=False)["input_ids"]
-    answer = tok(SCRIPT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert tok.decode(answer[:-1]) == SCRIPT  # the byte-level BPE round-trips it
+    answer = tok(script, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert tok.decode(answer[:-1]) == script  # the byte-level BPE round-trips it
     dims = {t: i for i, t in enumerate(dict.fromkeys(answer))}
     d = max(64, len(dims))
     cfg = CamexConfig(vocab_size=len(tok), d_model=d, n_layer=1, n_head=4, d_ff=32,
@@ -63,7 +63,7 @@ def build_scripted(out: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("scripted")
-    model = build_scripted(work / "model")
+    model = build_scripted(work / "model", SCRIPT)
     with live_server(work, "--model", str(model), "--chat-template",
                      str(work / "template.jinja"), "--reasoning-parser", "qwen3",
                      "--tool-call-parser", "hermes", "--model-id", "scripted") as srv:
@@ -109,3 +109,31 @@ def test_openai_client_reads_reasoning_and_the_tool_call(server):
     plain = client.chat.completions.create(tool_choice="none", **kw).choices[0]
     assert plain.finish_reason == "stop" and plain.message.tool_calls is None
     assert plain.message.content == SCRIPT.split("</think>", 1)[1]
+
+
+# Llama 3.1's and Mistral's call formats: the whole answer is the call
+JSON_SCRIPTS = {
+    "llama3_json": '<|python_tag|>{"name": "get_weather", "parameters": '
+                   + json.dumps(ARGUMENTS) + '}; {"name": "now", "parameters": {}}',
+    "mistral": '[TOOL_CALLS][{"name": "get_weather", "arguments": ' + json.dumps(ARGUMENTS)
+               + '}, {"name": "now", "arguments": {}}]',
+}
+
+
+@pytest.mark.parametrize("parser", sorted(JSON_SCRIPTS))
+def test_json_call_answers_reach_the_openai_client_as_calls(tmp_path, parser):
+    from openai import OpenAI
+
+    model = build_scripted(tmp_path / "model", JSON_SCRIPTS[parser])
+    with live_server(tmp_path, "--model", str(model), "--chat-template",
+                     str(tmp_path / "template.jinja"), "--tool-call-parser", parser) as srv:
+        client = OpenAI(base_url=srv.base_url + "/v1", api_key="unused")
+        kw = dict(model="model", messages=[{"role": "user", "content": QUESTION}], tools=[WEATHER],
+                  max_tokens=300, temperature=0)
+        choice = client.chat.completions.create(**kw).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert [(c.function.name, json.loads(c.function.arguments))
+                for c in choice.message.tool_calls] == [("get_weather", ARGUMENTS), ("now", {})]
+        calls = [c for chunk in client.chat.completions.create(stream=True, **kw)
+                 for c in chunk.choices[0].delta.tool_calls or []]
+        assert [(c.index, c.function.name) for c in calls] == [(0, "get_weather"), (1, "now")]
