@@ -52,11 +52,12 @@ class ThinkSplit:
         text, self.held = self.held + text, ""
         reasoning = answer = ""
         if self.state == "start":
-            if START.startswith(text) and not final:  # not yet told: wait
+            head = text.lstrip()
+            if START.startswith(head) and not final:  # not yet told (whitespace too): wait
                 self.held = text
                 return "", ""
-            if text.lstrip().startswith(START):
-                text = text.lstrip()[len(START):]
+            if head.startswith(START):
+                text = head[len(START):]
             self.state = "think"
         if self.state == "think":
             at = text.find(END)

@@ -37,6 +37,7 @@ def test_an_answer_only_choice_keeps_every_character_as_answer():
     "<think>\nStep one. Step <two>.\n</think>\n\nThe answer is 4 </th.",
     "reasoning with < and </ and </think and then</think>answer <think> again",
     "<thi", "</thin", "<think>only thinking <", "no tags at all",
+    "\n <think>plan</think>answer",
 ])
 def test_any_cut_into_pieces_splits_as_the_whole(text):
     want = whole(text)
