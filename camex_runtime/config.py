@@ -9,9 +9,10 @@ the transformer around the merged FFNs (see docs/DESIGN.md, "Model families"):
 
 - ``family="gpt2"``: LayerNorm, learned absolute positions, fused qkv with biases, GELU FFN
   ``fc2(gelu(fc1 x))``.
-- ``family="llama"`` (Llama, Mistral, Qwen2, Qwen3, Phi-3 import into it): RMSNorm, rotary
-  positions, grouped-query attention (``num_key_value_heads``), optional q/k/v biases (Qwen2),
-  optional per-head RMSNorm of queries and keys (``qk_norm``, Qwen3), SwiGLU FFN
+- ``family="llama"`` (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3 import into it): RMSNorm,
+  rotary positions (``nope_layers`` without), grouped-query attention
+  (``num_key_value_heads``), optional q/k/v biases (Qwen2), optional per-head RMSNorm of
+  queries and keys (``qk_norm``, Qwen3), optional sliding windows, SwiGLU FFN
   ``down(silu(gate x) * up x)`` whose three projections each merge with the same scores.
 
 Named presets (``CamexConfig.from_preset("gpt2-small")``) follow gpt-fast's ``ModelArgs.from_name``.
@@ -25,9 +26,9 @@ from transformers import PretrainedConfig
 
 # The folded checkpoint format (checkpoint.py reads READABLE_FORMATS, refuses others).
 # FORMAT_VERSION is the layout; FORMAT_NEW_ATTENTION marks a config whose model an older
-# runtime would load but compute wrongly (per-head q/k norms, sliding windows: it would ignore
-# both). Only such checkpoints are written with it, so older runtimes refuse them by name and
-# keep reading every checkpoint they can serve (`CamexConfig.format_needed`).
+# runtime would load but compute wrongly (per-head q/k norms, sliding windows, NoPE blocks: it
+# would ignore them). Only such checkpoints are written with it, so older runtimes refuse them
+# by number and keep reading every checkpoint they can serve (`CamexConfig.format_needed`).
 FORMAT_VERSION = 1
 FORMAT_NEW_ATTENTION = 2
 READABLE_FORMATS = (FORMAT_VERSION, FORMAT_NEW_ATTENTION)
@@ -76,6 +77,9 @@ class CamexConfig(PretrainedConfig):
         # blocks `sliding_window_layers` lists (None: every block); None: full attention.
         sliding_window: int | None = None,
         sliding_window_layers: list[int] | None = None,
+        # llama: blocks whose attention has no rotary positions at all (NoPE; SmolLM3's every
+        # fourth block); None: every block rotates.
+        nope_layers: list[int] | None = None,
         # FFN activation; None = the family's (gpt2: gelu_new, llama: silu).
         hidden_act: str | None = None,
         # Classifiers: "mean" pools the non-padding tokens (CAMEx encoders), "last" the last
@@ -139,6 +143,7 @@ class CamexConfig(PretrainedConfig):
         self.sliding_window = None if sliding_window is None else int(sliding_window)
         self.sliding_window_layers = (None if sliding_window_layers is None
                                       else sorted(int(i) for i in sliding_window_layers))
+        self.nope_layers = None if not nope_layers else sorted(int(i) for i in nope_layers)
         self.hidden_act = hidden_act or ("silu" if llama else "gelu_new")
         self.classifier_pooling = classifier_pooling
         self.classifier_causal = bool(classifier_causal)
@@ -193,9 +198,13 @@ class CamexConfig(PretrainedConfig):
             return None
         return self.sliding_window
 
+    def rotates(self, layer: int) -> bool:
+        """Whether block `layer` applies rotary positions (the family has them, not NoPE)."""
+        return self.uses_rope and layer not in (self.nope_layers or ())
+
     def format_needed(self) -> int:
         """The oldest checkpoint format that describes this model (FORMAT_VERSION's comment)."""
-        new = self.qk_norm or self.sliding_window is not None
+        new = self.qk_norm or self.sliding_window is not None or bool(self.nope_layers)
         return FORMAT_NEW_ATTENTION if new else FORMAT_VERSION
 
     @property
@@ -229,6 +238,13 @@ class CamexConfig(PretrainedConfig):
             if bad:
                 raise ValueError(f"sliding_window_layers {bad} out of range for "
                                  f"n_layer={self.n_layer}")
+        if self.nope_layers:
+            if self.family != "llama":
+                raise ValueError("nope_layers is a llama-family option; family 'gpt2' has no "
+                                 "rotary positions to leave out")
+            bad = [i for i in self.nope_layers if not 0 <= i < self.n_layer]
+            if bad:
+                raise ValueError(f"nope_layers {bad} out of range for n_layer={self.n_layer}")
         if self.hidden_act not in FAMILY_ACTIVATIONS[self.family]:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported for family "
                              f"{self.family!r} (supported: {FAMILY_ACTIVATIONS[self.family]})")

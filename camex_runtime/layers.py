@@ -189,6 +189,7 @@ class CamexAttention(nn.Module):
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.d_model,
                                 bias=config.attention_out_bias)
         self.window = config.window(layer)  # None: full causal attention
+        self.rotates = config.rotates(layer)  # False: no rotary positions (GPT-2, NoPE blocks)
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
             self.k_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
@@ -224,7 +225,7 @@ class CamexAttention(nn.Module):
                 rope: tuple[Tensor, Tensor] | None = None, causal: bool = True,
                 key_padding_mask: Tensor | None = None) -> Tensor:
         """Attend through `ctx` (default: within x, causal or with a padding mask)."""
-        q, k, v = self.split_qkv(x, rope)
+        q, k, v = self.split_qkv(x, rope if self.rotates else None)
         ctx = ctx or FullAttention(causal, key_padding_mask)
         return self.merge_heads(ctx.attend(self.layer, q, k, v, self.window))
 

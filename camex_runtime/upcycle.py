@@ -1,13 +1,14 @@
 """Upcycling: a CAMEx model from a dense Hugging Face checkpoint directory, exact at init.
 
 `upcycle_from_dense(path)` reads the directory's ``config.json``, picks the importer of its
-``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``),
-and builds a training-form CAMEx model whose every expert is a copy of the dense FFN (τ = 0),
-curvature at the identity and routers at N(0, 0.02): the merged FFN equals the dense one
-whatever the scores, so the model computes exactly the dense model's logits (docs/DESIGN.md,
-"Model families"). Fused projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``) are split or
-kept as the CAMEx layout needs; separate q/k/v (Llama, Mistral, Qwen2, Qwen3) are fused into
-one projection; Qwen3's per-head query and key norms come along (``qk_norm``).
+``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``,
+``smollm3``), and builds a training-form CAMEx model whose every expert is a copy of the
+dense FFN (τ = 0), curvature at the identity and routers at N(0, 0.02): the merged FFN equals
+the dense one whatever the scores, so the model computes exactly the dense model's logits
+(docs/DESIGN.md, "Model families"). Fused projections (Phi-3's ``qkv_proj`` and
+``gate_up_proj``) are split or kept as the CAMEx layout needs; separate q/k/v (Llama, Mistral,
+Qwen2, Qwen3) are fused into one projection; Qwen3's per-head query and key norms come along
+(``qk_norm``), and SmolLM3's blocks without rotary positions (``nope_layers``).
 A ``*ForSequenceClassification`` source gives a classifier that pools and attends as its source.
 
 Sliding-window attention comes along (Mistral, Phi-3, Qwen2/Qwen3 with ``use_sliding_window``:
@@ -38,7 +39,7 @@ from torch import Tensor
 from .config import CamexConfig
 from .modeling import CamexForCausalLM, CamexForSequenceClassification, CamexPreTrainedModel
 
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3")
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
 
 
 class UpcycleError(ValueError):
@@ -146,16 +147,21 @@ def llama_config(hf) -> dict[str, Any]:
     if factor is not None:
         rope.setdefault("partial_rotary_factor", factor)
     heads = hf.num_attention_heads
-    # Qwen2 always biases q/k/v (not o); Llama and Qwen3 bias all four with attention_bias.
+    # Qwen2 always biases q/k/v (not o); Llama, Qwen3 and SmolLM3 bias all four with
+    # attention_bias.
     declared = bool(getattr(hf, "attention_bias", False))
-    qkv_bias = {"qwen2": True, "llama": declared, "qwen3": declared}.get(mt, False)
+    all_four = mt in ("llama", "qwen3", "smollm3")
+    qkv_bias = True if mt == "qwen2" else all_four and declared
+    # SmolLM3's no_rope_layers: per block, 1 = rotary positions, 0 = none (NoPE)
+    nope = [i for i, rotates in enumerate(getattr(hf, "no_rope_layers", None) or ())
+            if not rotates]
     return dict(_common(hf), family="llama", d_model=hf.hidden_size, n_layer=hf.num_hidden_layers,
                 n_head=heads, num_key_value_heads=hf.num_key_value_heads or heads,
                 head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
                 d_ff=hf.intermediate_size, max_position_embeddings=hf.max_position_embeddings,
                 rope_parameters=rope, layer_norm_epsilon=hf.rms_norm_eps, hidden_act="silu",
                 attention_bias=qkv_bias,
-                attention_out_bias=mt in ("llama", "qwen3") and declared,
+                attention_out_bias=all_four and declared, nope_layers=nope or None,
                 mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=mt == "qwen3",
                 **dict(zip(("sliding_window", "sliding_window_layers"), sliding_window(hf))))
 
@@ -166,7 +172,10 @@ def sliding_window(hf) -> tuple[int | None, list[int] | None]:
     each block's kind where a family mixes them (Qwen2/Qwen3: blocks from max_window_layers)."""
     window = getattr(hf, "sliding_window", None)
     types = list(getattr(hf, "layer_types", None) or [])
-    if hf.model_type in ("qwen2", "qwen3") and not getattr(hf, "use_sliding_window", False) \
+    sliding_on = getattr(hf, "use_sliding_window", False)
+    if hf.model_type == "smollm3" and not sliding_on:  # its blocks ignore layer_types then
+        return None, None
+    if hf.model_type in ("qwen2", "qwen3") and not sliding_on \
             and "sliding_attention" not in types:
         return None, None
     if window is None:
@@ -217,7 +226,8 @@ def llama_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
 _GPT2 = Importer(gpt2_config, gpt2_block, gpt2_outer, "transformer.")
 _LLAMA = Importer(llama_config, llama_block, llama_outer, "model.")
 IMPORTERS: dict[str, Importer] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA,
-                                  "qwen2": _LLAMA, "qwen3": _LLAMA, "phi3": _LLAMA}
+                                  "qwen2": _LLAMA, "qwen3": _LLAMA, "phi3": _LLAMA,
+                                  "smollm3": _LLAMA}
 
 
 # ---------------------------------------------------------------------------------------------

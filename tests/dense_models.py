@@ -15,7 +15,8 @@ from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassif
                           MistralConfig, MistralForCausalLM, MistralForSequenceClassification,
                           Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification,
-                          Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification)
+                          Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification,
+                          SmolLM3Config, SmolLM3ForCausalLM)
 
 VOCAB = 97
 PAD, BOS, EOS = 0, 1, 2
@@ -29,6 +30,8 @@ FAMILIES = {
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
     "phi3": (Phi3Config, Phi3ForCausalLM, {}),
+    # every second block without rotary positions (SmolLM3 ships every fourth)
+    "smollm3": (SmolLM3Config, SmolLM3ForCausalLM, {"no_rope_layer_interval": 2}),
 }
 CLASSIFIERS = {  # (with the family's extra config above)
     "llama": (LlamaConfig, LlamaForSequenceClassification),

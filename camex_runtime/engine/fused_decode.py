@@ -69,6 +69,7 @@ class _Block:
     norm2: _Norm
     ffn: FFNSpec | None  # a dense block's FFN; None: a merged-expert layer (moe.plan)
     window: int = 0  # sliding-window attention: positions a query sees; 0: all
+    rotates: bool = True  # False: no rotary positions in this block (NoPE)
 
     def tensors(self) -> list:
         """`layers`' 10 tensors of the block: norm 1, qkv, o projections, q/k head norms (or
@@ -97,7 +98,7 @@ class FusedDecode:
         self._tensors = [b.tensors() for b in blocks]
         self._eps = [(b.attn[2], b.norm2.eps) for b in blocks]
         self._flags = [(b.layer, int(b.attn[3]), int(b.norm2.rms)) for b in blocks]
-        self._windows = [b.window for b in blocks]  # 0: full attention
+        self._windows = [(b.window, int(b.rotates)) for b in blocks]  # 0: full attention
         # rows per step: the native kernels' limit for the weights the step multiplies (its
         # linear layers, expert stacks and output head; an embedding table is only indexed)
         tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -147,7 +148,7 @@ class FusedDecode:
                 ffn = FFNSpec([[None, None if gate is None else gate.weight,
                                 None if gate is None else gate.bias, up.weight, up.bias,
                                 down.weight, down.bias]])
-            blocks.append(_Block(i, attn, n2, ffn, a.window or 0))
+            blocks.append(_Block(i, attn, n2, ffn, a.window or 0, a.rotates))
         rope = tr.rotary.tables(kv.k.device, compute) if tr.rotary is not None else None
         first = tr.h[0].attn
         return cls(model, kv, blocks, final, rope, (first.n_head, first.n_kv))
@@ -170,8 +171,9 @@ class FusedDecode:
         while i < n:
             b = self.blocks[i]
             if specs[i] is None:  # a merged-expert layer on the routing context's mixture
-                x = mod.attn_block(x, *b.attn, kc, vc, b.layer, slots, positions, cos, sin, H,
-                                   KV, b.window)
+                rot = (cos, sin) if b.rotates else (None, None)
+                x = mod.attn_block(x, *b.attn, kc, vc, b.layer, slots, positions, *rot, H, KV,
+                                   b.window)
                 h = mod.norm(x, *b.norm2.args())
                 x = x + moe.apply(b.layer, h[:, None])[:, 0]
                 i += 1
@@ -184,7 +186,7 @@ class FusedDecode:
             x = mod.layers(
                 x, self._tensors[i:j], [e for pair in self._eps[i:j] for e in pair],
                 [v for flags, f, w in zip(self._flags[i:j], ffns, self._windows[i:j])
-                 for v in (*flags, int(f.stacked), f.moe_index, w)],
+                 for v in (*flags, int(f.stacked), f.moe_index, *w)],
                 [f.groups for f in ffns], [f.acc_slots for f in ffns], seg_sum, kc, vc, slots,
                 positions, cos, sin, H, KV, None if final is None else final.weight,
                 None if final is None else final.bias, 1e-5 if final is None else final.eps,

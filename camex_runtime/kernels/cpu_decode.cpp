@@ -1603,14 +1603,14 @@ const at::Tensor& given(const OptT& t, const char* what) {
 // A span of pre-norm blocks for one decode token per row, in one call: one release of the GIL
 // for the whole span instead of two per block, so the server's event loop thread sends the
 // previous token while the weights stream, and the decode thread does not queue for the GIL
-// behind it after every block. Per block i (layer ints[6i]):
+// behind it after every block. Per block i (layer ints[7i]):
 //   x = attn_block(x)                               (blocks[i][0..7]: norm, qkv, o, q/k norms)
 //   h = norm2(x)                                    (blocks[i][8..9])
-//   seg_sum[acc_slots[i][b], ints[6i+4]] += h[b]    (rows b with acc_slots[i][b] >= 0, if given)
+//   seg_sum[acc_slots[i][b], ints[7i+4]] += h[b]    (rows b with acc_slots[i][b] >= 0, if given)
 //   x = x + FFN_g(h) on the rows of each group g    (ffns[i]: rows (none: all), gate, gate bias,
 //                                                    up, up bias, down, down bias)
 // ints per block: layer, norm1 is RMS, norm2 is RMS, [gate; up] stacked in `up`, MoE index,
-// attention window (0: none);
+// attention window (0: none), rotary positions (0: none in this block, NoPE);
 // eps per block: norm1's, norm2's. Each row's FFN comes from exactly one group: a dense block
 // has one group of all rows, a merged-expert block a group per merged expert its rows use.
 // With final_w, the result goes through the model's final norm. The same arithmetic as
@@ -1625,17 +1625,18 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
                   double final_eps, bool final_rms) {
   check_rows(x);
   const size_t L = blocks.size();
-  TORCH_CHECK(eps.size() == 2 * L && ints.size() == 6 * L && ffns.size() == L &&
+  TORCH_CHECK(eps.size() == 2 * L && ints.size() == 7 * L && ffns.size() == L &&
               acc_slots.size() == L, "layers: one entry per block in every list");
   const int64_t B = x.size(0), d = x.size(1);
   std::vector<char> seen(B);
   for (size_t i = 0; i < L; ++i) {
     const auto& k = blocks[i];
     TORCH_CHECK(k.size() == 10, "layers: 10 tensors per block");
-    const int64_t* f = ints.data() + 6 * i;
+    const int64_t* f = ints.data() + 7 * i;
     x = attn_block(x, given(k[0], "norm weight"), k[1], eps[2 * i], f[1] != 0,
                    given(k[2], "qkv weight"), k[3], given(k[4], "o weight"), k[5], k[6], k[7],
-                   kc, vc, f[0], slots, positions, cos, sin, H, KV, f[5]);
+                   kc, vc, f[0], slots, positions, f[6] ? cos : OptT(), f[6] ? sin : OptT(), H,
+                   KV, f[5]);
     auto h = at::empty({B, d}, x.options());
     float* hp = h.data_ptr<float>();
     norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(given(k[8], "norm weight"), d,

@@ -83,8 +83,8 @@ class TrainConfig:
     block_size: int = 128                   # LM block length; classifier max tokens per text
     model: ModelSpec = field(default_factory=ModelSpec)
     init_from: str | None = None            # checkpoint dir whose matching weights seed the model
-    # A dense Hugging Face checkpoint directory (gpt2, llama, mistral, qwen2, qwen3, phi3) to
-    # upcycle:
+    # A dense Hugging Face checkpoint directory (gpt2, llama, mistral, qwen2, qwen3, phi3,
+    # smollm3) to upcycle:
     # its architecture, weights, tokenizer and generation config replace ModelSpec's
     # architecture fields; ModelSpec still sets the CAMEx knobs (experts, layers, curvature...).
     from_dense: str | None = None

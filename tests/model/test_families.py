@@ -1,6 +1,6 @@
-"""Llama-family CAMEx (Llama, Mistral, Qwen2, Qwen3, Phi-3): upcycled exactly from transformers'
-dense models, folded exactly, refused where it cannot be exact, saved and loaded by the Auto
-classes. Tiny random models built locally; GQA on everywhere."""
+"""Llama-family CAMEx (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3): upcycled exactly from
+transformers' dense models, folded exactly, refused where it cannot be exact, saved and loaded
+by the Auto classes. Tiny random models built locally; GQA on everywhere."""
 
 import json
 
@@ -93,6 +93,19 @@ def test_qwen3_query_and_key_norms(tmp_path, attention_bias):
     assert dense_reference_error(model, dense_dir, random_ids(20, seed=3, batch=2)) > 1e-3
 
 
+def test_smollm3_blocks_without_rotary_positions(tmp_path):
+    """SmolLM3's NoPE blocks (no_rope_layers 0) attend without positions; rotating them too
+    would be another model."""
+    dense_dir = build_dense(tmp_path / "smollm3", "smollm3")
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
+    assert model.config.nope_layers == [1]
+    assert [b.attn.rotates for b in model.transformer.h] == [True, False]
+    ids = random_ids(20, seed=3, batch=2)
+    assert dense_reference_error(model, dense_dir, ids) <= 1e-5
+    model.transformer.h[1].attn.rotates = True
+    assert dense_reference_error(model, dense_dir, ids) > 1e-3
+
+
 def test_qk_norm_and_windows_are_llama_family_options():
     with pytest.raises(ValueError, match="qk_norm .* llama-family option"):
         cr.CamexConfig.from_preset("tiny", qk_norm=True)
@@ -104,6 +117,10 @@ def test_qk_norm_and_windows_are_llama_family_options():
         cr.CamexConfig.from_preset("tiny-llama", sliding_window=4, sliding_window_layers=[5])
     cfg = cr.CamexConfig.from_preset("tiny-llama", sliding_window=4, sliding_window_layers=[1])
     assert [cfg.window(i) for i in range(2)] == [None, 4]
+    with pytest.raises(ValueError, match="nope_layers is a llama-family option"):
+        cr.CamexConfig.from_preset("tiny", nope_layers=[0])
+    with pytest.raises(ValueError, match=r"nope_layers \[2\] out of range"):
+        cr.CamexConfig.from_preset("tiny-llama", nope_layers=[2])
 
 
 def test_the_reference_check_sees_a_wrong_rotary(tmp_path):
@@ -127,7 +144,7 @@ def test_sharded_checkpoints_are_read(tmp_path):
     ("rope", r"rope_type 'dynamic' is not supported"),
     ("act", r"hidden_act 'gelu' is not supported"),
     ("family", r"model_type 'bert' cannot be upcycled; "
-               r"supported: gpt2, llama, mistral, qwen2, qwen3, phi3"),
+               r"supported: gpt2, llama, mistral, qwen2, qwen3, phi3, smollm3"),
     ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
 ])
 def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):
@@ -233,7 +250,7 @@ def test_only_checkpoints_older_runtimes_would_misread_get_the_new_format(tmp_pa
 
     from camex_runtime.checkpoint import load_folded
 
-    for family, want in (("llama", 1), ("qwen3", 2), ("mistral", 2)):
+    for family, want in (("llama", 1), ("qwen3", 2), ("mistral", 2), ("smollm3", 2)):
         model = cr.upcycle_from_dense(build_dense(tmp_path / family, family), num_experts=2,
                                       segment_len=4)
         cr.export(model.eval(), tmp_path / f"{family}-folded")

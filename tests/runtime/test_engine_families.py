@@ -1,4 +1,5 @@
-"""The serving contracts on Llama-family CAMEx (Llama, Mistral, Qwen2, Phi-3 with GQA):
+"""The serving contracts on Llama-family CAMEx (Llama, Mistral with a sliding window, Qwen2,
+Qwen3, Phi-3, SmolLM3 with NoPE blocks; GQA everywhere):
 incremental decoding == the model's full forward across segment boundaries (contract 2),
 staggered batches == each request alone (contract 3), merged == mixture == auto (contract 4),
 int8 expert deltas == the dequantized model, bf16 against fp32, multi-EOS stopping,

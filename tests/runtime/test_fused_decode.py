@@ -240,7 +240,7 @@ def test_native_span_refuses_malformed_ffn_groups(checkpoint):
                    [[torch.tensor([0, 1]), *g[1:]], [torch.tensor([1]), *g[1:]]]):
         with pytest.raises(RuntimeError, match="FFN groups"):
             kernels.native().layers(
-                x, [f._tensors[i]], list(f._eps[i]), [*f._flags[i], 0, -1, 0], [groups], [None],
+                x, [f._tensors[i]], list(f._eps[i]), [*f._flags[i], 0, -1, 0, 1], [groups], [None],
                 None, r.kv.k, r.kv.v, slots, pos, None, None, *f.heads, None, None, 1e-5, False)
 
 
