@@ -16,7 +16,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassif
                           Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification,
                           Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification,
-                          SmolLM3Config, SmolLM3ForCausalLM)
+                          SmolLM3Config, SmolLM3ForCausalLM, SmolLM3ForSequenceClassification)
 
 VOCAB = 97
 PAD, BOS, EOS = 0, 1, 2
@@ -38,6 +38,7 @@ CLASSIFIERS = {  # (with the family's extra config above)
     "mistral": (MistralConfig, MistralForSequenceClassification),  # padded, and a window
     "qwen2": (Qwen2Config, Qwen2ForSequenceClassification),
     "qwen3": (Qwen3Config, Qwen3ForSequenceClassification),
+    "smollm3": (SmolLM3Config, SmolLM3ForSequenceClassification),
 }
 
 
