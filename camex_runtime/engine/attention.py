@@ -132,9 +132,8 @@ class DecodeAttention:
         self.kv.write_decode(layer, self.rows, k[:, :, 0], v[:, :, 0])
         keys, values = self.kv.read(layer, self.rows, self.length)
         mask = self.mask
-        if window is not None and self.length > window:  # positions before each row's window
+        if window is not None and self.length > window:  # each row's own positions and window
             pos = self.rows.positions_t
-            inside = torch.arange(self.length, device=pos.device) > pos[:, None] - window
-            inside = inside.view(len(pos), 1, 1, self.length)
-            mask = inside if mask is None else mask & inside
+            mask = sees(pos, torch.arange(self.length, device=pos.device), window)
+            mask = mask.view(len(pos), 1, 1, self.length)
         return sdpa(q, keys, values, attn_mask=mask)

@@ -98,7 +98,8 @@ class FusedDecode:
         self._tensors = [b.tensors() for b in blocks]
         self._eps = [(b.attn[2], b.norm2.eps) for b in blocks]
         self._flags = [(b.layer, int(b.attn[3]), int(b.norm2.rms)) for b in blocks]
-        self._windows = [(b.window, int(b.rotates)) for b in blocks]  # 0: full attention
+        # the span's last ints per block: the attention window (0: all), rotary positions (1/0)
+        self._attn_ints = [(b.window, int(b.rotates)) for b in blocks]
         # rows per step: the native kernels' limit for the weights the step multiplies (its
         # linear layers, expert stacks and output head; an embedding table is only indexed)
         tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -185,8 +186,8 @@ class FusedDecode:
             final = self.final if j == n else None
             x = mod.layers(
                 x, self._tensors[i:j], [e for pair in self._eps[i:j] for e in pair],
-                [v for flags, f, w in zip(self._flags[i:j], ffns, self._windows[i:j])
-                 for v in (*flags, int(f.stacked), f.moe_index, *w)],
+                [v for flags, f, attn in zip(self._flags[i:j], ffns, self._attn_ints[i:j])
+                 for v in (*flags, int(f.stacked), f.moe_index, *attn)],
                 [f.groups for f in ffns], [f.acc_slots for f in ffns], seg_sum, kc, vc, slots,
                 positions, cos, sin, H, KV, None if final is None else final.weight,
                 None if final is None else final.bias, 1e-5 if final is None else final.eps,

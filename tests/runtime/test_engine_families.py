@@ -87,6 +87,27 @@ def test_incremental_decode_equals_full_forward(lm, mode):
         assert engine.runner.cache.referenced == 0
 
 
+def test_torch_attention_paths_equal_the_full_forward_too(lm, monkeypatch):
+    """Without the native kernels (CUDA, or CAMEX_KERNELS=torch) decode attention is sdpa over
+    the cache with a ragged-row mask, the window's included: a batch of two rows at different
+    positions, each equal to the model's full forward."""
+    from camex_runtime import kernels
+
+    path, ref = lm
+    monkeypatch.setattr(kernels, "native", lambda: None)
+    engine = Engine.from_pretrained(path, max_batch_size=2, strategy="merged")
+    assert engine.runner.fused is None
+    prompts = [random_ids(n, seed=n)[0].tolist() for n in (T + 3, 1)]
+    handles = [engine.submit(p, SamplingParams(max_new_tokens=3 * T, ignore_eos=True))
+               for p in prompts]
+    while not all(h.done for h in handles):
+        engine.step()
+    for prompt, h in zip(prompts, handles):
+        ids = prompt + h.result().token_ids
+        lp = full_forward_logprobs(ref, ids, len(prompt), "segment")
+        assert h.result().token_ids == lp[len(prompt) - 1:-1].argmax(-1).tolist()
+
+
 REQUESTS = [  # (arrival step, prompt length, seed, params)
     (0, 7, 1, SamplingParams(max_new_tokens=14, ignore_eos=True)),
     (0, 1, 2, SamplingParams(max_new_tokens=6, ignore_eos=True, routing="prompt")),
