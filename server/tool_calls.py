@@ -70,7 +70,22 @@ def call_of(obj) -> ToolCall | None:
     return ToolCall("chatcmpl-tool-" + uuid.uuid4().hex, obj["name"], arguments)
 
 
-class ToolCallSplit:
+class _CallSplit:
+    """What both answer splitters keep: the calls found and the content sent, per choice."""
+
+    def __init__(self, parallel: bool) -> None:
+        self.parallel = parallel  # false: only the first call is kept
+        self.state = "text"
+        self.held = ""
+        self.calls: list[ToolCall] = []
+        self.content: list[str] = []
+
+    def whole(self) -> tuple[str | None, list[ToolCall]]:
+        """After the final piece: (content or None, calls)."""
+        return "".join(self.content) or None, list(self.calls)
+
+
+class ToolCallSplit(_CallSplit):
     """One choice's answer -> (content piece, new calls) per `push`; `final` on the last piece.
 
     States: "text" (content, before any block), "block" (inside one, held), "between" (after a
@@ -80,13 +95,9 @@ class ToolCallSplit:
     while nothing else has come, dropped when a call follows, sent when text does."""
 
     def __init__(self, parallel: bool = True) -> None:
-        self.parallel = parallel
-        self.state = "text"
-        self.held = ""  # a possible start of `<tool_call>`, or the open block's body so far
+        super().__init__(parallel)  # held: a possible start of `<tool_call>`, or a block's body
         self.said = False  # content other than whitespace was sent
         self.lead = ""  # the whitespace dropped before the first block (restored if it fails)
-        self.calls: list[ToolCall] = []
-        self.content: list[str] = []
 
     def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
         text, self.held = self.held + text, ""
@@ -138,10 +149,6 @@ class ToolCallSplit:
         piece = "".join(out)
         self.content.append(piece)
         return piece, new
-
-    def whole(self) -> tuple[str | None, list[ToolCall]]:
-        """After the final piece: (content or None, calls)."""
-        return "".join(self.content) or None, list(self.calls)
 
 
 def llama3_calls(text: str) -> list[ToolCall] | None:
@@ -197,17 +204,14 @@ JSON_PARSERS = {"llama3_json": ((PYTHON_TAG, "{"), llama3_calls),
                 "mistral": ((MISTRAL_CALLS,), mistral_calls)}
 
 
-class JsonToolCalls:
+class JsonToolCalls(_CallSplit):
     """`llama3_json` / `mistral` answers -> (content piece, new calls) per `push`, as
     `ToolCallSplit` (the module docstring): an answer that opens as a call is held to its end."""
 
     def __init__(self, parser: str, parallel: bool = True) -> None:
+        super().__init__(parallel)
         self.starts, self.parse = JSON_PARSERS[parser]
-        self.parallel = parallel
         self.state = "start"  # "start": undecided; "text": content; "calls": held to the end
-        self.held = ""
-        self.calls: list[ToolCall] = []
-        self.content: list[str] = []
 
     def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
         text, self.held, new = self.held + text, "", []
@@ -232,12 +236,8 @@ class JsonToolCalls:
         self.content.append(text)
         return text, new
 
-    def whole(self) -> tuple[str | None, list[ToolCall]]:
-        """After the final piece: (content or None, calls)."""
-        return "".join(self.content) or None, list(self.calls)
 
-
-def splitter(parser: str, parallel: bool = True) -> ToolCallSplit | JsonToolCalls:
+def splitter(parser: str, parallel: bool = True) -> _CallSplit:
     """The answer splitter of `--tool-call-parser parser`."""
     if parser not in PARSERS:
         raise ValueError(f"unknown tool-call parser {parser!r}; use one of {PARSERS}")
