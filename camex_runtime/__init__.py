@@ -30,7 +30,8 @@ __all__ = [
 ]
 
 # --- serving engine (owned by camex_runtime/engine; appended, see docs/INTERFACES.md §2) ---
-from .engine import (ClassificationResult, Engine, GenerationResult, SamplingParams,  # noqa: E402
-                     TokenEvent)
+from .engine import (ClassificationResult, Constraint, Engine, GenerationResult,  # noqa: E402
+                     SamplingParams, TokenEvent)
 
-__all__ += ["ClassificationResult", "Engine", "GenerationResult", "SamplingParams", "TokenEvent"]
+__all__ += ["ClassificationResult", "Constraint", "Engine", "GenerationResult", "SamplingParams",
+            "TokenEvent"]

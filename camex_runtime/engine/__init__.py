@@ -6,8 +6,8 @@ from camex_runtime.engine.engine import Engine
 from camex_runtime.engine.outputs import (ClassificationResult, EngineStats, GenerationResult,
                                           MergeCacheStats, RequestTimings, RoutingTrace,
                                           TokenEvent)
-from camex_runtime.engine.request import RequestHandle, SamplingParams
+from camex_runtime.engine.request import Constraint, RequestHandle, SamplingParams
 
-__all__ = ["ClassificationResult", "Engine", "EngineStats", "GenerationResult",
+__all__ = ["ClassificationResult", "Constraint", "Engine", "EngineStats", "GenerationResult",
            "MergeCacheStats", "RequestHandle", "RequestTimings", "RoutingTrace",
            "SamplingParams", "TokenEvent"]

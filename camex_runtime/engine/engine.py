@@ -39,6 +39,7 @@ from camex_runtime.engine.request import (ROUTING_MODES, GenerationRequest, Requ
                                           RequestTimings, SamplingParams, check_token_ids)
 from camex_runtime.engine.runner import ModelRunner, build_model, notify
 from camex_runtime.engine.sampling import make_generator, sample_batch
+from camex_runtime.engine.structured import Grammars
 from camex_runtime.engine.scheduler import (PrefillPacer, Scheduler, SchedulerConfig,
                                             SchedulerOutput)
 from camex_runtime.engine.classify import classify_texts
@@ -162,6 +163,8 @@ class Engine:
                                      getattr(generation_config, "eos_token_id", None))
         if not self.eos_token_ids:
             self.eos_token_ids = eos_ids(getattr(tokenizer, "eos_token_id", None))
+        # structured output: the vocabulary compiled for grammars (at warm-up), per-request guides
+        self.grammars = Grammars(tokenizer, cfg.vocab_size, self.eos_token_ids)
         self._lock = threading.Lock()  # scheduler + request table
         self._wake = threading.Condition(self._lock)
         self._model_lock = threading.Lock()  # runner: loop steps and classify calls
@@ -333,6 +336,7 @@ class Engine:
                 self.runner.strategy = strategy
                 self.classify(["warmup"] if self.tokenizer else [[0]])
         else:
+            self._prepare_grammars()
             self.start()
             self._warm_requests()
             with self._model_lock:  # (prefix caching) their tokens are nobody's conversation
@@ -340,6 +344,21 @@ class Engine:
         if freeze_gc:
             gc.collect()
             gc.freeze()
+
+    def _prepare_grammars(self) -> None:
+        """Compile the vocabulary for structured output now, not in a first constrained
+        request (~0.3 s for 50k tokens); a tokenizer it cannot read is logged, and such
+        requests get the reason as their error."""
+        if self.tokenizer is None:
+            return
+        t0 = time.perf_counter()
+        try:
+            self.grammars.prepare()
+        except InputValidationError as e:
+            log.warning("structured output unavailable: %s", e)
+            return
+        log.info("warm-up: vocabulary compiled for structured output",
+                 extra={"seconds": round(time.perf_counter() - t0, 3)})
 
     def _warm_requests(self) -> None:
         """Both strategies in both routing modes. The merged strategy's prompts cross a segment
@@ -382,6 +401,8 @@ class Engine:
         handle = self.make_handle(rid, ids, self._cancel)
         req = GenerationRequest(rid, ids, params, params.routing or self.routing, handle,
                                 RequestTimings(queued_at=time.monotonic()))
+        if params.constraint is not None:  # compiled here: a bad grammar is the caller's error
+            req.guide = self.grammars.guide(params.constraint)
         with self._lock:
             if not self._accepting or self._shutdown:
                 raise EngineStoppedError("the engine is stopping and accepts no new requests")
@@ -601,10 +622,12 @@ class Engine:
         if not rows:
             return
         try:
+            allowed = [self._allowed(r) for r in rows]
             sampled = list(zip(*sample_batch(
                 logits, [r.params for r in rows], [r.all_token_ids for r in rows],
                 [self._gens[r.request_id] for r in rows],
-                [r.output_token_ids for r in rows], [self._suppressed(r) for r in rows])))
+                [r.output_token_ids for r in rows], [self._suppressed(r) for r in rows],
+                allowed if any(a is not None for a in allowed) else None)))
         except Exception:  # a per-request failure (its parameters, its logits): isolate it
             log.exception("batched sampling failed; sampling rows one by one")
             sampled = [self._sample_alone(req, logits[i:i + 1]) for i, req in enumerate(rows)]
@@ -615,7 +638,9 @@ class Engine:
             if req.timings.first_token_at is None:
                 req.timings.first_token_at = now
             try:
-                ev = self._procs[req.request_id].process(*choice, at=now)
+                # a grammar that allows nothing more ends the request as EOS would
+                complete = req.guide is not None and req.guide.advance(choice[0])
+                ev = self._procs[req.request_id].process(*choice, at=now, complete=complete)
             except Exception as e:  # e.g. detokenization: this request fails, the batch goes on
                 log.exception("output processing failed for %s", req.request_id)
                 self._finish(req, terminal_event(req, "error", f"output processing failed: {e}"))
@@ -624,6 +649,11 @@ class Engine:
                 req.handle._publish([ev], None)
             else:
                 self._finish(req, ev)
+
+    @staticmethod
+    def _allowed(req: GenerationRequest) -> Tensor | None:
+        """The ids a structured-output request's grammar allows next (None: any)."""
+        return req.guide.allowed() if req.guide is not None else None
 
     def _suppressed(self, req: GenerationRequest) -> tuple[int, ...]:
         """The ids that would end `req` (EOS unless ignored, its stop_token_ids), while it has
@@ -638,7 +668,8 @@ class Engine:
         try:
             tokens, logprobs, tops = sample_batch(logits, [req.params], [req.all_token_ids],
                                                   [self._gens[req.request_id]],
-                                                  [req.output_token_ids], [self._suppressed(req)])
+                                                  [req.output_token_ids], [self._suppressed(req)],
+                                                  [self._allowed(req)])
             return tokens[0], logprobs[0], tops[0]
         except Exception as e:
             log.exception("sampling failed for %s", req.request_id)

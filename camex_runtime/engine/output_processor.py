@@ -2,7 +2,8 @@
 
 One `OutputProcessor` per running request (created at prefill). For each new token it
 updates the request's ids, logprobs and text, decides whether the request is finished
-(EOS or one of its `stop_token_ids` -> "eos_token", a stop string in the decoded text ->
+(EOS or one of its `stop_token_ids` -> "eos_token", as is a structured-output answer its grammar
+allows nothing after; a stop string in the decoded text ->
 "stop_sequence", max_new_tokens -> "length"; checked in that order, the first two only from
 `min_tokens` new tokens on) and builds the `TokenEvent`. Knows nothing about tensors.
 """
@@ -29,15 +30,18 @@ class OutputProcessor:
         self.eos = frozenset(eos_token_ids)  # every id that ends generation (Llama 3 has several)
 
     def process(self, token_id: int, logprob: float,
-                top: tuple[tuple[int, float], ...] = (), at: float = 0.0) -> TokenEvent:
+                top: tuple[tuple[int, float], ...] = (), at: float = 0.0,
+                complete: bool = False) -> TokenEvent:
         """Append one token; returns its event (finish_reason set when the request ends),
-        stamped `at` (the step's time.monotonic())."""
+        stamped `at` (the step's time.monotonic()). `complete`: the request's grammar allows
+        nothing after this token (it ends, even before `min_tokens`)."""
         req, p = self.req, self.req.params
         req.append_token(token_id, logprob, top)
         piece = self.detok.push(token_id)
         finish = None
         stops = len(req.output_token_ids) >= p.min_tokens
-        if stops and (token_id in self.eos and not p.ignore_eos or token_id in p.stop_token_ids):
+        if complete or stops and (token_id in self.eos and not p.ignore_eos
+                                  or token_id in p.stop_token_ids):
             finish = "eos_token"
         elif len(req.output_token_ids) >= p.max_new_tokens:
             finish = "length"

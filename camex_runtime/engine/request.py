@@ -24,6 +24,44 @@ MAX_STOP_SEQUENCES = 16
 MAX_LOGPROBS = 20  # alternatives per position (vLLM's default --max-logprobs)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias, [-100, 100]
 MAX_PENALTY = 2.0  # OpenAI's range for presence and frequency penalties, [-2, 2]
+# what a `Constraint` may hold: a JSON Schema (JSON text), a regular expression, a list of
+# strings to choose from, a grammar in llguidance's Lark syntax
+CONSTRAINT_KINDS = ("json", "regex", "choice", "lark")
+MAX_CONSTRAINT_CHARS = 1 << 20  # a grammar or schema's text
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Structured output: the generated text must match this (`camex_runtime.engine.structured`).
+
+    `kind` "json": `value` is a JSON Schema as JSON text ("{}" or an object schema with no
+    keywords: any JSON value / object); "regex": the whole answer matches `value`; "choice":
+    `value` is a tuple of strings, the answer is one of them; "lark": `value` is a grammar in
+    llguidance's Lark syntax. `lenient` (json): schema keywords that cannot be enforced are
+    ignored instead of refused (OpenAI's non-strict schemas). Plain data, so it crosses the
+    engine process pipe as is."""
+    kind: str
+    value: str | tuple[str, ...]
+    lenient: bool = False  # json: ignore schema keywords that cannot be enforced
+
+    def validate(self) -> None:
+        if self.kind not in CONSTRAINT_KINDS:
+            raise InputValidationError(f"constraint kind must be one of {CONSTRAINT_KINDS}, "
+                                       f"got {self.kind!r}")
+        if self.kind == "choice":
+            if isinstance(self.value, str) or not isinstance(self.value, Sequence) or \
+                    not self.value or not all(isinstance(v, str) and v for v in self.value):
+                raise InputValidationError(f"a choice constraint needs a non-empty list of "
+                                           f"non-empty strings, got {self.value!r}")
+            size = sum(map(len, self.value))
+        elif not isinstance(self.value, str) or not self.value:
+            raise InputValidationError(f"a {self.kind} constraint needs non-empty text, "
+                                       f"got {self.value!r}")
+        else:
+            size = len(self.value)
+        if size > MAX_CONSTRAINT_CHARS:
+            raise InputValidationError(f"the {self.kind} constraint has {size} characters; at "
+                                       f"most {MAX_CONSTRAINT_CHARS} are accepted")
 
 
 @dataclass(frozen=True)
@@ -61,6 +99,9 @@ class SamplingParams:
     # None: not computed. k >= 0: each prompt token's logprob (the first has none) and its
     # top-k alternatives, computed in the prefill pass (OpenAI `echo`, TGI prefill details)
     prompt_logprobs: int | None = None
+    # structured output: the answer is kept inside this grammar, token by token; it ends (as
+    # at EOS) once the grammar allows nothing more
+    constraint: Constraint | None = None
 
     def validate(self) -> None:
         """Raise InputValidationError with the offending value; the engine calls this on submit."""
@@ -121,6 +162,10 @@ class SamplingParams:
             bad(f"routing must be one of {ROUTING_MODES}, got {self.routing!r}")
         if self.queue_timeout_s is not None and not self.queue_timeout_s > 0:
             bad(f"queue_timeout_s must be > 0, got {self.queue_timeout_s!r}")
+        if self.constraint is not None:
+            if not isinstance(self.constraint, Constraint):
+                bad(f"constraint must be a Constraint, got {self.constraint!r}")
+            self.constraint.validate()
 
 
 def _number(v) -> bool:
@@ -278,6 +323,8 @@ class GenerationRequest:
     routing_trace: RoutingTrace | None = None
     # prompt tokens its slot held already, not computed again (None: no prefix caching)
     cached_tokens: int | None = None
+    # its structured-output matcher (`structured.Guide`), made at submit when it has a constraint
+    guide: object | None = field(default=None, repr=False)
     # prompt + generated ids, appended to in place (decode reads it every step: no copies)
     _all_ids: list[int] = field(default_factory=list, repr=False)
 

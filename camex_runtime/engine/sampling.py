@@ -1,6 +1,7 @@
 """Per-request next-token choice from a batch of logits: greedy or sampled.
 
-Order for a row (vLLM's): logit bias -> the ids that would end generation masked while fewer
+Order for a row (vLLM's): a structured-output row's grammar mask (only the tokens its grammar
+allows next keep their logits) -> logit bias -> the ids that would end generation masked while fewer
 than `min_tokens` are generated -> repetition penalty (HF's rule, over prompt and generated
 tokens) -> presence and frequency penalties (OpenAI's, over the generated tokens) -> TGI's
 frequency penalty (over prompt and generated tokens, counts divided by their length); then a
@@ -72,10 +73,13 @@ def apply_sequence_frequency(logits: torch.Tensor, history: Sequence[int],
 
 
 def adjust_row(logits: torch.Tensor, params: SamplingParams, history: Sequence[int],
-               generated: Sequence[int], suppress: Sequence[int]) -> torch.Tensor:
-    """One row's (V,) logits as the choice sees them: logit bias, `suppress`ed ids at -inf,
-    repetition penalty, presence and frequency penalties, TGI's frequency penalty (a new
-    tensor where any applies)."""
+               generated: Sequence[int], suppress: Sequence[int],
+               allowed: torch.Tensor | None = None) -> torch.Tensor:
+    """One row's (V,) logits as the choice sees them: the tokens outside `allowed` (V,) bool
+    at -inf, logit bias, `suppress`ed ids at -inf, repetition penalty, presence and frequency
+    penalties, TGI's frequency penalty (a new tensor where any applies)."""
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed.to(logits.device, non_blocking=True), float("-inf"))
     if params.logit_bias:
         ids = torch.tensor(list(params.logit_bias), device=logits.device)
         logits = logits.index_add(0, ids, torch.tensor(list(params.logit_bias.values()),
@@ -90,11 +94,12 @@ def adjust_row(logits: torch.Tensor, params: SamplingParams, history: Sequence[i
     return apply_sequence_frequency(logits, history, params.sequence_frequency_penalty)
 
 
-def adjusts(params: SamplingParams, suppress: Sequence[int]) -> bool:
+def adjusts(params: SamplingParams, suppress: Sequence[int],
+            allowed: torch.Tensor | None = None) -> bool:
     """Whether `adjust_row` changes anything for a row."""
-    return bool(params.logit_bias or suppress or params.repetition_penalty is not None
-                or params.presence_penalty or params.frequency_penalty
-                or params.sequence_frequency_penalty)
+    return bool(allowed is not None or params.logit_bias or suppress
+                or params.repetition_penalty is not None or params.presence_penalty
+                or params.frequency_penalty or params.sequence_frequency_penalty)
 
 
 def filter_min_p(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
@@ -141,10 +146,11 @@ def filter_typical(logits: torch.Tensor, typical_p: float | None) -> torch.Tenso
 
 def sample_row(logits: torch.Tensor, params: SamplingParams, history: Sequence[int],
                generator: torch.Generator | None, generated: Sequence[int] = (),
-               suppress: Sequence[int] = ()) -> int:
+               suppress: Sequence[int] = (), allowed: torch.Tensor | None = None) -> int:
     """Choose the next token for one row of fp32 logits (V,): `history` is every token id so
-    far, `generated` the request's own, `suppress` ids it must not choose now."""
-    logits = adjust_row(logits, params, history, generated, suppress)
+    far, `generated` the request's own, `suppress` ids it must not choose now, `allowed` (V,)
+    bool the only ids it may choose (structured output; None: any)."""
+    logits = adjust_row(logits, params, history, generated, suppress, allowed)
     if not params.do_sample:
         return int(torch.argmax(logits))
     logits = filter_min_p(logits / params.temperature, params.min_p)
@@ -158,11 +164,13 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
                  histories: Sequence[Sequence[int]],
                  generators: Sequence[torch.Generator | None],
                  generated: Sequence[Sequence[int]] | None = None,
-                 suppress: Sequence[Sequence[int]] | None = None
+                 suppress: Sequence[Sequence[int]] | None = None,
+                 allowed: Sequence[torch.Tensor | None] | None = None
                  ) -> tuple[list[int], list[float], list[tuple[tuple[int, float], ...]]]:
     """logits (B, V) any dtype -> (token ids, raw-model logprobs, top alternatives), one per row.
     Per row: `histories` every token id so far, `generated` the request's own (default none),
-    `suppress` ids it must not choose now (default none).
+    `suppress` ids it must not choose now (default none), `allowed` (V,) bool the only ids it
+    may choose (default: any).
 
     Plain greedy rows (nothing to adjust) share one argmax; the others go row by row. A row's
     alternatives are its `params.logprobs` most likely tokens as (id, logprob), best first."""
@@ -172,8 +180,9 @@ def sample_batch(logits: torch.Tensor, params: Sequence[SamplingParams],
     for b, p in enumerate(params):
         gen = generated[b] if generated is not None else ()
         sup = suppress[b] if suppress is not None else ()
-        if p.do_sample or adjusts(p, sup):
-            tokens[b] = sample_row(logits[b], p, histories[b], generators[b], gen, sup)
+        ok = allowed[b] if allowed is not None else None
+        if p.do_sample or adjusts(p, sup, ok):
+            tokens[b] = sample_row(logits[b], p, histories[b], generators[b], gen, sup, ok)
     idx = torch.tensor(tokens, device=logits.device).unsqueeze(1)
     chosen = logprobs.gather(1, idx).squeeze(1).tolist()  # (B,)
     return tokens, chosen, top_alternatives(logprobs, [p.logprobs for p in params])
