@@ -24,10 +24,11 @@ from server import errors
 from server.metrics import ServerMetrics
 from server.protocol import GenerateParameters
 from server.shutdown import cut_error
+from server.structured import tgi_constraint
 
 log = logging.getLogger("camex.server")
 DEFAULT_MAX_NEW_TOKENS = 20
-UNSUPPORTED = ("grammar", "adapter_id")
+UNSUPPORTED = ("adapter_id",)
 
 
 def to_sampling(p: GenerateParameters, *, max_stop_sequences: int,
@@ -60,7 +61,8 @@ def to_sampling(p: GenerateParameters, *, max_stop_sequences: int,
         seed=seed, stop=tuple(p.stop), ignore_eos=p.ignore_eos, return_routing=p.return_routing,
         routing=p.routing, queue_timeout_s=queue_timeout_s, logprobs=p.top_n_tokens or 0,
         # TGI's prefill details carry each prompt token's logprob, no alternatives
-        prompt_logprobs=0 if p.decoder_input_details else None)
+        prompt_logprobs=0 if p.decoder_input_details else None,
+        constraint=tgi_constraint(p.grammar))
     return params, (seed if sampling else None)
 
 

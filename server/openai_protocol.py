@@ -16,6 +16,7 @@ from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from server.protocol import (MAX_SEED, Float, Int, RequestSchema, Text, TextOrTexts, _encodable,
                              _Schema)
+from server.structured import ResponseFormat, StructuredOutputs
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's cap for /v1/completions `logprobs`
 MAX_TOP_LOGPROBS = 20  # OpenAI's cap for chat `top_logprobs`
@@ -77,11 +78,26 @@ class _Sampling(RequestSchema):
     stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(
         None, description="more token ids that end a choice (vLLM extension)")
     ignore_eos: bool = Field(False, description="keep generating past EOS (vLLM extension)")
+    # structured output (server.structured): at most one of these
+    response_format: ResponseFormat | None = Field(
+        None, description='{"type": "json_object"} or {"type": "json_schema", "json_schema": '
+                          '{"name", "schema", "strict"}}: the answer is JSON (of that schema)')
+    structured_outputs: StructuredOutputs | None = Field(
+        None, description="one of json (a schema), regex, choice, grammar (Lark), json_object "
+                          "(vLLM extension)")
+    guided_json: dict[Text, Any] | Text | None = Field(None, description="vLLM's older name "
+                                                       "of structured_outputs.json")
+    guided_regex: Text | None = Field(None, description="vLLM's older name of "
+                                                         "structured_outputs.regex")
+    guided_choice: list[Text] | None = Field(None, description="vLLM's older name of "
+                                                               "structured_outputs.choice")
+    guided_grammar: Text | None = Field(None, description="vLLM's older name of "
+                                                           "structured_outputs.grammar")
 
 
 class CompletionRequest(_Sampling):
     unsupported = frozenset({"suffix", "best_of", "use_beam_search", "prompt_logprobs",
-                             "include_stop_str_in_output", "response_format"})
+                             "include_stop_str_in_output"})
     prompt: Prompt
     max_tokens: Int | None = Field(16, ge=0, description="0 only with `echo` (score the prompt)")
     logprobs: Int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS,
@@ -249,18 +265,17 @@ class ToolDef(RequestSchema):
     function: FunctionDef
 
 
-def _tool_choice(value: Any) -> Any:
-    """Only "auto" and "none": a forced call ("required", a named function) needs constrained
-    decoding, which this server does not do; say so rather than ignore it."""
-    if value == "required" or isinstance(value, dict):
-        raise ValueError('tool_choice "required" or a named function needs constrained '
-                         'decoding, which this server does not do; use "auto" (the model '
-                         'decides) or "none"')
-    return value
+class FunctionName(RequestSchema):
+    name: Text
+
+
+class NamedToolChoice(RequestSchema):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class ChatCompletionRequest(_Sampling, _ChatTemplateOptions):
-    unsupported = frozenset({"functions", "function_call", "response_format", "audio",
+    unsupported = frozenset({"functions", "function_call", "audio",
                              "modalities", "prediction", "reasoning_effort",
                              "web_search_options", "store", "metadata", "service_tier",
                              "best_of", "use_beam_search", "chat_template", "echo",
@@ -269,8 +284,10 @@ class ChatCompletionRequest(_Sampling, _ChatTemplateOptions):
     tools: list[ToolDef] | None = Field(
         None, description="functions the model may call (shown to it by the chat template; "
                           "calls parsed with --tool-call-parser)")
-    tool_choice: Annotated[Literal["auto", "none"] | None, BeforeValidator(_tool_choice)] = \
-        Field(None, description='"auto" (default with tools) or "none"')
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = Field(
+        None, description='"auto" (default with tools: the model decides), "none", "required" '
+                          '(at least one call) or {"type": "function", "function": {"name"}} '
+                          '(that call): forced calls are constrained to the tools\' schemas')
     parallel_tool_calls: bool | None = Field(None, description="false: at most one call")
     max_tokens: Int | None = Field(None, ge=1, description="deprecated name of "
                                       "max_completion_tokens")

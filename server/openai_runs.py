@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from collections.abc import AsyncIterator, Sequence
 
-from camex_runtime import SamplingParams
+from camex_runtime import Constraint, SamplingParams
 from camex_runtime.errors import ContextLengthError
 from server import errors
 from server.generation import GenerationRun, submit, until_disconnect, wait_for_disconnect
@@ -86,8 +86,10 @@ def stop_list(stop, limit: int) -> list[str]:
 
 
 def sampling(body, state, *, max_tokens: int, stops: list[str], logprobs: int = 0,
-             prompt_logprobs: int | None = None, seed: int | None) -> SamplingParams:
-    """OpenAI request fields -> SamplingParams for one choice."""
+             prompt_logprobs: int | None = None, seed: int | None,
+             constraint: Constraint | None = None) -> SamplingParams:
+    """OpenAI request fields -> SamplingParams for one choice (`constraint`: its structured
+    output, see server.structured)."""
     temperature = 1.0 if body.temperature is None else body.temperature
     greedy = temperature == 0.0
     if body.min_tokens > max_tokens:
@@ -105,7 +107,8 @@ def sampling(body, state, *, max_tokens: int, stops: list[str], logprobs: int = 
         logit_bias=logit_bias(body.logit_bias), min_p=None if greedy else body.min_p or None,
         min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
         stop=tuple(stops), ignore_eos=body.ignore_eos, logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs, queue_timeout_s=state.settings.queue_timeout_s)
+        prompt_logprobs=prompt_logprobs, queue_timeout_s=state.settings.queue_timeout_s,
+        constraint=constraint)
 
 
 def logit_bias(bias: dict[int, float] | None) -> dict[int, float] | None:

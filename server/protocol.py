@@ -136,7 +136,9 @@ class GenerateParameters(RequestSchema):
         None, ge=-2.0, le=2.0,
         description="TGI's: a token's logit loses this x its count in the prompt and the "
                     "generated text, divided by their length")
-    grammar: Any | None = Field(None, description="not supported")
+    grammar: Any | None = Field(
+        None, description='{"type": "json", "value": <JSON Schema>} or {"type": "regex", '
+                          '"value": <pattern>}: the generated text matches it')
     max_new_tokens: Int | None = Field(None, ge=1, description="default 20, capped by limits")
     repetition_penalty: Float | None = Field(None, ge=0.01, le=100.0)
     return_full_text: bool | None = Field(None, description="prepend the prompt")

@@ -71,7 +71,8 @@ def call_of(obj) -> ToolCall | None:
 
 
 class _CallSplit:
-    """What both answer splitters keep: the calls found and the content sent, per choice."""
+    """What the answer splitters keep: the calls found and the content sent, per choice."""
+    finish = "tool_calls"  # the choice's finish reason when it made calls (None: the engine's)
 
     def __init__(self, parallel: bool) -> None:
         self.parallel = parallel  # false: only the first call is kept
@@ -235,6 +236,41 @@ class JsonToolCalls(_CallSplit):
                 self.held = ""
         self.content.append(text)
         return text, new
+
+
+class ForcedCalls(_CallSplit):
+    """A forced call's answer (`tool_choice` "required" or a named function, vLLM's rules):
+    the grammar made it JSON, the named function's arguments or a list of `{"name",
+    "parameters"}` calls (at most one without parallel calls: the grammar's too). Held whole
+    and read at the end; an answer cut short (`length`) that does not parse stays content.
+    The finish reason stays the engine's ("stop"), as OpenAI's and vLLM's forced calls."""
+    finish = None
+
+    def __init__(self, name: str | None) -> None:
+        super().__init__(parallel=True)
+        self.name = name  # the named function; None: "required"
+
+    def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
+        self.held += text
+        if not final:
+            return "", []
+        text, self.held = self.held, ""
+        calls = self.read(text)
+        if calls is None:
+            self.content.append(text)
+            return text, []
+        self.calls += calls
+        return "", calls
+
+    def read(self, text: str) -> list[ToolCall] | None:
+        try:
+            obj = json.loads(text)
+        except ValueError:
+            return None
+        if self.name is not None:
+            return [ToolCall("chatcmpl-tool-" + uuid.uuid4().hex, self.name, text)]
+        calls = [call_of(o) for o in obj] if isinstance(obj, list) else [None]
+        return None if not calls or None in calls else calls
 
 
 def splitter(parser: str, parallel: bool = True) -> _CallSplit:

@@ -20,14 +20,15 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from server import errors
 from server.chat_template import render, require_template
 from server.openai_protocol import (AssistantMessage, ChatChoice, ChatCompletion,
-                                    ChatCompletionRequest, ChoiceLogprobs, TokenLogprob,
-                                    ToolCallOut, TopLogprob, Usage)
+                                    ChatCompletionRequest, ChoiceLogprobs, NamedToolChoice,
+                                    TokenLogprob, ToolCallOut, TopLogprob, Usage)
 from server.openai_runs import (Choice, check_model, check_stream_options, choice_seeds, clamp,
                                 close_all, context_length_error, finish_reason, first_events,
                                 merged, run_to_end, sampling, start_choices, stop_list,
                                 token_strings, usage_now, usage_of)
 from server.reasoning import ThinkSplit, answer_only
-from server.tool_calls import splitter
+from server.structured import openai_constraint, tool_constraint
+from server.tool_calls import ForcedCalls, splitter
 from server.routes.completions import OPENAI_ERRORS, model_name
 from server.routes.tgi import SSE_HEADERS
 
@@ -42,7 +43,17 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
     if body.top_logprobs is not None and not body.logprobs:
         raise errors.validation("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
     stops = stop_list(body.stop, state.settings.max_stop_sequences)
-    calling = bool(body.tools) and body.tool_choice != "none"
+    constraint, forced = openai_constraint(body), None
+    parallel = body.parallel_tool_calls is not False
+    forcing = body.tool_choice == "required" or isinstance(body.tool_choice, NamedToolChoice)
+    if forcing:
+        if constraint is not None:
+            raise errors.validation("`tool_choice` forces a tool call, whose arguments are the "
+                                    "output format: drop `response_format` (or the other "
+                                    "format field), or send tool_choice \"auto\"",
+                                    param="tool_choice")
+        constraint, forced = tool_constraint(body.tools, body.tool_choice, parallel)
+    calling = bool(body.tools) and body.tool_choice in (None, "auto")
     if calling and state.settings.tool_call_parser is None:
         raise errors.validation("this server parses no tool calls: start it with "
                                 "`--tool-call-parser hermes` (or llama3_json, mistral: the "
@@ -57,17 +68,21 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
 
     def params_for(i: int, j: int):
         return sampling(body, state, max_tokens=max_tokens, stops=stops,
-                        logprobs=(body.top_logprobs or 0) if body.logprobs else 0, seed=seeds[j])
+                        logprobs=(body.top_logprobs or 0) if body.logprobs else 0, seed=seeds[j],
+                        constraint=constraint)
     tokens_field = "max_tokens" if body.max_completion_tokens is None and \
         body.max_tokens is not None else "max_completion_tokens"
     choices = await start_choices(request, engine, [ids], body.n, params_for,
                                   context_length_error("messages", tokens_field))
-    parser = state.settings.reasoning_parser
+    # a constrained answer is all answer: its grammar leaves no room for a <think> part
+    parser = state.settings.reasoning_parser if constraint is None else None
     plain = parser is not None and answer_only(parser, text, body.chat_template_kwargs)
     for c in choices:
         c.think = ThinkSplit(plain) if parser is not None else None
-        c.calls = splitter(state.settings.tool_call_parser,
-                           body.parallel_tool_calls is not False) if calling else None
+        if forcing:
+            c.calls = ForcedCalls(forced)
+        else:
+            c.calls = splitter(state.settings.tool_call_parser, parallel) if calling else None
     return choices
 
 
@@ -113,7 +128,8 @@ def choice_json(c: Choice, body: ChatCompletionRequest, tokenizer) -> ChatChoice
     message = AssistantMessage(
         content=answer, reasoning_content=reasoning, reasoning=reasoning,
         tool_calls=[ToolCallOut(**call.json()) for call in calls] or None)
-    reason = "tool_calls" if calls else finish_reason(c.run.result.finish_reason)
+    reason = c.calls.finish if calls and c.calls.finish else \
+        finish_reason(c.run.result.finish_reason)
     return ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=reason)
 
 
@@ -150,8 +166,8 @@ async def chat_chunks(choices: list[Choice], firsts: list, body: ChatCompletionR
             else:
                 delta = answer_delta(c, text, final)
             reason = finish_reason(ev.finish_reason)
-            if final and c.calls is not None and c.calls.calls:
-                reason = "tool_calls"
+            if final and c.calls is not None and c.calls.calls and c.calls.finish:
+                reason = c.calls.finish
             yield chunk(meta, c.index, delta, lp, reason, usage_now(c, body))
         if body.stream_options and body.stream_options.include_usage:
             usage = usage_of(choices).model_dump(exclude_none=True)

@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import errors
+from server.structured import openai_constraint
 from server.openai_protocol import (Completion, CompletionChoice, CompletionLogprobs,
                                     CompletionRequest, ModelCard, ModelList,
                                     OpenAIErrorResponse, Usage)
@@ -61,6 +62,7 @@ async def start(request: Request, body: CompletionRequest) -> list[Choice]:
         raise errors.validation("`max_tokens` 0 generates nothing: it needs `echo` (to score "
                                 "the prompt)", param="max_tokens")
     stops = stop_list(body.stop, state.settings.max_stop_sequences)
+    constraint = openai_constraint(body)
     n_logprobs = body.logprobs or 0
     prompt_lps = None  # the prompt is scored only when echoed with logprobs (or only scored)
     if body.echo and (body.logprobs is not None or body.max_tokens == 0):
@@ -73,7 +75,8 @@ async def start(request: Request, body: CompletionRequest) -> list[Choice]:
 
     def params_for(i: int, j: int):
         return sampling(body, state, max_tokens=max_tokens[i], stops=stops,
-                        logprobs=n_logprobs, prompt_logprobs=prompt_lps, seed=seeds[j])
+                        logprobs=n_logprobs, prompt_logprobs=prompt_lps, seed=seeds[j],
+                        constraint=constraint)
     return await start_choices(request, engine, prompts, body.n, params_for,
                                context_length_error("prompt", "max_tokens"))
 

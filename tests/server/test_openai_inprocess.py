@@ -471,15 +471,17 @@ def test_tools_and_tool_turns_reach_the_template(tiny_lm_dir, tmp_path):
 
 
 @pytest.mark.parametrize("change,needle", [
-    ({"tool_choice": "required"}, "constrained decoding"),
-    ({"tool_choice": {"type": "function", "function": {"name": "get_weather"}}},
-     "constrained decoding"),
+    ({"tool_choice": {"type": "function", "function": {"name": "get_time"}}},
+     "names `get_time`, which is not in `tools` (get_weather)"),
+    ({"tool_choice": "required", "tools": None}, "the request has no `tools`"),
+    ({"tool_choice": "required", "response_format": {"type": "json_object"}},
+     "drop `response_format`"),
     ({"messages": [{"role": "tool", "content": "18C"}]}, "needs the `tool_call_id`"),
     ({"messages": [{"role": "user", "content": "x", "tool_calls": TOOL_TURNS[1]["tool_calls"]}]},
      "belong to assistant messages"),
     ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "pattern"),
 ])
-def test_tool_requests_this_server_cannot_honour_are_422(client, change, needle):
+def test_tool_requests_that_cannot_be_honoured_are_422(client, change, needle):
     body = {"messages": TOOL_TURNS, "tools": [WEATHER], "max_tokens": 2, **change}
     r = client.post("/v1/chat/completions", json=body)
     assert r.status_code == 422 and needle in r.text, r.text

@@ -69,7 +69,7 @@ def test_tgi_tokenize_body_gets_tgi_shaped_errors():
 
 @pytest.mark.parametrize("body,names", [
     ({"messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}],
-      "response_format": {"type": "json_object"}}, "functions, response_format"),
+      "audio": {"voice": "x"}}, "audio, functions"),
     ({"messages": [{"role": "user", "content": "hi"}], "prediction": {"type": "content"}},
      "prediction"),
 ])
