@@ -43,7 +43,8 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
     if body.top_logprobs is not None and not body.logprobs:
         raise errors.validation("`top_logprobs` needs `logprobs: true`", param="top_logprobs")
     stops = stop_list(body.stop, state.settings.max_stop_sequences)
-    constraint, forced = openai_constraint(body), None
+    # (grammars are checked off the event loop: a large schema takes a while)
+    constraint, forced = await anyio.to_thread.run_sync(openai_constraint, body), None
     parallel = body.parallel_tool_calls is not False
     forcing = body.tool_choice == "required" or isinstance(body.tool_choice, NamedToolChoice)
     if forcing:
@@ -52,7 +53,8 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
                                     "output format: drop `response_format` (or the other "
                                     "format field), or send tool_choice \"auto\"",
                                     param="tool_choice")
-        constraint, forced = tool_constraint(body.tools, body.tool_choice, parallel)
+        constraint, forced = await anyio.to_thread.run_sync(tool_constraint, body.tools,
+                                                            body.tool_choice, parallel)
     calling = bool(body.tools) and body.tool_choice in (None, "auto")
     if calling and state.settings.tool_call_parser is None:
         raise errors.validation("this server parses no tool calls: start it with "

@@ -62,7 +62,7 @@ async def start(request: Request, body: CompletionRequest) -> list[Choice]:
         raise errors.validation("`max_tokens` 0 generates nothing: it needs `echo` (to score "
                                 "the prompt)", param="max_tokens")
     stops = stop_list(body.stop, state.settings.max_stop_sequences)
-    constraint = openai_constraint(body)
+    constraint = await anyio.to_thread.run_sync(openai_constraint, body)  # off the event loop
     n_logprobs = body.logprobs or 0
     prompt_lps = None  # the prompt is scored only when echoed with logprobs (or only scored)
     if body.echo and (body.logprobs is not None or body.max_tokens == 0):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from functools import lru_cache
+from functools import lru_cache, partial
 from collections.abc import AsyncIterator
 
 import anyio
@@ -37,8 +37,11 @@ async def start_generation(request: Request, body: GenerateRequest) -> Generatio
     state = request.app.state.serving
     engine = state.require("causal-lm")
     settings = state.settings
-    sampling, seed = to_sampling(body.parameters, max_stop_sequences=settings.max_stop_sequences,
-                                 queue_timeout_s=settings.queue_timeout_s)
+    convert = partial(to_sampling, body.parameters, max_stop_sequences=settings.max_stop_sequences,
+                      queue_timeout_s=settings.queue_timeout_s)
+    # a grammar is checked off the event loop (a large schema takes a while)
+    sampling, seed = convert() if body.parameters.grammar is None else \
+        await anyio.to_thread.run_sync(convert)
     prompt = body.inputs
     if body.parameters.truncate is not None:  # tokenizes: off the event loop
         prompt = await anyio.to_thread.run_sync(truncate_prompt, engine.tokenizer, body.inputs,
