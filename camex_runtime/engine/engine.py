@@ -653,7 +653,7 @@ class Engine:
     @staticmethod
     def _allowed(req: GenerationRequest) -> Tensor | None:
         """The ids a structured-output request's grammar allows next (None: any)."""
-        return req.guide.allowed() if req.guide is not None else None
+        return req.guide.allowed() if req.guide is not None and req.guide.active else None
 
     def _suppressed(self, req: GenerationRequest) -> tuple[int, ...]:
         """The ids that would end `req` (EOS unless ignored, its stop_token_ids), while it has

@@ -43,6 +43,10 @@ class Constraint:
     kind: str
     value: str | tuple[str, ...]
     lenient: bool = False  # json: ignore schema keywords that cannot be enforced
+    # the grammar applies from the token after these generated ids (a thinking model's
+    # end-of-reasoning marker, e.g. `</think>`'s ids); before them the text is free. (): from
+    # the first token
+    start_after: tuple[int, ...] = ()
 
     def validate(self) -> None:
         if self.kind not in CONSTRAINT_KINDS:
@@ -59,6 +63,9 @@ class Constraint:
                                        f"got {self.value!r}")
         else:
             size = len(self.value)
+        if not isinstance(self.start_after, tuple) or not all(map(_token_id, self.start_after)):
+            raise InputValidationError(f"start_after must be a tuple of token ids, got "
+                                       f"{self.start_after!r}")
         if size > MAX_CONSTRAINT_CHARS:
             raise InputValidationError(f"the {self.kind} constraint has {size} characters; at "
                                        f"most {MAX_CONSTRAINT_CHARS} are accepted")
@@ -179,7 +186,9 @@ def _token_id(t) -> bool:
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
     """The token ids a request names (logit_bias, stop_token_ids) exist in the vocabulary."""
     for name, ids in (("logit_bias", params.logit_bias or ()),
-                      ("stop_token_ids", params.stop_token_ids)):
+                      ("stop_token_ids", params.stop_token_ids),
+                      ("constraint.start_after",
+                       params.constraint.start_after if params.constraint else ())):
         bad = sorted(t for t in ids if t >= vocab_size)
         if bad:
             raise InputValidationError(f"{name} names token ids outside the vocabulary "

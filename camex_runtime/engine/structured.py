@@ -8,6 +8,9 @@ masks a constrained row's logits to those before anything else in sampling (logi
 penalties, temperature, top-k/p then act among the allowed tokens), advances the matcher with
 the chosen token, and ends the request as at EOS once the grammar allows nothing but the end.
 A row's mask depends only on its own tokens, so batched == alone holds for constrained rows.
+A thinking model's constraint may wait for the end of its reasoning (`start_after`: the ids
+of `</think>`): the text before is free, the grammar applies from the token after (vLLM's rule
+for structured output with a reasoning parser).
 
 JSON is written compactly, with Python's separators (", " and ": ") and no other whitespace:
 with llguidance's default any whitespace may come between tokens, and a small or unsure model
@@ -110,14 +113,22 @@ class Grammars:
         if matcher.is_error():
             raise InputValidationError(f"the {constraint.kind} constraint cannot be compiled: "
                                        f"{matcher.get_error()}")
-        return Guide(matcher, self.vocab_size)
+        return Guide(matcher, self.vocab_size, constraint.start_after)
 
 
 class Guide:
-    """One request's position in its grammar: the tokens allowed next, then the token taken."""
+    """One request's position in its grammar: the tokens allowed next, then the token taken.
+    With `start_after`, the grammar waits (`active` false, nothing masked) until the request
+    has generated those ids in a row; it applies from the next token."""
 
-    def __init__(self, matcher, vocab_size: int) -> None:
+    def __init__(self, matcher, vocab_size: int, start_after: tuple[int, ...] = ()) -> None:
         self.matcher, self.vocab_size = matcher, vocab_size
+        self.waiting = tuple(start_after)  # () once the grammar applies
+        self._tail: tuple[int, ...] = ()
+
+    @property
+    def active(self) -> bool:
+        return not self.waiting
 
     def allowed(self) -> torch.Tensor:
         """(V,) bool on the host: True where the grammar allows the token next."""
@@ -128,6 +139,11 @@ class Guide:
     def advance(self, token_id: int) -> bool:
         """Take the chosen token; True when the grammar is complete (only the end may follow).
         A token the grammar does not allow raises RuntimeError (the mask was not applied)."""
+        if self.waiting:
+            self._tail = (self._tail + (token_id,))[-len(self.waiting):]
+            if self._tail == self.waiting:
+                self.waiting = ()
+            return False
         if not self.matcher.consume_token(token_id):
             raise RuntimeError(f"token {token_id} is outside the request's grammar: "
                                f"{self.matcher.get_error()}")

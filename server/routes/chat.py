@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from dataclasses import replace
 
 import anyio
 from fastapi import APIRouter, Request
@@ -26,7 +27,7 @@ from server.openai_runs import (Choice, check_model, check_stream_options, choic
                                 close_all, context_length_error, finish_reason, first_events,
                                 merged, run_to_end, sampling, start_choices, stop_list,
                                 token_strings, usage_now, usage_of)
-from server.reasoning import ThinkSplit, answer_only
+from server.reasoning import END, ThinkSplit, answer_only
 from server.structured import openai_constraint, tool_constraint
 from server.tool_calls import ForcedCalls, splitter
 from server.routes.completions import OPENAI_ERRORS, model_name
@@ -67,6 +68,12 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
     if max_tokens is None:  # vLLM: whatever the context has left after the prompt
         max_tokens = max(1, engine.info()["max_total_tokens"] - len(ids))
     seeds = choice_seeds(body.seed, body.n)
+    parser = state.settings.reasoning_parser
+    plain = parser is not None and answer_only(parser, text, body.chat_template_kwargs)
+    if constraint is not None and parser is not None and not plain:
+        # a thinking model reasons freely; its answer, after `</think>`, is constrained
+        constraint = replace(constraint, start_after=tuple(engine.tokenizer(
+            END, add_special_tokens=False)["input_ids"]))
 
     def params_for(i: int, j: int):
         return sampling(body, state, max_tokens=max_tokens, stops=stops,
@@ -76,9 +83,6 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
         body.max_tokens is not None else "max_completion_tokens"
     choices = await start_choices(request, engine, [ids], body.n, params_for,
                                   context_length_error("messages", tokens_field))
-    # a constrained answer is all answer: its grammar leaves no room for a <think> part
-    parser = state.settings.reasoning_parser if constraint is None else None
-    plain = parser is not None and answer_only(parser, text, body.chat_template_kwargs)
     for c in choices:
         c.think = ThinkSplit(plain) if parser is not None else None
         if forcing:

@@ -33,10 +33,14 @@ WEATHER = {"type": "function", "function": {
                                                     "unit": {"type": "string"}}}}}
 
 
-def build_scripted(out: Path, script: str) -> Path:
+def build_scripted(out: Path, script: str, think_tokens: bool = False) -> Path:
+    """`think_tokens`: `<think>` and `</think>` are added (not special) tokens, as in Qwen3's
+    vocabulary, so each is one id wherever it stands."""
     from camex_runtime import CamexConfig, CamexForCausalLM, export
 
     tok = make_tokenizer(out.parent / "scripted-tok")
+    if think_tokens:
+        tok.add_tokens(["<think>", "</think>"])
     prompt = tok(RENDERED, add_special_tokens=False)["input_ids"]
     answer = tok(script, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert tok.decode(answer[:-1]) == script  # the byte-level BPE round-trips it
@@ -137,3 +141,52 @@ def test_json_call_answers_reach_the_openai_client_as_calls(tmp_path, parser):
         calls = [c for chunk in client.chat.completions.create(stream=True, **kw)
                  for c in chunk.choices[0].delta.tool_calls or []]
         assert [(c.index, c.function.name) for c in calls] == [(0, "get_weather"), (1, "now")]
+
+
+# A thinking model answering in JSON: reasoning, then the arguments alone
+ANSWER_SCRIPT = f"<think>{THINKING}</think>" + json.dumps(ARGUMENTS)
+
+
+@pytest.fixture(scope="module")
+def json_server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("scripted-json")
+    model = build_scripted(work / "model", ANSWER_SCRIPT, think_tokens=True)
+    with live_server(work, "--model", str(model), "--chat-template",
+                     str(work / "template.jinja"), "--reasoning-parser", "qwen3",
+                     "--model-id", "scripted") as srv:
+        yield srv
+
+
+def test_structured_output_starts_after_the_reasoning(json_server):
+    """With a reasoning parser the grammar waits for `</think>`: the model thinks freely, then
+    its answer is held to the schema (here the script already fits it, so nothing changes);
+    a forced call's arguments likewise. Were the grammar applied from the first token, the
+    answer could not start with `<think>`."""
+    from openai import OpenAI
+    from pydantic import BaseModel, ConfigDict
+
+    class Weather(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        city: str
+        unit: str
+
+    client = OpenAI(base_url=json_server.base_url + "/v1", api_key="unused")
+    kw = dict(model="scripted", messages=[{"role": "user", "content": QUESTION}],
+              max_completion_tokens=300, temperature=0)
+    out = client.chat.completions.parse(response_format=Weather, **kw).choices[0]
+    assert out.message.model_extra["reasoning_content"] == THINKING
+    assert out.message.parsed == Weather(**ARGUMENTS) and out.finish_reason == "stop"
+    assert out.message.content == json.dumps(ARGUMENTS)
+    forced = client.chat.completions.create(
+        tools=[WEATHER], tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        **kw).choices[0]
+    (call,) = forced.message.tool_calls
+    assert call.function.name == "get_weather" and call.function.arguments == json.dumps(
+        ARGUMENTS)
+    assert forced.message.model_extra["reasoning_content"] == THINKING
+    # thinking turned off: the grammar applies from the first token, so no `<think>` part
+    off = client.chat.completions.create(
+        response_format={"type": "json_schema", "json_schema": {
+            "name": "w", "schema": Weather.model_json_schema()}},
+        extra_body={"chat_template_kwargs": {"enable_thinking": False}}, **kw).choices[0]
+    assert off.message.content.startswith('{"') and "<think>" not in off.message.content

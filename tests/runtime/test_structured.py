@@ -93,6 +93,32 @@ def test_greedy_picks_the_likeliest_token_the_grammar_allows(engine, tok, tiny_l
         assert free.token_ids != res.token_ids
 
 
+def test_a_grammar_can_wait_for_the_end_of_reasoning(engine, tok, tiny_lm_dir):
+    """`start_after`: the tokens up to and including that sequence are the model's own (the
+    free answer's), the grammar applies from the next one — greedy among the allowed tokens
+    of the full forward from there, as without waiting."""
+    prompt = PROMPTS[0]
+    ids = tok(prompt, add_special_tokens=False)["input_ids"]
+    free = engine.submit(prompt, SamplingParams(max_new_tokens=10, ignore_eos=True)).result()
+    pairs = [tuple(free.token_ids[i:i + 2]) for i in range(9)]
+    # "the end of thinking": the first pair of free tokens, from the third on, not seen before
+    k = next(i for i in range(2, 9) if pairs[i] not in pairs[:i])
+    regex = Constraint("regex", r"(ab|c){1,4} [0-9]{2}!", start_after=pairs[k])
+    res = engine.submit(prompt, SamplingParams(max_new_tokens=60, constraint=regex)).result()
+    assert res.token_ids[:k + 2] == free.token_ids[:k + 2] and res.finish_reason == "eos_token"
+    answer = res.token_ids[k + 2:]
+    assert re.fullmatch(regex.value, tok.decode(answer)), tok.decode(answer)
+    ref, V = reference(tiny_lm_dir), engine.config.vocab_size
+    logprobs = full_forward_logprobs(ref, ids + res.token_ids, len(ids), "segment")
+    matcher = fresh_matcher(tok, V, regex)
+    for i, token in enumerate(answer):
+        row = logprobs[len(ids) + k + 1 + i].masked_fill(~allowed_ids(matcher, V), float("-inf"))
+        assert int(row.argmax()) == token and matcher.consume_token(token)
+    with pytest.raises(InputValidationError, match="constraint.start_after names token ids"):
+        engine.submit(prompt, SamplingParams(
+            constraint=Constraint("regex", "a", start_after=(V + 1,))))
+
+
 def test_sampled_answers_stay_inside_the_grammar_and_seeds_repeat(engine):
     choices = ("yes", "no", "maybe so")
     for seed in range(6):
