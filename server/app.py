@@ -22,7 +22,7 @@ from server.errors import install_error_handlers
 from server.metrics import EngineStatsCollector, ServerMetrics, StatsReader
 from server.middleware import ServingMiddleware
 from server.protocol import LENIENT_FIELDS
-from server.routes import chat, classify, completions, ops, tgi, tokenize
+from server.routes import chat, classify, completions, ops, responses, tgi, tokenize
 from server.security import HostPolicy, api_key_of
 from server.settings import ServerSettings
 from server.state import ServingState
@@ -70,7 +70,7 @@ def create_app(settings: ServerSettings, on_fatal: Callable[[str], None] | None 
     app.state.serving = state
     app.state.connections = guard
     install_error_handlers(app, metrics.record_failure)
-    for module in (tgi, classify, completions, chat, tokenize, ops):
+    for module in (tgi, classify, completions, chat, responses, tokenize, ops):
         app.include_router(module.router)
     app.include_router(classify.root_router if settings.classifier_only else tgi.compat_router)
     app.add_middleware(ServingMiddleware, state=state, api_key=api_key,

@@ -34,7 +34,7 @@ REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 # it the engine would refuse anyway, after a thread hop and tokenization that an overloaded
 # server cannot afford; here the 429 costs a header parse.
 GENERATION_PATHS = frozenset({"/generate", "/generate_stream", "/", "/v1/completions",
-                              "/v1/chat/completions"})
+                              "/v1/chat/completions", "/v1/responses"})
 # camex_failures_total reason of the errors answered here, before any route ran
 # (a body too slow, 408, is the client's mistake like one too large: "validation")
 FAILURE_OF_STATUS = {401: "unauthorized", 403: "unauthorized", 429: "overloaded"}

@@ -124,6 +124,17 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
 def choice_json(c: Choice, body: ChatCompletionRequest, tokenizer) -> ChatChoice:
     lp = logprobs_json(tokenizer, c.run.events, body.top_logprobs or 0) if body.logprobs \
         else None
+    reasoning, answer, calls = answer_parts(c)
+    message = AssistantMessage(
+        content=answer, reasoning_content=reasoning, reasoning=reasoning,
+        tool_calls=[ToolCallOut(**call.json()) for call in calls] or None)
+    reason = c.calls.finish if calls and c.calls.finish else \
+        finish_reason(c.run.result.finish_reason)
+    return ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=reason)
+
+
+def answer_parts(c: Choice) -> tuple[str | None, str | None, list]:
+    """A finished choice's (reasoning, content, tool calls), through its splitters."""
     reasoning, answer, calls = None, c.text, []
     if c.think is not None:
         c.think.push(answer, final=True)
@@ -131,12 +142,7 @@ def choice_json(c: Choice, body: ChatCompletionRequest, tokenizer) -> ChatChoice
     if c.calls is not None:
         c.calls.push(answer or "", final=True)
         answer, calls = c.calls.whole()
-    message = AssistantMessage(
-        content=answer, reasoning_content=reasoning, reasoning=reasoning,
-        tool_calls=[ToolCallOut(**call.json()) for call in calls] or None)
-    reason = c.calls.finish if calls and c.calls.finish else \
-        finish_reason(c.run.result.finish_reason)
-    return ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=reason)
+    return reasoning, answer, calls
 
 
 def logprobs_json(tokenizer, events, n: int) -> ChoiceLogprobs:
@@ -192,18 +198,25 @@ def answer_delta(c: Choice, text: str, final: bool) -> dict:
     """A streamed piece through the choice's reasoning and tool-call splitters: its reasoning
     (both names, as the complete message has them), its content, the calls it completed;
     `{}` when the piece is held back."""
-    reasoning, answer = c.think.push(text, final) if c.think is not None else ("", text)
+    reasoning, answer, new = split_piece(c, text, final)
     delta = {"reasoning_content": reasoning, "reasoning": reasoning} if reasoning else {}
-    new = []
-    if c.calls is not None:
-        done = len(c.calls.calls)
-        answer, new = c.calls.push(answer, final)
-        new = [call.json(done + i) for i, call in enumerate(new)]
     if answer:
         delta["content"] = answer
     if new:
         delta["tool_calls"] = new
     return delta
+
+
+def split_piece(c: Choice, text: str, final: bool) -> tuple[str, str, list[dict]]:
+    """A streamed piece -> (its reasoning, its content, the calls it completed as JSON with
+    their index)."""
+    reasoning, answer = c.think.push(text, final) if c.think is not None else ("", text)
+    new = []
+    if c.calls is not None:
+        done = len(c.calls.calls)
+        answer, new = c.calls.push(answer, final)
+        new = [call.json(done + i) for i, call in enumerate(new)]
+    return reasoning, answer, new
 
 
 def chunk(meta: dict, index: int, delta: dict, logprobs: dict | None = None,

@@ -154,6 +154,7 @@ def json_server(tmp_path_factory):
     with live_server(work, "--model", str(model), "--chat-template",
                      str(work / "template.jinja"), "--reasoning-parser", "qwen3",
                      "--model-id", "scripted") as srv:
+        srv.model_dir = model
         yield srv
 
 
@@ -190,3 +191,30 @@ def test_structured_output_starts_after_the_reasoning(json_server):
             "name": "w", "schema": Weather.model_json_schema()}},
         extra_body={"chat_template_kwargs": {"enable_thinking": False}}, **kw).choices[0]
     assert off.message.content.startswith('{"') and "<think>" not in off.message.content
+
+
+def test_responses_api_returns_the_reasoning_item_and_the_parsed_answer(json_server):
+    from openai import OpenAI
+    from pydantic import BaseModel, ConfigDict
+    from transformers import AutoTokenizer
+
+    class Weather(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        city: str
+        unit: str
+
+    client = OpenAI(base_url=json_server.base_url + "/v1", api_key="unused")
+    out = client.responses.parse(model="scripted", input=QUESTION, text_format=Weather,
+                                 max_output_tokens=300, temperature=0)
+    reasoning, message = out.output
+    assert reasoning.type == "reasoning" and reasoning.content[0].text == THINKING
+    assert message.type == "message" and out.output_parsed == Weather(**ARGUMENTS)
+    tok = AutoTokenizer.from_pretrained(str(json_server.model_dir))
+    thought = tok(f"<think>{THINKING}</think>", add_special_tokens=False)["input_ids"]
+    assert out.usage.output_tokens_details.reasoning_tokens == len(thought)
+    with client.responses.stream(model="scripted", input=QUESTION, text_format=Weather,
+                                 max_output_tokens=300, temperature=0) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert "response.reasoning_text.delta" in kinds and final.output_parsed == out.output_parsed
+    assert final.output[0].content[0].text == THINKING

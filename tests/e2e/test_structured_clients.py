@@ -104,3 +104,31 @@ def test_text_generation_client_grammar(server):
     streamed = "".join(r.token.text for r in client.generate_stream(
         "hello world", max_new_tokens=200, grammar=grammar) if not r.token.special)
     assert streamed == out.generated_text
+
+
+def test_openai_responses_api_plain_streamed_parsed_and_calling(server):
+    """`responses.create`, `.stream()` (the client assembles the typed events and checks their
+    order and item identities), `.parse(text_format=...)` and a forced function call."""
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.base_url + "/v1", api_key="unused")
+    kw = dict(model="tiny", input="the quick brown", max_output_tokens=12, temperature=0)
+    plain = client.responses.create(**kw)
+    assert plain.object == "response" and plain.output_text
+    assert plain.status in ("completed", "incomplete")
+    with client.responses.stream(**kw) as stream:
+        deltas = [e.delta for e in stream if e.type == "response.output_text.delta"]
+        if plain.status == "completed":
+            assert stream.get_final_response().output_text == plain.output_text
+    assert "".join(deltas) == plain.output_text
+    parsed = client.responses.parse(model="tiny", input="who?", text_format=Person,
+                                    max_output_tokens=200, temperature=0)
+    assert isinstance(parsed.output_parsed, Person) and parsed.status == "completed"
+    tool = {"type": "function", "name": "get_weather", "strict": True,
+            "parameters": {**GetWeather.model_json_schema(), "additionalProperties": False}}
+    out = client.responses.create(model="tiny", input="weather?", tools=[tool],
+                                  tool_choice="required", max_output_tokens=200, temperature=0)
+    calls = [item for item in out.output if item.type == "function_call"]
+    assert calls and all(c.name == "get_weather" for c in calls)
+    for c in calls:
+        GetWeather.model_validate_json(c.arguments)
