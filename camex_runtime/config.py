@@ -9,8 +9,8 @@ the transformer around the merged FFNs (see docs/DESIGN.md, "Model families"):
 
 - ``family="gpt2"``: LayerNorm, learned absolute positions, fused qkv with biases, GELU FFN
   ``fc2(gelu(fc1 x))``.
-- ``family="llama"`` (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3 import into it): RMSNorm,
-  rotary positions (``nope_layers`` without), grouped-query attention
+- ``family="llama"`` (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite import into it):
+  RMSNorm, rotary positions (``nope_layers`` without), grouped-query attention
   (``num_key_value_heads``), optional q/k/v biases (Qwen2), optional per-head RMSNorm of
   queries and keys (``qk_norm``, Qwen3), optional sliding windows, SwiGLU FFN
   ``down(silu(gate x) * up x)`` whose three projections each merge with the same scores.

@@ -2,13 +2,14 @@
 
 `upcycle_from_dense(path)` reads the directory's ``config.json``, picks the importer of its
 ``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``,
-``smollm3``), and builds a training-form CAMEx model whose every expert is a copy of the
-dense FFN (τ = 0), curvature at the identity and routers at N(0, 0.02): the merged FFN equals
+``smollm3``, ``granite``), and builds a training-form CAMEx model whose every expert is a copy
+of the dense FFN (τ = 0), curvature at the identity and routers at N(0, 0.02): the merged FFN equals
 the dense one whatever the scores, so the model computes exactly the dense model's logits
 (docs/DESIGN.md, "Model families"). Fused projections (Phi-3's ``qkv_proj`` and
 ``gate_up_proj``) are split or kept as the CAMEx layout needs; separate q/k/v (Llama, Mistral,
 Qwen2, Qwen3) are fused into one projection; Qwen3's per-head query and key norms come along
-(``qk_norm``), and SmolLM3's blocks without rotary positions (``nope_layers``).
+(``qk_norm``), and SmolLM3's blocks without rotary positions (``nope_layers``); Granite's
+multipliers fold into the weights.
 A ``*ForSequenceClassification`` source gives a classifier that pools and attends as its source.
 
 Sliding-window attention comes along (Mistral, Phi-3, Qwen2/Qwen3 with ``use_sliding_window``:
@@ -39,7 +40,7 @@ from torch import Tensor
 from .config import CamexConfig
 from .modeling import CamexForCausalLM, CamexForSequenceClassification, CamexPreTrainedModel
 
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3")
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite")
 
 
 class UpcycleError(ValueError):
@@ -150,7 +151,7 @@ def llama_config(hf) -> dict[str, Any]:
     # Qwen2 always biases q/k/v (not o); Llama, Qwen3 and SmolLM3 bias all four with
     # attention_bias.
     declared = bool(getattr(hf, "attention_bias", False))
-    all_four = mt in ("llama", "qwen3", "smollm3")
+    all_four = mt in ("llama", "qwen3", "smollm3", "granite")
     qkv_bias = True if mt == "qwen2" else all_four and declared
     # SmolLM3's no_rope_layers: per block, 1 = rotary positions, 0 = none (NoPE)
     nope = [i for i, rotates in enumerate(getattr(hf, "no_rope_layers", None) or ())
@@ -223,11 +224,59 @@ def llama_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
     return {"wte": w.get("embed_tokens.weight"), "ln_f.weight": w.get("norm.weight")}
 
 
+# Granite (IBM, 3.x dense): Llama with four multipliers, each a linear scale that folds into
+# weights — the embeddings (x embedding_multiplier; a tied head then gets its own unscaled copy),
+# the attention scores (attention_multiplier in place of head_dim^-1/2: into q's rows, which
+# the rotation commutes with), each block's two residual branches (x residual_multiplier:
+# into o_proj and down_proj) and the logits (/ logits_scaling: into the head).
+
+def _granite_scales(hf) -> tuple[float, float, float, float]:
+    return (float(hf.embedding_multiplier), float(hf.logits_scaling),
+            float(hf.residual_multiplier), float(hf.attention_multiplier))
+
+
+def granite_config(hf) -> dict[str, Any]:
+    cfg = llama_config(hf)
+    embed, logits, _, _ = _granite_scales(hf)
+    if embed != 1.0 or logits != 1.0:  # the table and the head scale differently
+        cfg["tie_word_embeddings"] = False
+    return cfg
+
+
+def granite_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    out = llama_block(w, hf, i)
+    _, _, residual, attention = _granite_scales(hf)
+    head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+    q_rows = hf.num_attention_heads * head_dim
+    q_scale = attention * head_dim ** 0.5  # the attention then applies head_dim^-1/2
+    for name in ("attn.c_attn.weight", "attn.c_attn.bias"):
+        if name in out:
+            out[name] = out[name].clone()
+            out[name][:q_rows] *= q_scale
+    for name in ("attn.c_proj.weight", "attn.c_proj.bias", "ffn.down_proj.weight",
+                 "ffn.down_proj.bias"):
+        if name in out:
+            out[name] = out[name] * residual
+    return out
+
+
+def granite_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
+    embed, logits, _, _ = _granite_scales(hf)
+    table = w.get("embed_tokens.weight")
+    out = {"wte": table * embed, "ln_f.weight": w.get("norm.weight")}
+    if embed != 1.0 or logits != 1.0:
+        top = w.under("")
+        head = top.get("lm_head.weight") if not hf.tie_word_embeddings else table
+        out["lm_head"] = head / logits
+    return out
+
+
 _GPT2 = Importer(gpt2_config, gpt2_block, gpt2_outer, "transformer.")
 _LLAMA = Importer(llama_config, llama_block, llama_outer, "model.")
+_GRANITE = Importer(granite_config, granite_block, granite_outer, "model.")
 IMPORTERS: dict[str, Importer] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA,
                                   "qwen2": _LLAMA, "qwen3": _LLAMA, "phi3": _LLAMA,
-                                  "smollm3": _LLAMA}
+                                  "smollm3": _LLAMA, "granite": _GRANITE}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,7 +360,9 @@ def _copy_dense(model: CamexPreTrainedModel, w: DenseWeights, importer: Importer
     for i, block in enumerate(tr.h):
         _copy_block(block, importer.block(body, hf, i))
     if isinstance(model, CamexForCausalLM):
-        if not model.config.tie_word_embeddings:
+        if "lm_head" in outer:  # the importer made it (Granite: scaled)
+            model.lm_head.weight.copy_(outer["lm_head"])
+        elif not model.config.tie_word_embeddings:
             model.lm_head.weight.copy_(top.get("lm_head.weight"))
     elif top.has("score.weight"):  # a classifier source; else the fresh head stays
         model.score.weight.copy_(top.get("score.weight"))

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
+from transformers import (GraniteConfig, GraniteForCausalLM,
+                          LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
                           MistralConfig, MistralForCausalLM, MistralForSequenceClassification,
                           Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification,
@@ -32,6 +33,10 @@ FAMILIES = {
     "phi3": (Phi3Config, Phi3ForCausalLM, {}),
     # every second block without rotary positions (SmolLM3 ships every fourth)
     "smollm3": (SmolLM3Config, SmolLM3ForCausalLM, {"no_rope_layer_interval": 2}),
+    # Granite's multipliers (3.x values but the attention one, 1/head_dim here) and a tied head
+    "granite": (GraniteConfig, GraniteForCausalLM, {
+        "embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22,
+        "attention_multiplier": 1 / 16, "tie_word_embeddings": True, "attention_bias": True}),
 }
 CLASSIFIERS = {  # (with the family's extra config above)
     "llama": (LlamaConfig, LlamaForSequenceClassification),

@@ -1,4 +1,4 @@
-"""Llama-family CAMEx (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3): upcycled exactly from
+"""Llama-family CAMEx (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite): upcycled exactly from
 transformers' dense models, folded exactly, refused where it cannot be exact, saved and loaded
 by the Auto classes. Tiny random models built locally; GQA on everywhere."""
 
@@ -43,6 +43,20 @@ def test_upcycle_variants_are_exact(tmp_path, overrides):
     dense_dir = build_dense(tmp_path / "qwen2", "qwen2")  # q/k/v biases, untied head
     model = cr.upcycle_from_dense(dense_dir, segment_len=4, **{"num_experts": 3, **overrides})
     assert dense_reference_error(model, dense_dir, random_ids(11, seed=1, batch=2)) <= 1e-5
+
+
+@pytest.mark.parametrize("hf_overrides", [
+    {"tie_word_embeddings": False, "attention_bias": False, "mlp_bias": True},
+    {"embedding_multiplier": 1.0, "logits_scaling": 1.0},  # the head stays tied
+], ids=["untied-mlp-bias", "no-embedding-scales"])
+def test_granite_variants_are_exact(tmp_path, hf_overrides):
+    """Granite's multipliers fold into the weights: an untied head is scaled on its own; with
+    embedding and logit scales of 1 the tied head stays tied (no second table)."""
+    dense_dir = build_dense(tmp_path / "granite", "granite", **hf_overrides)
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
+    tied = hf_overrides.get("embedding_multiplier") == 1.0
+    assert model.config.tie_word_embeddings is tied
+    assert dense_reference_error(model, dense_dir, random_ids(40, seed=2, batch=2)) <= 1e-5
 
 
 @pytest.mark.parametrize("hf_overrides", [
