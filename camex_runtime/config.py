@@ -9,11 +9,13 @@ the transformer around the merged FFNs (see docs/DESIGN.md, "Model families"):
 
 - ``family="gpt2"``: LayerNorm, learned absolute positions, fused qkv with biases, GELU FFN
   ``fc2(gelu(fc1 x))``.
-- ``family="llama"`` (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite import into it):
-  RMSNorm, rotary positions (``nope_layers`` without), grouped-query attention
-  (``num_key_value_heads``), optional q/k/v biases (Qwen2), optional per-head RMSNorm of
-  queries and keys (``qk_norm``, Qwen3), optional sliding windows, SwiGLU FFN
-  ``down(silu(gate x) * up x)`` whose three projections each merge with the same scores.
+- ``family="llama"`` (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 3 import
+  into it): RMSNorm, rotary positions (``nope_layers`` without; a second description for
+  ``rope_local_layers``), grouped-query attention (``num_key_value_heads``), optional q/k/v
+  biases (Qwen2), optional per-head RMSNorm of queries and keys (``qk_norm``, Qwen3), optional
+  sliding windows, optional norms on each branch's output (``sandwich_norms``, Gemma 3), SwiGLU
+  FFN ``down(silu(gate x) * up x)`` (or GeGLU, Gemma 3) whose three projections each merge
+  with the same scores.
 
 Named presets (``CamexConfig.from_preset("gpt2-small")``) follow gpt-fast's ``ModelArgs.from_name``.
 """
@@ -29,14 +31,19 @@ from transformers import PretrainedConfig
 # runtime would load but compute wrongly (per-head q/k norms, sliding windows, NoPE blocks: it
 # would ignore them). Only such checkpoints are written with it, so older runtimes refuse them
 # by number and keep reading every checkpoint they can serve (`CamexConfig.format_needed`).
+# FORMAT_NEW_BLOCKS (3) likewise marks blocks an older runtime would misread: norms around
+# each branch's output, GeGLU FFNs, a second rotary base (Gemma 3).
 FORMAT_VERSION = 1
 FORMAT_NEW_ATTENTION = 2
-READABLE_FORMATS = (FORMAT_VERSION, FORMAT_NEW_ATTENTION)
+FORMAT_NEW_BLOCKS = 3
+READABLE_FORMATS = (FORMAT_VERSION, FORMAT_NEW_ATTENTION, FORMAT_NEW_BLOCKS)
 
 MERGE_METHODS = ("domain_specific", "ties", "dare")
 FAMILIES = ("gpt2", "llama")
 # Activation of each family's FFN (the only one its blocks implement).
-FAMILY_ACTIVATIONS = {"gpt2": ("gelu_new", "gelu_pytorch_tanh"), "llama": ("silu",)}
+# llama: silu = SwiGLU, gelu_pytorch_tanh = GeGLU (Gemma).
+FAMILY_ACTIVATIONS = {"gpt2": ("gelu_new", "gelu_pytorch_tanh"),
+                      "llama": ("silu", "gelu_pytorch_tanh")}
 # Rotary types whose frequencies do not depend on the sequence length: reproduced exactly with
 # transformers' own initialisers. "dynamic", "longrope", "yarn", ... are refused at load.
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -80,6 +87,14 @@ class CamexConfig(PretrainedConfig):
         # llama: blocks whose attention has no rotary positions at all (NoPE; SmolLM3's every
         # fourth block); None: every block rotates.
         nope_layers: list[int] | None = None,
+        # llama: the rotary description of the blocks `rope_local_layers` lists, where it
+        # differs from `rope_parameters` (Gemma 3: its sliding-window blocks rotate with base
+        # 10,000, the others with 1,000,000); None: one for every block.
+        rope_local_parameters: dict[str, Any] | None = None,
+        rope_local_layers: list[int] | None = None,
+        # llama: an RMSNorm on the output of each block's attention and of its FFN, before
+        # the residual add (Gemma 2/3's "sandwich" norms; `ln_attn_out`, `ln_ffn_out`).
+        sandwich_norms: bool = False,
         # FFN activation; None = the family's (gpt2: gelu_new, llama: silu).
         hidden_act: str | None = None,
         # Classifiers: "mean" pools the non-padding tokens (CAMEx encoders), "last" the last
@@ -144,6 +159,12 @@ class CamexConfig(PretrainedConfig):
         self.sliding_window_layers = (None if sliding_window_layers is None
                                       else sorted(int(i) for i in sliding_window_layers))
         self.nope_layers = None if not nope_layers else sorted(int(i) for i in nope_layers)
+        self.rope_local_parameters = (None if rope_local_parameters is None
+                                      else dict(rope_local_parameters))
+        self.rope_local_layers = (
+            None if rope_local_parameters is None or rope_local_layers is None
+            else sorted(int(i) for i in rope_local_layers))
+        self.sandwich_norms = bool(sandwich_norms)
         self.hidden_act = hidden_act or ("silu" if llama else "gelu_new")
         self.classifier_pooling = classifier_pooling
         self.classifier_causal = bool(classifier_causal)
@@ -202,8 +223,16 @@ class CamexConfig(PretrainedConfig):
         """Whether block `layer` applies rotary positions (the family has them, not NoPE)."""
         return self.uses_rope and layer not in (self.nope_layers or ())
 
+    def local_rope(self, layer: int) -> bool:
+        """Whether block `layer` rotates with `rope_local_parameters`."""
+        return self.rope_local_parameters is not None and \
+            layer in (self.rope_local_layers or ())
+
     def format_needed(self) -> int:
         """The oldest checkpoint format that describes this model (FORMAT_VERSION's comment)."""
+        if self.sandwich_norms or self.rope_local_parameters is not None or \
+                (self.family == "llama" and self.hidden_act != "silu"):
+            return FORMAT_NEW_BLOCKS
         new = self.qk_norm or self.sliding_window is not None or bool(self.nope_layers)
         return FORMAT_NEW_ATTENTION if new else FORMAT_VERSION
 
@@ -248,17 +277,32 @@ class CamexConfig(PretrainedConfig):
         if self.hidden_act not in FAMILY_ACTIVATIONS[self.family]:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported for family "
                              f"{self.family!r} (supported: {FAMILY_ACTIVATIONS[self.family]})")
-        if self.rope_parameters is not None:
-            rope_type = self.rope_parameters.get("rope_type", "default")
+        for name in ("rope_parameters", "rope_local_parameters"):
+            params = getattr(self, name)
+            if params is None:
+                continue
+            rope_type = params.get("rope_type", "default")
             if rope_type not in ROPE_TYPES:
-                raise ValueError(f"rope_parameters: rope_type {rope_type!r} is not supported "
+                raise ValueError(f"{name}: rope_type {rope_type!r} is not supported "
                                  f"(its frequencies depend on the sequence length or are not "
                                  f"reproduced exactly); supported: {ROPE_TYPES}")
-            factor = self.rope_parameters.get("partial_rotary_factor", 1.0)
+            factor = params.get("partial_rotary_factor", 1.0)
             if not 0.0 < factor <= 1.0 or int(self.head_dim * factor) % 2:
-                raise ValueError(f"rope_parameters: partial_rotary_factor {factor} must be in "
+                raise ValueError(f"{name}: partial_rotary_factor {factor} must be in "
                                  f"(0, 1] and give an even rotary width of head_dim "
                                  f"{self.head_dim}")
+        if (self.rope_local_parameters is not None or self.sandwich_norms) and \
+                self.family != "llama":
+            raise ValueError("rope_local_parameters and sandwich_norms are llama-family "
+                             "options")
+        bad = [i for i in self.rope_local_layers or () if not 0 <= i < self.n_layer]
+        if bad:
+            raise ValueError(f"rope_local_layers {bad} out of range for n_layer={self.n_layer}")
+        widths = {int(self.head_dim * p.get("partial_rotary_factor", 1.0))
+                  for p in (self.rope_parameters, self.rope_local_parameters) if p is not None}
+        if len(widths) > 1:
+            raise ValueError("rope_local_parameters must rotate as many dimensions as "
+                             "rope_parameters")
         if self.classifier_pooling not in CLASSIFIER_POOLING:
             raise ValueError(f"classifier_pooling must be one of {CLASSIFIER_POOLING}, "
                              f"got {self.classifier_pooling!r}")

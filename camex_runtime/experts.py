@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import CamexConfig
-from .layers import DenseFFN, FFNKind, family_of
+from .layers import DenseFFN, FFNKind, ffn_kind
 from .merging import KroneckerCurvature, merge_experts, merge_mask, next_dynamic_base
 
 
@@ -207,7 +207,7 @@ class CamexMoEFFN(nn.Module):
         super().__init__()
         E, d, h = config.num_experts, config.d_model, config.d_ff
         self.config = config
-        self.kind = family_of(config).ffn
+        self.kind = ffn_kind(config)
         self.router = nn.Linear(d, E, bias=False)
         self.base = DenseFFN(config) if owns_base else None
         self.experts = ExpertSet(self.kind, E, d, h, config.mlp_bias)

@@ -48,12 +48,13 @@ class RMSNorm(nn.Module):
 # Rotary positions
 
 
-def rope_frequencies(config: CamexConfig) -> tuple[Tensor, float]:
-    """(inv_freq (rot/2,), attention scaling) for the config's rotary type, fp32 on the CPU.
+def rope_frequencies(config: CamexConfig, params: dict | None = None) -> tuple[Tensor, float]:
+    """(inv_freq (rot/2,), attention scaling) for the config's rotary type (or `params`, a
+    second description such as `rope_local_parameters`), fp32 on the CPU.
 
     The same arithmetic, in the same order, as transformers' initialisers of these types
     (ROPE_TYPES in config.py), so imported models rotate exactly as their sources."""
-    params = config.rope_parameters or {}
+    params = (config.rope_parameters if params is None else params) or {}
     rope_type = params.get("rope_type", "default")
     rot = int(config.head_dim * params.get("partial_rotary_factor", 1.0))
     base = float(params.get("rope_theta", 10000.0))
@@ -81,15 +82,15 @@ class RotaryEmbedding(nn.Module):
     Entries equal transformers' per-call computation bit for bit: each angle is one fp32
     product ``position * inv_freq``, cos/sin in fp32, then the cast."""
 
-    def __init__(self, config: CamexConfig) -> None:
+    def __init__(self, config: CamexConfig, params: dict | None = None) -> None:
         super().__init__()
-        self.config = config
+        self.config, self.params = config, params  # params: None = config.rope_parameters
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
 
     def tables(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         got = self._tables.get((device, dtype))
         if got is None:
-            inv_freq, scaling = rope_frequencies(self.config)
+            inv_freq, scaling = rope_frequencies(self.config, self.params)
             pos = torch.arange(self.config.max_position_embeddings, dtype=torch.float32)
             freqs = pos[:, None] * inv_freq[None, :]                       # (P, rot/2)
             emb = torch.cat((freqs, freqs), dim=-1)                        # (P, rot)
@@ -190,6 +191,7 @@ class CamexAttention(nn.Module):
                                 bias=config.attention_out_bias)
         self.window = config.window(layer)  # None: full causal attention
         self.rotates = config.rotates(layer)  # False: no rotary positions (GPT-2, NoPE blocks)
+        self.local_rope = config.local_rope(layer)  # rotates with rope_local_parameters
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
             self.k_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
@@ -244,6 +246,12 @@ def swiglu_hidden(ins: list[Tensor]) -> Tensor:
     return F.silu(gate) * up
 
 
+def geglu_hidden(ins: list[Tensor]) -> Tensor:
+    # Gemma's gelu_pytorch_tanh on the gate
+    gate, up = ins
+    return F.gelu(gate, approximate="tanh") * up
+
+
 @dataclass(frozen=True)
 class FFNKind:
     """The shape of one FFN: input projection(s) d -> h, a hidden function of their outputs,
@@ -254,7 +262,8 @@ class FFNKind:
     out_proj: str
     hidden: Callable[[list[Tensor]], Tensor]
     # what `hidden` computes, for native kernels that fuse it: "gelu_tanh" (one input) or
-    # "swiglu" (silu(gate) * up; fused layout: [gate; up] stacked in fc1)
+    # "swiglu" (silu(gate) * up; fused layout: [gate; up] stacked in fc1); "geglu"
+    # (gelu_tanh(gate) * up) has no native kernel: torch computes it
     activation: str = ""
 
     @property
@@ -273,6 +282,8 @@ class FFNKind:
 
 GELU_FFN = FFNKind(("fc1",), "fc2", gelu_hidden, "gelu_tanh")
 SWIGLU_FFN = FFNKind(("gate_proj", "up_proj"), "down_proj", swiglu_hidden, "swiglu")
+GEGLU_FFN = FFNKind(("gate_proj", "up_proj"), "down_proj", geglu_hidden, "geglu")
+NATIVE_ACTIVATIONS = ("gelu_tanh", "swiglu")  # what the native FFN kernels implement
 
 
 @dataclass(frozen=True)
@@ -295,13 +306,20 @@ def family_of(config: CamexConfig) -> Family:
     return FAMILY_REGISTRY[config.family]
 
 
+def ffn_kind(config: CamexConfig) -> FFNKind:
+    """The FFN of the config's blocks: the family's, or GeGLU for a gelu llama (Gemma)."""
+    if config.family == "llama" and config.hidden_act == "gelu_pytorch_tanh":
+        return GEGLU_FFN
+    return family_of(config).ffn
+
+
 class DenseFFN(nn.Module):
     """A dense FFN of the config's family: blocks outside ``moe_layers``, the dense baseline,
     and the base expert E_m of a merged-expert layer."""
 
     def __init__(self, config: CamexConfig) -> None:
         super().__init__()
-        self.kind = family_of(config).ffn
+        self.kind = ffn_kind(config)
         d, h, bias = config.d_model, config.d_ff, config.mlp_bias
         for name in self.kind.in_projs:
             setattr(self, name, nn.Linear(d, h, bias=bias))

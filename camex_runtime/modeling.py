@@ -46,7 +46,9 @@ class RoutingContext(Protocol):
 
 
 class CamexBlock(nn.Module):
-    """Pre-norm transformer block: x + attn(ln_1 x); x + ffn(ln_2 x)."""
+    """Pre-norm transformer block: x + attn(ln_1 x); x + ffn(ln_2 x). With `sandwich_norms`
+    (Gemma 2/3) each branch's output is normed too: x + ln_attn_out(attn(ln_1 x)), then
+    x + ln_ffn_out(ffn(ln_2 x))."""
 
     def __init__(self, config: CamexConfig, layer: int) -> None:
         super().__init__()
@@ -55,6 +57,11 @@ class CamexBlock(nn.Module):
         self.ln_1 = fam.norm(config.d_model, config.layer_norm_epsilon)
         self.attn = CamexAttention(config, layer)
         self.ln_2 = fam.norm(config.d_model, config.layer_norm_epsilon)
+        if config.sandwich_norms:
+            self.ln_attn_out = fam.norm(config.d_model, config.layer_norm_epsilon)
+            self.ln_ffn_out = fam.norm(config.d_model, config.layer_norm_epsilon)
+        else:
+            self.ln_attn_out = self.ln_ffn_out = None
         self.drop = dropout(config.dropout)
         is_moe = config.num_experts > 0 and layer in config.moe_layers
         if is_moe:
@@ -67,9 +74,15 @@ class CamexBlock(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, attn: AttentionContext,
                 moe: RoutingContext) -> Tensor:
-        x = x + self.drop(self.attn(self.ln_1(x), attn, rope=rope))
+        a = self.attn(self.ln_1(x), attn, rope=rope)
+        if self.ln_attn_out is not None:
+            a = self.ln_attn_out(a)
+        x = x + self.drop(a)
         h = self.ln_2(x)
-        return x + self.drop(moe.apply(self.layer, h) if self.is_moe else self.ffn(h))
+        f = moe.apply(self.layer, h) if self.is_moe else self.ffn(h)
+        if self.ln_ffn_out is not None:
+            f = self.ln_ffn_out(f)
+        return x + self.drop(f)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,6 +129,9 @@ class CamexModel(CamexPreTrainedModel):
         self.wpe = nn.Embedding(config.max_position_embeddings, config.d_model) \
             if fam.learned_positions else None
         self.rotary = RotaryEmbedding(config) if config.uses_rope else None
+        # Gemma 3: the blocks config.local_rope names rotate with a second description
+        self.rotary_local = RotaryEmbedding(config, config.rope_local_parameters) \
+            if config.uses_rope and config.rope_local_parameters is not None else None
         # dtype of the activations when it differs from the weights' (set by the serving
         # engine's mixed precision: 16-bit weights, fp32 activations); None: the weights'
         self.activation_dtype: torch.dtype | None = None
@@ -163,8 +179,9 @@ class CamexModel(CamexPreTrainedModel):
         else:
             x = hidden
         rope = self.rotary(positions, x.dtype) if self.rotary is not None else None
+        local = self.rotary_local(positions, x.dtype) if self.rotary_local is not None else rope
         for block in self.h[first:last]:
-            x = block(x, rope, attn, moe)
+            x = block(x, local if block.attn.local_rope else rope, attn, moe)
         return self.ln_f(x) if last == len(self.h) else x
 
     def forward(self, input_ids: Tensor, *, causal: bool = True,

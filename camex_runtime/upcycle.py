@@ -2,14 +2,15 @@
 
 `upcycle_from_dense(path)` reads the directory's ``config.json``, picks the importer of its
 ``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``,
-``smollm3``, ``granite``), and builds a training-form CAMEx model whose every expert is a copy
-of the dense FFN (τ = 0), curvature at the identity and routers at N(0, 0.02): the merged FFN equals
-the dense one whatever the scores, so the model computes exactly the dense model's logits
-(docs/DESIGN.md, "Model families"). Fused projections (Phi-3's ``qkv_proj`` and
-``gate_up_proj``) are split or kept as the CAMEx layout needs; separate q/k/v (Llama, Mistral,
-Qwen2, Qwen3) are fused into one projection; Qwen3's per-head query and key norms come along
-(``qk_norm``), and SmolLM3's blocks without rotary positions (``nope_layers``); Granite's
-multipliers fold into the weights.
+``smollm3``, ``granite``, ``gemma3_text``), and builds a training-form CAMEx model whose every
+expert is a copy of the dense FFN (τ = 0), curvature at the identity and routers at
+N(0, 0.02): the merged FFN equals the dense one whatever the scores, so the model computes
+exactly the dense model's logits (docs/DESIGN.md, "Model families"). Fused projections
+(Phi-3's ``qkv_proj`` and ``gate_up_proj``) are split or kept as the CAMEx layout needs;
+separate q/k/v (Llama, Mistral, Qwen2, Qwen3) are fused into one projection; Qwen3's per-head
+query and key norms come along (``qk_norm``), and SmolLM3's blocks without rotary positions
+(``nope_layers``); Granite's multipliers fold into the weights, and so do Gemma 3's norm
+offsets and scales (its branch-output norms, GeGLU and second rotary base are block options).
 A ``*ForSequenceClassification`` source gives a classifier that pools and attends as its source.
 
 Sliding-window attention comes along (Mistral, Phi-3, Qwen2/Qwen3 with ``use_sliding_window``:
@@ -40,7 +41,8 @@ from torch import Tensor
 from .config import CamexConfig
 from .modeling import CamexForCausalLM, CamexForSequenceClassification, CamexPreTrainedModel
 
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite")
+SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite",
+             "gemma3_text")
 
 
 class UpcycleError(ValueError):
@@ -271,12 +273,79 @@ def granite_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
     return out
 
 
+# Gemma 3 (text, `gemma3_text`: the 1B model and the language half of the larger ones saved
+# as text models). Llama-shaped, with: norms that scale by (1 + weight) — folded, the weight
+# becomes 1 + w; an RMSNorm on each branch's output before the residual add (sandwich_norms);
+# GeGLU (gelu_pytorch_tanh); per-head q/k norms; attention scores scaled by
+# query_pre_attn_scalar^-1/2 instead of head_dim^-1/2 — folded into the query norm's weight
+# (the rotation is linear); embeddings scaled by sqrt(hidden_size) — folded into the table, the
+# tied head then its own unscaled copy; sliding-window blocks that rotate with their own base
+# (rope_local_parameters); no logit soft-capping in Gemma 3 (refused if a config sets it).
+
+
+def gemma3_config(hf) -> dict[str, Any]:
+    mt = hf.model_type
+    if hf.hidden_activation != "gelu_pytorch_tanh":
+        raise UpcycleError(f"{mt}: hidden_activation {hf.hidden_activation!r} is not supported "
+                           f"(GeGLU with gelu_pytorch_tanh)")
+    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if getattr(hf, name, None) is not None:
+            raise UpcycleError(f"{mt}: {name}={getattr(hf, name)} (logit soft-capping, Gemma 2) "
+                               f"is not supported")
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise UpcycleError(f"{mt}: use_bidirectional_attention is not supported (causal only)")
+    rope = hf.rope_parameters
+    types = list(hf.layer_types)
+    window, window_layers = sliding_window(hf)
+    return dict(_common(hf), family="llama", d_model=hf.hidden_size, n_layer=hf.num_hidden_layers,
+                n_head=hf.num_attention_heads, num_key_value_heads=hf.num_key_value_heads,
+                head_dim=hf.head_dim, d_ff=hf.intermediate_size,
+                max_position_embeddings=hf.max_position_embeddings,
+                rope_parameters=dict(rope["full_attention"]),
+                rope_local_parameters=dict(rope["sliding_attention"]),
+                rope_local_layers=[i for i, t in enumerate(types) if t == "sliding_attention"],
+                layer_norm_epsilon=hf.rms_norm_eps, hidden_act="gelu_pytorch_tanh",
+                attention_bias=bool(hf.attention_bias), attention_out_bias=bool(hf.attention_bias),
+                mlp_bias=False, qk_norm=True, sandwich_norms=True, tie_word_embeddings=False,
+                sliding_window=window, sliding_window_layers=window_layers)
+
+
+def gemma3_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    p, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+    plus_one = lambda name: w.get(name) + 1.0  # noqa: E731  (Gemma's norms scale by 1 + w)
+    out = {"ln_1.weight": plus_one(f"{p}input_layernorm.weight"),
+           "ln_attn_out.weight": plus_one(f"{p}post_attention_layernorm.weight"),
+           "ln_2.weight": plus_one(f"{p}pre_feedforward_layernorm.weight"),
+           "ln_ffn_out.weight": plus_one(f"{p}post_feedforward_layernorm.weight"),
+           "attn.c_attn.weight": torch.cat([w.get(f"{a}{x}_proj.weight") for x in "qkv"]),
+           "attn.c_proj.weight": w.get(f"{a}o_proj.weight"),
+           # our attention scales scores by head_dim^-1/2; Gemma by query_pre_attn_scalar^-1/2
+           "attn.q_norm.weight": plus_one(f"{a}q_norm.weight")
+           * (hf.head_dim / hf.query_pre_attn_scalar) ** 0.5,
+           "attn.k_norm.weight": plus_one(f"{a}k_norm.weight")}
+    if w.has(f"{a}q_proj.bias"):
+        out["attn.c_attn.bias"] = torch.cat([w.get(f"{a}{x}_proj.bias") for x in "qkv"])
+        out["attn.c_proj.bias"] = w.get(f"{a}o_proj.bias")
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        out[f"ffn.{proj}.weight"] = w.get(f"{m}{proj}.weight")
+    return out
+
+
+def gemma3_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
+    table = w.get("embed_tokens.weight")
+    scale = torch.tensor(hf.hidden_size ** 0.5, dtype=torch.float32)
+    head = table if hf.tie_word_embeddings else w.under("").get("lm_head.weight")
+    return {"wte": table * scale, "ln_f.weight": w.get("norm.weight") + 1.0, "lm_head": head}
+
+
 _GPT2 = Importer(gpt2_config, gpt2_block, gpt2_outer, "transformer.")
 _LLAMA = Importer(llama_config, llama_block, llama_outer, "model.")
 _GRANITE = Importer(granite_config, granite_block, granite_outer, "model.")
+_GEMMA3 = Importer(gemma3_config, gemma3_block, gemma3_outer, "model.")
 IMPORTERS: dict[str, Importer] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA,
                                   "qwen2": _LLAMA, "qwen3": _LLAMA, "phi3": _LLAMA,
-                                  "smollm3": _LLAMA, "granite": _GRANITE}
+                                  "smollm3": _LLAMA, "granite": _GRANITE,
+                                  "gemma3_text": _GEMMA3}
 
 
 # ---------------------------------------------------------------------------------------------

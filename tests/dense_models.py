@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (GraniteConfig, GraniteForCausalLM,
+from transformers import (Gemma3ForCausalLM, Gemma3TextConfig,
+                          Gemma3TextForSequenceClassification, GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
                           MistralConfig, MistralForCausalLM, MistralForSequenceClassification,
                           Phi3Config, Phi3ForCausalLM,
@@ -37,6 +38,14 @@ FAMILIES = {
     "granite": (GraniteConfig, GraniteForCausalLM, {
         "embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22,
         "attention_multiplier": 1 / 16, "tie_word_embeddings": True, "attention_bias": True}),
+    # Gemma 3: sliding and full blocks alternating (the 1B model: 5 to 1), a window the tests
+    # cross, each kind with its own rotary base (full ones stretched, as the 4B+ models),
+    # score scale 24^-1/2 (not head_dim's)
+    "gemma3_text": (Gemma3TextConfig, Gemma3ForCausalLM, {
+        "head_dim": 16, "sliding_window": 7, "sliding_window_pattern": 2,
+        "query_pre_attn_scalar": 24, "rope_parameters": {
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
 }
 CLASSIFIERS = {  # (with the family's extra config above)
     "llama": (LlamaConfig, LlamaForSequenceClassification),
@@ -44,6 +53,7 @@ CLASSIFIERS = {  # (with the family's extra config above)
     "qwen2": (Qwen2Config, Qwen2ForSequenceClassification),
     "qwen3": (Qwen3Config, Qwen3ForSequenceClassification),
     "smollm3": (SmolLM3Config, SmolLM3ForSequenceClassification),
+    "gemma3_text": (Gemma3TextConfig, Gemma3TextForSequenceClassification),
 }
 
 

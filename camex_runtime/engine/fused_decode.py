@@ -20,7 +20,9 @@ segment sums accumulated in the call. A layer that needs the mixture (the `auto`
 choice, or rows the merge pool refused) breaks the span: its attention half and norm are native
 calls, its FFN the routing context's (`moe.apply`), the residual a torch add.
 
-It applies where the native kernels do (a CPU with AVX2/FMA/F16C and the extension built),
+It applies where the native kernels do (a CPU with AVX2/FMA/F16C and the extension built), to
+the blocks they implement (not yet Gemma 3's: norms on the branch outputs, GeGLU, a second
+rotary base),
 with fp32 activations (fp32 models, or 16-bit weights served in mixed precision), an fp32 KV
 cache, and at most `max_rows` rows (`kernels.max_rows` of the weights it multiplies: 16 for
 fp32, 8 for 16-bit weights); `FusedDecode.build` returns
@@ -39,7 +41,8 @@ from torch import Tensor, nn
 
 from camex_runtime import kernels
 from camex_runtime.engine.kv_cache import KVCache
-from camex_runtime.layers import RMSNorm, gelu_hidden, swiglu_hidden
+from camex_runtime.layers import (NATIVE_ACTIVATIONS, RMSNorm, ffn_kind, gelu_hidden,
+                                  swiglu_hidden)
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,10 @@ class FusedDecode:
     def build(cls, model, kv: KVCache, compute: torch.dtype) -> FusedDecode | None:
         """The fused step for `model` (served with activations in `compute`), or None where it
         does not apply (see the module docstring)."""
-        tr = model.transformer
+        tr, cfg = model.transformer, model.config
+        if cfg.sandwich_norms or cfg.rope_local_parameters is not None or \
+                ffn_kind(cfg).activation not in NATIVE_ACTIVATIONS:
+            return None  # (Gemma 3's blocks: the model's block loop serves them)
         if (kernels.native() is None or compute != torch.float32 or model.training
                 or kv.k.dtype != torch.float32 or kv.k.device.type != "cpu"
                 or not (kv.k.is_contiguous() and kv.v.is_contiguous())):

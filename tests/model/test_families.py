@@ -1,6 +1,7 @@
-"""Llama-family CAMEx (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite): upcycled exactly from
-transformers' dense models, folded exactly, refused where it cannot be exact, saved and loaded
-by the Auto classes. Tiny random models built locally; GQA on everywhere."""
+"""Llama-family CAMEx (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 3):
+upcycled exactly from transformers' dense models, folded exactly, refused where it cannot be
+exact, saved and loaded by the Auto classes. Tiny random models built locally; GQA on
+everywhere."""
 
 import json
 
@@ -158,7 +159,9 @@ def test_sharded_checkpoints_are_read(tmp_path):
     ("rope", r"rope_type 'dynamic' is not supported"),
     ("act", r"hidden_act 'gelu' is not supported"),
     ("family", r"model_type 'bert' cannot be upcycled; "
-               r"supported: gpt2, llama, mistral, qwen2, qwen3, phi3, smollm3"),
+               r"supported: gpt2, llama, mistral, qwen2, qwen3, phi3, smollm3, granite, "
+               r"gemma3_text"),
+    ("softcap", r"final_logit_softcapping=30.0 \(logit soft-capping, Gemma 2\) is not supported"),
     ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
 ])
 def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):
@@ -167,6 +170,8 @@ def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):
         build_dense(d, "llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     elif case == "act":
         build_dense(d, "llama", hidden_act="gelu")
+    elif case == "softcap":
+        build_dense(d, "gemma3_text", final_logit_softcapping=30.0)
     else:
         build_dense(d, "llama")
         if case == "family":
@@ -259,12 +264,14 @@ def test_llama_training_form_trains(tmp_path):
 
 def test_only_checkpoints_older_runtimes_would_misread_get_the_new_format(tmp_path):
     """qk_norm or a sliding window: format 2, which runtimes before them refuse by name (they
-    would have loaded it and attended wrongly); everything else stays format 1. Both load."""
+    would have loaded it and attended wrongly); Gemma 3's blocks (branch-output norms, GeGLU,
+    a second rotary base): format 3; everything else stays format 1. All load."""
     from safetensors import safe_open
 
     from camex_runtime.checkpoint import load_folded
 
-    for family, want in (("llama", 1), ("qwen3", 2), ("mistral", 2), ("smollm3", 2)):
+    for family, want in (("llama", 1), ("qwen3", 2), ("mistral", 2), ("smollm3", 2),
+                         ("granite", 1), ("gemma3_text", 3)):
         model = cr.upcycle_from_dense(build_dense(tmp_path / family, family), num_experts=2,
                                       segment_len=4)
         cr.export(model.eval(), tmp_path / f"{family}-folded")
