@@ -2,15 +2,15 @@
 
 `upcycle_from_dense(path)` reads the directory's ``config.json``, picks the importer of its
 ``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``,
-``smollm3``, ``granite``, ``gemma3_text``), and builds a training-form CAMEx model whose every
-expert is a copy of the dense FFN (τ = 0), curvature at the identity and routers at
-N(0, 0.02): the merged FFN equals the dense one whatever the scores, so the model computes
-exactly the dense model's logits (docs/DESIGN.md, "Model families"). Fused projections
-(Phi-3's ``qkv_proj`` and ``gate_up_proj``) are split or kept as the CAMEx layout needs;
-separate q/k/v (Llama, Mistral, Qwen2, Qwen3) are fused into one projection; Qwen3's per-head
-query and key norms come along (``qk_norm``), and SmolLM3's blocks without rotary positions
-(``nope_layers``); Granite's multipliers fold into the weights, and so do Gemma 3's norm
-offsets and scales (its branch-output norms, GeGLU and second rotary base are block options).
+``smollm3``, ``granite``, ``gemma3_text``, ``gemma3``: its language model), and builds a
+training-form CAMEx model whose every expert is a copy of the dense FFN (τ = 0), curvature at
+the identity and routers at N(0, 0.02): the merged FFN equals the dense one whatever the scores,
+so the model computes exactly the dense model's logits (docs/DESIGN.md, "Model families"). Fused
+projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``) are split or kept as the CAMEx layout
+needs; separate q/k/v (Llama, Mistral, Qwen2, Qwen3) are fused into one projection; Qwen3's
+per-head query and key norms come along (``qk_norm``), and SmolLM3's blocks without rotary positions
+(``nope_layers``); Granite's multipliers fold into the weights, and so do Gemma 3's norm offsets
+and scales (its branch-output norms, GeGLU and second rotary base are block options).
 A ``*ForSequenceClassification`` source gives a classifier that pools and attends as its source.
 
 Sliding-window attention comes along (Mistral, Phi-3, Qwen2/Qwen3 with ``use_sliding_window``:
@@ -42,7 +42,7 @@ from .config import CamexConfig
 from .modeling import CamexForCausalLM, CamexForSequenceClassification, CamexPreTrainedModel
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite",
-             "gemma3_text")
+             "gemma3_text", "gemma3")
 
 
 class UpcycleError(ValueError):
@@ -72,12 +72,15 @@ class DenseWeights:
                                f"save_pretrained(..., safe_serialization=True)")
         self.prefix = ""
 
-    def under(self, prefix: str) -> DenseWeights:
+    def under(self, prefix: str | tuple[str, ...]) -> DenseWeights:
         """The same checkpoint read with `prefix` prepended to every name (when it has such
-        names: a bare body model saves without its task model's prefix)."""
+        names: a bare body model saves without its task model's prefix); several prefixes:
+        the first the checkpoint has."""
         view = DenseWeights.__new__(DenseWeights)
         view.files = self.files
-        view.prefix = prefix if any(n.startswith(prefix) for n in self.files) else ""
+        found = [p for p in ((prefix,) if isinstance(prefix, str) else prefix)
+                 if any(n.startswith(p) for n in self.files)]
+        view.prefix = found[0] if found else ""
         return view
 
     def has(self, name: str) -> bool:
@@ -103,7 +106,7 @@ class Importer:
     block: Callable[[DenseWeights, Any, int], dict[str, Tensor]]
     # (weights) -> {"wte", "wpe"?, "ln_f.weight", "ln_f.bias"?, "lm_head"?, "score"?}
     outer: Callable[[DenseWeights, Any], dict[str, Tensor]]
-    prefix: str                                   # body prefix inside the checkpoint
+    prefix: str | tuple[str, ...]                 # body prefix inside the checkpoint
 
 
 def _common(hf) -> dict[str, Any]:
@@ -283,6 +286,20 @@ def granite_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
 # (rope_local_parameters); no logit soft-capping in Gemma 3 (refused if a config sets it).
 
 
+def _text(hf):
+    """A multimodal Gemma 3's text half (its config's `text_config`), else the config."""
+    return getattr(hf, "text_config", None) or hf
+
+
+def gemma3_multimodal_config(hf) -> dict[str, Any]:
+    """Gemma 3 4B/12B/27B as published (`gemma3`, image + text): its language model alone."""
+    cfg = gemma3_config(_text(hf))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(hf, name, None) is not None:
+            cfg[name] = getattr(hf, name)
+    return cfg
+
+
 def gemma3_config(hf) -> dict[str, Any]:
     mt = hf.model_type
     if hf.hidden_activation != "gelu_pytorch_tanh":
@@ -311,6 +328,7 @@ def gemma3_config(hf) -> dict[str, Any]:
 
 
 def gemma3_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    hf = _text(hf)
     p, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
     plus_one = lambda name: w.get(name) + 1.0  # noqa: E731  (Gemma's norms scale by 1 + w)
     out = {"ln_1.weight": plus_one(f"{p}input_layernorm.weight"),
@@ -332,9 +350,11 @@ def gemma3_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
 
 
 def gemma3_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
+    tied = hf.tie_word_embeddings  # (a multimodal config's own flag, not its text half's)
+    hf = _text(hf)
     table = w.get("embed_tokens.weight")
     scale = torch.tensor(hf.hidden_size ** 0.5, dtype=torch.float32)
-    head = table if hf.tie_word_embeddings else w.under("").get("lm_head.weight")
+    head = table if tied else w.under(("language_model.", "")).get("lm_head.weight")
     return {"wte": table * scale, "ln_f.weight": w.get("norm.weight") + 1.0, "lm_head": head}
 
 
@@ -342,10 +362,14 @@ _GPT2 = Importer(gpt2_config, gpt2_block, gpt2_outer, "transformer.")
 _LLAMA = Importer(llama_config, llama_block, llama_outer, "model.")
 _GRANITE = Importer(granite_config, granite_block, granite_outer, "model.")
 _GEMMA3 = Importer(gemma3_config, gemma3_block, gemma3_outer, "model.")
+# transformers 5 saves the language model under model.language_model., older releases (and the
+# published checkpoints) under language_model.model.
+_GEMMA3_MM = Importer(gemma3_multimodal_config, gemma3_block, gemma3_outer,
+                      ("model.language_model.", "language_model.model."))
 IMPORTERS: dict[str, Importer] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA,
                                   "qwen2": _LLAMA, "qwen3": _LLAMA, "phi3": _LLAMA,
                                   "smollm3": _LLAMA, "granite": _GRANITE,
-                                  "gemma3_text": _GEMMA3}
+                                  "gemma3_text": _GEMMA3, "gemma3": _GEMMA3_MM}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,6 +421,10 @@ def upcycle_from_dense(path: str | Path, head: str = "auto",
     hf = read_dense_config(path)
     arch = (getattr(hf, "architectures", None) or [""])[0]
     source_is_clf = arch.endswith("ForSequenceClassification")
+    if source_is_clf and hf.model_type == "gemma3":
+        raise UpcycleError("gemma3: the image-text model's classifier is not supported; "
+                           "upcycle its language model as an LM (head='classifier' adds a "
+                           "fresh head)")
     head = ("classifier" if source_is_clf else "lm") if head == "auto" else head
     if head not in ("lm", "classifier"):
         raise UpcycleError(f"head must be 'auto', 'lm' or 'classifier', got {head!r}")

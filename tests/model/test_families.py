@@ -160,7 +160,7 @@ def test_sharded_checkpoints_are_read(tmp_path):
     ("act", r"hidden_act 'gelu' is not supported"),
     ("family", r"model_type 'bert' cannot be upcycled; "
                r"supported: gpt2, llama, mistral, qwen2, qwen3, phi3, smollm3, granite, "
-               r"gemma3_text"),
+               r"gemma3_text, gemma3$"),
     ("softcap", r"final_logit_softcapping=30.0 \(logit soft-capping, Gemma 2\) is not supported"),
     ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
 ])
@@ -211,6 +211,32 @@ def test_a_window_the_served_length_never_exceeds_is_full_attention(tmp_path):
                                   max_position_embeddings=64)
     assert model.config.sliding_window is None
     assert dense_reference_error(model, dense_dir, random_ids(64, seed=6)) <= 1e-5
+
+
+def test_gemma3_image_text_checkpoint_gives_its_language_model(tmp_path):
+    """Gemma 3 4B/12B/27B are published as image-text models (`gemma3`): the language model
+    under its prefix upcycles alone, exactly (the vision tower is left behind), and folds."""
+    from transformers import (Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig,
+                              SiglipVisionConfig)
+
+    torch.manual_seed(0)
+    text = Gemma3TextConfig(**COMMON, **FAMILIES["gemma3_text"][2])
+    vision = SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                num_attention_heads=2, image_size=28, patch_size=14)
+    cfg = Gemma3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                       mm_tokens_per_image=4, boi_token_index=3, eoi_token_index=4,
+                       image_token_index=5, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    dense = Gemma3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    dense.save_pretrained(tmp_path / "mm")
+    model = cr.upcycle_from_dense(tmp_path / "mm", num_experts=2, segment_len=4)
+    assert model.config.provenance["source_model_type"] == "gemma3"
+    assert model.config.vocab_size == text.vocab_size and model.config.sandwich_norms
+    assert dense_reference_error(model, tmp_path / "mm", random_ids(20, seed=2, batch=2)) <= 1e-5
+    assert cr.export(spread(model).eval(), tmp_path / "folded").max_rel_error <= 1e-5
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
