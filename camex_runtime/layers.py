@@ -262,8 +262,8 @@ class FFNKind:
     out_proj: str
     hidden: Callable[[list[Tensor]], Tensor]
     # what `hidden` computes, for native kernels that fuse it: "gelu_tanh" (one input) or
-    # "swiglu" (silu(gate) * up; fused layout: [gate; up] stacked in fc1); "geglu"
-    # (gelu_tanh(gate) * up) has no native kernel: torch computes it
+    # "swiglu" (silu(gate) * up; fused layout: [gate; up] stacked in fc1) or "geglu"
+    # (gelu_tanh(gate) * up, the same layout)
     activation: str = ""
 
     @property
@@ -283,7 +283,6 @@ class FFNKind:
 GELU_FFN = FFNKind(("fc1",), "fc2", gelu_hidden, "gelu_tanh")
 SWIGLU_FFN = FFNKind(("gate_proj", "up_proj"), "down_proj", swiglu_hidden, "swiglu")
 GEGLU_FFN = FFNKind(("gate_proj", "up_proj"), "down_proj", geglu_hidden, "geglu")
-NATIVE_ACTIVATIONS = ("gelu_tanh", "swiglu")  # what the native FFN kernels implement
 
 
 @dataclass(frozen=True)

@@ -4,14 +4,15 @@ A decode step multiplies a few rows by every weight matrix once; on a CPU core t
 take ~10 ms for GPT-2-small in bf16, and the model's block code spends another ~2.5 ms around
 them: per block a dozen small torch operations (norms, views, residual adds, the activation),
 each an interpreter round trip and a dispatch. `FusedDecode` runs the same blocks through
-`kernels`' native `layers`: per block the attention half (norm, qkv projection, per-head
-q/k norms where the model has them, rotary positions, KV-cache write, attention, output
-projection, residual) and the FFN half (norm, input projection(s), GELU or SwiGLU, output
-projection, residual), with the same weights the model holds: no copies. One call covers as
-many consecutive blocks as it can (a dense model: all of them and the final norm), because
-every return from native code waits for the GIL, and in a server the event loop thread holds
-it while it sends the previous token: per block, a dense GPT-2-small step gained ~0.6 ms at
-B=1 against a thread busy 0.3 ms per step (Zen 4, bf16).
+`kernels`' native `layers`: per block the attention half (norm, qkv projection, per-head q/k
+norms where the model has them, rotary positions — the block's own tables where it has a second
+rotary base, Gemma 3 —, KV-cache write, attention, output projection, the output's norm in
+Gemma's blocks, residual) and the FFN half (norm, input projection(s), GELU, SwiGLU or GeGLU,
+output projection, the output's norm in Gemma's blocks, residual), with the same weights the
+model holds: no copies. One call covers as many consecutive blocks as it can (a dense model: all
+of them and the final norm), because every return from native code waits for the GIL, and in a
+server the event loop thread holds it while it sends the previous token: per block, a dense
+GPT-2-small step gained ~0.6 ms at B=1 against a thread busy 0.3 ms per step (Zen 4, bf16).
 
 Merged-expert layers are planned first, for every layer in order (`moe.plan(layer)`: new
 segments routed, merges acquired; nothing there depends on this step's hidden states). A layer
@@ -20,9 +21,7 @@ segment sums accumulated in the call. A layer that needs the mixture (the `auto`
 choice, or rows the merge pool refused) breaks the span: its attention half and norm are native
 calls, its FFN the routing context's (`moe.apply`), the residual a torch add.
 
-It applies where the native kernels do (a CPU with AVX2/FMA/F16C and the extension built), to
-the blocks they implement (not yet Gemma 3's: norms on the branch outputs, GeGLU, a second
-rotary base),
+It applies where the native kernels do (a CPU with AVX2/FMA/F16C and the extension built),
 with fp32 activations (fp32 models, or 16-bit weights served in mixed precision), an fp32 KV
 cache, and at most `max_rows` rows (`kernels.max_rows` of the weights it multiplies: 16 for
 fp32, 8 for 16-bit weights); `FusedDecode.build` returns
@@ -41,7 +40,7 @@ from torch import Tensor, nn
 
 from camex_runtime import kernels
 from camex_runtime.engine.kv_cache import KVCache
-from camex_runtime.layers import (NATIVE_ACTIVATIONS, RMSNorm, ffn_kind, gelu_hidden,
+from camex_runtime.layers import (GEGLU_FFN, RMSNorm, ffn_kind, geglu_hidden, gelu_hidden,
                                   swiglu_hidden)
 
 
@@ -73,12 +72,18 @@ class _Block:
     ffn: FFNSpec | None  # a dense block's FFN; None: a merged-expert layer (moe.plan)
     window: int = 0  # sliding-window attention: positions a query sees; 0: all
     rotates: bool = True  # False: no rotary positions in this block (NoPE)
+    geglu: bool = False  # a gated FFN's gate through gelu_tanh (Gemma), not silu
+    local: bool = False  # rotates with the model's second (local) tables (Gemma 3)
+    # norms of the attention's and the FFN's outputs before the residual adds (Gemma), or None
+    attn_out: Tensor | None = None
+    ffn_out: Tensor | None = None
 
     def tensors(self) -> list:
-        """`layers`' 10 tensors of the block: norm 1, qkv, o projections, q/k head norms (or
-        None), norm 2."""
+        """`layers`' 12 tensors of the block: norm 1, qkv, o projections, q/k head norms (or
+        None), norm 2, the two output norms (or None)."""
         w1, b1, _, _, qkv, qkv_b, o, o_b, qn, kn = self.attn
-        return [w1, b1, qkv, qkv_b, o, o_b, qn, kn, self.norm2.weight, self.norm2.bias]
+        return [w1, b1, qkv, qkv_b, o, o_b, qn, kn, self.norm2.weight, self.norm2.bias,
+                self.attn_out, self.ffn_out]
 
 
 @dataclass(frozen=True)
@@ -94,15 +99,19 @@ class FFNSpec:
 
 class FusedDecode:
     def __init__(self, model, kv: KVCache, blocks: list[_Block], final: _Norm,
-                 rope: tuple[Tensor, Tensor] | None, heads: tuple[int, int]):
+                 rope: tuple[Tensor, Tensor] | None, heads: tuple[int, int],
+                 rope_local: tuple[Tensor, Tensor] | None = None):
         self.tr = model.transformer
         self.kv, self.blocks, self.final, self.rope, self.heads = kv, blocks, final, rope, heads
+        self.rope_local = rope_local
         # `layers`' per-block arguments that do not change between steps
         self._tensors = [b.tensors() for b in blocks]
         self._eps = [(b.attn[2], b.norm2.eps) for b in blocks]
         self._flags = [(b.layer, int(b.attn[3]), int(b.norm2.rms)) for b in blocks]
-        # the span's last ints per block: the attention window (0: all), rotary positions (1/0)
-        self._attn_ints = [(b.window, int(b.rotates)) for b in blocks]
+        # the span's last ints per block: the attention window (0: all), rotary positions (1/0),
+        # GeGLU (1/0), the local rotary tables (1/0)
+        self._attn_ints = [(b.window, int(b.rotates), int(b.geglu), int(b.local))
+                           for b in blocks]
         # rows per step: the native kernels' limit for the weights the step multiplies (its
         # linear layers, expert stacks and output head; an embedding table is only indexed)
         tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -116,10 +125,7 @@ class FusedDecode:
     def build(cls, model, kv: KVCache, compute: torch.dtype) -> FusedDecode | None:
         """The fused step for `model` (served with activations in `compute`), or None where it
         does not apply (see the module docstring)."""
-        tr, cfg = model.transformer, model.config
-        if cfg.sandwich_norms or cfg.rope_local_parameters is not None or \
-                ffn_kind(cfg).activation not in NATIVE_ACTIVATIONS:
-            return None  # (Gemma 3's blocks: the model's block loop serves them)
+        tr = model.transformer
         if (kernels.native() is None or compute != torch.float32 or model.training
                 or kv.k.dtype != torch.float32 or kv.k.device.type != "cpu"
                 or not (kv.k.is_contiguous() and kv.v.is_contiguous())):
@@ -128,6 +134,7 @@ class FusedDecode:
         if final is None or final.weight.dtype != torch.float32:
             return None
         blocks = []
+        geglu_model = ffn_kind(model.config) is GEGLU_FFN  # dense and merged FFNs alike
         for i, block in enumerate(tr.h):
             n1, n2 = _Norm.of(block.ln_1), _Norm.of(block.ln_2)
             if n1 is None or n2 is None or n1.weight.dtype != compute or \
@@ -142,12 +149,19 @@ class FusedDecode:
                 qk = (a.q_norm.weight, a.k_norm.weight)
             attn = (*n1.args(), a.c_attn.weight, a.c_attn.bias, a.c_proj.weight, a.c_proj.bias,
                     *qk)
+            outs = []  # Gemma's norms of the branch outputs: RMS, each with its branch's eps
+            for norm, like in ((block.ln_attn_out, n1), (block.ln_ffn_out, n2)):
+                o = _Norm.of(norm) if norm is not None else None
+                if norm is not None and (o is None or not (o.rms and like.rms) or o.eps != like.eps
+                                         or o.weight.dtype != compute):
+                    return None
+                outs.append(None if o is None else o.weight)
             ffn = None
             if not block.is_moe:
                 f, kind = block.ffn, block.ffn.kind
                 if kind.hidden is gelu_hidden and len(kind.in_projs) == 1:
                     gate, up = None, getattr(f, kind.in_projs[0])
-                elif kind.hidden is swiglu_hidden and len(kind.in_projs) == 2:
+                elif kind.hidden in (swiglu_hidden, geglu_hidden) and len(kind.in_projs) == 2:
                     gate, up = (getattr(f, p) for p in kind.in_projs)
                 else:
                     return None
@@ -155,10 +169,13 @@ class FusedDecode:
                 ffn = FFNSpec([[None, None if gate is None else gate.weight,
                                 None if gate is None else gate.bias, up.weight, up.bias,
                                 down.weight, down.bias]])
-            blocks.append(_Block(i, attn, n2, ffn, a.window or 0, a.rotates))
+            blocks.append(_Block(i, attn, n2, ffn, a.window or 0, a.rotates, geglu_model,
+                                 a.local_rope, *outs))
         rope = tr.rotary.tables(kv.k.device, compute) if tr.rotary is not None else None
+        local = tr.rotary_local.tables(kv.k.device, compute) \
+            if tr.rotary_local is not None else None
         first = tr.h[0].attn
-        return cls(model, kv, blocks, final, rope, (first.n_head, first.n_kv))
+        return cls(model, kv, blocks, final, rope, (first.n_head, first.n_kv), local)
 
     def run(self, ids: Tensor, positions: Tensor, slots: Tensor, moe,
             seg_sum: Tensor | None = None) -> Tensor:
@@ -172,17 +189,21 @@ class FusedDecode:
             x = x + tr.wpe(positions)
         x = x.contiguous()
         cos, sin = self.rope if self.rope is not None else (None, None)
+        cos_l, sin_l = self.rope_local if self.rope_local is not None else (None, None)
         H, KV = self.heads
         specs = [b.ffn if b.ffn is not None else moe.plan(b.layer) for b in self.blocks]
         n, i = len(self.blocks), 0
         while i < n:
             b = self.blocks[i]
             if specs[i] is None:  # a merged-expert layer on the routing context's mixture
-                rot = (cos, sin) if b.rotates else (None, None)
+                rot = ((cos_l, sin_l) if b.local else (cos, sin)) if b.rotates else (None, None)
                 x = mod.attn_block(x, *b.attn, kc, vc, b.layer, slots, positions, *rot, H, KV,
-                                   b.window)
+                                   b.window, b.attn_out)
                 h = mod.norm(x, *b.norm2.args())
-                x = x + moe.apply(b.layer, h[:, None])[:, 0]
+                f = moe.apply(b.layer, h[:, None])[:, 0]
+                if b.ffn_out is not None:
+                    f = mod.norm(f.contiguous(), b.ffn_out, None, b.norm2.eps, True)
+                x = x + f
                 i += 1
                 continue
             j = i
@@ -195,7 +216,8 @@ class FusedDecode:
                 [v for flags, f, attn in zip(self._flags[i:j], ffns, self._attn_ints[i:j])
                  for v in (*flags, int(f.stacked), f.moe_index, *attn)],
                 [f.groups for f in ffns], [f.acc_slots for f in ffns], seg_sum, kc, vc, slots,
-                positions, cos, sin, H, KV, None if final is None else final.weight,
+                positions, cos, sin, cos_l, sin_l, H, KV,
+                None if final is None else final.weight,
                 None if final is None else final.bias, 1e-5 if final is None else final.eps,
                 False if final is None else final.rms)
             if final is not None:

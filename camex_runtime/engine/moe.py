@@ -219,7 +219,7 @@ class MoEWeights:
             return None
         E = self.num_experts
         w1, w2 = self.w1.reshape(E + 1, -1), self.w2.reshape(E + 1, -1)
-        if not (self.kind.activation in ("gelu_tanh", "swiglu")
+        if not (self.kind.activation in ("gelu_tanh", "swiglu", "geglu")
                 and kernels.merge_linear_takes(x, w1, out["fc1_weight"])):
             return None
         coeffs = (self.alpha * scores.reshape(E)).float().to(x.device)

@@ -460,11 +460,12 @@ def ffn_rows(weight_dtype: torch.dtype) -> int:
 
 def ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
         activation: str) -> Tensor | None:
-    """`fc2(hidden(fc1(x)))` for fp32 rows x (n, d) in one native call: GELU (tanh
-    approximation) for activation "gelu_tanh", SwiGLU with [gate; up] stacked in w1 for
-    "swiglu". None where the native kernel does not apply (more than `ffn_rows` rows, not fp32
-    on the CPU, another activation, no native kernels): the caller computes it with torch."""
-    if not (activation in ("gelu_tanh", "swiglu") and x.dim() == 2
+    """`fc2(hidden(fc1(x)))` for fp32 rows x (n, d) in one native call: GELU (tanh approximation)
+    for activation "gelu_tanh", SwiGLU with [gate; up] stacked in w1 for "swiglu", GeGLU
+    (gelu_tanh on the gate) likewise for "geglu". None where the native kernel does not apply
+    (more than `ffn_rows` rows, not fp32 on the CPU, another activation, no native kernels): the
+    caller computes it with torch."""
+    if not (activation in ("gelu_tanh", "swiglu", "geglu") and x.dim() == 2
             and 0 < x.shape[0] <= ffn_rows(w1.dtype) and x.dtype == torch.float32
             and x.device.type == "cpu" and x.is_contiguous() and w1.stride(-1) == 1
             and w2.stride(-1) == 1
@@ -474,14 +475,14 @@ def ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
     mod = native()
     if mod is None:
         return None
-    return mod.ffn(x, w1, b1, w2, b2, activation == "swiglu")
+    return mod.ffn(x, w1, b1, w2, b2, activation != "gelu_tanh", activation == "geglu")
 
 
 def hidden(u: Tensor, activation: str) -> Tensor:
     """The FFN's hidden function exactly as `ffn` applies it (native): u (n, f) -> GELU(u) for
-    "gelu_tanh", u (n, 2f) with [gate; up] -> silu(gate) * up for "swiglu". Only where
-    `merge_linear_takes` the rows (native kernels present)."""
-    return native().hidden(u, activation == "swiglu")
+    "gelu_tanh", u (n, 2f) with [gate; up] -> silu(gate) * up for "swiglu" (gelu_tanh(gate) *
+    up for "geglu"). Only where `merge_linear_takes` the rows (native kernels present)."""
+    return native().hidden(u, activation != "gelu_tanh", activation == "geglu")
 
 
 def merge(base: Tensor, deltas: Tensor, coeffs: Tensor, out: Tensor) -> Tensor:

@@ -1433,6 +1433,13 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
+// GeGLU's hidden (Gemma): out[i] = gelu_tanh(gate[i]) * up[i]; `out` may be `gate` or `up`
+void gelu_mul(const float* gate, const float* up, float* out, int64_t n) {
+  std::vector<float> g(gate, gate + n);
+  gelu_tanh(g.data(), n);
+  for (int64_t i = 0; i < n; ++i) out[i] = g[i] * up[i];
+}
+
 // rotary positions in place on one head's first `rot` values: x * cos + rotate_half(x) * sin
 inline void rotate(float* x, const float* cos, const float* sin, int64_t rot) {
   const int64_t half = rot / 2;
@@ -1475,7 +1482,7 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
                       const at::Tensor& slots, const at::Tensor& positions,
                       const c10::optional<at::Tensor>& cos,
                       const c10::optional<at::Tensor>& sin, int64_t H, int64_t KV,
-                      int64_t window) {
+                      int64_t window, const c10::optional<at::Tensor>& out_norm) {
   check_rows(x);
   check_cache(kc, vc);
   TORCH_CHECK(window >= 0, "window: 0 (none) or the positions a query sees");
@@ -1524,6 +1531,8 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
   linear_into(o.data_ptr<float>(), B, H * hd, w_o, fp32_or_null(b_o, d, "o bias"),
               y.data_ptr<float>());
   float* yp = y.data_ptr<float>();
+  const float* on = fp32_or_null(out_norm, d, "attention output norm weight");
+  if (on != nullptr) norm_rows(yp, B, d, on, nullptr, !rms, eps, yp);  // Gemma: in place
   const float* xp = x.data_ptr<float>();
   for (int64_t i = 0; i < B * d; ++i) yp[i] += xp[i];
   return y;
@@ -1535,7 +1544,8 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
 void ffn_into(const float* h, int64_t B, int64_t d, const c10::optional<at::Tensor>& w_gate,
               const c10::optional<at::Tensor>& b_gate, const at::Tensor& w_up,
               const c10::optional<at::Tensor>& b_up, const at::Tensor& w_down,
-              const c10::optional<at::Tensor>& b_down, bool stacked, float* y) {
+              const c10::optional<at::Tensor>& b_down, bool stacked, float* y,
+              bool gelu_gate = false) {
   const bool gate_matrix = w_gate.has_value() && w_gate->defined();
   TORCH_CHECK(!(gate_matrix && stacked), "a gate matrix or a stacked gate, not both");
   const int64_t rows = w_up.size(0), f = stacked ? rows / 2 : rows;
@@ -1551,11 +1561,12 @@ void ffn_into(const float* h, int64_t B, int64_t d, const c10::optional<at::Tens
   if (gate_matrix) {
     auto g = at::empty({B, f}, opts);
     linear_into(h, B, d, *w_gate, fp32_or_null(b_gate, f, "gate bias"), g.data_ptr<float>());
-    silu_mul(g.data_ptr<float>(), up, up, B * f);
+    (gelu_gate ? gelu_mul : silu_mul)(g.data_ptr<float>(), up, up, B * f);
   } else if (stacked) {
     hid_t = at::empty({B, f}, opts);
     for (int64_t b = 0; b < B; ++b)
-      silu_mul(up + b * rows, up + b * rows + f, hid_t.data_ptr<float>() + b * f, f);
+      (gelu_gate ? gelu_mul : silu_mul)(up + b * rows, up + b * rows + f,
+                                        hid_t.data_ptr<float>() + b * f, f);
     hid = hid_t.data_ptr<float>();
   } else {
     gelu_tanh(up, B * f);
@@ -1563,23 +1574,24 @@ void ffn_into(const float* h, int64_t B, int64_t d, const c10::optional<at::Tens
   linear_into(hid, B, f, w_down, fp32_or_null(b_down, d, "down bias"), y);
 }
 
-// FFN(h) for h (B, d) with [gate; up] stacked in w1 when `glu`, else GELU (a merged expert
-// from the pool, merge_cache's layout)
+// FFN(h) for h (B, d) with [gate; up] stacked in w1 when `glu` (the gate through gelu_tanh
+// when `gelu_gate`, GeGLU, else silu), else GELU (a merged expert from the pool, merge_cache's
+// layout)
 at::Tensor ffn(const at::Tensor& h, const at::Tensor& w1,
                const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
-               const c10::optional<at::Tensor>& b2, bool glu) {
+               const c10::optional<at::Tensor>& b2, bool glu, bool gelu_gate) {
   check_rows(h);
   const int64_t B = h.size(0), d = h.size(1);
   auto y = at::empty({B, d}, h.options());
   ffn_into(h.data_ptr<float>(), B, d, c10::nullopt, c10::nullopt, w1, b1, w2, b2, glu,
-           y.data_ptr<float>());
+           y.data_ptr<float>(), gelu_gate);
   return y;
 }
 
 // The FFN's hidden function alone, as ffn() applies it: u (B, f) -> GELU(u), or u (B, 2f) with
 // [gate; up] per row -> silu(gate) * up (B, f), when `glu`. For a product made elsewhere
 // (merge_linear) that must give ffn()'s bits.
-at::Tensor hidden(const at::Tensor& u, bool glu) {
+at::Tensor hidden(const at::Tensor& u, bool glu, bool gelu_gate) {
   check_rows(u);
   const int64_t B = u.size(0), rows = u.size(1), f = glu ? rows / 2 : rows;
   TORCH_CHECK(!glu || rows % 2 == 0, "a stacked gate needs an even width");
@@ -1587,7 +1599,8 @@ at::Tensor hidden(const at::Tensor& u, bool glu) {
   float* op = out.data_ptr<float>();
   if (glu) {
     const float* up = u.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) silu_mul(up + b * rows, up + b * rows + f, op + b * f, f);
+    for (int64_t b = 0; b < B; ++b)
+      (gelu_gate ? gelu_mul : silu_mul)(up + b * rows, up + b * rows + f, op + b * f, f);
   } else {
     gelu_tanh(op, B * f);
   }
@@ -1603,14 +1616,16 @@ const at::Tensor& given(const OptT& t, const char* what) {
 // A span of pre-norm blocks for one decode token per row, in one call: one release of the GIL
 // for the whole span instead of two per block, so the server's event loop thread sends the
 // previous token while the weights stream, and the decode thread does not queue for the GIL
-// behind it after every block. Per block i (layer ints[7i]):
-//   x = attn_block(x)                               (blocks[i][0..7]: norm, qkv, o, q/k norms)
+// behind it after every block. Per block i (layer ints[9i]):
+//   x = attn_block(x)                               (blocks[i][0..7]: norm, qkv, o, q/k norms;
+//                                                    [10]: the attention output's norm, Gemma)
 //   h = norm2(x)                                    (blocks[i][8..9])
-//   seg_sum[acc_slots[i][b], ints[7i+4]] += h[b]    (rows b with acc_slots[i][b] >= 0, if given)
-//   x = x + FFN_g(h) on the rows of each group g    (ffns[i]: rows (none: all), gate, gate bias,
-//                                                    up, up bias, down, down bias)
+//   seg_sum[acc_slots[i][b], ints[9i+4]] += h[b]    (rows b with acc_slots[i][b] >= 0, if given)
+//   x = x + [norm(]FFN_g(h)[)] on the rows of each  (ffns[i]: rows (none: all), gate, gate bias,
+//       group g, normed by blocks[i][11] if given    up, up bias, down, down bias)
 // ints per block: layer, norm1 is RMS, norm2 is RMS, [gate; up] stacked in `up`, MoE index,
-// attention window (0: none), rotary positions (0: none in this block, NoPE);
+// attention window (0: none), rotary positions (0: none in this block, NoPE), GeGLU (1) or
+// SwiGLU (0) for a gated FFN, the local rotary tables (1: cos_local / sin_local, Gemma 3);
 // eps per block: norm1's, norm2's. Each row's FFN comes from exactly one group: a dense block
 // has one group of all rows, a merged-expert block a group per merged expert its rows use.
 // With final_w, the result goes through the model's final norm. The same arithmetic as
@@ -1621,22 +1636,25 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
                   const std::vector<OptT>& acc_slots, const OptT& seg_sum, at::Tensor kc,
                   at::Tensor vc, const at::Tensor& slots,
                   const at::Tensor& positions, const OptT& cos, const OptT& sin,
+                  const OptT& cos_local, const OptT& sin_local,
                   int64_t H, int64_t KV, const OptT& final_w, const OptT& final_b,
                   double final_eps, bool final_rms) {
   check_rows(x);
   const size_t L = blocks.size();
-  TORCH_CHECK(eps.size() == 2 * L && ints.size() == 7 * L && ffns.size() == L &&
+  TORCH_CHECK(eps.size() == 2 * L && ints.size() == 9 * L && ffns.size() == L &&
               acc_slots.size() == L, "layers: one entry per block in every list");
   const int64_t B = x.size(0), d = x.size(1);
   std::vector<char> seen(B);
   for (size_t i = 0; i < L; ++i) {
     const auto& k = blocks[i];
-    TORCH_CHECK(k.size() == 10, "layers: 10 tensors per block");
-    const int64_t* f = ints.data() + 7 * i;
+    TORCH_CHECK(k.size() == 12, "layers: 12 tensors per block");
+    const int64_t* f = ints.data() + 9 * i;
+    const OptT& c = f[8] ? cos_local : cos;
+    const OptT& s = f[8] ? sin_local : sin;
     x = attn_block(x, given(k[0], "norm weight"), k[1], eps[2 * i], f[1] != 0,
                    given(k[2], "qkv weight"), k[3], given(k[4], "o weight"), k[5], k[6], k[7],
-                   kc, vc, f[0], slots, positions, f[6] ? cos : OptT(), f[6] ? sin : OptT(), H,
-                   KV, f[5]);
+                   kc, vc, f[0], slots, positions, f[6] ? c : OptT(), f[6] ? s : OptT(), H,
+                   KV, f[5], k[10]);
     auto h = at::empty({B, d}, x.options());
     float* hp = h.data_ptr<float>();
     norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(given(k[8], "norm weight"), d,
@@ -1668,7 +1686,7 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
       if (!(g[0].has_value() && g[0]->defined())) {  // all rows
         TORCH_CHECK(ffns[i].size() == 1, "an all-rows FFN group must be the only one");
         std::fill(seen.begin(), seen.end(), 1);
-        ffn_into(hp, B, d, g[1], g[2], up, g[4], down, g[6], f[3] != 0, yp);
+        ffn_into(hp, B, d, g[1], g[2], up, g[4], down, g[6], f[3] != 0, yp, f[7] != 0);
         continue;
       }
       const auto& rows = *g[0];
@@ -1684,12 +1702,14 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
         std::memcpy(hg.data_ptr<float>() + r * d, hp + rp[r] * d, d * sizeof(float));
       }
       ffn_into(hg.data_ptr<float>(), n, d, g[1], g[2], up, g[4], down, g[6], f[3] != 0,
-               yg.data_ptr<float>());
+               yg.data_ptr<float>(), f[7] != 0);
       for (int64_t r = 0; r < n; ++r)
         std::memcpy(yp + rp[r] * d, yg.data_ptr<float>() + r * d, d * sizeof(float));
     }
     TORCH_CHECK(std::all_of(seen.begin(), seen.end(), [](char c) { return c != 0; }),
                 "FFN groups: every row in one");
+    const float* fn = fp32_or_null(k[11], d, "FFN output norm weight");
+    if (fn != nullptr) norm_rows(yp, B, d, fn, nullptr, f[2] == 0, eps[2 * i + 1], yp);
     const float* xp = x.data_ptr<float>();
     for (int64_t j = 0; j < B * d; ++j) yp[j] += xp[j];
     x = y;

@@ -42,16 +42,17 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w, const OptT&
                       const OptT& k_norm, at::Tensor kc, at::Tensor vc,
                       int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
                       const OptT& cos, const OptT& sin, int64_t H, int64_t KV,
-                      int64_t window);
+                      int64_t window, const OptT& out_norm);
 at::Tensor ffn(const at::Tensor& h, const at::Tensor& w1, const OptT& b1, const at::Tensor& w2,
-               const OptT& b2, bool glu);
-at::Tensor hidden(const at::Tensor& u, bool glu);
+               const OptT& b2, bool glu, bool gelu_gate);
+at::Tensor hidden(const at::Tensor& u, bool glu, bool gelu_gate);
 at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
                   const std::vector<double>& eps, const std::vector<int64_t>& ints,
                   const std::vector<std::vector<std::vector<OptT>>>& ffns,
                   const std::vector<OptT>& acc_slots, const OptT& seg_sum, at::Tensor kc,
                   at::Tensor vc, const at::Tensor& slots, const at::Tensor& positions,
-                  const OptT& cos, const OptT& sin, int64_t H, int64_t KV, const OptT& final_w,
+                  const OptT& cos, const OptT& sin, const OptT& cos_local,
+                  const OptT& sin_local, int64_t H, int64_t KV, const OptT& final_w,
                   const OptT& final_b, double final_eps, bool final_rms);
 void merge(const at::Tensor& base, const at::Tensor& deltas, const at::Tensor& coeffs,
            at::Tensor out);

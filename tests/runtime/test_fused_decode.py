@@ -21,12 +21,7 @@ needs_native = pytest.mark.skipif(kernels.native() is None,
                                   reason=f"no native kernels here: {kernels.status()}")
 
 
-# Gemma 3's blocks (norms on the branch outputs, GeGLU, a second rotary base) have no native
-# step yet: the model's block loop serves them (test_gemma3_decodes_through_the_block_loop).
-BLOCK_LOOP_ONLY = ("gemma3_text",)
-
-
-@pytest.fixture(scope="module", params=["gpt2", *sorted(set(FAMILIES) - set(BLOCK_LOOP_ONLY))])
+@pytest.fixture(scope="module", params=["gpt2", *sorted(FAMILIES)])
 def checkpoint(request, tmp_path_factory):
     """Layer 0 dense, layer 1 merged-expert: both halves of the fused step."""
     out = tmp_path_factory.mktemp("fused") / request.param
@@ -133,24 +128,33 @@ def test_native_norm_equals_torch(rms):
 
 
 @needs_native
-@pytest.mark.parametrize("glu", [False, True])
-def test_ffn_activations_hold_over_the_whole_range(glu):
+@pytest.mark.parametrize("act", ["gelu_tanh", "swiglu", "geglu"])
+def test_ffn_activations_hold_over_the_whole_range(act):
     """GELU's tanh and SiLU's exponential are the kernel's own (exp-based, with clamps): from
-    tiny to huge pre-activations they match torch, with no inf or nan."""
+    tiny to huge pre-activations they match torch, with no inf or nan; GeGLU (Gemma) puts the
+    gate through the same GELU."""
     torch.manual_seed(0)
     d, f = 16, 40
+    glu = act != "gelu_tanh"
     h = F.layer_norm(torch.randn(3, d), (d,))  # ~ N(0, 1) per row
     # an up projection scaled per row spans 1e-4 .. 1e3
     up = torch.randn(f, d) * torch.logspace(-4, 3, f)[:, None]
     gate = torch.randn(f, d) * torch.logspace(3, -4, f)[:, None] if glu else None
     down = torch.randn(d, f) / f
-    w1 = torch.cat([gate, up]) if glu else up  # SwiGLU: [gate; up] stacked
-    got = kernels.native().ffn(h, w1, None, down, None, glu)
+    w1 = torch.cat([gate, up]) if glu else up  # gated: [gate; up] stacked
+    got = kernels.native().ffn(h, w1, None, down, None, glu, act == "geglu")
     u = h @ up.T
-    hid = F.silu(h @ gate.T) * u if glu else F.gelu(u, approximate="tanh")
+    if act == "gelu_tanh":
+        hid = F.gelu(u, approximate="tanh")
+    else:
+        g = h @ gate.T
+        hid = (F.gelu(g, approximate="tanh") if act == "geglu" else F.silu(g)) * u
     want = hid @ down.T
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    # the hidden function alone (what merge_linear's products go through), per row [gate; up]
+    stacked = torch.cat([h @ gate.T, u], 1) if glu else u.clone()
+    torch.testing.assert_close(kernels.hidden(stacked, act), hid, rtol=1e-4, atol=1e-3)
 
 
 @needs_native
@@ -245,8 +249,9 @@ def test_native_span_refuses_malformed_ffn_groups(checkpoint):
                    [[torch.tensor([0, 1]), *g[1:]], [torch.tensor([1]), *g[1:]]]):
         with pytest.raises(RuntimeError, match="FFN groups"):
             kernels.native().layers(
-                x, [f._tensors[i]], list(f._eps[i]), [*f._flags[i], 0, -1, 0, 1], [groups], [None],
-                None, r.kv.k, r.kv.v, slots, pos, None, None, *f.heads, None, None, 1e-5, False)
+                x, [f._tensors[i]], list(f._eps[i]), [*f._flags[i], 0, -1, 0, 1, 0, 0], [groups],
+                [None], None, r.kv.k, r.kv.v, slots, pos, None, None, None, None, *f.heads, None,
+                None, 1e-5, False)
 
 
 @needs_native
@@ -272,14 +277,3 @@ def test_bf16_weights_fuse_up_to_their_own_row_limit(checkpoint):
         one.release(0)
         torch.testing.assert_close(batch[b:b + 1], alone, rtol=2e-2, atol=2e-2)
 
-
-@pytest.mark.parametrize("family", BLOCK_LOOP_ONLY)
-def test_gemma3_decodes_through_the_block_loop(tmp_path, family):
-    """The fused step refuses what it does not implement, whatever the kernels: the runner then
-    decodes with the model's own blocks (whose exactness the family tests check)."""
-    dense = build_dense(tmp_path / "dense", family)
-    model = spread(cr.upcycle_from_dense(dense, num_experts=3, segment_len=4, moe_layers=[1]))
-    cr.export(model.eval(), tmp_path / "ckpt")
-    r = runner(tmp_path / "ckpt", "float32", True)
-    assert r.fused is None
-    assert FusedDecode.build(r.model, r.kv, torch.float32) is None
