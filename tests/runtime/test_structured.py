@@ -1,9 +1,9 @@
 """Structured output in the engine: a constrained request's tokens are what its grammar allows,
 chosen as sampling would choose among those alone, and it ends when the grammar is complete.
 
-The references are independent of the engine: the model's own full forward (logits per
-position) and a fresh llguidance matcher fed the same tokens; Python's `json` and `re` for the
-finished answers.
+`engine` is tests/runtime/conftest.py's (the tiny LM, 4 slots). The references are independent
+of the engine: the model's own full forward (logits per position) and a fresh llguidance
+matcher fed the same tokens; Python's `json` and `re` for the finished answers.
 """
 from __future__ import annotations
 
@@ -27,14 +27,6 @@ SCHEMA = {"type": "object", "properties": {
     "required": ["ok", "color", "tags"], "additionalProperties": False}
 JSON = Constraint("json", json.dumps(SCHEMA))
 PROMPTS = ["the quick brown", "hello world, this", "numbers 0 1 2"]
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_lm_dir):
-    e = Engine.from_pretrained(tiny_lm_dir, max_batch_size=4)
-    e.start()
-    yield e
-    e.stop()
 
 
 @pytest.fixture(scope="module")
