@@ -95,6 +95,9 @@ class CamexConfig(PretrainedConfig):
         # llama: an RMSNorm on the output of each block's attention and of its FFN, before
         # the residual add (Gemma 2/3's "sandwich" norms; `ln_attn_out`, `ln_ffn_out`).
         sandwich_norms: bool = False,
+        # llama: token embeddings are multiplied by this after the lookup (Gemma: sqrt(d)),
+        # so a tied head keeps sharing the table; None: not scaled.
+        embedding_scale: float | None = None,
         # FFN activation; None = the family's (gpt2: gelu_new, llama: silu).
         hidden_act: str | None = None,
         # Classifiers: "mean" pools the non-padding tokens (CAMEx encoders), "last" the last
@@ -165,6 +168,7 @@ class CamexConfig(PretrainedConfig):
             None if rope_local_parameters is None or rope_local_layers is None
             else sorted(int(i) for i in rope_local_layers))
         self.sandwich_norms = bool(sandwich_norms)
+        self.embedding_scale = None if embedding_scale is None else float(embedding_scale)
         self.hidden_act = hidden_act or ("silu" if llama else "gelu_new")
         self.classifier_pooling = classifier_pooling
         self.classifier_causal = bool(classifier_causal)
@@ -231,6 +235,7 @@ class CamexConfig(PretrainedConfig):
     def format_needed(self) -> int:
         """The oldest checkpoint format that describes this model (FORMAT_VERSION's comment)."""
         if self.sandwich_norms or self.rope_local_parameters is not None or \
+                self.embedding_scale is not None or \
                 (self.family == "llama" and self.hidden_act != "silu"):
             return FORMAT_NEW_BLOCKS
         new = self.qk_norm or self.sliding_window is not None or bool(self.nope_layers)
@@ -291,10 +296,10 @@ class CamexConfig(PretrainedConfig):
                 raise ValueError(f"{name}: partial_rotary_factor {factor} must be in "
                                  f"(0, 1] and give an even rotary width of head_dim "
                                  f"{self.head_dim}")
-        if (self.rope_local_parameters is not None or self.sandwich_norms) and \
-                self.family != "llama":
-            raise ValueError("rope_local_parameters and sandwich_norms are llama-family "
-                             "options")
+        if (self.rope_local_parameters is not None or self.sandwich_norms
+                or self.embedding_scale is not None) and self.family != "llama":
+            raise ValueError("rope_local_parameters, sandwich_norms and embedding_scale are "
+                             "llama-family options")
         bad = [i for i in self.rope_local_layers or () if not 0 <= i < self.n_layer]
         if bad:
             raise ValueError(f"rope_local_layers {bad} out of range for n_layer={self.n_layer}")

@@ -173,6 +173,8 @@ class CamexModel(CamexPreTrainedModel):
             x = self.wte(input_ids)
             if self.activation_dtype is not None:
                 x = x.to(self.activation_dtype)
+            if self.config.embedding_scale is not None:  # Gemma: sqrt(d), the head unscaled
+                x = x * self.config.embedding_scale
             if self.wpe is not None:
                 x = x + self.wpe(positions)
             x = self.drop(x)

@@ -281,9 +281,10 @@ def granite_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
 # becomes 1 + w; an RMSNorm on each branch's output before the residual add (sandwich_norms);
 # GeGLU (gelu_pytorch_tanh); per-head q/k norms; attention scores scaled by
 # query_pre_attn_scalar^-1/2 instead of head_dim^-1/2 — folded into the query norm's weight
-# (the rotation is linear); embeddings scaled by sqrt(hidden_size) — folded into the table, the
-# tied head then its own unscaled copy; sliding-window blocks that rotate with their own base
-# (rope_local_parameters); no logit soft-capping in Gemma 3 (refused if a config sets it).
+# (the rotation is linear); embeddings scaled by sqrt(hidden_size) after the lookup
+# (embedding_scale: the tied head keeps sharing the table); sliding-window blocks that rotate
+# with their own base (rope_local_parameters); no logit soft-capping in Gemma 3 (refused if a
+# config sets it).
 
 
 def _text(hf):
@@ -294,6 +295,7 @@ def _text(hf):
 def gemma3_multimodal_config(hf) -> dict[str, Any]:
     """Gemma 3 4B/12B/27B as published (`gemma3`, image + text): its language model alone."""
     cfg = gemma3_config(_text(hf))
+    cfg["tie_word_embeddings"] = bool(hf.tie_word_embeddings)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(hf, name, None) is not None:
             cfg[name] = getattr(hf, name)
@@ -323,7 +325,8 @@ def gemma3_config(hf) -> dict[str, Any]:
                 rope_local_layers=[i for i, t in enumerate(types) if t == "sliding_attention"],
                 layer_norm_epsilon=hf.rms_norm_eps, hidden_act="gelu_pytorch_tanh",
                 attention_bias=bool(hf.attention_bias), attention_out_bias=bool(hf.attention_bias),
-                mlp_bias=False, qk_norm=True, sandwich_norms=True, tie_word_embeddings=False,
+                mlp_bias=False, qk_norm=True, sandwich_norms=True,
+                embedding_scale=float(torch.tensor(hf.hidden_size ** 0.5, dtype=torch.float32)),
                 sliding_window=window, sliding_window_layers=window_layers)
 
 
@@ -350,12 +353,10 @@ def gemma3_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
 
 
 def gemma3_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
-    tied = hf.tie_word_embeddings  # (a multimodal config's own flag, not its text half's)
-    hf = _text(hf)
-    table = w.get("embed_tokens.weight")
-    scale = torch.tensor(hf.hidden_size ** 0.5, dtype=torch.float32)
-    head = table if tied else w.under(("language_model.", "")).get("lm_head.weight")
-    return {"wte": table * scale, "ln_f.weight": w.get("norm.weight") + 1.0, "lm_head": head}
+    out = {"wte": w.get("embed_tokens.weight"), "ln_f.weight": w.get("norm.weight") + 1.0}
+    if not hf.tie_word_embeddings:  # (a multimodal config's own flag, not its text half's)
+        out["lm_head"] = w.under(("language_model.", "")).get("lm_head.weight")
+    return out
 
 
 _GPT2 = Importer(gpt2_config, gpt2_block, gpt2_outer, "transformer.")

@@ -185,6 +185,8 @@ class FusedDecode:
         -> (B, 1, d)`); `seg_sum` the tensor the specs' segment sums go to."""
         mod, tr, kc, vc = kernels.native(), self.tr, self.kv.k, self.kv.v
         x = tr.wte(ids).float()
+        if tr.config.embedding_scale is not None:
+            x = x * tr.config.embedding_scale
         if tr.wpe is not None:
             x = x + tr.wpe(positions)
         x = x.contiguous()

@@ -213,6 +213,19 @@ def test_a_window_the_served_length_never_exceeds_is_full_attention(tmp_path):
     assert dense_reference_error(model, dense_dir, random_ids(64, seed=6)) <= 1e-5
 
 
+def test_gemma3_scales_embeddings_after_the_lookup_and_keeps_its_head_tied(tmp_path):
+    """Gemma's sqrt(d) embedding scale is applied to the looked-up rows, not folded into the
+    table, so the tied head still shares the table (a scaled copy: +vocab x d parameters)."""
+    dense_dir = build_dense(tmp_path / "g", "gemma3_text")
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
+    assert model.config.tie_word_embeddings and model.config.embedding_scale == 8.0  # sqrt(64)
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+    cr.export(model.eval(), tmp_path / "folded")
+    folded = AutoModelForCausalLM.from_pretrained(tmp_path / "folded")
+    assert folded.lm_head.weight.data_ptr() == folded.transformer.wte.weight.data_ptr()
+    assert dense_reference_error(folded, dense_dir, random_ids(20, seed=3, batch=2)) <= 1e-5
+
+
 def test_gemma3_image_text_checkpoint_gives_its_language_model(tmp_path):
     """Gemma 3 4B/12B/27B are published as image-text models (`gemma3`): the language model
     under its prefix upcycles alone, exactly (the vision tower is left behind), and folds."""
