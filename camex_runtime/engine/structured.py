@@ -148,8 +148,3 @@ class Guide:
             raise RuntimeError(f"token {token_id} is outside the request's grammar: "
                                f"{self.matcher.get_error()}")
         return self.matcher.is_stopped()
-
-    @property
-    def accepting(self) -> bool:
-        """The text so far is a complete answer (more may still follow)."""
-        return self.matcher.is_accepting()
