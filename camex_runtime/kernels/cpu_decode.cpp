@@ -1401,23 +1401,25 @@ inline __m256 exp8_any(__m256 x) { return exp8(_mm256_min_ps(x, _mm256_set1_ps(8
 
 // GPT-2's GELU (tanh approximation): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with
 // tanh(u) = sign(u) (1 - e^(-2|u|)) / (1 + e^(-2|u|)); in place over n values
-void gelu_tanh(float* x, int64_t n) {
+inline __m256 gelu8(__m256 v) {
   const __m256 c = _mm256_set1_ps(0.7978845608028654f), k = _mm256_set1_ps(0.044715f);
   const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f);
   const __m256 sign = _mm256_set1_ps(-0.f);
+  const __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, v), _mm256_mul_ps(v, v), v));
+  const __m256 t = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.f), _mm256_andnot_ps(sign, u)));
+  __m256 th = _mm256_div_ps(_mm256_sub_ps(one, t), _mm256_add_ps(one, t));
+  th = _mm256_or_ps(th, _mm256_and_ps(sign, u));
+  return _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, th));
+}
+
+inline float gelu1(float v) {
+  return 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+}
+
+void gelu_tanh(float* x, int64_t n) {
   int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 v = _mm256_loadu_ps(x + i);
-    const __m256 u = _mm256_mul_ps(c, _mm256_fmadd_ps(_mm256_mul_ps(k, v), _mm256_mul_ps(v, v), v));
-    const __m256 t = exp8(_mm256_mul_ps(_mm256_set1_ps(-2.f), _mm256_andnot_ps(sign, u)));
-    __m256 th = _mm256_div_ps(_mm256_sub_ps(one, t), _mm256_add_ps(one, t));
-    th = _mm256_or_ps(th, _mm256_and_ps(sign, u));
-    _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, th)));
-  }
-  for (; i < n; ++i) {
-    const float v = x[i];
-    x[i] = 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
-  }
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, gelu8(_mm256_loadu_ps(x + i)));
+  for (; i < n; ++i) x[i] = gelu1(x[i]);
 }
 
 // SwiGLU's hidden: out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + e^-g)
@@ -1433,11 +1435,14 @@ void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
 }
 
-// GeGLU's hidden (Gemma): out[i] = gelu_tanh(gate[i]) * up[i]; `out` may be `gate` or `up`
+// GeGLU's hidden (Gemma): out[i] = gelu_tanh(gate[i]) * up[i] (the bits of gelu_tanh, then
+// the product); `out` may be `gate` or `up`
 void gelu_mul(const float* gate, const float* up, float* out, int64_t n) {
-  std::vector<float> g(gate, gate + n);
-  gelu_tanh(g.data(), n);
-  for (int64_t i = 0; i < n; ++i) out[i] = g[i] * up[i];
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(gelu8(_mm256_loadu_ps(gate + i)),
+                                            _mm256_loadu_ps(up + i)));
+  for (; i < n; ++i) out[i] = gelu1(gate[i]) * up[i];
 }
 
 // rotary positions in place on one head's first `rot` values: x * cos + rotate_half(x) * sin
