@@ -33,9 +33,6 @@ from camex_runtime.errors import InputValidationError
 from server import errors
 from server.protocol import RequestSchema, Text
 
-ANY_OBJECT = '{"type": "object"}'
-
-
 class JsonSchemaFormat(RequestSchema):
     name: Text | None = Field(None, description="the schema's name (not used)")
     description: Text | None = None
@@ -104,7 +101,7 @@ def from_response_format(fmt: ResponseFormat | None) -> Constraint | None:
                                     '`value`', param="response_format")
         return checked(Constraint("regex", fmt.value), "response_format.value")
     if fmt.value is None:  # json_object: any JSON object
-        return checked(Constraint("json", ANY_OBJECT, lenient=True), "response_format")
+        return json_constraint({"type": "object"}, "response_format")
     return json_constraint(fmt.value, "response_format.value")
 
 
@@ -118,7 +115,7 @@ def from_structured_outputs(spec: StructuredOutputs, field: str) -> Constraint:
     if kind == "json_":
         return json_constraint(spec.json_, f"{field}.json")
     if kind == "json_object":
-        return checked(Constraint("json", ANY_OBJECT, lenient=True), field)
+        return json_constraint({"type": "object"}, field)
     value = tuple(spec.choice) if kind == "choice" else getattr(spec, kind)
     return checked(Constraint("lark" if kind == "grammar" else kind, value), f"{field}.{kind}")
 

@@ -267,8 +267,8 @@ class ForcedCalls(_CallSplit):
             obj = json.loads(text)
         except ValueError:
             return None
-        if self.name is not None:
-            return [ToolCall("chatcmpl-tool-" + uuid.uuid4().hex, self.name, text)]
+        if self.name is not None:  # the arguments as written (call_of keeps text as is)
+            return [call_of({"name": self.name, "arguments": text})]
         calls = [call_of(o) for o in obj] if isinstance(obj, list) else [None]
         return None if not calls or None in calls else calls
 
