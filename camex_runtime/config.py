@@ -9,13 +9,13 @@ the transformer around the merged FFNs (see docs/DESIGN.md, "Model families"):
 
 - ``family="gpt2"``: LayerNorm, learned absolute positions, fused qkv with biases, GELU FFN
   ``fc2(gelu(fc1 x))``.
-- ``family="llama"`` (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 3 import
-  into it): RMSNorm, rotary positions (``nope_layers`` without; a second description for
+- ``family="llama"`` (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2 and 3
+  import into it): RMSNorm, rotary positions (``nope_layers`` without; a second description for
   ``rope_local_layers``), grouped-query attention (``num_key_value_heads``), optional q/k/v
   biases (Qwen2), optional per-head RMSNorm of queries and keys (``qk_norm``, Qwen3), optional
-  sliding windows, optional norms on each branch's output (``sandwich_norms``, Gemma 3), SwiGLU
-  FFN ``down(silu(gate x) * up x)`` (or GeGLU, Gemma 3) whose three projections each merge
-  with the same scores.
+  sliding windows, optional norms on each branch's output (``sandwich_norms``, Gemma), optional
+  soft-capped attention scores and logits (Gemma 2), SwiGLU FFN ``down(silu(gate x) * up x)``
+  (or GeGLU, Gemma) whose three projections each merge with the same scores.
 
 Named presets (``CamexConfig.from_preset("gpt2-small")``) follow gpt-fast's ``ModelArgs.from_name``.
 """
@@ -32,11 +32,13 @@ from transformers import PretrainedConfig
 # would ignore them). Only such checkpoints are written with it, so older runtimes refuse them
 # by number and keep reading every checkpoint they can serve (`CamexConfig.format_needed`).
 # FORMAT_NEW_BLOCKS (3) likewise marks blocks an older runtime would misread: norms around
-# each branch's output, GeGLU FFNs, a second rotary base (Gemma 3).
+# each branch's output, GeGLU FFNs, a second rotary base (Gemma 3); FORMAT_SOFTCAPPING (4)
+# soft-capped attention scores or logits (Gemma 2).
 FORMAT_VERSION = 1
 FORMAT_NEW_ATTENTION = 2
 FORMAT_NEW_BLOCKS = 3
-READABLE_FORMATS = (FORMAT_VERSION, FORMAT_NEW_ATTENTION, FORMAT_NEW_BLOCKS)
+FORMAT_SOFTCAPPING = 4
+READABLE_FORMATS = (FORMAT_VERSION, FORMAT_NEW_ATTENTION, FORMAT_NEW_BLOCKS, FORMAT_SOFTCAPPING)
 
 MERGE_METHODS = ("domain_specific", "ties", "dare")
 FAMILIES = ("gpt2", "llama")
@@ -98,6 +100,10 @@ class CamexConfig(PretrainedConfig):
         # llama: token embeddings are multiplied by this after the lookup (Gemma: sqrt(d)),
         # so a tied head keeps sharing the table; None: not scaled.
         embedding_scale: float | None = None,
+        # llama: soft-capping (Gemma 2): attention scores become cap * tanh(score / cap)
+        # before the softmax, and the causal LM's logits likewise with their own cap; None: off.
+        attn_logit_softcapping: float | None = None,
+        final_logit_softcapping: float | None = None,
         # FFN activation; None = the family's (gpt2: gelu_new, llama: silu).
         hidden_act: str | None = None,
         # Classifiers: "mean" pools the non-padding tokens (CAMEx encoders), "last" the last
@@ -169,6 +175,10 @@ class CamexConfig(PretrainedConfig):
             else sorted(int(i) for i in rope_local_layers))
         self.sandwich_norms = bool(sandwich_norms)
         self.embedding_scale = None if embedding_scale is None else float(embedding_scale)
+        self.attn_logit_softcapping = (None if attn_logit_softcapping is None
+                                       else float(attn_logit_softcapping))
+        self.final_logit_softcapping = (None if final_logit_softcapping is None
+                                        else float(final_logit_softcapping))
         self.hidden_act = hidden_act or ("silu" if llama else "gelu_new")
         self.classifier_pooling = classifier_pooling
         self.classifier_causal = bool(classifier_causal)
@@ -234,6 +244,8 @@ class CamexConfig(PretrainedConfig):
 
     def format_needed(self) -> int:
         """The oldest checkpoint format that describes this model (FORMAT_VERSION's comment)."""
+        if self.attn_logit_softcapping is not None or self.final_logit_softcapping is not None:
+            return FORMAT_SOFTCAPPING
         if self.sandwich_norms or self.rope_local_parameters is not None or \
                 self.embedding_scale is not None or \
                 (self.family == "llama" and self.hidden_act != "silu"):
@@ -300,6 +312,11 @@ class CamexConfig(PretrainedConfig):
                 or self.embedding_scale is not None) and self.family != "llama":
             raise ValueError("rope_local_parameters, sandwich_norms and embedding_scale are "
                              "llama-family options")
+        for name in ("attn_logit_softcapping", "final_logit_softcapping"):
+            cap = getattr(self, name)
+            if cap is not None and not (self.family == "llama" and 0.0 < cap < float("inf")):
+                raise ValueError(f"{name} must be a positive number (llama family only), "
+                                 f"got {cap} for family {self.family!r}")
         bad = [i for i in self.rope_local_layers or () if not 0 <= i < self.n_layer]
         if bad:
             raise ValueError(f"rope_local_layers {bad} out of range for n_layer={self.n_layer}")

@@ -127,12 +127,13 @@ def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
 
 
 class AttentionContext(Protocol):
-    """Where keys and values come from: `attend(layer, q, k, v, window) -> (B, H, L, hd)` with
-    the forward's new queries (B, H, L, hd) and keys/values (B, KV, L, hd); `window` (None:
-    all) is how many positions up to its own a causal query sees (sliding-window attention)."""
+    """Where keys and values come from: `attend(layer, q, k, v, window, softcap) -> (B, H, L,
+    hd)` with the forward's new queries (B, H, L, hd) and keys/values (B, KV, L, hd); `window`
+    (None: all) is how many positions up to its own a causal query sees (sliding-window
+    attention), `softcap` (None: none) caps scores at ±softcap (Gemma 2: cap * tanh(s / cap))."""
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-               window: int | None = None) -> Tensor: ...
+               window: int | None = None, softcap: float | None = None) -> Tensor: ...
 
 
 def sees(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
@@ -144,11 +145,35 @@ def sees(q_pos: Tensor, k_pos: Tensor, window: int | None) -> Tensor:
     return seen
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, **kw) -> Tensor:
-    """scaled_dot_product_attention; key/value heads are shared by groups of query heads (GQA)."""
-    if k.shape[1] != q.shape[1]:
-        kw["enable_gqa"] = True
-    return F.scaled_dot_product_attention(q, k, v, **kw)
+def sdpa(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None,
+         is_causal: bool = False, softcap: float | None = None) -> Tensor:
+    """scaled_dot_product_attention; key/value heads are shared by groups of query heads (GQA).
+    With `softcap`, scores are capped before the mask and softmax (which torch's fused kernels
+    cannot do): the scores are materialised, (B, H, L, S) floats."""
+    if softcap is not None:
+        return softcapped_attention(q, k, v, softcap, attn_mask, is_causal)
+    kw = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                          **kw)
+
+
+def softcapped_attention(q: Tensor, k: Tensor, v: Tensor, cap: float,
+                         attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+    """softmax(cap * tanh(q k^T / sqrt(hd) / cap) + mask) v, the softmax in fp32 (Gemma 2's
+    attention); `attn_mask` bool (True: attend) broadcast to (B, H, L, S), `is_causal` with
+    L == S."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = torch.tanh(scores / cap) * cap
+    if is_causal:
+        L = q.shape[2]
+        attn_mask = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+    if attn_mask is not None:
+        # a finite floor, not -inf: a row that sees nothing (padding) must not become NaN
+        scores = scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min)
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(v.dtype), v)
 
 
 @dataclass
@@ -159,11 +184,11 @@ class FullAttention:
     key_padding_mask: Tensor | None = None  # (B, L), True/1 = a real token
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-               window: int | None = None) -> Tensor:
+               window: int | None = None, softcap: float | None = None) -> Tensor:
         """A window applies to causal attention only (the decoders that have one)."""
         window = window if self.causal else None
         if self.key_padding_mask is None and window is None:
-            return sdpa(q, k, v, is_causal=self.causal)
+            return sdpa(q, k, v, is_causal=self.causal, softcap=softcap)
         L = q.shape[2]
         mask = torch.ones(1, 1, L, L, dtype=torch.bool, device=q.device)
         if self.causal:
@@ -171,7 +196,7 @@ class FullAttention:
             mask = sees(pos, pos, window)[None, None]
         if self.key_padding_mask is not None:
             mask = mask & self.key_padding_mask[:, None, None, :].bool()  # (B, 1, L, L)
-        return sdpa(q, k, v, attn_mask=mask)
+        return sdpa(q, k, v, attn_mask=mask, softcap=softcap)
 
 
 class CamexAttention(nn.Module):
@@ -192,6 +217,7 @@ class CamexAttention(nn.Module):
         self.window = config.window(layer)  # None: full causal attention
         self.rotates = config.rotates(layer)  # False: no rotary positions (GPT-2, NoPE blocks)
         self.local_rope = config.local_rope(layer)  # rotates with rope_local_parameters
+        self.softcap = config.attn_logit_softcapping  # None: scores not capped
         if config.qk_norm:
             self.q_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
             self.k_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
@@ -229,7 +255,7 @@ class CamexAttention(nn.Module):
         """Attend through `ctx` (default: within x, causal or with a padding mask)."""
         q, k, v = self.split_qkv(x, rope if self.rotates else None)
         ctx = ctx or FullAttention(causal, key_padding_mask)
-        return self.merge_heads(ctx.attend(self.layer, q, k, v, self.window))
+        return self.merge_heads(ctx.attend(self.layer, q, k, v, self.window, self.softcap))
 
 
 # ---------------------------------------------------------------------------------------------

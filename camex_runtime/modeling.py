@@ -223,6 +223,16 @@ class CamexForCausalLM(CamexPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 
+    def logits(self, hidden: Tensor) -> Tensor:
+        """The head on final hidden states (..., d) -> (..., V), soft-capped where the config
+        caps logits (Gemma 2: cap * tanh(logits / cap)). Every path to logits goes through
+        here (forward and the serving engine alike)."""
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                 labels: Tensor | None = None, routing: str | None = None,
                 route1_len: int | None = None, prompt_len: int | None = None,
@@ -233,7 +243,7 @@ class CamexForCausalLM(CamexPreTrainedModel, GenerationMixin):
         plan = RoutingRequest(mode=routing or "segment", route1_len=route1_len,
                               prompt_len=prompt_len)
         hidden, scores = self.transformer(input_ids, causal=True, routing=plan)
-        logits = self.lm_head(hidden)
+        logits = self.logits(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),

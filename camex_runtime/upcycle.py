@@ -2,15 +2,16 @@
 
 `upcycle_from_dense(path)` reads the directory's ``config.json``, picks the importer of its
 ``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``,
-``smollm3``, ``granite``, ``gemma3_text``, ``gemma3``: its language model), and builds a
+``smollm3``, ``granite``, ``gemma2``, ``gemma3_text``, ``gemma3``: its language model), and builds a
 training-form CAMEx model whose every expert is a copy of the dense FFN (τ = 0), curvature at
 the identity and routers at N(0, 0.02): the merged FFN equals the dense one whatever the scores,
 so the model computes exactly the dense model's logits (docs/DESIGN.md, "Model families"). Fused
 projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``) are split or kept as the CAMEx layout
 needs; separate q/k/v (Llama, Mistral, Qwen2, Qwen3) are fused into one projection; Qwen3's
 per-head query and key norms come along (``qk_norm``), and SmolLM3's blocks without rotary positions
-(``nope_layers``); Granite's multipliers fold into the weights, and so do Gemma 3's norm offsets
-and scales (its branch-output norms, GeGLU and second rotary base are block options).
+(``nope_layers``); Granite's multipliers fold into the weights, and so do Gemma 2/3's norm
+offsets and score scales (their branch-output norms, GeGLU, Gemma 3's second rotary base and
+Gemma 2's soft-capping are model options).
 A ``*ForSequenceClassification`` source gives a classifier that pools and attends as its source.
 
 Sliding-window attention comes along (Mistral, Phi-3, Qwen2/Qwen3 with ``use_sliding_window``:
@@ -42,7 +43,7 @@ from .config import CamexConfig
 from .modeling import CamexForCausalLM, CamexForSequenceClassification, CamexPreTrainedModel
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite",
-             "gemma3_text", "gemma3")
+             "gemma2", "gemma3_text", "gemma3")
 
 
 class UpcycleError(ValueError):
@@ -283,8 +284,12 @@ def granite_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
 # query_pre_attn_scalar^-1/2 instead of head_dim^-1/2 — folded into the query norm's weight
 # (the rotation is linear); embeddings scaled by sqrt(hidden_size) after the lookup
 # (embedding_scale: the tied head keeps sharing the table); sliding-window blocks that rotate
-# with their own base (rope_local_parameters); no logit soft-capping in Gemma 3 (refused if a
-# config sets it).
+# with their own base (rope_local_parameters); the logits soft-capped as Gemma 2's where a
+# config sets final_logit_softcapping (Gemma 3's published configs do not).
+#
+# Gemma 2 is the same block without the per-head q/k norms and with one rotary base: the score
+# scale folds into the query rows instead; and with soft-capping on, which the config carries
+# (attention scores and final logits, each cap * tanh(x / cap)).
 
 
 def _text(hf):
@@ -307,10 +312,6 @@ def gemma3_config(hf) -> dict[str, Any]:
     if hf.hidden_activation != "gelu_pytorch_tanh":
         raise UpcycleError(f"{mt}: hidden_activation {hf.hidden_activation!r} is not supported "
                            f"(GeGLU with gelu_pytorch_tanh)")
-    for name in ("final_logit_softcapping", "attn_logit_softcapping"):
-        if getattr(hf, name, None) is not None:
-            raise UpcycleError(f"{mt}: {name}={getattr(hf, name)} (logit soft-capping, Gemma 2) "
-                               f"is not supported")
     if getattr(hf, "use_bidirectional_attention", False):
         raise UpcycleError(f"{mt}: use_bidirectional_attention is not supported (causal only)")
     rope = hf.rope_parameters
@@ -327,7 +328,54 @@ def gemma3_config(hf) -> dict[str, Any]:
                 attention_bias=bool(hf.attention_bias), attention_out_bias=bool(hf.attention_bias),
                 mlp_bias=False, qk_norm=True, sandwich_norms=True,
                 embedding_scale=float(torch.tensor(hf.hidden_size ** 0.5, dtype=torch.float32)),
+                # transformers' Gemma 3 keeps attn_logit_softcapping in its config but never
+                # applies it; its head applies final_logit_softcapping
+                final_logit_softcapping=getattr(hf, "final_logit_softcapping", None),
                 sliding_window=window, sliding_window_layers=window_layers)
+
+
+def gemma2_config(hf) -> dict[str, Any]:
+    if hf.hidden_activation != "gelu_pytorch_tanh":
+        raise UpcycleError(f"gemma2: hidden_activation {hf.hidden_activation!r} is not "
+                           f"supported (GeGLU with gelu_pytorch_tanh)")
+    if getattr(hf, "use_bidirectional_attention", False):
+        raise UpcycleError("gemma2: use_bidirectional_attention is not supported (causal only)")
+    window, window_layers = sliding_window(hf)
+    return dict(_common(hf), family="llama", d_model=hf.hidden_size, n_layer=hf.num_hidden_layers,
+                n_head=hf.num_attention_heads, num_key_value_heads=hf.num_key_value_heads,
+                head_dim=hf.head_dim, d_ff=hf.intermediate_size,
+                max_position_embeddings=hf.max_position_embeddings,
+                rope_parameters=dict(hf.rope_parameters), layer_norm_epsilon=hf.rms_norm_eps,
+                hidden_act="gelu_pytorch_tanh", attention_bias=bool(hf.attention_bias),
+                attention_out_bias=bool(hf.attention_bias), mlp_bias=False,
+                sandwich_norms=True,
+                embedding_scale=float(torch.tensor(hf.hidden_size ** 0.5, dtype=torch.float32)),
+                attn_logit_softcapping=hf.attn_logit_softcapping,
+                final_logit_softcapping=hf.final_logit_softcapping,
+                sliding_window=window, sliding_window_layers=window_layers)
+
+
+def gemma2_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    """Gemma 3's block without q/k norms: query_pre_attn_scalar^-1/2 in the query rows."""
+    p, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+    plus_one = lambda name: w.get(name) + 1.0  # noqa: E731  (Gemma's norms scale by 1 + w)
+    q_rows = hf.num_attention_heads * hf.head_dim
+    q_scale = (hf.head_dim / hf.query_pre_attn_scalar) ** 0.5
+    out = {"ln_1.weight": plus_one(f"{p}input_layernorm.weight"),
+           "ln_attn_out.weight": plus_one(f"{p}post_attention_layernorm.weight"),
+           "ln_2.weight": plus_one(f"{p}pre_feedforward_layernorm.weight"),
+           "ln_ffn_out.weight": plus_one(f"{p}post_feedforward_layernorm.weight"),
+           "attn.c_attn.weight": torch.cat([w.get(f"{a}{x}_proj.weight") for x in "qkv"]),
+           "attn.c_proj.weight": w.get(f"{a}o_proj.weight")}
+    if w.has(f"{a}q_proj.bias"):
+        out["attn.c_attn.bias"] = torch.cat([w.get(f"{a}{x}_proj.bias") for x in "qkv"])
+        out["attn.c_proj.bias"] = w.get(f"{a}o_proj.bias")
+    for name in ("attn.c_attn.weight", "attn.c_attn.bias"):
+        if name in out:
+            out[name][:q_rows] *= q_scale  # (torch.cat made a copy)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        out[f"ffn.{proj}.weight"] = w.get(f"{m}{proj}.weight")
+    return out
 
 
 def gemma3_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
@@ -362,6 +410,7 @@ def gemma3_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
 _GPT2 = Importer(gpt2_config, gpt2_block, gpt2_outer, "transformer.")
 _LLAMA = Importer(llama_config, llama_block, llama_outer, "model.")
 _GRANITE = Importer(granite_config, granite_block, granite_outer, "model.")
+_GEMMA2 = Importer(gemma2_config, gemma2_block, gemma3_outer, "model.")
 _GEMMA3 = Importer(gemma3_config, gemma3_block, gemma3_outer, "model.")
 # transformers 5 saves the language model under model.language_model., older releases (and the
 # published checkpoints) under language_model.model.
@@ -369,7 +418,7 @@ _GEMMA3_MM = Importer(gemma3_multimodal_config, gemma3_block, gemma3_outer,
                       ("model.language_model.", "language_model.model."))
 IMPORTERS: dict[str, Importer] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA,
                                   "qwen2": _LLAMA, "qwen3": _LLAMA, "phi3": _LLAMA,
-                                  "smollm3": _LLAMA, "granite": _GRANITE,
+                                  "smollm3": _LLAMA, "granite": _GRANITE, "gemma2": _GEMMA2,
                                   "gemma3_text": _GEMMA3, "gemma3": _GEMMA3_MM}
 
 
@@ -510,12 +559,15 @@ def _carry_generation_config(model: CamexPreTrainedModel, path: Path) -> None:
 def dense_reference_error(model: CamexPreTrainedModel, path: str | Path,
                           input_ids: Tensor | None = None) -> float:
     """Max relative logit error of `model` against the dense source at `path` (fp32, eval),
-    loading the source with transformers. For tests and the trainer's upcycle check."""
+    loading the source with transformers (its eager attention: the reference, and the only
+    one that soft-caps scores — sdpa skips a cap without a word). For tests and the trainer's
+    upcycle check."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     is_clf = isinstance(model, CamexForSequenceClassification)
     auto = AutoModelForSequenceClassification if is_clf else AutoModelForCausalLM
-    dense = auto.from_pretrained(str(path), dtype=torch.float32).eval()
+    dense = auto.from_pretrained(str(path), dtype=torch.float32,
+                                 attn_implementation="eager").eval()
     if input_ids is None:
         g = torch.Generator().manual_seed(0)
         L = min(model.config.max_position_embeddings, 3 * model.config.segment_len + 1, 64)

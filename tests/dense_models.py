@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (Gemma3ForCausalLM, Gemma3TextConfig,
+from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification,
+                          Gemma3ForCausalLM, Gemma3TextConfig,
                           Gemma3TextForSequenceClassification, GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
                           MistralConfig, MistralForCausalLM, MistralForSequenceClassification,
@@ -38,6 +39,13 @@ FAMILIES = {
     "granite": (GraniteConfig, GraniteForCausalLM, {
         "embedding_multiplier": 12.0, "logits_scaling": 8.0, "residual_multiplier": 0.22,
         "attention_multiplier": 1 / 16, "tie_word_embeddings": True, "attention_bias": True}),
+    # Gemma 2: sliding and full blocks alternating, score scale 24^-1/2, soft-capping at caps
+    # the scores and logits of these weights reach (init 0.1 instead of 0.02: 50 and 30 would
+    # be no-ops on a tiny random model, and an importer that dropped them exact)
+    "gemma2": (Gemma2Config, Gemma2ForCausalLM, {
+        "head_dim": 16, "sliding_window": 7, "query_pre_attn_scalar": 24,
+        "initializer_range": 0.1, "attn_logit_softcapping": 2.0,
+        "final_logit_softcapping": 5.0}),
     # Gemma 3: sliding and full blocks alternating (the 1B model: 5 to 1), a window the tests
     # cross, each kind with its own rotary base (full ones stretched, as the 4B+ models),
     # score scale 24^-1/2 (not head_dim's)
@@ -53,6 +61,7 @@ CLASSIFIERS = {  # (with the family's extra config above)
     "qwen2": (Qwen2Config, Qwen2ForSequenceClassification),
     "qwen3": (Qwen3Config, Qwen3ForSequenceClassification),
     "smollm3": (SmolLM3Config, SmolLM3ForSequenceClassification),
+    "gemma2": (Gemma2Config, Gemma2ForSequenceClassification),
     "gemma3_text": (Gemma3TextConfig, Gemma3TextForSequenceClassification),
 }
 

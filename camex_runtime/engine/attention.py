@@ -13,7 +13,8 @@ the new keys/values into the preallocated KV cache and attend over the cached pr
 
 Queries may have more heads than keys/values (grouped-query attention); the cache holds the
 key/value heads only. A block with sliding-window attention passes its window: every context
-then hides the keys that fell out of it (the cache keeps them; they are only not attended).
+then hides the keys that fell out of it (the cache keeps them; they are only not attended). A
+model with soft-capped scores (Gemma 2) passes its cap, which every context applies.
 Knows nothing about routing, requests or sampling.
 """
 from __future__ import annotations
@@ -42,23 +43,25 @@ CAUSAL_BLOCK = 64
 CAUSAL_BLOCKED_TOKENS = range(3 * CAUSAL_BLOCK, 10 * CAUSAL_BLOCK + 1)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
+                     softcap: float | None = None) -> Tensor:
     """`sdpa(q, k, v, is_causal=True)` for one sequence's new tokens (q (1, H, n, hd), k and v
     (1, KV, n, hd)); on a CPU, in query blocks where that is faster (above). With a window
     shorter than the tokens, one masked call."""
     n = q.shape[2]
     if window is not None and window < n:
         pos = torch.arange(n, device=q.device)
-        return sdpa(q, k, v, attn_mask=sees(pos, pos, window))
+        return sdpa(q, k, v, attn_mask=sees(pos, pos, window), softcap=softcap)
     if q.device.type != "cpu" or n not in CAUSAL_BLOCKED_TOKENS:
-        return sdpa(q, k, v, is_causal=True)
+        return sdpa(q, k, v, is_causal=True, softcap=softcap)
     B, H, _, hd = q.shape
     out = q.new_empty(B, n, H, hd).transpose(1, 2)  # the layout sdpa returns: heads merge free
     pos = torch.arange(n, device=q.device)
     for a in range(0, n, CAUSAL_BLOCK):
         b = min(n, a + CAUSAL_BLOCK)
         seen = pos[None, :b] <= pos[a:b, None]  # query a+i sees keys 0..a+i
-        out[:, :, a:b] = sdpa(q[:, :, a:b], k[:, :, :b], v[:, :, :b], attn_mask=seen)
+        out[:, :, a:b] = sdpa(q[:, :, a:b], k[:, :, :b], v[:, :, :b], attn_mask=seen,
+                              softcap=softcap)
     return out
 
 
@@ -69,12 +72,12 @@ class PrefillAttention:
     start: int = 0  # cache position of the first token of this forward
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-               window: int | None = None) -> Tensor:
+               window: int | None = None, softcap: float | None = None) -> Tensor:
         """q (1, H, n, hd), k and v (1, KV, n, hd) -> (1, H, n, hd)."""
         n = k.shape[2]
         self.kv.write_prefill(layer, self.slot, self.start, k[0], v[0])
         if self.start == 0:  # nothing cached before: attend within the new tokens
-            return causal_attention(q, k, v, window)
+            return causal_attention(q, k, v, window, softcap)
         end = self.start + n
         # keys before the window of the chunk's first token are never seen: not read
         first = 0 if window is None else max(0, self.start + 1 - window)
@@ -83,7 +86,7 @@ class PrefillAttention:
         # row i (position start+i) sees cache positions <= start+i (and inside its window)
         q_pos = self.start + torch.arange(n, device=q.device)
         mask = sees(q_pos, torch.arange(first, end, device=q.device), window)
-        return sdpa(q, keys, values, attn_mask=mask)
+        return sdpa(q, keys, values, attn_mask=mask, softcap=softcap)
 
 
 @dataclass
@@ -95,12 +98,12 @@ class PackedPrefillAttention:
     lengths: list[int]  # tokens of each piece, in packing order
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-               window: int | None = None) -> Tensor:
+               window: int | None = None, softcap: float | None = None) -> Tensor:
         """q (1, H, N, hd), k and v (1, KV, N, hd), N = sum(lengths) -> (1, H, N, hd)."""
         outs, a = [], 0
         for ctx, n in zip(self.pieces, self.lengths):
             outs.append(ctx.attend(layer, q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n],
-                                   window))
+                                   window, softcap))
             a += n
         return torch.cat(outs, dim=2)
 
@@ -123,10 +126,11 @@ class DecodeAttention:
         return keep.view(len(pos), 1, 1, self.length)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-               window: int | None = None) -> Tensor:
+               window: int | None = None, softcap: float | None = None) -> Tensor:
         """q (B, H, 1, hd), k and v (B, KV, 1, hd) -> (B, H, 1, hd)."""
         out = kernels.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.kv.k, self.kv.v,
-                                       layer, self.rows.slots_t, self.rows.positions_t, window)
+                                       layer, self.rows.slots_t, self.rows.positions_t, window,
+                                       softcap)
         if out is not None:  # fp32 on a CPU with the native kernels: write + attend in one call
             return out.unsqueeze(2)
         self.kv.write_decode(layer, self.rows, k[:, :, 0], v[:, :, 0])
@@ -136,4 +140,4 @@ class DecodeAttention:
             pos = self.rows.positions_t
             mask = sees(pos, torch.arange(self.length, device=pos.device), window)
             mask = mask.view(len(pos), 1, 1, self.length)
-        return sdpa(q, keys, values, attn_mask=mask)
+        return sdpa(q, keys, values, attn_mask=mask, softcap=softcap)

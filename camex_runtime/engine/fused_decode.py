@@ -6,7 +6,8 @@ them: per block a dozen small torch operations (norms, views, residual adds, the
 each an interpreter round trip and a dispatch. `FusedDecode` runs the same blocks through
 `kernels`' native `layers`: per block the attention half (norm, qkv projection, per-head q/k
 norms where the model has them, rotary positions — the block's own tables where it has a second
-rotary base, Gemma 3 —, KV-cache write, attention, output projection, the output's norm in
+rotary base, Gemma 3 —, KV-cache write, attention (its scores capped where the model caps them,
+Gemma 2), output projection, the output's norm in
 Gemma's blocks, residual) and the FFN half (norm, input projection(s), GELU, SwiGLU or GeGLU,
 output projection, the output's norm in Gemma's blocks, residual), with the same weights the
 model holds: no copies. One call covers as many consecutive blocks as it can (a dense model: all
@@ -102,6 +103,8 @@ class FusedDecode:
                  rope: tuple[Tensor, Tensor] | None, heads: tuple[int, int],
                  rope_local: tuple[Tensor, Tensor] | None = None):
         self.tr = model.transformer
+        # every block's attention scores capped at ±softcap (Gemma 2); 0: not capped
+        self.softcap = model.config.attn_logit_softcapping or 0.0
         self.kv, self.blocks, self.final, self.rope, self.heads = kv, blocks, final, rope, heads
         self.rope_local = rope_local
         # `layers`' per-block arguments that do not change between steps
@@ -200,7 +203,7 @@ class FusedDecode:
             if specs[i] is None:  # a merged-expert layer on the routing context's mixture
                 rot = ((cos_l, sin_l) if b.local else (cos, sin)) if b.rotates else (None, None)
                 x = mod.attn_block(x, *b.attn, kc, vc, b.layer, slots, positions, *rot, H, KV,
-                                   b.window, b.attn_out)
+                                   b.window, b.attn_out, self.softcap)
                 h = mod.norm(x, *b.norm2.args())
                 f = moe.apply(b.layer, h[:, None])[:, 0]
                 if b.ffn_out is not None:
@@ -221,7 +224,7 @@ class FusedDecode:
                 positions, cos, sin, cos_l, sin_l, H, KV,
                 None if final is None else final.weight,
                 None if final is None else final.bias, 1e-5 if final is None else final.eps,
-                False if final is None else final.rms)
+                False if final is None else final.rms, self.softcap)
             if final is not None:
                 return x
             i = j

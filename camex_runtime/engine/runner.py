@@ -517,7 +517,7 @@ class ModelRunner:
         tokens: 320-380 ms against 600-615 ms one by one, GPT-2-small fp32 on 2 CPU threads),
         attention and merged-expert routing stay per sequence. A chunk advancing by layers
         runs alone. The next-token logits of the prompts completed by this step come from one
-        lm_head call (up to 8 rows: the batch-invariant decode kernel, the same bits as one
+        head call (up to 8 rows: the batch-invariant decode kernel, the same bits as one
         row alone)."""
         got: dict[int, Tensor | None] = {}
         plain = []  # (slot, st, start, end) of chunks of whole tokens through every layer
@@ -540,7 +540,7 @@ class ModelRunner:
                     if end == st.prompt_len]
             for i in range(0, len(ends), 8):
                 group = ends[i:i + 8]
-                logits = self.model.lm_head(torch.cat([h for _, h in group]))  # (k, V)
+                logits = self.model.logits(torch.cat([h for _, h in group]))  # (k, V)
                 got.update({slot: logits[j] for j, (slot, _) in enumerate(group)})
             got.update({slot: None for slot, st, _, end in plain if end != st.prompt_len})
         return [got[slot] for slot, _ in chunks]
@@ -585,7 +585,7 @@ class ModelRunner:
         last = min(end, st.prompt_len - 1)  # the prompt's last position predicts no prompt token
         if st.score_k is not None and last > start:
             targets = torch.tensor(st.prompt[start + 1:last + 1], device=self.device)
-            st.scored.append(score_prompt(self.model.lm_head, hidden[:last - start], targets,
+            st.scored.append(score_prompt(self.model.logits, hidden[:last - start], targets,
                                           st.score_k))
 
     def prompt_scores(self, slot: int) -> tuple[Tensor, Tensor, Tensor] | None:
@@ -612,7 +612,7 @@ class ModelRunner:
             p.hidden, p.layer = hidden, last
             return None
         st.partial = None
-        return self.model.lm_head(hidden[0, -1:])[0] if p.end == st.prompt_len else None
+        return self.model.logits(hidden[0, -1:])[0] if p.end == st.prompt_len else None
 
     def _prefill_moe(self, m: int, h: Tensor, slot: int, st: SlotRouting, start: int) -> Tensor:
         """h (n, d): FFN inputs of prompt tokens [start, start+n) at MoE layer m. Each segment
@@ -817,7 +817,7 @@ class ModelRunner:
             self.sum_ring[slots_t, pos_t % T] = self.seg_sum[slots_t]
         for st in sts:
             st.length += 1
-        return self.model.lm_head(hidden)  # (B, V)
+        return self.model.logits(hidden)  # (B, V)
 
     def _route_new_segments(self, m: int, sts: list[SlotRouting], slots_t: Tensor,
                             pos: list[int], turn: list[int], digests: dict) -> None:
@@ -987,10 +987,10 @@ class _DecodeRouting:
         return r._decode_moe(m, h[:, 0], self.sts, self.slots_t, groups)[:, None]
 
 
-PROMPT_LOGPROBS_CHUNK = 256  # positions per lm_head pass (256 x 50k vocab x fp32 = 51 MB)
+PROMPT_LOGPROBS_CHUNK = 256  # positions per head pass (256 x 50k vocab x fp32 = 51 MB)
 
 
-def score_prompt(lm_head, x: Tensor, targets: Tensor, k: int,
+def score_prompt(head, x: Tensor, targets: Tensor, k: int,
                  chunk: int = PROMPT_LOGPROBS_CHUNK) -> tuple[Tensor, Tensor, Tensor]:
     """Log-probabilities of prompt tokens from the prefill's final (normed) hidden states, a
     chunk of positions at a time, so (L, V) fp32 logits never exist at once (2,048 x 50k =
@@ -998,7 +998,7 @@ def score_prompt(lm_head, x: Tensor, targets: Tensor, k: int,
     position. Returns on the CPU: chosen (n,), top-k values (n, k), top-k ids (n, k)."""
     chosen, values, ids = [], [], []
     for a in range(0, x.shape[0], chunk):
-        lp = torch.log_softmax(lm_head(x[a:a + chunk]).float(), dim=-1)  # (c, V)
+        lp = torch.log_softmax(head(x[a:a + chunk]).float(), dim=-1)  # (c, V)
         chosen.append(lp.gather(1, targets[a:a + chunk, None])[:, 0])
         top = torch.topk(lp, min(k, lp.shape[-1]), dim=-1)
         values.append(top.values)

@@ -425,12 +425,13 @@ def native_16bit_gemm(dtype: torch.dtype) -> bool:
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                      layer: int, slots: Tensor, positions: Tensor,
-                     window: int | None = None) -> Tensor | None:
+                     window: int | None = None,
+                     softcap: float | None = None) -> Tensor | None:
     """q (B, H, hd), k and v (B, KV, hd) of one decode step; k_cache / v_cache (n_layer, slots,
     KV, max_len, hd). Writes k and v at (layer, slots[b], :, positions[b]) and returns each row's
-    attention over its positions [0, positions[b]] (the last `window` of them when given)
-    (B, H, hd), or None (nothing written) where the native kernel does not apply: not fp32 on
-    the CPU, or no native kernels."""
+    attention over its positions [0, positions[b]] (the last `window` of them when given; scores
+    capped at ±softcap when given) (B, H, hd), or None (nothing written) where the native kernel
+    does not apply: not fp32 on the CPU, or no native kernels."""
     if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == k_cache.dtype
             == v_cache.dtype == torch.float32 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and k_cache.is_contiguous() and v_cache.is_contiguous()):
@@ -438,7 +439,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: 
     mod = native()
     if mod is None:
         return None
-    return mod.decode_attention(q, k, v, k_cache, v_cache, layer, slots, positions, window or 0)
+    return mod.decode_attention(q, k, v, k_cache, v_cache, layer, slots, positions, window or 0,
+                                softcap or 0.0)
 
 
 def bf16_dot() -> bool:

@@ -1008,11 +1008,13 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 // softmax(q . K[0..L) * scale) @ V[0..L) for one query head; K, V rows of hd floats; s: L floats.
+// softcap > 0 caps each score first: softcap * tanh(score / softcap) (Gemma 2).
 void attend_one(const float* q, const float* K, const float* V, int64_t L, int64_t hd, float scale,
-                float* s, float* out) {
+                float softcap, float* s, float* out) {
   float mx = -INFINITY;
   for (int64_t j = 0; j < L; ++j) {
     s[j] = dot(q, K + j * hd, hd) * scale;
+    if (softcap > 0.f) s[j] = std::tanh(s[j] / softcap) * softcap;
     mx = std::max(mx, s[j]);
   }
   __m256 vsum = _mm256_setzero_ps(), vmx = _mm256_set1_ps(mx);
@@ -1264,7 +1266,7 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w,
 void attend_rows(const float* q, int64_t qs, int64_t qh, const float* k, int64_t ks, int64_t kh,
                  const float* v, int64_t vs, int64_t vh, float* K, float* V, int64_t S, int64_t max_len, int64_t layer,
                  const int64_t* slp, const int64_t* pp, int64_t B, int64_t H, int64_t KV,
-                 int64_t hd, float* op, int64_t window) {
+                 int64_t hd, float* op, int64_t window, float softcap) {
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) {
     longest = std::max(longest, pp[b] + 1);
@@ -1286,7 +1288,7 @@ void attend_rows(const float* q, int64_t qs, int64_t qh, const float* k, int64_t
       const int64_t first = window > 0 ? std::max<int64_t>(0, pp[b] + 1 - window) : 0;
       const int64_t base = (((layer * S + slp[b]) * KV + g) * max_len + first) * hd;
       attend_one(q + b * qs + h * qh, K + base, V + base, pp[b] + 1 - first, hd, scale,
-                 s.data(), op + t * hd);
+                 softcap, s.data(), op + t * hd);
     }
   });
 }
@@ -1316,8 +1318,9 @@ std::pair<at::Tensor, at::Tensor> rows_of(const at::Tensor& slots,
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
                             const at::Tensor& v_new, at::Tensor kc, at::Tensor vc,
                             int64_t layer, const at::Tensor& slots,
-                            const at::Tensor& positions, int64_t window) {
+                            const at::Tensor& positions, int64_t window, double softcap) {
   TORCH_CHECK(window >= 0, "window: 0 (none) or the positions a query sees");
+  TORCH_CHECK(softcap >= 0, "softcap: 0 (none) or the cap of the scores");
   TORCH_CHECK(q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3, "decode_attention shapes");
   check_cache(kc, vc);
   TORCH_CHECK(q.scalar_type() == at::kFloat && k_new.scalar_type() == at::kFloat &&
@@ -1334,7 +1337,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
               k_new.stride(0), k_new.stride(1), v_new.data_ptr<float>(), v_new.stride(0),
               v_new.stride(1), kc.data_ptr<float>(),
               vc.data_ptr<float>(), kc.size(1), kc.size(3), layer, sl.data_ptr<int64_t>(),
-              ps.data_ptr<int64_t>(), B, H, KV, hd, out.data_ptr<float>(), window);
+              ps.data_ptr<int64_t>(), B, H, KV, hd, out.data_ptr<float>(), window,
+              static_cast<float>(softcap));
   return out;
 }
 
@@ -1476,7 +1480,8 @@ at::Tensor norm(const at::Tensor& x, const at::Tensor& weight,
 // are given an RMSNorm (eps: the block norm's) of every query / key head with those (hd,)
 // weights (Qwen3), rotary positions from the cos / sin tables (max_pos, rot) when given, the
 // keys and values written into the cache at (layer, slot, :, position), each row attending
-// over its own positions (the last `window` of them when window > 0).
+// over its own positions (the last `window` of them when window > 0), its scores capped at
+// ±softcap when softcap > 0.
 at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
                       const c10::optional<at::Tensor>& norm_b, double eps, bool rms,
                       const at::Tensor& w_qkv, const c10::optional<at::Tensor>& b_qkv,
@@ -1487,10 +1492,11 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
                       const at::Tensor& slots, const at::Tensor& positions,
                       const c10::optional<at::Tensor>& cos,
                       const c10::optional<at::Tensor>& sin, int64_t H, int64_t KV,
-                      int64_t window, const c10::optional<at::Tensor>& out_norm) {
+                      int64_t window, const c10::optional<at::Tensor>& out_norm, double softcap) {
   check_rows(x);
   check_cache(kc, vc);
   TORCH_CHECK(window >= 0, "window: 0 (none) or the positions a query sees");
+  TORCH_CHECK(softcap >= 0, "softcap: 0 (none) or the cap of the scores");
   const int64_t B = x.size(0), d = x.size(1), hd = kc.size(4);
   TORCH_CHECK(kc.size(2) == KV && H % KV == 0 && layer >= 0 && layer < kc.size(0) &&
               w_qkv.size(0) == (H + 2 * KV) * hd && w_qkv.size(1) == d &&
@@ -1532,7 +1538,7 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
   }
   attend_rows(qp, nq, hd, qp + H * hd, nq, hd, qp + (H + KV) * hd, nq, hd, kc.data_ptr<float>(),
               vc.data_ptr<float>(), kc.size(1), kc.size(3), layer, sl.data_ptr<int64_t>(), pp,
-              B, H, KV, hd, o.data_ptr<float>(), window);
+              B, H, KV, hd, o.data_ptr<float>(), window, static_cast<float>(softcap));
   linear_into(o.data_ptr<float>(), B, H * hd, w_o, fp32_or_null(b_o, d, "o bias"),
               y.data_ptr<float>());
   float* yp = y.data_ptr<float>();
@@ -1633,7 +1639,8 @@ const at::Tensor& given(const OptT& t, const char* what) {
 // SwiGLU (0) for a gated FFN, the local rotary tables (1: cos_local / sin_local, Gemma 3);
 // eps per block: norm1's, norm2's. Each row's FFN comes from exactly one group: a dense block
 // has one group of all rows, a merged-expert block a group per merged expert its rows use.
-// With final_w, the result goes through the model's final norm. The same arithmetic as
+// With final_w, the result goes through the model's final norm; softcap > 0 caps every block's
+// attention scores (Gemma 2). The same arithmetic as
 // attn_block + norm + ffn + add called one by one, so the same bits.
 at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
                   const std::vector<double>& eps, const std::vector<int64_t>& ints,
@@ -1643,7 +1650,7 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
                   const at::Tensor& positions, const OptT& cos, const OptT& sin,
                   const OptT& cos_local, const OptT& sin_local,
                   int64_t H, int64_t KV, const OptT& final_w, const OptT& final_b,
-                  double final_eps, bool final_rms) {
+                  double final_eps, bool final_rms, double softcap) {
   check_rows(x);
   const size_t L = blocks.size();
   TORCH_CHECK(eps.size() == 2 * L && ints.size() == 9 * L && ffns.size() == L &&
@@ -1659,7 +1666,7 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
     x = attn_block(x, given(k[0], "norm weight"), k[1], eps[2 * i], f[1] != 0,
                    given(k[2], "qkv weight"), k[3], given(k[4], "o weight"), k[5], k[6], k[7],
                    kc, vc, f[0], slots, positions, f[6] ? c : OptT(), f[6] ? s : OptT(), H,
-                   KV, f[5], k[10]);
+                   KV, f[5], k[10], softcap);
     auto h = at::empty({B, d}, x.options());
     float* hp = h.data_ptr<float>();
     norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(given(k[8], "norm weight"), d,

@@ -33,7 +33,7 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w, const OptT& bi
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
                             const at::Tensor& v_new, at::Tensor kc, at::Tensor vc,
                             int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
-                            int64_t window);
+                            int64_t window, double softcap);
 at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, const OptT& bias, double eps,
                 bool rms);
 at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w, const OptT& norm_b,
@@ -42,7 +42,7 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w, const OptT&
                       const OptT& k_norm, at::Tensor kc, at::Tensor vc,
                       int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
                       const OptT& cos, const OptT& sin, int64_t H, int64_t KV,
-                      int64_t window, const OptT& out_norm);
+                      int64_t window, const OptT& out_norm, double softcap);
 at::Tensor ffn(const at::Tensor& h, const at::Tensor& w1, const OptT& b1, const at::Tensor& w2,
                const OptT& b2, bool glu, bool gelu_gate);
 at::Tensor hidden(const at::Tensor& u, bool glu, bool gelu_gate);
@@ -53,7 +53,7 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
                   at::Tensor vc, const at::Tensor& slots, const at::Tensor& positions,
                   const OptT& cos, const OptT& sin, const OptT& cos_local,
                   const OptT& sin_local, int64_t H, int64_t KV, const OptT& final_w,
-                  const OptT& final_b, double final_eps, bool final_rms);
+                  const OptT& final_b, double final_eps, bool final_rms, double softcap);
 void merge(const at::Tensor& base, const at::Tensor& deltas, const at::Tensor& coeffs,
            at::Tensor out);
 at::Tensor merge_linear(const at::Tensor& x, const at::Tensor& base, const at::Tensor& deltas,

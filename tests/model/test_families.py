@@ -1,4 +1,4 @@
-"""Llama-family CAMEx (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 3):
+"""Llama-family CAMEx (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2 and 3):
 upcycled exactly from transformers' dense models, folded exactly, refused where it cannot be
 exact, saved and loaded by the Auto classes. Tiny random models built locally; GQA on
 everywhere."""
@@ -160,8 +160,7 @@ def test_sharded_checkpoints_are_read(tmp_path):
     ("act", r"hidden_act 'gelu' is not supported"),
     ("family", r"model_type 'bert' cannot be upcycled; "
                r"supported: gpt2, llama, mistral, qwen2, qwen3, phi3, smollm3, granite, "
-               r"gemma3_text, gemma3$"),
-    ("softcap", r"final_logit_softcapping=30.0 \(logit soft-capping, Gemma 2\) is not supported"),
+               r"gemma2, gemma3_text, gemma3$"),
     ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
 ])
 def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):
@@ -170,8 +169,6 @@ def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):
         build_dense(d, "llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     elif case == "act":
         build_dense(d, "llama", hidden_act="gelu")
-    elif case == "softcap":
-        build_dense(d, "gemma3_text", final_logit_softcapping=30.0)
     else:
         build_dense(d, "llama")
         if case == "family":
@@ -203,6 +200,30 @@ def test_sliding_windows_are_exact_beyond_them(tmp_path, family, hf, blocks):
         for block in model.transformer.h:
             block.attn.window = None
     assert dense_reference_error(model, dense_dir, ids) > 1e-3
+
+
+@pytest.mark.parametrize("family,hf,caps", [
+    ("gemma2", {}, (2.0, 5.0)),
+    # Gemma 3's published configs cap nothing; transformers' Gemma 3 caps the logits when its
+    # config says so, and never the scores (it keeps attn_logit_softcapping unused)
+    ("gemma3_text", {"attn_logit_softcapping": 2.0, "final_logit_softcapping": 5.0,
+                     "initializer_range": 0.1}, (None, 5.0)),
+])
+def test_soft_capping_is_exact_and_matters(tmp_path, family, hf, caps):
+    """Scores and logits capped as transformers caps them (cap * tanh(x / cap)), at caps these
+    random weights reach: without a cap the model is another one."""
+    dense_dir = build_dense(tmp_path / family, family, **hf)
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4).eval()
+    assert (model.config.attn_logit_softcapping, model.config.final_logit_softcapping) == caps
+    ids = random_ids(30, seed=7, batch=2)
+    assert dense_reference_error(model, dense_dir, ids) <= 1e-5
+    model.config.final_logit_softcapping = None
+    assert dense_reference_error(model, dense_dir, ids) > 1e-3
+    model.config.final_logit_softcapping = caps[1]
+    if caps[0] is not None:
+        for block in model.transformer.h:
+            block.attn.softcap = None
+        assert dense_reference_error(model, dense_dir, ids) > 1e-3
 
 
 def test_a_window_the_served_length_never_exceeds_is_full_attention(tmp_path):
@@ -304,13 +325,14 @@ def test_llama_training_form_trains(tmp_path):
 def test_only_checkpoints_older_runtimes_would_misread_get_the_new_format(tmp_path):
     """qk_norm or a sliding window: format 2, which runtimes before them refuse by name (they
     would have loaded it and attended wrongly); Gemma 3's blocks (branch-output norms, GeGLU,
-    a second rotary base): format 3; everything else stays format 1. All load."""
+    a second rotary base): format 3; soft-capping (Gemma 2): format 4; everything else stays
+    format 1. All load."""
     from safetensors import safe_open
 
     from camex_runtime.checkpoint import load_folded
 
     for family, want in (("llama", 1), ("qwen3", 2), ("mistral", 2), ("smollm3", 2),
-                         ("granite", 1), ("gemma3_text", 3)):
+                         ("granite", 1), ("gemma3_text", 3), ("gemma2", 4)):
         model = cr.upcycle_from_dense(build_dense(tmp_path / family, family), num_experts=2,
                                       segment_len=4)
         cr.export(model.eval(), tmp_path / f"{family}-folded")

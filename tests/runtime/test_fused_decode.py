@@ -251,7 +251,7 @@ def test_native_span_refuses_malformed_ffn_groups(checkpoint):
             kernels.native().layers(
                 x, [f._tensors[i]], list(f._eps[i]), [*f._flags[i], 0, -1, 0, 1, 0, 0], [groups],
                 [None], None, r.kv.k, r.kv.v, slots, pos, None, None, None, None, *f.heads, None,
-                None, 1e-5, False)
+                None, 1e-5, False, 0.0)
 
 
 @needs_native

@@ -574,6 +574,29 @@ def test_decode_attention_with_a_window_sees_only_the_last_window_positions(wind
     assert not torch.equal(full[2], got[2]) or window >= 34
 
 
+@pytest.mark.skipif(kernels.native() is None, reason="no native kernels here")
+@pytest.mark.parametrize("window", [None, 6])
+def test_decode_attention_soft_caps_scores_as_the_torch_reference(window):
+    """Gemma 2's cap c: each score c * tanh(s / c) before the softmax, in the kernel as in
+    `softcapped_attention` (the torch path, transformers' eager formula); scores of these
+    sizes (|s| up to ~10) are changed by a cap of 2, so a kernel ignoring it differs."""
+    from camex_runtime.layers import softcapped_attention
+
+    torch.manual_seed(11)
+    H, KV, hd, max_len, cap = 4, 2, 16, 40, 2.0
+    kc, vc = torch.randn(2, 3, KV, max_len, hd) * 2, torch.randn(2, 3, KV, max_len, hd)
+    slots, positions = torch.tensor([2, 0, 1]), torch.tensor([9, 2, 33])
+    q, k, v = torch.randn(3, H, hd) * 2, torch.randn(3, KV, hd) * 2, torch.randn(3, KV, hd)
+    got = kernels.decode_attention(q, k, v, kc, vc, 1, slots, positions, window, cap)
+    for b, (s, p) in enumerate(zip(slots.tolist(), positions.tolist())):
+        first = 0 if window is None else max(0, p + 1 - window)
+        keys, values = kc[1, s, :, first:p + 1], vc[1, s, :, first:p + 1]
+        want = softcapped_attention(q[b][None, :, None], keys[None], values[None], cap)[0, :, 0]
+        assert rel(got[b], want) <= 1e-5
+    uncapped = kernels.decode_attention(q, k, v, kc, vc, 1, slots, positions, window)
+    assert rel(uncapped, got) > 1e-2
+
+
 def test_decode_attention_declines_what_it_does_not_compute():
     q, kv = torch.randn(1, 2, 8), torch.randn(1, 2, 8)
     cache = torch.zeros(1, 1, 2, 4, 8)
