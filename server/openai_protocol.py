@@ -78,6 +78,15 @@ class _Sampling(RequestSchema):
     stop_token_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(
         None, description="more token ids that end a choice (vLLM extension)")
     ignore_eos: bool = Field(False, description="keep generating past EOS (vLLM extension)")
+    allowed_token_ids: list[Annotated[Int, Field(ge=0)]] | None = Field(
+        None, min_length=1, description="the only token ids generated, EOS only if listed "
+                                        "(vLLM extension)")
+    skip_special_tokens: bool = Field(True, description="false: special tokens (EOS, chat "
+                                                        "markers) stay in the text (vLLM "
+                                                        "extension)")
+    include_stop_str_in_output: bool = Field(False, description="keep the stop string that "
+                                                                "ended a choice in its text "
+                                                                "(vLLM extension)")
     # structured output (server.structured): at most one of these
     response_format: ResponseFormat | None = Field(
         None, description='{"type": "json_object"} or {"type": "json_schema", "json_schema": '
@@ -96,8 +105,7 @@ class _Sampling(RequestSchema):
 
 
 class CompletionRequest(_Sampling):
-    unsupported = frozenset({"suffix", "best_of", "use_beam_search", "prompt_logprobs",
-                             "include_stop_str_in_output"})
+    unsupported = frozenset({"suffix", "best_of", "use_beam_search", "prompt_logprobs"})
     prompt: Prompt
     max_tokens: Int | None = Field(16, ge=0, description="0 only with `echo` (score the prompt)")
     logprobs: Int | None = Field(None, ge=0, le=MAX_COMPLETION_LOGPROBS,
@@ -118,6 +126,8 @@ class CompletionChoice(_Schema):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None = None
+    # vLLM: the stop string or stop_token_ids id that ended the choice (null: EOS, length)
+    stop_reason: int | str | None = None
 
 
 class PromptTokensDetails(_Schema):
@@ -279,7 +289,7 @@ class ChatCompletionRequest(_Sampling, _ChatTemplateOptions):
                              "modalities", "prediction", "reasoning_effort",
                              "web_search_options", "store", "metadata", "service_tier",
                              "best_of", "use_beam_search", "chat_template", "echo",
-                             "include_stop_str_in_output", "prompt_logprobs"})
+                             "prompt_logprobs"})
     messages: list[ChatMessage] = Field(..., min_length=1)
     tools: list[ToolDef] | None = Field(
         None, description="functions the model may call (shown to it by the chat template; "
@@ -337,6 +347,7 @@ class ChatChoice(_Schema):
     message: AssistantMessage
     logprobs: ChoiceLogprobs | None = None
     finish_reason: Literal["stop", "length", "tool_calls"] | None
+    stop_reason: int | str | None = None  # as CompletionChoice's
 
 
 class ChatCompletion(_Schema):

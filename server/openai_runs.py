@@ -45,7 +45,7 @@ class Choice:
         """The final text, without the stop string that ended it (OpenAI)."""
         res = self.run.result
         return strip_stop(res.text, self.hold.stops) if res.finish_reason == "stop_sequence" \
-            else res.text
+            and not self.hold.include else res.text
 
 
 # `model` values that stand for "the served one": huggingface_hub's InferenceClient sends
@@ -108,7 +108,10 @@ def sampling(body, state, *, max_tokens: int, stops: list[str], logprobs: int = 
         min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
         stop=tuple(stops), ignore_eos=body.ignore_eos, logprobs=logprobs,
         prompt_logprobs=prompt_logprobs, queue_timeout_s=state.settings.queue_timeout_s,
-        constraint=constraint)
+        constraint=constraint,
+        allowed_token_ids=None if body.allowed_token_ids is None
+        else tuple(body.allowed_token_ids),
+        skip_special_tokens=body.skip_special_tokens)
 
 
 def logit_bias(bias: dict[int, float] | None) -> dict[int, float] | None:
@@ -154,10 +157,12 @@ def context_length_error(prompt_field: str, tokens_field: str):
 
 
 async def start_choices(request, engine, prompts: Sequence, n: int, params_for,
-                        context_error=None) -> list[Choice]:
+                        context_error=None, include_stop: bool = False) -> list[Choice]:
     """Submit every prompt n times (`params_for(prompt_index, choice_j)` -> SamplingParams).
     A refusal part-way cancels what was already queued, so nothing is left running.
-    `context_error`: `context_length_error(...)`, how a too-long request is refused."""
+    `context_error`: `context_length_error(...)`, how a too-long request is refused;
+    `include_stop`: texts keep the stop string that ended them (vLLM's
+    include_stop_str_in_output)."""
     state = request.app.state.serving
     limit = state.settings.max_client_batch_size
     if len(prompts) * n > limit:
@@ -171,7 +176,7 @@ async def start_choices(request, engine, prompts: Sequence, n: int, params_for,
                 handle = await submit(engine, prompt, params, context_error)
                 run = GenerationRun(handle, state.metrics, params.seed, log_fields(request))
                 choices.append(Choice(len(choices), i, prompt if isinstance(prompt, str) else None,
-                                      run, StopHold(params.stop)))
+                                      run, StopHold(params.stop, include_stop)))
     except BaseException:
         for c in choices:
             c.run.handle.cancel()
@@ -296,11 +301,12 @@ def strip_stop(text: str, stops: Sequence[str]) -> str:
 
 class StopHold:
     """Streaming without the stop string: text that could still be the start of a stop string
-    is held back until the next piece shows it is not (vLLM does the same)."""
+    is held back until the next piece shows it is not (vLLM does the same). `include`: the
+    stop string stays (nothing is held back)."""
 
-    def __init__(self, stops: Sequence[str]):
-        self.stops = tuple(stops)
-        self.keep = max((len(s) for s in self.stops), default=1) - 1
+    def __init__(self, stops: Sequence[str], include: bool = False):
+        self.stops, self.include = tuple(stops), include
+        self.keep = 0 if include else max((len(s) for s in self.stops), default=1) - 1
         self.held = ""
 
     def push(self, piece: str, finish_reason: str | None) -> str:
@@ -308,7 +314,7 @@ class StopHold:
         self.held += piece
         if finish_reason is not None:
             out = strip_stop(self.held, self.stops) if finish_reason == "stop_sequence" \
-                else self.held
+                and not self.include else self.held
             self.held = ""
             return out
         cut = max(0, len(self.held) - self.keep)

@@ -42,15 +42,15 @@ class IncrementalDetokenizer:
         return full[len(prefix):]
 
 
-def find_stop(text: str, new_piece_len: int, stops: Sequence[str]) -> int | None:
-    """End index (exclusive) in `text` of the earliest stop string that the last
-    `new_piece_len` characters completed, or None."""
+def find_stop(text: str, new_piece_len: int, stops: Sequence[str]) -> tuple[int, str] | None:
+    """(end index (exclusive) in `text`, the stop string) of the earliest stop string that the
+    last `new_piece_len` characters completed, or None."""
     if not stops or new_piece_len == 0:
         return None
-    best: int | None = None
+    best: tuple[int, str] | None = None
     for s in stops:
         start = max(0, len(text) - new_piece_len - len(s) + 1)
         i = text.find(s, start)
-        if i >= 0 and (best is None or i + len(s) < best):
-            best = i + len(s)
+        if i >= 0 and (best is None or i + len(s) < best[0]):
+            best = (i + len(s), s)
     return best

@@ -403,6 +403,15 @@ class Engine:
                                 RequestTimings(queued_at=time.monotonic()))
         if params.constraint is not None:  # compiled here: a bad grammar is the caller's error
             req.guide = self.grammars.guide(params.constraint)
+        if params.allowed_token_ids is not None:
+            ending = set(params.stop_token_ids) | (set() if params.ignore_eos
+                                                   else set(self.eos_token_ids))
+            if params.min_tokens > 0 and set(params.allowed_token_ids) <= ending:
+                raise InputValidationError(
+                    f"min_tokens is {params.min_tokens} but allowed_token_ids lists only ids "
+                    f"that end generation (EOS or stop_token_ids): nothing could be chosen")
+            req.allowed_ids = torch.zeros(self.config.vocab_size, dtype=torch.bool)
+            req.allowed_ids[list(params.allowed_token_ids)] = True
         with self._lock:
             if not self._accepting or self._shutdown:
                 raise EngineStoppedError("the engine is stopping and accepts no new requests")
@@ -652,8 +661,16 @@ class Engine:
 
     @staticmethod
     def _allowed(req: GenerationRequest) -> Tensor | None:
-        """The ids a structured-output request's grammar allows next (None: any)."""
-        return req.guide.allowed() if req.guide is not None and req.guide.active else None
+        """The ids `req` may choose next (None: any): its grammar's, within its
+        allowed_token_ids. A grammar that allows none of those fails the request."""
+        grammar = req.guide.allowed() if req.guide is not None and req.guide.active else None
+        if req.allowed_ids is None or grammar is None:
+            return grammar if grammar is not None else req.allowed_ids
+        both = grammar & req.allowed_ids
+        if not bool(both.any()):
+            raise InputValidationError("no token is both allowed by allowed_token_ids and "
+                                       "allowed next by the request's grammar")
+        return both
 
     def _suppressed(self, req: GenerationRequest) -> tuple[int, ...]:
         """The ids that would end `req` (EOS unless ignored, its stop_token_ids), while it has

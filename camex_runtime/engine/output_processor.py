@@ -26,7 +26,8 @@ class _IdsOnly:
 class OutputProcessor:
     def __init__(self, req: GenerationRequest, tokenizer, eos_token_ids: Iterable[int] = ()):
         self.req = req
-        self.detok = IncrementalDetokenizer(tokenizer or _IdsOnly())
+        self.detok = IncrementalDetokenizer(tokenizer or _IdsOnly(),
+                                            req.params.skip_special_tokens)
         self.eos = frozenset(eos_token_ids)  # every id that ends generation (Llama 3 has several)
 
     def process(self, token_id: int, logprob: float,
@@ -38,11 +39,13 @@ class OutputProcessor:
         req, p = self.req, self.req.params
         req.append_token(token_id, logprob, top)
         piece = self.detok.push(token_id)
-        finish = None
+        finish = reason = None
         stops = len(req.output_token_ids) >= p.min_tokens
-        if complete or stops and (token_id in self.eos and not p.ignore_eos
-                                  or token_id in p.stop_token_ids):
+        eos = token_id in self.eos and not p.ignore_eos
+        if complete or stops and (eos or token_id in p.stop_token_ids):
             finish = "eos_token"
+            if not (complete or eos):  # a stop id (EOS first, as vLLM reports it)
+                reason = token_id
         elif len(req.output_token_ids) >= p.max_new_tokens:
             finish = "length"
         if finish is not None:
@@ -50,13 +53,14 @@ class OutputProcessor:
         text = req.text + piece
         stop = find_stop(text, len(piece), p.stop) if stops else None
         if stop is not None:
-            piece = piece[:len(piece) - (len(text) - stop)]  # the text ends with the stop string
-            text, finish = text[:stop], "stop_sequence"
+            end, reason = stop
+            piece = piece[:len(piece) - (len(text) - end)]  # the text ends with the stop string
+            text, finish = text[:end], "stop_sequence"
         req.text = text
-        req.finish_reason = finish
+        req.finish_reason, req.stop_reason = finish, reason
         return TokenEvent(token_id=token_id, text=piece, logprob=logprob,
                           index=len(req.output_token_ids) - 1, finish_reason=finish,
-                          top_logprobs=top, at=at)
+                          top_logprobs=top, stop_reason=reason, at=at)
 
 
 def terminal_event(req: GenerationRequest, reason: str, error: str | None = None) -> TokenEvent:

@@ -27,6 +27,9 @@ class TokenEvent:
     # SamplingParams.logprobs best alternatives as (token_id, logprob), best first; raw model
     # distribution like `logprob`. Empty when none were asked for.
     top_logprobs: tuple[tuple[int, float], ...] = ()
+    # on the last event of a request a stop ended: the stop string, or the `stop_token_ids`
+    # id, that ended it (vLLM's `stop_reason`); None for EOS, a complete grammar, a length
+    stop_reason: int | str | None = None
     # time.monotonic() when the engine produced it (one clock for every process of a machine),
     # so a caller that reads the events only at the end still knows their spacing. Not part of
     # an event's identity: the same tokens compare equal whenever they came.
@@ -66,6 +69,8 @@ class GenerationResult:
     prompt_logprobs: list[PromptLogprob | None] | None = None
     # prompt tokens resumed from a cached prefix, not computed again (None: prefix caching off)
     cached_tokens: int | None = None
+    # the stop string or stop_token_ids id that ended it (TokenEvent.stop_reason)
+    stop_reason: int | str | None = None
 
 
 @dataclass(frozen=True)

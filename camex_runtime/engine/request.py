@@ -109,6 +109,10 @@ class SamplingParams:
     # structured output: the answer is kept inside this grammar, token by token; it ends (as
     # at EOS) once the grammar allows nothing more
     constraint: Constraint | None = None
+    # the only ids it may generate (vLLM's allowed_token_ids; EOS only if listed); None: any
+    allowed_token_ids: Sequence[int] | None = None
+    # special tokens (EOS, chat markers) left out of the generated text (vLLM's default)
+    skip_special_tokens: bool = True
 
     def validate(self) -> None:
         """Raise InputValidationError with the offending value; the engine calls this on submit."""
@@ -159,6 +163,14 @@ class SamplingParams:
                 self.stop_token_ids, Sequence) or not all(map(_token_id, self.stop_token_ids)):
             bad(f"stop_token_ids must be a list of token ids (integers >= 0), "
                 f"got {self.stop_token_ids!r}")
+        if self.allowed_token_ids is not None and (
+                isinstance(self.allowed_token_ids, (str, bytes))
+                or not isinstance(self.allowed_token_ids, Sequence) or not self.allowed_token_ids
+                or not all(map(_token_id, self.allowed_token_ids))):
+            bad(f"allowed_token_ids must be a non-empty list of token ids (integers >= 0), "
+                f"got {self.allowed_token_ids!r}")
+        if not isinstance(self.skip_special_tokens, bool):
+            bad(f"skip_special_tokens must be true or false, got {self.skip_special_tokens!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
             bad(f"seed must be a non-negative integer, got {self.seed!r}")
         if isinstance(self.stop, str) or any(not isinstance(s, str) or not s for s in self.stop):
@@ -184,9 +196,11 @@ def _token_id(t) -> bool:
 
 
 def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
-    """The token ids a request names (logit_bias, stop_token_ids) exist in the vocabulary."""
+    """The token ids a request names (logit_bias, stop_token_ids, allowed_token_ids) exist in
+    the vocabulary."""
     for name, ids in (("logit_bias", params.logit_bias or ()),
                       ("stop_token_ids", params.stop_token_ids),
+                      ("allowed_token_ids", params.allowed_token_ids or ()),
                       ("constraint.start_after",
                        params.constraint.start_after if params.constraint else ())):
         bad = sorted(t for t in ids if t >= vocab_size)
@@ -327,6 +341,7 @@ class GenerationRequest:
     prompt_logprobs: list[PromptLogprob | None] | None = None  # set by prefill if asked
     text: str = ""  # decoded generated text so far
     finish_reason: str | None = None
+    stop_reason: int | str | None = None  # TokenEvent.stop_reason
     error: str | None = None
     cancel_requested: bool = False
     routing_trace: RoutingTrace | None = None
@@ -334,6 +349,8 @@ class GenerationRequest:
     cached_tokens: int | None = None
     # its structured-output matcher (`structured.Guide`), made at submit when it has a constraint
     guide: object | None = field(default=None, repr=False)
+    # (V,) bool of its `allowed_token_ids`, made at submit (None: every id)
+    allowed_ids: object | None = field(default=None, repr=False)
     # prompt + generated ids, appended to in place (decode reads it every step: no copies)
     _all_ids: list[int] = field(default_factory=list, repr=False)
 
@@ -373,4 +390,4 @@ class GenerationRequest:
             finish_reason=self.finish_reason, logprobs=list(self.logprobs),
             routing=self.routing_trace, timings=self.timings, error=self.error,
             top_logprobs=list(self.top_logprobs), prompt_logprobs=self.prompt_logprobs,
-            cached_tokens=self.cached_tokens)
+            cached_tokens=self.cached_tokens, stop_reason=self.stop_reason)

@@ -82,7 +82,8 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
     tokens_field = "max_tokens" if body.max_completion_tokens is None and \
         body.max_tokens is not None else "max_completion_tokens"
     choices = await start_choices(request, engine, [ids], body.n, params_for,
-                                  context_length_error("messages", tokens_field))
+                                  context_length_error("messages", tokens_field),
+                                  body.include_stop_str_in_output)
     for c in choices:
         c.think = ThinkSplit(plain) if parser is not None else None
         if forcing:
@@ -118,6 +119,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     answer = completion.model_dump(exclude_none=True)
     for choice in answer["choices"]:  # a reasoning-only answer: `content: null`, as OpenAI's
         choice["message"].setdefault("content", None)
+        choice.setdefault("stop_reason", None)  # vLLM's, null included
     return JSONResponse(answer)
 
 
@@ -130,7 +132,8 @@ def choice_json(c: Choice, body: ChatCompletionRequest, tokenizer) -> ChatChoice
         tool_calls=[ToolCallOut(**call.json()) for call in calls] or None)
     reason = c.calls.finish if calls and c.calls.finish else \
         finish_reason(c.run.result.finish_reason)
-    return ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=reason)
+    return ChatChoice(index=c.index, message=message, logprobs=lp, finish_reason=reason,
+                      stop_reason=c.run.result.stop_reason)
 
 
 def answer_parts(c: Choice) -> tuple[str | None, str | None, list]:
@@ -180,7 +183,7 @@ async def chat_chunks(choices: list[Choice], firsts: list, body: ChatCompletionR
             reason = finish_reason(ev.finish_reason)
             if final and c.calls is not None and c.calls.calls and c.calls.finish:
                 reason = c.calls.finish
-            yield chunk(meta, c.index, delta, lp, reason, usage_now(c, body))
+            yield chunk(meta, c.index, delta, lp, reason, usage_now(c, body), ev.stop_reason)
         if body.stream_options and body.stream_options.include_usage:
             usage = usage_of(choices).model_dump(exclude_none=True)
             yield "data: " + json.dumps({**meta, "choices": [], "usage": usage}) + "\n\n"
@@ -220,9 +223,12 @@ def split_piece(c: Choice, text: str, final: bool) -> tuple[str, str, list[dict]
 
 
 def chunk(meta: dict, index: int, delta: dict, logprobs: dict | None = None,
-          reason: str | None = None, usage: Usage | None = None) -> str:
+          reason: str | None = None, usage: Usage | None = None,
+          stop_reason: int | str | None = None) -> str:
     body = {**meta, "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
                                  "finish_reason": reason}]}
+    if reason is not None:  # vLLM's stop_reason, on the choice's last chunk
+        body["choices"][0]["stop_reason"] = stop_reason
     if usage is not None:
         body["usage"] = usage.model_dump()
     return "data: " + json.dumps(body) + "\n\n"

@@ -78,7 +78,8 @@ async def start(request: Request, body: CompletionRequest) -> list[Choice]:
                         logprobs=n_logprobs, prompt_logprobs=prompt_lps, seed=seeds[j],
                         constraint=constraint)
     return await start_choices(request, engine, prompts, body.n, params_for,
-                               context_length_error("prompt", "max_tokens"))
+                               context_length_error("prompt", "max_tokens"),
+                               body.include_stop_str_in_output)
 
 
 def room_left(engine, prompts: list) -> list[int]:
@@ -107,7 +108,10 @@ async def completions(request: Request, body: CompletionRequest):
         choice_json(c, body, tokenizer) for c in choices])  # decodes tokens: off the loop
     completion = Completion(id="cmpl-" + uuid.uuid4().hex, created=int(time.time()),
                             model=model_name(request), choices=out, usage=usage_of(choices))
-    return JSONResponse(completion.model_dump(exclude_none=True))
+    answer = completion.model_dump(exclude_none=True)
+    for choice in answer["choices"]:  # vLLM's stop_reason, null included
+        choice.setdefault("stop_reason", None)
+    return JSONResponse(answer)
 
 
 def choice_json(c: Choice, body: CompletionRequest, tokenizer) -> CompletionChoice:
@@ -118,7 +122,8 @@ def choice_json(c: Choice, body: CompletionRequest, tokenizer) -> CompletionChoi
         lp = logprobs_json(tokenizer, c.run.events, res.prompt_logprobs if body.echo else None,
                            res.prompt_token_ids, body.logprobs)
     return CompletionChoice(index=c.index, text=prefix + c.text, logprobs=lp,
-                            finish_reason=finish_reason(res.finish_reason))
+                            finish_reason=finish_reason(res.finish_reason),
+                            stop_reason=res.stop_reason)
 
 
 def echo_text(c: Choice, tokenizer) -> str:
@@ -183,7 +188,8 @@ async def completion_chunks(choices: list[Choice], firsts: list, body: Completio
                     offsets[c.index] = lp.text_offset[-1] + len(lp.tokens[-1])
             yield sse(Completion(**meta, choices=[CompletionChoice(
                 index=c.index, text=text, logprobs=lp,
-                finish_reason=finish_reason(ev.finish_reason))]), usage_now(c, body))
+                finish_reason=finish_reason(ev.finish_reason), stop_reason=ev.stop_reason)]),
+                usage_now(c, body))
         if body.stream_options and body.stream_options.include_usage:
             yield sse(Completion(**meta, choices=[]), usage_of(choices))
         yield "data: [DONE]\n\n"

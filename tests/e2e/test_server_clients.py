@@ -196,6 +196,13 @@ def test_openai_sampling_controls_through_the_client(server, tiny_lm_dir):
     assert out.choices[0].text.endswith(tok.decode([forced]))
     chunks = list(client.completions.create(stream=True, **kw))
     assert "".join(c.choices[0].text for c in chunks) == out.choices[0].text
+    assert out.choices[0].stop_reason == chunks[-1].choices[0].stop_reason == forced  # vLLM's
+    # allowed_token_ids and skip_special_tokens: EOS alone, its text shown
+    eos = client.completions.create(
+        model="tiny-camex", prompt="hi", max_tokens=3, temperature=0,
+        extra_body={"allowed_token_ids": [tok.eos_token_id], "skip_special_tokens": False})
+    assert eos.choices[0].text == tok.eos_token and eos.choices[0].finish_reason == "stop"
+    assert eos.choices[0].stop_reason is None
 
 
 def test_info_and_metrics_count_the_traffic(server):

@@ -79,6 +79,58 @@ def test_stop_sequence_and_length(engine):
     assert res.token_ids == base.token_ids[:len(res.token_ids)]
 
 
+def test_stop_reason_names_the_stop_string_or_id_that_ended_it(engine):
+    """vLLM's stop_reason: the stop string, or the stop_token_ids id; None for EOS, a length."""
+    base = engine.generate("hello world", max_new_tokens=12, ignore_eos=True)
+    assert base.stop_reason is None
+    text = base.text
+    stop = next(text[i:i + 2] for i in range(2, len(text) - 2)
+                if text[i:i + 2].isprintable() and text[i:i + 2] not in text[:i + 1])
+    res = engine.generate("hello world", max_new_tokens=12, ignore_eos=True,
+                          stop=["\x00", stop])
+    assert (res.finish_reason, res.stop_reason) == ("stop_sequence", stop)
+    tid = base.token_ids[4]
+    h = engine.submit("hello world", SamplingParams(max_new_tokens=12, ignore_eos=True,
+                                                    stop_token_ids=[tid]))
+    events = list(h)
+    assert (h.result().finish_reason, h.result().stop_reason) == ("eos_token", tid)
+    assert events[-1].stop_reason == tid and all(e.stop_reason is None for e in events[:-1])
+    eos = engine.eos_token_id
+    forced = engine.generate("hello world", max_new_tokens=4, allowed_token_ids=[eos],
+                             stop_token_ids=[eos])
+    assert (forced.finish_reason, forced.stop_reason) == ("eos_token", None)  # EOS comes first
+
+
+def test_allowed_token_ids_keep_generation_inside_them(engine):
+    """Only the listed ids are generated (EOS only if listed), each the likeliest of them;
+    a row without the list in the same batch gets what it gets alone."""
+    free = engine.generate("the lazy dog", max_new_tokens=6, ignore_eos=True, logprobs=20)
+    first, alts = free.token_ids[0], [t for t, _ in free.top_logprobs[0]]
+    allowed = [t for t in alts[3:9] if t != engine.eos_token_id]
+    kw = dict(max_new_tokens=6, ignore_eos=True)
+    h = engine.submit("the lazy dog", SamplingParams(allowed_token_ids=allowed, **kw))
+    other = engine.submit("the lazy dog", SamplingParams(**kw))
+    res = h.result()
+    assert set(res.token_ids) <= set(allowed) and res.token_ids[0] != first
+    assert res.token_ids[0] == next(t for t in alts if t in allowed)  # the best allowed
+    assert other.result().token_ids == free.token_ids
+    sampled = engine.generate("the lazy dog", do_sample=True, temperature=1.5, seed=3,
+                              allowed_token_ids=allowed[:2], **kw)
+    assert set(sampled.token_ids) <= set(allowed[:2])
+    with pytest.raises(InputValidationError, match="allowed_token_ids names token ids outside"):
+        engine.submit("x", SamplingParams(allowed_token_ids=[engine.config.vocab_size]))
+    with pytest.raises(InputValidationError, match="nothing could be chosen"):
+        engine.submit("x", SamplingParams(allowed_token_ids=[engine.eos_token_id], min_tokens=1))
+
+
+def test_special_tokens_are_skipped_in_text_unless_asked(engine):
+    eos = engine.eos_token_id
+    kw = dict(max_new_tokens=3, allowed_token_ids=[eos])
+    assert engine.generate("hello", **kw).text == ""
+    shown = engine.generate("hello", skip_special_tokens=False, **kw)
+    assert shown.token_ids == [eos] and shown.text == engine.tokenizer.decode([eos]) != ""
+
+
 def test_eos_ends_generation(engine):
     base = engine.generate("the lazy dog", max_new_tokens=8, ignore_eos=True)
     eos = base.token_ids[3]
@@ -118,8 +170,8 @@ def test_incremental_detokenizer_handles_multibyte(tiny_lm_dir):
 def test_find_stop_only_in_new_text():
     assert find_stop("abcSTOPx", 1, ["STOP"]) is None  # completed by an earlier piece
     assert find_stop("abcSTO", 1, ["STOP"]) is None
-    assert find_stop("abcSTOP", 1, ["STOP", "cS"]) == 7
-    assert find_stop("abcSTOPzz", 6, ["zz", "STOP"]) == 7  # earliest end wins
+    assert find_stop("abcSTOP", 1, ["STOP", "cS"]) == (7, "STOP")
+    assert find_stop("abcSTOPzz", 6, ["zz", "STOP"]) == (7, "STOP")  # earliest end wins
 
 
 @pytest.mark.parametrize("kw,msg", [
@@ -129,7 +181,10 @@ def test_find_stop_only_in_new_text():
     (dict(repetition_penalty=0.0), "repetition"),
     (dict(seed=-1), "seed"), (dict(stop="x"), "stop"), (dict(routing="nope"), "routing"),
     (dict(queue_timeout_s=0), "queue_timeout_s"), (dict(logprobs=21), "logprobs"),
-    (dict(prompt_logprobs=-1), "prompt_logprobs"), (dict(max_new_tokens=-1), "max_new_tokens")])
+    (dict(prompt_logprobs=-1), "prompt_logprobs"), (dict(max_new_tokens=-1), "max_new_tokens"),
+    (dict(allowed_token_ids=[]), "allowed_token_ids"),
+    (dict(allowed_token_ids=[1, -2]), "allowed_token_ids"),
+    (dict(skip_special_tokens=None), "skip_special_tokens")])
 def test_bad_params_are_rejected(kw, msg):
     with pytest.raises(InputValidationError, match=msg):
         SamplingParams(**kw).validate()

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from camex_runtime import Constraint, Engine, SamplingParams
 from camex_runtime.engine.structured import JSON_STYLE, Grammars, check
-from camex_runtime.errors import InputValidationError
+from camex_runtime.errors import InputValidationError, RequestFailedError
 from engine_models import full_forward_logprobs, reference
 
 SCHEMA = {"type": "object", "properties": {
@@ -157,6 +157,24 @@ def test_min_tokens_and_max_tokens_meet_the_grammar(engine):
     whole = engine.submit("hi", SamplingParams(max_new_tokens=60, constraint=JSON)).result()
     cut = engine.submit("hi", SamplingParams(max_new_tokens=5, constraint=JSON)).result()
     assert cut.finish_reason == "length" and whole.token_ids[:5] == cut.token_ids
+
+
+def test_allowed_token_ids_narrow_the_grammar_and_an_empty_meet_fails_only_its_request(
+        engine, tok):
+    """allowed_token_ids and a grammar together: the tokens both allow. Where they share none
+    the request fails with the reason; a request beside it in the batch finishes."""
+    yes, no = (tok(w, add_special_tokens=False)["input_ids"] for w in ("yes", "no"))
+    choice = Constraint("choice", ("yes", "no"))
+    kw = dict(max_new_tokens=10, constraint=choice)
+    assert yes[0] not in no
+    for allowed, word in ((no, "no"), (yes, "yes")):  # whichever the model prefers
+        res = engine.submit("hi", SamplingParams(allowed_token_ids=allowed, **kw)).result()
+        assert res.text == word and res.token_ids == (no if word == "no" else yes)
+    doomed = engine.submit("hi", SamplingParams(allowed_token_ids=[engine.eos_token_id], **kw))
+    beside = engine.submit("hi", SamplingParams(max_new_tokens=3, ignore_eos=True))
+    with pytest.raises(RequestFailedError, match="no token is both allowed by allowed_token_ids"):
+        doomed.result()
+    assert beside.result().finish_reason == "length"
 
 
 @pytest.mark.parametrize("constraint,needle", [

@@ -132,6 +132,53 @@ def test_stop_string_is_excluded_and_streaming_matches(client):
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] > 0
 
 
+def test_vllm_stop_extras_stop_reason_and_included_stop_strings(client):
+    """stop_reason names the stop string (or stop id) that ended a choice, null otherwise, on
+    both routes, streamed and not; include_stop_str_in_output keeps the string in the text."""
+    base = complete(client, prompt="hello world", max_tokens=20, temperature=0, ignore_eos=True)
+    assert base["choices"][0]["stop_reason"] is None  # present, null: a length
+    text = base["choices"][0]["text"]
+    stop = next(text[i:i + 2] for i in range(3, len(text) - 2) if text[i:i + 2].strip()
+                and text[i:i + 2] not in text[:i + 1])
+    body = dict(prompt="hello world", max_tokens=20, temperature=0, ignore_eos=True,
+                stop=["\x01", stop])
+    cut = complete(client, **body)["choices"][0]
+    assert cut["stop_reason"] == stop and cut["text"] == text[:text.index(stop)]
+    kept = complete(client, **body, include_stop_str_in_output=True)["choices"][0]
+    assert kept["text"] == text[:text.index(stop)] + stop and kept["stop_reason"] == stop
+    chunks = sse(client, "/v1/completions", {**body, "stream": True,
+                                             "include_stop_str_in_output": True})
+    assert "".join(ch["choices"][0]["text"] for ch in chunks) == kept["text"]
+    assert chunks[-1]["choices"][0]["stop_reason"] == stop
+    tid = client.tokenizer(text, add_special_tokens=False)["input_ids"][2]
+    msg = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 12,
+           "temperature": 0, "ignore_eos": True, "logit_bias": {str(tid): 100},
+           "stop_token_ids": [tid]}
+    chat = client.post("/v1/chat/completions", json=msg).json()["choices"][0]
+    assert (chat["finish_reason"], chat["stop_reason"]) == ("stop", tid)
+    last = sse(client, "/v1/chat/completions", {**msg, "stream": True})[-1]["choices"][0]
+    assert (last["finish_reason"], last["stop_reason"]) == ("stop", tid)
+
+
+def test_vllm_token_extras_allowed_ids_and_special_tokens(client):
+    """allowed_token_ids keeps every token inside the list; skip_special_tokens false leaves
+    a special token's text in the answer (EOS, allowed alone here)."""
+    tok = client.tokenizer
+    ids = tok("the quick brown fox", add_special_tokens=False)["input_ids"]
+    out = complete(client, prompt=ids, max_tokens=6, temperature=0.9, seed=2,
+                   allowed_token_ids=ids[:2], ignore_eos=True)
+    want = client.app.state.serving.lm.generate(ids, max_new_tokens=6, do_sample=True,
+                                                temperature=0.9, seed=2, ignore_eos=True,
+                                                allowed_token_ids=ids[:2])
+    assert set(want.token_ids) <= set(ids[:2]) and out["choices"][0]["text"] == want.text
+    eos = tok.eos_token_id
+    for skip, want in ((True, ""), (False, tok.decode([eos]))):
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
+                "temperature": 0, "allowed_token_ids": [eos], "skip_special_tokens": skip}
+        got = client.post("/v1/chat/completions", json=body).json()["choices"][0]
+        assert got["message"]["content"] == want and got["finish_reason"] == "stop"
+
+
 def test_streamed_echo_logprobs_equal_the_plain_answer(client):
     body = dict(prompt=["the lazy dog", "hello"], n=2, max_tokens=4, temperature=0, echo=True,
                 logprobs=2, ignore_eos=True)
@@ -618,6 +665,9 @@ def test_sampling_controls_reach_the_engine(client):
     ({"min_p": -0.1}, 422, "min_p"),
     ({"min_tokens": 9, "max_tokens": 4}, 422, "`min_tokens` (9) must not exceed"),
     ({"stop_token_ids": [-1]}, 422, "stop_token_ids.0"),
+    ({"allowed_token_ids": []}, 422, "allowed_token_ids"),
+    ({"allowed_token_ids": [10000000]}, 422, "outside the vocabulary"),
+    ({"skip_special_tokens": "maybe"}, 422, "skip_special_tokens"),
 ])
 def test_bad_sampling_controls_are_422(client, body, status, needle):
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", **body})

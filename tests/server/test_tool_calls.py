@@ -81,7 +81,8 @@ def fake_choice(text: str, reason: str = "eos_token", parallel: bool = True):
     from types import SimpleNamespace
     return SimpleNamespace(index=0, text=text, think=None, calls=ToolCallSplit(parallel),
                            run=SimpleNamespace(events=[],
-                                               result=SimpleNamespace(finish_reason=reason)))
+                                               result=SimpleNamespace(finish_reason=reason,
+                                                                      stop_reason=None)))
 
 
 def test_a_message_with_calls_is_what_the_openai_client_reads():
