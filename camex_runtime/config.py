@@ -47,8 +47,8 @@ FAMILIES = ("gpt2", "llama")
 FAMILY_ACTIVATIONS = {"gpt2": ("gelu_new", "gelu_pytorch_tanh"),
                       "llama": ("silu", "gelu_pytorch_tanh")}
 # Rotary types whose frequencies do not depend on the sequence length: reproduced exactly with
-# transformers' own initialisers. "dynamic", "longrope", "yarn", ... are refused at load.
-ROPE_TYPES = ("default", "linear", "llama3")
+# transformers' own initialisers. "dynamic", "longrope", ... are refused at load.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 CLASSIFIER_POOLING = ("mean", "last")
 ROUTING_MODES = ("segment", "prompt")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")

@@ -71,7 +71,42 @@ def rope_frequencies(config: CamexConfig, params: dict | None = None) -> tuple[T
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
         return torch.where(medium, smoothed, scaled), 1.0
+    if rope_type == "yarn":
+        return _yarn(config, params, base, rot)
     return inv_freq, 1.0
+
+
+def _yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn(config: CamexConfig, params: dict, base: float, rot: int) -> tuple[Tensor, float]:
+    """YaRN (Qwen2.5/Qwen3 long context, OLMo 3, DeepSeek): frequencies interpolated by
+    `factor` below a band of dimensions, kept above it, ramped linearly between (the band from
+    beta_fast / beta_slow rotations over the original context); cos/sin scaled by the
+    attention factor. Nothing depends on the sequence length."""
+    old_len = params["original_max_position_embeddings"]
+    factor = params.get("factor") or config.max_position_embeddings / old_len
+    attention = params.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+        attention = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
+                     if mscale and mscale_all else _yarn_mscale(factor))
+
+    def dims(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return rot * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = dims(params.get("beta_fast") or 32), dims(params.get("beta_slow") or 1)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, rot - 1)
+    if low == high:
+        high += 0.001
+    ramp = torch.clamp((torch.arange(rot // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolated (kept), 0: interpolated (divided by factor)
+    pos_freqs = base ** (torch.arange(0, rot, 2).to(dtype=torch.float) / rot)
+    inv_freq = 1.0 / (factor * pos_freqs) * (1 - keep) + 1.0 / pos_freqs * keep
+    return inv_freq, float(attention)
 
 
 class RotaryEmbedding(nn.Module):

@@ -292,6 +292,16 @@ def granite_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
 # (attention scores and final logits, each cap * tanh(x / cap)).
 
 
+def _layered_rope(params: dict) -> dict:
+    """One kind of block's rotary description from a config that keeps one per kind
+    (`rope_parameters[layer_type]`): transformers' YaRN reads `truncate` from the outer dict
+    there, which has none, so it always truncates — and so must we."""
+    params = dict(params)
+    if params.get("rope_type") == "yarn":
+        params["truncate"] = True
+    return params
+
+
 def _text(hf):
     """A multimodal Gemma 3's text half (its config's `text_config`), else the config."""
     return getattr(hf, "text_config", None) or hf
@@ -321,8 +331,8 @@ def gemma3_config(hf) -> dict[str, Any]:
                 n_head=hf.num_attention_heads, num_key_value_heads=hf.num_key_value_heads,
                 head_dim=hf.head_dim, d_ff=hf.intermediate_size,
                 max_position_embeddings=hf.max_position_embeddings,
-                rope_parameters=dict(rope["full_attention"]),
-                rope_local_parameters=dict(rope["sliding_attention"]),
+                rope_parameters=_layered_rope(rope["full_attention"]),
+                rope_local_parameters=_layered_rope(rope["sliding_attention"]),
                 rope_local_layers=[i for i, t in enumerate(types) if t == "sliding_attention"],
                 layer_norm_epsilon=hf.rms_norm_eps, hidden_act="gelu_pytorch_tanh",
                 attention_bias=bool(hf.attention_bias), attention_out_bias=bool(hf.attention_bias),
@@ -448,6 +458,11 @@ def camex_config_for(hf, head: str, overrides: dict[str, Any]) -> CamexConfig:
         kwargs.update(classifier_pooling="last", classifier_causal=True,
                       num_labels=hf.num_labels, id2label=dict(hf.id2label),
                       label2id=dict(hf.label2id), problem_type=hf.problem_type)
+    for name in ("rope_parameters", "rope_local_parameters"):  # before overrides move it:
+        params = kwargs.get(name)  # YaRN without a factor stretches to the source's length
+        if params and params.get("rope_type") == "yarn" and not params.get("factor"):
+            kwargs[name] = {**params, "factor": kwargs["max_position_embeddings"]
+                            / params["original_max_position_embeddings"]}
     kwargs.update(overrides)
     window = kwargs.get("sliding_window")
     if window is not None and window >= kwargs.get("max_position_embeddings", window + 1):

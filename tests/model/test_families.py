@@ -66,11 +66,43 @@ def test_granite_variants_are_exact(tmp_path, hf_overrides):
                       "high_freq_factor": 4.0, "original_max_position_embeddings": 32}},
     {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True, "rope_theta": 500.0},
     {"head_dim": 24},
-], ids=["rope-linear", "rope-llama3", "biases-tied-theta", "head-dim"])
+    # YaRN as Qwen2.5/Qwen3 long-context configs write it (a band of dimensions the tests'
+    # 16-wide heads cross), and DeepSeek's mscale form without attention_factor or truncation
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
+    {"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64,
+                      "mscale": 0.9, "mscale_all_dim": 0.6, "beta_fast": 16,
+                      "truncate": False}},
+], ids=["rope-linear", "rope-llama3", "biases-tied-theta", "head-dim", "rope-yarn",
+        "rope-yarn-mscale"])
 def test_llama_config_variants_are_exact(tmp_path, hf_overrides):
     dense_dir = build_dense(tmp_path / "llama", "llama", **hf_overrides)
     model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
     assert dense_reference_error(model, dense_dir, random_ids(40, seed=2, batch=2)) <= 1e-5
+
+
+def test_yarn_without_a_factor_keeps_the_sources_frequencies_at_another_served_length(
+        tmp_path):
+    """YaRN with no `factor` stretches to max_position_embeddings / original (transformers'
+    rule, DeepSeek's configs): read from the source at import, so serving a shorter length
+    (128 -> 64 here) rotates as the source does."""
+    dense_dir = build_dense(tmp_path / "llama", "llama", rope_scaling={
+        "rope_type": "yarn", "factor": None, "original_max_position_embeddings": 32})
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4,
+                                  max_position_embeddings=64)
+    assert model.config.rope_parameters["factor"] == 128 / 32
+    assert dense_reference_error(model, dense_dir, random_ids(40, seed=2, batch=2)) <= 1e-5
+
+
+def test_gemma3_yarn_full_blocks_truncate_as_transformers_does(tmp_path):
+    """A config with one rotary description per kind of block (Gemma 3's): transformers' YaRN
+    truncates its band there whatever the description says (base and length chosen so that
+    truncating moves the band's edge from dimension 4.03 to 5)."""
+    rope = {"full_attention": {"rope_type": "yarn", "factor": 8.0, "rope_theta": 100.0,
+                               "original_max_position_embeddings": 64, "truncate": False},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    dense_dir = build_dense(tmp_path / "g", "gemma3_text", rope_parameters=rope)
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
+    assert dense_reference_error(model, dense_dir, random_ids(40, seed=4, batch=2)) <= 1e-5
 
 
 def test_phi3_partial_rotary_and_fused_projections(tmp_path):
