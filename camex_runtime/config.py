@@ -9,10 +9,11 @@ the transformer around the merged FFNs (see docs/DESIGN.md, "Model families"):
 
 - ``family="gpt2"``: LayerNorm, learned absolute positions, fused qkv with biases, GELU FFN
   ``fc2(gelu(fc1 x))``.
-- ``family="llama"`` (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2 and 3
-  import into it): RMSNorm, rotary positions (``nope_layers`` without; a second description for
-  ``rope_local_layers``), grouped-query attention (``num_key_value_heads``), optional q/k/v
-  biases (Qwen2), optional per-head RMSNorm of queries and keys (``qk_norm``, Qwen3), optional
+- ``family="llama"`` (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2 and 3,
+  OLMo 2 and 3 import into it): RMSNorm, rotary positions (``nope_layers`` without; a second
+  description for ``rope_local_layers``), grouped-query attention (``num_key_value_heads``),
+  optional q/k/v biases (Qwen2), optional RMSNorm of queries and keys (``qk_norm``, per head as
+  Qwen3 or over all heads as OLMo 2), optional pre-norms (OLMo 2 has none), optional
   sliding windows, optional norms on each branch's output (``sandwich_norms``, Gemma), optional
   soft-capped attention scores and logits (Gemma 2), SwiGLU FFN ``down(silu(gate x) * up x)``
   (or GeGLU, Gemma) whose three projections each merge with the same scores.
@@ -32,13 +33,15 @@ from transformers import PretrainedConfig
 # would ignore them). Only such checkpoints are written with it, so older runtimes refuse them
 # by number and keep reading every checkpoint they can serve (`CamexConfig.format_needed`).
 # FORMAT_NEW_BLOCKS (3) likewise marks blocks an older runtime would misread: norms around
-# each branch's output, GeGLU FFNs, a second rotary base (Gemma 3); FORMAT_SOFTCAPPING (4)
-# soft-capped attention scores or logits (Gemma 2).
+# each branch's output, GeGLU FFNs, a second rotary base (Gemma 3); FORMAT_CAPS_AND_NORMS (4)
+# soft-capped attention scores or logits (Gemma 2), blocks without pre-norms and q/k norms over
+# all heads together (OLMo 2).
 FORMAT_VERSION = 1
 FORMAT_NEW_ATTENTION = 2
 FORMAT_NEW_BLOCKS = 3
-FORMAT_SOFTCAPPING = 4
-READABLE_FORMATS = (FORMAT_VERSION, FORMAT_NEW_ATTENTION, FORMAT_NEW_BLOCKS, FORMAT_SOFTCAPPING)
+FORMAT_CAPS_AND_NORMS = 4
+READABLE_FORMATS = (FORMAT_VERSION, FORMAT_NEW_ATTENTION, FORMAT_NEW_BLOCKS,
+                    FORMAT_CAPS_AND_NORMS)
 
 MERGE_METHODS = ("domain_specific", "ties", "dare")
 FAMILIES = ("gpt2", "llama")
@@ -50,6 +53,7 @@ FAMILY_ACTIVATIONS = {"gpt2": ("gelu_new", "gelu_pytorch_tanh"),
 # transformers' own initialisers. "dynamic", "longrope", ... are refused at load.
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 CLASSIFIER_POOLING = ("mean", "last")
+QK_NORM_WIDTHS = ("head", "all")
 ROUTING_MODES = ("segment", "prompt")
 PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "regression")
 
@@ -81,6 +85,9 @@ class CamexConfig(PretrainedConfig):
         # llama: RMSNorm over each query and key head (its own weight, head_dim wide) before the
         # rotary positions, as Qwen3 does.
         qk_norm: bool = False,
+        # llama, with qk_norm: "head" (Qwen3, Gemma 3: one RMSNorm over each head) or "all"
+        # (OLMo 2: one RMSNorm over all query heads together, one over all key heads).
+        qk_norm_width: str = "head",
         # llama: sliding-window attention, each token attending to itself and the window - 1
         # tokens before it (Mistral, Phi-3, Qwen2/Qwen3 with use_sliding_window), in the
         # blocks `sliding_window_layers` lists (None: every block); None: full attention.
@@ -97,6 +104,9 @@ class CamexConfig(PretrainedConfig):
         # llama: an RMSNorm on the output of each block's attention and of its FFN, before
         # the residual add (Gemma 2/3's "sandwich" norms; `ln_attn_out`, `ln_ffn_out`).
         sandwich_norms: bool = False,
+        # llama: False drops the norms before each branch (ln_1, ln_2): OLMo 2's blocks norm
+        # only the branch outputs (with sandwich_norms).
+        pre_norms: bool = True,
         # llama: token embeddings are multiplied by this after the lookup (Gemma: sqrt(d)),
         # so a tied head keeps sharing the table; None: not scaled.
         embedding_scale: float | None = None,
@@ -164,6 +174,8 @@ class CamexConfig(PretrainedConfig):
                                    else bool(attention_out_bias))
         self.mlp_bias = (not llama) if mlp_bias is None else bool(mlp_bias)
         self.qk_norm = bool(qk_norm)
+        self.qk_norm_width = qk_norm_width
+        self.pre_norms = bool(pre_norms)
         self.sliding_window = None if sliding_window is None else int(sliding_window)
         self.sliding_window_layers = (None if sliding_window_layers is None
                                       else sorted(int(i) for i in sliding_window_layers))
@@ -244,8 +256,9 @@ class CamexConfig(PretrainedConfig):
 
     def format_needed(self) -> int:
         """The oldest checkpoint format that describes this model (FORMAT_VERSION's comment)."""
-        if self.attn_logit_softcapping is not None or self.final_logit_softcapping is not None:
-            return FORMAT_SOFTCAPPING
+        if self.attn_logit_softcapping is not None or self.final_logit_softcapping is not None \
+                or not self.pre_norms or self.qk_norm_width != "head":
+            return FORMAT_CAPS_AND_NORMS
         if self.sandwich_norms or self.rope_local_parameters is not None or \
                 self.embedding_scale is not None or \
                 (self.family == "llama" and self.hidden_act != "silu"):
@@ -271,6 +284,12 @@ class CamexConfig(PretrainedConfig):
                                       or self.head_dim * self.n_head != self.d_model):
             raise ValueError("family 'gpt2' has plain multi-head attention: num_key_value_heads "
                              "must equal n_head and head_dim d_model // n_head")
+        if self.qk_norm_width not in QK_NORM_WIDTHS:
+            raise ValueError(f"qk_norm_width must be one of {QK_NORM_WIDTHS}, "
+                             f"got {self.qk_norm_width!r}")
+        if not self.pre_norms and not (self.family == "llama" and self.sandwich_norms):
+            raise ValueError("pre_norms=False (OLMo 2's blocks) needs the llama family and "
+                             "sandwich_norms: a block without any norm is not served")
         if self.qk_norm and self.family != "llama":
             raise ValueError("qk_norm (per-head RMSNorm of queries and keys) is a llama-family "
                              "option; family 'gpt2' has none")

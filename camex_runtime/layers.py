@@ -237,7 +237,8 @@ class FullAttention:
 class CamexAttention(nn.Module):
     """Self-attention of every family: one fused qkv projection (rows: H query heads, then KV
     key heads, then KV value heads), optionally an RMSNorm over each query and each key head
-    (`qk_norm`, Qwen3: one weight for all query heads, one for all key heads), rotary positions
+    (`qk_norm`, Qwen3: one weight for all query heads, one for all key heads; with
+    `qk_norm_width="all"`, OLMo 2: over all query heads together, all key heads), rotary positions
     where the family uses them, output projection. GPT-2 is the case KV = H, no rotary."""
 
     def __init__(self, config: CamexConfig, layer: int = 0) -> None:
@@ -253,9 +254,13 @@ class CamexAttention(nn.Module):
         self.rotates = config.rotates(layer)  # False: no rotary positions (GPT-2, NoPE blocks)
         self.local_rope = config.local_rope(layer)  # rotates with rope_local_parameters
         self.softcap = config.attn_logit_softcapping  # None: scores not capped
+        # OLMo 2: one norm over all query heads' values together (H * hd), one over the keys'
+        self.qk_norm_all = config.qk_norm and config.qk_norm_width == "all"
         if config.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
-            self.k_norm = RMSNorm(self.head_dim, config.layer_norm_epsilon)
+            q_width, k_width = (self.n_head * self.head_dim, self.n_kv * self.head_dim) \
+                if self.qk_norm_all else (self.head_dim, self.head_dim)
+            self.q_norm = RMSNorm(q_width, config.layer_norm_epsilon)
+            self.k_norm = RMSNorm(k_width, config.layer_norm_epsilon)
         else:
             self.q_norm = self.k_norm = None
 
@@ -266,14 +271,19 @@ class CamexAttention(nn.Module):
         B, L, _ = x.shape
         H, KV, hd = self.n_head, self.n_kv, self.head_dim
         qkv = self.c_attn(x)
-        if KV == H:  # one view, as GPT-2 always did
+        if self.qk_norm_all:  # normed before the heads are split apart
+            q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
+            q = self.q_norm(q).view(B, L, H, hd).transpose(1, 2)
+            k = self.k_norm(k).view(B, L, KV, hd).transpose(1, 2)
+            v = v.view(B, L, KV, hd).transpose(1, 2)
+        elif KV == H:  # one view, as GPT-2 always did
             q, k, v = qkv.view(B, L, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)
         else:
             q, k, v = qkv.split([H * hd, KV * hd, KV * hd], dim=-1)
             q = q.view(B, L, H, hd).transpose(1, 2)
             k = k.view(B, L, KV, hd).transpose(1, 2)
             v = v.view(B, L, KV, hd).transpose(1, 2)
-        if self.q_norm is not None:  # over head_dim, the last axis of either layout
+        if self.q_norm is not None and not self.qk_norm_all:  # over head_dim, the last axis
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)

@@ -48,15 +48,17 @@ class RoutingContext(Protocol):
 class CamexBlock(nn.Module):
     """Pre-norm transformer block: x + attn(ln_1 x); x + ffn(ln_2 x). With `sandwich_norms`
     (Gemma 2/3) each branch's output is normed too: x + ln_attn_out(attn(ln_1 x)), then
-    x + ln_ffn_out(ffn(ln_2 x))."""
+    x + ln_ffn_out(ffn(ln_2 x)); without `pre_norms` (OLMo 2) ln_1 and ln_2 are identities."""
 
     def __init__(self, config: CamexConfig, layer: int) -> None:
         super().__init__()
         fam = family_of(config)
         self.layer = layer
-        self.ln_1 = fam.norm(config.d_model, config.layer_norm_epsilon)
+        pre = (lambda: fam.norm(config.d_model, config.layer_norm_epsilon)) \
+            if config.pre_norms else nn.Identity
+        self.ln_1 = pre()
         self.attn = CamexAttention(config, layer)
-        self.ln_2 = fam.norm(config.d_model, config.layer_norm_epsilon)
+        self.ln_2 = pre()
         if config.sandwich_norms:
             self.ln_attn_out = fam.norm(config.d_model, config.layer_norm_epsilon)
             self.ln_ffn_out = fam.norm(config.d_model, config.layer_norm_epsilon)

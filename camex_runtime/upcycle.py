@@ -2,7 +2,8 @@
 
 `upcycle_from_dense(path)` reads the directory's ``config.json``, picks the importer of its
 ``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``,
-``smollm3``, ``granite``, ``gemma2``, ``gemma3_text``, ``gemma3``: its language model), and builds a
+``smollm3``, ``granite``, ``gemma2``, ``gemma3_text``, ``gemma3``: its language model,
+``olmo2``, ``olmo3``), and builds a
 training-form CAMEx model whose every expert is a copy of the dense FFN (τ = 0), curvature at
 the identity and routers at N(0, 0.02): the merged FFN equals the dense one whatever the scores,
 so the model computes exactly the dense model's logits (docs/DESIGN.md, "Model families"). Fused
@@ -43,7 +44,7 @@ from .config import CamexConfig
 from .modeling import CamexForCausalLM, CamexForSequenceClassification, CamexPreTrainedModel
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite",
-             "gemma2", "gemma3_text", "gemma3")
+             "gemma2", "gemma3_text", "gemma3", "olmo2", "olmo3")
 
 
 class UpcycleError(ValueError):
@@ -417,10 +418,61 @@ def gemma3_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
     return out
 
 
+# OLMo 2 / OLMo 3 (AI2's fully open models): Llama's SwiGLU blocks with the norms moved — none
+# before the branches (pre_norms=False), an RMSNorm on each branch's output (sandwich_norms'
+# output norms), and q/k norms over all query heads together and all key heads together
+# (qk_norm_width "all"), before the rotary positions. OLMo 3 adds sliding-window blocks (three
+# of every four) and a rotary description per kind of block (layer_types).
+
+
+def olmo_config(hf) -> dict[str, Any]:
+    mt = hf.model_type
+    if hf.hidden_act != "silu":
+        raise UpcycleError(f"{mt}: hidden_act {hf.hidden_act!r} is not supported (SwiGLU with "
+                           f"silu)")
+    heads = hf.num_attention_heads
+    rope = dict(hf.rope_parameters)
+    local = {}
+    if "full_attention" in rope:  # OLMo 3: one description per kind of block
+        full, sliding = _layered_rope(rope["full_attention"]), \
+            _layered_rope(rope["sliding_attention"])
+        rope = full
+        if sliding != full:
+            local = dict(rope_local_parameters=sliding, rope_local_layers=[
+                i for i, t in enumerate(hf.layer_types) if t == "sliding_attention"])
+    window, window_layers = sliding_window(hf)
+    bias = bool(hf.attention_bias)
+    return dict(_common(hf), family="llama", d_model=hf.hidden_size, n_layer=hf.num_hidden_layers,
+                n_head=heads, num_key_value_heads=hf.num_key_value_heads or heads,
+                head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
+                d_ff=hf.intermediate_size, max_position_embeddings=hf.max_position_embeddings,
+                rope_parameters=rope, layer_norm_epsilon=hf.rms_norm_eps, hidden_act="silu",
+                attention_bias=bias, attention_out_bias=bias, mlp_bias=False, qk_norm=True,
+                qk_norm_width="all", pre_norms=False, sandwich_norms=True,
+                sliding_window=window, sliding_window_layers=window_layers, **local)
+
+
+def olmo_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    p, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+    out = {"ln_attn_out.weight": w.get(f"{p}post_attention_layernorm.weight"),
+           "ln_ffn_out.weight": w.get(f"{p}post_feedforward_layernorm.weight"),
+           "attn.c_attn.weight": torch.cat([w.get(f"{a}{x}_proj.weight") for x in "qkv"]),
+           "attn.c_proj.weight": w.get(f"{a}o_proj.weight"),
+           "attn.q_norm.weight": w.get(f"{a}q_norm.weight"),
+           "attn.k_norm.weight": w.get(f"{a}k_norm.weight")}
+    if w.has(f"{a}q_proj.bias"):
+        out["attn.c_attn.bias"] = torch.cat([w.get(f"{a}{x}_proj.bias") for x in "qkv"])
+        out["attn.c_proj.bias"] = w.get(f"{a}o_proj.bias")
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        out[f"ffn.{proj}.weight"] = w.get(f"{m}{proj}.weight")
+    return out
+
+
 _GPT2 = Importer(gpt2_config, gpt2_block, gpt2_outer, "transformer.")
 _LLAMA = Importer(llama_config, llama_block, llama_outer, "model.")
 _GRANITE = Importer(granite_config, granite_block, granite_outer, "model.")
 _GEMMA2 = Importer(gemma2_config, gemma2_block, gemma3_outer, "model.")
+_OLMO = Importer(olmo_config, olmo_block, llama_outer, "model.")
 _GEMMA3 = Importer(gemma3_config, gemma3_block, gemma3_outer, "model.")
 # transformers 5 saves the language model under model.language_model., older releases (and the
 # published checkpoints) under language_model.model.
@@ -429,7 +481,8 @@ _GEMMA3_MM = Importer(gemma3_multimodal_config, gemma3_block, gemma3_outer,
 IMPORTERS: dict[str, Importer] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA,
                                   "qwen2": _LLAMA, "qwen3": _LLAMA, "phi3": _LLAMA,
                                   "smollm3": _LLAMA, "granite": _GRANITE, "gemma2": _GEMMA2,
-                                  "gemma3_text": _GEMMA3, "gemma3": _GEMMA3_MM}
+                                  "gemma3_text": _GEMMA3, "gemma3": _GEMMA3_MM,
+                                  "olmo2": _OLMO, "olmo3": _OLMO}
 
 
 # ---------------------------------------------------------------------------------------------

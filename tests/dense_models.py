@@ -16,6 +16,8 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClas
                           Gemma3TextForSequenceClassification, GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
                           MistralConfig, MistralForCausalLM, MistralForSequenceClassification,
+                          Olmo2Config, Olmo2ForCausalLM, Olmo2ForSequenceClassification,
+                          Olmo3Config, Olmo3ForCausalLM, Olmo3ForSequenceClassification,
                           Phi3Config, Phi3ForCausalLM,
                           Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification,
                           Qwen3Config, Qwen3ForCausalLM, Qwen3ForSequenceClassification,
@@ -54,6 +56,13 @@ FAMILIES = {
         "query_pre_attn_scalar": 24, "rope_parameters": {
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    # OLMo 2: norms on the branch outputs only, q/k norms over all heads at once
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM, {}),
+    # OLMo 3: a sliding block and a full one, each kind with its own rotary base
+    "olmo3": (Olmo3Config, Olmo3ForCausalLM, {
+        "sliding_window": 7, "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 5e5},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
 }
 CLASSIFIERS = {  # (with the family's extra config above)
     "llama": (LlamaConfig, LlamaForSequenceClassification),
@@ -63,6 +72,8 @@ CLASSIFIERS = {  # (with the family's extra config above)
     "smollm3": (SmolLM3Config, SmolLM3ForSequenceClassification),
     "gemma2": (Gemma2Config, Gemma2ForSequenceClassification),
     "gemma3_text": (Gemma3TextConfig, Gemma3TextForSequenceClassification),
+    "olmo2": (Olmo2Config, Olmo2ForSequenceClassification),
+    "olmo3": (Olmo3Config, Olmo3ForSequenceClassification),
 }
 
 

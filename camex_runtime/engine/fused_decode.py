@@ -47,13 +47,17 @@ from camex_runtime.layers import (GEGLU_FFN, RMSNorm, ffn_kind, geglu_hidden, ge
 
 @dataclass(frozen=True)
 class _Norm:
-    weight: Tensor
+    weight: Tensor | None  # None: no norm (the identity)
     bias: Tensor | None
     eps: float
     rms: bool
 
     @classmethod
-    def of(cls, module: nn.Module) -> _Norm | None:
+    def of(cls, module: nn.Module, eps: float = 1e-5) -> _Norm | None:
+        """The native kernels' description of a norm module; an identity (a block without
+        pre-norms, OLMo 2) has no weight and `eps` (what the block's other norms use)."""
+        if isinstance(module, nn.Identity):
+            return cls(None, None, eps, True)
         if isinstance(module, nn.LayerNorm) and module.weight is not None and \
                 module.normalized_shape == (module.weight.shape[0],):
             return cls(module.weight, module.bias, float(module.eps), False)
@@ -138,10 +142,11 @@ class FusedDecode:
             return None
         blocks = []
         geglu_model = ffn_kind(model.config) is GEGLU_FFN  # dense and merged FFNs alike
+        eps = model.config.layer_norm_epsilon
         for i, block in enumerate(tr.h):
-            n1, n2 = _Norm.of(block.ln_1), _Norm.of(block.ln_2)
-            if n1 is None or n2 is None or n1.weight.dtype != compute or \
-                    n2.weight.dtype != compute:
+            n1, n2 = _Norm.of(block.ln_1, eps), _Norm.of(block.ln_2, eps)
+            if n1 is None or n2 is None or any(n.weight is not None and n.weight.dtype != compute
+                                               for n in (n1, n2)):
                 return None
             a = block.attn
             qk = (None, None)
@@ -204,7 +209,7 @@ class FusedDecode:
                 rot = ((cos_l, sin_l) if b.local else (cos, sin)) if b.rotates else (None, None)
                 x = mod.attn_block(x, *b.attn, kc, vc, b.layer, slots, positions, *rot, H, KV,
                                    b.window, b.attn_out, self.softcap)
-                h = mod.norm(x, *b.norm2.args())
+                h = mod.norm(x, *b.norm2.args()) if b.norm2.weight is not None else x
                 f = moe.apply(b.layer, h[:, None])[:, 0]
                 if b.ffn_out is not None:
                     f = mod.norm(f.contiguous(), b.ffn_out, None, b.norm2.eps, True)

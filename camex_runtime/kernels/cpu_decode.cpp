@@ -1465,6 +1465,18 @@ void check_rows(const at::Tensor& x) {
 }
 
 // Row-wise norm of x (B, d): LayerNorm with `bias` (or none), or RMSNorm (rms = true).
+// y = norm(x) with weight `w` (and bias `b`), or a copy of x where there is no norm (w
+// undefined: OLMo 2's blocks have no pre-norm).
+void norm_or_copy(const float* x, int64_t B, int64_t d, const c10::optional<at::Tensor>& w,
+                  const c10::optional<at::Tensor>& b, bool rms, double eps, float* y) {
+  const float* wp = fp32_or_null(w, d, "norm weight");
+  if (wp == nullptr) {
+    std::memcpy(y, x, B * d * sizeof(float));
+    return;
+  }
+  norm_rows(x, B, d, wp, fp32_or_null(b, d, "norm bias"), !rms, eps, y);
+}
+
 at::Tensor norm(const at::Tensor& x, const at::Tensor& weight,
                 const c10::optional<at::Tensor>& bias, double eps, bool rms) {
   check_rows(x);
@@ -1481,8 +1493,10 @@ at::Tensor norm(const at::Tensor& x, const at::Tensor& weight,
 // weights (Qwen3), rotary positions from the cos / sin tables (max_pos, rot) when given, the
 // keys and values written into the cache at (layer, slot, :, position), each row attending
 // over its own positions (the last `window` of them when window > 0), its scores capped at
-// ±softcap when softcap > 0.
-at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
+// ±softcap when softcap > 0. Without norm_w the block has no pre-norm (OLMo 2: x itself goes
+// into the projection); q_norm / k_norm of H * hd / KV * hd values norm all query / key heads
+// of a row together (OLMo 2) instead of each head.
+at::Tensor attn_block(const at::Tensor& x, const c10::optional<at::Tensor>& norm_w,
                       const c10::optional<at::Tensor>& norm_b, double eps, bool rms,
                       const at::Tensor& w_qkv, const c10::optional<at::Tensor>& b_qkv,
                       const at::Tensor& w_o, const c10::optional<at::Tensor>& b_o,
@@ -1508,15 +1522,21 @@ at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w,
   auto qkv = at::empty({B, nq}, x.options());
   auto o = at::empty({B, H * hd}, x.options());
   auto y = at::empty({B, d}, x.options());
-  norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(norm_w, d, "norm weight"),
-            fp32_or_null(norm_b, d, "norm bias"), !rms, eps, h.data_ptr<float>());
+  norm_or_copy(x.data_ptr<float>(), B, d, norm_w, norm_b, rms, eps, h.data_ptr<float>());
   linear_into(h.data_ptr<float>(), B, d, w_qkv, fp32_or_null(b_qkv, nq, "qkv bias"),
               qkv.data_ptr<float>());
   float* qp = qkv.data_ptr<float>();
-  const float* qn = fp32_or_null(q_norm, hd, "q_norm weight");
-  const float* kn = fp32_or_null(k_norm, hd, "k_norm weight");
+  const bool all_heads = q_norm.has_value() && q_norm->defined() && H > 1 &&
+                         q_norm->numel() == H * hd;
+  const float* qn = fp32_or_null(q_norm, all_heads ? H * hd : hd, "q_norm weight");
+  const float* kn = fp32_or_null(k_norm, all_heads ? KV * hd : hd, "k_norm weight");
   TORCH_CHECK((qn == nullptr) == (kn == nullptr), "q_norm and k_norm come together");
-  if (qn != nullptr) {  // in place: norm_rows reads a head's statistics before it writes
+  if (qn != nullptr && all_heads) {  // in place, as below: queries together, then keys
+    for (int64_t b = 0; b < B; ++b) {
+      norm_rows(qp + b * nq, 1, H * hd, qn, nullptr, false, eps, qp + b * nq);
+      norm_rows(qp + b * nq + H * hd, 1, KV * hd, kn, nullptr, false, eps, qp + b * nq + H * hd);
+    }
+  } else if (qn != nullptr) {  // in place: norm_rows reads a head's statistics before it writes
     for (int64_t b = 0; b < B; ++b)
       for (int64_t head = 0; head < H + KV; ++head) {
         float* hp = qp + b * nq + head * hd;
@@ -1630,7 +1650,8 @@ const at::Tensor& given(const OptT& t, const char* what) {
 // behind it after every block. Per block i (layer ints[9i]):
 //   x = attn_block(x)                               (blocks[i][0..7]: norm, qkv, o, q/k norms;
 //                                                    [10]: the attention output's norm, Gemma)
-//   h = norm2(x)                                    (blocks[i][8..9])
+//   h = norm2(x)                                    (blocks[i][8..9]; no weight: h = x, and
+//                                                    none in [0] either: OLMo 2's blocks)
 //   seg_sum[acc_slots[i][b], ints[9i+4]] += h[b]    (rows b with acc_slots[i][b] >= 0, if given)
 //   x = x + [norm(]FFN_g(h)[)] on the rows of each  (ffns[i]: rows (none: all), gate, gate bias,
 //       group g, normed by blocks[i][11] if given    up, up bias, down, down bias)
@@ -1663,14 +1684,13 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
     const int64_t* f = ints.data() + 9 * i;
     const OptT& c = f[8] ? cos_local : cos;
     const OptT& s = f[8] ? sin_local : sin;
-    x = attn_block(x, given(k[0], "norm weight"), k[1], eps[2 * i], f[1] != 0,
+    x = attn_block(x, k[0], k[1], eps[2 * i], f[1] != 0,
                    given(k[2], "qkv weight"), k[3], given(k[4], "o weight"), k[5], k[6], k[7],
                    kc, vc, f[0], slots, positions, f[6] ? c : OptT(), f[6] ? s : OptT(), H,
                    KV, f[5], k[10], softcap);
     auto h = at::empty({B, d}, x.options());
     float* hp = h.data_ptr<float>();
-    norm_rows(x.data_ptr<float>(), B, d, fp32_or_null(given(k[8], "norm weight"), d,
-              "norm weight"), fp32_or_null(k[9], d, "norm bias"), f[2] == 0, eps[2 * i + 1], hp);
+    norm_or_copy(x.data_ptr<float>(), B, d, k[8], k[9], f[2] != 0, eps[2 * i + 1], hp);
     if (acc_slots[i].has_value() && acc_slots[i]->defined()) {
       const auto& a = *acc_slots[i];
       const auto& sum = given(seg_sum, "seg_sum");

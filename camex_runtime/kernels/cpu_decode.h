@@ -36,7 +36,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
                             int64_t window, double softcap);
 at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, const OptT& bias, double eps,
                 bool rms);
-at::Tensor attn_block(const at::Tensor& x, const at::Tensor& norm_w, const OptT& norm_b,
+at::Tensor attn_block(const at::Tensor& x, const OptT& norm_w, const OptT& norm_b,
                       double eps, bool rms, const at::Tensor& w_qkv, const OptT& b_qkv,
                       const at::Tensor& w_o, const OptT& b_o, const OptT& q_norm,
                       const OptT& k_norm, at::Tensor kc, at::Tensor vc,

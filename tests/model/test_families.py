@@ -1,4 +1,5 @@
-"""Llama-family CAMEx (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2 and 3):
+"""Llama-family CAMEx (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2 and 3,
+OLMo 2 and 3):
 upcycled exactly from transformers' dense models, folded exactly, refused where it cannot be
 exact, saved and loaded by the Auto classes. Tiny random models built locally; GQA on
 everywhere."""
@@ -153,7 +154,7 @@ def test_smollm3_blocks_without_rotary_positions(tmp_path):
     assert dense_reference_error(model, dense_dir, ids) > 1e-3
 
 
-def test_qk_norm_and_windows_are_llama_family_options():
+def test_llama_family_options_are_checked():
     with pytest.raises(ValueError, match="qk_norm .* llama-family option"):
         cr.CamexConfig.from_preset("tiny", qk_norm=True)
     with pytest.raises(ValueError, match="sliding_window is a llama-family option"):
@@ -168,6 +169,16 @@ def test_qk_norm_and_windows_are_llama_family_options():
         cr.CamexConfig.from_preset("tiny", nope_layers=[0])
     with pytest.raises(ValueError, match=r"nope_layers \[2\] out of range"):
         cr.CamexConfig.from_preset("tiny-llama", nope_layers=[2])
+    with pytest.raises(ValueError, match="pre_norms=False .* needs the llama family and "
+                                         "sandwich_norms"):
+        cr.CamexConfig.from_preset("tiny-llama", pre_norms=False)
+    with pytest.raises(ValueError, match="qk_norm_width must be one of"):
+        cr.CamexConfig.from_preset("tiny-llama", qk_norm=True, qk_norm_width="pair")
+    for name, cap in (("attn_logit_softcapping", 0.0), ("final_logit_softcapping", -1.0)):
+        with pytest.raises(ValueError, match=f"{name} must be a positive number"):
+            cr.CamexConfig.from_preset("tiny-llama", **{name: cap})
+    with pytest.raises(ValueError, match="attn_logit_softcapping must be a positive number"):
+        cr.CamexConfig.from_preset("tiny", attn_logit_softcapping=50.0)  # llama family only
 
 
 def test_the_reference_check_sees_a_wrong_rotary(tmp_path):
@@ -192,7 +203,7 @@ def test_sharded_checkpoints_are_read(tmp_path):
     ("act", r"hidden_act 'gelu' is not supported"),
     ("family", r"model_type 'bert' cannot be upcycled; "
                r"supported: gpt2, llama, mistral, qwen2, qwen3, phi3, smollm3, granite, "
-               r"gemma2, gemma3_text, gemma3$"),
+               r"gemma2, gemma3_text, gemma3, olmo2, olmo3$"),
     ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
 ])
 def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):
@@ -357,14 +368,14 @@ def test_llama_training_form_trains(tmp_path):
 def test_only_checkpoints_older_runtimes_would_misread_get_the_new_format(tmp_path):
     """qk_norm or a sliding window: format 2, which runtimes before them refuse by name (they
     would have loaded it and attended wrongly); Gemma 3's blocks (branch-output norms, GeGLU,
-    a second rotary base): format 3; soft-capping (Gemma 2): format 4; everything else stays
-    format 1. All load."""
+    a second rotary base): format 3; soft-capping (Gemma 2), blocks without pre-norms and q/k
+    norms over all heads (OLMo 2): format 4; everything else stays format 1. All load."""
     from safetensors import safe_open
 
     from camex_runtime.checkpoint import load_folded
 
     for family, want in (("llama", 1), ("qwen3", 2), ("mistral", 2), ("smollm3", 2),
-                         ("granite", 1), ("gemma3_text", 3), ("gemma2", 4)):
+                         ("granite", 1), ("gemma3_text", 3), ("gemma2", 4), ("olmo2", 4)):
         model = cr.upcycle_from_dense(build_dense(tmp_path / family, family), num_experts=2,
                                       segment_len=4)
         cr.export(model.eval(), tmp_path / f"{family}-folded")
