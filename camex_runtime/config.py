@@ -50,8 +50,11 @@ FAMILIES = ("gpt2", "llama")
 FAMILY_ACTIVATIONS = {"gpt2": ("gelu_new", "gelu_pytorch_tanh"),
                       "llama": ("silu", "gelu_pytorch_tanh")}
 # Rotary types whose frequencies do not depend on the sequence length: reproduced exactly with
-# transformers' own initialisers. "dynamic", "longrope", ... are refused at load.
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# transformers' own initialisers. "dynamic", ... are refused at load. "longrope" (Phi-3.5,
+# Phi-4-mini) changes every position's frequencies once a sequence passes its
+# original_max_position_embeddings, which no KV cache can follow: it is served below that
+# length only (its short factors), where it is static.
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "longrope")
 CLASSIFIER_POOLING = ("mean", "last")
 QK_NORM_WIDTHS = ("head", "all")
 ROUTING_MODES = ("segment", "prompt")
@@ -322,6 +325,13 @@ class CamexConfig(PretrainedConfig):
                 raise ValueError(f"{name}: rope_type {rope_type!r} is not supported "
                                  f"(its frequencies depend on the sequence length or are not "
                                  f"reproduced exactly); supported: {ROPE_TYPES}")
+            old_len = params.get("original_max_position_embeddings")
+            if rope_type == "longrope" and self.max_position_embeddings > old_len:
+                raise ValueError(
+                    f"{name}: longrope switches every position to its long factors once a "
+                    f"sequence passes original_max_position_embeddings={old_len}, which a KV "
+                    f"cache cannot follow; max_position_embeddings "
+                    f"{self.max_position_embeddings} must be at most {old_len}")
             factor = params.get("partial_rotary_factor", 1.0)
             if not 0.0 < factor <= 1.0 or int(self.head_dim * factor) % 2:
                 raise ValueError(f"{name}: partial_rotary_factor {factor} must be in "

@@ -73,6 +73,16 @@ def rope_frequencies(config: CamexConfig, params: dict | None = None) -> tuple[T
         return torch.where(medium, smoothed, scaled), 1.0
     if rope_type == "yarn":
         return _yarn(config, params, base, rot)
+    if rope_type == "longrope":  # below original_max_position_embeddings: the short factors
+        factor = params.get("factor") or \
+            config.max_position_embeddings / params["original_max_position_embeddings"]
+        attention = params.get("attention_factor")
+        if attention is None:
+            attention = 1.0 if factor <= 1.0 else math.sqrt(
+                1 + math.log(factor) / math.log(params["original_max_position_embeddings"]))
+        short = torch.tensor(params["short_factor"], dtype=torch.float32)
+        shape = torch.arange(0, rot, 2, dtype=torch.int64).float() / rot
+        return 1.0 / (short * base ** shape), float(attention)
     return inv_freq, 1.0
 
 

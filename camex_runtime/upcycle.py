@@ -512,10 +512,14 @@ def camex_config_for(hf, head: str, overrides: dict[str, Any]) -> CamexConfig:
                       num_labels=hf.num_labels, id2label=dict(hf.id2label),
                       label2id=dict(hf.label2id), problem_type=hf.problem_type)
     for name in ("rope_parameters", "rope_local_parameters"):  # before overrides move it:
-        params = kwargs.get(name)  # YaRN without a factor stretches to the source's length
-        if params and params.get("rope_type") == "yarn" and not params.get("factor"):
-            kwargs[name] = {**params, "factor": kwargs["max_position_embeddings"]
-                            / params["original_max_position_embeddings"]}
+        params = kwargs.get(name)  # YaRN / LongRoPE without a factor: the source's stretch
+        if params and params.get("rope_type") in ("yarn", "longrope") and \
+                not params.get("factor"):
+            kwargs[name] = params = {**params, "factor": kwargs["max_position_embeddings"]
+                                     / params["original_max_position_embeddings"]}
+        if params and params.get("rope_type") == "longrope":  # served below its switch
+            kwargs["max_position_embeddings"] = min(kwargs["max_position_embeddings"],
+                                                    params["original_max_position_embeddings"])
     kwargs.update(overrides)
     window = kwargs.get("sliding_window")
     if window is not None and window >= kwargs.get("max_position_embeddings", window + 1):

@@ -106,6 +106,26 @@ def test_gemma3_yarn_full_blocks_truncate_as_transformers_does(tmp_path):
     assert dense_reference_error(model, dense_dir, random_ids(40, seed=4, batch=2)) <= 1e-5
 
 
+@pytest.mark.parametrize("rotary", [1.0, 0.5], ids=["full", "partial"])
+def test_longrope_serves_below_its_switch_with_the_short_factors(tmp_path, rotary):
+    """Phi-3.5 / Phi-4-mini's LongRoPE: below original_max_position_embeddings transformers
+    rotates with the short factors (and the attention factor of the whole stretch); past it,
+    every position with the long ones. The served length stops at the switch (64 of 128
+    here), exact up to it; asking for more is refused by name."""
+    rot = int(16 * rotary)
+    dense_dir = build_dense(tmp_path / "phi", "phi3", partial_rotary_factor=rotary,
+                            original_max_position_embeddings=64, rope_scaling={
+        "rope_type": "longrope", "original_max_position_embeddings": 64,
+        "short_factor": [1.0 + 0.3 * i for i in range(rot // 2)],
+        "long_factor": [4.0 + i for i in range(rot // 2)]})
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
+    assert model.config.max_position_embeddings == 64
+    assert dense_reference_error(model, dense_dir, random_ids(60, seed=3, batch=2)) <= 1e-5
+    with pytest.raises(UpcycleError, match="longrope switches every position .* at most 64"):
+        cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4,
+                              max_position_embeddings=128)
+
+
 def test_phi3_partial_rotary_and_fused_projections(tmp_path):
     from safetensors import safe_open
 
