@@ -87,6 +87,11 @@ class _Sampling(RequestSchema):
     include_stop_str_in_output: bool = Field(False, description="keep the stop string that "
                                                                 "ended a choice in its text "
                                                                 "(vLLM extension)")
+    bad_words: list[Text] | None = Field(None, description="words never generated, alone or "
+                                                           "after a space (vLLM extension)")
+    truncate_prompt_tokens: Int | None = Field(
+        None, ge=-1, description="keep only the last N prompt tokens; -1: the last "
+                                 "max_total_tokens (vLLM extension)")
     # structured output (server.structured): at most one of these
     response_format: ResponseFormat | None = Field(
         None, description='{"type": "json_object"} or {"type": "json_schema", "json_schema": '

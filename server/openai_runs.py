@@ -111,7 +111,23 @@ def sampling(body, state, *, max_tokens: int, stops: list[str], logprobs: int = 
         constraint=constraint,
         allowed_token_ids=None if body.allowed_token_ids is None
         else tuple(body.allowed_token_ids),
-        skip_special_tokens=body.skip_special_tokens)
+        skip_special_tokens=body.skip_special_tokens, bad_words=tuple(body.bad_words or ()))
+
+
+def truncated(engine, body, prompt: str | list[int]) -> str | list[int]:
+    """vLLM's truncate_prompt_tokens: the last N tokens of the prompt (-1: the last
+    max_total_tokens); off the event loop (it may tokenize)."""
+    keep = body.truncate_prompt_tokens
+    if keep is None:
+        return prompt
+    if keep == 0:
+        raise errors.validation("`truncate_prompt_tokens` must be -1 or a positive count",
+                                param="truncate_prompt_tokens")
+    if keep == -1:
+        keep = engine.info()["max_total_tokens"]
+    ids = prompt if not isinstance(prompt, str) else \
+        engine.tokenizer.encode(prompt, add_special_tokens=False)
+    return prompt if len(ids) <= keep else list(ids[-keep:])
 
 
 def logit_bias(bias: dict[int, float] | None) -> dict[int, float] | None:

@@ -403,6 +403,8 @@ class Engine:
                                 RequestTimings(queued_at=time.monotonic()))
         if params.constraint is not None:  # compiled here: a bad grammar is the caller's error
             req.guide = self.grammars.guide(params.constraint)
+        if params.bad_words:
+            req.bad_word_ids = self._bad_word_ids(params.bad_words)
         if params.allowed_token_ids is not None:
             ending = set(params.stop_token_ids) | (set() if params.ignore_eos
                                                    else set(self.eos_token_ids))
@@ -673,12 +675,36 @@ class Engine:
         return both
 
     def _suppressed(self, req: GenerationRequest) -> tuple[int, ...]:
-        """The ids that would end `req` (EOS unless ignored, its stop_token_ids), while it has
-        fewer than `min_tokens` new tokens: they are not chosen then."""
-        p = req.params
-        if len(req.output_token_ids) >= p.min_tokens:
-            return ()
-        return tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_token_ids))
+        """The ids `req` must not choose now: those that would end it (EOS unless ignored,
+        its stop_token_ids) while it has fewer than `min_tokens` new tokens, and the token that
+        would complete one of its bad words."""
+        p, out = req.params, req.output_token_ids
+        banned = ()
+        if len(out) < p.min_tokens:
+            banned = tuple(p.stop_token_ids) + (() if p.ignore_eos else tuple(self.eos_token_ids))
+        for word in req.bad_word_ids:
+            n = len(word) - 1
+            if n == 0 or (len(out) >= n and tuple(out[-n:]) == word[:-1]):
+                banned += (word[-1],)
+        return banned
+
+    def _bad_word_ids(self, words) -> tuple[tuple[int, ...], ...]:
+        """Each bad word as the token ids it may be generated as: alone, and after a space
+        (byte-level BPE's word-initial tokens; where the space is a token of its own, the bare
+        spelling already covers it). vLLM keeps the spaced spelling only when it has as many
+        tokens as the bare one, which misses a word that is one token with its space."""
+        if self.tokenizer is None:
+            raise InputValidationError("bad_words needs the checkpoint's tokenizer; this "
+                                       "engine has none")
+        seqs: list[tuple[int, ...]] = []
+        for word in words:
+            bare = tuple(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = tuple(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            for ids in (bare, spaced):
+                # a space the tokenizer keeps as a token of its own adds no new spelling
+                if ids and ids not in seqs and (ids is bare or ids[1:] != bare):
+                    seqs.append(ids)
+        return tuple(seqs)
 
     def _sample_alone(self, req: GenerationRequest, logits) -> tuple | None:
         """Sample one request's row; on failure finish that request only and return None."""

@@ -21,6 +21,7 @@ from camex_runtime.engine.outputs import (GenerationResult, PromptLogprob, Reque
 
 ROUTING_MODES = ("segment", "prompt")
 MAX_STOP_SEQUENCES = 16
+MAX_BAD_WORDS = 256  # each is checked against the generated tail every step
 MAX_LOGPROBS = 20  # alternatives per position (vLLM's default --max-logprobs)
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit bias, [-100, 100]
 MAX_PENALTY = 2.0  # OpenAI's range for presence and frequency penalties, [-2, 2]
@@ -113,6 +114,9 @@ class SamplingParams:
     allowed_token_ids: Sequence[int] | None = None
     # special tokens (EOS, chat markers) left out of the generated text (vLLM's default)
     skip_special_tokens: bool = True
+    # words never generated (vLLM's bad_words): the token that would complete one, as it
+    # starts the text or after a space, is not chosen
+    bad_words: Sequence[str] = ()
 
     def validate(self) -> None:
         """Raise InputValidationError with the offending value; the engine calls this on submit."""
@@ -169,6 +173,11 @@ class SamplingParams:
                 or not all(map(_token_id, self.allowed_token_ids))):
             bad(f"allowed_token_ids must be a non-empty list of token ids (integers >= 0), "
                 f"got {self.allowed_token_ids!r}")
+        if isinstance(self.bad_words, (str, bytes)) or not isinstance(self.bad_words, Sequence) \
+                or not all(isinstance(w, str) and w.strip() for w in self.bad_words):
+            bad(f"bad_words must be a list of non-blank strings, got {self.bad_words!r}")
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            bad(f"at most {MAX_BAD_WORDS} bad_words, got {len(self.bad_words)}")
         if not isinstance(self.skip_special_tokens, bool):
             bad(f"skip_special_tokens must be true or false, got {self.skip_special_tokens!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0):
@@ -351,6 +360,8 @@ class GenerationRequest:
     guide: object | None = field(default=None, repr=False)
     # (V,) bool of its `allowed_token_ids`, made at submit (None: every id)
     allowed_ids: object | None = field(default=None, repr=False)
+    # its `bad_words` as token-id sequences (each word bare and after a space), made at submit
+    bad_word_ids: tuple[tuple[int, ...], ...] = ()
     # prompt + generated ids, appended to in place (decode reads it every step: no copies)
     _all_ids: list[int] = field(default_factory=list, repr=False)
 

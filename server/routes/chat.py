@@ -26,7 +26,7 @@ from server.openai_protocol import (AssistantMessage, ChatChoice, ChatCompletion
 from server.openai_runs import (Choice, check_model, check_stream_options, choice_seeds, clamp,
                                 close_all, context_length_error, finish_reason, first_events,
                                 merged, run_to_end, sampling, start_choices, stop_list,
-                                token_strings, usage_now, usage_of)
+                                token_strings, truncated, usage_now, usage_of)
 from server.reasoning import END, ThinkSplit, answer_only
 from server.structured import openai_constraint, tool_constraint
 from server.tool_calls import ForcedCalls, splitter
@@ -64,6 +64,7 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
                                 param="tools")
     template = require_template(engine, state.settings)
     text, ids = await anyio.to_thread.run_sync(prompt_ids, engine, template, body)
+    ids = truncated(engine, body, ids)
     max_tokens = body.max_completion_tokens or body.max_tokens
     if max_tokens is None:  # vLLM: whatever the context has left after the prompt
         max_tokens = max(1, engine.info()["max_total_tokens"] - len(ids))

@@ -27,7 +27,7 @@ from server.openai_protocol import (Completion, CompletionChoice, CompletionLogp
 from server.openai_runs import (Choice, check_model, check_stream_options, choice_seeds, clamp,
                                 close_all, context_length_error, finish_reason, first_events,
                                 merged, run_to_end, sampling, start_choices, stop_list,
-                                token_strings, usage_now, usage_of)
+                                token_strings, truncated, usage_now, usage_of)
 from server.routes.tgi import SSE_HEADERS
 
 router = APIRouter(prefix="/v1", tags=["OpenAI compatible"])
@@ -69,6 +69,9 @@ async def start(request: Request, body: CompletionRequest) -> list[Choice]:
         prompt_lps = n_logprobs
     seeds = choice_seeds(body.seed, body.n)
     prompts = prompts_of(body)
+    if body.truncate_prompt_tokens is not None:
+        prompts = await anyio.to_thread.run_sync(
+            lambda: [truncated(engine, body, p) for p in prompts])
     max_tokens = [body.max_tokens] * len(prompts)
     if body.max_tokens is None:  # an explicit null: what the context has left (vLLM)
         max_tokens = await anyio.to_thread.run_sync(room_left, engine, prompts)

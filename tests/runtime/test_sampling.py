@@ -123,6 +123,34 @@ def test_allowed_token_ids_keep_generation_inside_them(engine):
         engine.submit("x", SamplingParams(allowed_token_ids=[engine.eos_token_id], min_tokens=1))
 
 
+def test_bad_words_are_not_generated(engine):
+    """A token of the free answer that spells a word by itself, as a bad word: it is never
+    chosen, the answer turns there; no spelling of the word (alone or after a space, as its
+    tokens) appears."""
+    free = engine.generate("the lazy dog", max_new_tokens=16, ignore_eos=True)
+    at, word = next((i, w) for i, t in enumerate(free.token_ids) if i > 0
+                    for w in [engine.tokenizer.decode([t]).strip()]
+                    if w and (t,) in engine._bad_word_ids([w]))
+    spellings = engine._bad_word_ids([word])
+    res = engine.generate("the lazy dog", max_new_tokens=16, ignore_eos=True, bad_words=[word])
+    assert res.token_ids[:at] == free.token_ids[:at] and res.token_ids[at] != free.token_ids[at]
+    for ids in spellings:
+        assert not any(tuple(res.token_ids[i:i + len(ids)]) == ids
+                       for i in range(len(res.token_ids)))
+
+
+def test_a_bad_word_of_several_tokens_bans_its_last_after_the_others(engine):
+    from camex_runtime.engine.request import GenerationRequest, RequestTimings
+
+    req = GenerationRequest("r", [1], SamplingParams(), "segment", None,
+                            RequestTimings(queued_at=0.0), bad_word_ids=((5,), (7, 8)))
+    assert engine._suppressed(req) == (5,)
+    req.output_token_ids.extend([3, 7])
+    assert engine._suppressed(req) == (5, 8)
+    req.output_token_ids.append(8)  # (chosen anyway, e.g. forced): the rule looks back only
+    assert engine._suppressed(req) == (5,)
+
+
 def test_special_tokens_are_skipped_in_text_unless_asked(engine):
     eos = engine.eos_token_id
     kw = dict(max_new_tokens=3, allowed_token_ids=[eos])
@@ -184,7 +212,9 @@ def test_find_stop_only_in_new_text():
     (dict(prompt_logprobs=-1), "prompt_logprobs"), (dict(max_new_tokens=-1), "max_new_tokens"),
     (dict(allowed_token_ids=[]), "allowed_token_ids"),
     (dict(allowed_token_ids=[1, -2]), "allowed_token_ids"),
-    (dict(skip_special_tokens=None), "skip_special_tokens")])
+    (dict(skip_special_tokens=None), "skip_special_tokens"),
+    (dict(bad_words="word"), "bad_words"), (dict(bad_words=[" "]), "bad_words"),
+    (dict(bad_words=["w"] * 257), "at most 256 bad_words")])
 def test_bad_params_are_rejected(kw, msg):
     with pytest.raises(InputValidationError, match=msg):
         SamplingParams(**kw).validate()

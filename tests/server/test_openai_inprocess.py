@@ -179,6 +179,33 @@ def test_vllm_token_extras_allowed_ids_and_special_tokens(client):
         assert got["message"]["content"] == want and got["finish_reason"] == "stop"
 
 
+def test_vllm_prompt_and_word_extras(client):
+    """truncate_prompt_tokens keeps the prompt's last N tokens (completions and chat, -1: the
+    context); bad_words reach the engine."""
+    tok, engine = client.tokenizer, client.app.state.serving.lm
+    ids = tok("the quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    body = dict(max_tokens=5, temperature=0, ignore_eos=True)
+    out = complete(client, prompt=ids, truncate_prompt_tokens=4, **body)
+    assert out["usage"]["prompt_tokens"] == 4
+    assert out["choices"][0]["text"] == engine.generate(ids[-4:], max_new_tokens=5,
+                                                        ignore_eos=True).text
+    text = complete(client, prompt="the quick brown fox", truncate_prompt_tokens=2, echo=True,
+                    **body)["choices"][0]["text"]  # echo shows what the model was given
+    assert text.startswith(tok.decode(tok("the quick brown fox",
+                                          add_special_tokens=False)["input_ids"][-2:]))
+    whole = complete(client, prompt=ids, truncate_prompt_tokens=-1, **body)
+    assert whole["usage"]["prompt_tokens"] == len(ids)
+    msg = {"messages": [{"role": "user", "content": "hello there"}], **body}
+    full = client.post("/v1/chat/completions", json=msg).json()["usage"]["prompt_tokens"]
+    cut = client.post("/v1/chat/completions", json={**msg, "truncate_prompt_tokens": 3}).json()
+    assert full > 3 and cut["usage"]["prompt_tokens"] == 3
+    free = complete(client, prompt=ids, **body)["choices"][0]["text"]
+    word = free.split()[0]
+    banned = complete(client, prompt=ids, bad_words=[word], **body)["choices"][0]["text"]
+    assert banned == engine.generate(ids, max_new_tokens=5, ignore_eos=True,
+                                     bad_words=[word]).text != free
+
+
 def test_streamed_echo_logprobs_equal_the_plain_answer(client):
     body = dict(prompt=["the lazy dog", "hello"], n=2, max_tokens=4, temperature=0, echo=True,
                 logprobs=2, ignore_eos=True)
@@ -668,6 +695,9 @@ def test_sampling_controls_reach_the_engine(client):
     ({"allowed_token_ids": []}, 422, "allowed_token_ids"),
     ({"allowed_token_ids": [10000000]}, 422, "outside the vocabulary"),
     ({"skip_special_tokens": "maybe"}, 422, "skip_special_tokens"),
+    ({"truncate_prompt_tokens": 0}, 422, "must be -1 or a positive count"),
+    ({"truncate_prompt_tokens": -2}, 422, "truncate_prompt_tokens"),
+    ({"bad_words": ["  "]}, 422, "bad_words must be a list of non-blank strings"),
 ])
 def test_bad_sampling_controls_are_422(client, body, status, needle):
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", **body})
