@@ -373,10 +373,12 @@ def test_classifier_upcycles_exactly_and_pools_the_last_token(tmp_path, family):
     assert rel_err(ref, got) <= 1e-5
 
 
-def test_llama_training_form_trains(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gemma2", "olmo3"])
+def test_llama_training_form_trains(tmp_path, family):
     """Gradients reach every CAMEx parameter once the experts differ from their base (at the
-    upcycled init τ = 0, so M(τ) = 0 and the curvature factors get no gradient yet)."""
-    model = spread(cr.upcycle_from_dense(build_dense(tmp_path / "d", "llama"), num_experts=3,
+    upcycled init τ = 0, so M(τ) = 0 and the curvature factors get no gradient yet); through
+    soft-capped scores (Gemma 2) and blocks without pre-norms (OLMo 3) too."""
+    model = spread(cr.upcycle_from_dense(build_dense(tmp_path / "d", family), num_experts=3,
                                          segment_len=4, curvature_rank=2)).train()
     ids = random_ids(13, seed=9, batch=2)
     model(ids, labels=ids).loss.backward()
