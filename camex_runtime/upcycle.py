@@ -3,7 +3,8 @@
 `upcycle_from_dense(path)` reads the directory's ``config.json``, picks the importer of its
 ``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``,
 ``smollm3``, ``granite``, ``gemma2``, ``gemma3_text``, ``gemma3``: its language model,
-``olmo2``, ``olmo3``), and builds a
+``olmo2``, ``olmo3``; sparse MoEs ``mixtral``, ``qwen3_moe``, ``olmoe``, whose experts are
+imported, see "Sparse MoE sources" below), and builds a
 training-form CAMEx model whose every expert is a copy of the dense FFN (τ = 0), curvature at
 the identity and routers at N(0, 0.02): the merged FFN equals the dense one whatever the scores,
 so the model computes exactly the dense model's logits (docs/DESIGN.md, "Model families"). Fused
@@ -44,7 +45,8 @@ from .config import CamexConfig
 from .modeling import CamexForCausalLM, CamexForSequenceClassification, CamexPreTrainedModel
 
 SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite",
-             "gemma2", "gemma3_text", "gemma3", "olmo2", "olmo3")
+             "gemma2", "gemma3_text", "gemma3", "olmo2", "olmo3", "mixtral", "qwen3_moe",
+             "olmoe")
 
 
 class UpcycleError(ValueError):
@@ -109,6 +111,9 @@ class Importer:
     # (weights) -> {"wte", "wpe"?, "ln_f.weight", "ln_f.bias"?, "lm_head"?, "score"?}
     outer: Callable[[DenseWeights, Any], dict[str, Tensor]]
     prefix: str | tuple[str, ...]                 # body prefix inside the checkpoint
+    # a sparse-MoE source: blocks also give "experts.<proj>.weight" stacked (E, out, in) and
+    # "router.weight" (E, d), which become the CAMEx layer's experts, their mean its base
+    sparse: bool = False
 
 
 def _common(hf) -> dict[str, Any]:
@@ -158,7 +163,7 @@ def llama_config(hf) -> dict[str, Any]:
     # Qwen2 always biases q/k/v (not o); Llama, Qwen3 and SmolLM3 bias all four with
     # attention_bias.
     declared = bool(getattr(hf, "attention_bias", False))
-    all_four = mt in ("llama", "qwen3", "smollm3", "granite")
+    all_four = mt in ("llama", "qwen3", "smollm3", "granite", "qwen3_moe", "olmoe")
     qkv_bias = True if mt == "qwen2" else all_four and declared
     # SmolLM3's no_rope_layers: per block, 1 = rotary positions, 0 = none (NoPE)
     nope = [i for i, rotates in enumerate(getattr(hf, "no_rope_layers", None) or ())
@@ -170,7 +175,8 @@ def llama_config(hf) -> dict[str, Any]:
                 rope_parameters=rope, layer_norm_epsilon=hf.rms_norm_eps, hidden_act="silu",
                 attention_bias=qkv_bias,
                 attention_out_bias=all_four and declared, nope_layers=nope or None,
-                mlp_bias=bool(getattr(hf, "mlp_bias", False)), qk_norm=mt == "qwen3",
+                mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+                qk_norm=mt in ("qwen3", "qwen3_moe", "olmoe"),
                 **dict(zip(("sliding_window", "sliding_window_layers"), sliding_window(hf))))
 
 
@@ -183,7 +189,7 @@ def sliding_window(hf) -> tuple[int | None, list[int] | None]:
     sliding_on = getattr(hf, "use_sliding_window", False)
     if hf.model_type == "smollm3" and not sliding_on:  # its blocks ignore layer_types then
         return None, None
-    if hf.model_type in ("qwen2", "qwen3") and not sliding_on \
+    if hf.model_type in ("qwen2", "qwen3", "qwen3_moe") and not sliding_on \
             and "sliding_attention" not in types:
         return None, None
     if window is None:
@@ -197,6 +203,23 @@ def sliding_window(hf) -> tuple[int | None, list[int] | None]:
 
 
 def llama_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    out = llama_attention(w, hf, i)
+    m = f"layers.{i}.mlp."
+    if w.has(f"{m}gate_up_proj.weight"):  # Phi-3: rows gate first, then up
+        gate, up = w.get(f"{m}gate_up_proj.weight").chunk(2, dim=0)
+        out["ffn.gate_proj.weight"], out["ffn.up_proj.weight"] = gate, up
+    else:
+        for proj in ("gate_proj", "up_proj"):
+            out[f"ffn.{proj}.weight"] = w.get(f"{m}{proj}.weight")
+    out["ffn.down_proj.weight"] = w.get(f"{m}down_proj.weight")
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        if w.has(f"{m}{proj}.bias"):
+            out[f"ffn.{proj}.bias"] = w.get(f"{m}{proj}.bias")
+    return out
+
+
+def llama_attention(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    """A Llama-shaped block's two norms and attention (everything but its FFN)."""
     p = f"layers.{i}."
     out = {"ln_1.weight": w.get(f"{p}input_layernorm.weight"),
            "ln_2.weight": w.get(f"{p}post_attention_layernorm.weight")}
@@ -213,17 +236,6 @@ def llama_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
         out["attn.k_norm.weight"] = w.get(f"{a}k_norm.weight")
     if w.has(f"{a}o_proj.bias"):
         out["attn.c_proj.bias"] = w.get(f"{a}o_proj.bias")
-    m = f"{p}mlp."
-    if w.has(f"{m}gate_up_proj.weight"):  # Phi-3: rows gate first, then up
-        gate, up = w.get(f"{m}gate_up_proj.weight").chunk(2, dim=0)
-        out["ffn.gate_proj.weight"], out["ffn.up_proj.weight"] = gate, up
-    else:
-        for proj in ("gate_proj", "up_proj"):
-            out[f"ffn.{proj}.weight"] = w.get(f"{m}{proj}.weight")
-    out["ffn.down_proj.weight"] = w.get(f"{m}down_proj.weight")
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        if w.has(f"{m}{proj}.bias"):
-            out[f"ffn.{proj}.bias"] = w.get(f"{m}{proj}.bias")
     return out
 
 
@@ -468,11 +480,56 @@ def olmo_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
     return out
 
 
+# Sparse MoE sources (Mixtral, Qwen3-MoE, OLMoE): the CAMEx paper's starting point (its
+# Algorithm 1 turns a model's SMoE layers into merged-expert layers). Each SMoE layer's N
+# experts become the CAMEx layer's N routed experts, their mean the base E_m (so τ_i = E_i −
+# mean), the source's gate its router. At init, with the curvature at the identity and α = 1,
+# the merged FFN is Σ s_i E_i with s = softmax(gate · h̄): the experts averaged in weight space
+# by the source's own router over the segment — not the source's top-k mixture of outputs, so
+# not the source's logits: such a model is a starting point for fine-tuning, not a copy.
+
+
+def _num_experts(hf) -> int:
+    return int(getattr(hf, "num_local_experts", None) or hf.num_experts)
+
+
+def smoe_config(hf) -> dict[str, Any]:
+    mt = hf.model_type
+    if mt == "qwen3_moe" and (list(getattr(hf, "mlp_only_layers", None) or ())
+                              or getattr(hf, "decoder_sparse_step", 1) != 1):
+        raise UpcycleError("qwen3_moe: dense layers between the MoE ones (mlp_only_layers, "
+                           "decoder_sparse_step) are not supported: their FFN width differs")
+    if mt == "olmoe" and getattr(hf, "clip_qkv", None) is not None:
+        raise UpcycleError(f"olmoe: clip_qkv={hf.clip_qkv} is not supported")
+    cfg = llama_config(hf)
+    cfg.update(num_experts=_num_experts(hf), moe_layers=None,
+               d_ff=getattr(hf, "moe_intermediate_size", None) or hf.intermediate_size)
+    if mt == "olmoe":  # q/k norms over all heads together, as OLMo 2's
+        cfg.update(qk_norm_width="all")
+    return cfg
+
+
+def smoe_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    out = llama_attention(w, hf, i)
+    if hf.model_type == "mixtral":
+        m, names = f"layers.{i}.block_sparse_moe.", {"gate_proj": "w1", "up_proj": "w3",
+                                                      "down_proj": "w2"}
+    else:
+        m, names = f"layers.{i}.mlp.", {p: p for p in ("gate_proj", "up_proj", "down_proj")}
+    n = _num_experts(hf)
+    for ours, theirs in names.items():
+        out[f"experts.{ours}.weight"] = torch.stack(
+            [w.get(f"{m}experts.{j}.{theirs}.weight") for j in range(n)])
+    out["router.weight"] = w.get(f"{m}gate.weight")
+    return out
+
+
 _GPT2 = Importer(gpt2_config, gpt2_block, gpt2_outer, "transformer.")
 _LLAMA = Importer(llama_config, llama_block, llama_outer, "model.")
 _GRANITE = Importer(granite_config, granite_block, granite_outer, "model.")
 _GEMMA2 = Importer(gemma2_config, gemma2_block, gemma3_outer, "model.")
 _OLMO = Importer(olmo_config, olmo_block, llama_outer, "model.")
+_SMOE = Importer(smoe_config, smoe_block, llama_outer, "model.", sparse=True)
 _GEMMA3 = Importer(gemma3_config, gemma3_block, gemma3_outer, "model.")
 # transformers 5 saves the language model under model.language_model., older releases (and the
 # published checkpoints) under language_model.model.
@@ -482,7 +539,8 @@ IMPORTERS: dict[str, Importer] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LL
                                   "qwen2": _LLAMA, "qwen3": _LLAMA, "phi3": _LLAMA,
                                   "smollm3": _LLAMA, "granite": _GRANITE, "gemma2": _GEMMA2,
                                   "gemma3_text": _GEMMA3, "gemma3": _GEMMA3_MM,
-                                  "olmo2": _OLMO, "olmo3": _OLMO}
+                                  "olmo2": _OLMO, "olmo3": _OLMO,
+                                  "mixtral": _SMOE, "qwen3_moe": _SMOE, "olmoe": _SMOE}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -520,6 +578,19 @@ def camex_config_for(hf, head: str, overrides: dict[str, Any]) -> CamexConfig:
         if params and params.get("rope_type") == "longrope":  # served below its switch
             kwargs["max_position_embeddings"] = min(kwargs["max_position_embeddings"],
                                                     params["original_max_position_embeddings"])
+    if IMPORTERS[hf.model_type].sparse:  # the source fixes the experts and where they are
+        n, layers = kwargs["num_experts"], list(range(kwargs["n_layer"]))
+        if overrides.get("num_experts", n) != n:
+            raise UpcycleError(f"{hf.model_type}: the source has {n} experts per MoE layer; "
+                               f"num_experts {overrides['num_experts']} cannot be imported "
+                               f"(leave it unset or {n})")
+        if overrides.get("moe_layers") not in (None, layers):
+            raise UpcycleError(f"{hf.model_type}: every layer of the source is a MoE layer; "
+                               f"moe_layers {overrides['moe_layers']} cannot be imported")
+        if overrides.get("dynamic"):
+            raise UpcycleError(f"{hf.model_type}: Dynamic-Merg derives each later layer's base "
+                               f"from the layer before; a sparse source's layers each have "
+                               f"their own experts (import without dynamic)")
     kwargs.update(overrides)
     window = kwargs.get("sliding_window")
     if window is not None and window >= kwargs.get("max_position_embeddings", window + 1):
@@ -592,9 +663,18 @@ def _copy_dense(model: CamexPreTrainedModel, w: DenseWeights, importer: Importer
 def _copy_block(block, tensors: dict[str, Tensor]) -> None:
     params = dict(block.named_parameters())
     ffn = {k[len("ffn."):]: v for k, v in tensors.items() if k.startswith("ffn.")}
+    experts = {k[len("experts."):]: v for k, v in tensors.items() if k.startswith("experts.")}
     for name, value in tensors.items():
-        if not name.startswith("ffn."):
+        if not name.startswith(("ffn.", "experts.", "router.")):
             _assign(params, name, value)
+    if experts:  # a sparse-MoE source's layer: its experts, their mean as the base, its gate
+        moe = block.ffn
+        for name, stacked in experts.items():  # "gate_proj.weight": (E, out, in)
+            proj, kind = name.rsplit(".", 1)
+            _assign(params, f"ffn.experts.{proj}.{kind}", stacked)
+            _assign(params, f"ffn.base.{proj}.{kind}", stacked.mean(dim=0))
+        _assign(params, "ffn.router.weight", tensors["router.weight"])
+        return
     if not block.is_moe:
         for name, value in ffn.items():
             _assign(params, f"ffn.{name}", value)

@@ -55,13 +55,22 @@ def upcycled_model(cfg: TrainConfig, data) -> torch.nn.Module:
     head for the classify task), checked against the dense model unless told not to."""
     from dataclasses import asdict
 
-    from camex_runtime.upcycle import dense_reference_error, upcycle_from_dense
+    from camex_runtime.upcycle import (IMPORTERS, dense_reference_error, read_dense_config,
+                                       upcycle_from_dense)
 
     from .random_dense import resolve_dense
 
     dense = resolve_dense(cfg.from_dense)
     spec = asdict(cfg.model)
     knobs = {k: spec[k] for k in CAMEX_KNOBS}
+    source = read_dense_config(Path(dense))
+    sparse = IMPORTERS[source.model_type].sparse
+    if sparse:  # a sparse-MoE source brings its experts: how many, and in which layers
+        del knobs["num_experts"], knobs["moe_layers"]
+        print(f"upcycling {dense}: a sparse MoE ({source.model_type}); its experts per layer "
+              f"become the merged-expert layers' (--num-experts / --moe-layers ignored), "
+              f"merged by its own router: not the source's logits, so nothing to compare "
+              f"with", file=sys.stderr)
     if spec["max_position_embeddings"]:
         knobs["max_position_embeddings"] = spec["max_position_embeddings"]
     head = "lm"
@@ -78,7 +87,7 @@ def upcycled_model(cfg: TrainConfig, data) -> torch.nn.Module:
     if model.config.max_position_embeddings < cfg.block_size:
         raise ValueError(f"block_size {cfg.block_size} exceeds the upcycled model's "
                          f"max_position_embeddings {model.config.max_position_embeddings}")
-    if cfg.verify_upcycle and head == "lm" and not cfg.model.dynamic:
+    if cfg.verify_upcycle and head == "lm" and not cfg.model.dynamic and not sparse:
         err = dense_reference_error(model, dense)
         print(f"upcycled {dense}: max relative logit error against the dense model "
               f"{err:.2e}", file=sys.stderr)

@@ -223,7 +223,7 @@ def test_sharded_checkpoints_are_read(tmp_path):
     ("act", r"hidden_act 'gelu' is not supported"),
     ("family", r"model_type 'bert' cannot be upcycled; "
                r"supported: gpt2, llama, mistral, qwen2, qwen3, phi3, smollm3, granite, "
-               r"gemma2, gemma3_text, gemma3, olmo2, olmo3$"),
+               r"gemma2, gemma3_text, gemma3, olmo2, olmo3, mixtral, qwen3_moe, olmoe$"),
     ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
 ])
 def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):

@@ -75,6 +75,29 @@ def test_from_dense_trains_exports_and_serves(tmp_path, capsys, corpus_dir, dens
     assert len(res.token_ids) == 5
 
 
+def test_from_dense_takes_a_sparse_moe_and_its_experts(tmp_path, capsys, corpus_dir):
+    """A Mixtral directory: its experts per layer, not --num-experts; no exactness check (a
+    merged model is not its source), said on stderr; trained and exported."""
+    from tests.model.test_sparse_sources import build_sparse
+
+    tok = make_tokenizer(tmp_path / "tok")
+    src = build_sparse(tmp_path / "mixtral", "mixtral", vocab_size=len(tok),
+                       pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id)
+    tok.save_pretrained(src)
+    folded = tmp_path / "folded"
+    summary, err = run_cli(["--data", str(corpus_dir), "--from-dense", str(src),
+                            "--num-experts", "7", "--segment-len", "4", "--block-size", "16",
+                            "--batch-size", "4", "--steps", "2", "--eval-batches", "1",
+                            "--out", str(tmp_path / "run"), "--no-progress",
+                            "--export", str(folded)], capsys)
+    assert "a sparse MoE (mixtral)" in err and "--num-experts / --moe-layers ignored" in err
+    assert "max relative logit error" not in err
+    cfg = json.loads((folded / "config.json").read_text())
+    assert summary["steps"] == 2 and cfg["num_experts"] == 4 and cfg["moe_layers"] == [0, 1]
+    assert cfg["provenance"]["source_model_type"] == "mixtral"
+
+
 def test_from_dense_refuses_architecture_flags(capsys, corpus_dir, dense_dir):
     with pytest.raises(SystemExit) as exc:
         train_main(["--data", str(corpus_dir), "--from-dense", str(dense_dir), "--d-model", "64"])
