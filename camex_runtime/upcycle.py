@@ -357,6 +357,21 @@ def gemma3_config(hf) -> dict[str, Any]:
                 sliding_window=window, sliding_window_layers=window_layers)
 
 
+def _projections(w: DenseWeights, i: int) -> dict[str, Tensor]:
+    """Block i's separate q/k/v/o projections (their biases where the source has them) fused
+    into CAMEx's c_attn / c_proj, and its gated FFN's three bias-free projections (Gemma,
+    OLMo)."""
+    a, m = f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+    out = {"attn.c_attn.weight": torch.cat([w.get(f"{a}{x}_proj.weight") for x in "qkv"]),
+           "attn.c_proj.weight": w.get(f"{a}o_proj.weight")}
+    if w.has(f"{a}q_proj.bias"):
+        out["attn.c_attn.bias"] = torch.cat([w.get(f"{a}{x}_proj.bias") for x in "qkv"])
+        out["attn.c_proj.bias"] = w.get(f"{a}o_proj.bias")
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        out[f"ffn.{proj}.weight"] = w.get(f"{m}{proj}.weight")
+    return out
+
+
 def gemma2_config(hf) -> dict[str, Any]:
     if hf.hidden_activation != "gelu_pytorch_tanh":
         raise UpcycleError(f"gemma2: hidden_activation {hf.hidden_activation!r} is not "
@@ -380,7 +395,7 @@ def gemma2_config(hf) -> dict[str, Any]:
 
 def gemma2_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
     """Gemma 3's block without q/k norms: query_pre_attn_scalar^-1/2 in the query rows."""
-    p, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+    p = f"layers.{i}."
     plus_one = lambda name: w.get(name) + 1.0  # noqa: E731  (Gemma's norms scale by 1 + w)
     q_rows = hf.num_attention_heads * hf.head_dim
     q_scale = (hf.head_dim / hf.query_pre_attn_scalar) ** 0.5
@@ -388,38 +403,25 @@ def gemma2_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
            "ln_attn_out.weight": plus_one(f"{p}post_attention_layernorm.weight"),
            "ln_2.weight": plus_one(f"{p}pre_feedforward_layernorm.weight"),
            "ln_ffn_out.weight": plus_one(f"{p}post_feedforward_layernorm.weight"),
-           "attn.c_attn.weight": torch.cat([w.get(f"{a}{x}_proj.weight") for x in "qkv"]),
-           "attn.c_proj.weight": w.get(f"{a}o_proj.weight")}
-    if w.has(f"{a}q_proj.bias"):
-        out["attn.c_attn.bias"] = torch.cat([w.get(f"{a}{x}_proj.bias") for x in "qkv"])
-        out["attn.c_proj.bias"] = w.get(f"{a}o_proj.bias")
+           **_projections(w, i)}
     for name in ("attn.c_attn.weight", "attn.c_attn.bias"):
         if name in out:
             out[name][:q_rows] *= q_scale  # (torch.cat made a copy)
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        out[f"ffn.{proj}.weight"] = w.get(f"{m}{proj}.weight")
     return out
 
 
 def gemma3_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
     hf = _text(hf)
-    p, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
+    p, a = f"layers.{i}.", f"layers.{i}.self_attn."
     plus_one = lambda name: w.get(name) + 1.0  # noqa: E731  (Gemma's norms scale by 1 + w)
     out = {"ln_1.weight": plus_one(f"{p}input_layernorm.weight"),
            "ln_attn_out.weight": plus_one(f"{p}post_attention_layernorm.weight"),
            "ln_2.weight": plus_one(f"{p}pre_feedforward_layernorm.weight"),
            "ln_ffn_out.weight": plus_one(f"{p}post_feedforward_layernorm.weight"),
-           "attn.c_attn.weight": torch.cat([w.get(f"{a}{x}_proj.weight") for x in "qkv"]),
-           "attn.c_proj.weight": w.get(f"{a}o_proj.weight"),
            # our attention scales scores by head_dim^-1/2; Gemma by query_pre_attn_scalar^-1/2
            "attn.q_norm.weight": plus_one(f"{a}q_norm.weight")
            * (hf.head_dim / hf.query_pre_attn_scalar) ** 0.5,
-           "attn.k_norm.weight": plus_one(f"{a}k_norm.weight")}
-    if w.has(f"{a}q_proj.bias"):
-        out["attn.c_attn.bias"] = torch.cat([w.get(f"{a}{x}_proj.bias") for x in "qkv"])
-        out["attn.c_proj.bias"] = w.get(f"{a}o_proj.bias")
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        out[f"ffn.{proj}.weight"] = w.get(f"{m}{proj}.weight")
+           "attn.k_norm.weight": plus_one(f"{a}k_norm.weight"), **_projections(w, i)}
     return out
 
 
@@ -465,19 +467,11 @@ def olmo_config(hf) -> dict[str, Any]:
 
 
 def olmo_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
-    p, a, m = f"layers.{i}.", f"layers.{i}.self_attn.", f"layers.{i}.mlp."
-    out = {"ln_attn_out.weight": w.get(f"{p}post_attention_layernorm.weight"),
-           "ln_ffn_out.weight": w.get(f"{p}post_feedforward_layernorm.weight"),
-           "attn.c_attn.weight": torch.cat([w.get(f"{a}{x}_proj.weight") for x in "qkv"]),
-           "attn.c_proj.weight": w.get(f"{a}o_proj.weight"),
-           "attn.q_norm.weight": w.get(f"{a}q_norm.weight"),
-           "attn.k_norm.weight": w.get(f"{a}k_norm.weight")}
-    if w.has(f"{a}q_proj.bias"):
-        out["attn.c_attn.bias"] = torch.cat([w.get(f"{a}{x}_proj.bias") for x in "qkv"])
-        out["attn.c_proj.bias"] = w.get(f"{a}o_proj.bias")
-    for proj in ("gate_proj", "up_proj", "down_proj"):
-        out[f"ffn.{proj}.weight"] = w.get(f"{m}{proj}.weight")
-    return out
+    p, a = f"layers.{i}.", f"layers.{i}.self_attn."
+    return {"ln_attn_out.weight": w.get(f"{p}post_attention_layernorm.weight"),
+            "ln_ffn_out.weight": w.get(f"{p}post_feedforward_layernorm.weight"),
+            "attn.q_norm.weight": w.get(f"{a}q_norm.weight"),
+            "attn.k_norm.weight": w.get(f"{a}k_norm.weight"), **_projections(w, i)}
 
 
 # Sparse MoE sources (Mixtral, Qwen3-MoE, OLMoE): the CAMEx paper's starting point (its
