@@ -89,10 +89,10 @@ def build_dense(out_dir: Path, family: str, seed: int = 0, **overrides) -> Path:
 
 @torch.no_grad()
 def _unit_norms_off(model) -> None:
-    """transformers initialises norm weights to ones, where an importer that dropped one would
-    still be exact; move them so it is not."""
+    """transformers initialises norm weights to ones and biases to zeros, where an importer
+    that dropped one would still be exact; move them so it is not."""
     for name, p in model.named_parameters():
-        if "norm" in name:
+        if "norm" in name or name.endswith(".bias"):
             p.add_(torch.randn_like(p) * 0.2)
 
 
