@@ -330,13 +330,18 @@ def gemma3_multimodal_config(hf) -> dict[str, Any]:
     return cfg
 
 
-def gemma3_config(hf) -> dict[str, Any]:
+def _gemma_checks(hf) -> None:
+    """What Gemma 2 and 3 configs may ask for that these importers do not reproduce."""
     mt = hf.model_type
     if hf.hidden_activation != "gelu_pytorch_tanh":
         raise UpcycleError(f"{mt}: hidden_activation {hf.hidden_activation!r} is not supported "
                            f"(GeGLU with gelu_pytorch_tanh)")
     if getattr(hf, "use_bidirectional_attention", False):
         raise UpcycleError(f"{mt}: use_bidirectional_attention is not supported (causal only)")
+
+
+def gemma3_config(hf) -> dict[str, Any]:
+    _gemma_checks(hf)
     rope = hf.rope_parameters
     types = list(hf.layer_types)
     window, window_layers = sliding_window(hf)
@@ -373,11 +378,7 @@ def _projections(w: DenseWeights, i: int) -> dict[str, Tensor]:
 
 
 def gemma2_config(hf) -> dict[str, Any]:
-    if hf.hidden_activation != "gelu_pytorch_tanh":
-        raise UpcycleError(f"gemma2: hidden_activation {hf.hidden_activation!r} is not "
-                           f"supported (GeGLU with gelu_pytorch_tanh)")
-    if getattr(hf, "use_bidirectional_attention", False):
-        raise UpcycleError("gemma2: use_bidirectional_attention is not supported (causal only)")
+    _gemma_checks(hf)
     window, window_layers = sliding_window(hf)
     return dict(_common(hf), family="llama", d_model=hf.hidden_size, n_layer=hf.num_hidden_layers,
                 n_head=hf.num_attention_heads, num_key_value_heads=hf.num_key_value_heads,

@@ -225,6 +225,7 @@ def test_sharded_checkpoints_are_read(tmp_path):
                r"supported: gpt2, llama, mistral, qwen2, qwen3, phi3, smollm3, granite, "
                r"gemma2, gemma3_text, gemma3, olmo2, olmo3, mixtral, qwen3_moe, olmoe$"),
     ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
+    ("gemma-act", r"gemma2: hidden_activation 'gelu' is not supported"),
 ])
 def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):
     d = tmp_path / case
@@ -232,6 +233,8 @@ def test_what_cannot_be_exact_is_refused_by_name(tmp_path, case, pattern):
         build_dense(d, "llama", rope_scaling={"rope_type": "dynamic", "factor": 2.0})
     elif case == "act":
         build_dense(d, "llama", hidden_act="gelu")
+    elif case == "gemma-act":
+        build_dense(d, "gemma2", hidden_activation="gelu")
     else:
         build_dense(d, "llama")
         if case == "family":
