@@ -1464,7 +1464,6 @@ void check_rows(const at::Tensor& x) {
               x.device().is_cpu(), "x: (B, d) contiguous fp32 on the CPU");
 }
 
-// Row-wise norm of x (B, d): LayerNorm with `bias` (or none), or RMSNorm (rms = true).
 // y = norm(x) with weight `w` (and bias `b`), or a copy of x where there is no norm (w
 // undefined: OLMo 2's blocks have no pre-norm).
 void norm_or_copy(const float* x, int64_t B, int64_t d, const c10::optional<at::Tensor>& w,
@@ -1477,6 +1476,7 @@ void norm_or_copy(const float* x, int64_t B, int64_t d, const c10::optional<at::
   norm_rows(x, B, d, wp, fp32_or_null(b, d, "norm bias"), !rms, eps, y);
 }
 
+// Row-wise norm of x (B, d): LayerNorm with `bias` (or none), or RMSNorm (rms = true).
 at::Tensor norm(const at::Tensor& x, const at::Tensor& weight,
                 const c10::optional<at::Tensor>& bias, double eps, bool rms) {
   check_rows(x);
