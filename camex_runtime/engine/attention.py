@@ -41,27 +41,40 @@ from camex_runtime.layers import sdpa, sees
 # Same softmax sums per query, rounded in another order (differences ~1e-7).
 CAUSAL_BLOCK = 64
 CAUSAL_BLOCKED_TOKENS = range(3 * CAUSAL_BLOCK, 10 * CAUSAL_BLOCK + 1)
+# Soft-capped scores (Gemma 2) are materialised (no fused kernel caps them): in blocks of this
+# many queries, each against the keys it can see, a prompt's score tensor stays (H, block, n)
+# instead of (H, n, n), and the causal half and the keys outside a window are never computed.
+CAPPED_BLOCK = 256
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
                      softcap: float | None = None) -> Tensor:
     """`sdpa(q, k, v, is_causal=True)` for one sequence's new tokens (q (1, H, n, hd), k and v
     (1, KV, n, hd)); on a CPU, in query blocks where that is faster (above). With a window
-    shorter than the tokens, one masked call."""
+    shorter than the tokens, one masked call; with capped scores, query blocks."""
     n = q.shape[2]
+    if softcap is not None and n > CAPPED_BLOCK:
+        return query_blocks(q, k, v, CAPPED_BLOCK, window, softcap)
     if window is not None and window < n:
         pos = torch.arange(n, device=q.device)
         return sdpa(q, k, v, attn_mask=sees(pos, pos, window), softcap=softcap)
     if q.device.type != "cpu" or n not in CAUSAL_BLOCKED_TOKENS:
         return sdpa(q, k, v, is_causal=True, softcap=softcap)
-    B, H, _, hd = q.shape
+    return query_blocks(q, k, v, CAUSAL_BLOCK, softcap=softcap)
+
+
+def query_blocks(q: Tensor, k: Tensor, v: Tensor, block: int, window: int | None = None,
+                 softcap: float | None = None) -> Tensor:
+    """Causal attention of n new tokens `block` queries at a time, each block against only the
+    keys its queries can see (from the window's start of its first query to its last)."""
+    B, H, n, hd = q.shape
     out = q.new_empty(B, n, H, hd).transpose(1, 2)  # the layout sdpa returns: heads merge free
     pos = torch.arange(n, device=q.device)
-    for a in range(0, n, CAUSAL_BLOCK):
-        b = min(n, a + CAUSAL_BLOCK)
-        seen = pos[None, :b] <= pos[a:b, None]  # query a+i sees keys 0..a+i
-        out[:, :, a:b] = sdpa(q[:, :, a:b], k[:, :, :b], v[:, :, :b], attn_mask=seen,
-                              softcap=softcap)
+    for a in range(0, n, block):
+        b = min(n, a + block)
+        lo = 0 if window is None else max(0, a + 1 - window)
+        out[:, :, a:b] = sdpa(q[:, :, a:b], k[:, :, lo:b], v[:, :, lo:b],
+                              attn_mask=sees(pos[a:b], pos[lo:b], window), softcap=softcap)
     return out
 
 

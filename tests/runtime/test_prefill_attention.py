@@ -51,6 +51,21 @@ def test_blocks_only_the_lengths_it_is_faster_at(monkeypatch, n, calls):
     assert sum(seen) == n  # every query row attended exactly once
 
 
+@pytest.mark.parametrize("window", [None, 100, 300])
+def test_capped_scores_in_query_blocks_equal_one_capped_call(window):
+    """Soft-capped attention (Gemma 2) of a long prompt goes in query blocks, each against the
+    keys it can see (its window's): the same attention as one materialised call."""
+    from camex_runtime.layers import sees, softcapped_attention
+
+    n = attention.CAPPED_BLOCK * 2 + 37
+    q, k, v = qkv(n, 6, 2, seed=4)
+    pos = torch.arange(n)
+    want = softcapped_attention(q, k, v, 2.0, attn_mask=sees(pos, pos, window))
+    got = causal_attention(q, k, v, window, softcap=2.0)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    assert got.transpose(1, 2).is_contiguous()
+
+
 def test_prompt_in_blocks_decodes_like_full_forward(tmp_path):
     """A prompt long enough to be blocked (and one past a partial last block) through the engine:
     its tokens and log-probabilities are those of one full forward of the model code."""
