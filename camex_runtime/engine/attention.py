@@ -44,16 +44,20 @@ CAUSAL_BLOCKED_TOKENS = range(3 * CAUSAL_BLOCK, 10 * CAUSAL_BLOCK + 1)
 # Soft-capped scores (Gemma 2) are materialised (no fused kernel caps them): in blocks of this
 # many queries, each against the keys it can see, a prompt's score tensor stays (H, block, n)
 # instead of (H, n, n), and the causal half and the keys outside a window are never computed.
+# A sliding window shorter than the prompt goes in the same blocks, capped or not: each block
+# reads at most window + block - 1 keys instead of all n with a mask (a 2,048-token first
+# token with a 512-token window, Gemma-3-shaped, Xeon: 0.75-0.85x the one masked call on one
+# or two threads; 1,024 tokens 0.9-1.05x).
 CAPPED_BLOCK = 256
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
                      softcap: float | None = None) -> Tensor:
     """`sdpa(q, k, v, is_causal=True)` for one sequence's new tokens (q (1, H, n, hd), k and v
-    (1, KV, n, hd)); on a CPU, in query blocks where that is faster (above). With a window
-    shorter than the tokens, one masked call; with capped scores, query blocks."""
+    (1, KV, n, hd)); on a CPU, in query blocks where that is faster (above); with a window
+    shorter than the tokens or capped scores, in query blocks of CAPPED_BLOCK (any device)."""
     n = q.shape[2]
-    if softcap is not None and n > CAPPED_BLOCK:
+    if (softcap is not None or window is not None and window < n) and n > CAPPED_BLOCK:
         return query_blocks(q, k, v, CAPPED_BLOCK, window, softcap)
     if window is not None and window < n:
         pos = torch.arange(n, device=q.device)

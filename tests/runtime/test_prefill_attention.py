@@ -66,6 +66,26 @@ def test_capped_scores_in_query_blocks_equal_one_capped_call(window):
     assert got.transpose(1, 2).is_contiguous()
 
 
+@pytest.mark.parametrize("window", [100, 300])
+def test_a_windowed_prompt_in_query_blocks_equals_one_masked_call(window, monkeypatch):
+    """Sliding-window attention of a prompt longer than a block: query blocks, each against
+    the keys inside its window only — the attention of one call with the whole mask."""
+    from camex_runtime.layers import sees
+
+    n = attention.CAPPED_BLOCK * 2 + 37
+    q, k, v = qkv(n, 6, 2, seed=5)
+    pos = torch.arange(n)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=sees(pos, pos, window),
+                                          enable_gqa=True)
+    keys = []
+    real = attention.sdpa
+    monkeypatch.setattr(attention, "sdpa", lambda q, k, *a, **kw: keys.append(k.shape[2]) or
+                        real(q, k, *a, **kw))
+    got = causal_attention(q, k, v, window)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
+    assert len(keys) == 3 and max(keys) <= window + attention.CAPPED_BLOCK - 1
+
+
 def test_prompt_in_blocks_decodes_like_full_forward(tmp_path):
     """A prompt long enough to be blocked (and one past a partial last block) through the engine:
     its tokens and log-probabilities are those of one full forward of the model code."""
