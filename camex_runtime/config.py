@@ -260,7 +260,7 @@ class CamexConfig(PretrainedConfig):
     def format_needed(self) -> int:
         """The oldest checkpoint format that describes this model (FORMAT_VERSION's comment)."""
         if self.attn_logit_softcapping is not None or self.final_logit_softcapping is not None \
-                or not self.pre_norms or self.qk_norm_width != "head":
+                or not self.pre_norms or self.qk_norm and self.qk_norm_width != "head":
             return FORMAT_CAPS_AND_NORMS
         if self.sandwich_norms or self.rope_local_parameters is not None or \
                 self.embedding_scale is not None or \

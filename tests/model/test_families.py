@@ -192,6 +192,7 @@ def test_llama_family_options_are_checked():
     with pytest.raises(ValueError, match="pre_norms=False .* needs the llama family and "
                                          "sandwich_norms"):
         cr.CamexConfig.from_preset("tiny-llama", pre_norms=False)
+    assert cr.CamexConfig.from_preset("tiny-llama", qk_norm_width="all").format_needed() == 1
     with pytest.raises(ValueError, match="qk_norm_width must be one of"):
         cr.CamexConfig.from_preset("tiny-llama", qk_norm=True, qk_norm_width="pair")
     for name, cap in (("attn_logit_softcapping", 0.0), ("final_logit_softcapping", -1.0)):
