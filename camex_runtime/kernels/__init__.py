@@ -158,8 +158,11 @@ SINGLE_PREFETCH_AVX2_ONLY = 2048
 # ahead in every stream, takes GPT-2-small's 12 layers' bf16 fc1 + fc2 merges with 7 deltas
 # (906 MB) from 84-87 to 68-70 ms on one core and from 44 to 36 on two, i.e. 10.5 -> 13 GB/s,
 # a GEMV's pace there (fp32, already at it: 133 -> 128 ms, 65 -> 64 on two); merge_many of 8
-# experts from one pass 182 -> 148 ms on one core, 88 -> 74 on two. Not measured on
-# AMD CPUs, which keep the hardware prefetcher alone. Same bits either way.
+# experts from one pass 182 -> 148 ms on one core, 88 -> 74 on two. AMD CPUs keep the hardware
+# prefetcher alone: on the Zen 4 VM (`--tune --kinds merge`, three runs) 1 KiB ahead makes the
+# same merges 1.31-1.33x slower (one core: fp32 68-70 -> 100-104 ms, bf16 36-39 -> 52-58), 256 B
+# ahead is 1.5-4 % faster than none, but a 32-token prompt's first token with 7+1 bf16 experts
+# moves 2-4 % either way with it (sooner on one thread, later on two). Same bits either way.
 # `CAMEX_MERGE_PREFETCH=BYTES` overrides it (`python -m camex_runtime.kernels --tune` measures the
 # distances on the CPU at hand).
 MERGE_PREFETCH = 1024
