@@ -332,6 +332,14 @@ class CamexConfig(PretrainedConfig):
                     f"sequence passes original_max_position_embeddings={old_len}, which a KV "
                     f"cache cannot follow; max_position_embeddings "
                     f"{self.max_position_embeddings} must be at most {old_len}")
+            beta = params.get("llama_4_scaling_beta")
+            if beta and self.max_position_embeddings > old_len:
+                raise ValueError(
+                    f"{name}: llama_4_scaling_beta={beta} scales every query from position "
+                    f"{old_len} (original_max_position_embeddings) on by 1 + beta * log(1 + "
+                    f"position // {old_len}) (Llama 4, Ministral 3), which is not implemented; "
+                    f"max_position_embeddings {self.max_position_embeddings} must be at most "
+                    f"{old_len}")
             factor = params.get("partial_rotary_factor", 1.0)
             if not 0.0 < factor <= 1.0 or int(self.head_dim * factor) % 2:
                 raise ValueError(f"{name}: partial_rotary_factor {factor} must be in "

@@ -1,10 +1,11 @@
 """Upcycling: a CAMEx model from a dense Hugging Face checkpoint directory, exact at init.
 
 `upcycle_from_dense(path)` reads the directory's ``config.json``, picks the importer of its
-``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``qwen2``, ``qwen3``, ``phi3``,
-``smollm3``, ``granite``, ``gemma2``, ``gemma3_text``, ``gemma3``: its language model,
-``olmo2``, ``olmo3``; sparse MoEs ``mixtral``, ``qwen3_moe``, ``olmoe``, whose experts are
-imported, see "Sparse MoE sources" below), and builds a
+``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``ministral``, ``ministral3``,
+``mistral3`` and ``gemma3``: their language models, ``qwen2``, ``qwen3``, ``phi3``,
+``smollm3``, ``granite``, ``gemma2``, ``gemma3_text``, ``olmo2``, ``olmo3``; sparse MoEs
+``mixtral``, ``qwen3_moe``, ``olmoe``, whose experts are imported, see "Sparse MoE sources"
+below), and builds a
 training-form CAMEx model whose every expert is a copy of the dense FFN (τ = 0), curvature at
 the identity and routers at N(0, 0.02): the merged FFN equals the dense one whatever the scores,
 so the model computes exactly the dense model's logits (docs/DESIGN.md, "Model families"). Fused
@@ -19,8 +20,9 @@ A ``*ForSequenceClassification`` source gives a classifier that pools and attend
 Sliding-window attention comes along (Mistral, Phi-3, Qwen2/Qwen3 with ``use_sliding_window``:
 the window, and which blocks use it). What cannot be reproduced exactly is refused with an
 error naming it: rotary types whose frequencies depend on the sequence length, other
-activations. Weights are read from safetensors only
-(single file or sharded with an index), never unpickled.
+activations, quantizations other than fine-grained FP8 (dequantized on reading, as
+transformers does). Weights are read from safetensors only (single file or sharded with an
+index), never unpickled.
 
 Dynamic-Merg cannot copy every layer's FFN into a base it does not own: layer 1's base is that
 layer's FFN, and each later layer's *experts* are that layer's dense FFN, so τ^l = FFN_l − E_m^l.
@@ -44,9 +46,9 @@ from torch import Tensor
 from .config import CamexConfig
 from .modeling import CamexForCausalLM, CamexForSequenceClassification, CamexPreTrainedModel
 
-SUPPORTED = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "granite",
-             "gemma2", "gemma3_text", "gemma3", "olmo2", "olmo3", "mixtral", "qwen3_moe",
-             "olmoe")
+SUPPORTED = ("gpt2", "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2",
+             "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3_text", "gemma3", "olmo2",
+             "olmo3", "mixtral", "qwen3_moe", "olmoe")
 
 
 class UpcycleError(ValueError):
@@ -57,11 +59,61 @@ class UpcycleError(ValueError):
 # Reading a dense checkpoint
 
 
+# What a `quantization_config` may name for the weights to be read: fine-grained FP8 (Qwen3's
+# and Ministral 3's -FP8 releases, DeepSeek V3's own weights): float8 weights with a scale per
+# block (`<name>_scale_inv`), dequantized on reading as transformers does on a CPU.
+DEQUANTIZED = ("fp8",)
+FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+
+
+def quantization_of(path: Path) -> dict | None:
+    """The `quantization_config` of the checkpoint directory at `path` (None: full-precision
+    weights); refuses the methods the importer cannot read exactly, by name."""
+    quant = json.loads((path / "config.json").read_text()).get("quantization_config")
+    if not quant:
+        return None
+    method = quant.get("quant_method")
+    if method not in DEQUANTIZED:
+        raise UpcycleError(
+            f"{path}: the weights are quantized (quant_method {method!r}); the importer reads "
+            f"full-precision weights and fine-grained FP8 ({', '.join(DEQUANTIZED)}) only: start "
+            f"from the full-precision (bf16) release of the model, or load it with transformers, "
+            f"dequantize and save_pretrained it")
+    block = quant.get("weight_block_size")
+    if block is not None and (len(block) != 2 or min(block) < 1):
+        raise UpcycleError(f"{path}: quantization_config weight_block_size {block} is not a "
+                           f"[rows, columns] block")
+    return dict(quant)
+
+
+def dequantize_fp8(q: Tensor, scales: Tensor, block: list[int] | None, name: str) -> Tensor:
+    """float8 weights times their per-block scales, in fp32: block (rows, columns) from the
+    config where the scale grid is its ceiling division of the weight (DeepSeek's), else from
+    the grid when it divides the weight (transformers' rule); E8M0 scales stored as bytes are
+    powers of two."""
+    rows, cols = q.shape[-2:]
+    s = (scales.float() - 127.0).exp2() if scales.dtype == torch.uint8 else scales.float()
+    if s.dim() < 2:
+        s = s.reshape(1, 1)
+    grid_r, grid_c = s.shape[-2:]
+    if block is not None and (-(-rows // block[0]), -(-cols // block[1])) == (grid_r, grid_c):
+        bm, bn = block
+    elif rows % grid_r == 0 and cols % grid_c == 0:
+        bm, bn = rows // grid_r, cols // grid_c
+    else:
+        raise UpcycleError(f"{name}: weight {tuple(q.shape)} and its scale grid "
+                           f"{tuple(s.shape)} do not tile (weight_block_size {block})")
+    s = s.repeat_interleave(bm, dim=-2)[..., :rows, :].repeat_interleave(bn, dim=-1)[..., :cols]
+    return q.float() * s
+
+
 class DenseWeights:
     """Tensors of a Hugging Face checkpoint directory by name (model.safetensors, or shards
-    listed in model.safetensors.index.json), read one at a time as fp32."""
+    listed in model.safetensors.index.json), read one at a time as fp32; float8 weights with
+    their block scales (`quant`: the config's fine-grained FP8 quantization) dequantized."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, quant: dict | None = None) -> None:
+        self.quant = quant
         index = path / "model.safetensors.index.json"
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -81,7 +133,7 @@ class DenseWeights:
         names: a bare body model saves without its task model's prefix); several prefixes:
         the first the checkpoint has."""
         view = DenseWeights.__new__(DenseWeights)
-        view.files = self.files
+        view.files, view.quant = self.files, self.quant
         found = [p for p in ((prefix,) if isinstance(prefix, str) else prefix)
                  if any(n.startswith(p) for n in self.files)]
         view.prefix = found[0] if found else ""
@@ -95,7 +147,17 @@ class DenseWeights:
         if full not in self.files:
             raise UpcycleError(f"dense checkpoint has no tensor {full!r}")
         with safe_open(str(self.files[full]), framework="pt") as f:
-            return f.get_tensor(full).float()
+            t = f.get_tensor(full)
+        if t.dtype not in FP8_DTYPES:
+            return t.float()
+        scale = f"{full}_scale_inv"
+        if self.quant is None or scale not in self.files:
+            missing = f"its scales ({scale})" if self.quant else "a quantization_config"
+            raise UpcycleError(f"{full} is stored as {str(t.dtype).removeprefix('torch.')} "
+                               f"without {missing}: its values are not the weights")
+        with safe_open(str(self.files[scale]), framework="pt") as f:
+            scales = f.get_tensor(scale)
+        return dequantize_fp8(t, scales, self.quant.get("weight_block_size"), full)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,6 +182,21 @@ def _common(hf) -> dict[str, Any]:
     return dict(vocab_size=hf.vocab_size, tie_word_embeddings=bool(hf.tie_word_embeddings),
                 bos_token_id=hf.bos_token_id, eos_token_id=hf.eos_token_id,
                 pad_token_id=getattr(hf, "pad_token_id", None))
+
+
+def language_model_of(text_config: Callable[[Any], dict[str, Any]]
+                      ) -> Callable[[Any], dict[str, Any]]:
+    """The config reader of an image-text checkpoint's language model (Gemma 3 4B+, Mistral
+    Small 3.x, Ministral 3): the text half's, with the head tied or not and the special ids
+    as the outer config says (transformers reads them there)."""
+    def config(hf) -> dict[str, Any]:
+        cfg = text_config(_text(hf))
+        cfg["tie_word_embeddings"] = bool(hf.tie_word_embeddings)
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            if getattr(hf, name, None) is not None:
+                cfg[name] = getattr(hf, name)
+        return cfg
+    return config
 
 
 def gpt2_config(hf) -> dict[str, Any]:
@@ -243,6 +320,30 @@ def llama_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
     return {"wte": w.get("embed_tokens.weight"), "ln_f.weight": w.get("norm.weight")}
 
 
+# Mistral 3 (`mistral3`: Mistral Small 3.1/3.2, Magistral, Ministral 3 as published, image +
+# text): the language model alone, a Mistral (`mistral`) or a Ministral 3 (`ministral3`:
+# Mistral with YaRN and, past the rotary's original length, Llama 4's query scale, see
+# CamexConfig); the vision tower and projector are left behind.
+MISTRAL3_TEXT = ("mistral", "ministral", "ministral3")
+
+
+def _mistral3_text_config(text) -> dict[str, Any]:
+    if text.model_type not in MISTRAL3_TEXT:
+        raise UpcycleError(f"mistral3: a language model of type {text.model_type!r} is not "
+                           f"supported ({', '.join(MISTRAL3_TEXT)})")
+    return llama_config(text)
+
+
+mistral3_config = language_model_of(_mistral3_text_config)
+
+
+def mistral3_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
+    out = llama_outer(w, hf)
+    if not hf.tie_word_embeddings:  # (the outer config's flag, as transformers reads it)
+        out["lm_head"] = w.under(("language_model.", "")).get("lm_head.weight")
+    return out
+
+
 # Granite (IBM, 3.x dense): Llama with four multipliers, each a linear scale that folds into
 # weights — the embeddings (x embedding_multiplier; a tied head then gets its own unscaled copy),
 # the attention scores (attention_multiplier in place of head_dim^-1/2: into q's rows, which
@@ -320,14 +421,6 @@ def _text(hf):
     return getattr(hf, "text_config", None) or hf
 
 
-def gemma3_multimodal_config(hf) -> dict[str, Any]:
-    """Gemma 3 4B/12B/27B as published (`gemma3`, image + text): its language model alone."""
-    cfg = gemma3_config(_text(hf))
-    cfg["tie_word_embeddings"] = bool(hf.tie_word_embeddings)
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        if getattr(hf, name, None) is not None:
-            cfg[name] = getattr(hf, name)
-    return cfg
 
 
 def _gemma_checks(hf) -> None:
@@ -360,6 +453,10 @@ def gemma3_config(hf) -> dict[str, Any]:
                 # applies it; its head applies final_logit_softcapping
                 final_logit_softcapping=getattr(hf, "final_logit_softcapping", None),
                 sliding_window=window, sliding_window_layers=window_layers)
+
+
+# Gemma 3 4B/12B/27B as published (`gemma3`, image + text): its language model alone
+gemma3_multimodal_config = language_model_of(gemma3_config)
 
 
 def _projections(w: DenseWeights, i: int) -> dict[str, Tensor]:
@@ -530,7 +627,11 @@ _GEMMA3 = Importer(gemma3_config, gemma3_block, gemma3_outer, "model.")
 # published checkpoints) under language_model.model.
 _GEMMA3_MM = Importer(gemma3_multimodal_config, gemma3_block, gemma3_outer,
                       ("model.language_model.", "language_model.model."))
+_MISTRAL3 = Importer(mistral3_config, llama_block, mistral3_outer,
+                     ("model.language_model.", "language_model.model."))
 IMPORTERS: dict[str, Importer] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LLAMA,
+                                  "ministral": _LLAMA, "ministral3": _LLAMA,
+                                  "mistral3": _MISTRAL3,
                                   "qwen2": _LLAMA, "qwen3": _LLAMA, "phi3": _LLAMA,
                                   "smollm3": _LLAMA, "granite": _GRANITE, "gemma2": _GEMMA2,
                                   "gemma3_text": _GEMMA3, "gemma3": _GEMMA3_MM,
@@ -553,6 +654,7 @@ def read_dense_config(path: Path):
     if model_type not in IMPORTERS:
         raise UpcycleError(f"{path}: model_type {model_type!r} cannot be upcycled; supported: "
                            f"{', '.join(SUPPORTED)}")
+    quantization_of(path)
     return AutoConfig.from_pretrained(str(path))
 
 
@@ -570,7 +672,8 @@ def camex_config_for(hf, head: str, overrides: dict[str, Any]) -> CamexConfig:
                 not params.get("factor"):
             kwargs[name] = params = {**params, "factor": kwargs["max_position_embeddings"]
                                      / params["original_max_position_embeddings"]}
-        if params and params.get("rope_type") == "longrope":  # served below its switch
+        if params and (params.get("rope_type") == "longrope"  # served below its switch
+                       or params.get("llama_4_scaling_beta")):  # below the query scale
             kwargs["max_position_embeddings"] = min(kwargs["max_position_embeddings"],
                                                     params["original_max_position_embeddings"])
     if IMPORTERS[hf.model_type].sparse:  # the source fixes the experts and where they are
@@ -622,7 +725,7 @@ def upcycle_from_dense(path: str | Path, head: str = "auto",
         hf.num_labels = config_overrides.get("num_labels", hf.num_labels)
     cfg = camex_config_for(hf, head if source_is_clf else "lm", config_overrides)
     importer = IMPORTERS[hf.model_type]
-    weights = DenseWeights(path)
+    weights = DenseWeights(path, quantization_of(path))
     model = (CamexForSequenceClassification if head == "classifier" else CamexForCausalLM)(cfg)
     _copy_dense(model, weights, importer, hf)
     model.config.provenance = {**model.config.provenance, "upcycled_from": path.name,
@@ -709,12 +812,20 @@ def dense_reference_error(model: CamexPreTrainedModel, path: str | Path,
     loading the source with transformers (its eager attention: the reference, and the only
     one that soft-caps scores — sdpa skips a cap without a word). For tests and the trainer's
     upcycle check."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText,
+                              AutoModelForSequenceClassification)
 
     is_clf = isinstance(model, CamexForSequenceClassification)
     auto = AutoModelForSequenceClassification if is_clf else AutoModelForCausalLM
-    dense = auto.from_pretrained(str(path), dtype=torch.float32,
-                                 attn_implementation="eager").eval()
+    if not is_clf and type(AutoConfig.from_pretrained(str(path))) not in auto._model_mapping:
+        auto = AutoModelForImageTextToText  # Mistral 3: the image-text model, on text alone
+    try:
+        dense = auto.from_pretrained(str(path), dtype=torch.float32,
+                                     attn_implementation="eager").eval()
+    except ImportError as e:  # transformers loads FP8 checkpoints through accelerate
+        raise UpcycleError(f"{path}: transformers cannot load the source to compare with "
+                           f"({e}); install what it names, or skip the comparison "
+                           f"(camex-train --no-verify-upcycle)") from None
     if input_ids is None:
         g = torch.Generator().manual_seed(0)
         L = min(model.config.max_position_embeddings, 3 * model.config.segment_len + 1, 64)

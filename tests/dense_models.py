@@ -15,6 +15,7 @@ from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClas
                           Gemma3ForCausalLM, Gemma3TextConfig,
                           Gemma3TextForSequenceClassification, GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
+                          Ministral3Config, Ministral3ForCausalLM,
                           MistralConfig, MistralForCausalLM, MistralForSequenceClassification,
                           Olmo2Config, Olmo2ForCausalLM, Olmo2ForSequenceClassification,
                           Olmo3Config, Olmo3ForCausalLM, Olmo3ForSequenceClassification,
@@ -32,6 +33,9 @@ FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     # a window shorter than the tests' sequences: every family test crosses it
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 7}),
+    # Ministral 3: Mistral with its published YaRN (factor 16, mscale forms) and Llama 4's
+    # query scale, which starts past the rotary's original length (16,384: not reached here)
+    "ministral3": (Ministral3Config, Ministral3ForCausalLM, {"head_dim": 16}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
     "phi3": (Phi3Config, Phi3ForCausalLM, {}),
@@ -128,3 +132,68 @@ def random_ids(n: int, seed: int, batch: int = 1) -> torch.Tensor:
     pooling, an EOS would stop generation)."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, n), generator=g)
+
+
+def quantize_fp8(src: Path, out: Path, block: tuple[int, int], scale_dtype=torch.float32,
+                 ceil_grid: bool = False) -> Path:
+    """`src`'s checkpoint with every projection of its blocks in fine-grained FP8 as Qwen's and
+    Mistral's -FP8 releases store it: float8_e4m3fn weights and a `weight_scale_inv` per
+    (rows, columns) block (absmax / 448), `quantization_config` quant_method "fp8".
+    `ceil_grid`: blocks that need not divide the weight (DeepSeek V3's grid, the last block
+    cut short). `scale_dtype` torch.uint8: E8M0 scales (powers of two, the exponent + 127)."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, w in load_file(str(src / "model.safetensors")).items():
+        if ".layers." not in name or not name.endswith("proj.weight") or w.dim() != 2:
+            tensors[name] = w
+            continue
+        rows, cols = w.shape
+        bm, bn = block
+        grid = (-(-rows // bm), -(-cols // bn))
+        assert ceil_grid or (rows % bm == 0 and cols % bn == 0), (name, w.shape, block)
+        scales = torch.empty(grid)
+        q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+        for i in range(grid[0]):
+            for j in range(grid[1]):
+                part = w[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn].float()
+                s = part.abs().max().clamp_min(1e-12) / 448.0
+                if scale_dtype == torch.uint8:
+                    s = torch.exp2(torch.ceil(torch.log2(s)))
+                scales[i, j] = s
+                q[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = (part / s).to(torch.float8_e4m3fn)
+        tensors[name] = q
+        tensors[f"{name}_scale_inv"] = ((torch.log2(scales) + 127).to(torch.uint8)
+                                        if scale_dtype == torch.uint8 else scales.to(scale_dtype))
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                     "fmt": "e4m3", "weight_block_size": list(block)}
+    (out / "config.json").write_text(json.dumps(config))
+    if (src / "generation_config.json").is_file():
+        shutil.copy(src / "generation_config.json", out / "generation_config.json")
+    return out
+
+
+def dequantized_reference(q_dir: Path, name: str) -> torch.Tensor:
+    """Weight `name` of a `quantize_fp8` checkpoint, dequantized block by block in a loop (an
+    independent reading of the format, for grids transformers does not load)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(q_dir / "model.safetensors"))
+    bm, bn = json.loads((q_dir / "config.json").read_text())["quantization_config"][
+        "weight_block_size"]
+    q, s = tensors[name].float(), tensors[f"{name}_scale_inv"]
+    s = torch.exp2(s.float() - 127) if s.dtype == torch.uint8 else s.float()
+    w = torch.empty_like(q)
+    for i in range(s.shape[0]):
+        for j in range(s.shape[1]):
+            w[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = \
+                q[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] * s[i, j]
+    return w

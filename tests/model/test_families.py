@@ -1,5 +1,5 @@
-"""Llama-family CAMEx (Llama, Mistral, Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2 and 3,
-OLMo 2 and 3):
+"""Llama-family CAMEx (Llama, Mistral, Ministral and Ministral 3, Mistral 3's language model,
+Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2 and 3, OLMo 2 and 3):
 upcycled exactly from transformers' dense models, folded exactly, refused where it cannot be
 exact, saved and loaded by the Auto classes. Tiny random models built locally; GQA on
 everywhere."""
@@ -126,6 +126,91 @@ def test_longrope_serves_below_its_switch_with_the_short_factors(tmp_path, rotar
                               max_position_embeddings=128)
 
 
+def test_ministral3_is_served_below_its_query_scale(tmp_path):
+    """Ministral 3 scales every query by 1 + beta * log(1 + position // original) (Llama 4's
+    rule) from the rotary's original length on; below it the model is Mistral with YaRN. The
+    served length stops there (32 of 128 here), exact up to it; more is refused by name, and
+    without beta nothing stops."""
+    rope = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "beta_fast": 32.0,
+            "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+            "original_max_position_embeddings": 32, "llama_4_scaling_beta": 0.5}
+    dense_dir = build_dense(tmp_path / "m3", "ministral3", rope_parameters=rope)
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
+    assert model.config.max_position_embeddings == 32
+    assert dense_reference_error(model, dense_dir, random_ids(32, seed=3, batch=2)) <= 1e-5
+    with pytest.raises(UpcycleError, match=r"llama_4_scaling_beta=0.5 scales every query from "
+                                           r"position 32 .* must be at most 32"):
+        cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4,
+                              max_position_embeddings=64)
+    plain = build_dense(tmp_path / "plain", "ministral3",
+                        rope_parameters={**rope, "llama_4_scaling_beta": 0.0})
+    model = cr.upcycle_from_dense(plain, num_experts=2, segment_len=4)
+    assert model.config.max_position_embeddings == 128
+    assert dense_reference_error(model, plain, random_ids(60, seed=3, batch=2)) <= 1e-5
+
+
+def test_ministral_windows_per_block(tmp_path):
+    """Ministral 8B: Mistral's blocks, the window on the blocks `layer_types` says."""
+    from transformers import MinistralConfig, MinistralForCausalLM
+
+    torch.manual_seed(0)
+    MinistralForCausalLM(MinistralConfig(
+        **COMMON, head_dim=16, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"])
+    ).save_pretrained(tmp_path / "ministral")
+    model = cr.upcycle_from_dense(tmp_path / "ministral", num_experts=2, segment_len=4)
+    assert (model.config.sliding_window, model.config.sliding_window_layers) == (5, [0])
+    ids = random_ids(40, seed=6, batch=2)
+    assert dense_reference_error(model, tmp_path / "ministral", ids) <= 1e-5
+    model.transformer.h[0].attn.window = None
+    assert dense_reference_error(model, tmp_path / "ministral", ids) > 1e-3
+
+
+@pytest.mark.parametrize("text_type,tied", [("mistral", False), ("ministral3", True)])
+def test_mistral3_image_text_checkpoint_gives_its_language_model(tmp_path, text_type, tied):
+    """Mistral Small 3.x and Ministral 3 are published as image-text models (`mistral3`): the
+    language model under its prefix upcycles alone, exactly, with the head tied as the outer
+    config says; the vision tower and projector are left behind."""
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
+
+    torch.manual_seed(0)
+    config_cls, _, extra = FAMILIES[text_type]
+    text = config_cls(**COMMON, **extra)
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, head_dim=8, image_size=28,
+                                 patch_size=14)
+    cfg = Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
+                         tie_word_embeddings=tied)
+    dense = Mistral3ForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            if "norm" in name:
+                p.add_(torch.randn_like(p) * 0.2)
+    dense.save_pretrained(tmp_path / "mm")
+    model = cr.upcycle_from_dense(tmp_path / "mm", num_experts=2, segment_len=4)
+    assert model.config.provenance["source_model_type"] == "mistral3"
+    assert model.config.tie_word_embeddings is tied
+    assert dense_reference_error(model, tmp_path / "mm", random_ids(20, seed=2, batch=2)) <= 1e-5
+    assert cr.export(spread(model).eval(), tmp_path / "folded").max_rel_error <= 1e-5
+
+
+def test_mistral3_with_another_language_model_is_refused(tmp_path):
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration, PixtralVisionConfig
+
+    vision = PixtralVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, head_dim=8, image_size=28,
+                                 patch_size=14)
+    text = LlamaConfig(**COMMON).to_dict()
+    Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config=text, vision_config=vision.to_dict())).save_pretrained(tmp_path / "mm")
+    cfg = json.loads((tmp_path / "mm" / "config.json").read_text())
+    cfg["text_config"]["model_type"] = "qwen2"
+    (tmp_path / "mm" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UpcycleError, match=r"mistral3: a language model of type 'qwen2' is not "
+                                           r"supported \(mistral, ministral, ministral3\)"):
+        cr.upcycle_from_dense(tmp_path / "mm", num_experts=2, segment_len=4)
+
+
 def test_phi3_partial_rotary_and_fused_projections(tmp_path):
     from safetensors import safe_open
 
@@ -223,8 +308,9 @@ def test_sharded_checkpoints_are_read(tmp_path):
     ("rope", r"rope_type 'dynamic' is not supported"),
     ("act", r"hidden_act 'gelu' is not supported"),
     ("family", r"model_type 'bert' cannot be upcycled; "
-               r"supported: gpt2, llama, mistral, qwen2, qwen3, phi3, smollm3, granite, "
-               r"gemma2, gemma3_text, gemma3, olmo2, olmo3, mixtral, qwen3_moe, olmoe$"),
+               r"supported: gpt2, llama, mistral, ministral, ministral3, mistral3, qwen2, "
+               r"qwen3, phi3, smollm3, granite, gemma2, gemma3_text, gemma3, olmo2, olmo3, "
+               r"mixtral, qwen3_moe, olmoe$"),
     ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
     ("gemma-act", r"gemma2: hidden_activation 'gelu' is not supported"),
 ])

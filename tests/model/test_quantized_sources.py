@@ -1,0 +1,119 @@
+"""Quantized source checkpoints: fine-grained FP8 (Qwen's and Mistral's -FP8 releases, DeepSeek
+V3's weights) is dequantized on import exactly as transformers dequantizes it on a CPU; every
+other quantization is refused by name instead of read as if its integers were weights."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import camex_runtime as cr
+from camex_runtime.upcycle import UpcycleError, dense_reference_error
+
+from tests.dense_models import (build_dense, dequantized_reference, quantize_fp8, random_ids,
+                                spread)
+
+
+def test_fp8_blocks_dequantize_as_transformers_does(tmp_path):
+    """The import equals transformers' own FP8 loading (dequantized on a CPU, through
+    accelerate), and that is the FP8 model, not the full-precision one it came from."""
+    dense = build_dense(tmp_path / "dense", "qwen2")  # q/k/v biases stay full precision
+    fp8 = quantize_fp8(dense, tmp_path / "fp8", block=(16, 32))
+    model = cr.upcycle_from_dense(fp8, num_experts=2, segment_len=4)
+    ids = random_ids(30, seed=1, batch=2)
+    assert dense_reference_error(model, fp8, ids) <= 1e-5
+    assert dense_reference_error(model, dense, ids) > 1e-4  # quantization moved the logits
+    q_proj = model.transformer.h[0].attn.c_attn.weight[:64]
+    assert torch.equal(q_proj, dequantized_reference(fp8, "model.layers.0.self_attn.q_proj.weight"))
+    folded = cr.export(spread(model).eval(), tmp_path / "folded")
+    assert folded.max_rel_error <= 1e-5
+
+
+@pytest.mark.parametrize("scale_dtype,ceil_grid", [(torch.uint8, False), (torch.bfloat16, True)],
+                         ids=["e8m0-scales", "deepseek-ceil-grid"])
+def test_fp8_scale_forms_and_grids_that_do_not_divide(tmp_path, scale_dtype, ceil_grid):
+    """E8M0 scales stored as bytes (powers of two) and DeepSeek's grid, whose last blocks are
+    cut short (64 x 96 weights in 48 x 48 blocks): each weight is what a block-by-block loop
+    reads from the file."""
+    dense = build_dense(tmp_path / "dense", "llama")
+    block = (48, 48) if ceil_grid else (32, 32)
+    fp8 = quantize_fp8(dense, tmp_path / "fp8", block=block, scale_dtype=scale_dtype,
+                       ceil_grid=ceil_grid)
+    model = cr.upcycle_from_dense(fp8, num_experts=2, segment_len=4)
+    block0 = model.transformer.h[0]
+    assert torch.equal(block0.attn.c_proj.weight,
+                       dequantized_reference(fp8, "model.layers.0.self_attn.o_proj.weight"))
+    assert torch.equal(block0.ffn.base.down_proj.weight,
+                       dequantized_reference(fp8, "model.layers.0.mlp.down_proj.weight"))
+    source = load_file(str(dense / "model.safetensors"))["model.layers.0.mlp.down_proj.weight"]
+    err = (block0.ffn.base.down_proj.weight - source).abs().max() / source.abs().max()
+    assert 0 < err < 0.1  # FP8's rounding, not another tensor
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "bitsandbytes", "compressed-tensors"])
+def test_other_quantizations_are_refused_by_name(tmp_path, method):
+    d = build_dense(tmp_path / "q", "llama")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": method, "bits": 4}
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UpcycleError, match=rf"quantized \(quant_method '{method}'\).*"
+                                           r"full-precision \(bf16\) release"):
+        cr.upcycle_from_dense(d, num_experts=2, segment_len=4)
+
+
+def test_fp8_weights_without_their_scales_are_refused(tmp_path):
+    """A float8 tensor is not a weight without its scale: no config saying so, or a scale
+    missing from the file, is an error naming the tensor."""
+    dense = build_dense(tmp_path / "dense", "llama")
+    fp8 = quantize_fp8(dense, tmp_path / "fp8", block=(32, 32))
+    cfg_file = fp8 / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({k: v for k, v in cfg.items() if k != "quantization_config"}))
+    with pytest.raises(UpcycleError, match=r"layers\.0\.self_attn\.q_proj\.weight is stored as "
+                                           r"float8_e4m3fn without a quantization_config"):
+        cr.upcycle_from_dense(fp8, num_experts=2, segment_len=4)
+    cfg_file.write_text(json.dumps(cfg))
+    tensors = load_file(str(fp8 / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight_scale_inv"]
+    save_file(tensors, str(fp8 / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(UpcycleError, match=r"layers\.1\.mlp\.up_proj\.weight is stored as "
+                                           r"float8_e4m3fn without its scales"):
+        cr.upcycle_from_dense(fp8, num_experts=2, segment_len=4)
+
+
+def test_the_reference_check_says_what_transformers_needs(tmp_path, monkeypatch):
+    """camex-train compares the import with transformers' own model; where transformers cannot
+    load the source (its FP8 loader needs accelerate), the error says so and how to skip."""
+    from transformers import AutoModelForCausalLM
+
+    dense = build_dense(tmp_path / "dense", "llama")
+    fp8 = quantize_fp8(dense, tmp_path / "fp8", block=(32, 32))
+    model = cr.upcycle_from_dense(fp8, num_experts=2, segment_len=4)
+
+    def no_accelerate(*args, **kwargs):
+        raise ImportError("Loading an FP8 quantized model requires accelerate")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_accelerate)
+    with pytest.raises(UpcycleError, match=r"requires accelerate\); install what it names, or "
+                                           r"skip the comparison \(camex-train "
+                                           r"--no-verify-upcycle\)"):
+        dense_reference_error(model, fp8)
+
+
+def test_a_sparse_moe_in_fp8_dequantizes_every_expert(tmp_path):
+    """Qwen3-MoE's -FP8 releases quantize each expert's projections on their own."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    from tests.dense_models import COMMON
+
+    torch.manual_seed(0)
+    cfg = Qwen3MoeConfig(**{**COMMON, "intermediate_size": 64}, moe_intermediate_size=32,
+                         num_experts=4, num_experts_per_tok=2, head_dim=16)
+    Qwen3MoeForCausalLM(cfg).save_pretrained(tmp_path / "moe")
+    fp8 = quantize_fp8(tmp_path / "moe", tmp_path / "fp8", block=(16, 32))
+    model = cr.upcycle_from_dense(fp8, segment_len=4)
+    experts = model.transformer.h[1].ffn.experts.up_proj.weight
+    for j in range(4):
+        assert torch.equal(experts[j], dequantized_reference(
+            fp8, f"model.layers.1.mlp.experts.{j}.up_proj.weight"))
