@@ -3,7 +3,8 @@
 `upcycle_from_dense(path)` reads the directory's ``config.json``, picks the importer of its
 ``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``ministral``, ``ministral3``,
 ``mistral3`` and ``gemma3``: their language models, ``qwen2``, ``qwen3``, ``phi3``,
-``smollm3``, ``granite``, ``gemma2``, ``gemma3_text``, ``olmo2``, ``olmo3``; sparse MoEs
+``smollm3``, ``seed_oss``, ``granite``, ``gemma2``, ``gemma3_text``, ``olmo2``, ``olmo3``,
+``exaone4``; sparse MoEs
 ``mixtral``, ``qwen3_moe``, ``olmoe``, whose experts are imported, see "Sparse MoE sources"
 below), and builds a
 training-form CAMEx model whose every expert is a copy of the dense FFN (τ = 0), curvature at
@@ -20,9 +21,9 @@ A ``*ForSequenceClassification`` source gives a classifier that pools and attend
 Sliding-window attention comes along (Mistral, Phi-3, Qwen2/Qwen3 with ``use_sliding_window``:
 the window, and which blocks use it). What cannot be reproduced exactly is refused with an
 error naming it: rotary types whose frequencies depend on the sequence length, other
-activations, quantizations other than fine-grained FP8 (dequantized on reading, as
-transformers does). Weights are read from safetensors only (single file or sharded with an
-index), never unpickled.
+activations, packed quantizations (FP8 and int8 weights with their scales are dequantized on
+reading, as transformers does). Weights are read from safetensors only (single file or sharded
+with an index), never unpickled.
 
 Dynamic-Merg cannot copy every layer's FFN into a base it does not own: layer 1's base is that
 layer's FFN, and each later layer's *experts* are that layer's dense FFN, so τ^l = FFN_l − E_m^l.
@@ -34,6 +35,7 @@ does not, and no assignment of its parameters can make it.
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,8 +49,8 @@ from .config import CamexConfig
 from .modeling import CamexForCausalLM, CamexForSequenceClassification, CamexPreTrainedModel
 
 SUPPORTED = ("gpt2", "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2",
-             "qwen3", "phi3", "smollm3", "granite", "gemma2", "gemma3_text", "gemma3", "olmo2",
-             "olmo3", "mixtral", "qwen3_moe", "olmoe")
+             "qwen3", "phi3", "smollm3", "seed_oss", "granite", "gemma2", "gemma3_text",
+             "gemma3", "olmo2", "olmo3", "exaone4", "mixtral", "qwen3_moe", "olmoe")
 
 
 class UpcycleError(ValueError):
@@ -59,60 +61,96 @@ class UpcycleError(ValueError):
 # Reading a dense checkpoint
 
 
-# What a `quantization_config` may name for the weights to be read: fine-grained FP8 (Qwen3's
-# and Ministral 3's -FP8 releases, DeepSeek V3's own weights): float8 weights with a scale per
-# block (`<name>_scale_inv`), dequantized on reading as transformers does on a CPU.
-DEQUANTIZED = ("fp8",)
+# Quantized checkpoints whose weights are one stored value per element times a scale grid
+# (per tensor, row, group or block), dequantized on reading, as transformers does on a CPU:
+# fine-grained FP8 (`quant_method` "fp8": Qwen's and Mistral's -FP8 releases, DeepSeek V3's
+# weights; float8 weights, `<name>_scale_inv` per block) and compressed-tensors' unpacked
+# formats (vLLM's llm-compressor: RedHatAI's FP8-dynamic and W8A8 releases; float8 or int8
+# weights, `<name>_scale`, zero points where asymmetric). Packed formats (int4, NVFP4, MXFP4,
+# AWQ, GPTQ, bitsandbytes, ...) are refused by name.
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
+CT_FORMATS = ("float-quantized", "int-quantized", "naive-quantized")
 
 
-def quantization_of(path: Path) -> dict | None:
-    """The `quantization_config` of the checkpoint directory at `path` (None: full-precision
-    weights); refuses the methods the importer cannot read exactly, by name."""
+@dataclass(frozen=True)
+class Quantization:
+    """How a checkpoint's quantized weights are read: `scale` is the suffix of each weight's
+    scales (`<name><scale>`), `block` the (rows, columns) of a block where the config names
+    one (a grid that does not divide the weight needs it)."""
+    method: str
+    scale: str
+    block: tuple[int, int] | None = None
+
+
+def quantization_of(path: Path) -> Quantization | None:
+    """How the checkpoint directory at `path` stores its weights (None: full precision);
+    refuses, by name, what the importer cannot read exactly."""
     quant = json.loads((path / "config.json").read_text()).get("quantization_config")
     if not quant:
         return None
     method = quant.get("quant_method")
-    if method not in DEQUANTIZED:
-        raise UpcycleError(
-            f"{path}: the weights are quantized (quant_method {method!r}); the importer reads "
-            f"full-precision weights and fine-grained FP8 ({', '.join(DEQUANTIZED)}) only: start "
-            f"from the full-precision (bf16) release of the model, or load it with transformers, "
-            f"dequantize and save_pretrained it")
-    block = quant.get("weight_block_size")
-    if block is not None and (len(block) != 2 or min(block) < 1):
-        raise UpcycleError(f"{path}: quantization_config weight_block_size {block} is not a "
-                           f"[rows, columns] block")
-    return dict(quant)
+    redo = ("start from the full-precision (bf16) release of the model, or load it with "
+            "transformers, dequantize and save_pretrained it")
+    if method == "fp8":
+        block = quant.get("weight_block_size")
+        if block is not None and (len(block) != 2 or min(block) < 1):
+            raise UpcycleError(f"{path}: quantization_config weight_block_size {block} is not "
+                               f"a [rows, columns] block")
+        return Quantization("fp8", "_scale_inv", tuple(block) if block else None)
+    if method == "compressed-tensors":
+        groups = list((quant.get("config_groups") or {}).values())
+        formats = {f for f in [quant.get("format"), *(g.get("format") for g in groups)] if f}
+        packed = sorted(formats - set(CT_FORMATS))
+        if packed:
+            raise UpcycleError(f"{path}: compressed-tensors format {', '.join(packed)} packs "
+                               f"its weights; the importer reads {', '.join(CT_FORMATS)} only: "
+                               f"{redo}")
+        for extra in ("sparsity_config", "transform_config"):
+            if quant.get(extra) and (quant[extra] or {}).get("format", "") != "dense":
+                raise UpcycleError(f"{path}: compressed-tensors with a {extra} (sparse or "
+                                   f"rotated weights) cannot be read as weights: {redo}")
+        blocks = {tuple(b) for g in groups if (b := (g.get("weights") or {}).get(
+            "block_structure"))}
+        return Quantization(method, "_scale", blocks.pop() if len(blocks) == 1 else None)
+    raise UpcycleError(
+        f"{path}: the weights are quantized (quant_method {method!r}); the importer reads "
+        f"full-precision weights, fine-grained FP8 (fp8) and compressed-tensors' unpacked "
+        f"formats only: {redo}")
 
 
-def dequantize_fp8(q: Tensor, scales: Tensor, block: list[int] | None, name: str) -> Tensor:
-    """float8 weights times their per-block scales, in fp32: block (rows, columns) from the
-    config where the scale grid is its ceiling division of the weight (DeepSeek's), else from
-    the grid when it divides the weight (transformers' rule); E8M0 scales stored as bytes are
-    powers of two."""
+def dequantize(q: Tensor, scales: Tensor, zero: Tensor | None, block: tuple[int, int] | None,
+               name: str) -> Tensor:
+    """(q − zero) × scale in fp32, the scale (and zero point) a grid over the weight: one value
+    (per tensor), a column (per row), or blocks — (rows, columns) from `block` where the grid
+    is its ceiling division of the weight (DeepSeek's last blocks are cut short), else from the
+    grid when it divides the weight (transformers' rule). E8M0 scales stored as bytes are powers
+    of two."""
     rows, cols = q.shape[-2:]
-    s = (scales.float() - 127.0).exp2() if scales.dtype == torch.uint8 else scales.float()
-    if s.dim() < 2:
-        s = s.reshape(1, 1)
-    grid_r, grid_c = s.shape[-2:]
-    if block is not None and (-(-rows // block[0]), -(-cols // block[1])) == (grid_r, grid_c):
-        bm, bn = block
-    elif rows % grid_r == 0 and cols % grid_c == 0:
-        bm, bn = rows // grid_r, cols // grid_c
-    else:
-        raise UpcycleError(f"{name}: weight {tuple(q.shape)} and its scale grid "
-                           f"{tuple(s.shape)} do not tile (weight_block_size {block})")
-    s = s.repeat_interleave(bm, dim=-2)[..., :rows, :].repeat_interleave(bn, dim=-1)[..., :cols]
-    return q.float() * s
+
+    def spread(grid: Tensor) -> Tensor:
+        grid = grid.float().reshape(1, 1) if grid.dim() < 2 else grid.float()
+        gr, gc = grid.shape[-2:]
+        if block is not None and (-(-rows // block[0]), -(-cols // block[1])) == (gr, gc):
+            bm, bn = block
+        elif rows % gr == 0 and cols % gc == 0:
+            bm, bn = rows // gr, cols // gc
+        else:
+            raise UpcycleError(f"{name}: weight {tuple(q.shape)} and its scale grid "
+                               f"{tuple(grid.shape)} do not tile (block {block})")
+        return grid.repeat_interleave(bm, dim=-2)[..., :rows, :] \
+            .repeat_interleave(bn, dim=-1)[..., :cols]
+
+    s = spread((scales.float() - 127.0).exp2() if scales.dtype == torch.uint8 else scales)
+    w = q.float() if zero is None else q.float() - spread(zero)
+    return w * s
 
 
 class DenseWeights:
     """Tensors of a Hugging Face checkpoint directory by name (model.safetensors, or shards
-    listed in model.safetensors.index.json), read one at a time as fp32; float8 weights with
-    their block scales (`quant`: the config's fine-grained FP8 quantization) dequantized."""
+    listed in model.safetensors.index.json), read one at a time as fp32; a quantized weight
+    (`quant`) dequantized with its scales."""
 
-    def __init__(self, path: Path, quant: dict | None = None) -> None:
+    def __init__(self, path: Path, quant: Quantization | None = None) -> None:
         self.quant = quant
         index = path / "model.safetensors.index.json"
         if index.is_file():
@@ -146,18 +184,22 @@ class DenseWeights:
         full = self.prefix + name
         if full not in self.files:
             raise UpcycleError(f"dense checkpoint has no tensor {full!r}")
-        with safe_open(str(self.files[full]), framework="pt") as f:
-            t = f.get_tensor(full)
-        if t.dtype not in FP8_DTYPES:
-            return t.float()
-        scale = f"{full}_scale_inv"
-        if self.quant is None or scale not in self.files:
+        t = self._read(full)
+        scale = f"{full}{self.quant.scale}" if self.quant else None
+        if scale in self.files:
+            zero = f"{full}_zero_point"
+            return dequantize(t, self._read(scale),
+                              self._read(zero) if zero in self.files else None,
+                              self.quant.block, full)
+        if t.dtype in FP8_DTYPES or not (t.is_floating_point() or t.dtype == torch.bool):
             missing = f"its scales ({scale})" if self.quant else "a quantization_config"
             raise UpcycleError(f"{full} is stored as {str(t.dtype).removeprefix('torch.')} "
                                f"without {missing}: its values are not the weights")
-        with safe_open(str(self.files[scale]), framework="pt") as f:
-            scales = f.get_tensor(scale)
-        return dequantize_fp8(t, scales, self.quant.get("weight_block_size"), full)
+        return t.float()
+
+    def _read(self, full: str) -> Tensor:
+        with safe_open(str(self.files[full]), framework="pt") as f:
+            return f.get_tensor(full)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -241,7 +283,10 @@ def llama_config(hf) -> dict[str, Any]:
     # attention_bias.
     declared = bool(getattr(hf, "attention_bias", False))
     all_four = mt in ("llama", "qwen3", "smollm3", "granite", "qwen3_moe", "olmoe")
-    qkv_bias = True if mt == "qwen2" else all_four and declared
+    qkv_bias = True if mt == "qwen2" else (all_four or mt == "seed_oss") and declared
+    # Seed-OSS: q/k/v biased with attention_bias, the output with attention_out_bias
+    out_bias = (bool(getattr(hf, "attention_out_bias", False)) if mt == "seed_oss"
+                else all_four and declared)
     # SmolLM3's no_rope_layers: per block, 1 = rotary positions, 0 = none (NoPE)
     nope = [i for i, rotates in enumerate(getattr(hf, "no_rope_layers", None) or ())
             if not rotates]
@@ -251,7 +296,7 @@ def llama_config(hf) -> dict[str, Any]:
                 d_ff=hf.intermediate_size, max_position_embeddings=hf.max_position_embeddings,
                 rope_parameters=rope, layer_norm_epsilon=hf.rms_norm_eps, hidden_act="silu",
                 attention_bias=qkv_bias,
-                attention_out_bias=all_four and declared, nope_layers=nope or None,
+                attention_out_bias=out_bias, nope_layers=nope or None,
                 mlp_bias=bool(getattr(hf, "mlp_bias", False)),
                 qk_norm=mt in ("qwen3", "qwen3_moe", "olmoe"),
                 **dict(zip(("sliding_window", "sliding_window_layers"), sliding_window(hf))))
@@ -553,7 +598,7 @@ def olmo_config(hf) -> dict[str, Any]:
             local = dict(rope_local_parameters=sliding, rope_local_layers=[
                 i for i, t in enumerate(hf.layer_types) if t == "sliding_attention"])
     window, window_layers = sliding_window(hf)
-    bias = bool(hf.attention_bias)
+    bias = bool(getattr(hf, "attention_bias", False))
     return dict(_common(hf), family="llama", d_model=hf.hidden_size, n_layer=hf.num_hidden_layers,
                 n_head=heads, num_key_value_heads=hf.num_key_value_heads or heads,
                 head_dim=getattr(hf, "head_dim", None) or hf.hidden_size // heads,
@@ -562,6 +607,18 @@ def olmo_config(hf) -> dict[str, Any]:
                 attention_bias=bias, attention_out_bias=bias, mlp_bias=False, qk_norm=True,
                 qk_norm_width="all", pre_norms=False, sandwich_norms=True,
                 sliding_window=window, sliding_window_layers=window_layers, **local)
+
+
+def exaone4_config(hf) -> dict[str, Any]:
+    """EXAONE 4.0 (LG AI Research, 1.2B / 32B): OLMo 2's block (norms on the branch outputs
+    only) with Qwen3's q/k norms per head; with a window, three of four blocks slide and
+    rotate, and the full ones attend without rotary positions."""
+    cfg = olmo_config(hf)
+    cfg.update(qk_norm_width="head")
+    if getattr(hf, "sliding_window", None) is not None:
+        cfg["nope_layers"] = [i for i, kind in enumerate(hf.layer_types)
+                              if kind == "full_attention"] or None
+    return cfg
 
 
 def olmo_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
@@ -621,6 +678,7 @@ _LLAMA = Importer(llama_config, llama_block, llama_outer, "model.")
 _GRANITE = Importer(granite_config, granite_block, granite_outer, "model.")
 _GEMMA2 = Importer(gemma2_config, gemma2_block, gemma3_outer, "model.")
 _OLMO = Importer(olmo_config, olmo_block, llama_outer, "model.")
+_EXAONE4 = Importer(exaone4_config, olmo_block, llama_outer, "model.")
 _SMOE = Importer(smoe_config, smoe_block, llama_outer, "model.", sparse=True)
 _GEMMA3 = Importer(gemma3_config, gemma3_block, gemma3_outer, "model.")
 # transformers 5 saves the language model under model.language_model., older releases (and the
@@ -635,7 +693,8 @@ IMPORTERS: dict[str, Importer] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LL
                                   "qwen2": _LLAMA, "qwen3": _LLAMA, "phi3": _LLAMA,
                                   "smollm3": _LLAMA, "granite": _GRANITE, "gemma2": _GEMMA2,
                                   "gemma3_text": _GEMMA3, "gemma3": _GEMMA3_MM,
-                                  "olmo2": _OLMO, "olmo3": _OLMO,
+                                  "olmo2": _OLMO, "olmo3": _OLMO, "exaone4": _EXAONE4,
+                                  "seed_oss": _LLAMA,
                                   "mixtral": _SMOE, "qwen3_moe": _SMOE, "olmoe": _SMOE}
 
 
@@ -819,9 +878,18 @@ def dense_reference_error(model: CamexPreTrainedModel, path: str | Path,
     auto = AutoModelForSequenceClassification if is_clf else AutoModelForCausalLM
     if not is_clf and type(AutoConfig.from_pretrained(str(path))) not in auto._model_mapping:
         auto = AutoModelForImageTextToText  # Mistral 3: the image-text model, on text alone
+    kwargs = {}
+    quant = quantization_of(Path(path))
+    if quant is not None:  # dequantized weights, full-precision activations: what is imported
+        from transformers import CompressedTensorsConfig, FineGrainedFP8Config
+
+        kwargs["quantization_config"] = (FineGrainedFP8Config if quant.method == "fp8"
+                                         else CompressedTensorsConfig)(dequantize=True)
     try:
-        dense = auto.from_pretrained(str(path), dtype=torch.float32,
-                                     attn_implementation="eager").eval()
+        with warnings.catch_warnings():  # "the checkpoint's quantization_config is used, with
+            warnings.filterwarnings("ignore", message=".*quantization_config")  # dequantize"
+            dense = auto.from_pretrained(str(path), dtype=torch.float32,
+                                         attn_implementation="eager", **kwargs).eval()
     except ImportError as e:  # transformers loads FP8 checkpoints through accelerate
         raise UpcycleError(f"{path}: transformers cannot load the source to compare with "
                            f"({e}); install what it names, or skip the comparison "

@@ -11,7 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification,
+from transformers import (Exaone4Config, Exaone4ForCausalLM, Exaone4ForSequenceClassification,
+                          Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification,
                           Gemma3ForCausalLM, Gemma3TextConfig,
                           Gemma3TextForSequenceClassification, GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
@@ -67,6 +68,11 @@ FAMILIES = {
         "sliding_window": 7, "layer_types": ["sliding_attention", "full_attention"],
         "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 5e5},
                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}}),
+    # EXAONE 4.0: OLMo 2's norms, q/k norms per head, a sliding block that rotates and a full
+    # one without rotary positions
+    "exaone4": (Exaone4Config, Exaone4ForCausalLM, {
+        "head_dim": 16, "sliding_window": 7,
+        "layer_types": ["sliding_attention", "full_attention"]}),
 }
 CLASSIFIERS = {  # (with the family's extra config above)
     "llama": (LlamaConfig, LlamaForSequenceClassification),
@@ -78,6 +84,7 @@ CLASSIFIERS = {  # (with the family's extra config above)
     "gemma3_text": (Gemma3TextConfig, Gemma3TextForSequenceClassification),
     "olmo2": (Olmo2Config, Olmo2ForSequenceClassification),
     "olmo3": (Olmo3Config, Olmo3ForSequenceClassification),
+    "exaone4": (Exaone4Config, Exaone4ForSequenceClassification),
 }
 
 
@@ -197,3 +204,50 @@ def dequantized_reference(q_dir: Path, name: str) -> torch.Tensor:
             w[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = \
                 q[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] * s[i, j]
     return w
+
+
+def quantize_compressed(src: Path, out: Path, kind: str, symmetric: bool = True) -> Path:
+    """`src`'s checkpoint as llm-compressor saves it (compressed-tensors, vLLM's format; e.g.
+    RedHatAI's -FP8-dynamic and -quantized.w8a8 releases): every projection of the blocks
+    with a scale per row (`weight_scale`, shape (rows, 1)), `kind` "fp8" (format
+    float-quantized, float8_e4m3fn) or "int8" (int-quantized; with `symmetric` False also a
+    `weight_zero_point` per row), activations dynamic per token (the config says so; a
+    dequantized model ignores it, as transformers' does)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for name, w in load_file(str(src / "model.safetensors")).items():
+        if ".layers." not in name or not name.endswith("proj.weight") or w.dim() != 2:
+            tensors[name] = w
+            continue
+        w = w.float()
+        if kind == "fp8":
+            s = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 448.0
+            tensors[name] = (w / s).to(torch.float8_e4m3fn)
+        elif symmetric:
+            s = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
+            tensors[name] = (w / s).round().clamp(-128, 127).to(torch.int8)
+        else:
+            lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+            s = ((hi - lo) / 255.0).clamp_min(1e-12)
+            zero = (-128 - lo / s).round().clamp(-128, 127)
+            tensors[name] = ((w / s).round() + zero).clamp(-128, 127).to(torch.int8)
+            tensors[f"{name}_zero_point"] = zero.to(torch.int8)
+        tensors[f"{name}_scale"] = s.to(torch.bfloat16).float()
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    number = "float" if kind == "fp8" else "int"
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "quantization_status": "compressed",
+        "format": f"{number}-quantized", "ignore": ["lm_head"], "kv_cache_scheme": None,
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": number, "symmetric": symmetric,
+                        "strategy": "channel", "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": number, "symmetric": True,
+                                  "strategy": "token", "dynamic": True}}}}
+    (out / "config.json").write_text(json.dumps(config))
+    return out

@@ -1,5 +1,5 @@
 """Llama-family CAMEx (Llama, Mistral, Ministral and Ministral 3, Mistral 3's language model,
-Qwen2, Qwen3, Phi-3, SmolLM3, Granite, Gemma 2 and 3, OLMo 2 and 3):
+Qwen2, Qwen3, Phi-3, SmolLM3, Seed-OSS, Granite, Gemma 2 and 3, OLMo 2 and 3, EXAONE 4):
 upcycled exactly from transformers' dense models, folded exactly, refused where it cannot be
 exact, saved and loaded by the Auto classes. Tiny random models built locally; GQA on
 everywhere."""
@@ -211,6 +211,44 @@ def test_mistral3_with_another_language_model_is_refused(tmp_path):
         cr.upcycle_from_dense(tmp_path / "mm", num_experts=2, segment_len=4)
 
 
+def test_exaone4_rotates_only_its_sliding_blocks(tmp_path):
+    """EXAONE 4.0 with a window: the full blocks attend without rotary positions (NoPE), the
+    sliding ones rotate; without a window (the 1.2B model) every block rotates."""
+    dense_dir = build_dense(tmp_path / "e", "exaone4", layer_types=[
+        "sliding_attention", "full_attention"])
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
+    assert model.config.nope_layers == [1] and model.config.sliding_window_layers == [0]
+    assert not model.config.pre_norms and model.config.qk_norm_width == "head"
+    ids = random_ids(40, seed=6, batch=2)
+    assert dense_reference_error(model, dense_dir, ids) <= 1e-5
+    model.transformer.h[1].attn.rotates = True  # and leaving the full block unrotated matters
+    assert dense_reference_error(model, dense_dir, ids) > 1e-3
+    rotating = build_dense(tmp_path / "r", "exaone4", sliding_window=None,
+                           layer_types=["full_attention", "full_attention"])
+    model = cr.upcycle_from_dense(rotating, num_experts=2, segment_len=4)
+    assert model.config.nope_layers is None and model.config.sliding_window is None
+    assert dense_reference_error(model, rotating, ids) <= 1e-5
+
+
+@pytest.mark.parametrize("out_bias", [False, True])
+def test_seed_oss_biases_its_query_key_value_and_maybe_its_output(tmp_path, out_bias):
+    """Seed-OSS: q/k/v biased with attention_bias (its default), the output projection only with
+    attention_out_bias (off in the published 36B)."""
+    from transformers import SeedOssConfig, SeedOssForCausalLM
+
+    torch.manual_seed(0)
+    dense = SeedOssForCausalLM(SeedOssConfig(**COMMON, head_dim=16,
+                                             attention_out_bias=out_bias)).eval()
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    dense.save_pretrained(tmp_path / "seed")
+    model = cr.upcycle_from_dense(tmp_path / "seed", num_experts=2, segment_len=4)
+    assert model.config.attention_bias and model.config.attention_out_bias is out_bias
+    assert dense_reference_error(model, tmp_path / "seed", random_ids(30, seed=8, batch=2)) <= 1e-5
+
+
 def test_phi3_partial_rotary_and_fused_projections(tmp_path):
     from safetensors import safe_open
 
@@ -309,8 +347,8 @@ def test_sharded_checkpoints_are_read(tmp_path):
     ("act", r"hidden_act 'gelu' is not supported"),
     ("family", r"model_type 'bert' cannot be upcycled; "
                r"supported: gpt2, llama, mistral, ministral, ministral3, mistral3, qwen2, "
-               r"qwen3, phi3, smollm3, granite, gemma2, gemma3_text, gemma3, olmo2, olmo3, "
-               r"mixtral, qwen3_moe, olmoe$"),
+               r"qwen3, phi3, smollm3, seed_oss, granite, gemma2, gemma3_text, gemma3, olmo2, "
+               r"olmo3, exaone4, mixtral, qwen3_moe, olmoe$"),
     ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
     ("gemma-act", r"gemma2: hidden_activation 'gelu' is not supported"),
 ])

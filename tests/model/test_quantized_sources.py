@@ -1,6 +1,7 @@
 """Quantized source checkpoints: fine-grained FP8 (Qwen's and Mistral's -FP8 releases, DeepSeek
-V3's weights) is dequantized on import exactly as transformers dequantizes it on a CPU; every
-other quantization is refused by name instead of read as if its integers were weights."""
+V3's weights) and compressed-tensors' unpacked formats (llm-compressor's FP8 and W8A8) are
+dequantized on import exactly as transformers dequantizes them on a CPU; every other
+quantization is refused by name instead of read as if its integers were weights."""
 
 import json
 
@@ -11,8 +12,8 @@ from safetensors.torch import load_file, save_file
 import camex_runtime as cr
 from camex_runtime.upcycle import UpcycleError, dense_reference_error
 
-from tests.dense_models import (build_dense, dequantized_reference, quantize_fp8, random_ids,
-                                spread)
+from tests.dense_models import (build_dense, dequantized_reference, quantize_compressed,
+                                quantize_fp8, random_ids, spread)
 
 
 def test_fp8_blocks_dequantize_as_transformers_does(tmp_path):
@@ -51,7 +52,21 @@ def test_fp8_scale_forms_and_grids_that_do_not_divide(tmp_path, scale_dtype, cei
     assert 0 < err < 0.1  # FP8's rounding, not another tensor
 
 
-@pytest.mark.parametrize("method", ["awq", "gptq", "bitsandbytes", "compressed-tensors"])
+@pytest.mark.parametrize("kind,symmetric", [("fp8", True), ("int8", True), ("int8", False)],
+                         ids=["fp8-dynamic", "w8a8", "w8a8-zero-points"])
+def test_compressed_tensors_dequantize_as_transformers_does(tmp_path, kind, symmetric):
+    """llm-compressor's checkpoints (vLLM's format): a scale per weight row, zero points where
+    asymmetric. The import equals transformers' own loading of them (compressed-tensors
+    installed), dequantized — not the full-precision model they came from."""
+    dense = build_dense(tmp_path / "dense", "llama", attention_bias=True)
+    q_dir = quantize_compressed(dense, tmp_path / "q", kind, symmetric)
+    model = cr.upcycle_from_dense(q_dir, num_experts=2, segment_len=4)
+    ids = random_ids(30, seed=1, batch=2)
+    assert dense_reference_error(model, q_dir, ids) <= 1e-5
+    assert dense_reference_error(model, dense, ids) > 1e-4
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq", "bitsandbytes", "mxfp4"])
 def test_other_quantizations_are_refused_by_name(tmp_path, method):
     d = build_dense(tmp_path / "q", "llama")
     cfg = json.loads((d / "config.json").read_text())
@@ -60,6 +75,20 @@ def test_other_quantizations_are_refused_by_name(tmp_path, method):
     with pytest.raises(UpcycleError, match=rf"quantized \(quant_method '{method}'\).*"
                                            r"full-precision \(bf16\) release"):
         cr.upcycle_from_dense(d, num_experts=2, segment_len=4)
+
+
+@pytest.mark.parametrize("change,pattern", [
+    ({"format": "pack-quantized"}, r"format pack-quantized packs its weights"),
+    ({"sparsity_config": {"format": "sparse-bitmask"}}, r"with a sparsity_config"),
+], ids=["packed-int4", "sparse"])
+def test_compressed_tensors_formats_that_are_not_weights_are_refused(tmp_path, change, pattern):
+    dense = build_dense(tmp_path / "dense", "llama")
+    q_dir = quantize_compressed(dense, tmp_path / "q", "int8")
+    cfg = json.loads((q_dir / "config.json").read_text())
+    cfg["quantization_config"].update(change)
+    (q_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UpcycleError, match=pattern):
+        cr.upcycle_from_dense(q_dir, num_experts=2, segment_len=4)
 
 
 def test_fp8_weights_without_their_scales_are_refused(tmp_path):
