@@ -289,12 +289,30 @@ class NamedToolChoice(RequestSchema):
     function: FunctionName
 
 
-class ChatCompletionRequest(_Sampling, _ChatTemplateOptions):
+# OpenAI's reasoning efforts (chat `reasoning_effort`, Responses `reasoning.effort`)
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh"]
+ServiceTier = Literal["auto", "default", "flex", "scale", "priority"]
+
+
+class OpenAIHints(RequestSchema):
+    """Fields OpenAI's clients send that ask nothing of a stateless, single-tier server with
+    automatic prefix caching: accepted and not acted on (as vLLM does)."""
+    store: bool | None = Field(None, description="accepted; nothing is stored")
+    metadata: dict[Text, Text] | None = Field(None, description="accepted; nothing is stored")
+    service_tier: ServiceTier | None = Field(None, description="accepted; one tier serves all")
+    prompt_cache_key: Text | None = Field(
+        None, description="accepted; prompts share cached prefixes without a key")
+    safety_identifier: Text | None = Field(None, description="accepted, unused")
+
+
+class ChatCompletionRequest(_Sampling, _ChatTemplateOptions, OpenAIHints):
     unsupported = frozenset({"functions", "function_call", "audio",
-                             "modalities", "prediction", "reasoning_effort",
-                             "web_search_options", "store", "metadata", "service_tier",
+                             "modalities", "prediction", "web_search_options",
                              "best_of", "use_beam_search", "chat_template", "echo",
                              "prompt_logprobs"})
+    reasoning_effort: ReasoningEffort | None = Field(
+        None, description="given to the chat template as `reasoning_effort` (templates that "
+                          "read it, e.g. GPT-OSS's, follow it; others ignore it)")
     messages: list[ChatMessage] = Field(..., min_length=1)
     tools: list[ToolDef] | None = Field(
         None, description="functions the model may call (shown to it by the chat template; "
@@ -311,6 +329,13 @@ class ChatCompletionRequest(_Sampling, _ChatTemplateOptions):
     logprobs: bool = Field(False, description="logprob of each generated token")
     top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
                                         description="best alternatives per token (needs logprobs)")
+
+    def template_kwargs(self) -> dict[str, Any] | None:
+        """The chat template's extra variables: `chat_template_kwargs`, with `reasoning_effort`
+        unless they name it themselves."""
+        if self.reasoning_effort is None:
+            return self.chat_template_kwargs
+        return {"reasoning_effort": self.reasoning_effort, **(self.chat_template_kwargs or {})}
 
 
 class TopLogprob(_Schema):

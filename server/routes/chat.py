@@ -70,7 +70,7 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
         max_tokens = max(1, engine.info()["max_total_tokens"] - len(ids))
     seeds = choice_seeds(body.seed, body.n)
     parser = state.settings.reasoning_parser
-    plain = parser is not None and answer_only(parser, text, body.chat_template_kwargs)
+    plain = parser is not None and answer_only(parser, text, body.template_kwargs())
     if constraint is not None and parser is not None and not plain:
         # a thinking model reasons freely; its answer, after `</think>`, is constrained
         constraint = replace(constraint, start_after=tuple(engine.tokenizer(
@@ -96,7 +96,7 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
 
 def prompt_ids(engine, template: str, body: ChatCompletionRequest) -> tuple[str, list[int]]:
     text = render(engine, template, body.messages, body.add_generation_prompt,
-                  body.continue_final_message, body.chat_template_kwargs, body.tools)
+                  body.continue_final_message, body.template_kwargs(), body.tools)
     return text, list(engine.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 

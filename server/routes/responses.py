@@ -17,9 +17,16 @@ item `output_item.added`, its deltas and `.done` events, `output_item.done`, the
 `response.completed` or `response.incomplete`), numbered by `sequence_number`; the `openai`
 client's `responses.stream()` assembles them into the same response as the plain call.
 
+`reasoning.effort` goes to the chat template as `reasoning_effort` (as chat's
+`reasoning_effort`); `include: ["message.output_text.logprobs"]` (or `top_logprobs`) returns the
+answer's token logprobs in its `output_text` part and in each `output_text.delta` (those of
+the tokens since the last delta). Hints that ask nothing of this server (`prompt_cache_key`,
+`safety_identifier`, `service_tier`, `max_tool_calls`, `stream_options`, `include` values of
+built-in tools or encrypted reasoning, `reasoning.summary`) are accepted as vLLM accepts them.
+
 Nothing is stored: `store` is accepted and ignored, `previous_response_id` and
 `conversation` are refused (send the conversation as `input`), as are `background`,
-`include` and non-function tools.
+`prompt` (stored prompt templates) and non-function tools.
 """
 
 from __future__ import annotations
@@ -35,22 +42,40 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import Field, ValidationError
 
 from server import errors
-from server.openai_protocol import ChatCompletionRequest
+from server.openai_protocol import (MAX_TOP_LOGPROBS, ChatCompletionRequest, ReasoningEffort,
+                                    OpenAIHints)
 from server.openai_runs import Choice, close_all, first_events, merged, run_to_end
 from server.protocol import Float, Int, RequestSchema, Text
 from server.reasoning import END
-from server.routes.chat import answer_parts, split_piece, start
+from server.routes.chat import answer_parts, logprobs_json, split_piece, start
 from server.routes.completions import OPENAI_ERRORS, model_name
 from server.routes.tgi import SSE_HEADERS
 
 router = APIRouter(prefix="/v1", tags=["OpenAI compatible"])
 
 
-class ResponsesRequest(RequestSchema):
-    unsupported = frozenset({"previous_response_id", "conversation", "background", "include",
-                             "prompt", "reasoning", "top_logprobs", "stream_options",
-                             "max_tool_calls", "service_tier", "prompt_cache_key",
-                             "safety_identifier", "context_management"})
+# `include` values: the answer's token logprobs are given; the rest name what a stateless
+# server without built-in tools or images has none of (encrypted reasoning is for a store that
+# keeps it; past reasoning items are dropped on input anyway), so there is nothing to add
+INCLUDE_LOGPROBS = "message.output_text.logprobs"
+Include = Literal["message.output_text.logprobs", "reasoning.encrypted_content",
+                  "file_search_call.results", "web_search_call.results",
+                  "web_search_call.action.sources", "code_interpreter_call.outputs",
+                  "computer_call_output.output.image_url", "message.input_image.image_url"]
+
+
+class ReasoningOptions(RequestSchema):
+    effort: ReasoningEffort | None = Field(
+        None, description="given to the chat template as `reasoning_effort`")
+    summary: Literal["auto", "concise", "detailed"] | None = Field(
+        None, description="accepted; reasoning items carry the reasoning text, no summary")
+    generate_summary: Literal["auto", "concise", "detailed"] | None = Field(
+        None, description="the older name of summary")
+
+
+class ResponsesRequest(OpenAIHints):
+    unsupported = frozenset({"previous_response_id", "conversation", "background",
+                             "prompt", "context_management"})
     model: Text | None = Field(None, description="must name the served model when given")
     input: Text | list[dict[str, Any]] = Field(
         ..., description="a user message, or a list of message / function_call / "
@@ -74,6 +99,23 @@ class ResponsesRequest(RequestSchema):
     store: bool | None = Field(None, description="accepted; responses are not stored")
     user: Text | None = None
     truncation: Literal["disabled"] | None = Field(None, description='only "disabled"')
+    reasoning: ReasoningOptions | None = None
+    include: list[Include] | None = Field(
+        None, description=f'"{INCLUDE_LOGPROBS}": the answer\'s token logprobs; the others '
+                          f"are accepted (nothing of theirs exists here)")
+    top_logprobs: Int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS,
+                                     description="alternatives per token (logprobs implied)")
+    max_tool_calls: Int | None = Field(None, ge=1, description="accepted (it counts built-in "
+                                                               "tool calls: there are none)")
+    stream_options: dict[Text, Any] | None = Field(
+        None, description="accepted (include_obfuscation: nothing is padded)")
+
+    def logprobs(self) -> int | None:
+        """Alternatives per answer token when logprobs are asked for (`include` names them, or
+        `top_logprobs` is given), else None."""
+        if self.top_logprobs is None and INCLUDE_LOGPROBS not in (self.include or ()):
+            return None
+        return self.top_logprobs or 0
 
 
 def _text_of(content: Any, where: str) -> str:
@@ -154,6 +196,10 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     for name in ("model", "temperature", "top_p", "parallel_tool_calls", "user"):
         if getattr(body, name) is not None:
             chat[name] = getattr(body, name)
+    if body.reasoning is not None and body.reasoning.effort is not None:
+        chat["reasoning_effort"] = body.reasoning.effort
+    if body.logprobs() is not None:
+        chat.update(logprobs=True, top_logprobs=body.logprobs())
     if body.max_output_tokens is not None:
         chat["max_completion_tokens"] = body.max_output_tokens
     tools = chat_tools(body.tools)
@@ -197,7 +243,13 @@ def response_json(rid: str, created: int, body: ResponsesRequest, model: str, st
             "parallel_tool_calls": body.parallel_tool_calls is not False,
             "tool_choice": body.tool_choice or "auto", "tools": body.tools or [],
             "text": body.text or {"format": {"type": "text"}}, "metadata": body.metadata or {},
-            "store": False, "truncation": "disabled", "usage": usage}
+            "store": False, "truncation": "disabled", "usage": usage,
+            "reasoning": {"effort": body.reasoning.effort, "summary": None} if body.reasoning
+            else {"effort": None, "summary": None},
+            "service_tier": "default", "top_logprobs": body.top_logprobs or 0,
+            "max_tool_calls": body.max_tool_calls,
+            "prompt_cache_key": body.prompt_cache_key,
+            "safety_identifier": body.safety_identifier}
 
 
 def usage_json(c: Choice, reasoning_tokens: int) -> dict:
@@ -234,13 +286,26 @@ def reasoning_item(text: str, status: str = "completed") -> dict:
             "content": [{"type": "reasoning_text", "text": text}], "status": status}
 
 
-def message_item(text: str, status: str = "completed") -> dict:
+def message_item(text: str, status: str = "completed", logprobs: list | None = None) -> dict:
     return {"id": "msg_" + uuid.uuid4().hex, "type": "message", "role": "assistant",
-            "status": status, "content": [output_text(text)]}
+            "status": status, "content": [output_text(text, logprobs)]}
 
 
-def output_text(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def output_text(text: str, logprobs: list | None = None) -> dict:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}
+
+
+def token_logprobs(tokenizer, events: list, n: int | None) -> list[dict]:
+    """The Responses shape of tokens' logprobs (chat's: token, logprob, bytes, n
+    alternatives); none unless asked for (`n` None)."""
+    if n is None or not events:
+        return []
+    return [entry.model_dump() for entry in logprobs_json(tokenizer, events, n).content]
+
+
+def answer_events(c: Choice) -> list:
+    """The events of the answer's tokens: those after the reasoning (all without it)."""
+    return [ev for ev in c.run.events[reasoning_tokens(c):] if ev.token_id >= 0]
 
 
 def call_item(call: dict) -> dict:
@@ -259,14 +324,18 @@ async def responses(request: Request, body: ResponsesRequest):
     rid, created, model = "resp_" + uuid.uuid4().hex, int(time.time()), model_name(request)
     if body.stream:
         firsts = await first_events(request, choices)
-        return StreamingResponse(events(choices, firsts, body, rid, created, model),
+        tokenizer = request.app.state.serving.lm.tokenizer
+        return StreamingResponse(events(choices, firsts, body, rid, created, model, tokenizer),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     await run_to_end(request, choices)
     (c,) = choices
     reasoning, answer, calls = answer_parts(c)
     status = status_of(c)
+    tokenizer = request.app.state.serving.lm.tokenizer
+    logprobs = await anyio.to_thread.run_sync(token_logprobs, tokenizer, answer_events(c),
+                                              body.logprobs())
     output = ([reasoning_item(reasoning)] if reasoning else []) + \
-        ([message_item(answer, status)] if answer else []) + \
+        ([message_item(answer, status, logprobs)] if answer else []) + \
         [call_item(call.json()) for call in calls]
     return JSONResponse(response_json(rid, created, body, model, status, output,
                                       usage_json(c, reasoning_tokens(c))))
@@ -274,13 +343,17 @@ async def responses(request: Request, body: ResponsesRequest):
 
 class EventWriter:
     """The typed SSE events of one streamed response, with their sequence numbers, and the
-    output items they build (opened, fed deltas, closed in order)."""
+    output items they build (opened, fed deltas, closed in order). With logprobs, each
+    message delta carries those of the answer tokens that arrived since the last one; the
+    `.done` event and the item carry all of them."""
 
     def __init__(self) -> None:
         self.seq = 0
         self.output: list[dict] = []
         self.open: dict | None = None  # the reasoning or message item receiving deltas
         self.text = ""
+        self.pending: list[dict] = []  # answer tokens' logprobs not yet sent in a delta
+        self.logprobs: list[dict] = []  # the open message's, all of them
 
     def event(self, kind: str, **fields) -> str:
         body = {"type": kind, "sequence_number": self.seq, **fields}
@@ -305,7 +378,9 @@ class EventWriter:
         self.text += text
         name = "response.reasoning_text.delta" if kind == "reasoning" else \
             "response.output_text.delta"
-        extra = {} if kind == "reasoning" else {"logprobs": []}
+        extra = {}
+        if kind == "message":
+            extra["logprobs"], self.pending = self.pending, []
         out.append(self.event(name, item_id=self.open["id"], output_index=len(self.output),
                               content_index=0, delta=text, **extra))
         return out
@@ -316,9 +391,13 @@ class EventWriter:
             return []
         index, text = len(self.output), self.text
         reasoning = item["type"] == "reasoning"
-        part = {"type": "reasoning_text", "text": text} if reasoning else output_text(text)
+        logprobs = [] if reasoning else self.logprobs
+        if not reasoning:
+            self.logprobs = []
+        part = {"type": "reasoning_text", "text": text} if reasoning else \
+            output_text(text, logprobs)
         done = "response.reasoning_text.done" if reasoning else "response.output_text.done"
-        extra = {} if reasoning else {"logprobs": []}
+        extra = {} if reasoning else {"logprobs": logprobs}
         item = {**item, "status": status if not reasoning else "completed", "content": [part]}
         self.output.append(item)
         return [self.event(done, item_id=item["id"], output_index=index, content_index=0,
@@ -342,17 +421,27 @@ class EventWriter:
 
 
 async def events(choices: list[Choice], firsts: list, body: ResponsesRequest, rid: str,
-                 created: int, model: str):
+                 created: int, model: str, tokenizer):
     w = EventWriter()
     (c,) = choices
     start_json = response_json(rid, created, body, model, "in_progress", [], None)
+    n = body.logprobs()
     try:
         yield w.event("response.created", response=start_json)
         yield w.event("response.in_progress", response=start_json)
         async for c, ev in merged(choices, firsts):
             final = ev.finish_reason is not None
             text = c.hold.push(ev.text, ev.finish_reason)
+            before = c.think.state if c.think is not None else "answer"
             reasoning, answer, calls = split_piece(c, text, final)
+            after = c.think.state if c.think is not None else "answer"
+            # an answer token: after the reasoning closed, or where none opened (the one
+            # closing it counts as reasoning, as in the plain response)
+            if n is not None and ev.token_id >= 0 and after == "answer" and \
+                    before in ("answer", "start"):
+                entry = token_logprobs(tokenizer, [ev], n)
+                w.pending += entry
+                w.logprobs += entry
             for kind, piece in (("reasoning", reasoning), ("message", answer)):
                 if piece:
                     for out in w.delta(kind, piece):

@@ -132,3 +132,16 @@ def test_openai_responses_api_plain_streamed_parsed_and_calling(server):
     assert calls and all(c.name == "get_weather" for c in calls)
     for c in calls:
         GetWeather.model_validate_json(c.arguments)
+    # what agents send every turn, and the answer's logprobs, through the client's own types
+    agent = dict(kw, reasoning={"effort": "low", "summary": "auto"}, prompt_cache_key="s1",
+                 safety_identifier="u1", service_tier="auto", store=False,
+                 include=["message.output_text.logprobs", "reasoning.encrypted_content"],
+                 top_logprobs=2)
+    answered = client.responses.create(**agent)
+    (part,) = answered.output[0].content
+    assert len(part.logprobs) == answered.usage.output_tokens
+    assert all(len(t.top_logprobs) == 2 for t in part.logprobs)
+    with client.responses.stream(**agent) as stream:
+        streamed = [t for e in stream if e.type == "response.output_text.delta"
+                    for t in e.logprobs]
+    assert [t.token for t in streamed] == [t.token for t in part.logprobs]

@@ -327,6 +327,25 @@ def test_chat_renders_the_template_and_streams_the_same_text(client):
     assert details == {"cached_tokens": cached}
 
 
+def test_chat_accepts_what_openai_clients_send_that_asks_nothing_here(client):
+    """store, metadata, service_tier, prompt_cache_key, safety_identifier (the openai client's
+    newer parameters; agents send them every turn): the same answer as without them; a
+    reasoning_effort the template does not read changes nothing either; a value outside
+    OpenAI's is still a 422."""
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hello"}],
+            "max_completion_tokens": 6, "temperature": 0}
+    plain = client.post("/v1/chat/completions", json=body).json()
+    hinted = client.post("/v1/chat/completions", json={
+        **body, "store": True, "metadata": {"run": "1"}, "service_tier": "flex",
+        "prompt_cache_key": "k", "safety_identifier": "u", "reasoning_effort": "high"})
+    assert hinted.status_code == 200, hinted.text
+    assert hinted.json()["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert hinted.json()["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    for field, value in (("service_tier", "gold"), ("reasoning_effort", "max")):
+        r = client.post("/v1/chat/completions", json={**body, field: value})
+        assert r.status_code == 422 and field in r.json()["error"]["message"], r.text
+
+
 def test_chat_default_max_tokens_is_what_the_context_has_left(client):
     body = {"messages": [{"role": "user", "content": "hi"}], "temperature": 0,
             "ignore_eos": True}
@@ -504,7 +523,8 @@ TOOLS_TEMPLATE = (
     "{% for c in m['tool_calls'] %}<call>{{ c['function']['name'] }}"
     "{{ c['function']['arguments'] | tojson }}</call>{% endfor %}{% endif %}{{ m['content'] }}"
     "{% if m['tool_call_id'] %}[{{ m['tool_call_id'] }}]{% endif %}\n{% endfor %}"
-    "{% if add_generation_prompt %}<assistant>{% endif %}")
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+    "{% if reasoning_effort %}(effort: {{ reasoning_effort }}){% endif %}")
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "today's weather",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}

@@ -113,6 +113,72 @@ def test_the_stream_builds_the_same_response(client):
     assert final["output"][0]["id"] == item_id
 
 
+def test_logprobs_are_the_chat_completions_and_the_stream_sends_them_with_the_text(client):
+    """`include: ["message.output_text.logprobs"]` + `top_logprobs`: the answer's tokens with
+    the logprobs the chat completion of the same request reports; streamed, each text delta
+    carries those of its tokens, and together they are the `.done` event's and the final
+    response's."""
+    body = dict(input="hello world", max_output_tokens=10, temperature=0,
+                include=["message.output_text.logprobs"], top_logprobs=2)
+    plain = respond(client, **body)
+    (part,) = plain["output"][0]["content"]
+    chat = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 10,
+        "temperature": 0, "logprobs": True, "top_logprobs": 2}).json()
+    assert part["logprobs"] == chat["choices"][0]["logprobs"]["content"]
+    assert len(part["logprobs"]) == plain["usage"]["output_tokens"]
+    assert all(len(t["top_logprobs"]) == 2 for t in part["logprobs"])
+    events = stream_events(client, **body)
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    streamed = [t for e in deltas for t in e["logprobs"]]
+    (done,) = [e for e in events if e["type"] == "response.output_text.done"]
+    assert streamed == done["logprobs"] == part["logprobs"]
+    assert events[-1]["response"]["output"][0]["content"][0]["logprobs"] == part["logprobs"]
+    assert events[-1]["response"]["top_logprobs"] == 2
+    quiet = respond(client, input="hello world", max_output_tokens=10, temperature=0)
+    assert quiet["output"][0]["content"][0]["logprobs"] == []
+
+
+def test_what_agents_send_is_accepted(client):
+    """What Codex and the Agents SDK send with every request — cache keys, safety ids, a
+    service tier, reasoning options, includes of built-in tools' results and encrypted
+    reasoning — asks nothing of this server: the same answer as without them."""
+    body = dict(input="hello world", max_output_tokens=8, temperature=0)
+    plain = respond(client, **body)
+    hinted = respond(client, **body, prompt_cache_key="session-1", safety_identifier="user-1",
+                     service_tier="auto", max_tool_calls=4, store=False,
+                     stream_options={"include_obfuscation": False},
+                     reasoning={"summary": "auto"},  # (an effort: the next test)
+                     include=["reasoning.encrypted_content", "web_search_call.action.sources"])
+    assert output_text(hinted) == output_text(plain)
+    assert hinted["usage"]["input_tokens"] == plain["usage"]["input_tokens"]
+    assert hinted["reasoning"] == {"effort": None, "summary": None}
+    assert hinted["prompt_cache_key"] == "session-1" and hinted["service_tier"] == "default"
+
+
+def test_reasoning_effort_reaches_the_chat_template(client):
+    """`reasoning.effort` (and chat's `reasoning_effort`) is the template's `reasoning_effort`;
+    `chat_template_kwargs` naming it win. The test template prints it."""
+    def prompt_tokens(**extra) -> int:
+        r = client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1, **extra})
+        assert r.status_code == 200, r.text
+        return r.json()["usage"]["prompt_tokens"]
+
+    def rendered(kwargs) -> int:
+        r = client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}],
+                                           "chat_template_kwargs": kwargs})
+        return r.json()["count"]
+
+    assert prompt_tokens() == rendered({}) < rendered({"reasoning_effort": "minimal"})
+    assert prompt_tokens(reasoning_effort="minimal") == rendered({"reasoning_effort": "minimal"})
+    assert prompt_tokens(reasoning_effort="minimal",
+                         chat_template_kwargs={"reasoning_effort": "xhigh"}) == \
+        rendered({"reasoning_effort": "xhigh"})
+    out = respond(client, input="hi", max_output_tokens=1, reasoning={"effort": "minimal"})
+    assert out["usage"]["input_tokens"] == rendered({"reasoning_effort": "minimal"})
+
+
 def test_text_format_json_schema(client):
     fmt = {"format": {"type": "json_schema", "name": "person", "schema": PERSON,
                       "strict": True}}
@@ -156,6 +222,10 @@ def test_forced_function_calls_are_function_call_items(client):
     ({"tool_choice": {"type": "file_search"}}, "tool_choice", '"required"'),
     ({"truncation": "auto"}, None, "truncation"),
     ({"max_output_token": 5}, None, "max_output_tokens"),
+    ({"include": ["message.output_text.tokens"]}, "include.0", "message.output_text.logprobs"),
+    ({"top_logprobs": 21}, "top_logprobs", "20"),
+    ({"reasoning": {"effort": "max"}}, "reasoning.effort", "minimal"),
+    ({"background": True}, None, "not supported by this server: background"),
 ])
 def test_bad_requests_are_422_in_openai_shape(client, body, param, needle):
     r = client.post("/v1/responses", json={"input": "hi", **body})
