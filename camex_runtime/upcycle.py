@@ -3,8 +3,8 @@
 `upcycle_from_dense(path)` reads the directory's ``config.json``, picks the importer of its
 ``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``ministral``, ``ministral3``,
 ``mistral3`` and ``gemma3``: their language models, ``qwen2``, ``qwen3``, ``phi3``,
-``smollm3``, ``seed_oss``, ``granite``, ``gemma2``, ``gemma3_text``, ``olmo2``, ``olmo3``,
-``exaone4``; sparse MoEs
+``smollm3``, ``seed_oss``, ``glm``, ``glm4``, ``granite``, ``gemma2``, ``gemma3_text``,
+``olmo2``, ``olmo3``, ``exaone4``; sparse MoEs
 ``mixtral``, ``qwen3_moe``, ``olmoe``, whose experts are imported, see "Sparse MoE sources"
 below), and builds a
 training-form CAMEx model whose every expert is a copy of the dense FFN (τ = 0), curvature at
@@ -49,8 +49,9 @@ from .config import CamexConfig
 from .modeling import CamexForCausalLM, CamexForSequenceClassification, CamexPreTrainedModel
 
 SUPPORTED = ("gpt2", "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2",
-             "qwen3", "phi3", "smollm3", "seed_oss", "granite", "gemma2", "gemma3_text",
-             "gemma3", "olmo2", "olmo3", "exaone4", "mixtral", "qwen3_moe", "olmoe")
+             "qwen3", "phi3", "smollm3", "seed_oss", "glm", "glm4", "granite", "gemma2",
+             "gemma3_text", "gemma3", "olmo2", "olmo3", "exaone4", "mixtral", "qwen3_moe",
+             "olmoe")
 
 
 class UpcycleError(ValueError):
@@ -283,9 +284,11 @@ def llama_config(hf) -> dict[str, Any]:
     # attention_bias.
     declared = bool(getattr(hf, "attention_bias", False))
     all_four = mt in ("llama", "qwen3", "smollm3", "granite", "qwen3_moe", "olmoe")
-    qkv_bias = True if mt == "qwen2" else (all_four or mt == "seed_oss") and declared
-    # Seed-OSS: q/k/v biased with attention_bias, the output with attention_out_bias
-    out_bias = (bool(getattr(hf, "attention_out_bias", False)) if mt == "seed_oss"
+    qkv_only = mt in ("seed_oss", "glm", "glm4")
+    qkv_bias = True if mt == "qwen2" else (all_four or qkv_only) and declared
+    # Seed-OSS and GLM: q/k/v biased with attention_bias, the output only with Seed-OSS's
+    # attention_out_bias
+    out_bias = (bool(getattr(hf, "attention_out_bias", False)) if qkv_only
                 else all_four and declared)
     # SmolLM3's no_rope_layers: per block, 1 = rotary positions, 0 = none (NoPE)
     nope = [i for i, rotates in enumerate(getattr(hf, "no_rope_layers", None) or ())
@@ -337,6 +340,40 @@ def llama_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
     for proj in ("gate_proj", "up_proj", "down_proj"):
         if w.has(f"{m}{proj}.bias"):
             out[f"ffn.{proj}.bias"] = w.get(f"{m}{proj}.bias")
+    return out
+
+
+# GLM (`glm`: GLM-4-9B; `glm4`: GLM-4-0414, GLM-Z1): Llama with Phi-3's fused gate_up_proj,
+# q/k/v biases, half the head rotated (partial_rotary_factor 0.5) and the rotation applied to
+# interleaved pairs (dims 2i, 2i+1) instead of halves (i, i + rot/2). Permuting the rotated
+# dims of every query and key head the same way (even dims first, then odd) turns one into
+# the other, and q·k does not see a permutation both sides share: exact, no model option.
+# GLM-4-0414 adds an RMSNorm on each branch's output (sandwich_norms, with the pre-norms).
+
+
+def glm_config(hf) -> dict[str, Any]:
+    cfg = llama_config(hf)
+    if hf.model_type == "glm4":
+        cfg["sandwich_norms"] = True
+    return cfg
+
+
+def glm_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    out = llama_block(w, hf, i)
+    cfg = glm_config(hf)
+    hd, heads, kv = cfg["head_dim"], cfg["n_head"], cfg["num_key_value_heads"]
+    rot = int(hd * cfg["rope_parameters"].get("partial_rotary_factor", 1.0))
+    within = torch.cat([torch.arange(0, rot, 2), torch.arange(1, rot, 2),
+                        torch.arange(rot, hd)])
+    rows = torch.cat([h * hd + within for h in range(heads + kv)]
+                     + [torch.arange((heads + kv) * hd, (heads + 2 * kv) * hd)])  # v as it is
+    for name in ("attn.c_attn.weight", "attn.c_attn.bias"):
+        if name in out:
+            out[name] = out[name][rows]
+    if hf.model_type == "glm4":
+        p = f"layers.{i}."
+        out["ln_attn_out.weight"] = w.get(f"{p}post_self_attn_layernorm.weight")
+        out["ln_ffn_out.weight"] = w.get(f"{p}post_mlp_layernorm.weight")
     return out
 
 
@@ -679,6 +716,7 @@ _GRANITE = Importer(granite_config, granite_block, granite_outer, "model.")
 _GEMMA2 = Importer(gemma2_config, gemma2_block, gemma3_outer, "model.")
 _OLMO = Importer(olmo_config, olmo_block, llama_outer, "model.")
 _EXAONE4 = Importer(exaone4_config, olmo_block, llama_outer, "model.")
+_GLM = Importer(glm_config, glm_block, llama_outer, "model.")
 _SMOE = Importer(smoe_config, smoe_block, llama_outer, "model.", sparse=True)
 _GEMMA3 = Importer(gemma3_config, gemma3_block, gemma3_outer, "model.")
 # transformers 5 saves the language model under model.language_model., older releases (and the
@@ -694,7 +732,7 @@ IMPORTERS: dict[str, Importer] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LL
                                   "smollm3": _LLAMA, "granite": _GRANITE, "gemma2": _GEMMA2,
                                   "gemma3_text": _GEMMA3, "gemma3": _GEMMA3_MM,
                                   "olmo2": _OLMO, "olmo3": _OLMO, "exaone4": _EXAONE4,
-                                  "seed_oss": _LLAMA,
+                                  "seed_oss": _LLAMA, "glm": _GLM, "glm4": _GLM,
                                   "mixtral": _SMOE, "qwen3_moe": _SMOE, "olmoe": _SMOE}
 
 

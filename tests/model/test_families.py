@@ -249,6 +249,45 @@ def test_seed_oss_biases_its_query_key_value_and_maybe_its_output(tmp_path, out_
     assert dense_reference_error(model, tmp_path / "seed", random_ids(30, seed=8, batch=2)) <= 1e-5
 
 
+@pytest.mark.parametrize("model_type", ["glm", "glm4"])
+def test_glm_interleaved_rotary_is_a_permutation_of_the_query_and_key_rows(tmp_path,
+                                                                          model_type):
+    """GLM rotates interleaved pairs of half of each head: the importer permutes every query
+    and key head's rotated dims (evens, then odds) so CAMEx's half-split rotation computes the
+    same scores; GLM-4-0414's branch-output norms come along. Without the permutation the
+    model is another one."""
+    import transformers
+
+    prefix = {"glm": "Glm", "glm4": "Glm4"}[model_type]
+    config_cls, model_cls = (getattr(transformers, f"{prefix}Config"),
+                             getattr(transformers, f"{prefix}ForCausalLM"))
+    torch.manual_seed(0)
+    dense = model_cls(config_cls(**COMMON, head_dim=16)).eval()
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(torch.randn_like(p) * 0.2)
+    dense.save_pretrained(tmp_path / model_type)
+    model = cr.upcycle_from_dense(tmp_path / model_type, num_experts=2, segment_len=4)
+    assert model.config.rope_parameters["partial_rotary_factor"] == 0.5
+    assert model.config.attention_bias and not model.config.attention_out_bias
+    assert model.config.sandwich_norms is (model_type == "glm4")
+    ids = random_ids(30, seed=8, batch=2)
+    assert dense_reference_error(model, tmp_path / model_type, ids) <= 1e-5
+    from camex_runtime import upcycle
+
+    real = upcycle.glm_block
+    try:  # the same import without the permutation
+        upcycle.IMPORTERS[model_type] = upcycle.Importer(
+            upcycle.glm_config, lambda w, hf, i: {**real(w, hf, i), **{
+                k: v for k, v in upcycle.llama_block(w, hf, i).items() if k.startswith("attn.")}},
+            upcycle.llama_outer, "model.")
+        unpermuted = cr.upcycle_from_dense(tmp_path / model_type, num_experts=2, segment_len=4)
+    finally:
+        upcycle.IMPORTERS[model_type] = upcycle._GLM
+    assert dense_reference_error(unpermuted, tmp_path / model_type, ids) > 1e-3
+
+
 def test_phi3_partial_rotary_and_fused_projections(tmp_path):
     from safetensors import safe_open
 
@@ -347,8 +386,8 @@ def test_sharded_checkpoints_are_read(tmp_path):
     ("act", r"hidden_act 'gelu' is not supported"),
     ("family", r"model_type 'bert' cannot be upcycled; "
                r"supported: gpt2, llama, mistral, ministral, ministral3, mistral3, qwen2, "
-               r"qwen3, phi3, smollm3, seed_oss, granite, gemma2, gemma3_text, gemma3, olmo2, "
-               r"olmo3, exaone4, mixtral, qwen3_moe, olmoe$"),
+               r"qwen3, phi3, smollm3, seed_oss, glm, glm4, granite, gemma2, gemma3_text, "
+               r"gemma3, olmo2, olmo3, exaone4, mixtral, qwen3_moe, olmoe$"),
     ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
     ("gemma-act", r"gemma2: hidden_activation 'gelu' is not supported"),
 ])
