@@ -309,6 +309,11 @@ def test_inference_client_text_classification_on_a_classifier_only_server(classi
     raw = client.text_classification(text, function_to_apply="none")
     assert {o.label: o.score for o in raw} == pytest.approx(logits)
     batch = httpx.post(base + "/", json={"inputs": [text, "the lazy dog"]}).json()
-    assert len(batch) == 2 and [(s["label"], s["score"]) for s in batch[0]] == expected
+    # (a padded batch of two runs other row counts through the kernels than one text alone:
+    # on Zen 4 another fp32 code path, the scores then equal to rounding, as the engine's own
+    # batched-classification test holds them)
+    assert len(batch) == 2 and [s["label"] for s in batch[0]] == [label for label, _ in expected]
+    assert [s["score"] for s in batch[0]] == pytest.approx([score for _, score in expected],
+                                                          rel=0, abs=1e-6)
     generate = httpx.post(base + "/generate", json={"inputs": text})
     assert generate.status_code == 404 and "text generation" in generate.json()["error"]
