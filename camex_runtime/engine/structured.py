@@ -20,11 +20,18 @@ A JSON Schema keyword llguidance cannot enforce is an error, unless the constrai
 
 `check` validates a constraint without a tokenizer (the server's 422s); `Grammars` holds the
 vocabulary's compiled form (built once, ~0.3 s for 50k tokens) and makes one `Guide` per request.
+Agent loops send the same tools, so the same schemas, every turn: the last CACHE_SIZE checked
+grammars and compiled matchers are kept, and a request gets a copy of its grammar's matcher
+(GPT-2's 50k vocabulary against a forced call over six tools: compiling 2.2 ms and checking
+1.3 ms — the server checks, then the engine — against 1 µs for a copy; one tool's parameters
+0.8 and 0.4 ms, Zen 4).
 """
 from __future__ import annotations
 
+import functools
 import json
 import threading
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -33,6 +40,7 @@ from camex_runtime.engine.request import Constraint
 from camex_runtime.errors import InputValidationError
 
 JSON_STYLE = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+CACHE_SIZE = 64  # grammars whose check and compiled matcher are kept
 
 
 def _llguidance():
@@ -69,13 +77,19 @@ def grammar_text(constraint: Constraint) -> str:
 
 def check(constraint: Constraint) -> str:
     """Validate a constraint without a vocabulary: its grammar text, or InputValidationError
-    with llguidance's reason (an unknown schema keyword, a bad regex, a Lark syntax error)."""
+    with llguidance's reason (an unknown schema keyword, a bad regex, a Lark syntax error).
+    Remembered for the last CACHE_SIZE constraints (a refusal is not: it is checked again)."""
     constraint.validate()
-    grammar = grammar_text(constraint)
+    value = constraint.value if isinstance(constraint.value, str) else tuple(constraint.value)
+    return _checked(constraint.kind, value, constraint.lenient)
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _checked(kind: str, value: str | tuple[str, ...], lenient: bool) -> str:
+    grammar = grammar_text(Constraint(kind, value, lenient))
     problem = _llguidance().LLMatcher.validate_grammar(grammar)
     if problem and not problem.startswith("WARNING"):
-        raise InputValidationError(f"the {constraint.kind} constraint cannot be compiled: "
-                                   f"{problem}")
+        raise InputValidationError(f"the {kind} constraint cannot be compiled: {problem}")
     return grammar
 
 
@@ -88,6 +102,9 @@ class Grammars:
         self.eos = sorted(eos_token_ids)
         self._lltok = None
         self._lock = threading.Lock()
+        # grammar text -> a matcher compiled from it that never takes a token (copied per
+        # request), the last CACHE_SIZE used
+        self._compiled: OrderedDict[str, object] = OrderedDict()
 
     def prepare(self):
         """The compiled vocabulary (built on the first call)."""
@@ -109,11 +126,20 @@ class Grammars:
         """A fresh matcher for one request; InputValidationError if the constraint is bad."""
         grammar = check(constraint)
         lltok = self.prepare()
-        matcher = _llguidance().LLMatcher(lltok, grammar, log_level=0)
-        if matcher.is_error():
-            raise InputValidationError(f"the {constraint.kind} constraint cannot be compiled: "
-                                       f"{matcher.get_error()}")
-        return Guide(matcher, self.vocab_size, constraint.start_after)
+        with self._lock:
+            compiled = self._compiled.get(grammar)
+            if compiled is not None:
+                self._compiled.move_to_end(grammar)
+        if compiled is None:
+            compiled = _llguidance().LLMatcher(lltok, grammar, log_level=0)
+            if compiled.is_error():
+                raise InputValidationError(f"the {constraint.kind} constraint cannot be "
+                                           f"compiled: {compiled.get_error()}")
+            with self._lock:
+                self._compiled[grammar] = compiled
+                while len(self._compiled) > CACHE_SIZE:
+                    self._compiled.popitem(last=False)
+        return Guide(compiled.deep_copy(), self.vocab_size, constraint.start_after)
 
 
 class Guide:

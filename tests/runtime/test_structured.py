@@ -222,3 +222,32 @@ def test_guide_mask_is_the_matcher_bitmask(tok):
         assert not guide.advance(token) and matcher.consume_token(token)
     with pytest.raises(RuntimeError, match="outside the request's grammar"):
         guide.advance(int((~guide.allowed()).nonzero()[0]))
+
+
+def test_compiled_grammars_are_kept_and_every_request_gets_its_own_copy(tok, monkeypatch):
+    """A grammar is compiled once for the last CACHE_SIZE used; each guide is a copy that walks
+    on its own: one request's tokens never move another's mask, and a guide from the kept
+    matcher masks as a freshly compiled one does, step by step."""
+    import camex_runtime.engine.structured as structured
+
+    monkeypatch.setattr(structured, "CACHE_SIZE", 2)
+    V = len(tok)
+    grammars = Grammars(tok, V, [tok.eos_token_id])
+    first, second = grammars.guide(JSON), grammars.guide(JSON)
+    assert list(grammars._compiled) == [check(JSON)]
+    matcher = fresh_matcher(tok, V, JSON)
+    start = allowed_ids(matcher, V)
+    for _ in range(5):  # the first walks; the second stays where it started
+        token = int(first.allowed().nonzero()[-1])
+        assert torch.equal(first.allowed(), allowed_ids(matcher, V))
+        assert not first.advance(token) and matcher.consume_token(token)
+        assert torch.equal(second.allowed(), start)
+    assert torch.equal(grammars.guide(JSON).allowed(), start)  # the kept one never moved
+    regex, choice = Constraint("regex", "a+b"), Constraint("choice", ("yes", "no"))
+    grammars.guide(regex)
+    grammars.guide(choice)  # the least recently used (JSON) goes
+    assert list(grammars._compiled) == [check(regex), check(choice)]
+    bad = Constraint("regex", "(")
+    for _ in range(2):  # a refusal is not kept: refused each time, by name
+        with pytest.raises(InputValidationError, match="regex constraint cannot be compiled"):
+            grammars.guide(bad)
