@@ -35,13 +35,15 @@ from transformers import PretrainedConfig
 # FORMAT_NEW_BLOCKS (3) likewise marks blocks an older runtime would misread: norms around
 # each branch's output, GeGLU FFNs, a second rotary base (Gemma 3); FORMAT_CAPS_AND_NORMS (4)
 # soft-capped attention scores or logits (Gemma 2), blocks without pre-norms and q/k norms over
-# all heads together (OLMo 2).
+# all heads together (OLMo 2); FORMAT_QUERY_SCALE (5) Llama 4's query scale past the rotary's
+# original length (Ministral 3) on a model served that far.
 FORMAT_VERSION = 1
 FORMAT_NEW_ATTENTION = 2
 FORMAT_NEW_BLOCKS = 3
 FORMAT_CAPS_AND_NORMS = 4
+FORMAT_QUERY_SCALE = 5
 READABLE_FORMATS = (FORMAT_VERSION, FORMAT_NEW_ATTENTION, FORMAT_NEW_BLOCKS,
-                    FORMAT_CAPS_AND_NORMS)
+                    FORMAT_CAPS_AND_NORMS, FORMAT_QUERY_SCALE)
 
 MERGE_METHODS = ("domain_specific", "ties", "dare")
 FAMILIES = ("gpt2", "llama")
@@ -259,6 +261,10 @@ class CamexConfig(PretrainedConfig):
 
     def format_needed(self) -> int:
         """The oldest checkpoint format that describes this model (FORMAT_VERSION's comment)."""
+        if any(p and p.get("llama_4_scaling_beta") and self.max_position_embeddings >
+               p["original_max_position_embeddings"]
+               for p in (self.rope_parameters, self.rope_local_parameters)):
+            return FORMAT_QUERY_SCALE
         if self.attn_logit_softcapping is not None or self.final_logit_softcapping is not None \
                 or not self.pre_norms or self.qk_norm and self.qk_norm_width != "head":
             return FORMAT_CAPS_AND_NORMS
@@ -333,13 +339,10 @@ class CamexConfig(PretrainedConfig):
                     f"cache cannot follow; max_position_embeddings "
                     f"{self.max_position_embeddings} must be at most {old_len}")
             beta = params.get("llama_4_scaling_beta")
-            if beta and self.max_position_embeddings > old_len:
-                raise ValueError(
-                    f"{name}: llama_4_scaling_beta={beta} scales every query from position "
-                    f"{old_len} (original_max_position_embeddings) on by 1 + beta * log(1 + "
-                    f"position // {old_len}) (Llama 4, Ministral 3), which is not implemented; "
-                    f"max_position_embeddings {self.max_position_embeddings} must be at most "
-                    f"{old_len}")
+            if beta and not (isinstance(old_len, int) and old_len > 0):
+                raise ValueError(f"{name}: llama_4_scaling_beta scales queries from "
+                                 f"original_max_position_embeddings on, which must be a "
+                                 f"positive length (got {old_len!r})")
             factor = params.get("partial_rotary_factor", 1.0)
             if not 0.0 < factor <= 1.0 or int(self.head_dim * factor) % 2:
                 raise ValueError(f"{name}: partial_rotary_factor {factor} must be in "

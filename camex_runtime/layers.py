@@ -131,6 +131,18 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         self.config, self.params = config, params  # params: None = config.rope_parameters
         self._tables: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+        # Llama 4's query scale (Ministral 3): from the rotary's original length L on, every
+        # query × 1 + beta · log(1 + ⌊position / L⌋), after the rotation. Only queries change,
+        # so cached keys stay as they are; 1 exactly below L.
+        p = params if params is not None else config.rope_parameters
+        self.beta = float((p or {}).get("llama_4_scaling_beta") or 0.0)
+        self.query_scale_from = int(p["original_max_position_embeddings"]) if self.beta \
+            else None
+
+    def query_scale(self, positions: Tensor, dtype: torch.dtype) -> Tensor:
+        """positions (B, L) -> (B, L) query scales, as transformers computes them (fp32)."""
+        scale = 1 + self.beta * torch.log(1 + torch.floor(positions / self.query_scale_from))
+        return scale.to(dtype)
 
     def tables(self, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         got = self._tables.get((device, dtype))
@@ -144,12 +156,16 @@ class RotaryEmbedding(nn.Module):
             self._tables[(device, dtype)] = got
         return got
 
-    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """positions (B, L) or (L,) -> cos, sin (B or 1, 1, L, rot): broadcast over heads."""
+    def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """positions (B, L) or (L,) -> cos, sin (B or 1, 1, L, rot): broadcast over heads;
+        with a query scale, that too, (B or 1, 1, L, 1)."""
         if positions.dim() == 1:
             positions = positions.unsqueeze(0)
         cos, sin = self.tables(positions.device, dtype)
-        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        rope = cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)
+        if self.query_scale_from is None:
+            return rope
+        return *rope, self.query_scale(positions, dtype)[:, None, :, None]
 
 
 def rotate_half(x: Tensor) -> Tensor:
@@ -157,9 +173,10 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """x (B, heads, L, hd) rotated at its positions; a partial rotary leaves the tail as is."""
-    cos, sin = rope
+def apply_rotary(x: Tensor, rope: tuple[Tensor, ...]) -> Tensor:
+    """x (B, heads, L, hd) rotated at its positions (`rope`'s cos, sin); a partial rotary
+    leaves the tail as is."""
+    cos, sin = rope[0], rope[1]
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
         return x * cos + rotate_half(x) * sin
@@ -274,7 +291,7 @@ class CamexAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def split_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None
+    def split_qkv(self, x: Tensor, rope: tuple[Tensor, ...] | None = None
                   ) -> tuple[Tensor, Tensor, Tensor]:
         """(B, L, d) -> q (B, H, L, hd), k and v (B, KV, L, hd); q and k normed per head if
         the model has `qk_norm`, then rotated if rope."""
@@ -297,6 +314,8 @@ class CamexAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rotary(q, rope), apply_rotary(k, rope)
+            if len(rope) > 2:  # Llama 4's query scale (see RotaryEmbedding)
+                q = q * rope[2]
         return q, k, v
 
     def merge_heads(self, o: Tensor) -> Tensor:
@@ -305,7 +324,7 @@ class CamexAttention(nn.Module):
         return self.c_proj(o.transpose(1, 2).reshape(B, L, H * hd))
 
     def forward(self, x: Tensor, ctx: AttentionContext | None = None, *,
-                rope: tuple[Tensor, Tensor] | None = None, causal: bool = True,
+                rope: tuple[Tensor, ...] | None = None, causal: bool = True,
                 key_padding_mask: Tensor | None = None) -> Tensor:
         """Attend through `ctx` (default: within x, causal or with a padding mask)."""
         q, k, v = self.split_qkv(x, rope if self.rotates else None)

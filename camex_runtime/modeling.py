@@ -74,7 +74,7 @@ class CamexBlock(nn.Module):
             self.ffn = DenseFFN(config)
         self.is_moe = is_moe
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None, attn: AttentionContext,
+    def forward(self, x: Tensor, rope: tuple[Tensor, ...] | None, attn: AttentionContext,
                 moe: RoutingContext) -> Tensor:
         a = self.attn(self.ln_1(x), attn, rope=rope)
         if self.ln_attn_out is not None:

@@ -405,7 +405,7 @@ def llama_outer(w: DenseWeights, hf) -> dict[str, Tensor]:
 # Mistral 3 (`mistral3`: Mistral Small 3.1/3.2, Magistral, Ministral 3 as published, image +
 # text): the language model alone, a Mistral (`mistral`) or a Ministral 3 (`ministral3`:
 # Mistral with YaRN and, past the rotary's original length, Llama 4's query scale, see
-# CamexConfig); the vision tower and projector are left behind.
+# layers.RotaryEmbedding); the vision tower and projector are left behind.
 MISTRAL3_TEXT = ("mistral", "ministral", "ministral3")
 
 
@@ -769,8 +769,7 @@ def camex_config_for(hf, head: str, overrides: dict[str, Any]) -> CamexConfig:
                 not params.get("factor"):
             kwargs[name] = params = {**params, "factor": kwargs["max_position_embeddings"]
                                      / params["original_max_position_embeddings"]}
-        if params and (params.get("rope_type") == "longrope"  # served below its switch
-                       or params.get("llama_4_scaling_beta")):  # below the query scale
+        if params and params.get("rope_type") == "longrope":  # served below its switch
             kwargs["max_position_embeddings"] = min(kwargs["max_position_embeddings"],
                                                     params["original_max_position_embeddings"])
     if IMPORTERS[hf.model_type].sparse:  # the source fixes the experts and where they are

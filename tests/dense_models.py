@@ -34,9 +34,13 @@ FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM, {}),
     # a window shorter than the tests' sequences: every family test crosses it
     "mistral": (MistralConfig, MistralForCausalLM, {"sliding_window": 7}),
-    # Ministral 3: Mistral with its published YaRN (factor 16, mscale forms) and Llama 4's
-    # query scale, which starts past the rotary's original length (16,384: not reached here)
-    "ministral3": (Ministral3Config, Ministral3ForCausalLM, {"head_dim": 16}),
+    # Ministral 3: Mistral with YaRN (its published mscale form) and Llama 4's query scale,
+    # which starts at the rotary's original length: 12 here (16,384 published), so the tests'
+    # sequences cross it (the fused decode step stands aside from there)
+    "ministral3": (Ministral3Config, Ministral3ForCausalLM, {"head_dim": 16, "rope_parameters": {
+        "rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 12, "llama_4_scaling_beta": 0.1}}),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, {}),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, {}),
     "phi3": (Phi3Config, Phi3ForCausalLM, {}),

@@ -26,7 +26,9 @@ It applies where the native kernels do (a CPU with AVX2/FMA/F16C and the extensi
 with fp32 activations (fp32 models, or 16-bit weights served in mixed precision), an fp32 KV
 cache, and at most `max_rows` rows (`kernels.max_rows` of the weights it multiplies: 16 for
 fp32, 8 for 16-bit weights); `FusedDecode.build` returns
-None otherwise, and the runner uses the model's block loop for those and for larger batches.
+None otherwise, and the runner uses the model's block loop for those and for larger batches
+(`serves`), and for a step with a row at or past the position where Llama 4's query scale
+starts (Ministral 3, 16,384): the native blocks do not scale queries, which below it is 1.
 Every row is computed on its own, so a row's result does not
 depend on the rest of its batch; against the block loop it differs only by float rounding (its
 norms, activation and rotary arithmetic are its own); a span gives the bits of its blocks run
@@ -111,6 +113,11 @@ class FusedDecode:
         self.softcap = model.config.attn_logit_softcapping or 0.0
         self.kv, self.blocks, self.final, self.rope, self.heads = kv, blocks, final, rope, heads
         self.rope_local = rope_local
+        # Llama 4's query scale (Ministral 3) is 1 below this position, and the native blocks
+        # do not apply it: a step with a row at or past it takes the block loop (serves())
+        starts = [r.query_scale_from for r in (self.tr.rotary, self.tr.rotary_local)
+                  if r is not None and r.query_scale_from is not None]
+        self.query_scale_from = min(starts) if starts else None
         # `layers`' per-block arguments that do not change between steps
         self._tensors = [b.tensors() for b in blocks]
         self._eps = [(b.attn[2], b.norm2.eps) for b in blocks]
@@ -184,6 +191,11 @@ class FusedDecode:
             if tr.rotary_local is not None else None
         first = tr.h[0].attn
         return cls(model, kv, blocks, final, rope, (first.n_head, first.n_kv), local)
+
+    def serves(self, rows: int, last_position: int) -> bool:
+        """Whether a decode step of `rows` rows, the furthest at `last_position`, runs here."""
+        return rows <= self.max_rows and (self.query_scale_from is None
+                                          or last_position < self.query_scale_from)
 
     def run(self, ids: Tensor, positions: Tensor, slots: Tensor, moe,
             seg_sum: Tensor | None = None) -> Tensor:

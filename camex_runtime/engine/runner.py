@@ -807,7 +807,7 @@ class ModelRunner:
                                      sts[b].route1_len, sts[b].prompt_len) for b in turn}
         ids = torch.tensor(tokens, device=self.device)  # (B,)
         moe = _DecodeRouting(self, sts, slots, slots_t, pos, turn, digests)
-        if self.fused is not None and B <= self.fused.max_rows:
+        if self.fused is not None and self.fused.serves(B, max(pos)):
             hidden = self.fused.run(ids, pos_t, slots_t, moe, self.seg_sum)  # (B, d)
         else:
             attn = DecodeAttention(self.kv, DecodeRows.of(slots, pos, slots_t, pos_t),

@@ -126,27 +126,19 @@ def test_longrope_serves_below_its_switch_with_the_short_factors(tmp_path, rotar
                               max_position_embeddings=128)
 
 
-def test_ministral3_is_served_below_its_query_scale(tmp_path):
-    """Ministral 3 scales every query by 1 + beta * log(1 + position // original) (Llama 4's
-    rule) from the rotary's original length on; below it the model is Mistral with YaRN. The
-    served length stops there (32 of 128 here), exact up to it; more is refused by name, and
-    without beta nothing stops."""
-    rope = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "beta_fast": 32.0,
-            "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 1.0,
-            "original_max_position_embeddings": 32, "llama_4_scaling_beta": 0.5}
-    dense_dir = build_dense(tmp_path / "m3", "ministral3", rope_parameters=rope)
-    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4)
-    assert model.config.max_position_embeddings == 32
-    assert dense_reference_error(model, dense_dir, random_ids(32, seed=3, batch=2)) <= 1e-5
-    with pytest.raises(UpcycleError, match=r"llama_4_scaling_beta=0.5 scales every query from "
-                                           r"position 32 .* must be at most 32"):
-        cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4,
-                              max_position_embeddings=64)
-    plain = build_dense(tmp_path / "plain", "ministral3",
-                        rope_parameters={**rope, "llama_4_scaling_beta": 0.0})
-    model = cr.upcycle_from_dense(plain, num_experts=2, segment_len=4)
+def test_ministral3_scales_queries_past_its_original_length(tmp_path):
+    """Ministral 3 multiplies every query by 1 + beta * log(1 + position // original) (Llama 4's
+    rule) from the rotary's original length on: exact across several such lengths (12, 24, 36
+    in a 60-token sequence), and the scale matters."""
+    dense_dir = build_dense(tmp_path / "m3", "ministral3")
+    model = cr.upcycle_from_dense(dense_dir, num_experts=2, segment_len=4).eval()
     assert model.config.max_position_embeddings == 128
-    assert dense_reference_error(model, plain, random_ids(60, seed=3, batch=2)) <= 1e-5
+    assert model.transformer.rotary.query_scale_from == 12
+    ids = random_ids(60, seed=3, batch=2)
+    assert dense_reference_error(model, dense_dir, ids) <= 1e-5
+    model.transformer.rotary.query_scale_from = None  # no scale: another model past 12
+    assert dense_reference_error(model, dense_dir, ids) > 1e-3
+    assert dense_reference_error(model, dense_dir, ids[:, :12]) <= 1e-5  # the same below
 
 
 def test_ministral_windows_per_block(tmp_path):
@@ -568,13 +560,15 @@ def test_only_checkpoints_older_runtimes_would_misread_get_the_new_format(tmp_pa
     """qk_norm or a sliding window: format 2, which runtimes before them refuse by name (they
     would have loaded it and attended wrongly); Gemma 3's blocks (branch-output norms, GeGLU,
     a second rotary base): format 3; soft-capping (Gemma 2), blocks without pre-norms and q/k
-    norms over all heads (OLMo 2): format 4; everything else stays format 1. All load."""
+    norms over all heads (OLMo 2): format 4; Llama 4's query scale served past where it
+    starts (Ministral 3): format 5; everything else stays format 1. All load."""
     from safetensors import safe_open
 
     from camex_runtime.checkpoint import load_folded
 
     for family, want in (("llama", 1), ("qwen3", 2), ("mistral", 2), ("smollm3", 2),
-                         ("granite", 1), ("gemma3_text", 3), ("gemma2", 4), ("olmo2", 4)):
+                         ("granite", 1), ("gemma3_text", 3), ("gemma2", 4), ("olmo2", 4),
+                         ("ministral3", 5)):
         model = cr.upcycle_from_dense(build_dense(tmp_path / family, family), num_experts=2,
                                       segment_len=4)
         cr.export(model.eval(), tmp_path / f"{family}-folded")
