@@ -97,13 +97,13 @@ def build_dense(out_dir: Path, family: str, seed: int = 0, **overrides) -> Path:
     torch.manual_seed(seed)
     config_cls, model_cls, extra = FAMILIES[family]
     model = model_cls(config_cls(**{**COMMON, **extra, **overrides})).eval()
-    _unit_norms_off(model)
+    move_off_init(model)
     model.save_pretrained(out_dir)
     return out_dir
 
 
 @torch.no_grad()
-def _unit_norms_off(model) -> None:
+def move_off_init(model) -> None:
     """transformers initialises norm weights to ones and biases to zeros, where an importer
     that dropped one would still be exact; move them so it is not."""
     for name, p in model.named_parameters():
@@ -118,7 +118,7 @@ def build_dense_classifier(out_dir: Path, family: str, num_labels: int = 3, seed
     cfg = config_cls(**COMMON, **FAMILIES[family][2], num_labels=num_labels, id2label=labels,
                      label2id={v: k for k, v in labels.items()})
     model = model_cls(cfg).eval()
-    _unit_norms_off(model)
+    move_off_init(model)
     model.save_pretrained(out_dir)
     return out_dir
 
@@ -145,13 +145,10 @@ def random_ids(n: int, seed: int, batch: int = 1) -> torch.Tensor:
     return torch.randint(3, VOCAB, (batch, n), generator=g)
 
 
-def quantize_fp8(src: Path, out: Path, block: tuple[int, int], scale_dtype=torch.float32,
-                 ceil_grid: bool = False) -> Path:
-    """`src`'s checkpoint with every projection of its blocks in fine-grained FP8 as Qwen's and
-    Mistral's -FP8 releases store it: float8_e4m3fn weights and a `weight_scale_inv` per
-    (rows, columns) block (absmax / 448), `quantization_config` quant_method "fp8".
-    `ceil_grid`: blocks that need not divide the weight (DeepSeek V3's grid, the last block
-    cut short). `scale_dtype` torch.uint8: E8M0 scales (powers of two, the exponent + 127)."""
+def _quantized_copy(src: Path, out: Path, quantize, quantization_config: dict) -> Path:
+    """`src`'s checkpoint in `out` with every 2-D projection of its blocks replaced by
+    `quantize(name, weight) -> {name: tensor, ...}` and the config's `quantization_config`
+    set; everything else (embeddings, norms, biases, the head) as it was."""
     import json
     import shutil
 
@@ -160,34 +157,49 @@ def quantize_fp8(src: Path, out: Path, block: tuple[int, int], scale_dtype=torch
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
     for name, w in load_file(str(src / "model.safetensors")).items():
-        if ".layers." not in name or not name.endswith("proj.weight") or w.dim() != 2:
+        if ".layers." in name and name.endswith("proj.weight") and w.dim() == 2:
+            tensors.update(quantize(name, w.float()))
+        else:
             tensors[name] = w
-            continue
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = quantization_config
+    (out / "config.json").write_text(json.dumps(config))
+    if (src / "generation_config.json").is_file():
+        shutil.copy(src / "generation_config.json", out / "generation_config.json")
+    return out
+
+
+def quantize_fp8(src: Path, out: Path, block: tuple[int, int], scale_dtype=torch.float32,
+                 ceil_grid: bool = False) -> Path:
+    """`src`'s checkpoint with every projection of its blocks in fine-grained FP8 as Qwen's and
+    Mistral's -FP8 releases store it: float8_e4m3fn weights and a `weight_scale_inv` per
+    (rows, columns) block (absmax / 448), `quantization_config` quant_method "fp8".
+    `ceil_grid`: blocks that need not divide the weight (DeepSeek V3's grid, the last block
+    cut short). `scale_dtype` torch.uint8: E8M0 scales (powers of two, the exponent + 127)."""
+    bm, bn = block
+
+    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
         rows, cols = w.shape
-        bm, bn = block
         grid = (-(-rows // bm), -(-cols // bn))
         assert ceil_grid or (rows % bm == 0 and cols % bn == 0), (name, w.shape, block)
         scales = torch.empty(grid)
         q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
         for i in range(grid[0]):
             for j in range(grid[1]):
-                part = w[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn].float()
+                part = w[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn]
                 s = part.abs().max().clamp_min(1e-12) / 448.0
                 if scale_dtype == torch.uint8:
                     s = torch.exp2(torch.ceil(torch.log2(s)))
                 scales[i, j] = s
                 q[i * bm:(i + 1) * bm, j * bn:(j + 1) * bn] = (part / s).to(torch.float8_e4m3fn)
-        tensors[name] = q
-        tensors[f"{name}_scale_inv"] = ((torch.log2(scales) + 127).to(torch.uint8)
-                                        if scale_dtype == torch.uint8 else scales.to(scale_dtype))
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                     "fmt": "e4m3", "weight_block_size": list(block)}
-    (out / "config.json").write_text(json.dumps(config))
-    if (src / "generation_config.json").is_file():
-        shutil.copy(src / "generation_config.json", out / "generation_config.json")
-    return out
+        stored = ((torch.log2(scales) + 127).to(torch.uint8) if scale_dtype == torch.uint8
+                  else scales.to(scale_dtype))
+        return {name: q, f"{name}_scale_inv": stored}
+
+    return _quantized_copy(src, out, quantize, {
+        "quant_method": "fp8", "activation_scheme": "dynamic", "fmt": "e4m3",
+        "weight_block_size": list(block)})
 
 
 def dequantized_reference(q_dir: Path, name: str) -> torch.Tensor:
@@ -217,34 +229,25 @@ def quantize_compressed(src: Path, out: Path, kind: str, symmetric: bool = True)
     float-quantized, float8_e4m3fn) or "int8" (int-quantized; with `symmetric` False also a
     `weight_zero_point` per row), activations dynamic per token (the config says so; a
     dequantized model ignores it, as transformers' does)."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for name, w in load_file(str(src / "model.safetensors")).items():
-        if ".layers." not in name or not name.endswith("proj.weight") or w.dim() != 2:
-            tensors[name] = w
-            continue
-        w = w.float()
+    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {}
         if kind == "fp8":
             s = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 448.0
-            tensors[name] = (w / s).to(torch.float8_e4m3fn)
+            out[name] = (w / s).to(torch.float8_e4m3fn)
         elif symmetric:
             s = w.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / 127.0
-            tensors[name] = (w / s).round().clamp(-128, 127).to(torch.int8)
+            out[name] = (w / s).round().clamp(-128, 127).to(torch.int8)
         else:
             lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
             s = ((hi - lo) / 255.0).clamp_min(1e-12)
             zero = (-128 - lo / s).round().clamp(-128, 127)
-            tensors[name] = ((w / s).round() + zero).clamp(-128, 127).to(torch.int8)
-            tensors[f"{name}_zero_point"] = zero.to(torch.int8)
-        tensors[f"{name}_scale"] = s.to(torch.bfloat16).float()
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+            out[name] = ((w / s).round() + zero).clamp(-128, 127).to(torch.int8)
+            out[f"{name}_zero_point"] = zero.to(torch.int8)
+        out[f"{name}_scale"] = s.to(torch.bfloat16).float()
+        return out
+
     number = "float" if kind == "fp8" else "int"
-    config = json.loads((src / "config.json").read_text())
-    config["quantization_config"] = {
+    return _quantized_copy(src, out, quantize, {
         "quant_method": "compressed-tensors", "quantization_status": "compressed",
         "format": f"{number}-quantized", "ignore": ["lm_head"], "kv_cache_scheme": None,
         "config_groups": {"group_0": {
@@ -252,6 +255,4 @@ def quantize_compressed(src: Path, out: Path, kind: str, symmetric: bool = True)
             "weights": {"num_bits": 8, "type": number, "symmetric": symmetric,
                         "strategy": "channel", "dynamic": False},
             "input_activations": {"num_bits": 8, "type": number, "symmetric": True,
-                                  "strategy": "token", "dynamic": True}}}}
-    (out / "config.json").write_text(json.dumps(config))
-    return out
+                                  "strategy": "token", "dynamic": True}}}})

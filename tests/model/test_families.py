@@ -14,7 +14,7 @@ import camex_runtime as cr
 from camex_runtime.upcycle import UpcycleError, dense_reference_error
 
 from tests.dense_models import (CLASSIFIERS, COMMON, FAMILIES, build_dense,
-                                build_dense_classifier, random_ids, spread)
+                                build_dense_classifier, move_off_init, random_ids, spread)
 
 FAMILY_NAMES = sorted(FAMILIES)
 
@@ -174,10 +174,7 @@ def test_mistral3_image_text_checkpoint_gives_its_language_model(tmp_path, text_
     cfg = Mistral3Config(text_config=text.to_dict(), vision_config=vision.to_dict(),
                          tie_word_embeddings=tied)
     dense = Mistral3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in dense.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.2)
+    move_off_init(dense)
     dense.save_pretrained(tmp_path / "mm")
     model = cr.upcycle_from_dense(tmp_path / "mm", num_experts=2, segment_len=4)
     assert model.config.provenance["source_model_type"] == "mistral3"
@@ -231,10 +228,7 @@ def test_seed_oss_biases_its_query_key_value_and_maybe_its_output(tmp_path, out_
     torch.manual_seed(0)
     dense = SeedOssForCausalLM(SeedOssConfig(**COMMON, head_dim=16,
                                              attention_out_bias=out_bias)).eval()
-    with torch.no_grad():
-        for name, p in dense.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                p.add_(torch.randn_like(p) * 0.2)
+    move_off_init(dense)
     dense.save_pretrained(tmp_path / "seed")
     model = cr.upcycle_from_dense(tmp_path / "seed", num_experts=2, segment_len=4)
     assert model.config.attention_bias and model.config.attention_out_bias is out_bias
@@ -255,10 +249,7 @@ def test_glm_interleaved_rotary_is_a_permutation_of_the_query_and_key_rows(tmp_p
                              getattr(transformers, f"{prefix}ForCausalLM"))
     torch.manual_seed(0)
     dense = model_cls(config_cls(**COMMON, head_dim=16)).eval()
-    with torch.no_grad():
-        for name, p in dense.named_parameters():
-            if "norm" in name or name.endswith(".bias"):
-                p.add_(torch.randn_like(p) * 0.2)
+    move_off_init(dense)
     dense.save_pretrained(tmp_path / model_type)
     model = cr.upcycle_from_dense(tmp_path / model_type, num_experts=2, segment_len=4)
     assert model.config.rope_parameters["partial_rotary_factor"] == 0.5
@@ -493,10 +484,7 @@ def test_gemma3_image_text_checkpoint_gives_its_language_model(tmp_path):
                        mm_tokens_per_image=4, boi_token_index=3, eoi_token_index=4,
                        image_token_index=5, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     dense = Gemma3ForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in dense.named_parameters():
-            if "norm" in name:
-                p.add_(torch.randn_like(p) * 0.2)
+    move_off_init(dense)
     dense.save_pretrained(tmp_path / "mm")
     model = cr.upcycle_from_dense(tmp_path / "mm", num_experts=2, segment_len=4)
     assert model.config.provenance["source_model_type"] == "gemma3"

@@ -12,7 +12,7 @@ from transformers import (MixtralConfig, MixtralForCausalLM, OlmoeConfig, OlmoeF
 import camex_runtime as cr
 from camex_runtime.upcycle import UpcycleError, dense_reference_error
 
-from tests.dense_models import COMMON, _unit_norms_off, random_ids
+from tests.dense_models import COMMON, move_off_init, random_ids
 
 N = 4
 # top-k weights renormalised to sum to 1 in every source, so that identical experts make the
@@ -34,7 +34,7 @@ def build_sparse(out_dir, kind: str, identical: bool = False, seed: int = 0, **o
     config_cls, model_cls, extra, _, _ = SOURCES[kind]
     model = model_cls(config_cls(**{**COMMON, "num_experts_per_tok": 2, **extra,
                                     **overrides})).eval()
-    _unit_norms_off(model)
+    move_off_init(model)
     for layer in model.model.layers:
         experts = layer.mlp.experts  # (saved under Mixtral's historical names)
         for p in experts.parameters():  # (E, ...): off the init's shared scale, or all equal
