@@ -73,6 +73,32 @@ def test_with_identical_experts_the_import_is_the_source(tmp_path, kind):
     assert dense_reference_error(model, src, random_ids(30, seed=5, batch=2)) <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_a_sparse_classifier_source_imports_as_a_classifier(tmp_path, kind):
+    """Mixtral's and Qwen3-MoE's *ForSequenceClassification: the experts as the LM's, the
+    source's score head and last-token pooling; with identical experts, the source's scores."""
+    import transformers
+
+    config_cls, model_cls, extra, _, _ = SOURCES[kind]
+    labels = {0: "neg", 1: "pos", 2: "neutral"}
+    clf_cls = getattr(transformers, model_cls.__name__.replace("ForCausalLM",
+                                                               "ForSequenceClassification"))
+    torch.manual_seed(0)
+    model = clf_cls(config_cls(**COMMON, num_experts_per_tok=2, **extra, num_labels=3,
+                               id2label=labels, label2id={v: k for k, v in labels.items()}))
+    with torch.no_grad():
+        move_off_init(model)
+        for layer in model.model.layers:
+            for p in layer.mlp.experts.parameters():
+                p.copy_(p[:1].expand_as(p).clone())
+    model.eval().save_pretrained(tmp_path / kind)
+    camex = cr.upcycle_from_dense(tmp_path / kind, segment_len=4)
+    assert isinstance(camex, cr.CamexForSequenceClassification)
+    assert camex.config.num_experts == N and camex.config.id2label == labels
+    assert torch.equal(camex.score.weight, model.score.weight)
+    assert dense_reference_error(camex, tmp_path / kind, random_ids(12, seed=5, batch=2)) <= 1e-5
+
+
 def test_distinct_experts_give_a_merged_model_not_the_source(tmp_path):
     """With distinct experts the merged FFN (weights averaged by the router) is not the
     source's top-k mixture of outputs: the import is a starting point, and says so."""
