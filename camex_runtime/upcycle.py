@@ -70,7 +70,8 @@ class UpcycleError(ValueError):
 # weights, `<name>_scale`, zero points where asymmetric). Packed formats (int4, NVFP4, MXFP4,
 # AWQ, GPTQ, bitsandbytes, ...) are refused by name.
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
-CT_FORMATS = ("float-quantized", "int-quantized", "naive-quantized")
+# ("dense": weights kept in full precision, e.g. a checkpoint quantizing only its KV cache)
+CT_FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "dense")
 
 
 @dataclass(frozen=True)
@@ -501,8 +502,6 @@ def _layered_rope(params: dict) -> dict:
 def _text(hf):
     """A multimodal Gemma 3's text half (its config's `text_config`), else the config."""
     return getattr(hf, "text_config", None) or hf
-
-
 
 
 def _gemma_checks(hf) -> None:
