@@ -66,6 +66,21 @@ def test_compressed_tensors_dequantize_as_transformers_does(tmp_path, kind, symm
     assert dense_reference_error(model, dense, ids) > 1e-4
 
 
+def test_a_kv_cache_only_compressed_tensors_checkpoint_reads_as_full_precision(tmp_path):
+    """compressed-tensors' "dense" format keeps the weights as they are (a checkpoint that
+    quantizes only its KV cache): read exactly, as transformers reads it."""
+    d = build_dense(tmp_path / "kv", "llama")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "dense", "config_groups": {},
+        "quantization_status": "compressed", "kv_cache_scheme": {
+            "num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False,
+            "symmetric": True}}
+    (d / "config.json").write_text(json.dumps(cfg))
+    model = cr.upcycle_from_dense(d, num_experts=2, segment_len=4)
+    assert dense_reference_error(model, d, random_ids(20, seed=2, batch=2)) <= 1e-5
+
+
 @pytest.mark.parametrize("method", ["awq", "gptq", "bitsandbytes", "mxfp4"])
 def test_other_quantizations_are_refused_by_name(tmp_path, method):
     d = build_dense(tmp_path / "q", "llama")
