@@ -98,6 +98,24 @@ def test_from_dense_takes_a_sparse_moe_and_its_experts(tmp_path, capsys, corpus_
     assert cfg["provenance"]["source_model_type"] == "mixtral"
 
 
+def test_from_dense_takes_an_fp8_release(tmp_path, capsys, corpus_dir, dense_dir):
+    """A fine-grained FP8 directory (as Qwen's -FP8 releases): dequantized as it is read, and
+    the upcycle check compares with transformers' dequantized model, not the bf16 original."""
+    from tests.dense_models import quantize_fp8
+
+    fp8 = quantize_fp8(dense_dir, tmp_path / "fp8", block=(16, 32))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (dense_dir / name).is_file():
+            (fp8 / name).write_bytes((dense_dir / name).read_bytes())
+    summary, err = run_cli(["--data", str(corpus_dir), "--from-dense", str(fp8),
+                            "--num-experts", "3", "--segment-len", "4", "--block-size", "16",
+                            "--batch-size", "4", "--steps", "2", "--eval-batches", "1",
+                            "--out", str(tmp_path / "run"), "--no-progress"], capsys)
+    found = re.search(r"max relative logit error against the dense model (\S+)", err)
+    assert found and float(found.group(1)) <= 1e-5, err
+    assert summary["steps"] == 2
+
+
 def test_from_dense_refuses_architecture_flags(capsys, corpus_dir, dense_dir):
     with pytest.raises(SystemExit) as exc:
         train_main(["--data", str(corpus_dir), "--from-dense", str(dense_dir), "--d-model", "64"])
