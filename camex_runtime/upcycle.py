@@ -21,9 +21,9 @@ A ``*ForSequenceClassification`` source gives a classifier that pools and attend
 Sliding-window attention comes along (Mistral, Phi-3, Qwen2/Qwen3 with ``use_sliding_window``:
 the window, and which blocks use it). What cannot be reproduced exactly is refused with an
 error naming it: rotary types whose frequencies depend on the sequence length, other
-activations, packed quantizations (FP8 and int8 weights with their scales are dequantized on
-reading, as transformers does). Weights are read from safetensors only (single file or sharded
-with an index), never unpickled.
+activations, quantizations other than fine-grained FP8 and compressed-tensors' (those are
+dequantized on reading, as transformers does). Weights are read from safetensors only (single
+file or sharded with an index), never unpickled.
 
 Dynamic-Merg cannot copy every layer's FFN into a base it does not own: layer 1's base is that
 layer's FFN, and each later layer's *experts* are that layer's dense FFN, so τ^l = FFN_l − E_m^l.
@@ -35,6 +35,7 @@ does not, and no assignment of its parameters can make it.
 from __future__ import annotations
 
 import json
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,11 +68,13 @@ class UpcycleError(ValueError):
 # fine-grained FP8 (`quant_method` "fp8": Qwen's and Mistral's -FP8 releases, DeepSeek V3's
 # weights; float8 weights, `<name>_scale_inv` per block) and compressed-tensors' unpacked
 # formats (vLLM's llm-compressor: RedHatAI's FP8-dynamic and W8A8 releases; float8 or int8
-# weights, `<name>_scale`, zero points where asymmetric). Packed formats (int4, NVFP4, MXFP4,
-# AWQ, GPTQ, bitsandbytes, ...) are refused by name.
+# weights, `<name>_scale`, zero points where asymmetric; its `pack-quantized` W4A16 / W8A16:
+# symmetric 4- or 8-bit integers packed into int32 words, `<name>_packed`). Other packings
+# (NVFP4, MXFP4, AWQ, GPTQ, bitsandbytes, ...) are refused by name.
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # ("dense": weights kept in full precision, e.g. a checkpoint quantizing only its KV cache)
-CT_FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "dense")
+CT_FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", "dense")
+PACKED_BITS = (4, 8)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,7 @@ class Quantization:
     method: str
     scale: str
     block: tuple[int, int] | None = None
+    packed_bits: int | None = None  # pack-quantized: bits per value in the int32 words
 
 
 def quantization_of(path: Path) -> Quantization | None:
@@ -104,20 +108,44 @@ def quantization_of(path: Path) -> Quantization | None:
         formats = {f for f in [quant.get("format"), *(g.get("format") for g in groups)] if f}
         packed = sorted(formats - set(CT_FORMATS))
         if packed:
-            raise UpcycleError(f"{path}: compressed-tensors format {', '.join(packed)} packs "
-                               f"its weights; the importer reads {', '.join(CT_FORMATS)} only: "
-                               f"{redo}")
+            raise UpcycleError(f"{path}: compressed-tensors format {', '.join(packed)} is not "
+                               f"read; the importer reads {', '.join(CT_FORMATS)} only: {redo}")
         for extra in ("sparsity_config", "transform_config"):
             if quant.get(extra) and (quant[extra] or {}).get("format", "") != "dense":
                 raise UpcycleError(f"{path}: compressed-tensors with a {extra} (sparse or "
                                    f"rotated weights) cannot be read as weights: {redo}")
         blocks = {tuple(b) for g in groups if (b := (g.get("weights") or {}).get(
             "block_structure"))}
-        return Quantization(method, "_scale", blocks.pop() if len(blocks) == 1 else None)
+        bits = None
+        if "pack-quantized" in formats:
+            schemes = [g.get("weights") or {} for g in groups]
+            widths = {w.get("num_bits") for w in schemes}
+            if len(widths) != 1 or not widths <= set(PACKED_BITS) or \
+                    not all(w.get("symmetric", True) and w.get("type", "int") == "int"
+                            for w in schemes):
+                raise UpcycleError(f"{path}: compressed-tensors pack-quantized weights of "
+                                   f"{sorted(widths, key=str)} bits (symmetric: "
+                                   f"{[w.get('symmetric') for w in schemes]}); the importer "
+                                   f"unpacks symmetric {' or '.join(map(str, PACKED_BITS))}-bit "
+                                   f"integers only: {redo}")
+            bits = widths.pop()
+        return Quantization(method, "_scale", blocks.pop() if len(blocks) == 1 else None, bits)
     raise UpcycleError(
         f"{path}: the weights are quantized (quant_method {method!r}); the importer reads "
-        f"full-precision weights, fine-grained FP8 (fp8) and compressed-tensors' unpacked "
-        f"formats only: {redo}")
+        f"full-precision weights, fine-grained FP8 (fp8) and compressed-tensors' formats "
+        f"only: {redo}")
+
+
+def unpack_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
+    """(rows, words) int32 words of `bits`-bit values, value i of a row at bits [i·bits,
+    (i+1)·bits) of its little-endian bit stream, stored plus 2^(bits−1) (compressed-tensors'
+    packing) -> (rows, cols) int16, the signed values."""
+    if sys.byteorder != "little":  # the words' bytes read in memory order
+        raise UpcycleError("unpacking int32-packed weights needs a little-endian CPU")
+    stream = packed.contiguous().view(torch.uint8)  # (rows, 4·words), bit order kept
+    if bits == 4:
+        stream = torch.stack([stream & 0xF, stream >> 4], dim=-1).flatten(-2)
+    return stream[:, :cols].to(torch.int16) - (1 << (bits - 1))
 
 
 def dequantize(q: Tensor, scales: Tensor, zero: Tensor | None, block: tuple[int, int] | None,
@@ -180,10 +208,19 @@ class DenseWeights:
         return view
 
     def has(self, name: str) -> bool:
-        return self.prefix + name in self.files
+        full = self.prefix + name
+        return full in self.files or f"{full}_packed" in self.files
 
     def get(self, name: str) -> Tensor:
         full = self.prefix + name
+        if f"{full}_packed" in self.files and self.quant and self.quant.packed_bits:
+            rows, cols = (int(n) for n in self._read(f"{full}_shape").tolist())
+            q = unpack_int32(self._read(f"{full}_packed"), self.quant.packed_bits, cols)
+            if q.shape[0] != rows:
+                raise UpcycleError(f"{full}_packed holds {q.shape[0]} rows, its shape says "
+                                   f"{rows}")
+            return dequantize(q, self._read(f"{full}{self.quant.scale}"), None,
+                              self.quant.block, full)
         if full not in self.files:
             raise UpcycleError(f"dense checkpoint has no tensor {full!r}")
         t = self._read(full)

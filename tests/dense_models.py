@@ -256,3 +256,30 @@ def quantize_compressed(src: Path, out: Path, kind: str, symmetric: bool = True)
                         "strategy": "channel", "dynamic": False},
             "input_activations": {"num_bits": 8, "type": number, "symmetric": True,
                                   "strategy": "token", "dynamic": True}}}})
+
+
+def quantize_packed(src: Path, out: Path, bits: int, group: int) -> Path:
+    """`src`'s checkpoint as llm-compressor's W4A16 / W8A16 (compressed-tensors
+    `pack-quantized`, e.g. RedHatAI's -quantized.w4a16 releases): every projection of the
+    blocks as symmetric `bits`-bit integers with a scale per `group` columns, packed into int32
+    words by compressed-tensors' own packer (`weight_packed`, `weight_scale`, `weight_shape`)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    top = (1 << (bits - 1)) - 1
+
+    def quantize(name: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        rows, cols = w.shape
+        groups = w.reshape(rows, cols // group, group)
+        s = (groups.abs().amax(dim=-1) / top).clamp_min(1e-12).to(torch.bfloat16).float()
+        q = (groups / s[..., None]).round().clamp(-top - 1, top).reshape(rows, cols)
+        base = name[:-len("weight")]
+        return {f"{base}weight_packed": pack_to_int32(q.to(torch.int8), bits),
+                f"{base}weight_scale": s, f"{base}weight_shape": torch.tensor([rows, cols])}
+
+    return _quantized_copy(src, out, quantize, {
+        "quant_method": "compressed-tensors", "quantization_status": "compressed",
+        "format": "pack-quantized", "ignore": ["lm_head"], "kv_cache_scheme": None,
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": bits, "type": "int", "symmetric": True,
+                        "strategy": "group", "group_size": group, "dynamic": False}}}})

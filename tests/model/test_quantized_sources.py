@@ -13,7 +13,7 @@ import camex_runtime as cr
 from camex_runtime.upcycle import UpcycleError, dense_reference_error
 
 from tests.dense_models import (build_dense, dequantized_reference, quantize_compressed,
-                                quantize_fp8, random_ids, spread)
+                                quantize_fp8, quantize_packed, random_ids, spread)
 
 
 def test_fp8_blocks_dequantize_as_transformers_does(tmp_path):
@@ -81,6 +81,19 @@ def test_a_kv_cache_only_compressed_tensors_checkpoint_reads_as_full_precision(t
     assert dense_reference_error(model, d, random_ids(20, seed=2, batch=2)) <= 1e-5
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_packed_integer_weights_unpack_as_compressed_tensors_does(tmp_path, bits):
+    """llm-compressor's W4A16 / W8A16 (`pack-quantized`: signed integers packed into int32
+    words by compressed-tensors' own packer, a scale per 16 columns): the import equals
+    transformers' dequantized loading of them."""
+    dense = build_dense(tmp_path / "dense", "qwen2")
+    q_dir = quantize_packed(dense, tmp_path / "q", bits, group=16)
+    model = cr.upcycle_from_dense(q_dir, num_experts=2, segment_len=4)
+    ids = random_ids(30, seed=1, batch=2)
+    assert dense_reference_error(model, q_dir, ids) <= 1e-5
+    assert dense_reference_error(model, dense, ids) > 1e-4
+
+
 @pytest.mark.parametrize("method", ["awq", "gptq", "bitsandbytes", "mxfp4"])
 def test_other_quantizations_are_refused_by_name(tmp_path, method):
     d = build_dense(tmp_path / "q", "llama")
@@ -93,9 +106,12 @@ def test_other_quantizations_are_refused_by_name(tmp_path, method):
 
 
 @pytest.mark.parametrize("change,pattern", [
-    ({"format": "pack-quantized"}, r"format pack-quantized packs its weights"),
+    ({"format": "nvfp4-pack-quantized"}, r"format nvfp4-pack-quantized is not read"),
+    ({"format": "pack-quantized", "config_groups": {"g": {"weights": {
+        "num_bits": 4, "type": "int", "symmetric": False}}}},
+     r"unpacks symmetric 4 or 8-bit integers only"),
     ({"sparsity_config": {"format": "sparse-bitmask"}}, r"with a sparsity_config"),
-], ids=["packed-int4", "sparse"])
+], ids=["nvfp4", "asymmetric-int4", "sparse"])
 def test_compressed_tensors_formats_that_are_not_weights_are_refused(tmp_path, change, pattern):
     dense = build_dense(tmp_path / "dense", "llama")
     q_dir = quantize_compressed(dense, tmp_path / "q", "int8")
