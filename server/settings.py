@@ -119,15 +119,18 @@ class ServerSettings:
     chat_template: str | None = _opt(None, "Jinja chat template file for /v1/chat/completions "
                                      "(none: the checkpoint's tokenizer_config.json)")
     reasoning_parser: str | None = _opt(
-        None, "split a thinking model's <think>...</think> from its answer in chat completions "
-        "(message `reasoning_content` and `reasoning`, as vLLM's parsers of these names)",
-        choices=("qwen3", "deepseek_r1"))
+        None, "split a thinking model's reasoning from its answer in chat completions "
+        "(message `reasoning_content` and `reasoning`, as vLLM's parsers of these names): "
+        "qwen3 and deepseek_r1 read <think>...</think>, openai_gptoss GPT-OSS's harmony "
+        "channels (analysis: reasoning; final: answer)",
+        choices=("qwen3", "deepseek_r1", "openai_gptoss"))
     tool_call_parser: str | None = _opt(
         None, "parse tool calls out of chat answers of requests with `tools`, in the model's "
         "format (vLLM's parsers of these names): hermes (<tool_call>{json}</tool_call>, "
         "Qwen2.5/Qwen3), llama3_json ({\"name\", \"parameters\"}, Llama 3.1+), mistral "
-        "([TOOL_CALLS][...]); none: requests with tools are refused",
-        choices=("hermes", "llama3_json", "mistral"))
+        "([TOOL_CALLS][...]), openai (GPT-OSS's harmony commentary messages to=functions.NAME; "
+        "with --reasoning-parser openai_gptoss); none: requests with tools are refused",
+        choices=("hermes", "llama3_json", "mistral", "openai"))
 
     def __post_init__(self) -> None:
         positive = ("port", "max_batch_size", "max_waiting", "max_client_batch_size",
@@ -161,6 +164,9 @@ class ServerSettings:
             raise ValueError(f"chat_template {self.chat_template!r} is not a file")
         if self.api_key is not None and self.api_key_file is not None:
             raise ValueError("give the API key once: --api-key (CAMEX_API_KEY) or --api-key-file")
+        if self.tool_call_parser == "openai" and self.reasoning_parser != "openai_gptoss":
+            raise ValueError("--tool-call-parser openai reads GPT-OSS's harmony messages, which "
+                             "--reasoning-parser openai_gptoss splits: give both")
 
     @property
     def classifier_only(self) -> bool:

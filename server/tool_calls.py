@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from server.reasoning import _partial_suffix
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-PARSERS = ("hermes", "llama3_json", "mistral")
+PARSERS = ("hermes", "llama3_json", "mistral", "openai")
 PYTHON_TAG, MISTRAL_CALLS, MISTRAL_ARGS = "<|python_tag|>", "[TOOL_CALLS]", "[ARGS]"
 
 
@@ -273,8 +273,33 @@ class ForcedCalls(_CallSplit):
         return None if not calls or None in calls else calls
 
 
-def splitter(parser: str, parallel: bool = True) -> _CallSplit:
-    """The answer splitter of `--tool-call-parser parser`."""
+class HarmonyCalls(_CallSplit):
+    """GPT-OSS's calls (`openai`, vLLM's name): harmony writes each as a commentary message to
+    `functions.NAME` whose content is the arguments (`<|constrain|>json`), ended by `<|call|>`.
+    The choice's HarmonySplit reads them out of the text (its headers are not content); this
+    hands its finished calls on, as they complete; the answer pieces pass as they are."""
+
+    def __init__(self, harmony, parallel: bool = True) -> None:
+        super().__init__(parallel)
+        self.harmony = harmony  # the choice's server.reasoning.HarmonySplit (calls=True)
+
+    def push(self, text: str, final: bool = False) -> tuple[str, list[ToolCall]]:
+        new = []
+        for name, arguments in self.harmony.pending:
+            if self.parallel or not self.calls:
+                call = ToolCall("chatcmpl-tool-" + uuid.uuid4().hex, name, arguments)
+                self.calls.append(call)
+                new.append(call)
+        self.harmony.pending.clear()
+        self.content.append(text)
+        return text, new
+
+
+def splitter(parser: str, parallel: bool = True, harmony=None) -> _CallSplit:
+    """The answer splitter of `--tool-call-parser parser` (`openai`: reading `harmony`, the
+    choice's HarmonySplit)."""
     if parser not in PARSERS:
         raise ValueError(f"unknown tool-call parser {parser!r}; use one of {PARSERS}")
+    if parser == "openai":
+        return HarmonyCalls(harmony, parallel)
     return ToolCallSplit(parallel) if parser == "hermes" else JsonToolCalls(parser, parallel)

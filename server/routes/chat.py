@@ -27,7 +27,8 @@ from server.openai_runs import (Choice, check_model, check_stream_options, choic
                                 close_all, context_length_error, finish_reason, first_events,
                                 merged, run_to_end, sampling, start_choices, stop_list,
                                 token_strings, truncated, usage_now, usage_of)
-from server.reasoning import END, ThinkSplit, answer_only
+from server.reasoning import (KEEPS_SPECIAL_TOKENS, answer_only, answer_opening,
+                              reasoning_splitter)
 from server.structured import openai_constraint, tool_constraint
 from server.tool_calls import ForcedCalls, splitter
 from server.routes.completions import OPENAI_ERRORS, model_name
@@ -48,6 +49,11 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
     constraint, forced = await anyio.to_thread.run_sync(openai_constraint, body), None
     parallel = body.parallel_tool_calls is not False
     forcing = body.tool_choice == "required" or isinstance(body.tool_choice, NamedToolChoice)
+    if forcing and state.settings.tool_call_parser == "openai":
+        raise errors.validation("a forced tool call (tool_choice \"required\" or a named "
+                                "function) is not supported in GPT-OSS's harmony format "
+                                "(--tool-call-parser openai): send tool_choice \"auto\"",
+                                param="tool_choice")
     if forcing:
         if constraint is not None:
             raise errors.validation("`tool_choice` forces a tool call, whose arguments are the "
@@ -59,7 +65,7 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
     calling = bool(body.tools) and body.tool_choice in (None, "auto")
     if calling and state.settings.tool_call_parser is None:
         raise errors.validation("this server parses no tool calls: start it with "
-                                "`--tool-call-parser hermes` (or llama3_json, mistral: the "
+                                "`--tool-call-parser hermes` (or llama3_json, mistral, openai: the "
                                 "model's format), or send tool_choice \"none\"",
                                 param="tools")
     template = require_template(engine, state.settings)
@@ -70,27 +76,36 @@ async def start(request: Request, body: ChatCompletionRequest) -> list[Choice]:
         max_tokens = max(1, engine.info()["max_total_tokens"] - len(ids))
     seeds = choice_seeds(body.seed, body.n)
     parser = state.settings.reasoning_parser
+    eos_texts = tuple(engine.tokenizer.decode([i]) for i in sorted(engine.eos_token_ids)) \
+        if parser in KEEPS_SPECIAL_TOKENS else ()
     plain = parser is not None and answer_only(parser, text, body.template_kwargs())
     if constraint is not None and parser is not None and not plain:
-        # a thinking model reasons freely; its answer, after `</think>`, is constrained
+        # a thinking model reasons freely; its answer, after `</think>` (harmony: once its
+        # final channel opens), is constrained
         constraint = replace(constraint, start_after=tuple(engine.tokenizer(
-            END, add_special_tokens=False)["input_ids"]))
+            answer_opening(parser), add_special_tokens=False)["input_ids"]))
 
     def params_for(i: int, j: int):
-        return sampling(body, state, max_tokens=max_tokens, stops=stops,
-                        logprobs=(body.top_logprobs or 0) if body.logprobs else 0, seed=seeds[j],
-                        constraint=constraint)
+        params = sampling(body, state, max_tokens=max_tokens, stops=stops,
+                          logprobs=(body.top_logprobs or 0) if body.logprobs else 0,
+                          seed=seeds[j], constraint=constraint)
+        if parser in KEEPS_SPECIAL_TOKENS:  # its splitter reads the markup, then drops it
+            params = replace(params, skip_special_tokens=False)
+        return params
     tokens_field = "max_tokens" if body.max_completion_tokens is None and \
         body.max_tokens is not None else "max_completion_tokens"
     choices = await start_choices(request, engine, [ids], body.n, params_for,
                                   context_length_error("messages", tokens_field),
                                   body.include_stop_str_in_output)
     for c in choices:
-        c.think = ThinkSplit(plain) if parser is not None else None
+        harmony_calls = calling and state.settings.tool_call_parser == "openai"
+        c.think = reasoning_splitter(parser, plain, eos_texts, harmony_calls) \
+            if parser is not None else None
         if forcing:
             c.calls = ForcedCalls(forced)
         else:
-            c.calls = splitter(state.settings.tool_call_parser, parallel) if calling else None
+            c.calls = splitter(state.settings.tool_call_parser, parallel, c.think) \
+                if calling else None
     return choices
 
 

@@ -46,7 +46,6 @@ from server.openai_protocol import (MAX_TOP_LOGPROBS, ChatCompletionRequest, Rea
                                     OpenAIHints)
 from server.openai_runs import Choice, close_all, first_events, merged, run_to_end
 from server.protocol import Float, Int, RequestSchema, Text
-from server.reasoning import END
 from server.routes.chat import answer_parts, logprobs_json, split_piece, start
 from server.routes.completions import OPENAI_ERRORS, model_name
 from server.routes.tgi import SSE_HEADERS
@@ -266,10 +265,10 @@ def reasoning_tokens(c: Choice) -> int:
     """Tokens up to and including the one that closed the reasoning (none without it)."""
     if c.think is None:
         return 0
-    at = c.run.result.text.find(END)
+    at = c.run.result.text.find(c.think.end)
     if at < 0:
         return len(c.run.events) if c.think.state != "answer" else 0
-    end, seen = at + len(END), 0
+    end, seen = at + len(c.think.end), 0
     for k, ev in enumerate(c.run.events):
         seen += len(ev.text)
         if seen >= end:

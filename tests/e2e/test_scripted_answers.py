@@ -33,15 +33,20 @@ WEATHER = {"type": "function", "function": {
                                                     "unit": {"type": "string"}}}}}
 
 
-def build_scripted(out: Path, script: str, think_tokens: bool = False) -> Path:
+def build_scripted(out: Path, script: str, think_tokens: bool = False,
+                   special: tuple[str, ...] = (), template: str = TEMPLATE,
+                   rendered: str = RENDERED) -> Path:
     """`think_tokens`: `<think>` and `</think>` are added (not special) tokens, as in Qwen3's
-    vocabulary, so each is one id wherever it stands."""
+    vocabulary, so each is one id wherever it stands; `special`: added special tokens (GPT-OSS's
+    harmony markup). `template` renders the one question as `rendered`."""
     from camex_runtime import CamexConfig, CamexForCausalLM, export
 
     tok = make_tokenizer(out.parent / "scripted-tok")
     if think_tokens:
         tok.add_tokens(["<think>", "</think>"])
-    prompt = tok(RENDERED, add_special_tokens=False)["input_ids"]
+    if special:
+        tok.add_special_tokens({"additional_special_tokens": list(special)})
+    prompt = tok(rendered, add_special_tokens=False)["input_ids"]
     answer = tok(script, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     assert tok.decode(answer[:-1]) == script  # the byte-level BPE round-trips it
     dims = {t: i for i, t in enumerate(dict.fromkeys(answer))}
@@ -60,7 +65,7 @@ def build_scripted(out: Path, script: str, think_tokens: bool = False) -> Path:
         for token, dim in dims.items():
             model.lm_head.weight[token, dim] = 10.0
     export(model, out, tokenizer=tok, provenance={"training_data": "scripted (tests)"})
-    (out.parent / "template.jinja").write_text(TEMPLATE)
+    (out.parent / "template.jinja").write_text(template)
     return out
 
 
@@ -218,3 +223,112 @@ def test_responses_api_returns_the_reasoning_item_and_the_parsed_answer(json_ser
         final = stream.get_final_response()
     assert "response.reasoning_text.delta" in kinds and final.output_parsed == out.output_parsed
     assert final.output[0].content[0].text == THINKING
+
+
+# GPT-OSS's harmony format: the markup is special tokens, the reasoning its analysis channel
+HARMONY_MARKS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>")
+HARMONY_TEMPLATE = ("{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}"
+                    "<|end|>{% endfor %}<|start|>assistant")
+ANALYSIS = "The user asks about Paris weather; answer in the JSON asked for."
+FINAL = json.dumps(ARGUMENTS)
+HARMONY_SCRIPT = (f"<|channel|>analysis<|message|>{ANALYSIS}<|end|><|start|>assistant"
+                  f"<|channel|>final<|message|>{FINAL}")
+
+
+def test_gpt_oss_harmony_channels_reach_the_openai_client_split(tmp_path):
+    """`--reasoning-parser openai_gptoss`: the analysis channel is the message's reasoning, the
+    final channel its content, with no markup in either, complete or streamed (decoded with the
+    special tokens kept for the split, which drops them); the Responses API counts the
+    reasoning tokens up to the final channel's opening; a structured answer is held to its
+    schema from the final channel on (from the first token, `<|channel|>` could not come)."""
+    from openai import OpenAI
+    from pydantic import BaseModel, ConfigDict
+
+    class Weather(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        city: str
+        unit: str
+
+    rendered = f"<|start|>user<|message|>{QUESTION}<|end|><|start|>assistant"
+    model = build_scripted(tmp_path / "model", HARMONY_SCRIPT, special=HARMONY_MARKS,
+                           template=HARMONY_TEMPLATE, rendered=rendered)
+    with live_server(tmp_path, "--model", str(model), "--chat-template",
+                     str(tmp_path / "template.jinja"), "--reasoning-parser", "openai_gptoss",
+                     "--model-id", "gpt-oss-scripted") as srv:
+        client = OpenAI(base_url=srv.base_url + "/v1", api_key="unused")
+        kw = dict(model="gpt-oss-scripted", messages=[{"role": "user", "content": QUESTION}],
+                  max_tokens=300, temperature=0)
+        choice = client.chat.completions.create(**kw).choices[0]
+        assert choice.finish_reason == "stop" and choice.message.content == FINAL
+        assert choice.message.model_extra["reasoning_content"] == ANALYSIS
+        reasoning, content = [], []
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            delta = chunk.choices[0].delta
+            reasoning.append((delta.model_extra or {}).get("reasoning") or "")
+            content.append(delta.content or "")
+        assert "".join(reasoning) == ANALYSIS and "".join(content) == FINAL
+        out = client.responses.create(model="gpt-oss-scripted", input=QUESTION,
+                                      max_output_tokens=300, temperature=0)
+        assert out.output_text == FINAL
+        tokens = len(model_tokenizer(model)(HARMONY_SCRIPT.split("<|channel|>final")[0]
+                                            + "<|channel|>final<|message|>",
+                                            add_special_tokens=False)["input_ids"])
+        assert out.usage.output_tokens_details.reasoning_tokens == tokens
+        parsed = client.chat.completions.parse(response_format=Weather, **kw).choices[0]
+        assert parsed.message.parsed == Weather(**ARGUMENTS)
+        assert parsed.message.model_extra["reasoning_content"] == ANALYSIS
+
+
+def model_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path)
+
+
+HARMONY_CALL = (f"<|channel|>analysis<|message|>{THINKING}<|end|><|start|>assistant<|channel|>"
+                "commentary to=functions.get_weather <|constrain|>json<|message|>"
+                + json.dumps(ARGUMENTS) + "<|call|>")
+
+
+def test_gpt_oss_harmony_tool_calls_reach_the_openai_client(tmp_path):
+    """`--tool-call-parser openai`: a commentary message to functions.get_weather is an OpenAI
+    tool call (its content the arguments), complete and streamed; the analysis is still the
+    reasoning; a forced call is refused with the reason (harmony has no grammar for it)."""
+    import openai
+
+    rendered = f"<|start|>user<|message|>{QUESTION}<|end|><|start|>assistant"
+    model = build_scripted(tmp_path / "model", HARMONY_CALL,
+                           special=(*HARMONY_MARKS, "<|call|>", "<|constrain|>"),
+                           template=HARMONY_TEMPLATE, rendered=rendered)
+    with live_server(tmp_path, "--model", str(model), "--chat-template",
+                     str(tmp_path / "template.jinja"), "--reasoning-parser", "openai_gptoss",
+                     "--tool-call-parser", "openai", "--model-id", "gpt-oss") as srv:
+        client = openai.OpenAI(base_url=srv.base_url + "/v1", api_key="unused")
+        kw = dict(model="gpt-oss", messages=[{"role": "user", "content": QUESTION}],
+                  tools=[WEATHER], max_tokens=300, temperature=0)
+        choice = client.chat.completions.create(**kw).choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        assert choice.message.model_extra["reasoning_content"] == THINKING
+        (call,) = choice.message.tool_calls
+        assert call.function.name == "get_weather" and call.id
+        assert json.loads(call.function.arguments) == ARGUMENTS
+        calls, reasoning, finish = [], [], None
+        for chunk in client.chat.completions.create(stream=True, **kw):
+            delta = chunk.choices[0].delta
+            calls += delta.tool_calls or []
+            reasoning.append((delta.model_extra or {}).get("reasoning_content") or "")
+            finish = chunk.choices[0].finish_reason or finish
+        assert [(c.function.name, json.loads(c.function.arguments)) for c in calls] == [
+            ("get_weather", ARGUMENTS)] and finish == "tool_calls"
+        assert "".join(reasoning) == THINKING
+        with pytest.raises(openai.APIStatusError, match="not supported in GPT-OSS's harmony"):
+            client.chat.completions.create(tool_choice="required", **kw)
+        # the Responses API: a function_call item after the reasoning item
+        tool = {"type": "function", "name": "get_weather",
+                "parameters": WEATHER["function"]["parameters"]}
+        out = client.responses.create(model="gpt-oss", input=QUESTION, tools=[tool],
+                                      max_output_tokens=300, temperature=0)
+        kinds = [item.type for item in out.output]
+        (item,) = [item for item in out.output if item.type == "function_call"]
+        assert kinds[0] == "reasoning" and out.output[0].content[0].text == THINKING
+        assert item.name == "get_weather" and json.loads(item.arguments) == ARGUMENTS

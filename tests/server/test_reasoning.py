@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from server.reasoning import ThinkSplit, answer_only
+from server.reasoning import (HarmonySplit, ThinkSplit, answer_only, answer_opening,
+                              reasoning_splitter)
 from tests.server.pieces import random_pieces
 
 
@@ -68,3 +69,63 @@ def test_the_finish_releases_what_was_held_back():
 ])
 def test_which_choices_are_all_answer(parser, prompt, kwargs, want):
     assert answer_only(parser, prompt, kwargs) is want
+
+
+# GPT-OSS's harmony format (`openai_gptoss`): channels, their markup special tokens kept
+HARMONY = ("<|channel|>analysis<|message|>The user asks 2+2. <|easy|> sum.<|end|>"
+           "<|start|>assistant<|channel|>final<|message|>It is 4.<|return|>")
+
+
+def harmony(text: str, pieces: list[str] | None = None):
+    split = HarmonySplit()
+    for i, piece in enumerate(pieces or [text]):
+        split.push(piece, final=i == len(pieces or [text]) - 1)
+    return split.whole(), split.state
+
+
+@pytest.mark.parametrize("text,want", [
+    (HARMONY, ("The user asks 2+2. <|easy|> sum.", "It is 4.")),  # unknown <|...|> is text
+    ("<|channel|>final<|message|>Only an answer.<|return|>", (None, "Only an answer.")),
+    ("<|channel|>analysis<|message|>cut short", ("cut short", None)),
+    ("<|channel|>analysis<|message|>a<|end|><|start|>assistant<|channel|>analysis<|message|>b"
+     "<|end|><|start|>assistant<|channel|>final<|message|>c", ("ab", "c")),
+    # a preamble in the commentary channel is answer (vLLM's rule); its header is dropped
+    ("<|channel|>commentary<|message|>Let me check.<|end|><|start|>assistant<|channel|>final"
+     "<|message|>Done.", (None, "Let me check.Done.")),
+    ("plain text, no harmony", (None, "plain text, no harmony")),
+    ("<|channel|>final", (None, None)),  # a header alone
+])
+def test_harmony_channels_split_as_reasoning_and_answer(text, want):
+    assert harmony(text)[0] == want
+
+
+@pytest.mark.parametrize("text", [HARMONY, "<|channel|>analysis<|message|>x <| y <|en",
+                                  "<|chan", "no markup < | at all"])
+def test_a_harmony_text_cut_anywhere_splits_as_the_whole(text):
+    want = harmony(text)
+    for pieces in random_pieces(text, seed=1, most_cuts=8):
+        assert harmony(text, pieces) == want, pieces
+
+
+def test_harmony_state_follows_the_channels():
+    """Responses count reasoning tokens up to the answer's opening (`end`): `state` says
+    where a choice is."""
+    split = reasoning_splitter("openai_gptoss", False)
+    assert isinstance(split, HarmonySplit) and split.state == "start"
+    assert split.end == "<|channel|>final<|message|>" == answer_opening("openai_gptoss")
+    split.push("<|channel|>analysis<|message|>hm")
+    assert split.state == "think"
+    split.push("<|end|><|start|>assistant<|channel|>final<|message|>")
+    assert split.state == "answer"
+    assert isinstance(reasoning_splitter("qwen3", False), ThinkSplit)
+
+
+def test_harmony_drops_the_eos_tokens_text():
+    """Decoded with special tokens kept, a choice that ended on EOS ends with its text
+    (GPT-OSS's <|return|> is markup anyway; another EOS is dropped the same way)."""
+    split = HarmonySplit(("<|endoftext|>",))
+    split.push("<|channel|>final<|message|>x<|endof")
+    split.push("text|>", final=True)
+    assert split.whole() == (None, "x")
+    assert HarmonySplit().push("<|channel|>final<|message|>x<|endoftext|>", True) == \
+        ("", "x<|endoftext|>")  # (unknown to a splitter not told: text)

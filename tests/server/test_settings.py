@@ -130,3 +130,10 @@ def test_a_key_given_twice_is_ambiguous(tmp_path):
     with pytest.raises(ValueError, match="give the API key once"):
         ServerSettings.from_sources(["--api-key-file", str(tmp_path / "k")],
                                     env={"CAMEX_API_KEY": "abc"})
+
+
+def test_harmony_tool_calls_need_the_harmony_reasoning_parser():
+    with pytest.raises(ValueError, match="--tool-call-parser openai reads GPT-OSS's harmony"):
+        ServerSettings(tool_call_parser="openai")
+    assert ServerSettings(tool_call_parser="openai",
+                          reasoning_parser="openai_gptoss").tool_call_parser == "openai"

@@ -178,3 +178,46 @@ def test_a_plain_answer_streams_at_once_and_a_call_waits_for_its_end():
     assert content == "" and [c.name for c in calls] == ["now"]
     with pytest.raises(ValueError, match="unknown tool-call parser 'xml'"):
         splitter("xml")
+
+
+# GPT-OSS (`openai`): calls are harmony commentary messages to functions.NAME, read by the
+# choice's HarmonySplit and handed on by HarmonyCalls
+CALLING = ('<|channel|>analysis<|message|>Two lookups.<|end|><|start|>assistant<|channel|>'
+           'commentary to=functions.get_weather <|constrain|>json<|message|>{"city": "Paris"}'
+           '<|call|><|start|>assistant to=functions.now<|channel|>commentary json<|message|>{}'
+           '<|call|>')
+
+
+def harmony_calls(pieces: list[str], parallel: bool = True):
+    from server.reasoning import HarmonySplit
+
+    think = HarmonySplit(("<|endoftext|>",), calls=True)
+    calls = splitter("openai", parallel, think)
+    reasoning, content, found = [], [], []
+    for i, piece in enumerate(pieces):
+        final = i == len(pieces) - 1
+        r, a = think.push(piece, final)
+        a, new = calls.push(a, final)
+        reasoning.append(r)
+        content.append(a)
+        found += [(c.name, c.arguments) for c in new]
+    return "".join(reasoning), "".join(content), found
+
+
+def test_harmony_calls_come_from_commentary_messages_to_functions():
+    """The recipient in the channel's header or the role's, `functions.` dropped; the content
+    the arguments as written; the analysis still reasoning, nothing left as content."""
+    want = ("Two lookups.", "", [("get_weather", '{"city": "Paris"}'), ("now", "{}")])
+    assert harmony_calls([CALLING]) == want
+    for pieces in random_pieces(CALLING, seed=3, most_cuts=8):
+        assert harmony_calls(pieces) == want, pieces
+    assert harmony_calls([CALLING], parallel=False)[2] == [("get_weather", '{"city": "Paris"}')]
+    # stopped inside a call (the budget ran out): its arguments so far
+    assert harmony_calls([CALLING[:CALLING.index("Paris") + 5]])[2] == [
+        ("get_weather", '{"city": "Paris')]
+    # without calls collected, a call message is content (what the model wrote)
+    from server.reasoning import HarmonySplit
+
+    plain = HarmonySplit()
+    plain.push(CALLING, final=True)
+    assert plain.whole() == ("Two lookups.", '{"city": "Paris"}{}') and plain.pending == []
