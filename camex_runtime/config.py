@@ -36,21 +36,24 @@ from transformers import PretrainedConfig
 # each branch's output, GeGLU FFNs, a second rotary base (Gemma 3); FORMAT_CAPS_AND_NORMS (4)
 # soft-capped attention scores or logits (Gemma 2), blocks without pre-norms and q/k norms over
 # all heads together (OLMo 2); FORMAT_QUERY_SCALE (5) Llama 4's query scale past the rotary's
-# original length (Ministral 3) on a model served that far.
+# original length (Ministral 3) on a model served that far; FORMAT_SINKS (6) attention sinks,
+# biased routers and GPT-OSS's clamped SwiGLU (GPT-OSS), q/k norms after the rotation (Hunyuan).
 FORMAT_VERSION = 1
 FORMAT_NEW_ATTENTION = 2
 FORMAT_NEW_BLOCKS = 3
 FORMAT_CAPS_AND_NORMS = 4
 FORMAT_QUERY_SCALE = 5
+FORMAT_SINKS = 6
 READABLE_FORMATS = (FORMAT_VERSION, FORMAT_NEW_ATTENTION, FORMAT_NEW_BLOCKS,
-                    FORMAT_CAPS_AND_NORMS, FORMAT_QUERY_SCALE)
+                    FORMAT_CAPS_AND_NORMS, FORMAT_QUERY_SCALE, FORMAT_SINKS)
 
 MERGE_METHODS = ("domain_specific", "ties", "dare")
 FAMILIES = ("gpt2", "llama")
 # Activation of each family's FFN (the only one its blocks implement).
-# llama: silu = SwiGLU, gelu_pytorch_tanh = GeGLU (Gemma).
+# llama: silu = SwiGLU, gelu_pytorch_tanh = GeGLU (Gemma), swigluoai = GPT-OSS's clamped SwiGLU
+# ((up + 1) * gate * sigmoid(alpha * gate), gate clamped above at swiglu_limit, up to ±limit).
 FAMILY_ACTIVATIONS = {"gpt2": ("gelu_new", "gelu_pytorch_tanh"),
-                      "llama": ("silu", "gelu_pytorch_tanh")}
+                      "llama": ("silu", "gelu_pytorch_tanh", "swigluoai")}
 # Rotary types whose frequencies do not depend on the sequence length: reproduced exactly with
 # transformers' own initialisers. "dynamic", ... are refused at load. "longrope" (Phi-3.5,
 # Phi-4-mini) changes every position's frequencies once a sequence passes its
@@ -93,6 +96,9 @@ class CamexConfig(PretrainedConfig):
         # llama, with qk_norm: "head" (Qwen3, Gemma 3: one RMSNorm over each head) or "all"
         # (OLMo 2: one RMSNorm over all query heads together, one over all key heads).
         qk_norm_width: str = "head",
+        # llama, with qk_norm: the norms apply to the rotated queries and keys (Hunyuan), not
+        # before the rotation.
+        qk_norm_after_rope: bool = False,
         # llama: sliding-window attention, each token attending to itself and the window - 1
         # tokens before it (Mistral, Phi-3, Qwen2/Qwen3 with use_sliding_window), in the
         # blocks `sliding_window_layers` lists (None: every block); None: full attention.
@@ -121,6 +127,15 @@ class CamexConfig(PretrainedConfig):
         final_logit_softcapping: float | None = None,
         # FFN activation; None = the family's (gpt2: gelu_new, llama: silu).
         hidden_act: str | None = None,
+        # llama, hidden_act "swigluoai" (GPT-OSS): the clamp of the gate (above) and of the up
+        # projection (both sides), and the gate's sigmoid slope.
+        swiglu_limit: float = 7.0,
+        swiglu_alpha: float = 1.702,
+        # llama: every attention head has a learned logit that joins each query's softmax as
+        # one more column without a value (attention sinks, GPT-OSS: `attn.sinks`, (n_head,)).
+        attention_sinks: bool = False,
+        # A bias in each merged-expert layer's router (GPT-OSS's routers have one).
+        router_bias: bool = False,
         # Classifiers: "mean" pools the non-padding tokens (CAMEx encoders), "last" the last
         # non-padding token (transformers' *ForSequenceClassification of decoder families),
         # and `classifier_causal` keeps the decoder's causal attention for such upcycled heads.
@@ -180,6 +195,7 @@ class CamexConfig(PretrainedConfig):
         self.mlp_bias = (not llama) if mlp_bias is None else bool(mlp_bias)
         self.qk_norm = bool(qk_norm)
         self.qk_norm_width = qk_norm_width
+        self.qk_norm_after_rope = bool(qk_norm_after_rope)
         self.pre_norms = bool(pre_norms)
         self.sliding_window = None if sliding_window is None else int(sliding_window)
         self.sliding_window_layers = (None if sliding_window_layers is None
@@ -197,6 +213,10 @@ class CamexConfig(PretrainedConfig):
         self.final_logit_softcapping = (None if final_logit_softcapping is None
                                         else float(final_logit_softcapping))
         self.hidden_act = hidden_act or ("silu" if llama else "gelu_new")
+        self.swiglu_limit = float(swiglu_limit)
+        self.swiglu_alpha = float(swiglu_alpha)
+        self.attention_sinks = bool(attention_sinks)
+        self.router_bias = bool(router_bias)
         self.classifier_pooling = classifier_pooling
         self.classifier_causal = bool(classifier_causal)
         self.num_experts = num_experts
@@ -261,6 +281,9 @@ class CamexConfig(PretrainedConfig):
 
     def format_needed(self) -> int:
         """The oldest checkpoint format that describes this model (FORMAT_VERSION's comment)."""
+        if self.attention_sinks or self.router_bias or self.hidden_act == "swigluoai" or \
+                self.qk_norm_after_rope:
+            return FORMAT_SINKS
         if any(p and p.get("llama_4_scaling_beta") and self.max_position_embeddings >
                p["original_max_position_embeddings"]
                for p in (self.rope_parameters, self.rope_local_parameters)):
@@ -352,6 +375,15 @@ class CamexConfig(PretrainedConfig):
                 or self.embedding_scale is not None) and self.family != "llama":
             raise ValueError("rope_local_parameters, sandwich_norms and embedding_scale are "
                              "llama-family options")
+        if self.attention_sinks and self.family != "llama":
+            raise ValueError("attention_sinks is a llama-family option")
+        if self.qk_norm_after_rope and not (self.qk_norm and self.qk_norm_width == "head"):
+            raise ValueError("qk_norm_after_rope orders per-head q/k norms (qk_norm, "
+                             "qk_norm_width \"head\") after the rotation: it needs them")
+        if self.hidden_act == "swigluoai" and not (self.swiglu_limit > 0.0
+                                                   and self.swiglu_alpha > 0.0):
+            raise ValueError(f"swiglu_limit and swiglu_alpha must be positive, got "
+                             f"{self.swiglu_limit}, {self.swiglu_alpha}")
         for name in ("attn_logit_softcapping", "final_logit_softcapping"):
             cap = getattr(self, name)
             if cap is not None and not (self.family == "llama" and 0.0 < cap < float("inf")):

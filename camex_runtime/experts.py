@@ -62,10 +62,11 @@ class ExpertBank:
     """Everything one MoE layer needs to route and merge: router, one LinearBank per projection
     of `kind` (``bank.fc1``, ``bank.gate_proj``, ... read them by name), α."""
 
-    router_weight: Tensor                     # (E, d)  W_g, no bias
+    router_weight: Tensor                     # (E, d)  W_g
     linears: dict[str, LinearBank]
     alpha: float
     kind: FFNKind = field(repr=False)
+    router_bias: Tensor | None = None         # (E,)  b_g, where the config has router_bias
 
     def __getattr__(self, name: str) -> LinearBank:
         linears = self.__dict__.get("linears", {})
@@ -74,9 +75,14 @@ class ExpertBank:
         raise AttributeError(name)
 
 
-def route_scores(router_weight: Tensor, mean_h: Tensor) -> Tensor:
-    """s = softmax(W_g · h̄): (..., d) -> (..., E), computed in fp32 for bf16/fp16 stability."""
-    return torch.softmax(mean_h.float() @ router_weight.float().T, dim=-1)
+def route_scores(router_weight: Tensor, mean_h: Tensor, router_bias: Tensor | None = None
+                 ) -> Tensor:
+    """s = softmax(W_g · h̄ + b_g): (..., d) -> (..., E), computed in fp32 for bf16/fp16
+    stability."""
+    logits = mean_h.float() @ router_weight.float().T
+    if router_bias is not None:
+        logits = logits + router_bias.float()
+    return torch.softmax(logits, dim=-1)
 
 
 def merged_linear(x: Tensor, lb: LinearBank, scores: Tensor, alpha: float) -> Tensor:
@@ -124,17 +130,17 @@ def apply_moe(h: Tensor, bank: ExpertBank, *, mode: str, T: int, route1_len: int
         m = torch.ones(B, L, 1, dtype=h.dtype, device=h.device) if pad_mask is None \
             else pad_mask.to(h.dtype).unsqueeze(-1)
         mean = (h * m).sum(1) / m.sum(1).clamp_min(1.0)           # (B, d)
-        scores = route_scores(bank.router_weight, mean)           # (B, E)
+        scores = route_scores(bank.router_weight, mean, bank.router_bias)  # (B, E)
         return merged_ffn(h, bank, scores), scores.unsqueeze(1)
     if mode == "prompt":
         P = L if prompt_len is None else max(1, min(prompt_len, L))
-        scores = route_scores(bank.router_weight, h[:, :P].mean(1))   # (B, E)
+        scores = route_scores(bank.router_weight, h[:, :P].mean(1), bank.router_bias)
         return merged_ffn(h, bank, scores), scores.unsqueeze(1)
     if mode != "segment":
         raise ValueError(f"unknown routing mode {mode!r}")
     means = segment_means(h, T, T if route1_len is None else route1_len)  # (B, K, d)
     K = means.shape[1]
-    scores = route_scores(bank.router_weight, means)              # (B, K, E)
+    scores = route_scores(bank.router_weight, means, bank.router_bias)  # (B, K, E)
     if training:
         # Segment 1 routes on its own mean, which includes tokens it then predicts: its scores
         # are stop-gradient (the paper's s_0 = DETACH(G(h̄_1))), so neither the router nor
@@ -208,7 +214,7 @@ class CamexMoEFFN(nn.Module):
         E, d, h = config.num_experts, config.d_model, config.d_ff
         self.config = config
         self.kind = ffn_kind(config)
-        self.router = nn.Linear(d, E, bias=False)
+        self.router = nn.Linear(d, E, bias=config.router_bias)
         self.base = DenseFFN(config) if owns_base else None
         self.experts = ExpertSet(self.kind, E, d, h, config.mlp_bias)
         self.curvature = None
@@ -243,7 +249,8 @@ class CamexMoEFFN(nn.Module):
         """The bank of this layer; ``base`` is the derived E_m of a Dynamic-Merg chain."""
         base = self.own_base() if self.base is not None else base
         linears = {p: self._deltas(p, *base[p]) for p in self.kind.projections}
-        return ExpertBank(self.router.weight, linears, float(self.config.alpha), self.kind)
+        return ExpertBank(self.router.weight, linears, float(self.config.alpha), self.kind,
+                          self.router.bias)
 
 
 def next_bank_base(bank: ExpertBank) -> dict[str, tuple[Tensor, Tensor | None]]:

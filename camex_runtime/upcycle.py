@@ -3,10 +3,10 @@
 `upcycle_from_dense(path)` reads the directory's ``config.json``, picks the importer of its
 ``model_type`` (a registry: ``gpt2``, ``llama``, ``mistral``, ``ministral``, ``ministral3``,
 ``mistral3`` and ``gemma3``: their language models, ``qwen2``, ``qwen3``, ``phi3``,
-``smollm3``, ``seed_oss``, ``glm``, ``glm4``, ``granite``, ``gemma2``, ``gemma3_text``,
-``olmo2``, ``olmo3``, ``exaone4``; sparse MoEs
-``mixtral``, ``qwen3_moe``, ``olmoe``, whose experts are imported, see "Sparse MoE sources"
-below), and builds a
+``smollm3``, ``seed_oss``, ``glm``, ``glm4``, ``ernie4_5``, ``hunyuan_v1_dense``, ``granite``,
+``gemma2``, ``gemma3_text``, ``olmo2``, ``olmo3``, ``exaone4``; sparse MoEs
+``mixtral``, ``qwen3_moe``, ``olmoe``, ``gpt_oss``, whose experts are imported, see "Sparse MoE
+sources" below), and builds a
 training-form CAMEx model whose every expert is a copy of the dense FFN (τ = 0), curvature at
 the identity and routers at N(0, 0.02): the merged FFN equals the dense one whatever the scores,
 so the model computes exactly the dense model's logits (docs/DESIGN.md, "Model families"). Fused
@@ -21,9 +21,9 @@ A ``*ForSequenceClassification`` source gives a classifier that pools and attend
 Sliding-window attention comes along (Mistral, Phi-3, Qwen2/Qwen3 with ``use_sliding_window``:
 the window, and which blocks use it). What cannot be reproduced exactly is refused with an
 error naming it: rotary types whose frequencies depend on the sequence length, other
-activations, quantizations other than fine-grained FP8 and compressed-tensors' (those are
-dequantized on reading, as transformers does). Weights are read from safetensors only (single
-file or sharded with an index), never unpickled.
+activations, quantizations other than fine-grained FP8, compressed-tensors' and MXFP4 experts
+(those are dequantized on reading, as transformers does). Weights are read from safetensors
+only (single file or sharded with an index), never unpickled.
 
 Dynamic-Merg cannot copy every layer's FFN into a base it does not own: layer 1's base is that
 layer's FFN, and each later layer's *experts* are that layer's dense FFN, so τ^l = FFN_l − E_m^l.
@@ -50,9 +50,9 @@ from .config import CamexConfig
 from .modeling import CamexForCausalLM, CamexForSequenceClassification, CamexPreTrainedModel
 
 SUPPORTED = ("gpt2", "llama", "mistral", "ministral", "ministral3", "mistral3", "qwen2",
-             "qwen3", "phi3", "smollm3", "seed_oss", "glm", "glm4", "granite", "gemma2",
-             "gemma3_text", "gemma3", "olmo2", "olmo3", "exaone4", "mixtral", "qwen3_moe",
-             "olmoe")
+             "qwen3", "phi3", "smollm3", "seed_oss", "glm", "glm4", "ernie4_5",
+             "hunyuan_v1_dense", "granite", "gemma2", "gemma3_text", "gemma3", "olmo2", "olmo3",
+             "exaone4", "mixtral", "qwen3_moe", "olmoe", "gpt_oss")
 
 
 class UpcycleError(ValueError):
@@ -69,12 +69,17 @@ class UpcycleError(ValueError):
 # weights; float8 weights, `<name>_scale_inv` per block) and compressed-tensors' unpacked
 # formats (vLLM's llm-compressor: RedHatAI's FP8-dynamic and W8A8 releases; float8 or int8
 # weights, `<name>_scale`, zero points where asymmetric; its `pack-quantized` W4A16 / W8A16:
-# symmetric 4- or 8-bit integers packed into int32 words, `<name>_packed`). Other packings
-# (NVFP4, MXFP4, AWQ, GPTQ, bitsandbytes, ...) are refused by name.
+# symmetric 4- or 8-bit integers packed into int32 words, `<name>_packed`) and MXFP4 (GPT-OSS's
+# experts: 4-bit floats (E2M1), two to a byte, in blocks of 32 sharing a power-of-two scale,
+# `<name>_blocks` and `<name>_scales`). Other packings (NVFP4, AWQ, GPTQ, bitsandbytes, ...)
+# are refused by name.
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 # ("dense": weights kept in full precision, e.g. a checkpoint quantizing only its KV cache)
 CT_FORMATS = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized", "dense")
 PACKED_BITS = (4, 8)
+# the 16 values of an E2M1 (FP4) code, low nibble first in MXFP4's bytes
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+              -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 @dataclass(frozen=True)
@@ -91,7 +96,8 @@ class Quantization:
 def quantization_of(path: Path) -> Quantization | None:
     """How the checkpoint directory at `path` stores its weights (None: full precision);
     refuses, by name, what the importer cannot read exactly."""
-    quant = json.loads((path / "config.json").read_text()).get("quantization_config")
+    config = json.loads((path / "config.json").read_text())
+    quant = config.get("quantization_config")
     if not quant:
         return None
     method = quant.get("quant_method")
@@ -130,10 +136,12 @@ def quantization_of(path: Path) -> Quantization | None:
                                    f"integers only: {redo}")
             bits = widths.pop()
         return Quantization(method, "_scale", blocks.pop() if len(blocks) == 1 else None, bits)
+    if method == "mxfp4" and config.get("model_type") == "gpt_oss":  # (transformers' MXFP4
+        return Quantization(method, "_scales")                       # quantizes nothing else)
     raise UpcycleError(
         f"{path}: the weights are quantized (quant_method {method!r}); the importer reads "
-        f"full-precision weights, fine-grained FP8 (fp8) and compressed-tensors' formats "
-        f"only: {redo}")
+        f"full-precision weights, fine-grained FP8 (fp8), compressed-tensors' formats and "
+        f"GPT-OSS's MXFP4 experts (mxfp4) only: {redo}")
 
 
 def unpack_int32(packed: Tensor, bits: int, cols: int) -> Tensor:
@@ -175,6 +183,27 @@ def dequantize(q: Tensor, scales: Tensor, zero: Tensor | None, block: tuple[int,
     return w * s
 
 
+def dequantize_mxfp4(blocks: Tensor, scales: Tensor, name: str) -> Tensor:
+    """MXFP4 as GPT-OSS stores its experts: blocks (..., rows, G, 16) uint8, two E2M1 codes a
+    byte (low nibble first), scales (..., rows, G) uint8 E8M0 (2^(s − 127)) per 32 values ->
+    (..., G·32, rows) fp32: the values of each row of 32-wide groups, transposed as
+    transformers' expert parameters hold them ((E, in, out))."""
+    if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8 or \
+            blocks.shape[:-1] != scales.shape or blocks.shape[-1] != 16:
+        raise UpcycleError(f"{name}: MXFP4 blocks {tuple(blocks.shape)} {blocks.dtype} and "
+                           f"scales {tuple(scales.shape)} {scales.dtype} are not (..., rows, "
+                           f"G, 16) and (..., rows, G) bytes")
+    lut = torch.tensor(FP4_VALUES, dtype=torch.float32)
+    *lead, rows, groups, _ = blocks.shape
+    out = torch.empty(*lead, groups * 32, rows, dtype=torch.float32)
+    flat_b, flat_s = blocks.reshape(-1, rows, groups, 16), scales.reshape(-1, rows, groups)
+    for i, part in enumerate(out.view(-1, groups * 32, rows)):  # an expert at a time: the
+        codes = torch.stack([flat_b[i] & 0x0F, flat_b[i] >> 4], dim=-1).flatten(-2)  # indices
+        values = lut[codes.int()] * (flat_s[i].float() - 127.0).exp2().unsqueeze(-1)  # stay
+        part.copy_(values.view(rows, groups * 32).T)  # one expert's size (gpt-oss-20b: 66 MB)
+    return out
+
+
 class DenseWeights:
     """Tensors of a Hugging Face checkpoint directory by name (model.safetensors, or shards
     listed in model.safetensors.index.json), read one at a time as fp32; a quantized weight
@@ -209,10 +238,17 @@ class DenseWeights:
 
     def has(self, name: str) -> bool:
         full = self.prefix + name
-        return full in self.files or f"{full}_packed" in self.files
+        return full in self.files or f"{full}_packed" in self.files or \
+            f"{full}_blocks" in self.files
 
     def get(self, name: str) -> Tensor:
         full = self.prefix + name
+        if f"{full}_blocks" in self.files and self.quant and self.quant.method == "mxfp4":
+            if f"{full}_scales" not in self.files:
+                raise UpcycleError(f"{full}_blocks has no {full}_scales: its values are not "
+                                   f"the weights")
+            return dequantize_mxfp4(self._read(f"{full}_blocks"), self._read(f"{full}_scales"),
+                                    full)
         if f"{full}_packed" in self.files and self.quant and self.quant.packed_bits:
             rows, cols = (int(n) for n in self._read(f"{full}_shape").tolist())
             q = unpack_int32(self._read(f"{full}_packed"), self.quant.packed_bits, cols)
@@ -254,8 +290,9 @@ class Importer:
     # (weights) -> {"wte", "wpe"?, "ln_f.weight", "ln_f.bias"?, "lm_head"?, "score"?}
     outer: Callable[[DenseWeights, Any], dict[str, Tensor]]
     prefix: str | tuple[str, ...]                 # body prefix inside the checkpoint
-    # a sparse-MoE source: blocks also give "experts.<proj>.weight" stacked (E, out, in) and
-    # "router.weight" (E, d), which become the CAMEx layer's experts, their mean its base
+    # a sparse-MoE source: blocks also give "experts.<proj>.weight" stacked (E, out, in) (and
+    # ".bias" (E, out) where the experts have biases) and "router.weight" (E, d) (and
+    # "router.bias"), which become the CAMEx layer's experts, their mean its base
     sparse: bool = False
 
 
@@ -321,7 +358,8 @@ def llama_config(hf) -> dict[str, Any]:
     # Qwen2 always biases q/k/v (not o); Llama, Qwen3 and SmolLM3 bias all four with
     # attention_bias.
     declared = bool(getattr(hf, "attention_bias", False))
-    all_four = mt in ("llama", "qwen3", "smollm3", "granite", "qwen3_moe", "olmoe")
+    all_four = mt in ("llama", "qwen3", "smollm3", "granite", "qwen3_moe", "olmoe", "gpt_oss",
+                      "hunyuan_v1_dense")
     qkv_only = mt in ("seed_oss", "glm", "glm4")
     qkv_bias = True if mt == "qwen2" else (all_four or qkv_only) and declared
     # Seed-OSS and GLM: q/k/v biased with attention_bias, the output only with Seed-OSS's
@@ -396,9 +434,10 @@ def glm_config(hf) -> dict[str, Any]:
     return cfg
 
 
-def glm_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
-    out = llama_block(w, hf, i)
-    cfg = glm_config(hf)
+def interleaved_rotary(out: dict[str, Tensor], cfg: dict[str, Any]) -> dict[str, Tensor]:
+    """A block's fused q/k/v (`out`, CAMEx names) whose source rotates interleaved pairs of the
+    rotated dims, with every query and key head's rotated rows reordered evens first, then odds
+    (`cfg`: the block's CamexConfig fields): halves rotation then computes the same scores."""
     hd, heads, kv = cfg["head_dim"], cfg["n_head"], cfg["num_key_value_heads"]
     rot = int(hd * cfg["rope_parameters"].get("partial_rotary_factor", 1.0))
     within = torch.cat([torch.arange(0, rot, 2), torch.arange(1, rot, 2),
@@ -408,11 +447,56 @@ def glm_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
     for name in ("attn.c_attn.weight", "attn.c_attn.bias"):
         if name in out:
             out[name] = out[name][rows]
+    return out
+
+
+def glm_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    out = interleaved_rotary(llama_block(w, hf, i), glm_config(hf))
     if hf.model_type == "glm4":
         p = f"layers.{i}."
         out["ln_attn_out.weight"] = w.get(f"{p}post_self_attn_layernorm.weight")
         out["ln_ffn_out.weight"] = w.get(f"{p}post_mlp_layernorm.weight")
     return out
+
+
+# Hunyuan (`hunyuan_v1_dense`: Tencent's dense Hunyuan 0.5B-7B): Llama with per-head q/k norms
+# applied to the rotated queries and keys (`qk_norm_after_rope`), and a rotary base stretched by
+# a fixed NTK `alpha` (its configs say "dynamic", but with `alpha` nothing depends on the
+# length): base · alpha^(hd / (hd − 2)), imported as a plain rotary of that base, the same
+# arithmetic transformers does.
+
+
+def hunyuan_config(hf) -> dict[str, Any]:
+    cfg = llama_config(hf)
+    rope, hd = cfg["rope_parameters"], cfg["head_dim"]
+    if rope.get("rope_type") == "dynamic" and rope.get("alpha"):
+        cfg["rope_parameters"] = {"rope_type": "default", "rope_theta":
+                                  rope["rope_theta"] * rope["alpha"] ** (hd / (hd - 2))}
+    cfg.update(qk_norm=True, qk_norm_after_rope=True)
+    return cfg
+
+
+def hunyuan_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    out = llama_block(w, hf, i)
+    a = f"layers.{i}.self_attn."
+    out["attn.q_norm.weight"] = w.get(f"{a}query_layernorm.weight")
+    out["attn.k_norm.weight"] = w.get(f"{a}key_layernorm.weight")
+    return out
+
+
+# ERNIE 4.5 (`ernie4_5`: Baidu's dense ERNIE-4.5-0.3B): Llama with GLM's interleaved rotary
+# over the whole head, and biases on every projection where `use_bias` says.
+
+
+def ernie_config(hf) -> dict[str, Any]:
+    cfg = llama_config(hf)
+    bias = bool(getattr(hf, "use_bias", False))
+    cfg.update(attention_bias=bias, attention_out_bias=bias, mlp_bias=bias)
+    return cfg
+
+
+def ernie_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    return interleaved_rotary(llama_block(w, hf, i), ernie_config(hf))
 
 
 def llama_attention(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
@@ -746,6 +830,40 @@ def smoe_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
     return out
 
 
+# GPT-OSS (OpenAI's gpt-oss-20b / -120b): a sparse MoE of Llama-shaped blocks with biases on
+# q/k/v/o, attention sinks (a learned logit per head that joins every softmax: `attention_sinks`),
+# sliding-window and full blocks alternating, YaRN, a biased router (`router_bias`) and experts
+# with biases whose SwiGLU is clamped ((up + 1) · gate · σ(1.702 · gate), gate ≤ 7, |up| ≤ 7:
+# hidden_act "swigluoai"). transformers keeps each layer's experts as (E, in, out) stacks with
+# the gate and up columns interleaved (gate even, up odd); the published checkpoints store them
+# in MXFP4 (dequantized on reading, `dequantize_mxfp4`). As with Mixtral, the source's top-4
+# mixture of outputs becomes a merge of all experts in weight space: a starting point.
+
+
+def gpt_oss_config(hf) -> dict[str, Any]:
+    cfg = smoe_config(hf)
+    cfg.update(hidden_act="swigluoai", swiglu_limit=float(hf.swiglu_limit),
+               swiglu_alpha=float(hf.swiglu_alpha), attention_sinks=True, router_bias=True,
+               mlp_bias=True)
+    return cfg
+
+
+def gpt_oss_block(w: DenseWeights, hf, i: int) -> dict[str, Tensor]:
+    out = llama_attention(w, hf, i)
+    out["attn.sinks"] = w.get(f"layers.{i}.self_attn.sinks")
+    m = f"layers.{i}.mlp."
+    gate_up, gate_up_b = w.get(f"{m}experts.gate_up_proj"), w.get(f"{m}experts.gate_up_proj_bias")
+    out["experts.gate_proj.weight"] = gate_up[..., 0::2].transpose(1, 2).contiguous()
+    out["experts.up_proj.weight"] = gate_up[..., 1::2].transpose(1, 2).contiguous()
+    out["experts.gate_proj.bias"], out["experts.up_proj.bias"] = \
+        gate_up_b[:, 0::2].contiguous(), gate_up_b[:, 1::2].contiguous()
+    out["experts.down_proj.weight"] = w.get(f"{m}experts.down_proj").transpose(1, 2).contiguous()
+    out["experts.down_proj.bias"] = w.get(f"{m}experts.down_proj_bias")
+    out["router.weight"], out["router.bias"] = w.get(f"{m}router.weight"), \
+        w.get(f"{m}router.bias")
+    return out
+
+
 _GPT2 = Importer(gpt2_config, gpt2_block, gpt2_outer, "transformer.")
 _LLAMA = Importer(llama_config, llama_block, llama_outer, "model.")
 _GRANITE = Importer(granite_config, granite_block, granite_outer, "model.")
@@ -753,7 +871,10 @@ _GEMMA2 = Importer(gemma2_config, gemma2_block, gemma3_outer, "model.")
 _OLMO = Importer(olmo_config, olmo_block, llama_outer, "model.")
 _EXAONE4 = Importer(exaone4_config, olmo_block, llama_outer, "model.")
 _GLM = Importer(glm_config, glm_block, llama_outer, "model.")
+_ERNIE = Importer(ernie_config, ernie_block, llama_outer, "model.")
+_HUNYUAN = Importer(hunyuan_config, hunyuan_block, llama_outer, "model.")
 _SMOE = Importer(smoe_config, smoe_block, llama_outer, "model.", sparse=True)
+_GPT_OSS = Importer(gpt_oss_config, gpt_oss_block, llama_outer, "model.", sparse=True)
 _GEMMA3 = Importer(gemma3_config, gemma3_block, gemma3_outer, "model.")
 # transformers 5 saves the language model under model.language_model., older releases (and the
 # published checkpoints) under language_model.model.
@@ -769,7 +890,9 @@ IMPORTERS: dict[str, Importer] = {"gpt2": _GPT2, "llama": _LLAMA, "mistral": _LL
                                   "gemma3_text": _GEMMA3, "gemma3": _GEMMA3_MM,
                                   "olmo2": _OLMO, "olmo3": _OLMO, "exaone4": _EXAONE4,
                                   "seed_oss": _LLAMA, "glm": _GLM, "glm4": _GLM,
-                                  "mixtral": _SMOE, "qwen3_moe": _SMOE, "olmoe": _SMOE}
+                                  "ernie4_5": _ERNIE, "hunyuan_v1_dense": _HUNYUAN,
+                                  "mixtral": _SMOE, "qwen3_moe": _SMOE, "olmoe": _SMOE,
+                                  "gpt_oss": _GPT_OSS}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -832,14 +955,15 @@ def camex_config_for(hf, head: str, overrides: dict[str, Any]) -> CamexConfig:
 
 
 @torch.no_grad()
-def upcycle_from_dense(path: str | Path, head: str = "auto",
+def upcycle_from_dense(path: str | Path, head: str = "auto", *, progress: bool = False,
                        **config_overrides: Any) -> CamexPreTrainedModel:
     """A training-form CAMEx model initialised from the dense checkpoint at ``path``.
 
     `head`: "auto" (a classifier for a ``*ForSequenceClassification`` source, else a causal
     LM), "lm", or "classifier" (from an LM source: a fresh score head, decoder pooling; pass
     num_labels/id2label/label2id in the overrides). `config_overrides` set CAMEx knobs
-    (num_experts, moe_layers, segment_len, curvature_rank, merge_method, ...)."""
+    (num_experts, moe_layers, segment_len, curvature_rank, merge_method, ...). `progress`: a
+    bar on stderr, block by block (a large or quantized source reads for minutes)."""
     path = Path(path)
     hf = read_dense_config(path)
     arch = (getattr(hf, "architectures", None) or [""])[0]
@@ -859,15 +983,19 @@ def upcycle_from_dense(path: str | Path, head: str = "auto",
     importer = IMPORTERS[hf.model_type]
     weights = DenseWeights(path, quantization_of(path))
     model = (CamexForSequenceClassification if head == "classifier" else CamexForCausalLM)(cfg)
-    _copy_dense(model, weights, importer, hf)
+    _copy_dense(model, weights, importer, hf, f"upcycling {path.name}" if progress else None)
     model.config.provenance = {**model.config.provenance, "upcycled_from": path.name,
                                "source_model_type": hf.model_type, "source_architecture": arch}
     _carry_generation_config(model, path)
     return model
 
 
-def _copy_dense(model: CamexPreTrainedModel, w: DenseWeights, importer: Importer, hf) -> None:
-    """Every dense tensor into its CAMEx place; MoE FFNs get it as base and as every expert."""
+def _copy_dense(model: CamexPreTrainedModel, w: DenseWeights, importer: Importer, hf,
+                bar: str | None = None) -> None:
+    """Every dense tensor into its CAMEx place; MoE FFNs get it as base and as every expert.
+    `bar`: the description of a progress bar over the blocks (None: none)."""
+    from tqdm.auto import tqdm
+
     tr = model.transformer
     top, body = w, w.under(importer.prefix)  # heads live outside the body's prefix
     outer = importer.outer(body, hf)
@@ -877,7 +1005,7 @@ def _copy_dense(model: CamexPreTrainedModel, w: DenseWeights, importer: Importer
     tr.ln_f.weight.copy_(outer["ln_f.weight"])
     if "ln_f.bias" in outer:
         tr.ln_f.bias.copy_(outer["ln_f.bias"])
-    for i, block in enumerate(tr.h):
+    for i, block in enumerate(tqdm(tr.h, desc=bar, unit="block", disable=bar is None)):
         _copy_block(block, importer.block(body, hf, i))
     if isinstance(model, CamexForCausalLM):
         if "lm_head" in outer:  # the importer made it (Granite: scaled)
@@ -904,6 +1032,8 @@ def _copy_block(block, tensors: dict[str, Tensor]) -> None:
             _assign(params, f"ffn.experts.{proj}.{kind}", stacked)
             _assign(params, f"ffn.base.{proj}.{kind}", stacked.mean(dim=0))
         _assign(params, "ffn.router.weight", tensors["router.weight"])
+        if "router.bias" in tensors:
+            _assign(params, "ffn.router.bias", tensors["router.bias"])
         return
     if not block.is_moe:
         for name, value in ffn.items():
@@ -954,10 +1084,10 @@ def dense_reference_error(model: CamexPreTrainedModel, path: str | Path,
     kwargs = {}
     quant = quantization_of(Path(path))
     if quant is not None:  # dequantized weights, full-precision activations: what is imported
-        from transformers import CompressedTensorsConfig, FineGrainedFP8Config
+        from transformers import CompressedTensorsConfig, FineGrainedFP8Config, Mxfp4Config
 
-        kwargs["quantization_config"] = (FineGrainedFP8Config if quant.method == "fp8"
-                                         else CompressedTensorsConfig)(dequantize=True)
+        kwargs["quantization_config"] = {"fp8": FineGrainedFP8Config, "mxfp4": Mxfp4Config}.get(
+            quant.method, CompressedTensorsConfig)(dequantize=True)
     try:
         with warnings.catch_warnings():  # "the checkpoint's quantization_config is used, with
             warnings.filterwarnings("ignore", message=".*quantization_config")  # dequantize"

@@ -3,7 +3,9 @@ models upcycled from them, for the model-family tests.
 
 Every config has grouped-query attention on (4 query heads, 2 key/value heads). Weights are
 transformers' own random init; `spread` then moves every CAMEx parameter (experts, curvature,
-routers) off its upcycled value so that routing and merging change the outputs.
+routers) off its upcycled value so that routing and merging change the outputs. A sparse MoE
+family (SPARSE: GPT-OSS) is built with identical experts, so that its import is exact too (any
+merge of identical experts is that expert, as is the source's top-k mixture of them).
 """
 
 from __future__ import annotations
@@ -11,9 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from transformers import (Exaone4Config, Exaone4ForCausalLM, Exaone4ForSequenceClassification,
+from transformers import (Ernie4_5Config, Ernie4_5ForCausalLM, HunYuanDenseV1Config,
+                          HunYuanDenseV1ForCausalLM, HunYuanDenseV1ForSequenceClassification,
+                          Exaone4Config, Exaone4ForCausalLM, Exaone4ForSequenceClassification,
                           Gemma2Config, Gemma2ForCausalLM, Gemma2ForSequenceClassification,
-                          Gemma3ForCausalLM, Gemma3TextConfig,
+                          Gemma3ForCausalLM, Gemma3TextConfig, GptOssConfig, GptOssForCausalLM,
+                          GptOssForSequenceClassification,
                           Gemma3TextForSequenceClassification, GraniteConfig, GraniteForCausalLM,
                           LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification,
                           Ministral3Config, Ministral3ForCausalLM,
@@ -77,7 +82,24 @@ FAMILIES = {
     "exaone4": (Exaone4Config, Exaone4ForCausalLM, {
         "head_dim": 16, "sliding_window": 7,
         "layer_types": ["sliding_attention", "full_attention"]}),
+    # ERNIE 4.5: GLM's interleaved rotary over the whole head, biases on every projection
+    "ernie4_5": (Ernie4_5Config, Ernie4_5ForCausalLM, {"head_dim": 16, "use_bias": True}),
+    # Hunyuan: per-head q/k norms after the rotation, q/k/v/o biases, a rotary base stretched
+    # by a fixed NTK alpha (its configs' "dynamic" with alpha: static)
+    "hunyuan_v1_dense": (HunYuanDenseV1Config, HunYuanDenseV1ForCausalLM, {
+        "head_dim": 16, "attention_bias": True, "rope_parameters": {
+            "rope_type": "dynamic", "alpha": 1000.0, "rope_theta": 10000.0, "factor": 1.0}}),
+    # GPT-OSS: a sparse MoE (3 experts, made identical by build_dense) with attention sinks, a
+    # sliding block and a full one, untruncated YaRN, a biased router, biased experts whose
+    # SwiGLU clamps at a limit these weights cross (0.25 instead of 7: a third of the gates
+    # clamp) with a slope of its own
+    "gpt_oss": (GptOssConfig, GptOssForCausalLM, {
+        "head_dim": 16, "sliding_window": 7, "num_local_experts": 3, "num_experts_per_tok": 2,
+        "swiglu_limit": 0.25, "swiglu_alpha": 1.5, "rope_parameters": {
+            "rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
+            "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 32}}),
 }
+SPARSE = ("gpt_oss",)  # families whose every block is a sparse MoE (their experts are imported)
 CLASSIFIERS = {  # (with the family's extra config above)
     "llama": (LlamaConfig, LlamaForSequenceClassification),
     "mistral": (MistralConfig, MistralForSequenceClassification),  # padded, and a window
@@ -89,6 +111,8 @@ CLASSIFIERS = {  # (with the family's extra config above)
     "olmo2": (Olmo2Config, Olmo2ForSequenceClassification),
     "olmo3": (Olmo3Config, Olmo3ForSequenceClassification),
     "exaone4": (Exaone4Config, Exaone4ForSequenceClassification),
+    "gpt_oss": (GptOssConfig, GptOssForSequenceClassification),
+    "hunyuan_v1_dense": (HunYuanDenseV1Config, HunYuanDenseV1ForSequenceClassification),
 }
 
 
@@ -98,8 +122,18 @@ def build_dense(out_dir: Path, family: str, seed: int = 0, **overrides) -> Path:
     config_cls, model_cls, extra = FAMILIES[family]
     model = model_cls(config_cls(**{**COMMON, **extra, **overrides})).eval()
     move_off_init(model)
+    if family in SPARSE:
+        same_experts(model)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+@torch.no_grad()
+def same_experts(model) -> None:
+    """Every MoE layer's experts made equal to its first (stacks (E, ...))."""
+    for layer in model.model.layers:
+        for p in layer.mlp.experts.parameters():
+            p.copy_(p[:1].expand_as(p).clone())
 
 
 @torch.no_grad()
@@ -109,6 +143,8 @@ def move_off_init(model) -> None:
     for name, p in model.named_parameters():
         if "norm" in name or name.endswith(".bias"):
             p.add_(torch.randn_like(p) * 0.2)
+        elif name.endswith(".sinks"):  # (GPT-OSS) logits the size of the scores'
+            p.add_(torch.randn_like(p))
 
 
 def build_dense_classifier(out_dir: Path, family: str, num_labels: int = 3, seed: int = 0) -> Path:
@@ -119,6 +155,8 @@ def build_dense_classifier(out_dir: Path, family: str, num_labels: int = 3, seed
                      label2id={v: k for k, v in labels.items()})
     model = model_cls(cfg).eval()
     move_off_init(model)
+    if family in SPARSE:
+        same_experts(model)
     model.save_pretrained(out_dir)
     return out_dir
 

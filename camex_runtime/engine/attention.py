@@ -14,7 +14,8 @@ the new keys/values into the preallocated KV cache and attend over the cached pr
 Queries may have more heads than keys/values (grouped-query attention); the cache holds the
 key/value heads only. A block with sliding-window attention passes its window: every context
 then hides the keys that fell out of it (the cache keeps them; they are only not attended). A
-model with soft-capped scores (Gemma 2) passes its cap, which every context applies.
+model with soft-capped scores (Gemma 2) passes its cap, one with attention sinks (GPT-OSS) its
+sink logits, which every context applies.
 Knows nothing about routing, requests or sampling.
 """
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import Tensor
 
 from camex_runtime import kernels
 from camex_runtime.engine.kv_cache import DecodeRows, KVCache
-from camex_runtime.layers import sdpa, sees
+from camex_runtime.layers import fused_sinks, sdpa, sees
 
 
 # A whole prompt's causal attention on a CPU. torch's CPU flash kernel multiplies every block of
@@ -41,7 +42,9 @@ from camex_runtime.layers import sdpa, sees
 # Same softmax sums per query, rounded in another order (differences ~1e-7).
 CAUSAL_BLOCK = 64
 CAUSAL_BLOCKED_TOKENS = range(3 * CAUSAL_BLOCK, 10 * CAUSAL_BLOCK + 1)
-# Soft-capped scores (Gemma 2) are materialised (no fused kernel caps them): in blocks of this
+# Soft-capped scores (Gemma 2) and, off the CPU, scores with sinks (GPT-OSS) are materialised
+# (no fused kernel caps them or adds a sink; on a CPU layers.sink_attention adds sinks to
+# torch's fused kernel): in blocks of this
 # many queries, each against the keys it can see, a prompt's score tensor stays (H, block, n)
 # instead of (H, n, n), and the causal half and the keys outside a window are never computed.
 # A sliding window shorter than the prompt goes in the same blocks, capped or not: each block
@@ -52,23 +55,25 @@ CAPPED_BLOCK = 256
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, window: int | None = None,
-                     softcap: float | None = None) -> Tensor:
+                     softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
     """`sdpa(q, k, v, is_causal=True)` for one sequence's new tokens (q (1, H, n, hd), k and v
     (1, KV, n, hd)); on a CPU, in query blocks where that is faster (above); with a window
-    shorter than the tokens or capped scores, in query blocks of CAPPED_BLOCK (any device)."""
+    shorter than the tokens, capped scores or sinks, in query blocks of CAPPED_BLOCK (any
+    device)."""
     n = q.shape[2]
-    if (softcap is not None or window is not None and window < n) and n > CAPPED_BLOCK:
-        return query_blocks(q, k, v, CAPPED_BLOCK, window, softcap)
+    scored = softcap is not None or sinks is not None and not fused_sinks(q)  # materialised
+    if (scored or window is not None and window < n) and n > CAPPED_BLOCK:
+        return query_blocks(q, k, v, CAPPED_BLOCK, window, softcap, sinks)
     if window is not None and window < n:
         pos = torch.arange(n, device=q.device)
-        return sdpa(q, k, v, attn_mask=sees(pos, pos, window), softcap=softcap)
+        return sdpa(q, k, v, attn_mask=sees(pos, pos, window), softcap=softcap, sinks=sinks)
     if q.device.type != "cpu" or n not in CAUSAL_BLOCKED_TOKENS:
-        return sdpa(q, k, v, is_causal=True, softcap=softcap)
-    return query_blocks(q, k, v, CAUSAL_BLOCK, softcap=softcap)
+        return sdpa(q, k, v, is_causal=True, softcap=softcap, sinks=sinks)
+    return query_blocks(q, k, v, CAUSAL_BLOCK, softcap=softcap, sinks=sinks)
 
 
 def query_blocks(q: Tensor, k: Tensor, v: Tensor, block: int, window: int | None = None,
-                 softcap: float | None = None) -> Tensor:
+                 softcap: float | None = None, sinks: Tensor | None = None) -> Tensor:
     """Causal attention of n new tokens `block` queries at a time, each block against only the
     keys its queries can see (from the window's start of its first query to its last)."""
     B, H, n, hd = q.shape
@@ -78,7 +83,8 @@ def query_blocks(q: Tensor, k: Tensor, v: Tensor, block: int, window: int | None
         b = min(n, a + block)
         lo = 0 if window is None else max(0, a + 1 - window)
         out[:, :, a:b] = sdpa(q[:, :, a:b], k[:, :, lo:b], v[:, :, lo:b],
-                              attn_mask=sees(pos[a:b], pos[lo:b], window), softcap=softcap)
+                              attn_mask=sees(pos[a:b], pos[lo:b], window), softcap=softcap,
+                              sinks=sinks)
     return out
 
 
@@ -89,12 +95,13 @@ class PrefillAttention:
     start: int = 0  # cache position of the first token of this forward
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-               window: int | None = None, softcap: float | None = None) -> Tensor:
+               window: int | None = None, softcap: float | None = None,
+               sinks: Tensor | None = None) -> Tensor:
         """q (1, H, n, hd), k and v (1, KV, n, hd) -> (1, H, n, hd)."""
         n = k.shape[2]
         self.kv.write_prefill(layer, self.slot, self.start, k[0], v[0])
         if self.start == 0:  # nothing cached before: attend within the new tokens
-            return causal_attention(q, k, v, window, softcap)
+            return causal_attention(q, k, v, window, softcap, sinks)
         end = self.start + n
         # keys before the window of the chunk's first token are never seen: not read
         first = 0 if window is None else max(0, self.start + 1 - window)
@@ -103,7 +110,7 @@ class PrefillAttention:
         # row i (position start+i) sees cache positions <= start+i (and inside its window)
         q_pos = self.start + torch.arange(n, device=q.device)
         mask = sees(q_pos, torch.arange(first, end, device=q.device), window)
-        return sdpa(q, keys, values, attn_mask=mask, softcap=softcap)
+        return sdpa(q, keys, values, attn_mask=mask, softcap=softcap, sinks=sinks)
 
 
 @dataclass
@@ -115,12 +122,13 @@ class PackedPrefillAttention:
     lengths: list[int]  # tokens of each piece, in packing order
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-               window: int | None = None, softcap: float | None = None) -> Tensor:
+               window: int | None = None, softcap: float | None = None,
+               sinks: Tensor | None = None) -> Tensor:
         """q (1, H, N, hd), k and v (1, KV, N, hd), N = sum(lengths) -> (1, H, N, hd)."""
         outs, a = [], 0
         for ctx, n in zip(self.pieces, self.lengths):
             outs.append(ctx.attend(layer, q[:, :, a:a + n], k[:, :, a:a + n], v[:, :, a:a + n],
-                                   window, softcap))
+                                   window, softcap, sinks))
             a += n
         return torch.cat(outs, dim=2)
 
@@ -143,11 +151,12 @@ class DecodeAttention:
         return keep.view(len(pos), 1, 1, self.length)
 
     def attend(self, layer: int, q: Tensor, k: Tensor, v: Tensor,
-               window: int | None = None, softcap: float | None = None) -> Tensor:
+               window: int | None = None, softcap: float | None = None,
+               sinks: Tensor | None = None) -> Tensor:
         """q (B, H, 1, hd), k and v (B, KV, 1, hd) -> (B, H, 1, hd)."""
         out = kernels.decode_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0], self.kv.k, self.kv.v,
                                        layer, self.rows.slots_t, self.rows.positions_t, window,
-                                       softcap)
+                                       softcap, sinks)
         if out is not None:  # fp32 on a CPU with the native kernels: write + attend in one call
             return out.unsqueeze(2)
         self.kv.write_decode(layer, self.rows, k[:, :, 0], v[:, :, 0])
@@ -157,4 +166,4 @@ class DecodeAttention:
             pos = self.rows.positions_t
             mask = sees(pos, torch.arange(self.length, device=pos.device), window)
             mask = mask.view(len(pos), 1, 1, self.length)
-        return sdpa(q, keys, values, attn_mask=mask, softcap=softcap)
+        return sdpa(q, keys, values, attn_mask=mask, softcap=softcap, sinks=sinks)

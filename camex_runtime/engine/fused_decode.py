@@ -7,9 +7,10 @@ each an interpreter round trip and a dispatch. `FusedDecode` runs the same block
 `kernels`' native `layers`: per block the attention half (norm, qkv projection, per-head q/k
 norms where the model has them, rotary positions — the block's own tables where it has a second
 rotary base, Gemma 3 —, KV-cache write, attention (its scores capped where the model caps them,
-Gemma 2), output projection, the output's norm in
-Gemma's blocks, residual) and the FFN half (norm, input projection(s), GELU, SwiGLU or GeGLU,
-output projection, the output's norm in Gemma's blocks, residual), with the same weights the
+Gemma 2; each head's sink in its softmax, GPT-OSS), output projection, the output's norm in
+Gemma's blocks, residual) and the FFN half (norm, input projection(s), GELU, SwiGLU, GeGLU or
+GPT-OSS's clamped SwiGLU, output projection, the output's norm in Gemma's blocks, residual),
+with the same weights the
 model holds: no copies. One call covers as many consecutive blocks as it can (a dense model: all
 of them and the final norm), because every return from native code waits for the GIL, and in a
 server the event loop thread holds it while it sends the previous token: per block, a dense
@@ -43,8 +44,7 @@ from torch import Tensor, nn
 
 from camex_runtime import kernels
 from camex_runtime.engine.kv_cache import KVCache
-from camex_runtime.layers import (GEGLU_FFN, RMSNorm, ffn_kind, geglu_hidden, gelu_hidden,
-                                  swiglu_hidden)
+from camex_runtime.layers import RMSNorm, ffn_kind, gelu_hidden
 
 
 @dataclass(frozen=True)
@@ -79,18 +79,20 @@ class _Block:
     ffn: FFNSpec | None  # a dense block's FFN; None: a merged-expert layer (moe.plan)
     window: int = 0  # sliding-window attention: positions a query sees; 0: all
     rotates: bool = True  # False: no rotary positions in this block (NoPE)
-    geglu: bool = False  # a gated FFN's gate through gelu_tanh (Gemma), not silu
+    gate: int = 0  # a gated FFN's gate (kernels.NATIVE_GATES: silu, gelu_tanh, clamped SwiGLU)
     local: bool = False  # rotates with the model's second (local) tables (Gemma 3)
     # norms of the attention's and the FFN's outputs before the residual adds (Gemma), or None
     attn_out: Tensor | None = None
     ffn_out: Tensor | None = None
+    sinks: Tensor | None = None  # the heads' attention sinks (GPT-OSS), or None
+    qk_after_rope: bool = False  # per-head q/k norms on the rotated heads (Hunyuan)
 
     def tensors(self) -> list:
-        """`layers`' 12 tensors of the block: norm 1, qkv, o projections, q/k head norms (or
-        None), norm 2, the two output norms (or None)."""
+        """`layers`' 13 tensors of the block: norm 1, qkv, o projections, q/k head norms (or
+        None), norm 2, the two output norms (or None), the attention sinks (or None)."""
         w1, b1, _, _, qkv, qkv_b, o, o_b, qn, kn = self.attn
         return [w1, b1, qkv, qkv_b, o, o_b, qn, kn, self.norm2.weight, self.norm2.bias,
-                self.attn_out, self.ffn_out]
+                self.attn_out, self.ffn_out, self.sinks]
 
 
 @dataclass(frozen=True)
@@ -123,9 +125,12 @@ class FusedDecode:
         self._eps = [(b.attn[2], b.norm2.eps) for b in blocks]
         self._flags = [(b.layer, int(b.attn[3]), int(b.norm2.rms)) for b in blocks]
         # the span's last ints per block: the attention window (0: all), rotary positions (1/0),
-        # GeGLU (1/0), the local rotary tables (1/0)
-        self._attn_ints = [(b.window, int(b.rotates), int(b.geglu), int(b.local))
+        # the gate's code, the local rotary tables (1/0), q/k norms after the rotation (1/0)
+        self._attn_ints = [(b.window, int(b.rotates), b.gate, int(b.local), int(b.qk_after_rope))
                            for b in blocks]
+        # the clamped SwiGLU's (limit, alpha) (GPT-OSS); 0 for the other gates
+        kind = ffn_kind(model.config)
+        self.swiglu = kernels.gate_args(kind.activation, kind.params)[2:]
         # rows per step: the native kernels' limit for the weights the step multiplies (its
         # linear layers, expert stacks and output head; an embedding table is only indexed)
         tables = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -148,7 +153,10 @@ class FusedDecode:
         if final is None or final.weight.dtype != torch.float32:
             return None
         blocks = []
-        geglu_model = ffn_kind(model.config) is GEGLU_FFN  # dense and merged FFNs alike
+        kind = ffn_kind(model.config)  # dense and merged FFNs alike
+        if kind.activation not in kernels.NATIVE_ACTIVATIONS:
+            return None
+        gate_code = kernels.NATIVE_GATES.get(kind.activation, 0)
         eps = model.config.layer_norm_epsilon
         for i, block in enumerate(tr.h):
             n1, n2 = _Norm.of(block.ln_1, eps), _Norm.of(block.ln_2, eps)
@@ -156,6 +164,8 @@ class FusedDecode:
                                                for n in (n1, n2)):
                 return None
             a = block.attn
+            if a.sinks is not None and a.sinks.dtype != compute:
+                return None
             qk = (None, None)
             if a.q_norm is not None:  # the kernel norms heads with the block norm's eps
                 if not (n1.rms and a.q_norm.eps == a.k_norm.eps == n1.eps
@@ -176,7 +186,7 @@ class FusedDecode:
                 f, kind = block.ffn, block.ffn.kind
                 if kind.hidden is gelu_hidden and len(kind.in_projs) == 1:
                     gate, up = None, getattr(f, kind.in_projs[0])
-                elif kind.hidden in (swiglu_hidden, geglu_hidden) and len(kind.in_projs) == 2:
+                elif kind.activation in kernels.NATIVE_GATES and len(kind.in_projs) == 2:
                     gate, up = (getattr(f, p) for p in kind.in_projs)
                 else:
                     return None
@@ -184,8 +194,10 @@ class FusedDecode:
                 ffn = FFNSpec([[None, None if gate is None else gate.weight,
                                 None if gate is None else gate.bias, up.weight, up.bias,
                                 down.weight, down.bias]])
-            blocks.append(_Block(i, attn, n2, ffn, a.window or 0, a.rotates, geglu_model,
-                                 a.local_rope, *outs))
+            blocks.append(_Block(i, attn, n2, ffn, a.window or 0, a.rotates, gate_code,
+                                 a.local_rope, *outs,
+                                 None if a.sinks is None else a.sinks.detach(),
+                                 a.qk_norm_after_rope))
         rope = tr.rotary.tables(kv.k.device, compute) if tr.rotary is not None else None
         local = tr.rotary_local.tables(kv.k.device, compute) \
             if tr.rotary_local is not None else None
@@ -220,7 +232,8 @@ class FusedDecode:
             if specs[i] is None:  # a merged-expert layer on the routing context's mixture
                 rot = ((cos_l, sin_l) if b.local else (cos, sin)) if b.rotates else (None, None)
                 x = mod.attn_block(x, *b.attn, kc, vc, b.layer, slots, positions, *rot, H, KV,
-                                   b.window, b.attn_out, self.softcap)
+                                   b.window, b.attn_out, self.softcap, b.sinks,
+                                   b.qk_after_rope)
                 h = mod.norm(x, *b.norm2.args()) if b.norm2.weight is not None else x
                 f = moe.apply(b.layer, h[:, None])[:, 0]
                 if b.ffn_out is not None:
@@ -241,7 +254,7 @@ class FusedDecode:
                 positions, cos, sin, cos_l, sin_l, H, KV,
                 None if final is None else final.weight,
                 None if final is None else final.bias, 1e-5 if final is None else final.eps,
-                False if final is None else final.rms, self.softcap)
+                False if final is None else final.rms, self.softcap, *self.swiglu)
             if final is not None:
                 return x
             i = j

@@ -94,6 +94,7 @@ class MoEWeights:
     kind: FFNKind
     q1: Int8Deltas | None = None  # int8 deltas of fc1 (E, k*h, d)
     q2: Int8Deltas | None = None  # int8 deltas of fc2 (E, d, h)
+    router_bias: Tensor | None = None  # (E,), where the config has router_bias
 
     @classmethod
     def from_folded(cls, ffn, deltas: str = "full") -> MoEWeights:
@@ -140,8 +141,10 @@ class MoEWeights:
             else:
                 w1, w2 = stack(kind.in_projs, False), stack((kind.out_proj,), False)
                 q1 = q2 = None
+            bias = ffn.router.bias
             return cls(router=ffn.router.weight.detach(), w1=w1, b1=b1, w2=w2, b2=b2,
-                       alpha=float(ffn.config.alpha), kind=kind.fused(), q1=q1, q2=q2)
+                       alpha=float(ffn.config.alpha), kind=kind.fused(), q1=q1, q2=q2,
+                       router_bias=None if bias is None else bias.detach())
 
     @property
     def num_experts(self) -> int:
@@ -180,11 +183,11 @@ class MoEWeights:
                               w[1:], None if b is None else b[1:])
         w1, w2 = self.stacks()
         return ExpertBank(self.router, {"fc1": lb(w1, self.b1), "fc2": lb(w2, self.b2)},
-                          self.alpha, self.kind)
+                          self.alpha, self.kind, self.router_bias)
 
     def scores(self, mean_h: Tensor) -> Tensor:
         """(S, d) routing inputs -> (S, E) fp32 softmax scores (the model's route_scores)."""
-        return route_scores(self.router, mean_h)
+        return route_scores(self.router, mean_h, self.router_bias)
 
     def merge_into(self, scores: Tensor, out: Mapping[str, Tensor]) -> None:
         """Write the merged FFN for one routing decision, scores (E,), into pool views `out`
@@ -219,7 +222,7 @@ class MoEWeights:
             return None
         E = self.num_experts
         w1, w2 = self.w1.reshape(E + 1, -1), self.w2.reshape(E + 1, -1)
-        if not (self.kind.activation in ("gelu_tanh", "swiglu", "geglu")
+        if not (self.kind.activation in kernels.NATIVE_ACTIVATIONS
                 and kernels.merge_linear_takes(x, w1, out["fc1_weight"])):
             return None
         coeffs = (self.alpha * scores.reshape(E)).float().to(x.device)
@@ -227,7 +230,7 @@ class MoEWeights:
             if stack is not None:  # the products add the merged biases
                 kernels.merge(stack[0], stack[1:], coeffs, out[part])
         u = kernels.merge_linear(x, w1[0], w1[1:], coeffs, out["fc1_weight"], out.get("fc1_bias"))
-        hid = kernels.hidden(u, self.kind.activation)  # as kernels.ffn applies it
+        hid = kernels.hidden(u, self.kind.activation, self.kind.params)  # as kernels.ffn does
         return kernels.merge_linear(hid, w2[0], w2[1:], coeffs, out["fc2_weight"],
                                     out.get("fc2_bias"))
 
@@ -236,7 +239,7 @@ class MoEWeights:
         the weight stacks kept in theirs."""
         conv = lambda t: None if t is None else t.to(dtype)  # noqa: E731
         return MoEWeights(self.router.to(dtype), self.w1, conv(self.b1), self.w2, conv(self.b2),
-                          self.alpha, self.kind, self.q1, self.q2)
+                          self.alpha, self.kind, self.q1, self.q2, conv(self.router_bias))
 
 
 def with_int8_deltas(model):
@@ -263,7 +266,7 @@ def apply_merged(x: Tensor, w: Mapping[str, Tensor], kind: FFNKind) -> Tensor:
     (kernels.ffn; MoEWeights.merge_apply gives the same bits), else two linears around the
     hidden function."""
     got = kernels.ffn(x, w["fc1_weight"], w.get("fc1_bias"), w["fc2_weight"], w.get("fc2_bias"),
-                      kind.activation)
+                      kind.activation, kind.params)
     if got is not None:
         return got
     hid = kind.hidden([kernels.linear(x, w["fc1_weight"], w.get("fc1_bias"))])  # (n, h)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from camex_runtime import kernels
-from camex_runtime.layers import RMSNorm
+from camex_runtime.layers import CamexAttention, RMSNorm
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 
@@ -73,8 +73,8 @@ class ServingLinear(nn.Linear):
 @torch.no_grad()
 def prepare(model: nn.Module, precision: Precision) -> None:
     """Serving layout of `model` in place: linear layers on the kernels; with mixed precision,
-    every parameter that is not a linear weight (biases, norms, position table) in the compute
-    dtype, and the embedding's output cast to it."""
+    every parameter that is not a linear weight (biases, norms, attention sinks, position
+    table) in the compute dtype, and the embedding's output cast to it."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.__class__ = ServingLinear
@@ -85,6 +85,8 @@ def prepare(model: nn.Module, precision: Precision) -> None:
         elif isinstance(module, (nn.LayerNorm, RMSNorm)):
             for p in module.parameters(recurse=False):
                 p.data = p.data.to(precision.compute)
+        elif isinstance(module, CamexAttention) and module.sinks is not None:
+            module.sinks.data = module.sinks.data.to(precision.compute)
     if precision.mixed:
         tr = model.transformer
         if tr.wpe is not None:

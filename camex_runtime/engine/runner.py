@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from camex_runtime import kernels
 from camex_runtime.engine.attention import (DecodeAttention, PackedPrefillAttention,
                                             PrefillAttention)
 from camex_runtime.engine.cost_model import CostModel, StrategyProfile
@@ -864,7 +865,7 @@ class ModelRunner:
         merged expert and the kernels take its activation; else None. acc_slots (B,): each
         row's slot where its segment sum takes the FFN input, -1 where none (None: no row)."""
         kind = self.moe[m].kind
-        if NO_MERGE in groups or kind.activation not in ("gelu_tanh", "swiglu", "geglu"):
+        if NO_MERGE in groups or kind.activation not in kernels.NATIVE_ACTIVATIONS:
             return None
         whole = len(groups) == 1
         spec = []
@@ -872,7 +873,7 @@ class ModelRunner:
             w = self.cache.weights(ps)
             spec.append([None if whole else torch.tensor(rows), None, None, w["fc1_weight"],
                          w.get("fc1_bias"), w["fc2_weight"], w.get("fc2_bias")])
-        return FFNSpec(spec, stacked=kind.activation in ("swiglu", "geglu"), moe_index=m,
+        return FFNSpec(spec, stacked=kind.activation in kernels.NATIVE_GATES, moe_index=m,
                        acc_slots=acc_slots)
 
     def _decode_moe(self, m: int, h: Tensor, sts: list[SlotRouting], slots_t: Tensor,

@@ -428,22 +428,23 @@ def native_16bit_gemm(dtype: torch.dtype) -> bool:
 
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_cache: Tensor, v_cache: Tensor,
                      layer: int, slots: Tensor, positions: Tensor,
-                     window: int | None = None,
-                     softcap: float | None = None) -> Tensor | None:
+                     window: int | None = None, softcap: float | None = None,
+                     sinks: Tensor | None = None) -> Tensor | None:
     """q (B, H, hd), k and v (B, KV, hd) of one decode step; k_cache / v_cache (n_layer, slots,
     KV, max_len, hd). Writes k and v at (layer, slots[b], :, positions[b]) and returns each row's
     attention over its positions [0, positions[b]] (the last `window` of them when given; scores
-    capped at ±softcap when given) (B, H, hd), or None (nothing written) where the native kernel
+    capped at ±softcap when given; each head's sink logit in its softmax when `sinks` (H,) is
+    given) (B, H, hd), or None (nothing written) where the native kernel
     does not apply: not fp32 on the CPU, or no native kernels."""
     if not (q.device.type == "cpu" and q.dtype == k.dtype == v.dtype == k_cache.dtype
             == v_cache.dtype == torch.float32 and q.stride(-1) == k.stride(-1) == v.stride(-1) == 1
             and k_cache.is_contiguous() and v_cache.is_contiguous()):
         return None
     mod = native()
-    if mod is None:
+    if mod is None or sinks is not None and sinks.dtype != torch.float32:
         return None
     return mod.decode_attention(q, k, v, k_cache, v_cache, layer, slots, positions, window or 0,
-                                softcap or 0.0)
+                                softcap or 0.0, sinks)
 
 
 def bf16_dot() -> bool:
@@ -463,14 +464,27 @@ def ffn_rows(weight_dtype: torch.dtype) -> int:
     return max_rows(weight_dtype)
 
 
+# The gated FFNs of the native kernels: an FFNKind's activation -> the kernels' gate code
+NATIVE_GATES = {"swiglu": 0, "geglu": 1, "swigluoai": 2}
+NATIVE_ACTIVATIONS = ("gelu_tanh", *NATIVE_GATES)
+
+
+def gate_args(activation: str, params: tuple[float, ...] = ()) -> tuple[bool, int, float, float]:
+    """(gated, gate code, limit, alpha): how `ffn` / `hidden` / `layers` take an activation
+    (`params`: the clamped SwiGLU's (limit, alpha))."""
+    limit, alpha = params if activation == "swigluoai" else (0.0, 0.0)
+    return activation != "gelu_tanh", NATIVE_GATES.get(activation, 0), float(limit), float(alpha)
+
+
 def ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
-        activation: str) -> Tensor | None:
+        activation: str, params: tuple[float, ...] = ()) -> Tensor | None:
     """`fc2(hidden(fc1(x)))` for fp32 rows x (n, d) in one native call: GELU (tanh approximation)
     for activation "gelu_tanh", SwiGLU with [gate; up] stacked in w1 for "swiglu", GeGLU
-    (gelu_tanh on the gate) likewise for "geglu". None where the native kernel does not apply
-    (more than `ffn_rows` rows, not fp32 on the CPU, another activation, no native kernels): the
-    caller computes it with torch."""
-    if not (activation in ("gelu_tanh", "swiglu", "geglu") and x.dim() == 2
+    (gelu_tanh on the gate) likewise for "geglu", GPT-OSS's clamped SwiGLU for "swigluoai"
+    (`params` (limit, alpha)). None where the native kernel does not apply (more than
+    `ffn_rows` rows, not fp32 on the CPU, another activation, no native kernels): the caller
+    computes it with torch."""
+    if not (activation in NATIVE_ACTIVATIONS and x.dim() == 2
             and 0 < x.shape[0] <= ffn_rows(w1.dtype) and x.dtype == torch.float32
             and x.device.type == "cpu" and x.is_contiguous() and w1.stride(-1) == 1
             and w2.stride(-1) == 1
@@ -480,14 +494,15 @@ def ffn(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None,
     mod = native()
     if mod is None:
         return None
-    return mod.ffn(x, w1, b1, w2, b2, activation != "gelu_tanh", activation == "geglu")
+    return mod.ffn(x, w1, b1, w2, b2, *gate_args(activation, params))
 
 
-def hidden(u: Tensor, activation: str) -> Tensor:
+def hidden(u: Tensor, activation: str, params: tuple[float, ...] = ()) -> Tensor:
     """The FFN's hidden function exactly as `ffn` applies it (native): u (n, f) -> GELU(u) for
     "gelu_tanh", u (n, 2f) with [gate; up] -> silu(gate) * up for "swiglu" (gelu_tanh(gate) *
-    up for "geglu"). Only where `merge_linear_takes` the rows (native kernels present)."""
-    return native().hidden(u, activation != "gelu_tanh", activation == "geglu")
+    up for "geglu", the clamped SwiGLU for "swigluoai"). Only where `merge_linear_takes` the
+    rows (native kernels present)."""
+    return native().hidden(u, *gate_args(activation, params))
 
 
 def merge(base: Tensor, deltas: Tensor, coeffs: Tensor, out: Tensor) -> Tensor:

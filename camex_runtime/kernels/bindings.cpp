@@ -43,7 +43,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("norm", &norm, "row-wise LayerNorm / RMSNorm of (B, d) fp32", nogil());
   m.def("attn_block", &attn_block,
         "x + attention half of a pre-norm block, one decode token per row", nogil());
-  m.def("ffn", &ffn, "a (merged) FFN, GELU, or SwiGLU / GeGLU with [gate; up] stacked",
+  m.def("ffn", &ffn,
+        "a (merged) FFN, GELU, or a gated one (SwiGLU, GeGLU, clamped SwiGLU) with [gate; up] "
+        "stacked",
         nogil());
   m.def("hidden", &hidden, "the FFN's hidden function as ffn applies it", nogil());
   m.def("layers", &layers,

@@ -1008,10 +1008,11 @@ inline float dot(const float* a, const float* b, int64_t n) {
 }
 
 // softmax(q . K[0..L) * scale) @ V[0..L) for one query head; K, V rows of hd floats; s: L floats.
-// softcap > 0 caps each score first: softcap * tanh(score / softcap) (Gemma 2).
+// softcap > 0 caps each score first: softcap * tanh(score / softcap) (Gemma 2). A sink (not
+// null: the head's logit, GPT-OSS) is one more softmax column without a value.
 void attend_one(const float* q, const float* K, const float* V, int64_t L, int64_t hd, float scale,
-                float softcap, float* s, float* out) {
-  float mx = -INFINITY;
+                float softcap, const float* sink, float* s, float* out) {
+  float mx = sink != nullptr ? *sink : -INFINITY;
   for (int64_t j = 0; j < L; ++j) {
     s[j] = dot(q, K + j * hd, hd) * scale;
     if (softcap > 0.f) s[j] = std::tanh(s[j] / softcap) * softcap;
@@ -1029,6 +1030,7 @@ void attend_one(const float* q, const float* K, const float* V, int64_t L, int64
     s[j] = std::exp(s[j] - mx);
     sum += s[j];
   }
+  if (sink != nullptr) sum += std::exp(*sink - mx);
   const float inv = 1.f / sum;
   for (int64_t i = 0; i < hd; ++i) out[i] = 0.f;
   for (j = 0; j < L; ++j) {
@@ -1260,13 +1262,14 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w,
 // cache at (layer, slot, :, pos), then attends over that row's positions [0, pos] — or, with
 // a window w > 0 (sliding-window attention), [max(0, pos + 1 - w), pos] — a ragged batch
 // needs no mask, and each row's result does not depend on the others. Query heads share
-// key/value heads in groups (H / KV). Row b's query head h is at q + b * qs + h * qh, its new
+// key/value heads in groups (H / KV); sinks (H floats, or null) join each head's softmax. Row b's
+// query head h is at q + b * qs + h * qh, its new
 // key/value head g at k + b * ks + g * kh (v alike); K / V (n_layer, S, KV, max_len, hd)
 // contiguous; out (B, H, hd) contiguous.
 void attend_rows(const float* q, int64_t qs, int64_t qh, const float* k, int64_t ks, int64_t kh,
                  const float* v, int64_t vs, int64_t vh, float* K, float* V, int64_t S, int64_t max_len, int64_t layer,
                  const int64_t* slp, const int64_t* pp, int64_t B, int64_t H, int64_t KV,
-                 int64_t hd, float* op, int64_t window, float softcap) {
+                 int64_t hd, float* op, int64_t window, float softcap, const float* sinks) {
   int64_t longest = 0;
   for (int64_t b = 0; b < B; ++b) {
     longest = std::max(longest, pp[b] + 1);
@@ -1288,7 +1291,7 @@ void attend_rows(const float* q, int64_t qs, int64_t qh, const float* k, int64_t
       const int64_t first = window > 0 ? std::max<int64_t>(0, pp[b] + 1 - window) : 0;
       const int64_t base = (((layer * S + slp[b]) * KV + g) * max_len + first) * hd;
       attend_one(q + b * qs + h * qh, K + base, V + base, pp[b] + 1 - first, hd, scale,
-                 softcap, s.data(), op + t * hd);
+                 softcap, sinks != nullptr ? sinks + h : nullptr, s.data(), op + t * hd);
     }
   });
 }
@@ -1318,7 +1321,8 @@ std::pair<at::Tensor, at::Tensor> rows_of(const at::Tensor& slots,
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
                             const at::Tensor& v_new, at::Tensor kc, at::Tensor vc,
                             int64_t layer, const at::Tensor& slots,
-                            const at::Tensor& positions, int64_t window, double softcap) {
+                            const at::Tensor& positions, int64_t window, double softcap,
+                            const c10::optional<at::Tensor>& sinks) {
   TORCH_CHECK(window >= 0, "window: 0 (none) or the positions a query sees");
   TORCH_CHECK(softcap >= 0, "softcap: 0 (none) or the cap of the scores");
   TORCH_CHECK(q.dim() == 3 && k_new.dim() == 3 && v_new.dim() == 3, "decode_attention shapes");
@@ -1338,7 +1342,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
               v_new.stride(1), kc.data_ptr<float>(),
               vc.data_ptr<float>(), kc.size(1), kc.size(3), layer, sl.data_ptr<int64_t>(),
               ps.data_ptr<int64_t>(), B, H, KV, hd, out.data_ptr<float>(), window,
-              static_cast<float>(softcap));
+              static_cast<float>(softcap), fp32_or_null(sinks, H, "attention sinks"));
   return out;
 }
 
@@ -1449,6 +1453,44 @@ void gelu_mul(const float* gate, const float* up, float* out, int64_t n) {
   for (; i < n; ++i) out[i] = gelu1(gate[i]) * up[i];
 }
 
+// GPT-OSS's clamped SwiGLU: out[i] = (clamp(up, ±limit) + 1) * g * sigmoid(alpha * g), g =
+// min(gate, limit) (transformers' order: the sigmoid's product first); `out` may be `up`
+void clamped_swiglu_mul(const float* gate, const float* up, float* out, int64_t n, float limit,
+                        float alpha) {
+  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
+  const __m256 hi = _mm256_set1_ps(limit), lo = _mm256_set1_ps(-limit), a = _mm256_set1_ps(alpha);
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 g = _mm256_min_ps(_mm256_loadu_ps(gate + i), hi);
+    const __m256 u = _mm256_max_ps(_mm256_min_ps(_mm256_loadu_ps(up + i), hi), lo);
+    const __m256 e = exp8_any(_mm256_sub_ps(zero, _mm256_mul_ps(g, a)));
+    const __m256 glu = _mm256_mul_ps(g, _mm256_div_ps(one, _mm256_add_ps(one, e)));
+    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_add_ps(u, one), glu));
+  }
+  for (; i < n; ++i) {
+    const float g = std::min(gate[i], limit), u = std::max(std::min(up[i], limit), -limit);
+    out[i] = (u + 1.f) * (g * (1.f / (1.f + std::exp(-g * alpha))));
+  }
+}
+
+// The gate of a gated FFN: kind 0 silu (SwiGLU), 1 gelu_tanh (GeGLU), 2 clamped SwiGLU
+// (GPT-OSS, with its limit and slope)
+struct Gate {
+  int64_t kind = 0;
+  float limit = 0.f, alpha = 0.f;
+};
+
+void gate_mul(const Gate& g, const float* gate, const float* up, float* out, int64_t n) {
+  if (g.kind == 2) clamped_swiglu_mul(gate, up, out, n, g.limit, g.alpha);
+  else (g.kind == 1 ? gelu_mul : silu_mul)(gate, up, out, n);
+}
+
+Gate gate_of(int64_t kind, double limit, double alpha) {
+  TORCH_CHECK(kind >= 0 && kind <= 2, "gate: 0 silu, 1 gelu_tanh, 2 clamped SwiGLU");
+  TORCH_CHECK(kind != 2 || (limit > 0 && alpha > 0), "clamped SwiGLU: a positive limit and slope");
+  return Gate{kind, static_cast<float>(limit), static_cast<float>(alpha)};
+}
+
 // rotary positions in place on one head's first `rot` values: x * cos + rotate_half(x) * sin
 inline void rotate(float* x, const float* cos, const float* sin, int64_t rot) {
   const int64_t half = rot / 2;
@@ -1493,7 +1535,9 @@ at::Tensor norm(const at::Tensor& x, const at::Tensor& weight,
 // weights (Qwen3), rotary positions from the cos / sin tables (max_pos, rot) when given, the
 // keys and values written into the cache at (layer, slot, :, position), each row attending
 // over its own positions (the last `window` of them when window > 0), its scores capped at
-// ±softcap when softcap > 0. Without norm_w the block has no pre-norm (OLMo 2: x itself goes
+// ±softcap when softcap > 0, each head's sink (sinks: (H,), GPT-OSS) in its softmax when given;
+// with norm_after_rope the per-head q/k norms apply to the rotated heads (Hunyuan).
+// Without norm_w the block has no pre-norm (OLMo 2: x itself goes
 // into the projection); q_norm / k_norm of H * hd / KV * hd values norm all query / key heads
 // of a row together (OLMo 2) instead of each head.
 at::Tensor attn_block(const at::Tensor& x, const c10::optional<at::Tensor>& norm_w,
@@ -1506,7 +1550,8 @@ at::Tensor attn_block(const at::Tensor& x, const c10::optional<at::Tensor>& norm
                       const at::Tensor& slots, const at::Tensor& positions,
                       const c10::optional<at::Tensor>& cos,
                       const c10::optional<at::Tensor>& sin, int64_t H, int64_t KV,
-                      int64_t window, const c10::optional<at::Tensor>& out_norm, double softcap) {
+                      int64_t window, const c10::optional<at::Tensor>& out_norm, double softcap,
+                      const c10::optional<at::Tensor>& sinks, bool norm_after_rope) {
   check_rows(x);
   check_cache(kc, vc);
   TORCH_CHECK(window >= 0, "window: 0 (none) or the positions a query sees");
@@ -1536,13 +1581,15 @@ at::Tensor attn_block(const at::Tensor& x, const c10::optional<at::Tensor>& norm
       norm_rows(qp + b * nq, 1, H * hd, qn, nullptr, false, eps, qp + b * nq);
       norm_rows(qp + b * nq + H * hd, 1, KV * hd, kn, nullptr, false, eps, qp + b * nq + H * hd);
     }
-  } else if (qn != nullptr) {  // in place: norm_rows reads a head's statistics before it writes
+  }
+  auto head_norms = [&]() {  // in place: norm_rows reads a head's statistics before it writes
     for (int64_t b = 0; b < B; ++b)
       for (int64_t head = 0; head < H + KV; ++head) {
         float* hp = qp + b * nq + head * hd;
         norm_rows(hp, 1, hd, head < H ? qn : kn, nullptr, false, eps, hp);
       }
-  }
+  };
+  if (qn != nullptr && !all_heads && !norm_after_rope) head_norms();
   if (cos.has_value() && cos->defined()) {
     TORCH_CHECK(sin.has_value() && sin->defined() && cos->dim() == 2 && sin->sizes() == cos->sizes() &&
                 cos->is_contiguous() && sin->is_contiguous() && cos->scalar_type() == at::kFloat &&
@@ -1556,9 +1603,11 @@ at::Tensor attn_block(const at::Tensor& x, const c10::optional<at::Tensor>& norm
       for (int64_t head = 0; head < H + KV; ++head) rotate(qp + b * nq + head * hd, c, s, rot);
     }
   }
+  if (qn != nullptr && !all_heads && norm_after_rope) head_norms();  // (Hunyuan)
   attend_rows(qp, nq, hd, qp + H * hd, nq, hd, qp + (H + KV) * hd, nq, hd, kc.data_ptr<float>(),
               vc.data_ptr<float>(), kc.size(1), kc.size(3), layer, sl.data_ptr<int64_t>(), pp,
-              B, H, KV, hd, o.data_ptr<float>(), window, static_cast<float>(softcap));
+              B, H, KV, hd, o.data_ptr<float>(), window, static_cast<float>(softcap),
+              fp32_or_null(sinks, H, "attention sinks"));
   linear_into(o.data_ptr<float>(), B, H * hd, w_o, fp32_or_null(b_o, d, "o bias"),
               y.data_ptr<float>());
   float* yp = y.data_ptr<float>();
@@ -1569,14 +1618,15 @@ at::Tensor attn_block(const at::Tensor& x, const c10::optional<at::Tensor>& norm
   return y;
 }
 
-// y (B, d) = down(hidden(up(h))) for h (B, d): GPT-2's GELU FFN, or SwiGLU, silu(gate(h)) *
-// up(h), with the gate either its own matrix (w_gate) or, `stacked`, the first half of w_up's
-// rows (the serving layout of a merged expert: [gate; up] as one matrix).
+// y (B, d) = down(hidden(up(h))) for h (B, d): GPT-2's GELU FFN, or a gated one (SwiGLU,
+// silu(gate(h)) * up(h), or the `gate`'s other kinds), with the gate either its own matrix
+// (w_gate) or, `stacked`, the first half of w_up's rows (the serving layout of a merged expert:
+// [gate; up] as one matrix).
 void ffn_into(const float* h, int64_t B, int64_t d, const c10::optional<at::Tensor>& w_gate,
               const c10::optional<at::Tensor>& b_gate, const at::Tensor& w_up,
               const c10::optional<at::Tensor>& b_up, const at::Tensor& w_down,
               const c10::optional<at::Tensor>& b_down, bool stacked, float* y,
-              bool gelu_gate = false) {
+              const Gate& gate = Gate{}) {
   const bool gate_matrix = w_gate.has_value() && w_gate->defined();
   TORCH_CHECK(!(gate_matrix && stacked), "a gate matrix or a stacked gate, not both");
   const int64_t rows = w_up.size(0), f = stacked ? rows / 2 : rows;
@@ -1592,12 +1642,11 @@ void ffn_into(const float* h, int64_t B, int64_t d, const c10::optional<at::Tens
   if (gate_matrix) {
     auto g = at::empty({B, f}, opts);
     linear_into(h, B, d, *w_gate, fp32_or_null(b_gate, f, "gate bias"), g.data_ptr<float>());
-    (gelu_gate ? gelu_mul : silu_mul)(g.data_ptr<float>(), up, up, B * f);
+    gate_mul(gate, g.data_ptr<float>(), up, up, B * f);
   } else if (stacked) {
     hid_t = at::empty({B, f}, opts);
     for (int64_t b = 0; b < B; ++b)
-      (gelu_gate ? gelu_mul : silu_mul)(up + b * rows, up + b * rows + f,
-                                        hid_t.data_ptr<float>() + b * f, f);
+      gate_mul(gate, up + b * rows, up + b * rows + f, hid_t.data_ptr<float>() + b * f, f);
     hid = hid_t.data_ptr<float>();
   } else {
     gelu_tanh(up, B * f);
@@ -1605,33 +1654,34 @@ void ffn_into(const float* h, int64_t B, int64_t d, const c10::optional<at::Tens
   linear_into(hid, B, f, w_down, fp32_or_null(b_down, d, "down bias"), y);
 }
 
-// FFN(h) for h (B, d) with [gate; up] stacked in w1 when `glu` (the gate through gelu_tanh
-// when `gelu_gate`, GeGLU, else silu), else GELU (a merged expert from the pool, merge_cache's
-// layout)
+// FFN(h) for h (B, d) with [gate; up] stacked in w1 when `glu` (the gate of kind `gate`, see
+// Gate; `limit` and `alpha` for the clamped SwiGLU), else GELU (a merged expert from the pool,
+// merge_cache's layout)
 at::Tensor ffn(const at::Tensor& h, const at::Tensor& w1,
                const c10::optional<at::Tensor>& b1, const at::Tensor& w2,
-               const c10::optional<at::Tensor>& b2, bool glu, bool gelu_gate) {
+               const c10::optional<at::Tensor>& b2, bool glu, int64_t gate, double limit,
+               double alpha) {
   check_rows(h);
   const int64_t B = h.size(0), d = h.size(1);
   auto y = at::empty({B, d}, h.options());
   ffn_into(h.data_ptr<float>(), B, d, c10::nullopt, c10::nullopt, w1, b1, w2, b2, glu,
-           y.data_ptr<float>(), gelu_gate);
+           y.data_ptr<float>(), gate_of(gate, limit, alpha));
   return y;
 }
 
 // The FFN's hidden function alone, as ffn() applies it: u (B, f) -> GELU(u), or u (B, 2f) with
 // [gate; up] per row -> silu(gate) * up (B, f), when `glu`. For a product made elsewhere
 // (merge_linear) that must give ffn()'s bits.
-at::Tensor hidden(const at::Tensor& u, bool glu, bool gelu_gate) {
+at::Tensor hidden(const at::Tensor& u, bool glu, int64_t gate, double limit, double alpha) {
   check_rows(u);
+  const Gate g = gate_of(gate, limit, alpha);
   const int64_t B = u.size(0), rows = u.size(1), f = glu ? rows / 2 : rows;
   TORCH_CHECK(!glu || rows % 2 == 0, "a stacked gate needs an even width");
   auto out = glu ? at::empty({B, f}, u.options()) : u.clone();
   float* op = out.data_ptr<float>();
   if (glu) {
     const float* up = u.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b)
-      (gelu_gate ? gelu_mul : silu_mul)(up + b * rows, up + b * rows + f, op + b * f, f);
+    for (int64_t b = 0; b < B; ++b) gate_mul(g, up + b * rows, up + b * rows + f, op + b * f, f);
   } else {
     gelu_tanh(op, B * f);
   }
@@ -1647,21 +1697,24 @@ const at::Tensor& given(const OptT& t, const char* what) {
 // A span of pre-norm blocks for one decode token per row, in one call: one release of the GIL
 // for the whole span instead of two per block, so the server's event loop thread sends the
 // previous token while the weights stream, and the decode thread does not queue for the GIL
-// behind it after every block. Per block i (layer ints[9i]):
+// behind it after every block. Per block i (layer ints[10i]):
 //   x = attn_block(x)                               (blocks[i][0..7]: norm, qkv, o, q/k norms;
-//                                                    [10]: the attention output's norm, Gemma)
+//                                                    [10]: the attention output's norm, Gemma;
+//                                                    [12]: the heads' sinks, GPT-OSS)
 //   h = norm2(x)                                    (blocks[i][8..9]; no weight: h = x, and
 //                                                    none in [0] either: OLMo 2's blocks)
-//   seg_sum[acc_slots[i][b], ints[9i+4]] += h[b]    (rows b with acc_slots[i][b] >= 0, if given)
+//   seg_sum[acc_slots[i][b], ints[10i+4]] += h[b]   (rows b with acc_slots[i][b] >= 0, if given)
 //   x = x + [norm(]FFN_g(h)[)] on the rows of each  (ffns[i]: rows (none: all), gate, gate bias,
 //       group g, normed by blocks[i][11] if given    up, up bias, down, down bias)
 // ints per block: layer, norm1 is RMS, norm2 is RMS, [gate; up] stacked in `up`, MoE index,
-// attention window (0: none), rotary positions (0: none in this block, NoPE), GeGLU (1) or
-// SwiGLU (0) for a gated FFN, the local rotary tables (1: cos_local / sin_local, Gemma 3);
-// eps per block: norm1's, norm2's. Each row's FFN comes from exactly one group: a dense block
-// has one group of all rows, a merged-expert block a group per merged expert its rows use.
-// With final_w, the result goes through the model's final norm; softcap > 0 caps every block's
-// attention scores (Gemma 2). The same arithmetic as
+// attention window (0: none), rotary positions (0: none in this block, NoPE), a gated FFN's
+// gate (Gate: 0 SwiGLU, 1 GeGLU, 2 the clamped SwiGLU with swiglu_limit and swiglu_alpha), the
+// local rotary tables (1: cos_local / sin_local, Gemma 3), per-head q/k norms after the rotation
+// (1, Hunyuan); eps per block: norm1's, norm2's.
+// Each row's FFN comes from exactly one group: a dense block has one group of all rows, a
+// merged-expert block a group per merged expert its rows use. With final_w, the result goes
+// through the model's final norm; softcap > 0 caps every block's attention scores (Gemma 2).
+// The same arithmetic as
 // attn_block + norm + ffn + add called one by one, so the same bits.
 at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
                   const std::vector<double>& eps, const std::vector<int64_t>& ints,
@@ -1671,23 +1724,24 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
                   const at::Tensor& positions, const OptT& cos, const OptT& sin,
                   const OptT& cos_local, const OptT& sin_local,
                   int64_t H, int64_t KV, const OptT& final_w, const OptT& final_b,
-                  double final_eps, bool final_rms, double softcap) {
+                  double final_eps, bool final_rms, double softcap, double swiglu_limit,
+                  double swiglu_alpha) {
   check_rows(x);
   const size_t L = blocks.size();
-  TORCH_CHECK(eps.size() == 2 * L && ints.size() == 9 * L && ffns.size() == L &&
+  TORCH_CHECK(eps.size() == 2 * L && ints.size() == 10 * L && ffns.size() == L &&
               acc_slots.size() == L, "layers: one entry per block in every list");
   const int64_t B = x.size(0), d = x.size(1);
   std::vector<char> seen(B);
   for (size_t i = 0; i < L; ++i) {
     const auto& k = blocks[i];
-    TORCH_CHECK(k.size() == 12, "layers: 12 tensors per block");
-    const int64_t* f = ints.data() + 9 * i;
+    TORCH_CHECK(k.size() == 13, "layers: 13 tensors per block");
+    const int64_t* f = ints.data() + 10 * i;
     const OptT& c = f[8] ? cos_local : cos;
     const OptT& s = f[8] ? sin_local : sin;
     x = attn_block(x, k[0], k[1], eps[2 * i], f[1] != 0,
                    given(k[2], "qkv weight"), k[3], given(k[4], "o weight"), k[5], k[6], k[7],
                    kc, vc, f[0], slots, positions, f[6] ? c : OptT(), f[6] ? s : OptT(), H,
-                   KV, f[5], k[10], softcap);
+                   KV, f[5], k[10], softcap, k[12], f[9] != 0);
     auto h = at::empty({B, d}, x.options());
     float* hp = h.data_ptr<float>();
     norm_or_copy(x.data_ptr<float>(), B, d, k[8], k[9], f[2] != 0, eps[2 * i + 1], hp);
@@ -1718,7 +1772,8 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
       if (!(g[0].has_value() && g[0]->defined())) {  // all rows
         TORCH_CHECK(ffns[i].size() == 1, "an all-rows FFN group must be the only one");
         std::fill(seen.begin(), seen.end(), 1);
-        ffn_into(hp, B, d, g[1], g[2], up, g[4], down, g[6], f[3] != 0, yp, f[7] != 0);
+        ffn_into(hp, B, d, g[1], g[2], up, g[4], down, g[6], f[3] != 0, yp,
+                 gate_of(f[7], swiglu_limit, swiglu_alpha));
         continue;
       }
       const auto& rows = *g[0];
@@ -1734,7 +1789,7 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
         std::memcpy(hg.data_ptr<float>() + r * d, hp + rp[r] * d, d * sizeof(float));
       }
       ffn_into(hg.data_ptr<float>(), n, d, g[1], g[2], up, g[4], down, g[6], f[3] != 0,
-               yg.data_ptr<float>(), f[7] != 0);
+               yg.data_ptr<float>(), gate_of(f[7], swiglu_limit, swiglu_alpha));
       for (int64_t r = 0; r < n; ++r)
         std::memcpy(yp + rp[r] * d, yg.data_ptr<float>() + r * d, d * sizeof(float));
     }

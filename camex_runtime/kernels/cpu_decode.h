@@ -33,7 +33,7 @@ at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& w, const OptT& bi
 at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_new,
                             const at::Tensor& v_new, at::Tensor kc, at::Tensor vc,
                             int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
-                            int64_t window, double softcap);
+                            int64_t window, double softcap, const OptT& sinks);
 at::Tensor norm(const at::Tensor& x, const at::Tensor& weight, const OptT& bias, double eps,
                 bool rms);
 at::Tensor attn_block(const at::Tensor& x, const OptT& norm_w, const OptT& norm_b,
@@ -42,10 +42,11 @@ at::Tensor attn_block(const at::Tensor& x, const OptT& norm_w, const OptT& norm_
                       const OptT& k_norm, at::Tensor kc, at::Tensor vc,
                       int64_t layer, const at::Tensor& slots, const at::Tensor& positions,
                       const OptT& cos, const OptT& sin, int64_t H, int64_t KV,
-                      int64_t window, const OptT& out_norm, double softcap);
+                      int64_t window, const OptT& out_norm, double softcap,
+                      const OptT& sinks, bool norm_after_rope);
 at::Tensor ffn(const at::Tensor& h, const at::Tensor& w1, const OptT& b1, const at::Tensor& w2,
-               const OptT& b2, bool glu, bool gelu_gate);
-at::Tensor hidden(const at::Tensor& u, bool glu, bool gelu_gate);
+               const OptT& b2, bool glu, int64_t gate, double limit, double alpha);
+at::Tensor hidden(const at::Tensor& u, bool glu, int64_t gate, double limit, double alpha);
 at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
                   const std::vector<double>& eps, const std::vector<int64_t>& ints,
                   const std::vector<std::vector<std::vector<OptT>>>& ffns,
@@ -53,7 +54,8 @@ at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
                   at::Tensor vc, const at::Tensor& slots, const at::Tensor& positions,
                   const OptT& cos, const OptT& sin, const OptT& cos_local,
                   const OptT& sin_local, int64_t H, int64_t KV, const OptT& final_w,
-                  const OptT& final_b, double final_eps, bool final_rms, double softcap);
+                  const OptT& final_b, double final_eps, bool final_rms, double softcap,
+                  double swiglu_limit, double swiglu_alpha);
 void merge(const at::Tensor& base, const at::Tensor& deltas, const at::Tensor& coeffs,
            at::Tensor out);
 at::Tensor merge_linear(const at::Tensor& x, const at::Tensor& base, const at::Tensor& deltas,

@@ -8,6 +8,7 @@ writes the serving checkpoint; this module only adds the provenance.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -80,7 +81,8 @@ def upcycled_model(cfg: TrainConfig, data) -> torch.nn.Module:
         knobs.update(num_labels=len(names), id2label=dict(enumerate(names)),
                      label2id={n: i for i, n in enumerate(names)},
                      problem_type="single_label_classification")
-    model = upcycle_from_dense(dense, head=head, **knobs)
+    main = int(os.environ.get("RANK", "0")) == 0  # (one bar, not one per rank)
+    model = upcycle_from_dense(dense, head=head, progress=cfg.progress and main, **knobs)
     if model.config.vocab_size < len(data.tokenizer):
         raise ValueError(f"the tokenizer has {len(data.tokenizer)} tokens but {dense} "
                          f"has a vocabulary of {model.config.vocab_size}")

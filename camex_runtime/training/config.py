@@ -85,7 +85,7 @@ class TrainConfig:
     init_from: str | None = None            # checkpoint dir whose matching weights seed the model
     # A dense Hugging Face checkpoint directory (gpt2, llama, mistral, qwen2, qwen3, phi3,
     # smollm3, granite, gemma2, gemma3_text, gemma3, olmo2, olmo3; sparse: mixtral, qwen3_moe,
-    # olmoe) to upcycle:
+    # olmoe, gpt_oss) to upcycle:
     # its architecture, weights, tokenizer and generation config replace ModelSpec's
     # architecture fields; ModelSpec still sets the CAMEx knobs (experts, layers, curvature...).
     from_dense: str | None = None

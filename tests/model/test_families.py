@@ -1,5 +1,6 @@
 """Llama-family CAMEx (Llama, Mistral, Ministral and Ministral 3, Mistral 3's language model,
-Qwen2, Qwen3, Phi-3, SmolLM3, Seed-OSS, Granite, Gemma 2 and 3, OLMo 2 and 3, EXAONE 4):
+Qwen2, Qwen3, Phi-3, SmolLM3, Seed-OSS, ERNIE 4.5, Hunyuan, Granite, Gemma 2 and 3, OLMo 2
+and 3, EXAONE 4; GPT-OSS with identical experts, tests/model/test_gpt_oss.py for the rest):
 upcycled exactly from transformers' dense models, folded exactly, refused where it cannot be
 exact, saved and loaded by the Auto classes. Tiny random models built locally; GQA on
 everywhere."""
@@ -271,6 +272,45 @@ def test_glm_interleaved_rotary_is_a_permutation_of_the_query_and_key_rows(tmp_p
     assert dense_reference_error(unpermuted, tmp_path / model_type, ids) > 1e-3
 
 
+def test_ernie_interleaved_rotary_over_the_whole_head(tmp_path):
+    """ERNIE 4.5 rotates interleaved pairs of the whole head (GLM's rotation, full width) and
+    biases every projection (`use_bias`): exact with the permutation, another model without."""
+    from camex_runtime import upcycle
+
+    src = build_dense(tmp_path / "e", "ernie4_5")
+    model = cr.upcycle_from_dense(src, num_experts=2, segment_len=4)
+    cfg = model.config
+    assert cfg.attention_bias and cfg.attention_out_bias and cfg.mlp_bias
+    assert cfg.rope_parameters.get("partial_rotary_factor", 1.0) == 1.0
+    ids = random_ids(30, seed=8, batch=2)
+    assert dense_reference_error(model, src, ids) <= 1e-5
+    try:  # the same import without the permutation
+        upcycle.IMPORTERS["ernie4_5"] = upcycle.Importer(
+            upcycle.ernie_config, upcycle.llama_block, upcycle.llama_outer, "model.")
+        unpermuted = cr.upcycle_from_dense(src, num_experts=2, segment_len=4)
+    finally:
+        upcycle.IMPORTERS["ernie4_5"] = upcycle._ERNIE
+    assert dense_reference_error(unpermuted, src, ids) > 1e-3
+
+
+def test_hunyuan_norms_the_rotated_heads_on_its_alpha_base(tmp_path):
+    """Hunyuan: per-head q/k norms after the rotation (before it, the model is another one) and
+    a base stretched by its NTK alpha, imported as a plain base (unstretched: another one)."""
+    src = build_dense(tmp_path / "h", "hunyuan_v1_dense")
+    model = cr.upcycle_from_dense(src, num_experts=2, segment_len=4)
+    cfg = model.config
+    assert cfg.qk_norm and cfg.qk_norm_after_rope and cfg.format_needed() == 6
+    assert cfg.rope_parameters == {"rope_type": "default",
+                                   "rope_theta": 10000.0 * 1000.0 ** (16 / 14)}
+    ids = random_ids(30, seed=8, batch=2)
+    assert dense_reference_error(model, src, ids) <= 1e-5
+    before = cr.upcycle_from_dense(src, num_experts=2, segment_len=4, qk_norm_after_rope=False)
+    plain = cr.upcycle_from_dense(src, num_experts=2, segment_len=4,
+                                  rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    assert dense_reference_error(before, src, ids) > 1e-3
+    assert dense_reference_error(plain, src, ids) > 1e-3
+
+
 def test_phi3_partial_rotary_and_fused_projections(tmp_path):
     from safetensors import safe_open
 
@@ -345,6 +385,18 @@ def test_llama_family_options_are_checked():
             cr.CamexConfig.from_preset("tiny-llama", **{name: cap})
     with pytest.raises(ValueError, match="attn_logit_softcapping must be a positive number"):
         cr.CamexConfig.from_preset("tiny", attn_logit_softcapping=50.0)  # llama family only
+    with pytest.raises(ValueError, match="qk_norm_after_rope orders per-head q/k norms"):
+        cr.CamexConfig.from_preset("tiny-llama", qk_norm_after_rope=True)
+    with pytest.raises(ValueError, match="attention_sinks is a llama-family option"):
+        cr.CamexConfig.from_preset("tiny", attention_sinks=True)
+    with pytest.raises(ValueError, match="swiglu_limit and swiglu_alpha must be positive"):
+        cr.CamexConfig.from_preset("tiny-llama", hidden_act="swigluoai", swiglu_limit=0.0)
+    with pytest.raises(ValueError, match="hidden_act 'swigluoai' is not supported for family"):
+        cr.CamexConfig.from_preset("tiny", hidden_act="swigluoai")
+    # GPT-OSS's options are format 6: older runtimes refuse them by number
+    for option in ({"attention_sinks": True}, {"router_bias": True},
+                   {"hidden_act": "swigluoai"}):
+        assert cr.CamexConfig.from_preset("tiny-llama", **option).format_needed() == 6
 
 
 def test_the_reference_check_sees_a_wrong_rotary(tmp_path):
@@ -369,8 +421,9 @@ def test_sharded_checkpoints_are_read(tmp_path):
     ("act", r"hidden_act 'gelu' is not supported"),
     ("family", r"model_type 'bert' cannot be upcycled; "
                r"supported: gpt2, llama, mistral, ministral, ministral3, mistral3, qwen2, "
-               r"qwen3, phi3, smollm3, seed_oss, glm, glm4, granite, gemma2, gemma3_text, "
-               r"gemma3, olmo2, olmo3, exaone4, mixtral, qwen3_moe, olmoe$"),
+               r"qwen3, phi3, smollm3, seed_oss, glm, glm4, ernie4_5, hunyuan_v1_dense, "
+               r"granite, gemma2, gemma3_text, gemma3, olmo2, olmo3, exaone4, mixtral, "
+               r"qwen3_moe, olmoe, gpt_oss$"),
     ("pickle", r"no model.safetensors \(found pytorch_model.bin\)"),
     ("gemma-act", r"gemma2: hidden_activation 'gelu' is not supported"),
 ])
@@ -565,3 +618,14 @@ def test_only_checkpoints_older_runtimes_would_misread_get_the_new_format(tmp_pa
         with safe_open(str(folded / "model.safetensors"), framework="pt") as f:
             assert f.metadata()["camex_format_version"] == str(want)
         assert load_folded(folded).config.format_version == want
+
+
+def test_upcycling_can_show_its_progress_block_by_block(tmp_path, capsys):
+    """A large or quantized source reads for minutes: `progress=True` (camex-train's default)
+    draws a bar over the blocks on stderr; off by default for the library."""
+    src = build_dense(tmp_path / "src", "llama")
+    cr.upcycle_from_dense(src, num_experts=2, segment_len=4)
+    assert "upcycling" not in capsys.readouterr().err
+    cr.upcycle_from_dense(src, num_experts=2, segment_len=4, progress=True)
+    err = capsys.readouterr().err
+    assert "upcycling src" in err and "2/2" in err and "block" in err

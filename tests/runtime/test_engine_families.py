@@ -1,5 +1,6 @@
 """The serving contracts on Llama-family CAMEx (Llama, Mistral with a sliding window, Qwen2,
-Qwen3, Phi-3, SmolLM3 with NoPE blocks; GQA everywhere):
+Qwen3, Phi-3, SmolLM3 with NoPE blocks, ... every one of dense_models.FAMILIES, GPT-OSS's
+sinks, biased router and clamped SwiGLU included; GQA everywhere):
 incremental decoding == the model's full forward across segment boundaries (contract 2),
 staggered batches == each request alone (contract 3), merged == mixture == auto (contract 4),
 int8 expert deltas == the dequantized model, bf16 against fp32, multi-EOS stopping,
@@ -193,17 +194,23 @@ def test_every_eos_id_of_the_generation_config_stops(tmp_path):
 
 
 def test_swiglu_pool_entries_hold_three_matrices(lm):
+    """[gate; up] and down, and their biases where the experts have them (GPT-OSS)."""
     path, ref = lm
     engine = Engine.from_pretrained(path, max_batch_size=1)
     d, h = ref.config.d_model, ref.config.d_ff
     shapes = {k: tuple(v.shape[1:]) for k, v in engine.runner.cache.pool.items()}
-    assert shapes == {"fc1_weight": (2 * h, d), "fc2_weight": (d, h)}  # [gate; up], down
-    assert engine.runner.cache.entry_bytes == 3 * d * h * 4
+    want = {"fc1_weight": (2 * h, d), "fc2_weight": (d, h)}
+    if ref.config.mlp_bias:
+        want |= {"fc1_bias": (2 * h,), "fc2_bias": (d,)}
+    assert shapes == want
+    biases = 2 * h + d if ref.config.mlp_bias else 0
+    assert engine.runner.cache.entry_bytes == (3 * d * h + biases) * 4
 
 
 @pytest.mark.parametrize("strategy", ["merged", "mixture", "auto"])
-def test_classifier_through_the_engine_equals_the_model(tmp_path, strategy):
-    dense = build_dense_classifier(tmp_path / "dense", "qwen3")  # q/k norms: Qwen3
+@pytest.mark.parametrize("family", ["qwen3", "gpt_oss"])  # q/k norms; sinks and padding
+def test_classifier_through_the_engine_equals_the_model(tmp_path, strategy, family):
+    dense = build_dense_classifier(tmp_path / "dense", family)
     model = spread(cr.upcycle_from_dense(dense, num_experts=3, segment_len=T)).eval()
     cr.export(model, tmp_path / "clf")
     engine = Engine.from_pretrained(tmp_path / "clf", strategy=strategy)

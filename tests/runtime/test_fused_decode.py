@@ -13,9 +13,9 @@ import camex_runtime as cr
 from camex_runtime import Engine, kernels
 from camex_runtime.engine.fused_decode import FusedDecode
 from camex_runtime.engine.moe import apply_merged
-from camex_runtime.layers import GELU_FFN, SWIGLU_FFN, RMSNorm
+from camex_runtime.layers import GELU_FFN, SWIGLU_FFN, RMSNorm, swigluoai_hidden
 from engine_models import build_folded
-from tests.dense_models import FAMILIES, build_dense, spread
+from tests.dense_models import FAMILIES, SPARSE, build_dense, spread
 
 needs_native = pytest.mark.skipif(kernels.native() is None,
                                   reason=f"no native kernels here: {kernels.status()}")
@@ -28,7 +28,8 @@ def checkpoint(request, tmp_path_factory):
     if request.param == "gpt2":
         return build_folded(out, moe_layers=[1])
     dense = build_dense(out.parent / f"{out.name}-dense", request.param)
-    model = spread(cr.upcycle_from_dense(dense, num_experts=3, segment_len=4, moe_layers=[1]))
+    layers = None if request.param in SPARSE else [1]  # (a sparse source's: every one)
+    model = spread(cr.upcycle_from_dense(dense, num_experts=3, segment_len=4, moe_layers=layers))
     cr.export(model.eval(), out)
     return out
 
@@ -140,11 +141,12 @@ def test_native_norm_equals_torch(rms):
 
 
 @needs_native
-@pytest.mark.parametrize("act", ["gelu_tanh", "swiglu", "geglu"])
+@pytest.mark.parametrize("act", ["gelu_tanh", "swiglu", "geglu", "swigluoai"])
 def test_ffn_activations_hold_over_the_whole_range(act):
     """GELU's tanh and SiLU's exponential are the kernel's own (exp-based, with clamps): from
     tiny to huge pre-activations they match torch, with no inf or nan; GeGLU (Gemma) puts the
-    gate through the same GELU."""
+    gate through the same GELU; GPT-OSS's clamped SwiGLU clamps the gate above and the up
+    projection both sides at its limit (most of these values cross it) with its own slope."""
     torch.manual_seed(0)
     d, f = 16, 40
     glu = act != "gelu_tanh"
@@ -154,10 +156,13 @@ def test_ffn_activations_hold_over_the_whole_range(act):
     gate = torch.randn(f, d) * torch.logspace(3, -4, f)[:, None] if glu else None
     down = torch.randn(d, f) / f
     w1 = torch.cat([gate, up]) if glu else up  # gated: [gate; up] stacked
-    got = kernels.native().ffn(h, w1, None, down, None, glu, act == "geglu")
+    params = (7.0, 1.702) if act == "swigluoai" else ()
+    got = kernels.ffn(h, w1, None, down, None, act, params)
     u = h @ up.T
     if act == "gelu_tanh":
         hid = F.gelu(u, approximate="tanh")
+    elif act == "swigluoai":
+        hid = swigluoai_hidden(*params)([h @ gate.T, u])
     else:
         g = h @ gate.T
         hid = (F.gelu(g, approximate="tanh") if act == "geglu" else F.silu(g)) * u
@@ -166,7 +171,7 @@ def test_ffn_activations_hold_over_the_whole_range(act):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
     # the hidden function alone (what merge_linear's products go through), per row [gate; up]
     stacked = torch.cat([h @ gate.T, u], 1) if glu else u.clone()
-    torch.testing.assert_close(kernels.hidden(stacked, act), hid, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(kernels.hidden(stacked, act, params), hid, rtol=1e-4, atol=1e-3)
 
 
 @needs_native
@@ -256,18 +261,23 @@ def test_native_span_refuses_malformed_ffn_groups(checkpoint):
     """Rows missing from every group, or in two, are an error, not a silent zero FFN."""
     r = runner(checkpoint, "float32", True)
     f = r.fused
-    blk = next(b for b in f.blocks if b.ffn is not None)
+    blk = next((b for b in f.blocks if b.ffn is not None), f.blocks[0])
     i = f.blocks.index(blk)
     x = torch.randn(2, r.cfg.d_model)
     slots, pos = torch.tensor([0, 1]), torch.tensor([0, 0])
-    g = blk.ffn.groups[0]
+    if blk.ffn is not None:
+        g, stacked = blk.ffn.groups[0], int(blk.ffn.stacked)
+    else:  # every block merged-expert (GPT-OSS): its base expert as the group's FFN
+        moe = r.moe[0]
+        g, stacked = [None, None, None, moe.w1[0], moe.b1[0], moe.w2[0], moe.b2[0]], 1
     for groups in ([[torch.tensor([0]), *g[1:]]],
                    [[torch.tensor([0, 1]), *g[1:]], [torch.tensor([1]), *g[1:]]]):
         with pytest.raises(RuntimeError, match="FFN groups"):
             kernels.native().layers(
-                x, [f._tensors[i]], list(f._eps[i]), [*f._flags[i], 0, -1, 0, 1, 0, 0], [groups],
-                [None], None, r.kv.k, r.kv.v, slots, pos, None, None, None, None, *f.heads, None,
-                None, 1e-5, False, 0.0)
+                x, [f._tensors[i]], list(f._eps[i]),
+                [*f._flags[i], stacked, -1, 0, 1, blk.gate, 0, 0], [groups], [None], None,
+                r.kv.k, r.kv.v, slots, pos, None, None, None, None, *f.heads, None, None, 1e-5,
+                False, 0.0, *f.swiglu)
 
 
 @needs_native

@@ -578,9 +578,9 @@ def test_decode_attention_with_a_window_sees_only_the_last_window_positions(wind
 @pytest.mark.parametrize("window", [None, 6])
 def test_decode_attention_soft_caps_scores_as_the_torch_reference(window):
     """Gemma 2's cap c: each score c * tanh(s / c) before the softmax, in the kernel as in
-    `softcapped_attention` (the torch path, transformers' eager formula); scores of these
+    `scored_attention` (the torch path, transformers' eager formula); scores of these
     sizes (|s| up to ~10) are changed by a cap of 2, so a kernel ignoring it differs."""
-    from camex_runtime.layers import softcapped_attention
+    from camex_runtime.layers import scored_attention
 
     torch.manual_seed(11)
     H, KV, hd, max_len, cap = 4, 2, 16, 40, 2.0
@@ -591,10 +591,39 @@ def test_decode_attention_soft_caps_scores_as_the_torch_reference(window):
     for b, (s, p) in enumerate(zip(slots.tolist(), positions.tolist())):
         first = 0 if window is None else max(0, p + 1 - window)
         keys, values = kc[1, s, :, first:p + 1], vc[1, s, :, first:p + 1]
-        want = softcapped_attention(q[b][None, :, None], keys[None], values[None], cap)[0, :, 0]
+        want = scored_attention(q[b][None, :, None], keys[None], values[None], cap)[0, :, 0]
         assert rel(got[b], want) <= 1e-5
     uncapped = kernels.decode_attention(q, k, v, kc, vc, 1, slots, positions, window)
     assert rel(uncapped, got) > 1e-2
+
+
+@pytest.mark.skipif(kernels.native() is None, reason="no native kernels here")
+@pytest.mark.parametrize("window", [None, 6])
+def test_decode_attention_sinks_as_the_torch_reference(window):
+    """GPT-OSS's sinks: each head's logit is one more softmax column without a value, in the
+    kernel as in `scored_attention` (transformers' eager formula) — with a cap too; sinks the
+    size of the scores take weight off every key, so a kernel ignoring them differs."""
+    from camex_runtime.layers import scored_attention
+
+    torch.manual_seed(12)
+    H, KV, hd, max_len = 4, 2, 16, 40
+    kc, vc = torch.randn(2, 3, KV, max_len, hd), torch.randn(2, 3, KV, max_len, hd)
+    slots, positions = torch.tensor([2, 0, 1]), torch.tensor([9, 0, 33])
+    q, k, v = torch.randn(3, H, hd) * 2, torch.randn(3, KV, hd), torch.randn(3, KV, hd)
+    sinks = torch.tensor([3.0, -2.0, 0.5, 30.0])  # the last outweighs every key
+    for cap in (None, 2.0):
+        got = kernels.decode_attention(q, k, v, kc, vc, 1, slots, positions, window, cap,
+                                       sinks)
+        for b, (s, p) in enumerate(zip(slots.tolist(), positions.tolist())):
+            first = 0 if window is None else max(0, p + 1 - window)
+            keys, values = kc[1, s, :, first:p + 1], vc[1, s, :, first:p + 1]
+            want = scored_attention(q[b][None, :, None], keys[None], values[None], cap,
+                                    sinks)[0, :, 0]
+            assert rel(got[b], want) <= 1e-5
+        plain = kernels.decode_attention(q, k, v, kc, vc, 1, slots, positions, window, cap)
+        assert rel(plain, got) > 1e-2
+        # the heavy sink leaves its head's output near zero: attention to nothing
+        assert got[:, 3].abs().max() < 0.1 * plain[:, 3].abs().max()
 
 
 def test_decode_attention_declines_what_it_does_not_compute():

@@ -55,15 +55,65 @@ def test_blocks_only_the_lengths_it_is_faster_at(monkeypatch, n, calls):
 def test_capped_scores_in_query_blocks_equal_one_capped_call(window):
     """Soft-capped attention (Gemma 2) of a long prompt goes in query blocks, each against the
     keys it can see (its window's): the same attention as one materialised call."""
-    from camex_runtime.layers import sees, softcapped_attention
+    from camex_runtime.layers import sees, scored_attention
 
     n = attention.CAPPED_BLOCK * 2 + 37
     q, k, v = qkv(n, 6, 2, seed=4)
     pos = torch.arange(n)
-    want = softcapped_attention(q, k, v, 2.0, attn_mask=sees(pos, pos, window))
+    want = scored_attention(q, k, v, 2.0, attn_mask=sees(pos, pos, window))
     got = causal_attention(q, k, v, window, softcap=2.0)
     torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5)
     assert got.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("window", [None, 300])
+def test_sinks_in_query_blocks_equal_one_call_with_the_sink_column(window):
+    """Attention sinks (GPT-OSS) of a long prompt go in query blocks like capped scores: the
+    same attention as one materialised call, which is softmax over [scores, sink] with the
+    sink's weight dropped (written out here)."""
+    from camex_runtime.layers import sees, scored_attention
+
+    n = attention.CAPPED_BLOCK * 2 + 37
+    q, k, v = qkv(n, 6, 2, seed=5)
+    sinks = torch.linspace(-3, 3, 6)
+    pos = torch.arange(n)
+    mask = sees(pos, pos, window)
+    got = causal_attention(q, k, v, window, sinks=sinks)
+    torch.testing.assert_close(got, scored_attention(q, k, v, None, sinks, attn_mask=mask),
+                               atol=2e-6, rtol=1e-5)
+    scores = (q @ k.repeat_interleave(3, 1).transpose(-1, -2)) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    column = sinks.view(1, 6, 1, 1).expand(1, 6, n, 1)
+    probs = torch.softmax(torch.cat([scores, column], -1), -1)[..., :-1]
+    torch.testing.assert_close(got, probs @ v.repeat_interleave(3, 1), atol=2e-6, rtol=1e-5)
+    assert not torch.allclose(got, causal_attention(q, k, v, window), atol=1e-3)
+
+
+def test_sinks_through_the_fused_kernel_equal_the_materialised_scores(monkeypatch):
+    """On a CPU sinks ride on torch's fused kernel (its log-sum-exp: × σ(lse − sink)): the
+    materialised softmax's result, for causal, masked and padded rows (a row that sees
+    nothing attends to its sink alone: zeros); without the kernel, the scores path."""
+    from camex_runtime import layers
+    from camex_runtime.layers import sink_attention, scored_attention
+
+    q, k, v = qkv(40, 8, 2, seed=6)
+    sinks = torch.linspace(-2, 4, 8)
+    assert layers.fused_sinks(q)
+    torch.testing.assert_close(sink_attention(q, k, v, sinks, is_causal=True),
+                               scored_attention(q, k, v, None, sinks, is_causal=True),
+                               atol=2e-6, rtol=1e-5)
+    mask = torch.ones(2, 1, 40, 40, dtype=torch.bool).tril()
+    mask[1, :, :, :5] = False  # row 1's first keys are padding: its first queries see nothing
+    q2, k2, v2 = (torch.cat([t, t]) for t in (q, k, v))
+    got = sink_attention(q2, k2, v2, sinks, attn_mask=mask)
+    torch.testing.assert_close(got, scored_attention(q2, k2, v2, None, sinks, attn_mask=mask),
+                               atol=2e-6, rtol=1e-5)
+    assert torch.equal(got[1, :, :5], torch.zeros_like(got[1, :, :5]))
+    fused = causal_attention(q, k, v, 7, sinks=sinks)
+    monkeypatch.setattr(layers, "_CPU_FLASH", None)
+    assert not layers.fused_sinks(q)
+    torch.testing.assert_close(causal_attention(q, k, v, 7, sinks=sinks), fused,
+                               atol=2e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("window", [100, 300])

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import camex_runtime as cr
 from camex_runtime.training.cli import main as train_main
@@ -96,6 +97,46 @@ def test_from_dense_takes_a_sparse_moe_and_its_experts(tmp_path, capsys, corpus_
     cfg = json.loads((folded / "config.json").read_text())
     assert summary["steps"] == 2 and cfg["num_experts"] == 4 and cfg["moe_layers"] == [0, 1]
     assert cfg["provenance"]["source_model_type"] == "mixtral"
+
+
+def test_from_dense_takes_gpt_oss_as_published_and_trains_its_sinks(tmp_path, capsys,
+                                                                    corpus_dir):
+    """A GPT-OSS directory with MXFP4 experts (OpenAI's layout): imported, fine-tuned (the
+    sinks, routers' biases and clamped experts get gradients and move), exported as format 6
+    and served."""
+    from safetensors.torch import load_file
+
+    from tests.dense_models import build_dense
+    from tests.model.test_gpt_oss import quantize_mxfp4
+
+    tok = make_tokenizer(tmp_path / "tok")
+    src = build_dense(tmp_path / "src", "gpt_oss", vocab_size=len(tok),
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.eos_token_id)
+    quantize_mxfp4(src, tmp_path / "q")
+    tok.save_pretrained(tmp_path / "q")
+    folded = tmp_path / "folded"
+    summary, err = run_cli(["--data", str(corpus_dir), "--from-dense", str(tmp_path / "q"),
+                            "--segment-len", "4", "--block-size", "16", "--batch-size", "4",
+                            "--steps", "3", "--lr", "1e-2", "--eval-batches", "1",
+                            "--out", str(tmp_path / "run"), "--no-progress",
+                            "--export", str(folded)], capsys)
+    assert "a sparse MoE (gpt_oss)" in err and summary["steps"] == 3
+    cfg = json.loads((folded / "config.json").read_text())
+    assert cfg["format_version"] == 6 and cfg["attention_sinks"] and cfg["router_bias"]
+    assert cfg["hidden_act"] == "swigluoai" and cfg["num_experts"] == 3
+    trained = load_file(str(folded / "model.safetensors"))
+    theirs = load_file(str(src / "model.safetensors"))
+    for name in ("model.layers.0.self_attn.sinks", "model.layers.1.mlp.router.bias"):
+        ours = name.replace("model.layers", "transformer.h").replace("self_attn", "attn") \
+            .replace("mlp.router", "ffn.router")
+        assert not torch.allclose(trained[ours], theirs[name]), name  # trained, not copied
+    engine = cr.Engine.from_pretrained(folded)
+    try:
+        out = engine.generate(tok("hello there")["input_ids"], max_new_tokens=5, ignore_eos=True)
+        assert len(out.token_ids) == 5
+    finally:
+        engine.stop()
 
 
 def test_from_dense_takes_an_fp8_release(tmp_path, capsys, corpus_dir, dense_dir):
