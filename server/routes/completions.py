@@ -28,7 +28,7 @@ from server.openai_runs import (Choice, check_model, check_stream_options, choic
                                 close_all, context_length_error, finish_reason, first_events,
                                 merged, run_to_end, sampling, start_choices, stop_list,
                                 token_strings, truncated, usage_now, usage_of)
-from server.routes.tgi import SSE_HEADERS
+from server.routes.tgi import SSE_HEADERS, sse_json
 
 router = APIRouter(prefix="/v1", tags=["OpenAI compatible"])
 OPENAI_ERRORS = {code: {"model": OpenAIErrorResponse}
@@ -208,7 +208,7 @@ async def completion_chunks(choices: list[Choice], firsts: list, body: Completio
 def sse(chunk, usage: Usage | None) -> str:
     if usage is not None:
         chunk.usage = usage
-    return "data: " + chunk.model_dump_json(exclude_none=True) + "\n\n"
+    return "data: " + sse_json(chunk.model_dump_json(exclude_none=True)) + "\n\n"
 
 
 @router.get("/models", response_model=ModelList)

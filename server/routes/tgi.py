@@ -31,6 +31,17 @@ router = APIRouter(tags=["Text Generation Inference"])
 compat_router = APIRouter(tags=["Text Generation Inference"])
 ERROR_RESPONSES = {code: {"model": ErrorResponse} for code in (401, 413, 422, 429, 503, 504)}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# Characters that str.splitlines() takes for line ends and JSON may carry raw inside a string
+# (the ASCII ones, control characters, JSON always escapes). An event stream ends its lines only
+# at CR and LF, but httpx's iter_lines (and requests' on decoded text) split where splitlines()
+# does, and a client reading a stream that way would get a data line cut in two mid-string when a
+# token decodes to one of these. Every SSE payload carries them as \u escapes: the same JSON value.
+_LINE_SEPARATORS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def sse_json(text: str) -> str:
+    """JSON text with U+0085, U+2028 and U+2029 escaped (see _LINE_SEPARATORS)."""
+    return text.translate(_LINE_SEPARATORS)
 
 
 async def start_generation(request: Request, body: GenerateRequest) -> GenerationRun:
@@ -68,7 +79,7 @@ def token_event(index: int, ev, special: bool) -> str:
     `StreamResponse(index=index, token=token_json(...)).model_dump_json()` writes (a test holds
     the two equal), formatted directly. Pydantic's validation and serialisation were about a
     fifth of the event loop's CPU time per streamed token."""
-    return (f'data: {{"index":{index},"token":{{"id":{ev.token_id},"text":{_json_str(ev.text)},'
+    return (f'data: {{"index":{index},"token":{{"id":{ev.token_id},"text":{sse_json(_json_str(ev.text))},'
             f'"logprob":{ev.logprob!r},"special":{"true" if special else "false"}}},'
             '"top_tokens":null,"generated_text":null,"details":null}\n\n')
 
@@ -174,7 +185,7 @@ async def sse_events(run: GenerationRun, first, events: AsyncIterator, tokenizer
                     event.generated_text = full_text(body, run.result.text)
                     if body.parameters.details or body.parameters.return_routing:
                         event.details = stream_details(run, body)
-                line = "data: " + event.model_dump_json() + "\n\n"
+                line = "data: " + sse_json(event.model_dump_json()) + "\n\n"
             yield line
             ev = await anext(events, None)
     except errors.ApiError as err:  # failed after the 200 went out: TGI's in-stream error

@@ -9,6 +9,7 @@ import json
 import shutil
 import time
 
+import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -17,8 +18,10 @@ from camex_runtime.checkpoint import load_folded
 from camex_runtime.engine.outputs import TokenEvent
 from camex_runtime.engine.runner import build_model
 from server.app import create_app
+from server.openai_protocol import Completion, CompletionChoice
 from server.protocol import StreamResponse, Token
-from server.routes.tgi import token_event
+from server.routes.completions import sse as completions_sse
+from server.routes.tgi import sse_json, token_event
 from server.settings import ServerSettings
 from tests.server.test_health_inprocess import wait_ready
 
@@ -660,7 +663,8 @@ def test_tgi_stream_events_equal_the_details_of_the_same_request(client):
 
 
 @pytest.mark.parametrize("text", ["", " plain", 'quote " and \\ backslash', "new\nline\ttab",
-                                  "control \x01\x1f", "é ü 漢字 😀", "sep \u2028\u2029"])
+                                  "control \x01\x1f", "é ü 漢字 😀", "sep \u2028\u2029",
+                                  "nel \x85"])
 @pytest.mark.parametrize("logprob", [-8.426048278808594, -1e-05, -0.0, -123456.78125, -1e-300])
 def test_token_event_is_what_the_schema_writes(text, logprob):
     ev = TokenEvent(token_id=50256, text=text, logprob=logprob, index=2)
@@ -672,6 +676,30 @@ def test_token_event_is_what_the_schema_writes(text, logprob):
         # the same keys in the same order and the same values (floats may be spelled
         # differently: 1e-05 vs 0.00001, the same double)
         assert list(json.loads(fast[6:]).items()) == list(json.loads(slow[6:]).items())
+        assert fast.splitlines() == [fast[:-2], ""]  # one data line, however a client splits
+
+
+@pytest.mark.parametrize("text", ["nel \x85 end", "line sep \u2028 end", "para sep \u2029 end",
+                                  "all \x85\u2028\u2029 é 😀"])
+def test_stream_events_stay_one_line_where_splitlines_would_cut_them(text):
+    """U+0085, U+2028 and U+2029 end a line for str.splitlines() and so for httpx's iter_lines
+    (not for the SSE format, which ends lines at CR and LF only), and JSON may carry them raw
+    inside a string. A generated token that decodes to one must not cut its event in two for
+    such a client: TGI's token events (fast and pydantic-written) and OpenAI's completion
+    chunks escape them, and each still parses to the same text."""
+    ev = TokenEvent(token_id=7, text=text, logprob=-0.5, index=1)
+    chunk = Completion(id="cmpl-1", created=0, model="m",
+                       choices=[CompletionChoice(index=0, text=text)])
+    events = {"tgi": token_event(1, ev, False),
+              "tgi, last": "data: " + sse_json(StreamResponse(index=1, token=Token(
+                  id=7, text=text, logprob=-0.5, special=False)).model_dump_json()) + "\n\n",
+              "completions": completions_sse(chunk, None)}
+    for name, event in events.items():
+        lines = [x for x in httpx.Response(200, content=event.encode()).iter_lines() if x]
+        assert len(lines) == 1 and lines[0].startswith("data: "), name
+        body = json.loads(lines[0][6:])
+        got = body["token"]["text"] if name.startswith("tgi") else body["choices"][0]["text"]
+        assert got == text, name
 
 
 def test_sampling_controls_reach_the_engine(client):
