@@ -124,7 +124,10 @@ MAX_ROWS_FP32 = 16  # fp32 weights
 # 2-core Zen 3 VM (AVX2/F16C), tiles vs the linear kernel vs torch (widening 16-bit weights),
 # one thread / two:
 # - bf16: 16 rows 50.5 / 63.3 / 96.7 ms and 27.4 / 40.7 / 63.0; 32 rows 95.4 / 138.4 / 130.6
-#   and 49.4 / 74.1 / 84.4; 256 rows 703 / 1215 / 688 and 370 / 602 / 392 (fp16 alike);
+#   and 49.4 / 74.1 / 84.4; 256 rows 703 / 1215 / 688 and 370 / 602 / 392 (fp16 alike); since
+#   each group of weight rows is widened once for all inputs (cpu_decode.cpp, tile_rows), all
+#   12 blocks' products: 32 rows 82 / 48 ms on one / two threads (98 / 51 before), 64 rows
+#   157 / 92 (192 / 108);
 # - fp32: 24 rows 81.5 / 114.3 / 97.5; 32 rows 103.1 / 162.1 / 116.0 and 60.2 / 89.5 / 101.3;
 #   64 rows 188.5 / 309.2 / 188.2; 256 rows on two threads 426 / 665 / 395.
 # On AMD CPUs with AVX-512 too (Zen 4 runs 512-bit FMAs as two 256-bit halves, so torch's wider

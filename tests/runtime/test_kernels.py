@@ -334,7 +334,8 @@ def test_prompt_tiles_equal_torch_and_each_row_keeps_its_bits(wdtype, out, inp, 
     tail (61, 3003), row counts that fill no whole tile (9, 33, 45) and inputs split into blocks
     that stay in cache (3,003 inputs: 20 rows a block). Each output is one chain of FMAs, so a
     row gets the same bits alone, in any batch, in any order, from a strided view, on one
-    thread or two."""
+    thread or two (16-bit weight rows are widened once for all inputs of a block where it has
+    more than 4, and in each tile where it has fewer: the bits must not tell)."""
     mod = kernels.native()
     torch.manual_seed(out + inp)
     w = torch.randn(out, inp + 3).to(wdtype)[:, :inp]  # a row stride wider than the row
