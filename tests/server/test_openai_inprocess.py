@@ -662,6 +662,23 @@ def test_tgi_stream_events_equal_the_details_of_the_same_request(client):
     assert events[-1]["details"]["generated_tokens"] == 6
 
 
+def test_tgi_last_stream_event_stays_one_line_through_the_route(client):
+    """The route's last event (pydantic-written, with generated_text): `return_full_text`
+    puts the prompt's U+0085 / U+2028 / U+2029 into it, and a client reading lines with
+    str.splitlines() (httpx's iter_lines) still gets one data line per event, each parsing to
+    the text sent."""
+    prompt = "the quick \x85 brown \u2028 fox \u2029 jumps"
+    with client.stream("POST", "/generate_stream", json={"inputs": prompt, "parameters": {
+            "max_new_tokens": 3, "return_full_text": True, "details": True}}) as s:
+        assert s.status_code == 200
+        lines = [x for x in s.iter_lines() if x]
+    events = [json.loads(x[5:]) for x in lines]  # each line a whole event, or this raises
+    assert all(x.startswith("data:") for x in lines) and len(events) == 3
+    last = events[-1]
+    assert last["generated_text"] == prompt + "".join(e["token"]["text"] for e in events)
+    assert last["details"]["generated_tokens"] == 3
+
+
 @pytest.mark.parametrize("text", ["", " plain", 'quote " and \\ backslash', "new\nline\ttab",
                                   "control \x01\x1f", "é ü 漢字 😀", "sep \u2028\u2029",
                                   "nel \x85"])
