@@ -459,10 +459,11 @@ def bf16_dot() -> bool:
 
 def ffn_rows(weight_dtype: torch.dtype) -> int:
     """The most rows `ffn` takes: decode batches, and where `merge_linear` takes the weights
-    (fp32; bf16 with `bf16_dot()`) also the prompt segments it takes, so that a merged expert
-    gives a prompt the same bits whether its merge was just made (merge_linear + hidden) or
-    came from the cache (ffn)."""
-    if weight_dtype == torch.float32 or (weight_dtype == torch.bfloat16 and bf16_dot()):
+    (fp32; bf16 with `bf16_dot()`; 16-bit weights the prompt tiles take) also the prompt
+    segments it takes, so that a merged expert gives a prompt the same bits whether its merge
+    was just made (merge_linear + hidden) or came from the cache (ffn)."""
+    if weight_dtype == torch.float32 or (weight_dtype == torch.bfloat16 and bf16_dot()) or \
+            tiles_take(weight_dtype, MERGE_LINEAR_ROWS):
         return MERGE_LINEAR_ROWS
     return max_rows(weight_dtype)
 
@@ -533,15 +534,18 @@ MERGE_LINEAR_ROWS = 32
 
 def merge_linear_takes(x: Tensor, stack: Tensor, out: Tensor) -> bool:
     """Whether `merge_linear` takes activations x with weights of `stack` into `out` here (and
-    `ffn` the same rows): fp32 weights, or bf16 ones from `BF16_DOT_FROM` rows with
-    `bf16_dot()`."""
+    `ffn` the same rows): fp32 weights; bf16 ones from `BF16_DOT_FROM` rows with `bf16_dot()`;
+    16-bit ones where the prompt tiles take the rows (`tiles_take`: a CPU without a native
+    16-bit GEMM), each tile of the merge multiplied while it is in cache."""
     if not (x.dim() == 2 and 0 < x.shape[0] <= MERGE_LINEAR_ROWS and x.device.type == "cpu"
             and x.dtype == torch.float32 and stack.dtype == out.dtype and x.is_contiguous()
             and out.is_contiguous() and stack.stride(-1) == 1 and native() is not None):
         return False
-    if stack.dtype == torch.bfloat16:
-        return x.shape[0] >= BF16_DOT_FROM and bf16_dot()
-    return stack.dtype == torch.float32
+    if stack.dtype == torch.float32:
+        return True
+    if stack.dtype == torch.bfloat16 and bf16_dot():
+        return x.shape[0] >= BF16_DOT_FROM
+    return tiles_take(stack.dtype, x.shape[0])
 
 
 def merge_linear(x: Tensor, base: Tensor, deltas: Tensor, coeffs: Tensor, out: Tensor,

@@ -1002,7 +1002,15 @@ void merge_linear_dot(const float* x, int64_t B, int64_t in, const char* base, c
 // weights, and with two threads one thread's products run while the other waits on memory.
 // Measured on Zen 4 (GPT-2-small fc1 and fc2 with 7 deltas, 32 rows, fp32): 4.6-5.3 ms per
 // linear against 5.3-5.6 ms on one core, ~3.0 ms against 3.8-4.3 ms on two.
+// Where the prompt tiles multiply (tiles_for), a tile is whole groups of TILE_ROWS weight rows,
+// about MERGE_SPAN_BYTES of each stream: 16 rows left a lone row per tile, the tiles' slowest
+// shape. Zen 3 VM, GPT-2-small fc1 + fc2 of one layer, 32 rows, weights read cold, paired runs:
+// fp32 0.95x the time of 16-row tiles on one and on two threads; bf16 weights 1.00x a merge and
+// then the tiles on one thread, 0.95x on two. Prefetching the next tile's [base; deltas] during
+// the products, as merge_linear_dot does, made the same call slower there (bf16, one thread,
+// 8.7 -> 11.1 ms; with any hint): the tiles' loads from L2 then wait behind the prefetches.
 constexpr int64_t MERGE_TILE = 16;
+constexpr int64_t MERGE_SPAN_BYTES = 24 * 1024;
 
 template <WType T>
 void merge_linear_run(const float* x, int64_t B, int64_t in, const char* base, const char* deltas,
@@ -1016,10 +1024,14 @@ void merge_linear_run(const float* x, int64_t B, int64_t in, const char* base, c
   }
   constexpr int64_t esz = T == WType::F32 ? 4 : 2;
   const bool wide = wide_for<T>(B);
-  at::parallel_for(0, (out + MERGE_TILE - 1) / MERGE_TILE, 1, [&](int64_t lo, int64_t hi) {
+  const int64_t tile =
+      tiles_for<T>(B)
+          ? std::max<int64_t>(TILE_ROWS, MERGE_SPAN_BYTES / (in * esz) / TILE_ROWS * TILE_ROWS)
+          : MERGE_TILE;
+  at::parallel_for(0, (out + tile - 1) / tile, 1, [&](int64_t lo, int64_t hi) {
     char* const outs[1] = {w};
     for (int64_t t = lo; t < hi; ++t) {
-      const int64_t o = t * MERGE_TILE, rows = std::min(MERGE_TILE, out - o);
+      const int64_t o = t * tile, rows = std::min(tile, out - o);
       merge_range<T>(base, deltas, ld_bytes, c, E, 1, o * in, (o + rows) * in, outs);
       rows_into<T>(x, B, in, in, w, in * esz, out, bias, y, o, rows, wide);
     }

@@ -179,8 +179,8 @@ def test_ffn_activations_hold_over_the_whole_range(act):
 def test_merged_ffn_is_one_native_call_with_the_torch_result(kind, monkeypatch):
     """apply_merged on decode rows and short fp32 prompt segments (kernels.ffn; SwiGLU with
     [gate; up] stacked in fc1) equals its torch path; more rows than kernels.ffn_rows go to
-    torch (fp32 weights, and bf16 ones with the bf16 dot kernel: merge_linear's rows; other
-    16-bit weights: the decode kernels')."""
+    torch (fp32 weights, bf16 ones with the bf16 dot kernel and 16-bit ones the prompt tiles
+    take: merge_linear's rows; other 16-bit weights: the decode kernels')."""
     torch.manual_seed(0)
     d, f = 24, 40
     fused = kind.fused()
@@ -189,9 +189,11 @@ def test_merged_ffn_is_one_native_call_with_the_torch_result(kind, monkeypatch):
          "fc2_weight": torch.randn(d, f) / 5, "fc2_bias": torch.randn(d)}
     limit = kernels.ffn_rows(torch.float32)
     assert limit == kernels.MERGE_LINEAR_ROWS > kernels.max_rows(torch.float32)
-    assert kernels.ffn_rows(torch.bfloat16) == (kernels.MERGE_LINEAR_ROWS if kernels.bf16_dot()
-                                                else kernels.max_rows(torch.bfloat16))
-    assert kernels.ffn_rows(torch.float16) == kernels.max_rows(torch.float16)
+    for dtype in (torch.bfloat16, torch.float16):  # where merge_linear takes prompt rows
+        takes = (dtype == torch.bfloat16 and kernels.bf16_dot()) or \
+            kernels.tiles_take(dtype, kernels.MERGE_LINEAR_ROWS)
+        assert kernels.ffn_rows(dtype) == (kernels.MERGE_LINEAR_ROWS if takes
+                                           else kernels.max_rows(dtype))
     x = torch.randn(limit, d)
     got = apply_merged(x, w, fused)
     assert kernels.ffn(torch.randn(limit + 1, d), w["fc1_weight"], None,

@@ -758,6 +758,50 @@ def test_merge_linear_writes_the_merge_and_returns_the_linear_kernels_rows(isa):
         mod.set_isa("auto", 0)
 
 
+@pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_merge_linear_with_16bit_weights_on_the_prompt_tiles(dtype):
+    """16-bit weights on a CPU without a native 16-bit GEMM, prompt rows beyond a decode batch:
+    merge_linear writes merge()'s bits and returns the prompt tiles' product (what `ffn` gives
+    the rows from the cached entry), on one thread and on two, with and without a bias; decode-
+    sized row counts are declined with nothing written. Where the CPU has its own 16-bit GEMM
+    (or the bf16 dot kernel) the tiles take none of these rows and neither does merge_linear."""
+    mod = kernels.native()
+    torch.manual_seed(5)
+    out_rows, width, E = 53, 91, 5  # tiles of whole 3-row groups and a remainder; 91: odd
+    base = torch.randn(out_rows * width).to(dtype)
+    deltas = torch.randn(E, out_rows * width).to(dtype)
+    coeffs, bias = torch.rand(E), torch.randn(out_rows)
+    merged = torch.empty(out_rows, width, dtype=dtype)
+    kernels.merge(base, deltas, coeffs, merged.view(-1))
+    threads = torch.get_num_threads()
+    dot = dtype == torch.bfloat16 and kernels.bf16_dot()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for rows in (kernels.max_rows(dtype), kernels.max_rows(dtype) + 1, 17,
+                         kernels.MERGE_LINEAR_ROWS):
+                x = torch.randn(rows, width)
+                for b in (bias, None):
+                    out = torch.full((out_rows, width), float("nan"), dtype=dtype)
+                    y = kernels.merge_linear(x, base, deltas, coeffs, out, b)
+                    if dot:  # the bf16 dot kernel's own test covers these rows
+                        continue
+                    if not kernels.tiles_take(dtype, rows):
+                        assert y is None and out.isnan().all(), (n, rows)
+                        continue
+                    assert torch.equal(out, merged), (n, rows)
+                    assert torch.equal(y, mod.linear_tiles(x, merged, b)), (n, rows)
+                    assert torch.equal(y, kernels.linear(x, merged, b)), (n, rows)
+                    assert rel(y, F.linear(x, merged.float(), b)) <= 1e-6
+    finally:
+        torch.set_num_threads(threads)
+    takes = kernels.tiles_take(dtype, kernels.MERGE_LINEAR_ROWS)
+    assert takes == (not kernels.native_16bit_gemm(dtype))
+    assert kernels.ffn_rows(dtype) == (kernels.MERGE_LINEAR_ROWS if takes or dot
+                                       else kernels.max_rows(dtype))
+
+
 HAS_BF16_DOT = kernels.native() is not None and kernels.native().has_bf16_dot()
 
 
@@ -770,7 +814,8 @@ def test_the_bf16_dot_kernel_is_chosen_per_cpu_family():
         return
     expected = HAS_BF16_DOT and kernels.cpu_vendor() in kernels.BF16_DOT_VENDORS
     assert kernels.bf16_dot() == expected == ("AVX512-BF16 dot" in kernels.status())
-    assert kernels.ffn_rows(torch.bfloat16) == (kernels.MERGE_LINEAR_ROWS if expected
+    tiles = kernels.tiles_take(torch.bfloat16, kernels.MERGE_LINEAR_ROWS)
+    assert kernels.ffn_rows(torch.bfloat16) == (kernels.MERGE_LINEAR_ROWS if expected or tiles
                                                 else kernels.max_rows(torch.bfloat16))
     with pytest.raises(RuntimeError, match="row count"):
         mod.set_bf16_dot(-1)

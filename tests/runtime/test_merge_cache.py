@@ -188,19 +188,24 @@ def bf16_dot():
 
 @pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
 @pytest.mark.parametrize("family,dtype", [("gpt2", "float32"), ("llama", "float32"),
-                                          ("gpt2", "bfloat16"), ("llama", "bfloat16")])
+                                          ("gpt2", "bfloat16"), ("llama", "bfloat16"),
+                                          ("gpt2", "float16")])
 def test_a_prompt_gets_the_same_bits_whether_its_merges_are_made_or_cached(tmp_path, family,
                                                                            dtype, monkeypatch,
                                                                            request):
-    """fp32 on the CPU, and bf16 with the bf16 dot kernel, a prompt segment's merge is made and
-    applied in one pass over the expert stack (MoEWeights.merge_apply: a chunk with one merge
-    missing); from the cache the finished entry is applied by kernels.ffn; a chunk missing
-    several merges builds them in one pass (merge_many_into), then applies them. The prompt
-    must get the same bits every way (seeded sampling repeats only then), and the pool entry
-    the bits of a plain merge. Segments of 32 and 13 tokens: rows beyond the decode kernels' 16
-    (fp32) and 8 (bf16), within merge_linear's 32."""
-    if dtype == "bfloat16":
+    """fp32 on the CPU, bf16 with the bf16 dot kernel, and 16-bit weights on a CPU without a
+    16-bit GEMM (the prompt tiles), a prompt segment's merge is made and applied in one pass
+    over the expert stack (MoEWeights.merge_apply: a chunk with one merge missing); from the
+    cache the finished entry is applied by kernels.ffn; a chunk missing several merges builds
+    them in one pass (merge_many_into), then applies them. The prompt must get the same bits
+    every way (seeded sampling repeats only then), and the pool entry the bits of a plain
+    merge. Segments of 32 and 13 tokens: rows beyond the decode kernels' 16 (fp32) and 8
+    (16-bit), within merge_linear's 32."""
+    if dtype == "bfloat16" and kernels.native().has_bf16_dot():
         request.getfixturevalue("bf16_dot")
+    elif dtype != "float32" and not kernels.tiles_take(getattr(torch, dtype),
+                                                       kernels.MERGE_LINEAR_ROWS):
+        pytest.skip(f"this CPU multiplies {dtype} prompt rows with its own GEMM")
     overrides = {} if family == "gpt2" else {"family": "llama", "n_kv_head": 2}
     path = build_folded(tmp_path / family, T=32, **overrides)
     prompt = [(7 * i) % 50 + 1 for i in range(45)]  # segment 1: 32 rows, segment 2: 13
