@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import threading
@@ -118,11 +119,14 @@ def run_plan(engine: Engine, plan: dict, client_cpus: list[int] | None) -> list[
 
 def serve(engine: Engine, ready_s: float, client_cpus: list[int] | None) -> None:
     """The worker loop of ``--serve``. The protocol gets the process's stdout; everything else
-    written to fd 1 (a library's print, native code) goes to stderr, the log."""
+    written to fd 1 (a library's print, native code) goes to stderr, the log. The ready line
+    carries the engine's start-up cost profile, which steers its scheduling (the servers' is
+    in their `/info`), so a round can compare the two."""
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    protocol.write(json.dumps({"ready_s": ready_s}) + "\n")
+    protocol.write(json.dumps({"ready_s": ready_s,
+                               "cost_profile": engine.info()["cost_profile"]}) + "\n")
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -152,6 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve == bool(args.plan or args.out) or bool(args.plan) != bool(args.out):
         p.error("give either --plan and --out, or --serve")
     cpus = [int(c) for c in args.client_cpus.split(",")] if args.client_cpus else None
+    # the engine's own log lines (kernels chosen, warm-up and its cost profile) to stderr,
+    # which is the round's log file for this worker
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     engine = Engine.from_pretrained(args.model, device="cpu", dtype=args.dtype,

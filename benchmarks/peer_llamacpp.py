@@ -227,7 +227,9 @@ class Unit:
     # (prompts, concurrency, max new tokens) -> the level and the CPU use during it
     measure: Callable[[list[str], int, int], tuple[peer_client.LevelResult, dict]]
     client_cpus: list[int] | None = None  # where the client (engine: its threads) ran
-    notes: dict = field(default_factory=dict)  # camex-server: engine_process (bool)
+    # camex: the start-up cost profile (None for a dense model), and for the server whether its
+    # engine ran in a process of its own (engine_process)
+    notes: dict = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -250,7 +252,8 @@ class EngineWorker:
             with signals_held():  # no signal between the fork and holding its handle
                 self.proc = subprocess.Popen(self.cmd, cwd=ROOT, stdin=subprocess.PIPE,
                                              stdout=subprocess.PIPE, stderr=self.log, text=True)
-            self.ready_s = self._reply(self.startup_timeout_s)["ready_s"]
+            ready = self._reply(self.startup_timeout_s)
+            self.ready_s, self.cost_profile = ready["ready_s"], ready.get("cost_profile")
         except BaseException:
             self.__exit__()
             raise
@@ -369,6 +372,7 @@ def http_unit(system: str, server: ServerProcess, cmd: list[str], ready_s: float
     if system != LLAMA:  # where its engine ran (--engine-process auto decides)
         engine = httpx.get(server.url + "/info", timeout=30).json()["models"]["causal-lm"]
         notes["engine_process"] = engine["engine_pid"] != server.proc.pid
+        notes["cost_profile"] = engine.get("cost_profile")
     return Unit("http", system, cmd, ready_s, measure, cpus, notes)
 
 
@@ -400,7 +404,7 @@ def run_round(pair: str, threads: int, rnd: int, plan: dict, paths: dict,
                 cmd, logs / f"engine-{system}-{pair}-t{threads}-r{rnd}.log",
                 args.startup_timeout))
             units.append(Unit("engine", system, cmd, round(worker.ready_s, 1), worker.measure,
-                              cpus))
+                              cpus, {"cost_profile": worker.cost_profile}))
         per_level = [measure_level(units, level, plan, rnd) for level in plan["levels"]]
     return [{"kind": u.kind, "system": u.system, "dtype_pair": pair, "threads": threads,
              "round": rnd, "cmd": u.cmd, "ready_s": u.ready_s, **u.notes,

@@ -214,7 +214,34 @@ def markdown(doc: dict) -> str:
             "whose generated ids equal llama-server's (same dtype pair, threads and round). "
             "other cores: CPU other processes used during a level (machine busy - server - "
             "client), in brackets the part the hypervisor gave to other guests (steal)."]
+    line = profiles(doc)
+    if line:
+        out += ["", line]
     return "\n".join(out)
+
+
+def profiles(doc: dict) -> str | None:
+    """The merge time each merged-expert server and its engine baseline measured at start-up
+    (their cost profiles, which set how the scheduler budgets a routing decision's merges:
+    two processes that measured differently schedule differently), per cell and round; None
+    for documents from before the profiles were recorded."""
+    cells: dict[tuple, dict[int, dict[str, float]]] = {}
+    for run in doc["runs"]:
+        profile = run.get("cost_profile")
+        if profile:
+            key = (run["system"], run["dtype_pair"], run["threads"])
+            cells.setdefault(key, {}).setdefault(run["round"], {})[run["kind"]] = \
+                profile["merge_ms"]
+    if not cells:
+        return None
+
+    def ms(by_kind: dict[str, float], kind: str) -> str:
+        return f"{by_kind[kind]:.1f}" if kind in by_kind else "-"
+    parts = [f"{system} {pair} {threads} thread(s): " + ", ".join(
+                 f"{ms(r, 'http')} / {ms(r, 'engine')}" for _, r in sorted(rounds.items()))
+             for (system, pair, threads), rounds in cells.items()]
+    return ("Start-up cost profiles, one merge in ms, server / its engine baseline, per round: "
+            + "; ".join(parts) + ".")
 
 
 # Student's t, two-sided 95 %, by degrees of freedom (1-30); beyond 30 the normal 1.96 is

@@ -268,6 +268,15 @@ def test_quick_camex_side_end_to_end(models, tmp_path):
                                      and r["system"] == system) for kind in ("http", "engine"))
         assert ([lv["token_ids"] for lv in over_http["levels"]]
                 == [lv["token_ids"] for lv in in_engine["levels"]])
+    for run in doc["runs"]:  # each engine's start-up cost profile, which steers its scheduling
+        profile = run["cost_profile"]
+        if run["system"] == "camex-dense":
+            assert profile is None
+        else:
+            assert profile["merge_ms"] > 0 and len(profile["merged_ms"]) == len(profile["points"])
+    logs = out.with_name(out.stem + "-logs")
+    worker_log = (logs / "engine-camex-7x1-fp32-t1-r0.log").read_text()
+    assert "warm-up: merge pool and cost model ready" in worker_log  # the engine's own lines
     dense = next(r for r in doc["rows"] if r["system"] == "camex-dense")
     http = next(r for r in doc["runs"] if r["kind"] == "http" and r["system"] == "camex-dense")
     eng = next(r for r in doc["runs"] if r["kind"] == "engine" and r["system"] == "camex-dense")
@@ -401,6 +410,20 @@ def test_report_cli_prints_each_document_and_refuses_what_is_not_one(tmp_path, c
         with pytest.raises(SystemExit) as exit_:
             peer_report.main([str(arg)])
         assert exit_.value.code == 2 and why in capsys.readouterr().err
+
+
+def test_report_shows_each_units_startup_merge_cost_where_recorded():
+    """Server and engine baseline measure their cost profiles apart; the report puts the two
+    merge times side by side per cell and round, and says nothing for older documents."""
+    import peer_report
+    runs = [fake_run("http", "camex-7x1", 0, 10, 20), fake_run("engine", "camex-7x1", 0, 10, 20),
+            fake_run("http", "camex-7x1", 1, 10, 20), fake_run("engine", "camex-dense", 0, 9, 9)]
+    assert peer_report.profiles({"runs": runs}) is None
+    for run, ms in zip(runs, (3.5, 4.88, 5.25, None)):
+        run["cost_profile"] = None if ms is None else {"merge_ms": ms}
+    line = peer_report.profiles({"runs": runs})
+    assert line.endswith("camex-7x1 fp32 1 thread(s): 3.5 / 4.9, 5.2 / -.")  # rounds 0 and 1
+    assert "camex-dense" not in line
 
 
 def test_paired_interval_is_a_t_interval_on_the_logs_and_narrows_with_more_waves():
