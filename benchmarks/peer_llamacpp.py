@@ -427,10 +427,14 @@ def prepare(args: argparse.Namespace) -> tuple[dict, dict, dict | None]:
                            "gguf": {k: str(v) for k, v in paths.items() if k.startswith("gguf")}}
 
 
-def git_state() -> dict:
+def git_state(root: Path = ROOT) -> dict:
+    """The checkout's commit, and whether a tracked file differs from it. Untracked files do not
+    count: a round's results file, written by the run before and not yet committed, made the
+    next run's document say `dirty` with no code changed."""
     def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain"))}
+        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+    return {"commit": git("rev-parse", "HEAD") or None,
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def stop_on_sigterm(signum, frame) -> None:

@@ -412,6 +412,23 @@ def test_report_cli_prints_each_document_and_refuses_what_is_not_one(tmp_path, c
         assert exit_.value.code == 2 and why in capsys.readouterr().err
 
 
+def test_results_say_dirty_for_a_changed_tracked_file_not_an_untracked_one(tmp_path):
+    import peer_llamacpp
+
+    def git(*a):
+        subprocess.run(["git", *a], cwd=tmp_path, check=True, capture_output=True)
+    git("init", "-q")
+    (tmp_path / "engine.py").write_text("x = 1\n")
+    git("add", "engine.py")
+    git("-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "one")
+    state = peer_llamacpp.git_state(tmp_path)
+    assert len(state["commit"]) == 40 and state["dirty"] is False
+    (tmp_path / "peer-round-1.json").write_text("{}")  # the previous run's results
+    assert peer_llamacpp.git_state(tmp_path)["dirty"] is False
+    (tmp_path / "engine.py").write_text("x = 2\n")
+    assert peer_llamacpp.git_state(tmp_path)["dirty"] is True
+
+
 def test_report_shows_each_units_startup_merge_cost_where_recorded():
     """Server and engine baseline measure their cost profiles apart; the report puts the two
     merge times side by side per cell and round, and says nothing for older documents."""
