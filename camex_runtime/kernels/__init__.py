@@ -462,8 +462,7 @@ def ffn_rows(weight_dtype: torch.dtype) -> int:
     (fp32; bf16 with `bf16_dot()`; 16-bit weights the prompt tiles take) also the prompt
     segments it takes, so that a merged expert gives a prompt the same bits whether its merge
     was just made (merge_linear + hidden) or came from the cache (ffn)."""
-    if weight_dtype == torch.float32 or (weight_dtype == torch.bfloat16 and bf16_dot()) or \
-            tiles_take(weight_dtype, MERGE_LINEAR_ROWS):
+    if merge_linear_rows(weight_dtype, MERGE_LINEAR_ROWS):
         return MERGE_LINEAR_ROWS
     return max_rows(weight_dtype)
 
@@ -541,11 +540,19 @@ def merge_linear_takes(x: Tensor, stack: Tensor, out: Tensor) -> bool:
             and x.dtype == torch.float32 and stack.dtype == out.dtype and x.is_contiguous()
             and out.is_contiguous() and stack.stride(-1) == 1 and native() is not None):
         return False
-    if stack.dtype == torch.float32:
+    return merge_linear_rows(stack.dtype, x.shape[0])
+
+
+def merge_linear_rows(weight_dtype: torch.dtype, rows: int) -> bool:
+    """The weight dtype and row count part of `merge_linear_takes` (rows up to
+    MERGE_LINEAR_ROWS), which `ffn_rows` shares: fp32 weights at any count; bf16 ones from
+    `BF16_DOT_FROM` rows with `bf16_dot()`; 16-bit ones where `tiles_take` gives the rows to the
+    prompt tiles."""
+    if weight_dtype == torch.float32:
         return True
-    if stack.dtype == torch.bfloat16 and bf16_dot():
-        return x.shape[0] >= BF16_DOT_FROM
-    return tiles_take(stack.dtype, x.shape[0])
+    if weight_dtype == torch.bfloat16 and bf16_dot():
+        return rows >= BF16_DOT_FROM
+    return tiles_take(weight_dtype, rows)
 
 
 def merge_linear(x: Tensor, base: Tensor, deltas: Tensor, coeffs: Tensor, out: Tensor,
