@@ -24,7 +24,6 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from camex_runtime.checkpoint import load_folded  # noqa: E402
 from camex_runtime.engine.moe import MoEWeights, with_int8_deltas  # noqa: E402
 from camex_runtime.engine.runner import build_model  # noqa: E402
+from checkouts import git_state  # noqa: E402
 from machine import cpu_info, loadavg  # noqa: E402
 
 
@@ -108,14 +108,6 @@ def compare(path: Path, texts: list[str], min_tokens: int) -> dict:
     }
 
 
-def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                              capture_output=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def render(rows: list[dict]) -> str:
     head = ("| model | experts | texts / tokens | perplexity full → int8 | |Δ log p| mean / max "
             "| same top-1 | expert bytes full → int8 |")
@@ -159,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = [compare(m, texts, args.min_tokens) for m in models]
     print(render(rows))
     if args.out:
-        doc = {"benchmark": "int8_deltas", "commit": git_commit(), "machine": cpu_info(),
+        code = git_state()
+        doc = {"benchmark": "int8_deltas", "commit": code["short"], "dirty": code["dirty"],
+               "machine": cpu_info(),
                "loadavg": loadavg(), "torch": torch.__version__,
                "texts": str(args.texts) if args.texts else "demo-lm held-out fortunes",
                "seconds": round(time.perf_counter() - t0, 1), "rows": rows}

@@ -55,6 +55,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 import llamacpp_build  # noqa: E402
+from checkouts import git_state  # noqa: E402
 import peer_client  # noqa: E402
 from machine import (CpuMeter, cpu_info, loadavg, main_thread_cpu_s,  # noqa: E402
                      with_descendants)
@@ -425,16 +426,6 @@ def prepare(args: argparse.Namespace) -> tuple[dict, dict, dict | None]:
             llama, paths["dense"], args.work / f"{args.family}-{gguf_type}.gguf", gguf_type)
     return paths, models, {"llama_cpp_python": llama.version, **llama.build_info,
                            "gguf": {k: str(v) for k, v in paths.items() if k.startswith("gguf")}}
-
-
-def git_state(root: Path = ROOT) -> dict:
-    """The checkout's commit, and whether a tracked file differs from it. Untracked files do not
-    count: a round's results file, written by the run before and not yet committed, made the
-    next run's document say `dirty` with no code changed."""
-    def git(*a: str) -> str:
-        return subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
-    return {"commit": git("rev-parse", "HEAD") or None,
-            "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
 
 
 def stop_on_sigterm(signum, frame) -> None:

@@ -36,6 +36,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout
+from benchmarks.checkouts import git_state  # noqa: E402
 from loadtest import LoadConfig, run_load  # noqa: E402
 from loadtest.report import Slo  # noqa: E402
 
@@ -231,12 +232,9 @@ def server_command(args: argparse.Namespace, port: int) -> list[str]:
 
 
 def git_commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                              capture_output=True, text=True,
-                              timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
+    """The checkout's abbreviated commit, with "+dirty" where a tracked file differs from it."""
+    state = git_state(ROOT)
+    return None if state["short"] is None else state["short"] + ("+dirty" if state["dirty"] else "")
 
 
 def compare(a_path: Path, b_path: Path, out: Path) -> int:

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import scenarios as sc  # noqa: E402
 import harness  # noqa: E402
 from harness import ROOT  # noqa: E402
+from benchmarks.checkouts import git_state  # noqa: E402  (harness puts the checkout on sys.path)
 
 ORDER = ("capacity", "soak", "overload_4x", "overload_20x", "classify_flood",
          "disconnect_storm", "slowloris", "sigterm", "kill9_restart", "corrupt_checkpoints")
@@ -47,13 +47,10 @@ def machine() -> dict:
             "cpus": os.cpu_count(), "cpu_model": cpu, "mem_total": mem}
 
 
-def git(*args: str) -> str:
-    return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-
-
 def run_all(ctx: sc.Context, only: list[str], soak_minutes: float, out: Path,
             update: bool) -> dict:
-    doc = {"git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain")),
+    code = git_state(ROOT)
+    doc = {"git_commit": code["commit"], "git_dirty": code["dirty"],
            "machine": machine(), "started_at": now(), "load_avg_start": os.getloadavg(),
            "quick": ctx.quick, "model": Path(ctx.model).name,
            "classifier": Path(ctx.classifier).name,
@@ -101,7 +98,7 @@ def timed(fn) -> dict:
         result = fn()
     except Exception as exc:  # a scenario that crashes is a failed scenario, not a lost run
         result = {"pass": False, "error": f"{type(exc).__name__}: {exc}"[:2000]}
-    return {**result, "git_commit": git("rev-parse", "HEAD"), "started_at": started_at,
+    return {**result, "git_commit": git_state(ROOT)["commit"], "started_at": started_at,
             "wall_s": round(time.monotonic() - start, 1),
             "load_avg_before": [round(x, 2) for x in load],
             "load_avg_after": [round(x, 2) for x in os.getloadavg()]}

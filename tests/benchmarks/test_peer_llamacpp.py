@@ -412,7 +412,8 @@ def test_report_cli_prints_each_document_and_refuses_what_is_not_one(tmp_path, c
         assert exit_.value.code == 2 and why in capsys.readouterr().err
 
 
-def test_results_say_dirty_for_a_changed_tracked_file_not_an_untracked_one(tmp_path):
+def test_results_say_dirty_for_a_changed_tracked_file_not_an_untracked_one(tmp_path,
+                                                                           tmp_path_factory):
     import peer_llamacpp
 
     def git(*a):
@@ -423,10 +424,13 @@ def test_results_say_dirty_for_a_changed_tracked_file_not_an_untracked_one(tmp_p
     git("-c", "user.name=t", "-c", "user.email=t@example.invalid", "commit", "-q", "-m", "one")
     state = peer_llamacpp.git_state(tmp_path)
     assert len(state["commit"]) == 40 and state["dirty"] is False
+    assert state["commit"].startswith(state["short"])
     (tmp_path / "peer-round-1.json").write_text("{}")  # the previous run's results
     assert peer_llamacpp.git_state(tmp_path)["dirty"] is False
     (tmp_path / "engine.py").write_text("x = 2\n")
     assert peer_llamacpp.git_state(tmp_path)["dirty"] is True
+    outside = tmp_path_factory.mktemp("unpacked")  # a source tree without .git: nothing claimed
+    assert peer_llamacpp.git_state(outside) == {"commit": None, "short": None, "dirty": None}
 
 
 def test_report_shows_each_units_startup_merge_cost_where_recorded():
