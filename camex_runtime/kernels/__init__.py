@@ -7,11 +7,11 @@
   fp16/bf16 weights in registers and splits the output rows over torch's intra-op threads
   (an AVX-512 variant where the CPU has it, from a row count tuned per CPU family and kind of
   weights, `AVX512_TUNING`: same bits, more work per load). More rows (prompt chunks) go to
-  the native prompt tiles where `tiles_take` says so — 16-bit weights on CPUs without a 16-bit
-  GEMM, fp32 ones up to `tiles_max_rows` rows on CPUs without AVX-512 or from a vendor in
-  `TILES_FP32_AVX512_VENDORS` — and otherwise to
-  `F.linear`: fp16/bf16 weights with fp32 activations use the CPU's 16-bit GEMM there
-  (AVX512-BF16/AMX, AVX512-FP16), or are widened where the kernels are unavailable.
+  the native prompt tiles where `tiles_take` says so — up to `tiles_max_rows` rows, 16-bit
+  weights on CPUs without a 16-bit GEMM, fp32 ones on CPUs without AVX-512 or from a vendor in
+  `TILES_FP32_AVX512_VENDORS` — and otherwise to `F.linear`: fp16/bf16 weights with fp32
+  activations use the CPU's 16-bit GEMM there (AVX512-BF16/AMX, AVX512-FP16), or are widened
+  to fp32 a slice at a time (`widened_linear`) for torch's fp32 GEMM.
 - `decode_attention(...)` writes one decode step's keys/values into the KV cache and attends
   each row over its own cached positions (fp32), in one call instead of a dozen small ops and
   a general attention kernel sized for long queries; None where it does not apply.
@@ -150,6 +150,20 @@ MAX_ROWS_FP32 = 16  # fp32 weights
 # 256 rows 294-313 / 164-167.
 TILES_MAX_ROWS_FP32 = 64
 TILES_MAX_ROWS_FP32_AVX512 = 256
+# 16-bit weights' chunks go to the tiles up to TILES_MAX_ROWS_16BIT rows on CPUs without
+# AVX-512; beyond that, widening the matrix once per call (in slices of WIDEN_SLICE_BYTES) and
+# torch's fp32 GEMM win: at ~91 GFLOP/s on one Zen 3 core that GEMM runs near the FMA peak, the
+# tiles at ~65, and the widening (~2 ms per GPT-2-small block) amortises over the rows.
+# GPT-2-small's block products with bf16 weights on the 2-core Zen 3 VM, tiles / widen + GEMM,
+# per block, one thread: 64 rows 13.0-13.3 / 13.2-14.0 ms, 96 rows 20.1 / 19.1, 128 rows
+# 26.4-26.5 / 23.6-23.9, 256 rows 52.6 / 43.4, 512 rows 107.6 / 82.9; two threads: 64 rows
+# 6.8 / 11.7, 96 rows 10.4 / 10.9, 128 rows 14.0 / 14.1, 256 rows 26.9 / 23.5 (fp16 alike:
+# 128 rows 27.6 / 23.7, 256 rows 53.4 / 48.0 on one thread). A 512-token prompt's first token
+# in bf16 had taken 1.48 s against llama.cpp's 1.27 (f16) and this server's own 1.20 in fp32.
+# With AVX-512 (AMD, fp16 weights; Intel CPUs without a 16-bit GEMM) not measured beyond
+# 128 rows: the limit is the fp32 one there, TILES_MAX_ROWS_FP32_AVX512.
+TILES_MAX_ROWS_16BIT = 128
+WIDEN_SLICE_BYTES = 16 << 20  # fp32 bytes of weight rows widened at a time beyond the tiles
 TILES_FP32_AVX512_VENDORS = ("AuthenticAMD",)
 # A decode step of one sequence with 16-bit weights streams each weight row once. On the Zen 4
 # and Xeon VMs (AVX-512) the hardware prefetcher alone streams it fastest; on the AVX2-only Zen 3
@@ -358,23 +372,24 @@ def max_rows(weight_dtype: torch.dtype) -> int:
 
 def tiles_max_rows(weight_dtype: torch.dtype) -> int:
     """The most rows `tiles_take` gives the tiles for weights of `weight_dtype` (where it
-    gives them any): for fp32, TILES_MAX_ROWS_FP32_AVX512 on CPUs with AVX-512, else
-    TILES_MAX_ROWS_FP32; no limit for 16-bit weights."""
-    if weight_dtype != torch.float32:
-        return 2 ** 62
-    return TILES_MAX_ROWS_FP32_AVX512 if "avx512f" in cpu_flags() else TILES_MAX_ROWS_FP32
+    gives them any): TILES_MAX_ROWS_FP32_AVX512 on CPUs with AVX-512; without it,
+    TILES_MAX_ROWS_FP32 for fp32 weights and TILES_MAX_ROWS_16BIT for 16-bit ones."""
+    if "avx512f" in cpu_flags():
+        return TILES_MAX_ROWS_FP32_AVX512
+    return TILES_MAX_ROWS_FP32 if weight_dtype == torch.float32 else TILES_MAX_ROWS_16BIT
 
 
 def tiles_take(weight_dtype: torch.dtype, rows: int) -> bool:
     """Whether `linear` gives `rows` rows by weights of `weight_dtype` to the native prompt
     tiles: never a decode batch (`max_rows` or fewer rows); beyond it up to `tiles_max_rows`,
-    where the comment above TILES_MAX_ROWS_FP32 says (and why)."""
+    where the comments above TILES_MAX_ROWS_FP32 and TILES_MAX_ROWS_16BIT say (and why)."""
     if rows <= max_rows(weight_dtype):
         return False
     if weight_dtype == torch.float32:
         return rows <= tiles_max_rows(weight_dtype) and (
             "avx512f" not in cpu_flags() or cpu_vendor() in TILES_FP32_AVX512_VENDORS)
-    return weight_dtype in TILE_KINDS.values() and not native_16bit_gemm(weight_dtype)
+    return (weight_dtype in TILE_KINDS.values() and not native_16bit_gemm(weight_dtype)
+            and rows <= tiles_max_rows(weight_dtype))
 
 
 def native():
@@ -415,9 +430,27 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
             # the activations to 16 bits, as serving in that dtype would
             y = F.linear(x.to(w.dtype), w).float()
             return y if b is None else y + b
+        if w.device.type == "cpu" and x.dtype == torch.float32:
+            return widened_linear(x, w, b)
         w = w.to(x.dtype)
         b = None if b is None else b.to(x.dtype)
     return F.linear(x, w, b)
+
+
+def widened_linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """`F.linear(x, w.float(), b)` for 16-bit weights w with fp32 x, widening at most
+    WIDEN_SLICE_BYTES of w at a time: an output head of a large vocabulary (a Llama's 128k x
+    4,096 is 2 GiB in fp32) is never widened whole."""
+    out_features, in_features = w.shape
+    per = max(1, WIDEN_SLICE_BYTES // (4 * max(in_features, 1)))
+    bias = None if b is None else b.float()
+    if out_features <= per:
+        return F.linear(x, w.float(), bias)
+    y = x.new_empty(*x.shape[:-1], out_features)
+    for o in range(0, out_features, per):
+        y[..., o:o + per] = F.linear(x, w[o:o + per].float(),
+                                     None if bias is None else bias[o:o + per])
+    return y
 
 
 NATIVE_16BIT_FLAGS = {torch.bfloat16: ("avx512_bf16", "amx_bf16"),

@@ -370,19 +370,24 @@ AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx51
 @pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
 @pytest.mark.parametrize("flags", [AVX2_ONLY, AVX512_BF16], ids=["avx2-only", "avx512-bf16"])
 def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags, vendor):
-    """Where the CPU has no 16-bit GEMM, 16-bit weights' prompt chunks go to the tiles at any
-    length (torch would widen the whole matrix per call); where it has one (bf16 here, not
-    fp16), they go to it. fp32 chunks go to the tiles up to TILES_MAX_ROWS_FP32 rows on CPUs
+    """Where the CPU has no 16-bit GEMM, 16-bit weights' prompt chunks go to the tiles up to
+    TILES_MAX_ROWS_16BIT rows without AVX-512 (TILES_MAX_ROWS_FP32_AVX512 with it), longer ones
+    to torch's fp32 GEMM on weights widened a slice at a time; where the CPU has one (bf16 here,
+    not fp16), they go to it. fp32 chunks go to the tiles up to TILES_MAX_ROWS_FP32 rows on CPUs
     without AVX-512 and TILES_MAX_ROWS_FP32_AVX512 on AMD ones with it, not on Intel ones with
     it. kernels.linear follows that choice with the tiles' own bits."""
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
     monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
     avx512 = "avx512f" in flags
     first = kernels.MAX_ROWS + 1
+    most16 = kernels.TILES_MAX_ROWS_FP32_AVX512 if avx512 else kernels.TILES_MAX_ROWS_16BIT
+    assert kernels.tiles_max_rows(torch.bfloat16) == kernels.tiles_max_rows(torch.float16) == most16
     assert kernels.tiles_take(torch.bfloat16, first) is not avx512
-    assert kernels.tiles_take(torch.bfloat16, 4096) is not avx512
-    assert kernels.tiles_take(torch.float16, first) and kernels.tiles_take(torch.float16, 4096)
-    assert not kernels.tiles_take(torch.float64, 4096)  # the tiles read fp32 / fp16 / bf16 only
+    assert kernels.tiles_take(torch.bfloat16, most16) is not avx512
+    assert kernels.tiles_take(torch.float16, first) and kernels.tiles_take(torch.float16, most16)
+    assert not kernels.tiles_take(torch.bfloat16, most16 + 1)
+    assert not kernels.tiles_take(torch.float16, most16 + 1)
+    assert not kernels.tiles_take(torch.float64, 64)  # the tiles read fp32 / fp16 / bf16 only
     fp32_tiles = not avx512 or vendor == "AuthenticAMD"
     fp32_first = kernels.MAX_ROWS_FP32 + 1
     assert kernels.tiles_take(torch.float32, fp32_first) is fp32_tiles
@@ -396,7 +401,8 @@ def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags, ve
     torch.manual_seed(1)
     for wdtype, rows in ((torch.bfloat16, first), (torch.float16, 70), (torch.float32, 20),
                          (torch.float32, kernels.TILES_MAX_ROWS_FP32 + 1),
-                         (torch.float32, most + 1)):
+                         (torch.float32, most + 1), (torch.bfloat16, most16 + 1),
+                         (torch.float16, most16 + 1)):
         w, b, x = torch.randn(30, 24).to(wdtype), torch.randn(30), torch.randn(rows, 24)
         got = kernels.linear(x, w, b)
         assert torch.equal(got, mod.linear_tiles(x, w, b)) is kernels.tiles_take(wdtype, rows)
@@ -934,3 +940,36 @@ def test_precision_override_is_checked_and_honoured(monkeypatch):
                                                              else torch.float16)
         assert choose(cpu, torch.bfloat16, False) == Precision(torch.bfloat16, torch.bfloat16)
         assert choose(cpu, torch.float32, True) == Precision(torch.float32, torch.float32)
+
+
+@pytest.mark.parametrize("wdtype", [torch.bfloat16, torch.float16])
+def test_long_chunks_widen_16bit_weights_a_slice_at_a_time(monkeypatch, wdtype):
+    """Beyond the tiles, 16-bit weights are widened for torch's fp32 GEMM at most
+    WIDEN_SLICE_BYTES at a time (an output head of a large vocabulary would be GiBs in fp32),
+    and the slices give F.linear on the whole widened matrix."""
+    torch.manual_seed(6)
+    w, b = torch.randn(30, 24).to(wdtype), torch.randn(30)
+    x = torch.randn(2, 150, 24)  # batch dims kept, as F.linear keeps them
+    widened = []
+    real = F.linear
+
+    def recording(x_, w_, b_=None):
+        widened.append(tuple(w_.shape))
+        return real(x_, w_, b_)
+    monkeypatch.setattr(kernels.F, "linear", recording)
+    monkeypatch.setattr(kernels, "WIDEN_SLICE_BYTES", 4 * 24 * 7)  # 7 weight rows a slice
+    for bias in (b, None):
+        widened.clear()
+        got = kernels.widened_linear(x, w, bias)
+        assert got.shape == (2, 150, 30) and got.dtype == torch.float32
+        assert widened == [(7, 24)] * 4 + [(2, 24)]
+        assert rel(got, real(x, w.float(), bias)) <= 1e-6
+    monkeypatch.setattr(kernels, "WIDEN_SLICE_BYTES", 1 << 20)  # all of it in one slice
+    widened.clear()
+    assert rel(kernels.widened_linear(x, w, b), real(x, w.float(), b)) <= 1e-6
+    assert widened == [(30, 24)]
+    if not kernels.native_16bit_gemm(wdtype):  # kernels.linear gives long chunks to it
+        widened.clear()
+        rows = kernels.tiles_max_rows(wdtype) + 1
+        got = kernels.linear(torch.randn(rows, 24), w, b)
+        assert got.shape == (rows, 30) and widened == [(30, 24)]
