@@ -321,9 +321,9 @@ def _load():
         first = max_rows(dtype) + 1
         takes = tiles_take(dtype, first)
         if takes:
-            tiles.append(name)
+            tiles.append(f"{name} {first}-{tiles_max_rows(dtype)}")
         module.set_tiles(name, first if takes else 0, tiles_max_rows(dtype))
-    tiles_text = (f"; prompt tiles for {', '.join(tiles)} weights beyond a decode batch"
+    tiles_text = (f"; prompt tiles for {', '.join(tiles)} rows, torch's GEMM beyond"
                   if tiles else "")
     set_by = (" set by CAMEX_MERGE_PREFETCH"
               if os.environ.get("CAMEX_MERGE_PREFETCH", "").strip() else "")

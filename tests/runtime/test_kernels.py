@@ -503,7 +503,8 @@ def test_the_native_products_take_the_tiles_for_the_rows_python_gives_them():
         lo, hi = mod.tiles(name)
         assert lo == (first if kernels.tiles_take(dtype, first) else 0)
         assert (lo > 0) == (name in said)
-        if lo:
+        if lo:  # the status says the rows: "fp32 17-64, bf16 9-128, ..."
+            assert f"{name} {lo}-{hi}" in said
             assert kernels.tiles_take(dtype, hi)  # fp32: not one row more (tested above)
             assert hi == kernels.tiles_max_rows(dtype)
     with pytest.raises(RuntimeError, match="kind"):
