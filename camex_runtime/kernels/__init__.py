@@ -383,13 +383,11 @@ def tiles_take(weight_dtype: torch.dtype, rows: int) -> bool:
     """Whether `linear` gives `rows` rows by weights of `weight_dtype` to the native prompt
     tiles: never a decode batch (`max_rows` or fewer rows); beyond it up to `tiles_max_rows`,
     where the comments above TILES_MAX_ROWS_FP32 and TILES_MAX_ROWS_16BIT say (and why)."""
-    if rows <= max_rows(weight_dtype):
+    if not max_rows(weight_dtype) < rows <= tiles_max_rows(weight_dtype):
         return False
     if weight_dtype == torch.float32:
-        return rows <= tiles_max_rows(weight_dtype) and (
-            "avx512f" not in cpu_flags() or cpu_vendor() in TILES_FP32_AVX512_VENDORS)
-    return (weight_dtype in TILE_KINDS.values() and not native_16bit_gemm(weight_dtype)
-            and rows <= tiles_max_rows(weight_dtype))
+        return "avx512f" not in cpu_flags() or cpu_vendor() in TILES_FP32_AVX512_VENDORS
+    return weight_dtype in TILE_KINDS.values() and not native_16bit_gemm(weight_dtype)
 
 
 def native():
