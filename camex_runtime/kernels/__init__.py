@@ -422,13 +422,13 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
                 y = mod.linear(x2, w, b) if decode else mod.linear_tiles(x2, w, b)
                 return y.view(*x.shape[:-1], w.shape[0])
     if w.dtype != x.dtype:  # 16-bit weights, fp32 activations, more rows than decode has
-        if w.device.type == "cpu" and x.dtype == torch.float32 and native_16bit_gemm(w.dtype):
-            # prompt chunks: the CPU's own 16-bit GEMM (oneDNN) beats widening every weight
-            # matrix per call 2-2.7x (GPT-2-small, Zen 4, 16-64 rows); the products then round
-            # the activations to 16 bits, as serving in that dtype would
-            y = F.linear(x.to(w.dtype), w).float()
-            return y if b is None else y + b
         if w.device.type == "cpu" and x.dtype == torch.float32:
+            if native_16bit_gemm(w.dtype):
+                # prompt chunks: the CPU's own 16-bit GEMM (oneDNN) beats widening every weight
+                # matrix per call 2-2.7x (GPT-2-small, Zen 4, 16-64 rows); the products then
+                # round the activations to 16 bits, as serving in that dtype would
+                y = F.linear(x.to(w.dtype), w).float()
+                return y if b is None else y + b
             return widened_linear(x, w, b)
         w = w.to(x.dtype)
         b = None if b is None else b.to(x.dtype)
