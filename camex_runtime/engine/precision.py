@@ -13,9 +13,9 @@ times as much); on a Zen 4 core with AVX512-BF16, one sequence's step took 33 ms
 13 ms mixed (GPT-2-small shape), and pure was ahead only at 8 sequences (49 ms against 55 ms).
 Prompt chunks (more rows than a decode batch) multiply in the 16-bit dtype where the CPU has
 native 16-bit GEMMs (2-2.7x faster than widening each weight matrix per call); elsewhere the
-native prompt tiles take them (kernels.tiles_take: weights widened in registers, no copy), and
-longer chunks widen the weights a slice at a time for torch's fp32 GEMM, which the tiles' extra
-arithmetic loses to from ~128 rows.
+native prompt tiles take them (kernels.tiles_take: each group of weight rows widened once into a
+small scratch), and longer chunks widen the weights a slice at a time for torch's fp32 GEMM,
+which the widening pays for from a few hundred rows.
 So mixed is the default wherever the native kernels run; on CUDA, where they cannot be built,
 and for classifiers, everything runs in the requested dtype. `CAMEX_PRECISION=pure|mixed`
 overrides the choice (comparisons, debugging).

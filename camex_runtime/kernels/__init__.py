@@ -115,54 +115,41 @@ ENV_VARS = ("CAMEX_KERNELS", "CAMEX_KERNELS_DIR", "CAMEX_KERNELS_TUNING", "CAMEX
 # GEMM, or to the prompt tiles (`tiles_take`).
 MAX_ROWS = 8  # 16-bit weights
 MAX_ROWS_FP32 = 16  # fp32 weights
-# The prompt tiles (cpu_decode.cpp, tiles_run): more rows than max_rows in register tiles of 3
-# weight rows x 4 inputs, one accumulator per output (bits independent of the other rows, but
+# The prompt tiles (cpu_decode.cpp, tiles_run): more rows than max_rows, the inputs packed
+# transposed in blocks of 16, register tiles of 6 weight rows x 16 inputs (broadcast weights),
+# one chain of FMAs per output and 256 elements of k (bits independent of the other rows, but
 # not the linear kernel's). They take 16-bit weights' products on CPUs without a 16-bit GEMM,
 # where torch would widen the whole matrix on every call before its fp32 GEMM, and fp32 ones up
 # to TILES_MAX_ROWS_FP32 rows on CPUs without AVX-512 (and AMD ones with it, below), whose fp32
-# GEMM in torch splits small row counts poorly over threads. GPT-2-small's block products on a
-# 2-core Zen 3 VM (AVX2/F16C), tiles vs the linear kernel vs torch (widening 16-bit weights),
-# one thread / two:
-# - bf16: 16 rows 50.5 / 63.3 / 96.7 ms and 27.4 / 40.7 / 63.0; 32 rows 95.4 / 138.4 / 130.6
-#   and 49.4 / 74.1 / 84.4; 256 rows 703 / 1215 / 688 and 370 / 602 / 392 (fp16 alike); since
-#   each group of weight rows is widened once for all inputs (cpu_decode.cpp, tile_rows), all
-#   12 blocks' products: 32 rows 82 / 48 ms on one / two threads (98 / 51 before), 64 rows
-#   157 / 92 (192 / 108);
-# - fp32: 24 rows 81.5 / 114.3 / 97.5; 32 rows 103.1 / 162.1 / 116.0 and 60.2 / 89.5 / 101.3;
-#   64 rows 188.5 / 309.2 / 188.2; 256 rows on two threads 426 / 665 / 395.
+# GEMM in torch splits small row counts poorly over threads. GPT-2-small's block products (3
+# blocks, weights read cold) on a 2-core Zen 3 VM (AVX2/F16C), tiles / torch (widening 16-bit
+# weights a slice at a time), medians, one thread and two:
+# - bf16: 16 rows 0.61 / 0.37, 64 rows 0.83 / 0.66, 128 rows 0.89 / 0.74, 256 rows 0.95-0.97 /
+#   0.88-0.93, 512 rows 0.99-1.00 / 0.89-0.99, 768 rows 0.96 / 0.91 (86-89 GFLOP/s on one
+#   thread from 64 rows, 156-168 on two);
+# - fp32: 32 rows 0.73 / 0.56, 64 rows 0.82 / 0.68, 128 rows 0.94 / 0.80, 256 rows 0.99-1.00 /
+#   0.92-0.98, 384 rows 1.00-1.01 / 0.95-0.97, 512 rows 1.04 / 0.93-1.03.
+# (The earlier tiles, 3 weight rows x 4 inputs of dot products, ran at 62-71 GFLOP/s there and
+# gave way to torch from 64 fp32 and 128 16-bit rows; the dense model's 32-token prefill in the
+# engine took 99 ms on one thread, 85 with these, in fp32 and in bf16 alike.)
 # On AMD CPUs with AVX-512 too (Zen 4 runs 512-bit FMAs as two 256-bit halves, so torch's wider
 # GEMM gains no width there, and on two threads it splits a prompt's rows poorly), up to
-# TILES_MAX_ROWS_FP32_AVX512 rows. Each tile prefetches the next tile's weight rows while it
-# computes (cpu_decode.cpp, TilePrefetch): from memory, the tiles had waited on the weights. A
-# 2-core Zen 4 VM, one block stack's products (12 blocks, weights on 2 MiB pages, read cold),
-# tiles / torch, one thread and two:
-# - GPT-2-small: 17 rows 0.61 / 0.42, 32 rows 0.73 / 0.52 (60.6 vs 82.9 ms / 32.8 vs 63.4),
-#   64 rows 0.87 / 0.65, 128 rows 0.97 / 0.75, 256 rows 1.03 / 0.91;
-# - a Llama of that width (GQA 12/4, SwiGLU 2,048): 17 rows 0.59 / 0.40, 32 rows 0.74 / 0.51,
-#   64 rows 0.84 / 0.63, 128 rows 0.94 / 0.70, 256 rows 1.00 / 0.88.
-# (Before the prefetch, 32 rows: 0.95 / 0.68 and 0.98 / 0.62; the tiles' products of GPT-2-small
-# at 32 rows 82 -> 62 ms on one thread, 43 -> 32 on two.) Without AVX-512 the Zen 3 figures
-# above are from before the prefetch, hence the lower limit there.
-# Intel CPUs with AVX-512 keep torch's: on a 2-core Xeon VM with AMX (full-width FMAs) its fp32
-# GEMM wins from 32 rows. GPT-2-small's 12 blocks' products (plain tensors), tiles / torch,
-# medians, one thread: 17 rows 40-42 / 50 ms, 32 rows 66-69 / 60-63, 64 rows 131 / 91,
-# 256 rows 493-518 / 261; two threads: 17 rows 23-28 / 25-26, 32 rows 37-45 / 31-35,
-# 256 rows 294-313 / 164-167.
-TILES_MAX_ROWS_FP32 = 64
+# TILES_MAX_ROWS_FP32_AVX512 rows; on Intel CPUs with AVX-512 fp32 keeps torch's GEMM (a 2-core
+# Xeon VM with AMX, full-width FMAs: torch's won from 32 rows, GPT-2-small's 12 blocks' products
+# at 32 rows 66-69 / 60-63 ms on one thread, 256 rows 493-518 / 261). Those limits were measured
+# with the earlier tiles (Zen 4, 12 blocks, tiles / torch, one thread and two: GPT-2-small 32
+# rows 0.73 / 0.52, 128 rows 0.97 / 0.75, 256 rows 1.03 / 0.91; a Llama of that width alike) and
+# not since: on AVX-512 CPUs these tiles are the same AVX2 code.
+TILES_MAX_ROWS_FP32 = 256
 TILES_MAX_ROWS_FP32_AVX512 = 256
 # 16-bit weights' chunks go to the tiles up to TILES_MAX_ROWS_16BIT rows on CPUs without
 # AVX-512; beyond that, widening the matrix once per call (in slices of WIDEN_SLICE_BYTES) and
-# torch's fp32 GEMM win: at ~91 GFLOP/s on one Zen 3 core that GEMM runs near the FMA peak, the
-# tiles at ~65, and the widening (~2 ms per GPT-2-small block) amortises over the rows.
-# GPT-2-small's block products with bf16 weights on the 2-core Zen 3 VM, tiles / widen + GEMM,
-# per block, one thread: 64 rows 13.0-13.3 / 13.2-14.0 ms, 96 rows 20.1 / 19.1, 128 rows
-# 26.4-26.5 / 23.6-23.9, 256 rows 52.6 / 43.4, 512 rows 107.6 / 82.9; two threads: 64 rows
-# 6.8 / 11.7, 96 rows 10.4 / 10.9, 128 rows 14.0 / 14.1, 256 rows 26.9 / 23.5 (fp16 alike:
-# 128 rows 27.6 / 23.7, 256 rows 53.4 / 48.0 on one thread). A 512-token prompt's first token
-# in bf16 had taken 1.48 s against llama.cpp's 1.27 (f16) and this server's own 1.20 in fp32.
-# With AVX-512 (AMD, fp16 weights; Intel CPUs without a 16-bit GEMM) not measured beyond
-# 128 rows: the limit is the fp32 one there, TILES_MAX_ROWS_FP32_AVX512.
-TILES_MAX_ROWS_16BIT = 128
+# torch's fp32 GEMM, which the widening amortises over the rows: at 512 rows the two were even
+# above, and a dense GPT-2-small 512-token bf16 prefill in the engine took 1.17-1.23 s that way
+# against 1.20-1.25 through the tiles (one thread; two: 0.71-0.72 either way). With AVX-512
+# (AMD, fp16 weights; Intel CPUs without a 16-bit GEMM) the limit is the fp32 one,
+# TILES_MAX_ROWS_FP32_AVX512.
+TILES_MAX_ROWS_16BIT = 256
 WIDEN_SLICE_BYTES = 16 << 20  # fp32 bytes of weight rows widened at a time beyond the tiles
 TILES_FP32_AVX512_VENDORS = ("AuthenticAMD",)
 # A decode step of one sequence with 16-bit weights streams each weight row once. On the Zen 4

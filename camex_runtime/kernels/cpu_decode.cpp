@@ -379,11 +379,10 @@ inline bool wide_for(int64_t B) {
 // The weights the next tile will read, prefetched into L2 while this one computes: `n` spans of
 // `bytes` each (weight rows, or a merge's [base; deltas]), a line of each in turn, as that tile
 // reads them, `per` lines every `every` calls of `step` (one call per step of the products'
-// inner loop). The prompt tiles spread their lines over the whole tile; issued sooner they
-// bought little: GPT-2-small's block products, 32 rows, fp32, weights read cold, one Zen 4 core:
-// 82-86 ms without, 77-79 with the lines issued during the tile's first group of inputs, 81
-// during its first half or quarter, 62-66 spread over all of it. The bf16 dot kernel issues two
-// lines a step (merge_linear_dot).
+// inner loop). The bf16 dot kernel issues two lines a step (merge_linear_dot). (The prompt
+// tiles' earlier form spread its lines over the whole tile: GPT-2-small's block products, 32
+// rows, fp32, weights read cold, one Zen 4 core: 82-86 ms without, 77-79 with the lines issued
+// during the tile's first group of inputs, 62-66 spread over all of it.)
 struct TilePrefetch {
   const char* span[17];
   int64_t n = 0, bytes = 0, next = 0;  // n spans of `bytes` each; lines issued so far
@@ -412,132 +411,172 @@ E* aligned64(std::vector<E>& v, int64_t n) {
 }
 
 // ---- Prompt tiles: more rows than a decode batch, where the CPU has no faster GEMM ---------
-// With a prompt chunk's rows the products are bound by arithmetic and loads, not by memory: the
-// kernels above load an input vector per FMA and keep two partial sums per output (for their
-// batch invariance), and on a CPU without a 16-bit GEMM torch would widen every 16-bit weight
-// matrix to fp32 on each call before its GEMM (which without AVX-512 also splits small row
-// counts poorly over threads; Python's kernels.tiles_take says where the tiles serve). Here a tile of NR <= 3 weight rows x NB <= 4 inputs runs in registers: per 8
-// elements NR weight vectors (widened once) and NB input vectors feed NR * NB FMAs into one
-// accumulator per output (12 of the 16 AVX2 registers), then the same lane reduction (hsum) and
-// scalar tail as the linear kernel. Every output is the same chain of FMAs whatever tile or
-// thread computes it, so it does not depend on the other rows either (its bits differ from the
-// linear kernel's two partial sums, so decode batches keep that kernel). Inputs go in blocks
-// that stay in L2 while every weight-row group passes over them, the groups split over threads.
-// GPT-2-small's block products, bf16 weights, one core of a Zen 3 VM (AVX2/F16C), 36 rows:
-// 99 ms against 159 for the linear kernel (12 rows: 43 against 52); measured with tiles of 3x2
-// with two sums (the linear kernel's bits: 124 ms), 2x4 (122), 2x6 (118), 3x3 (110), 4x3 (157).
-template <WType T, int NR, int NB>
-inline void tile(const float* x, int64_t ldx, int64_t in, const char* w, int64_t ldw_bytes,
-                 float* y, int64_t ldy, TilePrefetch* pf) {
-  __m256 a[NR][NB];
-  for (int r = 0; r < NR; ++r)
-    for (int b = 0; b < NB; ++b) a[r][b] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= in; i += 8) {
-    if (pf != nullptr) pf->step();
-    __m256 wv[NR];
-    for (int r = 0; r < NR; ++r) wv[r] = load8<T>(w + r * ldw_bytes, i);
-    for (int b = 0; b < NB; ++b) {
-      const __m256 xv = _mm256_loadu_ps(x + b * ldx + i);
-      for (int r = 0; r < NR; ++r) a[r][b] = _mm256_fmadd_ps(wv[r], xv, a[r][b]);
-    }
+// With a prompt chunk's rows the products are bound by arithmetic, not by memory: the kernels
+// above load an input vector per FMA and keep two partial sums per output (for their batch
+// invariance), and on a CPU without a 16-bit GEMM torch would widen every 16-bit weight matrix
+// to fp32 on each call before its GEMM (which without AVX-512 also splits small row counts
+// poorly over threads; Python's kernels.tiles_take says where the tiles serve).
+// Here the inputs are packed transposed once per call, in blocks of 16 inputs (8 for a last
+// block of at most 8): block[k][j] = x[b0 + j][k], zeros past the last input. A tile is 6 weight
+// rows x one block: per k, one or two input vectors and 6 broadcast weights feed 12 FMAs (6
+// with an 8-input block), one accumulator per output, 12 of the 16 AVX2 registers. (The tiles
+// before these were dot products along k, 3 weight rows x 4 inputs and a lane sum per output at
+// the end: those need all 16 registers, so the compiler reloaded a weight vector for every
+// input, 10 loads per 12 FMAs, and each tile read its inputs from L2.) Every output is a chain
+// of FMAs s = fma(w[r][k], x[b][k], s) over k from s = 0, one chain per TILE_SPAN elements of k,
+// the chains' sums added in order, then the bias: its bits depend on neither the other rows,
+// nor the tile, nor the thread that computes it. (One chain over all of k would be ~4x less
+// accurate at k = 3,072 than torch's fp32 GEMM; chains of 256 are as accurate, 64 no better.)
+// 16-bit weight rows are widened once per group of 6 into a scratch row each (exact), which
+// every block of inputs reads; fp32 rows are read in place (a last group of fewer than 6 rows
+// is copied beside zero rows). During its first block a group prefetches the next group's
+// rows into L2. Zen 3 VM (AVX2/FMA/F16C), one core, 32 inputs, weights in cache: 3,072 x 768
+// and 768 x 3,072 products at 88-92 GFLOP/s with fp32 weights, 85-86 with bf16, against
+// 62-77 for the dot-product tiles (torch's fp32 GEMM peaks at ~91 there, for long prompts).
+constexpr int64_t TILE_ROWS = 6;     // weight rows per tile
+constexpr int64_t TILE_INPUTS = 16;  // inputs per block (a last block of <= 8: 8)
+constexpr int64_t TILE_SPAN = 256;   // elements of k per chain
+
+// The packed inputs of one call: blocks of TILE_INPUTS inputs ([in][16]), the last one of 8
+// lanes ([in][8]) when at most 8 inputs are left.
+struct PackedInputs {
+  at::Tensor storage;  // this call's (a chunk of a long prompt's would be too big to keep)
+  const float* data = nullptr;
+  int64_t B = 0, in = 0;
+  int64_t blocks() const { return (B + TILE_INPUTS - 1) / TILE_INPUTS; }
+  int64_t width(int64_t blk) const {  // lanes of block blk
+    return B - blk * TILE_INPUTS > 8 ? TILE_INPUTS : 8;
   }
-  for (int r = 0; r < NR; ++r)
-    for (int b = 0; b < NB; ++b) {
-      float s = hsum(a[r][b]);
-      for (int64_t j = i; j < in; ++j)  // one rounding per step, whatever T the compiler sees
-        s = std::fma(load1<T>(w + r * ldw_bytes, j), x[b * ldx + j], s);
-      y[b * ldy + r] = s;
-    }
+  const float* block(int64_t blk) const { return data + blk * TILE_INPUTS * in; }
+};
+
+// x[b0 .. b0+n) (n <= 8 rows, row stride ldx) transposed into dst[k][lanes] at lanes j0..j0+8
+// (rows past n: zeros): 8 x 8 register transposes, a scalar tail for in % 8.
+inline void pack8(const float* x, int64_t n, int64_t ldx, int64_t in, float* dst, int64_t lanes) {
+  int64_t k = 0;
+  for (; k + 8 <= in; k += 8) {
+    __m256 r[8];
+    for (int j = 0; j < 8; ++j)
+      r[j] = j < n ? _mm256_loadu_ps(x + j * ldx + k) : _mm256_setzero_ps();
+    const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    float* d = dst + k * lanes;
+    _mm256_storeu_ps(d + 0 * lanes, _mm256_permute2f128_ps(u0, u4, 0x20));
+    _mm256_storeu_ps(d + 1 * lanes, _mm256_permute2f128_ps(u1, u5, 0x20));
+    _mm256_storeu_ps(d + 2 * lanes, _mm256_permute2f128_ps(u2, u6, 0x20));
+    _mm256_storeu_ps(d + 3 * lanes, _mm256_permute2f128_ps(u3, u7, 0x20));
+    _mm256_storeu_ps(d + 4 * lanes, _mm256_permute2f128_ps(u0, u4, 0x31));
+    _mm256_storeu_ps(d + 5 * lanes, _mm256_permute2f128_ps(u1, u5, 0x31));
+    _mm256_storeu_ps(d + 6 * lanes, _mm256_permute2f128_ps(u2, u6, 0x31));
+    _mm256_storeu_ps(d + 7 * lanes, _mm256_permute2f128_ps(u3, u7, 0x31));
+  }
+  for (; k < in; ++k)
+    for (int64_t j = 0; j < 8; ++j) dst[k * lanes + j] = j < n ? x[j * ldx + k] : 0.f;
 }
 
-// The tiles of one group of NR weight rows over nb inputs, 4 at a time, then the rest.
-template <WType T, int NR>
-inline void tiles_over(const float* x, int64_t nb, int64_t ldx, int64_t in, const char* w,
-                       int64_t ldw_bytes, float* y, int64_t ldy, TilePrefetch* pf) {
-  int64_t b = 0;
-  for (; b + 4 <= nb; b += 4)
-    tile<T, NR, 4>(x + b * ldx, ldx, in, w, ldw_bytes, y + b * ldy, ldy, pf);
-  switch (nb - b) {
-    case 3: tile<T, NR, 3>(x + b * ldx, ldx, in, w, ldw_bytes, y + b * ldy, ldy, pf); break;
-    case 2: tile<T, NR, 2>(x + b * ldx, ldx, in, w, ldw_bytes, y + b * ldy, ldy, pf); break;
-    case 1: tile<T, NR, 1>(x + b * ldx, ldx, in, w, ldw_bytes, y + b * ldy, ldy, pf); break;
-    default: break;
+// x (B, in), row stride ldx, packed for the tiles (the allocator aligns the buffer to 64 bytes)
+inline PackedInputs pack_inputs(const float* x, int64_t B, int64_t ldx, int64_t in) {
+  PackedInputs p;
+  p.B = B, p.in = in;
+  p.storage = at::empty({p.blocks() * TILE_INPUTS * in}, at::TensorOptions().dtype(at::kFloat));
+  float* const dst = p.storage.data_ptr<float>();
+  for (int64_t blk = 0; blk < p.blocks(); ++blk) {
+    const int64_t b0 = blk * TILE_INPUTS, lanes = p.width(blk);
+    float* d = dst + blk * TILE_INPUTS * in;
+    for (int64_t j0 = 0; j0 < lanes; j0 += 8)
+      pack8(x + (b0 + j0) * ldx, std::max<int64_t>(0, std::min<int64_t>(8, B - b0 - j0)), ldx,
+            in, d + j0, lanes);
   }
+  p.data = dst;
+  return p;
 }
 
-// `next`, `next_rows`: the weight rows of the tile after this one, prefetched while the inputs
-// pass over these rows (none: next_rows 0). With 16-bit weights and more than one group of
-// inputs the group's NR rows are widened to fp32 once, into a scratch row per weight row, and
-// every group of inputs reads those: the same values (widening is exact) in the same FMAs, so
-// the same bits, without widening each weight vector again for every 4 inputs (3 conversions
-// per 12 FMAs in `tile`). GPT-2-small's 12 blocks' products, bf16 weights, one Zen 3 core
-// (AVX2/F16C), widened per group / once: 12 rows 41.0 / 36.5 ms, 32 rows 97.6 / 81.7, 64 rows
-// 192 / 157; two cores 21.1 / 19.9, 50.5 / 47.6, 108 / 92 (fp16 alike). The dense model's first
-// token after a 32-token prompt 126 -> 103 ms on one thread, 68 -> 63 on two.
-template <WType T, int NR>
-inline void tile_rows(const float* x, int64_t nb, int64_t ldx, int64_t in, const char* w,
-                      int64_t ldw_bytes, float* y, int64_t ldy, const char* next,
-                      int64_t next_rows) {
-  constexpr int64_t elem = T == WType::F32 ? 4 : 2;
-  TilePrefetch prefetch, *pf = nullptr;
-  if (next_rows > 0) {
-    pf = &prefetch;
-    pf->n = next_rows, pf->bytes = in * elem, pf->per = 1;
-    for (int64_t r = 0; r < next_rows; ++r) pf->span[r] = next + r * ldw_bytes;
-    const int64_t steps = (nb + 3) / 4 * (in / 8), lines = next_rows * ((in * elem + 63) / 64);
-    pf->every = std::max<int64_t>(1, steps / std::max<int64_t>(1, lines));
+// y[b][r] = sum_k w_r[k] * xt[k][b] for 6 weight rows (fp32, any stride apart) and one block
+// of NV * 8 inputs; the first nb inputs and nr rows are stored (y row stride ldy). Each k-span
+// of TILE_SPAN elements is its own chain from zero, the spans' sums added in order.
+template <int NV>
+inline void tile(const float* xt, int64_t in, const float* const* wr, float* y, int64_t ldy,
+                 int64_t nb, int64_t nr, const char* const* next, int64_t next_esz) {
+  alignas(32) float t[TILE_ROWS][TILE_INPUTS] = {};
+  for (int64_t k0 = 0; k0 < in; k0 += TILE_SPAN) {
+    const int64_t k1 = std::min(in, k0 + TILE_SPAN);
+    const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3], *w4 = wr[4], *w5 = wr[5];
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    __m256 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;  // the second 8 inputs
+    for (int64_t k = k0; k < k1; ++k) {
+      if (next != nullptr && (k & 15) == 0)
+        for (int r = 0; r < TILE_ROWS; ++r) _mm_prefetch(next[r] + k * next_esz, _MM_HINT_T1);
+      const __m256 x0 = _mm256_loadu_ps(xt + k * 8 * NV);
+      const __m256 x1 = NV == 2 ? _mm256_loadu_ps(xt + k * 16 + 8) : x0;
+      __m256 v;
+#define CAMEX_TILE_ROW(r)                              \
+      v = _mm256_broadcast_ss(w##r + k);               \
+      a##r = _mm256_fmadd_ps(v, x0, a##r);             \
+      if constexpr (NV == 2) b##r = _mm256_fmadd_ps(v, x1, b##r);
+      CAMEX_TILE_ROW(0) CAMEX_TILE_ROW(1) CAMEX_TILE_ROW(2)
+      CAMEX_TILE_ROW(3) CAMEX_TILE_ROW(4) CAMEX_TILE_ROW(5)
+#undef CAMEX_TILE_ROW
+    }
+    const __m256 as[6] = {a0, a1, a2, a3, a4, a5}, bs[6] = {b0, b1, b2, b3, b4, b5};
+    for (int r = 0; r < 6; ++r) {
+      _mm256_store_ps(t[r], _mm256_add_ps(_mm256_load_ps(t[r]), as[r]));
+      if constexpr (NV == 2)
+        _mm256_store_ps(t[r] + 8, _mm256_add_ps(_mm256_load_ps(t[r] + 8), bs[r]));
+    }
   }
-  if constexpr (T != WType::F32) {
-    if (nb > 4) {
-      // every scratch row on a 64-byte line (unaligned, the dense model's first token took
-      // 118 ms instead of 103 in some processes: one Zen 3 thread, bf16, 32-token prompt)
-      thread_local std::vector<float> wide;
-      const int64_t ld = (in + 15) / 16 * 16;
-      float* const base = aligned64(wide, NR * ld);
-      for (int r = 0; r < NR; ++r) {
-        const char* row = w + r * ldw_bytes;
-        float* dst = base + r * ld;
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t r = 0; r < nr; ++r) y[b * ldy + r] = t[r][b];
+}
+
+// y[:, o:o+rows] = x @ w[o:o+rows]^T (+ bias) for all inputs (packed) by tiles: each group of
+// TILE_ROWS weight rows (widened / gathered once) passes over every block of inputs.
+template <WType T>
+void tiles_into(const PackedInputs& xp, const char* w, int64_t ldw_bytes, int64_t out,
+                const float* bias, float* y, int64_t o, int64_t rows) {
+  const int64_t in = xp.in;
+  thread_local std::vector<float> wide;
+  const int64_t ld = (in + 15) / 16 * 16;
+  float* const scratch = aligned64(wide, TILE_ROWS * ld);
+  for (int64_t g = o; g < o + rows; g += TILE_ROWS) {
+    const int64_t nr = std::min(TILE_ROWS, o + rows - g);
+    const float* wr[TILE_ROWS];
+    for (int64_t r = 0; r < TILE_ROWS; ++r) {
+      const char* row = w + (g + r) * ldw_bytes;
+      float* dst = scratch + r * ld;
+      wr[r] = dst;
+      if (r >= nr) {  // rows past the matrix: zeros (their outputs are not stored)
+        std::memset(dst, 0, in * sizeof(float));
+      } else if constexpr (T == WType::F32) {
+        if (nr == TILE_ROWS) wr[r] = reinterpret_cast<const float*>(row);
+        else std::memcpy(dst, row, in * sizeof(float));
+      } else {
         int64_t i = 0;
         for (; i + 8 <= in; i += 8) _mm256_storeu_ps(dst + i, load8<T>(row, i));
         for (; i < in; ++i) dst[i] = load1<T>(row, i);
       }
-      tiles_over<WType::F32, NR>(x, nb, ldx, in, reinterpret_cast<const char*>(base), ld * 4,
-                                 y, ldy, pf);
-      return;
     }
-  }
-  tiles_over<T, NR>(x, nb, ldx, in, w, ldw_bytes, y, ldy, pf);
-}
-
-constexpr int64_t TILE_ROWS = 3;  // weight rows per tile
-constexpr int64_t TILE_BLOCK_BYTES = 256 * 1024;  // inputs per block: at most this much fp32
-
-// y[:, o:o+rows] = x @ w[o:o+rows]^T (+ bias) for all B inputs by tiles: inputs in blocks that
-// stay in L2, each block passed over by every group of TILE_ROWS weight rows of the range.
-template <WType T>
-void tiles_into(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
-                int64_t ldw_bytes, int64_t out, const float* bias, float* y, int64_t o,
-                int64_t rows) {
-  const int64_t block =
-      std::max<int64_t>(4, TILE_BLOCK_BYTES / (4 * std::max<int64_t>(in, 1)) / 4 * 4);
-  for (int64_t b0 = 0; b0 < B; b0 += block) {
-    const int64_t nb = std::min(block, B - b0);
-    const float* xb = x + b0 * ldx;
-    float* yb = y + b0 * out;
-    for (int64_t g = o; g < o + rows; g += TILE_ROWS) {
-      const char* wg = w + g * ldw_bytes;
-      const char* next = wg + TILE_ROWS * ldw_bytes;
-      const int64_t nr = std::max<int64_t>(0, std::min(TILE_ROWS, o + rows - g - TILE_ROWS));
-      switch (std::min(TILE_ROWS, o + rows - g)) {
-        case 1: tile_rows<T, 1>(xb, nb, ldx, in, wg, ldw_bytes, yb + g, out, next, nr); break;
-        case 2: tile_rows<T, 2>(xb, nb, ldx, in, wg, ldw_bytes, yb + g, out, next, nr); break;
-        default: tile_rows<T, 3>(xb, nb, ldx, in, wg, ldw_bytes, yb + g, out, next, nr); break;
-      }
+    const char* next[TILE_ROWS];  // the next group's rows, prefetched during the first block
+    const bool pf = g + 2 * TILE_ROWS <= o + rows;
+    for (int64_t r = 0; r < TILE_ROWS; ++r) next[r] = w + (g + TILE_ROWS + r) * ldw_bytes;
+    constexpr int64_t esz = T == WType::F32 ? 4 : 2;
+    for (int64_t blk = 0; blk < xp.blocks(); ++blk) {
+      const int64_t b0 = blk * TILE_INPUTS, nb = std::min(TILE_INPUTS, xp.B - b0);
+      float* yb = y + b0 * out + g;
+      const char* const* nx = pf && blk == 0 ? next : nullptr;
+      if (xp.width(blk) == TILE_INPUTS)
+        tile<2>(xp.block(blk), in, wr, yb, out, nb, nr, nx, esz);
+      else
+        tile<1>(xp.block(blk), in, wr, yb, out, nb, nr, nx, esz);
     }
   }
   if (bias != nullptr)
-    for (int64_t b = 0; b < B; ++b)
+    for (int64_t b = 0; b < xp.B; ++b)
       for (int64_t r = o; r < o + rows; ++r) y[b * out + r] += bias[r];
 }
 
@@ -545,10 +584,11 @@ void tiles_into(const float* x, int64_t B, int64_t ldx, int64_t in, const char* 
 template <WType T>
 void tiles_run(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
                int64_t ldw_bytes, int64_t out, const float* bias, float* y) {
+  const PackedInputs xp = pack_inputs(x, B, ldx, in);
   const int64_t groups = (out + TILE_ROWS - 1) / TILE_ROWS;
-  at::parallel_for(0, groups, 8, [&](int64_t lo, int64_t hi) {
+  at::parallel_for(0, groups, 4, [&](int64_t lo, int64_t hi) {
     const int64_t o = lo * TILE_ROWS;
-    tiles_into<T>(x, B, ldx, in, w, ldw_bytes, out, bias, y, o, std::min(hi * TILE_ROWS, out) - o);
+    tiles_into<T>(xp, w, ldw_bytes, out, bias, y, o, std::min(hi * TILE_ROWS, out) - o);
   });
 }
 
@@ -566,13 +606,14 @@ inline bool tiles_for(int64_t B) {
   return tiles_from[k] > 0 && B >= tiles_from[k] && B <= tiles_to[k];
 }
 
-// y[:, o:o+rows] = x @ w[o:o+rows]^T (+ bias) for all B inputs: one task's output rows
+// y[:, o:o+rows] = x @ w[o:o+rows]^T (+ bias) for all B inputs: one task's output rows (by the
+// prompt tiles where `packed`, x packed for them)
 template <WType T>
 inline void rows_into(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
                       int64_t ldw_bytes, int64_t out, const float* bias, float* y, int64_t o,
-                      int64_t rows, bool wide) {
-  if (tiles_for<T>(B)) {
-    tiles_into<T>(x, B, ldx, in, w, ldw_bytes, out, bias, y, o, rows);
+                      int64_t rows, bool wide, const PackedInputs* packed = nullptr) {
+  if (packed != nullptr) {
+    tiles_into<T>(*packed, w, ldw_bytes, out, bias, y, o, rows);
     return;
   }
   if (wide)
@@ -1003,12 +1044,12 @@ void merge_linear_dot(const float* x, int64_t B, int64_t in, const char* base, c
 // Measured on Zen 4 (GPT-2-small fc1 and fc2 with 7 deltas, 32 rows, fp32): 4.6-5.3 ms per
 // linear against 5.3-5.6 ms on one core, ~3.0 ms against 3.8-4.3 ms on two.
 // Where the prompt tiles multiply (tiles_for), a tile is whole groups of TILE_ROWS weight rows,
-// about MERGE_SPAN_BYTES of each stream: 16 rows left a lone row per tile, the tiles' slowest
-// shape. Zen 3 VM, GPT-2-small fc1 + fc2 of one layer, 32 rows, weights read cold, paired runs:
-// fp32 0.95x the time of 16-row tiles on one and on two threads; bf16 weights 1.00x a merge and
-// then the tiles on one thread, 0.95x on two. Prefetching the next tile's [base; deltas] during
-// the products, as merge_linear_dot does, made the same call slower there (bf16, one thread,
-// 8.7 -> 11.1 ms; with any hint): the tiles' loads from L2 then wait behind the prefetches.
+// about MERGE_SPAN_BYTES of each stream, and x is packed for them once per call: 16 rows had
+// left a partial group per tile (with the earlier 3-row tiles, whole groups were 0.95x the time
+// of 16-row tiles: Zen 3 VM, GPT-2-small fc1 + fc2 of one layer, 32 rows, fp32, one and two
+// threads). Prefetching the next tile's [base; deltas] during the products, as merge_linear_dot
+// does, made the call slower there (bf16, one thread, 8.7 -> 11.1 ms; with any hint), when the
+// tiles read their inputs from L2.
 constexpr int64_t MERGE_TILE = 16;
 constexpr int64_t MERGE_SPAN_BYTES = 24 * 1024;
 
@@ -1024,16 +1065,19 @@ void merge_linear_run(const float* x, int64_t B, int64_t in, const char* base, c
   }
   constexpr int64_t esz = T == WType::F32 ? 4 : 2;
   const bool wide = wide_for<T>(B);
+  const bool tiles = tiles_for<T>(B);
+  PackedInputs packed;
+  if (tiles) packed = pack_inputs(x, B, in, in);
   const int64_t tile =
-      tiles_for<T>(B)
-          ? std::max<int64_t>(TILE_ROWS, MERGE_SPAN_BYTES / (in * esz) / TILE_ROWS * TILE_ROWS)
-          : MERGE_TILE;
+      tiles ? std::max<int64_t>(TILE_ROWS, MERGE_SPAN_BYTES / (in * esz) / TILE_ROWS * TILE_ROWS)
+            : MERGE_TILE;
   at::parallel_for(0, (out + tile - 1) / tile, 1, [&](int64_t lo, int64_t hi) {
     char* const outs[1] = {w};
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t o = t * tile, rows = std::min(tile, out - o);
       merge_range<T>(base, deltas, ld_bytes, c, E, 1, o * in, (o + rows) * in, outs);
-      rows_into<T>(x, B, in, in, w, in * esz, out, bias, y, o, rows, wide);
+      rows_into<T>(x, B, in, in, w, in * esz, out, bias, y, o, rows, wide,
+                   tiles ? &packed : nullptr);
     }
   });
 }

@@ -330,12 +330,12 @@ def test_large_row_counts_and_16bit_activations_leave_the_linear_kernel():
 @pytest.mark.parametrize("out,inp,rows", [(40, 56, 9), (29, 61, 33), (31, 3003, 45)])
 def test_prompt_tiles_equal_torch_and_each_row_keeps_its_bits(wdtype, out, inp, rows):
     """The prompt tiles compute x @ w.T + b (16-bit weights widened exactly) for any shape:
-    output rows that fill no whole tile (29, 31, 40 = 3k + 1 or 2), input widths with a scalar
-    tail (61, 3003), row counts that fill no whole tile (9, 33, 45) and inputs split into blocks
-    that stay in cache (3,003 inputs: 20 rows a block). Each output is one chain of FMAs, so a
-    row gets the same bits alone, in any batch, in any order, from a strided view, on one
-    thread or two (16-bit weight rows are widened once for all inputs of a block where it has
-    more than 4, and in each tile where it has fewer: the bits must not tell)."""
+    output rows that fill no whole tile of 6 (29, 31, 40), input widths that are no multiple
+    of 8 (61, 3003: the packing's 8 x 8 transposes leave a tail) and span several chains of 256
+    (3003), row counts that fill no whole block of 16 inputs (9; 33: a last block of 8 lanes;
+    45). Each output is the same chains of FMAs wherever it is computed, so a row gets the same
+    bits alone (a block of 8 lanes), in any batch, in any order, from a strided view, on one
+    thread or two."""
     mod = kernels.native()
     torch.manual_seed(out + inp)
     w = torch.randn(out, inp + 3).to(wdtype)[:, :inp]  # a row stride wider than the row
@@ -375,7 +375,7 @@ def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags, ve
     to torch's fp32 GEMM on weights widened a slice at a time; where the CPU has one (bf16 here,
     not fp16), they go to it. fp32 chunks go to the tiles up to TILES_MAX_ROWS_FP32 rows on CPUs
     without AVX-512 and TILES_MAX_ROWS_FP32_AVX512 on AMD ones with it, not on Intel ones with
-    it. kernels.linear follows that choice with the tiles' own bits."""
+    it. kernels.linear follows that choice: the tiles' own result where they take the rows."""
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
     monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
     avx512 = "avx512f" in flags
@@ -398,15 +398,25 @@ def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags, ve
     mod = kernels.native()
     if mod is None:
         return
+    tiled = []
+
+    class Spy:  # which rows went to the tiles (the rest is torch's, or the CPU's 16-bit GEMM)
+        def linear_tiles(self, *args):
+            tiled.append(args[0].shape[0])
+            return mod.linear_tiles(*args)
+    monkeypatch.setattr(kernels, "native", lambda: Spy())
     torch.manual_seed(1)
     for wdtype, rows in ((torch.bfloat16, first), (torch.float16, 70), (torch.float32, 20),
                          (torch.float32, kernels.TILES_MAX_ROWS_FP32 + 1),
                          (torch.float32, most + 1), (torch.bfloat16, most16 + 1),
                          (torch.float16, most16 + 1)):
         w, b, x = torch.randn(30, 24).to(wdtype), torch.randn(30), torch.randn(rows, 24)
+        tiled.clear()
         got = kernels.linear(x, w, b)
-        assert torch.equal(got, mod.linear_tiles(x, w, b)) is kernels.tiles_take(wdtype, rows)
-        if not kernels.tiles_take(wdtype, rows) and not kernels.native_16bit_gemm(wdtype):
+        assert (tiled == [rows]) is kernels.tiles_take(wdtype, rows), (wdtype, rows)
+        if kernels.tiles_take(wdtype, rows):
+            assert torch.equal(got, mod.linear_tiles(x, w, b))
+        elif not kernels.native_16bit_gemm(wdtype):
             assert rel(got, F.linear(x, w.float(), b)) <= 1e-6
 
 
