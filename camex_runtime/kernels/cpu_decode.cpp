@@ -497,9 +497,10 @@ inline PackedInputs pack_inputs(const float* x, int64_t B, int64_t ldx, int64_t 
   return p;
 }
 
-// y[b][r] = sum_k w_r[k] * xt[k][b] for 6 weight rows (fp32, any stride apart) and one block
-// of NV * 8 inputs; the first nb inputs and nr rows are stored (y row stride ldy). Each k-span
-// of TILE_SPAN elements is its own chain from zero, the spans' sums added in order.
+// y[b][r] = sum_k w_r[k] * xt[k][b] for TILE_ROWS (6, spelled out below) weight rows (fp32,
+// any stride apart) and one block of NV * 8 inputs; the first nb inputs and nr rows are stored
+// (y row stride ldy). Each k-span of TILE_SPAN elements is its own chain from zero, the spans'
+// sums added in order. `next`: rows to prefetch into L2 meanwhile (next_esz bytes an element).
 template <int NV>
 inline void tile(const float* xt, int64_t in, const float* const* wr, float* y, int64_t ldy,
                  int64_t nb, int64_t nr, const char* const* next, int64_t next_esz) {
@@ -523,8 +524,10 @@ inline void tile(const float* xt, int64_t in, const float* const* wr, float* y, 
       CAMEX_TILE_ROW(3) CAMEX_TILE_ROW(4) CAMEX_TILE_ROW(5)
 #undef CAMEX_TILE_ROW
     }
-    const __m256 as[6] = {a0, a1, a2, a3, a4, a5}, bs[6] = {b0, b1, b2, b3, b4, b5};
-    for (int r = 0; r < 6; ++r) {
+    static_assert(TILE_ROWS == 6, "the accumulators above are spelled out for 6 rows");
+    const __m256 as[TILE_ROWS] = {a0, a1, a2, a3, a4, a5};
+    const __m256 bs[TILE_ROWS] = {b0, b1, b2, b3, b4, b5};
+    for (int r = 0; r < TILE_ROWS; ++r) {
       _mm256_store_ps(t[r], _mm256_add_ps(_mm256_load_ps(t[r]), as[r]));
       if constexpr (NV == 2)
         _mm256_store_ps(t[r] + 8, _mm256_add_ps(_mm256_load_ps(t[r] + 8), bs[r]));
