@@ -609,16 +609,12 @@ inline bool tiles_for(int64_t B) {
   return tiles_from[k] > 0 && B >= tiles_from[k] && B <= tiles_to[k];
 }
 
-// y[:, o:o+rows] = x @ w[o:o+rows]^T (+ bias) for all B inputs: one task's output rows (by the
-// prompt tiles where `packed`, x packed for them)
+// y[:, o:o+rows] = x @ w[o:o+rows]^T (+ bias) for all B inputs by the linear kernel: one task's
+// output rows
 template <WType T>
 inline void rows_into(const float* x, int64_t B, int64_t ldx, int64_t in, const char* w,
                       int64_t ldw_bytes, int64_t out, const float* bias, float* y, int64_t o,
-                      int64_t rows, bool wide, const PackedInputs* packed = nullptr) {
-  if (packed != nullptr) {
-    tiles_into<T>(*packed, w, ldw_bytes, out, bias, y, o, rows);
-    return;
-  }
+                      int64_t rows, bool wide) {
   if (wide)
     rows_avx512<T>(x, B, ldx, in, w, ldw_bytes, out, y, o, rows);
   else
@@ -1079,8 +1075,10 @@ void merge_linear_run(const float* x, int64_t B, int64_t in, const char* base, c
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t o = t * tile, rows = std::min(tile, out - o);
       merge_range<T>(base, deltas, ld_bytes, c, E, 1, o * in, (o + rows) * in, outs);
-      rows_into<T>(x, B, in, in, w, in * esz, out, bias, y, o, rows, wide,
-                   tiles ? &packed : nullptr);
+      if (tiles)
+        tiles_into<T>(packed, w, in * esz, out, bias, y, o, rows);
+      else
+        rows_into<T>(x, B, in, in, w, in * esz, out, bias, y, o, rows, wide);
     }
   });
 }
