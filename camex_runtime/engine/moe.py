@@ -260,6 +260,13 @@ def with_int8_deltas(model):
     return model
 
 
+def serving_hidden(ins: list[Tensor], kind: FFNKind) -> Tensor:
+    """The hidden function of the (fused) FFN `kind`: native where it applies
+    (kernels.serving_hidden: the bits kernels.ffn gives), else the kind's own."""
+    hid = kernels.serving_hidden(ins, kind.activation, kind.params)
+    return kind.hidden(ins) if hid is None else hid
+
+
 def apply_merged(x: Tensor, w: Mapping[str, Tensor], kind: FFNKind) -> Tensor:
     """x (n, d) through one merged FFN (pool views) -> (n, d): decode rows and short prompt
     segments (fp32 weights; bf16 with kernels.bf16_dot()) on the CPU in one native call
@@ -269,7 +276,7 @@ def apply_merged(x: Tensor, w: Mapping[str, Tensor], kind: FFNKind) -> Tensor:
                       kind.activation, kind.params)
     if got is not None:
         return got
-    hid = kind.hidden([kernels.linear(x, w["fc1_weight"], w.get("fc1_bias"))])  # (n, h)
+    hid = serving_hidden([kernels.linear(x, w["fc1_weight"], w.get("fc1_bias"))], kind)  # (n, h)
     return kernels.linear(hid, w["fc2_weight"], w.get("fc2_bias"))  # (n, d)
 
 
@@ -290,7 +297,8 @@ def apply_mixture(x: Tensor, moe: MoEWeights, scores: Tensor) -> Tensor:
     b1 = None if moe.b1 is None else moe.b1.view(E1 * kh)
     # fc1: (n, d) @ ((E+1)·kh, d)^T -> (n, E+1, kh); then the score-weighted sum over experts
     y = kernels.linear(x, w1.view(E1 * kh, d), b1).view(n, E1, kh)
-    hid = moe.kind.hidden([torch.bmm(c.unsqueeze(1), y).squeeze(1)])  # (n, 1, E+1) @ (n, E+1, kh)
+    mixed = torch.bmm(c.unsqueeze(1), y).squeeze(1)  # (n, 1, E+1) @ (n, E+1, kh)
+    hid = serving_hidden([mixed], moe.kind)
     # fc2: per expert e, (c_e · hid) @ w2[e]^T summed over e: (E+1, n, h) @ (E+1, h, d)
     scaled = c.t().unsqueeze(2) * hid.unsqueeze(0)  # (E+1, n, h)
     if w2.dtype == x.dtype and n > kernels.max_rows(w2.dtype):

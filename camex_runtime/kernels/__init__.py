@@ -21,7 +21,8 @@
   fused decode step, engine/fused_decode.py, which checks where they apply); `ffn(...)` a
   merged expert's FFN in one call (decode rows, and prompt segments up to `MERGE_LINEAR_ROWS`
   with fp32 weights, or bf16 ones with `bf16_dot()`), or None where it does not apply;
-  `hidden` its hidden function alone.
+  `hidden` its hidden function alone; `serving_hidden` that function for prompt rows of any
+  count (a served model's dense FFNs, merged experts past `ffn`'s rows), split over threads.
 - `merge(base, deltas, coeffs, out)` writes `base + coeffs @ deltas` (one merged expert) in one
   pass over the weights, in their own dtype with fp32 accumulation; elsewhere `torch.addmm`.
   `merge_many` writes several (rows that opened segments in the same step) in one pass.
@@ -526,6 +527,36 @@ def hidden(u: Tensor, activation: str, params: tuple[float, ...] = ()) -> Tensor
     return native().hidden(u, *gate_args(activation, params))
 
 
+def serving_hidden(ins: list[Tensor], activation: str,
+                   params: tuple[float, ...] = ()) -> Tensor | None:
+    """An FFN's hidden function of its input projections' outputs, as `ffn` computes it,
+    for rows of any count (prompt chunks; leading dims kept): `ins` = [u] for "gelu_tanh" or
+    a gate stacked as [gate; up] in u's last dim, [gate, up] for a gate made apart. One pass
+    over the rows, split over torch's threads: ~3.7x torch's tanh GELU on a Zen 3 core and ~2x
+    its silu(gate) * up (the elementwise ops, each element the bits `ffn` gives it). None where
+    it does not apply (not contiguous fp32 on the CPU, another activation, no native kernels):
+    the caller applies the FFNKind's own hidden function."""
+    if not (activation in NATIVE_ACTIVATIONS and len(ins) in (1, 2)
+            and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                    and t.dim() >= 1 and t.shape == ins[0].shape for t in ins)):
+        return None
+    mod = native()
+    if mod is None:
+        return None
+    glu, gate, limit, alpha = gate_args(activation, params)
+    lead, width = ins[0].shape[:-1], ins[0].shape[-1]
+    rows = [t.reshape(-1, width) for t in ins]
+    if len(ins) == 2:
+        if not glu:
+            return None
+        out = mod.hidden_pair(rows[0], rows[1], gate, limit, alpha)
+    else:
+        if glu and width % 2:
+            return None
+        out = mod.hidden(rows[0], glu, gate, limit, alpha)
+    return out.view(*lead, out.shape[-1])
+
+
 def merge(base: Tensor, deltas: Tensor, coeffs: Tensor, out: Tensor) -> Tensor:
     """out (n,) = base (n,) + coeffs (E,) @ deltas (E, n), written in place; returns out."""
     if base.device.type == "cpu" and base.dtype == deltas.dtype == out.dtype and \
@@ -578,8 +609,9 @@ def merge_linear(x: Tensor, base: Tensor, deltas: Tensor, coeffs: Tensor, out: T
     """Write out (n_out, n_in) = base + coeffs (E,) @ deltas (E, n_out·n_in) like `merge` (the
     same bits) and return `F.linear(x, out, bias)` for x (B, n_in), in one pass over the stack.
     None (nothing written) where the native kernel does not take it (`merge_linear_takes`):
-    not fp32 activations on the CPU, more than MERGE_LINEAR_ROWS rows, 16-bit weights other
-    than bf16 with `bf16_dot()` from BF16_DOT_FROM rows, no native kernels. With fp32 weights
+    not fp32 activations on the CPU, more than MERGE_LINEAR_ROWS rows, 16-bit weights that
+    neither the bf16 dot kernel (`bf16_dot()`, from BF16_DOT_FROM rows) nor the prompt tiles
+    (`tiles_take`) take, no native kernels. With fp32 weights
     each row of the product is the linear kernel's, the bits a decode step gets for it; with
     bf16 weights the bf16 dot kernel's, the bits `ffn` gives the same rows from the finished
     entry. (Fused with the widening linear kernel, bf16 was slower on one Zen 4 core than a

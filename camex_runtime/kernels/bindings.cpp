@@ -48,6 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "stacked",
         nogil());
   m.def("hidden", &hidden, "the FFN's hidden function as ffn applies it", nogil());
+  m.def("hidden_pair", &hidden_pair, "a gated hidden function of separate gate and up", nogil());
   m.def("layers", &layers,
         "a span of pre-norm blocks (attention, norm, dense or merged-expert FFN groups) for "
         "one decode token per row", nogil());

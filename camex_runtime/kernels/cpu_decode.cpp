@@ -1048,7 +1048,9 @@ void merge_linear_dot(const float* x, int64_t B, int64_t in, const char* base, c
 // of 16-row tiles: Zen 3 VM, GPT-2-small fc1 + fc2 of one layer, 32 rows, fp32, one and two
 // threads). Prefetching the next tile's [base; deltas] during the products, as merge_linear_dot
 // does, made the call slower there (bf16, one thread, 8.7 -> 11.1 ms; with any hint), when the
-// tiles read their inputs from L2.
+// tiles read their inputs from L2; with the broadcast tiles as well (12 layers' bf16 fc1 + fc2,
+// 32 rows, one thread: 92-106 ms without, 105-137 with all, 5-25 % or a line per 8 elements of k
+// of the next tile, T0 / T1 / T2 / NTA).
 constexpr int64_t MERGE_TILE = 16;
 constexpr int64_t MERGE_SPAN_BYTES = 24 * 1024;
 
@@ -1511,8 +1513,26 @@ void norm_rows(const float* x, int64_t B, int64_t d, const float* w, const float
 // exp(x) for any x (overflow clamped at e^88, underflow at e^-87.3)
 inline __m256 exp8_any(__m256 x) { return exp8(_mm256_min_ps(x, _mm256_set1_ps(88.f))); }
 
+// out[i] = op(a[i], b[i]) for i < n (b: a second input, or `a` again for a function of one),
+// 8 lanes at a time; the last n % 8 go through the same vector code on a zero-padded copy, so an
+// element's bits depend neither on where it stands nor on how the range is split (over rows,
+// over threads). `out` may be `a` or `b`.
+template <typename Op>
+inline void map8(const float* a, const float* b, float* out, int64_t n, Op op) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, op(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i)));
+  if (i < n) {
+    alignas(32) float ta[8] = {}, tb[8] = {}, to[8];
+    std::memcpy(ta, a + i, (n - i) * sizeof(float));
+    std::memcpy(tb, b + i, (n - i) * sizeof(float));
+    _mm256_store_ps(to, op(_mm256_load_ps(ta), _mm256_load_ps(tb)));
+    std::memcpy(out + i, to, (n - i) * sizeof(float));
+  }
+}
+
 // GPT-2's GELU (tanh approximation): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), with
-// tanh(u) = sign(u) (1 - e^(-2|u|)) / (1 + e^(-2|u|)); in place over n values
+// tanh(u) = sign(u) (1 - e^(-2|u|)) / (1 + e^(-2|u|))
 inline __m256 gelu8(__m256 v) {
   const __m256 c = _mm256_set1_ps(0.7978845608028654f), k = _mm256_set1_ps(0.044715f);
   const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.f);
@@ -1524,69 +1544,75 @@ inline __m256 gelu8(__m256 v) {
   return _mm256_mul_ps(_mm256_mul_ps(half, v), _mm256_add_ps(one, th));
 }
 
-inline float gelu1(float v) {
-  return 0.5f * v * (1.f + std::tanh(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+// silu(g) = g / (1 + e^-g)
+inline __m256 silu8(__m256 g) {
+  const __m256 e = exp8_any(_mm256_sub_ps(_mm256_setzero_ps(), g));
+  return _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.f), e));
 }
 
-void gelu_tanh(float* x, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, gelu8(_mm256_loadu_ps(x + i)));
-  for (; i < n; ++i) x[i] = gelu1(x[i]);
-}
-
-// SwiGLU's hidden: out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + e^-g)
-void silu_mul(const float* gate, const float* up, float* out, int64_t n) {
-  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 g = _mm256_loadu_ps(gate + i);
-    const __m256 e = exp8_any(_mm256_sub_ps(zero, g));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)),
-                                            _mm256_loadu_ps(up + i)));
-  }
-  for (; i < n; ++i) out[i] = gate[i] / (1.f + std::exp(-gate[i])) * up[i];
-}
-
-// GeGLU's hidden (Gemma): out[i] = gelu_tanh(gate[i]) * up[i] (the bits of gelu_tanh, then
-// the product); `out` may be `gate` or `up`
-void gelu_mul(const float* gate, const float* up, float* out, int64_t n) {
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8)
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(gelu8(_mm256_loadu_ps(gate + i)),
-                                            _mm256_loadu_ps(up + i)));
-  for (; i < n; ++i) out[i] = gelu1(gate[i]) * up[i];
-}
-
-// GPT-OSS's clamped SwiGLU: out[i] = (clamp(up, ±limit) + 1) * g * sigmoid(alpha * g), g =
-// min(gate, limit) (transformers' order: the sigmoid's product first); `out` may be `up`
-void clamped_swiglu_mul(const float* gate, const float* up, float* out, int64_t n, float limit,
-                        float alpha) {
-  const __m256 one = _mm256_set1_ps(1.f), zero = _mm256_setzero_ps();
-  const __m256 hi = _mm256_set1_ps(limit), lo = _mm256_set1_ps(-limit), a = _mm256_set1_ps(alpha);
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    const __m256 g = _mm256_min_ps(_mm256_loadu_ps(gate + i), hi);
-    const __m256 u = _mm256_max_ps(_mm256_min_ps(_mm256_loadu_ps(up + i), hi), lo);
-    const __m256 e = exp8_any(_mm256_sub_ps(zero, _mm256_mul_ps(g, a)));
-    const __m256 glu = _mm256_mul_ps(g, _mm256_div_ps(one, _mm256_add_ps(one, e)));
-    _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_add_ps(u, one), glu));
-  }
-  for (; i < n; ++i) {
-    const float g = std::min(gate[i], limit), u = std::max(std::min(up[i], limit), -limit);
-    out[i] = (u + 1.f) * (g * (1.f / (1.f + std::exp(-g * alpha))));
-  }
-}
-
-// The gate of a gated FFN: kind 0 silu (SwiGLU), 1 gelu_tanh (GeGLU), 2 clamped SwiGLU
-// (GPT-OSS, with its limit and slope)
+// The hidden function of an FFN, elementwise: kind 0 silu(gate) * up (SwiGLU), 1
+// gelu_tanh(gate) * up (GeGLU, Gemma), 2 GPT-OSS's clamped SwiGLU (with its limit and slope),
+// 3 gelu_tanh(x) alone (GPT-2; no up)
 struct Gate {
   int64_t kind = 0;
   float limit = 0.f, alpha = 0.f;
 };
+constexpr int64_t GELU_ALONE = 3;
 
+// GPT-OSS's clamped SwiGLU: (clamp(up, ±limit) + 1) * g * sigmoid(alpha * g), g =
+// min(gate, limit) (transformers' order: the sigmoid's product first)
+inline __m256 clamped_swiglu8(__m256 gate, __m256 up, __m256 hi, __m256 lo, __m256 a) {
+  const __m256 one = _mm256_set1_ps(1.f);
+  const __m256 g = _mm256_min_ps(gate, hi);
+  const __m256 u = _mm256_max_ps(_mm256_min_ps(up, hi), lo);
+  const __m256 e = exp8_any(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(g, a)));
+  const __m256 glu = _mm256_mul_ps(g, _mm256_div_ps(one, _mm256_add_ps(one, e)));
+  return _mm256_mul_ps(_mm256_add_ps(u, one), glu);
+}
+
+// out[i] = the hidden function of gate[i] (and up[i]) for i < n, on this thread; `out` may be
+// `gate` or `up` (GELU_ALONE: `up` is not read, pass `gate`)
 void gate_mul(const Gate& g, const float* gate, const float* up, float* out, int64_t n) {
-  if (g.kind == 2) clamped_swiglu_mul(gate, up, out, n, g.limit, g.alpha);
-  else (g.kind == 1 ? gelu_mul : silu_mul)(gate, up, out, n);
+  switch (g.kind) {
+    case GELU_ALONE:
+      map8(gate, gate, out, n, [](__m256 v, __m256) { return gelu8(v); });
+      break;
+    case 1:
+      map8(gate, up, out, n, [](__m256 v, __m256 u) { return _mm256_mul_ps(gelu8(v), u); });
+      break;
+    case 2: {
+      const __m256 hi = _mm256_set1_ps(g.limit), lo = _mm256_set1_ps(-g.limit);
+      const __m256 a = _mm256_set1_ps(g.alpha);
+      map8(gate, up, out, n,
+           [&](__m256 v, __m256 u) { return clamped_swiglu8(v, u, hi, lo, a); });
+      break;
+    }
+    default:
+      map8(gate, up, out, n, [](__m256 v, __m256 u) { return _mm256_mul_ps(silu8(v), u); });
+  }
+}
+
+// Elements per task when a hidden function is split over torch's intra-op threads (~1.7 ns an
+// element for GELU on a Zen 3 core: ~50 us a task, against a few us to wake a thread)
+constexpr int64_t HIDDEN_GRAIN = 32768;
+
+// gate_mul over n elements, split over threads (the same bits: map8)
+void gate_mul_parallel(const Gate& g, const float* gate, const float* up, float* out, int64_t n) {
+  at::parallel_for(0, n, HIDDEN_GRAIN, [&](int64_t lo, int64_t hi) {
+    gate_mul(g, gate + lo, up + lo, out + lo, hi - lo);
+  });
+}
+
+// GELU in place over n values
+void gelu_tanh(float* x, int64_t n) { gate_mul_parallel(Gate{GELU_ALONE}, x, x, x, n); }
+
+// out (B, f) = the gated hidden function of u (B, 2f), [gate; up] in each row (a merged
+// expert's serving layout), rows split over threads
+void gate_mul_stacked(const Gate& g, const float* u, int64_t B, int64_t f, float* out) {
+  at::parallel_for(0, B, std::max<int64_t>(1, HIDDEN_GRAIN / std::max<int64_t>(1, f)),
+                   [&](int64_t lo, int64_t hi) {
+    for (int64_t b = lo; b < hi; ++b) gate_mul(g, u + b * 2 * f, u + b * 2 * f + f, out + b * f, f);
+  });
 }
 
 Gate gate_of(int64_t kind, double limit, double alpha) {
@@ -1746,11 +1772,10 @@ void ffn_into(const float* h, int64_t B, int64_t d, const c10::optional<at::Tens
   if (gate_matrix) {
     auto g = at::empty({B, f}, opts);
     linear_into(h, B, d, *w_gate, fp32_or_null(b_gate, f, "gate bias"), g.data_ptr<float>());
-    gate_mul(gate, g.data_ptr<float>(), up, up, B * f);
+    gate_mul_parallel(gate, g.data_ptr<float>(), up, up, B * f);
   } else if (stacked) {
     hid_t = at::empty({B, f}, opts);
-    for (int64_t b = 0; b < B; ++b)
-      gate_mul(gate, up + b * rows, up + b * rows + f, hid_t.data_ptr<float>() + b * f, f);
+    gate_mul_stacked(gate, up, B, f, hid_t.data_ptr<float>());
     hid = hid_t.data_ptr<float>();
   } else {
     gelu_tanh(up, B * f);
@@ -1774,21 +1799,32 @@ at::Tensor ffn(const at::Tensor& h, const at::Tensor& w1,
 }
 
 // The FFN's hidden function alone, as ffn() applies it: u (B, f) -> GELU(u), or u (B, 2f) with
-// [gate; up] per row -> silu(gate) * up (B, f), when `glu`. For a product made elsewhere
-// (merge_linear) that must give ffn()'s bits.
+// [gate; up] per row -> silu(gate) * up (B, f), when `glu` (the gate of kind `gate`). For a
+// product made elsewhere (merge_linear, a prompt chunk's GEMM) that must give ffn()'s bits.
 at::Tensor hidden(const at::Tensor& u, bool glu, int64_t gate, double limit, double alpha) {
   check_rows(u);
   const Gate g = gate_of(gate, limit, alpha);
   const int64_t B = u.size(0), rows = u.size(1), f = glu ? rows / 2 : rows;
   TORCH_CHECK(!glu || rows % 2 == 0, "a stacked gate needs an even width");
-  auto out = glu ? at::empty({B, f}, u.options()) : u.clone();
-  float* op = out.data_ptr<float>();
-  if (glu) {
-    const float* up = u.data_ptr<float>();
-    for (int64_t b = 0; b < B; ++b) gate_mul(g, up + b * rows, up + b * rows + f, op + b * f, f);
-  } else {
-    gelu_tanh(op, B * f);
-  }
+  auto out = at::empty({B, f}, u.options());
+  const float* up = u.data_ptr<float>();
+  if (glu)
+    gate_mul_stacked(g, up, B, f, out.data_ptr<float>());
+  else
+    gate_mul_parallel(Gate{GELU_ALONE}, up, up, out.data_ptr<float>(), B * f);
+  return out;
+}
+
+// The gated hidden function of a gate and an up projection made apart (a dense FFN's
+// gate_proj and up_proj): gate, up (B, f) -> (B, f), the bits ffn() gives with a gate matrix.
+at::Tensor hidden_pair(const at::Tensor& gate, const at::Tensor& up, int64_t kind, double limit,
+                       double alpha) {
+  check_rows(gate);
+  check_rows(up);
+  TORCH_CHECK(gate.sizes() == up.sizes(), "gate and up: the same shape");
+  auto out = at::empty_like(gate);
+  gate_mul_parallel(gate_of(kind, limit, alpha), gate.data_ptr<float>(), up.data_ptr<float>(),
+                    out.data_ptr<float>(), gate.numel());
   return out;
 }
 

@@ -47,6 +47,8 @@ at::Tensor attn_block(const at::Tensor& x, const OptT& norm_w, const OptT& norm_
 at::Tensor ffn(const at::Tensor& h, const at::Tensor& w1, const OptT& b1, const at::Tensor& w2,
                const OptT& b2, bool glu, int64_t gate, double limit, double alpha);
 at::Tensor hidden(const at::Tensor& u, bool glu, int64_t gate, double limit, double alpha);
+at::Tensor hidden_pair(const at::Tensor& gate, const at::Tensor& up, int64_t kind, double limit,
+                       double alpha);
 at::Tensor layers(at::Tensor x, const std::vector<std::vector<OptT>>& blocks,
                   const std::vector<double>& eps, const std::vector<int64_t>& ints,
                   const std::vector<std::vector<std::vector<OptT>>>& ffns,
