@@ -52,7 +52,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 APT_INSTALL = echo "installing Debian packages: $(1)" && $(SUDO) apt-get update -qq && \
 	DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $(1) >/dev/null
 
-.PHONY: install tools system-deps serve demo monitor test test-fast reliability lint bench clean
+.PHONY: install tools system-deps serve demo monitor test test-fast reliability lint clean
 
 $(VENV)/.installed: pyproject.toml
 	@# Debian/Ubuntu ship `venv` without ensurepip unless python3-venv is installed.

@@ -26,6 +26,7 @@
 #   TORCH_WHEELS      directory with a local torch wheel, mounted into the build and used as
 #                     --find-links, the other dependencies then come from PyPI
 #                     (default: /opt/wheels when it holds a torch wheel, else none)
+#   TORCH_INDEX_URL   with local wheels: the index for the other dependencies (PyPI)
 set -euo pipefail
 
 IMAGE=${CAMEX_IMAGE:-localhost/camex-server:latest}

@@ -148,9 +148,10 @@ def _model_flags(m) -> None:
     m.add_argument("--init-from", metavar="DIR", help=_h(
         "copy every tensor whose name and shape match from this checkpoint", "init_from"))
     m.add_argument("--from-dense", metavar="DIR", help=_h(
-        "upcycle a dense Hugging Face model directory (gpt2, llama, mistral, qwen2, qwen3, "
-        "phi3, smollm3, granite, gemma2, gemma3_text, gemma3, olmo2, olmo3; or a sparse MoE: "
-        "mixtral, qwen3_moe, olmoe, gpt_oss, whose experts are imported): its "
+        "upcycle a dense Hugging Face model directory (gpt2, llama, mistral, ministral, "
+        "ministral3, mistral3, qwen2, qwen3, phi3, smollm3, seed_oss, glm, glm4, ernie4_5, "
+        "hunyuan_v1_dense, granite, gemma2, gemma3_text, gemma3, olmo2, olmo3, exaone4; or a "
+        "sparse MoE: mixtral, qwen3_moe, olmoe, gpt_oss, whose experts are imported): its "
         "architecture, weights, tokenizer and generation config; the flags above then set only "
         "the CAMEx layers. random-llama:DIR builds a small random dense Llama in DIR first",
         "from_dense"))
