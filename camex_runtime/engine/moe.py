@@ -261,8 +261,9 @@ def with_int8_deltas(model):
 
 
 def serving_hidden(ins: list[Tensor], kind: FFNKind) -> Tensor:
-    """The hidden function of the (fused) FFN `kind`: native where it applies
-    (kernels.serving_hidden: the bits kernels.ffn gives), else the kind's own."""
+    """The hidden function of an FFN of `kind` (fused or not; a served model's dense FFNs too,
+    engine/precision.py): native where it applies (kernels.serving_hidden: the bits kernels.ffn
+    gives), else the kind's own."""
     hid = kernels.serving_hidden(ins, kind.activation, kind.params)
     return kind.hidden(ins) if hid is None else hid
 

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from camex_runtime import kernels
+from camex_runtime.engine.moe import serving_hidden
 from camex_runtime.layers import CamexAttention, DenseFFN, RMSNorm
 
 SIXTEEN_BIT = (torch.bfloat16, torch.float16)
@@ -78,9 +79,8 @@ class ServingFFN(DenseFFN):
     GPT-2-small prompt's prefill on one Zen 3 core). Same parameters and names."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ins = [getattr(self, p)(x) for p in self.kind.in_projs]
-        hid = kernels.serving_hidden(ins, self.kind.activation, self.kind.params)
-        return getattr(self, self.kind.out_proj)(self.kind.hidden(ins) if hid is None else hid)
+        hid = serving_hidden([getattr(self, p)(x) for p in self.kind.in_projs], self.kind)
+        return getattr(self, self.kind.out_proj)(hid)
 
 
 @torch.no_grad()
