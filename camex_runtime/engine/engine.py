@@ -49,6 +49,18 @@ from camex_runtime.errors import EngineStoppedError, InputValidationError
 log = logging.getLogger("camex.engine")
 WARM_SHORT = 16  # tokens of the warm-up's mixture-strategy prompts (see Engine._warm_requests)
 IDLE_WAIT_S = 0.25  # the idle loop still heartbeats this often (the server's liveness signal)
+# A burst of requests (a client's concurrent ones) reaches the engine one by one, as the server
+# reads and parses them (~1-2 ms each), and an idle loop would start a step on the first: waves
+# of 8 concurrent requests to a GPT-2-small 7+1 bf16 server on two Zen 3 threads queued 39 of
+# 48 requests 50-250 ms behind a prefill of one or two, and with merged experts every prefill
+# step streams all experts of every layer once for its merges. So an engine with merged-expert
+# layers, woken from idle, waits while requests keep arriving: until none came for
+# GATHER_QUIET_S, or GATHER_MAX_S in all (a lone request pays GATHER_QUIET_S). The server cannot
+# tell the engine that more are coming: it reads one request through to its submission before
+# it parses the next. Measured (6 waves, same server): 1 ms / 5 ms put 27 of 48 requests in the
+# first step, 2 ms / 20 ms 45. Dense engines start at once (a prefill split costs them little).
+GATHER_QUIET_S = 0.002
+GATHER_MAX_S = 0.02
 # Tokens per step while requests decode (chunked prefill, scheduler.py). Long prompts (and
 # merged-expert ones) are paced by measured time on the CPU, within a bank of
 # PREFILL_BURST_TOKENS; the budget itself bounds the short dense prompts that join whole. 256
@@ -173,6 +185,9 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._accepting, self._shutdown = True, False
+        # (quiet, most) of GATHER_QUIET_S, for engines with merged-expert layers; (0, 0): none
+        self.gather_s = (GATHER_QUIET_S, GATHER_MAX_S) if self.runner.moe else (0.0, 0.0)
+        self._arrivals = 0  # submissions so far (the gathering's clock)
         self.steps, self.last_batch_size, self.heartbeat = 0, 0, time.monotonic()
         # Hooks for an engine served from another process (engine/process.py): what `submit`
         # hands out, and what the loop calls after each step (there: ship the step's events).
@@ -257,6 +272,7 @@ class Engine:
         return self._thread is not None and self._thread.is_alive()
 
     def _loop(self) -> None:
+        idle = True
         while True:
             with self._lock:
                 self.heartbeat = time.monotonic()
@@ -264,7 +280,11 @@ class Engine:
                     break
                 if not self.scheduler.has_work():
                     self._wake.wait(IDLE_WAIT_S)
+                    idle = True
                     continue
+                if idle:
+                    self._gather_arrivals()
+                    idle = False
             try:
                 self.step()
             except Exception:  # a bug in a step must not kill the loop: fail what ran
@@ -276,6 +296,21 @@ class Engine:
                 except Exception:  # e.g. the pipe to a vanished API process: the loop goes on
                     log.exception("after-step hook failed")
         self._cancel_leftovers()  # stop() gave up waiting: no handle may wait forever
+
+    def _gather_arrivals(self) -> None:
+        """(Holding the lock; work came to an idle loop.) Wait while requests keep arriving:
+        until none came for `gather_s[0]`, or `gather_s[1]` in all (GATHER_QUIET_S)."""
+        quiet, most = self.gather_s
+        start = time.monotonic()
+        seen, last = self._arrivals, start
+        while not self._shutdown:
+            now = time.monotonic()
+            if self._arrivals != seen:
+                seen, last = self._arrivals, now
+            left = min(last + quiet, start + most) - now
+            if left <= 0:
+                return
+            self._wake.wait(left)
 
     def _place(self, req: GenerationRequest, free: list[int]) -> tuple[int, int]:
         """The scheduler's placer (prefix caching): the free slot holding the longest prefix of
@@ -418,6 +453,7 @@ class Engine:
             if not self._accepting or self._shutdown:
                 raise EngineStoppedError("the engine is stopping and accepts no new requests")
             self.scheduler.add(req)  # QueueFullError when the waiting queue is full
+            self._arrivals += 1
             self._wake.notify_all()
         return handle
 

@@ -2,6 +2,8 @@
 parameters) gives each request exactly the tokens it gets when decoded alone."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from camex_runtime import Engine, SamplingParams
@@ -77,3 +79,41 @@ def test_batch_on_noncontiguous_slots(path):
             assert h.result().token_ids == alone.submit(p, sp(n)).result().token_ids
     finally:
         alone.stop()
+
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["gathering", "not-gathering"])
+def test_an_idle_engine_gathers_a_burst_into_one_prefill_step(path, gather):
+    """Woken from idle, an engine with merged-expert layers waits while requests keep coming
+    (GATHER_QUIET_S between two, at most GATHER_MAX_S): a burst's first tokens come from one
+    step. Without it the first request starts at once and the second joins a later step."""
+    engine = Engine.from_pretrained(path, max_batch_size=3)
+    assert engine.gather_s[0] > 0  # the default for a model with merged experts
+    engine.gather_s = (1.0, 5.0) if gather else (0.0, 0.0)  # wide: 0.2 s between submissions
+    engine.start()
+    try:
+        params = SamplingParams(max_new_tokens=3, ignore_eos=True)
+        first = engine.submit([3, 4, 5], params)
+        time.sleep(0.2)  # many steps of this model: not gathering, the first has started
+        second = engine.submit([6, 7, 8], params)
+        assert len(first.result().token_ids) == len(second.result().token_ids) == 3
+    finally:
+        engine.stop()
+    assert (first.events()[0].at == second.events()[0].at) == gather
+
+
+def test_gathering_is_bounded_and_dense_engines_do_not_gather(path, tmp_path):
+    """A lone request waits GATHER_QUIET_S at most (here the bound, 0.2 s, comes first); a model
+    without merged experts starts at once."""
+    engine = Engine.from_pretrained(path, max_batch_size=3)
+    engine.gather_s = (10.0, 0.2)
+    engine.start()
+    try:
+        t0 = time.monotonic()
+        first = engine.submit([3, 4, 5], SamplingParams(max_new_tokens=2, ignore_eos=True))
+        first.result()
+    finally:
+        engine.stop()
+    assert first.events()[0].at - t0 >= 0.2  # the bound, not the 10 s quiet time
+    dense = Engine.from_pretrained(build_folded(tmp_path / "dense", num_experts=0))
+    assert dense.gather_s == (0.0, 0.0)
