@@ -11,9 +11,11 @@ import torch.nn.functional as F
 
 import camex_runtime as cr
 from camex_runtime import Engine, kernels
+from camex_runtime.config import CamexConfig
 from camex_runtime.engine.fused_decode import FusedDecode
 from camex_runtime.engine.moe import apply_merged
-from camex_runtime.layers import GELU_FFN, SWIGLU_FFN, RMSNorm, swigluoai_hidden
+from camex_runtime.engine.precision import Precision, ServingFFN, prepare
+from camex_runtime.layers import GELU_FFN, SWIGLU_FFN, DenseFFN, RMSNorm, swigluoai_hidden
 from engine_models import build_folded
 from tests.dense_models import FAMILIES, SPARSE, build_dense, spread
 
@@ -234,9 +236,6 @@ def test_served_dense_ffn_gives_prompt_rows_the_decode_step_bits(family, monkeyp
     the served model's FFN get the bits the decode step's one native FFN call gives the same
     rows (GELU; SwiGLU with gate_proj and up_proj apart, against [gate; up] stacked), close to
     the model code's torch forward; without native kernels it is that forward, bit for bit."""
-    from camex_runtime.config import CamexConfig
-    from camex_runtime.engine.precision import Precision, ServingFFN, prepare
-    from camex_runtime.layers import DenseFFN
     torch.manual_seed(0)
     config = CamexConfig(family=family, d_model=24, d_ff=44, n_layer=1, n_head=2,
                          vocab_size=64, num_experts=0)
