@@ -95,10 +95,18 @@ def weight_kind(dtype: torch.dtype) -> str:
 # never do (8 inputs: fp32 59.6 vs 67.5, bf16 41.6 vs 49.5), but four rows do (fp32 one input 32.3
 # -> 29.4 ms, 16 inputs 91.1 -> 68.7; bf16 8-13 % up to 4 inputs, level at 8; see rows_avx512), and
 # a second prefetch 16 KiB ahead into L2 saves up to 30 % (bf16 one input 24.8 -> 17.5 ms at 8 KiB;
-# see block512 in cpu_decode.cpp). Another vendor gets Zen 4's.
+# see block512 in cpu_decode.cpp). Zen 5 (AMD family 26, full-width 512-bit FMAs; a 2-core VM,
+# `--tune` three times plus a narrower grid twice, 9-11 passes a cell): fp32 as Zen 4 (AVX-512
+# from one input gains nothing there, the products are at memory pace); 16-bit, AVX-512 a row at
+# a time from one input and four rows from 4 (one core, ms: one input 8.2-8.3 -> 7.5-7.9, two
+# 10.1-10.3 -> 7.9-8.3, three 10.0-10.2 -> 8.8-9.1, four 9.4-10.0 -> 9.6-9.9; two cores, one input
+# 5.8-6.7 -> 5.6-6.1, two 7.2-7.3 -> 5.9-6.2). Keys are "vendor/family" (/proc/cpuinfo's
+# "cpu family") or the vendor alone; a CPU of a vendor not here gets Zen 4's.
 AVX512_TUNING = {
     "AuthenticAMD": {"fp32": Avx512Tuning(3, 0, 5, 2048, 16384),
                      "16bit": Avx512Tuning(2, 0, 2, 2048, 16384)},
+    "AuthenticAMD/26": {"fp32": Avx512Tuning(3, 0, 5, 2048, 16384),
+                        "16bit": Avx512Tuning(1, 0, 4, 2048, 16384)},
     "GenuineIntel": {"fp32": Avx512Tuning(1, 0, 1, 2048, 16384),
                      "16bit": Avx512Tuning(1, 0, 1, 2048, 16384)},
 }
@@ -215,9 +223,23 @@ def cpu_vendor() -> str:
     return ""
 
 
-def avx512_tuning(vendor: str) -> dict[str, Avx512Tuning]:
-    """`AVX512_TUNING` for `vendor` (per kind of weights); Zen 4's for a vendor not measured."""
-    return AVX512_TUNING.get(vendor, AVX512_TUNING["AuthenticAMD"])
+def cpu_family() -> int:
+    """The CPU's family number (/proc/cpuinfo's "cpu family": 25 for Zen 3 and 4, 26 for Zen 5, 6
+    for Intel's cores; 0 where unknown)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("cpu family"):
+                return int(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def avx512_tuning(vendor: str, family: int = 0) -> dict[str, Avx512Tuning]:
+    """`AVX512_TUNING` for a CPU of `vendor` and `family` (per kind of weights): the family's
+    own where measured, else the vendor's, else Zen 4's."""
+    return AVX512_TUNING.get(f"{vendor}/{family}",
+                             AVX512_TUNING.get(vendor, AVX512_TUNING["AuthenticAMD"]))
 
 
 def format_tuning(tuning: dict[str, Avx512Tuning]) -> str:
@@ -255,9 +277,9 @@ def parse_tuning(text: str) -> dict[str, Avx512Tuning]:
 
 
 def chosen_tuning() -> dict[str, Avx512Tuning]:
-    """The tuning the kernels run with: the CPU vendor's, with the kinds
+    """The tuning the kernels run with: the CPU family's (`avx512_tuning`), with the kinds
     `CAMEX_KERNELS_TUNING` names replaced."""
-    tuning = dict(avx512_tuning(cpu_vendor()))
+    tuning = dict(avx512_tuning(cpu_vendor(), cpu_family()))
     text = os.environ.get("CAMEX_KERNELS_TUNING", "")
     if text.strip():
         tuning.update(parse_tuning(text))

@@ -65,7 +65,8 @@ def tune(args: argparse.Namespace, module) -> int:
               "to tune", file=sys.stderr)
         return 2
     chosen = kernels.chosen_tuning()
-    report = {"cpu": kernels.cpu_vendor(), "machine": platform.processor() or platform.machine(),
+    report = {"cpu": kernels.cpu_vendor(), "cpu_family": kernels.cpu_family(),
+              "machine": platform.processor() or platform.machine(),
               "threads": args.threads, "shape": {"d_model": args.d_model, "layers": args.layers,
                                                  "vocab": args.vocab},
               "serving_with": kernels.format_tuning(chosen), "kinds": {}}

@@ -1,10 +1,11 @@
 """Measuring the AVX-512 linear kernel's settings on the CPU at hand (`python -m
 camex_runtime.kernels --tune`).
 
-`AVX512_TUNING` holds settings measured per CPU vendor; a CPU of another family (or the same
-vendor's next one) may want others. This times one decode step's products of a GPT-2-shaped
-model (per layer the QKV, output, FC1 and FC2 weights, then the LM head; weights on huge pages as
-the server loads them) with the native kernel under a grid of candidate settings, for each kind
+`AVX512_TUNING` holds settings measured per CPU vendor (and per family where one was measured
+on its own: Zen 5); a CPU of another family (or the same vendor's next one) may want others.
+This times one decode step's products of a GPT-2-shaped model (per layer the QKV, output, FC1
+and FC2 weights, then the LM head; weights on huge pages as the server loads them) with the
+native kernel under a grid of candidate settings, for each kind
 of weights, each decode batch size and each thread count asked for. Candidates are interleaved
 pass by pass so that drift in the machine's speed falls on all of them alike, the first pass is
 a warm-up, and each cell is the median of the rest. Every candidate must give the same bits as

@@ -2,6 +2,8 @@
 (16-bit weights, fp32 activations) against fp32 and pure 16-bit serving."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -115,15 +117,27 @@ def test_avx512_linear_gives_the_avx2_kernels_bits(wdtype):
     assert mod.isa() == "avx512"
 
 
-def test_avx512_tuning_follows_the_cpu_vendor(monkeypatch):
-    """Measured vendors get their own settings per kind of weights; any other gets Zen 4's."""
+def test_avx512_tuning_follows_the_cpu_vendor_and_family(monkeypatch):
+    """Measured vendors (and families) get their own settings per kind of weights; any other
+    gets Zen 4's."""
     monkeypatch.delenv("CAMEX_KERNELS_TUNING", raising=False)
     assert kernels.avx512_tuning("GenuineIntel") == kernels.AVX512_TUNING["GenuineIntel"]
     zen4 = {"fp32": (3, 0, 5, 2048, 16384), "16bit": (2, 0, 2, 2048, 16384)}
     assert kernels.avx512_tuning("AuthenticAMD") == zen4
     assert kernels.avx512_tuning("HygonGenuine") == kernels.avx512_tuning("") == zen4
+    # a family measured on its own (Zen 5) gets its settings; a family not measured, its vendor's
+    assert kernels.avx512_tuning("AuthenticAMD", 25) == zen4
+    zen5 = kernels.avx512_tuning("AuthenticAMD", 26)
+    assert zen5 == kernels.AVX512_TUNING["AuthenticAMD/26"] and zen5 != zen4
+    assert kernels.avx512_tuning("GenuineIntel", 6) == kernels.AVX512_TUNING["GenuineIntel"]
+    assert kernels.avx512_tuning("HygonGenuine", 26) == zen4
+    for key, per_kind in kernels.AVX512_TUNING.items():
+        assert set(per_kind) == set(kernels.WEIGHT_KINDS), key
+    family = kernels.cpu_family()
+    assert family >= 0 and (family > 0) == ("cpu family" in Path("/proc/cpuinfo").read_text())
     assert set(kernels.AVX512_TUNING["GenuineIntel"]) == set(kernels.WEIGHT_KINDS)
-    assert kernels.chosen_tuning() == kernels.avx512_tuning(kernels.cpu_vendor())
+    assert kernels.chosen_tuning() == kernels.avx512_tuning(
+        kernels.cpu_vendor(), kernels.cpu_family())
     mod = kernels.native()
     if mod is not None:
         for kind, t in kernels.chosen_tuning().items():
@@ -139,7 +153,8 @@ def test_tuning_from_the_environment_is_checked_and_replaces_only_the_kinds_it_n
     assert parsed == {"fp32": (3, 0, 5, 1024, 8192), "16bit": (1, 2, 0, 0, 0)}
     assert kernels.parse_tuning(kernels.format_tuning(parsed)) == parsed
     monkeypatch.setenv("CAMEX_KERNELS_TUNING", "16bit=1,0,1,4096,32768")
-    vendor = kernels.avx512_tuning(kernels.cpu_vendor())
+    vendor = kernels.avx512_tuning(
+        kernels.cpu_vendor(), kernels.cpu_family())
     assert kernels.chosen_tuning() == {"fp32": vendor["fp32"], "16bit": (1, 0, 1, 4096, 32768)}
     for bad, why in [("", "empty"), ("fp32", "KIND="), ("int8=1,0,0,0,0", "KIND="),
                      ("fp32=1,0,0", "five integers"), ("fp32=1,0,0,0,x", "five integers"),
@@ -166,7 +181,8 @@ def test_the_server_process_applies_the_tuning_from_the_environment():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    vendor = kernels.avx512_tuning(kernels.cpu_vendor())
+    vendor = kernels.avx512_tuning(
+        kernels.cpu_vendor(), kernels.cpu_family())
     assert out.stdout.splitlines()[-1] == f"(2, 0, 3, 1024, 0) {tuple(vendor['16bit'])}"
     assert ("set by CAMEX_KERNELS_TUNING" in out.stdout) == HAS_AVX512
     env["CAMEX_KERNELS_TUNING"] = "fp32=2,0"
