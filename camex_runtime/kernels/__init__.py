@@ -171,15 +171,20 @@ SINGLE_PREFETCH_AVX2_ONLY = 2048
 # ahead in every stream, takes GPT-2-small's 12 layers' bf16 fc1 + fc2 merges with 7 deltas
 # (906 MB) from 84-87 to 68-70 ms on one core and from 44 to 36 on two, i.e. 10.5 -> 13 GB/s,
 # a GEMV's pace there (fp32, already at it: 133 -> 128 ms, 65 -> 64 on two); merge_many of 8
-# experts from one pass 182 -> 148 ms on one core, 88 -> 74 on two. AMD CPUs keep the hardware
-# prefetcher alone: on the Zen 4 VM (`--tune --kinds merge`, three runs) 1 KiB ahead makes the
+# experts from one pass 182 -> 148 ms on one core, 88 -> 74 on two. Zen 4 keeps the hardware
+# prefetcher alone: on its VM (`--tune --kinds merge`, three runs) 1 KiB ahead makes the
 # same merges 1.31-1.33x slower (one core: fp32 68-70 -> 100-104 ms, bf16 36-39 -> 52-58), 256 B
 # ahead is 1.5-4 % faster than none, but a 32-token prompt's first token with 7+1 bf16 experts
 # moves 2-4 % either way with it (sooner on one thread, later on two). Same bits either way.
-# `CAMEX_MERGE_PREFETCH=BYTES` overrides it (`python -m camex_runtime.kernels --tune` measures the
-# distances on the CPU at hand).
-MERGE_PREFETCH = 1024
-MERGE_PREFETCH_VENDORS = ("GenuineIntel",)
+# Zen 5 (the 2-core VM, `--tune --kinds merge` four times) differs by kind of stack: 16-bit
+# merges gain from a prefetch in every run (one core 70-80 -> 56-64 ms at 512 B, two 38-46 ->
+# 35-39), fp32 ones move within the noise either way (256 B ahead -8 % to +9 % on one core, -11 %
+# to +0 % on two), so 512 B for 16-bit stacks only.
+# Per CPU as `AVX512_TUNING` is keyed ("vendor/family", then the vendor), per kind of weights;
+# none on a CPU not here or without AVX-512. `CAMEX_MERGE_PREFETCH` overrides it (`python -m
+# camex_runtime.kernels --tune` measures the distances on the CPU at hand).
+MERGE_PREFETCH = {"GenuineIntel": {"fp32": 1024, "16bit": 1024},
+                  "AuthenticAMD/26": {"fp32": 0, "16bit": 512}}
 MERGE_PREFETCH_MAX = 65536
 TILE_KINDS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # The bf16 dot kernel (cpu_decode.cpp, dot_tile) serves bf16 weights' products from this many
@@ -321,7 +326,7 @@ def _load():
             isa += " set by CAMEX_KERNELS_TUNING"
     module.set_single_prefetch(single_prefetch())
     ahead = merge_prefetch()
-    module.set_merge_prefetch(ahead)
+    apply_merge_prefetch(module, ahead)
     module.set_bf16_dot(BF16_DOT_FROM if module.has_bf16_dot()
                         and cpu_vendor() in BF16_DOT_VENDORS else 0)
     dot = (f"; AVX512-BF16 dot products for bf16 merged-expert segments of {BF16_DOT_FROM}-"
@@ -337,8 +342,7 @@ def _load():
                   if tiles else "")
     set_by = (" set by CAMEX_MERGE_PREFETCH"
               if os.environ.get("CAMEX_MERGE_PREFETCH", "").strip() else "")
-    ahead_text = (f" (prefetching {bytes_text(ahead)} ahead in each stream{set_by})" if ahead
-                  else f" (no prefetch{set_by})" if set_by else "")
+    ahead_text = merge_prefetch_text(ahead, set_by)
     return module, (f"native ({isa} weight-streaming linear and merge{ahead_text}{dot}"
                     f"{tiles_text})")
 
@@ -349,24 +353,79 @@ def single_prefetch() -> int:
     return 0 if "avx512f" in cpu_flags() else SINGLE_PREFETCH_AVX2_ONLY
 
 
-def merge_prefetch() -> int:
-    """Bytes ahead merges prefetch in each stream of the stack (the AVX-512 loops do):
-    `CAMEX_MERGE_PREFETCH` where set, else MERGE_PREFETCH on CPUs with AVX-512 of
-    MERGE_PREFETCH_VENDORS, else none. Raises ValueError for a value that is not an integer
-    from 0 to MERGE_PREFETCH_MAX."""
+def merge_prefetch() -> dict[str, int]:
+    """Bytes ahead merges prefetch in each stream of the stack (the AVX-512 loops do), per kind
+    of weights: this CPU's `MERGE_PREFETCH` entry where it has AVX-512, else none, with the
+    kinds `CAMEX_MERGE_PREFETCH` names replaced (`parse_merge_prefetch`). Raises ValueError for
+    a bad value."""
+    ahead = dict.fromkeys(WEIGHT_KINDS, 0)
+    if "avx512f" in cpu_flags():
+        vendor = cpu_vendor()
+        ahead.update(MERGE_PREFETCH.get(f"{vendor}/{cpu_family()}",
+                                        MERGE_PREFETCH.get(vendor, {})))
     text = os.environ.get("CAMEX_MERGE_PREFETCH", "").strip()
     if text:
+        ahead.update(parse_merge_prefetch(text))
+    return ahead
+
+
+def parse_merge_prefetch(text: str) -> dict[str, int]:
+    """`CAMEX_MERGE_PREFETCH`: "BYTES" for every kind of weights, or "KIND=BYTES" for fp32
+    and/or 16bit separated by ";" (what `python -m camex_runtime.kernels --tune` prints), each
+    an integer from 0 (no prefetch) to MERGE_PREFETCH_MAX. Raises ValueError with what is
+    wrong."""
+    where = f"CAMEX_MERGE_PREFETCH={text!r}"
+
+    def number(value: str) -> int:
         try:
-            ahead = int(text)
+            n = int(value)
         except ValueError:
-            ahead = -1
-        if not 0 <= ahead <= MERGE_PREFETCH_MAX:
-            raise ValueError(f"CAMEX_MERGE_PREFETCH={text!r}: bytes ahead, an integer from 0 "
-                             f"(no prefetch) to {MERGE_PREFETCH_MAX}; unset it for this CPU's "
-                             "default")
-        return ahead
-    return (MERGE_PREFETCH if "avx512f" in cpu_flags() and cpu_vendor() in MERGE_PREFETCH_VENDORS
-            else 0)
+            n = -1
+        if not 0 <= n <= MERGE_PREFETCH_MAX:
+            raise ValueError(f"{where}: bytes ahead, an integer from 0 (no prefetch) to "
+                             f"{MERGE_PREFETCH_MAX} (or KIND=BYTES per kind, fp32 and 16bit, "
+                             "separated by ';'); unset it for this CPU's default")
+        return n
+    if "=" not in text:
+        return dict.fromkeys(WEIGHT_KINDS, number(text.strip()))
+    out: dict[str, int] = {}
+    for part in (p.strip() for p in text.split(";")):
+        kind, _, value = part.partition("=")
+        kind = kind.strip()
+        if kind not in WEIGHT_KINDS:
+            raise ValueError(f"{where}: KIND=BYTES with KIND one of {', '.join(WEIGHT_KINDS)}, "
+                             f"got {part!r}")
+        if kind in out:
+            raise ValueError(f"{where}: {kind} given twice")
+        out[kind] = number(value.strip())
+    return out
+
+
+def format_merge_prefetch(ahead: dict[str, int]) -> str:
+    """The `CAMEX_MERGE_PREFETCH` text of `ahead`: "BYTES" where every kind has the same
+    distance, else "fp32=BYTES;16bit=BYTES"."""
+    if len(set(ahead.values())) == 1:
+        return str(next(iter(ahead.values())))
+    return ";".join(f"{kind}={n}" for kind, n in ahead.items())
+
+
+def apply_merge_prefetch(module, ahead: dict[str, int] | None = None) -> None:
+    """Set the extension's merge prefetch per kind of weights (`merge_prefetch()` by
+    default)."""
+    for kind, n in (merge_prefetch() if ahead is None else ahead).items():
+        module.set_merge_prefetch(n, kind)
+
+
+def merge_prefetch_text(ahead: dict[str, int], set_by: str) -> str:
+    """The status's words for the merges' prefetch ("" for none, unless set by the
+    environment)."""
+    if len(set(ahead.values())) == 1:
+        n = next(iter(ahead.values()))
+        return (f" (prefetching {bytes_text(n)} ahead in each stream{set_by})" if n
+                else f" (no prefetch{set_by})" if set_by else "")
+    words = [f"{'16-bit' if kind == '16bit' else kind} stacks "
+             + (f"{bytes_text(n)} ahead" if n else "none") for kind, n in ahead.items()]
+    return f" (prefetching in each stream: {', '.join(words)}{set_by})"
 
 
 def bytes_text(n: int) -> str:

@@ -4,8 +4,8 @@ so that a container loads a prebuilt library and never compiles at start-up.
 
 `--tune` then measures the AVX-512 kernel's settings on this CPU (see `tuning`): a table per
 kind of weights, and the `CAMEX_KERNELS_TUNING` value that serves this CPU best (about a minute
-per thread count for GPT-2-small's shapes); then the merges' prefetch distance, printed as a
-`CAMEX_MERGE_PREFETCH` value. `--json FILE` also writes the measurements.
+per thread count for GPT-2-small's shapes); then the merges' prefetch distance per kind of
+weights, printed as a `CAMEX_MERGE_PREFETCH` value. `--json FILE` also writes the measurements.
 
 Exit status 0 when the native kernels load (and the tuning ran, if asked), 1 when serving would
 fall back to torch's, 2 for a bad argument or `--tune` on a CPU without AVX-512.
@@ -89,24 +89,31 @@ def tune(args: argparse.Namespace, module) -> int:
             results = tuning.measure_merge(module, args.threads, args.d_model, args.layers,
                                            args.reps, progress=lambda m: print(
                                                "  " + m, file=sys.stderr, flush=True))
-            name, score = tuning.choose(results)
-            print(tuning.merge_table(results, score, tuning.merge_name(merge_current)))
-            print()
             distances = {tuning.merge_name(a): a for a in tuning.MERGE_DISTANCES}
-            report["merge"] = {"ms": results, "score": score, "best": name,
-                               "best_bytes": distances[name], "serving_with": merge_current,
-                               "candidates": distances}
+            report["merge"] = {"ms": results, "score": {}, "best": {}, "best_bytes": {},
+                               "serving_with": merge_current, "candidates": distances}
+            for kind in kernels.WEIGHT_KINDS:  # a distance per kind of stack
+                per_kind = {n: {kind: cells[kind]} for n, cells in results.items()}
+                name, score = tuning.choose(per_kind)
+                print(tuning.merge_table(per_kind, score,
+                                         tuning.merge_name(merge_current[kind])))
+                print()
+                report["merge"]["score"][kind] = score
+                report["merge"]["best"][kind] = name
+                report["merge"]["best_bytes"][kind] = distances[name]
     finally:
         for kind, t in chosen.items():  # this process goes on with what it serves with
             module.tune(kind, *t)
-        module.set_merge_prefetch(merge_current)
+        kernels.apply_merge_prefetch(module, merge_current)
     merged = {**chosen, **best}
     print(f"serving with: CAMEX_KERNELS_TUNING='{kernels.format_tuning(chosen)}'")
     print(f"fastest here: CAMEX_KERNELS_TUNING='{kernels.format_tuning(merged)}'")
     report["best"] = kernels.format_tuning(merged)
     if "merge" in report:
-        print(f"merges serve with: CAMEX_MERGE_PREFETCH={merge_current}")
-        print(f"merges fastest here: CAMEX_MERGE_PREFETCH={report['merge']['best_bytes']}")
+        print("merges serve with: "
+              f"CAMEX_MERGE_PREFETCH='{kernels.format_merge_prefetch(merge_current)}'")
+        print("merges fastest here: CAMEX_MERGE_PREFETCH="
+              f"'{kernels.format_merge_prefetch(report['merge']['best_bytes'])}'")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

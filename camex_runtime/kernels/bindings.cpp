@@ -25,8 +25,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "bytes ahead the AVX2 kernel prefetches for one input with 16-bit weights (0: none)",
         py::arg("bytes"));
   m.def("set_merge_prefetch", &set_merge_prefetch,
-        "bytes ahead merges prefetch in each stream of [base; deltas], AVX-512 loops (0: none)",
-        py::arg("bytes"));
+        "bytes ahead merges prefetch in each stream of [base; deltas], AVX-512 loops (0: none), "
+        "for stacks of `weights` (\"fp32\", \"16bit\"; \"\": both)",
+        py::arg("bytes"), py::arg("weights") = "");
+  m.def("merge_prefetch_of", &merge_prefetch_of,
+        "bytes ahead merges of `weights` stacks prefetch (\"fp32\" or \"16bit\")",
+        py::arg("weights"));
   m.def("set_tiles", &set_tiles,
         "for weights of `kind`: the row counts [from, to] whose products in linear and "
         "merge_linear use the prompt tiles (from 0: never)",

@@ -699,8 +699,12 @@ inline void store1(void* out, int64_t i, float v) {
 // set_merge_prefetch; the AVX-512 loops only). Eight streams read side by side are more than
 // the hardware prefetcher keeps ahead of on the Xeon VM: 12 layers' bf16 fc1 and fc2 merges of
 // GPT-2-small with 7 deltas (906 MB), one core, medians 84 / 77 ms without, 64-67 at 512 B to
-// 2 KiB, 69 at 4 KiB; two cores 44 -> 36 ms at 1 KiB. Same bits either way.
-int64_t merge_prefetch = 0;
+// 2 KiB, 69 at 4 KiB; two cores 44 -> 36 ms at 1 KiB. Same bits either way. One distance per
+// kind of stack, fp32 and 16-bit: on the Zen 5 VM 16-bit merges gain from it and fp32 ones lose.
+int64_t merge_prefetch[2] = {0, 0};
+
+template <WType T>
+inline int64_t merge_ahead() { return merge_prefetch[T == WType::F32 ? 0 : 1]; }
 
 template <WType T>
 CAMEX_AVX512 inline void prefetch_streams(const char* base, const char* deltas, int64_t ld_bytes,
@@ -717,7 +721,7 @@ CAMEX_AVX512 inline void prefetch_streams(const char* base, const char* deltas, 
 template <WType T>
 CAMEX_AVX512 int64_t merge16(const char* base, const char* deltas, int64_t ld_bytes,
                              const float* cs, int64_t E, int64_t a, int64_t b, char* out) {
-  const int64_t ahead = merge_prefetch;
+  const int64_t ahead = merge_ahead<T>();
   int64_t i = a;
   for (; i + 16 <= b; i += 16) {
     prefetch_streams<T>(base, deltas, ld_bytes, E, i, ahead);
@@ -735,7 +739,7 @@ CAMEX_AVX512 int64_t merge16_many(const char* base, const char* deltas, int64_t 
                                   const float* c, int64_t E, int64_t S, int64_t a, int64_t b,
                                   char* const* outs) {
   __m512 v[16];
-  const int64_t ahead = merge_prefetch;
+  const int64_t ahead = merge_ahead<T>();
   int64_t i = a;
   for (; i + 16 <= b; i += 16) {
     prefetch_streams<T>(base, deltas, ld_bytes, E, i, ahead);
@@ -827,7 +831,7 @@ template <WType T>
 CAMEX_AVX512 int64_t merge16_q8(const char* base, const int8_t* const* q, const float* cr,
                                 int64_t E, int64_t S, int64_t C, char* const* outs) {
   constexpr int64_t elem = T == WType::F32 ? 4 : 2;
-  const int64_t ahead = merge_prefetch;
+  const int64_t ahead = merge_ahead<T>();
   __m512 v[16];
   int64_t i = 0;
   for (; i + 16 <= C; i += 16) {
@@ -2000,11 +2004,21 @@ int64_t set_single_prefetch(int64_t bytes) {
 }
 
 // Bytes ahead of the read position that merges prefetch in every stream of the stack (AVX-512
-// loops; 0: none); returns it.
-int64_t set_merge_prefetch(int64_t bytes) {
+// loops; 0: none), for stacks of `weights` ("fp32", "16bit"; "": both); returns it.
+int64_t set_merge_prefetch(int64_t bytes, const std::string& weights) {
   TORCH_CHECK(bytes >= 0 && bytes <= 65536, "set_merge_prefetch: 0 to 65536 bytes");
-  merge_prefetch = bytes;
-  return merge_prefetch;
+  TORCH_CHECK(weights.empty() || weights == "fp32" || weights == "16bit",
+              "set_merge_prefetch: weights \"fp32\", \"16bit\" or \"\" (both)");
+  if (weights != "16bit") merge_prefetch[0] = bytes;
+  if (weights != "fp32") merge_prefetch[1] = bytes;
+  return bytes;
+}
+
+// The distance merges of `weights` stacks prefetch at ("fp32" or "16bit").
+int64_t merge_prefetch_of(const std::string& weights) {
+  TORCH_CHECK(weights == "fp32" || weights == "16bit",
+              "merge_prefetch_of: weights \"fp32\" or \"16bit\"");
+  return merge_prefetch[weights == "fp32" ? 0 : 1];
 }
 
 Avx512Tuning& tuning_of(const std::string& weights) {

@@ -23,7 +23,8 @@ bool has_bf16_dot();
 int64_t set_bf16_dot(int64_t from);
 int64_t bf16_dot();
 int64_t set_single_prefetch(int64_t bytes);
-int64_t set_merge_prefetch(int64_t bytes);
+int64_t set_merge_prefetch(int64_t bytes, const std::string& weights);
+int64_t merge_prefetch_of(const std::string& weights);
 int64_t set_tiles(const std::string& kind, int64_t from, int64_t to);
 std::tuple<int64_t, int64_t> tiles(const std::string& kind);
 

@@ -18,7 +18,8 @@ best it is across batch sizes, rather than the fastest at one batch size. It is 
 
 Merges (`[E_m; Δ_1..Δ_7]` into one expert) are timed the same way under each software prefetch
 distance (`MERGE_DISTANCES`): GPT-2-shaped FC1 and FC2 stacks of every layer, fp32 and bf16,
-the best printed as a `CAMEX_MERGE_PREFETCH` value.
+the best for each kind of stack (scored as above over the thread counts) printed as a
+`CAMEX_MERGE_PREFETCH` value.
 """
 
 from __future__ import annotations
@@ -196,5 +197,7 @@ def measure_merge(module, threads: Iterable[int], d_model: int, n_layer: int, re
 
 def merge_table(results: dict, score: dict[str, float], current: str | None) -> str:
     """`table` for `measure_merge`'s results: a line per prefetch distance."""
-    return render(f"merges of every layer's FC1 and FC2 ({MERGE_DELTAS} deltas), ms (threads, "
-                  "weights)", results, score, current, lambda n, k: f"{n}t {k}")
+    kinds = sorted({k for per_kind in results.values() for k in per_kind})
+    return render(f"merges of every layer's FC1 and FC2 ({MERGE_DELTAS} deltas), "
+                  f"{', '.join(kinds)} stacks, ms (threads, weights)", results, score, current,
+                  lambda n, k: f"{n}t {k}")

@@ -95,7 +95,7 @@ def test_int8_merge_matches_fp64_and_its_own_bits(dtype, monkeypatch):
                         assert torch.equal(one, outs[s]), (dtype, isa, ahead, s)
         finally:
             mod.set_isa("auto", 0)
-            mod.set_merge_prefetch(kernels.merge_prefetch())
+            kernels.apply_merge_prefetch(mod)
 
 
 def test_int8_merge_of_more_deltas_than_registers_goes_to_torch():

@@ -199,6 +199,12 @@ def test_the_server_process_applies_the_tuning_from_the_environment():
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0 and "(no prefetch set by CAMEX_MERGE_PREFETCH)" in out.stdout
+    env["CAMEX_MERGE_PREFETCH"] = "fp32=0;16bit=256"  # a distance per kind of stack
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert ("(prefetching in each stream: fp32 stacks none, 16-bit stacks 256 B ahead set by "
+            "CAMEX_MERGE_PREFETCH)") in out.stdout
     env["CAMEX_MERGE_PREFETCH"] = "2 KiB"
     bad = subprocess.run([sys.executable, "-m", "camex_runtime.kernels"], cwd=ROOT, env=env,
                          capture_output=True, text=True, timeout=300)
@@ -249,10 +255,16 @@ def test_tune_command_measures_every_candidate_and_prints_the_best(tmp_path):
         assert set(per_kind) == set(tuning.DTYPES)
         assert all(set(cell) == set(names) and min(cell.values()) > 0
                    for cell in per_kind.values())
-    assert merge["score"][merge["best"]] == min(merge["score"].values()) >= 1.0
+    for kind in kernels.WEIGHT_KINDS:  # a best distance per kind of stack, by its own cells
+        score = merge["score"][kind]
+        assert score[merge["best"][kind]] == min(score.values()) >= 1.0
+        assert merge["best_bytes"][kind] == names[merge["best"][kind]]
+        cells = [per_kind[kind] for per_kind in merge["ms"].values()]
+        assert any(cell[merge["best"][kind]] == min(cell.values()) for cell in cells)
     assert merge["serving_with"] == kernels.merge_prefetch()
     said = next(line for line in out.stdout.splitlines() if line.startswith("merges fastest"))
-    assert said == f"merges fastest here: CAMEX_MERGE_PREFETCH={names[merge['best']]}"
+    best = kernels.parse_merge_prefetch(said.split("=", 1)[1].strip("'"))
+    assert best == merge["best_bytes"]
     assert "merges of every layer's FC1 and FC2" in out.stdout
 
 
@@ -465,25 +477,40 @@ def test_the_single_row_prefetch_follows_the_cpu_and_changes_no_bits(monkeypatch
 
 @pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
 def test_the_merge_prefetch_follows_the_cpu_and_changes_no_bits(monkeypatch):
-    """Merges prefetch 1 KiB ahead in every stream on Intel CPUs with AVX-512 (measured faster
-    on the Xeon) and nowhere else; the status says so, and the distance decides how the stack
-    is read, never what a merge writes (merge, merge_many, merge_linear; ranges that end past
-    the buffer included)."""
-    for vendor, flags, want in (("GenuineIntel", AVX512_BF16, kernels.MERGE_PREFETCH),
-                                ("GenuineIntel", AVX2_ONLY, 0), ("AuthenticAMD", AVX512_BF16, 0)):
+    """Merges prefetch per CPU and kind of stack: 1 KiB ahead in every stream on Intel CPUs
+    with AVX-512 (measured faster on the Xeon), 512 B for 16-bit stacks on Zen 5, none
+    elsewhere; the environment replaces all kinds or the ones it names; the status says so,
+    and the distance decides how the stack is read, never what a merge writes (merge,
+    merge_many, merge_linear; ranges that end past the buffer included)."""
+    none = {"fp32": 0, "16bit": 0}
+    for vendor, family, flags, want in (
+            ("GenuineIntel", 6, AVX512_BF16, {"fp32": 1024, "16bit": 1024}),
+            ("GenuineIntel", 6, AVX2_ONLY, none), ("AuthenticAMD", 25, AVX512_BF16, none),
+            ("AuthenticAMD", 26, AVX512_BF16, {"fp32": 0, "16bit": 512}),
+            ("AuthenticAMD", 26, AVX2_ONLY, none), ("HygonGenuine", 24, AVX512_BF16, none)):
         monkeypatch.setattr(kernels, "cpu_flags", lambda flags=flags: flags)
         monkeypatch.setattr(kernels, "cpu_vendor", lambda vendor=vendor: vendor)
-        assert kernels.merge_prefetch() == want
-    assert kernels.MERGE_PREFETCH > 0
-    for text, want in (("512", 512), (" 0 ", 0), ("65536", 65536)):  # the environment wins
+        monkeypatch.setattr(kernels, "cpu_family", lambda family=family: family)
+        assert kernels.merge_prefetch() == want, (vendor, family)
+    assert kernels.merge_prefetch() == none  # a vendor not measured (the last above)
+    monkeypatch.setattr(kernels, "cpu_vendor", lambda: "GenuineIntel")
+    monkeypatch.setattr(kernels, "cpu_flags", lambda: AVX512_BF16)
+    for text, want in (("512", {"fp32": 512, "16bit": 512}), (" 0 ", none),
+                       ("65536", {"fp32": 65536, "16bit": 65536}),
+                       ("16bit=256", {"fp32": 1024, "16bit": 256}),  # fp32 keeps the CPU's
+                       ("fp32=0; 16bit=2048", {"fp32": 0, "16bit": 2048})):
         monkeypatch.setenv("CAMEX_MERGE_PREFETCH", text)
-        assert kernels.merge_prefetch() == want
-    for text in ("-1", "65537", "1k", "1.5"):
+        assert kernels.merge_prefetch() == want, text
+        assert kernels.parse_merge_prefetch(kernels.format_merge_prefetch(want)) == want
+    for text, why in (("-1", "integer from 0"), ("65537", "integer from 0"),
+                      ("1k", "integer from 0"), ("1.5", "integer from 0"),
+                      ("16bit=", "integer from 0"), ("int8=512", "KIND=BYTES"),
+                      ("fp32=0;;16bit=1", "KIND=BYTES"), ("fp32=1;fp32=2", "twice")):
         monkeypatch.setenv("CAMEX_MERGE_PREFETCH", text)
-        with pytest.raises(ValueError, match="CAMEX_MERGE_PREFETCH=.*integer from 0"):
+        with pytest.raises(ValueError, match=f"CAMEX_MERGE_PREFETCH=.*{why}"):
             kernels.merge_prefetch()
     monkeypatch.undo()
-    assert ("prefetching" in kernels.status()) is (kernels.merge_prefetch() > 0)
+    assert ("prefetching" in kernels.status()) is any(kernels.merge_prefetch().values())
     mod = kernels.native()
     torch.manual_seed(3)
     n, E = 69 * 45, 7  # three blocks of 1024 and a tail; rows of 45 for merge_linear
@@ -493,7 +520,10 @@ def test_the_merge_prefetch_follows_the_cpu_and_changes_no_bits(monkeypatch):
             coeffs, x = torch.rand(3, E), torch.randn(5, 45)
             got = []
             for ahead in (0, 64, 1024, 65536):
-                mod.set_merge_prefetch(ahead)
+                mod.set_merge_prefetch(ahead, "fp32" if dtype == torch.float32 else "16bit")
+                other = "16bit" if dtype == torch.float32 else "fp32"
+                mod.set_merge_prefetch(0 if ahead else 512, other)  # the other kind's alone
+                assert mod.merge_prefetch_of(other) == (0 if ahead else 512)
                 outs = [torch.empty(n, dtype=dtype) for _ in range(3)]
                 mod.merge_many(base, deltas, coeffs, outs)
                 alone = torch.empty(n, dtype=dtype)
@@ -511,8 +541,11 @@ def test_the_merge_prefetch_follows_the_cpu_and_changes_no_bits(monkeypatch):
             assert rel(got[0][1].float(), want.float()) <= tol
         with pytest.raises(RuntimeError, match="0 to 65536"):
             mod.set_merge_prefetch(-1)
+        with pytest.raises(RuntimeError, match="fp32"):
+            mod.set_merge_prefetch(64, "int8")
     finally:
-        mod.set_merge_prefetch(kernels.merge_prefetch())
+        kernels.apply_merge_prefetch(mod)
+    assert {k: mod.merge_prefetch_of(k) for k in kernels.WEIGHT_KINDS} == kernels.merge_prefetch()
 
 
 @pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
