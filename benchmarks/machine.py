@@ -25,19 +25,27 @@ TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 def cpu_info() -> dict:
-    """`lscpu` model name, the flags that matter for fp32/fp16/bf16 kernels, and core counts."""
+    """`lscpu` model name, vendor, family and model numbers (the model name alone does not
+    tell AMD's Zen 3, 4 and 5 VMs apart: "AMD EPYC" on all three), the flags that matter for
+    fp32/fp16/bf16 kernels, and core counts."""
     model, flags = platform.processor() or "unknown", set()
+    ids = {"Vendor ID": "vendor", "CPU family": "cpu_family", "Model": "cpu_model"}
+    found: dict = {"vendor": "", "cpu_family": None, "cpu_model": None}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         for line in out.splitlines():
             key, _, value = line.partition(":")
-            if key.strip() == "Model name":
-                model = value.strip()
-            elif key.strip() == "Flags":
+            key, value = key.strip(), value.strip()
+            if key == "Model name":
+                model = value
+            elif key == "Flags":
                 flags = set(value.split())
+            elif key in ids and not found[ids[key]]:  # the first (the CPU's, not the BIOS's)
+                found[ids[key]] = value if key == "Vendor ID" else (
+                    int(value) if value.isdigit() else None)
     except (OSError, subprocess.SubprocessError):
         pass
-    return {"model_name": model, "cpus": os.cpu_count(),
+    return {"model_name": model, **found, "cpus": os.cpu_count(),
             "flags": {f: f in flags for f in CPU_FLAGS_OF_INTEREST},
             "flags_hash": hashlib.sha256(" ".join(sorted(flags)).encode()).hexdigest()[:8]}
 

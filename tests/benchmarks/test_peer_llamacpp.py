@@ -238,6 +238,11 @@ def test_quick_camex_side_end_to_end(models, tmp_path):
     doc = json.loads(out.read_text())
     assert doc["llama_cpp"] is None and doc["commit"]
     assert {"model_name", "flags", "loadavg_start", "contended"} <= doc["machine"].keys()
+    # the CPU's family and model numbers (Zen 3, 4 and 5 all name themselves "AMD EPYC")
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    family = next(int(line.split(":")[1]) for line in cpuinfo.splitlines()
+                  if line.startswith("cpu family"))
+    assert doc["machine"]["cpu_family"] == family and doc["machine"]["vendor"]
     kinds = sorted((r["kind"], r["system"]) for r in doc["runs"])
     assert kinds == [("engine", "camex-7x1"), ("engine", "camex-dense"),
                      ("http", "camex-7x1"), ("http", "camex-dense")]
