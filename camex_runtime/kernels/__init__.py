@@ -240,11 +240,16 @@ def cpu_family() -> int:
     return 0
 
 
+def per_cpu(table: dict, vendor: str, family: int, default):
+    """`table`'s entry for a CPU of `vendor` and `family`: the "vendor/family" key where the
+    family was measured on its own, else the vendor's, else `default`."""
+    return table.get(f"{vendor}/{family}", table.get(vendor, default))
+
+
 def avx512_tuning(vendor: str, family: int = 0) -> dict[str, Avx512Tuning]:
     """`AVX512_TUNING` for a CPU of `vendor` and `family` (per kind of weights): the family's
     own where measured, else the vendor's, else Zen 4's."""
-    return AVX512_TUNING.get(f"{vendor}/{family}",
-                             AVX512_TUNING.get(vendor, AVX512_TUNING["AuthenticAMD"]))
+    return per_cpu(AVX512_TUNING, vendor, family, AVX512_TUNING["AuthenticAMD"])
 
 
 def format_tuning(tuning: dict[str, Avx512Tuning]) -> str:
@@ -360,9 +365,7 @@ def merge_prefetch() -> dict[str, int]:
     a bad value."""
     ahead = dict.fromkeys(WEIGHT_KINDS, 0)
     if "avx512f" in cpu_flags():
-        vendor = cpu_vendor()
-        ahead.update(MERGE_PREFETCH.get(f"{vendor}/{cpu_family()}",
-                                        MERGE_PREFETCH.get(vendor, {})))
+        ahead.update(per_cpu(MERGE_PREFETCH, cpu_vendor(), cpu_family(), {}))
     text = os.environ.get("CAMEX_MERGE_PREFETCH", "").strip()
     if text:
         ahead.update(parse_merge_prefetch(text))
