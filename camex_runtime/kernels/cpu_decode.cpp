@@ -700,7 +700,8 @@ inline void store1(void* out, int64_t i, float v) {
 // the hardware prefetcher keeps ahead of on the Xeon VM: 12 layers' bf16 fc1 and fc2 merges of
 // GPT-2-small with 7 deltas (906 MB), one core, medians 84 / 77 ms without, 64-67 at 512 B to
 // 2 KiB, 69 at 4 KiB; two cores 44 -> 36 ms at 1 KiB. Same bits either way. One distance per
-// kind of stack, fp32 and 16-bit: on the Zen 5 VM 16-bit merges gain from it and fp32 ones lose.
+// kind of stack, fp32 and 16-bit: on the Zen 5 VM 16-bit merges gain from it while fp32 ones
+// move within the noise either way.
 int64_t merge_prefetch[2] = {0, 0};
 
 template <WType T>
