@@ -98,6 +98,36 @@ def test_int8_merge_matches_fp64_and_its_own_bits(dtype, monkeypatch):
             kernels.apply_merge_prefetch(mod)
 
 
+@pytest.mark.skipif(not NATIVE, reason="needs the native kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_merges_of_compiled_delta_counts_give_the_run_time_counts_bits(dtype):
+    """The native int8 merge compiles its loop over deltas for 1-15 deltas and reads the count
+    at run time for 16: E deltas must give the bits of the same merge padded to 16 deltas with
+    zero coefficients, for every E, with each instruction set this CPU has."""
+    mod = kernels.native()
+    torch.manual_seed(5)
+    R, C, total = 3, 77, kernels.MERGE_Q8_MAX_DELTAS
+    isas = ["avx2"] + (["avx512"] if "avx512f" in kernels.cpu_flags() else [])
+    try:
+        for E in range(1, total):
+            base = torch.randn(R, C).to(dtype)
+            q = torch.randint(-127, 128, (total, R, C), dtype=torch.int8)
+            scales = torch.rand(total, R) * 0.01
+            coeffs = torch.rand(2, E)
+            zero_padded = torch.cat([coeffs, torch.zeros(2, total - E)], 1)
+            for isa in isas:
+                mod.set_isa(isa, 0)
+                compiled = [torch.full((R, C), float("nan"), dtype=dtype) for _ in range(2)]
+                run_time = [torch.full((R, C), float("nan"), dtype=dtype) for _ in range(2)]
+                kernels.merge_q8_many(base, q[:E].contiguous(), scales[:E].contiguous(), coeffs,
+                                      compiled)
+                kernels.merge_q8_many(base, q, scales, zero_padded, run_time)
+                for a, b in zip(compiled, run_time):
+                    assert not a.isnan().any() and torch.equal(a, b), (isa, E)
+    finally:
+        mod.set_isa("auto", 0)
+
+
 def test_int8_merge_of_more_deltas_than_registers_goes_to_torch():
     """A model with more experts than the native loop keeps in registers still merges."""
     torch.manual_seed(4)

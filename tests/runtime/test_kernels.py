@@ -753,6 +753,40 @@ def test_merge_many_gives_each_output_the_bits_of_a_lone_merge(dtype, merge_path
     kernels.merge_many(base, deltas, torch.empty(0, E), [])  # nothing to merge: no error
 
 
+@pytest.mark.skipif(kernels.native() is None, reason=f"no native kernels: {kernels.status()}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_merges_of_compiled_delta_counts_give_the_run_time_counts_bits(dtype):
+    """The native merges compile their loop over deltas for 1-15 deltas and read the count at
+    run time past that. Merging E deltas must give the bits of the same merge padded past the
+    compiled counts with zero coefficients (an FMA by zero adds an exact zero): for every E,
+    one output and several from one pass, with each instruction set this CPU has."""
+    mod = kernels.native()
+    torch.manual_seed(4)
+    n, total = 1024 + 29, 17
+    isas = ["avx2"] + (["avx512"] if HAS_AVX512 else [])
+    try:
+        for E in range(1, total - 1):
+            base, deltas = torch.randn(n).to(dtype), torch.randn(E, n).to(dtype)
+            padded = torch.cat([deltas, torch.randn(total - E, n).to(dtype)])
+            coeffs = torch.rand(2, E)
+            zero_padded = torch.cat([coeffs, torch.zeros(2, total - E)], 1)
+            for isa in isas:
+                mod.set_isa(isa, 0)
+                compiled = [torch.full((n,), float("nan"), dtype=dtype) for _ in range(2)]
+                run_time = [torch.full((n,), float("nan"), dtype=dtype) for _ in range(2)]
+                kernels.merge_many(base, deltas, coeffs, compiled)
+                kernels.merge_many(base, padded, zero_padded, run_time)
+                for a, b in zip(compiled, run_time):
+                    assert not a.isnan().any() and torch.equal(a, b), (isa, E)
+                alone = torch.empty(n, dtype=dtype)
+                kernels.merge(base, deltas, coeffs[0], alone)
+                assert torch.equal(alone, compiled[0]), (isa, E)
+                kernels.merge(base, padded, zero_padded[0], alone)
+                assert torch.equal(alone, compiled[0]), (isa, E)
+    finally:
+        mod.set_isa("auto", 0)
+
+
 @pytest.mark.skipif(not (HAS_FLAGS and HAS_AVX512), reason="needs a CPU with AVX-512")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_avx512_merges_give_the_avx2_merges_bits(dtype):
