@@ -703,7 +703,9 @@ inline void store1(void* out, int64_t i, float v) {
 // GPT-2-small with 7 deltas (906 MB), one core, medians 84 / 77 ms without, 64-67 at 512 B to
 // 2 KiB, 69 at 4 KiB; two cores 44 -> 36 ms at 1 KiB. Same bits either way. One distance per
 // kind of stack, fp32 and 16-bit: on the Zen 5 VM 16-bit merges gain from it while fp32 ones
-// move within the noise either way.
+// move within the noise either way. (All measured with the delta count read at run time; with
+// it compiled in, with_deltas below, the Zen 5 merges run at a plain read's pace and the
+// distance moves them within ~10 %.)
 int64_t merge_prefetch[2] = {0, 0};
 
 template <WType T>
