@@ -203,41 +203,37 @@ _lock = threading.Lock()
 _state: dict = {"module": None, "status": None}
 
 
+def _cpuinfo(field: str) -> str | None:
+    """The value of /proc/cpuinfo's first `field` line (the first CPU's), None where there is
+    none (another OS, a field this CPU does not report)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == field:
+                return value.strip()
+    except OSError:
+        pass
+    return None
+
+
 @functools.cache
 def cpu_flags() -> frozenset[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere), read once: the prompt
     path asks on every product."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset((_cpuinfo("flags") or "").split())
 
 
 @functools.cache
 def cpu_vendor() -> str:
     """The CPU's vendor id ("GenuineIntel", "AuthenticAMD"; "" where unknown)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    return _cpuinfo("vendor_id") or ""
 
 
 def cpu_family() -> int:
     """The CPU's family number (/proc/cpuinfo's "cpu family": 25 for Zen 3 and 4, 26 for Zen 5, 6
     for Intel's cores; 0 where unknown)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("cpu family"):
-                return int(line.split(":", 1)[1])
-    except (OSError, ValueError):
-        pass
-    return 0
+    value = _cpuinfo("cpu family") or ""
+    return int(value) if value.isdigit() else 0
 
 
 def per_cpu(table: dict, vendor: str, family: int, default):

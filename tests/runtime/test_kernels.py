@@ -136,6 +136,15 @@ def test_avx512_tuning_follows_the_cpu_vendor_and_family(monkeypatch):
         assert set(per_kind) == set(kernels.WEIGHT_KINDS), key
     family = kernels.cpu_family()
     assert family >= 0 and (family > 0) == ("cpu family" in Path("/proc/cpuinfo").read_text())
+    # the three readers of /proc/cpuinfo against a parse of the first CPU's lines written here
+    first = {}
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            first.setdefault(key.strip(), value.strip())
+    assert kernels.cpu_vendor() == first.get("vendor_id", "")
+    assert kernels.cpu_flags() == frozenset(first.get("flags", "").split())
+    assert family == int(first.get("cpu family", "0"))
     assert set(kernels.AVX512_TUNING["GenuineIntel"]) == set(kernels.WEIGHT_KINDS)
     assert kernels.chosen_tuning() == kernels.avx512_tuning(
         kernels.cpu_vendor(), kernels.cpu_family())
