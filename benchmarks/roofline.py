@@ -26,7 +26,7 @@ from common import base_parser, best_time, print_table, setup, shape, write_resu
 def measure_peaks(device, dtype, reps: int = 3) -> dict:
     n = 2048 if torch.device(device).type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
-    t = best_time(lambda: a @ a, device, reps)
+    gemms = {"torch": 2 * n ** 3 / best_time(lambda: a @ a, device, reps) / 1e9}
     elem = torch.empty((), dtype=dtype).element_size()
     w = torch.randn((256 << 20) // (1024 * elem), 1024, device=device, dtype=dtype)
     x = torch.randn(1, 1024, device=device, dtype=dtype)
@@ -37,8 +37,15 @@ def measure_peaks(device, dtype, reps: int = 3) -> dict:
         # dtype), faster than torch's GEMV on some CPUs: the bound is the faster of the two
         xf = x.float()
         streams["native"] = nbytes / best_time(lambda: kernels.linear(xf, w), device, reps) / 1e9
-    return {"peak_gflops": 2 * n ** 3 / t / 1e9, "peak_gbps": max(streams.values()),
-            "stream_gbps": streams}
+        # and multiplies prompt chunks with its own tiles where kernels.tiles_take says so
+        # (fp32 on AMD CPUs; 512-bit vectors on Zen 5: twice torch's GEMM there)
+        rows = kernels.tiles_max_rows(dtype)
+        if kernels.tiles_take(dtype, rows):
+            xs = torch.randn(rows, n, dtype=torch.float32)
+            t = best_time(lambda: kernels.linear(xs, a), device, reps)
+            gemms["native"] = 2 * rows * n * n / t / 1e9
+    return {"peak_gflops": max(gemms.values()), "gemm_gflops": gemms,
+            "peak_gbps": max(streams.values()), "stream_gbps": streams}
 
 
 def _dense_parts(cfg: dict) -> tuple[int, int, int]:

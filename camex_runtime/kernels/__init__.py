@@ -9,7 +9,8 @@
   weights, `AVX512_TUNING`: same bits, more work per load). More rows (prompt chunks) go to
   the native prompt tiles where `tiles_take` says so — up to `tiles_max_rows` rows, 16-bit
   weights on CPUs without a 16-bit GEMM, fp32 ones on CPUs without AVX-512 or from a vendor in
-  `TILES_FP32_AVX512_VENDORS` — and otherwise to `F.linear`: fp16/bf16 weights with fp32
+  `TILES_FP32_AVX512_VENDORS`; 512-bit vectors where `tiles_isa` says so, the same bits —
+  and otherwise to `F.linear`: fp16/bf16 weights with fp32
   activations use the CPU's 16-bit GEMM there (AVX512-BF16/AMX, AVX512-FP16), or are widened
   to fp32 a slice at a time (`widened_linear`) for torch's fp32 GEMM.
 - `decode_attention(...)` writes one decode step's keys/values into the KV cache and attends
@@ -151,6 +152,20 @@ MAX_ROWS_FP32 = 16  # fp32 weights
 # not since: on AVX-512 CPUs these tiles are the same AVX2 code.
 TILES_MAX_ROWS_FP32 = 256
 TILES_MAX_ROWS_FP32_AVX512 = 256
+# The tiles' vectors per CPU ("vendor/family" or vendor, as AVX512_TUNING): where a core runs
+# 512-bit FMAs at full width (Zen 5, AMD family 26) a 512-bit vector holds a block's 16 inputs
+# and two blocks run side by side (cpu_decode.cpp, tile512), the same bits as the 256-bit tiles.
+# Zen 5 VM, GPT-2-small's 12 blocks' fp32 products, medians: 32 rows 33.8 -> 17.9 ms on one
+# thread (107 -> 203 GFLOP/s), 20.8 -> 11.8 on two; 16 rows 0.70x, 64 and 256 rows 0.54-0.60x.
+# Zen 4 splits a 512-bit FMA in two halves and keeps the measured 256-bit tiles (not measured
+# with these); `CAMEX_TILES_ISA` (avx2, avx512) overrides the table.
+TILES_AVX512 = {"AuthenticAMD/26": True}
+# With 512-bit tiles the tiles take up to TILES_MAX_ROWS_512BIT rows: torch's fp32 GEMM ran at
+# ~80 GFLOP/s on one Zen 5 core (~160 on two) at any row count, the tiles (same 12 blocks,
+# tiles / torch, one thread and two) 256 rows 0.48 / 0.59, 512 rows 0.51 / 0.56, 1024 rows
+# 0.55 / 0.63, 2048 rows 0.95 / 0.66 (every group of weight rows reads all the packed inputs,
+# which stop fitting in cache); fp16 weights (against widening and torch) 512 rows 0.52 / 0.51.
+TILES_MAX_ROWS_512BIT = 1024
 # 16-bit weights' chunks go to the tiles up to TILES_MAX_ROWS_16BIT rows on CPUs without
 # AVX-512; beyond that, widening the matrix once per call (in slices of WIDEN_SLICE_BYTES) and
 # torch's fp32 GEMM, which the widening amortises over the rows: at 512 rows the two were even
@@ -339,7 +354,11 @@ def _load():
         if takes:
             tiles.append(f"{name} {first}-{tiles_max_rows(dtype)}")
         module.set_tiles(name, first if takes else 0, tiles_max_rows(dtype))
-    tiles_text = (f"; prompt tiles for {', '.join(tiles)} rows, torch's GEMM beyond"
+    vectors = module.set_tiles_isa(tiles_isa())
+    wide = (" of 512-bit vectors" + (" set by CAMEX_TILES_ISA"
+                                     if os.environ.get("CAMEX_TILES_ISA", "").strip() else "")
+            if vectors == "avx512" else "")
+    tiles_text = (f"; prompt tiles for {', '.join(tiles)} rows{wide}, torch's GEMM beyond"
                   if tiles else "")
     set_by = (" set by CAMEX_MERGE_PREFETCH"
               if os.environ.get("CAMEX_MERGE_PREFETCH", "").strip() else "")
@@ -440,11 +459,28 @@ def max_rows(weight_dtype: torch.dtype) -> int:
 
 def tiles_max_rows(weight_dtype: torch.dtype) -> int:
     """The most rows `tiles_take` gives the tiles for weights of `weight_dtype` (where it
-    gives them any): TILES_MAX_ROWS_FP32_AVX512 on CPUs with AVX-512; without it,
-    TILES_MAX_ROWS_FP32 for fp32 weights and TILES_MAX_ROWS_16BIT for 16-bit ones."""
+    gives them any): TILES_MAX_ROWS_512BIT where the tiles run 512-bit vectors (`tiles_isa`),
+    else TILES_MAX_ROWS_FP32_AVX512 on CPUs with AVX-512; without it, TILES_MAX_ROWS_FP32 for
+    fp32 weights and TILES_MAX_ROWS_16BIT for 16-bit ones."""
     if "avx512f" in cpu_flags():
-        return TILES_MAX_ROWS_FP32_AVX512
+        return TILES_MAX_ROWS_512BIT if tiles_isa() == "avx512" else TILES_MAX_ROWS_FP32_AVX512
     return TILES_MAX_ROWS_FP32 if weight_dtype == torch.float32 else TILES_MAX_ROWS_16BIT
+
+
+def tiles_isa() -> str:
+    """The prompt tiles' vectors on this CPU: "avx512" where `TILES_AVX512` says so (or
+    `CAMEX_TILES_ISA` asks and the CPU has AVX-512), else "avx2". Raises ValueError for a
+    `CAMEX_TILES_ISA` that is neither or names AVX-512 on a CPU without it."""
+    has = {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= cpu_flags()
+    asked = os.environ.get("CAMEX_TILES_ISA", "").strip()
+    if asked:
+        if asked not in ("avx2", "avx512"):
+            raise ValueError(f"CAMEX_TILES_ISA must be avx2 or avx512, got {asked!r}")
+        if asked == "avx512" and not has:
+            raise ValueError("CAMEX_TILES_ISA=avx512 but this CPU has no AVX-512 (F, BW, DQ, VL)")
+        return asked
+    wide = has and per_cpu(TILES_AVX512, cpu_vendor(), cpu_family(), False)
+    return "avx512" if wide else "avx2"
 
 
 def tiles_take(weight_dtype: torch.dtype, rows: int) -> bool:

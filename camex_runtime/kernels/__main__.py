@@ -5,7 +5,8 @@ so that a container loads a prebuilt library and never compiles at start-up.
 `--tune` then measures the AVX-512 kernel's settings on this CPU (see `tuning`): a table per
 kind of weights, and the `CAMEX_KERNELS_TUNING` value that serves this CPU best (about a minute
 per thread count for GPT-2-small's shapes); then the merges' prefetch distance per kind of
-weights, printed as a `CAMEX_MERGE_PREFETCH` value. `--json FILE` also writes the measurements.
+weights, printed as a `CAMEX_MERGE_PREFETCH` value; then the prompt tiles' vector width,
+printed as a `CAMEX_TILES_ISA` value. `--json FILE` also writes the measurements.
 
 Exit status 0 when the native kernels load (and the tuning ran, if asked), 1 when serving would
 fall back to torch's, 2 for a bad argument or `--tune` on a CPU without AVX-512.
@@ -23,7 +24,7 @@ import torch
 from camex_runtime import kernels
 from camex_runtime.kernels import build
 
-TUNE_KINDS = (*kernels.WEIGHT_KINDS, "merge")
+TUNE_KINDS = (*kernels.WEIGHT_KINDS, "merge", "tiles")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "current count)")
     p.add_argument("--kinds", default=",".join(TUNE_KINDS),
                    help="what to tune: fp32 and 16bit (the linear kernel per kind of weights), "
-                        "merge (the merges' prefetch distance); default: all three")
+                        "merge (the merges' prefetch distance), tiles (the prompt tiles' "
+                        "vectors); default: all four")
     p.add_argument("--reps", type=int, default=5, help="timed passes per cell (default: 5)")
     p.add_argument("--d-model", type=int, default=768, help="model width (default: GPT-2-small)")
     p.add_argument("--layers", type=int, default=12, help="blocks (default: 12)")
@@ -72,6 +74,7 @@ def tune(args: argparse.Namespace, module) -> int:
               "serving_with": kernels.format_tuning(chosen), "kinds": {}}
     best = {}
     merge_current = kernels.merge_prefetch()
+    tiles_current = module.tiles_isa()
     try:
         for kind in (k for k in args.kinds if k in kernels.WEIGHT_KINDS):
             results = tuning.measure(module, kind, args.threads, args.d_model, args.layers,
@@ -101,10 +104,22 @@ def tune(args: argparse.Namespace, module) -> int:
                 report["merge"]["score"][kind] = score
                 report["merge"]["best"][kind] = name
                 report["merge"]["best_bytes"][kind] = distances[name]
+        if "tiles" in args.kinds:
+            results = tuning.measure_tiles(module, args.threads, args.d_model, args.layers,
+                                           args.reps, progress=lambda m: print(
+                                               "  " + m, file=sys.stderr, flush=True))
+            name, score = tuning.choose(results)
+            names = {isa: n for n, isa in tuning.TILES_ISAS.items()}
+            print(tuning.tiles_table(results, score, names[tiles_current]))
+            print()
+            report["tiles"] = {"ms": results, "score": score, "best": name,
+                               "best_isa": tuning.TILES_ISAS[name],
+                               "serving_with": tiles_current}
     finally:
         for kind, t in chosen.items():  # this process goes on with what it serves with
             module.tune(kind, *t)
         kernels.apply_merge_prefetch(module, merge_current)
+        module.set_tiles_isa(tiles_current)
     merged = {**chosen, **best}
     print(f"serving with: CAMEX_KERNELS_TUNING='{kernels.format_tuning(chosen)}'")
     print(f"fastest here: CAMEX_KERNELS_TUNING='{kernels.format_tuning(merged)}'")
@@ -114,6 +129,9 @@ def tune(args: argparse.Namespace, module) -> int:
               f"CAMEX_MERGE_PREFETCH='{kernels.format_merge_prefetch(merge_current)}'")
         print("merges fastest here: CAMEX_MERGE_PREFETCH="
               f"'{kernels.format_merge_prefetch(report['merge']['best_bytes'])}'")
+    if "tiles" in report:
+        print(f"prompt tiles serve with: CAMEX_TILES_ISA={tiles_current}")
+        print(f"prompt tiles fastest here: CAMEX_TILES_ISA={report['tiles']['best_isa']}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1)

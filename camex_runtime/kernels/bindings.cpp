@@ -36,6 +36,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "merge_linear use the prompt tiles (from 0: never)",
         py::arg("kind"), py::arg("from_rows"), py::arg("to_rows"));
   m.def("tiles", &tiles, py::arg("kind"));
+  m.def("set_tiles_isa", &set_tiles_isa,
+        "the prompt tiles' vectors: \"avx2\" or \"avx512\" (the same bits)", py::arg("isa"));
+  m.def("tiles_isa", &tiles_isa);
   // Without the GIL: the kernels touch no Python object, and while a decode step streams
   // weights the server's event loop thread must be free to send the previous token.
   using nogil = py::call_guard<py::gil_scoped_release>;

@@ -7,7 +7,8 @@
 // merge_many: S of them (S coefficient rows) from one pass over the stack.
 // merge_linear: a merge and a prompt chunk's product by it, one tile of weight rows at a time.
 // linear_tiles: y = x @ w^T + b for a prompt chunk's rows in register tiles (and linear's and
-// merge_linear's products for the row counts set_tiles names).
+// merge_linear's products for the row counts set_tiles names), of 256-bit or, where
+// set_tiles_isa says so, 512-bit vectors (the same bits).
 // With bf16 weights and 9-32 rows on a CPU with AVX512-BF16 (set_bf16_dot), products go to a
 // kernel of bf16 dot products (vdpbf16ps), fused with the merge in merge_linear.
 //
@@ -539,6 +540,53 @@ inline void tile(const float* xt, int64_t in, const float* const* wr, float* y, 
     for (int64_t r = 0; r < nr; ++r) y[b * ldy + r] = t[r][b];
 }
 
+// `tile` with 512-bit vectors, for NZ (1 or 2) whole blocks of TILE_INPUTS inputs side by side
+// (xt0, xt1: their packed data; nb inputs of the 16 * NZ stored): a vector of 16 inputs where
+// `tile` holds two of 8, the same chains of FMAs over k in the same order and the same spans'
+// sums, so every output has the bits `tile` gives it. Where a core runs 512-bit FMAs at full
+// width (Zen 5) that is twice the products per instruction; two blocks give each broadcast
+// weight two FMAs and twelve independent chains (FMA latency x ports). Chosen per CPU by the
+// Python side (set_tiles_isa).
+template <int NZ>
+CAMEX_AVX512 void tile512(const float* xt0, const float* xt1, int64_t in, const float* const* wr,
+                          float* y, int64_t ldy, int64_t nb, int64_t nr, const char* const* next,
+                          int64_t next_esz) {
+  alignas(64) float t[TILE_ROWS][NZ * TILE_INPUTS] = {};
+  for (int64_t k0 = 0; k0 < in; k0 += TILE_SPAN) {
+    const int64_t k1 = std::min(in, k0 + TILE_SPAN);
+    const float *w0 = wr[0], *w1 = wr[1], *w2 = wr[2], *w3 = wr[3], *w4 = wr[4], *w5 = wr[5];
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0;
+    __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0, b4 = a0, b5 = a0;  // the second block
+    for (int64_t k = k0; k < k1; ++k) {
+      if (next != nullptr && (k & 15) == 0)
+        for (int r = 0; r < TILE_ROWS; ++r) _mm_prefetch(next[r] + k * next_esz, _MM_HINT_T1);
+      const __m512 x0 = _mm512_loadu_ps(xt0 + k * TILE_INPUTS);
+      const __m512 x1 = NZ == 2 ? _mm512_loadu_ps(xt1 + k * TILE_INPUTS) : x0;
+      __m512 v;
+#define CAMEX_TILE_ROW(r)                              \
+      v = _mm512_set1_ps(w##r[k]);                     \
+      a##r = _mm512_fmadd_ps(v, x0, a##r);             \
+      if constexpr (NZ == 2) b##r = _mm512_fmadd_ps(v, x1, b##r);
+      CAMEX_TILE_ROW(0) CAMEX_TILE_ROW(1) CAMEX_TILE_ROW(2)
+      CAMEX_TILE_ROW(3) CAMEX_TILE_ROW(4) CAMEX_TILE_ROW(5)
+#undef CAMEX_TILE_ROW
+    }
+    const __m512 as[TILE_ROWS] = {a0, a1, a2, a3, a4, a5};
+    const __m512 bs[TILE_ROWS] = {b0, b1, b2, b3, b4, b5};
+    for (int r = 0; r < TILE_ROWS; ++r) {
+      _mm512_store_ps(t[r], _mm512_add_ps(_mm512_load_ps(t[r]), as[r]));
+      if constexpr (NZ == 2)
+        _mm512_store_ps(t[r] + TILE_INPUTS,
+                        _mm512_add_ps(_mm512_load_ps(t[r] + TILE_INPUTS), bs[r]));
+    }
+  }
+  for (int64_t b = 0; b < nb; ++b)
+    for (int64_t r = 0; r < nr; ++r) y[b * ldy + r] = t[r][b];
+}
+
+// Whether the tiles use tile512 for whole blocks of inputs (set_tiles_isa; off by default).
+bool tiles_avx512 = false;
+
 // y[:, o:o+rows] = x @ w[o:o+rows]^T (+ bias) for all inputs (packed) by tiles: each group of
 // TILE_ROWS weight rows (widened / gathered once) passes over every block of inputs.
 template <WType T>
@@ -570,14 +618,25 @@ void tiles_into(const PackedInputs& xp, const char* w, int64_t ldw_bytes, int64_
     const bool pf = g + 2 * TILE_ROWS <= o + rows;
     for (int64_t r = 0; r < TILE_ROWS; ++r) next[r] = w + (g + TILE_ROWS + r) * ldw_bytes;
     constexpr int64_t esz = T == WType::F32 ? 4 : 2;
-    for (int64_t blk = 0; blk < xp.blocks(); ++blk) {
-      const int64_t b0 = blk * TILE_INPUTS, nb = std::min(TILE_INPUTS, xp.B - b0);
+    for (int64_t blk = 0; blk < xp.blocks();) {
+      const int64_t b0 = blk * TILE_INPUTS;
       float* yb = y + b0 * out + g;
       const char* const* nx = pf && blk == 0 ? next : nullptr;
-      if (xp.width(blk) == TILE_INPUTS)
+      const bool whole = xp.width(blk) == TILE_INPUTS;
+      if (tiles_avx512 && whole && blk + 1 < xp.blocks() && xp.width(blk + 1) == TILE_INPUTS) {
+        tile512<2>(xp.block(blk), xp.block(blk + 1), in, wr, yb, out,
+                   std::min(2 * TILE_INPUTS, xp.B - b0), nr, nx, esz);
+        blk += 2;
+        continue;
+      }
+      const int64_t nb = std::min(TILE_INPUTS, xp.B - b0);
+      if (tiles_avx512 && whole)
+        tile512<1>(xp.block(blk), nullptr, in, wr, yb, out, nb, nr, nx, esz);
+      else if (whole)
         tile<2>(xp.block(blk), in, wr, yb, out, nb, nr, nx, esz);
       else
         tile<1>(xp.block(blk), in, wr, yb, out, nb, nr, nx, esz);
+      ++blk;
     }
   }
   if (bias != nullptr)
@@ -2028,6 +2087,16 @@ int64_t set_tiles(const std::string& kind, int64_t from, int64_t to) {
   tiles_to[k] = from == 0 ? 0 : to;
   return from;
 }
+
+// "avx512" or "avx2": the vectors of the prompt tiles (the same bits either way); returns it.
+std::string set_tiles_isa(const std::string& isa) {
+  TORCH_CHECK(isa == "avx2" || isa == "avx512", "set_tiles_isa: \"avx2\" or \"avx512\"");
+  TORCH_CHECK(isa == "avx2" || has_avx512(), "this CPU has no AVX-512 (F, BW, DQ, VL)");
+  tiles_avx512 = isa == "avx512";
+  return tiles_isa();
+}
+
+std::string tiles_isa() { return tiles_avx512 ? "avx512" : "avx2"; }
 
 std::tuple<int64_t, int64_t> tiles(const std::string& kind) {
   const int k = tile_kind(kind);

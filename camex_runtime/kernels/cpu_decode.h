@@ -27,6 +27,8 @@ int64_t set_merge_prefetch(int64_t bytes, const std::string& weights);
 int64_t merge_prefetch_of(const std::string& weights);
 int64_t set_tiles(const std::string& kind, int64_t from, int64_t to);
 std::tuple<int64_t, int64_t> tiles(const std::string& kind);
+std::string set_tiles_isa(const std::string& isa);
+std::string tiles_isa();
 
 // kernels
 at::Tensor linear(const at::Tensor& x, const at::Tensor& w, const OptT& bias);

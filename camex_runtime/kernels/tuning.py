@@ -16,6 +16,10 @@ The chosen setting per kind of weights is the candidate with the smallest geomet
 best it is across batch sizes, rather than the fastest at one batch size. It is printed as a
 `CAMEX_KERNELS_TUNING` value, which the server applies at start-up.
 
+The prompt tiles (prefill chunks' products) are timed with 256-bit and with 512-bit vectors
+(`TILES_ISAS`: the same bits, which this checks too): every layer's FC1 and FC2 with fp32
+weights at a few chunk sizes (`TILES_ROWS`), the faster printed as a `CAMEX_TILES_ISA` value.
+
 Merges (`[E_m; Δ_1..Δ_7]` into one expert) are timed the same way under each software prefetch
 distance (`MERGE_DISTANCES`): GPT-2-shaped FC1 and FC2 stacks of every layer, fp32 and bf16,
 the best for each kind of stack (scored as above over the thread counts) printed as a
@@ -39,6 +43,8 @@ DTYPES = {"fp32": torch.float32, "16bit": torch.bfloat16}
 MERGE_DISTANCES = (0, 256, 512, 1024, 2048, 4096)  # bytes ahead in each stream
 MERGE_DELTAS = 7  # the benchmark model's 7+1 experts
 ROWS = {"fp32": (1, 2, 3, 4, 6, 8, 12, MAX_ROWS_FP32), "16bit": (1, 2, 3, 4, 6, MAX_ROWS)}
+TILES_ISAS = {"256-bit": "avx2", "512-bit": "avx512"}  # candidate name: CAMEX_TILES_ISA
+TILES_ROWS = (32, 128, 512)  # a chat prompt, a chunk, a long prompt's chunk
 
 
 def candidates(max_rows: int) -> dict[str, Avx512Tuning]:
@@ -201,3 +207,36 @@ def merge_table(results: dict, score: dict[str, float], current: str | None) -> 
     return render(f"merges of every layer's FC1 and FC2 ({MERGE_DELTAS} deltas), "
                   f"{', '.join(kinds)} stacks, ms (threads, weights)", results, score, current,
                   lambda n, k: f"{n}t {k}")
+
+
+def measure_tiles(module, threads: Iterable[int], d_model: int, n_layer: int, reps: int,
+                  progress: Callable[[str], None] = lambda _: None) -> dict:
+    """{threads: {rows: {candidate: median ms}}}: every layer's FC1 and FC2 products with fp32
+    weights for prompt chunks of TILES_ROWS rows, through the prompt tiles with each of
+    TILES_ISAS's vectors; restores nothing (the caller re-applies what it serves with)."""
+    torch.manual_seed(0)
+    d, f = d_model, 4 * d_model
+    dims = [(f, d), (d, f)] * n_layer
+    weights = [on_huge_pages(torch.randn(s) * 0.02) for s in dims]
+    biases = [torch.zeros(s[0]) for s in dims]
+    results: dict = {}
+    for n_threads in threads:
+        results[n_threads] = {}
+        with torch_threads(n_threads):
+            for rows in TILES_ROWS:
+                xs = [torch.randn(rows, s[1]) for s in dims]
+                results[n_threads][rows] = interleaved(
+                    TILES_ISAS, module.set_tiles_isa,
+                    lambda xs=xs: [module.linear_tiles(x, w, b)
+                                   for x, w, b in zip(xs, weights, biases)],
+                    reps, "prompt tiles")
+                best = min(results[n_threads][rows].values())
+                progress(f"prompt tiles, {n_threads} thread{'s' if n_threads > 1 else ''}, "
+                         f"{rows} rows: fastest {best:.2f} ms")
+    return results
+
+
+def tiles_table(results: dict, score: dict[str, float], current: str | None) -> str:
+    """`table` for `measure_tiles`'s results: a line per vector width."""
+    return render("prompt tiles, every layer's FC1 and FC2 with fp32 weights, ms (threads x "
+                  "rows)", results, score, current, lambda n, r: f"{n}t x{r}")

@@ -278,6 +278,16 @@ def test_tune_command_measures_every_candidate_and_prints_the_best(tmp_path):
     best = kernels.parse_merge_prefetch(said.split("=", 1)[1].strip("'"))
     assert best == merge["best_bytes"]
     assert "merges of every layer's FC1 and FC2" in out.stdout
+    tiles = report["tiles"]  # the prompt tiles' vectors, scored the same way
+    assert set(tiles["ms"]) == {"1", "2"} and tiles["serving_with"] == kernels.tiles_isa()
+    for per_rows in tiles["ms"].values():
+        assert [int(r) for r in per_rows] == list(tuning.TILES_ROWS)
+        assert all(set(cell) == set(tuning.TILES_ISAS) and min(cell.values()) > 0
+                   for cell in per_rows.values())
+    assert tiles["score"][tiles["best"]] == min(tiles["score"].values()) >= 1.0
+    assert tiles["best_isa"] == tuning.TILES_ISAS[tiles["best"]]
+    assert f"prompt tiles fastest here: CAMEX_TILES_ISA={tiles['best_isa']}" in out.stdout
+    assert f"prompt tiles serve with: CAMEX_TILES_ISA={kernels.tiles_isa()}" in out.stdout
 
 
 def test_tuning_times_candidates_in_turn_and_refuses_one_that_changes_bits():
@@ -407,20 +417,107 @@ AVX2_ONLY = frozenset({"avx2", "fma", "f16c"})
 AVX512_BF16 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_bf16"}
 
 
+@pytest.mark.skipif(kernels.native() is None or not HAS_AVX512,
+                    reason="needs the native kernels on a CPU with AVX-512")
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.float16])
+def test_prompt_tiles_of_512_bit_vectors_give_the_256_bit_tiles_bits(wdtype):
+    """tile512 holds a block's 16 inputs in one vector and runs two blocks side by side: every
+    output is the same chain of FMAs, so it has the 256-bit tiles' bits for every row count
+    (one whole block, two, two and a block of 8 lanes, an odd pair), on one thread or two, in
+    linear_tiles and in merge_linear (whose merged weights are the same either way)."""
+    mod = kernels.native()
+    torch.manual_seed(11)
+    out, inp, E = 47, 611, 3  # a last group of 5 weight rows; three chains of 256, a tail of 3
+    w = torch.randn(out, inp).to(wdtype)
+    b = torch.randn(out)
+    base = torch.randn(out * inp).to(wdtype)
+    deltas = torch.randn(E, out * inp).to(wdtype)
+    coeffs = torch.rand(E)
+    threads, isa = torch.get_num_threads(), mod.tiles_isa()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            for rows in (9, 16, 17, 24, 25, 32, 40, 45, 48, 64, 70):
+                x = torch.randn(rows, inp + 4)[:, :inp]
+                got = {}
+                for vectors in ("avx2", "avx512"):
+                    assert mod.set_tiles_isa(vectors) == vectors == mod.tiles_isa()
+                    merged = torch.empty(out, inp, dtype=wdtype)
+                    xc = x.contiguous()
+                    y = (mod.merge_linear(xc, base, deltas, coeffs, merged, b)
+                         if kernels.merge_linear_takes(xc, base, merged) else None)
+                    got[vectors] = (mod.linear_tiles(x, w, b), y, merged if y is not None
+                                    else None)
+                (a, ma, wa), (z, mz, wz) = got["avx2"], got["avx512"]
+                assert torch.equal(a, z), (n, rows)
+                assert rel(z, F.linear(x, w.float(), b)) <= 1e-6
+                assert (ma is None) == (mz is None)
+                if wdtype == torch.float32 and 17 <= rows <= kernels.MERGE_LINEAR_ROWS:
+                    assert ma is not None, rows  # a prompt segment's rows: merge_linear takes them
+                if ma is not None:
+                    assert torch.equal(wa, wz) and torch.equal(ma, mz), (n, rows)
+    finally:
+        torch.set_num_threads(threads)
+        mod.set_tiles_isa(isa)
+    with pytest.raises(RuntimeError, match="avx2.*avx512"):
+        mod.set_tiles_isa("sse")
+
+
+def test_the_tiles_vectors_follow_the_cpu_family_and_the_environment(monkeypatch):
+    """512-bit tiles where TILES_AVX512 names the CPU (Zen 5), 256-bit ones elsewhere (Zen 4,
+    Intel, no AVX-512); CAMEX_TILES_ISA overrides, and a bad value, or avx512 on a CPU without
+    it, is a clear error. The loaded module runs what tiles_isa says and the status names it."""
+    monkeypatch.delenv("CAMEX_TILES_ISA", raising=False)
+    real = kernels.tiles_isa()
+    avx512 = AVX2_ONLY | {"avx512f", "avx512bw", "avx512dq", "avx512vl"}
+    for flags, vendor, family, want in [
+            (avx512, "AuthenticAMD", 26, "avx512"), (avx512, "AuthenticAMD", 25, "avx2"),
+            (avx512, "GenuineIntel", 6, "avx2"), (AVX2_ONLY, "AuthenticAMD", 26, "avx2"),
+            (avx512 - {"avx512vl"}, "AuthenticAMD", 26, "avx2")]:
+        monkeypatch.setattr(kernels, "cpu_flags", lambda f=flags: frozenset(f))
+        monkeypatch.setattr(kernels, "cpu_vendor", lambda v=vendor: v)
+        monkeypatch.setattr(kernels, "cpu_family", lambda f=family: f)
+        assert kernels.tiles_isa() == want, (vendor, family)
+        monkeypatch.setenv("CAMEX_TILES_ISA", "avx2")
+        assert kernels.tiles_isa() == "avx2"
+        monkeypatch.setenv("CAMEX_TILES_ISA", "avx512")
+        if "avx512vl" in flags:
+            assert kernels.tiles_isa() == "avx512"
+        else:
+            with pytest.raises(ValueError, match="no AVX-512"):
+                kernels.tiles_isa()
+        monkeypatch.setenv("CAMEX_TILES_ISA", "avx1024")
+        with pytest.raises(ValueError, match="avx2 or avx512"):
+            kernels.tiles_isa()
+        monkeypatch.delenv("CAMEX_TILES_ISA")
+    mod = kernels.native()
+    if mod is not None:
+        assert mod.tiles_isa() == real
+        assert ("rows of 512-bit vectors" in kernels.status()) == (real == "avx512")
+
+
 @pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
 @pytest.mark.parametrize("flags", [AVX2_ONLY, AVX512_BF16], ids=["avx2-only", "avx512-bf16"])
-def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags, vendor):
+@pytest.mark.parametrize("family", [25, 26])
+def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags, vendor, family):
     """Where the CPU has no 16-bit GEMM, 16-bit weights' prompt chunks go to the tiles up to
     TILES_MAX_ROWS_16BIT rows without AVX-512 (TILES_MAX_ROWS_FP32_AVX512 with it), longer ones
     to torch's fp32 GEMM on weights widened a slice at a time; where the CPU has one (bf16 here,
     not fp16), they go to it. fp32 chunks go to the tiles up to TILES_MAX_ROWS_FP32 rows on CPUs
     without AVX-512 and TILES_MAX_ROWS_FP32_AVX512 on AMD ones with it, not on Intel ones with
-    it. kernels.linear follows that choice: the tiles' own result where they take the rows."""
+    it. Where the tiles run 512-bit vectors (AMD family 26, Zen 5) both limits are
+    TILES_MAX_ROWS_512BIT. kernels.linear follows that choice: the tiles' own result where they
+    take the rows."""
     monkeypatch.setattr(kernels, "cpu_flags", lambda: flags)
     monkeypatch.setattr(kernels, "cpu_vendor", lambda: vendor)
+    monkeypatch.setattr(kernels, "cpu_family", lambda: family)
+    monkeypatch.delenv("CAMEX_TILES_ISA", raising=False)
     avx512 = "avx512f" in flags
+    wide = avx512 and vendor == "AuthenticAMD" and family == 26
+    assert kernels.tiles_isa() == ("avx512" if wide else "avx2")
+    most512 = kernels.TILES_MAX_ROWS_512BIT if wide else kernels.TILES_MAX_ROWS_FP32_AVX512
     first = kernels.MAX_ROWS + 1
-    most16 = kernels.TILES_MAX_ROWS_FP32_AVX512 if avx512 else kernels.TILES_MAX_ROWS_16BIT
+    most16 = most512 if avx512 else kernels.TILES_MAX_ROWS_16BIT
     assert kernels.tiles_max_rows(torch.bfloat16) == kernels.tiles_max_rows(torch.float16) == most16
     assert kernels.tiles_take(torch.bfloat16, first) is not avx512
     assert kernels.tiles_take(torch.bfloat16, most16) is not avx512
@@ -431,7 +528,7 @@ def test_prompt_tiles_take_what_the_cpu_multiplies_slowly(monkeypatch, flags, ve
     fp32_tiles = not avx512 or vendor == "AuthenticAMD"
     fp32_first = kernels.MAX_ROWS_FP32 + 1
     assert kernels.tiles_take(torch.float32, fp32_first) is fp32_tiles
-    most = kernels.TILES_MAX_ROWS_FP32_AVX512 if avx512 else kernels.TILES_MAX_ROWS_FP32
+    most = most512 if avx512 else kernels.TILES_MAX_ROWS_FP32
     assert kernels.tiles_max_rows(torch.float32) == most
     assert kernels.tiles_take(torch.float32, most) is fp32_tiles
     assert not kernels.tiles_take(torch.float32, most + 1)
