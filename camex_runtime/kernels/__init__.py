@@ -149,7 +149,7 @@ MAX_ROWS_FP32 = 16  # fp32 weights
 # at 32 rows 66-69 / 60-63 ms on one thread, 256 rows 493-518 / 261). Those limits were measured
 # with the earlier tiles (Zen 4, 12 blocks, tiles / torch, one thread and two: GPT-2-small 32
 # rows 0.73 / 0.52, 128 rows 0.97 / 0.75, 256 rows 1.03 / 0.91; a Llama of that width alike) and
-# not since: on AVX-512 CPUs these tiles are the same AVX2 code.
+# not since: on AVX-512 CPUs these tiles are the same AVX2 code (but on Zen 5, below).
 TILES_MAX_ROWS_FP32 = 256
 TILES_MAX_ROWS_FP32_AVX512 = 256
 # The tiles' vectors per CPU ("vendor/family" or vendor, as AVX512_TUNING): where a core runs
