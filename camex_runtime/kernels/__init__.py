@@ -244,9 +244,10 @@ def cpu_vendor() -> str:
     return _cpuinfo("vendor_id") or ""
 
 
+@functools.cache
 def cpu_family() -> int:
     """The CPU's family number (/proc/cpuinfo's "cpu family": 25 for Zen 3 and 4, 26 for Zen 5, 6
-    for Intel's cores; 0 where unknown)."""
+    for Intel's cores; 0 where unknown), read once: `tiles_isa` asks on every prompt product."""
     value = _cpuinfo("cpu family") or ""
     return int(value) if value.isdigit() else 0
 
