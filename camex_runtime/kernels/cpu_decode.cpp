@@ -550,7 +550,7 @@ inline void tile(const float* xt, int64_t in, const float* const* wr, float* y, 
 template <int NZ>
 CAMEX_AVX512 void tile512(const float* xt0, const float* xt1, int64_t in, const float* const* wr,
                           float* y, int64_t ldy, int64_t nb, int64_t nr, const char* const* next,
-                          int64_t next_esz) {
+                          int64_t next_esz, TilePrefetch* tp = nullptr) {
   alignas(64) float t[TILE_ROWS][NZ * TILE_INPUTS] = {};
   for (int64_t k0 = 0; k0 < in; k0 += TILE_SPAN) {
     const int64_t k1 = std::min(in, k0 + TILE_SPAN);
@@ -560,6 +560,7 @@ CAMEX_AVX512 void tile512(const float* xt0, const float* xt1, int64_t in, const 
     for (int64_t k = k0; k < k1; ++k) {
       if (next != nullptr && (k & 15) == 0)
         for (int r = 0; r < TILE_ROWS; ++r) _mm_prefetch(next[r] + k * next_esz, _MM_HINT_T1);
+      if (tp != nullptr) tp->step();
       const __m512 x0 = _mm512_loadu_ps(xt0 + k * TILE_INPUTS);
       const __m512 x1 = NZ == 2 ? _mm512_loadu_ps(xt1 + k * TILE_INPUTS) : x0;
       __m512 v;
@@ -591,7 +592,7 @@ bool tiles_avx512 = false;
 // TILE_ROWS weight rows (widened / gathered once) passes over every block of inputs.
 template <WType T>
 void tiles_into(const PackedInputs& xp, const char* w, int64_t ldw_bytes, int64_t out,
-                const float* bias, float* y, int64_t o, int64_t rows) {
+                const float* bias, float* y, int64_t o, int64_t rows, TilePrefetch* tp = nullptr) {
   const int64_t in = xp.in;
   thread_local std::vector<float> wide;
   const int64_t ld = (in + 15) / 16 * 16;
@@ -625,13 +626,13 @@ void tiles_into(const PackedInputs& xp, const char* w, int64_t ldw_bytes, int64_
       const bool whole = xp.width(blk) == TILE_INPUTS;
       if (tiles_avx512 && whole && blk + 1 < xp.blocks() && xp.width(blk + 1) == TILE_INPUTS) {
         tile512<2>(xp.block(blk), xp.block(blk + 1), in, wr, yb, out,
-                   std::min(2 * TILE_INPUTS, xp.B - b0), nr, nx, esz);
+                   std::min(2 * TILE_INPUTS, xp.B - b0), nr, nx, esz, tp);
         blk += 2;
         continue;
       }
       const int64_t nb = std::min(TILE_INPUTS, xp.B - b0);
       if (tiles_avx512 && whole)
-        tile512<1>(xp.block(blk), nullptr, in, wr, yb, out, nb, nr, nx, esz);
+        tile512<1>(xp.block(blk), nullptr, in, wr, yb, out, nb, nr, nx, esz, tp);
       else if (whole)
         tile<2>(xp.block(blk), in, wr, yb, out, nb, nr, nx, esz);
       else
@@ -1152,7 +1153,12 @@ void merge_linear_dot(const float* x, int64_t B, int64_t in, const char* base, c
 // does, made the call slower there (bf16, one thread, 8.7 -> 11.1 ms; with any hint), when the
 // tiles read their inputs from L2; with the broadcast tiles as well (12 layers' bf16 fc1 + fc2,
 // 32 rows, one thread: 92-106 ms without, 105-137 with all, 5-25 % or a line per 8 elements of k
-// of the next tile, T0 / T1 / T2 / NTA).
+// of the next tile, T0 / T1 / T2 / NTA). With the 512-bit tiles (Zen 5) it pays: one line of the
+// next tile's [base; deltas] into L2 per step of the products (a third of that tile; two or
+// three lines a step, or one every second or third step, were slower) — 12 layers' fp32 fc1 +
+// fc2 by 32 rows, 7 deltas, one thread, five pairs of processes: 84-123 -> 75-104 ms (the VM's
+// pace moved between pairs, the prefetch won in every pair); two threads 62-77 -> 59-78, no
+// clear change.
 constexpr int64_t MERGE_TILE = 16;
 constexpr int64_t MERGE_SPAN_BYTES = 24 * 1024;
 
@@ -1179,8 +1185,17 @@ void merge_linear_run(const float* x, int64_t B, int64_t in, const char* base, c
     for (int64_t t = lo; t < hi; ++t) {
       const int64_t o = t * tile, rows = std::min(tile, out - o);
       merge_range<T>(base, deltas, ld_bytes, c, E, 1, o * in, (o + rows) * in, outs);
+      TilePrefetch pf;  // with 512-bit tiles: a line of this task's next tile per step
+      if (tiles && tiles_avx512 && t + 1 < hi && E < 17) {
+        const int64_t next = (o + rows) * in * esz;
+        pf.n = E + 1;
+        pf.per = 1;
+        pf.bytes = std::min(tile, out - o - rows) * in * esz;
+        pf.span[0] = base + next;
+        for (int64_t e = 0; e < E; ++e) pf.span[e + 1] = deltas + e * ld_bytes + next;
+      }
       if (tiles)
-        tiles_into<T>(packed, w, in * esz, out, bias, y, o, rows);
+        tiles_into<T>(packed, w, in * esz, out, bias, y, o, rows, pf.n > 0 ? &pf : nullptr);
       else
         rows_into<T>(x, B, in, in, w, in * esz, out, bias, y, o, rows, wide);
     }
