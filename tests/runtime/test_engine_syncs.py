@@ -11,7 +11,9 @@ import torch
 from camex_runtime import Engine, SamplingParams
 from engine_models import build_folded
 
-CONVERSIONS = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__")
+# `numpy`: on the CPU the sampler reads the argmax and the chosen logprobs through numpy
+# (engine/sampling.py, argmax_rows), where a GPU tensor goes through `tolist`: one host read each
+CONVERSIONS = ("tolist", "item", "__int__", "__float__", "__bool__", "__index__", "numpy")
 
 
 class SyncCounter:

@@ -6,8 +6,8 @@ import torch
 
 from camex_runtime import SamplingParams
 from camex_runtime.engine.detokenizer import IncrementalDetokenizer, find_stop
-from camex_runtime.engine.sampling import (apply_repetition_penalty, filter_top_k_top_p,
-                                           sample_batch)
+from camex_runtime.engine.sampling import (apply_repetition_penalty, argmax_rows,
+                                           filter_top_k_top_p, sample_batch)
 from camex_runtime.errors import InputValidationError
 
 
@@ -37,6 +37,23 @@ def test_greedy_and_top_k1_agree_and_logprobs_are_raw():
     want = torch.log_softmax(logits, -1).gather(1, torch.tensor(toks)[:, None]).squeeze(1)
     torch.testing.assert_close(torch.tensor(lps), want)
     assert tops == [(), (), ()]  # none asked for
+
+
+def test_the_greedy_argmax_is_torchs_on_ties_nan_and_infinities():
+    """argmax_rows takes CPU fp32 rows through numpy: it must pick what torch.argmax picks —
+    the first of tied maxima, the first NaN, the first +inf — for rows, one row and views."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 50257, generator=g)
+    x[1, [17, 40_000]] = 50.0  # a tie: the first wins
+    x[2, [5, 9]] = float("nan")  # NaN counts as the maximum: the first NaN
+    x[2, 3] = float("inf")
+    x[3] = float("-inf")  # nothing finite: index 0
+    x[4, [70, 8]] = float("inf")
+    x[5] = 0.0  # all equal
+    x[6, -1] = 1e30  # the last element
+    for t in (x, x[:1], x[2], x[:, ::2], x.T.contiguous().T, x.to(torch.bfloat16)):
+        assert argmax_rows(t) == torch.argmax(t, dim=-1).tolist()
+    assert argmax_rows(x)[:7] == [int(torch.argmax(x[0])), 17, 5, 0, 8, 0, 50256]
 
 
 def test_top_alternatives_per_row_are_the_raw_best_first():
