@@ -541,7 +541,8 @@ class Engine:
             if self.pacer is not None:
                 self.pacer.record_decode(time.perf_counter() - t0)
             rows.extend(reqs)
-        return rows, (torch.cat(logits, 0) if logits else None)
+        return rows, (None if not logits else logits[0] if len(logits) == 1
+                      else torch.cat(logits, 0))
 
     def _prefill(self, sched: SchedulerOutput, now: float
                  ) -> list[tuple[GenerationRequest, Tensor | None]]:

@@ -800,13 +800,13 @@ class ModelRunner:
         B, T = len(slots), self.T
         sts = [self.slots[s] for s in slots]
         pos = [st.length for st in sts]
-        slots_t = torch.tensor(slots, device=self.device)
-        pos_t = torch.tensor(pos, device=self.device)
+        # slots, positions and tokens in one tensor (one host-to-device copy; after a step's
+        # weight stream each torch call runs from cold caches, tens of us apiece on a CPU)
+        slots_t, pos_t, ids = torch.tensor([slots, pos, tokens], device=self.device).unbind(0)
         # sequences whose new token opens a segment: routed afresh at every MoE layer
         turn = [b for b in range(B) if self._opens_segment(sts[b])]
         digests = {b: routing_digest("segment", histories[b], pos[b] // T, T,
                                      sts[b].route1_len, sts[b].prompt_len) for b in turn}
-        ids = torch.tensor(tokens, device=self.device)  # (B,)
         moe = _DecodeRouting(self, sts, slots, slots_t, pos, turn, digests)
         if self.fused is not None and self.fused.serves(B, max(pos)):
             hidden = self.fused.run(ids, pos_t, slots_t, moe, self.seg_sum)  # (B, d)

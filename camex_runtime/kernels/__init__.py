@@ -521,11 +521,14 @@ def linear(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
         if decode or tiles_take(w.dtype, rows):
             mod = native()
             if mod is not None:
-                x2 = x.reshape(rows, x.shape[-1])
+                # (rows, in) activations, a decode step's, go in as they are: each torch call
+                # after a step's weight stream runs from cold caches (tens of us on a CPU)
+                flat = x.dim() == 2
+                x2 = x if flat else x.reshape(rows, x.shape[-1])
                 if x2.stride(-1) != 1:
                     x2 = x2.contiguous()
                 y = mod.linear(x2, w, b) if decode else mod.linear_tiles(x2, w, b)
-                return y.view(*x.shape[:-1], w.shape[0])
+                return y if flat else y.view(*x.shape[:-1], w.shape[0])
     if w.dtype != x.dtype:  # 16-bit weights, fp32 activations, more rows than decode has
         if w.device.type == "cpu" and x.dtype == torch.float32:
             if native_16bit_gemm(w.dtype):
