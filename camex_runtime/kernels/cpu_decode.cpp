@@ -400,6 +400,18 @@ struct TilePrefetch {
       ++next;
     }
   }
+  // The next tile of a merge: `bytes` of [base; deltas] (E < 17 deltas) from byte `at` of each
+  // stream, `per` lines a step.
+  static TilePrefetch of_merge(const char* base, const char* deltas, int64_t ld_bytes, int64_t E,
+                               int64_t at, int64_t bytes, int64_t per) {
+    TilePrefetch pf;
+    pf.n = E + 1;
+    pf.per = per;
+    pf.bytes = bytes;
+    pf.span[0] = base + at;
+    for (int64_t e = 0; e < E; ++e) pf.span[e + 1] = deltas + e * ld_bytes + at;
+    return pf;
+  }
 };
 
 // `n` elements of `v` starting on a 64-byte line (glibc aligns a vector's data to 16 bytes
@@ -1125,13 +1137,9 @@ void merge_linear_dot(const float* x, int64_t B, int64_t in, const char* base, c
       const int64_t o = t * tile, rows = std::min(tile, out - o);
       merge_range<WType::BF16>(base, deltas, ld_bytes, c, E, 1, o * in, (o + rows) * in, outs);
       TilePrefetch pf;
-      if (t + 1 < hi && E < 17) {  // this task's next tile
-        const int64_t next = (o + rows) * in * 2;
-        pf.n = E + 1;
-        pf.bytes = std::min(tile, out - o - rows) * in * 2;
-        pf.span[0] = base + next;
-        for (int64_t e = 0; e < E; ++e) pf.span[e + 1] = deltas + e * ld_bytes + next;
-      }
+      if (t + 1 < hi && E < 17)  // this task's next tile
+        pf = TilePrefetch::of_merge(base, deltas, ld_bytes, E, (o + rows) * in * 2,
+                                    std::min(tile, out - o - rows) * in * 2, 2);
       dot_tile(xb, B, in, reinterpret_cast<const uint16_t*>(w), o, rows, bias, y, out,
                pf.n > 0 ? &pf : nullptr);
     }
@@ -1186,14 +1194,9 @@ void merge_linear_run(const float* x, int64_t B, int64_t in, const char* base, c
       const int64_t o = t * tile, rows = std::min(tile, out - o);
       merge_range<T>(base, deltas, ld_bytes, c, E, 1, o * in, (o + rows) * in, outs);
       TilePrefetch pf;  // with 512-bit tiles: a line of this task's next tile per step
-      if (tiles && tiles_avx512 && t + 1 < hi && E < 17) {
-        const int64_t next = (o + rows) * in * esz;
-        pf.n = E + 1;
-        pf.per = 1;
-        pf.bytes = std::min(tile, out - o - rows) * in * esz;
-        pf.span[0] = base + next;
-        for (int64_t e = 0; e < E; ++e) pf.span[e + 1] = deltas + e * ld_bytes + next;
-      }
+      if (tiles && tiles_avx512 && t + 1 < hi && E < 17)
+        pf = TilePrefetch::of_merge(base, deltas, ld_bytes, E, (o + rows) * in * esz,
+                                    std::min(tile, out - o - rows) * in * esz, 1);
       if (tiles)
         tiles_into<T>(packed, w, in * esz, out, bias, y, o, rows, pf.n > 0 ? &pf : nullptr);
       else
