@@ -60,12 +60,14 @@ def test_a_launched_process_with_other_settings_is_replaced(tiny_lm_dir):
         engine.stop(grace_s=0)
 
 
-def test_only_a_given_model_with_an_engine_process_is_launched(tiny_lm_dir):
+def test_only_a_given_model_with_an_engine_process_is_launched(tiny_lm_dir, tmp_path):
     def of(*argv: str):
         return launch(ServerSettings.from_sources(list(argv), env={}))
 
     assert of("--model", str(tiny_lm_dir), "--engine-process", "off") is None
-    assert of("--engine-process", "on") is None  # the demo checkpoints are built first
+    # the demo checkpoints are built first (an empty demo dir: not the user's cache, which a
+    # demo server run on this machine has filled)
+    assert of("--engine-process", "on", "--demo-dir", str(tmp_path / "demo")) is None
 
 
 def test_a_server_stopped_before_its_loader_ran_ends_the_launched_process(tiny_lm_dir):
