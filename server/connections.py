@@ -7,6 +7,8 @@ everyone, probes included. `guarded_protocol` wraps uvicorn's HTTP protocol clas
 - a connection must deliver complete request headers within `header_timeout_s` of opening
   (or, on a keep-alive connection, of the next request's first byte); otherwise it is closed,
   with `408 Request Timeout` when part of a request had arrived;
+- the request's uvicorn cycle is in its ASGI scope (`server.direct_stream`: streams may write
+  their token events to the socket themselves);
 - at most `max_connections` are open. At the cap, a new connection first evicts the connection
   that has been idle longest (no request in flight: not yet sent headers, or keep-alive idle),
   so half-open sockets cannot crowd out a prober; only when every connection has a request in
@@ -25,6 +27,8 @@ import logging
 import resource
 from collections import OrderedDict
 from collections.abc import Callable
+
+from server import direct_stream
 
 log = logging.getLogger("camex.server")
 FD_RESERVE = 128  # descriptors kept for everything but client sockets: model files, logs, pipes
@@ -149,6 +153,10 @@ def guarded_protocol(guard: ConnectionGuard) -> type:
             self._partial = False
             guard.busy(self)
             super().on_headers_complete()
+            cycle = getattr(self, "cycle", None)
+            if cycle is not None and cycle.scope is self.scope:  # (its task has not run yet)
+                # streams may write their token events to the socket themselves
+                self.scope.setdefault("extensions", {})[direct_stream.SCOPE_KEY] = cycle
 
         def on_response_complete(self) -> None:
             super().on_response_complete()  # may start a pipelined request

@@ -21,6 +21,7 @@ import anyio
 from camex_runtime import SamplingParams
 from camex_runtime.errors import QueueTimeoutError, RequestFailedError
 from server import errors
+from server.direct_stream import SocketSink
 from server.metrics import ServerMetrics
 from server.protocol import GenerateParameters
 from server.shutdown import cut_error
@@ -97,6 +98,16 @@ async def until_disconnect(awaitable, disconnected: Callable[[], Awaitable[None]
     return task.result()
 
 
+def direct_sink(request, line: Callable[[int, object], str | None]) -> SocketSink | None:
+    """A sink writing a stream's events to the client's socket from the engine's side
+    (`server.direct_stream`), or None when the server or the connection does not allow it.
+    `line(position, event)`: that event's SSE text, None for one the route must send."""
+    state = request.app.state.serving
+    if not state.settings.stream_direct:
+        return None
+    return SocketSink.for_request(request.scope, line, state.metrics.stream_direct_tokens.inc)
+
+
 def wait_for_disconnect(receive) -> Callable[[], Awaitable[None]]:
     """A coroutine factory that returns when the ASGI peer disconnects (the body is already
     read by then, so the only message left to receive is `http.disconnect`)."""
@@ -128,15 +139,23 @@ class GenerationRun:
     def prompt_tokens(self) -> int:
         return len(self.handle.prompt_token_ids)
 
-    async def stream(self) -> AsyncIterator:
+    async def stream(self, sink: SocketSink | None = None) -> AsyncIterator:
         """Yield token events. The final event (finish_reason set) is held back until the
         result is available, so whoever sees it can read `self.result`; a failed request
         raises ApiError instead. Closing or cancelling the iterator early cancels the engine
-        request and counts it as `dropped` (the client went away)."""
+        request and counts it as `dropped` (the client went away).
+
+        A `sink` (`direct_sink`) may write events to the client's socket while the stream
+        waits: those are recorded here as any other (`events`, their gaps from when it wrote
+        them) but not yielded, so a route meets only the events it has to send itself (and
+        `len(self.events)` is the position of the one it has)."""
         last, final, final_at = None, None, None
+        position = 0
         try:
-            async for ev in self.handle.aiter():
-                now = time.monotonic()
+            async for ev in self.handle.aiter(sink):
+                direct = sink is not None and sink.sent(position)
+                now = sink.times[position - sink.start] if direct else time.monotonic()
+                position += 1
                 if ev.finish_reason is not None:
                     final, final_at = ev, now
                     continue
@@ -144,7 +163,10 @@ class GenerationRun:
                     self.metrics.itl.observe(now - last)
                 last = now
                 self.events.append(ev)
-                yield ev
+                if not direct:
+                    yield ev
+                elif position == sink.end:  # the last one it wrote: what the socket did not
+                    sink.flush()  # take of its chunk goes first
             self.finish()
             if final is not None and final.finish_reason not in ("error", "cancelled"):
                 if last is not None and final.token_id >= 0:
@@ -155,6 +177,8 @@ class GenerationRun:
         finally:
             if not self._finished:
                 self._dropped()
+            if sink is not None:
+                sink.close()
 
     async def collect(self) -> None:
         """Wait for the end without following each token (a non-streaming response: the event

@@ -51,6 +51,10 @@ class ServerMetrics:
         self.prompt_tokens = Counter("camex_prompt_tokens", "prompt tokens of generation requests",
                                      registry=r)
         self.generated_tokens = Counter("camex_generated_tokens", "generated tokens", registry=r)
+        self.stream_direct_tokens = Counter(
+            "camex_stream_direct_tokens", "streamed token events the engine's side wrote to the "
+            "client's socket itself, without waking the event loop (off with --no-stream-direct)",
+            registry=r)
         self.cached_prompt_tokens = Counter(
             "camex_prompt_tokens_cached", "prompt tokens resumed from the prefix cache (not "
             "computed again; off with --no-prefix-caching)", registry=r)

@@ -39,6 +39,8 @@ class Choice:
     think: Any = field(default=None, repr=False)
     # chat with tools and --tool-call-parser: its call parser (server.tool_calls.ToolCallSplit)
     calls: Any = field(default=None, repr=False)
+    # a stream's sink writing its plain chunks to the socket (server.generation.direct_sink)
+    sink: Any = field(default=None, repr=False)
 
     @property
     def text(self) -> str:
@@ -220,7 +222,7 @@ async def first_events(request, choices: list[Choice]) -> list:
     before any stream began. Returns the first events, None where a choice is still
     waiting (its `pending` task then holds the read)."""
     for c in choices:
-        c.events = c.run.stream()
+        c.events = c.run.stream(c.sink)
     tasks = [asyncio.ensure_future(anext(c.events)) for c in choices]
 
     async def first_one() -> None:
@@ -366,6 +368,17 @@ def usage_of(choices: list[Choice]) -> Usage:
     details = PromptTokensDetails(cached_tokens=sum(firsts.values())) if firsts else None
     return Usage(prompt_tokens=prompt, completion_tokens=completion,
                  total_tokens=prompt + completion, prompt_tokens_details=details)
+
+
+def plain_stream(choices: list[Choice], body) -> Choice | None:
+    """The one choice of a stream whose token chunks hold text alone, or None: such chunks
+    may be written to the socket from the engine's side (`server.direct_stream`); several
+    choices, logprobs (completions' 0 included) and usage in every chunk are sent by the
+    route."""
+    if len(choices) != 1 or (body.logprobs is not None and body.logprobs is not False) or \
+            (body.stream_options and body.stream_options.continuous_usage_stats):
+        return None
+    return choices[0]
 
 
 def usage_now(c: Choice, body) -> Usage | None:

@@ -89,6 +89,11 @@ class ServerSettings:
         "auto", "run the text-generation engine in its own process, so the HTTP event loop "
         "never holds the engine's GIL (the classifier stays in this process); auto: on a CPU "
         "when the torch threads leave a core free", choices=("auto", "on", "off"))
+    stream_direct: bool = _opt(
+        True, "streamed token events are written to the client's socket by the thread that "
+        "produced them (one non-blocking write, no event-loop wake-up per token; the loop takes "
+        "over at the last event, a slow reader or a closed connection), see docs/DESIGN.md; "
+        "--no-stream-direct sends every event through the event loop")
     strategy: str = _opt("auto", "merged-expert apply strategy",
                          choices=("auto", "merged", "mixture"))
     expert_deltas: str = _opt(

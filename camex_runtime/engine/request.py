@@ -4,21 +4,26 @@
 request (token ids, slot, timings; no tensors, so the scheduler can be tested on it);
 `RequestHandle` is what `Engine.submit` returns: a thread-safe event stream that can be read
 synchronously (`for ev in handle`) or from asyncio (`async for ev in handle.aiter()`, or
-`await handle.wait_done()` for the end alone).
+`await handle.wait_done()` for the end alone). An asyncio reader may hand the events over to an
+`EventSink` while it waits, which takes them on the publishing thread (the server writes
+streamed tokens to the client's socket that way, without waking its event loop per token).
 """
 from __future__ import annotations
 
 import asyncio
 import math
 import threading
+import logging
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Protocol
 
 from camex_runtime.errors import (InputValidationError, QueueTimeoutError,
                                   RequestFailedError)
 from camex_runtime.engine.outputs import (GenerationResult, PromptLogprob, RequestTimings,
                                           RoutingTrace, TokenEvent)
 
+log = logging.getLogger("camex.engine")
 ROUTING_MODES = ("segment", "prompt")
 MAX_STOP_SEQUENCES = 16
 MAX_BAD_WORDS = 256  # each is checked against the generated tail every step
@@ -218,6 +223,22 @@ def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
                                        f"[0, {vocab_size}): {bad[:5]}")
 
 
+class EventSink(Protocol):
+    """Takes a request's events on the thread that publishes them, while its reader waits
+    (`RequestHandle.aiter(sink=...)`). Both methods run under the handle's lock, so they must
+    be quick and must not block."""
+
+    def attach(self, start: int) -> bool:
+        """On the reader's event loop: may the sink take the events from index `start` on?
+        False: the reader waits as usual."""
+
+    def take(self, events: list[TokenEvent], finished: bool) -> bool:
+        """On the publishing thread: every event so far (`finished`: the result is in). The
+        sink takes what it can from where it stopped (it counts how far itself); False once it
+        stops taking, which wakes the reader. It gives events back only at its end: the
+        reader then iterates all of them, those the sink took included."""
+
+
 class RequestHandle:
     """The caller's side of one request: an append-only event list plus a completion flag.
 
@@ -238,6 +259,8 @@ class RequestHandle:
         self._cond = threading.Condition()
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._done_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._sink: EventSink | None = None
+        self._sink_wake: tuple[asyncio.AbstractEventLoop, asyncio.Event] | None = None
 
     # -- engine side ---------------------------------------------------------------------
     def _publish(self, events: list[TokenEvent], result: GenerationResult | None) -> None:
@@ -249,6 +272,9 @@ class RequestHandle:
             if result is not None:
                 waiters += self._done_waiters
                 self._done_waiters = []
+            if self._sink is not None and not self._sink_takes(result is not None):
+                waiters.append(self._sink_wake)
+                self._sink = self._sink_wake = None
             self._cond.notify_all()
         here = asyncio._get_running_loop() if waiters else None  # a loop publishing itself
         for loop, ev in waiters:
@@ -259,6 +285,14 @@ class RequestHandle:
                 loop.call_soon_threadsafe(ev.set)
             except RuntimeError:  # the caller's loop is closed: nobody is listening any more
                 pass
+
+    def _sink_takes(self, finished: bool) -> bool:
+        """The attached sink's `take`; a sink that raises has stopped (the engine goes on)."""
+        try:
+            return bool(self._sink.take(self._events, finished))
+        except Exception:
+            log.exception("event sink failed for %s; its reader takes over", self.request_id)
+            return False
 
     # -- caller side ---------------------------------------------------------------------
     @property
@@ -281,23 +315,43 @@ class RequestHandle:
             if finished and i >= len(self._events):
                 return
 
-    async def aiter(self):
-        """Async iteration for asyncio callers (the server); never blocks the event loop."""
+    async def aiter(self, sink: EventSink | None = None):
+        """Async iteration for asyncio callers (the server); never blocks the event loop.
+        With a `sink`, the first wait with nothing new hands the events over to it instead
+        (if `sink.attach` agrees), until it stops taking them; its events are yielded then,
+        after it. Leaving the iteration early detaches the sink first."""
         loop = asyncio.get_running_loop()
         i = 0
         while True:
             wake = asyncio.Event()
+            handed = False
             with self._cond:
                 new, finished = self._events[i:], self._result is not None
                 if not new and not finished:
-                    self._waiters.append((loop, wake))
+                    if sink is not None and sink.attach(i):
+                        self._sink, self._sink_wake, handed = sink, (loop, wake), True
+                    else:
+                        self._waiters.append((loop, wake))
             i += len(new)
             for ev in new:
                 yield ev
             if finished and not new:
                 return
             if not new:
-                await wake.wait()
+                if handed:
+                    sink = None  # one hand-over: from its end on, this reader follows
+                    try:
+                        await wake.wait()
+                    finally:
+                        self._detach(wake)
+                else:
+                    await wake.wait()
+
+    def _detach(self, wake: asyncio.Event) -> None:
+        """The sink waking `wake` takes nothing more (already true if it stopped itself)."""
+        with self._cond:
+            if self._sink_wake is not None and self._sink_wake[1] is wake:
+                self._sink = self._sink_wake = None
 
     async def wait_done(self) -> None:
         """Return once the request has ended, for asyncio callers that want only the end (a

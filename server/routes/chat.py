@@ -19,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import errors
+from server.generation import direct_sink
 from server.chat_template import render, require_template
 from server.openai_protocol import (AssistantMessage, ChatChoice, ChatCompletion,
                                     ChatCompletionRequest, ChoiceLogprobs, NamedToolChoice,
@@ -26,7 +27,7 @@ from server.openai_protocol import (AssistantMessage, ChatChoice, ChatCompletion
 from server.openai_runs import (Choice, check_model, check_stream_options, choice_seeds, clamp,
                                 close_all, context_length_error, finish_reason, first_events,
                                 merged, run_to_end, sampling, start_choices, stop_list,
-                                token_strings, truncated, usage_now, usage_of)
+                                plain_stream, token_strings, truncated, usage_now, usage_of)
 from server.reasoning import (KEEPS_SPECIAL_TOKENS, answer_only, answer_opening,
                               reasoning_splitter)
 from server.structured import openai_constraint, tool_constraint
@@ -122,9 +123,15 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     choices = await start(request, body)
     tokenizer = request.app.state.serving.lm.tokenizer
     if body.stream:
-        firsts = await first_events(request, choices)
         meta = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": model_name(request)}
+        plain = plain_stream(choices, body)
+        if plain is not None and plain.think is None and plain.calls is None:
+            # its content chunks may go to the socket from the engine's side
+            plain.sink = direct_sink(request, lambda position, ev: None if ev.finish_reason
+                                     else chunk(meta, plain.index,
+                                                {"content": plain.hold.push(ev.text, None)}))
+        firsts = await first_events(request, choices)
         return StreamingResponse(chat_chunks(choices, firsts, body, tokenizer, meta),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     await run_to_end(request, choices)

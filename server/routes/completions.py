@@ -20,6 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import errors
+from server.generation import direct_sink
 from server.structured import openai_constraint
 from server.openai_protocol import (Completion, CompletionChoice, CompletionLogprobs,
                                     CompletionRequest, ModelCard, ModelList,
@@ -27,7 +28,7 @@ from server.openai_protocol import (Completion, CompletionChoice, CompletionLogp
 from server.openai_runs import (Choice, check_model, check_stream_options, choice_seeds, clamp,
                                 close_all, context_length_error, finish_reason, first_events,
                                 merged, run_to_end, sampling, start_choices, stop_list,
-                                token_strings, truncated, usage_now, usage_of)
+                                plain_stream, token_strings, truncated, usage_now, usage_of)
 from server.routes.tgi import SSE_HEADERS, sse_json
 
 router = APIRouter(prefix="/v1", tags=["OpenAI compatible"])
@@ -101,9 +102,14 @@ async def completions(request: Request, body: CompletionRequest):
     choices = await start(request, body)
     tokenizer = request.app.state.serving.lm.tokenizer
     if body.stream:
-        firsts = await first_events(request, choices)
         meta = {"id": "cmpl-" + uuid.uuid4().hex, "created": int(time.time()),
                 "model": model_name(request)}
+        plain = None if body.echo else plain_stream(choices, body)
+        if plain is not None:  # its token chunks may go to the socket from the engine's side
+            plain.sink = direct_sink(request, lambda position, ev: None if ev.finish_reason
+                                     else text_chunk(meta, plain, ev,
+                                                     plain.hold.push(ev.text, None)))
+        firsts = await first_events(request, choices)
         return StreamingResponse(completion_chunks(choices, firsts, body, tokenizer, meta),
                                  media_type="text/event-stream", headers=SSE_HEADERS)
     await run_to_end(request, choices)
@@ -189,10 +195,7 @@ async def completion_chunks(choices: list[Choice], firsts: list, body: Completio
                                    prompt_ids, body.logprobs, offsets[c.index])
                 if lp.tokens:
                     offsets[c.index] = lp.text_offset[-1] + len(lp.tokens[-1])
-            yield sse(Completion(**meta, choices=[CompletionChoice(
-                index=c.index, text=text, logprobs=lp,
-                finish_reason=finish_reason(ev.finish_reason), stop_reason=ev.stop_reason)]),
-                usage_now(c, body))
+            yield text_chunk(meta, c, ev, text, lp, usage_now(c, body))
         if body.stream_options and body.stream_options.include_usage:
             yield sse(Completion(**meta, choices=[]), usage_of(choices))
         yield "data: [DONE]\n\n"
@@ -203,6 +206,14 @@ async def completion_chunks(choices: list[Choice], firsts: list, body: Completio
         yield "data: [DONE]\n\n"
     finally:
         await close_all(choices)
+
+
+def text_chunk(meta: dict, c: Choice, ev, text: str, lp: CompletionLogprobs | None = None,
+               usage: Usage | None = None) -> str:
+    """One event's chunk of a completion stream."""
+    return sse(Completion(**meta, choices=[CompletionChoice(
+        index=c.index, text=text, logprobs=lp, finish_reason=finish_reason(ev.finish_reason),
+        stop_reason=ev.stop_reason)]), usage)
 
 
 def sse(chunk, usage: Usage | None) -> str:

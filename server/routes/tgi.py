@@ -19,8 +19,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server import errors
-from server.generation import (GenerationRun, submit, to_sampling, truncate_prompt,
-                               until_disconnect, wait_for_disconnect)
+from server.direct_stream import SocketSink
+from server.generation import (GenerationRun, direct_sink, submit, to_sampling,
+                               truncate_prompt, until_disconnect, wait_for_disconnect)
 from server.middleware import log_fields
 from server.protocol import (CompatGenerateRequest, Details, ErrorResponse, GenerateRequest,
                              GenerateResponse, PrefillToken, StreamDetails, StreamResponse, Token)
@@ -163,7 +164,7 @@ async def stream_response(request: Request, body: GenerateRequest) -> StreamingR
     if body.parameters.decoder_input_details:
         raise errors.validation("`decoder_input_details` is not supported when streaming")
     run = await start_generation(request, body)
-    events = run.stream()
+    events = run.stream(socket_sink(request, body))
     try:
         first = await until_disconnect(events.__anext__(), wait_for_disconnect(request.receive))
     except StopAsyncIteration:
@@ -174,13 +175,28 @@ async def stream_response(request: Request, body: GenerateRequest) -> StreamingR
                              media_type="text/event-stream", headers=headers)
 
 
+def socket_sink(request: Request, body: GenerateRequest) -> SocketSink | None:
+    """The stream's plain token events written to the socket from the engine's side
+    (`server.direct_stream`); None: all through the event loop."""
+    if body.parameters.top_n_tokens:
+        return None
+    special = special_ids(request.app.state.serving.lm.tokenizer)
+
+    def line(position: int, ev) -> str | None:
+        if ev.finish_reason is not None or not math.isfinite(ev.logprob):
+            return None
+        return token_event(position + 1, ev, ev.token_id in special)
+    return direct_sink(request, line)
+
+
 async def sse_events(run: GenerationRun, first, events: AsyncIterator, tokenizer,
                      body: GenerateRequest) -> AsyncIterator[str]:
-    """TGI StreamResponse events; the last one carries generated_text (and details)."""
-    index, ev, top_n = 0, first, body.parameters.top_n_tokens
+    """TGI StreamResponse events; the last one carries generated_text (and details). An
+    event's index is its position: events a socket sink wrote are not seen here."""
+    ev, top_n = first, body.parameters.top_n_tokens
     try:
         while ev is not None:
-            index += 1
+            index = len(run.events)  # the events so far, this one included
             if ev.finish_reason is None and not top_n and math.isfinite(ev.logprob):
                 line = token_event(index, ev, ev.token_id in special_ids(tokenizer))
             else:  # the last event, alternatives, or a logprob JSON cannot hold
