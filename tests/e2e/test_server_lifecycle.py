@@ -17,7 +17,6 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import build_tiny
 from tests.server.live_server import ROOT, free_port, live_server, value
 
 pytestmark = pytest.mark.e2e
@@ -25,12 +24,6 @@ KEY = "test-secret"
 LONG_TOKENS = 2000  # >= ~1.4 s even on an idle machine: far longer than any step below
 LONG = {"inputs": "long request", "parameters": {"max_new_tokens": LONG_TOKENS,
                                                 "ignore_eos": True}}
-
-
-@pytest.fixture(scope="module")
-def long_lm_dir(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("ckpt") / "long-lm", "lm",
-                      max_position_embeddings=2048)
 
 
 @pytest.fixture(scope="module")

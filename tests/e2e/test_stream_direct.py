@@ -12,7 +12,6 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import build_tiny
 from tests.server.live_server import live_server, value
 
 pytestmark = pytest.mark.e2e
@@ -53,12 +52,6 @@ OPENAI_ROUTED = [
     ("/v1/chat/completions", {"messages": MESSAGES, "max_tokens": 8, "seed": 4, "stream_options": {
         "include_usage": True, "continuous_usage_stats": True}}),
 ]
-
-
-@pytest.fixture(scope="module")
-def long_lm_dir(tmp_path_factory):
-    return build_tiny(tmp_path_factory.mktemp("ckpt") / "long-lm", "lm",
-                      max_position_embeddings=2048)
 
 
 @pytest.fixture(scope="module")

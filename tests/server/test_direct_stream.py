@@ -76,6 +76,12 @@ async def read_exactly(client: socket.socket, n: int) -> bytes:
     return data
 
 
+async def client_reads(client: socket.socket, events, first: int) -> None:
+    """The client reads every event's chunk from position `first` on, once, in order."""
+    expected = b"".join(chunk(line(first + i, ev) or "final") for i, ev in enumerate(events))
+    assert await read_exactly(client, len(expected)) == expected
+
+
 async def route_takes_over(sink: SocketSink, transport, events) -> None:
     """What the route does once the sink stopped: the rest of the short chunk, then every
     event after the sink's through the transport (as uvicorn's send would)."""
@@ -104,11 +110,9 @@ def test_a_short_write_leaves_the_rest_to_the_transport(loop_name, monkeypatch):
         assert (sink.start, sink.end, len(sink.times)) == (2, 7, 5)
         assert sink.remainder == chunk(line(6, events[6]))[7:]
         await route_takes_over(sink, transport, events)
-        expected = b"".join(chunk(line(i, events[i]) or "final") for i in range(2, 13))
-        assert await read_exactly(client, len(expected)) == expected
-        sink.close()
-        transport.close()
-        client.close()
+        await client_reads(client, events[2:], 2)
+        for end in (sink, transport, client):
+            end.close()
     run(loop_name, main)
 
 
@@ -126,11 +130,9 @@ def test_a_full_socket_refuses_and_every_byte_still_arrives_once(loop_name):
         assert not sink.take(events, False)
         assert 0 < sink.end < 100  # ~290 kB do not fit: it stopped early
         await route_takes_over(sink, transport, events)
-        expected = b"".join(chunk(line(i, ev) or "final") for i, ev in enumerate(events))
-        assert await read_exactly(client, len(expected)) == expected
-        sink.close()
-        transport.close()
-        client.close()
+        await client_reads(client, events, 0)
+        for end in (sink, transport, client):
+            end.close()
     run(loop_name, main)
 
 
