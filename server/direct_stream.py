@@ -38,9 +38,10 @@ class SocketSink:
     """A `camex_runtime.engine.request.EventSink` writing SSE chunks to one response's socket.
 
     `line(position, event)` is the SSE text of the event at `position` of the request's events,
-    or None to leave that event, and all after it, to the route. After the hand-over the route
-    asks `sent(position)` for each event and calls `flush()` at the last one sent here (it
-    writes the part of a chunk the socket did not take)."""
+    or None to leave that event, and all after it, to the route. After the hand-over the
+    stream (`server.generation.GenerationRun.stream`) asks `sent(position)` for each event and
+    calls `flush()` at the last one sent here (it writes the part of a chunk the socket did not
+    take)."""
 
     def __init__(self, cycle, line: Callable[[int, object], str | None],
                  on_close: Callable[[int], None] | None = None) -> None:
