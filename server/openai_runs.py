@@ -373,9 +373,11 @@ def usage_of(choices: list[Choice]) -> Usage:
 def plain_stream(choices: list[Choice], body) -> Choice | None:
     """The one choice of a stream whose token chunks hold text alone, or None: such chunks
     may be written to the socket from the engine's side (`server.direct_stream`); several
-    choices, logprobs (completions' 0 included) and usage in every chunk are sent by the
-    route."""
+    choices, logprobs (completions' 0 included), echo, usage in every chunk and a chat's
+    reasoning or tool-call splitting are the route's."""
     if len(choices) != 1 or (body.logprobs is not None and body.logprobs is not False) or \
+            getattr(body, "echo", False) or choices[0].think is not None or \
+            choices[0].calls is not None or \
             (body.stream_options and body.stream_options.continuous_usage_stats):
         return None
     return choices[0]

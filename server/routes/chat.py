@@ -126,7 +126,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
         meta = {"id": "chatcmpl-" + uuid.uuid4().hex, "object": "chat.completion.chunk",
                 "created": int(time.time()), "model": model_name(request)}
         plain = plain_stream(choices, body)
-        if plain is not None and plain.think is None and plain.calls is None:
+        if plain is not None:
             # its content chunks may go to the socket from the engine's side
             plain.sink = direct_sink(request, lambda position, ev: None if ev.finish_reason
                                      else chunk(meta, plain.index,

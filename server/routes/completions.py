@@ -104,7 +104,7 @@ async def completions(request: Request, body: CompletionRequest):
     if body.stream:
         meta = {"id": "cmpl-" + uuid.uuid4().hex, "created": int(time.time()),
                 "model": model_name(request)}
-        plain = None if body.echo else plain_stream(choices, body)
+        plain = plain_stream(choices, body)
         if plain is not None:  # its token chunks may go to the socket from the engine's side
             plain.sink = direct_sink(request, lambda position, ev: None if ev.finish_reason
                                      else text_chunk(meta, plain, ev,

@@ -90,6 +90,15 @@ def token_event(index: int, ev, special: bool) -> str:
             '"top_tokens":null,"generated_text":null,"details":null}\n\n')
 
 
+def plain_event(index: int, ev, special: frozenset[int]) -> str | None:
+    """`token_event` for an event before the last whose logprob JSON can hold, else None (the
+    response models format it). What a stream without alternatives sends either way: from its
+    event loop, or from the engine's side (`socket_sink`)."""
+    if ev.finish_reason is not None or not math.isfinite(ev.logprob):
+        return None
+    return token_event(index, ev, ev.token_id in special)
+
+
 def top_tokens(tokenizer, ev) -> list[Token]:
     """TGI `top_n_tokens`: the best alternatives of one generated token, best first."""
     return [Token(id=i, text=tokenizer.decode([i]), logprob=lp,
@@ -182,11 +191,7 @@ def socket_sink(request: Request, body: GenerateRequest) -> SocketSink | None:
         return None
     special = special_ids(request.app.state.serving.lm.tokenizer)
 
-    def line(position: int, ev) -> str | None:
-        if ev.finish_reason is not None or not math.isfinite(ev.logprob):
-            return None
-        return token_event(position + 1, ev, ev.token_id in special)
-    return direct_sink(request, line)
+    return direct_sink(request, lambda position, ev: plain_event(position + 1, ev, special))
 
 
 async def sse_events(run: GenerationRun, first, events: AsyncIterator, tokenizer,
@@ -197,9 +202,8 @@ async def sse_events(run: GenerationRun, first, events: AsyncIterator, tokenizer
     try:
         while ev is not None:
             index = len(run.events)  # the events so far, this one included
-            if ev.finish_reason is None and not top_n and math.isfinite(ev.logprob):
-                line = token_event(index, ev, ev.token_id in special_ids(tokenizer))
-            else:  # the last event, alternatives, or a logprob JSON cannot hold
+            line = None if top_n else plain_event(index, ev, special_ids(tokenizer))
+            if line is None:  # the last event, alternatives, or a logprob JSON cannot hold
                 event = StreamResponse(index=index, token=token_json(tokenizer, ev),
                                        top_tokens=top_tokens(tokenizer, ev) if top_n else None)
                 if ev.finish_reason is not None:
